@@ -1,0 +1,98 @@
+#include "ballast/core/dtype.h"
+
+#include <cmath>
+
+namespace ballast {
+
+size_t dtype_size(DType t) {
+  switch (t) {
+    case DType::F32: return 4;
+    case DType::BF16: return 2;
+    case DType::F16: return 2;
+    case DType::F8_E4M3: return 1;
+  }
+  return 0;
+}
+
+std::string_view dtype_name(DType t) {
+  switch (t) {
+    case DType::F32: return "F32";
+    case DType::BF16: return "BF16";
+    case DType::F16: return "F16";
+    case DType::F8_E4M3: return "F8_E4M3";
+  }
+  return "?";
+}
+
+bool dtype_from_name(std::string_view s, DType* out) {
+  if (s == "F32") *out = DType::F32;
+  else if (s == "BF16") *out = DType::BF16;
+  else if (s == "F16") *out = DType::F16;
+  else if (s == "F8_E4M3") *out = DType::F8_E4M3;
+  else return false;
+  return true;
+}
+
+float f16_to_f32(uint16_t h) {
+  uint32_t sign = (h >> 15) & 1, exp = (h >> 10) & 0x1f, mant = h & 0x3ff;
+  float v;
+  if (exp == 0) v = std::ldexp(float(mant), -24);
+  else if (exp == 31) v = mant ? NAN : INFINITY;
+  else v = std::ldexp(float(mant | 0x400), int(exp) - 25);
+  return sign ? -v : v;
+}
+
+uint16_t f32_to_f16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  uint32_t sign = (u >> 16) & 0x8000;
+  int32_t exp = int32_t((u >> 23) & 0xff) - 127 + 15;
+  uint32_t mant = u & 0x7fffff;
+  if (((u >> 23) & 0xff) == 0xff) return uint16_t(sign | 0x7c00 | (mant ? 0x200 : 0));
+  if (exp >= 31) return uint16_t(sign | 0x7c00);
+  if (exp <= 0) {
+    if (exp < -10) return uint16_t(sign);
+    mant |= 0x800000;
+    uint32_t shift = uint32_t(14 - exp);
+    uint32_t half = mant >> shift;
+    uint32_t rem = mant & ((1u << shift) - 1), mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (half & 1))) half++;
+    return uint16_t(sign | half);
+  }
+  uint32_t h = sign | (uint32_t(exp) << 10) | (mant >> 13);
+  uint32_t rem = mant & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
+  return uint16_t(h);
+}
+
+float fp8e4m3_to_f32(uint8_t v) {
+  uint32_t sign = v >> 7, exp = (v >> 3) & 0xf, mant = v & 7;
+  float r;
+  if (exp == 0xf && mant == 7) r = NAN;
+  else if (exp == 0) r = std::ldexp(float(mant), -9);
+  else r = std::ldexp(float(mant | 8), int(exp) - 10);
+  return sign ? -r : r;
+}
+
+void to_f32(const void* src, DType t, float* dst, size_t n) {
+  switch (t) {
+    case DType::F32: std::memcpy(dst, src, n * 4); return;
+    case DType::BF16: {
+      auto* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = bf16_to_f32(s[i]);
+      return;
+    }
+    case DType::F16: {
+      auto* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = f16_to_f32(s[i]);
+      return;
+    }
+    case DType::F8_E4M3: {
+      auto* s = static_cast<const uint8_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = fp8e4m3_to_f32(s[i]);
+      return;
+    }
+  }
+}
+
+}  // namespace ballast

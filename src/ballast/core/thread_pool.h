@@ -1,0 +1,39 @@
+#pragma once
+// A fixed pool of worker threads with a blocking parallel_for. Owned by whoever needs it
+// (the engine holds one per rank); there is no process-wide pool.
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace ballast {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int num_threads);  // 0 = hardware concurrency
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int size() const { return int(workers_.size()) + 1; }
+
+  // Calls fn(begin, end) on disjoint chunks covering [0, n); the caller's thread works too.
+  // Chunks hold at least `grain` items.
+  void parallel_for(int64_t n, const std::function<void(int64_t, int64_t)>& fn, int64_t grain = 1);
+
+ private:
+  void worker_loop(int index);
+
+  std::vector<std::thread> workers_;
+  std::mutex mu_;
+  std::condition_variable wake_, done_;
+  const std::function<void(int64_t, int64_t)>* job_ = nullptr;
+  int64_t job_n_ = 0, job_chunk_ = 0, job_chunks_ = 0;
+  int64_t next_chunk_ = 0, finished_chunks_ = 0;
+  uint64_t generation_ = 0;
+  bool stop_ = false;
+};
+
+}  // namespace ballast
