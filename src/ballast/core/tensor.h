@@ -23,7 +23,7 @@ class Tensor {
   static Tensor borrow(void* data, std::vector<int64_t> shape, DType dtype,
                        Device device = Device::CPU, std::shared_ptr<void> owner = nullptr);
 
-  bool defined() const { return data_ != nullptr || numel() == 0 && !shape_.empty(); }
+  bool defined() const { return data_ != nullptr; }
   const std::vector<int64_t>& shape() const { return shape_; }
   int rank() const { return int(shape_.size()); }
   int64_t dim(int i) const { return shape_[i < 0 ? shape_.size() + i : i]; }
