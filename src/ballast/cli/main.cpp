@@ -11,12 +11,7 @@ int main(int argc, char** argv) {
   CLI::App app{"ballast: a mixture-of-experts inference engine with expert parallelism"};
   app.require_subcommand(1);
   ballast::cli::Runner run;
-  ballast::cli::add_generate(app, run);
-  ballast::cli::add_logits(app, run);
-  ballast::cli::add_inspect(app, run);
-  ballast::cli::add_bench(app, run);
-  ballast::cli::add_tokenize(app, run);
-  ballast::cli::add_eplb(app, run);
+  for (auto add : ballast::cli::all_commands()) add(app, run);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
