@@ -1,0 +1,59 @@
+#pragma once
+// The Qwen3-Next / Qwen3.5-MoE text model: embed -> decoder layers (Gated DeltaNet or gated
+// attention mixer, then a sparse MoE or dense FFN) -> final norm -> lm_head. Written against
+// kernels::Ops only; routed experts go through a moe::MoeRunner (local or expert-parallel).
+#include <memory>
+#include <span>
+
+#include "ballast/kernels/ops.h"
+#include "ballast/model/config.h"
+#include "ballast/model/sequence_state.h"
+#include "ballast/model/weights.h"
+#include "ballast/moe/moe_runner.h"
+
+namespace ballast::model {
+
+// One sequence's share of a forward pass: new tokens appended after state->length.
+struct SeqChunk {
+  SequenceState* state = nullptr;
+  std::span<const int32_t> tokens;
+  bool all_logits = false;  // logits for every token (else only the last one)
+};
+
+struct ForwardResult {
+  Tensor logits;  // [rows, V]
+  Tensor hidden;  // [rows, H] after the final norm (the MTP head's input)
+  std::vector<int64_t> first_row;  // per chunk, its first row in logits/hidden
+};
+
+class Model {
+ public:
+  Model(ModelConfig cfg, ModelWeights weights, kernels::Ops& ops, moe::MoeRunner& trunk_moe);
+
+  const ModelConfig& config() const { return cfg_; }
+  const ModelWeights& weights() const { return w_; }
+
+  SequenceState new_sequence(int64_t capacity) const;
+
+  // Runs all chunks in one pass (prefill and decode mixed); advances each state.
+  ForwardResult forward(std::span<const SeqChunk> chunks);
+
+  // One decoder layer over x[T, H] (rows of `chunks` in order), in place. Shared with the MTP head.
+  void decoder_layer(const LayerWeights& lw, int layer_state, int moe_layer, moe::MoeRunner& runner,
+                     std::span<const SeqChunk> chunks, std::span<const int32_t> positions, Tensor& x);
+
+ private:
+  void attention(const AttentionWeights& w, int layer_state, std::span<const SeqChunk> chunks,
+                 std::span<const int32_t> positions, const Tensor& h, Tensor& out);
+  void deltanet(const DeltaNetWeights& w, int layer_state, std::span<const SeqChunk> chunks, const Tensor& h,
+                Tensor& out);
+  void sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& h, Tensor& out);
+
+  ModelConfig cfg_;
+  ModelWeights w_;
+  kernels::Ops& ops_;
+  moe::MoeRunner& trunk_moe_;
+  std::vector<int> moe_index_;  // layer -> index among MoE layers (-1 for dense)
+};
+
+}  // namespace ballast::model
