@@ -30,6 +30,9 @@ TEST(DType, Names) {
   DType t;
   EXPECT_TRUE(dtype_from_name("BF16", &t));
   EXPECT_EQ(t, DType::BF16);
-  EXPECT_FALSE(dtype_from_name("I64", &t));
+  EXPECT_TRUE(dtype_from_name("I64", &t));
+  EXPECT_EQ(t, DType::I64);
+  EXPECT_FALSE(dtype_from_name("F64", &t));
+  EXPECT_FALSE(dtype_from_name("I8", &t));
   EXPECT_EQ(dtype_name(DType::F16), "F16");
 }

@@ -10,6 +10,8 @@ size_t dtype_size(DType t) {
     case DType::BF16: return 2;
     case DType::F16: return 2;
     case DType::F8_E4M3: return 1;
+    case DType::I32: return 4;
+    case DType::I64: return 8;
   }
   return 0;
 }
@@ -20,6 +22,8 @@ std::string_view dtype_name(DType t) {
     case DType::BF16: return "BF16";
     case DType::F16: return "F16";
     case DType::F8_E4M3: return "F8_E4M3";
+    case DType::I32: return "I32";
+    case DType::I64: return "I64";
   }
   return "?";
 }
@@ -29,6 +33,8 @@ bool dtype_from_name(std::string_view s, DType* out) {
   else if (s == "BF16") *out = DType::BF16;
   else if (s == "F16") *out = DType::F16;
   else if (s == "F8_E4M3") *out = DType::F8_E4M3;
+  else if (s == "I32") *out = DType::I32;
+  else if (s == "I64") *out = DType::I64;
   else return false;
   return true;
 }
@@ -90,6 +96,16 @@ void to_f32(const void* src, DType t, float* dst, size_t n) {
     case DType::F8_E4M3: {
       auto* s = static_cast<const uint8_t*>(src);
       for (size_t i = 0; i < n; ++i) dst[i] = fp8e4m3_to_f32(s[i]);
+      return;
+    }
+    case DType::I32: {
+      auto* s = static_cast<const int32_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = float(s[i]);
+      return;
+    }
+    case DType::I64: {
+      auto* s = static_cast<const int64_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = float(s[i]);
       return;
     }
   }

@@ -6,7 +6,8 @@
 
 namespace ballast {
 
-enum class DType : uint8_t { F32, BF16, F16, F8_E4M3 };
+// I32/I64 hold ids (reference fixtures, dumps); they are never weights.
+enum class DType : uint8_t { F32, BF16, F16, F8_E4M3, I32, I64 };
 
 size_t dtype_size(DType t);
 std::string_view dtype_name(DType t);          // safetensors spelling: "F32", "BF16", ...
