@@ -16,6 +16,7 @@
 // Every product is a small dense GEMM, done by one register-blocked kernel below.
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -121,6 +122,26 @@ BALLAST_INLINE void l2norm_scaled(const float* src, int n, float scale, float* d
   for (int i = 0; i < n; ++i) dst[i] = src[i] * f;
 }
 
+// exp(x), vectorisable, for x <= ~88: exact range reduction by ln 2 (two-part constant), degree-7
+// Taylor polynomial on |r| <= ln2/2 (truncation < 1.3e-7 relative), scaled by 2^n through the exponent
+// bits; 0 below -87 (where exp is under float's normal range). Within ~2 ulp of std::exp.
+BALLAST_INLINE float fast_exp(float x) {
+  const float xc = std::max(x, -87.0f);
+  const float n = std::floor(xc * 1.44269504088896341f + 0.5f);
+  float r = xc - n * 0.693145751953125f;
+  r = r - n * 1.42860682030941723e-6f;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const float scale = std::bit_cast<float>((int32_t(n) + 127) << 23);
+  return x < -87.0f ? 0.0f : p * scale;
+}
+
 struct Args {
   DeltaRuleShape s;
   const float *q, *k, *v, *g, *beta;
@@ -129,41 +150,44 @@ struct Args {
   float* out;
 };
 
-// All T steps of value head h by the recurrence. work: 3 * max(dk, dv) floats.
+// All T steps of value head h by the recurrence, reading the state once and writing it once per step:
+//   kv = S^T k, sq = S^T q (old S);  u = beta (v - d kv);  o = d sq + (k . q) u;  S = d S + k u^T.
+// work: 2 * dk + 3 * dv floats.
 BALLAST_MV void recurrent_head(const Args& a, int h, float* work) {
   const int dk = a.s.dk, dv = a.s.dv, Hv = a.s.Hv, hk = h / (Hv / a.s.Hk);
   const float qscale = 1.0f / std::sqrt(float(dk));
   float* S = a.state + int64_t(h) * dk * dv;
   float* qn = work;
-  float* kn = qn + std::max(dk, dv);
-  float* u = kn + std::max(dk, dv);
+  float* kn = qn + dk;
+  float* kv = kn + dk;
+  float* sq = kv + dv;
+  float* u = sq + dv;
   for (int t = 0; t < a.s.T; ++t) {
     l2norm_scaled(a.q + t * a.ldq + int64_t(hk) * dk, dk, qscale, qn);
     l2norm_scaled(a.k + t * a.ldk + int64_t(hk) * dk, dk, 1.0f, kn);
-    const float decay = std::exp(a.g[int64_t(t) * Hv + h]);
+    const float d = std::exp(a.g[int64_t(t) * Hv + h]);
     const float b = a.beta[int64_t(t) * Hv + h];
     const float* vt = a.v + t * a.ldv + int64_t(h) * dv;
     float* o = a.out + t * a.ldo + int64_t(h) * dv;
-    // Sweep 1: S *= decay; u = S^T k.
-    for (int j = 0; j < dv; ++j) u[j] = 0.f;
+    for (int j = 0; j < dv; ++j) kv[j] = sq[j] = 0.f;
+    float kq = 0.f;
+    for (int p = 0; p < dk; ++p) {
+      const float* row = S + int64_t(p) * dv;
+      const float kp = kn[p], qp = qn[p];
+      kq += kp * qp;
+      for (int j = 0; j < dv; ++j) {
+        kv[j] += kp * row[j];
+        sq[j] += qp * row[j];
+      }
+    }
+    for (int j = 0; j < dv; ++j) {
+      u[j] = b * (vt[j] - d * kv[j]);
+      o[j] = d * sq[j] + kq * u[j];
+    }
     for (int p = 0; p < dk; ++p) {
       float* row = S + int64_t(p) * dv;
       const float kp = kn[p];
-      for (int j = 0; j < dv; ++j) {
-        row[j] *= decay;
-        u[j] += kp * row[j];
-      }
-    }
-    for (int j = 0; j < dv; ++j) u[j] = b * (vt[j] - u[j]);
-    // Sweep 2: S += k u^T; o = S^T q.
-    for (int j = 0; j < dv; ++j) o[j] = 0.f;
-    for (int p = 0; p < dk; ++p) {
-      float* row = S + int64_t(p) * dv;
-      const float kp = kn[p], qp = qn[p];
-      for (int j = 0; j < dv; ++j) {
-        row[j] += kp * u[j];
-        o[j] += qp * row[j];
-      }
+      for (int j = 0; j < dv; ++j) row[j] = d * row[j] + kp * u[j];
     }
   }
 }
@@ -171,115 +195,132 @@ BALLAST_MV void recurrent_head(const Args& a, int h, float* work) {
 // Scratch for one chunk of at most C steps.
 struct ChunkScratch {
   std::vector<float> buf;
-  float *Q, *K, *Kt, *P, *A, *Tinv, *B, *WU;
+  float *Q, *K, *Kt, *Kdt, *Qg, *G, *QK, *A, *P, *Tinv, *B, *WU, *drow, *eg, *ef;
   std::vector<double> gc;
-  std::vector<float> eg;
   ChunkScratch(int C, int dk, int dv) {
-    const int64_t n = 2 * int64_t(C) * dk + int64_t(dk) * C + 3 * int64_t(C) * C + 2 * int64_t(C) * (dk + dv);
-    buf.assign(size_t(n), 0.f);
+    const int64_t cd = int64_t(C) * dk, cc = int64_t(C) * C, cdv = int64_t(C) * (dk + dv);
+    buf.assign(size_t(5 * cd + 5 * cc + 2 * cdv + 3 * int64_t(C)), 0.f);
     float* p = buf.data();
     auto take = [&](int64_t m) {
       float* r = p;
       p += m;
       return r;
     };
-    Q = take(int64_t(C) * dk);
-    K = take(int64_t(C) * dk);
-    Kt = take(int64_t(dk) * C);
-    P = take(int64_t(C) * C);
-    A = take(int64_t(C) * C);
-    Tinv = take(int64_t(C) * C);
-    B = take(int64_t(C) * (dk + dv));
-    WU = take(int64_t(C) * (dk + dv));
+    Q = take(cd), K = take(cd), Kt = take(cd), Kdt = take(cd), Qg = take(cd);
+    G = take(cc), QK = take(cc), A = take(cc), P = take(cc), Tinv = take(cc);
+    B = take(cdv), WU = take(cdv);
+    drow = take(C), eg = take(C), ef = take(C);
     gc.resize(size_t(C));
-    eg.resize(size_t(C));
   }
 };
 
-// All T steps of value head h in chunks of C.
-BALLAST_MV void chunked_head(const Args& a, int h, int C, ChunkScratch& w) {
-  const int dk = a.s.dk, dv = a.s.dv, Hv = a.s.Hv, hk = h / (Hv / a.s.Hk);
+BALLAST_INLINE void prefetch_row(const float* p, int n) {
+  for (int i = 0; i < n; i += 16) __builtin_prefetch(p + i);
+}
+
+// All T steps of value heads [h0, h1) (all of key head hk) in chunks of C. The heads share the
+// normalised q/k, K^T and the Gram matrices K K^T and Q K^T; each keeps its own gates and state.
+BALLAST_MV void chunked_group(const Args& a, int hk, int h0, int h1, int C, ChunkScratch& w) {
+  const int dk = a.s.dk, dv = a.s.dv, Hv = a.s.Hv;
   const int dkv = dk + dv;
   const float qscale = 1.0f / std::sqrt(float(dk));
-  float* S = a.state + int64_t(h) * dk * dv;
   for (int t0 = 0; t0 < a.s.T; t0 += C) {
     const int L = std::min(C, a.s.T - t0);
-    // Normalised q (scaled) and k rows; cumulative log-decay (in double: its differences are exponentiated).
-    double cum = 0.0;
+    // Start the next chunk's input rows on their way while this one computes.
+    for (int64_t t = t0 + L, te = std::min<int64_t>(a.s.T, t0 + L + C); t < te; ++t) {
+      prefetch_row(a.q + t * a.ldq + int64_t(hk) * dk, dk);
+      prefetch_row(a.k + t * a.ldk + int64_t(hk) * dk, dk);
+      prefetch_row(a.v + t * a.ldv + int64_t(h0) * dv, (h1 - h0) * dv);
+    }
+    // Shared by the group: normalised rows, K^T, lower triangles of K K^T and Q K^T.
     for (int i = 0; i < L; ++i) {
       const int64_t t = t0 + i;
       l2norm_scaled(a.q + t * a.ldq + int64_t(hk) * dk, dk, qscale, w.Q + int64_t(i) * dk);
       l2norm_scaled(a.k + t * a.ldk + int64_t(hk) * dk, dk, 1.0f, w.K + int64_t(i) * dk);
-      cum += double(a.g[t * Hv + h]);
-      w.gc[i] = cum;
-      w.eg[i] = float(std::exp(cum));
     }
     for (int i = 0; i < L; ++i)
       for (int p = 0; p < dk; ++p) w.Kt[int64_t(p) * L + i] = w.K[int64_t(i) * dk + p];
+    gemm(L, L, dk, 1.0f, w.K, dk, w.Kt, L, w.G, L, false, false, true);
+    gemm(L, L, dk, 1.0f, w.Q, dk, w.Kt, L, w.QK, L, false, false, true);
 
-    // A = strict lower part of beta_j D_jm (k_j . k_m); then Tinv = (I + A)^-1 by forward substitution.
-    gemm(L, L, dk, 1.0f, w.K, dk, w.Kt, L, w.A, L, false, false, true);
-    // P = D o tril(Q K^T) (diagonal included).
-    gemm(L, L, dk, 1.0f, w.Q, dk, w.Kt, L, w.P, L, false, false, true);
-    for (int i = 0; i < L; ++i) {
-      const float bi = a.beta[int64_t(t0 + i) * Hv + h];
-      float* Ar = w.A + int64_t(i) * L;
-      float* Pr = w.P + int64_t(i) * L;
-      for (int j = 0; j < i; ++j) {
-        const float d = std::exp(float(w.gc[i] - w.gc[j]));
-        Ar[j] *= bi * d;
-        Pr[j] *= d;
+    for (int h = h0; h < h1; ++h) {
+      float* S = a.state + int64_t(h) * dk * dv;
+      const float* gt = a.g + int64_t(t0) * Hv + h;
+      const float* bt = a.beta + int64_t(t0) * Hv + h;
+      // Cumulative log-decay in double: its differences are exponentiated.
+      double cum = 0.0;
+      for (int i = 0; i < L; ++i) {
+        cum += double(gt[int64_t(i) * Hv]);
+        w.gc[i] = cum;
+        w.eg[i] = float(std::exp(cum));
       }
-      for (int j = i; j < L; ++j) Ar[j] = 0.f;
-      for (int j = i + 1; j < L; ++j) Pr[j] = 0.f;
-    }
-    for (int i = 0; i < L; ++i) {
-      float* Ti = w.Tinv + int64_t(i) * L;
-      for (int c = 0; c < L; ++c) Ti[c] = 0.f;
-      const float* Ai = w.A + int64_t(i) * L;
-      for (int m = 0; m < i; ++m) {
-        const float am = Ai[m];
-        const float* Tm = w.Tinv + int64_t(m) * L;
-        for (int c = 0; c <= m; ++c) Ti[c] -= am * Tm[c];
+      // A = beta_i D_ij G_ij (j < i), P = D_ij QK_ij (j <= i), zeros elsewhere.
+      for (int i = 0; i < L; ++i) {
+        const float bi = bt[int64_t(i) * Hv];
+        for (int j = 0; j < i; ++j) w.drow[j] = float(w.gc[i] - w.gc[j]);
+        for (int j = 0; j < i; ++j) w.drow[j] = fast_exp(w.drow[j]);
+        const float* Gr = w.G + int64_t(i) * L;
+        const float* QKr = w.QK + int64_t(i) * L;
+        float* Ar = w.A + int64_t(i) * L;
+        float* Pr = w.P + int64_t(i) * L;
+        for (int j = 0; j < i; ++j) {
+          Ar[j] = bi * w.drow[j] * Gr[j];
+          Pr[j] = w.drow[j] * QKr[j];
+        }
+        Pr[i] = QKr[i];
+        for (int j = i; j < L; ++j) Ar[j] = 0.f;
+        for (int j = i + 1; j < L; ++j) Pr[j] = 0.f;
       }
-      Ti[i] = 1.0f;
-    }
+      // Tinv = (I + A)^-1, unit lower triangular, row by row.
+      for (int i = 0; i < L; ++i) {
+        float* Ti = w.Tinv + int64_t(i) * L;
+        for (int c = 0; c < L; ++c) Ti[c] = 0.f;
+        const float* Ai = w.A + int64_t(i) * L;
+        for (int m = 0; m < i; ++m) {
+          const float am = Ai[m];
+          const float* Tm = w.Tinv + int64_t(m) * L;
+          for (int c = 0; c <= m; ++c) Ti[c] -= am * Tm[c];
+        }
+        Ti[i] = 1.0f;
+      }
+      // B = [beta e^gc K | beta V];  [W | U] = Tinv B;  U -= W S0.
+      for (int i = 0; i < L; ++i) {
+        const int64_t t = t0 + i;
+        const float bi = bt[int64_t(i) * Hv];
+        const float bk = bi * w.eg[i];
+        float* Br = w.B + int64_t(i) * dkv;
+        const float* Kr = w.K + int64_t(i) * dk;
+        const float* vr = a.v + t * a.ldv + int64_t(h) * dv;
+        for (int p = 0; p < dk; ++p) Br[p] = bk * Kr[p];
+        for (int j = 0; j < dv; ++j) Br[dk + j] = bi * vr[j];
+      }
+      gemm(L, dkv, L, 1.0f, w.Tinv, L, w.B, dkv, w.WU, dkv, false, true);
+      float* U = w.WU + dk;
+      gemm(L, dv, dk, -1.0f, w.WU, dkv, S, dv, U, dkv, true);
 
-    // B = [beta e^gc K | beta V];  [W | U] = Tinv B;  U -= W S0.
-    for (int i = 0; i < L; ++i) {
-      const int64_t t = t0 + i;
-      const float bi = a.beta[t * Hv + h];
-      const float bk = bi * w.eg[i];
-      float* Br = w.B + int64_t(i) * dkv;
-      const float* Kr = w.K + int64_t(i) * dk;
-      const float* vr = a.v + t * a.ldv + int64_t(h) * dv;
-      for (int p = 0; p < dk; ++p) Br[p] = bk * Kr[p];
-      for (int j = 0; j < dv; ++j) Br[dk + j] = bi * vr[j];
-    }
-    gemm(L, dkv, L, 1.0f, w.Tinv, L, w.B, dkv, w.WU, dkv, false, true);
-    float* U = w.WU + dk;
-    gemm(L, dv, dk, -1.0f, w.WU, dkv, S, dv, U, dkv, true);
+      // O = diag(e^gc) Q S0 + P U, written straight to out.
+      for (int i = 0; i < L; ++i) {
+        const float* Qr = w.Q + int64_t(i) * dk;
+        float* Qgr = w.Qg + int64_t(i) * dk;
+        const float e = w.eg[i];
+        for (int p = 0; p < dk; ++p) Qgr[p] = e * Qr[p];
+      }
+      float* O = a.out + int64_t(t0) * a.ldo + int64_t(h) * dv;
+      gemm(L, dv, dk, 1.0f, w.Qg, dk, S, dv, O, a.ldo, false);
+      gemm(L, dv, L, 1.0f, w.P, L, U, dkv, O, a.ldo, true, true);
 
-    // O = diag(e^gc) Q S0 + P U, written straight to out.
-    for (int i = 0; i < L; ++i) {
-      float* Qr = w.Q + int64_t(i) * dk;
-      const float e = w.eg[i];
-      for (int p = 0; p < dk; ++p) Qr[p] *= e;
+      // S = e^{gc_last} S0 + (diag(e^{gc_last - gc}) K)^T U.
+      const double glast = w.gc[L - 1];
+      for (int i = 0; i < L; ++i) w.ef[i] = float(std::exp(glast - w.gc[i]));
+      for (int p = 0; p < dk; ++p) {
+        const float* r = w.Kt + int64_t(p) * L;
+        float* rd = w.Kdt + int64_t(p) * L;
+        for (int i = 0; i < L; ++i) rd[i] = r[i] * w.ef[i];
+      }
+      const float elast = float(std::exp(glast));
+      for (int64_t i = 0, n = int64_t(dk) * dv; i < n; ++i) S[i] *= elast;
+      gemm(dk, dv, L, 1.0f, w.Kdt, L, U, dkv, S, dv, true);
     }
-    float* O = a.out + int64_t(t0) * a.ldo + int64_t(h) * dv;
-    gemm(L, dv, dk, 1.0f, w.Q, dk, S, dv, O, a.ldo, false);
-    gemm(L, dv, L, 1.0f, w.P, L, U, dkv, O, a.ldo, true, true);
-
-    // S = e^{gc_last} S0 + (diag(e^{gc_last - gc}) K)^T U.
-    const double glast = w.gc[L - 1];
-    for (int i = 0; i < L; ++i) w.eg[i] = float(std::exp(glast - w.gc[i]));
-    for (int p = 0; p < dk; ++p) {
-      float* r = w.Kt + int64_t(p) * L;
-      for (int i = 0; i < L; ++i) r[i] *= w.eg[i];
-    }
-    const float elast = float(std::exp(glast));
-    for (int64_t i = 0, n = int64_t(dk) * dv; i < n; ++i) S[i] *= elast;
-    gemm(dk, dv, L, 1.0f, w.Kt, L, U, dkv, S, dv, true);
   }
 }
 
@@ -301,7 +342,7 @@ void gated_delta_rule_recurrent(const DeltaRuleShape& s, const float* q, int64_t
   if (s.T == 0) return;
   const Args a{s, q, k, v, g, beta, ldq, ldk, ldv, ldo, state, out};
   auto run = [&](int64_t h0, int64_t h1) {
-    std::vector<float> work(size_t(3 * std::max(s.dk, s.dv)));
+    std::vector<float> work(size_t(2 * s.dk + 3 * s.dv));
     for (int64_t h = h0; h < h1; ++h) recurrent_head(a, int(h), work.data());
   };
   if (pool)
@@ -318,14 +359,28 @@ void gated_delta_rule_chunked(const DeltaRuleShape& s, const float* q, int64_t l
   if (s.T == 0) return;
   const Args a{s, q, k, v, g, beta, ldq, ldk, ldv, ldo, state, out};
   const int C = std::min(chunk, s.T);
-  auto run = [&](int64_t h0, int64_t h1) {
+  // Work items: a key head with a contiguous piece of its value heads. Whole groups share the most
+  // work; a group is split only as far as needed to give every thread something to do.
+  const int r = s.Hv / s.Hk;
+  const int threads = pool ? pool->size() : 1;
+  const int pieces = std::clamp((threads + s.Hk - 1) / s.Hk, 1, r);
+  struct Item {
+    int hk, h0, h1;
+  };
+  std::vector<Item> items;
+  for (int hk = 0; hk < s.Hk; ++hk)
+    for (int p = 0; p < pieces; ++p) {
+      const int h0 = hk * r + p * r / pieces, h1 = hk * r + (p + 1) * r / pieces;
+      if (h1 > h0) items.push_back({hk, h0, h1});
+    }
+  auto run = [&](int64_t i0, int64_t i1) {
     ChunkScratch w(C, s.dk, s.dv);
-    for (int64_t h = h0; h < h1; ++h) chunked_head(a, int(h), C, w);
+    for (int64_t i = i0; i < i1; ++i) chunked_group(a, items[size_t(i)].hk, items[size_t(i)].h0, items[size_t(i)].h1, C, w);
   };
   if (pool)
-    pool->parallel_for(s.Hv, run);
+    pool->parallel_for(int64_t(items.size()), run);
   else
-    run(0, s.Hv);
+    run(0, int64_t(items.size()));
 }
 
 }  // namespace ballast::kernels::cpu
