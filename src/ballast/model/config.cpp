@@ -101,11 +101,12 @@ int to_int(int64_t v, const Fields& f, const char* key) {
 }
 
 // rope_theta / partial_rotary_factor live at the top level (older configs) or inside
-// rope_parameters (transformers v5) or rope_scaling; the top level wins if both are present.
+// rope_parameters (transformers v5) or rope_scaling. The nested values win: transformers v5 writes
+// both, and its top-level partial_rotary_factor stays at the default 0.25 whatever the model uses.
 void parse_rope(const Fields& f, ModelConfig& c) {
   // transformers' defaults for both families.
-  c.rope_theta = 10000.0;
-  c.partial_rotary_factor = 0.25f;
+  c.rope_theta = f.number("rope_theta", 10000.0);
+  c.partial_rotary_factor = float(f.number("partial_rotary_factor", 0.25));
   for (const char* key : {"rope_scaling", "rope_parameters"}) {
     const json* r = f.object(key);
     if (!r) continue;
@@ -118,8 +119,6 @@ void parse_rope(const Fields& f, ModelConfig& c) {
     c.rope_theta = rf.number("rope_theta", c.rope_theta);
     c.partial_rotary_factor = float(rf.number("partial_rotary_factor", c.partial_rotary_factor));
   }
-  c.rope_theta = f.number("rope_theta", c.rope_theta);
-  c.partial_rotary_factor = float(f.number("partial_rotary_factor", c.partial_rotary_factor));
   check(c.rope_theta > 0, "{}: field \"{}\" must be positive", f.source(), f.path("rope_theta"));
   check(c.partial_rotary_factor > 0 && c.partial_rotary_factor <= 1,
         "{}: field \"{}\" must be in (0, 1], got {}", f.source(), f.path("partial_rotary_factor"),
