@@ -15,8 +15,8 @@ Routing route_topk(const float* logits, int64_t T, int E, int k, bool normalize)
   r.k = k;
   r.experts.resize(size_t(T * k));
   r.weights.resize(size_t(T * k));
-  std::vector<float> p(size_t(E));
-  std::vector<int32_t> idx(size_t(E));
+  std::vector<float> p(static_cast<size_t>(E));
+  std::vector<int32_t> idx(static_cast<size_t>(E));
   for (int64_t t = 0; t < T; ++t) {
     const float* l = logits + t * E;
     const float mx = *std::max_element(l, l + E);

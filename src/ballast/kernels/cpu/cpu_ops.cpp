@@ -104,7 +104,7 @@ void CpuOps::rope(Tensor& x, std::span<const int32_t> positions, int rot, double
   check(int64_t(positions.size()) == T && rot <= hd && rot % 2 == 0, "rope: x{} with {} positions, rot {}",
         x.shape_str(), positions.size(), rot);
   const int half = rot / 2;
-  std::vector<float> inv_freq(size_t(half));
+  std::vector<float> inv_freq(static_cast<size_t>(half));
   for (int i = 0; i < half; ++i) inv_freq[i] = float(1.0 / std::pow(theta, double(2 * i) / rot));
   float* xp = x.f32();
   for (int64_t t = 0; t < T; ++t) {
