@@ -11,6 +11,9 @@
 #include <string>
 #include <random>
 #include <vector>
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+#endif
 
 #include "ballast/core/error.h"
 #include "ballast/core/thread_pool.h"
@@ -279,6 +282,19 @@ TEST(DeltaRule, TinyKeysFollowL2NormEps) {
     EXPECT_LT(rel_err(r.state, S_ref), 2e-6);
   }
 }
+
+#if defined(__x86_64__)
+// The kernels flush denormals while they run (see gated_delta_rule.cpp) and must restore the caller's
+// floating-point control word.
+TEST(DeltaRule, LeavesFloatingPointControlAsFound) {
+  const Case c({70, 1, 2, 16, 16}, 19);
+  const unsigned before = _mm_getcsr();
+  for (Form f : {Form::Recurrent, Form::Chunked}) {
+    run(c, f);
+    EXPECT_EQ(_mm_getcsr(), before);
+  }
+}
+#endif
 
 TEST(DeltaRule, ZeroStepsIsANoOp) {
   Case c({0, 1, 1, 8, 8}, 3);
