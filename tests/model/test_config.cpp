@@ -154,6 +154,17 @@ TEST(Config, Qwen3NextDenseLayersAndDefaults) {
   EXPECT_EQ(p.dense_mlp, 4 * 3 * 2048 * 5120LL);
 }
 
+TEST(Config, NestedRopeParametersWinOverStaleTopLevel) {
+  // transformers v5 saves a stale top-level partial_rotary_factor beside the one it reads.
+  json j = qwen3_next_80b();
+  j["partial_rotary_factor"] = 0.25;
+  j["rope_theta"] = 1000.0;
+  j["rope_parameters"] = {{"rope_type", "default"}, {"partial_rotary_factor", 0.5}};
+  auto c = parse_model_config(j, "config.json");
+  EXPECT_EQ(c.rotary_dim(), 128);
+  EXPECT_DOUBLE_EQ(c.rope_theta, 1000.0);  // absent inside: the top level fills in
+}
+
 TEST(Config, ExplicitLayerTypesWin) {
   json j = qwen3_next_80b();
   j["num_hidden_layers"] = 3;

@@ -34,7 +34,12 @@ namespace {
 // corrupt length cannot make us parse most of a weight file as JSON.
 constexpr uint64_t kMaxHeader = 100ull << 20;
 
-std::string dtype_list() { return "F32, BF16, F16, F8_E4M3"; }
+std::string dtype_list() {
+  std::string s;
+  for (DType t : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3, DType::I32, DType::I64})
+    s += (s.empty() ? "" : ", ") + std::string(dtype_name(t));
+  return s;
+}
 
 // Reads a JSON array of non-negative integers, naming the tensor and field on error.
 std::vector<uint64_t> read_uints(const json& v, const std::string& file, const std::string& tensor,

@@ -100,9 +100,10 @@ int to_int(int64_t v, const Fields& f, const char* key) {
   return int(v);
 }
 
-// rope_theta / partial_rotary_factor live at the top level (older configs) or inside
-// rope_parameters (transformers v5) or rope_scaling. The nested values win: transformers v5 writes
-// both, and its top-level partial_rotary_factor stays at the default 0.25 whatever the model uses.
+// rope_theta / partial_rotary_factor live at the top level (transformers v4 configs) or inside
+// rope_parameters (v5) or rope_scaling. v5 saves both and reads rope_parameters (a v5-saved
+// Qwen3.5 config has a stale top-level partial_rotary_factor 0.25 beside 0.5 inside), so the
+// nested value wins and the top level only fills in what is missing.
 void parse_rope(const Fields& f, ModelConfig& c) {
   // transformers' defaults for both families.
   c.rope_theta = f.number("rope_theta", 10000.0);
