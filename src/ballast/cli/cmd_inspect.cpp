@@ -132,8 +132,9 @@ json describe(const fs::path& dir) {
     params[part] += n;
     bytes[part] += t.nbytes();
     auto& d = dtypes[std::string(dtype_name(t.dtype))];
-    d["tensors"] = d.value("tensors", 0) + 1;
-    d["bytes"] = d.value("bytes", uint64_t(0)) + t.nbytes();
+    if (d.is_null()) d = {{"tensors", 0}, {"bytes", uint64_t(0)}};
+    d["tensors"] = d["tensors"].get<int64_t>() + 1;
+    d["bytes"] = d["bytes"].get<uint64_t>() + t.nbytes();
   }
   j["checkpoint"] = {
       {"files", ck.files().size()},
@@ -218,8 +219,11 @@ void print_text(const json& j) {
   for (const auto& [name, d] : C["dtypes"].items())
     dt += fmt::format("{}{} {} ({})", dt.empty() ? "" : ", ", d["tensors"].get<int>(), name, byt(d["bytes"]));
   fmt::print("checkpoint    {} tensors in {} file(s): {}\n", C["tensors"].get<int>(), C["files"].get<int>(), dt);
-  fmt::print("weights       {} in memory (trunk {}, MTP {}){}\n", byt(C["weight_bytes"]), byt(C["trunk_bytes"]),
-             byt(C["mtp_bytes"]),
+  fmt::print("weights       {} in memory{}{}\n", byt(C["weight_bytes"]),
+             C["mtp_bytes"].get<uint64_t>()
+                 ? fmt::format(" (trunk {}, MTP {})", human_bytes(C["trunk_bytes"].get<double>()),
+                               human_bytes(C["mtp_bytes"].get<double>()))
+                 : "",
              C["vision_parameters"].get<int64_t>()
                  ? fmt::format("; vision tower {} ignored", human_bytes(C["vision_bytes"].get<double>()))
                  : "");
