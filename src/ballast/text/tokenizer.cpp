@@ -110,12 +110,38 @@ struct WordCache {
   bool full() const { return entries.size() * 2 >= kSlots || keys.size() > (64u << 20); }
 };
 
+// Per-thread cache for short pre-tokens (<= 16 bytes, <= 3 ids), the vast majority: 2-way
+// set-associative, each set one 64-byte line holding keys and ids, so a lookup touches one
+// cache line. A new word goes to way 0 and pushes the old way 0 to way 1.
+struct ShortCache {
+  struct Slot {
+    uint64_t k0, k1;
+    int32_t ids[3];
+    uint8_t len, nids;  // len 0 = empty
+    uint16_t pad;
+  };
+  struct alignas(64) Set {
+    Slot way[2];
+  };
+  static_assert(sizeof(Set) == 64);
+  static constexpr int kBits = 15;
+  std::vector<Set> sets;
+  void reset() { sets.assign(size_t{1} << kBits, Set{}); }
+  static size_t index(uint64_t k0, uint64_t k1, size_t len) {
+    uint64_t h = (k0 * 0x9E3779B97F4A7C15ull) ^ ((k1 + len) * 0xC2B2AE3D27D4EB4Full);
+    h ^= h >> 29;
+    h *= 0xBF58476D1CE4E5B9ull;
+    return static_cast<size_t>(h >> (64 - kBits));
+  }
+};
+
 struct ThreadState {
   uint64_t owner = 0;
   pcre2_match_data* md = nullptr;
   pcre2_match_context* mctx = nullptr;
   pcre2_jit_stack* jit_stack = nullptr;
   WordCache cache;
+  ShortCache short_cache;
   std::string scratch;
   ~ThreadState() {
     if (md) pcre2_match_data_free(md);
@@ -289,6 +315,7 @@ struct Tokenizer::Impl {
         pcre2_jit_stack_assign(ts.mctx, nullptr, ts.jit_stack);
       }
       ts.cache.reset(serial);
+      ts.short_cache.reset();
       ts.owner = serial;
     }
     return ts;
@@ -316,6 +343,29 @@ struct Tokenizer::Impl {
         out.push_back(it->second);
         return;
       }
+    }
+    if (word.size() <= 16) {
+      uint64_t k[2] = {0, 0};
+      std::memcpy(k, word.data(), word.size());
+      ShortCache::Set& set = ts.short_cache.sets[ShortCache::index(k[0], k[1], word.size())];
+      for (const ShortCache::Slot& slot : set.way)
+        if (slot.len == word.size() && slot.k0 == k[0] && slot.k1 == k[1]) {
+          out.insert(out.end(), slot.ids, slot.ids + slot.nids);
+          return;
+        }
+      size_t before = out.size();
+      bpe.encode_word(word, out);
+      size_t n = out.size() - before;
+      if (n <= 3) {
+        set.way[1] = set.way[0];
+        ShortCache::Slot& slot = set.way[0];
+        slot.k0 = k[0];
+        slot.k1 = k[1];
+        slot.len = static_cast<uint8_t>(word.size());
+        slot.nids = static_cast<uint8_t>(n);
+        std::memcpy(slot.ids, out.data() + before, n * sizeof(int32_t));
+      }
+      return;
     }
     if (word.size() > WordCache::kMaxWord) {
       bpe.encode_word(word, out);
@@ -659,7 +709,7 @@ Tokenizer Tokenizer::load(const std::filesystem::path& dir) {
   namespace fs = std::filesystem;
   fs::path tok_path = fs::is_directory(dir) ? dir / "tokenizer.json" : dir;
   fs::path base = tok_path.parent_path();
-  check(fs::exists(tok_path), "{}: no tokenizer.json there", tok_path.string());
+  check(fs::exists(tok_path), "{}: no tokenizer.json there", dir.string());
   std::string config;
   if (fs::path c = base / "tokenizer_config.json"; fs::exists(c)) config = read_file(c);
   Tokenizer tok = from_json(read_file(tok_path), config, tok_path.string());
