@@ -14,6 +14,10 @@
 
 #include "ballast/core/error.h"
 
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // older libc headers
+#endif
+
 namespace ballast::io {
 
 namespace fs = std::filesystem;
@@ -219,18 +223,19 @@ uint64_t SafetensorsFile::tensor_bytes() const {
 
 void SafetensorsFile::prefault(const ProgressFn& progress) const {
   const uint64_t total = data_size();
-  auto* base = static_cast<volatile const uint8_t*>(map_->base);
-  madvise(map_->base, map_->size, MADV_WILLNEED);
+  auto* base = static_cast<uint8_t*>(map_->base);
+  madvise(base, map_->size, MADV_WILLNEED);
   const uint64_t page = uint64_t(sysconf(_SC_PAGESIZE));
-  const uint64_t report_every = 64ull << 20;
-  uint64_t next_report = report_every;
+  constexpr uint64_t kChunk = 64ull << 20;  // one progress report per chunk
+  bool populate = true;                     // MADV_POPULATE_READ: Linux 5.14+, no per-page faults
   uint8_t sink = 0;
-  for (uint64_t off = 0; off < total; off += page) {
-    sink ^= base[data_offset_ + off];
-    if (progress && off >= next_report) {
-      progress(off, total);
-      next_report = off + report_every;
-    }
+  for (uint64_t off = data_offset_ / page * page; off < map_->size; off += kChunk) {
+    const uint64_t len = std::min(kChunk, map_->size - off);
+    if (populate && madvise(base + off, len, MADV_POPULATE_READ) != 0) populate = false;
+    if (!populate)
+      for (uint64_t p = 0; p < len; p += page) sink ^= static_cast<volatile const uint8_t*>(base)[off + p];
+    const uint64_t done = off + len > data_offset_ ? off + len - data_offset_ : 0;
+    if (progress) progress(std::min(done, total), total);
   }
   (void)sink;
   if (progress) progress(total, total);
