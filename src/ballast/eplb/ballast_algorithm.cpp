@@ -1,0 +1,420 @@
+#include "ballast/eplb/ballast_algorithm.h"
+
+#include "ballast/core/error.h"
+#include "ballast/eplb/metrics.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+
+namespace ballast::eplb {
+namespace {
+
+// One layer's problem: loads w [E][S], aggregates, the bound, and the current placement if any.
+struct Problem {
+  int S, E, P, G, K;
+  std::vector<double> w;    // [E][S]
+  std::vector<double> agg;  // [E]
+  double bound = 0;         // sum over slices of the per-slice lower bound
+  double lambda = 0;        // migration weight, in score units per moved pair
+  std::vector<uint8_t> cur_has;  // [G][E] replicas of e on rank g in the current placement
+  bool has_current = false;
+};
+
+// A packing: slot [G][K] -> expert, with rank loads per slice.
+struct Packing {
+  std::vector<int32_t> slot;  // [G*K]
+  std::vector<int32_t> cnt;   // [E]
+  std::vector<double> load;   // [G][S]
+  std::vector<double> A;      // [G] aggregate load
+  std::vector<uint8_t> has;   // [G][E]
+  int moved = 0;
+  double F = 0, Q = 0;
+  double score(const Problem& pr) const { return F + pr.lambda * moved; }
+};
+
+double item(const Problem& pr, const Packing& pk, int e, int s) { return pr.w[size_t(e) * pr.S + s] / pk.cnt[e]; }
+
+void recompute(const Problem& pr, Packing& pk) {
+  const int S = pr.S, G = pr.G, K = pr.K;
+  pk.load.assign(size_t(G) * S, 0.0);
+  pk.A.assign(G, 0.0);
+  pk.has.assign(size_t(G) * pr.E, 0);
+  pk.moved = 0;
+  for (int g = 0; g < G; ++g)
+    for (int k = 0; k < K; ++k) {
+      int e = pk.slot[g * K + k];
+      for (int s = 0; s < S; ++s) pk.load[size_t(g) * S + s] += item(pr, pk, e, s);
+      pk.A[g] += pr.agg[e] / pk.cnt[e];
+      pk.has[size_t(g) * pr.E + e]++;
+      if (pr.has_current && !pr.cur_has[size_t(g) * pr.E + e]) pk.moved++;
+    }
+  pk.F = 0, pk.Q = 0;
+  for (int s = 0; s < S; ++s) {
+    double m = 0;
+    for (int g = 0; g < G; ++g) m = std::max(m, pk.load[size_t(g) * S + s]);
+    pk.F += m;
+  }
+  for (int g = 0; g < G; ++g) pk.Q += pk.A[g] * pk.A[g];
+}
+
+// Heaviest replica first into the lightest rank with room that lacks the expert.
+Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
+  const int G = pr.G, K = pr.K, E = pr.E;
+  Packing pk;
+  pk.cnt = cnt;
+  // Experts by per-replica load, descending (ties: lower expert), each repeated c_e times.
+  std::vector<std::pair<double, int>> key(E);
+  for (int e = 0; e < E; ++e) key[e] = {-pr.agg[e] / cnt[e], e};
+  std::sort(key.begin(), key.end());
+  std::vector<int32_t> items;
+  items.reserve(pr.P);
+  for (auto [k, e] : key)
+    for (int c = 0; c < cnt[e]; ++c) items.push_back(e);
+  std::vector<int32_t> fill(G, 0);
+  std::vector<double> A(G, 0.0);
+  std::vector<uint8_t> has(size_t(G) * E, 0);
+  pk.slot.assign(size_t(G) * K, -1);
+  for (int e : items) {
+    int best = -1;
+    for (int g = 0; g < G; ++g)
+      if (fill[g] < K && !has[size_t(g) * E + e] && (best < 0 || A[g] < A[best])) best = g;
+    if (best < 0) {
+      // Every rank with room already holds e: move an item x from a full rank a (without e)
+      // to a rank b with room (without x's expert), and put e where x was.
+      int b = -1;
+      for (int g = 0; g < G; ++g)
+        if (fill[g] < K && (b < 0 || A[g] < A[b])) b = g;
+      bool done = false;
+      for (int a = 0; a < G && !done; ++a) {
+        if (a == b || has[size_t(a) * E + e]) continue;
+        for (int k = 0; k < fill[a] && !done; ++k) {
+          int x = pk.slot[a * K + k];
+          if (has[size_t(b) * E + x]) continue;
+          double lx = pr.agg[x] / cnt[x], le = pr.agg[e] / cnt[e];
+          pk.slot[b * K + fill[b]++] = x, has[size_t(b) * E + x]++, A[b] += lx;
+          has[size_t(a) * E + x]--, A[a] -= lx;
+          pk.slot[a * K + k] = e, has[size_t(a) * E + e]++, A[a] += le;
+          done = true;
+        }
+      }
+      if (done) continue;
+      best = b;  // cannot happen while every count is <= G; keep the slot filled regardless
+    }
+    pk.slot[best * K + fill[best]++] = e;
+    has[size_t(best) * E + e]++;
+    A[best] += pr.agg[e] / cnt[e];
+  }
+  recompute(pr, pk);
+  return pk;
+}
+
+// Swap-based local search on score = F + lambda * moved, secondary Q.
+void local_search(const Problem& pr, Packing& pk) {
+  const int S = pr.S, G = pr.G, K = pr.K, E = pr.E;
+  const double eps = 1e-12 * (pk.F + 1.0);
+  std::vector<double> top1(S), top2(S), top3(S);
+  std::vector<int> arg1(S), arg2(S);
+  std::vector<double> xi(S), xj(S);
+  std::vector<int> crit, by_load;
+  const int max_iter = 8 * G + 200;
+  for (int iter = 0; iter < max_iter; ++iter) {
+    for (int s = 0; s < S; ++s) {
+      double v1 = -1, v2 = -1, v3 = -1;
+      int a1 = -1, a2 = -1;
+      for (int g = 0; g < G; ++g) {
+        double v = pk.load[size_t(g) * S + s];
+        if (v > v1) v3 = v2, v2 = v1, a2 = a1, v1 = v, a1 = g;
+        else if (v > v2) v3 = v2, v2 = v, a2 = g;
+        else if (v > v3) v3 = v;
+      }
+      top1[s] = v1, top2[s] = v2, top3[s] = v3, arg1[s] = a1, arg2[s] = a2;
+    }
+    crit.clear();
+    for (int s = 0; s < S; ++s)
+      if (std::find(crit.begin(), crit.end(), arg1[s]) == crit.end()) crit.push_back(arg1[s]);
+    std::sort(crit.begin(), crit.end(), [&](int a, int b) { return pk.A[a] != pk.A[b] ? pk.A[a] > pk.A[b] : a < b; });
+    if (pr.lambda > 0) {
+      // Also ranks holding moved experts: swapping them home may pay for a little balance.
+      for (int g = 0; g < G; ++g)
+        if (std::find(crit.begin(), crit.end(), g) == crit.end()) crit.push_back(g);
+    }
+    // Stop at the bound (nothing left to win on balance).
+    if (pr.lambda == 0) {
+      double F = 0;
+      for (int s = 0; s < S; ++s) F += top1[s];
+      if (F <= pr.bound * (1 + 1e-3)) break;
+    }
+    // Partners: the lightest ranks first (a cheap pass), all ranks only when that finds nothing.
+    by_load.resize(G);
+    std::iota(by_load.begin(), by_load.end(), 0);
+    const int near = std::min(G, 4);
+    std::partial_sort(by_load.begin(), by_load.begin() + near, by_load.end(),
+                      [&](int x, int y) { return pk.A[x] != pk.A[y] ? pk.A[x] < pk.A[y] : x < y; });
+    bool applied = false;
+    for (int pass = 0; pass < 2 && !applied; ++pass)
+    for (int a : crit) {
+      double best_d = 0, best_q = 0;
+      int bi = -1, bb = -1, bj = -1;
+      bool is_crit = false;
+      for (int s = 0; s < S; ++s) is_crit |= arg1[s] == a;
+      for (int i = 0; i < K; ++i) {
+        int ei = pk.slot[a * K + i];
+        double ai = pr.agg[ei] / pk.cnt[ei];
+        bool i_moved = pr.has_current && !pr.cur_has[size_t(a) * E + ei];
+        if (!is_crit && !i_moved) continue;
+        for (int s = 0; s < S; ++s) xi[s] = item(pr, pk, ei, s);
+        for (int bk = pass == 0 ? 0 : near; bk < G && (pass == 1 || bk < near); ++bk) {
+          int b = by_load[bk];
+          if (b == a || pk.has[size_t(b) * E + ei]) continue;
+          int dmove_i = 0;
+          if (pr.has_current)
+            dmove_i = int(!pr.cur_has[size_t(b) * E + ei]) - int(i_moved);
+          for (int j = 0; j < K; ++j) {
+            int ej = pk.slot[b * K + j];
+            if (ej == ei || pk.has[size_t(a) * E + ej]) continue;
+            double aj = pr.agg[ej] / pk.cnt[ej];
+            int dmove = dmove_i;
+            if (pr.has_current)
+              dmove += int(!pr.cur_has[size_t(a) * E + ej]) - int(!pr.cur_has[size_t(b) * E + ej]);
+            if (dmove >= 0) {
+              // Balance must improve: load leaves a and b stays below a.
+              if (!is_crit || ai <= aj || pk.A[b] + ai - aj >= pk.A[a]) continue;
+            }
+            double dF = 0;
+            for (int s = 0; s < S; ++s) {
+              double d = item(pr, pk, ej, s) - xi[s];
+              double na = pk.load[size_t(a) * S + s] + d, nb = pk.load[size_t(b) * S + s] - d;
+              double other = (arg1[s] != a && arg1[s] != b) ? top1[s]
+                             : (arg2[s] != a && arg2[s] != b) ? top2[s] : top3[s];
+              dF += std::max(other, std::max(na, nb)) - top1[s];
+            }
+            double d = dF + pr.lambda * dmove;
+            double na = pk.A[a] - ai + aj, nb = pk.A[b] + ai - aj;
+            double dq = na * na + nb * nb - pk.A[a] * pk.A[a] - pk.A[b] * pk.A[b];
+            bool better = d < -eps || (d <= eps && dq < -eps * (pk.A[a] + 1.0));
+            if (!better) continue;
+            if (bi < 0 || d < best_d - eps || (d <= best_d + eps && dq < best_q))
+              best_d = d, best_q = dq, bi = i, bb = b, bj = j;
+          }
+        }
+      }
+      if (bi >= 0) {
+        int ei = pk.slot[a * K + bi], ej = pk.slot[bb * K + bj];
+        double ai = pr.agg[ei] / pk.cnt[ei], aj = pr.agg[ej] / pk.cnt[ej];
+        for (int s = 0; s < S; ++s) {
+          double d = item(pr, pk, ej, s) - item(pr, pk, ei, s);
+          pk.load[size_t(a) * S + s] += d, pk.load[size_t(bb) * S + s] -= d;
+        }
+        pk.A[a] += aj - ai, pk.A[bb] += ai - aj;
+        pk.has[size_t(a) * E + ei]--, pk.has[size_t(bb) * E + ei]++;
+        pk.has[size_t(bb) * E + ej]--, pk.has[size_t(a) * E + ej]++;
+        pk.slot[a * K + bi] = ej, pk.slot[bb * K + bj] = ei;
+        if (pr.has_current) {
+          pk.moved += int(!pr.cur_has[size_t(bb) * E + ei]) - int(!pr.cur_has[size_t(a) * E + ei]) +
+                      int(!pr.cur_has[size_t(a) * E + ej]) - int(!pr.cur_has[size_t(bb) * E + ej]);
+        }
+        applied = true;
+        break;
+      }
+    }
+    if (!applied) break;
+  }
+  double F = 0, Q = 0;
+  for (int s = 0; s < S; ++s) {
+    double m = 0;
+    for (int g = 0; g < G; ++g) m = std::max(m, pk.load[size_t(g) * S + s]);
+    F += m;
+  }
+  for (int g = 0; g < G; ++g) Q += pk.A[g] * pk.A[g];
+  pk.F = F, pk.Q = Q;
+}
+
+bool better(const Problem& pr, const Packing& x, const Packing& y) {
+  double sx = x.score(pr), sy = y.score(pr);
+  double eps = 1e-12 * (std::abs(sy) + 1.0);
+  if (sx < sy - eps) return true;
+  if (sx > sy + eps) return false;
+  return x.Q < y.Q - 1e-12 * (y.Q + 1.0);
+}
+
+Packing pack_and_search(const Problem& pr, const std::vector<int32_t>& cnt) {
+  Packing pk = pack_lpt(pr, cnt);
+  local_search(pr, pk);
+  return pk;
+}
+
+// Joint choice of counts and packing: a short tabu walk over single replica moves (e+1, f-1).
+Packing search_counts(const Problem& pr, Packing best, int rounds) {
+  const int E = pr.E, G = pr.G, K = pr.K;
+  if (pr.P == E || rounds <= 0) return best;
+  Packing cur = best;
+  int tabu_e = -1, tabu_f = -1;
+  const int m = E <= 32 ? E : 3;
+  for (int r = 0; r < rounds; ++r) {
+    if (best.F <= pr.bound * (1 + 1e-9)) break;
+    // Candidate receivers: experts on the bottleneck rank(s) and the heaviest per-replica loads;
+    // donors: the cheapest replicas to give up.
+    std::vector<int> order(E);
+    std::iota(order.begin(), order.end(), 0);
+    std::vector<int> recv, donors;
+    int a = int(std::max_element(cur.A.begin(), cur.A.end()) - cur.A.begin());
+    for (int k = 0; k < K; ++k) {
+      int e = cur.slot[a * K + k];
+      if (cur.cnt[e] < G && std::find(recv.begin(), recv.end(), e) == recv.end()) recv.push_back(e);
+    }
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int x, int y) { return pr.agg[x] / cur.cnt[x] > pr.agg[y] / cur.cnt[y]; });
+    for (int i = 0, n = 0; i < E && n < m; ++i)
+      if (cur.cnt[order[i]] < G && std::find(recv.begin(), recv.end(), order[i]) == recv.end())
+        recv.push_back(order[i]), ++n;
+    std::stable_sort(order.begin(), order.end(), [&](int x, int y) {
+      double lx = cur.cnt[x] > 1 ? pr.agg[x] / (cur.cnt[x] - 1) : INFINITY;
+      double ly = cur.cnt[y] > 1 ? pr.agg[y] / (cur.cnt[y] - 1) : INFINITY;
+      return lx < ly;
+    });
+    for (int i = 0; i < E && int(donors.size()) < m; ++i)
+      if (cur.cnt[order[i]] > 1) donors.push_back(order[i]);
+    if (recv.empty() || donors.empty()) break;
+    bool found = false;
+    Packing step;
+    int se = -1, sf = -1;
+    for (int e : recv)
+      for (int f : donors) {
+        if (e == f || (e == tabu_f && f == tabu_e)) continue;
+        auto cnt = cur.cnt;
+        cnt[e]++, cnt[f]--;
+        Packing pk = pack_and_search(pr, cnt);
+        if (!found || better(pr, pk, step)) step = std::move(pk), found = true, se = e, sf = f;
+      }
+    if (!found) break;
+    cur = std::move(step);
+    tabu_e = se, tabu_f = sf;
+    if (better(pr, cur, best)) best = cur;
+  }
+  return best;
+}
+
+// Relabel the ranks of a packing to overlap the current placement most (greedy on overlap),
+// then put each expert that stays into its current slot index.
+std::vector<int32_t> relabel(const Problem& pr, const Packing& pk, const int32_t* cur_row) {
+  const int G = pr.G, K = pr.K, E = pr.E;
+  std::vector<int32_t> ov(size_t(G) * G, 0);  // [new bin][current rank]
+  for (int g = 0; g < G; ++g)
+    for (int k = 0; k < K; ++k)
+      for (int r = 0; r < G; ++r) ov[size_t(g) * G + r] += pr.cur_has[size_t(r) * E + pk.slot[g * K + k]] ? 1 : 0;
+  std::vector<std::tuple<int, int, int>> pairs;
+  for (int g = 0; g < G; ++g)
+    for (int r = 0; r < G; ++r)
+      if (ov[size_t(g) * G + r] > 0) pairs.emplace_back(-ov[size_t(g) * G + r], g, r);
+  std::sort(pairs.begin(), pairs.end());
+  std::vector<int> to(G, -1), used(G, 0);
+  for (auto [o, g, r] : pairs)
+    if (to[g] < 0 && !used[r]) to[g] = r, used[r] = 1;
+  for (int g = 0, r = 0; g < G; ++g)
+    if (to[g] < 0) {
+      while (used[r]) ++r;
+      to[g] = r, used[r] = 1;
+    }
+  std::vector<int32_t> row(size_t(G) * K, -1);
+  for (int g = 0; g < G; ++g) {
+    int r = to[g];
+    std::vector<int> rest;
+    std::vector<uint8_t> taken(K, 0);
+    for (int k = 0; k < K; ++k) {
+      int e = pk.slot[g * K + k];
+      int pos = -1;
+      for (int q = 0; q < K; ++q)
+        if (!taken[q] && cur_row[r * K + q] == e) { pos = q; break; }
+      if (pos >= 0) row[r * K + pos] = e, taken[pos] = 1; else rest.push_back(e);
+    }
+    for (int q = 0, i = 0; q < K; ++q)
+      if (!taken[q]) row[r * K + q] = rest[i++];
+  }
+  return row;
+}
+
+Packing from_row(const Problem& pr, const int32_t* row) {
+  Packing pk;
+  pk.slot.assign(row, row + pr.P);
+  pk.cnt.assign(pr.E, 0);
+  for (int p = 0; p < pr.P; ++p) pk.cnt[row[p]]++;
+  recompute(pr, pk);
+  return pk;
+}
+
+}  // namespace
+
+std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
+                                   const int32_t* current_row, LayerPlanStats* stats) {
+  const int G = opt.ranks, P = opt.physical;
+  check(G > 0 && S > 0 && E > 0, "ballast: bad shape (ranks {}, slices {}, experts {})", G, S, E);
+  check(P % G == 0, "ballast: {} physical slots are not divisible by {} ranks", P, G);
+  check(P >= E, "ballast: {} physical slots are fewer than {} logical experts", P, E);
+  check(opt.migration_weight >= 0, "ballast: migration weight must be >= 0");
+  Problem pr;
+  pr.S = S, pr.E = E, pr.P = P, pr.G = G, pr.K = P / G;
+  pr.w.resize(size_t(E) * S);
+  pr.agg.assign(E, 0.0);
+  for (int s = 0; s < S; ++s)
+    for (int e = 0; e < E; ++e) {
+      double x = slices[s * stride + e];
+      check(std::isfinite(x) && x >= 0, "ballast: load {} of expert {} in slice {} is not a count >= 0", x, e, s);
+      pr.w[size_t(e) * S + s] = x;
+      pr.agg[e] += x;
+    }
+  for (int s = 0; s < S; ++s) pr.bound += max_load_lower_bound(slices + s * stride, E, P, G);
+  // Loads are in their own units; the migration penalty is in units of the bound per slot.
+  pr.lambda = opt.migration_weight * (pr.bound > 0 ? pr.bound : 1.0) / P;
+  if (current_row) {
+    pr.has_current = true;
+    pr.cur_has.assign(size_t(G) * E, 0);
+    for (int p = 0; p < P; ++p) {
+      check(current_row[p] >= 0 && current_row[p] < E, "ballast: current placement slot {} holds expert {}", p,
+            current_row[p]);
+      pr.cur_has[size_t(p / pr.K) * E + current_row[p]] = 1;
+    }
+  }
+  // Counts on the aggregate; the cap G keeps replicas on distinct ranks.
+  // (When G * E < P duplicates cannot be avoided and the cap is raised to ceil(P / E).)
+  int cap = std::min(P - E + 1, std::max(G, (P + E - 1) / E));
+  auto cnt = optimal_replica_counts(pr.agg.data(), E, P, cap);
+  Packing best = pack_and_search(pr, cnt);
+  int rounds = opt.count_rounds >= 0 ? opt.count_rounds : (E <= 32 ? 2 * E : 2);
+  if (best.F > pr.bound * 1.002) best = search_counts(pr, std::move(best), rounds);
+  std::vector<int32_t> row = best.slot;
+  if (current_row) {
+    Packing fresh = from_row(pr, relabel(pr, best, current_row).data());
+    local_search(pr, fresh);
+    Packing kept = from_row(pr, current_row);
+    local_search(pr, kept);
+    Packing& pick = better(pr, kept, fresh) ? kept : fresh;
+    row = pick.slot;
+    best = pick;
+  }
+  if (stats) stats->score = best.F, stats->bound = pr.bound, stats->moved = best.moved;
+  return row;
+}
+
+Placement ballast_rebalance(const LoadTrace& slices, const BallastOptions& opt, std::vector<LayerPlanStats>* stats) {
+  slices.validate("ballast: load");
+  Placement out(slices.layers, slices.experts, opt.physical, opt.ranks);
+  if (opt.current) {
+    const Placement& c = *opt.current;
+    check(c.layers == slices.layers && c.logical == slices.experts && c.physical == opt.physical &&
+              c.ranks == opt.ranks,
+          "ballast: current placement is {} layers x {} experts, {} slots on {} ranks; the plan is for {} x {}, {} "
+          "on {}",
+          c.layers, c.logical, c.physical, c.ranks, slices.layers, slices.experts, opt.physical, opt.ranks);
+  }
+  if (stats) stats->assign(slices.layers, {});
+  const size_t stride = size_t(slices.layers) * slices.experts;
+  for (int l = 0; l < slices.layers; ++l) {
+    auto row = ballast_layer(slices.at(0, l), slices.passes, slices.experts, stride, opt,
+                             opt.current ? opt.current->layer(l).data() : nullptr, stats ? &(*stats)[l] : nullptr);
+    std::copy(row.begin(), row.end(), out.layer(l).begin());
+  }
+  return out;
+}
+
+}  // namespace ballast::eplb

@@ -1,0 +1,52 @@
+#pragma once
+// The `ballast` balancing algorithm (the default). Per layer:
+//   1. replica counts: the counts that minimise the largest per-replica load (water-filling,
+//      capped at G so that no rank holds two replicas of one expert);
+//   2. packing: replicas heaviest first into the lightest rank that has a free slot and does not
+//      hold the expert yet (ties: lower rank);
+//   3. local search: swaps between a bottleneck rank and any other rank, scored on the sum over
+//      time slices of the slice's max rank load (what per-pass step time follows), secondary the
+//      sum of squared rank loads;
+//   4. joint counts: while the packing is above the lower bound, moves of one replica from one
+//      expert to another are tried, each re-packed (a short tabu walk, best kept);
+//   5. with a current placement: the new ranks are relabelled to overlap the current ones most,
+//      slots keep their index where the expert stays, and a penalty `migration_weight` per moved
+//      expert is added to the score, also starting a local search from the current placement;
+//      the better of the two by score is kept.
+// Deterministic: the same inputs give the same placement on every rank.
+#include "ballast/eplb/load.h"
+#include "ballast/eplb/placement.h"
+
+#include <cstdint>
+#include <vector>
+
+namespace ballast::eplb {
+
+struct BallastOptions {
+  int ranks = 0;      // G
+  int physical = 0;   // P, P % G == 0, P >= E
+  // Score = sum_s max_g load[s][g] / bound + migration_weight * moved_experts / P.
+  // So migration_weight = 0.05 trades moving every slot of a layer for 5% of its balance.
+  double migration_weight = 0.0;
+  const Placement* current = nullptr;  // optional placement in force (same L, E, P, G)
+  int count_rounds = -1;               // joint-count rounds per layer (-1: automatic by size)
+};
+
+struct LayerPlanStats {
+  double score = 0;       // sum over slices of max rank load (even splits)
+  double bound = 0;       // sum over slices of the lower bound
+  int moved = 0;          // (rank, expert) pairs new relative to current (0 without current)
+};
+
+// One layer.
+//   slices: [S][E] with row stride `stride` (loads of S time slices; S = 1: the window's sum)
+//   current_row: [P] or nullptr
+// returns physical_to_logical [P].
+std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
+                                   const int32_t* current_row = nullptr, LayerPlanStats* stats = nullptr);
+
+// All layers. slices: [S][L][E] (a LoadTrace whose passes are time slices).
+Placement ballast_rebalance(const LoadTrace& slices, const BallastOptions& opt,
+                            std::vector<LayerPlanStats>* stats = nullptr);
+
+}  // namespace ballast::eplb

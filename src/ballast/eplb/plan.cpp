@@ -1,0 +1,46 @@
+#include "ballast/eplb/plan.h"
+
+#include "ballast/core/error.h"
+#include "ballast/eplb/deepseek.h"
+
+namespace ballast::eplb {
+
+Algorithm parse_algorithm(const std::string& name) {
+  if (name == "deepseek") return Algorithm::deepseek;
+  if (name == "deepseek_hierarchical") return Algorithm::deepseek_hierarchical;
+  if (name == "ballast") return Algorithm::ballast;
+  fail("unknown EPLB algorithm '{}' (expected deepseek, deepseek_hierarchical or ballast)", name);
+}
+
+std::string algorithm_name(Algorithm a) {
+  switch (a) {
+    case Algorithm::deepseek: return "deepseek";
+    case Algorithm::deepseek_hierarchical: return "deepseek_hierarchical";
+    case Algorithm::ballast: return "ballast";
+  }
+  return "?";
+}
+
+Placement plan(const LoadTrace& load, const PlanOptions& opt, std::vector<LayerPlanStats>* stats) {
+  load.validate("plan: load");
+  check(opt.ranks > 0, "plan: number of ranks must be positive, got {}", opt.ranks);
+  check(opt.redundant >= 0, "plan: number of redundant slots must be >= 0, got {}", opt.redundant);
+  const int E = load.experts, P = E + opt.redundant;
+  check(P % opt.ranks == 0, "plan: {} physical slots ({} experts + {} redundant) are not divisible by {} ranks", P, E,
+        opt.redundant, opt.ranks);
+  if (opt.algorithm == Algorithm::ballast) {
+    BallastOptions b;
+    b.ranks = opt.ranks, b.physical = P, b.migration_weight = opt.migration_weight, b.current = opt.current;
+    LoadTrace sl = load.passes == 1 ? load : load.slices(0, load.passes, std::max(1, opt.slices));
+    return ballast_rebalance(sl, b, stats);
+  }
+  LoadTrace sum = load.passes == 1 ? load : load.sum();
+  int groups = opt.algorithm == Algorithm::deepseek ? 1 : opt.groups;
+  int nodes = opt.algorithm == Algorithm::deepseek ? 1 : opt.nodes;
+  auto r = deepseek::rebalance_experts(sum.count.data(), load.layers, E, P, groups, nodes, opt.ranks);
+  Placement out(load.layers, E, P, opt.ranks);
+  std::copy(r.phy2log.begin(), r.phy2log.end(), out.phy2log.begin());
+  return out;
+}
+
+}  // namespace ballast::eplb

@@ -1,0 +1,56 @@
+#include "ballast/core/error.h"
+#include "ballast/eplb/replay.h"
+#include "ballast/eplb/synth.h"
+
+#include <gtest/gtest.h>
+
+using namespace ballast::eplb;
+
+TEST(Synth, ShapesAndDeterminism) {
+  auto s = model_shape("qwen3-next");
+  EXPECT_EQ(s.layers, 48);
+  EXPECT_EQ(s.experts, 512);
+  EXPECT_EQ(s.topk, 10);
+  EXPECT_EQ(model_shape("qwen3.5-397b").layers, 60);
+  EXPECT_EQ(model_shape("deepseek-v3").experts, 256);
+  EXPECT_THROW(model_shape("llama"), ballast::Error);
+  s.layers = 2, s.passes = 5, s.tokens = 1000;
+  auto a = synth_trace(s), b = synth_trace(s);
+  EXPECT_EQ(a.count, b.count);
+  double sum = 0;
+  for (int e = 0; e < s.experts; ++e) sum += a.at(0, 0)[e];
+  EXPECT_NEAR(sum, 10000, 400);  // tokens * top-k, Poisson
+  s.popularity = Popularity::zipf;
+  auto z = synth_trace(s);
+  EXPECT_NE(z.count, a.count);
+}
+
+TEST(Suite, BallastAtLeastDeepseekOnAQuickRun) {
+  auto suite = default_suite(64, 32);
+  std::vector<SuiteWorkload> few{suite[1], suite[8]};
+  for (auto& w : few) w.spec.tokens = 2048;
+  auto rows = run_suite(few, 64, {Algorithm::deepseek, Algorithm::ballast}, 4, 2);
+  ASSERT_EQ(rows.size(), 4u);
+  for (int i = 0; i < 2; ++i) {
+    const auto& d = rows[2 * i];
+    const auto& b = rows[2 * i + 1];
+    EXPECT_EQ(b.algorithm, "ballast");
+    EXPECT_GE(b.in_sample, d.in_sample - 1e-3) << b.workload;
+    EXPECT_GE(b.out_balanced, b.out_static - 1e-9) << b.workload;
+  }
+}
+
+TEST(Replay, RunsAndCountsMigrations) {
+  SynthSpec s = model_shape("deepseek-v3");
+  s.layers = 2, s.passes = 60, s.tokens = 2048;
+  auto trace = synth_trace(s);
+  ReplayOptions o;
+  o.interval = 20, o.ranks = 32, o.redundant = 32;
+  auto series = replay(trace, o);
+  ASSERT_EQ(series.size(), 4u);
+  for (auto& x : series) {
+    EXPECT_EQ(x.per_pass.size(), 60u);
+    EXPECT_EQ(x.moved.size(), 2u);
+    EXPECT_GT(x.mean_after_first, 0.5);
+  }
+}
