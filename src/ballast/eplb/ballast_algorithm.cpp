@@ -1,6 +1,7 @@
 #include "ballast/eplb/ballast_algorithm.h"
 
 #include "ballast/core/error.h"
+#include "ballast/eplb/deepseek.h"
 #include "ballast/eplb/metrics.h"
 
 #include <algorithm>
@@ -382,6 +383,25 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
   Packing best = pack_and_search(pr, cnt);
   int rounds = opt.count_rounds >= 0 ? opt.count_rounds : (E <= 32 ? 2 * E : 2);
   if (best.F > pr.bound * 1.002) best = search_counts(pr, std::move(best), rounds);
+  if (best.F > pr.bound * 1.001 && E <= 128) {
+    // Small layers: also start from deepseek's placement when it keeps replicas on distinct
+    // ranks, so that ballast is never worse than it there.
+    std::vector<float> wf(E);
+    for (int e = 0; e < E; ++e) wf[e] = float(pr.agg[e]);
+    std::vector<int32_t> p2l(P), rk(P), lc(E), pi(P), rip(P), slot(P);
+    deepseek::replicate_experts(wf.data(), E, P, p2l.data(), rk.data(), lc.data());
+    std::vector<float> pw(P);
+    for (int q = 0; q < P; ++q) pw[q] = wf[p2l[q]] / float(lc[p2l[q]]);
+    deepseek::balanced_packing(pw.data(), P, G, pi.data(), rip.data());
+    for (int q = 0; q < P; ++q) slot[pi[q] * pr.K + rip[q]] = p2l[q];
+    Packing ds = from_row(pr, slot.data());
+    bool distinct = true;
+    for (uint8_t h : ds.has) distinct &= h <= 1;
+    if (distinct) {
+      local_search(pr, ds);
+      if (better(pr, ds, best)) best = std::move(ds);
+    }
+  }
   std::vector<int32_t> row = best.slot;
   if (current_row) {
     Packing fresh = from_row(pr, relabel(pr, best, current_row).data());
