@@ -60,7 +60,7 @@ TEST(Parity, DecodeMatchesHfAndRoundTrips) {
   BALLAST_NEED_QWEN3();
   const json* fx = fixture();
   ASSERT_NE(fx, nullptr);
-  size_t exact_roundtrip = 0;
+  size_t exact_roundtrip = 0, nfc_inputs = 0;
   const json& cases = (*fx)["cases"];
   for (size_t i = 0; i < cases.size(); ++i) {
     const json& c = cases[i];
@@ -69,12 +69,19 @@ TEST(Parity, DecodeMatchesHfAndRoundTrips) {
     std::string hf = c["decoded"].get<std::string>();
     std::string ours = tok->decode(ids);
     EXPECT_EQ(ours, hf) << "case " << i;
-    // decode(encode(x)) == x, up to NFC (the normaliser's job): HF gives the same.
+    // decode(encode(x)) == NFC(x) (the normaliser's doing; HF gives the same), so == x for
+    // every x already in NFC.
     std::string rt = tok->decode(tok->encode(text));
     EXPECT_EQ(rt, hf) << "case " << i;
+    std::string n = normalize_nfc(text);
+    EXPECT_EQ(rt, n) << "case " << i;
+    if (n == text) {
+      ++nfc_inputs;
+      EXPECT_EQ(rt, text) << "case " << i;
+    }
     if (rt == text) ++exact_roundtrip;
   }
-  std::printf("[parity] decode(encode(x)) == x for %zu/%zu strings (the rest are not NFC; "
-              "they give NFC(x), as HF does)\n", exact_roundtrip, cases.size());
-  EXPECT_GE(exact_roundtrip, cases.size() * 9 / 10);
+  std::printf("[parity] decode(encode(x)) == x for %zu/%zu strings: all %zu in NFC; the others "
+              "give NFC(x), as HF does\n", exact_roundtrip, cases.size(), nfc_inputs);
+  EXPECT_EQ(exact_roundtrip, nfc_inputs);
 }

@@ -811,6 +811,13 @@ std::string Tokenizer::render_chat(std::span<const ChatMessage> messages,
   return render_chatml(messages, options);
 }
 
+std::string normalize_nfc(std::string_view text) {
+  check_utf8(text);
+  std::string out;
+  if (nfc(text, out, "normalize_nfc")) return out;
+  return std::string(text);
+}
+
 size_t StreamDecoder::push(int32_t id, std::string& out) {
   std::string_view b = tok_->token_bytes(id);
   if (skip_special_ && tok_->is_special(id)) return 0;

@@ -78,6 +78,10 @@ class Tokenizer {
   std::unique_ptr<Impl> impl_;
 };
 
+// Unicode NFC of valid UTF-8 text (ballast::Error with the byte offset otherwise), as the
+// tokenizer's normaliser applies it.
+std::string normalize_nfc(std::string_view text);
+
 // Streaming detokenization: push one id at a time, get back only complete UTF-8 text. The
 // concatenation of all push() results and flush() equals Tokenizer::decode of all the ids.
 class StreamDecoder {
