@@ -8,7 +8,7 @@
 namespace ballast::model {
 
 Model::Model(ModelConfig cfg, ModelWeights weights, kernels::Ops& ops, moe::MoeRunner& trunk_moe)
-    : cfg_(std::move(cfg)), w_(std::move(weights)), ops_(ops), trunk_moe_(trunk_moe) {
+    : cfg_(std::move(cfg)), w_(std::move(weights)), ops_(ops), trunk_moe_(&trunk_moe) {
   int m = 0;
   for (auto f : cfg_.ffn_types) moe_index_.push_back(f == FfnType::Moe ? m++ : -1);
 }
@@ -48,7 +48,7 @@ ForwardResult Model::forward(std::span<const SeqChunk> chunks) {
   const int64_t T = int64_t(ids.size());
   Tensor x = ops_.alloc({T, H});
   ops_.embedding(ids, w_.embed, x);
-  for (int l = 0; l < cfg_.num_layers; ++l) decoder_layer(w_.layers[l], l, moe_index_[l], trunk_moe_, chunks, positions, x);
+  for (int l = 0; l < cfg_.num_layers; ++l) decoder_layer(w_.layers[l], l, moe_index_[l], *trunk_moe_, chunks, positions, x);
 
   // Rows that need logits: all of a chunk's, or its last.
   ForwardResult r;

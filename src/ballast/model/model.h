@@ -35,7 +35,11 @@ class Model {
 
   SequenceState new_sequence(int64_t capacity) const;
 
-  // Runs all chunks in one pass (prefill and decode mixed); advances each state.
+  // Routed experts of the trunk's MoE layers go through `runner` from now on (expert parallelism).
+  void set_trunk_moe(moe::MoeRunner& runner) { trunk_moe_ = &runner; }
+
+  // Runs all chunks in one pass (prefill and decode mixed); advances each state. No chunks is a
+  // valid pass under expert parallelism: the rank still serves its experts to the others.
   ForwardResult forward(std::span<const SeqChunk> chunks);
 
   // One decoder layer over x[T, H] (rows of `chunks` in order), in place. Shared with the MTP head.
@@ -52,7 +56,7 @@ class Model {
   ModelConfig cfg_;
   ModelWeights w_;
   kernels::Ops& ops_;
-  moe::MoeRunner& trunk_moe_;
+  moe::MoeRunner* trunk_moe_;
   std::vector<int> moe_index_;  // layer -> index among MoE layers (-1 for dense)
 };
 

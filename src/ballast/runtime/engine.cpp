@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "ballast/core/error.h"
+#include "ballast/eplb/load.h"
 #include "ballast/runtime/sampler.h"
 
 namespace ballast::runtime {
@@ -12,18 +13,73 @@ namespace {
 double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
+
+// --init-expert-location: "trivial", or a JSON file holding physical_to_logical_map [L][P]
+// (used as is) or logical_count [L][E] (balanced from, with the domain's algorithm).
+eplb::Placement initial_placement(const std::string& spec, int layers, int experts, int physical, int ranks,
+                                  const moe::DomainOptions& opts) {
+  if (spec.empty() || spec == "trivial") return eplb::Placement::trivial(layers, experts, physical, ranks);
+  const std::string text = eplb::read_text_file(spec);
+  eplb::Placement p;
+  if (text.find("physical_to_logical_map") != std::string::npos) {
+    p = eplb::placement_from_json_text(text, ranks, spec);
+  } else {
+    eplb::PlanOptions po;
+    po.algorithm = opts.rebalance.algorithm;
+    po.ranks = ranks;
+    po.redundant = physical - experts;
+    p = eplb::plan(eplb::load_from_json_text(text, spec), po);
+  }
+  check(p.layers == layers && p.logical == experts && p.physical == physical,
+        "{}: placement is {} layers x {} experts x {} slots, the model needs {} x {} x {}", spec, p.layers, p.logical,
+        p.physical, layers, experts, physical);
+  return p;
+}
 }  // namespace
 
-Engine::Engine(int threads, io::Checkpoint ckpt) : pool_(threads), ops_(&pool_), ckpt_(std::move(ckpt)) {}
+Engine::Engine(int threads, io::Checkpoint ckpt, dist::Communicator* comm)
+    : pool_(threads), ops_(&pool_), ckpt_(std::move(ckpt)), comm_(comm) {}
 
 std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, const EngineOptions& opts) {
   model::ModelConfig cfg = model::load_model_config(model_dir);
   io::Checkpoint ckpt = io::Checkpoint::open(model_dir);
   if (opts.load_progress) ckpt.prefault(opts.load_progress);
-  std::unique_ptr<Engine> e(new Engine(opts.threads, std::move(ckpt)));
+  std::unique_ptr<Engine> e(new Engine(opts.threads, std::move(ckpt), opts.comm));
   model::ModelWeights w = model::bind_weights(cfg, e->ckpt_);
-  e->model_ = std::make_unique<model::Model>(std::move(cfg), std::move(w), e->ops_, e->local_moe_);
+  moe::MoeRunner* runner = &e->local_moe_;
+  e->model_ = std::make_unique<model::Model>(std::move(cfg), std::move(w), e->ops_, *runner);
+  if (opts.comm) e->setup_expert_parallel(opts);
   return e;
+}
+
+void Engine::setup_expert_parallel(const EngineOptions& opts) {
+  const auto& cfg = model_->config();
+  const auto& w = model_->weights();
+  std::vector<const model::MoeWeights*> moe_layers;
+  for (const auto& l : w.layers)
+    if (l.ffn == model::FfnType::Moe) moe_layers.push_back(&l.moe);
+  if (moe_layers.empty()) return;  // a dense model has nothing to place
+  const int G = comm_->size(), E = cfg.num_experts, P = E + opts.ep.trunk.redundant, L = int(moe_layers.size());
+  check(opts.ep.trunk.redundant >= 0 && P % G == 0,
+        "--ep-num-redundant-experts {}: {} experts + {} redundant slots are not divisible by {} ranks",
+        opts.ep.trunk.redundant, E, opts.ep.trunk.redundant, G);
+  trunk_domain_ = std::make_unique<moe::ExpertDomain>(
+      "trunk", initial_placement(opts.ep.init_expert_location, L, E, P, G, opts.ep.trunk), opts.ep.trunk);
+  const int K = P / G, me = comm_->rank();
+  const auto& e0 = moe_layers[0]->experts[0];
+  trunk_slots_ = std::make_unique<moe::SlotStore>(L, K, e0.intermediate(), int64_t(cfg.hidden_size), e0.gate.dtype());
+  for (int l = 0; l < L; ++l)
+    for (int s = 0; s < K; ++s)
+      trunk_slots_->fill(l, s, moe_layers[size_t(l)]->experts[size_t(trunk_domain_->placement.layer(l)[me * K + s])]);
+  trunk_ep_ = std::make_unique<moe::ExpertParallelRunner>(*trunk_domain_, *trunk_slots_, *comm_);
+  trunk_rebalancer_ = std::make_unique<moe::Rebalancer>(*trunk_domain_, *trunk_slots_, *comm_, opts.log);
+  model_->set_trunk_moe(*trunk_ep_);
+}
+
+model::ForwardResult Engine::forward(std::span<const model::SeqChunk> chunks) {
+  model::ForwardResult r = model_->forward(chunks);
+  if (trunk_rebalancer_) trunk_rebalancer_->after_pass();
+  return r;
 }
 
 GenerationResult Engine::generate_greedy(const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
@@ -31,7 +87,7 @@ GenerationResult Engine::generate_greedy(const std::vector<std::vector<int32_t>>
   GenerationResult res;
   const size_t n = prompts.size();
   res.outputs.resize(n);
-  if (n == 0 || max_new_tokens <= 0) return res;
+  check(max_new_tokens > 0, "max_new_tokens must be positive");
   const int64_t V = config().vocab_size;
   std::vector<model::SequenceState> states;
   for (const auto& p : prompts) {
@@ -39,36 +95,12 @@ GenerationResult Engine::generate_greedy(const std::vector<std::vector<int32_t>>
     states.push_back(model_->new_sequence(int64_t(p.size()) + max_new_tokens));
   }
   auto is_stop = [&](int32_t id) { return std::find(stop_ids.begin(), stop_ids.end(), id) != stop_ids.end(); };
-
-  std::vector<model::SeqChunk> chunks;
-  for (size_t i = 0; i < n; ++i) chunks.push_back({&states[i], prompts[i], false});
-  auto t0 = std::chrono::steady_clock::now();
-  model::ForwardResult r = model_->forward(chunks);
-  res.stats.prefill_seconds = seconds_since(t0);
-  for (auto& p : prompts) res.stats.prefill_tokens += int64_t(p.size());
-
-  std::vector<float> logits(size_t(r.logits.numel()));
-  ops_.to_host(r.logits, logits.data());
   std::vector<bool> done(n, false);
   std::vector<int32_t> last(n);
-  for (size_t i = 0; i < n; ++i) {
-    last[i] = argmax(std::span<const float>(logits).subspan(size_t(r.first_row[i] * V), size_t(V)));
-    res.outputs[i].push_back(last[i]);
-    done[i] = is_stop(last[i]) || max_new_tokens == 1;
-  }
+  std::vector<float> logits;
 
-  t0 = std::chrono::steady_clock::now();
-  for (int step = 1; step < max_new_tokens; ++step) {
-    chunks.clear();
-    std::vector<size_t> live;
-    for (size_t i = 0; i < n; ++i)
-      if (!done[i]) {
-        chunks.push_back({&states[i], std::span<const int32_t>(&last[i], 1), false});
-        live.push_back(i);
-      }
-    if (live.empty()) break;
-    r = model_->forward(chunks);
-    res.stats.decode_tokens += int64_t(live.size());
+  // Takes the greedy token of every sequence that ran in `r` (live[j] is the j-th chunk's sequence).
+  auto take = [&](const model::ForwardResult& r, const std::vector<size_t>& live) {
     logits.resize(size_t(r.logits.numel()));
     ops_.to_host(r.logits, logits.data());
     for (size_t j = 0; j < live.size(); ++j) {
@@ -77,6 +109,35 @@ GenerationResult Engine::generate_greedy(const std::vector<std::vector<int32_t>>
       res.outputs[i].push_back(last[i]);
       done[i] = is_stop(last[i]) || int(res.outputs[i].size()) >= max_new_tokens;
     }
+  };
+
+  std::vector<model::SeqChunk> chunks;
+  std::vector<size_t> live;
+  for (size_t i = 0; i < n; ++i) {
+    chunks.push_back({&states[i], prompts[i], false});
+    live.push_back(i);
+    res.stats.prefill_tokens += int64_t(prompts[i].size());
+  }
+  auto t0 = std::chrono::steady_clock::now();
+  take(forward(chunks), live);
+  ++res.stats.passes;
+  res.stats.prefill_seconds = seconds_since(t0);
+
+  t0 = std::chrono::steady_clock::now();
+  for (;;) {
+    chunks.clear();
+    live.clear();
+    for (size_t i = 0; i < n; ++i)
+      if (!done[i]) {
+        chunks.push_back({&states[i], std::span<const int32_t>(&last[i], 1), false});
+        live.push_back(i);
+      }
+    // Under EP a rank with nothing left still takes part in the passes of the others.
+    const bool any = comm_ ? comm_->all_reduce_or(!live.empty()) : !live.empty();
+    if (!any) break;
+    take(forward(chunks), live);
+    ++res.stats.passes;
+    res.stats.decode_tokens += int64_t(live.size());
   }
   res.stats.decode_seconds = seconds_since(t0);
   return res;
@@ -85,8 +146,8 @@ GenerationResult Engine::generate_greedy(const std::vector<std::vector<int32_t>>
 std::vector<float> Engine::prefill_logits(std::span<const int32_t> ids) {
   model::SequenceState st = model_->new_sequence(int64_t(ids.size()));
   model::SeqChunk c{&st, ids, true};
-  model::ForwardResult r = model_->forward(std::span<const model::SeqChunk>(&c, 1));
-  std::vector<float> out(size_t(r.logits.numel()));
+  model::ForwardResult r = forward(std::span<const model::SeqChunk>(&c, 1));
+  std::vector<float> out(static_cast<size_t>(r.logits.numel()));
   ops_.to_host(r.logits, out.data());
   return out;
 }

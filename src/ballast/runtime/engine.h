@@ -1,26 +1,44 @@
 #pragma once
-// The engine: a loaded model with its backend, and batched greedy generation over it.
+// The engine of one rank: a loaded model with its backend and, under expert parallelism, this
+// rank's expert slots, the trunk's expert domain and its rebalance schedule; and batched greedy
+// generation over it. Under EP every rank runs generate_greedy on its own prompts in lockstep
+// (attention data-parallel), so every MoE layer's all-to-all sees every rank.
 #include <filesystem>
 #include <functional>
 #include <memory>
+#include <optional>
+#include <string>
 #include <vector>
 
+#include "ballast/core/log.h"
 #include "ballast/core/thread_pool.h"
+#include "ballast/dist/communicator.h"
 #include "ballast/io/checkpoint.h"
 #include "ballast/kernels/cpu/cpu_ops.h"
 #include "ballast/model/model.h"
+#include "ballast/moe/ep_runner.h"
 #include "ballast/moe/moe_runner.h"
+#include "ballast/moe/rebalancer.h"
 
 namespace ballast::runtime {
+
+struct ExpertParallelOptions {
+  moe::DomainOptions trunk;      // placement, dispatch, recorder and rebalancing of the trunk
+  std::string init_expert_location = "trivial";  // or a JSON file: physical_to_logical_map / logical_count
+};
 
 struct EngineOptions {
   int threads = 0;  // 0 = all cores
   std::function<void(uint64_t done, uint64_t total)> load_progress;  // while paging weights in
+  dist::Communicator* comm = nullptr;  // expert parallelism over these ranks (null: one rank)
+  ExpertParallelOptions ep;
+  Logger log;
 };
 
 struct GenerationStats {
   int64_t prefill_tokens = 0, decode_tokens = 0;
   double prefill_seconds = 0, decode_seconds = 0;
+  int64_t passes = 0;  // forward passes this rank took part in
 };
 
 struct GenerationResult {
@@ -35,22 +53,40 @@ class Engine {
   model::Model& model() { return *model_; }
   const model::ModelConfig& config() const { return model_->config(); }
   kernels::Ops& ops() { return ops_; }
+  int rank() const { return comm_ ? comm_->rank() : 0; }
+  int ranks() const { return comm_ ? comm_->size() : 1; }
+
+  // Expert parallelism (null on one rank without EP).
+  moe::ExpertDomain* trunk_domain() { return trunk_domain_.get(); }
+  moe::Rebalancer* trunk_rebalancer() { return trunk_rebalancer_.get(); }
+  moe::SlotStore* trunk_slots() { return trunk_slots_.get(); }
 
   // Greedy decoding of all prompts as one batch: one prefill pass, then one decode pass per step.
-  // A sequence stops after max_new_tokens or after emitting any id in stop_ids.
+  // A sequence stops after max_new_tokens or after emitting any id in stop_ids. Under EP all
+  // ranks call this together (any of them may have no prompts).
   GenerationResult generate_greedy(const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
                                    std::span<const int32_t> stop_ids = {});
+
+  // One forward pass over `chunks` (empty on a rank with nothing to run under EP), followed by
+  // the expert domains' end-of-pass work.
+  model::ForwardResult forward(std::span<const model::SeqChunk> chunks);
 
   // Logits [T, V] of one prefill pass over `ids`.
   std::vector<float> prefill_logits(std::span<const int32_t> ids);
 
  private:
-  Engine(int threads, io::Checkpoint ckpt);
+  Engine(int threads, io::Checkpoint ckpt, dist::Communicator* comm);
+  void setup_expert_parallel(const EngineOptions& opts);
 
   ThreadPool pool_;
   kernels::CpuOps ops_;
   io::Checkpoint ckpt_;
+  dist::Communicator* comm_;
   moe::LocalMoeRunner local_moe_;
+  std::unique_ptr<moe::ExpertDomain> trunk_domain_;
+  std::unique_ptr<moe::SlotStore> trunk_slots_;
+  std::unique_ptr<moe::ExpertParallelRunner> trunk_ep_;
+  std::unique_ptr<moe::Rebalancer> trunk_rebalancer_;
   std::unique_ptr<model::Model> model_;
 };
 
