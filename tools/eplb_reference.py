@@ -65,6 +65,32 @@ def random_case(rng):
                 kind=kind)
 
 
+def distinct_case(rng):
+    """A case whose weights are distinct integers (ties in the packing sorts become rare: only
+    between per-replica loads w/c of different experts, or replicas of one expert)."""
+    case = random_case(rng)
+    L, E = len(case["weight"]), len(case["weight"][0])
+    hi = rng.choice([1000, 100000, 10**7])
+    case["weight"] = [rng.sample(range(1, hi), E) for _ in range(L)]
+    case["kind"] = "distinct"
+    return case
+
+
+def platform_info(torch):
+    import platform
+    info = dict(torch=torch.__version__, machine=platform.machine())
+    try:
+        info["cpu_capability"] = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # torch < 2.0
+        info["cpu_capability"] = "unknown (torch has no torch.backends.cpu.get_cpu_capability)"
+    try:
+        flags = open("/proc/cpuinfo").read().split("flags")[1].split("\n")[0].split()
+        info["cpu_flags"] = [f for f in ("avx2", "avx512f", "avx512dq") if f in flags]
+    except Exception:
+        pass
+    return info
+
+
 def run_case(eplb, torch, case):
     weight = torch.tensor(case["weight"], dtype=torch.float64)
     phy2log, log2phy, logcnt = eplb.rebalance_experts(weight, case["num_replicas"], case["num_groups"],
@@ -82,6 +108,7 @@ def main():
     ap.add_argument("--out", help="fixture JSON to write")
     ap.add_argument("--cases", type=int, default=240)
     ap.add_argument("--seed", type=int, default=20240)
+    ap.add_argument("--distinct", action="store_true", help="cases with distinct integer weights (no README case)")
     ap.add_argument("--time", action="store_true", help="time 48 x 512 experts, 64 GPUs, 64 redundant")
     ap.add_argument("--weights-out", help="write the timed weights (text) for the C++ side")
     ap.add_argument("--timing-out", help="write timings JSON")
@@ -96,13 +123,15 @@ def main():
                               [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]],
                       num_replicas=16, num_groups=4, num_nodes=2, num_gpus=8, kind="readme")]
         rng = random.Random(args.seed)
-        out = [run_case(eplb, torch, cases[0])]
+        out = [] if args.distinct else [run_case(eplb, torch, cases[0])]
+        make = distinct_case if args.distinct else random_case
         while len(out) < args.cases:
             try:
-                out.append(run_case(eplb, torch, random_case(rng)))
+                out.append(run_case(eplb, torch, make(rng)))
             except (AssertionError, RuntimeError):
                 pass  # a shape the original refuses is no parity case
-        doc = dict(source="deepseek-ai/EPLB eplb.py", torch=torch.__version__, cases=out)
+        doc = dict(source="deepseek-ai/EPLB eplb.py", torch=torch.__version__, platform=platform_info(torch),
+                   seed=args.seed, cases=out)
         with open(args.out, "w") as f:
             json.dump(doc, f, separators=(",", ":"))
         print(f"wrote {len(out)} cases to {args.out}")

@@ -116,3 +116,19 @@ def test_bad_input_ballast_and_metrics():
         eplb.balancedness([[0, 1, 2, 3], [0, 1, 2, 3]], w, 2)
     with pytest.raises(ValueError, match="dispatch"):
         eplb.evaluate_passes([[0, 1, 2, 3]], [w], 2, dispatch="nope")
+
+
+@pytest.mark.parametrize("name", ["deepseek_reference.json", "deepseek_reference_distinct.json"])
+def test_parity_with_original_fixtures(name):
+    """Cases computed by the original deepseek-ai/EPLB eplb.py (tools/eplb_reference.py): identical
+    phy2log, log2phy and logcnt on every case, ties included (see docs/eplb.md, "Ties")."""
+    path = os.path.join(os.path.dirname(FIXTURE), name)
+    with open(path) as f:
+        cases = json.load(f)["cases"]
+    assert len(cases) == 240
+    for i, c in enumerate(cases):
+        phy2log, log2phy, logcnt = eplb.rebalance_experts(np.array(c["weight"], dtype=np.float64), c["num_replicas"],
+                                                          c["num_groups"], c["num_nodes"], c["num_gpus"])
+        assert phy2log.tolist() == c["phy2log"], f"{name} case {i}"
+        assert log2phy.tolist() == c["log2phy"], f"{name} case {i}"
+        assert logcnt.tolist() == c["logcnt"], f"{name} case {i}"

@@ -7,7 +7,14 @@
 
 namespace ballast::eplb::deepseek {
 
-void balanced_packing(const float* weight, int n, int num_packs, int32_t* pack_index, int32_t* rank_in_pack) {
+TieOrder parse_tie_order(const std::string& name) {
+  if (name == "stable") return TieOrder::stable;
+  if (name == "std_sort") return TieOrder::std_sort;
+  fail("unknown tie order '{}' (expected stable or std_sort)", name);
+}
+
+void balanced_packing(const float* weight, int n, int num_packs, int32_t* pack_index, int32_t* rank_in_pack,
+                      TieOrder tie_order, const int32_t* label, Ties* ties) {
   check(num_packs > 0 && n % num_packs == 0, "balanced_packing: {} items are not divisible into {} packs", n,
         num_packs);
   const int per_pack = n / num_packs;
@@ -15,15 +22,24 @@ void balanced_packing(const float* weight, int n, int num_packs, int32_t* pack_i
     for (int i = 0; i < n; ++i) pack_index[i] = i, rank_in_pack[i] = 0;
     return;
   }
-  // Descending by weight, equal weights in ascending index order (a stable sort). The original
-  // calls torch.sort(descending=True) without stable=True; recent PyTorch sorts float32 on x86
-  // CPUs with x86-simd-sort, whose order among EQUAL weights is an artefact of its vector
-  // quicksort (and of the CPU's AVX2/AVX-512 path). Parity is therefore exact wherever the
-  // packing order has no ties that matter, and is otherwise the documented stable rule; see
-  // docs/eplb.md.
+  // Descending by weight; equal weights as TieOrder says (see deepseek.h and docs/eplb.md).
   std::vector<int32_t> order(n);
-  std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return weight[a] > weight[b]; });
+  if (tie_order == TieOrder::stable) {
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return weight[a] > weight[b]; });
+  } else {
+    // PyTorch's sort_kernel_impl: std::sort over (value, index) pairs with KeyValueCompDesc.
+    std::vector<std::pair<float, int64_t>> kv(n);
+    for (int i = 0; i < n; ++i) kv[i] = {weight[i], i};
+    std::sort(kv.begin(), kv.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (int i = 0; i < n; ++i) order[i] = int32_t(kv[i].second);
+  }
+  if (ties)
+    for (int i = 1; i < n; ++i)
+      if (weight[order[i]] == weight[order[i - 1]]) {
+        bool same = label && label[order[i]] == label[order[i - 1]];
+        (same ? ties->same : ties->cross)++;
+      }
   std::vector<float> pack_weight(num_packs, 0.0f);
   std::vector<int32_t> pack_items(num_packs, 0);
   for (int32_t item : order) {
@@ -56,7 +72,7 @@ void replicate_experts(const float* weight, int num_log, int num_phy, int32_t* p
 }
 
 Result rebalance_hierarchical(const double* weight_in, int L, int E, int P, int num_groups, int num_nodes,
-                              int num_gpus) {
+                              int num_gpus, TieOrder order) {
   check(L >= 1 && E >= 1, "deepseek: empty load ({} layers x {} experts)", L, E);
   check(num_groups >= 1 && num_nodes >= 1 && num_gpus >= 1, "deepseek: groups, nodes and GPUs must be >= 1");
   check(E % num_groups == 0, "deepseek: {} logical experts are not divisible into {} groups", E, num_groups);
@@ -88,7 +104,7 @@ Result rebalance_hierarchical(const double* weight_in, int L, int E, int P, int 
       for (int i = 0; i < group_size; ++i) s += double(w[g * group_size + i]);
       group_w[g] = float(s);
     }
-    balanced_packing(group_w.data(), num_groups, num_nodes, gpack.data(), grank.data());
+    balanced_packing(group_w.data(), num_groups, num_nodes, gpack.data(), grank.data(), order, nullptr, &r.ties);
     for (int e = 0; e < E; ++e) {
       int g = e / group_size;
       log2mlog[e] = (gpack[g] * groups_per_node + grank[g]) * group_size + e % group_size;
@@ -103,7 +119,7 @@ Result rebalance_hierarchical(const double* weight_in, int L, int E, int P, int 
       const float* nw = mlog_w.data() + size_t(n) * E_node;
       replicate_experts(nw, E_node, P_node, p2m, prank, mcnt);
       for (int q = 0; q < P_node; ++q) phy_w[q] = nw[p2m[q]] / float(mcnt[p2m[q]]);
-      balanced_packing(phy_w.data(), P_node, gpus_per_node, pack.data(), rip.data());
+      balanced_packing(phy_w.data(), P_node, gpus_per_node, pack.data(), rip.data(), order, p2m, &r.ties);
       for (int q = 0; q < P_node; ++q) pphy2phy[pack[q] * per_gpu + rip[q]] = q;
       for (int p = 0; p < P_node; ++p) {
         int q = pphy2phy[p];
@@ -126,11 +142,11 @@ Result rebalance_hierarchical(const double* weight_in, int L, int E, int P, int 
 }
 
 Result rebalance_experts(const double* weight, int layers, int num_logical, int num_replicas, int num_groups,
-                         int num_nodes, int num_gpus) {
+                         int num_nodes, int num_gpus, TieOrder order) {
   check(num_nodes >= 1, "deepseek: number of nodes must be >= 1, got {}", num_nodes);
   if (num_groups % num_nodes == 0)
-    return rebalance_hierarchical(weight, layers, num_logical, num_replicas, num_groups, num_nodes, num_gpus);
-  return rebalance_hierarchical(weight, layers, num_logical, num_replicas, 1, 1, num_gpus);
+    return rebalance_hierarchical(weight, layers, num_logical, num_replicas, num_groups, num_nodes, num_gpus, order);
+  return rebalance_hierarchical(weight, layers, num_logical, num_replicas, 1, 1, num_gpus, order);
 }
 
 }  // namespace ballast::eplb::deepseek
