@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <bit>
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
@@ -108,6 +109,64 @@ struct WordCache {
     vals.insert(vals.end(), ids, ids + n);
   }
   bool full() const { return entries.size() * 2 >= kSlots || keys.size() > (64u << 20); }
+};
+
+// Token text -> id for the vocabulary: one open-addressed table of (hash tag, entry) over an
+// array of entries (much faster to build and probe than std::unordered_map at 150k tokens).
+class TokenIndex {
+ public:
+  void reserve(size_t n) {
+    entries_.reserve(n);
+    rebuild(std::bit_ceil(std::max<size_t>(16, n * 2)));
+  }
+  // False when text is already present.
+  bool emplace(std::string text, int32_t id) {
+    if ((entries_.size() + 1) * 2 > slots_.size()) rebuild(std::max<size_t>(16, slots_.size() * 2));
+    uint64_t h = hash_bytes(text);
+    size_t i = h & mask_;
+    uint32_t tag = static_cast<uint32_t>(h >> 32);
+    for (;; i = (i + 1) & mask_) {
+      Slot& s = slots_[i];
+      if (s.entry < 0) {
+        s = Slot{tag, static_cast<int32_t>(entries_.size())};
+        entries_.emplace_back(std::move(text), id);
+        return true;
+      }
+      if (s.tag == tag && entries_[s.entry].first == text) return false;
+    }
+  }
+  // The id of text, or -1.
+  int32_t find(std::string_view text) const {
+    if (slots_.empty()) return -1;
+    uint64_t h = hash_bytes(text);
+    uint32_t tag = static_cast<uint32_t>(h >> 32);
+    for (size_t i = h & mask_;; i = (i + 1) & mask_) {
+      const Slot& s = slots_[i];
+      if (s.entry < 0) return -1;
+      if (s.tag == tag && entries_[s.entry].first == text) return entries_[s.entry].second;
+    }
+  }
+  const std::vector<std::pair<std::string, int32_t>>& entries() const { return entries_; }
+  size_t size() const { return entries_.size(); }
+
+ private:
+  struct Slot {
+    uint32_t tag;
+    int32_t entry;  // -1 = empty
+  };
+  void rebuild(size_t cap) {
+    slots_.assign(cap, Slot{0, -1});
+    mask_ = cap - 1;
+    for (size_t e = 0; e < entries_.size(); ++e) {
+      uint64_t h = hash_bytes(entries_[e].first);
+      size_t i = h & mask_;
+      while (slots_[i].entry >= 0) i = (i + 1) & mask_;
+      slots_[i] = Slot{static_cast<uint32_t>(h >> 32), static_cast<int32_t>(e)};
+    }
+  }
+  std::vector<Slot> slots_;
+  size_t mask_ = 0;
+  std::vector<std::pair<std::string, int32_t>> entries_;
 };
 
 // Per-thread cache for short pre-tokens (<= 16 bytes, <= 3 ids), the vast majority: 2-way
@@ -282,7 +341,7 @@ struct Tokenizer::Impl {
   Bpe bpe;
   bool nfc = false;
   bool ignore_merges = false;
-  std::unordered_map<std::string, int32_t> vocab;      // byte-level text -> id
+  TokenIndex vocab;                                    // byte-level text -> id
   std::unordered_map<std::string, int32_t> raw_vocab;  // bytes -> id (ignore_merges only)
   std::vector<std::string> id_bytes;                   // id -> raw bytes
   std::vector<uint8_t> id_kind;                        // 0 unknown, 1 vocab, 2 added, 3 special
@@ -555,7 +614,7 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
     const json& vocab = field(model, "vocab", mwhere);
     if (!vocab.is_object()) fail("{}: 'vocab' must be an object of token -> id", mwhere);
     int32_t max_id = -1;
-    t->vocab.reserve(vocab.size() * 2);
+    t->vocab.reserve(vocab.size() + 64);
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
       if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 ||
           it.value().get<int64_t>() > (1 << 30))
@@ -589,7 +648,7 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
     if (max_id < 0) fail("{}: empty vocabulary", mwhere);
     t->id_bytes.assign(static_cast<size_t>(max_id) + 1, std::string());
     t->id_kind.assign(static_cast<size_t>(max_id) + 1, 0);
-    for (const auto& [text, id] : t->vocab) {
+    for (const auto& [text, id] : t->vocab.entries()) {
       t->id_bytes[id] = byte_level_to_bytes(text);
       t->id_kind[id] = 1;
       if (t->ignore_merges) t->raw_vocab.emplace(t->id_bytes[id], id);
@@ -614,23 +673,23 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
     for (int b = 0; b < 256; ++b) {
       std::string sym;
       append_codepoint(sym, byte_to_codepoint()[b]);
-      auto it = t->vocab.find(sym);
-      if (it == t->vocab.end())
-        fail("{}: vocab lacks the byte-level symbol '{}' for byte 0x{:02X}", mwhere, sym, b);
-      byte_ids[b] = it->second;
+      int32_t id = t->vocab.find(sym);
+      if (id < 0) fail("{}: vocab lacks the byte-level symbol '{}' for byte 0x{:02X}", mwhere, sym, b);
+      byte_ids[b] = id;
     }
     const json& merges = field(model, "merges", mwhere);
     if (!merges.is_array()) fail("{}: 'merges' must be an array", mwhere);
     MergeTable table;
     table.reserve(merges.size());
+    std::string ab;
     for (size_t r = 0; r < merges.size(); ++r) {
       const json& m = merges[r];
-      std::string a, b;
+      std::string_view a, b;
       if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
-        a = m[0].get<std::string>();
-        b = m[1].get<std::string>();
+        a = m[0].get_ref<const std::string&>();
+        b = m[1].get_ref<const std::string&>();
       } else if (m.is_string()) {
-        std::string s = m.get<std::string>();
+        std::string_view s = m.get_ref<const std::string&>();
         size_t sp = s.find(' ');
         if (sp == std::string::npos || s.find(' ', sp + 1) != std::string::npos)
           fail("{}: merges[{}] '{}' is not two tokens separated by one space", mwhere, r, s);
@@ -639,10 +698,12 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
       } else {
         fail("{}: merges[{}] must be [\"a\", \"b\"] or \"a b\"", mwhere, r);
       }
-      auto ia = t->vocab.find(a), ib = t->vocab.find(b), iab = t->vocab.find(a + b);
-      if (ia == t->vocab.end() || ib == t->vocab.end() || iab == t->vocab.end())
+      ab.assign(a);
+      ab.append(b);
+      int32_t ia = t->vocab.find(a), ib = t->vocab.find(b), iab = t->vocab.find(ab);
+      if (ia < 0 || ib < 0 || iab < 0)
         fail("{}: merges[{}] ('{}' '{}') uses a token missing from vocab", mwhere, r, a, b);
-      table.insert(ia->second, ib->second, static_cast<int32_t>(r), iab->second);
+      table.insert(ia, ib, static_cast<int32_t>(r), iab);
     }
     t->bpe = Bpe(byte_ids, std::move(table));
     // Normalizer, pre-tokenizer, decoder.
@@ -686,8 +747,7 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
       if (!text) return std::nullopt;
       auto it = t->added_by_content.find(*text);
       if (it != t->added_by_content.end()) return it->second;
-      auto v = t->vocab.find(bytes_to_byte_level(*text));
-      if (v != t->vocab.end()) return v->second;
+      if (int32_t v = t->vocab.find(bytes_to_byte_level(*text)); v >= 0) return v;
       fail("{}: {} '{}' is not a token of the tokenizer (unknown special token)", cwhere, key,
            *text);
     };
@@ -785,7 +845,7 @@ std::optional<int32_t> Tokenizer::token_to_id(std::string_view token) const {
   std::string key(token);
   if (auto it = impl_->added_by_content.find(key); it != impl_->added_by_content.end())
     return it->second;
-  if (auto it = impl_->vocab.find(key); it != impl_->vocab.end()) return it->second;
+  if (int32_t id = impl_->vocab.find(key); id >= 0) return id;
   return std::nullopt;
 }
 
