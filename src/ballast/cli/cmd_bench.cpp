@@ -81,7 +81,7 @@ int run_bench(const BenchArgs& a) {
   auto engine = load_engine(dir, a.threads);
   const auto& cfg = engine->config();
   std::mt19937 rng(7);
-  std::vector<std::vector<int32_t>> prompts(size_t(a.batch));
+  std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(a.batch));
   for (auto& p : prompts)
     for (int i = 0; i < a.prompt_len; ++i) p.push_back(int32_t(rng() % uint32_t(cfg.vocab_size)));
 

@@ -141,25 +141,32 @@ int run_replay(const ReplayArgs& a) {
 
 struct SynthArgs {
   std::string model = "qwen3-next", popularity = "lognormal", output;
-  double skew = 1.0, drift = 0.3, burst = 0.2;
+  double skew = 1.0, drift = 0.3, burst = 0.05;
   int passes = 1000, tokens = 8192, layers = 0;
   uint64_t seed = 1;
   bool suite = false;
   int window = 1000, eval = 1000, slices = 4;
+  std::string algorithms = "deepseek,ballast";
 };
 
 int run_synth(const SynthArgs& a) {
   if (a.suite) {
-    auto suite = default_suite(a.window, a.eval);
-    auto rows = run_suite(suite, a.window, {Algorithm::deepseek, Algorithm::ballast}, a.slices, a.layers);
-    fmt::print("suite: plan on {} passes, evaluate on the next {}{}\n", a.window, a.eval,
+    SynthSpec noise;
+    noise.tokens = a.tokens, noise.drift = a.drift, noise.burst = a.burst, noise.seed = a.seed;
+    auto suite = default_suite(a.window, a.eval, noise);
+    std::vector<Algorithm> algs;
+    for (auto& n : split(a.algorithms)) algs.push_back(parse_algorithm(n));
+    check(!algs.empty(), "synth --suite: no algorithm given");
+    auto rows = run_suite(suite, a.window, algs, a.slices, a.layers);
+    fmt::print("suite: plan on {} passes, evaluate on the next {}; {} tokens/pass, drift {}, burst {}{}\n", a.window,
+               a.eval, a.tokens, a.drift, a.burst,
                a.layers > 0 ? fmt::format(" ({} layers per workload)", a.layers) : "");
     fmt::print("| workload | G+R | algorithm | in-sample (window sum) | max/bound | in-sample per pass, static | "
                "out-of-sample per pass, static | out-of-sample per pass, balanced | plan ms (all layers) |\n"
                "|---|---|---|---|---|---|---|---|---|\n");
     for (size_t i = 0; i < rows.size(); ++i) {
       const auto& r = rows[i];
-      const auto& w = suite[i / 2];
+      const auto& w = suite[i / algs.size()];
       fmt::print("| {} | {}+{} | {} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.1f} |\n", r.workload, w.ranks,
                  w.redundant, r.algorithm, r.in_sample, r.achieved_over_bound, r.in_sample_pass, r.out_static,
                  r.out_balanced, r.plan_ms);
@@ -239,6 +246,7 @@ void add_eplb(CLI::App& app, Runner& run) {
   synth->add_option("--window", sa->window, "suite: passes planned on");
   synth->add_option("--eval", sa->eval, "suite: later passes evaluated");
   synth->add_option("--slices", sa->slices, "suite: ballast time slices");
+  synth->add_option("--algorithms", sa->algorithms, "suite: comma-separated algorithms");
   synth->callback([sa, &run] { run = [sa] { return run_synth(*sa); }; });
 }
 

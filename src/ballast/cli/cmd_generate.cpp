@@ -1,53 +1,146 @@
-// ballast generate | logits: greedy decoding and one-pass logits.
+// ballast generate | logits: greedy decoding (one rank, in-process expert-parallel ranks, or MPI
+// ranks) and one-pass logits.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include <map>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <optional>
+#include <thread>
 
 #include "ballast/cli/commands.h"
+#include "ballast/cli/ep_args.h"
 #include "ballast/cli/model_args.h"
 #include "ballast/core/error.h"
+#include "ballast/dist/mpi_communicator.h"
+#include "ballast/dist/thread_world.h"
+#include "ballast/eplb/load.h"
 #include "ballast/io/safetensors.h"
+#include "ballast/runtime/distributed.h"
+#include "ballast/text/tokenizer.h"
 
 namespace ballast::cli {
 
 namespace {
 
 struct GenerateArgs {
-  std::string model, prompt_ids, prompts_file;
+  std::string model, prompt_ids, prompts_file, prompt;
+  bool chat = false;
   int max_new_tokens = 32;
   int threads = 0;
   bool json = false;
+  EpArgs ep;
 };
 
-int run_generate(const GenerateArgs& a) {
-  std::vector<std::vector<int32_t>> prompts;
-  if (!a.prompts_file.empty()) prompts = read_prompts_file(a.prompts_file);
-  if (!a.prompt_ids.empty()) prompts.push_back(parse_ids(a.prompt_ids));
-  check(!prompts.empty(), "give a prompt: --prompt-ids 1,2,3 or --prompts-file FILE");
-  const auto dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
-  auto engine = load_engine(dir, a.threads);
+// What one run produced, as rank 0 reports it.
+struct Report {
+  std::vector<std::vector<int32_t>> outputs;
+  runtime::GenerationStats stats;
+  nlohmann::json ep;
+};
+
+Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist::Communicator* comm, int threads,
+                   const std::vector<std::vector<int32_t>>& prompts, std::span<const int32_t> stop) {
+  runtime::EngineOptions opts;
+  opts.threads = threads;
+  opts.comm = comm;
+  opts.ep = to_ep_options(a.ep);
+  if (comm && comm->rank() != 0) opts.log.level = LogLevel::Quiet;
+  if (!a.ep.dump_distribution.empty()) opts.ep.trunk.recorder_window = std::max(opts.ep.trunk.recorder_window, 1);
+  std::unique_ptr<runtime::Engine> engine;
+  if (!comm || comm->rank() == 0) engine = load_engine(dir, threads, opts);
+  else engine = runtime::Engine::load(dir, opts);
   for (auto& p : prompts)
     for (int32_t id : p)
       check(id < engine->config().vocab_size, "prompt token id {} is outside the vocabulary of {}", id,
             engine->config().vocab_size);
-  auto res = engine->generate_greedy(prompts, a.max_new_tokens);
-  const auto& s = res.stats;
+  if (!a.ep.dump_distribution.empty() && engine->trunk_domain()) engine->trunk_domain()->recorder.start();
+  Report rep;
+  if (comm) {
+    auto r = runtime::generate_distributed(*engine, *comm, prompts, a.max_new_tokens, stop);
+    rep.outputs = std::move(r.outputs);
+    rep.stats = r.stats;
+    rep.ep = ep_summary(*engine, comm->size());
+    if (!a.ep.dump_distribution.empty() && engine->trunk_domain()) {
+      // Every rank recorded the tokens it dispatched: the sum is the whole load.
+      eplb::LoadTrace t = engine->trunk_domain()->recorder.dump();
+      comm->all_reduce_sum(std::span<double>(t.count));
+      if (comm->rank() == 0) eplb::write_load(a.ep.dump_distribution, t);
+    }
+  } else {
+    auto r = engine->generate_greedy(prompts, a.max_new_tokens, stop);
+    rep.outputs = std::move(r.outputs);
+    rep.stats = r.stats;
+  }
+  return rep;
+}
+
+int run_generate(const GenerateArgs& a) {
+  const auto dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
+  std::vector<std::vector<int32_t>> prompts;
+  if (!a.prompts_file.empty()) prompts = read_prompts_file(a.prompts_file);
+  if (!a.prompt_ids.empty()) prompts.push_back(parse_ids(a.prompt_ids));
+  std::optional<text::Tokenizer> tok;
+  std::vector<int32_t> stop;
+  if (!a.prompt.empty()) {
+    tok.emplace(text::Tokenizer::load(dir));
+    std::string rendered = a.prompt;
+    if (a.chat) {
+      const text::ChatMessage m{"user", a.prompt, std::nullopt};
+      rendered = tok->render_chat(std::span<const text::ChatMessage>(&m, 1), {.add_generation_prompt = true,
+                                                                               .enable_thinking = false});
+    }
+    prompts.push_back(tok->encode(rendered));
+    stop = tok->eos_token_ids();
+  }
+  check(!prompts.empty(), "give a prompt: --prompt TEXT, --prompt-ids 1,2,3 or --prompts-file FILE");
+
+  Report rep;
+  int ranks = 1;
+  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+  if (dist::mpi_launched()) {
+    dist::MpiCommunicator comm;
+    ranks = comm.size();
+    check(a.ep.ep == 1 || a.ep.ep == ranks, "--ep {} does not match the MPI world of {} ranks", a.ep.ep, ranks);
+    rep = run_on_rank(a, dir, &comm, a.threads, prompts, stop);
+    if (comm.rank() != 0) return 0;
+  } else if (a.ep.wanted()) {
+    ranks = a.ep.ep;
+    const int threads = a.threads > 0 ? a.threads : int(std::max(1u, cores / unsigned(ranks)));
+    std::mutex mu;
+    dist::run_ranks(ranks, [&](dist::Communicator& comm) {
+      Report r = run_on_rank(a, dir, &comm, threads, prompts, stop);
+      std::lock_guard lk(mu);
+      if (comm.rank() == 0) rep = std::move(r);
+    });
+  } else {
+    rep = run_on_rank(a, dir, nullptr, a.threads, prompts, stop);
+  }
+
+  const auto& s = rep.stats;
   const double prefill_tps = s.prefill_seconds > 0 ? s.prefill_tokens / s.prefill_seconds : 0;
   const double decode_tps = s.decode_seconds > 0 ? s.decode_tokens / s.decode_seconds : 0;
+  std::vector<std::string> texts;
+  if (tok)
+    for (auto& o : rep.outputs) texts.push_back(tok->decode(o, /*skip_special=*/true));
   if (a.json) {
     nlohmann::json j;
-    j["output_ids"] = prompts.size() == 1 ? nlohmann::json(res.outputs[0]) : nlohmann::json(res.outputs);
+    j["output_ids"] = rep.outputs.size() == 1 ? nlohmann::json(rep.outputs[0]) : nlohmann::json(rep.outputs);
+    if (tok) j["text"] = texts.size() == 1 ? nlohmann::json(texts[0]) : nlohmann::json(texts);
     j["prefill_tokens"] = s.prefill_tokens;
     j["decode_tokens"] = s.decode_tokens;
     j["prefill_tokens_per_s"] = prefill_tps;
     j["decode_tokens_per_s"] = decode_tps;
+    j["passes"] = s.passes;
+    if (!rep.ep.is_null()) j["expert_parallel"] = rep.ep;
     fmt::print("{}\n", j.dump());
   } else {
-    for (auto& out : res.outputs) fmt::print("{}\n", fmt::join(out, ","));
-    fmt::print(stderr, "prefill {} tokens at {:.1f} tok/s, decode {} tokens at {:.1f} tok/s\n", s.prefill_tokens,
-               prefill_tps, s.decode_tokens, decode_tps);
+    if (tok)
+      for (auto& t : texts) fmt::print("{}{}\n", a.chat ? "" : a.prompt, t);
+    else
+      for (auto& out : rep.outputs) fmt::print("{}\n", fmt::join(out, ","));
+    fmt::print(stderr, "prefill {} tokens at {:.1f} tok/s, decode {} tokens at {:.1f} tok/s{}\n", s.prefill_tokens,
+               prefill_tps, s.decode_tokens, decode_tps, ranks > 1 ? fmt::format(" over {} ranks", ranks) : "");
   }
   return 0;
 }
@@ -61,7 +154,8 @@ int run_logits(const LogitsArgs& a) {
   const auto ids = parse_ids(a.prompt_ids);
   check(!ids.empty(), "--prompt-ids is empty");
   const auto dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
-  auto engine = load_engine(dir, a.threads);
+  runtime::EngineOptions opts;
+  auto engine = load_engine(dir, a.threads, opts);
   std::vector<float> logits = engine->prefill_logits(ids);
   const int64_t V = engine->config().vocab_size;
   Tensor t = Tensor::borrow(logits.data(), {int64_t(ids.size()), V}, DType::F32);
@@ -76,11 +170,14 @@ void add_generate(CLI::App& app, Runner& run) {
   auto a = std::make_shared<GenerateArgs>();
   auto* c = app.add_subcommand("generate", "Greedy decoding of one prompt or a batch of prompts");
   c->add_option("--model", a->model, "Model directory (config.json + safetensors); default: the shipped model");
+  c->add_option("--prompt", a->prompt, "Prompt text (tokenized with the model's tokenizer.json)");
+  c->add_flag("--chat", a->chat, "Wrap --prompt as a user message in the chat format");
   c->add_option("--prompt-ids", a->prompt_ids, "Prompt as comma-separated token ids");
   c->add_option("--prompts-file", a->prompts_file, "File with one comma-separated id list per line (one batch)");
   c->add_option("--max-new-tokens", a->max_new_tokens, "Tokens to generate per prompt")->check(CLI::Range(1, 1 << 20));
-  c->add_option("--threads", a->threads, "CPU threads (0 = all cores)");
+  c->add_option("--threads", a->threads, "CPU threads per rank (0 = all cores, shared among in-process ranks)");
   c->add_flag("--json", a->json, "Print one JSON object");
+  add_ep_options(c, a->ep);
   c->callback([a, &run] { run = [a] { return run_generate(*a); }; });
 }
 

@@ -4,8 +4,10 @@
 
 #include <cstdio>
 #include <exception>
+#include <optional>
 
 #include "ballast/cli/commands.h"
+#include "ballast/dist/mpi_communicator.h"
 
 int main(int argc, char** argv) {
   CLI::App app{"ballast: a mixture-of-experts inference engine with expert parallelism"};
@@ -17,10 +19,15 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  // Under mpirun every process is one expert-parallel rank; MPI lives as long as main.
+  std::optional<ballast::dist::MpiSession> mpi;
   try {
+    if (ballast::dist::mpi_launched()) mpi.emplace(&argc, &argv);
     return run ? run() : 0;
   } catch (const std::exception& e) {
     fmt::print(stderr, "error: {}\n", e.what());
+    // The other ranks may be waiting for this one in a collective: end the whole job.
+    if (mpi && mpi->size() > 1) ballast::dist::MpiSession::abort(1);
     return 1;
   }
 }

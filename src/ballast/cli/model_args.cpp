@@ -61,9 +61,9 @@ std::vector<std::vector<int32_t>> read_prompts_file(const std::filesystem::path&
   return prompts;
 }
 
-std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads) {
+std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
+                                             runtime::EngineOptions opts) {
   std::optional<ProgressBar> bar;  // created once the total size is known
-  runtime::EngineOptions opts;
   opts.threads = threads;
   opts.load_progress = [&bar](uint64_t done, uint64_t total) {
     if (!bar) bar.emplace("loading weights", total);

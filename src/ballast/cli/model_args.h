@@ -20,6 +20,7 @@ std::vector<int32_t> parse_ids(const std::string& csv);
 std::vector<std::vector<int32_t>> read_prompts_file(const std::filesystem::path& path);
 
 // Loads the engine with a progress bar while the weights are paged in.
-std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads);
+std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
+                                             runtime::EngineOptions opts = {});
 
 }  // namespace ballast::cli

@@ -1,0 +1,83 @@
+#include "ballast/cli/ep_args.h"
+
+#include <algorithm>
+
+namespace ballast::cli {
+
+void add_ep_options(CLI::App* c, EpArgs& a) {
+  c->add_option("--ep", a.ep, "Expert-parallel ranks in this process (threads); under mpirun, the MPI world")
+      ->check(CLI::Range(1, 1024));
+  c->add_option("--ep-num-redundant-experts", a.redundant, "Redundant expert slots per MoE layer")->check(CLI::Range(0, 1 << 16));
+  c->add_flag("--enable-eplb", a.enable_eplb, "Rebalance experts from the recorded load while generating");
+  c->add_option("--eplb-algorithm", a.algorithm, "ballast | deepseek | deepseek_hierarchical")
+      ->check(CLI::IsMember({"ballast", "deepseek", "deepseek_hierarchical"}));
+  c->add_option("--eplb-rebalance-num-iterations", a.rebalance_iterations, "Forward passes between rebalances")
+      ->check(CLI::Range(1, 1 << 30));
+  c->add_option("--eplb-rebalance-layers-per-chunk", a.layers_per_chunk, "Layers migrated per pass (0: all at once)")
+      ->check(CLI::Range(0, 1 << 16));
+  c->add_option("--init-expert-location", a.init_location,
+                "trivial, or a JSON file with physical_to_logical_map or logical_count");
+  c->add_option("--ep-dispatch-algorithm", a.dispatch, "static | random | dynamic | balanced")
+      ->check(CLI::IsMember({"static", "random", "dynamic", "balanced"}));
+  c->add_option("--expert-distribution-recorder-mode", a.recorder_mode, "stat | per_pass | per_token")
+      ->check(CLI::IsMember({"stat", "per_pass", "per_token"}));
+  c->add_option("--expert-distribution-recorder-buffer-size", a.recorder_buffer, "Passes kept by the recorder")
+      ->check(CLI::Range(1, 1 << 24));
+  c->add_option("--ep-ranks-per-node", a.ranks_per_node, "Ranks per node, for dispatch and migration (0: one node)");
+  c->add_option("--dump-expert-distribution", a.dump_distribution,
+                "Record the trunk's expert load and write it (JSON, logical_count) at the end");
+}
+
+runtime::ExpertParallelOptions to_ep_options(const EpArgs& a) {
+  runtime::ExpertParallelOptions o;
+  o.init_expert_location = a.init_location;
+  auto& t = o.trunk;
+  t.redundant = a.redundant;
+  t.ranks_per_node = a.ranks_per_node;
+  t.dispatch = eplb::parse_dispatch(a.dispatch);
+  t.recorder_mode = eplb::parse_recorder_mode(a.recorder_mode);
+  t.recorder_window = a.recorder_buffer;
+  t.rebalance.enabled = a.enable_eplb;
+  t.rebalance.interval = a.rebalance_iterations;
+  t.rebalance.layers_per_chunk = a.layers_per_chunk;
+  t.rebalance.algorithm = eplb::parse_algorithm(a.algorithm);
+  return o;
+}
+
+nlohmann::json ep_summary(runtime::Engine& engine, int ranks) {
+  nlohmann::json j = {{"ranks", ranks}};
+  auto* rb = engine.trunk_rebalancer();
+  if (!rb) return j;
+  nlohmann::json events = nlohmann::json::array();
+  for (const auto& e : rb->events())
+    events.push_back({{"domain", e.domain},
+                      {"after_pass", e.pass},
+                      {"layers_changed", e.layers_changed},
+                      {"experts_moved", e.experts_moved},
+                      {"bytes_moved", e.bytes_moved},
+                      {"plan_ms", e.plan_seconds * 1e3},
+                      {"total_ms", e.total_seconds * 1e3},
+                      {"balancedness_before", e.balancedness_before},
+                      {"balancedness_after", e.balancedness_after},
+                      {"failed", e.failed}});
+  j["rebalances"] = events;
+  const auto& b = rb->balancedness();
+  j["balancedness"] = b;
+  // Mean per-pass balancedness before the first rebalance switched and after the last one.
+  auto mean = [&](size_t lo, size_t hi) {
+    double s = 0;
+    for (size_t i = lo; i < hi; ++i) s += b[i];
+    return hi > lo ? s / double(hi - lo) : 0.0;
+  };
+  if (!rb->events().empty()) {
+    const size_t first = std::min(b.size(), size_t(rb->events().front().pass));
+    const size_t last = std::min(b.size(), size_t(rb->events().back().pass) + 1);
+    j["balancedness_before_first_rebalance"] = mean(0, first);
+    j["balancedness_after_last_rebalance"] = mean(last, b.size());
+  } else {
+    j["balancedness_mean"] = mean(0, b.size());
+  }
+  return j;
+}
+
+}  // namespace ballast::cli
