@@ -1,0 +1,121 @@
+#!/usr/bin/env python3
+"""End-to-end checks of the ballast binary, one per CTest test: `cli_checks.py CHECK --ballast BIN ...`.
+
+Each check runs the real CLI on committed fixtures and compares against transformers' references
+(tests/fixtures/*/reference.json) or against the single-rank run."""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+FIX = os.path.join(ROOT, "tests", "fixtures")
+
+
+def run(cmd, expect_rc=0):
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if p.returncode != expect_rc:
+        sys.exit(f"command {cmd} exited {p.returncode} (expected {expect_rc})\nstdout: {p.stdout}\nstderr: {p.stderr}")
+    return p
+
+
+def reference(fixture):
+    with open(os.path.join(FIX, fixture, "reference.json")) as f:
+        return json.load(f)
+
+
+def prompts_file(tmp, fixture):
+    ref = reference(fixture)
+    path = os.path.join(tmp, "prompts.txt")
+    a, b = ref["prompt_ids"], ref["short_prompt_ids"]
+    with open(path, "w") as f:
+        for p in (a, b, a[10:50], b[::-1]):
+            f.write(",".join(map(str, p)) + "\n")
+    return path
+
+
+def check_generate_matches_transformers(args):
+    for fixture in sorted(os.listdir(FIX)):
+        if not os.path.exists(os.path.join(FIX, fixture, "reference.json")):
+            continue
+        ref = reference(fixture)
+        out = run([args.ballast, "generate", "--model", os.path.join(FIX, fixture), "--prompt-ids",
+                   ",".join(map(str, ref["prompt_ids"])), "--max-new-tokens", "16", "--json"]).stdout
+        j = json.loads(out)
+        assert j["output_ids"] == ref["continuation"], (fixture, j["output_ids"], ref["continuation"])
+        for key in ("prefill_tokens_per_s", "decode_tokens_per_s"):
+            assert j[key] > 0, (fixture, key)
+
+
+def ep_run(args, launcher, fixture, extra, tmp):
+    cmd = launcher + [args.ballast, "generate", "--model", os.path.join(FIX, fixture), "--prompts-file",
+                      prompts_file(tmp, fixture), "--max-new-tokens", "12", "--json"] + extra
+    return json.loads(run(cmd).stdout)
+
+
+def check_ep_threads_and_mpi(args):
+    fixture = "qwen3_next_a"  # 8 experts: 2 redundant slots divide over 2 ranks
+    with tempfile.TemporaryDirectory() as tmp:
+        single = ep_run(args, [], fixture, [], tmp)["output_ids"]
+        eplb = ["--ep-num-redundant-experts", "2", "--enable-eplb", "--eplb-rebalance-num-iterations", "2",
+                "--eplb-rebalance-layers-per-chunk", "2", "--ep-dispatch-algorithm", "balanced"]
+        threads = ep_run(args, [], fixture, ["--ep", "2"] + eplb, tmp)
+        assert threads["output_ids"] == single, ("threads", threads["output_ids"], single)
+        assert threads["expert_parallel"]["rebalances"], "no rebalance in the threads run"
+        if args.mpirun:
+            mpi = ep_run(args, args.mpirun.split() + ["-np", "2"], fixture, eplb, tmp)
+            assert mpi["output_ids"] == single, ("mpi", mpi["output_ids"], single)
+            assert mpi["expert_parallel"]["ranks"] == 2
+            assert mpi["expert_parallel"]["rebalances"], "no rebalance in the MPI run"
+
+
+def check_logits_file(args):
+    fixture = "qwen3_next_b"
+    ref = reference(fixture)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "logits.safetensors")
+        run([args.ballast, "logits", "--model", os.path.join(FIX, fixture), "--prompt-ids",
+             ",".join(map(str, ref["short_prompt_ids"])), "--out", out])
+        with open(out, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        assert header["logits"]["dtype"] == "F32", header
+        with open(os.path.join(FIX, fixture, "config.json")) as f:
+            vocab = json.load(f)["vocab_size"]
+        assert header["logits"]["shape"] == [len(ref["short_prompt_ids"]), vocab], header
+
+
+def check_bad_input_errors(args):
+    fixture = os.path.join(FIX, "qwen3_next_a")
+    with tempfile.TemporaryDirectory() as tmp:
+        cases = [
+            ([args.ballast, "generate", "--model", tmp, "--prompt-ids", "1,2"], "config.json"),
+            ([args.ballast, "generate", "--model", fixture, "--prompt-ids", "1,x"], "invalid token id 'x'"),
+            ([args.ballast, "generate", "--model", fixture, "--prompt-ids", "1,99999"], "outside the vocabulary"),
+            ([args.ballast, "generate", "--model", fixture, "--prompt-ids", "1", "--ep", "3",
+              "--ep-num-redundant-experts", "0"], "not divisible by 3 ranks"),
+        ]
+        for cmd, needle in cases:
+            p = run(cmd, expect_rc=1)
+            assert needle in p.stderr and p.stderr.startswith("error: "), (cmd, p.stderr)
+            assert p.stderr.count("\n") == 1, ("one line expected", p.stderr)
+
+
+def check_inspect(args):
+    j = json.loads(run([args.ballast, "inspect", "--model", os.path.join(FIX, "qwen3_5_moe_released"), "--json"]).stdout)
+    text = json.dumps(j)
+    assert "parameters" in text or "params" in text, j
+
+
+CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("check", choices=sorted(CHECKS))
+    ap.add_argument("--ballast", required=True)
+    ap.add_argument("--mpirun", default="")
+    a = ap.parse_args()
+    CHECKS[a.check](a)
+    print(f"{a.check}: ok")
