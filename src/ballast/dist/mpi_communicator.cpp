@@ -233,14 +233,12 @@ void MpiCommunicator::exchange(std::span<const SendItem> sends, std::span<const 
     auto& s = sends[i - recvs.size()];
     return fmt::format("send of {} bytes to rank {} tag {}", s.data.size(), s.peer, s.tag);
   };
-  // Receives first, so that most messages find a posted receive. Same (peer, tag) pairs match in
-  // the order posted, as MPI does not let messages overtake each other.
-  for (size_t i = 0; i < recvs.size(); ++i) {
-    auto& r = recvs[i];
-    mpi_check(MPI_Irecv(r.data.data(), static_cast<int>(r.data.size()), MPI_BYTE, r.peer, r.tag,
-                        impl_->comm, &reqs[i]),
-              "MPI_Irecv", rank_, describe(i));
-  }
+  // Every send is posted before any receive waits, so no order of transfers can deadlock. Each
+  // receive then matches its message with MPI_Mprobe, in list order (same (peer, tag) pairs
+  // match in the order sent: MPI messages do not overtake each other), and checks its size
+  // before receiving it: a message of the wrong size is drained into scratch space and reported
+  // after everything completes, so the sender is never left waiting and MPI never truncates
+  // (Open MPI 4.1 sometimes hangs in MPI_Waitall on a truncated receive).
   for (size_t j = 0; j < sends.size(); ++j) {
     auto& s = sends[j];
     const size_t i = recvs.size() + j;
@@ -248,6 +246,25 @@ void MpiCommunicator::exchange(std::span<const SendItem> sends, std::span<const 
     mpi_check(MPI_Isend(const_cast<std::byte*>(s.data.data()), static_cast<int>(s.data.size()),
                         MPI_BYTE, s.peer, s.tag, impl_->comm, &reqs[i]),
               "MPI_Isend", rank_, describe(i));
+  }
+  std::string mismatch;
+  std::vector<Bytes> scratch;
+  scratch.reserve(recvs.size());
+  for (size_t i = 0; i < recvs.size(); ++i) {
+    auto& r = recvs[i];
+    MPI_Message msg = MPI_MESSAGE_NULL;
+    MPI_Status st;
+    mpi_check(MPI_Mprobe(r.peer, r.tag, impl_->comm, &msg, &st), "MPI_Mprobe", rank_, describe(i));
+    int count = 0;
+    mpi_check(MPI_Get_count(&st, MPI_BYTE, &count), "MPI_Get_count", rank_, describe(i));
+    void* into = r.data.data();
+    if (static_cast<size_t>(count) != r.data.size()) {
+      if (mismatch.empty())
+        mismatch = fmt::format("exchange: rank {} expected {} bytes from rank {} tag {}, the sender sent {}",
+                               rank_, r.data.size(), r.peer, r.tag, count);
+      into = scratch.emplace_back(static_cast<size_t>(count)).data();
+    }
+    mpi_check(MPI_Imrecv(into, count, MPI_BYTE, &msg, &reqs[i]), "MPI_Imrecv", rank_, describe(i));
   }
   const int rc = MPI_Waitall(static_cast<int>(n), reqs.data(), statuses.data());
   if (rc == MPI_ERR_IN_STATUS) {
@@ -258,13 +275,7 @@ void MpiCommunicator::exchange(std::span<const SendItem> sends, std::span<const 
     }
   }
   mpi_check(rc, "MPI_Waitall", rank_, "exchange");
-  for (size_t i = 0; i < recvs.size(); ++i) {
-    int count = 0;
-    MPI_Get_count(&statuses[i], MPI_BYTE, &count);
-    check(static_cast<size_t>(count) == recvs[i].data.size(),
-          "exchange: rank {} expected {} bytes from rank {} tag {}, the sender sent {}", rank_,
-          recvs[i].data.size(), recvs[i].peer, recvs[i].tag, count);
-  }
+  if (!mismatch.empty()) fail("{}", mismatch);
 }
 
 }  // namespace ballast::dist
