@@ -141,8 +141,8 @@ int run_replay(const ReplayArgs& a) {
 
 struct SynthArgs {
   std::string model = "qwen3-next", popularity = "lognormal", output;
-  double skew = 1.0, drift = 0.3, burst = 0.05;
-  int passes = 1000, tokens = 8192, layers = 0;
+  double skew = 1.0, drift = 0.1, burst = 0.05;
+  int passes = 1000, tokens = 16384, layers = 0;
   uint64_t seed = 1;
   bool suite = false;
   int window = 1000, eval = 1000, slices = 4;

@@ -17,6 +17,7 @@
 #include "ballast/eplb/load.h"
 #include "ballast/io/safetensors.h"
 #include "ballast/runtime/distributed.h"
+#include "ballast/runtime/speculative.h"
 #include "ballast/text/tokenizer.h"
 
 namespace ballast::cli {
@@ -30,14 +31,38 @@ struct GenerateArgs {
   int threads = 0;
   bool json = false;
   EpArgs ep;
+  std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
+  int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;
 };
 
 // What one run produced, as rank 0 reports it.
 struct Report {
   std::vector<std::vector<int32_t>> outputs;
   runtime::GenerationStats stats;
-  nlohmann::json ep;
+  nlohmann::json ep, speculative;
 };
+
+// Speculation figures over all ranks.
+nlohmann::json speculative_summary(runtime::SpeculativeStats st, dist::Communicator* comm) {
+  if (comm) {
+    std::vector<int64_t> v{st.rounds, st.emitted};
+    v.insert(v.end(), st.proposed.begin(), st.proposed.end());
+    v.insert(v.end(), st.accepted.begin(), st.accepted.end());
+    comm->all_reduce_sum(v);
+    const size_t S = st.proposed.size();
+    st.rounds = v[0];
+    st.emitted = v[1];
+    std::copy(v.begin() + 2, v.begin() + 2 + long(S), st.proposed.begin());
+    std::copy(v.begin() + 2 + long(S), v.end(), st.accepted.begin());
+  }
+  std::vector<double> rate;
+  for (size_t k = 0; k < st.proposed.size(); ++k)
+    rate.push_back(st.proposed[k] ? double(st.accepted[k]) / double(st.proposed[k]) : 0.0);
+  return {{"algorithm", "NEXTN"},           {"num_steps", st.proposed.size()},
+          {"verify_rounds", st.rounds},     {"acceptance_length", st.acceptance_length()},
+          {"acceptance_rate_per_position", rate}, {"draft_seconds", st.draft_seconds},
+          {"verify_seconds", st.verify_seconds}};
+}
 
 Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist::Communicator* comm, int threads,
                    const std::vector<std::vector<int32_t>>& prompts, std::span<const int32_t> stop) {
@@ -56,8 +81,15 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
             engine->config().vocab_size);
   if (!a.ep.dump_distribution.empty() && engine->trunk_domain()) engine->trunk_domain()->recorder.start();
   Report rep;
+  const bool speculate = !a.speculative_algorithm.empty();
+  runtime::SpeculativeStats spec_stats;
+  auto generate = [&](const std::vector<std::vector<int32_t>>& mine) {
+    if (!speculate) return engine->generate_greedy(mine, a.max_new_tokens, stop);
+    return runtime::generate_speculative(*engine, mine, a.max_new_tokens, {.num_steps = a.speculative_steps},
+                                         &spec_stats, stop);
+  };
   if (comm) {
-    auto r = runtime::generate_distributed(*engine, *comm, prompts, a.max_new_tokens, stop);
+    auto r = runtime::generate_distributed(*comm, prompts, generate);
     rep.outputs = std::move(r.outputs);
     rep.stats = r.stats;
     rep.ep = ep_summary(*engine, comm->size());
@@ -68,10 +100,11 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
       if (comm->rank() == 0) eplb::write_load(a.ep.dump_distribution, t);
     }
   } else {
-    auto r = engine->generate_greedy(prompts, a.max_new_tokens, stop);
+    auto r = generate(prompts);
     rep.outputs = std::move(r.outputs);
     rep.stats = r.stats;
   }
+  if (speculate) rep.speculative = speculative_summary(spec_stats, comm);
   return rep;
 }
 
@@ -133,6 +166,10 @@ int run_generate(const GenerateArgs& a) {
     j["decode_tokens_per_s"] = decode_tps;
     j["passes"] = s.passes;
     if (!rep.ep.is_null()) j["expert_parallel"] = rep.ep;
+    if (!rep.speculative.is_null()) {
+      j["speculative"] = rep.speculative;
+      j["acceptance_length"] = rep.speculative["acceptance_length"];
+    }
     fmt::print("{}\n", j.dump());
   } else {
     if (tok)
@@ -178,7 +215,20 @@ void add_generate(CLI::App& app, Runner& run) {
   c->add_option("--threads", a->threads, "CPU threads per rank (0 = all cores, shared among in-process ranks)");
   c->add_flag("--json", a->json, "Print one JSON object");
   add_ep_options(c, a->ep);
-  c->callback([a, &run] { run = [a] { return run_generate(*a); }; });
+  c->add_option("--speculative-algorithm", a->speculative_algorithm, "NEXTN: draft with the model's MTP head")
+      ->check(CLI::IsMember({"NEXTN", "MTP", "EAGLE"}));
+  c->add_option("--speculative-num-steps", a->speculative_steps, "Chained draft steps per verify pass")
+      ->check(CLI::Range(1, 16));
+  c->add_option("--speculative-eagle-topk", a->speculative_topk, "Drafts per step (only 1: chain drafting)")
+      ->check(CLI::Range(1, 1));
+  c->add_option("--speculative-num-draft-tokens", a->speculative_draft_tokens,
+                "Tokens per verify pass (must be num-steps + 1 with topk 1)");
+  c->callback([a, &run] {
+    if (a->speculative_draft_tokens != 0 && a->speculative_draft_tokens != a->speculative_steps + 1)
+      throw CLI::ValidationError("--speculative-num-draft-tokens",
+                                 "with --speculative-eagle-topk 1 it must be --speculative-num-steps + 1");
+    run = [a] { return run_generate(*a); };
+  });
 }
 
 void add_logits(CLI::App& app, Runner& run) {

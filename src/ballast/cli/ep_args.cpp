@@ -26,6 +26,10 @@ void add_ep_options(CLI::App* c, EpArgs& a) {
   c->add_option("--ep-ranks-per-node", a.ranks_per_node, "Ranks per node, for dispatch and migration (0: one node)");
   c->add_option("--dump-expert-distribution", a.dump_distribution,
                 "Record the trunk's expert load and write it (JSON, logical_count) at the end");
+  c->add_option("--mtp-expert-domain", a.mtp_expert_domain,
+                "own: the MTP head's MoE layer is an expert domain of its own (placed, recorded, rebalanced); "
+                "sglang: identity placement and paused recording, as SGLang after its fix")
+      ->check(CLI::IsMember({"own", "sglang"}));
 }
 
 runtime::ExpertParallelOptions to_ep_options(const EpArgs& a) {
@@ -41,6 +45,9 @@ runtime::ExpertParallelOptions to_ep_options(const EpArgs& a) {
   t.rebalance.interval = a.rebalance_iterations;
   t.rebalance.layers_per_chunk = a.layers_per_chunk;
   t.rebalance.algorithm = eplb::parse_algorithm(a.algorithm);
+  // The MTP head's domain takes the same settings, applied to its own placement and load.
+  o.mtp = t;
+  o.mtp_experts = a.mtp_expert_domain == "sglang" ? runtime::MtpExperts::sglang : runtime::MtpExperts::own_domain;
   return o;
 }
 
@@ -48,6 +55,14 @@ nlohmann::json ep_summary(runtime::Engine& engine, int ranks) {
   nlohmann::json j = {{"ranks", ranks}};
   auto* rb = engine.trunk_rebalancer();
   if (!rb) return j;
+  if (auto* mrb = engine.mtp().rebalancer.get()) {
+    nlohmann::json m = nlohmann::json::array();
+    for (const auto& e : mrb->events())
+      m.push_back({{"after_pass", e.pass}, {"experts_moved", e.experts_moved}, {"failed", e.failed},
+                   {"balancedness_before", e.balancedness_before}, {"balancedness_after", e.balancedness_after}});
+    j["mtp_rebalances"] = m;
+    j["mtp_balancedness"] = mrb->balancedness();
+  }
   nlohmann::json events = nlohmann::json::array();
   for (const auto& e : rb->events())
     events.push_back({{"domain", e.domain},

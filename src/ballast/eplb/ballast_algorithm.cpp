@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <set>
+#include <tuple>
 
 namespace ballast::eplb {
 namespace {
@@ -76,10 +78,14 @@ Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
   std::vector<double> A(G, 0.0);
   std::vector<uint8_t> has(size_t(G) * E, 0);
   pk.slot.assign(size_t(G) * K, -1);
+  // Ranks with room ordered by (load, rank): the first one without e is the lightest with room
+  // that lacks it, lower rank on ties.
+  std::set<std::pair<double, int>> open;
+  for (int g = 0; g < G; ++g) open.insert({0.0, g});
   for (int e : items) {
     int best = -1;
-    for (int g = 0; g < G; ++g)
-      if (fill[g] < K && !has[size_t(g) * E + e] && (best < 0 || A[g] < A[best])) best = g;
+    for (auto& [a, g] : open)
+      if (!has[size_t(g) * E + e]) { best = g; break; }
     if (best < 0) {
       // Every rank with room already holds e: move an item x from a full rank a (without e)
       // to a rank b with room (without x's expert), and put e where x was.
@@ -93,7 +99,9 @@ Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
           int x = pk.slot[a * K + k];
           if (has[size_t(b) * E + x]) continue;
           double lx = pr.agg[x] / cnt[x], le = pr.agg[e] / cnt[e];
+          open.erase({A[b], b});
           pk.slot[b * K + fill[b]++] = x, has[size_t(b) * E + x]++, A[b] += lx;
+          if (fill[b] < K) open.insert({A[b], b});
           has[size_t(a) * E + x]--, A[a] -= lx;
           pk.slot[a * K + k] = e, has[size_t(a) * E + e]++, A[a] += le;
           done = true;
@@ -102,16 +110,19 @@ Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
       if (done) continue;
       best = b;  // cannot happen while every count is <= G; keep the slot filled regardless
     }
+    open.erase({A[best], best});
     pk.slot[best * K + fill[best]++] = e;
     has[size_t(best) * E + e]++;
     A[best] += pr.agg[e] / cnt[e];
+    if (fill[best] < K) open.insert({A[best], best});
   }
   recompute(pr, pk);
   return pk;
 }
 
-// Swap-based local search on score = F + lambda * moved, secondary Q.
-void local_search(const Problem& pr, Packing& pk) {
+// Swap-based local search on score = F + lambda * moved, secondary Q. keep_graph: only swaps of
+// experts with one replica each (they leave the replica graph of connect_replicas unchanged).
+void local_search(const Problem& pr, Packing& pk, bool keep_graph = false) {
   const int S = pr.S, G = pr.G, K = pr.K, E = pr.E;
   const double eps = 1e-12 * (pk.F + 1.0);
   std::vector<double> top1(S), top2(S), top3(S);
@@ -149,9 +160,13 @@ void local_search(const Problem& pr, Packing& pk) {
     // Partners: the lightest ranks first (a cheap pass), all ranks only when that finds nothing.
     by_load.resize(G);
     std::iota(by_load.begin(), by_load.end(), 0);
-    const int near = std::min(G, 4);
-    std::partial_sort(by_load.begin(), by_load.begin() + near, by_load.end(),
+    // Second pass: all other ranks.
+    const int near = std::min(G, 4), far = G;
+    std::partial_sort(by_load.begin(), by_load.begin() + far, by_load.end(),
                       [&](int x, int y) { return pk.A[x] != pk.A[y] ? pk.A[x] < pk.A[y] : x < y; });
+    // With time slices the aggregate's max rank load (the in-sample balance) must not rise: the
+    // slices only choose among moves that keep it.
+    const double amax = pr.S > 1 ? *std::max_element(pk.A.begin(), pk.A.end()) * (1 + 1e-12) : INFINITY;
     bool applied = false;
     for (int pass = 0; pass < 2 && !applied; ++pass)
     for (int a : crit) {
@@ -164,8 +179,9 @@ void local_search(const Problem& pr, Packing& pk) {
         double ai = pr.agg[ei] / pk.cnt[ei];
         bool i_moved = pr.has_current && !pr.cur_has[size_t(a) * E + ei];
         if (!is_crit && !i_moved) continue;
+        if (keep_graph && pk.cnt[ei] > 1) continue;
         for (int s = 0; s < S; ++s) xi[s] = item(pr, pk, ei, s);
-        for (int bk = pass == 0 ? 0 : near; bk < G && (pass == 1 || bk < near); ++bk) {
+        for (int bk = pass == 0 ? 0 : near; bk < (pass == 0 ? near : far); ++bk) {
           int b = by_load[bk];
           if (b == a || pk.has[size_t(b) * E + ei]) continue;
           int dmove_i = 0;
@@ -174,6 +190,7 @@ void local_search(const Problem& pr, Packing& pk) {
           for (int j = 0; j < K; ++j) {
             int ej = pk.slot[b * K + j];
             if (ej == ei || pk.has[size_t(a) * E + ej]) continue;
+            if (keep_graph && pk.cnt[ej] > 1) continue;
             double aj = pr.agg[ej] / pk.cnt[ej];
             int dmove = dmove_i;
             if (pr.has_current)
@@ -192,6 +209,7 @@ void local_search(const Problem& pr, Packing& pk) {
             }
             double d = dF + pr.lambda * dmove;
             double na = pk.A[a] - ai + aj, nb = pk.A[b] + ai - aj;
+            if (std::max(na, nb) > amax) continue;
             double dq = na * na + nb * nb - pk.A[a] * pk.A[a] - pk.A[b] * pk.A[b];
             bool better = d < -eps || (d <= eps && dq < -eps * (pk.A[a] + 1.0));
             if (!better) continue;
@@ -344,6 +362,153 @@ Packing from_row(const Problem& pr, const int32_t* row) {
   return pk;
 }
 
+
+// Components of the replica graph: ranks are nodes, an expert with replicas on ranks r1 < r2 < ...
+// links them. Balanced dispatch can move a pass's load only along these links, so a connected graph
+// lets it even out every rank (docs/eplb.md). Returns the number of components; comp [G].
+int replica_components(const Problem& pr, const Packing& pk, std::vector<int>& comp) {
+  const int G = pr.G, K = pr.K;
+  thread_local std::vector<int> parent, first, id;
+  parent.resize(G);
+  std::iota(parent.begin(), parent.end(), 0);
+  auto find = [&](int x) {
+    while (parent[x] != x) x = parent[x] = parent[parent[x]];
+    return x;
+  };
+  first.assign(pr.E, -1);
+  for (int g = 0; g < G; ++g)
+    for (int k = 0; k < K; ++k) {
+      int e = pk.slot[g * K + k];
+      if (pk.cnt[e] < 2) continue;
+      if (first[e] < 0) first[e] = g;
+      else parent[find(g)] = find(first[e]);
+    }
+  comp.resize(G);
+  int n = 0;
+  id.assign(G, -1);
+  for (int g = 0; g < G; ++g) {
+    int r = find(g);
+    if (id[r] < 0) id[r] = n++;
+    comp[g] = id[r];
+  }
+  return n;
+}
+
+void swap_slots(const Problem& pr, Packing& pk, int a, int i, int b, int j) {
+  const int K = pr.K, E = pr.E, S = pr.S;
+  int ei = pk.slot[a * K + i], ej = pk.slot[b * K + j];
+  for (int s = 0; s < S; ++s) {
+    double d = item(pr, pk, ej, s) - item(pr, pk, ei, s);
+    pk.load[size_t(a) * S + s] += d, pk.load[size_t(b) * S + s] -= d;
+  }
+  double ai = pr.agg[ei] / pk.cnt[ei], aj = pr.agg[ej] / pk.cnt[ej];
+  pk.A[a] += aj - ai, pk.A[b] += ai - aj;
+  pk.has[size_t(a) * E + ei]--, pk.has[size_t(b) * E + ei]++;
+  pk.has[size_t(b) * E + ej]--, pk.has[size_t(a) * E + ej]++;
+  pk.slot[a * K + i] = ej, pk.slot[b * K + j] = ei;
+}
+
+// Joins the components of the replica graph by swaps: a replica of a replicated expert on a rank
+// of one component for a slot of another component, the swap that raises the larger of the two
+// rank loads least (aggregate loads) among those that lower the number of components.
+// Returns whether the aggregate's max rank load rose.
+bool connect_replicas(const Problem& pr, Packing& pk) {
+  const double max_before = *std::max_element(pk.A.begin(), pk.A.end());
+  const int G = pr.G, K = pr.K, E = pr.E;
+  std::vector<int> comp;
+  int n = replica_components(pr, pk, comp);
+  struct Cand { double cost; int a, i, b, j; };
+  std::vector<Cand> cand;
+  // Replicated experts by per-replica load: a swap partner y is matched with the x of nearest load.
+  std::vector<std::pair<double, int>> rep;
+  for (int e = 0; e < E; ++e)
+    if (pk.cnt[e] > 1) rep.push_back({pr.agg[e] / pk.cnt[e], e});
+  std::sort(rep.begin(), rep.end());
+  std::vector<std::vector<int>> where(E);  // ranks holding each replicated expert
+  for (int g = 0; g < G; ++g)
+    for (int k = 0; k < K; ++k)
+      if (pk.cnt[pk.slot[g * K + k]] > 1) where[pk.slot[g * K + k]].push_back(g);
+  for (int round = 0; n > 1 && round < 4 * G; ++round) {
+    cand.clear();
+    const double amax = *std::max_element(pk.A.begin(), pk.A.end());
+    // Components by size (ascending, lower id on ties): the first that can be joined to another
+    // by one swap is joined this round.
+    std::vector<int> size(n, 0);
+    for (int g = 0; g < G; ++g) size[comp[g]]++;
+    std::vector<int> order(n);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int u, int v) { return size[u] < size[v]; });
+    bool merged = false;
+    // Partners of nearest load first; all replicated experts when that joins nothing.
+    for (int width : {8, int(rep.size())})
+    for (int small : order) {
+      if (merged) break;
+      cand.clear();
+      for (int b = 0; b < G; ++b) {
+        if (comp[b] != small) continue;
+        for (int j = 0; j < K; ++j) {
+          int y = pk.slot[b * K + j];
+          double ay = pr.agg[y] / pk.cnt[y];
+          const int c0 = int(std::lower_bound(rep.begin(), rep.end(), std::make_pair(ay, -1)) - rep.begin());
+          for (int c = std::max(0, c0 - width); c < std::min(int(rep.size()), c0 + width); ++c) {
+            int x = rep[c].second;
+            if (x == y || pk.has[size_t(b) * E + x]) continue;
+            double ax = rep[c].first;
+            for (int a : where[x]) {
+              if (comp[a] == small || pk.has[size_t(a) * E + y]) continue;
+              int i = 0;
+              while (pk.slot[a * K + i] != x) ++i;
+              double na = pk.A[a] - ax + ay, nb = pk.A[b] - ay + ax;
+              double cost = std::max(0.0, std::max(na, nb) - amax);
+              cand.push_back({cost + 1e-6 * std::abs(ax - ay), a, i, b, j});
+            }
+          }
+        }
+      }
+        if (cand.empty()) continue;
+      auto less = [](const Cand& u, const Cand& v) {
+        return u.cost != v.cost ? u.cost < v.cost : std::tie(u.a, u.i, u.b, u.j) < std::tie(v.a, v.i, v.b, v.j);
+      };
+      const size_t top = std::min<size_t>(cand.size(), width > 8 ? 512 : 32);
+      std::partial_sort(cand.begin(), cand.begin() + top, cand.end(), less);
+      thread_local std::vector<int> nc;
+      for (size_t c = 0; c < top && !merged; ++c) {
+        swap_slots(pr, pk, cand[c].a, cand[c].i, cand[c].b, cand[c].j);
+        int m = replica_components(pr, pk, nc);
+        if (m < n) {
+          n = m, std::swap(comp, nc), merged = true;
+          const Cand& d = cand[c];
+          int x = pk.slot[d.b * K + d.j], y = pk.slot[d.a * K + d.i];  // after the swap
+          std::replace(where[x].begin(), where[x].end(), d.a, d.b);
+          if (pk.cnt[y] > 1) std::replace(where[y].begin(), where[y].end(), d.b, d.a);
+        }
+        else swap_slots(pr, pk, cand[c].b, cand[c].j, cand[c].a, cand[c].i);
+      }
+    }
+    if (!merged) break;
+  }
+  recompute(pr, pk);
+  return *std::max_element(pk.A.begin(), pk.A.end()) > max_before * (1 + 1e-12);
+}
+
+// The same problem on the window's aggregate only (S = 1): what the count search and the
+// candidate packings are scored on; the time slices enter in the final local searches.
+Problem aggregate_problem(const Problem& pr) {
+  Problem a = pr;
+  a.S = 1;
+  a.w = pr.agg;
+  a.bound = max_load_lower_bound(pr.agg.data(), pr.E, pr.P, pr.G);
+  a.lambda = pr.bound > 0 ? pr.lambda * a.bound / pr.bound : pr.lambda;
+  return a;
+}
+
+Packing rescore(const Problem& pr, const Packing& pk) {
+  Packing out;
+  out.slot = pk.slot;
+  out.cnt = pk.cnt;
+  recompute(pr, out);
+  return out;
+}
 }  // namespace
 
 std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
@@ -380,10 +545,12 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
   // (When G * E < P duplicates cannot be avoided and the cap is raised to ceil(P / E).)
   int cap = std::min(P - E + 1, std::max(G, (P + E - 1) / E));
   auto cnt = optimal_replica_counts(pr.agg.data(), E, P, cap);
-  Packing best = pack_and_search(pr, cnt);
+  // Candidates are built and compared on the aggregate (cheap); slices enter below.
+  const Problem pa = S > 1 ? aggregate_problem(pr) : pr;
+  Packing cand = pack_and_search(pa, cnt);
   int rounds = opt.count_rounds >= 0 ? opt.count_rounds : (E <= 32 ? 2 * E : 2);
-  if (best.F > pr.bound * 1.002) best = search_counts(pr, std::move(best), rounds);
-  if (best.F > pr.bound * 1.001 && E <= 128) {
+  if (cand.F > pa.bound * 1.002) cand = search_counts(pa, std::move(cand), rounds);
+  if (cand.F > pa.bound * 1.001 && E <= 128) {
     // Small layers: also start from deepseek's placement when it keeps replicas on distinct
     // ranks, so that ballast is never worse than it there.
     std::vector<float> wf(E);
@@ -394,24 +561,33 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
     for (int q = 0; q < P; ++q) pw[q] = wf[p2l[q]] / float(lc[p2l[q]]);
     deepseek::balanced_packing(pw.data(), P, G, pi.data(), rip.data());
     for (int q = 0; q < P; ++q) slot[pi[q] * pr.K + rip[q]] = p2l[q];
-    Packing ds = from_row(pr, slot.data());
+    Packing ds = from_row(pa, slot.data());
     bool distinct = true;
     for (uint8_t h : ds.has) distinct &= h <= 1;
     if (distinct) {
-      local_search(pr, ds);
-      if (better(pr, ds, best)) best = std::move(ds);
+      local_search(pa, ds);
+      if (better(pa, ds, cand)) cand = std::move(ds);
     }
   }
-  std::vector<int32_t> row = best.slot;
+  Packing best = S > 1 ? rescore(pr, cand) : std::move(cand);
+  if (S > 1) local_search(pr, best);
   if (current_row) {
     Packing fresh = from_row(pr, relabel(pr, best, current_row).data());
     local_search(pr, fresh);
     Packing kept = from_row(pr, current_row);
     local_search(pr, kept);
-    Packing& pick = better(pr, kept, fresh) ? kept : fresh;
-    row = pick.slot;
-    best = pick;
+    best = better(pr, kept, fresh) ? std::move(kept) : std::move(fresh);
   }
+  if (opt.connect && P > E && G > 1) {
+    Packing joined = best;
+    if (connect_replicas(pr, joined) || S > 1) local_search(pr, joined, /*keep_graph=*/true);
+    // Kept when the aggregate's max rank load does not rise and the score rises by at most the
+    // tolerance (in-sample balance is never traded for connectivity).
+    double m0 = *std::max_element(best.A.begin(), best.A.end()), m1 = *std::max_element(joined.A.begin(), joined.A.end());
+    if (m1 <= m0 * (1 + 1e-4) && joined.score(pr) <= best.score(pr) * (1 + opt.connect_tolerance) + 1e-12)
+      best = std::move(joined);
+  }
+  std::vector<int32_t> row = best.slot;
   if (stats) stats->score = best.F, stats->bound = pr.bound, stats->moved = best.moved;
   return row;
 }

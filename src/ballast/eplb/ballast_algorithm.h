@@ -12,7 +12,10 @@
 //   5. with a current placement: the new ranks are relabelled to overlap the current ones most,
 //      slots keep their index where the expert stays, and a penalty `migration_weight` per moved
 //      expert is added to the score, also starting a local search from the current placement;
-//      the better of the two by score is kept.
+//      the better of the two by score is kept;
+//   6. replica graph: swaps that join the ranks into one component through shared experts (so
+//      that balanced dispatch can even out every pass), then a local search that keeps it; kept
+//      when it costs at most `connect_tolerance` of the score.
 // Deterministic: the same inputs give the same placement on every rank.
 #include "ballast/eplb/load.h"
 #include "ballast/eplb/placement.h"
@@ -30,6 +33,10 @@ struct BallastOptions {
   double migration_weight = 0.0;
   const Placement* current = nullptr;  // optional placement in force (same L, E, P, G)
   int count_rounds = -1;               // joint-count rounds per layer (-1: automatic by size)
+  // Keep the replica graph connected (ranks linked by experts they share): then `balanced`
+  // dispatch can move any pass's excess from one rank to any other.
+  bool connect = true;
+  double connect_tolerance = 0.002;
 };
 
 struct LayerPlanStats {

@@ -21,7 +21,7 @@ double mean_pass_balancedness(std::span<const int32_t> row, int G, int rpn, Disp
   return T > 0 ? s / T : 1.0;
 }
 
-std::vector<SuiteWorkload> default_suite(int window, int eval_passes) {
+std::vector<SuiteWorkload> default_suite(int window, int eval_passes, const SynthSpec& noise) {
   std::vector<SuiteWorkload> out;
   for (std::string model : {"qwen3-next", "qwen3.5-397b", "deepseek-v3"}) {
     struct V { const char* tag; Popularity p; double skew; };
@@ -32,7 +32,8 @@ std::vector<SuiteWorkload> default_suite(int window, int eval_passes) {
       w.spec.name = model + "/" + v.tag;
       w.spec.popularity = v.p, w.spec.skew = v.skew;
       w.spec.passes = window + eval_passes;
-      if (model == "deepseek-v3") w.ranks = 32, w.redundant = 32, w.spec.tokens = 4096;
+      w.spec.tokens = noise.tokens, w.spec.drift = noise.drift, w.spec.burst = noise.burst, w.spec.seed = noise.seed;
+      if (model == "deepseek-v3") w.ranks = 32, w.redundant = 32;
       out.push_back(w);
     }
   }

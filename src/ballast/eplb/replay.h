@@ -21,7 +21,9 @@ struct SuiteWorkload {
   int ranks = 64, redundant = 64;
 };
 // The suite of the README: each model shape x {lognormal 0.5 (mild), lognormal 1.0, zipf 0.9}.
-std::vector<SuiteWorkload> default_suite(int window, int eval_passes);
+// noise: tokens per pass (global batch), drift and burst of every workload (the popularity kind,
+// skew and shape come from the suite).
+std::vector<SuiteWorkload> default_suite(int window, int eval_passes, const SynthSpec& noise = SynthSpec());
 
 struct SuiteRow {
   std::string workload, algorithm;

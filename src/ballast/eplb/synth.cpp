@@ -62,10 +62,19 @@ std::vector<double> synth_layer(const SynthSpec& sp, int layer) {
       for (int e = 0; e < E; ++e)
         if (p[e] < 1.0 / sp.topk) p[e] += excess * p[e] / rest;
     }
+    // One pass = one forward step of the whole EP deployment: `tokens` tokens each choose top-k
+    // experts, i.e. tokens * k choices drawn from this pass's popularity (a multinomial, by
+    // conditional binomials), no expert more than once per token (the cap above, and <= tokens).
+    double n = choices, rest = 1.0;
     for (int e = 0; e < E; ++e) {
-      double mean = choices * p[e];
-      double n = mean > 0 ? double(std::poisson_distribution<int64_t>(mean)(rng)) : 0.0;
-      out[size_t(t) * E + e] = std::min(n, double(sp.tokens));
+      double x = 0;
+      if (n > 0 && p[e] > 0) {
+        double q = e == E - 1 ? 1.0 : std::min(1.0, p[e] / std::max(rest, 1e-300));
+        x = double(std::binomial_distribution<int64_t>(int64_t(n), q)(rng));
+      }
+      x = std::min(x, double(sp.tokens));
+      out[size_t(t) * E + e] = x;
+      n -= x, rest -= p[e];
     }
   }
   return out;

@@ -1,8 +1,9 @@
 #pragma once
 // Synthetic routing workloads: per-layer expert popularity (log-normal or Zipf), drift of the
 // popularity over time (a random walk of log-popularity), per-pass burstiness (a log-normal
-// jitter of the popularity for one pass) and sampling noise (Poisson counts of tokens * top-k
-// choices). Deterministic in the seed; each layer has its own stream so layers can be made
+// jitter of the popularity for one pass) and sampling noise: a pass is one decode step of a large
+// EP deployment, `tokens` tokens (the global batch) x top-k choices drawn as a multinomial from
+// the pass's popularity. Deterministic in the seed; each layer has its own stream so layers can be made
 // one at a time.
 #include "ballast/eplb/load.h"
 
@@ -18,11 +19,11 @@ struct SynthSpec {
   std::string name = "custom";
   int layers = 48, experts = 512, topk = 10;
   int passes = 1000;
-  int tokens = 8192;        // tokens per pass (all EP ranks together)
+  int tokens = 16384;       // tokens per pass (the global batch of all EP ranks together)
   Popularity popularity = Popularity::lognormal;
   double skew = 1.0;        // log-normal sigma, or Zipf exponent
-  double drift = 0.3;       // std of the log-popularity change over 1000 passes
-  double burst = 0.2;       // std of the per-pass log-popularity jitter
+  double drift = 0.1;       // std of the log-popularity change over 1000 passes
+  double burst = 0.05;      // std of the per-pass log-popularity jitter
   uint64_t seed = 1;
 };
 

@@ -36,6 +36,16 @@ Checkpoint Checkpoint::open(const fs::path& path) {
           path.string());
     ck.files_.push_back(SafetensorsFile::open(single));
     for (const auto& t : ck.files_[0]->tensors()) ck.where_[t.name] = 0;
+    // The MTP head may ship beside the trunk as its own file (mtp.* tensors only).
+    const fs::path mtp = path / "mtp.safetensors";
+    if (fs::exists(mtp, ec)) {
+      ck.files_.push_back(SafetensorsFile::open(mtp));
+      for (const auto& t : ck.files_[1]->tensors()) {
+        check(t.name.rfind("mtp.", 0) == 0, "{}: tensor '{}' is not an MTP tensor (mtp.*)", mtp.string(), t.name);
+        check(ck.where_.emplace(t.name, 1).second, "{}: tensor '{}' is also in {}", mtp.string(), t.name,
+              single.string());
+      }
+    }
     return ck;
   }
 

@@ -17,7 +17,7 @@ class Checkpoint {
   Checkpoint() = default;
 
   // `path` is a directory (holding model.safetensors.index.json or model.safetensors, the index
-  // preferred) or a single .safetensors file. Validates every file; for an index, also that
+  // preferred; beside a single model.safetensors an optional mtp.safetensors holds the MTP head) or a single .safetensors file. Validates every file; for an index, also that
   // every listed shard exists and holds each tensor the index puts there. Tensors a shard holds
   // but the index does not list are ignored: the index is authoritative.
   static Checkpoint open(const std::filesystem::path& path);

@@ -29,6 +29,10 @@ class Ops {
   virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) = 0;
   // y += x
   virtual void add(Tensor& y, const Tensor& x) = 0;
+  // dst = src (same number of elements)
+  virtual void copy(const Tensor& src, Tensor& dst) = 0;
+  // out[T, A + B] = [a[T, A] | b[T, B]]
+  virtual void concat_cols(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   // out = silu(gate) * up, elementwise; out may alias gate.
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
 

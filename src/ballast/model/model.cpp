@@ -8,17 +8,25 @@
 namespace ballast::model {
 
 Model::Model(ModelConfig cfg, ModelWeights weights, kernels::Ops& ops, moe::MoeRunner& trunk_moe)
-    : cfg_(std::move(cfg)), w_(std::move(weights)), ops_(ops), trunk_moe_(&trunk_moe) {
+    : cfg_(std::move(cfg)), w_(std::move(weights)), ops_(ops), trunk_moe_(&trunk_moe), mtp_moe_(&trunk_moe) {
   int m = 0;
   for (auto f : cfg_.ffn_types) moe_index_.push_back(f == FfnType::Moe ? m++ : -1);
 }
 
-SequenceState Model::new_sequence(int64_t capacity) const {
+SequenceState Model::new_sequence(int64_t capacity) const { return new_state(cfg_.layer_types, capacity); }
+
+SequenceState Model::new_mtp_sequence(int64_t capacity) const {
+  check(has_mtp(), "the model has no MTP head (no mtp.* tensors)");
+  const std::vector<LayerType> types(w_.mtp->layers.size(), LayerType::FullAttention);
+  return new_state(types, capacity);
+}
+
+SequenceState Model::new_state(std::span<const LayerType> types, int64_t capacity) const {
   SequenceState s;
   s.capacity = capacity;
   const int64_t kd = int64_t(cfg_.linear_num_key_heads) * cfg_.linear_key_head_dim;
   const int64_t conv_dim = 2 * kd + int64_t(cfg_.linear_num_value_heads) * cfg_.linear_value_head_dim;
-  for (auto type : cfg_.layer_types) {
+  for (auto type : types) {
     LayerState ls;
     if (type == LayerType::FullAttention) {
       ls.k = ops_.alloc({capacity, cfg_.num_kv_heads, cfg_.head_dim});
@@ -35,6 +43,8 @@ SequenceState Model::new_sequence(int64_t capacity) const {
 ForwardResult Model::forward(std::span<const SeqChunk> chunks) {
   const int64_t H = cfg_.hidden_size;
   std::vector<int32_t> ids, positions;
+  std::vector<int64_t> lengths;
+  std::vector<bool> all;
   for (const auto& c : chunks) {
     check(c.state && !c.tokens.empty(), "forward: empty chunk");
     check(c.state->length + int64_t(c.tokens.size()) <= c.state->capacity,
@@ -44,30 +54,89 @@ ForwardResult Model::forward(std::span<const SeqChunk> chunks) {
       ids.push_back(c.tokens[i]);
       positions.push_back(int32_t(c.state->length + int64_t(i)));
     }
+    lengths.push_back(int64_t(c.tokens.size()));
+    all.push_back(c.all_logits);
   }
-  const int64_t T = int64_t(ids.size());
-  Tensor x = ops_.alloc({T, H});
+  Tensor x = ops_.alloc({int64_t(ids.size()), H});
   ops_.embedding(ids, w_.embed, x);
   for (int l = 0; l < cfg_.num_layers; ++l) decoder_layer(w_.layers[l], l, moe_index_[l], *trunk_moe_, chunks, positions, x);
+  for (const auto& c : chunks) {
+    c.state->length += int64_t(c.tokens.size());
+    c.state->kept = c.keep_states ? int64_t(c.tokens.size()) : 0;
+  }
+  return project(x, lengths, all, w_.final_norm);
+}
 
-  // Rows that need logits: all of a chunk's, or its last.
+ForwardResult Model::mtp_forward(std::span<const MtpChunk> chunks) {
+  check(has_mtp(), "the model has no MTP head (no mtp.* tensors)");
+  const MtpWeights& m = *w_.mtp;
+  const int64_t H = cfg_.hidden_size;
+  std::vector<int32_t> ids, positions;
+  std::vector<int64_t> lengths;
+  std::vector<bool> all;
+  std::vector<SeqChunk> seq;  // the same chunks as the decoder layer sees them
+  for (const auto& c : chunks) {
+    const int64_t n = int64_t(c.tokens.size());
+    check(c.state && n > 0 && c.hidden.dim(0) == n && c.hidden.dim(1) == H, "mtp_forward: chunk of {} tokens, hidden {}",
+          n, c.hidden.shape_str());
+    check(c.state->length + n <= c.state->capacity, "MTP cache of {} entries exceeded", c.state->capacity);
+    for (int64_t i = 0; i < n; ++i) {
+      ids.push_back(c.tokens[size_t(i)]);
+      positions.push_back(int32_t(c.position + i));
+    }
+    lengths.push_back(n);
+    all.push_back(c.all_logits);
+    seq.push_back({c.state, c.tokens, c.all_logits});
+  }
+  const int64_t T = int64_t(ids.size());
+  Tensor emb = ops_.alloc({T, H}), hid = ops_.alloc({T, H});
+  ops_.embedding(ids, w_.embed, emb);
+  ops_.rms_norm(emb, m.norm_embedding, cfg_.rms_norm_eps, emb);
+  int64_t row = 0;
+  for (const auto& c : chunks) {
+    Tensor dst = hid.rows(row, row + c.hidden.dim(0));
+    ops_.copy(c.hidden, dst);
+    row += c.hidden.dim(0);
+  }
+  ops_.rms_norm(hid, m.norm_hidden, cfg_.rms_norm_eps, hid);
+  Tensor cat = ops_.alloc({T, 2 * H});
+  ops_.concat_cols(emb, hid, cat);  // embedding first
+  Tensor u = ops_.alloc({T, H});
+  ops_.matmul(cat, m.fc, u);
+  // Released checkpoints have one MTP layer; deeper heads would chain their layers per step.
+  decoder_layer(m.layers[0], 0, 0, *mtp_moe_, seq, positions, u);
+  for (const auto& c : chunks) c.state->length += int64_t(c.tokens.size());
+  return project(u, lengths, all, m.norm);
+}
+
+ForwardResult Model::project(const Tensor& x, std::span<const int64_t> lengths, const std::vector<bool>& all_logits,
+                             const Tensor& norm) {
   ForwardResult r;
   std::vector<int32_t> rows;
   int64_t offset = 0;
-  for (const auto& c : chunks) {
+  for (size_t i = 0; i < lengths.size(); ++i) {
     r.first_row.push_back(int64_t(rows.size()));
-    const int64_t n = int64_t(c.tokens.size());
-    for (int64_t i = c.all_logits ? 0 : n - 1; i < n; ++i) rows.push_back(int32_t(offset + i));
-    offset += n;
-    c.state->length += n;
+    for (int64_t t = all_logits[i] ? 0 : lengths[i] - 1; t < lengths[i]; ++t) rows.push_back(int32_t(offset + t));
+    offset += lengths[i];
   }
   const int64_t R = int64_t(rows.size());
-  r.hidden = ops_.alloc({R, H});
+  r.hidden = ops_.alloc({R, cfg_.hidden_size});
   ops_.gather_rows(x, rows, r.hidden);
-  ops_.rms_norm(r.hidden, w_.final_norm, cfg_.rms_norm_eps, r.hidden);
+  ops_.rms_norm(r.hidden, norm, cfg_.rms_norm_eps, r.hidden);
   r.logits = ops_.alloc({R, cfg_.vocab_size});
   ops_.matmul(r.hidden, w_.lm_head, r.logits);
   return r;
+}
+
+void Model::roll_back(SequenceState& state, int64_t accepted) const {
+  check(accepted >= 1 && accepted <= state.kept, "roll_back: {} tokens accepted of a chunk of {}", accepted, state.kept);
+  state.length -= state.kept - accepted;
+  for (auto& ls : state.layers)
+    if (!ls.conv_after.empty()) {
+      ops_.copy(ls.conv_after[size_t(accepted - 1)], ls.conv);
+      ops_.copy(ls.ssm_after[size_t(accepted - 1)], ls.ssm);
+    }
+  state.kept = 0;
 }
 
 void Model::decoder_layer(const LayerWeights& lw, int layer_state, int moe_layer, moe::MoeRunner& runner,
@@ -138,10 +207,26 @@ void Model::deltanet(const DeltaNetWeights& w, int layer_state, std::span<const 
   for (const auto& c : chunks) {
     const int64_t n = int64_t(c.tokens.size());
     LayerState& st = c.state->layers[layer_state];
-    Tensor co = conv_out.rows(row, row + n), oc = o.rows(row, row + n);
-    ops_.causal_conv1d_silu(qkv.rows(row, row + n), w.conv, st.conv, co);
-    // Prefill takes the chunked (WY) form, decode the recurrence; they compute the same function.
-    ops_.gated_delta_rule(co, g.rows(row, row + n), beta.rows(row, row + n), d, st.ssm, oc, n > 1);
+    if (c.keep_states) {
+      // Verification of drafted tokens: one step at a time, keeping the states after each token.
+      st.conv_after.resize(size_t(n));
+      st.ssm_after.resize(size_t(n));
+      for (int64_t i = row; i < row + n; ++i) {
+        Tensor co = conv_out.rows(i, i + 1), oc = o.rows(i, i + 1);
+        ops_.causal_conv1d_silu(qkv.rows(i, i + 1), w.conv, st.conv, co);
+        ops_.gated_delta_rule(co, g.rows(i, i + 1), beta.rows(i, i + 1), d, st.ssm, oc, false);
+        auto& ca = st.conv_after[size_t(i - row)];
+        auto& sa = st.ssm_after[size_t(i - row)];
+        if (!ca.defined()) ca = ops_.alloc(st.conv.shape()), sa = ops_.alloc(st.ssm.shape());
+        ops_.copy(st.conv, ca);
+        ops_.copy(st.ssm, sa);
+      }
+    } else {
+      Tensor co = conv_out.rows(row, row + n), oc = o.rows(row, row + n);
+      ops_.causal_conv1d_silu(qkv.rows(row, row + n), w.conv, st.conv, co);
+      // Prefill takes the chunked (WY) form, decode the recurrence; they compute the same function.
+      ops_.gated_delta_rule(co, g.rows(row, row + n), beta.rows(row, row + n), d, st.ssm, oc, n > 1);
+    }
     row += n;
   }
   Tensor on = o.reshape({T * d.Hv, d.dv});

@@ -7,13 +7,12 @@
 
 namespace ballast::runtime {
 
-DistributedResult generate_distributed(Engine& engine, dist::Communicator& comm,
-                                       const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
-                                       std::span<const int32_t> stop_ids) {
+DistributedResult generate_distributed(dist::Communicator& comm, const std::vector<std::vector<int32_t>>& prompts,
+                                       const RankGenerate& generate) {
   const size_t G = size_t(comm.size()), me = size_t(comm.rank());
   std::vector<std::vector<int32_t>> mine;
   for (size_t i = me; i < prompts.size(); i += G) mine.push_back(prompts[i]);
-  GenerationResult res = engine.generate_greedy(mine, max_new_tokens, stop_ids);
+  GenerationResult res = generate(mine);
 
   // Gather: each rank sends [count, len_0, ids_0..., len_1, ...] of its outputs.
   std::vector<int32_t> flat{int32_t(res.outputs.size())};

@@ -2,6 +2,7 @@
 // Generation over expert-parallel ranks: prompts are dealt round-robin to ranks (attention
 // data-parallel), every rank decodes its own in lockstep with the others, and the outputs are
 // gathered so that every rank ends with all of them in the original order.
+#include <functional>
 #include <vector>
 
 #include "ballast/dist/communicator.h"
@@ -14,8 +15,10 @@ struct DistributedResult {
   GenerationStats stats;                      // summed over ranks (seconds: the slowest rank's)
 };
 
-DistributedResult generate_distributed(Engine& engine, dist::Communicator& comm,
-                                       const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
-                                       std::span<const int32_t> stop_ids = {});
+// How a rank generates for its share of prompts (Engine::generate_greedy, or speculative).
+using RankGenerate = std::function<GenerationResult(const std::vector<std::vector<int32_t>>& mine)>;
+
+DistributedResult generate_distributed(dist::Communicator& comm, const std::vector<std::vector<int32_t>>& prompts,
+                                       const RankGenerate& generate);
 
 }  // namespace ballast::runtime

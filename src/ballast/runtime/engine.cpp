@@ -52,33 +52,70 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, con
   return e;
 }
 
+Engine::Domain Engine::make_domain(const std::string& name, std::span<const model::MoeWeights* const> layers,
+                                   eplb::Placement initial, const moe::DomainOptions& opts, const Logger& log) {
+  Domain d;
+  d.domain = std::make_unique<moe::ExpertDomain>(name, std::move(initial), opts);
+  const int K = d.domain->placement.slots_per_rank(), me = comm_->rank();
+  const auto& e0 = layers[0]->experts[0];
+  d.slots = std::make_unique<moe::SlotStore>(int(layers.size()), K, e0.intermediate(),
+                                             int64_t(config().hidden_size), e0.gate.dtype());
+  for (int l = 0; l < int(layers.size()); ++l)
+    for (int s = 0; s < K; ++s)
+      d.slots->fill(l, s, layers[size_t(l)]->experts[size_t(d.domain->placement.layer(l)[me * K + s])]);
+  d.runner = std::make_unique<moe::ExpertParallelRunner>(*d.domain, *d.slots, *comm_);
+  d.rebalancer = std::make_unique<moe::Rebalancer>(*d.domain, *d.slots, *comm_, log);
+  return d;
+}
+
 void Engine::setup_expert_parallel(const EngineOptions& opts) {
   const auto& cfg = model_->config();
   const auto& w = model_->weights();
-  std::vector<const model::MoeWeights*> moe_layers;
+  const int G = comm_->size(), E = cfg.num_experts;
+  auto slots_for = [&](const moe::DomainOptions& o, const char* what) {
+    const int P = E + o.redundant;
+    check(o.redundant >= 0 && P % G == 0, "{}: {} experts + {} redundant slots are not divisible by {} ranks", what,
+          E, o.redundant, G);
+    return P;
+  };
+  std::vector<const model::MoeWeights*> trunk_layers;
   for (const auto& l : w.layers)
-    if (l.ffn == model::FfnType::Moe) moe_layers.push_back(&l.moe);
-  if (moe_layers.empty()) return;  // a dense model has nothing to place
-  const int G = comm_->size(), E = cfg.num_experts, P = E + opts.ep.trunk.redundant, L = int(moe_layers.size());
-  check(opts.ep.trunk.redundant >= 0 && P % G == 0,
-        "--ep-num-redundant-experts {}: {} experts + {} redundant slots are not divisible by {} ranks",
-        opts.ep.trunk.redundant, E, opts.ep.trunk.redundant, G);
-  trunk_domain_ = std::make_unique<moe::ExpertDomain>(
-      "trunk", initial_placement(opts.ep.init_expert_location, L, E, P, G, opts.ep.trunk), opts.ep.trunk);
-  const int K = P / G, me = comm_->rank();
-  const auto& e0 = moe_layers[0]->experts[0];
-  trunk_slots_ = std::make_unique<moe::SlotStore>(L, K, e0.intermediate(), int64_t(cfg.hidden_size), e0.gate.dtype());
-  for (int l = 0; l < L; ++l)
-    for (int s = 0; s < K; ++s)
-      trunk_slots_->fill(l, s, moe_layers[size_t(l)]->experts[size_t(trunk_domain_->placement.layer(l)[me * K + s])]);
-  trunk_ep_ = std::make_unique<moe::ExpertParallelRunner>(*trunk_domain_, *trunk_slots_, *comm_);
-  trunk_rebalancer_ = std::make_unique<moe::Rebalancer>(*trunk_domain_, *trunk_slots_, *comm_, opts.log);
-  model_->set_trunk_moe(*trunk_ep_);
+    if (l.ffn == model::FfnType::Moe) trunk_layers.push_back(&l.moe);
+  if (!trunk_layers.empty()) {
+    const int P = slots_for(opts.ep.trunk, "--ep-num-redundant-experts");
+    const int L = int(trunk_layers.size());
+    trunk_ = make_domain("trunk", trunk_layers,
+                         initial_placement(opts.ep.init_expert_location, L, E, P, G, opts.ep.trunk), opts.ep.trunk,
+                         opts.log);
+    model_->set_trunk_moe(*trunk_.runner);
+  }
+  mtp_experts_ = opts.ep.mtp_experts;
+  if (w.mtp && w.mtp->layers[0].ffn == model::FfnType::Moe) {
+    std::vector<const model::MoeWeights*> mtp_layers{&w.mtp->layers[0].moe};
+    moe::DomainOptions o = opts.ep.mtp;
+    if (mtp_experts_ == MtpExperts::sglang) {
+      // SGLang after its fix: the draft layer has no dispatch table (slot = logical expert) and
+      // is never rebalanced.
+      o.redundant = 0;
+      o.rebalance.enabled = false;
+    }
+    const int P = slots_for(o, "MTP expert slots");
+    mtp_ = make_domain("mtp", mtp_layers, eplb::Placement::trivial(1, E, P, G), o, opts.log);
+    model_->set_mtp_moe(*mtp_.runner);
+  }
 }
 
 model::ForwardResult Engine::forward(std::span<const model::SeqChunk> chunks) {
   model::ForwardResult r = model_->forward(chunks);
-  if (trunk_rebalancer_) trunk_rebalancer_->after_pass();
+  if (trunk_.rebalancer) trunk_.rebalancer->after_pass();
+  return r;
+}
+
+model::ForwardResult Engine::mtp_forward(std::span<const model::MtpChunk> chunks) {
+  std::optional<eplb::Recorder::PauseGuard> paused;
+  if (mtp_experts_ == MtpExperts::sglang && mtp_.domain) paused.emplace(mtp_.domain->recorder.pause());
+  model::ForwardResult r = model_->mtp_forward(chunks);
+  if (mtp_.rebalancer) mtp_.rebalancer->after_pass();
   return r;
 }
 
@@ -133,8 +170,7 @@ GenerationResult Engine::generate_greedy(const std::vector<std::vector<int32_t>>
         live.push_back(i);
       }
     // Under EP a rank with nothing left still takes part in the passes of the others.
-    const bool any = comm_ ? comm_->all_reduce_or(!live.empty()) : !live.empty();
-    if (!any) break;
+    if (!any_rank(!live.empty())) break;
     take(forward(chunks), live);
     ++res.stats.passes;
     res.stats.decode_tokens += int64_t(live.size());

@@ -22,8 +22,16 @@
 
 namespace ballast::runtime {
 
+// How the MTP head's MoE layer is placed under expert parallelism.
+enum class MtpExperts {
+  own_domain,  // an expert domain of its own: placement, recorder, rebalancing (ballast's design)
+  sglang,      // as SGLang after its fix: identity placement (slot = expert), recording paused
+};
+
 struct ExpertParallelOptions {
   moe::DomainOptions trunk;      // placement, dispatch, recorder and rebalancing of the trunk
+  moe::DomainOptions mtp;        // the same for the MTP head's MoE layer (own_domain)
+  MtpExperts mtp_experts = MtpExperts::own_domain;
   std::string init_expert_location = "trivial";  // or a JSON file: physical_to_logical_map / logical_count
 };
 
@@ -54,12 +62,22 @@ class Engine {
   const model::ModelConfig& config() const { return model_->config(); }
   kernels::Ops& ops() { return ops_; }
   int rank() const { return comm_ ? comm_->rank() : 0; }
+  // Whether `mine` holds on any rank (the ranks' agreement to take another pass together).
+  bool any_rank(bool mine) { return comm_ ? comm_->all_reduce_or(mine) : mine; }
   int ranks() const { return comm_ ? comm_->size() : 1; }
 
-  // Expert parallelism (null on one rank without EP).
-  moe::ExpertDomain* trunk_domain() { return trunk_domain_.get(); }
-  moe::Rebalancer* trunk_rebalancer() { return trunk_rebalancer_.get(); }
-  moe::SlotStore* trunk_slots() { return trunk_slots_.get(); }
+  // Expert parallelism (null on one rank without EP, and for the MTP head without one).
+  struct Domain {
+    std::unique_ptr<moe::ExpertDomain> domain;
+    std::unique_ptr<moe::SlotStore> slots;
+    std::unique_ptr<moe::ExpertParallelRunner> runner;
+    std::unique_ptr<moe::Rebalancer> rebalancer;
+  };
+  moe::ExpertDomain* trunk_domain() { return trunk_.domain.get(); }
+  moe::Rebalancer* trunk_rebalancer() { return trunk_.rebalancer.get(); }
+  moe::SlotStore* trunk_slots() { return trunk_.slots.get(); }
+  Domain& trunk() { return trunk_; }
+  Domain& mtp() { return mtp_; }
 
   // Greedy decoding of all prompts as one batch: one prefill pass, then one decode pass per step.
   // A sequence stops after max_new_tokens or after emitting any id in stop_ids. Under EP all
@@ -71,22 +89,26 @@ class Engine {
   // the expert domains' end-of-pass work.
   model::ForwardResult forward(std::span<const model::SeqChunk> chunks);
 
+  // One MTP pass, followed by the MTP domain's end-of-pass work.
+  model::ForwardResult mtp_forward(std::span<const model::MtpChunk> chunks);
+
   // Logits [T, V] of one prefill pass over `ids`.
   std::vector<float> prefill_logits(std::span<const int32_t> ids);
 
  private:
   Engine(int threads, io::Checkpoint ckpt, dist::Communicator* comm);
   void setup_expert_parallel(const EngineOptions& opts);
+  // Places `layers` (one domain's MoE layers) over the ranks and builds its runner and schedule.
+  Domain make_domain(const std::string& name, std::span<const model::MoeWeights* const> layers,
+                     eplb::Placement initial, const moe::DomainOptions& opts, const Logger& log);
 
   ThreadPool pool_;
   kernels::CpuOps ops_;
   io::Checkpoint ckpt_;
   dist::Communicator* comm_;
   moe::LocalMoeRunner local_moe_;
-  std::unique_ptr<moe::ExpertDomain> trunk_domain_;
-  std::unique_ptr<moe::SlotStore> trunk_slots_;
-  std::unique_ptr<moe::ExpertParallelRunner> trunk_ep_;
-  std::unique_ptr<moe::Rebalancer> trunk_rebalancer_;
+  Domain trunk_, mtp_;
+  MtpExperts mtp_experts_ = MtpExperts::own_domain;
   std::unique_ptr<model::Model> model_;
 };
 

@@ -79,6 +79,22 @@ void CpuOps::add(Tensor& y, const Tensor& x) {
   for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] += xp[i];
 }
 
+void CpuOps::copy(const Tensor& src, Tensor& dst) {
+  check(src.numel() == dst.numel() && src.dtype() == dst.dtype(), "copy: src{} dst{}", src.shape_str(),
+        dst.shape_str());
+  std::memcpy(dst.raw(), src.raw(), src.nbytes());
+}
+
+void CpuOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
+  const int64_t T = a.dim(0), A = a.dim(1), B = b.dim(1);
+  check(b.dim(0) == T && out.dim(0) == T && out.dim(1) == A + B, "concat_cols: a{} b{} out{}", a.shape_str(),
+        b.shape_str(), out.shape_str());
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(out.f32() + t * (A + B), a.f32() + t * A, size_t(A) * 4);
+    std::memcpy(out.f32() + t * (A + B) + A, b.f32() + t * B, size_t(B) * 4);
+  }
+}
+
 void CpuOps::silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) {
   check(gate.numel() == up.numel() && out.numel() == gate.numel(), "silu_mul: gate{} up{} out{}",
         gate.shape_str(), up.shape_str(), out.shape_str());

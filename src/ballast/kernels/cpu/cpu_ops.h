@@ -15,6 +15,8 @@ class CpuOps final : public Ops {
   void matmul(const Tensor& x, const Tensor& w, Tensor& y) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override;
   void add(Tensor& y, const Tensor& x) override;
+  void copy(const Tensor& src, Tensor& dst) override;
+  void concat_cols(const Tensor& a, const Tensor& b, Tensor& out) override;
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override;
   void split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) override;
   void rope(Tensor& x, std::span<const int32_t> positions, int rot, double theta) override;
