@@ -428,7 +428,8 @@ bool connect_replicas(const Problem& pr, Packing& pk) {
   for (int g = 0; g < G; ++g)
     for (int k = 0; k < K; ++k)
       if (pk.cnt[pk.slot[g * K + k]] > 1) where[pk.slot[g * K + k]].push_back(g);
-  for (int round = 0; n > 1 && round < 4 * G; ++round) {
+  int budget = std::max(8, G / 4);  // trial swaps (each a component count) per layer: bounds the time
+  for (int round = 0; n > 1 && round < 4 * G && budget > 0; ++round) {
     cand.clear();
     const double amax = *std::max_element(pk.A.begin(), pk.A.end());
     // Components by size (ascending, lower id on ties): the first that can be joined to another
@@ -438,11 +439,18 @@ bool connect_replicas(const Problem& pr, Packing& pk) {
     std::vector<int> order(n);
     std::iota(order.begin(), order.end(), 0);
     std::stable_sort(order.begin(), order.end(), [&](int u, int v) { return size[u] < size[v]; });
+    // Replicated slots per rank: a rank that keeps another replicated expert after giving x away
+    // most likely stays joined to its component (the swap then joins two components).
+    std::vector<int> deg(G, 0);
+    for (int g = 0; g < G; ++g)
+      for (int k = 0; k < K; ++k) deg[g] += pk.cnt[pk.slot[g * K + k]] > 1;
     bool merged = false;
     // Partners of nearest load first; all replicated experts when that joins nothing.
-    for (int width : {8, int(rep.size())})
+    if (order.size() > 3) order.resize(3);  // the three smallest components
+    for (int width : {8})
     for (int small : order) {
       if (merged) break;
+      if (width > 8 && size[small] > 8) continue;
       cand.clear();
       for (int b = 0; b < G; ++b) {
         if (comp[b] != small) continue;
@@ -460,7 +468,7 @@ bool connect_replicas(const Problem& pr, Packing& pk) {
               while (pk.slot[a * K + i] != x) ++i;
               double na = pk.A[a] - ax + ay, nb = pk.A[b] - ay + ax;
               double cost = std::max(0.0, std::max(na, nb) - amax);
-              cand.push_back({cost + 1e-6 * std::abs(ax - ay), a, i, b, j});
+              cand.push_back({(deg[a] > 1 ? 0.0 : 1.0) + cost / (amax + 1e-300) + 1e-6 * std::abs(ax - ay) / (amax + 1e-300), a, i, b, j});
             }
           }
         }
@@ -469,10 +477,10 @@ bool connect_replicas(const Problem& pr, Packing& pk) {
       auto less = [](const Cand& u, const Cand& v) {
         return u.cost != v.cost ? u.cost < v.cost : std::tie(u.a, u.i, u.b, u.j) < std::tie(v.a, v.i, v.b, v.j);
       };
-      const size_t top = std::min<size_t>(cand.size(), width > 8 ? 512 : 32);
+      const size_t top = std::min<size_t>(cand.size(), width > 8 ? 24 : 6);
       std::partial_sort(cand.begin(), cand.begin() + top, cand.end(), less);
       thread_local std::vector<int> nc;
-      for (size_t c = 0; c < top && !merged; ++c) {
+      for (size_t c = 0; c < top && !merged && budget > 0; ++c, --budget) {
         swap_slots(pr, pk, cand[c].a, cand[c].i, cand[c].b, cand[c].j);
         int m = replica_components(pr, pk, nc);
         if (m < n) {
