@@ -7,7 +7,10 @@
 using namespace ballast;
 
 TEST(DType, Bf16RoundTripAndRounding) {
-  for (float v : {0.0f, 1.0f, -2.5f, 3.140625f, 1e-20f, 65504.0f}) EXPECT_EQ(bf16_to_f32(f32_to_bf16(v)), v);
+  for (float v : {0.0f, 1.0f, -2.5f, 3.140625f, std::ldexp(1.0f, -100), 65536.0f, -std::ldexp(1.5f, 100)})
+    EXPECT_EQ(bf16_to_f32(f32_to_bf16(v)), v) << v;
+  // Rounds to nearest: 65504 (not a bf16 value) lies nearer 65536 than 65280.
+  EXPECT_EQ(bf16_to_f32(f32_to_bf16(65504.0f)), 65536.0f);
   // 1 + 2^-8 lies exactly between two bf16 values: ties go to even (1.0).
   EXPECT_EQ(bf16_to_f32(f32_to_bf16(1.0f + std::ldexp(1.0f, -8))), 1.0f);
   EXPECT_TRUE(std::isnan(bf16_to_f32(f32_to_bf16(NAN))));

@@ -129,7 +129,8 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
     auto cfg = model::load_model_config(kFixtures / fixture);
     int R = G;
     while ((cfg.num_experts + R) % G) ++R;
-    for (auto* d : {&opts.ep.trunk, &opts.ep.mtp}) {
+    opts.ep.mtp.emplace();
+    for (auto* d : {&opts.ep.trunk, &*opts.ep.mtp}) {
       d->redundant = R;
       d->dispatch = eplb::Dispatch::balanced;
       d->rebalance.enabled = interval > 0;
@@ -179,7 +180,8 @@ IsolationResult isolation_run(bool broken_wiring, int steps) {
   dist::run_ranks(2, [&](dist::Communicator& comm) {
     runtime::EngineOptions opts{.threads = 1, .comm = &comm};
     opts.log.level = LogLevel::Quiet;
-    for (auto* d : {&opts.ep.trunk, &opts.ep.mtp}) {
+    opts.ep.mtp.emplace();
+    for (auto* d : {&opts.ep.trunk, &*opts.ep.mtp}) {
       d->redundant = 2;
       d->recorder_window = 100000;
     }

@@ -92,7 +92,7 @@ void Engine::setup_expert_parallel(const EngineOptions& opts) {
   mtp_experts_ = opts.ep.mtp_experts;
   if (w.mtp && w.mtp->layers[0].ffn == model::FfnType::Moe) {
     std::vector<const model::MoeWeights*> mtp_layers{&w.mtp->layers[0].moe};
-    moe::DomainOptions o = opts.ep.mtp;
+    moe::DomainOptions o = opts.ep.mtp.value_or(opts.ep.trunk);
     if (mtp_experts_ == MtpExperts::sglang) {
       // SGLang after its fix: the draft layer has no dispatch table (slot = logical expert) and
       // is never rebalanced.

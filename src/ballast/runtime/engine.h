@@ -30,7 +30,7 @@ enum class MtpExperts {
 
 struct ExpertParallelOptions {
   moe::DomainOptions trunk;      // placement, dispatch, recorder and rebalancing of the trunk
-  moe::DomainOptions mtp;        // the same for the MTP head's MoE layer (own_domain)
+  std::optional<moe::DomainOptions> mtp;  // the MTP head's MoE layer (own_domain); default: the trunk's
   MtpExperts mtp_experts = MtpExperts::own_domain;
   std::string init_expert_location = "trivial";  // or a JSON file: physical_to_logical_map / logical_count
 };
