@@ -15,6 +15,7 @@
 #include "ballast/core/thread_pool.h"
 #include "ballast/model/param_count.h"
 #include "ballast/model/random_checkpoint.h"
+#include "ballast/runtime/speculative.h"
 
 namespace ballast::cli {
 
@@ -24,6 +25,7 @@ struct BenchArgs {
   std::string model;
   bool synthetic = false;
   int prompt_len = 256, decode_steps = 32, batch = 1, threads = 0, repeats = 3;
+  int speculative_steps = 0;  // > 0: also decode with MTP speculation, in the same run
   bool json = false;
 };
 
@@ -95,9 +97,19 @@ int run_bench(const BenchArgs& a) {
     best_decode = std::max(best_decode, s.decode_tokens / s.decode_seconds);
     best = s;
   }
+  // Speculation, measured in the same run on the same prompts: decode speed ratio and acceptance.
+  double spec_decode = 0;
+  runtime::SpeculativeStats spec;
+  if (a.speculative_steps > 0) {
+    for (int r = 0; r < a.repeats; ++r) {
+      runtime::SpeculativeStats st;
+      auto res = runtime::generate_speculative(*engine, prompts, a.decode_steps + 1, {.num_steps = a.speculative_steps}, &st);
+      const double tps = res.stats.decode_tokens / res.stats.decode_seconds;
+      if (tps > spec_decode) spec_decode = tps, spec = st;
+    }
+  }
   const double copy_bw = measure_copy_bandwidth(a.threads);
-  const auto info = engine->model().weights().layers.empty() ? DType::F32 : engine->model().weights().embed.dtype();
-  const double wbytes = double(dtype_size(info));
+  const double wbytes = double(dtype_size(engine->model().weights().embed.dtype()));
   const int64_t mid_context = a.prompt_len + a.decode_steps / 2;
   // At batch b a step reads the shared weights once; routed experts differ per sequence, so
   // charge bytes per sequence-token as the batch-1 figure (an upper bound on sharing).
@@ -112,6 +124,12 @@ int run_bench(const BenchArgs& a) {
                         {"prefill_tokens_per_s", best_prefill}, {"decode_tokens_per_s", best_decode},
                         {"decode_bytes_per_token", bytes_tok},  {"decode_bandwidth_gb_s", achieved / 1e9},
                         {"copy_bandwidth_gb_s", copy_bw / 1e9}, {"bandwidth_ratio", ratio}};
+    if (a.speculative_steps > 0) {
+      j["speculative_num_steps"] = a.speculative_steps;
+      j["speculative_decode_tokens_per_s"] = spec_decode;
+      j["speculative_speedup"] = spec_decode / best_decode;
+      j["acceptance_length"] = spec.acceptance_length();
+    }
     fmt::print("{}\n", j.dump());
   } else {
     fmt::print("model            {}\n", a.synthetic ? "random mid-size (H=1024, 8 layers, 64 experts, top-8, bf16)" : dir.string());
@@ -121,6 +139,9 @@ int run_bench(const BenchArgs& a) {
                mid_context);
     fmt::print("decode bandwidth {:.2f} GB/s vs copy bandwidth {:.2f} GB/s: ratio {:.2f}\n", achieved / 1e9,
                copy_bw / 1e9, ratio);
+    if (a.speculative_steps > 0)
+      fmt::print("speculative      {:.1f} tokens/s with {} MTP draft steps: {:.2f}x decode, acceptance length {:.2f}\n",
+                 spec_decode, a.speculative_steps, spec_decode / best_decode, spec.acceptance_length());
   }
   return 0;
 }
@@ -137,6 +158,9 @@ void add_bench(CLI::App& app, Runner& run) {
   c->add_option("--batch", a->batch, "Sequences decoded together")->check(CLI::Range(1, 4096));
   c->add_option("--repeats", a->repeats, "Runs; the best is reported")->check(CLI::Range(1, 100));
   c->add_option("--threads", a->threads, "CPU threads (0 = all cores)");
+  c->add_option("--speculative-num-steps", a->speculative_steps,
+                "Also decode with MTP speculation (NEXTN) of this many draft steps, in the same run")
+      ->check(CLI::Range(0, 16));
   c->add_flag("--json", a->json, "Print one JSON object");
   c->callback([a, &run] { run = [a] { return run_bench(*a); }; });
 }
