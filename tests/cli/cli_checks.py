@@ -103,6 +103,23 @@ def check_bad_input_errors(args):
             assert p.stderr.count("\n") == 1, ("one line expected", p.stderr)
 
 
+def check_text_prompt_and_tokenizer(args):
+    # The default model with a text prompt: ids and text agree with the tokenizer's own CLI.
+    j = json.loads(run([args.ballast, "generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "12",
+                        "--json"]).stdout)
+    assert isinstance(j["text"], str) and len(j["output_ids"]) == 12, j
+    tok_dir = os.path.join(ROOT, "models", "default")
+    ids = json.loads(run([args.ballast, "tokenize", "--tokenizer", tok_dir, "--json", "def fibonacci(n):"]).stdout)["ids"]
+    assert ids and all(isinstance(i, int) for i in ids), ids
+    text = run([args.ballast, "detokenize", "--tokenizer", tok_dir, ",".join(map(str, ids))]).stdout
+    assert text.rstrip("\n") == "def fibonacci(n):", repr(text)
+    # Speculation gives the same tokens and reports its acceptance.
+    s = json.loads(run([args.ballast, "generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "12", "--json",
+                        "--speculative-algorithm", "NEXTN", "--speculative-num-steps", "2"]).stdout)
+    assert s["output_ids"] == j["output_ids"], (s["output_ids"], j["output_ids"])
+    assert 1.0 <= s["acceptance_length"] <= 3.0, s
+
+
 def check_inspect(args):
     j = json.loads(run([args.ballast, "inspect", "--model", os.path.join(FIX, "qwen3_5_moe_released"), "--json"]).stdout)
     text = json.dumps(j)

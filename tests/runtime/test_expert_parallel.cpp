@@ -145,6 +145,34 @@ TEST_P(ExpertParallel, FailedTransferKeepsOldPlacementAndCorrectOutputs) {
   EXPECT_TRUE(got.slots_hold_their_experts);
 }
 
+TEST_P(ExpertParallel, PrefillLogitsEqualSingleRank) {
+  auto ref = io::SafetensorsFile::open(kFixtures / GetParam() / "reference.safetensors");
+  const auto prompt = ids(*ref, "prompt_ids");
+  const auto want = runtime::Engine::load(kFixtures / GetParam(), {.threads = 1})->prefill_logits(prompt);
+  auto cfg = model::load_model_config(kFixtures / GetParam());
+  const int G = 4;
+  int R = 0;
+  while ((cfg.num_experts + R) % G) ++R;
+  std::vector<float> got;
+  dist::run_ranks(G, [&](dist::Communicator& comm) {
+    runtime::EngineOptions opts{.threads = 1, .comm = &comm};
+    opts.ep.trunk.redundant = R + G;  // every rank holds replicas
+    opts.ep.trunk.dispatch = eplb::Dispatch::balanced;
+    auto engine = runtime::Engine::load(kFixtures / GetParam(), opts);
+    if (comm.rank() == 0) {
+      got = engine->prefill_logits(prompt);  // rank 0's sequence; the others serve their experts
+    } else {
+      engine->forward({});
+    }
+  });
+  double num = 0, den = 0;
+  for (size_t i = 0; i < want.size(); ++i) {
+    num = std::max(num, double(std::fabs(got[i] - want[i])));
+    den = std::max(den, double(std::fabs(want[i])));
+  }
+  EXPECT_LE(num / den, 1e-5);
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, ExpertParallel, ::testing::ValuesIn(fixtures()),
                          [](const auto& info) { return info.param; });
 
