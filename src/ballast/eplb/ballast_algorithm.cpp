@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
-#include <set>
 #include <tuple>
 
 namespace ballast::eplb {
@@ -78,15 +77,33 @@ Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
   std::vector<double> A(G, 0.0);
   std::vector<uint8_t> has(size_t(G) * E, 0);
   pk.slot.assign(size_t(G) * K, -1);
-  // Ranks with room ordered by (load, rank): the first one without e is the lightest with room
-  // that lacks it, lower rank on ties.
-  std::set<std::pair<double, int>> open;
-  for (int g = 0; g < G; ++g) open.insert({0.0, g});
+  // The lightest rank with room that lacks e (lower rank on ties): a min-heap of (load, rank)
+  // over ranks with room; ranks popped because they hold e go back after the choice.
+  using LR = std::pair<double, int>;
+  std::vector<LR> heap, skipped;
+  heap.reserve(G);
+  for (int g = 0; g < G; ++g) heap.push_back({0.0, g});
+  auto gt = std::greater<LR>();
+  std::make_heap(heap.begin(), heap.end(), gt);
   for (int e : items) {
     int best = -1;
-    for (auto& [a, g] : open)
-      if (!has[size_t(g) * E + e]) { best = g; break; }
+    skipped.clear();
+    while (!heap.empty()) {
+      std::pop_heap(heap.begin(), heap.end(), gt);
+      LR top = heap.back();
+      heap.pop_back();
+      if (!has[size_t(top.second) * E + e]) { best = top.second; break; }
+      skipped.push_back(top);
+    }
+    for (const LR& x : skipped) heap.push_back(x), std::push_heap(heap.begin(), heap.end(), gt);
     if (best < 0) {
+      // (rare) the repair below changes loads: the heap is rebuilt after it.
+      auto rebuild = [&] {
+        heap.clear();
+        for (int g = 0; g < G; ++g)
+          if (fill[g] < K) heap.push_back({A[g], g});
+        std::make_heap(heap.begin(), heap.end(), gt);
+      };
       // Every rank with room already holds e: move an item x from a full rank a (without e)
       // to a rank b with room (without x's expert), and put e where x was.
       int b = -1;
@@ -99,22 +116,22 @@ Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
           int x = pk.slot[a * K + k];
           if (has[size_t(b) * E + x]) continue;
           double lx = pr.agg[x] / cnt[x], le = pr.agg[e] / cnt[e];
-          open.erase({A[b], b});
           pk.slot[b * K + fill[b]++] = x, has[size_t(b) * E + x]++, A[b] += lx;
-          if (fill[b] < K) open.insert({A[b], b});
           has[size_t(a) * E + x]--, A[a] -= lx;
           pk.slot[a * K + k] = e, has[size_t(a) * E + e]++, A[a] += le;
           done = true;
         }
       }
-      if (done) continue;
-      best = b;  // cannot happen while every count is <= G; keep the slot filled regardless
+      if (!done) {  // cannot happen while every count is <= G; keep the slot filled regardless
+        pk.slot[b * K + fill[b]++] = e, has[size_t(b) * E + e]++, A[b] += pr.agg[e] / cnt[e];
+      }
+      rebuild();
+      continue;
     }
-    open.erase({A[best], best});
     pk.slot[best * K + fill[best]++] = e;
     has[size_t(best) * E + e]++;
     A[best] += pr.agg[e] / cnt[e];
-    if (fill[best] < K) open.insert({A[best], best});
+    if (fill[best] < K) heap.push_back({A[best], best}), std::push_heap(heap.begin(), heap.end(), gt);
   }
   recompute(pr, pk);
   return pk;
@@ -130,6 +147,9 @@ void local_search(const Problem& pr, Packing& pk, bool keep_graph = false) {
   std::vector<double> xi(S), xj(S);
   std::vector<int> crit, by_load;
   const int max_iter = 8 * G + 200;
+  // Per-slot aggregate loads (agg / cnt), kept in step with the swaps: no division in the scan.
+  std::vector<double> ia(size_t(G) * K);
+  for (int p = 0; p < G * K; ++p) ia[p] = pr.agg[pk.slot[p]] / pk.cnt[pk.slot[p]];
   for (int iter = 0; iter < max_iter; ++iter) {
     for (int s = 0; s < S; ++s) {
       double v1 = -1, v2 = -1, v3 = -1;
@@ -162,8 +182,8 @@ void local_search(const Problem& pr, Packing& pk, bool keep_graph = false) {
     std::iota(by_load.begin(), by_load.end(), 0);
     // Second pass: all other ranks.
     const int near = std::min(G, 4), far = G;
-    std::partial_sort(by_load.begin(), by_load.begin() + far, by_load.end(),
-                      [&](int x, int y) { return pk.A[x] != pk.A[y] ? pk.A[x] < pk.A[y] : x < y; });
+    std::sort(by_load.begin(), by_load.end(),
+              [&](int x, int y) { return pk.A[x] != pk.A[y] ? pk.A[x] < pk.A[y] : x < y; });
     // With time slices the aggregate's max rank load (the in-sample balance) must not rise: the
     // slices only choose among moves that keep it.
     const double amax = pr.S > 1 ? *std::max_element(pk.A.begin(), pk.A.end()) * (1 + 1e-12) : INFINITY;
@@ -176,7 +196,7 @@ void local_search(const Problem& pr, Packing& pk, bool keep_graph = false) {
       for (int s = 0; s < S; ++s) is_crit |= arg1[s] == a;
       for (int i = 0; i < K; ++i) {
         int ei = pk.slot[a * K + i];
-        double ai = pr.agg[ei] / pk.cnt[ei];
+        double ai = ia[a * K + i];
         bool i_moved = pr.has_current && !pr.cur_has[size_t(a) * E + ei];
         if (!is_crit && !i_moved) continue;
         if (keep_graph && pk.cnt[ei] > 1) continue;
@@ -188,10 +208,12 @@ void local_search(const Problem& pr, Packing& pk, bool keep_graph = false) {
           if (pr.has_current)
             dmove_i = int(!pr.cur_has[size_t(b) * E + ei]) - int(i_moved);
           for (int j = 0; j < K; ++j) {
+            double aj = ia[b * K + j];
+            // Without a current placement every swap must move load off a (checked first: cheap).
+            if (!pr.has_current && (!is_crit || ai <= aj || pk.A[b] + ai - aj >= pk.A[a])) continue;
             int ej = pk.slot[b * K + j];
             if (ej == ei || pk.has[size_t(a) * E + ej]) continue;
             if (keep_graph && pk.cnt[ej] > 1) continue;
-            double aj = pr.agg[ej] / pk.cnt[ej];
             int dmove = dmove_i;
             if (pr.has_current)
               dmove += int(!pr.cur_has[size_t(a) * E + ej]) - int(!pr.cur_has[size_t(b) * E + ej]);
@@ -229,6 +251,7 @@ void local_search(const Problem& pr, Packing& pk, bool keep_graph = false) {
         pk.has[size_t(a) * E + ei]--, pk.has[size_t(bb) * E + ei]++;
         pk.has[size_t(bb) * E + ej]--, pk.has[size_t(a) * E + ej]++;
         pk.slot[a * K + bi] = ej, pk.slot[bb * K + bj] = ei;
+        std::swap(ia[a * K + bi], ia[bb * K + bj]);
         if (pr.has_current) {
           pk.moved += int(!pr.cur_has[size_t(bb) * E + ei]) - int(!pr.cur_has[size_t(a) * E + ei]) +
                       int(!pr.cur_has[size_t(a) * E + ej]) - int(!pr.cur_has[size_t(bb) * E + ej]);
@@ -394,6 +417,37 @@ int replica_components(const Problem& pr, const Packing& pk, std::vector<int>& c
   return n;
 }
 
+// The same components from the ranks holding each replicated expert (`where`, only experts with
+// two or more replicas): O(G + sum of their counts) instead of a scan of all P slots, so that a
+// trial swap is checked exactly and cheaply.
+int components_from_where(int G, const std::vector<int>& replicated, const std::vector<std::vector<int>>& where,
+                          std::vector<int>& comp) {
+  thread_local std::vector<int> parent, id;
+  parent.resize(G);
+  std::iota(parent.begin(), parent.end(), 0);
+  auto find = [&](int x) {
+    while (parent[x] != x) x = parent[x] = parent[parent[x]];
+    return x;
+  };
+  for (int e : replicated) {
+    const auto& w = where[e];
+    int r0 = find(w[0]);
+    for (size_t q = 1; q < w.size(); ++q) {
+      int r = find(w[q]);
+      if (r != r0) parent[r] = r0;
+    }
+  }
+  comp.resize(G);
+  id.assign(G, -1);
+  int n = 0;
+  for (int g = 0; g < G; ++g) {
+    int r = find(g);
+    if (id[r] < 0) id[r] = n++;
+    comp[g] = id[r];
+  }
+  return n;
+}
+
 void swap_slots(const Problem& pr, Packing& pk, int a, int i, int b, int j) {
   const int K = pr.K, E = pr.E, S = pr.S;
   int ei = pk.slot[a * K + i], ej = pk.slot[b * K + j];
@@ -425,10 +479,14 @@ bool connect_replicas(const Problem& pr, Packing& pk) {
     if (pk.cnt[e] > 1) rep.push_back({pr.agg[e] / pk.cnt[e], e});
   std::sort(rep.begin(), rep.end());
   std::vector<std::vector<int>> where(E);  // ranks holding each replicated expert
+  std::vector<int> replicated;
   for (int g = 0; g < G; ++g)
     for (int k = 0; k < K; ++k)
       if (pk.cnt[pk.slot[g * K + k]] > 1) where[pk.slot[g * K + k]].push_back(g);
-  int budget = std::max(8, G / 4);  // trial swaps (each a component count) per layer: bounds the time
+  for (int e = 0; e < E; ++e)
+    if (pk.cnt[e] > 1) replicated.push_back(e);
+  // Trial swaps per layer (each checked exactly in O(G + R)): bounds the time.
+  int budget = std::max(8, G / 4);
   for (int round = 0; n > 1 && round < 4 * G && budget > 0; ++round) {
     cand.clear();
     const double amax = *std::max_element(pk.A.begin(), pk.A.end());
@@ -481,16 +539,18 @@ bool connect_replicas(const Problem& pr, Packing& pk) {
       std::partial_sort(cand.begin(), cand.begin() + top, cand.end(), less);
       thread_local std::vector<int> nc;
       for (size_t c = 0; c < top && !merged && budget > 0; ++c, --budget) {
-        swap_slots(pr, pk, cand[c].a, cand[c].i, cand[c].b, cand[c].j);
-        int m = replica_components(pr, pk, nc);
+        const Cand& d = cand[c];
+        int x = pk.slot[d.a * K + d.i], y = pk.slot[d.b * K + d.j];
+        std::replace(where[x].begin(), where[x].end(), d.a, d.b);
+        if (pk.cnt[y] > 1) std::replace(where[y].begin(), where[y].end(), d.b, d.a);
+        int m = components_from_where(G, replicated, where, nc);
         if (m < n) {
           n = m, std::swap(comp, nc), merged = true;
-          const Cand& d = cand[c];
-          int x = pk.slot[d.b * K + d.j], y = pk.slot[d.a * K + d.i];  // after the swap
-          std::replace(where[x].begin(), where[x].end(), d.a, d.b);
-          if (pk.cnt[y] > 1) std::replace(where[y].begin(), where[y].end(), d.b, d.a);
+          swap_slots(pr, pk, d.a, d.i, d.b, d.j);
+        } else {
+          std::replace(where[x].begin(), where[x].end(), d.b, d.a);
+          if (pk.cnt[y] > 1) std::replace(where[y].begin(), where[y].end(), d.a, d.b);
         }
-        else swap_slots(pr, pk, cand[c].b, cand[c].j, cand[c].a, cand[c].i);
       }
     }
     if (!merged) break;
