@@ -41,9 +41,14 @@ std::vector<int32_t> static_table(std::span<const int32_t> row, int G, int ranks
   const int K = P / G, rpn = ranks_per_node > 0 ? ranks_per_node : G;
   auto rep = replicas_of(row, E);
   std::vector<int32_t> table(size_t(G) * E);
-  std::vector<int32_t> cand;
-  for (int s = 0; s < G; ++s)
-    for (int e = 0; e < E; ++e) {
+  std::vector<int32_t> cand, served(P, 0);
+  for (int e = 0; e < E; ++e) {
+    // Every replica serves its own rank; the other source ranks are shared out fairly (as
+    // SGLang's `_fair_choices`: every candidate replica serves the same number of source ranks,
+    // +-1), deterministically: a source takes the candidate that serves fewest so far (ties:
+    // lower slot). Candidates: the replicas on the source's node, else all replicas.
+    for (int32_t p : rep[e]) served[p] = 1;
+    for (int s = 0; s < G; ++s) {
       int32_t pick = -1;
       for (int32_t p : rep[e])
         if (p / K == s) { pick = p; break; }
@@ -52,10 +57,13 @@ std::vector<int32_t> static_table(std::span<const int32_t> row, int G, int ranks
         for (int32_t p : rep[e])
           if (p / K / rpn == s / rpn) cand.push_back(p);
         const auto& from = cand.empty() ? rep[e] : cand;
-        pick = from[size_t(s) % from.size()];
+        for (int32_t p : from)
+          if (pick < 0 || served[p] < served[pick]) pick = p;
+        served[pick]++;
       }
       table[size_t(s) * E + e] = pick;
     }
+  }
   return table;
 }
 

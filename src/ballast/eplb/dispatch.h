@@ -15,8 +15,10 @@ Dispatch parse_dispatch(const std::string& name);  // "static" | "random" | "bal
 std::string dispatch_name(Dispatch d);
 
 // Static table [G][E] -> slot: a source rank uses a replica on itself if it holds one, else one on
-// its node (ranks_per_node ranks per node; 0 = one node), else one of all replicas, spread by
-// source rank (replica index = source rank mod number of candidates).
+// its node (ranks_per_node ranks per node; 0 = one node), else one of all replicas; the source
+// ranks without a replica are shared out fairly among the candidates (each replica serves its own
+// rank plus an equal number of others, +-1; as SGLang's `_fair_choices`, but deterministic: the
+// candidate serving fewest so far, lower slot on ties).
 std::vector<int32_t> static_table(std::span<const int32_t> row, int ranks, int ranks_per_node, int experts);
 
 // Static dispatch with each expert's tokens coming evenly from all G source ranks (fractional
