@@ -60,7 +60,7 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     if (fail) engine->trunk_rebalancer()->fail_copy = [&, r = comm.rank()](const eplb::Copy& c) { return fail(r, c); };
     std::vector<std::vector<int32_t>> mine;
     for (size_t i = comm.rank(); i < prompts.size(); i += size_t(G)) mine.push_back(prompts[i]);
-    auto res = engine->generate_greedy(mine, max_new);
+    auto res = engine->generate(mine, max_new);
 
     // Every slot must hold exactly the weights of the logical expert its placement names.
     const auto& pl = engine->trunk_domain()->placement;
@@ -92,7 +92,7 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
 std::vector<std::vector<int32_t>> single_rank(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts,
                                               int max_new = 12) {
   auto engine = runtime::Engine::load(kFixtures / fixture, {.threads = 1});
-  return engine->generate_greedy(prompts, max_new).outputs;
+  return engine->generate(prompts, max_new).outputs;
 }
 
 std::vector<std::string> fixtures() {

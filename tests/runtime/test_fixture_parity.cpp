@@ -73,17 +73,17 @@ TEST_P(FixtureParity, PrefillLogitsMatchTransformers) {
 TEST_P(FixtureParity, GreedyContinuationMatchesGenerate) {
   const auto prompt = ids(*ref_, "prompt_ids");
   const auto expect = ids(*ref_, "continuation");
-  auto res = engine_->generate_greedy({prompt}, int(expect.size()));
+  auto res = engine_->generate({prompt}, int(expect.size()));
   EXPECT_EQ(res.outputs[0], expect);
 }
 
 TEST_P(FixtureParity, BatchOfDifferentLengthsEqualsEachAlone) {
   const auto a = ids(*ref_, "prompt_ids"), b = ids(*ref_, "short_prompt_ids");
-  auto both = engine_->generate_greedy({a, b}, 16);
+  auto both = engine_->generate({a, b}, 16);
   EXPECT_EQ(both.outputs[0], ids(*ref_, "continuation"));
   EXPECT_EQ(both.outputs[1], ids(*ref_, "short_continuation"));
-  EXPECT_EQ(both.outputs[0], engine_->generate_greedy({a}, 16).outputs[0]);
-  EXPECT_EQ(both.outputs[1], engine_->generate_greedy({b}, 16).outputs[0]);
+  EXPECT_EQ(both.outputs[0], engine_->generate({a}, 16).outputs[0]);
+  EXPECT_EQ(both.outputs[1], engine_->generate({b}, 16).outputs[0]);
 }
 
 TEST_P(FixtureParity, PrefillThenDecodeEqualsOneLongPrefill) {

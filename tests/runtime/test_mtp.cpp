@@ -103,7 +103,7 @@ TEST_P(Mtp, PrefillAndChainedDraftsMatchReference) {
 TEST_P(Mtp, SpeculativeGreedyEqualsGreedy) {
   auto engine = runtime::Engine::load(kFixtures / GetParam(), {.threads = 2});
   const auto prompts = prompts_of(GetParam());
-  const auto want = engine->generate_greedy(prompts, 20).outputs;
+  const auto want = engine->generate(prompts, 20).outputs;
   for (int steps : {1, 2, 3}) {
     runtime::SpeculativeStats st;
     auto got = runtime::generate_speculative(*engine, prompts, 20, {.num_steps = steps}, &st);
@@ -139,7 +139,7 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
     auto engine = runtime::Engine::load(kFixtures / fixture, opts);
     auto r = runtime::generate_distributed(comm, prompts, [&](const auto& mine) {
       return steps > 0 ? runtime::generate_speculative(*engine, mine, 16, {.num_steps = steps})
-                       : engine->generate_greedy(mine, 16);
+                       : engine->generate(mine, 16);
     });
     std::lock_guard lk(mu);
     if (comm.rank() == 0) {
@@ -154,7 +154,7 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
 TEST_P(Mtp, SpeculativeUnderExpertParallelismWithRebalancesIsLossless) {
   const auto prompts = prompts_of(GetParam());
   auto engine = runtime::Engine::load(kFixtures / GetParam(), {.threads = 2});
-  const auto want = engine->generate_greedy(prompts, 16).outputs;
+  const auto want = engine->generate(prompts, 16).outputs;
   for (int G : {1, 4}) {
     auto got = run_ep_speculative(GetParam(), prompts, G, 2, /*interval=*/2);
     EXPECT_EQ(got.outputs, want) << "G=" << G;

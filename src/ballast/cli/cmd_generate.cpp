@@ -33,6 +33,7 @@ struct GenerateArgs {
   EpArgs ep;
   std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
   int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;
+  runtime::SamplingParams sampling;
 };
 
 // What one run produced, as rank 0 reports it.
@@ -84,9 +85,9 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
   const bool speculate = !a.speculative_algorithm.empty();
   runtime::SpeculativeStats spec_stats;
   auto generate = [&](const std::vector<std::vector<int32_t>>& mine) {
-    if (!speculate) return engine->generate_greedy(mine, a.max_new_tokens, stop);
-    return runtime::generate_speculative(*engine, mine, a.max_new_tokens, {.num_steps = a.speculative_steps},
-                                         &spec_stats, stop);
+    if (!speculate) return engine->generate(mine, a.max_new_tokens, stop, a.sampling);
+    return runtime::generate_speculative(*engine, mine, a.max_new_tokens,
+                                         {.num_steps = a.speculative_steps, .sampling = a.sampling}, &spec_stats, stop);
   };
   if (comm) {
     auto r = runtime::generate_distributed(*comm, prompts, generate);
@@ -205,7 +206,7 @@ int run_logits(const LogitsArgs& a) {
 
 void add_generate(CLI::App& app, Runner& run) {
   auto a = std::make_shared<GenerateArgs>();
-  auto* c = app.add_subcommand("generate", "Greedy decoding of one prompt or a batch of prompts");
+  auto* c = app.add_subcommand("generate", "Generate from one prompt or a batch of prompts (greedy or sampled)");
   c->add_option("--model", a->model, "Model directory (config.json + safetensors); default: the shipped model");
   c->add_option("--prompt", a->prompt, "Prompt text (tokenized with the model's tokenizer.json)");
   c->add_flag("--chat", a->chat, "Wrap --prompt as a user message in the chat format");
@@ -214,6 +215,10 @@ void add_generate(CLI::App& app, Runner& run) {
   c->add_option("--max-new-tokens", a->max_new_tokens, "Tokens to generate per prompt")->check(CLI::Range(1, 1 << 20));
   c->add_option("--threads", a->threads, "CPU threads per rank (0 = all cores, shared among in-process ranks)");
   c->add_flag("--json", a->json, "Print one JSON object");
+  c->add_option("--temperature", a->sampling.temperature, "0 = greedy (default); else sample")->check(CLI::Range(0.0, 100.0));
+  c->add_option("--top-p", a->sampling.top_p, "Nucleus sampling mass")->check(CLI::Range(1e-6, 1.0));
+  c->add_option("--top-k", a->sampling.top_k, "Sample among the k most likely tokens (0 = all)")->check(CLI::Range(0, 1 << 20));
+  c->add_option("--seed", a->sampling.seed, "Sampling seed");
   add_ep_options(c, a->ep);
   c->add_option("--speculative-algorithm", a->speculative_algorithm, "NEXTN: draft with the model's MTP head")
       ->check(CLI::IsMember({"NEXTN", "MTP", "EAGLE"}));

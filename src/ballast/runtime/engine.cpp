@@ -119,8 +119,8 @@ model::ForwardResult Engine::mtp_forward(std::span<const model::MtpChunk> chunks
   return r;
 }
 
-GenerationResult Engine::generate_greedy(const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
-                                         std::span<const int32_t> stop_ids) {
+GenerationResult Engine::generate(const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
+                                  std::span<const int32_t> stop_ids, const SamplingParams& sampling) {
   GenerationResult res;
   const size_t n = prompts.size();
   res.outputs.resize(n);
@@ -135,6 +135,10 @@ GenerationResult Engine::generate_greedy(const std::vector<std::vector<int32_t>>
   std::vector<bool> done(n, false);
   std::vector<int32_t> last(n);
   std::vector<float> logits;
+  // One generator per sequence (seeded by its index) so that a sequence's samples do not depend
+  // on what else is in the batch.
+  std::vector<std::mt19937_64> rng;
+  for (size_t i = 0; i < n; ++i) rng.emplace_back(sampling.seed * 0x9e3779b97f4a7c15ULL + i);
 
   // Takes the greedy token of every sequence that ran in `r` (live[j] is the j-th chunk's sequence).
   auto take = [&](const model::ForwardResult& r, const std::vector<size_t>& live) {
@@ -142,7 +146,8 @@ GenerationResult Engine::generate_greedy(const std::vector<std::vector<int32_t>>
     ops_.to_host(r.logits, logits.data());
     for (size_t j = 0; j < live.size(); ++j) {
       const size_t i = live[j];
-      last[i] = argmax(std::span<const float>(logits).subspan(size_t(r.first_row[j] * V), size_t(V)));
+      const auto row = std::span<const float>(logits).subspan(size_t(r.first_row[j] * V), size_t(V));
+      last[i] = sampling.greedy() ? argmax(row) : sample(distribution(row, sampling), rng[i]);
       res.outputs[i].push_back(last[i]);
       done[i] = is_stop(last[i]) || int(res.outputs[i].size()) >= max_new_tokens;
     }

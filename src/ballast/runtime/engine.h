@@ -19,6 +19,7 @@
 #include "ballast/moe/ep_runner.h"
 #include "ballast/moe/moe_runner.h"
 #include "ballast/moe/rebalancer.h"
+#include "ballast/runtime/sampler.h"
 
 namespace ballast::runtime {
 
@@ -79,11 +80,11 @@ class Engine {
   Domain& trunk() { return trunk_; }
   Domain& mtp() { return mtp_; }
 
-  // Greedy decoding of all prompts as one batch: one prefill pass, then one decode pass per step.
-  // A sequence stops after max_new_tokens or after emitting any id in stop_ids. Under EP all
-  // ranks call this together (any of them may have no prompts).
-  GenerationResult generate_greedy(const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
-                                   std::span<const int32_t> stop_ids = {});
+  // Decoding of all prompts as one batch (greedy, or sampled per `sampling`): one prefill pass,
+  // then one decode pass per step. A sequence stops after max_new_tokens or after emitting any id
+  // in stop_ids. Under EP all ranks call this together (any of them may have no prompts).
+  GenerationResult generate(const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
+                            std::span<const int32_t> stop_ids = {}, const SamplingParams& sampling = {});
 
   // One forward pass over `chunks` (empty on a rank with nothing to run under EP), followed by
   // the expert domains' end-of-pass work.

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 
 #include "ballast/core/error.h"
 #include "ballast/runtime/sampler.h"
@@ -24,6 +25,8 @@ struct Seq {
   Tensor pending_hidden;  // [n, H]
   int64_t pending_pos = 0;  // position of pending_tokens[0]
   std::vector<int32_t> drafts;
+  std::vector<std::vector<float>> draft_probs;  // q of each draft (sampling only)
+  std::mt19937_64 rng;
 };
 
 // Rows [r0, r0 + n) of a host copy of t as an owned tensor.
@@ -52,6 +55,7 @@ GenerationResult generate_speculative(Engine& engine, const std::vector<std::vec
 
   const size_t n = prompts.size();
   std::vector<Seq> seqs(n);
+  for (size_t i = 0; i < n; ++i) seqs[i].rng.seed(opts.sampling.seed * 0x9e3779b97f4a7c15ULL + i);
   GenerationResult res;
   auto is_stop = [&](int32_t id) { return std::find(stop_ids.begin(), stop_ids.end(), id) != stop_ids.end(); };
   // Emits a token; returns false once the sequence is finished.
@@ -62,8 +66,11 @@ GenerationResult generate_speculative(Engine& engine, const std::vector<std::vec
     return !s.done;
   };
   std::vector<float> logits;
-  auto greedy_row = [&](const model::ForwardResult& r, int64_t row) {
-    return argmax(std::span<const float>(logits).subspan(size_t(row * V), size_t(V)));
+  const SamplingParams& sp = opts.sampling;
+  auto row_of = [&](int64_t row) { return std::span<const float>(logits).subspan(size_t(row * V), size_t(V)); };
+  // A token from the trunk's row: argmax, or a draw from its processed distribution.
+  auto choose = [&](Seq& s, int64_t row) {
+    return sp.greedy() ? argmax(row_of(row)) : sample(distribution(row_of(row), sp), s.rng);
   };
 
   // Prefill: every prompt position's hidden state feeds the head's cache.
@@ -84,7 +91,7 @@ GenerationResult generate_speculative(Engine& engine, const std::vector<std::vec
   for (size_t i = 0; i < n; ++i) {
     Seq& s = seqs[i];
     const int64_t T = int64_t(prompts[i].size()), first = r.first_row[i];
-    s.next = greedy_row(r, first + T - 1);
+    s.next = choose(s, first + T - 1);
     s.last_hidden = rows_of(ops, r.hidden, first + T - 1, 1);
     s.pending_tokens.assign(prompts[i].begin() + 1, prompts[i].end());
     s.pending_hidden = rows_of(ops, r.hidden, first, T - 1);
@@ -119,6 +126,7 @@ GenerationResult generate_speculative(Engine& engine, const std::vector<std::vec
       ops.copy(s.last_hidden, tail);
       mchunks.push_back({&s.mtp, toks[j], hid[j], s.pending_pos, false});
       s.drafts.clear();
+      s.draft_probs.clear();
     }
     for (int step = 0; step < S; ++step) {
       model::ForwardResult d = engine.mtp_forward(mchunks);
@@ -127,7 +135,12 @@ GenerationResult generate_speculative(Engine& engine, const std::vector<std::vec
       std::vector<model::MtpChunk> next_chunks;
       for (size_t j = 0; j < live.size(); ++j) {
         Seq& s = seqs[live[j]];
-        s.drafts.push_back(greedy_row(d, d.first_row[j]));
+        if (sp.greedy()) {
+          s.drafts.push_back(argmax(row_of(d.first_row[j])));
+        } else {
+          s.draft_probs.push_back(distribution(row_of(d.first_row[j]), sp));
+          s.drafts.push_back(sample(s.draft_probs.back(), s.rng));
+        }
         hid[j] = rows_of(ops, d.hidden, d.first_row[j], 1);  // after mtp.norm: the chained input
         toks[j] = {s.drafts.back()};
         next_chunks.push_back({&s.mtp, toks[j], hid[j], mchunks[j].position + int64_t(mchunks[j].tokens.size()), false});
@@ -160,14 +173,27 @@ GenerationResult generate_speculative(Engine& engine, const std::vector<std::vec
       Seq& s = seqs[live[j]];
       const int64_t first = r.first_row[j];
       const int64_t pos0 = s.trunk.length - (S + 1);  // position of `next`
+      // Accept drafts left to right; the first rejection is replaced by the correction token.
       int a = 0;
-      while (a < S && s.drafts[size_t(a)] == greedy_row(r, first + a)) ++a;
+      std::optional<int32_t> correction;
+      for (; a < S; ++a) {
+        if (sp.greedy()) {
+          if (s.drafts[size_t(a)] != argmax(row_of(first + a))) break;
+          continue;
+        }
+        const auto acc = accept_or_resample(distribution(row_of(first + a), sp), s.draft_probs[size_t(a)],
+                                            s.drafts[size_t(a)], s.rng);
+        if (!acc.accepted) {
+          correction = acc.token;
+          break;
+        }
+      }
       for (int k = 0; k < S; ++k) {
         ++st.proposed[size_t(k)];
         if (k < a) ++st.accepted[size_t(k)];
       }
       ++st.rounds;
-      const int32_t bonus = greedy_row(r, first + a);
+      const int32_t bonus = correction ? *correction : choose(s, first + a);
       int emitted = 0;
       for (int k = 0; k < a && emit(s, s.drafts[size_t(k)]); ++k) ++emitted;
       if (!s.done) {

@@ -1,10 +1,12 @@
 #pragma once
-// Speculative decoding with the MTP head (NEXTN), greedy: per round the head drafts
-// `num_steps` tokens by chaining (each step feeds its output after mtp.norm and its drafted
-// token to the next), the trunk scores the last accepted token and all drafts in one pass, the
-// longest prefix of drafts equal to the trunk's own greedy choices is accepted plus the trunk's
-// next token, and the trunk's KV cache and DeltaNet states are rolled back to the last accepted
-// token. The output is exactly greedy decoding's.
+// Speculative decoding with the MTP head (NEXTN): per round the head drafts `num_steps` tokens by
+// chaining (each step feeds its output after mtp.norm and its drafted token to the next), the
+// trunk scores the last accepted token and all drafts in one pass, drafts are accepted left to
+// right by speculative sampling (greedy: exactly while they equal the trunk's argmax; sampling:
+// with probability min(1, p/q), a rejected one replaced by a draw from max(0, p - q)), one more
+// token comes from the trunk, and the trunk's KV cache and DeltaNet states are rolled back to the
+// last accepted token. Greedy output is exactly greedy decoding's; sampled output is distributed
+// exactly as sampling from the trunk alone.
 //
 // The head's cache holds one entry per position, always computed from the trunk's true hidden
 // state (as vLLM and SGLang do): a round's chained entries are dropped after verification and
@@ -17,6 +19,7 @@ namespace ballast::runtime {
 
 struct SpeculativeOptions {
   int num_steps = 1;  // --speculative-num-steps (chained drafts per round); topk is 1
+  SamplingParams sampling;  // the same processing (temperature, top-k, top-p) for drafts and target
 };
 
 struct SpeculativeStats {
