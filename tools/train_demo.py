@@ -17,8 +17,8 @@ Model: transformers' Qwen3NextForCausalLM (DeltaNet + gated attention layers, sp
 shared expert) plus the MTP head of tools/mtp_reference.py (mtp.* tensors in the same
 model.safetensors), trained jointly: loss = CE(trunk, next token) + 0.3 * CE(MTP, token after next)
 + aux_coef * (Switch-style load-balancing loss over every router, trunk and MTP); aux_coef is small
-so routing stays skewed as in real MoE models. (models/default was trained with --aux-mode raw-logits:
-see RouterTap.aux_loss and models/default/README.md.)
+so routing stays skewed as in real MoE models. (models/default was trained with the default
+--aux-mode switch; a first version trained with raw-logits, kept only to reproduce it.)
 """
 
 import argparse
@@ -258,9 +258,9 @@ class RouterTap:
         f_e the fraction of top-k slots given to expert e and P_e the mean router probability.
         transformers 5.17's TopKRouter returns the raw router LOGITS as its first output (not
         probabilities), so they are softmaxed here (checked once: rows that already sum to 1 are used as is).
-        mode "raw-logits": the same formula with P_e replaced by the mean raw logit of expert e. This is
-        what models/default was trained with (the first version of this script took the router's
-        first output for probabilities); it is kept only to reproduce that checkpoint."""
+        mode "raw-logits": the same formula with P_e replaced by the mean raw logit of expert e: the
+        bug of this script's first version (it took the router's first output for probabilities),
+        kept only to reproduce that first checkpoint; models/default now uses "switch"."""
         losses = []
         for _, out0, idx in self.records:
             x = out0.float()
@@ -497,8 +497,8 @@ def main():
     ap.add_argument("--mtp-weight", type=float, default=0.3)
     ap.add_argument("--aux-coef", type=float, default=0.001)
     ap.add_argument("--aux-mode", default="switch", choices=["switch", "raw-logits"],
-                    help="load-balancing loss on router probabilities (switch) or, to reproduce models/default, "
-                         "on raw router logits (see RouterTap.aux_loss)")
+                    help="load-balancing loss on router probabilities (switch), or on raw router logits "
+                         "(the first demo checkpoint's bug, see RouterTap.aux_loss)")
     ap.add_argument("--experts-impl", default="auto", help="auto | eager | grouped_mm | batched_mm")
     ap.add_argument("--eval-windows", type=int, default=96)
     ap.add_argument("--accept-prompts", type=int, default=16)
