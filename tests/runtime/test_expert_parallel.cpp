@@ -11,18 +11,14 @@
 #include "ballast/dist/thread_world.h"
 #include "ballast/io/safetensors.h"
 #include "ballast/runtime/engine.h"
+#include "fixtures.h"
 
 namespace fs = std::filesystem;
 using namespace ballast;
 
 namespace {
 
-const fs::path kFixtures = BALLAST_FIXTURES_DIR;
-
-std::vector<int32_t> ids(const io::SafetensorsFile& f, const std::string& name) {
-  const Tensor t = f.get(name);
-  return std::vector<int32_t>(t.data<int32_t>(), t.data<int32_t>() + t.numel());
-}
+using namespace ballast::test;
 
 // The two reference prompts and three more cut from them: five prompts of different lengths.
 std::vector<std::vector<int32_t>> prompts_of(const std::string& fixture) {
@@ -95,14 +91,6 @@ std::vector<std::vector<int32_t>> single_rank(const std::string& fixture, const 
   return engine->generate(prompts, max_new).outputs;
 }
 
-std::vector<std::string> fixtures() {
-  std::vector<std::string> names;
-  for (auto& e : fs::directory_iterator(kFixtures))
-    if (fs::exists(e.path() / "reference.safetensors")) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
 class ExpertParallel : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ExpertParallel, OutputsEqualSingleRankForEveryRankCountAndPolicy) {
@@ -110,11 +98,7 @@ TEST_P(ExpertParallel, OutputsEqualSingleRankForEveryRankCountAndPolicy) {
   const auto want = single_rank(GetParam(), prompts);
   for (int G : {1, 2, 4})
     for (auto policy : {eplb::Dispatch::static_, eplb::Dispatch::random, eplb::Dispatch::balanced}) {
-      const int E = 8;  // fixtures have 6 or 8 experts; pick R so that P % G == 0
-      (void)E;
-      auto cfg = runtime::Engine::load(kFixtures / GetParam(), {.threads = 1})->config();
-      int R = G;
-      while ((cfg.num_experts + R) % G) ++R;
+      const int R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G, G);
       auto got = run_ep(GetParam(), prompts, G, R, policy, /*rebalance_every=*/3);
       EXPECT_EQ(got.outputs, want) << "G=" << G << " dispatch=" << eplb::dispatch_name(policy);
       EXPECT_TRUE(got.slots_hold_their_experts) << "G=" << G;
@@ -129,9 +113,9 @@ TEST_P(ExpertParallel, OutputsEqualSingleRankForEveryRankCountAndPolicy) {
 TEST_P(ExpertParallel, FailedTransferKeepsOldPlacementAndCorrectOutputs) {
   const auto prompts = prompts_of(GetParam());
   const auto want = single_rank(GetParam(), prompts);
-  auto cfg = runtime::Engine::load(kFixtures / GetParam(), {.threads = 1})->config();
+  const auto cfg = model::load_model_config(kFixtures / GetParam());
   const int G = 2;
-  const int R = cfg.num_experts % 2 ? 1 : 2;
+  const int R = redundant_for(cfg.num_experts, G, 1);
   // Every transfer fails (on the receiving side): no layer may switch, anywhere.
   auto got = run_ep(GetParam(), prompts, G, R, eplb::Dispatch::static_, 3, 12,
                     [](int, const eplb::Copy&) { return true; });
@@ -149,10 +133,8 @@ TEST_P(ExpertParallel, PrefillLogitsEqualSingleRank) {
   auto ref = io::SafetensorsFile::open(kFixtures / GetParam() / "reference.safetensors");
   const auto prompt = ids(*ref, "prompt_ids");
   const auto want = runtime::Engine::load(kFixtures / GetParam(), {.threads = 1})->prefill_logits(prompt);
-  auto cfg = model::load_model_config(kFixtures / GetParam());
   const int G = 4;
-  int R = 0;
-  while ((cfg.num_experts + R) % G) ++R;
+  const int R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G);
   std::vector<float> got;
   dist::run_ranks(G, [&](dist::Communicator& comm) {
     runtime::EngineOptions opts{.threads = 1, .comm = &comm};
@@ -165,15 +147,10 @@ TEST_P(ExpertParallel, PrefillLogitsEqualSingleRank) {
       engine->forward({});
     }
   });
-  double num = 0, den = 0;
-  for (size_t i = 0; i < want.size(); ++i) {
-    num = std::max(num, double(std::fabs(got[i] - want[i])));
-    den = std::max(den, double(std::fabs(want[i])));
-  }
-  EXPECT_LE(num / den, 1e-5);
+  EXPECT_LE(rel_max_err(got, want), 1e-5);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, ExpertParallel, ::testing::ValuesIn(fixtures()),
+INSTANTIATE_TEST_SUITE_P(Fixtures, ExpertParallel, ::testing::ValuesIn(fixtures_with("reference.safetensors")),
                          [](const auto& info) { return info.param; });
 
 TEST(ExpertParallelBalance, RebalancingRaisesPerPassBalancedness) {

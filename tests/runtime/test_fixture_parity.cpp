@@ -8,50 +8,19 @@
 
 #include "ballast/io/safetensors.h"
 #include "ballast/runtime/engine.h"
+#include "fixtures.h"
 
 namespace fs = std::filesystem;
 using namespace ballast;
 
 namespace {
 
-std::vector<std::string> fixture_names() {
-  std::vector<std::string> names;
-  for (auto& e : fs::directory_iterator(BALLAST_FIXTURES_DIR))
-    if (fs::exists(e.path() / "reference.safetensors")) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
-}
-
-template <typename T>
-std::vector<T> values(const Tensor& t) {
-  const T* p = t.data<T>();
-  return std::vector<T>(p, p + t.numel());
-}
-
-std::vector<int32_t> ids(const io::SafetensorsFile& f, const std::string& name) {
-  const Tensor t = f.get(name);
-  if (t.dtype() == DType::I64) {
-    std::vector<int32_t> out;
-    for (int64_t v : values<int64_t>(t)) out.push_back(int32_t(v));
-    return out;
-  }
-  return values<int32_t>(t);
-}
-
-// max |a - b| / max |b|
-double rel_max_err(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, double(std::fabs(a[i] - b[i])));
-    den = std::max(den, double(std::fabs(b[i])));
-  }
-  return num / den;
-}
+using namespace ballast::test;
 
 class FixtureParity : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    dir_ = fs::path(BALLAST_FIXTURES_DIR) / GetParam();
+    dir_ = kFixtures / GetParam();
     ref_ = io::SafetensorsFile::open(dir_ / "reference.safetensors");
     engine_ = runtime::Engine::load(dir_, {.threads = 2});
   }
@@ -108,7 +77,7 @@ TEST_P(FixtureParity, PrefillThenDecodeEqualsOneLongPrefill) {
   EXPECT_LE(rel_max_err(got, full), 1e-5);
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureParity, ::testing::ValuesIn(fixture_names()),
+INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureParity, ::testing::ValuesIn(fixtures_with("reference.safetensors")),
                          [](const auto& info) { return info.param; });
 
 }  // namespace
@@ -116,9 +85,8 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureParity, ::testing::ValuesIn(fixture_na
 // The shipped demo model (models/default, bf16) against transformers' logits for a prompt,
 // recorded from the same bf16 checkpoint run in float32.
 TEST(DemoModel, LogitsMatchTransformers) {
-  const fs::path model = fs::path(BALLAST_FIXTURES_DIR).parent_path().parent_path() / "models" / "default";
-  auto ref = io::SafetensorsFile::open(fs::path(BALLAST_FIXTURES_DIR) / "demo_reference.safetensors");
-  auto engine = runtime::Engine::load(model, {.threads = 2});
+  auto ref = io::SafetensorsFile::open(kFixtures / "demo_reference.safetensors");
+  auto engine = runtime::Engine::load(kDemoModel, {.threads = 2});
   const auto got = engine->prefill_logits(ids(*ref, "prompt_ids"));
   // Both sides widen the bf16 weights and compute in fp32, so far tighter than the 1e-2 bf16 bar.
   EXPECT_LE(rel_max_err(got, values<float>(ref->get("logits"))), 1e-4);

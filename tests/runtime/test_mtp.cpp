@@ -13,40 +13,19 @@
 #include "ballast/runtime/engine.h"
 #include "ballast/runtime/sampler.h"
 #include "ballast/runtime/speculative.h"
+#include "fixtures.h"
 
 namespace fs = std::filesystem;
 using namespace ballast;
 
 namespace {
 
-const fs::path kFixtures = BALLAST_FIXTURES_DIR;
-
-template <typename T>
-std::vector<T> values(const Tensor& t) {
-  return std::vector<T>(t.data<T>(), t.data<T>() + t.numel());
-}
-
-double rel_max_err(const std::vector<float>& a, const std::vector<float>& b) {
-  double num = 0, den = 0;
-  for (size_t i = 0; i < a.size(); ++i) {
-    num = std::max(num, double(std::fabs(a[i] - b[i])));
-    den = std::max(den, double(std::fabs(b[i])));
-  }
-  return num / den;
-}
+using namespace ballast::test;
 
 std::vector<float> host(kernels::Ops& ops, const Tensor& t) {
   std::vector<float> v(size_t(t.numel()));
   ops.to_host(t, v.data());
   return v;
-}
-
-std::vector<std::string> mtp_fixtures() {
-  std::vector<std::string> names;
-  for (auto& e : fs::directory_iterator(kFixtures))
-    if (fs::exists(e.path() / "mtp_reference.safetensors")) names.push_back(e.path().filename().string());
-  std::sort(names.begin(), names.end());
-  return names;
 }
 
 std::vector<std::vector<int32_t>> prompts_of(const std::string& fixture) {
@@ -126,9 +105,7 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
   dist::run_ranks(G, [&](dist::Communicator& comm) {
     runtime::EngineOptions opts{.threads = 1, .comm = &comm};
     opts.log.level = LogLevel::Quiet;
-    auto cfg = model::load_model_config(kFixtures / fixture);
-    int R = G;
-    while ((cfg.num_experts + R) % G) ++R;
+    const int R = redundant_for(model::load_model_config(kFixtures / fixture).num_experts, G, G);
     opts.ep.mtp.emplace();
     for (auto* d : {&opts.ep.trunk, &*opts.ep.mtp}) {
       d->redundant = R;
@@ -163,7 +140,7 @@ TEST_P(Mtp, SpeculativeUnderExpertParallelismWithRebalancesIsLossless) {
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Fixtures, Mtp, ::testing::ValuesIn(mtp_fixtures()), [](const auto& info) { return info.param; });
+INSTANTIATE_TEST_SUITE_P(Fixtures, Mtp, ::testing::ValuesIn(fixtures_with("mtp_reference.safetensors")), [](const auto& info) { return info.param; });
 
 // The seed PR's bug, made impossible by design and caught by this test when reintroduced.
 struct IsolationResult {

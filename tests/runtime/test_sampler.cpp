@@ -11,6 +11,7 @@
 #include "ballast/runtime/engine.h"
 #include "ballast/runtime/sampler.h"
 #include "ballast/runtime/speculative.h"
+#include "fixtures.h"
 
 using namespace ballast;
 using namespace ballast::runtime;
@@ -60,9 +61,8 @@ TEST(Sampler, SpeculativeAcceptanceKeepsTheTargetDistribution) {
 // rejected): the joint distribution of the second and third sampled tokens, with and without
 // speculation, over many seeds.
 TEST(Sampler, SpeculativeSamplingMatchesPlainSamplingOnAModel) {
-  const auto fixtures = std::filesystem::path(BALLAST_FIXTURES_DIR);
-  auto engine = Engine::load(fixtures.parent_path().parent_path() / "models" / "default", {.threads = 1});
-  auto ref = io::SafetensorsFile::open(fixtures / "demo_reference.safetensors");
+  auto engine = Engine::load(test::kDemoModel, {.threads = 1});
+  auto ref = io::SafetensorsFile::open(test::kFixtures / "demo_reference.safetensors");
   const Tensor t = ref->get("prompt_ids");
   const std::vector<int32_t> prompt(t.data<int32_t>(), t.data<int32_t>() + 6);
   const int N = 600;  // 4 joint outcomes dominate (top-2 twice): two-sample TV noise is about 0.04
