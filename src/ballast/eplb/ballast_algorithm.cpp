@@ -570,6 +570,152 @@ Problem aggregate_problem(const Problem& pr) {
   return a;
 }
 
+// Static dispatch (dispatch.h, one node): every replica of e serves its own rank and the source
+// ranks without a replica are dealt out round robin over the replicas in rank order, so the
+// replica of position i among c gets (1 + q + (i < r)) / G of e's tokens, q = (G - c) / c,
+// r = (G - c) % c. Not the even split agg / c the packing assumes: with c not dividing G a hot
+// expert's replicas differ by up to 1/G of its load each. StaticLoads keeps the rank loads under
+// that rule and evaluates a swap exactly from the holders of the two experts involved.
+struct StaticLoads {
+  int G;
+  std::vector<double> L;                 // [G] rank loads under static dispatch (aggregate)
+  std::vector<std::vector<int>> where;   // [E] ranks holding e, ascending
+  static double share(int G, int c, int i) {
+    const int m = G - c, q = m / c, r = m % c;
+    return double(1 + q + (i < r)) / G;
+  }
+  void add(const Problem& pr, int e, const std::vector<int>& h, double sign, std::vector<double>& out) const {
+    const int c = int(h.size());
+    for (int i = 0; i < c; ++i) out[h[i]] += sign * pr.agg[e] * share(G, c, i);
+  }
+};
+
+// With holders h of e, rank `from` replaced by rank `to` (kept ascending).
+void move_holder(std::vector<int>& h, int from, int to) {
+  auto it = std::find(h.begin(), h.end(), from);
+  h.erase(it);
+  h.insert(std::lower_bound(h.begin(), h.end(), to), to);
+}
+
+// Swaps that take the most loaded rank under static dispatch below the maximum (first found,
+// partners from the lightest),
+// keeping the even-split maximum within `even_slack` of its value and the number of components of
+// the replica graph. Returns the number of swaps applied.
+int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_iter, int64_t budget) {
+  const int G = pr.G, K = pr.K, E = pr.E;
+  for (int p = 0; p < pr.P; ++p)  // duplicates on a rank (from a current placement): the model does not hold
+    if (pk.has[size_t(p / K) * E + pk.slot[p]] > 1) return 0;
+  StaticLoads st;
+  st.G = G;
+  st.L.assign(G, 0.0);
+  st.where.assign(E, {});
+  for (int g = 0; g < G; ++g)
+    for (int k = 0; k < K; ++k) st.where[pk.slot[g * K + k]].push_back(g);
+  for (int e = 0; e < E; ++e) st.add(pr, e, st.where[e], 1.0, st.L);
+  std::vector<int> replicated;
+  for (int e = 0; e < E; ++e)
+    if (pk.cnt[e] > 1) replicated.push_back(e);
+  std::vector<int> comp;
+  const int n0 = components_from_where(G, replicated, st.where, comp);
+  const double even_cap = *std::max_element(pk.A.begin(), pk.A.end()) * (1 + even_slack);
+  std::vector<int> order(G), touched;
+  std::vector<double> nl(G);
+  std::vector<uint8_t> mark(G, 0);
+  std::vector<int> hx, hy;
+  // Each slot's static load (its expert's share on that rank) and per rank the least and most.
+  std::vector<double> sc(size_t(G) * K), lo(G), hi(G);
+  auto slot_loads = [&](int e) {
+    const auto& h = st.where[e];
+    const int c = int(h.size());
+    for (int q = 0; q < c; ++q) {
+      const int g = h[q];
+      int k = 0;
+      while (pk.slot[g * K + k] != e) ++k;
+      sc[g * K + k] = pr.agg[e] * StaticLoads::share(G, c, q);
+    }
+  };
+  auto rank_range = [&](int g) {
+    lo[g] = *std::min_element(&sc[g * K], &sc[g * K] + K);
+    hi[g] = *std::max_element(&sc[g * K], &sc[g * K] + K);
+  };
+  for (int e = 0; e < E; ++e) slot_loads(e);
+  for (int g = 0; g < G; ++g) rank_range(g);
+  int applied = 0;
+  const int near = std::min(G - 1, 8);
+  for (int iter = 0; iter < max_iter; ++iter) {
+    // a: the most loaded rank; partners: the `near` lightest first, the others only when those
+    // give nothing.
+    std::iota(order.begin(), order.end(), 0);
+    auto lighter = [&](int u, int v) { return st.L[u] != st.L[v] ? st.L[u] < st.L[v] : u < v; };
+    const int a = *std::max_element(order.begin(), order.end(), lighter);
+    std::partial_sort(order.begin(), order.begin() + near, order.end(), lighter);
+    const double lmax = st.L[a], eps = 1e-12 * (lmax + 1.0);
+    int bi = -1, bb = -1, bj = -1;
+    for (int pass = 0; pass < 2 && bi < 0; ++pass)
+    for (int i = 0; i < K; ++i) {
+      const int x = pk.slot[a * K + i];
+      const double ax = pr.agg[x] / pk.cnt[x], cx = sc[a * K + i];
+      for (int bk = pass == 0 ? 0 : near; bk < (pass == 0 ? near : G); ++bk) {
+        const int b = order[bk];
+        if (b == a) continue;
+        // Whole rank b: some slot must carry less than x (lo) and b must stay below (hi).
+        if (lo[b] >= cx || st.L[b] + cx - hi[b] >= lmax - eps) continue;
+        if (pk.has[size_t(b) * E + x]) continue;
+        if ((budget -= K) < 0) goto found;  // bounds the time: the walk ends with what it has
+        for (int j = 0; j < K; ++j) {
+          // Pre-filter on the current shares (exact when neither expert's holder order changes):
+          // a must shed load and b must stay below a's current load.
+          const double cy = sc[b * K + j];
+          if (cy >= cx || st.L[b] + cx - cy >= lmax - eps) continue;
+          const int y = pk.slot[b * K + j];
+          if (pk.has[size_t(a) * E + y]) continue;
+          const double ay = pr.agg[y] / pk.cnt[y];
+          if (std::max(pk.A[a] - ax + ay, pk.A[b] - ay + ax) > even_cap) continue;
+          if (pk.cnt[x] == 1 && pk.cnt[y] == 1) { bi = i, bb = b, bj = j; goto found; }  // exact
+          // New static loads of the ranks holding x or y (before or after the swap): the swap is
+          // taken when all of them end below the maximum (then a leaves the maximum, and the
+          // maximum or the number of ranks at it falls: the walk ends).
+          touched.clear();
+          auto touch = [&](int g) { if (!mark[g]) mark[g] = 1, nl[g] = st.L[g], touched.push_back(g); };
+          for (int g : st.where[x]) touch(g);
+          for (int g : st.where[y]) touch(g);
+          touch(b);
+          hx = st.where[x], hy = st.where[y];
+          st.add(pr, x, hx, -1.0, nl), st.add(pr, y, hy, -1.0, nl);
+          move_holder(hx, a, b), move_holder(hy, b, a);
+          st.add(pr, x, hx, 1.0, nl), st.add(pr, y, hy, 1.0, nl);
+          double mt = 0;
+          for (int g : touched) mt = std::max(mt, nl[g]), mark[g] = 0;
+          if (mt >= lmax - eps) continue;
+          {  // keep the replica graph's components
+            std::swap(st.where[x], hx), std::swap(st.where[y], hy);
+            const int n = components_from_where(G, replicated, st.where, comp);
+            std::swap(st.where[x], hx), std::swap(st.where[y], hy);
+            if (n > n0) continue;
+          }
+          bi = i, bb = b, bj = j;
+          goto found;
+        }
+      }
+    }
+  found:
+    if (bi < 0) break;
+    {
+      const int x = pk.slot[a * K + bi], y = pk.slot[bb * K + bj];
+      st.add(pr, x, st.where[x], -1.0, st.L), st.add(pr, y, st.where[y], -1.0, st.L);
+      move_holder(st.where[x], a, bb), move_holder(st.where[y], bb, a);
+      st.add(pr, x, st.where[x], 1.0, st.L), st.add(pr, y, st.where[y], 1.0, st.L);
+      swap_slots(pr, pk, a, bi, bb, bj);
+      slot_loads(x), slot_loads(y);
+      for (int g : st.where[x]) rank_range(g);
+      for (int g : st.where[y]) rank_range(g);
+      ++applied;
+    }
+  }
+  recompute(pr, pk);
+  return applied;
+}
+
 Packing rescore(const Problem& pr, const Packing& pk) {
   Packing out;
   out.slot = pk.slot;
@@ -654,6 +800,13 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
     double m0 = *std::max_element(best.A.begin(), best.A.end()), m1 = *std::max_element(joined.A.begin(), joined.A.end());
     if (m1 <= m0 * (1 + 1e-4) && joined.score(pr) <= best.score(pr) * (1 + opt.connect_tolerance) + 1e-12)
       best = std::move(joined);
+  }
+  if (opt.static_polish && P > E && G > 1) {
+    // Static dispatch's shares (StaticLoads) on the aggregate; with a current placement only when
+    // it moves no more experts.
+    Packing polished = best;
+    if (static_polish(pr, polished, opt.static_even_slack, G, opt.static_budget * int64_t(P)) > 0 && (!current_row || polished.moved <= best.moved))
+      best = std::move(polished);
   }
   std::vector<int32_t> row = best.slot;
   if (stats) stats->score = best.F, stats->bound = pr.bound, stats->moved = best.moved;

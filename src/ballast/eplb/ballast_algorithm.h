@@ -15,7 +15,8 @@
 //      the better of the two by score is kept;
 //   6. replica graph: swaps that join the ranks into one component through shared experts (so
 //      that balanced dispatch can even out every pass), then a local search that keeps it; kept
-//      when it costs at most `connect_tolerance` of the score.
+//      when it costs at most `connect_tolerance` of the score;
+//   7. static polish: swaps scored on the rank loads under `static` dispatch (exact shares).
 // Deterministic: the same inputs give the same placement on every rank.
 #include "ballast/eplb/load.h"
 #include "ballast/eplb/placement.h"
@@ -37,6 +38,13 @@ struct BallastOptions {
   // dispatch can move any pass's excess from one rank to any other.
   bool connect = true;
   double connect_tolerance = 0.002;
+  // Last step: swaps that lower the largest rank load under `static` dispatch (dispatch.h: each
+  // replica serves its own rank plus a fair share of the other source ranks, so replicas of one
+  // expert carry unequal shares when their count does not divide G), keeping the even-split
+  // maximum within static_even_slack of its value and the replica graph's components.
+  bool static_polish = true;
+  double static_even_slack = 5e-4;
+  int static_budget = 16;  // swap trials (pre-filtered) per layer, in units of P: bounds the time
 };
 
 struct LayerPlanStats {
