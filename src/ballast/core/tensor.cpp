@@ -19,7 +19,7 @@ Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype) {
   t.dtype_ = dtype;
   size_t bytes = std::max<size_t>(t.nbytes(), 64);
   void* p = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
-  check(p != nullptr, "out of memory allocating tensor {} ({} bytes)", t.shape_str(), bytes);
+  check(p != nullptr, "out of memory allocating tensor {} ({} bytes)", t, bytes);
   std::memset(p, 0, bytes);
   t.owner_ = std::shared_ptr<void>(p, std::free);
   t.data_ = p;
@@ -38,20 +38,20 @@ Tensor Tensor::borrow(void* data, std::vector<int64_t> shape, DType dtype, Devic
 }
 
 float* Tensor::f32() const {
-  check(dtype_ == DType::F32, "tensor {} is {}, expected F32", shape_str(), dtype_name(dtype_));
+  check(dtype_ == DType::F32, "tensor {} is {}, expected F32", *this, dtype_name(dtype_));
   return static_cast<float*>(data_);
 }
 
 Tensor Tensor::reshape(std::vector<int64_t> shape) const {
   Tensor t = *this;
   t.shape_ = std::move(shape);
-  check(t.numel() == numel(), "cannot reshape {} to {}", shape_str(), t.shape_str());
+  check(t.numel() == numel(), "cannot reshape {} to {}", *this, t);
   return t;
 }
 
 Tensor Tensor::rows(int64_t begin, int64_t end) const {
   check(rank() >= 1 && 0 <= begin && begin <= end && end <= shape_[0],
-        "rows [{}, {}) out of range for {}", begin, end, shape_str());
+        "rows [{}, {}) out of range for {}", begin, end, *this);
   Tensor t = *this;
   t.shape_[0] = end - begin;
   t.data_ = static_cast<char*>(data_) + size_t(begin) * (nbytes() / std::max<int64_t>(1, shape_[0]));

@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include <fmt/format.h>
+
 #include "ballast/core/dtype.h"
 
 namespace ballast {
@@ -55,3 +57,12 @@ class Tensor {
 };
 
 }  // namespace ballast
+
+// Formats a tensor as its shape, "[2, 3]". Passing the tensor (not shape_str()) to check() keeps
+// the formatting off the hot path: it happens only when the check fails.
+template <>
+struct fmt::formatter<ballast::Tensor> : fmt::formatter<std::string> {
+  auto format(const ballast::Tensor& t, fmt::format_context& ctx) const {
+    return fmt::formatter<std::string>::format(t.shape_str(), ctx);
+  }
+};

@@ -78,7 +78,7 @@ ForwardResult Model::mtp_forward(std::span<const MtpChunk> chunks) {
   for (const auto& c : chunks) {
     const int64_t n = int64_t(c.tokens.size());
     check(c.state && n > 0 && c.hidden.dim(0) == n && c.hidden.dim(1) == H, "mtp_forward: chunk of {} tokens, hidden {}",
-          n, c.hidden.shape_str());
+          n, c.hidden);
     check(c.state->length + n <= c.state->capacity, "MTP cache of {} entries exceeded", c.state->capacity);
     for (int64_t i = 0; i < n; ++i) {
       ids.push_back(c.tokens[size_t(i)]);

@@ -31,7 +31,7 @@ void SlotStore::fill(int layer, int slot, const ExpertWeights& src) {
   const ExpertWeights& dst = weights(layer, slot);
   for (auto [s, d] : {std::pair{&src.gate, &dst.gate}, std::pair{&src.up, &dst.up}, std::pair{&src.down, &dst.down}}) {
     check(s->shape() == d->shape() && s->dtype() == d->dtype(), "slot store: expert tensor {} {} does not fit slot {} {}",
-          s->shape_str(), dtype_name(s->dtype()), d->shape_str(), dtype_name(d->dtype()));
+          *s, dtype_name(s->dtype()), *d, dtype_name(d->dtype()));
     std::memcpy(d->raw(), s->raw(), d->nbytes());
   }
 }

@@ -41,7 +41,7 @@ Tensor CpuOps::alloc(std::vector<int64_t> shape) { return Tensor::zeros(std::mov
 void CpuOps::embedding(std::span<const int32_t> ids, const Tensor& table, Tensor& out) {
   const int64_t V = table.dim(0), H = table.dim(1);
   check(out.dim(0) == int64_t(ids.size()) && out.dim(1) == H, "embedding: out {} for {} ids of width {}",
-        out.shape_str(), ids.size(), H);
+        out, ids.size(), H);
   const size_t es = dtype_size(table.dtype());
   for (size_t t = 0; t < ids.size(); ++t) {
     check(ids[t] >= 0 && ids[t] < V, "token id {} out of range [0, {})", ids[t], V);
@@ -54,8 +54,8 @@ void CpuOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) { cpu::matmul(x
 
 void CpuOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
   const int64_t D = last_dim(x), R = x.numel() / D;
-  check(w.numel() == D && y.numel() == x.numel(), "rms_norm: x{} w{} y{}", x.shape_str(), w.shape_str(),
-        y.shape_str());
+  check(w.numel() == D && y.numel() == x.numel(), "rms_norm: x{} w{} y{}", x, w,
+        y);
   const std::vector<float> wv = widen(w);
   const float* xp = x.f32();
   float* yp = y.f32();
@@ -73,22 +73,22 @@ void CpuOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
 }
 
 void CpuOps::add(Tensor& y, const Tensor& x) {
-  check(y.numel() == x.numel(), "add: y{} x{}", y.shape_str(), x.shape_str());
+  check(y.numel() == x.numel(), "add: y{} x{}", y, x);
   float* yp = y.f32();
   const float* xp = x.f32();
   for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] += xp[i];
 }
 
 void CpuOps::copy(const Tensor& src, Tensor& dst) {
-  check(src.numel() == dst.numel() && src.dtype() == dst.dtype(), "copy: src{} dst{}", src.shape_str(),
-        dst.shape_str());
+  check(src.numel() == dst.numel() && src.dtype() == dst.dtype(), "copy: src{} dst{}", src,
+        dst);
   std::memcpy(dst.raw(), src.raw(), src.nbytes());
 }
 
 void CpuOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
   const int64_t T = a.dim(0), A = a.dim(1), B = b.dim(1);
-  check(b.dim(0) == T && out.dim(0) == T && out.dim(1) == A + B, "concat_cols: a{} b{} out{}", a.shape_str(),
-        b.shape_str(), out.shape_str());
+  check(b.dim(0) == T && out.dim(0) == T && out.dim(1) == A + B, "concat_cols: a{} b{} out{}", a,
+        b, out);
   for (int64_t t = 0; t < T; ++t) {
     std::memcpy(out.f32() + t * (A + B), a.f32() + t * A, size_t(A) * 4);
     std::memcpy(out.f32() + t * (A + B) + A, b.f32() + t * B, size_t(B) * 4);
@@ -97,7 +97,7 @@ void CpuOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
 
 void CpuOps::silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) {
   check(gate.numel() == up.numel() && out.numel() == gate.numel(), "silu_mul: gate{} up{} out{}",
-        gate.shape_str(), up.shape_str(), out.shape_str());
+        gate, up, out);
   const float* g = gate.f32();
   const float* u = up.f32();
   float* o = out.f32();
@@ -107,7 +107,7 @@ void CpuOps::silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) {
 void CpuOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
   const int64_t hd = q.dim(-1), rows = q.numel() / hd;
   check(qg.numel() == 2 * q.numel() && gate.numel() == q.numel(), "split_heads_gate: qg{} q{} gate{}",
-        qg.shape_str(), q.shape_str(), gate.shape_str());
+        qg, q, gate);
   const float* s = qg.f32();
   for (int64_t r = 0; r < rows; ++r) {
     std::memcpy(q.f32() + r * hd, s + r * 2 * hd, size_t(hd) * 4);
@@ -118,7 +118,7 @@ void CpuOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
 void CpuOps::rope(Tensor& x, std::span<const int32_t> positions, int rot, double theta) {
   const int64_t T = x.dim(0), heads = x.dim(1), hd = x.dim(2);
   check(int64_t(positions.size()) == T && rot <= hd && rot % 2 == 0, "rope: x{} with {} positions, rot {}",
-        x.shape_str(), positions.size(), rot);
+        x, positions.size(), rot);
   const int half = rot / 2;
   std::vector<float> inv_freq(static_cast<size_t>(half));
   for (int i = 0; i < half; ++i) inv_freq[i] = float(1.0 / std::pow(theta, double(2 * i) / rot));
@@ -142,7 +142,7 @@ void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new
                        Tensor& v_cache, int64_t pos0, Tensor& out) {
   const int64_t T = q.dim(0), Hq = q.dim(1), hd = q.dim(2), Hkv = k_new.dim(1);
   check(Hq % Hkv == 0 && k_cache.dim(0) >= pos0 + T && k_cache.dim(1) == Hkv && k_cache.dim(2) == hd,
-        "attention: q{} k_new{} cache{} at position {}", q.shape_str(), k_new.shape_str(), k_cache.shape_str(),
+        "attention: q{} k_new{} cache{} at position {}", q, k_new, k_cache,
         pos0);
   const size_t row = size_t(Hkv * hd);
   std::memcpy(k_cache.f32() + pos0 * row, k_new.f32(), T * row * 4);
@@ -180,7 +180,7 @@ void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new
 }
 
 void CpuOps::mul_sigmoid(Tensor& x, const Tensor& gate) {
-  check(x.numel() == gate.numel(), "mul_sigmoid: x{} gate{}", x.shape_str(), gate.shape_str());
+  check(x.numel() == gate.numel(), "mul_sigmoid: x{} gate{}", x, gate);
   float* xp = x.f32();
   const float* gp = gate.f32();
   for (int64_t i = 0, n = x.numel(); i < n; ++i) xp[i] *= sigmoid(gp[i]);
@@ -201,7 +201,7 @@ void CpuOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, 
 void CpuOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& state, Tensor& out) {
   const int T = int(x.dim(0)), C = int(x.dim(1)), kc = int(weight.dim(1));
   check(weight.dim(0) == C && state.dim(0) == C && state.dim(1) == kc - 1, "conv1d: x{} w{} state{}",
-        x.shape_str(), weight.shape_str(), state.shape_str());
+        x, weight, state);
   cpu::causal_conv1d_silu(x.f32(), C, T, C, weight.f32(), kc, state.f32(), out.f32(), C, pool_);
 }
 
@@ -210,7 +210,7 @@ void CpuOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& 
   const int T = int(qkv.dim(0));
   const int64_t ld = qkv.dim(1), kd = int64_t(d.Hk) * d.dk;
   check(ld == 2 * kd + int64_t(d.Hv) * d.dv, "gated_delta_rule: qkv{} for Hk={} dk={} Hv={} dv={}",
-        qkv.shape_str(), d.Hk, d.dk, d.Hv, d.dv);
+        qkv, d.Hk, d.dk, d.Hv, d.dv);
   const cpu::DeltaRuleShape s{T, d.Hk, d.Hv, d.dk, d.dv};
   const float* base = qkv.f32();
   const int64_t ldo = int64_t(d.Hv) * d.dv;
@@ -229,7 +229,7 @@ void CpuOps::gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, f
 
 void CpuOps::scale_rows_sigmoid(Tensor& y, const Tensor& s) {
   const int64_t T = y.dim(0), D = y.numel() / std::max<int64_t>(1, T);
-  check(s.numel() == T, "scale_rows_sigmoid: y{} s{}", y.shape_str(), s.shape_str());
+  check(s.numel() == T, "scale_rows_sigmoid: y{} s{}", y, s);
   for (int64_t t = 0; t < T; ++t) {
     const float f = sigmoid(s.f32()[t]);
     for (int64_t i = 0; i < D; ++i) y.f32()[t * D + i] *= f;

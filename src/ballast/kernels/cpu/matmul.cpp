@@ -6,19 +6,52 @@
 #include <vector>
 
 #include "ballast/core/error.h"
+#include "ballast/kernels/cpu/multiversion.h"
 
 namespace ballast::kernels::cpu {
 
 namespace {
 constexpr int64_t kRowBlock = 64;
+constexpr int64_t kSmallT = 8;  // up to this many rows (decode), stream weights without packing
+constexpr int kLanes = 16;
 
-// Dot products of x rows against a block of fp32 weight rows, written to y[:, n0:n0+nb].
+// y[t, n0 + i] = x[t] . w[i] for a few x rows: each bf16/f16/f32 weight row is widened into a
+// small buffer once and dotted with every x row in 16 independent lanes (vectorisable without
+// reassociating), so a weight byte is read once and never packed.
+BALLAST_MV void small_rows_product(const float* x, int64_t T, int64_t K, const char* w, DType dt, int64_t nb,
+                                   float* y, int64_t ldy) {
+  thread_local std::vector<float> row;
+  row.resize(size_t(K));
+  const size_t esize = dtype_size(dt);
+  for (int64_t i = 0; i < nb; ++i) {
+    const float* wr;
+    if (dt == DType::F32) {
+      wr = reinterpret_cast<const float*>(w + size_t(i * K) * esize);
+    } else if (dt == DType::BF16) {  // inline here so that the AVX2 clone widens 8 at a time
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(w + size_t(i * K) * esize);
+      for (int64_t k = 0; k < K; ++k) row[size_t(k)] = bf16_to_f32(src[k]);
+      wr = row.data();
+    } else {
+      to_f32(w + size_t(i * K) * esize, dt, row.data(), size_t(K));
+      wr = row.data();
+    }
+    for (int64_t t = 0; t < T; ++t) {
+      const float* xt = x + t * K;
+      float acc[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes)
+        for (int j = 0; j < kLanes; ++j) acc[j] += xt[k + j] * wr[k + j];
+      float sum = 0;
+      for (int j = 0; j < kLanes; ++j) sum += acc[j];
+      for (; k < K; ++k) sum += xt[k] * wr[k];
+      y[t * ldy + i] = sum;
+    }
+  }
+}
+
+// Products of many x rows with a block of fp32 weight rows, written to y[:, n0:n0+nb].
 void block_product(const float* x, int64_t T, int64_t K, const float* wb, int64_t nb, float* y,
                    int64_t ldy) {
-  if (T == 1) {
-    cblas_sgemv(CblasRowMajor, CblasNoTrans, int(nb), int(K), 1.0f, wb, int(K), x, 1, 0.0f, y, 1);
-    return;
-  }
   cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(T), int(nb), int(K), 1.0f, x, int(K), wb,
               int(K), 0.0f, y, int(ldy));
 }
@@ -26,15 +59,27 @@ void block_product(const float* x, int64_t T, int64_t K, const float* wb, int64_
 
 void matmul(const Tensor& x, const Tensor& w, Tensor& y, ThreadPool* pool) {
   check(x.rank() == 2 && w.rank() == 2 && y.rank() == 2, "matmul: expected 2-d tensors, got x{} w{} y{}",
-        x.shape_str(), w.shape_str(), y.shape_str());
+        x, w, y);
   const int64_t T = x.dim(0), K = x.dim(1), N = w.dim(0);
   check(w.dim(1) == K && y.dim(0) == T && y.dim(1) == N, "matmul: shapes x{} w{} y{} do not agree",
-        x.shape_str(), w.shape_str(), y.shape_str());
+        x, w, y);
   if (T == 0) return;
   const float* xp = x.f32();
   float* yp = y.f32();
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   const size_t esize = dtype_size(w.dtype());
+  if (T <= kSmallT) {
+    auto run_small = [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        const int64_t n0 = b * kRowBlock, nb = std::min(kRowBlock, N - n0);
+        small_rows_product(xp, T, K, static_cast<const char*>(w.raw()) + size_t(n0 * K) * esize, w.dtype(), nb,
+                           yp + n0, N);
+      }
+    };
+    if (pool) pool->parallel_for(blocks, run_small);
+    else run_small(0, blocks);
+    return;
+  }
   auto run = [&](int64_t b0, int64_t b1) {
     std::vector<float> wbuf;
     if (w.dtype() != DType::F32) wbuf.resize(size_t(kRowBlock * K));

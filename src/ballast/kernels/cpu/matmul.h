@@ -4,9 +4,10 @@
 
 namespace ballast::kernels::cpu {
 
-// y[T, N] = x[T, K] @ w[N, K]^T with fp32 accumulation. w is read in place in its storage dtype:
-// blocks of rows are widened to fp32 in a per-thread buffer and multiplied with single-threaded
-// BLAS, so a decode step streams each weight byte once.
+// y[T, N] = x[T, K] @ w[N, K]^T with fp32 accumulation. w is read in place in its storage dtype.
+// Few rows (decode): each weight row is widened once and dotted with every x row (no packing).
+// Many rows (prefill): blocks of weight rows are widened into a per-thread buffer and multiplied
+// with single-threaded BLAS. Either way a weight byte is read once per call.
 void matmul(const Tensor& x, const Tensor& w, Tensor& y, ThreadPool* pool);
 
 }  // namespace ballast::kernels::cpu
