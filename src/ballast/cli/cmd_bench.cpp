@@ -91,7 +91,7 @@ int run_bench(const BenchArgs& a) {
   runtime::GenerationStats best;
   double best_prefill = 0, best_decode = 0;
   for (int r = 0; r < a.repeats; ++r) {
-    auto res = engine->generate_greedy(prompts, a.decode_steps + 1);
+    auto res = engine->generate(prompts, a.decode_steps + 1);
     const auto& s = res.stats;
     best_prefill = std::max(best_prefill, s.prefill_tokens / s.prefill_seconds);
     best_decode = std::max(best_decode, s.decode_tokens / s.decode_seconds);
