@@ -100,3 +100,18 @@ TEST(Dispatch, RandomIsDeterministicAndConserves) {
   double frac[3] = {1.5, 0, 0};
   EXPECT_THROW(dispatch_balanced(row, 3, frac, 3), ballast::Error);
 }
+
+// Source ranks without a replica are shared out fairly (SGLang's _fair_choices): with 4 replicas
+// on ranks 0, 4, 8, 12 of 32 (all = 0 mod 4, where "source mod count" sent 9 sources to one replica
+// and 5 to each other), every replica serves its own rank and 7 others.
+TEST(Dispatch, StaticSharesSourcesFairly) {
+  const int G = 32, K = 2, E = 60, P = G * K;
+  std::vector<int32_t> row(P, -1);
+  for (int g : {0, 4, 8, 12}) row[g * K] = 0;  // expert 0 only in these four slots
+  for (int p = 0, e = 1; p < P; ++p)
+    if (row[p] < 0) row[p] = std::min(e++, E - 1);  // 1 .. 59, and 59 once more
+  auto t = static_table(row, G, 0, E);
+  std::vector<int> served(P, 0);
+  for (int s = 0; s < G; ++s) served[t[size_t(s) * E + 0]]++;
+  for (int g : {0, 4, 8, 12}) EXPECT_EQ(served[g * K], 8) << "replica on rank " << g;
+}

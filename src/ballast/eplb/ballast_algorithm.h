@@ -43,7 +43,7 @@ struct BallastOptions {
   // expert carry unequal shares when their count does not divide G), keeping the even-split
   // maximum within static_even_slack of its value and the replica graph's components.
   bool static_polish = true;
-  double static_even_slack = 5e-4;
+  double static_even_slack = 0.0;
   int static_budget = 16;  // swap trials (pre-filtered) per layer, in units of P: bounds the time
 };
 
