@@ -4,7 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "expect_error.h"
+#include "support/expect_error.h"
 #include "tmpdir.h"
 
 namespace ballast::io {

@@ -6,7 +6,7 @@
 #include <cstring>
 
 #include "ballast/core/error.h"
-#include "expect_error.h"
+#include "support/expect_error.h"
 #include "tmpdir.h"
 
 namespace ballast::io {

@@ -9,6 +9,7 @@
 
 #include "ballast/core/error.h"
 #include "ballast/model/param_count.h"
+#include "support/expect_error.h"
 
 namespace ballast::model {
 namespace {
@@ -16,15 +17,7 @@ namespace {
 using nlohmann::json;
 using ::testing::HasSubstr;
 
-template <typename Fn>
-void expect_error(Fn&& fn, std::initializer_list<std::string> parts) {
-  try {
-    fn();
-    ADD_FAILURE() << "expected ballast::Error";
-  } catch (const Error& e) {
-    for (const auto& p : parts) EXPECT_THAT(e.what(), HasSubstr(p));
-  }
-}
+using ballast::test::expect_error;
 
 // Qwen3-Next-80B-A3B's config.json (trimmed of fields the engine does not read).
 json qwen3_next_80b() {
