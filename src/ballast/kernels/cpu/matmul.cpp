@@ -14,6 +14,8 @@ namespace {
 constexpr int64_t kRowBlock = 64;
 constexpr int64_t kSmallT = 8;  // up to this many rows (decode), stream weights without packing
 constexpr int kLanes = 16;
+// Below this many multiply-adds a product runs on the calling thread: waking the pool costs more.
+constexpr int64_t kParallelWork = int64_t(1) << 16;
 
 // y[t, n0 + i] = x[t] . w[i] for a few x rows: each bf16/f16/f32 weight row is widened into a
 // small buffer once and dotted with every x row in 16 independent lanes (vectorisable without
@@ -67,6 +69,7 @@ void matmul(const Tensor& x, const Tensor& w, Tensor& y, ThreadPool* pool) {
   const float* xp = x.f32();
   float* yp = y.f32();
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
+  if (T * N * K < kParallelWork) pool = nullptr;
   const size_t esize = dtype_size(w.dtype());
   if (T <= kSmallT) {
     auto run_small = [&](int64_t b0, int64_t b1) {
