@@ -26,6 +26,18 @@ BALLAST_MV void small_rows_product(const float* x, int64_t T, int64_t K, const c
   row.resize(size_t(K));
   const size_t esize = dtype_size(dt);
   for (int64_t i = 0; i < nb; ++i) {
+    if (dt == DType::BF16 && T == 1) {  // decode: widen inside the dot, one pass over the row
+      const uint16_t* src = reinterpret_cast<const uint16_t*>(w + size_t(i * K) * esize);
+      float acc[kLanes] = {};
+      int64_t k = 0;
+      for (; k + kLanes <= K; k += kLanes)
+        for (int j = 0; j < kLanes; ++j) acc[j] += x[k + j] * bf16_to_f32(src[k + j]);
+      float sum = 0;
+      for (int j = 0; j < kLanes; ++j) sum += acc[j];
+      for (; k < K; ++k) sum += x[k] * bf16_to_f32(src[k]);
+      y[i] = sum;
+      continue;
+    }
     const float* wr;
     if (dt == DType::F32) {
       wr = reinterpret_cast<const float*>(w + size_t(i * K) * esize);
