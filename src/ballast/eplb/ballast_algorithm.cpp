@@ -182,13 +182,16 @@ void local_search(const Problem& pr, Packing& pk, bool keep_graph = false) {
     std::iota(by_load.begin(), by_load.end(), 0);
     // Second pass: all other ranks.
     const int near = std::min(G, 4), far = G;
-    std::sort(by_load.begin(), by_load.end(),
-              [&](int x, int y) { return pk.A[x] != pk.A[y] ? pk.A[x] < pk.A[y] : x < y; });
+    // Only the `near` lightest are ordered up front; the rest are sorted when the second pass is
+    // reached (the same order as a full sort: the comparator is a strict total order).
+    auto lighter = [&](int x, int y) { return pk.A[x] != pk.A[y] ? pk.A[x] < pk.A[y] : x < y; };
+    std::partial_sort(by_load.begin(), by_load.begin() + near, by_load.end(), lighter);
     // With time slices the aggregate's max rank load (the in-sample balance) must not rise: the
     // slices only choose among moves that keep it.
     const double amax = pr.S > 1 ? *std::max_element(pk.A.begin(), pk.A.end()) * (1 + 1e-12) : INFINITY;
     bool applied = false;
-    for (int pass = 0; pass < 2 && !applied; ++pass)
+    for (int pass = 0; pass < 2 && !applied; ++pass) {
+    if (pass == 1) std::sort(by_load.begin() + near, by_load.end(), lighter);
     for (int a : crit) {
       double best_d = 0, best_q = 0;
       int bi = -1, bb = -1, bj = -1;
@@ -259,6 +262,7 @@ void local_search(const Problem& pr, Packing& pk, bool keep_graph = false) {
         applied = true;
         break;
       }
+    }
     }
     if (!applied) break;
   }
@@ -605,25 +609,27 @@ int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_ite
   const int G = pr.G, K = pr.K, E = pr.E;
   for (int p = 0; p < pr.P; ++p)  // duplicates on a rank (from a current placement): the model does not hold
     if (pk.has[size_t(p / K) * E + pk.slot[p]] > 1) return 0;
-  StaticLoads st;
+  // Reused across layers (thread_local): building `where` with fresh vectors cost one or two
+  // allocations per expert, most of the polish's fixed cost per layer.
+  thread_local StaticLoads st;
   st.G = G;
   st.L.assign(G, 0.0);
-  st.where.assign(E, {});
+  if (int(st.where.size()) < E) st.where.resize(E);
+  for (int e = 0; e < E; ++e) st.where[e].clear();
   for (int g = 0; g < G; ++g)
     for (int k = 0; k < K; ++k) st.where[pk.slot[g * K + k]].push_back(g);
   for (int e = 0; e < E; ++e) st.add(pr, e, st.where[e], 1.0, st.L);
-  std::vector<int> replicated;
+  thread_local std::vector<int> replicated, comp, order, touched, hx, hy;
+  thread_local std::vector<double> nl, sc, lo, hi;
+  thread_local std::vector<uint8_t> mark;
+  replicated.clear();
   for (int e = 0; e < E; ++e)
     if (pk.cnt[e] > 1) replicated.push_back(e);
-  std::vector<int> comp;
   const int n0 = components_from_where(G, replicated, st.where, comp);
   const double even_cap = *std::max_element(pk.A.begin(), pk.A.end()) * (1 + even_slack);
-  std::vector<int> order(G), touched;
-  std::vector<double> nl(G);
-  std::vector<uint8_t> mark(G, 0);
-  std::vector<int> hx, hy;
+  order.resize(G), touched.clear(), nl.resize(G), mark.assign(G, 0);
   // Each slot's static load (its expert's share on that rank) and per rank the least and most.
-  std::vector<double> sc(size_t(G) * K), lo(G), hi(G);
+  sc.resize(size_t(G) * K), lo.resize(G), hi.resize(G);
   auto slot_loads = [&](int e) {
     const auto& h = st.where[e];
     const int c = int(h.size());
@@ -712,7 +718,7 @@ int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_ite
       ++applied;
     }
   }
-  recompute(pr, pk);
+  if (applied > 0) recompute(pr, pk);  // (with none the caller keeps its own packing)
   return applied;
 }
 

@@ -44,7 +44,7 @@ struct BallastOptions {
   // maximum within static_even_slack of its value and the replica graph's components.
   bool static_polish = true;
   double static_even_slack = 0.0;
-  int static_budget = 16;  // swap trials (pre-filtered) per layer, in units of P: bounds the time
+  int static_budget = 8;   // swap trials (pre-filtered) per layer, in units of P: bounds the time
 };
 
 struct LayerPlanStats {
