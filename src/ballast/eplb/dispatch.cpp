@@ -25,7 +25,7 @@ std::string dispatch_name(Dispatch d) {
   return "?";
 }
 
-static std::vector<std::vector<int32_t>> replicas_of(std::span<const int32_t> row, int experts) {
+std::vector<std::vector<int32_t>> replicas_of(std::span<const int32_t> row, int experts) {
   std::vector<std::vector<int32_t>> rep(experts);
   for (int p = 0; p < int(row.size()); ++p) {
     check(row[p] >= 0 && row[p] < experts, "dispatch: slot {} holds expert {}, outside [0, {})", p, row[p], experts);
@@ -76,7 +76,7 @@ std::vector<double> dispatch_static(std::span<const int32_t> row, int G, int ran
   return slot;
 }
 
-static uint64_t mix(uint64_t x) {
+uint64_t mix64(uint64_t x) {
   x += 0x9e3779b97f4a7c15ULL;
   x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
   x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
@@ -91,8 +91,8 @@ std::vector<double> dispatch_random(std::span<const int32_t> row, const double* 
     check(counts[e] >= 0 && double(n) == counts[e], "dispatch: count {} of expert {} is not a whole number", counts[e],
           e);
     if (rep[e].size() == 1) { slot[rep[e][0]] += double(n); continue; }
-    uint64_t base = mix(seed ^ mix(uint64_t(e)));
-    for (int64_t t = 0; t < n; ++t) slot[rep[e][mix(base + uint64_t(t)) % rep[e].size()]] += 1.0;
+    uint64_t base = mix64(seed ^ mix64(uint64_t(e)));
+    for (int64_t t = 0; t < n; ++t) slot[rep[e][mix64(base + uint64_t(t)) % rep[e].size()]] += 1.0;
   }
   return slot;
 }

@@ -35,6 +35,12 @@ std::vector<double> dispatch_random(std::span<const int32_t> row, const double* 
 // from experts to the ranks holding them). counts must be integers.
 std::vector<double> dispatch_balanced(std::span<const int32_t> row, int ranks, const double* counts, int experts);
 
+// Slots holding each logical expert [E][c_e], ascending; throws unless every slot holds an expert
+// in [0, E) and every expert has a replica.
+std::vector<std::vector<int32_t>> replicas_of(std::span<const int32_t> row, int experts);
+// The hash the random policy picks replicas with (splitmix64's finaliser).
+uint64_t mix64(uint64_t x);
+
 // Any policy, by name.
 std::vector<double> dispatch(Dispatch policy, std::span<const int32_t> row, int ranks, int ranks_per_node,
                              const double* counts, int experts, uint64_t seed = 0);

@@ -8,19 +8,6 @@ namespace ballast::moe {
 
 namespace {
 
-uint64_t mix(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-
-std::vector<std::vector<int32_t>> replicas(std::span<const int32_t> row, int E) {
-  std::vector<std::vector<int32_t>> rep(static_cast<size_t>(E));
-  for (int p = 0; p < int(row.size()); ++p) rep[size_t(row[p])].push_back(p);
-  return rep;
-}
-
 // balanced: the exact per-pass split of eplb::dispatch_balanced gives each slot a quota; the
 // quotas are shared out to source ranks (own replicas first, then in rank and slot order), and
 // each rank hands its tokens of an expert to its shares in token order.
@@ -31,7 +18,7 @@ std::vector<int32_t> assign_balanced(const SlotAssignmentInput& in, const Routin
   for (int g = 0; g < G; ++g)
     for (int e = 0; e < E; ++e) total[size_t(e)] += double(in.counts_by_rank[size_t(g) * E + e]);
   std::vector<double> quota = eplb::dispatch_balanced(in.row, G, total.data(), E);
-  const auto rep = replicas(in.row, E);
+  const auto rep = eplb::replicas_of(in.row, E);
   // share[e] = list of (slot, tokens) for this rank, in the order tokens are handed out.
   std::vector<std::vector<std::pair<int32_t, int64_t>>> mine(static_cast<size_t>(E));
   for (int e = 0; e < E; ++e) {
@@ -86,11 +73,11 @@ std::vector<int32_t> assign_slots(const SlotAssignmentInput& in, const Routing& 
       return slots;
     }
     case eplb::Dispatch::random: {
-      const auto rep = replicas(in.row, E);
+      const auto rep = eplb::replicas_of(in.row, E);
       std::vector<int32_t> slots(r.experts.size());
       for (size_t i = 0; i < slots.size(); ++i) {
         const auto& c = rep[size_t(r.experts[i])];
-        slots[i] = c[mix(in.seed ^ mix(uint64_t(in.rank) << 40 ^ uint64_t(i))) % c.size()];
+        slots[i] = c[eplb::mix64(in.seed ^ eplb::mix64(uint64_t(in.rank) << 40 ^ uint64_t(i))) % c.size()];
       }
       return slots;
     }
