@@ -135,10 +135,8 @@ GenerationResult Engine::generate(const std::vector<std::vector<int32_t>>& promp
   std::vector<bool> done(n, false);
   std::vector<int32_t> last(n);
   std::vector<float> logits;
-  // One generator per sequence (seeded by its index) so that a sequence's samples do not depend
-  // on what else is in the batch.
   std::vector<std::mt19937_64> rng;
-  for (size_t i = 0; i < n; ++i) rng.emplace_back(sampling.seed * 0x9e3779b97f4a7c15ULL + i);
+  for (size_t i = 0; i < n; ++i) rng.push_back(sequence_rng(sampling, i));
 
   // Takes the greedy token of every sequence that ran in `r` (live[j] is the j-th chunk's sequence).
   auto take = [&](const model::ForwardResult& r, const std::vector<size_t>& live) {

@@ -17,6 +17,12 @@ struct SamplingParams {
   bool greedy() const { return temperature <= 0.0f; }
 };
 
+// The generator of the i-th sequence of a batch: each sequence has its own, so that its samples
+// do not depend on what else is in the batch.
+inline std::mt19937_64 sequence_rng(const SamplingParams& p, size_t i) {
+  return std::mt19937_64(p.seed * 0x9e3779b97f4a7c15ULL + i);
+}
+
 // Index of the largest logit; ties go to the lowest index (as torch.argmax).
 int32_t argmax(std::span<const float> logits);
 

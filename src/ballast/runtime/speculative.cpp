@@ -55,7 +55,7 @@ GenerationResult generate_speculative(Engine& engine, const std::vector<std::vec
 
   const size_t n = prompts.size();
   std::vector<Seq> seqs(n);
-  for (size_t i = 0; i < n; ++i) seqs[i].rng.seed(opts.sampling.seed * 0x9e3779b97f4a7c15ULL + i);
+  for (size_t i = 0; i < n; ++i) seqs[i].rng = sequence_rng(opts.sampling, i);
   GenerationResult res;
   auto is_stop = [&](int32_t id) { return std::find(stop_ids.begin(), stop_ids.end(), id) != stop_ids.end(); };
   // Emits a token; returns false once the sequence is finished.
