@@ -10,6 +10,7 @@
 
 #include "ballast/dist/thread_world.h"
 #include "ballast/io/safetensors.h"
+#include "ballast/runtime/distributed.h"
 #include "ballast/runtime/engine.h"
 #include "fixtures.h"
 
@@ -40,7 +41,6 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
              eplb::Dispatch dispatch, int rebalance_every, int max_new = 12,
              std::function<bool(int rank, const eplb::Copy&)> fail = {}) {
   EpRun out;
-  out.outputs.resize(prompts.size());
   std::mutex mu;
   dist::run_ranks(G, [&](dist::Communicator& comm) {
     runtime::EngineOptions opts;
@@ -54,9 +54,9 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     opts.ep.trunk.rebalance.layers_per_chunk = 1;
     auto engine = runtime::Engine::load(kFixtures / fixture, opts);
     if (fail) engine->trunk_rebalancer()->fail_copy = [&, r = comm.rank()](const eplb::Copy& c) { return fail(r, c); };
-    std::vector<std::vector<int32_t>> mine;
-    for (size_t i = comm.rank(); i < prompts.size(); i += size_t(G)) mine.push_back(prompts[i]);
-    auto res = engine->generate(mine, max_new);
+    auto res = runtime::generate_distributed(comm, prompts, [&](const auto& mine) {
+      return engine->generate(mine, max_new);
+    });
 
     // Every slot must hold exactly the weights of the logical expert its placement names.
     const auto& pl = engine->trunk_domain()->placement;
@@ -75,8 +75,8 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
 
     std::lock_guard lk(mu);
     out.slots_hold_their_experts = out.slots_hold_their_experts && exact;
-    for (size_t j = 0; j < mine.size(); ++j) out.outputs[comm.rank() + j * size_t(G)] = res.outputs[j];
     if (comm.rank() == 0) {
+      out.outputs = res.outputs;
       out.events = engine->trunk_rebalancer()->events();
       out.balancedness = engine->trunk_rebalancer()->balancedness();
       out.final_placement = pl;
