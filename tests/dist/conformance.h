@@ -4,11 +4,23 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <functional>
+#include <string>
 #include <vector>
 
 #include "ballast/dist/communicator.h"
 
 namespace ballast::dist::conformance {
+
+// The message of what f throws ("(no exception)" if it returns).
+inline std::string message_of(const std::function<void()>& f) {
+  try {
+    f();
+  } catch (const std::exception& e) {
+    return e.what();
+  }
+  return "(no exception)";
+}
 
 inline std::byte pattern(int src, int dst, int tag, size_t i) {
   return static_cast<std::byte>((src * 131 + dst * 31 + tag * 7 + i * 13 + (i >> 8)) & 0xff);

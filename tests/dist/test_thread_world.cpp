@@ -90,22 +90,13 @@ TEST_P(ThreadWorldG, MixedStress) {
 
 INSTANTIATE_TEST_SUITE_P(G, ThreadWorldG, ::testing::Values(1, 2, 3, 4));
 
-std::string message_of(const std::function<void()>& f) {
-  try {
-    f();
-  } catch (const std::exception& e) {
-    return e.what();
-  }
-  return "(no exception)";
-}
-
 TEST(ThreadWorld, AbortPropagates) {
   // Rank 2 fails; the others are waiting in a barrier, an all_to_all and a receive from rank 2.
   ThreadWorld world(4, kTimeout);
   std::mutex mu;
   std::vector<std::string> seen(4);
   const auto t0 = std::chrono::steady_clock::now();
-  const std::string what = message_of([&] {
+  const std::string what = conformance::message_of([&] {
     run_ranks(world, [&](Communicator& c) {
       try {
         if (c.rank() == 2) {
@@ -160,7 +151,7 @@ TEST(ThreadWorld, NonStandardExceptionIsRethrown) {
 
 TEST(ThreadWorld, CollectiveMismatchIsAnError) {
   std::vector<std::string> seen(2);
-  const std::string what = message_of([&] {
+  const std::string what = conformance::message_of([&] {
     run(2, [&](Communicator& c) {
       try {
         if (c.rank() == 0) c.barrier();
@@ -178,7 +169,7 @@ TEST(ThreadWorld, CollectiveMismatchIsAnError) {
 }
 
 TEST(ThreadWorld, ReduceLengthMismatchIsAnError) {
-  const std::string what = message_of([] {
+  const std::string what = conformance::message_of([] {
     run(3, [](Communicator& c) {
       std::vector<int64_t> v(c.rank() == 2 ? 4 : 5);
       c.all_reduce_sum(std::span<int64_t>(v));
@@ -188,14 +179,14 @@ TEST(ThreadWorld, ReduceLengthMismatchIsAnError) {
 }
 
 TEST(ThreadWorld, AllToAllWrongBufferCountIsAnError) {
-  const std::string what = message_of([] {
+  const std::string what = conformance::message_of([] {
     run(3, [](Communicator& c) { c.all_to_all(std::vector<Bytes>(c.rank() == 1 ? 2 : 3)); });
   });
   EXPECT_NE(what.find("all_to_all: rank 1 passed 2 send buffers for 3 ranks"), std::string::npos) << what;
 }
 
 TEST(ThreadWorld, ExchangeSizeMismatchIsAnError) {
-  const std::string what = message_of([] {
+  const std::string what = conformance::message_of([] {
     run(2, [](Communicator& c) {
       Bytes data(10), got(8);
       if (c.rank() == 0) {
@@ -211,7 +202,7 @@ TEST(ThreadWorld, ExchangeSizeMismatchIsAnError) {
 }
 
 TEST(ThreadWorld, ExchangeBadPeerIsAnError) {
-  const std::string what = message_of([] {
+  const std::string what = conformance::message_of([] {
     run(2, [](Communicator& c) {
       Bytes data(1);
       Communicator::SendItem s{2, 0, data};
@@ -223,7 +214,7 @@ TEST(ThreadWorld, ExchangeBadPeerIsAnError) {
 
 TEST(ThreadWorld, TimeoutNamesWhoNeverArrived) {
   ThreadWorld world(3, 200ms);
-  const std::string what = message_of([&] {
+  const std::string what = conformance::message_of([&] {
     run_ranks(world, [](Communicator& c) {
       if (c.rank() != 1) c.barrier();
     });
@@ -233,7 +224,7 @@ TEST(ThreadWorld, TimeoutNamesWhoNeverArrived) {
 
 TEST(ThreadWorld, ExchangeTimeoutNamesTheMissingMessage) {
   ThreadWorld world(2, 200ms);
-  const std::string what = message_of([&] {
+  const std::string what = conformance::message_of([&] {
     run_ranks(world, [](Communicator& c) {
       Bytes got(4);
       Communicator::RecvItem r{1, 3, got};
