@@ -2,9 +2,9 @@
 // weights written by tools/eplb_reference.py --time --weights-out, and checks that `deepseek`
 // reproduces the original's physical_to_logical_map written in the same file. Built standalone
 // (header-only fmt) so that it can be compiled on a machine that has the original Python:
-//   g++ -O3 -std=c++20 -DFMT_HEADER_ONLY -Isrc -I<fmt+nlohmann headers> \
-//       src/ballast/eplb/{deepseek,ballast_algorithm,metrics,placement,load,plan}.cpp \
-//       bench/eplb/eplb_speed.cpp -o eplb_speed && ./eplb_speed W.txt
+//   g++ -O3 -std=c++20 -DFMT_HEADER_ONLY -Isrc -I<fmt+nlohmann headers>
+//       src/ballast/eplb/{deepseek,ballast_algorithm,metrics,placement,load,plan}.cpp
+//       bench/eplb/eplb_speed.cpp -o eplb_speed && ./eplb_speed W.txt   (one command line)
 #include "ballast/eplb/deepseek.h"
 #include "ballast/eplb/metrics.h"
 #include "ballast/eplb/plan.h"
