@@ -1,9 +1,10 @@
 // Python module `ballast_eplb`: the EPLB library of ballast from Python.
 //   rebalance_experts(weight, num_replicas, num_groups, num_nodes, num_gpus)
 //       the function of deepseek-ai/EPLB (eplb.py), same arguments, same returns (numpy int64)
-//   rebalance_experts_ballast(weight, num_replicas, num_gpus, slices=None, current=None, migration_weight=0.0)
+//   rebalance_experts_ballast(weight, num_replicas, num_gpus, slices=None, current=None, migration_weight=0.0,
+//                             dispatch="static")
 //       ballast's default algorithm, returns of the same form
-//   rank_loads, balancedness, lower_bound, evaluate, evaluate_passes: the metrics
+//   rank_loads, balancedness, lower_bound, evaluate, evaluate_passes, replica_graph_components: the metrics
 // Inputs are numpy arrays (any integer or float dtype), nested lists/tuples or anything numpy can
 // convert (e.g. CPU torch tensors). Bad input raises ballast_eplb.EplbError (a ValueError).
 #include "ballast/core/error.h"
@@ -212,7 +213,7 @@ py::tuple py_rebalance_experts(py::object weight, int num_replicas, int num_grou
 }
 
 py::tuple py_rebalance_ballast(py::object weight, int num_replicas, int num_gpus, std::optional<int> slices,
-                               py::object current, double migration_weight) {
+                               py::object current, double migration_weight, const std::string& dispatch) {
   Dense w = to_dense(weight, "weight", 2, 3);
   check_counts(w, "weight");
   LoadTrace load = to_trace(w);
@@ -228,6 +229,7 @@ py::tuple py_rebalance_ballast(py::object weight, int num_replicas, int num_gpus
   PlanOptions po;
   po.algorithm = Algorithm::ballast;
   po.ranks = num_gpus, po.redundant = num_replicas - E, po.migration_weight = migration_weight;
+  po.dispatch = parse_dispatch(dispatch);
   if (slices) po.slices = *slices;
   po.current = cur ? &*cur : nullptr;
   Placement pl;
@@ -323,6 +325,13 @@ py::array_t<double> py_evaluate_passes(py::object phy2log, py::object trace, int
   return float_array(out, {t.passes});
 }
 
+py::array_t<int64_t> py_replica_graph_components(py::object phy2log, int num_gpus, int num_logical_experts) {
+  Placement pl = to_placement(phy2log, "phy2log", num_logical_experts, num_gpus);
+  std::vector<int32_t> out(pl.layers);
+  for (int l = 0; l < pl.layers; ++l) out[l] = replica_graph_components(pl.layer(l), num_gpus, num_logical_experts);
+  return int64_array(out, {pl.layers});
+}
+
 }  // namespace
 
 PYBIND11_MODULE(ballast_eplb, m) {
@@ -343,7 +352,7 @@ where X is the largest replica count, logcnt [layers, num_logical_experts]), num
 
   m.def("rebalance_experts_ballast", &py_rebalance_ballast, py::arg("weight"), py::arg("num_replicas"),
         py::arg("num_gpus"), py::arg("slices") = py::none(), py::arg("current") = py::none(),
-        py::arg("migration_weight") = 0.0,
+        py::arg("migration_weight") = 0.0, py::arg("dispatch") = "static",
         R"(ballast's balancing algorithm (replicas of one expert on distinct GPUs, replica counts and
 packing chosen together, balance over time slices, optional migration cost).
 
@@ -353,6 +362,9 @@ slices: for a [passes, layers, E] load, the number of consecutive time slices ba
     (default 4; 1 = plan on the window's sum)
 current: the placement in force, phy2log [layers, P]; with migration_weight > 0 the plan trades
     balance for fewer moved experts (0.05: moving every slot of a layer is worth 5% of its balance)
+dispatch: the policy the placement is served with: "static" or "random" (balance the even split),
+    "balanced" (also link all GPUs through shared experts, so that per-pass balanced dispatch can
+    move any GPU's excess)
 Returns (phy2log, log2phy, logcnt) as rebalance_experts; log2phy lists replicas by ascending slot.)");
 
   m.def("rank_loads", &py_rank_loads, py::arg("phy2log"), py::arg("weight"), py::arg("num_gpus"),
@@ -371,4 +383,8 @@ Returns (phy2log, log2phy, logcnt) as rebalance_experts; log2phy lists replicas 
         py::arg("dispatch") = "static", py::arg("ranks_per_node") = 0,
         "Per-pass balancedness [passes] (mean over layers) of a placement on a trace [passes, layers, E] "
         "under a dispatch policy: 'static', 'random' or 'balanced' (exact min-max split of each pass).");
+  m.def("replica_graph_components", &py_replica_graph_components, py::arg("phy2log"), py::arg("num_gpus"),
+        py::arg("num_logical_experts"),
+        "Components [layers] of the replica graph (GPUs linked by the experts they share): 1 means balanced "
+        "dispatch can move load between any two GPUs.");
 }

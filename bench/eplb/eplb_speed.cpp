@@ -3,7 +3,7 @@
 // reproduces the original's physical_to_logical_map written in the same file. Built standalone
 // (header-only fmt) so that it can be compiled on a machine that has the original Python:
 //   g++ -O3 -std=c++20 -DFMT_HEADER_ONLY -Isrc -I<fmt+nlohmann headers>
-//       src/ballast/eplb/{deepseek,ballast_algorithm,metrics,placement,load,plan}.cpp
+//       src/ballast/eplb/{deepseek,ballast_algorithm,metrics,placement,load,plan,dispatch}.cpp
 //       bench/eplb/eplb_speed.cpp -o eplb_speed && ./eplb_speed W.txt   (one command line)
 #include "ballast/eplb/deepseek.h"
 #include "ballast/eplb/metrics.h"
@@ -31,14 +31,17 @@ int main(int argc, char** argv) {
     r.resize(size_t(L) * P);
     for (auto& x : r) if (!(f >> x)) { r.clear(); break; }
   }
-  struct Case { const char* name; Algorithm a; int groups, nodes; int ref; };
-  Case cases[] = {{"deepseek (global)", Algorithm::deepseek, 1, 1, 0},
-                  {"deepseek_hierarchical 8 groups 8 nodes", Algorithm::deepseek_hierarchical, 8, 8, 1},
-                  {"ballast", Algorithm::ballast, 1, 1, -1}};
+  struct Case { const char* name; Algorithm a; int groups, nodes; int ref; Dispatch target; };
+  const Case cases[] = {{"deepseek (global)", Algorithm::deepseek, 1, 1, 0, Dispatch::static_},
+                        {"deepseek_hierarchical 8 groups 8 nodes", Algorithm::deepseek_hierarchical, 8, 8, 1, Dispatch::static_},
+                        {"ballast", Algorithm::ballast, 1, 1, -1, Dispatch::static_},
+                        {"ballast planned for balanced dispatch", Algorithm::ballast, 1, 1, -1, Dispatch::balanced}};
+  const size_t n = std::size(cases);
   std::printf("{\"shape\": \"%d layers x %d experts, %d ranks, %d redundant\", \"results\": [\n", L, E, G, R);
-  for (size_t c = 0; c < 3; ++c) {
+  for (size_t c = 0; c < n; ++c) {
     PlanOptions po;
     po.algorithm = cases[c].a, po.ranks = G, po.redundant = R, po.groups = cases[c].groups, po.nodes = cases[c].nodes;
+    po.dispatch = cases[c].target;
     std::vector<double> ms;
     Placement pl;
     for (int i = 0; i < repeat; ++i) {
@@ -52,7 +55,7 @@ int main(int argc, char** argv) {
     auto b = evaluate_even(pl, load);
     std::printf("  {\"algorithm\": \"%s\", \"min_ms\": %.3f, \"median_ms\": %.3f, \"balancedness\": %.5f, "
                 "\"achieved_over_bound\": %.5f, \"parity_with_original\": \"%s\"}%s\n",
-                cases[c].name, ms.front(), ms[ms.size() / 2], b.mean, b.achieved_over_bound, parity, c < 2 ? "," : "");
+                cases[c].name, ms.front(), ms[ms.size() / 2], b.mean, b.achieved_over_bound, parity, c + 1 < n ? "," : "");
   }
   std::printf("]}\n");
   return 0;

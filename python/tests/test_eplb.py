@@ -132,3 +132,21 @@ def test_parity_with_original_fixtures(name):
         assert phy2log.tolist() == c["phy2log"], f"{name} case {i}"
         assert log2phy.tolist() == c["log2phy"], f"{name} case {i}"
         assert logcnt.tolist() == c["logcnt"], f"{name} case {i}"
+
+
+def test_ballast_planned_for_balanced_dispatch():
+    # Planned for balanced dispatch, the replicas link all GPUs (one component) and per-pass
+    # balance under balanced dispatch beats the placement planned for static dispatch.
+    rng = np.random.default_rng(3)
+    popularity = rng.lognormal(0, 1, size=(1, 2, 64))
+    trace = rng.poisson(popularity / popularity.sum() * 4096, size=(60, 2, 64)).astype(np.int64)
+    window, later = trace[:30], trace[30:]
+    for_static, _, _ = eplb.rebalance_experts_ballast(window, 80, 16)
+    for_balanced, _, _ = eplb.rebalance_experts_ballast(window, 80, 16, dispatch="balanced")
+    assert eplb.replica_graph_components(for_balanced, 16, 64).tolist() == [1, 1]
+    assert eplb.replica_graph_components(for_static, 16, 64).max() > 1
+    ours = eplb.evaluate_passes(for_balanced, later, 16, dispatch="balanced").mean()
+    static_plan = eplb.evaluate_passes(for_static, later, 16, dispatch="balanced").mean()
+    assert ours > static_plan
+    with pytest.raises(ValueError, match="dispatch"):
+        eplb.rebalance_experts_ballast(window, 80, 16, dispatch="greedy")

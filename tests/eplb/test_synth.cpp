@@ -30,13 +30,21 @@ TEST(Suite, BallastAtLeastDeepseekOnAQuickRun) {
   std::vector<SuiteWorkload> few{suite[1], suite[8]};
   for (auto& w : few) w.spec.tokens = 2048;
   auto rows = run_suite(few, 64, {Algorithm::deepseek, Algorithm::ballast}, 4, 2);
-  ASSERT_EQ(rows.size(), 4u);
+  ASSERT_EQ(rows.size(), 6u);  // deepseek, ballast for static, ballast for balanced
   for (int i = 0; i < 2; ++i) {
-    const auto& d = rows[2 * i];
-    const auto& b = rows[2 * i + 1];
-    EXPECT_EQ(b.algorithm, "ballast");
-    EXPECT_GE(b.in_sample, d.in_sample - 1e-3) << b.workload;
-    EXPECT_GE(b.out_balanced, b.out_static - 1e-9) << b.workload;
+    const auto& d = rows[3 * i];
+    const auto& bs = rows[3 * i + 1];
+    const auto& bb = rows[3 * i + 2];
+    EXPECT_EQ(d.planned_for, "");
+    EXPECT_EQ(bs.algorithm, "ballast");
+    EXPECT_EQ(bs.planned_for, "static");
+    EXPECT_EQ(bb.planned_for, "balanced");
+    EXPECT_GE(bs.in_sample, d.in_sample - 1e-3) << bs.workload;
+    // Planned for balanced dispatch, it beats every other placement under it.
+    EXPECT_GT(bb.in_balanced, d.in_balanced) << bb.workload;
+    EXPECT_GT(bb.in_balanced, bs.in_balanced) << bb.workload;
+    EXPECT_GT(bb.out_balanced, d.out_balanced) << bb.workload;
+    EXPECT_GE(bb.out_balanced, bb.out_static) << bb.workload;
   }
 }
 

@@ -24,6 +24,7 @@ struct PlanArgs {
   std::string load, current, output, algorithm = "ballast";
   int ranks = 0, redundant = 0, nodes = 1, groups = 1, slices = 4;
   double migration_weight = 0.05;
+  std::string dispatch = "static";
 };
 
 int run_plan(const PlanArgs& a) {
@@ -32,6 +33,7 @@ int run_plan(const PlanArgs& a) {
   po.algorithm = parse_algorithm(a.algorithm);
   po.ranks = a.ranks, po.redundant = a.redundant, po.nodes = a.nodes, po.groups = a.groups, po.slices = a.slices;
   po.migration_weight = a.migration_weight;
+  po.dispatch = parse_dispatch(a.dispatch);
   const int P = load.experts + a.redundant;
   check(a.ranks > 0 && P % a.ranks == 0, "plan: {} slots ({} experts + {} redundant) are not divisible by {} ranks",
         P, load.experts, a.redundant, a.ranks);
@@ -55,6 +57,13 @@ int run_plan(const PlanArgs& a) {
   fmt::print("balancedness before {:.4f} (worst layer {} {:.4f})  after {:.4f} (worst layer {} {:.4f})\n", b0.mean,
              b0.worst_layer, b0.worst, b1.mean, b1.worst_layer, b1.worst);
   fmt::print("max load / lower bound: before {:.4f}  after {:.4f}\n", b0.achieved_over_bound, b1.achieved_over_bound);
+  auto components = [&](const Placement& pl) {
+    int n = 0;
+    for (int l = 0; l < pl.layers; ++l) n = std::max(n, replica_graph_components(pl.layer(l), pl.ranks, pl.logical));
+    return n;
+  };
+  fmt::print("replica graph components (most in a layer; 1: balanced dispatch can move load between any ranks): "
+             "before {}  after {}\n", components(before), components(after));
   fmt::print("experts moved {} ({} local copies) relative to the {} placement\n", mig.experts_moved, mig.local,
              current ? "current" : "trivial");
   fmt::print("planned in {:.2f} ms\n", ms);
@@ -161,15 +170,16 @@ int run_synth(const SynthArgs& a) {
     fmt::print("suite: plan on {} passes, evaluate on the next {}; {} tokens/pass, drift {}, burst {}{}\n", a.window,
                a.eval, a.tokens, a.drift, a.burst,
                a.layers > 0 ? fmt::format(" ({} layers per workload)", a.layers) : "");
-    fmt::print("| workload | G+R | algorithm | in-sample (window sum) | max/bound | in-sample per pass, static | "
-               "out-of-sample per pass, static | out-of-sample per pass, balanced | plan ms (all layers) |\n"
-               "|---|---|---|---|---|---|---|---|---|\n");
+    fmt::print("| workload | G+R | algorithm | planned for | in-sample (window sum) | max/bound | per pass, static: "
+               "in-sample | out-of-sample | per pass, balanced: in-sample | out-of-sample | plan ms (all layers) |\n"
+               "|---|---|---|---|---|---|---|---|---|---|---|\n");
+    const size_t per_workload = rows.size() / suite.size();
     for (size_t i = 0; i < rows.size(); ++i) {
       const auto& r = rows[i];
-      const auto& w = suite[i / algs.size()];
-      fmt::print("| {} | {}+{} | {} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.1f} |\n", r.workload, w.ranks,
-                 w.redundant, r.algorithm, r.in_sample, r.achieved_over_bound, r.in_sample_pass, r.out_static,
-                 r.out_balanced, r.plan_ms);
+      const auto& w = suite[i / per_workload];
+      fmt::print("| {} | {}+{} | {} | {} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.4f} | {:.1f} |\n", r.workload,
+                 w.ranks, w.redundant, r.algorithm, r.planned_for.empty() ? "-" : r.planned_for, r.in_sample,
+                 r.achieved_over_bound, r.in_static, r.out_static, r.in_balanced, r.out_balanced, r.plan_ms);
     }
     return 0;
   }
@@ -202,6 +212,8 @@ void add_eplb(CLI::App& app, Runner& run) {
   plan->add_option("--current", pa->current, "placement in force (JSON physical_to_logical_map)");
   plan->add_option("--migration-weight", pa->migration_weight, "ballast: balance traded per moved expert");
   plan->add_option("--slices", pa->slices, "ballast: time slices of a [T][L][E] load");
+  plan->add_option("--dispatch", pa->dispatch,
+                   "ballast: dispatch policy the placement is served with (static | random | balanced)");
   plan->add_option("--output", pa->output, "placement JSON to write");
   plan->callback([pa, &run] { run = [pa] { return run_plan(*pa); }; });
 

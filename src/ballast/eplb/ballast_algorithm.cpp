@@ -21,6 +21,9 @@ struct Problem {
   double lambda = 0;        // migration weight, in score units per moved pair
   std::vector<uint8_t> cur_has;  // [G][E] replicas of e on rank g in the current placement
   bool has_current = false;
+  // Planned for balanced dispatch: packings link all ranks through shared experts (pack_lpt) and
+  // the searches keep that replica graph (only swaps of unreplicated experts).
+  bool linked = false;
 };
 
 // A packing: slot [G][K] -> expert, with rank loads per slice.
@@ -60,8 +63,12 @@ void recompute(const Problem& pr, Packing& pk) {
   for (int g = 0; g < G; ++g) pk.Q += pk.A[g] * pk.A[g];
 }
 
-// Heaviest replica first into the lightest rank with room that lacks the expert.
+// Heaviest replica first into the lightest rank with room that lacks the expert. pr.linked: a
+// further replica of an expert goes to the lightest such rank OUTSIDE the replica-graph component
+// of its expert's first holder when there is one, so that every redundant slot joins two
+// components and R >= G - 1 redundant slots link all ranks (a spanning tree of shared experts).
 Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
+  const bool connect = pr.linked;
   const int G = pr.G, K = pr.K, E = pr.E;
   Packing pk;
   pk.cnt = cnt;
@@ -85,17 +92,37 @@ Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
   for (int g = 0; g < G; ++g) heap.push_back({0.0, g});
   auto gt = std::greater<LR>();
   std::make_heap(heap.begin(), heap.end(), gt);
+  // Union-find over ranks (connect only) and the first holder of each expert.
+  std::vector<int> parent(connect ? G : 0), first(connect ? E : 0, -1);
+  std::iota(parent.begin(), parent.end(), 0);
+  auto find = [&](int x) {
+    while (parent[x] != x) x = parent[x] = parent[parent[x]];
+    return x;
+  };
   for (int e : items) {
     int best = -1;
     skipped.clear();
+    const int avoid = connect && first[e] >= 0 ? find(first[e]) : -1;
+    size_t fallback = SIZE_MAX;  // the lightest rank lacking e, inside the component
     while (!heap.empty()) {
       std::pop_heap(heap.begin(), heap.end(), gt);
       LR top = heap.back();
       heap.pop_back();
-      if (!has[size_t(top.second) * E + e]) { best = top.second; break; }
+      if (!has[size_t(top.second) * E + e]) {
+        if (avoid < 0 || find(top.second) != avoid) { best = top.second; break; }
+        if (fallback == SIZE_MAX) fallback = skipped.size();
+      }
       skipped.push_back(top);
     }
+    if (best < 0 && fallback != SIZE_MAX) {
+      best = skipped[fallback].second;
+      skipped.erase(skipped.begin() + fallback);
+    }
     for (const LR& x : skipped) heap.push_back(x), std::push_heap(heap.begin(), heap.end(), gt);
+    if (connect && best >= 0) {
+      if (first[e] < 0) first[e] = best;
+      else parent[find(best)] = find(first[e]);
+    }
     if (best < 0) {
       // (rare) the repair below changes loads: the heap is rebuilt after it.
       auto rebuild = [&] {
@@ -137,9 +164,10 @@ Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
   return pk;
 }
 
-// Swap-based local search on score = F + lambda * moved, secondary Q. keep_graph: only swaps of
-// experts with one replica each (they leave the replica graph of connect_replicas unchanged).
-void local_search(const Problem& pr, Packing& pk, bool keep_graph = false) {
+// Swap-based local search on score = F + lambda * moved, secondary Q. pr.linked: only swaps of
+// experts with one replica each (they leave the replica graph of metrics.h unchanged).
+void local_search(const Problem& pr, Packing& pk) {
+  const bool keep_graph = pr.linked;
   const int S = pr.S, G = pr.G, K = pr.K, E = pr.E;
   const double eps = 1e-12 * (pk.F + 1.0);
   std::vector<double> top1(S), top2(S), top3(S);
@@ -390,68 +418,6 @@ Packing from_row(const Problem& pr, const int32_t* row) {
 }
 
 
-// Components of the replica graph: ranks are nodes, an expert with replicas on ranks r1 < r2 < ...
-// links them. Balanced dispatch can move a pass's load only along these links, so a connected graph
-// lets it even out every rank (docs/eplb.md). Returns the number of components; comp [G].
-int replica_components(const Problem& pr, const Packing& pk, std::vector<int>& comp) {
-  const int G = pr.G, K = pr.K;
-  thread_local std::vector<int> parent, first, id;
-  parent.resize(G);
-  std::iota(parent.begin(), parent.end(), 0);
-  auto find = [&](int x) {
-    while (parent[x] != x) x = parent[x] = parent[parent[x]];
-    return x;
-  };
-  first.assign(pr.E, -1);
-  for (int g = 0; g < G; ++g)
-    for (int k = 0; k < K; ++k) {
-      int e = pk.slot[g * K + k];
-      if (pk.cnt[e] < 2) continue;
-      if (first[e] < 0) first[e] = g;
-      else parent[find(g)] = find(first[e]);
-    }
-  comp.resize(G);
-  int n = 0;
-  id.assign(G, -1);
-  for (int g = 0; g < G; ++g) {
-    int r = find(g);
-    if (id[r] < 0) id[r] = n++;
-    comp[g] = id[r];
-  }
-  return n;
-}
-
-// The same components from the ranks holding each replicated expert (`where`, only experts with
-// two or more replicas): O(G + sum of their counts) instead of a scan of all P slots, so that a
-// trial swap is checked exactly and cheaply.
-int components_from_where(int G, const std::vector<int>& replicated, const std::vector<std::vector<int>>& where,
-                          std::vector<int>& comp) {
-  thread_local std::vector<int> parent, id;
-  parent.resize(G);
-  std::iota(parent.begin(), parent.end(), 0);
-  auto find = [&](int x) {
-    while (parent[x] != x) x = parent[x] = parent[parent[x]];
-    return x;
-  };
-  for (int e : replicated) {
-    const auto& w = where[e];
-    int r0 = find(w[0]);
-    for (size_t q = 1; q < w.size(); ++q) {
-      int r = find(w[q]);
-      if (r != r0) parent[r] = r0;
-    }
-  }
-  comp.resize(G);
-  id.assign(G, -1);
-  int n = 0;
-  for (int g = 0; g < G; ++g) {
-    int r = find(g);
-    if (id[r] < 0) id[r] = n++;
-    comp[g] = id[r];
-  }
-  return n;
-}
-
 void swap_slots(const Problem& pr, Packing& pk, int a, int i, int b, int j) {
   const int K = pr.K, E = pr.E, S = pr.S;
   int ei = pk.slot[a * K + i], ej = pk.slot[b * K + j];
@@ -464,103 +430,6 @@ void swap_slots(const Problem& pr, Packing& pk, int a, int i, int b, int j) {
   pk.has[size_t(a) * E + ei]--, pk.has[size_t(b) * E + ei]++;
   pk.has[size_t(b) * E + ej]--, pk.has[size_t(a) * E + ej]++;
   pk.slot[a * K + i] = ej, pk.slot[b * K + j] = ei;
-}
-
-// Joins the components of the replica graph by swaps: a replica of a replicated expert on a rank
-// of one component for a slot of another component, the swap that raises the larger of the two
-// rank loads least (aggregate loads) among those that lower the number of components.
-// Returns whether the aggregate's max rank load rose.
-bool connect_replicas(const Problem& pr, Packing& pk) {
-  const double max_before = *std::max_element(pk.A.begin(), pk.A.end());
-  const int G = pr.G, K = pr.K, E = pr.E;
-  std::vector<int> comp;
-  int n = replica_components(pr, pk, comp);
-  struct Cand { double cost; int a, i, b, j; };
-  std::vector<Cand> cand;
-  // Replicated experts by per-replica load: a swap partner y is matched with the x of nearest load.
-  std::vector<std::pair<double, int>> rep;
-  for (int e = 0; e < E; ++e)
-    if (pk.cnt[e] > 1) rep.push_back({pr.agg[e] / pk.cnt[e], e});
-  std::sort(rep.begin(), rep.end());
-  std::vector<std::vector<int>> where(E);  // ranks holding each replicated expert
-  std::vector<int> replicated;
-  for (int g = 0; g < G; ++g)
-    for (int k = 0; k < K; ++k)
-      if (pk.cnt[pk.slot[g * K + k]] > 1) where[pk.slot[g * K + k]].push_back(g);
-  for (int e = 0; e < E; ++e)
-    if (pk.cnt[e] > 1) replicated.push_back(e);
-  // Trial swaps per layer (each checked exactly in O(G + R)): bounds the time.
-  int budget = std::max(8, G / 4);
-  for (int round = 0; n > 1 && round < 4 * G && budget > 0; ++round) {
-    cand.clear();
-    const double amax = *std::max_element(pk.A.begin(), pk.A.end());
-    // Components by size (ascending, lower id on ties): the first that can be joined to another
-    // by one swap is joined this round.
-    std::vector<int> size(n, 0);
-    for (int g = 0; g < G; ++g) size[comp[g]]++;
-    std::vector<int> order(n);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int u, int v) { return size[u] < size[v]; });
-    // Replicated slots per rank: a rank that keeps another replicated expert after giving x away
-    // most likely stays joined to its component (the swap then joins two components).
-    std::vector<int> deg(G, 0);
-    for (int g = 0; g < G; ++g)
-      for (int k = 0; k < K; ++k) deg[g] += pk.cnt[pk.slot[g * K + k]] > 1;
-    bool merged = false;
-    // Partners of nearest load first; all replicated experts when that joins nothing.
-    if (order.size() > 3) order.resize(3);  // the three smallest components
-    for (int width : {8})
-    for (int small : order) {
-      if (merged) break;
-      if (width > 8 && size[small] > 8) continue;
-      cand.clear();
-      for (int b = 0; b < G; ++b) {
-        if (comp[b] != small) continue;
-        for (int j = 0; j < K; ++j) {
-          int y = pk.slot[b * K + j];
-          double ay = pr.agg[y] / pk.cnt[y];
-          const int c0 = int(std::lower_bound(rep.begin(), rep.end(), std::make_pair(ay, -1)) - rep.begin());
-          for (int c = std::max(0, c0 - width); c < std::min(int(rep.size()), c0 + width); ++c) {
-            int x = rep[c].second;
-            if (x == y || pk.has[size_t(b) * E + x]) continue;
-            double ax = rep[c].first;
-            for (int a : where[x]) {
-              if (comp[a] == small || pk.has[size_t(a) * E + y]) continue;
-              int i = 0;
-              while (pk.slot[a * K + i] != x) ++i;
-              double na = pk.A[a] - ax + ay, nb = pk.A[b] - ay + ax;
-              double cost = std::max(0.0, std::max(na, nb) - amax);
-              cand.push_back({(deg[a] > 1 ? 0.0 : 1.0) + cost / (amax + 1e-300) + 1e-6 * std::abs(ax - ay) / (amax + 1e-300), a, i, b, j});
-            }
-          }
-        }
-      }
-        if (cand.empty()) continue;
-      auto less = [](const Cand& u, const Cand& v) {
-        return u.cost != v.cost ? u.cost < v.cost : std::tie(u.a, u.i, u.b, u.j) < std::tie(v.a, v.i, v.b, v.j);
-      };
-      const size_t top = std::min<size_t>(cand.size(), width > 8 ? 24 : 6);
-      std::partial_sort(cand.begin(), cand.begin() + top, cand.end(), less);
-      thread_local std::vector<int> nc;
-      for (size_t c = 0; c < top && !merged && budget > 0; ++c, --budget) {
-        const Cand& d = cand[c];
-        int x = pk.slot[d.a * K + d.i], y = pk.slot[d.b * K + d.j];
-        std::replace(where[x].begin(), where[x].end(), d.a, d.b);
-        if (pk.cnt[y] > 1) std::replace(where[y].begin(), where[y].end(), d.b, d.a);
-        int m = components_from_where(G, replicated, where, nc);
-        if (m < n) {
-          n = m, std::swap(comp, nc), merged = true;
-          swap_slots(pr, pk, d.a, d.i, d.b, d.j);
-        } else {
-          std::replace(where[x].begin(), where[x].end(), d.b, d.a);
-          if (pk.cnt[y] > 1) std::replace(where[y].begin(), where[y].end(), d.a, d.b);
-        }
-      }
-    }
-    if (!merged) break;
-  }
-  recompute(pr, pk);
-  return *std::max_element(pk.A.begin(), pk.A.end()) > max_before * (1 + 1e-12);
 }
 
 // The same problem on the window's aggregate only (S = 1): what the count search and the
@@ -603,8 +472,8 @@ void move_holder(std::vector<int>& h, int from, int to) {
 
 // Swaps that take the most loaded rank under static dispatch below the maximum (first found,
 // partners from the lightest),
-// keeping the even-split maximum within `even_slack` of its value and the number of components of
-// the replica graph. Returns the number of swaps applied.
+// keeping the even-split maximum within `even_slack` of its value. Returns the number of swaps
+// applied.
 int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_iter, int64_t budget) {
   const int G = pr.G, K = pr.K, E = pr.E;
   for (int p = 0; p < pr.P; ++p)  // duplicates on a rank (from a current placement): the model does not hold
@@ -619,13 +488,9 @@ int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_ite
   for (int g = 0; g < G; ++g)
     for (int k = 0; k < K; ++k) st.where[pk.slot[g * K + k]].push_back(g);
   for (int e = 0; e < E; ++e) st.add(pr, e, st.where[e], 1.0, st.L);
-  thread_local std::vector<int> replicated, comp, order, touched, hx, hy;
+  thread_local std::vector<int> order, touched, hx, hy;
   thread_local std::vector<double> nl, sc, lo, hi;
   thread_local std::vector<uint8_t> mark;
-  replicated.clear();
-  for (int e = 0; e < E; ++e)
-    if (pk.cnt[e] > 1) replicated.push_back(e);
-  const int n0 = components_from_where(G, replicated, st.where, comp);
   const double even_cap = *std::max_element(pk.A.begin(), pk.A.end()) * (1 + even_slack);
   order.resize(G), touched.clear(), nl.resize(G), mark.assign(G, 0);
   // Each slot's static load (its expert's share on that rank) and per rank the least and most.
@@ -693,12 +558,6 @@ int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_ite
           double mt = 0;
           for (int g : touched) mt = std::max(mt, nl[g]), mark[g] = 0;
           if (mt >= lmax - eps) continue;
-          {  // keep the replica graph's components
-            std::swap(st.where[x], hx), std::swap(st.where[y], hy);
-            const int n = components_from_where(G, replicated, st.where, comp);
-            std::swap(st.where[x], hx), std::swap(st.where[y], hy);
-            if (n > n0) continue;
-          }
           bi = i, bb = b, bj = j;
           goto found;
         }
@@ -752,6 +611,7 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
   for (int s = 0; s < S; ++s) pr.bound += max_load_lower_bound(slices + s * stride, E, P, G);
   // Loads are in their own units; the migration penalty is in units of the bound per slot.
   pr.lambda = opt.migration_weight * (pr.bound > 0 ? pr.bound : 1.0) / P;
+  pr.linked = opt.dispatch == Dispatch::balanced && P > E && G > 1;
   if (current_row) {
     pr.has_current = true;
     pr.cur_has.assign(size_t(G) * E, 0);
@@ -770,9 +630,9 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
   Packing cand = pack_and_search(pa, cnt);
   int rounds = opt.count_rounds >= 0 ? opt.count_rounds : (E <= 32 ? 2 * E : 2);
   if (cand.F > pa.bound * 1.002) cand = search_counts(pa, std::move(cand), rounds);
-  if (cand.F > pa.bound * 1.001 && E <= 128) {
+  if (cand.F > pa.bound * 1.001 && E <= 128 && !pr.linked) {
     // Small layers: also start from deepseek's placement when it keeps replicas on distinct
-    // ranks, so that ballast is never worse than it there.
+    // ranks, so that ballast is never worse than it there (its replicas do not link the ranks).
     std::vector<float> wf(E);
     for (int e = 0; e < E; ++e) wf[e] = float(pr.agg[e]);
     std::vector<int32_t> p2l(P), rk(P), lc(E), pi(P), rip(P), slot(P);
@@ -796,18 +656,13 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
     local_search(pr, fresh);
     Packing kept = from_row(pr, current_row);
     local_search(pr, kept);
-    best = better(pr, kept, fresh) ? std::move(kept) : std::move(fresh);
+    // For balanced dispatch fewer components first: a split graph caps every pass's balance.
+    auto components = [&](const Packing& pk) { return pr.linked ? replica_graph_components(pk.slot, G, E) : 0; };
+    const int ck = components(kept), cf = components(fresh);
+    best = ck != cf ? (ck < cf ? std::move(kept) : std::move(fresh))
+           : better(pr, kept, fresh) ? std::move(kept) : std::move(fresh);
   }
-  if (opt.connect && P > E && G > 1) {
-    Packing joined = best;
-    if (connect_replicas(pr, joined) || S > 1) local_search(pr, joined, /*keep_graph=*/true);
-    // Kept when the aggregate's max rank load does not rise and the score rises by at most the
-    // tolerance (in-sample balance is never traded for connectivity).
-    double m0 = *std::max_element(best.A.begin(), best.A.end()), m1 = *std::max_element(joined.A.begin(), joined.A.end());
-    if (m1 <= m0 * (1 + 1e-4) && joined.score(pr) <= best.score(pr) * (1 + opt.connect_tolerance) + 1e-12)
-      best = std::move(joined);
-  }
-  if (opt.static_polish && P > E && G > 1) {
+  if (opt.static_polish && !pr.linked && P > E && G > 1) {
     // Static dispatch's shares (StaticLoads) on the aggregate; with a current placement only when
     // it moves no more experts.
     Packing polished = best;

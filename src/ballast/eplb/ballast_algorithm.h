@@ -13,11 +13,14 @@
 //      slots keep their index where the expert stays, and a penalty `migration_weight` per moved
 //      expert is added to the score, also starting a local search from the current placement;
 //      the better of the two by score is kept;
-//   6. replica graph: swaps that join the ranks into one component through shared experts (so
-//      that balanced dispatch can even out every pass), then a local search that keeps it; kept
-//      when it costs at most `connect_tolerance` of the score;
-//   7. static polish: swaps scored on the rank loads under `static` dispatch (exact shares).
+//   6. for `balanced` dispatch (BallastOptions::dispatch): the packing of step 2 is redone with
+//      the chosen counts so that every further replica of an expert goes to a rank outside the
+//      component of its first holder in the replica graph (ranks linked by the experts they
+//      share): R >= G - 1 redundant slots then link all ranks, and balanced dispatch can move any
+//      pass's excess from one rank to any other. Steps 3 and 5 then keep that graph;
+//   7. for `static` dispatch: swaps scored on the rank loads under static dispatch (exact shares).
 // Deterministic: the same inputs give the same placement on every rank.
+#include "ballast/eplb/dispatch.h"
 #include "ballast/eplb/load.h"
 #include "ballast/eplb/placement.h"
 
@@ -34,14 +37,14 @@ struct BallastOptions {
   double migration_weight = 0.0;
   const Placement* current = nullptr;  // optional placement in force (same L, E, P, G)
   int count_rounds = -1;               // joint-count rounds per layer (-1: automatic by size)
-  // Keep the replica graph connected (ranks linked by experts they share): then `balanced`
-  // dispatch can move any pass's excess from one rank to any other.
-  bool connect = true;
-  double connect_tolerance = 0.002;
-  // Last step: swaps that lower the largest rank load under `static` dispatch (dispatch.h: each
+  // The dispatch policy the placement will be served with (the engine's --ep-dispatch-algorithm):
+  // `balanced` plans a connected replica graph (step 6), `static` and `random` the even split
+  // polished for static shares (step 7).
+  Dispatch dispatch = Dispatch::static_;
+  // Step 7: swaps that lower the largest rank load under `static` dispatch (dispatch.h: each
   // replica serves its own rank plus a fair share of the other source ranks, so replicas of one
   // expert carry unequal shares when their count does not divide G), keeping the even-split
-  // maximum within static_even_slack of its value and the replica graph's components.
+  // maximum within static_even_slack of its value.
   bool static_polish = true;
   double static_even_slack = 0.0;
   int static_budget = 8;   // swap trials (pre-filtered) per layer, in units of P: bounds the time

@@ -3,6 +3,7 @@
 #include "ballast/core/error.h"
 
 #include <algorithm>
+#include <numeric>
 
 
 namespace ballast::eplb {
@@ -21,6 +22,24 @@ std::vector<double> rank_loads_from_slots(std::span<const double> slot_load, int
   std::vector<double> load(ranks, 0.0);
   for (size_t p = 0; p < slot_load.size(); ++p) load[p / K] += slot_load[p];
   return load;
+}
+
+int replica_graph_components(std::span<const int32_t> row, int G, int E) {
+  const int K = int(row.size()) / G;
+  std::vector<int> parent(G), first(E, -1);
+  std::iota(parent.begin(), parent.end(), 0);
+  auto find = [&](int x) {
+    while (parent[x] != x) x = parent[x] = parent[parent[x]];
+    return x;
+  };
+  int n = G;
+  for (int p = 0; p < int(row.size()); ++p) {
+    const int e = row[p], g = p / K;
+    if (first[e] < 0) { first[e] = g; continue; }
+    const int a = find(g), b = find(first[e]);
+    if (a != b) parent[a] = b, --n;
+  }
+  return n;
 }
 
 double balancedness(std::span<const double> l) {

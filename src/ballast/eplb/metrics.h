@@ -16,6 +16,10 @@ std::vector<double> rank_loads_even(std::span<const int32_t> row, int ranks, con
 // Rank loads [G] from slot loads [P].
 std::vector<double> rank_loads_from_slots(std::span<const double> slot_load, int ranks);
 
+// Components of the replica graph of a layer: ranks are nodes, an expert with replicas on several
+// ranks links them. Balanced dispatch moves a pass's load only along these links, so with one
+// component it can even out any rank; with G isolated ranks it is static dispatch.
+int replica_graph_components(std::span<const int32_t> row, int ranks, int experts);
 double balancedness(std::span<const double> rank_load);  // mean / max (1 when all zero)
 double imbalance(std::span<const double> rank_load);     // max / mean - 1 (0 when all zero)
 

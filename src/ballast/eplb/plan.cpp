@@ -31,6 +31,7 @@ Placement plan(const LoadTrace& load, const PlanOptions& opt, std::vector<LayerP
   if (opt.algorithm == Algorithm::ballast) {
     BallastOptions b;
     b.ranks = opt.ranks, b.physical = P, b.migration_weight = opt.migration_weight, b.current = opt.current;
+    b.dispatch = opt.dispatch;
     LoadTrace sl = load.passes == 1 ? load : load.slices(0, load.passes, std::max(1, opt.slices));
     return ballast_rebalance(sl, b, stats);
   }

@@ -20,6 +20,7 @@ struct PlanOptions {
   int groups = 1;      // deepseek_hierarchical: expert groups
   int slices = 4;      // ballast: time slices of the window (when the load has passes)
   double migration_weight = 0.0;        // ballast: see BallastOptions
+  Dispatch dispatch = Dispatch::static_;  // ballast: the dispatch policy served with (BallastOptions)
   const Placement* current = nullptr;   // ballast: placement in force
 };
 

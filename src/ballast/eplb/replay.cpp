@@ -42,38 +42,52 @@ std::vector<SuiteWorkload> default_suite(int window, int eval_passes, const Synt
 
 std::vector<SuiteRow> run_suite(const std::vector<SuiteWorkload>& suite, int window,
                                 const std::vector<Algorithm>& algorithms, int slices, int max_layers) {
+  struct Variant { Algorithm algorithm; Dispatch target; bool has_target; };
+  std::vector<Variant> variants;
+  for (Algorithm a : algorithms) {
+    if (a == Algorithm::ballast)
+      variants.push_back({a, Dispatch::static_, true}), variants.push_back({a, Dispatch::balanced, true});
+    else
+      variants.push_back({a, Dispatch::static_, false});
+  }
   std::vector<SuiteRow> rows;
   for (const auto& w : suite) {
     const int E = w.spec.experts, P = E + w.redundant, G = w.ranks, T = w.spec.passes;
     check(window > 0 && window < T, "suite: window {} must be inside the {} passes", window, T);
     const int L = max_layers > 0 ? std::min(max_layers, w.spec.layers) : w.spec.layers;
-    std::vector<SuiteRow> acc(algorithms.size());
-    for (size_t a = 0; a < algorithms.size(); ++a) acc[a].workload = w.spec.name, acc[a].algorithm = algorithm_name(algorithms[a]);
+    std::vector<SuiteRow> acc(variants.size());
+    for (size_t v = 0; v < variants.size(); ++v) {
+      acc[v].workload = w.spec.name, acc[v].algorithm = algorithm_name(variants[v].algorithm);
+      if (variants[v].has_target) acc[v].planned_for = dispatch_name(variants[v].target);
+    }
     for (int l = 0; l < L; ++l) {
       auto counts = synth_layer(w.spec, l);  // [T][E]
       LoadTrace win(window, 1, E);
       std::copy(counts.begin(), counts.begin() + size_t(window) * E, win.count.begin());
       LoadTrace sum = win.sum();
-      for (size_t a = 0; a < algorithms.size(); ++a) {
+      const double* later = counts.data() + size_t(window) * E;
+      for (size_t v = 0; v < variants.size(); ++v) {
         PlanOptions po;
-        po.algorithm = algorithms[a], po.ranks = G, po.redundant = w.redundant, po.slices = slices;
+        po.algorithm = variants[v].algorithm, po.ranks = G, po.redundant = w.redundant, po.slices = slices;
+        po.dispatch = variants[v].target;
         auto t0 = std::chrono::steady_clock::now();
         Placement pl = plan(win, po);
-        acc[a].plan_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        SuiteRow& r = acc[v];
+        r.plan_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
         auto row = pl.layer(0);
         auto rl = rank_loads_even(row, G, sum.at(0, 0), E);
-        acc[a].in_sample += balancedness(rl);
-        double mx = *std::max_element(rl.begin(), rl.end());
-        acc[a].achieved_over_bound += mx / max_load_lower_bound(sum.at(0, 0), E, P, G);
-        acc[a].in_sample_pass +=
-            mean_pass_balancedness(row, G, 0, Dispatch::static_, counts.data(), window, E, E);
-        const double* later = counts.data() + size_t(window) * E;
-        acc[a].out_static += mean_pass_balancedness(row, G, 0, Dispatch::static_, later, T - window, E, E);
-        acc[a].out_balanced += mean_pass_balancedness(row, G, 0, Dispatch::balanced, later, T - window, E, E);
+        r.in_sample += balancedness(rl);
+        r.achieved_over_bound += *std::max_element(rl.begin(), rl.end()) / max_load_lower_bound(sum.at(0, 0), E, P, G);
+        auto per_pass = [&](Dispatch d, const double* c, int n) { return mean_pass_balancedness(row, G, 0, d, c, n, E, E); };
+        r.in_static += per_pass(Dispatch::static_, counts.data(), window);
+        r.out_static += per_pass(Dispatch::static_, later, T - window);
+        r.in_balanced += per_pass(Dispatch::balanced, counts.data(), window);
+        r.out_balanced += per_pass(Dispatch::balanced, later, T - window);
       }
     }
     for (auto& r : acc) {
-      r.in_sample /= L, r.in_sample_pass /= L, r.out_static /= L, r.out_balanced /= L, r.achieved_over_bound /= L;
+      for (double* x : {&r.in_sample, &r.in_static, &r.out_static, &r.in_balanced, &r.out_balanced, &r.achieved_over_bound})
+        *x /= L;
       r.plan_ms *= double(w.spec.layers) / L;  // all layers
       rows.push_back(r);
     }
@@ -88,45 +102,38 @@ std::vector<ReplaySeries> replay(const LoadTrace& trace, const ReplayOptions& op
   check(P % G == 0, "replay: {} slots ({} experts + {} redundant) are not divisible by {} ranks", P, E, opt.redundant,
         G);
   std::vector<ReplaySeries> out;
-  for (Algorithm alg : opt.algorithms) {
-    std::vector<ReplaySeries> series;
+  // Each (algorithm, dispatch) pair runs its own schedule: ballast plans for the dispatch policy
+  // it will be served with.
+  for (Algorithm alg : opt.algorithms)
     for (Dispatch d : opt.dispatches) {
       ReplaySeries s;
       s.algorithm = algorithm_name(alg), s.dispatch = dispatch_name(d);
       s.per_pass.assign(T, 0.0);
-      series.push_back(s);
-    }
-    Placement current = Placement::trivial(L, E, P, G);
-    std::vector<int> moved;
-    for (int t = 0; t < T; ++t) {
-      if (t > 0 && t % opt.interval == 0) {
-        PlanOptions po;
-        po.algorithm = alg, po.ranks = G, po.redundant = opt.redundant, po.nodes = opt.nodes, po.groups = opt.groups;
-        po.slices = opt.slices, po.migration_weight = opt.migration_weight, po.current = &current;
-        Placement next = plan(trace.range(t - opt.interval, t), po);
-        moved.push_back(plan_migration(current, next, opt.ranks_per_node).experts_moved);
-        current = std::move(next);
-      }
-      for (size_t i = 0; i < opt.dispatches.size(); ++i) {
-        double s = 0;
-        for (int l = 0; l < L; ++l) {
-          auto slot = dispatch(opt.dispatches[i], current.layer(l), G, opt.ranks_per_node, trace.at(t, l), E,
-                               uint64_t(t) * 1000003u + l);
-          s += balancedness(rank_loads_from_slots(slot, G));
+      Placement current = Placement::trivial(L, E, P, G);
+      for (int t = 0; t < T; ++t) {
+        if (t > 0 && t % opt.interval == 0) {
+          PlanOptions po;
+          po.algorithm = alg, po.ranks = G, po.redundant = opt.redundant, po.nodes = opt.nodes, po.groups = opt.groups;
+          po.slices = opt.slices, po.migration_weight = opt.migration_weight, po.current = &current, po.dispatch = d;
+          Placement next = plan(trace.range(t - opt.interval, t), po);
+          s.moved.push_back(plan_migration(current, next, opt.ranks_per_node).experts_moved);
+          current = std::move(next);
         }
-        series[i].per_pass[t] = s / L;
+        double sum = 0;
+        for (int l = 0; l < L; ++l) {
+          auto slot = dispatch(d, current.layer(l), G, opt.ranks_per_node, trace.at(t, l), E, uint64_t(t) * 1000003u + l);
+          sum += balancedness(rank_loads_from_slots(slot, G));
+        }
+        s.per_pass[t] = sum / L;
       }
-    }
-    for (auto& s : series) {
-      s.moved = moved;
-      for (int m : moved) s.total_moved += m;
+      for (int m : s.moved) s.total_moved += m;
       int n = 0;
       double sum = 0;
-      for (int t = std::min(opt.interval, T - 1); t < T; ++t) sum += s.per_pass[t], n++, s.min_after_first = std::min(s.min_after_first, s.per_pass[t]);
+      for (int t = std::min(opt.interval, T - 1); t < T; ++t)
+        sum += s.per_pass[t], n++, s.min_after_first = std::min(s.min_after_first, s.per_pass[t]);
       s.mean_after_first = n ? sum / n : 0;
       out.push_back(std::move(s));
     }
-  }
   return out;
 }
 

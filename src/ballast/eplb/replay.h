@@ -27,16 +27,19 @@ std::vector<SuiteWorkload> default_suite(int window, int eval_passes, const Synt
 
 struct SuiteRow {
   std::string workload, algorithm;
+  std::string planned_for;       // ballast: the dispatch policy it planned for ("" for the others)
   double in_sample = 0;          // window's sum, even split over replicas (what the planner sees)
-  double in_sample_pass = 0;     // per pass over the window, static dispatch
+  double in_static = 0;          // per pass over the window, static dispatch
   double out_static = 0;         // per pass after the window, static dispatch
+  double in_balanced = 0;        // per pass over the window, balanced dispatch
   double out_balanced = 0;       // per pass after the window, balanced dispatch
   double achieved_over_bound = 0;  // in-sample max load / lower bound
   double plan_ms = 0;            // planning time for all layers
 };
 
-// Plans on passes [0, window) of each workload with each algorithm, evaluates on passes
-// [window, window + eval). max_layers > 0 limits the layers evaluated (a quick run).
+// Plans on passes [0, window) of each workload with each algorithm (ballast twice: planned for
+// static and for balanced dispatch), evaluates on passes [window, window + eval). Rows: per
+// workload, per algorithm (and target). max_layers > 0 limits the layers evaluated (a quick run).
 std::vector<SuiteRow> run_suite(const std::vector<SuiteWorkload>& suite, int window,
                                 const std::vector<Algorithm>& algorithms, int slices = 4, int max_layers = 0);
 

@@ -63,6 +63,7 @@ void Rebalancer::start_rebalance() {
   opt.redundant = d_.placement.physical - d_.placement.logical;
   opt.slices = d_.options.rebalance.slices;
   opt.migration_weight = d_.options.rebalance.migration_weight;
+  opt.dispatch = d_.options.dispatch;  // planned for the policy this domain serves with
   opt.current = &d_.placement;
   target_ = eplb::plan(load, opt);
   plan_ = eplb::plan_migration(d_.placement, target_, d_.options.ranks_per_node, int64_t(slots_.bytes_per_expert()));
