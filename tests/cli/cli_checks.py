@@ -126,6 +126,60 @@ def check_inspect(args):
     assert "parameters" in text or "params" in text, j
 
 
+def check_eplb_commands(args):
+    # synth -> plan (deepseek, ballast for static and for balanced dispatch, from a current placement)
+    # -> report -> replay, and bad input refused with a message naming the fault.
+    b = [args.ballast, "eplb"]
+    with tempfile.TemporaryDirectory() as tmp:
+        trace = os.path.join(tmp, "trace.safetensors")
+        run(b + ["synth", "--model", "deepseek-v3", "--popularity", "zipf", "--skew", "0.9", "--layers", "2",
+                 "--passes", "300", "--tokens", "4096", "--output", trace])
+        plans = {}
+        for name, extra in (("deepseek", ["--algorithm", "deepseek"]), ("static", []),
+                            ("balanced", ["--dispatch", "balanced"])):
+            out = os.path.join(tmp, name + ".json")
+            text = run(b + ["plan", "--load", trace, "--ranks", "32", "--redundant", "32", "--output", out] + extra).stdout
+            with open(out) as f:
+                rows = json.load(f)["physical_to_logical_map"]
+            assert len(rows) == 2 and all(len(r) == 288 and sorted(set(r)) == list(range(256)) for r in rows), name
+            after = float(text.split("after ")[1].split()[0])
+            components = int(text.split("replica graph components")[1].split("after ")[1].split()[0])
+            plans[name] = (after, components, out)
+        assert plans["static"][0] >= plans["deepseek"][0] - 1e-4, plans
+        assert plans["balanced"][1] == 1 and plans["static"][1] > 1, plans
+        moved = run(b + ["plan", "--load", trace, "--ranks", "32", "--redundant", "32", "--current", plans["balanced"][2],
+                         "--dispatch", "balanced", "--migration-weight", "0.5", "--output", os.path.join(tmp, "next.json")]).stdout
+        assert "relative to the current placement" in moved, moved
+        svg = os.path.join(tmp, "report.svg")
+        report = run(b + ["report", "--load", trace, "--after", plans["static"][2], "--ranks", "32", "--svg", svg]).stdout
+        assert "layer" in report and open(svg).read().lstrip().startswith("<svg"), report
+        svg = os.path.join(tmp, "replay.svg")
+        table = run(b + ["replay", "--trace", trace, "--interval", "100", "--ranks", "32", "--redundant", "32",
+                         "--svg", svg]).stdout
+        rows = {tuple(c.strip() for c in line.split("|")[1:3]): float(line.split("|")[3]) for line in table.splitlines()
+                if line.startswith("| ") and line.split("|")[3].strip()[:1].isdigit()}
+        assert set(rows) == {(a, d) for a in ("deepseek", "ballast") for d in ("static", "balanced")}, table
+        assert rows[("ballast", "balanced")] >= 0.97 and rows[("ballast", "balanced")] > rows[("deepseek", "balanced")], table
+        assert open(svg).read().lstrip().startswith("<svg")
+        bad = {"ragged.json": ('{"logical_count": [[1,2,3,4],[1,2]]}', "ragged"),
+               "negative.json": ('{"logical_count": [[1,-2,3,4]]}', "-2"),
+               "broken.json": ('{"logical_count": [[1,2,3,4]]', "not valid JSON")}
+        for name, (content, message) in bad.items():
+            path = os.path.join(tmp, name)
+            with open(path, "w") as f:
+                f.write(content)
+            err = run(b + ["plan", "--load", path, "--ranks", "2", "--redundant", "0", "--output", path + ".out"], 1).stderr
+            assert name in err and message in err, (name, err)
+        ok = os.path.join(tmp, "ok.json")
+        with open(ok, "w") as f:
+            f.write('{"logical_count": [[1,2,3,4]]}')
+        for extra, message in ((["--ranks", "3", "--redundant", "0"], "not divisible by 3 ranks"),
+                               (["--ranks", "2", "--redundant", "-2"], "fewer than 4 logical experts"),
+                               (["--ranks", "2", "--redundant", "0", "--dispatch", "fastest"], "unknown dispatch")):
+            err = run(b + ["plan", "--load", ok, "--output", ok + ".out"] + extra, 1).stderr
+            assert message in err, (extra, err)
+
+
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}
 
 if __name__ == "__main__":
