@@ -78,17 +78,19 @@ nlohmann::json ep_summary(runtime::Engine& engine, int ranks) {
   j["rebalances"] = events;
   const auto& b = rb->balancedness();
   j["balancedness"] = b;
-  // Mean per-pass balancedness before the first rebalance switched and after the last one.
-  auto mean = [&](size_t lo, size_t hi) {
+  // Mean per-pass balancedness before the first rebalance, and after the first and the last one
+  // (null when no pass ran in that range).
+  auto mean = [&](size_t lo, size_t hi) -> nlohmann::json {
+    if (hi <= lo) return nullptr;
     double s = 0;
     for (size_t i = lo; i < hi; ++i) s += b[i];
-    return hi > lo ? s / double(hi - lo) : 0.0;
+    return s / double(hi - lo);
   };
   if (!rb->events().empty()) {
-    const size_t first = std::min(b.size(), size_t(rb->events().front().pass));
-    const size_t last = std::min(b.size(), size_t(rb->events().back().pass) + 1);
-    j["balancedness_before_first_rebalance"] = mean(0, first);
-    j["balancedness_after_last_rebalance"] = mean(last, b.size());
+    auto after = [&](const auto& e) { return std::min(b.size(), size_t(e.pass) + 1); };
+    j["balancedness_before_first_rebalance"] = mean(0, std::min(b.size(), size_t(rb->events().front().pass)));
+    j["balancedness_after_first_rebalance"] = mean(after(rb->events().front()), b.size());
+    j["balancedness_after_last_rebalance"] = mean(after(rb->events().back()), b.size());
   } else {
     j["balancedness_mean"] = mean(0, b.size());
   }
