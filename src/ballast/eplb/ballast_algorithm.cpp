@@ -40,18 +40,19 @@ struct Packing {
 
 double item(const Problem& pr, const Packing& pk, int e, int s) { return pr.w[size_t(e) * pr.S + s] / pk.cnt[e]; }
 
-void recompute(const Problem& pr, Packing& pk) {
+// Rank loads, F, Q, moved (and `has` unless the caller already built it) from slot and cnt.
+void recompute(const Problem& pr, Packing& pk, bool has_ready = false) {
   const int S = pr.S, G = pr.G, K = pr.K;
   pk.load.assign(size_t(G) * S, 0.0);
   pk.A.assign(G, 0.0);
-  pk.has.assign(size_t(G) * pr.E, 0);
+  if (!has_ready) pk.has.assign(size_t(G) * pr.E, 0);
   pk.moved = 0;
   for (int g = 0; g < G; ++g)
     for (int k = 0; k < K; ++k) {
       int e = pk.slot[g * K + k];
       for (int s = 0; s < S; ++s) pk.load[size_t(g) * S + s] += item(pr, pk, e, s);
       pk.A[g] += pr.agg[e] / pk.cnt[e];
-      pk.has[size_t(g) * pr.E + e]++;
+      if (!has_ready) pk.has[size_t(g) * pr.E + e]++;
       if (pr.has_current && !pr.cur_has[size_t(g) * pr.E + e]) pk.moved++;
     }
   pk.F = 0, pk.Q = 0;
@@ -67,22 +68,41 @@ void recompute(const Problem& pr, Packing& pk) {
 // further replica of an expert goes to the lightest such rank OUTSIDE the replica-graph component
 // of its expert's first holder when there is one, so that every redundant slot joins two
 // components and R >= G - 1 redundant slots link all ranks (a spanning tree of shared experts).
-Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
+// The order LPT visits experts in: per-replica load descending, lower expert on ties.
+using LptKey = std::pair<double, int>;  // (-agg / cnt, e)
+std::vector<LptKey> lpt_order(const Problem& pr, const std::vector<int32_t>& cnt) {
+  std::vector<LptKey> key(pr.E);
+  for (int e = 0; e < pr.E; ++e) key[e] = {-pr.agg[e] / cnt[e], e};
+  std::sort(key.begin(), key.end());
+  return key;
+}
+
+// The same order after the counts of experts e and f changed (cnt holds the new counts): the two
+// keys are taken out and put back in place, O(E) instead of a sort.
+std::vector<LptKey> lpt_order_after(const Problem& pr, std::vector<LptKey> key, const std::vector<int32_t>& cnt,
+                                     int e, int f) {
+  std::erase_if(key, [&](const LptKey& k) { return k.second == e || k.second == f; });
+  for (int x : {e, f}) {
+    const LptKey k{-pr.agg[x] / cnt[x], x};
+    key.insert(std::lower_bound(key.begin(), key.end(), k), k);
+  }
+  return key;
+}
+
+Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt, const std::vector<LptKey>& key) {
   const bool connect = pr.linked;
   const int G = pr.G, K = pr.K, E = pr.E;
   Packing pk;
   pk.cnt = cnt;
-  // Experts by per-replica load, descending (ties: lower expert), each repeated c_e times.
-  std::vector<std::pair<double, int>> key(E);
-  for (int e = 0; e < E; ++e) key[e] = {-pr.agg[e] / cnt[e], e};
-  std::sort(key.begin(), key.end());
+  // Each expert repeated c_e times, in LPT order.
   std::vector<int32_t> items;
   items.reserve(pr.P);
   for (auto [k, e] : key)
     for (int c = 0; c < cnt[e]; ++c) items.push_back(e);
   std::vector<int32_t> fill(G, 0);
   std::vector<double> A(G, 0.0);
-  std::vector<uint8_t> has(size_t(G) * E, 0);
+  std::vector<uint8_t>& has = pk.has;
+  has.assign(size_t(G) * E, 0);
   pk.slot.assign(size_t(G) * K, -1);
   // The lightest rank with room that lacks e (lower rank on ties): a min-heap of (load, rank)
   // over ranks with room; ranks popped because they hold e go back after the choice.
@@ -99,10 +119,12 @@ Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
     while (parent[x] != x) x = parent[x] = parent[parent[x]];
     return x;
   };
+  int components = G;
   for (int e : items) {
     int best = -1;
     skipped.clear();
-    const int avoid = connect && first[e] >= 0 ? find(first[e]) : -1;
+    // (once every rank is linked there is no component to avoid)
+    const int avoid = connect && components > 1 && first[e] >= 0 ? find(first[e]) : -1;
     size_t fallback = SIZE_MAX;  // the lightest rank lacking e, inside the component
     while (!heap.empty()) {
       std::pop_heap(heap.begin(), heap.end(), gt);
@@ -120,8 +142,11 @@ Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
     }
     for (const LR& x : skipped) heap.push_back(x), std::push_heap(heap.begin(), heap.end(), gt);
     if (connect && best >= 0) {
-      if (first[e] < 0) first[e] = best;
-      else parent[find(best)] = find(first[e]);
+      if (first[e] < 0) {
+        first[e] = best;
+      } else if (const int a = find(best), b = find(first[e]); a != b) {
+        parent[a] = b, --components;
+      }
     }
     if (best < 0) {
       // (rare) the repair below changes loads: the heap is rebuilt after it.
@@ -160,7 +185,7 @@ Packing pack_lpt(const Problem& pr, const std::vector<int32_t>& cnt) {
     A[best] += pr.agg[e] / cnt[e];
     if (fill[best] < K) heap.push_back({A[best], best}), std::push_heap(heap.begin(), heap.end(), gt);
   }
-  recompute(pr, pk);
+  recompute(pr, pk, /*has_ready=*/true);
   return pk;
 }
 
@@ -313,7 +338,7 @@ bool better(const Problem& pr, const Packing& x, const Packing& y) {
 }
 
 Packing pack_and_search(const Problem& pr, const std::vector<int32_t>& cnt) {
-  Packing pk = pack_lpt(pr, cnt);
+  Packing pk = pack_lpt(pr, cnt, lpt_order(pr, cnt));
   local_search(pr, pk);
   return pk;
 }
@@ -350,18 +375,30 @@ Packing search_counts(const Problem& pr, Packing best, int rounds) {
     for (int i = 0; i < E && int(donors.size()) < m; ++i)
       if (cur.cnt[order[i]] > 1) donors.push_back(order[i]);
     if (recv.empty() || donors.empty()) break;
-    bool found = false;
-    Packing step;
-    int se = -1, sf = -1;
+    // Every move is packed (cheap); only the `screened` best packings get the local search (most of
+    // the cost: up to 36 moves a round on skewed layers).
+    struct Move { Packing pk; int e, f; };
+    std::vector<Move> top;
+    const std::vector<LptKey> base = lpt_order(pr, cur.cnt);
+    const size_t screened = 3;
     for (int e : recv)
       for (int f : donors) {
         if (e == f || (e == tabu_f && f == tabu_e)) continue;
         auto cnt = cur.cnt;
         cnt[e]++, cnt[f]--;
-        Packing pk = pack_and_search(pr, cnt);
-        if (!found || better(pr, pk, step)) step = std::move(pk), found = true, se = e, sf = f;
+        Move mv{pack_lpt(pr, cnt, lpt_order_after(pr, base, cnt, e, f)), e, f};
+        auto pos = std::find_if(top.begin(), top.end(), [&](const Move& t) { return better(pr, mv.pk, t.pk); });
+        if (size_t(pos - top.begin()) < screened) top.insert(pos, std::move(mv));
+        if (top.size() > screened) top.pop_back();
       }
-    if (!found) break;
+    if (top.empty()) break;
+    bool found = false;
+    Packing step;
+    int se = -1, sf = -1;
+    for (Move& mv : top) {
+      local_search(pr, mv.pk);
+      if (!found || better(pr, mv.pk, step)) step = std::move(mv.pk), found = true, se = mv.e, sf = mv.f;
+    }
     cur = std::move(step);
     tabu_e = se, tabu_f = sf;
     if (better(pr, cur, best)) best = cur;
