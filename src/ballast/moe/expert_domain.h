@@ -30,6 +30,20 @@ struct DomainOptions {
   RebalanceOptions rebalance;
 };
 
+// The planner's options for a domain's settings: algorithm, time slices, migration weight and the
+// dispatch policy its placements are served with. (current: the placement in force, or nullptr.)
+inline eplb::PlanOptions plan_options(const DomainOptions& o, int ranks, int redundant,
+                                      const eplb::Placement* current = nullptr) {
+  eplb::PlanOptions po;
+  po.algorithm = o.rebalance.algorithm;
+  po.ranks = ranks, po.redundant = redundant;
+  po.slices = o.rebalance.slices;
+  po.migration_weight = o.rebalance.migration_weight;
+  po.dispatch = o.dispatch;
+  po.current = current;
+  return po;
+}
+
 struct ExpertDomain {
   ExpertDomain(std::string name, eplb::Placement initial, const DomainOptions& opts)
       : name(std::move(name)),

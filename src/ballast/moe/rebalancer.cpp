@@ -57,15 +57,8 @@ void Rebalancer::start_rebalance() {
   for (double c : load.count) total += c;
   if (total == 0) return;
 
-  eplb::PlanOptions opt;
-  opt.algorithm = d_.options.rebalance.algorithm;
-  opt.ranks = d_.placement.ranks;
-  opt.redundant = d_.placement.physical - d_.placement.logical;
-  opt.slices = d_.options.rebalance.slices;
-  opt.migration_weight = d_.options.rebalance.migration_weight;
-  opt.dispatch = d_.options.dispatch;  // planned for the policy this domain serves with
-  opt.current = &d_.placement;
-  target_ = eplb::plan(load, opt);
+  target_ = eplb::plan(load, plan_options(d_.options, d_.placement.ranks, d_.placement.physical - d_.placement.logical,
+                                           &d_.placement));
   plan_ = eplb::plan_migration(d_.placement, target_, d_.options.ranks_per_node, int64_t(slots_.bytes_per_expert()));
 
   RebalanceEvent ev;

@@ -15,7 +15,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
 }
 
 // --init-expert-location: "trivial", or a JSON file holding physical_to_logical_map [L][P]
-// (used as is) or logical_count [L][E] (balanced from, with the domain's algorithm).
+// (used as is) or logical_count [L][E] (balanced from, with the domain's planner settings).
 eplb::Placement initial_placement(const std::string& spec, int layers, int experts, int physical, int ranks,
                                   const moe::DomainOptions& opts) {
   if (spec.empty() || spec == "trivial") return eplb::Placement::trivial(layers, experts, physical, ranks);
@@ -24,11 +24,7 @@ eplb::Placement initial_placement(const std::string& spec, int layers, int exper
   if (text.find("physical_to_logical_map") != std::string::npos) {
     p = eplb::placement_from_json_text(text, ranks, spec);
   } else {
-    eplb::PlanOptions po;
-    po.algorithm = opts.rebalance.algorithm;
-    po.ranks = ranks;
-    po.redundant = physical - experts;
-    p = eplb::plan(eplb::load_from_json_text(text, spec), po);
+    p = eplb::plan(eplb::load_from_json_text(text, spec), moe::plan_options(opts, ranks, physical - experts));
   }
   check(p.layers == layers && p.logical == experts && p.physical == physical,
         "{}: placement is {} layers x {} experts x {} slots, the model needs {} x {} x {}", spec, p.layers, p.logical,
