@@ -9,6 +9,7 @@
 #include <mutex>
 
 #include "ballast/dist/thread_world.h"
+#include "ballast/eplb/metrics.h"
 #include "ballast/io/safetensors.h"
 #include "ballast/runtime/distributed.h"
 #include "ballast/runtime/engine.h"
@@ -168,6 +169,10 @@ TEST(ExpertParallelBalance, RebalancingRaisesPerPassBalancedness) {
   for (size_t p = switch_pass; p < got.balancedness.size(); ++p)
     after += got.balancedness[p] / double(got.balancedness.size() - switch_pass);
   EXPECT_GT(after, before) << "decode passes before the rebalance: " << before << ", after: " << after;
+  // Planned for the domain's balanced dispatch: in every layer the replicas link all 4 ranks.
+  const auto& pl = got.final_placement;
+  for (int l = 0; l < pl.layers; ++l)
+    EXPECT_EQ(eplb::replica_graph_components(pl.layer(l), pl.ranks, pl.logical), 1) << "layer " << l;
 }
 
 }  // namespace
