@@ -8,7 +8,8 @@
 //      time slices of the slice's max rank load (what per-pass step time follows), secondary the
 //      sum of squared rank loads;
 //   4. joint counts: while the packing is above the lower bound, moves of one replica from one
-//      expert to another are tried, each re-packed (a short tabu walk, best kept);
+//      expert to another are tried, each re-packed and the best three local-searched (a short
+//      tabu walk, best kept);
 //   5. with a current placement: the new ranks are relabelled to overlap the current ones most,
 //      slots keep their index where the expert stays, and a penalty `migration_weight` per moved
 //      expert is added to the score, also starting a local search from the current placement;
