@@ -41,6 +41,16 @@ bool finalized() {
 
 constexpr int64_t kMaxCount = INT_MAX;
 
+// The per-rank pieces of a flat buffer laid out by counts and displacements.
+std::vector<Bytes> split_flat(const Bytes& flat, const std::vector<int>& counts, const std::vector<int>& displs) {
+  std::vector<Bytes> out(counts.size());
+  for (size_t r = 0; r < counts.size(); ++r) {
+    auto first = flat.begin() + displs[r];
+    out[r].assign(first, first + counts[r]);
+  }
+  return out;
+}
+
 }  // namespace
 
 bool mpi_launched() {
@@ -174,12 +184,7 @@ std::vector<Bytes> MpiCommunicator::all_to_all(const std::vector<Bytes>& send) {
                           unpacked.data(), recv_counts.data(), recv_displs.data(), MPI_BYTE,
                           impl_->comm),
             "MPI_Alltoallv", rank_);
-  std::vector<Bytes> recv(G);
-  for (int r = 0; r < G; ++r) {
-    auto first = unpacked.begin() + recv_displs[r];
-    recv[r].assign(first, first + recv_counts[r]);
-  }
-  return recv;
+  return split_flat(unpacked, recv_counts, recv_displs);
 }
 
 std::vector<Bytes> MpiCommunicator::all_gather(const Bytes& mine) {
@@ -203,12 +208,7 @@ std::vector<Bytes> MpiCommunicator::all_gather(const Bytes& mine) {
   mpi_check(MPI_Allgatherv(mine.data(), static_cast<int>(n), MPI_BYTE, flat.data(), counts.data(),
                            displs.data(), MPI_BYTE, impl_->comm),
             "MPI_Allgatherv", rank_);
-  std::vector<Bytes> all(G);
-  for (int r = 0; r < G; ++r) {
-    auto first = flat.begin() + displs[r];
-    all[r].assign(first, first + counts[r]);
-  }
-  return all;
+  return split_flat(flat, counts, displs);
 }
 
 void MpiCommunicator::exchange(std::span<const SendItem> sends, std::span<const RecvItem> recvs) {
