@@ -29,6 +29,13 @@ static void expect_distinct_ranks(const Placement& p) {
   }
 }
 
+// Passes [from, to) of one layer's counts [T][E] (synth_layer) as a one-layer trace.
+static LoadTrace window_of(const std::vector<double>& counts, int experts, int from, int to) {
+  LoadTrace w(to - from, 1, experts);
+  std::copy(counts.begin() + size_t(from) * experts, counts.begin() + size_t(to) * experts, w.count.begin());
+  return w;
+}
+
 // The toy case of spec/EPLB.md: deepseek's max/mean is 1.28, the optimum 1.085.
 TEST(Ballast, ToyCaseBeatsDeepseek) {
   LoadTrace load(1, 1, 8);
@@ -140,8 +147,7 @@ TEST(Ballast, PerPassStaticAtLeastDeepseekOnZipf) {
   double in_pass[2] = {}, out_pass[2] = {}, in_sum[2] = {};  // means over layers, as the suite
   for (int l = 0; l < L; ++l) {
     auto counts = synth_layer(sp, l);
-    LoadTrace win(W, 1, E);
-    std::copy(counts.begin(), counts.begin() + size_t(W) * E, win.count.begin());
+    LoadTrace win = window_of(counts, E, 0, W);
     LoadTrace sum = win.sum();
     for (int a = 0; a < 2; ++a) {
       PlanOptions po;
@@ -184,13 +190,6 @@ TEST(Ballast, StaticPolishLowersStaticMax) {
   for (int p = 0; p < P; ++p) EXPECT_TRUE(seen.insert({p / (P / G), polished[p]}).second);
 }
 
-static LoadTrace window_of(const SynthSpec& sp, int layer, int from, int to) {
-  auto counts = synth_layer(sp, layer);
-  LoadTrace w(to - from, 1, sp.experts);
-  std::copy(counts.begin() + size_t(from) * sp.experts, counts.begin() + size_t(to) * sp.experts, w.count.begin());
-  return w;
-}
-
 // Planned for balanced dispatch, every further replica joins two components of the replica graph:
 // R >= G - 1 redundant slots link all ranks, fewer leave exactly G - R components. Planned for
 // static dispatch (the same loads) the graph stays split.
@@ -200,7 +199,7 @@ TEST(Ballast, PlannedForBalancedLinksAllRanks) {
                  Case{"deepseek-v3", Popularity::lognormal, 0.5, 32, 16, 240}}) {
     SynthSpec sp = model_shape(c.model);
     sp.popularity = c.pop, sp.skew = c.skew, sp.passes = 100, sp.tokens = 4096, sp.experts = c.E;
-    LoadTrace w = window_of(sp, 0, 0, 100);
+    LoadTrace w = window_of(synth_layer(sp, 0), sp.experts, 0, 100);
     PlanOptions po;
     po.ranks = c.G, po.redundant = c.R;
     po.dispatch = Dispatch::static_;
@@ -210,8 +209,9 @@ TEST(Ballast, PlannedForBalancedLinksAllRanks) {
     for_balanced.validate();
     expect_distinct_ranks(for_balanced);
     EXPECT_EQ(replica_graph_components(for_balanced.layer(0), c.G, sp.experts), std::max(1, c.G - c.R)) << c.model;
-    if (c.R >= c.G - 1)  // (with few redundant slots chance alone often joins them all)
+    if (c.R >= c.G - 1) {  // (with few redundant slots chance alone often joins them all)
       EXPECT_GT(replica_graph_components(for_static.layer(0), c.G, sp.experts), 1) << c.model;
+    }
   }
 }
 
@@ -224,7 +224,7 @@ TEST(Ballast, PlannedForBalancedMeetsPerPassTarget) {
   double ours = 0, theirs_static = 0, theirs_balanced = 0;
   for (int l = 0; l < L; ++l) {
     auto counts = synth_layer(sp, l);
-    LoadTrace win = window_of(sp, l, 0, W);
+    LoadTrace win = window_of(counts, E, 0, W);
     const double* later = counts.data() + size_t(W) * E;
     PlanOptions po;
     po.ranks = G, po.redundant = R, po.dispatch = Dispatch::balanced;

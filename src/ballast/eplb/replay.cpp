@@ -42,13 +42,12 @@ std::vector<SuiteWorkload> default_suite(int window, int eval_passes, const Synt
 
 std::vector<SuiteRow> run_suite(const std::vector<SuiteWorkload>& suite, int window,
                                 const std::vector<Algorithm>& algorithms, int slices, int max_layers) {
-  struct Variant { Algorithm algorithm; Dispatch target; bool has_target; };
+  // ballast plans for a dispatch policy (a row each); the others have one placement for both.
+  struct Variant { Algorithm algorithm; Dispatch target; };
   std::vector<Variant> variants;
   for (Algorithm a : algorithms) {
-    if (a == Algorithm::ballast)
-      variants.push_back({a, Dispatch::static_, true}), variants.push_back({a, Dispatch::balanced, true});
-    else
-      variants.push_back({a, Dispatch::static_, false});
+    variants.push_back({a, Dispatch::static_});
+    if (a == Algorithm::ballast) variants.push_back({a, Dispatch::balanced});
   }
   std::vector<SuiteRow> rows;
   for (const auto& w : suite) {
@@ -58,7 +57,7 @@ std::vector<SuiteRow> run_suite(const std::vector<SuiteWorkload>& suite, int win
     std::vector<SuiteRow> acc(variants.size());
     for (size_t v = 0; v < variants.size(); ++v) {
       acc[v].workload = w.spec.name, acc[v].algorithm = algorithm_name(variants[v].algorithm);
-      if (variants[v].has_target) acc[v].planned_for = dispatch_name(variants[v].target);
+      if (variants[v].algorithm == Algorithm::ballast) acc[v].planned_for = dispatch_name(variants[v].target);
     }
     for (int l = 0; l < L; ++l) {
       auto counts = synth_layer(w.spec, l);  // [T][E]
