@@ -1090,7 +1090,7 @@ def introspect(introspect_dir):
 
 @torch.no_grad()
 def deltanet_check():
-    """Chunked (WY) vs recurrent gated delta rule in transformers vs a direct transcription of MODEL.md."""
+    """Chunked (WY) vs recurrent gated delta rule in transformers vs a direct transcription of docs/model.md."""
     res = OrderedDict()
     try:
         from transformers.models.qwen3_next import modeling_qwen3_next as mq
@@ -1109,7 +1109,7 @@ def deltanet_check():
                    use_qk_l2norm_in_kernel=True)
     orr, sr = recur(q, k, v, g=gl, beta=beta, initial_state=None, output_final_state=True,
                     use_qk_l2norm_in_kernel=True)
-    # MODEL.md transcription
+    # docs/model.md transcription
     qn = q * torch.rsqrt((q * q).sum(-1, keepdim=True) + 1e-6) * dk ** -0.5
     kn = k * torch.rsqrt((k * k).sum(-1, keepdim=True) + 1e-6)
     S = torch.zeros(B, Hh, dk, dv)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference PyTorch implementation of the Qwen3-Next / Qwen3.5-MoE MTP head (spec/MODEL.md, "MTP head").
+"""Reference PyTorch implementation of the Qwen3-Next / Qwen3.5-MoE MTP head (docs/model.md, "MTP head").
 
 transformers does not model the MTP head (its loaders drop `mtp.*`), so this module is the
 reference the engine is tested against. It reuses transformers' own decoder-layer class
@@ -19,7 +19,7 @@ One drafting step, for a batch of pairs (h_t, x_{t+1}):
     logits = lm_head(out)                                      # lm_head shared with the trunk
 
 Position convention used by this reference: the pair (h_t, x_{t+1}) sits at p = t + 1, the position
-of x_{t+1} (MODEL.md). vLLM's EAGLE proposer and SGLang's draft-extend use the position of h_t
+of x_{t+1} (docs/model.md). vLLM's EAGLE proposer and SGLang's draft-extend use the position of h_t
 (p = t) instead. Since the MTP layer only attends over its own KV cache and RoPE scores depend on
 position differences only, both conventions give the same logits (up to rounding) as long as one is
 used consistently for the cache and the queries; `tools/add_mtp_fixtures.py` checks this.
@@ -129,7 +129,7 @@ class MTPHead(nn.Module):
         return emb.cos(), emb.sin()
 
     def attention(self, x, positions, cache):
-        """Gated attention of MODEL.md over this layer's own KV cache. x [B, T, H] (normed)."""
+        """Gated attention of docs/model.md over this layer's own KV cache. x [B, T, H] (normed)."""
         a = self.layers[0].self_attn
         B, T, _ = x.shape
         hd = a.head_dim

@@ -1,4 +1,5 @@
-// Latency and bandwidth of a Communicator: barrier, all_reduce, all_to_all and exchange.
+// Latency and bandwidth of the control plane (barrier, all_reduce) and the data plane
+// (all_to_all_v, send_recv), over host buffers.
 //   bench_dist [G]                      in-process ranks (threads), G = 2 by default
 //   mpirun -np G ... bench_dist         MPI processes
 // Rank 0 prints one line per measurement: its wall time per call, a barrier before and after.
@@ -9,9 +10,12 @@
 #include <optional>
 
 #include "ballast/dist/mpi_communicator.h"
+#include "ballast/dist/mpi_data_plane.h"
 #include "ballast/dist/thread_world.h"
 
 using namespace ballast::dist;
+using ballast::DType;
+using ballast::Tensor;
 
 namespace {
 
@@ -24,31 +28,38 @@ double seconds_per(Communicator& c, int iters, F&& f) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count() / iters;
 }
 
-void bench(Communicator& c, const char* kind) {
+void bench(Communicator& c, DataPlane& d, const char* kind) {
   const int G = c.size(), me = c.rank();
   auto say = [&](const std::string& s) {
     if (me == 0) fmt::print("{} G={} {}\n", kind, G, s);
   };
-  say(fmt::format("barrier            {:8.2f} us", 1e6 * seconds_per(c, 2000, [&] { c.barrier(); })));
+  say(fmt::format("barrier              {:8.2f} us", 1e6 * seconds_per(c, 2000, [&] { c.barrier(); })));
   std::vector<int64_t> counts(48 * 256, 1);
-  say(fmt::format("all_reduce 12288xi64 {:6.2f} us",
+  say(fmt::format("all_reduce 12288xi64 {:8.2f} us",
                   1e6 * seconds_per(c, 200, [&] { c.all_reduce_sum(std::span<int64_t>(counts)); })));
-  for (size_t bytes : {size_t(0), size_t(4096), size_t(256) << 10, size_t(4) << 20}) {
-    std::vector<Bytes> send(G, Bytes(bytes));
-    const int iters = bytes >= (size_t(1) << 20) ? 20 : 500;
-    const double t = seconds_per(c, iters, [&] { c.all_to_all(send); });
-    say(fmt::format("all_to_all {:>8} B/pair {:8.2f} us  {:8.2f} GB/s out per rank", bytes, 1e6 * t,
-                    t > 0 ? double(bytes) * (G - 1) / t / 1e9 : 0.0));
+  Tensor device_counts = Tensor::zeros({48 * 256}, DType::I32);
+  say(fmt::format("data all_reduce 12288xi32 {:8.2f} us",
+                  1e6 * seconds_per(c, 200, [&] { d.all_reduce_sum(device_counts); })));
+  // Rows of 4 KiB (a 2048-wide bf16 hidden state, as F32 [n, 1024]).
+  const int64_t row_elems = 1024, row_bytes = row_elems * 4;
+  for (int64_t rows : {int64_t(0), int64_t(1), int64_t(64), int64_t(1024)}) {
+    Tensor send = Tensor::zeros({rows * G, row_elems}), recv = Tensor::zeros({rows * G, row_elems});
+    Tensor send_counts = Tensor::zeros({G}, DType::I32), recv_counts = Tensor::zeros({G}, DType::I32);
+    for (int g = 0; g < G; ++g) send_counts.data<int32_t>()[g] = int32_t(rows);
+    const int iters = rows * row_bytes >= (int64_t(1) << 20) ? 20 : 500;
+    const double t = seconds_per(c, iters, [&] { d.all_to_all_v(send, send_counts, recv, recv_counts); });
+    say(fmt::format("all_to_all_v {:>5} rows of 4 KiB/pair {:8.2f} us  {:8.2f} GB/s out per rank", rows, 1e6 * t,
+                    t > 0 ? double(rows * row_bytes) * (G - 1) / t / 1e9 : 0.0));
   }
   if (G >= 2) {
-    for (size_t bytes : {size_t(8), size_t(1) << 20, size_t(64) << 20}) {
-      Bytes out(bytes), in(bytes);
+    for (int64_t bytes : {int64_t(8), int64_t(1) << 20, int64_t(64) << 20}) {
+      Tensor out = Tensor::zeros({bytes / 4}, DType::I32), in = Tensor::zeros({bytes / 4}, DType::I32);
       const int to = (me + 1) % G, from = (me + G - 1) % G;
-      Communicator::SendItem s{to, 1, out};
-      Communicator::RecvItem r{from, 1, in};
-      const int iters = bytes >= (size_t(16) << 20) ? 5 : 200;
-      const double t = seconds_per(c, iters, [&] { c.exchange(std::span(&s, 1), std::span(&r, 1)); });
-      say(fmt::format("exchange ring {:>9} B  {:8.2f} us  {:8.2f} GB/s per rank", bytes, 1e6 * t,
+      const DataPlane::Transfer items[] = {{DataPlane::Transfer::send, to, out},
+                                           {DataPlane::Transfer::recv, from, in}};
+      const int iters = bytes >= (int64_t(16) << 20) ? 5 : 200;
+      const double t = seconds_per(c, iters, [&] { d.send_recv(items); });
+      say(fmt::format("send_recv ring {:>9} B  {:8.2f} us  {:8.2f} GB/s per rank", bytes, 1e6 * t,
                       double(bytes) / t / 1e9));
     }
   }
@@ -60,10 +71,12 @@ int main(int argc, char** argv) {
   if (mpi_launched()) {
     MpiSession mpi(&argc, &argv);
     MpiCommunicator c;
-    bench(c, "mpi");
+    MpiDataPlane d;
+    bench(c, d, "mpi");
     return 0;
   }
   const int G = argc > 1 ? std::atoi(argv[1]) : 2;
-  run_ranks(G, [](Communicator& c) { bench(c, "threads"); });
+  ThreadWorld world(G);
+  run_ranks(world, [&](Communicator& c) { bench(c, world.data_plane(c.rank()), "threads"); });
   return 0;
 }

@@ -7,21 +7,32 @@
 
 #include "ballast/core/error.h"
 #include "ballast/dist/mpi_communicator.h"
+#include "ballast/dist/mpi_data_plane.h"
 #include "conformance.h"
+#include "data_plane_conformance.h"
 
 using namespace ballast::dist;
+namespace dpc = ballast::dist::data_plane_conformance;
+using ballast::DType;
+using ballast::Tensor;
+using Transfer = DataPlane::Transfer;
 
 namespace {
 
 int g_rank = 0;
-std::unique_ptr<MpiCommunicator> g_comm;  // made and freed by main, inside the MpiSession
+// Made and freed by main, inside the MpiSession.
+std::unique_ptr<MpiCommunicator> g_comm;
+std::unique_ptr<MpiDataPlane> g_data;
 
 MpiCommunicator& comm() { return *g_comm; }
+MpiDataPlane& data() { return *g_data; }
 
 TEST(Mpi, RankAndSize) {
   int size = comm().size();
   EXPECT_GE(size, 1);
   EXPECT_EQ(comm().rank(), g_rank);
+  EXPECT_EQ(data().rank(), g_rank);
+  EXPECT_EQ(data().size(), size);
   if (size > 1) {
     EXPECT_TRUE(mpi_launched());
   }
@@ -31,84 +42,55 @@ TEST(Mpi, RankAndSize) {
 }
 
 TEST(Mpi, AllReduce) { conformance::all_reduce(comm()); }
-TEST(Mpi, AllToAll) { conformance::all_to_all(comm()); }
 TEST(Mpi, AllGather) { conformance::all_gather(comm()); }
-TEST(Mpi, Exchange) { conformance::exchange(comm()); }
-TEST(Mpi, PartialExchange) { conformance::partial_exchange(comm()); }
 TEST(Mpi, Barriers) { conformance::barriers(comm(), 1000); }
 
-TEST(Mpi, CommunicatorsDoNotCrossTalk) {
-  // Same peers and tags on two communicators: each receive gets its own communicator's message.
-  MpiCommunicator other;
-  const int G = comm().size(), me = comm().rank(), to = (me + 1) % G, from = (me + G - 1) % G;
-  Bytes a = conformance::make_bytes(64, me, to, 1), b = conformance::make_bytes(64, me, to, 2);
-  Bytes got_a(64), got_b(64);
-  Communicator::SendItem sb{to, 0, b};
-  Communicator::RecvItem rb{from, 0, got_b};
-  other.exchange(std::span(&sb, 1), {});  // small: sent eagerly, completes before it is matched
-  Communicator::SendItem sa{to, 0, a};
-  Communicator::RecvItem ra{from, 0, got_a};
-  comm().exchange(std::span(&sa, 1), std::span(&ra, 1));
-  other.exchange({}, std::span(&rb, 1));
-  EXPECT_TRUE(conformance::same_bytes(got_a, 64, from, me, 1));
-  EXPECT_TRUE(conformance::same_bytes(got_b, 64, from, me, 2));
+TEST(MpiDataPlane, AllToAllV) { dpc::all_to_all_v(data()); }
+TEST(MpiDataPlane, AllGather) { dpc::all_gather(data()); }
+TEST(MpiDataPlane, AllReduce) { dpc::all_reduce(data()); }
+TEST(MpiDataPlane, SendRecv) { dpc::send_recv(data()); }
+TEST(MpiDataPlane, PartialSendRecv) {
+  dpc::partial_send_recv(data());
+  comm().barrier();
+}
+TEST(MpiDataPlane, Everything) { dpc::everything(data()); }
+
+TEST(MpiDataPlane, BadCallsFailOnEveryRank) { dpc::bad_calls(data(), "MPI"); }
+TEST(MpiDataPlane, SendRecvSizeMismatch) {
+  dpc::send_recv_size_mismatch(data());
   comm().barrier();
 }
 
-// Rank 0 sends 10 bytes to rank 1, which posts a receive of `recv_bytes`: rank 1 must get an
-// error naming both sizes.
-void expect_size_mismatch_error(size_t recv_bytes) {
-  Bytes data(10), got(recv_bytes);
-  if (comm().rank() == 0) {
-    Communicator::SendItem s{1, 7, data};
-    comm().exchange(std::span(&s, 1), {});
-  } else if (comm().rank() == 1) {
-    Communicator::RecvItem r{0, 7, got};
-    EXPECT_EQ(conformance::message_of([&] { comm().exchange({}, std::span(&r, 1)); }),
-              "exchange: rank 1 expected " + std::to_string(recv_bytes) + " bytes from rank 0 tag 7, the sender sent 10");
-  }
+TEST(MpiDataPlane, PlanesDoNotCrossTalk) {
+  // Same peers on two data planes: each receive gets its own plane's message.
+  MpiDataPlane other;
+  const int G = data().size(), me = data().rank(), to = (me + 1) % G, from = (me + G - 1) % G;
+  Tensor a = Tensor::zeros({16}, DType::I32), b = Tensor::zeros({16}, DType::I32);
+  dpc::fill(a, 0, 16, me, to, 1);
+  dpc::fill(b, 0, 16, me, to, 2);
+  Tensor got_a = Tensor::zeros({16}, DType::I32), got_b = Tensor::zeros({16}, DType::I32);
+  const Transfer sb{Transfer::send, to, b}, rb{Transfer::recv, from, got_b};
+  other.send_recv(std::span(&sb, 1));  // small: sent eagerly, completes before it is matched
+  const Transfer both[] = {{Transfer::send, to, a}, {Transfer::recv, from, got_a}};
+  data().send_recv(both);
+  other.send_recv(std::span(&rb, 1));
+  EXPECT_TRUE(dpc::holds(got_a, 0, 16, from, me, 1));
+  EXPECT_TRUE(dpc::holds(got_b, 0, 16, from, me, 2));
   comm().barrier();
 }
 
-TEST(Mpi, ExchangeTooShortReceiveIsAnError) {
-  if (comm().size() < 2) GTEST_SKIP() << "needs two ranks";
-  expect_size_mismatch_error(8);
-  // The bad message was consumed: the next one with the same peer and tag arrives intact.
-  Bytes got(8);
-  if (comm().rank() == 0) {
-    Bytes good = conformance::make_bytes(8, 0, 1, 7);
-    Communicator::SendItem s{1, 7, good};
-    comm().exchange(std::span(&s, 1), {});
-  } else if (comm().rank() == 1) {
-    Communicator::RecvItem r{0, 7, got};
-    comm().exchange({}, std::span(&r, 1));
-    EXPECT_TRUE(conformance::same_bytes(got, 8, 0, 1, 7));
-  }
-  comm().barrier();
-}
-
-TEST(Mpi, ExchangeTooLongReceiveIsAnError) {
-  if (comm().size() < 2) GTEST_SKIP() << "needs two ranks";
-  expect_size_mismatch_error(12);
-}
-
-TEST(Mpi, ExchangeBadPeerOrTagIsAnError) {
-  Bytes data(1);
-  const int G = comm().size(), me = comm().rank();
-  Communicator::SendItem bad_peer{G, 0, data};
-  EXPECT_EQ(conformance::message_of([&] { comm().exchange(std::span(&bad_peer, 1), {}); }),
-            fmt::format("exchange: rank {} sends to rank {} of {}", me, G, G));
-  Communicator::RecvItem bad_tag{0, -1, data};
-  EXPECT_NE(conformance::message_of([&] { comm().exchange({}, std::span(&bad_tag, 1)); }).find("with tag -1, outside [0, "),
-            std::string::npos);
-  comm().barrier();
-}
-
-TEST(Mpi, AllToAllWrongBufferCountIsAnError) {
-  // A local check: only the caller's own mistake, so every rank makes it here.
-  const int G = comm().size();
-  EXPECT_EQ(conformance::message_of([&] { comm().all_to_all(std::vector<Bytes>(G + 1)); }),
-            fmt::format("all_to_all: rank {} passed {} send buffers for {} ranks", comm().rank(), G + 1, G));
+TEST(MpiDataPlane, SendRecvBadPeerIsAnError) {
+  // A local check: only the caller's own mistake (send_recv is not collective).
+  Tensor one = Tensor::zeros({1});
+  const int G = data().size(), me = data().rank();
+  const Transfer bad{Transfer::send, G, one};
+  EXPECT_EQ(conformance::message_of([&] { data().send_recv(std::span(&bad, 1)); }),
+            fmt::format("send_recv: rank {} sends to rank {} of {}", me, G, G));
+  const Transfer cuda{Transfer::recv, 0, Tensor::borrow(one.raw(), {1}, DType::F32, ballast::Device::CUDA)};
+  EXPECT_EQ(conformance::message_of([&] { data().send_recv(std::span(&cuda, 1)); }),
+            fmt::format("send_recv: rank {}'s buffer to receive from rank 0 is in CUDA memory; the MPI data plane "
+                        "moves host (CPU) memory only",
+                        me));
   comm().barrier();
 }
 
@@ -135,7 +117,9 @@ int main(int argc, char** argv) {
   if (g_rank != 0) delete listeners.Release(listeners.default_result_printer());  // rank 0 reports
   listeners.Append(new AbortOnFailure);
   g_comm = std::make_unique<MpiCommunicator>();
+  g_data = std::make_unique<MpiDataPlane>();
   const int rc = RUN_ALL_TESTS();
+  g_data.reset();
   g_comm.reset();
   return rc;
 }

@@ -6,14 +6,20 @@
 #include <mutex>
 #include <random>
 #include <string>
+#include <thread>
 
 #include "ballast/core/error.h"
 #include "ballast/dist/mpi_communicator.h"
 #include "ballast/dist/thread_world.h"
 #include "conformance.h"
+#include "data_plane_conformance.h"
 
 using namespace ballast::dist;
 using namespace std::chrono_literals;
+namespace dpc = ballast::dist::data_plane_conformance;
+using ballast::DType;
+using ballast::Tensor;
+using Transfer = DataPlane::Transfer;
 
 namespace {
 
@@ -23,6 +29,15 @@ constexpr auto kTimeout = 30s;
 void run(int G, const std::function<void(Communicator&)>& fn) {
   ThreadWorld world(G, kTimeout);
   run_ranks(world, fn);
+}
+
+// Each rank with its control plane and its data plane.
+void run(ThreadWorld& world, const std::function<void(Communicator&, DataPlane&)>& fn) {
+  run_ranks(world, [&](Communicator& c) { fn(c, world.data_plane(c.rank())); });
+}
+void run(int G, const std::function<void(Communicator&, DataPlane&)>& fn) {
+  ThreadWorld world(G, kTimeout);
+  run(world, fn);
 }
 
 class ThreadWorldG : public ::testing::TestWithParam<int> {};
@@ -38,11 +53,48 @@ TEST_P(ThreadWorldG, RankAndSize) {
 }
 
 TEST_P(ThreadWorldG, AllReduce) { run(GetParam(), [](Communicator& c) { conformance::all_reduce(c); }); }
-TEST_P(ThreadWorldG, AllToAll) { run(GetParam(), [](Communicator& c) { conformance::all_to_all(c); }); }
 TEST_P(ThreadWorldG, AllGather) { run(GetParam(), [](Communicator& c) { conformance::all_gather(c); }); }
-TEST_P(ThreadWorldG, Exchange) { run(GetParam(), [](Communicator& c) { conformance::exchange(c); }); }
-TEST_P(ThreadWorldG, PartialExchange) {
-  run(GetParam(), [](Communicator& c) { conformance::partial_exchange(c); });
+
+TEST_P(ThreadWorldG, DataPlaneRankAndSize) {
+  const int G = GetParam();
+  run(G, [&](Communicator& c, DataPlane& d) {
+    EXPECT_EQ(d.size(), G);
+    EXPECT_EQ(d.rank(), c.rank());
+  });
+}
+TEST_P(ThreadWorldG, DataPlaneAllToAllV) { run(GetParam(), [](Communicator&, DataPlane& d) { dpc::all_to_all_v(d); }); }
+TEST_P(ThreadWorldG, DataPlaneAllGather) { run(GetParam(), [](Communicator&, DataPlane& d) { dpc::all_gather(d); }); }
+TEST_P(ThreadWorldG, DataPlaneAllReduce) { run(GetParam(), [](Communicator&, DataPlane& d) { dpc::all_reduce(d); }); }
+TEST_P(ThreadWorldG, DataPlaneSendRecv) { run(GetParam(), [](Communicator&, DataPlane& d) { dpc::send_recv(d); }); }
+TEST_P(ThreadWorldG, DataPlanePartialSendRecv) {
+  run(GetParam(), [](Communicator&, DataPlane& d) { dpc::partial_send_recv(d); });
+}
+TEST_P(ThreadWorldG, DataPlaneEverything) { run(GetParam(), [](Communicator&, DataPlane& d) { dpc::everything(d); }); }
+
+TEST_P(ThreadWorldG, DataPlaneBadCallsFailOnEveryRank) {
+  run(GetParam(), [](Communicator&, DataPlane& d) { dpc::bad_calls(d, "thread"); });
+}
+
+// The same, with the rank at fault coming last, so that the others are already waiting in the
+// call; no rank waits long, and the world goes on.
+TEST_P(ThreadWorldG, DataPlaneBadCallsFailOnEveryRankWhoeverWaits) {
+  const int G = GetParam();
+  ThreadWorld world(G, kTimeout);
+  const auto t0 = std::chrono::steady_clock::now();
+  run(world, [&](Communicator& c, DataPlane& d) {
+    for (auto kind : dpc::bad_call_kinds(G)) {
+      SCOPED_TRACE(::testing::Message() << "bad call " << int(kind));
+      if (c.rank() == G - 1) std::this_thread::sleep_for(20ms);
+      dpc::bad_call(d, kind, "thread");
+    }
+    dpc::all_to_all_v(d, 3);
+  });
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 10s);
+  EXPECT_FALSE(world.aborted());
+}
+
+TEST_P(ThreadWorldG, DataPlaneSendRecvSizeMismatch) {
+  run(GetParam(), [](Communicator&, DataPlane& d) { dpc::send_recv_size_mismatch(d); });
 }
 
 TEST_P(ThreadWorldG, BarrierSynchronises) {
@@ -60,24 +112,33 @@ TEST_P(ThreadWorldG, BarrierSynchronises) {
 
 TEST_P(ThreadWorldG, Everything) { run(GetParam(), [](Communicator& c) { conformance::everything(c); }); }
 
-// Collectives of random kinds and sizes back to back, the same sequence on every rank.
+// Collectives of random kinds and sizes back to back on both planes, the same sequence on every
+// rank, with point-to-point rings in between.
 TEST_P(ThreadWorldG, MixedStress) {
   const int G = GetParam();
-  run(G, [&](Communicator& c) {
+  run(G, [&](Communicator& c, DataPlane& dp) {
     std::mt19937 rng(1234);  // same seed: same sequence of calls on every rank
+    const int me = c.rank();
     for (int it = 0; it < 300; ++it) {
-      const int kind = int(rng() % 4);
+      const int kind = int(rng() % 6);
       const size_t n = rng() % 64;
       if (kind == 0) {
-        std::vector<int64_t> v(n, c.rank() + 1);
+        std::vector<int64_t> v(n, me + 1);
         c.all_reduce_sum(std::span<int64_t>(v));
         for (auto x : v) ASSERT_EQ(x, int64_t(G) * (G + 1) / 2);
       } else if (kind == 1) {
-        std::vector<Bytes> send(G);
-        for (int d = 0; d < G; ++d) send[d] = conformance::make_bytes((n * (d + 1) + c.rank()) % 50, c.rank(), d, it);
-        auto recv = c.all_to_all(send);
-        for (int s = 0; s < G; ++s)
-          ASSERT_TRUE(conformance::same_bytes(recv[s], (n * (c.rank() + 1) + s) % 50, s, c.rank(), it));
+        dpc::one_all_to_all_v(dp, [&](int s, int d) { return int64_t((n * (d + 1) + s) % 7); }, DType::I32,
+                              {int64_t(n % 3 + 1)}, it);
+      } else if (kind == 4) {
+        Tensor v = dpc::full({int64_t(n)}, DType::I32, me + 1);
+        dp.all_reduce_sum(v);
+        for (int64_t i = 0; i < v.numel(); ++i) ASSERT_EQ(v.data<int32_t>()[i], G * (G + 1) / 2);
+      } else if (kind == 5) {
+        Tensor out = Tensor::zeros({int64_t(n)}, DType::F32), in = dpc::full({int64_t(n)}, DType::F32, dpc::kUntouched);
+        dpc::fill(out, 0, int64_t(n), me, (me + 1) % G, it);
+        const Transfer items[] = {{Transfer::recv, (me + G - 1) % G, in}, {Transfer::send, (me + 1) % G, out}};
+        dp.send_recv(items);
+        ASSERT_TRUE(dpc::holds(in, 0, int64_t(n), (me + G - 1) % G, me, it));
       } else if (kind == 2) {
         auto all = c.all_gather(conformance::make_bytes(n + c.rank(), c.rank(), 0, it));
         for (int s = 0; s < G; ++s) ASSERT_TRUE(conformance::same_bytes(all[s], n + s, s, 0, it));
@@ -88,27 +149,36 @@ TEST_P(ThreadWorldG, MixedStress) {
   });
 }
 
-INSTANTIATE_TEST_SUITE_P(G, ThreadWorldG, ::testing::Values(1, 2, 3, 4));
+INSTANTIATE_TEST_SUITE_P(G, ThreadWorldG, ::testing::Values(1, 2, 3, 4, 5));
 
 TEST(ThreadWorld, AbortPropagates) {
-  // Rank 2 fails; the others are waiting in a barrier, an all_to_all and a receive from rank 2.
-  ThreadWorld world(4, kTimeout);
+  // Rank 2 fails; the others are waiting in a barrier, an all_to_all_v, a receive from rank 2 and
+  // for rank 2 to receive a send.
+  ThreadWorld world(5, kTimeout);
   std::mutex mu;
-  std::vector<std::string> seen(4);
+  std::vector<std::string> seen(5);
   const auto t0 = std::chrono::steady_clock::now();
   const std::string what = conformance::message_of([&] {
-    run_ranks(world, [&](Communicator& c) {
+    run(world, [&](Communicator& c, DataPlane& d) {
       try {
+        Tensor buf = Tensor::zeros({3}, DType::I32);
         if (c.rank() == 2) {
           std::this_thread::sleep_for(50ms);
           ballast::fail("boom at pass {}", 7);
         }
         if (c.rank() == 0) c.barrier();
-        if (c.rank() == 1) c.all_to_all(std::vector<Bytes>(4));
+        if (c.rank() == 1) {
+          Tensor rows = Tensor::zeros({0, 4}), counts = Tensor::zeros({5}, DType::I32);
+          Tensor recv = Tensor::zeros({0, 4}), recv_counts = Tensor::zeros({5}, DType::I32);
+          d.all_to_all_v(rows, counts, recv, recv_counts);
+        }
         if (c.rank() == 3) {
-          Bytes got(3);
-          Communicator::RecvItem r{2, 0, got};
-          c.exchange({}, std::span(&r, 1));
+          const Transfer r{Transfer::recv, 2, buf};
+          d.send_recv(std::span(&r, 1));
+        }
+        if (c.rank() == 4) {
+          const Transfer s{Transfer::send, 2, buf};
+          d.send_recv(std::span(&s, 1));
         }
       } catch (const std::exception& e) {
         std::lock_guard lk(mu);
@@ -120,23 +190,25 @@ TEST(ThreadWorld, AbortPropagates) {
   EXPECT_LT(std::chrono::steady_clock::now() - t0, 10s);
   EXPECT_EQ(what, "boom at pass 7");  // the first failure, not its consequences
   EXPECT_EQ(seen[2], "boom at pass 7");
-  for (int r : {0, 1, 3}) EXPECT_EQ(seen[r], "rank 2 failed: boom at pass 7") << "rank " << r;
+  for (int r : {0, 1, 3, 4}) EXPECT_EQ(seen[r], "rank 2 failed: boom at pass 7") << "rank " << r;
   EXPECT_TRUE(world.aborted());
   EXPECT_EQ(world.abort_reason(), "rank 2 failed: boom at pass 7");
   // Anything after the abort throws at once.
   EXPECT_THROW(world.communicator(0).barrier(), ballast::Error);
-  EXPECT_THROW(world.communicator(1).exchange({}, {}), ballast::Error);
+  EXPECT_THROW(world.data_plane(1).send_recv({}), ballast::Error);
+  // Rank 4's send was withdrawn: nothing is left in rank 2's mailbox to read.
 }
 
 TEST(ThreadWorld, AbortWhileOthersAreStillWorking) {
   // Rank 0 fails at once; rank 1 reaches its collective only later and must still not hang.
   ThreadWorld world(2, kTimeout);
-  EXPECT_THROW(run_ranks(world,
-                         [&](Communicator& c) {
-                           if (c.rank() == 0) throw std::runtime_error("early");
-                           std::this_thread::sleep_for(50ms);
-                           c.all_gather(Bytes(10));
-                         }),
+  EXPECT_THROW(run(world,
+                   [&](Communicator& c, DataPlane& d) {
+                     if (c.rank() == 0) throw std::runtime_error("early");
+                     std::this_thread::sleep_for(50ms);
+                     Tensor mine = Tensor::zeros({10}), all = Tensor::zeros({20});
+                     d.all_gather(mine, all);
+                   }),
                std::runtime_error);
 }
 
@@ -168,6 +240,36 @@ TEST(ThreadWorld, CollectiveMismatchIsAnError) {
   EXPECT_EQ(seen[0], seen[1]);
 }
 
+TEST(ThreadWorld, DataPlaneCollectiveMismatchIsAnError) {
+  std::vector<std::string> seen(2);
+  run(2, [&](Communicator& c, DataPlane& d) {
+    seen[c.rank()] = conformance::message_of([&] {
+      if (c.rank() == 0) {
+        Tensor mine = Tensor::zeros({4}), all = Tensor::zeros({8});
+        d.all_gather(mine, all);
+      } else {
+        Tensor rows = Tensor::zeros({0, 4}), counts = Tensor::zeros({2}, DType::I32);
+        Tensor recv = Tensor::zeros({0, 4}), recv_counts = Tensor::zeros({2}, DType::I32);
+        d.all_to_all_v(rows, counts, recv, recv_counts);
+      }
+    });
+  });
+  EXPECT_EQ(seen[0], "collective mismatch (data plane): rank 0 called all_gather while rank 1 called all_to_all_v");
+  EXPECT_EQ(seen[1], seen[0]);
+}
+
+// Each plane keeps its own order: rank threads of both planes run at once without meeting each
+// other's collectives.
+TEST(ThreadWorld, PlanesMeetSeparately) {
+  ThreadWorld world(3, kTimeout);
+  run(world, [&](Communicator& c, DataPlane& d) {
+    std::thread data([&] { dpc::all_to_all_v(d, 6); });
+    conformance::barriers(c, 200);
+    conformance::all_reduce(c);
+    data.join();
+  });
+}
+
 TEST(ThreadWorld, ReduceLengthMismatchIsAnError) {
   const std::string what = conformance::message_of([] {
     run(3, [](Communicator& c) {
@@ -178,38 +280,35 @@ TEST(ThreadWorld, ReduceLengthMismatchIsAnError) {
   EXPECT_NE(what.find("rank 0 passed 5 elements, rank 2 passed 4"), std::string::npos) << what;
 }
 
-TEST(ThreadWorld, AllToAllWrongBufferCountIsAnError) {
-  const std::string what = conformance::message_of([] {
-    run(3, [](Communicator& c) { c.all_to_all(std::vector<Bytes>(c.rank() == 1 ? 2 : 3)); });
-  });
-  EXPECT_NE(what.find("all_to_all: rank 1 passed 2 send buffers for 3 ranks"), std::string::npos) << what;
-}
-
-TEST(ThreadWorld, ExchangeSizeMismatchIsAnError) {
-  const std::string what = conformance::message_of([] {
-    run(2, [](Communicator& c) {
-      Bytes data(10), got(8);
-      if (c.rank() == 0) {
-        Communicator::SendItem s{1, 7, data};
-        c.exchange(std::span(&s, 1), {});
-      } else {
-        Communicator::RecvItem r{0, 7, got};
-        c.exchange({}, std::span(&r, 1));
-      }
+TEST(ThreadWorld, SendRecvBadPeerAbortsTheWorld) {
+  // Rank 0 would otherwise wait for a transfer rank 1 never posts.
+  std::vector<std::string> seen(2);
+  run(2, [&](Communicator& c, DataPlane& d) {
+    Tensor data = Tensor::zeros({1});
+    const Transfer s{Transfer::send, 2, data};
+    seen[c.rank()] = conformance::message_of([&] {
+      const Transfer r{Transfer::recv, 1, data};
+      d.send_recv(std::span(c.rank() == 1 ? &s : &r, 1));
     });
   });
-  EXPECT_EQ(what, "exchange: rank 1 expected 8 bytes from rank 0 tag 7, the sender sent 10");
+  EXPECT_EQ(seen[1], "send_recv: rank 1 sends to rank 2 of 2");
+  EXPECT_EQ(seen[0], "rank 1 failed: send_recv: rank 1 sends to rank 2 of 2");
 }
 
-TEST(ThreadWorld, ExchangeBadPeerIsAnError) {
-  const std::string what = conformance::message_of([] {
-    run(2, [](Communicator& c) {
-      Bytes data(1);
-      Communicator::SendItem s{2, 0, data};
-      if (c.rank() == 1) c.exchange(std::span(&s, 1), {});
-    });
+TEST(ThreadWorld, SendRecvToSelfInFifoOrder) {
+  run(1, [&](Communicator&, DataPlane& d) {
+    std::vector<Tensor> out, in;
+    std::vector<Transfer> items;
+    for (int k = 0; k < 5; ++k) {
+      out.push_back(Tensor::zeros({16}, DType::I32));
+      dpc::fill(out.back(), 0, 16, 0, 0, k);
+      in.push_back(dpc::full({16}, DType::I32, dpc::kUntouched));
+      items.push_back({Transfer::recv, 0, in.back()});
+      items.push_back({Transfer::send, 0, out.back()});
+    }
+    d.send_recv(items);
+    for (int k = 0; k < 5; ++k) EXPECT_TRUE(dpc::holds(in[k], 0, 16, 0, 0, k)) << k;
   });
-  EXPECT_EQ(what, "exchange: rank 1 sends to rank 2 of 2");
 }
 
 TEST(ThreadWorld, TimeoutNamesWhoNeverArrived) {
@@ -222,24 +321,49 @@ TEST(ThreadWorld, TimeoutNamesWhoNeverArrived) {
   EXPECT_NE(what.find("waited 200 ms in barrier; rank(s) 1 never arrived"), std::string::npos) << what;
 }
 
-TEST(ThreadWorld, ExchangeTimeoutNamesTheMissingMessage) {
-  ThreadWorld world(2, 200ms);
+TEST(ThreadWorld, DataPlaneTimeoutNamesWhoNeverArrived) {
+  ThreadWorld world(3, 200ms);
   const std::string what = conformance::message_of([&] {
-    run_ranks(world, [](Communicator& c) {
-      Bytes got(4);
-      Communicator::RecvItem r{1, 3, got};
-      if (c.rank() == 0) c.exchange({}, std::span(&r, 1));
+    run(world, [](Communicator& c, DataPlane& d) {
+      Tensor rows = Tensor::zeros({0, 2}), counts = Tensor::zeros({3}, DType::I32);
+      Tensor recv = Tensor::zeros({0, 2}), recv_counts = Tensor::zeros({3}, DType::I32);
+      if (c.rank() != 1) d.all_to_all_v(rows, counts, recv, recv_counts);
     });
   });
-  EXPECT_NE(what.find("rank 0 waited 200 ms in exchange for 4 bytes from rank 1 tag 3"), std::string::npos)
+  EXPECT_NE(what.find("waited 200 ms in all_to_all_v (data plane); rank(s) 1 never arrived"), std::string::npos)
       << what;
+}
+
+TEST(ThreadWorld, SendRecvTimeoutNamesTheMissingTransfer) {
+  {
+    ThreadWorld world(2, 200ms);
+    const std::string what = conformance::message_of([&] {
+      run(world, [](Communicator& c, DataPlane& d) {
+        Tensor got = Tensor::zeros({4}, DType::I32);
+        const Transfer r{Transfer::recv, 1, got};
+        if (c.rank() == 0) d.send_recv(std::span(&r, 1));
+      });
+    });
+    EXPECT_EQ(what, "rank 0 waited 200 ms in send_recv for 16 bytes from rank 1; 1 receive(s) still missing");
+  }
+  {
+    ThreadWorld world(2, 200ms);
+    const std::string what = conformance::message_of([&] {
+      run(world, [](Communicator& c, DataPlane& d) {
+        Tensor data = Tensor::zeros({4}, DType::I32);
+        const Transfer s{Transfer::send, 0, data};
+        if (c.rank() == 1) d.send_recv(std::span(&s, 1));
+      });
+    });
+    EXPECT_EQ(what, "rank 1 waited 200 ms in send_recv for rank 0 to receive 16 bytes; 1 send(s) not received");
+  }
 }
 
 TEST(ThreadWorld, WorldsAreIndependentAndReusable) {
   ThreadWorld a(2, kTimeout), b(2, kTimeout);
   for (int round = 0; round < 3; ++round) {
-    run_ranks(a, [](Communicator& c) { conformance::all_to_all(c, 3); });
-    run_ranks(b, [](Communicator& c) { conformance::exchange(c); });
+    run(a, [](Communicator&, DataPlane& d) { dpc::all_to_all_v(d, 3); });
+    run(b, [](Communicator&, DataPlane& d) { dpc::send_recv(d); });
   }
 }
 
@@ -248,6 +372,7 @@ TEST(ThreadWorld, BadSizeOrRank) {
   ThreadWorld w(2);
   EXPECT_THROW(w.communicator(2), ballast::Error);
   EXPECT_THROW(w.communicator(-1), ballast::Error);
+  EXPECT_THROW(w.data_plane(2), ballast::Error);
 }
 
 TEST(MpiLaunched, ReadsTheLauncherEnvironment) {

@@ -36,7 +36,7 @@ static LoadTrace window_of(const std::vector<double>& counts, int experts, int f
   return w;
 }
 
-// The toy case of spec/EPLB.md: deepseek's max/mean is 1.28, the optimum 1.085.
+// The toy case of docs/eplb.md: deepseek's max/mean is 1.28, the optimum 1.085.
 TEST(Ballast, ToyCaseBeatsDeepseek) {
   LoadTrace load(1, 1, 8);
   double w[] = {600, 560, 120, 120, 20, 10, 10, 10};

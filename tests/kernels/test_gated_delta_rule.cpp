@@ -1,5 +1,5 @@
 // Gated delta rule: the recurrent and chunked CPU kernels against a float64 reference written from
-// the spec (spec/MODEL.md, Gated DeltaNet), and against each other.
+// the spec (docs/model.md, Gated DeltaNet), and against each other.
 #include "ballast/kernels/cpu/gated_delta_rule.h"
 
 #include <gtest/gtest.h>

@@ -7,11 +7,27 @@
 #include <vector>
 
 #include "ballast/io/safetensors.h"
+#include "ballast/kernels/cpu/cpu_backend.h"
+#include "ballast/runtime/engine.h"
 
 namespace ballast::test {
 
 inline const std::filesystem::path kFixtures = BALLAST_FIXTURES_DIR;
 inline const std::filesystem::path kDemoModel = kFixtures.parent_path().parent_path() / "models" / "default";
+
+// An engine on a CPU backend of `threads` threads.
+inline std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
+                                                    const runtime::EngineOptions& opts = {}) {
+  return runtime::Engine::load(dir, std::make_unique<kernels::CpuBackend>(threads), opts);
+}
+
+// A tensor's contents on the host.
+template <typename T = float>
+std::vector<T> download(kernels::Backend& backend, const Tensor& t) {
+  std::vector<T> v(size_t(t.numel()));
+  backend.download(t, v.data());
+  return v;
+}
 
 // Fixture directories that hold `marker` (e.g. reference.safetensors), sorted.
 inline std::vector<std::string> fixtures_with(const std::string& marker) {

@@ -14,6 +14,7 @@
 #include "ballast/runtime/distributed.h"
 #include "ballast/runtime/engine.h"
 #include "fixtures.h"
+#include "support/failing_data_plane.h"
 
 namespace fs = std::filesystem;
 using namespace ballast;
@@ -37,30 +38,33 @@ struct EpRun {
   bool slots_hold_their_experts = true;
 };
 
-// Runs greedy generation of `prompts` on G thread ranks (prompt i on rank i % G).
+// Runs greedy generation of `prompts` on G thread ranks (prompt i on rank i % G). fail: whether a
+// rank's weight transfers are to fail (after they were made).
 EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts, int G, int redundant,
-             eplb::Dispatch dispatch, int rebalance_every, int max_new = 12,
-             std::function<bool(int rank, const eplb::Copy&)> fail = {}) {
+             eplb::Dispatch dispatch, int rebalance_every, int max_new = 12, std::function<bool(int rank)> fail = {}) {
   EpRun out;
   std::mutex mu;
-  dist::run_ranks(G, [&](dist::Communicator& comm) {
+  dist::ThreadWorld world(G);
+  dist::run_ranks(world, [&](dist::Communicator& comm) {
+    test::FailingDataPlane failing(world.data_plane(comm.rank()),
+                                   [&, r = comm.rank()](auto) { return fail && fail(r); });
     runtime::EngineOptions opts;
-    opts.threads = 1;
     opts.comm = &comm;
+    opts.data = &failing;
     opts.log.level = LogLevel::Quiet;
     opts.ep.trunk.redundant = redundant;
     opts.ep.trunk.dispatch = dispatch;
     opts.ep.trunk.rebalance.enabled = rebalance_every > 0;
     opts.ep.trunk.rebalance.interval = rebalance_every;
     opts.ep.trunk.rebalance.layers_per_chunk = 1;
-    auto engine = runtime::Engine::load(kFixtures / fixture, opts);
-    if (fail) engine->trunk_rebalancer()->fail_copy = [&, r = comm.rank()](const eplb::Copy& c) { return fail(r, c); };
+    auto engine = load_engine(kFixtures / fixture, 1, opts);
     auto res = runtime::generate_distributed(comm, prompts, [&](const auto& mine) {
       return engine->generate(mine, max_new);
     });
 
     // Every slot must hold exactly the weights of the logical expert its placement names.
-    const auto& pl = engine->trunk_domain()->placement;
+    const auto& trunk = *engine->trunk_ep();
+    const auto& pl = trunk.domain.placement;
     const int K = pl.slots_per_rank();
     std::vector<const model::MoeWeights*> layers;
     for (const auto& l : engine->model().weights().layers)
@@ -69,7 +73,7 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     for (int l = 0; l < pl.layers; ++l)
       for (int s = 0; s < K; ++s) {
         const auto& want = layers[size_t(l)]->experts[size_t(pl.layer(l)[comm.rank() * K + s])];
-        const auto& have = engine->trunk_slots()->weights(l, s);
+        const auto& have = trunk.slots.weights(l, s);
         for (auto [a, b] : {std::pair{&want.gate, &have.gate}, {&want.up, &have.up}, {&want.down, &have.down}})
           exact = exact && std::memcmp(a->raw(), b->raw(), a->nbytes()) == 0;
       }
@@ -78,8 +82,8 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     out.slots_hold_their_experts = out.slots_hold_their_experts && exact;
     if (comm.rank() == 0) {
       out.outputs = res.outputs;
-      out.events = engine->trunk_rebalancer()->events();
-      out.balancedness = engine->trunk_rebalancer()->balancedness();
+      out.events = trunk.rebalancer.events();
+      out.balancedness = trunk.rebalancer.balancedness();
       out.final_placement = pl;
     }
   });
@@ -88,8 +92,7 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
 
 std::vector<std::vector<int32_t>> single_rank(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts,
                                               int max_new = 12) {
-  auto engine = runtime::Engine::load(kFixtures / fixture, {.threads = 1});
-  return engine->generate(prompts, max_new).outputs;
+  return load_engine(kFixtures / fixture, 1)->generate(prompts, max_new).outputs;
 }
 
 class ExpertParallel : public ::testing::TestWithParam<std::string> {};
@@ -117,9 +120,8 @@ TEST_P(ExpertParallel, FailedTransferKeepsOldPlacementAndCorrectOutputs) {
   const auto cfg = model::load_model_config(kFixtures / GetParam());
   const int G = 2;
   const int R = redundant_for(cfg.num_experts, G, 1);
-  // Every transfer fails (on the receiving side): no layer may switch, anywhere.
-  auto got = run_ep(GetParam(), prompts, G, R, eplb::Dispatch::static_, 3, 12,
-                    [](int, const eplb::Copy&) { return true; });
+  // Every transfer fails (on every rank): no layer may switch, anywhere.
+  auto got = run_ep(GetParam(), prompts, G, R, eplb::Dispatch::static_, 3, 12, [](int) { return true; });
   EXPECT_EQ(got.outputs, want);
   ASSERT_FALSE(got.events.empty());
   for (const auto& ev : got.events) EXPECT_TRUE(ev.failed);
@@ -133,20 +135,19 @@ TEST_P(ExpertParallel, FailedTransferKeepsOldPlacementAndCorrectOutputs) {
 TEST_P(ExpertParallel, PrefillLogitsEqualSingleRank) {
   auto ref = io::SafetensorsFile::open(kFixtures / GetParam() / "reference.safetensors");
   const auto prompt = ids(*ref, "prompt_ids");
-  const auto want = runtime::Engine::load(kFixtures / GetParam(), {.threads = 1})->prefill_logits(prompt);
+  const auto want = load_engine(kFixtures / GetParam(), 1)->prefill_logits(prompt);
   const int G = 4;
   const int R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G);
   std::vector<float> got;
-  dist::run_ranks(G, [&](dist::Communicator& comm) {
-    runtime::EngineOptions opts{.threads = 1, .comm = &comm};
+  dist::ThreadWorld world(G);
+  dist::run_ranks(world, [&](dist::Communicator& comm) {
+    runtime::EngineOptions opts{.comm = &comm, .data = &world.data_plane(comm.rank())};
     opts.ep.trunk.redundant = R + G;  // every rank holds replicas
     opts.ep.trunk.dispatch = eplb::Dispatch::balanced;
-    auto engine = runtime::Engine::load(kFixtures / GetParam(), opts);
-    if (comm.rank() == 0) {
-      got = engine->prefill_logits(prompt);  // rank 0's sequence; the others serve their experts
-    } else {
-      engine->forward({});
-    }
+    auto engine = load_engine(kFixtures / GetParam(), 1, opts);
+    // Rank 0's sequence; the others take part with none, serving their experts.
+    auto logits = engine->prefill_logits(comm.rank() == 0 ? std::span<const int32_t>(prompt) : std::span<const int32_t>());
+    if (comm.rank() == 0) got = std::move(logits);
   });
   EXPECT_LE(rel_max_err(got, want), 1e-5);
 }

@@ -22,7 +22,7 @@ class FixtureParity : public ::testing::TestWithParam<std::string> {
   void SetUp() override {
     dir_ = kFixtures / GetParam();
     ref_ = io::SafetensorsFile::open(dir_ / "reference.safetensors");
-    engine_ = runtime::Engine::load(dir_, {.threads = 2});
+    engine_ = load_engine(dir_, 2);
   }
   fs::path dir_;
   std::shared_ptr<const io::SafetensorsFile> ref_;
@@ -56,24 +56,25 @@ TEST_P(FixtureParity, BatchOfDifferentLengthsEqualsEachAlone) {
 }
 
 TEST_P(FixtureParity, PrefillThenDecodeEqualsOneLongPrefill) {
-  auto& m = engine_->model();
+  auto& cache = engine_->cache();
+  auto& runner = engine_->runner();
   const auto prompt = ids(*ref_, "prompt_ids");
   const auto full = engine_->prefill_logits(prompt);
-  const int64_t V = engine_->config().vocab_size;
   // Prefill 70 tokens (crossing a DeltaNet chunk), then feed the rest one at a time.
   const size_t split = 70;
-  model::SequenceState st = m.new_sequence(int64_t(prompt.size()));
-  model::SeqChunk c{&st, std::span<const int32_t>(prompt).first(split), true};
-  auto r = m.forward(std::span<const model::SeqChunk>(&c, 1));
-  std::vector<float> got(size_t(r.logits.numel()));
-  engine_->ops().to_host(r.logits, got.data());
+  runtime::CacheEntry st;
+  ASSERT_TRUE(cache.allocate(st));
+  ASSERT_TRUE(cache.append(st, {.rows = int64_t(split)}));
+  using Entry = runtime::ModelRunner::Entry;
+  const Entry c{&st, std::span<const int32_t>(prompt).first(split), runtime::ModelRunner::Logits::all};
+  auto got = download(engine_->backend(), runner.forward(std::span<const Entry>(&c, 1)).logits);
   for (size_t t = split; t < prompt.size(); ++t) {
-    model::SeqChunk d{&st, std::span<const int32_t>(prompt).subspan(t, 1), true};
-    r = m.forward(std::span<const model::SeqChunk>(&d, 1));
-    std::vector<float> row(static_cast<size_t>(V));
-    engine_->ops().to_host(r.logits, row.data());
+    ASSERT_TRUE(cache.append(st, {.rows = 1}));
+    const Entry d{&st, std::span<const int32_t>(prompt).subspan(t, 1), runtime::ModelRunner::Logits::all};
+    const auto row = download(engine_->backend(), runner.forward(std::span<const Entry>(&d, 1)).logits);
     got.insert(got.end(), row.begin(), row.end());
   }
+  cache.release(st);
   EXPECT_LE(rel_max_err(got, full), 1e-5);
 }
 
@@ -86,7 +87,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, FixtureParity, ::testing::ValuesIn(fixtures_w
 // recorded from the same bf16 checkpoint run in float32.
 TEST(DemoModel, LogitsMatchTransformers) {
   auto ref = io::SafetensorsFile::open(kFixtures / "demo_reference.safetensors");
-  auto engine = runtime::Engine::load(kDemoModel, {.threads = 2});
+  auto engine = load_engine(kDemoModel, 2);
   const auto got = engine->prefill_logits(ids(*ref, "prompt_ids"));
   // Both sides widen the bf16 weights and compute in fp32, so far tighter than the 1e-2 bf16 bar.
   EXPECT_LE(rel_max_err(got, values<float>(ref->get("logits"))), 1e-4);

@@ -6,12 +6,14 @@
 #include <cmath>
 #include <filesystem>
 #include <mutex>
+#include <numeric>
+#include <optional>
 
 #include "ballast/dist/thread_world.h"
 #include "ballast/io/safetensors.h"
 #include "ballast/runtime/distributed.h"
 #include "ballast/runtime/engine.h"
-#include "ballast/runtime/sampler.h"
+#include "ballast/kernels/sampling.h"
 #include "ballast/runtime/speculative.h"
 #include "fixtures.h"
 
@@ -22,12 +24,6 @@ namespace {
 
 using namespace ballast::test;
 
-std::vector<float> host(kernels::Ops& ops, const Tensor& t) {
-  std::vector<float> v(size_t(t.numel()));
-  ops.to_host(t, v.data());
-  return v;
-}
-
 std::vector<std::vector<int32_t>> prompts_of(const std::string& fixture) {
   auto ref = io::SafetensorsFile::open(kFixtures / fixture / "reference.safetensors");
   auto a = values<int32_t>(ref->get("prompt_ids")), b = values<int32_t>(ref->get("short_prompt_ids"));
@@ -37,10 +33,13 @@ std::vector<std::vector<int32_t>> prompts_of(const std::string& fixture) {
 class Mtp : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Mtp, PrefillAndChainedDraftsMatchReference) {
-  auto engine = runtime::Engine::load(kFixtures / GetParam(), {.threads = 2});
-  auto& model = engine->model();
-  auto& ops = engine->ops();
-  ASSERT_TRUE(model.has_mtp());
+  auto engine = load_engine(kFixtures / GetParam(), 2);
+  ASSERT_TRUE(engine->model().has_mtp());
+  auto& backend = engine->backend();
+  auto& cache = engine->cache();
+  auto& runner = engine->runner();
+  using Entry = runtime::ModelRunner::Entry;
+  using runtime::ModelRunner;
   auto ref = io::SafetensorsFile::open(kFixtures / GetParam() / "mtp_reference.safetensors");
   const Tensor hidden = ref->get("hidden");
   const auto tokens = values<int32_t>(ref->get("mtp_tokens"));
@@ -48,39 +47,47 @@ TEST_P(Mtp, PrefillAndChainedDraftsMatchReference) {
 
   // The trunk's hidden states after model.norm, as the head takes them.
   auto prompt = values<int32_t>(io::SafetensorsFile::open(kFixtures / GetParam() / "reference.safetensors")->get("prompt_ids"));
-  model::SequenceState st = model.new_sequence(T + 8);
-  model::SeqChunk c{&st, prompt, true};
-  auto tr = model.forward(std::span<const model::SeqChunk>(&c, 1));
-  EXPECT_LE(rel_max_err(host(ops, tr.hidden), values<float>(hidden)), 1e-4);
+  runtime::CacheEntry st;
+  ASSERT_TRUE(cache.allocate(st));
+  ASSERT_TRUE(cache.append(st, {.rows = T, .headroom = 8}));
+  const Entry c{&st, prompt, ModelRunner::Logits::all};
+  auto tr = runner.forward(std::span<const Entry>(&c, 1));
+  const std::vector<float> trunk_last = download(backend, tr.logits);
+  EXPECT_LE(rel_max_err(download(backend, tr.hidden), values<float>(hidden)), 1e-4);
 
-  // One MTP prefill over the pairs (h_t, x_{t+1}) at positions t + 1.
-  model::SequenceState ms = model.new_mtp_sequence(T + 8);
-  model::MtpChunk mc{&ms, tokens, hidden.rows(0, T - 1), 1, true};
-  auto r = model.mtp_forward(std::span<const model::MtpChunk>(&mc, 1));
-  EXPECT_LE(rel_max_err(host(ops, r.logits), values<float>(ref->get("mtp_logits"))), 1e-4);
+  // One MTP prefill over the pairs (h_t, x_{t+1}) at positions t + 1, from the reference's states.
+  Tensor source = backend.alloc({T, H}, DType::F32);
+  backend.upload(hidden.raw(), source);
+  std::vector<int32_t> rows(size_t(T - 1));
+  std::iota(rows.begin(), rows.end(), 0);
+  ASSERT_TRUE(cache.append(st, {.mtp_rows = T - 1}));
+  const Entry mc{&st, tokens, ModelRunner::Logits::all, false, rows};
+  auto r = runner.mtp_forward(std::span<const Entry>(&mc, 1), source);
+  EXPECT_LE(rel_max_err(download(backend, r.logits), values<float>(ref->get("mtp_logits"))), 1e-4);
 
   // Chained drafts after the prompt: (h_{T-1}, trunk's next token), then the head's own output.
   const auto chain_tokens = values<int32_t>(ref->get("chain_tokens"));
   const auto chain_logits = values<float>(ref->get("chain_logits"));
-  std::vector<float> trunk_last = host(ops, tr.logits);
-  int32_t tok = runtime::argmax(std::span<const float>(trunk_last).subspan(size_t((T - 1) * V), size_t(V)));
-  Tensor h = Tensor::zeros({1, H});
-  ops.copy(hidden.rows(T - 1, T), h);
+  int32_t tok = kernels::argmax(std::span<const float>(trunk_last).subspan(size_t((T - 1) * V), size_t(V)));
+  std::vector<int32_t> row{int32_t(T - 1)};
+  Tensor h = source;
   for (size_t k = 0; k < chain_tokens.size(); ++k) {
-    model::MtpChunk step{&ms, std::span<const int32_t>(&tok, 1), h, T + int64_t(k), false};
-    auto d = model.mtp_forward(std::span<const model::MtpChunk>(&step, 1));
-    const auto got = host(ops, d.logits);
+    ASSERT_TRUE(cache.append(st, {.mtp_rows = 1}));
+    const Entry step{&st, std::span<const int32_t>(&tok, 1), ModelRunner::Logits::last, false, row};
+    auto d = runner.mtp_forward(std::span<const Entry>(&step, 1), h);
+    const auto got = download(backend, d.logits);
     const std::vector<float> want(chain_logits.begin() + long(k * V), chain_logits.begin() + long((k + 1) * V));
     EXPECT_LE(rel_max_err(got, want), 1e-4) << "chain step " << k;
-    tok = runtime::argmax(got);
+    tok = kernels::argmax(got);
     EXPECT_EQ(tok, chain_tokens[k]) << "chain step " << k;
-    h = Tensor::zeros({1, H});
-    ops.copy(d.hidden, h);
+    h = d.hidden;
+    row = {0};
   }
+  cache.release(st);
 }
 
 TEST_P(Mtp, SpeculativeGreedyEqualsGreedy) {
-  auto engine = runtime::Engine::load(kFixtures / GetParam(), {.threads = 2});
+  auto engine = load_engine(kFixtures / GetParam(), 2);
   const auto prompts = prompts_of(GetParam());
   const auto want = engine->generate(prompts, 20).outputs;
   for (int steps : {1, 2, 3}) {
@@ -102,8 +109,9 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
                              int steps, int interval) {
   EpSpecRun out;
   std::mutex mu;
-  dist::run_ranks(G, [&](dist::Communicator& comm) {
-    runtime::EngineOptions opts{.threads = 1, .comm = &comm};
+  dist::ThreadWorld world(G);
+  dist::run_ranks(world, [&](dist::Communicator& comm) {
+    runtime::EngineOptions opts{.comm = &comm, .data = &world.data_plane(comm.rank())};
     opts.log.level = LogLevel::Quiet;
     const int R = redundant_for(model::load_model_config(kFixtures / fixture).num_experts, G, G);
     opts.ep.mtp.emplace();
@@ -113,7 +121,7 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
       d->rebalance.enabled = interval > 0;
       d->rebalance.interval = interval;
     }
-    auto engine = runtime::Engine::load(kFixtures / fixture, opts);
+    auto engine = load_engine(kFixtures / fixture, 1, opts);
     auto r = runtime::generate_distributed(comm, prompts, [&](const auto& mine) {
       return steps > 0 ? runtime::generate_speculative(*engine, mine, 16, {.num_steps = steps})
                        : engine->generate(mine, 16);
@@ -121,8 +129,8 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
     std::lock_guard lk(mu);
     if (comm.rank() == 0) {
       out.outputs = r.outputs;
-      out.trunk_rebalances = int(engine->trunk_rebalancer()->events().size());
-      out.mtp_rebalances = engine->mtp().rebalancer ? int(engine->mtp().rebalancer->events().size()) : 0;
+      out.trunk_rebalances = int(engine->trunk_ep()->rebalancer.events().size());
+      out.mtp_rebalances = engine->mtp_ep() ? int(engine->mtp_ep()->rebalancer.events().size()) : 0;
     }
   });
   return out;
@@ -130,7 +138,7 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
 
 TEST_P(Mtp, SpeculativeUnderExpertParallelismWithRebalancesIsLossless) {
   const auto prompts = prompts_of(GetParam());
-  auto engine = runtime::Engine::load(kFixtures / GetParam(), {.threads = 2});
+  auto engine = load_engine(kFixtures / GetParam(), 2);
   const auto want = engine->generate(prompts, 16).outputs;
   for (int G : {1, 4}) {
     auto got = run_ep_speculative(GetParam(), prompts, G, 2, /*interval=*/2);
@@ -154,8 +162,10 @@ IsolationResult isolation_run(bool broken_wiring, int steps) {
   const std::string fixture = "qwen3_next_a";
   IsolationResult out;
   std::mutex mu;
-  dist::run_ranks(2, [&](dist::Communicator& comm) {
-    runtime::EngineOptions opts{.threads = 1, .comm = &comm};
+  dist::ThreadWorld world(2);
+  dist::run_ranks(world, [&](dist::Communicator& comm) {
+    dist::DataPlane& data = world.data_plane(comm.rank());
+    runtime::EngineOptions opts{.comm = &comm, .data = &data};
     opts.log.level = LogLevel::Quiet;
     opts.ep.mtp.emplace();
     for (auto* d : {&opts.ep.trunk, &*opts.ep.mtp}) {
@@ -164,22 +174,41 @@ IsolationResult isolation_run(bool broken_wiring, int steps) {
     }
     opts.ep.trunk.rebalance.enabled = true;
     opts.ep.trunk.rebalance.interval = 3;
-    auto engine = runtime::Engine::load(kFixtures / fixture, opts);
-    if (broken_wiring) engine->mtp().runner->wire_to_foreign_tables_for_test(*engine->trunk_domain());
-    engine->mtp().domain->recorder.start();
-    auto& ops = engine->ops();
+    auto engine = load_engine(kFixtures / fixture, 1, opts);
+    auto& trunk_ep = *engine->trunk_ep();
+    auto& mtp_ep = *engine->mtp_ep();
+    // The broken wiring: the MTP layer dispatches through the trunk's layer-0 tables and counts into
+    // the trunk's load, computing with its own slots.
+    std::optional<moe::ExpertParallelRunner> broken;
+    if (broken_wiring) {
+      broken.emplace(engine->backend(), trunk_ep.tables, mtp_ep.slots, trunk_ep.load, data,
+                     engine->runner().limits().max_tokens);
+      engine->model().set_mtp_moe(*broken);
+    }
+    mtp_ep.domain.recorder.start();
     const auto k = engine->config().num_experts_per_tok;
 
     // Draft logits for fixed inputs (the reference's hidden states and tokens), rank 0's rows.
     auto ref = io::SafetensorsFile::open(kFixtures / fixture / "mtp_reference.safetensors");
     const Tensor hidden = ref->get("hidden");
     const auto tokens = values<int32_t>(ref->get("mtp_tokens"));
+    const int64_t n = int64_t(tokens.size());
+    Tensor source = engine->backend().alloc(hidden.shape(), DType::F32);
+    engine->backend().upload(hidden.raw(), source);
+    std::vector<int32_t> rows(static_cast<size_t>(n));
+    std::iota(rows.begin(), rows.end(), 0);
     auto draft_logits = [&]() {
-      model::SequenceState ms = engine->model().new_mtp_sequence(int64_t(tokens.size()));
-      std::vector<model::MtpChunk> chunks;
-      if (comm.rank() == 0) chunks.push_back({&ms, tokens, hidden.rows(0, int64_t(tokens.size())), 1, true});
-      auto r = engine->model().mtp_forward(chunks);  // no end-of-pass: keep the counts out of it
-      return host(ops, r.logits);
+      // One MTP pass of its own (no end of pass: keeps the counts out of the window).
+      runtime::CacheEntry ms;
+      std::vector<runtime::ModelRunner::Entry> entries;
+      if (comm.rank() == 0) {
+        EXPECT_TRUE(engine->cache().append(ms, {.mtp_rows = n}));
+        entries.push_back({&ms, tokens, runtime::ModelRunner::Logits::all, false, rows});
+      }
+      auto r = engine->runner().mtp_forward(entries, source);
+      auto logits = download(engine->backend(), r.logits);
+      engine->cache().release(ms);
+      return logits;
     };
     const auto before = draft_logits();
 
@@ -193,10 +222,9 @@ IsolationResult isolation_run(bool broken_wiring, int steps) {
     // Trunk tokens: every prefill token and every verified token (S + 1 per sequence and round).
     std::vector<int64_t> counted{res.stats.prefill_tokens, st.rounds};  // prefill already summed over ranks
     comm.all_reduce_sum(std::span<int64_t>(counted).subspan(1));
-    eplb::LoadTrace trunk = engine->trunk_domain()->recorder.dump_window();
-    eplb::LoadTrace mtp = engine->mtp().domain->recorder.dump_window();
-    comm.all_reduce_sum(std::span<double>(trunk.count));
-    comm.all_reduce_sum(std::span<double>(mtp.count));
+    // Every pass's load is summed over ranks before it is recorded: each rank's window holds it all.
+    const eplb::LoadTrace trunk = trunk_ep.domain.recorder.dump_window();
+    const eplb::LoadTrace mtp = mtp_ep.domain.recorder.dump_window();
     std::lock_guard lk(mu);
     if (comm.rank() != 0) return;
     // Layer 0 of the trunk (a MoE layer in this fixture) must carry exactly k counts per trunk token.
@@ -206,7 +234,7 @@ IsolationResult isolation_run(bool broken_wiring, int steps) {
     for (double c : mtp.count) out.mtp_counts += c;
     out.mtp_before = before;
     out.mtp_after = after;
-    const auto& pl = engine->trunk_domain()->placement;
+    const auto& pl = trunk_ep.domain.placement;
     out.trunk_layer0_moved = !std::equal(pl.layer(0).begin(), pl.layer(0).end(),
                                          eplb::Placement::trivial(pl.layers, pl.logical, pl.physical, pl.ranks).layer(0).begin());
   });

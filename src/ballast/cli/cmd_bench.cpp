@@ -3,7 +3,6 @@
 // bandwidth reported against this machine's measured copy bandwidth, as a ratio.
 #include <fmt/format.h>
 
-#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -11,8 +10,10 @@
 
 #include "ballast/cli/commands.h"
 #include "ballast/cli/model_args.h"
+#include "ballast/core/clock.h"
 #include "ballast/core/error.h"
 #include "ballast/core/thread_pool.h"
+#include "ballast/model/config.h"
 #include "ballast/model/param_count.h"
 #include "ballast/model/random_checkpoint.h"
 #include "ballast/runtime/speculative.h"
@@ -29,8 +30,6 @@ struct BenchArgs {
   bool json = false;
 };
 
-using Clock = std::chrono::steady_clock;
-double since(Clock::time_point t0) { return std::chrono::duration<double>(Clock::now() - t0).count(); }
 
 // Copy bandwidth (bytes read + bytes written per second) of a parallel memcpy over buffers far
 // larger than the caches: the speed of light for a decode step that streams weights once.
@@ -40,11 +39,11 @@ double measure_copy_bandwidth(int threads) {
   std::vector<char> a(bytes, 1), b(bytes, 2);
   double best = 0;
   for (int r = 0; r < 5; ++r) {
-    auto t0 = Clock::now();
+    const double t0 = now_seconds();
     pool.parallel_for(int64_t(bytes >> 20), [&](int64_t i0, int64_t i1) {
       std::memcpy(b.data() + (i0 << 20), a.data() + (i0 << 20), size_t(i1 - i0) << 20);
     });
-    best = std::max(best, 2.0 * double(bytes) / since(t0));
+    best = std::max(best, 2.0 * double(bytes) / seconds_since(t0));
   }
   return best;
 }
@@ -80,12 +79,17 @@ int run_bench(const BenchArgs& a) {
     }
   } cleanup{tmp};
 
-  auto engine = load_engine(dir, a.threads);
-  const auto& cfg = engine->config();
+  const model::ModelConfig cfg = model::load_model_config(dir);
   std::mt19937 rng(7);
   std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(a.batch));
   for (auto& p : prompts)
     for (int i = 0; i < a.prompt_len; ++i) p.push_back(int32_t(rng() % uint32_t(cfg.vocab_size)));
+  // Every prompt's prefill in one pass, as the figures are per pass.
+  CacheArgs cache;
+  cache.chunked_prefill_size = std::max(cache.chunked_prefill_size, a.batch * a.prompt_len);
+  runtime::EngineOptions opts;
+  opts.cache = to_cache_options(cache, prompts, prompts.size(), a.decode_steps + 1, 2 * a.speculative_steps);
+  auto engine = load_engine(dir, a.threads, opts);
 
   // Best of `repeats` runs of prefill + decode.
   runtime::GenerationStats best;

@@ -1,5 +1,6 @@
 // ballast eplb plan | report | replay | synth — the EPLB library from the command line.
 #include "ballast/cli/commands.h"
+#include "ballast/core/clock.h"
 #include "ballast/core/error.h"
 #include "ballast/eplb/load.h"
 #include "ballast/eplb/metrics.h"
@@ -12,7 +13,6 @@
 
 #include <fmt/format.h>
 
-#include <chrono>
 #include <memory>
 
 namespace ballast::cli {
@@ -46,9 +46,9 @@ int run_plan(const PlanArgs& a) {
     po.current = current.get();
   }
   Placement before = current ? *current : Placement::trivial(load.layers, load.experts, P, a.ranks);
-  auto t0 = std::chrono::steady_clock::now();
+  const double t0 = now_seconds();
   Placement after = plan(load, po);
-  double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+  const double ms = seconds_since(t0) * 1e3;
   LoadTrace sum = load.passes == 1 ? load : load.sum();
   auto b0 = evaluate_even(before, sum), b1 = evaluate_even(after, sum);
   auto mig = plan_migration(before, after, 0);

@@ -13,6 +13,7 @@
 #include "ballast/cli/model_args.h"
 #include "ballast/core/error.h"
 #include "ballast/dist/mpi_communicator.h"
+#include "ballast/dist/mpi_data_plane.h"
 #include "ballast/dist/thread_world.h"
 #include "ballast/eplb/load.h"
 #include "ballast/io/safetensors.h"
@@ -31,6 +32,7 @@ struct GenerateArgs {
   int threads = 0;
   bool json = false;
   EpArgs ep;
+  CacheArgs cache;
   std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
   int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;
   runtime::SamplingParams sampling;
@@ -65,24 +67,26 @@ nlohmann::json speculative_summary(runtime::SpeculativeStats st, dist::Communica
           {"verify_seconds", st.verify_seconds}};
 }
 
-Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist::Communicator* comm, int threads,
-                   const std::vector<std::vector<int32_t>>& prompts, std::span<const int32_t> stop) {
+Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist::Communicator* comm,
+                   dist::DataPlane* data, int threads, const std::vector<std::vector<int32_t>>& prompts,
+                   std::span<const int32_t> stop) {
+  const int ranks = comm ? comm->size() : 1;
+  const bool speculate = !a.speculative_algorithm.empty();
   runtime::EngineOptions opts;
-  opts.threads = threads;
   opts.comm = comm;
-  opts.ep = to_ep_options(a.ep);
+  opts.data = data;
+  opts.ep = to_ep_options(a.ep, ranks);
+  opts.cache = to_cache_options(a.cache, prompts, (prompts.size() + size_t(ranks) - 1) / size_t(ranks),
+                                a.max_new_tokens, speculate ? 2 * a.speculative_steps : 0);
   if (comm && comm->rank() != 0) opts.log.level = LogLevel::Quiet;
-  if (!a.ep.dump_distribution.empty()) opts.ep.trunk.recorder_window = std::max(opts.ep.trunk.recorder_window, 1);
-  std::unique_ptr<runtime::Engine> engine;
-  if (!comm || comm->rank() == 0) engine = load_engine(dir, threads, opts);
-  else engine = runtime::Engine::load(dir, opts);
+  auto engine = load_engine(dir, threads, opts, !comm || comm->rank() == 0);
   for (auto& p : prompts)
     for (int32_t id : p)
       check(id < engine->config().vocab_size, "prompt token id {} is outside the vocabulary of {}", id,
             engine->config().vocab_size);
-  if (!a.ep.dump_distribution.empty() && engine->trunk_domain()) engine->trunk_domain()->recorder.start();
+  auto* trunk = engine->trunk_ep();
+  if (!a.ep.dump_distribution.empty() && trunk) trunk->domain.recorder.start();
   Report rep;
-  const bool speculate = !a.speculative_algorithm.empty();
   runtime::SpeculativeStats spec_stats;
   auto generate = [&](const std::vector<std::vector<int32_t>>& mine) {
     if (!speculate) return engine->generate(mine, a.max_new_tokens, stop, a.sampling);
@@ -94,12 +98,9 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
     rep.outputs = std::move(r.outputs);
     rep.stats = r.stats;
     rep.ep = ep_summary(*engine, comm->size());
-    if (!a.ep.dump_distribution.empty() && engine->trunk_domain()) {
-      // Every rank recorded the tokens it dispatched: the sum is the whole load.
-      eplb::LoadTrace t = engine->trunk_domain()->recorder.dump();
-      comm->all_reduce_sum(std::span<double>(t.count));
-      if (comm->rank() == 0) eplb::write_load(a.ep.dump_distribution, t);
-    }
+    // Every pass's load is summed over ranks before it is recorded: every rank holds the whole load.
+    if (!a.ep.dump_distribution.empty() && trunk && comm->rank() == 0)
+      eplb::write_load(a.ep.dump_distribution, trunk->domain.recorder.dump());
   } else {
     auto r = generate(prompts);
     rep.outputs = std::move(r.outputs);
@@ -134,21 +135,23 @@ int run_generate(const GenerateArgs& a) {
   const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
   if (dist::mpi_launched()) {
     dist::MpiCommunicator comm;
+    dist::MpiDataPlane data;
     ranks = comm.size();
     check(a.ep.ep == 1 || a.ep.ep == ranks, "--ep {} does not match the MPI world of {} ranks", a.ep.ep, ranks);
-    rep = run_on_rank(a, dir, &comm, a.threads, prompts, stop);
+    rep = run_on_rank(a, dir, &comm, &data, a.threads, prompts, stop);
     if (comm.rank() != 0) return 0;
   } else if (a.ep.wanted()) {
     ranks = a.ep.ep;
     const int threads = a.threads > 0 ? a.threads : int(std::max(1u, cores / unsigned(ranks)));
     std::mutex mu;
-    dist::run_ranks(ranks, [&](dist::Communicator& comm) {
-      Report r = run_on_rank(a, dir, &comm, threads, prompts, stop);
+    dist::ThreadWorld world(ranks);
+    dist::run_ranks(world, [&](dist::Communicator& comm) {
+      Report r = run_on_rank(a, dir, &comm, &world.data_plane(comm.rank()), threads, prompts, stop);
       std::lock_guard lk(mu);
       if (comm.rank() == 0) rep = std::move(r);
     });
   } else {
-    rep = run_on_rank(a, dir, nullptr, a.threads, prompts, stop);
+    rep = run_on_rank(a, dir, nullptr, nullptr, a.threads, prompts, stop);
   }
 
   const auto& s = rep.stats;
@@ -193,6 +196,7 @@ int run_logits(const LogitsArgs& a) {
   check(!ids.empty(), "--prompt-ids is empty");
   const auto dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
   runtime::EngineOptions opts;
+  opts.cache = to_cache_options(CacheArgs{}, {ids}, 1, 0, 0);
   auto engine = load_engine(dir, a.threads, opts);
   std::vector<float> logits = engine->prefill_logits(ids);
   const int64_t V = engine->config().vocab_size;
@@ -220,6 +224,7 @@ void add_generate(CLI::App& app, Runner& run) {
   c->add_option("--top-k", a->sampling.top_k, "Sample among the k most likely tokens (0 = all)")->check(CLI::Range(0, 1 << 20));
   c->add_option("--seed", a->sampling.seed, "Sampling seed");
   add_ep_options(c, a->ep);
+  add_cache_options(c, a->cache);
   c->add_option("--speculative-algorithm", a->speculative_algorithm, "NEXTN: draft with the model's MTP head")
       ->check(CLI::IsMember({"NEXTN", "MTP", "EAGLE"}));
   c->add_option("--speculative-num-steps", a->speculative_steps, "Chained draft steps per verify pass")

@@ -2,6 +2,9 @@
 
 #include <algorithm>
 
+#include "ballast/eplb/load.h"
+#include "ballast/eplb/placement.h"
+
 namespace ballast::cli {
 
 void add_ep_options(CLI::App* c, EpArgs& a) {
@@ -32,9 +35,17 @@ void add_ep_options(CLI::App* c, EpArgs& a) {
       ->check(CLI::IsMember({"own", "sglang"}));
 }
 
-runtime::ExpertParallelOptions to_ep_options(const EpArgs& a) {
+runtime::ExpertParallelOptions to_ep_options(const EpArgs& a, int ranks) {
   runtime::ExpertParallelOptions o;
-  o.init_expert_location = a.init_location;
+  // A JSON file holds physical_to_logical_map [L][P] (used as is) or logical_count [L][E]
+  // (planned from, with the trunk's planner settings, by the engine).
+  if (!a.init_location.empty() && a.init_location != "trivial") {
+    const std::string text = eplb::read_text_file(a.init_location);
+    if (text.find("physical_to_logical_map") != std::string::npos)
+      o.initial_placement = eplb::placement_from_json_text(text, ranks, a.init_location);
+    else
+      o.initial_load = eplb::load_from_json_text(text, a.init_location);
+  }
   auto& t = o.trunk;
   t.redundant = a.redundant;
   t.ranks_per_node = a.ranks_per_node;
@@ -53,18 +64,18 @@ runtime::ExpertParallelOptions to_ep_options(const EpArgs& a) {
 
 nlohmann::json ep_summary(runtime::Engine& engine, int ranks) {
   nlohmann::json j = {{"ranks", ranks}};
-  auto* rb = engine.trunk_rebalancer();
-  if (!rb) return j;
-  if (auto* mrb = engine.mtp().rebalancer.get()) {
+  if (!engine.trunk_ep()) return j;
+  const auto& rb = engine.trunk_ep()->rebalancer;
+  if (auto* mtp = engine.mtp_ep()) {
     nlohmann::json m = nlohmann::json::array();
-    for (const auto& e : mrb->events())
+    for (const auto& e : mtp->rebalancer.events())
       m.push_back({{"after_pass", e.pass}, {"experts_moved", e.experts_moved}, {"failed", e.failed},
                    {"balancedness_before", e.balancedness_before}, {"balancedness_after", e.balancedness_after}});
     j["mtp_rebalances"] = m;
-    j["mtp_balancedness"] = mrb->balancedness();
+    j["mtp_balancedness"] = mtp->rebalancer.balancedness();
   }
   nlohmann::json events = nlohmann::json::array();
-  for (const auto& e : rb->events())
+  for (const auto& e : rb.events())
     events.push_back({{"domain", e.domain},
                       {"after_pass", e.pass},
                       {"layers_changed", e.layers_changed},
@@ -76,7 +87,7 @@ nlohmann::json ep_summary(runtime::Engine& engine, int ranks) {
                       {"balancedness_after", e.balancedness_after},
                       {"failed", e.failed}});
   j["rebalances"] = events;
-  const auto& b = rb->balancedness();
+  const auto& b = rb.balancedness();
   j["balancedness"] = b;
   // Mean per-pass balancedness before the first rebalance, and after the first and the last one
   // (null when no pass ran in that range).
@@ -86,11 +97,11 @@ nlohmann::json ep_summary(runtime::Engine& engine, int ranks) {
     for (size_t i = lo; i < hi; ++i) s += b[i];
     return s / double(hi - lo);
   };
-  if (!rb->events().empty()) {
+  if (!rb.events().empty()) {
     auto after = [&](const auto& e) { return std::min(b.size(), size_t(e.pass) + 1); };
-    j["balancedness_before_first_rebalance"] = mean(0, std::min(b.size(), size_t(rb->events().front().pass)));
-    j["balancedness_after_first_rebalance"] = mean(after(rb->events().front()), b.size());
-    j["balancedness_after_last_rebalance"] = mean(after(rb->events().back()), b.size());
+    j["balancedness_before_first_rebalance"] = mean(0, std::min(b.size(), size_t(rb.events().front().pass)));
+    j["balancedness_after_first_rebalance"] = mean(after(rb.events().front()), b.size());
+    j["balancedness_after_last_rebalance"] = mean(after(rb.events().back()), b.size());
   } else {
     j["balancedness_mean"] = mean(0, b.size());
   }

@@ -29,7 +29,8 @@ struct EpArgs {
 };
 
 void add_ep_options(CLI::App* cmd, EpArgs& a);
-runtime::ExpertParallelOptions to_ep_options(const EpArgs& a);
+// The engine's options for `ranks` ranks; reads --init-expert-location's file.
+runtime::ExpertParallelOptions to_ep_options(const EpArgs& a, int ranks);
 
 // {"ranks", "rebalances": [...], "balancedness": [per pass], "balancedness_first_window",
 //  "balancedness_last_window"} of a rank's trunk domain.

@@ -2,12 +2,14 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <fstream>
 #include <optional>
 
 #include "ballast/core/error.h"
 #include "ballast/core/progress.h"
+#include "ballast/kernels/cpu/cpu_backend.h"
 
 namespace ballast::cli {
 
@@ -61,15 +63,41 @@ std::vector<std::vector<int32_t>> read_prompts_file(const std::filesystem::path&
   return prompts;
 }
 
+void add_cache_options(CLI::App* c, CacheArgs& a) {
+  c->add_option("--page-size", a.page_size, "Cache rows per KV block")->check(CLI::Range(1, 1 << 12));
+  c->add_option("--max-total-tokens", a.max_total_tokens, "KV cache rows per rank (default: what the prompts need)")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
+  c->add_option("--max-running-requests", a.max_running_requests, "Sequences running at once per rank")
+      ->check(CLI::Range(1, 1 << 20));
+  c->add_option("--chunked-prefill-size", a.chunked_prefill_size, "Rows per forward pass (prefill is chunked to it)")
+      ->check(CLI::Range(1, 1 << 24));
+  c->add_option("--context-length", a.context_length, "Longest sequence, prompt and output (default: the cache)")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
+}
+
+runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std::vector<int32_t>>& prompts,
+                                       size_t per_rank, int new_tokens, int extra) {
+  runtime::CacheOptions o;
+  o.page_size = a.page_size;
+  o.chunked_prefill_size = a.chunked_prefill_size;
+  o.context_length = a.context_length;
+  int64_t rows = 0;
+  for (const auto& p : prompts)
+    rows += (int64_t(p.size()) + new_tokens + extra + a.page_size - 1) / a.page_size * a.page_size;
+  o.max_running_requests = a.max_running_requests > 0 ? a.max_running_requests : int(std::max<size_t>(1, per_rank));
+  o.max_total_tokens = a.max_total_tokens > 0 ? a.max_total_tokens : std::max<int64_t>(rows, 1);
+  return o;
+}
+
 std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
-                                             runtime::EngineOptions opts) {
+                                             runtime::EngineOptions opts, bool progress) {
   std::optional<ProgressBar> bar;  // created once the total size is known
-  opts.threads = threads;
-  opts.load_progress = [&bar](uint64_t done, uint64_t total) {
-    if (!bar) bar.emplace("loading weights", total);
-    bar->update(done);
-  };
-  auto engine = runtime::Engine::load(dir, opts);
+  if (progress)
+    opts.load_progress = [&bar](uint64_t done, uint64_t total) {
+      if (!bar) bar.emplace("loading weights", total);
+      bar->update(done);
+    };
+  auto engine = runtime::Engine::load(dir, std::make_unique<kernels::CpuBackend>(threads), opts);
   if (bar) bar->finish();
   return engine;
 }

@@ -19,8 +19,23 @@ std::vector<int32_t> parse_ids(const std::string& csv);
 // One comma-separated id list per non-empty line.
 std::vector<std::vector<int32_t>> read_prompts_file(const std::filesystem::path& path);
 
-// Loads the engine with a progress bar while the weights are paged in.
+// Cache and batch limits (SGLang's flag names); 0 leaves the engine's default, or the command's.
+struct CacheArgs {
+  int page_size = 16;
+  int64_t max_total_tokens = 0;
+  int max_running_requests = 0;
+  int chunked_prefill_size = 2048;
+  int64_t context_length = 0;
+};
+void add_cache_options(CLI::App* cmd, CacheArgs& a);
+// The options, with what a command knows of its own work for what the flags leave at 0: room for
+// `prompts` of which `per_rank` run on one rank, each growing by `new_tokens` (and `extra` rows).
+runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std::vector<int32_t>>& prompts,
+                                       size_t per_rank, int new_tokens, int extra);
+
+// Builds the CPU backend (`threads` threads, 0 = all cores) and loads the engine on it, with a
+// progress bar while the weights are paged in.
 std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
-                                             runtime::EngineOptions opts = {});
+                                             runtime::EngineOptions opts = {}, bool progress = true);
 
 }  // namespace ballast::cli

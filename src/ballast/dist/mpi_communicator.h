@@ -5,7 +5,7 @@
 //   int main(int argc, char** argv) {
 //     std::optional<MpiSession> mpi;
 //     if (mpi_launched()) mpi.emplace(&argc, &argv);
-//     ...  MpiCommunicator comm;  (one or more; all destroyed before `mpi`)
+//     ...  MpiCommunicator comm; MpiDataPlane data;  (mpi_data_plane.h; all destroyed before `mpi`)
 //   }
 #include <memory>
 
@@ -59,11 +59,8 @@ class MpiCommunicator final : public Communicator {
   void all_reduce_sum(std::span<int64_t> data) override;
   void all_reduce_sum(std::span<double> data) override;
   bool all_reduce_or(bool flag) override;
-  // Each buffer, and the total a rank sends or receives, must be under 2 GiB (MPI int counts).
-  std::vector<Bytes> all_to_all(const std::vector<Bytes>& send) override;
+  // The total gathered must be under 2 GiB (MPI int counts).
   std::vector<Bytes> all_gather(const Bytes& mine) override;
-  // Each item under 2 GiB; tags in [0, MPI_TAG_UB] (at least 32767).
-  void exchange(std::span<const SendItem> sends, std::span<const RecvItem> recvs) override;
 
  private:
   struct Impl;

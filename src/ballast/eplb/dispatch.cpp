@@ -76,13 +76,6 @@ std::vector<double> dispatch_static(std::span<const int32_t> row, int G, int ran
   return slot;
 }
 
-uint64_t mix64(uint64_t x) {
-  x += 0x9e3779b97f4a7c15ULL;
-  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
-  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
-  return x ^ (x >> 31);
-}
-
 std::vector<double> dispatch_random(std::span<const int32_t> row, const double* counts, int E, uint64_t seed) {
   auto rep = replicas_of(row, E);
   std::vector<double> slot(row.size(), 0.0);

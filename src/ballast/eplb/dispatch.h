@@ -8,6 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "ballast/core/hash.h"
+
 namespace ballast::eplb {
 
 enum class Dispatch { static_, random, balanced };
@@ -38,8 +40,8 @@ std::vector<double> dispatch_balanced(std::span<const int32_t> row, int ranks, c
 // Slots holding each logical expert [E][c_e], ascending; throws unless every slot holds an expert
 // in [0, E) and every expert has a replica.
 std::vector<std::vector<int32_t>> replicas_of(std::span<const int32_t> row, int experts);
-// The hash the random policy picks replicas with (splitmix64's finaliser).
-uint64_t mix64(uint64_t x);
+// The hash the random policy picks replicas with.
+using ballast::mix64;
 
 // Any policy, by name.
 std::vector<double> dispatch(Dispatch policy, std::span<const int32_t> row, int ranks, int ranks_per_node,

@@ -1,5 +1,5 @@
 #pragma once
-// Balance metrics of spec/EPLB.md. A layer's rank load is the sum of the loads of the slots on the
+// Balance metrics of docs/eplb.md. A layer's rank load is the sum of the loads of the slots on the
 // rank; balancedness = mean / max of rank loads (1 = perfect, 1/G = worst); imbalance = max/mean - 1.
 #include "ballast/eplb/load.h"
 #include "ballast/eplb/placement.h"

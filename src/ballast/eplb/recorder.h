@@ -1,13 +1,13 @@
 #pragma once
-// Load recorder of one expert domain (no global state: the domain owns it). Rank threads add the
-// tokens dispatched to physical slots during a forward pass; end_pass() closes the pass and
-// converts its physical counts to logical counts through the placement in force, into a ring
-// window of the last `window` passes.
+// Load recorder of one expert domain (no global state: the domain owns it): the host window of
+// the last `window` passes. Counting happens on the device (a histogram op into the domain's
+// per-pass load); end_pass() takes a closed pass's load per physical slot and converts it to
+// logical counts through the placement in force, into a ring window.
 //   stat:      dump() returns the window's sum [1][L][E]
 //   per_pass:  dump() returns every pass of the window [T][L][E], oldest first
 //   per_token: as per_pass, and the physical top-k ids of every token are kept (dump_tokens())
-// Thread-safe: record_* may be called concurrently from several threads; control calls
-// (start/stop/reset/end_pass/dump) take a lock.
+// Thread-safe: every call takes a lock, so a server thread may start, stop or dump while the
+// engine closes passes.
 #include "ballast/eplb/load.h"
 #include "ballast/eplb/placement.h"
 
@@ -34,17 +34,14 @@ class Recorder {
   bool recording() const { return recording_.load(); }
   void reset();  // drops the window and the open pass
 
-  // Adds the tokens sent to each physical slot of `layer` in the open pass. slot_counts: [P].
-  void record_slot_counts(int layer, std::span<const int64_t> slot_counts);
-  // Adds one count per entry: ids are physical slot ids of routed token choices [tokens * k].
-  // In per_token mode the ids are also kept (k per token).
-  void record_topk(int layer, std::span<const int32_t> physical_ids, int k);
+  // Closes a pass: its load per physical slot [L][P] becomes logical counts through `in_force`
+  // (the placement the dispatch used). per_token: `tokens` holds, per layer, the physical ids of
+  // every routed choice ([tokens * k]). Nothing is kept when not recording; a pass closed while
+  // paused enters the window as zeros.
+  void end_pass(const Placement& in_force, std::span<const int32_t> slot_counts,
+                std::vector<std::vector<int32_t>> tokens = {});
 
-  // Closes the open pass; its counts become logical through `in_force` (the placement the
-  // dispatch used). Nothing is kept when not recording.
-  void end_pass(const Placement& in_force);
-
-  // While a guard lives (any thread), nothing is recorded into this recorder.
+  // While a guard lives (any thread), passes are recorded as zeros.
   class PauseGuard {
    public:
     explicit PauseGuard(Recorder& r) : r_(&r) { r_->paused_.fetch_add(1); }
@@ -77,9 +74,7 @@ class Recorder {
   const RecorderMode mode_;
   std::atomic<bool> recording_{false};
   std::atomic<int> paused_{0};
-  std::unique_ptr<std::atomic<int64_t>[]> open_;  // [L][P] counts of the open pass
   mutable std::mutex mu_;
-  std::vector<std::vector<int32_t>> open_tokens_;  // [L] ids of the open pass (per_token)
   int experts_ = -1;                               // E, fixed by the first end_pass
   std::deque<std::vector<int32_t>> ring_;          // passes, each [L][E]
   std::deque<std::vector<std::vector<int32_t>>> ring_tokens_;

@@ -1,12 +1,13 @@
 #include "ballast/eplb/replay.h"
 
+#include "ballast/core/clock.h"
+
 #include "ballast/core/error.h"
 #include "ballast/eplb/deepseek.h"
 #include "ballast/eplb/metrics.h"
 #include "ballast/eplb/migration.h"
 
 #include <algorithm>
-#include <chrono>
 
 namespace ballast::eplb {
 
@@ -69,10 +70,10 @@ std::vector<SuiteRow> run_suite(const std::vector<SuiteWorkload>& suite, int win
         PlanOptions po;
         po.algorithm = variants[v].algorithm, po.ranks = G, po.redundant = w.redundant, po.slices = slices;
         po.dispatch = variants[v].target;
-        auto t0 = std::chrono::steady_clock::now();
+        const double t0 = now_seconds();
         Placement pl = plan(win, po);
         SuiteRow& r = acc[v];
-        r.plan_ms += std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+        r.plan_ms += seconds_since(t0) * 1e3;
         auto row = pl.layer(0);
         auto rl = rank_loads_even(row, G, sum.at(0, 0), E);
         r.in_sample += balancedness(rl);

@@ -1,11 +1,16 @@
 #pragma once
-// The op interface the model graph is written against. A backend (CPU here; CUDA beside it)
-// implements every op for tensors that live on its device. Activations are F32; weights may be
-// F32, BF16, F16 or F8_E4M3 and are read in place. Shapes are in the comments; row-major.
+// The backend contract, part 2: the ops the model graph is written against (part 1, memory and
+// transfers, is backend.h). A backend implements every op for tensors on its device, in stream
+// order, without allocating device memory per call (a backend may keep scratch of its own, grown
+// at first need and counted as an allocation). Activations are F32; weights may be F32, BF16, F16
+// or F8_E4M3 and are read in place. Index inputs are I32 tensors on the device: nothing in an op
+// needs the host to look at data. Shapes are in the comments; row-major. docs/model.md has the
+// math, docs/expert-parallel.md the MoE dispatch and combine.
 #include <cstdint>
 #include <span>
 
 #include "ballast/core/tensor.h"
+#include "ballast/eplb/dispatch.h"
 
 namespace ballast::kernels {
 
@@ -13,62 +18,158 @@ struct DeltaRuleDims {
   int Hk, Hv, dk, dv;
 };
 
+// One SwiGLU expert: down(silu(gate x) * up x). gate, up [I, H]; down [H, I]; any weight dtype.
+struct SwigluWeights {
+  Tensor gate, up, down;
+  int64_t intermediate() const { return gate.dim(0); }
+  size_t nbytes() const { return gate.nbytes() + up.nbytes() + down.nbytes(); }
+};
+
+// How the T rows of a pass split into B sequences, and where each sequence's cache lives. The
+// tensors are I32 on the device; the counts are also given on the host (loop bounds and launch
+// shapes only, never data).
+struct SeqLayout {
+  int num_seqs = 0;        // B
+  int num_tokens = 0;      // T
+  int max_query_len = 0;   // max over b of cu_seqlens[b+1] - cu_seqlens[b]
+  int max_kv_len = 0;      // max over b of kv_lens[b]
+  int block_size = 0;      // cache rows per KV block
+  Tensor cu_seqlens;       // [B+1]: rows of sequence b are [cu_seqlens[b], cu_seqlens[b+1])
+  Tensor kv_lens;          // [B]: cache rows of b once this pass has appended its rows (its new
+                           //      rows are its last ones: row i of n new sits at kv_len - n + i)
+  Tensor block_tables;     // [B, W]: b's cache blocks in order; cache row r of b is at block
+                           //      block_tables[b][r / block_size], offset r % block_size
+  Tensor slot_mapping;     // [T]: where each new row's K and V go, block * block_size + offset
+  Tensor state_slots;      // [B]: b's DeltaNet state slot (conv and recurrent state pools)
+  Tensor snapshot_slots;   // [B, W'] or undefined: where b's entry [b][0] >= 0, b is verifying
+                           //      drafts: the state after its row i goes to slot [b][i] and its
+                           //      own slot is left as it was (rollback is then a choice of slot)
+  // B = 0 (a rank with no sequences this pass): the ops do nothing and read none of the tensors.
+};
+
+// Logical -> physical expert dispatch of one MoE layer under a placement (docs/expert-parallel.md).
+// Tables are I32 on the device, uploaded when the layer's placement switches.
+struct DispatchTables {
+  eplb::Dispatch policy = eplb::Dispatch::static_;
+  int rank = 0, ranks = 1;    // this rank, G
+  int slots_per_rank = 0;     // K = P / G
+  int layer = 0;              // the layer's index in its domain (mixed into the random seed)
+  Tensor phy2log;             // [P] logical expert of each slot
+  Tensor static_slot;         // [E] static: the slot this rank sends expert e's tokens to
+  Tensor replicas;            // [E, Rmax] slots holding e, ascending, padded with -1
+  Tensor replica_count;       // [E]
+  Tensor pass_seed;           // [1] I64, random: the domain's pass index (changes every pass)
+};
+
+// How each logits row is drawn from. Tensors are on the device, one entry per row [R].
+struct SamplingRows {
+  Tensor temperature;  // F32; <= 0: greedy (argmax, ties to the lower id)
+  Tensor top_p;        // F32 in (0, 1]
+  Tensor top_k;        // I32; 0: no limit
+  Tensor seed;         // I64: the sequence's seed
+  Tensor position;     // I32: position of the token being drawn
+};
+
+// Independent uniform streams of one (seed, position): see uniform() in sampling.h.
+enum class Draw : uint32_t { target = 0, draft = 1, accept = 2, residual = 3 };
+
 class Ops {
  public:
   virtual ~Ops() = default;
-  virtual Device device() const = 0;
 
-  // New zeroed F32 activation on this backend's device.
-  virtual Tensor alloc(std::vector<int64_t> shape) = 0;
-
-  // out[T, H] = table[ids[t], :]
-  virtual void embedding(std::span<const int32_t> ids, const Tensor& table, Tensor& out) = 0;
+  // --- rows and elementwise ---
+  // out[T, H] = table[ids[t], :]; ids [T]
+  virtual void embedding(const Tensor& ids, const Tensor& table, Tensor& out) = 0;
   // y[T, N] = x[T, K] @ w[N, K]^T
   virtual void matmul(const Tensor& x, const Tensor& w, Tensor& y) = 0;
   // Zero-centred RMSNorm over the last dim: y = x * rsqrt(mean(x^2) + eps) * (1 + w). x may be y.
   virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) = 0;
   // y += x
   virtual void add(Tensor& y, const Tensor& x) = 0;
-  // dst = src (same number of elements)
+  // dst = src (same number of bytes)
   virtual void copy(const Tensor& src, Tensor& dst) = 0;
+  // t = 0 (any dtype)
+  virtual void zero(Tensor& t) = 0;
   // out[T, A + B] = [a[T, A] | b[T, B]]
   virtual void concat_cols(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   // out = silu(gate) * up, elementwise; out may alias gate.
   virtual void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
-
-  // Gated attention pieces. qg[T, Hq, 2*hd] (per head [q | gate]) -> q[T, Hq, hd], gate[T, Hq, hd].
-  virtual void split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) = 0;
-  // NeoX RoPE on the first rot dims of each head of x[T, heads, hd], in place.
-  virtual void rope(Tensor& x, std::span<const int32_t> positions, int rot, double theta) = 0;
-  // Appends k_new/v_new[T, Hkv, hd] at rows [pos0, pos0+T) of k_cache/v_cache[cap, Hkv, hd], then
-  // out[T, Hq, hd] = causal softmax(q k^T / sqrt(hd)) v over cache rows [0, pos0+t].
-  virtual void attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache,
-                         Tensor& v_cache, int64_t pos0, Tensor& out) = 0;
   // x *= sigmoid(gate), elementwise.
   virtual void mul_sigmoid(Tensor& x, const Tensor& gate) = 0;
+  // y[t, :] *= sigmoid(s[t]); s [T, 1].
+  virtual void scale_rows_sigmoid(Tensor& y, const Tensor& s) = 0;
+  // out[i, :] = x[rows[i] / row_div, :] for rows [N] (any dtype; a row is x's first dimension).
+  virtual void gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) = 0;
+  // out[rows[i], :] = x[i, :] for rows [N] (any dtype); rows must not repeat.
+  virtual void scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) = 0;
 
-  // Gated DeltaNet pieces (one sequence at a time for the stateful ops).
+  // --- gated attention ---
+  // qg[T, Hq, 2*hd] (per head [q | gate]) -> q[T, Hq, hd], gate[T, Hq, hd].
+  virtual void split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) = 0;
+  // NeoX RoPE on the first rot dims of each head of x[T, heads, hd], in place; positions [T].
+  virtual void rope(Tensor& x, const Tensor& positions, int rot, double theta) = 0;
+  // Writes k_new/v_new[T, Hkv, hd] at layout.slot_mapping of the paged caches
+  // k_cache/v_cache[blocks, block_size, Hkv, hd], then for row i of sequence b (n new rows):
+  // out[row, Hq, hd] = softmax(q k^T / sqrt(hd)) v over b's cache rows [0, kv_len - n + i].
+  virtual void attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache,
+                         Tensor& v_cache, const SeqLayout& layout, Tensor& out) = 0;
+
+  // --- Gated DeltaNet ---
   // beta[T, Hv] = sigmoid(b); g[T, Hv] = -exp(A_log) * softplus(a + dt_bias)
-  virtual void delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log,
-                           const Tensor& dt_bias, Tensor& beta, Tensor& g) = 0;
-  // x[T, C] -> out[T, C] = silu(causal depthwise conv1d), weight[C, kc], state[C, kc-1] updated.
-  virtual void causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& state, Tensor& out) = 0;
-  // qkv[T, 2*Hk*dk + Hv*dv] (after conv) -> out[T, Hv, dv]; state[Hv, dk, dv] updated.
-  // chunked = true selects the chunked (WY) form used for prefill; false, the recurrence.
-  virtual void gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta,
-                                const DeltaRuleDims& dims, Tensor& state, Tensor& out, bool chunked) = 0;
-  // Per row of dv: y = w * x * rsqrt(mean(x^2) + eps) * silu(z); x[R, dv], z[R, dv].
+  virtual void delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias,
+                           Tensor& beta, Tensor& g) = 0;
+  // Per sequence: out = silu(causal depthwise conv1d of x over [state | its rows]);
+  // x, out [T, C]; weight [C, kc]; states [slots, C, kc-1] (the last kc-1 inputs, oldest first).
+  virtual void causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const SeqLayout& layout,
+                                  Tensor& out) = 0;
+  // Per sequence: the gated delta rule over its rows from its recurrent state; qkv[T, 2*Hk*dk +
+  // Hv*dv] (after conv), g/beta [T, Hv], states [slots, Hv, dk, dv], out [T, Hv, dv]. Sequences of
+  // more than one row take the chunked (WY) form, single rows and verifying sequences the
+  // recurrence; both compute the same function.
+  virtual void gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& dims,
+                                Tensor& states, const SeqLayout& layout, Tensor& out) = 0;
+  // Per row of dv: y = w * x * rsqrt(mean(x^2) + eps) * silu(z); x, z [R, dv]. y may alias x.
   virtual void gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) = 0;
 
-  // Rows of y scaled: y[t, :] *= sigmoid(s[t]); s[T, 1].
-  virtual void scale_rows_sigmoid(Tensor& y, const Tensor& s) = 0;
-  // Rows of x gathered: out[i, :] = x[rows[i], :]
-  virtual void gather_rows(const Tensor& x, std::span<const int32_t> rows, Tensor& out) = 0;
-  // y[rows[i], :] += scale[i] * x[i, :]
-  virtual void scatter_add_rows(const Tensor& x, std::span<const int32_t> rows,
-                                std::span<const float> scale, Tensor& y) = 0;
-  // Copies a tensor to host float memory (for routing decisions, sampling and outputs).
-  virtual void to_host(const Tensor& x, float* dst) = 0;
+  // --- mixture of experts (docs/expert-parallel.md) ---
+  // p = softmax(logits[T, E]) in fp32; ids[T, k] the k largest (by decreasing p, ties to the lower
+  // id), weights[T, k] their p (renormalised to sum 1 when `normalize`).
+  virtual void topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) = 0;
+  // slots[N] = the physical slot serving each routed choice ids[N] under tables.policy.
+  // balanced: counts_by_rank [G, E] holds every rank's routed counts of this layer and pass.
+  virtual void dispatch(const DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank,
+                        Tensor& slots) = 0;
+  // counts[bins] += number of i with keys[i] == bin; keys [N] (entries < 0 are skipped); counts I32.
+  virtual void histogram(const Tensor& keys, Tensor& counts) = 0;
+  // A stable counting sort of keys[N] by group (keys[i] / div) % groups. Only the first n keys
+  // take part, n = the sum of `valid` (e.g. the recv_counts of an all_to_all_v) if it is defined,
+  // else N; keys < 0 are skipped. perm [N] lists the indices i in group order (its first
+  // offsets[groups] entries are valid), counts [groups] and offsets [groups + 1] give the groups'
+  // sizes and starts, inverse [N] (if defined) the position of each i in perm (-1 if not sorted).
+  virtual void group_by(const Tensor& keys, const Tensor& valid, int div, int groups, Tensor& perm, Tensor& counts,
+                        Tensor& offsets, Tensor& inverse) = 0;
+  // Expert-grouped SwiGLU: for group g and each j in [offsets[g], offsets[g+1]), with i = perm[j]:
+  // y[i, :] = experts[g](x[i / row_div, :]). Rows of y not listed are left as they are.
+  virtual void moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
+                           std::span<const SwigluWeights> experts, Tensor& y) = 0;
+  // out[t, :] += sum over j in order of weights[t, j] * y[rows[t*k + j], :]; weights [T, k];
+  // rows [T*k] (undefined: row t*k + j).
+  virtual void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) = 0;
+
+  // --- sampling (docs/sampling.md) ---
+  // ids[R] = a token drawn from each row of logits[R, V] as rows says (greedy: argmax), with the
+  // uniform of `stream`. probs [R, V], if defined, receives the distribution each row was drawn
+  // from (drafts keep it for verification).
+  virtual void sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) = 0;
+  // Speculative verification of B sequences with S drafts each. logits [B*(S+1), V]: the target's
+  // rows for [last token, d_1 .. d_S] of each sequence; drafts [B, S]; draft_probs [B*S, V]: the
+  // distribution each draft was drawn from (read only where the row samples); rows: sampling of
+  // the target rows [B*(S+1)]. out [B, S+2]: out[b][0] = a, the drafts accepted left to right
+  // (greedy: while equal to the argmax; else with probability min(1, p/q)), then d_1 .. d_a and
+  // one more token: the correction drawn from max(0, p - q), or the target's own draw after d_S;
+  // the entries after it are -1.
+  virtual void verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs,
+                             const SamplingRows& rows, Tensor& out) = 0;
 };
 
 }  // namespace ballast::kernels

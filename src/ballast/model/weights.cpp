@@ -104,7 +104,7 @@ class Binder {
     return d;
   }
 
-  moe::ExpertWeights swiglu(const std::string& p, int64_t I) const {
+  kernels::SwigluWeights swiglu(const std::string& p, int64_t I) const {
     const int64_t H = c_.hidden_size;
     return {get(p + "gate_proj.weight", {I, H}), get(p + "up_proj.weight", {I, H}),
             get(p + "down_proj.weight", {H, I})};
@@ -177,6 +177,37 @@ ModelWeights bind_weights(const ModelConfig& cfg, const io::Checkpoint& ckpt) {
     w.mtp = std::move(m);
   }
   return w;
+}
+
+namespace {
+void each_swiglu(kernels::SwigluWeights& e, const std::function<void(Tensor&)>& fn) {
+  for (Tensor* t : {&e.gate, &e.up, &e.down})
+    if (t->defined()) fn(*t);
+}
+
+void each_layer(LayerWeights& l, const std::function<void(Tensor&)>& fn) {
+  for (Tensor* t : {&l.input_norm, &l.post_norm, &l.attn.q_proj, &l.attn.k_proj, &l.attn.v_proj, &l.attn.o_proj,
+                    &l.attn.q_norm, &l.attn.k_norm, &l.delta.in_qkv, &l.delta.in_z, &l.delta.in_b, &l.delta.in_a,
+                    &l.delta.conv, &l.delta.A_log, &l.delta.dt_bias, &l.delta.norm, &l.delta.out_proj,
+                    &l.moe.router, &l.moe.shared_gate})
+    if (t->defined()) fn(*t);
+  for (auto& e : l.moe.experts) each_swiglu(e, fn);
+  if (l.moe.shared) each_swiglu(*l.moe.shared, fn);
+  each_swiglu(l.dense, fn);
+}
+}  // namespace
+
+void for_each_tensor(ModelWeights& w, const std::function<void(Tensor&)>& fn) {
+  const bool tied = w.lm_head.raw() == w.embed.raw();
+  fn(w.embed);
+  fn(w.final_norm);
+  if (tied) w.lm_head = w.embed;
+  else fn(w.lm_head);
+  for (auto& l : w.layers) each_layer(l, fn);
+  if (w.mtp) {
+    for (Tensor* t : {&w.mtp->fc, &w.mtp->norm_embedding, &w.mtp->norm_hidden, &w.mtp->norm}) fn(*t);
+    for (auto& l : w.mtp->layers) each_layer(l, fn);
+  }
 }
 
 }  // namespace ballast::model

@@ -2,12 +2,13 @@
 // The model's weights bound by name from a checkpoint, in one canonical layout whatever the
 // checkpoint's: DeltaNet projections unpacked ([Q | K | V], Z, B, A), experts as per-expert
 // views (into fused tensors where the checkpoint fuses them), small vectors widened to F32.
+#include <functional>
 #include <optional>
 #include <vector>
 
 #include "ballast/core/tensor.h"
 #include "ballast/model/config.h"
-#include "ballast/moe/expert_weights.h"
+#include "ballast/kernels/ops.h"
 
 namespace ballast::io {
 class Checkpoint;
@@ -34,8 +35,8 @@ struct DeltaNetWeights {
 
 struct MoeWeights {
   Tensor router;  // [E, H]
-  std::vector<moe::ExpertWeights> experts;  // [E]
-  std::optional<moe::ExpertWeights> shared;
+  std::vector<kernels::SwigluWeights> experts;  // [E]
+  std::optional<kernels::SwigluWeights> shared;
   Tensor shared_gate;  // [1, H] (undefined without a shared expert)
 };
 
@@ -46,7 +47,7 @@ struct LayerWeights {
   AttentionWeights attn;
   DeltaNetWeights delta;
   MoeWeights moe;
-  moe::ExpertWeights dense;  // dense SwiGLU MLP
+  kernels::SwigluWeights dense;  // dense SwiGLU MLP
 };
 
 struct MtpWeights {
@@ -66,5 +67,8 @@ struct ModelWeights {
 // Binds every tensor the config calls for, checking each shape. Errors name the tensor and the
 // checkpoint directory.
 ModelWeights bind_weights(const ModelConfig& cfg, const io::Checkpoint& ckpt);
+
+// Calls fn on every tensor of the weights (to move them to a device: Backend::to_device).
+void for_each_tensor(ModelWeights& w, const std::function<void(Tensor&)>& fn);
 
 }  // namespace ballast::model

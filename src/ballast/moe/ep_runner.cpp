@@ -1,136 +1,72 @@
 #include "ballast/moe/ep_runner.h"
 
-#include <cstring>
+#include <algorithm>
 
 #include "ballast/core/error.h"
-#include "ballast/moe/local_experts.h"
-#include "ballast/moe/slot_assignment.h"
 
 namespace ballast::moe {
 
-namespace {
-
-// A dispatch message to one rank: [n: int32][slots: n x int32][rows: n x H float32].
-dist::Bytes pack_rows(const std::vector<int32_t>& slots, const std::vector<const float*>& rows, int64_t H) {
-  const size_t n = slots.size();
-  dist::Bytes b(4 + 4 * n + 4 * n * size_t(H));
-  const int32_t n32 = int32_t(n);
-  std::memcpy(b.data(), &n32, 4);
-  std::memcpy(b.data() + 4, slots.data(), 4 * n);
-  for (size_t i = 0; i < n; ++i) std::memcpy(b.data() + 4 + 4 * n + 4 * i * size_t(H), rows[i], 4 * size_t(H));
-  return b;
+ExpertParallelRunner::ExpertParallelRunner(kernels::Backend& backend, const DispatchTables& tables,
+                                           const SlotStore& slots, Tensor counts, dist::DataPlane& data,
+                                           int max_tokens)
+    : ops_(backend.ops()), tables_(tables), slots_(slots), counts_(std::move(counts)), data_(data),
+      max_tokens_(max_tokens) {
+  check(counts_.rank() == 2 && counts_.dim(0) >= slots.layers() && counts_.dim(1) == int64_t(slots.slots()) * data.size(),
+        "expert-parallel runner: load buffer {} for {} layers x {} slots x {} ranks", counts_, slots.layers(),
+        slots.slots(), data.size());
 }
 
-template <typename T>
-T read_at(const dist::Bytes& b, size_t offset) {
-  check(offset + sizeof(T) <= b.size(), "expert-parallel message truncated");
-  T v;
-  std::memcpy(&v, b.data() + offset, sizeof(T));
-  return v;
-}
+void ExpertParallelRunner::run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
+                               std::span<const kernels::SwigluWeights>, kernels::Workspace& ws, Tensor& out) {
+  const kernels::DispatchTables t = tables_.layer(layer);
+  const int G = t.ranks, K = t.slots_per_rank;
+  const int64_t T = ids.dim(0), k = ids.dim(1), N = T * k, H = x.dim(1), E = t.replica_count.dim(0);
+  check(T <= max_tokens_, "expert-parallel runner: a pass of {} rows, sized for at most {}", T, max_tokens_);
+  const Tensor choices = ids.reshape({N});
+  Tensor none;
 
-}  // namespace
-
-ExpertParallelRunner::ExpertParallelRunner(ExpertDomain& domain, const SlotStore& slots, dist::Communicator& comm)
-    : domain_(domain), tables_(&domain), slots_(slots), comm_(comm) {
-  check(domain.placement.ranks == comm.size(), "expert domain '{}' is placed over {} ranks, the world has {}",
-        domain.name, domain.placement.ranks, comm.size());
-}
-
-void ExpertParallelRunner::run(kernels::Ops& ops, int layer, const Tensor& x, const Routing& routing,
-                               std::span<const ExpertWeights>, Tensor& out) {
-  const int G = comm_.size(), me = comm_.rank();
-  const eplb::Placement& pl = tables_->placement;
-  const int table_layer = tables_ == &domain_ ? layer : 0;
-  const int P = pl.physical, K = pl.slots_per_rank(), E = pl.logical;
-  const int64_t H = x.dim(1);
-
-  // 1. Choose a physical slot for every routed choice.
-  SlotAssignmentInput in;
-  in.policy = domain_.options.dispatch;
-  in.row = pl.layer(table_layer);
-  in.ranks = G;
-  in.ranks_per_node = domain_.options.ranks_per_node;
-  in.rank = me;
-  in.experts = E;
-  in.seed = uint64_t(domain_.passes) * 1000003u + uint64_t(layer);
-  std::vector<int64_t> by_rank;
-  if (in.policy == eplb::Dispatch::balanced) {
-    const auto mine = routed_counts(routing, E);
-    dist::Bytes b(mine.size() * 8);
-    std::memcpy(b.data(), mine.data(), b.size());
-    for (const auto& r : comm_.all_gather(b)) {
-      const size_t off = by_rank.size();
-      by_rank.resize(off + size_t(E));
-      check(r.size() == size_t(E) * 8, "balanced dispatch: a rank sent {} bytes of counts", r.size());
-      std::memcpy(by_rank.data() + off, r.data(), r.size());
-    }
-    in.counts_by_rank = by_rank;
+  // 1. A physical slot for every routed choice; balanced dispatch first learns every rank's counts.
+  Tensor by_rank;
+  if (t.policy == eplb::Dispatch::balanced) {
+    Tensor mine = ws.take({E}, DType::I32);
+    by_rank = ws.take({int64_t(G) * E}, DType::I32);
+    ops_.zero(mine);
+    ops_.histogram(choices, mine);
+    data_.all_gather(mine, by_rank);
+    by_rank = by_rank.reshape({G, E});
   }
-  const std::vector<int32_t> slot_of = assign_slots(in, routing);
+  Tensor slot = ws.take({N}, DType::I32);
+  ops_.dispatch(t, choices, by_rank, slot);
 
-  // 2. Record what was dispatched (physical slots), into the domain that owns these tables.
-  tables_->recorder.record_topk(table_layer, slot_of, routing.k);
-  for (int32_t s : slot_of) ++tables_->pass_slot_counts[size_t(table_layer) * P + size_t(s)];
+  // 2. The domain's load: what was dispatched, per physical slot.
+  Tensor load = counts_[layer];
+  ops_.histogram(slot, load);
 
-  // 3. All-to-all dispatch of token rows to the ranks holding the slots.
-  std::vector<std::vector<int32_t>> send_slots(static_cast<size_t>(G)), send_choice(static_cast<size_t>(G));
-  std::vector<std::vector<const float*>> send_rows(static_cast<size_t>(G));
-  for (size_t i = 0; i < slot_of.size(); ++i) {
-    const int r = slot_of[i] / K;
-    send_slots[size_t(r)].push_back(slot_of[i]);
-    send_choice[size_t(r)].push_back(int32_t(i));
-    send_rows[size_t(r)].push_back(x.f32() + (int64_t(i) / routing.k) * H);
-  }
-  std::vector<dist::Bytes> send(static_cast<size_t>(G));
-  for (int r = 0; r < G; ++r) send[size_t(r)] = pack_rows(send_slots[size_t(r)], send_rows[size_t(r)], H);
-  const std::vector<dist::Bytes> recv = comm_.all_to_all(send);
+  // 3. Rows to the ranks holding their slots, grouped by rank (order kept within a rank).
+  Tensor order = ws.take({N}, DType::I32), send_counts = ws.take({G}, DType::I32);
+  Tensor rank_offsets = ws.take({G + 1}, DType::I32), position = ws.take({N}, DType::I32);
+  ops_.group_by(slot, none, K, G, order, send_counts, rank_offsets, position);
+  Tensor send_rows = ws.take({N, H}), send_slots = ws.take({N, 1}, DType::I32);
+  ops_.gather_rows(x, order, int(k), send_rows);
+  ops_.gather_rows(slot.reshape({N, 1}), order, 1, send_slots);
+  // A rank receives at most k rows per token from every rank, and no more than it has slots.
+  const int64_t capacity = int64_t(G) * max_tokens_ * std::min<int64_t>(k, K);
+  Tensor recv_rows = ws.take({capacity, H}), recv_slots = ws.take({capacity, 1}, DType::I32);
+  Tensor recv_counts = ws.take({G}, DType::I32), recv_counts_again = ws.take({G}, DType::I32);
+  data_.all_to_all_v(send_slots, send_counts, recv_slots, recv_counts);
+  data_.all_to_all_v(send_rows, send_counts, recv_rows, recv_counts_again);
 
-  // 4. Compute the experts this rank holds over every row it received.
-  std::vector<int32_t> counts(static_cast<size_t>(G));
-  int64_t total = 0;
-  for (int s = 0; s < G; ++s) total += (counts[size_t(s)] = read_at<int32_t>(recv[size_t(s)], 0));
-  Tensor xin = ops.alloc({total, H}), yin = ops.alloc({total, H});
-  std::vector<ExpertBatch> by_slot(static_cast<size_t>(K));
-  int64_t row = 0;
-  for (int s = 0; s < G; ++s) {
-    const auto& b = recv[size_t(s)];
-    const size_t n = size_t(counts[size_t(s)]);
-    check(b.size() == 4 + 4 * n + 4 * n * size_t(H), "expert-parallel message from rank {} has {} bytes", s, b.size());
-    std::memcpy(xin.f32() + row * H, b.data() + 4 + 4 * n, 4 * n * size_t(H));
-    for (size_t i = 0; i < n; ++i, ++row) {
-      const int32_t slot = read_at<int32_t>(b, 4 + 4 * i);
-      check(slot / K == me, "rank {} received a token for slot {}, which it does not hold", me, slot);
-      by_slot[size_t(slot % K)].rows.push_back(int32_t(row));
-      by_slot[size_t(slot % K)].scale.push_back(1.0f);
-    }
-  }
-  for (int ls = 0; ls < K; ++ls) run_expert(ops, slots_.weights(layer, ls), xin, by_slot[size_t(ls)], yin);
+  // 4. This rank's experts over every row it received, grouped by local slot.
+  Tensor by_slot = ws.take({capacity}, DType::I32), slot_counts = ws.take({K}, DType::I32);
+  Tensor slot_offsets = ws.take({K + 1}, DType::I32);
+  ops_.group_by(recv_slots.reshape({capacity}), recv_counts, 1, K, by_slot, slot_counts, slot_offsets, none);
+  Tensor results = ws.take({capacity, H});
+  ops_.moe_experts(recv_rows, by_slot, slot_offsets, 1, slots_.layer(layer), results);
 
-  // 5. All-to-all combine: results go back to the ranks that sent the rows, in the same order.
-  std::vector<dist::Bytes> reply(static_cast<size_t>(G));
-  row = 0;
-  for (int s = 0; s < G; ++s) {
-    const size_t n = size_t(counts[size_t(s)]);
-    reply[size_t(s)].resize(4 * n * size_t(H));
-    std::memcpy(reply[size_t(s)].data(), yin.f32() + row * H, reply[size_t(s)].size());
-    row += int64_t(n);
-  }
-  const std::vector<dist::Bytes> back = comm_.all_to_all(reply);
-  for (int r = 0; r < G; ++r) {
-    const auto& choices = send_choice[size_t(r)];
-    check(back[size_t(r)].size() == 4 * choices.size() * size_t(H), "expert-parallel reply from rank {} has {} bytes",
-          r, back[size_t(r)].size());
-    if (choices.empty()) continue;
-    std::vector<int32_t> rows(choices.size());
-    std::vector<float> scale(choices.size());
-    for (size_t i = 0; i < choices.size(); ++i) {
-      rows[i] = choices[i] / routing.k;
-      scale[i] = routing.weights[size_t(choices[i])];
-    }
-    Tensor y = Tensor::borrow(const_cast<std::byte*>(back[size_t(r)].data()), {int64_t(choices.size()), H}, DType::F32);
-    ops.scatter_add_rows(y, rows, scale, out);
-  }
+  // 5. Results back to the ranks that sent the rows (same order), combined per token in top-k order.
+  Tensor back = ws.take({N, H}), back_counts = ws.take({G}, DType::I32);
+  data_.all_to_all_v(results, recv_counts, back, back_counts);
+  ops_.moe_combine(back, position, weights, out);
 }
 
 }  // namespace ballast::moe

@@ -1,11 +1,14 @@
 #pragma once
-// Expert-parallel execution of one domain's MoE layers, as large deployments run it: each rank
-// routes its own tokens, picks a physical slot for every routed choice (dispatch policy over the
-// placement in force), sends the token rows to the ranks holding those slots (all-to-all
-// dispatch), computes the experts it holds, and sends results back to be combined (all-to-all
-// combine). Records the slots it dispatched to into its domain's recorder.
-#include "ballast/dist/communicator.h"
-#include "ballast/moe/expert_domain.h"
+// Expert-parallel execution of one domain's MoE layers, as large deployments run it, all on the
+// device side of the backend contract (docs/expert-parallel.md): each rank routes its own
+// tokens; the dispatch op picks a physical slot for every routed choice through the layer's
+// tables (static, random, or balanced over every rank's counts, exchanged on the data plane); the
+// choices are counted into the domain's per-pass load buffer; rows go to the ranks holding their
+// slots (all_to_all_v), each rank computes its slots' experts in one grouped product, and the
+// results come back (all_to_all_v) to be combined in top-k order.
+#include "ballast/dist/data_plane.h"
+#include "ballast/kernels/backend.h"
+#include "ballast/moe/dispatch_tables.h"
 #include "ballast/moe/moe_runner.h"
 #include "ballast/moe/slot_store.h"
 
@@ -13,21 +16,24 @@ namespace ballast::moe {
 
 class ExpertParallelRunner final : public MoeRunner {
  public:
-  ExpertParallelRunner(ExpertDomain& domain, const SlotStore& slots, dist::Communicator& comm);
+  // tables: the placement it dispatches through; slots: the weights it computes with; counts
+  // [L, P] I32: where it adds the slots it dispatched to (the domain's load of the open pass);
+  // max_tokens: the most rows any rank runs in one pass (sizes the receive buffers). The three
+  // normally belong to one domain: wiring them to different domains is the bug of SGLang's MTP
+  // layer before its fix, which tests/runtime reproduces with this constructor.
+  ExpertParallelRunner(kernels::Backend& backend, const DispatchTables& tables, const SlotStore& slots, Tensor counts,
+                       dist::DataPlane& data, int max_tokens);
 
-  void run(kernels::Ops& ops, int layer, const Tensor& x, const Routing& routing,
-           std::span<const ExpertWeights> experts, Tensor& out) override;
-
-  // A deliberately broken wiring, for tests only: dispatch through `other`'s layer-0 tables and
-  // record into its recorder, as the MTP layer did in SGLang before its fix. Lets a test prove
-  // that it catches that bug.
-  void wire_to_foreign_tables_for_test(ExpertDomain& other) { tables_ = &other; }
+  void run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
+           std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) override;
 
  private:
-  ExpertDomain& domain_;
-  ExpertDomain* tables_;  // whose placement and recorder this runner uses (its own domain)
+  kernels::Ops& ops_;
+  const DispatchTables& tables_;
   const SlotStore& slots_;
-  dist::Communicator& comm_;
+  Tensor counts_;
+  dist::DataPlane& data_;
+  int max_tokens_;
 };
 
 }  // namespace ballast::moe

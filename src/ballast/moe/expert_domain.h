@@ -1,8 +1,8 @@
 #pragma once
 // An expert domain: a set of MoE layers sharing one placement, one load recorder, one dispatch
-// policy and one rebalance schedule (spec/EPLB.md). The trunk's MoE layers form one domain, the
-// MTP head's another; each rank holds its own copy of each domain's state, and the ranks keep
-// them identical by running the same deterministic decisions on all-reduced counts.
+// policy and one rebalance schedule (docs/eplb.md). The trunk's MoE layers form one domain, the
+// MTP head's another; each rank holds its own copy of each domain's host state, and the ranks
+// keep them identical by running the same deterministic decisions on all-reduced counts.
 #include <string>
 
 #include "ballast/eplb/dispatch.h"
@@ -49,8 +49,7 @@ struct ExpertDomain {
       : name(std::move(name)),
         placement(std::move(initial)),
         options(opts),
-        recorder(placement.layers, placement.physical, opts.recorder_mode, opts.recorder_window),
-        pass_slot_counts(size_t(placement.layers) * placement.physical, 0) {
+        recorder(placement.layers, placement.physical, opts.recorder_mode, opts.recorder_window) {
     placement.validate();
   }
 
@@ -59,9 +58,6 @@ struct ExpertDomain {
   DomainOptions options;
   eplb::Recorder recorder;
   int64_t passes = 0;  // forward passes of this domain so far
-  // Tokens this rank dispatched to each slot [L][P] in the open pass (for per-pass balance,
-  // whether or not the recorder is on).
-  std::vector<int64_t> pass_slot_counts;
 };
 
 }  // namespace ballast::moe

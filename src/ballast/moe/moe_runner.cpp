@@ -1,19 +1,17 @@
 #include "ballast/moe/moe_runner.h"
 
-#include "ballast/moe/local_experts.h"
-
 namespace ballast::moe {
 
-void LocalMoeRunner::run(kernels::Ops& ops, int, const Tensor& x, const Routing& routing,
-                         std::span<const ExpertWeights> experts, Tensor& out) {
-  std::vector<ExpertBatch> by_expert(experts.size());
-  for (int64_t t = 0; t < routing.tokens; ++t)
-    for (int j = 0; j < routing.k; ++j) {
-      auto& b = by_expert[size_t(routing.experts[t * routing.k + j])];
-      b.rows.push_back(int32_t(t));
-      b.scale.push_back(routing.weights[t * routing.k + j]);
-    }
-  for (size_t e = 0; e < experts.size(); ++e) run_expert(ops, experts[e], x, by_expert[e], out);
+void LocalMoeRunner::run(int, const Tensor& x, const Tensor& ids, const Tensor& weights,
+                         std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) {
+  const int64_t T = ids.dim(0), k = ids.dim(1), N = T * k, E = int64_t(experts.size());
+  const Tensor choices = ids.reshape({N});
+  Tensor perm = ws.take({N}, DType::I32), counts = ws.take({E}, DType::I32), offsets = ws.take({E + 1}, DType::I32);
+  Tensor none;
+  ops_.group_by(choices, none, 1, int(E), perm, counts, offsets, none);
+  Tensor y = ws.take({N, x.dim(1)});  // row t*k + j: expert ids[t, j] applied to x[t]
+  ops_.moe_experts(x, perm, offsets, int(k), experts, y);
+  ops_.moe_combine(y, none, weights, out);
 }
 
 }  // namespace ballast::moe

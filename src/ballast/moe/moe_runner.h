@@ -1,29 +1,35 @@
 #pragma once
-// How a MoE layer's routed experts are executed: locally (every expert on this rank), or across
-// expert-parallel ranks. The model hands over routed tokens; the runner owns placement, dispatch
-// and load recording for its expert domain.
+// How a MoE layer's routed experts are computed: every expert on this rank (LocalMoeRunner), or
+// across expert-parallel ranks (ExpertParallelRunner). The model hands over the routed choices
+// (device tensors from the topk op); the runner dispatches, computes and combines them. Under
+// expert parallelism the runner also owns placement and load recording for its expert domain.
 #include <span>
 
 #include "ballast/kernels/ops.h"
-#include "ballast/moe/expert_weights.h"
-#include "ballast/moe/router.h"
+#include "ballast/kernels/workspace.h"
 
 namespace ballast::moe {
 
 class MoeRunner {
  public:
   virtual ~MoeRunner() = default;
-  // out[t] += sum_j weights[t, j] * expert_{experts[t, j]}(x[t]) for the domain's MoE layer
-  // `layer` (its index within the domain). `experts` are this layer's logical expert weights.
-  virtual void run(kernels::Ops& ops, int layer, const Tensor& x, const Routing& routing,
-                   std::span<const ExpertWeights> experts, Tensor& out) = 0;
+  // out[t] += sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for the domain's MoE layer `layer`
+  // (its index within the domain); ids, weights [T, k]. `experts`: the layer's logical experts,
+  // read by a runner that computes them here.
+  virtual void run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
+                   std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) = 0;
 };
 
-// Every expert computed here, on the caller's rank.
+// Every expert computed on the caller's rank: the choices grouped by expert, one grouped product
+// per expert, combined in top-k order.
 class LocalMoeRunner final : public MoeRunner {
  public:
-  void run(kernels::Ops& ops, int layer, const Tensor& x, const Routing& routing,
-           std::span<const ExpertWeights> experts, Tensor& out) override;
+  explicit LocalMoeRunner(kernels::Ops& ops) : ops_(ops) {}
+  void run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
+           std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) override;
+
+ private:
+  kernels::Ops& ops_;
 };
 
 }  // namespace ballast::moe

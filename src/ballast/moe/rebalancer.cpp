@@ -1,58 +1,59 @@
 #include "ballast/moe/rebalancer.h"
 
 #include <algorithm>
-#include <chrono>
-#include <cstring>
 
+#include "ballast/core/clock.h"
 #include "ballast/core/error.h"
 #include "ballast/eplb/metrics.h"
+#include "ballast/kernels/ops.h"
 
 namespace ballast::moe {
 
-namespace {
-double now_seconds() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
+Rebalancer::Rebalancer(ExpertDomain& domain, DispatchTables& tables, SlotStore& slots, kernels::Backend& backend,
+                       dist::Communicator& control, dist::DataPlane& data, Logger log)
+    : d_(domain), tables_(tables), slots_(slots), be_(backend), control_(control), data_(data), log_(log) {
+  const int lpc = d_.options.rebalance.layers_per_chunk;
+  chunk_layers_ = lpc > 0 ? std::min(lpc, slots_.layers()) : slots_.layers();
+  if (d_.options.rebalance.enabled) {
+    d_.recorder.start();
+    const Tensor blob = slots_.blob(0, 0);
+    staging_ = be_.alloc({int64_t(chunk_layers_) * slots_.slots() * blob.numel()}, blob.dtype());
+  }
 }
-}  // namespace
 
-Rebalancer::Rebalancer(ExpertDomain& domain, SlotStore& slots, dist::Communicator& comm, Logger log)
-    : d_(domain), slots_(slots), comm_(comm), log_(log) {
-  if (d_.options.rebalance.enabled) d_.recorder.start();
-}
-
-void Rebalancer::after_pass() {
-  close_pass();
+void Rebalancer::after_pass(std::span<const int32_t> load) {
+  close_pass(load);
   if (migrating()) migrate_chunk();
   else if (d_.options.rebalance.enabled && d_.options.rebalance.interval > 0 &&
            d_.passes % d_.options.rebalance.interval == 0)
     start_rebalance();
 }
 
-void Rebalancer::close_pass() {
+void Rebalancer::close_pass(std::span<const int32_t> load) {
   const eplb::Placement& pl = d_.placement;
-  std::vector<int64_t> counts = d_.pass_slot_counts;
-  std::fill(d_.pass_slot_counts.begin(), d_.pass_slot_counts.end(), 0);
-  comm_.all_reduce_sum(counts);
+  check(load.size() == size_t(pl.layers) * pl.physical, "rebalancer: a load of {} counts for {} layers x {} slots",
+        load.size(), pl.layers, pl.physical);
   double sum = 0;
   int layers = 0;
+  std::vector<double> slot(static_cast<size_t>(pl.physical));
   for (int l = 0; l < pl.layers; ++l) {
-    std::vector<double> slot(static_cast<size_t>(pl.physical));
-    for (int p = 0; p < pl.physical; ++p) slot[size_t(p)] = double(counts[size_t(l) * pl.physical + p]);
+    for (int p = 0; p < pl.physical; ++p) slot[size_t(p)] = double(load[size_t(l) * pl.physical + p]);
     const auto ranks = eplb::rank_loads_from_slots(slot, pl.ranks);
     if (*std::max_element(ranks.begin(), ranks.end()) == 0) continue;
     sum += eplb::balancedness(ranks);
     ++layers;
   }
   balancedness_.push_back(layers ? sum / layers : 1.0);
-  d_.recorder.end_pass(pl);
+  d_.recorder.end_pass(pl, load);
   ++d_.passes;
+  tables_.set_pass(d_.passes);
 }
 
 void Rebalancer::start_rebalance() {
   const double t0 = now_seconds();
-  eplb::LoadTrace load = d_.recorder.dump_window();
+  // The window holds every rank's load already (each pass's load is summed over ranks).
+  const eplb::LoadTrace load = d_.recorder.dump_window();
   if (load.passes == 0 || load.experts != d_.placement.logical) return;
-  comm_.all_reduce_sum(std::span<double>(load.count));
   double total = 0;
   for (double c : load.count) total += c;
   if (total == 0) return;
@@ -73,7 +74,7 @@ void Rebalancer::start_rebalance() {
     if (!std::equal(target_.layer(l).begin(), target_.layer(l).end(), d_.placement.layer(l).begin()))
       layers_left_.push_back(l);
   ev.layers_changed = int(layers_left_.size());
-  ev.plan_seconds = now_seconds() - t0;
+  ev.plan_seconds = seconds_since(t0);
   started_at_ = t0;
   events_.push_back(ev);
   if (layers_left_.empty()) {
@@ -85,60 +86,58 @@ void Rebalancer::start_rebalance() {
 }
 
 void Rebalancer::migrate_chunk() {
-  const int me = comm_.rank(), K = d_.placement.slots_per_rank();
-  const int chunk = d_.options.rebalance.layers_per_chunk > 0 ? d_.options.rebalance.layers_per_chunk
-                                                              : int(layers_left_.size());
+  const int me = data_.rank(), K = d_.placement.slots_per_rank();
   const std::vector<int> layers(layers_left_.begin(),
-                                layers_left_.begin() + std::min<size_t>(size_t(chunk), layers_left_.size()));
+                                layers_left_.begin() + std::min<size_t>(size_t(chunk_layers_), layers_left_.size()));
   auto in_chunk = [&](int l) { return std::find(layers.begin(), layers.end(), l) != layers.end(); };
 
-  // Staging blobs for this rank's destination slots: the old weights stay in force (and readable
-  // as sources) until every rank has all of the chunk's weights.
-  const size_t bytes = slots_.bytes_per_expert();
-  std::vector<std::pair<const eplb::Copy*, std::vector<std::byte>>> staged;
-  std::vector<dist::Communicator::SendItem> sends;
-  std::vector<dist::Communicator::RecvItem> recvs;
-  bool failed = false;
-  for (size_t i = 0; i < plan_.copies.size(); ++i) {
-    const eplb::Copy& c = plan_.copies[i];
+  // Received weights wait in staging: the old ones stay in force (and readable as sources) until
+  // every rank has all of the chunk's weights. Sends and receives go in the plan's order, which
+  // every rank derives alike, so the data plane needs no tags.
+  const int64_t blob = slots_.blob(0, 0).numel();
+  std::vector<std::pair<const eplb::Copy*, Tensor>> staged;
+  std::vector<dist::DataPlane::Transfer> transfers;
+  auto& ops = be_.ops();
+  for (const eplb::Copy& c : plan_.copies) {
     if (!in_chunk(c.layer)) continue;
-    if (c.dst_rank == me) staged.push_back({&c, std::vector<std::byte>(bytes)});
-  }
-  for (size_t i = 0, j = 0; i < plan_.copies.size(); ++i) {
-    const eplb::Copy& c = plan_.copies[i];
-    if (!in_chunk(c.layer)) continue;
-    const int tag = int(i);
     if (c.src_rank == me && c.dst_rank != me)
-      sends.push_back({c.dst_rank, tag, slots_.blob(c.layer, c.src_slot % K)});
-    if (c.dst_rank == me) {
-      auto& buf = staged[j++].second;
-      if (c.src_rank == me) std::memcpy(buf.data(), slots_.blob(c.layer, c.src_slot % K).data(), bytes);
-      else recvs.push_back({c.src_rank, tag, buf});
-      if (fail_copy && fail_copy(c)) failed = true;
-    }
+      transfers.push_back({dist::DataPlane::Transfer::send, c.dst_rank, slots_.blob(c.layer, c.src_slot % K)});
+    if (c.dst_rank != me) continue;
+    const int64_t j = int64_t(staged.size());
+    Tensor buf = staging_.rows(j * blob, (j + 1) * blob);
+    if (c.src_rank == me) ops.copy(slots_.blob(c.layer, c.src_slot % K), buf);
+    else transfers.push_back({dist::DataPlane::Transfer::recv, c.src_rank, buf});
+    staged.push_back({&c, buf});
   }
+  bool failed = false;
   try {
-    comm_.exchange(sends, recvs);
+    data_.send_recv(transfers);
   } catch (const Error& e) {
     log_.info("eplb: transfer failed on rank {}: {}", me, e.what());
     failed = true;
   }
-  failed = comm_.all_reduce_or(failed);
+  failed = control_.all_reduce_or(failed);
   RebalanceEvent& ev = events_.back();
   if (failed) {
     if (me == 0) log_.info("eplb[{}]: migration failed; the placement in force stays", d_.name);
     layers_left_.clear();
     ev.failed = true;
     ev.done = true;
-    ev.total_seconds = now_seconds() - started_at_;
+    ev.total_seconds = seconds_since(started_at_);
     return;
   }
-  for (auto& [c, buf] : staged) std::memcpy(slots_.blob(c->layer, c->dst_slot % K).data(), buf.data(), bytes);
-  for (int l : layers) std::copy(target_.layer(l).begin(), target_.layer(l).end(), d_.placement.layer(l).begin());
+  for (auto& [c, buf] : staged) {
+    Tensor dst = slots_.blob(c->layer, c->dst_slot % K);
+    ops.copy(buf, dst);
+  }
+  for (int l : layers) {
+    std::copy(target_.layer(l).begin(), target_.layer(l).end(), d_.placement.layer(l).begin());
+    tables_.update_layer(l, d_.placement);
+  }
   layers_left_.erase(layers_left_.begin(), layers_left_.begin() + long(layers.size()));
   if (layers_left_.empty()) {
     ev.done = true;
-    ev.total_seconds = now_seconds() - started_at_;
+    ev.total_seconds = seconds_since(started_at_);
     if (me == 0)
       log_.info("eplb[{}]: rebalanced after pass {} in {:.1f} ms: {} layers changed, {} experts ({:.2f} MB) moved, "
                 "balancedness {:.3f} -> {:.3f} (in-sample)",

@@ -1,17 +1,20 @@
 #pragma once
-// The rebalance schedule of one expert domain, run identically on every rank after each forward
-// pass: close the pass (recorder, per-pass balance), and every `interval` passes all-reduce the
-// recorded counts, plan a new placement (deterministic, so every rank plans the same), and move
-// expert weights rank to rank through the communicator, `layers_per_chunk` layers per pass. A
-// layer's tables switch only once all its weights are in place on every rank; a failed transfer
-// anywhere leaves the old placement in force.
-#include <functional>
+// The rebalance schedule of one expert domain, run identically on every rank after each of the
+// domain's forward passes (docs/eplb.md): close the pass (per-pass balance, the recorder's
+// window), and every `interval` passes plan a new placement from the window (deterministic, so
+// every rank plans the same) and move expert weights rank to rank over the data plane,
+// `layers_per_chunk` layers per pass. A layer's tables switch only once all its weights are in
+// place on every rank; a failed transfer anywhere leaves the old placement in force.
+#include <span>
 #include <string>
 #include <vector>
 
 #include "ballast/core/log.h"
 #include "ballast/dist/communicator.h"
+#include "ballast/dist/data_plane.h"
 #include "ballast/eplb/migration.h"
+#include "ballast/kernels/backend.h"
+#include "ballast/moe/dispatch_tables.h"
 #include "ballast/moe/expert_domain.h"
 #include "ballast/moe/slot_store.h"
 
@@ -31,28 +34,33 @@ struct RebalanceEvent {
 
 class Rebalancer {
  public:
-  Rebalancer(ExpertDomain& domain, SlotStore& slots, dist::Communicator& comm, Logger log = {});
+  // Staging for one chunk of migration is allocated here, once.
+  Rebalancer(ExpertDomain& domain, DispatchTables& tables, SlotStore& slots, kernels::Backend& backend,
+             dist::Communicator& control, dist::DataPlane& data, Logger log = {});
 
-  // Called by every rank after each forward pass of the domain.
-  void after_pass();
+  // Called by every rank after each forward pass of the domain with the pass's load [L][P], summed
+  // over ranks (the same on every rank).
+  void after_pass(std::span<const int32_t> load);
 
   const std::vector<RebalanceEvent>& events() const { return events_; }
   // Per pass: mean over layers of balancedness (mean/max rank load) of what was dispatched.
   const std::vector<double>& balancedness() const { return balancedness_; }
   bool migrating() const { return !layers_left_.empty(); }
 
-  // Test hook: return true to make the transfer of a copy fail on this rank.
-  std::function<bool(const eplb::Copy&)> fail_copy;
-
  private:
-  void close_pass();
+  void close_pass(std::span<const int32_t> load);
   void start_rebalance();
   void migrate_chunk();
 
   ExpertDomain& d_;
+  DispatchTables& tables_;
   SlotStore& slots_;
-  dist::Communicator& comm_;
+  kernels::Backend& be_;
+  dist::Communicator& control_;
+  dist::DataPlane& data_;
   Logger log_;
+  int chunk_layers_;  // layers migrated per pass
+  Tensor staging_;    // [chunk_layers * K] blobs: where received weights wait for the switch
   std::vector<RebalanceEvent> events_;
   std::vector<double> balancedness_;
   eplb::Placement target_;

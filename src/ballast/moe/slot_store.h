@@ -1,38 +1,44 @@
 #pragma once
-// The expert weights this rank holds: for every MoE layer of a domain, its physical slots'
-// weights, each slot one contiguous blob [gate (I x H) | up (I x H) | down (H x I)] at a fixed
-// address (migration overwrites blobs in place, so views and captured graphs stay valid).
-#include <cstddef>
+// The expert weights this rank holds, in device memory: for every MoE layer of a domain, its
+// physical slots' weights, each slot one contiguous blob [gate (I x H) | up (I x H) | down (H x I)]
+// at a fixed address (migration overwrites blobs in place, so views and captured graphs stay
+// valid).
 #include <span>
 #include <vector>
 
-#include "ballast/moe/expert_weights.h"
+#include "ballast/kernels/backend.h"
+#include "ballast/kernels/ops.h"
 
 namespace ballast::moe {
 
 class SlotStore {
  public:
-  SlotStore() = default;
-  SlotStore(int layers, int slots, int64_t intermediate, int64_t hidden, DType dtype);
+  SlotStore(kernels::Backend& backend, int layers, int slots, int64_t intermediate, int64_t hidden, DType dtype);
 
   int layers() const { return layers_; }
   int slots() const { return slots_; }
-  size_t bytes_per_expert() const { return bytes_; }
+  size_t bytes_per_expert() const { return weights_[0].nbytes(); }
 
-  std::span<std::byte> blob(int layer, int slot);
-  std::span<const std::byte> blob(int layer, int slot) const;
-  const ExpertWeights& weights(int layer, int slot) const { return views_[size_t(layer) * slots_ + slot]; }
+  // A slot's blob as one tensor [3 * I * H] of the weights' dtype (what migration moves).
+  Tensor blob(int layer, int slot) const;
+  const kernels::SwigluWeights& weights(int layer, int slot) const { return weights_[index(layer, slot)]; }
+  // The slots of one layer, in slot order (what the grouped expert op takes).
+  std::span<const kernels::SwigluWeights> layer(int l) const {
+    return {weights_.data() + index(l, 0), size_t(slots_)};
+  }
 
-  // Copies an expert's weights (same shapes and dtype) into a slot.
-  void fill(int layer, int slot, const ExpertWeights& src);
+  // Uploads an expert's weights (host tensors of the same shapes and dtype) into a slot.
+  void fill(int layer, int slot, const kernels::SwigluWeights& host);
 
  private:
-  int layers_ = 0, slots_ = 0;
-  int64_t I_ = 0, H_ = 0;
-  DType dtype_ = DType::F32;
-  size_t bytes_ = 0;
-  Tensor storage_;                   // [layers * slots * bytes_] bytes
-  std::vector<ExpertWeights> views_;  // [layers][slots]
+  size_t index(int layer, int slot) const { return size_t(layer) * size_t(slots_) + size_t(slot); }
+
+  kernels::Backend& be_;
+  int layers_, slots_;
+  int64_t I_, H_;
+  DType dtype_;
+  Tensor storage_;                               // [layers * slots * 3 * I * H]
+  std::vector<kernels::SwigluWeights> weights_;  // [layers][slots], views into storage_
 };
 
 }  // namespace ballast::moe

@@ -15,7 +15,7 @@ struct DistributedResult {
   GenerationStats stats;                      // summed over ranks (seconds: the slowest rank's)
 };
 
-// How a rank generates for its share of prompts (Engine::generate_greedy, or speculative).
+// How a rank generates for its share of prompts (Engine::generate, or generate_speculative).
 using RankGenerate = std::function<GenerationResult(const std::vector<std::vector<int32_t>>& mine)>;
 
 DistributedResult generate_distributed(dist::Communicator& comm, const std::vector<std::vector<int32_t>>& prompts,

@@ -1,190 +1,399 @@
 #include "ballast/runtime/engine.h"
 
 #include <algorithm>
-#include <chrono>
 
+#include "ballast/core/clock.h"
 #include "ballast/core/error.h"
-#include "ballast/eplb/load.h"
-#include "ballast/runtime/sampler.h"
+#include "ballast/eplb/plan.h"
 
 namespace ballast::runtime {
 
 namespace {
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
-// --init-expert-location: "trivial", or a JSON file holding physical_to_logical_map [L][P]
-// (used as is) or logical_count [L][E] (balanced from, with the domain's planner settings).
-eplb::Placement initial_placement(const std::string& spec, int layers, int experts, int physical, int ranks,
-                                  const moe::DomainOptions& opts) {
-  if (spec.empty() || spec == "trivial") return eplb::Placement::trivial(layers, experts, physical, ranks);
-  const std::string text = eplb::read_text_file(spec);
+// The trunk's starting placement: --init-expert-location's placement as is, or planned from its
+// load with the trunk's planner settings, or trivial.
+eplb::Placement initial_placement(const ExpertParallelOptions& ep, int layers, int experts, int physical, int ranks) {
   eplb::Placement p;
-  if (text.find("physical_to_logical_map") != std::string::npos) {
-    p = eplb::placement_from_json_text(text, ranks, spec);
-  } else {
-    p = eplb::plan(eplb::load_from_json_text(text, spec), moe::plan_options(opts, ranks, physical - experts));
-  }
-  check(p.layers == layers && p.logical == experts && p.physical == physical,
-        "{}: placement is {} layers x {} experts x {} slots, the model needs {} x {} x {}", spec, p.layers, p.logical,
-        p.physical, layers, experts, physical);
+  if (ep.initial_placement) p = *ep.initial_placement;
+  else if (ep.initial_load) p = eplb::plan(*ep.initial_load, moe::plan_options(ep.trunk, ranks, physical - experts));
+  else return eplb::Placement::trivial(layers, experts, physical, ranks);
+  check(p.layers == layers && p.logical == experts && p.physical == physical && p.ranks == ranks,
+        "--init-expert-location: placement is {} layers x {} experts x {} slots over {} ranks, the model needs {} x {} x "
+        "{} over {}",
+        p.layers, p.logical, p.physical, p.ranks, layers, experts, physical, ranks);
+  p.validate();
   return p;
 }
+
+int physical_slots(const moe::DomainOptions& o, int experts, int ranks, const char* what) {
+  const int P = experts + o.redundant;
+  check(o.redundant >= 0 && P % ranks == 0, "{}: {} experts + {} redundant slots are not divisible by {} ranks", what,
+        experts, o.redundant, ranks);
+  return P;
+}
+
 }  // namespace
 
-Engine::Engine(int threads, io::Checkpoint ckpt, dist::Communicator* comm)
-    : pool_(threads), ops_(&pool_), ckpt_(std::move(ckpt)), comm_(comm) {}
+std::string_view finish_reason_name(FinishReason r) {
+  switch (r) {
+    case FinishReason::none: return "";
+    case FinishReason::stop: return "stop";
+    case FinishReason::length: return "length";
+    case FinishReason::aborted: return "abort";
+  }
+  return "";
+}
 
-std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, const EngineOptions& opts) {
+Engine::Engine(std::unique_ptr<kernels::Backend> backend, io::Checkpoint ckpt, const EngineOptions& opts)
+    : backend_(std::move(backend)), ckpt_(std::move(ckpt)), opts_(opts), comm_(opts.comm), steps_(opts.speculative_steps) {}
+
+Engine::~Engine() = default;
+
+std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, std::unique_ptr<kernels::Backend> backend,
+                                     const EngineOptions& opts) {
+  check(backend != nullptr, "Engine::load: no backend");
+  check((opts.comm == nullptr) == (opts.data == nullptr),
+        "expert parallelism needs both the control plane (comm) and the data plane (data)");
   model::ModelConfig cfg = model::load_model_config(model_dir);
   io::Checkpoint ckpt = io::Checkpoint::open(model_dir);
   if (opts.load_progress) ckpt.prefault(opts.load_progress);
-  std::unique_ptr<Engine> e(new Engine(opts.threads, std::move(ckpt), opts.comm));
-  model::ModelWeights w = model::bind_weights(cfg, e->ckpt_);
-  moe::MoeRunner* runner = &e->local_moe_;
-  e->model_ = std::make_unique<model::Model>(std::move(cfg), std::move(w), e->ops_, *runner);
-  if (opts.comm) e->setup_expert_parallel(opts);
+  std::unique_ptr<Engine> e(new Engine(std::move(backend), std::move(ckpt), opts));
+  const model::ModelWeights host = model::bind_weights(cfg, e->ckpt_);
+  model::ModelWeights device = host;
+  model::for_each_tensor(device, [&](Tensor& t) { t = e->backend_->to_device(t); });
+  e->local_moe_ = std::make_unique<moe::LocalMoeRunner>(e->backend_->ops());
+  e->model_ = std::make_unique<model::Model>(std::move(cfg), std::move(device), e->backend_->ops(), *e->local_moe_);
+  check(e->steps_ >= 0 && (e->steps_ == 0 || e->model_->has_mtp()),
+        "speculative decoding needs an MTP head (mtp.* tensors), the model has none");
+  check(opts.cache.chunked_prefill_size > 0 && opts.cache.max_running_requests > 0 && opts.cache.page_size > 0,
+        "cache options: chunked prefill size {}, {} running requests, page size {}", opts.cache.chunked_prefill_size,
+        opts.cache.max_running_requests, opts.cache.page_size);
+  e->build_outputs(opts.comm ? &host : nullptr);
+  e->build_cache();
   return e;
 }
 
-Engine::Domain Engine::make_domain(const std::string& name, std::span<const model::MoeWeights* const> layers,
-                                   eplb::Placement initial, const moe::DomainOptions& opts, const Logger& log) {
-  Domain d;
-  d.domain = std::make_unique<moe::ExpertDomain>(name, std::move(initial), opts);
-  const int K = d.domain->placement.slots_per_rank(), me = comm_->rank();
-  const auto& e0 = layers[0]->experts[0];
-  d.slots = std::make_unique<moe::SlotStore>(int(layers.size()), K, e0.intermediate(),
-                                             int64_t(config().hidden_size), e0.gate.dtype());
-  for (int l = 0; l < int(layers.size()); ++l)
-    for (int s = 0; s < K; ++s)
-      d.slots->fill(l, s, layers[size_t(l)]->experts[size_t(d.domain->placement.layer(l)[me * K + s])]);
-  d.runner = std::make_unique<moe::ExpertParallelRunner>(*d.domain, *d.slots, *comm_);
-  d.rebalancer = std::make_unique<moe::Rebalancer>(*d.domain, *d.slots, *comm_, log);
-  return d;
+Engine::PassOutput Engine::make_output(int64_t load_size) {
+  // Results: at most a verification of every row (drafts + 2 per sequence) and a draw per row.
+  const int64_t results = 3 * int64_t(opts_.cache.chunked_prefill_size) + opts_.cache.max_running_requests + 16;
+  PassOutput out;
+  out.load_size = load_size;
+  out.device = backend_->alloc({load_size + results}, DType::I32);
+  if (load_size > 0) {
+    Tensor load = out.load();
+    backend_->ops().zero(load);
+  }
+  return out;
 }
 
-void Engine::setup_expert_parallel(const EngineOptions& opts) {
-  const auto& cfg = model_->config();
-  const auto& w = model_->weights();
+void Engine::build_outputs(const model::ModelWeights* host) {
+  trunk_out_ = make_output(0);
+  mtp_out_ = make_output(0);
+  if (!host) return;
+  const auto& cfg = config();
   const int G = comm_->size(), E = cfg.num_experts;
-  auto slots_for = [&](const moe::DomainOptions& o, const char* what) {
-    const int P = E + o.redundant;
-    check(o.redundant >= 0 && P % G == 0, "{}: {} experts + {} redundant slots are not divisible by {} ranks", what,
-          E, o.redundant, G);
-    return P;
-  };
-  std::vector<const model::MoeWeights*> trunk_layers;
-  for (const auto& l : w.layers)
-    if (l.ffn == model::FfnType::Moe) trunk_layers.push_back(&l.moe);
+  const ExpertParallelOptions& ep = opts_.ep;
+  moe::ExpertParallelSetup setup{*backend_, *comm_, *opts_.data, opts_.cache.chunked_prefill_size, opts_.log};
+  std::vector<std::span<const kernels::SwigluWeights>> trunk_layers;
+  for (const auto& l : host->layers)
+    if (l.ffn == model::FfnType::Moe) trunk_layers.push_back(l.moe.experts);
   if (!trunk_layers.empty()) {
-    const int P = slots_for(opts.ep.trunk, "--ep-num-redundant-experts");
-    const int L = int(trunk_layers.size());
-    trunk_ = make_domain("trunk", trunk_layers,
-                         initial_placement(opts.ep.init_expert_location, L, E, P, G, opts.ep.trunk), opts.ep.trunk,
-                         opts.log);
-    model_->set_trunk_moe(*trunk_.runner);
+    const int L = int(trunk_layers.size()), P = physical_slots(ep.trunk, E, G, "--ep-num-redundant-experts");
+    trunk_out_ = make_output(int64_t(L) * P);
+    trunk_ep_ = std::make_unique<moe::ExpertParallelDomain>("trunk", trunk_layers, initial_placement(ep, L, E, P, G),
+                                                            ep.trunk, trunk_out_.load().reshape({L, P}), setup);
+    model_->set_trunk_moe(trunk_ep_->runner);
   }
-  mtp_experts_ = opts.ep.mtp_experts;
-  if (w.mtp && w.mtp->layers[0].ffn == model::FfnType::Moe) {
-    std::vector<const model::MoeWeights*> mtp_layers{&w.mtp->layers[0].moe};
-    moe::DomainOptions o = opts.ep.mtp.value_or(opts.ep.trunk);
-    if (mtp_experts_ == MtpExperts::sglang) {
+  if (host->mtp && host->mtp->layers[0].ffn == model::FfnType::Moe) {
+    moe::DomainOptions o = ep.mtp.value_or(ep.trunk);
+    if (ep.mtp_experts == MtpExperts::sglang) {
       // SGLang after its fix: the draft layer has no dispatch table (slot = logical expert) and
       // is never rebalanced.
       o.redundant = 0;
       o.rebalance.enabled = false;
     }
-    const int P = slots_for(o, "MTP expert slots");
-    mtp_ = make_domain("mtp", mtp_layers, eplb::Placement::trivial(1, E, P, G), o, opts.log);
-    model_->set_mtp_moe(*mtp_.runner);
+    const int P = physical_slots(o, E, G, "MTP expert slots");
+    mtp_out_ = make_output(P);
+    mtp_ep_ = std::make_unique<moe::ExpertParallelDomain>(
+        "mtp", std::vector<std::span<const kernels::SwigluWeights>>{host->mtp->layers[0].moe.experts},
+        eplb::Placement::trivial(1, E, P, G), o, mtp_out_.load().reshape({1, P}), setup);
+    model_->set_mtp_moe(mtp_ep_->runner);
   }
 }
 
-model::ForwardResult Engine::forward(std::span<const model::SeqChunk> chunks) {
-  model::ForwardResult r = model_->forward(chunks);
-  if (trunk_.rebalancer) trunk_.rebalancer->after_pass();
-  return r;
+void Engine::build_cache() {
+  const CacheOptions& c = opts_.cache;
+  const auto& cfg = config();
+  const int S = steps_;
+  const int64_t total = c.max_total_tokens > 0 ? c.max_total_tokens : int64_t(1) << 16;
+  const int64_t context = c.context_length > 0 ? c.context_length : total;
+  bool deltanet = false;
+  for (auto t : cfg.layer_types) deltanet = deltanet || t == model::LayerType::LinearAttention;
+  StateCacheOptions so;
+  so.block_size = c.page_size;
+  so.blocks = (total + c.page_size - 1) / c.page_size;
+  // Every running sequence's slot, its snapshots while it verifies, and one for prefill_logits.
+  so.slots = c.max_running_requests * (1 + (deltanet && S > 0 ? S + 1 : 0)) + 1;
+  so.mtp = model_->has_mtp();
+  scheduler_.reset();
+  runner_.reset();
+  cache_ = std::make_unique<StateCache>(*backend_, cfg, so);
+  scheduler_ = std::make_unique<Scheduler>(
+      *cache_, SchedulerOptions{c.max_running_requests, c.chunked_prefill_size, S}, comm_);
+  RunnerLimits lim;
+  lim.max_tokens = c.chunked_prefill_size;
+  lim.max_seqs = c.max_running_requests + 1;
+  lim.max_blocks_per_seq = int(cache_->blocks_for(context + S + 1));
+  lim.max_verify_rows = S + 1;
+  runner_ = std::make_unique<ModelRunner>(*model_, *backend_, *cache_, lim);
+  sampler_ = std::make_unique<Sampler>(*backend_, std::max(c.chunked_prefill_size, c.max_running_requests),
+                                       c.max_running_requests * std::max(S, 1));
+  kept_probs_ = Tensor();
 }
 
-model::ForwardResult Engine::mtp_forward(std::span<const model::MtpChunk> chunks) {
-  std::optional<eplb::Recorder::PauseGuard> paused;
-  if (mtp_experts_ == MtpExperts::sglang && mtp_.domain) paused.emplace(mtp_.domain->recorder.pause());
-  model::ForwardResult r = model_->mtp_forward(chunks);
-  if (mtp_.rebalancer) mtp_.rebalancer->after_pass();
-  return r;
+void Engine::set_speculative_steps(int steps) {
+  check(steps >= 0 && (steps == 0 || model_->has_mtp()),
+        "speculative decoding needs an MTP head (mtp.* tensors), the model has none");
+  check(!scheduler_->has_work(), "the number of draft steps can change only while no request runs");
+  if (steps == steps_) return;
+  steps_ = steps;
+  build_cache();
+}
+
+int64_t Engine::add_request(Request r) {
+  const int64_t V = config().vocab_size;
+  for (int32_t id : r.prompt)
+    check(id >= 0 && id < V, "prompt token id {} is outside the vocabulary of {}", id, V);
+  check(opts_.cache.context_length <= 0 ||
+            int64_t(r.prompt.size()) + r.max_new_tokens <= opts_.cache.context_length,
+        "a prompt of {} tokens and {} new ones exceed the context length of {}", r.prompt.size(), r.max_new_tokens,
+        opts_.cache.context_length);
+  auto s = std::make_unique<Sequence>();
+  s->id = next_id_++;
+  s->prompt_len = r.prompt.size();
+  s->tokens = std::move(r.prompt);
+  s->sampling = r.sampling;
+  s->max_new_tokens = r.max_new_tokens;
+  s->stop_ids = std::move(r.stop_ids);
+  scheduler_->add(*s);
+  const int64_t id = s->id;
+  seqs_.emplace(id, std::move(s));
+  return id;
+}
+
+void Engine::abort(int64_t id) {
+  auto it = seqs_.find(id);
+  if (it == seqs_.end() || it->second->finished()) return;
+  it->second->status = SequenceStatus::finished;
+  it->second->finish = FinishReason::aborted;
+}
+
+StepOutput& Engine::output_of(const Sequence& s) {
+  for (auto& o : outputs_)
+    if (o.id == s.id) return o;
+  return outputs_.emplace_back(StepOutput{s.id, {}, false, FinishReason::none});
+}
+
+bool Engine::emit(Sequence& s, int32_t token) {
+  if (s.finished()) return false;
+  s.tokens.push_back(token);
+  output_of(s).tokens.push_back(token);
+  if (std::find(s.stop_ids.begin(), s.stop_ids.end(), token) != s.stop_ids.end()) s.finish = FinishReason::stop;
+  else if (int(s.generated()) >= s.max_new_tokens) s.finish = FinishReason::length;
+  if (s.finish != FinishReason::none) s.status = SequenceStatus::finished;
+  return !s.finished();
+}
+
+Sampler::Row Engine::row_of(const Sequence& s, int64_t position) const {
+  return {&s.sampling, s.sampling.seed, int32_t(position)};
+}
+
+std::span<const int32_t> Engine::finish_pass(PassOutput& out, moe::ExpertParallelDomain* domain, int64_t n) {
+  if (domain) {
+    Tensor load = out.load();
+    opts_.data->all_reduce_sum(load);
+  }
+  const int64_t words = out.load_size + n;
+  out.host.resize(size_t(words));
+  if (words > 0) backend_->download(out.device.rows(0, words), out.host.data());
+  if (domain) {
+    Tensor load = out.load();
+    backend_->ops().zero(load);
+    domain->end_pass(std::span<const int32_t>(out.host.data(), size_t(out.load_size)));
+  }
+  return {out.host.data() + out.load_size, size_t(n)};
+}
+
+bool Engine::step() {
+  outputs_.clear();
+  // Requests aborted since the last step leave first.
+  for (auto it = seqs_.begin(); it != seqs_.end();) {
+    if (it->second->finish == FinishReason::aborted) {
+      scheduler_->retire(*it->second);
+      output_of(*it->second) = {it->first, {}, true, FinishReason::aborted};
+      it = seqs_.erase(it);
+    } else {
+      ++it;
+    }
+  }
+  auto scheduled = scheduler_->schedule();
+  if (!scheduled) return false;
+  const double t0 = now_seconds();
+  const int S = steps_;
+
+  // Verifications first: their logits rows form one block for the verify op.
+  std::stable_partition(scheduled->begin(), scheduled->end(), [](const Scheduled& s) { return s.verify; });
+  std::vector<std::vector<int32_t>> verify_tokens;
+  verify_tokens.reserve(scheduled->size());
+  std::vector<ModelRunner::Entry> entries;
+  std::vector<Sampler::Row> verify_rows, draw_rows;
+  std::vector<int32_t> drafts, draft_rows;
+  bool prefill = false;
+  for (const Scheduled& s : *scheduled) {
+    Sequence& q = *s.seq;
+    ModelRunner::Entry e;
+    e.cache = &q.cache;
+    const int64_t first = q.cache.length - s.rows;  // position of the pass's first row
+    if (s.verify) {
+      auto& t = verify_tokens.emplace_back(1, q.tokens.back());
+      t.insert(t.end(), q.drafts.begin(), q.drafts.end());
+      e.tokens = t;
+      e.logits = ModelRunner::Logits::all;
+      e.verify = true;
+      for (int i = 0; i <= S; ++i) verify_rows.push_back(row_of(q, first + i + 1));
+      drafts.insert(drafts.end(), q.drafts.begin(), q.drafts.end());
+      for (int i = 0; i < S; ++i) draft_rows.push_back(q.place * S + i);
+    } else {
+      e.tokens = std::span<const int32_t>(q.tokens).subspan(size_t(first), size_t(s.rows));
+      e.logits = s.draws ? ModelRunner::Logits::last : ModelRunner::Logits::none;
+      if (s.draws) draw_rows.push_back(row_of(q, first + s.rows));
+      const bool decode = s.rows == 1 && s.draws && q.generated() > 0;
+      if (!decode) {
+        prefill = true;
+        stats_.prefill_tokens += s.rows;
+      }
+    }
+    entries.push_back(e);
+  }
+
+  const ModelRunner::Result r = runner_->forward(entries);
+  const int64_t Bv = int64_t(verify_tokens.size()), Rv = Bv * (S + 1), Rs = int64_t(draw_rows.size());
+  const int64_t Rout = Bv * (S + 2);  // verdicts: per verification, a count and a + 1 tokens
+  const Tensor results = trunk_out_.results(Rout + Rs);
+  Tensor verdicts = results.rows(0, Rout).reshape({Bv, S + 2}), ids = results.rows(Rout, Rout + Rs);
+  auto& ws = runner_->workspace();
+  if (Bv > 0) sampler_->verify(ws, r.logits.rows(0, Rv), verify_rows, drafts, S, kept_probs_, draft_rows, verdicts);
+  if (Rs > 0) sampler_->sample(ws, r.logits.rows(Rv, Rv + Rs), draw_rows, kernels::Draw::target, ids);
+  const std::span<const int32_t> host = finish_pass(trunk_out_, trunk_ep_.get(), Rout + Rs);
+  ++stats_.passes;
+  const double t_verified = now_seconds();
+
+  // Emit what was drawn; a verification keeps the rows of its accepted drafts and rolls back the rest.
+  std::vector<int64_t> kept(scheduled->size());
+  int64_t b = 0, j = 0;
+  for (size_t i = 0; i < scheduled->size(); ++i) {
+    const Scheduled& s = (*scheduled)[i];
+    Sequence& q = *s.seq;
+    kept[i] = s.rows;
+    if (s.verify) {
+      const int32_t* v = host.data() + b++ * (S + 2);  // [a, d_1 .. d_a, one more]
+      const int a = v[0];
+      check(a >= 0 && a <= S, "verification returned {} accepted drafts of {}", a, S);
+      spec_stats_.proposed.resize(size_t(S), 0);
+      spec_stats_.accepted.resize(size_t(S), 0);
+      for (int k = 0; k < S; ++k) {
+        ++spec_stats_.proposed[size_t(k)];
+        if (k < a) ++spec_stats_.accepted[size_t(k)];
+      }
+      ++spec_stats_.rounds;
+      const size_t before = q.tokens.size();
+      for (int k = 0; k <= a; ++k)
+        if (!emit(q, v[1 + k])) break;
+      const int64_t emitted = int64_t(q.tokens.size() - before);
+      spec_stats_.emitted += emitted;
+      if (!prefill) stats_.decode_tokens += emitted;
+      cache_->rollback(q.cache, S - a);
+      q.drafts.clear();
+      kept[i] = a + 1;
+    } else if (s.draws) {
+      emit(q, host[size_t(Rout + j++)]);
+      if (!prefill) ++stats_.decode_tokens;
+    }
+  }
+  if (Bv > 0) spec_stats_.verify_seconds += t_verified - t0;
+  if (S > 0) draft(*scheduled, r, kept);
+
+  for (const Scheduled& s : *scheduled) {
+    Sequence& q = *s.seq;
+    if (!q.finished()) continue;
+    StepOutput& o = output_of(q);
+    o.finished = true;
+    o.reason = q.finish;
+    scheduler_->retire(q);
+    seqs_.erase(q.id);
+  }
+  (prefill ? stats_.prefill_seconds : stats_.decode_seconds) += seconds_since(t0);
+  return true;
 }
 
 GenerationResult Engine::generate(const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
                                   std::span<const int32_t> stop_ids, const SamplingParams& sampling) {
-  GenerationResult res;
-  const size_t n = prompts.size();
-  res.outputs.resize(n);
   check(max_new_tokens > 0, "max_new_tokens must be positive");
-  const int64_t V = config().vocab_size;
-  std::vector<model::SequenceState> states;
-  for (const auto& p : prompts) {
-    check(!p.empty(), "empty prompt");
-    states.push_back(model_->new_sequence(int64_t(p.size()) + max_new_tokens));
+  const GenerationStats before = stats_;
+  std::map<int64_t, size_t> index;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    check(!prompts[i].empty(), "empty prompt");
+    Request r{prompts[i], sampling, max_new_tokens, {stop_ids.begin(), stop_ids.end()}};
+    r.sampling.seed = sequence_seed(sampling, i);
+    index[add_request(std::move(r))] = i;
   }
-  auto is_stop = [&](int32_t id) { return std::find(stop_ids.begin(), stop_ids.end(), id) != stop_ids.end(); };
-  std::vector<bool> done(n, false);
-  std::vector<int32_t> last(n);
-  std::vector<float> logits;
-  std::vector<std::mt19937_64> rng;
-  for (size_t i = 0; i < n; ++i) rng.push_back(sequence_rng(sampling, i));
-
-  // Takes the greedy token of every sequence that ran in `r` (live[j] is the j-th chunk's sequence).
-  auto take = [&](const model::ForwardResult& r, const std::vector<size_t>& live) {
-    logits.resize(size_t(r.logits.numel()));
-    ops_.to_host(r.logits, logits.data());
-    for (size_t j = 0; j < live.size(); ++j) {
-      const size_t i = live[j];
-      const auto row = std::span<const float>(logits).subspan(size_t(r.first_row[j] * V), size_t(V));
-      last[i] = sampling.greedy() ? argmax(row) : sample(distribution(row, sampling), rng[i]);
-      res.outputs[i].push_back(last[i]);
-      done[i] = is_stop(last[i]) || int(res.outputs[i].size()) >= max_new_tokens;
-    }
-  };
-
-  std::vector<model::SeqChunk> chunks;
-  std::vector<size_t> live;
-  for (size_t i = 0; i < n; ++i) {
-    chunks.push_back({&states[i], prompts[i], false});
-    live.push_back(i);
-    res.stats.prefill_tokens += int64_t(prompts[i].size());
+  GenerationResult res;
+  res.outputs.resize(prompts.size());
+  for (bool ran = true; ran;) {
+    ran = step();
+    for (const StepOutput& o : outputs_)
+      if (auto it = index.find(o.id); it != index.end())
+        res.outputs[it->second].insert(res.outputs[it->second].end(), o.tokens.begin(), o.tokens.end());
   }
-  auto t0 = std::chrono::steady_clock::now();
-  take(forward(chunks), live);
-  ++res.stats.passes;
-  res.stats.prefill_seconds = seconds_since(t0);
-
-  t0 = std::chrono::steady_clock::now();
-  for (;;) {
-    chunks.clear();
-    live.clear();
-    for (size_t i = 0; i < n; ++i)
-      if (!done[i]) {
-        chunks.push_back({&states[i], std::span<const int32_t>(&last[i], 1), false});
-        live.push_back(i);
-      }
-    // Under EP a rank with nothing left still takes part in the passes of the others.
-    if (!any_rank(!live.empty())) break;
-    take(forward(chunks), live);
-    ++res.stats.passes;
-    res.stats.decode_tokens += int64_t(live.size());
-  }
-  res.stats.decode_seconds = seconds_since(t0);
+  res.stats.prefill_tokens = stats_.prefill_tokens - before.prefill_tokens;
+  res.stats.decode_tokens = stats_.decode_tokens - before.decode_tokens;
+  res.stats.prefill_seconds = stats_.prefill_seconds - before.prefill_seconds;
+  res.stats.decode_seconds = stats_.decode_seconds - before.decode_seconds;
+  res.stats.passes = stats_.passes - before.passes;
   return res;
 }
 
 std::vector<float> Engine::prefill_logits(std::span<const int32_t> ids) {
-  model::SequenceState st = model_->new_sequence(int64_t(ids.size()));
-  model::SeqChunk c{&st, ids, true};
-  model::ForwardResult r = forward(std::span<const model::SeqChunk>(&c, 1));
-  std::vector<float> out(static_cast<size_t>(r.logits.numel()));
-  ops_.to_host(r.logits, out.data());
-  return out;
+  const int64_t V = config().vocab_size, chunk = opts_.cache.chunked_prefill_size;
+  for (int32_t id : ids) check(id >= 0 && id < V, "prompt token id {} is outside the vocabulary of {}", id, V);
+  CacheEntry e;
+  if (!ids.empty()) check(cache_->allocate(e), "prefill_logits: no free state slot");
+  std::vector<float> logits;
+  size_t done = 0;
+  for (;;) {
+    const bool more = done < ids.size();
+    if (comm_ ? !comm_->all_reduce_or(more) : !more) break;
+    std::vector<ModelRunner::Entry> entries;
+    const int64_t n = std::min<int64_t>(chunk, int64_t(ids.size() - done));
+    if (more) {
+      if (!cache_->append(e, {.rows = n})) {
+        cache_->release(e);
+        fail("prefill_logits: a prompt of {} tokens does not fit the cache of {} rows", ids.size(),
+             cache_->total_blocks() * cache_->block_size());
+      }
+      entries.push_back({&e, ids.subspan(done, size_t(n)), ModelRunner::Logits::all});
+    }
+    const ModelRunner::Result r = runner_->forward(entries);
+    finish_pass(trunk_out_, trunk_ep_.get(), 0);
+    ++stats_.passes;
+    if (more) {
+      logits.resize(size_t((done + size_t(n)) * V));
+      backend_->download(r.logits, logits.data() + done * V);
+      done += size_t(n);
+    }
+  }
+  cache_->release(e);
+  return logits;
 }
 
 }  // namespace ballast::runtime

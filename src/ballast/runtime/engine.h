@@ -1,25 +1,34 @@
 #pragma once
-// The engine of one rank: a loaded model with its backend and, under expert parallelism, this
-// rank's expert slots, the trunk's expert domain and its rebalance schedule; and batched greedy
-// generation over it. Under EP every rank runs generate_greedy on its own prompts in lockstep
-// (attention data-parallel), so every MoE layer's all-to-all sees every rank.
+// The engine of one rank (nano-vllm's LLMEngine): a loaded model on a backend, the state cache,
+// the scheduler and model runner, and under expert parallelism this rank's expert domains (the
+// trunk's and the MTP head's). Requests go in with add_request(); step() runs one pass (and,
+// with MTP speculation, its draft passes) and is the one loop that generate(), speculative
+// decoding and a server drive. Under expert parallelism every rank steps in lockstep with its own
+// sequences (attention data-parallel): every MoE layer is a collective over the ranks.
 #include <filesystem>
 #include <functional>
+#include <map>
+#include <optional>
 #include <memory>
 #include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "ballast/core/log.h"
-#include "ballast/core/thread_pool.h"
 #include "ballast/dist/communicator.h"
+#include "ballast/dist/data_plane.h"
+#include "ballast/eplb/load.h"
 #include "ballast/io/checkpoint.h"
-#include "ballast/kernels/cpu/cpu_ops.h"
+#include "ballast/kernels/backend.h"
 #include "ballast/model/model.h"
-#include "ballast/moe/ep_runner.h"
+#include "ballast/moe/expert_parallel.h"
 #include "ballast/moe/moe_runner.h"
-#include "ballast/moe/rebalancer.h"
+#include "ballast/runtime/model_runner.h"
 #include "ballast/runtime/sampler.h"
+#include "ballast/runtime/scheduler.h"
+#include "ballast/runtime/sequence.h"
+#include "ballast/runtime/state_cache.h"
 
 namespace ballast::runtime {
 
@@ -30,24 +39,38 @@ enum class MtpExperts {
 };
 
 struct ExpertParallelOptions {
-  moe::DomainOptions trunk;      // placement, dispatch, recorder and rebalancing of the trunk
+  moe::DomainOptions trunk;               // placement, dispatch, recorder and rebalancing of the trunk
   std::optional<moe::DomainOptions> mtp;  // the MTP head's MoE layer (own_domain); default: the trunk's
   MtpExperts mtp_experts = MtpExperts::own_domain;
-  std::string init_expert_location = "trivial";  // or a JSON file: physical_to_logical_map / logical_count
+  // --init-expert-location for the trunk (read by the caller): a placement used as is, or a
+  // load planned from with the trunk's planner settings. Neither: trivial.
+  std::optional<eplb::Placement> initial_placement;
+  std::optional<eplb::LoadTrace> initial_load;
+};
+
+// Cache and batch limits (SGLang's option names).
+struct CacheOptions {
+  int page_size = 16;               // --page-size: rows per KV block
+  int64_t max_total_tokens = 0;     // --max-total-tokens: KV rows in the pool (0: 64 K)
+  int max_running_requests = 64;    // --max-running-requests
+  int chunked_prefill_size = 2048;  // --chunked-prefill-size: rows per pass, all sequences together
+  int64_t context_length = 0;       // --context-length: the longest sequence (0: max_total_tokens)
 };
 
 struct EngineOptions {
-  int threads = 0;  // 0 = all cores
-  std::function<void(uint64_t done, uint64_t total)> load_progress;  // while paging weights in
   dist::Communicator* comm = nullptr;  // expert parallelism over these ranks (null: one rank)
+  dist::DataPlane* data = nullptr;     // ... and their data plane (with comm)
   ExpertParallelOptions ep;
+  CacheOptions cache;
+  int speculative_steps = 0;           // NEXTN: chained MTP drafts per round (0: no speculation)
+  std::function<void(uint64_t done, uint64_t total)> load_progress;  // while paging weights in
   Logger log;
 };
 
 struct GenerationStats {
   int64_t prefill_tokens = 0, decode_tokens = 0;
-  double prefill_seconds = 0, decode_seconds = 0;
-  int64_t passes = 0;  // forward passes this rank took part in
+  double prefill_seconds = 0, decode_seconds = 0;  // steps with prefill rows / decode-only steps
+  int64_t passes = 0;                              // trunk passes this rank took part in
 };
 
 struct GenerationResult {
@@ -55,62 +78,115 @@ struct GenerationResult {
   GenerationStats stats;
 };
 
+struct SpeculativeStats {
+  int64_t rounds = 0;   // verifications, summed over sequences
+  int64_t emitted = 0;  // tokens those rounds emitted
+  std::vector<int64_t> proposed, accepted;  // per draft position
+  double draft_seconds = 0, verify_seconds = 0;
+  double acceptance_length() const { return rounds ? double(emitted) / double(rounds) : 0.0; }
+};
+
+// What one step produced for one sequence.
+struct StepOutput {
+  int64_t id;
+  std::vector<int32_t> tokens;  // emitted this step
+  bool finished;
+  FinishReason reason;
+};
+
 class Engine {
  public:
-  static std::unique_ptr<Engine> load(const std::filesystem::path& model_dir, const EngineOptions& opts = {});
+  static std::unique_ptr<Engine> load(const std::filesystem::path& model_dir, std::unique_ptr<kernels::Backend> backend,
+                                      const EngineOptions& opts = {});
+  ~Engine();
 
-  model::Model& model() { return *model_; }
   const model::ModelConfig& config() const { return model_->config(); }
-  kernels::Ops& ops() { return ops_; }
+  model::Model& model() { return *model_; }
+  kernels::Backend& backend() { return *backend_; }
+  ModelRunner& runner() { return *runner_; }
+  StateCache& cache() { return *cache_; }
+  Scheduler& scheduler() { return *scheduler_; }
   int rank() const { return comm_ ? comm_->rank() : 0; }
-  // Whether `mine` holds on any rank (the ranks' agreement to take another pass together).
-  bool any_rank(bool mine) { return comm_ ? comm_->all_reduce_or(mine) : mine; }
   int ranks() const { return comm_ ? comm_->size() : 1; }
 
-  // Expert parallelism (null on one rank without EP, and for the MTP head without one).
-  struct Domain {
-    std::unique_ptr<moe::ExpertDomain> domain;
-    std::unique_ptr<moe::SlotStore> slots;
-    std::unique_ptr<moe::ExpertParallelRunner> runner;
-    std::unique_ptr<moe::Rebalancer> rebalancer;
-  };
-  moe::ExpertDomain* trunk_domain() { return trunk_.domain.get(); }
-  moe::Rebalancer* trunk_rebalancer() { return trunk_.rebalancer.get(); }
-  moe::SlotStore* trunk_slots() { return trunk_.slots.get(); }
-  Domain& trunk() { return trunk_; }
-  Domain& mtp() { return mtp_; }
+  // Expert parallelism (null on one rank without it, and for a model without MTP head).
+  moe::ExpertParallelDomain* trunk_ep() { return trunk_ep_.get(); }
+  moe::ExpertParallelDomain* mtp_ep() { return mtp_ep_.get(); }
 
-  // Decoding of all prompts as one batch (greedy, or sampled per `sampling`): one prefill pass,
-  // then one decode pass per step. A sequence stops after max_new_tokens or after emitting any id
-  // in stop_ids. Under EP all ranks call this together (any of them may have no prompts).
+  // Queues a request; returns its id. Throws if it could never fit the cache.
+  int64_t add_request(Request request);
+  // Finishes a request (reason aborted) at the next step; its cache is freed there.
+  void abort(int64_t id);
+  // One step: a pass of the trunk over what the scheduler forms and, with speculation, the MTP
+  // passes that draft the next round. Under expert parallelism all ranks call it together.
+  // Returns false (and runs no pass) once no rank has work left; aborts are still reported then.
+  bool step();
+  // What the last step emitted and finished.
+  const std::vector<StepOutput>& outputs() const { return outputs_; }
+
+  // Every prompt as a request (greedy, or sampled per `sampling` with the i-th prompt seeded by
+  // sequence_seed(sampling, i)), stepped until all are done. Under EP all ranks call it together
+  // (any of them may have no prompts).
   GenerationResult generate(const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
                             std::span<const int32_t> stop_ids = {}, const SamplingParams& sampling = {});
 
-  // One forward pass over `chunks` (empty on a rank with nothing to run under EP), followed by
-  // the expert domains' end-of-pass work.
-  model::ForwardResult forward(std::span<const model::SeqChunk> chunks);
-
-  // One MTP pass, followed by the MTP domain's end-of-pass work.
-  model::ForwardResult mtp_forward(std::span<const model::MtpChunk> chunks);
-
-  // Logits [T, V] of one prefill pass over `ids`.
+  // Logits [T, V] of a prefill over `ids` (a sequence of its own, released after). Under EP all
+  // ranks call it together; a rank may pass no ids and gets nothing back.
   std::vector<float> prefill_logits(std::span<const int32_t> ids);
 
- private:
-  Engine(int threads, io::Checkpoint ckpt, dist::Communicator* comm);
-  void setup_expert_parallel(const EngineOptions& opts);
-  // Places `layers` (one domain's MoE layers) over the ranks and builds its runner and schedule.
-  Domain make_domain(const std::string& name, std::span<const model::MoeWeights* const> layers,
-                     eplb::Placement initial, const moe::DomainOptions& opts, const Logger& log);
+  // MTP speculation with `steps` chained drafts per round (0: off); only while no request runs.
+  void set_speculative_steps(int steps);
+  int speculative_steps() const { return steps_; }
+  const SpeculativeStats& speculative_stats() const { return spec_stats_; }
+  const GenerationStats& stats() const { return stats_; }
 
-  ThreadPool pool_;
-  kernels::CpuOps ops_;
+ private:
+  // A device buffer that a pass writes everything the host needs into: its expert domain's load
+  // [L * P], then the drawn results. One download per pass.
+  struct PassOutput {
+    Tensor device;  // I32
+    int64_t load_size = 0;
+    std::vector<int32_t> host;
+    Tensor load() const { return device.rows(0, load_size); }
+    Tensor results(int64_t n) const { return device.rows(load_size, load_size + n); }
+  };
+
+  Engine(std::unique_ptr<kernels::Backend> backend, io::Checkpoint ckpt, const EngineOptions& opts);
+  PassOutput make_output(int64_t load_size);
+  // The pass outputs and, under expert parallelism (host: the weights as loaded), this rank's
+  // expert domains with their slots filled.
+  void build_outputs(const model::ModelWeights* host);
+  void build_cache();  // state cache, scheduler, runner and sampler for the limits and steps_
+  StepOutput& output_of(const Sequence& seq);
+  // Ends a pass: sums its domain's load over ranks on the device, downloads [load | the first n
+  // results] in one copy, closes the domain's pass; returns the results on the host.
+  std::span<const int32_t> finish_pass(PassOutput& out, moe::ExpertParallelDomain* domain, int64_t n);
+  // Appends a token to a sequence; false once the sequence is finished.
+  bool emit(Sequence& seq, int32_t token);
+  Sampler::Row row_of(const Sequence& seq, int64_t position) const;
+  // Speculation (speculative.cpp): the MTP passes after a trunk pass that enter the pass's rows
+  // into the head's cache and draft the next round of every decoding sequence.
+  void draft(std::span<const Scheduled> pass, const ModelRunner::Result& trunk, std::span<const int64_t> kept_rows);
+
+  std::unique_ptr<kernels::Backend> backend_;
   io::Checkpoint ckpt_;
+  EngineOptions opts_;
   dist::Communicator* comm_;
-  moe::LocalMoeRunner local_moe_;
-  Domain trunk_, mtp_;
-  MtpExperts mtp_experts_ = MtpExperts::own_domain;
+  int steps_ = 0;
   std::unique_ptr<model::Model> model_;
+  std::unique_ptr<moe::LocalMoeRunner> local_moe_;
+  PassOutput trunk_out_, mtp_out_;
+  std::unique_ptr<moe::ExpertParallelDomain> trunk_ep_, mtp_ep_;
+  std::unique_ptr<StateCache> cache_;
+  std::unique_ptr<Scheduler> scheduler_;
+  std::unique_ptr<ModelRunner> runner_;
+  std::unique_ptr<Sampler> sampler_;
+  Tensor kept_probs_;  // [max running * steps, V]: each draft's distribution, for verification
+  std::map<int64_t, std::unique_ptr<Sequence>> seqs_;
+  int64_t next_id_ = 0;
+  std::vector<StepOutput> outputs_;
+  GenerationStats stats_;
+  SpeculativeStats spec_stats_;
 };
 
 }  // namespace ballast::runtime

@@ -1,77 +1,84 @@
 #include "ballast/runtime/sampler.h"
 
-#include <algorithm>
-#include <cmath>
-#include <numeric>
+#include <bit>
+#include <cstring>
 
 #include "ballast/core/error.h"
 
 namespace ballast::runtime {
 
-int32_t argmax(std::span<const float> logits) {
-  int32_t best = 0;
-  for (size_t i = 1; i < logits.size(); ++i)
-    if (logits[i] > logits[size_t(best)]) best = int32_t(i);
-  return best;
+Sampler::Sampler(kernels::Backend& backend, int max_rows, int max_drafts)
+    : be_(backend), max_rows_(max_rows), max_drafts_(max_drafts) {
+  // Per row: seed (2 words), position, temperature, top-p, top-k, kept row; then drafts and their rows.
+  const int64_t words = 7 * int64_t(max_rows) + 2 * int64_t(max_drafts);
+  staging_.reserve(size_t(words));
+  meta_ = be_.alloc({words}, DType::I32);
 }
 
-std::vector<float> distribution(std::span<const float> logits, const SamplingParams& sp) {
-  std::vector<float> p(logits.size(), 0.0f);
-  if (sp.greedy()) {
-    p[size_t(argmax(logits))] = 1.0f;
-    return p;
+kernels::SamplingRows Sampler::upload(std::span<const Row> rows, std::span<const std::span<const int32_t>> extra,
+                                      std::vector<Tensor>& extra_views) {
+  const int64_t R = int64_t(rows.size());
+  int64_t words = 6 * R;
+  for (auto e : extra) words += int64_t(e.size());
+  check(R <= max_rows_ && words <= meta_.numel(), "sampler: {} rows exceed the {} it was sized for", R, max_rows_);
+  staging_.assign(size_t(words), 0);
+  // The seeds first: I64 views need 8-byte alignment, and the buffer's start has it.
+  for (int64_t i = 0; i < R; ++i) {
+    const Row& r = rows[size_t(i)];
+    std::memcpy(&staging_[size_t(2 * i)], &r.seed, 8);
+    staging_[size_t(2 * R + i)] = r.position;
+    staging_[size_t(3 * R + i)] = std::bit_cast<int32_t>(r.params->temperature);
+    staging_[size_t(4 * R + i)] = std::bit_cast<int32_t>(r.params->top_p);
+    staging_[size_t(5 * R + i)] = r.params->top_k;
   }
-  check(sp.top_p > 0.0f && sp.top_p <= 1.0f && sp.top_k >= 0, "sampling: top_p must be in (0, 1], top_k >= 0");
-  const float mx = *std::max_element(logits.begin(), logits.end());
-  double sum = 0;
-  for (size_t i = 0; i < logits.size(); ++i) sum += (p[i] = std::exp((logits[i] - mx) / sp.temperature));
-  for (auto& v : p) v = float(v / sum);
-  if (sp.top_k == 0 && sp.top_p >= 1.0f) return p;
-  // Keep the k most likely tokens (ties to the lower index), then the smallest prefix of them
-  // whose mass reaches top_p.
-  std::vector<int32_t> order(p.size());
-  std::iota(order.begin(), order.end(), 0);
-  const auto before = [&](int32_t a, int32_t b) { return p[size_t(a)] > p[size_t(b)] || (p[size_t(a)] == p[size_t(b)] && a < b); };
-  size_t keep = sp.top_k > 0 ? std::min(order.size(), size_t(sp.top_k)) : order.size();
-  std::partial_sort(order.begin(), order.begin() + long(keep), order.end(), before);
-  double mass = 0;
-  for (size_t i = 0; i < keep; ++i) {
-    mass += p[size_t(order[i])];
-    if (mass >= sp.top_p) {
-      keep = i + 1;
-      break;
-    }
+  int64_t at = 6 * R;
+  for (auto e : extra) {
+    std::copy(e.begin(), e.end(), staging_.begin() + at);
+    extra_views.push_back(meta_.rows(at, at + int64_t(e.size())));
+    at += int64_t(e.size());
   }
-  std::vector<float> out(p.size(), 0.0f);
-  double kept = 0;
-  for (size_t i = 0; i < keep; ++i) kept += p[size_t(order[i])];
-  for (size_t i = 0; i < keep; ++i) out[size_t(order[i])] = float(p[size_t(order[i])] / kept);
-  return out;
+  Tensor used = meta_.rows(0, words);
+  be_.upload(staging_.data(), used);
+  auto words_at = [&](int64_t k) { return meta_.rows(k * R, (k + 1) * R); };
+  kernels::SamplingRows s;
+  s.seed = Tensor::borrow(meta_.raw(), {R}, DType::I64, meta_.device());
+  s.position = words_at(2);
+  const Tensor t = words_at(3), p = words_at(4);
+  s.temperature = Tensor::borrow(t.raw(), {R}, DType::F32, meta_.device());
+  s.top_p = Tensor::borrow(p.raw(), {R}, DType::F32, meta_.device());
+  s.top_k = words_at(5);
+  return s;
 }
 
-int32_t sample(std::span<const float> probs, std::mt19937_64& rng) {
-  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
-  double c = 0;
-  int32_t last = 0;
-  for (size_t i = 0; i < probs.size(); ++i) {
-    if (probs[i] <= 0) continue;
-    c += probs[i];
-    last = int32_t(i);
-    if (u < c) return int32_t(i);
-  }
-  return last;  // rounding left u above the total: the last token with mass
+void Sampler::sample(kernels::Workspace& ws, const Tensor& logits, std::span<const Row> rows, kernels::Draw stream,
+                     Tensor& ids, Tensor kept, std::span<const int32_t> kept_rows) {
+  const int64_t R = int64_t(rows.size()), V = logits.dim(1);
+  std::vector<Tensor> views;
+  const std::span<const int32_t> extra[] = {kept_rows};
+  const kernels::SamplingRows s = upload(rows, extra, views);
+  Tensor probs;
+  if (kept.defined()) probs = ws.take({R, V});
+  be_.ops().sample(logits, s, stream, ids, probs);
+  if (kept.defined()) be_.ops().scatter_rows(probs, views[0], kept);
 }
 
-Acceptance accept_or_resample(std::span<const float> p, std::span<const float> q, int32_t draft, std::mt19937_64& rng) {
-  const float pd = p[size_t(draft)], qd = q[size_t(draft)];
-  const double u = std::uniform_real_distribution<double>(0.0, 1.0)(rng);
-  if (qd > 0 && u < std::min(1.0, double(pd) / double(qd))) return {true, draft};
-  std::vector<float> residual(p.size());
-  double sum = 0;
-  for (size_t i = 0; i < p.size(); ++i) sum += (residual[i] = std::max(0.0f, p[i] - q[i]));
-  if (sum <= 0) return {false, sample(p, rng)};  // p == q: never reached with u < 1, kept for safety
-  for (auto& v : residual) v = float(v / sum);
-  return {false, sample(residual, rng)};
+void Sampler::verify(kernels::Workspace& ws, const Tensor& logits, std::span<const Row> rows,
+                     std::span<const int32_t> drafts, int S, const Tensor& kept, std::span<const int32_t> draft_rows,
+                     Tensor& out) {
+  const int64_t B = int64_t(drafts.size()) / S, V = logits.dim(1);
+  check(int64_t(rows.size()) == B * (S + 1) && int64_t(drafts.size()) <= max_drafts_,
+        "sampler: {} target rows for {} drafts of {} steps", rows.size(), drafts.size(), S);
+  bool samples = false;
+  for (const Row& r : rows) samples = samples || !r.params->greedy();
+  std::vector<Tensor> views;
+  const std::span<const int32_t> extra[] = {drafts, samples ? draft_rows : std::span<const int32_t>()};
+  const kernels::SamplingRows s = upload(rows, extra, views);
+  Tensor draft_probs;
+  if (samples) {
+    draft_probs = ws.take({B * S, V});
+    be_.ops().gather_rows(kept, views[1], 1, draft_probs);
+  }
+  be_.ops().verify_drafts(logits, views[0].reshape({B, S}), draft_probs, s, out);
 }
 
 }  // namespace ballast::runtime

@@ -1,44 +1,49 @@
 #pragma once
-// Token choice from logits: greedy, or sampling with temperature, top-k and top-p; and the
-// acceptance step of speculative sampling (Leviathan et al. / Chen et al.), which keeps the output
-// distributed exactly as the target model's.
-#include <cstdint>
-#include <random>
+// The host side of drawing tokens: each logits row's sampling parameters, seed and position go to
+// the device in one upload, and the sample or verify_drafts op writes the drawn ids into a device
+// output (kernels/sampling.h has the math). Nothing comes back to the host here.
 #include <span>
 #include <vector>
 
+#include "ballast/kernels/backend.h"
+#include "ballast/kernels/ops.h"
+#include "ballast/kernels/workspace.h"
+#include "ballast/runtime/sampling_params.h"
+
 namespace ballast::runtime {
 
-struct SamplingParams {
-  float temperature = 0.0f;  // 0: greedy
-  float top_p = 1.0f;
-  int top_k = 0;             // 0: all
-  uint64_t seed = 0;
-  bool greedy() const { return temperature <= 0.0f; }
+class Sampler {
+ public:
+  struct Row {
+    const SamplingParams* params;  // temperature, top-p, top-k
+    uint64_t seed;                 // the sequence's own
+    int32_t position;              // of the token drawn
+  };
+
+  // max_rows: logits rows per pass; max_drafts: drafts verified per pass.
+  Sampler(kernels::Backend& backend, int max_rows, int max_drafts);
+
+  // ids[R] = a token drawn from each row of logits[R, V]. With `kept` defined, the distribution each
+  // row was drawn from is also kept in its row kept_rows[i] of `kept` (drafts, for verification).
+  void sample(kernels::Workspace& ws, const Tensor& logits, std::span<const Row> rows, kernels::Draw stream,
+              Tensor& ids, Tensor kept = {}, std::span<const int32_t> kept_rows = {});
+
+  // Verification of B sequences with S drafts each (kernels::Ops::verify_drafts): rows are the
+  // target rows [B * (S + 1)], drafts [B * S], draft_rows where each draft's distribution is kept
+  // in `kept` (read only where a row samples). out [B, S + 2].
+  void verify(kernels::Workspace& ws, const Tensor& logits, std::span<const Row> rows,
+              std::span<const int32_t> drafts, int S, const Tensor& kept, std::span<const int32_t> draft_rows,
+              Tensor& out);
+
+ private:
+  // Uploads the rows (and `extra` words after them); returns the ops' view of them.
+  kernels::SamplingRows upload(std::span<const Row> rows, std::span<const std::span<const int32_t>> extra,
+                               std::vector<Tensor>& extra_views);
+
+  kernels::Backend& be_;
+  int max_rows_, max_drafts_;
+  std::vector<int32_t> staging_;
+  Tensor meta_;
 };
-
-// The generator of the i-th sequence of a batch: each sequence has its own, so that its samples
-// do not depend on what else is in the batch.
-inline std::mt19937_64 sequence_rng(const SamplingParams& p, size_t i) {
-  return std::mt19937_64(p.seed * 0x9e3779b97f4a7c15ULL + i);
-}
-
-// Index of the largest logit; ties go to the lowest index (as torch.argmax).
-int32_t argmax(std::span<const float> logits);
-
-// The distribution a token is drawn from: softmax(logits / T) restricted to the top-k and the
-// top-p nucleus, renormalised; greedy: all mass on argmax.
-std::vector<float> distribution(std::span<const float> logits, const SamplingParams& params);
-
-// Draws an index from probabilities that sum to 1.
-int32_t sample(std::span<const float> probs, std::mt19937_64& rng);
-
-// Speculative sampling for one drafted token drawn from q: accepted with probability
-// min(1, p(draft) / q(draft)); otherwise the token is drawn from normalise(max(0, p - q)).
-struct Acceptance {
-  bool accepted;
-  int32_t token;  // the draft if accepted, else the resampled correction
-};
-Acceptance accept_or_resample(std::span<const float> p, std::span<const float> q, int32_t draft, std::mt19937_64& rng);
 
 }  // namespace ballast::runtime

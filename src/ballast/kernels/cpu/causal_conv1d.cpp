@@ -62,7 +62,7 @@ void causal_conv1d_silu(const float* x, int64_t ldx, int T, int C, const float* 
   };
   // Decode (small T) is too little work to be worth waking the pool for narrow layers.
   if (pool && int64_t(T) * C * kc >= (1 << 15))
-    pool->parallel_for(nblocks, run);
+    pool->parallel_for(nblocks, [&run](int64_t b0, int64_t b1) { run(b0, b1); });
   else
     run(0, nblocks);
 }

@@ -1,5 +1,5 @@
 #pragma once
-// Causal depthwise conv1d + SiLU (the short convolution in front of Gated DeltaNet, spec/MODEL.md).
+// Causal depthwise conv1d + SiLU (the short convolution in front of Gated DeltaNet, docs/model.md).
 #include <cstdint>
 
 namespace ballast {

@@ -1,6 +1,5 @@
+// CpuOps: construction, scratch, and the row, elementwise, norm and rope ops.
 #include "ballast/kernels/cpu/cpu_ops.h"
-
-#include <cblas.h>
 
 #include <algorithm>
 #include <cmath>
@@ -8,58 +7,62 @@
 #include <vector>
 
 #include "ballast/core/error.h"
-#include "ballast/kernels/cpu/causal_conv1d.h"
-#include "ballast/kernels/cpu/gated_delta_rule.h"
 #include "ballast/kernels/cpu/gated_rms_norm.h"
 #include "ballast/kernels/cpu/matmul.h"
+#include "ballast/kernels/cpu/op_support.h"
 
 namespace ballast::kernels {
 
-namespace {
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
-inline float softplus(float x) { return x > 20.0f ? x : std::log1p(std::exp(x)); }
+using namespace cpu;
 
-// Small per-row parameter vectors (norm weights, gates) are stored F32 by the loader; accept any
-// dtype here by widening once.
-std::vector<float> widen(const Tensor& t) {
-  std::vector<float> v(size_t(t.numel()));
-  to_f32(t.raw(), t.dtype(), v.data(), v.size());
-  return v;
+float* CpuScratch::floats(size_t n) {
+  if (n > size_) {
+    data_.reset();  // the old contents are not kept: give the memory back first
+    data_ = std::make_unique_for_overwrite<float[]>(n);
+    size_ = n;
+    ++counters_.allocations;
+    counters_.bytes_allocated += int64_t(n * sizeof(float));
+  }
+  return data_.get();
 }
 
-int64_t last_dim(const Tensor& t) { return t.dim(-1); }
+CpuOps::CpuOps(ThreadPool& pool, Counters& counters)
+    : pool_(pool), attention_scratch_(counters), expert_scratch_(counters), sampling_scratch_(counters) {}
+
+namespace {
+// Elementwise loops below this many elements run on the calling thread.
+constexpr int64_t kElementGrain = int64_t(1) << 14;
 }  // namespace
 
-CpuOps::CpuOps(ThreadPool* pool) : pool_(pool) {
-  // Parallelism comes from our pool; BLAS runs single-threaded inside each task.
-  openblas_set_num_threads(1);
-}
-
-Tensor CpuOps::alloc(std::vector<int64_t> shape) { return Tensor::zeros(std::move(shape)); }
-
-void CpuOps::embedding(std::span<const int32_t> ids, const Tensor& table, Tensor& out) {
+void CpuOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
+  const int64_t T = ids.numel();
+  expect("embedding", "ids", ids, DType::I32);
+  check(table.rank() == 2, "embedding: table {} is not [V, H]", table);
   const int64_t V = table.dim(0), H = table.dim(1);
-  check(out.dim(0) == int64_t(ids.size()) && out.dim(1) == H, "embedding: out {} for {} ids of width {}",
-        out, ids.size(), H);
-  const size_t es = dtype_size(table.dtype());
-  for (size_t t = 0; t < ids.size(); ++t) {
-    check(ids[t] >= 0 && ids[t] < V, "token id {} out of range [0, {})", ids[t], V);
-    to_f32(static_cast<const char*>(table.raw()) + size_t(ids[t]) * H * es, table.dtype(),
-           out.f32() + t * H, size_t(H));
-  }
+  expect("embedding", "out", out, DType::F32, T * H);
+  check(out.rank() == 2 && out.dim(0) == T, "embedding: out {} for {} ids of width {}", out, T, H);
+  const int32_t* id = i32(ids);
+  for (int64_t t = 0; t < T; ++t) check(id[t] >= 0 && id[t] < V, "embedding: token id {} out of range [0, {})", id[t], V);
+  const size_t row = size_t(H) * dtype_size(table.dtype());
+  parallel(&pool_, T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      to_f32(static_cast<const char*>(table.raw()) + size_t(id[t]) * row, table.dtype(), f32_mut(out) + t * H,
+             size_t(H));
+  });
 }
 
-void CpuOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) { cpu::matmul(x, w, y, pool_); }
+void CpuOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) { cpu::matmul(x, w, y, &pool_); }
 
 void CpuOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
-  const int64_t D = last_dim(x), R = x.numel() / D;
-  check(w.numel() == D && y.numel() == x.numel(), "rms_norm: x{} w{} y{}", x, w,
-        y);
-  const std::vector<float> wv = widen(w);
-  const float* xp = x.f32();
-  float* yp = y.f32();
-  auto body = [&](int64_t r0, int64_t r1) {
+  check(x.rank() >= 1, "rms_norm: x {} has no dimensions", x);
+  const int64_t D = x.dim(-1), R = D > 0 ? x.numel() / D : 0;
+  check(w.numel() == D && y.numel() == x.numel() && x.dtype() == DType::F32 && y.dtype() == DType::F32,
+        "rms_norm: x{} w{} y{}", x, w, y);
+  thread_local std::vector<float> wtmp;
+  const float* wv = as_f32(w, wtmp);
+  const float* xp = f32(x);
+  float* yp = f32_mut(y);
+  parallel(&pool_, R, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = xp + r * D;
       float* yr = yp + r * D;
@@ -68,190 +71,180 @@ void CpuOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
       const float inv = 1.0f / std::sqrt(float(ss / D) + eps);
       for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * (1.0f + wv[i]);
     }
-  };
-  pool_->parallel_for(R, body, 16);
+  });
 }
 
 void CpuOps::add(Tensor& y, const Tensor& x) {
-  check(y.numel() == x.numel(), "add: y{} x{}", y, x);
-  float* yp = y.f32();
-  const float* xp = x.f32();
-  for (int64_t i = 0, n = y.numel(); i < n; ++i) yp[i] += xp[i];
+  check(y.numel() == x.numel() && y.dtype() == DType::F32 && x.dtype() == DType::F32, "add: y{} x{}", y, x);
+  float* yp = f32_mut(y);
+  const float* xp = f32(x);
+  parallel(&pool_, y.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) yp[i] += xp[i];
+  });
 }
 
 void CpuOps::copy(const Tensor& src, Tensor& dst) {
-  check(src.numel() == dst.numel() && src.dtype() == dst.dtype(), "copy: src{} dst{}", src,
-        dst);
-  std::memcpy(dst.raw(), src.raw(), src.nbytes());
+  check(src.nbytes() == dst.nbytes(), "copy: src {} {} and dst {} {} differ in size", src, dtype_name(src.dtype()),
+        dst, dtype_name(dst.dtype()));
+  if (src.nbytes() > 0 && src.raw() != dst.raw()) std::memmove(dst.raw(), src.raw(), src.nbytes());
+}
+
+void CpuOps::zero(Tensor& t) {
+  if (t.nbytes() > 0) std::memset(t.raw(), 0, t.nbytes());
 }
 
 void CpuOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
+  check(a.rank() == 2 && b.rank() == 2 && out.rank() == 2, "concat_cols: a{} b{} out{} must be 2-d", a, b, out);
   const int64_t T = a.dim(0), A = a.dim(1), B = b.dim(1);
-  check(b.dim(0) == T && out.dim(0) == T && out.dim(1) == A + B, "concat_cols: a{} b{} out{}", a,
-        b, out);
+  check(b.dim(0) == T && out.dim(0) == T && out.dim(1) == A + B && a.dtype() == DType::F32 &&
+            b.dtype() == DType::F32 && out.dtype() == DType::F32,
+        "concat_cols: a{} b{} out{}", a, b, out);
   for (int64_t t = 0; t < T; ++t) {
-    std::memcpy(out.f32() + t * (A + B), a.f32() + t * A, size_t(A) * 4);
-    std::memcpy(out.f32() + t * (A + B) + A, b.f32() + t * B, size_t(B) * 4);
+    std::memcpy(f32_mut(out) + t * (A + B), f32(a) + t * A, size_t(A) * 4);
+    std::memcpy(f32_mut(out) + t * (A + B) + A, f32(b) + t * B, size_t(B) * 4);
   }
 }
 
 void CpuOps::silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) {
-  check(gate.numel() == up.numel() && out.numel() == gate.numel(), "silu_mul: gate{} up{} out{}",
-        gate, up, out);
-  const float* g = gate.f32();
-  const float* u = up.f32();
-  float* o = out.f32();
-  for (int64_t i = 0, n = out.numel(); i < n; ++i) o[i] = silu(g[i]) * u[i];
-}
-
-void CpuOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
-  const int64_t hd = q.dim(-1), rows = q.numel() / hd;
-  check(qg.numel() == 2 * q.numel() && gate.numel() == q.numel(), "split_heads_gate: qg{} q{} gate{}",
-        qg, q, gate);
-  const float* s = qg.f32();
-  for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(q.f32() + r * hd, s + r * 2 * hd, size_t(hd) * 4);
-    std::memcpy(gate.f32() + r * hd, s + r * 2 * hd + hd, size_t(hd) * 4);
-  }
-}
-
-void CpuOps::rope(Tensor& x, std::span<const int32_t> positions, int rot, double theta) {
-  const int64_t T = x.dim(0), heads = x.dim(1), hd = x.dim(2);
-  check(int64_t(positions.size()) == T && rot <= hd && rot % 2 == 0, "rope: x{} with {} positions, rot {}",
-        x, positions.size(), rot);
-  const int half = rot / 2;
-  std::vector<float> inv_freq(static_cast<size_t>(half));
-  for (int i = 0; i < half; ++i) inv_freq[i] = float(1.0 / std::pow(theta, double(2 * i) / rot));
-  float* xp = x.f32();
-  for (int64_t t = 0; t < T; ++t) {
-    for (int i = 0; i < half; ++i) {
-      // Same rounding as the reference: angle in fp32, then cos/sin.
-      const float ang = float(positions[t]) * inv_freq[i];
-      const float c = std::cos(ang), s = std::sin(ang);
-      for (int64_t h = 0; h < heads; ++h) {
-        float* v = xp + (t * heads + h) * hd;
-        const float a = v[i], b = v[i + half];
-        v[i] = a * c - b * s;
-        v[i + half] = b * c + a * s;
-      }
-    }
-  }
-}
-
-void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache,
-                       Tensor& v_cache, int64_t pos0, Tensor& out) {
-  const int64_t T = q.dim(0), Hq = q.dim(1), hd = q.dim(2), Hkv = k_new.dim(1);
-  check(Hq % Hkv == 0 && k_cache.dim(0) >= pos0 + T && k_cache.dim(1) == Hkv && k_cache.dim(2) == hd,
-        "attention: q{} k_new{} cache{} at position {}", q, k_new, k_cache,
-        pos0);
-  const size_t row = size_t(Hkv * hd);
-  std::memcpy(k_cache.f32() + pos0 * row, k_new.f32(), T * row * 4);
-  std::memcpy(v_cache.f32() + pos0 * row, v_new.f32(), T * row * 4);
-  const int64_t group = Hq / Hkv;
-  const float scale = 1.0f / std::sqrt(float(hd));
-  const float* kc = k_cache.f32();
-  const float* vc = v_cache.f32();
-  auto body = [&](int64_t i0, int64_t i1) {
-    std::vector<float> scores(size_t(pos0 + T));
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t t = i / Hq, h = i % Hq, kvh = h / group, len = pos0 + t + 1;
-      const float* qv = q.f32() + (t * Hq + h) * hd;
-      float mx = -INFINITY;
-      for (int64_t s = 0; s < len; ++s) {
-        const float* kv = kc + s * row + kvh * hd;
-        float d = 0;
-        for (int64_t j = 0; j < hd; ++j) d += qv[j] * kv[j];
-        scores[s] = d * scale;
-        mx = std::max(mx, scores[s]);
-      }
-      double sum = 0;
-      for (int64_t s = 0; s < len; ++s) sum += (scores[s] = std::exp(scores[s] - mx));
-      const float inv = float(1.0 / sum);
-      float* o = out.f32() + (t * Hq + h) * hd;
-      std::fill(o, o + hd, 0.0f);
-      for (int64_t s = 0; s < len; ++s) {
-        const float p = scores[s] * inv;
-        const float* vv = vc + s * row + kvh * hd;
-        for (int64_t j = 0; j < hd; ++j) o[j] += p * vv[j];
-      }
-    }
-  };
-  pool_->parallel_for(T * Hq, body, 4);
+  check(gate.numel() == up.numel() && out.numel() == gate.numel() && gate.dtype() == DType::F32 &&
+            up.dtype() == DType::F32 && out.dtype() == DType::F32,
+        "silu_mul: gate{} up{} out{}", gate, up, out);
+  const float* g = f32(gate);
+  const float* u = f32(up);
+  float* o = f32_mut(out);
+  parallel(&pool_, out.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) o[i] = silu(g[i]) * u[i];
+  });
 }
 
 void CpuOps::mul_sigmoid(Tensor& x, const Tensor& gate) {
-  check(x.numel() == gate.numel(), "mul_sigmoid: x{} gate{}", x, gate);
-  float* xp = x.f32();
-  const float* gp = gate.f32();
-  for (int64_t i = 0, n = x.numel(); i < n; ++i) xp[i] *= sigmoid(gp[i]);
-}
-
-void CpuOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias,
-                         Tensor& beta, Tensor& g) {
-  const int64_t T = b.dim(0), Hv = b.dim(1);
-  const std::vector<float> al = widen(A_log), dt = widen(dt_bias);
-  check(int64_t(al.size()) == Hv && int64_t(dt.size()) == Hv, "delta_gates: A_log/dt_bias size != {}", Hv);
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t h = 0; h < Hv; ++h) {
-      beta.f32()[t * Hv + h] = sigmoid(b.f32()[t * Hv + h]);
-      g.f32()[t * Hv + h] = -std::exp(al[h]) * softplus(a.f32()[t * Hv + h] + dt[h]);
-    }
-}
-
-void CpuOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& state, Tensor& out) {
-  const int T = int(x.dim(0)), C = int(x.dim(1)), kc = int(weight.dim(1));
-  check(weight.dim(0) == C && state.dim(0) == C && state.dim(1) == kc - 1, "conv1d: x{} w{} state{}",
-        x, weight, state);
-  cpu::causal_conv1d_silu(x.f32(), C, T, C, weight.f32(), kc, state.f32(), out.f32(), C, pool_);
-}
-
-void CpuOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& d,
-                              Tensor& state, Tensor& out, bool chunked) {
-  const int T = int(qkv.dim(0));
-  const int64_t ld = qkv.dim(1), kd = int64_t(d.Hk) * d.dk;
-  check(ld == 2 * kd + int64_t(d.Hv) * d.dv, "gated_delta_rule: qkv{} for Hk={} dk={} Hv={} dv={}",
-        qkv, d.Hk, d.dk, d.Hv, d.dv);
-  const cpu::DeltaRuleShape s{T, d.Hk, d.Hv, d.dk, d.dv};
-  const float* base = qkv.f32();
-  const int64_t ldo = int64_t(d.Hv) * d.dv;
-  if (chunked)
-    cpu::gated_delta_rule_chunked(s, base, ld, base + kd, ld, base + 2 * kd, ld, g.f32(), beta.f32(),
-                                  state.f32(), out.f32(), ldo, pool_);
-  else
-    cpu::gated_delta_rule_recurrent(s, base, ld, base + kd, ld, base + 2 * kd, ld, g.f32(), beta.f32(),
-                                    state.f32(), out.f32(), ldo, pool_);
-}
-
-void CpuOps::gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) {
-  const int dv = int(w.numel());
-  cpu::gated_rms_norm(x.f32(), z.f32(), x.numel() / dv, dv, w.f32(), eps, y.f32());
+  check(x.numel() == gate.numel() && x.dtype() == DType::F32 && gate.dtype() == DType::F32,
+        "mul_sigmoid: x{} gate{}", x, gate);
+  float* xp = f32_mut(x);
+  const float* gp = f32(gate);
+  parallel(&pool_, x.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) xp[i] *= sigmoid(gp[i]);
+  });
 }
 
 void CpuOps::scale_rows_sigmoid(Tensor& y, const Tensor& s) {
-  const int64_t T = y.dim(0), D = y.numel() / std::max<int64_t>(1, T);
-  check(s.numel() == T, "scale_rows_sigmoid: y{} s{}", y, s);
+  check(y.rank() >= 1 && y.dtype() == DType::F32, "scale_rows_sigmoid: y {} must be F32 rows", y);
+  const int64_t T = y.dim(0), D = T > 0 ? y.numel() / T : 0;
+  expect("scale_rows_sigmoid", "s", s, DType::F32, T);
+  float* yp = f32_mut(y);
   for (int64_t t = 0; t < T; ++t) {
-    const float f = sigmoid(s.f32()[t]);
-    for (int64_t i = 0; i < D; ++i) y.f32()[t * D + i] *= f;
+    const float f = sigmoid(f32(s)[t]);
+    for (int64_t i = 0; i < D; ++i) yp[t * D + i] *= f;
   }
 }
 
-void CpuOps::gather_rows(const Tensor& x, std::span<const int32_t> rows, Tensor& out) {
-  const int64_t D = x.dim(1);
-  for (size_t i = 0; i < rows.size(); ++i)
-    std::memcpy(out.f32() + i * D, x.f32() + int64_t(rows[i]) * D, size_t(D) * 4);
+void CpuOps::gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) {
+  expect("gather_rows", "rows", rows, DType::I32);
+  check(row_div >= 1, "gather_rows: row_div {} < 1", row_div);
+  check(x.rank() >= 1 && out.rank() >= 1 && x.dtype() == out.dtype(), "gather_rows: x{} {} out{} {}", x,
+        dtype_name(x.dtype()), out, dtype_name(out.dtype()));
+  const int64_t N = rows.numel(), M = x.dim(0);
+  const size_t row = M > 0 ? x.nbytes() / size_t(M) : 0;
+  check(out.dim(0) == N && out.nbytes() == size_t(N) * row, "gather_rows: out {} for {} rows of x {}", out, N, x);
+  const int32_t* r = i32(rows);
+  for (int64_t i = 0; i < N; ++i)
+    check(r[i] >= 0 && r[i] / row_div < M, "gather_rows: row {} / {} out of range for x {}", r[i], row_div, x);
+  const char* src = static_cast<const char*>(x.raw());
+  char* dst = static_cast<char*>(out.raw());
+  parallel(&pool_, N, int64_t(1 + (size_t(kElementGrain) * 4) / std::max<size_t>(row, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(dst + size_t(i) * row, src + size_t(r[i] / row_div) * row, row);
+  });
 }
 
-void CpuOps::scatter_add_rows(const Tensor& x, std::span<const int32_t> rows, std::span<const float> scale,
-                              Tensor& y) {
-  const int64_t D = y.dim(1);
-  for (size_t i = 0; i < rows.size(); ++i) {
-    float* yr = y.f32() + int64_t(rows[i]) * D;
-    const float* xr = x.f32() + i * D;
-    for (int64_t j = 0; j < D; ++j) yr[j] += scale[i] * xr[j];
+void CpuOps::scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) {
+  expect("scatter_rows", "rows", rows, DType::I32);
+  check(x.rank() >= 1 && out.rank() >= 1 && x.dtype() == out.dtype(), "scatter_rows: x{} {} out{} {}", x,
+        dtype_name(x.dtype()), out, dtype_name(out.dtype()));
+  const int64_t N = rows.numel(), M = out.dim(0);
+  const size_t row = M > 0 ? out.nbytes() / size_t(M) : 0;
+  check(x.dim(0) == N && x.nbytes() == size_t(N) * row, "scatter_rows: x {} for {} rows of out {}", x, N, out);
+  const int32_t* r = i32(rows);
+  for (int64_t i = 0; i < N; ++i)
+    check(r[i] >= 0 && r[i] < M, "scatter_rows: rows[{}] = {} not in [0, {})", i, r[i], M);
+  const char* src = static_cast<const char*>(x.raw());
+  char* dst = static_cast<char*>(out.raw());
+  // Rows do not repeat, so the writes are disjoint.
+  parallel(&pool_, N, int64_t(1 + (size_t(kElementGrain) * 4) / std::max<size_t>(row, 1)), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) std::memcpy(dst + size_t(r[i]) * row, src + size_t(i) * row, row);
+  });
+}
+
+void CpuOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
+  check(q.rank() >= 1 && q.dim(-1) > 0, "split_heads_gate: q {} has no head dimension", q);
+  const int64_t hd = q.dim(-1), rows = q.numel() / hd;
+  check(qg.numel() == 2 * q.numel() && gate.numel() == q.numel() && qg.dtype() == DType::F32 &&
+            q.dtype() == DType::F32 && gate.dtype() == DType::F32,
+        "split_heads_gate: qg{} q{} gate{}", qg, q, gate);
+  const float* s = f32(qg);
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(f32_mut(q) + r * hd, s + r * 2 * hd, size_t(hd) * 4);
+    std::memcpy(f32_mut(gate) + r * hd, s + r * 2 * hd + hd, size_t(hd) * 4);
   }
 }
 
-void CpuOps::to_host(const Tensor& x, float* dst) { std::memcpy(dst, x.f32(), x.nbytes()); }
+void CpuOps::rope(Tensor& x, const Tensor& positions, int rot, double theta) {
+  check(x.rank() == 3 && x.dtype() == DType::F32, "rope: x {} is not F32 [T, heads, hd]", x);
+  const int64_t T = x.dim(0), heads = x.dim(1), hd = x.dim(2);
+  expect("rope", "positions", positions, DType::I32, T);
+  check(rot <= hd && rot >= 0 && rot % 2 == 0, "rope: x{} with rot {}", x, rot);
+  const int half = rot / 2;
+  thread_local std::vector<float> inv_freq;
+  inv_freq.resize(size_t(half));
+  for (int i = 0; i < half; ++i) inv_freq[size_t(i)] = float(1.0 / std::pow(theta, double(2 * i) / rot));
+  const int32_t* pos = i32(positions);
+  float* xp = f32_mut(x);
+  const float* freq = inv_freq.data();
+  parallel(&pool_, T, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int i = 0; i < half; ++i) {
+        // Same rounding as the reference: angle in fp32, then cos/sin.
+        const float ang = float(pos[t]) * freq[i];
+        const float c = std::cos(ang), s = std::sin(ang);
+        for (int64_t h = 0; h < heads; ++h) {
+          float* v = xp + (t * heads + h) * hd;
+          const float a = v[i], b = v[i + half];
+          v[i] = a * c - b * s;
+          v[i + half] = b * c + a * s;
+        }
+      }
+    }
+  });
+}
+
+void CpuOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias, Tensor& beta,
+                         Tensor& g) {
+  check(b.rank() == 2 && b.dtype() == DType::F32, "delta_gates: b {} is not F32 [T, Hv]", b);
+  const int64_t T = b.dim(0), Hv = b.dim(1);
+  check(a.numel() == T * Hv && beta.numel() == T * Hv && g.numel() == T * Hv && a.dtype() == DType::F32 &&
+            beta.dtype() == DType::F32 && g.dtype() == DType::F32,
+        "delta_gates: b{} a{} beta{} g{}", b, a, beta, g);
+  check(A_log.numel() == Hv && dt_bias.numel() == Hv, "delta_gates: A_log{} dt_bias{} for {} heads", A_log, dt_bias, Hv);
+  thread_local std::vector<float> al_tmp, dt_tmp;
+  const float* al = as_f32(A_log, al_tmp);
+  const float* dt = as_f32(dt_bias, dt_tmp);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < Hv; ++h) {
+      f32_mut(beta)[t * Hv + h] = sigmoid(f32(b)[t * Hv + h]);
+      f32_mut(g)[t * Hv + h] = -std::exp(al[h]) * softplus(f32(a)[t * Hv + h] + dt[h]);
+    }
+}
+
+void CpuOps::gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) {
+  const int64_t dv = w.numel();
+  check(dv > 0 && x.numel() % dv == 0 && z.numel() == x.numel() && y.numel() == x.numel() &&
+            x.dtype() == DType::F32 && z.dtype() == DType::F32 && y.dtype() == DType::F32,
+        "gated_rms_norm: x{} z{} w{} y{}", x, z, w, y);
+  thread_local std::vector<float> wtmp;
+  const float* wv = as_f32(w, wtmp);
+  const int64_t rows = x.numel() / dv;
+  parallel(&pool_, rows, 64, [&](int64_t r0, int64_t r1) {
+    cpu::gated_rms_norm(f32(x) + r0 * dv, f32(z) + r0 * dv, r1 - r0, int(dv), wv, eps, f32_mut(y) + r0 * dv);
+  });
+}
 
 }  // namespace ballast::kernels

@@ -1,42 +1,86 @@
 #pragma once
-// The reference backend: every op on host memory, fp32 arithmetic, parallel over a ThreadPool.
+// The CPU backend's ops (internal to ballast_kernels_cpu; callers see kernels::Ops through
+// CpuBackend::ops()): every op of ops.h on host memory, fp32 arithmetic, parallel over the
+// backend's ThreadPool. The implementations are split by concept: cpu_ops.cpp (rows,
+// elementwise, norms, rope), cpu_attention.cpp, cpu_deltanet.cpp, cpu_moe.cpp, cpu_sampling.cpp.
+#include <cstddef>
+#include <memory>
+
 #include "ballast/core/thread_pool.h"
+#include "ballast/kernels/backend.h"
 #include "ballast/kernels/ops.h"
 
 namespace ballast::kernels {
 
+// Scratch of one op, grown at first need and never shrunk. Each growth is a counted allocation
+// of the backend (on the CPU, host memory is the device's), so a steady-state pass shows none.
+class CpuScratch {
+ public:
+  explicit CpuScratch(Counters& counters) : counters_(counters) {}
+  // At least n floats; the contents are undefined.
+  float* floats(size_t n);
+
+ private:
+  Counters& counters_;
+  std::unique_ptr<float[]> data_;
+  size_t size_ = 0;
+};
+
 class CpuOps final : public Ops {
  public:
-  explicit CpuOps(ThreadPool* pool);
-  Device device() const override { return Device::CPU; }
-  Tensor alloc(std::vector<int64_t> shape) override;
+  CpuOps(ThreadPool& pool, Counters& counters);
 
-  void embedding(std::span<const int32_t> ids, const Tensor& table, Tensor& out) override;
+  void embedding(const Tensor& ids, const Tensor& table, Tensor& out) override;
   void matmul(const Tensor& x, const Tensor& w, Tensor& y) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override;
   void add(Tensor& y, const Tensor& x) override;
   void copy(const Tensor& src, Tensor& dst) override;
+  void zero(Tensor& t) override;
   void concat_cols(const Tensor& a, const Tensor& b, Tensor& out) override;
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override;
-  void split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) override;
-  void rope(Tensor& x, std::span<const int32_t> positions, int rot, double theta) override;
-  void attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache,
-                 Tensor& v_cache, int64_t pos0, Tensor& out) override;
   void mul_sigmoid(Tensor& x, const Tensor& gate) override;
-  void delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias,
-                   Tensor& beta, Tensor& g) override;
-  void causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& state, Tensor& out) override;
-  void gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& dims,
-                        Tensor& state, Tensor& out, bool chunked) override;
-  void gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) override;
   void scale_rows_sigmoid(Tensor& y, const Tensor& s) override;
-  void gather_rows(const Tensor& x, std::span<const int32_t> rows, Tensor& out) override;
-  void scatter_add_rows(const Tensor& x, std::span<const int32_t> rows, std::span<const float> scale,
-                        Tensor& y) override;
-  void to_host(const Tensor& x, float* dst) override;
+  void gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) override;
+  void scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) override;
+
+  void split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) override;
+  void rope(Tensor& x, const Tensor& positions, int rot, double theta) override;
+  void attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
+                 const SeqLayout& layout, Tensor& out) override;
+
+  void delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias, Tensor& beta,
+                   Tensor& g) override;
+  void causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const SeqLayout& layout,
+                          Tensor& out) override;
+  void gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& dims,
+                        Tensor& states, const SeqLayout& layout, Tensor& out) override;
+  void gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) override;
+
+  void topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) override;
+  void dispatch(const DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank,
+                Tensor& slots) override;
+  void histogram(const Tensor& keys, Tensor& counts) override;
+  void group_by(const Tensor& keys, const Tensor& valid, int div, int groups, Tensor& perm, Tensor& counts,
+                Tensor& offsets, Tensor& inverse) override;
+  void moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
+                   std::span<const SwigluWeights> experts, Tensor& y) override;
+  void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) override;
+
+  void sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) override;
+  void verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs, const SamplingRows& rows,
+                     Tensor& out) override;
 
  private:
-  ThreadPool* pool_;
+  // Runs fn(b, pool) for every sequence b of `rows` [B+1] (cu_seqlens): sequences of many rows
+  // one at a time with the pool inside; when at least a pool's worth of sequences have few rows
+  // (decode, verification), those side by side, each single-threaded (fn gets pool = nullptr).
+  template <typename Fn>
+  void for_each_sequence(const int32_t* cu_seqlens, int B, const Fn& fn);
+
+  ThreadPool& pool_;
+  CpuScratch attention_scratch_;  // per worker: one row of scores
+  CpuScratch expert_scratch_;     // per worker: one group's [rows, H + 2I]
+  CpuScratch sampling_scratch_;   // per worker: one distribution [V]
 };
 
 }  // namespace ballast::kernels

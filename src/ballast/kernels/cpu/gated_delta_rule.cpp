@@ -200,14 +200,15 @@ BALLAST_MV void recurrent_head(const Args& a, int h, float* work) {
   }
 }
 
-// Scratch for one chunk of at most C steps.
+// Scratch for one chunk of at most C steps. Every entry the chunk reads it has written first, so a
+// thread keeps one and re-lays it per call (no allocation once it is large enough).
 struct ChunkScratch {
   std::vector<float> buf;
   float *Q, *K, *Kt, *Kdt, *Qg, *G, *QK, *A, *P, *Tinv, *B, *WU, *drow, *eg, *ef;
   std::vector<double> gc;
-  ChunkScratch(int C, int dk, int dv) {
+  void lay_out(int C, int dk, int dv) {
     const int64_t cd = int64_t(C) * dk, cc = int64_t(C) * C, cdv = int64_t(C) * (dk + dv);
-    buf.assign(size_t(5 * cd + 5 * cc + 2 * cdv + 3 * int64_t(C)), 0.f);
+    buf.resize(size_t(5 * cd + 5 * cc + 2 * cdv + 3 * int64_t(C)));
     float* p = buf.data();
     auto take = [&](int64_t m) {
       float* r = p;
@@ -351,11 +352,12 @@ void gated_delta_rule_recurrent(const DeltaRuleShape& s, const float* q, int64_t
   const Args a{s, q, k, v, g, beta, ldq, ldk, ldv, ldo, state, out};
   auto run = [&](int64_t h0, int64_t h1) {
     FlushDenormals ftz;
-    std::vector<float> work(size_t(2 * s.dk + 3 * s.dv));
+    thread_local std::vector<float> work;
+    work.resize(size_t(2 * s.dk + 3 * s.dv));
     for (int64_t h = h0; h < h1; ++h) recurrent_head(a, int(h), work.data());
   };
   if (pool)
-    pool->parallel_for(s.Hv, run);
+    pool->parallel_for(s.Hv, [&run](int64_t h0, int64_t h1) { run(h0, h1); });
   else
     run(0, s.Hv);
 }
@@ -373,24 +375,21 @@ void gated_delta_rule_chunked(const DeltaRuleShape& s, const float* q, int64_t l
   const int r = s.Hv / s.Hk;
   const int threads = pool ? pool->size() : 1;
   const int pieces = std::clamp((threads + s.Hk - 1) / s.Hk, 1, r);
-  struct Item {
-    int hk, h0, h1;
-  };
-  std::vector<Item> items;
-  for (int hk = 0; hk < s.Hk; ++hk)
-    for (int p = 0; p < pieces; ++p) {
-      const int h0 = hk * r + p * r / pieces, h1 = hk * r + (p + 1) * r / pieces;
-      if (h1 > h0) items.push_back({hk, h0, h1});
-    }
+  // Item i is piece i % pieces of key head i / pieces; pieces <= r, so none is empty.
+  const int64_t items = int64_t(s.Hk) * pieces;
   auto run = [&](int64_t i0, int64_t i1) {
     FlushDenormals ftz;
-    ChunkScratch w(C, s.dk, s.dv);
-    for (int64_t i = i0; i < i1; ++i) chunked_group(a, items[size_t(i)].hk, items[size_t(i)].h0, items[size_t(i)].h1, C, w);
+    thread_local ChunkScratch w;
+    w.lay_out(C, s.dk, s.dv);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int hk = int(i / pieces), p = int(i % pieces);
+      chunked_group(a, hk, hk * r + p * r / pieces, hk * r + (p + 1) * r / pieces, C, w);
+    }
   };
   if (pool)
-    pool->parallel_for(int64_t(items.size()), run);
+    pool->parallel_for(items, [&run](int64_t i0, int64_t i1) { run(i0, i1); });
   else
-    run(0, int64_t(items.size()));
+    run(0, items);
 }
 
 }  // namespace ballast::kernels::cpu

@@ -1,5 +1,5 @@
 #pragma once
-// Gated delta rule (the recurrence of Gated DeltaNet, spec/MODEL.md), one sequence at a time.
+// Gated delta rule (the recurrence of Gated DeltaNet, docs/model.md), one sequence at a time.
 //
 // Per value head h (key head h / (Hv/Hk)), with q, k L2-normalised (x / sqrt(sum x^2 + 1e-6),
 // as transformers' l2norm for qwen3_next) and q scaled by dk^-0.5, state S in R^{dk x dv}:

@@ -1,5 +1,5 @@
 #pragma once
-// Gated RMSNorm applied to the Gated DeltaNet output, per value head (spec/MODEL.md, Norms).
+// Gated RMSNorm applied to the Gated DeltaNet output, per value head (docs/model.md, Norms).
 #include <cstdint>
 
 namespace ballast::kernels::cpu {

@@ -77,9 +77,14 @@ void matmul(const Tensor& x, const Tensor& w, Tensor& y, ThreadPool* pool) {
   const int64_t T = x.dim(0), K = x.dim(1), N = w.dim(0);
   check(w.dim(1) == K && y.dim(0) == T && y.dim(1) == N, "matmul: shapes x{} w{} y{} do not agree",
         x, w, y);
+  check(x.dtype() == DType::F32 && y.dtype() == DType::F32, "matmul: x{} and y{} must be F32", x, y);
+  matmul(static_cast<const float*>(x.raw()), T, K, w, static_cast<float*>(y.raw()), pool);
+}
+
+void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, ThreadPool* pool) {
+  check(w.rank() == 2 && w.dim(1) == K, "matmul: weight {} for rows of {}", w, K);
   if (T == 0) return;
-  const float* xp = x.f32();
-  float* yp = y.f32();
+  const int64_t N = w.dim(0);
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   if (T * N * K < kParallelWork) pool = nullptr;
   const size_t esize = dtype_size(w.dtype());
@@ -91,12 +96,12 @@ void matmul(const Tensor& x, const Tensor& w, Tensor& y, ThreadPool* pool) {
                            yp + n0, N);
       }
     };
-    if (pool) pool->parallel_for(blocks, run_small);
+    if (pool) pool->parallel_for(blocks, [&run_small](int64_t b0, int64_t b1) { run_small(b0, b1); });
     else run_small(0, blocks);
     return;
   }
   auto run = [&](int64_t b0, int64_t b1) {
-    std::vector<float> wbuf;
+    thread_local std::vector<float> wbuf;  // one weight block widened to fp32
     if (w.dtype() != DType::F32) wbuf.resize(size_t(kRowBlock * K));
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t n0 = b * kRowBlock, nb = std::min(kRowBlock, N - n0);
@@ -111,7 +116,8 @@ void matmul(const Tensor& x, const Tensor& w, Tensor& y, ThreadPool* pool) {
       block_product(xp, T, K, wb, nb, yp + n0, N);
     }
   };
-  if (pool) pool->parallel_for(blocks, run);
+  // The lambdas are passed by one reference, which std::function holds without allocating.
+  if (pool) pool->parallel_for(blocks, [&run](int64_t b0, int64_t b1) { run(b0, b1); });
   else run(0, blocks);
 }
 

@@ -9,5 +9,7 @@ namespace ballast::kernels::cpu {
 // Many rows (prefill): blocks of weight rows are widened into a per-thread buffer and multiplied
 // with single-threaded BLAS. Either way a weight byte is read once per call.
 void matmul(const Tensor& x, const Tensor& w, Tensor& y, ThreadPool* pool);
+// The same on raw rows: x [T, K] and y [T, w.dim(0)], contiguous (scratch that has no Tensor).
+void matmul(const float* x, int64_t T, int64_t K, const Tensor& w, float* y, ThreadPool* pool);
 
 }  // namespace ballast::kernels::cpu

@@ -1,0 +1,46 @@
+#pragma once
+// The data plane of expert parallelism: collectives and point-to-point moves on caller-owned
+// device buffers (tensors of the rank's backend), the way NCCL works: no tags, no host byte
+// vectors, counts that stay on the device. Implementations: in-process ranks (threads sharing
+// memory), MPI processes (CPU buffers), NCCL next; one conformance suite (tests/dist) holds them
+// to the same behaviour. The host control plane (agreement, small reductions) is communicator.h.
+#include <span>
+
+#include "ballast/core/tensor.h"
+
+namespace ballast::dist {
+
+class DataPlane {
+ public:
+  virtual ~DataPlane() = default;
+  virtual int rank() const = 0;
+  virtual int size() const = 0;
+
+  // Collective. `send` holds rows for rank 0, then for rank 1, ...: send_counts[g] (I32 [G]) rows
+  // for rank g, a row being send's first dimension. `recv` receives the rows every rank sent to
+  // this one, by source rank in order, and recv_counts (I32 [G]) how many came from each. send and
+  // recv have the same row size and dtype. When recv has too few rows or the counts exceed send,
+  // every rank throws ballast::Error in the same call (the faulty rank its own message, the others
+  // "rank R failed: ..."), nothing moves, and the plane stays usable.
+  virtual void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) = 0;
+  // Collective: all [G * mine.numel()] holds every rank's `mine`, by rank (same dtype).
+  virtual void all_gather(const Tensor& mine, Tensor& all) = 0;
+  // Collective: element-wise sum over ranks, in place, the same on every rank (I32, I64 or F32;
+  // F32 sums in rank order, so every rank gets the same bits).
+  virtual void all_reduce_sum(Tensor& data) = 0;
+
+  // Point-to-point, in an order both sides derive from one plan (weight migration): the k-th send
+  // from rank a to rank b fills the k-th receive that b posts from a, whatever else is in flight.
+  // Blocks until every item of this call is done (a send completes when received); items to and
+  // from several peers may be mixed in any order within a call without deadlock, as long as every
+  // send has its receive in the peer's call. Not collective: a rank with nothing to move may skip
+  // it. Sizes of a matched pair must agree (else the receiver throws, naming both sizes).
+  struct Transfer {
+    enum Kind { send, recv } kind;
+    int peer;
+    Tensor buffer;
+  };
+  virtual void send_recv(std::span<const Transfer> items) = 0;
+};
+
+}  // namespace ballast::dist

@@ -1,0 +1,65 @@
+#pragma once
+// What every DataPlane checks of its arguments, and the messages it fails with, in one place so
+// that the implementations fail alike (the conformance suite compares their messages). Internal
+// to dist/: the implementations call these, nothing above the interface does.
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "ballast/core/tensor.h"
+#include "ballast/dist/data_plane.h"
+
+namespace ballast::dist::detail {
+
+// all_to_all_v's arguments on one rank, checked.
+struct RowArgs {
+  size_t row_bytes = 0;  // bytes of one row (send's and recv's)
+  DType dtype = DType::F32;
+  int64_t recv_rows = 0;                // rows recv has room for
+  std::vector<int64_t> send_counts;     // [G], each >= 0, summing to at most send's rows
+  int64_t rows_out = 0;                 // their sum
+};
+
+// The rank's own mistakes (buffers not in host memory, counts not I32 [G] or negative or more
+// than send holds, send and recv of other row sizes or dtypes, overlap); returns the error
+// message instead of throwing, so that implementations can first tell the other ranks.
+// `impl` names the implementation in the message ("thread", "MPI").
+std::optional<std::string> check_all_to_all_v(int rank, int size, const Tensor& send, const Tensor& send_counts,
+                                              const Tensor& recv, const Tensor& recv_counts,
+                                              std::string_view impl, RowArgs* out);
+
+// The error of a rank whose recv is too small for the rows `from` (by source rank) sends it.
+std::optional<std::string> check_recv_room(int rank, std::span<const int64_t> from, int64_t recv_rows);
+
+// all_gather's arguments: `all` holds size x mine, same dtype, both in host memory; `mine` may
+// be all's own slot (in place) but may not overlap it otherwise.
+std::optional<std::string> check_all_gather(int rank, int size, const Tensor& mine, const Tensor& all,
+                                            std::string_view impl);
+// all_reduce_sum's: I32, I64 or F32, in host memory.
+std::optional<std::string> check_all_reduce(int rank, const Tensor& data, std::string_view impl);
+// send_recv's: peers in [0, size), buffers in host memory.
+std::optional<std::string> check_transfers(int rank, int size, std::span<const DataPlane::Transfer> items,
+                                           std::string_view impl);
+
+// What one rank passes to a collective, to be the same on every rank: the bytes of a row
+// (all_to_all_v) or the elements (all_gather, all_reduce_sum), and the dtype.
+struct Layout {
+  int64_t size = 0;
+  DType dtype = DType::F32;
+};
+// The message naming the first rank whose layout differs from rank 0's, or nullopt. `rows`: the
+// sizes are row bytes (all_to_all_v), else element counts.
+std::optional<std::string> check_same_layout(std::string_view call, std::span<const Layout> by_rank, bool rows);
+
+// The receiving side of a point-to-point pair whose sizes disagree.
+std::string transfer_size_mismatch(int receiver, int64_t expected, int sender, int64_t sent);
+
+// acc[i] += x[i] for n elements of dtype (I32, I64: wrapping; F32: one rounding per add). Sums
+// over ranks call it in rank order, starting from a copy of rank 0's data, so every rank and
+// every implementation computes the same bits.
+void add_into(DType dtype, void* acc, const void* x, size_t n);
+
+}  // namespace ballast::dist::detail

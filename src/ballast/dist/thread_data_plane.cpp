@@ -1,0 +1,333 @@
+// The data plane of in-process ranks. Collectives meet twice: at the first meeting every rank has
+// published its buffers and the last to arrive has checked them all (so that a bad call fails on
+// every rank before any row moves); each rank then copies what it receives straight out of the
+// senders' buffers, and the second meeting keeps every sender from returning (and reusing its
+// buffer) before all have read it. Point-to-point sends wait, unread, in the receiver's mailbox.
+// Errors are the MPI data plane's: bad collective arguments fail every rank in the same call and
+// the world goes on; a size mismatch fails the receiver once the rest of its call is done.
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "ballast/dist/data_plane_checks.h"
+#include "ballast/dist/thread_world_state.h"
+
+namespace ballast::dist {
+
+namespace {
+
+using thread_detail::Contribution;
+using thread_detail::Fault;
+using thread_detail::Op;
+using thread_detail::Posted;
+using Clock = std::chrono::steady_clock;
+
+constexpr std::string_view kImpl = "thread";
+
+class ThreadDataPlane final : public DataPlane {
+ public:
+  ThreadDataPlane(std::shared_ptr<ThreadWorld::State> s, int rank) : s_(std::move(s)), rank_(rank) {}
+
+  int rank() const override { return rank_; }
+  int size() const override { return s_->size; }
+
+  void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) override {
+    const int G = s_->size;
+    s_->throw_if_aborted(rank_);
+    detail::RowArgs a;
+    // A rank with bad arguments still meets the others, so that all of them fail together.
+    const auto error = detail::check_all_to_all_v(rank_, G, send, send_counts, recv, recv_counts, kImpl, &a);
+    m().mine[rank_] = Contribution{.op = Op::all_to_all_v,
+                                   .ptr = send.raw(),
+                                   .dtype = a.dtype,
+                                   .row_bytes = a.row_bytes,
+                                   .counts = error ? nullptr : a.send_counts.data(),
+                                   .recv_rows = a.recv_rows,
+                                   .error = error ? &*error : nullptr};
+    s_->meet(m(), rank_, Op::all_to_all_v, [&]() -> std::optional<Fault> {
+      auto& mine = m().mine;
+      // The counts, copied (a rank may pass one tensor as send_counts and recv_counts); a rank
+      // with bad arguments sends nothing.
+      auto& matrix = m().matrix;
+      matrix.assign(size_t(G) * G, 0);
+      for (int src = 0; src < G; ++src)
+        if (mine[src].counts)
+          for (int dst = 0; dst < G; ++dst) matrix[size_t(src) * G + dst] = mine[src].counts[dst];
+      std::vector<std::optional<std::string>> errors(G);
+      std::vector<int64_t> from(G);
+      for (int dst = 0; dst < G; ++dst) {
+        if (mine[dst].error) {
+          errors[dst] = *mine[dst].error;
+          continue;
+        }
+        for (int src = 0; src < G; ++src) from[src] = matrix[size_t(src) * G + dst];
+        errors[dst] = detail::check_recv_room(dst, from, mine[dst].recv_rows);
+      }
+      if (!fail_ranks(errors)) {
+        std::vector<detail::Layout> layouts(G);
+        for (int r = 0; r < G; ++r) layouts[r] = {int64_t(mine[r].row_bytes), mine[r].dtype};
+        fail_all(detail::check_same_layout("all_to_all_v", layouts, true));
+      }
+      return std::nullopt;
+    });
+    // Rows from each source, by source rank; a source's rows for this rank follow those it sends
+    // to lower ranks.
+    auto* out = static_cast<std::byte*>(recv.raw());
+    auto* counts_out = recv_counts.data<int32_t>();
+    size_t at = 0;
+    for (int src = 0; src < G; ++src) {
+      const int64_t* row = &m().matrix[size_t(src) * G];
+      int64_t before = 0;
+      for (int dst = 0; dst < rank_; ++dst) before += row[dst];
+      const size_t bytes = size_t(row[rank_]) * a.row_bytes;
+      if (bytes > 0)
+        std::memcpy(out + at, static_cast<const std::byte*>(m().mine[src].ptr) + size_t(before) * a.row_bytes, bytes);
+      at += bytes;
+      counts_out[src] = int32_t(row[rank_]);
+    }
+    s_->meet(m(), rank_, Op::all_to_all_v);
+  }
+
+  void all_gather(const Tensor& mine, Tensor& all) override {
+    const int G = s_->size;
+    s_->throw_if_aborted(rank_);
+    const auto error = detail::check_all_gather(rank_, G, mine, all, kImpl);
+    m().mine[rank_] = Contribution{.op = Op::gather,
+                                   .ptr = mine.raw(),
+                                   .n = size_t(mine.numel()),
+                                   .dtype = mine.dtype(),
+                                   .error = error ? &*error : nullptr};
+    s_->meet(m(), rank_, Op::gather, [&] { return check_alike("all_gather"); });
+    const size_t bytes = mine.nbytes();
+    auto* out = static_cast<std::byte*>(all.raw());
+    for (int src = 0; src < G; ++src) {
+      const void* from = m().mine[src].ptr;
+      if (bytes > 0 && from != out + src * bytes) std::memcpy(out + src * bytes, from, bytes);  // else in place
+    }
+    s_->meet(m(), rank_, Op::gather);
+  }
+
+  void all_reduce_sum(Tensor& data) override {
+    const int G = s_->size;
+    s_->throw_if_aborted(rank_);
+    const auto error = detail::check_all_reduce(rank_, data, kImpl);
+    const size_t n = size_t(data.numel()), bytes = data.nbytes();
+    m().mine[rank_] = Contribution{.op = Op::reduce,
+                                   .ptr = data.raw(),
+                                   .n = n,
+                                   .dtype = data.dtype(),
+                                   .error = error ? &*error : nullptr};
+    // The last rank to arrive sums in rank order, while the others wait (their data unchanged).
+    s_->meet(m(), rank_, Op::reduce, [&]() -> std::optional<Fault> {
+      check_alike("all_reduce_sum");
+      if (!m().verdict.empty()) return std::nullopt;
+      auto& sum = m().sum;
+      sum.resize(bytes);
+      if (bytes == 0) return std::nullopt;
+      std::memcpy(sum.data(), m().mine[0].ptr, bytes);
+      for (int r = 1; r < G; ++r) detail::add_into(data.dtype(), sum.data(), m().mine[r].ptr, n);
+      return std::nullopt;
+    });
+    if (bytes > 0) std::memcpy(data.raw(), m().sum.data(), bytes);
+  }
+
+  void send_recv(std::span<const Transfer> items) override {
+    const int G = s_->size;
+    s_->throw_if_aborted(rank_);
+    // Its peers may be waiting for transfers it will never post: stop the world.
+    if (auto bad = detail::check_transfers(rank_, G, items, kImpl)) s_->fail(rank_, *bad);
+    const auto until = s_->deadline();
+    // Receives by peer, in the order posted: the k-th from a peer takes its k-th send.
+    std::vector<std::vector<const Transfer*>> wanted(G);
+    size_t receives = 0;
+    for (const auto& it : items)
+      if (it.kind == Transfer::recv) {
+        wanted[it.peer].push_back(&it);
+        ++receives;
+      }
+    std::vector<Posted> posted;
+    posted.reserve(items.size());  // addresses stay put: receivers hold them
+    std::vector<int> posted_to;    // receiver of each send in its mailbox
+    std::string mismatch;
+    try {
+      // Every send is posted before anything waits, so no order of items can deadlock.
+      for (const auto& it : items) {
+        if (it.kind != Transfer::send) continue;
+        posted.push_back({static_cast<const std::byte*>(it.buffer.raw()), int64_t(it.buffer.nbytes())});
+        auto& box = s_->mailboxes[it.peer];
+        {
+          std::lock_guard lk(box.mu);
+          box.from[rank_].push_back(&posted.back());
+        }
+        posted_to.push_back(it.peer);
+        box.cv.notify_all();
+      }
+      receive(wanted, receives, until, &mismatch);
+      wait_taken(posted, posted_to, until);
+    } catch (...) {
+      withdraw(posted, posted_to);
+      throw;
+    }
+    if (!mismatch.empty()) throw Error(mismatch);
+  }
+
+ private:
+  thread_detail::Meeting& m() { return s_->data; }
+
+  // Verdicts, written by the last rank to arrive. When some ranks' arguments are bad, every rank
+  // fails: those with their own error throw it, the others name the first rank that has one.
+  // Returns whether any failed.
+  bool fail_ranks(const std::vector<std::optional<std::string>>& errors) {
+    int first = -1;
+    for (int r = 0; r < s_->size && first < 0; ++r)
+      if (errors[r]) first = r;
+    if (first < 0) return false;
+    auto& v = m().verdict;
+    v.resize(s_->size);
+    for (int r = 0; r < s_->size; ++r)
+      v[r] = errors[r] ? *errors[r] : fmt::format("rank {} failed: {}", first, *errors[first]);
+    return true;
+  }
+  // When no rank alone is at fault (they disagree), every rank throws the same.
+  void fail_all(const std::optional<std::string>& error) {
+    if (error) m().verdict.assign(s_->size, *error);
+  }
+  // all_gather's and all_reduce_sum's: each rank's own errors, then rank 0's element count and
+  // dtype on every rank.
+  std::optional<Fault> check_alike(std::string_view call) {
+    const int G = s_->size;
+    std::vector<std::optional<std::string>> errors(G);
+    for (int r = 0; r < G; ++r)
+      if (m().mine[r].error) errors[r] = *m().mine[r].error;
+    if (fail_ranks(errors)) return std::nullopt;
+    std::vector<detail::Layout> layouts(G);
+    for (int r = 0; r < G; ++r) layouts[r] = {int64_t(m().mine[r].n), m().mine[r].dtype};
+    fail_all(detail::check_same_layout(call, layouts, false));
+    return std::nullopt;
+  }
+
+  // Takes sends from this rank's mailbox as they come, from whichever peer, until every receive is
+  // filled (so a slow peer holds up only its own transfers).
+  void receive(const std::vector<std::vector<const Transfer*>>& wanted, size_t left,
+               const std::optional<Clock::time_point>& until, std::string* mismatch) {
+    const int G = s_->size;
+    auto& box = s_->mailboxes[rank_];
+    std::vector<size_t> next(G, 0);
+    while (left > 0) {
+      int src = -1;
+      Posted* p = nullptr;
+      {
+        std::unique_lock lk(box.mu);
+        auto find = [&] {
+          for (int q = 0; q < G; ++q)
+            if (next[q] < wanted[q].size() && !box.from[q].empty()) {
+              src = q;
+              return true;
+            }
+          return false;
+        };
+        auto ready = [&] { return s_->aborted.load() || find(); };
+        if (until) {
+          if (!box.cv.wait_until(lk, *until, ready)) {
+            int q = 0;
+            while (next[q] == wanted[q].size()) ++q;
+            lk.unlock();
+            s_->abort({fmt::format("rank {} waited {} ms in send_recv for {} bytes from rank {}; {} receive(s) "
+                                   "still missing",
+                                   rank_, s_->timeout.count(), wanted[q][next[q]]->buffer.nbytes(), q, left)});
+            s_->throw_aborted(rank_);
+          }
+        } else {
+          box.cv.wait(lk, ready);
+        }
+        if (s_->aborted.load()) {
+          lk.unlock();
+          s_->throw_aborted(rank_);
+        }
+        p = box.from[src].front();
+        box.from[src].pop_front();
+      }
+      const Transfer& t = *wanted[src][next[src]++];
+      const int64_t sent = p->bytes, expected = int64_t(t.buffer.nbytes());
+      if (sent == expected && sent > 0) std::memcpy(t.buffer.raw(), p->data, size_t(sent));
+      taken(src, p);
+      // As with MPI: the send is consumed (its sender goes on), and the receiver reports the first
+      // mismatch once everything else of its call is done.
+      if (sent != expected && mismatch->empty()) *mismatch = detail::transfer_size_mismatch(rank_, expected, src, sent);
+      --left;
+    }
+  }
+
+  // Tells `sender` that p was copied out; p may be gone as soon as the lock is released.
+  void taken(int sender, Posted* p) {
+    auto& box = s_->mailboxes[sender];
+    {
+      std::lock_guard lk(box.mu);
+      p->done = true;
+    }
+    box.cv.notify_all();
+  }
+
+  void wait_taken(const std::vector<Posted>& posted, const std::vector<int>& to,
+                  const std::optional<Clock::time_point>& until) {
+    auto& box = s_->mailboxes[rank_];
+    std::unique_lock lk(box.mu);
+    auto all_taken = [&] {
+      return std::all_of(posted.begin(), posted.end(), [](const Posted& p) { return p.done; });
+    };
+    auto ready = [&] { return s_->aborted.load() || all_taken(); };
+    if (until) {
+      if (!box.cv.wait_until(lk, *until, ready)) {
+        size_t i = 0;
+        while (posted[i].done) ++i;
+        const auto waiting = std::count_if(posted.begin(), posted.end(), [](const Posted& p) { return !p.done; });
+        lk.unlock();
+        s_->abort({fmt::format("rank {} waited {} ms in send_recv for rank {} to receive {} bytes; {} send(s) "
+                               "not received",
+                               rank_, s_->timeout.count(), to[i], posted[i].bytes, waiting)});
+        s_->throw_aborted(rank_);
+      }
+    } else {
+      box.cv.wait(lk, ready);
+    }
+    if (s_->aborted.load()) {
+      lk.unlock();
+      s_->throw_aborted(rank_);
+    }
+  }
+
+  // On the way out with an error: takes back the sends no receiver has seen, and waits for those
+  // being copied right now (a copy does not block), so that no receiver reads a buffer we return.
+  void withdraw(const std::vector<Posted>& posted, const std::vector<int>& to) noexcept {
+    std::vector<bool> gone(to.size(), false);
+    for (size_t i = 0; i < to.size(); ++i) {
+      auto& box = s_->mailboxes[to[i]];
+      std::lock_guard lk(box.mu);
+      auto& q = box.from[rank_];
+      auto it = std::find(q.begin(), q.end(), &posted[i]);
+      if (it != q.end()) {
+        q.erase(it);
+        gone[i] = true;
+      }
+    }
+    auto& box = s_->mailboxes[rank_];
+    std::unique_lock lk(box.mu);
+    box.cv.wait(lk, [&] {
+      for (size_t i = 0; i < to.size(); ++i)
+        if (!gone[i] && !posted[i].done) return false;
+      return true;
+    });
+  }
+
+  std::shared_ptr<ThreadWorld::State> s_;
+  int rank_;
+};
+
+}  // namespace
+
+std::unique_ptr<DataPlane> make_thread_data_plane(std::shared_ptr<ThreadWorld::State> state, int rank) {
+  return std::make_unique<ThreadDataPlane>(std::move(state), rank);
+}
+
+}  // namespace ballast::dist

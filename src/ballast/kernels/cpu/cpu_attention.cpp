@@ -1,0 +1,118 @@
+// CpuOps::attention: causal softmax attention over paged K/V caches, in fp32 (double for the
+// softmax denominator), one (row, head) item at a time.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "ballast/core/error.h"
+#include "ballast/kernels/cpu/cpu_ops.h"
+#include "ballast/kernels/cpu/op_support.h"
+
+namespace ballast::kernels {
+
+using namespace cpu;
+
+void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
+                       const SeqLayout& layout, Tensor& out) {
+  check(q.rank() == 3 && k_new.rank() == 3 && k_cache.rank() == 4,
+        "attention: q{} k_new{} k_cache{} should be [T, Hq, hd], [T, Hkv, hd], [blocks, block_size, Hkv, hd]", q,
+        k_new, k_cache);
+  const int64_t T = q.dim(0), Hq = q.dim(1), hd = q.dim(2), Hkv = k_new.dim(1);
+  const int64_t blocks = k_cache.dim(0), bs = k_cache.dim(1);
+  check(k_new.dim(0) == T && k_new.dim(2) == hd && v_new.shape() == k_new.shape() && Hkv > 0 && Hq % Hkv == 0 &&
+            k_cache.dim(2) == Hkv && k_cache.dim(3) == hd && v_cache.shape() == k_cache.shape() &&
+            out.shape() == q.shape(),
+        "attention: q{} k_new{} v_new{} k_cache{} v_cache{} out{} do not agree", q, k_new, v_new, k_cache, v_cache,
+        out);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k_new, &v_new, &k_cache, &v_cache, &out})
+    check(t->dtype() == DType::F32, "attention: tensor {} is {}, expected F32", *t, dtype_name(t->dtype()));
+  const int B = layout.num_seqs;
+  check(layout.num_tokens == T && B >= 0, "attention: layout of {} rows in {} sequences for q{}", layout.num_tokens, B,
+        q);
+  if (B == 0) {
+    check(T == 0, "attention: {} rows and no sequences", T);
+    return;
+  }
+  check(layout.block_size == bs, "attention: layout block_size {} for caches of blocks of {}", layout.block_size, bs);
+  expect("attention", "cu_seqlens", layout.cu_seqlens, DType::I32, B + 1);
+  expect("attention", "kv_lens", layout.kv_lens, DType::I32, B);
+  expect("attention", "slot_mapping", layout.slot_mapping, DType::I32, T);
+  expect("attention", "block_tables", layout.block_tables, DType::I32);
+  check(layout.block_tables.rank() == 2 && layout.block_tables.dim(0) == B,
+        "attention: block_tables {} for {} sequences", layout.block_tables, B);
+  const int64_t W = layout.block_tables.dim(1);
+  const int32_t* cu = i32(layout.cu_seqlens);
+  const int32_t* kv_lens = i32(layout.kv_lens);
+  const int32_t* tables = i32(layout.block_tables);
+  const int32_t* slots = i32(layout.slot_mapping);
+
+  // Everything the parallel part reads is checked here: a worker thread cannot throw.
+  check(cu[0] == 0 && cu[B] == T, "attention: cu_seqlens runs from {} to {}, expected 0 to {}", cu[0], cu[B], T);
+  int64_t max_kv = 0;
+  for (int b = 0; b < B; ++b) {
+    const int64_t n = cu[b + 1] - cu[b], kv = kv_lens[b];
+    check(n >= 0 && kv >= n, "attention: sequence {} has {} new rows and {} cache rows", b, n, kv);
+    check((kv + bs - 1) / bs <= W, "attention: sequence {} needs {} blocks of {} for {} rows; its table holds {}", b,
+          (kv + bs - 1) / bs, bs, kv, W);
+    for (int64_t j = 0; j < (kv + bs - 1) / bs; ++j)
+      check(tables[b * W + j] >= 0 && tables[b * W + j] < blocks, "attention: block_tables[{}][{}] = {} not in [0, {})",
+            b, j, tables[b * W + j], blocks);
+    max_kv = std::max(max_kv, kv);
+  }
+  for (int64_t t = 0; t < T; ++t)
+    check(slots[t] >= 0 && slots[t] < blocks * bs, "attention: slot_mapping[{}] = {} not in [0, {})", t, slots[t],
+          blocks * bs);
+
+  // The new rows go to the cache first: a row attends to itself and to the rows before it.
+  const size_t row = size_t(Hkv * hd);
+  float* kc = f32_mut(k_cache);
+  float* vc = f32_mut(v_cache);
+  for (int64_t t = 0; t < T; ++t) {
+    std::memcpy(kc + size_t(slots[t]) * row, f32(k_new) + size_t(t) * row, row * 4);
+    std::memcpy(vc + size_t(slots[t]) * row, f32(v_new) + size_t(t) * row, row * 4);
+  }
+
+  const int64_t group = Hq / Hkv;
+  const float scale = 1.0f / std::sqrt(float(hd));
+  const int64_t items = T * Hq, grain = 4;
+  // Scratch for the longest row the cache can hold, on every thread: sized by the shapes alone, it
+  // grows once, never as sequences lengthen.
+  const int64_t per_worker = std::max<int64_t>(blocks * bs, 1);
+  float* scratch = attention_scratch_.floats(size_t(pool_.size() * per_worker));
+  parallel_workers(&pool_, items, grain, [&](int worker, int64_t i0, int64_t i1) {
+    float* scores = scratch + size_t(worker) * size_t(per_worker);
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t t = i / Hq, h = i % Hq, kvh = h / group;
+      const int b = int(std::upper_bound(cu, cu + B + 1, int32_t(t)) - cu) - 1;
+      const int64_t len = kv_lens[b] - (cu[b + 1] - cu[b]) + (t - cu[b]) + 1;
+      const int32_t* table = tables + b * W;
+      const float* qv = f32(q) + (t * Hq + h) * hd;
+      float mx = -INFINITY;
+      for (int64_t s0 = 0; s0 < len; s0 += bs) {
+        const float* kb = kc + (size_t(table[s0 / bs]) * size_t(bs)) * row + size_t(kvh * hd);
+        for (int64_t s = s0, se = std::min(len, s0 + bs); s < se; ++s) {
+          const float* kv = kb + size_t(s - s0) * row;
+          float d = 0;
+          for (int64_t j = 0; j < hd; ++j) d += qv[j] * kv[j];
+          scores[s] = d * scale;
+          mx = std::max(mx, scores[s]);
+        }
+      }
+      double sum = 0;
+      for (int64_t s = 0; s < len; ++s) sum += (scores[s] = std::exp(scores[s] - mx));
+      const float inv = float(1.0 / sum);
+      float* o = f32_mut(out) + (t * Hq + h) * hd;
+      std::fill(o, o + hd, 0.0f);
+      for (int64_t s0 = 0; s0 < len; s0 += bs) {
+        const float* vb = vc + (size_t(table[s0 / bs]) * size_t(bs)) * row + size_t(kvh * hd);
+        for (int64_t s = s0, se = std::min(len, s0 + bs); s < se; ++s) {
+          const float p = scores[s] * inv;
+          const float* vv = vb + size_t(s - s0) * row;
+          for (int64_t j = 0; j < hd; ++j) o[j] += p * vv[j];
+        }
+      }
+    }
+  });
+}
+
+}  // namespace ballast::kernels

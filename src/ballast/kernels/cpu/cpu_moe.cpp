@@ -1,0 +1,323 @@
+// CpuOps: the mixture-of-experts ops (docs/expert-parallel.md): routing, dispatch to physical
+// slots, grouping rows by slot, the grouped SwiGLU experts and the weighted combine.
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
+
+#include "ballast/core/error.h"
+#include "ballast/core/hash.h"
+#include "ballast/eplb/dispatch.h"
+#include "ballast/kernels/cpu/cpu_ops.h"
+#include "ballast/kernels/cpu/matmul.h"
+#include "ballast/kernels/cpu/op_support.h"
+
+namespace ballast::kernels {
+
+using namespace cpu;
+
+void CpuOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) {
+  check(logits.rank() == 2 && logits.dtype() == DType::F32, "topk_softmax: logits {} is not F32 [T, E]", logits);
+  const int64_t T = logits.dim(0);
+  const int E = int(logits.dim(1));
+  check(k >= 1 && k <= E, "topk_softmax: k={} with {} experts", k, E);
+  expect("topk_softmax", "ids", ids, DType::I32, T * k);
+  expect("topk_softmax", "weights", weights, DType::F32, T * k);
+  const float* lp = f32(logits);
+  int32_t* idp = i32_mut(ids);
+  float* wp = f32_mut(weights);
+  parallel(&pool_, T, 16, [&](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> p;
+    thread_local std::vector<int32_t> idx;
+    p.resize(size_t(E));
+    idx.resize(size_t(E));
+    for (int64_t t = t0; t < t1; ++t) {
+      const float* l = lp + t * E;
+      const float mx = *std::max_element(l, l + E);
+      float sum = 0;
+      for (int e = 0; e < E; ++e) sum += (p[size_t(e)] = std::exp(l[e] - mx));
+      for (int e = 0; e < E; ++e) p[size_t(e)] /= sum;
+      std::iota(idx.begin(), idx.end(), 0);
+      std::partial_sort(idx.begin(), idx.begin() + k, idx.end(), [&](int32_t a, int32_t b) {
+        return p[size_t(a)] > p[size_t(b)] || (p[size_t(a)] == p[size_t(b)] && a < b);
+      });
+      float ksum = 0;
+      for (int j = 0; j < k; ++j) ksum += p[size_t(idx[size_t(j)])];
+      for (int j = 0; j < k; ++j) {
+        const float pj = p[size_t(idx[size_t(j)])];
+        idp[t * k + j] = idx[size_t(j)];
+        wp[t * k + j] = normalize ? pj / ksum : pj;
+      }
+    }
+  });
+}
+
+namespace {
+
+// balanced: the exact per-pass split of eplb::dispatch_balanced gives each slot a quota; the
+// quotas are shared out to source ranks (own replicas first, then in rank and slot order), and
+// each rank hands its tokens of an expert to its shares in token order.
+void dispatch_balanced(const DispatchTables& tables, std::span<const int32_t> row, int E, const int32_t* ids,
+                       int64_t N, const int32_t* counts, int32_t* slots) {
+  const int G = tables.ranks, K = tables.slots_per_rank;
+  std::vector<double> total(size_t(E), 0.0);
+  for (int g = 0; g < G; ++g)
+    for (int e = 0; e < E; ++e) total[size_t(e)] += double(counts[size_t(g) * E + e]);
+  std::vector<double> quota = eplb::dispatch_balanced(row, G, total.data(), E);
+  const auto rep = eplb::replicas_of(row, E);
+  // mine[e] = this rank's shares of expert e: (slot, tokens), in the order tokens are handed out.
+  std::vector<std::vector<std::pair<int32_t, int64_t>>> mine(static_cast<size_t>(E));
+  std::vector<int64_t> need(static_cast<size_t>(G));
+  for (int e = 0; e < E; ++e) {
+    for (int g = 0; g < G; ++g) need[size_t(g)] = counts[size_t(g) * E + e];
+    auto give = [&](int g, int32_t s) {
+      const int64_t take = std::min<int64_t>(need[size_t(g)], int64_t(quota[size_t(s)]));
+      if (take <= 0) return;
+      need[size_t(g)] -= take;
+      quota[size_t(s)] -= double(take);
+      if (g == tables.rank) mine[size_t(e)].push_back({s, take});
+    };
+    for (int g = 0; g < G; ++g)
+      for (int32_t s : rep[size_t(e)])
+        if (s / K == g) give(g, s);
+    for (int g = 0; g < G; ++g)
+      for (int32_t s : rep[size_t(e)]) give(g, s);
+    check(need[size_t(tables.rank)] == 0, "dispatch: balanced left {} tokens of expert {} unassigned",
+          need[size_t(tables.rank)], e);
+  }
+  std::vector<size_t> cursor(size_t(E), 0);
+  std::vector<int64_t> used(size_t(E), 0);
+  for (int64_t i = 0; i < N; ++i) {
+    const int e = ids[i];
+    const auto& shares = mine[size_t(e)];
+    size_t& c = cursor[size_t(e)];
+    while (c < shares.size() && used[size_t(e)] >= shares[c].second) {
+      used[size_t(e)] = 0;
+      ++c;
+    }
+    check(c < shares.size(), "dispatch: rank {} routes more tokens to expert {} than counts_by_rank[{}][{}] = {}",
+          tables.rank, e, tables.rank, e, counts[size_t(tables.rank) * E + e]);
+    slots[i] = shares[c].first;
+    ++used[size_t(e)];
+  }
+}
+
+}  // namespace
+
+void CpuOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank, Tensor& slots) {
+  expect("dispatch", "ids", ids, DType::I32);
+  const int64_t N = ids.numel();
+  expect("dispatch", "slots", slots, DType::I32, N);
+  check(tables.ranks >= 1 && tables.rank >= 0 && tables.rank < tables.ranks, "dispatch: rank {} of {}", tables.rank,
+        tables.ranks);
+  const int32_t* id = i32(ids);
+  int32_t* out = i32_mut(slots);
+  auto check_ids = [&](int64_t E) {
+    for (int64_t i = 0; i < N; ++i) check(id[i] >= 0 && id[i] < E, "dispatch: ids[{}] = {} not in [0, {})", i, id[i], E);
+  };
+  switch (tables.policy) {
+    case eplb::Dispatch::static_: {
+      expect("dispatch", "static_slot", tables.static_slot, DType::I32);
+      const int64_t E = tables.static_slot.numel();
+      check_ids(E);
+      const int32_t* table = i32(tables.static_slot);
+      for (int64_t i = 0; i < N; ++i) out[i] = table[id[i]];
+      return;
+    }
+    case eplb::Dispatch::random: {
+      expect("dispatch", "replica_count", tables.replica_count, DType::I32);
+      const int64_t E = tables.replica_count.numel();
+      expect("dispatch", "replicas", tables.replicas, DType::I32);
+      check(tables.replicas.rank() == 2 && tables.replicas.dim(0) == E, "dispatch: replicas {} for {} experts",
+            tables.replicas, E);
+      expect("dispatch", "pass_seed", tables.pass_seed, DType::I64, 1);
+      check_ids(E);
+      const int64_t R = tables.replicas.dim(1);
+      const int32_t* count = i32(tables.replica_count);
+      for (int64_t e = 0; e < E; ++e)
+        check(count[e] >= 1 && count[e] <= R, "dispatch: replica_count[{}] = {} not in [1, {}]", e, count[e], R);
+      // The seed differs per pass and layer; the hash of (rank, choice) spreads one pass's choices.
+      const uint64_t seed = uint64_t(*static_cast<const int64_t*>(tables.pass_seed.raw())) * 1000003u +
+                            uint64_t(tables.layer);
+      const int32_t* rep = i32(tables.replicas);
+      for (int64_t i = 0; i < N; ++i) {
+        const int64_t e = id[i];
+        const uint64_t h = mix64(seed ^ mix64(uint64_t(tables.rank) << 40 ^ uint64_t(i)));
+        out[i] = rep[e * R + int64_t(h % uint64_t(count[e]))];
+      }
+      return;
+    }
+    case eplb::Dispatch::balanced: {
+      expect("dispatch", "phy2log", tables.phy2log, DType::I32);
+      expect("dispatch", "counts_by_rank", counts_by_rank, DType::I32);
+      const int64_t P = tables.phy2log.numel();
+      check(counts_by_rank.rank() == 2 && counts_by_rank.dim(0) == tables.ranks,
+            "dispatch: counts_by_rank {} is not [G={}, E]", counts_by_rank, tables.ranks);
+      check(P == int64_t(tables.ranks) * tables.slots_per_rank, "dispatch: {} slots for {} ranks of {}", P,
+            tables.ranks, tables.slots_per_rank);
+      const int E = int(counts_by_rank.dim(1));
+      check_ids(E);
+      dispatch_balanced(tables, std::span<const int32_t>(i32(tables.phy2log), size_t(P)), E, id, N,
+                        i32(counts_by_rank), out);
+      return;
+    }
+  }
+  fail("dispatch: unknown policy {}", int(tables.policy));
+}
+
+void CpuOps::histogram(const Tensor& keys, Tensor& counts) {
+  expect("histogram", "keys", keys, DType::I32);
+  expect("histogram", "counts", counts, DType::I32);
+  const int64_t N = keys.numel(), bins = counts.numel();
+  const int32_t* k = i32(keys);
+  int32_t* c = i32_mut(counts);
+  for (int64_t i = 0; i < N; ++i)
+    check(k[i] < bins, "histogram: keys[{}] = {} not below {} bins", i, k[i], bins);
+  for (int64_t i = 0; i < N; ++i)
+    if (k[i] >= 0) ++c[k[i]];
+}
+
+void CpuOps::group_by(const Tensor& keys, const Tensor& valid, int div, int groups, Tensor& perm, Tensor& counts,
+                      Tensor& offsets, Tensor& inverse) {
+  expect("group_by", "keys", keys, DType::I32);
+  const int64_t N = keys.numel();
+  check(div >= 1 && groups >= 1, "group_by: div {} and groups {} must be >= 1", div, groups);
+  expect("group_by", "perm", perm, DType::I32, N);
+  expect("group_by", "counts", counts, DType::I32, groups);
+  expect("group_by", "offsets", offsets, DType::I32, int64_t(groups) + 1);
+  if (inverse.defined()) expect("group_by", "inverse", inverse, DType::I32, N);
+  int64_t n = N;
+  if (valid.defined()) {
+    expect("group_by", "valid", valid, DType::I32);
+    n = 0;
+    for (int64_t i = 0; i < valid.numel(); ++i) n += i32(valid)[i];
+    check(n >= 0 && n <= N, "group_by: valid sums to {} of {} keys", n, N);
+  }
+  const int32_t* k = i32(keys);
+  int32_t* p = i32_mut(perm);
+  int32_t* c = i32_mut(counts);
+  int32_t* off = i32_mut(offsets);
+  int32_t* inv = inverse.defined() ? i32_mut(inverse) : nullptr;
+  const auto group_of = [&](int32_t key) { return (key / div) % groups; };
+  std::fill(c, c + groups, 0);
+  for (int64_t i = 0; i < n; ++i)
+    if (k[i] >= 0) ++c[group_of(k[i])];
+  off[0] = 0;
+  for (int g = 0; g < groups; ++g) off[g + 1] = off[g] + c[g];
+  // counts doubles as the fill cursor of each group: it ends where it began.
+  std::fill(c, c + groups, 0);
+  std::fill(p + off[groups], p + N, -1);
+  if (inv) std::fill(inv, inv + N, -1);
+  for (int64_t i = 0; i < n; ++i) {
+    if (k[i] < 0) continue;
+    const int g = group_of(k[i]);
+    const int32_t at = off[g] + c[g]++;
+    p[at] = int32_t(i);
+    if (inv) inv[i] = at;
+  }
+}
+
+void CpuOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
+                         std::span<const SwigluWeights> experts, Tensor& y) {
+  check(x.rank() == 2 && y.rank() == 2 && x.dtype() == DType::F32 && y.dtype() == DType::F32 && x.dim(1) == y.dim(1),
+        "moe_experts: x{} and y{} should be F32 [*, H]", x, y);
+  const int64_t H = x.dim(1), M = x.dim(0), Ny = y.dim(0);
+  const int groups = int(experts.size());
+  expect("moe_experts", "perm", perm, DType::I32);
+  expect("moe_experts", "offsets", offsets, DType::I32, int64_t(groups) + 1);
+  check(row_div >= 1, "moe_experts: row_div {} < 1", row_div);
+  const int32_t* p = i32(perm);
+  const int32_t* off = i32(offsets);
+  check(off[0] >= 0 && off[groups] <= perm.numel(), "moe_experts: offsets span [{}, {}) of perm {}", off[0],
+        off[groups], perm);
+  int64_t busy = 0, max_rows = 0, max_inter = 0;
+  for (int g = 0; g < groups; ++g) {
+    const int64_t n = off[g + 1] - off[g];
+    check(n >= 0, "moe_experts: offsets decrease at group {}", g);
+    if (n == 0) continue;
+    const SwigluWeights& w = experts[size_t(g)];
+    const int64_t I = w.gate.defined() ? w.gate.dim(0) : 0;
+    check(w.gate.rank() == 2 && w.gate.dim(1) == H && w.up.shape() == w.gate.shape() && w.down.rank() == 2 &&
+              w.down.dim(0) == H && w.down.dim(1) == I,
+          "moe_experts: expert {} has gate{} up{} down{} for rows of {}", g, w.gate, w.up, w.down, H);
+    for (int64_t j = off[g]; j < off[g + 1]; ++j)
+      check(p[j] >= 0 && p[j] < Ny && p[j] / row_div < M, "moe_experts: perm[{}] = {} out of range for x{} y{}", j,
+            p[j], x, y);
+    ++busy;
+    max_rows = std::max(max_rows, n);
+    max_inter = std::max(max_inter, I);
+  }
+  if (busy == 0) return;
+  // Few rows per group (decode): each product streams its weights once and splitting one over the
+  // pool buys little, so groups run side by side, each single-threaded. Otherwise one group at
+  // a time with the pool inside its products. Scratch per worker: X [n, H] (then Y), G and U [n, I].
+  const int threads = pool_.size();
+  const bool side_by_side = threads > 1 && busy >= 2 && (max_rows <= 8 || (busy >= threads && max_rows <= 64));
+  const int64_t per_worker = max_rows * (H + 2 * max_inter);
+  // Scratch for the most any call of these shapes can need (every listed row in one group, or 64
+  // rows on every thread), whatever the routing: it grows with the shapes only, never with the
+  // data, so steady-state passes allocate nothing.
+  int64_t widest = 0;
+  for (const SwigluWeights& w : experts) widest = std::max(widest, w.gate.defined() ? w.gate.dim(0) : 0);
+  const int64_t bound = std::max(perm.numel(), threads * std::min<int64_t>(perm.numel(), 64)) * (H + 2 * widest);
+  float* scratch = expert_scratch_.floats(size_t(bound));
+  const float* xp = f32(x);
+  float* yp = f32_mut(y);
+  auto run_group = [&](int g, float* s, ThreadPool* pool) {
+    const int64_t j0 = off[g], n = off[g + 1] - j0;
+    if (n == 0) return;
+    const SwigluWeights& w = experts[size_t(g)];
+    const int64_t I = w.gate.dim(0);
+    float* X = s;
+    float* G = X + n * H;
+    float* U = G + n * I;
+    for (int64_t j = 0; j < n; ++j) std::memcpy(X + j * H, xp + int64_t(p[j0 + j] / row_div) * H, size_t(H) * 4);
+    cpu::matmul(X, n, H, w.gate, G, pool);
+    cpu::matmul(X, n, H, w.up, U, pool);
+    for (int64_t i = 0; i < n * I; ++i) G[i] = silu(G[i]) * U[i];
+    cpu::matmul(G, n, I, w.down, X, pool);  // X is free again: it takes Y
+    for (int64_t j = 0; j < n; ++j) std::memcpy(yp + int64_t(p[j0 + j]) * H, X + j * H, size_t(H) * 4);
+  };
+  if (side_by_side) {
+    parallel_workers(&pool_, groups, 1, [&](int worker, int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) run_group(int(g), scratch + worker * per_worker, nullptr);
+    });
+  } else {
+    for (int g = 0; g < groups; ++g) run_group(g, scratch, &pool_);
+  }
+}
+
+void CpuOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) {
+  check(y.rank() == 2 && out.rank() == 2 && y.dtype() == DType::F32 && out.dtype() == DType::F32 &&
+            y.dim(1) == out.dim(1),
+        "moe_combine: y{} and out{} should be F32 [*, H]", y, out);
+  const int64_t T = out.dim(0), H = out.dim(1), M = y.dim(0);
+  check(weights.rank() == 2 && weights.dim(0) == T && weights.dtype() == DType::F32,
+        "moe_combine: weights {} is not F32 [T={}, k]", weights, T);
+  const int64_t k = weights.dim(1);
+  const int32_t* r = nullptr;
+  if (rows.defined()) {
+    expect("moe_combine", "rows", rows, DType::I32, T * k);
+    r = i32(rows);
+    for (int64_t i = 0; i < T * k; ++i)
+      check(r[i] >= 0 && r[i] < M, "moe_combine: rows[{}] = {} not in [0, {})", i, r[i], M);
+  } else {
+    check(M >= T * k, "moe_combine: y {} has fewer than T*k = {} rows", y, T * k);
+  }
+  const float* yp = f32(y);
+  const float* wp = f32(weights);
+  float* op = f32_mut(out);
+  parallel(&pool_, T, 4, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* o = op + t * H;
+      for (int64_t j = 0; j < k; ++j) {
+        const float wj = wp[t * k + j];
+        const float* yr = yp + (r ? int64_t(r[t * k + j]) : t * k + j) * H;
+        for (int64_t i = 0; i < H; ++i) o[i] += wj * yr[i];
+      }
+    }
+  });
+}
+
+}  // namespace ballast::kernels

@@ -1,0 +1,151 @@
+// CpuOps: drawing tokens from logits rows and verifying drafts, with the host math of sampling.h
+// (which every backend shares, so that a GPU draws the same tokens).
+#include <algorithm>
+#include <span>
+
+#include "ballast/core/error.h"
+#include "ballast/kernels/cpu/cpu_ops.h"
+#include "ballast/kernels/cpu/op_support.h"
+#include "ballast/kernels/sampling.h"
+
+namespace ballast::kernels {
+
+using namespace cpu;
+
+namespace {
+
+// The per-row sampling parameters, checked: temperature, top_p, top_k, seed, position [R].
+struct RowParams {
+  const float* temperature;
+  const float* top_p;
+  const int32_t* top_k;
+  const int64_t* seed;
+  const int32_t* position;
+
+  bool greedy(int64_t r) const { return temperature[r] <= 0.0f; }
+  double uniform(int64_t r, Draw stream) const { return kernels::uniform(uint64_t(seed[r]), position[r], stream); }
+  // The distribution row r is drawn from, into `out`.
+  void distribution(int64_t r, std::span<const float> logits, std::span<float> out) const {
+    kernels::distribution(logits, temperature[r], top_p[r], top_k[r], out);
+  }
+};
+
+RowParams row_params(const char* op, const SamplingRows& rows, int64_t R) {
+  expect(op, "temperature", rows.temperature, DType::F32, R);
+  expect(op, "top_p", rows.top_p, DType::F32, R);
+  expect(op, "top_k", rows.top_k, DType::I32, R);
+  expect(op, "seed", rows.seed, DType::I64, R);
+  expect(op, "position", rows.position, DType::I32, R);
+  const RowParams p{f32(rows.temperature), f32(rows.top_p), i32(rows.top_k),
+                    static_cast<const int64_t*>(rows.seed.raw()), i32(rows.position)};
+  // distribution() checks these too, but on a worker thread a throw cannot be reported.
+  for (int64_t r = 0; r < R; ++r)
+    check(p.greedy(r) || (p.top_p[r] > 0.0f && p.top_p[r] <= 1.0f && p.top_k[r] >= 0),
+          "{}: row {} has top_p {} (must be in (0, 1]) and top_k {} (must be >= 0)", op, r, p.top_p[r], p.top_k[r]);
+  return p;
+}
+
+}  // namespace
+
+void CpuOps::sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) {
+  check(logits.rank() == 2 && logits.dtype() == DType::F32, "sample: logits {} is not F32 [R, V]", logits);
+  const int64_t R = logits.dim(0), V = logits.dim(1);
+  check(V > 0 || R == 0, "sample: logits {} has no tokens", logits);
+  expect("sample", "ids", ids, DType::I32, R);
+  if (probs.defined()) {
+    expect("sample", "probs", probs, DType::F32, R * V);
+    check(probs.rank() == 2 && probs.dim(0) == R, "sample: probs {} for logits {}", probs, logits);
+  }
+  const RowParams params = row_params("sample", rows, R);
+  // Without `probs`, each worker keeps the distribution of its row in scratch.
+  float* scratch = probs.defined() ? nullptr : sampling_scratch_.floats(size_t(workers(&pool_, R, 1) * V));
+  const float* lp = f32(logits);
+  int32_t* out = i32_mut(ids);
+  parallel_workers(&pool_, R, 1, [&](int worker, int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const std::span<const float> row(lp + r * V, size_t(V));
+      float* dist = probs.defined() ? f32_mut(probs) + r * V : scratch + worker * V;
+      if (params.greedy(r)) {
+        out[r] = argmax(row);
+        if (probs.defined()) {
+          std::fill(dist, dist + V, 0.0f);
+          dist[out[r]] = 1.0f;
+        }
+        continue;
+      }
+      params.distribution(r, row, std::span<float>(dist, size_t(V)));
+      out[r] = kernels::sample(std::span<const float>(dist, size_t(V)), params.uniform(r, stream));
+    }
+  });
+}
+
+void CpuOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs,
+                           const SamplingRows& rows, Tensor& out) {
+  expect("verify_drafts", "drafts", drafts, DType::I32);
+  check(drafts.rank() == 2, "verify_drafts: drafts {} is not [B, S]", drafts);
+  const int64_t B = drafts.dim(0), S = drafts.dim(1);
+  check(logits.rank() == 2 && logits.dtype() == DType::F32 && logits.dim(0) == B * (S + 1),
+        "verify_drafts: logits {} should be F32 [B*(S+1) = {}, V] for drafts {}", logits, B * (S + 1), drafts);
+  const int64_t V = logits.dim(1);
+  check(V > 0 || B == 0, "verify_drafts: logits {} has no tokens", logits);
+  expect("verify_drafts", "out", out, DType::I32, B * (S + 2));
+  check(out.rank() == 2 && out.dim(0) == B, "verify_drafts: out {} should be [B={}, S+2={}]", out, B, S + 2);
+  const RowParams params = row_params("verify_drafts", rows, B * (S + 1));
+  const int32_t* d = i32(drafts);
+  bool samples = false;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < S; ++i) {
+      check(d[b * S + i] >= 0 && d[b * S + i] < V, "verify_drafts: drafts[{}][{}] = {} not in [0, {})", b, i,
+            d[b * S + i], V);
+      samples = samples || !params.greedy(b * (S + 1) + i);
+    }
+  if (samples) {
+    expect("verify_drafts", "draft_probs", draft_probs, DType::F32, B * S * V);
+    check(draft_probs.rank() == 2 && draft_probs.dim(0) == B * S, "verify_drafts: draft_probs {} should be [{}, {}]",
+          draft_probs, B * S, V);
+  }
+  float* scratch = sampling_scratch_.floats(size_t(workers(&pool_, B, 1) * std::max<int64_t>(V, 1)));
+  const float* lp = f32(logits);
+  int32_t* op = i32_mut(out);
+  parallel_workers(&pool_, B, 1, [&](int worker, int64_t b0, int64_t b1) {
+    const std::span<float> p(scratch + worker * V, size_t(V));
+    for (int64_t b = b0; b < b1; ++b) {
+      const auto row = [&](int64_t r) { return std::span<const float>(lp + r * V, size_t(V)); };
+      int64_t a = 0;
+      int32_t correction = -1;
+      for (; a < S; ++a) {
+        const int64_t r = b * (S + 1) + a;
+        const int32_t draft = d[b * S + a];
+        if (params.greedy(r)) {
+          if (draft != argmax(row(r))) break;  // the extra token below is then this row's argmax
+          continue;
+        }
+        params.distribution(r, row(r), p);
+        const std::span<const float> q(f32(draft_probs) + (b * S + a) * V, size_t(V));
+        const Acceptance acc = accept_or_resample(p, q, draft, params.uniform(r, Draw::accept),
+                                                  params.uniform(r, Draw::residual));
+        if (!acc.accepted) {
+          correction = acc.token;
+          break;
+        }
+      }
+      int32_t extra = correction;
+      if (extra < 0) {
+        const int64_t r = b * (S + 1) + a;
+        if (params.greedy(r)) {
+          extra = argmax(row(r));
+        } else {
+          params.distribution(r, row(r), p);
+          extra = kernels::sample(p, params.uniform(r, Draw::target));
+        }
+      }
+      int32_t* o = op + b * (S + 2);
+      o[0] = int32_t(a);
+      for (int64_t i = 0; i < a; ++i) o[1 + i] = d[b * S + i];
+      o[1 + a] = extra;
+      std::fill(o + 2 + a, o + S + 2, -1);
+    }
+  });
+}
+
+}  // namespace ballast::kernels

@@ -1,0 +1,63 @@
+#include "ballast/kernels/workspace.h"
+
+#include <algorithm>
+#include <cstdint>
+
+#include "ballast/core/error.h"
+
+namespace ballast::kernels {
+
+namespace {
+constexpr size_t round_up(size_t n, size_t a) { return (n + a - 1) / a * a; }
+}  // namespace
+
+Tensor Workspace::take(std::vector<int64_t> shape, DType dtype) {
+  int64_t numel = 1;
+  for (int64_t d : shape) {
+    check(d >= 0, "workspace: take of a tensor with dimension {}", d);
+    numel *= d;
+  }
+  // Every take gets its own aligned piece, an empty one too (a defined tensor has an address).
+  const size_t bytes = round_up(std::max<size_t>(size_t(numel) * dtype_size(dtype), 1), kAlign);
+  auto start_of = [](const Tensor& block) {  // the block's first aligned byte
+    const auto p = reinterpret_cast<uintptr_t>(block.raw());
+    return round_up(p, kAlign) - p;
+  };
+  if (blocks_.empty() || start_of(blocks_.back()) + used_ + bytes > blocks_.back().nbytes()) {
+    // Outgrown: another block, at least as large as all before it, so that a first pass takes
+    // few of them; reset() replaces them by one.
+    const size_t size = std::max(bytes, capacity()) + kAlign;  // slack to align the start
+    blocks_.push_back(be_.alloc({int64_t(size / 4)}, DType::I32));
+    used_ = 0;
+  }
+  const Tensor& block = blocks_.back();
+  void* p = static_cast<char*>(block.raw()) + start_of(block) + used_;
+  used_ += bytes;
+  taken_ += bytes;
+  high_water_ = std::max(high_water_, taken_);
+  return Tensor::borrow(p, std::move(shape), dtype, be_.device());
+}
+
+void Workspace::reset() {
+  if (blocks_.size() > 1) {
+    blocks_.clear();  // frees before allocating, so both are never held at once
+    blocks_.push_back(be_.alloc({int64_t((high_water_ + kAlign) / 4)}, DType::I32));
+  }
+  used_ = 0;
+  taken_ = 0;
+}
+
+Workspace::Scope::~Scope() {
+  // After an overflow inside the scope the pass goes on in the new block; reset() then sizes one
+  // buffer for the deepest point, which is what `taken_` measures.
+  if (ws_.blocks_.size() == blocks_) ws_.used_ = used_;
+  ws_.taken_ = taken_;
+}
+
+size_t Workspace::capacity() const {
+  size_t n = 0;
+  for (const Tensor& b : blocks_) n += b.nbytes();
+  return n;
+}
+
+}  // namespace ballast::kernels

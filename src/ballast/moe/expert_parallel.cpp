@@ -1,0 +1,37 @@
+#include "ballast/moe/expert_parallel.h"
+
+#include "ballast/core/error.h"
+
+namespace ballast::moe {
+
+namespace {
+SlotStore slots_for(kernels::Backend& be, const std::vector<std::span<const kernels::SwigluWeights>>& layers,
+                    const eplb::Placement& pl, int rank) {
+  check(pl.layers == int(layers.size()) && !layers.empty(), "a placement of {} layers for {} MoE layers", pl.layers,
+        layers.size());
+  const kernels::SwigluWeights& e0 = layers[0][0];
+  const int K = pl.slots_per_rank();
+  SlotStore s(be, int(layers.size()), K, e0.intermediate(), e0.gate.dim(1), e0.gate.dtype());
+  for (int l = 0; l < int(layers.size()); ++l)
+    for (int k = 0; k < K; ++k) s.fill(l, k, layers[size_t(l)][size_t(pl.layer(l)[rank * K + k])]);
+  return s;
+}
+
+const eplb::Placement& placed_over(const eplb::Placement& p, const std::string& name, int ranks) {
+  check(p.ranks == ranks, "expert domain '{}' is placed over {} ranks, the world has {}", name, p.ranks, ranks);
+  return p;
+}
+}  // namespace
+
+ExpertParallelDomain::ExpertParallelDomain(std::string name,
+                                           const std::vector<std::span<const kernels::SwigluWeights>>& layers,
+                                           eplb::Placement initial, const DomainOptions& options, Tensor load_view,
+                                           const ExpertParallelSetup& s)
+    : domain(name, placed_over(initial, name, s.data.size()), options),
+      tables(s.backend, domain.placement, options.dispatch, s.data.rank(), options.ranks_per_node),
+      slots(slots_for(s.backend, layers, domain.placement, s.data.rank())),
+      load(std::move(load_view)),
+      runner(s.backend, tables, slots, load, s.data, s.max_tokens),
+      rebalancer(domain, tables, slots, s.backend, s.control, s.data, s.log) {}
+
+}  // namespace ballast::moe

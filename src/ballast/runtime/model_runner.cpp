@@ -1,0 +1,140 @@
+#include "ballast/runtime/model_runner.h"
+
+#include <algorithm>
+#include <utility>
+
+#include "ballast/core/error.h"
+
+namespace ballast::runtime {
+
+ModelRunner::ModelRunner(model::Model& model, kernels::Backend& backend, StateCache& cache, const RunnerLimits& lim)
+    : model_(model), be_(backend), cache_(cache), lim_(lim), ws_(backend) {
+  check(lim.max_tokens > 0 && lim.max_seqs > 0 && lim.max_blocks_per_seq > 0 && lim.max_verify_rows > 0,
+        "model runner: limits of {} rows, {} sequences, {} blocks per sequence", lim.max_tokens, lim.max_seqs,
+        lim.max_blocks_per_seq);
+  // Every section of the largest pass: ids, positions, slot mapping, hidden rows, logit rows
+  // (rows each), cu_seqlens, kv_lens, state slots, block tables and snapshot slots (per sequence).
+  const int64_t B = lim.max_seqs;
+  const int64_t capacity = 5 * int64_t(lim.max_tokens) + 3 * B + 1 + B * lim.max_blocks_per_seq +
+                           B * lim.max_verify_rows;
+  staging_.reserve(size_t(capacity));
+  meta_ = be_.alloc({capacity}, DType::I32);
+}
+
+model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track track, Result& r) {
+  const int B = int(entries.size());
+  int T = 0, R = 0, W = 1, Ws = 0, max_q = 0, max_kv = 0;
+  for (const Entry& e : entries) {
+    const int n = int(e.tokens.size());
+    check(e.cache && n > 0, "model runner: an entry without rows");
+    const int64_t length = track == Track::trunk ? e.cache->length : e.cache->mtp_length;
+    check(length >= n && cache_.blocks_for(std::max(e.cache->length, e.cache->mtp_length)) <= int64_t(e.cache->blocks.size()),
+          "model runner: {} rows not appended to the cache ({} rows, {} blocks)", n, length, e.cache->blocks.size());
+    check(track == Track::trunk || int(e.hidden_rows.size()) == n, "model runner: {} MTP rows with {} hidden rows", n,
+          e.hidden_rows.size());
+    r.first_row.push_back(T);
+    r.first_logit.push_back(e.logits == Logits::none ? -1 : R);
+    T += n;
+    R += e.logits == Logits::all ? n : e.logits == Logits::last ? 1 : 0;
+    W = std::max(W, int(e.cache->blocks.size()));
+    if (e.verify) {
+      check(int(e.cache->snapshots.size()) == n || e.cache->snapshots.empty(),
+            "model runner: a verification of {} rows with {} snapshot slots", n, e.cache->snapshots.size());
+      Ws = std::max(Ws, int(e.cache->snapshots.size()));
+    }
+    max_q = std::max(max_q, n);
+    max_kv = std::max(max_kv, int(length));
+  }
+  check(T <= lim_.max_tokens && B <= lim_.max_seqs && W <= lim_.max_blocks_per_seq && Ws <= lim_.max_verify_rows,
+        "model runner: a pass of {} rows over {} sequences ({} blocks, {} snapshots) exceeds its limits of {} rows, {} "
+        "sequences, {} blocks, {} snapshots",
+        T, B, W, Ws, lim_.max_tokens, lim_.max_seqs, lim_.max_blocks_per_seq, lim_.max_verify_rows);
+
+  // Sections of the host staging, in upload order.
+  const bool mtp = track == Track::mtp;
+  struct Section {
+    int64_t offset, size;
+  };
+  int64_t used = 0;
+  auto section = [&](int64_t n) { return Section{std::exchange(used, used + n), n}; };
+  const Section ids = section(T), pos = section(T), cu = section(B + 1), kv = section(B), bt = section(int64_t(B) * W),
+                slot_map = section(T), state = section(B), snaps = section(Ws > 0 ? int64_t(B) * Ws : 0),
+                logit_rows = section(R), hidden = section(mtp ? T : 0);
+  staging_.assign(size_t(used), -1);
+  const int bs = cache_.block_size();
+  int row = 0, lrow = 0;
+  for (int b = 0; b < B; ++b) {
+    const Entry& e = entries[size_t(b)];
+    const int n = int(e.tokens.size());
+    const int64_t length = mtp ? e.cache->mtp_length : e.cache->length;
+    staging_[size_t(cu.offset + b)] = row;
+    staging_[size_t(kv.offset + b)] = int32_t(length);
+    std::copy(e.cache->blocks.begin(), e.cache->blocks.end(), staging_.begin() + bt.offset + int64_t(b) * W);
+    staging_[size_t(state.offset + b)] = e.cache->slot;
+    if (e.verify && Ws > 0)
+      std::copy(e.cache->snapshots.begin(), e.cache->snapshots.end(), staging_.begin() + snaps.offset + int64_t(b) * Ws);
+    for (int i = 0; i < n; ++i, ++row) {
+      const int64_t cache_row = length - n + i;  // MTP row r holds the pair at position r + 1
+      staging_[size_t(ids.offset + row)] = e.tokens[size_t(i)];
+      staging_[size_t(pos.offset + row)] = int32_t(mtp ? cache_row + 1 : cache_row);
+      staging_[size_t(slot_map.offset + row)] =
+          e.cache->blocks[size_t(cache_row / bs)] * bs + int32_t(cache_row % bs);
+      if (mtp) staging_[size_t(hidden.offset + row)] = e.hidden_rows[size_t(i)];
+      if (e.logits == Logits::all || (e.logits == Logits::last && i == n - 1))
+        staging_[size_t(logit_rows.offset + lrow++)] = row;
+    }
+  }
+  staging_[size_t(cu.offset + B)] = row;
+  Tensor meta = meta_.rows(0, used);
+  be_.upload(staging_.data(), meta);
+
+  auto view = [&](const Section& s) { return meta_.rows(s.offset, s.offset + s.size); };
+  model::ForwardBatch batch;
+  kernels::SeqLayout& l = batch.layout;
+  l.num_seqs = B;
+  l.num_tokens = T;
+  l.max_query_len = max_q;
+  l.max_kv_len = max_kv;
+  l.block_size = bs;
+  l.cu_seqlens = view(cu);
+  l.kv_lens = view(kv);
+  l.block_tables = view(bt).reshape({B, W});
+  l.slot_mapping = view(slot_map);
+  l.state_slots = view(state);
+  if (Ws > 0) l.snapshot_slots = view(snaps).reshape({B, Ws});
+  batch.token_ids = view(ids);
+  batch.positions = view(pos);
+  batch.logit_rows = view(logit_rows);
+  if (mtp) batch.hidden_rows = view(hidden);
+  return batch;
+}
+
+ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries) {
+  ws_.reset();
+  Result r;
+  const model::ForwardBatch batch = prepare(entries, Track::trunk, r);
+  const auto& c = model_.config();
+  if (!trunk_hidden_.defined()) trunk_hidden_ = be_.alloc({lim_.max_tokens, c.hidden_size}, DType::F32);
+  model::ForwardOutputs out{trunk_hidden_.rows(0, batch.num_tokens()),
+                            ws_.take({batch.num_logit_rows(), c.vocab_size})};
+  model_.forward(batch, cache_.views(), ws_, out);
+  r.hidden = out.hidden;
+  r.logits = out.logits;
+  return r;
+}
+
+ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source) {
+  ws_.reset();
+  Result r;
+  const model::ForwardBatch batch = prepare(entries, Track::mtp, r);
+  const auto& c = model_.config();
+  if (!mtp_hidden_.defined()) mtp_hidden_ = be_.alloc({lim_.max_tokens, c.hidden_size}, DType::F32);
+  model::ForwardOutputs out{mtp_hidden_.rows(0, batch.num_logit_rows()),
+                            ws_.take({batch.num_logit_rows(), c.vocab_size})};
+  model_.mtp_forward(batch, hidden_source, cache_.views(), ws_, out);
+  r.hidden = out.hidden;
+  r.logits = out.logits;
+  return r;
+}
+
+}  // namespace ballast::runtime

@@ -1,0 +1,66 @@
+#pragma once
+// Runs passes of the model over the state cache (nano-vllm's model runner): builds a pass's
+// ForwardBatch on the host from its entries, uploads it in one copy and runs the trunk or the
+// MTP head. Results stay on the device: the hidden states in buffers that outlive the pass (the
+// MTP head reads the trunk's, a chained draft step its own), the logits in the pass's workspace,
+// valid until the next pass.
+#include <span>
+#include <vector>
+
+#include "ballast/kernels/backend.h"
+#include "ballast/kernels/workspace.h"
+#include "ballast/model/model.h"
+#include "ballast/runtime/state_cache.h"
+
+namespace ballast::runtime {
+
+struct RunnerLimits {
+  int max_tokens = 0;          // rows per pass
+  int max_seqs = 0;            // sequences per pass
+  int max_blocks_per_seq = 0;  // block table width
+  int max_verify_rows = 1;     // rows of a verifying sequence (drafts + 1)
+};
+
+class ModelRunner {
+ public:
+  enum class Logits { none, last, all };
+  // One sequence's rows of a pass, already appended to its cache entry (the rows are its last
+  // ones: trunk rows end at cache->length, MTP rows at cache->mtp_length).
+  struct Entry {
+    const CacheEntry* cache = nullptr;
+    std::span<const int32_t> tokens;       // the rows' tokens
+    Logits logits = Logits::none;
+    bool verify = false;                   // trunk: per-row DeltaNet states into the snapshots
+    std::span<const int32_t> hidden_rows;  // MTP: the row of the hidden source each row pairs with
+  };
+  struct Result {
+    Tensor hidden;  // trunk [T, H] every row after model.norm; MTP [R, H] the logit rows after mtp.norm
+    Tensor logits;  // [R, V]; valid until the next pass
+    std::vector<int> first_row;  // per entry, its first row in the pass (trunk rows / logits rows)
+    std::vector<int> first_logit;  // per entry, its first logits row (-1: none)
+  };
+
+  ModelRunner(model::Model& model, kernels::Backend& backend, StateCache& cache, const RunnerLimits& limits);
+
+  Result forward(std::span<const Entry> entries);
+  Result mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source);
+
+  kernels::Backend& backend() { return be_; }
+  kernels::Workspace& workspace() { return ws_; }
+  const RunnerLimits& limits() const { return lim_; }
+
+ private:
+  enum class Track { trunk, mtp };
+  model::ForwardBatch prepare(std::span<const Entry> entries, Track track, Result& r);
+
+  model::Model& model_;
+  kernels::Backend& be_;
+  StateCache& cache_;
+  RunnerLimits lim_;
+  kernels::Workspace ws_;
+  std::vector<int32_t> staging_;  // the pass's metadata on the host, uploaded in one copy
+  Tensor meta_;                   // ... and on the device
+  Tensor trunk_hidden_, mtp_hidden_;  // [max_tokens, H]
+};
+
+}  // namespace ballast::runtime

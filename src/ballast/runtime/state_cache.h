@@ -1,0 +1,75 @@
+#pragma once
+// The state cache of one rank (README, "Architecture"): paged KV blocks for the full-attention
+// layers and the MTP layer (one block table per sequence, shared by all of them), and a pool of
+// Gated DeltaNet state slots (conv and recurrent state of every linear-attention layer). A
+// sequence's CacheEntry changes only through allocate, append, rollback and release.
+//
+// Speculative verification appends its rows with `verify`: the DeltaNet state after each row goes
+// to a fresh snapshot slot (the op writes them), and rollback() makes the snapshot of the last
+// kept row the entry's own slot. Rolling back is choosing a slot: nothing is copied.
+#include <cstdint>
+#include <vector>
+
+#include "ballast/kernels/backend.h"
+#include "ballast/model/batch.h"
+#include "ballast/model/config.h"
+
+namespace ballast::runtime {
+
+struct CacheEntry {
+  std::vector<int32_t> blocks;     // KV blocks in order; row r sits in blocks[r / block_size]
+  int32_t slot = -1;               // DeltaNet state slot (-1: none yet)
+  std::vector<int32_t> snapshots;  // per verified row, the slot holding the state after it
+  int64_t length = 0;              // trunk rows cached: the next row's position
+  int64_t mtp_length = 0;          // MTP rows cached; MTP row r holds the pair at position r + 1
+};
+
+struct StateCacheOptions {
+  int block_size = 16;
+  int64_t blocks = 0;   // KV blocks in the pool
+  int slots = 0;        // DeltaNet state slots in the pool (snapshots included)
+  bool mtp = false;     // a KV pool for the MTP layer too
+};
+
+// What an append adds to an entry.
+struct Growth {
+  int64_t rows = 0;      // trunk rows
+  int64_t mtp_rows = 0;  // MTP rows
+  bool verify = false;   // the trunk rows are drafts under verification (one snapshot slot each)
+  int64_t headroom = 0;  // blocks also for this many rows past the trunk's new length (MTP drafts)
+};
+
+class StateCache {
+ public:
+  StateCache(kernels::Backend& backend, const model::ModelConfig& cfg, const StateCacheOptions& options);
+
+  // Gives the entry a DeltaNet slot with zeroed states. False (nothing changed) if none is free.
+  bool allocate(CacheEntry& e);
+  // Adds rows (taking blocks and, for verification, snapshot slots). False, changing nothing,
+  // when the pool has too few free blocks or slots.
+  bool append(CacheEntry& e, const Growth& g);
+  // Drops the last `rows` trunk rows and `mtp_rows` MTP rows. After a verify append it must be
+  // called (rows may be 0): the state after the last kept row becomes the entry's own.
+  void rollback(CacheEntry& e, int64_t rows, int64_t mtp_rows = 0);
+  // Gives back everything the entry holds; the entry is empty again.
+  void release(CacheEntry& e);
+
+  int block_size() const { return opt_.block_size; }
+  int64_t total_blocks() const { return opt_.blocks; }
+  int total_slots() const { return opt_.slots; }
+  int64_t free_blocks() const { return int64_t(free_blocks_.size()); }
+  int free_slots() const { return int(free_slots_.size()); }
+  // Blocks an entry of `rows` rows holds.
+  int64_t blocks_for(int64_t rows) const { return (rows + opt_.block_size - 1) / opt_.block_size; }
+
+  const model::CacheViews& views() const { return views_; }
+
+ private:
+  kernels::Backend& be_;
+  StateCacheOptions opt_;
+  model::CacheViews views_;
+  std::vector<int32_t> free_blocks_, free_slots_;  // stacks
+  bool has_deltanet_ = false;
+};
+
+}  // namespace ballast::runtime

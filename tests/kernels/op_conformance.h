@@ -1,0 +1,1401 @@
+#pragma once
+// What every backend must compute: one parameterised suite over the backend contract (backend.h,
+// workspace.h, every op of ops.h). Inputs are made on the host and uploaded, outputs downloaded
+// and compared with naive references written here (double precision where it matters; the
+// tolerance is stated at each check), never with a backend's own code. The DeltaNet state ops are
+// checked against the single-sequence cpu:: kernels run one sequence at a time, an independent
+// path (so a test binary that includes this header links ballast_kernels_cpu).
+//
+// A backend's test file includes this header once and instantiates it:
+//   INSTANTIATE_TEST_SUITE_P(Cpu, OpConformance, ::testing::Values(BackendCase{"threads1", ...}),
+//                            backend_case_name);
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <numeric>
+#include <ostream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "ballast/core/dtype.h"
+#include "ballast/core/error.h"
+#include "ballast/eplb/dispatch.h"
+#include "ballast/kernels/backend.h"
+#include "ballast/kernels/cpu/causal_conv1d.h"
+#include "ballast/kernels/cpu/gated_delta_rule.h"
+#include "ballast/kernels/ops.h"
+#include "ballast/kernels/sampling.h"
+#include "ballast/kernels/workspace.h"
+#include "support/expect_error.h"
+
+namespace ballast::kernels::conformance {
+
+struct BackendCase {
+  std::string name;  // the test-name suffix, e.g. "threads3"
+  std::function<std::unique_ptr<Backend>()> make;
+};
+
+inline std::string backend_case_name(const ::testing::TestParamInfo<BackendCase>& info) { return info.param.name; }
+inline void PrintTo(const BackendCase& c, std::ostream* os) { *os << c.name; }
+
+// --- host-side helpers ---
+
+inline std::vector<float> randn(size_t n, uint32_t seed, float scale = 1.0f) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, scale);
+  std::vector<float> v(n);
+  for (auto& e : v) e = nd(rng);
+  return v;
+}
+
+inline std::vector<float> uniform_floats(size_t n, uint32_t seed, float lo, float hi) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> ud(lo, hi);
+  std::vector<float> v(n);
+  for (auto& e : v) e = ud(rng);
+  return v;
+}
+
+// The values `v` become when stored in `dtype` (what a backend reads back from a weight).
+inline std::vector<float> stored_as(const std::vector<float>& v, DType dtype) {
+  std::vector<float> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    switch (dtype) {
+      case DType::F32: r[i] = v[i]; break;
+      case DType::BF16: r[i] = bf16_to_f32(f32_to_bf16(v[i])); break;
+      case DType::F16: r[i] = f16_to_f32(f32_to_f16(v[i])); break;
+      default: ADD_FAILURE() << "stored_as: unsupported dtype " << dtype_name(dtype); break;
+    }
+  }
+  return r;
+}
+
+// A host tensor of `v` stored in `dtype` (F32, BF16 or F16), as a checkpoint holds a weight.
+inline Tensor host_tensor(const std::vector<float>& v, std::vector<int64_t> shape, DType dtype) {
+  Tensor t = Tensor::zeros(std::move(shape), dtype);
+  EXPECT_EQ(size_t(t.numel()), v.size());
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (dtype == DType::F32) t.data<float>()[i] = v[i];
+    else if (dtype == DType::BF16) t.data<uint16_t>()[i] = f32_to_bf16(v[i]);
+    else if (dtype == DType::F16) t.data<uint16_t>()[i] = f32_to_f16(v[i]);
+    else ADD_FAILURE() << "host_tensor: unsupported dtype " << dtype_name(dtype);
+  }
+  return t;
+}
+
+// max |a - b| / (atol + rtol |b|) <= 1, with the first offender reported.
+inline ::testing::AssertionResult all_near(const std::vector<float>& got, const std::vector<double>& want, double atol,
+                                           double rtol = 0.0) {
+  if (got.size() != want.size())
+    return ::testing::AssertionFailure() << "size " << got.size() << " != " << want.size();
+  for (size_t i = 0; i < got.size(); ++i) {
+    const double err = std::abs(double(got[i]) - want[i]);
+    if (!(err <= atol + rtol * std::abs(want[i])))
+      return ::testing::AssertionFailure() << "at " << i << ": got " << got[i] << ", want " << want[i] << " (error "
+                                           << err << ", atol " << atol << ", rtol " << rtol << ")";
+  }
+  return ::testing::AssertionSuccess();
+}
+inline ::testing::AssertionResult all_near(const std::vector<float>& got, const std::vector<float>& want, double atol,
+                                           double rtol = 0.0) {
+  return all_near(got, std::vector<double>(want.begin(), want.end()), atol, rtol);
+}
+
+// ||a - b|| / ||b||.
+inline double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < a.size() && i < b.size(); ++i) {
+    num += (double(a[i]) - b[i]) * (double(a[i]) - b[i]);
+    den += double(b[i]) * b[i];
+  }
+  return a.size() != b.size() ? INFINITY : std::sqrt(num / std::max(den, 1e-300));
+}
+
+inline double silu_d(double x) { return x / (1.0 + std::exp(-x)); }
+inline double sigmoid_d(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// A pass's sequences on the host, made into a SeqLayout by OpConformance::layout().
+struct HostLayout {
+  std::vector<int32_t> cu{0};
+  std::vector<int32_t> kv_lens, block_tables, slot_mapping, state_slots, snapshot_slots;
+  int width = 0, snapshot_width = 0, block_size = 0;
+  int num_seqs() const { return int(cu.size()) - 1; }
+};
+
+// The truncated sampling distribution, computed independently of sampling.h, in double.
+inline std::vector<double> reference_distribution(const std::vector<float>& logits, double temperature, double top_p,
+                                                  int top_k) {
+  const size_t V = logits.size();
+  std::vector<double> p(V);
+  const double mx = *std::max_element(logits.begin(), logits.end());
+  double sum = 0;
+  for (size_t i = 0; i < V; ++i) sum += (p[i] = std::exp((logits[i] - mx) / temperature));
+  for (auto& e : p) e /= sum;
+  std::vector<size_t> order(V);
+  std::iota(order.begin(), order.end(), size_t(0));
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return p[a] > p[b]; });
+  size_t keep = top_k > 0 ? std::min(V, size_t(top_k)) : V;
+  double mass = 0;
+  for (size_t i = 0; i < keep; ++i)
+    if ((mass += p[order[i]]) >= top_p) {
+      keep = i + 1;
+      break;
+    }
+  std::vector<double> out(V, 0.0);
+  double kept = 0;
+  for (size_t i = 0; i < keep; ++i) kept += p[order[i]];
+  for (size_t i = 0; i < keep; ++i) out[order[i]] = p[order[i]] / kept;
+  return out;
+}
+
+struct DeltaNetCase {
+  DeltaRuleDims d{2, 4, 16, 16};
+  int kc = 4;
+  int64_t C() const { return 2 * int64_t(d.Hk) * d.dk + int64_t(d.Hv) * d.dv; }
+  int64_t conv_state() const { return C() * (kc - 1); }
+  int64_t rule_state() const { return int64_t(d.Hv) * d.dk * d.dv; }
+};
+
+// A placement of E = 8 experts on G = 4 ranks of K = 3 slots (4 redundant replicas).
+struct Placement {
+  int G = 4, K = 3, E = 8;
+  std::vector<int32_t> row{0, 1, 2, 3, 4, 0, 5, 6, 1, 7, 0, 3};
+};
+
+class OpConformance : public ::testing::TestWithParam<BackendCase> {
+ protected:
+  void SetUp() override { backend_ = GetParam().make(); }
+
+  Backend& be() { return *backend_; }
+  Ops& ops() { return backend_->ops(); }
+
+  template <typename T>
+  Tensor upload(const std::vector<T>& v, std::vector<int64_t> shape, DType dtype) {
+    Tensor t = be().alloc(std::move(shape), dtype);
+    EXPECT_EQ(t.nbytes(), v.size() * sizeof(T)) << "upload: " << t.shape_str();
+    be().upload(v.data(), t);
+    return t;
+  }
+  Tensor f32(const std::vector<float>& v, std::vector<int64_t> shape) { return upload(v, std::move(shape), DType::F32); }
+  Tensor i32(const std::vector<int32_t>& v, std::vector<int64_t> shape) {
+    return upload(v, std::move(shape), DType::I32);
+  }
+  Tensor i32(const std::vector<int32_t>& v) { return i32(v, {int64_t(v.size())}); }
+  Tensor i64(const std::vector<int64_t>& v) { return upload(v, {int64_t(v.size())}, DType::I64); }
+  // A weight as the model gets it: a host tensor in `dtype`, made readable by the device.
+  Tensor weight(const std::vector<float>& v, std::vector<int64_t> shape, DType dtype) {
+    return be().to_device(host_tensor(v, std::move(shape), dtype));
+  }
+
+  std::vector<float> floats(const Tensor& t) {
+    std::vector<float> v(size_t(t.numel()));
+    EXPECT_EQ(t.dtype(), DType::F32);
+    be().download(t, v.data());
+    return v;
+  }
+  std::vector<int32_t> ints(const Tensor& t) {
+    std::vector<int32_t> v(size_t(t.numel()));
+    EXPECT_EQ(t.dtype(), DType::I32);
+    be().download(t, v.data());
+    return v;
+  }
+
+  SeqLayout layout(const HostLayout& h) {
+    SeqLayout l;
+    l.num_seqs = h.num_seqs();
+    l.num_tokens = h.cu.back();
+    l.block_size = h.block_size;
+    for (int b = 0; b < l.num_seqs; ++b) {
+      l.max_query_len = std::max(l.max_query_len, h.cu[size_t(b) + 1] - h.cu[size_t(b)]);
+      if (!h.kv_lens.empty()) l.max_kv_len = std::max(l.max_kv_len, h.kv_lens[size_t(b)]);
+    }
+    l.cu_seqlens = i32(h.cu);
+    if (!h.kv_lens.empty()) l.kv_lens = i32(h.kv_lens);
+    if (h.width > 0) l.block_tables = i32(h.block_tables, {l.num_seqs, h.width});
+    l.slot_mapping = i32(h.slot_mapping);
+    if (!h.state_slots.empty()) l.state_slots = i32(h.state_slots);
+    if (h.snapshot_width > 0) l.snapshot_slots = i32(h.snapshot_slots, {l.num_seqs, h.snapshot_width});
+    return l;
+  }
+
+  SamplingRows sampling_rows(const std::vector<float>& temperature, const std::vector<float>& top_p,
+                             const std::vector<int32_t>& top_k, const std::vector<int64_t>& seed,
+                             const std::vector<int32_t>& position) {
+    const int64_t R = int64_t(temperature.size());
+    return {f32(temperature, {R}), f32(top_p, {R}), i32(top_k), i64(seed), i32(position)};
+  }
+
+  // The dispatch tables of `pl` for `rank`, as the model uploads them.
+  DispatchTables dispatch_tables(const Placement& pl, eplb::Dispatch policy, int rank, int64_t pass) {
+    DispatchTables t;
+    t.policy = policy;
+    t.rank = rank;
+    t.ranks = pl.G;
+    t.slots_per_rank = pl.K;
+    t.layer = 5;
+    t.phy2log = i32(pl.row);
+    const auto table = eplb::static_table(pl.row, pl.G, 0, pl.E);
+    t.static_slot = i32(std::vector<int32_t>(table.begin() + rank * pl.E, table.begin() + (rank + 1) * pl.E));
+    const auto rep = eplb::replicas_of(pl.row, pl.E);
+    size_t rmax = 0;
+    for (const auto& r : rep) rmax = std::max(rmax, r.size());
+    std::vector<int32_t> replicas(size_t(pl.E) * rmax, -1), count(size_t(pl.E));
+    for (int e = 0; e < pl.E; ++e) {
+      count[size_t(e)] = int32_t(rep[size_t(e)].size());
+      std::copy(rep[size_t(e)].begin(), rep[size_t(e)].end(), replicas.begin() + e * int64_t(rmax));
+    }
+    t.replicas = i32(replicas, {pl.E, int64_t(rmax)});
+    t.replica_count = i32(count);
+    t.pass_seed = i64({pass});
+    return t;
+  }
+
+  void check_deltanet_pass(const DeltaNetCase& c, const HostLayout& h, int64_t slots, uint32_t seed);
+
+ private:
+  std::unique_ptr<Backend> backend_;
+};
+
+// ============================================================================================
+// Backend memory and the workspace
+// ============================================================================================
+
+TEST_P(OpConformance, BackendMemoryIsCountedAndRoundTrips) {
+  EXPECT_FALSE(be().describe().empty());
+  const Counters c0 = be().counters();
+  Tensor t = be().alloc({3, 5}, DType::F32);
+  ASSERT_TRUE(t.defined());
+  EXPECT_EQ(t.device(), be().device());
+  EXPECT_EQ(t.shape(), (std::vector<int64_t>{3, 5}));
+  EXPECT_EQ(be().counters().allocations, c0.allocations + 1);
+  EXPECT_GE(be().counters().bytes_allocated, c0.bytes_allocated + 60);
+
+  std::vector<float> h(15);
+  std::iota(h.begin(), h.end(), 1.0f);
+  be().upload(h.data(), t);
+  h.assign(15, -1.0f);  // the host buffer may be reused once upload returns
+  EXPECT_EQ(be().counters().uploads, c0.uploads + 1);
+  EXPECT_EQ(be().counters().bytes_uploaded, c0.bytes_uploaded + 60);
+  std::vector<float> back(15);
+  be().download(t, back.data());
+  EXPECT_EQ(be().counters().downloads, c0.downloads + 1);
+  EXPECT_EQ(be().counters().bytes_downloaded, c0.bytes_downloaded + 60);
+  for (size_t i = 0; i < back.size(); ++i) EXPECT_EQ(back[i], float(i + 1));
+
+  // Every dtype holds its bytes.
+  std::vector<int64_t> big{int64_t(1) << 40, -3, 7};
+  Tensor t64 = i64(big);
+  std::vector<int64_t> big_back(3);
+  be().download(t64, big_back.data());
+  EXPECT_EQ(big_back, big);
+
+  // Empty tensors are defined and move nothing.
+  Tensor e = be().alloc({0, 4}, DType::I32);
+  EXPECT_TRUE(e.defined());
+  EXPECT_EQ(e.numel(), 0);
+  int32_t dummy = 42;
+  be().upload(&dummy, e);
+  be().download(e, &dummy);
+  EXPECT_EQ(dummy, 42);
+
+  // A host weight reads back the same through to_device.
+  const std::vector<float> wv = randn(10, 1);
+  Tensor w = be().to_device(host_tensor(wv, {2, 5}, DType::BF16));
+  EXPECT_EQ(w.dtype(), DType::BF16);
+  EXPECT_EQ(w.shape(), (std::vector<int64_t>{2, 5}));
+  std::vector<uint16_t> wb(10);
+  be().download(w, wb.data());
+  for (size_t i = 0; i < wb.size(); ++i) EXPECT_EQ(wb[i], f32_to_bf16(wv[i]));
+  be().synchronize();
+}
+
+TEST_P(OpConformance, WorkspaceReusesOneBufferAtFixedAddresses) {
+  Workspace ws(be());
+  const std::vector<int64_t> sizes{1000, 3, 0, 70000, 17, 256, 4096};
+  // One pass: takes in a fixed order; returns their addresses, checking alignment and that the
+  // tensors are distinct memory (each gets its own pattern and reads it back).
+  auto pass = [&](int scale) {
+    ws.reset();
+    std::vector<uintptr_t> at;
+    std::vector<Tensor> taken;
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      Tensor t = ws.take({sizes[i] * scale}, i % 2 ? DType::I32 : DType::F32);
+      EXPECT_TRUE(t.defined());
+      EXPECT_EQ(t.device(), be().device());
+      EXPECT_EQ(t.numel(), sizes[i] * scale);
+      EXPECT_EQ(reinterpret_cast<uintptr_t>(t.raw()) % 256, 0u) << "take " << i << " is not 256-byte aligned";
+      at.push_back(reinterpret_cast<uintptr_t>(t.raw()));
+      std::vector<int32_t> pattern(size_t(t.numel()), int32_t(i * 1000 + scale));
+      be().upload(pattern.data(), t);
+      taken.push_back(t);
+    }
+    for (size_t i = 0; i < taken.size(); ++i) {
+      std::vector<int32_t> back(size_t(taken[i].numel()));
+      be().download(taken[i], back.data());
+      EXPECT_TRUE(std::all_of(back.begin(), back.end(), [&](int32_t v) { return v == int32_t(i * 1000 + scale); }))
+          << "take " << i << " overlaps another";
+    }
+    return at;
+  };
+  const int64_t a0 = be().counters().allocations;
+  pass(1);
+  EXPECT_GT(be().counters().allocations, a0) << "the first pass allocates";
+  const auto second = pass(1);  // after an outgrown first pass, reset() made one buffer
+  EXPECT_GE(ws.capacity(), ws.high_water());
+  const int64_t a2 = be().counters().allocations;
+  const int64_t bytes2 = be().counters().bytes_allocated;
+  EXPECT_EQ(pass(1), second) << "the same takes get the same addresses";
+  EXPECT_EQ(pass(1), second);
+  EXPECT_EQ(be().counters().allocations, a2) << "steady state allocates nothing";
+  EXPECT_EQ(be().counters().bytes_allocated, bytes2);
+  const size_t hw = ws.high_water();
+  size_t expect_hw = 0;
+  for (int64_t s : sizes) expect_hw += size_t(std::max<int64_t>(s * 4, 1) + 255) / 256 * 256;
+  EXPECT_EQ(hw, expect_hw) << "high water counts every take, rounded to 256 bytes";
+
+  // A larger pass grows the buffer (counted), then is steady again; smaller passes fit.
+  pass(3);
+  EXPECT_GT(be().counters().allocations, a2);
+  EXPECT_GT(ws.high_water(), hw);
+  const auto big = pass(3);
+  const int64_t a3 = be().counters().allocations;
+  EXPECT_EQ(pass(3), big);
+  pass(1);
+  EXPECT_EQ(pass(3), big);
+  EXPECT_EQ(be().counters().allocations, a3);
+}
+
+// ============================================================================================
+// Rows and elementwise
+// ============================================================================================
+
+TEST_P(OpConformance, Embedding) {
+  const int64_t V = 11, H = 6;
+  const std::vector<float> table = randn(size_t(V * H), 2);
+  const std::vector<int32_t> ids{3, 0, 10, 3, 7};
+  for (DType dt : {DType::F32, DType::BF16}) {
+    const std::vector<float> stored = stored_as(table, dt);
+    Tensor out = be().alloc({5, H}, DType::F32);
+    ops().embedding(i32(ids), weight(table, {V, H}, dt), out);
+    std::vector<float> want;
+    for (int32_t id : ids) want.insert(want.end(), stored.begin() + id * H, stored.begin() + (id + 1) * H);
+    EXPECT_TRUE(all_near(floats(out), want, 0.0)) << dtype_name(dt);
+  }
+}
+
+TEST_P(OpConformance, MatmulInEveryWeightDtype) {
+  const int64_t K = 70, N = 130;  // N spans several blocks of 64 weight rows, K is no multiple of 16
+  const std::vector<float> wv = randn(size_t(N * K), 3, 0.2f);
+  for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+    const std::vector<float> ws = stored_as(wv, dt);
+    Tensor w = weight(wv, {N, K}, dt);
+    for (int64_t T : {0, 1, 5, 40}) {
+      const std::vector<float> x = randn(size_t(T * K), 4 + uint32_t(T));
+      Tensor y = be().alloc({T, N}, DType::F32);
+      ops().matmul(f32(x, {T, K}), w, y);
+      std::vector<double> want(size_t(T * N));
+      double scale = 0;  // sum |x||w|: fp32 accumulation error is a few ulps of it
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t n = 0; n < N; ++n) {
+          double s = 0, a = 0;
+          for (int64_t k = 0; k < K; ++k) {
+            s += double(x[size_t(t * K + k)]) * ws[size_t(n * K + k)];
+            a += std::abs(double(x[size_t(t * K + k)]) * ws[size_t(n * K + k)]);
+          }
+          want[size_t(t * N + n)] = s;
+          scale = std::max(scale, a);
+        }
+      // Tolerance: 1e-6 of the largest sum of |products| (fp32 accumulation over K = 70).
+      EXPECT_TRUE(all_near(floats(y), want, 1e-6 * std::max(scale, 1.0))) << dtype_name(dt) << " T=" << T;
+    }
+  }
+}
+
+TEST_P(OpConformance, RmsNormInPlaceAndNot) {
+  const int64_t R = 4, D = 33;
+  const float eps = 1e-6f;
+  std::vector<float> x = randn(size_t(R * D), 5);
+  for (int64_t i = 0; i < D; ++i) x[size_t(i)] *= 1e-3f;  // a small row: eps matters there
+  const std::vector<float> w = randn(size_t(D), 6, 0.1f);
+  std::vector<double> want(x.size());
+  for (int64_t r = 0; r < R; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < D; ++i) ss += double(x[size_t(r * D + i)]) * x[size_t(r * D + i)];
+    const double inv = 1.0 / std::sqrt(ss / D + eps);
+    for (int64_t i = 0; i < D; ++i) want[size_t(r * D + i)] = x[size_t(r * D + i)] * inv * (1.0 + w[size_t(i)]);
+  }
+  Tensor xd = f32(x, {R, D}), y = be().alloc({R, D}, DType::F32);
+  ops().rms_norm(xd, f32(w, {D}), eps, y);
+  EXPECT_TRUE(all_near(floats(y), want, 1e-6, 1e-5));
+  ops().rms_norm(xd, f32(w, {D}), eps, xd);
+  EXPECT_TRUE(all_near(floats(xd), want, 1e-6, 1e-5)) << "in place";
+}
+
+TEST_P(OpConformance, AddCopyZero) {
+  const std::vector<float> a = randn(50, 7), b = randn(50, 8);
+  Tensor y = f32(a, {5, 10});
+  ops().add(y, f32(b, {5, 10}));
+  std::vector<float> sum(50);
+  for (size_t i = 0; i < 50; ++i) sum[i] = a[i] + b[i];
+  EXPECT_EQ(floats(y), sum);  // one fp32 add each: exact
+
+  // copy moves bytes: any dtype, any shape of the same size.
+  const std::vector<int32_t> ids{5, -1, 1 << 30, 7, 0, 3};
+  Tensor dst = be().alloc({3, 2}, DType::I32);
+  ops().copy(i32(ids), dst);
+  EXPECT_EQ(ints(dst), ids);
+
+  ops().zero(dst);
+  EXPECT_EQ(ints(dst), std::vector<int32_t>(6, 0));
+  ops().zero(y);
+  EXPECT_EQ(floats(y), std::vector<float>(50, 0.0f));
+  test::expect_error([&] { ops().copy(i32(ids), y); }, {"copy"});
+}
+
+TEST_P(OpConformance, ConcatSplitAndGates) {
+  const int64_t T = 3, A = 4, B = 5;
+  const std::vector<float> a = randn(size_t(T * A), 9), b = randn(size_t(T * B), 10);
+  Tensor out = be().alloc({T, A + B}, DType::F32);
+  ops().concat_cols(f32(a, {T, A}), f32(b, {T, B}), out);
+  std::vector<float> want;
+  for (int64_t t = 0; t < T; ++t) {
+    want.insert(want.end(), a.begin() + t * A, a.begin() + (t + 1) * A);
+    want.insert(want.end(), b.begin() + t * B, b.begin() + (t + 1) * B);
+  }
+  EXPECT_EQ(floats(out), want);
+
+  // split_heads_gate: per head [q | gate].
+  const int64_t Hq = 2, hd = 3;
+  const std::vector<float> qg = randn(size_t(T * Hq * 2 * hd), 11);
+  Tensor q = be().alloc({T, Hq, hd}, DType::F32), gate = be().alloc({T, Hq, hd}, DType::F32);
+  ops().split_heads_gate(f32(qg, {T, Hq, 2 * hd}), q, gate);
+  std::vector<float> wq, wg;
+  for (int64_t r = 0; r < T * Hq; ++r) {
+    wq.insert(wq.end(), qg.begin() + r * 2 * hd, qg.begin() + r * 2 * hd + hd);
+    wg.insert(wg.end(), qg.begin() + r * 2 * hd + hd, qg.begin() + (r + 1) * 2 * hd);
+  }
+  EXPECT_EQ(floats(q), wq);
+  EXPECT_EQ(floats(gate), wg);
+
+  // silu_mul (out aliasing gate), mul_sigmoid, scale_rows_sigmoid.
+  const std::vector<float> g = randn(24, 12, 2.0f), u = randn(24, 13);
+  Tensor gd = f32(g, {4, 6});
+  ops().silu_mul(gd, f32(u, {4, 6}), gd);
+  std::vector<double> w1(24), w2(24), w3(24);
+  for (size_t i = 0; i < 24; ++i) {
+    w1[i] = silu_d(g[i]) * u[i];
+    w2[i] = double(u[i]) * sigmoid_d(g[i]);
+  }
+  EXPECT_TRUE(all_near(floats(gd), w1, 1e-6, 1e-5)) << "silu_mul";
+  Tensor ud = f32(u, {4, 6});
+  ops().mul_sigmoid(ud, f32(g, {4, 6}));
+  EXPECT_TRUE(all_near(floats(ud), w2, 1e-6, 1e-5)) << "mul_sigmoid";
+  const std::vector<float> s = randn(4, 14, 2.0f);
+  Tensor ys = f32(u, {4, 6});
+  ops().scale_rows_sigmoid(ys, f32(s, {4, 1}));
+  for (size_t i = 0; i < 24; ++i) w3[i] = double(u[i]) * sigmoid_d(s[i / 6]);
+  EXPECT_TRUE(all_near(floats(ys), w3, 1e-6, 1e-5)) << "scale_rows_sigmoid";
+}
+
+TEST_P(OpConformance, GatherAndScatterRows) {
+  const int64_t M = 6, D = 5;
+  const std::vector<float> x = randn(size_t(M * D), 15);
+  // F32 rows, row_div 2 (rows name choices of k = 2 per token).
+  const std::vector<int32_t> rows{11, 0, 4, 5, 4};
+  Tensor out = be().alloc({5, D}, DType::F32);
+  ops().gather_rows(f32(x, {M, D}), i32(rows), 2, out);
+  std::vector<float> want;
+  for (int32_t r : rows) want.insert(want.end(), x.begin() + (r / 2) * D, x.begin() + (r / 2 + 1) * D);
+  EXPECT_EQ(floats(out), want);
+
+  // Any dtype: I32 rows of 3, and BF16 rows (a row is x's first dimension).
+  const std::vector<int32_t> xi{1, 2, 3, 4, 5, 6, 7, 8, 9};
+  Tensor oi = be().alloc({2, 3}, DType::I32);
+  ops().gather_rows(i32(xi, {3, 3}), i32({2, 0}), 1, oi);
+  EXPECT_EQ(ints(oi), (std::vector<int32_t>{7, 8, 9, 1, 2, 3}));
+  const std::vector<float> xb = randn(12, 16);
+  Tensor ob = be().alloc({2, 2, 3}, DType::BF16);
+  ops().gather_rows(be().to_device(host_tensor(xb, {2, 2, 3}, DType::BF16)), i32({1, 0}), 1, ob);
+  std::vector<uint16_t> bb(12);
+  be().download(ob, bb.data());
+  for (size_t i = 0; i < 12; ++i) EXPECT_EQ(bb[i], f32_to_bf16(xb[(i + 6) % 12]));
+
+  // scatter_rows: out[rows[i]] = x[i]; other rows untouched.
+  Tensor so = f32(std::vector<float>(size_t(M * D), 9.0f), {M, D});
+  ops().scatter_rows(f32(std::vector<float>(x.begin(), x.begin() + 3 * D), {3, D}), i32({4, 1, 2}), so);
+  std::vector<float> sw(size_t(M * D), 9.0f);
+  const int32_t dst[3] = {4, 1, 2};
+  for (int i = 0; i < 3; ++i) std::copy(x.begin() + i * D, x.begin() + (i + 1) * D, sw.begin() + dst[i] * D);
+  EXPECT_EQ(floats(so), sw);
+}
+
+TEST_P(OpConformance, RopeRotatesTheFirstDims) {
+  const int64_t T = 4, heads = 3, hd = 8;
+  const int rot = 6;
+  const double theta = 10000.0;
+  const std::vector<float> x = randn(size_t(T * heads * hd), 17);
+  const std::vector<int32_t> pos{0, 1, 17, 300};
+  Tensor xd = f32(x, {T, heads, hd});
+  ops().rope(xd, i32(pos), rot, theta);
+  std::vector<double> want(x.begin(), x.end());
+  const int half = rot / 2;
+  for (int64_t t = 0; t < T; ++t)
+    for (int i = 0; i < half; ++i) {
+      // The angle in fp32 (as the model's reference computes it), then cos and sin.
+      const float inv = float(1.0 / std::pow(theta, double(2 * i) / rot));
+      const double ang = double(float(pos[size_t(t)]) * inv);
+      for (int64_t h = 0; h < heads; ++h) {
+        const size_t o = size_t((t * heads + h) * hd);
+        const double a = x[o + i], b = x[o + i + half];
+        want[o + i] = a * std::cos(ang) - b * std::sin(ang);
+        want[o + i + half] = b * std::cos(ang) + a * std::sin(ang);
+      }
+    }
+  EXPECT_TRUE(all_near(floats(xd), want, 2e-6, 1e-5));
+}
+
+TEST_P(OpConformance, DeltaGatesAndGatedRmsNorm) {
+  const int64_t T = 3, Hv = 4;
+  const std::vector<float> b = randn(size_t(T * Hv), 18, 2.0f), a = randn(size_t(T * Hv), 19, 3.0f);
+  std::vector<float> a_big = a;
+  a_big[0] = 30.0f;  // softplus of a large input is the input
+  const std::vector<float> A_log = randn(size_t(Hv), 20), dt = randn(size_t(Hv), 21);
+  Tensor beta = be().alloc({T, Hv}, DType::F32), g = be().alloc({T, Hv}, DType::F32);
+  ops().delta_gates(f32(b, {T, Hv}), f32(a_big, {T, Hv}), f32(A_log, {Hv}), f32(dt, {Hv}), beta, g);
+  std::vector<double> wb(size_t(T * Hv)), wg(size_t(T * Hv));
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t h = 0; h < Hv; ++h) {
+      const size_t i = size_t(t * Hv + h);
+      wb[i] = sigmoid_d(b[i]);
+      wg[i] = -std::exp(double(A_log[size_t(h)])) * std::log1p(std::exp(double(a_big[i]) + dt[size_t(h)]));
+    }
+  EXPECT_TRUE(all_near(floats(beta), wb, 1e-6, 1e-5));
+  EXPECT_TRUE(all_near(floats(g), wg, 1e-6, 1e-5));
+
+  const int64_t R = 5, dv = 16;
+  const float eps = 1e-6f;
+  const std::vector<float> x = randn(size_t(R * dv), 22), z = randn(size_t(R * dv), 23), w = randn(size_t(dv), 24);
+  std::vector<double> want(x.size());
+  for (int64_t r = 0; r < R; ++r) {
+    double ss = 0;
+    for (int64_t i = 0; i < dv; ++i) ss += double(x[size_t(r * dv + i)]) * x[size_t(r * dv + i)];
+    const double inv = 1.0 / std::sqrt(ss / dv + eps);
+    for (int64_t i = 0; i < dv; ++i) {
+      const size_t k = size_t(r * dv + i);
+      want[k] = w[size_t(i)] * x[k] * inv * silu_d(z[k]);
+    }
+  }
+  Tensor xd = f32(x, {R, dv});
+  ops().gated_rms_norm(xd, f32(z, {R, dv}), f32(w, {dv}), eps, xd);  // y aliasing x
+  EXPECT_TRUE(all_near(floats(xd), want, 1e-6, 1e-5));
+}
+
+// ============================================================================================
+// Attention over paged caches
+// ============================================================================================
+
+struct AttentionCase {
+  int64_t Hq, Hkv, hd;
+  int block_size;
+};
+
+TEST_P(OpConformance, PagedAttentionMatchesDenseCausalSoftmax) {
+  for (const AttentionCase ac : {AttentionCase{4, 2, 16, 4}, AttentionCase{3, 3, 8, 16}, AttentionCase{6, 1, 16, 16},
+                                 AttentionCase{2, 2, 8, 4}}) {
+    SCOPED_TRACE("Hq=" + std::to_string(ac.Hq) + " Hkv=" + std::to_string(ac.Hkv) + " hd=" + std::to_string(ac.hd) +
+                 " block_size=" + std::to_string(ac.block_size));
+    const int64_t Hq = ac.Hq, Hkv = ac.Hkv, hd = ac.hd, bs = ac.block_size;
+    const int64_t row = Hkv * hd;
+    // Four sequences; each pass appends `new_rows` to what a sequence holds. Pass 0 starts some
+    // sequences with rows already cached (prefix), pass 1 is decode (and one 3-row verify).
+    const std::vector<int> prior{0, 12, 3, 30};
+    const std::vector<std::vector<int>> passes{{5, 1, 17, 9}, {1, 3, 1, 1}};
+    const int B = 4, max_len = 41;
+    const int64_t W = (max_len + bs - 1) / bs + 1;  // one spare entry per table, padded with -1
+    const int64_t blocks = B * W + 5;
+    // Block tables: a shuffled pool, so a sequence's blocks are neither contiguous nor ordered.
+    std::vector<int32_t> pool_ids(static_cast<size_t>(blocks));
+    std::iota(pool_ids.begin(), pool_ids.end(), 0);
+    std::shuffle(pool_ids.begin(), pool_ids.end(), std::mt19937(uint32_t(bs * 7 + Hq)));
+    std::vector<int32_t> tables(size_t(B * W), -1);
+    for (int b = 0; b < B; ++b)
+      for (int64_t j = 0; j + 1 < W; ++j) tables[size_t(b * W + j)] = pool_ids[size_t(b * (W - 1) + j)];
+    const auto cache_row = [&](int b, int r) {  // the row of the flat cache holding b's row r
+      return int64_t(tables[size_t(b * W + r / bs)]) * bs + r % bs;
+    };
+    // The host's copy of the caches: garbage everywhere (a backend must not read it), then the
+    // sequences' prior rows where their tables put them.
+    std::vector<float> kc = randn(size_t(blocks * bs * row), 30, 100.0f), vc = randn(kc.size(), 31, 100.0f);
+    std::vector<std::vector<float>> keys(B), values(B);  // every sequence's rows in order
+    for (int b = 0; b < B; ++b) {
+      keys[size_t(b)] = randn(size_t(prior[size_t(b)] * row), 40 + b);
+      values[size_t(b)] = randn(size_t(prior[size_t(b)] * row), 50 + b);
+      for (int r = 0; r < prior[size_t(b)]; ++r) {
+        std::copy_n(keys[size_t(b)].begin() + r * row, row, kc.begin() + cache_row(b, r) * row);
+        std::copy_n(values[size_t(b)].begin() + r * row, row, vc.begin() + cache_row(b, r) * row);
+      }
+    }
+    Tensor k_cache = f32(kc, {blocks, bs, Hkv, hd}), v_cache = f32(vc, {blocks, bs, Hkv, hd});
+    for (size_t p = 0; p < passes.size(); ++p) {
+      HostLayout h;
+      h.block_size = int(bs);
+      h.width = int(W);
+      h.block_tables = tables;
+      std::vector<float> k_new, v_new;
+      for (int b = 0; b < B; ++b) {
+        const int n = passes[p][size_t(b)], have = int(keys[size_t(b)].size() / size_t(row));
+        const std::vector<float> kn = randn(size_t(n * row), uint32_t(100 + p * 10 + b));
+        const std::vector<float> vn = randn(size_t(n * row), uint32_t(200 + p * 10 + b));
+        k_new.insert(k_new.end(), kn.begin(), kn.end());
+        v_new.insert(v_new.end(), vn.begin(), vn.end());
+        keys[size_t(b)].insert(keys[size_t(b)].end(), kn.begin(), kn.end());
+        values[size_t(b)].insert(values[size_t(b)].end(), vn.begin(), vn.end());
+        for (int i = 0; i < n; ++i) {
+          h.slot_mapping.push_back(int32_t(cache_row(b, have + i)));
+          std::copy_n(kn.begin() + i * row, row, kc.begin() + cache_row(b, have + i) * row);
+          std::copy_n(vn.begin() + i * row, row, vc.begin() + cache_row(b, have + i) * row);
+        }
+        h.cu.push_back(h.cu.back() + n);
+        h.kv_lens.push_back(have + n);
+      }
+      const int64_t T = h.cu.back();
+      const std::vector<float> q = randn(size_t(T * Hq * hd), uint32_t(300 + p));
+      Tensor out = be().alloc({T, Hq, hd}, DType::F32);
+      ops().attention(f32(q, {T, Hq, hd}), f32(k_new, {T, Hkv, hd}), f32(v_new, {T, Hkv, hd}), k_cache, v_cache,
+                      layout(h), out);
+      // Dense reference: row i of b's n new rows sees b's rows [0, kv_len - n + i].
+      std::vector<double> want(size_t(T * Hq * hd));
+      for (int b = 0; b < B; ++b) {
+        const int n = passes[p][size_t(b)], kv = h.kv_lens[size_t(b)];
+        for (int i = 0; i < n; ++i) {
+          const int64_t t = h.cu[size_t(b)] + i, len = kv - n + i + 1;
+          for (int64_t hq = 0; hq < Hq; ++hq) {
+            const int64_t kvh = hq / (Hq / Hkv);
+            std::vector<double> sc(static_cast<size_t>(len));
+            double mx = -INFINITY;
+            for (int64_t s = 0; s < len; ++s) {
+              double d = 0;
+              for (int64_t j = 0; j < hd; ++j)
+                d += double(q[size_t((t * Hq + hq) * hd + j)]) * keys[size_t(b)][size_t(s * row + kvh * hd + j)];
+              sc[size_t(s)] = d / std::sqrt(double(hd));
+              mx = std::max(mx, sc[size_t(s)]);
+            }
+            double sum = 0;
+            for (auto& e : sc) sum += (e = std::exp(e - mx));
+            for (int64_t j = 0; j < hd; ++j) {
+              double o = 0;
+              for (int64_t s = 0; s < len; ++s)
+                o += sc[size_t(s)] / sum * values[size_t(b)][size_t(s * row + kvh * hd + j)];
+              want[size_t((t * Hq + hq) * hd + j)] = o;
+            }
+          }
+        }
+      }
+      EXPECT_TRUE(all_near(floats(out), want, 2e-5, 1e-4)) << "pass " << p;
+      // The new rows landed at slot_mapping; nothing else in the caches changed.
+      EXPECT_EQ(floats(k_cache), kc) << "pass " << p;
+      EXPECT_EQ(floats(v_cache), vc) << "pass " << p;
+    }
+  }
+}
+
+// ============================================================================================
+// Gated DeltaNet over state pools
+// ============================================================================================
+
+// The reference: the single-sequence cpu:: kernels (conv, and the recurrent form of the delta
+// rule), one sequence at a time, on host copies of the pools. snapshots: per sequence, the
+// snapshot slots of a verifying sequence (empty: not verifying).
+struct DeltaNetReference {
+  std::vector<float> conv_out, rule_out, conv_states, rule_states;
+};
+
+inline DeltaNetReference deltanet_reference(const DeltaNetCase& c, const HostLayout& h, const std::vector<float>& x,
+                                            const std::vector<float>& weight, const std::vector<float>& qkv,
+                                            const std::vector<float>& g, const std::vector<float>& beta,
+                                            std::vector<float> conv_states, std::vector<float> rule_states) {
+  const int64_t C = c.C(), T = h.cu.back(), kd = int64_t(c.d.Hk) * c.d.dk, vd = int64_t(c.d.Hv) * c.d.dv;
+  DeltaNetReference r;
+  r.conv_out.assign(size_t(T * C), 0.0f);
+  r.rule_out.assign(size_t(T * vd), 0.0f);
+  for (int b = 0; b < h.num_seqs(); ++b) {
+    const int64_t t0 = h.cu[size_t(b)], n = h.cu[size_t(b) + 1] - t0;
+    const bool verifying = h.snapshot_width > 0 && h.snapshot_slots[size_t(b * h.snapshot_width)] >= 0;
+    // Row by row when verifying (each state kept in its snapshot), else all rows at once.
+    const int64_t step = verifying ? 1 : std::max<int64_t>(n, 1);
+    int32_t from = h.state_slots[size_t(b)];
+    for (int64_t i = 0; i < n; i += step) {
+      const int32_t to = verifying ? h.snapshot_slots[size_t(b * h.snapshot_width + i)] : from;
+      if (to != from) {
+        std::copy_n(conv_states.begin() + from * c.conv_state(), c.conv_state(),
+                    conv_states.begin() + to * c.conv_state());
+        std::copy_n(rule_states.begin() + from * c.rule_state(), c.rule_state(),
+                    rule_states.begin() + to * c.rule_state());
+      }
+      cpu::causal_conv1d_silu(x.data() + (t0 + i) * C, C, int(step), int(C), weight.data(), c.kc,
+                              conv_states.data() + to * c.conv_state(), r.conv_out.data() + (t0 + i) * C, C, nullptr);
+      const cpu::DeltaRuleShape s{int(step), c.d.Hk, c.d.Hv, c.d.dk, c.d.dv};
+      const float* q = qkv.data() + (t0 + i) * C;
+      cpu::gated_delta_rule_recurrent(s, q, C, q + kd, C, q + 2 * kd, C, g.data() + (t0 + i) * c.d.Hv,
+                                      beta.data() + (t0 + i) * c.d.Hv, rule_states.data() + to * c.rule_state(),
+                                      r.rule_out.data() + (t0 + i) * vd, vd, nullptr);
+      from = to;
+    }
+  }
+  r.conv_states = std::move(conv_states);
+  r.rule_states = std::move(rule_states);
+  return r;
+}
+
+// Runs both ops on `h` (the delta rule's qkv is its own input, not the conv's output, so that
+// each op is checked alone) and compares outputs and every slot of both pools.
+inline void OpConformance::check_deltanet_pass(const DeltaNetCase& c, const HostLayout& h, int64_t slots,
+                                               uint32_t seed) {
+  const int64_t C = c.C(), T = h.cu.back(), vd = int64_t(c.d.Hv) * c.d.dv, Hv = c.d.Hv;
+  const std::vector<float> x = randn(size_t(T * C), seed), weight = randn(size_t(C * c.kc), seed + 1, 0.5f);
+  const std::vector<float> qkv = randn(size_t(T * C), seed + 2);
+  const std::vector<float> g = uniform_floats(size_t(T * Hv), seed + 3, -2.0f, -0.01f);
+  const std::vector<float> beta = uniform_floats(size_t(T * Hv), seed + 4, 0.05f, 0.95f);
+  const std::vector<float> cs0 = randn(size_t(slots * c.conv_state()), seed + 5);
+  const std::vector<float> rs0 = randn(size_t(slots * c.rule_state()), seed + 6, 0.1f);
+  const DeltaNetReference want = deltanet_reference(c, h, x, weight, qkv, g, beta, cs0, rs0);
+
+  const SeqLayout sl = layout(h);
+  Tensor conv_states = f32(cs0, {slots, C, c.kc - 1});
+  Tensor rule_states = f32(rs0, {slots, Hv, c.d.dk, c.d.dv});
+  Tensor conv_out = be().alloc({T, C}, DType::F32), rule_out = be().alloc({T, Hv, c.d.dv}, DType::F32);
+  ops().causal_conv1d_silu(f32(x, {T, C}), f32(weight, {C, c.kc}), conv_states, sl, conv_out);
+  ops().gated_delta_rule(f32(qkv, {T, C}), f32(g, {T, Hv}), f32(beta, {T, Hv}), c.d, rule_states, sl, rule_out);
+  // Conv: a sum of kc products, then SiLU; its states are copies of inputs (exact).
+  EXPECT_TRUE(all_near(floats(conv_out), want.conv_out, 1e-5, 1e-5)) << "conv out";
+  EXPECT_EQ(floats(conv_states), want.conv_states) << "conv states (every slot)";
+  // Delta rule: per sequence, relative L2 error (the chunked and recurrent forms agree to ~1e-6).
+  const std::vector<float> got_out = floats(rule_out), got_states = floats(rule_states);
+  for (int b = 0; b < h.num_seqs(); ++b) {
+    const size_t r0 = size_t(h.cu[size_t(b)] * vd), r1 = size_t(h.cu[size_t(b) + 1] * vd);
+    EXPECT_LT(rel_l2(std::vector<float>(got_out.begin() + r0, got_out.begin() + r1),
+                     std::vector<float>(want.rule_out.begin() + r0, want.rule_out.begin() + r1)),
+              1e-5)
+        << "delta rule out of sequence " << b;
+  }
+  for (int64_t s = 0; s < slots; ++s) {
+    const auto at = [&](const std::vector<float>& v) {
+      return std::vector<float>(v.begin() + s * c.rule_state(), v.begin() + (s + 1) * c.rule_state());
+    };
+    const std::vector<float> ref = at(want.rule_states), got = at(got_states);
+    if (ref == at(rs0))
+      EXPECT_EQ(got, ref) << "slot " << s << " must be left as it was";
+    else
+      EXPECT_LT(rel_l2(got, ref), 1e-5) << "delta rule state of slot " << s;
+  }
+}
+
+TEST_P(OpConformance, DeltaNetOverStatePoolsWithMixedSequences) {
+  const DeltaNetCase c;
+  // Sequences of 1 row (decode) and more than 64 (several chunks of the chunked form), in slots
+  // scattered over a pool with unused slots.
+  HostLayout h;
+  const std::vector<int> rows{1, 70, 3, 1, 130, 2, 1};
+  h.state_slots = {7, 2, 9, 0, 5, 3, 10};
+  for (int n : rows) h.cu.push_back(h.cu.back() + n);
+  check_deltanet_pass(c, h, 12, 60);
+}
+
+TEST_P(OpConformance, DeltaNetSnapshotModeKeepsEveryRowsState) {
+  const DeltaNetCase c;
+  // Sequence 0 verifies 4 rows, 2 is a plain decode row, 1 verifies 1 row, 3 a plain 3-row pass.
+  HostLayout h;
+  const std::vector<int> rows{4, 1, 1, 3};
+  h.state_slots = {3, 7, 5, 0};
+  h.snapshot_width = 4;
+  h.snapshot_slots = {10, 11, 12, 13,  //
+                      14, -1, -1, -1,  //
+                      -1, -1, -1, -1,  //
+                      -1, 8, 9, 15};   // entry [b][0] < 0: not verifying, the rest is ignored
+  for (int n : rows) h.cu.push_back(h.cu.back() + n);
+  check_deltanet_pass(c, h, 16, 70);
+  // The own slots of the verifying sequences stay as they were: the reference leaves them, and
+  // check_deltanet_pass holds every unchanged slot to equality.
+}
+
+// ============================================================================================
+// Mixture of experts
+// ============================================================================================
+
+TEST_P(OpConformance, TopkSoftmaxWithTiesAndNormalisation) {
+  const int64_t T = 6, E = 10;
+  // Logits on a grid of 0.25: values tie exactly or differ clearly.
+  std::mt19937 rng(80);
+  std::uniform_int_distribution<int> grid(-8, 8);
+  std::vector<float> logits(size_t(T * E));
+  for (auto& l : logits) l = float(grid(rng)) * 0.25f;
+  for (int64_t e = 0; e < E; ++e) logits[size_t(e)] = 1.0f;                  // row 0: all tied
+  for (int64_t e = 0; e < E; ++e) logits[size_t(E + e)] = e % 3 ? 0.5f : 2.0f;  // row 1: ties among leaders
+  for (int k : {1, 3, 10})
+    for (bool normalize : {false, true}) {
+      Tensor ids = be().alloc({T, k}, DType::I32), w = be().alloc({T, k}, DType::F32);
+      ops().topk_softmax(f32(logits, {T, E}), k, normalize, ids, w);
+      std::vector<int32_t> want_ids;
+      std::vector<double> want_w;
+      for (int64_t t = 0; t < T; ++t) {
+        const float* l = logits.data() + t * E;
+        std::vector<int32_t> order(static_cast<size_t>(E));
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[a] > l[b]; });
+        double mx = *std::max_element(l, l + E), sum = 0, ksum = 0;
+        for (int64_t e = 0; e < E; ++e) sum += std::exp(double(l[e]) - mx);
+        for (int j = 0; j < k; ++j) ksum += std::exp(double(l[order[size_t(j)]]) - mx) / sum;
+        for (int j = 0; j < k; ++j) {
+          const double p = std::exp(double(l[order[size_t(j)]]) - mx) / sum;
+          want_ids.push_back(order[size_t(j)]);
+          want_w.push_back(normalize ? p / ksum : p);
+        }
+      }
+      EXPECT_EQ(ints(ids), want_ids) << "k=" << k << " normalize=" << normalize;
+      EXPECT_TRUE(all_near(floats(w), want_w, 1e-6, 1e-5)) << "k=" << k << " normalize=" << normalize;
+    }
+}
+
+TEST_P(OpConformance, DispatchStaticRandomAndBalanced) {
+  const Placement pl;
+  const auto rep = eplb::replicas_of(pl.row, pl.E);
+  // Every rank's routed choices: skewed towards experts 0 and 3, which have replicas.
+  std::vector<std::vector<int32_t>> ids(size_t(pl.G));
+  std::vector<int32_t> counts(size_t(pl.G * pl.E), 0);
+  std::mt19937 rng(90);
+  std::discrete_distribution<int> pick({30, 5, 4, 20, 3, 6, 2, 5});
+  for (int g = 0; g < pl.G; ++g) {
+    for (int i = 0; i < 40 + 13 * g; ++i) ids[size_t(g)].push_back(int32_t(pick(rng)));
+    for (int32_t e : ids[size_t(g)]) ++counts[size_t(g * pl.E + e)];
+  }
+  Tensor counts_by_rank = i32(counts, {pl.G, pl.E});
+  const auto run = [&](const DispatchTables& t, const std::vector<int32_t>& v) {
+    Tensor slots = be().alloc({int64_t(v.size())}, DType::I32);
+    ops().dispatch(t, i32(v), counts_by_rank, slots);
+    return ints(slots);
+  };
+
+  // static: a lookup of the rank's table.
+  const auto table = eplb::static_table(pl.row, pl.G, 0, pl.E);
+  for (int g = 0; g < pl.G; ++g) {
+    const auto slots = run(dispatch_tables(pl, eplb::Dispatch::static_, g, 0), ids[size_t(g)]);
+    for (size_t i = 0; i < slots.size(); ++i)
+      EXPECT_EQ(slots[i], table[size_t(g * pl.E + ids[size_t(g)][i])]) << "static, rank " << g << " choice " << i;
+  }
+
+  // random: the hash of (pass, layer, rank, choice) picks among the expert's replicas.
+  for (int g = 0; g < pl.G; ++g)
+    for (int64_t pass : {0, 1, 12345}) {
+      const DispatchTables t = dispatch_tables(pl, eplb::Dispatch::random, g, pass);
+      const auto slots = run(t, ids[size_t(g)]);
+      EXPECT_EQ(run(t, ids[size_t(g)]), slots) << "random is deterministic";
+      const uint64_t seed = uint64_t(pass) * 1000003u + uint64_t(t.layer);
+      for (size_t i = 0; i < slots.size(); ++i) {
+        const auto& c = rep[size_t(ids[size_t(g)][i])];
+        EXPECT_EQ(slots[i], c[mix64(seed ^ mix64(uint64_t(g) << 40 ^ uint64_t(i))) % c.size()])
+            << "random, rank " << g << " pass " << pass << " choice " << i;
+      }
+    }
+  // ... and spreads one expert's many choices over its replicas.
+  {
+    const std::vector<int32_t> many(3000, 0);  // expert 0 has 3 replicas
+    const auto slots = run(dispatch_tables(pl, eplb::Dispatch::random, 1, 7), many);
+    std::map<int32_t, int> per;
+    for (int32_t s : slots) ++per[s];
+    ASSERT_EQ(per.size(), 3u);
+    for (const auto& [s, n] : per) EXPECT_NEAR(n, 1000, 150) << "slot " << s;
+  }
+
+  // balanced: summed over ranks, each slot gets exactly dispatch_balanced's quota; every choice
+  // goes to a replica of its expert.
+  std::vector<double> total(size_t(pl.E), 0.0);
+  for (int g = 0; g < pl.G; ++g)
+    for (int e = 0; e < pl.E; ++e) total[size_t(e)] += counts[size_t(g * pl.E + e)];
+  const std::vector<double> quota = eplb::dispatch_balanced(pl.row, pl.G, total.data(), pl.E);
+  std::vector<double> load(pl.row.size(), 0.0);
+  for (int g = 0; g < pl.G; ++g) {
+    const auto slots = run(dispatch_tables(pl, eplb::Dispatch::balanced, g, 0), ids[size_t(g)]);
+    for (size_t i = 0; i < slots.size(); ++i) {
+      ASSERT_TRUE(slots[i] >= 0 && size_t(slots[i]) < pl.row.size()) << "balanced slot " << slots[i];
+      EXPECT_EQ(pl.row[size_t(slots[i])], ids[size_t(g)][i]) << "balanced, rank " << g << " choice " << i;
+      load[size_t(slots[i])] += 1.0;
+    }
+  }
+  EXPECT_EQ(load, quota);
+}
+
+TEST_P(OpConformance, HistogramSkipsNegativeKeysAndAccumulates) {
+  const std::vector<int32_t> keys{3, -1, 0, 3, 5, -1, 3, 0};
+  Tensor counts = i32({1, 0, 0, 10, 0, 0});
+  ops().histogram(i32(keys), counts);
+  EXPECT_EQ(ints(counts), (std::vector<int32_t>{3, 0, 0, 13, 0, 1}));
+}
+
+TEST_P(OpConformance, GroupByIsAStableCountingSort) {
+  // keys [N] with skipped entries; group = (key / div) % groups.
+  const std::vector<int32_t> keys{7, 2, -1, 11, 0, 5, 7, 3, -1, 1, 10, 6};
+  const int64_t N = int64_t(keys.size());
+  for (int div : {1, 3})
+    for (int n_valid : {-1, 9}) {  // -1: `valid` undefined (all N take part)
+      const int groups = 4;
+      const int64_t n = n_valid < 0 ? N : n_valid;
+      Tensor valid = n_valid < 0 ? Tensor() : i32({4, 0, n_valid - 4});  // e.g. recv_counts of 3 ranks
+      Tensor perm = be().alloc({N}, DType::I32), counts = be().alloc({groups}, DType::I32);
+      Tensor offsets = be().alloc({groups + 1}, DType::I32), inverse = be().alloc({N}, DType::I32);
+      ops().group_by(i32(keys), valid, div, groups, perm, counts, offsets, inverse);
+      std::vector<int32_t> want_perm, want_counts(size_t(groups), 0), want_offsets{0}, want_inverse(size_t(N), -1);
+      for (int g = 0; g < groups; ++g) {
+        for (int64_t i = 0; i < n; ++i)
+          if (keys[size_t(i)] >= 0 && (keys[size_t(i)] / div) % groups == g) {
+            want_inverse[size_t(i)] = int32_t(want_perm.size());
+            want_perm.push_back(int32_t(i));
+            ++want_counts[size_t(g)];
+          }
+        want_offsets.push_back(int32_t(want_perm.size()));
+      }
+      const std::vector<int32_t> got = ints(perm);
+      EXPECT_EQ(std::vector<int32_t>(got.begin(), got.begin() + long(want_perm.size())), want_perm)
+          << "div " << div << " valid " << n_valid;
+      EXPECT_EQ(ints(counts), want_counts);
+      EXPECT_EQ(ints(offsets), want_offsets);
+      EXPECT_EQ(ints(inverse), want_inverse);
+      // Without inverse.
+      Tensor no_inverse;
+      ops().group_by(i32(keys), valid, div, groups, perm, counts, offsets, no_inverse);
+      EXPECT_EQ(ints(offsets), want_offsets);
+    }
+}
+
+struct MoeCase {
+  int64_t T, k, E;  // tokens, choices per token, groups (experts)
+};
+
+TEST_P(OpConformance, MoeExpertsAndCombineMatchNaiveSwiglu) {
+  const int64_t H = 24, I = 16;
+  // Decode-like (many groups of one or two rows), prefill-like (few groups of many rows), mixed.
+  for (const MoeCase mc : {MoeCase{2, 8, 16}, MoeCase{150, 2, 3}, MoeCase{9, 3, 5}}) {
+    SCOPED_TRACE("T=" + std::to_string(mc.T) + " k=" + std::to_string(mc.k) + " E=" + std::to_string(mc.E));
+    const int64_t T = mc.T, k = mc.k, E = mc.E, N = T * k;
+    std::vector<SwigluWeights> experts;
+    std::vector<std::vector<float>> gate(static_cast<size_t>(E)), up(static_cast<size_t>(E)), down(static_cast<size_t>(E));  // as stored
+    for (int64_t e = 0; e < E; ++e) {
+      const DType dt = e % 2 ? DType::BF16 : DType::F32;
+      const auto g = randn(size_t(I * H), uint32_t(400 + e), 0.3f), u = randn(size_t(I * H), uint32_t(500 + e), 0.3f);
+      const auto d = randn(size_t(H * I), uint32_t(600 + e), 0.3f);
+      gate[size_t(e)] = stored_as(g, dt);
+      up[size_t(e)] = stored_as(u, dt);
+      down[size_t(e)] = stored_as(d, dt);
+      experts.push_back({weight(g, {I, H}, dt), weight(u, {I, H}, dt), weight(d, {H, I}, dt)});
+    }
+    // Each token's k distinct experts; every 7th choice is dropped (key -1).
+    std::vector<int32_t> keys(static_cast<size_t>(N));
+    std::mt19937 rng(uint32_t(700 + T));
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int32_t> e(static_cast<size_t>(E));
+      std::iota(e.begin(), e.end(), 0);
+      std::shuffle(e.begin(), e.end(), rng);
+      for (int64_t j = 0; j < k; ++j) keys[size_t(t * k + j)] = (t * k + j) % 7 == 3 ? -1 : e[size_t(j)];
+    }
+    const std::vector<float> x = randn(size_t(T * H), uint32_t(800 + T));
+    Tensor perm = be().alloc({N}, DType::I32), counts = be().alloc({E}, DType::I32);
+    Tensor offsets = be().alloc({E + 1}, DType::I32), none;
+    ops().group_by(i32(keys), none, 1, int(E), perm, counts, offsets, none);
+    Tensor y = f32(std::vector<float>(size_t(N * H), 7.0f), {N, H});
+    ops().moe_experts(f32(x, {T, H}), perm, offsets, int(k), experts, y);
+    std::vector<double> want(size_t(N * H), 7.0);  // rows not listed keep their contents
+    for (int64_t i = 0; i < N; ++i) {
+      const int32_t e = keys[size_t(i)];
+      if (e < 0) continue;
+      const float* xr = x.data() + (i / k) * H;
+      std::vector<double> a(static_cast<size_t>(I));
+      for (int64_t r = 0; r < I; ++r) {
+        double gs = 0, us = 0;
+        for (int64_t c = 0; c < H; ++c) {
+          gs += double(gate[size_t(e)][size_t(r * H + c)]) * xr[c];
+          us += double(up[size_t(e)][size_t(r * H + c)]) * xr[c];
+        }
+        a[size_t(r)] = silu_d(gs) * us;
+      }
+      for (int64_t c = 0; c < H; ++c) {
+        double s = 0;
+        for (int64_t r = 0; r < I; ++r) s += double(down[size_t(e)][size_t(c * I + r)]) * a[size_t(r)];
+        want[size_t(i * H + c)] = s;
+      }
+    }
+    const std::vector<float> got_y = floats(y);
+    EXPECT_TRUE(all_near(got_y, want, 2e-5, 1e-4)) << "moe_experts";
+
+    // combine: out[t] += sum_j w[t, j] y[t*k + j] (rows undefined), dropped choices weigh 0.
+    std::vector<float> w = uniform_floats(size_t(N), uint32_t(900 + T), 0.1f, 1.0f);
+    for (int64_t i = 0; i < N; ++i)
+      if (keys[size_t(i)] < 0) w[size_t(i)] = 0.0f;
+    const std::vector<float> out0 = randn(size_t(T * H), uint32_t(950 + T));
+    Tensor out = f32(out0, {T, H});
+    ops().moe_combine(y, Tensor(), f32(w, {T, k}), out);
+    std::vector<double> want_out(out0.begin(), out0.end());
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < k; ++j)
+        for (int64_t c = 0; c < H; ++c)
+          want_out[size_t(t * H + c)] += double(w[size_t(t * k + j)]) * got_y[size_t((t * k + j) * H + c)];
+    EXPECT_TRUE(all_near(floats(out), want_out, 1e-5, 1e-5)) << "moe_combine";
+
+    // combine through explicit rows: y's rows in reverse order.
+    std::vector<int32_t> rows(static_cast<size_t>(N));
+    std::vector<float> y_rev(size_t(N * H));
+    for (int64_t i = 0; i < N; ++i) {
+      rows[size_t(i)] = int32_t(N - 1 - i);
+      std::copy_n(got_y.begin() + i * H, H, y_rev.begin() + (N - 1 - i) * H);
+    }
+    Tensor out2 = f32(out0, {T, H});
+    ops().moe_combine(f32(y_rev, {N, H}), i32(rows), f32(w, {T, k}), out2);
+    EXPECT_TRUE(all_near(floats(out2), want_out, 1e-5, 1e-5)) << "moe_combine with rows";
+  }
+}
+
+// ============================================================================================
+// Sampling and verification
+// ============================================================================================
+
+TEST_P(OpConformance, SampleGreedyIsArgmaxWithOneHotProbs) {
+  const int64_t V = 7;
+  const std::vector<float> logits{0, 3, 1, 3, -1, 2, 0,  //  tie: the lower id
+                                  5, 1, 1, 1, 1, 1, 1,   //
+                                  -2, -2, -2, -2, -2, -2, -1};
+  const int64_t R = 3;
+  const SamplingRows rows = sampling_rows({0.0f, 0.0f, -1.0f}, {1, 1, 1}, {0, 0, 0}, {1, 2, 3}, {0, 0, 0});
+  Tensor ids = be().alloc({R}, DType::I32), probs = be().alloc({R, V}, DType::F32), none;
+  ops().sample(f32(logits, {R, V}), rows, Draw::target, ids, probs);
+  EXPECT_EQ(ints(ids), (std::vector<int32_t>{1, 0, 6}));
+  std::vector<float> one_hot(size_t(R * V), 0.0f);
+  one_hot[1] = one_hot[size_t(V)] = one_hot[size_t(2 * V + 6)] = 1.0f;
+  EXPECT_EQ(floats(probs), one_hot);
+  ops().sample(f32(logits, {R, V}), rows, Draw::target, ids, none);
+  EXPECT_EQ(ints(ids), (std::vector<int32_t>{1, 0, 6}));
+}
+
+TEST_P(OpConformance, SampleDrawsWhatTheSamplingMathGives) {
+  const int64_t V = 50, R = 12;
+  const std::vector<float> logits = randn(size_t(R * V), 1000, 2.0f);
+  std::vector<float> temperature, top_p;
+  std::vector<int32_t> top_k, position;
+  std::vector<int64_t> seed;
+  for (int64_t r = 0; r < R; ++r) {
+    temperature.push_back(r % 4 == 3 ? 0.0f : 0.5f + 0.3f * float(r % 3));
+    top_p.push_back(r % 2 ? 0.8f : 1.0f);
+    top_k.push_back(r % 3 == 1 ? 5 : 0);
+    seed.push_back(int64_t(1000 + r * 7919));
+    position.push_back(int32_t(r * 3 + 1));
+  }
+  const SamplingRows rows = sampling_rows(temperature, top_p, top_k, seed, position);
+  for (Draw stream : {Draw::target, Draw::draft}) {
+    Tensor ids = be().alloc({R}, DType::I32), probs = be().alloc({R, V}, DType::F32), none;
+    ops().sample(f32(logits, {R, V}), rows, stream, ids, probs);
+    const std::vector<int32_t> got = ints(ids);
+    const std::vector<float> got_p = floats(probs);
+    for (int64_t r = 0; r < R; ++r) {
+      const std::span<const float> row(logits.data() + r * V, size_t(V));
+      const std::vector<float> p =
+          distribution(row, temperature[size_t(r)], top_p[size_t(r)], top_k[size_t(r)]);
+      const int32_t want = temperature[size_t(r)] <= 0
+                               ? argmax(row)
+                               : kernels::sample(p, uniform(uint64_t(seed[size_t(r)]), position[size_t(r)], stream));
+      EXPECT_EQ(got[size_t(r)], want) << "row " << r;
+      EXPECT_TRUE(all_near(std::vector<float>(got_p.begin() + r * V, got_p.begin() + (r + 1) * V), p, 1e-6))
+          << "probs of row " << r;
+    }
+    ops().sample(f32(logits, {R, V}), rows, stream, ids, none);
+    EXPECT_EQ(ints(ids), got) << "the same draws without probs";
+  }
+}
+
+TEST_P(OpConformance, SampledFrequenciesFollowTheTruncatedDistribution) {
+  const int64_t V = 8, R = 40000;
+  const std::vector<float> one{1.0f, 2.5f, 0.3f, 2.0f, -1.0f, 1.8f, 0.0f, 2.2f};
+  struct Setting {
+    float temperature, top_p;
+    int top_k;
+  };
+  for (const Setting s : {Setting{1.0f, 1.0f, 0}, Setting{0.8f, 1.0f, 4}, Setting{1.2f, 0.7f, 0},
+                          Setting{1.0f, 0.9f, 3}}) {
+    std::vector<float> logits;
+    std::vector<int64_t> seed(static_cast<size_t>(R));
+    for (int64_t r = 0; r < R; ++r) {
+      logits.insert(logits.end(), one.begin(), one.end());
+      seed[size_t(r)] = r;  // one draw from each of R sequences
+    }
+    const SamplingRows rows = sampling_rows(std::vector<float>(size_t(R), s.temperature),
+                                            std::vector<float>(size_t(R), s.top_p),
+                                            std::vector<int32_t>(size_t(R), s.top_k), seed,
+                                            std::vector<int32_t>(size_t(R), 9));
+    Tensor ids = be().alloc({R}, DType::I32), none;
+    ops().sample(f32(logits, {R, V}), rows, Draw::target, ids, none);
+    std::vector<double> freq(size_t(V), 0.0);
+    for (int32_t id : ints(ids)) freq[size_t(id)] += 1.0 / double(R);
+    const std::vector<double> p = reference_distribution(one, s.temperature, s.top_p, s.top_k);
+    for (int64_t v = 0; v < V; ++v) {
+      // 5 standard deviations of a frequency of R draws (at most 0.0125).
+      EXPECT_NEAR(freq[size_t(v)], p[size_t(v)], 5 * std::sqrt(0.25 / double(R)))
+          << "token " << v << " T=" << s.temperature << " top_p=" << s.top_p << " top_k=" << s.top_k;
+      if (p[size_t(v)] == 0.0) {
+        EXPECT_EQ(freq[size_t(v)], 0.0) << "token " << v << " is outside the nucleus";
+      }
+    }
+  }
+}
+
+TEST_P(OpConformance, VerifyDraftsGreedyAcceptsUntilTheFirstMismatch) {
+  const int64_t B = 4, S = 3, V = 10;
+  // Target row r's argmax is argmaxes[r].
+  const std::vector<int32_t> argmaxes{2, 5, 7, 1,   // all drafts accepted, bonus 1
+                                      4, 4, 0, 9,   // d_2 != 4: one accepted, correction 4
+                                      6, 3, 3, 3,   // d_1 != 6: none accepted
+                                      8, 1, 2, 0};  // d_3 != 2: two accepted
+  const std::vector<int32_t> drafts{2, 5, 7,  //
+                                    4, 3, 0,  //
+                                    5, 3, 3,  //
+                                    8, 1, 9};
+  std::vector<float> logits = randn(size_t(B * (S + 1) * V), 1100);
+  for (size_t r = 0; r < argmaxes.size(); ++r) logits[r * V + size_t(argmaxes[r])] = 10.0f;
+  const int64_t R = B * (S + 1);
+  const SamplingRows rows = sampling_rows(std::vector<float>(size_t(R), 0.0f), std::vector<float>(size_t(R), 1.0f),
+                                          std::vector<int32_t>(size_t(R), 0), std::vector<int64_t>(size_t(R), 5),
+                                          std::vector<int32_t>(size_t(R), 0));
+  Tensor out = be().alloc({B, S + 2}, DType::I32), none;
+  ops().verify_drafts(f32(logits, {R, V}), i32(drafts, {B, S}), none, rows, out);
+  EXPECT_EQ(ints(out), (std::vector<int32_t>{3, 2, 5, 7, 1,     //
+                                             1, 4, 4, -1, -1,   //
+                                             0, 6, -1, -1, -1,  //
+                                             2, 8, 1, 2, -1}));
+
+  // No drafts: the target's own token.
+  Tensor out0 = be().alloc({B, 2}, DType::I32);
+  std::vector<float> first;
+  for (int64_t b = 0; b < B; ++b) first.insert(first.end(), logits.begin() + b * (S + 1) * V, logits.begin() + (b * (S + 1) + 1) * V);
+  const SamplingRows rows0 = sampling_rows(std::vector<float>(size_t(B), 0.0f), std::vector<float>(size_t(B), 1.0f),
+                                           std::vector<int32_t>(size_t(B), 0), std::vector<int64_t>(size_t(B), 5),
+                                           std::vector<int32_t>(size_t(B), 0));
+  ops().verify_drafts(f32(first, {B, V}), i32({}, {B, 0}), none, rows0, out0);
+  EXPECT_EQ(ints(out0), (std::vector<int32_t>{0, 2, 0, 4, 0, 6, 0, 8}));
+}
+
+TEST_P(OpConformance, VerifyDraftsSamplingEqualsTheReferenceLoop) {
+  const int64_t B = 6, S = 4, V = 9, R = B * (S + 1);
+  // Target logits close to the drafts' distributions, so that some drafts pass and some fail.
+  const std::vector<float> logits = randn(size_t(R * V), 1200, 1.0f);
+  std::vector<float> temperature, top_p;
+  std::vector<int32_t> top_k, position;
+  std::vector<int64_t> seed;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i <= S; ++i) {
+      temperature.push_back(b == 4 ? 0.0f : 0.7f + 0.1f * float(b));  // sequence 4 is greedy
+      top_p.push_back(b == 2 ? 0.85f : 1.0f);
+      top_k.push_back(b == 3 ? 4 : 0);
+      seed.push_back(int64_t(77 + b));
+      position.push_back(int32_t(20 + i));
+    }
+  // The drafts and their distributions: q from perturbed logits, d_i drawn from q.
+  std::vector<float> q(size_t(B * S * V));
+  std::vector<int32_t> drafts(size_t(B * S));
+  const std::vector<float> noise = randn(size_t(B * S * V), 1201, 0.7f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t i = 0; i < S; ++i) {
+      const int64_t r = b * (S + 1) + i;
+      std::vector<float> ql(static_cast<size_t>(V));
+      for (int64_t v = 0; v < V; ++v) ql[size_t(v)] = logits[size_t(r * V + v)] + noise[size_t((b * S + i) * V + v)];
+      const std::vector<float> qd = distribution(ql, 1.0f, 1.0f, 0);
+      std::copy(qd.begin(), qd.end(), q.begin() + (b * S + i) * V);
+      drafts[size_t(b * S + i)] = kernels::sample(qd, uniform(uint64_t(seed[size_t(r)]), position[size_t(r)], Draw::draft));
+    }
+  const SamplingRows rows = sampling_rows(temperature, top_p, top_k, seed, position);
+  Tensor out = be().alloc({B, S + 2}, DType::I32);
+  ops().verify_drafts(f32(logits, {R, V}), i32(drafts, {B, S}), f32(q, {B * S, V}), rows, out);
+
+  std::vector<int32_t> want;
+  for (int64_t b = 0; b < B; ++b) {
+    const auto row = [&](int64_t r) { return std::span<const float>(logits.data() + r * V, size_t(V)); };
+    const auto dist = [&](int64_t r) {
+      return distribution(row(r), temperature[size_t(r)], top_p[size_t(r)], top_k[size_t(r)]);
+    };
+    const auto u = [&](int64_t r, Draw d) { return uniform(uint64_t(seed[size_t(r)]), position[size_t(r)], d); };
+    int64_t a = 0;
+    int32_t extra = -1;
+    for (; a < S; ++a) {
+      const int64_t r = b * (S + 1) + a;
+      const int32_t d = drafts[size_t(b * S + a)];
+      if (temperature[size_t(r)] <= 0) {
+        if (d != argmax(row(r))) break;
+        continue;
+      }
+      const Acceptance acc = accept_or_resample(dist(r), std::span<const float>(q.data() + (b * S + a) * V, size_t(V)),
+                                                d, u(r, Draw::accept), u(r, Draw::residual));
+      if (!acc.accepted) {
+        extra = acc.token;
+        break;
+      }
+    }
+    if (extra < 0) {
+      const int64_t r = b * (S + 1) + a;
+      extra = temperature[size_t(r)] <= 0 ? argmax(row(r)) : kernels::sample(dist(r), u(r, Draw::target));
+    }
+    want.push_back(int32_t(a));
+    for (int64_t i = 0; i < a; ++i) want.push_back(drafts[size_t(b * S + i)]);
+    want.push_back(extra);
+    for (int64_t i = a + 2; i < S + 2; ++i) want.push_back(-1);
+  }
+  EXPECT_EQ(ints(out), want);
+  int accepted = 0;
+  for (int64_t b = 0; b < B; ++b) accepted += want[size_t(b * (S + 2))];
+  EXPECT_GT(accepted, 0) << "degenerate case: nothing accepted";
+  EXPECT_LT(accepted, B * S) << "degenerate case: everything accepted";
+}
+
+// ============================================================================================
+// Empty passes, steady state, errors
+// ============================================================================================
+
+TEST_P(OpConformance, EmptyPassesAreNoOps) {
+  // Under expert parallelism a rank runs every layer even with no rows.
+  const int64_t H = 8, E = 4;
+  Tensor x = be().alloc({0, H}, DType::F32), y = be().alloc({0, 16}, DType::F32);
+  Tensor none;
+  Tensor ids0 = be().alloc({0}, DType::I32);
+  ops().matmul(x, weight(randn(16 * H, 1), {16, H}, DType::BF16), y);
+  ops().embedding(ids0, weight(randn(5 * H, 2), {5, H}, DType::F32), x);
+  ops().rms_norm(x, f32(std::vector<float>(size_t(H), 0.0f), {H}), 1e-6f, x);
+  ops().add(x, x);
+  ops().gather_rows(x, ids0, 1, x);
+  ops().scatter_rows(x, ids0, x);
+  HostLayout h;
+  h.block_size = 4;
+  SeqLayout empty = layout(h);
+  Tensor kc = be().alloc({2, 4, 1, H}, DType::F32), vc = be().alloc({2, 4, 1, H}, DType::F32);
+  Tensor q = be().alloc({0, 2, H}, DType::F32), kv = be().alloc({0, 1, H}, DType::F32);
+  Tensor o = be().alloc({0, 2, H}, DType::F32);
+  ops().attention(q, kv, kv, kc, vc, empty, o);
+  ops().rope(q, ids0, 4, 10000.0);
+  const DeltaNetCase c;
+  Tensor cs = be().alloc({2, c.C(), c.kc - 1}, DType::F32), rs = be().alloc({2, 4, 16, 16}, DType::F32);
+  Tensor cx = be().alloc({0, c.C()}, DType::F32), cy = be().alloc({0, c.C()}, DType::F32);
+  ops().causal_conv1d_silu(cx, f32(std::vector<float>(size_t(c.C() * c.kc), 0.0f), {c.C(), c.kc}), cs, empty, cy);
+  Tensor g = be().alloc({0, 4}, DType::F32), ro = be().alloc({0, 4, 16}, DType::F32);
+  ops().gated_delta_rule(cx, g, g, c.d, rs, empty, ro);
+  Tensor logits = be().alloc({0, E}, DType::F32), tk = be().alloc({0, 2}, DType::I32), tw = be().alloc({0, 2}, DType::F32);
+  ops().topk_softmax(logits, 2, true, tk, tw);
+  const Placement pl;
+  Tensor counts_by_rank = i32(std::vector<int32_t>(size_t(pl.G * pl.E), 0), {pl.G, pl.E});
+  for (eplb::Dispatch d : {eplb::Dispatch::static_, eplb::Dispatch::random, eplb::Dispatch::balanced})
+    ops().dispatch(dispatch_tables(pl, d, 0, 0), ids0, counts_by_rank, ids0);
+  Tensor counts = i32(std::vector<int32_t>(size_t(E), 0)), offsets = be().alloc({E + 1}, DType::I32);
+  ops().histogram(ids0, counts);
+  ops().group_by(ids0, none, 1, int(E), ids0, counts, offsets, ids0);
+  EXPECT_EQ(ints(offsets), std::vector<int32_t>(size_t(E + 1), 0));
+  std::vector<SwigluWeights> experts(static_cast<size_t>(E));  // empty groups: their weights are not looked at
+  ops().moe_experts(x, ids0, offsets, 2, experts, x);
+  ops().moe_combine(x, none, be().alloc({0, 2}, DType::F32), x);
+  const SamplingRows rows = sampling_rows({}, {}, {}, {}, {});
+  ops().sample(logits, rows, Draw::target, ids0, none);
+  Tensor vout = be().alloc({0, 4}, DType::I32);
+  ops().verify_drafts(logits, be().alloc({0, 2}, DType::I32), none, rows, vout);
+  be().synchronize();
+}
+
+TEST_P(OpConformance, SteadyStateAllocatesNothing) {
+  // The ops a decode pass runs, twice with the same shapes: the second time, no allocation.
+  const int64_t H = 16, I = 8, E = 4, k = 2, T = 3, V = 20;
+  std::vector<SwigluWeights> experts;
+  for (int64_t e = 0; e < E; ++e)
+    experts.push_back({weight(randn(size_t(I * H), uint32_t(e)), {I, H}, DType::BF16),
+                       weight(randn(size_t(I * H), uint32_t(e + 9)), {I, H}, DType::BF16),
+                       weight(randn(size_t(H * I), uint32_t(e + 19)), {H, I}, DType::BF16)});
+  Tensor x = f32(randn(size_t(T * H), 1), {T, H});
+  Tensor router = weight(randn(size_t(E * H), 2), {E, H}, DType::F32);
+  Tensor logits = be().alloc({T, E}, DType::F32), ids = be().alloc({T, k}, DType::I32);
+  Tensor w = be().alloc({T, k}, DType::F32), perm = be().alloc({T * k}, DType::I32);
+  Tensor counts = be().alloc({E}, DType::I32), offsets = be().alloc({E + 1}, DType::I32);
+  Tensor y = be().alloc({T * k, H}, DType::F32), out = be().alloc({T, H}, DType::F32), none;
+  HostLayout h;
+  h.block_size = 4;
+  h.width = 2;
+  h.cu = {0, 1, 2, 3};
+  h.kv_lens = {3, 5, 1};
+  h.block_tables = {0, 1, 2, 3, 4, 5};
+  h.slot_mapping = {2, 12, 16};
+  h.state_slots = {0, 1, 2};
+  const SeqLayout sl = layout(h);
+  Tensor kc = f32(randn(6 * 4 * H, 3), {6, 4, 1, H}), vc = f32(randn(6 * 4 * H, 4), {6, 4, 1, H});
+  Tensor qa = f32(randn(size_t(T * 2 * H), 5), {T, 2, H}), kn = f32(randn(size_t(T * H), 6), {T, 1, H});
+  Tensor ao = be().alloc({T, 2, H}, DType::F32);
+  const DeltaNetCase c;
+  Tensor cs = f32(randn(size_t(3 * c.conv_state()), 7), {3, c.C(), c.kc - 1});
+  Tensor rs = f32(randn(size_t(3 * c.rule_state()), 8, 0.1f), {3, 4, 16, 16});
+  Tensor cx = f32(randn(size_t(T * c.C()), 9), {T, c.C()}), cy = be().alloc({T, c.C()}, DType::F32);
+  Tensor cw = f32(randn(size_t(c.C() * c.kc), 10), {c.C(), c.kc});
+  Tensor g = f32(std::vector<float>(size_t(T * 4), -0.5f), {T, 4}), beta = f32(std::vector<float>(size_t(T * 4), 0.5f), {T, 4});
+  Tensor ro = be().alloc({T, 4, 16}, DType::F32);
+  Tensor sl_logits = f32(randn(size_t(T * V), 11), {T, V}), sampled = be().alloc({T}, DType::I32);
+  Tensor probs = be().alloc({T, V}, DType::F32);
+  const SamplingRows rows = sampling_rows({0.8f, 0.0f, 1.0f}, {0.9f, 1.0f, 1.0f}, {0, 0, 5}, {1, 2, 3}, {4, 5, 6});
+  Tensor vlogits = f32(randn(size_t(T * 2 * V), 12), {T * 2, V}), vout = be().alloc({T, 3}, DType::I32);
+  const SamplingRows vrows = sampling_rows(std::vector<float>(size_t(T * 2), 1.0f), std::vector<float>(size_t(T * 2), 1.0f),
+                                           std::vector<int32_t>(size_t(T * 2), 0), std::vector<int64_t>(size_t(T * 2), 3),
+                                           std::vector<int32_t>(size_t(T * 2), 1));
+  Tensor drafts = i32({1, 2, 3}, {T, 1});
+  Tensor dprobs = f32(std::vector<float>(size_t(T * V), 1.0f / float(V)), {T, V});
+  Workspace ws(be());
+  auto pass = [&] {
+    ws.reset();
+    Tensor tmp = ws.take({T, H});
+    ops().copy(x, tmp);
+    ops().matmul(tmp, router, logits);
+    ops().topk_softmax(logits, int(k), true, ids, w);
+    ops().group_by(ids, none, 1, int(E), perm, counts, offsets, none);
+    ops().moe_experts(tmp, perm, offsets, int(k), experts, y);
+    ops().zero(out);
+    ops().moe_combine(y, none, w, out);
+    ops().attention(qa, kn, kn, kc, vc, sl, ao);
+    ops().causal_conv1d_silu(cx, cw, cs, sl, cy);
+    ops().gated_delta_rule(cx, g, beta, c.d, rs, sl, ro);
+    ops().sample(sl_logits, rows, Draw::target, sampled, probs);
+    ops().sample(sl_logits, rows, Draw::target, sampled, none);
+    ops().verify_drafts(vlogits, drafts, dprobs, vrows, vout);
+    be().synchronize();
+  };
+  pass();
+  const Counters before = be().counters();
+  pass();
+  pass();
+  EXPECT_EQ(be().counters().allocations, before.allocations);
+  EXPECT_EQ(be().counters().bytes_allocated, before.bytes_allocated);
+  EXPECT_EQ(be().counters().uploads, before.uploads) << "a pass of ops uploads nothing";
+  EXPECT_EQ(be().counters().downloads, before.downloads);
+}
+
+TEST_P(OpConformance, BadShapesThrowNamingTheOp) {
+  Tensor x = be().alloc({2, 3}, DType::F32), w = be().alloc({4, 5}, DType::F32), y = be().alloc({2, 4}, DType::F32);
+  test::expect_error([&] { ops().matmul(x, w, y); }, {"matmul"});
+  Tensor ids = i32({0, 9});
+  Tensor ik = be().alloc({2, 1}, DType::I32), wk = be().alloc({2, 1}, DType::F32);
+  test::expect_error([&] { ops().topk_softmax(x, 4, true, ik, wk); }, {"topk_softmax"});
+  test::expect_error([&] { ops().gather_rows(x, ids, 1, x); }, {"gather_rows"});
+  Tensor counts = i32({0, 0, 0});
+  test::expect_error([&] { ops().histogram(ids, counts); }, {"histogram"});
+  // Attention: a sequence whose rows reach past its block table.
+  HostLayout h;
+  h.block_size = 4;
+  h.width = 1;
+  h.cu = {0, 1};
+  h.kv_lens = {6};
+  h.block_tables = {0};
+  h.slot_mapping = {5};
+  Tensor kc = be().alloc({2, 4, 1, 4}, DType::F32), q = be().alloc({1, 1, 4}, DType::F32);
+  Tensor o = be().alloc({1, 1, 4}, DType::F32);
+  test::expect_error([&] { ops().attention(q, q, q, kc, kc, layout(h), o); }, {"attention"});
+}
+
+}  // namespace ballast::kernels::conformance

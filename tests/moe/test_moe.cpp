@@ -1,0 +1,240 @@
+// moe/ on its own: the device dispatch tables, the slot store, the expert-parallel runner against
+// the local one, and the rebalancer's chunked migration, on CPU backends and thread ranks.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <mutex>
+#include <numeric>
+#include <random>
+
+#include "ballast/core/error.h"
+#include "ballast/dist/thread_world.h"
+#include "ballast/kernels/cpu/cpu_backend.h"
+#include "ballast/moe/expert_parallel.h"
+#include "ballast/moe/moe_runner.h"
+
+using namespace ballast;
+
+namespace {
+
+template <typename T>
+std::vector<T> download(kernels::Backend& be, const Tensor& t) {
+  std::vector<T> v(size_t(t.numel()));
+  be.download(t, v.data());
+  return v;
+}
+
+Tensor upload(kernels::Backend& be, const void* host, std::vector<int64_t> shape, DType dtype) {
+  Tensor t = be.alloc(std::move(shape), dtype);
+  be.upload(host, t);
+  return t;
+}
+
+// E random experts of I x H (host, F32), the logical experts of `layers` layers.
+struct Experts {
+  std::vector<std::vector<float>> storage;
+  std::vector<std::vector<kernels::SwigluWeights>> layers;
+  Experts(int L, int E, int64_t I, int64_t H, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> n(0.f, 0.3f);
+    layers.resize(size_t(L));
+    for (int l = 0; l < L; ++l)
+      for (int e = 0; e < E; ++e) {
+        auto make = [&](int64_t r, int64_t c) {
+          auto& v = storage.emplace_back(size_t(r * c));
+          for (auto& x : v) x = n(rng);
+          return Tensor::borrow(v.data(), {r, c}, DType::F32);
+        };
+        storage.reserve(storage.size() + 3);
+        kernels::SwigluWeights w;
+        w.gate = make(I, H);
+        w.up = make(I, H);
+        w.down = make(H, I);
+        layers[size_t(l)].push_back(w);
+      }
+  }
+  std::vector<std::span<const kernels::SwigluWeights>> spans() const {
+    return {layers.begin(), layers.end()};
+  }
+};
+
+eplb::Placement shuffled(int L, int E, int P, int G, uint32_t seed) {
+  eplb::Placement p = eplb::Placement::trivial(L, E, P, G);
+  std::mt19937 rng(seed);
+  for (int l = 0; l < L; ++l) std::shuffle(p.layer(l).begin(), p.layer(l).end(), rng);
+  p.validate();
+  return p;
+}
+
+TEST(DispatchTables, DeriveFromThePlacementAndSwitchInPlace) {
+  kernels::CpuBackend be(1);
+  const int L = 2, E = 6, P = 8, G = 2;
+  const eplb::Placement pl = shuffled(L, E, P, G, 1);
+  moe::DispatchTables tables(be, pl, eplb::Dispatch::static_, 1, 0);
+  for (int l = 0; l < L; ++l) {
+    const kernels::DispatchTables t = tables.layer(l);
+    EXPECT_EQ(t.rank, 1);
+    EXPECT_EQ(t.slots_per_rank, P / G);
+    const auto row = pl.layer(l);
+    EXPECT_EQ(download<int32_t>(be, t.phy2log), std::vector<int32_t>(row.begin(), row.end()));
+    const auto table = eplb::static_table(row, G, 0, E);
+    EXPECT_EQ(download<int32_t>(be, t.static_slot), std::vector<int32_t>(table.begin() + E, table.end()));
+    const auto rep = eplb::replicas_of(row, E);
+    const auto replicas = download<int32_t>(be, t.replicas);
+    const auto counts = download<int32_t>(be, t.replica_count);
+    const int64_t width = t.replicas.dim(1);
+    for (int e = 0; e < E; ++e) {
+      ASSERT_EQ(counts[size_t(e)], int32_t(rep[size_t(e)].size()));
+      for (size_t j = 0; j < rep[size_t(e)].size(); ++j) EXPECT_EQ(replicas[size_t(e * width) + j], rep[size_t(e)][j]);
+      EXPECT_EQ(replicas[size_t(e * width) + rep[size_t(e)].size()], -1);
+    }
+  }
+  // A switch rewrites the layer's rows where they are.
+  const void* before = tables.layer(1).phy2log.raw();
+  const eplb::Placement next = shuffled(L, E, P, G, 2);
+  tables.update_layer(1, next);
+  EXPECT_EQ(tables.layer(1).phy2log.raw(), before);
+  EXPECT_EQ(download<int32_t>(be, tables.layer(1).phy2log),
+            std::vector<int32_t>(next.layer(1).begin(), next.layer(1).end()));
+}
+
+TEST(SlotStore, BlobsAreContiguousExpertsAtFixedAddresses) {
+  kernels::CpuBackend be(1);
+  const Experts ex(1, 3, 4, 8, 3);
+  moe::SlotStore slots(be, 1, 2, 4, 8, DType::F32);
+  slots.fill(0, 1, ex.layers[0][2]);
+  const Tensor blob = slots.blob(0, 1);
+  const auto& w = slots.weights(0, 1);
+  EXPECT_EQ(blob.numel(), 3 * 4 * 8);
+  EXPECT_EQ(w.gate.raw(), blob.raw());
+  EXPECT_EQ(static_cast<const char*>(w.down.raw()), static_cast<const char*>(blob.raw()) + 2 * 4 * 8 * 4);
+  EXPECT_EQ(std::memcmp(w.up.raw(), ex.layers[0][2].up.raw(), w.up.nbytes()), 0);
+  EXPECT_EQ(slots.layer(0).size(), 2u);
+  kernels::SwigluWeights wrong = ex.layers[0][0];
+  wrong.down = wrong.down.reshape({4, 8});
+  EXPECT_THROW(slots.fill(0, 0, wrong), Error);
+}
+
+// Routed choices of T tokens over E experts, identical on every rank that asks with the same seed.
+struct Routed {
+  std::vector<float> x, weights;
+  std::vector<int32_t> ids;
+  Routed(int64_t T, int k, int E, int64_t H, uint32_t seed) {
+    std::mt19937 rng(seed);
+    std::normal_distribution<float> n(0.f, 1.f);
+    for (int64_t i = 0; i < T * H; ++i) x.push_back(n(rng));
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int32_t> all(static_cast<size_t>(E));
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), rng);
+      for (int j = 0; j < k; ++j) ids.push_back(all[size_t(j)]), weights.push_back(0.1f + 0.2f * float(j));
+    }
+  }
+};
+
+// y = the local runner's output for the routed tokens.
+std::vector<float> local(const Experts& ex, const Routed& r, int64_t T, int k, int64_t H) {
+  kernels::CpuBackend be(1);
+  kernels::Workspace ws(be);
+  moe::LocalMoeRunner runner(be.ops());
+  Tensor x = upload(be, r.x.data(), {T, H}, DType::F32), ids = upload(be, r.ids.data(), {T, k}, DType::I32);
+  Tensor w = upload(be, r.weights.data(), {T, k}, DType::F32), out = be.alloc({T, H}, DType::F32);
+  be.ops().zero(out);
+  runner.run(0, x, ids, w, ex.layers[0], ws, out);
+  return download<float>(be, out);
+}
+
+TEST(ExpertParallelRunner, EqualsTheLocalRunnerForEveryPolicy) {
+  const int G = 2, L = 1, E = 8, P = 12, k = 3;
+  const int64_t H = 16, I = 8;
+  const Experts ex(L, E, I, H, 5);
+  for (auto policy : {eplb::Dispatch::static_, eplb::Dispatch::random, eplb::Dispatch::balanced}) {
+    std::mutex mu;
+    dist::ThreadWorld world(G);
+    dist::run_ranks(world, [&](dist::Communicator& comm) {
+      const int r = comm.rank();
+      const int64_t T = 5 + 3 * r;  // ranks run different numbers of tokens
+      const Routed routed(T, k, E, H, 10 + uint32_t(r));
+      kernels::CpuBackend be(1);
+      kernels::Workspace ws(be);
+      moe::DomainOptions o;
+      o.dispatch = policy;
+      Tensor load = be.alloc({L, P}, DType::I32);
+      be.ops().zero(load);
+      moe::ExpertParallelDomain d("trunk", ex.spans(), shuffled(L, E, P, G, 7), o, load,
+                                  {be, comm, world.data_plane(r), 32});
+      Tensor x = upload(be, routed.x.data(), {T, H}, DType::F32), ids = upload(be, routed.ids.data(), {T, k}, DType::I32);
+      Tensor w = upload(be, routed.weights.data(), {T, k}, DType::F32), out = be.alloc({T, H}, DType::F32);
+      be.ops().zero(out);
+      d.runner.run(0, x, ids, w, {}, ws, out);
+      const auto got = download<float>(be, out);
+      const auto want = local(ex, routed, T, k, H);
+      const auto counts = download<int32_t>(be, load);
+      std::lock_guard lk(mu);
+      double err = 0;
+      for (size_t i = 0; i < got.size(); ++i) err = std::max(err, double(std::fabs(got[i] - want[i])));
+      EXPECT_LE(err, 1e-5) << "rank " << r << " dispatch " << eplb::dispatch_name(policy);
+      int64_t dispatched = 0;
+      for (int32_t c : counts) dispatched += c;
+      EXPECT_EQ(dispatched, T * k) << "rank " << r << ": the load counts every routed choice once";
+    });
+  }
+}
+
+TEST(Rebalancer, MigratesOneChunkOfLayersPerPassIntoTheRightSlots) {
+  const int G = 2, L = 3, E = 4, P = 6;
+  const int64_t H = 8, I = 4;
+  const Experts ex(L, E, I, H, 11);
+  std::mutex mu;
+  dist::ThreadWorld world(G);
+  dist::run_ranks(world, [&](dist::Communicator& comm) {
+    const int r = comm.rank();
+    kernels::CpuBackend be(1);
+    moe::DomainOptions o;
+    o.rebalance.enabled = true;
+    o.rebalance.interval = 2;
+    o.rebalance.layers_per_chunk = 1;
+    Tensor load = be.alloc({L, P}, DType::I32);
+    moe::ExpertParallelDomain d("trunk", ex.spans(), eplb::Placement::trivial(L, E, P, G), o, load,
+                                {be, comm, world.data_plane(r), 8});
+    // Expert 2 (one replica, slot 2 on rank 0) carries most of every layer's load: every layer is
+    // re-planned.
+    std::vector<int32_t> pass(size_t(L * P), 1);
+    for (int l = 0; l < L; ++l) pass[size_t(l * P + 2)] = 100;
+    std::vector<int> changed_after;  // layers whose placement differs from trivial, after each pass
+    const eplb::Placement trivial = eplb::Placement::trivial(L, E, P, G);
+    for (int p = 0; p < 6; ++p) {
+      d.end_pass(pass);
+      int changed = 0;
+      for (int l = 0; l < L; ++l)
+        changed += !std::equal(trivial.layer(l).begin(), trivial.layer(l).end(), d.domain.placement.layer(l).begin());
+      changed_after.push_back(changed);
+    }
+    // Every slot holds its expert's weights, and the tables are the placement's.
+    const int K = P / G;
+    bool exact = true;
+    for (int l = 0; l < L; ++l) {
+      const auto row = d.domain.placement.layer(l);
+      exact = exact && download<int32_t>(be, d.tables.layer(l).phy2log) == std::vector<int32_t>(row.begin(), row.end());
+      for (int s = 0; s < K; ++s) {
+        const auto& want = ex.layers[size_t(l)][size_t(row[r * K + s])];
+        const auto& have = d.slots.weights(l, s);
+        for (auto [a, b] : {std::pair{&want.gate, &have.gate}, {&want.up, &have.up}, {&want.down, &have.down}})
+          exact = exact && std::memcmp(a->raw(), b->raw(), a->nbytes()) == 0;
+      }
+    }
+    std::lock_guard lk(mu);
+    ASSERT_FALSE(d.rebalancer.events().empty());
+    const auto& ev = d.rebalancer.events().front();
+    EXPECT_EQ(ev.pass, 2);
+    EXPECT_EQ(ev.layers_changed, 3);
+    EXPECT_TRUE(ev.done);
+    EXPECT_FALSE(ev.failed);
+    // Planned after pass 2: one layer switches then, one after each of the next two passes.
+    EXPECT_EQ(changed_after, (std::vector<int>{0, 1, 2, 3, 3, 3})) << "rank " << r;
+    EXPECT_TRUE(exact) << "rank " << r;
+  });
+}
+
+}  // namespace
