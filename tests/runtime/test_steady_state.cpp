@@ -5,6 +5,8 @@
 // mix chunked prefill with the decoding (verification) of many sequences.
 #include <gtest/gtest.h>
 
+#include <fmt/format.h>
+
 #include <mutex>
 #include <random>
 
@@ -82,6 +84,10 @@ TEST(SteadyState, NoAllocationAndOneDownloadPerPassUnderExpertParallelismAndSpec
   });
   for (int r = 0; r < G; ++r) {
     const RankFigures& f = figures[size_t(r)];
+    RecordProperty("rank" + std::to_string(r), fmt::format("{} passes, {} downloads, {} allocations, {} rebalances, "
+                                                           "{} mixed passes, up to {} running",
+                                                           f.passes, f.downloads, f.allocations, f.rebalances,
+                                                           f.mixed_passes, f.max_running));
     EXPECT_EQ(f.allocations, 0) << "rank " << r << " allocated device memory after the warm-up";
     EXPECT_LE(f.downloads, f.passes) << "rank " << r << ": more than one device-to-host copy per pass";
     // The run exercised what it claims to: passes, rebalances, mixed passes of many sequences.
