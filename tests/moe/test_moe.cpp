@@ -182,6 +182,39 @@ TEST(ExpertParallelRunner, EqualsTheLocalRunnerForEveryPolicy) {
   }
 }
 
+TEST(ExpertParallelRunner, PerTokenRecordingKeepsEveryChoicesSlot) {
+  const int G = 2, L = 1, E = 6, P = 8, k = 2;
+  const int64_t H = 8, I = 4, T = 7;
+  const Experts ex(L, E, I, H, 21);
+  std::mutex mu;
+  dist::ThreadWorld world(G);
+  dist::run_ranks(world, [&](dist::Communicator& comm) {
+    const int r = comm.rank();
+    const Routed routed(T, k, E, H, 30 + uint32_t(r));
+    kernels::CpuBackend be(1);
+    kernels::Workspace ws(be);
+    moe::DomainOptions o;
+    o.dispatch = eplb::Dispatch::random;
+    o.recorder_mode = eplb::RecorderMode::per_token;
+    Tensor load = be.alloc({L, P}, DType::I32);
+    be.ops().zero(load);
+    const eplb::Placement pl = shuffled(L, E, P, G, 9);
+    moe::ExpertParallelDomain d("trunk", ex.spans(), pl, o, load, {be, comm, world.data_plane(r), 16, k});
+    d.domain.recorder.start();
+    Tensor x = upload(be, routed.x.data(), {T, H}, DType::F32), ids = upload(be, routed.ids.data(), {T, k}, DType::I32);
+    Tensor w = upload(be, routed.weights.data(), {T, k}, DType::F32), out = be.alloc({T, H}, DType::F32);
+    be.ops().zero(out);
+    d.runner.run(0, x, ids, w, {}, ws, out);
+    d.end_pass(download<int32_t>(be, load), T);
+    const auto tokens = d.domain.recorder.dump_tokens();
+    std::lock_guard lk(mu);
+    ASSERT_EQ(tokens.size(), 1u);
+    ASSERT_EQ(tokens[0][0].size(), size_t(T * k)) << "rank " << r;
+    for (int64_t i = 0; i < T * k; ++i)  // every choice's slot holds the expert it was routed to
+      EXPECT_EQ(pl.layer(0)[size_t(tokens[0][0][size_t(i)])], routed.ids[size_t(i)]) << "rank " << r << " choice " << i;
+  });
+}
+
 TEST(Rebalancer, MigratesOneChunkOfLayersPerPassIntoTheRightSlots) {
   const int G = 2, L = 3, E = 4, P = 6;
   const int64_t H = 8, I = 4;
@@ -205,7 +238,7 @@ TEST(Rebalancer, MigratesOneChunkOfLayersPerPassIntoTheRightSlots) {
     std::vector<int> changed_after;  // layers whose placement differs from trivial, after each pass
     const eplb::Placement trivial = eplb::Placement::trivial(L, E, P, G);
     for (int p = 0; p < 6; ++p) {
-      d.end_pass(pass);
+      d.end_pass(pass, 0);
       int changed = 0;
       for (int l = 0; l < L; ++l)
         changed += !std::equal(trivial.layer(l).begin(), trivial.layer(l).end(), d.domain.placement.layer(l).begin());

@@ -8,9 +8,9 @@ namespace ballast::moe {
 
 ExpertParallelRunner::ExpertParallelRunner(kernels::Backend& backend, const DispatchTables& tables,
                                            const SlotStore& slots, Tensor counts, dist::DataPlane& data,
-                                           int max_tokens)
+                                           int max_tokens, Tensor token_slots)
     : ops_(backend.ops()), tables_(tables), slots_(slots), counts_(std::move(counts)), data_(data),
-      max_tokens_(max_tokens) {
+      max_tokens_(max_tokens), token_slots_(std::move(token_slots)) {
   check(counts_.rank() == 2 && counts_.dim(0) >= slots.layers() && counts_.dim(1) == int64_t(slots.slots()) * data.size(),
         "expert-parallel runner: load buffer {} for {} layers x {} slots x {} ranks", counts_, slots.layers(),
         slots.slots(), data.size());
@@ -41,6 +41,10 @@ void ExpertParallelRunner::run(int layer, const Tensor& x, const Tensor& ids, co
   // 2. The domain's load: what was dispatched, per physical slot.
   Tensor load = counts_[layer];
   ops_.histogram(slot, load);
+  if (token_slots_.defined()) {
+    Tensor trace = token_slots_[layer].rows(0, N);
+    ops_.copy(slot, trace);
+  }
 
   // 3. Rows to the ranks holding their slots, grouped by rank (order kept within a rank).
   Tensor order = ws.take({N}, DType::I32), send_counts = ws.take({G}, DType::I32);

@@ -18,11 +18,13 @@ class ExpertParallelRunner final : public MoeRunner {
  public:
   // tables: the placement it dispatches through; slots: the weights it computes with; counts
   // [L, P] I32: where it adds the slots it dispatched to (the domain's load of the open pass);
-  // max_tokens: the most rows any rank runs in one pass (sizes the receive buffers). The three
-  // normally belong to one domain: wiring them to different domains is the bug of SGLang's MTP
-  // layer before its fix, which tests/runtime reproduces with this constructor.
+  // max_tokens: the most rows any rank runs in one pass (sizes the receive buffers); token_slots
+  // [L, max_tokens * k], if defined: where each layer's chosen slots are also kept (a per-token
+  // trace). Tables, slots and counts normally belong to one domain: wiring them to different
+  // domains is the bug of SGLang's MTP layer before its fix, which tests/runtime reproduces with
+  // this constructor.
   ExpertParallelRunner(kernels::Backend& backend, const DispatchTables& tables, const SlotStore& slots, Tensor counts,
-                       dist::DataPlane& data, int max_tokens);
+                       dist::DataPlane& data, int max_tokens, Tensor token_slots = {});
 
   void run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
            std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) override;
@@ -34,6 +36,7 @@ class ExpertParallelRunner final : public MoeRunner {
   Tensor counts_;
   dist::DataPlane& data_;
   int max_tokens_;
+  Tensor token_slots_;
 };
 
 }  // namespace ballast::moe

@@ -31,7 +31,25 @@ ExpertParallelDomain::ExpertParallelDomain(std::string name,
       tables(s.backend, domain.placement, options.dispatch, s.data.rank(), options.ranks_per_node),
       slots(slots_for(s.backend, layers, domain.placement, s.data.rank())),
       load(std::move(load_view)),
-      runner(s.backend, tables, slots, load, s.data, s.max_tokens),
-      rebalancer(domain, tables, slots, s.backend, s.control, s.data, s.log) {}
+      token_slots(options.recorder_mode == eplb::RecorderMode::per_token
+                      ? s.backend.alloc({domain.placement.layers, int64_t(s.max_tokens) * s.top_k}, DType::I32)
+                      : Tensor()),
+      runner(s.backend, tables, slots, load, s.data, s.max_tokens, token_slots),
+      rebalancer(domain, tables, slots, s.backend, s.control, s.data, s.log),
+      backend_(s.backend),
+      top_k_(s.top_k) {}
+
+void ExpertParallelDomain::end_pass(std::span<const int32_t> load_host, int64_t rows) {
+  std::vector<std::vector<int32_t>> tokens;
+  if (token_slots.defined() && domain.recorder.recording()) {
+    const int64_t width = token_slots.dim(1), n = rows * top_k_;
+    check(n <= width, "expert domain '{}': {} routed choices for a trace of {}", domain.name, n, width);
+    std::vector<int32_t> all(static_cast<size_t>(token_slots.numel()));
+    backend_.download(token_slots, all.data());
+    for (int l = 0; l < domain.placement.layers; ++l)
+      tokens.emplace_back(all.begin() + l * width, all.begin() + l * width + n);
+  }
+  rebalancer.after_pass(load_host, std::move(tokens));
+}
 
 }  // namespace ballast::moe

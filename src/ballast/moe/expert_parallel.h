@@ -25,6 +25,7 @@ struct ExpertParallelSetup {
   dist::Communicator& control;
   dist::DataPlane& data;
   int max_tokens = 0;  // the most rows any rank runs in one pass
+  int top_k = 0;       // routed choices per row
   Logger log;
 };
 
@@ -40,15 +41,22 @@ class ExpertParallelDomain {
   ExpertParallelDomain& operator=(const ExpertParallelDomain&) = delete;
 
   // Closes the domain's pass on every rank, with the pass's load summed over ranks (the caller
-  // all-reduces and downloads it with the pass's other results).
-  void end_pass(std::span<const int32_t> load_host) { rebalancer.after_pass(load_host); }
+  // all-reduces and downloads it with the pass's other results) and the number of rows this rank
+  // ran. In per_token recorder mode the slots of this rank's choices come back too (one more
+  // download: the price of a trace).
+  void end_pass(std::span<const int32_t> load_host, int64_t rows);
 
   ExpertDomain domain;
   DispatchTables tables;
   SlotStore slots;
   Tensor load;
+  Tensor token_slots;  // per_token mode: [L, max_tokens * k] the slots of this rank's choices
   ExpertParallelRunner runner;
   Rebalancer rebalancer;
+
+ private:
+  kernels::Backend& backend_;
+  int top_k_;
 };
 
 }  // namespace ballast::moe

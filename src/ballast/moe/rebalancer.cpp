@@ -21,15 +21,15 @@ Rebalancer::Rebalancer(ExpertDomain& domain, DispatchTables& tables, SlotStore& 
   }
 }
 
-void Rebalancer::after_pass(std::span<const int32_t> load) {
-  close_pass(load);
+void Rebalancer::after_pass(std::span<const int32_t> load, std::vector<std::vector<int32_t>> tokens) {
+  close_pass(load, std::move(tokens));
   if (migrating()) migrate_chunk();
   else if (d_.options.rebalance.enabled && d_.options.rebalance.interval > 0 &&
            d_.passes % d_.options.rebalance.interval == 0)
     start_rebalance();
 }
 
-void Rebalancer::close_pass(std::span<const int32_t> load) {
+void Rebalancer::close_pass(std::span<const int32_t> load, std::vector<std::vector<int32_t>> tokens) {
   const eplb::Placement& pl = d_.placement;
   check(load.size() == size_t(pl.layers) * pl.physical, "rebalancer: a load of {} counts for {} layers x {} slots",
         load.size(), pl.layers, pl.physical);
@@ -44,7 +44,7 @@ void Rebalancer::close_pass(std::span<const int32_t> load) {
     ++layers;
   }
   balancedness_.push_back(layers ? sum / layers : 1.0);
-  d_.recorder.end_pass(pl, load);
+  d_.recorder.end_pass(pl, load, std::move(tokens));
   ++d_.passes;
   tables_.set_pass(d_.passes);
 }

@@ -39,8 +39,8 @@ class Rebalancer {
              dist::Communicator& control, dist::DataPlane& data, Logger log = {});
 
   // Called by every rank after each forward pass of the domain with the pass's load [L][P], summed
-  // over ranks (the same on every rank).
-  void after_pass(std::span<const int32_t> load);
+  // over ranks (the same on every rank), and for a per_token recorder this rank's chosen slots.
+  void after_pass(std::span<const int32_t> load, std::vector<std::vector<int32_t>> tokens = {});
 
   const std::vector<RebalanceEvent>& events() const { return events_; }
   // Per pass: mean over layers of balancedness (mean/max rank load) of what was dispatched.
@@ -48,7 +48,7 @@ class Rebalancer {
   bool migrating() const { return !layers_left_.empty(); }
 
  private:
-  void close_pass(std::span<const int32_t> load);
+  void close_pass(std::span<const int32_t> load, std::vector<std::vector<int32_t>> tokens);
   void start_rebalance();
   void migrate_chunk();
 

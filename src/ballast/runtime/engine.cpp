@@ -93,7 +93,8 @@ void Engine::build_outputs(const model::ModelWeights* host) {
   const auto& cfg = config();
   const int G = comm_->size(), E = cfg.num_experts;
   const ExpertParallelOptions& ep = opts_.ep;
-  moe::ExpertParallelSetup setup{*backend_, *comm_, *opts_.data, opts_.cache.chunked_prefill_size, opts_.log};
+  moe::ExpertParallelSetup setup{*backend_, *comm_, *opts_.data, opts_.cache.chunked_prefill_size,
+                                 cfg.num_experts_per_tok, opts_.log};
   std::vector<std::span<const kernels::SwigluWeights>> trunk_layers;
   for (const auto& l : host->layers)
     if (l.ffn == model::FfnType::Moe) trunk_layers.push_back(l.moe.experts);
@@ -208,7 +209,8 @@ Sampler::Row Engine::row_of(const Sequence& s, int64_t position) const {
   return {&s.sampling, s.sampling.seed, int32_t(position)};
 }
 
-std::span<const int32_t> Engine::finish_pass(PassOutput& out, moe::ExpertParallelDomain* domain, int64_t n) {
+std::span<const int32_t> Engine::finish_pass(PassOutput& out, moe::ExpertParallelDomain* domain, int64_t n,
+                                             int64_t rows) {
   if (domain) {
     Tensor load = out.load();
     opts_.data->all_reduce_sum(load);
@@ -219,7 +221,7 @@ std::span<const int32_t> Engine::finish_pass(PassOutput& out, moe::ExpertParalle
   if (domain) {
     Tensor load = out.load();
     backend_->ops().zero(load);
-    domain->end_pass(std::span<const int32_t>(out.host.data(), size_t(out.load_size)));
+    domain->end_pass(std::span<const int32_t>(out.host.data(), size_t(out.load_size)), rows);
   }
   return {out.host.data() + out.load_size, size_t(n)};
 }
@@ -284,7 +286,7 @@ bool Engine::step() {
   auto& ws = runner_->workspace();
   if (Bv > 0) sampler_->verify(ws, r.logits.rows(0, Rv), verify_rows, drafts, S, kept_probs_, draft_rows, verdicts);
   if (Rs > 0) sampler_->sample(ws, r.logits.rows(Rv, Rv + Rs), draw_rows, kernels::Draw::target, ids);
-  const std::span<const int32_t> host = finish_pass(trunk_out_, trunk_ep_.get(), Rout + Rs);
+  const std::span<const int32_t> host = finish_pass(trunk_out_, trunk_ep_.get(), Rout + Rs, r.hidden.dim(0));
   ++stats_.passes;
   const double t_verified = now_seconds();
 
@@ -384,7 +386,7 @@ std::vector<float> Engine::prefill_logits(std::span<const int32_t> ids) {
       entries.push_back({&e, ids.subspan(done, size_t(n)), ModelRunner::Logits::all});
     }
     const ModelRunner::Result r = runner_->forward(entries);
-    finish_pass(trunk_out_, trunk_ep_.get(), 0);
+    finish_pass(trunk_out_, trunk_ep_.get(), 0, r.hidden.dim(0));
     ++stats_.passes;
     if (more) {
       logits.resize(size_t((done + size_t(n)) * V));

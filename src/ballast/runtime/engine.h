@@ -158,9 +158,9 @@ class Engine {
   void build_outputs(const model::ModelWeights* host);
   void build_cache();  // state cache, scheduler, runner and sampler for the limits and steps_
   StepOutput& output_of(const Sequence& seq);
-  // Ends a pass: sums its domain's load over ranks on the device, downloads [load | the first n
-  // results] in one copy, closes the domain's pass; returns the results on the host.
-  std::span<const int32_t> finish_pass(PassOutput& out, moe::ExpertParallelDomain* domain, int64_t n);
+  // Ends a pass of `rows` rows: sums its domain's load over ranks on the device, downloads [load |
+  // the first n results] in one copy, closes the domain's pass; returns the results on the host.
+  std::span<const int32_t> finish_pass(PassOutput& out, moe::ExpertParallelDomain* domain, int64_t n, int64_t rows);
   // Appends a token to a sequence; false once the sequence is finished.
   bool emit(Sequence& seq, int32_t token);
   Sampler::Row row_of(const Sequence& seq, int64_t position) const;

@@ -67,7 +67,9 @@ void Engine::draft(std::span<const Scheduled> pass, const ModelRunner::Result& t
     if (D > 0)
       sampler_->sample(runner_->workspace(), r.logits, rows, kernels::Draw::draft, ids,
                        samples ? kept_probs_ : Tensor(), kept_rows);
-    const std::span<const int32_t> host = finish_pass(mtp_out_, mtp_ep_.get(), D);
+    int64_t pass_rows = 0;
+    for (const auto& e : entries) pass_rows += int64_t(e.tokens.size());
+    const std::span<const int32_t> host = finish_pass(mtp_out_, mtp_ep_.get(), D, pass_rows);
     for (size_t j = 0; j < drafting.size(); ++j) drafting[j]->drafts.push_back(host[j]);
   }
   // Chained entries came from the head's own outputs: the next round re-enters those positions
