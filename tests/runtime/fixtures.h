@@ -2,29 +2,60 @@
 // Helpers shared by the runtime tests: the committed fixtures and how to compare against them.
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <filesystem>
 #include <string>
 #include <vector>
 
 #include "ballast/io/safetensors.h"
+#include "ballast/core/error.h"
 #include "ballast/kernels/cpu/cpu_backend.h"
+#ifdef BALLAST_HAS_CUDA
+#include "ballast/kernels/cuda/cuda_backend.h"
+#endif
 #include "ballast/runtime/engine.h"
 
 namespace ballast::test {
 
-inline const std::filesystem::path kFixtures = BALLAST_FIXTURES_DIR;
+// $BALLAST_FIXTURES_DIR, where the tests run from another checkout (the GPU machine), else the
+// source tree's.
+inline std::filesystem::path fixtures_dir() {
+  const char* env = std::getenv("BALLAST_FIXTURES_DIR");
+  return env && *env ? std::filesystem::path(env) : std::filesystem::path(BALLAST_FIXTURES_DIR);
+}
+inline const std::filesystem::path kFixtures = fixtures_dir();
 inline const std::filesystem::path kDemoModel = kFixtures.parent_path().parent_path() / "models" / "default";
 
-// An engine on a CPU backend of `threads` threads.
+// The backend the engine tests run on: the CPU backend of `threads` threads, or with
+// BALLAST_TEST_DEVICE=cuda (in a build with CUDA) the CUDA backend on GPU 0, so that the same
+// tests hold the GPU to the same outputs.
+inline std::unique_ptr<kernels::Backend> test_backend(int threads) {
+  const char* env = std::getenv("BALLAST_TEST_DEVICE");
+  const std::string device = env ? env : "cpu";
+#ifdef BALLAST_HAS_CUDA
+  if (device == "cuda") return std::make_unique<kernels::CudaBackend>(0);
+#endif
+  if (device != "cpu") throw Error("BALLAST_TEST_DEVICE=" + device + ": not a device this test build has");
+  return std::make_unique<kernels::CpuBackend>(threads);
+}
+
+// An engine on the test backend.
 inline std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
                                                     const runtime::EngineOptions& opts = {}) {
-  return runtime::Engine::load(dir, std::make_unique<kernels::CpuBackend>(threads), opts);
+  return runtime::Engine::load(dir, test_backend(threads), opts);
 }
 
 // A tensor's contents on the host.
 template <typename T = float>
 std::vector<T> download(kernels::Backend& backend, const Tensor& t) {
   std::vector<T> v(size_t(t.numel()));
+  backend.download(t, v.data());
+  return v;
+}
+
+// A tensor's bytes on the host.
+inline std::vector<std::byte> download_bytes(kernels::Backend& backend, const Tensor& t) {
+  std::vector<std::byte> v(t.nbytes());
   backend.download(t, v.data());
   return v;
 }

@@ -113,3 +113,28 @@ TEST(ContinuousBatching, RequestsThatCanNeverFitAreRefused) {
 }
 
 }  // namespace
+
+namespace {
+
+// Decode passes as captured graphs (where the backend can capture: run with
+// BALLAST_TEST_DEVICE=cuda): the same tokens as eager passes, replayed, one download per pass.
+TEST(DecodeGraphs, ReplayTheSameTokensAsEagerPasses) {
+  auto graphs = test::load_engine(test::kDemoModel, 2);
+  if (!graphs->backend().can_capture()) GTEST_SKIP() << "skipped: the backend cannot capture graphs";
+  auto eager = test::load_engine(test::kDemoModel, 2, {.cuda_graphs = false});
+  const std::vector<std::vector<int32_t>> prompts{{1, 2, 3, 4, 5}, {10, 20, 30}, {7, 8, 9, 10, 11, 12}};
+  const auto want = eager->generate(prompts, 24).outputs;
+  const kernels::Counters before = graphs->backend().counters();
+  const auto got = graphs->generate(prompts, 24);
+  const kernels::Counters& after = graphs->backend().counters();
+  EXPECT_EQ(got.outputs, want);
+  EXPECT_GT(after.graph_replays - before.graph_replays, 15) << "decode passes did not replay graphs";
+  EXPECT_GT(graphs->runner().last_graph_nodes(), 10);
+  EXPECT_LE(after.downloads - before.downloads, got.stats.passes) << "more than one download per pass";
+  // A second round replays the graphs captured in the first (no capture, no allocation).
+  const kernels::Counters warm = graphs->backend().counters();
+  EXPECT_EQ(graphs->generate(prompts, 24).outputs, want);
+  EXPECT_EQ(graphs->backend().counters().allocations, warm.allocations);
+}
+
+}  // namespace

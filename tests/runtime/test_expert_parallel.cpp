@@ -75,7 +75,7 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
         const auto& want = layers[size_t(l)]->experts[size_t(pl.layer(l)[comm.rank() * K + s])];
         const auto& have = trunk.slots.weights(l, s);
         for (auto [a, b] : {std::pair{&want.gate, &have.gate}, {&want.up, &have.up}, {&want.down, &have.down}})
-          exact = exact && std::memcmp(a->raw(), b->raw(), a->nbytes()) == 0;
+          exact = exact && download_bytes(engine->backend(), *a) == download_bytes(engine->backend(), *b);
       }
 
     std::lock_guard lk(mu);

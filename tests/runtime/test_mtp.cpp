@@ -181,7 +181,7 @@ IsolationResult isolation_run(bool broken_wiring, int steps) {
     // the trunk's load, computing with its own slots.
     std::optional<moe::ExpertParallelRunner> broken;
     if (broken_wiring) {
-      broken.emplace(engine->backend(), trunk_ep.tables, mtp_ep.slots, trunk_ep.load, data,
+      broken.emplace(engine->backend(), trunk_ep.tables, mtp_ep.slots, trunk_ep.load, *engine->data_plane(),
                      engine->runner().limits().max_tokens);
       engine->model().set_mtp_moe(*broken);
     }

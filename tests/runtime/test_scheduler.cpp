@@ -22,7 +22,8 @@ struct CacheFixture : ::testing::Test {
 using StateCacheTest = CacheFixture;
 
 TEST_F(StateCacheTest, AppendRollbackReleaseKeepTheBooks) {
-  StateCache cache(backend, cfg, {.block_size = 4, .blocks = 6, .slots = 5, .mtp = true});
+  // One block and one slot of each pool go to the padding sequence.
+  StateCache cache(backend, cfg, {.block_size = 4, .blocks = 7, .slots = 6, .mtp = true});
   CacheEntry e;
   ASSERT_TRUE(cache.allocate(e));
   EXPECT_EQ(cache.free_slots(), 4);
@@ -87,7 +88,7 @@ struct SchedulerTest : CacheFixture {
 };
 
 TEST_F(SchedulerTest, BudgetChunksPrefillsAndRunningSequencesGoFirst) {
-  StateCache cache(backend, cfg, {.block_size = 4, .blocks = 64, .slots = 8});
+  StateCache cache(backend, cfg, {.block_size = 4, .blocks = 65, .slots = 9});
   Scheduler sched(cache, {.max_running = 2, .token_budget = 10});
   Sequence& a = make(25);
   Sequence& b = make(3);
@@ -119,7 +120,7 @@ TEST_F(SchedulerTest, BudgetChunksPrefillsAndRunningSequencesGoFirst) {
 }
 
 TEST_F(SchedulerTest, TheNewestRunningSequenceIsPreemptedWhenTheCacheIsFull) {
-  StateCache cache(backend, cfg, {.block_size = 4, .blocks = 4, .slots = 8});
+  StateCache cache(backend, cfg, {.block_size = 4, .blocks = 5, .slots = 9});
   Scheduler sched(cache, {.max_running = 4, .token_budget = 64});
   Sequence& a = make(8, 8);
   Sequence& b = make(8, 8);

@@ -28,12 +28,29 @@ struct BenchArgs {
   int prompt_len = 256, decode_steps = 32, batch = 1, threads = 0, repeats = 3;
   int speculative_steps = 0;  // > 0: also decode with MTP speculation, in the same run
   bool json = false;
+  std::string device = "auto";
+  bool disable_cuda_graph = false;
 };
 
 
 // Copy bandwidth (bytes read + bytes written per second) of a parallel memcpy over buffers far
-// larger than the caches: the speed of light for a decode step that streams weights once.
-double measure_copy_bandwidth(int threads) {
+// larger than the caches: the speed of light for a decode step that streams weights once. On a
+// GPU, the backend's own device-to-device copy of 2 GiB.
+double measure_copy_bandwidth(kernels::Backend& be, int threads) {
+  if (be.device() != Device::CPU) {
+    const int64_t n = int64_t(1) << 29;  // floats: 2 GiB
+    Tensor a = be.alloc({n}, DType::F32), b = be.alloc({n}, DType::F32);
+    be.ops().zero(a);
+    double best = 0;
+    for (int r = 0; r < 6; ++r) {
+      be.synchronize();
+      const double t0 = now_seconds();
+      be.ops().copy(a, b);
+      be.synchronize();
+      if (r > 0) best = std::max(best, 2.0 * double(a.nbytes()) / seconds_since(t0));
+    }
+    return best;
+  }
   ThreadPool pool(threads);
   const size_t bytes = size_t(1) << 30;
   std::vector<char> a(bytes, 1), b(bytes, 2);
@@ -89,13 +106,18 @@ int run_bench(const BenchArgs& a) {
   cache.chunked_prefill_size = std::max(cache.chunked_prefill_size, a.batch * a.prompt_len);
   runtime::EngineOptions opts;
   opts.cache = to_cache_options(cache, prompts, prompts.size(), a.decode_steps + 1, 2 * a.speculative_steps);
-  auto engine = load_engine(dir, a.threads, opts);
+  opts.cuda_graphs = !a.disable_cuda_graph;
+  auto engine = load_engine(dir, a.device, a.threads, opts);
 
   // Best of `repeats` runs of prefill + decode.
   runtime::GenerationStats best;
   double best_prefill = 0, best_decode = 0;
+  int64_t step_downloads = 0, step_passes = 0;
   for (int r = 0; r < a.repeats; ++r) {
+    const kernels::Counters before = engine->backend().counters();
     auto res = engine->generate(prompts, a.decode_steps + 1);
+    step_downloads = engine->backend().counters().downloads - before.downloads;
+    step_passes = res.stats.passes;
     const auto& s = res.stats;
     best_prefill = std::max(best_prefill, s.prefill_tokens / s.prefill_seconds);
     best_decode = std::max(best_decode, s.decode_tokens / s.decode_seconds);
@@ -112,7 +134,7 @@ int run_bench(const BenchArgs& a) {
       if (tps > spec_decode) spec_decode = tps, spec = st;
     }
   }
-  const double copy_bw = measure_copy_bandwidth(a.threads);
+  const double copy_bw = measure_copy_bandwidth(engine->backend(), a.threads);
   const double wbytes = double(dtype_size(engine->model().weights().embed.dtype()));
   const int64_t mid_context = a.prompt_len + a.decode_steps / 2;
   // At batch b a step reads the shared weights once; routed experts differ per sequence, so
@@ -123,11 +145,15 @@ int run_bench(const BenchArgs& a) {
 
   if (a.json) {
     nlohmann::json j = {{"model", dir.string()},           {"synthetic", a.synthetic},
+                        {"device", engine->backend().describe()},
                         {"threads", a.threads},            {"batch", a.batch},
                         {"prompt_len", a.prompt_len},      {"decode_steps", a.decode_steps},
                         {"prefill_tokens_per_s", best_prefill}, {"decode_tokens_per_s", best_decode},
                         {"decode_bytes_per_token", bytes_tok},  {"decode_bandwidth_gb_s", achieved / 1e9},
-                        {"copy_bandwidth_gb_s", copy_bw / 1e9}, {"bandwidth_ratio", ratio}};
+                        {"copy_bandwidth_gb_s", copy_bw / 1e9}, {"bandwidth_ratio", ratio},
+                        // A decode step: kernels and copies in its graph (0: eager), host waits.
+                        {"decode_graph_nodes", engine->runner().last_graph_nodes()},
+                        {"downloads_per_pass", step_passes ? double(step_downloads) / double(step_passes) : 0.0}};
     if (a.speculative_steps > 0) {
       j["speculative_num_steps"] = a.speculative_steps;
       j["speculative_decode_tokens_per_s"] = spec_decode;
@@ -137,6 +163,7 @@ int run_bench(const BenchArgs& a) {
     fmt::print("{}\n", j.dump());
   } else {
     fmt::print("model            {}\n", a.synthetic ? "random mid-size (H=1024, 8 layers, 64 experts, top-8, bf16)" : dir.string());
+    fmt::print("device           {}\n", engine->backend().describe());
     fmt::print("prefill          {:.1f} tokens/s ({} x {} tokens)\n", best_prefill, a.batch, a.prompt_len);
     fmt::print("decode           {:.1f} tokens/s (batch {})\n", best_decode, a.batch);
     fmt::print("bytes per token  {:.1f} MB (weights visited + DeltaNet state + KV at {} tokens)\n", bytes_tok / 1e6,
@@ -166,6 +193,8 @@ void add_bench(CLI::App& app, Runner& run) {
                 "Also decode with MTP speculation (NEXTN) of this many draft steps, in the same run")
       ->check(CLI::Range(0, 16));
   c->add_flag("--json", a->json, "Print one JSON object");
+  add_device_option(c, a->device);
+  c->add_flag("--disable-cuda-graph", a->disable_cuda_graph, "Run decode passes eagerly (no CUDA graphs)");
   c->callback([a, &run] { run = [a] { return run_bench(*a); }; });
 }
 

@@ -3,6 +3,7 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <cstdlib>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -33,6 +34,8 @@ struct GenerateArgs {
   bool json = false;
   EpArgs ep;
   CacheArgs cache;
+  std::string device = "auto";
+  bool disable_cuda_graph = false;
   std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
   int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;
   runtime::SamplingParams sampling;
@@ -76,10 +79,14 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
   opts.comm = comm;
   opts.data = data;
   opts.ep = to_ep_options(a.ep, ranks);
+  opts.cuda_graphs = !a.disable_cuda_graph;
   opts.cache = to_cache_options(a.cache, prompts, (prompts.size() + size_t(ranks) - 1) / size_t(ranks),
                                 a.max_new_tokens, speculate ? 2 * a.speculative_steps : 0);
   if (comm && comm->rank() != 0) opts.log.level = LogLevel::Quiet;
-  auto engine = load_engine(dir, threads, opts, !comm || comm->rank() == 0);
+  // MPI ranks of one host take its GPUs in turn; in-process ranks share GPU 0.
+  int gpu = 0;
+  if (const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) gpu = std::atoi(local);
+  auto engine = load_engine(dir, a.device, threads, opts, !comm || comm->rank() == 0, gpu);
   for (auto& p : prompts)
     for (int32_t id : p)
       check(id < engine->config().vocab_size, "prompt token id {} is outside the vocabulary of {}", id,
@@ -189,6 +196,7 @@ int run_generate(const GenerateArgs& a) {
 struct LogitsArgs {
   std::string model, prompt_ids, out;
   int threads = 0;
+  std::string device = "auto";
 };
 
 int run_logits(const LogitsArgs& a) {
@@ -197,7 +205,7 @@ int run_logits(const LogitsArgs& a) {
   const auto dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
   runtime::EngineOptions opts;
   opts.cache = to_cache_options(CacheArgs{}, {ids}, 1, 0, 0);
-  auto engine = load_engine(dir, a.threads, opts);
+  auto engine = load_engine(dir, a.device, a.threads, opts);
   std::vector<float> logits = engine->prefill_logits(ids);
   const int64_t V = engine->config().vocab_size;
   Tensor t = Tensor::borrow(logits.data(), {int64_t(ids.size()), V}, DType::F32);
@@ -225,6 +233,8 @@ void add_generate(CLI::App& app, Runner& run) {
   c->add_option("--seed", a->sampling.seed, "Sampling seed");
   add_ep_options(c, a->ep);
   add_cache_options(c, a->cache);
+  add_device_option(c, a->device);
+  c->add_flag("--disable-cuda-graph", a->disable_cuda_graph, "Run decode passes eagerly (no CUDA graphs)");
   c->add_option("--speculative-algorithm", a->speculative_algorithm, "NEXTN: draft with the model's MTP head")
       ->check(CLI::IsMember({"NEXTN", "MTP", "EAGLE"}));
   c->add_option("--speculative-num-steps", a->speculative_steps, "Chained draft steps per verify pass")
@@ -248,6 +258,7 @@ void add_logits(CLI::App& app, Runner& run) {
   c->add_option("--prompt-ids", a->prompt_ids, "Prompt as comma-separated token ids")->required();
   c->add_option("--out", a->out, "Output .safetensors file (tensor 'logits')")->required();
   c->add_option("--threads", a->threads, "CPU threads (0 = all cores)");
+  add_device_option(c, a->device);
   c->callback([a, &run] { run = [a] { return run_logits(*a); }; });
 }
 

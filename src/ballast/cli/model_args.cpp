@@ -10,6 +10,9 @@
 #include "ballast/core/error.h"
 #include "ballast/core/progress.h"
 #include "ballast/kernels/cpu/cpu_backend.h"
+#ifdef BALLAST_HAS_CUDA
+#include "ballast/kernels/cuda/cuda_backend.h"
+#endif
 
 namespace ballast::cli {
 
@@ -89,16 +92,38 @@ runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std
   return o;
 }
 
-std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
-                                             runtime::EngineOptions opts, bool progress) {
-  std::optional<ProgressBar> bar;  // created once the total size is known
-  if (progress)
+void add_device_option(CLI::App* c, std::string& device) {
+  c->add_option("--device", device, "cuda | cpu (default: cuda when a GPU is visible)")
+      ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
+}
+
+std::unique_ptr<kernels::Backend> make_backend(const std::string& device, int threads, int gpu) {
+#ifdef BALLAST_HAS_CUDA
+  if (device == "cuda" || (device == "auto" && kernels::cuda_available()))
+    return std::make_unique<kernels::CudaBackend>(gpu);
+#else
+  check(device != "cuda", "--device cuda: this build has no CUDA backend (nvcc was not found when it was built)");
+#endif
+  return std::make_unique<kernels::CpuBackend>(threads);
+}
+
+std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, const std::string& device, int threads,
+                                             runtime::EngineOptions opts, bool progress, int gpu) {
+  std::optional<ProgressBar> bar, upload;  // created once the total size is known
+  if (progress) {
     opts.load_progress = [&bar](uint64_t done, uint64_t total) {
       if (!bar) bar.emplace("loading weights", total);
       bar->update(done);
     };
-  auto engine = runtime::Engine::load(dir, std::make_unique<kernels::CpuBackend>(threads), opts);
+    opts.upload_progress = [&bar, &upload](uint64_t done, uint64_t total) {
+      bar.reset();  // paging in is over
+      if (!upload) upload.emplace("uploading weights", total);
+      upload->update(done);
+    };
+  }
+  auto engine = runtime::Engine::load(dir, make_backend(device, threads, gpu), opts);
   if (bar) bar->finish();
+  if (upload) upload->finish();
   return engine;
 }
 

@@ -33,9 +33,15 @@ void add_cache_options(CLI::App* cmd, CacheArgs& a);
 runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std::vector<int32_t>>& prompts,
                                        size_t per_rank, int new_tokens, int extra);
 
-// Builds the CPU backend (`threads` threads, 0 = all cores) and loads the engine on it, with a
-// progress bar while the weights are paged in.
-std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
-                                             runtime::EngineOptions opts = {}, bool progress = true);
+// Where a command runs: --device cuda | cpu (default: cuda when this build has the CUDA backend
+// and a GPU is visible, else cpu).
+void add_device_option(CLI::App* cmd, std::string& device);
+// The backend for `device` ("auto", "cuda" or "cpu"): the CPU with `threads` threads (0 = all
+// cores), or CUDA device `gpu`. Errors say why CUDA cannot be had.
+std::unique_ptr<kernels::Backend> make_backend(const std::string& device, int threads, int gpu = 0);
+
+// Builds the backend and loads the engine on it, with a progress bar while the weights are read.
+std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, const std::string& device, int threads,
+                                             runtime::EngineOptions opts = {}, bool progress = true, int gpu = 0);
 
 }  // namespace ballast::cli

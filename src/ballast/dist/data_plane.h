@@ -15,6 +15,9 @@ class DataPlane {
   virtual ~DataPlane() = default;
   virtual int rank() const = 0;
   virtual int size() const = 0;
+  // Whether this plane moves buffers of `device` itself (threads and MPI: host memory only; a
+  // GPU's buffers then go through host staging, see runtime/staged_data_plane.h).
+  virtual bool moves(Device device) const { return device == Device::CPU; }
 
   // Collective. `send` holds rows for rank 0, then for rank 1, ...: send_counts[g] (I32 [G]) rows
   // for rank g, a row being send's first dimension. `recv` receives the rows every rank sent to

@@ -21,6 +21,10 @@ struct Counters {
   int64_t bytes_uploaded = 0;
   int64_t downloads = 0;    // device -> host copies
   int64_t bytes_downloaded = 0;
+  int64_t graph_replays = 0;  // captured graphs launched
+  // Bumped whenever a buffer the ops keep for themselves moves (scratch regrown): graphs
+  // captured before then read freed memory and must be captured again.
+  int64_t memory_epoch = 0;
 };
 
 class Backend {
@@ -41,6 +45,18 @@ class Backend {
   virtual void download(const Tensor& src, void* host) = 0;
   // Waits until everything issued so far has finished.
   virtual void synchronize() = 0;
+
+  // Graphs (CUDA graphs): the work issued between begin_capture() and end_capture(key) is
+  // recorded, not run, into a graph kept under `key`; replay(key) runs it again on the same
+  // buffers, whose contents the caller refreshes first. The work must not allocate, wait or copy
+  // from pageable host memory (run it once before capturing, so that every buffer has grown).
+  // A backend that cannot capture says so, and callers run their work as it comes.
+  virtual bool can_capture() const { return false; }
+  virtual void begin_capture() {}
+  virtual void end_capture(int64_t key) {}
+  virtual bool replay(int64_t key) { return false; }  // false: no graph under key
+  virtual int64_t graph_nodes(int64_t key) const { return 0; }  // kernels and copies in the graph
+  virtual void drop_graphs() {}
 
   const Counters& counters() const { return counters_; }
 

@@ -29,6 +29,7 @@ Tensor Workspace::take(std::vector<int64_t> shape, DType dtype) {
     const size_t size = std::max(bytes, capacity()) + kAlign;  // slack to align the start
     blocks_.push_back(be_.alloc({int64_t(size / 4)}, DType::I32));
     used_ = 0;
+    ++generation_;
   }
   const Tensor& block = blocks_.back();
   void* p = static_cast<char*>(block.raw()) + start_of(block) + used_;
@@ -42,6 +43,7 @@ void Workspace::reset() {
   if (blocks_.size() > 1) {
     blocks_.clear();  // frees before allocating, so both are never held at once
     blocks_.push_back(be_.alloc({int64_t((high_water_ + kAlign) / 4)}, DType::I32));
+    ++generation_;
   }
   used_ = 0;
   taken_ = 0;

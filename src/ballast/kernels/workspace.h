@@ -39,6 +39,9 @@ class Workspace {
   };
 
   size_t capacity() const;       // bytes in the buffer(s) now
+  // Bumped whenever the buffer is replaced: takes from before no longer point into it (graphs
+  // captured over them must be captured again).
+  int64_t generation() const { return generation_; }
   size_t high_water() const { return high_water_; }  // most bytes any pass took
 
  private:
@@ -49,6 +52,7 @@ class Workspace {
   size_t used_ = 0;             // bytes taken from blocks_.back()
   size_t taken_ = 0;            // bytes taken this pass, over all blocks
   size_t high_water_ = 0;
+  int64_t generation_ = 0;
 };
 
 }  // namespace ballast::kernels

@@ -45,7 +45,14 @@ std::string_view finish_reason_name(FinishReason r) {
 }
 
 Engine::Engine(std::unique_ptr<kernels::Backend> backend, io::Checkpoint ckpt, const EngineOptions& opts)
-    : backend_(std::move(backend)), ckpt_(std::move(ckpt)), opts_(opts), comm_(opts.comm), steps_(opts.speculative_steps) {}
+    : backend_(std::move(backend)), ckpt_(std::move(ckpt)), opts_(opts), comm_(opts.comm), data_(opts.data),
+      steps_(opts.speculative_steps) {
+  // A plane that moves host memory only reaches this backend's buffers through host copies.
+  if (data_ && !data_->moves(backend_->device())) {
+    staged_ = std::make_unique<StagedDataPlane>(*data_, *backend_);
+    data_ = staged_.get();
+  }
+}
 
 Engine::~Engine() = default;
 
@@ -60,7 +67,14 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, std
   std::unique_ptr<Engine> e(new Engine(std::move(backend), std::move(ckpt), opts));
   const model::ModelWeights host = model::bind_weights(cfg, e->ckpt_);
   model::ModelWeights device = host;
-  model::for_each_tensor(device, [&](Tensor& t) { t = e->backend_->to_device(t); });
+  // Weights go to the device once, here (a CPU reads them in place: nothing to report).
+  uint64_t total = 0, done = 0;
+  const bool report = opts.upload_progress && e->backend_->device() != Device::CPU;
+  if (report) model::for_each_tensor(device, [&](Tensor& t) { total += t.nbytes(); });
+  model::for_each_tensor(device, [&](Tensor& t) {
+    t = e->backend_->to_device(t);
+    if (report) opts.upload_progress(done += t.nbytes(), total);
+  });
   e->local_moe_ = std::make_unique<moe::LocalMoeRunner>(e->backend_->ops());
   e->model_ = std::make_unique<model::Model>(std::move(cfg), std::move(device), e->backend_->ops(), *e->local_moe_);
   check(e->steps_ >= 0 && (e->steps_ == 0 || e->model_->has_mtp()),
@@ -93,7 +107,7 @@ void Engine::build_outputs(const model::ModelWeights* host) {
   const auto& cfg = config();
   const int G = comm_->size(), E = cfg.num_experts;
   const ExpertParallelOptions& ep = opts_.ep;
-  moe::ExpertParallelSetup setup{*backend_, *comm_, *opts_.data, opts_.cache.chunked_prefill_size,
+  moe::ExpertParallelSetup setup{*backend_, *comm_, *data_, opts_.cache.chunked_prefill_size,
                                  cfg.num_experts_per_tok, opts_.log};
   std::vector<std::span<const kernels::SwigluWeights>> trunk_layers;
   for (const auto& l : host->layers)
@@ -132,9 +146,10 @@ void Engine::build_cache() {
   for (auto t : cfg.layer_types) deltanet = deltanet || t == model::LayerType::LinearAttention;
   StateCacheOptions so;
   so.block_size = c.page_size;
-  so.blocks = (total + c.page_size - 1) / c.page_size;
-  // Every running sequence's slot, its snapshots while it verifies, and one for prefill_logits.
-  so.slots = c.max_running_requests * (1 + (deltanet && S > 0 ? S + 1 : 0)) + 1;
+  so.blocks = (total + c.page_size - 1) / c.page_size + 1;  // + padding's
+  // Every running sequence's slot, its snapshots while it verifies, one for prefill_logits and
+  // one for the padding sequence.
+  so.slots = c.max_running_requests * (1 + (deltanet && S > 0 ? S + 1 : 0)) + 2;
   so.mtp = model_->has_mtp();
   scheduler_.reset();
   runner_.reset();
@@ -146,6 +161,8 @@ void Engine::build_cache() {
   lim.max_seqs = c.max_running_requests + 1;
   lim.max_blocks_per_seq = int(cache_->blocks_for(context + S + 1));
   lim.max_verify_rows = S + 1;
+  // Graphs need every pass's work on this backend's stream: not with expert-parallel collectives.
+  lim.graphs = opts_.cuda_graphs && backend_->can_capture() && !comm_;
   runner_ = std::make_unique<ModelRunner>(*model_, *backend_, *cache_, lim);
   sampler_ = std::make_unique<Sampler>(*backend_, std::max(c.chunked_prefill_size, c.max_running_requests),
                                        c.max_running_requests * std::max(S, 1));
@@ -213,7 +230,7 @@ std::span<const int32_t> Engine::finish_pass(PassOutput& out, moe::ExpertParalle
                                              int64_t rows) {
   if (domain) {
     Tensor load = out.load();
-    opts_.data->all_reduce_sum(load);
+    data_->all_reduce_sum(load);
   }
   const int64_t words = out.load_size + n;
   out.host.resize(size_t(words));
@@ -278,14 +295,22 @@ bool Engine::step() {
     entries.push_back(e);
   }
 
-  const ModelRunner::Result r = runner_->forward(entries);
   const int64_t Bv = int64_t(verify_tokens.size()), Rv = Bv * (S + 1), Rs = int64_t(draw_rows.size());
   const int64_t Rout = Bv * (S + 2);  // verdicts: per verification, a count and a + 1 tokens
-  const Tensor results = trunk_out_.results(Rout + Rs);
-  Tensor verdicts = results.rows(0, Rout).reshape({Bv, S + 2}), ids = results.rows(Rout, Rout + Rs);
-  auto& ws = runner_->workspace();
-  if (Bv > 0) sampler_->verify(ws, r.logits.rows(0, Rv), verify_rows, drafts, S, kept_probs_, draft_rows, verdicts);
-  if (Rs > 0) sampler_->sample(ws, r.logits.rows(Rv, Rv + Rs), draw_rows, kernels::Draw::target, ids);
+  // The draws are staged before the pass (a captured graph finds them in place), padded to the
+  // rows of a graph's batch; the sample op runs inside the pass.
+  static const SamplingParams greedy;
+  const int64_t Rdraw = runner_->logit_rows(entries) - Rv;
+  while (int64_t(draw_rows.size()) < Rdraw) draw_rows.push_back({&greedy, 0, 0});
+  const kernels::SamplingRows staged = Rdraw > 0 ? sampler_->stage(draw_rows) : kernels::SamplingRows{};
+  const Tensor results = trunk_out_.results(Rout + Rdraw);
+  Tensor verdicts = results.rows(0, Rout).reshape({Bv, S + 2}), ids = results.rows(Rout, Rout + Rdraw);
+  const ModelRunner::Result r = runner_->forward(entries, [&](const ModelRunner::Result& pass) {
+    if (Rdraw > 0) sampler_->draw(pass.logits.rows(Rv, Rv + Rdraw), staged, kernels::Draw::target, ids);
+  });
+  if (Bv > 0)
+    sampler_->verify(runner_->workspace(), r.logits.rows(0, Rv), verify_rows, drafts, S, kept_probs_, draft_rows,
+                     verdicts);
   const std::span<const int32_t> host = finish_pass(trunk_out_, trunk_ep_.get(), Rout + Rs, r.hidden.dim(0));
   ++stats_.passes;
   const double t_verified = now_seconds();

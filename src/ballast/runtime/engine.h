@@ -28,6 +28,7 @@
 #include "ballast/runtime/sampler.h"
 #include "ballast/runtime/scheduler.h"
 #include "ballast/runtime/sequence.h"
+#include "ballast/runtime/staged_data_plane.h"
 #include "ballast/runtime/state_cache.h"
 
 namespace ballast::runtime {
@@ -63,7 +64,9 @@ struct EngineOptions {
   ExpertParallelOptions ep;
   CacheOptions cache;
   int speculative_steps = 0;           // NEXTN: chained MTP drafts per round (0: no speculation)
-  std::function<void(uint64_t done, uint64_t total)> load_progress;  // while paging weights in
+  bool cuda_graphs = true;             // decode passes as captured graphs where the backend can (no EP)
+  std::function<void(uint64_t done, uint64_t total)> load_progress;    // while paging weights in
+  std::function<void(uint64_t done, uint64_t total)> upload_progress;  // while copying them to the device
   Logger log;
 };
 
@@ -111,6 +114,11 @@ class Engine {
 
   // Expert parallelism (null on one rank without it, and for a model without MTP head).
   moe::ExpertParallelDomain* trunk_ep() { return trunk_ep_.get(); }
+  // The data plane the expert domains use (the given one, or host staging over it).
+  dist::DataPlane* data_plane() { return data_; }
+  // Device-to-host copies the host staging of the data plane made (0 without staging): the price
+  // of expert parallelism over a plane that cannot move this backend's memory.
+  int64_t staged_downloads() const { return staged_ ? staged_->downloads() : 0; }
   moe::ExpertParallelDomain* mtp_ep() { return mtp_ep_.get(); }
 
   // Queues a request; returns its id. Throws if it could never fit the cache.
@@ -172,6 +180,8 @@ class Engine {
   io::Checkpoint ckpt_;
   EngineOptions opts_;
   dist::Communicator* comm_;
+  std::unique_ptr<StagedDataPlane> staged_;  // when the given data plane cannot move this backend's buffers
+  dist::DataPlane* data_;                    // the given one, or staged_
   int steps_ = 0;
   std::unique_ptr<model::Model> model_;
   std::unique_ptr<moe::LocalMoeRunner> local_moe_;

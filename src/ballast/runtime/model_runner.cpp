@@ -21,9 +21,9 @@ ModelRunner::ModelRunner(model::Model& model, kernels::Backend& backend, StateCa
   meta_ = be_.alloc({capacity}, DType::I32);
 }
 
-model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track track, Result& r) {
+model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width) {
   const int B = int(entries.size());
-  int T = 0, R = 0, W = 1, Ws = 0, max_q = 0, max_kv = 0;
+  int T = 0, R = 0, W = fixed_width ? lim_.max_blocks_per_seq : 1, Ws = 0, max_q = 0, max_kv = 0;
   for (const Entry& e : entries) {
     const int n = int(e.tokens.size());
     check(e.cache && n > 0, "model runner: an entry without rows");
@@ -109,17 +109,72 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
   return batch;
 }
 
-ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries) {
+int ModelRunner::graph_bucket(std::span<const Entry> entries) const {
+  if (!lim_.graphs || entries.empty() || !be_.can_capture()) return 0;
+  for (const Entry& e : entries)
+    if (e.tokens.size() != 1 || e.logits != Logits::last || e.verify) return 0;
+  int bucket = 1;
+  while (bucket < int(entries.size())) bucket *= 2;
+  return bucket <= std::min(lim_.max_seqs, lim_.max_tokens) ? bucket : 0;
+}
+
+int ModelRunner::logit_rows(std::span<const Entry> entries) const {
+  if (const int bucket = graph_bucket(entries)) return bucket;
+  int R = 0;
+  for (const Entry& e : entries) R += e.logits == Logits::all ? int(e.tokens.size()) : e.logits == Logits::last;
+  return R;
+}
+
+ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw) {
+  const int bucket = graph_bucket(entries);
+  std::vector<Entry> padded;
+  if (bucket) {
+    static const int32_t pad_token = 0;
+    padded.assign(entries.begin(), entries.end());
+    while (int(padded.size()) < bucket)
+      padded.push_back({&cache_.padding(), std::span<const int32_t>(&pad_token, 1), Logits::last});
+  }
+  const std::span<const Entry> pass = bucket ? std::span<const Entry>(padded) : entries;
   ws_.reset();
   Result r;
-  const model::ForwardBatch batch = prepare(entries, Track::trunk, r);
+  const model::ForwardBatch batch = prepare(pass, Track::trunk, r, bucket > 0);
+  r.first_row.resize(entries.size());
+  r.first_logit.resize(entries.size());
   const auto& c = model_.config();
   if (!trunk_hidden_.defined()) trunk_hidden_ = be_.alloc({lim_.max_tokens, c.hidden_size}, DType::F32);
   model::ForwardOutputs out{trunk_hidden_.rows(0, batch.num_tokens()),
                             ws_.take({batch.num_logit_rows(), c.vocab_size})};
-  model_.forward(batch, cache_.views(), ws_, out);
   r.hidden = out.hidden;
   r.logits = out.logits;
+  auto run = [&] {
+    model_.forward(batch, cache_.views(), ws_, out);
+    if (draw) draw(r);
+  };
+  last_graph_nodes_ = 0;
+  if (!bucket) {
+    run();
+    return r;
+  }
+  // Graphs read the buffers they were captured over: when any has moved, capture again.
+  if (be_.counters().memory_epoch != graph_epoch_ || ws_.generation() != graph_workspace_) {
+    be_.drop_graphs();
+    captured_.clear();
+    graph_epoch_ = be_.counters().memory_epoch;
+    graph_workspace_ = ws_.generation();
+  }
+  if (!captured_.count(bucket)) {
+    if (!warmed_.count(bucket)) {  // the first time eagerly: every buffer it needs grows now
+      warmed_.insert(bucket);
+      run();
+      return r;
+    }
+    be_.begin_capture();
+    run();
+    be_.end_capture(bucket);
+    captured_.insert(bucket);
+  }
+  be_.replay(bucket);
+  last_graph_nodes_ = be_.graph_nodes(bucket);
   return r;
 }
 

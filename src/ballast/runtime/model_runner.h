@@ -4,6 +4,8 @@
 // MTP head. Results stay on the device: the hidden states in buffers that outlive the pass (the
 // MTP head reads the trunk's, a chained draft step its own), the logits in the pass's workspace,
 // valid until the next pass.
+#include <functional>
+#include <set>
 #include <span>
 #include <vector>
 
@@ -19,6 +21,9 @@ struct RunnerLimits {
   int max_seqs = 0;            // sequences per pass
   int max_blocks_per_seq = 0;  // block table width
   int max_verify_rows = 1;     // rows of a verifying sequence (drafts + 1)
+  // Decode passes (every sequence one row drawing a token) as graphs captured per batch-size
+  // bucket (powers of two up to max_seqs), where the backend can capture.
+  bool graphs = false;
 };
 
 class ModelRunner {
@@ -42,16 +47,27 @@ class ModelRunner {
 
   ModelRunner(model::Model& model, kernels::Backend& backend, StateCache& cache, const RunnerLimits& limits);
 
-  Result forward(std::span<const Entry> entries);
+  // A trunk pass; `draw` (if given) issues the ops that consume its logits (sampling), so that
+  // they go into the same graph. A decode pass under graphs is padded to its bucket with rows of
+  // the cache's padding sequence (their logits rows come after the entries'), run eagerly the first
+  // time a bucket is seen, captured the second, and replayed from then on; a graph is captured
+  // again after the buffers it reads have moved.
+  Result forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw = {});
+  // The logits rows a trunk pass of `entries` has: theirs, or the bucket's under a graph.
+  int logit_rows(std::span<const Entry> entries) const;
   Result mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source);
 
   kernels::Backend& backend() { return be_; }
+  // Kernels and copies in the graph of the last decode pass (0: it ran eagerly).
+  int64_t last_graph_nodes() const { return last_graph_nodes_; }
   kernels::Workspace& workspace() { return ws_; }
   const RunnerLimits& limits() const { return lim_; }
 
  private:
   enum class Track { trunk, mtp };
-  model::ForwardBatch prepare(std::span<const Entry> entries, Track track, Result& r);
+  // fixed_width: block tables as wide as the limit (a graph's metadata does not move).
+  model::ForwardBatch prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width = false);
+  int graph_bucket(std::span<const Entry> entries) const;  // 0: not a graph pass
 
   model::Model& model_;
   kernels::Backend& be_;
@@ -61,6 +77,10 @@ class ModelRunner {
   std::vector<int32_t> staging_;  // the pass's metadata on the host, uploaded in one copy
   Tensor meta_;                   // ... and on the device
   Tensor trunk_hidden_, mtp_hidden_;  // [max_tokens, H]
+  // Graphs: buckets seen once (warmed up) and captured, valid while the buffers stay put.
+  std::set<int> warmed_, captured_;
+  int64_t graph_epoch_ = -1, graph_workspace_ = -1;
+  int64_t last_graph_nodes_ = 0;
 };
 
 }  // namespace ballast::runtime

@@ -23,6 +23,11 @@ class Sampler {
   // max_rows: logits rows per pass; max_drafts: drafts verified per pass.
   Sampler(kernels::Backend& backend, int max_rows, int max_drafts);
 
+  // A pass's draws in two steps: stage() uploads the rows before the pass (a captured graph then
+  // finds them in place), draw() issues the sample op over them, inside the pass.
+  kernels::SamplingRows stage(std::span<const Row> rows);
+  void draw(const Tensor& logits, const kernels::SamplingRows& staged, kernels::Draw stream, Tensor& ids);
+
   // ids[R] = a token drawn from each row of logits[R, V]. With `kept` defined, the distribution each
   // row was drawn from is also kept in its row kept_rows[i] of `kept` (drafts, for verification).
   void sample(kernels::Workspace& ws, const Tensor& logits, std::span<const Row> rows, kernels::Draw stream,
@@ -36,14 +41,15 @@ class Sampler {
               Tensor& out);
 
  private:
-  // Uploads the rows (and `extra` words after them); returns the ops' view of them.
-  kernels::SamplingRows upload(std::span<const Row> rows, std::span<const std::span<const int32_t>> extra,
-                               std::vector<Tensor>& extra_views);
+  // Uploads the rows (and `extra` words after them) into `meta`; returns the ops' view of them.
+  kernels::SamplingRows upload(const Tensor& meta, std::span<const Row> rows,
+                               std::span<const std::span<const int32_t>> extra, std::vector<Tensor>& extra_views);
 
   kernels::Backend& be_;
   int max_rows_, max_drafts_;
   std::vector<int32_t> staging_;
-  Tensor meta_;
+  Tensor staged_meta_;  // stage(): the trunk pass's draws
+  Tensor meta_;         // sample() and verify(): uploaded right before their op
 };
 
 }  // namespace ballast::runtime

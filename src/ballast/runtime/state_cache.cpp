@@ -32,6 +32,7 @@ StateCache::StateCache(kernels::Backend& backend, const model::ModelConfig& c, c
   if (o.mtp) views_.mtp_layers.push_back(kv());
   for (int64_t b = o.blocks - 1; b >= 0; --b) free_blocks_.push_back(int32_t(b));
   for (int s = o.slots - 1; s >= 0; --s) free_slots_.push_back(int32_t(s));
+  check(allocate(padding_) && append(padding_, {.rows = 1}), "state cache: no room for the padding sequence");
 }
 
 bool StateCache::allocate(CacheEntry& e) {

@@ -27,7 +27,7 @@ struct CacheEntry {
 struct StateCacheOptions {
   int block_size = 16;
   int64_t blocks = 0;   // KV blocks in the pool
-  int slots = 0;        // DeltaNet state slots in the pool (snapshots included)
+  int slots = 0;        // DeltaNet state slots in the pool (snapshots and one for padding included)
   bool mtp = false;     // a KV pool for the MTP layer too
 };
 
@@ -55,14 +55,18 @@ class StateCache {
   void release(CacheEntry& e);
 
   int block_size() const { return opt_.block_size; }
-  int64_t total_blocks() const { return opt_.blocks; }
-  int total_slots() const { return opt_.slots; }
+  // What sequences can have (the padding sequence's block and slot are not counted).
+  int64_t total_blocks() const { return opt_.blocks - 1; }
+  int total_slots() const { return opt_.slots - 1; }
   int64_t free_blocks() const { return int64_t(free_blocks_.size()); }
   int free_slots() const { return int(free_slots_.size()); }
   // Blocks an entry of `rows` rows holds.
   int64_t blocks_for(int64_t rows) const { return (rows + opt_.block_size - 1) / opt_.block_size; }
 
   const model::CacheViews& views() const { return views_; }
+  // A sequence of one row that belongs to nobody: the rows that pad a pass up to a captured
+  // graph's batch size run against it (their results are thrown away).
+  const CacheEntry& padding() const { return padding_; }
 
  private:
   kernels::Backend& be_;
@@ -70,6 +74,7 @@ class StateCache {
   model::CacheViews views_;
   std::vector<int32_t> free_blocks_, free_slots_;  // stacks
   bool has_deltanet_ = false;
+  CacheEntry padding_;
 };
 
 }  // namespace ballast::runtime

@@ -7,6 +7,7 @@
 #include "ballast/core/error.h"
 #include "ballast/kernels/cpu/cpu_ops.h"
 #include "ballast/kernels/cpu/op_support.h"
+#include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
 
@@ -14,33 +15,11 @@ using namespace cpu;
 
 void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
                        const SeqLayout& layout, Tensor& out) {
-  check(q.rank() == 3 && k_new.rank() == 3 && k_cache.rank() == 4,
-        "attention: q{} k_new{} k_cache{} should be [T, Hq, hd], [T, Hkv, hd], [blocks, block_size, Hkv, hd]", q,
-        k_new, k_cache);
-  const int64_t T = q.dim(0), Hq = q.dim(1), hd = q.dim(2), Hkv = k_new.dim(1);
-  const int64_t blocks = k_cache.dim(0), bs = k_cache.dim(1);
-  check(k_new.dim(0) == T && k_new.dim(2) == hd && v_new.shape() == k_new.shape() && Hkv > 0 && Hq % Hkv == 0 &&
-            k_cache.dim(2) == Hkv && k_cache.dim(3) == hd && v_cache.shape() == k_cache.shape() &&
-            out.shape() == q.shape(),
-        "attention: q{} k_new{} v_new{} k_cache{} v_cache{} out{} do not agree", q, k_new, v_new, k_cache, v_cache,
-        out);
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&q, &k_new, &v_new, &k_cache, &v_cache, &out})
-    check(t->dtype() == DType::F32, "attention: tensor {} is {}, expected F32", *t, dtype_name(t->dtype()));
-  const int B = layout.num_seqs;
-  check(layout.num_tokens == T && B >= 0, "attention: layout of {} rows in {} sequences for q{}", layout.num_tokens, B,
-        q);
-  if (B == 0) {
-    check(T == 0, "attention: {} rows and no sequences", T);
-    return;
-  }
-  check(layout.block_size == bs, "attention: layout block_size {} for caches of blocks of {}", layout.block_size, bs);
-  expect("attention", "cu_seqlens", layout.cu_seqlens, DType::I32, B + 1);
-  expect("attention", "kv_lens", layout.kv_lens, DType::I32, B);
-  expect("attention", "slot_mapping", layout.slot_mapping, DType::I32, T);
-  expect("attention", "block_tables", layout.block_tables, DType::I32);
-  check(layout.block_tables.rank() == 2 && layout.block_tables.dim(0) == B,
-        "attention: block_tables {} for {} sequences", layout.block_tables, B);
-  const int64_t W = layout.block_tables.dim(1);
+  const AttentionShape shape = check_attention(q, k_new, v_new, k_cache, v_cache, layout, out);
+  const int B = shape.B;
+  if (B == 0) return;
+  const int64_t T = shape.T, Hq = shape.Hq, hd = shape.hd, Hkv = shape.Hkv;
+  const int64_t blocks = shape.blocks, bs = shape.block_size, W = shape.W;
   const int32_t* cu = i32(layout.cu_seqlens);
   const int32_t* kv_lens = i32(layout.kv_lens);
   const int32_t* tables = i32(layout.block_tables);

@@ -8,6 +8,7 @@
 #include "ballast/kernels/cpu/cpu_ops.h"
 #include "ballast/kernels/cpu/gated_delta_rule.h"
 #include "ballast/kernels/cpu/op_support.h"
+#include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
 
@@ -18,9 +19,9 @@ namespace {
 // Below this many rows a sequence is decode or verification work, too little to split over the pool.
 constexpr int64_t kFewRows = 16;
 
-// The rows, own slot and (verifying) snapshot slots of every sequence, checked against a pool of
-// `slots` states before any is touched (the per-sequence work may run on workers, which cannot
-// throw).
+// The rows, own slot and (verifying) snapshot slots of every sequence, their data checked against
+// a pool of `slots` states before any is touched (the per-sequence work may run on workers, which
+// cannot throw).
 struct Sequences {
   int B = 0;
   const int32_t* cu = nullptr;
@@ -36,25 +37,16 @@ struct Sequences {
   }
 };
 
+// The layout's shapes are checked already (op_checks.h); B = 0 reads none of its tensors.
 Sequences sequences_of(const char* op, const SeqLayout& layout, int64_t T, int64_t slots) {
   Sequences s;
   s.B = layout.num_seqs;
-  check(layout.num_tokens == T && s.B >= 0, "{}: layout of {} rows in {} sequences for {} rows", op, layout.num_tokens,
-        s.B, T);
-  if (s.B == 0) {
-    check(T == 0, "{}: {} rows and no sequences", op, T);
-    return s;
-  }
-  expect(op, "cu_seqlens", layout.cu_seqlens, DType::I32, s.B + 1);
-  expect(op, "state_slots", layout.state_slots, DType::I32, s.B);
+  if (s.B == 0) return s;
   s.cu = i32(layout.cu_seqlens);
   s.slot = i32(layout.state_slots);
   check(s.cu[0] == 0 && s.cu[s.B] == T, "{}: cu_seqlens runs from {} to {}, expected 0 to {}", op, s.cu[0], s.cu[s.B],
         T);
   if (layout.snapshot_slots.defined()) {
-    expect(op, "snapshot_slots", layout.snapshot_slots, DType::I32);
-    check(layout.snapshot_slots.rank() == 2 && layout.snapshot_slots.dim(0) == s.B,
-          "{}: snapshot_slots {} for {} sequences", op, layout.snapshot_slots, s.B);
     s.snapshots = i32(layout.snapshot_slots);
     s.snapshot_width = layout.snapshot_slots.dim(1);
   }
@@ -100,16 +92,9 @@ void CpuOps::for_each_sequence(const int32_t* cu, int B, const Fn& fn) {
 
 void CpuOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const SeqLayout& layout,
                                 Tensor& out) {
-  check(x.rank() == 2 && weight.rank() == 2 && states.rank() == 3,
-        "causal_conv1d_silu: x{} weight{} states{} should be [T, C], [C, kc], [slots, C, kc-1]", x, weight, states);
-  const int64_t T = x.dim(0), C = x.dim(1), kc = weight.dim(1);
-  check(C > 0 && weight.dim(0) == C && kc >= 1 && kc <= 16 && states.dim(1) == C && states.dim(2) == kc - 1 &&
-            out.shape() == x.shape(),
-        "causal_conv1d_silu: x{} weight{} states{} out{} do not agree (kernel size in [1, 16])", x, weight, states,
-        out);
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&x, &weight, &states, &out})
-    check(t->dtype() == DType::F32, "causal_conv1d_silu: tensor {} is {}, expected F32", *t, dtype_name(t->dtype()));
-  const Sequences seqs = sequences_of("causal_conv1d_silu", layout, T, states.dim(0));
+  const ConvShape shape = check_causal_conv1d_silu(x, weight, states, layout, out);
+  const int64_t C = shape.C, kc = shape.kc;
+  const Sequences seqs = sequences_of("causal_conv1d_silu", layout, shape.T, shape.slots);
   const size_t state_size = size_t(C * (kc - 1));
   const float* xp = f32(x);
   const float* wp = f32(weight);
@@ -131,20 +116,9 @@ void CpuOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& s
 
 void CpuOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& d,
                               Tensor& states, const SeqLayout& layout, Tensor& out) {
-  check(d.Hk > 0 && d.Hv > 0 && d.dk > 0 && d.dv > 0 && d.Hv % d.Hk == 0,
-        "gated_delta_rule: bad dims Hk={} Hv={} dk={} dv={}", d.Hk, d.Hv, d.dk, d.dv);
-  const int64_t kd = int64_t(d.Hk) * d.dk, vd = int64_t(d.Hv) * d.dv;
-  check(qkv.rank() == 2 && qkv.dim(1) == 2 * kd + vd, "gated_delta_rule: qkv{} for Hk={} dk={} Hv={} dv={}", qkv,
-        d.Hk, d.dk, d.Hv, d.dv);
-  const int64_t T = qkv.dim(0);
-  check(g.numel() == T * d.Hv && beta.numel() == T * d.Hv && out.numel() == T * vd && out.rank() >= 1 &&
-            out.dim(0) == T,
-        "gated_delta_rule: qkv{} g{} beta{} out{} do not agree (Hv={}, dv={})", qkv, g, beta, out, d.Hv, d.dv);
-  check(states.rank() == 4 && states.dim(1) == d.Hv && states.dim(2) == d.dk && states.dim(3) == d.dv,
-        "gated_delta_rule: states {} should be [slots, {}, {}, {}]", states, d.Hv, d.dk, d.dv);
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&qkv, &g, &beta, &states, &out})
-    check(t->dtype() == DType::F32, "gated_delta_rule: tensor {} is {}, expected F32", *t, dtype_name(t->dtype()));
-  const Sequences seqs = sequences_of("gated_delta_rule", layout, T, states.dim(0));
+  const GatedDeltaRuleShape shape = check_gated_delta_rule(qkv, g, beta, d, states, layout, out);
+  const int64_t kd = shape.kd, vd = shape.vd;
+  const Sequences seqs = sequences_of("gated_delta_rule", layout, shape.T, shape.slots);
   const size_t state_size = size_t(d.Hv) * d.dk * d.dv;
   const int64_t ld = qkv.dim(1);
   const float* base = f32(qkv);

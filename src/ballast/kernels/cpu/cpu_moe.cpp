@@ -12,18 +12,16 @@
 #include "ballast/kernels/cpu/cpu_ops.h"
 #include "ballast/kernels/cpu/matmul.h"
 #include "ballast/kernels/cpu/op_support.h"
+#include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
 
 using namespace cpu;
 
 void CpuOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) {
-  check(logits.rank() == 2 && logits.dtype() == DType::F32, "topk_softmax: logits {} is not F32 [T, E]", logits);
-  const int64_t T = logits.dim(0);
-  const int E = int(logits.dim(1));
-  check(k >= 1 && k <= E, "topk_softmax: k={} with {} experts", k, E);
-  expect("topk_softmax", "ids", ids, DType::I32, T * k);
-  expect("topk_softmax", "weights", weights, DType::F32, T * k);
+  const TopkShape shape = check_topk_softmax(logits, k, ids, weights);
+  const int64_t T = shape.T;
+  const int E = int(shape.E);
   const float* lp = f32(logits);
   int32_t* idp = i32_mut(ids);
   float* wp = f32_mut(weights);
@@ -106,34 +104,19 @@ void dispatch_balanced(const DispatchTables& tables, std::span<const int32_t> ro
 }  // namespace
 
 void CpuOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank, Tensor& slots) {
-  expect("dispatch", "ids", ids, DType::I32);
-  const int64_t N = ids.numel();
-  expect("dispatch", "slots", slots, DType::I32, N);
-  check(tables.ranks >= 1 && tables.rank >= 0 && tables.rank < tables.ranks, "dispatch: rank {} of {}", tables.rank,
-        tables.ranks);
+  const DispatchShape shape = check_dispatch(tables, ids, counts_by_rank, slots);
+  const int64_t N = shape.N, E = shape.E;
   const int32_t* id = i32(ids);
   int32_t* out = i32_mut(slots);
-  auto check_ids = [&](int64_t E) {
-    for (int64_t i = 0; i < N; ++i) check(id[i] >= 0 && id[i] < E, "dispatch: ids[{}] = {} not in [0, {})", i, id[i], E);
-  };
+  for (int64_t i = 0; i < N; ++i) check(id[i] >= 0 && id[i] < E, "dispatch: ids[{}] = {} not in [0, {})", i, id[i], E);
   switch (tables.policy) {
     case eplb::Dispatch::static_: {
-      expect("dispatch", "static_slot", tables.static_slot, DType::I32);
-      const int64_t E = tables.static_slot.numel();
-      check_ids(E);
       const int32_t* table = i32(tables.static_slot);
       for (int64_t i = 0; i < N; ++i) out[i] = table[id[i]];
       return;
     }
     case eplb::Dispatch::random: {
-      expect("dispatch", "replica_count", tables.replica_count, DType::I32);
-      const int64_t E = tables.replica_count.numel();
-      expect("dispatch", "replicas", tables.replicas, DType::I32);
-      check(tables.replicas.rank() == 2 && tables.replicas.dim(0) == E, "dispatch: replicas {} for {} experts",
-            tables.replicas, E);
-      expect("dispatch", "pass_seed", tables.pass_seed, DType::I64, 1);
-      check_ids(E);
-      const int64_t R = tables.replicas.dim(1);
+      const int64_t R = shape.R;
       const int32_t* count = i32(tables.replica_count);
       for (int64_t e = 0; e < E; ++e)
         check(count[e] >= 1 && count[e] <= R, "dispatch: replica_count[{}] = {} not in [1, {}]", e, count[e], R);
@@ -148,27 +131,15 @@ void CpuOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Ten
       }
       return;
     }
-    case eplb::Dispatch::balanced: {
-      expect("dispatch", "phy2log", tables.phy2log, DType::I32);
-      expect("dispatch", "counts_by_rank", counts_by_rank, DType::I32);
-      const int64_t P = tables.phy2log.numel();
-      check(counts_by_rank.rank() == 2 && counts_by_rank.dim(0) == tables.ranks,
-            "dispatch: counts_by_rank {} is not [G={}, E]", counts_by_rank, tables.ranks);
-      check(P == int64_t(tables.ranks) * tables.slots_per_rank, "dispatch: {} slots for {} ranks of {}", P,
-            tables.ranks, tables.slots_per_rank);
-      const int E = int(counts_by_rank.dim(1));
-      check_ids(E);
-      dispatch_balanced(tables, std::span<const int32_t>(i32(tables.phy2log), size_t(P)), E, id, N,
+    case eplb::Dispatch::balanced:
+      dispatch_balanced(tables, std::span<const int32_t>(i32(tables.phy2log), size_t(shape.P)), int(E), id, N,
                         i32(counts_by_rank), out);
       return;
-    }
   }
-  fail("dispatch: unknown policy {}", int(tables.policy));
 }
 
 void CpuOps::histogram(const Tensor& keys, Tensor& counts) {
-  expect("histogram", "keys", keys, DType::I32);
-  expect("histogram", "counts", counts, DType::I32);
+  check_histogram(keys, counts);
   const int64_t N = keys.numel(), bins = counts.numel();
   const int32_t* k = i32(keys);
   int32_t* c = i32_mut(counts);
@@ -180,16 +151,9 @@ void CpuOps::histogram(const Tensor& keys, Tensor& counts) {
 
 void CpuOps::group_by(const Tensor& keys, const Tensor& valid, int div, int groups, Tensor& perm, Tensor& counts,
                       Tensor& offsets, Tensor& inverse) {
-  expect("group_by", "keys", keys, DType::I32);
-  const int64_t N = keys.numel();
-  check(div >= 1 && groups >= 1, "group_by: div {} and groups {} must be >= 1", div, groups);
-  expect("group_by", "perm", perm, DType::I32, N);
-  expect("group_by", "counts", counts, DType::I32, groups);
-  expect("group_by", "offsets", offsets, DType::I32, int64_t(groups) + 1);
-  if (inverse.defined()) expect("group_by", "inverse", inverse, DType::I32, N);
+  const int64_t N = check_group_by(keys, valid, div, groups, perm, counts, offsets, inverse);
   int64_t n = N;
   if (valid.defined()) {
-    expect("group_by", "valid", valid, DType::I32);
     n = 0;
     for (int64_t i = 0; i < valid.numel(); ++i) n += i32(valid)[i];
     check(n >= 0 && n <= N, "group_by: valid sums to {} of {} keys", n, N);
@@ -220,13 +184,8 @@ void CpuOps::group_by(const Tensor& keys, const Tensor& valid, int div, int grou
 
 void CpuOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                          std::span<const SwigluWeights> experts, Tensor& y) {
-  check(x.rank() == 2 && y.rank() == 2 && x.dtype() == DType::F32 && y.dtype() == DType::F32 && x.dim(1) == y.dim(1),
-        "moe_experts: x{} and y{} should be F32 [*, H]", x, y);
-  const int64_t H = x.dim(1), M = x.dim(0), Ny = y.dim(0);
+  const auto [M, H, Ny] = check_moe_experts(x, perm, offsets, row_div, experts, y);
   const int groups = int(experts.size());
-  expect("moe_experts", "perm", perm, DType::I32);
-  expect("moe_experts", "offsets", offsets, DType::I32, int64_t(groups) + 1);
-  check(row_div >= 1, "moe_experts: row_div {} < 1", row_div);
   const int32_t* p = i32(perm);
   const int32_t* off = i32(offsets);
   check(off[0] >= 0 && off[groups] <= perm.numel(), "moe_experts: offsets span [{}, {}) of perm {}", off[0],
@@ -236,11 +195,10 @@ void CpuOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offs
     const int64_t n = off[g + 1] - off[g];
     check(n >= 0, "moe_experts: offsets decrease at group {}", g);
     if (n == 0) continue;
+    // Defined experts' shapes are checked already; one with rows must be defined.
     const SwigluWeights& w = experts[size_t(g)];
-    const int64_t I = w.gate.defined() ? w.gate.dim(0) : 0;
-    check(w.gate.rank() == 2 && w.gate.dim(1) == H && w.up.shape() == w.gate.shape() && w.down.rank() == 2 &&
-              w.down.dim(0) == H && w.down.dim(1) == I,
-          "moe_experts: expert {} has gate{} up{} down{} for rows of {}", g, w.gate, w.up, w.down, H);
+    check(w.gate.defined(), "moe_experts: expert {} has gate{} up{} down{} for rows of {}", g, w.gate, w.up, w.down, H);
+    const int64_t I = w.gate.dim(0);
     for (int64_t j = off[g]; j < off[g + 1]; ++j)
       check(p[j] >= 0 && p[j] < Ny && p[j] / row_div < M, "moe_experts: perm[{}] = {} out of range for x{} y{}", j,
             p[j], x, y);
@@ -289,21 +247,12 @@ void CpuOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offs
 }
 
 void CpuOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) {
-  check(y.rank() == 2 && out.rank() == 2 && y.dtype() == DType::F32 && out.dtype() == DType::F32 &&
-            y.dim(1) == out.dim(1),
-        "moe_combine: y{} and out{} should be F32 [*, H]", y, out);
-  const int64_t T = out.dim(0), H = out.dim(1), M = y.dim(0);
-  check(weights.rank() == 2 && weights.dim(0) == T && weights.dtype() == DType::F32,
-        "moe_combine: weights {} is not F32 [T={}, k]", weights, T);
-  const int64_t k = weights.dim(1);
+  const auto [T, H, M, k] = check_moe_combine(y, rows, weights, out);
   const int32_t* r = nullptr;
   if (rows.defined()) {
-    expect("moe_combine", "rows", rows, DType::I32, T * k);
     r = i32(rows);
     for (int64_t i = 0; i < T * k; ++i)
       check(r[i] >= 0 && r[i] < M, "moe_combine: rows[{}] = {} not in [0, {})", i, r[i], M);
-  } else {
-    check(M >= T * k, "moe_combine: y {} has fewer than T*k = {} rows", y, T * k);
   }
   const float* yp = f32(y);
   const float* wp = f32(weights);

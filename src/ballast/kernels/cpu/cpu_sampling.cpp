@@ -6,6 +6,7 @@
 #include "ballast/core/error.h"
 #include "ballast/kernels/cpu/cpu_ops.h"
 #include "ballast/kernels/cpu/op_support.h"
+#include "ballast/kernels/op_checks.h"
 #include "ballast/kernels/sampling.h"
 
 namespace ballast::kernels {
@@ -14,7 +15,8 @@ using namespace cpu;
 
 namespace {
 
-// The per-row sampling parameters, checked: temperature, top_p, top_k, seed, position [R].
+// The per-row sampling parameters (temperature, top_p, top_k, seed, position [R], their shapes
+// checked already), their values checked.
 struct RowParams {
   const float* temperature;
   const float* top_p;
@@ -31,11 +33,6 @@ struct RowParams {
 };
 
 RowParams row_params(const char* op, const SamplingRows& rows, int64_t R) {
-  expect(op, "temperature", rows.temperature, DType::F32, R);
-  expect(op, "top_p", rows.top_p, DType::F32, R);
-  expect(op, "top_k", rows.top_k, DType::I32, R);
-  expect(op, "seed", rows.seed, DType::I64, R);
-  expect(op, "position", rows.position, DType::I32, R);
   const RowParams p{f32(rows.temperature), f32(rows.top_p), i32(rows.top_k),
                     static_cast<const int64_t*>(rows.seed.raw()), i32(rows.position)};
   // distribution() checks these too, but on a worker thread a throw cannot be reported.
@@ -48,14 +45,7 @@ RowParams row_params(const char* op, const SamplingRows& rows, int64_t R) {
 }  // namespace
 
 void CpuOps::sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) {
-  check(logits.rank() == 2 && logits.dtype() == DType::F32, "sample: logits {} is not F32 [R, V]", logits);
-  const int64_t R = logits.dim(0), V = logits.dim(1);
-  check(V > 0 || R == 0, "sample: logits {} has no tokens", logits);
-  expect("sample", "ids", ids, DType::I32, R);
-  if (probs.defined()) {
-    expect("sample", "probs", probs, DType::F32, R * V);
-    check(probs.rank() == 2 && probs.dim(0) == R, "sample: probs {} for logits {}", probs, logits);
-  }
+  const auto [R, V] = check_sample(logits, rows, ids, probs);
   const RowParams params = row_params("sample", rows, R);
   // Without `probs`, each worker keeps the distribution of its row in scratch.
   float* scratch = probs.defined() ? nullptr : sampling_scratch_.floats(size_t(workers(&pool_, R, 1) * V));
@@ -81,15 +71,7 @@ void CpuOps::sample(const Tensor& logits, const SamplingRows& rows, Draw stream,
 
 void CpuOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs,
                            const SamplingRows& rows, Tensor& out) {
-  expect("verify_drafts", "drafts", drafts, DType::I32);
-  check(drafts.rank() == 2, "verify_drafts: drafts {} is not [B, S]", drafts);
-  const int64_t B = drafts.dim(0), S = drafts.dim(1);
-  check(logits.rank() == 2 && logits.dtype() == DType::F32 && logits.dim(0) == B * (S + 1),
-        "verify_drafts: logits {} should be F32 [B*(S+1) = {}, V] for drafts {}", logits, B * (S + 1), drafts);
-  const int64_t V = logits.dim(1);
-  check(V > 0 || B == 0, "verify_drafts: logits {} has no tokens", logits);
-  expect("verify_drafts", "out", out, DType::I32, B * (S + 2));
-  check(out.rank() == 2 && out.dim(0) == B, "verify_drafts: out {} should be [B={}, S+2={}]", out, B, S + 2);
+  const auto [B, S, V] = check_verify_drafts(logits, drafts, draft_probs, rows, out);
   const RowParams params = row_params("verify_drafts", rows, B * (S + 1));
   const int32_t* d = i32(drafts);
   bool samples = false;
@@ -99,11 +81,8 @@ void CpuOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Ten
             d[b * S + i], V);
       samples = samples || !params.greedy(b * (S + 1) + i);
     }
-  if (samples) {
-    expect("verify_drafts", "draft_probs", draft_probs, DType::F32, B * S * V);
-    check(draft_probs.rank() == 2 && draft_probs.dim(0) == B * S, "verify_drafts: draft_probs {} should be [{}, {}]",
-          draft_probs, B * S, V);
-  }
+  // A defined draft_probs is checked already; a row that samples reads it.
+  check(!samples || draft_probs.defined(), "verify_drafts: draft_probs is not defined");
   float* scratch = sampling_scratch_.floats(size_t(workers(&pool_, B, 1) * std::max<int64_t>(V, 1)));
   const float* lp = f32(logits);
   int32_t* op = i32_mut(out);

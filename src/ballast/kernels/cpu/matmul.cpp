@@ -71,16 +71,6 @@ void block_product(const float* x, int64_t T, int64_t K, const float* wb, int64_
 }
 }  // namespace
 
-void matmul(const Tensor& x, const Tensor& w, Tensor& y, ThreadPool* pool) {
-  check(x.rank() == 2 && w.rank() == 2 && y.rank() == 2, "matmul: expected 2-d tensors, got x{} w{} y{}",
-        x, w, y);
-  const int64_t T = x.dim(0), K = x.dim(1), N = w.dim(0);
-  check(w.dim(1) == K && y.dim(0) == T && y.dim(1) == N, "matmul: shapes x{} w{} y{} do not agree",
-        x, w, y);
-  check(x.dtype() == DType::F32 && y.dtype() == DType::F32, "matmul: x{} and y{} must be F32", x, y);
-  matmul(static_cast<const float*>(x.raw()), T, K, w, static_cast<float*>(y.raw()), pool);
-}
-
 void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, ThreadPool* pool) {
   check(w.rank() == 2 && w.dim(1) == K, "matmul: weight {} for rows of {}", w, K);
   if (T == 0) return;

@@ -1,13 +1,13 @@
 #pragma once
 // Helpers shared by the CPU ops (internal to ballast_kernels_cpu): loops over the pool that
-// neither allocate nor share scratch between threads, shape checks, and small math.
+// neither allocate nor share scratch between threads, and small math. The ops' argument checks
+// are the contract's (kernels/op_checks.h); the CPU adds those of the index data it reads.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <vector>
 
-#include "ballast/core/error.h"
 #include "ballast/core/tensor.h"
 #include "ballast/core/thread_pool.h"
 
@@ -56,13 +56,6 @@ inline const float* as_f32(const Tensor& t, std::vector<float>& tmp) {
   tmp.resize(size_t(t.numel()));
   to_f32(t.raw(), t.dtype(), tmp.data(), tmp.size());
   return tmp.data();
-}
-
-// Checks that `t` is defined, of `dtype`, with `numel` elements (-1: any).
-inline void expect(const char* op, const char* name, const Tensor& t, DType dtype, int64_t numel = -1) {
-  check(t.defined(), "{}: {} is not defined", op, name);
-  check(t.dtype() == dtype, "{}: {} {} is {}, expected {}", op, name, t, dtype_name(t.dtype()), dtype_name(dtype));
-  check(numel < 0 || t.numel() == numel, "{}: {} {} should have {} elements", op, name, t, numel);
 }
 
 inline const int32_t* i32(const Tensor& t) { return static_cast<const int32_t*>(t.raw()); }

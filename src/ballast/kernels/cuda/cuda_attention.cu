@@ -1,0 +1,505 @@
+// CudaOps::attention: causal softmax attention over paged K/V caches, varlen over the sequences of
+// a pass (the CPU reference is cpu/cpu_attention.cpp). fp32 scores, fp32 online softmax.
+//
+// Kernels, in stream order:
+// 1. the new rows' K and V go to the caches at slot_mapping (a row attends to itself and to the
+//    rows before it: the write completes before any read, by stream order);
+// 2. rows of sequences with few new rows (decode, verification; all rows when max_query_len <
+//    kTileMinRows): one block of 4 warps per (row, query head, kv split); each warp streams every
+//    4th cache row of the split, its lanes holding the head dimension (coalesced along hd); the
+//    warps merge in shared memory. A row's sequence is found by a binary search in cu_seqlens on
+//    the device. When rows x heads are too few to fill the GPU, each row's cache rows are split
+//    into up to kMaxSplits pieces (flash-decoding), written as partial (max, sum, unnormalised
+//    output) to scratch; the split of a row's cache rows is computed on the device from its own
+//    length, so every row is covered whatever the host's max_kv_len says;
+// 3. sequences of at least kTileMinRows new rows (prefill): one block per (tile of 32 rows, query
+//    head), the cache rows streamed through shared memory 32 at a time and shared by the tile's
+//    rows (launched over B x ceil(max_query_len / 32) tiles; tiles past a sequence's rows exit);
+// 4. with splits, the merge of the partials of kernel 2's rows.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+
+#include "ballast/core/error.h"
+#include "ballast/kernels/cuda/cuda_ops.h"
+#include "ballast/kernels/cuda/cuda_support.cuh"
+#include "ballast/kernels/op_checks.h"
+
+namespace ballast::kernels {
+
+using namespace cuda;
+
+namespace {
+
+constexpr int kAttnWarps = 4;         // warps per (row, head, split) block
+constexpr int kAttnThreads = kAttnWarps * 32;
+constexpr int kMaxHeadDim = 256;      // 8 elements per lane
+constexpr int kMaxSplits = 32;        // kv splits of one row (flash-decoding)
+constexpr int kMinSplitRows = 64;     // cache rows per split, at least (on the host's max_kv_len)
+
+struct AttentionState {
+  int sms = 0;             // streaming multiprocessors of the device
+  bool tiled_smem[4] = {};  // the tiled kernel of V = 1, 2, 4, 8 is set up for its shared memory
+};
+
+// The new rows' K and V at their slots; an out-of-range slot is skipped.
+__global__ void attention_write_kv_kernel(const float* __restrict__ k_new, const float* __restrict__ v_new,
+                                          const int32_t* __restrict__ slot_mapping, int64_t T, int64_t row,
+                                          int64_t cache_rows, float* __restrict__ k_cache,
+                                          float* __restrict__ v_cache) {
+  const int64_t n = T * row;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = i / row, e = i - t * row;
+    const int64_t s = slot_mapping[t];
+    if (s < 0 || s >= cache_rows) continue;
+    k_cache[s * row + e] = k_new[i];
+    v_cache[s * row + e] = v_new[i];
+  }
+}
+
+struct AttentionArgs {
+  const float* q;        // [T, Hq, hd]
+  const float* k_cache;  // [blocks, bs, Hkv, hd]
+  const float* v_cache;
+  const int32_t* cu;      // [B + 1]
+  const int32_t* kv_lens; // [B]
+  const int32_t* tables;  // [B, W]
+  float* out;             // [T, Hq, hd] (splits == 1)
+  float* part;            // [T, Hq, splits, hd] unnormalised outputs (splits > 1)
+  float* part_ml;         // [T, Hq, splits, 2] max and sum of exponentials (splits > 1)
+  int B, T, Hq, Hkv, hd, bs, W, splits;
+  int tile_min_rows;  // sequences of at least this many new rows take the tiled kernel
+  int64_t blocks;
+  float scale;
+};
+
+// The sequence of row t: the last b with cu[b] <= t (sequences without rows are passed over).
+__device__ __forceinline__ int sequence_of(const int32_t* cu, int B, int t) {
+  int lo = 0, hi = B - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (cu[mid] <= t) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+// V = elements per lane (hd <= 32 V). Block (row t, query head, split).
+template <int V>
+__global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionArgs a) {
+  const int t = int(blockIdx.x), hq = int(blockIdx.y), split = int(blockIdx.z);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int hd = a.hd;
+  const int kvh = hq / (a.Hq / a.Hkv);
+  __shared__ float sm_m[kAttnWarps], sm_l[kAttnWarps];
+  __shared__ float sm_acc[kAttnWarps][V * 32];
+
+  // The row's sequence and how many cache rows it sees (0 where the layout is inconsistent).
+  const int b = sequence_of(a.cu, a.B, t);
+  const int64_t start = a.cu[b], n = int64_t(a.cu[b + 1]) - start;
+  if (n >= a.tile_min_rows) return;  // the tiled kernel's (uniform over the block)
+  int64_t len = 0;
+  if (t >= start && t < start + n) len = int64_t(a.kv_lens[b]) - n + (t - start) + 1;
+  len = len < 0 ? 0 : (len > int64_t(a.W) * a.bs ? int64_t(a.W) * a.bs : len);
+  // This split's cache rows [r0, r1).
+  const int64_t chunk = (len + a.splits - 1) / a.splits;
+  const int64_t r0 = int64_t(split) * chunk, r1 = r0 + chunk < len ? r0 + chunk : len;
+
+  float qv[V], acc[V];
+  const float* qrow = a.q + (int64_t(t) * a.Hq + hq) * hd;
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    const int e = lane + 32 * j;
+    qv[j] = e < hd ? qrow[e] : 0.0f;
+    acc[j] = 0.0f;
+  }
+  float m = -INFINITY, l = 0.0f;
+  const int32_t* table = a.tables + int64_t(b) * a.W;
+  const int64_t row = int64_t(a.Hkv) * hd;
+  // Two cache rows per step (rows r and r + kAttnWarps), both loaded before either is reduced.
+  constexpr int kRowsPerStep = 2;
+  for (int64_t r = r0 + warp; r < r1; r += kRowsPerStep * kAttnWarps) {
+    float kx[kRowsPerStep][V], vx[kRowsPerStep][V];
+    bool ok[kRowsPerStep];
+#pragma unroll
+    for (int u = 0; u < kRowsPerStep; ++u) {
+      const int64_t ru = r + u * kAttnWarps;
+      const int64_t blk = ru < r1 ? int64_t(table[ru / a.bs]) : -1;
+      ok[u] = blk >= 0 && blk < a.blocks;  // uniform over the warp; an unreadable row is left out
+      const int64_t base = ok[u] ? (blk * a.bs + ru % a.bs) * row + int64_t(kvh) * hd : 0;
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        const int e = lane + 32 * j;
+        kx[u][j] = ok[u] && e < hd ? a.k_cache[base + e] : 0.0f;
+        vx[u][j] = ok[u] && e < hd ? a.v_cache[base + e] : 0.0f;
+      }
+    }
+    float s[kRowsPerStep];
+#pragma unroll
+    for (int u = 0; u < kRowsPerStep; ++u) {
+      float d = 0.0f;
+#pragma unroll
+      for (int j = 0; j < V; ++j) d += qv[j] * kx[u][j];
+      s[u] = d;
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2)
+#pragma unroll
+      for (int u = 0; u < kRowsPerStep; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
+    float m_new = m;
+#pragma unroll
+    for (int u = 0; u < kRowsPerStep; ++u) {
+      s[u] = ok[u] ? s[u] * a.scale : -INFINITY;
+      m_new = fmaxf(m_new, s[u]);
+    }
+    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // nothing readable yet
+    const float corr = expf(m - m_use);                        // 0 while m is -inf
+    float p[kRowsPerStep];
+#pragma unroll
+    for (int u = 0; u < kRowsPerStep; ++u) p[u] = expf(s[u] - m_use);
+    l = l * corr;
+#pragma unroll
+    for (int u = 0; u < kRowsPerStep; ++u) l += p[u];
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      float x = acc[j] * corr;
+#pragma unroll
+      for (int u = 0; u < kRowsPerStep; ++u) x += p[u] * vx[u][j];
+      acc[j] = x;
+    }
+    m = m_new;
+  }
+
+  // Merge the warps.
+  if (lane == 0) {
+    sm_m[warp] = m;
+    sm_l[warp] = l;
+  }
+#pragma unroll
+  for (int j = 0; j < V; ++j) sm_acc[warp][lane + 32 * j] = acc[j];
+  __syncthreads();
+  float M = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, sm_m[w]);
+  float wscale[kAttnWarps];
+  float L = 0.0f;
+#pragma unroll
+  for (int w = 0; w < kAttnWarps; ++w) {
+    wscale[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
+    L += sm_l[w] * wscale[w];
+  }
+  const int64_t item = int64_t(t) * a.Hq + hq;
+  for (int e = int(threadIdx.x); e < hd; e += kAttnThreads) {
+    float o = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kAttnWarps; ++w) o += sm_acc[w][e] * wscale[w];
+    if (a.splits == 1) a.out[item * hd + e] = L > 0.0f ? o / L : 0.0f;
+    else a.part[(item * a.splits + split) * hd + e] = o;
+  }
+  if (a.splits > 1 && threadIdx.x == 0) {
+    a.part_ml[(item * a.splits + split) * 2] = M;
+    a.part_ml[(item * a.splits + split) * 2 + 1] = L;
+  }
+}
+
+// Prefill: block (tile of kTileRows new rows of one sequence, query head), 8 warps. The cache rows
+// the tile sees stream through shared memory kTileKv at a time, read once for all its rows
+// (the row kernel reads them once per row). Warp w owns the tile's rows w + 8 r (r < 4): their
+// scores against the kTileKv cache rows (lane = cache row), their online softmax (warp
+// reductions) and their outputs (lane + 32 c of hd).
+constexpr int kTileRows = 32;
+constexpr int kTileKv = 32;
+constexpr int kTileWarps = 8;
+constexpr int kTileThreads = kTileWarps * 32;
+constexpr int kTileRowsPerWarp = kTileRows / kTileWarps;  // 4
+constexpr int kTileMinRows = 16;
+
+// Shared memory of the tiled kernel for hd <= 32 V, in floats: Qs [kTileRows][32 V + 4],
+// Ks [kTileKv][32 V + 4] (rows of whole float4s, (32 V + 4) / 4 odd: no bank conflicts when the
+// lanes read different rows), Vs [kTileKv][32 V], Ps [kTileRows][kTileKv + 1], kval [kTileKv].
+__host__ __device__ constexpr int tile_smem_floats(int V) {
+  return kTileRows * (32 * V + 4) + kTileKv * (32 * V + 4) + kTileKv * 32 * V + kTileRows * (kTileKv + 1) + kTileKv;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <int V>
+__global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const AttentionArgs a, int tiles_per_seq) {
+  constexpr int HD = 32 * V, LQ = HD + 4, LQ4 = LQ / 4, LP = kTileKv + 1;
+  extern __shared__ float4 smem_f4[];
+  float* Qs = reinterpret_cast<float*>(smem_f4);
+  float* Ks = Qs + kTileRows * LQ;
+  float* Vs = Ks + kTileKv * LQ;
+  float* Ps = Vs + kTileKv * HD;
+  float* kval = Ps + kTileRows * LP;  // 1: cache row of the step is readable, 0: not
+  const float4* Q4 = reinterpret_cast<const float4*>(Qs);
+  const float4* K4 = reinterpret_cast<const float4*>(Ks);
+
+  const int b = int(blockIdx.x) / tiles_per_seq, tile = int(blockIdx.x) % tiles_per_seq, hq = int(blockIdx.y);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  if (b >= a.B) return;
+  const int64_t start = a.cu[b], n = int64_t(a.cu[b + 1]) - start;
+  const int64_t i0 = int64_t(tile) * kTileRows;  // the tile's first row in the sequence
+  if (n < a.tile_min_rows || i0 >= n || start < 0 || start + n > a.T) return;
+  const int rows = int(n - i0 < kTileRows ? n - i0 : kTileRows);
+  const int64_t first = int64_t(a.kv_lens[b]) - n;  // cache position of the sequence's first new row
+  const int64_t cap = int64_t(a.W) * a.bs;
+  // Cache rows the tile sees: [0, first + i0 + rows), within the table.
+  int64_t kv_end = first + i0 + rows;
+  kv_end = kv_end < 0 ? 0 : (kv_end > cap ? cap : kv_end);
+  const int hd = a.hd, kvh = hq / (a.Hq / a.Hkv);
+  const int64_t row = int64_t(a.Hkv) * hd;
+  const int32_t* table = a.tables + int64_t(b) * a.W;
+
+  for (int i = warp; i < kTileRows; i += kTileWarps) {
+    const float* qrow = a.q + ((start + i0 + i) * a.Hq + hq) * hd;
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+      const int e = lane + 32 * c;
+      Qs[i * LQ + e] = (i < rows && e < hd) ? qrow[e] : 0.0f;
+    }
+    if (lane < 4) Qs[i * LQ + HD + lane] = 0.0f;
+  }
+  float m[kTileRowsPerWarp], l[kTileRowsPerWarp], o[kTileRowsPerWarp][V];
+  int pos[kTileRowsPerWarp];  // cache position of each of this warp's rows (-1: past the tile)
+#pragma unroll
+  for (int r = 0; r < kTileRowsPerWarp; ++r) {
+    const int i = warp + kTileWarps * r;
+    m[r] = -INFINITY;
+    l[r] = 0.0f;
+    pos[r] = i < rows ? int(first + i0 + i) : -1;
+#pragma unroll
+    for (int c = 0; c < V; ++c) o[r][c] = 0.0f;
+  }
+
+  for (int64_t k0 = 0; k0 < kv_end; k0 += kTileKv) {
+    __syncthreads();  // the previous step's Ks, Vs are read (and, the first time, Qs written)
+#pragma unroll 1
+    for (int rr = warp; rr < kTileKv; rr += kTileWarps) {
+      const int64_t r = k0 + rr;
+      const int64_t blk = r < kv_end ? int64_t(table[r / a.bs]) : -1;
+      const bool ok = blk >= 0 && blk < a.blocks;
+      const int64_t base = ok ? (blk * a.bs + r % a.bs) * row + int64_t(kvh) * hd : 0;
+#pragma unroll
+      for (int c = 0; c < V; ++c) {
+        const int e = lane + 32 * c;
+        const bool in = ok && e < hd;
+        Ks[rr * LQ + e] = in ? a.k_cache[base + e] : 0.0f;
+        Vs[rr * HD + e] = in ? a.v_cache[base + e] : 0.0f;
+      }
+      if (lane < 4) Ks[rr * LQ + HD + lane] = 0.0f;
+      if (lane == 0) kval[rr] = ok ? 1.0f : 0.0f;
+    }
+    __syncthreads();
+
+    // Scores of this warp's rows against cache row k0 + lane.
+    float sc[kTileRowsPerWarp];
+#pragma unroll
+    for (int r = 0; r < kTileRowsPerWarp; ++r) sc[r] = 0.0f;
+#pragma unroll 2
+    for (int e4 = 0; e4 < HD / 4; ++e4) {
+      const float4 k = K4[lane * LQ4 + e4];
+#pragma unroll
+      for (int r = 0; r < kTileRowsPerWarp; ++r) {
+        const float4 q = Q4[(warp + kTileWarps * r) * LQ4 + e4];
+        sc[r] += q.x * k.x;
+        sc[r] += q.y * k.y;
+        sc[r] += q.z * k.z;
+        sc[r] += q.w * k.w;
+      }
+    }
+    const bool readable = kval[lane] != 0.0f;
+    const int rpos = int(k0) + lane;
+#pragma unroll
+    for (int r = 0; r < kTileRowsPerWarp; ++r) {
+      const int i = warp + kTileWarps * r;
+      const float s = (readable && rpos <= pos[r]) ? sc[r] * a.scale : -INFINITY;
+      const float m_new = fmaxf(m[r], warp_max(s));
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing seen yet
+      const float p = expf(s - m_use);
+      const float corr = expf(m[r] - m_use);
+      l[r] = l[r] * corr + warp_sum(p);
+      m[r] = m_new;
+      Ps[i * LP + lane] = p;
+#pragma unroll
+      for (int c = 0; c < V; ++c) o[r][c] *= corr;
+    }
+    __syncwarp();  // Ps rows of this warp's rows: written and read by this warp only
+#pragma unroll 2
+    for (int jj = 0; jj < kTileKv; ++jj) {
+      float vv[V];
+#pragma unroll
+      for (int c = 0; c < V; ++c) vv[c] = Vs[jj * HD + lane + 32 * c];
+#pragma unroll
+      for (int r = 0; r < kTileRowsPerWarp; ++r) {
+        const float p = Ps[(warp + kTileWarps * r) * LP + jj];
+#pragma unroll
+        for (int c = 0; c < V; ++c) o[r][c] += p * vv[c];
+      }
+    }
+    __syncwarp();  // before the next step's Ps
+  }
+#pragma unroll
+  for (int r = 0; r < kTileRowsPerWarp; ++r) {
+    const int i = warp + kTileWarps * r;
+    if (i >= rows) continue;
+    float* orow = a.out + ((start + i0 + i) * a.Hq + hq) * hd;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+#pragma unroll
+    for (int c = 0; c < V; ++c) {
+      const int e = lane + 32 * c;
+      if (e < hd) orow[e] = o[r][c] * inv;
+    }
+  }
+}
+
+// Merges the splits of block (row, head): out = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s. Rows
+// of the tiled kernel's sequences have no splits (and their output is written).
+__global__ void __launch_bounds__(kAttnThreads) attention_merge_kernel(const AttentionArgs a) {
+  const int t = int(blockIdx.x);
+  const int b = sequence_of(a.cu, a.B, t);
+  if (int64_t(a.cu[b + 1]) - a.cu[b] >= a.tile_min_rows) return;
+  const int64_t item = int64_t(t) * a.Hq + blockIdx.y;
+  const int splits = a.splits, hd = a.hd;
+  const float* ml = a.part_ml + item * splits * 2;
+  float M = -INFINITY;
+  for (int s = 0; s < splits; ++s) M = fmaxf(M, ml[2 * s]);
+  float L = 0.0f;
+  for (int s = 0; s < splits; ++s)
+    if (ml[2 * s] != -INFINITY) L += ml[2 * s + 1] * expf(ml[2 * s] - M);
+  for (int e = int(threadIdx.x); e < hd; e += blockDim.x) {
+    float o = 0.0f;
+    for (int s = 0; s < splits; ++s)
+      if (ml[2 * s] != -INFINITY) o += a.part[(item * splits + s) * hd + e] * expf(ml[2 * s] - M);
+    a.out[item * hd + e] = L > 0.0f ? o / L : 0.0f;
+  }
+}
+
+}  // namespace
+
+void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
+                        const SeqLayout& layout, Tensor& out) {
+  const AttentionShape shape = check_attention(q, k_new, v_new, k_cache, v_cache, layout, out);
+  expect_device("attention", "q", q);
+  expect_device("attention", "k_new", k_new);
+  expect_device("attention", "v_new", v_new);
+  expect_device("attention", "k_cache", k_cache);
+  expect_device("attention", "v_cache", v_cache);
+  expect_device("attention", "out", out);
+  const int B = shape.B;
+  if (B == 0) return;
+  const int64_t T = shape.T, Hq = shape.Hq, hd = shape.hd, Hkv = shape.Hkv;
+  const int64_t blocks = shape.blocks, bs = shape.block_size, W = shape.W;
+  expect_device("attention", "cu_seqlens", layout.cu_seqlens);
+  expect_device("attention", "kv_lens", layout.kv_lens);
+  expect_device("attention", "slot_mapping", layout.slot_mapping);
+  expect_device("attention", "block_tables", layout.block_tables);
+  // What these kernels can launch and index (32-bit rows and table entries).
+  check(hd >= 1 && hd <= kMaxHeadDim, "attention: head dim {} not in [1, {}]", hd, kMaxHeadDim);
+  check(T <= std::numeric_limits<int32_t>::max() && Hq <= 65535, "attention: {} rows of {} heads is too many", T, Hq);
+  check(W <= std::numeric_limits<int32_t>::max() / bs, "attention: block tables of {} blocks of {} rows", W, bs);
+  if (T == 0) return;
+
+  // The new rows go to the caches first.
+  const int64_t row = Hkv * hd;
+  attention_write_kv_kernel<<<blocks_for(T * row, 256), 256, 0, stream_>>>(
+      f32(k_new), f32(v_new), i32(layout.slot_mapping), T, row, blocks * bs, f32_mut(k_cache), f32_mut(v_cache));
+  check_launch("attention: kv write");
+
+  auto* st = static_cast<AttentionState*>(attention_state_.get());
+  if (!st) {
+    auto s = std::make_shared<AttentionState>();
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "attention: cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&s->sms, cudaDevAttrMultiProcessorCount, device),
+               "attention: cudaDeviceGetAttribute");
+    st = s.get();
+    attention_state_ = std::move(s);
+  }
+
+  // Split each row's cache rows when rows x heads alone leave the GPU idle. The scratch for the
+  // splits is asked for by the shapes alone (T, Hq, hd), whatever the number of splits this pass.
+  const int64_t items = T * Hq;
+  const int64_t fill = int64_t(4) * std::max(st->sms, 1);
+  int splits = 1;
+  float* part = nullptr;
+  float* part_ml = nullptr;
+  if (items < fill) {
+    splits = int(std::clamp<int64_t>(std::min(cdiv(fill, items), cdiv(layout.max_kv_len, kMinSplitRows)), 1,
+                                     kMaxSplits));
+    const size_t per_split = size_t(hd + 2);
+    float* scratch = static_cast<float*>(scratch_.bytes(size_t(items) * kMaxSplits * per_split * sizeof(float)));
+    part = scratch;
+    part_ml = scratch + size_t(items) * kMaxSplits * size_t(hd);
+  }
+
+  AttentionArgs a{};
+  a.q = f32(q);
+  a.k_cache = f32(k_cache);
+  a.v_cache = f32(v_cache);
+  a.cu = i32(layout.cu_seqlens);
+  a.kv_lens = i32(layout.kv_lens);
+  a.tables = i32(layout.block_tables);
+  a.out = f32_mut(out);
+  a.part = part;
+  a.part_ml = part_ml;
+  a.B = B;
+  a.T = int(T);
+  a.Hq = int(Hq);
+  a.Hkv = int(Hkv);
+  a.hd = int(hd);
+  a.bs = int(bs);
+  a.W = int(W);
+  a.splits = splits;
+  a.blocks = blocks;
+  // Sequences of many new rows (prefill) take the tiled kernel, the others the row kernel.
+  const bool tiled = layout.max_query_len >= kTileMinRows;
+  a.tile_min_rows = tiled ? kTileMinRows : std::numeric_limits<int>::max();
+  a.scale = 1.0f / std::sqrt(float(hd));
+  const dim3 grid{unsigned(T), unsigned(Hq), unsigned(splits)};
+  if (hd <= 32) attention_kernel<1><<<grid, kAttnThreads, 0, stream_>>>(a);
+  else if (hd <= 64) attention_kernel<2><<<grid, kAttnThreads, 0, stream_>>>(a);
+  else if (hd <= 128) attention_kernel<4><<<grid, kAttnThreads, 0, stream_>>>(a);
+  else attention_kernel<8><<<grid, kAttnThreads, 0, stream_>>>(a);
+  check_launch("attention");
+  if (tiled) {
+    const int64_t tiles_per_seq = cdiv(layout.max_query_len, kTileRows);
+    check(tiles_per_seq * B <= std::numeric_limits<int32_t>::max(), "attention: {} sequences of up to {} rows", B,
+          layout.max_query_len);
+    const dim3 tgrid{unsigned(tiles_per_seq * B), unsigned(Hq)};
+    const int vi = hd <= 32 ? 0 : hd <= 64 ? 1 : hd <= 128 ? 2 : 3;
+    const int V = 1 << vi;
+    const size_t smem = size_t(tile_smem_floats(V)) * sizeof(float);
+    const void* fn = vi == 0   ? reinterpret_cast<const void*>(&attention_tiled_kernel<1>)
+                     : vi == 1 ? reinterpret_cast<const void*>(&attention_tiled_kernel<2>)
+                     : vi == 2 ? reinterpret_cast<const void*>(&attention_tiled_kernel<4>)
+                               : reinterpret_cast<const void*>(&attention_tiled_kernel<8>);
+    if (!st->tiled_smem[vi]) {
+      check_cuda(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                 "attention: shared memory of the tiled kernel");
+      st->tiled_smem[vi] = true;
+    }
+    const int tps = int(tiles_per_seq);
+    if (vi == 0) attention_tiled_kernel<1><<<tgrid, kTileThreads, smem, stream_>>>(a, tps);
+    else if (vi == 1) attention_tiled_kernel<2><<<tgrid, kTileThreads, smem, stream_>>>(a, tps);
+    else if (vi == 2) attention_tiled_kernel<4><<<tgrid, kTileThreads, smem, stream_>>>(a, tps);
+    else attention_tiled_kernel<8><<<tgrid, kTileThreads, smem, stream_>>>(a, tps);
+    check_launch("attention: tiled");
+  }
+  if (splits > 1) {
+    attention_merge_kernel<<<dim3{unsigned(T), unsigned(Hq)}, kAttnThreads, 0, stream_>>>(a);
+    check_launch("attention: merge");
+  }
+}
+
+}  // namespace ballast::kernels

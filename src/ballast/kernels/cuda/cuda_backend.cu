@@ -1,0 +1,197 @@
+#include "ballast/kernels/cuda/cuda_backend.h"
+
+#include <fmt/format.h>
+
+#include <map>
+#include <vector>
+
+#include "ballast/kernels/cuda/cuda_ops.h"
+#include "ballast/kernels/cuda/cuda_support.cuh"
+
+namespace ballast::kernels {
+
+using cuda::check_cuda;
+
+// An empty kernel: whether it has an image for the device tells whether this build runs there.
+__global__ void cuda_probe_kernel() {}
+
+bool cuda_available() {
+  int n = 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+}
+
+struct CudaBackend::Impl {
+  struct Graph {
+    cudaGraphExec_t exec = nullptr;
+    int64_t nodes = 0;
+  };
+  std::map<int64_t, Graph> graphs;
+  cudaStream_t stream = nullptr;
+  cublasHandle_t cublas = nullptr;
+  cudaDeviceProp props{};
+  // Weights: bump-allocated from blocks of at least kWeightBlock bytes.
+  static constexpr size_t kWeightBlock = size_t(1) << 30;
+  std::vector<std::shared_ptr<void>> weight_blocks;
+  char* weight_next = nullptr;
+  size_t weight_left = 0;
+};
+
+namespace {
+// A device allocation owned by a shared_ptr (freed when the last view goes).
+std::shared_ptr<void> device_buffer(size_t bytes, int device) {
+  void* p = nullptr;
+  check_cuda(cudaMalloc(&p, std::max<size_t>(bytes, 256)), "cudaMalloc");
+  return std::shared_ptr<void>(p, [device](void* q) {
+    cudaSetDevice(device);
+    cudaFree(q);
+  });
+}
+
+int64_t numel_of(const std::vector<int64_t>& shape) {
+  int64_t n = 1;
+  for (int64_t d : shape) {
+    check(d >= 0, "cuda alloc: negative dimension {}", d);
+    n *= d;
+  }
+  return n;
+}
+}  // namespace
+
+CudaBackend::CudaBackend(int device) : device_(device), impl_(std::make_unique<Impl>()) {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  check(err == cudaSuccess && n > 0, "--device cuda: no CUDA device is visible ({})",
+        err == cudaSuccess ? "none found" : cudaGetErrorString(err));
+  check(device >= 0 && device < n, "--device cuda: device {} asked for, {} visible", device, n);
+  check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  check_cuda(cudaGetDeviceProperties(&impl_->props, device), "cudaGetDeviceProperties");
+  // The kernels are built for the architectures CMAKE_CUDA_ARCHITECTURES names (sm_90a by
+  // default); on another GPU the first launch would fail with "no kernel image": say so up front.
+  cudaFuncAttributes attr{};
+  const cudaError_t probe = cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(&cuda_probe_kernel));
+  check(probe == cudaSuccess,
+        "--device cuda: this build has no kernels for {} (compute capability {}.{}): rebuild with "
+        "-DCMAKE_CUDA_ARCHITECTURES={}{} ({})",
+        impl_->props.name, impl_->props.major, impl_->props.minor, impl_->props.major, impl_->props.minor,
+        cudaGetErrorString(probe));
+  check_cuda(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  check(cublasCreate(&impl_->cublas) == CUBLAS_STATUS_SUCCESS, "cublasCreate failed");
+  check(cublasSetStream(impl_->cublas, impl_->stream) == CUBLAS_STATUS_SUCCESS, "cublasSetStream failed");
+  ops_ = std::make_unique<CudaOps>(counters_, impl_->stream, impl_->cublas);
+}
+
+CudaBackend::~CudaBackend() {
+  cudaSetDevice(device_);
+  if (impl_->stream) cudaStreamSynchronize(impl_->stream);
+  drop_graphs();
+  ops_.reset();
+  if (impl_->cublas) cublasDestroy(impl_->cublas);
+  if (impl_->stream) cudaStreamDestroy(impl_->stream);
+}
+
+std::string CudaBackend::describe() const {
+  return fmt::format("cuda:{} {} (sm_{}{}, {:.0f} GiB)", device_, impl_->props.name, impl_->props.major,
+                     impl_->props.minor, double(impl_->props.totalGlobalMem) / double(1 << 30));
+}
+
+Ops& CudaBackend::ops() { return *ops_; }
+
+void* CudaBackend::stream() const { return impl_->stream; }
+
+Tensor CudaBackend::alloc(std::vector<int64_t> shape, DType dtype) {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  const size_t bytes = size_t(numel_of(shape)) * dtype_size(dtype);
+  auto owner = device_buffer(bytes, device_);
+  ++counters_.allocations;
+  counters_.bytes_allocated += int64_t(bytes);
+  void* p = owner.get();
+  return Tensor::borrow(p, std::move(shape), dtype, Device::CUDA, std::move(owner));
+}
+
+Tensor CudaBackend::to_device(const Tensor& host) {
+  check(host.device() == Device::CPU, "to_device: tensor {} is not in host memory", host);
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  const size_t bytes = host.nbytes(), rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
+  if (rounded > impl_->weight_left) {
+    const size_t size = std::max(rounded, Impl::kWeightBlock);
+    impl_->weight_blocks.push_back(device_buffer(size, device_));
+    impl_->weight_next = static_cast<char*>(impl_->weight_blocks.back().get());
+    impl_->weight_left = size;
+    ++counters_.allocations;
+    counters_.bytes_allocated += int64_t(size);
+  }
+  void* p = impl_->weight_next;
+  impl_->weight_next += rounded;
+  impl_->weight_left -= rounded;
+  Tensor t = Tensor::borrow(p, host.shape(), host.dtype(), Device::CUDA, impl_->weight_blocks.back());
+  upload(host.raw(), t);
+  return t;
+}
+
+void CudaBackend::upload(const void* host, Tensor& dst) {
+  check(dst.device() == Device::CUDA, "upload: tensor {} is not in CUDA memory", dst);
+  if (dst.nbytes() == 0) return;
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  // From pageable memory the copy is staged before the call returns: `host` may be reused.
+  check_cuda(cudaMemcpyAsync(dst.raw(), host, dst.nbytes(), cudaMemcpyHostToDevice, impl_->stream), "upload");
+  ++counters_.uploads;
+  counters_.bytes_uploaded += int64_t(dst.nbytes());
+}
+
+void CudaBackend::download(const Tensor& src, void* host) {
+  check(src.device() == Device::CUDA, "download: tensor {} is not in CUDA memory", src);
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  if (src.nbytes() > 0)
+    check_cuda(cudaMemcpyAsync(host, src.raw(), src.nbytes(), cudaMemcpyDeviceToHost, impl_->stream), "download");
+  check_cuda(cudaStreamSynchronize(impl_->stream), "download: stream");
+  ops_->raise_device_faults();
+  ++counters_.downloads;
+  counters_.bytes_downloaded += int64_t(src.nbytes());
+}
+
+void CudaBackend::synchronize() {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaStreamSynchronize(impl_->stream), "synchronize");
+  ops_->raise_device_faults();
+}
+
+void CudaBackend::begin_capture() {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  // Thread-local: other ranks' threads may go on issuing their own work meanwhile.
+  check_cuda(cudaStreamBeginCapture(impl_->stream, cudaStreamCaptureModeThreadLocal), "graph: begin capture");
+}
+
+void CudaBackend::end_capture(int64_t key) {
+  cudaGraph_t graph = nullptr;
+  check_cuda(cudaStreamEndCapture(impl_->stream, &graph), "graph: end capture");
+  Impl::Graph g;
+  size_t nodes = 0;
+  check_cuda(cudaGraphGetNodes(graph, nullptr, &nodes), "graph: nodes");
+  g.nodes = int64_t(nodes);
+  const cudaError_t err = cudaGraphInstantiate(&g.exec, graph, 0);
+  cudaGraphDestroy(graph);
+  check_cuda(err, "graph: instantiate");
+  if (auto it = impl_->graphs.find(key); it != impl_->graphs.end()) cudaGraphExecDestroy(it->second.exec);
+  impl_->graphs[key] = g;
+}
+
+bool CudaBackend::replay(int64_t key) {
+  const auto it = impl_->graphs.find(key);
+  if (it == impl_->graphs.end()) return false;
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaGraphLaunch(it->second.exec, impl_->stream), "graph: launch");
+  ++counters_.graph_replays;
+  return true;
+}
+
+int64_t CudaBackend::graph_nodes(int64_t key) const {
+  const auto it = impl_->graphs.find(key);
+  return it == impl_->graphs.end() ? 0 : it->second.nodes;
+}
+
+void CudaBackend::drop_graphs() {
+  for (auto& [key, g] : impl_->graphs) cudaGraphExecDestroy(g.exec);
+  impl_->graphs.clear();
+}
+
+}  // namespace ballast::kernels

@@ -1,0 +1,58 @@
+#pragma once
+// The CUDA backend (sm_90a first): device memory, one stream per backend, every op of ops.h as
+// CUDA kernels (cuBLAS where it fits). Host code never reads device data: index inputs stay on
+// the device and are checked there. This header needs no CUDA headers, so that code above the
+// contract can build one without nvcc.
+#include <memory>
+#include <string>
+
+#include "ballast/kernels/backend.h"
+
+namespace ballast::kernels {
+
+class CudaOps;
+
+// Whether a CUDA device is visible to this process (false, not an error, without a driver or a
+// GPU; also false in a build without CUDA).
+bool cuda_available();
+
+class CudaBackend final : public Backend {
+ public:
+  // Takes device `device` (cudaSetDevice on the calling thread; every later call must come from a
+  // thread that set it too: the backend sets it on entry). Throws a clear error when no such
+  // device exists or this build has no kernels for its architecture.
+  explicit CudaBackend(int device = 0);
+  ~CudaBackend() override;
+
+  Device device() const override { return Device::CUDA; }
+  std::string describe() const override;
+  Ops& ops() override;
+
+  Tensor alloc(std::vector<int64_t> shape, DType dtype) override;
+  // Weights are copied once into large device blocks (few allocations for a model of many
+  // small tensors); the view returned lives as long as the backend.
+  Tensor to_device(const Tensor& host) override;
+  void upload(const void* host, Tensor& dst) override;
+  void download(const Tensor& src, void* host) override;
+  void synchronize() override;
+
+  bool can_capture() const override { return true; }
+  void begin_capture() override;
+  void end_capture(int64_t key) override;
+  bool replay(int64_t key) override;
+  int64_t graph_nodes(int64_t key) const override;
+  void drop_graphs() override;
+
+  // The stream every op and copy of this backend is issued on (a cudaStream_t).
+  void* stream() const;
+  int device_index() const { return device_; }
+
+  struct Impl;
+
+ private:
+  int device_;
+  std::unique_ptr<Impl> impl_;
+  std::unique_ptr<CudaOps> ops_;
+};
+
+}  // namespace ballast::kernels

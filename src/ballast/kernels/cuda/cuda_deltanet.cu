@@ -1,0 +1,716 @@
+// CudaOps: the stateful Gated DeltaNet ops over state pools (the CPU reference is
+// cpu/cpu_deltanet.cpp over cpu/causal_conv1d.cpp and cpu/gated_delta_rule.cpp).
+//
+// causal_conv1d_silu: one thread per (sequence, channel, piece of kConvRows rows). The kernel taps
+// and the last kc-1 inputs sit in registers; the piece starting the sequence reads the state and
+// also writes the new one (read from x and the old state before any write), so that no thread
+// writes what another reads. Verifying sequences (snapshot mode) run row by row in one piece and
+// write the state after each row to its snapshot slot.
+//
+// gated_delta_rule, two kernels over (sequence, value head, slice of kSlice columns of dv):
+// - recurrent (single rows and verifying sequences): 4 warps; lane = column, each warp holds an
+//   interleaved quarter of the dk rows of the state slice in registers. Per row: every warp
+//   normalises q and k itself (warp-private shared memory), S^T k and S^T q are reduced over the
+//   warps in shared memory (one __syncthreads a row), then the fused update of cpu
+//   recurrent_head: u = beta (v - d S^T k), o = d S^T q + (k.q) u, S = d S + k u^T.
+// - chunked WY form (the other sequences of more than one row), chunks of kChunk rows, the state
+//   slice [dk, kSlice] in shared memory. Per chunk with incoming state S0 (gc = cumulative log
+//   decay in double, D_ij = e^{gc_i - gc_j}):
+//     A_ij = beta_i D_ij (k_i . k_j) (j < i),   P_ij = D_ij (q_i . k_j) (j <= i)
+//     (I + A) U = diag(beta) V - diag(beta e^gc) K S0           (forward substitution)
+//     O = diag(e^gc) Q S0 + P U,   S = e^{gc_last} S0 + (diag(e^{gc_last - gc}) K)^T U
+//   the same function as the CPU's chunked form (which forms Tinv = (I + A)^-1 and W = Tinv
+//   diag(beta e^gc) K; solving for U directly gives U = Tinv (diag(beta) V - diag(beta e^gc) K S0),
+//   the same product). All in fp32 FMA (no TF32), exponentials of double differences as the CPU.
+//   8 warps: the Gram products and K S0, Q S0 over all warps (float4 reads of padded rows), the
+//   forward substitution on warp 0 (a column per lane), O and the state update over all warps.
+//   108 KB of shared memory at dk = 128: two blocks per SM.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+
+#include "ballast/core/error.h"
+#include "ballast/kernels/cuda/cuda_ops.h"
+#include "ballast/kernels/cuda/cuda_support.cuh"
+#include "ballast/kernels/op_checks.h"
+
+namespace ballast::kernels {
+
+using namespace cuda;
+
+namespace {
+
+// --- the sequences of a pass -------------------------------------------------------------------
+
+// One sequence's rows, own slot and snapshot slots as the device reads them; valid() is false where
+// the layout is inconsistent (the sequence is then skipped: nothing is written through it).
+struct SeqView {
+  int64_t t0 = 0, n = 0;
+  int slot = -1;
+  const int32_t* snap = nullptr;  // the sequence's snapshot slots when it verifies, else null
+  bool ok = false;
+};
+
+__device__ __forceinline__ SeqView sequence_view(const int32_t* cu, const int32_t* state_slots, const int32_t* snaps,
+                                                 int snap_width, int b, int64_t T, int slots) {
+  SeqView s;
+  s.t0 = cu[b];
+  s.n = int64_t(cu[b + 1]) - s.t0;
+  s.slot = state_slots[b];
+  if (snaps && snap_width > 0 && snaps[int64_t(b) * snap_width] >= 0) s.snap = snaps + int64_t(b) * snap_width;
+  s.ok = s.t0 >= 0 && s.n >= 0 && s.t0 + s.n <= T && s.slot >= 0 && s.slot < slots;
+  return s;
+}
+
+// The snapshot slot of row i of a verifying sequence, or -1 if there is none in range.
+__device__ __forceinline__ int snapshot_slot(const int32_t* snap, int snap_width, int64_t i, int slots) {
+  if (i >= snap_width) return -1;
+  const int s = snap[i];
+  return s >= 0 && s < slots ? s : -1;
+}
+
+// --- causal conv1d + SiLU ----------------------------------------------------------------------
+
+constexpr int kConvThreads = 128;
+constexpr int kConvRows = 64;  // rows per piece (>= 15 = the longest history)
+
+struct ConvArgs {
+  const float* x;       // [T, C]
+  const float* weight;  // [C, kc]
+  float* states;        // [slots, C, kc-1]
+  float* out;           // [T, C]
+  const int32_t* cu;
+  const int32_t* state_slots;
+  const int32_t* snaps;
+  int snap_width, B, C, kc, slots, channel_blocks;
+  int64_t T;
+};
+
+// KMAX >= kc: taps and history are right-aligned in arrays of KMAX (static indices: registers).
+template <int KMAX>
+__global__ void __launch_bounds__(kConvThreads) conv1d_silu_kernel(const ConvArgs a) {
+  const int b = int(blockIdx.x) / a.channel_blocks;
+  const int c = (int(blockIdx.x) % a.channel_blocks) * kConvThreads + int(threadIdx.x);
+  const int piece = int(blockIdx.y);
+  if (b >= a.B || c >= a.C) return;
+  const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
+  if (!s.ok || s.n == 0) return;
+  if (s.snap && piece > 0) return;  // verifying: one piece, row by row
+  const int64_t r0 = s.snap ? 0 : int64_t(piece) * kConvRows;
+  const int64_t r1 = s.snap ? s.n : std::min<int64_t>(s.n, r0 + kConvRows);
+  if (r0 >= r1) return;
+  const int kc = a.kc, ks = kc - 1, off = KMAX - kc;
+  const int64_t C = a.C;
+  const float* x = a.x + s.t0 * C + c;  // x[r * C] is row r of the sequence, channel c
+  float* own = a.states + (int64_t(s.slot) * C + c) * ks;
+
+  float wt[KMAX];
+  float hist[KMAX];  // hist[j], j < KMAX-1: the input at row r - (KMAX-1) + j (entries j < off unused)
+#pragma unroll
+  for (int j = 0; j < KMAX; ++j) {
+    wt[j] = j >= off ? a.weight[int64_t(c) * kc + (j - off)] : 0.0f;
+    hist[j] = 0.0f;
+  }
+#pragma unroll
+  for (int j = 0; j < KMAX - 1; ++j) {
+    if (j >= off) {
+      const int64_t r = r0 - (KMAX - 1) + j;  // >= r0 - ks
+      hist[j] = r >= 0 ? x[r * C] : own[ks + r];
+    }
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const float xin = x[r * C];
+    float acc = 0.0f;
+#pragma unroll
+    for (int j = 0; j < KMAX - 1; ++j) acc += wt[j] * hist[j];
+    acc += wt[KMAX - 1] * xin;
+    a.out[(s.t0 + r) * C + c] = acc / (1.0f + expf(-acc));
+#pragma unroll
+    for (int j = 0; j + 1 < KMAX - 1; ++j) hist[j] = hist[j + 1];
+    if (KMAX >= 2) hist[KMAX - 2] = xin;
+    if (s.snap) {
+      const int dst = snapshot_slot(s.snap, a.snap_width, r, a.slots);
+      if (dst >= 0) {
+        float* st = a.states + (int64_t(dst) * C + c) * ks;
+#pragma unroll
+        for (int j = 0; j < KMAX - 1; ++j)
+          if (j >= off) st[j - off] = hist[j];
+      }
+    }
+  }
+  // The first piece of a sequence that is not verifying writes its new state: the last ks inputs
+  // of [old state | rows], all read before any is written.
+  if (!s.snap && piece == 0) {
+    float next[KMAX];
+#pragma unroll
+    for (int i = 0; i < KMAX - 1; ++i) {
+      next[i] = 0.0f;
+      if (i < ks) {
+        const int64_t r = s.n - ks + i;
+        next[i] = r >= 0 ? x[r * C] : own[ks + r];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < KMAX - 1; ++i)
+      if (i < ks) own[i] = next[i];
+  }
+}
+
+// --- gated delta rule --------------------------------------------------------------------------
+
+constexpr float kL2Eps = 1e-6f;
+constexpr int kMaxDk = 128;
+constexpr int kSlice = 32;         // dv columns per block (one per lane)
+constexpr int kRecWarps = 4;
+constexpr int kChunk = 64;         // rows per chunk of the chunked form
+constexpr int kChunkWarps = 8;
+constexpr int kChunkThreads = kChunkWarps * 32;
+constexpr int kRowsPerWarp = kChunk / kChunkWarps;  // 8
+constexpr int kLX = kChunk + 4;  // row stride of X (whole float4s)
+
+struct RuleArgs {
+  const float* qkv;  // [T, ld]: [Q (Hk dk) | K (Hk dk) | V (Hv dv)]
+  const float* g;    // [T, Hv]
+  const float* beta; // [T, Hv]
+  float* states;     // [slots, Hv, dk, dv]
+  float* out;        // [T, Hv, dv]
+  const int32_t* cu;
+  const int32_t* state_slots;
+  const int32_t* snaps;
+  int64_t ld, T;
+  int snap_width, B, Hk, Hv, dk, dv, slots;
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Recurrent form. Block (sequence, value head, column slice); RPT >= ceil(dk / kRecWarps) rows of the
+// state per thread: rows p = warp + kRecWarps * r.
+template <int RPT>
+__global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(const RuleArgs a) {
+  const int b = int(blockIdx.x), h = int(blockIdx.y);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int j = int(blockIdx.z) * kSlice + lane;  // this thread's column of dv
+  const bool col = j < a.dv;
+  const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
+  // Sequences of more than one row that are not verifying take the chunked kernel.
+  if (!s.ok || s.n == 0 || (s.n > 1 && !s.snap)) return;
+  const int dk = a.dk, dv = a.dv, Hv = a.Hv;
+  const int hk = h / (Hv / a.Hk);
+  const int64_t kd = int64_t(a.Hk) * dk, vd = int64_t(Hv) * dv;
+  const int64_t state_size = int64_t(Hv) * dk * dv;
+  const float qscale = 1.0f / sqrtf(float(dk));
+
+  __shared__ float qn[kRecWarps][kMaxDk], kn[kRecWarps][kMaxDk];  // each warp's own copy
+  __shared__ float2 red[2][kRecWarps][32];
+
+  float S[RPT];
+  {
+    const float* src = a.states + int64_t(s.slot) * state_size + int64_t(h) * dk * dv;
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      const int p = warp + kRecWarps * r;
+      S[r] = (p < dk && col) ? src[int64_t(p) * dv + j] : 0.0f;
+    }
+  }
+  for (int64_t i = 0; i < s.n; ++i) {
+    const int64_t t = s.t0 + i;
+    const float* qrow = a.qkv + t * a.ld + int64_t(hk) * dk;
+    const float* krow = qrow + kd;
+    // Normalised q and k, every warp for itself.
+    __syncwarp();
+    float qv[kMaxDk / 32], kv[kMaxDk / 32];
+    float ssq = 0.0f, ssk = 0.0f;
+#pragma unroll
+    for (int m = 0; m < kMaxDk / 32; ++m) {
+      const int p = lane + 32 * m;
+      qv[m] = p < dk ? qrow[p] : 0.0f;
+      kv[m] = p < dk ? krow[p] : 0.0f;
+      ssq += qv[m] * qv[m];
+      ssk += kv[m] * kv[m];
+    }
+    ssq = warp_sum(ssq);
+    ssk = warp_sum(ssk);
+    const float fq = qscale / sqrtf(ssq + kL2Eps), fk = 1.0f / sqrtf(ssk + kL2Eps);
+    float kq = 0.0f;
+#pragma unroll
+    for (int m = 0; m < kMaxDk / 32; ++m) {
+      const int p = lane + 32 * m;
+      const float qq = qv[m] * fq, kk = kv[m] * fk;
+      if (p < dk) {
+        qn[warp][p] = qq;
+        kn[warp][p] = kk;
+      }
+      kq += qq * kk;
+    }
+    kq = warp_sum(kq);
+    __syncwarp();
+    // This warp's part of S^T k and S^T q.
+    float pk = 0.0f, pq = 0.0f;
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      const int p = warp + kRecWarps * r;
+      if (p < dk) {
+        pk += kn[warp][p] * S[r];
+        pq += qn[warp][p] * S[r];
+      }
+    }
+    const int buf = int(i & 1);
+    red[buf][warp][lane] = make_float2(pk, pq);
+    __syncthreads();
+    float skv = 0.0f, sq = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kRecWarps; ++w) {
+      const float2 e = red[buf][w][lane];
+      skv += e.x;
+      sq += e.y;
+    }
+    const float d = expf(a.g[t * Hv + h]);
+    const float bt = a.beta[t * Hv + h];
+    const float v = col ? a.qkv[t * a.ld + 2 * kd + int64_t(h) * dv + j] : 0.0f;
+    const float u = bt * (v - d * skv);
+    if (warp == 0 && col) a.out[t * vd + int64_t(h) * dv + j] = d * sq + kq * u;
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      const int p = warp + kRecWarps * r;
+      if (p < dk) S[r] = d * S[r] + kn[warp][p] * u;
+    }
+    if (s.snap) {
+      const int dst = snapshot_slot(s.snap, a.snap_width, i, a.slots);
+      if (dst >= 0 && col) {
+        float* st = a.states + int64_t(dst) * state_size + int64_t(h) * dk * dv;
+#pragma unroll
+        for (int r = 0; r < RPT; ++r) {
+          const int p = warp + kRecWarps * r;
+          if (p < dk) st[int64_t(p) * dv + j] = S[r];
+        }
+      }
+    }
+  }
+  if (!s.snap && col) {
+    float* st = a.states + int64_t(s.slot) * state_size + int64_t(h) * dk * dv;
+#pragma unroll
+    for (int r = 0; r < RPT; ++r) {
+      const int p = warp + kRecWarps * r;
+      if (p < dk) st[int64_t(p) * dv + j] = S[r];
+    }
+  }
+}
+
+// Shared memory of the chunked kernel, in floats (gc first: doubles). Every array starts on 16
+// bytes and rows of Qs, Ks and X are whole float4s: the inner loops read float4s.
+struct ChunkSmem {
+  int dk4;  // dk rounded up to 4; Qs, Ks and S are zero past dk
+  int lq;   // row stride of Qs/Ks: dk4 plus 4 or 8 so that lq / 4 is odd (8 consecutive rows read
+            // as float4 at one column cover the 32 banks once)
+  int64_t gc, beta, eg, ef, Qs, Ks, S, X, Us, total;
+  __host__ __device__ explicit ChunkSmem(int dk) {
+    dk4 = (dk + 3) / 4 * 4;
+    lq = dk4 + ((dk4 / 4) % 2 == 0 ? 4 : 8);
+    int64_t o = 0;
+    gc = o, o += 2 * kChunk;  // kChunk doubles
+    beta = o, o += kChunk;
+    eg = o, o += kChunk;
+    ef = o, o += kChunk;
+    Qs = o, o += int64_t(kChunk) * lq;
+    Ks = o, o += int64_t(kChunk) * lq;
+    S = o, o += int64_t(dk4) * kSlice;
+    X = o, o += int64_t(kChunk) * kLX;
+    Us = o, o += int64_t(kChunk) * kSlice;
+    total = o;
+  }
+  __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
+};
+
+// Chunked form. Block (sequence, value head, column slice); 8 warps.
+// X holds P (lower triangle with the diagonal) and A transposed (strictly upper: X[j][i] = A_ij).
+__global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_chunked_kernel(const RuleArgs a) {
+  extern __shared__ float4 smem_f4[];
+  float* smem = reinterpret_cast<float*>(smem_f4);
+  const int b = int(blockIdx.x), h = int(blockIdx.y);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int j = int(blockIdx.z) * kSlice + lane;  // this lane's column of dv
+  const bool col = j < a.dv;
+  const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
+  if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
+  const int dk = a.dk, dv = a.dv, Hv = a.Hv;
+  const int hk = h / (Hv / a.Hk);
+  const int64_t kd = int64_t(a.Hk) * dk, vd = int64_t(Hv) * dv;
+  const float qscale = 1.0f / sqrtf(float(dk));
+  const ChunkSmem L(dk);
+  const int lq = L.lq, lq4 = L.lq / 4, dk4 = L.dk4, nk4 = L.dk4 / 4;
+  double* gc = reinterpret_cast<double*>(smem + L.gc);
+  float* betas = smem + L.beta;
+  float* eg = smem + L.eg;
+  float* ef = smem + L.ef;
+  float* Qs = smem + L.Qs;  // [kChunk][lq]
+  float* Ks = smem + L.Ks;  // [kChunk][lq]
+  const float4* Q4 = reinterpret_cast<const float4*>(Qs);
+  const float4* K4 = reinterpret_cast<const float4*>(Ks);
+  float* S = smem + L.S;    // [dk4][kSlice]: the state's columns of this block
+  float* X = smem + L.X;    // [kChunk][kLX]
+  const float4* X4 = reinterpret_cast<const float4*>(X);
+  float* Us = smem + L.Us;  // [kChunk][kSlice]: V, then the right-hand side, then U
+
+  const int slot = s.slot;
+  {
+    const float* state = a.states + (int64_t(slot) * Hv + h) * dk * dv;
+    for (int p = warp; p < dk4; p += kChunkWarps)
+      S[p * kSlice + lane] = (p < dk && col) ? state[int64_t(p) * dv + j] : 0.0f;
+  }
+
+  for (int64_t c0 = 0; c0 < s.n; c0 += kChunk) {
+    const int n = int(std::min<int64_t>(kChunk, s.n - c0));  // rows of this chunk
+    const int64_t tc = s.t0 + c0;                              // its first row in the pass
+
+    // --- 1. the chunk's rows: normalised q (scaled) and k, v, gates; cumulative decay ---
+    for (int i = warp; i < kChunk; i += kChunkWarps) {
+      if (i < n) {
+        const float* qrow = a.qkv + (tc + i) * a.ld + int64_t(hk) * dk;
+        const float* krow = qrow + kd;
+        float qv[kMaxDk / 32], kv[kMaxDk / 32];
+        float ssq = 0.0f, ssk = 0.0f;
+#pragma unroll
+        for (int m = 0; m < kMaxDk / 32; ++m) {
+          const int p = lane + 32 * m;
+          qv[m] = p < dk ? qrow[p] : 0.0f;
+          kv[m] = p < dk ? krow[p] : 0.0f;
+          ssq += qv[m] * qv[m];
+          ssk += kv[m] * kv[m];
+        }
+        ssq = warp_sum(ssq);
+        ssk = warp_sum(ssk);
+        const float fq = qscale / sqrtf(ssq + kL2Eps), fk = 1.0f / sqrtf(ssk + kL2Eps);
+#pragma unroll
+        for (int m = 0; m < kMaxDk / 32; ++m) {
+          const int p = lane + 32 * m;
+          if (p < dk4) {  // zeros in [dk, dk4)
+            Qs[i * lq + p] = qv[m] * fq;
+            Ks[i * lq + p] = kv[m] * fk;
+          }
+        }
+        Us[i * kSlice + lane] = col ? a.qkv[(tc + i) * a.ld + 2 * kd + int64_t(h) * dv + j] : 0.0f;
+      } else {  // past the end of a short last chunk: zeros
+        for (int p = lane; p < dk4; p += 32) Qs[i * lq + p] = Ks[i * lq + p] = 0.0f;
+        Us[i * kSlice + lane] = 0.0f;
+      }
+    }
+    if (warp == 0) {
+      // Inclusive scan of g in double over the chunk's rows (lane holds rows lane and 32 + lane).
+      double g0 = lane < n ? double(a.g[(tc + lane) * Hv + h]) : 0.0;
+      double g1 = 32 + lane < n ? double(a.g[(tc + 32 + lane) * Hv + h]) : 0.0;
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const double u0 = __shfl_up_sync(0xffffffffu, g0, o), u1 = __shfl_up_sync(0xffffffffu, g1, o);
+        if (lane >= o) {
+          g0 += u0;
+          g1 += u1;
+        }
+      }
+      g1 += __shfl_sync(0xffffffffu, g0, 31);
+      const double glast = __shfl_sync(0xffffffffu, n <= 32 ? g0 : g1, (n - 1) & 31);
+      // Rows past n repeat the last cumulative decay, with beta = 0: they change nothing.
+      const double c0v = lane < n ? g0 : glast, c1v = 32 + lane < n ? g1 : glast;
+      gc[lane] = c0v;
+      gc[32 + lane] = c1v;
+      betas[lane] = lane < n ? a.beta[(tc + lane) * Hv + h] : 0.0f;
+      betas[32 + lane] = 32 + lane < n ? a.beta[(tc + 32 + lane) * Hv + h] : 0.0f;
+      eg[lane] = float(exp(c0v));
+      eg[32 + lane] = float(exp(c1v));
+      ef[lane] = float(exp(glast - c0v));
+      ef[32 + lane] = float(exp(glast - c1v));
+    }
+    __syncthreads();
+
+    // --- 2. P and A (X), and the right-hand side diag(beta) V - diag(beta e^gc) K S0; Q S0 ---
+    // Thread: rows i = warp + 8 r (r < 8), columns lane and 32 + lane.
+    {
+      float qk[kRowsPerWarp][2], kk[kRowsPerWarp][2];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) qk[r][0] = qk[r][1] = kk[r][0] = kk[r][1] = 0.0f;
+      for (int p4 = 0; p4 < nk4; ++p4) {
+        const float4 kj0 = K4[lane * lq4 + p4], kj1 = K4[(32 + lane) * lq4 + p4];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const int i = warp + kChunkWarps * r;
+          const float4 qi = Q4[i * lq4 + p4], ki = K4[i * lq4 + p4];
+          qk[r][0] += qi.x * kj0.x;
+          qk[r][0] += qi.y * kj0.y;
+          qk[r][0] += qi.z * kj0.z;
+          qk[r][0] += qi.w * kj0.w;
+          qk[r][1] += qi.x * kj1.x;
+          qk[r][1] += qi.y * kj1.y;
+          qk[r][1] += qi.z * kj1.z;
+          qk[r][1] += qi.w * kj1.w;
+          kk[r][0] += ki.x * kj0.x;
+          kk[r][0] += ki.y * kj0.y;
+          kk[r][0] += ki.z * kj0.z;
+          kk[r][0] += ki.w * kj0.w;
+          kk[r][1] += ki.x * kj1.x;
+          kk[r][1] += ki.y * kj1.y;
+          kk[r][1] += ki.z * kj1.z;
+          kk[r][1] += ki.w * kj1.w;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int i = warp + kChunkWarps * r;
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int jj = lane + 32 * c;
+          if (jj <= i) {
+            const float dec = expf(float(gc[i] - gc[jj]));
+            X[i * kLX + jj] = dec * qk[r][c];
+            if (jj < i) X[jj * kLX + i] = betas[i] * dec * kk[r][c];
+          }
+        }
+      }
+    }
+    float qs0[kRowsPerWarp];  // (e^gc Q S0)[i][lane] for rows i = warp + 8 r, kept for the output
+    {
+      float ks0[kRowsPerWarp];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) qs0[r] = ks0[r] = 0.0f;
+      for (int p4 = 0; p4 < nk4; ++p4) {
+        const float s0 = S[(4 * p4) * kSlice + lane], s1 = S[(4 * p4 + 1) * kSlice + lane];
+        const float s2 = S[(4 * p4 + 2) * kSlice + lane], s3 = S[(4 * p4 + 3) * kSlice + lane];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const int i = warp + kChunkWarps * r;
+          const float4 qi = Q4[i * lq4 + p4], ki = K4[i * lq4 + p4];
+          qs0[r] += qi.x * s0;
+          qs0[r] += qi.y * s1;
+          qs0[r] += qi.z * s2;
+          qs0[r] += qi.w * s3;
+          ks0[r] += ki.x * s0;
+          ks0[r] += ki.y * s1;
+          ks0[r] += ki.z * s2;
+          ks0[r] += ki.w * s3;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int i = warp + kChunkWarps * r;
+        qs0[r] *= eg[i];
+        Us[i * kSlice + lane] = betas[i] * Us[i * kSlice + lane] - betas[i] * eg[i] * ks0[r];
+      }
+    }
+    __syncthreads();
+
+    // --- 3. (I + A) U = rhs by forward substitution, one column per lane of warp 0 ---
+    if (warp == 0) {
+      for (int i = 1; i < n; ++i) {
+        float acc0 = 0.0f, acc1 = 0.0f, acc2 = 0.0f, acc3 = 0.0f;
+        int m = 0;
+        for (; m + 4 <= i; m += 4) {
+          acc0 += X[m * kLX + i] * Us[m * kSlice + lane];
+          acc1 += X[(m + 1) * kLX + i] * Us[(m + 1) * kSlice + lane];
+          acc2 += X[(m + 2) * kLX + i] * Us[(m + 2) * kSlice + lane];
+          acc3 += X[(m + 3) * kLX + i] * Us[(m + 3) * kSlice + lane];
+        }
+        for (; m < i; ++m) acc0 += X[m * kLX + i] * Us[m * kSlice + lane];
+        Us[i * kSlice + lane] -= (acc0 + acc1) + (acc2 + acc3);
+        __syncwarp();
+      }
+    }
+    __syncthreads();
+
+    // --- 4. O = e^gc Q S0 + P U (to out); S = e^{gc_last} S0 + (e^{gc_last - gc} K)^T U ---
+    {
+      float* o = qs0;  // accumulates P U onto e^gc Q S0
+      const int nm4 = (n + 3) / 4;  // Us is zero in rows [n, 4 nm4)
+      for (int m4 = 0; m4 < nm4; ++m4) {
+        const int m = 4 * m4;
+        const float u0 = Us[m * kSlice + lane], u1 = Us[(m + 1) * kSlice + lane];
+        const float u2 = Us[(m + 2) * kSlice + lane], u3 = Us[(m + 3) * kSlice + lane];
+#pragma unroll
+        for (int r = 0; r < kRowsPerWarp; ++r) {
+          const int i = warp + kChunkWarps * r;
+          if (m <= i) {  // P is lower triangular: entries past the diagonal hold A^T
+            const float4 x = X4[i * (kLX / 4) + m4];
+            o[r] += x.x * u0;
+            if (m + 1 <= i) o[r] += x.y * u1;
+            if (m + 2 <= i) o[r] += x.z * u2;
+            if (m + 3 <= i) o[r] += x.w * u3;
+          }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int i = warp + kChunkWarps * r;
+        if (i < n && col) a.out[(tc + i) * vd + int64_t(h) * dv + j] = o[r];
+      }
+    }
+    {
+      // Rows p = 4 pb .. 4 pb + 3 of the state for pb = warp + 8 k (k < 4; dk4 <= 128), in two
+      // passes of two k (registers: two blocks per SM).
+      const float elast = eg[n - 1];
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        float acc[2][4];
+#pragma unroll
+        for (int k = 0; k < 2; ++k) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = 0.0f;
+        const int pb0 = warp + kChunkWarps * (2 * half), pb1 = pb0 + kChunkWarps;
+        if (pb0 < nk4) {
+          for (int m = 0; m < n; ++m) {
+            const float u = Us[m * kSlice + lane];
+            const float e = ef[m];
+            const float4 k0 = K4[m * lq4 + pb0];
+            acc[0][0] += (k0.x * e) * u;
+            acc[0][1] += (k0.y * e) * u;
+            acc[0][2] += (k0.z * e) * u;
+            acc[0][3] += (k0.w * e) * u;
+            if (pb1 < nk4) {
+              const float4 k1 = K4[m * lq4 + pb1];
+              acc[1][0] += (k1.x * e) * u;
+              acc[1][1] += (k1.y * e) * u;
+              acc[1][2] += (k1.z * e) * u;
+              acc[1][3] += (k1.w * e) * u;
+            }
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < 2; ++k) {
+          const int pb = pb0 + kChunkWarps * k;
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+            const int p = 4 * pb + c;
+            if (p < dk) S[p * kSlice + lane] = elast * S[p * kSlice + lane] + acc[k][c];
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+  if (col) {
+    float* state = a.states + (int64_t(slot) * Hv + h) * dk * dv;
+    for (int p = warp; p < dk; p += kChunkWarps) state[int64_t(p) * dv + j] = S[p * kSlice + lane];
+  }
+}
+
+struct DeltaNetState {
+  size_t chunked_smem = 0;  // dynamic shared memory the chunked kernel is set up for
+};
+
+// The sequences of a pass (their shapes checked by the contract's checks, their contents on the
+// device): in CUDA memory, snapshot tables of a width the kernels index in 32 bits.
+void check_sequences(const char* op, const SeqLayout& layout) {
+  expect_device(op, "cu_seqlens", layout.cu_seqlens);
+  expect_device(op, "state_slots", layout.state_slots);
+  if (layout.snapshot_slots.defined()) {
+    expect_device(op, "snapshot_slots", layout.snapshot_slots);
+    check(layout.snapshot_slots.dim(1) >= 0 && layout.snapshot_slots.dim(1) <= std::numeric_limits<int32_t>::max(),
+          "{}: snapshot_slots {}", op, layout.snapshot_slots);
+  }
+}
+
+}  // namespace
+
+void CudaOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const SeqLayout& layout,
+                                 Tensor& out) {
+  const ConvShape shape = check_causal_conv1d_silu(x, weight, states, layout, out);
+  expect_device("causal_conv1d_silu", "x", x);
+  expect_device("causal_conv1d_silu", "weight", weight);
+  expect_device("causal_conv1d_silu", "states", states);
+  expect_device("causal_conv1d_silu", "out", out);
+  const int B = shape.B;
+  if (B == 0) return;
+  const int64_t T = shape.T, C = shape.C, kc = shape.kc;
+  check_sequences("causal_conv1d_silu", layout);
+  const int64_t channel_blocks = cdiv(C, kConvThreads);
+  const int64_t pieces = std::max<int64_t>(cdiv(layout.max_query_len, kConvRows), 1);
+  check(C <= std::numeric_limits<int32_t>::max() && states.dim(0) <= std::numeric_limits<int32_t>::max() &&
+            channel_blocks * B <= std::numeric_limits<int32_t>::max() && pieces <= 65535,
+        "causal_conv1d_silu: {} sequences of up to {} rows over {} channels is too many", B, layout.max_query_len, C);
+  if (T == 0) return;
+  ConvArgs a{};
+  a.x = f32(x);
+  a.weight = f32(weight);
+  a.states = f32_mut(states);
+  a.out = f32_mut(out);
+  a.cu = i32(layout.cu_seqlens);
+  a.state_slots = i32(layout.state_slots);
+  a.snaps = layout.snapshot_slots.defined() ? i32(layout.snapshot_slots) : nullptr;
+  a.snap_width = layout.snapshot_slots.defined() ? int(layout.snapshot_slots.dim(1)) : 0;
+  a.B = B;
+  a.C = int(C);
+  a.kc = int(kc);
+  a.slots = int(states.dim(0));
+  a.channel_blocks = int(channel_blocks);
+  a.T = T;
+  const dim3 grid{unsigned(channel_blocks * B), unsigned(pieces)};
+  if (kc <= 4) conv1d_silu_kernel<4><<<grid, kConvThreads, 0, stream_>>>(a);
+  else conv1d_silu_kernel<16><<<grid, kConvThreads, 0, stream_>>>(a);
+  check_launch("causal_conv1d_silu");
+}
+
+void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& d,
+                               Tensor& states, const SeqLayout& layout, Tensor& out) {
+  const GatedDeltaRuleShape shape = check_gated_delta_rule(qkv, g, beta, d, states, layout, out);
+  check(d.dk <= kMaxDk, "gated_delta_rule: key head dim {} > {}", d.dk, kMaxDk);
+  expect_device("gated_delta_rule", "qkv", qkv);
+  expect_device("gated_delta_rule", "g", g);
+  expect_device("gated_delta_rule", "beta", beta);
+  expect_device("gated_delta_rule", "states", states);
+  expect_device("gated_delta_rule", "out", out);
+  const int B = shape.B;
+  if (B == 0) return;
+  const int64_t T = shape.T;
+  check_sequences("gated_delta_rule", layout);
+  check(d.Hv <= 65535 && states.dim(0) <= std::numeric_limits<int32_t>::max(),
+        "gated_delta_rule: {} value heads, {} slots", d.Hv, states.dim(0));
+  if (T == 0) return;
+
+  RuleArgs a{};
+  a.qkv = f32(qkv);
+  a.g = f32(g);
+  a.beta = f32(beta);
+  a.states = f32_mut(states);
+  a.out = f32_mut(out);
+  a.cu = i32(layout.cu_seqlens);
+  a.state_slots = i32(layout.state_slots);
+  a.snaps = layout.snapshot_slots.defined() ? i32(layout.snapshot_slots) : nullptr;
+  a.snap_width = layout.snapshot_slots.defined() ? int(layout.snapshot_slots.dim(1)) : 0;
+  a.ld = qkv.dim(1);
+  a.T = T;
+  a.B = B;
+  a.Hk = d.Hk;
+  a.Hv = d.Hv;
+  a.dk = d.dk;
+  a.dv = d.dv;
+  a.slots = int(states.dim(0));
+  const dim3 grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, kSlice))};
+
+  // Single rows and verifying sequences: the recurrence.
+  const int rpt = int(cdiv(d.dk, kRecWarps));
+  if (rpt <= 4) delta_rule_recurrent_kernel<4><<<grid, kRecWarps * 32, 0, stream_>>>(a);
+  else if (rpt <= 8) delta_rule_recurrent_kernel<8><<<grid, kRecWarps * 32, 0, stream_>>>(a);
+  else if (rpt <= 16) delta_rule_recurrent_kernel<16><<<grid, kRecWarps * 32, 0, stream_>>>(a);
+  else delta_rule_recurrent_kernel<32><<<grid, kRecWarps * 32, 0, stream_>>>(a);
+  check_launch("gated_delta_rule: recurrent");
+
+  // The other sequences of more than one row: the chunked form.
+  if (layout.max_query_len > 1) {
+    const size_t smem = ChunkSmem(d.dk).bytes();
+    auto* st = static_cast<DeltaNetState*>(deltanet_state_.get());
+    if (!st) {
+      auto s = std::make_shared<DeltaNetState>();
+      st = s.get();
+      deltanet_state_ = std::move(s);
+    }
+    if (smem > st->chunked_smem) {
+      check_cuda(cudaFuncSetAttribute(delta_rule_chunked_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      int(smem)),
+                 "gated_delta_rule: shared memory of the chunked kernel");
+      st->chunked_smem = smem;
+    }
+    delta_rule_chunked_kernel<<<grid, kChunkThreads, smem, stream_>>>(a);
+    check_launch("gated_delta_rule: chunked");
+  }
+}
+
+}  // namespace ballast::kernels

@@ -1,0 +1,500 @@
+// CudaOps::matmul: y[T, N] = x[T, K] @ w[N, K]^T, x and y F32, w F32, BF16, F16 or F8_E4M3 read in
+// place, fp32 accumulation (fp32 FMA; no TF32, no tensor cores: results are held to the fp32 CPU
+// reference). Two paths:
+//   few rows (T <= 8, decode): bandwidth-bound. One warp per R weight rows (R = 1, 2 or 4 by T);
+//     lanes stride over K with 16-byte weight loads (8 bytes for F8), the x values of their k kept
+//     in registers for all T rows and reused over the R weight rows; warp-shuffle reduction. Each
+//     weight byte is read once.
+//   many rows: a tiled SIMT GEMM, BM x 128 tiles (BM = 32, 64 or 128 by T), K-steps of 16, each
+//     thread an 8 x 8 block of outputs (4 x 8 in 32-row tiles); x and the weights (widened to fp32
+//     as they are stored) go through double-buffered shared memory, the next step's loads in
+//     flight while this one is multiplied. When the tiles are too few to fill the GPU, K is split
+//     over blockIdx.z into partial sums in scratch (sized from the shapes), then summed in a fixed
+//     order.
+// Both have a vectorised form (rows aligned for vector loads: K a multiple of 8 (4 for F32) in the
+// few-rows kernel, of 4 in the GEMM) and an element-wise form for any K or alignment.
+#include <algorithm>
+#include <atomic>
+#include <memory>
+
+#include "ballast/kernels/cuda/cuda_ops.h"
+#include "ballast/kernels/cuda/cuda_rows_support.cuh"
+#include "ballast/kernels/cuda/cuda_support.cuh"
+#include "ballast/kernels/op_checks.h"
+
+namespace ballast::kernels {
+
+using cuda::cdiv;
+using cuda::check_cuda;
+using cuda::check_launch;
+using cuda::expect_device;
+using namespace cuda::rows;
+
+namespace {
+
+// ============================================================================================
+// Few rows (T <= 8)
+// ============================================================================================
+
+constexpr int kFewRowsMax = 8;
+constexpr int kFewThreads = 128;  // 4 warps a block
+
+// Weight rows per warp: more x rows read per weight element want more reuse of the x registers.
+template <int T>
+constexpr int few_rows_per_warp() {
+  return T <= 2 ? 1 : (T <= 4 ? 2 : 4);
+}
+// Weight elements a lane reads per step: 16 bytes (F32: 4, BF16/F16: 8), F8: 8 (8 bytes), so that
+// the x registers (T * E) stay at most 64.
+template <typename W, bool VEC>
+constexpr int few_elems() {
+  return VEC ? (sizeof(W) == 4 ? 4 : 8) : 1;
+}
+
+// TM: the number of x rows (EXACT) or an upper bound on `nt` (the element-wise fallback).
+template <typename W, int TM, bool VEC, bool EXACT>
+__global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
+    few_rows_kernel(const float* __restrict__ x, int64_t ldx, int nt_arg, int64_t K, const W* __restrict__ w, int64_t N,
+                    float* __restrict__ y, int64_t ldy) {
+  constexpr int R = few_rows_per_warp<TM>();
+  constexpr int E = few_elems<W, VEC>();
+  constexpr int WORDS = VEC ? E * int(sizeof(W)) / 4 : 0;
+  constexpr int U = 4 / R;  // steps whose weight loads are issued together: 4 loads in flight per lane
+  const int nt = EXACT ? TM : nt_arg;
+  const int lane = int(threadIdx.x) & 31;
+  const int64_t warp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
+  const int64_t n0 = warp * R;
+  if (n0 >= N) return;  // the whole warp leaves together: the shuffles below see full warps
+
+  const W* wr[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r < N ? n0 + r : N - 1) * K;  // past N: a valid row, not written
+
+  float acc[R][TM];
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < TM; ++t) acc[r][t] = 0.0f;
+
+  constexpr int64_t kStep = int64_t(32) * E;
+  for (int64_t kb = int64_t(lane) * E; kb < K; kb += U * kStep) {
+    float wv[U][R][E];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = kb + u * kStep;
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        if (k < K) {
+          if constexpr (VEC) {
+            unpack_words<W, WORDS>(load_words<WORDS>(wr[r] + k), wv[u][r]);
+          } else {
+            wv[u][r][0] = to_float(wr[r][k]);
+          }
+        } else {
+#pragma unroll
+          for (int e = 0; e < E; ++e) wv[u][r][e] = 0.0f;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = kb + u * kStep;
+      if (k >= K) break;
+#pragma unroll
+      for (int t = 0; t < TM; ++t) {
+        if (t >= nt) break;
+        const float* xr = x + t * ldx + k;
+        float xv[E];
+        if constexpr (VEC) {
+#pragma unroll
+          for (int q = 0; q < E / 4; ++q) {
+            const float4 v = __ldg(reinterpret_cast<const float4*>(xr) + q);
+            xv[4 * q] = v.x, xv[4 * q + 1] = v.y, xv[4 * q + 2] = v.z, xv[4 * q + 3] = v.w;
+          }
+        } else {
+          xv[0] = __ldg(xr);
+        }
+#pragma unroll
+        for (int r = 0; r < R; ++r)
+#pragma unroll
+          for (int e = 0; e < E; ++e) acc[r][t] = fmaf(xv[e], wv[u][r][e], acc[r][t]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int r = 0; r < R; ++r)
+#pragma unroll
+    for (int t = 0; t < TM; ++t) {
+      if (t >= nt) break;
+      float v = acc[r][t];
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (lane == ((r * TM + t) & 31) && n0 + r < N) y[t * ldy + n0 + r] = v;
+    }
+}
+
+template <typename W, int T>
+void launch_few_rows_exact(const float* x, int64_t ldx, int64_t K, const W* w, int64_t N, float* y, int64_t ldy,
+                           cudaStream_t stream) {
+  constexpr int R = few_rows_per_warp<T>();
+  const int64_t warps = cdiv(N, R);
+  const int64_t blocks = cdiv(warps, kFewThreads / 32);
+  check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", N);
+  few_rows_kernel<W, T, true, true><<<unsigned(blocks), kFewThreads, 0, stream>>>(x, ldx, T, K, w, N, y, ldy);
+}
+
+template <typename W>
+void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const W* w, int64_t N, float* y, int64_t ldy,
+                     cudaStream_t stream) {
+  constexpr int E = few_elems<W, true>();
+  const bool vec = K % E == 0 && ldx % 4 == 0 && aligned(x, 16) && aligned(w, size_t(E) * sizeof(W));
+  if (!vec) {
+    constexpr int R = few_rows_per_warp<kFewRowsMax>();
+    const int64_t blocks = cdiv(cdiv(N, R), kFewThreads / 32);
+    check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", N);
+    few_rows_kernel<W, kFewRowsMax, false, false>
+        <<<unsigned(blocks), kFewThreads, 0, stream>>>(x, ldx, T, K, w, N, y, ldy);
+    return;
+  }
+  switch (T) {
+    case 1: return launch_few_rows_exact<W, 1>(x, ldx, K, w, N, y, ldy, stream);
+    case 2: return launch_few_rows_exact<W, 2>(x, ldx, K, w, N, y, ldy, stream);
+    case 3: return launch_few_rows_exact<W, 3>(x, ldx, K, w, N, y, ldy, stream);
+    case 4: return launch_few_rows_exact<W, 4>(x, ldx, K, w, N, y, ldy, stream);
+    case 5: return launch_few_rows_exact<W, 5>(x, ldx, K, w, N, y, ldy, stream);
+    case 6: return launch_few_rows_exact<W, 6>(x, ldx, K, w, N, y, ldy, stream);
+    case 7: return launch_few_rows_exact<W, 7>(x, ldx, K, w, N, y, ldy, stream);
+    default: return launch_few_rows_exact<W, 8>(x, ldx, K, w, N, y, ldy, stream);
+  }
+}
+
+// ============================================================================================
+// Many rows: tiled SIMT GEMM
+// ============================================================================================
+
+constexpr int kBK = 16;   // K per step
+constexpr int kBN = 128;  // weight rows per tile
+constexpr int kPad = 4;   // shared rows padded (keeps 16-byte alignment, spreads the transposed stores)
+
+// Rows of x per thread (8 in tiles of 64 rows or more, else 4) and threads per tile; each thread
+// has 8 weight rows (columns of y).
+template <int BM>
+constexpr int gemm_rows_per_thread() {
+  return BM >= 64 ? 8 : 4;
+}
+template <int BM>
+constexpr int gemm_threads() {
+  return (BM / gemm_rows_per_thread<BM>()) * (kBN / 8);
+}
+// Blocks an SM should hold (the register budget: at most 65536 / (threads * this) a thread).
+template <int BM>
+constexpr int gemm_min_blocks() {
+  return BM == 128 ? 2 : (BM == 64 ? 3 : 4);
+}
+
+// A step's tile data held in registers between its global loads and its shared stores. A chunk is
+// 4 consecutive k of one row; weights stay packed (VEC) until they are stored.
+template <typename W, bool VEC, int A_CHUNKS, int B_CHUNKS>
+struct GemmStage {
+  static constexpr int B_WORDS = VEC ? int(sizeof(W)) : 4;  // VEC: 4 elements of sizeof(W) bytes
+  float a[A_CHUNKS][4];
+  uint32_t b[B_CHUNKS][B_WORDS];  // VEC: packed elements; else 4 floats as bits
+};
+
+// out[z][m, n] (row stride ldo, z = blockIdx.z at out + z * split_stride) = the sum over k in split
+// z's range [z * k_split, min(K, (z + 1) * k_split)) of x[m, k] w[n, k]. VEC: K, ldx multiples of
+// 4, x 16-byte aligned, w aligned to 4 elements.
+template <typename W, int BM, bool VEC>
+__global__ void __launch_bounds__(gemm_threads<BM>(), gemm_min_blocks<BM>())
+    gemm_kernel(const float* __restrict__ x, int64_t ldx, int T, int64_t K, const W* __restrict__ w, int64_t N,
+                float* __restrict__ out, int64_t ldo, int64_t k_split, int64_t split_stride, bool vec_out) {
+  constexpr int TMR = gemm_rows_per_thread<BM>();
+  constexpr int NT = gemm_threads<BM>();
+  constexpr int TX = kBN / 8;               // threads along n
+  constexpr int CPR = kBK / 4;              // chunks per row of a step
+  constexpr int A_CHUNKS = BM * CPR / NT;   // x chunks per thread per step
+  constexpr int B_CHUNKS = kBN * CPR / NT;  // weight chunks per thread per step
+  constexpr int ROWS_PER_PASS = NT / CPR;   // rows the block's threads cover in one chunk pass
+  static_assert(A_CHUNKS >= 1 && B_CHUNKS >= 1 && BM * CPR % NT == 0 && kBN * CPR % NT == 0 && NT % CPR == 0);
+  static_assert(TMR % 4 == 0);
+  using Stage = GemmStage<W, VEC, A_CHUNKS, B_CHUNKS>;
+
+  __shared__ __align__(16) float As[2][kBK][BM + kPad];
+  __shared__ __align__(16) float Bs[2][kBK][kBN + kPad];
+
+  const int tid = int(threadIdx.x), tx = tid % TX, ty = tid / TX;
+  const int64_t m0 = int64_t(blockIdx.y) * BM, n0 = int64_t(blockIdx.x) * kBN;
+  const int64_t kbeg = int64_t(blockIdx.z) * k_split;
+  const int64_t kend = K < kbeg + k_split ? K : kbeg + k_split;
+  out += int64_t(blockIdx.z) * split_stride;
+
+  // This thread's chunks: rows lrow + i * ROWS_PER_PASS of the tile, k offset kq.
+  const int lrow = tid / CPR, kq = (tid % CPR) * 4;
+  const float* xb = x + (m0 + lrow) * ldx + kq;  // dereferenced only for rows < T
+  const W* wb = w + (n0 + lrow) * K + kq;        // only for rows < N
+
+  auto load = [&](int64_t k, Stage& s) {
+    const int64_t kc = k + kq;
+#pragma unroll
+    for (int i = 0; i < A_CHUNKS; ++i) {
+      const bool row_ok = m0 + lrow + int64_t(i) * ROWS_PER_PASS < T;
+      const float* p = xb + int64_t(i) * ROWS_PER_PASS * ldx + k;
+      if constexpr (VEC) {
+        if (row_ok && kc < kend) {  // VEC: kend is a multiple of 4, so the chunk is all in or out
+          const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+          s.a[i][0] = v.x, s.a[i][1] = v.y, s.a[i][2] = v.z, s.a[i][3] = v.w;
+        } else {
+          s.a[i][0] = s.a[i][1] = s.a[i][2] = s.a[i][3] = 0.0f;
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s.a[i][j] = row_ok && kc + j < kend ? __ldg(p + j) : 0.0f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < B_CHUNKS; ++i) {
+      const bool row_ok = n0 + lrow + int64_t(i) * ROWS_PER_PASS < N;
+      const W* p = wb + int64_t(i) * ROWS_PER_PASS * K + k;
+      if constexpr (VEC) {
+        if (row_ok && kc < kend) {
+          const Words<Stage::B_WORDS> v = load_words<Stage::B_WORDS>(p);
+#pragma unroll
+          for (int j = 0; j < Stage::B_WORDS; ++j) s.b[i][j] = v.w[j];
+        } else {
+#pragma unroll
+          for (int j = 0; j < Stage::B_WORDS; ++j) s.b[i][j] = 0u;  // zero bits are 0.0 in every dtype
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) s.b[i][j] = __float_as_uint(row_ok && kc + j < kend ? to_float(p[j]) : 0.0f);
+      }
+    }
+  };
+  auto store = [&](int buf, const Stage& s) {
+#pragma unroll
+    for (int i = 0; i < A_CHUNKS; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) As[buf][kq + j][lrow + i * ROWS_PER_PASS] = s.a[i][j];
+#pragma unroll
+    for (int i = 0; i < B_CHUNKS; ++i) {
+      float b[4];
+      if constexpr (VEC) {
+        Words<Stage::B_WORDS> v;
+#pragma unroll
+        for (int j = 0; j < Stage::B_WORDS; ++j) v.w[j] = s.b[i][j];
+        unpack_words<W, Stage::B_WORDS>(v, b);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) b[j] = __uint_as_float(s.b[i][j]);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) Bs[buf][kq + j][lrow + i * ROWS_PER_PASS] = b[j];
+    }
+  };
+
+  float acc[TMR][8];
+#pragma unroll
+  for (int i = 0; i < TMR; ++i)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) acc[i][j] = 0.0f;
+
+  Stage stage;
+  if (kbeg < kend) {
+    load(kbeg, stage);
+    store(0, stage);
+  }
+  __syncthreads();
+  int buf = 0;
+  for (int64_t k = kbeg; k < kend; k += kBK) {
+    const bool more = k + kBK < kend;
+    if (more) load(k + kBK, stage);  // in flight while this step is multiplied
+#pragma unroll
+    for (int kk = 0; kk < kBK; ++kk) {
+      float a[TMR], b[8];
+#pragma unroll
+      for (int g = 0; g < TMR / 4; ++g) {
+        const float4 v = *reinterpret_cast<const float4*>(&As[buf][kk][g * (BM / (TMR / 4)) + ty * 4]);
+        a[4 * g] = v.x, a[4 * g + 1] = v.y, a[4 * g + 2] = v.z, a[4 * g + 3] = v.w;
+      }
+#pragma unroll
+      for (int g = 0; g < 2; ++g) {
+        const float4 v = *reinterpret_cast<const float4*>(&Bs[buf][kk][g * (kBN / 2) + tx * 4]);
+        b[4 * g] = v.x, b[4 * g + 1] = v.y, b[4 * g + 2] = v.z, b[4 * g + 3] = v.w;
+      }
+#pragma unroll
+      for (int i = 0; i < TMR; ++i)
+#pragma unroll
+        for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+    }
+    if (more) store(buf ^ 1, stage);  // the other buffer: its last readers passed the barrier below
+    __syncthreads();
+    buf ^= 1;
+  }
+
+  // Rows g * BM / (TMR / 4) + ty * 4 + i, columns h * kBN / 2 + tx * 4 + j.
+#pragma unroll
+  for (int i = 0; i < TMR; ++i) {
+    const int64_t m = m0 + (i / 4) * (BM / (TMR / 4)) + ty * 4 + (i % 4);
+    if (m >= T) continue;
+    float* orow = out + m * ldo;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int64_t n = n0 + h * (kBN / 2) + tx * 4;
+      const float* v = &acc[i][h * 4];
+      if (vec_out && n + 4 <= N) {
+        *reinterpret_cast<float4*>(orow + n) = make_float4(v[0], v[1], v[2], v[3]);
+      } else {
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+          if (n + j < N) orow[n + j] = v[j];
+      }
+    }
+  }
+}
+
+// y[m, n] = the sum over z < splits of partial[z][m, n] (partial [splits, T, N]), in order of z.
+__global__ void sum_splits_kernel(const float* __restrict__ partial, int splits, int64_t T, int64_t N,
+                                  float* __restrict__ y, int64_t ldy) {
+  const int64_t total = T * N, stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
+    float s = partial[i];
+    for (int z = 1; z < splits; ++z) s += partial[z * total + i];
+    y[(i / N) * ldy + i % N] = s;
+  }
+}
+
+template <typename W, int BM>
+void launch_gemm_tiles(const float* x, int64_t ldx, int T, int64_t K, const W* w, int64_t N, float* out, int64_t ldo,
+                       int64_t k_split, int splits, int64_t split_stride, cudaStream_t stream) {
+  const bool vec = K % 4 == 0 && ldx % 4 == 0 && aligned(x, 16) && aligned(w, 4 * sizeof(W));
+  const bool vec_out = ldo % 4 == 0 && aligned(out, 16);
+  const int64_t gx = cdiv(N, kBN), gy = cdiv(T, BM);
+  check(gx <= 2147483647 && gy <= 65535, "matmul: {} x {} output is too large for one launch", T, N);
+  const dim3 grid{unsigned(gx), unsigned(gy), unsigned(splits)};
+  constexpr int NT = gemm_threads<BM>();
+  if (vec)
+    gemm_kernel<W, BM, true><<<grid, NT, 0, stream>>>(x, ldx, T, K, w, N, out, ldo, k_split, split_stride, vec_out);
+  else gemm_kernel<W, BM, false><<<grid, NT, 0, stream>>>(x, ldx, T, K, w, N, out, ldo, k_split, split_stride, vec_out);
+}
+
+// How a product of many rows is tiled: the tile height that wastes least on few rows (128 only
+// where there are tiles enough), and K split into `splits` parts of k_split (a multiple of kBK,
+// each at least 256 deep) when the tiles are too few to fill the GPU.
+struct GemmPlan {
+  int bm = 128;
+  int64_t splits = 1, k_split = 0;
+};
+
+GemmPlan plan_gemm(int64_t T, int64_t K, int64_t N, int sms) {
+  GemmPlan p;
+  p.bm = T <= 32 ? 32 : (T <= 64 ? 64 : 128);
+  const int64_t col_tiles = cdiv(N, kBN);
+  if (p.bm == 128 && cdiv(T, 128) * col_tiles < sms) p.bm = 64;
+  const int64_t tiles = cdiv(T, p.bm) * col_tiles;
+  if (tiles < sms) p.splits = std::min<int64_t>({cdiv(2 * int64_t(sms), tiles), std::max<int64_t>(1, K / 256), 16});
+  p.k_split = cdiv(cdiv(K, p.splits), kBK) * kBK;
+  p.splits = cdiv(K, p.k_split);
+  return p;
+}
+
+template <typename W>
+void launch_gemm(const float* x, int64_t ldx, int T, int64_t K, const W* w, int64_t N, float* y, int64_t ldy, int sms,
+                 float* scratch, cudaStream_t stream) {
+  GemmPlan p = plan_gemm(T, K, N, sms);
+  if (!scratch) p = GemmPlan{p.bm, 1, K};
+  float* out = y;
+  int64_t ldo = ldy, split_stride = 0;
+  if (p.splits > 1) {  // partial sums [splits, T, N] in scratch, then summed into y
+    out = scratch;
+    ldo = N;
+    split_stride = int64_t(T) * N;
+  }
+  const int splits = int(p.splits);
+  switch (p.bm) {
+    case 32: launch_gemm_tiles<W, 32>(x, ldx, T, K, w, N, out, ldo, p.k_split, splits, split_stride, stream); break;
+    case 64: launch_gemm_tiles<W, 64>(x, ldx, T, K, w, N, out, ldo, p.k_split, splits, split_stride, stream); break;
+    default: launch_gemm_tiles<W, 128>(x, ldx, T, K, w, N, out, ldo, p.k_split, splits, split_stride, stream); break;
+  }
+  if (splits > 1) {
+    check_launch("matmul");
+    sum_splits_kernel<<<cuda::blocks_for(int64_t(T) * N, 256), 256, 0, stream>>>(out, splits, T, N, y, ldy);
+  }
+}
+
+template <typename W>
+void matmul_typed(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, int64_t N, float* y, int64_t ldy,
+                  int sms, float* scratch, cudaStream_t stream) {
+  const W* wt = static_cast<const W*>(w);
+  if (T <= kFewRowsMax) launch_few_rows<W>(x, ldx, int(T), K, wt, N, y, ldy, stream);
+  else launch_gemm<W>(x, ldx, int(T), K, wt, N, y, ldy, sms, scratch, stream);
+}
+
+struct MatmulState {
+  int sms = 0;
+};
+
+}  // namespace
+
+namespace cuda::rows {
+
+int multiprocessors() {
+  int dev = 0;
+  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+  static std::atomic<int> known[64];
+  if (dev >= 0 && dev < 64)
+    if (const int n = known[dev].load(std::memory_order_relaxed); n > 0) return n;
+  int n = 0;
+  check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
+  n = std::max(n, 1);
+  if (dev >= 0 && dev < 64) known[dev].store(n, std::memory_order_relaxed);
+  return n;
+}
+
+size_t matmul_scratch_bytes(int64_t T, int64_t K, int64_t N, int sms) {
+  if (T <= kFewRowsMax || K <= 0 || N <= 0) return 0;
+  const GemmPlan p = plan_gemm(T, K, N, sms);
+  return p.splits > 1 ? size_t(p.splits) * size_t(T) * size_t(N) * sizeof(float) : 0;
+}
+
+void matmul_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, DType wdt, int64_t N, float* y,
+                 int64_t ldy, int sms, float* scratch, cudaStream_t stream) {
+  check(T >= 0 && K >= 0 && N >= 0 && ldx >= K && ldy >= N, "matmul: bad shape T={} K={} N={} ldx={} ldy={}", T, K, N,
+        ldx, ldy);
+  check(T <= 2147483647, "matmul: {} rows are too many", T);
+  if (T == 0 || N == 0) return;
+  if (K == 0) {  // an empty sum
+    check_cuda(cudaMemset2DAsync(y, size_t(ldy) * sizeof(float), 0, size_t(N) * sizeof(float), size_t(T), stream),
+               "matmul: cudaMemset2DAsync");
+    return;
+  }
+  switch (wdt) {
+    case DType::F32: matmul_typed<float>(x, ldx, T, K, w, N, y, ldy, sms, scratch, stream); break;
+    case DType::BF16: matmul_typed<__nv_bfloat16>(x, ldx, T, K, w, N, y, ldy, sms, scratch, stream); break;
+    case DType::F16: matmul_typed<__half>(x, ldx, T, K, w, N, y, ldy, sms, scratch, stream); break;
+    case DType::F8_E4M3: matmul_typed<f8e4m3>(x, ldx, T, K, w, N, y, ldy, sms, scratch, stream); break;
+    default: fail("matmul: weight dtype {} is not F32, BF16, F16 or F8_E4M3", dtype_name(wdt));
+  }
+  check_launch("matmul");
+}
+
+}  // namespace cuda::rows
+
+void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
+  const auto [T, K, N] = check_matmul(x, w, y);
+  expect_device("matmul", "x", x);
+  expect_device("matmul", "y", y);
+  expect_device("matmul", "w", w);
+  if (T == 0 || N == 0) return;
+  if (!matmul_state_) {
+    auto s = std::make_shared<MatmulState>();
+    s->sms = multiprocessors();
+    matmul_state_ = s;
+  }
+  const int sms = static_cast<const MatmulState*>(matmul_state_.get())->sms;
+  const size_t bytes = matmul_scratch_bytes(T, K, N, sms);
+  float* scratch = bytes > 0 ? static_cast<float*>(scratch_.bytes(bytes)) : nullptr;
+  matmul_rows(cuda::f32(x), K, T, K, w.raw(), w.dtype(), N, cuda::f32_mut(y), N, sms, scratch, stream_);
+}
+
+}  // namespace ballast::kernels

@@ -1,0 +1,1214 @@
+// CudaOps: the mixture-of-experts ops (docs/expert-parallel.md) as CUDA kernels, the CPU backend
+// (cpu/cpu_moe.cpp) their reference:
+//   topk_softmax   one warp per token: softmax in fp32 (the CPU's sequential sum), then k rounds of
+//                  a warp argmax (ties to the lower id).
+//   dispatch       static and random: one thread per choice. balanced: one block does the exact
+//                  per-pass split of eplb::dispatch_balanced and the hand-out to source ranks
+//                  (cuda_moe_support.cuh).
+//   histogram      per-block shared counts (few bins) or global atomics.
+//   group_by       a stable radix sort (CUB) of (group key, index), the invalid keys last; offsets
+//                  by binary search of the sorted keys.
+//   moe_experts    the offsets stay on the device: one block lists row tiles per group (groups of
+//                  up to 32 rows in tiles of 8, larger groups in tiles of 64), then per pass
+//                  (gate+up writing h = silu(gate x) * up x [N, I] in sorted order into scratch,
+//                  then down writing y rows) a weight-streaming kernel for the small tiles (each
+//                  weight row read once per tile, warp dot products) and a tiled fp32 SIMT GEMM for
+//                  the large ones. Persistent grids sized from the shapes walk the tiles the device
+//                  listed. The experts' pointers live in a device table per span (uploaded when the
+//                  span's contents change, compared on the host at every call).
+//   moe_combine    one thread per output element (4 with float4), choices in order.
+// Index data is checked by the kernels: an entry out of range is skipped (never written through)
+// and reported in a fault record in mapped host memory, which the next MoE op throws on the host
+// (with BALLAST_CUDA_SYNC_CHECKS=1, every MoE op outside stream capture waits for its kernels and
+// throws its own fault at once).
+#include <cub/device/device_radix_sort.cuh>
+
+#include <cuda_fp8.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "ballast/core/hash.h"
+#include "ballast/kernels/cuda/cuda_moe_support.cuh"
+#include "ballast/kernels/cuda/cuda_ops.h"
+#include "ballast/kernels/cuda/cuda_support.cuh"
+#include "ballast/kernels/op_checks.h"
+
+namespace ballast::kernels {
+
+using cuda::blocks_for;
+using cuda::cdiv;
+using cuda::check_cuda;
+using cuda::check_launch;
+using cuda::expect_device;
+namespace cm = cuda::moe;  // fault codes and the balanced dispatch (cuda_moe_support.cuh)
+
+namespace {
+
+using cm::Fault;
+
+// ============================================================================================
+// Faults
+// ============================================================================================
+
+__device__ void report(Fault* f, int code, long long a, long long b, long long c) {
+  if (f == nullptr) return;
+  if (atomicCAS(&f->claim, 0, 1) != 0) return;
+  f->a = a;
+  f->b = b;
+  f->c = c;
+  __threadfence_system();
+  atomicExch(&f->code, code);
+  __threadfence_system();
+}
+
+std::string describe(int code, long long a, long long b, long long c) {
+  switch (code) {
+    case cm::kHistogramKey: return fmt::format("histogram: keys[{}] = {} not below {} bins", a, b, c);
+    case cm::kDispatchId: return fmt::format("dispatch: ids[{}] = {} not in [0, {})", a, b, c);
+    case cm::kDispatchReplicaCount:
+      return fmt::format("dispatch: replica_count[{}] = {} not in [1, {}]", a, b, c);
+    case cm::kDispatchPlacement: return fmt::format("dispatch: slot {} holds expert {}, outside [0, {})", a, b, c);
+    case cm::kDispatchNoReplica: return fmt::format("dispatch: expert {} has no replica", a);
+    case cm::kDispatchCounts:
+      return a < 0 ? fmt::format("dispatch: counts_by_rank sums to {}, above {}", b, c)
+                   : fmt::format("dispatch: counts_by_rank entry {} is {} (negative)", a, b);
+    case cm::kDispatchOverflow:
+      return fmt::format("dispatch: rank {} routes more tokens to expert {} than counts_by_rank[{}][{}] = {}", a, b, a,
+                         b, c);
+    case cm::kDispatchUnassigned:
+      return fmt::format("dispatch: balanced left {} tokens of expert {} unassigned (rank {})", a, b, c);
+    case cm::kDispatchInternal:
+      return fmt::format("dispatch: internal error, balanced split infeasible at its own upper bound {} ({} of {})", c,
+                         a, b);
+    case cm::kGroupByValid: return fmt::format("group_by: valid sums to {} of {} keys", a, b);
+    case cm::kExpertsOffsets:
+      return fmt::format("moe_experts: group {} spans offsets [{}, {}), decreasing or outside perm", a, b, c);
+    case cm::kExpertsPerm: return fmt::format("moe_experts: perm[{}] = {} out of range for x and y", a, b);
+    case cm::kExpertsNoWeights: return fmt::format("moe_experts: group {} has {} rows but no weights", a, b);
+    case cm::kCombineRow: return fmt::format("moe_combine: rows[{}] = {} not in [0, {})", a, b, c);
+    default: return fmt::format("moe: device fault {} ({}, {}, {})", code, a, b, c);
+  }
+}
+
+bool sync_checks() {
+  static const bool on = [] {
+    const char* v = std::getenv("BALLAST_CUDA_SYNC_CHECKS");
+    return v != nullptr && *v != '\0' && std::strcmp(v, "0") != 0;
+  }();
+  return on;
+}
+
+// ============================================================================================
+// State of the MoE ops: the fault record, the device tables of experts, device limits
+// ============================================================================================
+
+// One expert as the kernels see it (compared bytewise on the host: no padding).
+struct ExpertEntry {
+  const void* gate;  // nullptr: no weights (the group must be empty)
+  const void* up;
+  const void* down;
+  int64_t inter;     // I
+  int32_t dt_gu;     // DType of gate and up
+  int32_t dt_down;   // DType of down
+};
+static_assert(sizeof(ExpertEntry) == 40, "ExpertEntry must have no padding");
+
+class MoeState {
+ public:
+  explicit MoeState(Counters& counters) : counters_(counters) {
+    int dev = 0;
+    check_cuda(cudaGetDevice(&dev), "moe: cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "moe: cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
+               "moe: cudaDeviceGetAttribute");
+    void* p = nullptr;
+    check_cuda(cudaHostAlloc(&p, sizeof(Fault), cudaHostAllocMapped), "moe: cudaHostAlloc");
+    std::memset(p, 0, sizeof(Fault));
+    host_fault_ = static_cast<Fault*>(p);
+    void* d = nullptr;
+    check_cuda(cudaHostGetDevicePointer(&d, p, 0), "moe: cudaHostGetDevicePointer");
+    fault = static_cast<Fault*>(d);
+  }
+  ~MoeState() {
+    for (auto& [key, t] : tables_) {
+      cudaFree(t.dev);
+      cudaFreeHost(t.host);
+    }
+    cudaFreeHost(host_fault_);
+  }
+  MoeState(const MoeState&) = delete;
+  MoeState& operator=(const MoeState&) = delete;
+
+  // Throws the fault a kernel reported (and clears it), if any.
+  void raise_pending() {
+    volatile Fault* f = host_fault_;
+    const int code = f->code;
+    if (code == 0) return;
+    const long long a = f->a, b = f->b, c = f->c;
+    f->code = 0;
+    f->claim = 0;
+    fail("{} (found on the device)", describe(code, a, b, c));
+  }
+  // After an op's launches: with sync checks on and the stream not capturing, wait and throw.
+  void after(cudaStream_t stream) {
+    if (!sync_checks()) return;
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    check_cuda(cudaStreamIsCapturing(stream, &status), "moe: cudaStreamIsCapturing");
+    if (status != cudaStreamCaptureStatusNone) return;
+    check_cuda(cudaStreamSynchronize(stream), "moe: synchronize");
+    raise_pending();
+  }
+
+  // The device table of `entries`, the contents of the span at `key`: uploaded at first sight and
+  // whenever the contents change; otherwise nothing is allocated or copied.
+  const ExpertEntry* experts(const void* key, const std::vector<ExpertEntry>& entries, cudaStream_t stream) {
+    const size_t n = entries.size(), bytes = n * sizeof(ExpertEntry);
+    auto it = tables_.find({key, n});
+    if (it != tables_.end() && std::memcmp(it->second.host, entries.data(), bytes) == 0) return it->second.dev;
+    if (it == tables_.end()) {
+      Table t;
+      void* h = nullptr;
+      check_cuda(cudaMallocHost(&h, bytes), "moe_experts: cudaMallocHost");
+      t.host = static_cast<ExpertEntry*>(h);
+      void* d = nullptr;
+      const cudaError_t err = cudaMalloc(&d, bytes);
+      if (err != cudaSuccess) cudaFreeHost(h);
+      check_cuda(err, "moe_experts: cudaMalloc");
+      t.dev = static_cast<ExpertEntry*>(d);
+      ++counters_.allocations;
+      counters_.bytes_allocated += int64_t(bytes);
+      it = tables_.emplace(std::make_pair(key, n), t).first;
+    } else {
+      // The span now holds other experts: the copy queued from the pinned table must have run
+      // before it is rewritten.
+      cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+      check_cuda(cudaStreamIsCapturing(stream, &status), "moe_experts: cudaStreamIsCapturing");
+      check(status == cudaStreamCaptureStatusNone,
+            "moe_experts: the experts' span changed while the stream is being captured");
+      check_cuda(cudaStreamSynchronize(stream), "moe_experts: synchronize");
+    }
+    std::memcpy(it->second.host, entries.data(), bytes);
+    check_cuda(cudaMemcpyAsync(it->second.dev, it->second.host, bytes, cudaMemcpyHostToDevice, stream),
+               "moe_experts: table upload");
+    ++counters_.uploads;
+    counters_.bytes_uploaded += int64_t(bytes);
+    return it->second.dev;
+  }
+
+  // Allows `kernel` `bytes` of dynamic shared memory (once per size reached).
+  void allow_smem(const void* kernel, size_t bytes, int& allowed, const char* op) {
+    if (bytes <= 48 * 1024 || int(bytes) <= allowed) return;
+    check(int64_t(bytes) <= smem_optin, "{}: needs {} bytes of shared memory, the device has {}", op, bytes,
+          smem_optin);
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), op);
+    allowed = int(bytes);
+  }
+
+  Fault* fault = nullptr;  // device view of the record
+  int sms = 1;
+  int smem_optin = 48 * 1024;
+  int balanced_smem = 0;
+  std::vector<ExpertEntry> staging;  // the entries of a call, reused
+
+ private:
+  struct Table {
+    ExpertEntry* host = nullptr;  // pinned: the source of the queued copy stays alive
+    ExpertEntry* dev = nullptr;
+  };
+  Counters& counters_;
+  Fault* host_fault_ = nullptr;
+  std::map<std::pair<const void*, size_t>, Table> tables_;
+};
+
+}  // namespace
+
+void CudaOps::raise_device_faults() {
+  if (moe_state_) static_cast<MoeState*>(moe_state_.get())->raise_pending();
+}
+
+namespace {
+
+MoeState& moe_state(std::shared_ptr<void>& slot, Counters& counters) {
+  if (!slot) slot = std::make_shared<MoeState>(counters);
+  return *static_cast<MoeState*>(slot.get());
+}
+
+// Carves 256-byte aligned pieces out of one scratch buffer (a first pass with no base measures).
+class Carve {
+ public:
+  explicit Carve(void* base = nullptr) : base_(static_cast<char*>(base)) {}
+  template <typename T>
+  T* take(size_t n) {
+    off_ = (off_ + 255) / 256 * 256;
+    T* p = base_ ? reinterpret_cast<T*>(base_ + off_) : nullptr;
+    off_ += n * sizeof(T);
+    return p;
+  }
+  size_t size() const { return (off_ + 255) / 256 * 256; }
+
+ private:
+  char* base_;
+  size_t off_ = 0;
+};
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+
+// ============================================================================================
+// topk_softmax
+// ============================================================================================
+
+constexpr int kTopkWarps = 4;
+constexpr int kTopkMaxE = 1024;  // 32 elements a lane (a taken-mask bit each)
+constexpr int kTopkMaxK = 32;    // one selection a lane
+
+__global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const float* __restrict__ logits, int64_t T,
+                                                                     int E, int k, bool normalize,
+                                                                     int32_t* __restrict__ ids,
+                                                                     float* __restrict__ weights) {
+  extern __shared__ float topk_smem[];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  float* p = topk_smem + int64_t(warp) * E;
+  for (int64_t t = int64_t(blockIdx.x) * kTopkWarps + warp; t < T; t += int64_t(gridDim.x) * kTopkWarps) {
+    const float* l = logits + t * E;
+    float mx = -INFINITY;
+    for (int e = lane; e < E; e += 32) {
+      const float v = l[e];
+      p[e] = v;
+      mx = fmaxf(mx, v);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+    for (int e = lane; e < E; e += 32) p[e] = expf(p[e] - mx);
+    __syncwarp();
+    // The CPU's sum: sequential, in expert order.
+    float sum = 0.0f;
+    if (lane == 0)
+      for (int e = 0; e < E; ++e) sum += p[e];
+    sum = __shfl_sync(0xffffffffu, sum, 0);
+    __syncwarp();
+    for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
+    __syncwarp();
+    // k rounds of argmax (larger p, then lower id); lane j keeps the j-th pick.
+    uint32_t taken = 0;
+    float my_p = 0.0f;
+    int my_id = -1;
+    for (int j = 0; j < k; ++j) {
+      float bp = 0.0f;
+      int bi = -1;
+      int i = 0;
+      for (int e = lane; e < E; e += 32, ++i) {
+        if ((taken >> i) & 1u) continue;
+        const float v = p[e];
+        if (bi < 0 || v > bp) bp = v, bi = e;
+      }
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) {
+        const float op = __shfl_xor_sync(0xffffffffu, bp, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi >= 0 && (bi < 0 || op > bp || (op == bp && oi < bi))) bp = op, bi = oi;
+      }
+      // One answer for the warp even if NaNs made the comparisons disagree.
+      bp = __shfl_sync(0xffffffffu, bp, 0);
+      bi = __shfl_sync(0xffffffffu, bi, 0);
+      if (bi >= 0 && lane == (bi & 31)) taken |= 1u << (bi >> 5);
+      if (lane == j) my_p = bp, my_id = bi;
+    }
+    float ksum = 0.0f;
+    for (int j = 0; j < k; ++j) ksum += __shfl_sync(0xffffffffu, my_p, j);
+    if (lane < k) {
+      ids[t * k + lane] = my_id;
+      weights[t * k + lane] = normalize ? my_p / ksum : my_p;
+    }
+    __syncwarp();
+  }
+}
+
+// ============================================================================================
+// dispatch
+// ============================================================================================
+
+__global__ void dispatch_static_kernel(const int32_t* __restrict__ ids, int64_t N, const int32_t* __restrict__ table,
+                                       int64_t E, int32_t* __restrict__ slots, Fault* fault) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t e = ids[i];
+    if (e < 0 || e >= E) {
+      report(fault, cm::kDispatchId, i, e, E);
+      slots[i] = -1;
+    } else {
+      slots[i] = table[e];
+    }
+  }
+}
+
+__global__ void dispatch_random_kernel(const int32_t* __restrict__ ids, int64_t N, const int32_t* __restrict__ replicas,
+                                       const int32_t* __restrict__ count, int64_t E, int64_t R,
+                                       const int64_t* __restrict__ pass_seed, int layer, int rank,
+                                       int32_t* __restrict__ slots, Fault* fault) {
+  // The seed differs per pass and layer; the hash of (rank, choice) spreads one pass's choices.
+  const uint64_t seed = uint64_t(pass_seed[0]) * 1000003u + uint64_t(layer);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t e = ids[i];
+    if (e < 0 || e >= E) {
+      report(fault, cm::kDispatchId, i, e, E);
+      slots[i] = -1;
+      continue;
+    }
+    const int32_t c = count[e];
+    if (c < 1 || c > R) {
+      report(fault, cm::kDispatchReplicaCount, e, c, R);
+      slots[i] = -1;
+      continue;
+    }
+    const uint64_t h = mix64(seed ^ mix64(uint64_t(rank) << 40 ^ uint64_t(i)));
+    slots[i] = replicas[e * R + int64_t(h % uint64_t(c))];
+  }
+}
+
+constexpr int kBalancedThreads = 512;
+
+struct DeviceBlock {
+  Fault* fault;
+  __device__ int tid() const { return int(threadIdx.x); }
+  __device__ int nt() const { return int(blockDim.x); }
+  __device__ void sync() const { __syncthreads(); }
+  __device__ void atomic_add(int* p, int v) const { atomicAdd(p, v); }
+  __device__ int atomic_cas(int* p, int expected, int desired) const { return atomicCAS(p, expected, desired); }
+  __device__ void atomic_add_u64(unsigned long long* p, unsigned long long v) const { atomicAdd(p, v); }
+  __device__ void report(int code, long long a, long long b, long long c) const {
+    ::ballast::kernels::report(fault, code, a, b, c);
+  }
+};
+
+__global__ void __launch_bounds__(kBalancedThreads) dispatch_balanced_kernel(cm::balanced::Args a,
+                                                                            cm::balanced::Global g, Fault* f) {
+  extern __shared__ __align__(16) unsigned char balanced_smem[];
+  cm::balanced::Shared s;
+  cm::balanced::shared_layout(balanced_smem, a.E, a.P, a.G, int(blockDim.x), &s);
+  DeviceBlock c{f};
+  cm::balanced::run(c, a, g, s);
+}
+
+// ============================================================================================
+// histogram
+// ============================================================================================
+
+constexpr int kHistSharedBins = 12 * 1024;  // 48 KiB of shared counts
+
+__global__ void histogram_kernel(const int32_t* __restrict__ keys, int64_t N, int32_t* __restrict__ counts,
+                                 int64_t bins, bool shared, Fault* fault) {
+  extern __shared__ int hist_smem[];
+  if (shared) {
+    for (int64_t b = threadIdx.x; b < bins; b += blockDim.x) hist_smem[b] = 0;
+    __syncthreads();
+  }
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t k = keys[i];
+    if (k < 0) continue;
+    if (k >= bins) {
+      report(fault, cm::kHistogramKey, i, k, bins);
+      continue;
+    }
+    if (shared)
+      atomicAdd(&hist_smem[k], 1);
+    else
+      atomicAdd(&counts[k], 1);
+  }
+  if (shared) {
+    __syncthreads();
+    for (int64_t b = threadIdx.x; b < bins; b += blockDim.x)
+      if (hist_smem[b] != 0) atomicAdd(&counts[b], hist_smem[b]);
+  }
+}
+
+// ============================================================================================
+// group_by
+// ============================================================================================
+
+// n = the sum of valid[0 .. vn) (or N without valid), checked to lie in [0, N); one per block.
+__device__ int64_t valid_count(const int32_t* valid, int64_t vn, int64_t N, Fault* fault) {
+  if (valid == nullptr) return N;
+  __shared__ unsigned long long total;
+  if (threadIdx.x == 0) total = 0;
+  __syncthreads();
+  long long part = 0;
+  for (int64_t i = threadIdx.x; i < vn; i += blockDim.x) part += valid[i];
+  if (part != 0) atomicAdd(&total, (unsigned long long)part);
+  __syncthreads();
+  const int64_t n = (long long)total;
+  if (n < 0 || n > N) {
+    if (blockIdx.x == 0 && threadIdx.x == 0) report(fault, cm::kGroupByValid, n, N, 0);
+    return n < 0 ? 0 : N;
+  }
+  return n;
+}
+
+// Sort keys: the group of each taking part, `groups` (after every group) for the others.
+__global__ void group_keys_kernel(const int32_t* __restrict__ keys, int64_t N, const int32_t* __restrict__ valid,
+                                  int64_t vn, int div, int groups, uint32_t* __restrict__ gkey,
+                                  int32_t* __restrict__ index, Fault* fault) {
+  const int64_t n = valid_count(valid, vn, N, fault);
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
+    const int32_t k = keys[i];
+    gkey[i] = (i < n && k >= 0) ? uint32_t((k / div) % groups) : uint32_t(groups);
+    index[i] = int32_t(i);
+  }
+}
+
+__device__ __forceinline__ int64_t lower_bound_u32(const uint32_t* a, int64_t n, uint32_t v) {
+  int64_t lo = 0, hi = n;
+  while (lo < hi) {
+    const int64_t mid = (lo + hi) / 2;
+    if (a[mid] < v)
+      lo = mid + 1;
+    else
+      hi = mid;
+  }
+  return lo;
+}
+
+__global__ void group_offsets_kernel(const uint32_t* __restrict__ sorted, int64_t N, int groups,
+                                     int32_t* __restrict__ counts, int32_t* __restrict__ offsets) {
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g <= groups; g += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t at = lower_bound_u32(sorted, N, uint32_t(g));
+    offsets[g] = int32_t(at);
+    if (g < groups) counts[g] = int32_t(lower_bound_u32(sorted, N, uint32_t(g + 1)) - at);
+  }
+}
+
+__global__ void group_scatter_kernel(const uint32_t* __restrict__ sorted, const int32_t* __restrict__ order,
+                                     int64_t N, int groups, int32_t* __restrict__ perm, int32_t* __restrict__ inverse) {
+  for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < N; j += int64_t(gridDim.x) * blockDim.x) {
+    const bool in = sorted[j] < uint32_t(groups);
+    const int32_t i = order[j];  // a permutation of [0, N)
+    perm[j] = in ? i : -1;
+    if (inverse != nullptr && i >= 0 && i < N) inverse[i] = in ? int32_t(j) : -1;
+  }
+}
+
+// N = 0: empty groups (and `valid` must sum to 0).
+__global__ void group_empty_kernel(const int32_t* __restrict__ valid, int64_t vn, int groups,
+                                   int32_t* __restrict__ counts, int32_t* __restrict__ offsets, Fault* fault) {
+  valid_count(valid, vn, 0, fault);
+  for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g <= groups; g += int64_t(gridDim.x) * blockDim.x) {
+    offsets[g] = 0;
+    if (g < groups) counts[g] = 0;
+  }
+}
+
+// ============================================================================================
+// moe_experts
+// ============================================================================================
+
+constexpr int kSmallRows = 8;     // rows of a small tile
+constexpr int kSmallMax = 32;     // groups of at most this many rows take small tiles
+constexpr int kSmallChunk = 1024; // K elements of the rows staged in shared memory at a time
+constexpr int kTileRows = 64;     // BM of the GEMM
+constexpr int kTileCols = 64;     // BN
+constexpr int kTileK = 32;        // BK
+constexpr int kExpertThreads = 256;
+constexpr int kTileThreads = 512;
+
+// Storage of an F8_E4M3 element.
+struct f8e4m3 {
+  uint8_t bits;
+};
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_f(f8e4m3 v) {
+  return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(v.bits), __NV_E4M3)));
+}
+
+// Elements k .. k+7 of a weight row as floats. VEC: one 16-byte load (F32: two; F8: 8 bytes),
+// k + 8 <= K and the row aligned; otherwise element by element, zero past K.
+template <typename W, bool VEC>
+__device__ __forceinline__ void load8(const W* __restrict__ row, int64_t k, int64_t K, float* f) {
+  if constexpr (VEC) {
+    if constexpr (std::is_same_v<W, float>) {
+      const float4 u = __ldg(reinterpret_cast<const float4*>(row + k));
+      const float4 v = __ldg(reinterpret_cast<const float4*>(row + k + 4));
+      f[0] = u.x, f[1] = u.y, f[2] = u.z, f[3] = u.w, f[4] = v.x, f[5] = v.y, f[6] = v.z, f[7] = v.w;
+    } else if constexpr (std::is_same_v<W, f8e4m3>) {
+      const uint2 u = __ldg(reinterpret_cast<const uint2*>(row + k));
+      const uint32_t w[2] = {u.x, u.y};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const __nv_fp8x2_storage_t pair = __nv_fp8x2_storage_t((w[q / 2] >> (16 * (q % 2))) & 0xffffu);
+        const float2 x = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
+        f[2 * q] = x.x, f[2 * q + 1] = x.y;
+      }
+    } else {
+      const uint4 u = __ldg(reinterpret_cast<const uint4*>(row + k));
+      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        float2 x;
+        if constexpr (std::is_same_v<W, __nv_bfloat16>)
+          x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[q]));
+        else
+          x = __half22float2(*reinterpret_cast<const __half2*>(&w[q]));
+        f[2 * q] = x.x, f[2 * q + 1] = x.y;
+      }
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = k + e < K ? to_f(row[k + e]) : 0.0f;
+  }
+}
+
+struct ExpertsArgs {
+  const float* x;         // [M, H]
+  int64_t M, H;
+  const int32_t* perm;    // [Np]
+  int64_t Np;
+  int row_div;
+  float* y;               // [Ny, H]
+  int64_t Ny;
+  const ExpertEntry* ex;  // [groups]
+  float* h;               // [Np, ldh] in sorted order
+  int64_t ldh;
+  const int4* tiles;      // {group, first j, end j, 0}
+  const int* ntiles;      // on the device
+  int fblocks;            // column blocks of a tile
+  Fault* fault;
+};
+
+// Sources and destinations of a tile's rows: x row (perm[j] / row_div) and y row (perm[j]), -1
+// where j is past the tile or perm[j] is out of range (reported).
+__device__ __forceinline__ void tile_rows(const ExpertsArgs& a, int j0, int rows, int n, int64_t* src, int64_t* dst) {
+  for (int r = threadIdx.x; r < n; r += blockDim.x) {
+    int64_t s = -1, d = -1;
+    if (r < rows) {
+      const int64_t j = int64_t(j0) + r;
+      const int32_t i = a.perm[j];
+      if (i >= 0 && i < a.Ny && i / a.row_div < a.M) {
+        s = i / a.row_div;
+        d = i;
+      } else {
+        report(a.fault, cm::kExpertsPerm, j, i, 0);
+      }
+    }
+    src[r] = s;
+    dst[r] = d;
+  }
+}
+
+// Lists the row tiles of every group: small tiles {g, j, j + <= 8} for groups of <= kSmallMax
+// rows, large tiles {g, j, j + <= 64} for the others; offsets are checked and clamped to perm.
+__global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_t* __restrict__ offsets, int groups,
+                                                                  int64_t Np, const ExpertEntry* __restrict__ ex,
+                                                                  int4* __restrict__ small, int64_t cap_small,
+                                                                  int4* __restrict__ large, int64_t cap_large,
+                                                                  int* __restrict__ ntiles, Fault* fault) {
+  __shared__ int scan_s[kTileThreads], scan_l[kTileThreads];
+  __shared__ int64_t total_s, total_l;
+  int64_t carry_s = 0, carry_l = 0;
+  for (int g0 = 0; g0 < groups; g0 += blockDim.x) {
+    const int g = g0 + int(threadIdx.x);
+    int ns = 0, nl = 0;
+    int64_t b = 0, e = 0;
+    if (g < groups) {
+      const int64_t o0 = offsets[g], o1 = offsets[g + 1];
+      if (o0 < 0 || o1 < o0 || o1 > Np) report(fault, cm::kExpertsOffsets, g, o0, o1);
+      b = o0 < 0 ? 0 : (o0 > Np ? Np : o0);
+      e = o1 < b ? b : (o1 > Np ? Np : o1);
+      int64_t c = e - b;
+      if (c > 0 && ex[g].gate == nullptr) {
+        report(fault, cm::kExpertsNoWeights, g, c, 0);
+        c = 0;
+      }
+      if (c > 0) {
+        if (c <= kSmallMax)
+          ns = int(cdiv(c, kSmallRows));
+        else
+          nl = int(cdiv(c, kTileRows));
+      }
+    }
+    scan_s[threadIdx.x] = ns;
+    scan_l[threadIdx.x] = nl;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      int64_t rs = 0, rl = 0;
+      for (int t = 0; t < int(blockDim.x); ++t) {
+        const int vs = scan_s[t], vl = scan_l[t];
+        scan_s[t] = int(rs);
+        scan_l[t] = int(rl);
+        rs += vs;
+        rl += vl;
+      }
+      total_s = rs;
+      total_l = rl;
+    }
+    __syncthreads();
+    for (int q = 0; q < ns; ++q) {
+      const int64_t at = carry_s + scan_s[threadIdx.x] + q;
+      const int64_t j0 = b + int64_t(q) * kSmallRows, j1 = j0 + kSmallRows < e ? j0 + kSmallRows : e;
+      if (at < cap_small) small[at] = make_int4(g, int(j0), int(j1), 0);
+    }
+    for (int q = 0; q < nl; ++q) {
+      const int64_t at = carry_l + scan_l[threadIdx.x] + q;
+      const int64_t j0 = b + int64_t(q) * kTileRows, j1 = j0 + kTileRows < e ? j0 + kTileRows : e;
+      if (at < cap_large) large[at] = make_int4(g, int(j0), int(j1), 0);
+    }
+    carry_s += total_s;
+    carry_l += total_l;
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) {
+    ntiles[0] = int(carry_s < cap_small ? carry_s : cap_small);
+    ntiles[1] = int(carry_l < cap_large ? carry_l : cap_large);
+  }
+}
+
+// Small tiles (<= 8 rows): each warp takes FPW output features (rows of the weights) and streams
+// them once over K, the tile's input rows staged in shared memory kSmallChunk at a time; lanes
+// hold 8 consecutive k each, warp-shuffle sums at the end.
+//   GU (gate+up): inputs x rows, outputs h[j, n] = silu(gate . x) * (up . x), n < I.
+//   down:         inputs h rows, outputs y[perm[j], n] = down . h, n < H.
+template <bool GU>
+constexpr int small_fpw() {
+  return GU ? 2 : 4;
+}
+
+template <bool GU, typename W, bool VEC>
+__device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEntry& ex, int j0, int rows, int f0,
+                                           float (*xs)[kSmallChunk], const int64_t* src, const int64_t* dst) {
+  constexpr int NM = GU ? 2 : 1, FPW = small_fpw<GU>();
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H;
+  const W* w[NM];
+  w[0] = static_cast<const W*>(GU ? ex.gate : ex.down);
+  if constexpr (GU) w[NM - 1] = static_cast<const W*>(ex.up);
+  float acc[NM][FPW][kSmallRows];
+#pragma unroll
+  for (int m = 0; m < NM; ++m)
+#pragma unroll
+    for (int f = 0; f < FPW; ++f)
+#pragma unroll
+      for (int r = 0; r < kSmallRows; ++r) acc[m][f][r] = 0.0f;
+  const int64_t nb = int64_t(f0) + warp * FPW;
+  for (int64_t k0 = 0; k0 < K; k0 += kSmallChunk) {
+    const int kn = int(K - k0 < kSmallChunk ? K - k0 : kSmallChunk);
+    const int kn8 = (kn + 7) & ~7;
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < rows * kn8; idx += blockDim.x) {
+      const int r = idx / kn8, kk = idx - r * kn8;
+      float v = 0.0f;
+      if (kk < kn) {
+        if constexpr (GU) {
+          const int64_t s = src[r];
+          if (s >= 0) v = a.x[s * a.H + k0 + kk];
+        } else {
+          v = a.h[(int64_t(j0) + r) * a.ldh + k0 + kk];
+        }
+      }
+      xs[r][kk] = v;
+    }
+    __syncthreads();
+    for (int kk = lane * 8; kk < kn; kk += 256) {
+      float wv[NM][FPW][8];
+#pragma unroll
+      for (int m = 0; m < NM; ++m)
+#pragma unroll
+        for (int f = 0; f < FPW; ++f) {
+          const int64_t n = nb + f;
+          if (n < Nout) {
+            load8<W, VEC>(w[m] + n * K, k0 + kk, K, wv[m][f]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 8; ++e) wv[m][f][e] = 0.0f;
+          }
+        }
+#pragma unroll
+      for (int r = 0; r < kSmallRows; ++r) {
+        if (r < rows) {
+          const float4 x0 = *reinterpret_cast<const float4*>(&xs[r][kk]);
+          const float4 x1 = *reinterpret_cast<const float4*>(&xs[r][kk + 4]);
+          const float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+          for (int m = 0; m < NM; ++m)
+#pragma unroll
+            for (int f = 0; f < FPW; ++f)
+#pragma unroll
+              for (int e = 0; e < 8; ++e) acc[m][f][r] = fmaf(wv[m][f][e], xv[e], acc[m][f][r]);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int f = 0; f < FPW; ++f) {
+    const int64_t n = nb + f;
+#pragma unroll
+    for (int r = 0; r < kSmallRows; ++r) {
+      if (r < rows) {
+        const float v0 = warp_sum(acc[0][f][r]);
+        const float v1 = GU ? warp_sum(acc[NM - 1][f][r]) : 0.0f;
+        if (lane == 0 && n < Nout) {
+          if constexpr (GU) {
+            a.h[(int64_t(j0) + r) * a.ldh + n] = silu(v0) * v1;
+          } else {
+            const int64_t d = dst[r];
+            if (d >= 0) a.y[d * a.H + n] = v0;
+          }
+        }
+      }
+    }
+  }
+}
+
+template <bool GU, bool VEC>
+__global__ void __launch_bounds__(kExpertThreads) experts_small_kernel(ExpertsArgs a) {
+  constexpr int FB = (kExpertThreads / 32) * small_fpw<GU>();
+  __shared__ __align__(16) float xs[kSmallRows][kSmallChunk];
+  __shared__ int64_t src[kSmallRows], dst[kSmallRows];
+  const int64_t items = int64_t(*a.ntiles) * a.fblocks;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int4 tile = a.tiles[item / a.fblocks];
+    const int f0 = int(item % a.fblocks) * FB;
+    const ExpertEntry ex = a.ex[tile.x];
+    const int64_t Nout = GU ? ex.inter : a.H;
+    if (f0 >= Nout || ex.gate == nullptr) continue;  // the same for the whole block
+    const int rows = tile.z - tile.y;
+    __syncthreads();  // the previous item's readers of src, dst and xs are done
+    tile_rows(a, tile.y, rows, kSmallRows, src, dst);
+    __syncthreads();
+    switch (DType(GU ? ex.dt_gu : ex.dt_down)) {
+      case DType::F32: small_tile<GU, float, VEC>(a, ex, tile.y, rows, f0, xs, src, dst); break;
+      case DType::BF16: small_tile<GU, __nv_bfloat16, VEC>(a, ex, tile.y, rows, f0, xs, src, dst); break;
+      case DType::F16: small_tile<GU, __half, VEC>(a, ex, tile.y, rows, f0, xs, src, dst); break;
+      case DType::F8_E4M3: small_tile<GU, f8e4m3, VEC>(a, ex, tile.y, rows, f0, xs, src, dst); break;
+      default: break;
+    }
+  }
+}
+
+// Large tiles (<= 64 rows): a 64 x 64 output tile per block and item, K in steps of 32 through
+// shared memory (weights widened to fp32 as they are stored), each thread a 4 x 4 block of outputs
+// (of both gate and up with GU). The loads of a warp cover 4 rows x 8 consecutive k, so that the
+// transposed stores into shared memory hit 32 distinct banks.
+template <bool GU, typename W>
+__device__ __forceinline__ void gemm_tile(const ExpertsArgs& a, const ExpertEntry& ex, int j0, int rows, int n0,
+                                          float (*As)[kTileRows + 4], float (*Bs)[kTileK][kTileCols + 4],
+                                          const int64_t* src, const int64_t* dst) {
+  constexpr int NM = GU ? 2 : 1;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int tx = tid & 15, ty = tid >> 4;
+  const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H;
+  const W* w[NM];
+  w[0] = static_cast<const W*>(GU ? ex.gate : ex.down);
+  if constexpr (GU) w[NM - 1] = static_cast<const W*>(ex.up);
+  float acc[NM][4][4];
+#pragma unroll
+  for (int m = 0; m < NM; ++m)
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j) acc[m][i][j] = 0.0f;
+  for (int64_t k0 = 0; k0 < K; k0 += kTileK) {
+    __syncthreads();
+#pragma unroll
+    for (int q = 0; q < 8; ++q) {
+      const int kk = (lane & 7) + 8 * (q & 3);
+      const int r = (lane >> 3) + 4 * warp + 32 * (q >> 2);
+      const int64_t k = k0 + kk;
+      float v = 0.0f;
+      if (k < K && r < rows) {
+        if constexpr (GU) {
+          const int64_t s = src[r];
+          if (s >= 0) v = a.x[s * a.H + k];
+        } else {
+          v = a.h[(int64_t(j0) + r) * a.ldh + k];
+        }
+      }
+      As[kk][r] = v;
+      const int64_t n = int64_t(n0) + r;
+#pragma unroll
+      for (int m = 0; m < NM; ++m) Bs[m][kk][r] = (k < K && n < Nout) ? to_f(w[m][n * K + k]) : 0.0f;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int kk = 0; kk < kTileK; ++kk) {
+      const float4 av = *reinterpret_cast<const float4*>(&As[kk][ty * 4]);
+      const float ar[4] = {av.x, av.y, av.z, av.w};
+#pragma unroll
+      for (int m = 0; m < NM; ++m) {
+        const float4 bv = *reinterpret_cast<const float4*>(&Bs[m][kk][tx * 4]);
+        const float br[4] = {bv.x, bv.y, bv.z, bv.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+          for (int j = 0; j < 4; ++j) acc[m][i][j] = fmaf(ar[i], br[j], acc[m][i][j]);
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = ty * 4 + i;
+    if (r >= rows) continue;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int64_t n = int64_t(n0) + tx * 4 + j;
+      if (n >= Nout) continue;
+      if constexpr (GU) {
+        a.h[(int64_t(j0) + r) * a.ldh + n] = silu(acc[0][i][j]) * acc[NM - 1][i][j];
+      } else {
+        const int64_t d = dst[r];
+        if (d >= 0) a.y[d * a.H + n] = acc[0][i][j];
+      }
+    }
+  }
+}
+
+template <bool GU>
+__global__ void __launch_bounds__(kExpertThreads) experts_gemm_kernel(ExpertsArgs a) {
+  constexpr int NM = GU ? 2 : 1;
+  __shared__ __align__(16) float As[kTileK][kTileRows + 4];
+  __shared__ __align__(16) float Bs[NM][kTileK][kTileCols + 4];
+  __shared__ int64_t src[kTileRows], dst[kTileRows];
+  const int64_t items = int64_t(*a.ntiles) * a.fblocks;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int4 tile = a.tiles[item / a.fblocks];
+    const int n0 = int(item % a.fblocks) * kTileCols;
+    const ExpertEntry ex = a.ex[tile.x];
+    const int64_t Nout = GU ? ex.inter : a.H;
+    if (n0 >= Nout || ex.gate == nullptr) continue;  // the same for the whole block
+    const int rows = tile.z - tile.y;
+    __syncthreads();
+    tile_rows(a, tile.y, rows, kTileRows, src, dst);
+    __syncthreads();
+    switch (DType(GU ? ex.dt_gu : ex.dt_down)) {
+      case DType::F32: gemm_tile<GU, float>(a, ex, tile.y, rows, n0, As, Bs, src, dst); break;
+      case DType::BF16: gemm_tile<GU, __nv_bfloat16>(a, ex, tile.y, rows, n0, As, Bs, src, dst); break;
+      case DType::F16: gemm_tile<GU, __half>(a, ex, tile.y, rows, n0, As, Bs, src, dst); break;
+      case DType::F8_E4M3: gemm_tile<GU, f8e4m3>(a, ex, tile.y, rows, n0, As, Bs, src, dst); break;
+      default: break;
+    }
+  }
+}
+
+// ============================================================================================
+// moe_combine
+// ============================================================================================
+
+template <bool V4>
+__global__ void combine_kernel(const float* __restrict__ y, int64_t M, const int32_t* __restrict__ rows,
+                               const float* __restrict__ w, int64_t T, int64_t k, int64_t H, float* __restrict__ out,
+                               Fault* fault) {
+  const int64_t Hv = V4 ? H / 4 : H, total = T * Hv;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
+       idx += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t t = idx / Hv, c = idx - t * Hv;
+    if constexpr (V4) {
+      float4 acc = reinterpret_cast<const float4*>(out)[idx];
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t r = rows ? rows[t * k + j] : t * k + j;
+        if (r < 0) continue;
+        if (r >= M) {
+          report(fault, cm::kCombineRow, t * k + j, r, M);
+          continue;
+        }
+        const float wj = w[t * k + j];
+        const float4 v = reinterpret_cast<const float4*>(y)[r * Hv + c];
+        acc.x += wj * v.x, acc.y += wj * v.y, acc.z += wj * v.z, acc.w += wj * v.w;
+      }
+      reinterpret_cast<float4*>(out)[idx] = acc;
+    } else {
+      float acc = out[idx];
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t r = rows ? rows[t * k + j] : t * k + j;
+        if (r < 0) continue;
+        if (r >= M) {
+          report(fault, cm::kCombineRow, t * k + j, r, M);
+          continue;
+        }
+        acc += w[t * k + j] * y[r * H + c];
+      }
+      out[idx] = acc;
+    }
+  }
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+}  // namespace
+
+// ============================================================================================
+// The ops
+// ============================================================================================
+
+void CudaOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) {
+  MoeState& st = moe_state(moe_state_, counters_);
+  st.raise_pending();
+  const auto [T, E] = check_topk_softmax(logits, k, ids, weights);
+  check(E <= kTopkMaxE && k <= kTopkMaxK, "topk_softmax: {} experts, k={}: this backend takes at most {} and {}", E, k,
+        kTopkMaxE, kTopkMaxK);
+  expect_device("topk_softmax", "logits", logits);
+  expect_device("topk_softmax", "ids", ids);
+  expect_device("topk_softmax", "weights", weights);
+  if (T == 0) return;
+  const size_t smem = size_t(kTopkWarps) * size_t(E) * sizeof(float);
+  topk_softmax_kernel<<<blocks_for(T, kTopkWarps), kTopkWarps * 32, smem, stream_>>>(
+      cuda::f32(logits), T, int(E), k, normalize, cuda::i32_mut(ids), cuda::f32_mut(weights));
+  check_launch("topk_softmax");
+  st.after(stream_);
+}
+
+void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank, Tensor& slots) {
+  MoeState& st = moe_state(moe_state_, counters_);
+  st.raise_pending();
+  const DispatchShape shape = check_dispatch(tables, ids, counts_by_rank, slots);
+  const int64_t N = shape.N, E = shape.E;
+  expect_device("dispatch", "ids", ids);
+  expect_device("dispatch", "slots", slots);
+  switch (tables.policy) {
+    case eplb::Dispatch::static_: {
+      expect_device("dispatch", "static_slot", tables.static_slot);
+      if (N == 0) return;
+      dispatch_static_kernel<<<blocks_for(N, 256), 256, 0, stream_>>>(
+          cuda::i32(ids), N, cuda::i32(tables.static_slot), E, cuda::i32_mut(slots), st.fault);
+      check_launch("dispatch");
+      break;
+    }
+    case eplb::Dispatch::random: {
+      expect_device("dispatch", "replica_count", tables.replica_count);
+      expect_device("dispatch", "replicas", tables.replicas);
+      expect_device("dispatch", "pass_seed", tables.pass_seed);
+      const int64_t R = shape.R;
+      if (N == 0) return;
+      dispatch_random_kernel<<<blocks_for(N, 256), 256, 0, stream_>>>(
+          cuda::i32(ids), N, cuda::i32(tables.replicas), cuda::i32(tables.replica_count), E, R,
+          static_cast<const int64_t*>(tables.pass_seed.raw()), tables.layer, tables.rank, cuda::i32_mut(slots),
+          st.fault);
+      check_launch("dispatch");
+      break;
+    }
+    case eplb::Dispatch::balanced: {
+      expect_device("dispatch", "phy2log", tables.phy2log);
+      expect_device("dispatch", "counts_by_rank", counts_by_rank);
+      const int64_t P = shape.P;
+      // This backend's limits: the balanced kernel is one block over every expert and slot.
+      check(E >= 1 && E + P + tables.ranks < (int64_t(1) << 28), "dispatch: balanced over {} experts and {} slots", E,
+            P);
+      if (N == 0) return;
+      const int Ei = int(E), Pi = int(P), G = tables.ranks;
+      cm::balanced::Global g;
+      const size_t gbytes = cm::balanced::global_layout(nullptr, Ei, Pi, G, nullptr);
+      cm::balanced::global_layout(scratch_.bytes(gbytes), Ei, Pi, G, &g);
+      const size_t smem = cm::balanced::shared_layout(nullptr, Ei, Pi, G, kBalancedThreads, nullptr);
+      st.allow_smem(reinterpret_cast<const void*>(&dispatch_balanced_kernel), smem, st.balanced_smem, "dispatch");
+      cm::balanced::Args a{cuda::i32(tables.phy2log), cuda::i32(counts_by_rank), cuda::i32(ids),
+                              cuda::i32_mut(slots), N, Ei, Pi, G, tables.slots_per_rank, tables.rank};
+      dispatch_balanced_kernel<<<1, kBalancedThreads, smem, stream_>>>(a, g, st.fault);
+      check_launch("dispatch");
+      break;
+    }
+  }
+  st.after(stream_);
+}
+
+void CudaOps::histogram(const Tensor& keys, Tensor& counts) {
+  MoeState& st = moe_state(moe_state_, counters_);
+  st.raise_pending();
+  check_histogram(keys, counts);
+  expect_device("histogram", "keys", keys);
+  expect_device("histogram", "counts", counts);
+  const int64_t N = keys.numel(), bins = counts.numel();
+  if (N == 0) return;
+  const bool shared = bins <= kHistSharedBins;
+  const int64_t per_block = shared ? std::max<int64_t>(4096, bins) : 4096;
+  const unsigned grid = unsigned(std::min<int64_t>(cdiv(N, per_block), int64_t(st.sms) * 4));
+  histogram_kernel<<<grid, 256, shared ? size_t(bins) * sizeof(int) : 0, stream_>>>(
+      cuda::i32(keys), N, cuda::i32_mut(counts), bins, shared, st.fault);
+  check_launch("histogram");
+  st.after(stream_);
+}
+
+void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int groups, Tensor& perm, Tensor& counts,
+                       Tensor& offsets, Tensor& inverse) {
+  MoeState& st = moe_state(moe_state_, counters_);
+  st.raise_pending();
+  const int64_t N = check_group_by(keys, valid, div, groups, perm, counts, offsets, inverse);
+  check(N < (int64_t(1) << 31) - 1 && groups < (1 << 30), "group_by: {} keys in {} groups", N, groups);
+  expect_device("group_by", "keys", keys);
+  expect_device("group_by", "perm", perm);
+  expect_device("group_by", "counts", counts);
+  expect_device("group_by", "offsets", offsets);
+  if (inverse.defined()) expect_device("group_by", "inverse", inverse);
+  if (valid.defined()) expect_device("group_by", "valid", valid);
+  const int32_t* vp = valid.defined() ? cuda::i32(valid) : nullptr;
+  const int64_t vn = valid.defined() ? valid.numel() : 0;
+  if (N == 0) {
+    group_empty_kernel<<<blocks_for(int64_t(groups) + 1, 256), 256, 0, stream_>>>(
+        vp, vn, groups, cuda::i32_mut(counts), cuda::i32_mut(offsets), st.fault);
+    check_launch("group_by");
+    st.after(stream_);
+    return;
+  }
+  // Keys are groups 0 .. groups - 1 and `groups` for those left out: end_bit bits.
+  int end_bit = 0;
+  while ((uint64_t(1) << end_bit) <= uint64_t(groups)) ++end_bit;
+  size_t temp = 0;
+  check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, temp, static_cast<const uint32_t*>(nullptr),
+                                             static_cast<uint32_t*>(nullptr), static_cast<const int32_t*>(nullptr),
+                                             static_cast<int32_t*>(nullptr), int(N), 0, end_bit, stream_),
+             "group_by: radix sort size");
+  Carve measure;
+  measure.take<uint32_t>(size_t(N));
+  measure.take<uint32_t>(size_t(N));
+  measure.take<int32_t>(size_t(N));
+  measure.take<int32_t>(size_t(N));
+  measure.take<char>(temp);
+  Carve carve(scratch_.bytes(measure.size()));
+  uint32_t* kin = carve.take<uint32_t>(size_t(N));
+  uint32_t* kout = carve.take<uint32_t>(size_t(N));
+  int32_t* vin = carve.take<int32_t>(size_t(N));
+  int32_t* vout = carve.take<int32_t>(size_t(N));
+  char* tmp = carve.take<char>(temp);
+  const unsigned grid = unsigned(std::min<int64_t>(blocks_for(N, 256), int64_t(st.sms) * 8));
+  group_keys_kernel<<<grid, 256, 0, stream_>>>(cuda::i32(keys), N, vp, vn, div, groups, kin, vin, st.fault);
+  check_launch("group_by");
+  check_cuda(cub::DeviceRadixSort::SortPairs(tmp, temp, kin, kout, vin, vout, int(N), 0, end_bit, stream_),
+             "group_by: radix sort");
+  check_launch("group_by");
+  group_offsets_kernel<<<blocks_for(int64_t(groups) + 1, 256), 256, 0, stream_>>>(
+      kout, N, groups, cuda::i32_mut(counts), cuda::i32_mut(offsets));
+  check_launch("group_by");
+  group_scatter_kernel<<<grid, 256, 0, stream_>>>(kout, vout, N, groups, cuda::i32_mut(perm),
+                                                  inverse.defined() ? cuda::i32_mut(inverse) : nullptr);
+  check_launch("group_by");
+  st.after(stream_);
+}
+
+void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
+                          std::span<const SwigluWeights> experts, Tensor& y) {
+  MoeState& st = moe_state(moe_state_, counters_);
+  st.raise_pending();
+  const auto [M, H, Ny] = check_moe_experts(x, perm, offsets, row_div, experts, y);
+  expect_device("moe_experts", "x", x);
+  expect_device("moe_experts", "y", y);
+  expect_device("moe_experts", "perm", perm);
+  expect_device("moe_experts", "offsets", offsets);
+  const int groups = int(experts.size());
+  const int64_t Np = perm.numel();
+  check(Np < (int64_t(1) << 31) - kTileRows, "moe_experts: perm {} too long", perm);
+  if (Np == 0 || groups == 0 || H == 0) return;
+
+  // The experts as the kernels see them (shapes and dtypes checked by check_moe_experts; the rows
+  // on the device).
+  std::vector<ExpertEntry>& entries = st.staging;
+  entries.assign(size_t(groups), ExpertEntry{});
+  int64_t imax = 0;
+  bool any = false, vec = H % 8 == 0;
+  for (int g = 0; g < groups; ++g) {
+    const SwigluWeights& w = experts[size_t(g)];
+    if (!w.gate.defined()) continue;  // an empty group's (rows for it are the tile pass's to report)
+    const int64_t I = w.gate.dim(0);
+    check(w.gate.device() == Device::CUDA && w.up.device() == Device::CUDA && w.down.device() == Device::CUDA,
+          "moe_experts: expert {}'s weights are not in CUDA memory", g);
+    // One dtype of gate and up per expert entry (ExpertEntry): the kernels read both alike.
+    check(w.up.dtype() == w.gate.dtype(),
+          "moe_experts: expert {} has gate {} up {} down {}: expected F32, BF16, F16 or F8_E4M3, gate and up alike", g,
+          dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
+    entries[size_t(g)] = ExpertEntry{w.gate.raw(), w.up.raw(), w.down.raw(), I, int32_t(w.gate.dtype()),
+                                     int32_t(w.down.dtype())};
+    imax = std::max(imax, I);
+    any = true;
+    vec = vec && I % 8 == 0 && aligned16(w.gate.raw()) && aligned16(w.up.raw()) && aligned16(w.down.raw());
+  }
+  if (!any) return;  // no group can have rows (the tile pass would only report it)
+  const ExpertEntry* table = st.experts(experts.data(), entries, stream_);
+
+  // Scratch, from the shapes: h [Np, imax], the tile lists, their two counts.
+  const int64_t cap_small = cdiv(Np, kSmallRows) + std::min<int64_t>(groups, Np);
+  const int64_t cap_large = cdiv(Np, kTileRows) + std::min<int64_t>(groups, Np / (kSmallMax + 1) + 1);
+  const int64_t ldh = std::max<int64_t>(imax, 1);
+  Carve measure;
+  measure.take<float>(size_t(Np) * size_t(ldh));
+  measure.take<int4>(size_t(cap_small));
+  measure.take<int4>(size_t(cap_large));
+  measure.take<int>(2);
+  Carve carve(scratch_.bytes(measure.size()));
+  float* h = carve.take<float>(size_t(Np) * size_t(ldh));
+  int4* small = carve.take<int4>(size_t(cap_small));
+  int4* large = carve.take<int4>(size_t(cap_large));
+  int* ntiles = carve.take<int>(2);
+
+  expert_tiles_kernel<<<1, kTileThreads, 0, stream_>>>(cuda::i32(offsets), groups, Np, table, small, cap_small, large,
+                                                      cap_large, ntiles, st.fault);
+  check_launch("moe_experts");
+
+  ExpertsArgs a{cuda::f32(x), M, H, cuda::i32(perm), Np, row_div, cuda::f32_mut(y), Ny, table, h, ldh,
+                nullptr, nullptr, 0, st.fault};
+  const int64_t resident_small = int64_t(st.sms) * 6, resident_gemm = int64_t(st.sms) * 4;
+  auto launch_small = [&](auto gu_tag, int64_t nout) {
+    constexpr bool GU = decltype(gu_tag)::value;
+    ExpertsArgs s = a;
+    s.tiles = small;
+    s.ntiles = ntiles;
+    s.fblocks = int(cdiv(nout, (kExpertThreads / 32) * small_fpw<GU>()));
+    const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_small * s.fblocks, resident_small)));
+    if (vec)
+      experts_small_kernel<GU, true><<<grid, kExpertThreads, 0, stream_>>>(s);
+    else
+      experts_small_kernel<GU, false><<<grid, kExpertThreads, 0, stream_>>>(s);
+    check_launch("moe_experts");
+  };
+  auto launch_gemm = [&](auto gu_tag, int64_t nout) {
+    constexpr bool GU = decltype(gu_tag)::value;
+    ExpertsArgs s = a;
+    s.tiles = large;
+    s.ntiles = ntiles + 1;
+    s.fblocks = int(cdiv(nout, kTileCols));
+    const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident_gemm)));
+    experts_gemm_kernel<GU><<<grid, kExpertThreads, 0, stream_>>>(s);
+    check_launch("moe_experts");
+  };
+  // gate and up into h (every listed row), then down from h into y.
+  launch_small(std::true_type{}, imax);
+  launch_gemm(std::true_type{}, imax);
+  launch_small(std::false_type{}, H);
+  launch_gemm(std::false_type{}, H);
+  st.after(stream_);
+}
+
+void CudaOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) {
+  MoeState& st = moe_state(moe_state_, counters_);
+  st.raise_pending();
+  const auto [T, H, M, k] = check_moe_combine(y, rows, weights, out);
+  expect_device("moe_combine", "y", y);
+  expect_device("moe_combine", "out", out);
+  expect_device("moe_combine", "weights", weights);
+  const int32_t* r = nullptr;
+  if (rows.defined()) {
+    expect_device("moe_combine", "rows", rows);
+    r = cuda::i32(rows);
+  }
+  if (T == 0 || H == 0) return;
+  const bool v4 = H % 4 == 0 && aligned16(y.raw()) && aligned16(out.raw());
+  const int64_t n = T * (v4 ? H / 4 : H);
+  const unsigned grid = unsigned(std::min<int64_t>(blocks_for(n, 256), int64_t(st.sms) * 16));
+  if (v4)
+    combine_kernel<true><<<grid, 256, 0, stream_>>>(cuda::f32(y), M, r, cuda::f32(weights), T, k, H,
+                                                    cuda::f32_mut(out), st.fault);
+  else
+    combine_kernel<false><<<grid, 256, 0, stream_>>>(cuda::f32(y), M, r, cuda::f32(weights), T, k, H,
+                                                     cuda::f32_mut(out), st.fault);
+  check_launch("moe_combine");
+  st.after(stream_);
+}
+
+}  // namespace ballast::kernels

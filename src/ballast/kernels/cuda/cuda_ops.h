@@ -1,0 +1,97 @@
+#pragma once
+// CudaOps: every op of ops.h as CUDA kernels on one backend's stream (internal to
+// ballast_kernels_cuda). One .cu file per group of ops: cuda_rows.cu (rows, elementwise, norms,
+// rope, gates), cuda_matmul.cu, cuda_attention.cu, cuda_deltanet.cu, cuda_moe.cu,
+// cuda_sampling.cu. Shapes and dtypes are checked on the host; index data is never read on the
+// host: kernels check indices themselves and skip (never write through) an out-of-range one.
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+
+#include <memory>
+
+#include "ballast/kernels/backend.h"
+#include "ballast/kernels/ops.h"
+
+namespace ballast::kernels {
+
+// Device scratch of the ops, grown at first need and never shrunk. A growth waits for the stream
+// (the old buffer may still be read by queued kernels), then allocates: a counted allocation.
+// One buffer serves every op: ops run one after the other on the stream.
+class CudaScratch {
+ public:
+  CudaScratch(Counters& counters, cudaStream_t stream) : counters_(counters), stream_(stream) {}
+  ~CudaScratch();
+  CudaScratch(const CudaScratch&) = delete;
+  CudaScratch& operator=(const CudaScratch&) = delete;
+  // At least `bytes` bytes, 256-byte aligned; the contents are undefined.
+  void* bytes(size_t n);
+
+ private:
+  Counters& counters_;
+  cudaStream_t stream_;
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+class CudaOps final : public Ops {
+ public:
+  CudaOps(Counters& counters, cudaStream_t stream, cublasHandle_t cublas);
+
+  void embedding(const Tensor& ids, const Tensor& table, Tensor& out) override;
+  void matmul(const Tensor& x, const Tensor& w, Tensor& y) override;
+  void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override;
+  void add(Tensor& y, const Tensor& x) override;
+  void copy(const Tensor& src, Tensor& dst) override;
+  void zero(Tensor& t) override;
+  void concat_cols(const Tensor& a, const Tensor& b, Tensor& out) override;
+  void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override;
+  void mul_sigmoid(Tensor& x, const Tensor& gate) override;
+  void scale_rows_sigmoid(Tensor& y, const Tensor& s) override;
+  void gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) override;
+  void scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) override;
+
+  void split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) override;
+  void rope(Tensor& x, const Tensor& positions, int rot, double theta) override;
+  void attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
+                 const SeqLayout& layout, Tensor& out) override;
+
+  void delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias, Tensor& beta,
+                   Tensor& g) override;
+  void causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const SeqLayout& layout,
+                          Tensor& out) override;
+  void gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& dims,
+                        Tensor& states, const SeqLayout& layout, Tensor& out) override;
+  void gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) override;
+
+  void topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) override;
+  void dispatch(const DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank,
+                Tensor& slots) override;
+  void histogram(const Tensor& keys, Tensor& counts) override;
+  void group_by(const Tensor& keys, const Tensor& valid, int div, int groups, Tensor& perm, Tensor& counts,
+                Tensor& offsets, Tensor& inverse) override;
+  void moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
+                   std::span<const SwigluWeights> experts, Tensor& y) override;
+  void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) override;
+
+  void sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) override;
+  void verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs, const SamplingRows& rows,
+                     Tensor& out) override;
+
+  cudaStream_t stream() const { return stream_; }
+  // Throws the first index fault a kernel found since the last call (kernels never write through
+  // a bad index; they record it for the host). The backend calls this after every wait for its
+  // stream, so a fault surfaces at the pass's download at the latest.
+  void raise_device_faults();
+
+ private:
+  Counters& counters_;
+  cudaStream_t stream_;
+  cublasHandle_t cublas_;
+  CudaScratch scratch_;  // per op call: what one op needs while it runs
+  // State a group of ops keeps across calls (each .cu file defines its own type and creates it at
+  // first need; type-erased so that this header stays free of them). Device memory in them is
+  // counted in counters_ like any allocation.
+  std::shared_ptr<void> matmul_state_, attention_state_, deltanet_state_, moe_state_, sampling_state_;
+};
+
+}  // namespace ballast::kernels

@@ -1,0 +1,453 @@
+// CudaOps: the row, elementwise, norm, rope and gate ops (ops.h "rows and elementwise", the gated
+// attention split and rope, the DeltaNet gates and gated norm). Each computes what the CPU
+// reference (cpu/cpu_ops.cpp, cpu/gated_rms_norm.cpp) computes, in the same order of fp32
+// operations where the order decides the rounding; reductions run in double (the CPU's
+// rms_norm does too). Index data is never read on the host: kernels check each index and skip an
+// out-of-range one (embedding and gather_rows write zeros for it, scatter_rows writes nothing).
+//
+// Launch shapes: elementwise ops are grid-stride loops (float4 where every pointer allows);
+// row ops give a row to a block (wide rows) or to a warp (rows of at most 1024 elements), grid-
+// stride over rows; all index math is 64-bit.
+#include <algorithm>
+#include <cmath>
+
+#include "ballast/kernels/cuda/cuda_ops.h"
+#include "ballast/kernels/cuda/cuda_rows_support.cuh"
+#include "ballast/kernels/cuda/cuda_support.cuh"
+#include "ballast/kernels/op_checks.h"
+
+namespace ballast::kernels {
+
+using cuda::blocks_for;
+using cuda::cdiv;
+using cuda::check_cuda;
+using cuda::check_launch;
+using cuda::expect_device;
+using cuda::sigmoidf_;
+using namespace cuda::rows;
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kWarps = kThreads / 32;
+// Rows up to this long go to one warp each; longer ones to a block.
+constexpr int64_t kWarpRowMax = 1024;
+
+__device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * blockDim.x; }
+
+__device__ __forceinline__ float silu_(float x) { return x / (1.0f + expf(-x)); }  // as cpu::silu
+__device__ __forceinline__ float softplus_(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+// The sum of v over a block of kThreads threads, the same value (same order) in every thread.
+__device__ __forceinline__ double block_sum(double v, double* shared /* [kWarps] */) {
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  double s = 0;
+#pragma unroll
+  for (int i = 0; i < kWarps; ++i) s += shared[i];
+  __syncthreads();  // `shared` may be written again by the next call
+  return s;
+}
+
+bool overlap(const Tensor& a, const Tensor& b) {
+  const char* pa = static_cast<const char*>(a.raw());
+  const char* pb = static_cast<const char*>(b.raw());
+  return a.nbytes() > 0 && b.nbytes() > 0 && pa < pb + b.nbytes() && pb < pa + a.nbytes();
+}
+
+// ============================================================================================
+// Elementwise
+// ============================================================================================
+
+// out[i] = f(a[i], b[i]) for i < n; out may be a (each element is read, then written, by one
+// thread). VEC: every pointer 16-byte aligned, the first n / 4 * 4 elements as float4.
+template <typename F, bool VEC>
+__global__ void binary_kernel(const float* a, const float* b, float* out, int64_t n, F f) {
+  const int64_t stride = grid_threads();
+  int64_t done = 0;
+  if constexpr (VEC) {
+    const int64_t n4 = n / 4;
+    for (int64_t i = global_thread(); i < n4; i += stride) {
+      const float4 va = reinterpret_cast<const float4*>(a)[i];
+      const float4 vb = reinterpret_cast<const float4*>(b)[i];
+      reinterpret_cast<float4*>(out)[i] = make_float4(f(va.x, vb.x), f(va.y, vb.y), f(va.z, vb.z), f(va.w, vb.w));
+    }
+    done = n4 * 4;
+  }
+  for (int64_t i = done + global_thread(); i < n; i += stride) out[i] = f(a[i], b[i]);
+}
+
+struct AddF {
+  __device__ float operator()(float y, float x) const { return y + x; }
+};
+struct SiluMulF {
+  __device__ float operator()(float g, float u) const { return silu_(g) * u; }
+};
+struct MulSigmoidF {
+  __device__ float operator()(float x, float g) const { return x * sigmoidf_(g); }
+};
+
+template <typename F>
+void launch_binary(const float* a, const float* b, float* out, int64_t n, F f, cudaStream_t stream, const char* op) {
+  if (n <= 0) return;
+  const bool vec = aligned(a, 16) && aligned(b, 16) && aligned(out, 16);
+  const unsigned blocks = blocks_for(vec ? std::max<int64_t>(n / 4, 1) : n, kThreads);
+  if (vec) binary_kernel<F, true><<<blocks, kThreads, 0, stream>>>(a, b, out, n, f);
+  else binary_kernel<F, false><<<blocks, kThreads, 0, stream>>>(a, b, out, n, f);
+  check_launch(op);
+}
+
+// y[i] *= sigmoid(s[i / D]) for i < T * D.
+__global__ void scale_rows_sigmoid_kernel(float* y, const float* s, int64_t n, int64_t D) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) y[i] *= sigmoidf_(s[i / D]);
+}
+
+// out[t, :A] = a[t], out[t, A:] = b[t].
+__global__ void concat_cols_kernel(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
+                                   int64_t T, int64_t A, int64_t B) {
+  const int64_t W = A + B, n = T * W;
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const int64_t t = i / W, c = i % W;
+    out[i] = c < A ? a[t * A + c] : b[t * B + (c - A)];
+  }
+}
+
+// qg [rows, 2 hd] -> q [rows, hd] (the first hd of each row), gate [rows, hd] (the second).
+__global__ void split_heads_gate_kernel(const float* __restrict__ qg, float* __restrict__ q, float* __restrict__ gate,
+                                        int64_t rows, int64_t hd) {
+  const int64_t n = rows * 2 * hd;
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const int64_t r = i / (2 * hd), c = i % (2 * hd);
+    const float v = qg[i];
+    if (c < hd) q[r * hd + c] = v;
+    else gate[r * hd + (c - hd)] = v;
+  }
+}
+
+// beta = sigmoid(b); g = -exp(A_log[h]) * softplus(a + dt_bias[h]); [T, Hv]. Element-wise: the
+// outputs may alias the inputs.
+__global__ void delta_gates_kernel(const float* b, const float* a, const void* A_log, DType al_dt, const void* dt_bias,
+                                   DType dt_dt, float* beta, float* g, int64_t n, int64_t Hv) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const int64_t h = i % Hv;
+    const float bv = b[i], av = a[i];  // both read before either output is written
+    beta[i] = sigmoidf_(bv);
+    g[i] = -expf(load_weight(A_log, al_dt, h)) * softplus_(av + load_weight(dt_bias, dt_dt, h));
+  }
+}
+
+// ============================================================================================
+// Rows
+// ============================================================================================
+
+// out[t, :] = table[ids[t], :] as fp32; zeros for an id outside [0, V). A block per row.
+__global__ void embedding_kernel(const int32_t* __restrict__ ids, const void* table, DType dt, int64_t V, int64_t H,
+                                 float* __restrict__ out, int64_t T) {
+  for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
+    const int64_t id = ids[t];
+    const bool ok = id >= 0 && id < V;
+    float* o = out + t * H;
+    for (int64_t h = threadIdx.x; h < H; h += blockDim.x) o[h] = ok ? load_weight(table, dt, id * H + h) : 0.0f;
+  }
+}
+
+// out[i, :] = x[rows[i] / row_div, :] in units U of a row; zeros where the row is out of range.
+template <typename U>
+__global__ void gather_rows_kernel(const U* __restrict__ x, const int32_t* __restrict__ rows, int row_div, int64_t M,
+                                   U* __restrict__ out, int64_t N, int64_t units) {
+  for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+    const int32_t r = rows[i];
+    const int64_t src = r >= 0 && r / row_div < M ? r / row_div : -1;
+    U* o = out + i * units;
+    if (src >= 0) {
+      const U* s = x + src * units;
+      for (int64_t u = threadIdx.x; u < units; u += blockDim.x) o[u] = s[u];
+    } else {
+      for (int64_t u = threadIdx.x; u < units; u += blockDim.x) o[u] = U{};
+    }
+  }
+}
+
+// out[rows[i], :] = x[i, :] in units U; a row outside [0, M) is skipped.
+template <typename U>
+__global__ void scatter_rows_kernel(const U* __restrict__ x, const int32_t* __restrict__ rows, int64_t M,
+                                    U* __restrict__ out, int64_t N, int64_t units) {
+  for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
+    const int64_t r = rows[i];
+    if (r < 0 || r >= M) continue;  // block-uniform
+    const U* s = x + i * units;
+    U* o = out + r * units;
+    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) o[u] = s[u];
+  }
+}
+
+// Row copies in the widest unit the row size and both pointers allow.
+template <bool GATHER>
+void launch_row_copy(const void* x, const int32_t* rows, int row_div, int64_t M, void* out, int64_t N, size_t row,
+                     cudaStream_t stream) {
+  auto go = [&](auto unit) {
+    using U = decltype(unit);
+    const int64_t units = int64_t(row / sizeof(U));
+    const int threads = int(std::min<int64_t>(kThreads, cdiv(units, 32) * 32));
+    const unsigned blocks = unsigned(std::min<int64_t>(N, 2147483647));
+    if constexpr (GATHER)
+      gather_rows_kernel<U>
+          <<<blocks, threads, 0, stream>>>(static_cast<const U*>(x), rows, row_div, M, static_cast<U*>(out), N, units);
+    else
+      scatter_rows_kernel<U>
+          <<<blocks, threads, 0, stream>>>(static_cast<const U*>(x), rows, M, static_cast<U*>(out), N, units);
+  };
+  auto fits = [&](size_t b) { return row % b == 0 && aligned(x, b) && aligned(out, b); };
+  if (fits(16)) go(uint4{});
+  else if (fits(8)) go(uint2{});
+  else if (fits(4)) go(uint32_t{});
+  else if (fits(2)) go(uint16_t{});
+  else go(uint8_t{});
+}
+
+// Zero-centred RMSNorm (y = x rsqrt(mean x^2 + eps) (1 + w)) or the gated one (y = w x rsqrt(mean
+// x^2 + eps) silu(z)) over rows of D. BLOCK: a block per row; else a warp per row. x may be y:
+// every element is read by the thread that writes it, after the row's sum is complete.
+enum class Norm { zero_centred, gated };
+
+template <Norm MODE, bool BLOCK>
+__global__ void __launch_bounds__(kThreads)
+    norm_kernel(const float* x, const float* z, const void* w, DType wdt, float eps, float* y, int64_t R, int64_t D) {
+  __shared__ double partial[kWarps];
+  const int64_t first = BLOCK ? blockIdx.x : int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int64_t step = BLOCK ? gridDim.x : int64_t(gridDim.x) * kWarps;
+  const int lane = BLOCK ? int(threadIdx.x) : int(threadIdx.x & 31);
+  const int width = BLOCK ? kThreads : 32;
+  for (int64_t r = first; r < R; r += step) {  // BLOCK: block-uniform; else warp-uniform
+    const float* xr = x + r * D;
+    float* yr = y + r * D;
+    double ss = 0;
+    for (int64_t i = lane; i < D; i += width) {
+      const double v = xr[i];
+      ss += v * v;
+    }
+    if constexpr (BLOCK) ss = block_sum(ss, partial);
+    else ss = warp_sum(ss);
+    if constexpr (MODE == Norm::zero_centred) {
+      // As the CPU: the mean in double, then fp32.
+      const float inv = 1.0f / sqrtf(float(ss / double(D)) + eps);
+      for (int64_t i = lane; i < D; i += width) yr[i] = xr[i] * inv * (1.0f + load_weight(w, wdt, i));
+    } else {
+      // As cpu::gated_rms_norm: the fp32 sum over fp32 D.
+      const float inv = 1.0f / sqrtf(float(ss) / float(D) + eps);
+      const float* zr = z + r * D;
+      for (int64_t i = lane; i < D; i += width) yr[i] = load_weight(w, wdt, i) * (xr[i] * inv) * silu_(zr[i]);
+    }
+  }
+}
+
+template <Norm MODE>
+void launch_norm(const float* x, const float* z, const Tensor& w, float eps, float* y, int64_t R, int64_t D,
+                 cudaStream_t stream, const char* op) {
+  if (R <= 0 || D <= 0) return;
+  if (D > kWarpRowMax)
+    norm_kernel<MODE, true><<<blocks_for(R, 1), kThreads, 0, stream>>>(x, z, w.raw(), w.dtype(), eps, y, R, D);
+  else norm_kernel<MODE, false><<<blocks_for(R, kWarps), kThreads, 0, stream>>>(x, z, w.raw(), w.dtype(), eps, y, R, D);
+  check_launch(op);
+}
+
+// NeoX RoPE: for each (t, i < half), the angle float(pos[t]) * inv_freq[i] in fp32, then its cos
+// and sin; every head of row t rotates the pair (i, i + half). The rotation rounds as the CPU's
+// (no fused multiply-add).
+template <int CAP>
+struct InvFreq {
+  float v[CAP];
+};
+
+template <int CAP>
+__global__ void rope_kernel(float* x, const int32_t* __restrict__ pos, int64_t T, int64_t heads, int64_t hd, int half,
+                            InvFreq<CAP> freq) {
+  const int64_t n = T * half;
+  for (int64_t idx = global_thread(); idx < n; idx += grid_threads()) {
+    const int64_t t = idx / half;
+    const int i = int(idx % half);
+    const float ang = float(pos[t]) * freq.v[i];
+    float s, c;
+    sincosf(ang, &s, &c);
+    float* row = x + t * heads * hd;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = row + h * hd;
+      const float a = v[i], b = v[i + half];
+      v[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
+      v[i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
+    }
+  }
+}
+
+template <int CAP>
+void launch_rope(float* x, const int32_t* pos, int64_t T, int64_t heads, int64_t hd, int rot, double theta,
+                 cudaStream_t stream) {
+  const int half = rot / 2;
+  InvFreq<CAP> f{};
+  for (int i = 0; i < half; ++i) f.v[i] = float(1.0 / std::pow(theta, double(2 * i) / rot));
+  rope_kernel<CAP><<<blocks_for(T * half, kThreads), kThreads, 0, stream>>>(x, pos, T, heads, hd, half, f);
+  check_launch("rope");
+}
+
+}  // namespace
+
+// ============================================================================================
+// The ops
+// ============================================================================================
+
+void CudaOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
+  const auto [T, V, H] = check_embedding(ids, table, out);
+  expect_device("embedding", "ids", ids);
+  expect_device("embedding", "table", table);
+  expect_device("embedding", "out", out);
+  if (T == 0 || H == 0) return;
+  const int threads = int(std::min<int64_t>(kThreads, cdiv(H, 32) * 32));
+  embedding_kernel<<<blocks_for(T, 1), threads, 0, stream_>>>(cuda::i32(ids), table.raw(), table.dtype(), V, H,
+                                                              cuda::f32_mut(out), T);
+  check_launch("embedding");
+}
+
+void CudaOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
+  const auto [R, D] = check_rms_norm(x, w, y);
+  expect_device("rms_norm", "x", x);
+  expect_device("rms_norm", "y", y);
+  expect_device("rms_norm", "w", w);
+  launch_norm<Norm::zero_centred>(cuda::f32(x), nullptr, w, eps, cuda::f32_mut(y), R, D, stream_, "rms_norm");
+}
+
+void CudaOps::add(Tensor& y, const Tensor& x) {
+  check_add(y, x);
+  expect_device("add", "y", y);
+  expect_device("add", "x", x);
+  launch_binary(cuda::f32(y), cuda::f32(x), cuda::f32_mut(y), y.numel(), AddF{}, stream_, "add");
+}
+
+void CudaOps::copy(const Tensor& src, Tensor& dst) {
+  check_copy(src, dst);
+  if (src.nbytes() == 0 || src.raw() == dst.raw()) return;
+  expect_device("copy", "src", src);
+  expect_device("copy", "dst", dst);
+  check(!overlap(src, dst), "copy: src {} and dst {} overlap", src, dst);
+  check_cuda(cudaMemcpyAsync(dst.raw(), src.raw(), src.nbytes(), cudaMemcpyDeviceToDevice, stream_), "copy");
+}
+
+void CudaOps::zero(Tensor& t) {
+  if (t.nbytes() == 0) return;
+  expect_device("zero", "t", t);
+  check_cuda(cudaMemsetAsync(t.raw(), 0, t.nbytes(), stream_), "zero");
+}
+
+void CudaOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
+  const auto [T, A, B] = check_concat_cols(a, b, out);
+  expect_device("concat_cols", "a", a);
+  expect_device("concat_cols", "b", b);
+  expect_device("concat_cols", "out", out);
+  if (T == 0 || A + B == 0) return;
+  concat_cols_kernel<<<blocks_for(T * (A + B), kThreads), kThreads, 0, stream_>>>(cuda::f32(a), cuda::f32(b),
+                                                                                  cuda::f32_mut(out), T, A, B);
+  check_launch("concat_cols");
+}
+
+void CudaOps::silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) {
+  check_silu_mul(gate, up, out);
+  expect_device("silu_mul", "gate", gate);
+  expect_device("silu_mul", "up", up);
+  expect_device("silu_mul", "out", out);
+  launch_binary(cuda::f32(gate), cuda::f32(up), cuda::f32_mut(out), out.numel(), SiluMulF{}, stream_, "silu_mul");
+}
+
+void CudaOps::mul_sigmoid(Tensor& x, const Tensor& gate) {
+  check_mul_sigmoid(x, gate);
+  expect_device("mul_sigmoid", "x", x);
+  expect_device("mul_sigmoid", "gate", gate);
+  launch_binary(cuda::f32(x), cuda::f32(gate), cuda::f32_mut(x), x.numel(), MulSigmoidF{}, stream_, "mul_sigmoid");
+}
+
+void CudaOps::scale_rows_sigmoid(Tensor& y, const Tensor& s) {
+  const auto [T, D] = check_scale_rows_sigmoid(y, s);
+  expect_device("scale_rows_sigmoid", "s", s);
+  expect_device("scale_rows_sigmoid", "y", y);
+  if (T == 0 || D == 0) return;
+  scale_rows_sigmoid_kernel<<<blocks_for(T * D, kThreads), kThreads, 0, stream_>>>(cuda::f32_mut(y), cuda::f32(s),
+                                                                                   T * D, D);
+  check_launch("scale_rows_sigmoid");
+}
+
+void CudaOps::gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) {
+  const auto [N, M, row] = check_gather_rows(x, rows, row_div, out);
+  expect_device("gather_rows", "rows", rows);
+  expect_device("gather_rows", "x", x);
+  expect_device("gather_rows", "out", out);
+  if (N == 0 || row == 0) return;
+  // The CPU checks each row index on the host; here the kernel does (zeros for an invalid one).
+  // In place, the rows read could be rows already written: out must not overlap x.
+  check(!overlap(x, out), "gather_rows: out {} overlaps x {} (rows cannot be gathered in place)", out, x);
+  launch_row_copy<true>(x.raw(), cuda::i32(rows), row_div, M, out.raw(), N, row, stream_);
+  check_launch("gather_rows");
+}
+
+void CudaOps::scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) {
+  const auto [N, M, row] = check_scatter_rows(x, rows, out);
+  expect_device("scatter_rows", "rows", rows);
+  expect_device("scatter_rows", "x", x);
+  expect_device("scatter_rows", "out", out);
+  if (N == 0 || row == 0) return;
+  check(!overlap(x, out), "scatter_rows: x {} overlaps out {} (rows cannot be scattered in place)", x, out);
+  launch_row_copy<false>(x.raw(), cuda::i32(rows), 1, M, out.raw(), N, row, stream_);
+  check_launch("scatter_rows");
+}
+
+void CudaOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
+  const auto [rows, hd] = check_split_heads_gate(qg, q, gate);
+  expect_device("split_heads_gate", "qg", qg);
+  expect_device("split_heads_gate", "q", q);
+  expect_device("split_heads_gate", "gate", gate);
+  if (rows == 0) return;
+  split_heads_gate_kernel<<<blocks_for(rows * 2 * hd, kThreads), kThreads, 0, stream_>>>(
+      cuda::f32(qg), cuda::f32_mut(q), cuda::f32_mut(gate), rows, hd);
+  check_launch("split_heads_gate");
+}
+
+void CudaOps::rope(Tensor& x, const Tensor& positions, int rot, double theta) {
+  const auto [T, heads, hd] = check_rope(x, positions, rot);
+  check(rot <= 1024, "rope: rot {} is more than the 1024 dims this backend rotates", rot);
+  expect_device("rope", "positions", positions);
+  expect_device("rope", "x", x);
+  if (T == 0 || heads == 0 || rot == 0) return;
+  if (rot <= 128) launch_rope<64>(cuda::f32_mut(x), cuda::i32(positions), T, heads, hd, rot, theta, stream_);
+  else launch_rope<512>(cuda::f32_mut(x), cuda::i32(positions), T, heads, hd, rot, theta, stream_);
+}
+
+void CudaOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias, Tensor& beta,
+                          Tensor& g) {
+  const auto [T, Hv] = check_delta_gates(b, a, A_log, dt_bias, beta, g);
+  expect_device("delta_gates", "b", b);
+  expect_device("delta_gates", "a", a);
+  expect_device("delta_gates", "beta", beta);
+  expect_device("delta_gates", "g", g);
+  expect_device("delta_gates", "A_log", A_log);
+  expect_device("delta_gates", "dt_bias", dt_bias);
+  if (T * Hv == 0) return;
+  delta_gates_kernel<<<blocks_for(T * Hv, kThreads), kThreads, 0, stream_>>>(
+      cuda::f32(b), cuda::f32(a), A_log.raw(), A_log.dtype(), dt_bias.raw(), dt_bias.dtype(), cuda::f32_mut(beta),
+      cuda::f32_mut(g), T * Hv, Hv);
+  check_launch("delta_gates");
+}
+
+void CudaOps::gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) {
+  const auto [rows, dv] = check_gated_rms_norm(x, z, w, y);
+  expect_device("gated_rms_norm", "x", x);
+  expect_device("gated_rms_norm", "z", z);
+  expect_device("gated_rms_norm", "y", y);
+  expect_device("gated_rms_norm", "w", w);
+  launch_norm<Norm::gated>(cuda::f32(x), cuda::f32(z), w, eps, cuda::f32_mut(y), rows, dv, stream_, "gated_rms_norm");
+}
+
+}  // namespace ballast::kernels

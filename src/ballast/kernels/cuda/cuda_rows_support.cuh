@@ -1,0 +1,120 @@
+#pragma once
+// Helpers of the row ops and the matmul (internal to ballast_kernels_cuda): weights of every
+// floating dtype (F32, BF16, F16, F8_E4M3) read as float, one element or a short vector at a time,
+// and the raw-pointer matmul launcher (cuda_matmul.cu) that other groups of ops may call on rows
+// that have no Tensor.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_fp8.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ballast/core/tensor.h"
+
+namespace ballast::kernels::cuda::rows {
+
+// Storage of an F8_E4M3 weight element (a tag type, so that templates tell it from int8).
+struct f8e4m3 {
+  uint8_t bits;
+};
+
+// --- one element as float ---
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+// E4M3 (no infinities; S.1111.111 is NaN) is exact in half precision, so through half is exact.
+__device__ __forceinline__ float to_float(f8e4m3 v) {
+  const __half_raw h = __nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(v.bits), __NV_E4M3);
+  return __half2float(__half(h));
+}
+
+// Element i of a weight of dtype dt (F32, BF16, F16 or F8_E4M3) as float.
+__device__ __forceinline__ float load_weight(const void* p, DType dt, int64_t i) {
+  switch (dt) {
+    case DType::BF16: return to_float(static_cast<const __nv_bfloat16*>(p)[i]);
+    case DType::F16: return to_float(static_cast<const __half*>(p)[i]);
+    case DType::F8_E4M3: return to_float(static_cast<const f8e4m3*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+
+// --- a 32-bit word of packed elements as floats (4 / sizeof(W) of them) ---
+template <typename W>
+__device__ __forceinline__ void unpack_word(uint32_t u, float* out);
+template <>
+__device__ __forceinline__ void unpack_word<float>(uint32_t u, float* out) {
+  out[0] = __uint_as_float(u);
+}
+template <>
+__device__ __forceinline__ void unpack_word<__nv_bfloat16>(uint32_t u, float* out) {
+  out[0] = __uint_as_float(u << 16);  // little endian: the lower half is the first element
+  out[1] = __uint_as_float(u & 0xffff0000u);
+}
+template <>
+__device__ __forceinline__ void unpack_word<__half>(uint32_t u, float* out) {
+  __half2_raw r;
+  r.x = static_cast<unsigned short>(u & 0xffffu);
+  r.y = static_cast<unsigned short>(u >> 16);
+  const float2 f = __half22float2(__half2(r));
+  out[0] = f.x;
+  out[1] = f.y;
+}
+template <>
+__device__ __forceinline__ void unpack_word<f8e4m3>(uint32_t u, float* out) {
+  const __half2_raw lo = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u & 0xffffu), __NV_E4M3);
+  const __half2_raw hi = __nv_cvt_fp8x2_to_halfraw2(__nv_fp8x2_storage_t(u >> 16), __NV_E4M3);
+  const float2 a = __half22float2(__half2(lo)), b = __half22float2(__half2(hi));
+  out[0] = a.x;
+  out[1] = a.y;
+  out[2] = b.x;
+  out[3] = b.y;
+}
+
+// WORDS 32-bit words loaded at once (4, 8 or 16 bytes: the pointer must be aligned to that).
+template <int WORDS>
+struct Words {
+  uint32_t w[WORDS];
+};
+template <int WORDS>
+__device__ __forceinline__ Words<WORDS> load_words(const void* p) {
+  Words<WORDS> r;
+  if constexpr (WORDS == 4) {
+    const uint4 v = __ldg(static_cast<const uint4*>(p));
+    r.w[0] = v.x, r.w[1] = v.y, r.w[2] = v.z, r.w[3] = v.w;
+  } else if constexpr (WORDS == 2) {
+    const uint2 v = __ldg(static_cast<const uint2*>(p));
+    r.w[0] = v.x, r.w[1] = v.y;
+  } else {
+    static_assert(WORDS == 1, "load_words: 1, 2 or 4 words");
+    r.w[0] = __ldg(static_cast<const unsigned int*>(p));
+  }
+  return r;
+}
+// The floats of WORDS words of W elements (WORDS * 4 / sizeof(W) of them).
+template <typename W, int WORDS>
+__device__ __forceinline__ void unpack_words(const Words<WORDS>& r, float* out) {
+  constexpr int per = 4 / int(sizeof(W));
+#pragma unroll
+  for (int i = 0; i < WORDS; ++i) unpack_word<W>(r.w[i], out + i * per);
+}
+
+// --- host side ---
+
+inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// y[T, N] (row stride ldy) = x[T, K] (row stride ldx) @ w[N, K]^T, fp32 accumulation, on `stream`.
+// w (row-major [N, K], contiguous) is F32, BF16, F16 or F8_E4M3 and read in place. T <= 8 takes the
+// bandwidth-bound few-rows kernel, more rows the tiled SIMT GEMM, which splits K into partial sums
+// in `scratch` when its tiles are too few to fill the GPU: scratch holds matmul_scratch_bytes(T,
+// K, N, sms) bytes, 16-byte aligned, or is null (no split). `sms`: the device's multiprocessor
+// count. Issues kernels only (no host synchronisation): capturable in a CUDA graph.
+void matmul_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, DType wdt, int64_t N, float* y,
+                 int64_t ldy, int sms, float* scratch, cudaStream_t stream);
+// The scratch matmul_rows may use for these shapes (0: none); a function of the shapes alone.
+size_t matmul_scratch_bytes(int64_t T, int64_t K, int64_t N, int sms);
+
+// The device's multiprocessor count (of the current device; asked once per device, then cached).
+int multiprocessors();
+
+}  // namespace ballast::kernels::cuda::rows
