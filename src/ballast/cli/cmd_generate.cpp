@@ -34,7 +34,7 @@ struct GenerateArgs {
   bool json = false;
   EpArgs ep;
   CacheArgs cache;
-  std::string device = "auto";
+  DeviceArgs device;
   bool disable_cuda_graph = false;
   std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
   int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;
@@ -196,7 +196,7 @@ int run_generate(const GenerateArgs& a) {
 struct LogitsArgs {
   std::string model, prompt_ids, out;
   int threads = 0;
-  std::string device = "auto";
+  DeviceArgs device;
 };
 
 int run_logits(const LogitsArgs& a) {
