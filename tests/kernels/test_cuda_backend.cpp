@@ -78,6 +78,78 @@ TEST(CudaBackend, Bf16MatmulEqualsTheProductOfRoundedInputs) {
   EXPECT_LT(worst, 1e-5) << "relative to the sum of |products|";
 }
 
+// Grouped experts with bf16 matrix products: groups of more than 8 rows take the tensor cores
+// (x and h rounded to bf16), smaller ones the fp32 kernels. Reference in double from the same
+// rounded inputs; h's rounding may land one bf16 step apart where fp32 sums differ in order.
+TEST(CudaBackend, Bf16GroupedExpertsEqualTheProductOfRoundedInputs) {
+  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
+  CudaBackend be(0, CudaOptions{.bf16_matmul = true});
+  const int64_t H = 136, I = 72;  // multiples of 8, not of the 32-wide K step or the 64-wide tiles
+  const std::vector<int32_t> offsets{0, 100, 140, 145, 145, 165};  // 100, 40, 5, none, 20 rows
+  const int64_t M = offsets.back(), E = int64_t(offsets.size()) - 1;
+  std::mt19937 rng(5);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  auto round = [](float v) { return bf16_to_f32(f32_to_bf16(v)); };
+  std::vector<float> x(size_t(M * H));
+  for (float& v : x) v = nd(rng);
+  std::vector<std::vector<float>> wf(size_t(E) * 3);  // gate, up, down as stored (bf16 values)
+  std::vector<SwigluWeights> experts;
+  for (int64_t e = 0; e < E; ++e) {
+    Tensor t[3];
+    for (int m = 0; m < 3; ++m) {
+      const int64_t rows = m < 2 ? I : H, cols = m < 2 ? H : I;
+      Tensor hst = Tensor::zeros({rows, cols}, DType::BF16);
+      std::vector<float>& f = wf[size_t(e * 3 + m)];
+      for (int64_t i = 0; i < rows * cols; ++i) {
+        hst.data<uint16_t>()[i] = f32_to_bf16(0.15f * nd(rng));
+        f.push_back(bf16_to_f32(hst.data<uint16_t>()[i]));
+      }
+      t[m] = be.to_device(hst);
+    }
+    experts.push_back({t[0], t[1], t[2]});
+  }
+  std::vector<int32_t> perm(static_cast<size_t>(M));
+  for (int64_t i = 0; i < M; ++i) perm[size_t(i)] = int32_t(M - 1 - i);  // rows out of order
+  Tensor xd = be.alloc({M, H}, DType::F32), pd = be.alloc({M}, DType::I32), od = be.alloc({E + 1}, DType::I32);
+  Tensor y = be.alloc({M, H}, DType::F32);
+  be.upload(x.data(), xd);
+  be.upload(perm.data(), pd);
+  be.upload(offsets.data(), od);
+  be.start_op_timing();
+  be.ops().moe_experts(xd, pd, od, 1, experts, y);
+  EXPECT_EQ(be.stop_op_timing().at(0).op, "moe_experts (bf16)");
+  std::vector<float> got(size_t(M * H));
+  be.download(y, got.data());
+  double worst = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    const bool tc = offsets[size_t(e + 1)] - offsets[size_t(e)] > 8;
+    const auto &gate = wf[size_t(e * 3)], &up = wf[size_t(e * 3 + 1)], &down = wf[size_t(e * 3 + 2)];
+    for (int32_t j = offsets[size_t(e)]; j < offsets[size_t(e + 1)]; ++j) {
+      const int64_t i = perm[size_t(j)];
+      std::vector<double> h(static_cast<size_t>(I));
+      for (int64_t n = 0; n < I; ++n) {
+        double g = 0, u = 0;
+        for (int64_t k = 0; k < H; ++k) {
+          const double xv = tc ? round(x[size_t(i * H + k)]) : x[size_t(i * H + k)];
+          g += gate[size_t(n * H + k)] * xv;
+          u += up[size_t(n * H + k)] * xv;
+        }
+        h[size_t(n)] = g / (1.0 + std::exp(-g)) * u;
+      }
+      for (int64_t n = 0; n < H; ++n) {
+        double want = 0, scale = 0;
+        for (int64_t k = 0; k < I; ++k) {
+          const double hv = tc ? round(float(h[size_t(k)])) : h[size_t(k)];
+          want += down[size_t(n * I + k)] * hv;
+          scale += std::abs(down[size_t(n * I + k)] * hv);
+        }
+        worst = std::max(worst, std::abs(got[size_t(i * H + n)] - want) / scale);
+      }
+    }
+  }
+  EXPECT_LT(worst, 5e-3) << "relative to the sum of |products|";
+}
+
 TEST(CudaBackend, NoGraphIsCapturedWhileOpsAreTimed) {
   if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
   CudaBackend be(0);

@@ -651,7 +651,7 @@ void CudaOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& 
 
 void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& d,
                                Tensor& states, const SeqLayout& layout, Tensor& out) {
-  auto timed = time_op("gated_delta_rule");
+  auto timed = time_op(layout.max_query_len > 1 ? "gated_delta_rule chunked" : "gated_delta_rule recurrent");
   const GatedDeltaRuleShape shape = check_gated_delta_rule(qkv, g, beta, d, states, layout, out);
   check(d.dk <= kMaxDk, "gated_delta_rule: key head dim {} > {}", d.dk, kMaxDk);
   expect_device("gated_delta_rule", "qkv", qkv);

@@ -15,7 +15,10 @@
 //                  weight row read once per tile, warp dot products) and a tiled fp32 SIMT GEMM for
 //                  the large ones. Persistent grids sized from the shapes walk the tiles the device
 //                  listed. The experts' pointers live in a device table per span (uploaded when the
-//                  span's contents change, compared on the host at every call).
+//                  span's contents change, compared on the host at every call). With bf16 matrix
+//                  products (CudaOptions) and BF16 weights, the large tiles run on the tensor cores
+//                  instead (WMMA 16x16x16, inputs rounded to bf16 as they are staged, fp32
+//                  accumulation).
 //   moe_combine    one thread per output element (4 with float4), choices in order.
 // Index data is checked by the kernels: an entry out of range is skipped (never written through)
 // and reported in a fault record in mapped host memory, which the next MoE op throws on the host
@@ -24,6 +27,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include <cuda_fp8.h>
+#include <mma.h>
 
 #include <algorithm>
 #include <cstdlib>
@@ -513,7 +517,9 @@ __global__ void group_empty_kernel(const int32_t* __restrict__ valid, int64_t vn
 // ============================================================================================
 
 constexpr int kSmallRows = 8;     // rows of a small tile
-constexpr int kSmallMax = 32;     // groups of at most this many rows take small tiles
+constexpr int kSmallMax = 32;     // groups of at most this many rows take small tiles (fp32)
+constexpr int kSmallMaxTc = 8;    // ... with large tiles on the tensor cores: one small tile at most,
+                                  // so that no expert's weights are streamed twice
 constexpr int kSmallChunk = 1024; // K elements of the rows staged in shared memory at a time
 constexpr int kTileRows = 64;     // BM of the GEMM
 constexpr int kTileCols = 64;     // BN
@@ -607,9 +613,10 @@ __device__ __forceinline__ void tile_rows(const ExpertsArgs& a, int j0, int rows
   }
 }
 
-// Lists the row tiles of every group: small tiles {g, j, j + <= 8} for groups of <= kSmallMax
+// Lists the row tiles of every group: small tiles {g, j, j + <= 8} for groups of <= small_max
 // rows, large tiles {g, j, j + <= 64} for the others; offsets are checked and clamped to perm.
 __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_t* __restrict__ offsets, int groups,
+                                                                  int small_max,
                                                                   int64_t Np, const ExpertEntry* __restrict__ ex,
                                                                   int4* __restrict__ small, int64_t cap_small,
                                                                   int4* __restrict__ large, int64_t cap_large,
@@ -632,7 +639,7 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
         c = 0;
       }
       if (c > 0) {
-        if (c <= kSmallMax)
+        if (c <= small_max)
           ns = int(cdiv(c, kSmallRows));
         else
           nl = int(cdiv(c, kTileRows));
@@ -900,6 +907,140 @@ __global__ void __launch_bounds__(kExpertThreads) experts_gemm_kernel(ExpertsArg
   }
 }
 
+// Large tiles on the tensor cores (BF16 weights, bf16_matmul): the same 64 x 64 output tile per
+// item, K in steps of 64 staged as bf16 in shared memory (x or h rounded there), the next step's
+// global loads held in registers while this one is multiplied. 8 warps, each 16 rows x 32
+// columns (of gate and up with GU); accumulators go through shared memory (over the staging
+// buffers) for the epilogue.
+constexpr int kWmmaK = 64;                    // K per step
+constexpr int kWmmaLd = kWmmaK + 8;           // bf16 row stride of the staging tiles
+constexpr int kWmmaLdC = kTileCols + 4;       // float row stride of the accumulator tile
+template <bool GU>
+constexpr size_t wmma_smem_bytes() {
+  constexpr int NM = GU ? 2 : 1;
+  constexpr size_t ab = size_t(kTileRows + NM * kTileCols) * kWmmaLd * 2;
+  constexpr size_t c = size_t(NM) * kTileRows * kWmmaLdC * 4;
+  return ab > c ? ab : c;
+}
+
+template <bool GU>
+__device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntry& ex, int j0, int rows, int n0,
+                                          unsigned char* smem, const int64_t* src, const int64_t* dst) {
+  using namespace nvcuda;
+  constexpr int NM = GU ? 2 : 1;
+  __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [64][kWmmaLd]
+  __nv_bfloat16* Bs = As + kTileRows * kWmmaLd;                 // [NM][64][kWmmaLd]
+  float* Cs = reinterpret_cast<float*>(smem);                   // [NM][64][kWmmaLdC], after the loop
+  const int tid = threadIdx.x, warp = tid >> 5;
+  const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H;
+  const __nv_bfloat16* w[NM];
+  w[0] = static_cast<const __nv_bfloat16*>(GU ? ex.gate : ex.down);
+  if constexpr (GU) w[NM - 1] = static_cast<const __nv_bfloat16*>(ex.up);
+  // This thread's share of a step: 16 consecutive k (two chunks of 8) of one A row and of one
+  // row of each weight.
+  const int lr = tid >> 2, lk = (tid & 3) * 16;
+  const float* arow = nullptr;
+  if (lr < rows) {
+    if constexpr (GU) {
+      if (src[lr] >= 0) arow = a.x + src[lr] * a.H;
+    } else {
+      arow = a.h + (int64_t(j0) + lr) * a.ldh;
+    }
+  }
+  const int64_t wn = int64_t(n0) + lr;
+  float4 ra[4];
+  uint4 rb[NM][2];
+  auto load = [&](int64_t k0) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int64_t k = k0 + lk + 8 * c;
+      const bool in = k < K;  // K % 8 == 0: a chunk of 8 is all in or all out
+      ra[2 * c] = ra[2 * c + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (in && arow) {
+        ra[2 * c] = *reinterpret_cast<const float4*>(arow + k);
+        ra[2 * c + 1] = *reinterpret_cast<const float4*>(arow + k + 4);
+      }
+#pragma unroll
+      for (int m = 0; m < NM; ++m)
+        rb[m][c] = in && wn < Nout ? __ldg(reinterpret_cast<const uint4*>(w[m] + wn * K + k)) : make_uint4(0, 0, 0, 0);
+    }
+  };
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NM][2];
+#pragma unroll
+  for (int m = 0; m < NM; ++m)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[m][c], 0.0f);
+  const int rw = (warp & 3) * 16, cw = (warp >> 2) * 32;
+  load(0);
+  for (int64_t k0 = 0; k0 < K; k0 += kWmmaK) {
+    __syncthreads();  // the previous step's readers are done
+    __nv_bfloat162* ad = reinterpret_cast<__nv_bfloat162*>(As + lr * kWmmaLd + lk);
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      ad[2 * q] = __floats2bfloat162_rn(ra[q].x, ra[q].y);
+      ad[2 * q + 1] = __floats2bfloat162_rn(ra[q].z, ra[q].w);
+    }
+#pragma unroll
+    for (int m = 0; m < NM; ++m)
+#pragma unroll
+      for (int c = 0; c < 2; ++c)
+        *reinterpret_cast<uint4*>(Bs + (m * kTileCols + lr) * kWmmaLd + lk + 8 * c) = rb[m][c];
+    __syncthreads();
+    if (k0 + kWmmaK < K) load(k0 + kWmmaK);  // in flight while the tensor cores work
+#pragma unroll
+    for (int kk = 0; kk < kWmmaK; kk += 16) {
+      wmma::fragment<wmma::matrix_a, 16, 16, 16, __nv_bfloat16, wmma::row_major> fa;
+      wmma::load_matrix_sync(fa, As + rw * kWmmaLd + kk, kWmmaLd);
+#pragma unroll
+      for (int m = 0; m < NM; ++m)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
+          wmma::load_matrix_sync(fb, Bs + (m * kTileCols + cw + 16 * c) * kWmmaLd + kk, kWmmaLd);
+          wmma::mma_sync(acc[m][c], fa, fb, acc[m][c]);
+        }
+    }
+  }
+  __syncthreads();  // the staging buffers become the accumulator tile
+#pragma unroll
+  for (int m = 0; m < NM; ++m)
+#pragma unroll
+    for (int c = 0; c < 2; ++c)
+      wmma::store_matrix_sync(Cs + (m * kTileRows + rw) * kWmmaLdC + cw + 16 * c, acc[m][c], kWmmaLdC,
+                              wmma::mem_row_major);
+  __syncthreads();
+  for (int e = tid; e < kTileRows * kTileCols; e += blockDim.x) {
+    const int r = e / kTileCols, c = e % kTileCols;
+    const int64_t n = int64_t(n0) + c;
+    if (r >= rows || n >= Nout) continue;
+    if constexpr (GU) {
+      a.h[(int64_t(j0) + r) * a.ldh + n] =
+          silu(Cs[r * kWmmaLdC + c]) * Cs[(kTileRows + r) * kWmmaLdC + c];
+    } else {
+      const int64_t d = dst[r];
+      if (d >= 0) a.y[d * a.H + n] = Cs[r * kWmmaLdC + c];
+    }
+  }
+}
+
+template <bool GU>
+__global__ void __launch_bounds__(kExpertThreads) experts_wmma_kernel(ExpertsArgs a) {
+  __shared__ __align__(128) unsigned char smem[wmma_smem_bytes<GU>()];
+  __shared__ int64_t src[kTileRows], dst[kTileRows];
+  const int64_t items = int64_t(*a.ntiles) * a.fblocks;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int4 tile = a.tiles[item / a.fblocks];
+    const int n0 = int(item % a.fblocks) * kTileCols;
+    const ExpertEntry ex = a.ex[tile.x];
+    const int64_t Nout = GU ? ex.inter : a.H;
+    if (n0 >= Nout || ex.gate == nullptr) continue;  // the same for the whole block
+    __syncthreads();
+    tile_rows(a, tile.y, tile.z - tile.y, kTileRows, src, dst);
+    __syncthreads();
+    wmma_tile<GU>(a, ex, tile.y, tile.z - tile.y, n0, smem, src, dst);
+  }
+}
+
 // ============================================================================================
 // moe_combine
 // ============================================================================================
@@ -1117,7 +1258,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   std::vector<ExpertEntry>& entries = st.staging;
   entries.assign(size_t(groups), ExpertEntry{});
   int64_t imax = 0;
-  bool any = false, vec = H % 8 == 0;
+  bool any = false, vec = H % 8 == 0, bf16 = true;
   for (int g = 0; g < groups; ++g) {
     const SwigluWeights& w = experts[size_t(g)];
     if (!w.gate.defined()) continue;  // an empty group's (rows for it are the tile pass's to report)
@@ -1132,6 +1273,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
                                      int32_t(w.down.dtype())};
     imax = std::max(imax, I);
     any = true;
+    bf16 = bf16 && w.gate.dtype() == DType::BF16 && w.down.dtype() == DType::BF16;
     vec = vec && I % 8 == 0 && aligned16(w.gate.raw()) && aligned16(w.up.raw()) && aligned16(w.down.raw());
   }
   if (!any) return;  // no group can have rows (the tile pass would only report it)
@@ -1139,7 +1281,11 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
 
   // Scratch, from the shapes: h [Np, imax], the tile lists, their two counts.
   const int64_t cap_small = cdiv(Np, kSmallRows) + std::min<int64_t>(groups, Np);
-  const int64_t cap_large = cdiv(Np, kTileRows) + std::min<int64_t>(groups, Np / (kSmallMax + 1) + 1);
+  // The tensor-core path wants 16-byte rows of bf16 weights and of fp32 x and h.
+  const bool tensor_cores = bf16_matmul_ && bf16 && vec && aligned16(x.raw()) && H % 8 == 0 && imax % 8 == 0;
+  if (tensor_cores) timed.op = "moe_experts (bf16)";
+  const int small_max = tensor_cores ? kSmallMaxTc : kSmallMax;
+  const int64_t cap_large = cdiv(Np, kTileRows) + std::min<int64_t>(groups, Np / (small_max + 1) + 1);
   const int64_t ldh = std::max<int64_t>(imax, 1);
   Carve measure;
   measure.take<float>(size_t(Np) * size_t(ldh));
@@ -1152,7 +1298,8 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   int4* large = carve.take<int4>(size_t(cap_large));
   int* ntiles = carve.take<int>(2);
 
-  expert_tiles_kernel<<<1, kTileThreads, 0, stream_>>>(cuda::i32(offsets), groups, Np, table, small, cap_small, large,
+  expert_tiles_kernel<<<1, kTileThreads, 0, stream_>>>(cuda::i32(offsets), groups, small_max, Np, table, small,
+                                                      cap_small, large,
                                                       cap_large, ntiles, st.fault);
   check_launch("moe_experts");
 
@@ -1179,7 +1326,10 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.ntiles = ntiles + 1;
     s.fblocks = int(cdiv(nout, kTileCols));
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident_gemm)));
-    experts_gemm_kernel<GU><<<grid, kExpertThreads, 0, stream_>>>(s);
+    if (tensor_cores)
+      experts_wmma_kernel<GU><<<grid, kExpertThreads, 0, stream_>>>(s);
+    else
+      experts_gemm_kernel<GU><<<grid, kExpertThreads, 0, stream_>>>(s);
     check_launch("moe_experts");
   };
   // gate and up into h (every listed row), then down from h into y.
