@@ -69,6 +69,8 @@ class CpuOps final : public Ops {
   void sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) override;
   void verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs, const SamplingRows& rows,
                      Tensor& out) override;
+  void token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& logprob, Tensor& top_ids,
+                      Tensor& top_logprobs) override;
 
  private:
   // Runs fn(b, pool) for every sequence b of `rows` [B+1] (cu_seqlens): sequences of many rows
