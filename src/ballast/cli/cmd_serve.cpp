@@ -195,13 +195,13 @@ int run_serve(ServeArgs a) {
     serve::HttpServer http(model, queue, metrics, ho);
     http.bind();
     std::thread listener([&] { http.listen(); });
-    fmt::print(stderr, "serving {} on http://{}:{} ({} rank{}, context {} tokens)\n", model.name, a.host, http.port(),
-               nranks, nranks > 1 ? "s" : "", cache.context_length);
+    fmt::print(stderr, "serving {} on http://{}:{} ({} rank{}, context {} tokens, pid {})\n", model.name, a.host,
+               http.port(), nranks, nranks > 1 ? "s" : "", cache.context_length, ::getpid());
     {
       StopSignals signals([&](int sig) {
         fmt::print(stderr, "{}: no new requests; finishing {} in flight (at most {} s)\n", strsignal(sig),
                    queue.in_flight(), a.shutdown_timeout);
-        http.stop();
+        http.stop_accepting();
       });
       try {
         loop.run();

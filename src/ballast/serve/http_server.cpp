@@ -7,6 +7,7 @@
 #include <chrono>
 #include <ctime>
 #include <filesystem>
+#include <thread>
 
 #include "ballast/core/error.h"
 #include "ballast/eplb/load.h"
@@ -15,6 +16,7 @@
 #include "ballast/serve/openai_protocol.h"
 #include "ballast/serve/sglang_protocol.h"
 #include "ballast/serve/sse.h"
+#include "ballast/text/utf8.h"
 
 namespace ballast::serve {
 
@@ -31,10 +33,14 @@ int64_t unix_now() { return int64_t(std::time(nullptr)); }
 
 void reply(httplib::Response& res, int status, const json& body) {
   res.status = status;
-  res.set_content(body.dump(), "application/json");
+  // Text from the model may hold invalid UTF-8 bytes (a token cut mid-character): shown as U+FFFD.
+  res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
 }
 
 json parse_body(const httplib::Request& req) {
+  // JSON is UTF-8 (RFC 8259); nlohmann's parser lets invalid bytes through inside strings.
+  if (const size_t valid = text::valid_utf8_prefix(req.body); valid < req.body.size())
+    throw ApiError(400, fmt::format("the request body is not valid UTF-8 (at byte {})", valid));
   try {
     return json::parse(req.body);
   } catch (const json::parse_error& e) {
@@ -57,6 +63,15 @@ struct HttpServer::Impl {
   std::atomic<uint64_t> next_request{0};
   std::atomic<uint64_t> next_seed{uint64_t(std::chrono::steady_clock::now().time_since_epoch().count())};
   const int64_t started = unix_now();
+  // Generation responses being written: stop() lets them end (httplib cuts a stream it is
+  // writing when its listener closes).
+  std::atomic<int> writing{0};
+  socket_t listen_fd = -1;
+  struct Writing {
+    explicit Writing(std::atomic<int>& n) : n(n) { ++n; }
+    ~Writing() { --n; }
+    std::atomic<int>& n;
+  };
 
   std::string request_id(const char* prefix) {
     return fmt::format("{}{:x}{:08x}", prefix, started, next_request.fetch_add(1));
@@ -98,6 +113,7 @@ struct HttpServer::Impl {
     res.set_header("Cache-Control", "no-cache");
     res.set_header("X-Accel-Buffering", "no");
     auto idle = std::make_shared<int>(0);
+    auto writing_guard = std::make_shared<Writing>(writing);
     res.set_chunked_content_provider(
         "text/event-stream",
         [gen, format, idle](size_t, httplib::DataSink& sink) mutable {
@@ -112,14 +128,16 @@ struct HttpServer::Impl {
           if (d.finished) sink.done();
           return true;
         },
-        [gen](bool) mutable { gen.reset(); });
+        [gen, writing_guard](bool) mutable {
+          gen.reset();
+          writing_guard.reset();
+        });
   }
 
   static std::string error_event(const Generation::Delta& d) {
     const int status = d.outcome == Outcome::timeout ? 408 : 500;
-    return sse::event(error_body(status, d.outcome == Outcome::timeout ? "the request timed out (--request-timeout)"
-                                                                       : d.error)
-                          .dump());
+    return sse::event(
+        error_body(status, d.outcome == Outcome::timeout ? "the request timed out (--request-timeout)" : d.error));
   }
 
   void openai_endpoint(const httplib::Request& req, httplib::Response& res, bool chat) {
@@ -141,13 +159,13 @@ struct HttpServer::Impl {
       std::string out;
       if (!*opened) {
         *opened = true;
-        if (json o = responder->opening(); !o.is_null()) out += sse::event(o.dump());
+        if (json o = responder->opening(); !o.is_null()) out += sse::event(o);
       }
       if (d.finished && (d.outcome == Outcome::error || d.outcome == Outcome::timeout))
         return out + error_event(d) + std::string(sse::kDone);
-      if (!d.text.empty() || !d.ids.empty() || d.finished) out += sse::event(responder->chunk(d).dump());
+      if (!d.text.empty() || !d.ids.empty() || d.finished) out += sse::event(responder->chunk(d));
       if (d.finished) {
-        if (parsed->include_usage) out += sse::event(responder->usage_chunk(g).dump());
+        if (parsed->include_usage) out += sse::event(responder->usage_chunk(g));
         out += sse::kDone;
       }
       return out;
@@ -176,7 +194,7 @@ struct HttpServer::Impl {
       so_far->ids.insert(so_far->ids.end(), d.ids.begin(), d.ids.end());
       so_far->logprobs.insert(so_far->logprobs.end(), d.logprobs.begin(), d.logprobs.end());
       so_far->outcome = d.outcome;
-      std::string out = sse::event(sglang::generate_response(model, *parsed, g, *so_far, rid, d.finished).dump());
+      std::string out = sse::event(sglang::generate_response(model, *parsed, g, *so_far, rid, d.finished));
       if (d.finished) out += sse::kDone;
       return out;
     });
@@ -279,7 +297,7 @@ struct HttpServer::Impl {
       else if (res.status == 413) message = fmt::format("the request body is over the limit of {} bytes", opt.max_body_bytes);
       else message = fmt::format("{} {}: HTTP {}", req.method, req.path, res.status);
       if (res.status < 500) metrics.refused("invalid");
-      res.set_content(error_body(res.status, message).dump(), "application/json");
+      reply(res, res.status, error_body(res.status, message));
       return httplib::Server::HandlerResponse::Handled;
     }));
     svr.set_exception_handler([](const httplib::Request& req, httplib::Response& res, std::exception_ptr ep) {
@@ -298,6 +316,13 @@ struct HttpServer::Impl {
 HttpServer::HttpServer(const ModelContext& model, RequestQueue& queue, ServerMetrics& metrics, HttpOptions options)
     : impl_(std::make_unique<Impl>(model, queue, metrics, std::move(options))) {
   auto& svr = impl_->svr;
+  // httplib's listen backlog is 5 (compiled into Debian's library): many clients connecting at
+  // once would overflow it. The listening socket is noted here and listen() raised after bind.
+  svr.set_socket_options([this](socket_t sock) {
+    int yes = 1;
+    ::setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof(yes));
+    impl_->listen_fd = sock;
+  });
   const int threads = impl_->opt.threads;
   svr.new_task_queue = [threads] { return new httplib::ThreadPool(size_t(threads)); };
   svr.set_payload_max_length(impl_->opt.max_body_bytes);
@@ -319,14 +344,20 @@ void HttpServer::bind() {
     check(i.svr.bind_to_port(i.opt.host, i.opt.port), "cannot listen on {}:{} (in use, or not an address here)",
           i.opt.host, i.opt.port);
   }
+  if (i.listen_fd >= 0) ::listen(i.listen_fd, SOMAXCONN);
 }
 
 int HttpServer::port() const { return impl_->opt.port; }
 
 void HttpServer::listen() { impl_->svr.listen_after_bind(); }
 
-void HttpServer::stop() {
+void HttpServer::stop_accepting() { impl_->queue.stop_accepting(); }
+
+void HttpServer::stop(std::chrono::milliseconds wait) {
   impl_->queue.stop_accepting();
+  const auto until = std::chrono::steady_clock::now() + wait;
+  while (impl_->writing.load() > 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
   impl_->svr.stop();
 }
 

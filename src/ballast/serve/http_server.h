@@ -2,6 +2,7 @@
 // The HTTP edge (cpp-httplib, a thread per connection): OpenAI's /v1 endpoints, SGLang's native
 // ones and /metrics, routed to the protocol formatters, every failure answered with a status and
 // an OpenAI-style error object. Handlers reach the engine only through the RequestQueue.
+#include <chrono>
 #include <memory>
 #include <string>
 
@@ -32,8 +33,11 @@ class HttpServer {
   int port() const;
   // Serves until stop(); returns once every connection's handler has returned.
   void listen();
-  // Stops accepting: the listener closes and new requests are refused; callable from any thread.
-  void stop();
+  // New requests are refused (503) from now on; those in flight go on. Any thread.
+  void stop_accepting();
+  // Refuses new requests, waits (up to `wait`) for the responses being written to end, and
+  // closes the listener. Any thread.
+  void stop(std::chrono::milliseconds wait = std::chrono::milliseconds(10000));
 
   struct Impl;
 

@@ -5,13 +5,13 @@
 #include <string>
 #include <string_view>
 
+#include <nlohmann/json.hpp>
+
 namespace ballast::serve::sse {
 
-inline std::string event(std::string_view data) {
-  std::string e = "data: ";
-  e += data;
-  e += "\n\n";
-  return e;
+// Invalid UTF-8 (never in the text deltas, which hold whole characters) would show as U+FFFD.
+inline std::string event(const nlohmann::json& data) {
+  return "data: " + data.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n\n";
 }
 inline constexpr std::string_view kDone = "data: [DONE]\n\n";
 inline constexpr std::string_view kKeepAlive = ": keep-alive\n\n";
