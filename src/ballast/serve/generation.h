@@ -66,8 +66,6 @@ class Generation {
   uint64_t id() const { return sub_.id; }
   const std::vector<int32_t>& prompt_ids() const { return sub_.request.prompt; }
   int64_t completion_tokens() const { return completion_tokens_; }
-  int64_t max_tokens() const { return sub_.request.max_new_tokens; }
-  const GenerationSpec& spec() const { return spec_; }
   // Why it stopped with Outcome::stop: the stop string, or the stop token id (-1: neither known).
   const std::string& matched_stop() const { return text_.matched(); }
   int32_t matched_token() const { return matched_token_; }
@@ -85,7 +83,7 @@ class Generation {
   bool done_ = false;
 };
 
-// The text of one token as OpenAI shows it in logprobs (lossy UTF-8), and its raw bytes.
+// The text of one token as logprobs show it (lossy UTF-8: a token may hold part of a character).
 std::string token_text(const text::Tokenizer& tok, int32_t id);
 
 }  // namespace ballast::serve

@@ -28,9 +28,10 @@ class JsonFields {
   // A string or a list of strings (OpenAI's `stop`).
   std::vector<std::string> strings(const std::string& key) const;
   [[noreturn]] void bad(const std::string& key, const std::string& what) const;
-  std::string name(const std::string& key) const { return prefix_ + key; }
 
  private:
+  std::string name(const std::string& key) const { return prefix_ + key; }
+
   const nlohmann::json& j_;
   std::string prefix_;
 };
