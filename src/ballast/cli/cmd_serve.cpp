@@ -13,6 +13,7 @@
 #include "ballast/cli/commands.h"
 #include "ballast/cli/engine_args.h"
 #include "ballast/core/error.h"
+#include "ballast/dist/mpi_communicator.h"
 #include "ballast/eplb/load.h"
 #include "ballast/serve/engine_loop.h"
 #include "ballast/serve/http_server.h"
@@ -163,9 +164,12 @@ int run_serve(ServeArgs a) {
     const std::string& dump = a.engine.ep.dump_distribution;
     if (!dump.empty() && trunk) trunk->domain.recorder.start();
     if (!rank0) {
-      // Rank 0 decides when to stop; the others leave with its last plan.
-      std::signal(SIGTERM, SIG_IGN);
-      std::signal(SIGINT, SIG_IGN);
+      // Rank 0 decides when to stop; the others leave with its last plan. An MPI process of
+      // another rank ignores the signals (in-process ranks share rank 0's handlers).
+      if (dist::mpi_launched()) {
+        std::signal(SIGTERM, SIG_IGN);
+        std::signal(SIGINT, SIG_IGN);
+      }
       serve::EngineLoop(*engine, comm, nullptr, nullptr).run();
       return;
     }
