@@ -2,7 +2,9 @@
 # On the GPU machine (device tool, repository root, .carry carried): unpacks what
 # scripts/gpu_pack.sh built, then runs the CUDA checks and figures, writing logs and
 # summary.json under $OUT. Each step runs even when an earlier one fails; the summary says which.
-#   STEPS="conformance runtime demo sanitizer bench" bash scripts/gpu_check.sh
+#   STEPS="conformance runtime demo sanitizer bench scale mtp deltanet" bash scripts/gpu_check.sh
+# scale: the published model sizes (synthetic weights) with per-op profiles; mtp: speculation on
+# the demo model; deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-gpu}
@@ -32,7 +34,15 @@ for s in $STEPS; do
                --gtest_filter="${RUNTIME_FILTER:-*}" ;;
     demo) step demo bash -c "for d in cpu cuda; do $BIN/ballast generate --device \$d --prompt 'def fibonacci(n):' --max-new-tokens 64 --json; $BIN/ballast generate --device \$d --prompt 'def fibonacci(n):' --max-new-tokens 64 --speculative-algorithm NEXTN --speculative-num-steps 2 --json; done" ;;
     sanitizer) step sanitizer bash -c "compute-sanitizer --tool memcheck $BIN/test_kernels_cuda --gtest_brief=1 && BALLAST_TEST_DEVICE=cuda compute-sanitizer --tool memcheck $BIN/test_runtime --gtest_brief=1 --gtest_filter='Fixtures/FixtureParity.*/qwen3_next_a:Fixtures/ExpertParallel.OutputsEqual*/qwen3_next_a' && compute-sanitizer --tool racecheck $BIN/test_kernels_cuda --gtest_brief=1" ;;
-    bench) step bench bash -c "$BIN/ballast bench --device cuda --json --prompt-len 256 --decode-steps 64; $BIN/ballast bench --device cuda --json --synthetic --prompt-len 256 --decode-steps 64; $BIN/ballast bench --device cuda --json --synthetic --prompt-len 256 --decode-steps 64 --batch 32" ;;
+    bench) step bench bash -c "$BIN/ballast bench --device cuda --prompt-len 256 --decode-steps 64 --batch 1,32 --prefill 256,2048 --profile; $BIN/ballast bench --device cuda --synthetic --prompt-len 256 --decode-steps 64 --batch 1,32 --prefill 256,2048" ;;
+    scale) step scale bash -c "for m in 'qwen3-next-80b-a3b --layers ${LAYERS_80B:-8}' 'qwen3.5-397b-a17b --layers ${LAYERS_397B:-4}'; do
+             $BIN/ballast bench --device cuda --synthetic \$m --batch ${BATCHES:-1,8,32,128,256} --prompt-len ${CONTEXT:-1024} \
+               --decode-steps 32 --prefill ${PREFILLS:-8192,1024,32768} --repeats ${REPEATS:-2} --profile \
+               --json-file $OUT/scale-\${m%% *}.json; done" ;;
+    mtp) step mtp "$BIN/ballast" bench --device cuda --batch 1,8 --prompt-len 128 --decode-steps 64 --prefill 128 \
+               --speculative-num-steps 1,2,3 ;;
+    deltanet) step deltanet python3 bench/deltanet/side_by_side.py --ballast "$BIN/bench_delta_rule_cuda" \
+               --fla .carry/fla --out "$OUT/deltanet" ;;
   esac
 done
 

@@ -1,20 +1,27 @@
 #!/usr/bin/env bash
 # Builds ballast with its CUDA backend here (where the Debian -dev packages are) and packs what
 # scripts/gpu_check.sh runs on the GPU machine into .carry/gpu.tar.xz: the binaries and the few
-# shared libraries that machine lacks (it has CUDA, cuBLAS and a newer glibc / libstdc++).
+# shared libraries that machine lacks (it has CUDA, cuBLAS and a newer glibc / libstdc++). With
+# FLA_REPO=<a git directory of flash-linear-attention>, its fla/ package goes to .carry/fla for
+# bench/deltanet/side_by_side.py (never into the repository).
 #   bash scripts/gpu_pack.sh   ->  then carry .carry (see scripts/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD_DIR:-build-gpu}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBALLAST_PYTHON=OFF >/dev/null
-cmake --build "$BUILD" -j"$(nproc)" --target ballast test_kernels_cuda test_runtime test_moe
+cmake --build "$BUILD" -j"$(nproc)" --target ballast test_kernels_cuda test_runtime test_moe bench_delta_rule_cuda
 rm -rf .carry/gpu && mkdir -p .carry/gpu/bin .carry/gpu/lib
 cp "$BUILD/ballast" "$BUILD/tests/kernels/test_kernels_cuda" "$BUILD/tests/runtime/test_runtime" \
-   "$BUILD/tests/moe/test_moe" .carry/gpu/bin/
+   "$BUILD/tests/moe/test_moe" "$BUILD/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/
 # Libraries from Debian's packages (not CUDA's, not glibc's or the compiler runtime's).
 for exe in .carry/gpu/bin/*; do
   ldd "$exe" | awk '{print $3}' | grep -E 'libfmt|libopenblas|libgfortran|libquadmath|libpcre2|libutf8proc' || true
 done | sort -u | while read -r lib; do cp -L "$lib" .carry/gpu/lib/; done
 tar -C .carry -cJf .carry/gpu.tar.xz gpu
 rm -rf .carry/gpu
+if [ -n "${FLA_REPO:-}" ]; then
+  rm -rf .carry/fla && mkdir -p .carry/fla
+  git --git-dir="$FLA_REPO" archive HEAD fla | tar -C .carry/fla -x
+  git --git-dir="$FLA_REPO" log -1 --format='flash-linear-attention %H %cs' > .carry/fla/VERSION
+fi
 ls -la .carry/gpu.tar.xz

@@ -30,6 +30,7 @@
 #include "ballast/kernels/cpu/causal_conv1d.h"
 #include "ballast/kernels/cpu/gated_delta_rule.h"
 #include "ballast/kernels/ops.h"
+#include "ballast/kernels/random_fill.h"
 #include "ballast/kernels/sampling.h"
 #include "ballast/kernels/workspace.h"
 #include "support/expect_error.h"
@@ -421,6 +422,51 @@ TEST_P(OpConformance, MatmulInEveryWeightDtype) {
       EXPECT_TRUE(all_near(floats(y), want, 1e-6 * std::max(scale, 1.0))) << dtype_name(dt) << " T=" << T;
     }
   }
+}
+
+TEST_P(OpConformance, FillUniformIsTheSameOnEveryBackend) {
+  const int64_t n = 3 * 1000 + 7;  // not a multiple of any vector width
+  for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+    Tensor t = be().alloc({3, n / 3 + 1}, dt);
+    ops().fill_uniform(t, 42, 0.05f);
+    std::vector<uint8_t> got(t.nbytes());
+    be().download(t, got.data());
+    std::vector<float> vals(size_t(t.numel()));
+    to_f32(got.data(), dt, vals.data(), vals.size());
+    double mean = 0;
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      const float v = uniform_weight(42, uint64_t(i), 0.05f);
+      const float want = dt == DType::F32 ? v : (dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v)));
+      ASSERT_EQ(vals[size_t(i)], want) << dtype_name(dt) << " element " << i;
+      ASSERT_LE(std::abs(vals[size_t(i)]), 0.05f * (1 + 1.0f / 128)) << "within the scale, up to rounding";
+      mean += vals[size_t(i)];
+    }
+    EXPECT_LT(std::abs(mean / double(t.numel())), 0.005) << "centred";
+  }
+  Tensor other = be().alloc({64}, DType::F32);
+  ops().fill_uniform(other, 43, 1.0f);
+  EXPECT_NE(floats(other)[0], uniform_weight(42, 0, 1.0f)) << "the seed matters";
+  Tensor ints = be().alloc({4}, DType::I32);
+  test::expect_error([&] { ops().fill_uniform(ints, 1, 1.0f); }, {"fill_uniform", "F32, BF16 or F16"});
+}
+
+TEST_P(OpConformance, OpTimingCountsEveryOpOnce) {
+  Tensor a = f32(randn(64, 1), {8, 8}), b = f32(randn(64, 2), {8, 8});
+  ops().add(a, b);  // not timed: timing is off
+  be().start_op_timing();
+  ops().add(a, b);
+  ops().add(a, b);
+  ops().zero(b);
+  const std::vector<OpTime> times = be().stop_op_timing();
+  std::map<std::string, OpTime> by_op;
+  for (const OpTime& t : times) by_op[t.op] = t;
+  ASSERT_EQ(by_op.size(), 2u);
+  EXPECT_EQ(by_op["add"].calls, 2);
+  EXPECT_EQ(by_op["zero"].calls, 1);
+  EXPECT_GE(by_op["add"].seconds, 0.0);
+  for (size_t i = 1; i < times.size(); ++i) EXPECT_GE(times[i - 1].seconds, times[i].seconds) << "by decreasing time";
+  ops().add(a, b);
+  EXPECT_TRUE(be().stop_op_timing().empty()) << "off again";
 }
 
 TEST_P(OpConformance, RmsNormInPlaceAndNot) {

@@ -33,7 +33,7 @@ inline std::unique_ptr<kernels::Backend> test_backend(int threads) {
   const char* env = std::getenv("BALLAST_TEST_DEVICE");
   const std::string device = env ? env : "cpu";
 #ifdef BALLAST_HAS_CUDA
-  if (device == "cuda") return std::make_unique<kernels::CudaBackend>(0);
+  if (device == "cuda") return std::make_unique<kernels::CudaBackend>(0, kernels::CudaOptions{.bf16_matmul = false});
 #endif
   if (device != "cpu") throw Error("BALLAST_TEST_DEVICE=" + device + ": not a device this test build has");
   return std::make_unique<kernels::CpuBackend>(threads);

@@ -1,21 +1,27 @@
-// ballast bench: CPU prefill and decode throughput on a model (the shipped one, a directory, or a
-// random mid-size model written to a temporary directory), with decode's achieved memory
-// bandwidth reported against this machine's measured copy bandwidth, as a ratio.
+// ballast bench: prefill and decode throughput of a model (the shipped one, a directory, or a
+// synthetic model of a published size with random weights made on the device), every figure
+// beside the hardware's ceilings measured in the same run: decode as a fraction of the copy
+// bandwidth (bytes a step must read / step time), prefill as a fraction of the vendor library's
+// dense GEMM rate (FLOPs a pass must do / pass time). With --profile, where a decode step and a
+// prefill pass spend their time, op by op.
 #include <fmt/format.h>
 
-#include <cstring>
+#include <algorithm>
+#include <cmath>
 #include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 #include <random>
+#include <set>
+#include <tuple>
 
 #include "ballast/cli/commands.h"
 #include "ballast/cli/model_args.h"
 #include "ballast/core/clock.h"
 #include "ballast/core/error.h"
-#include "ballast/core/thread_pool.h"
 #include "ballast/model/config.h"
 #include "ballast/model/param_count.h"
-#include "ballast/model/random_checkpoint.h"
+#include "ballast/model/random_weights.h"
 #include "ballast/runtime/speculative.h"
 
 namespace ballast::cli {
@@ -24,155 +30,339 @@ namespace {
 
 struct BenchArgs {
   std::string model;
-  bool synthetic = false;
-  int prompt_len = 256, decode_steps = 32, batch = 1, threads = 0, repeats = 3;
-  int speculative_steps = 0;  // > 0: also decode with MTP speculation, in the same run
-  bool json = false;
-  std::string device = "auto";
+  std::string synthetic;  // a preset name (model::preset_names), or empty
+  int layers = 0;
+  int prompt_len = 256, decode_steps = 32, threads = 0, repeats = 3;
+  std::string batches = "1", prefills, speculative;
+  bool profile = false, json = false;
+  std::string json_file;  // also write the JSON object here
+  DeviceArgs device;
   bool disable_cuda_graph = false;
 };
 
-
-// Copy bandwidth (bytes read + bytes written per second) of a parallel memcpy over buffers far
-// larger than the caches: the speed of light for a decode step that streams weights once. On a
-// GPU, the backend's own device-to-device copy of 2 GiB.
-double measure_copy_bandwidth(kernels::Backend& be, int threads) {
-  if (be.device() != Device::CPU) {
-    const int64_t n = int64_t(1) << 29;  // floats: 2 GiB
-    Tensor a = be.alloc({n}, DType::F32), b = be.alloc({n}, DType::F32);
-    be.ops().zero(a);
-    double best = 0;
-    for (int r = 0; r < 6; ++r) {
-      be.synchronize();
-      const double t0 = now_seconds();
-      be.ops().copy(a, b);
-      be.synchronize();
-      if (r > 0) best = std::max(best, 2.0 * double(a.nbytes()) / seconds_since(t0));
-    }
-    return best;
+std::vector<int> parse_list(const std::string& csv, const char* option) {
+  std::vector<int> out;
+  if (csv.empty()) return out;
+  for (int32_t v : parse_ids(csv)) {
+    check(v > 0, "{}: {} is not a positive count", option, v);
+    out.push_back(v);
   }
-  ThreadPool pool(threads);
-  const size_t bytes = size_t(1) << 30;
-  std::vector<char> a(bytes, 1), b(bytes, 2);
-  double best = 0;
-  for (int r = 0; r < 5; ++r) {
-    const double t0 = now_seconds();
-    pool.parallel_for(int64_t(bytes >> 20), [&](int64_t i0, int64_t i1) {
-      std::memcpy(b.data() + (i0 << 20), a.data() + (i0 << 20), size_t(i1 - i0) << 20);
-    });
-    best = std::max(best, 2.0 * double(bytes) / seconds_since(t0));
-  }
-  return best;
+  return out;
 }
 
-// Bytes one decode step touches per sequence: the weights a token visits (its k routed experts,
-// everything else but the embedding table, of which it reads one row) and its DeltaNet state
-// (read and written) and KV cache (read) at context length `context`.
-double decode_bytes_per_token(const model::ModelConfig& c, double weight_bytes, int64_t context) {
-  const auto p = model::count_parameters(c);
-  double params = double(p.active_per_token() - p.embedding + c.hidden_size);
-  if (p.lm_head == 0) params += double(p.embedding);  // tied: lm_head reads the whole table
-  return params * weight_bytes + 2.0 * double(model::deltanet_state_bytes(c)) +
-         double(model::kv_bytes_per_token(c, 4)) * double(context);
+std::vector<int32_t> random_prompt(std::mt19937& rng, int len, int vocab) {
+  std::vector<int32_t> p(static_cast<size_t>(len));
+  for (int32_t& t : p) t = int32_t(rng() % uint32_t(vocab));
+  return p;
+}
+
+// What a decode step must move and a prefill pass must compute (the numerators of the ratios).
+struct Work {
+  const model::ModelConfig& c;
+  model::ParamCounts p;
+  double wbytes;  // bytes per weight
+
+  // Expected distinct experts of E that b tokens visit per layer, each choosing k uniformly.
+  double distinct_experts(int b) const {
+    const double E = c.num_experts, k = c.num_experts_per_tok;
+    return E > 0 ? E * (1.0 - std::pow(1.0 - k / E, b)) : 0.0;
+  }
+  // Bytes one decode step of b sequences at `context` reads and writes: every weight but the
+  // embedding table and the routed experts once, the routed experts the batch visits, b embedding
+  // rows, each sequence's DeltaNet state (read and written) and KV cache (read, fp32).
+  double step_bytes(int b, int64_t context) const {
+    const double tied_head = p.lm_head == 0 ? double(p.embedding) : 0.0;
+    const double shared = double(p.total() - p.embedding - p.routed_experts) + tied_head;
+    const double per_expert = c.num_experts > 0 ? double(p.routed_experts) / (double(c.num_moe_layers()) * c.num_experts) : 0;
+    const double experts = distinct_experts(b) * per_expert * c.num_moe_layers();
+    return (shared + experts + double(b) * c.hidden_size) * wbytes +
+           double(b) * (2.0 * double(model::deltanet_state_bytes(c)) +
+                        double(model::kv_bytes_per_token(c, 4)) * double(context));
+  }
+  // FLOPs of a prefill pass of one sequence of n tokens: 2 per weight a token visits (k routed
+  // experts; the lm_head for the last row only), the causal attention's scores and values
+  // (4 Hq hd per query-key pair), the delta rule's state update and output (4 dk dv per token and
+  // value head).
+  double prefill_flops(int64_t n) const {
+    const double head = double(p.lm_head == 0 ? p.embedding : p.lm_head);
+    const double matrices = double(p.active_per_token() - p.embedding - p.norms) - (p.lm_head == 0 ? 0.0 : head);
+    const double pairs = double(n) * double(n + 1) / 2.0;
+    return 2.0 * matrices * double(n) + 2.0 * head +
+           4.0 * c.num_heads * c.head_dim * pairs * c.num_full_attention_layers() +
+           4.0 * c.linear_key_head_dim * c.linear_value_head_dim * c.linear_num_value_heads * double(n) *
+               c.num_linear_attention_layers();
+  }
+};
+
+// Steps the engine until every request it holds has finished (or been aborted).
+void drain(runtime::Engine& e, const std::vector<int64_t>& ids) {
+  for (int64_t id : ids) e.abort(id);
+  while (e.step()) {
+  }
+}
+
+struct DecodeFigure {
+  int batch;
+  double tokens_per_s, step_seconds;
+  std::vector<kernels::OpTime> profile;
+};
+
+// Decode of `batch` sequences at `context` tokens: prefill them, run `warmup` steps (graphs are
+// captured there), then time `steps` steps. With `profile`, one more step with op timing.
+DecodeFigure measure_decode(runtime::Engine& e, std::mt19937& rng, int batch, int context, int steps, bool profile) {
+  const int warmup = 3;
+  std::vector<int64_t> ids;
+  for (int i = 0; i < batch; ++i)
+    ids.push_back(e.add_request({random_prompt(rng, context, e.config().vocab_size), {}, warmup + steps + 2, {}}));
+  std::set<int64_t> started;
+  while (started.size() < ids.size()) {
+    check(e.step(), "bench: the engine stopped before every prompt was prefilled");
+    for (const auto& o : e.outputs())
+      if (!o.tokens.empty()) started.insert(o.id);
+  }
+  for (int i = 0; i < warmup; ++i) e.step();
+  int64_t tokens = 0;
+  const double t0 = now_seconds();
+  for (int i = 0; i < steps; ++i) {
+    e.step();
+    for (const auto& o : e.outputs()) tokens += int64_t(o.tokens.size());
+  }
+  const double seconds = seconds_since(t0);
+  DecodeFigure f{batch, double(tokens) / seconds, seconds / steps, {}};
+  if (profile) {
+    e.backend().start_op_timing();
+    e.step();
+    f.profile = e.backend().stop_op_timing();
+  }
+  drain(e, ids);
+  return f;
+}
+
+struct PrefillFigure {
+  int tokens;
+  double tokens_per_s, seconds;
+  std::vector<kernels::OpTime> profile;
+};
+
+// One sequence of n tokens prefilled in one pass (and its first token drawn); best of `repeats`
+// after one untimed pass (buffers grow there).
+PrefillFigure measure_prefill(runtime::Engine& e, std::mt19937& rng, int n, int repeats, bool profile) {
+  double best = 1e30;
+  for (int r = 0; r <= repeats + (profile ? 1 : 0); ++r) {
+    const bool profiling = profile && r == repeats + 1;
+    const int64_t id = e.add_request({random_prompt(rng, n, e.config().vocab_size), {}, 1, {}});
+    if (profiling) e.backend().start_op_timing();
+    const double t0 = now_seconds();
+    e.step();
+    const double s = seconds_since(t0);
+    if (profiling) {
+      PrefillFigure f{n, double(n) / best, best, e.backend().stop_op_timing()};
+      drain(e, {id});
+      return f;
+    }
+    if (r > 0) best = std::min(best, s);
+    drain(e, {id});
+  }
+  return {n, double(n) / best, best, {}};
+}
+
+nlohmann::json profile_json(const std::vector<kernels::OpTime>& ops) {
+  double total = 0;
+  for (const auto& o : ops) total += o.seconds;
+  nlohmann::json j = nlohmann::json::array();
+  for (const auto& o : ops)
+    j.push_back({{"op", o.op}, {"calls", o.calls}, {"seconds", o.seconds}, {"share", total > 0 ? o.seconds / total : 0}});
+  return j;
+}
+
+void print_profile(const std::string& title, const std::vector<kernels::OpTime>& ops, double wall) {
+  double total = 0;
+  for (const auto& o : ops) total += o.seconds;
+  fmt::print("\n{}: {:.3f} ms of op time in {:.3f} ms of wall time (eager, each op timed)\n", title, total * 1e3,
+             wall * 1e3);
+  fmt::print("  {:<30} {:>6} {:>10} {:>7}\n", "op", "calls", "ms", "share");
+  for (size_t i = 0; i < ops.size() && i < 12; ++i)
+    fmt::print("  {:<30} {:>6} {:>10.3f} {:>6.1f}%\n", ops[i].op, ops[i].calls, ops[i].seconds * 1e3,
+               total > 0 ? 100.0 * ops[i].seconds / total : 0.0);
 }
 
 int run_bench(const BenchArgs& a) {
-  std::filesystem::path dir;
-  std::filesystem::path tmp;
-  if (a.synthetic) {
-    tmp = std::filesystem::temp_directory_path() / fmt::format("ballast-bench-{}", ::getpid());
-    fmt::print(stderr, "writing a random mid-size model (H=1024, 8 layers, 64 experts, top-8, bf16) to {}\n",
-               tmp.string());
-    model::write_random_checkpoint(model::random_model_config({}), tmp, 1234);
-    dir = tmp;
-  } else {
-    dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
-  }
-  struct Cleanup {
-    std::filesystem::path p;
-    ~Cleanup() {
-      std::error_code ec;
-      if (!p.empty()) std::filesystem::remove_all(p, ec);
-    }
-  } cleanup{tmp};
+  const std::vector<int> batches = parse_list(a.batches, "--batch");
+  std::vector<int> prefills = parse_list(a.prefills, "--prefill");
+  const std::vector<int> spec_steps = parse_list(a.speculative, "--speculative-num-steps");
+  check(!batches.empty(), "--batch: no batch size given");
+  check(a.synthetic.empty() || a.model.empty(), "--synthetic and --model: give one");
+  check(a.layers == 0 || !a.synthetic.empty(), "--layers applies to --synthetic models only");
+  const int bmax = *std::max_element(batches.begin(), batches.end());
+  if (prefills.empty()) prefills = {a.prompt_len};
+  const int pmax = *std::max_element(prefills.begin(), prefills.end());
+  const int smax = spec_steps.empty() ? 0 : *std::max_element(spec_steps.begin(), spec_steps.end());
 
-  const model::ModelConfig cfg = model::load_model_config(dir);
-  std::mt19937 rng(7);
-  std::vector<std::vector<int32_t>> prompts(static_cast<size_t>(a.batch));
-  for (auto& p : prompts)
-    for (int i = 0; i < a.prompt_len; ++i) p.push_back(int32_t(rng() % uint32_t(cfg.vocab_size)));
-  // Every prompt's prefill in one pass, as the figures are per pass.
-  CacheArgs cache;
-  cache.chunked_prefill_size = std::max(cache.chunked_prefill_size, a.batch * a.prompt_len);
+  // Limits for every run of this bench: bmax sequences of prompt_len + decode, or one of pmax.
   runtime::EngineOptions opts;
-  opts.cache = to_cache_options(cache, prompts, prompts.size(), a.decode_steps + 1, 2 * a.speculative_steps);
+  runtime::CacheOptions& cache = opts.cache;
+  const int64_t per_seq = a.prompt_len + a.decode_steps + 8 + 2 * smax;
+  cache.max_running_requests = bmax;
+  cache.chunked_prefill_size = std::max({pmax, 2048, std::min(bmax * a.prompt_len, 16384)});
+  const int64_t page = cache.page_size;
+  cache.max_total_tokens = std::max(int64_t(bmax) * (per_seq + page), int64_t(pmax) + 2 * page);
+  cache.context_length = std::max<int64_t>(per_seq, pmax + 1);
   opts.cuda_graphs = !a.disable_cuda_graph;
-  auto engine = load_engine(dir, a.device, a.threads, opts);
 
-  // Best of `repeats` runs of prefill + decode.
-  runtime::GenerationStats best;
-  double best_prefill = 0, best_decode = 0;
-  int64_t step_downloads = 0, step_passes = 0;
-  for (int r = 0; r < a.repeats; ++r) {
-    const kernels::Counters before = engine->backend().counters();
-    auto res = engine->generate(prompts, a.decode_steps + 1);
-    step_downloads = engine->backend().counters().downloads - before.downloads;
-    step_passes = res.stats.passes;
-    const auto& s = res.stats;
-    best_prefill = std::max(best_prefill, s.prefill_tokens / s.prefill_seconds);
-    best_decode = std::max(best_decode, s.decode_tokens / s.decode_seconds);
-    best = s;
-  }
-  // Speculation, measured in the same run on the same prompts: decode speed ratio and acceptance.
-  double spec_decode = 0;
-  runtime::SpeculativeStats spec;
-  if (a.speculative_steps > 0) {
-    for (int r = 0; r < a.repeats; ++r) {
-      runtime::SpeculativeStats st;
-      auto res = runtime::generate_speculative(*engine, prompts, a.decode_steps + 1, {.num_steps = a.speculative_steps}, &st);
-      const double tps = res.stats.decode_tokens / res.stats.decode_seconds;
-      if (tps > spec_decode) spec_decode = tps, spec = st;
-    }
-  }
-  const double copy_bw = measure_copy_bandwidth(engine->backend(), a.threads);
-  const double wbytes = double(dtype_size(engine->model().weights().embed.dtype()));
-  const int64_t mid_context = a.prompt_len + a.decode_steps / 2;
-  // At batch b a step reads the shared weights once; routed experts differ per sequence, so
-  // charge bytes per sequence-token as the batch-1 figure (an upper bound on sharing).
-  const double bytes_tok = decode_bytes_per_token(cfg, wbytes, mid_context);
-  const double achieved = bytes_tok * best_decode / (a.batch > 1 ? a.batch : 1);
-  const double ratio = achieved / copy_bw;
-
-  if (a.json) {
-    nlohmann::json j = {{"model", dir.string()},           {"synthetic", a.synthetic},
-                        {"device", engine->backend().describe()},
-                        {"threads", a.threads},            {"batch", a.batch},
-                        {"prompt_len", a.prompt_len},      {"decode_steps", a.decode_steps},
-                        {"prefill_tokens_per_s", best_prefill}, {"decode_tokens_per_s", best_decode},
-                        {"decode_bytes_per_token", bytes_tok},  {"decode_bandwidth_gb_s", achieved / 1e9},
-                        {"copy_bandwidth_gb_s", copy_bw / 1e9}, {"bandwidth_ratio", ratio},
-                        // A decode step: kernels and copies in its graph (0: eager), host waits.
-                        {"decode_graph_nodes", engine->runner().last_graph_nodes()},
-                        {"downloads_per_pass", step_passes ? double(step_downloads) / double(step_passes) : 0.0}};
-    if (a.speculative_steps > 0) {
-      j["speculative_num_steps"] = a.speculative_steps;
-      j["speculative_decode_tokens_per_s"] = spec_decode;
-      j["speculative_speedup"] = spec_decode / best_decode;
-      j["acceptance_length"] = spec.acceptance_length();
-    }
-    fmt::print("{}\n", j.dump());
+  std::unique_ptr<runtime::Engine> engine;
+  std::string model_name;
+  if (!a.synthetic.empty()) {
+    const model::RandomModelShape shape = model::preset_shape(a.synthetic, a.layers);
+    model::ModelConfig cfg = model::parse_model_config(model::random_model_config(shape), "synthetic " + a.synthetic);
+    check(smax == 0, "--speculative-num-steps: synthetic models have no MTP head");
+    auto backend = make_backend(a.device, a.threads);
+    const double t0 = now_seconds();
+    model::ModelWeights w = model::random_weights(cfg, *backend, 1234);
+    backend->synchronize();
+    const double gb = 2.0 * double(model::count_parameters(cfg).total()) / 1e9;
+    fmt::print(stderr, "made {:.1f} GB of random bf16 weights on {} in {:.1f} s\n", gb, backend->describe(),
+               seconds_since(t0));
+    engine = runtime::Engine::create(std::move(cfg), std::move(w), std::move(backend), opts);
+    model_name = fmt::format("synthetic {} ({} of {} layers, bf16)", a.synthetic, shape.layers,
+                             model::preset_shape(a.synthetic).layers);
   } else {
-    fmt::print("model            {}\n", a.synthetic ? "random mid-size (H=1024, 8 layers, 64 experts, top-8, bf16)" : dir.string());
-    fmt::print("device           {}\n", engine->backend().describe());
-    fmt::print("prefill          {:.1f} tokens/s ({} x {} tokens)\n", best_prefill, a.batch, a.prompt_len);
-    fmt::print("decode           {:.1f} tokens/s (batch {})\n", best_decode, a.batch);
-    fmt::print("bytes per token  {:.1f} MB (weights visited + DeltaNet state + KV at {} tokens)\n", bytes_tok / 1e6,
-               mid_context);
-    fmt::print("decode bandwidth {:.2f} GB/s vs copy bandwidth {:.2f} GB/s: ratio {:.2f}\n", achieved / 1e9,
-               copy_bw / 1e9, ratio);
-    if (a.speculative_steps > 0)
-      fmt::print("speculative      {:.1f} tokens/s with {} MTP draft steps: {:.2f}x decode, acceptance length {:.2f}\n",
-                 spec_decode, a.speculative_steps, spec_decode / best_decode, spec.acceptance_length());
+    const std::filesystem::path dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
+    engine = load_engine(dir, a.device, a.threads, opts);
+    model_name = dir.string();
+  }
+  runtime::Engine& e = *engine;
+  const model::ModelConfig& cfg = e.config();
+  const Work work{cfg, model::count_parameters(cfg), double(dtype_size(e.model().weights().embed.dtype()))};
+  const kernels::Ceilings ceil = e.backend().measure_ceilings();
+
+  std::mt19937 rng(7);
+  std::vector<DecodeFigure> decode;
+  for (size_t i = 0; i < batches.size(); ++i) {
+    DecodeFigure best{};
+    for (int r = 0; r < a.repeats; ++r) {
+      DecodeFigure f = measure_decode(e, rng, batches[i], a.prompt_len, a.decode_steps, a.profile && i == 0 && r == 0);
+      if (f.profile.empty() && !best.profile.empty()) f.profile = best.profile;
+      if (r == 0 || f.tokens_per_s > best.tokens_per_s) best = std::move(f);
+    }
+    decode.push_back(std::move(best));
+  }
+  std::vector<PrefillFigure> prefill;
+  for (size_t i = 0; i < prefills.size(); ++i)
+    prefill.push_back(measure_prefill(e, rng, prefills[i], a.repeats, a.profile && i == 0));
+
+  // Speculation: decode with and without drafts on the same prompts, by generate().
+  struct SpecFigure {
+    int batch, steps;
+    double plain, speculative, acceptance;
+  };
+  std::vector<SpecFigure> spec;
+  for (int b : spec_steps.empty() ? std::vector<int>{} : batches) {
+    std::vector<std::vector<int32_t>> prompts;
+    for (int i = 0; i < b; ++i) prompts.push_back(random_prompt(rng, a.prompt_len, cfg.vocab_size));
+    double plain = 0;
+    for (int r = 0; r < a.repeats; ++r) {
+      const auto res = e.generate(prompts, a.decode_steps + 1);
+      plain = std::max(plain, res.stats.decode_tokens / res.stats.decode_seconds);
+    }
+    for (int s : spec_steps) {
+      SpecFigure f{b, s, plain, 0, 0};
+      for (int r = 0; r < a.repeats; ++r) {
+        runtime::SpeculativeStats st;
+        const auto res = runtime::generate_speculative(e, prompts, a.decode_steps + 1, {.num_steps = s}, &st);
+        const double tps = res.stats.decode_tokens / res.stats.decode_seconds;
+        if (tps > f.speculative) f.speculative = tps, f.acceptance = st.acceptance_length();
+      }
+      spec.push_back(f);
+    }
+  }
+
+  const int64_t context = a.prompt_len + a.decode_steps / 2;
+  auto decode_row = [&](const DecodeFigure& f) {
+    const double bytes = work.step_bytes(f.batch, context);
+    return std::tuple{bytes / f.batch, bytes / f.step_seconds};
+  };
+  {
+    nlohmann::json j = {{"model", model_name},
+                        {"device", e.backend().describe()},
+                        {"threads", a.threads},
+                        {"prompt_len", a.prompt_len},
+                        {"decode_steps", a.decode_steps},
+                        {"copy_bandwidth_gb_s", ceil.copy_bytes_per_s / 1e9},
+                        {"gemm_tflop_s", ceil.gemm_flops_per_s / 1e12},
+                        {"gemm", ceil.gemm},
+                        {"params_total", work.p.total()},
+                        {"params_active_per_token", work.p.active_per_token()},
+                        // A decode step: kernels and copies in its graph (0: eager).
+                        {"decode_graph_nodes", e.runner().last_graph_nodes()}};
+    // The first batch and prefill at the top level too (what earlier versions printed).
+    j["decode_tokens_per_s"] = decode[0].tokens_per_s;
+    j["prefill_tokens_per_s"] = prefill[0].tokens_per_s;
+    j["decode"] = nlohmann::json::array();
+    for (const auto& f : decode) {
+      const auto [per_token, bw] = decode_row(f);
+      j["decode"].push_back({{"batch", f.batch}, {"tokens_per_s", f.tokens_per_s}, {"step_ms", f.step_seconds * 1e3},
+                             {"bytes_per_token", per_token}, {"bandwidth_gb_s", bw / 1e9},
+                             {"bandwidth_ratio", bw / ceil.copy_bytes_per_s}});
+    }
+    j["bandwidth_ratio"] = j["decode"][0]["bandwidth_ratio"];
+    j["prefill"] = nlohmann::json::array();
+    for (const auto& f : prefill) {
+      const double flops = work.prefill_flops(f.tokens);
+      j["prefill"].push_back({{"tokens", f.tokens}, {"tokens_per_s", f.tokens_per_s}, {"seconds", f.seconds},
+                              {"tflop", flops / 1e12}, {"tflop_s", flops / f.seconds / 1e12},
+                              {"gemm_ratio", flops / f.seconds / ceil.gemm_flops_per_s}});
+    }
+    if (a.profile) {
+      j["decode_profile"] = {{"batch", decode[0].batch}, {"ops", profile_json(decode[0].profile)}};
+      j["prefill_profile"] = {{"tokens", prefill[0].tokens}, {"ops", profile_json(prefill[0].profile)}};
+    }
+    for (const auto& s : spec)
+      j["speculative"].push_back({{"batch", s.batch}, {"num_steps", s.steps}, {"decode_tokens_per_s", s.plain},
+                                  {"speculative_tokens_per_s", s.speculative}, {"speedup", s.speculative / s.plain},
+                                  {"acceptance_length", s.acceptance}});
+    if (!a.json_file.empty()) {
+      std::ofstream f(a.json_file);
+      f << j.dump(1) << "\n";
+      check(f.good(), "--json-file {}: cannot write", a.json_file);
+    }
+    if (a.json) {
+      fmt::print("{}\n", j.dump());
+      return 0;
+    }
+  }
+  fmt::print("model     {}: {:.2f} B parameters, {:.2f} B active per token\n", model_name, work.p.total() / 1e9,
+             work.p.active_per_token() / 1e9);
+  fmt::print("device    {}\n", e.backend().describe());
+  fmt::print("ceilings  copy {:.0f} GB/s, GEMM {:.4g} TFLOP/s ({})\n", ceil.copy_bytes_per_s / 1e9,
+             ceil.gemm_flops_per_s / 1e12, ceil.gemm);
+  fmt::print("\ndecode at {} tokens of context (bytes: weights read once per step, the experts the batch visits,\n"
+             "states and KV per sequence)\n", context);
+  fmt::print("  {:>6} {:>12} {:>10} {:>14} {:>12} {:>10}\n", "batch", "tokens/s", "ms/step", "MB/token", "GB/s",
+             "of copy");
+  for (const auto& f : decode) {
+    const auto [per_token, bw] = decode_row(f);
+    fmt::print("  {:>6} {:>12.1f} {:>10.3f} {:>14.2f} {:>12.1f} {:>9.1f}%\n", f.batch, f.tokens_per_s,
+               f.step_seconds * 1e3, per_token / 1e6, bw / 1e9, 100 * bw / ceil.copy_bytes_per_s);
+  }
+  fmt::print("\nprefill of one sequence in one pass (FLOPs: 2 per weight visited, attention, delta rule)\n");
+  fmt::print("  {:>8} {:>12} {:>10} {:>10} {:>10} {:>10}\n", "tokens", "tokens/s", "ms", "TFLOP", "TFLOP/s", "of GEMM");
+  for (const auto& f : prefill) {
+    const double flops = work.prefill_flops(f.tokens);
+    fmt::print("  {:>8} {:>12.1f} {:>10.2f} {:>10.4g} {:>10.4g} {:>9.1f}%\n", f.tokens, f.tokens_per_s,
+               f.seconds * 1e3, flops / 1e12, flops / f.seconds / 1e12,
+               100 * flops / f.seconds / ceil.gemm_flops_per_s);
+  }
+  if (a.profile) {
+    print_profile(fmt::format("decode step, batch {}", decode[0].batch), decode[0].profile, decode[0].step_seconds);
+    print_profile(fmt::format("prefill pass, {} tokens", prefill[0].tokens), prefill[0].profile, prefill[0].seconds);
+  }
+  if (!spec.empty()) {
+    fmt::print("\nMTP speculation (NEXTN), decode of {} tokens after {}-token prompts\n", a.decode_steps, a.prompt_len);
+    fmt::print("  {:>6} {:>6} {:>12} {:>12} {:>8} {:>11}\n", "batch", "steps", "plain tok/s", "spec tok/s", "speedup",
+               "acceptance");
+    for (const auto& s : spec)
+      fmt::print("  {:>6} {:>6} {:>12.1f} {:>12.1f} {:>7.2f}x {:>11.2f}\n", s.batch, s.steps, s.plain, s.speculative,
+                 s.speculative / s.plain, s.acceptance);
   }
   return 0;
 }
@@ -181,21 +371,35 @@ int run_bench(const BenchArgs& a) {
 
 void add_bench(CLI::App& app, Runner& run) {
   auto a = std::make_shared<BenchArgs>();
-  auto* c = app.add_subcommand("bench", "Prefill/decode throughput and decode bandwidth vs the machine's copy bandwidth");
+  auto* c = app.add_subcommand("bench", "Prefill and decode throughput beside the device's measured ceilings");
   c->add_option("--model", a->model, "Model directory; default: the shipped model");
-  c->add_flag("--synthetic", a->synthetic, "Benchmark a random mid-size model (H=1024, 8 layers, 64 experts, top-8)");
-  c->add_option("--prompt-len", a->prompt_len, "Prompt tokens per sequence")->check(CLI::Range(1, 1 << 20));
-  c->add_option("--decode-steps", a->decode_steps, "Decode steps")->check(CLI::Range(1, 1 << 20));
-  c->add_option("--batch", a->batch, "Sequences decoded together")->check(CLI::Range(1, 4096));
-  c->add_option("--repeats", a->repeats, "Runs; the best is reported")->check(CLI::Range(1, 100));
+  c->add_option("--synthetic", a->synthetic,
+                fmt::format("A model of a published size with random weights made on the device: {} (default "
+                            "mid-size)", fmt::join(model::preset_names(), ", ")))
+      ->expected(0, 1);
+  c->add_option("--layers", a->layers, "Synthetic models: keep the first N layers (bf16 weights must fit the device)")
+      ->check(CLI::Range(1, 1024));
+  c->add_option("--prompt-len", a->prompt_len, "Context of the decoding sequences (prompt tokens)")
+      ->check(CLI::Range(1, 1 << 20));
+  c->add_option("--decode-steps", a->decode_steps, "Decode steps timed")->check(CLI::Range(1, 1 << 20));
+  c->add_option("--batch", a->batches, "Sequences decoded together, a list: 1,8,32");
+  c->add_option("--prefill", a->prefills, "Prefill lengths (one sequence, one pass), a list: 1024,8192 "
+                                          "(default: --prompt-len)");
+  c->add_option("--repeats", a->repeats, "Runs of each figure; the best is reported")->check(CLI::Range(1, 100));
   c->add_option("--threads", a->threads, "CPU threads (0 = all cores)");
-  c->add_option("--speculative-num-steps", a->speculative_steps,
-                "Also decode with MTP speculation (NEXTN) of this many draft steps, in the same run")
-      ->check(CLI::Range(0, 16));
+  c->add_option("--speculative-num-steps", a->speculative,
+                "Also decode with MTP speculation (NEXTN) of these draft steps, a list: 1,2,3")
+      ->expected(1);
+  c->add_flag("--profile", a->profile,
+              "Time every op of one decode step (first batch) and one prefill pass (first length)");
   c->add_flag("--json", a->json, "Print one JSON object");
+  c->add_option("--json-file", a->json_file, "Also write the JSON object to this file");
   add_device_option(c, a->device);
   c->add_flag("--disable-cuda-graph", a->disable_cuda_graph, "Run decode passes eagerly (no CUDA graphs)");
-  c->callback([a, &run] { run = [a] { return run_bench(*a); }; });
+  c->callback([a, c, &run] {
+    if (c->get_option("--synthetic")->count() > 0 && a->synthetic.empty()) a->synthetic = "mid-size";
+    run = [a] { return run_bench(*a); };
+  });
 }
 
 }  // namespace ballast::cli

@@ -170,7 +170,7 @@ int run_generate(const GenerateArgs& a) {
 struct LogitsArgs {
   std::string model, prompt_ids, out;
   int threads = 0;
-  std::string device = "auto";
+  DeviceArgs device;
 };
 
 int run_logits(const LogitsArgs& a) {

@@ -17,7 +17,7 @@ struct EngineArgs {
   int threads = 0;
   EpArgs ep;
   CacheArgs cache;
-  std::string device = "auto";
+  DeviceArgs device;
   bool disable_cuda_graph = false;
   std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
   int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;

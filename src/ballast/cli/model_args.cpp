@@ -103,22 +103,25 @@ runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std
   return o;
 }
 
-void add_device_option(CLI::App* c, std::string& device) {
-  c->add_option("--device", device, "cuda | cpu (default: cuda when a GPU is visible)")
+void add_device_option(CLI::App* c, DeviceArgs& d) {
+  c->add_option("--device", d.device, "cuda | cpu (default: cuda when a GPU is visible)")
       ->check(CLI::IsMember({"auto", "cuda", "cpu"}));
+  c->add_option("--matmul-precision", d.matmul_precision,
+                "CUDA matrix products: bf16 (tensor cores, fp32 accumulation; default) | fp32 (as the CPU reference)")
+      ->check(CLI::IsMember({"bf16", "fp32"}));
 }
 
-std::unique_ptr<kernels::Backend> make_backend(const std::string& device, int threads, int gpu) {
+std::unique_ptr<kernels::Backend> make_backend(const DeviceArgs& d, int threads, int gpu) {
 #ifdef BALLAST_HAS_CUDA
-  if (device == "cuda" || (device == "auto" && kernels::cuda_available()))
-    return std::make_unique<kernels::CudaBackend>(gpu);
+  if (d.device == "cuda" || (d.device == "auto" && kernels::cuda_available()))
+    return std::make_unique<kernels::CudaBackend>(gpu, kernels::CudaOptions{.bf16_matmul = d.matmul_precision == "bf16"});
 #else
-  check(device != "cuda", "--device cuda: this build has no CUDA backend (nvcc was not found when it was built)");
+  check(d.device != "cuda", "--device cuda: this build has no CUDA backend (nvcc was not found when it was built)");
 #endif
   return std::make_unique<kernels::CpuBackend>(threads);
 }
 
-std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, const std::string& device, int threads,
+std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, const DeviceArgs& device, int threads,
                                              runtime::EngineOptions opts, bool progress, int gpu) {
   std::optional<ProgressBar> bar, upload;  // created once the total size is known
   if (progress) {

@@ -35,14 +35,19 @@ runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std
                                        size_t per_rank, int new_tokens, int extra);
 
 // Where a command runs: --device cuda | cpu (default: cuda when this build has the CUDA backend
-// and a GPU is visible, else cpu).
-void add_device_option(CLI::App* cmd, std::string& device);
+// and a GPU is visible, else cpu), and how a GPU multiplies matrices: --matmul-precision bf16
+// (tensor cores, the default) | fp32 (equal to the CPU reference).
+struct DeviceArgs {
+  std::string device = "auto";
+  std::string matmul_precision = "bf16";
+};
+void add_device_option(CLI::App* cmd, DeviceArgs& device);
 // The backend for `device` ("auto", "cuda" or "cpu"): the CPU with `threads` threads (0 = all
 // cores), or CUDA device `gpu`. Errors say why CUDA cannot be had.
-std::unique_ptr<kernels::Backend> make_backend(const std::string& device, int threads, int gpu = 0);
+std::unique_ptr<kernels::Backend> make_backend(const DeviceArgs& device, int threads, int gpu = 0);
 
 // Builds the backend and loads the engine on it, with a progress bar while the weights are read.
-std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, const std::string& device, int threads,
+std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, const DeviceArgs& device, int threads,
                                              runtime::EngineOptions opts = {}, bool progress = true, int gpu = 0);
 
 }  // namespace ballast::cli

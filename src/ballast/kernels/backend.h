@@ -14,6 +14,14 @@ namespace ballast::kernels {
 
 class Ops;
 
+// Where a pass spends its time, by op (bench's per-kernel breakdown). Some ops report a variant
+// after a space ("matmul gemv", "attention decode"): the kernel path they took.
+struct OpTime {
+  std::string op;
+  int64_t calls = 0;
+  double seconds = 0;  // device time
+};
+
 struct Counters {
   int64_t allocations = 0;  // device buffers allocated: alloc(), workspace growth, op scratch growth
   int64_t bytes_allocated = 0;
@@ -25,6 +33,14 @@ struct Counters {
   // Bumped whenever a buffer the ops keep for themselves moves (scratch regrown): graphs
   // captured before then read freed memory and must be captured again.
   int64_t memory_epoch = 0;
+};
+
+// What the hardware can do, measured (bench prints every speed beside these, as ratios).
+struct Ceilings {
+  double copy_bytes_per_s = 0;  // bytes read + written per second by a large device-to-device copy
+  double gemm_flops_per_s = 0;  // a large dense matrix product in the vendor library: bf16 on a
+                                // GPU (cuBLAS), fp32 on the CPU (OpenBLAS sgemm over the pool)
+  std::string gemm;             // what was multiplied, e.g. "cuBLAS bf16 8192^3"
 };
 
 class Backend {
@@ -57,6 +73,15 @@ class Backend {
   virtual bool replay(int64_t key) { return false; }  // false: no graph under key
   virtual int64_t graph_nodes(int64_t key) const { return 0; }  // kernels and copies in the graph
   virtual void drop_graphs() {}
+
+  // Op timing: between start and stop, every op's device time is measured (on a GPU with events
+  // around each op, which serialises nothing but adds a little; no graph is captured meanwhile,
+  // can_capture() says false). stop returns the ops by decreasing total time.
+  virtual void start_op_timing() = 0;
+  virtual std::vector<OpTime> stop_op_timing() = 0;
+
+  // Measures the ceilings now (a second or so; allocates and frees its own buffers).
+  virtual Ceilings measure_ceilings() = 0;
 
   const Counters& counters() const { return counters_; }
 

@@ -1,6 +1,7 @@
 #include "ballast/kernels/op_checks.h"
 
 #include <algorithm>
+#include <cmath>
 
 #include "ballast/core/error.h"
 
@@ -97,6 +98,12 @@ ConcatShape check_concat_cols(const Tensor& a, const Tensor& b, const Tensor& ou
             b.dtype() == DType::F32 && out.dtype() == DType::F32,
         "concat_cols: a{} b{} out{}", a, b, out);
   return {T, A, B};
+}
+
+void check_fill_uniform(const Tensor& t, float scale) {
+  check(t.defined() && (t.dtype() == DType::F32 || t.dtype() == DType::BF16 || t.dtype() == DType::F16),
+        "fill_uniform: t{} must be F32, BF16 or F16", t);
+  check(std::isfinite(scale), "fill_uniform: scale {} is not finite", scale);
 }
 
 void check_silu_mul(const Tensor& gate, const Tensor& up, const Tensor& out) {

@@ -38,6 +38,7 @@ struct MatmulShape {
   int64_t T, K, N;
 };
 MatmulShape check_matmul(const Tensor& x, const Tensor& w, const Tensor& y);
+void check_fill_uniform(const Tensor& t, float scale);
 RowShape check_rms_norm(const Tensor& x, const Tensor& w, const Tensor& y);
 void check_add(const Tensor& y, const Tensor& x);
 void check_copy(const Tensor& src, const Tensor& dst);

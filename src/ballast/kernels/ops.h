@@ -93,6 +93,9 @@ class Ops {
   virtual void copy(const Tensor& src, Tensor& dst) = 0;
   // t = 0 (any dtype)
   virtual void zero(Tensor& t) = 0;
+  // t[i] = uniform_weight(seed, i, scale) (random_fill.h) rounded to t's dtype (F32, BF16 or F16):
+  // random weights made where they live, equal on every backend.
+  virtual void fill_uniform(Tensor& t, uint64_t seed, float scale) = 0;
   // out[T, A + B] = [a[T, A] | b[T, B]]
   virtual void concat_cols(const Tensor& a, const Tensor& b, Tensor& out) = 0;
   // out = silu(gate) * up, elementwise; out may alias gate.

@@ -15,9 +15,9 @@
 namespace ballast::model {
 
 nlohmann::json random_model_config(const RandomModelShape& s) {
-  return {
-      {"architectures", {"Qwen3NextForCausalLM"}},
-      {"model_type", "qwen3_next"},
+  nlohmann::json j = {
+      {"architectures", {s.qwen35 ? "Qwen3_5MoeForCausalLM" : "Qwen3NextForCausalLM"}},
+      {"model_type", s.qwen35 ? "qwen3_5_moe_text" : "qwen3_next"},
       {"vocab_size", s.vocab},
       {"hidden_size", s.hidden},
       {"num_hidden_layers", s.layers},
@@ -43,6 +43,8 @@ nlohmann::json random_model_config(const RandomModelShape& s) {
       {"mlp_only_layers", nlohmann::json::array()},
       {"norm_topk_prob", true},
   };
+  if (s.qwen35) j.erase("intermediate_size"), j.erase("decoder_sparse_step"), j.erase("mlp_only_layers");
+  return j;
 }
 
 namespace {

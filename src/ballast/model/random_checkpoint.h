@@ -17,6 +17,7 @@ struct RandomModelShape {
   int key_heads = 8, value_heads = 16, key_dim = 128, value_dim = 128;
   int experts = 64, top_k = 8, moe_intermediate = 512, shared_intermediate = 512;
   int full_attention_interval = 4;
+  bool qwen35 = false;  // a Qwen3_5MoeForCausalLM config (every layer MoE) instead of Qwen3-Next's
 };
 nlohmann::json random_model_config(const RandomModelShape& s);
 

@@ -29,7 +29,8 @@ void SlotStore::fill(int layer, int slot, const kernels::SwigluWeights& src) {
     check(s->shape() == d->shape() && s->dtype() == d->dtype(), "slot store: expert tensor {} {} does not fit slot {} {}",
           *s, dtype_name(s->dtype()), *d, dtype_name(d->dtype()));
     Tensor to = *d;
-    be_.upload(s->raw(), to);
+    if (s->device() == be_.device()) be_.ops().copy(*s, to);  // weights made on the device
+    else be_.upload(s->raw(), to);
   }
 }
 

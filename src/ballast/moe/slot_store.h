@@ -27,7 +27,8 @@ class SlotStore {
     return {weights_.data() + index(l, 0), size_t(slots_)};
   }
 
-  // Uploads an expert's weights (host tensors of the same shapes and dtype) into a slot.
+  // Fills a slot with an expert's weights (same shapes and dtype): uploaded from host tensors,
+  // copied from tensors already on this backend's device.
   void fill(int layer, int slot, const kernels::SwigluWeights& host);
 
  private:

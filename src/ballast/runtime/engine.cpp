@@ -45,7 +45,7 @@ std::string_view finish_reason_name(FinishReason r) {
   return "";
 }
 
-Engine::Engine(std::unique_ptr<kernels::Backend> backend, io::Checkpoint ckpt, const EngineOptions& opts)
+Engine::Engine(std::unique_ptr<kernels::Backend> backend, std::optional<io::Checkpoint> ckpt, const EngineOptions& opts)
     : backend_(std::move(backend)), ckpt_(std::move(ckpt)), opts_(opts), comm_(opts.comm), data_(opts.data),
       steps_(opts.speculative_steps) {
   // A plane that moves host memory only reaches this backend's buffers through host copies.
@@ -66,7 +66,7 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, std
   io::Checkpoint ckpt = io::Checkpoint::open(model_dir);
   if (opts.load_progress) ckpt.prefault(opts.load_progress);
   std::unique_ptr<Engine> e(new Engine(std::move(backend), std::move(ckpt), opts));
-  const model::ModelWeights host = model::bind_weights(cfg, e->ckpt_);
+  const model::ModelWeights host = model::bind_weights(cfg, *e->ckpt_);
   model::ModelWeights device = host;
   // Weights go to the device once, here (a CPU reads them in place: nothing to report).
   uint64_t total = 0, done = 0;
@@ -76,16 +76,32 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, std
     t = e->backend_->to_device(t);
     if (report) opts.upload_progress(done += t.nbytes(), total);
   });
-  e->local_moe_ = std::make_unique<moe::LocalMoeRunner>(e->backend_->ops());
-  e->model_ = std::make_unique<model::Model>(std::move(cfg), std::move(device), e->backend_->ops(), *e->local_moe_);
-  check(e->steps_ >= 0 && (e->steps_ == 0 || e->model_->has_mtp()),
-        "speculative decoding needs an MTP head (mtp.* tensors), the model has none");
-  check(opts.cache.chunked_prefill_size > 0 && opts.cache.max_running_requests > 0 && opts.cache.page_size > 0,
-        "cache options: chunked prefill size {}, {} running requests, page size {}", opts.cache.chunked_prefill_size,
-        opts.cache.max_running_requests, opts.cache.page_size);
-  e->build_outputs(opts.comm ? &host : nullptr);
-  e->build_cache();
+  e->build(std::move(cfg), std::move(device), host);
   return e;
+}
+
+std::unique_ptr<Engine> Engine::create(model::ModelConfig cfg, model::ModelWeights device_weights,
+                                       std::unique_ptr<kernels::Backend> backend, const EngineOptions& opts) {
+  check(backend != nullptr, "Engine::create: no backend");
+  check((opts.comm == nullptr) == (opts.data == nullptr),
+        "expert parallelism needs both the control plane (comm) and the data plane (data)");
+  std::unique_ptr<Engine> e(new Engine(std::move(backend), std::nullopt, opts));
+  const model::ModelWeights source = device_weights;  // views: the slots are filled from these
+  e->build(std::move(cfg), std::move(device_weights), source);
+  return e;
+}
+
+void Engine::build(model::ModelConfig cfg, model::ModelWeights device, const model::ModelWeights& source) {
+  local_moe_ = std::make_unique<moe::LocalMoeRunner>(backend_->ops());
+  model_ = std::make_unique<model::Model>(std::move(cfg), std::move(device), backend_->ops(), *local_moe_);
+  check(steps_ >= 0 && (steps_ == 0 || model_->has_mtp()),
+        "speculative decoding needs an MTP head (mtp.* tensors), the model has none");
+  const CacheOptions& c = opts_.cache;
+  check(c.chunked_prefill_size > 0 && c.max_running_requests > 0 && c.page_size > 0,
+        "cache options: chunked prefill size {}, {} running requests, page size {}", c.chunked_prefill_size,
+        c.max_running_requests, c.page_size);
+  build_outputs(opts_.comm ? &source : nullptr);
+  build_cache();
 }
 
 Engine::PassOutput Engine::make_output(int64_t load_size) {

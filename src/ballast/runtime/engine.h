@@ -102,6 +102,10 @@ class Engine {
  public:
   static std::unique_ptr<Engine> load(const std::filesystem::path& model_dir, std::unique_ptr<kernels::Backend> backend,
                                       const EngineOptions& opts = {});
+  // An engine over weights already on the backend (model::random_weights: benchmarks of the
+  // published sizes). Under expert parallelism each rank's expert slots are copied from them.
+  static std::unique_ptr<Engine> create(model::ModelConfig cfg, model::ModelWeights device_weights,
+                                        std::unique_ptr<kernels::Backend> backend, const EngineOptions& opts = {});
   ~Engine();
 
   const model::ModelConfig& config() const { return model_->config(); }
@@ -160,7 +164,10 @@ class Engine {
     Tensor results(int64_t n) const { return device.rows(load_size, load_size + n); }
   };
 
-  Engine(std::unique_ptr<kernels::Backend> backend, io::Checkpoint ckpt, const EngineOptions& opts);
+  Engine(std::unique_ptr<kernels::Backend> backend, std::optional<io::Checkpoint> ckpt, const EngineOptions& opts);
+  // What load and create share once the weights are on the device; `source` is where expert
+  // slots are filled from under expert parallelism (the host weights, or the device ones).
+  void build(model::ModelConfig cfg, model::ModelWeights device, const model::ModelWeights& source);
   PassOutput make_output(int64_t load_size);
   // The pass outputs and, under expert parallelism (host: the weights as loaded), this rank's
   // expert domains with their slots filled.
@@ -178,7 +185,7 @@ class Engine {
   void draft(std::span<const Scheduled> pass, const ModelRunner::Result& trunk, std::span<const int64_t> kept_rows);
 
   std::unique_ptr<kernels::Backend> backend_;
-  io::Checkpoint ckpt_;
+  std::optional<io::Checkpoint> ckpt_;  // the mapped checkpoint (none for create)
   EngineOptions opts_;
   dist::Communicator* comm_;
   std::unique_ptr<StagedDataPlane> staged_;  // when the given data plane cannot move this backend's buffers

@@ -15,6 +15,7 @@ using namespace cpu;
 
 void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
                        const SeqLayout& layout, Tensor& out) {
+  auto timed = time_op("attention");
   const AttentionShape shape = check_attention(q, k_new, v_new, k_cache, v_cache, layout, out);
   const int B = shape.B;
   if (B == 0) return;

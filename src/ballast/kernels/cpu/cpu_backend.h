@@ -10,6 +10,7 @@
 namespace ballast::kernels {
 
 class CpuOps;
+class OpTimes;
 
 class CpuBackend final : public Backend {
  public:
@@ -25,12 +26,16 @@ class CpuBackend final : public Backend {
   void upload(const void* host, Tensor& dst) override;
   void download(const Tensor& src, void* host) override;
   void synchronize() override {}
+  void start_op_timing() override;
+  std::vector<OpTime> stop_op_timing() override;
+  Ceilings measure_ceilings() override;
 
   ThreadPool& pool() { return pool_; }
 
  private:
   ThreadPool pool_;
   std::unique_ptr<CpuOps> ops_;
+  std::unique_ptr<OpTimes> op_times_;  // while timing is on
 };
 
 }  // namespace ballast::kernels

@@ -92,6 +92,7 @@ void CpuOps::for_each_sequence(const int32_t* cu, int B, const Fn& fn) {
 
 void CpuOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const SeqLayout& layout,
                                 Tensor& out) {
+  auto timed = time_op("causal_conv1d_silu");
   const ConvShape shape = check_causal_conv1d_silu(x, weight, states, layout, out);
   const int64_t C = shape.C, kc = shape.kc;
   const Sequences seqs = sequences_of("causal_conv1d_silu", layout, shape.T, shape.slots);
@@ -116,6 +117,7 @@ void CpuOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& s
 
 void CpuOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& d,
                               Tensor& states, const SeqLayout& layout, Tensor& out) {
+  auto timed = time_op("gated_delta_rule");
   const GatedDeltaRuleShape shape = check_gated_delta_rule(qkv, g, beta, d, states, layout, out);
   const int64_t kd = shape.kd, vd = shape.vd;
   const Sequences seqs = sequences_of("gated_delta_rule", layout, shape.T, shape.slots);

@@ -14,6 +14,7 @@ using namespace cpu;
 
 void CpuOps::token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& logprob, Tensor& top_ids,
                             Tensor& top_logprobs) {
+  auto timed = time_op("token_logprobs");
   const auto [R, V, K] = check_token_logprobs(logits, ids, logprob, top_ids, top_logprobs);
   const int32_t* id = i32(ids);
   for (int64_t r = 0; r < R; ++r)

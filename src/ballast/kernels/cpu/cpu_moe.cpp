@@ -19,6 +19,7 @@ namespace ballast::kernels {
 using namespace cpu;
 
 void CpuOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) {
+  auto timed = time_op("topk_softmax");
   const TopkShape shape = check_topk_softmax(logits, k, ids, weights);
   const int64_t T = shape.T;
   const int E = int(shape.E);
@@ -104,6 +105,7 @@ void dispatch_balanced(const DispatchTables& tables, std::span<const int32_t> ro
 }  // namespace
 
 void CpuOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank, Tensor& slots) {
+  auto timed = time_op("dispatch");
   const DispatchShape shape = check_dispatch(tables, ids, counts_by_rank, slots);
   const int64_t N = shape.N, E = shape.E;
   const int32_t* id = i32(ids);
@@ -139,6 +141,7 @@ void CpuOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Ten
 }
 
 void CpuOps::histogram(const Tensor& keys, Tensor& counts) {
+  auto timed = time_op("histogram");
   check_histogram(keys, counts);
   const int64_t N = keys.numel(), bins = counts.numel();
   const int32_t* k = i32(keys);
@@ -151,6 +154,7 @@ void CpuOps::histogram(const Tensor& keys, Tensor& counts) {
 
 void CpuOps::group_by(const Tensor& keys, const Tensor& valid, int div, int groups, Tensor& perm, Tensor& counts,
                       Tensor& offsets, Tensor& inverse) {
+  auto timed = time_op("group_by");
   const int64_t N = check_group_by(keys, valid, div, groups, perm, counts, offsets, inverse);
   int64_t n = N;
   if (valid.defined()) {
@@ -184,6 +188,7 @@ void CpuOps::group_by(const Tensor& keys, const Tensor& valid, int div, int grou
 
 void CpuOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                          std::span<const SwigluWeights> experts, Tensor& y) {
+  auto timed = time_op("moe_experts");
   const auto [M, H, Ny] = check_moe_experts(x, perm, offsets, row_div, experts, y);
   const int groups = int(experts.size());
   const int32_t* p = i32(perm);
@@ -247,6 +252,7 @@ void CpuOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offs
 }
 
 void CpuOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) {
+  auto timed = time_op("moe_combine");
   const auto [T, H, M, k] = check_moe_combine(y, rows, weights, out);
   const int32_t* r = nullptr;
   if (rows.defined()) {

@@ -11,6 +11,7 @@
 #include "ballast/kernels/cpu/matmul.h"
 #include "ballast/kernels/cpu/op_support.h"
 #include "ballast/kernels/op_checks.h"
+#include "ballast/kernels/random_fill.h"
 
 namespace ballast::kernels {
 
@@ -36,6 +37,7 @@ constexpr int64_t kElementGrain = int64_t(1) << 14;
 }  // namespace
 
 void CpuOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
+  auto timed = time_op("embedding");
   const auto [T, V, H] = check_embedding(ids, table, out);
   const int32_t* id = i32(ids);
   for (int64_t t = 0; t < T; ++t) check(id[t] >= 0 && id[t] < V, "embedding: token id {} out of range [0, {})", id[t], V);
@@ -48,11 +50,13 @@ void CpuOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
 }
 
 void CpuOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
+  auto timed = time_op("matmul");
   const auto [T, K, N] = check_matmul(x, w, y);
   cpu::matmul(f32(x), T, K, w, f32_mut(y), &pool_);
 }
 
 void CpuOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
+  auto timed = time_op("rms_norm");
   const auto [R, D] = check_rms_norm(x, w, y);
   thread_local std::vector<float> wtmp;
   const float* wv = as_f32(w, wtmp);
@@ -71,6 +75,7 @@ void CpuOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
 }
 
 void CpuOps::add(Tensor& y, const Tensor& x) {
+  auto timed = time_op("add");
   check_add(y, x);
   float* yp = f32_mut(y);
   const float* xp = f32(x);
@@ -80,15 +85,32 @@ void CpuOps::add(Tensor& y, const Tensor& x) {
 }
 
 void CpuOps::copy(const Tensor& src, Tensor& dst) {
+  auto timed = time_op("copy");
   check_copy(src, dst);
   if (src.nbytes() > 0 && src.raw() != dst.raw()) std::memmove(dst.raw(), src.raw(), src.nbytes());
 }
 
 void CpuOps::zero(Tensor& t) {
+  auto timed = time_op("zero");
   if (t.nbytes() > 0) std::memset(t.raw(), 0, t.nbytes());
 }
 
+void CpuOps::fill_uniform(Tensor& t, uint64_t seed, float scale) {
+  auto timed = time_op("fill_uniform");
+  check_fill_uniform(t, scale);
+  const DType dt = t.dtype();
+  parallel(&pool_, t.numel(), kElementGrain, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const float v = uniform_weight(seed, uint64_t(i), scale);
+      if (dt == DType::F32) t.f32()[i] = v;
+      else if (dt == DType::BF16) static_cast<uint16_t*>(t.raw())[i] = f32_to_bf16(v);
+      else static_cast<uint16_t*>(t.raw())[i] = f32_to_f16(v);
+    }
+  });
+}
+
 void CpuOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
+  auto timed = time_op("concat_cols");
   const auto [T, A, B] = check_concat_cols(a, b, out);
   for (int64_t t = 0; t < T; ++t) {
     std::memcpy(f32_mut(out) + t * (A + B), f32(a) + t * A, size_t(A) * 4);
@@ -97,6 +119,7 @@ void CpuOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
 }
 
 void CpuOps::silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) {
+  auto timed = time_op("silu_mul");
   check_silu_mul(gate, up, out);
   const float* g = f32(gate);
   const float* u = f32(up);
@@ -107,6 +130,7 @@ void CpuOps::silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) {
 }
 
 void CpuOps::mul_sigmoid(Tensor& x, const Tensor& gate) {
+  auto timed = time_op("mul_sigmoid");
   check_mul_sigmoid(x, gate);
   float* xp = f32_mut(x);
   const float* gp = f32(gate);
@@ -116,6 +140,7 @@ void CpuOps::mul_sigmoid(Tensor& x, const Tensor& gate) {
 }
 
 void CpuOps::scale_rows_sigmoid(Tensor& y, const Tensor& s) {
+  auto timed = time_op("scale_rows_sigmoid");
   const auto [T, D] = check_scale_rows_sigmoid(y, s);
   float* yp = f32_mut(y);
   for (int64_t t = 0; t < T; ++t) {
@@ -125,6 +150,7 @@ void CpuOps::scale_rows_sigmoid(Tensor& y, const Tensor& s) {
 }
 
 void CpuOps::gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) {
+  auto timed = time_op("gather_rows");
   const auto [N, M, row] = check_gather_rows(x, rows, row_div, out);
   const int32_t* r = i32(rows);
   for (int64_t i = 0; i < N; ++i)
@@ -137,6 +163,7 @@ void CpuOps::gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tenso
 }
 
 void CpuOps::scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) {
+  auto timed = time_op("scatter_rows");
   const auto [N, M, row] = check_scatter_rows(x, rows, out);
   const int32_t* r = i32(rows);
   for (int64_t i = 0; i < N; ++i)
@@ -150,6 +177,7 @@ void CpuOps::scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) {
 }
 
 void CpuOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
+  auto timed = time_op("split_heads_gate");
   const auto [rows, hd] = check_split_heads_gate(qg, q, gate);
   const float* s = f32(qg);
   for (int64_t r = 0; r < rows; ++r) {
@@ -159,6 +187,7 @@ void CpuOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
 }
 
 void CpuOps::rope(Tensor& x, const Tensor& positions, int rot, double theta) {
+  auto timed = time_op("rope");
   const auto [T, heads, hd] = check_rope(x, positions, rot);
   const int half = rot / 2;
   thread_local std::vector<float> inv_freq;
@@ -186,6 +215,7 @@ void CpuOps::rope(Tensor& x, const Tensor& positions, int rot, double theta) {
 
 void CpuOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias, Tensor& beta,
                          Tensor& g) {
+  auto timed = time_op("delta_gates");
   const auto [T, Hv] = check_delta_gates(b, a, A_log, dt_bias, beta, g);
   thread_local std::vector<float> al_tmp, dt_tmp;
   const float* al = as_f32(A_log, al_tmp);
@@ -198,6 +228,7 @@ void CpuOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, 
 }
 
 void CpuOps::gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) {
+  auto timed = time_op("gated_rms_norm");
   const auto [rows, dv] = check_gated_rms_norm(x, z, w, y);
   thread_local std::vector<float> wtmp;
   const float* wv = as_f32(w, wtmp);

@@ -8,6 +8,7 @@
 
 #include "ballast/core/thread_pool.h"
 #include "ballast/kernels/backend.h"
+#include "ballast/kernels/op_timing.h"
 #include "ballast/kernels/ops.h"
 
 namespace ballast::kernels {
@@ -36,6 +37,7 @@ class CpuOps final : public Ops {
   void add(Tensor& y, const Tensor& x) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void zero(Tensor& t) override;
+  void fill_uniform(Tensor& t, uint64_t seed, float scale) override;
   void concat_cols(const Tensor& a, const Tensor& b, Tensor& out) override;
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override;
   void mul_sigmoid(Tensor& x, const Tensor& gate) override;
@@ -72,7 +74,11 @@ class CpuOps final : public Ops {
   void token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& logprob, Tensor& top_ids,
                       Tensor& top_logprobs) override;
 
+  // Op timing (Backend::start_op_timing): null when off.
+  void set_op_times(OpTimes* times) { times_ = times; }
+
  private:
+  HostTimedOp time_op(const char* op) { return HostTimedOp(times_, timing_depth_, op); }
   // Runs fn(b, pool) for every sequence b of `rows` [B+1] (cu_seqlens): sequences of many rows
   // one at a time with the pool inside; when at least a pool's worth of sequences have few rows
   // (decode, verification), those side by side, each single-threaded (fn gets pool = nullptr).
@@ -83,6 +89,8 @@ class CpuOps final : public Ops {
   CpuScratch attention_scratch_;  // per worker: one row of scores
   CpuScratch expert_scratch_;     // per worker: one group's [rows, H + 2I]
   CpuScratch sampling_scratch_;   // per worker: one distribution [V]
+  OpTimes* times_ = nullptr;
+  int timing_depth_ = 0;
 };
 
 }  // namespace ballast::kernels

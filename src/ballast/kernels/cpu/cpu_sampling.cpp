@@ -45,6 +45,7 @@ RowParams row_params(const char* op, const SamplingRows& rows, int64_t R) {
 }  // namespace
 
 void CpuOps::sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) {
+  auto timed = time_op("sample");
   const auto [R, V] = check_sample(logits, rows, ids, probs);
   const RowParams params = row_params("sample", rows, R);
   // Without `probs`, each worker keeps the distribution of its row in scratch.
@@ -71,6 +72,7 @@ void CpuOps::sample(const Tensor& logits, const SamplingRows& rows, Draw stream,
 
 void CpuOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs,
                            const SamplingRows& rows, Tensor& out) {
+  auto timed = time_op("verify_drafts");
   const auto [B, S, V] = check_verify_drafts(logits, drafts, draft_probs, rows, out);
   const RowParams params = row_params("verify_drafts", rows, B * (S + 1));
   const int32_t* d = i32(drafts);

@@ -389,6 +389,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_merge_kernel(const Att
 
 void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
                         const SeqLayout& layout, Tensor& out) {
+  auto timed = time_op("attention");
   const AttentionShape shape = check_attention(q, k_new, v_new, k_cache, v_cache, layout, out);
   expect_device("attention", "q", q);
   expect_device("attention", "k_new", k_new);

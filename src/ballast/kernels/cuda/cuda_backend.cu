@@ -28,6 +28,7 @@ struct CudaBackend::Impl {
   std::map<int64_t, Graph> graphs;
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
+  std::shared_ptr<void> cublas_workspace;
   cudaDeviceProp props{};
   // Weights: bump-allocated from blocks of at least kWeightBlock bytes.
   static constexpr size_t kWeightBlock = size_t(1) << 30;
@@ -37,6 +38,8 @@ struct CudaBackend::Impl {
 };
 
 namespace {
+constexpr size_t kCublasWorkspace = size_t(32) << 20;  // what cuBLAS asks for on Hopper
+
 // A device allocation owned by a shared_ptr (freed when the last view goes).
 std::shared_ptr<void> device_buffer(size_t bytes, int device) {
   void* p = nullptr;
@@ -57,7 +60,8 @@ int64_t numel_of(const std::vector<int64_t>& shape) {
 }
 }  // namespace
 
-CudaBackend::CudaBackend(int device) : device_(device), impl_(std::make_unique<Impl>()) {
+CudaBackend::CudaBackend(int device, CudaOptions options)
+    : device_(device), options_(options), impl_(std::make_unique<Impl>()) {
   int n = 0;
   const cudaError_t err = cudaGetDeviceCount(&n);
   check(err == cudaSuccess && n > 0, "--device cuda: no CUDA device is visible ({})",
@@ -77,7 +81,13 @@ CudaBackend::CudaBackend(int device) : device_(device), impl_(std::make_unique<I
   check_cuda(cudaStreamCreateWithFlags(&impl_->stream, cudaStreamNonBlocking), "cudaStreamCreate");
   check(cublasCreate(&impl_->cublas) == CUBLAS_STATUS_SUCCESS, "cublasCreate failed");
   check(cublasSetStream(impl_->cublas, impl_->stream) == CUBLAS_STATUS_SUCCESS, "cublasSetStream failed");
-  ops_ = std::make_unique<CudaOps>(counters_, impl_->stream, impl_->cublas);
+  // cuBLAS's workspace set once, so that products captured into graphs allocate nothing.
+  impl_->cublas_workspace = device_buffer(kCublasWorkspace, device);
+  ++counters_.allocations;
+  counters_.bytes_allocated += int64_t(kCublasWorkspace);
+  check(cublasSetWorkspace(impl_->cublas, impl_->cublas_workspace.get(), kCublasWorkspace) == CUBLAS_STATUS_SUCCESS,
+        "cublasSetWorkspace failed");
+  ops_ = std::make_unique<CudaOps>(counters_, impl_->stream, impl_->cublas, options.bf16_matmul);
 }
 
 CudaBackend::~CudaBackend() {
@@ -90,8 +100,9 @@ CudaBackend::~CudaBackend() {
 }
 
 std::string CudaBackend::describe() const {
-  return fmt::format("cuda:{} {} (sm_{}{}, {:.0f} GiB)", device_, impl_->props.name, impl_->props.major,
-                     impl_->props.minor, double(impl_->props.totalGlobalMem) / double(1 << 30));
+  return fmt::format("cuda:{} {} (sm_{}{}, {:.0f} GiB, {} matrix products)", device_, impl_->props.name,
+                     impl_->props.major, impl_->props.minor, double(impl_->props.totalGlobalMem) / double(1 << 30),
+                     options_.bf16_matmul ? "bf16 tensor-core" : "fp32");
 }
 
 Ops& CudaBackend::ops() { return *ops_; }
@@ -192,6 +203,64 @@ int64_t CudaBackend::graph_nodes(int64_t key) const {
 void CudaBackend::drop_graphs() {
   for (auto& [key, g] : impl_->graphs) cudaGraphExecDestroy(g.exec);
   impl_->graphs.clear();
+}
+
+bool CudaBackend::can_capture() const { return !ops_->timer().on(); }
+
+void CudaBackend::start_op_timing() {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  ops_->timer().start();
+}
+
+std::vector<OpTime> CudaBackend::stop_op_timing() {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  return ops_->timer().stop();
+}
+
+Ceilings CudaBackend::measure_ceilings() {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  Ceilings c;
+  cudaEvent_t e0, e1;
+  check_cuda(cudaEventCreate(&e0), "cudaEventCreate");
+  check_cuda(cudaEventCreate(&e1), "cudaEventCreate");
+  // Times `runs` calls of fn after 2 untimed ones: seconds per call.
+  auto time = [&](int runs, const auto& fn) {
+    for (int i = 0; i < 2; ++i) fn();
+    check_cuda(cudaEventRecord(e0, impl_->stream), "cudaEventRecord");
+    for (int i = 0; i < runs; ++i) fn();
+    check_cuda(cudaEventRecord(e1, impl_->stream), "cudaEventRecord");
+    check_cuda(cudaEventSynchronize(e1), "cudaEventSynchronize");
+    float ms = 0;
+    check_cuda(cudaEventElapsedTime(&ms, e0, e1), "cudaEventElapsedTime");
+    return double(ms) * 1e-3 / runs;
+  };
+  {  // Copy: 2 GiB device to device.
+    const size_t bytes = size_t(1) << 31;
+    auto a = device_buffer(bytes, device_), b = device_buffer(bytes, device_);
+    check_cuda(cudaMemsetAsync(a.get(), 0, bytes, impl_->stream), "cudaMemsetAsync");
+    const double s = time(5, [&] {
+      check_cuda(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, impl_->stream), "copy");
+    });
+    c.copy_bytes_per_s = 2.0 * double(bytes) / s;
+  }
+  {  // GEMM: bf16 8192^3, fp32 accumulation, random inputs (zeros run faster on the tensor cores).
+    const int n = 8192;
+    Tensor a = alloc({n, n}, DType::BF16), b = alloc({n, n}, DType::BF16), y = alloc({n, n}, DType::BF16);
+    ops_->fill_uniform(a, 1, 1.0f);
+    ops_->fill_uniform(b, 2, 1.0f);
+    const float alpha = 1.0f, beta = 0.0f;
+    const double s = time(10, [&] {
+      const cublasStatus_t st = cublasGemmEx(impl_->cublas, CUBLAS_OP_T, CUBLAS_OP_N, n, n, n, &alpha, a.raw(),
+                                             CUDA_R_16BF, n, b.raw(), CUDA_R_16BF, n, &beta, y.raw(), CUDA_R_16BF, n,
+                                             CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+      check(st == CUBLAS_STATUS_SUCCESS, "ceilings: cublasGemmEx failed ({})", cublasGetStatusString(st));
+    });
+    c.gemm_flops_per_s = 2.0 * double(n) * n * n / s;
+    c.gemm = fmt::format("cuBLAS bf16 {}^3", n);
+  }
+  cudaEventDestroy(e0);
+  cudaEventDestroy(e1);
+  return c;
 }
 
 }  // namespace ballast::kernels

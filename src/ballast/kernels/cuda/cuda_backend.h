@@ -16,12 +16,19 @@ class CudaOps;
 // GPU; also false in a build without CUDA).
 bool cuda_available();
 
+struct CudaOptions {
+  // Matrix products of many rows with BF16/F16 weights on the tensor cores, x rounded to 16 bits
+  // (fp32 accumulation): the serving default. false: fp32 SIMT kernels that equal the CPU
+  // reference to fp32 rounding (the conformance and parity tests).
+  bool bf16_matmul = true;
+};
+
 class CudaBackend final : public Backend {
  public:
   // Takes device `device` (cudaSetDevice on the calling thread; every later call must come from a
   // thread that set it too: the backend sets it on entry). Throws a clear error when no such
   // device exists or this build has no kernels for its architecture.
-  explicit CudaBackend(int device = 0);
+  explicit CudaBackend(int device = 0, CudaOptions options = {});
   ~CudaBackend() override;
 
   Device device() const override { return Device::CUDA; }
@@ -36,12 +43,15 @@ class CudaBackend final : public Backend {
   void download(const Tensor& src, void* host) override;
   void synchronize() override;
 
-  bool can_capture() const override { return true; }
+  bool can_capture() const override;  // not while ops are timed
   void begin_capture() override;
   void end_capture(int64_t key) override;
   bool replay(int64_t key) override;
   int64_t graph_nodes(int64_t key) const override;
   void drop_graphs() override;
+  void start_op_timing() override;
+  std::vector<OpTime> stop_op_timing() override;
+  Ceilings measure_ceilings() override;
 
   // The stream every op and copy of this backend is issued on (a cudaStream_t).
   void* stream() const;
@@ -51,6 +61,7 @@ class CudaBackend final : public Backend {
 
  private:
   int device_;
+  CudaOptions options_;
   std::unique_ptr<Impl> impl_;
   std::unique_ptr<CudaOps> ops_;
 };

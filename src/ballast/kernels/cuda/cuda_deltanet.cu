@@ -612,6 +612,7 @@ void check_sequences(const char* op, const SeqLayout& layout) {
 
 void CudaOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const SeqLayout& layout,
                                  Tensor& out) {
+  auto timed = time_op("causal_conv1d_silu");
   const ConvShape shape = check_causal_conv1d_silu(x, weight, states, layout, out);
   expect_device("causal_conv1d_silu", "x", x);
   expect_device("causal_conv1d_silu", "weight", weight);
@@ -650,6 +651,7 @@ void CudaOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& 
 
 void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& d,
                                Tensor& states, const SeqLayout& layout, Tensor& out) {
+  auto timed = time_op("gated_delta_rule");
   const GatedDeltaRuleShape shape = check_gated_delta_rule(qkv, g, beta, d, states, layout, out);
   check(d.dk <= kMaxDk, "gated_delta_rule: key head dim {} > {}", d.dk, kMaxDk);
   expect_device("gated_delta_rule", "qkv", qkv);

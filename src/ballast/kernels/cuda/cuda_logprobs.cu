@@ -115,6 +115,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_kernel(const float* _
 
 void CudaOps::token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& logprob, Tensor& top_ids,
                              Tensor& top_logprobs) {
+  auto timed = time_op("token_logprobs");
   const auto [R, V, K] = check_token_logprobs(logits, ids, logprob, top_ids, top_logprobs);
   check(R <= INT32_MAX && V <= INT32_MAX, "token_logprobs: logits {} is too large", logits);
   expect_device("token_logprobs", "logits", logits);

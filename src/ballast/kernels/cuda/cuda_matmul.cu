@@ -11,6 +11,9 @@
 //     flight while this one is multiplied. When the tiles are too few to fill the GPU, K is split
 //     over blockIdx.z into partial sums in scratch (sized from the shapes), then summed in a fixed
 //     order.
+// With bf16 matrix products (CudaOptions::bf16_matmul, the default outside the reference tests),
+// the many-rows path of BF16 and F16 weights is cuBLAS on the tensor cores instead: x rounded to
+// the weights' 16-bit type, fp32 accumulation and output (what vLLM and SGLang compute).
 // Both have a vectorised form (rows aligned for vector loads: K a multiple of 8 (4 for F32) in the
 // few-rows kernel, of 4 in the GEMM) and an element-wise form for any K or alignment.
 #include <algorithm>
@@ -434,6 +437,54 @@ struct MatmulState {
   int sms = 0;
 };
 
+// x [n] fp32 -> 16-bit (round to nearest even), 4 at a time where aligned.
+template <typename H>
+__global__ void round_to_16bit_kernel(const float* __restrict__ x, H* __restrict__ out, int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n4 = n / 4;
+  for (int64_t i = i0; i < n4; i += stride) {
+    const float4 v = reinterpret_cast<const float4*>(x)[i];
+    if constexpr (std::is_same_v<H, __nv_bfloat16>) {
+      reinterpret_cast<__nv_bfloat162*>(out)[2 * i] = __floats2bfloat162_rn(v.x, v.y);
+      reinterpret_cast<__nv_bfloat162*>(out)[2 * i + 1] = __floats2bfloat162_rn(v.z, v.w);
+    } else {
+      reinterpret_cast<__half2*>(out)[2 * i] = __floats2half2_rn(v.x, v.y);
+      reinterpret_cast<__half2*>(out)[2 * i + 1] = __floats2half2_rn(v.z, v.w);
+    }
+  }
+  for (int64_t i = 4 * n4 + i0; i < n; i += stride) {
+    if constexpr (std::is_same_v<H, __nv_bfloat16>) out[i] = __float2bfloat16_rn(x[i]);
+    else out[i] = __float2half_rn(x[i]);
+  }
+}
+
+// y[T, N] = x[T, K] @ w[N, K]^T on the tensor cores; xh: room for T * K 16-bit values.
+void cublas_matmul(cublasHandle_t handle, const float* x, int64_t T, int64_t K, const void* w, DType wdt, int64_t N,
+                   float* y, void* xh, cudaStream_t stream) {
+  const bool bf16 = wdt == DType::BF16;
+  const int64_t n = T * K;
+  const unsigned blocks = unsigned(std::min<int64_t>(cdiv(n / 4 + 1, 256), 4096));
+  if (bf16) round_to_16bit_kernel<<<blocks, 256, 0, stream>>>(x, static_cast<__nv_bfloat16*>(xh), n);
+  else round_to_16bit_kernel<<<blocks, 256, 0, stream>>>(x, static_cast<__half*>(xh), n);
+  check_launch("matmul: rounding x");
+  // Column-major view: y^T [N, T] = (w [N, K] row-major = col-major [K, N])^T @ x^T [K, T].
+  const float alpha = 1.0f, beta = 0.0f;
+  const cudaDataType_t t = bf16 ? CUDA_R_16BF : CUDA_R_16F;
+  const cublasStatus_t st =
+      cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, int(N), int(T), int(K), &alpha, w, t, int(K), xh, t, int(K), &beta,
+                   y, CUDA_R_32F, int(N), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  check(st == CUBLAS_STATUS_SUCCESS, "matmul: cublasGemmEx failed ({}) for T={} K={} N={}", cublasGetStatusString(st),
+        T, K, N);
+}
+
+// Whether the many-rows product goes to cuBLAS: 16-bit weights, int-sized dims, x aligned for
+// the float4 rounding.
+bool cublas_fits(int64_t T, int64_t K, int64_t N, DType wdt, const void* x) {
+  return (wdt == DType::BF16 || wdt == DType::F16) && T > kFewRowsMax && K % 8 == 0 && T < (int64_t(1) << 31) &&
+         K < (int64_t(1) << 31) && N < (int64_t(1) << 31) && aligned(x, 16);
+}
+
 }  // namespace
 
 namespace cuda::rows {
@@ -481,6 +532,7 @@ void matmul_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const void* 
 }  // namespace cuda::rows
 
 void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
+  auto timed = time_op("matmul");
   const auto [T, K, N] = check_matmul(x, w, y);
   expect_device("matmul", "x", x);
   expect_device("matmul", "y", y);
@@ -492,6 +544,13 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
     matmul_state_ = s;
   }
   const int sms = static_cast<const MatmulState*>(matmul_state_.get())->sms;
+  if (bf16_matmul_ && cublas_fits(T, K, N, w.dtype(), x.raw())) {
+    timed.op = "matmul gemm (cuBLAS bf16)";
+    cublas_matmul(cublas_, cuda::f32(x), T, K, w.raw(), w.dtype(), N, cuda::f32_mut(y), scratch_.bytes(size_t(T * K) * 2),
+                  stream_);
+    return;
+  }
+  timed.op = T <= kFewRowsMax ? "matmul gemv" : "matmul gemm (fp32)";
   const size_t bytes = matmul_scratch_bytes(T, K, N, sms);
   float* scratch = bytes > 0 ? static_cast<float*>(scratch_.bytes(bytes)) : nullptr;
   matmul_rows(cuda::f32(x), K, T, K, w.raw(), w.dtype(), N, cuda::f32_mut(y), N, sms, scratch, stream_);

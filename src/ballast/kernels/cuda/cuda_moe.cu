@@ -951,6 +951,7 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 // ============================================================================================
 
 void CudaOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) {
+  auto timed = time_op("topk_softmax");
   MoeState& st = moe_state(moe_state_, counters_);
   st.raise_pending();
   const auto [T, E] = check_topk_softmax(logits, k, ids, weights);
@@ -968,6 +969,7 @@ void CudaOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& 
 }
 
 void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank, Tensor& slots) {
+  auto timed = time_op("dispatch");
   MoeState& st = moe_state(moe_state_, counters_);
   st.raise_pending();
   const DispatchShape shape = check_dispatch(tables, ids, counts_by_rank, slots);
@@ -1021,6 +1023,7 @@ void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Te
 }
 
 void CudaOps::histogram(const Tensor& keys, Tensor& counts) {
+  auto timed = time_op("histogram");
   MoeState& st = moe_state(moe_state_, counters_);
   st.raise_pending();
   check_histogram(keys, counts);
@@ -1039,6 +1042,7 @@ void CudaOps::histogram(const Tensor& keys, Tensor& counts) {
 
 void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int groups, Tensor& perm, Tensor& counts,
                        Tensor& offsets, Tensor& inverse) {
+  auto timed = time_op("group_by");
   MoeState& st = moe_state(moe_state_, counters_);
   st.raise_pending();
   const int64_t N = check_group_by(keys, valid, div, groups, perm, counts, offsets, inverse);
@@ -1095,6 +1099,7 @@ void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int gro
 
 void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                           std::span<const SwigluWeights> experts, Tensor& y) {
+  auto timed = time_op("moe_experts");
   MoeState& st = moe_state(moe_state_, counters_);
   st.raise_pending();
   const auto [M, H, Ny] = check_moe_experts(x, perm, offsets, row_div, experts, y);
@@ -1186,6 +1191,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
 }
 
 void CudaOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) {
+  auto timed = time_op("moe_combine");
   MoeState& st = moe_state(moe_state_, counters_);
   st.raise_pending();
   const auto [T, H, M, k] = check_moe_combine(y, rows, weights, out);

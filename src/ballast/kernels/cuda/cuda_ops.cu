@@ -1,6 +1,7 @@
 // CudaOps: construction and the ops' shared scratch. The ops themselves are in cuda_*.cu by group.
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_support.cuh"
+#include "ballast/kernels/op_timing.h"
 
 namespace ballast::kernels {
 
@@ -29,7 +30,36 @@ void* CudaScratch::bytes(size_t n) {
   return data_;
 }
 
-CudaOps::CudaOps(Counters& counters, cudaStream_t stream, cublasHandle_t cublas)
-    : counters_(counters), stream_(stream), cublas_(cublas), scratch_(counters, stream) {}
+CudaOps::CudaOps(Counters& counters, cudaStream_t stream, cublasHandle_t cublas, bool bf16_matmul)
+    : counters_(counters), stream_(stream), cublas_(cublas), bf16_matmul_(bf16_matmul), scratch_(counters, stream),
+      timer_(stream) {}
+
+CudaOpTimer::~CudaOpTimer() {
+  for (cudaEvent_t e : events_) cudaEventDestroy(e);
+}
+
+int CudaOpTimer::record() {
+  if (used_ == events_.size()) {
+    cudaEvent_t e;
+    check_cuda(cudaEventCreate(&e), "op timing: cudaEventCreate");
+    events_.push_back(e);
+  }
+  check_cuda(cudaEventRecord(events_[used_], stream_), "op timing: cudaEventRecord");
+  return int(used_++);
+}
+
+std::vector<OpTime> CudaOpTimer::stop() {
+  on_ = false;
+  check_cuda(cudaStreamSynchronize(stream_), "op timing: stream");
+  OpTimes times;
+  for (const Span& s : spans_) {
+    float ms = 0;
+    check_cuda(cudaEventElapsedTime(&ms, events_[size_t(s.begin)], events_[size_t(s.end)]), "op timing: elapsed");
+    times.add(s.op, double(ms) * 1e-3);
+  }
+  spans_.clear();
+  used_ = 0;
+  return times.take();
+}
 
 }  // namespace ballast::kernels

@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 
 #include <memory>
+#include <string>
+#include <vector>
 
 #include "ballast/kernels/backend.h"
 #include "ballast/kernels/ops.h"
@@ -33,9 +35,60 @@ class CudaScratch {
   size_t size_ = 0;
 };
 
+// Device time of each op while timing is on (Backend::start_op_timing): an event recorded before
+// and after it on the stream, read back when timing stops.
+class CudaOpTimer {
+ public:
+  explicit CudaOpTimer(cudaStream_t stream) : stream_(stream) {}
+  ~CudaOpTimer();
+  CudaOpTimer(const CudaOpTimer&) = delete;
+  CudaOpTimer& operator=(const CudaOpTimer&) = delete;
+  void start() { on_ = true; }
+  std::vector<OpTime> stop();  // waits for the stream
+  bool on() const { return on_; }
+  int record();  // an event recorded on the stream now: its index
+  void add(const char* op, int begin, int end) { spans_.push_back({op, begin, end}); }
+
+ private:
+  struct Span {
+    std::string op;
+    int begin, end;
+  };
+  cudaStream_t stream_;
+  bool on_ = false;
+  std::vector<cudaEvent_t> events_;
+  size_t used_ = 0;
+  std::vector<Span> spans_;
+};
+
+// Times one op (nothing when timing is off; an op inside another is not counted twice).
+class CudaTimedOp {
+ public:
+  CudaTimedOp(CudaOpTimer& timer, int& depth, const char* op)
+      : timer_(depth == 0 && timer.on() ? &timer : nullptr), depth_(depth), op(op) {
+    ++depth_;
+    if (timer_) begin_ = timer_->record();
+  }
+  ~CudaTimedOp() {
+    --depth_;
+    if (timer_) timer_->add(op, begin_, timer_->record());
+  }
+  CudaTimedOp(const CudaTimedOp&) = delete;
+  CudaTimedOp& operator=(const CudaTimedOp&) = delete;
+
+ private:
+  CudaOpTimer* timer_;
+  int& depth_;
+  int begin_ = -1;
+
+ public:
+  const char* op;  // may be refined while the op runs (the path it took)
+};
+
 class CudaOps final : public Ops {
  public:
-  CudaOps(Counters& counters, cudaStream_t stream, cublasHandle_t cublas);
+  // bf16_matmul: many-row products of 16-bit weights on the tensor cores (cuda_matmul.cu).
+  CudaOps(Counters& counters, cudaStream_t stream, cublasHandle_t cublas, bool bf16_matmul);
 
   void embedding(const Tensor& ids, const Tensor& table, Tensor& out) override;
   void matmul(const Tensor& x, const Tensor& w, Tensor& y) override;
@@ -43,6 +96,7 @@ class CudaOps final : public Ops {
   void add(Tensor& y, const Tensor& x) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void zero(Tensor& t) override;
+  void fill_uniform(Tensor& t, uint64_t seed, float scale) override;
   void concat_cols(const Tensor& a, const Tensor& b, Tensor& out) override;
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override;
   void mul_sigmoid(Tensor& x, const Tensor& gate) override;
@@ -80,16 +134,22 @@ class CudaOps final : public Ops {
                       Tensor& top_logprobs) override;
 
   cudaStream_t stream() const { return stream_; }
+  CudaOpTimer& timer() { return timer_; }
   // Throws the first index fault a kernel found since the last call (kernels never write through
   // a bad index; they record it for the host). The backend calls this after every wait for its
   // stream, so a fault surfaces at the pass's download at the latest.
   void raise_device_faults();
 
  private:
+  CudaTimedOp time_op(const char* op) { return CudaTimedOp(timer_, timing_depth_, op); }
+
   Counters& counters_;
   cudaStream_t stream_;
   cublasHandle_t cublas_;
+  bool bf16_matmul_;
   CudaScratch scratch_;  // per op call: what one op needs while it runs
+  CudaOpTimer timer_;
+  int timing_depth_ = 0;
   // State a group of ops keeps across calls (each .cu file defines its own type and creates it at
   // first need; type-erased so that this header stays free of them). Device memory in them is
   // counted in counters_ like any allocation.

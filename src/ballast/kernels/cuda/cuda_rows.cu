@@ -15,6 +15,7 @@
 #include "ballast/kernels/cuda/cuda_rows_support.cuh"
 #include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/op_checks.h"
+#include "ballast/kernels/random_fill.h"
 
 namespace ballast::kernels {
 
@@ -105,6 +106,16 @@ void launch_binary(const float* a, const float* b, float* out, int64_t n, F f, c
 }
 
 // y[i] *= sigmoid(s[i / D]) for i < T * D.
+template <typename T>
+__global__ void fill_uniform_kernel(T* t, int64_t n, uint64_t seed, float scale) {
+  for (int64_t i = global_thread(); i < n; i += grid_threads()) {
+    const float v = uniform_weight(seed, uint64_t(i), scale);
+    if constexpr (std::is_same_v<T, float>) t[i] = v;
+    else if constexpr (std::is_same_v<T, __nv_bfloat16>) t[i] = __float2bfloat16_rn(v);
+    else t[i] = __float2half_rn(v);
+  }
+}
+
 __global__ void scale_rows_sigmoid_kernel(float* y, const float* s, int64_t n, int64_t D) {
   for (int64_t i = global_thread(); i < n; i += grid_threads()) y[i] *= sigmoidf_(s[i / D]);
 }
@@ -303,6 +314,7 @@ void launch_rope(float* x, const int32_t* pos, int64_t T, int64_t heads, int64_t
 // ============================================================================================
 
 void CudaOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
+  auto timed = time_op("embedding");
   const auto [T, V, H] = check_embedding(ids, table, out);
   expect_device("embedding", "ids", ids);
   expect_device("embedding", "table", table);
@@ -315,6 +327,7 @@ void CudaOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
 }
 
 void CudaOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
+  auto timed = time_op("rms_norm");
   const auto [R, D] = check_rms_norm(x, w, y);
   expect_device("rms_norm", "x", x);
   expect_device("rms_norm", "y", y);
@@ -323,6 +336,7 @@ void CudaOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
 }
 
 void CudaOps::add(Tensor& y, const Tensor& x) {
+  auto timed = time_op("add");
   check_add(y, x);
   expect_device("add", "y", y);
   expect_device("add", "x", x);
@@ -330,6 +344,7 @@ void CudaOps::add(Tensor& y, const Tensor& x) {
 }
 
 void CudaOps::copy(const Tensor& src, Tensor& dst) {
+  auto timed = time_op("copy");
   check_copy(src, dst);
   if (src.nbytes() == 0 || src.raw() == dst.raw()) return;
   expect_device("copy", "src", src);
@@ -339,12 +354,30 @@ void CudaOps::copy(const Tensor& src, Tensor& dst) {
 }
 
 void CudaOps::zero(Tensor& t) {
+  auto timed = time_op("zero");
   if (t.nbytes() == 0) return;
   expect_device("zero", "t", t);
   check_cuda(cudaMemsetAsync(t.raw(), 0, t.nbytes(), stream_), "zero");
 }
 
+void CudaOps::fill_uniform(Tensor& t, uint64_t seed, float scale) {
+  auto timed = time_op("fill_uniform");
+  check_fill_uniform(t, scale);
+  if (t.numel() == 0) return;
+  expect_device("fill_uniform", "t", t);
+  const int64_t n = t.numel();
+  const unsigned blocks = blocks_for(n, kThreads);
+  if (t.dtype() == DType::F32)
+    fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<float*>(t.raw()), n, seed, scale);
+  else if (t.dtype() == DType::BF16)
+    fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<__nv_bfloat16*>(t.raw()), n, seed, scale);
+  else
+    fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<__half*>(t.raw()), n, seed, scale);
+  check_launch("fill_uniform");
+}
+
 void CudaOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
+  auto timed = time_op("concat_cols");
   const auto [T, A, B] = check_concat_cols(a, b, out);
   expect_device("concat_cols", "a", a);
   expect_device("concat_cols", "b", b);
@@ -356,6 +389,7 @@ void CudaOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
 }
 
 void CudaOps::silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) {
+  auto timed = time_op("silu_mul");
   check_silu_mul(gate, up, out);
   expect_device("silu_mul", "gate", gate);
   expect_device("silu_mul", "up", up);
@@ -364,6 +398,7 @@ void CudaOps::silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) {
 }
 
 void CudaOps::mul_sigmoid(Tensor& x, const Tensor& gate) {
+  auto timed = time_op("mul_sigmoid");
   check_mul_sigmoid(x, gate);
   expect_device("mul_sigmoid", "x", x);
   expect_device("mul_sigmoid", "gate", gate);
@@ -371,6 +406,7 @@ void CudaOps::mul_sigmoid(Tensor& x, const Tensor& gate) {
 }
 
 void CudaOps::scale_rows_sigmoid(Tensor& y, const Tensor& s) {
+  auto timed = time_op("scale_rows_sigmoid");
   const auto [T, D] = check_scale_rows_sigmoid(y, s);
   expect_device("scale_rows_sigmoid", "s", s);
   expect_device("scale_rows_sigmoid", "y", y);
@@ -381,6 +417,7 @@ void CudaOps::scale_rows_sigmoid(Tensor& y, const Tensor& s) {
 }
 
 void CudaOps::gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) {
+  auto timed = time_op("gather_rows");
   const auto [N, M, row] = check_gather_rows(x, rows, row_div, out);
   expect_device("gather_rows", "rows", rows);
   expect_device("gather_rows", "x", x);
@@ -394,6 +431,7 @@ void CudaOps::gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tens
 }
 
 void CudaOps::scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) {
+  auto timed = time_op("scatter_rows");
   const auto [N, M, row] = check_scatter_rows(x, rows, out);
   expect_device("scatter_rows", "rows", rows);
   expect_device("scatter_rows", "x", x);
@@ -405,6 +443,7 @@ void CudaOps::scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) {
 }
 
 void CudaOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
+  auto timed = time_op("split_heads_gate");
   const auto [rows, hd] = check_split_heads_gate(qg, q, gate);
   expect_device("split_heads_gate", "qg", qg);
   expect_device("split_heads_gate", "q", q);
@@ -416,6 +455,7 @@ void CudaOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
 }
 
 void CudaOps::rope(Tensor& x, const Tensor& positions, int rot, double theta) {
+  auto timed = time_op("rope");
   const auto [T, heads, hd] = check_rope(x, positions, rot);
   check(rot <= 1024, "rope: rot {} is more than the 1024 dims this backend rotates", rot);
   expect_device("rope", "positions", positions);
@@ -427,6 +467,7 @@ void CudaOps::rope(Tensor& x, const Tensor& positions, int rot, double theta) {
 
 void CudaOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias, Tensor& beta,
                           Tensor& g) {
+  auto timed = time_op("delta_gates");
   const auto [T, Hv] = check_delta_gates(b, a, A_log, dt_bias, beta, g);
   expect_device("delta_gates", "b", b);
   expect_device("delta_gates", "a", a);
@@ -442,6 +483,7 @@ void CudaOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log,
 }
 
 void CudaOps::gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) {
+  auto timed = time_op("gated_rms_norm");
   const auto [rows, dv] = check_gated_rms_norm(x, z, w, y);
   expect_device("gated_rms_norm", "x", x);
   expect_device("gated_rms_norm", "z", z);

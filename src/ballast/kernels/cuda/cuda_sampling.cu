@@ -485,6 +485,7 @@ RowArgs row_args(const char* op, const SamplingRows& rows) {
 }  // namespace
 
 void CudaOps::sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) {
+  auto timed = time_op("sample");
   const auto [R, V] = check_sample(logits, rows, ids, probs);
   check(R <= INT32_MAX && V <= kMaxTokens, "sample: logits {} is too large", logits);
   expect_device("sample", "logits", logits);
@@ -499,6 +500,7 @@ void CudaOps::sample(const Tensor& logits, const SamplingRows& rows, Draw stream
 
 void CudaOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs,
                             const SamplingRows& rows, Tensor& out) {
+  auto timed = time_op("verify_drafts");
   const auto [B, S, V] = check_verify_drafts(logits, drafts, draft_probs, rows, out);
   const int64_t R = B * (S + 1);
   check(R <= INT32_MAX && V <= kMaxTokens, "verify_drafts: logits {} is too large", logits);

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""Gated DeltaNet chunked prefill: ballast's CUDA kernel beside flash-linear-attention's Triton
+chunk_gated_delta_rule, on the same inputs, outputs compared and both timed in one run.
+
+Inputs are made here with torch on the GPU: q, k, v normal; g = log-decay in [-3, 0) scaled as a
+trained model's gates (-exp(A_log) * softplus(a + dt_bias)); beta = sigmoid(normal). Both kernels
+L2-normalise q and k (eps 1e-6) and scale q by dk^-0.5 inside, start from zero states, and use
+grouped value heads (Hv = r * Hk, value head h reads key head h // r).
+
+ballast runs through bench_delta_rule_cuda (fp32 inputs, its activations' dtype); FLA runs on
+the same values in bf16 (as served) and in fp32. Times are the device time of the op alone:
+ballast's from CUDA events around its op, FLA's from triton.testing.do_bench (median).
+
+  python3 bench/deltanet/side_by_side.py --ballast BUILD/bench/kernels/bench_delta_rule_cuda \
+      --fla PATH_TO_FLA_CHECKOUT --out DIR
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import torch
+
+CASES = [  # (model, Hk, Hv, dk, dv), (sequence lengths)
+    (("qwen3-next-80b-a3b", 16, 32, 128, 128), [8192]),
+    (("qwen3-next-80b-a3b", 16, 32, 128, 128), [4096] * 4),
+    (("qwen3.5-397b-a17b", 16, 64, 128, 128), [8192]),
+    (("qwen3.5-397b-a17b", 16, 64, 128, 128), [4096] * 4),
+]
+
+
+def make_inputs(T, Hk, Hv, dk, dv, seed):
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(T, Hk, dk, device="cuda", generator=gen)
+    k = torch.randn(T, Hk, dk, device="cuda", generator=gen)
+    v = torch.randn(T, Hv, dv, device="cuda", generator=gen)
+    a = torch.randn(T, Hv, device="cuda", generator=gen)
+    A_log = torch.rand(Hv, device="cuda", generator=gen) * 2 - 1
+    dt_bias = torch.rand(Hv, device="cuda", generator=gen) - 0.5
+    g = -torch.exp(A_log) * torch.nn.functional.softplus(a + dt_bias)
+    beta = torch.sigmoid(torch.randn(T, Hv, device="cuda", generator=gen))
+    return q, k, v, g, beta
+
+
+def run_case(args, model, Hk, Hv, dk, dv, lens, seed):
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+    import triton.testing
+
+    T = sum(lens)
+    q, k, v, g, beta = make_inputs(T, Hk, Hv, dk, dv, seed)
+    work = tempfile.mkdtemp(dir=args.out)
+    qkv = torch.cat([q.reshape(T, -1), k.reshape(T, -1), v.reshape(T, -1)], dim=1)
+    for name, t in (("qkv", qkv), ("g", g), ("beta", beta)):
+        t.float().contiguous().cpu().numpy().tofile(os.path.join(work, name + ".f32"))
+    with open(os.path.join(work, "meta.json"), "w") as f:
+        json.dump({"seqs": lens, "Hk": Hk, "Hv": Hv, "dk": dk, "dv": dv}, f)
+    r = subprocess.run([args.ballast, work, str(args.runs)], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"bench_delta_rule_cuda failed: {r.stderr.strip()}")
+    ours = json.loads(r.stdout.strip().splitlines()[-1])
+    out_ballast = torch.from_numpy(np.fromfile(os.path.join(work, "out.f32"), dtype=np.float32)).cuda()
+    out_ballast = out_ballast.reshape(T, Hv, dv)
+
+    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.long, device="cuda")
+    res = {"model": model, "seqs": lens, "tokens": T, "Hk": Hk, "Hv": Hv, "dk": dk, "dv": dv,
+           "ballast_ms": ours["median_ms"]}
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        args_fla = [x.unsqueeze(0).to(dtype) for x in (q, k, v, g, beta)]
+        def fla():
+            return chunk_gated_delta_rule(*args_fla, scale=dk ** -0.5, use_qk_l2norm_in_kernel=True,
+                                          cu_seqlens=cu)[0]
+        out = fla()[0].float()
+        ms = triton.testing.do_bench(fla, warmup=25, rep=200, return_mode="median")
+        diff = (out - out_ballast).abs()
+        res[f"fla_{name}_ms"] = ms
+        res[f"max_abs_diff_vs_fla_{name}"] = diff.max().item()
+        res[f"rel_l2_diff_vs_fla_{name}"] = (diff.norm() / out.norm()).item()
+    res["speedup_vs_fla_bf16"] = res["fla_bf16_ms"] / res["ballast_ms"]
+    res["speedup_vs_fla_fp32"] = res["fla_fp32_ms"] / res["ballast_ms"]
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ballast", required=True, help="the bench_delta_rule_cuda executable")
+    p.add_argument("--fla", required=True, help="a flash-linear-attention checkout (its fla/ package)")
+    p.add_argument("--out", required=True, help="directory for inputs, outputs and the JSON report")
+    p.add_argument("--runs", type=int, default=20)
+    args = p.parse_args()
+    sys.path.insert(0, args.fla)
+    os.makedirs(args.out, exist_ok=True)
+    results = []
+    for i, ((model, Hk, Hv, dk, dv), lens) in enumerate(CASES):
+        r = run_case(args, model, Hk, Hv, dk, dv, lens, seed=100 + i)
+        results.append(r)
+        print(f"{model:20s} {len(lens)} x {lens[0]:5d}: ballast {r['ballast_ms']:8.3f} ms | FLA bf16 "
+              f"{r['fla_bf16_ms']:8.3f} ms ({r['speedup_vs_fla_bf16']:.2f}x) | FLA fp32 {r['fla_fp32_ms']:8.3f} ms "
+              f"({r['speedup_vs_fla_fp32']:.2f}x) | rel diff vs FLA fp32 {r['rel_l2_diff_vs_fla_fp32']:.2e}, "
+              f"bf16 {r['rel_l2_diff_vs_fla_bf16']:.2e}", flush=True)
+    with open(os.path.join(args.out, "deltanet_side_by_side.json"), "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

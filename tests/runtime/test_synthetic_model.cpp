@@ -1,0 +1,121 @@
+// Synthetic models (random weights made on the backend, Engine::create): the presets have the
+// published sizes, the weights are what bind_weights would give for a checkpoint holding them, and
+// an engine over them computes what an engine loading that checkpoint computes.
+#include <gtest/gtest.h>
+
+#include <fmt/format.h>
+
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <map>
+
+#include "ballast/io/safetensors.h"
+#include "ballast/model/param_count.h"
+#include "ballast/model/random_weights.h"
+#include "fixtures.h"
+#include "support/expect_error.h"
+
+namespace ballast {
+namespace {
+
+using model::LayerType;
+
+TEST(SyntheticModel, PresetsHaveThePublishedSizes) {
+  const auto params = [](const std::string& name) {
+    const auto cfg = model::parse_model_config(model::random_model_config(model::preset_shape(name)), name);
+    return model::count_parameters(cfg);
+  };
+  const auto next = params("qwen3-next-80b-a3b"), q35 = params("qwen3.5-397b-a17b");
+  // Total parameters as the names give them; active per token (embedding row and lm_head
+  // included) about the names' "A3B" and "A17B".
+  EXPECT_NEAR(double(next.total()), 80e9, 1e9) << "80B-A3B";
+  EXPECT_NEAR(double(next.active_per_token()), 3.5e9, 0.5e9);
+  EXPECT_NEAR(double(q35.total()), 397e9, 2e9) << "397B-A17B";
+  EXPECT_NEAR(double(q35.active_per_token()), 17e9, 0.5e9);
+  const auto cut = model::preset_shape("qwen3-next-80b-a3b", 8);
+  EXPECT_EQ(cut.layers, 8);
+  test::expect_error([] { model::preset_shape("qwen3-next-80b-a3b", 49); }, {"--layers 49", "48 layers"});
+  test::expect_error([] { model::preset_shape("llama"); }, {"unknown synthetic model \"llama\"", "qwen3.5-397b-a17b"});
+}
+
+// The canonical tensors of random weights written under Qwen3.5's (unpacked) checkpoint names.
+std::map<std::string, Tensor> as_checkpoint(const model::ModelConfig& c, const model::ModelWeights& w) {
+  std::map<std::string, Tensor> t;
+  t["model.embed_tokens.weight"] = w.embed;
+  t["model.norm.weight"] = w.final_norm;
+  t["lm_head.weight"] = w.lm_head;
+  for (int i = 0; i < c.num_layers; ++i) {
+    const auto& l = w.layers[size_t(i)];
+    const std::string p = fmt::format("model.layers.{}.", i);
+    t[p + "input_layernorm.weight"] = l.input_norm;
+    t[p + "post_attention_layernorm.weight"] = l.post_norm;
+    if (l.type == LayerType::FullAttention) {
+      const std::string a = p + "self_attn.";
+      t[a + "q_proj.weight"] = l.attn.q_proj, t[a + "k_proj.weight"] = l.attn.k_proj;
+      t[a + "v_proj.weight"] = l.attn.v_proj, t[a + "o_proj.weight"] = l.attn.o_proj;
+      t[a + "q_norm.weight"] = l.attn.q_norm, t[a + "k_norm.weight"] = l.attn.k_norm;
+    } else {
+      const std::string a = p + "linear_attn.";
+      t[a + "in_proj_qkv.weight"] = l.delta.in_qkv, t[a + "in_proj_z.weight"] = l.delta.in_z;
+      t[a + "in_proj_b.weight"] = l.delta.in_b, t[a + "in_proj_a.weight"] = l.delta.in_a;
+      t[a + "conv1d.weight"] = l.delta.conv.reshape({l.delta.conv.dim(0), 1, l.delta.conv.dim(1)});
+      t[a + "A_log"] = l.delta.A_log, t[a + "dt_bias"] = l.delta.dt_bias, t[a + "norm.weight"] = l.delta.norm;
+      t[a + "out_proj.weight"] = l.delta.out_proj;
+    }
+    const std::string m = p + "mlp.";
+    auto swiglu = [&](const std::string& q, const kernels::SwigluWeights& s) {
+      t[q + "gate_proj.weight"] = s.gate, t[q + "up_proj.weight"] = s.up, t[q + "down_proj.weight"] = s.down;
+    };
+    t[m + "gate.weight"] = l.moe.router;
+    for (size_t e = 0; e < l.moe.experts.size(); ++e) swiglu(fmt::format("{}experts.{}.", m, e), l.moe.experts[e]);
+    swiglu(m + "shared_expert.", *l.moe.shared);
+    t[m + "shared_expert_gate.weight"] = l.moe.shared_gate;
+  }
+  // Views into shared allocations are written as tensors of their own.
+  for (auto& [name, x] : t) {
+    Tensor own = Tensor::zeros(x.shape(), x.dtype());
+    std::memcpy(own.raw(), x.raw(), x.nbytes());
+    x = own;
+  }
+  return t;
+}
+
+TEST(SyntheticModel, AnEngineOverRandomWeightsEqualsOneLoadingThemFromACheckpoint) {
+  model::RandomModelShape s;
+  s.hidden = 64, s.layers = 4, s.vocab = 300, s.heads = 4, s.kv_heads = 2, s.head_dim = 16;
+  s.key_heads = 2, s.value_heads = 4, s.key_dim = 16, s.value_dim = 16;
+  s.experts = 8, s.top_k = 2, s.moe_intermediate = 32, s.shared_intermediate = 48, s.qwen35 = true;
+  const nlohmann::json config = model::random_model_config(s);
+  const model::ModelConfig cfg = model::parse_model_config(config, "test");
+
+  // The same weights, made on the CPU backend and written as a checkpoint...
+  kernels::CpuBackend cpu(1);
+  const model::ModelWeights host = model::random_weights(cfg, cpu, 99, DType::BF16);
+  const auto dir = std::filesystem::temp_directory_path() / fmt::format("ballast-synthetic-{}", ::getpid());
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "config.json") << config.dump();
+  io::write_safetensors(dir / "model.safetensors", as_checkpoint(cfg, host));
+
+  // ... bind to the same shapes and dtypes,
+  auto loaded = test::load_engine(dir, 2);
+  std::vector<std::pair<std::vector<int64_t>, DType>> a, b;
+  model::ModelWeights lw = loaded->model().weights(), rw = host;
+  model::for_each_tensor(lw, [&](Tensor& t) { a.emplace_back(t.shape(), t.dtype()); });
+  model::for_each_tensor(rw, [&](Tensor& t) { b.emplace_back(t.shape(), t.dtype()); });
+  EXPECT_EQ(a, b);
+
+  // ... and an engine made over them on the test backend gives the loaded engine's logits and
+  // greedy tokens exactly.
+  auto backend = test::test_backend(2);
+  model::ModelWeights dev = model::random_weights(cfg, *backend, 99, DType::BF16);
+  auto made = runtime::Engine::create(cfg, std::move(dev), std::move(backend));
+  const std::vector<int32_t> prompt{5, 17, 250, 3, 99, 42, 7};
+  EXPECT_EQ(made->prefill_logits(prompt), loaded->prefill_logits(prompt));
+  const std::vector<std::vector<int32_t>> prompts{prompt, {1, 2, 3}};
+  EXPECT_EQ(made->generate(prompts, 6).outputs, loaded->generate(prompts, 6).outputs);
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace ballast
