@@ -237,8 +237,9 @@ def check_batching_invariance(args):
     for extra in (["--ep", "4", "--ep-num-redundant-experts", "4", "--enable-eplb", "--eplb-rebalance-num-iterations",
                    "8", "--eplb-rebalance-layers-per-chunk", "2", "--ep-dispatch-algorithm", "balanced",
                    "--max-running-requests", "8", "--chunked-prefill-size", "256"],
+                  # A cache of 1,200 rows for 16 running sequences: some are preempted and recomputed.
                   ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "2", "--max-running-requests", "16",
-                   "--chunked-prefill-size", "256"]):
+                   "--chunked-prefill-size", "256", "--max-total-tokens", "1200"]):
         with Server(args, ["--model", MODEL] + extra) as s:
             with ThreadPoolExecutor(64) as pool:
                 together = list(pool.map(lambda pn: complete(s, *pn), prompts))
@@ -249,6 +250,7 @@ def check_batching_invariance(args):
                 assert m['ballast_eplb_rebalances_total{domain="trunk"}'] >= 1, m
             else:
                 assert m["ballast_spec_acceptance_length"] > 1, m
+                assert m["ballast_preemptions_total"] > 0, m
             assert s.stop() == 0
 
 
