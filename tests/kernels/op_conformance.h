@@ -1311,6 +1311,44 @@ TEST_P(OpConformance, VerifyDraftsSamplingEqualsTheReferenceLoop) {
 // Empty passes, steady state, errors
 // ============================================================================================
 
+TEST_P(OpConformance, TokenLogprobsAreTheLogSoftmaxAndItsTopK) {
+  const int64_t V = 300, R = 5, K = 6;
+  std::vector<float> logits = randn(size_t(R * V), 77, 3.0f);
+  // Row 1: a tie among its best three (ties go to the lower id); row 3: all equal.
+  logits[size_t(V + 10)] = logits[size_t(V + 250)] = logits[size_t(V + 40)] = 20.0f;
+  std::fill(logits.begin() + 3 * V, logits.begin() + 4 * V, -1.5f);
+  const std::vector<int32_t> ids{7, 250, -1, 299, 0};
+  Tensor lp = be().alloc({R}, DType::F32), tid = be().alloc({R, K}, DType::I32), tlp = be().alloc({R, K}, DType::F32);
+  ops().token_logprobs(f32(logits, {R, V}), i32(ids), lp, tid, tlp);
+  std::vector<double> want_lp, want_tlp;
+  std::vector<int32_t> want_tid;
+  for (int64_t r = 0; r < R; ++r) {
+    const float* row = logits.data() + r * V;
+    double mx = row[0], sum = 0;
+    for (int64_t v = 0; v < V; ++v) mx = std::max(mx, double(row[v]));
+    for (int64_t v = 0; v < V; ++v) sum += std::exp(double(row[v]) - mx);
+    const double lse = mx + std::log(sum);
+    want_lp.push_back(ids[size_t(r)] < 0 ? 0.0 : double(row[ids[size_t(r)]]) - lse);
+    std::vector<int32_t> order(static_cast<size_t>(V));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return row[a] > row[b]; });
+    for (int64_t k = 0; k < K; ++k) {
+      want_tid.push_back(order[size_t(k)]);
+      want_tlp.push_back(double(row[order[size_t(k)]]) - lse);
+    }
+  }
+  EXPECT_TRUE(all_near(floats(lp), want_lp, 1e-5));
+  EXPECT_EQ(ints(tid), want_tid);
+  EXPECT_TRUE(all_near(floats(tlp), want_tlp, 1e-5));
+  EXPECT_EQ(ints(tid)[size_t(K)], 10) << "ties go to the lower id";
+  EXPECT_NEAR(floats(lp)[3], -std::log(double(V)), 1e-5) << "a flat row";
+  // K = 0: the tokens' logprobs alone.
+  Tensor none;
+  Tensor lp0 = be().alloc({R}, DType::F32);
+  ops().token_logprobs(f32(logits, {R, V}), i32(ids), lp0, none, none);
+  EXPECT_TRUE(all_near(floats(lp0), want_lp, 1e-5));
+}
+
 TEST_P(OpConformance, EmptyPassesAreNoOps) {
   // Under expert parallelism a rank runs every layer even with no rows.
   const int64_t H = 8, E = 4;
@@ -1354,6 +1392,8 @@ TEST_P(OpConformance, EmptyPassesAreNoOps) {
   ops().sample(logits, rows, Draw::target, ids0, none);
   Tensor vout = be().alloc({0, 4}, DType::I32);
   ops().verify_drafts(logits, be().alloc({0, 2}, DType::I32), none, rows, vout);
+  Tensor lp = be().alloc({0}, DType::F32), tid = be().alloc({0, 3}, DType::I32), tlp = be().alloc({0, 3}, DType::F32);
+  ops().token_logprobs(logits, ids0, lp, tid, tlp);
   be().synchronize();
 }
 
@@ -1399,6 +1439,7 @@ TEST_P(OpConformance, SteadyStateAllocatesNothing) {
                                            std::vector<int32_t>(size_t(T * 2), 1));
   Tensor drafts = i32({1, 2, 3}, {T, 1});
   Tensor dprobs = f32(std::vector<float>(size_t(T * V), 1.0f / float(V)), {T, V});
+  Tensor lp = be().alloc({T}, DType::F32), tid = be().alloc({T, 4}, DType::I32), tlp = be().alloc({T, 4}, DType::F32);
   Workspace ws(be());
   auto pass = [&] {
     ws.reset();
@@ -1416,6 +1457,7 @@ TEST_P(OpConformance, SteadyStateAllocatesNothing) {
     ops().sample(sl_logits, rows, Draw::target, sampled, probs);
     ops().sample(sl_logits, rows, Draw::target, sampled, none);
     ops().verify_drafts(vlogits, drafts, dprobs, vrows, vout);
+    ops().token_logprobs(sl_logits, sampled, lp, tid, tlp);
     be().synchronize();
   };
   pass();
@@ -1435,6 +1477,9 @@ TEST_P(OpConformance, BadShapesThrowNamingTheOp) {
   Tensor ik = be().alloc({2, 1}, DType::I32), wk = be().alloc({2, 1}, DType::F32);
   test::expect_error([&] { ops().topk_softmax(x, 4, true, ik, wk); }, {"topk_softmax"});
   test::expect_error([&] { ops().gather_rows(x, ids, 1, x); }, {"gather_rows"});
+  Tensor lp = be().alloc({2}, DType::F32), many = be().alloc({2, kMaxTopLogprobs + 1}, DType::I32);
+  Tensor many_lp = be().alloc({2, kMaxTopLogprobs + 1}, DType::F32);
+  test::expect_error([&] { ops().token_logprobs(x, ids, lp, many, many_lp); }, {"token_logprobs"});
   Tensor counts = i32({0, 0, 0});
   // A bad index is data: a backend that cannot read it on the host reports it at its next wait.
   test::expect_error(

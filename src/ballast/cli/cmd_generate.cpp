@@ -3,19 +3,14 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
-#include <cstdlib>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
-#include <thread>
 
 #include "ballast/cli/commands.h"
-#include "ballast/cli/ep_args.h"
+#include "ballast/cli/engine_args.h"
 #include "ballast/cli/model_args.h"
 #include "ballast/core/error.h"
-#include "ballast/dist/mpi_communicator.h"
-#include "ballast/dist/mpi_data_plane.h"
-#include "ballast/dist/thread_world.h"
 #include "ballast/eplb/load.h"
 #include "ballast/io/safetensors.h"
 #include "ballast/runtime/distributed.h"
@@ -30,14 +25,8 @@ struct GenerateArgs {
   std::string model, prompt_ids, prompts_file, prompt;
   bool chat = false;
   int max_new_tokens = 32;
-  int threads = 0;
   bool json = false;
-  EpArgs ep;
-  CacheArgs cache;
-  DeviceArgs device;
-  bool disable_cuda_graph = false;
-  std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
-  int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;
+  EngineArgs engine;
   runtime::SamplingParams sampling;
 };
 
@@ -73,32 +62,28 @@ nlohmann::json speculative_summary(runtime::SpeculativeStats st, dist::Communica
 Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist::Communicator* comm,
                    dist::DataPlane* data, int threads, const std::vector<std::vector<int32_t>>& prompts,
                    std::span<const int32_t> stop) {
+  const EngineArgs& e = a.engine;
   const int ranks = comm ? comm->size() : 1;
-  const bool speculate = !a.speculative_algorithm.empty();
-  runtime::EngineOptions opts;
-  opts.comm = comm;
-  opts.data = data;
-  opts.ep = to_ep_options(a.ep, ranks);
-  opts.cuda_graphs = !a.disable_cuda_graph;
-  opts.cache = to_cache_options(a.cache, prompts, (prompts.size() + size_t(ranks) - 1) / size_t(ranks),
-                                a.max_new_tokens, speculate ? 2 * a.speculative_steps : 0);
-  if (comm && comm->rank() != 0) opts.log.level = LogLevel::Quiet;
-  // MPI ranks of one host take its GPUs in turn; in-process ranks share GPU 0.
-  int gpu = 0;
-  if (const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) gpu = std::atoi(local);
-  auto engine = load_engine(dir, a.device, threads, opts, !comm || comm->rank() == 0, gpu);
+  const bool speculate = e.speculate();
+  runtime::EngineOptions opts =
+      engine_options(e, comm, data,
+                     to_cache_options(e.cache, prompts, (prompts.size() + size_t(ranks) - 1) / size_t(ranks),
+                                      a.max_new_tokens, speculate ? 2 * e.speculative_steps : 0));
+  // Speculation is this command's to switch on, per generate call (generate_speculative).
+  opts.speculative_steps = 0;
+  auto engine = load_rank_engine(dir, e, opts, threads);
   for (auto& p : prompts)
     for (int32_t id : p)
       check(id < engine->config().vocab_size, "prompt token id {} is outside the vocabulary of {}", id,
             engine->config().vocab_size);
   auto* trunk = engine->trunk_ep();
-  if (!a.ep.dump_distribution.empty() && trunk) trunk->domain.recorder.start();
+  if (!e.ep.dump_distribution.empty() && trunk) trunk->domain.recorder.start();
   Report rep;
   runtime::SpeculativeStats spec_stats;
   auto generate = [&](const std::vector<std::vector<int32_t>>& mine) {
     if (!speculate) return engine->generate(mine, a.max_new_tokens, stop, a.sampling);
     return runtime::generate_speculative(*engine, mine, a.max_new_tokens,
-                                         {.num_steps = a.speculative_steps, .sampling = a.sampling}, &spec_stats, stop);
+                                         {.num_steps = e.speculative_steps, .sampling = a.sampling}, &spec_stats, stop);
   };
   if (comm) {
     auto r = runtime::generate_distributed(*comm, prompts, generate);
@@ -106,8 +91,8 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
     rep.stats = r.stats;
     rep.ep = ep_summary(*engine, comm->size());
     // Every pass's load is summed over ranks before it is recorded: every rank holds the whole load.
-    if (!a.ep.dump_distribution.empty() && trunk && comm->rank() == 0)
-      eplb::write_load(a.ep.dump_distribution, trunk->domain.recorder.dump());
+    if (!e.ep.dump_distribution.empty() && trunk && comm->rank() == 0)
+      eplb::write_load(e.ep.dump_distribution, trunk->domain.recorder.dump());
   } else {
     auto r = generate(prompts);
     rep.outputs = std::move(r.outputs);
@@ -138,28 +123,17 @@ int run_generate(const GenerateArgs& a) {
   check(!prompts.empty(), "give a prompt: --prompt TEXT, --prompt-ids 1,2,3 or --prompts-file FILE");
 
   Report rep;
-  int ranks = 1;
-  const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
-  if (dist::mpi_launched()) {
-    dist::MpiCommunicator comm;
-    dist::MpiDataPlane data;
-    ranks = comm.size();
-    check(a.ep.ep == 1 || a.ep.ep == ranks, "--ep {} does not match the MPI world of {} ranks", a.ep.ep, ranks);
-    rep = run_on_rank(a, dir, &comm, &data, a.threads, prompts, stop);
-    if (comm.rank() != 0) return 0;
-  } else if (a.ep.wanted()) {
-    ranks = a.ep.ep;
-    const int threads = a.threads > 0 ? a.threads : int(std::max(1u, cores / unsigned(ranks)));
-    std::mutex mu;
-    dist::ThreadWorld world(ranks);
-    dist::run_ranks(world, [&](dist::Communicator& comm) {
-      Report r = run_on_rank(a, dir, &comm, &world.data_plane(comm.rank()), threads, prompts, stop);
-      std::lock_guard lk(mu);
-      if (comm.rank() == 0) rep = std::move(r);
-    });
-  } else {
-    rep = run_on_rank(a, dir, nullptr, nullptr, a.threads, prompts, stop);
-  }
+  std::mutex mu;
+  bool has_rank0 = false;
+  const int ranks = run_on_ranks(a.engine, [&](dist::Communicator* comm, dist::DataPlane* data, int threads) {
+    Report r = run_on_rank(a, dir, comm, data, threads, prompts, stop);
+    std::lock_guard lk(mu);
+    if (!comm || comm->rank() == 0) {
+      rep = std::move(r);
+      has_rank0 = true;
+    }
+  });
+  if (!has_rank0) return 0;  // an MPI rank other than 0: rank 0 reports
 
   const auto& s = rep.stats;
   const double prefill_tps = s.prefill_seconds > 0 ? s.prefill_tokens / s.prefill_seconds : 0;
@@ -225,28 +199,14 @@ void add_generate(CLI::App& app, Runner& run) {
   c->add_option("--prompt-ids", a->prompt_ids, "Prompt as comma-separated token ids");
   c->add_option("--prompts-file", a->prompts_file, "File with one comma-separated id list per line (one batch)");
   c->add_option("--max-new-tokens", a->max_new_tokens, "Tokens to generate per prompt")->check(CLI::Range(1, 1 << 20));
-  c->add_option("--threads", a->threads, "CPU threads per rank (0 = all cores, shared among in-process ranks)");
   c->add_flag("--json", a->json, "Print one JSON object");
   c->add_option("--temperature", a->sampling.temperature, "0 = greedy (default); else sample")->check(CLI::Range(0.0, 100.0));
   c->add_option("--top-p", a->sampling.top_p, "Nucleus sampling mass")->check(CLI::Range(1e-6, 1.0));
   c->add_option("--top-k", a->sampling.top_k, "Sample among the k most likely tokens (0 = all)")->check(CLI::Range(0, 1 << 20));
   c->add_option("--seed", a->sampling.seed, "Sampling seed");
-  add_ep_options(c, a->ep);
-  add_cache_options(c, a->cache);
-  add_device_option(c, a->device);
-  c->add_flag("--disable-cuda-graph", a->disable_cuda_graph, "Run decode passes eagerly (no CUDA graphs)");
-  c->add_option("--speculative-algorithm", a->speculative_algorithm, "NEXTN: draft with the model's MTP head")
-      ->check(CLI::IsMember({"NEXTN", "MTP", "EAGLE"}));
-  c->add_option("--speculative-num-steps", a->speculative_steps, "Chained draft steps per verify pass")
-      ->check(CLI::Range(1, 16));
-  c->add_option("--speculative-eagle-topk", a->speculative_topk, "Drafts per step (only 1: chain drafting)")
-      ->check(CLI::Range(1, 1));
-  c->add_option("--speculative-num-draft-tokens", a->speculative_draft_tokens,
-                "Tokens per verify pass (must be num-steps + 1 with topk 1)");
+  add_engine_options(c, a->engine);
   c->callback([a, &run] {
-    if (a->speculative_draft_tokens != 0 && a->speculative_draft_tokens != a->speculative_steps + 1)
-      throw CLI::ValidationError("--speculative-num-draft-tokens",
-                                 "with --speculative-eagle-topk 1 it must be --speculative-num-steps + 1");
+    validate(a->engine);
     run = [a] { return run_generate(*a); };
   });
 }

@@ -13,6 +13,7 @@ using Runner = std::function<int()>;
 using AddCommand = void (*)(CLI::App& app, Runner& run);
 
 void add_generate(CLI::App& app, Runner& run);
+void add_serve(CLI::App& app, Runner& run);     // the HTTP server
 void add_logits(CLI::App& app, Runner& run);
 void add_inspect(CLI::App& app, Runner& run);
 void add_bench(CLI::App& app, Runner& run);

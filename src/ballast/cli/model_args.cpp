@@ -18,13 +18,24 @@ namespace ballast::cli {
 
 std::filesystem::path default_model_dir() {
   if (const char* env = std::getenv("BALLAST_MODEL")) return env;
+  // models/default in a folder above the binary (a build folder in the repository), share/ballast
+  // above it (after cmake --install), or above the working directory (the repository's root with
+  // a build folder elsewhere).
+  auto found = [](std::filesystem::path dir) -> std::optional<std::filesystem::path> {
+    for (; dir.has_parent_path(); dir = dir.parent_path()) {
+      for (auto candidate : {dir / "models" / "default", dir / "share" / "ballast" / "models" / "default"})
+        if (std::filesystem::exists(candidate / "config.json")) return std::filesystem::canonical(candidate);
+      if (dir == dir.parent_path()) break;
+    }
+    return std::nullopt;
+  };
   std::error_code ec;
-  auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
-  for (auto dir = exe.parent_path(); !ec && dir.has_parent_path() && dir != dir.parent_path(); dir = dir.parent_path()) {
-    auto candidate = dir / "models" / "default";
-    if (std::filesystem::exists(candidate / "config.json")) return std::filesystem::canonical(candidate);
-  }
-  fail("no --model given and no default model found (models/default beside the build, or $BALLAST_MODEL)");
+  const auto exe = std::filesystem::read_symlink("/proc/self/exe", ec);
+  if (!ec)
+    if (auto dir = found(exe.parent_path())) return *dir;
+  if (auto dir = found(std::filesystem::current_path(ec))) return *dir;
+  fail("no --model given and no default model found (models/default above the binary or the working directory, "
+       "share/ballast/models/default after cmake --install, or $BALLAST_MODEL)");
 }
 
 std::vector<int32_t> parse_ids(const std::string& csv) {

@@ -10,8 +10,9 @@
 
 namespace ballast::cli {
 
-// The shipped default model: models/ next to the build directory's parent (the repository), or
-// $BALLAST_MODEL.
+// The shipped default model: $BALLAST_MODEL, or models/default above the binary (a build folder
+// in the repository) or above the working directory, or share/ballast/models/default above the
+// binary (installed).
 std::filesystem::path default_model_dir();
 
 // "1,2,3" -> {1, 2, 3}; errors name the offending item.

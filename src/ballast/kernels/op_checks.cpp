@@ -433,4 +433,23 @@ VerifyShape check_verify_drafts(const Tensor& logits, const Tensor& drafts, cons
   return {B, S, V};
 }
 
+LogprobShape check_token_logprobs(const Tensor& logits, const Tensor& ids, const Tensor& logprob,
+                                  const Tensor& top_ids, const Tensor& top_logprobs) {
+  check(logits.rank() == 2 && logits.dtype() == DType::F32, "token_logprobs: logits {} is not F32 [R, V]", logits);
+  const int64_t R = logits.dim(0), V = logits.dim(1);
+  check(V > 0 || R == 0, "token_logprobs: logits {} has no tokens", logits);
+  expect("token_logprobs", "ids", ids, DType::I32, R);
+  expect("token_logprobs", "logprob", logprob, DType::F32, R);
+  const int64_t K = top_ids.defined() ? (top_ids.rank() == 2 ? top_ids.dim(1) : -1) : 0;
+  check(K >= 0 && K <= kMaxTopLogprobs && K <= std::max<int64_t>(V, 0),
+        "token_logprobs: top_ids {} should be [R={}, K] with K <= {} and K <= V={}", top_ids, R, kMaxTopLogprobs, V);
+  if (K > 0) {
+    expect("token_logprobs", "top_ids", top_ids, DType::I32, R * K);
+    expect("token_logprobs", "top_logprobs", top_logprobs, DType::F32, R * K);
+    check(top_logprobs.rank() == 2 && top_logprobs.dim(1) == K, "token_logprobs: top_logprobs {} for top_ids {}",
+          top_logprobs, top_ids);
+  }
+  return {R, V, K};
+}
+
 }  // namespace ballast::kernels

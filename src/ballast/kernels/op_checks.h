@@ -136,5 +136,10 @@ struct VerifyShape {
 };
 VerifyShape check_verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs,
                                 const SamplingRows& rows, const Tensor& out);
+struct LogprobShape {
+  int64_t R, V, K;
+};
+LogprobShape check_token_logprobs(const Tensor& logits, const Tensor& ids, const Tensor& logprob,
+                                  const Tensor& top_ids, const Tensor& top_logprobs);
 
 }  // namespace ballast::kernels

@@ -70,6 +70,9 @@ struct SamplingRows {
   Tensor position;     // I32: position of the token being drawn
 };
 
+// The most top logprobs token_logprobs gives per row (OpenAI's limit for chat completions).
+inline constexpr int kMaxTopLogprobs = 20;
+
 // Independent uniform streams of one (seed, position): see uniform() in sampling.h.
 enum class Draw : uint32_t { target = 0, draft = 1, accept = 2, residual = 3 };
 
@@ -173,6 +176,13 @@ class Ops {
   // the entries after it are -1.
   virtual void verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs,
                              const SamplingRows& rows, Tensor& out) = 0;
+  // Log-probabilities under the model, log_softmax of the raw logits[R, V] (before temperature
+  // and truncation; fp32 out, accumulated in double): logprob[R] of the token ids[R] of each row
+  // (an id < 0 means the row has none: its logprob is 0), and the K most likely tokens of each
+  // row, top_ids[R, K] and top_logprobs[R, K] by decreasing logprob, ties to the lower id.
+  // 0 <= K <= kMaxTopLogprobs; with K = 0 the two may be undefined.
+  virtual void token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& logprob, Tensor& top_ids,
+                              Tensor& top_logprobs) = 0;
 };
 
 }  // namespace ballast::kernels

@@ -195,6 +195,8 @@ ModelConfig parse_text(const Fields& f, ModelConfig c) {
   c.num_layers = to_int(f.positive("num_hidden_layers"), f, "num_hidden_layers");
   c.rms_norm_eps = float(f.number("rms_norm_eps", 1e-6));
   check(c.rms_norm_eps > 0, "{}: field \"{}\" must be positive", src, f.path("rms_norm_eps"));
+  c.max_position_embeddings = to_int(f.integer("max_position_embeddings", 0), f, "max_position_embeddings");
+  check(c.max_position_embeddings >= 0, "{}: field \"{}\" must be >= 0", src, f.path("max_position_embeddings"));
   c.mtp_num_hidden_layers = to_int(f.integer("mtp_num_hidden_layers", 0), f, "mtp_num_hidden_layers");
   check(c.mtp_num_hidden_layers >= 0, "{}: field \"{}\" must be >= 0", src, f.path("mtp_num_hidden_layers"));
 

@@ -24,6 +24,7 @@ struct ModelConfig {
   int num_layers = 0;
   float rms_norm_eps = 1e-6f;
   bool tie_word_embeddings = false;
+  int max_position_embeddings = 0;  // the longest sequence it was trained for (0: not given)
 
   // gated full attention
   int num_heads = 0;          // Hq

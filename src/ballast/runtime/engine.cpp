@@ -1,6 +1,7 @@
 #include "ballast/runtime/engine.h"
 
 #include <algorithm>
+#include <bit>
 
 #include "ballast/core/clock.h"
 #include "ballast/core/error.h"
@@ -104,8 +105,10 @@ void Engine::build(model::ModelConfig cfg, model::ModelWeights device, const mod
 }
 
 Engine::PassOutput Engine::make_output(int64_t load_size) {
-  // Results: at most a verification of every row (drafts + 2 per sequence) and a draw per row.
-  const int64_t results = 3 * int64_t(opts_.cache.chunked_prefill_size) + opts_.cache.max_running_requests + 16;
+  // Results: at most a verification of every row (drafts + 2 per sequence) and a draw per row,
+  // then the logprobs of every logits row (at most a row per pass row): its own and top-K pairs.
+  const int64_t chunk = opts_.cache.chunked_prefill_size;
+  const int64_t results = 3 * chunk + opts_.cache.max_running_requests + 16 + chunk * (1 + 2 * kernels::kMaxTopLogprobs);
   PassOutput out;
   out.load_size = load_size;
   out.device = backend_->alloc({load_size + results}, DType::I32);
@@ -183,6 +186,15 @@ void Engine::build_cache() {
   sampler_ = std::make_unique<Sampler>(*backend_, std::max(c.chunked_prefill_size, c.max_running_requests),
                                        c.max_running_requests * std::max(S, 1));
   kept_probs_ = Tensor();
+  verified_ids_ = Tensor();
+  if (S > 0) {
+    // Verdicts are [B, S + 2] = [a, tokens...]: logits row i of the verifications emits word
+    // i + i / (S + 1) + 1, whatever B is (a prefix of this one table serves every pass).
+    std::vector<int32_t> at(size_t(c.max_running_requests) * (S + 1));
+    for (size_t i = 0; i < at.size(); ++i) at[i] = int32_t(i + i / size_t(S + 1) + 1);
+    verified_ids_ = backend_->alloc({int64_t(at.size())}, DType::I32);
+    backend_->upload(at.data(), verified_ids_);
+  }
 }
 
 void Engine::set_speculative_steps(int steps) {
@@ -198,6 +210,8 @@ int64_t Engine::add_request(Request r) {
   const int64_t V = config().vocab_size;
   for (int32_t id : r.prompt)
     check(id >= 0 && id < V, "prompt token id {} is outside the vocabulary of {}", id, V);
+  check(r.top_logprobs <= kernels::kMaxTopLogprobs, "top_logprobs {} is above the limit of {}", r.top_logprobs,
+        kernels::kMaxTopLogprobs);
   check(opts_.cache.context_length <= 0 ||
             int64_t(r.prompt.size()) + r.max_new_tokens <= opts_.cache.context_length,
         "a prompt of {} tokens and {} new ones exceed the context length of {}", r.prompt.size(), r.max_new_tokens,
@@ -209,6 +223,7 @@ int64_t Engine::add_request(Request r) {
   s->sampling = r.sampling;
   s->max_new_tokens = r.max_new_tokens;
   s->stop_ids = std::move(r.stop_ids);
+  s->top_logprobs = r.top_logprobs;
   scheduler_->add(*s);
   const int64_t id = s->id;
   seqs_.emplace(id, std::move(s));
@@ -228,10 +243,12 @@ StepOutput& Engine::output_of(const Sequence& s) {
   return outputs_.emplace_back(StepOutput{s.id, {}, false, FinishReason::none});
 }
 
-bool Engine::emit(Sequence& s, int32_t token) {
+bool Engine::emit(Sequence& s, int32_t token, const TokenLogprobs* logprobs) {
   if (s.finished()) return false;
   s.tokens.push_back(token);
-  output_of(s).tokens.push_back(token);
+  StepOutput& out = output_of(s);
+  out.tokens.push_back(token);
+  if (logprobs) out.logprobs.push_back(*logprobs);
   if (std::find(s.stop_ids.begin(), s.stop_ids.end(), token) != s.stop_ids.end()) s.finish = FinishReason::stop;
   else if (int(s.generated()) >= s.max_new_tokens) s.finish = FinishReason::length;
   if (s.finish != FinishReason::none) s.status = SequenceStatus::finished;
@@ -327,7 +344,45 @@ bool Engine::step() {
   if (Bv > 0)
     sampler_->verify(runner_->workspace(), r.logits.rows(0, Rv), verify_rows, drafts, S, kept_probs_, draft_rows,
                      verdicts);
-  const std::span<const int32_t> host = finish_pass(trunk_out_, trunk_ep_.get(), Rout + Rs, r.hidden.dim(0));
+  // Log-probabilities of every logits row's token when a sequence of the pass asks, into the
+  // same download: [logprob R | top ids R x K | top logprobs R x K] after the draws.
+  int K = -1;
+  for (const Scheduled& s : *scheduled)
+    if (s.verify || s.draws) K = std::max(K, s.seq->top_logprobs);
+  const int64_t R = Rv + Rdraw, lp_words = K >= 0 ? R * (1 + 2 * int64_t(K)) : 0;
+  if (lp_words > 0) {
+    const Tensor area = trunk_out_.results(Rout + Rdraw + lp_words).rows(Rout + Rdraw, Rout + Rdraw + lp_words);
+    auto as_f32 = [](const Tensor& t, std::vector<int64_t> shape) {
+      return Tensor::borrow(t.raw(), std::move(shape), DType::F32, t.device());
+    };
+    Tensor token_ids = runner_->workspace().take({R}, DType::I32);
+    if (Bv > 0) {
+      Tensor verified = token_ids.rows(0, Rv);
+      backend_->ops().gather_rows(verdicts.reshape({Bv * (S + 2), 1}), verified_ids_.rows(0, Rv), 1,
+                                  verified);
+    }
+    if (Rdraw > 0) {
+      Tensor drawn = token_ids.rows(Rv, R);
+      backend_->ops().copy(ids, drawn);
+    }
+    Tensor lp = as_f32(area.rows(0, R), {R});
+    Tensor top_ids = area.rows(R, R + R * K).reshape({R, K});
+    Tensor top_lp = as_f32(area.rows(R + R * K, R + 2 * R * K), {R, K});
+    backend_->ops().token_logprobs(r.logits.rows(0, R), token_ids, lp, top_ids, top_lp);
+  }
+  const int64_t words = lp_words > 0 ? Rout + Rdraw + lp_words : Rout + Rs;
+  const std::span<const int32_t> host = finish_pass(trunk_out_, trunk_ep_.get(), words, r.hidden.dim(0));
+  // The logprobs of logits row `row` (null when the sequence did not ask).
+  TokenLogprobs lp_row;
+  auto logprobs_of = [&](const Sequence& q, int64_t row) -> const TokenLogprobs* {
+    if (q.top_logprobs < 0) return nullptr;
+    const int32_t* a = host.data() + Rout + Rdraw;
+    lp_row.logprob = std::bit_cast<float>(a[row]);
+    lp_row.top.clear();
+    for (int k = 0; k < q.top_logprobs; ++k)
+      lp_row.top.emplace_back(a[R + row * K + k], std::bit_cast<float>(a[R + R * K + row * K + k]));
+    return &lp_row;
+  };
   ++stats_.passes;
   const double t_verified = now_seconds();
 
@@ -351,7 +406,7 @@ bool Engine::step() {
       ++spec_stats_.rounds;
       const size_t before = q.tokens.size();
       for (int k = 0; k <= a; ++k)
-        if (!emit(q, v[1 + k])) break;
+        if (!emit(q, v[1 + k], logprobs_of(q, (b - 1) * (S + 1) + k))) break;
       const int64_t emitted = int64_t(q.tokens.size() - before);
       spec_stats_.emitted += emitted;
       if (!prefill) stats_.decode_tokens += emitted;
@@ -359,7 +414,8 @@ bool Engine::step() {
       q.drafts.clear();
       kept[i] = a + 1;
     } else if (s.draws) {
-      emit(q, host[size_t(Rout + j++)]);
+      emit(q, host[size_t(Rout + j)], logprobs_of(q, Rv + j));
+      ++j;
       if (!prefill) ++stats_.decode_tokens;
     }
   }

@@ -95,6 +95,7 @@ struct StepOutput {
   std::vector<int32_t> tokens;  // emitted this step
   bool finished;
   FinishReason reason;
+  std::vector<TokenLogprobs> logprobs;  // one per token, for a request that asked
 };
 
 class Engine {
@@ -177,7 +178,7 @@ class Engine {
   // the first n results] in one copy, closes the domain's pass; returns the results on the host.
   std::span<const int32_t> finish_pass(PassOutput& out, moe::ExpertParallelDomain* domain, int64_t n, int64_t rows);
   // Appends a token to a sequence; false once the sequence is finished.
-  bool emit(Sequence& seq, int32_t token);
+  bool emit(Sequence& seq, int32_t token, const TokenLogprobs* logprobs = nullptr);
   Sampler::Row row_of(const Sequence& seq, int64_t position) const;
   // Speculation (speculative.cpp): the MTP passes after a trunk pass that enter the pass's rows
   // into the head's cache and draft the next round of every decoding sequence.
@@ -199,6 +200,7 @@ class Engine {
   std::unique_ptr<ModelRunner> runner_;
   std::unique_ptr<Sampler> sampler_;
   Tensor kept_probs_;  // [max running * steps, V]: each draft's distribution, for verification
+  Tensor verified_ids_;  // with speculation: where each verification logits row's token sits in the verdicts
   std::map<int64_t, std::unique_ptr<Sequence>> seqs_;
   int64_t next_id_ = 0;
   std::vector<StepOutput> outputs_;

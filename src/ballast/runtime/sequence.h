@@ -3,6 +3,7 @@
 // them, when to stop, where it stands, and its share of the state cache.
 #include <cstdint>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "ballast/runtime/sampling_params.h"
@@ -15,6 +16,15 @@ struct Request {
   SamplingParams sampling;  // its seed is this sequence's own (see sequence_seed)
   int max_new_tokens = 16;
   std::vector<int32_t> stop_ids;  // generation ends after any of these
+  // Log-probabilities of the generated tokens (kernels::Ops::token_logprobs): -1 none, else the
+  // drawn token's and the top_logprobs most likely ones (<= kernels::kMaxTopLogprobs).
+  int top_logprobs = -1;
+};
+
+// A generated token's log-probability under the model, and the most likely alternatives.
+struct TokenLogprobs {
+  float logprob = 0;
+  std::vector<std::pair<int32_t, float>> top;  // (id, logprob), most likely first
 };
 
 enum class SequenceStatus { waiting, running, finished };
@@ -28,6 +38,7 @@ struct Sequence {
   SamplingParams sampling;
   int max_new_tokens = 0;
   std::vector<int32_t> stop_ids;
+  int top_logprobs = -1;
 
   SequenceStatus status = SequenceStatus::waiting;
   FinishReason finish = FinishReason::none;

@@ -71,6 +71,8 @@ class CpuOps final : public Ops {
   void sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) override;
   void verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs, const SamplingRows& rows,
                      Tensor& out) override;
+  void token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& logprob, Tensor& top_ids,
+                      Tensor& top_logprobs) override;
 
   // Op timing (Backend::start_op_timing): null when off.
   void set_op_times(OpTimes* times) { times_ = times; }

@@ -1,0 +1,77 @@
+#include "ballast/cli/engine_args.h"
+
+#include <cstdlib>
+#include <thread>
+
+#include "ballast/core/error.h"
+#include "ballast/dist/mpi_communicator.h"
+#include "ballast/dist/mpi_data_plane.h"
+#include "ballast/dist/thread_world.h"
+
+namespace ballast::cli {
+
+void add_engine_options(CLI::App* c, EngineArgs& a) {
+  c->add_option("--threads", a.threads, "CPU threads per rank (0 = all cores, shared among in-process ranks)");
+  add_ep_options(c, a.ep);
+  add_cache_options(c, a.cache);
+  add_device_option(c, a.device);
+  c->add_flag("--disable-cuda-graph", a.disable_cuda_graph, "Run decode passes eagerly (no CUDA graphs)");
+  c->add_option("--speculative-algorithm", a.speculative_algorithm, "NEXTN: draft with the model's MTP head")
+      ->check(CLI::IsMember({"NEXTN", "MTP", "EAGLE"}));
+  c->add_option("--speculative-num-steps", a.speculative_steps, "Chained draft steps per verify pass")
+      ->check(CLI::Range(1, 16));
+  c->add_option("--speculative-eagle-topk", a.speculative_topk, "Drafts per step (only 1: chain drafting)")
+      ->check(CLI::Range(1, 1));
+  c->add_option("--speculative-num-draft-tokens", a.speculative_draft_tokens,
+                "Tokens per verify pass (must be num-steps + 1 with topk 1)");
+}
+
+void validate(const EngineArgs& a) {
+  if (a.speculative_draft_tokens != 0 && a.speculative_draft_tokens != a.speculative_steps + 1)
+    throw CLI::ValidationError("--speculative-num-draft-tokens",
+                               "with --speculative-eagle-topk 1 it must be --speculative-num-steps + 1");
+}
+
+runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* comm, dist::DataPlane* data,
+                                      const runtime::CacheOptions& cache) {
+  runtime::EngineOptions opts;
+  opts.comm = comm;
+  opts.data = data;
+  opts.ep = to_ep_options(a.ep, comm ? comm->size() : 1);
+  opts.cuda_graphs = !a.disable_cuda_graph;
+  opts.cache = cache;
+  opts.speculative_steps = a.speculate() ? a.speculative_steps : 0;
+  if (comm && comm->rank() != 0) opts.log.level = LogLevel::Quiet;
+  return opts;
+}
+
+std::unique_ptr<runtime::Engine> load_rank_engine(const std::filesystem::path& dir, const EngineArgs& a,
+                                                  const runtime::EngineOptions& opts, int threads) {
+  // MPI ranks of one host take its GPUs in turn; in-process ranks share GPU 0.
+  int gpu = 0;
+  if (const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) gpu = std::atoi(local);
+  return load_engine(dir, a.device, threads, opts, !opts.comm || opts.comm->rank() == 0, gpu);
+}
+
+int run_on_ranks(const EngineArgs& a, const RankFn& fn) {
+  if (dist::mpi_launched()) {
+    dist::MpiCommunicator comm;
+    dist::MpiDataPlane data;
+    check(a.ep.ep == 1 || a.ep.ep == comm.size(), "--ep {} does not match the MPI world of {} ranks", a.ep.ep,
+          comm.size());
+    fn(&comm, &data, a.threads);
+    return comm.size();
+  }
+  if (a.ep.wanted()) {
+    const int ranks = a.ep.ep;
+    const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
+    const int threads = a.threads > 0 ? a.threads : int(std::max(1u, cores / unsigned(ranks)));
+    dist::ThreadWorld world(ranks);
+    dist::run_ranks(world, [&](dist::Communicator& comm) { fn(&comm, &world.data_plane(comm.rank()), threads); });
+    return ranks;
+  }
+  fn(nullptr, nullptr, a.threads);
+  return 1;
+}
+
+}  // namespace ballast::cli

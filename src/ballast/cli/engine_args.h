@@ -1,0 +1,45 @@
+#pragma once
+// The flags of the commands that run the engine (generate, serve): threads, device, CUDA graphs,
+// cache limits, expert parallelism and EPLB, MTP speculation, and where its ranks come from.
+#include <CLI/CLI.hpp>
+
+#include <functional>
+#include <string>
+
+#include "ballast/cli/ep_args.h"
+#include "ballast/cli/model_args.h"
+#include "ballast/dist/communicator.h"
+#include "ballast/dist/data_plane.h"
+
+namespace ballast::cli {
+
+struct EngineArgs {
+  int threads = 0;
+  EpArgs ep;
+  CacheArgs cache;
+  DeviceArgs device;
+  bool disable_cuda_graph = false;
+  std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
+  int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;
+
+  bool speculate() const { return !speculative_algorithm.empty(); }
+};
+
+void add_engine_options(CLI::App* cmd, EngineArgs& a);
+// The checks across flags (call from the command's callback); throws CLI::ValidationError.
+void validate(const EngineArgs& a);
+
+// The engine's options for a rank of `comm` (null: one rank) with `cache` limits resolved.
+runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* comm, dist::DataPlane* data,
+                                      const runtime::CacheOptions& cache);
+// Loads the engine of one rank (its GPU under MPI: the local rank's; a progress bar on rank 0).
+std::unique_ptr<runtime::Engine> load_rank_engine(const std::filesystem::path& dir, const EngineArgs& a,
+                                                  const runtime::EngineOptions& opts, int threads);
+
+// Runs fn on every rank this process hosts, each on its own thread with its threads: the MPI
+// rank (under mpirun; --ep must then be 1 or the world's size), --ep G in-process ranks sharing
+// the cores, or the single rank (comm and data null). Returns the number of ranks.
+using RankFn = std::function<void(dist::Communicator* comm, dist::DataPlane* data, int threads)>;
+int run_on_ranks(const EngineArgs& a, const RankFn& fn);
+
+}  // namespace ballast::cli

@@ -1,0 +1,78 @@
+#include "ballast/serve/json_fields.h"
+
+#include <fmt/format.h>
+
+namespace ballast::serve {
+
+namespace {
+const nlohmann::json kNull;
+}
+
+JsonFields::JsonFields(const nlohmann::json& j, std::string prefix) : j_(j), prefix_(std::move(prefix)) {
+  if (!j_.is_object())
+    throw ApiError(400, fmt::format("{} must be a JSON object", prefix_.empty() ? "the request body" : prefix_));
+}
+
+bool JsonFields::has(const std::string& key) const { return j_.contains(key) && !j_[key].is_null(); }
+
+const nlohmann::json& JsonFields::raw(const std::string& key) const { return has(key) ? j_[key] : kNull; }
+
+void JsonFields::bad(const std::string& key, const std::string& what) const {
+  throw ApiError(400, fmt::format("'{}' {}", name(key), what), name(key));
+}
+
+std::optional<bool> JsonFields::boolean(const std::string& key) const {
+  if (!has(key)) return std::nullopt;
+  if (!j_[key].is_boolean()) bad(key, "must be a boolean");
+  return j_[key].get<bool>();
+}
+
+std::optional<int64_t> JsonFields::integer(const std::string& key) const {
+  if (!has(key)) return std::nullopt;
+  const auto& v = j_[key];
+  if (v.is_number_integer()) return v.get<int64_t>();
+  // 16.0 is an integer too (JSON has one number type).
+  if (v.is_number_float() && v.get<double>() == double(int64_t(v.get<double>()))) return int64_t(v.get<double>());
+  bad(key, "must be an integer");
+}
+
+std::optional<double> JsonFields::number(const std::string& key) const {
+  if (!has(key)) return std::nullopt;
+  if (!j_[key].is_number()) bad(key, "must be a number");
+  return j_[key].get<double>();
+}
+
+std::optional<std::string> JsonFields::string(const std::string& key) const {
+  if (!has(key)) return std::nullopt;
+  if (!j_[key].is_string()) bad(key, "must be a string");
+  return j_[key].get<std::string>();
+}
+
+std::optional<std::vector<int32_t>> JsonFields::ids(const std::string& key, int64_t limit) const {
+  if (!has(key)) return std::nullopt;
+  const auto& v = j_[key];
+  if (!v.is_array()) bad(key, "must be a list of token ids");
+  std::vector<int32_t> out;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (!v[i].is_number_integer()) bad(key, fmt::format("[{}] must be an integer token id", i));
+    const int64_t id = v[i].get<int64_t>();
+    if (id < 0 || id >= limit) bad(key, fmt::format("[{}] = {} is outside the vocabulary of {}", i, id, limit));
+    out.push_back(int32_t(id));
+  }
+  return out;
+}
+
+std::vector<std::string> JsonFields::strings(const std::string& key) const {
+  if (!has(key)) return {};
+  const auto& v = j_[key];
+  if (v.is_string()) return {v.get<std::string>()};
+  if (!v.is_array()) bad(key, "must be a string or a list of strings");
+  std::vector<std::string> out;
+  for (size_t i = 0; i < v.size(); ++i) {
+    if (!v[i].is_string()) bad(key, fmt::format("[{}] must be a string", i));
+    out.push_back(v[i].get<std::string>());
+  }
+  return out;
+}
+
+}  // namespace ballast::serve
