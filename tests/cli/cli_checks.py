@@ -126,6 +126,42 @@ def check_inspect(args):
     assert "parameters" in text or "params" in text, j
 
 
+def check_bench(args):
+    # The sweep on the demo model (CPU): every batch and prefill length reported beside the ceilings,
+    # ratios consistent with the figures, op profiles that name the ops, speculation per batch.
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "bench.json")
+        text = run([args.ballast, "bench", "--device", "cpu", "--threads", "2", "--batch", "1,3", "--prefill", "24,40",
+                    "--prompt-len", "16", "--decode-steps", "4", "--repeats", "1", "--profile",
+                    "--speculative-num-steps", "1,2", "--json-file", out]).stdout
+        with open(out) as f:
+            j = json.load(f)
+    for head in ("ceilings", "decode at", "prefill of", "decode step, batch 1", "prefill pass, 24 tokens", "NEXTN"):
+        assert head in text, (head, text)
+    assert j["copy_bandwidth_gb_s"] > 0 and j["gemm_tflop_s"] > 0 and "OpenBLAS" in j["gemm"], j
+    assert [d["batch"] for d in j["decode"]] == [1, 3] and [p["tokens"] for p in j["prefill"]] == [24, 40], j
+    for d in j["decode"]:
+        assert d["tokens_per_s"] > 0 and abs(d["bandwidth_ratio"] - d["bandwidth_gb_s"] / j["copy_bandwidth_gb_s"]) < 1e-9, d
+        assert abs(d["bytes_per_token"] * d["tokens_per_s"] - d["bandwidth_gb_s"] * 1e9) < 1e-3 * d["bandwidth_gb_s"] * 1e9, d
+    for p in j["prefill"]:
+        assert abs(p["tokens"] / p["seconds"] - p["tokens_per_s"]) < 1e-6 * p["tokens_per_s"], p
+        assert abs(p["tflop_s"] / j["gemm_tflop_s"] - p["gemm_ratio"]) < 1e-9, p
+    for prof in (j["decode_profile"], j["prefill_profile"]):
+        ops = {o["op"]: o for o in prof["ops"]}
+        assert "matmul" in ops and "moe_experts" in ops and "rms_norm" in ops, ops
+        assert abs(sum(o["share"] for o in prof["ops"]) - 1) < 1e-9, prof
+    assert "gated_delta_rule" in {o["op"] for o in j["prefill_profile"]["ops"]}
+    assert [(s["batch"], s["num_steps"]) for s in j["speculative"]] == [(1, 1), (1, 2), (3, 1), (3, 2)], j
+    assert all(1.0 <= s["acceptance_length"] <= s["num_steps"] + 1 for s in j["speculative"]), j
+    # Synthetic presets: unknown names and depths are refused naming what is known.
+    p = run([args.ballast, "bench", "--device", "cpu", "--synthetic", "llama"], expect_rc=1)
+    assert "qwen3-next-80b-a3b" in p.stderr, p.stderr
+    p = run([args.ballast, "bench", "--device", "cpu", "--synthetic", "qwen3.5-397b-a17b", "--layers", "61"], expect_rc=1)
+    assert "--layers 61" in p.stderr and "60 layers" in p.stderr, p.stderr
+    p = run([args.ballast, "bench", "--device", "cpu", "--layers", "2"], expect_rc=1)
+    assert "--synthetic" in p.stderr, p.stderr
+
+
 def check_eplb_commands(args):
     # synth -> plan (deepseek, ballast for static and for balanced dispatch, from a current placement)
     # -> report -> replay, and bad input refused with a message naming the fault.
