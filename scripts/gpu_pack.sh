@@ -15,7 +15,7 @@ cp "$BUILD/ballast" "$BUILD/tests/kernels/test_kernels_cuda" "$BUILD/tests/runti
    "$BUILD/tests/moe/test_moe" "$BUILD/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/
 # Libraries from Debian's packages (not CUDA's, not glibc's or the compiler runtime's).
 for exe in .carry/gpu/bin/*; do
-  ldd "$exe" | awk '{print $3}' | grep -E 'libfmt|libopenblas|libgfortran|libquadmath|libpcre2|libutf8proc' || true
+  ldd "$exe" | awk '{print $3}' | grep -E 'libfmt|libopenblas|libgfortran|libquadmath|libpcre2|libutf8proc|libprometheus|libcpp-httplib|libbrotli' || true
 done | sort -u | while read -r lib; do cp -L "$lib" .carry/gpu/lib/; done
 tar -C .carry -cJf .carry/gpu.tar.xz gpu
 rm -rf .carry/gpu
