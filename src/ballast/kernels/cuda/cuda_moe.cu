@@ -1024,7 +1024,7 @@ __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntr
 }
 
 template <bool GU>
-__global__ void __launch_bounds__(kExpertThreads, 3) experts_wmma_kernel(ExpertsArgs a) {  // 3 blocks: <= 85 registers
+__global__ void __launch_bounds__(kExpertThreads) experts_wmma_kernel(ExpertsArgs a) {
   __shared__ __align__(128) unsigned char smem[wmma_smem_bytes<GU>()];
   __shared__ int64_t src[kTileRows], dst[kTileRows];
   const int64_t items = int64_t(*a.ntiles) * a.fblocks;
