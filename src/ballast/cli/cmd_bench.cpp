@@ -108,20 +108,30 @@ struct DecodeFigure {
   std::vector<kernels::OpTime> profile;
 };
 
-// Decode of `batch` sequences at `context` tokens: prefill them, run `warmup` steps (graphs are
-// captured there), then time `steps` steps. With `profile`, one more step with op timing.
+constexpr int kWarmupSteps = 3;
+
+// New tokens a decoding sequence of the bench may need: the first ones come while other prompts
+// are still being prefilled in chunks (one per prefill pass), then the warm-up, the timed steps and
+// the profiled one. Every sequence must still be running at the last timed step.
+int decode_budget(int batch, int context, int steps, int chunk) {
+  return int((int64_t(batch) * context + chunk - 1) / chunk) + kWarmupSteps + steps + 2;
+}
+
+// Decode of `batch` sequences at `context` tokens: prefill them, run the warm-up steps (graphs are
+// captured there), then time `steps` steps, each of which must draw for all `batch` sequences.
+// With `profile`, one more step with op timing.
 DecodeFigure measure_decode(runtime::Engine& e, std::mt19937& rng, int batch, int context, int steps, bool profile) {
-  const int warmup = 3;
+  const int budget = decode_budget(batch, context, steps, int(e.scheduler().options().token_budget));
   std::vector<int64_t> ids;
   for (int i = 0; i < batch; ++i)
-    ids.push_back(e.add_request({random_prompt(rng, context, e.config().vocab_size), {}, warmup + steps + 2, {}}));
+    ids.push_back(e.add_request({random_prompt(rng, context, e.config().vocab_size), {}, budget, {}}));
   std::set<int64_t> started;
   while (started.size() < ids.size()) {
     check(e.step(), "bench: the engine stopped before every prompt was prefilled");
     for (const auto& o : e.outputs())
       if (!o.tokens.empty()) started.insert(o.id);
   }
-  for (int i = 0; i < warmup; ++i) e.step();
+  for (int i = 0; i < kWarmupSteps; ++i) e.step();
   int64_t tokens = 0;
   const double t0 = now_seconds();
   for (int i = 0; i < steps; ++i) {
@@ -129,6 +139,8 @@ DecodeFigure measure_decode(runtime::Engine& e, std::mt19937& rng, int batch, in
     for (const auto& o : e.outputs()) tokens += int64_t(o.tokens.size());
   }
   const double seconds = seconds_since(t0);
+  check(tokens == int64_t(batch) * steps, "bench: {} tokens in {} decode steps of batch {} (a sequence stopped early)",
+        tokens, steps, batch);
   DecodeFigure f{batch, double(tokens) / seconds, seconds / steps, e.runner().last_graph_nodes(), {}};
   if (profile) {
     e.backend().start_op_timing();
@@ -202,9 +214,10 @@ int run_bench(const BenchArgs& a) {
   // Limits for every run of this bench: bmax sequences of prompt_len + decode, or one of pmax.
   runtime::EngineOptions opts;
   runtime::CacheOptions& cache = opts.cache;
-  const int64_t per_seq = a.prompt_len + a.decode_steps + 8 + 2 * smax;
   cache.max_running_requests = bmax;
   cache.chunked_prefill_size = std::max({pmax, 2048, std::min(bmax * a.prompt_len, 16384)});
+  const int64_t per_seq =
+      a.prompt_len + decode_budget(bmax, a.prompt_len, a.decode_steps, cache.chunked_prefill_size) + 2 * smax + 8;
   const int64_t page = cache.page_size;
   cache.max_total_tokens = std::max(int64_t(bmax) * (per_seq + page), int64_t(pmax) + 2 * page);
   cache.context_length = std::max<int64_t>(per_seq, pmax + 1);
