@@ -153,6 +153,13 @@ def check_bench(args):
     assert "gated_delta_rule" in {o["op"] for o in j["prefill_profile"]["ops"]}
     assert [(s["batch"], s["num_steps"]) for s in j["speculative"]] == [(1, 1), (1, 2), (3, 1), (3, 2)], j
     assert all(1.0 <= s["acceptance_length"] <= s["num_steps"] + 1 for s in j["speculative"]), j
+    # Under expert parallelism (2 in-process ranks, attention data-parallel) the batch is split
+    # over the ranks and every figure is the batch's.
+    j = json.loads(run([args.ballast, "bench", "--device", "cpu", "--threads", "1", "--ep", "2", "--batch", "1,3",
+                        "--prefill", "24", "--prompt-len", "16", "--decode-steps", "4", "--repeats", "1",
+                        "--json"]).stdout)
+    assert j["ranks"] == 2 and [d["batch"] for d in j["decode"]] == [1, 3], j
+    assert all(d["tokens_per_s"] > 0 for d in j["decode"]) and j["prefill"][0]["tokens_per_s"] > 0, j
     # Synthetic presets: unknown names and depths are refused naming what is known.
     p = run([args.ballast, "bench", "--device", "cpu", "--synthetic", "llama"], expect_rc=1)
     assert "qwen3-next-80b-a3b" in p.stderr, p.stderr

@@ -16,6 +16,8 @@
 #include <tuple>
 
 #include "ballast/cli/commands.h"
+#include "ballast/cli/engine_args.h"
+#include "ballast/cli/ep_args.h"
 #include "ballast/cli/model_args.h"
 #include "ballast/core/clock.h"
 #include "ballast/core/error.h"
@@ -38,6 +40,23 @@ struct BenchArgs {
   std::string json_file;  // also write the JSON object here
   DeviceArgs device;
   bool disable_cuda_graph = false;
+  EpArgs ep;  // --ep G: in-process ranks (under mpirun, the MPI world), attention data-parallel
+};
+
+// The ranks a bench runs on (one without expert parallelism): their sums and agreement. Under
+// expert parallelism every rank runs every pass, so the loops below take the same number of
+// steps on every rank.
+struct Ranks {
+  dist::Communicator* comm = nullptr;
+  int rank() const { return comm ? comm->rank() : 0; }
+  int size() const { return comm ? comm->size() : 1; }
+  double sum(double v) const {
+    if (comm) comm->all_reduce_sum(std::span<double>(&v, 1));
+    return v;
+  }
+  bool any(bool flag) const { return comm ? comm->all_reduce_or(flag) : flag; }
+  // This rank's share of n sequences.
+  int share(int n) const { return n / size() + (rank() < n % size() ? 1 : 0); }
 };
 
 std::vector<int> parse_list(const std::string& csv, const char* option) {
@@ -120,13 +139,14 @@ int decode_budget(int batch, int context, int steps, int chunk) {
 // Decode of `batch` sequences at `context` tokens: prefill them, run the warm-up steps (graphs are
 // captured there), then time `steps` steps, each of which must draw for all `batch` sequences.
 // With `profile`, one more step with op timing.
-DecodeFigure measure_decode(runtime::Engine& e, std::mt19937& rng, int batch, int context, int steps, bool profile) {
+DecodeFigure measure_decode(runtime::Engine& e, const Ranks& ranks, std::mt19937& rng, int batch, int context,
+                           int steps, bool profile) {
   const int budget = decode_budget(batch, context, steps, int(e.scheduler().options().token_budget));
   std::vector<int64_t> ids;
-  for (int i = 0; i < batch; ++i)
+  for (int i = 0; i < ranks.share(batch); ++i)
     ids.push_back(e.add_request({random_prompt(rng, context, e.config().vocab_size), {}, budget, {}}));
   std::set<int64_t> started;
-  while (started.size() < ids.size()) {
+  while (ranks.any(started.size() < ids.size())) {
     check(e.step(), "bench: the engine stopped before every prompt was prefilled");
     for (const auto& o : e.outputs())
       if (!o.tokens.empty()) started.insert(o.id);
@@ -139,6 +159,7 @@ DecodeFigure measure_decode(runtime::Engine& e, std::mt19937& rng, int batch, in
     for (const auto& o : e.outputs()) tokens += int64_t(o.tokens.size());
   }
   const double seconds = seconds_since(t0);
+  tokens = int64_t(ranks.sum(double(tokens)));
   check(tokens == int64_t(batch) * steps, "bench: {} tokens in {} decode steps of batch {} (a sequence stopped early)",
         tokens, steps, batch);
   DecodeFigure f{batch, double(tokens) / seconds, seconds / steps, e.runner().last_graph_nodes(), {}};
@@ -157,13 +178,15 @@ struct PrefillFigure {
   std::vector<kernels::OpTime> profile;
 };
 
-// One sequence of n tokens prefilled in one pass (and its first token drawn); best of `repeats`
-// after one untimed pass (buffers grow there).
-PrefillFigure measure_prefill(runtime::Engine& e, std::mt19937& rng, int n, int repeats, bool profile) {
+// One sequence of n tokens (on the first rank) prefilled in one pass and its first token drawn;
+// best of `repeats` after one untimed pass (buffers grow there).
+PrefillFigure measure_prefill(runtime::Engine& e, const Ranks& ranks, std::mt19937& rng, int n, int repeats,
+                              bool profile) {
   double best = 1e30;
   for (int r = 0; r <= repeats + (profile ? 1 : 0); ++r) {
     const bool profiling = profile && r == repeats + 1;
-    const int64_t id = e.add_request({random_prompt(rng, n, e.config().vocab_size), {}, 1, {}});
+    const std::vector<int32_t> prompt = random_prompt(rng, n, e.config().vocab_size);
+    const int64_t id = ranks.rank() == 0 ? e.add_request({prompt, {}, 1, {}}) : -1;
     if (profiling) e.backend().start_op_timing();
     const double t0 = now_seconds();
     e.step();
@@ -223,163 +246,183 @@ int run_bench(const BenchArgs& a) {
   cache.context_length = std::max<int64_t>(per_seq, pmax + 1);
   opts.cuda_graphs = !a.disable_cuda_graph;
 
-  std::unique_ptr<runtime::Engine> engine;
-  std::string model_name;
-  if (!a.synthetic.empty()) {
-    const model::RandomModelShape shape = model::preset_shape(a.synthetic, a.layers);
-    model::ModelConfig cfg = model::parse_model_config(model::random_model_config(shape), "synthetic " + a.synthetic);
-    check(smax == 0, "--speculative-num-steps: synthetic models have no MTP head");
-    auto backend = make_backend(a.device, a.threads);
-    const double t0 = now_seconds();
-    model::ModelWeights w = model::random_weights(cfg, *backend, 1234);
-    backend->synchronize();
-    const double gb = 2.0 * double(model::count_parameters(cfg).total()) / 1e9;
-    fmt::print(stderr, "made {:.1f} GB of random bf16 weights on {} in {:.1f} s\n", gb, backend->describe(),
-               seconds_since(t0));
-    engine = runtime::Engine::create(std::move(cfg), std::move(w), std::move(backend), opts);
-    model_name = fmt::format("synthetic {} ({} of {} layers, bf16)", a.synthetic, shape.layers,
-                             model::preset_shape(a.synthetic).layers);
-  } else {
-    const std::filesystem::path dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
-    engine = load_engine(dir, a.device, a.threads, opts);
-    model_name = dir.string();
-  }
-  runtime::Engine& e = *engine;
-  const model::ModelConfig& cfg = e.config();
-  const Work work{cfg, model::count_parameters(cfg), double(dtype_size(e.model().weights().embed.dtype()))};
-  const kernels::Ceilings ceil = e.backend().measure_ceilings();
-
-  std::mt19937 rng(7);
-  std::vector<DecodeFigure> decode;
-  for (size_t i = 0; i < batches.size(); ++i) {
-    DecodeFigure best{};
-    for (int r = 0; r < a.repeats; ++r) {
-      DecodeFigure f = measure_decode(e, rng, batches[i], a.prompt_len, a.decode_steps, a.profile && i == 0 && r == 0);
-      if (f.profile.empty() && !best.profile.empty()) f.profile = best.profile;
-      if (r == 0 || f.tokens_per_s > best.tokens_per_s) best = std::move(f);
+  EngineArgs ranks_args;
+  ranks_args.ep = a.ep;
+  ranks_args.threads = a.threads;
+  ranks_args.device = a.device;
+  run_on_ranks(ranks_args, [&](dist::Communicator* comm, dist::DataPlane* data, int threads) {
+    const Ranks ranks{comm};
+    runtime::EngineOptions o = opts;
+    o.comm = comm;
+    o.data = data;
+    if (comm) {  // attention data-parallel: each rank decodes its share of the batch
+      o.ep = to_ep_options(a.ep, ranks.size());
+      o.cache.max_running_requests = (bmax + ranks.size() - 1) / ranks.size();
     }
-    decode.push_back(std::move(best));
-  }
-  std::vector<PrefillFigure> prefill;
-  for (size_t i = 0; i < prefills.size(); ++i)
-    prefill.push_back(measure_prefill(e, rng, prefills[i], a.repeats, a.profile && i == 0));
-
-  // Speculation: decode with and without drafts on the same prompts, by generate().
-  struct SpecFigure {
-    int batch, steps;
-    double plain, speculative, acceptance;
-  };
-  std::vector<SpecFigure> spec;
-  for (int b : spec_steps.empty() ? std::vector<int>{} : batches) {
-    std::vector<std::vector<int32_t>> prompts;
-    for (int i = 0; i < b; ++i) prompts.push_back(random_prompt(rng, a.prompt_len, cfg.vocab_size));
-    double plain = 0;
-    for (int r = 0; r < a.repeats; ++r) {
-      const auto res = e.generate(prompts, a.decode_steps + 1);
-      plain = std::max(plain, res.stats.decode_tokens / res.stats.decode_seconds);
+    const int gpu = rank_gpu();
+    std::unique_ptr<runtime::Engine> engine;
+    std::string model_name;
+    if (!a.synthetic.empty()) {
+      const model::RandomModelShape shape = model::preset_shape(a.synthetic, a.layers);
+      model::ModelConfig cfg = model::parse_model_config(model::random_model_config(shape), "synthetic " + a.synthetic);
+      check(smax == 0, "--speculative-num-steps: synthetic models have no MTP head");
+      auto backend = make_backend(a.device, threads, gpu);
+      const double t0 = now_seconds();
+      model::ModelWeights w = model::random_weights(cfg, *backend, 1234);
+      backend->synchronize();
+      const double gb = 2.0 * double(model::count_parameters(cfg).total()) / 1e9;
+      if (ranks.rank() == 0)
+        fmt::print(stderr, "made {:.1f} GB of random bf16 weights on {} in {:.1f} s (each of {} ranks)\n", gb,
+                   backend->describe(), seconds_since(t0), ranks.size());
+      engine = runtime::Engine::create(std::move(cfg), std::move(w), std::move(backend), o);
+      model_name = fmt::format("synthetic {} ({} of {} layers, bf16)", a.synthetic, shape.layers,
+                               model::preset_shape(a.synthetic).layers);
+    } else {
+      const std::filesystem::path dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
+      engine = load_engine(dir, a.device, threads, o, ranks.rank() == 0, gpu);
+      model_name = dir.string();
     }
-    for (int s : spec_steps) {
-      SpecFigure f{b, s, plain, 0, 0};
+    runtime::Engine& e = *engine;
+    const model::ModelConfig& cfg = e.config();
+    const Work work{cfg, model::count_parameters(cfg), double(dtype_size(e.model().weights().embed.dtype()))};
+    // The ceilings, measured by the first rank alone (the others wait at their first pass).
+    const kernels::Ceilings ceil = ranks.rank() == 0 ? e.backend().measure_ceilings() : kernels::Ceilings{};
+
+    std::mt19937 rng(7);
+    std::vector<DecodeFigure> decode;
+    for (size_t i = 0; i < batches.size(); ++i) {
+      DecodeFigure best{};
       for (int r = 0; r < a.repeats; ++r) {
-        runtime::SpeculativeStats st;
-        const auto res = runtime::generate_speculative(e, prompts, a.decode_steps + 1, {.num_steps = s}, &st);
-        const double tps = res.stats.decode_tokens / res.stats.decode_seconds;
-        if (tps > f.speculative) f.speculative = tps, f.acceptance = st.acceptance_length();
+        DecodeFigure f =
+            measure_decode(e, ranks, rng, batches[i], a.prompt_len, a.decode_steps, a.profile && i == 0 && r == 0);
+        if (f.profile.empty() && !best.profile.empty()) f.profile = best.profile;
+        if (r == 0 || f.tokens_per_s > best.tokens_per_s) best = std::move(f);
       }
-      spec.push_back(f);
+      decode.push_back(std::move(best));
     }
-  }
+    std::vector<PrefillFigure> prefill;
+    for (size_t i = 0; i < prefills.size(); ++i)
+      prefill.push_back(measure_prefill(e, ranks, rng, prefills[i], a.repeats, a.profile && i == 0));
 
-  const int64_t context = a.prompt_len + a.decode_steps / 2;
-  auto decode_row = [&](const DecodeFigure& f) {
-    const double bytes = work.step_bytes(f.batch, context);
-    return std::tuple{bytes / f.batch, bytes / f.step_seconds};
-  };
-  {
-    nlohmann::json j = {{"model", model_name},
-                        {"device", e.backend().describe()},
-                        {"threads", a.threads},
-                        {"prompt_len", a.prompt_len},
-                        {"decode_steps", a.decode_steps},
-                        {"copy_bandwidth_gb_s", ceil.copy_bytes_per_s / 1e9},
-                        {"gemm_tflop_s", ceil.gemm_flops_per_s / 1e12},
-                        {"gemm", ceil.gemm},
-                        {"params_total", work.p.total()},
-                        {"params_active_per_token", work.p.active_per_token()},
-                        // A decode step of the first batch: kernels and copies in its graph (0: eager).
-                        {"decode_graph_nodes", decode[0].graph_nodes}};
-    // The first batch and prefill at the top level too (what earlier versions printed).
-    j["decode_tokens_per_s"] = decode[0].tokens_per_s;
-    j["prefill_tokens_per_s"] = prefill[0].tokens_per_s;
-    j["decode"] = nlohmann::json::array();
+    // Speculation: decode with and without drafts on the same prompts, by generate().
+    struct SpecFigure {
+      int batch, steps;
+      double plain, speculative, acceptance;
+    };
+    std::vector<SpecFigure> spec;
+    for (int b : spec_steps.empty() ? std::vector<int>{} : batches) {
+      std::vector<std::vector<int32_t>> prompts;
+      for (int i = 0; i < ranks.share(b); ++i) prompts.push_back(random_prompt(rng, a.prompt_len, cfg.vocab_size));
+      // Tokens per second of the batch: every rank's tokens over the same lockstep time.
+      auto rate = [&](const runtime::GenerationStats& s) { return ranks.sum(double(s.decode_tokens)) / s.decode_seconds; };
+      double plain = 0;
+      for (int r = 0; r < a.repeats; ++r) plain = std::max(plain, rate(e.generate(prompts, a.decode_steps + 1).stats));
+      for (int s : spec_steps) {
+        SpecFigure f{b, s, plain, 0, 0};
+        for (int r = 0; r < a.repeats; ++r) {
+          runtime::SpeculativeStats st;
+          const auto res = runtime::generate_speculative(e, prompts, a.decode_steps + 1, {.num_steps = s}, &st);
+          const double tps = rate(res.stats);
+          const double acceptance = ranks.sum(double(st.emitted)) / std::max(1.0, ranks.sum(double(st.rounds)));
+          if (tps > f.speculative) f.speculative = tps, f.acceptance = acceptance;
+        }
+        spec.push_back(f);
+      }
+    }
+    if (ranks.rank() != 0) return;
+    const int64_t context = a.prompt_len + a.decode_steps / 2;
+    auto decode_row = [&](const DecodeFigure& f) {
+      const double bytes = work.step_bytes(f.batch, context);
+      return std::tuple{bytes / f.batch, bytes / f.step_seconds};
+    };
+    {
+      nlohmann::json j = {{"model", model_name},
+                          {"device", e.backend().describe()},
+                          {"ranks", ranks.size()},
+                          {"threads", a.threads},
+                          {"prompt_len", a.prompt_len},
+                          {"decode_steps", a.decode_steps},
+                          {"copy_bandwidth_gb_s", ceil.copy_bytes_per_s / 1e9},
+                          {"gemm_tflop_s", ceil.gemm_flops_per_s / 1e12},
+                          {"gemm", ceil.gemm},
+                          {"params_total", work.p.total()},
+                          {"params_active_per_token", work.p.active_per_token()},
+                          // A decode step of the first batch: kernels and copies in its graph (0: eager).
+                          {"decode_graph_nodes", decode[0].graph_nodes}};
+      // The first batch and prefill at the top level too (what earlier versions printed).
+      j["decode_tokens_per_s"] = decode[0].tokens_per_s;
+      j["prefill_tokens_per_s"] = prefill[0].tokens_per_s;
+      j["decode"] = nlohmann::json::array();
+      for (const auto& f : decode) {
+        const auto [per_token, bw] = decode_row(f);
+        j["decode"].push_back({{"batch", f.batch}, {"tokens_per_s", f.tokens_per_s}, {"step_ms", f.step_seconds * 1e3},
+                               {"graph_nodes", f.graph_nodes},
+                               {"bytes_per_token", per_token}, {"bandwidth_gb_s", bw / 1e9},
+                               {"bandwidth_ratio", bw / ceil.copy_bytes_per_s}});
+      }
+      j["bandwidth_ratio"] = j["decode"][0]["bandwidth_ratio"];
+      j["prefill"] = nlohmann::json::array();
+      for (const auto& f : prefill) {
+        const double flops = work.prefill_flops(f.tokens);
+        j["prefill"].push_back({{"tokens", f.tokens}, {"tokens_per_s", f.tokens_per_s}, {"seconds", f.seconds},
+                                {"tflop", flops / 1e12}, {"tflop_s", flops / f.seconds / 1e12},
+                                {"gemm_ratio", flops / f.seconds / ceil.gemm_flops_per_s}});
+      }
+      if (a.profile) {
+        j["decode_profile"] = {{"batch", decode[0].batch}, {"ops", profile_json(decode[0].profile)}};
+        j["prefill_profile"] = {{"tokens", prefill[0].tokens}, {"ops", profile_json(prefill[0].profile)}};
+      }
+      for (const auto& s : spec)
+        j["speculative"].push_back({{"batch", s.batch}, {"num_steps", s.steps}, {"decode_tokens_per_s", s.plain},
+                                    {"speculative_tokens_per_s", s.speculative}, {"speedup", s.speculative / s.plain},
+                                    {"acceptance_length", s.acceptance}});
+      if (!a.json_file.empty()) {
+        std::ofstream f(a.json_file);
+        f << j.dump(1) << "\n";
+        check(f.good(), "--json-file {}: cannot write", a.json_file);
+      }
+      if (a.json) {
+        fmt::print("{}\n", j.dump());
+        return;
+      }
+    }
+    fmt::print("model     {}: {:.2f} B parameters, {:.2f} B active per token\n", model_name, work.p.total() / 1e9,
+               work.p.active_per_token() / 1e9);
+    fmt::print("device    {}{}\n", e.backend().describe(),
+               ranks.size() > 1 ? fmt::format(" x {} expert-parallel ranks", ranks.size()) : std::string());
+    fmt::print("ceilings  copy {:.0f} GB/s, GEMM {:.4g} TFLOP/s ({})\n", ceil.copy_bytes_per_s / 1e9,
+               ceil.gemm_flops_per_s / 1e12, ceil.gemm);
+    fmt::print("\ndecode at {} tokens of context (bytes: weights read once per step, the experts the batch visits,\n"
+               "states and KV per sequence)\n", context);
+    fmt::print("  {:>6} {:>12} {:>10} {:>14} {:>12} {:>10} {:>7}\n", "batch", "tokens/s", "ms/step", "MB/token", "GB/s",
+               "of copy", "graph");
     for (const auto& f : decode) {
       const auto [per_token, bw] = decode_row(f);
-      j["decode"].push_back({{"batch", f.batch}, {"tokens_per_s", f.tokens_per_s}, {"step_ms", f.step_seconds * 1e3},
-                             {"graph_nodes", f.graph_nodes},
-                             {"bytes_per_token", per_token}, {"bandwidth_gb_s", bw / 1e9},
-                             {"bandwidth_ratio", bw / ceil.copy_bytes_per_s}});
+      fmt::print("  {:>6} {:>12.1f} {:>10.3f} {:>14.2f} {:>12.1f} {:>9.1f}% {:>7}\n", f.batch, f.tokens_per_s,
+                 f.step_seconds * 1e3, per_token / 1e6, bw / 1e9, 100 * bw / ceil.copy_bytes_per_s,
+                 f.graph_nodes > 0 ? fmt::format("{}", f.graph_nodes) : "eager");
     }
-    j["bandwidth_ratio"] = j["decode"][0]["bandwidth_ratio"];
-    j["prefill"] = nlohmann::json::array();
+    fmt::print("\nprefill of one sequence in one pass (FLOPs: 2 per weight visited, attention, delta rule)\n");
+    fmt::print("  {:>8} {:>12} {:>10} {:>10} {:>10} {:>10}\n", "tokens", "tokens/s", "ms", "TFLOP", "TFLOP/s", "of GEMM");
     for (const auto& f : prefill) {
       const double flops = work.prefill_flops(f.tokens);
-      j["prefill"].push_back({{"tokens", f.tokens}, {"tokens_per_s", f.tokens_per_s}, {"seconds", f.seconds},
-                              {"tflop", flops / 1e12}, {"tflop_s", flops / f.seconds / 1e12},
-                              {"gemm_ratio", flops / f.seconds / ceil.gemm_flops_per_s}});
+      fmt::print("  {:>8} {:>12.1f} {:>10.2f} {:>10.4g} {:>10.4g} {:>9.1f}%\n", f.tokens, f.tokens_per_s,
+                 f.seconds * 1e3, flops / 1e12, flops / f.seconds / 1e12,
+                 100 * flops / f.seconds / ceil.gemm_flops_per_s);
     }
     if (a.profile) {
-      j["decode_profile"] = {{"batch", decode[0].batch}, {"ops", profile_json(decode[0].profile)}};
-      j["prefill_profile"] = {{"tokens", prefill[0].tokens}, {"ops", profile_json(prefill[0].profile)}};
+      print_profile(fmt::format("decode step, batch {}", decode[0].batch), decode[0].profile, decode[0].step_seconds);
+      print_profile(fmt::format("prefill pass, {} tokens", prefill[0].tokens), prefill[0].profile, prefill[0].seconds);
     }
-    for (const auto& s : spec)
-      j["speculative"].push_back({{"batch", s.batch}, {"num_steps", s.steps}, {"decode_tokens_per_s", s.plain},
-                                  {"speculative_tokens_per_s", s.speculative}, {"speedup", s.speculative / s.plain},
-                                  {"acceptance_length", s.acceptance}});
-    if (!a.json_file.empty()) {
-      std::ofstream f(a.json_file);
-      f << j.dump(1) << "\n";
-      check(f.good(), "--json-file {}: cannot write", a.json_file);
+    if (!spec.empty()) {
+      fmt::print("\nMTP speculation (NEXTN), decode of {} tokens after {}-token prompts\n", a.decode_steps, a.prompt_len);
+      fmt::print("  {:>6} {:>6} {:>12} {:>12} {:>8} {:>11}\n", "batch", "steps", "plain tok/s", "spec tok/s", "speedup",
+                 "acceptance");
+      for (const auto& s : spec)
+        fmt::print("  {:>6} {:>6} {:>12.1f} {:>12.1f} {:>7.2f}x {:>11.2f}\n", s.batch, s.steps, s.plain, s.speculative,
+                   s.speculative / s.plain, s.acceptance);
     }
-    if (a.json) {
-      fmt::print("{}\n", j.dump());
-      return 0;
-    }
-  }
-  fmt::print("model     {}: {:.2f} B parameters, {:.2f} B active per token\n", model_name, work.p.total() / 1e9,
-             work.p.active_per_token() / 1e9);
-  fmt::print("device    {}\n", e.backend().describe());
-  fmt::print("ceilings  copy {:.0f} GB/s, GEMM {:.4g} TFLOP/s ({})\n", ceil.copy_bytes_per_s / 1e9,
-             ceil.gemm_flops_per_s / 1e12, ceil.gemm);
-  fmt::print("\ndecode at {} tokens of context (bytes: weights read once per step, the experts the batch visits,\n"
-             "states and KV per sequence)\n", context);
-  fmt::print("  {:>6} {:>12} {:>10} {:>14} {:>12} {:>10} {:>7}\n", "batch", "tokens/s", "ms/step", "MB/token", "GB/s",
-             "of copy", "graph");
-  for (const auto& f : decode) {
-    const auto [per_token, bw] = decode_row(f);
-    fmt::print("  {:>6} {:>12.1f} {:>10.3f} {:>14.2f} {:>12.1f} {:>9.1f}% {:>7}\n", f.batch, f.tokens_per_s,
-               f.step_seconds * 1e3, per_token / 1e6, bw / 1e9, 100 * bw / ceil.copy_bytes_per_s,
-               f.graph_nodes > 0 ? fmt::format("{}", f.graph_nodes) : "eager");
-  }
-  fmt::print("\nprefill of one sequence in one pass (FLOPs: 2 per weight visited, attention, delta rule)\n");
-  fmt::print("  {:>8} {:>12} {:>10} {:>10} {:>10} {:>10}\n", "tokens", "tokens/s", "ms", "TFLOP", "TFLOP/s", "of GEMM");
-  for (const auto& f : prefill) {
-    const double flops = work.prefill_flops(f.tokens);
-    fmt::print("  {:>8} {:>12.1f} {:>10.2f} {:>10.4g} {:>10.4g} {:>9.1f}%\n", f.tokens, f.tokens_per_s,
-               f.seconds * 1e3, flops / 1e12, flops / f.seconds / 1e12,
-               100 * flops / f.seconds / ceil.gemm_flops_per_s);
-  }
-  if (a.profile) {
-    print_profile(fmt::format("decode step, batch {}", decode[0].batch), decode[0].profile, decode[0].step_seconds);
-    print_profile(fmt::format("prefill pass, {} tokens", prefill[0].tokens), prefill[0].profile, prefill[0].seconds);
-  }
-  if (!spec.empty()) {
-    fmt::print("\nMTP speculation (NEXTN), decode of {} tokens after {}-token prompts\n", a.decode_steps, a.prompt_len);
-    fmt::print("  {:>6} {:>6} {:>12} {:>12} {:>8} {:>11}\n", "batch", "steps", "plain tok/s", "spec tok/s", "speedup",
-               "acceptance");
-    for (const auto& s : spec)
-      fmt::print("  {:>6} {:>6} {:>12.1f} {:>12.1f} {:>7.2f}x {:>11.2f}\n", s.batch, s.steps, s.plain, s.speculative,
-                 s.speculative / s.plain, s.acceptance);
-  }
+    });
   return 0;
 }
 
@@ -411,6 +454,7 @@ void add_bench(CLI::App& app, Runner& run) {
   c->add_flag("--json", a->json, "Print one JSON object");
   c->add_option("--json-file", a->json_file, "Also write the JSON object to this file");
   add_device_option(c, a->device);
+  add_ep_options(c, a->ep);
   c->add_flag("--disable-cuda-graph", a->disable_cuda_graph, "Run decode passes eagerly (no CUDA graphs)");
   c->callback([a, c, &run] {
     if (c->get_option("--synthetic")->count() > 0 && a->synthetic.empty()) a->synthetic = "mid-size";

@@ -45,12 +45,14 @@ runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* c
   return opts;
 }
 
+int rank_gpu() {
+  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
+  return local ? std::atoi(local) : 0;
+}
+
 std::unique_ptr<runtime::Engine> load_rank_engine(const std::filesystem::path& dir, const EngineArgs& a,
                                                   const runtime::EngineOptions& opts, int threads) {
-  // MPI ranks of one host take its GPUs in turn; in-process ranks share GPU 0.
-  int gpu = 0;
-  if (const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK")) gpu = std::atoi(local);
-  return load_engine(dir, a.device, threads, opts, !opts.comm || opts.comm->rank() == 0, gpu);
+  return load_engine(dir, a.device, threads, opts, !opts.comm || opts.comm->rank() == 0, rank_gpu());
 }
 
 int run_on_ranks(const EngineArgs& a, const RankFn& fn) {
