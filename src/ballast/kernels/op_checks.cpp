@@ -26,9 +26,19 @@ void expect_weight(const char* op, const char* name, const Tensor& t, int64_t nu
 
 namespace {
 
-// The sequences of a DeltaNet op's layout over T rows (B > 0): their rows and state slots.
-void check_state_sequences(const char* op, const SeqLayout& layout, int64_t T) {
+// The number of sequences B of a layout over T rows (0: no sequences, and then no rows).
+int check_layout_rows(const char* op, const SeqLayout& layout, int64_t T) {
   const int B = layout.num_seqs;
+  check(layout.num_tokens == T && B >= 0, "{}: layout of {} rows in {} sequences for {} rows", op, layout.num_tokens,
+        B, T);
+  if (B == 0) check(T == 0, "{}: {} rows and no sequences", op, T);
+  return B;
+}
+
+// The sequences of a DeltaNet op's layout over T rows: their rows and state slots. Returns B.
+int check_state_sequences(const char* op, const SeqLayout& layout, int64_t T) {
+  const int B = check_layout_rows(op, layout, T);
+  if (B == 0) return 0;
   expect(op, "cu_seqlens", layout.cu_seqlens, DType::I32, B + 1);
   expect(op, "state_slots", layout.state_slots, DType::I32, B);
   if (layout.snapshot_slots.defined()) {
@@ -38,6 +48,7 @@ void check_state_sequences(const char* op, const SeqLayout& layout, int64_t T) {
   }
   check(layout.max_query_len >= 0 && layout.max_query_len <= std::max<int64_t>(T, 0),
         "{}: layout max_query_len {} for {} rows", op, layout.max_query_len, T);
+  return B;
 }
 
 // The per-row sampling parameters of R rows.
@@ -183,13 +194,8 @@ AttentionShape check_attention(const Tensor& q, const Tensor& k_new, const Tenso
   expect("attention", "k_cache", k_cache, DType::F32);
   expect("attention", "v_cache", v_cache, DType::F32);
   expect("attention", "out", out, DType::F32);
-  s.B = layout.num_seqs;
-  check(layout.num_tokens == s.T && s.B >= 0, "attention: layout of {} rows in {} sequences for q{}",
-        layout.num_tokens, s.B, q);
-  if (s.B == 0) {
-    check(s.T == 0, "attention: {} rows and no sequences", s.T);
-    return s;
-  }
+  s.B = check_layout_rows("attention", layout, s.T);
+  if (s.B == 0) return s;
   const int64_t bs = s.block_size;
   check(bs > 0 && layout.block_size == bs, "attention: layout block_size {} for caches of blocks of {}",
         layout.block_size, bs);
@@ -241,14 +247,7 @@ ConvShape check_causal_conv1d_silu(const Tensor& x, const Tensor& weight, const 
   expect("causal_conv1d_silu", "weight", weight, DType::F32);
   expect("causal_conv1d_silu", "states", states, DType::F32);
   expect("causal_conv1d_silu", "out", out, DType::F32);
-  s.B = layout.num_seqs;
-  check(layout.num_tokens == s.T && s.B >= 0, "causal_conv1d_silu: layout of {} rows in {} sequences for {} rows",
-        layout.num_tokens, s.B, s.T);
-  if (s.B == 0) {
-    check(s.T == 0, "causal_conv1d_silu: {} rows and no sequences", s.T);
-    return s;
-  }
-  check_state_sequences("causal_conv1d_silu", layout, s.T);
+  s.B = check_state_sequences("causal_conv1d_silu", layout, s.T);
   return s;
 }
 
@@ -273,14 +272,7 @@ GatedDeltaRuleShape check_gated_delta_rule(const Tensor& qkv, const Tensor& g, c
   expect("gated_delta_rule", "beta", beta, DType::F32);
   expect("gated_delta_rule", "states", states, DType::F32);
   expect("gated_delta_rule", "out", out, DType::F32);
-  s.B = layout.num_seqs;
-  check(layout.num_tokens == s.T && s.B >= 0, "gated_delta_rule: layout of {} rows in {} sequences for {} rows",
-        layout.num_tokens, s.B, s.T);
-  if (s.B == 0) {
-    check(s.T == 0, "gated_delta_rule: {} rows and no sequences", s.T);
-    return s;
-  }
-  check_state_sequences("gated_delta_rule", layout, s.T);
+  s.B = check_state_sequences("gated_delta_rule", layout, s.T);
   return s;
 }
 
