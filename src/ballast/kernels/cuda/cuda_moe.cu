@@ -41,6 +41,7 @@
 #include "ballast/core/hash.h"
 #include "ballast/kernels/cuda/cuda_moe_support.cuh"
 #include "ballast/kernels/cuda/cuda_ops.h"
+#include "ballast/kernels/cuda/cuda_rows_support.cuh"
 #include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/op_checks.h"
 
@@ -52,6 +53,11 @@ using cuda::check_cuda;
 using cuda::check_launch;
 using cuda::expect_device;
 namespace cm = cuda::moe;  // fault codes and the balanced dispatch (cuda_moe_support.cuh)
+// Weight elements as floats (cuda_rows_support.cuh).
+using cuda::rows::f8e4m3;
+using cuda::rows::load_words;
+using cuda::rows::to_float;
+using cuda::rows::unpack_words;
 
 namespace {
 
@@ -527,52 +533,21 @@ constexpr int kTileK = 32;        // BK
 constexpr int kExpertThreads = 256;
 constexpr int kTileThreads = 512;
 
-// Storage of an F8_E4M3 element.
-struct f8e4m3 {
-  uint8_t bits;
-};
-
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(f8e4m3 v) {
-  return __half2float(__half(__nv_cvt_fp8_to_halfraw(__nv_fp8_storage_t(v.bits), __NV_E4M3)));
-}
-
 // Elements k .. k+7 of a weight row as floats. VEC: one 16-byte load (F32: two; F8: 8 bytes),
 // k + 8 <= K and the row aligned; otherwise element by element, zero past K.
 template <typename W, bool VEC>
 __device__ __forceinline__ void load8(const W* __restrict__ row, int64_t k, int64_t K, float* f) {
   if constexpr (VEC) {
     if constexpr (std::is_same_v<W, float>) {
-      const float4 u = __ldg(reinterpret_cast<const float4*>(row + k));
-      const float4 v = __ldg(reinterpret_cast<const float4*>(row + k + 4));
-      f[0] = u.x, f[1] = u.y, f[2] = u.z, f[3] = u.w, f[4] = v.x, f[5] = v.y, f[6] = v.z, f[7] = v.w;
-    } else if constexpr (std::is_same_v<W, f8e4m3>) {
-      const uint2 u = __ldg(reinterpret_cast<const uint2*>(row + k));
-      const uint32_t w[2] = {u.x, u.y};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const __nv_fp8x2_storage_t pair = __nv_fp8x2_storage_t((w[q / 2] >> (16 * (q % 2))) & 0xffffu);
-        const float2 x = __half22float2(__half2(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3)));
-        f[2 * q] = x.x, f[2 * q + 1] = x.y;
-      }
+      unpack_words<W, 4>(load_words<4>(row + k), f);
+      unpack_words<W, 4>(load_words<4>(row + k + 4), f + 4);
     } else {
-      const uint4 u = __ldg(reinterpret_cast<const uint4*>(row + k));
-      const uint32_t w[4] = {u.x, u.y, u.z, u.w};
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        float2 x;
-        if constexpr (std::is_same_v<W, __nv_bfloat16>)
-          x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[q]));
-        else
-          x = __half22float2(*reinterpret_cast<const __half2*>(&w[q]));
-        f[2 * q] = x.x, f[2 * q + 1] = x.y;
-      }
+      constexpr int WORDS = 8 * int(sizeof(W)) / 4;
+      unpack_words<W, WORDS>(load_words<WORDS>(row + k), f);
     }
   } else {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) f[e] = k + e < K ? to_f(row[k + e]) : 0.0f;
+    for (int e = 0; e < 8; ++e) f[e] = k + e < K ? to_float(row[k + e]) : 0.0f;
   }
 }
 
@@ -844,7 +819,7 @@ __device__ __forceinline__ void gemm_tile(const ExpertsArgs& a, const ExpertEntr
       As[kk][r] = v;
       const int64_t n = int64_t(n0) + r;
 #pragma unroll
-      for (int m = 0; m < NM; ++m) Bs[m][kk][r] = (k < K && n < Nout) ? to_f(w[m][n * K + k]) : 0.0f;
+      for (int m = 0; m < NM; ++m) Bs[m][kk][r] = (k < K && n < Nout) ? to_float(w[m][n * K + k]) : 0.0f;
     }
     __syncthreads();
 #pragma unroll 8
