@@ -2,8 +2,9 @@
 # On the GPU machine (device tool, repository root, .carry carried): unpacks what
 # scripts/gpu_pack.sh built, then runs the CUDA checks and figures, writing logs and
 # summary.json under $OUT. Each step runs even when an earlier one fails; the summary says which.
-#   STEPS="conformance runtime demo sanitizer bench scale mtp deltanet" bash scripts/gpu_check.sh
-# scale: the published model sizes (synthetic weights) with per-op profiles; mtp: speculation on
+#   STEPS="conformance runtime demo sanitizer bench scale kernels mtp deltanet" bash scripts/gpu_check.sh
+# scale: the published model sizes (synthetic weights) with per-op profiles; kernels: every kernel
+# of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
 # the demo model; deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -39,6 +40,11 @@ for s in $STEPS; do
              $BIN/ballast bench --device cuda --synthetic \$m --batch ${BATCHES:-1,8,32,128,256} --prompt-len ${CONTEXT:-1024} \
                --decode-steps 32 --prefill ${PREFILLS:-8192,1024,32768} --repeats ${REPEATS:-2} --profile \
                --json-file $OUT/scale-\${m%% *}.json; done" ;;
+    kernels) step kernels bash -c "ncu --profile-from-start off --graph-profiling node --csv \
+               --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size \
+               $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} \
+               --batch ${KERNELS_BATCH:-1} --prompt-len 1024 --decode-steps 8 --repeats 1 --profiler-window \
+               > $OUT/kernels-decode.csv" ;;
     mtp) step mtp "$BIN/ballast" bench --device cuda --batch 1,8 --prompt-len 128 --decode-steps 64 --prefill 128 \
                --speculative-num-steps 1,2,3 ;;
     deltanet) step deltanet python3 bench/deltanet/side_by_side.py --ballast "$BIN/bench_delta_rule_cuda" \

@@ -37,6 +37,7 @@ struct BenchArgs {
   int prompt_len = 256, decode_steps = 32, threads = 0, repeats = 3;
   std::string batches = "1", prefills, speculative;
   bool profile = false, json = false;
+  bool profiler_window = false;  // one more decode step of the first batch inside it
   std::string json_file;  // also write the JSON object here
   DeviceArgs device;
   bool disable_cuda_graph = false;
@@ -131,16 +132,17 @@ constexpr int kWarmupSteps = 3;
 
 // New tokens a decoding sequence of the bench may need: the first ones come while other prompts
 // are still being prefilled in chunks (one per prefill pass), then the warm-up, the timed steps and
-// the profiled one. Every sequence must still be running at the last timed step.
+// the profiled ones. Every sequence must still be running at the last timed step.
 int decode_budget(int batch, int context, int steps, int chunk) {
-  return int((int64_t(batch) * context + chunk - 1) / chunk) + kWarmupSteps + steps + 2;
+  return int((int64_t(batch) * context + chunk - 1) / chunk) + kWarmupSteps + steps + 3;
 }
 
 // Decode of `batch` sequences at `context` tokens: prefill them, run the warm-up steps (graphs are
 // captured there), then time `steps` steps, each of which must draw for all `batch` sequences.
-// With `profile`, one more step with op timing.
+// With `profile`, one more step with op timing; with `window`, one more step (as it runs: a graph
+// where there is one) inside the external profiler's window.
 DecodeFigure measure_decode(runtime::Engine& e, const Ranks& ranks, std::mt19937& rng, int batch, int context,
-                           int steps, bool profile) {
+                           int steps, bool profile, bool window) {
   const int budget = decode_budget(batch, context, steps, int(e.scheduler().options().token_budget));
   std::vector<int64_t> ids;
   for (int i = 0; i < ranks.share(batch); ++i)
@@ -167,6 +169,11 @@ DecodeFigure measure_decode(runtime::Engine& e, const Ranks& ranks, std::mt19937
     e.backend().start_op_timing();
     e.step();
     f.profile = e.backend().stop_op_timing();
+  }
+  if (window) {
+    e.backend().profiler_window(true);
+    e.step();
+    e.backend().profiler_window(false);
   }
   drain(e, ids);
   return f;
@@ -294,7 +301,8 @@ int run_bench(const BenchArgs& a) {
       DecodeFigure best{};
       for (int r = 0; r < a.repeats; ++r) {
         DecodeFigure f =
-            measure_decode(e, ranks, rng, batches[i], a.prompt_len, a.decode_steps, a.profile && i == 0 && r == 0);
+            measure_decode(e, ranks, rng, batches[i], a.prompt_len, a.decode_steps, a.profile && i == 0 && r == 0,
+                           a.profiler_window && i == 0 && r == 0);
         if (f.profile.empty() && !best.profile.empty()) f.profile = best.profile;
         if (r == 0 || f.tokens_per_s > best.tokens_per_s) best = std::move(f);
       }
@@ -451,6 +459,9 @@ void add_bench(CLI::App& app, Runner& run) {
       ->expected(1);
   c->add_flag("--profile", a->profile,
               "Time every op of one decode step (first batch) and one prefill pass (first length)");
+  c->add_flag("--profiler-window", a->profiler_window,
+              "After the first batch's timed decode steps, run one more inside an external profiler's window "
+              "(ncu --profile-from-start off, nsys --capture-range cudaProfilerApi)");
   c->add_flag("--json", a->json, "Print one JSON object");
   c->add_option("--json-file", a->json_file, "Also write the JSON object to this file");
   add_device_option(c, a->device);

@@ -80,6 +80,11 @@ class Backend {
   virtual void start_op_timing() = 0;
   virtual std::vector<OpTime> stop_op_timing() = 0;
 
+  // An external profiler's window (on a GPU cudaProfilerStart / Stop, which Nsight Compute and
+  // Nsight Systems honour with --profile-from-start off / --capture-range cudaProfilerApi): the
+  // work issued while it is open is what they record. Nothing on a backend without one.
+  virtual void profiler_window(bool open) {}
+
   // Measures the ceilings now (a second or so; allocates and frees its own buffers).
   virtual Ceilings measure_ceilings() = 0;
 

@@ -1,5 +1,6 @@
 #include "ballast/kernels/cuda/cuda_backend.h"
 
+#include <cuda_profiler_api.h>
 #include <fmt/format.h>
 
 #include <map>
@@ -215,6 +216,12 @@ void CudaBackend::start_op_timing() {
 std::vector<OpTime> CudaBackend::stop_op_timing() {
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   return ops_->timer().stop();
+}
+
+void CudaBackend::profiler_window(bool open) {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize");  // only the window's work
+  check_cuda(open ? cudaProfilerStart() : cudaProfilerStop(), open ? "cudaProfilerStart" : "cudaProfilerStop");
 }
 
 Ceilings CudaBackend::measure_ceilings() {

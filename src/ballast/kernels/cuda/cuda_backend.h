@@ -51,6 +51,7 @@ class CudaBackend final : public Backend {
   void drop_graphs() override;
   void start_op_timing() override;
   std::vector<OpTime> stop_op_timing() override;
+  void profiler_window(bool open) override;
   Ceilings measure_ceilings() override;
 
   // The stream every op and copy of this backend is issued on (a cudaStream_t).
