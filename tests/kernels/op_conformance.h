@@ -990,38 +990,53 @@ TEST_P(OpConformance, HistogramSkipsNegativeKeysAndAccumulates) {
 }
 
 TEST_P(OpConformance, GroupByIsAStableCountingSort) {
-  // keys [N] with skipped entries; group = (key / div) % groups.
-  const std::vector<int32_t> keys{7, 2, -1, 11, 0, 5, 7, 3, -1, 1, 10, 6};
-  const int64_t N = int64_t(keys.size());
-  for (int div : {1, 3})
-    for (int n_valid : {-1, 9}) {  // -1: `valid` undefined (all N take part)
-      const int groups = 4;
-      const int64_t n = n_valid < 0 ? N : n_valid;
-      Tensor valid = n_valid < 0 ? Tensor() : i32({4, 0, n_valid - 4});  // e.g. recv_counts of 3 ranks
-      Tensor perm = be().alloc({N}, DType::I32), counts = be().alloc({groups}, DType::I32);
-      Tensor offsets = be().alloc({groups + 1}, DType::I32), inverse = be().alloc({N}, DType::I32);
-      ops().group_by(i32(keys), valid, div, groups, perm, counts, offsets, inverse);
-      std::vector<int32_t> want_perm, want_counts(size_t(groups), 0), want_offsets{0}, want_inverse(size_t(N), -1);
-      for (int g = 0; g < groups; ++g) {
-        for (int64_t i = 0; i < n; ++i)
-          if (keys[size_t(i)] >= 0 && (keys[size_t(i)] / div) % groups == g) {
-            want_inverse[size_t(i)] = int32_t(want_perm.size());
-            want_perm.push_back(int32_t(i));
-            ++want_counts[size_t(g)];
-          }
-        want_offsets.push_back(int32_t(want_perm.size()));
+  // keys [N] with skipped entries; group = (key / div) % groups. A backend may take another path for
+  // few keys and few groups (CUDA: one block) than for many: the random cases reach both.
+  auto expect_sorted = [&](const std::vector<int32_t>& keys, int div, int groups, int n_valid) {
+    const int64_t N = int64_t(keys.size());
+    const int64_t n = n_valid < 0 ? N : n_valid;
+    Tensor valid = n_valid < 0 ? Tensor() : i32({4, 0, n_valid - 4});  // e.g. recv_counts of 3 ranks
+    Tensor perm = be().alloc({N}, DType::I32), counts = be().alloc({groups}, DType::I32);
+    Tensor offsets = be().alloc({groups + 1}, DType::I32), inverse = be().alloc({N}, DType::I32);
+    ops().group_by(i32(keys), valid, div, groups, perm, counts, offsets, inverse);
+    std::vector<int32_t> want_perm, want_counts(size_t(groups), 0), want_offsets{0}, want_inverse(size_t(N), -1);
+    std::vector<std::vector<int32_t>> members(static_cast<size_t>(groups));
+    for (int64_t i = 0; i < n; ++i)
+      if (keys[size_t(i)] >= 0) members[size_t((keys[size_t(i)] / div) % groups)].push_back(int32_t(i));
+    for (int g = 0; g < groups; ++g) {
+      for (int32_t i : members[size_t(g)]) {
+        want_inverse[size_t(i)] = int32_t(want_perm.size());
+        want_perm.push_back(i);
+        ++want_counts[size_t(g)];
       }
-      const std::vector<int32_t> got = ints(perm);
-      EXPECT_EQ(std::vector<int32_t>(got.begin(), got.begin() + long(want_perm.size())), want_perm)
-          << "div " << div << " valid " << n_valid;
-      EXPECT_EQ(ints(counts), want_counts);
-      EXPECT_EQ(ints(offsets), want_offsets);
-      EXPECT_EQ(ints(inverse), want_inverse);
-      // Without inverse.
-      Tensor no_inverse;
-      ops().group_by(i32(keys), valid, div, groups, perm, counts, offsets, no_inverse);
-      EXPECT_EQ(ints(offsets), want_offsets);
+      want_offsets.push_back(int32_t(want_perm.size()));
     }
+    const std::string where = fmt::format("N {} groups {} div {} valid {}", N, groups, div, n_valid);
+    const std::vector<int32_t> got = ints(perm);
+    EXPECT_EQ(std::vector<int32_t>(got.begin(), got.begin() + long(want_perm.size())), want_perm) << where;
+    EXPECT_EQ(std::vector<int32_t>(got.begin() + long(want_perm.size()), got.end()),
+              std::vector<int32_t>(size_t(N) - want_perm.size(), -1))
+        << where;
+    EXPECT_EQ(ints(counts), want_counts) << where;
+    EXPECT_EQ(ints(offsets), want_offsets) << where;
+    EXPECT_EQ(ints(inverse), want_inverse) << where;
+    // Without inverse.
+    Tensor no_inverse;
+    ops().group_by(i32(keys), valid, div, groups, perm, counts, offsets, no_inverse);
+    EXPECT_EQ(ints(offsets), want_offsets) << where;
+    EXPECT_EQ(ints(perm), got) << where;
+  };
+  const std::vector<int32_t> keys{7, 2, -1, 11, 0, 5, 7, 3, -1, 1, 10, 6};
+  for (int div : {1, 3})
+    for (int n_valid : {-1, 9}) expect_sorted(keys, div, 4, n_valid);  // -1: `valid` undefined
+  std::mt19937 rng(11);
+  auto random_keys = [&](int64_t N, int range) {
+    std::vector<int32_t> k(static_cast<size_t>(N));
+    for (auto& v : k) v = int32_t(rng() % uint32_t(range + 1)) - 1;  // -1: skipped
+    return k;
+  };
+  for (auto [N, groups] : {std::pair<int64_t, int>{1000, 512}, {1024, 7}, {1025, 512}, {3000, 37}, {300, 5000}})
+    for (int n_valid : {-1, int(N) - 5}) expect_sorted(random_keys(N, 2 * groups), 2, groups, n_valid);
 }
 
 struct MoeCase {

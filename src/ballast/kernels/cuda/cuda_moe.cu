@@ -24,6 +24,7 @@
 // and reported in a fault record in mapped host memory, which the next MoE op throws on the host
 // (with BALLAST_CUDA_SYNC_CHECKS=1, every MoE op outside stream capture waits for its kernels and
 // throws its own fault at once).
+#include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
 #include <cuda_fp8.h>
@@ -505,6 +506,59 @@ __global__ void group_scatter_kernel(const uint32_t* __restrict__ sorted, const 
     const int32_t i = order[j];  // a permutation of [0, N)
     perm[j] = in ? i : -1;
     if (inverse != nullptr && i >= 0 && i < N) inverse[i] = in ? int32_t(j) : -1;
+  }
+}
+
+// Few keys (decode and small verify passes): the whole group_by in one block, a stable counting
+// sort in shared memory, where the radix sort path takes five launches. Keys and bins must fit
+// (kGroupSmallKeys, kGroupSmallBins).
+constexpr int kGroupSmallThreads = 1024;
+constexpr int kGroupSmallKeys = 1024;  // one key per thread
+constexpr int kGroupSmallBins = 4096;  // groups + 1 (the left-out bin)
+
+__global__ void __launch_bounds__(kGroupSmallThreads)
+    group_small_kernel(const int32_t* __restrict__ keys, int N, const int32_t* __restrict__ valid, int64_t vn,
+                       int div, int groups, int32_t* __restrict__ perm, int32_t* __restrict__ counts,
+                       int32_t* __restrict__ offsets, int32_t* __restrict__ inverse, Fault* fault) {
+  using Scan = cub::BlockScan<int, kGroupSmallThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  __shared__ int bin_s[kGroupSmallBins];
+  __shared__ int key_s[kGroupSmallKeys];
+  const int n = int(valid_count(valid, vn, N, fault));
+  const int bins = groups + 1, t = int(threadIdx.x);
+  for (int g = t; g < bins; g += blockDim.x) bin_s[g] = 0;
+  __syncthreads();
+  int key = groups;
+  if (t < N) {
+    const int32_t k = keys[t];
+    key = (t < n && k >= 0) ? (k / div) % groups : groups;
+    key_s[t] = key;
+    atomicAdd(&bin_s[key], 1);
+  }
+  __syncthreads();
+  // Exclusive scan of the bins: each thread sums a run of them, one block scan of the runs.
+  const int per = (bins + blockDim.x - 1) / blockDim.x, b0 = t * per, b1 = min(b0 + per, bins);
+  int run = 0;
+  for (int g = b0; g < b1; ++g) run += bin_s[g];
+  int start = 0;
+  Scan(scan).ExclusiveSum(run, start);
+  for (int g = b0; g < b1; ++g) {
+    const int c = bin_s[g];
+    offsets[g] = start;  // offsets[groups] = the number sorted
+    if (g < groups) counts[g] = c;
+    bin_s[g] = start;
+    start += c;
+  }
+  __syncthreads();
+  if (t < N) {
+    // Stable: the rank among equal keys is the number of them before t (every thread reads the
+    // same key_s[j] at once, a broadcast).
+    int rank = 0;
+    for (int j = 0; j < N; ++j) rank += (j < t && key_s[j] == key) ? 1 : 0;
+    const int at = bin_s[key] + rank;
+    const bool in = key < groups;
+    perm[at] = in ? t : -1;
+    if (inverse != nullptr) inverse[t] = in ? at : -1;
   }
 }
 
@@ -1178,6 +1232,14 @@ void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int gro
     st.after(stream_);
     return;
   }
+  if (N <= kGroupSmallKeys && groups < kGroupSmallBins) {
+    group_small_kernel<<<1, kGroupSmallThreads, 0, stream_>>>(
+        cuda::i32(keys), int(N), vp, vn, div, groups, cuda::i32_mut(perm), cuda::i32_mut(counts),
+        cuda::i32_mut(offsets), inverse.defined() ? cuda::i32_mut(inverse) : nullptr, st.fault);
+    check_launch("group_by");
+    st.after(stream_);
+    return;
+  }
   // Keys are groups 0 .. groups - 1 and `groups` for those left out: end_bit bits.
   int end_bit = 0;
   while ((uint64_t(1) << end_bit) <= uint64_t(groups)) ++end_bit;
@@ -1307,11 +1369,13 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
       experts_gemm_kernel<GU><<<grid, kExpertThreads, 0, stream_>>>(s);
     check_launch("moe_experts");
   };
-  // gate and up into h (every listed row), then down from h into y.
+  // gate and up into h (every listed row), then down from h into y. No group can have more than
+  // small_max rows when perm has no more (decode): the large-tile launches would find no tiles.
+  const bool large_tiles = Np > small_max;
   launch_small(std::true_type{}, imax);
-  launch_gemm(std::true_type{}, imax);
+  if (large_tiles) launch_gemm(std::true_type{}, imax);
   launch_small(std::false_type{}, H);
-  launch_gemm(std::false_type{}, H);
+  if (large_tiles) launch_gemm(std::false_type{}, H);
   st.after(stream_);
 }
 
