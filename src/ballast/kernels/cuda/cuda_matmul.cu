@@ -437,36 +437,12 @@ struct MatmulState {
   int sms = 0;
 };
 
-// x [n] fp32 -> 16-bit (round to nearest even), 4 at a time where aligned.
-template <typename H>
-__global__ void round_to_16bit_kernel(const float* __restrict__ x, H* __restrict__ out, int64_t n) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t n4 = n / 4;
-  for (int64_t i = i0; i < n4; i += stride) {
-    const float4 v = reinterpret_cast<const float4*>(x)[i];
-    if constexpr (std::is_same_v<H, __nv_bfloat16>) {
-      reinterpret_cast<__nv_bfloat162*>(out)[2 * i] = __floats2bfloat162_rn(v.x, v.y);
-      reinterpret_cast<__nv_bfloat162*>(out)[2 * i + 1] = __floats2bfloat162_rn(v.z, v.w);
-    } else {
-      reinterpret_cast<__half2*>(out)[2 * i] = __floats2half2_rn(v.x, v.y);
-      reinterpret_cast<__half2*>(out)[2 * i + 1] = __floats2half2_rn(v.z, v.w);
-    }
-  }
-  for (int64_t i = 4 * n4 + i0; i < n; i += stride) {
-    if constexpr (std::is_same_v<H, __nv_bfloat16>) out[i] = __float2bfloat16_rn(x[i]);
-    else out[i] = __float2half_rn(x[i]);
-  }
-}
-
 // y[T, N] = x[T, K] @ w[N, K]^T on the tensor cores; xh: room for T * K 16-bit values.
 void cublas_matmul(cublasHandle_t handle, const float* x, int64_t T, int64_t K, const void* w, DType wdt, int64_t N,
                    float* y, void* xh, cudaStream_t stream) {
   const bool bf16 = wdt == DType::BF16;
-  const int64_t n = T * K;
-  const unsigned blocks = unsigned(std::min<int64_t>(cdiv(n / 4 + 1, 256), 4096));
-  if (bf16) round_to_16bit_kernel<<<blocks, 256, 0, stream>>>(x, static_cast<__nv_bfloat16*>(xh), n);
-  else round_to_16bit_kernel<<<blocks, 256, 0, stream>>>(x, static_cast<__half*>(xh), n);
+  if (bf16) round_to_16bit(x, static_cast<__nv_bfloat16*>(xh), T * K, stream);
+  else round_to_16bit(x, static_cast<__half*>(xh), T * K, stream);
   check_launch("matmul: rounding x");
   // Column-major view: y^T [N, T] = (w [N, K] row-major = col-major [K, N])^T @ x^T [K, T].
   const float alpha = 1.0f, beta = 0.0f;

@@ -616,6 +616,8 @@ struct ExpertsArgs {
   const ExpertEntry* ex;  // [groups]
   float* h;               // [Np, ldh] in sorted order
   int64_t ldh;
+  const __nv_bfloat16* xb;  // tensor-core path: x rounded to bf16 [M, H]
+  __nv_bfloat16* hb;        // ... and h of its rows, in bf16 [Np, ldh]
   const int4* tiles;      // {group, first j, end j, 0}
   const int* ntiles;      // on the device
   int fblocks;            // column blocks of a tile
@@ -937,8 +939,9 @@ __global__ void __launch_bounds__(kExpertThreads) experts_gemm_kernel(ExpertsArg
 }
 
 // Large tiles on the tensor cores (BF16 weights, bf16_matmul): the same 64 x 64 output tile per
-// item, K in steps of 64 staged as bf16 in shared memory (x or h rounded there), the next step's
-// global loads held in registers while this one is multiplied. 8 warps, each 16 rows x 32
+// item, K in steps of 64 staged in shared memory from bf16 copies of x (made once per call) and of
+// h (which the gate/up pass writes in bf16 for these rows), the next step's global loads held in
+// registers while this one is multiplied. 8 warps, each 16 rows x 32
 // columns (of gate and up with GU); accumulators go through shared memory (over the staging
 // buffers) for the epilogue.
 constexpr int kWmmaK = 64;                    // K per step
@@ -968,27 +971,23 @@ __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntr
   // This thread's share of a step: 16 consecutive k (two chunks of 8) of one A row and of one
   // row of each weight.
   const int lr = tid >> 2, lk = (tid & 3) * 16;
-  const float* arow = nullptr;
+  const __nv_bfloat16* arow = nullptr;
   if (lr < rows) {
     if constexpr (GU) {
-      if (src[lr] >= 0) arow = a.x + src[lr] * a.H;
+      if (src[lr] >= 0) arow = a.xb + src[lr] * a.H;
     } else {
-      arow = a.h + (int64_t(j0) + lr) * a.ldh;
+      arow = a.hb + (int64_t(j0) + lr) * a.ldh;
     }
   }
   const int64_t wn = int64_t(n0) + lr;
-  float4 ra[4];
+  uint4 ra[2];
   uint4 rb[NM][2];
   auto load = [&](int64_t k0) {
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const int64_t k = k0 + lk + 8 * c;
       const bool in = k < K;  // K % 8 == 0: a chunk of 8 is all in or all out
-      ra[2 * c] = ra[2 * c + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (in && arow) {
-        ra[2 * c] = *reinterpret_cast<const float4*>(arow + k);
-        ra[2 * c + 1] = *reinterpret_cast<const float4*>(arow + k + 4);
-      }
+      ra[c] = in && arow ? *reinterpret_cast<const uint4*>(arow + k) : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int m = 0; m < NM; ++m)
         rb[m][c] = in && wn < Nout ? __ldg(reinterpret_cast<const uint4*>(w[m] + wn * K + k)) : make_uint4(0, 0, 0, 0);
@@ -1003,12 +1002,8 @@ __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntr
   load(0);
   for (int64_t k0 = 0; k0 < K; k0 += kWmmaK) {
     __syncthreads();  // the previous step's readers are done
-    __nv_bfloat162* ad = reinterpret_cast<__nv_bfloat162*>(As + lr * kWmmaLd + lk);
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      ad[2 * q] = __floats2bfloat162_rn(ra[q].x, ra[q].y);
-      ad[2 * q + 1] = __floats2bfloat162_rn(ra[q].z, ra[q].w);
-    }
+    for (int c = 0; c < 2; ++c) *reinterpret_cast<uint4*>(As + lr * kWmmaLd + lk + 8 * c) = ra[c];
 #pragma unroll
     for (int m = 0; m < NM; ++m)
 #pragma unroll
@@ -1043,8 +1038,8 @@ __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntr
     const int64_t n = int64_t(n0) + c;
     if (r >= rows || n >= Nout) continue;
     if constexpr (GU) {
-      a.h[(int64_t(j0) + r) * a.ldh + n] =
-          silu(Cs[r * kWmmaLdC + c]) * Cs[(kTileRows + r) * kWmmaLdC + c];
+      a.hb[(int64_t(j0) + r) * a.ldh + n] =
+          __float2bfloat16_rn(silu(Cs[r * kWmmaLdC + c]) * Cs[(kTileRows + r) * kWmmaLdC + c]);
     } else {
       const int64_t d = dst[r];
       if (d >= 0) a.y[d * a.H + n] = Cs[r * kWmmaLdC + c];
@@ -1115,6 +1110,8 @@ __global__ void combine_kernel(const float* __restrict__ y, int64_t M, const int
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
+
+using cuda::rows::round_to_16bit;
 
 // ============================================================================================
 // The ops
@@ -1324,16 +1321,23 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   const int small_max = tensor_cores ? kSmallMaxTc : kSmallMax;
   const int64_t cap_large = cdiv(Np, kTileRows) + std::min<int64_t>(groups, Np / (small_max + 1) + 1);
   const int64_t ldh = std::max<int64_t>(imax, 1);
+  // With the tensor cores, bf16 copies of x and of the large tiles' h.
+  const size_t nxb = tensor_cores ? size_t(M) * size_t(H) : 0, nhb = tensor_cores ? size_t(Np) * size_t(ldh) : 0;
   Carve measure;
   measure.take<float>(size_t(Np) * size_t(ldh));
   measure.take<int4>(size_t(cap_small));
   measure.take<int4>(size_t(cap_large));
   measure.take<int>(2);
+  measure.take<__nv_bfloat16>(nxb);
+  measure.take<__nv_bfloat16>(nhb);
   Carve carve(scratch_.bytes(measure.size()));
   float* h = carve.take<float>(size_t(Np) * size_t(ldh));
   int4* small = carve.take<int4>(size_t(cap_small));
   int4* large = carve.take<int4>(size_t(cap_large));
   int* ntiles = carve.take<int>(2);
+  __nv_bfloat16* xb = carve.take<__nv_bfloat16>(nxb);
+  __nv_bfloat16* hb = carve.take<__nv_bfloat16>(nhb);
+  if (tensor_cores) round_to_16bit(cuda::f32(x), xb, M * H, stream_);
 
   expert_tiles_kernel<<<1, kTileThreads, 0, stream_>>>(cuda::i32(offsets), groups, small_max, Np, table, small,
                                                       cap_small, large,
@@ -1341,7 +1345,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   check_launch("moe_experts");
 
   ExpertsArgs a{cuda::f32(x), M, H, cuda::i32(perm), Np, row_div, cuda::f32_mut(y), Ny, table, h, ldh,
-                nullptr, nullptr, 0, st.fault};
+                xb, hb, nullptr, nullptr, 0, st.fault};
   const int64_t resident_small = int64_t(st.sms) * 6, resident_gemm = int64_t(st.sms) * 4;
   auto launch_small = [&](auto gu_tag, int64_t nout) {
     constexpr bool GU = decltype(gu_tag)::value;

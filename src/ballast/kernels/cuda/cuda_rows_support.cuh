@@ -9,6 +9,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "ballast/core/tensor.h"
 
@@ -116,5 +117,34 @@ size_t matmul_scratch_bytes(int64_t T, int64_t K, int64_t N, int sms);
 
 // The device's multiprocessor count (of the current device; asked once per device, then cached).
 int multiprocessors();
+
+// x [n] fp32 -> 16-bit (round to nearest even), 4 at a time where aligned.
+template <typename H>
+__global__ void round_to_16bit_kernel(const float* __restrict__ x, H* __restrict__ out, int64_t n) {
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n4 = n / 4;
+  for (int64_t i = i0; i < n4; i += stride) {
+    const float4 v = reinterpret_cast<const float4*>(x)[i];
+    if constexpr (std::is_same_v<H, __nv_bfloat16>) {
+      reinterpret_cast<__nv_bfloat162*>(out)[2 * i] = __floats2bfloat162_rn(v.x, v.y);
+      reinterpret_cast<__nv_bfloat162*>(out)[2 * i + 1] = __floats2bfloat162_rn(v.z, v.w);
+    } else {
+      reinterpret_cast<__half2*>(out)[2 * i] = __floats2half2_rn(v.x, v.y);
+      reinterpret_cast<__half2*>(out)[2 * i + 1] = __floats2half2_rn(v.z, v.w);
+    }
+  }
+  for (int64_t i = 4 * n4 + i0; i < n; i += stride) {
+    if constexpr (std::is_same_v<H, __nv_bfloat16>) out[i] = __float2bfloat16_rn(x[i]);
+    else out[i] = __float2half_rn(x[i]);
+  }
+}
+
+// Launches it on `stream` (out: n 16-bit values).
+template <typename H>
+void round_to_16bit(const float* x, H* out, int64_t n, cudaStream_t stream) {
+  const int64_t blocks = (n / 4 + 256) / 256;
+  round_to_16bit_kernel<<<unsigned(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(x, out, n);
+}
 
 }  // namespace ballast::kernels::cuda::rows
