@@ -57,6 +57,7 @@ namespace cm = cuda::moe;  // fault codes and the balanced dispatch (cuda_moe_su
 // Weight elements as floats (cuda_rows_support.cuh).
 using cuda::rows::f8e4m3;
 using cuda::rows::load_words;
+using cuda::rows::round_to_16bit;
 using cuda::rows::to_float;
 using cuda::rows::unpack_words;
 
@@ -1110,8 +1111,6 @@ __global__ void combine_kernel(const float* __restrict__ y, int64_t M, const int
 bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
-
-using cuda::rows::round_to_16bit;
 
 // ============================================================================================
 // The ops
