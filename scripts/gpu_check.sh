@@ -40,11 +40,11 @@ for s in $STEPS; do
              $BIN/ballast bench --device cuda --synthetic \$m --batch ${BATCHES:-1,8,32,128,256} --prompt-len ${CONTEXT:-1024} \
                --decode-steps 32 --prefill ${PREFILLS:-8192,1024,32768} --repeats ${REPEATS:-2} --profile \
                --json-file $OUT/scale-\${m%% *}.json; done" ;;
-    kernels) step kernels bash -c "ncu --profile-from-start off --graph-profiling node --csv \
+    kernels) step kernels bash -c "ncu --profile-from-start off --graph-profiling node --clock-control none --cache-control none --csv \
                --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size \
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} \
                --batch ${KERNELS_BATCH:-1} --prompt-len 1024 --decode-steps 8 --repeats 1 --profiler-window \
-               > $OUT/kernels-decode.csv" ;;
+               > $OUT/kernels-decode.csv && python3 scripts/ncu_summary.py $OUT/kernels-decode.csv" ;;
     mtp) step mtp "$BIN/ballast" bench --device cuda --batch 1,8 --prompt-len 128 --decode-steps 64 --prefill 128 \
                --speculative-num-steps 1,2,3 ;;
     deltanet) step deltanet python3 bench/deltanet/side_by_side.py --ballast "$BIN/bench_delta_rule_cuda" \

@@ -424,6 +424,35 @@ TEST_P(OpConformance, MatmulInEveryWeightDtype) {
   }
 }
 
+TEST_P(OpConformance, MatmulManyEqualsEachMatmul) {
+  // The projections of one input: every output exactly as its own matmul would write it, with
+  // outputs of 1 to 130 columns, K vector-friendly or not, weight dtypes alike or mixed.
+  for (int64_t K : {64, 70})
+    for (bool mixed : {false, true})
+      for (int64_t T : {0, 1, 3, 8, 12}) {
+        const std::vector<int64_t> Ns{130, 1, 33, 64};
+        std::vector<Tensor> w, y, each;
+        for (size_t i = 0; i < Ns.size(); ++i) {
+          const DType dt = mixed && i == 2 ? DType::F32 : DType::BF16;
+          w.push_back(weight(randn(size_t(Ns[i] * K), 20 + uint32_t(i), 0.2f), {Ns[i], K}, dt));
+          y.push_back(be().alloc({T, Ns[i]}, DType::F32));
+          each.push_back(be().alloc({T, Ns[i]}, DType::F32));
+        }
+        const Tensor x = f32(randn(size_t(T * K), 30 + uint32_t(T)), {T, K});
+        ops().matmul_many(x, w, y);
+        for (size_t i = 0; i < Ns.size(); ++i) {
+          ops().matmul(x, w[i], each[i]);
+          EXPECT_EQ(floats(y[i]), floats(each[i])) << "K=" << K << " mixed=" << mixed << " T=" << T << " output " << i;
+        }
+      }
+  const Tensor x = f32(randn(8, 1), {1, 8});
+  const Tensor w1[] = {weight(randn(16, 2), {2, 8}, DType::F32)};
+  Tensor y2[] = {be().alloc({1, 2}, DType::F32), be().alloc({1, 2}, DType::F32)};
+  test::expect_error([&] { ops().matmul_many(x, w1, y2); }, {"matmul_many", "1 weights for 2 outputs"});
+  Tensor wrong[] = {be().alloc({1, 3}, DType::F32)};
+  test::expect_error([&] { ops().matmul_many(x, w1, wrong); }, {"matmul"});
+}
+
 TEST_P(OpConformance, FillUniformIsTheSameOnEveryBackend) {
   const int64_t n = 3 * 1000 + 7;  // not a multiple of any vector width
   for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
@@ -487,6 +516,30 @@ TEST_P(OpConformance, RmsNormInPlaceAndNot) {
   EXPECT_TRUE(all_near(floats(y), want, 1e-6, 1e-5));
   ops().rms_norm(xd, f32(w, {D}), eps, xd);
   EXPECT_TRUE(all_near(floats(xd), want, 1e-6, 1e-5)) << "in place";
+}
+
+TEST_P(OpConformance, AddRmsNormAddsThenNorms) {
+  // x += d, then y = rms_norm(x): rows short (a warp each) and long (a block each).
+  const float eps = 1e-6f;
+  for (int64_t D : {33, 2100}) {
+    const int64_t R = 3;
+    const std::vector<float> x = randn(size_t(R * D), 40), d = randn(size_t(R * D), 41), w = randn(size_t(D), 42, 0.1f);
+    std::vector<float> sum(x.size());
+    for (size_t i = 0; i < x.size(); ++i) sum[i] = x[i] + d[i];
+    std::vector<double> want(x.size());
+    for (int64_t r = 0; r < R; ++r) {
+      double ss = 0;
+      for (int64_t i = 0; i < D; ++i) ss += double(sum[size_t(r * D + i)]) * sum[size_t(r * D + i)];
+      const double inv = 1.0 / std::sqrt(ss / double(D) + eps);
+      for (int64_t i = 0; i < D; ++i) want[size_t(r * D + i)] = sum[size_t(r * D + i)] * inv * (1.0 + w[size_t(i)]);
+    }
+    Tensor xd = f32(x, {R, D}), y = be().alloc({R, D}, DType::F32);
+    ops().add_rms_norm(xd, f32(d, {R, D}), f32(w, {D}), eps, y);
+    EXPECT_EQ(floats(xd), sum) << "D=" << D << ": x holds the sum (one fp32 add each: exact)";
+    EXPECT_TRUE(all_near(floats(y), want, 1e-6, 1e-5)) << "D=" << D;
+    test::expect_error([&] { ops().add_rms_norm(xd, f32(d, {R, D}), f32(w, {D}), eps, xd); },
+                       {"add_rms_norm", "overlaps"});
+  }
 }
 
 TEST_P(OpConformance, AddCopyZero) {

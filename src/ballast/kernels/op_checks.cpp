@@ -97,6 +97,21 @@ void check_add(const Tensor& y, const Tensor& x) {
   check(y.numel() == x.numel() && y.dtype() == DType::F32 && x.dtype() == DType::F32, "add: y{} x{}", y, x);
 }
 
+void check_matmul_many(std::span<const Tensor> w, std::span<Tensor> y) {
+  check(w.size() == y.size(), "matmul_many: {} weights for {} outputs", w.size(), y.size());
+}
+
+RowShape check_add_rms_norm(const Tensor& x, const Tensor& d, const Tensor& w, const Tensor& y) {
+  check_add(x, d);
+  const RowShape shape = check_rms_norm(x, w, y);
+  auto overlap = [](const Tensor& a, const Tensor& b) {
+    const char *a0 = static_cast<const char*>(a.raw()), *b0 = static_cast<const char*>(b.raw());
+    return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+  };
+  check(!overlap(y, x) && !overlap(y, d), "add_rms_norm: y{} overlaps x{} or d{}", y, x, d);
+  return shape;
+}
+
 void check_copy(const Tensor& src, const Tensor& dst) {
   check(src.nbytes() == dst.nbytes(), "copy: src {} {} and dst {} {} differ in size", src, dtype_name(src.dtype()),
         dst, dtype_name(dst.dtype()));

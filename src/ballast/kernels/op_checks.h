@@ -41,6 +41,8 @@ MatmulShape check_matmul(const Tensor& x, const Tensor& w, const Tensor& y);
 void check_fill_uniform(const Tensor& t, float scale);
 RowShape check_rms_norm(const Tensor& x, const Tensor& w, const Tensor& y);
 void check_add(const Tensor& y, const Tensor& x);
+void check_matmul_many(std::span<const Tensor> w, std::span<Tensor> y);
+RowShape check_add_rms_norm(const Tensor& x, const Tensor& d, const Tensor& w, const Tensor& y);
 void check_copy(const Tensor& src, const Tensor& dst);
 struct ConcatShape {
   int64_t T, A, B;

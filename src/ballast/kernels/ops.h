@@ -87,6 +87,12 @@ class Ops {
   virtual void matmul(const Tensor& x, const Tensor& w, Tensor& y) = 0;
   // Zero-centred RMSNorm over the last dim: y = x * rsqrt(mean(x^2) + eps) * (1 + w). x may be y.
   virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) = 0;
+  // y[i] = x @ w[i]^T for each i: the projections of one input, in one op so that a backend can
+  // read x once and run them in one launch (w and y of one length, each pair as in matmul).
+  virtual void matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) = 0;
+  // x += d, then y = rms_norm(x, w) (the residual stream's add and the next norm in one pass); y is
+  // neither x nor d.
+  virtual void add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) = 0;
   // y += x
   virtual void add(Tensor& y, const Tensor& x) = 0;
   // dst = src (same number of bytes)

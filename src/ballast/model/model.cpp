@@ -16,11 +16,13 @@ void Model::forward(const ForwardBatch& b, const CacheViews& cache, Workspace& w
   const int64_t T = b.num_tokens(), H = cfg_.hidden_size;
   check(int(cache.layers.size()) == cfg_.num_layers, "forward: caches for {} layers, the model has {}",
         cache.layers.size(), cfg_.num_layers);
-  Tensor x = ws.take({T, H});
+  Tensor x = ws.take({T, H}), ffn = ws.take({T, H});
   ops_.embedding(b.token_ids, w_.embed, x);
   for (int l = 0; l < cfg_.num_layers; ++l)
-    decoder_layer(w_.layers[size_t(l)], cache.layers[size_t(l)], moe_index_[size_t(l)], *trunk_moe_, b, ws, x);
-  ops_.rms_norm(x, w_.final_norm, cfg_.rms_norm_eps, out.hidden);
+    decoder_layer(w_.layers[size_t(l)], cache.layers[size_t(l)], moe_index_[size_t(l)], *trunk_moe_, b, ws, x,
+                  l > 0 ? &ffn : nullptr, ffn);
+  if (cfg_.num_layers > 0) ops_.add_rms_norm(x, ffn, w_.final_norm, cfg_.rms_norm_eps, out.hidden);
+  else ops_.rms_norm(x, w_.final_norm, cfg_.rms_norm_eps, out.hidden);
   if (b.num_logit_rows() == 0) return;
   Tensor rows = ws.take({b.num_logit_rows(), H});
   ops_.gather_rows(out.hidden, b.logit_rows, 1, rows);
@@ -42,7 +44,9 @@ void Model::mtp_forward(const ForwardBatch& b, const Tensor& hidden_in, const Ca
   Tensor u = ws.take({T, H});
   ops_.matmul(cat, m.fc, u);
   // Released checkpoints have one MTP layer; deeper heads would chain their layers per step.
-  decoder_layer(m.layers[0], cache.mtp_layers.at(0), 0, *mtp_moe_, b, ws, u);
+  Tensor ffn = ws.take({T, H});
+  decoder_layer(m.layers[0], cache.mtp_layers.at(0), 0, *mtp_moe_, b, ws, u, nullptr, ffn);
+  ops_.add(u, ffn);
   if (b.num_logit_rows() == 0) return;
   Tensor rows = ws.take({b.num_logit_rows(), H});
   ops_.gather_rows(u, b.logit_rows, 1, rows);
@@ -51,20 +55,18 @@ void Model::mtp_forward(const ForwardBatch& b, const Tensor& hidden_in, const Ca
 }
 
 void Model::decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer, moe::MoeRunner& runner,
-                          const ForwardBatch& b, Workspace& ws, Tensor& x) {
+                          const ForwardBatch& b, Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn) {
   Workspace::Scope scope(ws);  // the layer's intermediates are dead once x is updated
   const int64_t T = x.dim(0), H = cfg_.hidden_size;
   Tensor h = ws.take({T, H}), mixed = ws.take({T, H});
-  ops_.rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, h);
+  if (pending) ops_.add_rms_norm(x, *pending, lw.input_norm, cfg_.rms_norm_eps, h);
+  else ops_.rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, h);
   if (lw.type == LayerType::FullAttention) attention(lw.attn, cache, b, h, ws, mixed);
   else deltanet(lw.delta, cache, b, h, ws, mixed);
-  ops_.add(x, mixed);
 
-  ops_.rms_norm(x, lw.post_norm, cfg_.rms_norm_eps, h);
-  Tensor& ffn = mixed;
+  ops_.add_rms_norm(x, mixed, lw.post_norm, cfg_.rms_norm_eps, h);
   if (lw.ffn == FfnType::Moe) sparse_moe(lw.moe, moe_layer, runner, h, ws, ffn);
   else swiglu(lw.dense, h, ws, ffn);
-  ops_.add(x, ffn);
 }
 
 void Model::attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
@@ -74,10 +76,10 @@ void Model::attention(const AttentionWeights& w, const LayerCache& cache, const 
   Tensor q = ws.take({T, Hq, hd}), gate = ws.take({T, Hq, hd});
   Tensor k = ws.take({T, Hkv, hd}), v = ws.take({T, Hkv, hd});
   Tensor qg2 = qg.reshape({T, Hq * 2 * hd}), k2 = k.reshape({T, Hkv * hd}), v2 = v.reshape({T, Hkv * hd});
-  ops_.matmul(h, w.q_proj, qg2);
+  const Tensor proj[] = {w.q_proj, w.k_proj, w.v_proj};
+  Tensor outs[] = {qg2, k2, v2};
+  ops_.matmul_many(h, proj, outs);
   ops_.split_heads_gate(qg, q, gate);
-  ops_.matmul(h, w.k_proj, k2);
-  ops_.matmul(h, w.v_proj, v2);
   ops_.rms_norm(q, w.q_norm, cfg_.rms_norm_eps, q);
   ops_.rms_norm(k, w.k_norm, cfg_.rms_norm_eps, k);
   ops_.rope(q, b.positions, cfg_.rotary_dim(), cfg_.rope_theta);
@@ -98,10 +100,9 @@ void Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const Fo
   const int64_t conv_dim = 2 * int64_t(d.Hk) * d.dk + int64_t(d.Hv) * d.dv, vd = int64_t(d.Hv) * d.dv;
   Tensor qkv = ws.take({T, conv_dim}), z = ws.take({T, vd});
   Tensor bb = ws.take({T, d.Hv}), a = ws.take({T, d.Hv});
-  ops_.matmul(h, w.in_qkv, qkv);
-  ops_.matmul(h, w.in_z, z);
-  ops_.matmul(h, w.in_b, bb);
-  ops_.matmul(h, w.in_a, a);
+  const Tensor proj[] = {w.in_qkv, w.in_z, w.in_b, w.in_a};
+  Tensor outs[] = {qkv, z, bb, a};
+  ops_.matmul_many(h, proj, outs);
   Tensor beta = ws.take({T, d.Hv}), g = ws.take({T, d.Hv});
   ops_.delta_gates(bb, a, w.A_log, w.dt_bias, beta, g);
 
@@ -119,17 +120,22 @@ void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runne
   const int64_t T = h.dim(0);
   const int E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
   Tensor logits = ws.take({T, E});
-  ops_.matmul(h, w.router, logits);
-  Tensor ids = ws.take({T, k}, DType::I32), weights = ws.take({T, k});
-  ops_.topk_softmax(logits, k, cfg_.norm_topk_prob, ids, weights);
   if (w.shared) {
-    swiglu(*w.shared, h, ws, out);
-    Tensor s = ws.take({T, 1});
-    ops_.matmul(h, w.shared_gate, s);
+    // The router and the shared expert's three products of h in one op.
+    const int64_t I = w.shared->intermediate();
+    Tensor g = ws.take({T, I}), u = ws.take({T, I}), s = ws.take({T, 1});
+    const Tensor proj[] = {w.router, w.shared->gate, w.shared->up, w.shared_gate};
+    Tensor outs[] = {logits, g, u, s};
+    ops_.matmul_many(h, proj, outs);
+    ops_.silu_mul(g, u, g);
+    ops_.matmul(g, w.shared->down, out);
     ops_.scale_rows_sigmoid(out, s);
   } else {
+    ops_.matmul(h, w.router, logits);
     ops_.zero(out);
   }
+  Tensor ids = ws.take({T, k}, DType::I32), weights = ws.take({T, k});
+  ops_.topk_softmax(logits, k, cfg_.norm_topk_prob, ids, weights);
   runner.run(moe_layer, h, ids, weights, w.experts, ws, out);
 }
 

@@ -38,15 +38,18 @@ class Model {
                    ForwardOutputs& out);
 
  private:
+  // One layer over the residual stream x. The layer's MLP output is left in `ffn` rather than added
+  // to x: the next layer (or the final norm) adds it in the same pass as its norm. `pending`: the
+  // previous layer's (null for the first layer); it may be ffn itself.
   void decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer, moe::MoeRunner& runner,
-                     const ForwardBatch& batch, kernels::Workspace& ws, Tensor& x);
+                     const ForwardBatch& batch, kernels::Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn);
   void attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
                  kernels::Workspace& ws, Tensor& out);
   void deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
                 kernels::Workspace& ws, Tensor& out);
   void sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& h,
                   kernels::Workspace& ws, Tensor& out);
-  // out[T, H] = down(silu(gate h) * up h): the dense MLP and the shared expert.
+  // out[T, H] = down(silu(gate h) * up h): the dense MLP.
   void swiglu(const kernels::SwigluWeights& w, const Tensor& h, kernels::Workspace& ws, Tensor& out);
 
   ModelConfig cfg_;

@@ -74,6 +74,17 @@ void CpuOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
   });
 }
 
+void CpuOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) {
+  check_matmul_many(w, y);
+  for (size_t i = 0; i < w.size(); ++i) matmul(x, w[i], y[i]);
+}
+
+void CpuOps::add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) {
+  check_add_rms_norm(x, d, w, y);
+  add(x, d);
+  rms_norm(x, w, eps, y);
+}
+
 void CpuOps::add(Tensor& y, const Tensor& x) {
   auto timed = time_op("add");
   check_add(y, x);

@@ -54,18 +54,42 @@ constexpr int few_elems() {
   return VEC ? (sizeof(W) == 4 ? 4 : 8) : 1;
 }
 
+// The products of one launch: up to kFewTargetsMax weights (same dtype and K) applied to the same
+// x rows (the projections of one input), their warps numbered one after the other.
+constexpr int kFewTargetsMax = 4;
+struct FewRowsTarget {
+  const void* w;
+  int64_t N;
+  float* y;
+  int64_t ldy;
+  int64_t warps_end;  // this target's warps end here (the previous target's end is where they start)
+};
+struct FewRowsTargets {
+  FewRowsTarget t[kFewTargetsMax];
+  int count;
+};
+
 // TM: the number of x rows (EXACT) or an upper bound on `nt` (the element-wise fallback).
 template <typename W, int TM, bool VEC, bool EXACT>
 __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
-    few_rows_kernel(const float* __restrict__ x, int64_t ldx, int nt_arg, int64_t K, const W* __restrict__ w, int64_t N,
-                    float* __restrict__ y, int64_t ldy) {
+    few_rows_kernel(const float* __restrict__ x, int64_t ldx, int nt_arg, int64_t K, FewRowsTargets tg) {
   constexpr int R = few_rows_per_warp<TM>();
   constexpr int E = few_elems<W, VEC>();
   constexpr int WORDS = VEC ? E * int(sizeof(W)) / 4 : 0;
   constexpr int U = 4 / R;  // steps whose weight loads are issued together: 4 loads in flight per lane
   const int nt = EXACT ? TM : nt_arg;
   const int lane = int(threadIdx.x) & 31;
-  const int64_t warp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
+  const int64_t gwarp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
+  // This warp's target (selected without indexing the parameters dynamically).
+  const W* __restrict__ w = static_cast<const W*>(tg.t[0].w);
+  int64_t N = tg.t[0].N, ldy = tg.t[0].ldy, warp = gwarp;
+  float* __restrict__ y = tg.t[0].y;
+#pragma unroll
+  for (int q = 1; q < kFewTargetsMax; ++q)
+    if (q < tg.count && gwarp >= tg.t[q - 1].warps_end) {
+      w = static_cast<const W*>(tg.t[q].w), N = tg.t[q].N, ldy = tg.t[q].ldy, y = tg.t[q].y;
+      warp = gwarp - tg.t[q - 1].warps_end;
+    }
   const int64_t n0 = warp * R;
   if (n0 >= N) return;  // the whole warp leaves together: the shuffles below see full warps
 
@@ -137,38 +161,32 @@ __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
     }
 }
 
-template <typename W, int T>
-void launch_few_rows_exact(const float* x, int64_t ldx, int64_t K, const W* w, int64_t N, float* y, int64_t ldy,
-                           cudaStream_t stream) {
-  constexpr int R = few_rows_per_warp<T>();
-  const int64_t warps = cdiv(N, R);
+// Numbers the targets' warps (R weight rows each) and launches one grid for all of them.
+template <typename W, int TM, bool VEC, bool EXACT>
+void launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewRowsTargets tg, cudaStream_t stream) {
+  constexpr int R = few_rows_per_warp<TM>();
+  int64_t warps = 0;
+  for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = warps += cdiv(tg.t[q].N, R);
   const int64_t blocks = cdiv(warps, kFewThreads / 32);
-  check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", N);
-  few_rows_kernel<W, T, true, true><<<unsigned(blocks), kFewThreads, 0, stream>>>(x, ldx, T, K, w, N, y, ldy);
+  check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", warps * R);
+  few_rows_kernel<W, TM, VEC, EXACT><<<unsigned(blocks), kFewThreads, 0, stream>>>(x, ldx, T, K, tg);
 }
 
 template <typename W>
-void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const W* w, int64_t N, float* y, int64_t ldy,
-                     cudaStream_t stream) {
+void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRowsTargets& tg, cudaStream_t stream) {
   constexpr int E = few_elems<W, true>();
-  const bool vec = K % E == 0 && ldx % 4 == 0 && aligned(x, 16) && aligned(w, size_t(E) * sizeof(W));
-  if (!vec) {
-    constexpr int R = few_rows_per_warp<kFewRowsMax>();
-    const int64_t blocks = cdiv(cdiv(N, R), kFewThreads / 32);
-    check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", N);
-    few_rows_kernel<W, kFewRowsMax, false, false>
-        <<<unsigned(blocks), kFewThreads, 0, stream>>>(x, ldx, T, K, w, N, y, ldy);
-    return;
-  }
+  bool vec = K % E == 0 && ldx % 4 == 0 && aligned(x, 16);
+  for (int q = 0; q < tg.count; ++q) vec = vec && aligned(tg.t[q].w, size_t(E) * sizeof(W));
+  if (!vec) return launch_few_rows_targets<W, kFewRowsMax, false, false>(x, ldx, T, K, tg, stream);
   switch (T) {
-    case 1: return launch_few_rows_exact<W, 1>(x, ldx, K, w, N, y, ldy, stream);
-    case 2: return launch_few_rows_exact<W, 2>(x, ldx, K, w, N, y, ldy, stream);
-    case 3: return launch_few_rows_exact<W, 3>(x, ldx, K, w, N, y, ldy, stream);
-    case 4: return launch_few_rows_exact<W, 4>(x, ldx, K, w, N, y, ldy, stream);
-    case 5: return launch_few_rows_exact<W, 5>(x, ldx, K, w, N, y, ldy, stream);
-    case 6: return launch_few_rows_exact<W, 6>(x, ldx, K, w, N, y, ldy, stream);
-    case 7: return launch_few_rows_exact<W, 7>(x, ldx, K, w, N, y, ldy, stream);
-    default: return launch_few_rows_exact<W, 8>(x, ldx, K, w, N, y, ldy, stream);
+    case 1: return launch_few_rows_targets<W, 1, true, true>(x, ldx, T, K, tg, stream);
+    case 2: return launch_few_rows_targets<W, 2, true, true>(x, ldx, T, K, tg, stream);
+    case 3: return launch_few_rows_targets<W, 3, true, true>(x, ldx, T, K, tg, stream);
+    case 4: return launch_few_rows_targets<W, 4, true, true>(x, ldx, T, K, tg, stream);
+    case 5: return launch_few_rows_targets<W, 5, true, true>(x, ldx, T, K, tg, stream);
+    case 6: return launch_few_rows_targets<W, 6, true, true>(x, ldx, T, K, tg, stream);
+    case 7: return launch_few_rows_targets<W, 7, true, true>(x, ldx, T, K, tg, stream);
+    default: return launch_few_rows_targets<W, 8, true, true>(x, ldx, T, K, tg, stream);
   }
 }
 
@@ -429,7 +447,7 @@ template <typename W>
 void matmul_typed(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, int64_t N, float* y, int64_t ldy,
                   int sms, float* scratch, cudaStream_t stream) {
   const W* wt = static_cast<const W*>(w);
-  if (T <= kFewRowsMax) launch_few_rows<W>(x, ldx, int(T), K, wt, N, y, ldy, stream);
+  if (T <= kFewRowsMax) launch_few_rows<W>(x, ldx, int(T), K, FewRowsTargets{{{w, N, y, ldy, 0}}, 1}, stream);
   else launch_gemm<W>(x, ldx, int(T), K, wt, N, y, ldy, sms, scratch, stream);
 }
 
@@ -530,6 +548,37 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   const size_t bytes = matmul_scratch_bytes(T, K, N, sms);
   float* scratch = bytes > 0 ? static_cast<float*>(scratch_.bytes(bytes)) : nullptr;
   matmul_rows(cuda::f32(x), K, T, K, w.raw(), w.dtype(), N, cuda::f32_mut(y), N, sms, scratch, stream_);
+}
+
+void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) {
+  check_matmul_many(w, y);
+  // One launch for the few-rows products of one weight dtype; otherwise one matmul each.
+  bool one = !w.empty() && w.size() <= size_t(kFewTargetsMax) && x.rank() == 2 && x.dim(0) <= kFewRowsMax;
+  for (size_t i = 0; one && i < w.size(); ++i) one = w[i].dtype() == w[0].dtype();
+  if (!one || x.dim(0) == 0 || x.dim(1) == 0) {
+    for (size_t i = 0; i < w.size(); ++i) matmul(x, w[i], y[i]);
+    return;
+  }
+  auto timed = time_op("matmul gemv");
+  FewRowsTargets tg{};
+  tg.count = int(w.size());
+  int64_t T = 0, K = 0;
+  for (size_t i = 0; i < w.size(); ++i) {
+    const MatmulShape shape = check_matmul(x, w[i], y[i]);
+    T = shape.T, K = shape.K;
+    expect_device("matmul", "w", w[i]);
+    expect_device("matmul", "y", y[i]);
+    tg.t[i] = FewRowsTarget{w[i].raw(), shape.N, cuda::f32_mut(y[i]), shape.N, 0};
+  }
+  expect_device("matmul", "x", x);
+  switch (w[0].dtype()) {
+    case DType::F32: launch_few_rows<float>(cuda::f32(x), K, int(T), K, tg, stream_); break;
+    case DType::BF16: launch_few_rows<__nv_bfloat16>(cuda::f32(x), K, int(T), K, tg, stream_); break;
+    case DType::F16: launch_few_rows<__half>(cuda::f32(x), K, int(T), K, tg, stream_); break;
+    case DType::F8_E4M3: launch_few_rows<f8e4m3>(cuda::f32(x), K, int(T), K, tg, stream_); break;
+    default: fail("matmul: weight dtype {} is not F32, BF16, F16 or F8_E4M3", dtype_name(w[0].dtype()));
+  }
+  check_launch("matmul");
 }
 
 }  // namespace ballast::kernels

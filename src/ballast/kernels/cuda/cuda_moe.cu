@@ -1,13 +1,13 @@
 // CudaOps: the mixture-of-experts ops (docs/expert-parallel.md) as CUDA kernels, the CPU backend
 // (cpu/cpu_moe.cpp) their reference:
-//   topk_softmax   one warp per token: softmax in fp32 (the CPU's sequential sum), then k rounds of
-//                  a warp argmax (ties to the lower id).
+//   topk_softmax   one warp per token, the row in registers: softmax in fp32 (a warp-tree sum), then
+//                  k rounds of a warp argmax (ties to the lower id).
 //   dispatch       static and random: one thread per choice. balanced: one block does the exact
 //                  per-pass split of eplb::dispatch_balanced and the hand-out to source ranks
 //                  (cuda_moe_support.cuh).
 //   histogram      per-block shared counts (few bins) or global atomics.
 //   group_by       a stable radix sort (CUB) of (group key, index), the invalid keys last; offsets
-//                  by binary search of the sorted keys.
+//                  by binary search of the sorted keys. Few keys: one block, a stable counting sort.
 //   moe_experts    the offsets stay on the device: one block lists row tiles per group (groups of
 //                  up to 32 rows in tiles of 8, larger groups in tiles of 64), then per pass
 //                  (gate+up writing h = silu(gate x) * up x [N, I] in sorted order into scratch,
@@ -283,48 +283,48 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 // ============================================================================================
 
 constexpr int kTopkWarps = 4;
-constexpr int kTopkMaxE = 1024;  // 32 elements a lane (a taken-mask bit each)
+constexpr int kTopkMaxE = 1024;  // 32 elements a lane, in registers (a taken-mask bit each)
 constexpr int kTopkMaxK = 32;    // one selection a lane
 
+// A warp per row, the row in registers (lane l holds experts l, l + 32, ...; PER of them): the
+// softmax, then k rounds of argmax (larger p, then lower id) over what is not yet taken.
+template <int PER>
 __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const float* __restrict__ logits, int64_t T,
                                                                      int E, int k, bool normalize,
                                                                      int32_t* __restrict__ ids,
                                                                      float* __restrict__ weights) {
-  extern __shared__ float topk_smem[];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  float* p = topk_smem + int64_t(warp) * E;
   for (int64_t t = int64_t(blockIdx.x) * kTopkWarps + warp; t < T; t += int64_t(gridDim.x) * kTopkWarps) {
     const float* l = logits + t * E;
+    float p[PER];
     float mx = -INFINITY;
-    for (int e = lane; e < E; e += 32) {
-      const float v = l[e];
-      p[e] = v;
-      mx = fmaxf(mx, v);
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      const int e = lane + 32 * i;
+      p[i] = e < E ? l[e] : -INFINITY;
+      mx = fmaxf(mx, p[i]);
     }
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
-    for (int e = lane; e < E; e += 32) p[e] = expf(p[e] - mx);
-    __syncwarp();
-    // The CPU's sum: sequential, in expert order.
     float sum = 0.0f;
-    if (lane == 0)
-      for (int e = 0; e < E; ++e) sum += p[e];
-    sum = __shfl_sync(0xffffffffu, sum, 0);
-    __syncwarp();
-    for (int e = lane; e < E; e += 32) p[e] = p[e] / sum;
-    __syncwarp();
-    // k rounds of argmax (larger p, then lower id); lane j keeps the j-th pick.
+#pragma unroll
+    for (int i = 0; i < PER; ++i) {
+      p[i] = lane + 32 * i < E ? expf(p[i] - mx) : 0.0f;
+      sum += p[i];
+    }
+    sum = warp_sum(sum);  // every lane the same value: the butterfly adds the same pairs
+#pragma unroll
+    for (int i = 0; i < PER; ++i) p[i] = p[i] / sum;
     uint32_t taken = 0;
     float my_p = 0.0f;
     int my_id = -1;
     for (int j = 0; j < k; ++j) {
       float bp = 0.0f;
       int bi = -1;
-      int i = 0;
-      for (int e = lane; e < E; e += 32, ++i) {
-        if ((taken >> i) & 1u) continue;
-        const float v = p[e];
-        if (bi < 0 || v > bp) bp = v, bi = e;
+#pragma unroll
+      for (int i = 0; i < PER; ++i) {
+        const int e = lane + 32 * i;
+        if (e < E && !((taken >> i) & 1u) && (bi < 0 || p[i] > bp)) bp = p[i], bi = e;
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) {
@@ -338,13 +338,11 @@ __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const flo
       if (bi >= 0 && lane == (bi & 31)) taken |= 1u << (bi >> 5);
       if (lane == j) my_p = bp, my_id = bi;
     }
-    float ksum = 0.0f;
-    for (int j = 0; j < k; ++j) ksum += __shfl_sync(0xffffffffu, my_p, j);
+    const float ksum = warp_sum(lane < k ? my_p : 0.0f);
     if (lane < k) {
       ids[t * k + lane] = my_id;
       weights[t * k + lane] = normalize ? my_p / ksum : my_p;
     }
-    __syncwarp();
   }
 }
 
@@ -581,7 +579,6 @@ constexpr int kSmallRows = 8;     // rows of a small tile
 constexpr int kSmallMax = 32;     // groups of at most this many rows take small tiles (fp32)
 constexpr int kSmallMaxTc = 8;    // ... with large tiles on the tensor cores: one small tile at most,
                                   // so that no expert's weights are streamed twice
-constexpr int kSmallChunk = 1024; // K elements of the rows staged in shared memory at a time
 constexpr int kTileRows = 64;     // BM of the GEMM
 constexpr int kTileCols = 64;     // BN
 constexpr int kTileK = 32;        // BK
@@ -645,6 +642,10 @@ __device__ __forceinline__ void tile_rows(const ExpertsArgs& a, int j0, int rows
   }
 }
 
+struct Int2Sum {
+  __device__ int2 operator()(int2 a, int2 b) const { return make_int2(a.x + b.x, a.y + b.y); }
+};
+
 // Lists the row tiles of every group: small tiles {g, j, j + <= 8} for groups of <= small_max
 // rows, large tiles {g, j, j + <= 64} for the others; offsets are checked and clamped to perm.
 __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_t* __restrict__ offsets, int groups,
@@ -652,9 +653,14 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
                                                                   int64_t Np, const ExpertEntry* __restrict__ ex,
                                                                   int4* __restrict__ small, int64_t cap_small,
                                                                   int4* __restrict__ large, int64_t cap_large,
-                                                                  int* __restrict__ ntiles, Fault* fault) {
-  __shared__ int scan_s[kTileThreads], scan_l[kTileThreads];
-  __shared__ int64_t total_s, total_l;
+                                                                  int* __restrict__ ntiles,
+                                                                  const float* __restrict__ x,
+                                                                  __nv_bfloat16* __restrict__ xb, int64_t nround,
+                                                                  Fault* fault) {
+  // Few x rows for the tensor-core tiles are rounded to bf16 here rather than in a launch of their own.
+  for (int64_t i = threadIdx.x; i < nround; i += blockDim.x) xb[i] = __float2bfloat16_rn(x[i]);
+  using Scan = cub::BlockScan<int2, kTileThreads>;
+  __shared__ typename Scan::TempStorage scan;
   int64_t carry_s = 0, carry_l = 0;
   for (int g0 = 0; g0 < groups; g0 += blockDim.x) {
     const int g = g0 + int(threadIdx.x);
@@ -677,35 +683,22 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
           nl = int(cdiv(c, kTileRows));
       }
     }
-    scan_s[threadIdx.x] = ns;
-    scan_l[threadIdx.x] = nl;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      int64_t rs = 0, rl = 0;
-      for (int t = 0; t < int(blockDim.x); ++t) {
-        const int vs = scan_s[t], vl = scan_l[t];
-        scan_s[t] = int(rs);
-        scan_l[t] = int(rl);
-        rs += vs;
-        rl += vl;
-      }
-      total_s = rs;
-      total_l = rl;
-    }
-    __syncthreads();
+    // Where this group's small and large tiles start among this round's (one block-wide scan).
+    int2 first, total;
+    Scan(scan).ExclusiveScan(make_int2(ns, nl), first, make_int2(0, 0), Int2Sum{}, total);
     for (int q = 0; q < ns; ++q) {
-      const int64_t at = carry_s + scan_s[threadIdx.x] + q;
+      const int64_t at = carry_s + first.x + q;
       const int64_t j0 = b + int64_t(q) * kSmallRows, j1 = j0 + kSmallRows < e ? j0 + kSmallRows : e;
       if (at < cap_small) small[at] = make_int4(g, int(j0), int(j1), 0);
     }
     for (int q = 0; q < nl; ++q) {
-      const int64_t at = carry_l + scan_l[threadIdx.x] + q;
+      const int64_t at = carry_l + first.y + q;
       const int64_t j0 = b + int64_t(q) * kTileRows, j1 = j0 + kTileRows < e ? j0 + kTileRows : e;
       if (at < cap_large) large[at] = make_int4(g, int(j0), int(j1), 0);
     }
-    carry_s += total_s;
-    carry_l += total_l;
-    __syncthreads();
+    carry_s += total.x;
+    carry_l += total.y;
+    __syncthreads();  // the scan's storage is reused
   }
   if (threadIdx.x == 0) {
     ntiles[0] = int(carry_s < cap_small ? carry_s : cap_small);
@@ -714,24 +707,51 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
 }
 
 // Small tiles (<= 8 rows): each warp takes FPW output features (rows of the weights) and streams
-// them once over K, the tile's input rows staged in shared memory kSmallChunk at a time; lanes
-// hold 8 consecutive k each, warp-shuffle sums at the end.
+// them once over K with the loads of U steps in flight, as the few-rows matmul does; lanes hold 8
+// consecutive k each and read the tile's input rows straight from global memory (the block's warps
+// share them through L1), warp-shuffle sums at the end. No shared staging, no barrier in the loop.
 //   GU (gate+up): inputs x rows, outputs h[j, n] = silu(gate . x) * (up . x), n < I.
 //   down:         inputs h rows, outputs y[perm[j], n] = down . h, n < H.
 template <bool GU>
 constexpr int small_fpw() {
   return GU ? 2 : 4;
 }
+constexpr int kSmallSteps = 2;  // U
+
+// Elements k .. k+7 of an input row (fp32); VEC: two 16-byte loads, else element-wise, 0 past K.
+template <bool VEC>
+__device__ __forceinline__ void load_x8(const float* __restrict__ row, int64_t k, int64_t K, float* f) {
+  if constexpr (VEC) {
+    const float4 v0 = __ldg(reinterpret_cast<const float4*>(row + k));
+    const float4 v1 = __ldg(reinterpret_cast<const float4*>(row + k + 4));
+    f[0] = v0.x, f[1] = v0.y, f[2] = v0.z, f[3] = v0.w, f[4] = v1.x, f[5] = v1.y, f[6] = v1.z, f[7] = v1.w;
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) f[e] = k + e < K ? __ldg(row + k + e) : 0.0f;
+  }
+}
 
 template <bool GU, typename W, bool VEC>
 __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEntry& ex, int j0, int rows, int f0,
-                                           float (*xs)[kSmallChunk], const int64_t* src, const int64_t* dst) {
-  constexpr int NM = GU ? 2 : 1, FPW = small_fpw<GU>();
+                                           const int64_t* src, const int64_t* dst) {
+  constexpr int NM = GU ? 2 : 1, FPW = small_fpw<GU>(), U = kSmallSteps;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H;
-  const W* w[NM];
-  w[0] = static_cast<const W*>(GU ? ex.gate : ex.down);
-  if constexpr (GU) w[NM - 1] = static_cast<const W*>(ex.up);
+  const int64_t nb = int64_t(f0) + warp * FPW;
+  if (nb >= Nout) return;  // the whole warp
+  const W* w[NM][FPW];
+#pragma unroll
+  for (int f = 0; f < FPW; ++f) {
+    const int64_t n = nb + f < Nout ? nb + f : Nout - 1;  // past Nout: a valid row, not written
+    w[0][f] = static_cast<const W*>(GU ? ex.gate : ex.down) + n * K;
+    if constexpr (GU) w[NM - 1][f] = static_cast<const W*>(ex.up) + n * K;
+  }
+  const float* in[kSmallRows];
+#pragma unroll
+  for (int r = 0; r < kSmallRows; ++r) {
+    const int64_t s = r < rows ? (GU ? src[r] : int64_t(j0) + r) : -1;
+    in[r] = s < 0 ? nullptr : (GU ? a.x + s * a.H : a.h + s * a.ldh);
+  }
   float acc[NM][FPW][kSmallRows];
 #pragma unroll
   for (int m = 0; m < NM; ++m)
@@ -739,52 +759,38 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
     for (int f = 0; f < FPW; ++f)
 #pragma unroll
       for (int r = 0; r < kSmallRows; ++r) acc[m][f][r] = 0.0f;
-  const int64_t nb = int64_t(f0) + warp * FPW;
-  for (int64_t k0 = 0; k0 < K; k0 += kSmallChunk) {
-    const int kn = int(K - k0 < kSmallChunk ? K - k0 : kSmallChunk);
-    const int kn8 = (kn + 7) & ~7;
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < rows * kn8; idx += blockDim.x) {
-      const int r = idx / kn8, kk = idx - r * kn8;
-      float v = 0.0f;
-      if (kk < kn) {
-        if constexpr (GU) {
-          const int64_t s = src[r];
-          if (s >= 0) v = a.x[s * a.H + k0 + kk];
-        } else {
-          v = a.h[(int64_t(j0) + r) * a.ldh + k0 + kk];
-        }
-      }
-      xs[r][kk] = v;
-    }
-    __syncthreads();
-    for (int kk = lane * 8; kk < kn; kk += 256) {
-      float wv[NM][FPW][8];
+  for (int64_t k0 = int64_t(lane) * 8; k0 < K; k0 += U * 256) {
+    float wv[U][NM][FPW][8];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = k0 + u * 256;
 #pragma unroll
       for (int m = 0; m < NM; ++m)
 #pragma unroll
         for (int f = 0; f < FPW; ++f) {
-          const int64_t n = nb + f;
-          if (n < Nout) {
-            load8<W, VEC>(w[m] + n * K, k0 + kk, K, wv[m][f]);
+          if (k < K) {
+            load8<W, VEC>(w[m][f], k, K, wv[u][m][f]);
           } else {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) wv[m][f][e] = 0.0f;
+            for (int e = 0; e < 8; ++e) wv[u][m][f][e] = 0.0f;
           }
         }
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t k = k0 + u * 256;
+      if (k >= K) break;
 #pragma unroll
       for (int r = 0; r < kSmallRows; ++r) {
-        if (r < rows) {
-          const float4 x0 = *reinterpret_cast<const float4*>(&xs[r][kk]);
-          const float4 x1 = *reinterpret_cast<const float4*>(&xs[r][kk + 4]);
-          const float xv[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+        if (in[r] == nullptr) continue;
+        float xv[8];
+        load_x8<VEC>(in[r], k, K, xv);
 #pragma unroll
-          for (int m = 0; m < NM; ++m)
+        for (int m = 0; m < NM; ++m)
 #pragma unroll
-            for (int f = 0; f < FPW; ++f)
+          for (int f = 0; f < FPW; ++f)
 #pragma unroll
-              for (int e = 0; e < 8; ++e) acc[m][f][r] = fmaf(wv[m][f][e], xv[e], acc[m][f][r]);
-        }
+            for (int e = 0; e < 8; ++e) acc[m][f][r] = fmaf(wv[u][m][f][e], xv[e], acc[m][f][r]);
       }
     }
   }
@@ -812,7 +818,6 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
 template <bool GU, bool VEC>
 __global__ void __launch_bounds__(kExpertThreads) experts_small_kernel(ExpertsArgs a) {
   constexpr int FB = (kExpertThreads / 32) * small_fpw<GU>();
-  __shared__ __align__(16) float xs[kSmallRows][kSmallChunk];
   __shared__ int64_t src[kSmallRows], dst[kSmallRows];
   const int64_t items = int64_t(*a.ntiles) * a.fblocks;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -822,14 +827,14 @@ __global__ void __launch_bounds__(kExpertThreads) experts_small_kernel(ExpertsAr
     const int64_t Nout = GU ? ex.inter : a.H;
     if (f0 >= Nout || ex.gate == nullptr) continue;  // the same for the whole block
     const int rows = tile.z - tile.y;
-    __syncthreads();  // the previous item's readers of src, dst and xs are done
+    __syncthreads();  // the previous item's readers of src and dst are done
     tile_rows(a, tile.y, rows, kSmallRows, src, dst);
     __syncthreads();
     switch (DType(GU ? ex.dt_gu : ex.dt_down)) {
-      case DType::F32: small_tile<GU, float, VEC>(a, ex, tile.y, rows, f0, xs, src, dst); break;
-      case DType::BF16: small_tile<GU, __nv_bfloat16, VEC>(a, ex, tile.y, rows, f0, xs, src, dst); break;
-      case DType::F16: small_tile<GU, __half, VEC>(a, ex, tile.y, rows, f0, xs, src, dst); break;
-      case DType::F8_E4M3: small_tile<GU, f8e4m3, VEC>(a, ex, tile.y, rows, f0, xs, src, dst); break;
+      case DType::F32: small_tile<GU, float, VEC>(a, ex, tile.y, rows, f0, src, dst); break;
+      case DType::BF16: small_tile<GU, __nv_bfloat16, VEC>(a, ex, tile.y, rows, f0, src, dst); break;
+      case DType::F16: small_tile<GU, __half, VEC>(a, ex, tile.y, rows, f0, src, dst); break;
+      case DType::F8_E4M3: small_tile<GU, f8e4m3, VEC>(a, ex, tile.y, rows, f0, src, dst); break;
       default: break;
     }
   }
@@ -1127,9 +1132,15 @@ void CudaOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& 
   expect_device("topk_softmax", "ids", ids);
   expect_device("topk_softmax", "weights", weights);
   if (T == 0) return;
-  const size_t smem = size_t(kTopkWarps) * size_t(E) * sizeof(float);
-  topk_softmax_kernel<<<blocks_for(T, kTopkWarps), kTopkWarps * 32, smem, stream_>>>(
-      cuda::f32(logits), T, int(E), k, normalize, cuda::i32_mut(ids), cuda::f32_mut(weights));
+  const unsigned grid = unsigned(blocks_for(T, kTopkWarps));
+  auto launch = [&](auto per) {
+    topk_softmax_kernel<decltype(per)::value><<<grid, kTopkWarps * 32, 0, stream_>>>(
+        cuda::f32(logits), T, int(E), k, normalize, cuda::i32_mut(ids), cuda::f32_mut(weights));
+  };
+  if (E <= 128) launch(std::integral_constant<int, 4>{});
+  else if (E <= 256) launch(std::integral_constant<int, 8>{});
+  else if (E <= 512) launch(std::integral_constant<int, 16>{});
+  else launch(std::integral_constant<int, 32>{});
   check_launch("topk_softmax");
   st.after(stream_);
 }
@@ -1291,7 +1302,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   std::vector<ExpertEntry>& entries = st.staging;
   entries.assign(size_t(groups), ExpertEntry{});
   int64_t imax = 0;
-  bool any = false, vec = H % 8 == 0, bf16 = true;
+  bool any = false, vec = H % 8 == 0 && aligned16(x.raw()), bf16 = true;
   for (int g = 0; g < groups; ++g) {
     const SwigluWeights& w = experts[size_t(g)];
     if (!w.gate.defined()) continue;  // an empty group's (rows for it are the tile pass's to report)
@@ -1315,7 +1326,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // Scratch, from the shapes: h [Np, imax], the tile lists, their two counts.
   const int64_t cap_small = cdiv(Np, kSmallRows) + std::min<int64_t>(groups, Np);
   // The tensor-core path wants 16-byte rows of bf16 weights and of fp32 x and h.
-  const bool tensor_cores = bf16_matmul_ && bf16 && vec && aligned16(x.raw()) && H % 8 == 0 && imax % 8 == 0;
+  const bool tensor_cores = bf16_matmul_ && bf16 && vec && imax % 8 == 0;
   if (tensor_cores) timed.op = "moe_experts (bf16)";
   const int small_max = tensor_cores ? kSmallMaxTc : kSmallMax;
   const int64_t cap_large = cdiv(Np, kTileRows) + std::min<int64_t>(groups, Np / (small_max + 1) + 1);
@@ -1336,11 +1347,18 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   int* ntiles = carve.take<int>(2);
   __nv_bfloat16* xb = carve.take<__nv_bfloat16>(nxb);
   __nv_bfloat16* hb = carve.take<__nv_bfloat16>(nhb);
-  if (tensor_cores) round_to_16bit(cuda::f32(x), xb, M * H, stream_);
-
-  expert_tiles_kernel<<<1, kTileThreads, 0, stream_>>>(cuda::i32(offsets), groups, small_max, Np, table, small,
-                                                      cap_small, large,
-                                                      cap_large, ntiles, st.fault);
+  // Few x rows (decode: at most small_max tokens, each choosing distinct experts, so no group has
+  // more rows than that): every group takes small tiles, whatever its size, and the large-tile
+  // launches (and x's rounding for them) are left out. A group larger than that after all is still
+  // right, only streamed more than once.
+  const bool large_tiles = cdiv(Np, int64_t(row_div)) > small_max;
+  constexpr int64_t kRoundInTiles = 65536;  // elements of x the tile pass rounds itself
+  const bool round = tensor_cores && large_tiles;
+  if (round && M * H > kRoundInTiles) round_to_16bit(cuda::f32(x), xb, M * H, stream_);
+  expert_tiles_kernel<<<1, kTileThreads, 0, stream_>>>(cuda::i32(offsets), groups,
+                                                      large_tiles ? small_max : int(Np), Np, table, small,
+                                                      cap_small, large, cap_large, ntiles, cuda::f32(x), xb,
+                                                      round && M * H <= kRoundInTiles ? M * H : 0, st.fault);
   check_launch("moe_experts");
 
   ExpertsArgs a{cuda::f32(x), M, H, cuda::i32(perm), Np, row_div, cuda::f32_mut(y), Ny, table, h, ldh,
@@ -1372,9 +1390,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
       experts_gemm_kernel<GU><<<grid, kExpertThreads, 0, stream_>>>(s);
     check_launch("moe_experts");
   };
-  // gate and up into h (every listed row), then down from h into y. No group can have more than
-  // small_max rows when perm has no more (decode): the large-tile launches would find no tiles.
-  const bool large_tiles = Np > small_max;
+  // gate and up into h (every listed row), then down from h into y.
   launch_small(std::true_type{}, imax);
   if (large_tiles) launch_gemm(std::true_type{}, imax);
   launch_small(std::false_type{}, H);

@@ -93,6 +93,8 @@ class CudaOps final : public Ops {
   void embedding(const Tensor& ids, const Tensor& table, Tensor& out) override;
   void matmul(const Tensor& x, const Tensor& w, Tensor& y) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override;
+  void matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) override;
+  void add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) override;
   void add(Tensor& y, const Tensor& x) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void zero(Tensor& t) override;

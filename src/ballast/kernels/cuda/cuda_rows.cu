@@ -223,10 +223,11 @@ void launch_row_copy(const void* x, const int32_t* rows, int row_div, int64_t M,
   else go(uint8_t{});
 }
 
-// Zero-centred RMSNorm (y = x rsqrt(mean x^2 + eps) (1 + w)) or the gated one (y = w x rsqrt(mean
-// x^2 + eps) silu(z)) over rows of D. BLOCK: a block per row; else a warp per row. x may be y:
-// every element is read by the thread that writes it, after the row's sum is complete.
-enum class Norm { zero_centred, gated };
+// Zero-centred RMSNorm (y = x rsqrt(mean x^2 + eps) (1 + w)), the same after x += z (added), or
+// the gated one (y = w x rsqrt(mean x^2 + eps) silu(z)) over rows of D. BLOCK: a block per row;
+// else a warp per row. x may be y: every element is read by the thread that writes it, after the
+// row's sum is complete (added: x is written, by the thread that reads it again).
+enum class Norm { zero_centred, added, gated };
 
 template <Norm MODE, bool BLOCK>
 __global__ void __launch_bounds__(kThreads)
@@ -241,12 +242,16 @@ __global__ void __launch_bounds__(kThreads)
     float* yr = y + r * D;
     double ss = 0;
     for (int64_t i = lane; i < D; i += width) {
-      const double v = xr[i];
-      ss += v * v;
+      float v = xr[i];
+      if constexpr (MODE == Norm::added) {
+        v += z[r * D + i];
+        const_cast<float*>(xr)[i] = v;  // x is the residual stream, written in place
+      }
+      ss += double(v) * v;
     }
     if constexpr (BLOCK) ss = block_sum(ss, partial);
     else ss = warp_sum(ss);
-    if constexpr (MODE == Norm::zero_centred) {
+    if constexpr (MODE != Norm::gated) {
       // As the CPU: the mean in double, then fp32.
       const float inv = 1.0f / sqrtf(float(ss / double(D)) + eps);
       for (int64_t i = lane; i < D; i += width) yr[i] = xr[i] * inv * (1.0f + load_weight(w, wdt, i));
@@ -333,6 +338,16 @@ void CudaOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
   expect_device("rms_norm", "y", y);
   expect_device("rms_norm", "w", w);
   launch_norm<Norm::zero_centred>(cuda::f32(x), nullptr, w, eps, cuda::f32_mut(y), R, D, stream_, "rms_norm");
+}
+
+void CudaOps::add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) {
+  auto timed = time_op("add_rms_norm");
+  const auto [R, D] = check_add_rms_norm(x, d, w, y);
+  expect_device("add_rms_norm", "x", x);
+  expect_device("add_rms_norm", "d", d);
+  expect_device("add_rms_norm", "y", y);
+  expect_device("add_rms_norm", "w", w);
+  launch_norm<Norm::added>(cuda::f32(x), cuda::f32(d), w, eps, cuda::f32_mut(y), R, D, stream_, "add_rms_norm");
 }
 
 void CudaOps::add(Tensor& y, const Tensor& x) {
