@@ -649,7 +649,7 @@ struct Int2Sum {
 // Lists the row tiles of every group: small tiles {g, j, j + <= 8} for groups of <= small_max
 // rows, large tiles {g, j, j + <= 64} for the others; offsets are checked and clamped to perm.
 __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_t* __restrict__ offsets, int groups,
-                                                                  int small_max,
+                                                                  int small_max, int small_rows,
                                                                   int64_t Np, const ExpertEntry* __restrict__ ex,
                                                                   int4* __restrict__ small, int64_t cap_small,
                                                                   int4* __restrict__ large, int64_t cap_large,
@@ -678,7 +678,7 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
       }
       if (c > 0) {
         if (c <= small_max)
-          ns = int(cdiv(c, kSmallRows));
+          ns = int(cdiv(c, int64_t(small_rows)));
         else
           nl = int(cdiv(c, kTileRows));
       }
@@ -688,7 +688,7 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
     Scan(scan).ExclusiveScan(make_int2(ns, nl), first, make_int2(0, 0), Int2Sum{}, total);
     for (int q = 0; q < ns; ++q) {
       const int64_t at = carry_s + first.x + q;
-      const int64_t j0 = b + int64_t(q) * kSmallRows, j1 = j0 + kSmallRows < e ? j0 + kSmallRows : e;
+      const int64_t j0 = b + int64_t(q) * small_rows, j1 = j0 + small_rows < e ? j0 + small_rows : e;
       if (at < cap_small) small[at] = make_int4(g, int(j0), int(j1), 0);
     }
     for (int q = 0; q < nl; ++q) {
@@ -712,11 +712,18 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
 // share them through L1), warp-shuffle sums at the end. No shared staging, no barrier in the loop.
 //   GU (gate+up): inputs x rows, outputs h[j, n] = silu(gate . x) * (up . x), n < I.
 //   down:         inputs h rows, outputs y[perm[j], n] = down . h, n < H.
-template <bool GU>
+// Per tile height MAXR (rows of x a warp keeps sums for): features per warp and K steps whose
+// loads are in flight together, chosen to keep ~4 16-byte loads a lane in flight while the
+// registers stay few enough for a full SM (the sums are NM x FPW x MAXR a lane).
+template <bool GU, int MAXR>
 constexpr int small_fpw() {
-  return GU ? 2 : 4;
+  return MAXR <= 2 ? (GU ? 1 : 2) : (GU ? 2 : 4);
 }
-constexpr int kSmallSteps = 2;  // U
+template <int MAXR>
+constexpr int small_steps() {
+  return MAXR <= 2 ? 2 : 1;
+}
+constexpr int kSmallThreads = 128;
 
 // Elements k .. k+7 of an input row (fp32); VEC: two 16-byte loads, else element-wise, 0 past K.
 template <bool VEC>
@@ -731,10 +738,10 @@ __device__ __forceinline__ void load_x8(const float* __restrict__ row, int64_t k
   }
 }
 
-template <bool GU, typename W, bool VEC>
+template <bool GU, typename W, bool VEC, int MAXR>
 __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEntry& ex, int j0, int rows, int f0,
                                            const int64_t* src, const int64_t* dst) {
-  constexpr int NM = GU ? 2 : 1, FPW = small_fpw<GU>(), U = kSmallSteps;
+  constexpr int NM = GU ? 2 : 1, FPW = small_fpw<GU, MAXR>(), U = small_steps<MAXR>();
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H;
   const int64_t nb = int64_t(f0) + warp * FPW;
@@ -746,19 +753,19 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
     w[0][f] = static_cast<const W*>(GU ? ex.gate : ex.down) + n * K;
     if constexpr (GU) w[NM - 1][f] = static_cast<const W*>(ex.up) + n * K;
   }
-  const float* in[kSmallRows];
+  const float* in[MAXR];
 #pragma unroll
-  for (int r = 0; r < kSmallRows; ++r) {
+  for (int r = 0; r < MAXR; ++r) {
     const int64_t s = r < rows ? (GU ? src[r] : int64_t(j0) + r) : -1;
     in[r] = s < 0 ? nullptr : (GU ? a.x + s * a.H : a.h + s * a.ldh);
   }
-  float acc[NM][FPW][kSmallRows];
+  float acc[NM][FPW][MAXR];
 #pragma unroll
   for (int m = 0; m < NM; ++m)
 #pragma unroll
     for (int f = 0; f < FPW; ++f)
 #pragma unroll
-      for (int r = 0; r < kSmallRows; ++r) acc[m][f][r] = 0.0f;
+      for (int r = 0; r < MAXR; ++r) acc[m][f][r] = 0.0f;
   for (int64_t k0 = int64_t(lane) * 8; k0 < K; k0 += U * 256) {
     float wv[U][NM][FPW][8];
 #pragma unroll
@@ -781,7 +788,7 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
       const int64_t k = k0 + u * 256;
       if (k >= K) break;
 #pragma unroll
-      for (int r = 0; r < kSmallRows; ++r) {
+      for (int r = 0; r < MAXR; ++r) {
         if (in[r] == nullptr) continue;
         float xv[8];
         load_x8<VEC>(in[r], k, K, xv);
@@ -798,7 +805,7 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
   for (int f = 0; f < FPW; ++f) {
     const int64_t n = nb + f;
 #pragma unroll
-    for (int r = 0; r < kSmallRows; ++r) {
+    for (int r = 0; r < MAXR; ++r) {
       if (r < rows) {
         const float v0 = warp_sum(acc[0][f][r]);
         const float v1 = GU ? warp_sum(acc[NM - 1][f][r]) : 0.0f;
@@ -815,9 +822,9 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
   }
 }
 
-template <bool GU, bool VEC>
-__global__ void __launch_bounds__(kExpertThreads) experts_small_kernel(ExpertsArgs a) {
-  constexpr int FB = (kExpertThreads / 32) * small_fpw<GU>();
+template <bool GU, bool VEC, int MAXR>
+__global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArgs a) {
+  constexpr int FB = (kSmallThreads / 32) * small_fpw<GU, MAXR>();
   __shared__ int64_t src[kSmallRows], dst[kSmallRows];
   const int64_t items = int64_t(*a.ntiles) * a.fblocks;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
@@ -828,13 +835,13 @@ __global__ void __launch_bounds__(kExpertThreads) experts_small_kernel(ExpertsAr
     if (f0 >= Nout || ex.gate == nullptr) continue;  // the same for the whole block
     const int rows = tile.z - tile.y;
     __syncthreads();  // the previous item's readers of src and dst are done
-    tile_rows(a, tile.y, rows, kSmallRows, src, dst);
+    tile_rows(a, tile.y, rows, MAXR, src, dst);
     __syncthreads();
     switch (DType(GU ? ex.dt_gu : ex.dt_down)) {
-      case DType::F32: small_tile<GU, float, VEC>(a, ex, tile.y, rows, f0, src, dst); break;
-      case DType::BF16: small_tile<GU, __nv_bfloat16, VEC>(a, ex, tile.y, rows, f0, src, dst); break;
-      case DType::F16: small_tile<GU, __half, VEC>(a, ex, tile.y, rows, f0, src, dst); break;
-      case DType::F8_E4M3: small_tile<GU, f8e4m3, VEC>(a, ex, tile.y, rows, f0, src, dst); break;
+      case DType::F32: small_tile<GU, float, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
+      case DType::BF16: small_tile<GU, __nv_bfloat16, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
+      case DType::F16: small_tile<GU, __half, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
+      case DType::F8_E4M3: small_tile<GU, f8e4m3, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
       default: break;
     }
   }
@@ -1075,41 +1082,47 @@ __global__ void __launch_bounds__(kExpertThreads) experts_wmma_kernel(ExpertsArg
 // moe_combine
 // ============================================================================================
 
+// Choices in groups of 4: their rows, weights and y values are all loaded before any is added
+// (the sums still in choice order, as the CPU's).
 template <bool V4>
 __global__ void combine_kernel(const float* __restrict__ y, int64_t M, const int32_t* __restrict__ rows,
                                const float* __restrict__ w, int64_t T, int64_t k, int64_t H, float* __restrict__ out,
                                Fault* fault) {
+  using V = std::conditional_t<V4, float4, float>;
+  constexpr int G = 4;
   const int64_t Hv = V4 ? H / 4 : H, total = T * Hv;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total;
        idx += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = idx / Hv, c = idx - t * Hv;
-    if constexpr (V4) {
-      float4 acc = reinterpret_cast<const float4*>(out)[idx];
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t r = rows ? rows[t * k + j] : t * k + j;
-        if (r < 0) continue;
-        if (r >= M) {
-          report(fault, cm::kCombineRow, t * k + j, r, M);
-          continue;
+    V acc = reinterpret_cast<const V*>(out)[idx];
+    for (int64_t j0 = 0; j0 < k; j0 += G) {
+      int64_t r[G];
+      float wj[G];
+      V v[G];
+#pragma unroll
+      for (int q = 0; q < G; ++q) {
+        const int64_t j = j0 + q;
+        r[q] = j < k ? (rows ? rows[t * k + j] : t * k + j) : -1;
+        if (r[q] >= M) {
+          report(fault, cm::kCombineRow, t * k + j, r[q], M);
+          r[q] = -1;
         }
-        const float wj = w[t * k + j];
-        const float4 v = reinterpret_cast<const float4*>(y)[r * Hv + c];
-        acc.x += wj * v.x, acc.y += wj * v.y, acc.z += wj * v.z, acc.w += wj * v.w;
-      }
-      reinterpret_cast<float4*>(out)[idx] = acc;
-    } else {
-      float acc = out[idx];
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t r = rows ? rows[t * k + j] : t * k + j;
-        if (r < 0) continue;
-        if (r >= M) {
-          report(fault, cm::kCombineRow, t * k + j, r, M);
-          continue;
+        if (r[q] >= 0) {
+          wj[q] = w[t * k + j];
+          v[q] = reinterpret_cast<const V*>(y)[r[q] * Hv + c];
         }
-        acc += w[t * k + j] * y[r * H + c];
       }
-      out[idx] = acc;
+#pragma unroll
+      for (int q = 0; q < G; ++q) {
+        if (r[q] < 0) continue;
+        if constexpr (V4) {
+          acc.x += wj[q] * v[q].x, acc.y += wj[q] * v[q].y, acc.z += wj[q] * v[q].z, acc.w += wj[q] * v[q].w;
+        } else {
+          acc += wj[q] * v[q];
+        }
+      }
     }
+    reinterpret_cast<V*>(out)[idx] = acc;
   }
 }
 
@@ -1323,12 +1336,20 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   if (!any) return;  // no group can have rows (the tile pass would only report it)
   const ExpertEntry* table = st.experts(experts.data(), entries, stream_);
 
-  // Scratch, from the shapes: h [Np, imax], the tile lists, their two counts.
-  const int64_t cap_small = cdiv(Np, kSmallRows) + std::min<int64_t>(groups, Np);
   // The tensor-core path wants 16-byte rows of bf16 weights and of fp32 x and h.
   const bool tensor_cores = bf16_matmul_ && bf16 && vec && imax % 8 == 0;
   if (tensor_cores) timed.op = "moe_experts (bf16)";
   const int small_max = tensor_cores ? kSmallMaxTc : kSmallMax;
+  // Few x rows (decode: at most small_max tokens, each choosing distinct experts, so no group has
+  // more rows than that): every group takes small tiles, whatever its size, and the large-tile
+  // launches (and x's rounding for them) are left out; the small tiles are no taller than the
+  // tokens are many. A group larger than that after all is still right, only streamed more than once.
+  const int64_t tokens = cdiv(Np, int64_t(row_div));
+  const bool large_tiles = tokens > small_max;
+  int small_rows = kSmallRows;
+  while (!large_tiles && small_rows / 2 >= tokens) small_rows /= 2;
+  // Scratch, from the shapes: h [Np, imax], the tile lists, their two counts.
+  const int64_t cap_small = cdiv(Np, int64_t(small_rows)) + std::min<int64_t>(groups, Np);
   const int64_t cap_large = cdiv(Np, kTileRows) + std::min<int64_t>(groups, Np / (small_max + 1) + 1);
   const int64_t ldh = std::max<int64_t>(imax, 1);
   // With the tensor cores, bf16 copies of x and of the large tiles' h.
@@ -1347,35 +1368,39 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   int* ntiles = carve.take<int>(2);
   __nv_bfloat16* xb = carve.take<__nv_bfloat16>(nxb);
   __nv_bfloat16* hb = carve.take<__nv_bfloat16>(nhb);
-  // Few x rows (decode: at most small_max tokens, each choosing distinct experts, so no group has
-  // more rows than that): every group takes small tiles, whatever its size, and the large-tile
-  // launches (and x's rounding for them) are left out. A group larger than that after all is still
-  // right, only streamed more than once.
-  const bool large_tiles = cdiv(Np, int64_t(row_div)) > small_max;
   constexpr int64_t kRoundInTiles = 65536;  // elements of x the tile pass rounds itself
   const bool round = tensor_cores && large_tiles;
   if (round && M * H > kRoundInTiles) round_to_16bit(cuda::f32(x), xb, M * H, stream_);
   expert_tiles_kernel<<<1, kTileThreads, 0, stream_>>>(cuda::i32(offsets), groups,
-                                                      large_tiles ? small_max : int(Np), Np, table, small,
+                                                      large_tiles ? small_max : int(Np), small_rows, Np, table, small,
                                                       cap_small, large, cap_large, ntiles, cuda::f32(x), xb,
                                                       round && M * H <= kRoundInTiles ? M * H : 0, st.fault);
   check_launch("moe_experts");
 
   ExpertsArgs a{cuda::f32(x), M, H, cuda::i32(perm), Np, row_div, cuda::f32_mut(y), Ny, table, h, ldh,
                 xb, hb, nullptr, nullptr, 0, st.fault};
-  const int64_t resident_small = int64_t(st.sms) * 6, resident_gemm = int64_t(st.sms) * 4;
-  auto launch_small = [&](auto gu_tag, int64_t nout) {
+  const int64_t resident_small = int64_t(st.sms) * 16, resident_gemm = int64_t(st.sms) * 4;
+  auto launch_small_rows = [&](auto gu_tag, auto rows_tag, int64_t nout) {
     constexpr bool GU = decltype(gu_tag)::value;
+    constexpr int MAXR = decltype(rows_tag)::value;
     ExpertsArgs s = a;
     s.tiles = small;
     s.ntiles = ntiles;
-    s.fblocks = int(cdiv(nout, (kExpertThreads / 32) * small_fpw<GU>()));
+    s.fblocks = int(cdiv(nout, (kSmallThreads / 32) * small_fpw<GU, MAXR>()));
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_small * s.fblocks, resident_small)));
     if (vec)
-      experts_small_kernel<GU, true><<<grid, kExpertThreads, 0, stream_>>>(s);
+      experts_small_kernel<GU, true, MAXR><<<grid, kSmallThreads, 0, stream_>>>(s);
     else
-      experts_small_kernel<GU, false><<<grid, kExpertThreads, 0, stream_>>>(s);
+      experts_small_kernel<GU, false, MAXR><<<grid, kSmallThreads, 0, stream_>>>(s);
     check_launch("moe_experts");
+  };
+  auto launch_small = [&](auto gu_tag, int64_t nout) {
+    switch (small_rows) {
+      case 1: return launch_small_rows(gu_tag, std::integral_constant<int, 1>{}, nout);
+      case 2: return launch_small_rows(gu_tag, std::integral_constant<int, 2>{}, nout);
+      case 4: return launch_small_rows(gu_tag, std::integral_constant<int, 4>{}, nout);
+      default: return launch_small_rows(gu_tag, std::integral_constant<int, kSmallRows>{}, nout);
+    }
   };
   auto launch_gemm = [&](auto gu_tag, int64_t nout) {
     constexpr bool GU = decltype(gu_tag)::value;

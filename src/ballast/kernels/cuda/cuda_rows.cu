@@ -229,7 +229,9 @@ void launch_row_copy(const void* x, const int32_t* rows, int row_div, int64_t M,
 // row's sum is complete (added: x is written, by the thread that reads it again).
 enum class Norm { zero_centred, added, gated };
 
-template <Norm MODE, bool BLOCK>
+// PER > 0: a thread's elements of the row (at most PER) are loaded once, all at once, and kept in
+// registers between the sum and the output; PER = 0 walks the row twice (rows too long for that).
+template <Norm MODE, bool BLOCK, int PER>
 __global__ void __launch_bounds__(kThreads)
     norm_kernel(const float* x, const float* z, const void* w, DType wdt, float eps, float* y, int64_t R, int64_t D) {
   __shared__ double partial[kWarps];
@@ -237,40 +239,78 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t step = BLOCK ? gridDim.x : int64_t(gridDim.x) * kWarps;
   const int lane = BLOCK ? int(threadIdx.x) : int(threadIdx.x & 31);
   const int width = BLOCK ? kThreads : 32;
+  constexpr int N = PER > 0 ? PER : 1;
   for (int64_t r = first; r < R; r += step) {  // BLOCK: block-uniform; else warp-uniform
     const float* xr = x + r * D;
     float* yr = y + r * D;
+    float v[N];
     double ss = 0;
-    for (int64_t i = lane; i < D; i += width) {
-      float v = xr[i];
-      if constexpr (MODE == Norm::added) {
-        v += z[r * D + i];
-        const_cast<float*>(xr)[i] = v;  // x is the residual stream, written in place
+    if constexpr (PER > 0) {
+#pragma unroll
+      for (int q = 0; q < PER; ++q) {
+        const int64_t i = lane + int64_t(q) * width;
+        v[q] = i < D ? xr[i] : 0.0f;
+        if constexpr (MODE == Norm::added) v[q] += i < D ? z[r * D + i] : 0.0f;
       }
-      ss += double(v) * v;
+#pragma unroll
+      for (int q = 0; q < PER; ++q) {
+        const int64_t i = lane + int64_t(q) * width;
+        if constexpr (MODE == Norm::added)
+          if (i < D) const_cast<float*>(xr)[i] = v[q];  // x is the residual stream, written in place
+        ss += double(v[q]) * v[q];
+      }
+    } else {
+      for (int64_t i = lane; i < D; i += width) {
+        float u = xr[i];
+        if constexpr (MODE == Norm::added) {
+          u += z[r * D + i];
+          const_cast<float*>(xr)[i] = u;
+        }
+        ss += double(u) * u;
+      }
     }
     if constexpr (BLOCK) ss = block_sum(ss, partial);
     else ss = warp_sum(ss);
-    if constexpr (MODE != Norm::gated) {
-      // As the CPU: the mean in double, then fp32.
-      const float inv = 1.0f / sqrtf(float(ss / double(D)) + eps);
-      for (int64_t i = lane; i < D; i += width) yr[i] = xr[i] * inv * (1.0f + load_weight(w, wdt, i));
+    float inv;
+    if constexpr (MODE != Norm::gated) inv = 1.0f / sqrtf(float(ss / double(D)) + eps);  // as the CPU: the mean in double
+    else inv = 1.0f / sqrtf(float(ss) / float(D) + eps);  // as cpu::gated_rms_norm: fp32 sum over fp32 D
+    auto put = [&](float xv, int64_t i) {
+      if constexpr (MODE != Norm::gated) yr[i] = xv * inv * (1.0f + load_weight(w, wdt, i));
+      else yr[i] = load_weight(w, wdt, i) * (xv * inv) * silu_(z[r * D + i]);
+    };
+    if constexpr (PER > 0) {
+#pragma unroll
+      for (int q = 0; q < PER; ++q) {
+        const int64_t i = lane + int64_t(q) * width;
+        if (i < D) put(v[q], i);
+      }
     } else {
-      // As cpu::gated_rms_norm: the fp32 sum over fp32 D.
-      const float inv = 1.0f / sqrtf(float(ss) / float(D) + eps);
-      const float* zr = z + r * D;
-      for (int64_t i = lane; i < D; i += width) yr[i] = load_weight(w, wdt, i) * (xr[i] * inv) * silu_(zr[i]);
+      for (int64_t i = lane; i < D; i += width) put(xr[i], i);
     }
   }
+}
+
+template <Norm MODE, bool BLOCK>
+void launch_norm_rows(const float* x, const float* z, const Tensor& w, float eps, float* y, int64_t R, int64_t D,
+                      cudaStream_t stream) {
+  const int width = BLOCK ? kThreads : 32;
+  const unsigned grid = BLOCK ? blocks_for(R, 1) : blocks_for(R, kWarps);
+  auto go = [&](auto per) {
+    norm_kernel<MODE, BLOCK, decltype(per)::value><<<grid, kThreads, 0, stream>>>(x, z, w.raw(), w.dtype(), eps, y, R, D);
+  };
+  if (D <= 4 * width) go(std::integral_constant<int, 4>{});
+  else if (D <= 8 * width) go(std::integral_constant<int, 8>{});
+  else if (D <= 16 * width) go(std::integral_constant<int, 16>{});
+  else if (D <= 32 * width) go(std::integral_constant<int, 32>{});
+  else go(std::integral_constant<int, 0>{});
 }
 
 template <Norm MODE>
 void launch_norm(const float* x, const float* z, const Tensor& w, float eps, float* y, int64_t R, int64_t D,
                  cudaStream_t stream, const char* op) {
   if (R <= 0 || D <= 0) return;
-  if (D > kWarpRowMax)
-    norm_kernel<MODE, true><<<blocks_for(R, 1), kThreads, 0, stream>>>(x, z, w.raw(), w.dtype(), eps, y, R, D);
-  else norm_kernel<MODE, false><<<blocks_for(R, kWarps), kThreads, 0, stream>>>(x, z, w.raw(), w.dtype(), eps, y, R, D);
+  if (D > kWarpRowMax) launch_norm_rows<MODE, true>(x, z, w, eps, y, R, D, stream);
+  else launch_norm_rows<MODE, false>(x, z, w, eps, y, R, D, stream);
   check_launch(op);
 }
 
