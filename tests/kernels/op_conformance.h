@@ -1139,13 +1139,6 @@ TEST_P(OpConformance, MoeExpertsAndCombineMatchNaiveSwiglu) {
       const DType dt = e % 2 ? DType::BF16 : DType::F32;
       const auto g = randn(size_t(I * H), uint32_t(400 + e), 0.3f), u = randn(size_t(I * H), uint32_t(500 + e), 0.3f);
       const auto d = randn(size_t(H * I), uint32_t(600 + e), 0.3f);
-      if (e % 3 == 2) {  // Qwen's fine-grained FP8 beside the float experts
-        const BlockScaledHost gq = block_scaled_host(g, I, H), uq = block_scaled_host(u, I, H);
-        const BlockScaledHost dq = block_scaled_host(d, H, I);
-        gate[size_t(e)] = gq.stored, up[size_t(e)] = uq.stored, down[size_t(e)] = dq.stored;
-        experts.push_back({be().to_device(gq.tensor), be().to_device(uq.tensor), be().to_device(dq.tensor)});
-        continue;
-      }
       gate[size_t(e)] = stored_as(g, dt);
       up[size_t(e)] = stored_as(u, dt);
       down[size_t(e)] = stored_as(d, dt);
@@ -1217,15 +1210,25 @@ TEST_P(OpConformance, MoeExpertsAndCombineMatchNaiveSwiglu) {
 }
 
 // The grouped experts with FP8 experts of several 128 x 128 blocks, partial at the edges (H = 136,
-// I = 130), for a decode-like pass (one row per group) and a prefill-like one (many rows).
+// I = 130), beside a bf16 one in the same call, for a decode-like pass (one row per group) and a
+// prefill-like one (many rows).
 TEST_P(OpConformance, MoeExpertsWithBlockScaledFp8Experts) {
   const int64_t H = 136, I = 130, E = 3;
   std::vector<SwigluWeights> experts;
   std::vector<BlockScaledHost> g, u, d;
   for (int64_t e = 0; e < E; ++e) {
-    g.push_back(block_scaled_host(randn(size_t(I * H), uint32_t(1400 + e), 0.1f), I, H));
-    u.push_back(block_scaled_host(randn(size_t(I * H), uint32_t(1500 + e), 0.1f), I, H));
-    d.push_back(block_scaled_host(randn(size_t(H * I), uint32_t(1600 + e), 0.1f), H, I));
+    const auto gv = randn(size_t(I * H), uint32_t(1400 + e), 0.1f), uv = randn(size_t(I * H), uint32_t(1500 + e), 0.1f);
+    const auto dv = randn(size_t(H * I), uint32_t(1600 + e), 0.1f);
+    if (e == 0) {  // bf16: what its references read is the bf16 value
+      g.push_back({Tensor(), stored_as(gv, DType::BF16)});
+      u.push_back({Tensor(), stored_as(uv, DType::BF16)});
+      d.push_back({Tensor(), stored_as(dv, DType::BF16)});
+      experts.push_back({weight(gv, {I, H}, DType::BF16), weight(uv, {I, H}, DType::BF16), weight(dv, {H, I}, DType::BF16)});
+      continue;
+    }
+    g.push_back(block_scaled_host(gv, I, H));
+    u.push_back(block_scaled_host(uv, I, H));
+    d.push_back(block_scaled_host(dv, H, I));
     experts.push_back({be().to_device(g.back().tensor), be().to_device(u.back().tensor), be().to_device(d.back().tensor)});
   }
   for (int64_t T : {1, 40}) {
