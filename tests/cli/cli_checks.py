@@ -103,6 +103,31 @@ def check_bad_input_errors(args):
             assert p.stderr.count("\n") == 1, ("one line expected", p.stderr)
 
 
+def check_fp8_refusals(args):
+    # An FP8 checkpoint whose config.json lost its quantization_config, or declares one ballast does
+    # not implement, is refused in one line naming the cause (before, it loaded and was wrong).
+    src = os.path.join(FIX, "qwen3_next_fp8")
+    with tempfile.TemporaryDirectory() as tmp:
+        for f in os.listdir(src):
+            if f.endswith(".safetensors") and not f.startswith(("reference", "mtp_reference")):
+                os.symlink(os.path.join(src, f), os.path.join(tmp, f))
+        with open(os.path.join(src, "config.json")) as f:
+            cfg = json.load(f)
+        cases = [(None, "no quantization_config"), ({"quant_method": "gptq", "bits": 4}, "gptq"),
+                 (dict(cfg["quantization_config"], activation_scheme="static"), "static")]
+        for qc, needle in cases:
+            c = dict(cfg)
+            if qc is None:
+                c.pop("quantization_config")
+            else:
+                c["quantization_config"] = qc
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(c, f)
+            p = run([args.ballast, "generate", "--device", "cpu", "--model", tmp, "--prompt-ids", "1,2,3",
+                     "--max-new-tokens", "2"], expect_rc=1)
+            assert needle in p.stderr and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, (needle, p.stderr)
+
+
 def check_text_prompt_and_tokenizer(args):
     # The default model with a text prompt: ids and text agree with the tokenizer's own CLI.
     j = json.loads(run([args.ballast, "generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "12",
@@ -124,6 +149,22 @@ def check_inspect(args):
     j = json.loads(run([args.ballast, "inspect", "--model", os.path.join(FIX, "qwen3_5_moe_released"), "--json"]).stdout)
     text = json.dumps(j)
     assert "parameters" in text or "params" in text, j
+    assert "quantization" not in j, j
+    # An FP8 checkpoint: what is quantized (kinds, bytes, scales), what is not, and the parameter
+    # count still matching the config (scales are no parameters).
+    fp8 = os.path.join(FIX, "qwen3_next_fp8")
+    j = json.loads(run([args.ballast, "inspect", "--model", fp8, "--json"]).stdout)
+    q = j["quantization"]
+    assert q["method"] == "fp8" and q["block"] == [128, 128], q
+    assert q["fp8_tensors"] == q["scale_tensors"] > 0 and q["fp8_bytes"] > 100 * q["scale_bytes"] > 0, q
+    for kind in ("mlp.experts.gate_proj.weight", "linear_attn.in_proj_qkvz.weight", "self_attn.q_proj.weight",
+                 "mlp.shared_expert.down_proj.weight", "mtp.mlp.experts.up_proj.weight"):
+        assert kind in q["fp8_kinds"], (kind, q["fp8_kinds"])
+    for kind in ("lm_head.weight", "mlp.gate.weight", "linear_attn.in_proj_ba.weight", "mtp.fc.weight"):
+        assert q["unquantized_kinds"][kind]["dtype"] == "BF16", (kind, q["unquantized_kinds"])
+    assert j["checkpoint"]["trunk_matches_config"] and j["checkpoint"]["mtp_matches_config"], j["checkpoint"]
+    text = run([args.ballast, "inspect", "--model", fp8]).stdout
+    assert "quantization  fp8" in text and "mlp.experts.gate_proj.weight" in text, text
 
 
 def check_bench(args):

@@ -92,6 +92,48 @@ inline Tensor host_tensor(const std::vector<float>& v, std::vector<int64_t> shap
   return t;
 }
 
+// The e4m3 value nearest to v (ties to the even code), by search: the test's own rounding.
+inline uint8_t nearest_e4m3(float v) {
+  uint8_t best = 0;
+  double best_err = INFINITY;
+  for (int c = 0; c < 256; ++c) {
+    const float f = fp8e4m3_to_f32(uint8_t(c));
+    if (std::isnan(f)) continue;
+    const double err = std::abs(double(f) - double(v));
+    if (err < best_err || (err == best_err && (c & 1) == 0)) best = uint8_t(c), best_err = err;
+  }
+  return best;
+}
+
+// A weight [R, C] in Qwen's fine-grained FP8 as its releases make it (per 128 x 128 block,
+// partial at the edges: scale = amax / 448, elements = nearest e4m3 of v / scale), and the values
+// it stands for (element * scale), which references compute with.
+struct BlockScaledHost {
+  Tensor tensor;              // F8_E4M3_B128 on the host
+  std::vector<float> stored;  // [R, C]: e4m3 * scale, in fp32
+};
+inline BlockScaledHost block_scaled_host(const std::vector<float>& v, int64_t R, int64_t C) {
+  const int64_t SR = scale_blocks(R), SC = scale_blocks(C);
+  Tensor q = Tensor::zeros({R, C}, DType::F8_E4M3), s = Tensor::zeros({SR, SC}, DType::F32);
+  std::vector<float> stored(size_t(R * C));
+  for (int64_t br = 0; br < SR; ++br)
+    for (int64_t bc = 0; bc < SC; ++bc) {
+      float amax = 0;
+      for (int64_t r = br * kScaleBlock; r < std::min(R, (br + 1) * kScaleBlock); ++r)
+        for (int64_t c = bc * kScaleBlock; c < std::min(C, (bc + 1) * kScaleBlock); ++c)
+          amax = std::max(amax, std::abs(v[size_t(r * C + c)]));
+      const float scale = amax > 0 ? amax / 448.0f : 1.0f;
+      s.data<float>()[br * SC + bc] = scale;
+      for (int64_t r = br * kScaleBlock; r < std::min(R, (br + 1) * kScaleBlock); ++r)
+        for (int64_t c = bc * kScaleBlock; c < std::min(C, (bc + 1) * kScaleBlock); ++c) {
+          const uint8_t e = nearest_e4m3(v[size_t(r * C + c)] / scale);
+          q.data<uint8_t>()[r * C + c] = e;
+          stored[size_t(r * C + c)] = fp8e4m3_to_f32(e) * scale;
+        }
+    }
+  return {Tensor::block_scaled(q, s), std::move(stored)};
+}
+
 // max |a - b| / (atol + rtol |b|) <= 1, with the first offender reported.
 inline ::testing::AssertionResult all_near(const std::vector<float>& got, const std::vector<double>& want, double atol,
                                            double rtol = 0.0) {
@@ -451,6 +493,63 @@ TEST_P(OpConformance, MatmulManyEqualsEachMatmul) {
   test::expect_error([&] { ops().matmul_many(x, w1, y2); }, {"matmul_many", "1 weights for 2 outputs"});
   Tensor wrong[] = {be().alloc({1, 3}, DType::F32)};
   test::expect_error([&] { ops().matmul_many(x, w1, wrong); }, {"matmul"});
+}
+
+// Qwen's fine-grained FP8 (F8_E4M3_B128): each weight element is its e4m3 value times its 128 x
+// 128 block's scale, summed in fp32; the activations stay F32. N and K are no multiples of 128, so
+// the blocks at the bottom and right edges are partial, and the rows cross several blocks of 64.
+TEST_P(OpConformance, MatmulWithBlockScaledFp8Weights) {
+  const int64_t K = 200, N = 300;
+  const BlockScaledHost wq = block_scaled_host(randn(size_t(N * K), 31, 0.2f), N, K);
+  const Tensor w = be().to_device(wq.tensor);
+  for (int64_t T : {0, 1, 5, 40}) {
+    const std::vector<float> x = randn(size_t(T * K), 32 + uint32_t(T));
+    Tensor y = be().alloc({T, N}, DType::F32);
+    ops().matmul(f32(x, {T, K}), w, y);
+    std::vector<double> want(size_t(T * N));
+    double scale = 0;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        double sum = 0, a = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          sum += double(x[size_t(t * K + k)]) * wq.stored[size_t(n * K + k)];
+          a += std::abs(double(x[size_t(t * K + k)]) * wq.stored[size_t(n * K + k)]);
+        }
+        want[size_t(t * N + n)] = sum;
+        scale = std::max(scale, a);
+      }
+    // fp32 accumulation over K = 200 (and a scale multiply per block): 2e-6 of sum |x||w|.
+    EXPECT_TRUE(all_near(floats(y), want, 2e-6 * std::max(scale, 1.0))) << "T=" << T;
+  }
+}
+
+// Block scales travel with their weight and are checked: a weight whose scales have the wrong
+// shape is refused by matmul, and ops that take a weight but no block scales refuse FP8 ones.
+TEST_P(OpConformance, BlockScaledWeightsAreCheckedAndOnlyProductsTakeThem) {
+  const int64_t N = 130, K = 20;
+  const BlockScaledHost wq = block_scaled_host(randn(size_t(N * K), 33), N, K);
+  Tensor x = f32(randn(size_t(2 * K), 34), {2, K}), y = be().alloc({2, N}, DType::F32);
+  // Scales of a [130, 20] weight are [2, 1]; a [1, 1] set (one block assumed) is refused.
+  const Tensor one = Tensor::zeros({1, 1}, DType::F32);
+  Tensor elements = wq.tensor.elements();
+  EXPECT_THROW(Tensor::block_scaled(elements, one), Error);
+  Tensor table = be().to_device(wq.tensor);
+  Tensor out = be().alloc({1, K}, DType::F32);
+  test::expect_error([&] { ops().embedding(i32({1}), table, out); }, {"embedding", "F8_E4M3_B128"});
+  Tensor h = f32(randn(size_t(N), 35), {1, N});
+  test::expect_error([&] { ops().rms_norm(h, be().to_device(block_scaled_host(randn(size_t(N * 1), 36), 1, N).tensor), 1e-6f, h); },
+                     {"rms_norm"});
+  // A view cut inside a 128-row block would need half a block's scale: refused.
+  EXPECT_THROW(wq.tensor.rows(0, 64), Error);
+  const Tensor lower = wq.tensor.rows(128, 130);  // a whole (partial) last block
+  EXPECT_EQ(lower.scales().dim(0), 1);
+  ops().matmul(x, table, y);
+  const std::vector<float> full = floats(y);
+  Tensor y2 = be().alloc({2, 2}, DType::F32);
+  ops().matmul(x, be().to_device(lower), y2);
+  const std::vector<float> part = floats(y2);
+  for (int t = 0; t < 2; ++t)
+    for (int n = 0; n < 2; ++n) EXPECT_EQ(part[size_t(t * 2 + n)], full[size_t(t * N + 128 + n)]) << t << " " << n;
 }
 
 TEST_P(OpConformance, FillUniformIsTheSameOnEveryBackend) {
@@ -1175,6 +1274,62 @@ TEST_P(OpConformance, MoeExpertsAndCombineMatchNaiveSwiglu) {
     Tensor out2 = f32(out0, {T, H});
     ops().moe_combine(f32(y_rev, {N, H}), i32(rows), f32(w, {T, k}), out2);
     EXPECT_TRUE(all_near(floats(out2), want_out, 1e-5, 1e-5)) << "moe_combine with rows";
+  }
+}
+
+// The grouped experts with FP8 experts of several 128 x 128 blocks, partial at the edges (H = 136,
+// I = 130), beside a bf16 one in the same call, for a decode-like pass (one row per group) and a
+// prefill-like one (many rows).
+TEST_P(OpConformance, MoeExpertsWithBlockScaledFp8Experts) {
+  const int64_t H = 136, I = 130, E = 3;
+  std::vector<SwigluWeights> experts;
+  std::vector<BlockScaledHost> g, u, d;
+  for (int64_t e = 0; e < E; ++e) {
+    const auto gv = randn(size_t(I * H), uint32_t(1400 + e), 0.1f), uv = randn(size_t(I * H), uint32_t(1500 + e), 0.1f);
+    const auto dv = randn(size_t(H * I), uint32_t(1600 + e), 0.1f);
+    if (e == 0) {  // bf16: what its references read is the bf16 value
+      g.push_back({Tensor(), stored_as(gv, DType::BF16)});
+      u.push_back({Tensor(), stored_as(uv, DType::BF16)});
+      d.push_back({Tensor(), stored_as(dv, DType::BF16)});
+      experts.push_back({weight(gv, {I, H}, DType::BF16), weight(uv, {I, H}, DType::BF16), weight(dv, {H, I}, DType::BF16)});
+      continue;
+    }
+    g.push_back(block_scaled_host(gv, I, H));
+    u.push_back(block_scaled_host(uv, I, H));
+    d.push_back(block_scaled_host(dv, H, I));
+    experts.push_back({be().to_device(g.back().tensor), be().to_device(u.back().tensor), be().to_device(d.back().tensor)});
+  }
+  for (int64_t T : {1, 40}) {
+    SCOPED_TRACE("T=" + std::to_string(T));
+    const int64_t k = 2, N = T * k;
+    std::vector<int32_t> keys(static_cast<size_t>(N));
+    for (int64_t i = 0; i < N; ++i) keys[size_t(i)] = int32_t((i * 7 + i / k) % E);
+    const std::vector<float> x = randn(size_t(T * H), uint32_t(1700 + T));
+    Tensor perm = be().alloc({N}, DType::I32), counts = be().alloc({E}, DType::I32);
+    Tensor offsets = be().alloc({E + 1}, DType::I32), none;
+    ops().group_by(i32(keys), none, 1, int(E), perm, counts, offsets, none);
+    Tensor y = be().alloc({N, H}, DType::F32);
+    ops().moe_experts(f32(x, {T, H}), perm, offsets, int(k), experts, y);
+    std::vector<double> want(size_t(N * H));
+    for (int64_t i = 0; i < N; ++i) {
+      const size_t e = size_t(keys[size_t(i)]);
+      const float* xr = x.data() + (i / k) * H;
+      std::vector<double> a(static_cast<size_t>(I));
+      for (int64_t r = 0; r < I; ++r) {
+        double gs = 0, us = 0;
+        for (int64_t c = 0; c < H; ++c) {
+          gs += double(g[e].stored[size_t(r * H + c)]) * xr[c];
+          us += double(u[e].stored[size_t(r * H + c)]) * xr[c];
+        }
+        a[size_t(r)] = silu_d(gs) * us;
+      }
+      for (int64_t c = 0; c < H; ++c) {
+        double sum = 0;
+        for (int64_t r = 0; r < I; ++r) sum += double(d[e].stored[size_t(c * I + r)]) * a[size_t(r)];
+        want[size_t(i * H + c)] = sum;
+      }
+    }
+    EXPECT_TRUE(all_near(floats(y), want, 2e-5, 1e-4));
   }
 }
 

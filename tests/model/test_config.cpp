@@ -109,6 +109,98 @@ TEST(Config, Qwen35Released) {
   EXPECT_NEAR(double(p.active_per_token() - p.embedding - p.lm_head) / 1e9, 3.0, 0.6);
 }
 
+// quantization_config as Qwen3-Next-80B-A3B-Instruct-FP8 writes it (its list trimmed to a few).
+json qwen3_next_fp8_quantization() {
+  return json::parse(R"({
+    "activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [128, 128],
+    "modules_to_not_convert": ["lm_head", "model.layers.0.input_layernorm", "model.layers.0.linear_attn.in_proj_ba",
+                               "model.layers.0.mlp.gate", "model.layers.0.mlp.shared_expert_gate", "mtp.fc",
+                               "mtp.layers.0.mlp.gate"]
+  })");
+}
+
+TEST(Config, Fp8QuantizationAsReleased) {
+  json j = qwen3_next_80b();
+  EXPECT_FALSE(parse_model_config(j, "config.json").quant.fp8);
+  j["quantization_config"] = qwen3_next_fp8_quantization();
+  const auto q = parse_model_config(j, "config.json").quant;
+  EXPECT_TRUE(q.fp8);
+  EXPECT_EQ(q.modules_to_not_convert.size(), 7u);
+  // Listed modules (and what sits under them) stay unquantized; the others may be FP8.
+  EXPECT_FALSE(q.converts("lm_head"));
+  EXPECT_FALSE(q.converts("model.layers.0.mlp.gate"));
+  EXPECT_FALSE(q.converts("mtp.fc"));
+  EXPECT_TRUE(q.converts("model.layers.0.mlp.gate_proj"));  // a dotted name, not a string prefix
+  EXPECT_TRUE(q.converts("model.layers.1.mlp.gate"));
+  EXPECT_TRUE(q.converts("model.layers.0.mlp.experts.3.gate_proj"));
+  EXPECT_TRUE(q.converts("model.layers.0.linear_attn.in_proj_qkvz"));
+  // A bare entry names that module anywhere; a regex entry is matched from the name's start.
+  j["quantization_config"]["modules_to_not_convert"] = {"shared_expert_gate", "model\\.layers\\.[0-9]+\\.self_attn"};
+  const auto r = parse_model_config(j, "config.json").quant;
+  EXPECT_FALSE(r.converts("model.layers.7.mlp.shared_expert_gate"));
+  EXPECT_FALSE(r.converts("model.layers.3.self_attn.q_proj"));
+  EXPECT_TRUE(r.converts("mtp.layers.0.self_attn.q_proj"));
+  // transformers' defaults: no fmt, activation_scheme or weight_block_size means e4m3, dynamic, [128, 128].
+  j["quantization_config"] = {{"quant_method", "fp8"}, {"dequantize", false}};
+  EXPECT_TRUE(parse_model_config(j, "config.json").quant.fp8);
+  // Qwen3.5's release: at the top level beside text_config; a text_config one is read too.
+  json r35 = qwen35_released();
+  r35["quantization_config"] = qwen3_next_fp8_quantization();
+  EXPECT_TRUE(parse_model_config(r35, "config.json").quant.fp8);
+  json n35 = qwen35_released();
+  n35["text_config"]["quantization_config"] = qwen3_next_fp8_quantization();
+  EXPECT_TRUE(parse_model_config(n35, "config.json").quant.fp8);
+}
+
+// Every quantization ballast does not implement is refused naming the field, never read as plain weights.
+TEST(ConfigErrors, UnsupportedQuantization) {
+  struct Case {
+    std::string what;
+    std::function<void(json&)> edit;
+    std::vector<std::string> expect;
+  };
+  const std::vector<Case> cases = {
+      {"gptq", [](json& q) { q = {{"quant_method", "gptq"}, {"bits", 4}}; }, {"quantization_config.quant_method", "gptq"}},
+      {"awq", [](json& q) { q["quant_method"] = "awq"; }, {"quantization_config.quant_method", "awq", "fp8"}},
+      {"compressed-tensors", [](json& q) { q["quant_method"] = "compressed-tensors"; },
+       {"quantization_config.quant_method", "compressed-tensors"}},
+      {"no quant_method", [](json& q) { q.erase("quant_method"); }, {"quantization_config.quant_method", "missing"}},
+      {"e5m2", [](json& q) { q["fmt"] = "e5m2"; }, {"quantization_config.fmt", "e5m2", "e4m3"}},
+      {"static activations", [](json& q) { q["activation_scheme"] = "static"; },
+       {"quantization_config.activation_scheme", "static", "dynamic"}},
+      {"block 64", [](json& q) { q["weight_block_size"] = {64, 64}; },
+       {"quantization_config.weight_block_size", "[64,64]", "[128, 128]"}},
+      {"block 128x64", [](json& q) { q["weight_block_size"] = {128, 64}; },
+       {"quantization_config.weight_block_size", "[128,64]"}},
+      {"per tensor", [](json& q) { q["weight_block_size"] = nullptr; },
+       {"quantization_config.weight_block_size", "one scale per tensor"}},
+      {"ue8m0 scales", [](json& q) { q["scale_fmt"] = "ue8m0"; }, {"quantization_config.scale_fmt", "ue8m0"}},
+      {"unknown key", [](json& q) { q["weight_per_channel"] = true; }, {"quantization_config.weight_per_channel"}},
+      {"not an object", [](json& q) { q = "fp8"; }, {"\"quantization_config\"", "object"}},
+      {"modules not a list", [](json& q) { q["modules_to_not_convert"] = "lm_head"; },
+       {"quantization_config.modules_to_not_convert", "array"}},
+      {"bad regex", [](json& q) { q["modules_to_not_convert"] = {"model.layers.(0"}; },
+       {"quantization_config.modules_to_not_convert[0]", "regex"}},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.what);
+    json j = qwen3_next_80b();
+    j["quantization_config"] = qwen3_next_fp8_quantization();
+    c.edit(j["quantization_config"]);
+    try {
+      parse_model_config(j, "/m/config.json");
+      ADD_FAILURE() << "accepted: " << c.what;
+    } catch (const Error& e) {
+      EXPECT_THAT(e.what(), HasSubstr("/m/config.json"));
+      for (const auto& p : c.expect) EXPECT_THAT(e.what(), HasSubstr(p));
+    }
+  }
+  json both = qwen35_released();
+  both["quantization_config"] = qwen3_next_fp8_quantization();
+  both["text_config"]["quantization_config"] = qwen3_next_fp8_quantization();
+  expect_error([&] { parse_model_config(both, "c.json"); }, {"c.json", "text_config.quantization_config"});
+}
+
 TEST(Config, Qwen35CausalLMTopLevel) {
   json j = qwen35_released()["text_config"];
   j["architectures"] = {"Qwen3_5MoeForCausalLM"};

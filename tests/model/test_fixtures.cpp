@@ -27,7 +27,37 @@ std::vector<fs::path> fixtures() {
   return out;
 }
 
-TEST(Fixtures, Present) { EXPECT_GE(fixtures().size(), 4u) << "expected the fixtures of tools/make_fixtures.py"; }
+TEST(Fixtures, Present) {
+  EXPECT_GE(fixtures().size(), 6u) << "expected the fixtures of tools/make_fixtures.py and tools/make_fp8_fixtures.py";
+}
+
+// The FP8 fixtures are in Qwen's released layout: quantization_config as the releases write it,
+// e4m3 weights with F32 scales of ceil-div shape, partial blocks at the edges.
+TEST(Fixtures, Fp8FixturesAreInTheReleasedLayout) {
+  for (const char* name : {"qwen3_next_fp8", "qwen3_5_moe_fp8"}) {
+    SCOPED_TRACE(name);
+    const fs::path dir = fs::path(BALLAST_FIXTURES_DIR) / name;
+    const auto c = load_model_config(dir);
+    ASSERT_TRUE(c.quant.fp8);
+    EXPECT_FALSE(c.quant.converts("lm_head"));
+    const auto ck = io::Checkpoint::open(dir);
+    int fp8 = 0, partial_rows = 0, partial_cols = 0;
+    for (const auto& n : ck.names()) {
+      const auto& t = ck.info(n);
+      if (t.dtype != DType::F8_E4M3) continue;
+      ++fp8;
+      ASSERT_EQ(t.shape.size(), 2u) << n;
+      const auto& s = ck.info(n + "_scale_inv");
+      EXPECT_EQ(s.dtype, DType::F32) << n;
+      EXPECT_EQ(s.shape, (std::vector<int64_t>{scale_blocks(t.shape[0]), scale_blocks(t.shape[1])})) << n;
+      partial_rows += t.shape[0] % 128 != 0;
+      partial_cols += t.shape[1] % 128 != 0;
+    }
+    EXPECT_GT(fp8, 50);
+    EXPECT_GT(partial_rows, 0);
+    EXPECT_GT(partial_cols, 0);
+  }
+}
 
 TEST(Fixtures, ConfigMatchesTransformers) {
   for (const auto& dir : fixtures()) {
@@ -56,6 +86,11 @@ TEST(Fixtures, CheckpointMatchesConfig) {
     int64_t trunk = 0;
     for (const auto& name : ck.names()) {
       if (name.rfind("mtp.", 0) == 0 || name.find("visual.") != std::string::npos) continue;
+      // FP8 block scales (weight_scale_inv) are no parameters; each sits beside an F8_E4M3 weight.
+      if (name.size() > 10 && name.compare(name.size() - 10, 10, "_scale_inv") == 0) {
+        EXPECT_EQ(ck.info(name.substr(0, name.size() - 10)).dtype, DType::F8_E4M3) << name;
+        continue;
+      }
       int64_t n = 1;
       for (auto s : ck.info(name).shape) n *= s;
       trunk += n;

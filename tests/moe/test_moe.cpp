@@ -31,17 +31,27 @@ Tensor upload(kernels::Backend& be, const void* host, std::vector<int64_t> shape
   return t;
 }
 
-// E random experts of I x H (host, F32), the logical experts of `layers` layers.
+// A random [r, c] weight in Qwen's fine-grained FP8: e4m3 codes (any, NaN excluded) and a
+// random positive scale per 128 x 128 block.
+Tensor random_fp8(int64_t r, int64_t c, std::mt19937& rng) {
+  Tensor q = Tensor::zeros({r, c}, DType::F8_E4M3), s = Tensor::zeros({scale_blocks(r), scale_blocks(c)});
+  for (int64_t i = 0; i < q.numel(); ++i) q.data<uint8_t>()[i] = uint8_t(rng() % 256) & 0xf7;  // 0x7f/0xff: NaN
+  for (int64_t i = 0; i < s.numel(); ++i) s.f32()[i] = 1e-3f * float(1 + rng() % 100);
+  return Tensor::block_scaled(q, s);
+}
+
+// E random experts of I x H (host, F32, or block-scaled FP8), the logical experts of `layers` layers.
 struct Experts {
   std::vector<std::vector<float>> storage;
   std::vector<std::vector<kernels::SwigluWeights>> layers;
-  Experts(int L, int E, int64_t I, int64_t H, uint32_t seed) {
+  Experts(int L, int E, int64_t I, int64_t H, uint32_t seed, DType dtype = DType::F32) {
     std::mt19937 rng(seed);
     std::normal_distribution<float> n(0.f, 0.3f);
     layers.resize(size_t(L));
     for (int l = 0; l < L; ++l)
       for (int e = 0; e < E; ++e) {
         auto make = [&](int64_t r, int64_t c) {
+          if (dtype == DType::F8_E4M3_B128) return random_fp8(r, c, rng);
           auto& v = storage.emplace_back(size_t(r * c));
           for (auto& x : v) x = n(rng);
           return Tensor::borrow(v.data(), {r, c}, DType::F32);
@@ -106,7 +116,8 @@ TEST(SlotStore, BlobsAreContiguousExpertsAtFixedAddresses) {
   slots.fill(0, 1, ex.layers[0][2]);
   const Tensor blob = slots.blob(0, 1);
   const auto& w = slots.weights(0, 1);
-  EXPECT_EQ(blob.numel(), 3 * 4 * 8);
+  EXPECT_EQ(blob.dtype(), DType::U8);
+  EXPECT_EQ(blob.numel(), 3 * 4 * 8 * 4);
   EXPECT_EQ(w.gate.raw(), blob.raw());
   EXPECT_EQ(static_cast<const char*>(w.down.raw()), static_cast<const char*>(blob.raw()) + 2 * 4 * 8 * 4);
   EXPECT_EQ(std::memcmp(w.up.raw(), ex.layers[0][2].up.raw(), w.up.nbytes()), 0);
@@ -114,6 +125,35 @@ TEST(SlotStore, BlobsAreContiguousExpertsAtFixedAddresses) {
   kernels::SwigluWeights wrong = ex.layers[0][0];
   wrong.down = wrong.down.reshape({4, 8});
   EXPECT_THROW(slots.fill(0, 0, wrong), Error);
+}
+
+// A block-scaled FP8 slot holds the elements and the scales of its expert in one blob, so that
+// migration moves them together; slot views keep the scales at fixed addresses too.
+TEST(SlotStore, Fp8SlotsHoldElementsAndScalesInOneBlob) {
+  kernels::CpuBackend be(1);
+  const int64_t I = 130, H = 136;  // 2 x 2 scale blocks, partial at the edges
+  const Experts ex(1, 3, I, H, 5, DType::F8_E4M3_B128);
+  moe::SlotStore slots(be, 1, 2, I, H, DType::F8_E4M3_B128);
+  slots.fill(0, 1, ex.layers[0][2]);
+  const Tensor blob = slots.blob(0, 1);
+  const auto& w = slots.weights(0, 1);
+  ASSERT_EQ(w.gate.dtype(), DType::F8_E4M3_B128);
+  EXPECT_EQ(w.gate.scales().shape(), (std::vector<int64_t>{2, 2}));
+  EXPECT_EQ(slots.bytes_per_expert(), size_t(blob.numel()));
+  EXPECT_GE(slots.bytes_per_expert(), ex.layers[0][2].nbytes());  // elements and scales
+  const char* b = static_cast<const char*>(blob.raw());
+  for (const Tensor* t : {&w.gate, &w.up, &w.down, &w.gate.scales(), &w.up.scales(), &w.down.scales()}) {
+    EXPECT_GE(static_cast<const char*>(t->raw()), b);
+    EXPECT_LE(static_cast<const char*>(t->raw()) + t->nbytes(), b + blob.numel());
+  }
+  const auto& src = ex.layers[0][2];
+  for (auto [a, c] : {std::pair{&src.gate, &w.gate}, {&src.up, &w.up}, {&src.down, &w.down}}) {
+    EXPECT_EQ(std::memcmp(a->raw(), c->raw(), a->nbytes()), 0);
+    EXPECT_EQ(std::memcmp(a->scales().raw(), c->scales().raw(), a->scales().nbytes()), 0);
+  }
+  // An F32 expert does not fit an FP8 slot.
+  const Experts f32(1, 1, I, H, 6);
+  EXPECT_THROW(slots.fill(0, 0, f32.layers[0][0]), Error);
 }
 
 // Routed choices of T tokens over E experts, identical on every rank that asks with the same seed.
@@ -215,10 +255,14 @@ TEST(ExpertParallelRunner, PerTokenRecordingKeepsEveryChoicesSlot) {
   });
 }
 
-TEST(Rebalancer, MigratesOneChunkOfLayersPerPassIntoTheRightSlots) {
+class Rebalancer : public ::testing::TestWithParam<DType> {};
+
+// F32 experts, and block-scaled FP8 ones (of several scale blocks) whose scales must move with them.
+TEST_P(Rebalancer, MigratesOneChunkOfLayersPerPassIntoTheRightSlots) {
   const int G = 2, L = 3, E = 4, P = 6;
-  const int64_t H = 8, I = 4;
-  const Experts ex(L, E, I, H, 11);
+  const bool fp8 = GetParam() == DType::F8_E4M3_B128;
+  const int64_t H = fp8 ? 136 : 8, I = fp8 ? 130 : 4;
+  const Experts ex(L, E, I, H, 11, GetParam());
   std::mutex mu;
   dist::ThreadWorld world(G);
   dist::run_ranks(world, [&](dist::Communicator& comm) {
@@ -253,8 +297,10 @@ TEST(Rebalancer, MigratesOneChunkOfLayersPerPassIntoTheRightSlots) {
       for (int s = 0; s < K; ++s) {
         const auto& want = ex.layers[size_t(l)][size_t(row[r * K + s])];
         const auto& have = d.slots.weights(l, s);
-        for (auto [a, b] : {std::pair{&want.gate, &have.gate}, {&want.up, &have.up}, {&want.down, &have.down}})
+        for (auto [a, b] : {std::pair{&want.gate, &have.gate}, {&want.up, &have.up}, {&want.down, &have.down}}) {
           exact = exact && std::memcmp(a->raw(), b->raw(), a->nbytes()) == 0;
+          if (fp8) exact = exact && std::memcmp(a->scales().raw(), b->scales().raw(), a->scales().nbytes()) == 0;
+        }
       }
     }
     std::lock_guard lk(mu);
@@ -269,5 +315,8 @@ TEST(Rebalancer, MigratesOneChunkOfLayersPerPassIntoTheRightSlots) {
     EXPECT_TRUE(exact) << "rank " << r;
   });
 }
+
+INSTANTIATE_TEST_SUITE_P(Dtypes, Rebalancer, ::testing::Values(DType::F32, DType::F8_E4M3_B128),
+                         [](const auto& info) { return std::string(dtype_name(info.param)); });
 
 }  // namespace

@@ -2,6 +2,7 @@
 // headers alone (no weight is read).
 #include <fmt/format.h>
 
+#include <cctype>
 #include <map>
 #include <nlohmann/json.hpp>
 
@@ -54,6 +55,33 @@ Part part_of(const std::string& name) {
   if (name.rfind("mtp.", 0) == 0) return Part::Mtp;
   if (name.rfind("model.visual.", 0) == 0 || name.rfind("visual.", 0) == 0) return Part::Vision;
   return Part::Trunk;
+}
+
+bool is_scale(const std::string& name) {
+  const std::string tail = "_scale_inv";
+  return name.size() > tail.size() && name.compare(name.size() - tail.size(), tail.size(), tail) == 0;
+}
+
+// A tensor's kind, its name without the layer and expert indices: "model.layers.3.mlp.experts.7.
+// gate_proj.weight" -> "mlp.experts.gate_proj.weight"; MTP tensors keep their "mtp." prefix.
+std::string kind_of(const std::string& name) {
+  std::string s = name;
+  const bool mtp = s.rfind("mtp.", 0) == 0;
+  if (const size_t at = s.find("layers."); at != std::string::npos) {
+    const size_t dot = s.find('.', at + 7);
+    if (dot != std::string::npos) s = s.substr(dot + 1);
+  } else {
+    for (const char* p : {"model.language_model.", "model.", "mtp."})
+      if (s.rfind(p, 0) == 0) {
+        s = s.substr(std::string(p).size());
+        break;
+      }
+  }
+  if (const size_t at = s.find("experts."); at != std::string::npos) {
+    const size_t dot = s.find('.', at + 8);
+    if (dot != std::string::npos && std::isdigit(static_cast<unsigned char>(s[at + 8]))) s.erase(at + 8, dot - at - 7);
+  }
+  return mtp ? "mtp." + s : s;
 }
 
 json describe(const fs::path& dir) {
@@ -124,18 +152,45 @@ json describe(const fs::path& dir) {
   std::map<std::string, json> dtypes;
   int64_t params[3] = {0, 0, 0};
   uint64_t bytes[3] = {0, 0, 0};
+  // FP8 weights by kind, their scales, and the kinds of 2-d weights kept in a float dtype.
+  std::map<std::string, json> fp8_kinds, kept_kinds;
+  uint64_t fp8_bytes = 0, scale_bytes = 0;
+  int64_t fp8_tensors = 0, scale_tensors = 0;
   for (const auto& name : ck.names()) {
     const auto& t = ck.info(name);
     int64_t n = 1;
     for (auto d : t.shape) n *= d;
     const int part = int(part_of(name));
-    params[part] += n;
     bytes[part] += t.nbytes();
     auto& d = dtypes[std::string(dtype_name(t.dtype))];
     if (d.is_null()) d = {{"tensors", 0}, {"bytes", uint64_t(0)}};
     d["tensors"] = d["tensors"].get<int64_t>() + 1;
     d["bytes"] = d["bytes"].get<uint64_t>() + t.nbytes();
+    if (is_scale(name)) {  // quantization scales are no parameters of the model
+      if (part_of(name) != Part::Vision) ++scale_tensors, scale_bytes += t.nbytes();
+      continue;
+    }
+    params[part] += n;
+    if (part_of(name) == Part::Vision || t.shape.size() < 2) continue;
+    auto& k = (t.dtype == DType::F8_E4M3 ? fp8_kinds : kept_kinds)[kind_of(name)];
+    if (k.is_null()) k = {{"tensors", 0}, {"bytes", uint64_t(0)}, {"dtype", std::string(dtype_name(t.dtype))}};
+    k["tensors"] = k["tensors"].get<int64_t>() + 1;
+    k["bytes"] = k["bytes"].get<uint64_t>() + t.nbytes();
+    if (t.dtype == DType::F8_E4M3) ++fp8_tensors, fp8_bytes += t.nbytes();
   }
+  if (c.quant.fp8 || fp8_tensors > 0)
+    j["quantization"] = {
+        {"method", c.quant.fp8 ? "fp8" : "none declared"},
+        {"format", "e4m3, one F32 scale (weight_scale_inv) per 128 x 128 block, dynamic activations"},
+        {"block", {kScaleBlock, kScaleBlock}},
+        {"modules_to_not_convert", c.quant.modules_to_not_convert.size()},
+        {"fp8_tensors", fp8_tensors},
+        {"fp8_bytes", fp8_bytes},
+        {"scale_tensors", scale_tensors},
+        {"scale_bytes", scale_bytes},
+        {"fp8_kinds", fp8_kinds},
+        {"unquantized_kinds", kept_kinds},
+    };
   j["checkpoint"] = {
       {"files", ck.files().size()},
       {"tensors", ck.size()},
@@ -209,6 +264,18 @@ void print_text(const json& j) {
     fmt::print("deltanet      {} state per sequence (fp32 recurrent + conv)\n",
                byt(S["deltanet_state_bytes_per_sequence"]));
 
+  if (j.contains("quantization")) {
+    const auto& Q = j["quantization"];
+    fmt::print("quantization  {}: {}; {} FP8 tensors ({}) + {} scale tensors ({}), {} modules kept unquantized\n",
+               Q["method"].get<std::string>(), Q["format"].get<std::string>(), Q["fp8_tensors"].get<int64_t>(),
+               byt(Q["fp8_bytes"]), Q["scale_tensors"].get<int64_t>(), byt(Q["scale_bytes"]),
+               Q["modules_to_not_convert"].get<size_t>());
+    for (const auto& [kind, v] : Q["fp8_kinds"].items())
+      fmt::print("  fp8         {:<48} {:>6} tensors {:>12}\n", kind, v["tensors"].get<int64_t>(), byt(v["bytes"]));
+    for (const auto& [kind, v] : Q["unquantized_kinds"].items())
+      fmt::print("  {:<11} {:<48} {:>6} tensors {:>12}\n", v["dtype"].get<std::string>(), kind,
+                 v["tensors"].get<int64_t>(), byt(v["bytes"]));
+  }
   const auto& C = j["checkpoint"];
   if (C.is_null()) {
     fmt::print("checkpoint    none (no model.safetensors or index); weights at bf16 would need {}\n",

@@ -2,6 +2,8 @@
 
 #include <cmath>
 
+#include "ballast/core/error.h"
+
 namespace ballast {
 
 size_t dtype_size(DType t) {
@@ -12,6 +14,8 @@ size_t dtype_size(DType t) {
     case DType::F8_E4M3: return 1;
     case DType::I32: return 4;
     case DType::I64: return 8;
+    case DType::U8: return 1;
+    case DType::F8_E4M3_B128: return 1;
   }
   return 0;
 }
@@ -24,6 +28,8 @@ std::string_view dtype_name(DType t) {
     case DType::F8_E4M3: return "F8_E4M3";
     case DType::I32: return "I32";
     case DType::I64: return "I64";
+    case DType::U8: return "U8";
+    case DType::F8_E4M3_B128: return "F8_E4M3_B128";
   }
   return "?";
 }
@@ -71,15 +77,6 @@ uint16_t f32_to_f16(float f) {
   return uint16_t(h);
 }
 
-float fp8e4m3_to_f32(uint8_t v) {
-  uint32_t sign = v >> 7, exp = (v >> 3) & 0xf, mant = v & 7;
-  float r;
-  if (exp == 0xf && mant == 7) r = NAN;
-  else if (exp == 0) r = std::ldexp(float(mant), -9);
-  else r = std::ldexp(float(mant | 8), int(exp) - 10);
-  return sign ? -r : r;
-}
-
 void to_f32(const void* src, DType t, float* dst, size_t n) {
   switch (t) {
     case DType::F32: std::memcpy(dst, src, n * 4); return;
@@ -108,6 +105,9 @@ void to_f32(const void* src, DType t, float* dst, size_t n) {
       for (size_t i = 0; i < n; ++i) dst[i] = float(s[i]);
       return;
     }
+    case DType::U8: fail("to_f32: U8 holds raw bytes, not numbers");
+    case DType::F8_E4M3_B128:
+      fail("to_f32: F8_E4M3_B128 elements need their block scales (read the tensor, not its elements)");
   }
 }
 

@@ -24,6 +24,17 @@ void expect_weight(const char* op, const char* name, const Tensor& t, int64_t nu
   check(numel < 0 || t.numel() == numel, "{}: {} {} should have {} elements", op, name, t, numel);
 }
 
+void expect_matrix_weight(const char* op, const char* name, const Tensor& t) {
+  check(t.defined() || t.numel() == 0, "{}: {} is not defined", op, name);
+  if (t.dtype() != DType::F8_E4M3_B128) return expect_weight(op, name, t);
+  check(t.rank() == 2, "{}: block-scaled {} {} is not a matrix", op, name, t);
+  const Tensor& s = t.scales();
+  check(s.dtype() == DType::F32 && s.rank() == 2 && s.dim(0) == scale_blocks(t.dim(0)) &&
+            s.dim(1) == scale_blocks(t.dim(1)) && s.device() == t.device() && (s.defined() || s.numel() == 0),
+        "{}: {} {} has block scales {} {}: expected F32 [{}, {}] on its device", op, name, t, s, dtype_name(s.dtype()),
+        scale_blocks(t.dim(0)), scale_blocks(t.dim(1)));
+}
+
 namespace {
 
 // The number of sequences B of a layout over T rows (0: no sequences, and then no rows).
@@ -80,7 +91,7 @@ MatmulShape check_matmul(const Tensor& x, const Tensor& w, const Tensor& y) {
   const int64_t T = x.dim(0), K = x.dim(1), N = w.dim(0);
   check(w.dim(1) == K && y.dim(0) == T && y.dim(1) == N, "matmul: shapes x{} w{} y{} do not agree", x, w, y);
   check(x.dtype() == DType::F32 && y.dtype() == DType::F32, "matmul: x{} and y{} must be F32", x, y);
-  expect_weight("matmul", "w", w);
+  expect_matrix_weight("matmul", "w", w);
   return {T, K, N};
 }
 
@@ -382,9 +393,8 @@ ExpertsShape check_moe_experts(const Tensor& x, const Tensor& perm, const Tensor
     check(w.gate.rank() == 2 && w.gate.dim(1) == H && w.up.defined() && w.up.shape() == w.gate.shape() &&
               w.down.defined() && w.down.rank() == 2 && w.down.dim(0) == H && w.down.dim(1) == I,
           "moe_experts: expert {} has gate{} up{} down{} for rows of {}", g, w.gate, w.up, w.down, H);
-    check(is_weight_dtype(w.gate.dtype()) && is_weight_dtype(w.up.dtype()) && is_weight_dtype(w.down.dtype()),
-          "moe_experts: expert {} has gate {} up {} down {}: expected F32, BF16, F16 or F8_E4M3", g,
-          dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
+    for (auto [part, t] : {std::pair{"gate", &w.gate}, {"up", &w.up}, {"down", &w.down}})
+      expect_matrix_weight("moe_experts", fmt::format("expert {} {}", g, part).c_str(), *t);
   }
   return {x.dim(0), H, y.dim(0)};
 }

@@ -23,6 +23,10 @@ void expect(const char* op, const char* name, const Tensor& t, DType dtype, int6
 bool is_weight_dtype(DType dtype);
 // Checks that weight `t` is defined, of a weight dtype, with `numel` elements (-1: any).
 void expect_weight(const char* op, const char* name, const Tensor& t, int64_t numel = -1);
+// The weight of a matrix product (matmul, moe_experts): a weight dtype, or F8_E4M3_B128 whose
+// block scales are F32 [scale_blocks(rows), scale_blocks(cols)] on the weight's device. Only these
+// two ops read block-scaled weights; every other op refuses them through expect_weight.
+void expect_matrix_weight(const char* op, const char* name, const Tensor& t);
 
 // `rows` rows of `width` elements: the shape of the row-wise ops (norms, gates, head splits).
 struct RowShape {

@@ -3,7 +3,9 @@
 // transfers, is backend.h). A backend implements every op for tensors on its device, in stream
 // order, without allocating device memory per call (a backend may keep scratch of its own, grown
 // at first need and counted as an allocation). Activations are F32; weights may be F32, BF16, F16
-// or F8_E4M3 and are read in place. Index inputs are I32 tensors on the device: nothing in an op
+// or F8_E4M3 and are read in place; the weights of matrix products (matmul, moe_experts) may also
+// be F8_E4M3_B128, Qwen's fine-grained FP8: e4m3 elements times one F32 scale per 128 x 128 block
+// (Tensor::block_scaled), dequantized inside the dot product with fp32 accumulation. Index inputs are I32 tensors on the device: nothing in an op
 // needs the host to look at data. Shapes are in the comments; row-major. docs/model.md has the
 // math, docs/expert-parallel.md the MoE dispatch and combine.
 #include <cstdint>
@@ -18,11 +20,12 @@ struct DeltaRuleDims {
   int Hk, Hv, dk, dv;
 };
 
-// One SwiGLU expert: down(silu(gate x) * up x). gate, up [I, H]; down [H, I]; any weight dtype.
+// One SwiGLU expert: down(silu(gate x) * up x). gate, up [I, H]; down [H, I]; any weight dtype
+// (block-scaled FP8 included).
 struct SwigluWeights {
   Tensor gate, up, down;
   int64_t intermediate() const { return gate.dim(0); }
-  size_t nbytes() const { return gate.nbytes() + up.nbytes() + down.nbytes(); }
+  size_t nbytes() const { return gate.storage_bytes() + up.storage_bytes() + down.storage_bytes(); }
 };
 
 // How the T rows of a pass split into B sequences, and where each sequence's cache lives. The

@@ -241,8 +241,9 @@ ModelConfig parse_text(const Fields& f, ModelConfig c) {
 
 }  // namespace
 
-ModelConfig parse_model_config(const json& j, const std::string& source) {
-  check(j.is_object(), "{}: config must be a JSON object, got {}", source, j.type_name());
+namespace {
+
+ModelConfig parse_architecture(const json& j, const std::string& source) {
   Fields top(j, source, "");
   ModelConfig c;
 
@@ -305,6 +306,22 @@ ModelConfig parse_model_config(const json& j, const std::string& source) {
   fail("{}: field \"architectures\": unsupported architecture \"{}\" (supported: Qwen3NextForCausalLM, "
        "Qwen3_5MoeForCausalLM, Qwen3_5MoeForConditionalGeneration)",
        source, arch);
+}
+
+}  // namespace
+
+ModelConfig parse_model_config(const json& j, const std::string& source) {
+  check(j.is_object(), "{}: config must be a JSON object, got {}", source, j.type_name());
+  ModelConfig c = parse_architecture(j, source);
+  // The releases put quantization_config at the top level (beside text_config in Qwen3.5's).
+  const bool top = j.contains("quantization_config");
+  const bool nested = j.contains("text_config") && j["text_config"].is_object() &&
+                      j["text_config"].contains("quantization_config");
+  check(!(top && nested), "{}: both \"quantization_config\" and \"text_config.quantization_config\" are given", source);
+  if (top) c.quant = parse_quantization(j["quantization_config"], source, "quantization_config");
+  if (nested)
+    c.quant = parse_quantization(j["text_config"]["quantization_config"], source, "text_config.quantization_config");
+  return c;
 }
 
 ModelConfig load_model_config(const std::filesystem::path& dir_or_file) {

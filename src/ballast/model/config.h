@@ -8,6 +8,8 @@
 
 #include <nlohmann/json_fwd.hpp>
 
+#include "ballast/model/quantization.h"
+
 namespace ballast::model {
 
 enum class Family { Qwen3Next, Qwen35Moe };
@@ -50,6 +52,8 @@ struct ModelConfig {
   int intermediate_size = 0;        // dense MLP width (Qwen3-Next dense layers)
 
   int mtp_num_hidden_layers = 0;
+
+  Quantization quant;  // config.json's quantization_config (fine-grained FP8), if any
 
   std::vector<LayerType> layer_types;  // [num_layers]
   std::vector<FfnType> ffn_types;      // [num_layers]

@@ -1,8 +1,9 @@
 #pragma once
 // The expert weights this rank holds, in device memory: for every MoE layer of a domain, its
-// physical slots' weights, each slot one contiguous blob [gate (I x H) | up (I x H) | down (H x I)]
+// physical slots' weights, each slot one contiguous blob of bytes [gate (I x H) | up (I x H) |
+// down (H x I)], followed for block-scaled FP8 weights by their scales [gate | up | down] (F32),
 // at a fixed address (migration overwrites blobs in place, so views and captured graphs stay
-// valid).
+// valid). A blob is everything an expert is: moving it moves the weights with their scales.
 #include <span>
 #include <vector>
 
@@ -13,13 +14,14 @@ namespace ballast::moe {
 
 class SlotStore {
  public:
+  // dtype: the experts' weight dtype (F8_E4M3_B128: with their block scales).
   SlotStore(kernels::Backend& backend, int layers, int slots, int64_t intermediate, int64_t hidden, DType dtype);
 
   int layers() const { return layers_; }
   int slots() const { return slots_; }
-  size_t bytes_per_expert() const { return weights_[0].nbytes(); }
+  size_t bytes_per_expert() const { return slot_bytes_; }
 
-  // A slot's blob as one tensor [3 * I * H] of the weights' dtype (what migration moves).
+  // A slot's blob as one U8 tensor [bytes_per_expert()] (what migration moves).
   Tensor blob(int layer, int slot) const;
   const kernels::SwigluWeights& weights(int layer, int slot) const { return weights_[index(layer, slot)]; }
   // The slots of one layer, in slot order (what the grouped expert op takes).
@@ -27,8 +29,8 @@ class SlotStore {
     return {weights_.data() + index(l, 0), size_t(slots_)};
   }
 
-  // Fills a slot with an expert's weights (same shapes and dtype): uploaded from host tensors,
-  // copied from tensors already on this backend's device.
+  // Fills a slot with an expert's weights (same shapes and dtype, scales too): uploaded from host
+  // tensors, copied from tensors already on this backend's device.
   void fill(int layer, int slot, const kernels::SwigluWeights& host);
 
  private:
@@ -38,7 +40,8 @@ class SlotStore {
   int layers_, slots_;
   int64_t I_, H_;
   DType dtype_;
-  Tensor storage_;                               // [layers * slots * 3 * I * H]
+  size_t slot_bytes_ = 0;
+  Tensor storage_;                               // U8 [layers * slots * slot_bytes_]
   std::vector<kernels::SwigluWeights> weights_;  // [layers][slots], views into storage_
 };
 

@@ -71,10 +71,10 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, std
   // Weights go to the device once, here (a CPU reads them in place: nothing to report).
   uint64_t total = 0, done = 0;
   const bool report = opts.upload_progress && e->backend_->device() != Device::CPU;
-  if (report) model::for_each_tensor(device, [&](Tensor& t) { total += t.nbytes(); });
+  if (report) model::for_each_tensor(device, [&](Tensor& t) { total += t.storage_bytes(); });
   model::for_each_tensor(device, [&](Tensor& t) {
     t = e->backend_->to_device(t);
-    if (report) opts.upload_progress(done += t.nbytes(), total);
+    if (report) opts.upload_progress(done += t.storage_bytes(), total);
   });
   e->build(std::move(cfg), std::move(device), host);
   return e;

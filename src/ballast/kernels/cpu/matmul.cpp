@@ -17,15 +17,58 @@ constexpr int kLanes = 16;
 // Below this many multiply-adds a product runs on the calling thread: waking the pool costs more.
 constexpr int64_t kParallelWork = int64_t(1) << 16;
 
-// y[t, n0 + i] = x[t] . w[i] for a few x rows: each bf16/f16/f32 weight row is widened into a
-// small buffer once and dotted with every x row in 16 independent lanes (vectorisable without
-// reassociating), so a weight byte is read once and never packed.
+// Block scales of a F8_E4M3_B128 weight as the row loops read them: row n's scales are
+// data + (n / 128) * ld, one per 128 columns.
+struct RowScales {
+  const float* data = nullptr;
+  int64_t ld = 0;
+  const float* row(int64_t n) const { return data + (n / kScaleBlock) * ld; }
+};
+
+RowScales row_scales(const Tensor& w) {
+  if (w.dtype() != DType::F8_E4M3_B128) return {};
+  return {static_cast<const float*>(w.scales().raw()), w.scales().dim(1)};
+}
+
+// One block-scaled row widened: out[k] = e4m3(q[k]) * s[k / 128], in fp32 as the checkpoint's
+// dequantized weight is.
+inline void widen_scaled_row(const uint8_t* q, const float* s, int64_t K, float* out) {
+  for (int64_t k0 = 0; k0 < K; k0 += kScaleBlock) {
+    const float sc = s[k0 / kScaleBlock];
+    const int64_t k1 = std::min(K, k0 + kScaleBlock);
+    for (int64_t k = k0; k < k1; ++k) out[k] = fp8e4m3_to_f32(q[k]) * sc;
+  }
+}
+
+// y[t, n0 + i] = x[t] . w[n0 + i] for a few x rows (w points at row n0): each weight row is widened
+// into a small buffer once and dotted with every x row in 16 independent lanes (vectorisable
+// without reassociating), so a weight byte is read once and never packed. A single x row (decode)
+// widens bf16 and block-scaled FP8 inside the dot: FP8 sums each 128-column block in fp32 and
+// scales the block's sum.
 BALLAST_MV void small_rows_product(const float* x, int64_t T, int64_t K, const char* w, DType dt, int64_t nb,
-                                   float* y, int64_t ldy) {
+                                   RowScales scales, int64_t n0, float* y, int64_t ldy) {
   thread_local std::vector<float> row;
   row.resize(size_t(K));
   const size_t esize = dtype_size(dt);
   for (int64_t i = 0; i < nb; ++i) {
+    if (dt == DType::F8_E4M3_B128 && T == 1) {
+      const uint8_t* src = reinterpret_cast<const uint8_t*>(w) + size_t(i * K);
+      const float* s = scales.row(n0 + i);
+      float sum = 0;
+      for (int64_t k0 = 0; k0 < K; k0 += kScaleBlock) {
+        const int64_t k1 = std::min(K, k0 + kScaleBlock);
+        float acc[kLanes] = {};
+        int64_t k = k0;
+        for (; k + kLanes <= k1; k += kLanes)
+          for (int j = 0; j < kLanes; ++j) acc[j] += x[k + j] * fp8e4m3_to_f32(src[k + j]);
+        float block = 0;
+        for (int j = 0; j < kLanes; ++j) block += acc[j];
+        for (; k < k1; ++k) block += x[k] * fp8e4m3_to_f32(src[k]);
+        sum += block * s[k0 / kScaleBlock];
+      }
+      y[i] = sum;
+      continue;
+    }
     if (dt == DType::BF16 && T == 1) {  // decode: widen inside the dot, one pass over the row
       const uint16_t* src = reinterpret_cast<const uint16_t*>(w + size_t(i * K) * esize);
       float acc[kLanes] = {};
@@ -44,6 +87,9 @@ BALLAST_MV void small_rows_product(const float* x, int64_t T, int64_t K, const c
     } else if (dt == DType::BF16) {  // inline here so that the AVX2 clone widens 8 at a time
       const uint16_t* src = reinterpret_cast<const uint16_t*>(w + size_t(i * K) * esize);
       for (int64_t k = 0; k < K; ++k) row[size_t(k)] = bf16_to_f32(src[k]);
+      wr = row.data();
+    } else if (dt == DType::F8_E4M3_B128) {
+      widen_scaled_row(reinterpret_cast<const uint8_t*>(w) + size_t(i * K), scales.row(n0 + i), K, row.data());
       wr = row.data();
     } else {
       to_f32(w + size_t(i * K) * esize, dt, row.data(), size_t(K));
@@ -78,12 +124,13 @@ void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, T
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   if (T * N * K < kParallelWork) pool = nullptr;
   const size_t esize = dtype_size(w.dtype());
+  const RowScales scales = row_scales(w);
   if (T <= kSmallT) {
     auto run_small = [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         const int64_t n0 = b * kRowBlock, nb = std::min(kRowBlock, N - n0);
         small_rows_product(xp, T, K, static_cast<const char*>(w.raw()) + size_t(n0 * K) * esize, w.dtype(), nb,
-                           yp + n0, N);
+                           scales, n0, yp + n0, N);
       }
     };
     if (pool) pool->parallel_for(blocks, [&run_small](int64_t b0, int64_t b1) { run_small(b0, b1); });
@@ -99,6 +146,11 @@ void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, T
       const float* wb;
       if (w.dtype() == DType::F32) {
         wb = reinterpret_cast<const float*>(src);
+      } else if (w.dtype() == DType::F8_E4M3_B128) {
+        for (int64_t i = 0; i < nb; ++i)
+          widen_scaled_row(reinterpret_cast<const uint8_t*>(src) + size_t(i * K), scales.row(n0 + i), K,
+                           wbuf.data() + i * K);
+        wb = wbuf.data();
       } else {
         to_f32(src, w.dtype(), wbuf.data(), size_t(nb * K));
         wb = wbuf.data();

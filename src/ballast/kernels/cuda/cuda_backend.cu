@@ -122,6 +122,9 @@ Tensor CudaBackend::alloc(std::vector<int64_t> shape, DType dtype) {
 
 Tensor CudaBackend::to_device(const Tensor& host) {
   check(host.device() == Device::CPU, "to_device: tensor {} is not in host memory", host);
+  // Block-scaled FP8: the elements and their scales, each copied once.
+  if (host.dtype() == DType::F8_E4M3_B128)
+    return Tensor::block_scaled(to_device(host.elements()), to_device(host.scales()));
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   const size_t bytes = host.nbytes(), rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
   if (rounded > impl_->weight_left) {
