@@ -499,6 +499,7 @@ TEST_P(OpConformance, MatmulManyEqualsEachMatmul) {
 // 128 block's scale, summed in fp32; the activations stay F32. N and K are no multiples of 128, so
 // the blocks at the bottom and right edges are partial, and the rows cross several blocks of 64.
 TEST_P(OpConformance, MatmulWithBlockScaledFp8Weights) {
+  if (be().device() == Device::CUDA) GTEST_SKIP() << "block-scaled FP8 on CUDA: refused until its kernels exist (issue 15's GPU half)";
   const int64_t K = 200, N = 300;
   const BlockScaledHost wq = block_scaled_host(randn(size_t(N * K), 31, 0.2f), N, K);
   const Tensor w = be().to_device(wq.tensor);
@@ -526,6 +527,7 @@ TEST_P(OpConformance, MatmulWithBlockScaledFp8Weights) {
 // Block scales travel with their weight and are checked: a weight whose scales have the wrong
 // shape is refused by matmul, and ops that take a weight but no block scales refuse FP8 ones.
 TEST_P(OpConformance, BlockScaledWeightsAreCheckedAndOnlyProductsTakeThem) {
+  if (be().device() == Device::CUDA) GTEST_SKIP() << "block-scaled FP8 on CUDA: refused until its kernels exist (issue 15's GPU half)";
   const int64_t N = 130, K = 20;
   const BlockScaledHost wq = block_scaled_host(randn(size_t(N * K), 33), N, K);
   Tensor x = f32(randn(size_t(2 * K), 34), {2, K}), y = be().alloc({2, N}, DType::F32);
@@ -1281,6 +1283,7 @@ TEST_P(OpConformance, MoeExpertsAndCombineMatchNaiveSwiglu) {
 // I = 130), beside a bf16 one in the same call, for a decode-like pass (one row per group) and a
 // prefill-like one (many rows).
 TEST_P(OpConformance, MoeExpertsWithBlockScaledFp8Experts) {
+  if (be().device() == Device::CUDA) GTEST_SKIP() << "block-scaled FP8 on CUDA: refused until its kernels exist (issue 15's GPU half)";
   const int64_t H = 136, I = 130, E = 3;
   std::vector<SwigluWeights> experts;
   std::vector<BlockScaledHost> g, u, d;
