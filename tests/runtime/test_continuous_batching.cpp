@@ -7,6 +7,7 @@
 
 #include "ballast/core/error.h"
 #include "ballast/runtime/engine.h"
+#include "ballast/runtime/speculative.h"
 #include "fixtures.h"
 
 using namespace ballast;
@@ -135,6 +136,25 @@ TEST(DecodeGraphs, ReplayTheSameTokensAsEagerPasses) {
   const kernels::Counters warm = graphs->backend().counters();
   EXPECT_EQ(graphs->generate(prompts, 24).outputs, want);
   EXPECT_EQ(graphs->backend().counters().allocations, warm.allocations);
+}
+
+// Verification passes of speculative decoding as graphs too (every sequence S + 1 rows, padded
+// with the padding sequence's verifying entries): the tokens of eager passes, replayed.
+TEST(DecodeGraphs, VerificationPassesReplayGraphsToo) {
+  auto graphs = test::load_engine(test::kDemoModel, 2);
+  if (!graphs->backend().can_capture()) GTEST_SKIP() << "skipped: the backend cannot capture graphs";
+  auto eager = test::load_engine(test::kDemoModel, 2, {.cuda_graphs = false});
+  const std::vector<std::vector<int32_t>> prompts{{1, 2, 3, 4, 5}, {10, 20, 30}, {7, 8, 9, 10, 11, 12}};
+  for (int S : {1, 3}) {
+    const auto want = runtime::generate_speculative(*eager, prompts, 24, {.num_steps = S}).outputs;
+    const kernels::Counters before = graphs->backend().counters();
+    runtime::SpeculativeStats st;
+    const auto got = runtime::generate_speculative(*graphs, prompts, 24, {.num_steps = S}, &st);
+    EXPECT_EQ(got.outputs, want) << "S=" << S;
+    // Each bucket runs eagerly once and is captured once; the passes after that replay.
+    EXPECT_GE(graphs->backend().counters().graph_replays - before.graph_replays, 3)
+        << "S=" << S << " (" << st.rounds << " verifications): verification passes did not replay graphs";
+  }
 }
 
 }  // namespace

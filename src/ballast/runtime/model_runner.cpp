@@ -45,6 +45,8 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
     max_q = std::max(max_q, n);
     max_kv = std::max(max_kv, int(length));
   }
+  // A graph's sections stay put: a verification pass's snapshot section is as wide as the limit.
+  if (fixed_width && !entries.empty() && entries[0].verify) Ws = lim_.max_verify_rows;
   check(T <= lim_.max_tokens && B <= lim_.max_seqs && W <= lim_.max_blocks_per_seq && Ws <= lim_.max_verify_rows,
         "model runner: a pass of {} rows over {} sequences ({} blocks, {} snapshots) exceeds its limits of {} rows, {} "
         "sequences, {} blocks, {} snapshots",
@@ -109,35 +111,44 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
   return batch;
 }
 
-int ModelRunner::graph_bucket(std::span<const Entry> entries) const {
-  if (!lim_.graphs || entries.empty() || !be_.can_capture()) return 0;
+ModelRunner::GraphBucket ModelRunner::graph_bucket(std::span<const Entry> entries) const {
+  if (!lim_.graphs || entries.empty() || !be_.can_capture()) return {};
+  // Every entry alike: one row drawing a token, or a verification of max_verify_rows rows.
+  const bool verify = entries[0].verify;
+  const int rows = verify ? lim_.max_verify_rows : 1;
+  if (rows > cache_.block_size()) return {};  // the padding sequence holds one block
   for (const Entry& e : entries)
-    if (e.tokens.size() != 1 || e.logits != Logits::last || e.verify) return 0;
-  int bucket = 1;
-  while (bucket < int(entries.size())) bucket *= 2;
-  return bucket <= std::min(lim_.max_seqs, lim_.max_tokens) ? bucket : 0;
+    if (e.verify != verify || int(e.tokens.size()) != rows || e.logits != (verify ? Logits::all : Logits::last))
+      return {};
+  int seqs = 1;
+  while (seqs < int(entries.size())) seqs *= 2;
+  if (seqs > lim_.max_seqs || int64_t(seqs) * rows > lim_.max_tokens) return {};
+  return {seqs, rows, verify};
 }
 
 int ModelRunner::logit_rows(std::span<const Entry> entries) const {
-  if (const int bucket = graph_bucket(entries)) return bucket;
+  if (const GraphBucket g = graph_bucket(entries); g.seqs) return g.seqs * g.rows;
   int R = 0;
   for (const Entry& e : entries) R += e.logits == Logits::all ? int(e.tokens.size()) : e.logits == Logits::last;
   return R;
 }
 
 ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw) {
-  const int bucket = graph_bucket(entries);
+  const GraphBucket g = graph_bucket(entries);
+  const bool bucket = g.seqs > 0;
   std::vector<Entry> padded;
   if (bucket) {
-    static const int32_t pad_token = 0;
+    // Padding entries as the others are; a verifying one has no snapshot slots (its states move
+    // in place, in the padding's own slot).
+    pad_tokens_.assign(size_t(g.rows), 0);
     padded.assign(entries.begin(), entries.end());
-    while (int(padded.size()) < bucket)
-      padded.push_back({&cache_.padding(), std::span<const int32_t>(&pad_token, 1), Logits::last});
+    while (int(padded.size()) < g.seqs)
+      padded.push_back({&cache_.padding(), pad_tokens_, g.verify ? Logits::all : Logits::last, g.verify});
   }
   const std::span<const Entry> pass = bucket ? std::span<const Entry>(padded) : entries;
   ws_.reset();
   Result r;
-  const model::ForwardBatch batch = prepare(pass, Track::trunk, r, bucket > 0);
+  const model::ForwardBatch batch = prepare(pass, Track::trunk, r, bucket);
   r.first_row.resize(entries.size());
   r.first_logit.resize(entries.size());
   const auto& c = model_.config();
@@ -162,19 +173,20 @@ ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const s
     graph_epoch_ = be_.counters().memory_epoch;
     graph_workspace_ = ws_.generation();
   }
-  if (!captured_.count(bucket)) {
-    if (!warmed_.count(bucket)) {  // the first time eagerly: every buffer it needs grows now
-      warmed_.insert(bucket);
+  const int64_t key = g.key();
+  if (!captured_.count(key)) {
+    if (!warmed_.count(key)) {  // the first time eagerly: every buffer it needs grows now
+      warmed_.insert(key);
       run();
       return r;
     }
     be_.begin_capture();
     run();
-    be_.end_capture(bucket);
-    captured_.insert(bucket);
+    be_.end_capture(key);
+    captured_.insert(key);
   }
-  be_.replay(bucket);
-  last_graph_nodes_ = be_.graph_nodes(bucket);
+  be_.replay(key);
+  last_graph_nodes_ = be_.graph_nodes(key);
   return r;
 }
 

@@ -21,8 +21,9 @@ struct RunnerLimits {
   int max_seqs = 0;            // sequences per pass
   int max_blocks_per_seq = 0;  // block table width
   int max_verify_rows = 1;     // rows of a verifying sequence (drafts + 1)
-  // Decode passes (every sequence one row drawing a token) as graphs captured per batch-size
-  // bucket (powers of two up to max_seqs), where the backend can capture.
+  // Decode passes (every sequence one row drawing a token) and verification passes (every sequence
+  // max_verify_rows rows, all with logits) as graphs captured per batch-size bucket (powers of two
+  // up to max_seqs), where the backend can capture.
   bool graphs = false;
 };
 
@@ -48,10 +49,10 @@ class ModelRunner {
   ModelRunner(model::Model& model, kernels::Backend& backend, StateCache& cache, const RunnerLimits& limits);
 
   // A trunk pass; `draw` (if given) issues the ops that consume its logits (sampling), so that
-  // they go into the same graph. A decode pass under graphs is padded to its bucket with rows of
-  // the cache's padding sequence (their logits rows come after the entries'), run eagerly the first
-  // time a bucket is seen, captured the second, and replayed from then on; a graph is captured
-  // again after the buffers it reads have moved.
+  // they go into the same graph. A decode or verification pass under graphs is padded to its bucket
+  // with entries of the cache's padding sequence (their logits rows come after the entries'), run
+  // eagerly the first time a bucket is seen, captured the second, and replayed from then on; a
+  // graph is captured again after the buffers it reads have moved.
   Result forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw = {});
   // The logits rows a trunk pass of `entries` has: theirs, or the bucket's under a graph.
   int logit_rows(std::span<const Entry> entries) const;
@@ -67,7 +68,14 @@ class ModelRunner {
   enum class Track { trunk, mtp };
   // fixed_width: block tables as wide as the limit (a graph's metadata does not move).
   model::ForwardBatch prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width = false);
-  int graph_bucket(std::span<const Entry> entries) const;  // 0: not a graph pass
+  // A graph pass's shape: sequences (a power of two) and whether they verify (0: not a graph pass).
+  struct GraphBucket {
+    int seqs = 0;
+    int rows = 1;  // per sequence
+    bool verify = false;
+    int64_t key() const { return int64_t(seqs) * 2 + (verify ? 1 : 0); }
+  };
+  GraphBucket graph_bucket(std::span<const Entry> entries) const;
 
   model::Model& model_;
   kernels::Backend& be_;
@@ -78,8 +86,9 @@ class ModelRunner {
   Tensor meta_;                   // ... and on the device
   Tensor trunk_hidden_, mtp_hidden_;  // [max_tokens, H]
   // Graphs: buckets seen once (warmed up) and captured, valid while the buffers stay put.
-  std::set<int> warmed_, captured_;
+  std::set<int64_t> warmed_, captured_;  // graph keys
   int64_t graph_epoch_ = -1, graph_workspace_ = -1;
+  std::vector<int32_t> pad_tokens_;  // the padding entries' tokens (max_verify_rows zeros)
   int64_t last_graph_nodes_ = 0;
 };
 

@@ -32,7 +32,16 @@ StateCache::StateCache(kernels::Backend& backend, const model::ModelConfig& c, c
   if (o.mtp) views_.mtp_layers.push_back(kv());
   for (int64_t b = o.blocks - 1; b >= 0; --b) free_blocks_.push_back(int32_t(b));
   for (int s = o.slots - 1; s >= 0; --s) free_slots_.push_back(int32_t(s));
-  check(allocate(padding_) && append(padding_, {.rows = 1}), "state cache: no room for the padding sequence");
+  // The padding sequence fills one block (a padded pass's entries may have up to block_size rows),
+  // zeroed so that its attention reads finite rows before its own pass has written them.
+  check(allocate(padding_) && append(padding_, {.rows = o.block_size}), "state cache: no room for the padding sequence");
+  for (auto* layers : {&views_.layers, &views_.mtp_layers})
+    for (auto& l : *layers)
+      if (l.k.defined()) {
+        Tensor k = l.k.rows(padding_.blocks[0], padding_.blocks[0] + 1), v = l.v.rows(padding_.blocks[0], padding_.blocks[0] + 1);
+        be_.ops().zero(k);
+        be_.ops().zero(v);
+      }
 }
 
 bool StateCache::allocate(CacheEntry& e) {
