@@ -138,9 +138,10 @@ TEST(DecodeGraphs, ReplayTheSameTokensAsEagerPasses) {
   EXPECT_EQ(graphs->backend().counters().allocations, warm.allocations);
 }
 
-// Verification passes of speculative decoding as graphs too (every sequence S + 1 rows, padded
-// with the padding sequence's verifying entries): the tokens of eager passes, replayed.
-TEST(DecodeGraphs, VerificationPassesReplayGraphsToo) {
+// Speculative decoding's passes as graphs too: verifications (every sequence S + 1 rows, padded
+// with the padding sequence's verifying entries) and draft passes of one row per sequence (the
+// chained steps of S = 3): the tokens of eager passes, replayed.
+TEST(DecodeGraphs, SpeculativePassesReplayGraphsToo) {
   auto graphs = test::load_engine(test::kDemoModel, 2);
   if (!graphs->backend().can_capture()) GTEST_SKIP() << "skipped: the backend cannot capture graphs";
   auto eager = test::load_engine(test::kDemoModel, 2, {.cuda_graphs = false});

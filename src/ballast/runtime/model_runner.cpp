@@ -123,7 +123,47 @@ ModelRunner::GraphBucket ModelRunner::graph_bucket(std::span<const Entry> entrie
   int seqs = 1;
   while (seqs < int(entries.size())) seqs *= 2;
   if (seqs > lim_.max_seqs || int64_t(seqs) * rows > lim_.max_tokens) return {};
-  return {seqs, rows, verify};
+  return {seqs, rows, verify ? GraphKind::verify : GraphKind::decode};
+}
+
+ModelRunner::GraphBucket ModelRunner::draft_graph_bucket(std::span<const Entry> entries,
+                                                         const Tensor& hidden_source) const {
+  if (!lim_.graphs || entries.empty() || !be_.can_capture()) return {};
+  // One row each, from one of the two hidden buffers that outlive passes (a graph reads it in place).
+  GraphKind kind;
+  if (trunk_hidden_.defined() && hidden_source.raw() == trunk_hidden_.raw()) kind = GraphKind::draft_from_trunk;
+  else if (mtp_hidden_.defined() && hidden_source.raw() == mtp_hidden_.raw()) kind = GraphKind::draft_chained;
+  else return {};
+  for (const Entry& e : entries)
+    if (e.tokens.size() != 1 || e.logits != Logits::last) return {};
+  int seqs = 1;
+  while (seqs < int(entries.size())) seqs *= 2;
+  if (seqs > lim_.max_seqs || seqs > lim_.max_tokens) return {};
+  return {seqs, 1, kind};
+}
+
+int64_t ModelRunner::run_graphed(const GraphBucket& g, const std::function<void()>& run) {
+  // Graphs read the buffers they were captured over: when any has moved, capture again.
+  if (be_.counters().memory_epoch != graph_epoch_ || ws_.generation() != graph_workspace_) {
+    be_.drop_graphs();
+    captured_.clear();
+    graph_epoch_ = be_.counters().memory_epoch;
+    graph_workspace_ = ws_.generation();
+  }
+  const int64_t key = g.key();
+  if (!captured_.count(key)) {
+    if (!warmed_.count(key)) {  // the first time eagerly: every buffer it needs grows now
+      warmed_.insert(key);
+      run();
+      return 0;
+    }
+    be_.begin_capture();
+    run();
+    be_.end_capture(key);
+    captured_.insert(key);
+  }
+  be_.replay(key);
+  return be_.graph_nodes(key);
 }
 
 int ModelRunner::logit_rows(std::span<const Entry> entries) const {
@@ -142,8 +182,9 @@ ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const s
     // in place, in the padding's own slot).
     pad_tokens_.assign(size_t(g.rows), 0);
     padded.assign(entries.begin(), entries.end());
+    const bool verify = g.kind == GraphKind::verify;
     while (int(padded.size()) < g.seqs)
-      padded.push_back({&cache_.padding(), pad_tokens_, g.verify ? Logits::all : Logits::last, g.verify});
+      padded.push_back({&cache_.padding(), pad_tokens_, verify ? Logits::all : Logits::last, verify});
   }
   const std::span<const Entry> pass = bucket ? std::span<const Entry>(padded) : entries;
   ws_.reset();
@@ -162,45 +203,37 @@ ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const s
     if (draw) draw(r);
   };
   last_graph_nodes_ = 0;
-  if (!bucket) {
-    run();
-    return r;
-  }
-  // Graphs read the buffers they were captured over: when any has moved, capture again.
-  if (be_.counters().memory_epoch != graph_epoch_ || ws_.generation() != graph_workspace_) {
-    be_.drop_graphs();
-    captured_.clear();
-    graph_epoch_ = be_.counters().memory_epoch;
-    graph_workspace_ = ws_.generation();
-  }
-  const int64_t key = g.key();
-  if (!captured_.count(key)) {
-    if (!warmed_.count(key)) {  // the first time eagerly: every buffer it needs grows now
-      warmed_.insert(key);
-      run();
-      return r;
-    }
-    be_.begin_capture();
-    run();
-    be_.end_capture(key);
-    captured_.insert(key);
-  }
-  be_.replay(key);
-  last_graph_nodes_ = be_.graph_nodes(key);
+  if (bucket) last_graph_nodes_ = run_graphed(g, run);
+  else run();
   return r;
 }
 
 ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source) {
+  // Draft passes of one row per sequence (chained steps; a first step where every draft was
+  // rejected) run as graphs, padded as decode passes are.
+  const GraphBucket g = draft_graph_bucket(entries, hidden_source);
+  std::vector<Entry> padded;
+  if (g.seqs) {
+    pad_tokens_.assign(1, 0);
+    padded.assign(entries.begin(), entries.end());
+    while (int(padded.size()) < g.seqs)
+      padded.push_back({&cache_.padding(), pad_tokens_, Logits::last, false, pad_hidden_rows_});
+  }
+  const std::span<const Entry> pass = g.seqs ? std::span<const Entry>(padded) : entries;
   ws_.reset();
   Result r;
-  const model::ForwardBatch batch = prepare(entries, Track::mtp, r);
+  const model::ForwardBatch batch = prepare(pass, Track::mtp, r, g.seqs > 0);
+  r.first_row.resize(entries.size());
+  r.first_logit.resize(entries.size());
   const auto& c = model_.config();
   if (!mtp_hidden_.defined()) mtp_hidden_ = be_.alloc({lim_.max_tokens, c.hidden_size}, DType::F32);
   model::ForwardOutputs out{mtp_hidden_.rows(0, batch.num_logit_rows()),
                             ws_.take({batch.num_logit_rows(), c.vocab_size})};
-  model_.mtp_forward(batch, hidden_source, cache_.views(), ws_, out);
   r.hidden = out.hidden;
   r.logits = out.logits;
+  auto run = [&] { model_.mtp_forward(batch, hidden_source, cache_.views(), ws_, out); };
+  if (g.seqs) run_graphed(g, run);
+  else run();
   return r;
 }
 

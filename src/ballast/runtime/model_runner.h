@@ -68,14 +68,19 @@ class ModelRunner {
   enum class Track { trunk, mtp };
   // fixed_width: block tables as wide as the limit (a graph's metadata does not move).
   model::ForwardBatch prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width = false);
-  // A graph pass's shape: sequences (a power of two) and whether they verify (0: not a graph pass).
+  // A graph pass's shape: its kind and sequences (a power of two; 0: not a graph pass).
+  enum class GraphKind { decode, verify, draft_from_trunk, draft_chained };
   struct GraphBucket {
     int seqs = 0;
     int rows = 1;  // per sequence
-    bool verify = false;
-    int64_t key() const { return int64_t(seqs) * 2 + (verify ? 1 : 0); }
+    GraphKind kind = GraphKind::decode;
+    int64_t key() const { return int64_t(seqs) * 4 + int64_t(kind); }
   };
   GraphBucket graph_bucket(std::span<const Entry> entries) const;
+  GraphBucket draft_graph_bucket(std::span<const Entry> entries, const Tensor& hidden_source) const;
+  // Runs `run` as the graph of g: eagerly the first time, captured the second, replayed after.
+  // Returns the graph's nodes (0: it ran eagerly).
+  int64_t run_graphed(const GraphBucket& g, const std::function<void()>& run);
 
   model::Model& model_;
   kernels::Backend& be_;
@@ -89,6 +94,7 @@ class ModelRunner {
   std::set<int64_t> warmed_, captured_;  // graph keys
   int64_t graph_epoch_ = -1, graph_workspace_ = -1;
   std::vector<int32_t> pad_tokens_;  // the padding entries' tokens (max_verify_rows zeros)
+  std::vector<int32_t> pad_hidden_rows_{0};  // a padding MTP entry pairs with the source's row 0
   int64_t last_graph_nodes_ = 0;
 };
 

@@ -65,7 +65,7 @@ void Engine::draft(std::span<const Scheduled> pass, const ModelRunner::Result& t
     const int64_t D = int64_t(drafting.size());
     Tensor ids = mtp_out_.results(D);
     if (D > 0)
-      sampler_->sample(runner_->workspace(), r.logits, rows, kernels::Draw::draft, ids,
+      sampler_->sample(runner_->workspace(), r.logits.rows(0, D), rows, kernels::Draw::draft, ids,
                        samples ? kept_probs_ : Tensor(), kept_rows);
     int64_t pass_rows = 0;
     for (const auto& e : entries) pass_rows += int64_t(e.tokens.size());

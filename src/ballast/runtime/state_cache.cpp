@@ -34,7 +34,8 @@ StateCache::StateCache(kernels::Backend& backend, const model::ModelConfig& c, c
   for (int s = o.slots - 1; s >= 0; --s) free_slots_.push_back(int32_t(s));
   // The padding sequence fills one block (a padded pass's entries may have up to block_size rows),
   // zeroed so that its attention reads finite rows before its own pass has written them.
-  check(allocate(padding_) && append(padding_, {.rows = o.block_size}), "state cache: no room for the padding sequence");
+  check(allocate(padding_) && append(padding_, {.rows = o.block_size, .mtp_rows = o.mtp ? o.block_size : 0}),
+        "state cache: no room for the padding sequence");
   for (auto* layers : {&views_.layers, &views_.mtp_layers})
     for (auto& l : *layers)
       if (l.k.defined()) {
