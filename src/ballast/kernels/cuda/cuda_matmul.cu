@@ -1,7 +1,8 @@
 // CudaOps::matmul: y[T, N] = x[T, K] @ w[N, K]^T, x and y F32, w F32, BF16, F16 or F8_E4M3 read in
 // place, fp32 accumulation (fp32 FMA; no TF32, no tensor cores: results are held to the fp32 CPU
 // reference). Two paths:
-//   few rows (T <= 8, decode): bandwidth-bound. One warp per R weight rows (R = 1, 2 or 4 by T);
+//   few rows (T <= 8, decode): bandwidth-bound. One warp per R weight rows (R = 1, 2 or 4 by T),
+//     the warps of up to 4 weights of one input in one launch (matmul_many);
 //     lanes stride over K with 16-byte weight loads (8 bytes for F8), the x values of their k kept
 //     in registers for all T rows and reused over the R weight rows; warp-shuffle reduction. Each
 //     weight byte is read once.

@@ -9,17 +9,19 @@
 //   group_by       a stable radix sort (CUB) of (group key, index), the invalid keys last; offsets
 //                  by binary search of the sorted keys. Few keys: one block, a stable counting sort.
 //   moe_experts    the offsets stay on the device: one block lists row tiles per group (groups of
-//                  up to 32 rows in tiles of 8, larger groups in tiles of 64), then per pass
-//                  (gate+up writing h = silu(gate x) * up x [N, I] in sorted order into scratch,
-//                  then down writing y rows) a weight-streaming kernel for the small tiles (each
-//                  weight row read once per tile, warp dot products) and a tiled fp32 SIMT GEMM for
-//                  the large ones. Persistent grids sized from the shapes walk the tiles the device
-//                  listed. The experts' pointers live in a device table per span (uploaded when the
-//                  span's contents change, compared on the host at every call). With bf16 matrix
-//                  products (CudaOptions) and BF16 weights, the large tiles run on the tensor cores
-//                  instead (WMMA 16x16x16, inputs rounded to bf16 as they are staged, fp32
+//                  up to 32 rows (8 on the tensor cores) in small tiles, larger groups in tiles of
+//                  64; with few tokens every group in small tiles no taller than the tokens), then
+//                  per pass (gate+up writing h = silu(gate x) * up x [N, I] in sorted order into
+//                  scratch, then down writing y rows) a weight-streaming kernel for the small tiles
+//                  (each weight row read once per tile, warp dot products) and a tiled fp32 SIMT
+//                  GEMM for the large ones. Persistent grids sized from the shapes walk the tiles
+//                  the device listed. The experts' pointers live in a device table per span
+//                  (uploaded when the span's contents change, compared on the host at every call).
+//                  With bf16 matrix products (CudaOptions) and BF16 weights, the large tiles run
+//                  on the tensor cores instead (WMMA 16x16x16 over bf16 copies of x and h, fp32
 //                  accumulation).
-//   moe_combine    one thread per output element (4 with float4), choices in order.
+//   moe_combine    one thread per output element (4 with float4), choices in order, loaded four
+//                  at a time.
 // Index data is checked by the kernels: an entry out of range is skipped (never written through)
 // and reported in a fault record in mapped host memory, which the next MoE op throws on the host
 // (with BALLAST_CUDA_SYNC_CHECKS=1, every MoE op outside stream capture waits for its kernels and
