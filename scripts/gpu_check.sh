@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# On the GPU machine (device tool, repository root, .carry carried): unpacks what
+# On the GPU machine (device tool, repository root, .carry/gpu.tar.xz carried): unpacks what
 # scripts/gpu_pack.sh built, then runs the CUDA checks and figures, writing logs and
 # summary.json under $OUT. Each step runs even when an earlier one fails; the summary says which.
+# The device tool takes 64 MiB in all: the tracked tree is ~48 MB (the default model 36 MB) and the
+# pack ~15 MB, so .carry/fla (~6 MB) fits only without other growth.
 #   STEPS="conformance runtime demo sanitizer bench scale kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; kernels: every kernel
 # of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
