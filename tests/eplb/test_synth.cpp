@@ -4,6 +4,8 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 using namespace ballast::eplb;
 
 TEST(Synth, ShapesAndDeterminism) {
@@ -23,6 +25,44 @@ TEST(Synth, ShapesAndDeterminism) {
   s.popularity = Popularity::zipf;
   auto z = synth_trace(s);
   EXPECT_NE(z.count, a.count);
+}
+
+// A steady trend moves popularity along one direction: the change of each expert's log-count
+// from the first to the last passes follows the same direction in two halves of the run.
+TEST(Synth, TrendMovesPopularityAlongOneDirection) {
+  SynthSpec s = model_shape("deepseek-v3");
+  s.layers = 1, s.passes = 3000, s.tokens = 4096, s.drift = 0, s.burst = 0;
+  auto change = [&](const SynthSpec& sp, int a, int b) {  // log(sum of passes [b, b+500)) - log([a, a+500))
+    auto c = synth_layer(sp, 0);
+    std::vector<double> d(sp.experts);
+    for (int e = 0; e < sp.experts; ++e) {
+      double x = 1, y = 1;
+      for (int t = 0; t < 500; ++t) x += c[size_t(a + t) * sp.experts + e], y += c[size_t(b + t) * sp.experts + e];
+      d[e] = std::log(y / x);
+    }
+    return d;
+  };
+  auto corr = [](const std::vector<double>& x, const std::vector<double>& y) {
+    double mx = 0, my = 0, sxy = 0, sxx = 0, syy = 0;
+    for (size_t i = 0; i < x.size(); ++i) mx += x[i] / x.size(), my += y[i] / y.size();
+    for (size_t i = 0; i < x.size(); ++i)
+      sxy += (x[i] - mx) * (y[i] - my), sxx += (x[i] - mx) * (x[i] - mx), syy += (y[i] - my) * (y[i] - my);
+    return sxy / std::sqrt(sxx * syy);
+  };
+  auto flat = change(s, 0, 1000), flat2 = change(s, 1500, 2500);
+  s.trend = 1.0;
+  auto a = change(s, 0, 1000), b = change(s, 1500, 2500);
+  EXPECT_GT(corr(a, b), 0.8);          // the same experts keep rising
+  EXPECT_LT(std::abs(corr(flat, flat2)), 0.3);  // without a trend only sampling noise changes
+}
+
+TEST(Suite, TrendsMultiplyTheWorkloads) {
+  SynthSpec noise;
+  auto plain = default_suite(10, 10, noise), drifting = default_suite(10, 10, noise, {0.0, 0.5});
+  EXPECT_EQ(drifting.size(), 2 * plain.size());
+  EXPECT_EQ(drifting[0].spec.name, plain[0].spec.name);
+  EXPECT_EQ(drifting[1].spec.name, plain[0].spec.name + "/trend-0.5");
+  EXPECT_EQ(drifting[1].spec.trend, 0.5);
 }
 
 TEST(Suite, BallastAtLeastDeepseekOnAQuickRun) {

@@ -150,7 +150,8 @@ int run_replay(const ReplayArgs& a) {
 
 struct SynthArgs {
   std::string model = "qwen3-next", popularity = "lognormal", output;
-  double skew = 1.0, drift = 0.1, burst = 0.05;
+  double skew = 1.0, drift = 0.1, burst = 0.05, trend = 0.0;
+  std::string trends, only;
   int passes = 1000, tokens = 16384, layers = 0;
   uint64_t seed = 1;
   bool suite = false;
@@ -161,8 +162,18 @@ struct SynthArgs {
 int run_synth(const SynthArgs& a) {
   if (a.suite) {
     SynthSpec noise;
-    noise.tokens = a.tokens, noise.drift = a.drift, noise.burst = a.burst, noise.seed = a.seed;
-    auto suite = default_suite(a.window, a.eval, noise);
+    noise.tokens = a.tokens, noise.drift = a.drift, noise.burst = a.burst, noise.seed = a.seed, noise.trend = a.trend;
+    std::vector<double> trends;
+    for (auto& t : split(a.trends)) {
+      try {
+        trends.push_back(std::stod(t));
+      } catch (const std::exception&) {
+        fail("synth --trends: '{}' is not a number", t);
+      }
+    }
+    auto suite = default_suite(a.window, a.eval, noise, trends);
+    if (!a.only.empty()) std::erase_if(suite, [&](const SuiteWorkload& w) { return w.spec.name.find(a.only) == std::string::npos; });
+    check(!suite.empty(), "synth --suite: no workload name contains '{}'", a.only);
     std::vector<Algorithm> algs;
     for (auto& n : split(a.algorithms)) algs.push_back(parse_algorithm(n));
     check(!algs.empty(), "synth --suite: no algorithm given");
@@ -186,6 +197,7 @@ int run_synth(const SynthArgs& a) {
   SynthSpec s = model_shape(a.model);
   s.popularity = parse_popularity(a.popularity);
   s.skew = a.skew, s.drift = a.drift, s.burst = a.burst, s.passes = a.passes, s.tokens = a.tokens, s.seed = a.seed;
+  s.trend = a.trend;
   if (a.layers > 0) s.layers = a.layers;
   check(!a.output.empty(), "synth: --output is required (or --suite)");
   auto t = synth_trace(s);
@@ -249,6 +261,10 @@ void add_eplb(CLI::App& app, Runner& run) {
   synth->add_option("--skew", sa->skew, "log-normal sigma or Zipf exponent");
   synth->add_option("--drift", sa->drift, "std of log-popularity change per 1000 passes");
   synth->add_option("--burst", sa->burst, "std of per-pass log-popularity jitter");
+  synth->add_option("--trend", sa->trend,
+                    "steady drift: log-popularity moves by this times a random direction every 1000 passes");
+  synth->add_option("--trends", sa->trends, "suite: comma-separated trend strengths, each workload at each");
+  synth->add_option("--only", sa->only, "suite: only workloads whose name contains this");
   synth->add_option("--passes", sa->passes, "passes");
   synth->add_option("--tokens", sa->tokens, "tokens per pass");
   synth->add_option("--layers", sa->layers, "layers (default: the model's; with --suite: layers per workload)");

@@ -22,21 +22,25 @@ double mean_pass_balancedness(std::span<const int32_t> row, int G, int rpn, Disp
   return T > 0 ? s / T : 1.0;
 }
 
-std::vector<SuiteWorkload> default_suite(int window, int eval_passes, const SynthSpec& noise) {
+std::vector<SuiteWorkload> default_suite(int window, int eval_passes, const SynthSpec& noise,
+                                         const std::vector<double>& trends) {
+  const std::vector<double> strengths = trends.empty() ? std::vector<double>{noise.trend} : trends;
   std::vector<SuiteWorkload> out;
   for (std::string model : {"qwen3-next", "qwen3.5-397b", "deepseek-v3"}) {
     struct V { const char* tag; Popularity p; double skew; };
     for (V v : {V{"lognormal-0.5", Popularity::lognormal, 0.5}, V{"lognormal-1.0", Popularity::lognormal, 1.0},
-                V{"zipf-0.9", Popularity::zipf, 0.9}}) {
-      SuiteWorkload w;
-      w.spec = model_shape(model);
-      w.spec.name = model + "/" + v.tag;
-      w.spec.popularity = v.p, w.spec.skew = v.skew;
-      w.spec.passes = window + eval_passes;
-      w.spec.tokens = noise.tokens, w.spec.drift = noise.drift, w.spec.burst = noise.burst, w.spec.seed = noise.seed;
-      if (model == "deepseek-v3") w.ranks = 32, w.redundant = 32;
-      out.push_back(w);
-    }
+                V{"zipf-0.9", Popularity::zipf, 0.9}})
+      for (double trend : strengths) {
+        SuiteWorkload w;
+        w.spec = model_shape(model);
+        w.spec.name = model + "/" + v.tag + (trend != 0 ? fmt::format("/trend-{}", trend) : "");
+        w.spec.popularity = v.p, w.spec.skew = v.skew;
+        w.spec.passes = window + eval_passes;
+        w.spec.tokens = noise.tokens, w.spec.drift = noise.drift, w.spec.burst = noise.burst, w.spec.seed = noise.seed;
+        w.spec.trend = trend;
+        if (model == "deepseek-v3") w.ranks = 32, w.redundant = 32;
+        out.push_back(w);
+      }
   }
   return out;
 }

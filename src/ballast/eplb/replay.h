@@ -20,10 +20,13 @@ struct SuiteWorkload {
   SynthSpec spec;
   int ranks = 64, redundant = 64;
 };
-// The suite of the README: each model shape x {lognormal 0.5 (mild), lognormal 1.0, zipf 0.9}.
-// noise: tokens per pass (global batch), drift and burst of every workload (the popularity kind,
-// skew and shape come from the suite).
-std::vector<SuiteWorkload> default_suite(int window, int eval_passes, const SynthSpec& noise = SynthSpec());
+// The suite of the README: each model shape x {lognormal 0.5 (mild), lognormal 1.0, zipf 0.9}
+// x each steady-drift strength of `trends` (SynthSpec::trend; empty: noise.trend only; a workload
+// with a trend is named ".../trend-X").
+// noise: tokens per pass (global batch), drift, burst and seed of every workload (the popularity
+// kind, skew and shape come from the suite).
+std::vector<SuiteWorkload> default_suite(int window, int eval_passes, const SynthSpec& noise = SynthSpec(),
+                                         const std::vector<double>& trends = {});
 
 struct SuiteRow {
   std::string workload, algorithm;

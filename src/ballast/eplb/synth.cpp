@@ -40,14 +40,22 @@ std::vector<double> synth_layer(const SynthSpec& sp, int layer) {
     std::shuffle(perm.begin(), perm.end(), rng);
     for (int i = 0; i < E; ++i) z[perm[i]] = -sp.skew * std::log(double(i + 1));
   }
-  const double step = sp.drift / std::sqrt(1000.0);
+  // The trend's direction comes from a stream of its own, so that traces without a trend are the
+  // same as before it existed.
+  std::vector<double> dir(E, 0.0);
+  if (sp.trend != 0) {
+    std::mt19937_64 drng(sp.seed * 0x94d049bb133111ebULL + uint64_t(layer) * 0xbf58476d1ce4e5b9ULL + 7);
+    std::normal_distribution<double> dnormal(0.0, 1.0);  // (normal caches a draw of rng's stream)
+    for (auto& x : dir) x = dnormal(drng);
+  }
+  const double step = sp.drift / std::sqrt(1000.0), slope = sp.trend / 1000.0;
   std::vector<double> out(size_t(T) * E), p(E);
   const double choices = double(sp.tokens) * sp.topk;
   for (int t = 0; t < T; ++t) {
     double mx = -1e300;
     for (int e = 0; e < E; ++e) {
       z[e] += step * normal(rng);
-      p[e] = z[e] + sp.burst * normal(rng);
+      p[e] = z[e] + slope * t * dir[e] + sp.burst * normal(rng);
       mx = std::max(mx, p[e]);
     }
     double s = 0;

@@ -1,6 +1,7 @@
 #pragma once
 // Synthetic routing workloads: per-layer expert popularity (log-normal or Zipf), drift of the
-// popularity over time (a random walk of log-popularity), per-pass burstiness (a log-normal
+// popularity over time (a random walk of log-popularity, plus a steady trend: log-popularity moving
+// along one random direction at a constant rate), per-pass burstiness (a log-normal
 // jitter of the popularity for one pass) and sampling noise: a pass is one decode step of a large
 // EP deployment, `tokens` tokens (the global batch) x top-k choices drawn as a multinomial from
 // the pass's popularity. Deterministic in the seed; each layer has its own stream so layers can be made
@@ -22,7 +23,10 @@ struct SynthSpec {
   int tokens = 16384;       // tokens per pass (the global batch of all EP ranks together)
   Popularity popularity = Popularity::lognormal;
   double skew = 1.0;        // log-normal sigma, or Zipf exponent
-  double drift = 0.1;       // std of the log-popularity change over 1000 passes
+  double drift = 0.1;       // std of the log-popularity change over 1000 passes (random walk)
+  // Steady drift: log-popularity of expert e moves by trend * d_e every 1000 passes, d a random
+  // direction (d_e ~ N(0, 1), one per layer): some experts rise, others fall, all the time.
+  double trend = 0.0;
   double burst = 0.05;      // std of the per-pass log-popularity jitter
   uint64_t seed = 1;
 };
