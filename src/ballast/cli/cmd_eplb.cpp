@@ -25,6 +25,8 @@ struct PlanArgs {
   int ranks = 0, redundant = 0, nodes = 1, groups = 1, slices = 4;
   double migration_weight = 0.05;
   std::string dispatch = "static";
+  bool forecast = false;
+  int horizon = 0;
 };
 
 int run_plan(const PlanArgs& a) {
@@ -34,6 +36,7 @@ int run_plan(const PlanArgs& a) {
   po.ranks = a.ranks, po.redundant = a.redundant, po.nodes = a.nodes, po.groups = a.groups, po.slices = a.slices;
   po.migration_weight = a.migration_weight;
   po.dispatch = parse_dispatch(a.dispatch);
+  po.forecast = a.forecast, po.horizon = a.horizon;
   const int P = load.experts + a.redundant;
   check(a.ranks > 0 && P % a.ranks == 0, "plan: {} slots ({} experts + {} redundant) are not divisible by {} ranks",
         P, load.experts, a.redundant, a.ranks);
@@ -109,6 +112,7 @@ struct ReplayArgs {
   std::string trace, svg, algorithms = "deepseek,ballast", dispatches = "static,balanced";
   int interval = 1000, ranks = 0, redundant = 0, ranks_per_node = 0, nodes = 1, groups = 1, slices = 4;
   double migration_weight = 0.05;
+  bool forecast = false;
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -128,6 +132,7 @@ int run_replay(const ReplayArgs& a) {
   ReplayOptions o;
   o.interval = a.interval, o.ranks = a.ranks, o.redundant = a.redundant, o.ranks_per_node = a.ranks_per_node;
   o.nodes = a.nodes, o.groups = a.groups, o.slices = a.slices, o.migration_weight = a.migration_weight;
+  o.forecast = a.forecast;
   o.algorithms.clear(), o.dispatches.clear();
   for (auto& s : split(a.algorithms)) o.algorithms.push_back(parse_algorithm(s));
   for (auto& s : split(a.dispatches)) o.dispatches.push_back(parse_dispatch(s));
@@ -156,6 +161,8 @@ struct SynthArgs {
   uint64_t seed = 1;
   bool suite = false;
   int window = 1000, eval = 1000, slices = 4;
+  bool forecast = false;
+  double damping = -1;
   std::string algorithms = "deepseek,ballast";
 };
 
@@ -177,7 +184,7 @@ int run_synth(const SynthArgs& a) {
     std::vector<Algorithm> algs;
     for (auto& n : split(a.algorithms)) algs.push_back(parse_algorithm(n));
     check(!algs.empty(), "synth --suite: no algorithm given");
-    auto rows = run_suite(suite, a.window, algs, a.slices, a.layers);
+    auto rows = run_suite(suite, a.window, algs, a.slices, a.layers, a.forecast, a.damping);
     fmt::print("suite: plan on {} passes, evaluate on the next {}; {} tokens/pass, drift {}, burst {}{}\n", a.window,
                a.eval, a.tokens, a.drift, a.burst,
                a.layers > 0 ? fmt::format(" ({} layers per workload)", a.layers) : "");
@@ -218,14 +225,16 @@ void add_eplb(CLI::App& app, Runner& run) {
   plan->add_option("--load", pa->load, "JSON {logical_count: [L][E] or [T][L][E]} or .safetensors")->required();
   plan->add_option("--ranks", pa->ranks, "EP ranks G")->required();
   plan->add_option("--redundant", pa->redundant, "redundant slots R (P = E + R)")->required();
-  plan->add_option("--nodes", pa->nodes, "nodes (deepseek_hierarchical)");
-  plan->add_option("--groups", pa->groups, "expert groups (deepseek_hierarchical)");
+  plan->add_option("--nodes", pa->nodes, "nodes (deepseek_hierarchical, ballast)");
+  plan->add_option("--groups", pa->groups, "expert groups, a multiple of nodes (deepseek_hierarchical, ballast)");
   plan->add_option("--algorithm", pa->algorithm, "deepseek | deepseek_hierarchical | ballast");
   plan->add_option("--current", pa->current, "placement in force (JSON physical_to_logical_map)");
   plan->add_option("--migration-weight", pa->migration_weight, "ballast: balance traded per moved expert");
   plan->add_option("--slices", pa->slices, "ballast: time slices of a [T][L][E] load");
   plan->add_option("--dispatch", pa->dispatch,
                    "ballast: dispatch policy the placement is served with (static | random | balanced)");
+  plan->add_flag("--forecast", pa->forecast, "ballast: plan for the forecast of the next passes (a [T][L][E] load)");
+  plan->add_option("--horizon", pa->horizon, "ballast --forecast: passes the plan will serve (default: T)");
   plan->add_option("--output", pa->output, "placement JSON to write");
   plan->callback([pa, &run] { run = [pa] { return run_plan(*pa); }; });
 
@@ -245,12 +254,13 @@ void add_eplb(CLI::App& app, Runner& run) {
   replay->add_option("--ranks", pl->ranks, "EP ranks")->required();
   replay->add_option("--redundant", pl->redundant, "redundant slots")->required();
   replay->add_option("--ranks-per-node", pl->ranks_per_node, "ranks per node (static dispatch, migration)");
-  replay->add_option("--nodes", pl->nodes, "nodes (deepseek_hierarchical)");
-  replay->add_option("--groups", pl->groups, "expert groups (deepseek_hierarchical)");
+  replay->add_option("--nodes", pl->nodes, "nodes (deepseek_hierarchical, ballast)");
+  replay->add_option("--groups", pl->groups, "expert groups, a multiple of nodes (deepseek_hierarchical, ballast)");
   replay->add_option("--slices", pl->slices, "ballast: time slices of the window");
   replay->add_option("--migration-weight", pl->migration_weight, "ballast: balance traded per moved expert");
   replay->add_option("--algorithms", pl->algorithms, "comma-separated algorithms");
   replay->add_option("--dispatch", pl->dispatches, "comma-separated dispatch policies (static,random,balanced)");
+  replay->add_flag("--forecast", pl->forecast, "ballast: plan for the forecast of the next interval");
   replay->add_option("--svg", pl->svg, "plot of per-pass balancedness to write");
   replay->callback([pl, &run] { run = [pl] { return run_replay(*pl); }; });
 
@@ -275,6 +285,8 @@ void add_eplb(CLI::App& app, Runner& run) {
   synth->add_option("--eval", sa->eval, "suite: later passes evaluated");
   synth->add_option("--slices", sa->slices, "suite: ballast time slices");
   synth->add_option("--algorithms", sa->algorithms, "suite: comma-separated algorithms");
+  synth->add_flag("--forecast", sa->forecast, "suite: ballast plans for the forecast of the evaluated passes");
+  synth->add_option("--damping", sa->damping, "suite --forecast: share of the trend extrapolated (< 0: estimated)");
   synth->callback([sa, &run] { run = [sa] { return run_synth(*sa); }; });
 }
 

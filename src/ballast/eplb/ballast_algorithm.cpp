@@ -711,6 +711,75 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
   return row;
 }
 
+namespace {
+
+// Step 8 (ballast_algorithm.h): groups onto nodes, then ballast_layer inside each node.
+std::vector<int32_t> ballast_layer_nodes(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
+                                         const int32_t* current_row, LayerPlanStats* stats) {
+  const int N = opt.nodes, NG = opt.groups, G = opt.ranks, P = opt.physical;
+  check(NG > 0 && E % NG == 0, "ballast: {} experts are not divisible into {} groups", E, NG);
+  check(NG % N == 0, "ballast: {} expert groups are not divisible over {} nodes", NG, N);
+  check(G % N == 0, "ballast: {} ranks are not divisible over {} nodes", G, N);
+  check(P % G == 0, "ballast: {} physical slots are not divisible by {} ranks", P, G);
+  const int gsize = E / NG, En = E / N, Pn = P / N;
+  check(Pn >= En, "ballast: {} slots per node are fewer than the {} experts of a node", Pn, En);
+  std::vector<float> gw(NG, 0.0f);
+  for (int g = 0; g < NG; ++g) {
+    double s = 0;
+    for (int x = 0; x < S; ++x)
+      for (int i = 0; i < gsize; ++i) s += slices[x * stride + g * gsize + i];
+    gw[g] = float(s);
+  }
+  std::vector<int32_t> pack(NG), rank_in_pack(NG);
+  deepseek::balanced_packing(gw.data(), NG, N, pack.data(), rank_in_pack.data());
+  // Pack -> node: identity, or with a current placement greedily by experts already on the node.
+  std::vector<int> node_of(N);
+  std::iota(node_of.begin(), node_of.end(), 0);
+  if (current_row) {
+    std::vector<int> overlap(size_t(N) * N, 0);  // [pack][node]
+    for (int p = 0; p < P; ++p) {
+      const int e = current_row[p];
+      if (e >= 0 && e < E) overlap[size_t(pack[e / gsize]) * N + p / Pn]++;
+    }
+    std::vector<std::tuple<int, int, int>> pairs;
+    for (int a = 0; a < N; ++a)
+      for (int n = 0; n < N; ++n) pairs.emplace_back(-overlap[size_t(a) * N + n], a, n);
+    std::sort(pairs.begin(), pairs.end());
+    std::vector<uint8_t> pack_done(N, 0), node_used(N, 0);
+    for (auto [o, a, n] : pairs)
+      if (!pack_done[a] && !node_used[n]) node_of[a] = n, pack_done[a] = node_used[n] = 1;
+  }
+  BallastOptions sub = opt;
+  sub.nodes = 1, sub.groups = 1, sub.ranks = G / N, sub.physical = Pn;
+  std::vector<int32_t> row(P, -1), local(E, -1);
+  std::vector<double> w(size_t(S) * En);
+  std::vector<int32_t> cur(Pn);
+  if (stats) *stats = {};
+  for (int a = 0; a < N; ++a) {
+    const int n = node_of[a];
+    std::vector<int32_t> experts;  // the node's experts, ascending
+    for (int e = 0; e < E; ++e)
+      if (pack[e / gsize] == a) experts.push_back(e);
+    for (int i = 0; i < En; ++i) local[experts[i]] = i;
+    for (int x = 0; x < S; ++x)
+      for (int i = 0; i < En; ++i) w[size_t(x) * En + i] = slices[x * stride + experts[i]];
+    // The current placement of the node's slots, when they hold only the node's experts.
+    bool has_cur = current_row != nullptr;
+    for (int p = 0; has_cur && p < Pn; ++p) {
+      const int e = current_row[n * Pn + p];
+      has_cur = e >= 0 && e < E && pack[e / gsize] == a;
+      if (has_cur) cur[p] = local[e];
+    }
+    LayerPlanStats st;
+    auto r = ballast_layer(w.data(), S, En, En, sub, has_cur ? cur.data() : nullptr, &st);
+    for (int p = 0; p < Pn; ++p) row[n * Pn + p] = experts[r[p]];
+    if (stats) stats->score += st.score, stats->bound += st.bound, stats->moved += st.moved;
+  }
+  return row;
+}
+
+}  // namespace
+
 Placement ballast_rebalance(const LoadTrace& slices, const BallastOptions& opt, std::vector<LayerPlanStats>* stats) {
   slices.validate("ballast: load");
   Placement out(slices.layers, slices.experts, opt.physical, opt.ranks);
@@ -725,8 +794,10 @@ Placement ballast_rebalance(const LoadTrace& slices, const BallastOptions& opt, 
   if (stats) stats->assign(slices.layers, {});
   const size_t stride = size_t(slices.layers) * slices.experts;
   for (int l = 0; l < slices.layers; ++l) {
-    auto row = ballast_layer(slices.at(0, l), slices.passes, slices.experts, stride, opt,
-                             opt.current ? opt.current->layer(l).data() : nullptr, stats ? &(*stats)[l] : nullptr);
+    const int32_t* cur = opt.current ? opt.current->layer(l).data() : nullptr;
+    LayerPlanStats* st = stats ? &(*stats)[l] : nullptr;
+    auto row = opt.nodes > 1 ? ballast_layer_nodes(slices.at(0, l), slices.passes, slices.experts, stride, opt, cur, st)
+                             : ballast_layer(slices.at(0, l), slices.passes, slices.experts, stride, opt, cur, st);
     std::copy(row.begin(), row.end(), out.layer(l).begin());
   }
   return out;

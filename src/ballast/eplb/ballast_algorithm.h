@@ -20,6 +20,10 @@
 //      share): R >= G - 1 redundant slots then link all ranks, and balanced dispatch can move any
 //      pass's excess from one rank to any other. Steps 3 and 5 then keep that graph;
 //   7. for `static` dispatch: swaps scored on the rank loads under static dispatch (exact shares).
+//   8. with nodes > 1 (hierarchical, as deepseek's): expert groups are packed onto nodes first
+//      (balanced packing of the groups' loads; with a current placement each pack goes to the node
+//      whose slots hold most of its experts), then each node's experts are planned by steps 1-7 on
+//      the node's slots and ranks, so replicas and migrations stay inside a node.
 // Deterministic: the same inputs give the same placement on every rank.
 #include "ballast/eplb/dispatch.h"
 #include "ballast/eplb/load.h"
@@ -49,6 +53,9 @@ struct BallastOptions {
   bool static_polish = true;
   double static_even_slack = 0.0;
   int static_budget = 8;   // swap trials (pre-filtered) per layer, in units of P: bounds the time
+  // Step 8: nodes (ranks / nodes consecutive ranks each) and expert groups (experts / groups
+  // consecutive experts each); groups % nodes == 0. nodes = 1: one node, no hierarchy.
+  int nodes = 1, groups = 1;
 };
 
 struct LayerPlanStats {

@@ -3,6 +3,7 @@
 #include "ballast/core/error.h"
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 
@@ -107,6 +108,24 @@ LayerBalance evaluate_even(const Placement& pl, const LoadTrace& load, int pass)
   int L = std::max(1, pl.layers);
   b.mean = sum_b / L, b.mean_imbalance = sum_i / L, b.achieved_over_bound = sum_r / L;
   return b;
+}
+
+MeasuredBalance measured_balance(const double* tokens, int L, int G) {
+  check(L > 0 && G > 0, "measured_balance: empty counts ({} layers x {} ranks)", L, G);
+  MeasuredBalance m;
+  m.per_layer.resize(L);
+  double sum = 0;
+  for (int l = 0; l < L; ++l) {
+    std::span<const double> row(tokens + size_t(l) * G, size_t(G));
+    for (double x : row) check(std::isfinite(x) && x >= 0, "measured_balance: layer {} has a count {} (counts must be finite and >= 0)", l, x);
+    double mean = 0, mx = 0;
+    for (double x : row) mean += x / G, mx = std::max(mx, x);
+    m.avg_tokens += mean, m.max_tokens += mx;
+    sum += (m.per_layer[l] = balancedness(row));
+  }
+  m.balancedness = m.max_tokens > 0 ? m.avg_tokens / m.max_tokens : 0.0;
+  m.mean = sum / L;
+  return m;
 }
 
 }  // namespace ballast::eplb

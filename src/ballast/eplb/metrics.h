@@ -46,4 +46,18 @@ struct LayerBalance {
 // In-sample balance of a placement on a load matrix [L][E] (even splits over replicas).
 LayerBalance evaluate_even(const Placement& placement, const LoadTrace& load, int pass = 0);
 
+// Balance from measured tokens per rank [L][G] (what each rank actually computed in a pass or a
+// window), no placement needed. Two aggregates over layers are in use:
+//   balancedness: vLLM's, sum over layers of the mean rank load / sum of the max (0 when no token)
+//   mean:         SGLang's, the mean over layers of each layer's mean / max (a layer without
+//                 tokens counts as 1)
+struct MeasuredBalance {
+  double avg_tokens = 0;        // sum over layers of the mean over ranks
+  double max_tokens = 0;        // sum over layers of the max over ranks
+  double balancedness = 0;      // avg_tokens / max_tokens
+  std::vector<double> per_layer;  // [L] mean / max
+  double mean = 1;              // mean of per_layer
+};
+MeasuredBalance measured_balance(const double* tokens, int layers, int ranks);
+
 }  // namespace ballast::eplb

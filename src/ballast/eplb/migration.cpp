@@ -52,4 +52,51 @@ MigrationPlan plan_migration(const Placement& a, const Placement& b, int ranks_p
   return m;
 }
 
+std::vector<int32_t> keep_slots(std::span<const int32_t> next, std::span<const int32_t> old, int L, int P, int G) {
+  check(L >= 0 && P > 0 && G > 0 && P % G == 0, "keep_slots: {} slots are not divisible by {} ranks", P, G);
+  check(next.size() == size_t(L) * P && old.size() == size_t(L) * P,
+        "keep_slots: the placements hold {} and {} slots, expected {} layers x {}", next.size(), old.size(), L, P);
+  const int K = P / G;
+  std::vector<int32_t> out(next.begin(), next.end());
+  std::vector<uint8_t> used(K), kept(K);
+  for (int l = 0; l < L; ++l)
+    for (int g = 0; g < G; ++g) {
+      const int32_t* nx = next.data() + size_t(l) * P + g * K;
+      const int32_t* od = old.data() + size_t(l) * P + g * K;
+      int32_t* dst = out.data() + size_t(l) * P + g * K;
+      std::fill(used.begin(), used.end(), 0), std::fill(kept.begin(), kept.end(), 0);
+      // An old slot keeps its expert when the rank still holds it (first unused copy in `next`).
+      for (int k = 0; k < K; ++k)
+        for (int j = 0; j < K; ++j)
+          if (!used[j] && od[k] >= 0 && nx[j] == od[k]) {
+            dst[k] = nx[j], used[j] = kept[k] = 1;
+            break;
+          }
+      // The rest, in order, into the remaining slots in order.
+      for (int k = 0, j = 0; k < K; ++k) {
+        if (kept[k]) continue;
+        while (used[j]) ++j;
+        dst[k] = nx[j], used[j] = 1;
+      }
+    }
+  return out;
+}
+
+Placement keep_slots(const Placement& next, const Placement& old) {
+  check(next.layers == old.layers && next.physical == old.physical && next.ranks == old.ranks,
+        "keep_slots: placements differ in shape ({} x {} on {} ranks vs {} x {} on {})", next.layers, next.physical,
+        next.ranks, old.layers, old.physical, old.ranks);
+  Placement out = next;
+  out.phy2log = keep_slots(next.phy2log, old.phy2log, next.layers, next.physical, next.ranks);
+  return out;
+}
+
+std::vector<int> slots_kept(const Placement& a, const Placement& b) {
+  check(a.layers == b.layers && a.physical == b.physical, "slots_kept: placements differ in shape");
+  std::vector<int> out(a.layers, 0);
+  for (int l = 0; l < a.layers; ++l)
+    for (int p = 0; p < a.physical; ++p) out[l] += a.layer(l)[p] == b.layer(l)[p];
+  return out;
+}
+
 }  // namespace ballast::eplb

@@ -7,6 +7,7 @@
 #include "ballast/eplb/placement.h"
 
 #include <cstdint>
+#include <span>
 #include <vector>
 
 namespace ballast::eplb {
@@ -32,5 +33,17 @@ struct MigrationPlan {
 // ranks_per_node: 0 = all ranks on one node.
 MigrationPlan plan_migration(const Placement& old_placement, const Placement& new_placement, int ranks_per_node,
                              int64_t bytes_per_expert = 0);
+
+// The same experts per rank as `next`, reordered within each rank so that an expert the rank held
+// before stays in its old slot (its weights need no copy at all, not even a local one); the
+// experts new to the rank fill the remaining slots in their order in `next`. vLLM's
+// preserve-intra-GPU-slots post-pass has these semantics. Layers, slots and ranks must match.
+//   rows: [L][P] each (a value < 0 in `old` is an empty slot)
+std::vector<int32_t> keep_slots(std::span<const int32_t> next, std::span<const int32_t> old, int layers, int physical,
+                                int ranks);
+Placement keep_slots(const Placement& next, const Placement& old);
+
+// Slots whose expert is the same in both placements (no copy needed), per layer [L].
+std::vector<int> slots_kept(const Placement& a, const Placement& b);
 
 }  // namespace ballast::eplb

@@ -2,6 +2,7 @@
 
 #include "ballast/core/error.h"
 #include "ballast/eplb/deepseek.h"
+#include "ballast/eplb/forecast.h"
 
 namespace ballast::eplb {
 
@@ -31,14 +32,23 @@ Placement plan(const LoadTrace& load, const PlanOptions& opt, std::vector<LayerP
   if (opt.algorithm == Algorithm::ballast) {
     BallastOptions b;
     b.ranks = opt.ranks, b.physical = P, b.migration_weight = opt.migration_weight, b.current = opt.current;
-    b.dispatch = opt.dispatch;
-    LoadTrace sl = load.passes == 1 ? load : load.slices(0, load.passes, std::max(1, opt.slices));
+    b.dispatch = opt.dispatch, b.nodes = opt.nodes, b.groups = opt.nodes > 1 ? opt.groups : 1;
+    LoadTrace sl;
+    if (load.passes == 1) {
+      sl = load;
+    } else if (opt.forecast) {
+      ForecastOptions fo;
+      fo.slices = std::max(1, opt.slices), fo.horizon = opt.horizon, fo.damping = opt.damping;
+      sl = forecast_slices(load, fo);
+    } else {
+      sl = load.slices(0, load.passes, std::max(1, opt.slices));
+    }
     return ballast_rebalance(sl, b, stats);
   }
   LoadTrace sum = load.passes == 1 ? load : load.sum();
   int groups = opt.algorithm == Algorithm::deepseek ? 1 : opt.groups;
   int nodes = opt.algorithm == Algorithm::deepseek ? 1 : opt.nodes;
-  auto r = deepseek::rebalance_experts(sum.count.data(), load.layers, E, P, groups, nodes, opt.ranks);
+  auto r = deepseek::rebalance_hierarchical(sum.count.data(), load.layers, E, P, groups, nodes, opt.ranks);
   Placement out(load.layers, E, P, opt.ranks);
   std::copy(r.phy2log.begin(), r.phy2log.end(), out.phy2log.begin());
   return out;

@@ -16,16 +16,25 @@ struct PlanOptions {
   Algorithm algorithm = Algorithm::ballast;
   int ranks = 0;       // G
   int redundant = 0;   // R; P = E + R
-  int nodes = 1;       // deepseek_hierarchical: server nodes
-  int groups = 1;      // deepseek_hierarchical: expert groups
+  // deepseek_hierarchical and ballast: server nodes and expert groups (groups % nodes == 0, else
+  // refused, as SGLang refuses it; deepseek_hierarchical never falls back to the global policy).
+  // ballast with nodes = 1 ignores groups.
+  int nodes = 1;
+  int groups = 1;
   int slices = 4;      // ballast: time slices of the window (when the load has passes)
   double migration_weight = 0.0;        // ballast: see BallastOptions
   Dispatch dispatch = Dispatch::static_;  // ballast: the dispatch policy served with (BallastOptions)
   const Placement* current = nullptr;   // ballast: placement in force
+  // ballast with a window of passes: plan for the forecast of the next `horizon` passes
+  // (forecast.h: per-expert trends extrapolated, as `slices` time slices) instead of the window's
+  // own slices. horizon 0: the window's length.
+  bool forecast = false;
+  int horizon = 0;
+  double damping = -1;  // ForecastOptions::damping (< 0: estimated)
 };
 
 // load: [T][L][E] (T = 1: a summed matrix). deepseek algorithms plan on the sum over passes;
-// ballast on `slices` consecutive time slices of it.
+// ballast on `slices` consecutive time slices of it, or on the forecast (PlanOptions::forecast).
 Placement plan(const LoadTrace& load, const PlanOptions& opt, std::vector<LayerPlanStats>* stats = nullptr);
 
 }  // namespace ballast::eplb

@@ -46,7 +46,7 @@ std::vector<SuiteWorkload> default_suite(int window, int eval_passes, const Synt
 }
 
 std::vector<SuiteRow> run_suite(const std::vector<SuiteWorkload>& suite, int window,
-                                const std::vector<Algorithm>& algorithms, int slices, int max_layers) {
+                                const std::vector<Algorithm>& algorithms, int slices, int max_layers, bool forecast, double damping) {
   // ballast plans for a dispatch policy (a row each); the others have one placement for both.
   struct Variant { Algorithm algorithm; Dispatch target; };
   std::vector<Variant> variants;
@@ -73,7 +73,7 @@ std::vector<SuiteRow> run_suite(const std::vector<SuiteWorkload>& suite, int win
       for (size_t v = 0; v < variants.size(); ++v) {
         PlanOptions po;
         po.algorithm = variants[v].algorithm, po.ranks = G, po.redundant = w.redundant, po.slices = slices;
-        po.dispatch = variants[v].target;
+        po.dispatch = variants[v].target, po.forecast = forecast, po.horizon = T - window, po.damping = damping;
         const double t0 = now_seconds();
         Placement pl = plan(win, po);
         SuiteRow& r = acc[v];
@@ -119,6 +119,7 @@ std::vector<ReplaySeries> replay(const LoadTrace& trace, const ReplayOptions& op
           PlanOptions po;
           po.algorithm = alg, po.ranks = G, po.redundant = opt.redundant, po.nodes = opt.nodes, po.groups = opt.groups;
           po.slices = opt.slices, po.migration_weight = opt.migration_weight, po.current = &current, po.dispatch = d;
+          po.forecast = opt.forecast, po.horizon = opt.interval;
           Placement next = plan(trace.range(t - opt.interval, t), po);
           s.moved.push_back(plan_migration(current, next, opt.ranks_per_node).experts_moved);
           current = std::move(next);
