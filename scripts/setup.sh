@@ -12,7 +12,7 @@ PKGS=(
   nlohmann-json3-dev libcli11-dev libspdlog-dev libfmt-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   libopenblas-dev libopenmpi-dev openmpi-bin
-  libcpp-httplib-dev prometheus-cpp-dev pybind11-dev python3-dev python3-numpy python3-pytest
+  libcpp-httplib-dev prometheus-cpp-dev pybind11-dev python3-dev python3-numpy python3-pytest python3-torch
   libpcre2-dev libutf8proc-dev
   nodejs curl prometheus
 )

@@ -9,6 +9,7 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <random>
 #include <set>
 
@@ -261,4 +262,49 @@ TEST(Ballast, PlannedForBalancedWithCurrentPlacement) {
   EXPECT_EQ(replica_graph_components(free_move.layer(0), G, E), 1);
   EXPECT_EQ(replica_graph_components(sticky.layer(0), G, E), 1);
   EXPECT_LT(plan_migration(first, sticky, 0).experts_moved, plan_migration(first, free_move, 0).experts_moved);
+}
+
+// Step 8: with nodes, each expert group (and its replicas) stays on the node its group was packed
+// onto, and the plan balances at least as well as deepseek's hierarchical policy.
+TEST(Ballast, NodeHierarchy) {
+  std::mt19937_64 rng(11);
+  std::lognormal_distribution<double> ln(0.0, 1.0);
+  const int L = 3, E = 64, G = 16, P = 96, N = 2, NG = 8;
+  LoadTrace load(1, L, E);
+  for (auto& x : load.count) x = std::round(100 * ln(rng));
+  PlanOptions po;
+  po.algorithm = Algorithm::ballast, po.ranks = G, po.redundant = P - E, po.nodes = N, po.groups = NG;
+  Placement b = plan(load, po);
+  b.validate();
+  po.algorithm = Algorithm::deepseek_hierarchical;
+  Placement d = plan(load, po);
+  for (int l = 0; l < L; ++l) {
+    std::vector<int> node_of_group(NG, -1);
+    for (int p = 0; p < P; ++p) {
+      const int g = b.layer(l)[p] / (E / NG), n = p / (P / N);
+      if (node_of_group[g] < 0) node_of_group[g] = n;
+      EXPECT_EQ(node_of_group[g], n) << "layer " << l << " slot " << p;
+    }
+  }
+  EXPECT_GE(evaluate_even(b, load).mean, evaluate_even(d, load).mean - 1e-12);
+  // Groups that do not divide over the nodes are refused (no silent global fallback).
+  po.groups = 3;
+  EXPECT_THROW(plan(load, po), ballast::Error);
+  po.algorithm = Algorithm::ballast;
+  po.groups = 4, po.nodes = 8;
+  EXPECT_THROW(plan(load, po), ballast::Error);
+}
+
+TEST(Metrics, MeasuredBalance) {
+  const double tokens[] = {100, 0, 0, 0, 100, 0, 0, 0};  // vLLM's test: [2 layers][4 ranks]
+  auto m = measured_balance(tokens, 2, 4);
+  EXPECT_EQ(m.avg_tokens, 50);
+  EXPECT_EQ(m.max_tokens, 200);
+  EXPECT_EQ(m.balancedness, 0.25);
+  const double mixed[] = {10, 10, 30, 10, 0, 0};
+  auto n = measured_balance(mixed, 3, 2);
+  EXPECT_DOUBLE_EQ(n.balancedness, 30.0 / 40.0);  // sum of means / sum of maxes
+  EXPECT_DOUBLE_EQ(n.mean, (1 + 2.0 / 3 + 1) / 3);  // SGLang's mean over layers
+  const double bad[] = {1, -1};
+  EXPECT_THROW(measured_balance(bad, 1, 2), ballast::Error);
 }

@@ -42,3 +42,22 @@ TEST(Migration, SpreadsSenders) {
   b.layer(0)[0] = 0, a.layer(0)[0] = 1, a.layer(0)[1] = 1;  // old has no expert 0
   EXPECT_THROW(plan_migration(a, b, 0), ballast::Error);
 }
+
+// vLLM's preserve-intra-GPU-slots semantics: the same experts per rank as the new placement, an
+// expert the rank held before in its old slot, the rest in order.
+TEST(Migration, KeepSlots) {
+  Placement old(1, 8, 8, 2), next(1, 8, 8, 2);
+  int o[8] = {0, 1, 2, 3, 4, 5, 6, 7}, n[8] = {1, 5, 0, 4, 6, 2, 7, 3};
+  std::copy(o, o + 8, old.layer(0).begin());
+  std::copy(n, n + 8, next.layer(0).begin());
+  auto kept = keep_slots(next, old);
+  std::vector<int32_t> want{0, 1, 5, 4, 2, 3, 6, 7};  // 0 and 1 stay on rank 0, 6, 7 on rank 1
+  EXPECT_EQ(std::vector<int32_t>(kept.layer(0).begin(), kept.layer(0).end()), want);
+  EXPECT_EQ(slots_kept(old, kept), std::vector<int>{4});
+  EXPECT_EQ(slots_kept(old, next), std::vector<int>{0});
+  // Duplicates on a rank and empty old slots (-1).
+  std::vector<int32_t> o2{0, 1, 0, 2, -1, 4, 5, 6, 1, 2}, n2{0, 5, 4, 0, 1, 6, 2, 3, 2, 1};
+  auto r = keep_slots(n2, o2, 1, 10, 2);
+  EXPECT_EQ(r, (std::vector<int32_t>{0, 1, 0, 5, 4, 3, 2, 6, 1, 2}));
+  EXPECT_THROW(keep_slots(n2, o2, 1, 10, 3), ballast::Error);
+}

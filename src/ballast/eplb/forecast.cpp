@@ -44,11 +44,16 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt) {
       double ym = 0, n = 0;
       for (int b = 0; b < B; ++b) ym += (y[b] = std::log((binned.at(b, l)[e] + 0.5) / len[b])) / B, n += binned.at(b, l)[e];
       slope[e] = fit_slope(y, 0, B);
-      end[e] = ym + slope[e] * (T - cm);  // the fitted log-rate at the window's end
+      // The level: the mean log-rate of the window's second half, at that half's centre (recent,
+      // and averaged over half the window: a line's end point would carry the fit's noise).
+      double lm = 0;
+      for (int b = B / 2; b < B; ++b) lm += y[b] / (B - B / 2);
+      end[e] = lm;
       s1[e] = fit_slope(y, 0, B / 2), s2[e] = fit_slope(y, B / 2, B);
-      share[e] = total > 0 ? n / (total * T) : 0.0;
+      share[e] = total > 0 ? std::sqrt(n / (total * T)) : 0.0;
     }
-    // How much of the trend persists: the regression (weighted by load share) of the second half's
+    // How much of the trend persists: the regression (weighted by the root of the load share: hot
+    // experts have the least sampling noise, but a few of them alone decide nothing) of the second half's
     // slopes on the first half's. A steady trend keeps its slopes (1); a random walk's increments are
     // independent (0), and extrapolating them would only add noise: the forecast is then the level
     // the window ended at.
@@ -58,11 +63,13 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt) {
       for (int e = 0; e < E; ++e) sxy += share[e] * s1[e] * s2[e], sxx += share[e] * s1[e] * s1[e];
       persist = sxx > 0 && B >= 4 ? std::clamp(sxy / sxx, 0.0, 1.0) : 0.0;
     }
+    double recent = 0;  // centre of the second half, in passes
+    for (int b = B / 2; b < B; ++b) recent += centre[b] / (B - B / 2);
     for (int s = 0; s < S; ++s) {
       const double t = T + (s + 0.5) * H / S;
       double* dst = out.at(s, l);
       double sum = 0;
-      for (int e = 0; e < E; ++e) sum += (dst[e] = std::exp(end[e] + persist * slope[e] * (t - T)));
+      for (int e = 0; e < E; ++e) sum += (dst[e] = std::exp(end[e] + persist * slope[e] * (t - recent)));
       // The shares move, the router's total does not: each slice carries the window's tokens per pass.
       const double scale = sum > 0 ? total * (H / S) / sum : 0.0;
       for (int e = 0; e < E; ++e) dst[e] *= scale;
