@@ -64,6 +64,10 @@ def check_ep_threads_and_mpi(args):
         threads = ep_run(args, [], fixture, ["--ep", "2"] + eplb, tmp)
         assert threads["output_ids"] == single, ("threads", threads["output_ids"], single)
         assert threads["expert_parallel"]["rebalances"], "no rebalance in the threads run"
+        # the forecast is on by default: each rebalance says how many layers it planned for a trend
+        assert all(e["layers_trending"] >= 0 for e in threads["expert_parallel"]["rebalances"]), threads
+        off = ep_run(args, [], fixture, ["--ep", "2", "--no-eplb-forecast"] + eplb, tmp)
+        assert off["output_ids"] == single and all(e["layers_trending"] == 0 for e in off["expert_parallel"]["rebalances"])
         if args.mpirun:
             mpi = ep_run(args, args.mpirun.split() + ["-np", "2"], fixture, eplb, tmp)
             assert mpi["output_ids"] == single, ("mpi", mpi["output_ids"], single)
@@ -231,6 +235,15 @@ def check_eplb_commands(args):
             plans[name] = (after, components, out)
         assert plans["static"][0] >= plans["deepseek"][0] - 1e-4, plans
         assert plans["balanced"][1] == 1 and plans["static"][1] > 1, plans
+        # the forecast (default): this trace only random-walks, so no layer is planned for a trend;
+        # with a steady trend both are, and --no-forecast plans every layer for the window itself.
+        assert "forecast: 0 of 2 layers have a significant trend" in text, text
+        moving = os.path.join(tmp, "moving.safetensors")
+        run(b + ["synth", "--model", "deepseek-v3", "--popularity", "zipf", "--skew", "0.9", "--layers", "2",
+                 "--passes", "300", "--tokens", "4096", "--trend", "1", "--output", moving])
+        pm = b + ["plan", "--load", moving, "--ranks", "32", "--redundant", "32", "--dispatch", "balanced"]
+        assert "forecast: 2 of 2 layers have a significant trend" in run(pm + ["--output", os.path.join(tmp, "m.json")]).stdout
+        assert "forecast:" not in run(pm + ["--no-forecast", "--output", os.path.join(tmp, "n.json")]).stdout
         moved = run(b + ["plan", "--load", trace, "--ranks", "32", "--redundant", "32", "--current", plans["balanced"][2],
                          "--dispatch", "balanced", "--migration-weight", "0.5", "--output", os.path.join(tmp, "next.json")]).stdout
         assert "relative to the current placement" in moved, moved

@@ -7,6 +7,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 
 using namespace ballast::eplb;
@@ -64,7 +65,9 @@ TEST(Forecast, RandomWalkIsNotExtrapolated) {
   w.count = c;
   ForecastOptions full;
   full.damping = 1.0;
-  auto est = forecast_slices(w, {}), ext = forecast_slices(w, full);
+  std::vector<LayerTrend> trends;
+  auto est = forecast_slices(w, {}, &trends), ext = forecast_slices(w, full);
+  EXPECT_FALSE(trends[0].extrapolated);
   auto recent = w.slices(500, 1000, 1);
   // distance (sum of |log ratio|) of the last forecast slice from the recent level
   auto dist = [&](const LoadTrace& f) {
@@ -77,10 +80,77 @@ TEST(Forecast, RandomWalkIsNotExtrapolated) {
   EXPECT_LT(dist(est), 0.8 * dist(ext));
 }
 
+// Two layers of one window: layer 0's popularity only random-walks, layer 1's also moves steadily.
+LoadTrace stationary_and_trending(int T) {
+  SynthSpec s = model_shape("deepseek-v3");
+  s.layers = 2, s.passes = T, s.tokens = 8192;
+  SynthSpec trending = s;
+  trending.trend = 0.5;
+  auto a = synth_layer(s, 0), b = synth_layer(trending, 1);
+  LoadTrace w(T, 2, s.experts);
+  for (int t = 0; t < T; ++t) {
+    std::copy(a.begin() + size_t(t) * s.experts, a.begin() + size_t(t + 1) * s.experts, w.at(t, 0));
+    std::copy(b.begin() + size_t(t) * s.experts, b.begin() + size_t(t + 1) * s.experts, w.at(t, 1));
+  }
+  return w;
+}
+
+TEST(Forecast, EachLayerDecidesFromItsOwnWindow) {
+  auto w = stationary_and_trending(1000);
+  std::vector<LayerTrend> trends;
+  auto f = forecast_slices(w, {}, &trends);
+  ASSERT_EQ(trends.size(), 2u);
+  // The random walk's persistence is not significant: the layer keeps the window's own slices,
+  // exactly what is planned without a forecast.
+  EXPECT_FALSE(trends[0].extrapolated);
+  EXPECT_LT(trends[0].t, ForecastOptions{}.min_t);
+  auto own = w.slices(0, w.passes, 4);
+  ASSERT_EQ(f.passes, 4);
+  for (int s = 0; s < 4; ++s)
+    for (int e = 0; e < w.experts; ++e) ASSERT_EQ(f.at(s, 0)[e], own.at(s, 0)[e]) << "slice " << s << " expert " << e;
+  // The steady trend persists: extrapolated, so the last slice differs from the window's.
+  EXPECT_TRUE(trends[1].extrapolated);
+  EXPECT_GT(trends[1].t, ForecastOptions{}.min_t);
+  EXPECT_GT(trends[1].persistence, 0.3);
+  double diff = 0;
+  for (int e = 0; e < w.experts; ++e) diff += std::abs(f.at(3, 1)[e] - own.at(3, 1)[e]);
+  EXPECT_GT(diff, 0.05 * 8192 * 8 * 250);
+  // A fixed damping extrapolates every layer.
+  ForecastOptions fixed;
+  fixed.damping = 0.5;
+  forecast_slices(w, fixed, &trends);
+  EXPECT_TRUE(trends[0].extrapolated && trends[1].extrapolated);
+}
+
+TEST(Forecast, PlanOnAStationaryWindowIsThePlanWithoutForecast) {
+  // The default (forecast on) loses nothing where no layer trends: the very same placement.
+  SynthSpec s = model_shape("deepseek-v3");
+  s.layers = 3, s.passes = 600, s.tokens = 8192;
+  auto w = synth_trace(s);
+  PlanOptions on;
+  on.ranks = 32, on.redundant = 32, on.dispatch = Dispatch::balanced;
+  std::vector<LayerTrend> trends;
+  on.trends = &trends;
+  PlanOptions off = on;
+  off.forecast = false, off.trends = nullptr;
+  auto a = plan(w, on), b = plan(w, off);
+  ASSERT_EQ(trends.size(), 3u);
+  for (const auto& t : trends) EXPECT_FALSE(t.extrapolated) << t.t;
+  EXPECT_EQ(a.phy2log, b.phy2log);
+  // ... and on a trending layer the plan differs.
+  auto mixed = stationary_and_trending(600);
+  auto c = plan(mixed, on), d = plan(mixed, off);
+  EXPECT_TRUE(trends[1].extrapolated);
+  EXPECT_TRUE(std::equal(c.layer(0).begin(), c.layer(0).end(), d.layer(0).begin()));
+  EXPECT_FALSE(std::equal(c.layer(1).begin(), c.layer(1).end(), d.layer(1).begin()));
+}
+
 TEST(Forecast, RefusesBadInput) {
   EXPECT_THROW(forecast_slices(LoadTrace(1, 1, 4)), ballast::Error);
   ForecastOptions o;
   o.slices = 0;
+  EXPECT_THROW(forecast_slices(LoadTrace(10, 1, 4), o), ballast::Error);
+  o.slices = 4, o.min_t = -1;
   EXPECT_THROW(forecast_slices(LoadTrace(10, 1, 4), o), ballast::Error);
 }
 

@@ -25,7 +25,7 @@ struct PlanArgs {
   int ranks = 0, redundant = 0, nodes = 1, groups = 1, slices = 4;
   double migration_weight = 0.05;
   std::string dispatch = "static";
-  bool forecast = false;
+  bool forecast = true;
   int horizon = 0;
 };
 
@@ -37,6 +37,8 @@ int run_plan(const PlanArgs& a) {
   po.migration_weight = a.migration_weight;
   po.dispatch = parse_dispatch(a.dispatch);
   po.forecast = a.forecast, po.horizon = a.horizon;
+  std::vector<LayerTrend> trends;
+  po.trends = &trends;
   const int P = load.experts + a.redundant;
   check(a.ranks > 0 && P % a.ranks == 0, "plan: {} slots ({} experts + {} redundant) are not divisible by {} ranks",
         P, load.experts, a.redundant, a.ranks);
@@ -69,6 +71,13 @@ int run_plan(const PlanArgs& a) {
              "before {}  after {}\n", components(before), components(after));
   fmt::print("experts moved {} ({} local copies) relative to the {} placement\n", mig.experts_moved, mig.local,
              current ? "current" : "trivial");
+  if (!trends.empty()) {
+    int n = 0;
+    for (const auto& t : trends) n += t.extrapolated;
+    fmt::print("forecast: {} of {} layers have a significant trend and were planned for where it leads over the "
+               "next {} passes; the others for the window's own slices\n", n, load.layers,
+               a.horizon > 0 ? a.horizon : load.passes);
+  }
   fmt::print("planned in {:.2f} ms\n", ms);
   if (!a.output.empty()) {
     write_placement(a.output, after);
@@ -112,7 +121,7 @@ struct ReplayArgs {
   std::string trace, svg, algorithms = "deepseek,ballast", dispatches = "static,balanced";
   int interval = 1000, ranks = 0, redundant = 0, ranks_per_node = 0, nodes = 1, groups = 1, slices = 4;
   double migration_weight = 0.05;
-  bool forecast = false;
+  bool forecast = true;
 };
 
 std::vector<std::string> split(const std::string& s) {
@@ -161,7 +170,7 @@ struct SynthArgs {
   uint64_t seed = 1;
   bool suite = false;
   int window = 1000, eval = 1000, slices = 4;
-  bool forecast = false;
+  bool forecast = true;
   double damping = -1;
   std::string algorithms = "deepseek,ballast";
 };
@@ -233,8 +242,10 @@ void add_eplb(CLI::App& app, Runner& run) {
   plan->add_option("--slices", pa->slices, "ballast: time slices of a [T][L][E] load");
   plan->add_option("--dispatch", pa->dispatch,
                    "ballast: dispatch policy the placement is served with (static | random | balanced)");
-  plan->add_flag("--forecast", pa->forecast, "ballast: plan for the forecast of the next passes (a [T][L][E] load)");
-  plan->add_option("--horizon", pa->horizon, "ballast --forecast: passes the plan will serve (default: T)");
+  plan->add_flag("--forecast,!--no-forecast", pa->forecast,
+                 "ballast, a [T][L][E] load: plan for the forecast of the next passes where a layer's load has a "
+                 "significant trend (default; --no-forecast: the window's own slices)");
+  plan->add_option("--horizon", pa->horizon, "ballast: passes the plan will serve, for the forecast (default: T)");
   plan->add_option("--output", pa->output, "placement JSON to write");
   plan->callback([pa, &run] { run = [pa] { return run_plan(*pa); }; });
 
@@ -260,7 +271,8 @@ void add_eplb(CLI::App& app, Runner& run) {
   replay->add_option("--migration-weight", pl->migration_weight, "ballast: balance traded per moved expert");
   replay->add_option("--algorithms", pl->algorithms, "comma-separated algorithms");
   replay->add_option("--dispatch", pl->dispatches, "comma-separated dispatch policies (static,random,balanced)");
-  replay->add_flag("--forecast", pl->forecast, "ballast: plan for the forecast of the next interval");
+  replay->add_flag("--forecast,!--no-forecast", pl->forecast,
+                   "ballast: plan for the forecast of the next interval where a layer has a significant trend (default)");
   replay->add_option("--svg", pl->svg, "plot of per-pass balancedness to write");
   replay->callback([pl, &run] { run = [pl] { return run_replay(*pl); }; });
 
@@ -285,8 +297,9 @@ void add_eplb(CLI::App& app, Runner& run) {
   synth->add_option("--eval", sa->eval, "suite: later passes evaluated");
   synth->add_option("--slices", sa->slices, "suite: ballast time slices");
   synth->add_option("--algorithms", sa->algorithms, "suite: comma-separated algorithms");
-  synth->add_flag("--forecast", sa->forecast, "suite: ballast plans for the forecast of the evaluated passes");
-  synth->add_option("--damping", sa->damping, "suite --forecast: share of the trend extrapolated (< 0: estimated)");
+  synth->add_flag("--forecast,!--no-forecast", sa->forecast,
+                  "suite: ballast plans for the forecast of the evaluated passes (default; --no-forecast: the window)");
+  synth->add_option("--damping", sa->damping, "suite: share of the trend extrapolated, every layer (< 0: estimated, and only significant trends)");
   synth->callback([sa, &run] { run = [sa] { return run_synth(*sa); }; });
 }
 

@@ -16,6 +16,9 @@ void add_ep_options(CLI::App* c, EpArgs& a) {
       ->check(CLI::IsMember({"ballast", "deepseek", "deepseek_hierarchical"}));
   c->add_option("--eplb-rebalance-num-iterations", a.rebalance_iterations, "Forward passes between rebalances")
       ->check(CLI::Range(1, 1 << 30));
+  c->add_flag("--eplb-forecast,!--no-eplb-forecast", a.eplb_forecast,
+              "ballast: plan each rebalance for the next interval's forecast where a layer's load has a significant "
+              "trend (default)");
   c->add_option("--eplb-rebalance-layers-per-chunk", a.layers_per_chunk, "Layers migrated per pass (0: all at once)")
       ->check(CLI::Range(0, 1 << 16));
   c->add_option("--init-expert-location", a.init_location,
@@ -56,6 +59,7 @@ runtime::ExpertParallelOptions to_ep_options(const EpArgs& a, int ranks) {
   t.rebalance.interval = a.rebalance_iterations;
   t.rebalance.layers_per_chunk = a.layers_per_chunk;
   t.rebalance.algorithm = eplb::parse_algorithm(a.algorithm);
+  t.rebalance.forecast = a.eplb_forecast;
   // The MTP head's domain takes the same settings, applied to its own placement and load.
   o.mtp = t;
   o.mtp_experts = a.mtp_expert_domain == "sglang" ? runtime::MtpExperts::sglang : runtime::MtpExperts::own_domain;
@@ -79,6 +83,7 @@ nlohmann::json ep_summary(runtime::Engine& engine, int ranks) {
     events.push_back({{"domain", e.domain},
                       {"after_pass", e.pass},
                       {"layers_changed", e.layers_changed},
+                      {"layers_trending", e.layers_trending},
                       {"experts_moved", e.experts_moved},
                       {"bytes_moved", e.bytes_moved},
                       {"plan_ms", e.plan_seconds * 1e3},

@@ -16,6 +16,7 @@ struct EpArgs {
   std::string algorithm = "ballast";
   int rebalance_iterations = 1000;
   int layers_per_chunk = 0;
+  bool eplb_forecast = true;
   std::string init_location = "trivial";
   std::string dispatch = "static";
   std::string recorder_mode = "stat";

@@ -4,26 +4,25 @@
 
 #include <algorithm>
 #include <cmath>
-#include <vector>
+#include <limits>
 
 namespace ballast::eplb {
 
-LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt) {
+LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::vector<LayerTrend>* trends) {
   w.validate("forecast: window");
   const int T = w.passes, L = w.layers, E = w.experts;
   check(T >= 2, "forecast: a window of {} pass(es) has no trend to extrapolate", T);
-  check(opt.bins >= 2 && opt.slices >= 1 && opt.horizon >= 0 && opt.damping <= 1,
-        "forecast: bad options (bins {}, slices {}, horizon {}, damping {})", opt.bins, opt.slices, opt.horizon,
-        opt.damping);
-  const int B = std::min(opt.bins, T), S = opt.slices;
+  check(opt.bins >= 2 && opt.slices >= 1 && opt.horizon >= 0 && opt.damping <= 1 && opt.min_t >= 0,
+        "forecast: bad options (bins {}, slices {}, horizon {}, damping {}, min_t {})", opt.bins, opt.slices,
+        opt.horizon, opt.damping, opt.min_t);
+  const int B = std::min(opt.bins, T), S = std::min(opt.slices, T);
   const double H = opt.horizon > 0 ? opt.horizon : T;
   // Bin b holds passes [b*T/B, (b+1)*T/B): its centre in passes and its length.
   std::vector<double> centre(B), len(B, 0.0);
   for (int t = 0; t < T; ++t) len[int(int64_t(t) * B / T)] += 1;
   for (int b = 0, start = 0; b < B; start += int(len[b]), ++b) centre[b] = start + len[b] / 2.0;
-  double cm = 0;
-  for (int b = 0; b < B; ++b) cm += centre[b] / B;
   const LoadTrace binned = w.slices(0, T, B);
+  LoadTrace own;  // the window's own slices, made when a layer keeps them
   // Least-squares slope of y over bins [b0, b1).
   auto fit_slope = [&](const std::vector<double>& y, int b0, int b1) {
     double c = 0, m = 0;
@@ -32,8 +31,11 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt) {
     for (int b = b0; b < b1; ++b) sxy += (centre[b] - c) * (y[b] - m), sxx += (centre[b] - c) * (centre[b] - c);
     return sxx > 0 ? sxy / sxx : 0.0;
   };
+  double recent = 0;  // centre of the second half, in passes
+  for (int b = B / 2; b < B; ++b) recent += centre[b] / (B - B / 2);
   LoadTrace out(S, L, E);
-  std::vector<double> y(B), slope(E), end(E), s1(E), s2(E), share(E);
+  if (trends) trends->assign(L, {});
+  std::vector<double> y(B), slope(E), level(E), s1(E), s2(E), share(E);
   for (int l = 0; l < L; ++l) {
     double total = 0;  // tokens per pass of the layer over the window
     for (int b = 0; b < B; ++b)
@@ -41,35 +43,48 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt) {
     total /= T;
     for (int e = 0; e < E; ++e) {
       // Log of the per-pass rate, +0.5 token per bin so that an expert idle in a bin stays finite.
-      double ym = 0, n = 0;
-      for (int b = 0; b < B; ++b) ym += (y[b] = std::log((binned.at(b, l)[e] + 0.5) / len[b])) / B, n += binned.at(b, l)[e];
+      double n = 0;
+      for (int b = 0; b < B; ++b) y[b] = std::log((binned.at(b, l)[e] + 0.5) / len[b]), n += binned.at(b, l)[e];
       slope[e] = fit_slope(y, 0, B);
       // The level: the mean log-rate of the window's second half, at that half's centre (recent,
       // and averaged over half the window: a line's end point would carry the fit's noise).
       double lm = 0;
       for (int b = B / 2; b < B; ++b) lm += y[b] / (B - B / 2);
-      end[e] = lm;
+      level[e] = lm;
       s1[e] = fit_slope(y, 0, B / 2), s2[e] = fit_slope(y, B / 2, B);
       share[e] = total > 0 ? std::sqrt(n / (total * T)) : 0.0;
     }
-    // How much of the trend persists: the regression (weighted by the root of the load share: hot
-    // experts have the least sampling noise, but a few of them alone decide nothing) of the second half's
-    // slopes on the first half's. A steady trend keeps its slopes (1); a random walk's increments are
-    // independent (0), and extrapolating them would only add noise: the forecast is then the level
-    // the window ended at.
-    double persist = opt.damping;
-    if (persist < 0) {
-      double sxy = 0, sxx = 0;
-      for (int e = 0; e < E; ++e) sxy += share[e] * s1[e] * s2[e], sxx += share[e] * s1[e] * s1[e];
-      persist = sxx > 0 && B >= 4 ? std::clamp(sxy / sxx, 0.0, 1.0) : 0.0;
+    // Persistence: the regression through 0 of the second half's slopes on the first half's,
+    // weighted by the root of the load share (hot experts have the least sampling noise, but a
+    // few of them alone decide nothing). Its standard error is the robust (sandwich) one, from
+    // the residuals: a random walk's halves give an estimate near 0 within about one error.
+    double sxy = 0, sxx = 0;
+    for (int e = 0; e < E; ++e) sxy += share[e] * s1[e] * s2[e], sxx += share[e] * s1[e] * s1[e];
+    LayerTrend tr;
+    if (sxx > 0 && B >= 4) {
+      tr.persistence = sxy / sxx;
+      double v = 0;
+      for (int e = 0; e < E; ++e) {
+        const double r = s2[e] - tr.persistence * s1[e];
+        v += share[e] * share[e] * s1[e] * s1[e] * r * r;
+      }
+      const double se = std::sqrt(v) / sxx;
+      tr.t = se > 0 ? tr.persistence / se : (tr.persistence > 0 ? std::numeric_limits<double>::infinity() : 0.0);
     }
-    double recent = 0;  // centre of the second half, in passes
-    for (int b = B / 2; b < B; ++b) recent += centre[b] / (B - B / 2);
+    double k = opt.damping;  // the share of the slope extrapolated
+    if (k < 0) k = tr.t >= opt.min_t && tr.t > 0 ? std::clamp(tr.persistence, 0.0, 1.0) : -1.0;
+    tr.extrapolated = k >= 0;
+    if (trends) (*trends)[l] = tr;
+    if (!tr.extrapolated) {
+      if (own.passes == 0) own = w.slices(0, T, S);
+      for (int s = 0; s < S; ++s) std::copy(own.at(s, l), own.at(s, l) + E, out.at(s, l));
+      continue;
+    }
     for (int s = 0; s < S; ++s) {
       const double t = T + (s + 0.5) * H / S;
       double* dst = out.at(s, l);
       double sum = 0;
-      for (int e = 0; e < E; ++e) sum += (dst[e] = std::exp(end[e] + persist * slope[e] * (t - recent)));
+      for (int e = 0; e < E; ++e) sum += (dst[e] = std::exp(level[e] + k * slope[e] * (t - recent)));
       // The shares move, the router's total does not: each slice carries the window's tokens per pass.
       const double scale = sum > 0 ? total * (H / S) / sum : 0.0;
       for (int e = 0; e < E; ++e) dst[e] *= scale;

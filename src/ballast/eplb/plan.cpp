@@ -2,7 +2,6 @@
 
 #include "ballast/core/error.h"
 #include "ballast/eplb/deepseek.h"
-#include "ballast/eplb/forecast.h"
 
 namespace ballast::eplb {
 
@@ -34,12 +33,13 @@ Placement plan(const LoadTrace& load, const PlanOptions& opt, std::vector<LayerP
     b.ranks = opt.ranks, b.physical = P, b.migration_weight = opt.migration_weight, b.current = opt.current;
     b.dispatch = opt.dispatch, b.nodes = opt.nodes, b.groups = opt.nodes > 1 ? opt.groups : 1;
     LoadTrace sl;
+    if (opt.trends) opt.trends->clear();
     if (load.passes == 1) {
       sl = load;
     } else if (opt.forecast) {
       ForecastOptions fo;
       fo.slices = std::max(1, opt.slices), fo.horizon = opt.horizon, fo.damping = opt.damping;
-      sl = forecast_slices(load, fo);
+      sl = forecast_slices(load, fo, opt.trends);
     } else {
       sl = load.slices(0, load.passes, std::max(1, opt.slices));
     }

@@ -1,10 +1,12 @@
 #pragma once
 // One entry point over the balancing algorithms, as the CLI, Python and the engine call it.
 #include "ballast/eplb/ballast_algorithm.h"
+#include "ballast/eplb/forecast.h"
 #include "ballast/eplb/load.h"
 #include "ballast/eplb/placement.h"
 
 #include <string>
+#include <vector>
 
 namespace ballast::eplb {
 
@@ -26,11 +28,13 @@ struct PlanOptions {
   Dispatch dispatch = Dispatch::static_;  // ballast: the dispatch policy served with (BallastOptions)
   const Placement* current = nullptr;   // ballast: placement in force
   // ballast with a window of passes: plan for the forecast of the next `horizon` passes
-  // (forecast.h: per-expert trends extrapolated, as `slices` time slices) instead of the window's
-  // own slices. horizon 0: the window's length.
-  bool forecast = false;
+  // (forecast.h: each layer whose load has a significant trend gets its trend extrapolated, as
+  // `slices` time slices; the other layers keep the window's own slices). false: the window's own
+  // slices for every layer. horizon 0: the window's length.
+  bool forecast = true;
   int horizon = 0;
-  double damping = -1;  // ForecastOptions::damping (< 0: estimated)
+  double damping = -1;  // ForecastOptions::damping (< 0: estimated, and the significance test)
+  std::vector<LayerTrend>* trends = nullptr;  // out (optional): the forecast's decision per layer (empty: none made)
 };
 
 // load: [T][L][E] (T = 1: a summed matrix). deepseek algorithms plan on the sum over passes;

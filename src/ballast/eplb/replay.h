@@ -46,7 +46,7 @@ struct SuiteRow {
 // forecast: ballast plans for the forecast of the evaluated passes (PlanOptions::forecast).
 std::vector<SuiteRow> run_suite(const std::vector<SuiteWorkload>& suite, int window,
                                 const std::vector<Algorithm>& algorithms, int slices = 4, int max_layers = 0,
-                                bool forecast = false, double damping = -1);
+                                bool forecast = true, double damping = -1);
 
 struct ReplayOptions {
   int interval = 1000;       // passes between rebalances (the window is the last interval)
@@ -55,7 +55,7 @@ struct ReplayOptions {
   int nodes = 1, groups = 1;  // deepseek_hierarchical
   int slices = 4;
   double migration_weight = 0.05;
-  bool forecast = false;     // ballast: plan for the forecast of the next interval
+  bool forecast = true;      // ballast: plan for the forecast of the next interval (PlanOptions::forecast)
   std::vector<Algorithm> algorithms{Algorithm::deepseek, Algorithm::ballast};
   std::vector<Dispatch> dispatches{Dispatch::static_, Dispatch::balanced};
 };

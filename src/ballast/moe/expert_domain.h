@@ -19,6 +19,7 @@ struct RebalanceOptions {
   eplb::Algorithm algorithm = eplb::Algorithm::ballast;  // --eplb-algorithm
   int slices = 4;                    // ballast: time slices of the window
   double migration_weight = 0.0;     // ballast: cost of moving an expert
+  bool forecast = true;              // ballast: plan for the next interval's forecast (--no-eplb-forecast: off)
 };
 
 struct DomainOptions {
@@ -40,6 +41,9 @@ inline eplb::PlanOptions plan_options(const DomainOptions& o, int ranks, int red
   po.slices = o.rebalance.slices;
   po.migration_weight = o.rebalance.migration_weight;
   po.dispatch = o.dispatch;
+  // The placement serves the next `interval` passes: layers whose window shows a trend are
+  // planned for where it leads (eplb/forecast.h).
+  po.forecast = o.rebalance.forecast, po.horizon = o.rebalance.interval;
   po.current = current;
   return po;
 }

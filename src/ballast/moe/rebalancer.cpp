@@ -58,8 +58,11 @@ void Rebalancer::start_rebalance() {
   for (double c : load.count) total += c;
   if (total == 0) return;
 
-  target_ = eplb::plan(load, plan_options(d_.options, d_.placement.ranks, d_.placement.physical - d_.placement.logical,
-                                           &d_.placement));
+  std::vector<eplb::LayerTrend> trends;
+  eplb::PlanOptions po =
+      plan_options(d_.options, d_.placement.ranks, d_.placement.physical - d_.placement.logical, &d_.placement);
+  po.trends = &trends;
+  target_ = eplb::plan(load, po);
   plan_ = eplb::plan_migration(d_.placement, target_, d_.options.ranks_per_node, int64_t(slots_.bytes_per_expert()));
 
   RebalanceEvent ev;
@@ -74,6 +77,7 @@ void Rebalancer::start_rebalance() {
     if (!std::equal(target_.layer(l).begin(), target_.layer(l).end(), d_.placement.layer(l).begin()))
       layers_left_.push_back(l);
   ev.layers_changed = int(layers_left_.size());
+  for (const auto& t : trends) ev.layers_trending += t.extrapolated;
   ev.plan_seconds = seconds_since(t0);
   started_at_ = t0;
   events_.push_back(ev);

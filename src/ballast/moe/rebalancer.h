@@ -24,6 +24,7 @@ struct RebalanceEvent {
   std::string domain;
   int64_t pass = 0;          // pass after which it was planned
   int layers_changed = 0;
+  int layers_trending = 0;   // layers planned for their extrapolated trend (eplb/forecast.h)
   int experts_moved = 0;     // copies between ranks
   int64_t bytes_moved = 0;
   double plan_seconds = 0, total_seconds = 0;  // total: planning + all chunks of migration
