@@ -11,8 +11,9 @@
 //   measured_balancedness, rank_loads, balancedness, lower_bound, evaluate, evaluate_passes,
 //   replica_graph_components: the metrics
 // log2phy order: every function here lists an expert's replicas in ascending slot order (what
-// SGLang and vLLM derive from phy2log themselves), except rebalance_experts, which keeps
-// deepseek-ai/EPLB's order (by replica rank) so that its three outputs equal the original's.
+// SGLang and vLLM derive from phy2log themselves), except rebalance_experts, which by default keeps
+// deepseek-ai/EPLB's order (by replica rank) so that its three outputs equal the original's, and
+// gives the ascending order with log2phy_order="slot".
 // Arrays in and out: tensors.h. Bad input raises ballast_eplb.EplbError (ValueError and AssertionError).
 #include "ballast/core/error.h"
 #include "ballast/eplb/deepseek.h"
@@ -103,12 +104,19 @@ deepseek::Result deepseek_plan(const Dense& w, int num_replicas, std::optional<i
 namespace {
 
 py::tuple py_rebalance_experts(py::object weight, int num_replicas, std::optional<int> num_groups, int num_nodes,
-                               int num_gpus, std::optional<bool> enable_hierarchical) {
+                               int num_gpus, std::optional<bool> enable_hierarchical, const std::string& log2phy_order) {
+  check(log2phy_order == "replica" || log2phy_order == "slot",
+        "log2phy_order must be \"replica\" (the original's) or \"slot\", got \"{}\"", log2phy_order);
   Origin o;
   Dense w = summed(to_dense(weight, "weight", 2, 3, &o));
   check_counts(w, "weight");
   const int L = int(w.dim(0)), E = int(w.dim(1));
   auto r = deepseek_plan(w, num_replicas, num_groups, num_nodes, num_gpus, enable_hierarchical);
+  if (log2phy_order == "slot") {
+    Placement pl(L, E, num_replicas, num_gpus);
+    pl.phy2log = r.phy2log;
+    return placement_tuple(pl, o);
+  }
   return py::make_tuple(int64_out(r.phy2log, {L, num_replicas}, o), int64_out(r.log2phy, {L, E, r.max_replicas}, o),
                         int64_out(r.logcnt, {L, E}, o));
 }
@@ -353,6 +361,7 @@ PYBIND11_MODULE(ballast_eplb, m) {
 
   m.def("rebalance_experts", &py_rebalance_experts, py::arg("weight"), py::arg("num_replicas"),
         py::arg("num_groups"), py::arg("num_nodes"), py::arg("num_gpus"), py::arg("enable_hierarchical") = py::none(),
+        py::arg("log2phy_order") = "replica",
         R"(The expert-parallelism load balancer of deepseek-ai/EPLB (same arguments, identical results).
 
 weight: [layers, num_logical_experts] load statistics, or SGLang's [passes, layers, num_logical_experts]
@@ -364,7 +373,13 @@ enable_hierarchical: SGLang's switch: True = hierarchical (refused when num_grou
     False = global; None = the original's rule. num_groups may be None for the global policy.
 Returns (phy2log [layers, num_replicas], log2phy [layers, num_logical_experts, X] padded with -1
 where X is the largest replica count, logcnt [layers, num_logical_experts]), int64: numpy arrays, or
-torch tensors on the weight's device. log2phy lists replicas by replica rank, as the original.)");
+torch tensors on the weight's device.
+log2phy_order: "replica" (default, the original's): log2phy[l, e, r] is the slot of expert e's
+    replica of rank r, r being the order in which replicate_experts made the replicas (0 = the
+    first); the packing places each replica on its own, so these slots are in no fixed order (the
+    original's output, kept so that all three outputs equal it). "slot": each expert's slots
+    ascending, the order of every other function of this module and of compute_logical_maps (what
+    SGLang and vLLM derive from phy2log). phy2log and logcnt are the same either way.)");
 
   m.def("balanced_packing", &py_balanced_packing, py::arg("weight"), py::arg("num_packs"),
         R"(deepseek-ai/EPLB's balanced packing: n weighted items into num_packs packs of n / num_packs items,
@@ -400,10 +415,13 @@ dispatch: the policy the placement is served with: "static" or "random" (balance
     move any GPU's excess)
 num_groups, num_nodes: with num_nodes > 1, expert groups are packed onto nodes first and each node
     planned on its own GPUs (num_groups % num_nodes == 0, else refused)
-forecast: with a window of passes, plan for the forecast of the next `horizon` passes (per-expert
-    trends, damped by how much they persist) instead of the window itself; None = the library's default
+forecast: with a window of passes, each layer whose load has a significant trend (one that persists
+    from the window's first half to its second) is planned for the forecast of the next `horizon`
+    passes (per-expert trends, damped by how much they persist), the others for the window's own
+    slices; None or True: so (the default), False: every layer for the window's own slices
 horizon: passes the placement will serve (0 = the window's length)
-Returns (phy2log, log2phy, logcnt), int64; log2phy lists replicas by ascending slot.)");
+Returns (phy2log, log2phy, logcnt), int64; log2phy lists each expert's slots ascending (as
+compute_logical_maps; rebalance_experts gives this order with log2phy_order="slot").)");
 
   bind_vllm_policy(m);
 

@@ -248,3 +248,39 @@ def test_forecast_follows_a_drift():
     ahead = eplb.rebalance_experts_ballast(window, 80, 16, dispatch="balanced", forecast=True)[0]
     assert (eplb.evaluate_passes(ahead, later, 16, dispatch="balanced").mean() >
             eplb.evaluate_passes(past, later, 16, dispatch="balanced").mean())
+
+
+def test_forecast_is_the_default_and_keeps_stationary_plans():
+    # The forecast is on by default; a window whose layers do not trend is planned exactly as
+    # without it, and a trending one is not.
+    still = drifting_window(11, 120, 2, 64, 0.0)
+    default = eplb.rebalance_experts_ballast(still, 80, 16, dispatch="balanced")[0]
+    assert np.array_equal(default, eplb.rebalance_experts_ballast(still, 80, 16, dispatch="balanced", forecast=True)[0])
+    assert np.array_equal(default, eplb.rebalance_experts_ballast(still, 80, 16, dispatch="balanced", forecast=False)[0])
+    moving = drifting_window(9, 60, 2, 64, 3.0)
+    assert np.array_equal(eplb.rebalance_experts_ballast(moving, 80, 16, dispatch="balanced")[0],
+                          eplb.rebalance_experts_ballast(moving, 80, 16, dispatch="balanced", forecast=True)[0])
+    assert not np.array_equal(eplb.rebalance_experts_ballast(moving, 80, 16, dispatch="balanced")[0],
+                              eplb.rebalance_experts_ballast(moving, 80, 16, dispatch="balanced", forecast=False)[0])
+
+
+def test_rebalance_experts_log2phy_order():
+    # "replica" (default) is the original's order; "slot" the order of every other function.
+    rng = np.random.default_rng(5)
+    w = rng.lognormal(0, 1, size=(4, 32)) * 100
+    for args in ((48, 1, 1, 8), (48, 4, 2, 8)):
+        p, l2p, cnt = eplb.rebalance_experts(w, *args)
+        ps, l2ps, cnts = eplb.rebalance_experts(w, *args, log2phy_order="slot")
+        assert np.array_equal(p, ps) and np.array_equal(cnt, cnts)
+        want, _ = eplb.compute_logical_maps(p, 32)
+        assert np.array_equal(l2ps, want)
+        # the original's order: replica r of expert e sits at slot l2p[l, e, r], phy2log agrees
+        for layer in range(4):
+            for e in range(32):
+                for r in range(cnt[layer, e]):
+                    assert p[layer, l2p[layer, e, r]] == e
+    # with these weights the original's order is not ascending somewhere: the option matters
+    p, l2p, cnt = eplb.rebalance_experts(w, 48, 1, 1, 8)
+    assert not np.array_equal(l2p, eplb.compute_logical_maps(p, 32)[0])
+    with pytest.raises(AssertionError, match="log2phy_order"):
+        eplb.rebalance_experts(w, 48, 1, 1, 8, log2phy_order="rank")
