@@ -21,8 +21,16 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
   std::vector<double> centre(B), len(B, 0.0);
   for (int t = 0; t < T; ++t) len[int(int64_t(t) * B / T)] += 1;
   for (int b = 0, start = 0; b < B; start += int(len[b]), ++b) centre[b] = start + len[b] / 2.0;
-  const LoadTrace binned = w.slices(0, T, B);
-  LoadTrace own;  // the window's own slices, made when a layer keeps them
+  // One pass over the window makes both its B bins and its own S time slices (for the layers that
+  // keep them: summed in pass order, as LoadTrace::slices, so that such a layer's plan is the very
+  // plan made without a forecast).
+  LoadTrace binned(B, L, E), own(S, L, E);
+  for (int t = 0; t < T; ++t) {
+    double* bin = binned.at(int(int64_t(t) * B / T), 0);
+    double* slice = own.at(int(int64_t(t) * S / T), 0);
+    const double* src = w.at(t, 0);
+    for (size_t i = 0; i < size_t(L) * E; ++i) bin[i] += src[i], slice[i] += src[i];
+  }
   // Least-squares slope of y over bins [b0, b1).
   auto fit_slope = [&](const std::vector<double>& y, int b0, int b1) {
     double c = 0, m = 0;
@@ -76,7 +84,6 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
     tr.extrapolated = k >= 0;
     if (trends) (*trends)[l] = tr;
     if (!tr.extrapolated) {
-      if (own.passes == 0) own = w.slices(0, T, S);
       for (int s = 0; s < S; ++s) std::copy(own.at(s, l), own.at(s, l) + E, out.at(s, l));
       continue;
     }
