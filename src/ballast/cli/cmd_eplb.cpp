@@ -299,7 +299,8 @@ void add_eplb(CLI::App& app, Runner& run) {
   synth->add_option("--algorithms", sa->algorithms, "suite: comma-separated algorithms");
   synth->add_flag("--forecast,!--no-forecast", sa->forecast,
                   "suite: ballast plans for the forecast of the evaluated passes (default; --no-forecast: the window)");
-  synth->add_option("--damping", sa->damping, "suite: share of the trend extrapolated, every layer (< 0: estimated, and only significant trends)");
+  synth->add_option("--damping", sa->damping,
+                    "suite: share of the trend extrapolated, every layer (< 0: estimated, and only significant trends)");
   synth->callback([sa, &run] { run = [sa] { return run_synth(*sa); }; });
 }
 
