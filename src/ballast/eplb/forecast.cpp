@@ -39,8 +39,9 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
     for (int b = b0; b < b1; ++b) sxy += (centre[b] - c) * (y[b] - m), sxx += (centre[b] - c) * (centre[b] - c);
     return sxx > 0 ? sxy / sxx : 0.0;
   };
-  double recent = 0;  // centre of the second half, in passes
-  for (int b = B / 2; b < B; ++b) recent += centre[b] / (B - B / 2);
+  const int Q = std::max(1, B / 4);  // the window's last quarter, in bins: the level's
+  double recent = 0;                 // its centre, in passes
+  for (int b = B - Q; b < B; ++b) recent += centre[b] / Q;
   LoadTrace out(S, L, E);
   if (trends) trends->assign(L, {});
   std::vector<double> y(B), slope(E), level(E), s1(E), s2(E), share(E);
@@ -54,10 +55,12 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
       double n = 0;
       for (int b = 0; b < B; ++b) y[b] = std::log((binned.at(b, l)[e] + 0.5) / len[b]), n += binned.at(b, l)[e];
       slope[e] = fit_slope(y, 0, B);
-      // The level: the mean log-rate of the window's second half, at that half's centre (recent,
-      // and averaged over half the window: a line's end point would carry the fit's noise).
+      // The level: the mean log-rate of the window's last quarter, at that quarter's centre. The
+      // random walk on top of a trend is best known from the latest passes; a quarter (two bins)
+      // averages their sampling noise (qwen3-next/zipf-0.9, trend 0.2, 16 layers, balanced
+      // dispatch: the second half's mean 0.9767, the last quarter's 0.9831, the last bin's 0.9826).
       double lm = 0;
-      for (int b = B / 2; b < B; ++b) lm += y[b] / (B - B / 2);
+      for (int b = B - Q; b < B; ++b) lm += y[b] / Q;
       level[e] = lm;
       s1[e] = fit_slope(y, 0, B / 2), s2[e] = fit_slope(y, B / 2, B);
       share[e] = total > 0 ? std::sqrt(n / (total * T)) : 0.0;

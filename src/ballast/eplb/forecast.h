@@ -7,7 +7,7 @@
 // the experts (a steady trend keeps its slopes: about 1; a random walk's increments do not: about
 // 0). Only when that persistence is significant (its t statistic against the residual noise of
 // the regression) is the layer's trend extrapolated: a log-linear fit per expert, continued from
-// the level of the window's second half over the next `horizon` passes, damped by the persistence,
+// the level of the window's last quarter over the next `horizon` passes, damped by the persistence,
 // as time slices each renormalised to the window's tokens per pass (the router's total is fixed,
 // only the shares move). A layer without a significant trend keeps the window's own time slices,
 // exactly what is planned without a forecast, so a stationary load loses nothing to it.
@@ -21,8 +21,8 @@ struct ForecastOptions {
   int bins = 8;        // the window is fitted on this many consecutive bins (fewer when it has fewer passes)
   int slices = 4;      // forecast slices covering the horizon (at most the window's passes)
   int horizon = 0;     // passes the plan will serve; 0 = the window's length (rebalance interval = window)
-  // Fraction of the fitted slope extrapolated from the window's second half (1 = the full trend,
-  // 0 = none: the level of that half); < 0: estimated per layer as the persistence above, and a
+  // Fraction of the fitted slope extrapolated from the window's last quarter (1 = the full trend,
+  // 0 = none: the level of that quarter); < 0: estimated per layer as the persistence above, and a
   // layer is extrapolated only when it is significant (every layer is, with a fixed damping).
   double damping = -1.0;
   // The persistence's t statistic (estimate / robust standard error) a layer needs to be
