@@ -152,6 +152,20 @@ TEST(Forecast, RefusesBadInput) {
   EXPECT_THROW(forecast_slices(LoadTrace(10, 1, 4), o), ballast::Error);
   o.slices = 4, o.min_t = -1;
   EXPECT_THROW(forecast_slices(LoadTrace(10, 1, 4), o), ballast::Error);
+  // counts must be finite and >= 0: the message names the first bad one
+  for (double x : {-1.0, std::nan(""), HUGE_VAL}) {
+    LoadTrace w(10, 2, 4);
+    w.at(7, 1)[3] = x;
+    try {
+      forecast_slices(w);
+      ADD_FAILURE() << "accepted " << x;
+    } catch (const ballast::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("pass 7 layer 1 expert 3"), std::string::npos) << e.what();
+    }
+  }
+  LoadTrace ragged(10, 2, 4);
+  ragged.count.pop_back();
+  EXPECT_THROW(forecast_slices(ragged), ballast::Error);
 }
 
 // The issue-17 goal on a quick run: under steady drift, ballast planned for balanced dispatch and

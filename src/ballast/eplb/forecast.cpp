@@ -9,8 +9,9 @@
 namespace ballast::eplb {
 
 LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::vector<LayerTrend>* trends) {
-  w.validate("forecast: window");
   const int T = w.passes, L = w.layers, E = w.experts;
+  check(w.count.size() == size_t(T) * L * E, "forecast: window: {} counts for shape [{}][{}][{}]", w.count.size(), T, L,
+        E);
   check(T >= 2, "forecast: a window of {} pass(es) has no trend to extrapolate", T);
   check(opt.bins >= 2 && opt.slices >= 1 && opt.horizon >= 0 && opt.damping <= 1 && opt.min_t >= 0,
         "forecast: bad options (bins {}, slices {}, horizon {}, damping {}, min_t {})", opt.bins, opt.slices,
@@ -21,16 +22,22 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
   std::vector<double> centre(B), len(B, 0.0);
   for (int t = 0; t < T; ++t) len[int(int64_t(t) * B / T)] += 1;
   for (int b = 0, start = 0; b < B; start += int(len[b]), ++b) centre[b] = start + len[b] / 2.0;
-  // One pass over the window makes both its B bins and its own S time slices (for the layers that
-  // keep them: summed in pass order, as LoadTrace::slices, so that such a layer's plan is the very
-  // plan made without a forecast).
+  // One pass over the window checks its counts and makes both its B bins and its own S time
+  // slices (for the layers that keep them: summed in pass order, as LoadTrace::slices, so that
+  // such a layer's plan is the very plan made without a forecast). The window is the largest input
+  // of a rebalance: a second pass would cost as much as the rest of the forecast.
   LoadTrace binned(B, L, E), own(S, L, E);
+  bool bad = false;
   for (int t = 0; t < T; ++t) {
     double* bin = binned.at(int(int64_t(t) * B / T), 0);
     double* slice = own.at(int(int64_t(t) * S / T), 0);
     const double* src = w.at(t, 0);
-    for (size_t i = 0; i < size_t(L) * E; ++i) bin[i] += src[i], slice[i] += src[i];
+    for (size_t i = 0; i < size_t(L) * E; ++i) {
+      bad |= !(src[i] >= 0 && src[i] <= std::numeric_limits<double>::max());
+      bin[i] += src[i], slice[i] += src[i];
+    }
   }
+  if (bad) w.validate("forecast: window");  // names the first bad count
   // Least-squares slope of y over bins [b0, b1).
   auto fit_slope = [&](const std::vector<double>& y, int b0, int b1) {
     double c = 0, m = 0;
