@@ -4,8 +4,9 @@
 # summary.json under $OUT. Each step runs even when an earlier one fails; the summary says which.
 # The device tool takes 64 MiB in all: the tracked tree is ~48 MB (the default model 36 MB) and the
 # pack ~15 MB, so .carry/fla (~6 MB) fits only without other growth.
-#   STEPS="conformance runtime demo sanitizer bench scale kernels mtp deltanet" bash scripts/gpu_check.sh
-# scale: the published model sizes (synthetic weights) with per-op profiles; kernels: every kernel
+#   STEPS="conformance runtime demo sanitizer bench scale fp8 kernels mtp deltanet" bash scripts/gpu_check.sh
+# scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
+# block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
 # of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
 # the demo model; deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla).
 set -uo pipefail
@@ -42,6 +43,9 @@ for s in $STEPS; do
              $BIN/ballast bench --device cuda --synthetic \$m --batch ${BATCHES:-1,8,32,128,256} --prompt-len ${CONTEXT:-1024} \
                --decode-steps 32 --prefill ${PREFILLS:-8192,1024,32768} --repeats ${REPEATS:-2} --profile \
                --json-file $OUT/scale-\${m%% *}.json; done" ;;
+    fp8) step fp8 bash -c "$BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --dtype fp8 --layers ${LAYERS_FP8:-48} \
+               --batch ${FP8_BATCHES:-1,8,32,128} --prompt-len ${CONTEXT:-1024} --decode-steps 32 --prefill ${FP8_PREFILLS:-8192} \
+               --repeats ${REPEATS:-1} --profile --json-file $OUT/fp8-80b.json" ;;
     kernels) step kernels bash -c "ncu --profile-from-start off --graph-profiling node --clock-control none --cache-control none --csv \
                --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size \
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} \

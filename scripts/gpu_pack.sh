@@ -9,14 +9,17 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD_DIR:-build-gpu}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBALLAST_PYTHON=OFF >/dev/null
-cmake --build "$BUILD" -j"$(nproc)" --target ballast test_kernels_cuda test_runtime test_moe bench_delta_rule_cuda
+# The delta-rule bench only for the FLA side by side (FLA_REPO below): the device tool carries 64 MiB in all.
+EXTRA=(); [ -n "${FLA_REPO:-}" ] && EXTRA=(bench_delta_rule_cuda)
+cmake --build "$BUILD" -j"$(nproc)" --target ballast test_kernels_cuda test_runtime "${EXTRA[@]}"
 rm -rf .carry/gpu && mkdir -p .carry/gpu/bin .carry/gpu/lib
-cp "$BUILD/ballast" "$BUILD/tests/kernels/test_kernels_cuda" "$BUILD/tests/runtime/test_runtime" \
-   "$BUILD/tests/moe/test_moe" "$BUILD/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/
+cp "$BUILD/ballast" "$BUILD/tests/kernels/test_kernels_cuda" "$BUILD/tests/runtime/test_runtime" .carry/gpu/bin/
+[ -n "${FLA_REPO:-}" ] && cp "$BUILD/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/
 # Libraries from Debian's packages (not CUDA's, not glibc's or the compiler runtime's).
 for exe in .carry/gpu/bin/*; do
   ldd "$exe" | awk '{print $3}' | grep -E 'libfmt|libopenblas|libgfortran|libquadmath|libpcre2|libutf8proc|libprometheus|libcpp-httplib|libbrotli' || true
 done | sort -u | while read -r lib; do cp -L "$lib" .carry/gpu/lib/; done
+strip --strip-unneeded .carry/gpu/bin/* 2>/dev/null || true  # symbols only: the device tool carries 64 MiB in all
 tar -C .carry -cJf .carry/gpu.tar.xz gpu
 rm -rf .carry/gpu
 if [ -n "${FLA_REPO:-}" ]; then

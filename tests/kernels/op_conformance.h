@@ -499,7 +499,6 @@ TEST_P(OpConformance, MatmulManyEqualsEachMatmul) {
 // 128 block's scale, summed in fp32; the activations stay F32. N and K are no multiples of 128, so
 // the blocks at the bottom and right edges are partial, and the rows cross several blocks of 64.
 TEST_P(OpConformance, MatmulWithBlockScaledFp8Weights) {
-  if (be().device() == Device::CUDA) GTEST_SKIP() << "block-scaled FP8 on CUDA: refused until its kernels exist (issue 15's GPU half)";
   const int64_t K = 200, N = 300;
   const BlockScaledHost wq = block_scaled_host(randn(size_t(N * K), 31, 0.2f), N, K);
   const Tensor w = be().to_device(wq.tensor);
@@ -527,7 +526,6 @@ TEST_P(OpConformance, MatmulWithBlockScaledFp8Weights) {
 // Block scales travel with their weight and are checked: a weight whose scales have the wrong
 // shape is refused by matmul, and ops that take a weight but no block scales refuse FP8 ones.
 TEST_P(OpConformance, BlockScaledWeightsAreCheckedAndOnlyProductsTakeThem) {
-  if (be().device() == Device::CUDA) GTEST_SKIP() << "block-scaled FP8 on CUDA: refused until its kernels exist (issue 15's GPU half)";
   const int64_t N = 130, K = 20;
   const BlockScaledHost wq = block_scaled_host(randn(size_t(N * K), 33), N, K);
   Tensor x = f32(randn(size_t(2 * K), 34), {2, K}), y = be().alloc({2, N}, DType::F32);
@@ -556,7 +554,7 @@ TEST_P(OpConformance, BlockScaledWeightsAreCheckedAndOnlyProductsTakeThem) {
 
 TEST_P(OpConformance, FillUniformIsTheSameOnEveryBackend) {
   const int64_t n = 3 * 1000 + 7;  // not a multiple of any vector width
-  for (DType dt : {DType::F32, DType::BF16, DType::F16}) {
+  for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3}) {
     Tensor t = be().alloc({3, n / 3 + 1}, dt);
     ops().fill_uniform(t, 42, 0.05f);
     std::vector<uint8_t> got(t.nbytes());
@@ -566,9 +564,13 @@ TEST_P(OpConformance, FillUniformIsTheSameOnEveryBackend) {
     double mean = 0;
     for (int64_t i = 0; i < t.numel(); ++i) {
       const float v = uniform_weight(42, uint64_t(i), 0.05f);
-      const float want = dt == DType::F32 ? v : (dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(v)) : f16_to_f32(f32_to_f16(v)));
+      const float want = dt == DType::F32    ? v
+                         : dt == DType::BF16 ? bf16_to_f32(f32_to_bf16(v))
+                         : dt == DType::F16  ? f16_to_f32(f32_to_f16(v))
+                                             : fp8e4m3_to_f32(f32_to_e4m3(v));
       ASSERT_EQ(vals[size_t(i)], want) << dtype_name(dt) << " element " << i;
-      ASSERT_LE(std::abs(vals[size_t(i)]), 0.05f * (1 + 1.0f / 128)) << "within the scale, up to rounding";
+      ASSERT_LE(std::abs(vals[size_t(i)]), 0.05f * (1 + (dt == DType::F8_E4M3 ? 1.0f / 16 : 1.0f / 128)))
+          << "within the scale, up to rounding";
       mean += vals[size_t(i)];
     }
     EXPECT_LT(std::abs(mean / double(t.numel())), 0.005) << "centred";
@@ -577,7 +579,7 @@ TEST_P(OpConformance, FillUniformIsTheSameOnEveryBackend) {
   ops().fill_uniform(other, 43, 1.0f);
   EXPECT_NE(floats(other)[0], uniform_weight(42, 0, 1.0f)) << "the seed matters";
   Tensor ints = be().alloc({4}, DType::I32);
-  test::expect_error([&] { ops().fill_uniform(ints, 1, 1.0f); }, {"fill_uniform", "F32, BF16 or F16"});
+  test::expect_error([&] { ops().fill_uniform(ints, 1, 1.0f); }, {"fill_uniform", "F32, BF16, F16 or F8_E4M3"});
 }
 
 TEST_P(OpConformance, OpTimingCountsEveryOpOnce) {
@@ -1283,7 +1285,6 @@ TEST_P(OpConformance, MoeExpertsAndCombineMatchNaiveSwiglu) {
 // I = 130), beside a bf16 one in the same call, for a decode-like pass (one row per group) and a
 // prefill-like one (many rows).
 TEST_P(OpConformance, MoeExpertsWithBlockScaledFp8Experts) {
-  if (be().device() == Device::CUDA) GTEST_SKIP() << "block-scaled FP8 on CUDA: refused until its kernels exist (issue 15's GPU half)";
   const int64_t H = 136, I = 130, E = 3;
   std::vector<SwigluWeights> experts;
   std::vector<BlockScaledHost> g, u, d;

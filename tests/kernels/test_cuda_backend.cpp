@@ -81,10 +81,10 @@ TEST(CudaBackend, Bf16MatmulEqualsTheProductOfRoundedInputs) {
 // Grouped experts with bf16 matrix products: groups of more than 8 rows take the tensor cores
 // (x and h rounded to bf16), smaller ones the fp32 kernels. Reference in double from the same
 // rounded inputs; h's rounding may land one bf16 step apart where fp32 sums differ in order.
-TEST(CudaBackend, Bf16GroupedExpertsEqualTheProductOfRoundedInputs) {
-  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
+// Block-scaled FP8 experts take the tensor cores as their exact e4m3 values in bf16, each 128-block
+// of k summed apart and scaled: the reference is the same with the dequantized weights.
+void expect_grouped_experts_equal_rounded_products(DType dt, int64_t H, int64_t I, const std::string& op) {
   CudaBackend be(0, CudaOptions{.bf16_matmul = true});
-  const int64_t H = 136, I = 72;  // multiples of 8, not of the 32-wide K step or the 64-wide tiles
   const std::vector<int32_t> offsets{0, 100, 140, 145, 145, 165};  // 100, 40, 5, none, 20 rows
   const int64_t M = offsets.back(), E = int64_t(offsets.size()) - 1;
   std::mt19937 rng(5);
@@ -92,19 +92,26 @@ TEST(CudaBackend, Bf16GroupedExpertsEqualTheProductOfRoundedInputs) {
   auto round = [](float v) { return bf16_to_f32(f32_to_bf16(v)); };
   std::vector<float> x(size_t(M * H));
   for (float& v : x) v = nd(rng);
-  std::vector<std::vector<float>> wf(size_t(E) * 3);  // gate, up, down as stored (bf16 values)
+  std::vector<std::vector<float>> wf(size_t(E) * 3);  // gate, up, down as stored (the values they stand for)
   std::vector<SwigluWeights> experts;
   for (int64_t e = 0; e < E; ++e) {
     Tensor t[3];
     for (int m = 0; m < 3; ++m) {
       const int64_t rows = m < 2 ? I : H, cols = m < 2 ? H : I;
-      Tensor hst = Tensor::zeros({rows, cols}, DType::BF16);
-      std::vector<float>& f = wf[size_t(e * 3 + m)];
-      for (int64_t i = 0; i < rows * cols; ++i) {
-        hst.data<uint16_t>()[i] = f32_to_bf16(0.15f * nd(rng));
-        f.push_back(bf16_to_f32(hst.data<uint16_t>()[i]));
+      std::vector<float> v(size_t(rows * cols));
+      for (float& f : v) f = 0.15f * nd(rng);
+      if (dt == DType::F8_E4M3_B128) {
+        BlockScaledHost q = block_scaled_host(v, rows, cols);
+        wf[size_t(e * 3 + m)] = q.stored;
+        t[m] = be.to_device(q.tensor);
+      } else {
+        Tensor hst = Tensor::zeros({rows, cols}, DType::BF16);
+        for (int64_t i = 0; i < rows * cols; ++i) {
+          hst.data<uint16_t>()[i] = f32_to_bf16(v[size_t(i)]);
+          wf[size_t(e * 3 + m)].push_back(bf16_to_f32(hst.data<uint16_t>()[i]));
+        }
+        t[m] = be.to_device(hst);
       }
-      t[m] = be.to_device(hst);
     }
     experts.push_back({t[0], t[1], t[2]});
   }
@@ -117,7 +124,7 @@ TEST(CudaBackend, Bf16GroupedExpertsEqualTheProductOfRoundedInputs) {
   be.upload(offsets.data(), od);
   be.start_op_timing();
   be.ops().moe_experts(xd, pd, od, 1, experts, y);
-  EXPECT_EQ(be.stop_op_timing().at(0).op, "moe_experts (bf16)");
+  EXPECT_EQ(be.stop_op_timing().at(0).op, op);
   std::vector<float> got(size_t(M * H));
   be.download(y, got.data());
   double worst = 0;
@@ -148,6 +155,61 @@ TEST(CudaBackend, Bf16GroupedExpertsEqualTheProductOfRoundedInputs) {
     }
   }
   EXPECT_LT(worst, 5e-3) << "relative to the sum of |products|";
+}
+
+TEST(CudaBackend, Bf16GroupedExpertsEqualTheProductOfRoundedInputs) {
+  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
+  // Multiples of 8, not of the 32-wide K step or the 64-wide tiles.
+  expect_grouped_experts_equal_rounded_products(DType::BF16, 136, 72, "moe_experts (bf16)");
+}
+
+TEST(CudaBackend, Fp8GroupedExpertsOnTheTensorCoresEqualTheDequantizedProducts) {
+  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
+  // Several 128-blocks of k with partial ones at the edges (272 = 2 x 128 + 16, 144 = 128 + 16).
+  expect_grouped_experts_equal_rounded_products(DType::F8_E4M3_B128, 272, 144,
+                                                "moe_experts (FP8 weights, bf16 tensor cores)");
+}
+
+// FP8 dense products with bf16 matrix products: few rows read the e4m3 weights in place (fp32
+// sums of the exact dequantized values); many rows dequantize them to bf16 for cuBLAS (each
+// weight rounded to bf16 as x is).
+TEST(CudaBackend, Fp8MatmulEqualsTheProductOfItsDequantizedWeights) {
+  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
+  CudaBackend be(0, CudaOptions{.bf16_matmul = true});
+  const int64_t K = 272, N = 200;
+  std::mt19937 rng(9);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<float> wv(size_t(N * K));
+  for (float& v : wv) v = 0.1f * nd(rng);
+  const BlockScaledHost wq = block_scaled_host(wv, N, K);
+  const Tensor w = be.to_device(wq.tensor);
+  auto round = [](float v) { return bf16_to_f32(f32_to_bf16(v)); };
+  for (int64_t T : {3, 40}) {
+    SCOPED_TRACE("T=" + std::to_string(T));
+    const bool many = T > 8;
+    std::vector<float> x(size_t(T * K));
+    for (float& v : x) v = nd(rng);
+    Tensor xd = be.alloc({T, K}, DType::F32), y = be.alloc({T, N}, DType::F32);
+    be.upload(x.data(), xd);
+    be.start_op_timing();
+    be.ops().matmul(xd, w, y);
+    EXPECT_EQ(be.stop_op_timing().at(0).op, many ? "matmul gemm (FP8 weights as bf16, cuBLAS)" : "matmul gemv");
+    std::vector<float> got(size_t(T * N));
+    be.download(y, got.data());
+    double worst = 0;
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t n = 0; n < N; ++n) {
+        double want = 0, scale = 0;
+        for (int64_t k = 0; k < K; ++k) {
+          const float xv = x[size_t(t * K + k)], wv2 = wq.stored[size_t(n * K + k)];
+          const double p = many ? double(round(xv)) * round(wv2) : double(xv) * wv2;
+          want += p;
+          scale += std::abs(p);
+        }
+        worst = std::max(worst, std::abs(got[size_t(t * N + n)] - want) / scale);
+      }
+    EXPECT_LT(worst, many ? 1e-5 : 2e-6) << "relative to the sum of |products|";
+  }
 }
 
 TEST(CudaBackend, NoGraphIsCapturedWhileOpsAreTimed) {

@@ -41,22 +41,6 @@ inline std::unique_ptr<kernels::Backend> test_backend(int threads) {
   return std::make_unique<kernels::CpuBackend>(threads);
 }
 
-// Why a fixture cannot run on the test device yet (empty: it can).
-inline std::string unsupported_on_test_device(const std::string& fixture) {
-  const char* env = std::getenv("BALLAST_TEST_DEVICE");
-  if (env && std::string(env) == "cuda" && fixture.ends_with("_fp8"))
-    return "block-scaled FP8 on CUDA: the backend refuses it until its kernels exist (issue 15's GPU half)";
-  return {};
-}
-
-// Tests over the fixtures: skipped where the test device cannot run the fixture yet.
-class FixtureTest : public ::testing::TestWithParam<std::string> {
- protected:
-  void SetUp() override {
-    if (const std::string why = unsupported_on_test_device(GetParam()); !why.empty()) GTEST_SKIP() << why;
-  }
-};
-
 // An engine on the test backend.
 inline std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
                                                     const runtime::EngineOptions& opts = {}) {

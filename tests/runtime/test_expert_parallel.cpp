@@ -100,7 +100,7 @@ std::vector<std::vector<int32_t>> single_rank(const std::string& fixture, const 
   return load_engine(kFixtures / fixture, 1)->generate(prompts, max_new).outputs;
 }
 
-class ExpertParallel : public FixtureTest {};
+class ExpertParallel : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ExpertParallel, OutputsEqualSingleRankForEveryRankCountAndPolicy) {
   const auto prompts = prompts_of(GetParam());

@@ -17,11 +17,9 @@ namespace {
 
 using namespace ballast::test;
 
-class FixtureParity : public FixtureTest {
+class FixtureParity : public ::testing::TestWithParam<std::string> {
  protected:
   void SetUp() override {
-    FixtureTest::SetUp();
-    if (IsSkipped()) return;
     dir_ = kFixtures / GetParam();
     ref_ = io::SafetensorsFile::open(dir_ / "reference.safetensors");
     engine_ = load_engine(dir_, 2);

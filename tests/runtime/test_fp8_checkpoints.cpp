@@ -56,7 +56,6 @@ Tensor f32_fill(std::vector<int64_t> shape, float v) {
 }
 
 TEST(Fp8Checkpoint, WeightsStayFp8AndLogitsMatchTransformers) {
-  if (const std::string why = unsupported_on_test_device("qwen3_next_fp8"); !why.empty()) GTEST_SKIP() << why;
   for (const char* name : {"qwen3_next_fp8", "qwen3_5_moe_fp8"}) {
     SCOPED_TRACE(name);
     auto engine = load_engine(kFixtures / name, 2);
@@ -155,7 +154,6 @@ struct Fp8Variants {
 };
 
 TEST(Fp8Checkpoint, FusedExpertsEqualPerExpertAndTheDequantizedModel) {
-  if (const std::string why = unsupported_on_test_device("qwen3_next_fp8"); !why.empty()) GTEST_SKIP() << why;
   const Fp8Variants v;
   const std::vector<int32_t> prompt{3, 17, 90, 44, 5, 61, 8, 8, 70, 12, 33, 2};
   const auto per = load_engine(v.per_expert, 2)->prefill_logits(prompt);

@@ -30,7 +30,7 @@ std::vector<std::vector<int32_t>> prompts_of(const std::string& fixture) {
   return {a, b, {a.begin() + 10, a.begin() + 50}, {a.begin() + 3, a.begin() + 5}};
 }
 
-class Mtp : public FixtureTest {};
+class Mtp : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(Mtp, PrefillAndChainedDraftsMatchReference) {
   auto engine = load_engine(kFixtures / GetParam(), 2);

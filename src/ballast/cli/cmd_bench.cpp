@@ -34,6 +34,7 @@ struct BenchArgs {
   std::string model;
   std::string synthetic;  // a preset name (model::preset_names), or empty
   int layers = 0;
+  std::string dtype = "bf16";  // synthetic weights: bf16, or fp8 (Qwen's block-scaled FP8 where its releases have it)
   int prompt_len = 256, decode_steps = 32, threads = 0, repeats = 3;
   std::string batches = "1", prefills, speculative;
   bool profile = false, json = false;
@@ -77,10 +78,36 @@ std::vector<int32_t> random_prompt(std::mt19937& rng, int len, int vocab) {
 }
 
 // What a decode step must move and a prefill pass must compute (the numerators of the ratios).
+// Bytes of a weight as stored (block-scaled FP8: its elements and its scales).
+double stored_bytes(const Tensor& t) {
+  return double(t.nbytes()) + (t.dtype() == DType::F8_E4M3_B128 ? double(t.scales().nbytes()) : 0.0);
+}
+
+// The trunk's weight bytes as stored, by what a decode step reads of them.
+struct WeightBytes {
+  double trunk = 0;       // every tensor of the trunk once (a tied head counted once)
+  double embedding = 0;   // the embedding table
+  double routed = 0;      // every routed expert
+  double embed_row = 0;   // one embedding row
+  bool tied = false;
+};
+WeightBytes weight_bytes(const model::ModelWeights& weights) {
+  model::ModelWeights w = weights;  // tensor handles: for_each_tensor wants them mutable
+  w.mtp.reset();
+  WeightBytes b;
+  model::for_each_tensor(w, [&](Tensor& t) { b.trunk += stored_bytes(t); });
+  b.embedding = stored_bytes(w.embed);
+  b.embed_row = w.embed.dim(0) > 0 ? b.embedding / double(w.embed.dim(0)) : 0.0;
+  b.tied = w.lm_head.raw() == w.embed.raw();
+  for (const auto& l : w.layers)
+    for (const auto& e : l.moe.experts) b.routed += stored_bytes(e.gate) + stored_bytes(e.up) + stored_bytes(e.down);
+  return b;
+}
+
 struct Work {
   const model::ModelConfig& c;
   model::ParamCounts p;
-  double wbytes;  // bytes per weight
+  WeightBytes wb;
 
   // Expected distinct experts of E that b tokens visit per layer, each choosing k uniformly.
   double distinct_experts(int b) const {
@@ -91,11 +118,10 @@ struct Work {
   // embedding table and the routed experts once, the routed experts the batch visits, b embedding
   // rows, each sequence's DeltaNet state (read and written) and KV cache (read, fp32).
   double step_bytes(int b, int64_t context) const {
-    const double tied_head = p.lm_head == 0 ? double(p.embedding) : 0.0;
-    const double shared = double(p.total() - p.embedding - p.routed_experts) + tied_head;
-    const double per_expert = c.num_experts > 0 ? double(p.routed_experts) / (double(c.num_moe_layers()) * c.num_experts) : 0;
+    const double shared = wb.trunk - wb.embedding - wb.routed + (wb.tied ? wb.embedding : 0.0);
+    const double per_expert = c.num_experts > 0 ? wb.routed / (double(c.num_moe_layers()) * c.num_experts) : 0;
     const double experts = distinct_experts(b) * per_expert * c.num_moe_layers();
-    return (shared + experts + double(b) * c.hidden_size) * wbytes +
+    return shared + experts + double(b) * wb.embed_row +
            double(b) * (2.0 * double(model::deltanet_state_bytes(c)) +
                         double(model::kv_bytes_per_token(c, 4)) * double(context));
   }
@@ -236,6 +262,7 @@ int run_bench(const BenchArgs& a) {
   check(!batches.empty(), "--batch: no batch size given");
   check(a.synthetic.empty() || a.model.empty(), "--synthetic and --model: give one");
   check(a.layers == 0 || !a.synthetic.empty(), "--layers applies to --synthetic models only");
+  check(a.dtype == "bf16" || !a.synthetic.empty(), "--dtype applies to --synthetic models only (a checkpoint has its own)");
   const int bmax = *std::max_element(batches.begin(), batches.end());
   if (prefills.empty()) prefills = {a.prompt_len};
   const int pmax = *std::max_element(prefills.begin(), prefills.end());
@@ -275,15 +302,16 @@ int run_bench(const BenchArgs& a) {
       check(smax == 0, "--speculative-num-steps: synthetic models have no MTP head");
       auto backend = make_backend(a.device, threads, gpu);
       const double t0 = now_seconds();
-      model::ModelWeights w = model::random_weights(cfg, *backend, 1234);
+      model::ModelWeights w =
+          model::random_weights(cfg, *backend, 1234, a.dtype == "fp8" ? DType::F8_E4M3_B128 : DType::BF16);
       backend->synchronize();
-      const double gb = 2.0 * double(model::count_parameters(cfg).total()) / 1e9;
+      const double gb = weight_bytes(w).trunk / 1e9;
       if (ranks.rank() == 0)
-        fmt::print(stderr, "made {:.1f} GB of random bf16 weights on {} in {:.1f} s (each of {} ranks)\n", gb,
+        fmt::print(stderr, "made {:.1f} GB of random {} weights on {} in {:.1f} s (each of {} ranks)\n", gb, a.dtype,
                    backend->describe(), seconds_since(t0), ranks.size());
       engine = runtime::Engine::create(std::move(cfg), std::move(w), std::move(backend), o);
-      model_name = fmt::format("synthetic {} ({} of {} layers, bf16)", a.synthetic, shape.layers,
-                               model::preset_shape(a.synthetic).layers);
+      model_name = fmt::format("synthetic {} ({} of {} layers, {})", a.synthetic, shape.layers,
+                               model::preset_shape(a.synthetic).layers, a.dtype);
     } else {
       const std::filesystem::path dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
       engine = load_engine(dir, a.device, threads, o, ranks.rank() == 0, gpu);
@@ -291,7 +319,7 @@ int run_bench(const BenchArgs& a) {
     }
     runtime::Engine& e = *engine;
     const model::ModelConfig& cfg = e.config();
-    const Work work{cfg, model::count_parameters(cfg), double(dtype_size(e.model().weights().embed.dtype()))};
+    const Work work{cfg, model::count_parameters(cfg), weight_bytes(e.model().weights())};
     // The ceilings, measured by the first rank alone (the others wait at their first pass).
     const kernels::Ceilings ceil = ranks.rank() == 0 ? e.backend().measure_ceilings() : kernels::Ceilings{};
 
@@ -444,8 +472,12 @@ void add_bench(CLI::App& app, Runner& run) {
                 fmt::format("A model of a published size with random weights made on the device: {} (default "
                             "mid-size)", fmt::join(model::preset_names(), ", ")))
       ->expected(0, 1);
-  c->add_option("--layers", a->layers, "Synthetic models: keep the first N layers (bf16 weights must fit the device)")
+  c->add_option("--layers", a->layers, "Synthetic models: keep the first N layers (the weights must fit the device)")
       ->check(CLI::Range(1, 1024));
+  c->add_option("--dtype", a->dtype,
+                "Synthetic models: bf16, or fp8 (e4m3 with 128 x 128 block scales where Qwen's -FP8 releases have "
+                "them; embedding, head, routers and DeltaNet a/b stay bf16)")
+      ->check(CLI::IsMember({"bf16", "fp8"}));
   c->add_option("--prompt-len", a->prompt_len, "Context of the decoding sequences (prompt tokens)")
       ->check(CLI::Range(1, 1 << 20));
   c->add_option("--decode-steps", a->decode_steps, "Decode steps timed")->check(CLI::Range(1, 1 << 20));

@@ -1,5 +1,7 @@
 #pragma once
 // Storage dtypes. Arithmetic is always fp32; these are the formats weights and caches live in.
+#include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -68,6 +70,23 @@ inline constexpr E4m3Table kE4m3;
 }  // namespace detail
 
 inline float fp8e4m3_to_f32(uint8_t v) { return detail::kE4m3.value[v]; }
+
+// The E4M3 code nearest to f, ties to even, saturating at +-448 (NaN: 0x7f): what CUDA's
+// cvt.rn.satfinite.e4m3 gives, so that both backends make the same random FP8 weights.
+inline uint8_t f32_to_e4m3(float f) {
+  if (std::isnan(f)) return 0x7f;
+  const uint8_t sign = std::signbit(f) ? 0x80 : 0;
+  const float a = std::fabs(f);
+  if (a == 0.0f) return sign;
+  int e = std::max(std::ilogb(a), -6);                      // subnormals share 2^-6's step
+  const float m = std::nearbyint(std::ldexp(a, 3 - e));     // a / step, step = 2^(e-3): ties to even
+  if (m == 0.0f) return sign;
+  int mi = int(std::min(m, 64.0f));
+  if (e == -6 && mi < 8) return uint8_t(sign | mi);          // subnormal
+  if (mi == 16) mi = 8, ++e;                                 // rounded up to the next binade
+  const int code = std::min(((e + 7) << 3) | (mi - 8), 0x7e);  // 0x7e = 448; past it saturates
+  return uint8_t(sign | code);
+}
 
 // Converts n elements of src (in dtype t) to fp32. Throws for U8 (no numbers) and F8_E4M3_B128
 // (its elements mean nothing without their block scales: see kernels' weight readers).

@@ -138,8 +138,9 @@ ConcatShape check_concat_cols(const Tensor& a, const Tensor& b, const Tensor& ou
 }
 
 void check_fill_uniform(const Tensor& t, float scale) {
-  check(t.defined() && (t.dtype() == DType::F32 || t.dtype() == DType::BF16 || t.dtype() == DType::F16),
-        "fill_uniform: t{} must be F32, BF16 or F16", t);
+  check(t.defined() && (t.dtype() == DType::F32 || t.dtype() == DType::BF16 || t.dtype() == DType::F16 ||
+                        t.dtype() == DType::F8_E4M3),
+        "fill_uniform: t{} must be F32, BF16, F16 or F8_E4M3", t);
   check(std::isfinite(scale), "fill_uniform: scale {} is not finite", scale);
 }
 

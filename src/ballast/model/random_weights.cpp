@@ -33,12 +33,28 @@ std::vector<std::string> preset_names() { return {"mid-size", "qwen3-next-80b-a3
 
 namespace {
 
+// Qwen's -FP8 releases: e4m3 elements uniform over +-448 (the format's range) and 128 x 128 block
+// scales uniform in +-bound / 448, so that values stay within +-bound like the others'.
+constexpr float kE4m3Max = 448.0f;
+
 class Filler {
  public:
   Filler(kernels::Backend& be, uint64_t seed, DType dtype) : be_(be), seed_(seed), dtype_(dtype) {}
 
   // A [rows, cols] matrix in the weight dtype, uniform in +-1/sqrt(cols).
-  Tensor matrix(int64_t rows, int64_t cols) { return uniform({rows, cols}, dtype_, float(1.0 / std::sqrt(double(cols)))); }
+  Tensor matrix(int64_t rows, int64_t cols) { return weight({rows, cols}, float(1.0 / std::sqrt(double(cols)))); }
+  // A matrix the FP8 releases leave in bf16 (embedding, head, routers, DeltaNet a/b).
+  Tensor plain_matrix(int64_t rows, int64_t cols) {
+    return uniform({rows, cols}, plain_dtype(), float(1.0 / std::sqrt(double(cols))));
+  }
+  DType plain_dtype() const { return dtype_ == DType::F8_E4M3_B128 ? DType::BF16 : dtype_; }
+  // A weight in the weight dtype, uniform in +-bound.
+  Tensor weight(std::vector<int64_t> shape, float bound) {
+    if (dtype_ != DType::F8_E4M3_B128) return uniform(std::move(shape), dtype_, bound);
+    const int64_t R = shape[0], C = shape[1];
+    const Tensor elements = uniform({R, C}, DType::F8_E4M3, kE4m3Max);
+    return Tensor::block_scaled(elements, uniform({scale_blocks(R), scale_blocks(C)}, DType::F32, bound / kE4m3Max));
+  }
   Tensor uniform(std::vector<int64_t> shape, DType dt, float scale) {
     Tensor t = be_.alloc(std::move(shape), dt);
     be_.ops().fill_uniform(t, mix64(seed_ + ++tensors_), scale);
@@ -49,11 +65,14 @@ class Filler {
     be_.ops().zero(t);
     return t;
   }
-  // E experts of one SwiGLU shape, as views into one [E, I, H] (gate, up) and [E, H, I] (down).
+  // E experts of one SwiGLU shape, as views into one [E, I, H] (gate, up) and [E, H, I] (down)
+  // (block-scaled FP8: I and H multiples of 128, so that each expert has whole blocks).
   std::vector<kernels::SwigluWeights> experts(int64_t E, int64_t I, int64_t H) {
-    const Tensor gate = uniform({E * I, H}, dtype_, float(1.0 / std::sqrt(double(H))));
-    const Tensor up = uniform({E * I, H}, dtype_, float(1.0 / std::sqrt(double(H))));
-    const Tensor down = uniform({E * H, I}, dtype_, float(1.0 / std::sqrt(double(I))));
+    check(dtype_ != DType::F8_E4M3_B128 || E == 1 || (I % kScaleBlock == 0 && H % kScaleBlock == 0),
+          "random FP8 experts: I {} and H {} must be multiples of {}", I, H, kScaleBlock);
+    const Tensor gate = weight({E * I, H}, float(1.0 / std::sqrt(double(H))));
+    const Tensor up = weight({E * I, H}, float(1.0 / std::sqrt(double(H))));
+    const Tensor down = weight({E * H, I}, float(1.0 / std::sqrt(double(I))));
     std::vector<kernels::SwigluWeights> out;
     for (int64_t e = 0; e < E; ++e)
       out.push_back({gate.rows(e * I, (e + 1) * I), up.rows(e * I, (e + 1) * I), down.rows(e * H, (e + 1) * H)});
@@ -71,14 +90,14 @@ class Filler {
 }  // namespace
 
 ModelWeights random_weights(const ModelConfig& c, kernels::Backend& be, uint64_t seed, DType dtype) {
-  check(dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F32,
-        "random weights: dtype {} (BF16, F16 or F32)", dtype_name(dtype));
+  check(dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F32 || dtype == DType::F8_E4M3_B128,
+        "random weights: dtype {} (BF16, F16, F32 or F8_E4M3_B128)", dtype_name(dtype));
   Filler f(be, seed, dtype);
   const int64_t H = c.hidden_size, V = c.vocab_size;
   ModelWeights w;
-  w.embed = f.uniform({V, H}, dtype, 1.0f);
+  w.embed = f.uniform({V, H}, f.plain_dtype(), 1.0f);
   w.final_norm = f.zeros({H});
-  w.lm_head = c.tie_word_embeddings ? w.embed : f.matrix(V, H);
+  w.lm_head = c.tie_word_embeddings ? w.embed : f.plain_matrix(V, H);
   const int64_t Hk = c.linear_num_key_heads, Hv = c.linear_num_value_heads;
   const int64_t kd = Hk * c.linear_key_head_dim, vd = Hv * c.linear_value_head_dim;
   for (int i = 0; i < c.num_layers; ++i) {
@@ -95,8 +114,8 @@ ModelWeights random_weights(const ModelConfig& c, kernels::Backend& be, uint64_t
       DeltaNetWeights& d = l.delta;
       d.in_qkv = f.matrix(2 * kd + vd, H);
       d.in_z = f.matrix(vd, H);
-      d.in_b = f.matrix(Hv, H);
-      d.in_a = f.matrix(Hv, H);
+      d.in_b = f.plain_matrix(Hv, H);
+      d.in_a = f.plain_matrix(Hv, H);
       d.conv = f.uniform({2 * kd + vd, c.linear_conv_kernel_dim}, DType::F32, 0.5f);
       d.A_log = f.uniform({Hv}, DType::F32, 0.5f);
       d.dt_bias = f.uniform({Hv}, DType::F32, 0.5f);
@@ -104,11 +123,11 @@ ModelWeights random_weights(const ModelConfig& c, kernels::Backend& be, uint64_t
       d.out_proj = f.matrix(H, vd);
     }
     if (l.ffn == FfnType::Moe) {
-      l.moe.router = f.matrix(c.num_experts, H);
+      l.moe.router = f.plain_matrix(c.num_experts, H);
       l.moe.experts = f.experts(c.num_experts, c.moe_intermediate_size, H);
       if (c.shared_expert_intermediate_size > 0) {
         l.moe.shared = f.swiglu(c.shared_expert_intermediate_size, H);
-        l.moe.shared_gate = f.matrix(1, H);
+        l.moe.shared_gate = f.plain_matrix(1, H);
       }
     } else {
       l.dense = f.swiglu(c.intermediate_size, H);

@@ -24,8 +24,9 @@ RandomModelShape preset_shape(const std::string& name, int layers = 0);
 std::vector<std::string> preset_names();
 
 // Every tensor the config calls for (no MTP head), allocated on `be` and filled there; matrices
-// in `dtype` (BF16, F16 or F32), small vectors F32. Experts of a layer share one allocation per
-// projection (views into [E, I, H] and [E, H, I]).
+// in `dtype` (BF16, F16, F32, or F8_E4M3_B128: the matrices Qwen's -FP8 releases quantize, the
+// others in BF16), small vectors F32. Experts of a layer share one allocation per projection
+// (views into [E, I, H] and [E, H, I]).
 ModelWeights random_weights(const ModelConfig& cfg, kernels::Backend& be, uint64_t seed, DType dtype = DType::BF16);
 
 }  // namespace ballast::model

@@ -115,6 +115,7 @@ void CpuOps::fill_uniform(Tensor& t, uint64_t seed, float scale) {
       const float v = uniform_weight(seed, uint64_t(i), scale);
       if (dt == DType::F32) t.f32()[i] = v;
       else if (dt == DType::BF16) static_cast<uint16_t*>(t.raw())[i] = f32_to_bf16(v);
+      else if (dt == DType::F8_E4M3) static_cast<uint8_t*>(t.raw())[i] = f32_to_e4m3(v);
       else static_cast<uint16_t*>(t.raw())[i] = f32_to_f16(v);
     }
   });

@@ -64,6 +64,7 @@ struct FewRowsTarget {
   float* y;
   int64_t ldy;
   int64_t warps_end;  // this target's warps end here (the previous target's end is where they start)
+  const float* s;     // block scales [cdiv(N, 128), cdiv(K, 128)] of F8_E4M3_B128 weights, else null
 };
 struct FewRowsTargets {
   FewRowsTarget t[kFewTargetsMax];
@@ -71,7 +72,9 @@ struct FewRowsTargets {
 };
 
 // TM: the number of x rows (EXACT) or an upper bound on `nt` (the element-wise fallback).
-template <typename W, int TM, bool VEC, bool EXACT>
+// SCALED: block-scaled FP8 (W = f8e4m3): a lane's E elements lie in one 128-block of k (E divides
+// 128), so each load is multiplied by one scale.
+template <typename W, int TM, bool VEC, bool EXACT, bool SCALED>
 __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
     few_rows_kernel(const float* __restrict__ x, int64_t ldx, int nt_arg, int64_t K, FewRowsTargets tg) {
   constexpr int R = few_rows_per_warp<TM>();
@@ -83,20 +86,26 @@ __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
   const int64_t gwarp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
   // This warp's target (selected without indexing the parameters dynamically).
   const W* __restrict__ w = static_cast<const W*>(tg.t[0].w);
+  const float* __restrict__ s = tg.t[0].s;
   int64_t N = tg.t[0].N, ldy = tg.t[0].ldy, warp = gwarp;
   float* __restrict__ y = tg.t[0].y;
 #pragma unroll
   for (int q = 1; q < kFewTargetsMax; ++q)
     if (q < tg.count && gwarp >= tg.t[q - 1].warps_end) {
-      w = static_cast<const W*>(tg.t[q].w), N = tg.t[q].N, ldy = tg.t[q].ldy, y = tg.t[q].y;
+      w = static_cast<const W*>(tg.t[q].w), N = tg.t[q].N, ldy = tg.t[q].ldy, y = tg.t[q].y, s = tg.t[q].s;
       warp = gwarp - tg.t[q - 1].warps_end;
     }
   const int64_t n0 = warp * R;
   if (n0 >= N) return;  // the whole warp leaves together: the shuffles below see full warps
 
   const W* wr[R];
+  const float* sr[R];  // SCALED: the scales of each row's 128-row block
 #pragma unroll
-  for (int r = 0; r < R; ++r) wr[r] = w + (n0 + r < N ? n0 + r : N - 1) * K;  // past N: a valid row, not written
+  for (int r = 0; r < R; ++r) {
+    const int64_t n = n0 + r < N ? n0 + r : N - 1;  // past N: a valid row, not written
+    wr[r] = w + n * K;
+    if constexpr (SCALED) sr[r] = s + (n / kScaleBlock) * cdiv(K, int64_t(kScaleBlock));
+  }
 
   float acc[R][TM];
 #pragma unroll
@@ -117,6 +126,11 @@ __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
             unpack_words<W, WORDS>(load_words<WORDS>(wr[r] + k), wv[u][r]);
           } else {
             wv[u][r][0] = to_float(wr[r][k]);
+          }
+          if constexpr (SCALED) {
+            const float sc = __ldg(sr[r] + k / kScaleBlock);
+#pragma unroll
+            for (int e = 0; e < E; ++e) wv[u][r][e] *= sc;
           }
         } else {
 #pragma unroll
@@ -163,31 +177,32 @@ __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
 }
 
 // Numbers the targets' warps (R weight rows each) and launches one grid for all of them.
-template <typename W, int TM, bool VEC, bool EXACT>
+template <typename W, int TM, bool VEC, bool EXACT, bool SCALED>
 void launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewRowsTargets tg, cudaStream_t stream) {
   constexpr int R = few_rows_per_warp<TM>();
   int64_t warps = 0;
   for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = warps += cdiv(tg.t[q].N, R);
   const int64_t blocks = cdiv(warps, kFewThreads / 32);
   check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", warps * R);
-  few_rows_kernel<W, TM, VEC, EXACT><<<unsigned(blocks), kFewThreads, 0, stream>>>(x, ldx, T, K, tg);
+  few_rows_kernel<W, TM, VEC, EXACT, SCALED><<<unsigned(blocks), kFewThreads, 0, stream>>>(x, ldx, T, K, tg);
 }
 
-template <typename W>
+template <typename W, bool SCALED = false>
 void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRowsTargets& tg, cudaStream_t stream) {
+  static_assert(!SCALED || std::is_same_v<W, f8e4m3>, "block scales are FP8's");
   constexpr int E = few_elems<W, true>();
   bool vec = K % E == 0 && ldx % 4 == 0 && aligned(x, 16);
   for (int q = 0; q < tg.count; ++q) vec = vec && aligned(tg.t[q].w, size_t(E) * sizeof(W));
-  if (!vec) return launch_few_rows_targets<W, kFewRowsMax, false, false>(x, ldx, T, K, tg, stream);
+  if (!vec) return launch_few_rows_targets<W, kFewRowsMax, false, false, SCALED>(x, ldx, T, K, tg, stream);
   switch (T) {
-    case 1: return launch_few_rows_targets<W, 1, true, true>(x, ldx, T, K, tg, stream);
-    case 2: return launch_few_rows_targets<W, 2, true, true>(x, ldx, T, K, tg, stream);
-    case 3: return launch_few_rows_targets<W, 3, true, true>(x, ldx, T, K, tg, stream);
-    case 4: return launch_few_rows_targets<W, 4, true, true>(x, ldx, T, K, tg, stream);
-    case 5: return launch_few_rows_targets<W, 5, true, true>(x, ldx, T, K, tg, stream);
-    case 6: return launch_few_rows_targets<W, 6, true, true>(x, ldx, T, K, tg, stream);
-    case 7: return launch_few_rows_targets<W, 7, true, true>(x, ldx, T, K, tg, stream);
-    default: return launch_few_rows_targets<W, 8, true, true>(x, ldx, T, K, tg, stream);
+    case 1: return launch_few_rows_targets<W, 1, true, true, SCALED>(x, ldx, T, K, tg, stream);
+    case 2: return launch_few_rows_targets<W, 2, true, true, SCALED>(x, ldx, T, K, tg, stream);
+    case 3: return launch_few_rows_targets<W, 3, true, true, SCALED>(x, ldx, T, K, tg, stream);
+    case 4: return launch_few_rows_targets<W, 4, true, true, SCALED>(x, ldx, T, K, tg, stream);
+    case 5: return launch_few_rows_targets<W, 5, true, true, SCALED>(x, ldx, T, K, tg, stream);
+    case 6: return launch_few_rows_targets<W, 6, true, true, SCALED>(x, ldx, T, K, tg, stream);
+    case 7: return launch_few_rows_targets<W, 7, true, true, SCALED>(x, ldx, T, K, tg, stream);
+    default: return launch_few_rows_targets<W, 8, true, true, SCALED>(x, ldx, T, K, tg, stream);
   }
 }
 
@@ -226,11 +241,14 @@ struct GemmStage {
 
 // out[z][m, n] (row stride ldo, z = blockIdx.z at out + z * split_stride) = the sum over k in split
 // z's range [z * k_split, min(K, (z + 1) * k_split)) of x[m, k] w[n, k]. VEC: K, ldx multiples of
-// 4, x 16-byte aligned, w aligned to 4 elements.
-template <typename W, int BM, bool VEC>
+// 4, x 16-byte aligned, w aligned to 4 elements. SCALED (block-scaled FP8, element-wise loads):
+// w[n, k] times ws[n / 128, k / 128].
+template <typename W, int BM, bool VEC, bool SCALED>
 __global__ void __launch_bounds__(gemm_threads<BM>(), gemm_min_blocks<BM>())
-    gemm_kernel(const float* __restrict__ x, int64_t ldx, int T, int64_t K, const W* __restrict__ w, int64_t N,
-                float* __restrict__ out, int64_t ldo, int64_t k_split, int64_t split_stride, bool vec_out) {
+    gemm_kernel(const float* __restrict__ x, int64_t ldx, int T, int64_t K, const W* __restrict__ w,
+                const float* __restrict__ ws, int64_t N, float* __restrict__ out, int64_t ldo, int64_t k_split,
+                int64_t split_stride, bool vec_out) {
+  static_assert(!(SCALED && VEC), "block-scaled weights are read element by element");
   constexpr int TMR = gemm_rows_per_thread<BM>();
   constexpr int NT = gemm_threads<BM>();
   constexpr int TX = kBN / 8;               // threads along n
@@ -289,7 +307,14 @@ __global__ void __launch_bounds__(gemm_threads<BM>(), gemm_min_blocks<BM>())
         }
       } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) s.b[i][j] = __float_as_uint(row_ok && kc + j < kend ? to_float(p[j]) : 0.0f);
+        for (int j = 0; j < 4; ++j) {
+          float v = row_ok && kc + j < kend ? to_float(p[j]) : 0.0f;
+          if constexpr (SCALED)
+            if (row_ok && kc + j < kend)
+              v *= __ldg(ws + ((n0 + lrow + int64_t(i) * ROWS_PER_PASS) / kScaleBlock) * cdiv(K, int64_t(kScaleBlock)) +
+                         (kc + j) / kScaleBlock);
+          s.b[i][j] = __float_as_uint(v);
+        }
       }
     }
   };
@@ -387,17 +412,23 @@ __global__ void sum_splits_kernel(const float* __restrict__ partial, int splits,
 }
 
 template <typename W, int BM>
-void launch_gemm_tiles(const float* x, int64_t ldx, int T, int64_t K, const W* w, int64_t N, float* out, int64_t ldo,
-                       int64_t k_split, int splits, int64_t split_stride, cudaStream_t stream) {
+void launch_gemm_tiles(const float* x, int64_t ldx, int T, int64_t K, const W* w, const float* ws, int64_t N,
+                       float* out, int64_t ldo, int64_t k_split, int splits, int64_t split_stride, cudaStream_t stream) {
   const bool vec = K % 4 == 0 && ldx % 4 == 0 && aligned(x, 16) && aligned(w, 4 * sizeof(W));
   const bool vec_out = ldo % 4 == 0 && aligned(out, 16);
   const int64_t gx = cdiv(N, kBN), gy = cdiv(T, BM);
   check(gx <= 2147483647 && gy <= 65535, "matmul: {} x {} output is too large for one launch", T, N);
   const dim3 grid{unsigned(gx), unsigned(gy), unsigned(splits)};
   constexpr int NT = gemm_threads<BM>();
-  if (vec)
-    gemm_kernel<W, BM, true><<<grid, NT, 0, stream>>>(x, ldx, T, K, w, N, out, ldo, k_split, split_stride, vec_out);
-  else gemm_kernel<W, BM, false><<<grid, NT, 0, stream>>>(x, ldx, T, K, w, N, out, ldo, k_split, split_stride, vec_out);
+  if (ws)
+    gemm_kernel<W, BM, false, true><<<grid, NT, 0, stream>>>(x, ldx, T, K, w, ws, N, out, ldo, k_split, split_stride,
+                                                             vec_out);
+  else if (vec)
+    gemm_kernel<W, BM, true, false><<<grid, NT, 0, stream>>>(x, ldx, T, K, w, ws, N, out, ldo, k_split, split_stride,
+                                                             vec_out);
+  else
+    gemm_kernel<W, BM, false, false><<<grid, NT, 0, stream>>>(x, ldx, T, K, w, ws, N, out, ldo, k_split, split_stride,
+                                                              vec_out);
 }
 
 // How a product of many rows is tiled: the tile height that wastes least on few rows (128 only
@@ -421,8 +452,8 @@ GemmPlan plan_gemm(int64_t T, int64_t K, int64_t N, int sms) {
 }
 
 template <typename W>
-void launch_gemm(const float* x, int64_t ldx, int T, int64_t K, const W* w, int64_t N, float* y, int64_t ldy, int sms,
-                 float* scratch, cudaStream_t stream) {
+void launch_gemm(const float* x, int64_t ldx, int T, int64_t K, const W* w, const float* ws, int64_t N, float* y,
+                 int64_t ldy, int sms, float* scratch, cudaStream_t stream) {
   GemmPlan p = plan_gemm(T, K, N, sms);
   if (!scratch) p = GemmPlan{p.bm, 1, K};
   float* out = y;
@@ -434,9 +465,9 @@ void launch_gemm(const float* x, int64_t ldx, int T, int64_t K, const W* w, int6
   }
   const int splits = int(p.splits);
   switch (p.bm) {
-    case 32: launch_gemm_tiles<W, 32>(x, ldx, T, K, w, N, out, ldo, p.k_split, splits, split_stride, stream); break;
-    case 64: launch_gemm_tiles<W, 64>(x, ldx, T, K, w, N, out, ldo, p.k_split, splits, split_stride, stream); break;
-    default: launch_gemm_tiles<W, 128>(x, ldx, T, K, w, N, out, ldo, p.k_split, splits, split_stride, stream); break;
+    case 32: launch_gemm_tiles<W, 32>(x, ldx, T, K, w, ws, N, out, ldo, p.k_split, splits, split_stride, stream); break;
+    case 64: launch_gemm_tiles<W, 64>(x, ldx, T, K, w, ws, N, out, ldo, p.k_split, splits, split_stride, stream); break;
+    default: launch_gemm_tiles<W, 128>(x, ldx, T, K, w, ws, N, out, ldo, p.k_split, splits, split_stride, stream); break;
   }
   if (splits > 1) {
     check_launch("matmul");
@@ -444,21 +475,57 @@ void launch_gemm(const float* x, int64_t ldx, int T, int64_t K, const W* w, int6
   }
 }
 
+// ws: the block scales of F8_E4M3_B128 weights (W = f8e4m3), else null.
 template <typename W>
-void matmul_typed(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, int64_t N, float* y, int64_t ldy,
-                  int sms, float* scratch, cudaStream_t stream) {
+void matmul_typed(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, const float* ws, int64_t N,
+                  float* y, int64_t ldy, int sms, float* scratch, cudaStream_t stream) {
   const W* wt = static_cast<const W*>(w);
-  if (T <= kFewRowsMax) launch_few_rows<W>(x, ldx, int(T), K, FewRowsTargets{{{w, N, y, ldy, 0}}, 1}, stream);
-  else launch_gemm<W>(x, ldx, int(T), K, wt, N, y, ldy, sms, scratch, stream);
+  const FewRowsTargets one{{{w, N, y, ldy, 0, ws}}, 1};
+  if (T > kFewRowsMax) launch_gemm<W>(x, ldx, int(T), K, wt, ws, N, y, ldy, sms, scratch, stream);
+  else if constexpr (std::is_same_v<W, f8e4m3>)
+    ws ? launch_few_rows<W, true>(x, ldx, int(T), K, one, stream) : launch_few_rows<W>(x, ldx, int(T), K, one, stream);
+  else launch_few_rows<W>(x, ldx, int(T), K, one, stream);
+}
+
+// out[n, k] = bf16(w[n, k] * ws[n / 128, k / 128]), 8 elements a thread (K % 8 == 0: the 8 lie
+// in one 128-block of k).
+__global__ void dequantize_b128_kernel(const f8e4m3* __restrict__ w, const float* __restrict__ ws, int64_t N,
+                                       int64_t K, __nv_bfloat16* __restrict__ out) {
+  const int64_t chunks = N * K / 8, ldw = cdiv(K, int64_t(kScaleBlock));
+  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t n = c * 8 / K, k = c * 8 % K;
+    float f[8];
+    unpack_words<f8e4m3, 2>(load_words<2>(w + c * 8), f);
+    const float sc = __ldg(ws + (n / kScaleBlock) * ldw + k / kScaleBlock);
+    uint4 o;
+    uint32_t* ow = reinterpret_cast<uint32_t*>(&o);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const __nv_bfloat162 b = __floats2bfloat162_rn(f[2 * i] * sc, f[2 * i + 1] * sc);
+      ow[i] = *reinterpret_cast<const uint32_t*>(&b);
+    }
+    reinterpret_cast<uint4*>(out)[c] = o;
+  }
 }
 
 struct MatmulState {
   int sms = 0;
 };
 
-// y[T, N] = x[T, K] @ w[N, K]^T on the tensor cores; xh: room for T * K 16-bit values.
-void cublas_matmul(cublasHandle_t handle, const float* x, int64_t T, int64_t K, const void* w, DType wdt, int64_t N,
-                   float* y, void* xh, cudaStream_t stream) {
+// y[T, N] = x[T, K] @ w[N, K]^T on the tensor cores; xh: room for T * K 16-bit values (and, for
+// block-scaled FP8 weights, N * K more: the weights dequantized to bf16 there, then multiplied as
+// bf16 ones: rounding each weight to bf16 costs what rounding x does, 2^-9 relative).
+void cublas_matmul(cublasHandle_t handle, const float* x, int64_t T, int64_t K, const void* w, DType wdt,
+                   const float* ws, int64_t N, float* y, void* xh, cudaStream_t stream) {
+  if (wdt == DType::F8_E4M3_B128) {
+    __nv_bfloat16* wb = static_cast<__nv_bfloat16*>(xh) + T * K;
+    const int64_t chunks = N * K / 8;
+    dequantize_b128_kernel<<<unsigned(std::min<int64_t>(cdiv(chunks, 256), 8192)), 256, 0, stream>>>(
+        static_cast<const f8e4m3*>(w), ws, N, K, wb);
+    check_launch("matmul: dequantizing FP8 weights");
+    w = wb;
+    wdt = DType::BF16;
+  }
   const bool bf16 = wdt == DType::BF16;
   if (bf16) round_to_16bit(x, static_cast<__nv_bfloat16*>(xh), T * K, stream);
   else round_to_16bit(x, static_cast<__half*>(xh), T * K, stream);
@@ -473,12 +540,13 @@ void cublas_matmul(cublasHandle_t handle, const float* x, int64_t T, int64_t K, 
         T, K, N);
 }
 
-// Whether the many-rows product goes to cuBLAS: 16-bit weights, int-sized dims, x aligned for
-// the float4 rounding.
+// Whether the many-rows product goes to cuBLAS: 16-bit or block-scaled FP8 weights (the latter
+// dequantized to bf16 first), int-sized dims, x aligned for the float4 rounding.
 bool cublas_fits(int64_t T, int64_t K, int64_t N, DType wdt, const void* x) {
-  return (wdt == DType::BF16 || wdt == DType::F16) && T > kFewRowsMax && K % 8 == 0 && T < (int64_t(1) << 31) &&
-         K < (int64_t(1) << 31) && N < (int64_t(1) << 31) && aligned(x, 16);
+  return (wdt == DType::BF16 || wdt == DType::F16 || wdt == DType::F8_E4M3_B128) && T > kFewRowsMax && K % 8 == 0 &&
+         T < (int64_t(1) << 31) && K < (int64_t(1) << 31) && N < (int64_t(1) << 31) && aligned(x, 16);
 }
+
 
 }  // namespace
 
@@ -503,8 +571,8 @@ size_t matmul_scratch_bytes(int64_t T, int64_t K, int64_t N, int sms) {
   return p.splits > 1 ? size_t(p.splits) * size_t(T) * size_t(N) * sizeof(float) : 0;
 }
 
-void matmul_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, DType wdt, int64_t N, float* y,
-                 int64_t ldy, int sms, float* scratch, cudaStream_t stream) {
+void matmul_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, DType wdt, const float* ws,
+                 int64_t N, float* y, int64_t ldy, int sms, float* scratch, cudaStream_t stream) {
   check(T >= 0 && K >= 0 && N >= 0 && ldx >= K && ldy >= N, "matmul: bad shape T={} K={} N={} ldx={} ldy={}", T, K, N,
         ldx, ldy);
   check(T <= 2147483647, "matmul: {} rows are too many", T);
@@ -515,11 +583,15 @@ void matmul_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const void* 
     return;
   }
   switch (wdt) {
-    case DType::F32: matmul_typed<float>(x, ldx, T, K, w, N, y, ldy, sms, scratch, stream); break;
-    case DType::BF16: matmul_typed<__nv_bfloat16>(x, ldx, T, K, w, N, y, ldy, sms, scratch, stream); break;
-    case DType::F16: matmul_typed<__half>(x, ldx, T, K, w, N, y, ldy, sms, scratch, stream); break;
-    case DType::F8_E4M3: matmul_typed<f8e4m3>(x, ldx, T, K, w, N, y, ldy, sms, scratch, stream); break;
-    default: fail("matmul: weight dtype {} is not F32, BF16, F16 or F8_E4M3", dtype_name(wdt));
+    case DType::F32: matmul_typed<float>(x, ldx, T, K, w, nullptr, N, y, ldy, sms, scratch, stream); break;
+    case DType::BF16: matmul_typed<__nv_bfloat16>(x, ldx, T, K, w, nullptr, N, y, ldy, sms, scratch, stream); break;
+    case DType::F16: matmul_typed<__half>(x, ldx, T, K, w, nullptr, N, y, ldy, sms, scratch, stream); break;
+    case DType::F8_E4M3: matmul_typed<f8e4m3>(x, ldx, T, K, w, nullptr, N, y, ldy, sms, scratch, stream); break;
+    case DType::F8_E4M3_B128:
+      check(ws != nullptr, "matmul: F8_E4M3_B128 weights without their block scales");
+      matmul_typed<f8e4m3>(x, ldx, T, K, w, ws, N, y, ldy, sms, scratch, stream);
+      break;
+    default: fail("matmul: weight dtype {} is not F32, BF16, F16, F8_E4M3 or F8_E4M3_B128", dtype_name(wdt));
   }
   check_launch("matmul");
 }
@@ -532,9 +604,9 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   expect_device("matmul", "x", x);
   expect_device("matmul", "y", y);
   expect_device("matmul", "w", w);
-  // The contract's block-scaled FP8 (issue 15's CUDA half): no kernel here reads it yet.
-  check(w.dtype() != DType::F8_E4M3_B128,
-        "matmul: weight {} is F8_E4M3_B128 (block-scaled FP8), which the CUDA backend does not compute yet", w);
+  const bool scaled = w.dtype() == DType::F8_E4M3_B128;
+  const float* ws = scaled ? cuda::f32(w.scales()) : nullptr;
+  if (scaled) expect_device("matmul", "w's block scales", w.scales());
   if (T == 0 || N == 0) return;
   if (!matmul_state_) {
     auto s = std::make_shared<MatmulState>();
@@ -543,23 +615,21 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   }
   const int sms = static_cast<const MatmulState*>(matmul_state_.get())->sms;
   if (bf16_matmul_ && cublas_fits(T, K, N, w.dtype(), x.raw())) {
-    timed.op = "matmul gemm (cuBLAS bf16)";
-    cublas_matmul(cublas_, cuda::f32(x), T, K, w.raw(), w.dtype(), N, cuda::f32_mut(y), scratch_.bytes(size_t(T * K) * 2),
-                  stream_);
+    timed.op = scaled ? "matmul gemm (FP8 weights as bf16, cuBLAS)" : "matmul gemm (cuBLAS bf16)";
+    cublas_matmul(cublas_, cuda::f32(x), T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y),
+                  scratch_.bytes(size_t(T * K + (scaled ? N * K : 0)) * 2), stream_);
     return;
   }
   timed.op = T <= kFewRowsMax ? "matmul gemv" : "matmul gemm (fp32)";
   const size_t bytes = matmul_scratch_bytes(T, K, N, sms);
   float* scratch = bytes > 0 ? static_cast<float*>(scratch_.bytes(bytes)) : nullptr;
-  matmul_rows(cuda::f32(x), K, T, K, w.raw(), w.dtype(), N, cuda::f32_mut(y), N, sms, scratch, stream_);
+  matmul_rows(cuda::f32(x), K, T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y), N, sms, scratch, stream_);
 }
 
 void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) {
   check_matmul_many(w, y);
   // One launch for the few-rows products of one weight dtype; otherwise one matmul each.
-  // (Block-scaled FP8 goes through matmul, which says what this backend does not compute yet.)
-  bool one = !w.empty() && w.size() <= size_t(kFewTargetsMax) && x.rank() == 2 && x.dim(0) <= kFewRowsMax &&
-             w[0].dtype() != DType::F8_E4M3_B128;
+  bool one = !w.empty() && w.size() <= size_t(kFewTargetsMax) && x.rank() == 2 && x.dim(0) <= kFewRowsMax;
   for (size_t i = 0; one && i < w.size(); ++i) one = w[i].dtype() == w[0].dtype();
   if (!one || x.dim(0) == 0 || x.dim(1) == 0) {
     for (size_t i = 0; i < w.size(); ++i) matmul(x, w[i], y[i]);
@@ -574,7 +644,10 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
     T = shape.T, K = shape.K;
     expect_device("matmul", "w", w[i]);
     expect_device("matmul", "y", y[i]);
-    tg.t[i] = FewRowsTarget{w[i].raw(), shape.N, cuda::f32_mut(y[i]), shape.N, 0};
+    const bool scaled = w[i].dtype() == DType::F8_E4M3_B128;
+    if (scaled) expect_device("matmul", "w's block scales", w[i].scales());
+    tg.t[i] = FewRowsTarget{w[i].raw(), shape.N, cuda::f32_mut(y[i]), shape.N, 0,
+                            scaled ? cuda::f32(w[i].scales()) : nullptr};
   }
   expect_device("matmul", "x", x);
   switch (w[0].dtype()) {
@@ -582,7 +655,8 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
     case DType::BF16: launch_few_rows<__nv_bfloat16>(cuda::f32(x), K, int(T), K, tg, stream_); break;
     case DType::F16: launch_few_rows<__half>(cuda::f32(x), K, int(T), K, tg, stream_); break;
     case DType::F8_E4M3: launch_few_rows<f8e4m3>(cuda::f32(x), K, int(T), K, tg, stream_); break;
-    default: fail("matmul: weight dtype {} is not F32, BF16, F16 or F8_E4M3", dtype_name(w[0].dtype()));
+    case DType::F8_E4M3_B128: launch_few_rows<f8e4m3, true>(cuda::f32(x), K, int(T), K, tg, stream_); break;
+    default: fail("matmul: weight dtype {} is not F32, BF16, F16, F8_E4M3 or F8_E4M3_B128", dtype_name(w[0].dtype()));
   }
   check_launch("matmul");
 }

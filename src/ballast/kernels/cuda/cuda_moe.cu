@@ -61,6 +61,7 @@ using cuda::rows::f8e4m3;
 using cuda::rows::load_words;
 using cuda::rows::round_to_16bit;
 using cuda::rows::to_float;
+using cuda::rows::unpack_word;
 using cuda::rows::unpack_words;
 
 namespace {
@@ -128,11 +129,14 @@ struct ExpertEntry {
   const void* gate;  // nullptr: no weights (the group must be empty)
   const void* up;
   const void* down;
+  const float* s_gate;  // F8_E4M3_B128: the block scales of each (else null)
+  const float* s_up;
+  const float* s_down;
   int64_t inter;     // I
   int32_t dt_gu;     // DType of gate and up
   int32_t dt_down;   // DType of down
 };
-static_assert(sizeof(ExpertEntry) == 40, "ExpertEntry must have no padding");
+static_assert(sizeof(ExpertEntry) == 64, "ExpertEntry must have no padding");
 
 class MoeState {
  public:
@@ -740,7 +744,9 @@ __device__ __forceinline__ void load_x8(const float* __restrict__ row, int64_t k
   }
 }
 
-template <bool GU, typename W, bool VEC, int MAXR>
+// SCALED: block-scaled FP8 (W = f8e4m3); a lane's 8 elements (k a multiple of 8) lie in one
+// 128-block of k, so each load is multiplied by one scale.
+template <bool GU, typename W, bool VEC, int MAXR, bool SCALED = false>
 __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEntry& ex, int j0, int rows, int f0,
                                            const int64_t* src, const int64_t* dst) {
   constexpr int NM = GU ? 2 : 1, FPW = small_fpw<GU, MAXR>(), U = small_steps<MAXR>();
@@ -749,11 +755,17 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
   const int64_t nb = int64_t(f0) + warp * FPW;
   if (nb >= Nout) return;  // the whole warp
   const W* w[NM][FPW];
+  const float* sr[NM][FPW];  // SCALED: the scales of each row's 128-row block
 #pragma unroll
   for (int f = 0; f < FPW; ++f) {
     const int64_t n = nb + f < Nout ? nb + f : Nout - 1;  // past Nout: a valid row, not written
     w[0][f] = static_cast<const W*>(GU ? ex.gate : ex.down) + n * K;
     if constexpr (GU) w[NM - 1][f] = static_cast<const W*>(ex.up) + n * K;
+    if constexpr (SCALED) {
+      const int64_t at = (n / kScaleBlock) * cdiv(K, int64_t(kScaleBlock));
+      sr[0][f] = (GU ? ex.s_gate : ex.s_down) + at;
+      if constexpr (GU) sr[NM - 1][f] = ex.s_up + at;
+    }
   }
   const float* in[MAXR];
 #pragma unroll
@@ -779,6 +791,11 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
         for (int f = 0; f < FPW; ++f) {
           if (k < K) {
             load8<W, VEC>(w[m][f], k, K, wv[u][m][f]);
+            if constexpr (SCALED) {
+              const float sc = __ldg(sr[m][f] + k / kScaleBlock);
+#pragma unroll
+              for (int e = 0; e < 8; ++e) wv[u][m][f][e] *= sc;
+            }
           } else {
 #pragma unroll
             for (int e = 0; e < 8; ++e) wv[u][m][f][e] = 0.0f;
@@ -844,6 +861,7 @@ __global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArg
       case DType::BF16: small_tile<GU, __nv_bfloat16, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
       case DType::F16: small_tile<GU, __half, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
       case DType::F8_E4M3: small_tile<GU, f8e4m3, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
+      case DType::F8_E4M3_B128: small_tile<GU, f8e4m3, VEC, MAXR, true>(a, ex, tile.y, rows, f0, src, dst); break;
       default: break;
     }
   }
@@ -853,7 +871,8 @@ __global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArg
 // shared memory (weights widened to fp32 as they are stored), each thread a 4 x 4 block of outputs
 // (of both gate and up with GU). The loads of a warp cover 4 rows x 8 consecutive k, so that the
 // transposed stores into shared memory hit 32 distinct banks.
-template <bool GU, typename W>
+// SCALED: block-scaled FP8 (W = f8e4m3), each element times its block's scale as it is stored.
+template <bool GU, typename W, bool SCALED = false>
 __device__ __forceinline__ void gemm_tile(const ExpertsArgs& a, const ExpertEntry& ex, int j0, int rows, int n0,
                                           float (*As)[kTileRows + 4], float (*Bs)[kTileK][kTileCols + 4],
                                           const int64_t* src, const int64_t* dst) {
@@ -862,8 +881,12 @@ __device__ __forceinline__ void gemm_tile(const ExpertsArgs& a, const ExpertEntr
   const int tx = tid & 15, ty = tid >> 4;
   const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H;
   const W* w[NM];
+  const float* ws[NM];
   w[0] = static_cast<const W*>(GU ? ex.gate : ex.down);
   if constexpr (GU) w[NM - 1] = static_cast<const W*>(ex.up);
+  ws[0] = GU ? ex.s_gate : ex.s_down;
+  if constexpr (GU) ws[NM - 1] = ex.s_up;
+  const int64_t lds = cdiv(K, int64_t(kScaleBlock));
   float acc[NM][4][4];
 #pragma unroll
   for (int m = 0; m < NM; ++m)
@@ -890,7 +913,12 @@ __device__ __forceinline__ void gemm_tile(const ExpertsArgs& a, const ExpertEntr
       As[kk][r] = v;
       const int64_t n = int64_t(n0) + r;
 #pragma unroll
-      for (int m = 0; m < NM; ++m) Bs[m][kk][r] = (k < K && n < Nout) ? to_float(w[m][n * K + k]) : 0.0f;
+      for (int m = 0; m < NM; ++m) {
+        float v = (k < K && n < Nout) ? to_float(w[m][n * K + k]) : 0.0f;
+        if constexpr (SCALED)
+          if (k < K && n < Nout) v *= __ldg(ws[m] + (n / kScaleBlock) * lds + k / kScaleBlock);
+        Bs[m][kk][r] = v;
+      }
     }
     __syncthreads();
 #pragma unroll 8
@@ -948,6 +976,7 @@ __global__ void __launch_bounds__(kExpertThreads) experts_gemm_kernel(ExpertsArg
       case DType::BF16: gemm_tile<GU, __nv_bfloat16>(a, ex, tile.y, rows, n0, As, Bs, src, dst); break;
       case DType::F16: gemm_tile<GU, __half>(a, ex, tile.y, rows, n0, As, Bs, src, dst); break;
       case DType::F8_E4M3: gemm_tile<GU, f8e4m3>(a, ex, tile.y, rows, n0, As, Bs, src, dst); break;
+      case DType::F8_E4M3_B128: gemm_tile<GU, f8e4m3, true>(a, ex, tile.y, rows, n0, As, Bs, src, dst); break;
       default: break;
     }
   }
@@ -959,6 +988,9 @@ __global__ void __launch_bounds__(kExpertThreads) experts_gemm_kernel(ExpertsArg
 // registers while this one is multiplied. 8 warps, each 16 rows x 32
 // columns (of gate and up with GU); accumulators go through shared memory (over the staging
 // buffers) for the epilogue.
+// F8: block-scaled FP8 weights (K a multiple of 16), staged as their e4m3 values in bf16 (exact);
+// the products of each 128-block of k sum apart and join the total times the block's scale, which
+// is one number for the whole tile (its 64 columns lie in one 128-row block of the weight).
 constexpr int kWmmaK = 64;                    // K per step
 constexpr int kWmmaLd = kWmmaK + 8;           // bf16 row stride of the staging tiles
 constexpr int kWmmaLdC = kTileCols + 4;       // float row stride of the accumulator tile
@@ -970,19 +1002,27 @@ constexpr size_t wmma_smem_bytes() {
   return ab > c ? ab : c;
 }
 
-template <bool GU>
+template <bool GU, bool F8>
 __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntry& ex, int j0, int rows, int n0,
                                           unsigned char* smem, const int64_t* src, const int64_t* dst) {
   using namespace nvcuda;
+  using W = std::conditional_t<F8, f8e4m3, __nv_bfloat16>;
+  static_assert(kScaleBlock % kWmmaK == 0 && kScaleBlock % kTileCols == 0);
   constexpr int NM = GU ? 2 : 1;
   __nv_bfloat16* As = reinterpret_cast<__nv_bfloat16*>(smem);  // [64][kWmmaLd]
   __nv_bfloat16* Bs = As + kTileRows * kWmmaLd;                 // [NM][64][kWmmaLd]
   float* Cs = reinterpret_cast<float*>(smem);                   // [NM][64][kWmmaLdC], after the loop
   const int tid = threadIdx.x, warp = tid >> 5;
   const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H;
-  const __nv_bfloat16* w[NM];
-  w[0] = static_cast<const __nv_bfloat16*>(GU ? ex.gate : ex.down);
-  if constexpr (GU) w[NM - 1] = static_cast<const __nv_bfloat16*>(ex.up);
+  const W* w[NM];
+  const float* ws[NM];  // F8: this tile's row of block scales
+  w[0] = static_cast<const W*>(GU ? ex.gate : ex.down);
+  if constexpr (GU) w[NM - 1] = static_cast<const W*>(ex.up);
+  if constexpr (F8) {
+    const int64_t at = (n0 / kScaleBlock) * cdiv(K, int64_t(kScaleBlock));
+    ws[0] = (GU ? ex.s_gate : ex.s_down) + at;
+    if constexpr (GU) ws[NM - 1] = ex.s_up + at;
+  }
   // This thread's share of a step: 16 consecutive k (two chunks of 8) of one A row and of one
   // row of each weight.
   const int lr = tid >> 2, lk = (tid & 3) * 16;
@@ -996,23 +1036,36 @@ __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntr
   }
   const int64_t wn = int64_t(n0) + lr;
   uint4 ra[2];
-  uint4 rb[NM][2];
+  uint4 rb[NM][2];  // F8: the 16 elements in rb[m][0]
   auto load = [&](int64_t k0) {
 #pragma unroll
     for (int c = 0; c < 2; ++c) {
       const int64_t k = k0 + lk + 8 * c;
       const bool in = k < K;  // K % 8 == 0: a chunk of 8 is all in or all out
       ra[c] = in && arow ? *reinterpret_cast<const uint4*>(arow + k) : make_uint4(0, 0, 0, 0);
+      if constexpr (!F8) {
+#pragma unroll
+        for (int m = 0; m < NM; ++m)
+          rb[m][c] = in && wn < Nout ? __ldg(reinterpret_cast<const uint4*>(w[m] + wn * K + k)) : make_uint4(0, 0, 0, 0);
+      }
+    }
+    if constexpr (F8) {
+      const int64_t k = k0 + lk;  // K % 16 == 0: 16 elements all in or all out
 #pragma unroll
       for (int m = 0; m < NM; ++m)
-        rb[m][c] = in && wn < Nout ? __ldg(reinterpret_cast<const uint4*>(w[m] + wn * K + k)) : make_uint4(0, 0, 0, 0);
+        rb[m][0] = k < K && wn < Nout ? __ldg(reinterpret_cast<const uint4*>(w[m] + wn * K + k)) : make_uint4(0, 0, 0, 0);
     }
   };
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NM][2];
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[NM][2], part[NM][F8 ? 2 : 1];
 #pragma unroll
   for (int m = 0; m < NM; ++m)
 #pragma unroll
     for (int c = 0; c < 2; ++c) wmma::fill_fragment(acc[m][c], 0.0f);
+  if constexpr (F8)
+#pragma unroll
+    for (int m = 0; m < NM; ++m)
+#pragma unroll
+      for (int c = 0; c < 2; ++c) wmma::fill_fragment(part[m][c], 0.0f);
   const int rw = (warp & 3) * 16, cw = (warp >> 2) * 32;
   load(0);
   for (int64_t k0 = 0; k0 < K; k0 += kWmmaK) {
@@ -1020,10 +1073,26 @@ __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntr
 #pragma unroll
     for (int c = 0; c < 2; ++c) *reinterpret_cast<uint4*>(As + lr * kWmmaLd + lk + 8 * c) = ra[c];
 #pragma unroll
-    for (int m = 0; m < NM; ++m)
+    for (int m = 0; m < NM; ++m) {
+      if constexpr (F8) {  // 16 e4m3 -> 16 bf16 (exact)
+        uint32_t o[8];
+        const uint32_t* b = reinterpret_cast<const uint32_t*>(&rb[m][0]);
 #pragma unroll
-      for (int c = 0; c < 2; ++c)
-        *reinterpret_cast<uint4*>(Bs + (m * kTileCols + lr) * kWmmaLd + lk + 8 * c) = rb[m][c];
+        for (int q = 0; q < 4; ++q) {
+          float f[4];
+          unpack_word<f8e4m3>(b[q], f);
+          const __nv_bfloat162 lo = __floats2bfloat162_rn(f[0], f[1]), hi = __floats2bfloat162_rn(f[2], f[3]);
+          o[2 * q] = *reinterpret_cast<const uint32_t*>(&lo);
+          o[2 * q + 1] = *reinterpret_cast<const uint32_t*>(&hi);
+        }
+        *reinterpret_cast<uint4*>(Bs + (m * kTileCols + lr) * kWmmaLd + lk) = make_uint4(o[0], o[1], o[2], o[3]);
+        *reinterpret_cast<uint4*>(Bs + (m * kTileCols + lr) * kWmmaLd + lk + 8) = make_uint4(o[4], o[5], o[6], o[7]);
+      } else {
+#pragma unroll
+        for (int c = 0; c < 2; ++c)
+          *reinterpret_cast<uint4*>(Bs + (m * kTileCols + lr) * kWmmaLd + lk + 8 * c) = rb[m][c];
+      }
+    }
     __syncthreads();
     if (k0 + kWmmaK < K) load(k0 + kWmmaK);  // in flight while the tensor cores work
 #pragma unroll
@@ -1036,8 +1105,23 @@ __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntr
         for (int c = 0; c < 2; ++c) {
           wmma::fragment<wmma::matrix_b, 16, 16, 16, __nv_bfloat16, wmma::col_major> fb;
           wmma::load_matrix_sync(fb, Bs + (m * kTileCols + cw + 16 * c) * kWmmaLd + kk, kWmmaLd);
-          wmma::mma_sync(acc[m][c], fa, fb, acc[m][c]);
+          if constexpr (F8) wmma::mma_sync(part[m][c], fa, fb, part[m][c]);
+          else wmma::mma_sync(acc[m][c], fa, fb, acc[m][c]);
         }
+    }
+    if constexpr (F8) {
+      if ((k0 + kWmmaK) % kScaleBlock == 0 || k0 + kWmmaK >= K) {  // the end of a 128-block of k
+#pragma unroll
+        for (int m = 0; m < NM; ++m) {
+          const float sc = __ldg(ws[m] + k0 / kScaleBlock);
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+#pragma unroll
+            for (int i = 0; i < acc[m][c].num_elements; ++i) acc[m][c].x[i] = fmaf(sc, part[m][c].x[i], acc[m][c].x[i]);
+            wmma::fill_fragment(part[m][c], 0.0f);
+          }
+        }
+      }
     }
   }
   __syncthreads();  // the staging buffers become the accumulator tile
@@ -1062,7 +1146,7 @@ __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntr
   }
 }
 
-template <bool GU>
+template <bool GU, bool F8>
 __global__ void __launch_bounds__(kExpertThreads) experts_wmma_kernel(ExpertsArgs a) {
   __shared__ __align__(128) unsigned char smem[wmma_smem_bytes<GU>()];
   __shared__ int64_t src[kTileRows], dst[kTileRows];
@@ -1076,7 +1160,7 @@ __global__ void __launch_bounds__(kExpertThreads) experts_wmma_kernel(ExpertsArg
     __syncthreads();
     tile_rows(a, tile.y, tile.z - tile.y, kTileRows, src, dst);
     __syncthreads();
-    wmma_tile<GU>(a, ex, tile.y, tile.z - tile.y, n0, smem, src, dst);
+    wmma_tile<GU, F8>(a, ex, tile.y, tile.z - tile.y, n0, smem, src, dst);
   }
 }
 
@@ -1317,34 +1401,37 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   std::vector<ExpertEntry>& entries = st.staging;
   entries.assign(size_t(groups), ExpertEntry{});
   int64_t imax = 0;
-  bool any = false, vec = H % 8 == 0 && aligned16(x.raw()), bf16 = true;
+  bool any = false, vec = H % 8 == 0 && aligned16(x.raw()), bf16 = true, f8 = H % 16 == 0;
   for (int g = 0; g < groups; ++g) {
     const SwigluWeights& w = experts[size_t(g)];
     if (!w.gate.defined()) continue;  // an empty group's (rows for it are the tile pass's to report)
     const int64_t I = w.gate.dim(0);
     check(w.gate.device() == Device::CUDA && w.up.device() == Device::CUDA && w.down.device() == Device::CUDA,
           "moe_experts: expert {}'s weights are not in CUDA memory", g);
-    // The contract's block-scaled FP8 (issue 15's CUDA half): no kernel here reads it yet.
-    check(w.gate.dtype() != DType::F8_E4M3_B128 && w.up.dtype() != DType::F8_E4M3_B128 &&
-              w.down.dtype() != DType::F8_E4M3_B128,
-          "moe_experts: expert {} is F8_E4M3_B128 (block-scaled FP8), which the CUDA backend does not compute yet", g);
     // One dtype of gate and up per expert entry (ExpertEntry): the kernels read both alike.
     check(w.up.dtype() == w.gate.dtype(),
-          "moe_experts: expert {} has gate {} up {} down {}: expected F32, BF16, F16 or F8_E4M3, gate and up alike", g,
-          dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
-    entries[size_t(g)] = ExpertEntry{w.gate.raw(), w.up.raw(), w.down.raw(), I, int32_t(w.gate.dtype()),
+          "moe_experts: expert {} has gate {} up {} down {}: expected F32, BF16, F16, F8_E4M3 or F8_E4M3_B128, gate "
+          "and up alike", g, dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
+    auto scales = [&](const Tensor& t) -> const float* {
+      if (t.dtype() != DType::F8_E4M3_B128) return nullptr;
+      check(t.scales().device() == Device::CUDA, "moe_experts: expert {}'s block scales are not in CUDA memory", g);
+      return cuda::f32(t.scales());
+    };
+    entries[size_t(g)] = ExpertEntry{w.gate.raw(),    w.up.raw(),    w.down.raw(), scales(w.gate),
+                                     scales(w.up),    scales(w.down), I,           int32_t(w.gate.dtype()),
                                      int32_t(w.down.dtype())};
     imax = std::max(imax, I);
     any = true;
     bf16 = bf16 && w.gate.dtype() == DType::BF16 && w.down.dtype() == DType::BF16;
+    f8 = f8 && w.gate.dtype() == DType::F8_E4M3_B128 && w.down.dtype() == DType::F8_E4M3_B128 && I % 16 == 0;
     vec = vec && I % 8 == 0 && aligned16(w.gate.raw()) && aligned16(w.up.raw()) && aligned16(w.down.raw());
   }
   if (!any) return;  // no group can have rows (the tile pass would only report it)
   const ExpertEntry* table = st.experts(experts.data(), entries, stream_);
 
-  // The tensor-core path wants 16-byte rows of bf16 weights and of fp32 x and h.
-  const bool tensor_cores = bf16_matmul_ && bf16 && vec && imax % 8 == 0;
-  if (tensor_cores) timed.op = "moe_experts (bf16)";
+  // The tensor-core path wants 16-byte rows of bf16 (or block-scaled FP8) weights and of fp32 x and h.
+  const bool tensor_cores = bf16_matmul_ && (bf16 || f8) && vec && imax % 8 == 0;
+  if (tensor_cores) timed.op = bf16 ? "moe_experts (bf16)" : "moe_experts (FP8 weights, bf16 tensor cores)";
   const int small_max = tensor_cores ? kSmallMaxTc : kSmallMax;
   // Few x rows (decode: at most small_max tokens, each choosing distinct experts, so no group has
   // more rows than that): every group takes small tiles, whatever its size, and the large-tile
@@ -1415,8 +1502,10 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.ntiles = ntiles + 1;
     s.fblocks = int(cdiv(nout, kTileCols));
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident_gemm)));
-    if (tensor_cores)
-      experts_wmma_kernel<GU><<<grid, kExpertThreads, 0, stream_>>>(s);
+    if (tensor_cores && f8)
+      experts_wmma_kernel<GU, true><<<grid, kExpertThreads, 0, stream_>>>(s);
+    else if (tensor_cores)
+      experts_wmma_kernel<GU, false><<<grid, kExpertThreads, 0, stream_>>>(s);
     else
       experts_gemm_kernel<GU><<<grid, kExpertThreads, 0, stream_>>>(s);
     check_launch("moe_experts");

@@ -112,6 +112,7 @@ __global__ void fill_uniform_kernel(T* t, int64_t n, uint64_t seed, float scale)
     const float v = uniform_weight(seed, uint64_t(i), scale);
     if constexpr (std::is_same_v<T, float>) t[i] = v;
     else if constexpr (std::is_same_v<T, __nv_bfloat16>) t[i] = __float2bfloat16_rn(v);
+    else if constexpr (std::is_same_v<T, f8e4m3>) t[i].bits = __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);
     else t[i] = __float2half_rn(v);
   }
 }
@@ -426,6 +427,8 @@ void CudaOps::fill_uniform(Tensor& t, uint64_t seed, float scale) {
     fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<float*>(t.raw()), n, seed, scale);
   else if (t.dtype() == DType::BF16)
     fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<__nv_bfloat16*>(t.raw()), n, seed, scale);
+  else if (t.dtype() == DType::F8_E4M3)
+    fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<f8e4m3*>(t.raw()), n, seed, scale);
   else
     fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<__half*>(t.raw()), n, seed, scale);
   check_launch("fill_uniform");

@@ -105,13 +105,14 @@ __device__ __forceinline__ void unpack_words(const Words<WORDS>& r, float* out) 
 inline bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 // y[T, N] (row stride ldy) = x[T, K] (row stride ldx) @ w[N, K]^T, fp32 accumulation, on `stream`.
-// w (row-major [N, K], contiguous) is F32, BF16, F16 or F8_E4M3 and read in place. T <= 8 takes the
+// w (row-major [N, K], contiguous) is F32, BF16, F16, F8_E4M3 or F8_E4M3_B128 (with `ws`, its block
+// scales [cdiv(N, 128), cdiv(K, 128)]; null for the others) and read in place. T <= 8 takes the
 // bandwidth-bound few-rows kernel, more rows the tiled SIMT GEMM, which splits K into partial sums
 // in `scratch` when its tiles are too few to fill the GPU: scratch holds matmul_scratch_bytes(T,
 // K, N, sms) bytes, 16-byte aligned, or is null (no split). `sms`: the device's multiprocessor
 // count. Issues kernels only (no host synchronisation): capturable in a CUDA graph.
-void matmul_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, DType wdt, int64_t N, float* y,
-                 int64_t ldy, int sms, float* scratch, cudaStream_t stream);
+void matmul_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, DType wdt, const float* ws,
+                 int64_t N, float* y, int64_t ldy, int sms, float* scratch, cudaStream_t stream);
 // The scratch matmul_rows may use for these shapes (0: none); a function of the shapes alone.
 size_t matmul_scratch_bytes(int64_t T, int64_t K, int64_t N, int sms);
 
