@@ -468,15 +468,18 @@ TEST_P(OpConformance, MatmulInEveryWeightDtype) {
 
 TEST_P(OpConformance, MatmulManyEqualsEachMatmul) {
   // The projections of one input: every output exactly as its own matmul would write it, with
-  // outputs of 1 to 130 columns, K vector-friendly or not, weight dtypes alike or mixed.
+  // outputs of 1 to 130 columns, K vector-friendly or not, weight dtypes alike or mixed (F32 beside
+  // BF16; block-scaled FP8 beside BF16, as an FP8 model's projections are).
+  enum Mix { kSame, kF32, kFp8 };
   for (int64_t K : {64, 70})
-    for (bool mixed : {false, true})
+    for (Mix mixed : {kSame, kF32, kFp8})
       for (int64_t T : {0, 1, 3, 8, 12}) {
         const std::vector<int64_t> Ns{130, 1, 33, 64};
         std::vector<Tensor> w, y, each;
         for (size_t i = 0; i < Ns.size(); ++i) {
-          const DType dt = mixed && i == 2 ? DType::F32 : DType::BF16;
-          w.push_back(weight(randn(size_t(Ns[i] * K), 20 + uint32_t(i), 0.2f), {Ns[i], K}, dt));
+          const std::vector<float> v = randn(size_t(Ns[i] * K), 20 + uint32_t(i), 0.2f);
+          if (mixed == kFp8 && (i == 0 || i == 3)) w.push_back(be().to_device(block_scaled_host(v, Ns[i], K).tensor));
+          else w.push_back(weight(v, {Ns[i], K}, mixed == kF32 && i == 2 ? DType::F32 : DType::BF16));
           y.push_back(be().alloc({T, Ns[i]}, DType::F32));
           each.push_back(be().alloc({T, Ns[i]}, DType::F32));
         }

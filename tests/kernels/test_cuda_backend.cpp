@@ -170,30 +170,52 @@ TEST(CudaBackend, Fp8GroupedExpertsOnTheTensorCoresEqualTheDequantizedProducts) 
                                                 "moe_experts (FP8 weights, bf16 tensor cores)");
 }
 
-// FP8 dense products with bf16 matrix products: few rows read the e4m3 weights in place (fp32
-// sums of the exact dequantized values); many rows dequantize them to bf16 for cuBLAS (each
-// weight rounded to bf16 as x is).
-TEST(CudaBackend, Fp8MatmulEqualsTheProductOfItsDequantizedWeights) {
+// FP8 dense products with bf16 matrix products. Few rows read the e4m3 weights in place (fp32
+// sums of the exact dequantized values). Many rows take the FP8 tensor cores where K is whole
+// 128-blocks in groups of 4 and N a multiple of 16: x quantized per row and 128-block (amax / 448,
+// nearest e4m3, as vLLM and SGLang do), so the reference multiplies the same quantized x; other
+// shapes dequantize the weights to bf16 for cuBLAS (each weight rounded to bf16 as x is).
+TEST(CudaBackend, Fp8MatmulEqualsTheProductOfWhatItMultiplies) {
   if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
   CudaBackend be(0, CudaOptions{.bf16_matmul = true});
-  const int64_t K = 272, N = 200;
+  enum Path { kInPlace, kBf16, kFp8 };
+  struct Case {
+    int64_t T, K, N;
+    Path path;
+    const char* op;
+  };
+  const Case cases[] = {{3, 272, 200, kInPlace, "matmul gemv"},
+                        {40, 272, 200, kBf16, "matmul gemm (FP8 weights as bf16, cuBLAS)"},
+                        {40, 512, 208, kFp8, "matmul gemm (FP8 tensor cores, cuBLASLt)"},  // rows padded to 48
+                        {48, 1024, 208, kFp8, "matmul gemm (FP8 tensor cores, cuBLASLt)"}};
   std::mt19937 rng(9);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> wv(size_t(N * K));
-  for (float& v : wv) v = 0.1f * nd(rng);
-  const BlockScaledHost wq = block_scaled_host(wv, N, K);
-  const Tensor w = be.to_device(wq.tensor);
   auto round = [](float v) { return bf16_to_f32(f32_to_bf16(v)); };
-  for (int64_t T : {3, 40}) {
-    SCOPED_TRACE("T=" + std::to_string(T));
-    const bool many = T > 8;
-    std::vector<float> x(size_t(T * K));
+  for (const Case& c : cases) {
+    SCOPED_TRACE("T=" + std::to_string(c.T) + " K=" + std::to_string(c.K) + " N=" + std::to_string(c.N));
+    const int64_t T = c.T, K = c.K, N = c.N;
+    std::vector<float> wv(size_t(N * K)), x(size_t(T * K));
+    for (float& v : wv) v = 0.1f * nd(rng);
     for (float& v : x) v = nd(rng);
+    const BlockScaledHost wq = block_scaled_host(wv, N, K);
+    // What the product multiplies x by: itself, bf16-rounded, or quantized per 128-block.
+    std::vector<float> xm(x);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t b = 0; b < K; b += kScaleBlock) {
+        float amax = 0;
+        for (int64_t k = b; k < std::min(K, b + kScaleBlock); ++k) amax = std::max(amax, std::abs(x[size_t(t * K + k)]));
+        const float sc = amax > 0 ? amax / 448.0f : 1.0f;
+        for (int64_t k = b; k < std::min(K, b + kScaleBlock); ++k) {
+          float& v = xm[size_t(t * K + k)];
+          v = c.path == kFp8 ? fp8e4m3_to_f32(f32_to_e4m3(v / sc)) * sc : c.path == kBf16 ? round(v) : v;
+        }
+      }
+    const Tensor w = be.to_device(wq.tensor);
     Tensor xd = be.alloc({T, K}, DType::F32), y = be.alloc({T, N}, DType::F32);
     be.upload(x.data(), xd);
     be.start_op_timing();
     be.ops().matmul(xd, w, y);
-    EXPECT_EQ(be.stop_op_timing().at(0).op, many ? "matmul gemm (FP8 weights as bf16, cuBLAS)" : "matmul gemv");
+    EXPECT_EQ(be.stop_op_timing().at(0).op, c.op);
     std::vector<float> got(size_t(T * N));
     be.download(y, got.data());
     double worst = 0;
@@ -201,14 +223,17 @@ TEST(CudaBackend, Fp8MatmulEqualsTheProductOfItsDequantizedWeights) {
       for (int64_t n = 0; n < N; ++n) {
         double want = 0, scale = 0;
         for (int64_t k = 0; k < K; ++k) {
-          const float xv = x[size_t(t * K + k)], wv2 = wq.stored[size_t(n * K + k)];
-          const double p = many ? double(round(xv)) * round(wv2) : double(xv) * wv2;
+          const float wk = wq.stored[size_t(n * K + k)];
+          const double p = double(xm[size_t(t * K + k)]) * (c.path == kBf16 ? round(wk) : wk);
           want += p;
           scale += std::abs(p);
         }
         worst = std::max(worst, std::abs(got[size_t(t * N + n)] - want) / scale);
       }
-    EXPECT_LT(worst, many ? 1e-5 : 2e-6) << "relative to the sum of |products|";
+    // The FP8 tensor cores keep fewer bits than fp32 inside each 128-block of k (cuBLASLt promotes
+    // the block sums to fp32): 1e-3 of the sum of |products| for them; a wrong scale or layout
+    // would be off by O(1).
+    EXPECT_LT(worst, c.path == kInPlace ? 2e-6 : (c.path == kFp8 ? 1e-3 : 1e-5)) << "relative to the sum of |products|";
   }
 }
 

@@ -72,27 +72,53 @@ std::map<std::string, Tensor> as_checkpoint(const model::ModelConfig& c, const m
     swiglu(m + "shared_expert.", *l.moe.shared);
     t[m + "shared_expert_gate.weight"] = l.moe.shared_gate;
   }
-  // Views into shared allocations are written as tensors of their own.
+  // Views into shared allocations are written as tensors of their own; block-scaled FP8 as its
+  // e4m3 elements beside `<name>_scale_inv`, as Qwen's -FP8 releases store it.
+  std::map<std::string, Tensor> out;
+  auto own = [](const Tensor& x) {
+    Tensor o = Tensor::zeros(x.shape(), x.dtype());
+    std::memcpy(o.raw(), x.raw(), x.nbytes());
+    return o;
+  };
   for (auto& [name, x] : t) {
-    Tensor own = Tensor::zeros(x.shape(), x.dtype());
-    std::memcpy(own.raw(), x.raw(), x.nbytes());
-    x = own;
+    if (x.dtype() != DType::F8_E4M3_B128) {
+      out[name] = own(x);
+      continue;
+    }
+    out[name] = own(x.elements());
+    out[name + "_scale_inv"] = own(x.scales());
   }
-  return t;
+  return out;
 }
 
-TEST(SyntheticModel, AnEngineOverRandomWeightsEqualsOneLoadingThemFromACheckpoint) {
+// bf16, and Qwen's block-scaled FP8 (experts and hidden size multiples of 128; the matrices its
+// releases keep unquantized in bf16 and named in modules_to_not_convert).
+class SyntheticModelDtype : public ::testing::TestWithParam<DType> {};
+INSTANTIATE_TEST_SUITE_P(Dtypes, SyntheticModelDtype, ::testing::Values(DType::BF16, DType::F8_E4M3_B128),
+                         [](const auto& info) { return std::string(dtype_name(info.param)); });
+
+TEST_P(SyntheticModelDtype, AnEngineOverRandomWeightsEqualsOneLoadingThemFromACheckpoint) {
+  const DType dt = GetParam();
+  const bool fp8 = dt == DType::F8_E4M3_B128;
   model::RandomModelShape s;
-  s.hidden = 64, s.layers = 4, s.vocab = 300, s.heads = 4, s.kv_heads = 2, s.head_dim = 16;
+  s.hidden = fp8 ? 128 : 64, s.layers = 4, s.vocab = 300, s.heads = 4, s.kv_heads = 2, s.head_dim = 16;
   s.key_heads = 2, s.value_heads = 4, s.key_dim = 16, s.value_dim = 16;
-  s.experts = 8, s.top_k = 2, s.moe_intermediate = 32, s.shared_intermediate = 48, s.qwen35 = true;
-  const nlohmann::json config = model::random_model_config(s);
+  s.experts = 8, s.top_k = 2, s.moe_intermediate = fp8 ? 128 : 32, s.shared_intermediate = 48, s.qwen35 = true;
+  nlohmann::json config = model::random_model_config(s);
+  if (fp8)
+    config["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
+                                     {"weight_block_size", {128, 128}},
+                                     {"modules_to_not_convert", {"lm_head", "mlp.gate", "mlp.shared_expert_gate",
+                                                                 "linear_attn.in_proj_a", "linear_attn.in_proj_b"}}};
   const model::ModelConfig cfg = model::parse_model_config(config, "test");
 
   // The same weights, made on the CPU backend and written as a checkpoint...
   kernels::CpuBackend cpu(1);
-  const model::ModelWeights host = model::random_weights(cfg, cpu, 99, DType::BF16);
-  const auto dir = std::filesystem::temp_directory_path() / fmt::format("ballast-synthetic-{}", ::getpid());
+  const model::ModelWeights host = model::random_weights(cfg, cpu, 99, dt);
+  EXPECT_EQ(host.layers[0].moe.experts[3].down.dtype(), dt);
+  EXPECT_EQ(host.layers[0].moe.router.dtype(), DType::BF16);
+  const auto dir =
+      std::filesystem::temp_directory_path() / fmt::format("ballast-synthetic-{}-{}", ::getpid(), dtype_name(dt));
   std::filesystem::create_directories(dir);
   std::ofstream(dir / "config.json") << config.dump();
   io::write_safetensors(dir / "model.safetensors", as_checkpoint(cfg, host));
@@ -108,7 +134,7 @@ TEST(SyntheticModel, AnEngineOverRandomWeightsEqualsOneLoadingThemFromACheckpoin
   // ... and an engine made over them on the test backend gives the loaded engine's logits and
   // greedy tokens exactly.
   auto backend = test::test_backend(2);
-  model::ModelWeights dev = model::random_weights(cfg, *backend, 99, DType::BF16);
+  model::ModelWeights dev = model::random_weights(cfg, *backend, 99, dt);
   auto made = runtime::Engine::create(cfg, std::move(dev), std::move(backend));
   const std::vector<int32_t> prompt{5, 17, 250, 3, 99, 42, 7};
   EXPECT_EQ(made->prefill_logits(prompt), loaded->prefill_logits(prompt));

@@ -1,11 +1,12 @@
-// CudaOps::matmul: y[T, N] = x[T, K] @ w[N, K]^T, x and y F32, w F32, BF16, F16 or F8_E4M3 read in
+// CudaOps::matmul: y[T, N] = x[T, K] @ w[N, K]^T, x and y F32, w F32, BF16, F16, F8_E4M3 or
+// F8_E4M3_B128 (Qwen's block-scaled FP8: each element times its 128 x 128 block's scale) read in
 // place, fp32 accumulation (fp32 FMA; no TF32, no tensor cores: results are held to the fp32 CPU
 // reference). Two paths:
 //   few rows (T <= 8, decode): bandwidth-bound. One warp per R weight rows (R = 1, 2 or 4 by T),
-//     the warps of up to 4 weights of one input in one launch (matmul_many);
-//     lanes stride over K with 16-byte weight loads (8 bytes for F8), the x values of their k kept
-//     in registers for all T rows and reused over the R weight rows; warp-shuffle reduction. Each
-//     weight byte is read once.
+//     the warps of up to 4 weights of one input in one launch (matmul_many; of one dtype, or FP8
+//     beside bf16); lanes stride over K with 16-byte weight loads, the x values of their k reused
+//     over the R weight rows, block-scaled loads multiplied by their block's scale; warp-shuffle
+//     reduction. Each weight byte is read once.
 //   many rows: a tiled SIMT GEMM, BM x 128 tiles (BM = 32, 64 or 128 by T), K-steps of 16, each
 //     thread an 8 x 8 block of outputs (4 x 8 in 32-row tiles); x and the weights (widened to fp32
 //     as they are stored) go through double-buffered shared memory, the next step's loads in
@@ -13,13 +14,20 @@
 //     over blockIdx.z into partial sums in scratch (sized from the shapes), then summed in a fixed
 //     order.
 // With bf16 matrix products (CudaOptions::bf16_matmul, the default outside the reference tests),
-// the many-rows path of BF16 and F16 weights is cuBLAS on the tensor cores instead: x rounded to
-// the weights' 16-bit type, fp32 accumulation and output (what vLLM and SGLang compute).
-// Both have a vectorised form (rows aligned for vector loads: K a multiple of 8 (4 for F32) in the
-// few-rows kernel, of 4 in the GEMM) and an element-wise form for any K or alignment.
+// the many-rows path goes to the tensor cores instead: BF16 and F16 weights on cuBLAS, x rounded to
+// the weights' 16-bit type; block-scaled FP8 on the FP8 tensor cores (cuBLASLt, x quantized per
+// 128-block of k) where the shapes allow, else dequantized to bf16 for cuBLAS; fp32 accumulation
+// and output (what vLLM and SGLang compute).
+// Both have a vectorised form (rows aligned for vector loads: K a multiple of 16 bytes in the
+// few-rows kernel, of 4 elements in the GEMM) and an element-wise form for any K or alignment.
+#include <cublasLt.h>
+#include <cuda_fp8.h>
+
 #include <algorithm>
 #include <atomic>
+#include <map>
 #include <memory>
+#include <tuple>
 
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_rows_support.cuh"
@@ -48,11 +56,11 @@ template <int T>
 constexpr int few_rows_per_warp() {
   return T <= 2 ? 1 : (T <= 4 ? 2 : 4);
 }
-// Weight elements a lane reads per step: 16 bytes (F32: 4, BF16/F16: 8), F8: 8 (8 bytes), so that
-// the x registers (T * E) stay at most 64.
+// Weight elements a lane reads per step: 16 bytes (F32: 4, BF16/F16: 8, F8: 16); the loads of a
+// step in flight hold 4 E weights a lane.
 template <typename W, bool VEC>
 constexpr int few_elems() {
-  return VEC ? (sizeof(W) == 4 ? 4 : 8) : 1;
+  return VEC ? 16 / int(sizeof(W)) : 1;
 }
 
 // The products of one launch: up to kFewTargetsMax weights (same dtype and K) applied to the same
@@ -65,38 +73,24 @@ struct FewRowsTarget {
   int64_t ldy;
   int64_t warps_end;  // this target's warps end here (the previous target's end is where they start)
   const float* s;     // block scales [cdiv(N, 128), cdiv(K, 128)] of F8_E4M3_B128 weights, else null
+  bool alt;           // of the launch's second weight type (few_rows_kernel's WB)
 };
 struct FewRowsTargets {
   FewRowsTarget t[kFewTargetsMax];
   int count;
 };
 
-// TM: the number of x rows (EXACT) or an upper bound on `nt` (the element-wise fallback).
-// SCALED: block-scaled FP8 (W = f8e4m3): a lane's E elements lie in one 128-block of k (E divides
-// 128), so each load is multiplied by one scale.
+// One warp's rows n0 .. n0 + R of y = x @ w^T. TM: the number of x rows (EXACT) or an upper bound
+// on `nt` (the element-wise fallback). SCALED: block-scaled FP8 (W = f8e4m3): a lane's E elements
+// lie in one 128-block of k (E divides 128), so each load is multiplied by one scale.
 template <typename W, int TM, bool VEC, bool EXACT, bool SCALED>
-__global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
-    few_rows_kernel(const float* __restrict__ x, int64_t ldx, int nt_arg, int64_t K, FewRowsTargets tg) {
+__device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64_t ldx, int nt, int64_t K,
+                                              const W* __restrict__ w, const float* __restrict__ s, int64_t N,
+                                              float* __restrict__ y, int64_t ldy, int64_t n0, int lane) {
   constexpr int R = few_rows_per_warp<TM>();
   constexpr int E = few_elems<W, VEC>();
   constexpr int WORDS = VEC ? E * int(sizeof(W)) / 4 : 0;
   constexpr int U = 4 / R;  // steps whose weight loads are issued together: 4 loads in flight per lane
-  const int nt = EXACT ? TM : nt_arg;
-  const int lane = int(threadIdx.x) & 31;
-  const int64_t gwarp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
-  // This warp's target (selected without indexing the parameters dynamically).
-  const W* __restrict__ w = static_cast<const W*>(tg.t[0].w);
-  const float* __restrict__ s = tg.t[0].s;
-  int64_t N = tg.t[0].N, ldy = tg.t[0].ldy, warp = gwarp;
-  float* __restrict__ y = tg.t[0].y;
-#pragma unroll
-  for (int q = 1; q < kFewTargetsMax; ++q)
-    if (q < tg.count && gwarp >= tg.t[q - 1].warps_end) {
-      w = static_cast<const W*>(tg.t[q].w), N = tg.t[q].N, ldy = tg.t[q].ldy, y = tg.t[q].y, s = tg.t[q].s;
-      warp = gwarp - tg.t[q - 1].warps_end;
-    }
-  const int64_t n0 = warp * R;
-  if (n0 >= N) return;  // the whole warp leaves together: the shuffles below see full warps
 
   const W* wr[R];
   const float* sr[R];  // SCALED: the scales of each row's 128-row block
@@ -176,33 +170,65 @@ __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
     }
 }
 
+// The warps of up to kFewTargetsMax products, numbered one after the other. Targets of two weight
+// types may share a launch (WA, SA and WB, SB; `alt` picks the second): a block-scaled FP8 model
+// keeps a few projections in bf16 (routers, DeltaNet a/b) beside FP8 ones of the same input.
+template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT>
+__global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
+    few_rows_kernel(const float* __restrict__ x, int64_t ldx, int nt_arg, int64_t K, FewRowsTargets tg) {
+  constexpr int R = few_rows_per_warp<TM>();
+  const int lane = int(threadIdx.x) & 31;
+  const int64_t gwarp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
+  // This warp's target (selected without indexing the parameters dynamically).
+  const void* w = tg.t[0].w;
+  const float* s = tg.t[0].s;
+  int64_t N = tg.t[0].N, ldy = tg.t[0].ldy, warp = gwarp;
+  float* y = tg.t[0].y;
+  bool alt = tg.t[0].alt;
+#pragma unroll
+  for (int q = 1; q < kFewTargetsMax; ++q)
+    if (q < tg.count && gwarp >= tg.t[q - 1].warps_end) {
+      w = tg.t[q].w, N = tg.t[q].N, ldy = tg.t[q].ldy, y = tg.t[q].y, s = tg.t[q].s, alt = tg.t[q].alt;
+      warp = gwarp - tg.t[q - 1].warps_end;
+    }
+  const int64_t n0 = warp * R;
+  if (n0 >= N) return;  // the whole warp leaves together: the shuffles below see full warps
+  const int nt = EXACT ? TM : nt_arg;
+  if ((std::is_same_v<WA, WB> && SA == SB) || !alt)
+    few_rows_warp<WA, TM, VEC, EXACT, SA>(x, ldx, nt, K, static_cast<const WA*>(w), s, N, y, ldy, n0, lane);
+  else
+    few_rows_warp<WB, TM, VEC, EXACT, SB>(x, ldx, nt, K, static_cast<const WB*>(w), s, N, y, ldy, n0, lane);
+}
+
 // Numbers the targets' warps (R weight rows each) and launches one grid for all of them.
-template <typename W, int TM, bool VEC, bool EXACT, bool SCALED>
+template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT>
 void launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewRowsTargets tg, cudaStream_t stream) {
   constexpr int R = few_rows_per_warp<TM>();
   int64_t warps = 0;
   for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = warps += cdiv(tg.t[q].N, R);
   const int64_t blocks = cdiv(warps, kFewThreads / 32);
   check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", warps * R);
-  few_rows_kernel<W, TM, VEC, EXACT, SCALED><<<unsigned(blocks), kFewThreads, 0, stream>>>(x, ldx, T, K, tg);
+  few_rows_kernel<WA, SA, WB, SB, TM, VEC, EXACT><<<unsigned(blocks), kFewThreads, 0, stream>>>(x, ldx, T, K, tg);
 }
 
-template <typename W, bool SCALED = false>
+// The targets of weight type W (SCALED: block-scaled FP8), or with a second type WB, SB for the
+// targets marked `alt`.
+template <typename W, bool SCALED = false, typename WB = W, bool SB = SCALED>
 void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRowsTargets& tg, cudaStream_t stream) {
   static_assert(!SCALED || std::is_same_v<W, f8e4m3>, "block scales are FP8's");
-  constexpr int E = few_elems<W, true>();
-  bool vec = K % E == 0 && ldx % 4 == 0 && aligned(x, 16);
-  for (int q = 0; q < tg.count; ++q) vec = vec && aligned(tg.t[q].w, size_t(E) * sizeof(W));
-  if (!vec) return launch_few_rows_targets<W, kFewRowsMax, false, false, SCALED>(x, ldx, T, K, tg, stream);
+  constexpr int EA = few_elems<W, true>(), EB = few_elems<WB, true>();
+  bool vec = K % EA == 0 && K % EB == 0 && ldx % 4 == 0 && aligned(x, 16);
+  for (int q = 0; q < tg.count; ++q) vec = vec && aligned(tg.t[q].w, 16);
+  if (!vec) return launch_few_rows_targets<W, SCALED, WB, SB, kFewRowsMax, false, false>(x, ldx, T, K, tg, stream);
   switch (T) {
-    case 1: return launch_few_rows_targets<W, 1, true, true, SCALED>(x, ldx, T, K, tg, stream);
-    case 2: return launch_few_rows_targets<W, 2, true, true, SCALED>(x, ldx, T, K, tg, stream);
-    case 3: return launch_few_rows_targets<W, 3, true, true, SCALED>(x, ldx, T, K, tg, stream);
-    case 4: return launch_few_rows_targets<W, 4, true, true, SCALED>(x, ldx, T, K, tg, stream);
-    case 5: return launch_few_rows_targets<W, 5, true, true, SCALED>(x, ldx, T, K, tg, stream);
-    case 6: return launch_few_rows_targets<W, 6, true, true, SCALED>(x, ldx, T, K, tg, stream);
-    case 7: return launch_few_rows_targets<W, 7, true, true, SCALED>(x, ldx, T, K, tg, stream);
-    default: return launch_few_rows_targets<W, 8, true, true, SCALED>(x, ldx, T, K, tg, stream);
+    case 1: return launch_few_rows_targets<W, SCALED, WB, SB, 1, true, true>(x, ldx, T, K, tg, stream);
+    case 2: return launch_few_rows_targets<W, SCALED, WB, SB, 2, true, true>(x, ldx, T, K, tg, stream);
+    case 3: return launch_few_rows_targets<W, SCALED, WB, SB, 3, true, true>(x, ldx, T, K, tg, stream);
+    case 4: return launch_few_rows_targets<W, SCALED, WB, SB, 4, true, true>(x, ldx, T, K, tg, stream);
+    case 5: return launch_few_rows_targets<W, SCALED, WB, SB, 5, true, true>(x, ldx, T, K, tg, stream);
+    case 6: return launch_few_rows_targets<W, SCALED, WB, SB, 6, true, true>(x, ldx, T, K, tg, stream);
+    case 7: return launch_few_rows_targets<W, SCALED, WB, SB, 7, true, true>(x, ldx, T, K, tg, stream);
+    default: return launch_few_rows_targets<W, SCALED, WB, SB, 8, true, true>(x, ldx, T, K, tg, stream);
   }
 }
 
@@ -480,7 +506,7 @@ template <typename W>
 void matmul_typed(const float* x, int64_t ldx, int64_t T, int64_t K, const void* w, const float* ws, int64_t N,
                   float* y, int64_t ldy, int sms, float* scratch, cudaStream_t stream) {
   const W* wt = static_cast<const W*>(w);
-  const FewRowsTargets one{{{w, N, y, ldy, 0, ws}}, 1};
+  const FewRowsTargets one{{{w, N, y, ldy, 0, ws, false}}, 1};
   if (T > kFewRowsMax) launch_gemm<W>(x, ldx, int(T), K, wt, ws, N, y, ldy, sms, scratch, stream);
   else if constexpr (std::is_same_v<W, f8e4m3>)
     ws ? launch_few_rows<W, true>(x, ldx, int(T), K, one, stream) : launch_few_rows<W>(x, ldx, int(T), K, one, stream);
@@ -508,9 +534,155 @@ __global__ void dequantize_b128_kernel(const f8e4m3* __restrict__ w, const float
   }
 }
 
+// ---- Block-scaled FP8 products on the FP8 tensor cores (cuBLASLt, Hopper) ----
+// What vLLM and SGLang compute for Qwen's FP8 releases: x quantized per row and 128 consecutive k
+// (scale = amax / 448, nearest e4m3), the weights' own 128 x 128 scales, fp32 accumulation. In
+// cuBLASLt's column-major terms y^T [N, Tp] = w (A: [K, N], transposed, BLK128x128 scales, which
+// are the checkpoint's [N/128][K/128] when K/128 is a multiple of 4) times xq (B: [K, Tp],
+// VEC128 scales laid out [K/128][Tp]); Tp: T rounded up to 16 (rows past T are zeros).
+constexpr int64_t kLtRowsAlign = 16;
+constexpr size_t kLtWorkspace = size_t(32) << 20;
+
+// xq [Tp, K] e4m3 and xs [K/128, Tp]: one warp per (row, block); rows t >= T are zeros, scale 1.
+__global__ void quantize_rows_b128_kernel(const float* __restrict__ x, int64_t T, int64_t Tp, int64_t K,
+                                          __nv_fp8_storage_t* __restrict__ xq, float* __restrict__ xs) {
+  const int lane = int(threadIdx.x) & 31;
+  const int64_t L = K / kScaleBlock, items = Tp * L;
+  for (int64_t it = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; it < items;
+       it += int64_t(gridDim.x) * blockDim.x / 32) {
+    const int64_t t = it / L, b = it % L, k = b * kScaleBlock + lane * 4;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (t < T) v = __ldg(reinterpret_cast<const float4*>(x + t * K + k));
+    float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    const float sc = amax > 0.f ? amax / 448.0f : 1.0f;
+    const float q[4] = {v.x / sc, v.y / sc, v.z / sc, v.w / sc};
+    uint32_t packed = 0;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) packed |= uint32_t(__nv_cvt_float_to_fp8(q[i], __NV_SATFINITE, __NV_E4M3)) << (8 * i);
+    *reinterpret_cast<uint32_t*>(xq + t * K + k) = packed;
+    if (lane == 0) xs[b * Tp + t] = sc;
+  }
+}
+
+struct LtPlan {
+  bool ok = false;
+  cublasLtMatmulDesc_t desc = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+};
+
 struct MatmulState {
   int sms = 0;
+  cublasLtHandle_t lt = nullptr;
+  void* lt_workspace = nullptr;
+  std::map<std::tuple<int64_t, int64_t, int64_t>, LtPlan> plans;  // by (Tp, K, N)
+  MatmulState() = default;
+  MatmulState(const MatmulState&) = delete;
+  MatmulState& operator=(const MatmulState&) = delete;
+  ~MatmulState() {
+    for (auto& [key, p] : plans) {
+      if (p.desc) cublasLtMatmulDescDestroy(p.desc);
+      for (cublasLtMatrixLayout_t l : {p.a, p.b, p.d})
+        if (l) cublasLtMatrixLayoutDestroy(l);
+    }
+    if (lt_workspace) cudaFree(lt_workspace);
+    if (lt) cublasLtDestroy(lt);
+  }
+
+  // The plan of a (Tp, K, N) product, made at its first call (never while a graph is captured:
+  // the first pass of a shape runs eagerly); ok = false where cuBLASLt has no kernel for it. The
+  // heuristic wants the scale pointers set (it finds nothing for null ones): the call's.
+  const LtPlan& plan(int64_t Tp, int64_t K, int64_t N, const float* ws, const float* xs, Counters& counters) {
+    const auto key = std::make_tuple(Tp, K, N);
+    if (auto it = plans.find(key); it != plans.end()) return it->second;
+    LtPlan& p = plans[key];
+    if (!lt) {
+      check(cublasLtCreate(&lt) == CUBLAS_STATUS_SUCCESS, "matmul: cublasLtCreate failed");
+      check_cuda(cudaMalloc(&lt_workspace, kLtWorkspace), "matmul: cuBLASLt workspace");
+      ++counters.allocations;
+      counters.bytes_allocated += int64_t(kLtWorkspace);
+    }
+    auto ok = [](cublasStatus_t st) { return st == CUBLAS_STATUS_SUCCESS; };
+    const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
+    const cublasLtMatmulMatrixScale_t sa = CUBLASLT_MATMUL_MATRIX_SCALE_BLK128x128_32F,
+                                      sb = CUBLASLT_MATMUL_MATRIX_SCALE_VEC128_32F;
+    bool good = ok(cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F)) &&
+                ok(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta))) &&
+                ok(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_TRANSB, &tb, sizeof(tb))) &&
+                ok(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &sa, sizeof(sa))) &&
+                ok(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &sb, sizeof(sb))) &&
+                ok(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws, sizeof(ws))) &&
+                ok(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &xs, sizeof(xs))) &&
+                ok(cublasLtMatrixLayoutCreate(&p.a, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(N), K)) &&
+                ok(cublasLtMatrixLayoutCreate(&p.b, CUDA_R_8F_E4M3, uint64_t(K), uint64_t(Tp), K)) &&
+                ok(cublasLtMatrixLayoutCreate(&p.d, CUDA_R_32F, uint64_t(N), uint64_t(Tp), N));
+    cublasLtMatmulPreference_t pref = nullptr;
+    if (good && ok(cublasLtMatmulPreferenceCreate(&pref))) {
+      const size_t ws = kLtWorkspace;
+      cublasLtMatmulHeuristicResult_t r{};
+      int found = 0;
+      good = ok(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws))) &&
+             ok(cublasLtMatmulAlgoGetHeuristic(lt, p.desc, p.a, p.b, p.d, p.d, pref, 1, &r, &found)) && found > 0;
+      if (good) p.algo = r.algo;
+      cublasLtMatmulPreferenceDestroy(pref);
+    }
+    p.ok = good;
+    return p;
+  }
 };
+
+// Whether a block-scaled FP8 product of T rows can take the FP8 tensor cores: whole 128-blocks of
+// k in groups of 4 (the weight scales' layout as stored), rows of N 16-byte aligned.
+bool fp8_tensor_cores_fit(int64_t T, int64_t K, int64_t N, const void* x) {
+  return T > kFewRowsMax && K % (4 * kScaleBlock) == 0 && N % 16 == 0 && aligned(x, 16) && T < (int64_t(1) << 30) &&
+         K < (int64_t(1) << 31) && N < (int64_t(1) << 31);
+}
+
+// The scratch of lt_fp8_matmul: xq [Tp, K] e4m3, xs [K/128, Tp] fp32, and the output's Tp rows
+// where Tp > T; each part 256-byte aligned.
+struct Fp8Scratch {
+  int64_t Tp;
+  size_t xq, xs, d;  // bytes of each part
+  explicit Fp8Scratch(int64_t T, int64_t K, int64_t N) : Tp(cdiv(T, kLtRowsAlign) * kLtRowsAlign) {
+    auto round = [](size_t n) { return (n + 255) / 256 * 256; };
+    xq = round(size_t(Tp * K));
+    xs = round(size_t(Tp * (K / kScaleBlock)) * 4);
+    d = Tp == T ? 0 : size_t(Tp * N) * 4;
+  }
+  size_t bytes() const { return xq + xs + d; }
+};
+
+// y [T, N] = x @ w^T as above; scratch holds Fp8Scratch(T, K, N).bytes(). False (nothing queued)
+// where cuBLASLt has no kernel for the shape.
+bool lt_fp8_matmul(MatmulState& st, Counters& counters, const float* x, int64_t T, int64_t K, const void* w,
+                   const float* ws, int64_t N, float* y, void* scratch, cudaStream_t stream) {
+  const Fp8Scratch sz(T, K, N);
+  const int64_t Tp = sz.Tp;
+  char* base = static_cast<char*>(scratch);
+  auto* xq = reinterpret_cast<__nv_fp8_storage_t*>(base);
+  float* xs = reinterpret_cast<float*>(base + sz.xq);
+  float* d = Tp == T ? y : reinterpret_cast<float*>(base + sz.xq + sz.xs);
+  const LtPlan& p = st.plan(Tp, K, N, ws, xs, counters);
+  if (!p.ok) return false;
+  const int64_t warps = Tp * (K / kScaleBlock);
+  quantize_rows_b128_kernel<<<unsigned(std::min<int64_t>(cdiv(warps, 8), 65535)), 256, 0, stream>>>(x, T, Tp, K, xq, xs);
+  check_launch("matmul: quantizing x to FP8");
+  check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws, sizeof(ws)) ==
+                CUBLAS_STATUS_SUCCESS &&
+            cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &xs, sizeof(xs)) ==
+                CUBLAS_STATUS_SUCCESS,
+        "matmul: cuBLASLt scale pointers");
+  const float alpha = 1.0f, beta = 0.0f;
+  const cublasStatus_t r = cublasLtMatmul(st.lt, p.desc, &alpha, w, p.a, xq, p.b, &beta, d, p.d, d, p.d, &p.algo,
+                                          st.lt_workspace, kLtWorkspace, stream);
+  check(r == CUBLAS_STATUS_SUCCESS, "matmul: cublasLtMatmul (FP8, block scales) failed ({}) for T={} K={} N={}",
+        cublasGetStatusString(r), T, K, N);
+  if (d != y)
+    check_cuda(cudaMemcpyAsync(y, d, size_t(T * N) * 4, cudaMemcpyDeviceToDevice, stream), "matmul: FP8 rows");
+  return true;
+}
 
 // y[T, N] = x[T, K] @ w[N, K]^T on the tensor cores; xh: room for T * K 16-bit values (and, for
 // block-scaled FP8 weights, N * K more: the weights dequantized to bf16 there, then multiplied as
@@ -614,6 +786,13 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
     matmul_state_ = s;
   }
   const int sms = static_cast<const MatmulState*>(matmul_state_.get())->sms;
+  MatmulState& st = *static_cast<MatmulState*>(matmul_state_.get());
+  if (bf16_matmul_ && scaled && fp8_tensor_cores_fit(T, K, N, x.raw())) {
+    timed.op = "matmul gemm (FP8 tensor cores, cuBLASLt)";
+    if (lt_fp8_matmul(st, counters_, cuda::f32(x), T, K, w.raw(), ws, N, cuda::f32_mut(y),
+                      scratch_.bytes(Fp8Scratch(T, K, N).bytes()), stream_))
+      return;
+  }
   if (bf16_matmul_ && cublas_fits(T, K, N, w.dtype(), x.raw())) {
     timed.op = scaled ? "matmul gemm (FP8 weights as bf16, cuBLAS)" : "matmul gemm (cuBLAS bf16)";
     cublas_matmul(cublas_, cuda::f32(x), T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y),
@@ -628,9 +807,15 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
 
 void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) {
   check_matmul_many(w, y);
-  // One launch for the few-rows products of one weight dtype; otherwise one matmul each.
+  // One launch for the few-rows products of one weight dtype, or of block-scaled FP8 beside bf16
+  // (an FP8 model's unquantized projections); otherwise one matmul each.
   bool one = !w.empty() && w.size() <= size_t(kFewTargetsMax) && x.rank() == 2 && x.dim(0) <= kFewRowsMax;
-  for (size_t i = 0; one && i < w.size(); ++i) one = w[i].dtype() == w[0].dtype();
+  bool same = true, fp8_bf16 = true;
+  for (size_t i = 0; one && i < w.size(); ++i) {
+    same = same && w[i].dtype() == w[0].dtype();
+    fp8_bf16 = fp8_bf16 && (w[i].dtype() == DType::F8_E4M3_B128 || w[i].dtype() == DType::BF16);
+  }
+  one = one && (same || fp8_bf16);
   if (!one || x.dim(0) == 0 || x.dim(1) == 0) {
     for (size_t i = 0; i < w.size(); ++i) matmul(x, w[i], y[i]);
     return;
@@ -647,9 +832,14 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
     const bool scaled = w[i].dtype() == DType::F8_E4M3_B128;
     if (scaled) expect_device("matmul", "w's block scales", w[i].scales());
     tg.t[i] = FewRowsTarget{w[i].raw(), shape.N, cuda::f32_mut(y[i]), shape.N, 0,
-                            scaled ? cuda::f32(w[i].scales()) : nullptr};
+                            scaled ? cuda::f32(w[i].scales()) : nullptr, !same && w[i].dtype() == DType::BF16};
   }
   expect_device("matmul", "x", x);
+  if (!same) {  // FP8 beside bf16
+    launch_few_rows<f8e4m3, true, __nv_bfloat16, false>(cuda::f32(x), K, int(T), K, tg, stream_);
+    check_launch("matmul");
+    return;
+  }
   switch (w[0].dtype()) {
     case DType::F32: launch_few_rows<float>(cuda::f32(x), K, int(T), K, tg, stream_); break;
     case DType::BF16: launch_few_rows<__nv_bfloat16>(cuda::f32(x), K, int(T), K, tg, stream_); break;

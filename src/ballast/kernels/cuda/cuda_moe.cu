@@ -19,7 +19,10 @@
 //                  (uploaded when the span's contents change, compared on the host at every call).
 //                  With bf16 matrix products (CudaOptions) and BF16 weights, the large tiles run
 //                  on the tensor cores instead (WMMA 16x16x16 over bf16 copies of x and h, fp32
-//                  accumulation).
+//                  accumulation); block-scaled FP8 experts too, their e4m3 values exact in bf16,
+//                  each 128-block of k summed apart and added times its scale (FP8 weights, bf16
+//                  activations: the FP8 rate is not the limit of this kernel). Small tiles read
+//                  FP8 in place, 16 elements a lane-step, times the block's scale.
 //   moe_combine    one thread per output element (4 with float4), choices in order, loaded four
 //                  at a time.
 // Index data is checked by the kernels: an entry out of range is skipped (never written through)
@@ -591,21 +594,22 @@ constexpr int kTileK = 32;        // BK
 constexpr int kExpertThreads = 256;
 constexpr int kTileThreads = 512;
 
-// Elements k .. k+7 of a weight row as floats. VEC: one 16-byte load (F32: two; F8: 8 bytes),
-// k + 8 <= K and the row aligned; otherwise element by element, zero past K.
-template <typename W, bool VEC>
-__device__ __forceinline__ void load8(const W* __restrict__ row, int64_t k, int64_t K, float* f) {
+// Elements k .. k+EL-1 (EL = 8 or 16) of a weight row as floats. VEC: 16-byte loads (F32: two for
+// 8; F8: one for 16, else 8 bytes), k + EL <= K and the row aligned; otherwise element by element,
+// zero past K.
+template <typename W, bool VEC, int EL = 8>
+__device__ __forceinline__ void load_el(const W* __restrict__ row, int64_t k, int64_t K, float* f) {
   if constexpr (VEC) {
-    if constexpr (std::is_same_v<W, float>) {
-      unpack_words<W, 4>(load_words<4>(row + k), f);
-      unpack_words<W, 4>(load_words<4>(row + k + 4), f + 4);
+    constexpr int WORDS = EL * int(sizeof(W)) / 4;
+    if constexpr (WORDS > 4) {
+#pragma unroll
+      for (int q = 0; q < WORDS / 4; ++q) unpack_words<W, 4>(load_words<4>(row + k + q * (16 / sizeof(W))), f + q * (16 / sizeof(W)));
     } else {
-      constexpr int WORDS = 8 * int(sizeof(W)) / 4;
       unpack_words<W, WORDS>(load_words<WORDS>(row + k), f);
     }
   } else {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) f[e] = k + e < K ? to_float(row[k + e]) : 0.0f;
+    for (int e = 0; e < EL; ++e) f[e] = k + e < K ? to_float(row[k + e]) : 0.0f;
   }
 }
 
@@ -731,25 +735,29 @@ constexpr int small_steps() {
 }
 constexpr int kSmallThreads = 128;
 
-// Elements k .. k+7 of an input row (fp32); VEC: two 16-byte loads, else element-wise, 0 past K.
-template <bool VEC>
-__device__ __forceinline__ void load_x8(const float* __restrict__ row, int64_t k, int64_t K, float* f) {
+// Elements k .. k+EL-1 of an input row (fp32); VEC: 16-byte loads, else element-wise, 0 past K.
+template <bool VEC, int EL>
+__device__ __forceinline__ void load_x(const float* __restrict__ row, int64_t k, int64_t K, float* f) {
   if constexpr (VEC) {
-    const float4 v0 = __ldg(reinterpret_cast<const float4*>(row + k));
-    const float4 v1 = __ldg(reinterpret_cast<const float4*>(row + k + 4));
-    f[0] = v0.x, f[1] = v0.y, f[2] = v0.z, f[3] = v0.w, f[4] = v1.x, f[5] = v1.y, f[6] = v1.z, f[7] = v1.w;
+#pragma unroll
+    for (int q = 0; q < EL / 4; ++q) {
+      const float4 v = __ldg(reinterpret_cast<const float4*>(row + k) + q);
+      f[4 * q] = v.x, f[4 * q + 1] = v.y, f[4 * q + 2] = v.z, f[4 * q + 3] = v.w;
+    }
   } else {
 #pragma unroll
-    for (int e = 0; e < 8; ++e) f[e] = k + e < K ? __ldg(row + k + e) : 0.0f;
+    for (int e = 0; e < EL; ++e) f[e] = k + e < K ? __ldg(row + k + e) : 0.0f;
   }
 }
 
-// SCALED: block-scaled FP8 (W = f8e4m3); a lane's 8 elements (k a multiple of 8) lie in one
-// 128-block of k, so each load is multiplied by one scale.
+// A lane reads EL consecutive k a step: 8, or 16 for vectorised FP8 (16 bytes either way but
+// F32's). SCALED: block-scaled FP8 (W = f8e4m3); a lane's EL elements (k a multiple of EL) lie in
+// one 128-block of k, so each load is multiplied by one scale.
 template <bool GU, typename W, bool VEC, int MAXR, bool SCALED = false>
 __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEntry& ex, int j0, int rows, int f0,
                                            const int64_t* src, const int64_t* dst) {
   constexpr int NM = GU ? 2 : 1, FPW = small_fpw<GU, MAXR>(), U = small_steps<MAXR>();
+  constexpr int EL = VEC && sizeof(W) == 1 ? 16 : 8, STEP = 32 * EL;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H;
   const int64_t nb = int64_t(f0) + warp * FPW;
@@ -780,43 +788,43 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
     for (int f = 0; f < FPW; ++f)
 #pragma unroll
       for (int r = 0; r < MAXR; ++r) acc[m][f][r] = 0.0f;
-  for (int64_t k0 = int64_t(lane) * 8; k0 < K; k0 += U * 256) {
-    float wv[U][NM][FPW][8];
+  for (int64_t k0 = int64_t(lane) * EL; k0 < K; k0 += U * STEP) {
+    float wv[U][NM][FPW][EL];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t k = k0 + u * 256;
+      const int64_t k = k0 + u * STEP;
 #pragma unroll
       for (int m = 0; m < NM; ++m)
 #pragma unroll
         for (int f = 0; f < FPW; ++f) {
           if (k < K) {
-            load8<W, VEC>(w[m][f], k, K, wv[u][m][f]);
+            load_el<W, VEC, EL>(w[m][f], k, K, wv[u][m][f]);
             if constexpr (SCALED) {
               const float sc = __ldg(sr[m][f] + k / kScaleBlock);
 #pragma unroll
-              for (int e = 0; e < 8; ++e) wv[u][m][f][e] *= sc;
+              for (int e = 0; e < EL; ++e) wv[u][m][f][e] *= sc;
             }
           } else {
 #pragma unroll
-            for (int e = 0; e < 8; ++e) wv[u][m][f][e] = 0.0f;
+            for (int e = 0; e < EL; ++e) wv[u][m][f][e] = 0.0f;
           }
         }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {
-      const int64_t k = k0 + u * 256;
+      const int64_t k = k0 + u * STEP;
       if (k >= K) break;
 #pragma unroll
       for (int r = 0; r < MAXR; ++r) {
         if (in[r] == nullptr) continue;
-        float xv[8];
-        load_x8<VEC>(in[r], k, K, xv);
+        float xv[EL];
+        load_x<VEC, EL>(in[r], k, K, xv);
 #pragma unroll
         for (int m = 0; m < NM; ++m)
 #pragma unroll
           for (int f = 0; f < FPW; ++f)
 #pragma unroll
-            for (int e = 0; e < 8; ++e) acc[m][f][r] = fmaf(wv[u][m][f][e], xv[e], acc[m][f][r]);
+            for (int e = 0; e < EL; ++e) acc[m][f][r] = fmaf(wv[u][m][f][e], xv[e], acc[m][f][r]);
       }
     }
   }
@@ -1424,7 +1432,10 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     any = true;
     bf16 = bf16 && w.gate.dtype() == DType::BF16 && w.down.dtype() == DType::BF16;
     f8 = f8 && w.gate.dtype() == DType::F8_E4M3_B128 && w.down.dtype() == DType::F8_E4M3_B128 && I % 16 == 0;
-    vec = vec && I % 8 == 0 && aligned16(w.gate.raw()) && aligned16(w.up.raw()) && aligned16(w.down.raw());
+    // (Vectorised FP8 steps over 16 elements: rows of a multiple of 16.)
+    const int64_t step = dtype_size(w.gate.dtype()) == 1 || dtype_size(w.down.dtype()) == 1 ? 16 : 8;
+    vec = vec && I % step == 0 && H % step == 0 && aligned16(w.gate.raw()) && aligned16(w.up.raw()) &&
+          aligned16(w.down.raw());
   }
   if (!any) return;  // no group can have rows (the tile pass would only report it)
   const ExpertEntry* table = st.experts(experts.data(), entries, stream_);
