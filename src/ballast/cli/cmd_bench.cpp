@@ -10,6 +10,7 @@
 #include <cmath>
 #include <filesystem>
 #include <fstream>
+#include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
@@ -21,6 +22,7 @@
 #include "ballast/cli/model_args.h"
 #include "ballast/core/clock.h"
 #include "ballast/core/error.h"
+#include "ballast/dist/mpi_communicator.h"
 #include "ballast/model/config.h"
 #include "ballast/model/param_count.h"
 #include "ballast/model/random_weights.h"
@@ -284,6 +286,15 @@ int run_bench(const BenchArgs& a) {
   ranks_args.ep = a.ep;
   ranks_args.threads = a.threads;
   ranks_args.device = a.device;
+  // The ranks of this process share one set of synthetic weights, made by the first to need it on
+  // a backend of its own (each rank's expert slots are filled from it): a set per rank would take
+  // G times the memory (the 80B shape's 8 layers are 27.6 GB in bf16).
+  struct SharedWeights {
+    std::once_flag once;
+    std::unique_ptr<kernels::Backend> backend;
+    model::ModelWeights weights;
+    double seconds = 0;
+  } shared;
   run_on_ranks(ranks_args, [&](dist::Communicator* comm, dist::DataPlane* data, int threads) {
     const Ranks ranks{comm};
     runtime::EngineOptions o = opts;
@@ -300,16 +311,21 @@ int run_bench(const BenchArgs& a) {
       const model::RandomModelShape shape = model::preset_shape(a.synthetic, a.layers);
       model::ModelConfig cfg = model::parse_model_config(model::random_model_config(shape), "synthetic " + a.synthetic);
       check(smax == 0, "--speculative-num-steps: synthetic models have no MTP head");
+      std::call_once(shared.once, [&] {
+        const double t0 = now_seconds();
+        shared.backend = make_backend(a.device, threads, gpu);
+        shared.weights =
+            model::random_weights(cfg, *shared.backend, 1234, a.dtype == "fp8" ? DType::F8_E4M3_B128 : DType::BF16);
+        shared.backend->synchronize();
+        shared.seconds = seconds_since(t0);
+      });
       auto backend = make_backend(a.device, threads, gpu);
-      const double t0 = now_seconds();
-      model::ModelWeights w =
-          model::random_weights(cfg, *backend, 1234, a.dtype == "fp8" ? DType::F8_E4M3_B128 : DType::BF16);
-      backend->synchronize();
-      const double gb = weight_bytes(w).trunk / 1e9;
       if (ranks.rank() == 0)
-        fmt::print(stderr, "made {:.1f} GB of random {} weights on {} in {:.1f} s (each of {} ranks)\n", gb, a.dtype,
-                   backend->describe(), seconds_since(t0), ranks.size());
-      engine = runtime::Engine::create(std::move(cfg), std::move(w), std::move(backend), o);
+        fmt::print(stderr, "made {:.1f} GB of random {} weights on {} in {:.1f} s ({} of this process)\n",
+                   weight_bytes(shared.weights).trunk / 1e9, a.dtype, backend->describe(), shared.seconds,
+                   ranks.size() > 1 && !dist::mpi_launched() ? fmt::format("shared by the {} ranks", ranks.size())
+                                                             : std::string("the rank"));
+      engine = runtime::Engine::create(std::move(cfg), shared.weights, std::move(backend), o);
       model_name = fmt::format("synthetic {} ({} of {} layers, {})", a.synthetic, shape.layers,
                                model::preset_shape(a.synthetic).layers, a.dtype);
     } else {
