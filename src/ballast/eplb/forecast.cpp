@@ -8,7 +8,8 @@
 
 namespace ballast::eplb {
 
-LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::vector<LayerTrend>* trends) {
+LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::vector<LayerTrend>* trends,
+                          LoadTrace* level_out) {
   const int T = w.passes, L = w.layers, E = w.experts;
   check(w.count.size() == size_t(T) * L * E, "forecast: window: {} counts for shape [{}][{}][{}]", w.count.size(), T, L,
         E);
@@ -51,6 +52,7 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
   for (int b = B - Q; b < B; ++b) recent += centre[b] / Q;
   LoadTrace out(S, L, E);
   if (trends) trends->assign(L, {});
+  if (level_out) *level_out = LoadTrace(1, L, E);
   std::vector<double> y(B), slope(E), level(E), s1(E), s2(E), share(E);
   for (int l = 0; l < L; ++l) {
     double total = 0;  // tokens per pass of the layer over the window
@@ -93,6 +95,14 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
     if (k < 0) k = tr.t >= opt.min_t && tr.t > 0 ? std::clamp(tr.persistence, 0.0, 1.0) : -1.0;
     tr.extrapolated = k >= 0;
     if (trends) (*trends)[l] = tr;
+    if (level_out) {
+      // The last quarter's level, as the window's tokens (the extrapolation below with k = 0).
+      double* dst = level_out->at(0, l);
+      double sum = 0;
+      for (int e = 0; e < E; ++e) sum += (dst[e] = std::exp(level[e]));
+      const double scale = sum > 0 ? total * T / sum : 0.0;
+      for (int e = 0; e < E; ++e) dst[e] *= scale;
+    }
     if (!tr.extrapolated) {
       for (int s = 0; s < S; ++s) std::copy(own.at(s, l), own.at(s, l) + E, out.at(s, l));
       continue;
