@@ -268,6 +268,18 @@ TEST(Forecast, StaticPlanExpectsTheRecentLevel) {
       std::vector<int> seen(E, 0);
       for (int k = 0; k < P / G; ++k) EXPECT_EQ(seen[row[g * (P / G) + k]]++, 0);
     }
+  // From a placement in force (migration-aware): the polish for the recent level swaps only where
+  // no more experts move, so the plan moves no more than the window's plan does.
+  {
+    PlanOptions first = off;
+    Placement cur = plan(w.range(0, 300), first);
+    PlanOptions a2 = on, b2 = off;
+    a2.trends = nullptr, a2.current = b2.current = &cur, a2.migration_weight = b2.migration_weight = 0.05;
+    std::vector<LayerPlanStats> sa, sb;
+    auto pa = plan(w.range(300, 600), a2, &sa), pb = plan(w.range(300, 600), b2, &sb);
+    EXPECT_NE(pa.phy2log, pb.phy2log);
+    for (int l = 0; l < s.layers; ++l) EXPECT_LE(sa[l].moved, sb[l].moved) << "layer " << l;
+  }
   on.dispatch = off.dispatch = Dispatch::balanced;
   EXPECT_EQ(plan(w, on).phy2log, plan(w, off).phy2log);
   // --no-forecast: the window's slices alone, as before

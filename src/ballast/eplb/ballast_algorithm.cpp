@@ -512,8 +512,9 @@ void move_holder(std::vector<int>& h, int from, int to) {
 // Swaps that take the most loaded rank under static dispatch of the loads `w` [E] (the aggregate,
 // or the loads expected next) below the maximum (first found, partners from the lightest),
 // keeping the aggregate's even-split maximum at most `even_cap`. Returns the number of swaps
-// applied.
-int static_polish(const Problem& pr, Packing& pk, const double* w, double even_cap, int max_iter, int64_t budget) {
+// applied. keep_moves (with a current placement): only swaps that move no more experts away from it.
+int static_polish(const Problem& pr, Packing& pk, const double* w, double even_cap, int max_iter, int64_t budget,
+                  bool keep_moves = false) {
   const int G = pr.G, K = pr.K, E = pr.E;
   for (int p = 0; p < pr.P; ++p)  // duplicates on a rank (from a current placement): the model does not hold
     if (pk.has[size_t(p / K) * E + pk.slot[p]] > 1) return 0;
@@ -527,6 +528,8 @@ int static_polish(const Problem& pr, Packing& pk, const double* w, double even_c
   for (int g = 0; g < G; ++g)
     for (int k = 0; k < K; ++k) st.where[pk.slot[g * K + k]].push_back(g);
   for (int e = 0; e < E; ++e) st.add(e, st.where[e], 1.0, st.L);
+  keep_moves &= pr.has_current;
+  auto away = [&](int g, int e) { return pr.cur_has[size_t(g) * E + e] ? 0 : 1; };
   thread_local std::vector<int> order, touched, hx, hy;
   thread_local std::vector<double> nl, sc, lo, hi;
   thread_local std::vector<uint8_t> mark;
@@ -578,6 +581,7 @@ int static_polish(const Problem& pr, Packing& pk, const double* w, double even_c
           if (cy >= cx || st.L[b] + cx - cy >= lmax - eps) continue;
           const int y = pk.slot[b * K + j];
           if (pk.has[size_t(a) * E + y]) continue;
+          if (keep_moves && away(b, x) + away(a, y) > away(a, x) + away(b, y)) continue;
           const double ay = pr.agg[y] / pk.cnt[y];
           if (std::max(pk.A[a] - ax + ay, pk.A[b] - ay + ax) > even_cap) continue;
           if (pk.cnt[x] == 1 && pk.cnt[y] == 1) { bi = i, bb = b, bj = j; goto found; }  // exact
@@ -730,7 +734,10 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
       even_cap = std::max(even_cap, std::min(pa.bound * (1 + opt.expected_slack), ds_max));
       iters = opt.expected_iterations * G, budget = opt.expected_budget * int64_t(P);
     }
-    if (static_polish(pr, polished, expected ? expected_w.data() : pr.agg.data(), even_cap, iters, budget) > 0 &&
+    // With a current placement: the expected loads' polish swaps only where no more experts move;
+    // the aggregate's is kept only when it moves no more in all.
+    if (static_polish(pr, polished, expected ? expected_w.data() : pr.agg.data(), even_cap, iters, budget,
+                      /*keep_moves=*/expected != nullptr) > 0 &&
         (!current_row || polished.moved <= best.moved))
       best = std::move(polished);
   }

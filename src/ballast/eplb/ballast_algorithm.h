@@ -24,7 +24,8 @@
 //      given (BallastOptions::expected: the window's recent level where its load random-walks,
 //      forecast.h): those are balanced while the aggregate's even-split maximum stays within
 //      expected_slack of its bound and at most deepseek's plan's (so the window keeps a balance
-//      at least deepseek's, and the next interval gets one planned for it).
+//      at least deepseek's, and the next interval gets one planned for it); with a current
+//      placement only swaps that move no more experts away from it.
 //   8. with nodes > 1 (hierarchical, as deepseek's): expert groups are packed onto nodes first
 //      (balanced packing of the groups' loads; with a current placement each pack goes to the node
 //      whose slots hold most of its experts), then each node's experts are planned by steps 1-7 on
@@ -63,12 +64,13 @@ struct BallastOptions {
   // its per-pass balance follows the next interval's mean loads; where popularity random-walks,
   // the window's latest level predicts them better than its average (docs/eplb.md, "Static
   // dispatch"). The aggregate's even-split maximum may rise to min(bound * (1 + expected_slack),
-  // deepseek's maximum on it) (or stays at the plan's own when that is higher).
+  // deepseek's maximum on it) (or stays at the plan's own when that is higher). With a current
+  // placement it swaps only where no more experts move (migration_weight is not traded for it).
   const LoadTrace* expected = nullptr;
   std::vector<uint8_t> expected_layers;
   double expected_slack = 0.003;
-  int expected_iterations = 16;  // swaps at most, in units of G
-  int expected_budget = 64;      // swap trials, in units of P
+  int expected_iterations = 32;  // swaps at most, in units of G
+  int expected_budget = 128;     // swap trials, in units of P
   // Step 8: nodes (ranks / nodes consecutive ranks each) and expert groups (experts / groups
   // consecutive experts each); groups % nodes == 0. nodes = 1: one node, no hierarchy.
   int nodes = 1, groups = 1;
