@@ -4,6 +4,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace ballast::eplb {
@@ -28,17 +30,22 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
   // such a layer's plan is the very plan made without a forecast). The window is the largest input
   // of a rebalance: a second pass would cost as much as the rest of the forecast.
   LoadTrace binned(B, L, E), own(S, L, E);
-  bool bad = false;
+  // The check on the bits (as LoadTrace::validate): sign set, or an exponent all ones (negative,
+  // infinite or NaN) sets bit 63; integer operations, so the loop vectorises.
+  constexpr uint64_t kExp = 0x7FF0000000000000ull, kOne = 0x0010000000000000ull;
+  uint64_t acc = 0;
   for (int t = 0; t < T; ++t) {
     double* bin = binned.at(int(int64_t(t) * B / T), 0);
     double* slice = own.at(int(int64_t(t) * S / T), 0);
     const double* src = w.at(t, 0);
     for (size_t i = 0; i < size_t(L) * E; ++i) {
-      bad |= !(src[i] >= 0 && src[i] <= std::numeric_limits<double>::max());
+      uint64_t u;
+      std::memcpy(&u, &src[i], sizeof u);
+      acc |= ((u & kExp) + kOne) | u;
       bin[i] += src[i], slice[i] += src[i];
     }
   }
-  if (bad) w.validate("forecast: window");  // names the first bad count
+  if (acc >> 63) w.validate("forecast: window");  // names the first bad count (-0.0 passes there)
   // Least-squares slope of y over bins [b0, b1).
   auto fit_slope = [&](const std::vector<double>& y, int b0, int b1) {
     double c = 0, m = 0;
