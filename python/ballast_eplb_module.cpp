@@ -156,7 +156,8 @@ py::tuple py_replicate_experts(py::object weight, int num_phy) {
 
 py::tuple py_rebalance_ballast(py::object weight, int num_replicas, int num_gpus, std::optional<int> slices,
                                py::object current, double migration_weight, const std::string& dispatch,
-                               int num_groups, int num_nodes, std::optional<bool> forecast, int horizon) {
+                               int num_groups, int num_nodes, std::optional<bool> forecast, int horizon,
+                               bool expect_recent_level) {
   Origin o;
   Dense w = to_dense(weight, "weight", 2, 3, &o);
   check_counts(w, "weight");
@@ -177,6 +178,7 @@ py::tuple py_rebalance_ballast(py::object weight, int num_replicas, int num_gpus
   if (slices) po.slices = *slices;
   if (forecast) po.forecast = *forecast;
   po.horizon = horizon;
+  po.expect_recent_level = expect_recent_level;
   po.current = cur ? &*cur : nullptr;
   Placement pl;
   {
@@ -402,6 +404,7 @@ each expert in ascending order, padded with -1, X the largest replica count; log
         py::arg("num_gpus"), py::arg("slices") = py::none(), py::arg("current") = py::none(),
         py::arg("migration_weight") = 0.0, py::arg("dispatch") = "static", py::arg("num_groups") = 1,
         py::arg("num_nodes") = 1, py::arg("forecast") = py::none(), py::arg("horizon") = 0,
+        py::arg("expect_recent_level") = true,
         R"(ballast's balancing algorithm (replicas of one expert on distinct GPUs, replica counts and
 packing chosen together, balance over time slices, optional migration cost, node hierarchy).
 
@@ -420,6 +423,11 @@ forecast: with a window of passes, each layer whose load has a significant trend
     passes (per-expert trends, damped by how much they persist), the others for the window's own
     slices; None or True: so (the default), False: every layer for the window's own slices
 horizon: passes the placement will serve (0 = the window's length)
+expect_recent_level: with the forecast and dispatch "static" or "random", the layers without a
+    significant trend are also balanced (under static shares) for the level of the window's last
+    quarter, the best forecast of popularity that random-walks, keeping the window's balance within
+    0.3% of its bound and at least deepseek's (default True; False: the window's slices alone;
+    "balanced" dispatch never uses it)
 Returns (phy2log, log2phy, logcnt), int64; log2phy lists each expert's slots ascending (as
 compute_logical_maps; rebalance_experts gives this order with log2phy_order="slot").)");
 

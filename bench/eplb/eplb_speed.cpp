@@ -3,7 +3,7 @@
 // reproduces the original's physical_to_logical_map written in the same file. Built standalone
 // (header-only fmt) so that it can be compiled on a machine that has the original Python:
 //   g++ -O3 -std=c++20 -DFMT_HEADER_ONLY -Isrc -I<fmt+nlohmann headers>
-//       src/ballast/eplb/{deepseek,ballast_algorithm,metrics,placement,load,plan,dispatch}.cpp
+//       src/ballast/eplb/{deepseek,ballast_algorithm,metrics,placement,load,plan,forecast,dispatch}.cpp
 //       bench/eplb/eplb_speed.cpp -o eplb_speed && ./eplb_speed W.txt   (one command line)
 #include "ballast/eplb/deepseek.h"
 #include "ballast/eplb/metrics.h"

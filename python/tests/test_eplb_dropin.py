@@ -264,6 +264,37 @@ def test_forecast_is_the_default_and_keeps_stationary_plans():
                               eplb.rebalance_experts_ballast(moving, 80, 16, dispatch="balanced", forecast=False)[0])
 
 
+def random_walk_window(seed, passes, layers, experts, step):
+    # Log-popularity random-walking (no trend), sampled as a multinomial of 8192 choices per pass.
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(layers, experts)) + np.cumsum(rng.normal(scale=step, size=(passes, layers, experts)), axis=0)
+    popularity = np.exp(z)
+    popularity /= popularity.sum(axis=-1, keepdims=True)
+    return rng.poisson(popularity * 8192)
+
+
+def test_static_plan_expects_the_recent_level():
+    # Static dispatch, popularity random-walking: by default the plan is also balanced for the level
+    # of the window's last quarter (better on the passes that follow), while the window keeps a
+    # balance at least deepseek's; expect_recent_level=False or forecast=False plan for the window
+    # alone, and balanced dispatch never uses the level.
+    trace = random_walk_window(14, 2000, 4, 64, 0.006)
+    window, later = trace[:1000], trace[1000:]
+    default = eplb.rebalance_experts_ballast(window, 80, 16)[0]
+    alone = eplb.rebalance_experts_ballast(window, 80, 16, expect_recent_level=False)[0]
+    assert np.array_equal(alone, eplb.rebalance_experts_ballast(window, 80, 16, forecast=False)[0])
+    assert not np.array_equal(default, alone)
+    ds = eplb.rebalance_experts(window.sum(axis=0), 80, 1, 1, 16)[0]
+    assert (eplb.balancedness(default, window.sum(axis=0), 16) >= eplb.balancedness(ds, window.sum(axis=0), 16) - 1e-12).all()
+    recent = window[750:].sum(axis=0)[None]
+    assert (eplb.evaluate_passes(default, recent, 16, dispatch="static").mean() >
+            eplb.evaluate_passes(alone, recent, 16, dispatch="static").mean())
+    assert (eplb.evaluate_passes(default, later, 16, dispatch="static").mean() >
+            eplb.evaluate_passes(alone, later, 16, dispatch="static").mean())
+    assert np.array_equal(eplb.rebalance_experts_ballast(window, 80, 16, dispatch="balanced")[0],
+                          eplb.rebalance_experts_ballast(window, 80, 16, dispatch="balanced", expect_recent_level=False)[0])
+
+
 def test_rebalance_experts_log2phy_order():
     # "replica" (default) is the original's order; "slot" the order of every other function.
     rng = np.random.default_rng(5)

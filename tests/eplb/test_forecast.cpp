@@ -187,3 +187,103 @@ TEST(Forecast, PlanHoldsBalanceUnderDrift) {
   EXPECT_GT(ahead[2].out_balanced, 0.97);
   EXPECT_GE(ahead[1].out_static, ahead[0].out_static);
 }
+
+// The level of the window's last quarter (forecast_slices' `level`): where popularity has moved
+// within the window, it is the last quarter's shares, not the window's, scaled to the window's
+// tokens; it is returned for every layer, trending or not.
+TEST(Forecast, LevelIsTheLastQuarters) {
+  const int T = 800, E = 4;
+  LoadTrace w(T, 2, E);
+  for (int t = 0; t < T; ++t)
+    for (int e = 0; e < E; ++e) {
+      // layer 0: expert 0 doubles its rate for the last quarter; layer 1: flat
+      w.at(t, 0)[e] = e == 0 && t >= 3 * T / 4 ? 2000 : 1000;
+      w.at(t, 1)[e] = 1000;
+    }
+  LoadTrace level;
+  auto f = forecast_slices(w, {}, nullptr, &level);
+  ASSERT_EQ(level.passes, 1);
+  ASSERT_EQ(level.layers, 2);
+  ASSERT_EQ(level.experts, E);
+  for (int l = 0; l < 2; ++l) {
+    double window_total = 0, level_total = 0;
+    for (int t = 0; t < T; ++t)
+      for (int e = 0; e < E; ++e) window_total += w.at(t, l)[e];
+    for (int e = 0; e < E; ++e) level_total += level.at(0, l)[e];
+    EXPECT_NEAR(level_total, window_total, 1e-9 * window_total);
+  }
+  // layer 0: the last quarter's shares 2/5, 1/5, 1/5, 1/5 (the window's are 1.25/4.25, ...)
+  double total = 0;
+  for (int e = 0; e < E; ++e) total += level.at(0, 0)[e];
+  EXPECT_NEAR(level.at(0, 0)[0] / total, 0.4, 1e-3);
+  for (int e = 1; e < E; ++e) EXPECT_NEAR(level.at(0, 0)[e] / total, 0.2, 1e-3);
+  for (int e = 0; e < E; ++e) EXPECT_NEAR(level.at(0, 1)[e], level.at(0, 1)[0], 1e-9 * level.at(0, 1)[0]);
+  // the slices themselves are what they were without asking for the level
+  EXPECT_EQ(f.count, forecast_slices(w, {}).count);
+}
+
+// Static dispatch on a window whose popularity random-walks (no trend): the plan is also balanced
+// for the window's recent level (PlanOptions::expect_recent_level), keeping the window's balance at
+// least deepseek's on every layer; balanced dispatch does not use it (the same plan either way).
+TEST(Forecast, StaticPlanExpectsTheRecentLevel) {
+  SynthSpec s = model_shape("deepseek-v3");
+  s.popularity = Popularity::lognormal, s.skew = 1.0, s.layers = 2, s.passes = 600, s.tokens = 8192;
+  auto w = synth_trace(s);
+  const int G = 32, R = 32, E = s.experts, P = E + R;
+  PlanOptions on;
+  on.ranks = G, on.redundant = R;
+  std::vector<LayerTrend> trends;
+  on.trends = &trends;
+  PlanOptions off = on;
+  off.expect_recent_level = false, off.trends = nullptr;
+  PlanOptions ds = off;
+  ds.algorithm = Algorithm::deepseek;
+  auto a = plan(w, on), b = plan(w, off), d = plan(w, ds);
+  a.validate();
+  for (const auto& t : trends) EXPECT_FALSE(t.extrapolated);
+  EXPECT_NE(a.phy2log, b.phy2log);
+  LoadTrace level;
+  forecast_slices(w, {}, nullptr, &level);
+  auto sum = w.sum();
+  for (int l = 0; l < s.layers; ++l) {
+    auto static_max = [&](const Placement& p) {
+      auto rl = rank_loads_from_slots(dispatch_static(p.layer(l), G, 0, level.at(0, l), E), G);
+      return *std::max_element(rl.begin(), rl.end());
+    };
+    auto even_max = [&](const Placement& p) {
+      auto rl = rank_loads_even(p.layer(l), G, sum.at(0, l), E);
+      return *std::max_element(rl.begin(), rl.end());
+    };
+    // better balanced for the recent level under static shares ...
+    EXPECT_LT(static_max(a), static_max(b)) << "layer " << l;
+    // ... the window within 0.3% of its bound and at most deepseek's maximum (or the window plan's)
+    const double bound = max_load_lower_bound(sum.at(0, l), E, P, G);
+    EXPECT_LE(even_max(a), std::max(even_max(b), std::min(bound * 1.003, even_max(d))) * (1 + 1e-12)) << "layer " << l;
+    EXPECT_LE(even_max(a), std::max(even_max(b), even_max(d)) * (1 + 1e-12)) << "layer " << l;
+  }
+  // no two replicas of an expert on one rank
+  for (int l = 0; l < s.layers; ++l)
+    for (int g = 0; g < G; ++g) {
+      auto row = a.layer(l);
+      std::vector<int> seen(E, 0);
+      for (int k = 0; k < P / G; ++k) EXPECT_EQ(seen[row[g * (P / G) + k]]++, 0);
+    }
+  // From a placement in force (migration-aware): the polish for the recent level swaps only where
+  // no more experts move, so the plan moves no more than the window's plan does.
+  {
+    PlanOptions first = off;
+    Placement cur = plan(w.range(0, 300), first);
+    PlanOptions a2 = on, b2 = off;
+    a2.trends = nullptr, a2.current = b2.current = &cur, a2.migration_weight = b2.migration_weight = 0.05;
+    std::vector<LayerPlanStats> sa, sb;
+    auto pa = plan(w.range(300, 600), a2, &sa), pb = plan(w.range(300, 600), b2, &sb);
+    EXPECT_NE(pa.phy2log, pb.phy2log);
+    for (int l = 0; l < s.layers; ++l) EXPECT_LE(sa[l].moved, sb[l].moved) << "layer " << l;
+  }
+  on.dispatch = off.dispatch = Dispatch::balanced;
+  EXPECT_EQ(plan(w, on).phy2log, plan(w, off).phy2log);
+  // --no-forecast: the window's slices alone, as before
+  PlanOptions none = off;
+  none.forecast = false, none.dispatch = Dispatch::static_;
+  EXPECT_EQ(plan(w, none).phy2log, b.phy2log);
+}

@@ -5,7 +5,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstdio>
+#include <limits>
 
 using namespace ballast::eplb;
 
@@ -62,6 +64,37 @@ TEST(Load, ParsesMatrixAndTraceAndRefusesBadInput) {
   expect_error([] { load_from_json_text(R"({"logical_count": [[1,-2,3]]})"); }, "counts must be >= 0");
   expect_error([] { load_from_json_text(R"({"logical_count": [[1,"a"]]})"); }, "not a number");
   expect_error([] { load_from_json_text(R"({"other": 1})"); }, "logical_count");
+}
+
+// validate() checks blocks of counts on their bits and searches a block only when it may hold a
+// bad count: the message names the first bad one in the trace, wherever the blocks fall; -0.0 and
+// the largest finite double pass.
+TEST(Load, ValidateNamesTheFirstBadCount) {
+  LoadTrace t(40, 3, 100);  // 12000 counts: three blocks of 4096
+  for (size_t i = 0; i < t.count.size(); ++i) t.count[i] = double(i % 13);
+  t.at(0, 0)[0] = -0.0;
+  t.at(39, 2)[99] = std::numeric_limits<double>::max();
+  EXPECT_NO_THROW(t.validate());
+  for (double bad : {-1.0, -std::numeric_limits<double>::denorm_min(), std::nan(""), HUGE_VAL, -HUGE_VAL}) {
+    LoadTrace u = t;
+    u.at(27, 1)[42] = bad;  // count 27*300 + 142 = 8242, in the third block
+    u.at(35, 2)[5] = -2.0;  // a later bad one in the same block
+    try {
+      u.validate("trace");
+      ADD_FAILURE() << "accepted " << bad;
+    } catch (const ballast::Error& e) {
+      EXPECT_NE(std::string(e.what()).find("trace: count at pass 27 layer 1 expert 42"), std::string::npos) << e.what();
+    }
+  }
+  LoadTrace edge = t;
+  edge.at(13, 1)[95] = -3.0;  // count 13*300 + 195 = 4095, the last of the first block
+  edge.at(13, 1)[96] = -4.0;
+  try {
+    edge.validate();
+    ADD_FAILURE();
+  } catch (const ballast::Error& e) {
+    EXPECT_NE(std::string(e.what()).find("pass 13 layer 1 expert 95"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Load, SafetensorsRoundTrip) {

@@ -75,8 +75,11 @@ int run_plan(const PlanArgs& a) {
     int n = 0;
     for (const auto& t : trends) n += t.extrapolated;
     fmt::print("forecast: {} of {} layers have a significant trend and were planned for where it leads over the "
-               "next {} passes; the others for the window's own slices\n", n, load.layers,
-               a.horizon > 0 ? a.horizon : load.passes);
+               "next {} passes; the others for the window's own slices{}\n", n, load.layers,
+               a.horizon > 0 ? a.horizon : load.passes,
+               po.algorithm == Algorithm::ballast && po.dispatch != Dispatch::balanced
+                   ? " and, for static dispatch, for their last quarter's level"
+                   : "");
   }
   fmt::print("planned in {:.2f} ms\n", ms);
   if (!a.output.empty()) {

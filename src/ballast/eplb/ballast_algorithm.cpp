@@ -485,18 +485,20 @@ Problem aggregate_problem(const Problem& pr) {
 // replica of position i among c gets (1 + q + (i < r)) / G of e's tokens, q = (G - c) / c,
 // r = (G - c) % c. Not the even split agg / c the packing assumes: with c not dividing G a hot
 // expert's replicas differ by up to 1/G of its load each. StaticLoads keeps the rank loads under
-// that rule and evaluates a swap exactly from the holders of the two experts involved.
+// that rule, for the loads w [E] it is given (the aggregate, or the loads expected next), and
+// evaluates a swap exactly from the holders of the two experts involved.
 struct StaticLoads {
   int G;
   std::vector<double> L;                 // [G] rank loads under static dispatch (aggregate)
   std::vector<std::vector<int>> where;   // [E] ranks holding e, ascending
+  const double* w = nullptr;             // [E] the loads dealt out
   static double share(int G, int c, int i) {
     const int m = G - c, q = m / c, r = m % c;
     return double(1 + q + (i < r)) / G;
   }
-  void add(const Problem& pr, int e, const std::vector<int>& h, double sign, std::vector<double>& out) const {
+  void add(int e, const std::vector<int>& h, double sign, std::vector<double>& out) const {
     const int c = int(h.size());
-    for (int i = 0; i < c; ++i) out[h[i]] += sign * pr.agg[e] * share(G, c, i);
+    for (int i = 0; i < c; ++i) out[h[i]] += sign * w[e] * share(G, c, i);
   }
 };
 
@@ -507,28 +509,30 @@ void move_holder(std::vector<int>& h, int from, int to) {
   h.insert(std::lower_bound(h.begin(), h.end(), to), to);
 }
 
-// Swaps that take the most loaded rank under static dispatch below the maximum (first found,
-// partners from the lightest),
-// keeping the even-split maximum within `even_slack` of its value. Returns the number of swaps
-// applied.
-int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_iter, int64_t budget) {
+// Swaps that take the most loaded rank under static dispatch of the loads `w` [E] (the aggregate,
+// or the loads expected next) below the maximum (first found, partners from the lightest),
+// keeping the aggregate's even-split maximum at most `even_cap`. Returns the number of swaps
+// applied. keep_moves (with a current placement): only swaps that move no more experts away from it.
+int static_polish(const Problem& pr, Packing& pk, const double* w, double even_cap, int max_iter, int64_t budget,
+                  bool keep_moves = false) {
   const int G = pr.G, K = pr.K, E = pr.E;
   for (int p = 0; p < pr.P; ++p)  // duplicates on a rank (from a current placement): the model does not hold
     if (pk.has[size_t(p / K) * E + pk.slot[p]] > 1) return 0;
   // Reused across layers (thread_local): building `where` with fresh vectors cost one or two
   // allocations per expert, most of the polish's fixed cost per layer.
   thread_local StaticLoads st;
-  st.G = G;
+  st.G = G, st.w = w;
   st.L.assign(G, 0.0);
   if (int(st.where.size()) < E) st.where.resize(E);
   for (int e = 0; e < E; ++e) st.where[e].clear();
   for (int g = 0; g < G; ++g)
     for (int k = 0; k < K; ++k) st.where[pk.slot[g * K + k]].push_back(g);
-  for (int e = 0; e < E; ++e) st.add(pr, e, st.where[e], 1.0, st.L);
+  for (int e = 0; e < E; ++e) st.add(e, st.where[e], 1.0, st.L);
+  keep_moves &= pr.has_current;
+  auto away = [&](int g, int e) { return pr.cur_has[size_t(g) * E + e] ? 0 : 1; };
   thread_local std::vector<int> order, touched, hx, hy;
   thread_local std::vector<double> nl, sc, lo, hi;
   thread_local std::vector<uint8_t> mark;
-  const double even_cap = *std::max_element(pk.A.begin(), pk.A.end()) * (1 + even_slack);
   order.resize(G), touched.clear(), nl.resize(G), mark.assign(G, 0);
   // Each slot's static load (its expert's share on that rank) and per rank the least and most.
   sc.resize(size_t(G) * K), lo.resize(G), hi.resize(G);
@@ -539,7 +543,7 @@ int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_ite
       const int g = h[q];
       int k = 0;
       while (pk.slot[g * K + k] != e) ++k;
-      sc[g * K + k] = pr.agg[e] * StaticLoads::share(G, c, q);
+      sc[g * K + k] = w[e] * StaticLoads::share(G, c, q);
     }
   };
   auto rank_range = [&](int g) {
@@ -577,6 +581,7 @@ int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_ite
           if (cy >= cx || st.L[b] + cx - cy >= lmax - eps) continue;
           const int y = pk.slot[b * K + j];
           if (pk.has[size_t(a) * E + y]) continue;
+          if (keep_moves && away(b, x) + away(a, y) > away(a, x) + away(b, y)) continue;
           const double ay = pr.agg[y] / pk.cnt[y];
           if (std::max(pk.A[a] - ax + ay, pk.A[b] - ay + ax) > even_cap) continue;
           if (pk.cnt[x] == 1 && pk.cnt[y] == 1) { bi = i, bb = b, bj = j; goto found; }  // exact
@@ -589,9 +594,9 @@ int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_ite
           for (int g : st.where[y]) touch(g);
           touch(b);
           hx = st.where[x], hy = st.where[y];
-          st.add(pr, x, hx, -1.0, nl), st.add(pr, y, hy, -1.0, nl);
+          st.add(x, hx, -1.0, nl), st.add(y, hy, -1.0, nl);
           move_holder(hx, a, b), move_holder(hy, b, a);
-          st.add(pr, x, hx, 1.0, nl), st.add(pr, y, hy, 1.0, nl);
+          st.add(x, hx, 1.0, nl), st.add(y, hy, 1.0, nl);
           double mt = 0;
           for (int g : touched) mt = std::max(mt, nl[g]), mark[g] = 0;
           if (mt >= lmax - eps) continue;
@@ -604,9 +609,9 @@ int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_ite
     if (bi < 0) break;
     {
       const int x = pk.slot[a * K + bi], y = pk.slot[bb * K + bj];
-      st.add(pr, x, st.where[x], -1.0, st.L), st.add(pr, y, st.where[y], -1.0, st.L);
+      st.add(x, st.where[x], -1.0, st.L), st.add(y, st.where[y], -1.0, st.L);
       move_holder(st.where[x], a, bb), move_holder(st.where[y], bb, a);
-      st.add(pr, x, st.where[x], 1.0, st.L), st.add(pr, y, st.where[y], 1.0, st.L);
+      st.add(x, st.where[x], 1.0, st.L), st.add(y, st.where[y], 1.0, st.L);
       swap_slots(pr, pk, a, bi, bb, bj);
       slot_loads(x), slot_loads(y);
       for (int g : st.where[x]) rank_range(g);
@@ -616,6 +621,20 @@ int static_polish(const Problem& pr, Packing& pk, double even_slack, int max_ite
   }
   if (applied > 0) recompute(pr, pk);  // (with none the caller keeps its own packing)
   return applied;
+}
+
+// deepseek's placement of the aggregate (deepseek.h, as the original: float weights), slot [G][K].
+std::vector<int32_t> deepseek_slots(const Problem& pr) {
+  const int E = pr.E, P = pr.P, G = pr.G;
+  std::vector<float> wf(E);
+  for (int e = 0; e < E; ++e) wf[e] = float(pr.agg[e]);
+  std::vector<int32_t> p2l(P), rk(P), lc(E), pi(P), rip(P), slot(P);
+  deepseek::replicate_experts(wf.data(), E, P, p2l.data(), rk.data(), lc.data());
+  std::vector<float> pw(P);
+  for (int q = 0; q < P; ++q) pw[q] = wf[p2l[q]] / float(lc[p2l[q]]);
+  deepseek::balanced_packing(pw.data(), P, G, pi.data(), rip.data());
+  for (int q = 0; q < P; ++q) slot[pi[q] * pr.K + rip[q]] = p2l[q];
+  return slot;
 }
 
 Packing rescore(const Problem& pr, const Packing& pk) {
@@ -628,7 +647,7 @@ Packing rescore(const Problem& pr, const Packing& pk) {
 }  // namespace
 
 std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
-                                   const int32_t* current_row, LayerPlanStats* stats) {
+                                   const int32_t* current_row, LayerPlanStats* stats, const double* expected) {
   const int G = opt.ranks, P = opt.physical;
   check(G > 0 && S > 0 && E > 0, "ballast: bad shape (ranks {}, slices {}, experts {})", G, S, E);
   check(P % G == 0, "ballast: {} physical slots are not divisible by {} ranks", P, G);
@@ -646,6 +665,13 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
       pr.agg[e] += x;
     }
   for (int s = 0; s < S; ++s) pr.bound += max_load_lower_bound(slices + s * stride, E, P, G);
+  std::vector<double> expected_w;
+  if (expected) {
+    expected_w.assign(expected, expected + E);
+    for (int e = 0; e < E; ++e)
+      check(std::isfinite(expected_w[e]) && expected_w[e] >= 0, "ballast: expected load {} of expert {} is not >= 0",
+            expected_w[e], e);
+  }
   // Loads are in their own units; the migration penalty is in units of the bound per slot.
   pr.lambda = opt.migration_weight * (pr.bound > 0 ? pr.bound : 1.0) / P;
   pr.linked = opt.dispatch == Dispatch::balanced && P > E && G > 1;
@@ -670,15 +696,7 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
   if (cand.F > pa.bound * 1.001 && E <= 128 && !pr.linked) {
     // Small layers: also start from deepseek's placement when it keeps replicas on distinct
     // ranks, so that ballast is never worse than it there (its replicas do not link the ranks).
-    std::vector<float> wf(E);
-    for (int e = 0; e < E; ++e) wf[e] = float(pr.agg[e]);
-    std::vector<int32_t> p2l(P), rk(P), lc(E), pi(P), rip(P), slot(P);
-    deepseek::replicate_experts(wf.data(), E, P, p2l.data(), rk.data(), lc.data());
-    std::vector<float> pw(P);
-    for (int q = 0; q < P; ++q) pw[q] = wf[p2l[q]] / float(lc[p2l[q]]);
-    deepseek::balanced_packing(pw.data(), P, G, pi.data(), rip.data());
-    for (int q = 0; q < P; ++q) slot[pi[q] * pr.K + rip[q]] = p2l[q];
-    Packing ds = from_row(pa, slot.data());
+    Packing ds = from_row(pa, deepseek_slots(pa).data());
     bool distinct = true;
     for (uint8_t h : ds.has) distinct &= h <= 1;
     if (distinct) {
@@ -700,10 +718,27 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
            : better(pr, kept, fresh) ? std::move(kept) : std::move(fresh);
   }
   if (opt.static_polish && !pr.linked && P > E && G > 1) {
-    // Static dispatch's shares (StaticLoads) on the aggregate; with a current placement only when
-    // it moves no more experts.
+    // Static dispatch's shares (StaticLoads) on the aggregate, or on the loads expected next; with
+    // a current placement only when it moves no more experts.
     Packing polished = best;
-    if (static_polish(pr, polished, opt.static_even_slack, G, opt.static_budget * int64_t(P)) > 0 && (!current_row || polished.moved <= best.moved))
+    const double amax = *std::max_element(best.A.begin(), best.A.end());
+    double even_cap = amax * (1 + opt.static_even_slack);
+    int iters = G;
+    int64_t budget = opt.static_budget * int64_t(P);
+    if (expected) {
+      // The aggregate may give up a little of its balance for the expected loads': up to
+      // expected_slack above its bound, never above deepseek's plan of it (so the window's balance
+      // stays at least deepseek's), nor below the plan's own maximum.
+      const Packing ds = from_row(pa, deepseek_slots(pa).data());
+      const double ds_max = *std::max_element(ds.A.begin(), ds.A.end());
+      even_cap = std::max(even_cap, std::min(pa.bound * (1 + opt.expected_slack), ds_max));
+      iters = opt.expected_iterations * G, budget = opt.expected_budget * int64_t(P);
+    }
+    // With a current placement: the expected loads' polish swaps only where no more experts move;
+    // the aggregate's is kept only when it moves no more in all.
+    if (static_polish(pr, polished, expected ? expected_w.data() : pr.agg.data(), even_cap, iters, budget,
+                      /*keep_moves=*/expected != nullptr) > 0 &&
+        (!current_row || polished.moved <= best.moved))
       best = std::move(polished);
   }
   std::vector<int32_t> row = best.slot;
@@ -715,7 +750,7 @@ namespace {
 
 // Step 8 (ballast_algorithm.h): groups onto nodes, then ballast_layer inside each node.
 std::vector<int32_t> ballast_layer_nodes(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
-                                         const int32_t* current_row, LayerPlanStats* stats) {
+                                         const int32_t* current_row, LayerPlanStats* stats, const double* expected) {
   const int N = opt.nodes, NG = opt.groups, G = opt.ranks, P = opt.physical;
   check(NG > 0 && E % NG == 0, "ballast: {} experts are not divisible into {} groups", E, NG);
   check(NG % N == 0, "ballast: {} expert groups are not divisible over {} nodes", NG, N);
@@ -752,7 +787,7 @@ std::vector<int32_t> ballast_layer_nodes(const double* slices, int S, int E, siz
   BallastOptions sub = opt;
   sub.nodes = 1, sub.groups = 1, sub.ranks = G / N, sub.physical = Pn;
   std::vector<int32_t> row(P, -1), local(E, -1);
-  std::vector<double> w(size_t(S) * En);
+  std::vector<double> w(size_t(S) * En), ex(En);
   std::vector<int32_t> cur(Pn);
   if (stats) *stats = {};
   for (int a = 0; a < N; ++a) {
@@ -763,6 +798,8 @@ std::vector<int32_t> ballast_layer_nodes(const double* slices, int S, int E, siz
     for (int i = 0; i < En; ++i) local[experts[i]] = i;
     for (int x = 0; x < S; ++x)
       for (int i = 0; i < En; ++i) w[size_t(x) * En + i] = slices[x * stride + experts[i]];
+    if (expected)
+      for (int i = 0; i < En; ++i) ex[i] = expected[experts[i]];
     // The current placement of the node's slots, when they hold only the node's experts.
     bool has_cur = current_row != nullptr;
     for (int p = 0; has_cur && p < Pn; ++p) {
@@ -771,7 +808,7 @@ std::vector<int32_t> ballast_layer_nodes(const double* slices, int S, int E, siz
       if (has_cur) cur[p] = local[e];
     }
     LayerPlanStats st;
-    auto r = ballast_layer(w.data(), S, En, En, sub, has_cur ? cur.data() : nullptr, &st);
+    auto r = ballast_layer(w.data(), S, En, En, sub, has_cur ? cur.data() : nullptr, &st, expected ? ex.data() : nullptr);
     for (int p = 0; p < Pn; ++p) row[n * Pn + p] = experts[r[p]];
     if (stats) stats->score += st.score, stats->bound += st.bound, stats->moved += st.moved;
   }
@@ -791,13 +828,24 @@ Placement ballast_rebalance(const LoadTrace& slices, const BallastOptions& opt, 
           "on {}",
           c.layers, c.logical, c.physical, c.ranks, slices.layers, slices.experts, opt.physical, opt.ranks);
   }
+  if (opt.expected) {
+    const LoadTrace& x = *opt.expected;
+    check(x.passes == 1 && x.layers == slices.layers && x.experts == slices.experts &&
+              x.count.size() == size_t(x.layers) * x.experts,
+          "ballast: expected loads are [{}][{}][{}]; the plan is for [1][{}][{}]", x.passes, x.layers, x.experts,
+          slices.layers, slices.experts);
+    check(opt.expected_layers.empty() || int(opt.expected_layers.size()) == slices.layers,
+          "ballast: expected_layers has {} flags for {} layers", opt.expected_layers.size(), slices.layers);
+  }
   if (stats) stats->assign(slices.layers, {});
   const size_t stride = size_t(slices.layers) * slices.experts;
   for (int l = 0; l < slices.layers; ++l) {
     const int32_t* cur = opt.current ? opt.current->layer(l).data() : nullptr;
     LayerPlanStats* st = stats ? &(*stats)[l] : nullptr;
-    auto row = opt.nodes > 1 ? ballast_layer_nodes(slices.at(0, l), slices.passes, slices.experts, stride, opt, cur, st)
-                             : ballast_layer(slices.at(0, l), slices.passes, slices.experts, stride, opt, cur, st);
+    const double* ex = opt.expected && (opt.expected_layers.empty() || opt.expected_layers[l]) ? opt.expected->at(0, l)
+                                                                                             : nullptr;
+    auto row = opt.nodes > 1 ? ballast_layer_nodes(slices.at(0, l), slices.passes, slices.experts, stride, opt, cur, st, ex)
+                             : ballast_layer(slices.at(0, l), slices.passes, slices.experts, stride, opt, cur, st, ex);
     std::copy(row.begin(), row.end(), out.layer(l).begin());
   }
   return out;

@@ -19,7 +19,13 @@
 //      component of its first holder in the replica graph (ranks linked by the experts they
 //      share): R >= G - 1 redundant slots then link all ranks, and balanced dispatch can move any
 //      pass's excess from one rank to any other. Steps 3 and 5 then keep that graph;
-//   7. for `static` dispatch: swaps scored on the rank loads under static dispatch (exact shares).
+//   7. for `static` dispatch: swaps scored on the rank loads under static dispatch (exact shares),
+//      of the slices' aggregate, or of the loads the placement is expected to serve when they are
+//      given (BallastOptions::expected: the window's recent level where its load random-walks,
+//      forecast.h): those are balanced while the aggregate's even-split maximum stays within
+//      expected_slack of its bound and at most deepseek's plan's (so the window keeps a balance
+//      at least deepseek's, and the next interval gets one planned for it); with a current
+//      placement only swaps that move no more experts away from it.
 //   8. with nodes > 1 (hierarchical, as deepseek's): expert groups are packed onto nodes first
 //      (balanced packing of the groups' loads; with a current placement each pack goes to the node
 //      whose slots hold most of its experts), then each node's experts are planned by steps 1-7 on
@@ -53,6 +59,18 @@ struct BallastOptions {
   bool static_polish = true;
   double static_even_slack = 0.0;
   int static_budget = 8;   // swap trials (pre-filtered) per layer, in units of P: bounds the time
+  // Step 7 on the loads expected next, for the layers flagged in expected_layers (empty: every
+  // layer): expected is [1][L][E] (or nullptr: none). Static dispatch cannot adapt to a pass, so
+  // its per-pass balance follows the next interval's mean loads; where popularity random-walks,
+  // the window's latest level predicts them better than its average (docs/eplb.md, "Static
+  // dispatch"). The aggregate's even-split maximum may rise to min(bound * (1 + expected_slack),
+  // deepseek's maximum on it) (or stays at the plan's own when that is higher). With a current
+  // placement it swaps only where no more experts move (migration_weight is not traded for it).
+  const LoadTrace* expected = nullptr;
+  std::vector<uint8_t> expected_layers;
+  double expected_slack = 0.003;
+  int expected_iterations = 32;  // swaps at most, in units of G
+  int expected_budget = 128;     // swap trials, in units of P
   // Step 8: nodes (ranks / nodes consecutive ranks each) and expert groups (experts / groups
   // consecutive experts each); groups % nodes == 0. nodes = 1: one node, no hierarchy.
   int nodes = 1, groups = 1;
@@ -67,9 +85,11 @@ struct LayerPlanStats {
 // One layer.
 //   slices: [S][E] with row stride `stride` (loads of S time slices; S = 1: the window's sum)
 //   current_row: [P] or nullptr
+//   expected: [E] or nullptr, the loads expected next (step 7; BallastOptions::expected is ignored here)
 // returns physical_to_logical [P].
 std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
-                                   const int32_t* current_row = nullptr, LayerPlanStats* stats = nullptr);
+                                   const int32_t* current_row = nullptr, LayerPlanStats* stats = nullptr,
+                                   const double* expected = nullptr);
 
 // All layers. slices: [S][L][E] (a LoadTrace whose passes are time slices).
 Placement ballast_rebalance(const LoadTrace& slices, const BallastOptions& opt,

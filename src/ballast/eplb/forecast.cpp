@@ -4,11 +4,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 
 namespace ballast::eplb {
 
-LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::vector<LayerTrend>* trends) {
+LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::vector<LayerTrend>* trends,
+                          LoadTrace* level_out) {
   const int T = w.passes, L = w.layers, E = w.experts;
   check(w.count.size() == size_t(T) * L * E, "forecast: window: {} counts for shape [{}][{}][{}]", w.count.size(), T, L,
         E);
@@ -27,17 +30,22 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
   // such a layer's plan is the very plan made without a forecast). The window is the largest input
   // of a rebalance: a second pass would cost as much as the rest of the forecast.
   LoadTrace binned(B, L, E), own(S, L, E);
-  bool bad = false;
+  // The check on the bits (as LoadTrace::validate): sign set, or an exponent all ones (negative,
+  // infinite or NaN) sets bit 63; integer operations, so the loop vectorises.
+  constexpr uint64_t kExp = 0x7FF0000000000000ull, kOne = 0x0010000000000000ull;
+  uint64_t acc = 0;
   for (int t = 0; t < T; ++t) {
     double* bin = binned.at(int(int64_t(t) * B / T), 0);
     double* slice = own.at(int(int64_t(t) * S / T), 0);
     const double* src = w.at(t, 0);
     for (size_t i = 0; i < size_t(L) * E; ++i) {
-      bad |= !(src[i] >= 0 && src[i] <= std::numeric_limits<double>::max());
+      uint64_t u;
+      std::memcpy(&u, &src[i], sizeof u);
+      acc |= ((u & kExp) + kOne) | u;
       bin[i] += src[i], slice[i] += src[i];
     }
   }
-  if (bad) w.validate("forecast: window");  // names the first bad count
+  if (acc >> 63) w.validate("forecast: window");  // names the first bad count (-0.0 passes there)
   // Least-squares slope of y over bins [b0, b1).
   auto fit_slope = [&](const std::vector<double>& y, int b0, int b1) {
     double c = 0, m = 0;
@@ -51,6 +59,7 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
   for (int b = B - Q; b < B; ++b) recent += centre[b] / Q;
   LoadTrace out(S, L, E);
   if (trends) trends->assign(L, {});
+  if (level_out) *level_out = LoadTrace(1, L, E);
   std::vector<double> y(B), slope(E), level(E), s1(E), s2(E), share(E);
   for (int l = 0; l < L; ++l) {
     double total = 0;  // tokens per pass of the layer over the window
@@ -93,6 +102,14 @@ LoadTrace forecast_slices(const LoadTrace& w, const ForecastOptions& opt, std::v
     if (k < 0) k = tr.t >= opt.min_t && tr.t > 0 ? std::clamp(tr.persistence, 0.0, 1.0) : -1.0;
     tr.extrapolated = k >= 0;
     if (trends) (*trends)[l] = tr;
+    if (level_out) {
+      // The last quarter's level, as the window's tokens (the extrapolation below with k = 0).
+      double* dst = level_out->at(0, l);
+      double sum = 0;
+      for (int e = 0; e < E; ++e) sum += (dst[e] = std::exp(level[e]));
+      const double scale = sum > 0 ? total * T / sum : 0.0;
+      for (int e = 0; e < E; ++e) dst[e] *= scale;
+    }
     if (!tr.extrapolated) {
       for (int s = 0; s < S; ++s) std::copy(own.at(s, l), own.at(s, l) + E, out.at(s, l));
       continue;

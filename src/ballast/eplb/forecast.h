@@ -10,7 +10,9 @@
 // the level of the window's last quarter over the next `horizon` passes, damped by the persistence,
 // as time slices each renormalised to the window's tokens per pass (the router's total is fixed,
 // only the shares move). A layer without a significant trend keeps the window's own time slices,
-// exactly what is planned without a forecast, so a stationary load loses nothing to it.
+// exactly what is planned without a forecast, so a stationary load loses nothing to it. Its level
+// (the last quarter's, below) is then the best forecast a random walk has of the next interval's
+// mean loads; the planner balances it for static dispatch (ballast_algorithm.h, step 7).
 #include "ballast/eplb/load.h"
 
 #include <vector>
@@ -44,7 +46,10 @@ struct LayerTrend {
 // for an extrapolated layer, slice s holds the forecast counts of passes [T + s*h/S, T + (s+1)*h/S)
 // (h = horizon), per pass scaled as the window; for another layer, the window's own S time slices.
 // trends (optional): one entry per layer.
+// level (optional): [1][L][E], each layer's level of the window's last quarter (the geometric mean
+// of its last two bins' per-pass rates, the extrapolation with no slope), scaled to the window's
+// tokens: what the next interval's mean loads are expected to be where the layer has no trend.
 LoadTrace forecast_slices(const LoadTrace& window, const ForecastOptions& opt = {},
-                          std::vector<LayerTrend>* trends = nullptr);
+                          std::vector<LayerTrend>* trends = nullptr, LoadTrace* level = nullptr);
 
 }  // namespace ballast::eplb

@@ -4,7 +4,9 @@
 
 #include <nlohmann/json.hpp>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <fstream>
 #include <sstream>
@@ -39,10 +41,26 @@ LoadTrace LoadTrace::range(int begin, int end) const {
 void LoadTrace::validate(const std::string& origin) const {
   check(count.size() == size_t(passes) * layers * experts, "{}: {} counts for shape [{}][{}][{}]", origin,
         count.size(), passes, layers, experts);
-  for (size_t i = 0; i < count.size(); ++i) {
-    if (!std::isfinite(count[i]) || count[i] < 0) {
-      size_t e = i % experts, l = (i / experts) % layers, t = i / (size_t(experts) * layers);
-      fail("{}: count at pass {} layer {} expert {} is {} (counts must be finite and >= 0)", origin, t, l, e, count[i]);
+  // A window of passes is the planner's largest input: checked block by block on the bits (sign
+  // set, or exponent all ones: negative, infinite or NaN), with integer operations that vectorise,
+  // and a block searched for its first bad count only when it may have one (-0.0 sets the sign and
+  // is accepted there), so the message names the first in the trace.
+  constexpr uint64_t kExp = 0x7FF0000000000000ull, kOne = 0x0010000000000000ull;
+  const size_t n = count.size(), block = 4096;
+  for (size_t b0 = 0; b0 < n; b0 += block) {
+    const size_t b1 = std::min(n, b0 + block);
+    uint64_t acc = 0;
+    for (size_t i = b0; i < b1; ++i) {
+      uint64_t u;
+      std::memcpy(&u, &count[i], sizeof u);
+      acc |= ((u & kExp) + kOne) | u;  // bit 63: the sign, or the carry out of an all-ones exponent
+    }
+    if (!(acc >> 63)) continue;
+    for (size_t i = b0; i < b1; ++i) {
+      if (!std::isfinite(count[i]) || count[i] < 0) {
+        size_t e = i % experts, l = (i / experts) % layers, t = i / (size_t(experts) * layers);
+        fail("{}: count at pass {} layer {} expert {} is {} (counts must be finite and >= 0)", origin, t, l, e, count[i]);
+      }
     }
   }
 }

@@ -32,14 +32,25 @@ Placement plan(const LoadTrace& load, const PlanOptions& opt, std::vector<LayerP
     BallastOptions b;
     b.ranks = opt.ranks, b.physical = P, b.migration_weight = opt.migration_weight, b.current = opt.current;
     b.dispatch = opt.dispatch, b.nodes = opt.nodes, b.groups = opt.nodes > 1 ? opt.groups : 1;
-    LoadTrace sl;
+    LoadTrace sl, level;
     if (opt.trends) opt.trends->clear();
     if (load.passes == 1) {
       sl = load;
     } else if (opt.forecast) {
       ForecastOptions fo;
       fo.slices = std::max(1, opt.slices), fo.horizon = opt.horizon, fo.damping = opt.damping;
-      sl = forecast_slices(load, fo, opt.trends);
+      // Static (and random) dispatch: the layers without a trend are also balanced for their recent
+      // level (BallastOptions::expected); balanced dispatch evens out each pass and plans for the
+      // window's spread of loads (docs/eplb.md).
+      const bool ahead = opt.dispatch != Dispatch::balanced && opt.expect_recent_level;
+      std::vector<LayerTrend> own;
+      std::vector<LayerTrend>* tr = opt.trends ? opt.trends : ahead ? &own : nullptr;
+      sl = forecast_slices(load, fo, tr, ahead ? &level : nullptr);
+      if (ahead) {
+        b.expected = &level;
+        b.expected_layers.resize(load.layers);
+        for (int l = 0; l < load.layers; ++l) b.expected_layers[l] = !(*tr)[l].extrapolated;
+      }
     } else {
       sl = load.slices(0, load.passes, std::max(1, opt.slices));
     }

@@ -29,11 +29,16 @@ struct PlanOptions {
   const Placement* current = nullptr;   // ballast: placement in force
   // ballast with a window of passes: plan for the forecast of the next `horizon` passes
   // (forecast.h: each layer whose load has a significant trend gets its trend extrapolated, as
-  // `slices` time slices; the other layers keep the window's own slices). false: the window's own
-  // slices for every layer. horizon 0: the window's length.
+  // `slices` time slices; the other layers keep the window's own slices, and expect_recent_level
+  // below). false: the window's own slices for every layer. horizon 0: the window's length.
   bool forecast = true;
   int horizon = 0;
   double damping = -1;  // ForecastOptions::damping (< 0: estimated, and the significance test)
+  // With the forecast, static and random dispatch: the layers without a significant trend are
+  // also balanced for the level of the window's last quarter (the best forecast of a random walk;
+  // BallastOptions::expected), the window keeping a balance at least deepseek's. false: the
+  // window's slices alone (as before this option). Balanced dispatch never uses it.
+  bool expect_recent_level = true;
   std::vector<LayerTrend>* trends = nullptr;  // out (optional): the forecast's decision per layer (empty: none made)
 };
 

@@ -14,6 +14,19 @@ namespace ballast::eplb {
 double mean_pass_balancedness(std::span<const int32_t> row, int G, int rpn, Dispatch policy, const double* counts,
                               int T, size_t stride, int E, uint64_t seed) {
   double s = 0;
+  if (policy == Dispatch::static_) {
+    // The table does not depend on the pass: made once, then dispatch_static's sums per pass.
+    const auto table = static_table(row, G, rpn, E);
+    std::vector<double> slot(row.size());
+    for (int t = 0; t < T; ++t) {
+      const double* c = counts + t * stride;
+      std::fill(slot.begin(), slot.end(), 0.0);
+      for (int g = 0; g < G; ++g)
+        for (int e = 0; e < E; ++e) slot[table[size_t(g) * E + e]] += c[e] / G;
+      s += balancedness(rank_loads_from_slots(slot, G));
+    }
+    return T > 0 ? s / T : 1.0;
+  }
   for (int t = 0; t < T; ++t) {
     auto slot = dispatch(policy, row, G, rpn, counts + t * stride, E, seed + uint64_t(t));
     auto rl = rank_loads_from_slots(slot, G);
