@@ -280,6 +280,19 @@ TEST(Forecast, StaticPlanExpectsTheRecentLevel) {
     EXPECT_NE(pa.phy2log, pb.phy2log);
     for (int l = 0; l < s.layers; ++l) EXPECT_LE(sa[l].moved, sb[l].moved) << "layer " << l;
   }
+  // With a node hierarchy each node's experts are polished for their level inside the node.
+  {
+    PlanOptions nodes = on;
+    nodes.trends = nullptr, nodes.nodes = 2, nodes.groups = 8;
+    auto pn = plan(w, nodes);
+    pn.validate();
+    for (int l = 0; l < s.layers; ++l)
+      for (int p = 0; p < P; ++p) {
+        const int e = pn.layer(l)[p];
+        for (int q = 0; q < P; ++q)
+          if (pn.layer(l)[q] == e) ASSERT_EQ(p / (P / 2), q / (P / 2)) << "expert " << e << " on both nodes";
+      }
+  }
   on.dispatch = off.dispatch = Dispatch::balanced;
   EXPECT_EQ(plan(w, on).phy2log, plan(w, off).phy2log);
   // --no-forecast: the window's slices alone, as before
