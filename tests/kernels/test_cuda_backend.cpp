@@ -40,6 +40,40 @@ TEST(CudaBackend, WeightsShareFewBlocksAndTransfersAreCounted) {
   EXPECT_EQ(be.counters().downloads - c0.downloads, 1);
 }
 
+// One timed matmul of host rows x [T, K] by the device weight w [N, K]: the ops it timed and y.
+struct TimedMatmul {
+  std::vector<OpTime> times;
+  std::vector<float> y;
+};
+TimedMatmul timed_matmul(CudaBackend& be, const std::vector<float>& x, const Tensor& w, int64_t T, int64_t K,
+                         int64_t N) {
+  Tensor xd = be.alloc({T, K}, DType::F32), y = be.alloc({T, N}, DType::F32);
+  be.upload(x.data(), xd);
+  be.start_op_timing();
+  be.ops().matmul(xd, w, y);
+  TimedMatmul r{be.stop_op_timing(), std::vector<float>(size_t(T * N))};
+  be.download(y, r.y.data());
+  return r;
+}
+
+// The largest |got[t, n] - sum_k x[t, k] w[n, k]| relative to sum_k |x[t, k] w[n, k]|, in double:
+// x and w are the values the product multiplies (rounded as it rounds them).
+double worst_relative_to_products(const std::vector<float>& got, const std::vector<float>& x,
+                                  const std::vector<float>& w, int64_t T, int64_t K, int64_t N) {
+  double worst = 0;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < N; ++n) {
+      double want = 0, scale = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double p = double(x[size_t(t * K + k)]) * w[size_t(n * K + k)];
+        want += p;
+        scale += std::abs(p);
+      }
+      worst = std::max(worst, std::abs(got[size_t(t * N + n)] - want) / scale);
+    }
+  return worst;
+}
+
 // bf16 matrix products (the serving default): cuBLAS on the tensor cores with x rounded to bf16.
 // The reference rounds x the same way and sums in double: what is left is fp32 accumulation.
 TEST(CudaBackend, Bf16MatmulEqualsTheProductOfRoundedInputs) {
@@ -55,27 +89,12 @@ TEST(CudaBackend, Bf16MatmulEqualsTheProductOfRoundedInputs) {
     wh.data<uint16_t>()[i] = f32_to_bf16(0.1f * nd(rng));
     wf[size_t(i)] = bf16_to_f32(wh.data<uint16_t>()[i]);
   }
-  Tensor w = be.to_device(wh), xd = be.alloc({T, K}, DType::F32), y = be.alloc({T, N}, DType::F32);
-  be.upload(x.data(), xd);
-  be.start_op_timing();
-  be.ops().matmul(xd, w, y);
-  const std::vector<OpTime> times = be.stop_op_timing();
-  ASSERT_EQ(times.size(), 1u);
-  EXPECT_EQ(times[0].op, "matmul gemm (cuBLAS bf16)") << "the tensor-core path was taken";
-  std::vector<float> got(size_t(T * N));
-  be.download(y, got.data());
-  double worst = 0;
-  for (int64_t t = 0; t < T; ++t)
-    for (int64_t n = 0; n < N; ++n) {
-      double want = 0, scale = 0;
-      for (int64_t k = 0; k < K; ++k) {
-        const double p = double(bf16_to_f32(f32_to_bf16(x[size_t(t * K + k)]))) * wf[size_t(n * K + k)];
-        want += p;
-        scale += std::abs(p);
-      }
-      worst = std::max(worst, std::abs(got[size_t(t * N + n)] - want) / scale);
-    }
-  EXPECT_LT(worst, 1e-5) << "relative to the sum of |products|";
+  const TimedMatmul r = timed_matmul(be, x, be.to_device(wh), T, K, N);
+  ASSERT_EQ(r.times.size(), 1u);
+  EXPECT_EQ(r.times[0].op, "matmul gemm (cuBLAS bf16)") << "the tensor-core path was taken";
+  std::vector<float> xr(x);
+  for (float& v : xr) v = bf16_to_f32(f32_to_bf16(v));
+  EXPECT_LT(worst_relative_to_products(r.y, xr, wf, T, K, N), 1e-5) << "relative to the sum of |products|";
 }
 
 // Grouped experts with bf16 matrix products: groups of more than 8 rows take the tensor cores
@@ -210,26 +229,12 @@ TEST(CudaBackend, Fp8MatmulEqualsTheProductOfWhatItMultiplies) {
           v = c.path == kFp8 ? fp8e4m3_to_f32(f32_to_e4m3(v / sc)) * sc : c.path == kBf16 ? round(v) : v;
         }
       }
-    const Tensor w = be.to_device(wq.tensor);
-    Tensor xd = be.alloc({T, K}, DType::F32), y = be.alloc({T, N}, DType::F32);
-    be.upload(x.data(), xd);
-    be.start_op_timing();
-    be.ops().matmul(xd, w, y);
-    EXPECT_EQ(be.stop_op_timing().at(0).op, c.op);
-    std::vector<float> got(size_t(T * N));
-    be.download(y, got.data());
-    double worst = 0;
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t n = 0; n < N; ++n) {
-        double want = 0, scale = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          const float wk = wq.stored[size_t(n * K + k)];
-          const double p = double(xm[size_t(t * K + k)]) * (c.path == kBf16 ? round(wk) : wk);
-          want += p;
-          scale += std::abs(p);
-        }
-        worst = std::max(worst, std::abs(got[size_t(t * N + n)] - want) / scale);
-      }
+    const TimedMatmul r = timed_matmul(be, x, be.to_device(wq.tensor), T, K, N);
+    EXPECT_EQ(r.times.at(0).op, c.op);
+    std::vector<float> wm(wq.stored);  // ... and the weights: bf16-rounded on the dequantizing path
+    if (c.path == kBf16)
+      for (float& v : wm) v = round(v);
+    const double worst = worst_relative_to_products(r.y, xm, wm, T, K, N);
     // The FP8 tensor cores keep fewer bits than fp32 inside each 128-block of k (cuBLASLt promotes
     // the block sums to fp32): 1e-3 of the sum of |products| for them; a wrong scale or layout
     // would be off by O(1).
