@@ -270,10 +270,10 @@ def check_eplb_commands(args):
         ok = os.path.join(tmp, "ok.json")
         with open(ok, "w") as f:
             f.write('{"logical_count": [[1,2,3,4]]}')
-        for extra, message in ((["--ranks", "3", "--redundant", "0"], "not divisible by 3 ranks"),
-                               (["--ranks", "2", "--redundant", "-2"], "fewer than 4 logical experts"),
-                               (["--ranks", "2", "--redundant", "0", "--dispatch", "fastest"], "unknown dispatch")):
-            err = run(b + ["plan", "--load", ok, "--output", ok + ".out"] + extra, 1).stderr
+        for extra, message, rc in ((["--ranks", "3", "--redundant", "0"], "not divisible by 3 ranks", 1),
+                                   (["--ranks", "2", "--redundant", "-2"], "--redundant: Value -2 not in range", 2),
+                                   (["--ranks", "2", "--redundant", "0", "--dispatch", "fastest"], "unknown dispatch", 1)):
+            err = run(b + ["plan", "--load", ok, "--output", ok + ".out"] + extra, rc).stderr
             assert message in err, (extra, err)
 
 

@@ -1,6 +1,8 @@
 #include "ballast/eplb/load.h"
 
+#include "ballast/core/checked.h"
 #include "ballast/core/error.h"
+#include "ballast/eplb/limits.h"
 
 #include <nlohmann/json.hpp>
 
@@ -10,6 +12,11 @@
 #include <sstream>
 
 namespace ballast::eplb {
+
+LoadTrace::LoadTrace(int passes, int layers, int experts) : passes(passes), layers(layers), experts(experts) {
+  const int64_t dims[] = {passes, layers, experts};
+  count.assign(size_t(checked_numel(dims, kMaxLoadCounts, "load: counts [T][L][E]")), 0.0);
+}
 
 LoadTrace LoadTrace::sum(int begin, int end) const { return slices(begin, end, 1); }
 
@@ -40,9 +47,10 @@ void LoadTrace::validate(const std::string& origin) const {
   check(count.size() == size_t(passes) * layers * experts, "{}: {} counts for shape [{}][{}][{}]", origin,
         count.size(), passes, layers, experts);
   for (size_t i = 0; i < count.size(); ++i) {
-    if (!std::isfinite(count[i]) || count[i] < 0) {
+    if (!(count[i] >= 0 && count[i] <= kMaxCount)) {
       size_t e = i % experts, l = (i / experts) % layers, t = i / (size_t(experts) * layers);
-      fail("{}: count at pass {} layer {} expert {} is {} (counts must be finite and >= 0)", origin, t, l, e, count[i]);
+      fail("{}: count at pass {} layer {} expert {} is {} (counts must be finite, >= 0 and <= 2^53)", origin, t, l, e,
+           count[i]);
     }
   }
 }
@@ -52,8 +60,15 @@ namespace {
 double number_at(const nlohmann::json& v, const std::string& origin, const std::string& where) {
   check(v.is_number(), "{}: logical_count{} is not a number", origin, where);
   double x = v.get<double>();
-  check(std::isfinite(x) && x >= 0, "{}: logical_count{} is {} (counts must be >= 0)", origin, where, x);
+  check(x >= 0 && x <= kMaxCount, "{}: logical_count{} is {} (counts must be >= 0 and <= 2^53)", origin, where, x);
   return x;
+}
+
+// The size of a JSON array dimension, within `limit`.
+int dim(const nlohmann::json& a, int limit, const std::string& origin, const char* what) {
+  check(a.size() <= size_t(limit), "{}: logical_count has {} {}, more than the limit of {}", origin, a.size(), what,
+        limit);
+  return int(a.size());
 }
 
 }  // namespace
@@ -74,7 +89,7 @@ LoadTrace load_from_json_text(const std::string& text, const std::string& origin
   check((*a)[0].is_array() && !(*a)[0].empty(), "{}: logical_count[0] must be a non-empty array", origin);
   bool three = (*a)[0][0].is_array();
   if (!three) {
-    int L = int(a->size()), E = int((*a)[0].size());
+    int L = dim(*a, kMaxLayers, origin, "layers"), E = dim((*a)[0], kMaxExperts, origin, "experts");
     LoadTrace out(1, L, E);
     for (int l = 0; l < L; ++l) {
       const auto& row = (*a)[l];
@@ -84,7 +99,8 @@ LoadTrace load_from_json_text(const std::string& text, const std::string& origin
     }
     return out;
   }
-  int T = int(a->size()), L = int((*a)[0].size()), E = int((*a)[0][0].size());
+  int T = dim(*a, INT32_MAX, origin, "passes"), L = dim((*a)[0], kMaxLayers, origin, "layers"),
+      E = dim((*a)[0][0], kMaxExperts, origin, "experts");
   check(E > 0, "{}: logical_count[0][0] is empty", origin);
   LoadTrace out(T, L, E);
   for (int t = 0; t < T; ++t) {
@@ -161,23 +177,40 @@ LoadTrace read_load(const std::string& path) {
   } catch (const std::exception& e) {
     fail("{}: bad safetensors header: {}", path, e.what());
   }
-  check(h.contains("logical_count"), "{}: no tensor 'logical_count'", path);
+  check(h.is_object() && h.contains("logical_count"), "{}: no tensor 'logical_count'", path);
   const auto& d = h["logical_count"];
+  check(d.is_object(), "{}: logical_count's header entry is not an object", path);
+  check(d.contains("dtype") && d["dtype"].is_string(), "{}: logical_count has no \"dtype\" string", path);
   std::string dtype = d["dtype"].get<std::string>();
   check(dtype == "I32", "{}: logical_count has dtype {}, expected I32", path, dtype);
-  auto shape = d["shape"].get<std::vector<int64_t>>();
+  auto ints = [&](const char* key) {
+    check(d.contains(key) && d[key].is_array(), "{}: logical_count has no \"{}\" array", path, key);
+    std::vector<int64_t> v;
+    for (const auto& x : d[key]) {
+      check(x.is_number_unsigned(), "{}: logical_count's \"{}\" holds {}, not an integer >= 0", path, key, x.dump());
+      check(x.get<uint64_t>() <= uint64_t(INT64_MAX), "{}: logical_count's \"{}\" holds {}, too large", path, key,
+            x.dump());
+      v.push_back(x.get<int64_t>());
+    }
+    return v;
+  };
+  auto shape = ints("shape");
   check(shape.size() == 2 || shape.size() == 3, "{}: logical_count must be [L,E] or [T,L,E]", path);
   if (shape.size() == 2) shape.insert(shape.begin(), 1);
-  auto off = d["data_offsets"].get<std::vector<uint64_t>>();
-  size_t numel = size_t(shape[0] * shape[1] * shape[2]);
-  check(off.size() == 2 && off[1] - off[0] == numel * 4 && 8 + n + off[1] <= bytes.size(),
+  check(shape[0] <= INT32_MAX && shape[1] <= kMaxLayers && shape[2] <= kMaxExperts,
+        "{}: logical_count shape [{}, {}, {}] is beyond the limits of {} layers and {} experts", path, shape[0],
+        shape[1], shape[2], kMaxLayers, kMaxExperts);
+  const int64_t numel = checked_numel(shape, kMaxLoadCounts, path + ": logical_count");
+  auto off = ints("data_offsets");
+  const int64_t data = int64_t(bytes.size() - 8 - n);
+  check(off.size() == 2 && off[0] <= off[1] && off[1] <= data && off[1] - off[0] == numel * 4,
         "{}: logical_count data offsets do not match its shape", path);
   LoadTrace t{int(shape[0]), int(shape[1]), int(shape[2])};
   const char* base = bytes.data() + 8 + n + off[0];
-  for (size_t i = 0; i < numel; ++i) {
+  for (int64_t i = 0; i < numel; ++i) {
     int32_t v;
     std::memcpy(&v, base + 4 * i, 4);
-    t.count[i] = v;
+    t.count[size_t(i)] = v;
   }
   t.validate(path);
   return t;
