@@ -40,7 +40,7 @@ struct GenerateArgs {
 struct Report {
   std::vector<std::vector<int32_t>> outputs;
   runtime::GenerationStats stats;
-  nlohmann::json ep, speculative;
+  nlohmann::json ep, speculative, cache;
   bool stopped = false;  // by SIGINT/SIGTERM: the outputs are what was generated until then
 };
 
@@ -88,6 +88,9 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
   auto* trunk = engine->trunk_ep();
   if (!e.ep.dump_distribution.empty() && trunk) trunk->domain.recorder.start();
   Report rep;
+  rep.cache = {{"max_total_tokens", opts.cache.max_total_tokens},
+               {"max_running_requests", opts.cache.max_running_requests},
+               {"context_length", opts.cache.context_length}};
   runtime::SpeculativeStats spec_stats;
   auto generate = [&](const std::vector<std::vector<int32_t>>& mine) {
     if (!speculate) return engine->generate(mine, a.max_new_tokens, stop, a.sampling);
@@ -172,6 +175,7 @@ int run_generate(const GenerateArgs& a) {
     j["prefill_tokens_per_s"] = prefill_tps;
     j["decode_tokens_per_s"] = decode_tps;
     j["passes"] = s.passes;
+    j["cache"] = rep.cache;  // per rank
     if (rep.stopped) j["stopped"] = strsignal(stop_signal.load());
     if (!rep.ep.is_null()) j["expert_parallel"] = rep.ep;
     if (!rep.speculative.is_null()) {
