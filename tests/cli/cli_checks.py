@@ -6,9 +6,11 @@ Each check runs the real CLI on committed fixtures and compares against transfor
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 FIX = os.path.join(ROOT, "tests", "fixtures")
@@ -270,11 +272,82 @@ def check_eplb_commands(args):
         ok = os.path.join(tmp, "ok.json")
         with open(ok, "w") as f:
             f.write('{"logical_count": [[1,2,3,4]]}')
-        for extra, message in ((["--ranks", "3", "--redundant", "0"], "not divisible by 3 ranks"),
-                               (["--ranks", "2", "--redundant", "-2"], "fewer than 4 logical experts"),
-                               (["--ranks", "2", "--redundant", "0", "--dispatch", "fastest"], "unknown dispatch")):
-            err = run(b + ["plan", "--load", ok, "--output", ok + ".out"] + extra, 1).stderr
+        for extra, message, rc in ((["--ranks", "3", "--redundant", "0"], "not divisible by 3 ranks", 1),
+                                   (["--ranks", "2", "--redundant", "-2"], "--redundant: Value -2 not in range", 2),
+                                   (["--ranks", "2", "--redundant", "0", "--dispatch", "fastest"], "unknown dispatch", 1)):
+            err = run(b + ["plan", "--load", ok, "--output", ok + ".out"] + extra, rc).stderr
             assert message in err, (extra, err)
+
+
+def check_signals(args):
+    # SIGINT/SIGTERM during generate on in-process ranks: every rank stops at its next step, what was
+    # generated is printed (JSON with "stopped"), exit 128 + the signal.
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = os.path.join(tmp, "p.txt")
+        with open(prompts, "w") as f:
+            f.write("1,2,3\n4,5,6\n7,8\n")
+        for sig, code, name in ((signal.SIGINT, 130, "Interrupt"), (signal.SIGTERM, 143, "Terminated")):
+            p = subprocess.Popen([args.ballast, "generate", "--ep", "2", "--prompts-file", prompts, "--max-new-tokens",
+                                  "4000", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(3)
+            t0 = time.time()
+            p.send_signal(sig)
+            out, err = p.communicate(timeout=60)
+            assert p.returncode == code, (name, p.returncode, err)
+            assert time.time() - t0 < 30, "stopping took too long"
+            j = json.loads(out)
+            assert j["stopped"] == name and len(j["output_ids"]) == 3, j
+            assert all(len(o) < 4000 for o in j["output_ids"]), [len(o) for o in j["output_ids"]]
+            assert "stopping at the next step" in err, err
+
+
+def check_mpi_watchdog(args):
+    # Under mpirun, a rank that stops answering (SIGSTOP) ends the job within --dist-timeout and a
+    # few seconds, with one error line naming the wait; before, the other rank busy-waited for ever.
+    if not args.mpirun:
+        print("skipped: no mpirun")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        prompts = os.path.join(tmp, "p.txt")
+        with open(prompts, "w") as f:
+            f.write("1,2,3\n4,5,6\n")
+        cmd = args.mpirun.split() + ["-np", "2", args.ballast, "generate", "--prompts-file", prompts,
+                                     "--max-new-tokens", "4000", "--dist-timeout", "3"]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        stopped = None
+        try:
+            # Rank 1's process, once both ranks are generating (the first collectives are done).
+            deadline = time.time() + 60
+            while stopped is None and time.time() < deadline:
+                time.sleep(0.5)
+                for pid in os.listdir("/proc"):
+                    try:
+                        with open(f"/proc/{pid}/environ", "rb") as f:
+                            env = f.read().split(b"\0")
+                        with open(f"/proc/{pid}/cmdline", "rb") as f:
+                            argv = f.read().split(b"\0")
+                    except OSError:
+                        continue
+                    if b"OMPI_COMM_WORLD_RANK=1" in env and argv[0].endswith(b"ballast") and prompts.encode() in argv:
+                        stopped = int(pid)
+            assert stopped is not None, "rank 1 never started"
+            time.sleep(3)
+            os.kill(stopped, signal.SIGSTOP)
+            t0 = time.time()
+            out, err = p.communicate(timeout=90)
+            took = time.time() - t0
+        finally:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+            if stopped is not None:
+                try:
+                    os.kill(stopped, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        assert p.returncode != 0, (p.returncode, out, err)
+        assert "(--dist-timeout); ending the job" in err and "for the other ranks" in err, err
+        assert took < 60, f"the job took {took:.0f} s to end"
 
 
 CHECKS = {name[len("check_"):]: fn for name, fn in globals().items() if name.startswith("check_")}

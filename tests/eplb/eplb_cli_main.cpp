@@ -1,5 +1,6 @@
 // `ballast eplb ...` as its own small program (same code as the subcommand of `ballast`).
 #include "ballast/cli/commands.h"
+#include "ballast/cli/error_line.h"
 #include "ballast/core/error.h"
 
 #include <cstdio>
@@ -12,12 +13,14 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);
+    std::fputs(ballast::cli::error_line(std::string(e.what()) + " (see --help)").c_str(), stderr);
+    return ballast::cli::kExitUsage;
   }
   try {
     return run ? run() : 0;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "error: %s\n", e.what());
-    return 1;
+    std::fputs(ballast::cli::error_line(e.what()).c_str(), stderr);
+    return ballast::cli::kExitError;
   }
 }

@@ -68,14 +68,15 @@ TEST(Load, ParsesMatrixAndTraceAndRefusesBadInput) {
 
 // validate() checks blocks of counts on their bits and searches a block only when it may hold a
 // bad count: the message names the first bad one in the trace, wherever the blocks fall; -0.0 and
-// the largest finite double pass.
+// 2^53 (the largest count held exactly) pass, the next double above it does not.
 TEST(Load, ValidateNamesTheFirstBadCount) {
   LoadTrace t(40, 3, 100);  // 12000 counts: three blocks of 4096
   for (size_t i = 0; i < t.count.size(); ++i) t.count[i] = double(i % 13);
   t.at(0, 0)[0] = -0.0;
-  t.at(39, 2)[99] = std::numeric_limits<double>::max();
+  t.at(39, 2)[99] = 9007199254740992.0;
   EXPECT_NO_THROW(t.validate());
-  for (double bad : {-1.0, -std::numeric_limits<double>::denorm_min(), std::nan(""), HUGE_VAL, -HUGE_VAL}) {
+  for (double bad : {-1.0, -std::numeric_limits<double>::denorm_min(), std::nan(""), HUGE_VAL, -HUGE_VAL,
+                     9007199254740994.0, std::numeric_limits<double>::max()}) {
     LoadTrace u = t;
     u.at(27, 1)[42] = bad;  // count 27*300 + 142 = 8242, in the third block
     u.at(35, 2)[5] = -2.0;  // a later bad one in the same block

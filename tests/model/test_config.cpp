@@ -341,5 +341,29 @@ TEST(ConfigErrors, Malformed) {
   expect_error([] { parse_model_config(json::array(), "c.json"); }, {"c.json", "object"});
 }
 
+// Sizes beyond the limits are refused before they size a table or a loop (issue 16:
+// num_hidden_layers 2^31 - 1 without layer_types looped and took 4.2 GB).
+TEST(ConfigErrors, SizesBeyondTheLimitsAreRefused) {
+  struct Case {
+    const char* field;
+    json value;
+    const char* expect;
+  };
+  const std::vector<Case> cases = {
+      {"num_hidden_layers", 2147483647, "\"num_hidden_layers\" is 2147483647, beyond the limit"},
+      {"vocab_size", int64_t(1) << 40, "\"vocab_size\" is 1099511627776, beyond the limit"},
+      {"hidden_size", uint64_t(1) << 63, "\"hidden_size\" is 9223372036854775808, too large"},
+      {"num_experts", 1 << 20, "\"num_experts\" is 1048576, beyond the limit"},
+      {"max_position_embeddings", int64_t(1) << 40, "beyond the limit"},
+      {"rope_theta", 1e300, "\"rope_theta\" is 1e+300, not a finite float"},
+  };
+  for (const auto& c : cases) {
+    SCOPED_TRACE(c.field);
+    json j = qwen3_next_80b();
+    j[c.field] = c.value;
+    expect_error([&] { parse_model_config(j, "c.json"); }, {"c.json", c.expect});
+  }
+}
+
 }  // namespace
 }  // namespace ballast::model

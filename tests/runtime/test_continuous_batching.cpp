@@ -3,9 +3,15 @@
 // batch around it, a sequence's greedy output is the one it gets alone.
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <chrono>
+#include <cmath>
 #include <random>
+#include <thread>
 
 #include "ballast/core/error.h"
+#include "ballast/dist/thread_world.h"
+#include "ballast/runtime/distributed.h"
 #include "ballast/runtime/engine.h"
 #include "ballast/runtime/speculative.h"
 #include "fixtures.h"
@@ -111,6 +117,57 @@ TEST(ContinuousBatching, RequestsThatCanNeverFitAreRefused) {
   EXPECT_EQ(engine->outputs()[0].reason, FinishReason::aborted);
   EXPECT_TRUE(engine->outputs()[0].finished);
   EXPECT_EQ(engine->cache().free_blocks(), engine->cache().total_blocks());
+}
+
+// Issue 16: positions past the model's trained length and non-finite sampling parameters computed
+// without a word; now the engine refuses them.
+TEST(ContinuousBatching, RequestsPastTheTrainedContextOrWithNonFiniteSamplingAreRefused) {
+  CacheOptions cache;
+  cache.max_total_tokens = 8192;  // room for it, but the demo model is trained for 4096 positions
+  auto engine = test::load_engine(test::kDemoModel, 1, {.cache = cache});
+  try {
+    engine->add_request({std::vector<int32_t>(4000, 1), {}, 200, {}});
+    ADD_FAILURE() << "accepted 4200 positions";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("context length of 4096"), std::string::npos) << e.what();
+  }
+  for (float bad : {std::nanf(""), -1.0f, HUGE_VALF}) {
+    SamplingParams sp;
+    sp.temperature = bad;
+    EXPECT_THROW(engine->add_request({{1, 2}, sp, 4, {}}), Error) << bad;
+  }
+  SamplingParams sp;
+  sp.top_p = std::nanf("");
+  EXPECT_THROW(engine->add_request({{1, 2}, sp, 4, {}}), Error);
+}
+
+// EngineOptions::stop (SIGINT/SIGTERM in the CLI): generate returns what was emitted, also when
+// in-process ranks see the flag at different steps.
+TEST(ContinuousBatching, StopEndsGenerationWithWhatWasEmitted) {
+  std::atomic<bool> stop{false};
+  std::vector<runtime::DistributedResult> results(2);
+  std::thread stopper([&] {
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+    stop.store(true);
+  });
+  dist::ThreadWorld world(2, std::chrono::seconds(60));
+  dist::run_ranks(world, [&](dist::Communicator& comm) {
+    runtime::EngineOptions opts;
+    opts.comm = &comm;
+    opts.data = &world.data_plane(comm.rank());
+    opts.log.level = LogLevel::Quiet;
+    opts.stop = &stop;
+    auto engine = test::load_engine(test::kDemoModel, 1, opts);
+    results[size_t(comm.rank())] = runtime::generate_distributed(
+        comm, {{1, 2, 3}, {4, 5}, {6}}, [&](const auto& mine) { return engine->generate(mine, 3000); });
+  });
+  stopper.join();
+  for (const auto& r : results) {
+    EXPECT_TRUE(r.stopped);
+    ASSERT_EQ(r.outputs.size(), 3u);
+    for (const auto& o : r.outputs) EXPECT_LT(o.size(), 3000u);
+    EXPECT_EQ(r.outputs, results[0].outputs);
+  }
 }
 
 }  // namespace

@@ -368,6 +368,21 @@ def check_overload_timeout_and_shutdown(args):
         assert "no new requests" in s.output()
 
 
+def check_sigint_in_process_ranks(args):
+    # SIGINT to a server of in-process ranks with a request in flight: the request is cut at the
+    # shutdown bound with its stream closed properly, every rank's loop ends, exit 0 (README).
+    with Server(args, ["--model", MODEL, "--ep", "2", "--shutdown-timeout", "1"]) as s:
+        conn, resp = open_stream(s, {"prompt": "def", "max_tokens": 3000, "temperature": 0, "ignore_eos": True,
+                                     "stream": True})
+        t0 = time.time()
+        os.killpg(s.proc.pid, signal.SIGINT)
+        body = resp.read().decode()
+        assert body.rstrip().endswith("data: [DONE]") and '"finish_reason":"abort"' in body, body[-300:]
+        assert s.proc.wait(30) == 0, s.output()
+        assert time.time() - t0 < 15
+        assert "Interrupt: no new requests" in s.output() and "stopped" in s.output(), s.output()
+
+
 def check_mpi_ranks(args):
     if not args.mpirun:
         print("skipped: no mpirun")

@@ -2,6 +2,8 @@
 
 #include <nlohmann/json.hpp>
 #include <atomic>
+#include <filesystem>
+#include <fstream>
 #include <functional>
 #include <random>
 #include <thread>
@@ -171,4 +173,38 @@ TEST(Tokenizer, ConcurrentEncodeIsConsistent) {
     });
   for (auto& th : threads) th.join();
   EXPECT_EQ(bad.load(), 0);
+}
+
+// Hostile tokenizer files (issue 16): a stray id must not size the id tables, a chat_template of the
+// wrong shape is an error naming it, not a raw JSON library message.
+TEST(Tokenizer, HostileIdsAndConfigFieldsAreRefusedByName) {
+  json j = tiny_json();
+  j["model"]["vocab"]["zz"] = 100000000;  // 1e8: 3.2 GB of id tables before
+  std::string m = error_of([&] { Tokenizer::from_json(j.dump(), "", "t.json"); });
+  EXPECT_NE(m.find("vocab['zz'] is 100000000, not an id"), std::string::npos) << m;
+  j = tiny_json();
+  j["added_tokens"][0]["id"] = uint64_t(1) << 32;
+  m = error_of([&] { Tokenizer::from_json(j.dump(), "", "t.json"); });
+  EXPECT_NE(m.find("added_tokens[0]: 'id' is 4294967296"), std::string::npos) << m;
+  for (const char* config : {R"({"chat_template": [1]})", R"({"chat_template": [{"name": 3}]})",
+                             R"({"chat_template": 7})", R"([1, 2])"}) {
+    m = error_of([&] { Tokenizer::from_json(tiny_json().dump(), config, "tiny.json"); });
+    EXPECT_NE(m.find("tiny.json (tokenizer_config.json)"), std::string::npos) << config << ": " << m;
+    EXPECT_EQ(m.find("json.exception"), std::string::npos) << m;
+  }
+  EXPECT_EQ(Tokenizer::from_json(tiny_json().dump(), R"({"chat_template": [{"name": "default", "template": "x"}]})")
+                .chat_template(),
+            "x");
+}
+
+// eos_token_id 2^32 + 5 in generation_config.json was taken as 5.
+TEST(Tokenizer, EosTokenIdIsReadWide) {
+  const auto dir = std::filesystem::temp_directory_path() / "ballast_tok_eos";
+  std::filesystem::create_directories(dir);
+  std::ofstream(dir / "tokenizer.json") << tiny_json().dump();
+  std::ofstream(dir / "generation_config.json") << R"({"eos_token_id": 4294967301})";
+  std::string m = error_of([&] { Tokenizer::load(dir); });
+  EXPECT_NE(m.find("eos_token_id 4294967301 is out of range"), std::string::npos) << m;
+  std::ofstream(dir / "generation_config.json") << R"({"eos_token_id": [5, 300]})";
+  EXPECT_EQ(Tokenizer::load(dir).eos_token_ids(), (std::vector<int32_t>{5, 300}));
 }

@@ -38,6 +38,7 @@ struct BenchArgs {
   int layers = 0;
   std::string dtype = "bf16";  // synthetic weights: bf16, or fp8 (Qwen's block-scaled FP8 where its releases have it)
   int prompt_len = 256, decode_steps = 32, threads = 0, repeats = 3;
+  double dist_timeout = 600;
   std::string batches = "1", prefills, speculative;
   bool profile = false, json = false;
   bool profiler_window = false;  // one more decode step of the first batch inside it
@@ -63,11 +64,11 @@ struct Ranks {
   int share(int n) const { return n / size() + (rank() < n % size() ? 1 : 0); }
 };
 
-std::vector<int> parse_list(const std::string& csv, const char* option) {
+std::vector<int> parse_list(const std::string& csv, const char* option, int limit) {
   std::vector<int> out;
   if (csv.empty()) return out;
   for (int32_t v : parse_ids(csv)) {
-    check(v > 0, "{}: {} is not a positive count", option, v);
+    check(v > 0 && v <= limit, "{}: {} is not a count in [1, {}]", option, v, limit);
     out.push_back(v);
   }
   return out;
@@ -258,9 +259,9 @@ void print_profile(const std::string& title, const std::vector<kernels::OpTime>&
 }
 
 int run_bench(const BenchArgs& a) {
-  const std::vector<int> batches = parse_list(a.batches, "--batch");
-  std::vector<int> prefills = parse_list(a.prefills, "--prefill");
-  const std::vector<int> spec_steps = parse_list(a.speculative, "--speculative-num-steps");
+  const std::vector<int> batches = parse_list(a.batches, "--batch", 1 << 16);
+  std::vector<int> prefills = parse_list(a.prefills, "--prefill", 1 << 24);
+  const std::vector<int> spec_steps = parse_list(a.speculative, "--speculative-num-steps", 16);
   check(!batches.empty(), "--batch: no batch size given");
   check(a.synthetic.empty() || a.model.empty(), "--synthetic and --model: give one");
   check(a.layers == 0 || !a.synthetic.empty(), "--layers applies to --synthetic models only");
@@ -274,7 +275,7 @@ int run_bench(const BenchArgs& a) {
   runtime::EngineOptions opts;
   runtime::CacheOptions& cache = opts.cache;
   cache.max_running_requests = bmax;
-  cache.chunked_prefill_size = std::max({pmax, 2048, std::min(bmax * a.prompt_len, 16384)});
+  cache.chunked_prefill_size = std::max({pmax, 2048, int(std::min<int64_t>(int64_t(bmax) * a.prompt_len, 16384))});
   const int64_t per_seq =
       a.prompt_len + decode_budget(bmax, a.prompt_len, a.decode_steps, cache.chunked_prefill_size) + 2 * smax + 8;
   const int64_t page = cache.page_size;
@@ -295,11 +296,15 @@ int run_bench(const BenchArgs& a) {
     model::ModelWeights weights;
     double seconds = 0;
   } shared;
+  ranks_args.dist_timeout = a.dist_timeout;
   run_on_ranks(ranks_args, [&](dist::Communicator* comm, dist::DataPlane* data, int threads) {
     const Ranks ranks{comm};
     runtime::EngineOptions o = opts;
     o.comm = comm;
     o.data = data;
+    check(comm || a.ep.init_location.empty() || a.ep.init_location == "trivial",
+          "--init-expert-location {}: the run has no expert parallelism to place (add --ep G, or run under mpirun)",
+          a.ep.init_location);
     if (comm) {  // attention data-parallel: each rank decodes its share of the batch
       o.ep = to_ep_options(a.ep, ranks.size());
       o.cache.max_running_requests = (bmax + ranks.size() - 1) / ranks.size();
@@ -501,7 +506,7 @@ void add_bench(CLI::App& app, Runner& run) {
   c->add_option("--prefill", a->prefills, "Prefill lengths (one sequence, one pass), a list: 1024,8192 "
                                           "(default: --prompt-len)");
   c->add_option("--repeats", a->repeats, "Runs of each figure; the best is reported")->check(CLI::Range(1, 100));
-  c->add_option("--threads", a->threads, "CPU threads (0 = all cores)");
+  c->add_option("--threads", a->threads, "CPU threads (0 = all cores)")->check(CLI::Range(0, 1024));
   c->add_option("--speculative-num-steps", a->speculative,
                 "Also decode with MTP speculation (NEXTN) of these draft steps, a list: 1,2,3")
       ->expected(1);
@@ -514,6 +519,7 @@ void add_bench(CLI::App& app, Runner& run) {
   c->add_option("--json-file", a->json_file, "Also write the JSON object to this file");
   add_device_option(c, a->device);
   add_ep_options(c, a->ep);
+  add_dist_timeout_option(c, a->dist_timeout);
   c->add_flag("--disable-cuda-graph", a->disable_cuda_graph, "Run decode passes eagerly (no CUDA graphs)");
   c->callback([a, c, &run] {
     if (c->get_option("--synthetic")->count() > 0 && a->synthetic.empty()) a->synthetic = "mid-size";

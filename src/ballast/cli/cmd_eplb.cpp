@@ -1,7 +1,9 @@
 // ballast eplb plan | report | replay | synth — the EPLB library from the command line.
 #include "ballast/cli/commands.h"
+#include "ballast/cli/option_checks.h"
 #include "ballast/core/clock.h"
 #include "ballast/core/error.h"
+#include "ballast/eplb/limits.h"
 #include "ballast/eplb/load.h"
 #include "ballast/eplb/metrics.h"
 #include "ballast/eplb/migration.h"
@@ -13,6 +15,7 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
 #include <memory>
 
 namespace ballast::cli {
@@ -184,11 +187,10 @@ int run_synth(const SynthArgs& a) {
     noise.tokens = a.tokens, noise.drift = a.drift, noise.burst = a.burst, noise.seed = a.seed, noise.trend = a.trend;
     std::vector<double> trends;
     for (auto& t : split(a.trends)) {
-      try {
-        trends.push_back(std::stod(t));
-      } catch (const std::exception&) {
-        fail("synth --trends: '{}' is not a number", t);
-      }
+      double v = 0;
+      check(CLI::detail::lexical_cast(t, v) && std::isfinite(v) && std::abs(v) <= 100,
+            "synth --trends: '{}' is not a finite number in [-100, 100]", t);
+      trends.push_back(v);
     }
     auto suite = default_suite(a.window, a.eval, noise, trends);
     if (!a.only.empty()) std::erase_if(suite, [&](const SuiteWorkload& w) { return w.spec.name.find(a.only) == std::string::npos; });
@@ -235,20 +237,23 @@ void add_eplb(CLI::App& app, Runner& run) {
   auto pa = std::make_shared<PlanArgs>();
   auto* plan = eplb->add_subcommand("plan", "compute a placement from load statistics");
   plan->add_option("--load", pa->load, "JSON {logical_count: [L][E] or [T][L][E]} or .safetensors")->required();
-  plan->add_option("--ranks", pa->ranks, "EP ranks G")->required();
-  plan->add_option("--redundant", pa->redundant, "redundant slots R (P = E + R)")->required();
-  plan->add_option("--nodes", pa->nodes, "nodes (deepseek_hierarchical, ballast)");
-  plan->add_option("--groups", pa->groups, "expert groups, a multiple of nodes (deepseek_hierarchical, ballast)");
+  plan->add_option("--ranks", pa->ranks, "EP ranks G")->required()->check(CLI::Range(1, kMaxRanks));
+  plan->add_option("--redundant", pa->redundant, "redundant slots R (P = E + R)")->required()->check(CLI::Range(0, kMaxSlots));
+  plan->add_option("--nodes", pa->nodes, "nodes (deepseek_hierarchical, ballast)")->check(CLI::Range(1, kMaxRanks));
+  plan->add_option("--groups", pa->groups, "expert groups, a multiple of nodes (deepseek_hierarchical, ballast)")
+      ->check(CLI::Range(1, kMaxExperts));
   plan->add_option("--algorithm", pa->algorithm, "deepseek | deepseek_hierarchical | ballast");
   plan->add_option("--current", pa->current, "placement in force (JSON physical_to_logical_map)");
-  plan->add_option("--migration-weight", pa->migration_weight, "ballast: balance traded per moved expert");
-  plan->add_option("--slices", pa->slices, "ballast: time slices of a [T][L][E] load");
+  plan->add_option("--migration-weight", pa->migration_weight, "ballast: balance traded per moved expert")
+      ->check(finite_range(0, 1e6));
+  plan->add_option("--slices", pa->slices, "ballast: time slices of a [T][L][E] load")->check(CLI::Range(1, 1 << 16));
   plan->add_option("--dispatch", pa->dispatch,
                    "ballast: dispatch policy the placement is served with (static | random | balanced)");
   plan->add_flag("--forecast,!--no-forecast", pa->forecast,
                  "ballast, a [T][L][E] load: plan for the forecast of the next passes where a layer's load has a "
                  "significant trend (default; --no-forecast: the window's own slices)");
-  plan->add_option("--horizon", pa->horizon, "ballast: passes the plan will serve, for the forecast (default: T)");
+  plan->add_option("--horizon", pa->horizon, "ballast: passes the plan will serve, for the forecast (default: T)")
+      ->check(CLI::Range(0, 1 << 30));
   plan->add_option("--output", pa->output, "placement JSON to write");
   plan->callback([pa, &run] { run = [pa] { return run_plan(*pa); }; });
 
@@ -257,21 +262,24 @@ void add_eplb(CLI::App& app, Runner& run) {
   report->add_option("--load", ra->load, "load statistics")->required();
   report->add_option("--after", ra->after, "placement to report")->required();
   report->add_option("--before", ra->before, "placement to compare (default: trivial)");
-  report->add_option("--ranks", ra->ranks, "EP ranks (when the JSON has no num_ranks)");
+  report->add_option("--ranks", ra->ranks, "EP ranks (when the JSON has no num_ranks)")->check(CLI::Range(1, kMaxRanks));
   report->add_option("--svg", ra->svg, "heatmap SVG to write");
   report->callback([ra, &run] { run = [ra] { return run_report(*ra); }; });
 
   auto pl = std::make_shared<ReplayArgs>();
   auto* replay = eplb->add_subcommand("replay", "simulate online rebalancing over a trace");
   replay->add_option("--trace", pl->trace, "trace [T][L][E] (JSON or .safetensors)")->required();
-  replay->add_option("--interval", pl->interval, "passes between rebalances");
-  replay->add_option("--ranks", pl->ranks, "EP ranks")->required();
-  replay->add_option("--redundant", pl->redundant, "redundant slots")->required();
-  replay->add_option("--ranks-per-node", pl->ranks_per_node, "ranks per node (static dispatch, migration)");
-  replay->add_option("--nodes", pl->nodes, "nodes (deepseek_hierarchical, ballast)");
-  replay->add_option("--groups", pl->groups, "expert groups, a multiple of nodes (deepseek_hierarchical, ballast)");
-  replay->add_option("--slices", pl->slices, "ballast: time slices of the window");
-  replay->add_option("--migration-weight", pl->migration_weight, "ballast: balance traded per moved expert");
+  replay->add_option("--interval", pl->interval, "passes between rebalances")->check(CLI::Range(1, INT32_MAX));
+  replay->add_option("--ranks", pl->ranks, "EP ranks")->required()->check(CLI::Range(1, kMaxRanks));
+  replay->add_option("--redundant", pl->redundant, "redundant slots")->required()->check(CLI::Range(0, kMaxSlots));
+  replay->add_option("--ranks-per-node", pl->ranks_per_node, "ranks per node (static dispatch, migration)")
+      ->check(CLI::Range(0, kMaxRanks));
+  replay->add_option("--nodes", pl->nodes, "nodes (deepseek_hierarchical, ballast)")->check(CLI::Range(1, kMaxRanks));
+  replay->add_option("--groups", pl->groups, "expert groups, a multiple of nodes (deepseek_hierarchical, ballast)")
+      ->check(CLI::Range(1, kMaxExperts));
+  replay->add_option("--slices", pl->slices, "ballast: time slices of the window")->check(CLI::Range(1, 1 << 16));
+  replay->add_option("--migration-weight", pl->migration_weight, "ballast: balance traded per moved expert")
+      ->check(finite_range(0, 1e6));
   replay->add_option("--algorithms", pl->algorithms, "comma-separated algorithms");
   replay->add_option("--dispatch", pl->dispatches, "comma-separated dispatch policies (static,random,balanced)");
   replay->add_flag("--forecast,!--no-forecast", pl->forecast,
@@ -283,27 +291,30 @@ void add_eplb(CLI::App& app, Runner& run) {
   auto* synth = eplb->add_subcommand("synth", "synthetic routing traces, or the quality suite (--suite)");
   synth->add_option("--model", sa->model, "qwen3-next | qwen3.5-397b | deepseek-v3");
   synth->add_option("--popularity", sa->popularity, "lognormal | zipf");
-  synth->add_option("--skew", sa->skew, "log-normal sigma or Zipf exponent");
-  synth->add_option("--drift", sa->drift, "std of log-popularity change per 1000 passes");
-  synth->add_option("--burst", sa->burst, "std of per-pass log-popularity jitter");
+  synth->add_option("--skew", sa->skew, "log-normal sigma or Zipf exponent")->check(finite_range(0, 100));
+  synth->add_option("--drift", sa->drift, "std of log-popularity change per 1000 passes")->check(finite_range(0, 100));
+  synth->add_option("--burst", sa->burst, "std of per-pass log-popularity jitter")->check(finite_range(0, 100));
   synth->add_option("--trend", sa->trend,
-                    "steady drift: log-popularity moves by this times a random direction every 1000 passes");
+                    "steady drift: log-popularity moves by this times a random direction every 1000 passes")
+      ->check(finite_range(-100, 100));
   synth->add_option("--trends", sa->trends, "suite: comma-separated trend strengths, each workload at each");
   synth->add_option("--only", sa->only, "suite: only workloads whose name contains this");
-  synth->add_option("--passes", sa->passes, "passes");
-  synth->add_option("--tokens", sa->tokens, "tokens per pass");
-  synth->add_option("--layers", sa->layers, "layers (default: the model's; with --suite: layers per workload)");
-  synth->add_option("--seed", sa->seed, "seed");
+  synth->add_option("--passes", sa->passes, "passes")->check(CLI::Range(1, INT32_MAX));
+  synth->add_option("--tokens", sa->tokens, "tokens per pass")->check(CLI::Range(0, 1 << 30));
+  synth->add_option("--layers", sa->layers, "layers (default: the model's; with --suite: layers per workload)")
+      ->check(CLI::Range(0, kMaxLayers));
+  synth->add_option("--seed", sa->seed, "seed")->check(unsigned_integer());
   synth->add_option("--output", sa->output, "trace to write (.safetensors or .json)");
   synth->add_flag("--suite", sa->suite, "run the quality suite and print its tables");
-  synth->add_option("--window", sa->window, "suite: passes planned on");
-  synth->add_option("--eval", sa->eval, "suite: later passes evaluated");
-  synth->add_option("--slices", sa->slices, "suite: ballast time slices");
+  synth->add_option("--window", sa->window, "suite: passes planned on")->check(CLI::Range(1, 1 << 24));
+  synth->add_option("--eval", sa->eval, "suite: later passes evaluated")->check(CLI::Range(1, 1 << 24));
+  synth->add_option("--slices", sa->slices, "suite: ballast time slices")->check(CLI::Range(1, 1 << 16));
   synth->add_option("--algorithms", sa->algorithms, "suite: comma-separated algorithms");
   synth->add_flag("--forecast,!--no-forecast", sa->forecast,
                   "suite: ballast plans for the forecast of the evaluated passes (default; --no-forecast: the window)");
   synth->add_option("--damping", sa->damping,
-                    "suite: share of the trend extrapolated, every layer (< 0: estimated, and only significant trends)");
+                    "suite: share of the trend extrapolated, every layer (< 0: estimated, and only significant trends)")
+      ->check(finite_range(-1e6, 1));
   synth->callback([sa, &run] { run = [sa] { return run_synth(*sa); }; });
 }
 

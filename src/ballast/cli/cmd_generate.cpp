@@ -3,6 +3,10 @@
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <optional>
@@ -10,6 +14,8 @@
 #include "ballast/cli/commands.h"
 #include "ballast/cli/engine_args.h"
 #include "ballast/cli/model_args.h"
+#include "ballast/cli/option_checks.h"
+#include "ballast/cli/stop_signals.h"
 #include "ballast/core/error.h"
 #include "ballast/eplb/load.h"
 #include "ballast/io/safetensors.h"
@@ -34,7 +40,8 @@ struct GenerateArgs {
 struct Report {
   std::vector<std::vector<int32_t>> outputs;
   runtime::GenerationStats stats;
-  nlohmann::json ep, speculative;
+  nlohmann::json ep, speculative, cache;
+  bool stopped = false;  // by SIGINT/SIGTERM: the outputs are what was generated until then
 };
 
 // Speculation figures over all ranks.
@@ -61,16 +68,18 @@ nlohmann::json speculative_summary(runtime::SpeculativeStats st, dist::Communica
 
 Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist::Communicator* comm,
                    dist::DataPlane* data, int threads, const std::vector<std::vector<int32_t>>& prompts,
-                   std::span<const int32_t> stop) {
+                   std::span<const int32_t> stop, const std::atomic<bool>* stopped_by_signal) {
   const EngineArgs& e = a.engine;
   const int ranks = comm ? comm->size() : 1;
   const bool speculate = e.speculate();
   runtime::EngineOptions opts =
       engine_options(e, comm, data,
                      to_cache_options(e.cache, prompts, (prompts.size() + size_t(ranks) - 1) / size_t(ranks),
-                                      a.max_new_tokens, speculate ? 2 * e.speculative_steps : 0));
+                                      a.max_new_tokens, speculate ? 2 * e.speculative_steps : 0,
+                                      model::load_model_config(dir).max_position_embeddings));
   // Speculation is this command's to switch on, per generate call (generate_speculative).
   opts.speculative_steps = 0;
+  opts.stop = stopped_by_signal;
   auto engine = load_rank_engine(dir, e, opts, threads);
   for (auto& p : prompts)
     for (int32_t id : p)
@@ -79,6 +88,9 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
   auto* trunk = engine->trunk_ep();
   if (!e.ep.dump_distribution.empty() && trunk) trunk->domain.recorder.start();
   Report rep;
+  rep.cache = {{"max_total_tokens", opts.cache.max_total_tokens},
+               {"max_running_requests", opts.cache.max_running_requests},
+               {"context_length", opts.cache.context_length}};
   runtime::SpeculativeStats spec_stats;
   auto generate = [&](const std::vector<std::vector<int32_t>>& mine) {
     if (!speculate) return engine->generate(mine, a.max_new_tokens, stop, a.sampling);
@@ -89,6 +101,7 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
     auto r = runtime::generate_distributed(*comm, prompts, generate);
     rep.outputs = std::move(r.outputs);
     rep.stats = r.stats;
+    rep.stopped = r.stopped;
     rep.ep = ep_summary(*engine, comm->size());
     // Every pass's load is summed over ranks before it is recorded: every rank holds the whole load.
     if (!e.ep.dump_distribution.empty() && trunk && comm->rank() == 0)
@@ -97,6 +110,7 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
     auto r = generate(prompts);
     rep.outputs = std::move(r.outputs);
     rep.stats = r.stats;
+    rep.stopped = r.stopped;
   }
   if (speculate) rep.speculative = speculative_summary(spec_stats, comm);
   return rep;
@@ -122,18 +136,29 @@ int run_generate(const GenerateArgs& a) {
   }
   check(!prompts.empty(), "give a prompt: --prompt TEXT, --prompt-ids 1,2,3 or --prompts-file FILE");
 
+  // SIGINT/SIGTERM: every rank ends its requests at its next step and what they generated is
+  // printed (exit 128 + the signal); a second signal ends the process at once.
+  std::atomic<bool> stop_requested{false};
+  std::atomic<int> stop_signal{0};
+  StopSignals signals([&](int sig) {
+    if (stop_signal.exchange(sig) != 0) std::_Exit(128 + sig);
+    fmt::print(stderr, "{}: stopping at the next step; printing what was generated (again to quit at once)\n",
+               strsignal(sig));
+    stop_requested.store(true);
+  });
   Report rep;
   std::mutex mu;
   bool has_rank0 = false;
   const int ranks = run_on_ranks(a.engine, [&](dist::Communicator* comm, dist::DataPlane* data, int threads) {
-    Report r = run_on_rank(a, dir, comm, data, threads, prompts, stop);
+    Report r = run_on_rank(a, dir, comm, data, threads, prompts, stop, &stop_requested);
     std::lock_guard lk(mu);
     if (!comm || comm->rank() == 0) {
       rep = std::move(r);
       has_rank0 = true;
     }
   });
-  if (!has_rank0) return 0;  // an MPI rank other than 0: rank 0 reports
+  const int exit_code = rep.stopped ? 128 + stop_signal.load() : 0;
+  if (!has_rank0) return exit_code;  // an MPI rank other than 0: rank 0 reports
 
   const auto& s = rep.stats;
   const double prefill_tps = s.prefill_seconds > 0 ? s.prefill_tokens / s.prefill_seconds : 0;
@@ -150,6 +175,8 @@ int run_generate(const GenerateArgs& a) {
     j["prefill_tokens_per_s"] = prefill_tps;
     j["decode_tokens_per_s"] = decode_tps;
     j["passes"] = s.passes;
+    j["cache"] = rep.cache;  // per rank
+    if (rep.stopped) j["stopped"] = strsignal(stop_signal.load());
     if (!rep.ep.is_null()) j["expert_parallel"] = rep.ep;
     if (!rep.speculative.is_null()) {
       j["speculative"] = rep.speculative;
@@ -164,7 +191,8 @@ int run_generate(const GenerateArgs& a) {
     fmt::print(stderr, "prefill {} tokens at {:.1f} tok/s, decode {} tokens at {:.1f} tok/s{}\n", s.prefill_tokens,
                prefill_tps, s.decode_tokens, decode_tps, ranks > 1 ? fmt::format(" over {} ranks", ranks) : "");
   }
-  return 0;
+  std::fflush(stdout);
+  return exit_code;
 }
 
 struct LogitsArgs {
@@ -178,7 +206,7 @@ int run_logits(const LogitsArgs& a) {
   check(!ids.empty(), "--prompt-ids is empty");
   const auto dir = a.model.empty() ? default_model_dir() : std::filesystem::path(a.model);
   runtime::EngineOptions opts;
-  opts.cache = to_cache_options(CacheArgs{}, {ids}, 1, 0, 0);
+  opts.cache = to_cache_options(CacheArgs{}, {ids}, 1, 0, 0, model::load_model_config(dir).max_position_embeddings);
   auto engine = load_engine(dir, a.device, a.threads, opts);
   std::vector<float> logits = engine->prefill_logits(ids);
   const int64_t V = engine->config().vocab_size;
@@ -200,10 +228,10 @@ void add_generate(CLI::App& app, Runner& run) {
   c->add_option("--prompts-file", a->prompts_file, "File with one comma-separated id list per line (one batch)");
   c->add_option("--max-new-tokens", a->max_new_tokens, "Tokens to generate per prompt")->check(CLI::Range(1, 1 << 20));
   c->add_flag("--json", a->json, "Print one JSON object");
-  c->add_option("--temperature", a->sampling.temperature, "0 = greedy (default); else sample")->check(CLI::Range(0.0, 100.0));
-  c->add_option("--top-p", a->sampling.top_p, "Nucleus sampling mass")->check(CLI::Range(1e-6, 1.0));
+  c->add_option("--temperature", a->sampling.temperature, "0 = greedy (default); else sample")->check(finite_range(0, 100));
+  c->add_option("--top-p", a->sampling.top_p, "Nucleus sampling mass")->check(finite_range(1e-6, 1));
   c->add_option("--top-k", a->sampling.top_k, "Sample among the k most likely tokens (0 = all)")->check(CLI::Range(0, 1 << 20));
-  c->add_option("--seed", a->sampling.seed, "Sampling seed");
+  c->add_option("--seed", a->sampling.seed, "Sampling seed")->check(unsigned_integer());
   add_engine_options(c, a->engine);
   c->callback([a, &run] {
     validate(a->engine);
@@ -217,7 +245,7 @@ void add_logits(CLI::App& app, Runner& run) {
   c->add_option("--model", a->model, "Model directory; default: the shipped model");
   c->add_option("--prompt-ids", a->prompt_ids, "Prompt as comma-separated token ids")->required();
   c->add_option("--out", a->out, "Output .safetensors file (tensor 'logits')")->required();
-  c->add_option("--threads", a->threads, "CPU threads (0 = all cores)");
+  c->add_option("--threads", a->threads, "CPU threads (0 = all cores)")->check(CLI::Range(0, 1024));
   add_device_option(c, a->device);
   c->callback([a, &run] { run = [a] { return run_logits(*a); }; });
 }

@@ -1,7 +1,5 @@
 // ballast serve: the engine behind an OpenAI-compatible HTTP server (src/ballast/serve), on one
 // rank, --ep G in-process ranks, or MPI ranks (rank 0 serves HTTP; every rank runs the loop).
-#include <fcntl.h>
-#include <poll.h>
 #include <unistd.h>
 
 #include <csignal>
@@ -12,6 +10,8 @@
 
 #include "ballast/cli/commands.h"
 #include "ballast/cli/engine_args.h"
+#include "ballast/cli/option_checks.h"
+#include "ballast/cli/stop_signals.h"
 #include "ballast/core/error.h"
 #include "ballast/dist/mpi_communicator.h"
 #include "ballast/eplb/load.h"
@@ -38,49 +38,6 @@ struct ServeArgs {
   std::string recorder_dir = "/tmp";
 };
 
-// SIGTERM and SIGINT reach the server through a pipe: a signal handler can do nothing but write
-// to a descriptor, so the descriptor is this file's one static (the process has one set of handlers).
-int g_signal_pipe[2] = {-1, -1};
-
-extern "C" void on_stop_signal(int sig) {
-  const char c = char(sig);
-  [[maybe_unused]] auto n = ::write(g_signal_pipe[1], &c, 1);
-}
-
-// Calls on_stop once SIGTERM or SIGINT arrives, from a thread of its own, until destroyed.
-class StopSignals {
- public:
-  explicit StopSignals(std::function<void(int)> on_stop) {
-    check(::pipe2(g_signal_pipe, O_CLOEXEC) == 0, "serve: cannot create the signal pipe");
-    struct sigaction sa = {};
-    sa.sa_handler = on_stop_signal;
-    sigemptyset(&sa.sa_mask);
-    sa.sa_flags = SA_RESTART;
-    sigaction(SIGTERM, &sa, nullptr);
-    sigaction(SIGINT, &sa, nullptr);
-    watcher_ = std::thread([this, on_stop = std::move(on_stop)] {
-      pollfd p{g_signal_pipe[0], POLLIN, 0};
-      while (!done_.load()) {
-        if (::poll(&p, 1, 200) <= 0) continue;
-        char c = 0;
-        if (::read(g_signal_pipe[0], &c, 1) == 1) on_stop(int(c));
-      }
-    });
-  }
-  ~StopSignals() {
-    done_.store(true);
-    watcher_.join();
-    std::signal(SIGTERM, SIG_DFL);
-    std::signal(SIGINT, SIG_DFL);
-    ::close(g_signal_pipe[0]);
-    ::close(g_signal_pipe[1]);
-  }
-
- private:
-  std::atomic<bool> done_{false};
-  std::thread watcher_;
-};
-
 // The defaults of generation_config.json (temperature, top_p, top_k), under the flags'.
 runtime::SamplingParams default_sampling(const std::filesystem::path& dir, const ServeArgs& a) {
   runtime::SamplingParams s;
@@ -88,9 +45,17 @@ runtime::SamplingParams default_sampling(const std::filesystem::path& dir, const
   if (std::ifstream in(dir / "generation_config.json"); in) {
     const auto j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
     if (j.is_object()) {
-      if (j.contains("temperature") && j["temperature"].is_number()) s.temperature = j["temperature"].get<float>();
-      if (j.contains("top_p") && j["top_p"].is_number()) s.top_p = j["top_p"].get<float>();
-      if (j.contains("top_k") && j["top_k"].is_number_integer()) s.top_k = std::max(0, j["top_k"].get<int>());
+      // A value out of range would sample wrongly without a word: refused, naming the file.
+      const std::string file = (dir / "generation_config.json").string();
+      auto number = [&](const char* key, double lo, double hi) -> std::optional<double> {
+        if (!j.contains(key) || !j[key].is_number()) return std::nullopt;
+        const double v = j[key].get<double>();
+        check(v >= lo && v <= hi, "{}: {} {} is outside [{}, {}]", file, key, v, lo, hi);
+        return v;
+      };
+      if (auto t = number("temperature", 0, 100)) s.temperature = float(*t);
+      if (auto p = number("top_p", 1e-6, 1)) s.top_p = float(*p);
+      if (auto k = number("top_k", 0, 1 << 20); k && j["top_k"].is_number_integer()) s.top_k = int(*k);
     }
   }
   if (a.temperature) s.temperature = *a.temperature;
@@ -236,17 +201,17 @@ void add_serve(CLI::App& app, Runner& run) {
   c->add_option("--port", a->port, "Port to listen on (0: any free port)")->check(CLI::Range(0, 65535));
   add_engine_options(c, a->engine);
   c->add_option("--temperature", a->temperature, "Default temperature of requests that give none")
-      ->check(CLI::Range(0.0, 100.0));
-  c->add_option("--top-p", a->top_p, "Default nucleus mass")->check(CLI::Range(1e-6, 1.0));
+      ->check(finite_range(0, 100));
+  c->add_option("--top-p", a->top_p, "Default nucleus mass")->check(finite_range(1e-6, 1));
   c->add_option("--top-k", a->top_k, "Default top-k (0 = all)")->check(CLI::Range(0, 1 << 20));
   c->add_option("--max-queued-requests", a->max_queued_requests,
                 "Requests admitted beyond what runs at once; more get 503 with Retry-After")
       ->check(CLI::Range(0, 1 << 24));
   c->add_option("--request-timeout", a->request_timeout, "Seconds a request may take (0: no limit)")
-      ->check(CLI::Range(0.0, 1e7));
+      ->check(finite_range(0, 1e7));
   c->add_option("--shutdown-timeout", a->shutdown_timeout,
                 "On SIGTERM/SIGINT: seconds in-flight requests may still run before they are aborted")
-      ->check(CLI::Range(0.0, 1e7));
+      ->check(finite_range(0, 1e7));
   c->add_option("--http-threads", a->http_threads, "Connections served at once")->check(CLI::Range(1, 1 << 16));
   c->add_option("--max-request-bytes", a->max_request_bytes, "Largest request body (413 beyond)")
       ->check(CLI::Range(int64_t(1024), int64_t(1) << 34));

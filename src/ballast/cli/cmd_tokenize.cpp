@@ -6,6 +6,7 @@
 // {"ids": [...]} object that `tokenize --json` prints, so the two commands pipe into each other.
 #include <fmt/format.h>
 
+#include <charconv>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -28,6 +29,12 @@ std::string read_all(std::istream& in) {
   return std::string(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
 }
 
+// A JSON integer that is a token id, read wide before the range check (4294967297 must not become 1).
+bool is_id(const json& v) {
+  if (v.is_number_unsigned()) return v.get<uint64_t>() <= INT32_MAX;
+  return v.is_number_integer() && v.get<int64_t>() >= 0 && v.get<int64_t>() <= INT32_MAX;
+}
+
 // Ids from arguments or stdin: "1 2 3", "1,2,3", "[1,2,3]" or {"ids": [1,2,3]}.
 std::vector<int32_t> parse_ids(const std::string& s) {
   size_t first = s.find_first_not_of(" \t\r\n");
@@ -45,7 +52,7 @@ std::vector<int32_t> parse_ids(const std::string& s) {
     check(j.is_array(), "detokenize: expected a JSON array of ids");
     std::vector<int32_t> ids;
     for (size_t i = 0; i < j.size(); ++i) {
-      check(j[i].is_number_integer(), "detokenize: ids[{}] is not an integer", i);
+      check(is_id(j[i]), "detokenize: ids[{}] is {}, not a token id", i, j[i].dump());
       ids.push_back(j[i].get<int32_t>());
     }
     return ids;
@@ -62,7 +69,12 @@ std::vector<int32_t> parse_ids(const std::string& s) {
     while (j < s.size() && s[j] >= '0' && s[j] <= '9') ++j;
     check(j > i && (j == s.size() || s[j] == ' ' || s[j] == ',' || s[j] == '\t' || s[j] == '\n' || s[j] == '\r'),
           "detokenize: '{}' at character {} is not a token id", s.substr(i, std::min<size_t>(j + 1 - i, 20)), i);
-    ids.push_back(static_cast<int32_t>(std::stol(s.substr(i, j - i))));
+    const std::string item = s.substr(i, j - i);
+    int64_t v = -1;
+    auto [end, ec] = std::from_chars(item.data(), item.data() + item.size(), v);
+    check(ec == std::errc() && end == item.data() + item.size() && v >= 0 && v <= INT32_MAX,
+          "detokenize: '{}' at character {} is not a token id", item.substr(0, 24), i);
+    ids.push_back(static_cast<int32_t>(v));
     i = j;
   }
   return ids;

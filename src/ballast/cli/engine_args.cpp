@@ -1,17 +1,25 @@
 #include "ballast/cli/engine_args.h"
 
+#include <fmt/format.h>
+
+#include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <thread>
 
+#include "ballast/cli/error_line.h"
+#include "ballast/cli/option_checks.h"
 #include "ballast/core/error.h"
 #include "ballast/dist/mpi_communicator.h"
 #include "ballast/dist/mpi_data_plane.h"
 #include "ballast/dist/thread_world.h"
+#include "ballast/dist/watchdog.h"
 
 namespace ballast::cli {
 
 void add_engine_options(CLI::App* c, EngineArgs& a) {
-  c->add_option("--threads", a.threads, "CPU threads per rank (0 = all cores, shared among in-process ranks)");
+  c->add_option("--threads", a.threads, "CPU threads per rank (0 = all cores, shared among in-process ranks)")
+      ->check(CLI::Range(0, 1024));
   add_ep_options(c, a.ep);
   add_cache_options(c, a.cache);
   add_device_option(c, a.device);
@@ -24,6 +32,14 @@ void add_engine_options(CLI::App* c, EngineArgs& a) {
       ->check(CLI::Range(1, 1));
   c->add_option("--speculative-num-draft-tokens", a.speculative_draft_tokens,
                 "Tokens per verify pass (must be num-steps + 1 with topk 1)");
+  add_dist_timeout_option(c, a.dist_timeout);
+}
+
+void add_dist_timeout_option(CLI::App* c, double& seconds) {
+  c->add_option("--dist-timeout", seconds,
+                "Seconds a rank may wait for the others in one collective before the job ends with an error "
+                "(0: no limit)")
+      ->check(finite_range(0, 1e7));
 }
 
 void validate(const EngineArgs& a) {
@@ -34,10 +50,13 @@ void validate(const EngineArgs& a) {
 
 runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* comm, dist::DataPlane* data,
                                       const runtime::CacheOptions& cache) {
+  check(comm || a.ep.init_location.empty() || a.ep.init_location == "trivial",
+        "--init-expert-location {}: the run has no expert parallelism to place (add --ep G, or run under mpirun)",
+        a.ep.init_location);
   runtime::EngineOptions opts;
   opts.comm = comm;
   opts.data = data;
-  opts.ep = to_ep_options(a.ep, comm ? comm->size() : 1);
+  if (comm) opts.ep = to_ep_options(a.ep, comm->size());
   opts.cuda_graphs = !a.disable_cuda_graph;
   opts.cache = cache;
   opts.speculative_steps = a.speculate() ? a.speculative_steps : 0;
@@ -56,9 +75,18 @@ std::unique_ptr<runtime::Engine> load_rank_engine(const std::filesystem::path& d
 }
 
 int run_on_ranks(const EngineArgs& a, const RankFn& fn) {
+  const auto timeout = std::chrono::milliseconds(int64_t(a.dist_timeout * 1e3));
   if (dist::mpi_launched()) {
-    dist::MpiCommunicator comm;
-    dist::MpiDataPlane data;
+    // A rank that stops answering leaves the others in MPI for ever: the watchdog ends the job.
+    int rank = -1;
+    dist::Watchdog watchdog(timeout, [&rank](const std::string& why) {
+      std::fputs(error_line(fmt::format("rank {}: {} (--dist-timeout); ending the job", rank, why)).c_str(), stderr);
+      std::fflush(stderr);
+      dist::MpiSession::abort(kExitError);
+    });
+    dist::MpiCommunicator comm(&watchdog);
+    rank = comm.rank();
+    dist::MpiDataPlane data(&watchdog);
     check(a.ep.ep == 1 || a.ep.ep == comm.size(), "--ep {} does not match the MPI world of {} ranks", a.ep.ep,
           comm.size());
     fn(&comm, &data, a.threads);
@@ -68,7 +96,7 @@ int run_on_ranks(const EngineArgs& a, const RankFn& fn) {
     const int ranks = a.ep.ep;
     const unsigned cores = std::max(1u, std::thread::hardware_concurrency());
     const int threads = a.threads > 0 ? a.threads : int(std::max(1u, cores / unsigned(ranks)));
-    dist::ThreadWorld world(ranks);
+    dist::ThreadWorld world(ranks, timeout);
     dist::run_ranks(world, [&](dist::Communicator& comm) { fn(&comm, &world.data_plane(comm.rank()), threads); });
     return ranks;
   }

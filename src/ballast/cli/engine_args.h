@@ -21,11 +21,14 @@ struct EngineArgs {
   bool disable_cuda_graph = false;
   std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
   int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;
+  double dist_timeout = 600;  // seconds a rank may wait for the others in one collective (0: for ever)
 
   bool speculate() const { return !speculative_algorithm.empty(); }
 };
 
 void add_engine_options(CLI::App* cmd, EngineArgs& a);
+// --dist-timeout SECONDS (commands that run ranks without the other engine flags: bench).
+void add_dist_timeout_option(CLI::App* cmd, double& seconds);
 // The checks across flags (call from the command's callback); throws CLI::ValidationError.
 void validate(const EngineArgs& a);
 
@@ -41,7 +44,9 @@ std::unique_ptr<runtime::Engine> load_rank_engine(const std::filesystem::path& d
 
 // Runs fn on every rank this process hosts, each on its own thread with its threads: the MPI
 // rank (under mpirun; --ep must then be 1 or the world's size), --ep G in-process ranks sharing
-// the cores, or the single rank (comm and data null). Returns the number of ranks.
+// the cores, or the single rank (comm and data null). Returns the number of ranks. A rank that
+// waits in one collective longer than --dist-timeout ends the job (MPI: every process, with a
+// one-line error; in-process ranks: an error on every rank).
 using RankFn = std::function<void(dist::Communicator* comm, dist::DataPlane* data, int threads)>;
 int run_on_ranks(const EngineArgs& a, const RankFn& fn);
 

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "ballast/core/error.h"
 #include "ballast/eplb/load.h"
 #include "ballast/eplb/placement.h"
 
@@ -29,7 +30,8 @@ void add_ep_options(CLI::App* c, EpArgs& a) {
       ->check(CLI::IsMember({"stat", "per_pass", "per_token"}));
   c->add_option("--expert-distribution-recorder-buffer-size", a.recorder_buffer, "Passes kept by the recorder")
       ->check(CLI::Range(1, 1 << 24));
-  c->add_option("--ep-ranks-per-node", a.ranks_per_node, "Ranks per node, for dispatch and migration (0: one node)");
+  c->add_option("--ep-ranks-per-node", a.ranks_per_node, "Ranks per node, for dispatch and migration (0: one node)")
+      ->check(CLI::Range(0, 1024));
   c->add_option("--dump-expert-distribution", a.dump_distribution,
                 "Record the trunk's expert load and write it (JSON, logical_count) at the end");
   c->add_option("--mtp-expert-domain", a.mtp_expert_domain,
@@ -40,6 +42,8 @@ void add_ep_options(CLI::App* c, EpArgs& a) {
 
 runtime::ExpertParallelOptions to_ep_options(const EpArgs& a, int ranks) {
   runtime::ExpertParallelOptions o;
+  check(a.ranks_per_node == 0 || ranks % a.ranks_per_node == 0,
+        "--ep-ranks-per-node {}: the {} ranks do not divide into nodes of that size", a.ranks_per_node, ranks);
   // A JSON file holds physical_to_logical_map [L][P] (used as is) or logical_count [L][E]
   // (planned from, with the trunk's planner settings, by the engine).
   if (!a.init_location.empty() && a.init_location != "trivial") {

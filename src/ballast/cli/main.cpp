@@ -4,9 +4,11 @@
 
 #include <cstdio>
 #include <exception>
+#include <new>
 #include <optional>
 
 #include "ballast/cli/commands.h"
+#include "ballast/cli/error_line.h"
 #include "ballast/dist/mpi_communicator.h"
 
 int main(int argc, char** argv) {
@@ -17,7 +19,9 @@ int main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    if (e.get_exit_code() == 0) return app.exit(e);  // --help
+    std::fputs(ballast::cli::error_line(std::string(e.what()) + " (see --help)").c_str(), stderr);
+    return ballast::cli::kExitUsage;
   }
   // Under mpirun every process is one expert-parallel rank; MPI lives as long as main.
   std::optional<ballast::dist::MpiSession> mpi;
@@ -25,9 +29,11 @@ int main(int argc, char** argv) {
     if (ballast::dist::mpi_launched()) mpi.emplace(&argc, &argv);
     return run ? run() : 0;
   } catch (const std::exception& e) {
-    fmt::print(stderr, "error: {}\n", e.what());
+    // A bad_alloc that no layer turned into a message naming its size.
+    const bool oom = dynamic_cast<const std::bad_alloc*>(&e) != nullptr;
+    std::fputs(ballast::cli::error_line(oom ? "out of memory" : e.what()).c_str(), stderr);
     // The other ranks may be waiting for this one in a collective: end the whole job.
     if (mpi && mpi->size() > 1) ballast::dist::MpiSession::abort(1);
-    return 1;
+    return ballast::cli::kExitError;
   }
 }

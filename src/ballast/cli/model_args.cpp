@@ -90,16 +90,31 @@ void add_cache_options(CLI::App* c, CacheArgs& a) {
 }
 
 runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std::vector<int32_t>>& prompts,
-                                       size_t per_rank, int new_tokens, int extra) {
+                                       size_t per_rank, int new_tokens, int extra, int max_position_embeddings) {
   runtime::CacheOptions o;
   o.page_size = a.page_size;
   o.chunked_prefill_size = a.chunked_prefill_size;
-  o.context_length = a.context_length;
   int64_t rows = 0;
   for (const auto& p : prompts)
     rows += (int64_t(p.size()) + new_tokens + extra + a.page_size - 1) / a.page_size * a.page_size;
-  o.max_running_requests = a.max_running_requests > 0 ? a.max_running_requests : int(std::max<size_t>(1, per_rank));
-  o.max_total_tokens = a.max_total_tokens > 0 ? a.max_total_tokens : std::max<int64_t>(rows, 1);
+  o.max_running_requests = a.max_running_requests > 0 ? a.max_running_requests
+                                                      : int(std::clamp<size_t>(per_rank, 1, kDefaultMaxRunning));
+  o.max_total_tokens =
+      a.max_total_tokens > 0 ? a.max_total_tokens : std::clamp<int64_t>(rows, 1, kDefaultMaxTotalTokens);
+  o.context_length = a.context_length;
+  if (o.context_length == 0 && max_position_embeddings > 0)
+    o.context_length = std::min<int64_t>(max_position_embeddings, o.max_total_tokens);
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const int64_t need = int64_t(prompts[i].size()) + new_tokens;
+    check(need + extra <= o.max_total_tokens,
+          "prompt {}: {} tokens and {} new ones need {} cache rows, more than --max-total-tokens {}{}", i,
+          prompts[i].size(), new_tokens, need + extra, o.max_total_tokens,
+          a.max_total_tokens > 0 ? "" : " (the default)");
+    check(o.context_length == 0 || need <= o.context_length,
+          "prompt {}: {} tokens and {} new ones exceed the context length of {} ({})", i, prompts[i].size(),
+          new_tokens, o.context_length,
+          a.context_length > 0 ? "--context-length" : "the model's max_position_embeddings");
+  }
   return o;
 }
 

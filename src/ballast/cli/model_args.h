@@ -30,9 +30,14 @@ struct CacheArgs {
 };
 void add_cache_options(CLI::App* cmd, CacheArgs& a);
 // The options, with what a command knows of its own work for what the flags leave at 0: room for
-// `prompts` of which `per_rank` run on one rank, each growing by `new_tokens` (and `extra` rows).
+// `prompts` of which `per_rank` run on one rank, each growing by `new_tokens` (and `extra` rows),
+// within serving's bounds (kDefaultMaxRunning sequences, kDefaultMaxTotalTokens rows), and a context
+// of the model's `max_position_embeddings` (0: not given). A prompt that cannot fit them is refused
+// here, naming the flag to raise; the others wait for room.
+constexpr int kDefaultMaxRunning = 64;
+constexpr int64_t kDefaultMaxTotalTokens = int64_t(1) << 16;
 runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std::vector<int32_t>>& prompts,
-                                       size_t per_rank, int new_tokens, int extra);
+                                       size_t per_rank, int new_tokens, int extra, int max_position_embeddings);
 
 // Where a command runs: --device cuda | cpu (default: cuda when this build has the CUDA backend
 // and a GPU is visible, else cpu), and how a GPU multiplies matrices: --matmul-precision bf16

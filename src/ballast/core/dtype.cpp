@@ -1,5 +1,6 @@
 #include "ballast/core/dtype.h"
 
+#include <algorithm>
 #include <cmath>
 
 #include "ballast/core/error.h"
@@ -75,6 +76,35 @@ uint16_t f32_to_f16(float f) {
   uint32_t rem = mant & 0x1fff;
   if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) h++;
   return uint16_t(h);
+}
+
+namespace {
+// The first element whose bits under `mask` are all set (an all-ones exponent: NaN or infinity;
+// for e4m3 the one NaN pattern). Blocks are OR-reduced first, so a finite tensor is one fast pass.
+template <typename U>
+int64_t first_with_bits(const void* src, size_t n, U mask) {
+  auto* s = static_cast<const U*>(src);
+  constexpr size_t kBlock = 256;
+  for (size_t b = 0; b < n; b += kBlock) {
+    const size_t e = std::min(n, b + kBlock);
+    bool any = false;
+    for (size_t i = b; i < e; ++i) any |= (s[i] & mask) == mask;
+    if (!any) continue;
+    for (size_t i = b; i < e; ++i)
+      if ((s[i] & mask) == mask) return int64_t(i);
+  }
+  return -1;
+}
+}  // namespace
+
+int64_t first_non_finite(const void* src, DType t, size_t n) {
+  switch (t) {
+    case DType::F32: return first_with_bits<uint32_t>(src, n, 0x7f800000u);
+    case DType::BF16: return first_with_bits<uint16_t>(src, n, 0x7f80u);
+    case DType::F16: return first_with_bits<uint16_t>(src, n, 0x7c00u);
+    case DType::F8_E4M3: return first_with_bits<uint8_t>(src, n, 0x7fu);
+    default: return -1;
+  }
 }
 
 void to_f32(const void* src, DType t, float* dst, size_t n) {

@@ -88,6 +88,10 @@ inline uint8_t f32_to_e4m3(float f) {
   return uint8_t(sign | code);
 }
 
+// The index of the first NaN or infinity among n elements of src in dtype t (F32, BF16, F16 or
+// F8_E4M3), or -1 when every one is finite or t holds no floats.
+int64_t first_non_finite(const void* src, DType t, size_t n);
+
 // Converts n elements of src (in dtype t) to fp32. Throws for U8 (no numbers) and F8_E4M3_B128
 // (its elements mean nothing without their block scales: see kernels' weight readers).
 void to_f32(const void* src, DType t, float* dst, size_t n);

@@ -12,7 +12,8 @@ namespace ballast {
 
 class ThreadPool {
  public:
-  explicit ThreadPool(int num_threads);  // 0 = hardware concurrency
+  // 0 = hardware concurrency. Throws Error (no thread left running) when the threads cannot start.
+  explicit ThreadPool(int num_threads);
   ~ThreadPool();
   ThreadPool(const ThreadPool&) = delete;
   ThreadPool& operator=(const ThreadPool&) = delete;
@@ -25,6 +26,7 @@ class ThreadPool {
 
  private:
   void worker_loop(int index);
+  void stop_workers();
 
   std::vector<std::thread> workers_;
   std::mutex mu_;

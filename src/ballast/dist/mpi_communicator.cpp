@@ -89,13 +89,16 @@ struct MpiCommunicator::Impl {
   MPI_Comm comm = MPI_COMM_NULL;
 };
 
-MpiCommunicator::MpiCommunicator() : impl_(std::make_unique<Impl>()) {
+MpiCommunicator::MpiCommunicator(Watchdog* watchdog) : impl_(std::make_unique<Impl>()), watchdog_(watchdog) {
   int inited = 0;
   MPI_Initialized(&inited);
   check(inited && !finalized(), "MpiCommunicator: MPI is not initialised (create an MpiSession first)");
   int world_rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-  mpi_check(MPI_Comm_dup(MPI_COMM_WORLD, &impl_->comm), "MPI_Comm_dup", world_rank);
+  {
+    Watchdog::Scope watch(watchdog_, "MPI_Comm_dup");
+    mpi_check(MPI_Comm_dup(MPI_COMM_WORLD, &impl_->comm), "MPI_Comm_dup", world_rank);
+  }
   MPI_Comm_set_errhandler(impl_->comm, MPI_ERRORS_RETURN);
   MPI_Comm_rank(impl_->comm, &rank_);
   MPI_Comm_size(impl_->comm, &size_);
@@ -105,9 +108,13 @@ MpiCommunicator::~MpiCommunicator() {
   if (impl_ && impl_->comm != MPI_COMM_NULL && !finalized()) MPI_Comm_free(&impl_->comm);
 }
 
-void MpiCommunicator::barrier() { mpi_check(MPI_Barrier(impl_->comm), "MPI_Barrier", rank_); }
+void MpiCommunicator::barrier() {
+  Watchdog::Scope watch(watchdog_, "MPI_Barrier");
+  mpi_check(MPI_Barrier(impl_->comm), "MPI_Barrier", rank_);
+}
 
 void MpiCommunicator::all_reduce_sum(std::span<int64_t> data) {
+  Watchdog::Scope watch(watchdog_, "MPI_Allreduce (int64 sum)");
   check(static_cast<int64_t>(data.size()) <= kMaxCount,
         "all_reduce_sum: {} elements, over MPI's limit of {}", data.size(), kMaxCount);
   mpi_check(MPI_Allreduce(MPI_IN_PLACE, data.data(), static_cast<int>(data.size()), MPI_INT64_T,
@@ -116,6 +123,7 @@ void MpiCommunicator::all_reduce_sum(std::span<int64_t> data) {
 }
 
 void MpiCommunicator::all_reduce_sum(std::span<double> data) {
+  Watchdog::Scope watch(watchdog_, "MPI_Allreduce (double sum)");
   check(static_cast<int64_t>(data.size()) <= kMaxCount,
         "all_reduce_sum: {} elements, over MPI's limit of {}", data.size(), kMaxCount);
   mpi_check(MPI_Allreduce(MPI_IN_PLACE, data.data(), static_cast<int>(data.size()), MPI_DOUBLE,
@@ -124,6 +132,7 @@ void MpiCommunicator::all_reduce_sum(std::span<double> data) {
 }
 
 bool MpiCommunicator::all_reduce_or(bool flag) {
+  Watchdog::Scope watch(watchdog_, "MPI_Allreduce (or)");
   int v = flag ? 1 : 0;
   mpi_check(MPI_Allreduce(MPI_IN_PLACE, &v, 1, MPI_INT, MPI_LOR, impl_->comm), "MPI_Allreduce",
             rank_, "or");
@@ -131,6 +140,7 @@ bool MpiCommunicator::all_reduce_or(bool flag) {
 }
 
 std::vector<Bytes> MpiCommunicator::all_gather(const Bytes& mine) {
+  Watchdog::Scope watch(watchdog_, "MPI_Allgather");
   const int G = size_;
   int64_t n = static_cast<int64_t>(mine.size());
   std::vector<int64_t> sizes(G);

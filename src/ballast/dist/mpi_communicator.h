@@ -10,6 +10,7 @@
 #include <memory>
 
 #include "ballast/dist/communicator.h"
+#include "ballast/dist/watchdog.h"
 
 namespace ballast::dist {
 
@@ -46,8 +47,9 @@ class MpiSession {
 class MpiCommunicator final : public Communicator {
  public:
   // A duplicate of MPI_COMM_WORLD (its own message space), errors returned not fatal. Collective
-  // over the world; MPI must be initialised (an MpiSession alive) and outlive this.
-  MpiCommunicator();
+  // over the world; MPI must be initialised (an MpiSession alive) and outlive this. With a
+  // watchdog (which must outlive this), every call runs inside its Scope.
+  explicit MpiCommunicator(Watchdog* watchdog = nullptr);
   ~MpiCommunicator() override;
   MpiCommunicator(const MpiCommunicator&) = delete;
   MpiCommunicator& operator=(const MpiCommunicator&) = delete;
@@ -65,6 +67,7 @@ class MpiCommunicator final : public Communicator {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  Watchdog* watchdog_;
   int rank_ = 0, size_ = 1;
 };
 

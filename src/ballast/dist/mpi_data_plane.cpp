@@ -74,11 +74,14 @@ struct MpiDataPlane::Impl {
   MPI_Comm comm = MPI_COMM_NULL;
 };
 
-MpiDataPlane::MpiDataPlane() : impl_(std::make_unique<Impl>()) {
+MpiDataPlane::MpiDataPlane(Watchdog* watchdog) : impl_(std::make_unique<Impl>()), watchdog_(watchdog) {
   check(detail::mpi_running(), "MpiDataPlane: MPI is not initialised (create an MpiSession first)");
   int world_rank = 0;
   MPI_Comm_rank(MPI_COMM_WORLD, &world_rank);
-  mpi_check(MPI_Comm_dup(MPI_COMM_WORLD, &impl_->comm), "MPI_Comm_dup", world_rank, "data plane");
+  {
+    Watchdog::Scope watch(watchdog_, "MPI_Comm_dup (data plane)");
+    mpi_check(MPI_Comm_dup(MPI_COMM_WORLD, &impl_->comm), "MPI_Comm_dup", world_rank, "data plane");
+  }
   MPI_Comm_set_errhandler(impl_->comm, MPI_ERRORS_RETURN);
   MPI_Comm_rank(impl_->comm, &rank_);
   MPI_Comm_size(impl_->comm, &size_);
@@ -89,6 +92,7 @@ MpiDataPlane::~MpiDataPlane() {
 }
 
 void MpiDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) {
+  Watchdog::Scope watch(watchdog_, "all_to_all_v (data plane)");
   const int G = size_;
   detail::RowArgs a;
   auto error = detail::check_all_to_all_v(rank_, G, send, send_counts, recv, recv_counts, kImpl, &a);
@@ -124,6 +128,7 @@ void MpiDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, T
 }
 
 void MpiDataPlane::all_gather(const Tensor& mine, Tensor& all) {
+  Watchdog::Scope watch(watchdog_, "all_gather (data plane)");
   const int G = size_;
   auto error = detail::check_all_gather(rank_, G, mine, all, kImpl);
   const int64_t bytes = int64_t(mine.nbytes());
@@ -146,6 +151,7 @@ void MpiDataPlane::all_gather(const Tensor& mine, Tensor& all) {
 }
 
 void MpiDataPlane::all_reduce_sum(Tensor& data) {
+  Watchdog::Scope watch(watchdog_, "all_reduce_sum (data plane)");
   const int G = size_;
   auto error = detail::check_all_reduce(rank_, data, kImpl);
   const int64_t n = data.numel(), bytes = int64_t(data.nbytes());
@@ -171,6 +177,7 @@ void MpiDataPlane::all_reduce_sum(Tensor& data) {
 }
 
 void MpiDataPlane::send_recv(std::span<const Transfer> items) {
+  Watchdog::Scope watch(watchdog_, "send_recv (data plane)");
   const int G = size_;
   if (auto bad = detail::check_transfers(rank_, G, items, kImpl)) fail("{}", *bad);
   auto describe = [&](size_t i) {

@@ -12,13 +12,15 @@
 #include <memory>
 
 #include "ballast/dist/data_plane.h"
+#include "ballast/dist/watchdog.h"
 
 namespace ballast::dist {
 
 class MpiDataPlane final : public DataPlane {
  public:
   // Collective over the world; MPI must be initialised (an MpiSession alive) and outlive this.
-  MpiDataPlane();
+  // With a watchdog (which must outlive this), every call runs inside its Scope.
+  explicit MpiDataPlane(Watchdog* watchdog = nullptr);
   ~MpiDataPlane() override;
   MpiDataPlane(const MpiDataPlane&) = delete;
   MpiDataPlane& operator=(const MpiDataPlane&) = delete;
@@ -34,6 +36,7 @@ class MpiDataPlane final : public DataPlane {
  private:
   struct Impl;
   std::unique_ptr<Impl> impl_;
+  Watchdog* watchdog_;
   int rank_ = 0, size_ = 1;
 };
 

@@ -1,13 +1,20 @@
 #include "ballast/eplb/dispatch.h"
 
 #include "ballast/core/error.h"
+#include "ballast/eplb/limits.h"
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
 #include <numeric>
+#include <random>
 
 namespace ballast::eplb {
+
+namespace {
+// Up to this many tokens of an expert, the random policy hashes each token (as the engine does).
+constexpr int64_t kPerTokenDraws = 1 << 16;
+}  // namespace
 
 Dispatch parse_dispatch(const std::string& name) {
   if (name == "static") return Dispatch::static_;
@@ -80,12 +87,24 @@ std::vector<double> dispatch_random(std::span<const int32_t> row, const double* 
   auto rep = replicas_of(row, E);
   std::vector<double> slot(row.size(), 0.0);
   for (int e = 0; e < E; ++e) {
-    int64_t n = int64_t(counts[e]);
-    check(counts[e] >= 0 && double(n) == counts[e], "dispatch: count {} of expert {} is not a whole number", counts[e],
-          e);
+    check(counts[e] >= 0 && counts[e] <= kMaxCount && counts[e] == std::floor(counts[e]),
+          "dispatch: count {} of expert {} is not a whole number in [0, 2^53]", counts[e], e);
+    const int64_t n = int64_t(counts[e]);
     if (rep[e].size() == 1) { slot[rep[e][0]] += double(n); continue; }
     uint64_t base = mix64(seed ^ mix64(uint64_t(e)));
-    for (int64_t t = 0; t < n; ++t) slot[rep[e][mix64(base + uint64_t(t)) % rep[e].size()]] += 1.0;
+    if (n <= kPerTokenDraws) {
+      for (int64_t t = 0; t < n; ++t) slot[rep[e][mix64(base + uint64_t(t)) % rep[e].size()]] += 1.0;
+      continue;
+    }
+    // Many tokens (a replayed trace's counts): the same uniform choice as a multinomial split by
+    // conditional binomials, in time independent of n.
+    std::mt19937_64 rng(base);
+    int64_t left = n;
+    for (size_t i = 0; i < rep[e].size(); ++i) {
+      const size_t k = rep[e].size() - i;
+      const int64_t x = k == 1 ? left : std::binomial_distribution<int64_t>(left, 1.0 / double(k))(rng);
+      slot[rep[e][i]] += double(x), left -= x;
+    }
   }
   return slot;
 }
@@ -162,10 +181,11 @@ std::vector<double> dispatch_balanced(std::span<const int32_t> row, int G, const
   std::vector<Flexible> flex;
   int64_t total = 0;
   for (int e = 0; e < E; ++e) {
-    int64_t n = int64_t(counts[e]);
-    check(counts[e] >= 0 && double(n) == counts[e], "dispatch: count {} of expert {} is not a whole number", counts[e],
-          e);
-    total += n;
+    check(counts[e] >= 0 && counts[e] <= kMaxCount && counts[e] == std::floor(counts[e]),
+          "dispatch: count {} of expert {} is not a whole number in [0, 2^53]", counts[e], e);
+    const int64_t n = int64_t(counts[e]);
+    total += n;  // no overflow: each n and the running total stay <= 2^53
+    check(total <= int64_t(kMaxCount), "dispatch: the pass's counts sum to more than 2^53");
     Flexible f{e, n, {}, {}};
     for (int32_t p : rep[e]) {
       int r = p / K;

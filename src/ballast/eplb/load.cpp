@@ -1,6 +1,8 @@
 #include "ballast/eplb/load.h"
 
+#include "ballast/core/checked.h"
 #include "ballast/core/error.h"
+#include "ballast/eplb/limits.h"
 
 #include <nlohmann/json.hpp>
 
@@ -12,6 +14,11 @@
 #include <sstream>
 
 namespace ballast::eplb {
+
+LoadTrace::LoadTrace(int passes, int layers, int experts) : passes(passes), layers(layers), experts(experts) {
+  const int64_t dims[] = {passes, layers, experts};
+  count.assign(size_t(checked_numel(dims, kMaxLoadCounts, "load: counts [T][L][E]")), 0.0);
+}
 
 LoadTrace LoadTrace::sum(int begin, int end) const { return slices(begin, end, 1); }
 
@@ -41,25 +48,27 @@ LoadTrace LoadTrace::range(int begin, int end) const {
 void LoadTrace::validate(const std::string& origin) const {
   check(count.size() == size_t(passes) * layers * experts, "{}: {} counts for shape [{}][{}][{}]", origin,
         count.size(), passes, layers, experts);
-  // A window of passes is the planner's largest input: checked block by block on the bits (sign
-  // set, or exponent all ones: negative, infinite or NaN), with integer operations that vectorise,
-  // and a block searched for its first bad count only when it may have one (-0.0 sets the sign and
-  // is accepted there), so the message names the first in the trace.
-  constexpr uint64_t kExp = 0x7FF0000000000000ull, kOne = 0x0010000000000000ull;
+  // A window of passes is the planner's largest input: checked block by block on the bits, with
+  // integer operations that vectorise. For a double >= +0 the bits grow with the value, so bits
+  // above 2^53's flag every bad count (negative: the sign bit; infinite; NaN; above 2^53) and
+  // -0.0, which the search of the block then accepts; the search names the first bad count.
+  uint64_t max_bits;
+  std::memcpy(&max_bits, &kMaxCount, sizeof max_bits);
   const size_t n = count.size(), block = 4096;
   for (size_t b0 = 0; b0 < n; b0 += block) {
     const size_t b1 = std::min(n, b0 + block);
-    uint64_t acc = 0;
+    uint64_t any = 0;
     for (size_t i = b0; i < b1; ++i) {
       uint64_t u;
       std::memcpy(&u, &count[i], sizeof u);
-      acc |= ((u & kExp) + kOne) | u;  // bit 63: the sign, or the carry out of an all-ones exponent
+      any |= uint64_t(u > max_bits);
     }
-    if (!(acc >> 63)) continue;
+    if (!any) continue;
     for (size_t i = b0; i < b1; ++i) {
-      if (!std::isfinite(count[i]) || count[i] < 0) {
+      if (!(count[i] >= 0 && count[i] <= kMaxCount)) {
         size_t e = i % experts, l = (i / experts) % layers, t = i / (size_t(experts) * layers);
-        fail("{}: count at pass {} layer {} expert {} is {} (counts must be finite and >= 0)", origin, t, l, e, count[i]);
+        fail("{}: count at pass {} layer {} expert {} is {} (counts must be finite, >= 0 and <= 2^53)", origin, t, l, e,
+             count[i]);
       }
     }
   }
@@ -70,8 +79,15 @@ namespace {
 double number_at(const nlohmann::json& v, const std::string& origin, const std::string& where) {
   check(v.is_number(), "{}: logical_count{} is not a number", origin, where);
   double x = v.get<double>();
-  check(std::isfinite(x) && x >= 0, "{}: logical_count{} is {} (counts must be >= 0)", origin, where, x);
+  check(x >= 0 && x <= kMaxCount, "{}: logical_count{} is {} (counts must be >= 0 and <= 2^53)", origin, where, x);
   return x;
+}
+
+// The size of a JSON array dimension, within `limit`.
+int dim(const nlohmann::json& a, int limit, const std::string& origin, const char* what) {
+  check(a.size() <= size_t(limit), "{}: logical_count has {} {}, more than the limit of {}", origin, a.size(), what,
+        limit);
+  return int(a.size());
 }
 
 }  // namespace
@@ -92,7 +108,7 @@ LoadTrace load_from_json_text(const std::string& text, const std::string& origin
   check((*a)[0].is_array() && !(*a)[0].empty(), "{}: logical_count[0] must be a non-empty array", origin);
   bool three = (*a)[0][0].is_array();
   if (!three) {
-    int L = int(a->size()), E = int((*a)[0].size());
+    int L = dim(*a, kMaxLayers, origin, "layers"), E = dim((*a)[0], kMaxExperts, origin, "experts");
     LoadTrace out(1, L, E);
     for (int l = 0; l < L; ++l) {
       const auto& row = (*a)[l];
@@ -102,7 +118,8 @@ LoadTrace load_from_json_text(const std::string& text, const std::string& origin
     }
     return out;
   }
-  int T = int(a->size()), L = int((*a)[0].size()), E = int((*a)[0][0].size());
+  int T = dim(*a, INT32_MAX, origin, "passes"), L = dim((*a)[0], kMaxLayers, origin, "layers"),
+      E = dim((*a)[0][0], kMaxExperts, origin, "experts");
   check(E > 0, "{}: logical_count[0][0] is empty", origin);
   LoadTrace out(T, L, E);
   for (int t = 0; t < T; ++t) {
@@ -179,23 +196,40 @@ LoadTrace read_load(const std::string& path) {
   } catch (const std::exception& e) {
     fail("{}: bad safetensors header: {}", path, e.what());
   }
-  check(h.contains("logical_count"), "{}: no tensor 'logical_count'", path);
+  check(h.is_object() && h.contains("logical_count"), "{}: no tensor 'logical_count'", path);
   const auto& d = h["logical_count"];
+  check(d.is_object(), "{}: logical_count's header entry is not an object", path);
+  check(d.contains("dtype") && d["dtype"].is_string(), "{}: logical_count has no \"dtype\" string", path);
   std::string dtype = d["dtype"].get<std::string>();
   check(dtype == "I32", "{}: logical_count has dtype {}, expected I32", path, dtype);
-  auto shape = d["shape"].get<std::vector<int64_t>>();
+  auto ints = [&](const char* key) {
+    check(d.contains(key) && d[key].is_array(), "{}: logical_count has no \"{}\" array", path, key);
+    std::vector<int64_t> v;
+    for (const auto& x : d[key]) {
+      check(x.is_number_unsigned(), "{}: logical_count's \"{}\" holds {}, not an integer >= 0", path, key, x.dump());
+      check(x.get<uint64_t>() <= uint64_t(INT64_MAX), "{}: logical_count's \"{}\" holds {}, too large", path, key,
+            x.dump());
+      v.push_back(x.get<int64_t>());
+    }
+    return v;
+  };
+  auto shape = ints("shape");
   check(shape.size() == 2 || shape.size() == 3, "{}: logical_count must be [L,E] or [T,L,E]", path);
   if (shape.size() == 2) shape.insert(shape.begin(), 1);
-  auto off = d["data_offsets"].get<std::vector<uint64_t>>();
-  size_t numel = size_t(shape[0] * shape[1] * shape[2]);
-  check(off.size() == 2 && off[1] - off[0] == numel * 4 && 8 + n + off[1] <= bytes.size(),
+  check(shape[0] <= INT32_MAX && shape[1] <= kMaxLayers && shape[2] <= kMaxExperts,
+        "{}: logical_count shape [{}, {}, {}] is beyond the limits of {} layers and {} experts", path, shape[0],
+        shape[1], shape[2], kMaxLayers, kMaxExperts);
+  const int64_t numel = checked_numel(shape, kMaxLoadCounts, path + ": logical_count");
+  auto off = ints("data_offsets");
+  const int64_t data = int64_t(bytes.size() - 8 - n);
+  check(off.size() == 2 && off[0] <= off[1] && off[1] <= data && off[1] - off[0] == numel * 4,
         "{}: logical_count data offsets do not match its shape", path);
   LoadTrace t{int(shape[0]), int(shape[1]), int(shape[2])};
   const char* base = bytes.data() + 8 + n + off[0];
-  for (size_t i = 0; i < numel; ++i) {
+  for (int64_t i = 0; i < numel; ++i) {
     int32_t v;
     std::memcpy(&v, base + 4 * i, 4);
-    t.count[i] = v;
+    t.count[size_t(i)] = v;
   }
   t.validate(path);
   return t;

@@ -14,8 +14,8 @@ struct LoadTrace {
   std::vector<double> count;  // [T][L][E]
 
   LoadTrace() = default;
-  LoadTrace(int passes, int layers, int experts) : passes(passes), layers(layers), experts(experts),
-      count(size_t(passes) * layers * experts, 0.0) {}
+  // All counts 0. Throws unless each size is >= 0 and T x L x E is within kMaxLoadCounts (limits.h).
+  LoadTrace(int passes, int layers, int experts);
   double* at(int t, int l) { return count.data() + (size_t(t) * layers + l) * experts; }
   const double* at(int t, int l) const { return count.data() + (size_t(t) * layers + l) * experts; }
 
@@ -26,12 +26,13 @@ struct LoadTrace {
   LoadTrace slices(int begin, int end, int slices) const;
   // Passes [begin, end) as their own trace.
   LoadTrace range(int begin, int end) const;
-  // Throws unless every count is finite and >= 0.
+  // Throws unless every count is finite, >= 0 and at most 2^53 (held exactly).
   void validate(const std::string& origin = "load") const;
 };
 
 // Parses {"logical_count": [L][E] or [T][L][E]} (also a bare array). Refuses ragged arrays,
-// negative or non-numeric counts with a message naming the position.
+// negative, non-finite (above 2^53) or non-numeric counts with a message naming the position, and
+// shapes beyond limits.h.
 LoadTrace load_from_json_text(const std::string& text, const std::string& origin = "load");
 std::string load_to_json_text(const LoadTrace& t, bool as_matrix);  // as_matrix: [L][E] when T==1
 // Traces of many passes are large: a minimal safetensors file with one I32 tensor

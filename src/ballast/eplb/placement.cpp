@@ -1,6 +1,7 @@
 #include "ballast/eplb/placement.h"
 
 #include "ballast/core/error.h"
+#include "ballast/eplb/limits.h"
 #include "ballast/eplb/load.h"
 
 #include <nlohmann/json.hpp>
@@ -11,6 +12,9 @@ Placement::Placement(int layers, int logical, int physical, int ranks)
     : layers(layers), logical(logical), physical(physical), ranks(ranks) {
   check(layers >= 0 && logical > 0 && physical > 0 && ranks > 0,
         "placement: bad shape layers={} logical={} physical={} ranks={}", layers, logical, physical, ranks);
+  check(layers <= kMaxLayers && logical <= kMaxExperts && physical <= kMaxSlots && ranks <= kMaxRanks,
+        "placement: {} layers x {} experts x {} slots on {} ranks is beyond the limits of {} layers, {} experts, {} "
+        "slots and {} ranks", layers, logical, physical, ranks, kMaxLayers, kMaxExperts, kMaxSlots, kMaxRanks);
   check(physical % ranks == 0, "placement: {} physical slots are not divisible by {} ranks", physical, ranks);
   check(physical >= logical, "placement: {} physical slots are fewer than {} logical experts", physical, logical);
   phy2log.assign(size_t(layers) * physical, -1);
@@ -66,11 +70,23 @@ Placement placement_from_json_text(const std::string& text, int ranks, const std
   if (j.is_object()) {
     check(j.contains("physical_to_logical_map"), "{}: no field 'physical_to_logical_map'", origin);
     m = &j["physical_to_logical_map"];
-    if (ranks <= 0 && j.contains("num_ranks")) ranks = j["num_ranks"].get<int>();
+    if (j.contains("num_ranks")) {
+      const auto& n = j["num_ranks"];
+      check(n.is_number_integer() && n.get<int64_t>() > 0 && n.get<int64_t>() <= kMaxRanks,
+            "{}: num_ranks must be an integer in [1, {}], got {}", origin, kMaxRanks, n.dump());
+      const int file_ranks = n.get<int>();
+      check(ranks <= 0 || ranks == file_ranks, "{}: num_ranks is {} but {} ranks were asked for", origin, file_ranks,
+            ranks);
+      ranks = file_ranks;
+    }
   }
   check(m->is_array() && !m->empty(), "{}: physical_to_logical_map must be a non-empty [L][P] array", origin);
+  check(m->size() <= size_t(kMaxLayers), "{}: physical_to_logical_map has {} layers, more than the limit of {}",
+        origin, m->size(), kMaxLayers);
   int L = int(m->size());
   check((*m)[0].is_array() && !(*m)[0].empty(), "{}: physical_to_logical_map[0] must be a non-empty array", origin);
+  check((*m)[0].size() <= size_t(kMaxSlots), "{}: physical_to_logical_map[0] has {} slots, more than the limit of {}",
+        origin, (*m)[0].size(), kMaxSlots);
   int P = int((*m)[0].size());
   int maxe = -1;
   for (int l = 0; l < L; ++l) {
@@ -78,11 +94,14 @@ Placement placement_from_json_text(const std::string& text, int ranks, const std
     check(row.is_array() && int(row.size()) == P, "{}: ragged physical_to_logical_map: row {} has {} entries, row 0 has {}",
           origin, l, row.is_array() ? row.size() : 0, P);
     for (int p = 0; p < P; ++p) {
-      check(row[p].is_number_integer(), "{}: physical_to_logical_map[{}][{}] is not an integer", origin, l, p);
+      check(row[p].is_number_integer() && row[p].get<int64_t>() >= 0 && row[p].get<int64_t>() < kMaxExperts,
+            "{}: physical_to_logical_map[{}][{}] is {}, not an expert in [0, {})", origin, l, p, row[p].dump(),
+            kMaxExperts);
       maxe = std::max(maxe, row[p].get<int>());
     }
   }
   check(ranks > 0, "{}: the number of ranks must be given", origin);
+  check(ranks <= kMaxRanks, "{}: {} ranks, more than the limit of {}", origin, ranks, kMaxRanks);
   int E = maxe + 1;
   check(E > 0, "{}: no logical experts", origin);
   check(P % ranks == 0, "{}: {} physical slots are not divisible by {} ranks", origin, P, ranks);

@@ -41,7 +41,8 @@ struct Placement {
 };
 
 // SGLang --init-expert-location JSON: {"physical_to_logical_map": [[...]]} (L x P). The number of
-// ranks is not in the file and is given by the caller.
+// ranks is given by the caller or, when `ranks` <= 0, by the file's "num_ranks" (ballast writes it);
+// a file whose num_ranks differs from a given `ranks` is refused. Shapes beyond limits.h are refused.
 Placement placement_from_json_text(const std::string& text, int ranks, const std::string& origin = "placement");
 std::string placement_to_json_text(const Placement& p);  // {"physical_to_logical_map": ..., "num_ranks": G}
 Placement read_placement(const std::string& path, int ranks);

@@ -2,6 +2,9 @@
 
 #include "ballast/core/error.h"
 #include "ballast/eplb/deepseek.h"
+#include "ballast/eplb/limits.h"
+
+#include <cmath>
 
 namespace ballast::eplb {
 
@@ -25,6 +28,19 @@ Placement plan(const LoadTrace& load, const PlanOptions& opt, std::vector<LayerP
   load.validate("plan: load");
   check(opt.ranks > 0, "plan: number of ranks must be positive, got {}", opt.ranks);
   check(opt.redundant >= 0, "plan: number of redundant slots must be >= 0, got {}", opt.redundant);
+  check(opt.ranks <= kMaxRanks, "plan: {} ranks, more than the limit of {}", opt.ranks, kMaxRanks);
+  check(int64_t(load.experts) + opt.redundant <= kMaxSlots,
+        "plan: {} experts + {} redundant slots, more than the limit of {} slots per layer", load.experts, opt.redundant,
+        kMaxSlots);
+  check(opt.nodes >= 1 && opt.nodes <= opt.ranks && opt.groups >= 1 && opt.groups <= load.experts,
+        "plan: {} nodes and {} expert groups must be >= 1 and at most the {} ranks and {} experts", opt.nodes,
+        opt.groups, opt.ranks, load.experts);
+  check(opt.slices >= 1 && opt.slices <= kMaxSlots, "plan: {} slices must be in [1, {}]", opt.slices, kMaxSlots);
+  check(opt.horizon >= 0, "plan: horizon {} must be >= 0", opt.horizon);
+  check(std::isfinite(opt.migration_weight) && opt.migration_weight >= 0,
+        "plan: migration weight {} must be a finite number >= 0", opt.migration_weight);
+  check(!std::isnan(opt.damping) && opt.damping <= 1, "plan: damping {} must be a number <= 1 (< 0: estimated)",
+        opt.damping);
   const int E = load.experts, P = E + opt.redundant;
   check(P % opt.ranks == 0, "plan: {} physical slots ({} experts + {} redundant) are not divisible by {} ranks", P, E,
         opt.redundant, opt.ranks);

@@ -4,6 +4,7 @@
 
 #include "ballast/core/error.h"
 #include "ballast/eplb/deepseek.h"
+#include "ballast/eplb/limits.h"
 #include "ballast/eplb/metrics.h"
 #include "ballast/eplb/migration.h"
 
@@ -115,6 +116,12 @@ std::vector<SuiteRow> run_suite(const std::vector<SuiteWorkload>& suite, int win
 std::vector<ReplaySeries> replay(const LoadTrace& trace, const ReplayOptions& opt) {
   trace.validate("replay: trace");
   check(opt.interval > 0, "replay: interval must be >= 1 pass");
+  check(opt.ranks > 0 && opt.ranks <= kMaxRanks, "replay: ranks must be in [1, {}], got {}", kMaxRanks, opt.ranks);
+  check(opt.redundant >= 0 && int64_t(trace.experts) + opt.redundant <= kMaxSlots,
+        "replay: {} redundant slots must be >= 0 and with the {} experts at most {} slots", opt.redundant,
+        trace.experts, kMaxSlots);
+  check(opt.ranks_per_node >= 0 && (opt.ranks_per_node == 0 || opt.ranks % opt.ranks_per_node == 0),
+        "replay: {} ranks are not divisible into nodes of {} ranks", opt.ranks, opt.ranks_per_node);
   const int T = trace.passes, L = trace.layers, E = trace.experts, G = opt.ranks, P = E + opt.redundant;
   check(P % G == 0, "replay: {} slots ({} experts + {} redundant) are not divisible by {} ranks", P, E, opt.redundant,
         G);

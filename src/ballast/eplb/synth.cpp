@@ -1,6 +1,8 @@
 #include "ballast/eplb/synth.h"
 
+#include "ballast/core/checked.h"
 #include "ballast/core/error.h"
+#include "ballast/eplb/limits.h"
 
 #include <algorithm>
 #include <cmath>
@@ -26,8 +28,16 @@ Popularity parse_popularity(const std::string& name) {
 }
 
 std::vector<double> synth_layer(const SynthSpec& sp, int layer) {
-  check(sp.experts > 0 && sp.topk > 0 && sp.topk <= sp.experts && sp.passes > 0 && sp.tokens >= 0,
-        "synth: bad spec (experts {}, topk {}, passes {}, tokens {})", sp.experts, sp.topk, sp.passes, sp.tokens);
+  check(sp.experts > 0 && sp.experts <= kMaxExperts && sp.topk > 0 && sp.topk <= sp.experts && sp.passes > 0 &&
+            sp.tokens >= 0 && sp.layers >= 0 && sp.layers <= kMaxLayers,
+        "synth: bad spec (layers {}, experts {}, topk {}, passes {}, tokens {})", sp.layers, sp.experts, sp.topk,
+        sp.passes, sp.tokens);
+  // NaN or infinite noise would make every count 0 (or NaN) without a word.
+  for (auto [name, v] : {std::pair{"skew", sp.skew}, {"drift", sp.drift}, {"burst", sp.burst}})
+    check(std::isfinite(v) && v >= 0, "synth: {} {} must be a finite number >= 0", name, v);
+  check(std::isfinite(sp.trend), "synth: trend {} must be a finite number", sp.trend);
+  const int64_t dims[] = {sp.passes, sp.experts};
+  checked_numel(dims, kMaxLoadCounts, "synth: counts of a layer [T][E]");
   const int E = sp.experts, T = sp.passes;
   std::mt19937_64 rng(sp.seed * 0x9e3779b97f4a7c15ULL + uint64_t(layer) * 0x2545f4914f6cdd1dULL + 1);
   std::normal_distribution<double> normal(0.0, 1.0);

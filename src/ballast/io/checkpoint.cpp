@@ -2,8 +2,12 @@
 
 #include <fmt/ranges.h>
 
+#include <atomic>
 #include <fstream>
+#include <mutex>
 #include <nlohmann/json.hpp>
+#include <system_error>
+#include <thread>
 
 #include "ballast/core/error.h"
 
@@ -122,6 +126,38 @@ uint64_t Checkpoint::mapped_bytes() const {
   uint64_t s = 0;
   for (const auto& f : files_) s += f->data_size();
   return s;
+}
+
+void Checkpoint::check_finite(int threads) const {
+  std::vector<std::string> names = this->names();
+  if (threads <= 0) threads = int(std::max(1u, std::thread::hardware_concurrency()));
+  threads = std::min<int>(threads, int(names.size()));
+  std::atomic<size_t> next{0};
+  std::mutex mu;
+  std::string first;  // the message for the lowest tensor name found non-finite
+  size_t first_at = SIZE_MAX;
+  auto scan = [&] {
+    for (size_t i; (i = next.fetch_add(1)) < names.size();) {
+      const auto& f = file_of(names[i]);
+      const TensorInfo& t = f.info(names[i]);
+      const Tensor v = f.get(names[i]);
+      const int64_t at = first_non_finite(v.raw(), t.dtype, size_t(v.numel()));
+      if (at < 0) continue;
+      std::lock_guard lk(mu);
+      if (i < first_at)
+        first_at = i, first = fmt::format("{}: tensor '{}' holds a NaN or infinity at element {} (of {})",
+                                          f.path().string(), names[i], at, v.numel());
+    }
+  };
+  std::vector<std::thread> pool;
+  try {
+    for (int k = 1; k < threads; ++k) pool.emplace_back(scan);
+  } catch (const std::system_error&) {
+    // fewer threads than asked: the ones started (and this one) do the work
+  }
+  scan();
+  for (auto& th : pool) th.join();
+  check(first.empty(), "{}", first);
 }
 
 void Checkpoint::prefault(const ProgressFn& progress) const {

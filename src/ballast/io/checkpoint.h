@@ -37,6 +37,11 @@ class Checkpoint {
   uint64_t total_bytes() const;   // sum of the listed tensors' sizes
   uint64_t mapped_bytes() const;  // sum of the files' data regions
 
+  // Throws Error naming the file, tensor and element of the first NaN or infinity in a listed
+  // float tensor: such weights compute (NaN logits, one token for ever) without a word. Reads every
+  // byte once, on up to `threads` threads (0: the hardware's).
+  void check_finite(int threads = 0) const;
+
   // Brings every file's pages into memory, calling progress(done, mapped_bytes()) as it goes;
   // lets the CLI show a progress bar instead of paying for page faults in the first forward.
   void prefault(const ProgressFn& progress = {}) const;

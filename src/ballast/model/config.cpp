@@ -1,6 +1,7 @@
 #include "ballast/model/config.h"
 
 #include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <set>
@@ -60,7 +61,10 @@ class Fields {
     if (!has(key)) return dflt;
     check(obj_[key].is_number(), "{}: field \"{}\" must be a number, got {}", source_, path(key),
           obj_[key].dump());
-    return obj_[key].get<double>();
+    const double v = obj_[key].get<double>();
+    check(std::isfinite(v) && std::abs(v) <= 3e38, "{}: field \"{}\" is {}, not a finite float", source_,
+          path(key), v);
+    return v;
   }
   bool boolean(const std::string& key, bool dflt) const {
     if (!has(key)) return dflt;
@@ -87,6 +91,8 @@ class Fields {
  private:
   int64_t as_int(const json& v, const std::string& p) const {
     check(v.is_number_integer(), "{}: field \"{}\" must be an integer, got {}", source_, p, v.dump());
+    check(!v.is_number_unsigned() || v.get<uint64_t>() <= uint64_t(INT64_MAX), "{}: field \"{}\" is {}, too large",
+          source_, p, v.dump());
     return v.get<int64_t>();
   }
 
@@ -95,8 +101,18 @@ class Fields {
   std::string prefix_;
 };
 
-int to_int(int64_t v, const Fields& f, const char* key) {
-  check(v <= INT32_MAX, "{}: field \"{}\" is too large: {}", f.source(), f.path(key), v);
+// Bounds on config.json's sizes, far above the largest published models (vocab 248320, hidden
+// 8192, 94 layers, 512 experts, 262144 positions), so that a corrupted number is refused before it
+// sizes a table or a loop.
+constexpr int64_t kMaxVocab = int64_t(1) << 22;
+constexpr int64_t kMaxWidth = int64_t(1) << 20;   // hidden and intermediate sizes
+constexpr int64_t kMaxLayers = 1 << 12;
+constexpr int64_t kMaxHeads = 1 << 12;            // heads and head dims
+constexpr int64_t kMaxExperts = 1 << 14;
+constexpr int64_t kMaxPositions = int64_t(1) << 26;
+
+int to_int(int64_t v, const Fields& f, const char* key, int64_t limit = INT32_MAX) {
+  check(v <= limit, "{}: field \"{}\" is {}, beyond the limit of {}", f.source(), f.path(key), v, limit);
   return int(v);
 }
 
@@ -159,11 +175,11 @@ void parse_layer_types(const Fields& f, ModelConfig& c) {
 void parse_ffn_types(const Fields& f, ModelConfig& c) {
   c.ffn_types.assign(size_t(c.num_layers), FfnType::Moe);
   if (c.family == Family::Qwen35Moe) {
-    c.num_experts = to_int(f.positive("num_experts"), f, "num_experts");
+    c.num_experts = to_int(f.positive("num_experts"), f, "num_experts", kMaxExperts);
     c.norm_topk_prob = true;  // Qwen3.5 always renormalises the top-k weights
     return;
   }
-  c.num_experts = to_int(f.non_negative("num_experts"), f, "num_experts");
+  c.num_experts = to_int(f.non_negative("num_experts"), f, "num_experts", kMaxExperts);
   c.norm_topk_prob = f.boolean("norm_topk_prob", true);
   const int64_t step = f.positive("decoder_sparse_step", 1);
   std::set<int64_t> mlp_only;
@@ -190,35 +206,35 @@ ModelConfig parse_text(const Fields& f, ModelConfig c) {
   check(act == "silu", "{}: field \"{}\": unsupported activation \"{}\" (only silu)", src,
         f.path("hidden_act"), act);
 
-  c.vocab_size = to_int(f.positive("vocab_size"), f, "vocab_size");
-  c.hidden_size = to_int(f.positive("hidden_size"), f, "hidden_size");
-  c.num_layers = to_int(f.positive("num_hidden_layers"), f, "num_hidden_layers");
+  c.vocab_size = to_int(f.positive("vocab_size"), f, "vocab_size", kMaxVocab);
+  c.hidden_size = to_int(f.positive("hidden_size"), f, "hidden_size", kMaxWidth);
+  c.num_layers = to_int(f.positive("num_hidden_layers"), f, "num_hidden_layers", kMaxLayers);
   c.rms_norm_eps = float(f.number("rms_norm_eps", 1e-6));
   check(c.rms_norm_eps > 0, "{}: field \"{}\" must be positive", src, f.path("rms_norm_eps"));
-  c.max_position_embeddings = to_int(f.integer("max_position_embeddings", 0), f, "max_position_embeddings");
+  c.max_position_embeddings = to_int(f.integer("max_position_embeddings", 0), f, "max_position_embeddings", kMaxPositions);
   check(c.max_position_embeddings >= 0, "{}: field \"{}\" must be >= 0", src, f.path("max_position_embeddings"));
-  c.mtp_num_hidden_layers = to_int(f.integer("mtp_num_hidden_layers", 0), f, "mtp_num_hidden_layers");
+  c.mtp_num_hidden_layers = to_int(f.integer("mtp_num_hidden_layers", 0), f, "mtp_num_hidden_layers", kMaxLayers);
   check(c.mtp_num_hidden_layers >= 0, "{}: field \"{}\" must be >= 0", src, f.path("mtp_num_hidden_layers"));
 
   parse_layer_types(f, c);
   parse_ffn_types(f, c);
 
   // Gated full attention.
-  c.num_heads = to_int(f.positive("num_attention_heads"), f, "num_attention_heads");
-  c.num_kv_heads = to_int(f.positive("num_key_value_heads"), f, "num_key_value_heads");
+  c.num_heads = to_int(f.positive("num_attention_heads"), f, "num_attention_heads", kMaxHeads);
+  c.num_kv_heads = to_int(f.positive("num_key_value_heads"), f, "num_key_value_heads", kMaxHeads);
   check(c.num_heads % c.num_kv_heads == 0,
         "{}: field \"{}\": num_attention_heads {} is not a multiple of num_key_value_heads {}", src,
         f.path("num_key_value_heads"), c.num_heads, c.num_kv_heads);
-  c.head_dim = to_int(f.positive("head_dim", c.hidden_size / c.num_heads), f, "head_dim");
+  c.head_dim = to_int(f.positive("head_dim", c.hidden_size / c.num_heads), f, "head_dim", kMaxHeads);
   parse_rope(f, c);
 
   // Gated DeltaNet: needed only if some layer uses it.
   if (c.num_linear_attention_layers() > 0) {
-    c.linear_num_key_heads = to_int(f.positive("linear_num_key_heads"), f, "linear_num_key_heads");
-    c.linear_num_value_heads = to_int(f.positive("linear_num_value_heads"), f, "linear_num_value_heads");
-    c.linear_key_head_dim = to_int(f.positive("linear_key_head_dim"), f, "linear_key_head_dim");
-    c.linear_value_head_dim = to_int(f.positive("linear_value_head_dim"), f, "linear_value_head_dim");
-    c.linear_conv_kernel_dim = to_int(f.positive("linear_conv_kernel_dim", 4), f, "linear_conv_kernel_dim");
+    c.linear_num_key_heads = to_int(f.positive("linear_num_key_heads"), f, "linear_num_key_heads", kMaxHeads);
+    c.linear_num_value_heads = to_int(f.positive("linear_num_value_heads"), f, "linear_num_value_heads", kMaxHeads);
+    c.linear_key_head_dim = to_int(f.positive("linear_key_head_dim"), f, "linear_key_head_dim", kMaxHeads);
+    c.linear_value_head_dim = to_int(f.positive("linear_value_head_dim"), f, "linear_value_head_dim", kMaxHeads);
+    c.linear_conv_kernel_dim = to_int(f.positive("linear_conv_kernel_dim", 4), f, "linear_conv_kernel_dim", kMaxHeads);
     check(c.linear_num_value_heads % c.linear_num_key_heads == 0,
           "{}: field \"{}\": linear_num_value_heads {} is not a multiple of linear_num_key_heads {}", src,
           f.path("linear_num_value_heads"), c.linear_num_value_heads, c.linear_num_key_heads);
@@ -230,12 +246,12 @@ ModelConfig parse_text(const Fields& f, ModelConfig c) {
     check(c.num_experts_per_tok <= c.num_experts,
           "{}: field \"{}\": num_experts_per_tok {} exceeds num_experts {}", src,
           f.path("num_experts_per_tok"), c.num_experts_per_tok, c.num_experts);
-    c.moe_intermediate_size = to_int(f.positive("moe_intermediate_size"), f, "moe_intermediate_size");
+    c.moe_intermediate_size = to_int(f.positive("moe_intermediate_size"), f, "moe_intermediate_size", kMaxWidth);
     c.shared_expert_intermediate_size =
-        to_int(f.non_negative("shared_expert_intermediate_size"), f, "shared_expert_intermediate_size");
+        to_int(f.non_negative("shared_expert_intermediate_size"), f, "shared_expert_intermediate_size", kMaxWidth);
   }
   if (std::count(c.ffn_types.begin(), c.ffn_types.end(), FfnType::Dense) > 0)
-    c.intermediate_size = to_int(f.positive("intermediate_size"), f, "intermediate_size");
+    c.intermediate_size = to_int(f.positive("intermediate_size"), f, "intermediate_size", kMaxWidth);
   return c;
 }
 
@@ -300,7 +316,7 @@ ModelConfig parse_architecture(const json& j, const std::string& source) {
     c.tie_word_embeddings = tf.boolean("tie_word_embeddings", top.boolean("tie_word_embeddings", false));
     ModelConfig out = parse_text(tf, c);
     if (!tf.has("mtp_num_hidden_layers"))
-      out.mtp_num_hidden_layers = to_int(top.integer("mtp_num_hidden_layers", 0), top, "mtp_num_hidden_layers");
+      out.mtp_num_hidden_layers = to_int(top.integer("mtp_num_hidden_layers", 0), top, "mtp_num_hidden_layers", kMaxLayers);
     return out;
   }
   fail("{}: field \"architectures\": unsupported architecture \"{}\" (supported: Qwen3NextForCausalLM, "

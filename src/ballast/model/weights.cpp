@@ -1,6 +1,7 @@
 #include "ballast/model/weights.h"
 
 #include <cstring>
+#include <set>
 #include <string>
 
 #include <fmt/format.h>
@@ -74,7 +75,7 @@ class Binder {
           "{}: tensor '{}' is F8_E4M3, but only linear weights can be FP8 (with block scales): an FP8 embedding, "
           "norm or conv is no format ballast reads",
           ck_.file_of(name).path().string(), name);
-    return ck_.get(name, std::move(shape));
+    return fetch(name, std::move(shape));
   }
   Tensor vec(const std::string& name, int64_t n) const { return widen_f32(get(name, {n})); }
   bool has(const std::string& name) const { return ck_.has(name); }
@@ -90,7 +91,7 @@ class Binder {
     if (info.dtype != DType::F8_E4M3) {
       check(!ck_.has(sname), "{}: tensor '{}' holds block scales, but '{}' is {}, not F8_E4M3", file, sname, name,
             dtype_name(info.dtype));
-      return ck_.get(name, std::move(shape));
+      return fetch(name, std::move(shape));
     }
     check(c_.quant.fp8,
           "{}: tensor '{}' is F8_E4M3, but config.json has no quantization_config declaring FP8 weights (read as "
@@ -102,6 +103,8 @@ class Binder {
     check(ck_.has(sname), "{}: FP8 tensor '{}' has no block scales '{}' (F32, one per 128 x 128 block)", file, name,
           sname);
     const Tensor elements = ck_.get(name, shape);
+    used_.insert(name);
+    used_.insert(sname);
     const auto& sinfo = ck_.info(sname);
     Shape want(shape.begin(), shape.end() - 2);
     want.push_back(scale_blocks(shape[shape.size() - 2]));
@@ -114,6 +117,16 @@ class Binder {
     return Tensor::block_scaled(elements, ck_.get(sname));
   }
   Tensor linear(const std::string& module, Shape shape) const { return linear(module + ".weight", module, shape); }
+  // Checkpoint tensors nothing bound. The vision tower of Qwen3.5's multimodal checkpoints is
+  // left out on purpose (text only); anything else unused means a layout or architecture this
+  // graph does not implement, which would compute without it.
+  std::vector<std::string> unused() const {
+    std::vector<std::string> out;
+    for (const auto& n : ck_.names())
+      if (!used_.count(n) && !n.starts_with("model.visual.")) out.push_back(n);
+    return out;
+  }
+
   // "<file>: tensor '<name>'", for messages.
   std::string what(const std::string& name) const {
     return ck_.file_of(name).path().string() + ": tensor '" + name + "'";
@@ -221,8 +234,19 @@ class Binder {
   }
 
  private:
+  // A tensor of numbers (never ids or bytes), checked against `shape`, and marked as used.
+  Tensor fetch(const std::string& name, Shape shape) const {
+    const DType dt = ck_.info(name).dtype;
+    check(dt == DType::F32 || dt == DType::BF16 || dt == DType::F16,
+          "{}: tensor '{}' is {}; weights must be F32, BF16 or F16 (or F8_E4M3 with block scales)",
+          ck_.file_of(name).path().string(), name, dtype_name(dt));
+    used_.insert(name);
+    return ck_.get(name, std::move(shape));
+  }
+
   const ModelConfig& c_;
   const io::Checkpoint& ck_;
+  mutable std::set<std::string> used_;
 };
 
 }  // namespace
@@ -250,6 +274,10 @@ ModelWeights bind_weights(const ModelConfig& cfg, const io::Checkpoint& ckpt) {
                                  cfg.num_experts > 0 ? FfnType::Moe : FfnType::Dense));
     w.mtp = std::move(m);
   }
+  if (auto unused = b.unused(); !unused.empty())
+    fail("{}: {} checkpoint tensor(s) are not used by the {} graph, e.g. '{}' (a layout or architecture ballast "
+         "does not implement, or a config.json that does not match the weights)",
+         ckpt.path().string(), unused.size(), cfg.architecture, unused.front());
   return w;
 }
 

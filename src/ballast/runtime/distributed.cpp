@@ -36,10 +36,11 @@ DistributedResult generate_distributed(dist::Communicator& comm, const std::vect
       pos += size_t(len);
     }
   }
-  std::vector<int64_t> tokens{res.stats.prefill_tokens, res.stats.decode_tokens};
+  std::vector<int64_t> tokens{res.stats.prefill_tokens, res.stats.decode_tokens, res.stopped ? 1 : 0};
   comm.all_reduce_sum(tokens);
   out.stats.prefill_tokens = tokens[0];
   out.stats.decode_tokens = tokens[1];
+  out.stopped = tokens[2] > 0;
   out.stats.passes = res.stats.passes;
   // Ranks step together, so every rank's wall time is the step's; take rank 0's view.
   out.stats.prefill_seconds = res.stats.prefill_seconds;

@@ -13,6 +13,7 @@ namespace ballast::runtime {
 struct DistributedResult {
   std::vector<std::vector<int32_t>> outputs;  // per prompt, in the order given
   GenerationStats stats;                      // summed over ranks (seconds: the slowest rank's)
+  bool stopped = false;                       // some rank's generation was stopped early
 };
 
 // How a rank generates for its share of prompts (Engine::generate, or generate_speculative).

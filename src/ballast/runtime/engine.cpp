@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 
 #include "ballast/core/clock.h"
 #include "ballast/core/error.h"
@@ -27,8 +28,12 @@ eplb::Placement initial_placement(const ExpertParallelOptions& ep, int layers, i
 }
 
 int physical_slots(const moe::DomainOptions& o, int experts, int ranks, const char* what) {
+  // More slots than every rank holding every expert serve nothing and cost an expert's weights each.
+  check(o.redundant >= 0 && int64_t(o.redundant) <= int64_t(experts) * ranks,
+        "{}: {} redundant slots, more than {} ({} experts on each of {} ranks)", what, o.redundant,
+        int64_t(experts) * ranks, experts, ranks);
   const int P = experts + o.redundant;
-  check(o.redundant >= 0 && P % ranks == 0, "{}: {} experts + {} redundant slots are not divisible by {} ranks", what,
+  check(P % ranks == 0, "{}: {} experts + {} redundant slots are not divisible by {} ranks", what,
         experts, o.redundant, ranks);
   return P;
 }
@@ -65,6 +70,7 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, std
   model::ModelConfig cfg = model::load_model_config(model_dir);
   io::Checkpoint ckpt = io::Checkpoint::open(model_dir);
   if (opts.load_progress) ckpt.prefault(opts.load_progress);
+  ckpt.check_finite();
   std::unique_ptr<Engine> e(new Engine(std::move(backend), std::move(ckpt), opts));
   const model::ModelWeights host = model::bind_weights(cfg, *e->ckpt_);
   model::ModelWeights device = host;
@@ -160,7 +166,11 @@ void Engine::build_cache() {
   const auto& cfg = config();
   const int S = steps_;
   const int64_t total = c.max_total_tokens > 0 ? c.max_total_tokens : int64_t(1) << 16;
-  const int64_t context = c.context_length > 0 ? c.context_length : total;
+  // Positions past the model's trained length are not refused by the math, only wrong: the
+  // context is the model's unless given.
+  const int64_t trained = cfg.max_position_embeddings > 0 ? cfg.max_position_embeddings : total;
+  const int64_t context = c.context_length > 0 ? c.context_length : std::min(total, trained);
+  context_length_ = context;
   bool deltanet = false;
   for (auto t : cfg.layer_types) deltanet = deltanet || t == model::LayerType::LinearAttention;
   StateCacheOptions so;
@@ -172,7 +182,12 @@ void Engine::build_cache() {
   so.mtp = model_->has_mtp();
   scheduler_.reset();
   runner_.reset();
-  cache_ = std::make_unique<StateCache>(*backend_, cfg, so);
+  try {
+    cache_ = std::make_unique<StateCache>(*backend_, cfg, so);
+  } catch (const std::exception& e) {
+    fail("the state cache of {} rows (max_total_tokens) and {} state slots (max_running_requests {}) cannot be "
+         "allocated: {}", total, so.slots, c.max_running_requests, e.what());
+  }
   scheduler_ = std::make_unique<Scheduler>(
       *cache_, SchedulerOptions{c.max_running_requests, c.chunked_prefill_size, S}, comm_);
   RunnerLimits lim;
@@ -210,12 +225,16 @@ int64_t Engine::add_request(Request r) {
   const int64_t V = config().vocab_size;
   for (int32_t id : r.prompt)
     check(id >= 0 && id < V, "prompt token id {} is outside the vocabulary of {}", id, V);
+  const SamplingParams& sp = r.sampling;
+  check(std::isfinite(sp.temperature) && sp.temperature >= 0 && std::isfinite(sp.top_p) && sp.top_p > 0 &&
+            sp.top_p <= 1 && sp.top_k >= 0,
+        "sampling: temperature {} must be finite and >= 0, top_p {} in (0, 1], top_k {} >= 0", sp.temperature,
+        sp.top_p, sp.top_k);
   check(r.top_logprobs <= kernels::kMaxTopLogprobs, "top_logprobs {} is above the limit of {}", r.top_logprobs,
         kernels::kMaxTopLogprobs);
-  check(opts_.cache.context_length <= 0 ||
-            int64_t(r.prompt.size()) + r.max_new_tokens <= opts_.cache.context_length,
+  check(int64_t(r.prompt.size()) + r.max_new_tokens <= context_length_,
         "a prompt of {} tokens and {} new ones exceed the context length of {}", r.prompt.size(), r.max_new_tokens,
-        opts_.cache.context_length);
+        context_length_);
   auto s = std::make_unique<Sequence>();
   s->id = next_id_++;
   s->prompt_len = r.prompt.size();
@@ -449,6 +468,10 @@ GenerationResult Engine::generate(const std::vector<std::vector<int32_t>>& promp
   GenerationResult res;
   res.outputs.resize(prompts.size());
   for (bool ran = true; ran;) {
+    if (opts_.stop && opts_.stop->load() && !res.stopped) {
+      res.stopped = true;
+      for (const auto& [id, i] : index) abort(id);
+    }
     ran = step();
     for (const StepOutput& o : outputs_)
       if (auto it = index.find(o.id); it != index.end())

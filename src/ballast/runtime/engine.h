@@ -5,6 +5,7 @@
 // with MTP speculation, its draft passes) and is the one loop that generate(), speculative
 // decoding and a server drive. Under expert parallelism every rank steps in lockstep with its own
 // sequences (attention data-parallel): every MoE layer is a collective over the ranks.
+#include <atomic>
 #include <filesystem>
 #include <functional>
 #include <map>
@@ -65,6 +66,10 @@ struct EngineOptions {
   CacheOptions cache;
   int speculative_steps = 0;           // NEXTN: chained MTP drafts per round (0: no speculation)
   bool cuda_graphs = true;             // decode passes as captured graphs where the backend can (no EP)
+  // Once set (by a signal handler's thread), generate() aborts its requests at the next step and
+  // returns what they had emitted. Ranks may see it at different steps: one that has stopped takes
+  // part in the others' passes with no rows until none has work left.
+  const std::atomic<bool>* stop = nullptr;
   std::function<void(uint64_t done, uint64_t total)> load_progress;    // while paging weights in
   std::function<void(uint64_t done, uint64_t total)> upload_progress;  // while copying them to the device
   Logger log;
@@ -79,6 +84,7 @@ struct GenerationStats {
 struct GenerationResult {
   std::vector<std::vector<int32_t>> outputs;  // new tokens per prompt
   GenerationStats stats;
+  bool stopped = false;  // EngineOptions::stop ended it early
 };
 
 struct SpeculativeStats {
@@ -138,7 +144,8 @@ class Engine {
   const std::vector<StepOutput>& outputs() const { return outputs_; }
 
   // Every prompt as a request (greedy, or sampled per `sampling` with the i-th prompt seeded by
-  // sequence_seed(sampling, i)), stepped until all are done. Under EP all ranks call it together
+  // sequence_seed(sampling, i)), stepped until all are done (or EngineOptions::stop is set: then
+  // `stopped` is true and the outputs are what was emitted). Under EP all ranks call it together
   // (any of them may have no prompts).
   GenerationResult generate(const std::vector<std::vector<int32_t>>& prompts, int max_new_tokens,
                             std::span<const int32_t> stop_ids = {}, const SamplingParams& sampling = {});
@@ -191,6 +198,7 @@ class Engine {
   std::unique_ptr<StagedDataPlane> staged_;  // when the given data plane cannot move this backend's buffers
   dist::DataPlane* data_;                    // the given one, or staged_
   int steps_ = 0;
+  int64_t context_length_ = 0;  // the longest sequence, prompt and output (build_cache)
   std::unique_ptr<model::Model> model_;
   std::unique_ptr<moe::LocalMoeRunner> local_moe_;
   PassOutput trunk_out_, mtp_out_;

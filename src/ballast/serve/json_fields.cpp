@@ -2,6 +2,8 @@
 
 #include <fmt/format.h>
 
+#include <cmath>
+
 namespace ballast::serve {
 
 namespace {
@@ -31,8 +33,12 @@ std::optional<int64_t> JsonFields::integer(const std::string& key) const {
   if (!has(key)) return std::nullopt;
   const auto& v = j_[key];
   if (v.is_number_integer()) return v.get<int64_t>();
-  // 16.0 is an integer too (JSON has one number type).
-  if (v.is_number_float() && v.get<double>() == double(int64_t(v.get<double>()))) return int64_t(v.get<double>());
+  // 16.0 is an integer too (JSON has one number type); the range check comes first, since a
+  // double beyond int64's range does not convert.
+  if (v.is_number_float()) {
+    const double d = v.get<double>();
+    if (d >= -9.2e18 && d <= 9.2e18 && d == std::floor(d)) return int64_t(d);
+  }
   bad(key, "must be an integer");
 }
 

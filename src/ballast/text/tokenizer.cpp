@@ -29,6 +29,9 @@ constexpr std::string_view kGpt2Pattern =
 
 std::atomic<uint64_t> g_next_serial{1};
 
+// Room for holes in the id space beyond the tokens a tokenizer.json defines.
+constexpr int64_t kIdHoles = 1 << 16;
+
 uint64_t hash_bytes(std::string_view s) {
   // 64-bit multiply-mix over 8-byte chunks (wyhash-like); quality is ample for a cache.
   const auto* p = reinterpret_cast<const unsigned char*>(s.data());
@@ -614,11 +617,20 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
     const json& vocab = field(model, "vocab", mwhere);
     if (!vocab.is_object()) fail("{}: 'vocab' must be an object of token -> id", mwhere);
     int32_t max_id = -1;
+    // Ids index tables of (largest id + 1) entries: they must be dense, below the number of tokens
+    // defined plus some room for holes, so that one stray id cannot ask for gigabytes.
+    auto added_json = j.find("added_tokens");
+    const size_t defined = vocab.size() + (added_json != j.end() && added_json->is_array() ? added_json->size() : 0);
+    const int64_t id_limit = std::min<int64_t>(int64_t(defined) + kIdHoles, INT32_MAX);
+    auto valid_id = [&](const json& v) {
+      return v.is_number_integer() && !(v.is_number_unsigned() && v.get<uint64_t>() > uint64_t(INT64_MAX)) &&
+             v.get<int64_t>() >= 0 && v.get<int64_t>() < id_limit;
+    };
     t->vocab.reserve(vocab.size() + 64);
     for (auto it = vocab.begin(); it != vocab.end(); ++it) {
-      if (!it.value().is_number_integer() || it.value().get<int64_t>() < 0 ||
-          it.value().get<int64_t>() > (1 << 30))
-        fail("{}: vocab['{}'] must be a non-negative integer id", mwhere, it.key());
+      if (!valid_id(it.value()))
+        fail("{}: vocab['{}'] is {}, not an id in [0, {}) ({} tokens defined)", mwhere, it.key(), it.value().dump(),
+             id_limit, defined);
       int32_t id = it.value().get<int32_t>();
       t->vocab.emplace(it.key(), id);
       max_id = std::max(max_id, id);
@@ -630,8 +642,8 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
         std::string where = fmt::format("{}: added_tokens[{}]", origin, i);
         AddedToken tok;
         const json& idj = field(a, "id", where);
-        if (!idj.is_number_integer() || idj.get<int64_t>() < 0 || idj.get<int64_t>() > (1 << 30))
-          fail("{}: 'id' must be a non-negative integer", where);
+        if (!valid_id(idj))
+          fail("{}: 'id' is {}, not an id in [0, {}) ({} tokens defined)", where, idj.dump(), id_limit, defined);
         tok.id = idj.get<int32_t>();
         tok.content = str_field(a, "content", where);
         if (tok.content.empty()) fail("{}: empty 'content'", where);
@@ -742,6 +754,7 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
     } catch (const json::parse_error& e) {
       fail("{}: malformed JSON at byte {}: {}", cwhere, e.byte, e.what());
     }
+    check(c.is_object(), "{}: expected a JSON object at top level", cwhere);
     auto resolve = [&](const char* key) -> std::optional<int32_t> {
       auto text = token_text(c, key);
       if (!text) return std::nullopt;
@@ -753,12 +766,19 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
     };
     if (auto eos = resolve("eos_token")) t->eos.push_back(*eos);
     t->pad = resolve("pad_token");
-    if (auto it = c.find("chat_template"); it != c.end()) {
+    if (auto it = c.find("chat_template"); it != c.end() && !it->is_null()) {
       if (it->is_string()) {
         t->chat_template = it->get<std::string>();
       } else if (it->is_array()) {
-        for (const json& e : *it)
-          if (e.value("name", "") == "default") t->chat_template = e.value("template", "");
+        for (size_t i = 0; i < it->size(); ++i) {
+          const json& e = (*it)[i];
+          check(e.is_object() && e.contains("name") && e["name"].is_string() &&
+                    (!e.contains("template") || e["template"].is_string()),
+                "{}: chat_template[{}] must be an object with string fields \"name\" and \"template\"", cwhere, i);
+          if (e["name"] == "default") t->chat_template = e.value("template", "");
+        }
+      } else {
+        fail("{}: chat_template must be a string or a list of named templates", cwhere);
       }
     }
   }
@@ -782,8 +802,11 @@ Tokenizer Tokenizer::load(const std::filesystem::path& dir) {
     }
     auto add = [&](const json& v) {
       if (!v.is_number_integer()) fail("{}: eos_token_id must be an integer or a list", g.string());
-      auto id = v.get<int32_t>();
-      check(id >= 0 && id < tok.vocab_size(), "{}: eos_token_id {} is out of range", g.string(), id);
+      // Read wide before the range check: 2^32 + 5 must not become 5.
+      check(v.is_number_unsigned() ? v.get<uint64_t>() < uint64_t(tok.vocab_size())
+                                   : v.get<int64_t>() >= 0 && v.get<int64_t>() < tok.vocab_size(),
+            "{}: eos_token_id {} is out of range (vocabulary of {})", g.string(), v.dump(), tok.vocab_size());
+      const auto id = v.get<int32_t>();
       auto& eos = tok.impl_->eos;
       if (std::find(eos.begin(), eos.end(), id) == eos.end()) eos.push_back(id);
     };
