@@ -4,11 +4,13 @@
 # summary.json under $OUT. Each step runs even when an earlier one fails; the summary says which.
 # The device tool takes 64 MiB in all: the tracked tree is ~48 MB (the default model 36 MB) and the
 # pack ~15 MB, so .carry/fla (~6 MB) fits only without other growth.
-#   STEPS="conformance runtime demo sanitizer bench scale fp8 kernels mtp deltanet" bash scripts/gpu_check.sh
+#   STEPS="conformance runtime demo sanitizer bench scale fp8 pdl ep kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
 # of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
-# the demo model; deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla).
+# the demo model; pdl: the 80B shape's decode with and without overlapped launches
+# (BALLAST_CUDA_PDL=0), alternated twice; ep: the 80B shape with in-process expert parallelism
+# G = 1 and 4 on the one GPU; deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-gpu}
@@ -51,6 +53,12 @@ for s in $STEPS; do
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} \
                --batch ${KERNELS_BATCH:-1} --prompt-len 1024 --decode-steps 8 --repeats 1 --profiler-window \
                > $OUT/kernels-decode.csv && python3 scripts/ncu_summary.py $OUT/kernels-decode.csv" ;;
+    pdl) step pdl bash -c "for r in 1 2; do for v in 0 1; do echo \"--- BALLAST_CUDA_PDL=\$v (round \$r)\"; BALLAST_CUDA_PDL=\$v \
+               $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} --batch 1,8,32 \
+               --prompt-len 1024 --decode-steps 32 --prefill 8192 --repeats 1 --json-file $OUT/pdl-\$v-\$r.json; done; done" ;;
+    ep) step ep bash -c "for g in 1 4; do $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} \
+               --ep \$g --batch ${EP_BATCHES:-32} --prompt-len 1024 --decode-steps 32 --prefill 2048 --repeats 1 \
+               --json-file $OUT/ep-\$g.json; done" ;;
     mtp) step mtp "$BIN/ballast" bench --device cuda --batch 1,8 --prompt-len 128 --decode-steps 64 --prefill 128 \
                --speculative-num-steps 1,2,3 ;;
     deltanet) step deltanet python3 bench/deltanet/side_by_side.py --ballast "$BIN/bench_delta_rule_cuda" \

@@ -307,7 +307,11 @@ int run_bench(const BenchArgs& a) {
           a.ep.init_location);
     if (comm) {  // attention data-parallel: each rank decodes its share of the batch
       o.ep = to_ep_options(a.ep, ranks.size());
-      o.cache.max_running_requests = (bmax + ranks.size() - 1) / ranks.size();
+      const int share = (bmax + ranks.size() - 1) / ranks.size();
+      o.cache.max_running_requests = share;
+      // A pass holds this rank's share of the prompts: sized for it, since every rank's
+      // expert-parallel receive buffers take G x its rows x top-k rows of the hidden size.
+      o.cache.chunked_prefill_size = std::max({pmax, 2048, int(std::min<int64_t>(int64_t(share) * a.prompt_len, 16384))});
     }
     const int gpu = rank_gpu();
     std::unique_ptr<runtime::Engine> engine;

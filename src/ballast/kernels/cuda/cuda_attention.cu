@@ -48,6 +48,7 @@ __global__ void attention_write_kv_kernel(const float* __restrict__ k_new, const
                                           const int32_t* __restrict__ slot_mapping, int64_t T, int64_t row,
                                           int64_t cache_rows, float* __restrict__ k_cache,
                                           float* __restrict__ v_cache) {
+  wait_for_prior_kernels();
   const int64_t n = T * row;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / row, e = i - t * row;
@@ -88,6 +89,7 @@ __device__ __forceinline__ int sequence_of(const int32_t* cu, int B, int t) {
 // V = elements per lane (hd <= 32 V). Block (row t, query head, split).
 template <int V>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionArgs a) {
+  wait_for_prior_kernels();
   const int t = int(blockIdx.x), hq = int(blockIdx.y), split = int(blockIdx.z);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int hd = a.hd;
@@ -235,6 +237,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 template <int V>
 __global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const AttentionArgs a, int tiles_per_seq) {
+  wait_for_prior_kernels();
   constexpr int HD = 32 * V, LQ = HD + 4, LQ4 = LQ / 4, LP = kTileKv + 1;
   extern __shared__ float4 smem_f4[];
   float* Qs = reinterpret_cast<float*>(smem_f4);
@@ -366,6 +369,7 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const 
 // Merges the splits of block (row, head): out = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s. Rows
 // of the tiled kernel's sequences have no splits (and their output is written).
 __global__ void __launch_bounds__(kAttnThreads) attention_merge_kernel(const AttentionArgs a) {
+  wait_for_prior_kernels();
   const int t = int(blockIdx.x);
   const int b = sequence_of(a.cu, a.B, t);
   if (int64_t(a.cu[b + 1]) - a.cu[b] >= a.tile_min_rows) return;
@@ -413,8 +417,9 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
 
   // The new rows go to the caches first.
   const int64_t row = Hkv * hd;
-  attention_write_kv_kernel<<<blocks_for(T * row, 256), 256, 0, stream_>>>(
-      f32(k_new), f32(v_new), i32(layout.slot_mapping), T, row, blocks * bs, f32_mut(k_cache), f32_mut(v_cache));
+  launch(attention_write_kv_kernel, blocks_for(T * row, 256), 256, 0, stream_,
+         f32(k_new), f32(v_new), i32(layout.slot_mapping), T, row, blocks * bs,
+         f32_mut(k_cache), f32_mut(v_cache));
   check_launch("attention: kv write");
 
   auto* st = static_cast<AttentionState*>(attention_state_.get());
@@ -468,10 +473,14 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   a.tile_min_rows = tiled ? kTileMinRows : std::numeric_limits<int>::max();
   a.scale = 1.0f / std::sqrt(float(hd));
   const dim3 grid{unsigned(T), unsigned(Hq), unsigned(splits)};
-  if (hd <= 32) attention_kernel<1><<<grid, kAttnThreads, 0, stream_>>>(a);
-  else if (hd <= 64) attention_kernel<2><<<grid, kAttnThreads, 0, stream_>>>(a);
-  else if (hd <= 128) attention_kernel<4><<<grid, kAttnThreads, 0, stream_>>>(a);
-  else attention_kernel<8><<<grid, kAttnThreads, 0, stream_>>>(a);
+  if (hd <= 32)
+    launch(attention_kernel<1>, grid, kAttnThreads, 0, stream_, a);
+  else if (hd <= 64)
+    launch(attention_kernel<2>, grid, kAttnThreads, 0, stream_, a);
+  else if (hd <= 128)
+    launch(attention_kernel<4>, grid, kAttnThreads, 0, stream_, a);
+  else
+    launch(attention_kernel<8>, grid, kAttnThreads, 0, stream_, a);
   check_launch("attention");
   if (tiled) {
     const int64_t tiles_per_seq = cdiv(layout.max_query_len, kTileRows);
@@ -491,14 +500,23 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
       st->tiled_smem[vi] = true;
     }
     const int tps = int(tiles_per_seq);
-    if (vi == 0) attention_tiled_kernel<1><<<tgrid, kTileThreads, smem, stream_>>>(a, tps);
-    else if (vi == 1) attention_tiled_kernel<2><<<tgrid, kTileThreads, smem, stream_>>>(a, tps);
-    else if (vi == 2) attention_tiled_kernel<4><<<tgrid, kTileThreads, smem, stream_>>>(a, tps);
-    else attention_tiled_kernel<8><<<tgrid, kTileThreads, smem, stream_>>>(a, tps);
+    if (vi == 0)
+      launch(attention_tiled_kernel<1>, tgrid, kTileThreads, smem, stream_, a,
+             tps);
+    else if (vi == 1)
+      launch(attention_tiled_kernel<2>, tgrid, kTileThreads, smem, stream_, a,
+             tps);
+    else if (vi == 2)
+      launch(attention_tiled_kernel<4>, tgrid, kTileThreads, smem, stream_, a,
+             tps);
+    else
+      launch(attention_tiled_kernel<8>, tgrid, kTileThreads, smem, stream_, a,
+             tps);
     check_launch("attention: tiled");
   }
   if (splits > 1) {
-    attention_merge_kernel<<<dim3{unsigned(T), unsigned(Hq)}, kAttnThreads, 0, stream_>>>(a);
+    launch(attention_merge_kernel, dim3{unsigned(T), unsigned(Hq)},
+           kAttnThreads, 0, stream_, a);
     check_launch("attention: merge");
   }
 }

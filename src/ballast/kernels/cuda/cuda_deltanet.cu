@@ -90,6 +90,7 @@ struct ConvArgs {
 // KMAX >= kc: taps and history are right-aligned in arrays of KMAX (static indices: registers).
 template <int KMAX>
 __global__ void __launch_bounds__(kConvThreads) conv1d_silu_kernel(const ConvArgs a) {
+  wait_for_prior_kernels();
   const int b = int(blockIdx.x) / a.channel_blocks;
   const int c = (int(blockIdx.x) % a.channel_blocks) * kConvThreads + int(threadIdx.x);
   const int piece = int(blockIdx.y);
@@ -192,6 +193,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // state per thread: rows p = warp + kRecWarps * r.
 template <int RPT>
 __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(const RuleArgs a) {
+  wait_for_prior_kernels();
   const int b = int(blockIdx.x), h = int(blockIdx.y);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int j = int(blockIdx.z) * kSlice + lane;  // this thread's column of dv
@@ -329,6 +331,7 @@ struct ChunkSmem {
 // Chunked form. Block (sequence, value head, column slice); 8 warps.
 // X holds P (lower triangle with the diagonal) and A transposed (strictly upper: X[j][i] = A_ij).
 __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_chunked_kernel(const RuleArgs a) {
+  wait_for_prior_kernels();
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int b = int(blockIdx.x), h = int(blockIdx.y);
@@ -644,8 +647,10 @@ void CudaOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& 
   a.channel_blocks = int(channel_blocks);
   a.T = T;
   const dim3 grid{unsigned(channel_blocks * B), unsigned(pieces)};
-  if (kc <= 4) conv1d_silu_kernel<4><<<grid, kConvThreads, 0, stream_>>>(a);
-  else conv1d_silu_kernel<16><<<grid, kConvThreads, 0, stream_>>>(a);
+  if (kc <= 4)
+    launch(conv1d_silu_kernel<4>, grid, kConvThreads, 0, stream_, a);
+  else
+    launch(conv1d_silu_kernel<16>, grid, kConvThreads, 0, stream_, a);
   check_launch("causal_conv1d_silu");
 }
 
@@ -689,10 +694,16 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
 
   // Single rows and verifying sequences: the recurrence.
   const int rpt = int(cdiv(d.dk, kRecWarps));
-  if (rpt <= 4) delta_rule_recurrent_kernel<4><<<grid, kRecWarps * 32, 0, stream_>>>(a);
-  else if (rpt <= 8) delta_rule_recurrent_kernel<8><<<grid, kRecWarps * 32, 0, stream_>>>(a);
-  else if (rpt <= 16) delta_rule_recurrent_kernel<16><<<grid, kRecWarps * 32, 0, stream_>>>(a);
-  else delta_rule_recurrent_kernel<32><<<grid, kRecWarps * 32, 0, stream_>>>(a);
+  if (rpt <= 4)
+    launch(delta_rule_recurrent_kernel<4>, grid, kRecWarps * 32, 0, stream_, a);
+  else if (rpt <= 8)
+    launch(delta_rule_recurrent_kernel<8>, grid, kRecWarps * 32, 0, stream_, a);
+  else if (rpt <= 16)
+    launch(delta_rule_recurrent_kernel<16>, grid, kRecWarps * 32, 0, stream_,
+           a);
+  else
+    launch(delta_rule_recurrent_kernel<32>, grid, kRecWarps * 32, 0, stream_,
+           a);
   check_launch("gated_delta_rule: recurrent");
 
   // The other sequences of more than one row: the chunked form.
@@ -710,7 +721,7 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
                  "gated_delta_rule: shared memory of the chunked kernel");
       st->chunked_smem = smem;
     }
-    delta_rule_chunked_kernel<<<grid, kChunkThreads, smem, stream_>>>(a);
+    launch(delta_rule_chunked_kernel, grid, kChunkThreads, smem, stream_, a);
     check_launch("gated_delta_rule: chunked");
   }
 }

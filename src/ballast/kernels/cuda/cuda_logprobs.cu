@@ -83,6 +83,7 @@ __global__ void __launch_bounds__(kThreads) token_logprobs_kernel(const float* _
                                                                   float* __restrict__ logprob, int K,
                                                                   int32_t* __restrict__ top_ids,
                                                                   float* __restrict__ top_logprobs) {
+  wait_for_prior_kernels();
   __shared__ Smem sm;
   const int64_t r = blockIdx.x;
   const float* row = logits + r * V;
@@ -126,9 +127,10 @@ void CudaOps::token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& lo
     expect_device("token_logprobs", "top_logprobs", top_logprobs);
   }
   if (R == 0) return;
-  token_logprobs_kernel<<<unsigned(R), kThreads, 0, stream_>>>(f32(logits), int(V), i32(ids), f32_mut(logprob),
-                                                               int(K), K > 0 ? i32_mut(top_ids) : nullptr,
-                                                               K > 0 ? f32_mut(top_logprobs) : nullptr);
+  launch(token_logprobs_kernel, unsigned(R), kThreads, 0, stream_, f32(logits),
+         int(V), i32(ids), f32_mut(logprob), int(K),
+         K > 0 ? i32_mut(top_ids) : nullptr,
+         K > 0 ? f32_mut(top_logprobs) : nullptr);
   check_launch("token_logprobs");
 }
 

@@ -40,6 +40,8 @@ using cuda::cdiv;
 using cuda::check_cuda;
 using cuda::check_launch;
 using cuda::expect_device;
+using cuda::launch;
+using cuda::wait_for_prior_kernels;
 using namespace cuda::rows;
 
 namespace {
@@ -176,6 +178,7 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
 template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT>
 __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
     few_rows_kernel(const float* __restrict__ x, int64_t ldx, int nt_arg, int64_t K, FewRowsTargets tg) {
+  wait_for_prior_kernels();
   constexpr int R = few_rows_per_warp<TM>();
   const int lane = int(threadIdx.x) & 31;
   const int64_t gwarp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
@@ -208,7 +211,8 @@ void launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewR
   for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = warps += cdiv(tg.t[q].N, R);
   const int64_t blocks = cdiv(warps, kFewThreads / 32);
   check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", warps * R);
-  few_rows_kernel<WA, SA, WB, SB, TM, VEC, EXACT><<<unsigned(blocks), kFewThreads, 0, stream>>>(x, ldx, T, K, tg);
+  launch(few_rows_kernel<WA, SA, WB, SB, TM, VEC, EXACT>, unsigned(blocks),
+         kFewThreads, 0, stream, x, ldx, T, K, tg);
 }
 
 // The targets of weight type W (SCALED: block-scaled FP8), or with a second type WB, SB for the
@@ -274,6 +278,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>(), gemm_min_blocks<BM>())
     gemm_kernel(const float* __restrict__ x, int64_t ldx, int T, int64_t K, const W* __restrict__ w,
                 const float* __restrict__ ws, int64_t N, float* __restrict__ out, int64_t ldo, int64_t k_split,
                 int64_t split_stride, bool vec_out) {
+  wait_for_prior_kernels();
   static_assert(!(SCALED && VEC), "block-scaled weights are read element by element");
   constexpr int TMR = gemm_rows_per_thread<BM>();
   constexpr int NT = gemm_threads<BM>();
@@ -429,6 +434,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>(), gemm_min_blocks<BM>())
 // y[m, n] = the sum over z < splits of partial[z][m, n] (partial [splits, T, N]), in order of z.
 __global__ void sum_splits_kernel(const float* __restrict__ partial, int splits, int64_t T, int64_t N,
                                   float* __restrict__ y, int64_t ldy) {
+  wait_for_prior_kernels();
   const int64_t total = T * N, stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += stride) {
     float s = partial[i];
@@ -447,14 +453,14 @@ void launch_gemm_tiles(const float* x, int64_t ldx, int T, int64_t K, const W* w
   const dim3 grid{unsigned(gx), unsigned(gy), unsigned(splits)};
   constexpr int NT = gemm_threads<BM>();
   if (ws)
-    gemm_kernel<W, BM, false, true><<<grid, NT, 0, stream>>>(x, ldx, T, K, w, ws, N, out, ldo, k_split, split_stride,
-                                                             vec_out);
+    launch(gemm_kernel<W, BM, false, true>, grid, NT, 0, stream, x, ldx, T, K,
+           w, ws, N, out, ldo, k_split, split_stride, vec_out);
   else if (vec)
-    gemm_kernel<W, BM, true, false><<<grid, NT, 0, stream>>>(x, ldx, T, K, w, ws, N, out, ldo, k_split, split_stride,
-                                                             vec_out);
+    launch(gemm_kernel<W, BM, true, false>, grid, NT, 0, stream, x, ldx, T, K,
+           w, ws, N, out, ldo, k_split, split_stride, vec_out);
   else
-    gemm_kernel<W, BM, false, false><<<grid, NT, 0, stream>>>(x, ldx, T, K, w, ws, N, out, ldo, k_split, split_stride,
-                                                              vec_out);
+    launch(gemm_kernel<W, BM, false, false>, grid, NT, 0, stream, x, ldx, T, K,
+           w, ws, N, out, ldo, k_split, split_stride, vec_out);
 }
 
 // How a product of many rows is tiled: the tile height that wastes least on few rows (128 only
@@ -497,7 +503,8 @@ void launch_gemm(const float* x, int64_t ldx, int T, int64_t K, const W* w, cons
   }
   if (splits > 1) {
     check_launch("matmul");
-    sum_splits_kernel<<<cuda::blocks_for(int64_t(T) * N, 256), 256, 0, stream>>>(out, splits, T, N, y, ldy);
+    launch(sum_splits_kernel, cuda::blocks_for(int64_t(T) * N, 256), 256, 0,
+           stream, out, splits, T, N, y, ldy);
   }
 }
 
@@ -517,6 +524,7 @@ void matmul_typed(const float* x, int64_t ldx, int64_t T, int64_t K, const void*
 // in one 128-block of k).
 __global__ void dequantize_b128_kernel(const f8e4m3* __restrict__ w, const float* __restrict__ ws, int64_t N,
                                        int64_t K, __nv_bfloat16* __restrict__ out) {
+  wait_for_prior_kernels();
   const int64_t chunks = N * K / 8, ldw = cdiv(K, int64_t(kScaleBlock));
   for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < chunks; c += int64_t(gridDim.x) * blockDim.x) {
     const int64_t n = c * 8 / K, k = c * 8 % K;
@@ -546,6 +554,7 @@ constexpr size_t kLtWorkspace = size_t(32) << 20;
 // xq [Tp, K] e4m3 and xs [K/128, Tp]: one warp per (row, block); rows t >= T are zeros, scale 1.
 __global__ void quantize_rows_b128_kernel(const float* __restrict__ x, int64_t T, int64_t Tp, int64_t K,
                                           __nv_fp8_storage_t* __restrict__ xq, float* __restrict__ xs) {
+  wait_for_prior_kernels();
   const int lane = int(threadIdx.x) & 31;
   const int64_t L = K / kScaleBlock, items = Tp * L;
   for (int64_t it = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; it < items;
@@ -667,7 +676,9 @@ bool lt_fp8_matmul(MatmulState& st, Counters& counters, const float* x, int64_t 
   const LtPlan& p = st.plan(Tp, K, N, ws, xs, counters);
   if (!p.ok) return false;
   const int64_t warps = Tp * (K / kScaleBlock);
-  quantize_rows_b128_kernel<<<unsigned(std::min<int64_t>(cdiv(warps, 8), 65535)), 256, 0, stream>>>(x, T, Tp, K, xq, xs);
+  launch(quantize_rows_b128_kernel,
+         unsigned(std::min<int64_t>(cdiv(warps, 8), 65535)), 256, 0, stream, x,
+         T, Tp, K, xq, xs);
   check_launch("matmul: quantizing x to FP8");
   check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws, sizeof(ws)) ==
                 CUBLAS_STATUS_SUCCESS &&
@@ -692,8 +703,9 @@ void cublas_matmul(cublasHandle_t handle, const float* x, int64_t T, int64_t K, 
   if (wdt == DType::F8_E4M3_B128) {
     __nv_bfloat16* wb = static_cast<__nv_bfloat16*>(xh) + T * K;
     const int64_t chunks = N * K / 8;
-    dequantize_b128_kernel<<<unsigned(std::min<int64_t>(cdiv(chunks, 256), 8192)), 256, 0, stream>>>(
-        static_cast<const f8e4m3*>(w), ws, N, K, wb);
+    launch(dequantize_b128_kernel,
+           unsigned(std::min<int64_t>(cdiv(chunks, 256), 8192)), 256, 0, stream,
+           static_cast<const f8e4m3 *>(w), ws, N, K, wb);
     check_launch("matmul: dequantizing FP8 weights");
     w = wb;
     wdt = DType::BF16;

@@ -58,6 +58,8 @@ using cuda::cdiv;
 using cuda::check_cuda;
 using cuda::check_launch;
 using cuda::expect_device;
+using cuda::launch;
+using cuda::wait_for_prior_kernels;
 namespace cm = cuda::moe;  // fault codes and the balanced dispatch (cuda_moe_support.cuh)
 // Weight elements as floats (cuda_rows_support.cuh).
 using cuda::rows::f8e4m3;
@@ -302,6 +304,7 @@ __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const flo
                                                                      int E, int k, bool normalize,
                                                                      int32_t* __restrict__ ids,
                                                                      float* __restrict__ weights) {
+  wait_for_prior_kernels();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t t = int64_t(blockIdx.x) * kTopkWarps + warp; t < T; t += int64_t(gridDim.x) * kTopkWarps) {
     const float* l = logits + t * E;
@@ -361,6 +364,7 @@ __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const flo
 
 __global__ void dispatch_static_kernel(const int32_t* __restrict__ ids, int64_t N, const int32_t* __restrict__ table,
                                        int64_t E, int32_t* __restrict__ slots, Fault* fault) {
+  wait_for_prior_kernels();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
     const int32_t e = ids[i];
     if (e < 0 || e >= E) {
@@ -376,6 +380,7 @@ __global__ void dispatch_random_kernel(const int32_t* __restrict__ ids, int64_t 
                                        const int32_t* __restrict__ count, int64_t E, int64_t R,
                                        const int64_t* __restrict__ pass_seed, int layer, int rank,
                                        int32_t* __restrict__ slots, Fault* fault) {
+  wait_for_prior_kernels();
   // The seed differs per pass and layer; the hash of (rank, choice) spreads one pass's choices.
   const uint64_t seed = uint64_t(pass_seed[0]) * 1000003u + uint64_t(layer);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
@@ -413,6 +418,7 @@ struct DeviceBlock {
 
 __global__ void __launch_bounds__(kBalancedThreads) dispatch_balanced_kernel(cm::balanced::Args a,
                                                                             cm::balanced::Global g, Fault* f) {
+  wait_for_prior_kernels();
   extern __shared__ __align__(16) unsigned char balanced_smem[];
   cm::balanced::Shared s;
   cm::balanced::shared_layout(balanced_smem, a.E, a.P, a.G, int(blockDim.x), &s);
@@ -428,6 +434,7 @@ constexpr int kHistSharedBins = 12 * 1024;  // 48 KiB of shared counts
 
 __global__ void histogram_kernel(const int32_t* __restrict__ keys, int64_t N, int32_t* __restrict__ counts,
                                  int64_t bins, bool shared, Fault* fault) {
+  wait_for_prior_kernels();
   extern __shared__ int hist_smem[];
   if (shared) {
     for (int64_t b = threadIdx.x; b < bins; b += blockDim.x) hist_smem[b] = 0;
@@ -478,6 +485,7 @@ __device__ int64_t valid_count(const int32_t* valid, int64_t vn, int64_t N, Faul
 __global__ void group_keys_kernel(const int32_t* __restrict__ keys, int64_t N, const int32_t* __restrict__ valid,
                                   int64_t vn, int div, int groups, uint32_t* __restrict__ gkey,
                                   int32_t* __restrict__ index, Fault* fault) {
+  wait_for_prior_kernels();
   const int64_t n = valid_count(valid, vn, N, fault);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
     const int32_t k = keys[i];
@@ -500,6 +508,7 @@ __device__ __forceinline__ int64_t lower_bound_u32(const uint32_t* a, int64_t n,
 
 __global__ void group_offsets_kernel(const uint32_t* __restrict__ sorted, int64_t N, int groups,
                                      int32_t* __restrict__ counts, int32_t* __restrict__ offsets) {
+  wait_for_prior_kernels();
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g <= groups; g += int64_t(gridDim.x) * blockDim.x) {
     const int64_t at = lower_bound_u32(sorted, N, uint32_t(g));
     offsets[g] = int32_t(at);
@@ -509,6 +518,7 @@ __global__ void group_offsets_kernel(const uint32_t* __restrict__ sorted, int64_
 
 __global__ void group_scatter_kernel(const uint32_t* __restrict__ sorted, const int32_t* __restrict__ order,
                                      int64_t N, int groups, int32_t* __restrict__ perm, int32_t* __restrict__ inverse) {
+  wait_for_prior_kernels();
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < N; j += int64_t(gridDim.x) * blockDim.x) {
     const bool in = sorted[j] < uint32_t(groups);
     const int32_t i = order[j];  // a permutation of [0, N)
@@ -528,6 +538,7 @@ __global__ void __launch_bounds__(kGroupSmallThreads)
     group_small_kernel(const int32_t* __restrict__ keys, int N, const int32_t* __restrict__ valid, int64_t vn,
                        int div, int groups, int32_t* __restrict__ perm, int32_t* __restrict__ counts,
                        int32_t* __restrict__ offsets, int32_t* __restrict__ inverse, Fault* fault) {
+  wait_for_prior_kernels();
   using Scan = cub::BlockScan<int, kGroupSmallThreads>;
   __shared__ typename Scan::TempStorage scan;
   __shared__ int bin_s[kGroupSmallBins];
@@ -573,6 +584,7 @@ __global__ void __launch_bounds__(kGroupSmallThreads)
 // N = 0: empty groups (and `valid` must sum to 0).
 __global__ void group_empty_kernel(const int32_t* __restrict__ valid, int64_t vn, int groups,
                                    int32_t* __restrict__ counts, int32_t* __restrict__ offsets, Fault* fault) {
+  wait_for_prior_kernels();
   valid_count(valid, vn, 0, fault);
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g <= groups; g += int64_t(gridDim.x) * blockDim.x) {
     offsets[g] = 0;
@@ -667,6 +679,7 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
                                                                   const float* __restrict__ x,
                                                                   __nv_bfloat16* __restrict__ xb, int64_t nround,
                                                                   Fault* fault) {
+  wait_for_prior_kernels();
   // Few x rows for the tensor-core tiles are rounded to bf16 here rather than in a launch of their own.
   for (int64_t i = threadIdx.x; i < nround; i += blockDim.x) xb[i] = __float2bfloat16_rn(x[i]);
   using Scan = cub::BlockScan<int2, kTileThreads>;
@@ -851,6 +864,7 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
 
 template <bool GU, bool VEC, int MAXR>
 __global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArgs a) {
+  wait_for_prior_kernels();
   constexpr int FB = (kSmallThreads / 32) * small_fpw<GU, MAXR>();
   __shared__ int64_t src[kSmallRows], dst[kSmallRows];
   const int64_t items = int64_t(*a.ntiles) * a.fblocks;
@@ -964,6 +978,7 @@ __device__ __forceinline__ void gemm_tile(const ExpertsArgs& a, const ExpertEntr
 
 template <bool GU>
 __global__ void __launch_bounds__(kExpertThreads) experts_gemm_kernel(ExpertsArgs a) {
+  wait_for_prior_kernels();
   constexpr int NM = GU ? 2 : 1;
   __shared__ __align__(16) float As[kTileK][kTileRows + 4];
   __shared__ __align__(16) float Bs[NM][kTileK][kTileCols + 4];
@@ -1156,6 +1171,7 @@ __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntr
 
 template <bool GU, bool F8>
 __global__ void __launch_bounds__(kExpertThreads) experts_wmma_kernel(ExpertsArgs a) {
+  wait_for_prior_kernels();
   __shared__ __align__(128) unsigned char smem[wmma_smem_bytes<GU>()];
   __shared__ int64_t src[kTileRows], dst[kTileRows];
   const int64_t items = int64_t(*a.ntiles) * a.fblocks;
@@ -1182,6 +1198,7 @@ template <bool V4>
 __global__ void combine_kernel(const float* __restrict__ y, int64_t M, const int32_t* __restrict__ rows,
                                const float* __restrict__ w, int64_t T, int64_t k, int64_t H, float* __restrict__ out,
                                Fault* fault) {
+  wait_for_prior_kernels();
   using V = std::conditional_t<V4, float4, float>;
   constexpr int G = 4;
   const int64_t Hv = V4 ? H / 4 : H, total = T * Hv;
@@ -1240,14 +1257,19 @@ void CudaOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& 
   expect_device("topk_softmax", "weights", weights);
   if (T == 0) return;
   const unsigned grid = unsigned(blocks_for(T, kTopkWarps));
-  auto launch = [&](auto per) {
-    topk_softmax_kernel<decltype(per)::value><<<grid, kTopkWarps * 32, 0, stream_>>>(
-        cuda::f32(logits), T, int(E), k, normalize, cuda::i32_mut(ids), cuda::f32_mut(weights));
+  auto launch_for = [&](auto per) {
+    launch(topk_softmax_kernel<decltype(per)::value>, grid, kTopkWarps * 32, 0,
+           stream_, cuda::f32(logits), T, int(E), k, normalize,
+           cuda::i32_mut(ids), cuda::f32_mut(weights));
   };
-  if (E <= 128) launch(std::integral_constant<int, 4>{});
-  else if (E <= 256) launch(std::integral_constant<int, 8>{});
-  else if (E <= 512) launch(std::integral_constant<int, 16>{});
-  else launch(std::integral_constant<int, 32>{});
+  if (E <= 128)
+    launch_for(std::integral_constant<int, 4>{});
+  else if (E <= 256)
+    launch_for(std::integral_constant<int, 8>{});
+  else if (E <= 512)
+    launch_for(std::integral_constant<int, 16>{});
+  else
+    launch_for(std::integral_constant<int, 32>{});
   check_launch("topk_softmax");
   st.after(stream_);
 }
@@ -1264,8 +1286,9 @@ void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Te
     case eplb::Dispatch::static_: {
       expect_device("dispatch", "static_slot", tables.static_slot);
       if (N == 0) return;
-      dispatch_static_kernel<<<blocks_for(N, 256), 256, 0, stream_>>>(
-          cuda::i32(ids), N, cuda::i32(tables.static_slot), E, cuda::i32_mut(slots), st.fault);
+      launch(dispatch_static_kernel, blocks_for(N, 256), 256, 0, stream_,
+             cuda::i32(ids), N, cuda::i32(tables.static_slot), E,
+             cuda::i32_mut(slots), st.fault);
       check_launch("dispatch");
       break;
     }
@@ -1275,10 +1298,11 @@ void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Te
       expect_device("dispatch", "pass_seed", tables.pass_seed);
       const int64_t R = shape.R;
       if (N == 0) return;
-      dispatch_random_kernel<<<blocks_for(N, 256), 256, 0, stream_>>>(
-          cuda::i32(ids), N, cuda::i32(tables.replicas), cuda::i32(tables.replica_count), E, R,
-          static_cast<const int64_t*>(tables.pass_seed.raw()), tables.layer, tables.rank, cuda::i32_mut(slots),
-          st.fault);
+      launch(dispatch_random_kernel, blocks_for(N, 256), 256, 0, stream_,
+             cuda::i32(ids), N, cuda::i32(tables.replicas),
+             cuda::i32(tables.replica_count), E, R,
+             static_cast<const int64_t *>(tables.pass_seed.raw()), tables.layer,
+             tables.rank, cuda::i32_mut(slots), st.fault);
       check_launch("dispatch");
       break;
     }
@@ -1298,7 +1322,8 @@ void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Te
       st.allow_smem(reinterpret_cast<const void*>(&dispatch_balanced_kernel), smem, st.balanced_smem, "dispatch");
       cm::balanced::Args a{cuda::i32(tables.phy2log), cuda::i32(counts_by_rank), cuda::i32(ids),
                               cuda::i32_mut(slots), N, Ei, Pi, G, tables.slots_per_rank, tables.rank};
-      dispatch_balanced_kernel<<<1, kBalancedThreads, smem, stream_>>>(a, g, st.fault);
+      launch(dispatch_balanced_kernel, 1, kBalancedThreads, smem, stream_, a, g,
+             st.fault);
       check_launch("dispatch");
       break;
     }
@@ -1318,8 +1343,9 @@ void CudaOps::histogram(const Tensor& keys, Tensor& counts) {
   const bool shared = bins <= kHistSharedBins;
   const int64_t per_block = shared ? std::max<int64_t>(4096, bins) : 4096;
   const unsigned grid = unsigned(std::min<int64_t>(cdiv(N, per_block), int64_t(st.sms) * 4));
-  histogram_kernel<<<grid, 256, shared ? size_t(bins) * sizeof(int) : 0, stream_>>>(
-      cuda::i32(keys), N, cuda::i32_mut(counts), bins, shared, st.fault);
+  launch(histogram_kernel, grid, 256, shared ? size_t(bins) * sizeof(int) : 0,
+         stream_, cuda::i32(keys), N, cuda::i32_mut(counts), bins, shared,
+         st.fault);
   check_launch("histogram");
   st.after(stream_);
 }
@@ -1340,16 +1366,18 @@ void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int gro
   const int32_t* vp = valid.defined() ? cuda::i32(valid) : nullptr;
   const int64_t vn = valid.defined() ? valid.numel() : 0;
   if (N == 0) {
-    group_empty_kernel<<<blocks_for(int64_t(groups) + 1, 256), 256, 0, stream_>>>(
-        vp, vn, groups, cuda::i32_mut(counts), cuda::i32_mut(offsets), st.fault);
+    launch(group_empty_kernel, blocks_for(int64_t(groups) + 1, 256), 256, 0,
+           stream_, vp, vn, groups, cuda::i32_mut(counts),
+           cuda::i32_mut(offsets), st.fault);
     check_launch("group_by");
     st.after(stream_);
     return;
   }
   if (N <= kGroupSmallKeys && groups < kGroupSmallBins) {
-    group_small_kernel<<<1, kGroupSmallThreads, 0, stream_>>>(
-        cuda::i32(keys), int(N), vp, vn, div, groups, cuda::i32_mut(perm), cuda::i32_mut(counts),
-        cuda::i32_mut(offsets), inverse.defined() ? cuda::i32_mut(inverse) : nullptr, st.fault);
+    launch(group_small_kernel, 1, kGroupSmallThreads, 0, stream_,
+           cuda::i32(keys), int(N), vp, vn, div, groups, cuda::i32_mut(perm),
+           cuda::i32_mut(counts), cuda::i32_mut(offsets),
+           inverse.defined() ? cuda::i32_mut(inverse) : nullptr, st.fault);
     check_launch("group_by");
     st.after(stream_);
     return;
@@ -1375,16 +1403,19 @@ void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int gro
   int32_t* vout = carve.take<int32_t>(size_t(N));
   char* tmp = carve.take<char>(temp);
   const unsigned grid = unsigned(std::min<int64_t>(blocks_for(N, 256), int64_t(st.sms) * 8));
-  group_keys_kernel<<<grid, 256, 0, stream_>>>(cuda::i32(keys), N, vp, vn, div, groups, kin, vin, st.fault);
+  launch(group_keys_kernel, grid, 256, 0, stream_, cuda::i32(keys), N, vp, vn,
+         div, groups, kin, vin, st.fault);
   check_launch("group_by");
   check_cuda(cub::DeviceRadixSort::SortPairs(tmp, temp, kin, kout, vin, vout, int(N), 0, end_bit, stream_),
              "group_by: radix sort");
   check_launch("group_by");
-  group_offsets_kernel<<<blocks_for(int64_t(groups) + 1, 256), 256, 0, stream_>>>(
-      kout, N, groups, cuda::i32_mut(counts), cuda::i32_mut(offsets));
+  launch(group_offsets_kernel, blocks_for(int64_t(groups) + 1, 256), 256, 0,
+         stream_, kout, N, groups, cuda::i32_mut(counts),
+         cuda::i32_mut(offsets));
   check_launch("group_by");
-  group_scatter_kernel<<<grid, 256, 0, stream_>>>(kout, vout, N, groups, cuda::i32_mut(perm),
-                                                  inverse.defined() ? cuda::i32_mut(inverse) : nullptr);
+  launch(group_scatter_kernel, grid, 256, 0, stream_, kout, vout, N, groups,
+         cuda::i32_mut(perm),
+         inverse.defined() ? cuda::i32_mut(inverse) : nullptr);
   check_launch("group_by");
   st.after(stream_);
 }
@@ -1475,10 +1506,10 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   constexpr int64_t kRoundInTiles = 65536;  // elements of x the tile pass rounds itself
   const bool round = tensor_cores && large_tiles;
   if (round && M * H > kRoundInTiles) round_to_16bit(cuda::f32(x), xb, M * H, stream_);
-  expert_tiles_kernel<<<1, kTileThreads, 0, stream_>>>(cuda::i32(offsets), groups,
-                                                      large_tiles ? small_max : int(Np), small_rows, Np, table, small,
-                                                      cap_small, large, cap_large, ntiles, cuda::f32(x), xb,
-                                                      round && M * H <= kRoundInTiles ? M * H : 0, st.fault);
+  launch(expert_tiles_kernel, 1, kTileThreads, 0, stream_, cuda::i32(offsets),
+         groups, large_tiles ? small_max : int(Np), small_rows, Np, table,
+         small, cap_small, large, cap_large, ntiles, cuda::f32(x), xb,
+         round && M * H <= kRoundInTiles ? M * H : 0, st.fault);
   check_launch("moe_experts");
 
   ExpertsArgs a{cuda::f32(x), M, H, cuda::i32(perm), Np, row_div, cuda::f32_mut(y), Ny, table, h, ldh,
@@ -1493,9 +1524,11 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.fblocks = int(cdiv(nout, (kSmallThreads / 32) * small_fpw<GU, MAXR>()));
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_small * s.fblocks, resident_small)));
     if (vec)
-      experts_small_kernel<GU, true, MAXR><<<grid, kSmallThreads, 0, stream_>>>(s);
+      launch(experts_small_kernel<GU, true, MAXR>, grid, kSmallThreads, 0,
+             stream_, s);
     else
-      experts_small_kernel<GU, false, MAXR><<<grid, kSmallThreads, 0, stream_>>>(s);
+      launch(experts_small_kernel<GU, false, MAXR>, grid, kSmallThreads, 0,
+             stream_, s);
     check_launch("moe_experts");
   };
   auto launch_small = [&](auto gu_tag, int64_t nout) {
@@ -1514,11 +1547,13 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.fblocks = int(cdiv(nout, kTileCols));
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident_gemm)));
     if (tensor_cores && f8)
-      experts_wmma_kernel<GU, true><<<grid, kExpertThreads, 0, stream_>>>(s);
+      launch(experts_wmma_kernel<GU, true>, grid, kExpertThreads, 0, stream_,
+             s);
     else if (tensor_cores)
-      experts_wmma_kernel<GU, false><<<grid, kExpertThreads, 0, stream_>>>(s);
+      launch(experts_wmma_kernel<GU, false>, grid, kExpertThreads, 0, stream_,
+             s);
     else
-      experts_gemm_kernel<GU><<<grid, kExpertThreads, 0, stream_>>>(s);
+      launch(experts_gemm_kernel<GU>, grid, kExpertThreads, 0, stream_, s);
     check_launch("moe_experts");
   };
   // gate and up into h (every listed row), then down from h into y.
@@ -1547,11 +1582,11 @@ void CudaOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& wei
   const int64_t n = T * (v4 ? H / 4 : H);
   const unsigned grid = unsigned(std::min<int64_t>(blocks_for(n, 256), int64_t(st.sms) * 16));
   if (v4)
-    combine_kernel<true><<<grid, 256, 0, stream_>>>(cuda::f32(y), M, r, cuda::f32(weights), T, k, H,
-                                                    cuda::f32_mut(out), st.fault);
+    launch(combine_kernel<true>, grid, 256, 0, stream_, cuda::f32(y), M, r,
+           cuda::f32(weights), T, k, H, cuda::f32_mut(out), st.fault);
   else
-    combine_kernel<false><<<grid, 256, 0, stream_>>>(cuda::f32(y), M, r, cuda::f32(weights), T, k, H,
-                                                     cuda::f32_mut(out), st.fault);
+    launch(combine_kernel<false>, grid, 256, 0, stream_, cuda::f32(y), M, r,
+           cuda::f32(weights), T, k, H, cuda::f32_mut(out), st.fault);
   check_launch("moe_combine");
   st.after(stream_);
 }

@@ -24,7 +24,9 @@ using cuda::cdiv;
 using cuda::check_cuda;
 using cuda::check_launch;
 using cuda::expect_device;
+using cuda::launch;
 using cuda::sigmoidf_;
+using cuda::wait_for_prior_kernels;
 using namespace cuda::rows;
 
 namespace {
@@ -71,6 +73,7 @@ bool overlap(const Tensor& a, const Tensor& b) {
 // thread). VEC: every pointer 16-byte aligned, the first n / 4 * 4 elements as float4.
 template <typename F, bool VEC>
 __global__ void binary_kernel(const float* a, const float* b, float* out, int64_t n, F f) {
+  wait_for_prior_kernels();
   const int64_t stride = grid_threads();
   int64_t done = 0;
   if constexpr (VEC) {
@@ -100,14 +103,19 @@ void launch_binary(const float* a, const float* b, float* out, int64_t n, F f, c
   if (n <= 0) return;
   const bool vec = aligned(a, 16) && aligned(b, 16) && aligned(out, 16);
   const unsigned blocks = blocks_for(vec ? std::max<int64_t>(n / 4, 1) : n, kThreads);
-  if (vec) binary_kernel<F, true><<<blocks, kThreads, 0, stream>>>(a, b, out, n, f);
-  else binary_kernel<F, false><<<blocks, kThreads, 0, stream>>>(a, b, out, n, f);
+  if (vec)
+    launch(binary_kernel<F, true>, blocks, kThreads, 0, stream, a, b, out, n,
+           f);
+  else
+    launch(binary_kernel<F, false>, blocks, kThreads, 0, stream, a, b, out, n,
+           f);
   check_launch(op);
 }
 
 // y[i] *= sigmoid(s[i / D]) for i < T * D.
 template <typename T>
 __global__ void fill_uniform_kernel(T* t, int64_t n, uint64_t seed, float scale) {
+  wait_for_prior_kernels();
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
     const float v = uniform_weight(seed, uint64_t(i), scale);
     if constexpr (std::is_same_v<T, float>) t[i] = v;
@@ -118,12 +126,14 @@ __global__ void fill_uniform_kernel(T* t, int64_t n, uint64_t seed, float scale)
 }
 
 __global__ void scale_rows_sigmoid_kernel(float* y, const float* s, int64_t n, int64_t D) {
+  wait_for_prior_kernels();
   for (int64_t i = global_thread(); i < n; i += grid_threads()) y[i] *= sigmoidf_(s[i / D]);
 }
 
 // out[t, :A] = a[t], out[t, A:] = b[t].
 __global__ void concat_cols_kernel(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
                                    int64_t T, int64_t A, int64_t B) {
+  wait_for_prior_kernels();
   const int64_t W = A + B, n = T * W;
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
     const int64_t t = i / W, c = i % W;
@@ -134,6 +144,7 @@ __global__ void concat_cols_kernel(const float* __restrict__ a, const float* __r
 // qg [rows, 2 hd] -> q [rows, hd] (the first hd of each row), gate [rows, hd] (the second).
 __global__ void split_heads_gate_kernel(const float* __restrict__ qg, float* __restrict__ q, float* __restrict__ gate,
                                         int64_t rows, int64_t hd) {
+  wait_for_prior_kernels();
   const int64_t n = rows * 2 * hd;
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
     const int64_t r = i / (2 * hd), c = i % (2 * hd);
@@ -147,6 +158,7 @@ __global__ void split_heads_gate_kernel(const float* __restrict__ qg, float* __r
 // outputs may alias the inputs.
 __global__ void delta_gates_kernel(const float* b, const float* a, const void* A_log, DType al_dt, const void* dt_bias,
                                    DType dt_dt, float* beta, float* g, int64_t n, int64_t Hv) {
+  wait_for_prior_kernels();
   for (int64_t i = global_thread(); i < n; i += grid_threads()) {
     const int64_t h = i % Hv;
     const float bv = b[i], av = a[i];  // both read before either output is written
@@ -162,6 +174,7 @@ __global__ void delta_gates_kernel(const float* b, const float* a, const void* A
 // out[t, :] = table[ids[t], :] as fp32; zeros for an id outside [0, V). A block per row.
 __global__ void embedding_kernel(const int32_t* __restrict__ ids, const void* table, DType dt, int64_t V, int64_t H,
                                  float* __restrict__ out, int64_t T) {
+  wait_for_prior_kernels();
   for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
     const int64_t id = ids[t];
     const bool ok = id >= 0 && id < V;
@@ -174,6 +187,7 @@ __global__ void embedding_kernel(const int32_t* __restrict__ ids, const void* ta
 template <typename U>
 __global__ void gather_rows_kernel(const U* __restrict__ x, const int32_t* __restrict__ rows, int row_div, int64_t M,
                                    U* __restrict__ out, int64_t N, int64_t units) {
+  wait_for_prior_kernels();
   for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
     const int32_t r = rows[i];
     const int64_t src = r >= 0 && r / row_div < M ? r / row_div : -1;
@@ -191,6 +205,7 @@ __global__ void gather_rows_kernel(const U* __restrict__ x, const int32_t* __res
 template <typename U>
 __global__ void scatter_rows_kernel(const U* __restrict__ x, const int32_t* __restrict__ rows, int64_t M,
                                     U* __restrict__ out, int64_t N, int64_t units) {
+  wait_for_prior_kernels();
   for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
     const int64_t r = rows[i];
     if (r < 0 || r >= M) continue;  // block-uniform
@@ -210,11 +225,13 @@ void launch_row_copy(const void* x, const int32_t* rows, int row_div, int64_t M,
     const int threads = int(std::min<int64_t>(kThreads, cdiv(units, 32) * 32));
     const unsigned blocks = unsigned(std::min<int64_t>(N, 2147483647));
     if constexpr (GATHER)
-      gather_rows_kernel<U>
-          <<<blocks, threads, 0, stream>>>(static_cast<const U*>(x), rows, row_div, M, static_cast<U*>(out), N, units);
+      launch(gather_rows_kernel<U>, blocks, threads, 0, stream,
+             static_cast<const U *>(x), rows, row_div, M, static_cast<U *>(out),
+             N, units);
     else
-      scatter_rows_kernel<U>
-          <<<blocks, threads, 0, stream>>>(static_cast<const U*>(x), rows, M, static_cast<U*>(out), N, units);
+      launch(scatter_rows_kernel<U>, blocks, threads, 0, stream,
+             static_cast<const U *>(x), rows, M, static_cast<U *>(out), N,
+             units);
   };
   auto fits = [&](size_t b) { return row % b == 0 && aligned(x, b) && aligned(out, b); };
   if (fits(16)) go(uint4{});
@@ -235,6 +252,7 @@ enum class Norm { zero_centred, added, gated };
 template <Norm MODE, bool BLOCK, int PER>
 __global__ void __launch_bounds__(kThreads)
     norm_kernel(const float* x, const float* z, const void* w, DType wdt, float eps, float* y, int64_t R, int64_t D) {
+  wait_for_prior_kernels();
   __shared__ double partial[kWarps];
   const int64_t first = BLOCK ? blockIdx.x : int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int64_t step = BLOCK ? gridDim.x : int64_t(gridDim.x) * kWarps;
@@ -297,7 +315,8 @@ void launch_norm_rows(const float* x, const float* z, const Tensor& w, float eps
   const int width = BLOCK ? kThreads : 32;
   const unsigned grid = BLOCK ? blocks_for(R, 1) : blocks_for(R, kWarps);
   auto go = [&](auto per) {
-    norm_kernel<MODE, BLOCK, decltype(per)::value><<<grid, kThreads, 0, stream>>>(x, z, w.raw(), w.dtype(), eps, y, R, D);
+    launch(norm_kernel<MODE, BLOCK, decltype(per)::value>, grid, kThreads, 0,
+           stream, x, z, w.raw(), w.dtype(), eps, y, R, D);
   };
   if (D <= 4 * width) go(std::integral_constant<int, 4>{});
   else if (D <= 8 * width) go(std::integral_constant<int, 8>{});
@@ -326,6 +345,7 @@ struct InvFreq {
 template <int CAP>
 __global__ void rope_kernel(float* x, const int32_t* __restrict__ pos, int64_t T, int64_t heads, int64_t hd, int half,
                             InvFreq<CAP> freq) {
+  wait_for_prior_kernels();
   const int64_t n = T * half;
   for (int64_t idx = global_thread(); idx < n; idx += grid_threads()) {
     const int64_t t = idx / half;
@@ -349,7 +369,8 @@ void launch_rope(float* x, const int32_t* pos, int64_t T, int64_t heads, int64_t
   const int half = rot / 2;
   InvFreq<CAP> f{};
   for (int i = 0; i < half; ++i) f.v[i] = float(1.0 / std::pow(theta, double(2 * i) / rot));
-  rope_kernel<CAP><<<blocks_for(T * half, kThreads), kThreads, 0, stream>>>(x, pos, T, heads, hd, half, f);
+  launch(rope_kernel<CAP>, blocks_for(T * half, kThreads), kThreads, 0, stream,
+         x, pos, T, heads, hd, half, f);
   check_launch("rope");
 }
 
@@ -367,8 +388,9 @@ void CudaOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
   expect_device("embedding", "out", out);
   if (T == 0 || H == 0) return;
   const int threads = int(std::min<int64_t>(kThreads, cdiv(H, 32) * 32));
-  embedding_kernel<<<blocks_for(T, 1), threads, 0, stream_>>>(cuda::i32(ids), table.raw(), table.dtype(), V, H,
-                                                              cuda::f32_mut(out), T);
+  launch(embedding_kernel, blocks_for(T, 1), threads, 0, stream_,
+         cuda::i32(ids), table.raw(), table.dtype(), V, H, cuda::f32_mut(out),
+         T);
   check_launch("embedding");
 }
 
@@ -424,13 +446,17 @@ void CudaOps::fill_uniform(Tensor& t, uint64_t seed, float scale) {
   const int64_t n = t.numel();
   const unsigned blocks = blocks_for(n, kThreads);
   if (t.dtype() == DType::F32)
-    fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<float*>(t.raw()), n, seed, scale);
+    launch(fill_uniform_kernel<float>, blocks, kThreads, 0, stream_,
+           static_cast<float *>(t.raw()), n, seed, scale);
   else if (t.dtype() == DType::BF16)
-    fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<__nv_bfloat16*>(t.raw()), n, seed, scale);
+    launch(fill_uniform_kernel<__nv_bfloat16>, blocks, kThreads, 0, stream_,
+           static_cast<__nv_bfloat16 *>(t.raw()), n, seed, scale);
   else if (t.dtype() == DType::F8_E4M3)
-    fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<f8e4m3*>(t.raw()), n, seed, scale);
+    launch(fill_uniform_kernel<f8e4m3>, blocks, kThreads, 0, stream_,
+           static_cast<f8e4m3 *>(t.raw()), n, seed, scale);
   else
-    fill_uniform_kernel<<<blocks, kThreads, 0, stream_>>>(static_cast<__half*>(t.raw()), n, seed, scale);
+    launch(fill_uniform_kernel<__half>, blocks, kThreads, 0, stream_,
+           static_cast<__half *>(t.raw()), n, seed, scale);
   check_launch("fill_uniform");
 }
 
@@ -441,8 +467,8 @@ void CudaOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
   expect_device("concat_cols", "b", b);
   expect_device("concat_cols", "out", out);
   if (T == 0 || A + B == 0) return;
-  concat_cols_kernel<<<blocks_for(T * (A + B), kThreads), kThreads, 0, stream_>>>(cuda::f32(a), cuda::f32(b),
-                                                                                  cuda::f32_mut(out), T, A, B);
+  launch(concat_cols_kernel, blocks_for(T * (A + B), kThreads), kThreads, 0,
+         stream_, cuda::f32(a), cuda::f32(b), cuda::f32_mut(out), T, A, B);
   check_launch("concat_cols");
 }
 
@@ -469,8 +495,8 @@ void CudaOps::scale_rows_sigmoid(Tensor& y, const Tensor& s) {
   expect_device("scale_rows_sigmoid", "s", s);
   expect_device("scale_rows_sigmoid", "y", y);
   if (T == 0 || D == 0) return;
-  scale_rows_sigmoid_kernel<<<blocks_for(T * D, kThreads), kThreads, 0, stream_>>>(cuda::f32_mut(y), cuda::f32(s),
-                                                                                   T * D, D);
+  launch(scale_rows_sigmoid_kernel, blocks_for(T * D, kThreads), kThreads, 0,
+         stream_, cuda::f32_mut(y), cuda::f32(s), T * D, D);
   check_launch("scale_rows_sigmoid");
 }
 
@@ -507,8 +533,9 @@ void CudaOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
   expect_device("split_heads_gate", "q", q);
   expect_device("split_heads_gate", "gate", gate);
   if (rows == 0) return;
-  split_heads_gate_kernel<<<blocks_for(rows * 2 * hd, kThreads), kThreads, 0, stream_>>>(
-      cuda::f32(qg), cuda::f32_mut(q), cuda::f32_mut(gate), rows, hd);
+  launch(split_heads_gate_kernel, blocks_for(rows * 2 * hd, kThreads), kThreads,
+         0, stream_, cuda::f32(qg), cuda::f32_mut(q), cuda::f32_mut(gate), rows,
+         hd);
   check_launch("split_heads_gate");
 }
 
@@ -534,9 +561,9 @@ void CudaOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log,
   expect_device("delta_gates", "A_log", A_log);
   expect_device("delta_gates", "dt_bias", dt_bias);
   if (T * Hv == 0) return;
-  delta_gates_kernel<<<blocks_for(T * Hv, kThreads), kThreads, 0, stream_>>>(
-      cuda::f32(b), cuda::f32(a), A_log.raw(), A_log.dtype(), dt_bias.raw(), dt_bias.dtype(), cuda::f32_mut(beta),
-      cuda::f32_mut(g), T * Hv, Hv);
+  launch(delta_gates_kernel, blocks_for(T * Hv, kThreads), kThreads, 0, stream_,
+         cuda::f32(b), cuda::f32(a), A_log.raw(), A_log.dtype(), dt_bias.raw(),
+         dt_bias.dtype(), cuda::f32_mut(beta), cuda::f32_mut(g), T * Hv, Hv);
   check_launch("delta_gates");
 }
 

@@ -12,6 +12,7 @@
 #include <type_traits>
 
 #include "ballast/core/tensor.h"
+#include "ballast/kernels/cuda/cuda_support.cuh"
 
 namespace ballast::kernels::cuda::rows {
 
@@ -122,6 +123,7 @@ int multiprocessors();
 // x [n] fp32 -> 16-bit (round to nearest even), 4 at a time where aligned.
 template <typename H>
 __global__ void round_to_16bit_kernel(const float* __restrict__ x, H* __restrict__ out, int64_t n) {
+  wait_for_prior_kernels();
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t n4 = n / 4;
@@ -145,7 +147,8 @@ __global__ void round_to_16bit_kernel(const float* __restrict__ x, H* __restrict
 template <typename H>
 void round_to_16bit(const float* x, H* out, int64_t n, cudaStream_t stream) {
   const int64_t blocks = (n / 4 + 256) / 256;
-  round_to_16bit_kernel<<<unsigned(blocks < 4096 ? blocks : 4096), 256, 0, stream>>>(x, out, n);
+  launch(round_to_16bit_kernel<H>, unsigned(blocks < 4096 ? blocks : 4096), 256,
+         0, stream, x, out, n);
 }
 
 }  // namespace ballast::kernels::cuda::rows

@@ -363,6 +363,7 @@ __device__ void make_dist(const float* __restrict__ row, int V, const RowSamplin
 __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int V, RowArgs rows,
                                                           Draw stream, int32_t* __restrict__ ids,
                                                           float* __restrict__ probs) {
+  wait_for_prior_kernels();
   __shared__ Smem sm;
   const int64_t r = blockIdx.x;
   const float* row = logits + r * V;
@@ -390,6 +391,7 @@ __global__ void __launch_bounds__(kThreads) verify_rows_kernel(const float* __re
                                                                const float* __restrict__ draft_probs, RowArgs rows,
                                                                int32_t* __restrict__ token,
                                                                int32_t* __restrict__ accepted) {
+  wait_for_prior_kernels();
   __shared__ Smem sm;
   const int64_t r = blockIdx.x;
   const int64_t b = r / (S + 1);
@@ -458,6 +460,7 @@ __global__ void __launch_bounds__(kThreads) verify_rows_kernel(const float* __re
 __global__ void verify_finish_kernel(int B, int S, const int32_t* __restrict__ drafts,
                                      const int32_t* __restrict__ token, const int32_t* __restrict__ accepted,
                                      int32_t* __restrict__ out) {
+  wait_for_prior_kernels();
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
   const int32_t* acc = accepted + b * (S + 1);
@@ -493,8 +496,9 @@ void CudaOps::sample(const Tensor& logits, const SamplingRows& rows, Draw stream
   if (probs.defined()) expect_device("sample", "probs", probs);
   const RowArgs args = row_args("sample", rows);
   if (R == 0) return;
-  sample_kernel<<<unsigned(R), kThreads, 0, stream_>>>(f32(logits), int(V), args, stream, i32_mut(ids),
-                                                       probs.defined() ? f32_mut(probs) : nullptr);
+  launch(sample_kernel, unsigned(R), kThreads, 0, stream_, f32(logits), int(V),
+         args, stream, i32_mut(ids),
+         probs.defined() ? f32_mut(probs) : nullptr);
   check_launch("sample");
 }
 
@@ -514,12 +518,13 @@ void CudaOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Te
   if (B == 0) return;
   int32_t* token = static_cast<int32_t*>(scratch_.bytes(size_t(2 * R) * sizeof(int32_t)));
   int32_t* accepted = token + R;
-  verify_rows_kernel<<<unsigned(R), kThreads, 0, stream_>>>(
-      f32(logits), int(V), int(S), S > 0 ? i32(drafts) : nullptr, draft_probs.defined() ? f32(draft_probs) : nullptr, args,
-      token, accepted);
+  launch(verify_rows_kernel, unsigned(R), kThreads, 0, stream_, f32(logits),
+         int(V), int(S), S > 0 ? i32(drafts) : nullptr,
+         draft_probs.defined() ? f32(draft_probs) : nullptr, args, token,
+         accepted);
   check_launch("verify_drafts: rows");
-  verify_finish_kernel<<<blocks_for(B, 128), 128, 0, stream_>>>(int(B), int(S), S > 0 ? i32(drafts) : nullptr, token,
-                                                                accepted, i32_mut(out));
+  launch(verify_finish_kernel, blocks_for(B, 128), 128, 0, stream_, int(B),
+         int(S), S > 0 ? i32(drafts) : nullptr, token, accepted, i32_mut(out));
   check_launch("verify_drafts");
 }
 

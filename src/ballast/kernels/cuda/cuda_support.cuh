@@ -8,6 +8,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <utility>
 
 #include "ballast/core/error.h"
 #include "ballast/core/tensor.h"
@@ -38,6 +40,48 @@ __device__ __forceinline__ float load_as_float(const void* p, DType dt, int64_t 
       return __half2float(__half(__nv_cvt_fp8_to_halfraw(static_cast<const __nv_fp8_storage_t*>(p)[i], __NV_E4M3)));
     default: return static_cast<const float*>(p)[i];
   }
+}
+
+// Programmatic dependent launch (Hopper): every kernel is launched with `launch`, which lets it
+// start while the kernel before it on the stream is still running, and every kernel begins with
+// `wait_for_prior_kernels()`, which holds it until that kernel has finished and its writes are
+// visible, then lets the next one start. What this overlaps is a launch's latency and a grid's
+// ramp with the tail of the one before: decode steps are chains of small dependent kernels
+// (docs/perf.md). Both are no-ops where there is nothing to overlap (no kernel before, or a
+// device older than sm_90).
+__device__ __forceinline__ void wait_for_prior_kernels() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+// Whether launches may overlap: yes unless the environment sets BALLAST_CUDA_PDL=0, a switch for
+// measuring what the overlap gives and for ruling it out when a result looks wrong (read once,
+// like CUDA's own CUDA_LAUNCH_BLOCKING).
+inline bool overlap_launches() {
+  static const bool on = [] {
+    const char* v = std::getenv("BALLAST_CUDA_PDL");
+    return !(v && v[0] == '0' && v[1] == 0);
+  }();
+  return on;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the kernel before it on the
+// stream (see wait_for_prior_kernels). The launch's error is left for check_launch.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  cudaLaunchAttribute overlap[1];
+  overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  overlap[0].val.programmaticStreamSerializationAllowed = 1;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = overlap;
+  config.numAttrs = overlap_launches() ? 1 : 0;
+  cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...);
 }
 
 // Accurate (not __expf) exponentials throughout: results are held to the CPU reference.
