@@ -206,12 +206,17 @@ TEST(DecodeGraphs, SpeculativePassesReplayGraphsToo) {
   for (int S : {1, 3}) {
     const auto want = runtime::generate_speculative(*eager, prompts, 24, {.num_steps = S}).outputs;
     const kernels::Counters before = graphs->backend().counters();
+    using Kind = runtime::ModelRunner::GraphKind;
+    const int64_t first_before = graphs->runner().replays(Kind::draft_first);
     runtime::SpeculativeStats st;
     const auto got = runtime::generate_speculative(*graphs, prompts, 24, {.num_steps = S}, &st);
     EXPECT_EQ(got.outputs, want) << "S=" << S;
     // Each bucket runs eagerly once and is captured once; the passes after that replay.
     EXPECT_GE(graphs->backend().counters().graph_replays - before.graph_replays, 3)
         << "S=" << S << " (" << st.rounds << " verifications): verification passes did not replay graphs";
+    // First draft steps after verifications that kept different numbers of rows are padded to
+    // S + 1 rows each and replay one graph too.
+    EXPECT_GE(graphs->runner().replays(Kind::draft_first) - first_before, 2) << "S=" << S;
   }
 }
 

@@ -26,7 +26,8 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
   int T = 0, R = 0, W = fixed_width ? lim_.max_blocks_per_seq : 1, Ws = 0, max_q = 0, max_kv = 0;
   for (const Entry& e : entries) {
     const int n = int(e.tokens.size());
-    check(e.cache && n > 0, "model runner: an entry without rows");
+    check(e.cache && n > 0 && e.padding >= 0 && e.padding < n && (e.padding == 0 || e.logits != Logits::all),
+          "model runner: an entry of {} rows ({} padding)", n, e.padding);
     const int64_t length = track == Track::trunk ? e.cache->length : e.cache->mtp_length;
     check(length >= n && cache_.blocks_for(std::max(e.cache->length, e.cache->mtp_length)) <= int64_t(e.cache->blocks.size()),
           "model runner: {} rows not appended to the cache ({} rows, {} blocks)", n, length, e.cache->blocks.size());
@@ -82,7 +83,7 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
       staging_[size_t(slot_map.offset + row)] =
           e.cache->blocks[size_t(cache_row / bs)] * bs + int32_t(cache_row % bs);
       if (mtp) staging_[size_t(hidden.offset + row)] = e.hidden_rows[size_t(i)];
-      if (e.logits == Logits::all || (e.logits == Logits::last && i == n - 1))
+      if (e.logits == Logits::all || (e.logits == Logits::last && i == n - 1 - e.padding))
         staging_[size_t(logit_rows.offset + lrow++)] = row;
     }
   }
@@ -129,17 +130,22 @@ ModelRunner::GraphBucket ModelRunner::graph_bucket(std::span<const Entry> entrie
 ModelRunner::GraphBucket ModelRunner::draft_graph_bucket(std::span<const Entry> entries,
                                                          const Tensor& hidden_source) const {
   if (!lim_.graphs || entries.empty() || !be_.can_capture()) return {};
-  // One row each, from one of the two hidden buffers that outlive passes (a graph reads it in place).
+  // One row each, or (a first step, padded) max_verify_rows each, from one of the two hidden
+  // buffers that outlive passes (a graph reads it in place).
+  const int rows = int(entries[0].tokens.size());
   GraphKind kind;
-  if (trunk_hidden_.defined() && hidden_source.raw() == trunk_hidden_.raw()) kind = GraphKind::draft_from_trunk;
+  if (trunk_hidden_.defined() && hidden_source.raw() == trunk_hidden_.raw())
+    kind = rows == 1 ? GraphKind::draft_from_trunk : GraphKind::draft_first;
   else if (mtp_hidden_.defined() && hidden_source.raw() == mtp_hidden_.raw()) kind = GraphKind::draft_chained;
   else return {};
+  if (rows != 1 && (kind != GraphKind::draft_first || rows != lim_.max_verify_rows || rows > cache_.block_size()))
+    return {};
   for (const Entry& e : entries)
-    if (e.tokens.size() != 1 || e.logits != Logits::last) return {};
+    if (int(e.tokens.size()) != rows || e.logits != Logits::last) return {};
   int seqs = 1;
   while (seqs < int(entries.size())) seqs *= 2;
-  if (seqs > lim_.max_seqs || seqs > lim_.max_tokens) return {};
-  return {seqs, 1, kind};
+  if (seqs > lim_.max_seqs || int64_t(seqs) * rows > lim_.max_tokens) return {};
+  return {seqs, rows, kind};
 }
 
 int64_t ModelRunner::run_graphed(const GraphBucket& g, const std::function<void()>& run) {
@@ -163,6 +169,7 @@ int64_t ModelRunner::run_graphed(const GraphBucket& g, const std::function<void(
     captured_.insert(key);
   }
   be_.replay(key);
+  ++replays_[size_t(g.kind)];
   return be_.graph_nodes(key);
 }
 
@@ -210,11 +217,13 @@ ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const s
 
 ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source) {
   // Draft passes of one row per sequence (chained steps; a first step where every draft was
-  // rejected) run as graphs, padded as decode passes are.
+  // rejected) and first steps padded to max_verify_rows rows each run as graphs, padded to their
+  // bucket as decode passes are.
   const GraphBucket g = draft_graph_bucket(entries, hidden_source);
   std::vector<Entry> padded;
   if (g.seqs) {
-    pad_tokens_.assign(1, 0);
+    pad_tokens_.assign(size_t(g.rows), 0);
+    pad_hidden_rows_.assign(size_t(g.rows), 0);
     padded.assign(entries.begin(), entries.end());
     while (int(padded.size()) < g.seqs)
       padded.push_back({&cache_.padding(), pad_tokens_, Logits::last, false, pad_hidden_rows_});

@@ -38,6 +38,9 @@ class ModelRunner {
     Logits logits = Logits::none;
     bool verify = false;                   // trunk: per-row DeltaNet states into the snapshots
     std::span<const int32_t> hidden_rows;  // MTP: the row of the hidden source each row pairs with
+    // The last `padding` rows only fill a graph's shape (a first draft step's entries all get
+    // max_verify_rows rows): appended and rolled back by the caller, never the logits row.
+    int padding = 0;
   };
   struct Result {
     Tensor hidden;  // trunk [T, H] every row after model.norm; MTP [R, H] the logit rows after mtp.norm
@@ -57,10 +60,16 @@ class ModelRunner {
   // The logits rows a trunk pass of `entries` has: theirs, or the bucket's under a graph.
   int logit_rows(std::span<const Entry> entries) const;
   Result mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source);
+  // Whether a first draft step should pad every entry to max_verify_rows rows: its passes are then
+  // graphs of one shape whatever each sequence kept of its verification.
+  bool pads_first_drafts() const { return lim_.graphs && be_.can_capture() && lim_.max_verify_rows <= cache_.block_size(); }
 
   kernels::Backend& backend() { return be_; }
   // Kernels and copies in the graph of the last decode pass (0: it ran eagerly).
   int64_t last_graph_nodes() const { return last_graph_nodes_; }
+  // A graph pass's kind, and how many passes of each kind replayed a graph so far.
+  enum class GraphKind { decode, verify, draft_from_trunk, draft_chained, draft_first, count };
+  int64_t replays(GraphKind k) const { return replays_[size_t(k)]; }
   kernels::Workspace& workspace() { return ws_; }
   const RunnerLimits& limits() const { return lim_; }
 
@@ -69,12 +78,11 @@ class ModelRunner {
   // fixed_width: block tables as wide as the limit (a graph's metadata does not move).
   model::ForwardBatch prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width = false);
   // A graph pass's shape: its kind and sequences (a power of two; 0: not a graph pass).
-  enum class GraphKind { decode, verify, draft_from_trunk, draft_chained };
   struct GraphBucket {
     int seqs = 0;
     int rows = 1;  // per sequence
     GraphKind kind = GraphKind::decode;
-    int64_t key() const { return int64_t(seqs) * 4 + int64_t(kind); }
+    int64_t key() const { return int64_t(seqs) * int64_t(GraphKind::count) + int64_t(kind); }
   };
   GraphBucket graph_bucket(std::span<const Entry> entries) const;
   GraphBucket draft_graph_bucket(std::span<const Entry> entries, const Tensor& hidden_source) const;
@@ -96,6 +104,7 @@ class ModelRunner {
   std::vector<int32_t> pad_tokens_;  // the padding entries' tokens (max_verify_rows zeros)
   std::vector<int32_t> pad_hidden_rows_{0};  // a padding MTP entry pairs with the source's row 0
   int64_t last_graph_nodes_ = 0;
+  int64_t replays_[size_t(GraphKind::count)] = {};
 };
 
 }  // namespace ballast::runtime

@@ -15,22 +15,36 @@ void Engine::draft(std::span<const Scheduled> pass, const ModelRunner::Result& t
 
   // Step 1: every sequence of the trunk pass that goes on enters its kept rows, pairs (hidden
   // state of row t, token t + 1); the ones whose rows reached their last token draft from the last.
+  // Where the runner replays graphs and every such sequence drafts from at most S + 1 kept rows (a
+  // decode or verification pass), each is padded to S + 1 rows (rolled back after the pass), so
+  // that the step is one graph whatever was accepted.
+  bool pad = runner_->pads_first_drafts();
+  for (size_t i = 0; i < pass.size() && pad; ++i)
+    pad = pass[i].seq->finished() || (pass[i].draws && kept[i] <= S + 1);
   std::vector<ModelRunner::Entry> entries;
-  std::vector<std::vector<int32_t>> hidden_rows;
+  std::vector<std::vector<int32_t>> hidden_rows, padded_tokens;
   hidden_rows.reserve(pass.size());
+  padded_tokens.reserve(pass.size());
   std::vector<Sequence*> drafting;
+  std::vector<int64_t> padding;
   for (size_t i = 0; i < pass.size(); ++i) {
     Sequence& q = *pass[i].seq;
     if (q.finished()) continue;
-    const int64_t n = kept[i], first = q.cache.length - n;
+    const int64_t n = kept[i], first = q.cache.length - n, extra = pad ? S + 1 - n : 0;
     check(q.cache.mtp_length == first, "MTP cache of {} rows behind a trunk of {}", q.cache.mtp_length, first);
-    check(cache_->append(q.cache, {.mtp_rows = n}), "MTP cache: no room reserved for {} rows", n);
+    check(cache_->append(q.cache, {.mtp_rows = n + extra}), "MTP cache: no room reserved for {} rows", n + extra);
     auto& rows = hidden_rows.emplace_back();
-    for (int64_t t = 0; t < n; ++t) rows.push_back(int32_t(trunk.first_row[i] + t));
+    for (int64_t t = 0; t < n + extra; ++t) rows.push_back(int32_t(trunk.first_row[i] + std::min(t, n - 1)));
+    std::span<const int32_t> tokens = std::span<const int32_t>(q.tokens).subspan(size_t(first + 1), size_t(n));
+    if (extra > 0) {
+      auto& t = padded_tokens.emplace_back(tokens.begin(), tokens.end());
+      t.resize(size_t(n + extra), 0);
+      tokens = t;
+    }
     const bool drafts = pass[i].draws;
-    entries.push_back({&q.cache, std::span<const int32_t>(q.tokens).subspan(size_t(first + 1), size_t(n)),
-                       drafts ? ModelRunner::Logits::last : ModelRunner::Logits::none, false, rows});
-    if (drafts) drafting.push_back(&q);
+    entries.push_back({&q.cache, tokens, drafts ? ModelRunner::Logits::last : ModelRunner::Logits::none, false, rows,
+                       int(extra)});
+    if (drafts) drafting.push_back(&q), padding.push_back(extra);
   }
   bool samples = false;
   for (const Sequence* q : drafting) samples = samples || !q->sampling.greedy();
@@ -56,6 +70,8 @@ void Engine::draft(std::span<const Scheduled> pass, const ModelRunner::Result& t
     // Without expert parallelism an empty pass has nothing to do; under it every rank takes part.
     if (entries.empty() && !comm_) break;
     r = runner_->mtp_forward(entries, *source);
+    if (step == 0)
+      for (size_t j = 0; j < drafting.size(); ++j) cache_->rollback(drafting[j]->cache, 0, padding[j]);
     std::vector<Sampler::Row> rows;
     std::vector<int32_t> kept_rows;
     for (const Sequence* q : drafting) {
