@@ -105,6 +105,8 @@ inline void one_all_to_all_v(DataPlane& d, const std::function<int64_t(int, int)
     at += in[src];
   }
   EXPECT_EQ(counted, total_in);
+  // Host planes report what arrived (expert parallelism sizes its row buffers by it).
+  EXPECT_EQ(d.last_received_rows(), total_in) << "key " << key;
   EXPECT_TRUE(untouched(recv, total_in * width, extra_recv * width)) << "key " << key << ": recv beyond the rows";
 
   // Counts sum to the same over all ranks, sent and received.

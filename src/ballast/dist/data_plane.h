@@ -26,6 +26,11 @@ class DataPlane {
   // every rank throws ballast::Error in the same call (the faulty rank its own message, the others
   // "rank R failed: ..."), nothing moves, and the plane stays usable.
   virtual void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) = 0;
+  // How many rows this rank's last all_to_all_v delivered, where the plane holds the counts on the
+  // host anyway (threads, MPI, host staging); -1 where they stay on the device. A caller sizes what
+  // follows from it (expert-parallel rows: the worst case is G x top-k rows per token) without
+  // reading device memory itself.
+  virtual int64_t last_received_rows() const { return -1; }
   // Collective: all [G * mine.numel()] holds every rank's `mine`, by rank (same dtype).
   virtual void all_gather(const Tensor& mine, Tensor& all) = 0;
   // Collective: element-wise sum over ranks, in place, the same on every rank (I32, I64 or F32;

@@ -125,6 +125,7 @@ void MpiDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, T
                           recv_at.data(), MPI_BYTE, impl_->comm),
             "MPI_Alltoallv", rank_, "all_to_all_v rows");
   std::copy(rows_in.begin(), rows_in.end(), recv_counts.data<int32_t>());
+  last_received_ = total_in;
 }
 
 void MpiDataPlane::all_gather(const Tensor& mine, Tensor& all) {

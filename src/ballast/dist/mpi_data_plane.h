@@ -29,6 +29,7 @@ class MpiDataPlane final : public DataPlane {
   int size() const override { return size_; }
 
   void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) override;
+  int64_t last_received_rows() const override { return last_received_; }
   void all_gather(const Tensor& mine, Tensor& all) override;
   void all_reduce_sum(Tensor& data) override;
   void send_recv(std::span<const Transfer> items) override;
@@ -38,6 +39,7 @@ class MpiDataPlane final : public DataPlane {
   std::unique_ptr<Impl> impl_;
   Watchdog* watchdog_;
   int rank_ = 0, size_ = 1;
+  int64_t last_received_ = -1;
 };
 
 }  // namespace ballast::dist

@@ -76,6 +76,7 @@ class ThreadDataPlane final : public DataPlane {
     auto* out = static_cast<std::byte*>(recv.raw());
     auto* counts_out = recv_counts.data<int32_t>();
     size_t at = 0;
+    int64_t received = 0;
     for (int src = 0; src < G; ++src) {
       const int64_t* row = &m().matrix[size_t(src) * G];
       int64_t before = 0;
@@ -85,9 +86,12 @@ class ThreadDataPlane final : public DataPlane {
         std::memcpy(out + at, static_cast<const std::byte*>(m().mine[src].ptr) + size_t(before) * a.row_bytes, bytes);
       at += bytes;
       counts_out[src] = int32_t(row[rank_]);
+      received += row[rank_];
     }
+    last_received_ = received;
     s_->meet(m(), rank_, Op::all_to_all_v);
   }
+  int64_t last_received_rows() const override { return last_received_; }
 
   void all_gather(const Tensor& mine, Tensor& all) override {
     const int G = s_->size;
@@ -322,6 +326,7 @@ class ThreadDataPlane final : public DataPlane {
 
   std::shared_ptr<ThreadWorld::State> s_;
   int rank_;
+  int64_t last_received_ = -1;
 };
 
 }  // namespace

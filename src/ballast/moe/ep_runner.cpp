@@ -53,19 +53,27 @@ void ExpertParallelRunner::run(int layer, const Tensor& x, const Tensor& ids, co
   Tensor send_rows = ws.take({N, H}), send_slots = ws.take({N, 1}, DType::I32);
   ops_.gather_rows(x, order, int(k), send_rows);
   ops_.gather_rows(slot.reshape({N, 1}), order, 1, send_slots);
-  // A rank receives at most k rows per token from every rank, and no more than it has slots.
+  // A rank receives at most k rows per token from every rank, and no more than it has slots: the
+  // slots' buffer is that large (4 bytes a row). The rows' buffers (H wide: at 16k rows a pass,
+  // 4 ranks and top-10 the worst case is 5.4 GB each at the 80B shape) and the experts' scratch
+  // take what did arrive where the plane knows it on the host (threads, MPI, host staging), the
+  // worst case where the counts stay on the device.
   const int64_t capacity = int64_t(G) * max_tokens_ * std::min<int64_t>(k, K);
-  Tensor recv_rows = ws.take({capacity, H}), recv_slots = ws.take({capacity, 1}, DType::I32);
+  Tensor recv_slots = ws.take({capacity, 1}, DType::I32);
   Tensor recv_counts = ws.take({G}, DType::I32), recv_counts_again = ws.take({G}, DType::I32);
   data_.all_to_all_v(send_slots, send_counts, recv_slots, recv_counts);
+  const int64_t arrived = data_.last_received_rows();
+  check(arrived <= capacity, "expert-parallel runner: {} rows received, more than the bound of {}", arrived, capacity);
+  const int64_t M = arrived >= 0 ? arrived : capacity;
+  Tensor recv_rows = ws.take({M, H});
   data_.all_to_all_v(send_rows, send_counts, recv_rows, recv_counts_again);
 
   // 4. This rank's experts over every row it received, grouped by local slot.
   Tensor by_slot = ws.take({capacity}, DType::I32), slot_counts = ws.take({K}, DType::I32);
   Tensor slot_offsets = ws.take({K + 1}, DType::I32);
   ops_.group_by(recv_slots.reshape({capacity}), recv_counts, 1, K, by_slot, slot_counts, slot_offsets, none);
-  Tensor results = ws.take({capacity, H});
-  ops_.moe_experts(recv_rows, by_slot, slot_offsets, 1, slots_.layer(layer), results);
+  Tensor results = ws.take({M, H});
+  ops_.moe_experts(recv_rows, by_slot.rows(0, M), slot_offsets, 1, slots_.layer(layer), results);
 
   // 5. Results back to the ranks that sent the rows (same order), combined per token in top-k order.
   Tensor back = ws.take({N, H}), back_counts = ws.take({G}, DType::I32);

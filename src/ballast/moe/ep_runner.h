@@ -18,7 +18,7 @@ class ExpertParallelRunner final : public MoeRunner {
  public:
   // tables: the placement it dispatches through; slots: the weights it computes with; counts
   // [L, P] I32: where it adds the slots it dispatched to (the domain's load of the open pass);
-  // max_tokens: the most rows any rank runs in one pass (sizes the receive buffers); token_slots
+  // max_tokens: the most rows any rank runs in one pass (bounds what a rank can receive); token_slots
   // [L, max_tokens * k], if defined: where each layer's chosen slots are also kept (a per-token
   // trace). Tables, slots and counts normally belong to one domain: wiring them to different
   // domains is the bug of SGLang's MTP layer before its fix, which tests/runtime reproduces with

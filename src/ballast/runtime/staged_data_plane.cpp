@@ -19,7 +19,11 @@ Tensor StagedDataPlane::to_host(const Tensor& t, size_t i) {
 }
 
 void StagedDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) {
-  if (inner_.moves(send.device())) return inner_.all_to_all_v(send, send_counts, recv, recv_counts);
+  if (inner_.moves(send.device())) {
+    inner_.all_to_all_v(send, send_counts, recv, recv_counts);
+    last_received_ = inner_.last_received_rows();
+    return;
+  }
   // Only the rows sent (and received) travel through the host, not the buffers' capacity.
   Tensor counts = to_host(send_counts, 0);
   int64_t rows = 0;
@@ -33,6 +37,7 @@ void StagedDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts
   inner_.all_to_all_v(host_send, counts, host_recv, host_recv_counts);
   int64_t got = 0;
   for (int64_t i = 0; i < host_recv_counts.numel(); ++i) got += host_recv_counts.data<int32_t>()[i];
+  last_received_ = got;
   Tensor received = recv.rows(0, got);
   be_.upload(host_recv.raw(), received);
   be_.upload(host_recv_counts.raw(), recv_counts);

@@ -20,6 +20,7 @@ class StagedDataPlane final : public dist::DataPlane {
   bool moves(Device device) const override { return device == be_.device() || inner_.moves(device); }
 
   void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) override;
+  int64_t last_received_rows() const override { return last_received_; }
   void all_gather(const Tensor& mine, Tensor& all) override;
   void all_reduce_sum(Tensor& data) override;
   void send_recv(std::span<const Transfer> items) override;
@@ -35,6 +36,7 @@ class StagedDataPlane final : public dist::DataPlane {
   kernels::Backend& be_;
   std::vector<std::vector<std::byte>> staging_;
   int64_t downloads_ = 0;
+  int64_t last_received_ = -1;
 };
 
 }  // namespace ballast::runtime
