@@ -50,7 +50,7 @@ for s in $STEPS; do
                --repeats ${REPEATS:-1} --profile --json-file $OUT/fp8-80b.json" ;;
     kernels) step kernels bash -c "ncu --profile-from-start off --graph-profiling node --clock-control none --cache-control none --csv \
                --metrics gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__grid_size \
-               $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} \
+               $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} --dtype ${KERNELS_DTYPE:-bf16} \
                --batch ${KERNELS_BATCH:-1} --prompt-len 1024 --decode-steps 8 --repeats 1 --profiler-window \
                > $OUT/kernels-decode.csv && python3 scripts/ncu_summary.py $OUT/kernels-decode.csv" ;;
     pdl) step pdl bash -c "for r in 1 2; do for v in 0 1; do echo \"--- BALLAST_CUDA_PDL=\$v (round \$r)\"; BALLAST_CUDA_PDL=\$v \
