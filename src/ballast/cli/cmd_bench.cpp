@@ -261,7 +261,7 @@ void print_profile(const std::string& title, const std::vector<kernels::OpTime>&
 int run_bench(const BenchArgs& a) {
   const std::vector<int> batches = parse_list(a.batches, "--batch", 1 << 16);
   std::vector<int> prefills = parse_list(a.prefills, "--prefill", 1 << 24);
-  const std::vector<int> spec_steps = parse_list(a.speculative, "--speculative-num-steps", 16);
+  const std::vector<int> spec_steps = parse_list(a.speculative, "--speculative-num-steps", runtime::kMaxDraftSteps);
   check(!batches.empty(), "--batch: no batch size given");
   check(a.synthetic.empty() || a.model.empty(), "--synthetic and --model: give one");
   check(a.layers == 0 || !a.synthetic.empty(), "--layers applies to --synthetic models only");

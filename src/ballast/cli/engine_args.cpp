@@ -11,6 +11,7 @@
 #include "ballast/cli/option_checks.h"
 #include "ballast/core/error.h"
 #include "ballast/dist/mpi_communicator.h"
+#include "ballast/runtime/engine.h"
 #include "ballast/dist/mpi_data_plane.h"
 #include "ballast/dist/thread_world.h"
 #include "ballast/dist/watchdog.h"
@@ -27,7 +28,7 @@ void add_engine_options(CLI::App* c, EngineArgs& a) {
   c->add_option("--speculative-algorithm", a.speculative_algorithm, "NEXTN: draft with the model's MTP head")
       ->check(CLI::IsMember({"NEXTN", "MTP", "EAGLE"}));
   c->add_option("--speculative-num-steps", a.speculative_steps, "Chained draft steps per verify pass")
-      ->check(CLI::Range(1, 16));
+      ->check(CLI::Range(1, runtime::kMaxDraftSteps));
   c->add_option("--speculative-eagle-topk", a.speculative_topk, "Drafts per step (only 1: chain drafting)")
       ->check(CLI::Range(1, 1));
   c->add_option("--speculative-num-draft-tokens", a.speculative_draft_tokens,

@@ -100,8 +100,9 @@ std::unique_ptr<Engine> Engine::create(model::ModelConfig cfg, model::ModelWeigh
 void Engine::build(model::ModelConfig cfg, model::ModelWeights device, const model::ModelWeights& source) {
   local_moe_ = std::make_unique<moe::LocalMoeRunner>(backend_->ops());
   model_ = std::make_unique<model::Model>(std::move(cfg), std::move(device), backend_->ops(), *local_moe_);
-  check(steps_ >= 0 && (steps_ == 0 || model_->has_mtp()),
-        "speculative decoding needs an MTP head (mtp.* tensors), the model has none");
+  check(steps_ >= 0 && steps_ <= kMaxDraftSteps && (steps_ == 0 || model_->has_mtp()),
+        "speculative decoding needs an MTP head (mtp.* tensors) and 1 to {} draft steps: {} steps, the model has {}",
+        kMaxDraftSteps, steps_, model_->has_mtp() ? "one" : "none");
   const CacheOptions& c = opts_.cache;
   check(c.chunked_prefill_size > 0 && c.max_running_requests > 0 && c.page_size > 0,
         "cache options: chunked prefill size {}, {} running requests, page size {}", c.chunked_prefill_size,
@@ -112,9 +113,11 @@ void Engine::build(model::ModelConfig cfg, model::ModelWeights device, const mod
 
 Engine::PassOutput Engine::make_output(int64_t load_size) {
   // Results: at most a verification of every row (drafts + 2 per sequence) and a draw per row,
-  // then the logprobs of every logits row (at most a row per pass row): its own and top-K pairs.
-  const int64_t chunk = opts_.cache.chunked_prefill_size;
-  const int64_t results = 3 * chunk + opts_.cache.max_running_requests + 16 + chunk * (1 + 2 * kernels::kMaxTopLogprobs);
+  // then the logprobs of every logits row (at most a row per pass row): its own and top-K pairs;
+  // or a round's drafts (every step's, downloaded after the last).
+  const int64_t chunk = opts_.cache.chunked_prefill_size, seqs = opts_.cache.max_running_requests;
+  const int64_t results = std::max(3 * chunk + seqs + 16 + chunk * (1 + 2 * kernels::kMaxTopLogprobs),
+                                   int64_t(kMaxDraftSteps) * seqs);
   PassOutput out;
   out.load_size = load_size;
   out.device = backend_->alloc({load_size + results}, DType::I32);
@@ -213,8 +216,9 @@ void Engine::build_cache() {
 }
 
 void Engine::set_speculative_steps(int steps) {
-  check(steps >= 0 && (steps == 0 || model_->has_mtp()),
-        "speculative decoding needs an MTP head (mtp.* tensors), the model has none");
+  check(steps >= 0 && steps <= kMaxDraftSteps && (steps == 0 || model_->has_mtp()),
+        "speculative decoding needs an MTP head (mtp.* tensors) and 1 to {} draft steps: {} steps, the model has {}",
+        kMaxDraftSteps, steps, model_->has_mtp() ? "one" : "none");
   check(!scheduler_->has_work(), "the number of draft steps can change only while no request runs");
   if (steps == steps_) return;
   steps_ = steps;

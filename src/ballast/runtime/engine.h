@@ -59,12 +59,15 @@ struct CacheOptions {
   int64_t context_length = 0;       // --context-length: the longest sequence (0: max_total_tokens)
 };
 
+// The most chained draft steps a round may have (SGLang's --speculative-num-steps range here).
+inline constexpr int kMaxDraftSteps = 16;
+
 struct EngineOptions {
   dist::Communicator* comm = nullptr;  // expert parallelism over these ranks (null: one rank)
   dist::DataPlane* data = nullptr;     // ... and their data plane (with comm)
   ExpertParallelOptions ep;
   CacheOptions cache;
-  int speculative_steps = 0;           // NEXTN: chained MTP drafts per round (0: no speculation)
+  int speculative_steps = 0;           // NEXTN: chained MTP drafts per round (0: no speculation; at most kMaxDraftSteps)
   bool cuda_graphs = true;             // decode passes as captured graphs where the backend can (no EP)
   // Once set (by a signal handler's thread), generate() aborts its requests at the next step and
   // returns what they had emitted. Ranks may see it at different steps: one that has stopped takes

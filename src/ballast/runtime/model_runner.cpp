@@ -215,7 +215,8 @@ ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const s
   return r;
 }
 
-ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source) {
+ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source,
+                                             const Tensor& tokens) {
   // Draft passes of one row per sequence (chained steps; a first step where every draft was
   // rejected) and first steps padded to max_verify_rows rows each run as graphs, padded to their
   // bucket as decode passes are.
@@ -240,7 +241,15 @@ ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, con
                             ws_.take({batch.num_logit_rows(), c.vocab_size})};
   r.hidden = out.hidden;
   r.logits = out.logits;
-  auto run = [&] { model_.mtp_forward(batch, hidden_source, cache_.views(), ws_, out); };
+  check(!tokens.defined() || tokens.numel() <= batch.num_tokens(), "model runner: {} tokens for a pass of {} rows",
+        tokens.defined() ? tokens.numel() : 0, batch.num_tokens());
+  auto run = [&] {
+    if (tokens.defined() && tokens.numel() > 0) {
+      Tensor ids = batch.token_ids.rows(0, tokens.numel());
+      be_.ops().copy(tokens, ids);
+    }
+    model_.mtp_forward(batch, hidden_source, cache_.views(), ws_, out);
+  };
   if (g.seqs) run_graphed(g, run);
   else run();
   return r;

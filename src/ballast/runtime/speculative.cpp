@@ -51,9 +51,16 @@ void Engine::draft(std::span<const Scheduled> pass, const ModelRunner::Result& t
   if (samples && !kept_probs_.defined())
     kept_probs_ = backend_->alloc({int64_t(opts_.cache.max_running_requests) * S, V}, DType::F32);
 
+  // The drafts stay on the device until the round is drafted: a chained step takes its token from
+  // the step before on the device (its entries' tokens are placeholders), so the host issues every
+  // step without waiting, and the last step's download brings them all (with its domain's load).
   ModelRunner::Result r;
   const Tensor* source = &trunk.hidden;
+  const int64_t D = int64_t(drafting.size());
+  const std::vector<int32_t> placeholder{0};
+  auto step_ids = [&](int step) { return mtp_out_.results((step + 1) * D).rows(step * D, (step + 1) * D); };
   for (int step = 0; step < S; ++step) {
+    Tensor previous;
     if (step > 0) {
       // Chained steps: the last draft with the head's own output for it.
       entries.clear();
@@ -62,14 +69,14 @@ void Engine::draft(std::span<const Scheduled> pass, const ModelRunner::Result& t
         Sequence& q = *drafting[j];
         check(cache_->append(q.cache, {.mtp_rows = 1}), "MTP cache: no room reserved for a chained draft");
         hidden_rows.push_back({r.first_logit[j]});
-        entries.push_back({&q.cache, std::span<const int32_t>(q.drafts).last(1), ModelRunner::Logits::last, false,
-                           hidden_rows.back()});
+        entries.push_back({&q.cache, placeholder, ModelRunner::Logits::last, false, hidden_rows.back()});
       }
       source = &r.hidden;
+      previous = step_ids(step - 1);
     }
     // Without expert parallelism an empty pass has nothing to do; under it every rank takes part.
     if (entries.empty() && !comm_) break;
-    r = runner_->mtp_forward(entries, *source);
+    r = runner_->mtp_forward(entries, *source, previous);
     if (step == 0)
       for (size_t j = 0; j < drafting.size(); ++j) cache_->rollback(drafting[j]->cache, 0, padding[j]);
     std::vector<Sampler::Row> rows;
@@ -78,15 +85,17 @@ void Engine::draft(std::span<const Scheduled> pass, const ModelRunner::Result& t
       rows.push_back(row_of(*q, q->cache.mtp_length + 1));  // the pair at mtp_length predicts the next
       kept_rows.push_back(q->place * S + step);
     }
-    const int64_t D = int64_t(drafting.size());
-    Tensor ids = mtp_out_.results(D);
+    Tensor ids = step_ids(step);
     if (D > 0)
       sampler_->sample(runner_->workspace(), r.logits.rows(0, D), rows, kernels::Draw::draft, ids,
                        samples ? kept_probs_ : Tensor(), kept_rows);
     int64_t pass_rows = 0;
     for (const auto& e : entries) pass_rows += int64_t(e.tokens.size());
-    const std::span<const int32_t> host = finish_pass(mtp_out_, mtp_ep_.get(), D, pass_rows);
-    for (size_t j = 0; j < drafting.size(); ++j) drafting[j]->drafts.push_back(host[j]);
+    const bool last = step == S - 1;
+    const std::span<const int32_t> host = finish_pass(mtp_out_, mtp_ep_.get(), last ? S * D : 0, pass_rows);
+    if (last)
+      for (int k = 0; k < S; ++k)
+        for (size_t j = 0; j < drafting.size(); ++j) drafting[j]->drafts.push_back(host[size_t(k * D) + j]);
   }
   // Chained entries came from the head's own outputs: the next round re-enters those positions
   // from the trunk's hidden states.
