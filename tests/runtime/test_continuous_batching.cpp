@@ -206,18 +206,27 @@ TEST(DecodeGraphs, SpeculativePassesReplayGraphsToo) {
   const std::vector<std::vector<int32_t>> prompts{{1, 2, 3, 4, 5}, {10, 20, 30}, {7, 8, 9, 10, 11, 12}};
   using Kind = runtime::ModelRunner::GraphKind;
   for (int S : {1, 3}) {
-    const auto want = runtime::generate_speculative(*eager, prompts, 24, {.num_steps = S}).outputs;
+    runtime::SpeculativeStats eager_st;
+    const auto want = runtime::generate_speculative(*eager, prompts, 24, {.num_steps = S}, &eager_st).outputs;
     const kernels::Counters before = graphs->backend().counters();
     graphs->set_speculative_steps(S);  // a runner of its own for S (what generate_speculative does)
     const runtime::SpeculativeStats st_before = graphs->speculative_stats();
     const auto got = graphs->generate(prompts, 24).outputs;
     const int64_t rounds = graphs->speculative_stats().rounds - st_before.rounds;
+    const int64_t emitted = graphs->speculative_stats().emitted - st_before.emitted;
     EXPECT_EQ(got, want) << "S=" << S;
+    // The same drafts, so about the same acceptance (outputs are equal whatever the drafts are; a
+    // chained step reading the wrong step's token accepted ~20% fewer). Padded passes may round a
+    // few logits differently, hence not exactly.
+    const double graphed = double(emitted) / double(rounds), plain = double(eager_st.emitted) / double(eager_st.rounds);
+    EXPECT_GE(graphed, 0.95 * plain) << "S=" << S << ": acceptance length " << graphed << " with graphs, " << plain
+                                     << " eagerly";
     // Each bucket runs eagerly once and is captured once; the passes after that replay.
     EXPECT_GE(graphs->backend().counters().graph_replays - before.graph_replays, 3)
         << "S=" << S << " (" << rounds << " verifications): verification passes did not replay graphs";
-    // Every verification but the first of its batch size is followed by a replayed first draft step.
-    EXPECT_GE(graphs->runner().replays(Kind::draft_first), rounds / 2) << "S=" << S << ", " << rounds << " verifications";
+    // Most passes' first draft steps replay their graph (a verification counts once per sequence).
+    const int64_t passes = rounds / int64_t(prompts.size());
+    EXPECT_GE(graphs->runner().replays(Kind::draft_first), passes / 2) << "S=" << S << ", " << rounds << " verifications";
     graphs->set_speculative_steps(0);
   }
 }

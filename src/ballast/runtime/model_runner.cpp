@@ -243,13 +243,13 @@ ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, con
   r.logits = out.logits;
   check(!tokens.defined() || tokens.numel() <= batch.num_tokens(), "model runner: {} tokens for a pass of {} rows",
         tokens.defined() ? tokens.numel() : 0, batch.num_tokens());
-  auto run = [&] {
-    if (tokens.defined() && tokens.numel() > 0) {
-      Tensor ids = batch.token_ids.rows(0, tokens.numel());
-      be_.ops().copy(tokens, ids);
-    }
-    model_.mtp_forward(batch, hidden_source, cache_.views(), ws_, out);
-  };
+  // Copied before the graph, not in it: a captured copy would read the address of the step it was
+  // captured for in every later step.
+  if (tokens.defined() && tokens.numel() > 0) {
+    Tensor ids = batch.token_ids.rows(0, tokens.numel());
+    be_.ops().copy(tokens, ids);
+  }
+  auto run = [&] { model_.mtp_forward(batch, hidden_source, cache_.views(), ws_, out); };
   if (g.seqs) run_graphed(g, run);
   else run();
   return r;
