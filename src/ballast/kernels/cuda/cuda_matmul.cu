@@ -110,8 +110,56 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
     for (int t = 0; t < TM; ++t) acc[r][t] = 0.0f;
 
   constexpr int64_t kStep = int64_t(32) * E;
-  for (int64_t kb = int64_t(lane) * E; kb < K; kb += U * kStep) {
-    float wv[U][R][E];
+  if constexpr (VEC && R == 1) {
+    // One weight row a warp (one or two x rows): the U loads in flight stay raw
+    // words until their step's products, so that a lane holds 4 x 16 bytes of
+    // weights in 16 registers, not 4 x E floats (64 for FP8): more warps fit an
+    // SM, and more loads are in flight.
+    for (int64_t kb = int64_t(lane) * E; kb < K; kb += U * kStep) {
+      Words<WORDS> raw[U];
+      float sc[U];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = kb + u * kStep;
+        if (k < K) {
+          raw[u] = load_words<WORDS>(wr[0] + k);
+          if constexpr (SCALED)
+            sc[u] = __ldg(sr[0] + k / kScaleBlock);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = kb + u * kStep;
+        if (k >= K)
+          break;
+        float wv[E];
+        unpack_words<W, WORDS>(raw[u], wv);
+        if constexpr (SCALED) {
+#pragma unroll
+          for (int e = 0; e < E; ++e)
+            wv[e] *= sc[u];
+        }
+#pragma unroll
+        for (int t = 0; t < TM; ++t) {
+          if (t >= nt)
+            break;
+          const float *xr = x + t * ldx + k;
+          float xv[E];
+#pragma unroll
+          for (int q = 0; q < E / 4; ++q) {
+            const float4 v = __ldg(reinterpret_cast<const float4 *>(xr) + q);
+            xv[4 * q] = v.x, xv[4 * q + 1] = v.y, xv[4 * q + 2] = v.z,
+                   xv[4 * q + 3] = v.w;
+          }
+#pragma unroll
+          for (int e = 0; e < E; ++e)
+            acc[0][t] = fmaf(xv[e], wv[e], acc[0][t]);
+        }
+      }
+    }
+  } else {
+    for (int64_t kb = int64_t(lane) * E; kb < K; kb += U * kStep) {
+      float wv[U][R][E];
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       const int64_t k = kb + u * kStep;
@@ -158,6 +206,7 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
           for (int e = 0; e < E; ++e) acc[r][t] = fmaf(xv[e], wv[u][r][e], acc[r][t]);
       }
     }
+  }
   }
 
 #pragma unroll
