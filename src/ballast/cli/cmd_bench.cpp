@@ -275,7 +275,11 @@ int run_bench(const BenchArgs& a) {
   runtime::EngineOptions opts;
   runtime::CacheOptions& cache = opts.cache;
   cache.max_running_requests = bmax;
-  cache.chunked_prefill_size = std::max({pmax, 2048, int(std::min<int64_t>(int64_t(bmax) * a.prompt_len, 16384))});
+  // A pass holds the longest prefill, or the prompts of `seqs` sequences (up to 16k rows).
+  auto chunk_for = [&](int seqs) {
+    return std::max({pmax, 2048, int(std::min<int64_t>(int64_t(seqs) * a.prompt_len, 16384))});
+  };
+  cache.chunked_prefill_size = chunk_for(bmax);
   const int64_t per_seq =
       a.prompt_len + decode_budget(bmax, a.prompt_len, a.decode_steps, cache.chunked_prefill_size) + 2 * smax + 8;
   const int64_t page = cache.page_size;
@@ -311,7 +315,7 @@ int run_bench(const BenchArgs& a) {
       o.cache.max_running_requests = share;
       // A pass holds this rank's share of the prompts: sized for it, since every rank's
       // expert-parallel receive buffers take G x its rows x top-k rows of the hidden size.
-      o.cache.chunked_prefill_size = std::max({pmax, 2048, int(std::min<int64_t>(int64_t(share) * a.prompt_len, 16384))});
+      o.cache.chunked_prefill_size = chunk_for(share);
     }
     const int gpu = rank_gpu();
     std::unique_ptr<runtime::Engine> engine;

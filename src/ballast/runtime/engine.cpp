@@ -27,6 +27,13 @@ eplb::Placement initial_placement(const ExpertParallelOptions& ep, int layers, i
   return p;
 }
 
+// Speculation's draft steps: 0 (none), or 1 to kMaxDraftSteps with the model's MTP head.
+void check_draft_steps(int steps, const model::Model& m) {
+  check(steps >= 0 && steps <= kMaxDraftSteps && (steps == 0 || m.has_mtp()),
+        "speculative decoding needs an MTP head (mtp.* tensors) and 1 to {} draft steps: {} steps, the model has {}",
+        kMaxDraftSteps, steps, m.has_mtp() ? "one" : "none");
+}
+
 int physical_slots(const moe::DomainOptions& o, int experts, int ranks, const char* what) {
   // More slots than every rank holding every expert serve nothing and cost an expert's weights each.
   check(o.redundant >= 0 && int64_t(o.redundant) <= int64_t(experts) * ranks,
@@ -100,9 +107,7 @@ std::unique_ptr<Engine> Engine::create(model::ModelConfig cfg, model::ModelWeigh
 void Engine::build(model::ModelConfig cfg, model::ModelWeights device, const model::ModelWeights& source) {
   local_moe_ = std::make_unique<moe::LocalMoeRunner>(backend_->ops());
   model_ = std::make_unique<model::Model>(std::move(cfg), std::move(device), backend_->ops(), *local_moe_);
-  check(steps_ >= 0 && steps_ <= kMaxDraftSteps && (steps_ == 0 || model_->has_mtp()),
-        "speculative decoding needs an MTP head (mtp.* tensors) and 1 to {} draft steps: {} steps, the model has {}",
-        kMaxDraftSteps, steps_, model_->has_mtp() ? "one" : "none");
+  check_draft_steps(steps_, *model_);
   const CacheOptions& c = opts_.cache;
   check(c.chunked_prefill_size > 0 && c.max_running_requests > 0 && c.page_size > 0,
         "cache options: chunked prefill size {}, {} running requests, page size {}", c.chunked_prefill_size,
@@ -216,9 +221,7 @@ void Engine::build_cache() {
 }
 
 void Engine::set_speculative_steps(int steps) {
-  check(steps >= 0 && steps <= kMaxDraftSteps && (steps == 0 || model_->has_mtp()),
-        "speculative decoding needs an MTP head (mtp.* tensors) and 1 to {} draft steps: {} steps, the model has {}",
-        kMaxDraftSteps, steps, model_->has_mtp() ? "one" : "none");
+  check_draft_steps(steps, *model_);
   check(!scheduler_->has_work(), "the number of draft steps can change only while no request runs");
   if (steps == steps_) return;
   steps_ = steps;
