@@ -417,9 +417,8 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
 
   // The new rows go to the caches first.
   const int64_t row = Hkv * hd;
-  launch(attention_write_kv_kernel, blocks_for(T * row, 256), 256, 0, stream_,
-         f32(k_new), f32(v_new), i32(layout.slot_mapping), T, row, blocks * bs,
-         f32_mut(k_cache), f32_mut(v_cache));
+  launch(attention_write_kv_kernel, blocks_for(T * row, 256), 256, 0, stream_, f32(k_new), f32(v_new),
+         i32(layout.slot_mapping), T, row, blocks * bs, f32_mut(k_cache), f32_mut(v_cache));
   check_launch("attention: kv write");
 
   auto* st = static_cast<AttentionState*>(attention_state_.get());
@@ -473,14 +472,10 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   a.tile_min_rows = tiled ? kTileMinRows : std::numeric_limits<int>::max();
   a.scale = 1.0f / std::sqrt(float(hd));
   const dim3 grid{unsigned(T), unsigned(Hq), unsigned(splits)};
-  if (hd <= 32)
-    launch(attention_kernel<1>, grid, kAttnThreads, 0, stream_, a);
-  else if (hd <= 64)
-    launch(attention_kernel<2>, grid, kAttnThreads, 0, stream_, a);
-  else if (hd <= 128)
-    launch(attention_kernel<4>, grid, kAttnThreads, 0, stream_, a);
-  else
-    launch(attention_kernel<8>, grid, kAttnThreads, 0, stream_, a);
+  if (hd <= 32) launch(attention_kernel<1>, grid, kAttnThreads, 0, stream_, a);
+  else if (hd <= 64) launch(attention_kernel<2>, grid, kAttnThreads, 0, stream_, a);
+  else if (hd <= 128) launch(attention_kernel<4>, grid, kAttnThreads, 0, stream_, a);
+  else launch(attention_kernel<8>, grid, kAttnThreads, 0, stream_, a);
   check_launch("attention");
   if (tiled) {
     const int64_t tiles_per_seq = cdiv(layout.max_query_len, kTileRows);
@@ -500,23 +495,14 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
       st->tiled_smem[vi] = true;
     }
     const int tps = int(tiles_per_seq);
-    if (vi == 0)
-      launch(attention_tiled_kernel<1>, tgrid, kTileThreads, smem, stream_, a,
-             tps);
-    else if (vi == 1)
-      launch(attention_tiled_kernel<2>, tgrid, kTileThreads, smem, stream_, a,
-             tps);
-    else if (vi == 2)
-      launch(attention_tiled_kernel<4>, tgrid, kTileThreads, smem, stream_, a,
-             tps);
-    else
-      launch(attention_tiled_kernel<8>, tgrid, kTileThreads, smem, stream_, a,
-             tps);
+    if (vi == 0) launch(attention_tiled_kernel<1>, tgrid, kTileThreads, smem, stream_, a, tps);
+    else if (vi == 1) launch(attention_tiled_kernel<2>, tgrid, kTileThreads, smem, stream_, a, tps);
+    else if (vi == 2) launch(attention_tiled_kernel<4>, tgrid, kTileThreads, smem, stream_, a, tps);
+    else launch(attention_tiled_kernel<8>, tgrid, kTileThreads, smem, stream_, a, tps);
     check_launch("attention: tiled");
   }
   if (splits > 1) {
-    launch(attention_merge_kernel, dim3{unsigned(T), unsigned(Hq)},
-           kAttnThreads, 0, stream_, a);
+    launch(attention_merge_kernel, dim3{unsigned(T), unsigned(Hq)}, kAttnThreads, 0, stream_, a);
     check_launch("attention: merge");
   }
 }

@@ -647,10 +647,8 @@ void CudaOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& 
   a.channel_blocks = int(channel_blocks);
   a.T = T;
   const dim3 grid{unsigned(channel_blocks * B), unsigned(pieces)};
-  if (kc <= 4)
-    launch(conv1d_silu_kernel<4>, grid, kConvThreads, 0, stream_, a);
-  else
-    launch(conv1d_silu_kernel<16>, grid, kConvThreads, 0, stream_, a);
+  if (kc <= 4) launch(conv1d_silu_kernel<4>, grid, kConvThreads, 0, stream_, a);
+  else launch(conv1d_silu_kernel<16>, grid, kConvThreads, 0, stream_, a);
   check_launch("causal_conv1d_silu");
 }
 
@@ -694,16 +692,10 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
 
   // Single rows and verifying sequences: the recurrence.
   const int rpt = int(cdiv(d.dk, kRecWarps));
-  if (rpt <= 4)
-    launch(delta_rule_recurrent_kernel<4>, grid, kRecWarps * 32, 0, stream_, a);
-  else if (rpt <= 8)
-    launch(delta_rule_recurrent_kernel<8>, grid, kRecWarps * 32, 0, stream_, a);
-  else if (rpt <= 16)
-    launch(delta_rule_recurrent_kernel<16>, grid, kRecWarps * 32, 0, stream_,
-           a);
-  else
-    launch(delta_rule_recurrent_kernel<32>, grid, kRecWarps * 32, 0, stream_,
-           a);
+  if (rpt <= 4) launch(delta_rule_recurrent_kernel<4>, grid, kRecWarps * 32, 0, stream_, a);
+  else if (rpt <= 8) launch(delta_rule_recurrent_kernel<8>, grid, kRecWarps * 32, 0, stream_, a);
+  else if (rpt <= 16) launch(delta_rule_recurrent_kernel<16>, grid, kRecWarps * 32, 0, stream_, a);
+  else launch(delta_rule_recurrent_kernel<32>, grid, kRecWarps * 32, 0, stream_, a);
   check_launch("gated_delta_rule: recurrent");
 
   // The other sequences of more than one row: the chunked form.

@@ -127,10 +127,8 @@ void CudaOps::token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& lo
     expect_device("token_logprobs", "top_logprobs", top_logprobs);
   }
   if (R == 0) return;
-  launch(token_logprobs_kernel, unsigned(R), kThreads, 0, stream_, f32(logits),
-         int(V), i32(ids), f32_mut(logprob), int(K),
-         K > 0 ? i32_mut(top_ids) : nullptr,
-         K > 0 ? f32_mut(top_logprobs) : nullptr);
+  launch(token_logprobs_kernel, unsigned(R), kThreads, 0, stream_, f32(logits), int(V), i32(ids), f32_mut(logprob),
+         int(K), K > 0 ? i32_mut(top_ids) : nullptr, K > 0 ? f32_mut(top_logprobs) : nullptr);
   check_launch("token_logprobs");
 }
 

@@ -111,10 +111,9 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
 
   constexpr int64_t kStep = int64_t(32) * E;
   if constexpr (VEC && R == 1) {
-    // One weight row a warp (one or two x rows): the U loads in flight stay raw
-    // words until their step's products, so that a lane holds 4 x 16 bytes of
-    // weights in 16 registers, not 4 x E floats (64 for FP8): more warps fit an
-    // SM, and more loads are in flight.
+    // One weight row a warp (one or two x rows): the U loads in flight stay raw words until their
+    // step's products, so that a lane holds 4 x 16 bytes of weights in 16 registers, not 4 x E
+    // floats (64 for FP8): more warps fit an SM, and more loads are in flight.
     for (int64_t kb = int64_t(lane) * E; kb < K; kb += U * kStep) {
       Words<WORDS> raw[U];
       float sc[U];
@@ -123,37 +122,31 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
         const int64_t k = kb + u * kStep;
         if (k < K) {
           raw[u] = load_words<WORDS>(wr[0] + k);
-          if constexpr (SCALED)
-            sc[u] = __ldg(sr[0] + k / kScaleBlock);
+          if constexpr (SCALED) sc[u] = __ldg(sr[0] + k / kScaleBlock);
         }
       }
 #pragma unroll
       for (int u = 0; u < U; ++u) {
         const int64_t k = kb + u * kStep;
-        if (k >= K)
-          break;
+        if (k >= K) break;
         float wv[E];
         unpack_words<W, WORDS>(raw[u], wv);
         if constexpr (SCALED) {
 #pragma unroll
-          for (int e = 0; e < E; ++e)
-            wv[e] *= sc[u];
+          for (int e = 0; e < E; ++e) wv[e] *= sc[u];
         }
 #pragma unroll
         for (int t = 0; t < TM; ++t) {
-          if (t >= nt)
-            break;
-          const float *xr = x + t * ldx + k;
+          if (t >= nt) break;
+          const float* xr = x + t * ldx + k;
           float xv[E];
 #pragma unroll
           for (int q = 0; q < E / 4; ++q) {
-            const float4 v = __ldg(reinterpret_cast<const float4 *>(xr) + q);
-            xv[4 * q] = v.x, xv[4 * q + 1] = v.y, xv[4 * q + 2] = v.z,
-                   xv[4 * q + 3] = v.w;
+            const float4 v = __ldg(reinterpret_cast<const float4*>(xr) + q);
+            xv[4 * q] = v.x, xv[4 * q + 1] = v.y, xv[4 * q + 2] = v.z, xv[4 * q + 3] = v.w;
           }
 #pragma unroll
-          for (int e = 0; e < E; ++e)
-            acc[0][t] = fmaf(xv[e], wv[e], acc[0][t]);
+          for (int e = 0; e < E; ++e) acc[0][t] = fmaf(xv[e], wv[e], acc[0][t]);
         }
       }
     }
@@ -161,52 +154,52 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
     for (int64_t kb = int64_t(lane) * E; kb < K; kb += U * kStep) {
       float wv[U][R][E];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t k = kb + u * kStep;
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = kb + u * kStep;
 #pragma unroll
-      for (int r = 0; r < R; ++r) {
-        if (k < K) {
-          if constexpr (VEC) {
-            unpack_words<W, WORDS>(load_words<WORDS>(wr[r] + k), wv[u][r]);
+        for (int r = 0; r < R; ++r) {
+          if (k < K) {
+            if constexpr (VEC) {
+              unpack_words<W, WORDS>(load_words<WORDS>(wr[r] + k), wv[u][r]);
+            } else {
+              wv[u][r][0] = to_float(wr[r][k]);
+            }
+            if constexpr (SCALED) {
+              const float sc = __ldg(sr[r] + k / kScaleBlock);
+#pragma unroll
+              for (int e = 0; e < E; ++e) wv[u][r][e] *= sc;
+            }
           } else {
-            wv[u][r][0] = to_float(wr[r][k]);
-          }
-          if constexpr (SCALED) {
-            const float sc = __ldg(sr[r] + k / kScaleBlock);
 #pragma unroll
-            for (int e = 0; e < E; ++e) wv[u][r][e] *= sc;
+            for (int e = 0; e < E; ++e) wv[u][r][e] = 0.0f;
           }
-        } else {
+        }
+      }
 #pragma unroll
-          for (int e = 0; e < E; ++e) wv[u][r][e] = 0.0f;
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = kb + u * kStep;
+        if (k >= K) break;
+#pragma unroll
+        for (int t = 0; t < TM; ++t) {
+          if (t >= nt) break;
+          const float* xr = x + t * ldx + k;
+          float xv[E];
+          if constexpr (VEC) {
+#pragma unroll
+            for (int q = 0; q < E / 4; ++q) {
+              const float4 v = __ldg(reinterpret_cast<const float4*>(xr) + q);
+              xv[4 * q] = v.x, xv[4 * q + 1] = v.y, xv[4 * q + 2] = v.z, xv[4 * q + 3] = v.w;
+            }
+          } else {
+            xv[0] = __ldg(xr);
+          }
+#pragma unroll
+          for (int r = 0; r < R; ++r)
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[r][t] = fmaf(xv[e], wv[u][r][e], acc[r][t]);
         }
       }
     }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t k = kb + u * kStep;
-      if (k >= K) break;
-#pragma unroll
-      for (int t = 0; t < TM; ++t) {
-        if (t >= nt) break;
-        const float* xr = x + t * ldx + k;
-        float xv[E];
-        if constexpr (VEC) {
-#pragma unroll
-          for (int q = 0; q < E / 4; ++q) {
-            const float4 v = __ldg(reinterpret_cast<const float4*>(xr) + q);
-            xv[4 * q] = v.x, xv[4 * q + 1] = v.y, xv[4 * q + 2] = v.z, xv[4 * q + 3] = v.w;
-          }
-        } else {
-          xv[0] = __ldg(xr);
-        }
-#pragma unroll
-        for (int r = 0; r < R; ++r)
-#pragma unroll
-          for (int e = 0; e < E; ++e) acc[r][t] = fmaf(xv[e], wv[u][r][e], acc[r][t]);
-      }
-    }
-  }
   }
 
 #pragma unroll
@@ -260,8 +253,7 @@ void launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewR
   for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = warps += cdiv(tg.t[q].N, R);
   const int64_t blocks = cdiv(warps, kFewThreads / 32);
   check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", warps * R);
-  launch(few_rows_kernel<WA, SA, WB, SB, TM, VEC, EXACT>, unsigned(blocks),
-         kFewThreads, 0, stream, x, ldx, T, K, tg);
+  launch(few_rows_kernel<WA, SA, WB, SB, TM, VEC, EXACT>, unsigned(blocks), kFewThreads, 0, stream, x, ldx, T, K, tg);
 }
 
 // The targets of weight type W (SCALED: block-scaled FP8), or with a second type WB, SB for the
@@ -502,14 +494,14 @@ void launch_gemm_tiles(const float* x, int64_t ldx, int T, int64_t K, const W* w
   const dim3 grid{unsigned(gx), unsigned(gy), unsigned(splits)};
   constexpr int NT = gemm_threads<BM>();
   if (ws)
-    launch(gemm_kernel<W, BM, false, true>, grid, NT, 0, stream, x, ldx, T, K,
-           w, ws, N, out, ldo, k_split, split_stride, vec_out);
+    launch(gemm_kernel<W, BM, false, true>, grid, NT, 0, stream, x, ldx, T, K, w, ws, N, out, ldo, k_split,
+           split_stride, vec_out);
   else if (vec)
-    launch(gemm_kernel<W, BM, true, false>, grid, NT, 0, stream, x, ldx, T, K,
-           w, ws, N, out, ldo, k_split, split_stride, vec_out);
+    launch(gemm_kernel<W, BM, true, false>, grid, NT, 0, stream, x, ldx, T, K, w, ws, N, out, ldo, k_split,
+           split_stride, vec_out);
   else
-    launch(gemm_kernel<W, BM, false, false>, grid, NT, 0, stream, x, ldx, T, K,
-           w, ws, N, out, ldo, k_split, split_stride, vec_out);
+    launch(gemm_kernel<W, BM, false, false>, grid, NT, 0, stream, x, ldx, T, K, w, ws, N, out, ldo, k_split,
+           split_stride, vec_out);
 }
 
 // How a product of many rows is tiled: the tile height that wastes least on few rows (128 only
@@ -552,8 +544,7 @@ void launch_gemm(const float* x, int64_t ldx, int T, int64_t K, const W* w, cons
   }
   if (splits > 1) {
     check_launch("matmul");
-    launch(sum_splits_kernel, cuda::blocks_for(int64_t(T) * N, 256), 256, 0,
-           stream, out, splits, T, N, y, ldy);
+    launch(sum_splits_kernel, cuda::blocks_for(int64_t(T) * N, 256), 256, 0, stream, out, splits, T, N, y, ldy);
   }
 }
 
@@ -725,9 +716,8 @@ bool lt_fp8_matmul(MatmulState& st, Counters& counters, const float* x, int64_t 
   const LtPlan& p = st.plan(Tp, K, N, ws, xs, counters);
   if (!p.ok) return false;
   const int64_t warps = Tp * (K / kScaleBlock);
-  launch(quantize_rows_b128_kernel,
-         unsigned(std::min<int64_t>(cdiv(warps, 8), 65535)), 256, 0, stream, x,
-         T, Tp, K, xq, xs);
+  launch(quantize_rows_b128_kernel, unsigned(std::min<int64_t>(cdiv(warps, 8), 65535)), 256, 0, stream, x, T, Tp, K, xq,
+         xs);
   check_launch("matmul: quantizing x to FP8");
   check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws, sizeof(ws)) ==
                 CUBLAS_STATUS_SUCCESS &&
@@ -752,9 +742,8 @@ void cublas_matmul(cublasHandle_t handle, const float* x, int64_t T, int64_t K, 
   if (wdt == DType::F8_E4M3_B128) {
     __nv_bfloat16* wb = static_cast<__nv_bfloat16*>(xh) + T * K;
     const int64_t chunks = N * K / 8;
-    launch(dequantize_b128_kernel,
-           unsigned(std::min<int64_t>(cdiv(chunks, 256), 8192)), 256, 0, stream,
-           static_cast<const f8e4m3 *>(w), ws, N, K, wb);
+    launch(dequantize_b128_kernel, unsigned(std::min<int64_t>(cdiv(chunks, 256), 8192)), 256, 0, stream,
+           static_cast<const f8e4m3*>(w), ws, N, K, wb);
     check_launch("matmul: dequantizing FP8 weights");
     w = wb;
     wdt = DType::BF16;

@@ -1258,9 +1258,8 @@ void CudaOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& 
   if (T == 0) return;
   const unsigned grid = unsigned(blocks_for(T, kTopkWarps));
   auto launch_for = [&](auto per) {
-    launch(topk_softmax_kernel<decltype(per)::value>, grid, kTopkWarps * 32, 0,
-           stream_, cuda::f32(logits), T, int(E), k, normalize,
-           cuda::i32_mut(ids), cuda::f32_mut(weights));
+    launch(topk_softmax_kernel<decltype(per)::value>, grid, kTopkWarps * 32, 0, stream_, cuda::f32(logits), T, int(E),
+           k, normalize, cuda::i32_mut(ids), cuda::f32_mut(weights));
   };
   if (E <= 128)
     launch_for(std::integral_constant<int, 4>{});
@@ -1286,9 +1285,8 @@ void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Te
     case eplb::Dispatch::static_: {
       expect_device("dispatch", "static_slot", tables.static_slot);
       if (N == 0) return;
-      launch(dispatch_static_kernel, blocks_for(N, 256), 256, 0, stream_,
-             cuda::i32(ids), N, cuda::i32(tables.static_slot), E,
-             cuda::i32_mut(slots), st.fault);
+      launch(dispatch_static_kernel, blocks_for(N, 256), 256, 0, stream_, cuda::i32(ids), N,
+             cuda::i32(tables.static_slot), E, cuda::i32_mut(slots), st.fault);
       check_launch("dispatch");
       break;
     }
@@ -1298,10 +1296,8 @@ void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Te
       expect_device("dispatch", "pass_seed", tables.pass_seed);
       const int64_t R = shape.R;
       if (N == 0) return;
-      launch(dispatch_random_kernel, blocks_for(N, 256), 256, 0, stream_,
-             cuda::i32(ids), N, cuda::i32(tables.replicas),
-             cuda::i32(tables.replica_count), E, R,
-             static_cast<const int64_t *>(tables.pass_seed.raw()), tables.layer,
+      launch(dispatch_random_kernel, blocks_for(N, 256), 256, 0, stream_, cuda::i32(ids), N, cuda::i32(tables.replicas),
+             cuda::i32(tables.replica_count), E, R, static_cast<const int64_t*>(tables.pass_seed.raw()), tables.layer,
              tables.rank, cuda::i32_mut(slots), st.fault);
       check_launch("dispatch");
       break;
@@ -1322,8 +1318,7 @@ void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Te
       st.allow_smem(reinterpret_cast<const void*>(&dispatch_balanced_kernel), smem, st.balanced_smem, "dispatch");
       cm::balanced::Args a{cuda::i32(tables.phy2log), cuda::i32(counts_by_rank), cuda::i32(ids),
                               cuda::i32_mut(slots), N, Ei, Pi, G, tables.slots_per_rank, tables.rank};
-      launch(dispatch_balanced_kernel, 1, kBalancedThreads, smem, stream_, a, g,
-             st.fault);
+      launch(dispatch_balanced_kernel, 1, kBalancedThreads, smem, stream_, a, g, st.fault);
       check_launch("dispatch");
       break;
     }
@@ -1343,9 +1338,8 @@ void CudaOps::histogram(const Tensor& keys, Tensor& counts) {
   const bool shared = bins <= kHistSharedBins;
   const int64_t per_block = shared ? std::max<int64_t>(4096, bins) : 4096;
   const unsigned grid = unsigned(std::min<int64_t>(cdiv(N, per_block), int64_t(st.sms) * 4));
-  launch(histogram_kernel, grid, 256, shared ? size_t(bins) * sizeof(int) : 0,
-         stream_, cuda::i32(keys), N, cuda::i32_mut(counts), bins, shared,
-         st.fault);
+  launch(histogram_kernel, grid, 256, shared ? size_t(bins) * sizeof(int) : 0, stream_, cuda::i32(keys), N,
+         cuda::i32_mut(counts), bins, shared, st.fault);
   check_launch("histogram");
   st.after(stream_);
 }
@@ -1366,17 +1360,15 @@ void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int gro
   const int32_t* vp = valid.defined() ? cuda::i32(valid) : nullptr;
   const int64_t vn = valid.defined() ? valid.numel() : 0;
   if (N == 0) {
-    launch(group_empty_kernel, blocks_for(int64_t(groups) + 1, 256), 256, 0,
-           stream_, vp, vn, groups, cuda::i32_mut(counts),
-           cuda::i32_mut(offsets), st.fault);
+    launch(group_empty_kernel, blocks_for(int64_t(groups) + 1, 256), 256, 0, stream_, vp, vn, groups,
+           cuda::i32_mut(counts), cuda::i32_mut(offsets), st.fault);
     check_launch("group_by");
     st.after(stream_);
     return;
   }
   if (N <= kGroupSmallKeys && groups < kGroupSmallBins) {
-    launch(group_small_kernel, 1, kGroupSmallThreads, 0, stream_,
-           cuda::i32(keys), int(N), vp, vn, div, groups, cuda::i32_mut(perm),
-           cuda::i32_mut(counts), cuda::i32_mut(offsets),
+    launch(group_small_kernel, 1, kGroupSmallThreads, 0, stream_, cuda::i32(keys), int(N), vp, vn, div, groups,
+           cuda::i32_mut(perm), cuda::i32_mut(counts), cuda::i32_mut(offsets),
            inverse.defined() ? cuda::i32_mut(inverse) : nullptr, st.fault);
     check_launch("group_by");
     st.after(stream_);
@@ -1403,18 +1395,15 @@ void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int gro
   int32_t* vout = carve.take<int32_t>(size_t(N));
   char* tmp = carve.take<char>(temp);
   const unsigned grid = unsigned(std::min<int64_t>(blocks_for(N, 256), int64_t(st.sms) * 8));
-  launch(group_keys_kernel, grid, 256, 0, stream_, cuda::i32(keys), N, vp, vn,
-         div, groups, kin, vin, st.fault);
+  launch(group_keys_kernel, grid, 256, 0, stream_, cuda::i32(keys), N, vp, vn, div, groups, kin, vin, st.fault);
   check_launch("group_by");
   check_cuda(cub::DeviceRadixSort::SortPairs(tmp, temp, kin, kout, vin, vout, int(N), 0, end_bit, stream_),
              "group_by: radix sort");
   check_launch("group_by");
-  launch(group_offsets_kernel, blocks_for(int64_t(groups) + 1, 256), 256, 0,
-         stream_, kout, N, groups, cuda::i32_mut(counts),
-         cuda::i32_mut(offsets));
+  launch(group_offsets_kernel, blocks_for(int64_t(groups) + 1, 256), 256, 0, stream_, kout, N, groups,
+         cuda::i32_mut(counts), cuda::i32_mut(offsets));
   check_launch("group_by");
-  launch(group_scatter_kernel, grid, 256, 0, stream_, kout, vout, N, groups,
-         cuda::i32_mut(perm),
+  launch(group_scatter_kernel, grid, 256, 0, stream_, kout, vout, N, groups, cuda::i32_mut(perm),
          inverse.defined() ? cuda::i32_mut(inverse) : nullptr);
   check_launch("group_by");
   st.after(stream_);
@@ -1506,10 +1495,9 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   constexpr int64_t kRoundInTiles = 65536;  // elements of x the tile pass rounds itself
   const bool round = tensor_cores && large_tiles;
   if (round && M * H > kRoundInTiles) round_to_16bit(cuda::f32(x), xb, M * H, stream_);
-  launch(expert_tiles_kernel, 1, kTileThreads, 0, stream_, cuda::i32(offsets),
-         groups, large_tiles ? small_max : int(Np), small_rows, Np, table,
-         small, cap_small, large, cap_large, ntiles, cuda::f32(x), xb,
-         round && M * H <= kRoundInTiles ? M * H : 0, st.fault);
+  launch(expert_tiles_kernel, 1, kTileThreads, 0, stream_, cuda::i32(offsets), groups,
+         large_tiles ? small_max : int(Np), small_rows, Np, table, small, cap_small, large, cap_large, ntiles,
+         cuda::f32(x), xb, round && M * H <= kRoundInTiles ? M * H : 0, st.fault);
   check_launch("moe_experts");
 
   ExpertsArgs a{cuda::f32(x), M, H, cuda::i32(perm), Np, row_div, cuda::f32_mut(y), Ny, table, h, ldh,
@@ -1523,12 +1511,8 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.ntiles = ntiles;
     s.fblocks = int(cdiv(nout, (kSmallThreads / 32) * small_fpw<GU, MAXR>()));
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_small * s.fblocks, resident_small)));
-    if (vec)
-      launch(experts_small_kernel<GU, true, MAXR>, grid, kSmallThreads, 0,
-             stream_, s);
-    else
-      launch(experts_small_kernel<GU, false, MAXR>, grid, kSmallThreads, 0,
-             stream_, s);
+    if (vec) launch(experts_small_kernel<GU, true, MAXR>, grid, kSmallThreads, 0, stream_, s);
+    else launch(experts_small_kernel<GU, false, MAXR>, grid, kSmallThreads, 0, stream_, s);
     check_launch("moe_experts");
   };
   auto launch_small = [&](auto gu_tag, int64_t nout) {
@@ -1546,14 +1530,9 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.ntiles = ntiles + 1;
     s.fblocks = int(cdiv(nout, kTileCols));
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident_gemm)));
-    if (tensor_cores && f8)
-      launch(experts_wmma_kernel<GU, true>, grid, kExpertThreads, 0, stream_,
-             s);
-    else if (tensor_cores)
-      launch(experts_wmma_kernel<GU, false>, grid, kExpertThreads, 0, stream_,
-             s);
-    else
-      launch(experts_gemm_kernel<GU>, grid, kExpertThreads, 0, stream_, s);
+    if (tensor_cores && f8) launch(experts_wmma_kernel<GU, true>, grid, kExpertThreads, 0, stream_, s);
+    else if (tensor_cores) launch(experts_wmma_kernel<GU, false>, grid, kExpertThreads, 0, stream_, s);
+    else launch(experts_gemm_kernel<GU>, grid, kExpertThreads, 0, stream_, s);
     check_launch("moe_experts");
   };
   // gate and up into h (every listed row), then down from h into y.
@@ -1582,11 +1561,11 @@ void CudaOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& wei
   const int64_t n = T * (v4 ? H / 4 : H);
   const unsigned grid = unsigned(std::min<int64_t>(blocks_for(n, 256), int64_t(st.sms) * 16));
   if (v4)
-    launch(combine_kernel<true>, grid, 256, 0, stream_, cuda::f32(y), M, r,
-           cuda::f32(weights), T, k, H, cuda::f32_mut(out), st.fault);
+    launch(combine_kernel<true>, grid, 256, 0, stream_, cuda::f32(y), M, r, cuda::f32(weights), T, k, H,
+           cuda::f32_mut(out), st.fault);
   else
-    launch(combine_kernel<false>, grid, 256, 0, stream_, cuda::f32(y), M, r,
-           cuda::f32(weights), T, k, H, cuda::f32_mut(out), st.fault);
+    launch(combine_kernel<false>, grid, 256, 0, stream_, cuda::f32(y), M, r, cuda::f32(weights), T, k, H,
+           cuda::f32_mut(out), st.fault);
   check_launch("moe_combine");
   st.after(stream_);
 }

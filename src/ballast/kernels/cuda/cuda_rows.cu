@@ -103,12 +103,8 @@ void launch_binary(const float* a, const float* b, float* out, int64_t n, F f, c
   if (n <= 0) return;
   const bool vec = aligned(a, 16) && aligned(b, 16) && aligned(out, 16);
   const unsigned blocks = blocks_for(vec ? std::max<int64_t>(n / 4, 1) : n, kThreads);
-  if (vec)
-    launch(binary_kernel<F, true>, blocks, kThreads, 0, stream, a, b, out, n,
-           f);
-  else
-    launch(binary_kernel<F, false>, blocks, kThreads, 0, stream, a, b, out, n,
-           f);
+  if (vec) launch(binary_kernel<F, true>, blocks, kThreads, 0, stream, a, b, out, n, f);
+  else launch(binary_kernel<F, false>, blocks, kThreads, 0, stream, a, b, out, n, f);
   check_launch(op);
 }
 
@@ -225,13 +221,11 @@ void launch_row_copy(const void* x, const int32_t* rows, int row_div, int64_t M,
     const int threads = int(std::min<int64_t>(kThreads, cdiv(units, 32) * 32));
     const unsigned blocks = unsigned(std::min<int64_t>(N, 2147483647));
     if constexpr (GATHER)
-      launch(gather_rows_kernel<U>, blocks, threads, 0, stream,
-             static_cast<const U *>(x), rows, row_div, M, static_cast<U *>(out),
-             N, units);
+      launch(gather_rows_kernel<U>, blocks, threads, 0, stream, static_cast<const U*>(x), rows, row_div, M,
+             static_cast<U*>(out), N, units);
     else
-      launch(scatter_rows_kernel<U>, blocks, threads, 0, stream,
-             static_cast<const U *>(x), rows, M, static_cast<U *>(out), N,
-             units);
+      launch(scatter_rows_kernel<U>, blocks, threads, 0, stream, static_cast<const U*>(x), rows, M,
+             static_cast<U*>(out), N, units);
   };
   auto fits = [&](size_t b) { return row % b == 0 && aligned(x, b) && aligned(out, b); };
   if (fits(16)) go(uint4{});
@@ -315,8 +309,8 @@ void launch_norm_rows(const float* x, const float* z, const Tensor& w, float eps
   const int width = BLOCK ? kThreads : 32;
   const unsigned grid = BLOCK ? blocks_for(R, 1) : blocks_for(R, kWarps);
   auto go = [&](auto per) {
-    launch(norm_kernel<MODE, BLOCK, decltype(per)::value>, grid, kThreads, 0,
-           stream, x, z, w.raw(), w.dtype(), eps, y, R, D);
+    launch(norm_kernel<MODE, BLOCK, decltype(per)::value>, grid, kThreads, 0, stream, x, z, w.raw(), w.dtype(), eps, y,
+           R, D);
   };
   if (D <= 4 * width) go(std::integral_constant<int, 4>{});
   else if (D <= 8 * width) go(std::integral_constant<int, 8>{});
@@ -369,8 +363,7 @@ void launch_rope(float* x, const int32_t* pos, int64_t T, int64_t heads, int64_t
   const int half = rot / 2;
   InvFreq<CAP> f{};
   for (int i = 0; i < half; ++i) f.v[i] = float(1.0 / std::pow(theta, double(2 * i) / rot));
-  launch(rope_kernel<CAP>, blocks_for(T * half, kThreads), kThreads, 0, stream,
-         x, pos, T, heads, hd, half, f);
+  launch(rope_kernel<CAP>, blocks_for(T * half, kThreads), kThreads, 0, stream, x, pos, T, heads, hd, half, f);
   check_launch("rope");
 }
 
@@ -388,9 +381,8 @@ void CudaOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
   expect_device("embedding", "out", out);
   if (T == 0 || H == 0) return;
   const int threads = int(std::min<int64_t>(kThreads, cdiv(H, 32) * 32));
-  launch(embedding_kernel, blocks_for(T, 1), threads, 0, stream_,
-         cuda::i32(ids), table.raw(), table.dtype(), V, H, cuda::f32_mut(out),
-         T);
+  launch(embedding_kernel, blocks_for(T, 1), threads, 0, stream_, cuda::i32(ids), table.raw(), table.dtype(), V, H,
+         cuda::f32_mut(out), T);
   check_launch("embedding");
 }
 
@@ -446,17 +438,13 @@ void CudaOps::fill_uniform(Tensor& t, uint64_t seed, float scale) {
   const int64_t n = t.numel();
   const unsigned blocks = blocks_for(n, kThreads);
   if (t.dtype() == DType::F32)
-    launch(fill_uniform_kernel<float>, blocks, kThreads, 0, stream_,
-           static_cast<float *>(t.raw()), n, seed, scale);
+    launch(fill_uniform_kernel<float>, blocks, kThreads, 0, stream_, static_cast<float*>(t.raw()), n, seed, scale);
   else if (t.dtype() == DType::BF16)
-    launch(fill_uniform_kernel<__nv_bfloat16>, blocks, kThreads, 0, stream_,
-           static_cast<__nv_bfloat16 *>(t.raw()), n, seed, scale);
+    launch(fill_uniform_kernel<__nv_bfloat16>, blocks, kThreads, 0, stream_, static_cast<__nv_bfloat16*>(t.raw()), n,
+           seed, scale);
   else if (t.dtype() == DType::F8_E4M3)
-    launch(fill_uniform_kernel<f8e4m3>, blocks, kThreads, 0, stream_,
-           static_cast<f8e4m3 *>(t.raw()), n, seed, scale);
-  else
-    launch(fill_uniform_kernel<__half>, blocks, kThreads, 0, stream_,
-           static_cast<__half *>(t.raw()), n, seed, scale);
+    launch(fill_uniform_kernel<f8e4m3>, blocks, kThreads, 0, stream_, static_cast<f8e4m3*>(t.raw()), n, seed, scale);
+  else launch(fill_uniform_kernel<__half>, blocks, kThreads, 0, stream_, static_cast<__half*>(t.raw()), n, seed, scale);
   check_launch("fill_uniform");
 }
 
@@ -467,8 +455,8 @@ void CudaOps::concat_cols(const Tensor& a, const Tensor& b, Tensor& out) {
   expect_device("concat_cols", "b", b);
   expect_device("concat_cols", "out", out);
   if (T == 0 || A + B == 0) return;
-  launch(concat_cols_kernel, blocks_for(T * (A + B), kThreads), kThreads, 0,
-         stream_, cuda::f32(a), cuda::f32(b), cuda::f32_mut(out), T, A, B);
+  launch(concat_cols_kernel, blocks_for(T * (A + B), kThreads), kThreads, 0, stream_, cuda::f32(a), cuda::f32(b),
+         cuda::f32_mut(out), T, A, B);
   check_launch("concat_cols");
 }
 
@@ -495,8 +483,8 @@ void CudaOps::scale_rows_sigmoid(Tensor& y, const Tensor& s) {
   expect_device("scale_rows_sigmoid", "s", s);
   expect_device("scale_rows_sigmoid", "y", y);
   if (T == 0 || D == 0) return;
-  launch(scale_rows_sigmoid_kernel, blocks_for(T * D, kThreads), kThreads, 0,
-         stream_, cuda::f32_mut(y), cuda::f32(s), T * D, D);
+  launch(scale_rows_sigmoid_kernel, blocks_for(T * D, kThreads), kThreads, 0, stream_, cuda::f32_mut(y), cuda::f32(s),
+         T * D, D);
   check_launch("scale_rows_sigmoid");
 }
 
@@ -533,9 +521,8 @@ void CudaOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
   expect_device("split_heads_gate", "q", q);
   expect_device("split_heads_gate", "gate", gate);
   if (rows == 0) return;
-  launch(split_heads_gate_kernel, blocks_for(rows * 2 * hd, kThreads), kThreads,
-         0, stream_, cuda::f32(qg), cuda::f32_mut(q), cuda::f32_mut(gate), rows,
-         hd);
+  launch(split_heads_gate_kernel, blocks_for(rows * 2 * hd, kThreads), kThreads, 0, stream_, cuda::f32(qg),
+         cuda::f32_mut(q), cuda::f32_mut(gate), rows, hd);
   check_launch("split_heads_gate");
 }
 
@@ -561,9 +548,8 @@ void CudaOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log,
   expect_device("delta_gates", "A_log", A_log);
   expect_device("delta_gates", "dt_bias", dt_bias);
   if (T * Hv == 0) return;
-  launch(delta_gates_kernel, blocks_for(T * Hv, kThreads), kThreads, 0, stream_,
-         cuda::f32(b), cuda::f32(a), A_log.raw(), A_log.dtype(), dt_bias.raw(),
-         dt_bias.dtype(), cuda::f32_mut(beta), cuda::f32_mut(g), T * Hv, Hv);
+  launch(delta_gates_kernel, blocks_for(T * Hv, kThreads), kThreads, 0, stream_, cuda::f32(b), cuda::f32(a),
+         A_log.raw(), A_log.dtype(), dt_bias.raw(), dt_bias.dtype(), cuda::f32_mut(beta), cuda::f32_mut(g), T * Hv, Hv);
   check_launch("delta_gates");
 }
 

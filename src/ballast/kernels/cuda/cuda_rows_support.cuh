@@ -147,8 +147,7 @@ __global__ void round_to_16bit_kernel(const float* __restrict__ x, H* __restrict
 template <typename H>
 void round_to_16bit(const float* x, H* out, int64_t n, cudaStream_t stream) {
   const int64_t blocks = (n / 4 + 256) / 256;
-  launch(round_to_16bit_kernel<H>, unsigned(blocks < 4096 ? blocks : 4096), 256,
-         0, stream, x, out, n);
+  launch(round_to_16bit_kernel<H>, unsigned(blocks < 4096 ? blocks : 4096), 256, 0, stream, x, out, n);
 }
 
 }  // namespace ballast::kernels::cuda::rows

@@ -496,8 +496,7 @@ void CudaOps::sample(const Tensor& logits, const SamplingRows& rows, Draw stream
   if (probs.defined()) expect_device("sample", "probs", probs);
   const RowArgs args = row_args("sample", rows);
   if (R == 0) return;
-  launch(sample_kernel, unsigned(R), kThreads, 0, stream_, f32(logits), int(V),
-         args, stream, i32_mut(ids),
+  launch(sample_kernel, unsigned(R), kThreads, 0, stream_, f32(logits), int(V), args, stream, i32_mut(ids),
          probs.defined() ? f32_mut(probs) : nullptr);
   check_launch("sample");
 }
@@ -518,13 +517,11 @@ void CudaOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Te
   if (B == 0) return;
   int32_t* token = static_cast<int32_t*>(scratch_.bytes(size_t(2 * R) * sizeof(int32_t)));
   int32_t* accepted = token + R;
-  launch(verify_rows_kernel, unsigned(R), kThreads, 0, stream_, f32(logits),
-         int(V), int(S), S > 0 ? i32(drafts) : nullptr,
-         draft_probs.defined() ? f32(draft_probs) : nullptr, args, token,
-         accepted);
+  launch(verify_rows_kernel, unsigned(R), kThreads, 0, stream_, f32(logits), int(V), int(S),
+         S > 0 ? i32(drafts) : nullptr, draft_probs.defined() ? f32(draft_probs) : nullptr, args, token, accepted);
   check_launch("verify_drafts: rows");
-  launch(verify_finish_kernel, blocks_for(B, 128), 128, 0, stream_, int(B),
-         int(S), S > 0 ? i32(drafts) : nullptr, token, accepted, i32_mut(out));
+  launch(verify_finish_kernel, blocks_for(B, 128), 128, 0, stream_, int(B), int(S), S > 0 ? i32(drafts) : nullptr,
+         token, accepted, i32_mut(out));
   check_launch("verify_drafts");
 }
 
