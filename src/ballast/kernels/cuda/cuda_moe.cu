@@ -68,6 +68,7 @@ using cuda::rows::round_to_16bit;
 using cuda::rows::to_float;
 using cuda::rows::unpack_word;
 using cuda::rows::unpack_words;
+using cuda::rows::Words;
 
 namespace {
 
@@ -801,43 +802,91 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
     for (int f = 0; f < FPW; ++f)
 #pragma unroll
       for (int r = 0; r < MAXR; ++r) acc[m][f][r] = 0.0f;
-  for (int64_t k0 = int64_t(lane) * EL; k0 < K; k0 += U * STEP) {
-    float wv[U][NM][FPW][EL];
+  constexpr int WORDS = VEC ? EL * int(sizeof(W)) / 4 : 0;
+  if constexpr (WORDS == 4 && MAXR <= 2) {
+    // Few rows (decode): the U x NM x FPW loads in flight stay raw 16-byte words until their step's
+    // products (16 registers a lane, not 64 floats for FP8), so that more warps fit an SM and more
+    // loads are in flight. A weight is unpacked once per row it meets; the sums are the same.
+    for (int64_t k0 = int64_t(lane) * EL; k0 < K; k0 += U * STEP) {
+      Words<WORDS> raw[U][NM][FPW];
+      float sc[U][NM][FPW];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t k = k0 + u * STEP;
-#pragma unroll
-      for (int m = 0; m < NM; ++m)
-#pragma unroll
-        for (int f = 0; f < FPW; ++f) {
-          if (k < K) {
-            load_el<W, VEC, EL>(w[m][f], k, K, wv[u][m][f]);
-            if constexpr (SCALED) {
-              const float sc = __ldg(sr[m][f] + k / kScaleBlock);
-#pragma unroll
-              for (int e = 0; e < EL; ++e) wv[u][m][f][e] *= sc;
-            }
-          } else {
-#pragma unroll
-            for (int e = 0; e < EL; ++e) wv[u][m][f][e] = 0.0f;
-          }
-        }
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t k = k0 + u * STEP;
-      if (k >= K) break;
-#pragma unroll
-      for (int r = 0; r < MAXR; ++r) {
-        if (in[r] == nullptr) continue;
-        float xv[EL];
-        load_x<VEC, EL>(in[r], k, K, xv);
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = k0 + u * STEP;
 #pragma unroll
         for (int m = 0; m < NM; ++m)
 #pragma unroll
-          for (int f = 0; f < FPW; ++f)
+          for (int f = 0; f < FPW; ++f) {
+            if (k < K) {
+              raw[u][m][f] = load_words<WORDS>(w[m][f] + k);
+              if constexpr (SCALED) sc[u][m][f] = __ldg(sr[m][f] + k / kScaleBlock);
+            }
+          }
+      }
 #pragma unroll
-            for (int e = 0; e < EL; ++e) acc[m][f][r] = fmaf(wv[u][m][f][e], xv[e], acc[m][f][r]);
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = k0 + u * STEP;
+        if (k >= K) break;
+#pragma unroll
+        for (int r = 0; r < MAXR; ++r) {
+          if (in[r] == nullptr) continue;
+          float xv[EL];
+          load_x<VEC, EL>(in[r], k, K, xv);
+#pragma unroll
+          for (int m = 0; m < NM; ++m)
+#pragma unroll
+            for (int f = 0; f < FPW; ++f) {
+              float wv[EL];
+              unpack_words<W, WORDS>(raw[u][m][f], wv);
+              if constexpr (SCALED) {
+#pragma unroll
+                for (int e = 0; e < EL; ++e) wv[e] *= sc[u][m][f];
+              }
+#pragma unroll
+              for (int e = 0; e < EL; ++e) acc[m][f][r] = fmaf(wv[e], xv[e], acc[m][f][r]);
+            }
+        }
+      }
+    }
+  } else {
+    for (int64_t k0 = int64_t(lane) * EL; k0 < K; k0 += U * STEP) {
+      float wv[U][NM][FPW][EL];
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = k0 + u * STEP;
+#pragma unroll
+        for (int m = 0; m < NM; ++m)
+#pragma unroll
+          for (int f = 0; f < FPW; ++f) {
+            if (k < K) {
+              load_el<W, VEC, EL>(w[m][f], k, K, wv[u][m][f]);
+              if constexpr (SCALED) {
+                const float sc = __ldg(sr[m][f] + k / kScaleBlock);
+#pragma unroll
+                for (int e = 0; e < EL; ++e) wv[u][m][f][e] *= sc;
+              }
+            } else {
+#pragma unroll
+              for (int e = 0; e < EL; ++e) wv[u][m][f][e] = 0.0f;
+            }
+          }
+      }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = k0 + u * STEP;
+        if (k >= K) break;
+#pragma unroll
+        for (int r = 0; r < MAXR; ++r) {
+          if (in[r] == nullptr) continue;
+          float xv[EL];
+          load_x<VEC, EL>(in[r], k, K, xv);
+#pragma unroll
+          for (int m = 0; m < NM; ++m)
+#pragma unroll
+            for (int f = 0; f < FPW; ++f)
+#pragma unroll
+              for (int e = 0; e < EL; ++e) acc[m][f][r] = fmaf(wv[u][m][f][e], xv[e], acc[m][f][r]);
+        }
       }
     }
   }
