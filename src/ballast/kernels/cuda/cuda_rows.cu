@@ -256,7 +256,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t r = first; r < R; r += step) {  // BLOCK: block-uniform; else warp-uniform
     const float* xr = x + r * D;
     float* yr = y + r * D;
-    float v[N];
+    float v[N], wq[N], zq[N];  // PER > 0: x, and the weights (and gates) loaded with it, before the sum
     double ss = 0;
     if constexpr (PER > 0) {
 #pragma unroll
@@ -264,6 +264,8 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t i = lane + int64_t(q) * width;
         v[q] = i < D ? xr[i] : 0.0f;
         if constexpr (MODE == Norm::added) v[q] += i < D ? z[r * D + i] : 0.0f;
+        wq[q] = i < D ? load_weight(w, wdt, i) : 0.0f;
+        zq[q] = MODE == Norm::gated && i < D ? z[r * D + i] : 0.0f;
       }
 #pragma unroll
       for (int q = 0; q < PER; ++q) {
@@ -287,18 +289,19 @@ __global__ void __launch_bounds__(kThreads)
     float inv;
     if constexpr (MODE != Norm::gated) inv = 1.0f / sqrtf(float(ss / double(D)) + eps);  // as the CPU: the mean in double
     else inv = 1.0f / sqrtf(float(ss) / float(D) + eps);  // as cpu::gated_rms_norm: fp32 sum over fp32 D
-    auto put = [&](float xv, int64_t i) {
-      if constexpr (MODE != Norm::gated) yr[i] = xv * inv * (1.0f + load_weight(w, wdt, i));
-      else yr[i] = load_weight(w, wdt, i) * (xv * inv) * silu_(z[r * D + i]);
+    auto put = [&](float xv, float wv, float zv, int64_t i) {
+      if constexpr (MODE != Norm::gated) yr[i] = xv * inv * (1.0f + wv);
+      else yr[i] = wv * (xv * inv) * silu_(zv);
     };
     if constexpr (PER > 0) {
 #pragma unroll
       for (int q = 0; q < PER; ++q) {
         const int64_t i = lane + int64_t(q) * width;
-        if (i < D) put(v[q], i);
+        if (i < D) put(v[q], wq[q], zq[q], i);
       }
     } else {
-      for (int64_t i = lane; i < D; i += width) put(xr[i], i);
+      for (int64_t i = lane; i < D; i += width)
+        put(xr[i], load_weight(w, wdt, i), MODE == Norm::gated ? z[r * D + i] : 0.0f, i);
     }
   }
 }
