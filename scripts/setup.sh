@@ -14,6 +14,7 @@ PKGS=(
   libopenblas-dev libopenmpi-dev openmpi-bin
   libcpp-httplib-dev prometheus-cpp-dev pybind11-dev python3-dev python3-numpy python3-pytest python3-torch
   libpcre2-dev libutf8proc-dev
+  clang libclang-rt-dev  # scripts/sanitize.sh: the ASan + UBSan build and libFuzzer
   nodejs curl prometheus
 )
 missing=()

@@ -228,7 +228,8 @@ TEST_F(Fp8Errors, UnsupportedQuantizationConfigs) {
                  {"config.json", "quantization_config.quant_method", "gptq"});
   expect_refused([](auto&, json& c) { c["quantization_config"]["activation_scheme"] = "static"; },
                  {"config.json", "quantization_config.activation_scheme", "static"});
-  expect_refused([](auto&, json& c) { c["quantization_config"]["weight_block_size"] = {64, 64}; },
+  // json::array: assigning a braced list over the parsed array leaks it under clang 14 (LeakSanitizer).
+  expect_refused([](auto&, json& c) { c["quantization_config"]["weight_block_size"] = json::array({64, 64}); },
                  {"config.json", "quantization_config.weight_block_size"});
   expect_refused([](auto&, json& c) { c["quantization_config"]["fmt"] = "e5m2"; },
                  {"config.json", "quantization_config.fmt", "e5m2"});

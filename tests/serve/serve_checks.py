@@ -270,6 +270,7 @@ def check_bad_requests(args):
             ("/v1/completions", {"prompt": "x", "max_tokens": 64}, 400, "context length"),
             ("/v1/completions", {"prompt": [1, 2, 99999999]}, 400, "vocabulary"),
             ("/v1/completions", b'{"prompt": "\xff\xfe"}', 400, "UTF-8"),
+            ("/v1/completions", b'{"prompt": "x", "temperature": 1e400}', 400, "malformed JSON"),  # was a 500
             ("/v1/completions", {"prompt": "x" * 5000}, 413, "limit"),
             ("/v1/completions", {"prompt": "x", "n": 2}, 400, "'n'"),
             ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, 400, "logprobs"),

@@ -60,7 +60,7 @@ Checkpoint Checkpoint::open(const fs::path& path) {
     check(bool(in), "{}: cannot open", idx);
     try {
       j = json::parse(in);
-    } catch (const json::parse_error& e) {
+    } catch (const json::exception& e) {
       fail("{}: malformed JSON: {}", idx, e.what());
     }
   }

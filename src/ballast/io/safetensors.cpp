@@ -103,7 +103,7 @@ std::shared_ptr<const SafetensorsFile> SafetensorsFile::open(const fs::path& pat
   json header;
   try {
     header = json::parse(bytes + 8, bytes + 8 + n);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // out_of_range too: a number beyond a double
     fail("{}: malformed JSON header: {}", file, e.what());
   }
   check(header.is_object(), "{}: JSON header must be an object, got {}", file, header.type_name());

@@ -349,7 +349,7 @@ ModelConfig load_model_config(const std::filesystem::path& dir_or_file) {
   json j;
   try {
     j = json::parse(in);
-  } catch (const json::parse_error& e) {
+  } catch (const json::exception& e) {  // out_of_range too: a number beyond a double
     fail("{}: malformed JSON: {}", src, e.what());
   }
   return parse_model_config(j, src);

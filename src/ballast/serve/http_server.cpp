@@ -16,7 +16,6 @@
 #include "ballast/serve/openai_protocol.h"
 #include "ballast/serve/sglang_protocol.h"
 #include "ballast/serve/sse.h"
-#include "ballast/text/utf8.h"
 
 namespace ballast::serve {
 
@@ -35,18 +34,6 @@ void reply(httplib::Response& res, int status, const json& body) {
   res.status = status;
   // Text from the model may hold invalid UTF-8 bytes (a token cut mid-character): shown as U+FFFD.
   res.set_content(body.dump(-1, ' ', false, json::error_handler_t::replace), "application/json");
-}
-
-json parse_body(const httplib::Request& req) {
-  // JSON is UTF-8 (RFC 8259); nlohmann's parser lets invalid bytes through inside strings.
-  if (const size_t valid = text::valid_utf8_prefix(req.body); valid < req.body.size())
-    throw ApiError(400, fmt::format("the request body is not valid UTF-8 (at byte {})", valid));
-  try {
-    return json::parse(req.body);
-  } catch (const json::parse_error& e) {
-    // nlohmann checks UTF-8 too: "invalid string: ill-formed UTF-8 byte" lands here.
-    throw ApiError(400, fmt::format("malformed JSON body: {}", e.what()));
-  }
 }
 
 }  // namespace
@@ -141,7 +128,7 @@ struct HttpServer::Impl {
   }
 
   void openai_endpoint(const httplib::Request& req, httplib::Response& res, bool chat) {
-    const json body = parse_body(req);
+    const json body = parse_request_body(req.body);
     auto parsed = std::make_shared<openai::Parsed>(chat ? openai::parse_chat(body, model)
                                                         : openai::parse_completion(body, model));
     seed(parsed->spec, JsonFields(body).has("seed"));
@@ -173,7 +160,7 @@ struct HttpServer::Impl {
   }
 
   void generate_endpoint(const httplib::Request& req, httplib::Response& res) {
-    const json body = parse_body(req);
+    const json body = parse_request_body(req.body);
     auto parsed = std::make_shared<sglang::Parsed>(sglang::parse_generate(body, model));
     const json& sp = body.contains("sampling_params") ? body["sampling_params"] : json::object();
     seed(parsed->spec, sp.is_object() && (sp.contains("seed") || sp.contains("sampling_seed")));
@@ -256,8 +243,8 @@ struct HttpServer::Impl {
     post("/v1/chat/completions", [this](Req q, Res r) { openai_endpoint(q, r, true); });
     get("/v1/models", [this](Req, Res r) { reply(r, 200, openai::models(model, started)); });
     post("/generate", [this](Req q, Res r) { generate_endpoint(q, r); });
-    post("/tokenize", [this](Req q, Res r) { reply(r, 200, sglang::tokenize(parse_body(q), model)); });
-    post("/detokenize", [this](Req q, Res r) { reply(r, 200, sglang::detokenize(parse_body(q), model)); });
+    post("/tokenize", [this](Req q, Res r) { reply(r, 200, sglang::tokenize(parse_request_body(q.body), model)); });
+    post("/detokenize", [this](Req q, Res r) { reply(r, 200, sglang::detokenize(parse_request_body(q.body), model)); });
     get("/health", [this](Req, Res r) {
       if (!queue.accepting()) throw ApiError(503, "the server is shutting down");
       r.status = 200;

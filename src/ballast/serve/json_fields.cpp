@@ -4,10 +4,24 @@
 
 #include <cmath>
 
+#include "ballast/text/utf8.h"
+
 namespace ballast::serve {
 
 namespace {
 const nlohmann::json kNull;
+}
+
+nlohmann::json parse_request_body(std::string_view body) {
+  // JSON is UTF-8 (RFC 8259); nlohmann's parser lets invalid bytes through inside strings.
+  if (const size_t valid = text::valid_utf8_prefix(body); valid < body.size())
+    throw ApiError(400, fmt::format("the request body is not valid UTF-8 (at byte {})", valid));
+  try {
+    return nlohmann::json::parse(body);
+  } catch (const nlohmann::json::exception& e) {
+    // parse_error, and out_of_range for a number beyond a double (1e400).
+    throw ApiError(400, fmt::format("malformed JSON body: {}", e.what()));
+  }
 }
 
 JsonFields::JsonFields(const nlohmann::json& j, std::string prefix) : j_(j), prefix_(std::move(prefix)) {

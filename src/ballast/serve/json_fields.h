@@ -4,6 +4,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -11,6 +12,10 @@
 #include "ballast/serve/api_error.h"
 
 namespace ballast::serve {
+
+// A request body as JSON: 400 when it is not valid UTF-8 or not JSON (numbers beyond a double
+// included), naming the byte or the parser's reason.
+nlohmann::json parse_request_body(std::string_view body);
 
 class JsonFields {
  public:

@@ -596,8 +596,8 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
   json j;
   try {
     j = json::parse(tokenizer_json);
-  } catch (const json::parse_error& e) {
-    fail("{}: malformed JSON at byte {}: {}", origin, e.byte, e.what());
+  } catch (const json::exception& e) {  // out_of_range too: a number beyond a double
+    fail("{}: malformed JSON: {}", origin, e.what());
   }
   try {
     if (!j.is_object()) fail("{}: expected a JSON object at top level", origin);
@@ -751,8 +751,8 @@ Tokenizer Tokenizer::from_json(std::string_view tokenizer_json, std::string_view
     json c;
     try {
       c = json::parse(config_json);
-    } catch (const json::parse_error& e) {
-      fail("{}: malformed JSON at byte {}: {}", cwhere, e.byte, e.what());
+    } catch (const json::exception& e) {
+      fail("{}: malformed JSON: {}", cwhere, e.what());
     }
     check(c.is_object(), "{}: expected a JSON object at top level", cwhere);
     auto resolve = [&](const char* key) -> std::optional<int32_t> {
@@ -797,8 +797,8 @@ Tokenizer Tokenizer::load(const std::filesystem::path& dir) {
     json gj;
     try {
       gj = json::parse(read_file(g));
-    } catch (const json::parse_error& e) {
-      fail("{}: malformed JSON at byte {}: {}", g.string(), e.byte, e.what());
+    } catch (const json::exception& e) {
+      fail("{}: malformed JSON: {}", g.string(), e.what());
     }
     auto add = [&](const json& v) {
       if (!v.is_number_integer()) fail("{}: eos_token_id must be an integer or a list", g.string());

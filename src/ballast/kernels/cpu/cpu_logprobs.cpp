@@ -23,7 +23,7 @@ void CpuOps::token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& log
   float* out = f32_mut(logprob);
   int32_t* tid = K > 0 ? i32_mut(top_ids) : nullptr;
   float* tlp = K > 0 ? f32_mut(top_logprobs) : nullptr;
-  parallel(&pool_, R, 1, [&](int64_t r0, int64_t r1) {
+  parallel(&pool_, R, 1, [&, V = V, K = K](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* row = lp + r * V;
       float mx = row[0];

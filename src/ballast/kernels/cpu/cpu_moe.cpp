@@ -227,7 +227,7 @@ void CpuOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offs
   float* scratch = expert_scratch_.floats(size_t(bound));
   const float* xp = f32(x);
   float* yp = f32_mut(y);
-  auto run_group = [&](int g, float* s, ThreadPool* pool) {
+  auto run_group = [&, H = H](int g, float* s, ThreadPool* pool) {
     const int64_t j0 = off[g], n = off[g + 1] - j0;
     if (n == 0) return;
     const SwigluWeights& w = experts[size_t(g)];
@@ -263,7 +263,7 @@ void CpuOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weig
   const float* yp = f32(y);
   const float* wp = f32(weights);
   float* op = f32_mut(out);
-  parallel(&pool_, T, 4, [&](int64_t t0, int64_t t1) {
+  parallel(&pool_, T, 4, [&, H = H, k = k](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* o = op + t * H;
       for (int64_t j = 0; j < k; ++j) {

@@ -42,7 +42,7 @@ void CpuOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
   const int32_t* id = i32(ids);
   for (int64_t t = 0; t < T; ++t) check(id[t] >= 0 && id[t] < V, "embedding: token id {} out of range [0, {})", id[t], V);
   const size_t row = size_t(H) * dtype_size(table.dtype());
-  parallel(&pool_, T, 16, [&](int64_t t0, int64_t t1) {
+  parallel(&pool_, T, 16, [&, H = H](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       to_f32(static_cast<const char*>(table.raw()) + size_t(id[t]) * row, table.dtype(), f32_mut(out) + t * H,
              size_t(H));
@@ -62,7 +62,7 @@ void CpuOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
   const float* wv = as_f32(w, wtmp);
   const float* xp = f32(x);
   float* yp = f32_mut(y);
-  parallel(&pool_, R, 16, [&](int64_t r0, int64_t r1) {
+  parallel(&pool_, R, 16, [&, D = D](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const float* xr = xp + r * D;
       float* yr = yp + r * D;
@@ -169,7 +169,8 @@ void CpuOps::gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tenso
     check(r[i] >= 0 && r[i] / row_div < M, "gather_rows: row {} / {} out of range for x {}", r[i], row_div, x);
   const char* src = static_cast<const char*>(x.raw());
   char* dst = static_cast<char*>(out.raw());
-  parallel(&pool_, N, int64_t(1 + (size_t(kElementGrain) * 4) / std::max<size_t>(row, 1)), [&](int64_t i0, int64_t i1) {
+  const int64_t grain = int64_t(1 + (size_t(kElementGrain) * 4) / std::max<size_t>(row, 1));
+  parallel(&pool_, N, grain, [&, row = row](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) std::memcpy(dst + size_t(i) * row, src + size_t(r[i] / row_div) * row, row);
   });
 }
@@ -183,7 +184,8 @@ void CpuOps::scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) {
   const char* src = static_cast<const char*>(x.raw());
   char* dst = static_cast<char*>(out.raw());
   // Rows do not repeat, so the writes are disjoint.
-  parallel(&pool_, N, int64_t(1 + (size_t(kElementGrain) * 4) / std::max<size_t>(row, 1)), [&](int64_t i0, int64_t i1) {
+  const int64_t grain = int64_t(1 + (size_t(kElementGrain) * 4) / std::max<size_t>(row, 1));
+  parallel(&pool_, N, grain, [&, row = row](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) std::memcpy(dst + size_t(r[i]) * row, src + size_t(i) * row, row);
   });
 }
@@ -208,7 +210,7 @@ void CpuOps::rope(Tensor& x, const Tensor& positions, int rot, double theta) {
   const int32_t* pos = i32(positions);
   float* xp = f32_mut(x);
   const float* freq = inv_freq.data();
-  parallel(&pool_, T, 4, [&](int64_t t0, int64_t t1) {
+  parallel(&pool_, T, 4, [&, heads = heads, hd = hd](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       for (int i = 0; i < half; ++i) {
         // Same rounding as the reference: angle in fp32, then cos/sin.
@@ -244,7 +246,7 @@ void CpuOps::gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, f
   const auto [rows, dv] = check_gated_rms_norm(x, z, w, y);
   thread_local std::vector<float> wtmp;
   const float* wv = as_f32(w, wtmp);
-  parallel(&pool_, rows, 64, [&](int64_t r0, int64_t r1) {
+  parallel(&pool_, rows, 64, [&, dv = dv](int64_t r0, int64_t r1) {
     cpu::gated_rms_norm(f32(x) + r0 * dv, f32(z) + r0 * dv, r1 - r0, int(dv), wv, eps, f32_mut(y) + r0 * dv);
   });
 }

@@ -52,7 +52,7 @@ void CpuOps::sample(const Tensor& logits, const SamplingRows& rows, Draw stream,
   float* scratch = probs.defined() ? nullptr : sampling_scratch_.floats(size_t(workers(&pool_, R, 1) * V));
   const float* lp = f32(logits);
   int32_t* out = i32_mut(ids);
-  parallel_workers(&pool_, R, 1, [&](int worker, int64_t r0, int64_t r1) {
+  parallel_workers(&pool_, R, 1, [&, V = V](int worker, int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const std::span<const float> row(lp + r * V, size_t(V));
       float* dist = probs.defined() ? f32_mut(probs) + r * V : scratch + worker * V;
@@ -88,10 +88,10 @@ void CpuOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Ten
   float* scratch = sampling_scratch_.floats(size_t(workers(&pool_, B, 1) * std::max<int64_t>(V, 1)));
   const float* lp = f32(logits);
   int32_t* op = i32_mut(out);
-  parallel_workers(&pool_, B, 1, [&](int worker, int64_t b0, int64_t b1) {
+  parallel_workers(&pool_, B, 1, [&, S = S, V = V](int worker, int64_t b0, int64_t b1) {
     const std::span<float> p(scratch + worker * V, size_t(V));
     for (int64_t b = b0; b < b1; ++b) {
-      const auto row = [&](int64_t r) { return std::span<const float>(lp + r * V, size_t(V)); };
+      const auto row = [&, V = V](int64_t r) { return std::span<const float>(lp + r * V, size_t(V)); };
       int64_t a = 0;
       int32_t correction = -1;
       for (; a < S; ++a) {
