@@ -53,10 +53,14 @@ namespace {
 constexpr int kFewRowsMax = 8;
 constexpr int kFewThreads = 128;  // 4 warps a block
 
-// Weight rows per warp: more x rows read per weight element want more reuse of the x registers.
-template <int T>
+// Weight rows per warp (of a launch whose first weight type is W): more x rows read per weight
+// element want more reuse of the x registers. With one x row, FP8 rows take two a warp (a row of
+// 2,048 is one step of 4 loads a lane: too little work for a warp) and 16-bit rows one (two a warp
+// measured slower). 80B shape, A/B in one run: FP8 batch 1 / 2 +5.5% / +13%, bf16 batch 1 -3%
+// with two rows (kept at one), batch 2 +5%.
+template <int T, typename W>
 constexpr int few_rows_per_warp() {
-  return T <= 2 ? 1 : (T <= 4 ? 2 : 4);
+  return T == 1 ? (sizeof(W) == 1 ? 2 : 1) : (T <= 4 ? 2 : 4);
 }
 // Weight elements a lane reads per step: 16 bytes (F32: 4, BF16/F16: 8, F8: 16); the loads of a
 // step in flight hold 4 E weights a lane.
@@ -85,11 +89,10 @@ struct FewRowsTargets {
 // One warp's rows n0 .. n0 + R of y = x @ w^T. TM: the number of x rows (EXACT) or an upper bound
 // on `nt` (the element-wise fallback). SCALED: block-scaled FP8 (W = f8e4m3): a lane's E elements
 // lie in one 128-block of k (E divides 128), so each load is multiplied by one scale.
-template <typename W, int TM, bool VEC, bool EXACT, bool SCALED>
+template <typename W, int TM, int R, bool VEC, bool EXACT, bool SCALED>
 __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64_t ldx, int nt, int64_t K,
                                               const W* __restrict__ w, const float* __restrict__ s, int64_t N,
                                               float* __restrict__ y, int64_t ldy, int64_t n0, int lane) {
-  constexpr int R = few_rows_per_warp<TM>();
   constexpr int E = few_elems<W, VEC>();
   constexpr int WORDS = VEC ? E * int(sizeof(W)) / 4 : 0;
   constexpr int U = 4 / R;  // steps whose weight loads are issued together: 4 loads in flight per lane
@@ -110,31 +113,30 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
     for (int t = 0; t < TM; ++t) acc[r][t] = 0.0f;
 
   constexpr int64_t kStep = int64_t(32) * E;
-  if constexpr (VEC && R == 1) {
-    // One weight row a warp (one or two x rows): the U loads in flight stay raw words until their
-    // step's products, so that a lane holds 4 x 16 bytes of weights in 16 registers, not 4 x E
-    // floats (64 for FP8): more warps fit an SM, and more loads are in flight.
-    for (int64_t kb = int64_t(lane) * E; kb < K; kb += U * kStep) {
-      Words<WORDS> raw[U];
-      float sc[U];
+  if constexpr (VEC && TM <= 2) {
+    // One or two x rows (decode): the loads in flight stay raw words until their step's products,
+    // so that a lane holds 4 steps x R rows x 16 bytes of weights in 16 R registers, not 4 E R
+    // floats (64 R for FP8): more warps fit an SM, more loads are in flight, and a warp's R rows
+    // share its x loads. A weight is unpacked once per x row; the sums are the same.
+    constexpr int UR = 4;
+    for (int64_t kb = int64_t(lane) * E; kb < K; kb += UR * kStep) {
+      Words<WORDS> raw[UR][R];
+      float sc[UR][R];
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+      for (int u = 0; u < UR; ++u) {
         const int64_t k = kb + u * kStep;
-        if (k < K) {
-          raw[u] = load_words<WORDS>(wr[0] + k);
-          if constexpr (SCALED) sc[u] = __ldg(sr[0] + k / kScaleBlock);
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (k < K) {
+            raw[u][r] = load_words<WORDS>(wr[r] + k);
+            if constexpr (SCALED) sc[u][r] = __ldg(sr[r] + k / kScaleBlock);
+          }
         }
       }
 #pragma unroll
-      for (int u = 0; u < U; ++u) {
+      for (int u = 0; u < UR; ++u) {
         const int64_t k = kb + u * kStep;
         if (k >= K) break;
-        float wv[E];
-        unpack_words<W, WORDS>(raw[u], wv);
-        if constexpr (SCALED) {
-#pragma unroll
-          for (int e = 0; e < E; ++e) wv[e] *= sc[u];
-        }
 #pragma unroll
         for (int t = 0; t < TM; ++t) {
           if (t >= nt) break;
@@ -146,7 +148,16 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
             xv[4 * q] = v.x, xv[4 * q + 1] = v.y, xv[4 * q + 2] = v.z, xv[4 * q + 3] = v.w;
           }
 #pragma unroll
-          for (int e = 0; e < E; ++e) acc[0][t] = fmaf(xv[e], wv[e], acc[0][t]);
+          for (int r = 0; r < R; ++r) {
+            float wv[E];
+            unpack_words<W, WORDS>(raw[u][r], wv);
+            if constexpr (SCALED) {
+#pragma unroll
+              for (int e = 0; e < E; ++e) wv[e] *= sc[u][r];
+            }
+#pragma unroll
+            for (int e = 0; e < E; ++e) acc[r][t] = fmaf(xv[e], wv[e], acc[r][t]);
+          }
         }
       }
     }
@@ -221,7 +232,7 @@ template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXA
 __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
     few_rows_kernel(const float* __restrict__ x, int64_t ldx, int nt_arg, int64_t K, FewRowsTargets tg) {
   wait_for_prior_kernels();
-  constexpr int R = few_rows_per_warp<TM>();
+  constexpr int R = few_rows_per_warp<TM, WA>();
   const int lane = int(threadIdx.x) & 31;
   const int64_t gwarp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
   // This warp's target (selected without indexing the parameters dynamically).
@@ -240,15 +251,15 @@ __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
   if (n0 >= N) return;  // the whole warp leaves together: the shuffles below see full warps
   const int nt = EXACT ? TM : nt_arg;
   if ((std::is_same_v<WA, WB> && SA == SB) || !alt)
-    few_rows_warp<WA, TM, VEC, EXACT, SA>(x, ldx, nt, K, static_cast<const WA*>(w), s, N, y, ldy, n0, lane);
+    few_rows_warp<WA, TM, R, VEC, EXACT, SA>(x, ldx, nt, K, static_cast<const WA*>(w), s, N, y, ldy, n0, lane);
   else
-    few_rows_warp<WB, TM, VEC, EXACT, SB>(x, ldx, nt, K, static_cast<const WB*>(w), s, N, y, ldy, n0, lane);
+    few_rows_warp<WB, TM, R, VEC, EXACT, SB>(x, ldx, nt, K, static_cast<const WB*>(w), s, N, y, ldy, n0, lane);
 }
 
 // Numbers the targets' warps (R weight rows each) and launches one grid for all of them.
 template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT>
 void launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewRowsTargets tg, cudaStream_t stream) {
-  constexpr int R = few_rows_per_warp<TM>();
+  constexpr int R = few_rows_per_warp<TM, WA>();
   int64_t warps = 0;
   for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = warps += cdiv(tg.t[q].N, R);
   const int64_t blocks = cdiv(warps, kFewThreads / 32);
