@@ -814,20 +814,24 @@ TEST_P(OpConformance, DeltaGatesAndGatedRmsNorm) {
 struct AttentionCase {
   int64_t Hq, Hkv, hd;
   int block_size;
+  int grow = 1;  // the sequences' lengths times this (CUDA: 8 makes prefill tiles of 128 rows, and two of them)
 };
 
 TEST_P(OpConformance, PagedAttentionMatchesDenseCausalSoftmax) {
+  // Head dims of 64, 128 and 256 take CUDA's tensor-core prefill kernel, the others its tiled one.
   for (const AttentionCase ac : {AttentionCase{4, 2, 16, 4}, AttentionCase{3, 3, 8, 16}, AttentionCase{6, 1, 16, 16},
-                                 AttentionCase{2, 2, 8, 4}}) {
+                                 AttentionCase{2, 2, 8, 4}, AttentionCase{4, 1, 256, 16, 8},
+                                 AttentionCase{2, 2, 64, 16, 8}, AttentionCase{2, 1, 128, 4, 3}}) {
     SCOPED_TRACE("Hq=" + std::to_string(ac.Hq) + " Hkv=" + std::to_string(ac.Hkv) + " hd=" + std::to_string(ac.hd) +
-                 " block_size=" + std::to_string(ac.block_size));
+                 " block_size=" + std::to_string(ac.block_size) + " grow=" + std::to_string(ac.grow));
     const int64_t Hq = ac.Hq, Hkv = ac.Hkv, hd = ac.hd, bs = ac.block_size;
     const int64_t row = Hkv * hd;
     // Four sequences; each pass appends `new_rows` to what a sequence holds. Pass 0 starts some
     // sequences with rows already cached (prefix), pass 1 is decode (and one 3-row verify).
-    const std::vector<int> prior{0, 12, 3, 30};
-    const std::vector<std::vector<int>> passes{{5, 1, 17, 9}, {1, 3, 1, 1}};
-    const int B = 4, max_len = 41;
+    const int k = ac.grow;
+    const std::vector<int> prior{0, 12 * k, 3 * k, 30 * k};
+    const std::vector<std::vector<int>> passes{{5 * k, 1, 17 * k, 9 * k}, {1, 3, 1, 1}};
+    const int B = 4, max_len = 41 * k;
     const int64_t W = (max_len + bs - 1) / bs + 1;  // one spare entry per table, padded with -1
     const int64_t blocks = B * W + 5;
     // Block tables: a shuffled pool, so a sequence's blocks are neither contiguous nor ordered.

@@ -41,6 +41,7 @@ constexpr int kMinSplitRows = 64;     // cache rows per split, at least (on the 
 struct AttentionState {
   int sms = 0;             // streaming multiprocessors of the device
   bool tiled_smem[4] = {};  // the tiled kernel of V = 1, 2, 4, 8 is set up for its shared memory
+  bool mma_smem[3] = {};    // the tensor-core kernel of hd = 64, 128, 256 likewise
 };
 
 // The new rows' K and V at their slots; an out-of-range slot is skipped.
@@ -366,6 +367,257 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const 
   }
 }
 
+// Prefill on the tensor cores, for head dims of 64, 128 and 256: block (tile of kMmaRows new rows
+// of one sequence, query head), 8 warps of 16 rows each; the tiles of most rows (the last of a
+// sequence, under the causal mask) are launched first. The tile's queries stay in shared memory;
+// the cache rows it sees stream through shared memory kMmaKv at a time with cp.async: the next
+// step's K loads while this step's P V is computed, its V while its scores are. A warp's scores
+// (16 x 32) and outputs (16 x hd) are mma.sync m16n8k8 accumulators; the online softmax works on
+// the score fragments (a row's values lie in the 4 lanes of a quad).
+// Precision: each operand is split into TF32 parts, a = a_big + a_small, and a b = a_big b_small +
+// a_small b_big + a_big b_big, three TF32 products summed in fp32 (3xTF32): within 2^-19 of a b
+// (the term left out, a_small b_small, and the bits of a_small the tensor cores drop, each < 2^-20)
+// where plain TF32 is within 2^-10, at three times its products; activations and caches stay fp32.
+// Operand order: the order of k within an 8-wide mma step is free if both operands follow it. Q K^T
+// gives lane t the head-dim elements 4t .. 4t + 3 of a 16-wide block (one 16-byte load each of Q
+// and K; the first mma takes 4t, 4t + 1 as k = t, t + 4, the second 4t + 2, 4t + 3). P V reads the
+// scores' accumulator as its A operand: key 2t and 2t + 1 of an 8-key block as k = t and t + 4,
+// and V's rows in the same order, so no shuffle is needed.
+constexpr int kMmaWarps = 8;
+constexpr int kMmaThreads = kMmaWarps * 32;
+constexpr int kMmaRows = 16 * kMmaWarps;
+constexpr int kMmaKv = 32;
+
+// Shared memory of the tensor-core kernel, in floats: Qs [kMmaRows][HD + 16] and Ks [kMmaKv][HD + 16]
+// (16-byte fragment loads: a row stride of 16 mod 32 banks puts a quarter warp's 8 loads on 32
+// banks), Vs [kMmaKv][HD + 4] (4-byte loads of rows 2t, 2t + 1 at column g: 4 mod 32).
+__host__ __device__ constexpr int mma_smem_floats(int HD) { return (kMmaRows + kMmaKv) * (HD + 16) + kMmaKv * (HD + 4); }
+
+struct Tf32Pair {
+  uint32_t big, small;
+};
+// x = big + small exactly: big keeps x's top 11 significant bits (a TF32 value), small the rest;
+// small goes to the tensor cores as it is, which read its top 11 bits (|small| < 2^-10 |x|, so what
+// they drop is < 2^-20 |x|). Two instructions, where cvt.rna.tf32 takes several.
+__device__ __forceinline__ Tf32Pair tf32_split(float x) {
+  const uint32_t big = __float_as_uint(x) & 0xffffe000u;
+  return {big, __float_as_uint(x - __uint_as_float(big))};
+}
+__device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+// d += a b in 3xTF32: A fragment a[4] (rows g, g + 8 at k t; the same at k t + 4), B fragment b[2]
+// (k t, t + 4).
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const Tf32Pair (&a)[4], const Tf32Pair (&b)[2]) {
+  mma_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b[0].big, b[1].big);
+  mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b[0].small, b[1].small);
+  mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
+}
+
+// The same with the big product into hi and the two small ones into lo (hi + lo is a b).
+__device__ __forceinline__ void mma_3xtf32_split(float (&hi)[4], float (&lo)[4], const Tf32Pair (&a)[4],
+                                                 const Tf32Pair (&b)[2]) {
+  mma_tf32(lo, a[0].small, a[1].small, a[2].small, a[3].small, b[0].big, b[1].big);
+  mma_tf32(lo, a[0].big, a[1].big, a[2].big, a[3].big, b[0].small, b[1].small);
+  mma_tf32(hi, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
+}
+
+// 16 bytes global -> shared without registers; zeros where !pred (nothing is read then).
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool pred) {
+  const unsigned d = unsigned(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_all_but_last() { asm volatile("cp.async.wait_group 1;"); }
+
+template <int HD>
+__global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const AttentionArgs a, int tiles_per_seq) {
+  wait_for_prior_kernels();
+  constexpr int LQ = HD + 16, LV = HD + 4, C4 = HD / 4, NT = HD / 8, ST = kMmaKv / 8;
+  extern __shared__ float4 smem_f4[];
+  float* Qs = reinterpret_cast<float*>(smem_f4);
+  float* Ks = Qs + kMmaRows * LQ;
+  float* Vs = Ks + kMmaKv * LQ;
+  __shared__ bool kok[2][kMmaKv];  // the cache rows of a step (even, odd) are readable
+
+  const int b = int(blockIdx.x) / tiles_per_seq, tile = tiles_per_seq - 1 - int(blockIdx.x) % tiles_per_seq;
+  const int hq = int(blockIdx.y);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t4 = lane % 4;
+  if (b >= a.B) return;
+  const int64_t start = a.cu[b], n = int64_t(a.cu[b + 1]) - start;
+  const int64_t i0 = int64_t(tile) * kMmaRows;  // the tile's first row in the sequence
+  if (n < a.tile_min_rows || i0 >= n || start < 0 || start + n > a.T) return;
+  const int rows = int(n - i0 < kMmaRows ? n - i0 : kMmaRows);
+  const int64_t first = int64_t(a.kv_lens[b]) - n;  // cache position of the sequence's first new row
+  const int64_t cap = int64_t(a.W) * a.bs;
+  int64_t kv_end = first + i0 + rows;  // cache rows the tile sees: [0, kv_end), within the table
+  kv_end = kv_end < 0 ? 0 : (kv_end > cap ? cap : kv_end);
+  const int kvh = hq / (a.Hq / a.Hkv);
+  const int64_t row = int64_t(a.Hkv) * HD;
+  const int32_t* table = a.tables + int64_t(b) * a.W;
+
+  // Where cache row k0 + lane starts in the caches (-1: unreadable), found by every warp's lane.
+  const auto row_base = [&](int k0) -> int64_t {
+    const int r = k0 + lane;  // < W bs <= INT32_MAX (checked on the host)
+    const int64_t blk = r < kv_end ? int64_t(table[r / a.bs]) : -1;
+    return blk >= 0 && blk < a.blocks ? (blk * a.bs + r % a.bs) * row + int64_t(kvh) * HD : -1;
+  };
+  // A step's K (or V) rows into shared memory, issued by the whole block as one cp.async group;
+  // base: row_base of the step.
+  const auto issue = [&](int64_t base, float* dst, int ld, const float* cache) {
+#pragma unroll
+    for (int p = 0; p < kMmaKv * C4 / kMmaThreads; ++p) {  // every lane of a warp takes part (the shuffle)
+      const int i = p * kMmaThreads + int(threadIdx.x), rr = i / C4, c = i % C4;
+      const int64_t from = __shfl_sync(0xffffffffu, base, rr);
+      cp_async16(dst + rr * ld + 4 * c, cache + (from < 0 ? 0 : from) + 4 * c, from >= 0);
+    }
+    cp_async_commit();
+  };
+  int64_t base = kv_end > 0 ? row_base(0) : -1;  // of the step in flight
+  if (kv_end > 0) {
+    if (warp == 0) kok[0][lane] = base >= 0;
+    issue(base, Ks, LQ, a.k_cache);
+    issue(base, Vs, LV, a.v_cache);
+  }
+  for (int i = int(threadIdx.x); i < kMmaRows * C4; i += kMmaThreads) {
+    const int r = i / C4, c = i % C4;
+    const float4 v = r < rows ? __ldg(reinterpret_cast<const float4*>(a.q + ((start + i0 + r) * a.Hq + hq) * HD) + c)
+                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    *reinterpret_cast<float4*>(Qs + r * LQ + 4 * c) = v;
+  }
+  // Cache positions in 32 bits from here (kv_end <= W bs <= INT32_MAX): a row at position p sees
+  // the cache rows [0, p]; -1: none (past the tile, or before the cache in an inconsistent layout).
+  const auto position = [&](int r) -> int {
+    const int64_t p = first + i0 + r;
+    return r < rows ? int(p < -1 ? -1 : (p > cap ? cap : p)) : -1;
+  };
+  const int r0 = warp * 16 + g;  // this lane's rows: r0 and r0 + 8 of the tile
+  const int pos[2] = {position(r0), position(r0 + 8)};
+  // A warp skips the products (but still loads and syncs) where its rows see none of the step's
+  // cache rows: past the tile, or the step past its last row (uniform over the warp: mma.sync).
+  const int warp_last = warp * 16 < rows ? position(rows - 1 < warp * 16 + 15 ? rows - 1 : warp * 16 + 15) : -1;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  const float* qa = Qs + r0 * LQ + 4 * t4;   // Q rows g, g + 8 at 4t .. 4t + 3 of each 16
+  const float* ka = Ks + g * LQ + 4 * t4;    // K rows 8 j + g likewise
+  const float* va = Vs + 2 * t4 * LV + g;    // V rows 8 j + 2t, + 1 at column 8 c + g
+
+  for (int k0 = 0; k0 < int(kv_end); k0 += kMmaKv) {
+    const bool more = k0 + kMmaKv < int(kv_end);
+    base = more ? row_base(k0 + kMmaKv) : -1;  // the next step's, looked up while this one computes
+    cp_async_wait_all_but_last();  // this step's K (its V may still be in flight)
+    __syncthreads();               // ... for every thread's part (and, the first time, Qs)
+    const bool* ok = kok[(k0 / kMmaKv) & 1];
+    const bool active = k0 <= warp_last;
+    float s[ST][4];  // s[j]: keys k0 + 8 j + 2t, + 1 of rows g (s[j][0..1]) and g + 8 (s[j][2..3])
+    if (active) {
+      // The big products and the small ones in separate accumulators: twice the chains of
+      // dependent mma a warp has in flight (4 key blocks alone left the tensor cores waiting).
+      float lo[ST][4];
+#pragma unroll
+      for (int j = 0; j < ST; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] = lo[j][e] = 0.0f;
+#pragma unroll 2
+      for (int kk = 0; kk < HD; kk += 16) {
+        const float4 x0 = *reinterpret_cast<const float4*>(qa + kk);
+        const float4 x1 = *reinterpret_cast<const float4*>(qa + 8 * LQ + kk);
+        const Tf32Pair qf0[4] = {tf32_split(x0.x), tf32_split(x1.x), tf32_split(x0.y), tf32_split(x1.y)};
+        const Tf32Pair qf1[4] = {tf32_split(x0.z), tf32_split(x1.z), tf32_split(x0.w), tf32_split(x1.w)};
+#pragma unroll
+        for (int j = 0; j < ST; ++j) {
+          const float4 y = *reinterpret_cast<const float4*>(ka + 8 * j * LQ + kk);
+          const Tf32Pair kf0[2] = {tf32_split(y.x), tf32_split(y.y)};
+          const Tf32Pair kf1[2] = {tf32_split(y.z), tf32_split(y.w)};
+          mma_3xtf32_split(s[j], lo[j], qf0, kf0);
+          mma_3xtf32_split(s[j], lo[j], qf1, kf1);
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < ST; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] += lo[j][e];
+    }
+    __syncthreads();  // every warp is done with this step's K
+    if (more) {
+      if (warp == 0) kok[(k0 / kMmaKv + 1) & 1][lane] = base >= 0;
+      issue(base, Ks, LQ, a.k_cache);
+    } else {
+      cp_async_commit();  // an empty group keeps the count of groups in flight
+    }
+
+    if (active) {
+      // Mask (causal, unreadable rows), then the online softmax of the two rows.
+      float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < ST; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int kr = 8 * j + 2 * t4 + (e & 1);
+          const float v = (ok[kr] && k0 + kr <= pos[e / 2]) ? s[j][e] * a.scale : -INFINITY;
+          s[j][e] = v;
+          mx[e / 2] = fmaxf(mx[e / 2], v);
+        }
+      float corr[2], m_use[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+        const float m_new = fmaxf(m[h], mx[h]);
+        m_use[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing seen yet
+        corr[h] = expf(m[h] - m_use[h]);
+        m[h] = m_new;
+      }
+#pragma unroll
+      for (int j = 0; j < ST; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          s[j][e] = expf(s[j][e] - m_use[e / 2]);
+          sum[e / 2] += s[j][e];
+        }
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
+        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
+        l[h] = l[h] * corr[h] + sum[h];
+      }
+#pragma unroll
+      for (int j = 0; j < NT; ++j) o[j][0] *= corr[0], o[j][1] *= corr[0], o[j][2] *= corr[1], o[j][3] *= corr[1];
+    }
+
+    cp_async_wait_all_but_last();  // this step's V (the next step's K may still be in flight)
+    __syncthreads();
+    if (active) {
+#pragma unroll
+      for (int j = 0; j < ST; ++j) {
+        const Tf32Pair pf[4] = {tf32_split(s[j][0]), tf32_split(s[j][2]), tf32_split(s[j][1]), tf32_split(s[j][3])};
+#pragma unroll
+        for (int c = 0; c < NT; ++c) {
+          const Tf32Pair vf[2] = {tf32_split(va[8 * j * LV + 8 * c]), tf32_split(va[(8 * j + 1) * LV + 8 * c])};
+          mma_3xtf32(o[c], pf, vf);
+        }
+      }
+    }
+    __syncthreads();  // every warp is done with this step's V
+    if (more) issue(base, Vs, LV, a.v_cache);
+    else cp_async_commit();
+  }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (r0 + 8 * h >= rows) continue;
+    float* orow = a.out + ((start + i0 + r0 + 8 * h) * a.Hq + hq) * HD + 2 * t4;
+    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+#pragma unroll
+    for (int c = 0; c < NT; ++c)
+      *reinterpret_cast<float2*>(orow + 8 * c) = make_float2(o[c][2 * h] * inv, o[c][2 * h + 1] * inv);
+  }
+}
+
 // Merges the splits of block (row, head): out = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s. Rows
 // of the tiled kernel's sequences have no splits (and their output is written).
 __global__ void __launch_bounds__(kAttnThreads) attention_merge_kernel(const AttentionArgs a) {
@@ -477,7 +729,27 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   else if (hd <= 128) launch(attention_kernel<4>, grid, kAttnThreads, 0, stream_, a);
   else launch(attention_kernel<8>, grid, kAttnThreads, 0, stream_, a);
   check_launch("attention");
-  if (tiled) {
+  const int mi = hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1;  // the tensor-core kernel's head dims
+  if (tiled && mi >= 0) {
+    const int64_t tiles_per_seq = cdiv(layout.max_query_len, kMmaRows);
+    check(tiles_per_seq * B <= std::numeric_limits<int32_t>::max(), "attention: {} sequences of up to {} rows", B,
+          layout.max_query_len);
+    const dim3 tgrid{unsigned(tiles_per_seq * B), unsigned(Hq)};
+    const size_t smem = size_t(mma_smem_floats(int(hd))) * sizeof(float);
+    const void* fn = mi == 0   ? reinterpret_cast<const void*>(&attention_mma_kernel<64>)
+                     : mi == 1 ? reinterpret_cast<const void*>(&attention_mma_kernel<128>)
+                               : reinterpret_cast<const void*>(&attention_mma_kernel<256>);
+    if (!st->mma_smem[mi]) {
+      check_cuda(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                 "attention: shared memory of the tensor-core kernel");
+      st->mma_smem[mi] = true;
+    }
+    const int tps = int(tiles_per_seq);
+    if (mi == 0) launch(attention_mma_kernel<64>, tgrid, kMmaThreads, smem, stream_, a, tps);
+    else if (mi == 1) launch(attention_mma_kernel<128>, tgrid, kMmaThreads, smem, stream_, a, tps);
+    else launch(attention_mma_kernel<256>, tgrid, kMmaThreads, smem, stream_, a, tps);
+    check_launch("attention: tensor-core tiles");
+  } else if (tiled) {
     const int64_t tiles_per_seq = cdiv(layout.max_query_len, kTileRows);
     check(tiles_per_seq * B <= std::numeric_limits<int32_t>::max(), "attention: {} sequences of up to {} rows", B,
           layout.max_query_len);
