@@ -12,9 +12,11 @@
 //    into up to kMaxSplits pieces (flash-decoding), written as partial (max, sum, unnormalised
 //    output) to scratch; the split of a row's cache rows is computed on the device from its own
 //    length, so every row is covered whatever the host's max_kv_len says;
-// 3. sequences of at least kTileMinRows new rows (prefill): one block per (tile of 32 rows, query
+// 3. sequences of at least kTileMinRows new rows (prefill): one block per (tile of rows, query
 //    head), the cache rows streamed through shared memory 32 at a time and shared by the tile's
-//    rows (launched over B x ceil(max_query_len / 32) tiles; tiles past a sequence's rows exit);
+//    rows (launched over B x ceil(max_query_len / tile) tiles; tiles past a sequence's rows exit):
+//    on the tensor cores (attention_mma_kernel, 128-row tiles) for head dims of 64, 128 and 256,
+//    else on the SIMT cores (attention_tiled_kernel, 32-row tiles);
 // 4. with splits, the merge of the partials of kernel 2's rows.
 #include <algorithm>
 #include <cmath>
