@@ -1022,6 +1022,19 @@ TEST_P(OpConformance, DeltaNetOverStatePoolsWithMixedSequences) {
   check_deltanet_pass(c, h, 12, 60);
 }
 
+TEST_P(OpConformance, DeltaNetAtQwenHeadDimsWithManyChunks) {
+  // The heads of Qwen3-Next (dk = dv = 128, two value heads a key head): CUDA's chunk solve has a
+  // thread a column of [K | V] (256) and its state kernel four column slices; sequences of one
+  // chunk, of a short last chunk, and of four chunks.
+  DeltaNetCase c;
+  c.d = DeltaRuleDims{2, 4, 128, 128};
+  HostLayout h;
+  const std::vector<int> rows{1, 64, 3, 250, 70};
+  h.state_slots = {4, 0, 2, 5, 1};
+  for (int n : rows) h.cu.push_back(h.cu.back() + n);
+  check_deltanet_pass(c, h, 6, 80);
+}
+
 TEST_P(OpConformance, DeltaNetSnapshotModeKeepsEveryRowsState) {
   const DeltaNetCase c;
   // Sequence 0 verifies 4 rows, 2 is a plain decode row, 1 verifies 1 row, 3 a plain 3-row pass.

@@ -13,18 +13,17 @@
 //   normalises q and k itself (warp-private shared memory), S^T k and S^T q are reduced over the
 //   warps in shared memory (one __syncthreads a row), then the fused update of cpu
 //   recurrent_head: u = beta (v - d S^T k), o = d S^T q + (k.q) u, S = d S + k u^T.
-// - chunked WY form (the other sequences of more than one row), chunks of kChunk rows, the state
-//   slice [dk, kSlice] in shared memory. Per chunk with incoming state S0 (gc = cumulative log
-//   decay in double, D_ij = e^{gc_i - gc_j}):
+// - chunked WY form (the other sequences of more than one row), chunks of kChunk rows, two kernels.
+//   Per chunk (gc = cumulative log decay in double, D_ij = e^{gc_i - gc_j}):
 //     A_ij = beta_i D_ij (k_i . k_j) (j < i),   P_ij = D_ij (q_i . k_j) (j <= i)
-//     (I + A) U = diag(beta) V - diag(beta e^gc) K S0           (forward substitution)
-//     O = diag(e^gc) Q S0 + P U,   S = e^{gc_last} S0 + (diag(e^{gc_last - gc}) K)^T U
+//     (I + A) [W | U] = [diag(beta e^gc) K | diag(beta) V]     (forward substitution)
+//   the solve kernel, every chunk of every sequence at once (block: chunk, value head), leaving W,
+//   U and P in scratch; then the state kernel, the chunks of a sequence in order (block: sequence,
+//   value head, column slice; the state slice [dk, kSlice] in shared memory), with S0 the state
+//   entering the chunk:
+//     V' = U - W S0,   O = diag(e^gc) Q S0 + P V',   S = e^{gc_last} S0 + (diag(e^{gc_last - gc}) K)^T V'
 //   the same function as the CPU's chunked form (which forms Tinv = (I + A)^-1 and W = Tinv
-//   diag(beta e^gc) K; solving for U directly gives U = Tinv (diag(beta) V - diag(beta e^gc) K S0),
-//   the same product). All in fp32 FMA (no TF32), exponentials of double differences as the CPU.
-//   8 warps: the Gram products and K S0, Q S0 over all warps (float4 reads of padded rows), the
-//   forward substitution on warp 0 (a column per lane), O and the state update over all warps.
-//   108 KB of shared memory at dk = 128: two blocks per SM.
+//   diag(beta e^gc) K). All in fp32 FMA (no TF32), exponentials of double differences as the CPU.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -303,16 +302,222 @@ __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(co
   }
 }
 
-// Shared memory of the chunked kernel, in floats (gc first: doubles). Every array starts on 16
-// bytes and rows of Qs, Ks and X are whole float4s: the inner loops read float4s.
+// The chunk's rows in shared memory: normalised q (scaled by dk^-0.5) and k in Qs, Ks [kChunk][lq]
+// (zeros past n and dk); beta; the cumulative log decay gc (double) with eg = e^gc and ef =
+// e^{gc_last - gc}. Rows past n repeat the last decay with beta = 0: they change nothing.
+__device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int lq, int dk4, float* Qs, float* Ks,
+                                double* gc, float* betas, float* eg, float* ef) {
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int dk = a.dk, Hv = a.Hv, hk = h / (Hv / a.Hk);
+  const int64_t kd = int64_t(a.Hk) * dk;
+  const float qscale = 1.0f / sqrtf(float(dk));
+  for (int i = warp; i < kChunk; i += kChunkWarps) {
+    if (i < n) {
+      const float* qrow = a.qkv + (tc + i) * a.ld + int64_t(hk) * dk;
+      const float* krow = qrow + kd;
+      float qv[kMaxDk / 32], kv[kMaxDk / 32];
+      float ssq = 0.0f, ssk = 0.0f;
+#pragma unroll
+      for (int m = 0; m < kMaxDk / 32; ++m) {
+        const int p = lane + 32 * m;
+        qv[m] = p < dk ? qrow[p] : 0.0f;
+        kv[m] = p < dk ? krow[p] : 0.0f;
+        ssq += qv[m] * qv[m];
+        ssk += kv[m] * kv[m];
+      }
+      ssq = warp_sum(ssq);
+      ssk = warp_sum(ssk);
+      const float fq = qscale / sqrtf(ssq + kL2Eps), fk = 1.0f / sqrtf(ssk + kL2Eps);
+#pragma unroll
+      for (int m = 0; m < kMaxDk / 32; ++m) {
+        const int p = lane + 32 * m;
+        if (p < dk4) {  // zeros in [dk, dk4)
+          Qs[i * lq + p] = qv[m] * fq;
+          Ks[i * lq + p] = kv[m] * fk;
+        }
+      }
+    } else {
+      for (int p = lane; p < dk4; p += 32) Qs[i * lq + p] = Ks[i * lq + p] = 0.0f;
+    }
+  }
+  if (warp == 0) {
+    // Inclusive scan of g in double over the chunk's rows (lane holds rows lane and 32 + lane).
+    double g0 = lane < n ? double(a.g[(tc + lane) * Hv + h]) : 0.0;
+    double g1 = 32 + lane < n ? double(a.g[(tc + 32 + lane) * Hv + h]) : 0.0;
+#pragma unroll
+    for (int o = 1; o < 32; o *= 2) {
+      const double u0 = __shfl_up_sync(0xffffffffu, g0, o), u1 = __shfl_up_sync(0xffffffffu, g1, o);
+      if (lane >= o) {
+        g0 += u0;
+        g1 += u1;
+      }
+    }
+    g1 += __shfl_sync(0xffffffffu, g0, 31);
+    const double glast = __shfl_sync(0xffffffffu, n <= 32 ? g0 : g1, (n - 1) & 31);
+    const double c0v = lane < n ? g0 : glast, c1v = 32 + lane < n ? g1 : glast;
+    gc[lane] = c0v;
+    gc[32 + lane] = c1v;
+    betas[lane] = lane < n ? a.beta[(tc + lane) * Hv + h] : 0.0f;
+    betas[32 + lane] = 32 + lane < n ? a.beta[(tc + 32 + lane) * Hv + h] : 0.0f;
+    eg[lane] = float(exp(c0v));
+    eg[32 + lane] = float(exp(c1v));
+    ef[lane] = float(exp(glast - c0v));
+    ef[32 + lane] = float(exp(glast - c1v));
+  }
+}
+
+// What the solve kernel leaves for the state kernel, per row t of the pass and value head h: the
+// chunk-local W = T diag(beta e^gc) K and U = T diag(beta) V (T = (I + A)^-1) and the row's P.
+struct ChunkScratch {
+  float* w;  // [T, Hv, dk]
+  float* u;  // [T, Hv, dv]
+  float* p;  // [T, Hv, kChunk]: P_ij for j <= i, zeros past it
+  static size_t floats(int64_t T, int Hv, int dk, int dv) { return size_t(T) * Hv * (dk + dv + kChunk); }
+};
+
+// Row strides of the chunks' rows: dk rounded up to 4 plus 4 or 8 so that lq / 4 is odd (8
+// consecutive rows read as float4 at one column cover the 32 banks once).
+__host__ __device__ inline int chunk_lq(int dk) {
+  const int dk4 = (dk + 3) / 4 * 4;
+  return dk4 + ((dk4 / 4) % 2 == 0 ? 4 : 8);
+}
+
+// Shared memory of the solve kernel, in floats (gc first: doubles). Z, the right-hand sides and then
+// the solutions [kChunk][dk + dv], overlays Qs and Ks once P and A are formed.
+struct SolveSmem {
+  int64_t gc, beta, eg, ef, X, Qs, Ks, Z, total;
+  __host__ __device__ SolveSmem(int dk, int dv) {
+    const int lq = chunk_lq(dk);
+    int64_t o = 0;
+    gc = o, o += 2 * kChunk;
+    beta = o, o += kChunk;
+    eg = o, o += kChunk;
+    ef = o, o += kChunk;
+    X = o, o += int64_t(kChunk) * kLX;
+    Qs = o, o += int64_t(kChunk) * lq;
+    Ks = o, o += int64_t(kChunk) * lq;
+    Z = Qs;
+    const int64_t z_end = Z + int64_t(kChunk) * (dk + dv);
+    total = o > z_end ? o : z_end;
+  }
+  __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
+};
+
+// Chunked form, part 1, every chunk at once: block (chunk, value head), 8 warps. Forms P (to
+// scratch) and A (the strictly lower triangle of X), then solves (I + A) Z = [diag(beta e^gc) K |
+// diag(beta) V] for Z = [W | U], a column of Z per thread in shared memory: right-looking, 4 rows of
+// A (one float4 of X) a step.
+__global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(const RuleArgs a, ChunkScratch cs,
+                                                                            int chunks_per_seq) {
+  wait_for_prior_kernels();
+  extern __shared__ float4 smem_f4[];
+  float* smem = reinterpret_cast<float*>(smem_f4);
+  const int b = int(blockIdx.x) / chunks_per_seq, c = int(blockIdx.x) % chunks_per_seq, h = int(blockIdx.y);
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  if (b >= a.B) return;
+  const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
+  if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
+  const int64_t c0 = int64_t(c) * kChunk;
+  if (c0 >= s.n) return;
+  const int n = int(s.n - c0 < kChunk ? s.n - c0 : kChunk);
+  const int64_t tc = s.t0 + c0;
+  const int dk = a.dk, dv = a.dv, Hv = a.Hv, lq = chunk_lq(dk), lq4 = lq / 4, dk4 = (dk + 3) / 4 * 4, nk4 = dk4 / 4;
+  const SolveSmem L(dk, dv);
+  double* gc = reinterpret_cast<double*>(smem + L.gc);
+  float* betas = smem + L.beta;
+  float* eg = smem + L.eg;
+  float* ef = smem + L.ef;
+  float* X = smem + L.X;    // A in the strictly lower triangle
+  float* Qs = smem + L.Qs;  // [kChunk][lq]
+  float* Ks = smem + L.Ks;
+  const float4* Q4 = reinterpret_cast<const float4*>(Qs);
+  const float4* K4 = reinterpret_cast<const float4*>(Ks);
+  load_chunk_rows(a, tc, n, h, lq, dk4, Qs, Ks, gc, betas, eg, ef);
+  __syncthreads();
+
+  // P_ij = D_ij (q_i . k_j) (j <= i, to scratch) and A_ij = beta_i D_ij (k_i . k_j) (j < i, to X).
+  // Thread: rows i = warp + 8 r, columns lane and 32 + lane.
+  {
+    float qk[kRowsPerWarp][2], kk[kRowsPerWarp][2];
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) qk[r][0] = qk[r][1] = kk[r][0] = kk[r][1] = 0.0f;
+    for (int p4 = 0; p4 < nk4; ++p4) {
+      const float4 kj0 = K4[lane * lq4 + p4], kj1 = K4[(32 + lane) * lq4 + p4];
+#pragma unroll
+      for (int r = 0; r < kRowsPerWarp; ++r) {
+        const int i = warp + kChunkWarps * r;
+        const float4 qi = Q4[i * lq4 + p4], ki = K4[i * lq4 + p4];
+        qk[r][0] += qi.x * kj0.x + qi.y * kj0.y + qi.z * kj0.z + qi.w * kj0.w;
+        qk[r][1] += qi.x * kj1.x + qi.y * kj1.y + qi.z * kj1.z + qi.w * kj1.w;
+        kk[r][0] += ki.x * kj0.x + ki.y * kj0.y + ki.z * kj0.z + ki.w * kj0.w;
+        kk[r][1] += ki.x * kj1.x + ki.y * kj1.y + ki.z * kj1.z + ki.w * kj1.w;
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRowsPerWarp; ++r) {
+      const int i = warp + kChunkWarps * r;
+#pragma unroll
+      for (int q = 0; q < 2; ++q) {
+        const int jj = lane + 32 * q;
+        const float dec = jj <= i ? expf(float(gc[i] - gc[jj])) : 0.0f;
+        if (i < n) cs.p[((tc + i) * Hv + h) * kChunk + jj] = dec * qk[r][q];
+        X[i * kLX + jj] = jj < i ? betas[i] * dec * kk[r][q] : 0.0f;
+      }
+    }
+  }
+  __syncthreads();
+  // A column of Z a thread: its right-hand side into Z (which overlays Qs and Ks: the K columns,
+  // dk <= kChunkThreads of them, staged through registers across a barrier), then its solution.
+  const int cols = dk + dv;
+  float* Z = smem + L.Z;  // [kChunk][cols]
+  {
+    const int col = int(threadIdx.x);
+    float rhs[kChunk];
+#pragma unroll
+    for (int i = 0; i < kChunk; ++i) rhs[i] = col < dk ? betas[i] * eg[i] * Ks[i * lq + col] : 0.0f;
+    __syncthreads();  // every thread has read Ks
+    if (col < dk)
+#pragma unroll
+      for (int i = 0; i < kChunk; ++i) Z[i * cols + col] = rhs[i];
+  }
+  for (int col = dk + int(threadIdx.x); col < cols; col += kChunkThreads) {
+    const float* v = a.qkv + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv + (col - dk);
+    for (int i = 0; i < kChunk; ++i) Z[i * cols + col] = i < n ? betas[i] * v[i * a.ld] : 0.0f;
+  }
+  __syncthreads();
+  // Right-looking forward substitution over the first n rows: once rows m .. m + 3 are final, every
+  // later row takes their terms (one float4 of A's row).
+  for (int col = int(threadIdx.x); col < cols; col += kChunkThreads) {
+    for (int m = 0; m < n; m += 4) {
+      const float z0 = Z[m * cols + col];
+      const float z1 = Z[(m + 1) * cols + col] - X[(m + 1) * kLX + m] * z0;
+      const float z2 = Z[(m + 2) * cols + col] - X[(m + 2) * kLX + m] * z0 - X[(m + 2) * kLX + m + 1] * z1;
+      const float z3 = Z[(m + 3) * cols + col] - X[(m + 3) * kLX + m] * z0 - X[(m + 3) * kLX + m + 1] * z1 -
+                       X[(m + 3) * kLX + m + 2] * z2;
+      Z[(m + 1) * cols + col] = z1;
+      Z[(m + 2) * cols + col] = z2;
+      Z[(m + 3) * cols + col] = z3;
+      for (int i = m + 4; i < n; ++i) {
+        const float4 x = *reinterpret_cast<const float4*>(X + i * kLX + m);
+        Z[i * cols + col] -= x.x * z0 + x.y * z1 + x.z * z2 + x.w * z3;
+      }
+    }
+    for (int i = 0; i < n; ++i) {
+      if (col < dk) cs.w[((tc + i) * Hv + h) * dk + col] = Z[i * cols + col];
+      else cs.u[((tc + i) * Hv + h) * dv + (col - dk)] = Z[i * cols + col];
+    }
+  }
+}
+
+// Shared memory of the state kernel, in floats (gc first: doubles). Every array starts on 16 bytes
+// and rows of Qs, Ks, Ws and X are whole float4s: the inner loops read float4s.
 struct ChunkSmem {
-  int dk4;  // dk rounded up to 4; Qs, Ks and S are zero past dk
-  int lq;   // row stride of Qs/Ks: dk4 plus 4 or 8 so that lq / 4 is odd (8 consecutive rows read
-            // as float4 at one column cover the 32 banks once)
-  int64_t gc, beta, eg, ef, Qs, Ks, S, X, Us, total;
+  int dk4;  // dk rounded up to 4; Qs, Ks, Ws and S are zero past dk
+  int lq;   // row stride of Qs/Ks/Ws (chunk_lq)
+  int64_t gc, beta, eg, ef, Qs, Ks, Ws, S, X, Us, total;
   __host__ __device__ explicit ChunkSmem(int dk) {
     dk4 = (dk + 3) / 4 * 4;
-    lq = dk4 + ((dk4 / 4) % 2 == 0 ? 4 : 8);
+    lq = chunk_lq(dk);
     int64_t o = 0;
     gc = o, o += 2 * kChunk;  // kChunk doubles
     beta = o, o += kChunk;
@@ -320,6 +525,7 @@ struct ChunkSmem {
     ef = o, o += kChunk;
     Qs = o, o += int64_t(kChunk) * lq;
     Ks = o, o += int64_t(kChunk) * lq;
+    Ws = o, o += int64_t(kChunk) * lq;
     S = o, o += int64_t(dk4) * kSlice;
     X = o, o += int64_t(kChunk) * kLX;
     Us = o, o += int64_t(kChunk) * kSlice;
@@ -328,9 +534,11 @@ struct ChunkSmem {
   __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
 };
 
-// Chunked form. Block (sequence, value head, column slice); 8 warps.
-// X holds P (lower triangle with the diagonal) and A transposed (strictly upper: X[j][i] = A_ij).
-__global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_chunked_kernel(const RuleArgs a) {
+// Chunked form, part 2, the chunks of a sequence in order: block (sequence, value head, column
+// slice); 8 warps; the state slice [dk, kSlice] in shared memory. Per chunk with incoming state S0:
+//   V' = U - W S0,   O = diag(e^gc) Q S0 + P V',   S = e^{gc_last} S0 + (diag(e^{gc_last - gc}) K)^T V'
+// X holds P (lower triangle with the diagonal).
+__global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(const RuleArgs a, ChunkScratch cs) {
   wait_for_prior_kernels();
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
@@ -341,9 +549,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_chunked_kernel(co
   const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
   if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
   const int dk = a.dk, dv = a.dv, Hv = a.Hv;
-  const int hk = h / (Hv / a.Hk);
-  const int64_t kd = int64_t(a.Hk) * dk, vd = int64_t(Hv) * dv;
-  const float qscale = 1.0f / sqrtf(float(dk));
+  const int64_t vd = int64_t(Hv) * dv;
   const ChunkSmem L(dk);
   const int lq = L.lq, lq4 = L.lq / 4, dk4 = L.dk4, nk4 = L.dk4 / 4;
   double* gc = reinterpret_cast<double*>(smem + L.gc);
@@ -352,12 +558,14 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_chunked_kernel(co
   float* ef = smem + L.ef;
   float* Qs = smem + L.Qs;  // [kChunk][lq]
   float* Ks = smem + L.Ks;  // [kChunk][lq]
+  float* Ws = smem + L.Ws;  // [kChunk][lq]
   const float4* Q4 = reinterpret_cast<const float4*>(Qs);
   const float4* K4 = reinterpret_cast<const float4*>(Ks);
+  const float4* W4 = reinterpret_cast<const float4*>(Ws);
   float* S = smem + L.S;    // [dk4][kSlice]: the state's columns of this block
   float* X = smem + L.X;    // [kChunk][kLX]
   const float4* X4 = reinterpret_cast<const float4*>(X);
-  float* Us = smem + L.Us;  // [kChunk][kSlice]: V, then the right-hand side, then U
+  float* Us = smem + L.Us;  // [kChunk][kSlice]: U, then V'
 
   const int slot = s.slot;
   {
@@ -370,159 +578,50 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_chunked_kernel(co
     const int n = int(std::min<int64_t>(kChunk, s.n - c0));  // rows of this chunk
     const int64_t tc = s.t0 + c0;                              // its first row in the pass
 
-    // --- 1. the chunk's rows: normalised q (scaled) and k, v, gates; cumulative decay ---
+    // --- 1. the chunk's rows, and W, U, P from the solve kernel ---
+    load_chunk_rows(a, tc, n, h, lq, dk4, Qs, Ks, gc, betas, eg, ef);
     for (int i = warp; i < kChunk; i += kChunkWarps) {
-      if (i < n) {
-        const float* qrow = a.qkv + (tc + i) * a.ld + int64_t(hk) * dk;
-        const float* krow = qrow + kd;
-        float qv[kMaxDk / 32], kv[kMaxDk / 32];
-        float ssq = 0.0f, ssk = 0.0f;
-#pragma unroll
-        for (int m = 0; m < kMaxDk / 32; ++m) {
-          const int p = lane + 32 * m;
-          qv[m] = p < dk ? qrow[p] : 0.0f;
-          kv[m] = p < dk ? krow[p] : 0.0f;
-          ssq += qv[m] * qv[m];
-          ssk += kv[m] * kv[m];
-        }
-        ssq = warp_sum(ssq);
-        ssk = warp_sum(ssk);
-        const float fq = qscale / sqrtf(ssq + kL2Eps), fk = 1.0f / sqrtf(ssk + kL2Eps);
-#pragma unroll
-        for (int m = 0; m < kMaxDk / 32; ++m) {
-          const int p = lane + 32 * m;
-          if (p < dk4) {  // zeros in [dk, dk4)
-            Qs[i * lq + p] = qv[m] * fq;
-            Ks[i * lq + p] = kv[m] * fk;
-          }
-        }
-        Us[i * kSlice + lane] = col ? a.qkv[(tc + i) * a.ld + 2 * kd + int64_t(h) * dv + j] : 0.0f;
-      } else {  // past the end of a short last chunk: zeros
-        for (int p = lane; p < dk4; p += 32) Qs[i * lq + p] = Ks[i * lq + p] = 0.0f;
-        Us[i * kSlice + lane] = 0.0f;
-      }
-    }
-    if (warp == 0) {
-      // Inclusive scan of g in double over the chunk's rows (lane holds rows lane and 32 + lane).
-      double g0 = lane < n ? double(a.g[(tc + lane) * Hv + h]) : 0.0;
-      double g1 = 32 + lane < n ? double(a.g[(tc + 32 + lane) * Hv + h]) : 0.0;
-#pragma unroll
-      for (int o = 1; o < 32; o *= 2) {
-        const double u0 = __shfl_up_sync(0xffffffffu, g0, o), u1 = __shfl_up_sync(0xffffffffu, g1, o);
-        if (lane >= o) {
-          g0 += u0;
-          g1 += u1;
-        }
-      }
-      g1 += __shfl_sync(0xffffffffu, g0, 31);
-      const double glast = __shfl_sync(0xffffffffu, n <= 32 ? g0 : g1, (n - 1) & 31);
-      // Rows past n repeat the last cumulative decay, with beta = 0: they change nothing.
-      const double c0v = lane < n ? g0 : glast, c1v = 32 + lane < n ? g1 : glast;
-      gc[lane] = c0v;
-      gc[32 + lane] = c1v;
-      betas[lane] = lane < n ? a.beta[(tc + lane) * Hv + h] : 0.0f;
-      betas[32 + lane] = 32 + lane < n ? a.beta[(tc + 32 + lane) * Hv + h] : 0.0f;
-      eg[lane] = float(exp(c0v));
-      eg[32 + lane] = float(exp(c1v));
-      ef[lane] = float(exp(glast - c0v));
-      ef[32 + lane] = float(exp(glast - c1v));
+      const int64_t row = (tc + i) * Hv + h;
+      for (int p = lane; p < dk4; p += 32) Ws[i * lq + p] = (i < n && p < dk) ? cs.w[row * dk + p] : 0.0f;
+      for (int m = lane; m < kChunk; m += 32) X[i * kLX + m] = i < n ? cs.p[row * kChunk + m] : 0.0f;
+      Us[i * kSlice + lane] = (i < n && col) ? cs.u[row * dv + j] : 0.0f;
     }
     __syncthreads();
 
-    // --- 2. P and A (X), and the right-hand side diag(beta) V - diag(beta e^gc) K S0; Q S0 ---
-    // Thread: rows i = warp + 8 r (r < 8), columns lane and 32 + lane.
+    // --- 2. V' = U - W S0; e^gc Q S0 (kept for the output) ---
+    // Thread: rows i = warp + 8 r (r < 8), column lane.
+    float qs0[kRowsPerWarp];
     {
-      float qk[kRowsPerWarp][2], kk[kRowsPerWarp][2];
+      float ws0[kRowsPerWarp];
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) qk[r][0] = qk[r][1] = kk[r][0] = kk[r][1] = 0.0f;
-      for (int p4 = 0; p4 < nk4; ++p4) {
-        const float4 kj0 = K4[lane * lq4 + p4], kj1 = K4[(32 + lane) * lq4 + p4];
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          const int i = warp + kChunkWarps * r;
-          const float4 qi = Q4[i * lq4 + p4], ki = K4[i * lq4 + p4];
-          qk[r][0] += qi.x * kj0.x;
-          qk[r][0] += qi.y * kj0.y;
-          qk[r][0] += qi.z * kj0.z;
-          qk[r][0] += qi.w * kj0.w;
-          qk[r][1] += qi.x * kj1.x;
-          qk[r][1] += qi.y * kj1.y;
-          qk[r][1] += qi.z * kj1.z;
-          qk[r][1] += qi.w * kj1.w;
-          kk[r][0] += ki.x * kj0.x;
-          kk[r][0] += ki.y * kj0.y;
-          kk[r][0] += ki.z * kj0.z;
-          kk[r][0] += ki.w * kj0.w;
-          kk[r][1] += ki.x * kj1.x;
-          kk[r][1] += ki.y * kj1.y;
-          kk[r][1] += ki.z * kj1.z;
-          kk[r][1] += ki.w * kj1.w;
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int i = warp + kChunkWarps * r;
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int jj = lane + 32 * c;
-          if (jj <= i) {
-            const float dec = expf(float(gc[i] - gc[jj]));
-            X[i * kLX + jj] = dec * qk[r][c];
-            if (jj < i) X[jj * kLX + i] = betas[i] * dec * kk[r][c];
-          }
-        }
-      }
-    }
-    float qs0[kRowsPerWarp];  // (e^gc Q S0)[i][lane] for rows i = warp + 8 r, kept for the output
-    {
-      float ks0[kRowsPerWarp];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) qs0[r] = ks0[r] = 0.0f;
+      for (int r = 0; r < kRowsPerWarp; ++r) qs0[r] = ws0[r] = 0.0f;
       for (int p4 = 0; p4 < nk4; ++p4) {
         const float s0 = S[(4 * p4) * kSlice + lane], s1 = S[(4 * p4 + 1) * kSlice + lane];
         const float s2 = S[(4 * p4 + 2) * kSlice + lane], s3 = S[(4 * p4 + 3) * kSlice + lane];
 #pragma unroll
         for (int r = 0; r < kRowsPerWarp; ++r) {
           const int i = warp + kChunkWarps * r;
-          const float4 qi = Q4[i * lq4 + p4], ki = K4[i * lq4 + p4];
+          const float4 qi = Q4[i * lq4 + p4], wi = W4[i * lq4 + p4];
           qs0[r] += qi.x * s0;
           qs0[r] += qi.y * s1;
           qs0[r] += qi.z * s2;
           qs0[r] += qi.w * s3;
-          ks0[r] += ki.x * s0;
-          ks0[r] += ki.y * s1;
-          ks0[r] += ki.z * s2;
-          ks0[r] += ki.w * s3;
+          ws0[r] += wi.x * s0;
+          ws0[r] += wi.y * s1;
+          ws0[r] += wi.z * s2;
+          ws0[r] += wi.w * s3;
         }
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
         const int i = warp + kChunkWarps * r;
         qs0[r] *= eg[i];
-        Us[i * kSlice + lane] = betas[i] * Us[i * kSlice + lane] - betas[i] * eg[i] * ks0[r];
+        Us[i * kSlice + lane] -= ws0[r];
       }
     }
     __syncthreads();
 
-    // --- 3. (I + A) U = rhs by forward substitution, one column per lane of warp 0 ---
-    if (warp == 0) {
-      for (int i = 1; i < n; ++i) {
-        float acc0 = 0.0f, acc1 = 0.0f, acc2 = 0.0f, acc3 = 0.0f;
-        int m = 0;
-        for (; m + 4 <= i; m += 4) {
-          acc0 += X[m * kLX + i] * Us[m * kSlice + lane];
-          acc1 += X[(m + 1) * kLX + i] * Us[(m + 1) * kSlice + lane];
-          acc2 += X[(m + 2) * kLX + i] * Us[(m + 2) * kSlice + lane];
-          acc3 += X[(m + 3) * kLX + i] * Us[(m + 3) * kSlice + lane];
-        }
-        for (; m < i; ++m) acc0 += X[m * kLX + i] * Us[m * kSlice + lane];
-        Us[i * kSlice + lane] -= (acc0 + acc1) + (acc2 + acc3);
-        __syncwarp();
-      }
-    }
-    __syncthreads();
-
-    // --- 4. O = e^gc Q S0 + P U (to out); S = e^{gc_last} S0 + (e^{gc_last - gc} K)^T U ---
+    // --- 3. O = e^gc Q S0 + P V' (to out); S = e^{gc_last} S0 + (e^{gc_last - gc} K)^T V' ---
     {
       float* o = qs0;  // accumulates P U onto e^gc Q S0
       const int nm4 = (n + 3) / 4;  // Us is zero in rows [n, 4 nm4)
@@ -596,7 +695,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_chunked_kernel(co
 }
 
 struct DeltaNetState {
-  size_t chunked_smem = 0;  // dynamic shared memory the chunked kernel is set up for
+  size_t solve_smem = 0, chunked_smem = 0;  // dynamic shared memory the chunked kernels are set up for
 };
 
 // The sequences of a pass (their shapes checked by the contract's checks, their contents on the
@@ -698,14 +797,26 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
   else launch(delta_rule_recurrent_kernel<32>, grid, kRecWarps * 32, 0, stream_, a);
   check_launch("gated_delta_rule: recurrent");
 
-  // The other sequences of more than one row: the chunked form.
+  // The other sequences of more than one row: the chunked form, every chunk's solve at once, then
+  // the chunks of each sequence in order.
   if (layout.max_query_len > 1) {
-    const size_t smem = ChunkSmem(d.dk).bytes();
+    const int64_t chunks_per_seq = cdiv(layout.max_query_len, kChunk);
+    check(chunks_per_seq * B <= std::numeric_limits<int32_t>::max(), "gated_delta_rule: {} sequences of up to {} rows",
+          B, layout.max_query_len);
+    auto* scratch = static_cast<float*>(scratch_.bytes(ChunkScratch::floats(T, d.Hv, d.dk, d.dv) * sizeof(float)));
+    ChunkScratch cs{scratch, scratch + T * d.Hv * d.dk, scratch + T * d.Hv * (d.dk + d.dv)};
+    const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), smem = ChunkSmem(d.dk).bytes();
     auto* st = static_cast<DeltaNetState*>(deltanet_state_.get());
     if (!st) {
       auto s = std::make_shared<DeltaNetState>();
       st = s.get();
       deltanet_state_ = std::move(s);
+    }
+    if (solve_smem > st->solve_smem) {
+      check_cuda(cudaFuncSetAttribute(delta_rule_solve_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      int(solve_smem)),
+                 "gated_delta_rule: shared memory of the solve kernel");
+      st->solve_smem = solve_smem;
     }
     if (smem > st->chunked_smem) {
       check_cuda(cudaFuncSetAttribute(delta_rule_chunked_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -713,7 +824,10 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
                  "gated_delta_rule: shared memory of the chunked kernel");
       st->chunked_smem = smem;
     }
-    launch(delta_rule_chunked_kernel, grid, kChunkThreads, smem, stream_, a);
+    launch(delta_rule_solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem,
+           stream_, a, cs, int(chunks_per_seq));
+    check_launch("gated_delta_rule: chunk solve");
+    launch(delta_rule_chunked_kernel, grid, kChunkThreads, smem, stream_, a, cs);
     check_launch("gated_delta_rule: chunked");
   }
 }
