@@ -366,13 +366,24 @@ __device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int
   }
 }
 
-// What the solve kernel leaves for the state kernel, per row t of the pass and value head h: the
-// chunk-local W = T diag(beta e^gc) K and U = T diag(beta) V (T = (I + A)^-1) and the row's P.
+// What the solve kernel leaves for the state kernel, per row t of the pass and value head h (rows
+// of dk4 and dv4 floats, zero-padded: whole float4s for cp.async): with T = (I + A)^-1 of the row's
+// chunk, W = T diag(beta e^gc) K, U = T diag(beta) V, Q' = diag(e^gc) Q - P W, O = P U, K' =
+// diag(e^{gc_last - gc}) K; and e^{gc_last} at the chunk's first row. The state kernel then does
+// only what depends on the state entering the chunk:
+//   V' = U - W S0,   out = O + Q' S0,   S = e^{gc_last} S0 + K'^T V'
 struct ChunkScratch {
-  float* w;  // [T, Hv, dk]
-  float* u;  // [T, Hv, dv]
-  float* p;  // [T, Hv, kChunk]: P_ij for j <= i, zeros past it
-  static size_t floats(int64_t T, int Hv, int dk, int dv) { return size_t(T) * Hv * (dk + dv + kChunk); }
+  float *qp, *w, *kp;  // [T, Hv, dk4]
+  float *u, *o;        // [T, Hv, dv4]
+  float* elast;        // [T, Hv]
+  static size_t floats(int64_t T, int Hv, int dk, int dv) {
+    return size_t(T) * Hv * (3 * size_t(round4(dk)) + 2 * size_t(round4(dv)) + 1);
+  }
+  static ChunkScratch at(float* base, int64_t T, int Hv, int dk, int dv) {
+    const int64_t mk = T * Hv * round4(dk), mv = T * Hv * round4(dv);
+    return {base, base + mk, base + 2 * mk, base + 3 * mk, base + 3 * mk + mv, base + 3 * mk + 2 * mv};
+  }
+  __host__ __device__ static int round4(int x) { return (x + 3) / 4 * 4; }
 };
 
 // Row strides of the chunks' rows: dk rounded up to 4 plus 4 or 8 so that lq / 4 is odd (8
@@ -383,9 +394,9 @@ __host__ __device__ inline int chunk_lq(int dk) {
 }
 
 // Shared memory of the solve kernel, in floats (gc first: doubles). Z, the right-hand sides and then
-// the solutions [kChunk][dk + dv], overlays Qs and Ks once P and A are formed.
+// the solutions [kChunk][dk + dv], overlays Qs and Ks once P and A are formed; PT is P transposed.
 struct SolveSmem {
-  int64_t gc, beta, eg, ef, X, Qs, Ks, Z, total;
+  int64_t gc, beta, eg, ef, X, PT, Qs, Ks, Z, total;
   __host__ __device__ SolveSmem(int dk, int dv) {
     const int lq = chunk_lq(dk);
     int64_t o = 0;
@@ -394,6 +405,7 @@ struct SolveSmem {
     eg = o, o += kChunk;
     ef = o, o += kChunk;
     X = o, o += int64_t(kChunk) * kLX;
+    PT = o, o += int64_t(kChunk) * kLX;
     Qs = o, o += int64_t(kChunk) * lq;
     Ks = o, o += int64_t(kChunk) * lq;
     Z = Qs;
@@ -403,10 +415,10 @@ struct SolveSmem {
   __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
 };
 
-// Chunked form, part 1, every chunk at once: block (chunk, value head), 8 warps. Forms P (to
-// scratch) and A (the strictly lower triangle of X), then solves (I + A) Z = [diag(beta e^gc) K |
-// diag(beta) V] for Z = [W | U], a column of Z per thread in shared memory: right-looking, 4 rows of
-// A (one float4 of X) a step.
+// Chunked form, part 1, every chunk at once: block (chunk, value head), 8 warps. Forms P (PT) and
+// A (the strictly lower triangle of X); writes K' and e^gc Q; solves (I + A) Z = [diag(beta e^gc) K
+// | diag(beta) V] for Z = [W | U], a column of Z per thread in shared memory (right-looking, 4 rows
+// of A, one float4 of X, a step); then P Z by columns: Q' = e^gc Q - P W and O = P U.
 __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(const RuleArgs a, ChunkScratch cs,
                                                                             int chunks_per_seq) {
   wait_for_prior_kernels();
@@ -422,12 +434,14 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   const int n = int(s.n - c0 < kChunk ? s.n - c0 : kChunk);
   const int64_t tc = s.t0 + c0;
   const int dk = a.dk, dv = a.dv, Hv = a.Hv, lq = chunk_lq(dk), lq4 = lq / 4, dk4 = (dk + 3) / 4 * 4, nk4 = dk4 / 4;
+  const int dv4 = ChunkScratch::round4(dv);
   const SolveSmem L(dk, dv);
   double* gc = reinterpret_cast<double*>(smem + L.gc);
   float* betas = smem + L.beta;
   float* eg = smem + L.eg;
   float* ef = smem + L.ef;
   float* X = smem + L.X;    // A in the strictly lower triangle
+  float* PT = smem + L.PT;  // PT[j][i] = P_ij (zero past the lower triangle)
   float* Qs = smem + L.Qs;  // [kChunk][lq]
   float* Ks = smem + L.Ks;
   const float4* Q4 = reinterpret_cast<const float4*>(Qs);
@@ -435,8 +449,8 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   load_chunk_rows(a, tc, n, h, lq, dk4, Qs, Ks, gc, betas, eg, ef);
   __syncthreads();
 
-  // P_ij = D_ij (q_i . k_j) (j <= i, to scratch) and A_ij = beta_i D_ij (k_i . k_j) (j < i, to X).
-  // Thread: rows i = warp + 8 r, columns lane and 32 + lane.
+  // P_ij = D_ij (q_i . k_j) (j <= i) and A_ij = beta_i D_ij (k_i . k_j) (j < i). Thread: rows
+  // i = warp + 8 r, columns lane and 32 + lane.
   {
     float qk[kRowsPerWarp][2], kk[kRowsPerWarp][2];
 #pragma unroll
@@ -460,11 +474,19 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
       for (int q = 0; q < 2; ++q) {
         const int jj = lane + 32 * q;
         const float dec = jj <= i ? expf(float(gc[i] - gc[jj])) : 0.0f;
-        if (i < n) cs.p[((tc + i) * Hv + h) * kChunk + jj] = dec * qk[r][q];
+        PT[jj * kLX + i] = dec * qk[r][q];
         X[i * kLX + jj] = jj < i ? betas[i] * dec * kk[r][q] : 0.0f;
       }
     }
   }
+  // K' and e^gc Q (the first term of Q') to scratch, zero-padded rows of dk4.
+  for (int e = int(threadIdx.x); e < n * dk4; e += kChunkThreads) {
+    const int i = e / dk4, p = e % dk4;
+    const int64_t at = ((tc + i) * Hv + h) * dk4 + p;
+    cs.kp[at] = ef[i] * Ks[i * lq + p];
+    cs.qp[at] = eg[i] * Qs[i * lq + p];
+  }
+  if (threadIdx.x == 0) cs.elast[tc * Hv + h] = eg[n - 1];
   __syncthreads();
   // A column of Z a thread: its right-hand side into Z (which overlays Qs and Ks: the K columns,
   // dk <= kChunkThreads of them, staged through registers across a barrier), then its solution.
@@ -485,9 +507,9 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
     for (int i = 0; i < kChunk; ++i) Z[i * cols + col] = i < n ? betas[i] * v[i * a.ld] : 0.0f;
   }
   __syncthreads();
-  // Right-looking forward substitution over the first n rows: once rows m .. m + 3 are final, every
-  // later row takes their terms (one float4 of A's row).
   for (int col = int(threadIdx.x); col < cols; col += kChunkThreads) {
+    // Right-looking forward substitution over the first n rows: once rows m .. m + 3 are final,
+    // every later row takes their terms.
     for (int m = 0; m < n; m += 4) {
       const float z0 = Z[m * cols + col];
       const float z1 = Z[(m + 1) * cols + col] - X[(m + 1) * kLX + m] * z0;
@@ -502,99 +524,157 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
         Z[i * cols + col] -= x.x * z0 + x.y * z1 + x.z * z2 + x.w * z3;
       }
     }
-    for (int i = 0; i < n; ++i) {
-      if (col < dk) cs.w[((tc + i) * Hv + h) * dk + col] = Z[i * cols + col];
-      else cs.u[((tc + i) * Hv + h) * dv + (col - dk)] = Z[i * cols + col];
+    // (P Z)_i = sum_{m <= i} P_im Z_m, 16 rows at a time (PT rows: 4 float4s of P's column m).
+    const bool is_w = col < dk;
+    const int64_t stride = is_w ? dk4 : dv4, off = is_w ? col : col - dk;
+    float* const zo = is_w ? cs.w : cs.u;
+    float* const po = is_w ? cs.qp : cs.o;
+    for (int i0 = 0; i0 < n; i0 += 16) {
+      float acc[16];
+#pragma unroll
+      for (int r = 0; r < 16; ++r) acc[r] = 0.0f;
+      const int m_end = i0 + 16 < n ? i0 + 16 : n;
+      for (int m = 0; m < m_end; ++m) {
+        const float z = Z[m * cols + col];
+        const float4* pt = reinterpret_cast<const float4*>(PT + m * kLX + i0);
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const float4 pv = pt[q];
+          acc[4 * q] += pv.x * z;
+          acc[4 * q + 1] += pv.y * z;
+          acc[4 * q + 2] += pv.z * z;
+          acc[4 * q + 3] += pv.w * z;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 16; ++r) {
+        const int i = i0 + r;
+        if (i >= n) break;
+        const int64_t at = ((tc + i) * Hv + h) * stride + off;
+        zo[at] = Z[i * cols + col];
+        po[at] = is_w ? po[at] - acc[r] : acc[r];  // Q' = e^gc Q - P W (e^gc Q written above)
+      }
     }
+  }
+  // The padding columns of W, U and O (K' and Q' are padded above).
+  for (int e = int(threadIdx.x); e < n * ((dk4 - dk) + (dv4 - dv)); e += kChunkThreads) {
+    const int per = (dk4 - dk) + (dv4 - dv), i = e / per, q = e % per;
+    const int64_t row = (tc + i) * Hv + h;
+    if (q < dk4 - dk) cs.w[row * dk4 + dk + q] = 0.0f;
+    else cs.u[row * dv4 + dv + (q - (dk4 - dk))] = cs.o[row * dv4 + dv + (q - (dk4 - dk))] = 0.0f;
   }
 }
 
-// Shared memory of the state kernel, in floats (gc first: doubles). Every array starts on 16 bytes
-// and rows of Qs, Ks, Ws and X are whole float4s: the inner loops read float4s.
+// Shared memory of the state kernel, in floats: Qp, Ws, Kp [kChunk][lq] (Q', W, K'), S [dk4][kSlice]
+// (the state's columns of this block), Us [2][kChunk][kSlice] (U then V'; two: the next chunk's U
+// loads while this chunk's V' is read) and Os [kChunk][kSlice] (O).
 struct ChunkSmem {
-  int dk4;  // dk rounded up to 4; Qs, Ks, Ws and S are zero past dk
-  int lq;   // row stride of Qs/Ks/Ws (chunk_lq)
-  int64_t gc, beta, eg, ef, Qs, Ks, Ws, S, X, Us, total;
+  int dk4, lq;
+  int64_t Qp, Ws, Kp, S, Us, Os, total;
   __host__ __device__ explicit ChunkSmem(int dk) {
     dk4 = (dk + 3) / 4 * 4;
     lq = chunk_lq(dk);
     int64_t o = 0;
-    gc = o, o += 2 * kChunk;  // kChunk doubles
-    beta = o, o += kChunk;
-    eg = o, o += kChunk;
-    ef = o, o += kChunk;
-    Qs = o, o += int64_t(kChunk) * lq;
-    Ks = o, o += int64_t(kChunk) * lq;
+    Qp = o, o += int64_t(kChunk) * lq;
     Ws = o, o += int64_t(kChunk) * lq;
+    Kp = o, o += int64_t(kChunk) * lq;
     S = o, o += int64_t(dk4) * kSlice;
-    X = o, o += int64_t(kChunk) * kLX;
-    Us = o, o += int64_t(kChunk) * kSlice;
+    Us = o, o += 2 * int64_t(kChunk) * kSlice;
+    Os = o, o += int64_t(kChunk) * kSlice;
     total = o;
   }
   __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
 };
 
+// 16 bytes global -> shared without registers; zeros where !pred (nothing is read then).
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool pred) {
+  const unsigned d = unsigned(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+__device__ __forceinline__ void cp_async_wait_all_but_last() { asm volatile("cp.async.wait_group 1;"); }
+
 // Chunked form, part 2, the chunks of a sequence in order: block (sequence, value head, column
-// slice); 8 warps; the state slice [dk, kSlice] in shared memory. Per chunk with incoming state S0:
-//   V' = U - W S0,   O = diag(e^gc) Q S0 + P V',   S = e^{gc_last} S0 + (diag(e^{gc_last - gc}) K)^T V'
-// X holds P (lower triangle with the diagonal).
+// slice); 8 warps; the state slice in shared memory. The next chunk's Q', W, U, O load (cp.async)
+// while this chunk's state update runs, its K' while its outputs are formed: groups A (Q', W, U,
+// O) and B (K') in flight, at most one of each.
 __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(const RuleArgs a, ChunkScratch cs) {
   wait_for_prior_kernels();
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int b = int(blockIdx.x), h = int(blockIdx.y);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int j = int(blockIdx.z) * kSlice + lane;  // this lane's column of dv
+  const int j0 = int(blockIdx.z) * kSlice, j = j0 + lane;  // this lane's column of dv
   const bool col = j < a.dv;
   const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
   if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
-  const int dk = a.dk, dv = a.dv, Hv = a.Hv;
+  const int dk = a.dk, dv = a.dv, Hv = a.Hv, dv4 = ChunkScratch::round4(dv);
   const int64_t vd = int64_t(Hv) * dv;
   const ChunkSmem L(dk);
   const int lq = L.lq, lq4 = L.lq / 4, dk4 = L.dk4, nk4 = L.dk4 / 4;
-  double* gc = reinterpret_cast<double*>(smem + L.gc);
-  float* betas = smem + L.beta;
-  float* eg = smem + L.eg;
-  float* ef = smem + L.ef;
-  float* Qs = smem + L.Qs;  // [kChunk][lq]
-  float* Ks = smem + L.Ks;  // [kChunk][lq]
-  float* Ws = smem + L.Ws;  // [kChunk][lq]
-  const float4* Q4 = reinterpret_cast<const float4*>(Qs);
-  const float4* K4 = reinterpret_cast<const float4*>(Ks);
+  float* Qp = smem + L.Qp;
+  float* Ws = smem + L.Ws;
+  float* Kp = smem + L.Kp;
+  const float4* Q4 = reinterpret_cast<const float4*>(Qp);
   const float4* W4 = reinterpret_cast<const float4*>(Ws);
-  float* S = smem + L.S;    // [dk4][kSlice]: the state's columns of this block
-  float* X = smem + L.X;    // [kChunk][kLX]
-  const float4* X4 = reinterpret_cast<const float4*>(X);
-  float* Us = smem + L.Us;  // [kChunk][kSlice]: U, then V'
+  const float4* K4 = reinterpret_cast<const float4*>(Kp);
+  float* S = smem + L.S;
+  float* Us = smem + L.Us;
+  float* Os = smem + L.Os;
 
-  const int slot = s.slot;
+  // A chunk's rows of [T, Hv, width] scratch into [kChunk][ld] shared memory (zeros past n), and its
+  // slice of kSlice columns from j0 (zeros past w).
+  const auto rows_async = [&](float* dst, int ld, const float* src, int64_t tc, int n, int width) {
+    const int c4 = width / 4;
+    for (int e = int(threadIdx.x); e < kChunk * c4; e += kChunkThreads) {
+      const int i = e / c4, q = e % c4;
+      cp_async16(dst + i * ld + 4 * q, src + ((tc + (i < n ? i : 0)) * Hv + h) * width + 4 * q, i < n);
+    }
+  };
+  const auto slice_async = [&](float* dst, const float* src, int64_t tc, int n) {
+    for (int e = int(threadIdx.x); e < kChunk * (kSlice / 4); e += kChunkThreads) {
+      const int i = e / (kSlice / 4), q = e % (kSlice / 4), c = j0 + 4 * q;
+      const bool ok = i < n && c < dv4;
+      cp_async16(dst + i * kSlice + 4 * q, src + ((tc + (ok ? i : 0)) * Hv + h) * dv4 + (ok ? c : 0), ok);
+    }
+  };
+  const auto chunk_rows = [&](int64_t c0) { return int(std::min<int64_t>(kChunk, s.n - c0)); };
+  const auto u_of = [&](int64_t c0) { return Us + ((c0 / kChunk) & 1) * (kChunk * kSlice); };
+  const auto issue_outputs_part = [&](int64_t c0) {  // group A: what step 1 of chunk c0 reads
+    const int64_t tc = s.t0 + c0;
+    const int n = chunk_rows(c0);
+    rows_async(Qp, lq, cs.qp, tc, n, dk4);
+    rows_async(Ws, lq, cs.w, tc, n, dk4);
+    slice_async(u_of(c0), cs.u, tc, n);
+    slice_async(Os, cs.o, tc, n);
+    cp_async_commit();
+  };
+  const auto issue_state_part = [&](int64_t c0) {  // group B: what step 2 of chunk c0 reads
+    rows_async(Kp, lq, cs.kp, s.t0 + c0, chunk_rows(c0), dk4);
+    cp_async_commit();
+  };
+
   {
-    const float* state = a.states + (int64_t(slot) * Hv + h) * dk * dv;
+    const float* state = a.states + (int64_t(s.slot) * Hv + h) * dk * dv;
     for (int p = warp; p < dk4; p += kChunkWarps)
       S[p * kSlice + lane] = (p < dk && col) ? state[int64_t(p) * dv + j] : 0.0f;
   }
+  issue_outputs_part(0);
+  issue_state_part(0);
 
   for (int64_t c0 = 0; c0 < s.n; c0 += kChunk) {
-    const int n = int(std::min<int64_t>(kChunk, s.n - c0));  // rows of this chunk
-    const int64_t tc = s.t0 + c0;                              // its first row in the pass
+    const int n = chunk_rows(c0);
+    const int64_t tc = s.t0 + c0;
+    const bool more = c0 + kChunk < s.n;
+    float* U = u_of(c0);
+    cp_async_wait_all_but_last();  // group A of this chunk (its B may still be in flight)
+    __syncthreads();               // ... for every thread's part (and the state written)
 
-    // --- 1. the chunk's rows, and W, U, P from the solve kernel ---
-    load_chunk_rows(a, tc, n, h, lq, dk4, Qs, Ks, gc, betas, eg, ef);
-    for (int i = warp; i < kChunk; i += kChunkWarps) {
-      const int64_t row = (tc + i) * Hv + h;
-      for (int p = lane; p < dk4; p += 32) Ws[i * lq + p] = (i < n && p < dk) ? cs.w[row * dk + p] : 0.0f;
-      for (int m = lane; m < kChunk; m += 32) X[i * kLX + m] = i < n ? cs.p[row * kChunk + m] : 0.0f;
-      Us[i * kSlice + lane] = (i < n && col) ? cs.u[row * dv + j] : 0.0f;
-    }
-    __syncthreads();
-
-    // --- 2. V' = U - W S0; e^gc Q S0 (kept for the output) ---
-    // Thread: rows i = warp + 8 r (r < 8), column lane.
-    float qs0[kRowsPerWarp];
+    // --- 1. V' = U - W S0 (to Us) and out = O + Q' S0. Thread: rows i = warp + 8 r, column lane ---
     {
-      float ws0[kRowsPerWarp];
+      float qs[kRowsPerWarp], ws[kRowsPerWarp];
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) qs0[r] = ws0[r] = 0.0f;
+      for (int r = 0; r < kRowsPerWarp; ++r) qs[r] = ws[r] = 0.0f;
       for (int p4 = 0; p4 < nk4; ++p4) {
         const float s0 = S[(4 * p4) * kSlice + lane], s1 = S[(4 * p4 + 1) * kSlice + lane];
         const float s2 = S[(4 * p4 + 2) * kSlice + lane], s3 = S[(4 * p4 + 3) * kSlice + lane];
@@ -602,94 +682,48 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
         for (int r = 0; r < kRowsPerWarp; ++r) {
           const int i = warp + kChunkWarps * r;
           const float4 qi = Q4[i * lq4 + p4], wi = W4[i * lq4 + p4];
-          qs0[r] += qi.x * s0;
-          qs0[r] += qi.y * s1;
-          qs0[r] += qi.z * s2;
-          qs0[r] += qi.w * s3;
-          ws0[r] += wi.x * s0;
-          ws0[r] += wi.y * s1;
-          ws0[r] += wi.z * s2;
-          ws0[r] += wi.w * s3;
+          qs[r] += qi.x * s0 + qi.y * s1 + qi.z * s2 + qi.w * s3;
+          ws[r] += wi.x * s0 + wi.y * s1 + wi.z * s2 + wi.w * s3;
         }
       }
 #pragma unroll
       for (int r = 0; r < kRowsPerWarp; ++r) {
         const int i = warp + kChunkWarps * r;
-        qs0[r] *= eg[i];
-        Us[i * kSlice + lane] -= ws0[r];
+        U[i * kSlice + lane] -= ws[r];
+        if (i < n && col) a.out[(tc + i) * vd + int64_t(h) * dv + j] = Os[i * kSlice + lane] + qs[r];
       }
     }
-    __syncthreads();
+    asm volatile("cp.async.wait_group 0;");  // group B of this chunk (the latest)
+    __syncthreads();  // V' written; Q', W, O read
+    if (more) issue_outputs_part(c0 + kChunk);  // into the other U
+    else cp_async_commit();  // an empty group keeps the count of groups in flight
 
-    // --- 3. O = e^gc Q S0 + P V' (to out); S = e^{gc_last} S0 + (e^{gc_last - gc} K)^T V' ---
+    // --- 2. S = e^{gc_last} S0 + K'^T V': rows p = 4 pb .. 4 pb + 3 for pb = warp + 8 k ---
     {
-      float* o = qs0;  // accumulates P U onto e^gc Q S0
-      const int nm4 = (n + 3) / 4;  // Us is zero in rows [n, 4 nm4)
-      for (int m4 = 0; m4 < nm4; ++m4) {
-        const int m = 4 * m4;
-        const float u0 = Us[m * kSlice + lane], u1 = Us[(m + 1) * kSlice + lane];
-        const float u2 = Us[(m + 2) * kSlice + lane], u3 = Us[(m + 3) * kSlice + lane];
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          const int i = warp + kChunkWarps * r;
-          if (m <= i) {  // P is lower triangular: entries past the diagonal hold A^T
-            const float4 x = X4[i * (kLX / 4) + m4];
-            o[r] += x.x * u0;
-            if (m + 1 <= i) o[r] += x.y * u1;
-            if (m + 2 <= i) o[r] += x.z * u2;
-            if (m + 3 <= i) o[r] += x.w * u3;
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int i = warp + kChunkWarps * r;
-        if (i < n && col) a.out[(tc + i) * vd + int64_t(h) * dv + j] = o[r];
-      }
-    }
-    {
-      // Rows p = 4 pb .. 4 pb + 3 of the state for pb = warp + 8 k (k < 4; dk4 <= 128), in two
-      // passes of two k (registers: two blocks per SM).
-      const float elast = eg[n - 1];
-#pragma unroll
-      for (int half = 0; half < 2; ++half) {
-        float acc[2][4];
-#pragma unroll
-        for (int k = 0; k < 2; ++k) acc[k][0] = acc[k][1] = acc[k][2] = acc[k][3] = 0.0f;
-        const int pb0 = warp + kChunkWarps * (2 * half), pb1 = pb0 + kChunkWarps;
-        if (pb0 < nk4) {
-          for (int m = 0; m < n; ++m) {
-            const float u = Us[m * kSlice + lane];
-            const float e = ef[m];
-            const float4 k0 = K4[m * lq4 + pb0];
-            acc[0][0] += (k0.x * e) * u;
-            acc[0][1] += (k0.y * e) * u;
-            acc[0][2] += (k0.z * e) * u;
-            acc[0][3] += (k0.w * e) * u;
-            if (pb1 < nk4) {
-              const float4 k1 = K4[m * lq4 + pb1];
-              acc[1][0] += (k1.x * e) * u;
-              acc[1][1] += (k1.y * e) * u;
-              acc[1][2] += (k1.z * e) * u;
-              acc[1][3] += (k1.w * e) * u;
-            }
-          }
+      const float elast = cs.elast[tc * Hv + h];
+      for (int pb = warp; pb < nk4; pb += kChunkWarps) {
+        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        for (int m = 0; m < n; ++m) {
+          const float u = U[m * kSlice + lane];
+          const float4 k = K4[m * lq4 + pb];
+          acc[0] += k.x * u;
+          acc[1] += k.y * u;
+          acc[2] += k.z * u;
+          acc[3] += k.w * u;
         }
 #pragma unroll
-        for (int k = 0; k < 2; ++k) {
-          const int pb = pb0 + kChunkWarps * k;
-#pragma unroll
-          for (int c = 0; c < 4; ++c) {
-            const int p = 4 * pb + c;
-            if (p < dk) S[p * kSlice + lane] = elast * S[p * kSlice + lane] + acc[k][c];
-          }
+        for (int q = 0; q < 4; ++q) {
+          const int p = 4 * pb + q;
+          S[p * kSlice + lane] = elast * S[p * kSlice + lane] + acc[q];
         }
       }
     }
-    __syncthreads();
+    __syncthreads();  // K' and V' read, S written
+    if (more) issue_state_part(c0 + kChunk);
+    else cp_async_commit();
   }
   if (col) {
-    float* state = a.states + (int64_t(slot) * Hv + h) * dk * dv;
+    float* state = a.states + (int64_t(s.slot) * Hv + h) * dk * dv;
     for (int p = warp; p < dk; p += kChunkWarps) state[int64_t(p) * dv + j] = S[p * kSlice + lane];
   }
 }
@@ -804,7 +838,7 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     check(chunks_per_seq * B <= std::numeric_limits<int32_t>::max(), "gated_delta_rule: {} sequences of up to {} rows",
           B, layout.max_query_len);
     auto* scratch = static_cast<float*>(scratch_.bytes(ChunkScratch::floats(T, d.Hv, d.dk, d.dv) * sizeof(float)));
-    ChunkScratch cs{scratch, scratch + T * d.Hv * d.dk, scratch + T * d.Hv * (d.dk + d.dv)};
+    const ChunkScratch cs = ChunkScratch::at(scratch, T, d.Hv, d.dk, d.dv);
     const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), smem = ChunkSmem(d.dk).bytes();
     auto* st = static_cast<DeltaNetState*>(deltanet_state_.get());
     if (!st) {
