@@ -26,6 +26,7 @@
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_support.cuh"
+#include "ballast/kernels/cuda/cuda_tf32_mma.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
@@ -376,10 +377,8 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const 
 // step's K loads while this step's P V is computed, its V while its scores are. A warp's scores
 // (16 x 32) and outputs (16 x hd) are mma.sync m16n8k8 accumulators; the online softmax works on
 // the score fragments (a row's values lie in the 4 lanes of a quad).
-// Precision: each operand is split into TF32 parts, a = a_big + a_small, and a b = a_big b_small +
-// a_small b_big + a_big b_big, three TF32 products summed in fp32 (3xTF32): within 2^-19 of a b
-// (the term left out, a_small b_small, and the bits of a_small the tensor cores drop, each < 2^-20)
-// where plain TF32 is within 2^-10, at three times its products; activations and caches stay fp32.
+// Precision: 3xTF32 (cuda_tf32_mma.cuh), within 2^-19 of each product; activations and caches stay
+// fp32.
 // Operand order: the order of k within an 8-wide mma step is free if both operands follow it. Q K^T
 // gives lane t the head-dim elements 4t .. 4t + 3 of a 16-wide block (one 16-byte load each of Q
 // and K; the first mma takes 4t, 4t + 1 as k = t, t + 4, the second 4t + 2, 4t + 3). P V reads the
@@ -394,46 +393,6 @@ constexpr int kMmaKv = 32;
 // (16-byte fragment loads: a row stride of 16 mod 32 banks puts a quarter warp's 8 loads on 32
 // banks), Vs [kMmaKv][HD + 4] (4-byte loads of rows 2t, 2t + 1 at column g: 4 mod 32).
 __host__ __device__ constexpr int mma_smem_floats(int HD) { return (kMmaRows + kMmaKv) * (HD + 16) + kMmaKv * (HD + 4); }
-
-struct Tf32Pair {
-  uint32_t big, small;
-};
-// x = big + small exactly: big keeps x's top 11 significant bits (a TF32 value), small the rest;
-// small goes to the tensor cores as it is, which read its top 11 bits (|small| < 2^-10 |x|, so what
-// they drop is < 2^-20 |x|). Two instructions, where cvt.rna.tf32 takes several.
-__device__ __forceinline__ Tf32Pair tf32_split(float x) {
-  const uint32_t big = __float_as_uint(x) & 0xffffe000u;
-  return {big, __float_as_uint(x - __uint_as_float(big))};
-}
-__device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-// d += a b in 3xTF32: A fragment a[4] (rows g, g + 8 at k t; the same at k t + 4), B fragment b[2]
-// (k t, t + 4).
-__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const Tf32Pair (&a)[4], const Tf32Pair (&b)[2]) {
-  mma_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b[0].big, b[1].big);
-  mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b[0].small, b[1].small);
-  mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
-}
-
-// The same with the big product into hi and the two small ones into lo (hi + lo is a b).
-__device__ __forceinline__ void mma_3xtf32_split(float (&hi)[4], float (&lo)[4], const Tf32Pair (&a)[4],
-                                                 const Tf32Pair (&b)[2]) {
-  mma_tf32(lo, a[0].small, a[1].small, a[2].small, a[3].small, b[0].big, b[1].big);
-  mma_tf32(lo, a[0].big, a[1].big, a[2].big, a[3].big, b[0].small, b[1].small);
-  mma_tf32(hi, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
-}
-
-// 16 bytes global -> shared without registers; zeros where !pred (nothing is read then).
-__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool pred) {
-  const unsigned d = unsigned(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(pred ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void cp_async_wait_all_but_last() { asm volatile("cp.async.wait_group 1;"); }
 
 template <int HD>
 __global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const AttentionArgs a, int tiles_per_seq) {

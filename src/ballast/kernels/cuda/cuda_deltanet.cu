@@ -32,6 +32,7 @@
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_support.cuh"
+#include "ballast/kernels/cuda/cuda_tf32_mma.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
@@ -586,13 +587,6 @@ struct ChunkSmem {
   __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
 };
 
-// 16 bytes global -> shared without registers; zeros where !pred (nothing is read then).
-__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool pred) {
-  const unsigned d = unsigned(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(pred ? 16 : 0));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
-__device__ __forceinline__ void cp_async_wait_all_but_last() { asm volatile("cp.async.wait_group 1;"); }
 
 // Chunked form, part 2, the chunks of a sequence in order: block (sequence, value head, column
 // slice); 8 warps; the state slice in shared memory. The next chunk's Q', W, U, O load (cp.async)
@@ -693,7 +687,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
         if (i < n && col) a.out[(tc + i) * vd + int64_t(h) * dv + j] = Os[i * kSlice + lane] + qs[r];
       }
     }
-    asm volatile("cp.async.wait_group 0;");  // group B of this chunk (the latest)
+    cp_async_wait_all();  // group B of this chunk (the latest)
     __syncthreads();  // V' written; Q', W, O read
     if (more) issue_outputs_part(c0 + kChunk);  // into the other U
     else cp_async_commit();  // an empty group keeps the count of groups in flight

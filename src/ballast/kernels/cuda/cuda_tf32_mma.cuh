@@ -1,0 +1,65 @@
+// Tensor-core products in fp32 accuracy and asynchronous copies, for the kernels whose operands are
+// fp32 activations (prefill attention, the chunked delta rule).
+//
+// 3xTF32: each operand is split into TF32 parts, a = a_big + a_small, and a b = a_big b_small +
+// a_small b_big + a_big b_big, three mma.sync m16n8k8 TF32 products summed in fp32: within 2^-19 of
+// a b (the term left out, a_small b_small, and the bits of a_small the tensor cores drop, each
+// < 2^-20) where plain TF32 is within 2^-10, at three times its products.
+//
+// Fragments of m16n8k8 (g = lane / 4, t = lane % 4): A (16 x 8, row-major) a0 (g, t), a1 (g + 8, t),
+// a2 (g, t + 4), a3 (g + 8, t + 4); B (8 x 8) b0 (k t, n g), b1 (k t + 4, n g); C (16 x 8) c0 (g, 2t),
+// c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1). The order of k inside a step is free if both
+// operands follow it.
+#pragma once
+
+#include <cstdint>
+
+namespace ballast::kernels::cuda {
+
+struct Tf32Pair {
+  uint32_t big, small;
+};
+
+// x = big + small exactly: big keeps x's top 11 significant bits (a TF32 value), small the rest;
+// small goes to the tensor cores as it is, which read its top 11 bits (|small| < 2^-10 |x|, so what
+// they drop is < 2^-20 |x|). Two instructions, where cvt.rna.tf32 takes several.
+__device__ __forceinline__ Tf32Pair tf32_split(float x) {
+  const uint32_t big = __float_as_uint(x) & 0xffffe000u;
+  return {big, __float_as_uint(x - __uint_as_float(big))};
+}
+
+__device__ __forceinline__ void mma_tf32(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// d += a b in 3xTF32: A fragment a[4] (a0 .. a3 above), B fragment b[2].
+__device__ __forceinline__ void mma_3xtf32(float (&d)[4], const Tf32Pair (&a)[4], const Tf32Pair (&b)[2]) {
+  mma_tf32(d, a[0].small, a[1].small, a[2].small, a[3].small, b[0].big, b[1].big);
+  mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b[0].small, b[1].small);
+  mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
+}
+
+// The same with the big product into hi and the two small ones into lo (hi + lo is a b): twice the
+// chains of dependent mma in flight where the accumulators are few.
+__device__ __forceinline__ void mma_3xtf32_split(float (&hi)[4], float (&lo)[4], const Tf32Pair (&a)[4],
+                                                 const Tf32Pair (&b)[2]) {
+  mma_tf32(lo, a[0].small, a[1].small, a[2].small, a[3].small, b[0].big, b[1].big);
+  mma_tf32(lo, a[0].big, a[1].big, a[2].big, a[3].big, b[0].small, b[1].small);
+  mma_tf32(hi, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
+}
+
+// 16 bytes global -> shared without registers; zeros where !pred (nothing is read then, but src
+// must still be an address of the allocation).
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool pred) {
+  const unsigned d = unsigned(__cvta_generic_to_shared(dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(pred ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+// Every committed group but the latest has landed (in this thread; a barrier makes it the block's).
+__device__ __forceinline__ void cp_async_wait_all_but_last() { asm volatile("cp.async.wait_group 1;"); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;"); }
+
+}  // namespace ballast::kernels::cuda
