@@ -306,7 +306,7 @@ __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(co
 // The chunk's rows in shared memory: normalised q (scaled by dk^-0.5) and k in Qs, Ks [kChunk][lq]
 // (zeros past n and dk); beta; the cumulative log decay gc (double) with eg = e^gc and ef =
 // e^{gc_last - gc}. Rows past n repeat the last decay with beta = 0: they change nothing.
-__device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int lq, int dk4, float* Qs, float* Ks,
+__device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int lq, int dkp, float* Qs, float* Ks,
                                 double* gc, float* betas, float* eg, float* ef) {
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int dk = a.dk, Hv = a.Hv, hk = h / (Hv / a.Hk);
@@ -332,13 +332,13 @@ __device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int
 #pragma unroll
       for (int m = 0; m < kMaxDk / 32; ++m) {
         const int p = lane + 32 * m;
-        if (p < dk4) {  // zeros in [dk, dk4)
+        if (p < dkp) {  // zeros in [dk, dkp)
           Qs[i * lq + p] = qv[m] * fq;
           Ks[i * lq + p] = kv[m] * fk;
         }
       }
     } else {
-      for (int p = lane; p < dk4; p += 32) Qs[i * lq + p] = Ks[i * lq + p] = 0.0f;
+      for (int p = lane; p < dkp; p += 32) Qs[i * lq + p] = Ks[i * lq + p] = 0.0f;
     }
   }
   if (warp == 0) {
@@ -367,32 +367,32 @@ __device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int
   }
 }
 
+// The key dim padded with zeros to whole 8-wide tensor-core steps.
+__host__ __device__ inline int padded_dk(int dk) { return (dk + 7) / 8 * 8; }
+
 // What the solve kernel leaves for the state kernel, per row t of the pass and value head h (rows
-// of dk4 and dv4 floats, zero-padded: whole float4s for cp.async): with T = (I + A)^-1 of the row's
+// of dkp and dv4 floats, zero-padded: whole float4s for cp.async): with T = (I + A)^-1 of the row's
 // chunk, W = T diag(beta e^gc) K, U = T diag(beta) V, Q' = diag(e^gc) Q - P W, O = P U, K' =
 // diag(e^{gc_last - gc}) K; and e^{gc_last} at the chunk's first row. The state kernel then does
 // only what depends on the state entering the chunk:
 //   V' = U - W S0,   out = O + Q' S0,   S = e^{gc_last} S0 + K'^T V'
 struct ChunkScratch {
-  float *qp, *w, *kp;  // [T, Hv, dk4]
+  float *qp, *w, *kp;  // [T, Hv, dkp]
   float *u, *o;        // [T, Hv, dv4]
   float* elast;        // [T, Hv]
   static size_t floats(int64_t T, int Hv, int dk, int dv) {
-    return size_t(T) * Hv * (3 * size_t(round4(dk)) + 2 * size_t(round4(dv)) + 1);
+    return size_t(T) * Hv * (3 * size_t(padded_dk(dk)) + 2 * size_t(round4(dv)) + 1);
   }
   static ChunkScratch at(float* base, int64_t T, int Hv, int dk, int dv) {
-    const int64_t mk = T * Hv * round4(dk), mv = T * Hv * round4(dv);
+    const int64_t mk = T * Hv * padded_dk(dk), mv = T * Hv * round4(dv);
     return {base, base + mk, base + 2 * mk, base + 3 * mk, base + 3 * mk + mv, base + 3 * mk + 2 * mv};
   }
   __host__ __device__ static int round4(int x) { return (x + 3) / 4 * 4; }
 };
 
-// Row strides of the chunks' rows: dk rounded up to 4 plus 4 or 8 so that lq / 4 is odd (8
-// consecutive rows read as float4 at one column cover the 32 banks once).
-__host__ __device__ inline int chunk_lq(int dk) {
-  const int dk4 = (dk + 3) / 4 * 4;
-  return dk4 + ((dk4 / 4) % 2 == 0 ? 4 : 8);
-}
+// Row strides of the chunks' rows: padded_dk + 4, so that lq / 4 is odd (8 consecutive rows read as
+// float4 at one column cover the 32 banks once, as do a warp's A fragments of mma: 4 g + t).
+__host__ __device__ inline int chunk_lq(int dk) { return padded_dk(dk) + 4; }
 
 // Shared memory of the solve kernel, in floats (gc first: doubles). Z, the right-hand sides and then
 // the solutions [kChunk][dk + dv], overlays Qs and Ks once P and A are formed; PT is P transposed.
@@ -434,7 +434,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   if (c0 >= s.n) return;
   const int n = int(s.n - c0 < kChunk ? s.n - c0 : kChunk);
   const int64_t tc = s.t0 + c0;
-  const int dk = a.dk, dv = a.dv, Hv = a.Hv, lq = chunk_lq(dk), lq4 = lq / 4, dk4 = (dk + 3) / 4 * 4, nk4 = dk4 / 4;
+  const int dk = a.dk, dv = a.dv, Hv = a.Hv, lq = chunk_lq(dk), lq4 = lq / 4, dkp = padded_dk(dk), nk4 = dkp / 4;
   const int dv4 = ChunkScratch::round4(dv);
   const SolveSmem L(dk, dv);
   double* gc = reinterpret_cast<double*>(smem + L.gc);
@@ -447,7 +447,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   float* Ks = smem + L.Ks;
   const float4* Q4 = reinterpret_cast<const float4*>(Qs);
   const float4* K4 = reinterpret_cast<const float4*>(Ks);
-  load_chunk_rows(a, tc, n, h, lq, dk4, Qs, Ks, gc, betas, eg, ef);
+  load_chunk_rows(a, tc, n, h, lq, dkp, Qs, Ks, gc, betas, eg, ef);
   __syncthreads();
 
   // P_ij = D_ij (q_i . k_j) (j <= i) and A_ij = beta_i D_ij (k_i . k_j) (j < i). Thread: rows
@@ -480,10 +480,10 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
       }
     }
   }
-  // K' and e^gc Q (the first term of Q') to scratch, zero-padded rows of dk4.
-  for (int e = int(threadIdx.x); e < n * dk4; e += kChunkThreads) {
-    const int i = e / dk4, p = e % dk4;
-    const int64_t at = ((tc + i) * Hv + h) * dk4 + p;
+  // K' and e^gc Q (the first term of Q') to scratch, zero-padded rows of dkp.
+  for (int e = int(threadIdx.x); e < n * dkp; e += kChunkThreads) {
+    const int i = e / dkp, p = e % dkp;
+    const int64_t at = ((tc + i) * Hv + h) * dkp + p;
     cs.kp[at] = ef[i] * Ks[i * lq + p];
     cs.qp[at] = eg[i] * Qs[i * lq + p];
   }
@@ -527,7 +527,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
     }
     // (P Z)_i = sum_{m <= i} P_im Z_m, 16 rows at a time (PT rows: 4 float4s of P's column m).
     const bool is_w = col < dk;
-    const int64_t stride = is_w ? dk4 : dv4, off = is_w ? col : col - dk;
+    const int64_t stride = is_w ? dkp : dv4, off = is_w ? col : col - dk;
     float* const zo = is_w ? cs.w : cs.u;
     float* const po = is_w ? cs.qp : cs.o;
     for (int i0 = 0; i0 < n; i0 += 16) {
@@ -558,29 +558,31 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
     }
   }
   // The padding columns of W, U and O (K' and Q' are padded above).
-  for (int e = int(threadIdx.x); e < n * ((dk4 - dk) + (dv4 - dv)); e += kChunkThreads) {
-    const int per = (dk4 - dk) + (dv4 - dv), i = e / per, q = e % per;
+  for (int e = int(threadIdx.x); e < n * ((dkp - dk) + (dv4 - dv)); e += kChunkThreads) {
+    const int per = (dkp - dk) + (dv4 - dv), i = e / per, q = e % per;
     const int64_t row = (tc + i) * Hv + h;
-    if (q < dk4 - dk) cs.w[row * dk4 + dk + q] = 0.0f;
-    else cs.u[row * dv4 + dv + (q - (dk4 - dk))] = cs.o[row * dv4 + dv + (q - (dk4 - dk))] = 0.0f;
+    if (q < dkp - dk) cs.w[row * dkp + dk + q] = 0.0f;
+    else cs.u[row * dv4 + dv + (q - (dkp - dk))] = cs.o[row * dv4 + dv + (q - (dkp - dk))] = 0.0f;
   }
 }
 
-// Shared memory of the state kernel, in floats: Qp, Ws, Kp [kChunk][lq] (Q', W, K'), S [dk4][kSlice]
-// (the state's columns of this block), Us [2][kChunk][kSlice] (U then V'; two: the next chunk's U
-// loads while this chunk's V' is read) and Os [kChunk][kSlice] (O).
+// Shared memory of the state kernel, in floats: Qp, Ws, Kp [kChunk][lq] (Q', W, K'), S [dkp][kSL]
+// (the state's columns of this block), Us [2][kChunk][kSL] (U then V'; two: the next chunk's U loads
+// while this chunk's V' is read) and Os [kChunk][kSlice] (O). S and Us are B operands of mma (k t at
+// column g: a row stride of 8 mod 32 banks puts a warp's 32 loads on 32 banks).
+constexpr int kSL = kSlice + 8;
 struct ChunkSmem {
-  int dk4, lq;
+  int dkp, lq;
   int64_t Qp, Ws, Kp, S, Us, Os, total;
   __host__ __device__ explicit ChunkSmem(int dk) {
-    dk4 = (dk + 3) / 4 * 4;
+    dkp = padded_dk(dk);
     lq = chunk_lq(dk);
     int64_t o = 0;
     Qp = o, o += int64_t(kChunk) * lq;
     Ws = o, o += int64_t(kChunk) * lq;
     Kp = o, o += int64_t(kChunk) * lq;
-    S = o, o += int64_t(dk4) * kSlice;
-    Us = o, o += 2 * int64_t(kChunk) * kSlice;
+    S = o, o += int64_t(dkp) * kSL;
+    Us = o, o += 2 * int64_t(kChunk) * kSL;
     Os = o, o += int64_t(kChunk) * kSlice;
     total = o;
   }
@@ -597,7 +599,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int b = int(blockIdx.x), h = int(blockIdx.y);
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t4 = lane % 4;
   const int j0 = int(blockIdx.z) * kSlice, j = j0 + lane;  // this lane's column of dv
   const bool col = j < a.dv;
   const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
@@ -605,13 +607,10 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
   const int dk = a.dk, dv = a.dv, Hv = a.Hv, dv4 = ChunkScratch::round4(dv);
   const int64_t vd = int64_t(Hv) * dv;
   const ChunkSmem L(dk);
-  const int lq = L.lq, lq4 = L.lq / 4, dk4 = L.dk4, nk4 = L.dk4 / 4;
+  const int lq = L.lq, dkp = L.dkp;
   float* Qp = smem + L.Qp;
   float* Ws = smem + L.Ws;
   float* Kp = smem + L.Kp;
-  const float4* Q4 = reinterpret_cast<const float4*>(Qp);
-  const float4* W4 = reinterpret_cast<const float4*>(Ws);
-  const float4* K4 = reinterpret_cast<const float4*>(Kp);
   float* S = smem + L.S;
   float* Us = smem + L.Us;
   float* Os = smem + L.Os;
@@ -625,33 +624,33 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
       cp_async16(dst + i * ld + 4 * q, src + ((tc + (i < n ? i : 0)) * Hv + h) * width + 4 * q, i < n);
     }
   };
-  const auto slice_async = [&](float* dst, const float* src, int64_t tc, int n) {
+  const auto slice_async = [&](float* dst, int ld, const float* src, int64_t tc, int n) {
     for (int e = int(threadIdx.x); e < kChunk * (kSlice / 4); e += kChunkThreads) {
       const int i = e / (kSlice / 4), q = e % (kSlice / 4), c = j0 + 4 * q;
       const bool ok = i < n && c < dv4;
-      cp_async16(dst + i * kSlice + 4 * q, src + ((tc + (ok ? i : 0)) * Hv + h) * dv4 + (ok ? c : 0), ok);
+      cp_async16(dst + i * ld + 4 * q, src + ((tc + (ok ? i : 0)) * Hv + h) * dv4 + (ok ? c : 0), ok);
     }
   };
   const auto chunk_rows = [&](int64_t c0) { return int(std::min<int64_t>(kChunk, s.n - c0)); };
-  const auto u_of = [&](int64_t c0) { return Us + ((c0 / kChunk) & 1) * (kChunk * kSlice); };
+  const auto u_of = [&](int64_t c0) { return Us + ((c0 / kChunk) & 1) * (kChunk * kSL); };
   const auto issue_outputs_part = [&](int64_t c0) {  // group A: what step 1 of chunk c0 reads
     const int64_t tc = s.t0 + c0;
     const int n = chunk_rows(c0);
-    rows_async(Qp, lq, cs.qp, tc, n, dk4);
-    rows_async(Ws, lq, cs.w, tc, n, dk4);
-    slice_async(u_of(c0), cs.u, tc, n);
-    slice_async(Os, cs.o, tc, n);
+    rows_async(Qp, lq, cs.qp, tc, n, dkp);
+    rows_async(Ws, lq, cs.w, tc, n, dkp);
+    slice_async(u_of(c0), kSL, cs.u, tc, n);
+    slice_async(Os, kSlice, cs.o, tc, n);
     cp_async_commit();
   };
   const auto issue_state_part = [&](int64_t c0) {  // group B: what step 2 of chunk c0 reads
-    rows_async(Kp, lq, cs.kp, s.t0 + c0, chunk_rows(c0), dk4);
+    rows_async(Kp, lq, cs.kp, s.t0 + c0, chunk_rows(c0), dkp);
     cp_async_commit();
   };
 
   {
     const float* state = a.states + (int64_t(s.slot) * Hv + h) * dk * dv;
-    for (int p = warp; p < dk4; p += kChunkWarps)
-      S[p * kSlice + lane] = (p < dk && col) ? state[int64_t(p) * dv + j] : 0.0f;
+    for (int p = warp; p < dkp; p += kChunkWarps)
+      S[p * kSL + lane] = (p < dk && col) ? state[int64_t(p) * dv + j] : 0.0f;
   }
   issue_outputs_part(0);
   issue_state_part(0);
@@ -664,53 +663,60 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
     cp_async_wait_all_but_last();  // group A of this chunk (its B may still be in flight)
     __syncthreads();               // ... for every thread's part (and the state written)
 
-    // --- 1. V' = U - W S0 (to Us) and out = O + Q' S0. Thread: rows i = warp + 8 r, column lane ---
+    // --- 1. out = O + Q' S0 (warps 0-3) and V' = U - W S0 (warps 4-7, into U): a warp's 16 rows
+    // x kSlice columns on the tensor cores, the state slice as the B operand ---
     {
-      float qs[kRowsPerWarp], ws[kRowsPerWarp];
+      const float* A = (warp < 4 ? Qp : Ws) + (16 * (warp & 3) + g) * lq + t4;  // rows g, g + 8 at k t, t + 4
+      float hi[kSlice / 8][4] = {}, lo[kSlice / 8][4] = {};
+      for (int kk = 0; kk < dkp; kk += 8) {
+        const Tf32Pair af[4] = {tf32_split(A[kk]), tf32_split(A[8 * lq + kk]), tf32_split(A[kk + 4]),
+                                tf32_split(A[8 * lq + kk + 4])};
+        const float* B = S + (kk + t4) * kSL + g;
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) qs[r] = ws[r] = 0.0f;
-      for (int p4 = 0; p4 < nk4; ++p4) {
-        const float s0 = S[(4 * p4) * kSlice + lane], s1 = S[(4 * p4 + 1) * kSlice + lane];
-        const float s2 = S[(4 * p4 + 2) * kSlice + lane], s3 = S[(4 * p4 + 3) * kSlice + lane];
-#pragma unroll
-        for (int r = 0; r < kRowsPerWarp; ++r) {
-          const int i = warp + kChunkWarps * r;
-          const float4 qi = Q4[i * lq4 + p4], wi = W4[i * lq4 + p4];
-          qs[r] += qi.x * s0 + qi.y * s1 + qi.z * s2 + qi.w * s3;
-          ws[r] += wi.x * s0 + wi.y * s1 + wi.z * s2 + wi.w * s3;
+        for (int nj = 0; nj < kSlice / 8; ++nj) {
+          const Tf32Pair bf[2] = {tf32_split(B[8 * nj]), tf32_split(B[4 * kSL + 8 * nj])};
+          mma_3xtf32_split(hi[nj], lo[nj], af, bf);
         }
       }
 #pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int i = warp + kChunkWarps * r;
-        U[i * kSlice + lane] -= ws[r];
-        if (i < n && col) a.out[(tc + i) * vd + int64_t(h) * dv + j] = Os[i * kSlice + lane] + qs[r];
-      }
+      for (int nj = 0; nj < kSlice / 8; ++nj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 16 * (warp & 3) + g + 8 * (e / 2), c = 8 * nj + 2 * t4 + (e & 1);
+          const float v = hi[nj][e] + lo[nj][e];
+          if (warp >= 4) U[i * kSL + c] -= v;
+          else if (i < n && j0 + c < dv) a.out[(tc + i) * vd + int64_t(h) * dv + j0 + c] = Os[i * kSlice + c] + v;
+        }
     }
     cp_async_wait_all();  // group B of this chunk (the latest)
     __syncthreads();  // V' written; Q', W, O read
     if (more) issue_outputs_part(c0 + kChunk);  // into the other U
     else cp_async_commit();  // an empty group keeps the count of groups in flight
 
-    // --- 2. S = e^{gc_last} S0 + K'^T V': rows p = 4 pb .. 4 pb + 3 for pb = warp + 8 k ---
-    {
+    // --- 2. S = e^{gc_last} S0 + K'^T V': a warp's 16 rows of the state x kSlice columns on the
+    // tensor cores (A = K'^T read from K' rows, B = V'), over the chunk's rows in steps of 8 ---
+    if (16 * warp < dkp) {
       const float elast = cs.elast[tc * Hv + h];
-      for (int pb = warp; pb < nk4; pb += kChunkWarps) {
-        float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        for (int m = 0; m < n; ++m) {
-          const float u = U[m * kSlice + lane];
-          const float4 k = K4[m * lq4 + pb];
-          acc[0] += k.x * u;
-          acc[1] += k.y * u;
-          acc[2] += k.z * u;
-          acc[3] += k.w * u;
-        }
+      const float* A = Kp + t4 * lq + 16 * warp + g;  // A(p, m) = K'[m][p]: (g, t) at Kp[t][g]
+      float hi[kSlice / 8][4] = {}, lo[kSlice / 8][4] = {};
+      for (int mm = 0; mm < n; mm += 8) {
+        const float* am = A + mm * lq;
+        const Tf32Pair af[4] = {tf32_split(am[0]), tf32_split(am[8]), tf32_split(am[4 * lq]),
+                                tf32_split(am[4 * lq + 8])};
+        const float* B = U + (mm + t4) * kSL + g;
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int p = 4 * pb + q;
-          S[p * kSlice + lane] = elast * S[p * kSlice + lane] + acc[q];
+        for (int nj = 0; nj < kSlice / 8; ++nj) {
+          const Tf32Pair bf[2] = {tf32_split(B[8 * nj]), tf32_split(B[4 * kSL + 8 * nj])};
+          mma_3xtf32_split(hi[nj], lo[nj], af, bf);
         }
       }
+#pragma unroll
+      for (int nj = 0; nj < kSlice / 8; ++nj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float* sp = S + (16 * warp + g + 8 * (e / 2)) * kSL + 8 * nj + 2 * t4 + (e & 1);
+          *sp = elast * *sp + (hi[nj][e] + lo[nj][e]);
+        }
     }
     __syncthreads();  // K' and V' read, S written
     if (more) issue_state_part(c0 + kChunk);
@@ -718,7 +724,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
   }
   if (col) {
     float* state = a.states + (int64_t(s.slot) * Hv + h) * dk * dv;
-    for (int p = warp; p < dk; p += kChunkWarps) state[int64_t(p) * dv + j] = S[p * kSlice + lane];
+    for (int p = warp; p < dk; p += kChunkWarps) state[int64_t(p) * dv + j] = S[p * kSL + lane];
   }
 }
 
