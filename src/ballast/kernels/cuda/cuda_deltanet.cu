@@ -167,7 +167,6 @@ constexpr int kRecWarps = 4;
 constexpr int kChunk = 64;         // rows per chunk of the chunked form
 constexpr int kChunkWarps = 8;
 constexpr int kChunkThreads = kChunkWarps * 32;
-constexpr int kRowsPerWarp = kChunk / kChunkWarps;  // 8
 constexpr int kLX = kChunk + 4;  // row stride of X (whole float4s)
 
 struct RuleArgs {
@@ -397,8 +396,11 @@ __host__ __device__ inline int chunk_lq(int dk) { return padded_dk(dk) + 4; }
 // Shared memory of the solve kernel, in floats (gc first: doubles). Z, the right-hand sides and then
 // the solutions [kChunk][dk + dv], overlays Qs and Ks once P and A are formed; PT is P transposed.
 struct SolveSmem {
+  int zl;  // row stride of Z: the columns rounded up to the 64 a warp's P Z step reads, plus 8 (B
+           // operand loads, k t at column g, on 32 banks)
   int64_t gc, beta, eg, ef, X, PT, Qs, Ks, Z, total;
   __host__ __device__ SolveSmem(int dk, int dv) {
+    zl = (dk + dv + 63) / 64 * 64 + 8;
     const int lq = chunk_lq(dk);
     int64_t o = 0;
     gc = o, o += 2 * kChunk;
@@ -410,7 +412,7 @@ struct SolveSmem {
     Qs = o, o += int64_t(kChunk) * lq;
     Ks = o, o += int64_t(kChunk) * lq;
     Z = Qs;
-    const int64_t z_end = Z + int64_t(kChunk) * (dk + dv);
+    const int64_t z_end = Z + int64_t(kChunk) * zl;
     total = o > z_end ? o : z_end;
   }
   __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
@@ -426,7 +428,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int b = int(blockIdx.x) / chunks_per_seq, c = int(blockIdx.x) % chunks_per_seq, h = int(blockIdx.y);
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t4 = lane % 4;
   if (b >= a.B) return;
   const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
   if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
@@ -434,7 +436,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   if (c0 >= s.n) return;
   const int n = int(s.n - c0 < kChunk ? s.n - c0 : kChunk);
   const int64_t tc = s.t0 + c0;
-  const int dk = a.dk, dv = a.dv, Hv = a.Hv, lq = chunk_lq(dk), lq4 = lq / 4, dkp = padded_dk(dk), nk4 = dkp / 4;
+  const int dk = a.dk, dv = a.dv, Hv = a.Hv, lq = chunk_lq(dk), dkp = padded_dk(dk);
   const int dv4 = ChunkScratch::round4(dv);
   const SolveSmem L(dk, dv);
   double* gc = reinterpret_cast<double*>(smem + L.gc);
@@ -445,40 +447,41 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   float* PT = smem + L.PT;  // PT[j][i] = P_ij (zero past the lower triangle)
   float* Qs = smem + L.Qs;  // [kChunk][lq]
   float* Ks = smem + L.Ks;
-  const float4* Q4 = reinterpret_cast<const float4*>(Qs);
-  const float4* K4 = reinterpret_cast<const float4*>(Ks);
   load_chunk_rows(a, tc, n, h, lq, dkp, Qs, Ks, gc, betas, eg, ef);
   __syncthreads();
 
-  // P_ij = D_ij (q_i . k_j) (j <= i) and A_ij = beta_i D_ij (k_i . k_j) (j < i). Thread: rows
-  // i = warp + 8 r, columns lane and 32 + lane.
+  // P_ij = D_ij (q_i . k_j) (j <= i) and A_ij = beta_i D_ij (k_i . k_j) (j < i) on the tensor cores:
+  // warp w has rows 16 (w % 4) .. + 15 and columns 32 (w / 4) .. + 31 of both (B = K^T: (k t, n g) is
+  // K[j0 + g][t]). The warp of rows 0-15 and columns 32-63 is all above the diagonal: zeros.
   {
-    float qk[kRowsPerWarp][2], kk[kRowsPerWarp][2];
+    const int i0 = 16 * (warp & 3), jc = 32 * (warp >> 2);
+    float qk[4][4] = {}, kk[4][4] = {};
+    if (jc <= i0 + 15) {
+      const float* qa = Qs + (i0 + g) * lq + t4;
+      const float* ka = Ks + (i0 + g) * lq + t4;
+      const float* kb = Ks + (jc + g) * lq + t4;
+      for (int p = 0; p < dkp; p += 8) {
+        const Tf32Pair qf[4] = {tf32_split(qa[p]), tf32_split(qa[8 * lq + p]), tf32_split(qa[p + 4]),
+                                tf32_split(qa[8 * lq + p + 4])};
+        const Tf32Pair kf[4] = {tf32_split(ka[p]), tf32_split(ka[8 * lq + p]), tf32_split(ka[p + 4]),
+                                tf32_split(ka[8 * lq + p + 4])};
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) qk[r][0] = qk[r][1] = kk[r][0] = kk[r][1] = 0.0f;
-    for (int p4 = 0; p4 < nk4; ++p4) {
-      const float4 kj0 = K4[lane * lq4 + p4], kj1 = K4[(32 + lane) * lq4 + p4];
-#pragma unroll
-      for (int r = 0; r < kRowsPerWarp; ++r) {
-        const int i = warp + kChunkWarps * r;
-        const float4 qi = Q4[i * lq4 + p4], ki = K4[i * lq4 + p4];
-        qk[r][0] += qi.x * kj0.x + qi.y * kj0.y + qi.z * kj0.z + qi.w * kj0.w;
-        qk[r][1] += qi.x * kj1.x + qi.y * kj1.y + qi.z * kj1.z + qi.w * kj1.w;
-        kk[r][0] += ki.x * kj0.x + ki.y * kj0.y + ki.z * kj0.z + ki.w * kj0.w;
-        kk[r][1] += ki.x * kj1.x + ki.y * kj1.y + ki.z * kj1.z + ki.w * kj1.w;
+        for (int nj = 0; nj < 4; ++nj) {
+          const Tf32Pair bf[2] = {tf32_split(kb[8 * nj * lq + p]), tf32_split(kb[8 * nj * lq + p + 4])};
+          mma_3xtf32(qk[nj], qf, bf);
+          mma_3xtf32(kk[nj], kf, bf);
+        }
       }
     }
 #pragma unroll
-    for (int r = 0; r < kRowsPerWarp; ++r) {
-      const int i = warp + kChunkWarps * r;
+    for (int nj = 0; nj < 4; ++nj)
 #pragma unroll
-      for (int q = 0; q < 2; ++q) {
-        const int jj = lane + 32 * q;
+      for (int e = 0; e < 4; ++e) {
+        const int i = i0 + g + 8 * (e / 2), jj = jc + 8 * nj + 2 * t4 + (e & 1);
         const float dec = jj <= i ? expf(float(gc[i] - gc[jj])) : 0.0f;
-        PT[jj * kLX + i] = dec * qk[r][q];
-        X[i * kLX + jj] = jj < i ? betas[i] * dec * kk[r][q] : 0.0f;
+        PT[jj * kLX + i] = dec * qk[nj][e];
+        X[i * kLX + jj] = jj < i ? betas[i] * dec * kk[nj][e] : 0.0f;
       }
-    }
   }
   // K' and e^gc Q (the first term of Q') to scratch, zero-padded rows of dkp.
   for (int e = int(threadIdx.x); e < n * dkp; e += kChunkThreads) {
@@ -491,8 +494,8 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   __syncthreads();
   // A column of Z a thread: its right-hand side into Z (which overlays Qs and Ks: the K columns,
   // dk <= kChunkThreads of them, staged through registers across a barrier), then its solution.
-  const int cols = dk + dv;
-  float* Z = smem + L.Z;  // [kChunk][cols]
+  const int cols = dk + dv, zl = L.zl;
+  float* Z = smem + L.Z;  // [kChunk][zl]: the columns, then zeros (what the P Z products read past them)
   {
     const int col = int(threadIdx.x);
     float rhs[kChunk];
@@ -501,60 +504,74 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
     __syncthreads();  // every thread has read Ks
     if (col < dk)
 #pragma unroll
-      for (int i = 0; i < kChunk; ++i) Z[i * cols + col] = rhs[i];
+      for (int i = 0; i < kChunk; ++i) Z[i * zl + col] = rhs[i];
   }
-  for (int col = dk + int(threadIdx.x); col < cols; col += kChunkThreads) {
+  for (int col = dk + int(threadIdx.x); col < zl; col += kChunkThreads) {
+    if (col >= cols) {
+      for (int i = 0; i < kChunk; ++i) Z[i * zl + col] = 0.0f;
+      continue;
+    }
     const float* v = a.qkv + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv + (col - dk);
-    for (int i = 0; i < kChunk; ++i) Z[i * cols + col] = i < n ? betas[i] * v[i * a.ld] : 0.0f;
+    for (int i = 0; i < kChunk; ++i) Z[i * zl + col] = i < n ? betas[i] * v[i * a.ld] : 0.0f;
   }
   __syncthreads();
   for (int col = int(threadIdx.x); col < cols; col += kChunkThreads) {
     // Right-looking forward substitution over the first n rows: once rows m .. m + 3 are final,
     // every later row takes their terms.
     for (int m = 0; m < n; m += 4) {
-      const float z0 = Z[m * cols + col];
-      const float z1 = Z[(m + 1) * cols + col] - X[(m + 1) * kLX + m] * z0;
-      const float z2 = Z[(m + 2) * cols + col] - X[(m + 2) * kLX + m] * z0 - X[(m + 2) * kLX + m + 1] * z1;
-      const float z3 = Z[(m + 3) * cols + col] - X[(m + 3) * kLX + m] * z0 - X[(m + 3) * kLX + m + 1] * z1 -
+      const float z0 = Z[m * zl + col];
+      const float z1 = Z[(m + 1) * zl + col] - X[(m + 1) * kLX + m] * z0;
+      const float z2 = Z[(m + 2) * zl + col] - X[(m + 2) * kLX + m] * z0 - X[(m + 2) * kLX + m + 1] * z1;
+      const float z3 = Z[(m + 3) * zl + col] - X[(m + 3) * kLX + m] * z0 - X[(m + 3) * kLX + m + 1] * z1 -
                        X[(m + 3) * kLX + m + 2] * z2;
-      Z[(m + 1) * cols + col] = z1;
-      Z[(m + 2) * cols + col] = z2;
-      Z[(m + 3) * cols + col] = z3;
+      Z[(m + 1) * zl + col] = z1;
+      Z[(m + 2) * zl + col] = z2;
+      Z[(m + 3) * zl + col] = z3;
       for (int i = m + 4; i < n; ++i) {
         const float4 x = *reinterpret_cast<const float4*>(X + i * kLX + m);
-        Z[i * cols + col] -= x.x * z0 + x.y * z1 + x.z * z2 + x.w * z3;
+        Z[i * zl + col] -= x.x * z0 + x.y * z1 + x.z * z2 + x.w * z3;
       }
     }
-    // (P Z)_i = sum_{m <= i} P_im Z_m, 16 rows at a time (PT rows: 4 float4s of P's column m).
+    // Z's solved column to scratch (W or U).
     const bool is_w = col < dk;
-    const int64_t stride = is_w ? dkp : dv4, off = is_w ? col : col - dk;
-    float* const zo = is_w ? cs.w : cs.u;
-    float* const po = is_w ? cs.qp : cs.o;
-    for (int i0 = 0; i0 < n; i0 += 16) {
-      float acc[16];
+    for (int i = 0; i < n; ++i) {
+      if (is_w) cs.w[((tc + i) * Hv + h) * dkp + col] = Z[i * zl + col];
+      else cs.u[((tc + i) * Hv + h) * dv4 + (col - dk)] = Z[i * zl + col];
+    }
+  }
+  __syncthreads();  // every column of Z is solved
+  // P Z on the tensor cores: Q' = e^gc Q - P W (e^gc Q written above) and O = P U. Warp w has rows
+  // 16 (w % 4) .. + 15 and, 64 at a time, every second block of 64 columns from 64 (w / 4); A = P
+  // (from PT: (g, t) is PT[t][g]), B = Z; only the columns m <= the warp's last row count.
+  {
+    const int i0 = 16 * (warp & 3);
+    const int m_end = i0 + 16 < n ? i0 + 16 : n;
+    for (int c0 = 64 * (warp >> 2); c0 < cols; c0 += 128) {
+      float acc[8][4] = {};
+      for (int m0 = 0; m0 < m_end; m0 += 8) {
+        const float* pa = PT + (m0 + t4) * kLX + i0 + g;
+        const Tf32Pair pf[4] = {tf32_split(pa[0]), tf32_split(pa[8]), tf32_split(pa[4 * kLX]),
+                                tf32_split(pa[4 * kLX + 8])};
+        const float* zb = Z + (m0 + t4) * zl + c0 + g;
 #pragma unroll
-      for (int r = 0; r < 16; ++r) acc[r] = 0.0f;
-      const int m_end = i0 + 16 < n ? i0 + 16 : n;
-      for (int m = 0; m < m_end; ++m) {
-        const float z = Z[m * cols + col];
-        const float4* pt = reinterpret_cast<const float4*>(PT + m * kLX + i0);
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const float4 pv = pt[q];
-          acc[4 * q] += pv.x * z;
-          acc[4 * q + 1] += pv.y * z;
-          acc[4 * q + 2] += pv.z * z;
-          acc[4 * q + 3] += pv.w * z;
+        for (int nj = 0; nj < 8; ++nj) {
+          const Tf32Pair bf[2] = {tf32_split(zb[8 * nj]), tf32_split(zb[4 * zl + 8 * nj])};
+          mma_3xtf32(acc[nj], pf, bf);
         }
       }
 #pragma unroll
-      for (int r = 0; r < 16; ++r) {
-        const int i = i0 + r;
-        if (i >= n) break;
-        const int64_t at = ((tc + i) * Hv + h) * stride + off;
-        zo[at] = Z[i * cols + col];
-        po[at] = is_w ? po[at] - acc[r] : acc[r];  // Q' = e^gc Q - P W (e^gc Q written above)
-      }
+      for (int nj = 0; nj < 8; ++nj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = i0 + g + 8 * (e / 2), c = c0 + 8 * nj + 2 * t4 + (e & 1);
+          if (i >= n || c >= cols) continue;
+          if (c < dk) {
+            float* q = cs.qp + ((tc + i) * Hv + h) * dkp + c;
+            *q -= acc[nj][e];
+          } else {
+            cs.o[((tc + i) * Hv + h) * dv4 + (c - dk)] = acc[nj][e];
+          }
+        }
     }
   }
   // The padding columns of W, U and O (K' and Q' are padded above).
