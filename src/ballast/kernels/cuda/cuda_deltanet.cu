@@ -7,23 +7,26 @@
 // writes what another reads. Verifying sequences (snapshot mode) run row by row in one piece and
 // write the state after each row to its snapshot slot.
 //
-// gated_delta_rule, two kernels over (sequence, value head, slice of kSlice columns of dv):
-// - recurrent (single rows and verifying sequences): 4 warps; lane = column, each warp holds an
-//   interleaved quarter of the dk rows of the state slice in registers. Per row: every warp
-//   normalises q and k itself (warp-private shared memory), S^T k and S^T q are reduced over the
-//   warps in shared memory (one __syncthreads a row), then the fused update of cpu
-//   recurrent_head: u = beta (v - d S^T k), o = d S^T q + (k.q) u, S = d S + k u^T.
-// - chunked WY form (the other sequences of more than one row), chunks of kChunk rows, two kernels.
-//   Per chunk (gc = cumulative log decay in double, D_ij = e^{gc_i - gc_j}):
+// gated_delta_rule:
+// - recurrent (single rows and verifying sequences), block (sequence, value head, slice of kSlice
+//   columns of dv), 4 warps; lane = column, each warp holds an interleaved quarter of the dk rows of
+//   the state slice in registers. Per row: every warp normalises q and k itself (warp-private
+//   shared memory), S^T k and S^T q are reduced over the warps in shared memory (one __syncthreads
+//   a row), then the fused update of cpu recurrent_head: u = beta (v - d S^T k), o = d S^T q +
+//   (k.q) u, S = d S + k u^T.
+// - chunked WY form (the other sequences of more than one row), chunks of kChunk rows. Per chunk
+//   (gc = cumulative log decay in double, D_ij = e^{gc_i - gc_j}, S0 the state entering it):
 //     A_ij = beta_i D_ij (k_i . k_j) (j < i),   P_ij = D_ij (q_i . k_j) (j <= i)
 //     (I + A) [W | U] = [diag(beta e^gc) K | diag(beta) V]     (forward substitution)
-//   the solve kernel, every chunk of every sequence at once (block: chunk, value head), leaving W,
-//   U and P in scratch; then the state kernel, the chunks of a sequence in order (block: sequence,
-//   value head, column slice; the state slice [dk, kSlice] in shared memory), with S0 the state
-//   entering the chunk:
 //     V' = U - W S0,   O = diag(e^gc) Q S0 + P V',   S = e^{gc_last} S0 + (diag(e^{gc_last - gc}) K)^T V'
 //   the same function as the CPU's chunked form (which forms Tinv = (I + A)^-1 and W = Tinv
-//   diag(beta e^gc) K). All in fp32 FMA (no TF32), exponentials of double differences as the CPU.
+//   diag(beta e^gc) K). Two kernels: the solve kernel does every chunk of every sequence at once
+//   (block: chunk, value head) and leaves what does not depend on S0 in scratch (ChunkScratch:
+//   W, U, Q' = e^gc Q - P W, O_local = P U, K' = e^{gc_last - gc} K); the state kernel then takes
+//   the chunks of each sequence in order (block: sequence, value head, column slice) and only
+//   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V'. The products
+//   run on the tensor cores in 3xTF32 (cuda_tf32_mma.cuh: fp32 accuracy), the substitution and
+//   the exponentials (of double differences, as the CPU) on the SIMT cores.
 #include <algorithm>
 #include <cmath>
 #include <limits>
