@@ -425,6 +425,8 @@ def save_checkpoint(model, head, cfg, out_dir, eos_ids):
     save_file(sd, p, metadata={"format": "pt"})
     cj = json.load(open(os.path.join(out_dir, "config.json")), object_pairs_hook=OrderedDict)
     cj["mtp_num_hidden_layers"] = 1
+    # Both layer keys, as Qwen's released configs have them (llama.cpp's converter reads the interval).
+    cj["full_attention_interval"] = args.full_attention_interval
     cj["dtype"] = "bfloat16"
     cj.pop("torch_dtype", None)
     with open(os.path.join(out_dir, "config.json"), "w") as f:

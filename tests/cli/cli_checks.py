@@ -173,6 +173,32 @@ def check_inspect(args):
     assert "quantization  fp8" in text and "mlp.experts.gate_proj.weight" in text, text
 
 
+def check_bench_save(args):
+    # bench --synthetic NAME --save DIR writes a checkpoint directory that --model loads: config.json
+    # with both layer keys (as Qwen's releases; llama.cpp's converter reads the interval), bf16
+    # weights, the shipped tokenizer. Refusals name the option.
+    with tempfile.TemporaryDirectory() as tmp:
+        d = os.path.join(tmp, "mid")
+        run([args.ballast, "bench", "--synthetic", "mid-size", "--layers", "1", "--save", d])
+        with open(os.path.join(d, "config.json")) as f:
+            cfg = json.load(f)
+        assert cfg["full_attention_interval"] == 4 and cfg["layer_types"] == ["linear_attention"], cfg
+        assert cfg["num_hidden_layers"] == 1 and cfg["hidden_size"] == 1024, cfg
+        assert os.path.exists(os.path.join(d, "tokenizer.json")), os.listdir(d)
+        j = json.loads(run([args.ballast, "bench", "--device", "cpu", "--threads", "2", "--model", d, "--batch", "1",
+                            "--prompt-len", "8", "--decode-steps", "2", "--prefill", "8", "--repeats", "1",
+                            "--json"]).stdout)
+        assert j["params_total"] > 1e8 and j["decode"][0]["tokens_per_s"] > 0, j
+        p = run([args.ballast, "bench", "--synthetic", "mid-size", "--layers", "1", "--save", d], expect_rc=1)
+        assert "exists and is not empty" in p.stderr, p.stderr
+        p = run([args.ballast, "bench", "--synthetic", "--dtype", "fp8", "--save", os.path.join(tmp, "x")], expect_rc=1)
+        assert "bf16" in p.stderr, p.stderr
+        p = run([args.ballast, "bench", "--save", os.path.join(tmp, "y")], expect_rc=1)
+        assert "--synthetic" in p.stderr, p.stderr
+        p = run([args.ballast, "bench", "--synthetic", "qwen3.5-397b-a17b", "--save", os.path.join(tmp, "z")], expect_rc=1)
+        assert "--layers" in p.stderr and "memory" in p.stderr, p.stderr
+
+
 def check_bench(args):
     # The sweep on the demo model (CPU): every batch and prefill length reported beside the ceilings,
     # ratios consistent with the figures, op profiles that name the ops, speculation per batch.

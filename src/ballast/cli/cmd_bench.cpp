@@ -14,6 +14,7 @@
 #include <nlohmann/json.hpp>
 #include <random>
 #include <set>
+#include <unistd.h>
 #include <tuple>
 
 #include "ballast/cli/commands.h"
@@ -25,6 +26,7 @@
 #include "ballast/dist/mpi_communicator.h"
 #include "ballast/model/config.h"
 #include "ballast/model/param_count.h"
+#include "ballast/model/random_checkpoint.h"
 #include "ballast/model/random_weights.h"
 #include "ballast/runtime/speculative.h"
 
@@ -37,6 +39,7 @@ struct BenchArgs {
   std::string synthetic;  // a preset name (model::preset_names), or empty
   int layers = 0;
   std::string dtype = "bf16";  // synthetic weights: bf16, or fp8 (Qwen's block-scaled FP8 where its releases have it)
+  std::string save;            // synthetic models: write them here as a checkpoint directory, and stop
   int prompt_len = 256, decode_steps = 32, threads = 0, repeats = 3;
   double dist_timeout = 600;
   std::string batches = "1", prefills, speculative;
@@ -258,6 +261,33 @@ void print_profile(const std::string& title, const std::vector<kernels::OpTime>&
                total > 0 ? 100.0 * ops[i].seconds / total : 0.0);
 }
 
+// --save DIR: the synthetic model as a Hugging Face checkpoint directory (config.json with both layer
+// keys, model.safetensors in bf16 from a fixed seed, the shipped model's tokenizer files), for
+// `bench --model DIR` and for other engines' converters (llama.cpp's pads the vocabulary past the
+// tokenizer's). Made on the host, so it must fit the host's memory.
+int save_synthetic(const BenchArgs& a) {
+  check(a.dtype == "bf16", "--save writes bf16 checkpoints (--dtype fp8 makes FP8 weights on the device only)");
+  const std::filesystem::path dir(a.save);
+  check(!std::filesystem::exists(dir) || std::filesystem::is_empty(dir), "--save {}: exists and is not empty",
+        dir.string());
+  const model::RandomModelShape shape = model::preset_shape(a.synthetic, a.layers);
+  const nlohmann::json config = model::random_model_config(shape);
+  const model::ModelConfig cfg = model::parse_model_config(config, "synthetic " + a.synthetic);
+  const int64_t params = model::count_parameters(cfg).total();
+  const double bytes = 2.0 * double(params);
+  const double host = double(sysconf(_SC_PHYS_PAGES)) * double(sysconf(_SC_PAGESIZE));
+  check(bytes < 0.8 * host, "--save: {} of {} layers is {:.1f} GB in bf16, more than this host's memory ({:.1f} GB) "
+        "allows; keep fewer with --layers", a.synthetic, shape.layers, bytes / 1e9, host / 1e9);
+  const std::filesystem::path tok = default_model_dir();  // whose tokenizer files go along
+  fmt::print(stderr, "writing synthetic {} ({} layers, {:.2f} B parameters, {:.1f} GB bf16) to {}\n", a.synthetic,
+             shape.layers, double(params) / 1e9, bytes / 1e9, dir.string());
+  model::write_random_checkpoint(config, dir, /*seed=*/1, DType::BF16);
+  for (const char* f : {"tokenizer.json", "tokenizer_config.json"})
+    if (std::filesystem::exists(tok / f)) std::filesystem::copy_file(tok / f, dir / f);
+  fmt::print("{}\n", dir.string());
+  return 0;
+}
+
 int run_bench(const BenchArgs& a) {
   const std::vector<int> batches = parse_list(a.batches, "--batch", 1 << 16);
   std::vector<int> prefills = parse_list(a.prefills, "--prefill", 1 << 24);
@@ -266,6 +296,8 @@ int run_bench(const BenchArgs& a) {
   check(a.synthetic.empty() || a.model.empty(), "--synthetic and --model: give one");
   check(a.layers == 0 || !a.synthetic.empty(), "--layers applies to --synthetic models only");
   check(a.dtype == "bf16" || !a.synthetic.empty(), "--dtype applies to --synthetic models only (a checkpoint has its own)");
+  check(a.save.empty() || !a.synthetic.empty(), "--save applies to --synthetic models only");
+  if (!a.save.empty()) return save_synthetic(a);
   const int bmax = *std::max_element(batches.begin(), batches.end());
   if (prefills.empty()) prefills = {a.prompt_len};
   const int pmax = *std::max_element(prefills.begin(), prefills.end());
@@ -507,6 +539,9 @@ void add_bench(CLI::App& app, Runner& run) {
                 "Synthetic models: bf16, or fp8 (e4m3 with 128 x 128 block scales where Qwen's -FP8 releases have "
                 "them; embedding, head, routers and DeltaNet a/b stay bf16)")
       ->check(CLI::IsMember({"bf16", "fp8"}));
+  c->add_option("--save", a->save,
+                "Synthetic models: write the model to this directory as a Hugging Face checkpoint (bf16, a fixed "
+                "seed, the shipped model's tokenizer) instead of benchmarking; then bench it with --model DIR");
   c->add_option("--prompt-len", a->prompt_len, "Context of the decoding sequences (prompt tokens)")
       ->check(CLI::Range(1, 1 << 20));
   c->add_option("--decode-steps", a->decode_steps, "Decode steps timed")->check(CLI::Range(1, 1 << 20));

@@ -15,6 +15,12 @@
 namespace ballast::model {
 
 nlohmann::json random_model_config(const RandomModelShape& s) {
+  // Both keys, as Qwen's released configs have them (llama.cpp's converter reads the interval).
+  nlohmann::json layer_types = nlohmann::json::array();
+  for (int l = 0; l < s.layers; ++l) {
+    const bool full = s.full_attention_interval > 0 && (l + 1) % s.full_attention_interval == 0;
+    layer_types.push_back(full ? "full_attention" : "linear_attention");
+  }
   nlohmann::json j = {
       {"architectures", {s.qwen35 ? "Qwen3_5MoeForCausalLM" : "Qwen3NextForCausalLM"}},
       {"model_type", s.qwen35 ? "qwen3_5_moe_text" : "qwen3_next"},
@@ -34,6 +40,7 @@ nlohmann::json random_model_config(const RandomModelShape& s) {
       {"linear_value_head_dim", s.value_dim},
       {"linear_conv_kernel_dim", 4},
       {"full_attention_interval", s.full_attention_interval},
+      {"layer_types", layer_types},
       {"num_experts", s.experts},
       {"num_experts_per_tok", s.top_k},
       {"moe_intermediate_size", s.moe_intermediate},
