@@ -183,7 +183,7 @@ def check_bench_save(args):
         with open(os.path.join(d, "config.json")) as f:
             cfg = json.load(f)
         assert cfg["full_attention_interval"] == 4 and cfg["layer_types"] == ["linear_attention"], cfg
-        assert cfg["num_hidden_layers"] == 1 and cfg["hidden_size"] == 1024, cfg
+        assert cfg["num_hidden_layers"] == 1 and cfg["hidden_size"] == 1024 and cfg["max_position_embeddings"] > 0, cfg
         assert os.path.exists(os.path.join(d, "tokenizer.json")), os.listdir(d)
         j = json.loads(run([args.ballast, "bench", "--device", "cpu", "--threads", "2", "--model", d, "--batch", "1",
                             "--prompt-len", "8", "--decode-steps", "2", "--prefill", "8", "--repeats", "1",

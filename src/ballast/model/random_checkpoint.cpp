@@ -27,6 +27,7 @@ nlohmann::json random_model_config(const RandomModelShape& s) {
       {"vocab_size", s.vocab},
       {"hidden_size", s.hidden},
       {"num_hidden_layers", s.layers},
+      {"max_position_embeddings", 262144},  // as Qwen3-Next's and Qwen3.5's configs
       {"rms_norm_eps", 1e-6},
       {"tie_word_embeddings", false},
       {"num_attention_heads", s.heads},
