@@ -191,6 +191,32 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// Row t's q (scaled by dk^-0.5) and k, each L2-normalised, read by one warp: element lane + 32 m
+// in [m], zero past dk. The recurrent kernel and the chunk solve read their rows through it.
+__device__ __forceinline__ void normalized_qk(const RuleArgs& a, int64_t t, int hk, int lane, float (&q)[kMaxDk / 32],
+                                              float (&k)[kMaxDk / 32]) {
+  const int dk = a.dk;
+  const float* qrow = a.qkv + t * a.ld + int64_t(hk) * dk;
+  const float* krow = qrow + int64_t(a.Hk) * dk;
+  float ssq = 0.0f, ssk = 0.0f;
+#pragma unroll
+  for (int m = 0; m < kMaxDk / 32; ++m) {
+    const int p = lane + 32 * m;
+    q[m] = p < dk ? qrow[p] : 0.0f;
+    k[m] = p < dk ? krow[p] : 0.0f;
+    ssq += q[m] * q[m];
+    ssk += k[m] * k[m];
+  }
+  ssq = warp_sum(ssq);
+  ssk = warp_sum(ssk);
+  const float fq = (1.0f / sqrtf(float(dk))) / sqrtf(ssq + kL2Eps), fk = 1.0f / sqrtf(ssk + kL2Eps);
+#pragma unroll
+  for (int m = 0; m < kMaxDk / 32; ++m) {
+    q[m] *= fq;
+    k[m] *= fk;
+  }
+}
+
 // Recurrent form. Block (sequence, value head, column slice); RPT >= ceil(dk / kRecWarps) rows of the
 // state per thread: rows p = warp + kRecWarps * r.
 template <int RPT>
@@ -207,7 +233,6 @@ __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(co
   const int hk = h / (Hv / a.Hk);
   const int64_t kd = int64_t(a.Hk) * dk, vd = int64_t(Hv) * dv;
   const int64_t state_size = int64_t(Hv) * dk * dv;
-  const float qscale = 1.0f / sqrtf(float(dk));
 
   __shared__ float qn[kRecWarps][kMaxDk], kn[kRecWarps][kMaxDk];  // each warp's own copy
   __shared__ float2 red[2][kRecWarps][32];
@@ -223,33 +248,19 @@ __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(co
   }
   for (int64_t i = 0; i < s.n; ++i) {
     const int64_t t = s.t0 + i;
-    const float* qrow = a.qkv + t * a.ld + int64_t(hk) * dk;
-    const float* krow = qrow + kd;
     // Normalised q and k, every warp for itself.
     __syncwarp();
     float qv[kMaxDk / 32], kv[kMaxDk / 32];
-    float ssq = 0.0f, ssk = 0.0f;
-#pragma unroll
-    for (int m = 0; m < kMaxDk / 32; ++m) {
-      const int p = lane + 32 * m;
-      qv[m] = p < dk ? qrow[p] : 0.0f;
-      kv[m] = p < dk ? krow[p] : 0.0f;
-      ssq += qv[m] * qv[m];
-      ssk += kv[m] * kv[m];
-    }
-    ssq = warp_sum(ssq);
-    ssk = warp_sum(ssk);
-    const float fq = qscale / sqrtf(ssq + kL2Eps), fk = 1.0f / sqrtf(ssk + kL2Eps);
+    normalized_qk(a, t, hk, lane, qv, kv);
     float kq = 0.0f;
 #pragma unroll
     for (int m = 0; m < kMaxDk / 32; ++m) {
       const int p = lane + 32 * m;
-      const float qq = qv[m] * fq, kk = kv[m] * fk;
       if (p < dk) {
-        qn[warp][p] = qq;
-        kn[warp][p] = kk;
+        qn[warp][p] = qv[m];
+        kn[warp][p] = kv[m];
       }
-      kq += qq * kk;
+      kq += qv[m] * kv[m];
     }
     kq = warp_sum(kq);
     __syncwarp();
@@ -311,32 +322,17 @@ __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(co
 __device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int lq, int dkp, float* Qs, float* Ks,
                                 double* gc, float* betas, float* eg, float* ef) {
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int dk = a.dk, Hv = a.Hv, hk = h / (Hv / a.Hk);
-  const int64_t kd = int64_t(a.Hk) * dk;
-  const float qscale = 1.0f / sqrtf(float(dk));
+  const int Hv = a.Hv, hk = h / (Hv / a.Hk);
   for (int i = warp; i < kChunk; i += kChunkWarps) {
     if (i < n) {
-      const float* qrow = a.qkv + (tc + i) * a.ld + int64_t(hk) * dk;
-      const float* krow = qrow + kd;
       float qv[kMaxDk / 32], kv[kMaxDk / 32];
-      float ssq = 0.0f, ssk = 0.0f;
-#pragma unroll
-      for (int m = 0; m < kMaxDk / 32; ++m) {
-        const int p = lane + 32 * m;
-        qv[m] = p < dk ? qrow[p] : 0.0f;
-        kv[m] = p < dk ? krow[p] : 0.0f;
-        ssq += qv[m] * qv[m];
-        ssk += kv[m] * kv[m];
-      }
-      ssq = warp_sum(ssq);
-      ssk = warp_sum(ssk);
-      const float fq = qscale / sqrtf(ssq + kL2Eps), fk = 1.0f / sqrtf(ssk + kL2Eps);
+      normalized_qk(a, tc + i, hk, lane, qv, kv);
 #pragma unroll
       for (int m = 0; m < kMaxDk / 32; ++m) {
         const int p = lane + 32 * m;
         if (p < dkp) {  // zeros in [dk, dkp)
-          Qs[i * lq + p] = qv[m] * fq;
-          Ks[i * lq + p] = kv[m] * fk;
+          Qs[i * lq + p] = qv[m];
+          Ks[i * lq + p] = kv[m];
         }
       }
     } else {
