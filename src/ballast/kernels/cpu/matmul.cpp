@@ -3,9 +3,12 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "ballast/core/error.h"
+#include "ballast/kernels/cpu/avx512_matmul.h"
 #include "ballast/kernels/cpu/multiversion.h"
 
 namespace ballast::kernels::cpu {
@@ -117,14 +120,44 @@ void block_product(const float* x, int64_t T, int64_t K, const float* wb, int64_
 }
 }  // namespace
 
+Isa best_isa() {
+  static const Isa isa = [] {
+    const char* env = std::getenv("BALLAST_CPU_KERNELS");
+    if (env && std::strcmp(env, "portable") == 0) return Isa::portable;
+    return avx512::available() ? Isa::avx512 : Isa::portable;
+  }();
+  return isa;
+}
+
 void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, ThreadPool* pool) {
+  matmul(xp, T, K, w, yp, pool, best_isa());
+}
+
+void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, ThreadPool* pool, Isa isa) {
   check(w.rank() == 2 && w.dim(1) == K, "matmul: weight {} for rows of {}", w, K);
+  check(isa == Isa::portable || avx512::available(), "matmul: AVX-512 kernels asked for on a CPU without them");
   if (T == 0) return;
   const int64_t N = w.dim(0);
   const int64_t blocks = (N + kRowBlock - 1) / kRowBlock;
   if (T * N * K < kParallelWork) pool = nullptr;
   const size_t esize = dtype_size(w.dtype());
   const RowScales scales = row_scales(w);
+  if (isa == Isa::avx512 && (w.dtype() == DType::BF16 || w.dtype() == DType::F8_E4M3_B128)) {
+    // x split once by the calling thread (the layout the tiles read), then blocks of weight rows
+    // over the pool, each block's weights read once.
+    thread_local std::vector<float> xs;
+    xs.resize(size_t(T * avx512::split_width(K)));
+    avx512::split_rows(xp, T, K, xs.data());
+    const float* xsp = xs.data();  // the caller's buffer (a worker naming xs would get its own)
+    auto run = [&](int64_t b0, int64_t b1) {
+      const int64_t n0 = b0 * kRowBlock, n1 = std::min(N, b1 * kRowBlock);
+      avx512::rows_product(xsp, T, K, static_cast<const char*>(w.raw()) + size_t(n0 * K) * esize, w.dtype(),
+                           n1 - n0, scales.data, n0, scales.ld, yp + n0, N);
+    };
+    if (pool) pool->parallel_for(blocks, [&run](int64_t b0, int64_t b1) { run(b0, b1); });
+    else run(0, blocks);
+    return;
+  }
   if (T <= kSmallT) {
     auto run_small = [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {

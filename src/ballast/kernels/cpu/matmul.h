@@ -11,6 +11,14 @@ namespace ballast::kernels::cpu {
 // dotted with every x row (no packing). Many rows (prefill): blocks of weight rows are widened
 // into a per-thread buffer and multiplied with single-threaded BLAS. Either way a weight byte is
 // read once per call.
+//
+// Two implementations: the portable loops above, and AVX-512 tiles of dot products
+// (avx512_matmul.h) for bf16 and FP8 weights at any number of rows, taken when the CPU has
+// AVX-512 unless BALLAST_CPU_KERNELS=portable is set in the environment. Tests pass `isa` to run
+// both on any machine that has both.
+enum class Isa { portable, avx512 };
+Isa best_isa();  // avx512 when available (and not turned off), else portable
 void matmul(const float* x, int64_t T, int64_t K, const Tensor& w, float* y, ThreadPool* pool);
+void matmul(const float* x, int64_t T, int64_t K, const Tensor& w, float* y, ThreadPool* pool, Isa isa);
 
 }  // namespace ballast::kernels::cpu
