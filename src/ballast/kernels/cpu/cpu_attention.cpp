@@ -6,12 +6,60 @@
 
 #include "ballast/core/error.h"
 #include "ballast/kernels/cpu/cpu_ops.h"
+#include "ballast/kernels/cpu/multiversion.h"
 #include "ballast/kernels/cpu/op_support.h"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
 
 using namespace cpu;
+
+namespace {
+
+// scores[s] = scale * q . k_s for the len cache rows of one head (block_size rows a block, row
+// stride `row`), and their maximum. The dot runs in 16 lanes summed pairwise (vectorised without
+// -ffast-math; one running sum is a chain of hd dependent adds).
+BALLAST_MV float head_scores(const float* qv, const float* kc, const int32_t* table, int64_t bs, size_t row,
+                             int64_t hd, int64_t len, float scale, float* scores) {
+  constexpr int kLanes = 16;
+  float mx = -INFINITY;
+  for (int64_t s0 = 0; s0 < len; s0 += bs) {
+    const float* kb = kc + (size_t(table[s0 / bs]) * size_t(bs)) * row;
+    for (int64_t s = s0, se = std::min(len, s0 + bs); s < se; ++s) {
+      const float* kv = kb + size_t(s - s0) * row;
+      float acc[kLanes] = {};
+      int64_t j = 0;
+      for (; j + kLanes <= hd; j += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] += qv[j + l] * kv[j + l];
+      for (int w = kLanes / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+      float d = acc[0];
+      for (; j < hd; ++j) d += qv[j] * kv[j];
+      scores[s] = d * scale;
+      mx = std::max(mx, scores[s]);
+    }
+  }
+  return mx;
+}
+
+// o = sum_s p_s v_s / sum with p_s = exp(scores[s] - mx) (the denominator in double).
+BALLAST_MV void head_values(float* scores, const float* vc, const int32_t* table, int64_t bs, size_t row, int64_t hd,
+                            int64_t len, float mx, float* o) {
+  double sum = 0;
+  for (int64_t s = 0; s < len; ++s) sum += (scores[s] = std::exp(scores[s] - mx));
+  const float inv = float(1.0 / sum);
+  std::fill(o, o + hd, 0.0f);
+  for (int64_t s0 = 0; s0 < len; s0 += bs) {
+    const float* vb = vc + (size_t(table[s0 / bs]) * size_t(bs)) * row;
+    for (int64_t s = s0, se = std::min(len, s0 + bs); s < se; ++s) {
+      const float p = scores[s] * inv;
+      const float* vv = vb + size_t(s - s0) * row;
+      for (int64_t j = 0; j < hd; ++j) o[j] += p * vv[j];
+    }
+  }
+}
+
+}  // namespace
 
 void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
                        const SeqLayout& layout, Tensor& out) {
@@ -67,30 +115,8 @@ void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new
       const int64_t len = kv_lens[b] - (cu[b + 1] - cu[b]) + (t - cu[b]) + 1;
       const int32_t* table = tables + b * W;
       const float* qv = f32(q) + (t * Hq + h) * hd;
-      float mx = -INFINITY;
-      for (int64_t s0 = 0; s0 < len; s0 += bs) {
-        const float* kb = kc + (size_t(table[s0 / bs]) * size_t(bs)) * row + size_t(kvh * hd);
-        for (int64_t s = s0, se = std::min(len, s0 + bs); s < se; ++s) {
-          const float* kv = kb + size_t(s - s0) * row;
-          float d = 0;
-          for (int64_t j = 0; j < hd; ++j) d += qv[j] * kv[j];
-          scores[s] = d * scale;
-          mx = std::max(mx, scores[s]);
-        }
-      }
-      double sum = 0;
-      for (int64_t s = 0; s < len; ++s) sum += (scores[s] = std::exp(scores[s] - mx));
-      const float inv = float(1.0 / sum);
-      float* o = f32_mut(out) + (t * Hq + h) * hd;
-      std::fill(o, o + hd, 0.0f);
-      for (int64_t s0 = 0; s0 < len; s0 += bs) {
-        const float* vb = vc + (size_t(table[s0 / bs]) * size_t(bs)) * row + size_t(kvh * hd);
-        for (int64_t s = s0, se = std::min(len, s0 + bs); s < se; ++s) {
-          const float p = scores[s] * inv;
-          const float* vv = vb + size_t(s - s0) * row;
-          for (int64_t j = 0; j < hd; ++j) o[j] += p * vv[j];
-        }
-      }
+      const float mx = head_scores(qv, kc + size_t(kvh * hd), table, bs, row, hd, len, scale, scores);
+      head_values(scores, vc + size_t(kvh * hd), table, bs, row, hd, len, mx, f32_mut(out) + (t * Hq + h) * hd);
     }
   });
 }

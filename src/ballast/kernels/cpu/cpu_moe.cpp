@@ -212,18 +212,24 @@ void CpuOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offs
     max_inter = std::max(max_inter, I);
   }
   if (busy == 0) return;
-  // Few rows per group (decode): each product streams its weights once and splitting one over the
-  // pool buys little, so groups run side by side, each single-threaded. Otherwise one group at
-  // a time with the pool inside its products. Scratch per worker: X [n, H] (then Y), G and U [n, I].
+  // Groups run side by side, each single-threaded, taken in turn by the pool's threads, unless
+  // one group holds so many of the rows that the others would wait for it: then one group at a
+  // time with the pool inside its products (which pays a wake of the pool per product). Few rows
+  // per group (decode) always side by side: splitting a product of a streamed weight buys little.
+  // Scratch per worker: X [n, H] (then Y), G and U [n, I].
   const int threads = pool_.size();
-  const bool side_by_side = threads > 1 && busy >= 2 && (max_rows <= 8 || (busy >= threads && max_rows <= 64));
+  const int64_t listed = off[groups] - off[0];
+  const bool side_by_side =
+      threads > 1 && busy >= 2 && (max_rows <= 8 || (busy >= threads && 2 * max_rows * threads <= 3 * listed));
   const int64_t per_worker = max_rows * (H + 2 * max_inter);
-  // Scratch for the most any call of these shapes can need (every listed row in one group, or 64
-  // rows on every thread), whatever the routing: it grows with the shapes only, never with the
-  // data, so steady-state passes allocate nothing.
+  // Scratch for the most any call of these shapes can need (every listed row in one group, or
+  // 8 rows on every thread, or side by side 3/2 of the listed rows over the threads), whatever the
+  // routing: it grows with the shapes only, never with the data, so steady-state passes allocate
+  // nothing.
   int64_t widest = 0;
   for (const SwigluWeights& w : experts) widest = std::max(widest, w.gate.defined() ? w.gate.dim(0) : 0);
-  const int64_t bound = std::max(perm.numel(), threads * std::min<int64_t>(perm.numel(), 64)) * (H + 2 * widest);
+  const int64_t bound =
+      std::max(perm.numel() * 3 / 2, threads * std::min<int64_t>(perm.numel(), 8)) * (H + 2 * widest);
   float* scratch = expert_scratch_.floats(size_t(bound));
   const float* xp = f32(x);
   float* yp = f32_mut(y);
