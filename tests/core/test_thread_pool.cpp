@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <chrono>
+#include <thread>
 #include <vector>
 
 using namespace ballast;
@@ -23,4 +25,18 @@ TEST(ThreadPool, ManyJobsInARow) {
   std::atomic<int64_t> sum{0};
   for (int r = 0; r < 2000; ++r) pool.parallel_for(64, [&](int64_t b, int64_t e) { sum += e - b; });
   EXPECT_EQ(sum.load(), 2000 * 64);
+}
+
+// Idle workers spin a short while, then sleep: jobs right after one another (caught spinning)
+// and after a pause longer than the spin (woken from sleep) both run every chunk once.
+TEST(ThreadPool, JobsAfterSpinningAndAfterSleeping) {
+  ThreadPool pool(3);
+  for (int pause_us : {0, 2000, 0, 5000}) {
+    std::this_thread::sleep_for(std::chrono::microseconds(pause_us));
+    std::vector<std::atomic<int>> hits(97);
+    pool.parallel_for(97, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) hits[i]++;
+    });
+    for (int64_t i = 0; i < 97; ++i) ASSERT_EQ(hits[i].load(), 1) << "after " << pause_us << " us, i=" << i;
+  }
 }

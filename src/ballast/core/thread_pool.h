@@ -1,6 +1,10 @@
 #pragma once
 // A fixed pool of worker threads with a blocking parallel_for. Owned by whoever needs it
-// (the engine holds one per rank); there is no process-wide pool.
+// (the engine holds one per rank); there is no process-wide pool. Idle workers, and a caller
+// waiting for the last chunks, spin for a short while (kSpinMicros) before they sleep: a forward
+// pass runs a hundred parallel ops in a few milliseconds, and a sleeping thread's wake-up (a
+// futex, an interrupt to a halted virtual CPU) costs more than many of those ops.
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <functional>
@@ -36,6 +40,10 @@ class ThreadPool {
   int64_t next_chunk_ = 0, finished_chunks_ = 0;
   uint64_t generation_ = 0;
   bool stop_ = false;
+  // Mirrors of generation_, stop_ and the finished job's generation, read without the lock
+  // while spinning; written under it.
+  std::atomic<uint64_t> posted_{0}, done_generation_{0};
+  std::atomic<bool> stopping_{false};
 };
 
 }  // namespace ballast
