@@ -124,6 +124,10 @@ void add_device_option(CLI::App* c, DeviceArgs& d) {
   c->add_option("--matmul-precision", d.matmul_precision,
                 "CUDA matrix products: bf16 (tensor cores, fp32 accumulation; default) | fp32 (as the CPU reference)")
       ->check(CLI::IsMember({"bf16", "fp32"}));
+  c->add_option("--cpu-weights", d.cpu_weights,
+                "CPU weights: copy (into the process's memory at load; default, faster to read) | mmap (read in place "
+                "from the checkpoint's mapping: no second copy)")
+      ->check(CLI::IsMember({"copy", "mmap"}));
 }
 
 std::unique_ptr<kernels::Backend> make_backend(const DeviceArgs& d, int threads, int gpu) {
@@ -133,7 +137,7 @@ std::unique_ptr<kernels::Backend> make_backend(const DeviceArgs& d, int threads,
 #else
   check(d.device != "cuda", "--device cuda: this build has no CUDA backend (nvcc was not found when it was built)");
 #endif
-  return std::make_unique<kernels::CpuBackend>(threads);
+  return std::make_unique<kernels::CpuBackend>(threads, kernels::CpuOptions{.copy_weights = d.cpu_weights == "copy"});
 }
 
 std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, const DeviceArgs& device, int threads,

@@ -45,6 +45,7 @@ runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std
 struct DeviceArgs {
   std::string device = "auto";
   std::string matmul_precision = "bf16";
+  std::string cpu_weights = "copy";  // copy | mmap (CpuOptions::copy_weights)
 };
 void add_device_option(CLI::App* cmd, DeviceArgs& device);
 // The backend for `device` ("auto", "cuda" or "cpu"): the CPU with `threads` threads (0 = all

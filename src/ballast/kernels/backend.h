@@ -52,8 +52,8 @@ class Backend {
 
   // A device buffer, its contents undefined. Counted.
   virtual Tensor alloc(std::vector<int64_t> shape, DType dtype) = 0;
-  // A weight as this device reads it: the CPU reads host (mmapped) tensors in place and returns
-  // the same view; a GPU copies it to device memory (counted as an allocation and an upload).
+  // A weight as this device reads it: a copy in device memory (counted as an allocation and an
+  // upload); the CPU, told so (CpuOptions), returns the host (mmapped) view itself.
   virtual Tensor to_device(const Tensor& host) = 0;
   // dst = dst.nbytes() bytes from `host`, in stream order; `host` may be reused on return.
   virtual void upload(const void* host, Tensor& dst) = 0;

@@ -1,5 +1,7 @@
 #include "ballast/kernels/cpu/cpu_backend.h"
 
+#include <sys/mman.h>
+
 #include <cblas.h>
 
 #include <cstdlib>
@@ -15,7 +17,33 @@
 
 namespace ballast::kernels {
 
-CpuBackend::CpuBackend(int threads) : pool_(threads) {
+struct CpuBackend::WeightArena {
+  static constexpr size_t kBlock = size_t(64) << 20, kHuge = size_t(2) << 20;
+  std::vector<std::shared_ptr<void>> blocks;
+  char* next = nullptr;
+  size_t left = 0, last_block = 0;
+
+  // 64-byte aligned room for `bytes`, and the block that owns it.
+  std::pair<void*, std::shared_ptr<void>> take(size_t bytes) {
+    const size_t rounded = (std::max<size_t>(bytes, 1) + 63) / 64 * 64;
+    if (rounded > left) {
+      const size_t size = (std::max(rounded, kBlock) + kHuge - 1) / kHuge * kHuge;
+      void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      check(p != MAP_FAILED, "cpu to_device: out of memory for {} bytes of weights", size);
+      madvise(p, size, MADV_HUGEPAGE);  // a hint: without it (or THP off) 4 KiB pages
+      blocks.emplace_back(p, [size](void* q) { munmap(q, size); });
+      next = static_cast<char*>(p);
+      left = last_block = size;
+    }
+    void* p = next;
+    next += rounded;
+    left -= rounded;
+    return {p, blocks.back()};
+  }
+};
+
+CpuBackend::CpuBackend(int threads, CpuOptions options)
+    : weights_(std::make_unique<WeightArena>()), pool_(threads), options_(options) {
   // Parallelism comes from our pool; BLAS runs single-threaded inside each task.
   openblas_set_num_threads(1);
   ops_ = std::make_unique<CpuOps>(pool_, counters_);
@@ -47,7 +75,18 @@ Tensor CpuBackend::alloc(std::vector<int64_t> shape, DType dtype) {
 
 Tensor CpuBackend::to_device(const Tensor& host) {
   check(host.device() == Device::CPU, "cpu to_device: tensor {} is not in host memory", host);
-  return host;
+  if (!options_.copy_weights) return host;
+  // Block-scaled FP8: the elements and their scales, each copied once.
+  if (host.dtype() == DType::F8_E4M3_B128)
+    return Tensor::block_scaled(to_device(host.elements()), to_device(host.scales()));
+  auto [p, block] = weights_->take(host.nbytes());
+  if (block.get() == p) {  // a new block
+    ++counters_.allocations;
+    counters_.bytes_allocated += int64_t(weights_->last_block);
+  }
+  Tensor t = Tensor::borrow(p, host.shape(), host.dtype(), Device::CPU, std::move(block));
+  upload(host.raw(), t);
+  return t;
 }
 
 void CpuBackend::upload(const void* host, Tensor& dst) {
