@@ -726,9 +726,7 @@ bool lt_fp8_matmul(MatmulState& st, Counters& counters, const float* x, int64_t 
   float* d = Tp == T ? y : reinterpret_cast<float*>(base + sz.xq + sz.xs);
   const LtPlan& p = st.plan(Tp, K, N, ws, xs, counters);
   if (!p.ok) return false;
-  const int64_t warps = Tp * (K / kScaleBlock);
-  launch(quantize_rows_b128_kernel, unsigned(std::min<int64_t>(cdiv(warps, 8), 65535)), 256, 0, stream, x, T, Tp, K, xq,
-         xs);
+  quantize_rows_b128(x, T, Tp, K, reinterpret_cast<uint8_t*>(xq), xs, stream);
   check_launch("matmul: quantizing x to FP8");
   check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws, sizeof(ws)) ==
                 CUBLAS_STATUS_SUCCESS &&
@@ -796,6 +794,13 @@ int multiprocessors() {
   n = std::max(n, 1);
   if (dev >= 0 && dev < 64) known[dev].store(n, std::memory_order_relaxed);
   return n;
+}
+
+void quantize_rows_b128(const float* x, int64_t T, int64_t Tp, int64_t K, uint8_t* xq, float* xs,
+                        cudaStream_t stream) {
+  const int64_t warps = Tp * (K / kScaleBlock);
+  launch(quantize_rows_b128_kernel, unsigned(std::min<int64_t>(cdiv(warps, 8), 65535)), 256, 0, stream, x, T, Tp, K,
+         reinterpret_cast<__nv_fp8_storage_t*>(xq), xs);
 }
 
 size_t matmul_scratch_bytes(int64_t T, int64_t K, int64_t N, int sms) {

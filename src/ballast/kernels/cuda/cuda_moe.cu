@@ -49,6 +49,7 @@
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_rows_support.cuh"
 #include "ballast/kernels/cuda/cuda_support.cuh"
+#include "ballast/kernels/cuda/cuda_tf32_mma.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
@@ -60,10 +61,14 @@ using cuda::check_launch;
 using cuda::expect_device;
 using cuda::launch;
 using cuda::wait_for_prior_kernels;
+using cuda::cp_async16;
+using cuda::cp_async_commit;
+using cuda::cp_async_wait;
 namespace cm = cuda::moe;  // fault codes and the balanced dispatch (cuda_moe_support.cuh)
 // Weight elements as floats (cuda_rows_support.cuh).
 using cuda::rows::f8e4m3;
 using cuda::rows::load_words;
+using cuda::rows::quantize_rows_b128;
 using cuda::rows::round_to_16bit;
 using cuda::rows::to_float;
 using cuda::rows::unpack_word;
@@ -152,6 +157,9 @@ class MoeState {
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "moe: cudaDeviceGetAttribute");
     check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
                "moe: cudaDeviceGetAttribute");
+    int major = 0;
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "moe: cudaDeviceGetAttribute");
+    hopper = major == 9;
     void* p = nullptr;
     check_cuda(cudaHostAlloc(&p, sizeof(Fault), cudaHostAllocMapped), "moe: cudaHostAlloc");
     std::memset(p, 0, sizeof(Fault));
@@ -238,7 +246,9 @@ class MoeState {
   Fault* fault = nullptr;  // device view of the record
   int sms = 1;
   int smem_optin = 48 * 1024;
+  bool hopper = false;  // sm_90: the FP8 expert tiles' warpgroup products
   int balanced_smem = 0;
+  int fp8_smem[2] = {0, 0};  // experts_fp8_kernel<false / true>
   std::vector<ExpertEntry> staging;  // the entries of a call, reused
 
  private:
@@ -639,6 +649,10 @@ struct ExpertsArgs {
   int64_t ldh;
   const __nv_bfloat16* xb;  // tensor-core path: x rounded to bf16 [M, H]
   __nv_bfloat16* hb;        // ... and h of its rows, in bf16 [Np, ldh]
+  const uint8_t* xq;      // FP8 tensor-core path: x quantized per row and 128-block [M, H] e4m3
+  const float* xs;        // ... its scales [H / 128, M]
+  const uint8_t* hq;      // ... and h [Np, ldh], quantized after the gate/up pass
+  const float* hs;        // ... its scales [ldh / 128, Np]
   const int4* tiles;      // {group, first j, end j, 0}
   const int* ntiles;      // on the device
   int fblocks;            // column blocks of a tile
@@ -669,10 +683,11 @@ struct Int2Sum {
   __device__ int2 operator()(int2 a, int2 b) const { return make_int2(a.x + b.x, a.y + b.y); }
 };
 
-// Lists the row tiles of every group: small tiles {g, j, j + <= 8} for groups of <= small_max
-// rows, large tiles {g, j, j + <= 64} for the others; offsets are checked and clamped to perm.
+// Lists the row tiles of every group: small tiles {g, j, j + <= small_rows} for groups of <=
+// small_max rows, large tiles {g, j, j + <= large_rows} for the others; offsets are checked and
+// clamped to perm.
 __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_t* __restrict__ offsets, int groups,
-                                                                  int small_max, int small_rows,
+                                                                  int small_max, int small_rows, int large_rows,
                                                                   int64_t Np, const ExpertEntry* __restrict__ ex,
                                                                   int4* __restrict__ small, int64_t cap_small,
                                                                   int4* __restrict__ large, int64_t cap_large,
@@ -704,7 +719,7 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
         if (c <= small_max)
           ns = int(cdiv(c, int64_t(small_rows)));
         else
-          nl = int(cdiv(c, kTileRows));
+          nl = int(cdiv(c, int64_t(large_rows)));
       }
     }
     // Where this group's small and large tiles start among this round's (one block-wide scan).
@@ -717,7 +732,7 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
     }
     for (int q = 0; q < nl; ++q) {
       const int64_t at = carry_l + first.y + q;
-      const int64_t j0 = b + int64_t(q) * kTileRows, j1 = j0 + kTileRows < e ? j0 + kTileRows : e;
+      const int64_t j0 = b + int64_t(q) * large_rows, j1 = j0 + large_rows < e ? j0 + large_rows : e;
       if (at < cap_large) large[at] = make_int4(g, int(j0), int(j1), 0);
     }
     carry_s += total.x;
@@ -1240,6 +1255,190 @@ __global__ void __launch_bounds__(kExpertThreads) experts_wmma_kernel(ExpertsArg
   }
 }
 
+// Large tiles of block-scaled FP8 experts on the FP8 tensor cores (W8A8, as the dense FP8 products
+// and vLLM / SGLang compute Qwen's FP8 releases): x, and h after the gate/up pass, quantized per
+// row and 128 consecutive k (scale amax / 448, nearest e4m3; quantize_rows_b128), times the e4m3
+// weights with fp32 accumulation; each 128-block of k sums apart in the tensor cores and joins the
+// fp32 total times its row's x scale and the weight block's scale (the tensor cores' FP8 sums keep
+// fewer bits than fp32, so blocks are short). Hopper runs FP8 only in its warpgroup products
+// (wgmma; mma.sync on e4m3 is emulated through fp16 there): a block computes 128 rows x 128
+// weight rows (GU: 64 of gate and the same 64 of up, so that the epilogue pairs them), each of its
+// two warpgroups 64 of the rows as m64n128k32 products from shared memory (the weight tile shared;
+// a warpgroup with no rows left skips its products), K in stages of one 128-block (so that a
+// stage's sums are scaled as soon as they are done) brought by cp.async kFp8Stages - 1 stages
+// ahead. Shared
+// tiles are in the canonical K-major layout without swizzle: 8-row x 16-byte core matrices of 128
+// contiguous bytes, the next 16 bytes of k 128 bytes on (LBO), the next 8 rows 1024 bytes on (SBO).
+constexpr int kFp8Rows = 128;             // x (h) rows of a tile: a warpgroup's 64 each
+constexpr int kFp8Threads = 256;          // two warpgroups
+constexpr int kFp8K = kScaleBlock;        // k (bytes) a stage of a row
+constexpr int kFp8Cols = 128;             // weight rows of a block
+constexpr int kFp8Stages = 3;
+constexpr int kFp8Ld = kFp8Cols + 4;      // float row stride of the epilogue tile
+constexpr uint32_t kFp8Lbo = 128, kFp8Sbo = (kFp8K / 16) * 128;
+constexpr size_t kFp8StageBytes = size_t(kFp8Rows + kFp8Cols) * kFp8K;
+constexpr size_t kFp8Smem = kFp8Stages * kFp8StageBytes > size_t(kFp8Rows) * kFp8Ld * 4
+                                ? kFp8Stages * kFp8StageBytes
+                                : size_t(kFp8Rows) * kFp8Ld * 4;
+constexpr int kFp8MaxKBlocks = 32;        // K <= 4096 (the scales of a tile's rows are staged)
+constexpr size_t kFp8StaticSmem = 2 * kFp8Rows * 8 + kFp8MaxKBlocks * kFp8Rows * 4;
+
+// Byte offset of (row r, 16-byte chunk c of k) in a stage's tile.
+__device__ __forceinline__ uint32_t fp8_tile_offset(int r, int c) {
+  return uint32_t(r / 8) * kFp8Sbo + uint32_t(c) * kFp8Lbo + uint32_t(r % 8) * 16;
+}
+
+// Shared-memory matrix descriptor (no swizzle): start address, LBO and SBO in 16-byte units.
+__device__ __forceinline__ uint64_t fp8_desc(const void* p) {
+  const uint64_t a = uint64_t(__cvta_generic_to_shared(p));
+  return ((a & 0x3ffff) >> 4) | (uint64_t(kFp8Lbo >> 4) << 16) | (uint64_t(kFp8Sbo >> 4) << 32);
+}
+
+// d (+)= A B^T for A 64 x 32 and B 128 x 32 e4m3 in shared memory; `accumulate` false starts d.
+__device__ __forceinline__ void wgmma_fp8(float (&d)[64], uint64_t da, uint64_t db, bool accumulate) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(da), "l"(db), "r"(int(accumulate)));
+#else
+  __trap();  // the host takes these tiles only on sm_90 with sm_90a code (kFp8TensorCores)
+#endif
+}
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
+#else
+__device__ __forceinline__ void wgmma_fence() {}
+__device__ __forceinline__ void wgmma_commit() {}
+__device__ __forceinline__ void wgmma_wait_all() {}
+#endif
+#if defined(BALLAST_CUDA_SM90A)
+constexpr bool kFp8TensorCores = true;
+#else
+constexpr bool kFp8TensorCores = false;
+#endif
+// cp.async's writes (the generic proxy) made visible to the tensor cores' reads (the async proxy).
+__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
+
+template <bool GU>
+__global__ void __launch_bounds__(kFp8Threads) experts_fp8_kernel(ExpertsArgs a) {
+  wait_for_prior_kernels();
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int64_t src[kFp8Rows], dst[kFp8Rows];
+  __shared__ float rs[kFp8MaxKBlocks][kFp8Rows];  // the tile's rows' x (h) scales by 128-block
+  static_assert(sizeof(src) + sizeof(dst) + sizeof(rs) <= kFp8StaticSmem);
+  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int wg = tid >> 7, wr = 64 * wg + 16 * ((tid >> 5) & 3);  // warpgroup; the warp's first row
+  const int64_t K = GU ? a.H : a.ldh, KB = K / kScaleBlock, nk = K / kFp8K;
+  const int64_t items = int64_t(*a.ntiles) * a.fblocks;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int4 tile = a.tiles[item / a.fblocks];
+    const int64_t n0 = (item % a.fblocks) * (GU ? kFp8Cols / 2 : kFp8Cols);
+    const ExpertEntry ex = a.ex[tile.x];
+    const int64_t Nout = GU ? ex.inter : a.H;
+    if (n0 >= Nout || ex.gate == nullptr) continue;  // the same for the whole block
+    const int j0 = tile.y, rows = tile.z - tile.y;
+    __syncthreads();  // the previous item's epilogue is done with the shared memory
+    tile_rows(a, j0, rows, kFp8Rows, src, dst);
+    __syncthreads();
+    for (int e = tid; e < KB * kFp8Rows; e += blockDim.x) {
+      const int r = e % kFp8Rows, b = e / kFp8Rows;
+      float v = 0.0f;
+      if (GU && src[r] >= 0) v = a.xs[b * a.M + src[r]];
+      if (!GU && r < rows) v = a.hs[b * a.Np + j0 + r];
+      rs[b][r] = v;
+    }
+    // This thread's copies of a stage: the 16-byte chunk tid % 8 of x (h) rows tid / 8 + 32 i and
+    // of weight rows as many.
+    const int cr = tid >> 3, cc = tid & 7;  // rows cr + 32 i
+    auto load = [&](int64_t kt) {
+      unsigned char* st = smem + (kt % kFp8Stages) * kFp8StageBytes;
+      const int64_t k = kt * kFp8K + cc * 16;
+#pragma unroll
+      for (int i = 0; i < kFp8Rows / 32; ++i) {
+        const int r = cr + 32 * i;
+        const uint8_t* row = nullptr;
+        if (r < rows) row = GU ? (src[r] >= 0 ? a.xq + src[r] * a.H : nullptr) : a.hq + (int64_t(j0) + r) * a.ldh;
+        cp_async16(st + fp8_tile_offset(r, cc), row ? row + k : a.xq, row != nullptr);
+      }
+#pragma unroll
+      for (int i = 0; i < kFp8Cols / 32; ++i) {
+        const int c = cr + 32 * i;
+        const void* w = GU ? (c < kFp8Cols / 2 ? ex.gate : ex.up) : ex.down;
+        const int64_t n = n0 + (GU ? c % (kFp8Cols / 2) : c);
+        const uint8_t* row = n < Nout ? static_cast<const uint8_t*>(w) + n * K : nullptr;
+        cp_async16(st + kFp8Rows * kFp8K + fp8_tile_offset(c, cc), row ? row + k : a.xq, row != nullptr);
+      }
+    };
+    // Weight block scales: GU's first 64 columns are gate's, the rest up's.
+    const float* wsg = (GU ? ex.s_gate : ex.s_down) + (n0 / kScaleBlock) * KB;
+    const float* wsu = (GU ? ex.s_up : ex.s_down) + (n0 / kScaleBlock) * KB;
+    float acc[64], part[64];
+#pragma unroll
+    for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.0f;
+#pragma unroll
+    for (int s = 0; s < kFp8Stages - 1; ++s) {
+      if (s < nk) load(s);
+      cp_async_commit();
+    }
+    for (int64_t kt = 0; kt < nk; ++kt) {
+      cp_async_wait<kFp8Stages - 2>();
+      fence_async_shared();
+      __syncthreads();  // stage kt is the block's; stage kt - 1's products are done
+      if (kt + kFp8Stages - 1 < nk) load(kt + kFp8Stages - 1);
+      cp_async_commit();
+      const unsigned char* st = smem + (kt % kFp8Stages) * kFp8StageBytes;
+      if (64 * wg < rows) {  // (a warpgroup with no rows of the tile does no products)
+        wgmma_fence();
+#pragma unroll
+        for (int s = 0; s < kFp8K / 32; ++s)
+          wgmma_fp8(part, fp8_desc(st + wg * (64 / 8) * kFp8Sbo + s * 2 * kFp8Lbo),
+                    fp8_desc(st + kFp8Rows * kFp8K + s * 2 * kFp8Lbo), s > 0);
+        wgmma_commit();
+        wgmma_wait_all();
+        // The stage's 128-block of k, scaled into the total.
+        const int64_t b = kt;
+        const float sg = __ldg(wsg + b), su = __ldg(wsu + b);
+        const float x0 = rs[b][wr + g], x1 = rs[b][wr + 8 + g];
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const float sw = i < 8 ? sg : su;
+          acc[4 * i + 0] = fmaf(part[4 * i + 0], x0 * sw, acc[4 * i + 0]);
+          acc[4 * i + 1] = fmaf(part[4 * i + 1], x0 * sw, acc[4 * i + 1]);
+          acc[4 * i + 2] = fmaf(part[4 * i + 2], x1 * sw, acc[4 * i + 2]);
+          acc[4 * i + 3] = fmaf(part[4 * i + 3], x1 * sw, acc[4 * i + 3]);
+        }
+      }
+    }
+    cp_async_wait<0>();
+    __syncthreads();  // the stages become the epilogue tile
+    float* Cs = reinterpret_cast<float*>(smem);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int r = wr + g, c = 8 * i + 2 * t;
+      *reinterpret_cast<float2*>(Cs + r * kFp8Ld + c) = make_float2(acc[4 * i], acc[4 * i + 1]);
+      *reinterpret_cast<float2*>(Cs + (r + 8) * kFp8Ld + c) = make_float2(acc[4 * i + 2], acc[4 * i + 3]);
+    }
+    __syncthreads();
+    if constexpr (GU) {
+      for (int e = tid; e < kFp8Rows * kFp8Cols / 2; e += blockDim.x) {
+        const int r = e / (kFp8Cols / 2), c = e % (kFp8Cols / 2);
+        if (r < rows && n0 + c < Nout)
+          a.h[(int64_t(j0) + r) * a.ldh + n0 + c] = silu(Cs[r * kFp8Ld + c]) * Cs[r * kFp8Ld + kFp8Cols / 2 + c];
+      }
+    } else {
+      for (int e = tid; e < kFp8Rows * kFp8Cols / 4; e += blockDim.x) {
+        const int r = e / (kFp8Cols / 4), c = 4 * (e % (kFp8Cols / 4));
+        if (r < rows && dst[r] >= 0 && n0 + c < Nout)  // H % 128 == 0: all four or none
+          *reinterpret_cast<float4*>(a.y + dst[r] * a.H + n0 + c) = *reinterpret_cast<const float4*>(Cs + r * kFp8Ld + c);
+      }
+    }
+  }
+}
+
 // ============================================================================================
 // moe_combine
 // ============================================================================================
@@ -1473,7 +1672,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   expect_device("moe_experts", "offsets", offsets);
   const int groups = int(experts.size());
   const int64_t Np = perm.numel();
-  check(Np < (int64_t(1) << 31) - kTileRows, "moe_experts: perm {} too long", perm);
+  check(Np < (int64_t(1) << 31) - kFp8Rows, "moe_experts: perm {} too long", perm);
   if (Np == 0 || groups == 0 || H == 0) return;
 
   // The experts as the kernels see them (shapes and dtypes checked by check_moe_experts; the rows
@@ -1481,7 +1680,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   std::vector<ExpertEntry>& entries = st.staging;
   entries.assign(size_t(groups), ExpertEntry{});
   int64_t imax = 0;
-  bool any = false, vec = H % 8 == 0 && aligned16(x.raw()), bf16 = true, f8 = H % 16 == 0;
+  bool any = false, vec = H % 8 == 0 && aligned16(x.raw()), bf16 = true, f8 = H % 16 == 0, same_inter = true;
   for (int g = 0; g < groups; ++g) {
     const SwigluWeights& w = experts[size_t(g)];
     if (!w.gate.defined()) continue;  // an empty group's (rows for it are the tile pass's to report)
@@ -1500,6 +1699,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     entries[size_t(g)] = ExpertEntry{w.gate.raw(),    w.up.raw(),    w.down.raw(), scales(w.gate),
                                      scales(w.up),    scales(w.down), I,           int32_t(w.gate.dtype()),
                                      int32_t(w.down.dtype())};
+    same_inter = same_inter && (!any || I == imax);
     imax = std::max(imax, I);
     any = true;
     bf16 = bf16 && w.gate.dtype() == DType::BF16 && w.down.dtype() == DType::BF16;
@@ -1514,7 +1714,11 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
 
   // The tensor-core path wants 16-byte rows of bf16 (or block-scaled FP8) weights and of fp32 x and h.
   const bool tensor_cores = bf16_matmul_ && (bf16 || f8) && vec && imax % 8 == 0;
-  if (tensor_cores) timed.op = bf16 ? "moe_experts (bf16)" : "moe_experts (FP8 weights, bf16 tensor cores)";
+  // Block-scaled FP8 on the FP8 tensor cores (x and h quantized per row and 128-block) where x and h
+  // rows are whole 128-blocks (h's rows all one expert size) and the tile's row scales fit.
+  const bool fp8_tc = kFp8TensorCores && st.hopper && tensor_cores && f8 && same_inter && H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
+                      H / kScaleBlock <= kFp8MaxKBlocks && imax / kScaleBlock <= kFp8MaxKBlocks && aligned16(y.raw());
+
   const int small_max = tensor_cores ? kSmallMaxTc : kSmallMax;
   // Few x rows (decode: at most small_max tokens, each choosing distinct experts, so no group has
   // more rows than that): every group takes small tiles, whatever its size, and the large-tile
@@ -1527,15 +1731,23 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // registers and leaves the raw-words path (<= 2 rows); a hot group past that height takes more
   // tiles (its weights streamed again). 80B FP8, tiles of at most 1 / 2 / 8 rows: batch 8 567 /
   // 542 / 464 tok/s, batch 32 750 / 745 / 686, batch 128 852 / 946 / 1,089.
+  if (tensor_cores && large_tiles)  // (decode's small tiles are the same kernels either way)
+    timed.op = bf16 ? "moe_experts (bf16)"
+               : fp8_tc ? "moe_experts (FP8 tensor cores)"
+                        : "moe_experts (FP8 weights, bf16 tensor cores)";
   const int64_t likely = std::min(tokens, std::max<int64_t>(1, cdiv(2 * Np, int64_t(groups))));
   int small_rows = kSmallRows;
   while (small_rows / 2 >= likely) small_rows /= 2;
   // Scratch, from the shapes: h [Np, imax], the tile lists, their two counts.
   const int64_t cap_small = cdiv(Np, int64_t(small_rows)) + std::min<int64_t>(groups, Np);
-  const int64_t cap_large = cdiv(Np, kTileRows) + std::min<int64_t>(groups, Np / (small_max + 1) + 1);
+  const int large_rows = fp8_tc ? kFp8Rows : kTileRows;
+  const int64_t cap_large = cdiv(Np, int64_t(large_rows)) + std::min<int64_t>(groups, Np / (small_max + 1) + 1);
   const int64_t ldh = std::max<int64_t>(imax, 1);
   // With the tensor cores, bf16 copies of x and of the large tiles' h.
-  const size_t nxb = tensor_cores ? size_t(M) * size_t(H) : 0, nhb = tensor_cores ? size_t(Np) * size_t(ldh) : 0;
+  const bool bf16_tiles = tensor_cores && !fp8_tc;
+  const size_t nxb = bf16_tiles ? size_t(M) * size_t(H) : 0, nhb = bf16_tiles ? size_t(Np) * size_t(ldh) : 0;
+  // With the FP8 tensor cores, x and h quantized: e4m3 values and a scale per row and 128-block.
+  const size_t nxq = fp8_tc && large_tiles ? size_t(M) * size_t(H) : 0, nhq = fp8_tc && large_tiles ? size_t(Np) * size_t(ldh) : 0;
   Carve measure;
   measure.take<float>(size_t(Np) * size_t(ldh));
   measure.take<int4>(size_t(cap_small));
@@ -1543,6 +1755,10 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   measure.take<int>(2);
   measure.take<__nv_bfloat16>(nxb);
   measure.take<__nv_bfloat16>(nhb);
+  measure.take<uint8_t>(nxq);
+  measure.take<float>(nxq / kScaleBlock);
+  measure.take<uint8_t>(nhq);
+  measure.take<float>(nhq / kScaleBlock);
   Carve carve(scratch_.bytes(measure.size()));
   float* h = carve.take<float>(size_t(Np) * size_t(ldh));
   int4* small = carve.take<int4>(size_t(cap_small));
@@ -1550,16 +1766,21 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   int* ntiles = carve.take<int>(2);
   __nv_bfloat16* xb = carve.take<__nv_bfloat16>(nxb);
   __nv_bfloat16* hb = carve.take<__nv_bfloat16>(nhb);
+  uint8_t* xq = carve.take<uint8_t>(nxq);
+  float* xs = carve.take<float>(nxq / kScaleBlock);
+  uint8_t* hq = carve.take<uint8_t>(nhq);
+  float* hs = carve.take<float>(nhq / kScaleBlock);
   constexpr int64_t kRoundInTiles = 65536;  // elements of x the tile pass rounds itself
-  const bool round = tensor_cores && large_tiles;
+  const bool round = bf16_tiles && large_tiles;
+  if (nxq > 0) quantize_rows_b128(cuda::f32(x), M, M, H, xq, xs, stream_);
   if (round && M * H > kRoundInTiles) round_to_16bit(cuda::f32(x), xb, M * H, stream_);
   launch(expert_tiles_kernel, 1, kTileThreads, 0, stream_, cuda::i32(offsets), groups,
-         large_tiles ? small_max : int(Np), small_rows, Np, table, small, cap_small, large, cap_large, ntiles,
+         large_tiles ? small_max : int(Np), small_rows, large_rows, Np, table, small, cap_small, large, cap_large, ntiles,
          cuda::f32(x), xb, round && M * H <= kRoundInTiles ? M * H : 0, st.fault);
   check_launch("moe_experts");
 
   ExpertsArgs a{cuda::f32(x), M, H, cuda::i32(perm), Np, row_div, cuda::f32_mut(y), Ny, table, h, ldh,
-                xb, hb, nullptr, nullptr, 0, st.fault};
+                xb, hb, xq, xs, hq, hs, nullptr, nullptr, 0, st.fault};
   const int64_t resident_small = int64_t(st.sms) * 16, resident_gemm = int64_t(st.sms) * 4;
   auto launch_small_rows = [&](auto gu_tag, auto rows_tag, int64_t nout) {
     constexpr bool GU = decltype(gu_tag)::value;
@@ -1586,9 +1807,13 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     ExpertsArgs s = a;
     s.tiles = large;
     s.ntiles = ntiles + 1;
-    s.fblocks = int(cdiv(nout, kTileCols));
+    s.fblocks = int(cdiv(nout, fp8_tc ? (GU ? kFp8Cols / 2 : kFp8Cols) : kTileCols));
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident_gemm)));
-    if (tensor_cores && f8) launch(experts_wmma_kernel<GU, true>, grid, kExpertThreads, 0, stream_, s);
+    if (fp8_tc) {
+      st.allow_smem(reinterpret_cast<const void*>(&experts_fp8_kernel<GU>), kFp8Smem + kFp8StaticSmem,
+                    st.fp8_smem[GU], "moe_experts: shared memory of the FP8 tiles");
+      launch(experts_fp8_kernel<GU>, grid, kFp8Threads, kFp8Smem, stream_, s);
+    } else if (tensor_cores && f8) launch(experts_wmma_kernel<GU, true>, grid, kExpertThreads, 0, stream_, s);
     else if (tensor_cores) launch(experts_wmma_kernel<GU, false>, grid, kExpertThreads, 0, stream_, s);
     else launch(experts_gemm_kernel<GU>, grid, kExpertThreads, 0, stream_, s);
     check_launch("moe_experts");
@@ -1596,6 +1821,10 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // gate and up into h (every listed row), then down from h into y.
   launch_small(std::true_type{}, imax);
   if (large_tiles) launch_gemm(std::true_type{}, imax);
+  if (nhq > 0) {  // every row's h (small tiles' too: their down products read fp32 h)
+    quantize_rows_b128(h, Np, Np, ldh, hq, hs, stream_);
+    check_launch("moe_experts: quantizing h to FP8");
+  }
   launch_small(std::false_type{}, H);
   if (large_tiles) launch_gemm(std::false_type{}, H);
   st.after(stream_);

@@ -117,6 +117,12 @@ void matmul_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const void* 
 // The scratch matmul_rows may use for these shapes (0: none); a function of the shapes alone.
 size_t matmul_scratch_bytes(int64_t T, int64_t K, int64_t N, int sms);
 
+// x [T, K] (K a multiple of 128) quantized per row and 128 consecutive k as vLLM and SGLang do for
+// Qwen's FP8 releases: xs[b * Tp + t] = amax / 448 (1 where the block is zeros), xq [Tp, K] e4m3
+// nearest (saturating) to x / xs; rows T .. Tp - 1 zeros. On `stream`.
+void quantize_rows_b128(const float* x, int64_t T, int64_t Tp, int64_t K, uint8_t* xq, float* xs,
+                        cudaStream_t stream);
+
 // The device's multiprocessor count (of the current device; asked once per device, then cached).
 int multiprocessors();
 

@@ -1,5 +1,6 @@
 // Tensor-core products in fp32 accuracy and asynchronous copies, for the kernels whose operands are
-// fp32 activations (prefill attention, the chunked delta rule).
+// fp32 activations (prefill attention, the chunked delta rule); the copies serve the FP8 expert
+// tiles too.
 //
 // 3xTF32: each operand is split into TF32 parts, a = a_big + a_small, and a b = a_big b_small +
 // a_small b_big + a_big b_big, three mma.sync m16n8k8 TF32 products summed in fp32: within 2^-19 of
@@ -53,7 +54,7 @@ __device__ __forceinline__ void mma_3xtf32_split(float (&hi)[4], float (&lo)[4],
 
 // 16 bytes global -> shared without registers; zeros where !pred (nothing is read then, but src
 // must still be an address of the allocation).
-__device__ __forceinline__ void cp_async16(float* dst, const float* src, bool pred) {
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
   const unsigned d = unsigned(__cvta_generic_to_shared(dst));
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(pred ? 16 : 0));
 }
@@ -61,5 +62,8 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 // Every committed group but the latest has landed (in this thread; a barrier makes it the block's).
 __device__ __forceinline__ void cp_async_wait_all_but_last() { asm volatile("cp.async.wait_group 1;"); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;"); }
+// Every committed group but the latest N has landed.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 }  // namespace ballast::kernels::cuda
