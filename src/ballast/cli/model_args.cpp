@@ -137,7 +137,8 @@ std::unique_ptr<kernels::Backend> make_backend(const DeviceArgs& d, int threads,
 #else
   check(d.device != "cuda", "--device cuda: this build has no CUDA backend (nvcc was not found when it was built)");
 #endif
-  return std::make_unique<kernels::CpuBackend>(threads, kernels::CpuOptions{.copy_weights = d.cpu_weights == "copy"});
+  return std::make_unique<kernels::CpuBackend>(threads,
+                                               kernels::CpuOptions{.copy_weights = d.cpu_weights == "copy"});
 }
 
 std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, const DeviceArgs& device, int threads,

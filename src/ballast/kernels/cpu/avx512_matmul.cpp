@@ -56,7 +56,8 @@ namespace {
 // `mask` selects the columns that exist (the row's last, partial block reads no further).
 struct Bf16Row {
   const uint16_t* w;
-  BALLAST_AVX512 __attribute__((always_inline)) inline void load(int64_t k, __mmask32 mask, bool full, __m512& even, __m512& odd) const {
+  BALLAST_AVX512 __attribute__((always_inline)) inline void load(int64_t k, __mmask32 mask, bool full, __m512& even,
+                                                                 __m512& odd) const {
     const __m512i v = full ? _mm512_loadu_si512(w + k) : _mm512_maskz_loadu_epi16(mask, w + k);
     even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
@@ -70,7 +71,8 @@ struct Bf16Row {
 struct Fp8Row {
   const uint8_t* w;
   const float* s;  // this row's block scales, one per 128 columns
-  BALLAST_AVX512 __attribute__((always_inline)) inline void load(int64_t k, __mmask32 mask, bool full, __m512& even, __m512& odd) const {
+  BALLAST_AVX512 __attribute__((always_inline)) inline void load(int64_t k, __mmask32 mask, bool full, __m512& even,
+                                                                 __m512& odd) const {
     const __m256i b = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k))
                            : _mm256_maskz_loadu_epi8(mask, w + k);
     const __m512i v = _mm512_cvtepu8_epi16(b);  // lane j: element 2j low, 2j + 1 high
