@@ -29,7 +29,7 @@ def run(cmd):
 
 def llama_round(a, threads):
     out = json.loads(run([a.llama_bench, "-m", a.gguf, "-t", str(threads), "-p", "128,512", "-n", "128",
-                          "-r", "1", "-o", "json"]))
+                          "-r", "1", "-o", "json", *a.llama_bench_arg]))
     got, commit = {}, ""
     for e in out:
         commit = e.get("build_commit", commit)
@@ -57,6 +57,9 @@ def main():
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--llama-cpp-commit", help="the llama.cpp commit, where llama-bench reports none (a build "
                                               "from a source archive)")
+    p.add_argument("--llama-bench-arg", action="append", default=[],
+                   help="one more llama-bench argument (repeat it: --llama-bench-arg=-mmp --llama-bench-arg=0 loads "
+                        "the weights into llama.cpp's own memory, as ballast does by default)")
     p.add_argument("--json", help="also write every round's figures here")
     a = p.parse_args()
     rows, commit, raw = [], "", {}
@@ -78,7 +81,9 @@ def main():
         rows.append((t, {k: statistics.median(ours[k]) for k in ours}, {k: statistics.median(theirs[k]) for k in theirs}))
     if a.llama_cpp_commit and commit in ("", "unknown"):
         commit = a.llama_cpp_commit
-    print(f"ballast {a.model} vs llama.cpp {commit} ({a.gguf}), median of {a.rounds} alternating rounds, tokens/s")
+    extra = f" (llama-bench {' '.join(a.llama_bench_arg)})" if a.llama_bench_arg else ""
+    print(f"ballast {a.model} vs llama.cpp {commit} ({a.gguf}){extra}, median of {a.rounds} alternating rounds, "
+          "tokens/s")
     print("| threads | test | ballast | llama.cpp | ballast / llama.cpp |")
     print("|---|---|---|---|---|")
     for t, ours, theirs in rows:
