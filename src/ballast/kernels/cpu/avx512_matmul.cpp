@@ -14,9 +14,11 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // GCC 12's intrinsics seed results with self-initialised "undefined" vectors, which its
-// uninitialised-use warnings report at every inlined call (false positives).
+// uninitialised-use warnings report at every inlined call (false positives; clang has neither).
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 #define BALLAST_X86 1
 #endif
