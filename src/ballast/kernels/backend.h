@@ -39,7 +39,8 @@ struct Counters {
 struct Ceilings {
   double copy_bytes_per_s = 0;  // bytes read + written per second by a large device-to-device copy
   double gemm_flops_per_s = 0;  // a large dense matrix product in the vendor library: bf16 on a
-                                // GPU (cuBLAS), fp32 on the CPU (OpenBLAS sgemm over the pool)
+                                // GPU (cuBLAS); on the CPU the faster of OpenBLAS sgemm over the
+                                // pool and ballast's own bf16 product (fp32 math either way)
   std::string gemm;             // what was multiplied, e.g. "cuBLAS bf16 8192^3"
 };
 
