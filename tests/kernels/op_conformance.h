@@ -811,6 +811,34 @@ TEST_P(OpConformance, DeltaGatesAndGatedRmsNorm) {
 // Attention over paged caches
 // ============================================================================================
 
+// Causal softmax attention of one query row (hd floats at q) over a sequence's rows [0, len) of
+// keys and values (rows of `row` floats, the head's hd at offset `at`), in double, into out[hd];
+// pv_abs (if given): sum_s p_s |v_s| / sum_s p_s of each element, the scale of an error in the p_s.
+inline void reference_attention_row(const float* q, const std::vector<float>& keys, const std::vector<float>& values,
+                                    int64_t len, int64_t row, int64_t at, int64_t hd, double* out,
+                                    double* pv_abs = nullptr) {
+  std::vector<double> sc(static_cast<size_t>(len));
+  double mx = -INFINITY;
+  for (int64_t s = 0; s < len; ++s) {
+    double d = 0;
+    for (int64_t j = 0; j < hd; ++j) d += double(q[j]) * keys[size_t(s * row + at + j)];
+    sc[size_t(s)] = d / std::sqrt(double(hd));
+    mx = std::max(mx, sc[size_t(s)]);
+  }
+  double sum = 0;
+  for (auto& e : sc) sum += (e = std::exp(e - mx));
+  for (int64_t j = 0; j < hd; ++j) {
+    double o = 0, a = 0;
+    for (int64_t s = 0; s < len; ++s) {
+      const double v = values[size_t(s * row + at + j)];
+      o += sc[size_t(s)] * v;
+      a += sc[size_t(s)] * std::abs(v);
+    }
+    out[j] = o / sum;
+    if (pv_abs) pv_abs[j] = a / sum;
+  }
+}
+
 struct AttentionCase {
   int64_t Hq, Hkv, hd;
   int block_size;
@@ -890,26 +918,9 @@ TEST_P(OpConformance, PagedAttentionMatchesDenseCausalSoftmax) {
         const int n = passes[p][size_t(b)], kv = h.kv_lens[size_t(b)];
         for (int i = 0; i < n; ++i) {
           const int64_t t = h.cu[size_t(b)] + i, len = kv - n + i + 1;
-          for (int64_t hq = 0; hq < Hq; ++hq) {
-            const int64_t kvh = hq / (Hq / Hkv);
-            std::vector<double> sc(static_cast<size_t>(len));
-            double mx = -INFINITY;
-            for (int64_t s = 0; s < len; ++s) {
-              double d = 0;
-              for (int64_t j = 0; j < hd; ++j)
-                d += double(q[size_t((t * Hq + hq) * hd + j)]) * keys[size_t(b)][size_t(s * row + kvh * hd + j)];
-              sc[size_t(s)] = d / std::sqrt(double(hd));
-              mx = std::max(mx, sc[size_t(s)]);
-            }
-            double sum = 0;
-            for (auto& e : sc) sum += (e = std::exp(e - mx));
-            for (int64_t j = 0; j < hd; ++j) {
-              double o = 0;
-              for (int64_t s = 0; s < len; ++s)
-                o += sc[size_t(s)] / sum * values[size_t(b)][size_t(s * row + kvh * hd + j)];
-              want[size_t((t * Hq + hq) * hd + j)] = o;
-            }
-          }
+          for (int64_t hq = 0; hq < Hq; ++hq)
+            reference_attention_row(q.data() + (t * Hq + hq) * hd, keys[size_t(b)], values[size_t(b)], len, row,
+                                    hq / (Hq / Hkv) * hd, hd, want.data() + (t * Hq + hq) * hd);
         }
       }
       EXPECT_TRUE(all_near(floats(out), want, 2e-5, 1e-4)) << "pass " << p;

@@ -278,6 +278,83 @@ TEST(CudaBackend, Fp8MatmulEqualsTheProductOfWhatItMultiplies) {
   }
 }
 
+// Ops of a backend with bf16 products (the default outside the reference tests), with the
+// conformance fixture's helpers.
+class CudaBf16Products : public OpConformance {};
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaBf16Products,
+                         ::testing::Values(BackendCase{"device0",
+                                                       [] { return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(0, CudaOptions{.bf16_matmul = true})); },
+                                                       no_device}),
+                         backend_case_name);
+
+// Prefill attention on the bf16 tensor cores: Q, K, V and the softmax's P rounded to bf16, fp32
+// sums. Reference in double from the rounded Q, K, V; P's rounding (2^-9 of each p) moves an output
+// by at most 2^-9 sum_s p_s |v_s| / sum_s p_s, allowed twice over. Two sequences (one with 40 rows
+// cached before its 300 new ones, one of 129: a tile of one row), GQA, every tensor-core head dim.
+TEST_P(CudaBf16Products, PrefillAttentionEqualsTheSoftmaxOfRoundedOperands) {
+  const auto round = [](std::vector<float> v) {
+    for (float& e : v) e = bf16_to_f32(f32_to_bf16(e));
+    return v;
+  };
+  for (const int64_t hd : {64, 128, 256}) {
+    SCOPED_TRACE("hd=" + std::to_string(hd));
+    const int64_t Hq = 4, Hkv = 2, row = Hkv * hd, bs = 16;
+    const std::vector<int> prior{40, 0}, fresh{300, 129};
+    const int B = 2, W = 23;  // up to 340 rows of a sequence: 22 blocks of 16 rows, and a spare entry
+    HostLayout h;
+    h.block_size = int(bs);
+    h.width = W;
+    h.block_tables.assign(size_t(B * W), -1);
+    for (int b = 0; b < B; ++b)
+      for (int j = 0; j + 1 < W; ++j) h.block_tables[size_t(b * W + j)] = (B - 1 - b) * (W - 1) + j;
+    const int64_t blocks = B * (W - 1);
+    std::vector<float> kc(size_t(blocks * bs * row), 0.0f), vc(kc.size(), 0.0f), k_new, v_new;
+    std::vector<std::vector<float>> keys(B), values(B);
+    for (int b = 0; b < B; ++b) {
+      const int n = prior[size_t(b)] + fresh[size_t(b)];
+      keys[size_t(b)] = randn(size_t(n * row), uint32_t(60 + b));
+      values[size_t(b)] = randn(size_t(n * row), uint32_t(70 + b));
+      for (int r = 0; r < n; ++r) {
+        const int64_t slot = int64_t(h.block_tables[size_t(b * W + r / bs)]) * bs + r % bs;
+        if (r < prior[size_t(b)]) {
+          std::copy_n(keys[size_t(b)].begin() + r * row, row, kc.begin() + slot * row);
+          std::copy_n(values[size_t(b)].begin() + r * row, row, vc.begin() + slot * row);
+        } else {
+          k_new.insert(k_new.end(), keys[size_t(b)].begin() + r * row, keys[size_t(b)].begin() + (r + 1) * row);
+          v_new.insert(v_new.end(), values[size_t(b)].begin() + r * row, values[size_t(b)].begin() + (r + 1) * row);
+          h.slot_mapping.push_back(int32_t(slot));
+        }
+      }
+      h.cu.push_back(h.cu.back() + fresh[size_t(b)]);
+      h.kv_lens.push_back(n);
+    }
+    const int64_t T = h.cu.back();
+    const std::vector<float> q = randn(size_t(T * Hq * hd), 80);
+    Tensor k_cache = f32(kc, {blocks, bs, Hkv, hd}), v_cache = f32(vc, {blocks, bs, Hkv, hd});
+    Tensor out = be().alloc({T, Hq, hd}, DType::F32);
+    ops().attention(f32(q, {T, Hq, hd}), f32(k_new, {T, Hkv, hd}), f32(v_new, {T, Hkv, hd}), k_cache, v_cache,
+                    layout(h), out);
+    const std::vector<float> got = floats(out), qr = round(q);
+    double worst = 0;  // the largest error over its allowance
+    for (int b = 0; b < B; ++b) {
+      const std::vector<float> kr = round(keys[size_t(b)]), vr = round(values[size_t(b)]);
+      for (int i = 0; i < fresh[size_t(b)]; ++i) {
+        const int64_t t = h.cu[size_t(b)] + i, len = prior[size_t(b)] + i + 1;
+        for (int64_t hq = 0; hq < Hq; ++hq) {
+          std::vector<double> want(static_cast<size_t>(hd)), pv(static_cast<size_t>(hd));
+          reference_attention_row(qr.data() + (t * Hq + hq) * hd, kr, vr, len, row, hq / (Hq / Hkv) * hd, hd,
+                                  want.data(), pv.data());
+          for (int64_t j = 0; j < hd; ++j) {
+            const double err = std::abs(got[size_t((t * Hq + hq) * hd + j)] - want[size_t(j)]);
+            worst = std::max(worst, err / (2 * std::ldexp(pv[size_t(j)], -9) + 1e-5));
+          }
+        }
+      }
+    }
+    EXPECT_LE(worst, 1.0) << "error over 2 x P's rounding";
+  }
+}
+
 TEST(CudaBackend, NoGraphIsCapturedWhileOpsAreTimed) {
   if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
   CudaBackend be(0);

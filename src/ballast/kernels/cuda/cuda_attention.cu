@@ -15,8 +15,9 @@
 // 3. sequences of at least kTileMinRows new rows (prefill): one block per (tile of rows, query
 //    head), the cache rows streamed through shared memory 32 at a time and shared by the tile's
 //    rows (launched over B x ceil(max_query_len / tile) tiles; tiles past a sequence's rows exit):
-//    on the tensor cores (attention_mma_kernel, 128-row tiles) for head dims of 64, 128 and 256,
-//    else on the SIMT cores (attention_tiled_kernel, 32-row tiles);
+//    on the tensor cores (attention_mma_kernel, 128-row tiles; 3xTF32, or bf16 products under
+//    CudaOptions::bf16_matmul) for head dims of 64, 128 and 256, else on the SIMT cores
+//    (attention_tiled_kernel, 32-row tiles);
 // 4. with splits, the merge of the partials of kernel 2's rows.
 #include <algorithm>
 #include <cmath>
@@ -26,7 +27,7 @@
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_support.cuh"
-#include "ballast/kernels/cuda/cuda_tf32_mma.cuh"
+#include "ballast/kernels/cuda/cuda_mma_support.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
@@ -44,7 +45,7 @@ constexpr int kMinSplitRows = 64;     // cache rows per split, at least (on the 
 struct AttentionState {
   int sms = 0;             // streaming multiprocessors of the device
   bool tiled_smem[4] = {};  // the tiled kernel of V = 1, 2, 4, 8 is set up for its shared memory
-  bool mma_smem[3] = {};    // the tensor-core kernel of hd = 64, 128, 256 likewise
+  bool mma_smem[2][3] = {};  // the tensor-core kernel (3xTF32, bf16) of hd = 64, 128, 256 likewise
 };
 
 // The new rows' K and V at their slots; an out-of-range slot is skipped.
@@ -377,11 +378,13 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const 
 // step's K loads while this step's P V is computed, its V while its scores are. A warp's scores
 // (16 x 32) and outputs (16 x hd) are mma.sync m16n8k8 accumulators; the online softmax works on
 // the score fragments (a row's values lie in the 4 lanes of a quad).
-// Precision: 3xTF32 (cuda_tf32_mma.cuh), within 2^-19 of each product; activations and caches stay
-// fp32.
-// Operand order: the order of k within an 8-wide mma step is free if both operands follow it. Q K^T
-// gives lane t the head-dim elements 4t .. 4t + 3 of a 16-wide block (one 16-byte load each of Q
-// and K; the first mma takes 4t, 4t + 1 as k = t, t + 4, the second 4t + 2, 4t + 3). P V reads the
+// Precision (kBf16): 3xTF32 (cuda_mma_support.cuh), within 2^-19 of each product, or with bf16
+// products (CudaOptions::bf16_matmul, as the other matrix products) Q, K, V and the softmax's P
+// rounded to bf16 into m16n8k16, fp32 sums; activations, caches and the softmax stay fp32 either way.
+// Operand order: the order of k within an mma step is free if both operands follow it. Q K^T gives
+// lane t the head-dim elements 4t .. 4t + 3 of a 16-wide block (one 16-byte load each of Q and K;
+// in TF32 the first mma takes 4t, 4t + 1 as k = t, t + 4, the second 4t + 2, 4t + 3; in bf16 one mma
+// takes 4t, 4t + 1 as k = 2t, 2t + 1 and 4t + 2, 4t + 3 as k = 2t + 8, 2t + 9). P V reads the
 // scores' accumulator as its A operand: key 2t and 2t + 1 of an 8-key block as k = t and t + 4,
 // and V's rows in the same order, so no shuffle is needed.
 constexpr int kMmaWarps = 8;
@@ -394,7 +397,7 @@ constexpr int kMmaKv = 32;
 // banks), Vs [kMmaKv][HD + 4] (4-byte loads of rows 2t, 2t + 1 at column g: 4 mod 32).
 __host__ __device__ constexpr int mma_smem_floats(int HD) { return (kMmaRows + kMmaKv) * (HD + 16) + kMmaKv * (HD + 4); }
 
-template <int HD>
+template <int HD, bool kBf16>
 __global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const AttentionArgs a, int tiles_per_seq) {
   wait_for_prior_kernels();
   constexpr int LQ = HD + 16, LV = HD + 4, C4 = HD / 4, NT = HD / 8, ST = kMmaKv / 8;
@@ -477,32 +480,47 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const Att
     const bool active = k0 <= warp_last;
     float s[ST][4];  // s[j]: keys k0 + 8 j + 2t, + 1 of rows g (s[j][0..1]) and g + 8 (s[j][2..3])
     if (active) {
-      // The big products and the small ones in separate accumulators: twice the chains of
-      // dependent mma a warp has in flight (4 key blocks alone left the tensor cores waiting).
-      float lo[ST][4];
 #pragma unroll
-      for (int j = 0; j < ST; ++j)
+      for (int j = 0; j < ST; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+      if constexpr (kBf16) {
+#pragma unroll 4
+        for (int kk = 0; kk < HD; kk += 16) {
+          const float4 x0 = *reinterpret_cast<const float4*>(qa + kk);
+          const float4 x1 = *reinterpret_cast<const float4*>(qa + 8 * LQ + kk);
+          const uint32_t qf[4] = {bf16_pair(x0.x, x0.y), bf16_pair(x1.x, x1.y), bf16_pair(x0.z, x0.w),
+                                  bf16_pair(x1.z, x1.w)};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] = lo[j][e] = 0.0f;
-#pragma unroll 2
-      for (int kk = 0; kk < HD; kk += 16) {
-        const float4 x0 = *reinterpret_cast<const float4*>(qa + kk);
-        const float4 x1 = *reinterpret_cast<const float4*>(qa + 8 * LQ + kk);
-        const Tf32Pair qf0[4] = {tf32_split(x0.x), tf32_split(x1.x), tf32_split(x0.y), tf32_split(x1.y)};
-        const Tf32Pair qf1[4] = {tf32_split(x0.z), tf32_split(x1.z), tf32_split(x0.w), tf32_split(x1.w)};
-#pragma unroll
-        for (int j = 0; j < ST; ++j) {
-          const float4 y = *reinterpret_cast<const float4*>(ka + 8 * j * LQ + kk);
-          const Tf32Pair kf0[2] = {tf32_split(y.x), tf32_split(y.y)};
-          const Tf32Pair kf1[2] = {tf32_split(y.z), tf32_split(y.w)};
-          mma_3xtf32_split(s[j], lo[j], qf0, kf0);
-          mma_3xtf32_split(s[j], lo[j], qf1, kf1);
+          for (int j = 0; j < ST; ++j) {
+            const float4 y = *reinterpret_cast<const float4*>(ka + 8 * j * LQ + kk);
+            mma_bf16(s[j], qf, bf16_pair(y.x, y.y), bf16_pair(y.z, y.w));
+          }
         }
+      } else {
+        // The big products and the small ones in separate accumulators: twice the chains of
+        // dependent mma a warp has in flight (4 key blocks alone left the tensor cores waiting).
+        float lo[ST][4];
+#pragma unroll
+        for (int j = 0; j < ST; ++j) lo[j][0] = lo[j][1] = lo[j][2] = lo[j][3] = 0.0f;
+#pragma unroll 2
+        for (int kk = 0; kk < HD; kk += 16) {
+          const float4 x0 = *reinterpret_cast<const float4*>(qa + kk);
+          const float4 x1 = *reinterpret_cast<const float4*>(qa + 8 * LQ + kk);
+          const Tf32Pair qf0[4] = {tf32_split(x0.x), tf32_split(x1.x), tf32_split(x0.y), tf32_split(x1.y)};
+          const Tf32Pair qf1[4] = {tf32_split(x0.z), tf32_split(x1.z), tf32_split(x0.w), tf32_split(x1.w)};
+#pragma unroll
+          for (int j = 0; j < ST; ++j) {
+            const float4 y = *reinterpret_cast<const float4*>(ka + 8 * j * LQ + kk);
+            const Tf32Pair kf0[2] = {tf32_split(y.x), tf32_split(y.y)};
+            const Tf32Pair kf1[2] = {tf32_split(y.z), tf32_split(y.w)};
+            mma_3xtf32_split(s[j], lo[j], qf0, kf0);
+            mma_3xtf32_split(s[j], lo[j], qf1, kf1);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < ST; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) s[j][e] += lo[j][e];
       }
-#pragma unroll
-      for (int j = 0; j < ST; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[j][e] += lo[j][e];
     }
     __syncthreads();  // every warp is done with this step's K
     if (more) {
@@ -553,7 +571,20 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const Att
 
     cp_async_wait_all_but_last();  // this step's V (the next step's K may still be in flight)
     __syncthreads();
-    if (active) {
+    if (active && kBf16) {
+      // Two 8-key score blocks are one 16-key A operand as they lie (rows g, g + 8; keys 2t, 2t + 1
+      // of each); V's rows 2t, 2t + 1 (and + 8) at column 8 c + g pair up as B.
+#pragma unroll
+      for (int j = 0; j < ST; j += 2) {
+        const uint32_t pf[4] = {bf16_pair(s[j][0], s[j][1]), bf16_pair(s[j][2], s[j][3]),
+                                bf16_pair(s[j + 1][0], s[j + 1][1]), bf16_pair(s[j + 1][2], s[j + 1][3])};
+#pragma unroll
+        for (int c = 0; c < NT; ++c) {
+          const float* v = va + 8 * j * LV + 8 * c;
+          mma_bf16(o[c], pf, bf16_pair(v[0], v[LV]), bf16_pair(v[8 * LV], v[9 * LV]));
+        }
+      }
+    } else if (active) {
 #pragma unroll
       for (int j = 0; j < ST; ++j) {
         const Tf32Pair pf[4] = {tf32_split(s[j][0]), tf32_split(s[j][2]), tf32_split(s[j][1]), tf32_split(s[j][3])};
@@ -697,18 +728,26 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
           layout.max_query_len);
     const dim3 tgrid{unsigned(tiles_per_seq * B), unsigned(Hq)};
     const size_t smem = size_t(mma_smem_floats(int(hd))) * sizeof(float);
-    const void* fn = mi == 0   ? reinterpret_cast<const void*>(&attention_mma_kernel<64>)
-                     : mi == 1 ? reinterpret_cast<const void*>(&attention_mma_kernel<128>)
-                               : reinterpret_cast<const void*>(&attention_mma_kernel<256>);
-    if (!st->mma_smem[mi]) {
-      check_cuda(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                 "attention: shared memory of the tensor-core kernel");
-      st->mma_smem[mi] = true;
-    }
     const int tps = int(tiles_per_seq);
-    if (mi == 0) launch(attention_mma_kernel<64>, tgrid, kMmaThreads, smem, stream_, a, tps);
-    else if (mi == 1) launch(attention_mma_kernel<128>, tgrid, kMmaThreads, smem, stream_, a, tps);
-    else launch(attention_mma_kernel<256>, tgrid, kMmaThreads, smem, stream_, a, tps);
+    const auto run = [&](auto kernel) {
+      const int pi = bf16_matmul_ ? 1 : 0;
+      if (!st->mma_smem[pi][mi]) {
+        check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                   "attention: shared memory of the tensor-core kernel");
+        st->mma_smem[pi][mi] = true;
+      }
+      launch(kernel, tgrid, kMmaThreads, smem, stream_, a, tps);
+    };
+    if (bf16_matmul_) {
+      if (mi == 0) run(attention_mma_kernel<64, true>);
+      else if (mi == 1) run(attention_mma_kernel<128, true>);
+      else run(attention_mma_kernel<256, true>);
+    } else {
+      if (mi == 0) run(attention_mma_kernel<64, false>);
+      else if (mi == 1) run(attention_mma_kernel<128, false>);
+      else run(attention_mma_kernel<256, false>);
+    }
     check_launch("attention: tensor-core tiles");
   } else if (tiled) {
     const int64_t tiles_per_seq = cdiv(layout.max_query_len, kTileRows);

@@ -25,7 +25,7 @@
 //   W, U, Q' = e^gc Q - P W, O_local = P U, K' = e^{gc_last - gc} K); the state kernel then takes
 //   the chunks of each sequence in order (block: sequence, value head, column slice) and only
 //   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V'. The products
-//   run on the tensor cores in 3xTF32 (cuda_tf32_mma.cuh: fp32 accuracy), the substitution and
+//   run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy), the substitution and
 //   the exponentials (of double differences, as the CPU) on the SIMT cores.
 #include <algorithm>
 #include <cmath>
@@ -35,7 +35,7 @@
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_support.cuh"
-#include "ballast/kernels/cuda/cuda_tf32_mma.cuh"
+#include "ballast/kernels/cuda/cuda_mma_support.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {

@@ -49,7 +49,7 @@
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_rows_support.cuh"
 #include "ballast/kernels/cuda/cuda_support.cuh"
-#include "ballast/kernels/cuda/cuda_tf32_mma.cuh"
+#include "ballast/kernels/cuda/cuda_mma_support.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
@@ -1261,16 +1261,18 @@ __global__ void __launch_bounds__(kExpertThreads) experts_wmma_kernel(ExpertsArg
 // weights with fp32 accumulation; each 128-block of k sums apart in the tensor cores and joins the
 // fp32 total times its row's x scale and the weight block's scale (the tensor cores' FP8 sums keep
 // fewer bits than fp32, so blocks are short). Hopper runs FP8 only in its warpgroup products
-// (wgmma; mma.sync on e4m3 is emulated through fp16 there): a block computes 128 rows x 128
-// weight rows (GU: 64 of gate and the same 64 of up, so that the epilogue pairs them), each of its
-// two warpgroups 64 of the rows as m64n128k32 products from shared memory (the weight tile shared;
-// a warpgroup with no rows left skips its products), K in stages of one 128-block (so that a
-// stage's sums are scaled as soon as they are done) brought by cp.async kFp8Stages - 1 stages
-// ahead. Shared
-// tiles are in the canonical K-major layout without swizzle: 8-row x 16-byte core matrices of 128
-// contiguous bytes, the next 16 bytes of k 128 bytes on (LBO), the next 8 rows 1024 bytes on (SBO).
-constexpr int kFp8Rows = 128;             // x (h) rows of a tile: a warpgroup's 64 each
-constexpr int kFp8Threads = 256;          // two warpgroups
+// (wgmma; mma.sync on e4m3 is emulated through fp16 there): a block of one warpgroup computes
+// 64 rows x 128 weight rows (GU: 64 of gate and the same 64 of up, so that the epilogue pairs them)
+// as m64n128k32 products from shared memory (128-row tiles of two warpgroups sharing the weight
+// tile measured 6-10% slower: one block a SM at 211 registers), K in stages of one 128-block (so
+// that a stage's sums are scaled as soon as they are done) brought by cp.async kFp8Stages - 1
+// stages ahead. Shared tiles are in the canonical K-major layout without swizzle: 8-row x 16-byte
+// core matrices of 128 contiguous bytes, the next 16 bytes of k 128 bytes on (LBO), the next 8 rows
+// 1024 bytes on (SBO).
+constexpr int kFp8Rows = 64;              // x (h) rows of a tile: one warpgroup's
+constexpr int kFp8Threads = 128;          // one warpgroup (two blocks a SM: one's products run while
+                                          // the other scales, waits or loads)
+constexpr int kFp8CopyRows = kFp8Threads / 8;  // rows a stage's copies cover a pass (8 chunks a row)
 constexpr int kFp8K = kScaleBlock;        // k (bytes) a stage of a row
 constexpr int kFp8Cols = 128;             // weight rows of a block
 constexpr int kFp8Stages = 3;
@@ -1351,22 +1353,22 @@ __global__ void __launch_bounds__(kFp8Threads) experts_fp8_kernel(ExpertsArgs a)
       if (!GU && r < rows) v = a.hs[b * a.Np + j0 + r];
       rs[b][r] = v;
     }
-    // This thread's copies of a stage: the 16-byte chunk tid % 8 of x (h) rows tid / 8 + 32 i and
-    // of weight rows as many.
-    const int cr = tid >> 3, cc = tid & 7;  // rows cr + 32 i
+    // This thread's copies of a stage: the 16-byte chunk tid % 8 of x (h) rows tid / 8 +
+    // kFp8CopyRows i and of weight rows as many.
+    const int cr = tid >> 3, cc = tid & 7;
     auto load = [&](int64_t kt) {
       unsigned char* st = smem + (kt % kFp8Stages) * kFp8StageBytes;
       const int64_t k = kt * kFp8K + cc * 16;
 #pragma unroll
-      for (int i = 0; i < kFp8Rows / 32; ++i) {
-        const int r = cr + 32 * i;
+      for (int i = 0; i < kFp8Rows / kFp8CopyRows; ++i) {
+        const int r = cr + kFp8CopyRows * i;
         const uint8_t* row = nullptr;
         if (r < rows) row = GU ? (src[r] >= 0 ? a.xq + src[r] * a.H : nullptr) : a.hq + (int64_t(j0) + r) * a.ldh;
         cp_async16(st + fp8_tile_offset(r, cc), row ? row + k : a.xq, row != nullptr);
       }
 #pragma unroll
-      for (int i = 0; i < kFp8Cols / 32; ++i) {
-        const int c = cr + 32 * i;
+      for (int i = 0; i < kFp8Cols / kFp8CopyRows; ++i) {
+        const int c = cr + kFp8CopyRows * i;
         const void* w = GU ? (c < kFp8Cols / 2 ? ex.gate : ex.up) : ex.down;
         const int64_t n = n0 + (GU ? c % (kFp8Cols / 2) : c);
         const uint8_t* row = n < Nout ? static_cast<const uint8_t*>(w) + n * K : nullptr;

@@ -1,6 +1,6 @@
-// Tensor-core products in fp32 accuracy and asynchronous copies, for the kernels whose operands are
-// fp32 activations (prefill attention, the chunked delta rule); the copies serve the FP8 expert
-// tiles too.
+// mma.sync tensor-core products and asynchronous copies for the kernels whose operands are fp32
+// activations (prefill attention, the chunked delta rule): 3xTF32 where fp32 accuracy is asked for,
+// bf16 m16n8k16 where bf16 products are; the copies serve the FP8 expert tiles too.
 //
 // 3xTF32: each operand is split into TF32 parts, a = a_big + a_small, and a b = a_big b_small +
 // a_small b_big + a_big b_big, three mma.sync m16n8k8 TF32 products summed in fp32: within 2^-19 of
@@ -12,6 +12,8 @@
 // c1 (g, 2t + 1), c2 (g + 8, 2t), c3 (g + 8, 2t + 1). The order of k inside a step is free if both
 // operands follow it.
 #pragma once
+
+#include <cuda_bf16.h>
 
 #include <cstdint>
 
@@ -50,6 +52,21 @@ __device__ __forceinline__ void mma_3xtf32_split(float (&hi)[4], float (&lo)[4],
   mma_tf32(lo, a[0].small, a[1].small, a[2].small, a[3].small, b[0].big, b[1].big);
   mma_tf32(lo, a[0].big, a[1].big, a[2].big, a[3].big, b[0].small, b[1].small);
   mma_tf32(hi, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
+}
+
+// Two floats as the bf16 pair of an mma operand register: lo (the smaller k) in the low half.
+__device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// d += a b, mma.sync m16n8k16 bf16 with fp32 accumulation. Fragments (g = lane / 4, t = lane % 4;
+// each register a pair of k = 2i, 2i + 1): A (16 x 16) a0 (g, k 2t), a1 (g + 8, k 2t), a2 (g, k 2t + 8),
+// a3 (g + 8, k 2t + 8); B (16 x 8) b0 (k 2t, n g), b1 (k 2t + 8, n g); C as m16n8k8's.
+__device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // 16 bytes global -> shared without registers; zeros where !pred (nothing is read then, but src
