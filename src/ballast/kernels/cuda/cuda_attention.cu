@@ -26,8 +26,8 @@
 
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_ops.h"
-#include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/cuda/cuda_mma_support.cuh"
+#include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
@@ -374,30 +374,147 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const 
 // Prefill on the tensor cores, for head dims of 64, 128 and 256: block (tile of kMmaRows new rows
 // of one sequence, query head), 8 warps of 16 rows each; the tiles of most rows (the last of a
 // sequence, under the causal mask) are launched first. The tile's queries stay in shared memory;
-// the cache rows it sees stream through shared memory kMmaKv at a time with cp.async: the next
-// step's K loads while this step's P V is computed, its V while its scores are. A warp's scores
-// (16 x 32) and outputs (16 x hd) are mma.sync m16n8k8 accumulators; the online softmax works on
-// the score fragments (a row's values lie in the 4 lanes of a quad).
-// Precision (kBf16): 3xTF32 (cuda_mma_support.cuh), within 2^-19 of each product, or with bf16
-// products (CudaOptions::bf16_matmul, as the other matrix products) Q, K, V and the softmax's P
-// rounded to bf16 into m16n8k16, fp32 sums; activations, caches and the softmax stay fp32 either way.
-// Operand order: the order of k within an mma step is free if both operands follow it. Q K^T gives
-// lane t the head-dim elements 4t .. 4t + 3 of a 16-wide block (one 16-byte load each of Q and K;
-// in TF32 the first mma takes 4t, 4t + 1 as k = t, t + 4, the second 4t + 2, 4t + 3; in bf16 one mma
-// takes 4t, 4t + 1 as k = 2t, 2t + 1 and 4t + 2, 4t + 3 as k = 2t + 8, 2t + 9). P V reads the
-// scores' accumulator as its A operand: key 2t and 2t + 1 of an 8-key block as k = t and t + 4,
-// and V's rows in the same order, so no shuffle is needed.
+// the cache rows it sees stream through shared memory kMmaKv at a time with cp.async. A warp's
+// scores (16 x 32) and outputs (16 x hd) are mma.sync accumulators (m16n8k8 and m16n8k16 share
+// their layout); the online softmax works on the score fragments (a row's values lie in the 4 lanes
+// of a quad). Two kernels by precision; activations, caches and the softmax are fp32 in both:
+// - attention_mma_kernel: 3xTF32 (cuda_mma_support.cuh), within 2^-19 of each product (fp32
+//   products, the reference tests);
+// - attention_bf16_kernel: with bf16 products (CudaOptions::bf16_matmul, as the other matrix
+//   products) Q, K, V and the softmax's P are rounded to bf16 into m16n8k16, fp32 sums.
 constexpr int kMmaWarps = 8;
 constexpr int kMmaThreads = kMmaWarps * 32;
 constexpr int kMmaRows = 16 * kMmaWarps;
 constexpr int kMmaKv = 32;
 
-// Shared memory of the tensor-core kernel, in floats: Qs [kMmaRows][HD + 16] and Ks [kMmaKv][HD + 16]
-// (16-byte fragment loads: a row stride of 16 mod 32 banks puts a quarter warp's 8 loads on 32
-// banks), Vs [kMmaKv][HD + 4] (4-byte loads of rows 2t, 2t + 1 at column g: 4 mod 32).
+// What a tensor-core block works on; ok is false where it has nothing to do (past its sequence's
+// rows, or an inconsistent layout).
+struct PrefillTile {
+  bool ok = false;
+  int b = 0, hq = 0, rows = 0, kvh = 0;
+  int64_t start = 0, i0 = 0;  // the sequence's first row in the pass; the tile's first in the sequence
+  int64_t first = 0;          // cache position of the sequence's first new row
+  int64_t cap = 0, kv_end = 0;  // rows a table holds; the tile sees the cache rows [0, kv_end)
+};
+
+__device__ __forceinline__ PrefillTile prefill_tile(const AttentionArgs& a, int tiles_per_seq) {
+  PrefillTile t;
+  t.b = int(blockIdx.x) / tiles_per_seq;
+  const int tile = tiles_per_seq - 1 - int(blockIdx.x) % tiles_per_seq;
+  t.hq = int(blockIdx.y);
+  if (t.b >= a.B) return t;
+  t.start = a.cu[t.b];
+  const int64_t n = int64_t(a.cu[t.b + 1]) - t.start;
+  t.i0 = int64_t(tile) * kMmaRows;
+  if (n < a.tile_min_rows || t.i0 >= n || t.start < 0 || t.start + n > a.T) return t;
+  t.rows = int(n - t.i0 < kMmaRows ? n - t.i0 : kMmaRows);
+  t.first = int64_t(a.kv_lens[t.b]) - n;
+  t.cap = int64_t(a.W) * a.bs;
+  t.kv_end = t.first + t.i0 + t.rows;
+  t.kv_end = t.kv_end < 0 ? 0 : (t.kv_end > t.cap ? t.cap : t.kv_end);
+  t.kvh = t.hq / (a.Hq / a.Hkv);
+  t.ok = true;
+  return t;
+}
+
+// Where cache row k0 + lane of the tile's kv head starts in the caches (-1: unreadable).
+template <int HD>
+__device__ __forceinline__ int64_t prefill_row_base(const AttentionArgs& a, const PrefillTile& t, int k0, int lane) {
+  const int r = k0 + lane;  // < W bs <= INT32_MAX (checked on the host)
+  const int64_t blk = r < t.kv_end ? int64_t(a.tables[int64_t(t.b) * a.W + r / a.bs]) : -1;
+  return blk >= 0 && blk < a.blocks ? (blk * a.bs + r % a.bs) * (int64_t(a.Hkv) * HD) + int64_t(t.kvh) * HD : -1;
+}
+
+// A step's K (or V) rows into shared memory (row stride ld floats), issued by the whole block as
+// part of the open cp.async group; base: prefill_row_base of the step, in each lane.
+template <int HD>
+__device__ __forceinline__ void prefill_issue(int64_t base, float* dst, int ld, const float* cache) {
+  constexpr int C4 = HD / 4;
+#pragma unroll
+  for (int p = 0; p < kMmaKv * C4 / kMmaThreads; ++p) {  // every lane of a warp takes part (the shuffle)
+    const int i = p * kMmaThreads + int(threadIdx.x), rr = i / C4, c = i % C4;
+    const int64_t from = __shfl_sync(0xffffffffu, base, rr);
+    cp_async16(dst + rr * ld + 4 * c, cache + (from < 0 ? 0 : from) + 4 * c, from >= 0);
+  }
+}
+
+// Cache positions in 32 bits (kv_end <= W bs <= INT32_MAX): tile row r sees the cache rows [0, p];
+// -1: none (past the tile, or before the cache in an inconsistent layout).
+__device__ __forceinline__ int prefill_position(const PrefillTile& t, int r) {
+  const int64_t p = t.first + t.i0 + r;
+  return r < t.rows ? int(p < -1 ? -1 : (p > t.cap ? t.cap : p)) : -1;
+}
+
+// Mask (causal; ok: the step's cache rows are readable) and the online softmax of a warp's two
+// rows (pos: their positions) over a step's scores s, kept as the unnormalised P in s; the outputs
+// o are rescaled to the new maximum.
+template <int ST, int NT>
+__device__ __forceinline__ void prefill_softmax(float (&s)[ST][4], float (&m)[2], float (&l)[2], float (&o)[NT][4],
+                                                const bool* ok, const int (&pos)[2], int k0, float scale, int t4) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int j = 0; j < ST; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int kr = 8 * j + 2 * t4 + (e & 1);
+      const float v = (ok[kr] && k0 + kr <= pos[e / 2]) ? s[j][e] * scale : -INFINITY;
+      s[j][e] = v;
+      mx[e / 2] = fmaxf(mx[e / 2], v);
+    }
+  float corr[2], m_use[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
+    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
+    const float m_new = fmaxf(m[h], mx[h]);
+    m_use[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing seen yet
+    corr[h] = expf(m[h] - m_use[h]);
+    m[h] = m_new;
+  }
+#pragma unroll
+  for (int j = 0; j < ST; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      s[j][e] = expf(s[j][e] - m_use[e / 2]);
+      sum[e / 2] += s[j][e];
+    }
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
+    sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
+    l[h] = l[h] * corr[h] + sum[h];
+  }
+#pragma unroll
+  for (int j = 0; j < NT; ++j) o[j][0] *= corr[0], o[j][1] *= corr[0], o[j][2] *= corr[1], o[j][3] *= corr[1];
+}
+
+// The warp's rows r0, r0 + 8 of the tile: o / l into the output.
+template <int HD, int NT>
+__device__ __forceinline__ void prefill_store(const AttentionArgs& a, const PrefillTile& t, int r0, int t4,
+                                              const float (&o)[NT][4], const float (&l)[2]) {
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    if (r0 + 8 * h >= t.rows) continue;
+    float* orow = a.out + ((t.start + t.i0 + r0 + 8 * h) * a.Hq + t.hq) * HD + 2 * t4;
+    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
+#pragma unroll
+    for (int c = 0; c < NT; ++c)
+      *reinterpret_cast<float2*>(orow + 8 * c) = make_float2(o[c][2 * h] * inv, o[c][2 * h + 1] * inv);
+  }
+}
+
+// 3xTF32. The next step's K loads while this step's P V is computed, its V while its scores are.
+// Operand order: the order of k within an 8-wide mma step is free if both operands follow it. Q K^T
+// gives lane t the head-dim elements 4t .. 4t + 3 of a 16-wide block (one 16-byte load each of Q
+// and K; the first mma takes 4t, 4t + 1 as k = t, t + 4, the second 4t + 2, 4t + 3). P V reads the
+// scores' accumulator as its A operand: key 2t and 2t + 1 of an 8-key block as k = t and t + 4,
+// and V's rows in the same order, so no shuffle is needed.
+// Shared memory, in floats: Qs [kMmaRows][HD + 16] and Ks [kMmaKv][HD + 16] (16-byte fragment
+// loads: a row stride of 16 mod 32 banks puts a quarter warp's 8 loads on 32 banks), Vs
+// [kMmaKv][HD + 4] (4-byte loads of rows 2t, 2t + 1 at column g: 4 mod 32).
 __host__ __device__ constexpr int mma_smem_floats(int HD) { return (kMmaRows + kMmaKv) * (HD + 16) + kMmaKv * (HD + 4); }
 
-template <int HD, bool kBf16>
+template <int HD>
 __global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const AttentionArgs a, int tiles_per_seq) {
   wait_for_prior_kernels();
   constexpr int LQ = HD + 16, LV = HD + 4, C4 = HD / 4, NT = HD / 8, ST = kMmaKv / 8;
@@ -407,62 +524,31 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const Att
   float* Vs = Ks + kMmaKv * LQ;
   __shared__ bool kok[2][kMmaKv];  // the cache rows of a step (even, odd) are readable
 
-  const int b = int(blockIdx.x) / tiles_per_seq, tile = tiles_per_seq - 1 - int(blockIdx.x) % tiles_per_seq;
-  const int hq = int(blockIdx.y);
+  const PrefillTile tl = prefill_tile(a, tiles_per_seq);
+  if (!tl.ok) return;
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t4 = lane % 4;
-  if (b >= a.B) return;
-  const int64_t start = a.cu[b], n = int64_t(a.cu[b + 1]) - start;
-  const int64_t i0 = int64_t(tile) * kMmaRows;  // the tile's first row in the sequence
-  if (n < a.tile_min_rows || i0 >= n || start < 0 || start + n > a.T) return;
-  const int rows = int(n - i0 < kMmaRows ? n - i0 : kMmaRows);
-  const int64_t first = int64_t(a.kv_lens[b]) - n;  // cache position of the sequence's first new row
-  const int64_t cap = int64_t(a.W) * a.bs;
-  int64_t kv_end = first + i0 + rows;  // cache rows the tile sees: [0, kv_end), within the table
-  kv_end = kv_end < 0 ? 0 : (kv_end > cap ? cap : kv_end);
-  const int kvh = hq / (a.Hq / a.Hkv);
-  const int64_t row = int64_t(a.Hkv) * HD;
-  const int32_t* table = a.tables + int64_t(b) * a.W;
-
-  // Where cache row k0 + lane starts in the caches (-1: unreadable), found by every warp's lane.
-  const auto row_base = [&](int k0) -> int64_t {
-    const int r = k0 + lane;  // < W bs <= INT32_MAX (checked on the host)
-    const int64_t blk = r < kv_end ? int64_t(table[r / a.bs]) : -1;
-    return blk >= 0 && blk < a.blocks ? (blk * a.bs + r % a.bs) * row + int64_t(kvh) * HD : -1;
-  };
-  // A step's K (or V) rows into shared memory, issued by the whole block as one cp.async group;
-  // base: row_base of the step.
-  const auto issue = [&](int64_t base, float* dst, int ld, const float* cache) {
-#pragma unroll
-    for (int p = 0; p < kMmaKv * C4 / kMmaThreads; ++p) {  // every lane of a warp takes part (the shuffle)
-      const int i = p * kMmaThreads + int(threadIdx.x), rr = i / C4, c = i % C4;
-      const int64_t from = __shfl_sync(0xffffffffu, base, rr);
-      cp_async16(dst + rr * ld + 4 * c, cache + (from < 0 ? 0 : from) + 4 * c, from >= 0);
-    }
-    cp_async_commit();
-  };
-  int64_t base = kv_end > 0 ? row_base(0) : -1;  // of the step in flight
+  const int kv_end = int(tl.kv_end);
+  int64_t base = kv_end > 0 ? prefill_row_base<HD>(a, tl, 0, lane) : -1;  // of the step in flight
   if (kv_end > 0) {
     if (warp == 0) kok[0][lane] = base >= 0;
-    issue(base, Ks, LQ, a.k_cache);
-    issue(base, Vs, LV, a.v_cache);
+    prefill_issue<HD>(base, Ks, LQ, a.k_cache);
+    cp_async_commit();
+    prefill_issue<HD>(base, Vs, LV, a.v_cache);
+    cp_async_commit();
   }
   for (int i = int(threadIdx.x); i < kMmaRows * C4; i += kMmaThreads) {
     const int r = i / C4, c = i % C4;
-    const float4 v = r < rows ? __ldg(reinterpret_cast<const float4*>(a.q + ((start + i0 + r) * a.Hq + hq) * HD) + c)
-                              : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float4 v = r < tl.rows
+                         ? __ldg(reinterpret_cast<const float4*>(a.q + ((tl.start + tl.i0 + r) * a.Hq + tl.hq) * HD) + c)
+                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
     *reinterpret_cast<float4*>(Qs + r * LQ + 4 * c) = v;
   }
-  // Cache positions in 32 bits from here (kv_end <= W bs <= INT32_MAX): a row at position p sees
-  // the cache rows [0, p]; -1: none (past the tile, or before the cache in an inconsistent layout).
-  const auto position = [&](int r) -> int {
-    const int64_t p = first + i0 + r;
-    return r < rows ? int(p < -1 ? -1 : (p > cap ? cap : p)) : -1;
-  };
   const int r0 = warp * 16 + g;  // this lane's rows: r0 and r0 + 8 of the tile
-  const int pos[2] = {position(r0), position(r0 + 8)};
+  const int pos[2] = {prefill_position(tl, r0), prefill_position(tl, r0 + 8)};
   // A warp skips the products (but still loads and syncs) where its rows see none of the step's
   // cache rows: past the tile, or the step past its last row (uniform over the warp: mma.sync).
-  const int warp_last = warp * 16 < rows ? position(rows - 1 < warp * 16 + 15 ? rows - 1 : warp * 16 + 15) : -1;
+  const int warp_last =
+      warp * 16 < tl.rows ? prefill_position(tl, tl.rows - 1 < warp * 16 + 15 ? tl.rows - 1 : warp * 16 + 15) : -1;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   float o[NT][4];
 #pragma unroll
@@ -471,120 +557,54 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const Att
   const float* ka = Ks + g * LQ + 4 * t4;    // K rows 8 j + g likewise
   const float* va = Vs + 2 * t4 * LV + g;    // V rows 8 j + 2t, + 1 at column 8 c + g
 
-  for (int k0 = 0; k0 < int(kv_end); k0 += kMmaKv) {
-    const bool more = k0 + kMmaKv < int(kv_end);
-    base = more ? row_base(k0 + kMmaKv) : -1;  // the next step's, looked up while this one computes
+  for (int k0 = 0; k0 < kv_end; k0 += kMmaKv) {
+    const bool more = k0 + kMmaKv < kv_end;
+    base = more ? prefill_row_base<HD>(a, tl, k0 + kMmaKv, lane) : -1;  // the next step's, looked up now
     cp_async_wait_all_but_last();  // this step's K (its V may still be in flight)
     __syncthreads();               // ... for every thread's part (and, the first time, Qs)
     const bool* ok = kok[(k0 / kMmaKv) & 1];
     const bool active = k0 <= warp_last;
     float s[ST][4];  // s[j]: keys k0 + 8 j + 2t, + 1 of rows g (s[j][0..1]) and g + 8 (s[j][2..3])
     if (active) {
+      // The big products and the small ones in separate accumulators: twice the chains of
+      // dependent mma a warp has in flight (4 key blocks alone left the tensor cores waiting).
+      float lo[ST][4];
 #pragma unroll
-      for (int j = 0; j < ST; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
-      if constexpr (kBf16) {
-#pragma unroll 4
-        for (int kk = 0; kk < HD; kk += 16) {
-          const float4 x0 = *reinterpret_cast<const float4*>(qa + kk);
-          const float4 x1 = *reinterpret_cast<const float4*>(qa + 8 * LQ + kk);
-          const uint32_t qf[4] = {bf16_pair(x0.x, x0.y), bf16_pair(x1.x, x1.y), bf16_pair(x0.z, x0.w),
-                                  bf16_pair(x1.z, x1.w)};
+      for (int j = 0; j < ST; ++j)
 #pragma unroll
-          for (int j = 0; j < ST; ++j) {
-            const float4 y = *reinterpret_cast<const float4*>(ka + 8 * j * LQ + kk);
-            mma_bf16(s[j], qf, bf16_pair(y.x, y.y), bf16_pair(y.z, y.w));
-          }
-        }
-      } else {
-        // The big products and the small ones in separate accumulators: twice the chains of
-        // dependent mma a warp has in flight (4 key blocks alone left the tensor cores waiting).
-        float lo[ST][4];
-#pragma unroll
-        for (int j = 0; j < ST; ++j) lo[j][0] = lo[j][1] = lo[j][2] = lo[j][3] = 0.0f;
+        for (int e = 0; e < 4; ++e) s[j][e] = lo[j][e] = 0.0f;
 #pragma unroll 2
-        for (int kk = 0; kk < HD; kk += 16) {
-          const float4 x0 = *reinterpret_cast<const float4*>(qa + kk);
-          const float4 x1 = *reinterpret_cast<const float4*>(qa + 8 * LQ + kk);
-          const Tf32Pair qf0[4] = {tf32_split(x0.x), tf32_split(x1.x), tf32_split(x0.y), tf32_split(x1.y)};
-          const Tf32Pair qf1[4] = {tf32_split(x0.z), tf32_split(x1.z), tf32_split(x0.w), tf32_split(x1.w)};
+      for (int kk = 0; kk < HD; kk += 16) {
+        const float4 x0 = *reinterpret_cast<const float4*>(qa + kk);
+        const float4 x1 = *reinterpret_cast<const float4*>(qa + 8 * LQ + kk);
+        const Tf32Pair qf0[4] = {tf32_split(x0.x), tf32_split(x1.x), tf32_split(x0.y), tf32_split(x1.y)};
+        const Tf32Pair qf1[4] = {tf32_split(x0.z), tf32_split(x1.z), tf32_split(x0.w), tf32_split(x1.w)};
 #pragma unroll
-          for (int j = 0; j < ST; ++j) {
-            const float4 y = *reinterpret_cast<const float4*>(ka + 8 * j * LQ + kk);
-            const Tf32Pair kf0[2] = {tf32_split(y.x), tf32_split(y.y)};
-            const Tf32Pair kf1[2] = {tf32_split(y.z), tf32_split(y.w)};
-            mma_3xtf32_split(s[j], lo[j], qf0, kf0);
-            mma_3xtf32_split(s[j], lo[j], qf1, kf1);
-          }
+        for (int j = 0; j < ST; ++j) {
+          const float4 y = *reinterpret_cast<const float4*>(ka + 8 * j * LQ + kk);
+          const Tf32Pair kf0[2] = {tf32_split(y.x), tf32_split(y.y)};
+          const Tf32Pair kf1[2] = {tf32_split(y.z), tf32_split(y.w)};
+          mma_3xtf32_split(s[j], lo[j], qf0, kf0);
+          mma_3xtf32_split(s[j], lo[j], qf1, kf1);
         }
-#pragma unroll
-        for (int j = 0; j < ST; ++j)
-#pragma unroll
-          for (int e = 0; e < 4; ++e) s[j][e] += lo[j][e];
       }
+#pragma unroll
+      for (int j = 0; j < ST; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[j][e] += lo[j][e];
     }
     __syncthreads();  // every warp is done with this step's K
     if (more) {
       if (warp == 0) kok[(k0 / kMmaKv + 1) & 1][lane] = base >= 0;
-      issue(base, Ks, LQ, a.k_cache);
-    } else {
-      cp_async_commit();  // an empty group keeps the count of groups in flight
+      prefill_issue<HD>(base, Ks, LQ, a.k_cache);
     }
+    cp_async_commit();  // (empty at the last step: keeps the count of groups in flight)
 
-    if (active) {
-      // Mask (causal, unreadable rows), then the online softmax of the two rows.
-      float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-      for (int j = 0; j < ST; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int kr = 8 * j + 2 * t4 + (e & 1);
-          const float v = (ok[kr] && k0 + kr <= pos[e / 2]) ? s[j][e] * a.scale : -INFINITY;
-          s[j][e] = v;
-          mx[e / 2] = fmaxf(mx[e / 2], v);
-        }
-      float corr[2], m_use[2], sum[2] = {0.0f, 0.0f};
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-        mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-        const float m_new = fmaxf(m[h], mx[h]);
-        m_use[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing seen yet
-        corr[h] = expf(m[h] - m_use[h]);
-        m[h] = m_new;
-      }
-#pragma unroll
-      for (int j = 0; j < ST; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          s[j][e] = expf(s[j][e] - m_use[e / 2]);
-          sum[e / 2] += s[j][e];
-        }
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
-        sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
-        l[h] = l[h] * corr[h] + sum[h];
-      }
-#pragma unroll
-      for (int j = 0; j < NT; ++j) o[j][0] *= corr[0], o[j][1] *= corr[0], o[j][2] *= corr[1], o[j][3] *= corr[1];
-    }
+    if (active) prefill_softmax(s, m, l, o, ok, pos, k0, a.scale, t4);
 
     cp_async_wait_all_but_last();  // this step's V (the next step's K may still be in flight)
     __syncthreads();
-    if (active && kBf16) {
-      // Two 8-key score blocks are one 16-key A operand as they lie (rows g, g + 8; keys 2t, 2t + 1
-      // of each); V's rows 2t, 2t + 1 (and + 8) at column 8 c + g pair up as B.
-#pragma unroll
-      for (int j = 0; j < ST; j += 2) {
-        const uint32_t pf[4] = {bf16_pair(s[j][0], s[j][1]), bf16_pair(s[j][2], s[j][3]),
-                                bf16_pair(s[j + 1][0], s[j + 1][1]), bf16_pair(s[j + 1][2], s[j + 1][3])};
-#pragma unroll
-        for (int c = 0; c < NT; ++c) {
-          const float* v = va + 8 * j * LV + 8 * c;
-          mma_bf16(o[c], pf, bf16_pair(v[0], v[LV]), bf16_pair(v[8 * LV], v[9 * LV]));
-        }
-      }
-    } else if (active) {
+    if (active) {
 #pragma unroll
       for (int j = 0; j < ST; ++j) {
         const Tf32Pair pf[4] = {tf32_split(s[j][0]), tf32_split(s[j][2]), tf32_split(s[j][1]), tf32_split(s[j][3])};
@@ -596,18 +616,136 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const Att
       }
     }
     __syncthreads();  // every warp is done with this step's V
-    if (more) issue(base, Vs, LV, a.v_cache);
-    else cp_async_commit();
+    if (more) prefill_issue<HD>(base, Vs, LV, a.v_cache);
+    cp_async_commit();
   }
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    if (r0 + 8 * h >= rows) continue;
-    float* orow = a.out + ((start + i0 + r0 + 8 * h) * a.Hq + hq) * HD + 2 * t4;
-    const float inv = l[h] > 0.0f ? 1.0f / l[h] : 0.0f;
-#pragma unroll
-    for (int c = 0; c < NT; ++c)
-      *reinterpret_cast<float2*>(orow + 8 * c) = make_float2(o[c][2 * h] * inv, o[c][2 * h + 1] * inv);
+  prefill_store<HD>(a, tl, r0, t4, o, l);
+}
+
+// bf16 products. The step's K and V arrive as fp32 by cp.async (the caches are fp32) while the
+// previous step computes, and are converted once into bf16 tiles that every warp reads with
+// ldmatrix (x4: four 8 x 8 matrices, a whole A fragment or two B fragments an instruction; .trans
+// for V, whose rows are the products' k). Q is converted once a tile.
+// Shared memory, in bytes: Kf, Vf [kMmaKv][HD] fp32; Qb [kMmaRows][HD + 8], Kb, Vb [kMmaKv][HD + 8]
+// bf16 (a row stride of 16 bytes mod 128 puts ldmatrix's 8 row reads of a matrix on 32 banks).
+__host__ __device__ constexpr int bf16_smem_bytes(int HD) {
+  return 2 * kMmaKv * HD * 4 + (kMmaRows + 2 * kMmaKv) * (HD + 8) * 2;
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  const unsigned a = unsigned(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  const unsigned a = unsigned(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
+// rows x HD floats (row stride lf) to bf16 (row stride lb), by the whole block.
+template <int HD>
+__device__ __forceinline__ void to_bf16_rows(const float* f, int lf, __nv_bfloat16* b, int lb, int rows) {
+  constexpr int C4 = HD / 4;
+  for (int i = int(threadIdx.x); i < rows * C4; i += kMmaThreads) {
+    const int r = i / C4, c = i % C4;
+    const float4 v = *reinterpret_cast<const float4*>(f + r * lf + 4 * c);
+    *reinterpret_cast<uint2*>(b + r * lb + 4 * c) = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
   }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const AttentionArgs a, int tiles_per_seq) {
+  wait_for_prior_kernels();
+  constexpr int LB = HD + 8, C4 = HD / 4, NT = HD / 8, ST = kMmaKv / 8;
+  extern __shared__ float4 smem_f4[];
+  float* Kf = reinterpret_cast<float*>(smem_f4);
+  float* Vf = Kf + kMmaKv * HD;
+  __nv_bfloat16* Qb = reinterpret_cast<__nv_bfloat16*>(Vf + kMmaKv * HD);
+  __nv_bfloat16* Kb = Qb + kMmaRows * LB;
+  __nv_bfloat16* Vb = Kb + kMmaKv * LB;
+  __shared__ bool kok[kMmaKv];  // the cache rows of the step are readable
+
+  const PrefillTile tl = prefill_tile(a, tiles_per_seq);
+  if (!tl.ok) return;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, t4 = lane % 4;
+  const int kv_end = int(tl.kv_end);
+  int64_t base = kv_end > 0 ? prefill_row_base<HD>(a, tl, 0, lane) : -1;  // of the step in flight
+  if (kv_end > 0) {
+    prefill_issue<HD>(base, Kf, HD, a.k_cache);
+    prefill_issue<HD>(base, Vf, HD, a.v_cache);
+  }
+  cp_async_commit();
+  for (int i = int(threadIdx.x); i < kMmaRows * C4; i += kMmaThreads) {
+    const int r = i / C4, c = i % C4;
+    const float4 v = r < tl.rows
+                         ? __ldg(reinterpret_cast<const float4*>(a.q + ((tl.start + tl.i0 + r) * a.Hq + tl.hq) * HD) + c)
+                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    *reinterpret_cast<uint2*>(Qb + r * LB + 4 * c) = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
+  }
+  const int r0 = warp * 16 + lane / 4;  // this lane's rows: r0 and r0 + 8 of the tile
+  const int pos[2] = {prefill_position(tl, r0), prefill_position(tl, r0 + 8)};
+  const int warp_last =
+      warp * 16 < tl.rows ? prefill_position(tl, tl.rows - 1 < warp * 16 + 15 ? tl.rows - 1 : warp * 16 + 15) : -1;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[NT][4];
+#pragma unroll
+  for (int j = 0; j < NT; ++j) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+  // ldmatrix row addresses of this lane (lane / 8 picks the matrix of the four): Q, rows 0-15 of
+  // the warp at k + 0 / + 8 (a0 .. a3); K, keys 0-7 at k + 0 / + 8, then keys 8-15 (b0, b1 of two
+  // key blocks); V, keys 0-7 / 8-15 at columns + 0, then at + 8 (b0, b1 of two column blocks).
+  const __nv_bfloat16* qa = Qb + (warp * 16 + lane % 16) * LB + 8 * (lane / 16);
+  const __nv_bfloat16* ka = Kb + (8 * (lane / 16) + lane % 8) * LB + 8 * ((lane / 8) % 2);
+  const __nv_bfloat16* va = Vb + (8 * ((lane / 8) % 2) + lane % 8) * LB + 8 * (lane / 16);
+
+  for (int k0 = 0; k0 < kv_end; k0 += kMmaKv) {
+    const bool more = k0 + kMmaKv < kv_end;
+    const bool readable = base >= 0;
+    base = more ? prefill_row_base<HD>(a, tl, k0 + kMmaKv, lane) : -1;  // the next step's, looked up now
+    cp_async_wait_all();
+    __syncthreads();  // the step's K, V are the block's; every warp is done with the last step's tiles
+    to_bf16_rows<HD>(Kf, HD, Kb, LB, kMmaKv);
+    to_bf16_rows<HD>(Vf, HD, Vb, LB, kMmaKv);
+    if (warp == 0) kok[lane] = readable;
+    __syncthreads();
+    if (more) {
+      prefill_issue<HD>(base, Kf, HD, a.k_cache);
+      prefill_issue<HD>(base, Vf, HD, a.v_cache);
+    }
+    cp_async_commit();
+    if (k0 > warp_last) continue;  // none of the warp's rows sees the step (uniform: mma.sync)
+
+    float s[ST][4];  // s[j]: keys k0 + 8 j + 2t, + 1 of rows g (s[j][0..1]) and g + 8 (s[j][2..3])
+#pragma unroll
+    for (int j = 0; j < ST; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.0f;
+#pragma unroll 4
+    for (int kk = 0; kk < HD; kk += 16) {
+      uint32_t qf[4];
+      ldmatrix_x4(qf, qa + kk);
+#pragma unroll
+      for (int j = 0; j < ST; j += 2) {
+        uint32_t kf[4];
+        ldmatrix_x4(kf, ka + 8 * j * LB + kk);
+        mma_bf16(s[j], qf, kf[0], kf[1]);
+        mma_bf16(s[j + 1], qf, kf[2], kf[3]);
+      }
+    }
+    prefill_softmax(s, m, l, o, kok, pos, k0, a.scale, t4);
+    // Two 8-key score blocks are one 16-key A operand as they lie (rows g, g + 8; keys 2t, 2t + 1).
+#pragma unroll
+    for (int j = 0; j < ST; j += 2) {
+      const uint32_t pf[4] = {bf16_pair(s[j][0], s[j][1]), bf16_pair(s[j][2], s[j][3]),
+                              bf16_pair(s[j + 1][0], s[j + 1][1]), bf16_pair(s[j + 1][2], s[j + 1][3])};
+#pragma unroll
+      for (int c = 0; c < NT; c += 2) {
+        uint32_t vf[4];
+        ldmatrix_x4_trans(vf, va + 8 * j * LB + 8 * c);
+        mma_bf16(o[c], pf, vf[0], vf[1]);
+        mma_bf16(o[c + 1], pf, vf[2], vf[3]);
+      }
+    }
+  }
+  prefill_store<HD>(a, tl, r0, t4, o, l);
 }
 
 // Merges the splits of block (row, head): out = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s. Rows
@@ -727,7 +865,7 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
     check(tiles_per_seq * B <= std::numeric_limits<int32_t>::max(), "attention: {} sequences of up to {} rows", B,
           layout.max_query_len);
     const dim3 tgrid{unsigned(tiles_per_seq * B), unsigned(Hq)};
-    const size_t smem = size_t(mma_smem_floats(int(hd))) * sizeof(float);
+    const size_t smem = bf16_matmul_ ? size_t(bf16_smem_bytes(int(hd))) : size_t(mma_smem_floats(int(hd))) * sizeof(float);
     const int tps = int(tiles_per_seq);
     const auto run = [&](auto kernel) {
       const int pi = bf16_matmul_ ? 1 : 0;
@@ -740,13 +878,13 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
       launch(kernel, tgrid, kMmaThreads, smem, stream_, a, tps);
     };
     if (bf16_matmul_) {
-      if (mi == 0) run(attention_mma_kernel<64, true>);
-      else if (mi == 1) run(attention_mma_kernel<128, true>);
-      else run(attention_mma_kernel<256, true>);
+      if (mi == 0) run(attention_bf16_kernel<64>);
+      else if (mi == 1) run(attention_bf16_kernel<128>);
+      else run(attention_bf16_kernel<256>);
     } else {
-      if (mi == 0) run(attention_mma_kernel<64, false>);
-      else if (mi == 1) run(attention_mma_kernel<128, false>);
-      else run(attention_mma_kernel<256, false>);
+      if (mi == 0) run(attention_mma_kernel<64>);
+      else if (mi == 1) run(attention_mma_kernel<128>);
+      else run(attention_mma_kernel<256>);
     }
     check_launch("attention: tensor-core tiles");
   } else if (tiled) {

@@ -25,7 +25,8 @@
 //   W, U, Q' = e^gc Q - P W, O_local = P U, K' = e^{gc_last - gc} K); the state kernel then takes
 //   the chunks of each sequence in order (block: sequence, value head, column slice) and only
 //   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V'. The products
-//   run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy), the substitution and
+//   run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy), or in TF32 (operands
+//   rounded to 10 bits, one product for three) under bf16 matrix products; the substitution and
 //   the exponentials (of double differences, as the CPU) on the SIMT cores.
 #include <algorithm>
 #include <cmath>
@@ -421,6 +422,7 @@ struct SolveSmem {
 // A (the strictly lower triangle of X); writes K' and e^gc Q; solves (I + A) Z = [diag(beta e^gc) K
 // | diag(beta) V] for Z = [W | U], a column of Z per thread in shared memory (right-looking, 4 rows
 // of A, one float4 of X, a step); then P Z by columns: Q' = e^gc Q - P W and O = P U.
+template <bool kSplit>
 __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(const RuleArgs a, ChunkScratch cs,
                                                                             int chunks_per_seq) {
   wait_for_prior_kernels();
@@ -460,15 +462,15 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
       const float* ka = Ks + (i0 + g) * lq + t4;
       const float* kb = Ks + (jc + g) * lq + t4;
       for (int p = 0; p < dkp; p += 8) {
-        const Tf32Pair qf[4] = {tf32_split(qa[p]), tf32_split(qa[8 * lq + p]), tf32_split(qa[p + 4]),
-                                tf32_split(qa[8 * lq + p + 4])};
-        const Tf32Pair kf[4] = {tf32_split(ka[p]), tf32_split(ka[8 * lq + p]), tf32_split(ka[p + 4]),
-                                tf32_split(ka[8 * lq + p + 4])};
+        const Tf32Pair qf[4] = {tf32_operand<kSplit>(qa[p]), tf32_operand<kSplit>(qa[8 * lq + p]), tf32_operand<kSplit>(qa[p + 4]),
+                                tf32_operand<kSplit>(qa[8 * lq + p + 4])};
+        const Tf32Pair kf[4] = {tf32_operand<kSplit>(ka[p]), tf32_operand<kSplit>(ka[8 * lq + p]), tf32_operand<kSplit>(ka[p + 4]),
+                                tf32_operand<kSplit>(ka[8 * lq + p + 4])};
 #pragma unroll
         for (int nj = 0; nj < 4; ++nj) {
-          const Tf32Pair bf[2] = {tf32_split(kb[8 * nj * lq + p]), tf32_split(kb[8 * nj * lq + p + 4])};
-          mma_3xtf32(qk[nj], qf, bf);
-          mma_3xtf32(kk[nj], kf, bf);
+          const Tf32Pair bf[2] = {tf32_operand<kSplit>(kb[8 * nj * lq + p]), tf32_operand<kSplit>(kb[8 * nj * lq + p + 4])};
+          mma_tf32x<kSplit>(qk[nj], qf, bf);
+          mma_tf32x<kSplit>(kk[nj], kf, bf);
         }
       }
     }
@@ -549,13 +551,13 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
       float acc[8][4] = {};
       for (int m0 = 0; m0 < m_end; m0 += 8) {
         const float* pa = PT + (m0 + t4) * kLX + i0 + g;
-        const Tf32Pair pf[4] = {tf32_split(pa[0]), tf32_split(pa[8]), tf32_split(pa[4 * kLX]),
-                                tf32_split(pa[4 * kLX + 8])};
+        const Tf32Pair pf[4] = {tf32_operand<kSplit>(pa[0]), tf32_operand<kSplit>(pa[8]), tf32_operand<kSplit>(pa[4 * kLX]),
+                                tf32_operand<kSplit>(pa[4 * kLX + 8])};
         const float* zb = Z + (m0 + t4) * zl + c0 + g;
 #pragma unroll
         for (int nj = 0; nj < 8; ++nj) {
-          const Tf32Pair bf[2] = {tf32_split(zb[8 * nj]), tf32_split(zb[4 * zl + 8 * nj])};
-          mma_3xtf32(acc[nj], pf, bf);
+          const Tf32Pair bf[2] = {tf32_operand<kSplit>(zb[8 * nj]), tf32_operand<kSplit>(zb[4 * zl + 8 * nj])};
+          mma_tf32x<kSplit>(acc[nj], pf, bf);
         }
       }
 #pragma unroll
@@ -610,6 +612,7 @@ struct ChunkSmem {
 // slice); 8 warps; the state slice in shared memory. The next chunk's Q', W, U, O load (cp.async)
 // while this chunk's state update runs, its K' while its outputs are formed: groups A (Q', W, U,
 // O) and B (K') in flight, at most one of each.
+template <bool kSplit>
 __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(const RuleArgs a, ChunkScratch cs) {
   wait_for_prior_kernels();
   extern __shared__ float4 smem_f4[];
@@ -685,13 +688,13 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
       const float* A = (warp < 4 ? Qp : Ws) + (16 * (warp & 3) + g) * lq + t4;  // rows g, g + 8 at k t, t + 4
       float hi[kSlice / 8][4] = {}, lo[kSlice / 8][4] = {};
       for (int kk = 0; kk < dkp; kk += 8) {
-        const Tf32Pair af[4] = {tf32_split(A[kk]), tf32_split(A[8 * lq + kk]), tf32_split(A[kk + 4]),
-                                tf32_split(A[8 * lq + kk + 4])};
+        const Tf32Pair af[4] = {tf32_operand<kSplit>(A[kk]), tf32_operand<kSplit>(A[8 * lq + kk]), tf32_operand<kSplit>(A[kk + 4]),
+                                tf32_operand<kSplit>(A[8 * lq + kk + 4])};
         const float* B = S + (kk + t4) * kSL + g;
 #pragma unroll
         for (int nj = 0; nj < kSlice / 8; ++nj) {
-          const Tf32Pair bf[2] = {tf32_split(B[8 * nj]), tf32_split(B[4 * kSL + 8 * nj])};
-          mma_3xtf32_split(hi[nj], lo[nj], af, bf);
+          const Tf32Pair bf[2] = {tf32_operand<kSplit>(B[8 * nj]), tf32_operand<kSplit>(B[4 * kSL + 8 * nj])};
+          mma_tf32x_split<kSplit>(hi[nj], lo[nj], af, bf);
         }
       }
 #pragma unroll
@@ -717,13 +720,13 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
       float hi[kSlice / 8][4] = {}, lo[kSlice / 8][4] = {};
       for (int mm = 0; mm < n; mm += 8) {
         const float* am = A + mm * lq;
-        const Tf32Pair af[4] = {tf32_split(am[0]), tf32_split(am[8]), tf32_split(am[4 * lq]),
-                                tf32_split(am[4 * lq + 8])};
+        const Tf32Pair af[4] = {tf32_operand<kSplit>(am[0]), tf32_operand<kSplit>(am[8]), tf32_operand<kSplit>(am[4 * lq]),
+                                tf32_operand<kSplit>(am[4 * lq + 8])};
         const float* B = U + (mm + t4) * kSL + g;
 #pragma unroll
         for (int nj = 0; nj < kSlice / 8; ++nj) {
-          const Tf32Pair bf[2] = {tf32_split(B[8 * nj]), tf32_split(B[4 * kSL + 8 * nj])};
-          mma_3xtf32_split(hi[nj], lo[nj], af, bf);
+          const Tf32Pair bf[2] = {tf32_operand<kSplit>(B[8 * nj]), tf32_operand<kSplit>(B[4 * kSL + 8 * nj])};
+          mma_tf32x_split<kSplit>(hi[nj], lo[nj], af, bf);
         }
       }
 #pragma unroll
@@ -745,7 +748,8 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
 }
 
 struct DeltaNetState {
-  size_t solve_smem = 0, chunked_smem = 0;  // dynamic shared memory the chunked kernels are set up for
+  // dynamic shared memory the chunked kernels (TF32, 3xTF32) are set up for
+  size_t solve_smem[2] = {}, chunked_smem[2] = {};
 };
 
 // The sequences of a pass (their shapes checked by the contract's checks, their contents on the
@@ -862,22 +866,27 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
       st = s.get();
       deltanet_state_ = std::move(s);
     }
-    if (solve_smem > st->solve_smem) {
-      check_cuda(cudaFuncSetAttribute(delta_rule_solve_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      int(solve_smem)),
-                 "gated_delta_rule: shared memory of the solve kernel");
-      st->solve_smem = solve_smem;
-    }
-    if (smem > st->chunked_smem) {
-      check_cuda(cudaFuncSetAttribute(delta_rule_chunked_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                      int(smem)),
-                 "gated_delta_rule: shared memory of the chunked kernel");
-      st->chunked_smem = smem;
-    }
-    launch(delta_rule_solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem,
-           stream_, a, cs, int(chunks_per_seq));
-    check_launch("gated_delta_rule: chunk solve");
-    launch(delta_rule_chunked_kernel, grid, kChunkThreads, smem, stream_, a, cs);
+    // Products in 3xTF32 (fp32 accuracy) unless bf16 products are asked for: then in TF32.
+    const auto run = [&](auto solve_kernel, auto chunked_kernel, int pi) {
+      if (solve_smem > st->solve_smem[pi]) {
+        check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(solve_kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(solve_smem)),
+                   "gated_delta_rule: shared memory of the solve kernel");
+        st->solve_smem[pi] = solve_smem;
+      }
+      if (smem > st->chunked_smem[pi]) {
+        check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(chunked_kernel),
+                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                   "gated_delta_rule: shared memory of the chunked kernel");
+        st->chunked_smem[pi] = smem;
+      }
+      launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, a,
+             cs, int(chunks_per_seq));
+      check_launch("gated_delta_rule: chunk solve");
+      launch(chunked_kernel, grid, kChunkThreads, smem, stream_, a, cs);
+    };
+    if (bf16_matmul_) run(delta_rule_solve_kernel<false>, delta_rule_chunked_kernel<false>, 0);
+    else run(delta_rule_solve_kernel<true>, delta_rule_chunked_kernel<true>, 1);
     check_launch("gated_delta_rule: chunked");
   }
 }

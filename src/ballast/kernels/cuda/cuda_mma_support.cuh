@@ -54,6 +54,31 @@ __device__ __forceinline__ void mma_3xtf32_split(float (&hi)[4], float (&lo)[4],
   mma_tf32(hi, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
 }
 
+// The same operands and products where TF32 precision is asked for (kSplit false, under bf16 matrix
+// products): x rounded to the nearest TF32 (within 2^-11 of x, finer than bf16's 2^-8) and one
+// product instead of three; kSplit: 3xTF32 as above.
+template <bool kSplit>
+__device__ __forceinline__ Tf32Pair tf32_operand(float x) {
+  if constexpr (kSplit) {
+    return tf32_split(x);
+  } else {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return {r, 0u};
+  }
+}
+template <bool kSplit>
+__device__ __forceinline__ void mma_tf32x(float (&d)[4], const Tf32Pair (&a)[4], const Tf32Pair (&b)[2]) {
+  if constexpr (kSplit) mma_3xtf32(d, a, b);
+  else mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
+}
+template <bool kSplit>
+__device__ __forceinline__ void mma_tf32x_split(float (&hi)[4], float (&lo)[4], const Tf32Pair (&a)[4],
+                                                const Tf32Pair (&b)[2]) {
+  if constexpr (kSplit) mma_3xtf32_split(hi, lo, a, b);
+  else mma_tf32(hi, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
+}
+
 // Two floats as the bf16 pair of an mma operand register: lo (the smaller k) in the low half.
 __device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
