@@ -4,12 +4,14 @@
 # summary.json under $OUT. Each step runs even when an earlier one fails; the summary says which.
 # The device tool takes 64 MiB in all: the tracked tree is ~48 MB (the default model 36 MB) and the
 # pack ~15 MB, so .carry/fla (~6 MB) fits only without other growth.
-#   STEPS="conformance runtime demo sanitizer bench scale fp8 pdl ep kernels mtp deltanet" bash scripts/gpu_check.sh
+#   STEPS="conformance runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
 # of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
 # the demo model; pdl: the 80B shape's decode with and without overlapped launches
-# (BALLAST_CUDA_PDL=0), alternated twice; ep: the 80B shape with in-process expert parallelism
+# (BALLAST_CUDA_PDL=0), alternated twice; prefill-kernels: Nsight Compute's sections for the top
+# kernels (NCU_KERNELS, a regex) of the first pass, an 8k prompt of the 80B shape in FP8 (4 layers:
+# 3 x 2 delta rule kernels, 4 x 2 expert tile kernels, 1 attention = 15 launches); ep: the 80B shape with in-process expert parallelism
 # G = 1 and 4 on the one GPU; deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -55,6 +57,11 @@ for s in $STEPS; do
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} --dtype ${KERNELS_DTYPE:-bf16} \
                --batch ${KERNELS_BATCH:-1} --prompt-len 1024 --decode-steps 8 --repeats 1 --profiler-window \
                > $OUT/kernels-decode.csv && python3 scripts/ncu_summary.py $OUT/kernels-decode.csv" ;;
+    prefill-kernels) step prefill-kernels bash -c "ncu --kernel-name 'regex:${NCU_KERNELS:-experts_fp8|attention_bf16|delta_rule_(solve|chunked)}' \
+               --launch-count ${NCU_COUNT:-15} --clock-control none --section SpeedOfLight --section Occupancy \
+               --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
+               $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --dtype fp8 --layers 4 --batch 1 \
+               --prompt-len 8192 --decode-steps 1 --prefill 8192 --repeats 1 > $OUT/prefill-kernels.txt" ;;
     pdl) step pdl bash -c "for r in 1 2; do for v in 0 1; do echo \"--- BALLAST_CUDA_PDL=\$v (round \$r)\"; BALLAST_CUDA_PDL=\$v \
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} --batch 1,8,32 \
                --prompt-len 1024 --decode-steps 32 --prefill 8192 --repeats 1 --json-file $OUT/pdl-\$v-\$r.json; done; done" ;;
