@@ -2,8 +2,8 @@
 # On the GPU machine (device tool, repository root, .carry/gpu.tar.xz carried): unpacks what
 # scripts/gpu_pack.sh built, then runs the CUDA checks and figures, writing logs and
 # summary.json under $OUT. Each step runs even when an earlier one fails; the summary says which.
-# The device tool takes 64 MiB in all: the tracked tree is ~48 MB (the default model 36 MB) and the
-# pack ~15 MB, so .carry/fla (~6 MB) fits only without other growth.
+# The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
+# pack ~11 MB (xz -9e), so .carry/fla (~6 MB) fits beside it, with little to spare.
 #   STEPS="conformance runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
