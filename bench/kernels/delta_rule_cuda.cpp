@@ -3,8 +3,9 @@
 // the same inputs: reads DIR/meta.json (sequence lengths, Hk, Hv, dk, dv) and DIR/{qkv,g,beta}.f32
 // (the op's layouts: qkv [T, 2*Hk*dk + Hv*dv] after the conv, g and beta [T, Hv]), runs the op
 // from zero states `runs` times, writes DIR/out.f32 [T, Hv, dv] and DIR/ballast.json (device
-// time per run of the op alone: median and best).
-//   bench_delta_rule_cuda DIR [runs]
+// time per run of the op alone: median and best). precision: fp32 (3xTF32 products) or bf16 (the
+// backend with bf16 matrix products, the default outside the reference tests: TF32 products).
+//   bench_delta_rule_cuda DIR [runs] [fp32|bf16]
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -34,9 +35,11 @@ std::vector<float> read_floats(const std::string& path, size_t n) {
 }  // namespace
 
 int main(int argc, char** argv) try {
-  check(argc >= 2, "usage: bench_delta_rule_cuda DIR [runs]");
+  check(argc >= 2, "usage: bench_delta_rule_cuda DIR [runs] [fp32|bf16]");
   const std::string dir = argv[1];
   const int runs = argc > 2 ? std::atoi(argv[2]) : 20;
+  const std::string precision = argc > 3 ? argv[3] : "fp32";
+  check(precision == "fp32" || precision == "bf16", "precision {}: fp32 or bf16", precision);
   nlohmann::json meta;
   std::ifstream(dir + "/meta.json") >> meta;
   const std::vector<int> lens = meta["seqs"].get<std::vector<int>>();
@@ -46,7 +49,7 @@ int main(int argc, char** argv) try {
   const int64_t T = cu.back(), B = int64_t(lens.size());
   const int64_t C = 2 * int64_t(d.Hk) * d.dk + int64_t(d.Hv) * d.dv;
 
-  CudaBackend be(0, CudaOptions{.bf16_matmul = false});
+  CudaBackend be(0, CudaOptions{.bf16_matmul = precision == "bf16"});
   auto upload = [&](const std::vector<float>& v, std::vector<int64_t> shape) {
     Tensor t = be.alloc(std::move(shape), DType::F32);
     be.upload(v.data(), t);

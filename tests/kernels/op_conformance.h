@@ -501,6 +501,39 @@ TEST_P(OpConformance, MatmulManyEqualsEachMatmul) {
   test::expect_error([&] { ops().matmul_many(x, w1, wrong); }, {"matmul"});
 }
 
+// swiglu_down is silu_mul, matmul and scale_rows_sigmoid in one op: bit for bit what the three
+// write (CUDA fuses the elementwise parts into its few-row products: the same floats, sums in the
+// same order), for few and many rows, every weight dtype, K vector-friendly or not, with and
+// without the row gate.
+TEST_P(OpConformance, SwigluDownEqualsSiluMulMatmulAndRowGate) {
+  const int64_t N = 130;
+  for (int64_t K : {64, 70})
+    for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3_B128})
+      for (int64_t T : {1, 2, 5, 8, 12})
+        for (bool gated : {false, true}) {
+          SCOPED_TRACE(std::string(dtype_name(dt)) + " K=" + std::to_string(K) + " T=" + std::to_string(T) +
+                       (gated ? " gated" : ""));
+          const std::vector<float> wv = randn(size_t(N * K), 40, 0.2f);
+          const Tensor w = dt == DType::F8_E4M3_B128 ? be().to_device(block_scaled_host(wv, N, K).tensor)
+                                                     : weight(wv, {N, K}, dt);
+          const std::vector<float> gv = randn(size_t(T * K), 41), uv = randn(size_t(T * K), 42);
+          const Tensor up = f32(uv, {T, K});
+          const Tensor row_gate = gated ? f32(randn(size_t(T), 43), {T, 1}) : Tensor();
+          Tensor g1 = f32(gv, {T, K}), g2 = f32(gv, {T, K});
+          Tensor want = be().alloc({T, N}, DType::F32), got = be().alloc({T, N}, DType::F32);
+          ops().silu_mul(g1, up, g1);
+          ops().matmul(g1, w, want);
+          if (gated) ops().scale_rows_sigmoid(want, row_gate);
+          ops().swiglu_down(g2, up, w, row_gate, got);
+          EXPECT_EQ(floats(got), floats(want));
+        }
+  const Tensor w = weight(randn(32, 50), {4, 8}, DType::F32);
+  Tensor g = be().alloc({2, 8}, DType::F32), u = be().alloc({2, 7}, DType::F32), out = be().alloc({2, 4}, DType::F32);
+  test::expect_error([&] { ops().swiglu_down(g, u, w, Tensor(), out); }, {"swiglu_down", "gate", "up"});
+  Tensor u2 = be().alloc({2, 8}, DType::F32), rg = be().alloc({3, 1}, DType::F32);
+  test::expect_error([&] { ops().swiglu_down(g, u2, w, rg, out); }, {"swiglu_down", "row_gate"});
+}
+
 // Qwen's fine-grained FP8 (F8_E4M3_B128): each weight element is its e4m3 value times its 128 x
 // 128 block's scale, summed in fp32; the activations stay F32. N and K are no multiples of 128, so
 // the blocks at the bottom and right edges are partial, and the rows cross several blocks of 64.

@@ -162,6 +162,15 @@ RowShape check_scale_rows_sigmoid(const Tensor& y, const Tensor& s) {
   return {T, D};
 }
 
+MatmulShape check_swiglu_down(const Tensor& gate, const Tensor& up, const Tensor& w, const Tensor& row_gate,
+                              const Tensor& out) {
+  check(gate.shape() == up.shape(), "swiglu_down: gate{} and up{} differ", gate, up);
+  check_silu_mul(gate, up, gate);
+  const MatmulShape s = check_matmul(gate, w, out);
+  if (row_gate.defined()) expect("swiglu_down", "row_gate", row_gate, DType::F32, s.T);
+  return s;
+}
+
 RowCopyShape check_gather_rows(const Tensor& x, const Tensor& rows, int row_div, const Tensor& out) {
   expect("gather_rows", "rows", rows, DType::I32);
   check(row_div >= 1, "gather_rows: row_div {} < 1", row_div);

@@ -55,6 +55,9 @@ ConcatShape check_concat_cols(const Tensor& a, const Tensor& b, const Tensor& ou
 void check_silu_mul(const Tensor& gate, const Tensor& up, const Tensor& out);
 void check_mul_sigmoid(const Tensor& x, const Tensor& gate);
 RowShape check_scale_rows_sigmoid(const Tensor& y, const Tensor& s);
+// gate and up [T, I] alike, w [N, I], out [T, N], row_gate (if defined) [T, 1]: the product's shape.
+MatmulShape check_swiglu_down(const Tensor& gate, const Tensor& up, const Tensor& w, const Tensor& row_gate,
+                              const Tensor& out);
 // N rows listed, M rows in the tensor they index (gather: x, scatter: out), row_bytes per row.
 struct RowCopyShape {
   int64_t N, M;

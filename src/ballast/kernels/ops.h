@@ -113,6 +113,11 @@ class Ops {
   virtual void mul_sigmoid(Tensor& x, const Tensor& gate) = 0;
   // y[t, :] *= sigmoid(s[t]); s [T, 1].
   virtual void scale_rows_sigmoid(Tensor& y, const Tensor& s) = 0;
+  // out = (silu(gate) * up) @ w^T, then, where row_gate [T, 1] is defined, out[t, :] *=
+  // sigmoid(row_gate[t]): a SwiGLU MLP's down projection (the shared expert's gated one) as one op,
+  // so that a backend can take the elementwise parts into the product's loads and stores. gate
+  // [T, I] is scratch: it may hold silu(gate) * up afterwards.
+  virtual void swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const Tensor& row_gate, Tensor& out) = 0;
   // out[i, :] = x[rows[i] / row_div, :] for rows [N] (any dtype; a row is x's first dimension).
   virtual void gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) = 0;
   // out[rows[i], :] = x[i, :] for rows [N] (any dtype); rows must not repeat.

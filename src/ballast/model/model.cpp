@@ -127,9 +127,7 @@ void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runne
     const Tensor proj[] = {w.router, w.shared->gate, w.shared->up, w.shared_gate};
     Tensor outs[] = {logits, g, u, s};
     ops_.matmul_many(h, proj, outs);
-    ops_.silu_mul(g, u, g);
-    ops_.matmul(g, w.shared->down, out);
-    ops_.scale_rows_sigmoid(out, s);
+    ops_.swiglu_down(g, u, w.shared->down, s, out);
   } else {
     ops_.matmul(h, w.router, logits);
     ops_.zero(out);
@@ -144,8 +142,7 @@ void Model::swiglu(const kernels::SwigluWeights& w, const Tensor& h, Workspace& 
   Tensor g = ws.take({T, I}), u = ws.take({T, I});
   ops_.matmul(h, w.gate, g);
   ops_.matmul(h, w.up, u);
-  ops_.silu_mul(g, u, g);
-  ops_.matmul(g, w.down, out);
+  ops_.swiglu_down(g, u, w.down, Tensor(), out);
 }
 
 }  // namespace ballast::model

@@ -161,6 +161,13 @@ void CpuOps::scale_rows_sigmoid(Tensor& y, const Tensor& s) {
   }
 }
 
+void CpuOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const Tensor& row_gate, Tensor& out) {
+  check_swiglu_down(gate, up, w, row_gate, out);
+  silu_mul(gate, up, gate);
+  matmul(gate, w, out);
+  if (row_gate.defined()) scale_rows_sigmoid(out, row_gate);
+}
+
 void CpuOps::gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) {
   auto timed = time_op("gather_rows");
   const auto [N, M, row] = check_gather_rows(x, rows, row_div, out);

@@ -44,6 +44,7 @@ class CpuOps final : public Ops {
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override;
   void mul_sigmoid(Tensor& x, const Tensor& gate) override;
   void scale_rows_sigmoid(Tensor& y, const Tensor& s) override;
+  void swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const Tensor& row_gate, Tensor& out) override;
   void gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) override;
   void scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) override;
 

@@ -41,6 +41,8 @@ using cuda::check_cuda;
 using cuda::check_launch;
 using cuda::expect_device;
 using cuda::launch;
+using cuda::sigmoidf_;
+using cuda::silu_;
 using cuda::wait_for_prior_kernels;
 using namespace cuda::rows;
 
@@ -86,13 +88,36 @@ struct FewRowsTargets {
   int count;
 };
 
+// x's E values at x + at: as stored, or (SWIGLU: x is the gate, u the up values at the same
+// offsets) silu(x) * u, the same floats silu_mul writes.
+template <bool SWIGLU, int E>
+__device__ __forceinline__ void load_x(const float* __restrict__ x, const float* __restrict__ u, int64_t at,
+                                       float (&xv)[E]) {
+  if constexpr (E % 4 == 0) {
+#pragma unroll
+    for (int q = 0; q < E / 4; ++q) {
+      float4 v = __ldg(reinterpret_cast<const float4*>(x + at) + q);
+      if constexpr (SWIGLU) {
+        const float4 b = __ldg(reinterpret_cast<const float4*>(u + at) + q);
+        v = make_float4(silu_(v.x) * b.x, silu_(v.y) * b.y, silu_(v.z) * b.z, silu_(v.w) * b.w);
+      }
+      xv[4 * q] = v.x, xv[4 * q + 1] = v.y, xv[4 * q + 2] = v.z, xv[4 * q + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < E; ++e) xv[e] = SWIGLU ? silu_(__ldg(x + at + e)) * __ldg(u + at + e) : __ldg(x + at + e);
+  }
+}
+
 // One warp's rows n0 .. n0 + R of y = x @ w^T. TM: the number of x rows (EXACT) or an upper bound
 // on `nt` (the element-wise fallback). SCALED: block-scaled FP8 (W = f8e4m3): a lane's E elements
-// lie in one 128-block of k (E divides 128), so each load is multiplied by one scale.
-template <typename W, int TM, int R, bool VEC, bool EXACT, bool SCALED>
-__device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64_t ldx, int nt, int64_t K,
-                                              const W* __restrict__ w, const float* __restrict__ s, int64_t N,
-                                              float* __restrict__ y, int64_t ldy, int64_t n0, int lane) {
+// lie in one 128-block of k (E divides 128), so each load is multiplied by one scale. SWIGLU: x
+// is silu(x) * up (load_x); row_gate (if not null): y[t, :] times sigmoid(row_gate[t]).
+template <typename W, int TM, int R, bool VEC, bool EXACT, bool SCALED, bool SWIGLU>
+__device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, const float* __restrict__ up, int64_t ldx,
+                                              int nt, int64_t K, const W* __restrict__ w, const float* __restrict__ s,
+                                              int64_t N, float* __restrict__ y, int64_t ldy,
+                                              const float* __restrict__ row_gate, int64_t n0, int lane) {
   constexpr int E = few_elems<W, VEC>();
   constexpr int WORDS = VEC ? E * int(sizeof(W)) / 4 : 0;
   constexpr int U = 4 / R;  // steps whose weight loads are issued together: 4 loads in flight per lane
@@ -140,13 +165,8 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
 #pragma unroll
         for (int t = 0; t < TM; ++t) {
           if (t >= nt) break;
-          const float* xr = x + t * ldx + k;
           float xv[E];
-#pragma unroll
-          for (int q = 0; q < E / 4; ++q) {
-            const float4 v = __ldg(reinterpret_cast<const float4*>(xr) + q);
-            xv[4 * q] = v.x, xv[4 * q + 1] = v.y, xv[4 * q + 2] = v.z, xv[4 * q + 3] = v.w;
-          }
+          load_x<SWIGLU>(x, up, t * ldx + k, xv);
 #pragma unroll
           for (int r = 0; r < R; ++r) {
             float wv[E];
@@ -193,17 +213,8 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
 #pragma unroll
         for (int t = 0; t < TM; ++t) {
           if (t >= nt) break;
-          const float* xr = x + t * ldx + k;
           float xv[E];
-          if constexpr (VEC) {
-#pragma unroll
-            for (int q = 0; q < E / 4; ++q) {
-              const float4 v = __ldg(reinterpret_cast<const float4*>(xr) + q);
-              xv[4 * q] = v.x, xv[4 * q + 1] = v.y, xv[4 * q + 2] = v.z, xv[4 * q + 3] = v.w;
-            }
-          } else {
-            xv[0] = __ldg(xr);
-          }
+          load_x<SWIGLU>(x, up, t * ldx + k, xv);
 #pragma unroll
           for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -221,6 +232,7 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
       float v = acc[r][t];
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+      if (row_gate) v *= sigmoidf_(__ldg(row_gate + t));
       if (lane == ((r * TM + t) & 31) && n0 + r < N) y[t * ldy + n0 + r] = v;
     }
 }
@@ -228,9 +240,11 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, int64
 // The warps of up to kFewTargetsMax products, numbered one after the other. Targets of two weight
 // types may share a launch (WA, SA and WB, SB; `alt` picks the second): a block-scaled FP8 model
 // keeps a few projections in bf16 (routers, DeltaNet a/b) beside FP8 ones of the same input.
-template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT>
+// SWIGLU (one target): x is the gate, u the up values (swiglu_down; row_gate as few_rows_warp's).
+template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT, bool SWIGLU>
 __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
-    few_rows_kernel(const float* __restrict__ x, int64_t ldx, int nt_arg, int64_t K, FewRowsTargets tg) {
+    few_rows_kernel(const float* __restrict__ x, const float* __restrict__ u, int64_t ldx, int nt_arg, int64_t K,
+                    FewRowsTargets tg, const float* __restrict__ row_gate) {
   wait_for_prior_kernels();
   constexpr int R = few_rows_per_warp<TM, WA>();
   const int lane = int(threadIdx.x) & 31;
@@ -251,20 +265,24 @@ __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
   if (n0 >= N) return;  // the whole warp leaves together: the shuffles below see full warps
   const int nt = EXACT ? TM : nt_arg;
   if ((std::is_same_v<WA, WB> && SA == SB) || !alt)
-    few_rows_warp<WA, TM, R, VEC, EXACT, SA>(x, ldx, nt, K, static_cast<const WA*>(w), s, N, y, ldy, n0, lane);
-  else
-    few_rows_warp<WB, TM, R, VEC, EXACT, SB>(x, ldx, nt, K, static_cast<const WB*>(w), s, N, y, ldy, n0, lane);
+    few_rows_warp<WA, TM, R, VEC, EXACT, SA, SWIGLU>(x, u, ldx, nt, K, static_cast<const WA*>(w), s, N, y, ldy,
+                                                     row_gate, n0, lane);
+  else if constexpr (!SWIGLU)
+    few_rows_warp<WB, TM, R, VEC, EXACT, SB, false>(x, u, ldx, nt, K, static_cast<const WB*>(w), s, N, y, ldy,
+                                                    row_gate, n0, lane);
 }
 
 // Numbers the targets' warps (R weight rows each) and launches one grid for all of them.
-template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT>
-void launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewRowsTargets tg, cudaStream_t stream) {
+template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT, bool SWIGLU = false>
+void launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewRowsTargets tg, cudaStream_t stream,
+                             const float* u = nullptr, const float* row_gate = nullptr) {
   constexpr int R = few_rows_per_warp<TM, WA>();
   int64_t warps = 0;
   for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = warps += cdiv(tg.t[q].N, R);
   const int64_t blocks = cdiv(warps, kFewThreads / 32);
   check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", warps * R);
-  launch(few_rows_kernel<WA, SA, WB, SB, TM, VEC, EXACT>, unsigned(blocks), kFewThreads, 0, stream, x, ldx, T, K, tg);
+  launch(few_rows_kernel<WA, SA, WB, SB, TM, VEC, EXACT, SWIGLU>, unsigned(blocks), kFewThreads, 0, stream, x, u, ldx,
+         T, K, tg, row_gate);
 }
 
 // The targets of weight type W (SCALED: block-scaled FP8), or with a second type WB, SB for the
@@ -285,6 +303,31 @@ void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRow
     case 6: return launch_few_rows_targets<W, SCALED, WB, SB, 6, true, true>(x, ldx, T, K, tg, stream);
     case 7: return launch_few_rows_targets<W, SCALED, WB, SB, 7, true, true>(x, ldx, T, K, tg, stream);
     default: return launch_few_rows_targets<W, SCALED, WB, SB, 8, true, true>(x, ldx, T, K, tg, stream);
+  }
+}
+
+// swiglu_down's product of few rows: the one target's x is silu(gate) * up, formed in the loads.
+template <typename W, bool SCALED = false>
+void launch_few_rows_swiglu(const float* gate, const float* up, int T, int64_t K, const FewRowsTarget& target,
+                            const float* row_gate, cudaStream_t stream) {
+  const FewRowsTargets tg{{target}, 1};
+  const bool vec = K % few_elems<W, true>() == 0 && aligned(gate, 16) && aligned(up, 16) && aligned(target.w, 16);
+  if (!vec)
+    return launch_few_rows_targets<W, SCALED, W, SCALED, kFewRowsMax, false, false, true>(gate, K, T, K, tg, stream, up,
+                                                                                          row_gate);
+  const auto run = [&](auto tm) {
+    launch_few_rows_targets<W, SCALED, W, SCALED, decltype(tm)::value, true, true, true>(gate, K, T, K, tg, stream, up,
+                                                                                         row_gate);
+  };
+  switch (T) {
+    case 1: return run(std::integral_constant<int, 1>{});
+    case 2: return run(std::integral_constant<int, 2>{});
+    case 3: return run(std::integral_constant<int, 3>{});
+    case 4: return run(std::integral_constant<int, 4>{});
+    case 5: return run(std::integral_constant<int, 5>{});
+    case 6: return run(std::integral_constant<int, 6>{});
+    case 7: return run(std::integral_constant<int, 7>{});
+    default: return run(std::integral_constant<int, 8>{});
   }
 }
 
@@ -869,6 +912,38 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   const size_t bytes = matmul_scratch_bytes(T, K, N, sms);
   float* scratch = bytes > 0 ? static_cast<float*>(scratch_.bytes(bytes)) : nullptr;
   matmul_rows(cuda::f32(x), K, T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y), N, sms, scratch, stream_);
+}
+
+// Few rows of F32, BF16 or block-scaled FP8 weights: one launch, silu(gate) * up formed as the
+// product loads it and the row gate applied as it stores (decode: two elementwise kernels fewer a
+// layer); otherwise silu_mul, matmul and scale_rows_sigmoid.
+void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const Tensor& row_gate, Tensor& out) {
+  const auto [T, K, N] = check_swiglu_down(gate, up, w, row_gate, out);
+  const DType wdt = w.dtype();
+  const bool fused = T >= 1 && T <= kFewRowsMax && K > 0 && N > 0 &&
+                     (wdt == DType::F32 || wdt == DType::BF16 || wdt == DType::F8_E4M3_B128);
+  if (!fused) {
+    silu_mul(gate, up, gate);
+    matmul(gate, w, out);
+    if (row_gate.defined()) scale_rows_sigmoid(out, row_gate);
+    return;
+  }
+  auto timed = time_op("swiglu_down gemv");
+  expect_device("swiglu_down", "gate", gate);
+  expect_device("swiglu_down", "up", up);
+  expect_device("swiglu_down", "w", w);
+  expect_device("swiglu_down", "out", out);
+  if (row_gate.defined()) expect_device("swiglu_down", "row_gate", row_gate);
+  const bool scaled = wdt == DType::F8_E4M3_B128;
+  if (scaled) expect_device("swiglu_down", "w's block scales", w.scales());
+  const FewRowsTarget target{w.raw(), N, cuda::f32_mut(out), N, 0, scaled ? cuda::f32(w.scales()) : nullptr, false};
+  const float* g = cuda::f32(gate);
+  const float* u = cuda::f32(up);
+  const float* rg = row_gate.defined() ? cuda::f32(row_gate) : nullptr;
+  if (wdt == DType::F32) launch_few_rows_swiglu<float>(g, u, int(T), K, target, rg, stream_);
+  else if (wdt == DType::BF16) launch_few_rows_swiglu<__nv_bfloat16>(g, u, int(T), K, target, rg, stream_);
+  else launch_few_rows_swiglu<f8e4m3, true>(g, u, int(T), K, target, rg, stream_);
+  check_launch("swiglu_down");
 }
 
 void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) {

@@ -60,6 +60,7 @@ using cuda::check_cuda;
 using cuda::check_launch;
 using cuda::expect_device;
 using cuda::launch;
+using cuda::silu_;
 using cuda::wait_for_prior_kernels;
 using cuda::cp_async16;
 using cuda::cp_async_commit;
@@ -298,7 +299,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 
 // ============================================================================================
 // topk_softmax
@@ -918,7 +918,7 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
         const float v1 = GU ? warp_sum(acc[NM - 1][f][r]) : 0.0f;
         if (lane == 0 && n < Nout) {
           if constexpr (GU) {
-            a.h[(int64_t(j0) + r) * a.ldh + n] = silu(v0) * v1;
+            a.h[(int64_t(j0) + r) * a.ldh + n] = silu_(v0) * v1;
           } else {
             const int64_t d = dst[r];
             if (d >= 0) a.y[d * a.H + n] = v0;
@@ -1034,7 +1034,7 @@ __device__ __forceinline__ void gemm_tile(const ExpertsArgs& a, const ExpertEntr
       const int64_t n = int64_t(n0) + tx * 4 + j;
       if (n >= Nout) continue;
       if constexpr (GU) {
-        a.h[(int64_t(j0) + r) * a.ldh + n] = silu(acc[0][i][j]) * acc[NM - 1][i][j];
+        a.h[(int64_t(j0) + r) * a.ldh + n] = silu_(acc[0][i][j]) * acc[NM - 1][i][j];
       } else {
         const int64_t d = dst[r];
         if (d >= 0) a.y[d * a.H + n] = acc[0][i][j];
@@ -1228,7 +1228,7 @@ __device__ __forceinline__ void wmma_tile(const ExpertsArgs& a, const ExpertEntr
     if (r >= rows || n >= Nout) continue;
     if constexpr (GU) {
       a.hb[(int64_t(j0) + r) * a.ldh + n] =
-          __float2bfloat16_rn(silu(Cs[r * kWmmaLdC + c]) * Cs[(kTileRows + r) * kWmmaLdC + c]);
+          __float2bfloat16_rn(silu_(Cs[r * kWmmaLdC + c]) * Cs[(kTileRows + r) * kWmmaLdC + c]);
     } else {
       const int64_t d = dst[r];
       if (d >= 0) a.y[d * a.H + n] = Cs[r * kWmmaLdC + c];
@@ -1429,7 +1429,7 @@ __global__ void __launch_bounds__(kFp8Threads) experts_fp8_kernel(ExpertsArgs a)
       for (int e = tid; e < kFp8Rows * kFp8Cols / 2; e += blockDim.x) {
         const int r = e / (kFp8Cols / 2), c = e % (kFp8Cols / 2);
         if (r < rows && n0 + c < Nout)
-          a.h[(int64_t(j0) + r) * a.ldh + n0 + c] = silu(Cs[r * kFp8Ld + c]) * Cs[r * kFp8Ld + kFp8Cols / 2 + c];
+          a.h[(int64_t(j0) + r) * a.ldh + n0 + c] = silu_(Cs[r * kFp8Ld + c]) * Cs[r * kFp8Ld + kFp8Cols / 2 + c];
       }
     } else {
       for (int e = tid; e < kFp8Rows * kFp8Cols / 4; e += blockDim.x) {

@@ -26,6 +26,7 @@ using cuda::check_launch;
 using cuda::expect_device;
 using cuda::launch;
 using cuda::sigmoidf_;
+using cuda::silu_;
 using cuda::wait_for_prior_kernels;
 using namespace cuda::rows;
 
@@ -39,7 +40,6 @@ constexpr int64_t kWarpRowMax = 1024;
 __device__ __forceinline__ int64_t global_thread() { return int64_t(blockIdx.x) * blockDim.x + threadIdx.x; }
 __device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * blockDim.x; }
 
-__device__ __forceinline__ float silu_(float x) { return x / (1.0f + expf(-x)); }  // as cpu::silu
 __device__ __forceinline__ float softplus_(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 __device__ __forceinline__ double warp_sum(double v) {

@@ -86,6 +86,7 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaS
 
 // Accurate (not __expf) exponentials throughout: results are held to the CPU reference.
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float silu_(float x) { return x / (1.0f + expf(-x)); }  // as cpu::silu
 
 inline const int32_t* i32(const Tensor& t) { return static_cast<const int32_t*>(t.raw()); }
 inline int32_t* i32_mut(const Tensor& t) { return static_cast<int32_t*>(t.raw()); }
