@@ -309,6 +309,18 @@ class OpConformance : public ::testing::TestWithParam<BackendCase> {
   // rule_tol: the delta rule's relative L2 bar (outputs and states).
   void check_deltanet_pass(const DeltaNetCase& c, const HostLayout& h, int64_t slots, uint32_t seed,
                            double rule_tol = 1e-5);
+  // The heads of Qwen3-Next (dk = dv = 128, two value heads a key head): CUDA's chunk solve has a
+  // thread a column of [K | V] (256) and its state kernel four column slices; sequences of one
+  // row, one chunk, a short last chunk, and four chunks.
+  void check_deltanet_at_qwen_head_dims(double rule_tol = 1e-5) {
+    DeltaNetCase c;
+    c.d = DeltaRuleDims{2, 4, 128, 128};
+    HostLayout h;
+    const std::vector<int> rows{1, 64, 3, 250, 70};
+    h.state_slots = {4, 0, 2, 5, 1};
+    for (int n : rows) h.cu.push_back(h.cu.back() + n);
+    check_deltanet_pass(c, h, 6, 80, rule_tol);
+  }
 
  private:
   std::unique_ptr<Backend> backend_;
@@ -1069,18 +1081,7 @@ TEST_P(OpConformance, DeltaNetOverStatePoolsWithMixedSequences) {
   check_deltanet_pass(c, h, 12, 60);
 }
 
-TEST_P(OpConformance, DeltaNetAtQwenHeadDimsWithManyChunks) {
-  // The heads of Qwen3-Next (dk = dv = 128, two value heads a key head): CUDA's chunk solve has a
-  // thread a column of [K | V] (256) and its state kernel four column slices; sequences of one
-  // chunk, of a short last chunk, and of four chunks.
-  DeltaNetCase c;
-  c.d = DeltaRuleDims{2, 4, 128, 128};
-  HostLayout h;
-  const std::vector<int> rows{1, 64, 3, 250, 70};
-  h.state_slots = {4, 0, 2, 5, 1};
-  for (int n : rows) h.cu.push_back(h.cu.back() + n);
-  check_deltanet_pass(c, h, 6, 80);
-}
+TEST_P(OpConformance, DeltaNetAtQwenHeadDimsWithManyChunks) { check_deltanet_at_qwen_head_dims(); }
 
 TEST_P(OpConformance, DeltaNetSnapshotModeKeepsEveryRowsState) {
   const DeltaNetCase c;

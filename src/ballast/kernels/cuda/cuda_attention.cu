@@ -438,6 +438,13 @@ __device__ __forceinline__ void prefill_issue(int64_t base, float* dst, int ld, 
   }
 }
 
+// Four consecutive elements (c of each row's HD / 4) of the tile's query row r; zeros past its rows.
+template <int HD>
+__device__ __forceinline__ float4 prefill_q(const AttentionArgs& a, const PrefillTile& t, int r, int c) {
+  return r < t.rows ? __ldg(reinterpret_cast<const float4*>(a.q + ((t.start + t.i0 + r) * a.Hq + t.hq) * HD) + c)
+                    : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+}
+
 // Cache positions in 32 bits (kv_end <= W bs <= INT32_MAX): tile row r sees the cache rows [0, p];
 // -1: none (past the tile, or before the cache in an inconsistent layout).
 __device__ __forceinline__ int prefill_position(const PrefillTile& t, int r) {
@@ -538,10 +545,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const Att
   }
   for (int i = int(threadIdx.x); i < kMmaRows * C4; i += kMmaThreads) {
     const int r = i / C4, c = i % C4;
-    const float4 v = r < tl.rows
-                         ? __ldg(reinterpret_cast<const float4*>(a.q + ((tl.start + tl.i0 + r) * a.Hq + tl.hq) * HD) + c)
-                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-    *reinterpret_cast<float4*>(Qs + r * LQ + 4 * c) = v;
+    *reinterpret_cast<float4*>(Qs + r * LQ + 4 * c) = prefill_q<HD>(a, tl, r, c);
   }
   const int r0 = warp * 16 + g;  // this lane's rows: r0 and r0 + 8 of the tile
   const int pos[2] = {prefill_position(tl, r0), prefill_position(tl, r0 + 8)};
@@ -678,9 +682,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const At
   cp_async_commit();
   for (int i = int(threadIdx.x); i < kMmaRows * C4; i += kMmaThreads) {
     const int r = i / C4, c = i % C4;
-    const float4 v = r < tl.rows
-                         ? __ldg(reinterpret_cast<const float4*>(a.q + ((tl.start + tl.i0 + r) * a.Hq + tl.hq) * HD) + c)
-                         : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+    const float4 v = prefill_q<HD>(a, tl, r, c);
     *reinterpret_cast<uint2*>(Qb + r * LB + 4 * c) = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
   }
   const int r0 = warp * 16 + lane / 4;  // this lane's rows: r0 and r0 + 8 of the tile
