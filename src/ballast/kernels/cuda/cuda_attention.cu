@@ -15,8 +15,8 @@
 // 3. sequences of at least kTileMinRows new rows (prefill): one block per (tile of rows, query
 //    head), the cache rows streamed through shared memory 32 at a time and shared by the tile's
 //    rows (launched over B x ceil(max_query_len / tile) tiles; tiles past a sequence's rows exit):
-//    on the tensor cores (attention_mma_kernel, 128-row tiles; 3xTF32, or bf16 products under
-//    CudaOptions::bf16_matmul) for head dims of 64, 128 and 256, else on the SIMT cores
+//    on the tensor cores for head dims of 64, 128 and 256 (128-row tiles: attention_mma_kernel in
+//    3xTF32, attention_bf16_kernel under CudaOptions::bf16_matmul), else on the SIMT cores
 //    (attention_tiled_kernel, 32-row tiles);
 // 4. with splits, the merge of the partials of kernel 2's rows.
 #include <algorithm>
