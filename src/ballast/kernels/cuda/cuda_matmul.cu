@@ -6,7 +6,8 @@
 //     the warps of up to 4 weights of one input in one launch (matmul_many; of one dtype, or FP8
 //     beside bf16); lanes stride over K with 16-byte weight loads, the x values of their k reused
 //     over the R weight rows, block-scaled loads multiplied by their block's scale; warp-shuffle
-//     reduction. Each weight byte is read once.
+//     reduction. Each weight byte is read once. swiglu_down's few-row products are the same
+//     kernels with silu(gate) * up formed as x is loaded and the row gate applied at the store.
 //   many rows: a tiled SIMT GEMM, BM x 128 tiles (BM = 32, 64 or 128 by T), K-steps of 16, each
 //     thread an 8 x 8 block of outputs (4 x 8 in 32-row tiles); x and the weights (widened to fp32
 //     as they are stored) go through double-buffered shared memory, the next step's loads in
