@@ -281,10 +281,8 @@ TEST(CudaBackend, Fp8MatmulEqualsTheProductOfWhatItMultiplies) {
 // Ops of a backend with bf16 products (the default outside the reference tests), with the
 // conformance fixture's helpers.
 class CudaBf16Products : public OpConformance {};
-INSTANTIATE_TEST_SUITE_P(Cuda, CudaBf16Products,
-                         ::testing::Values(BackendCase{"device0",
-                                                       [] { return std::unique_ptr<Backend>(std::make_unique<CudaBackend>(0, CudaOptions{.bf16_matmul = true})); },
-                                                       no_device}),
+std::unique_ptr<Backend> bf16_backend() { return std::make_unique<CudaBackend>(0, CudaOptions{.bf16_matmul = true}); }
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaBf16Products, ::testing::Values(BackendCase{"device0", bf16_backend, no_device}),
                          backend_case_name);
 
 // Prefill attention on the bf16 tensor cores: Q, K, V and the softmax's P rounded to bf16, fp32

@@ -867,7 +867,8 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
     check(tiles_per_seq * B <= std::numeric_limits<int32_t>::max(), "attention: {} sequences of up to {} rows", B,
           layout.max_query_len);
     const dim3 tgrid{unsigned(tiles_per_seq * B), unsigned(Hq)};
-    const size_t smem = bf16_matmul_ ? size_t(bf16_smem_bytes(int(hd))) : size_t(mma_smem_floats(int(hd))) * sizeof(float);
+    const size_t smem =
+        bf16_matmul_ ? size_t(bf16_smem_bytes(int(hd))) : size_t(mma_smem_floats(int(hd))) * sizeof(float);
     const int tps = int(tiles_per_seq);
     const auto run = [&](auto kernel) {
       const int pi = bf16_matmul_ ? 1 : 0;

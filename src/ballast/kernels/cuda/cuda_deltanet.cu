@@ -35,8 +35,8 @@
 
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_ops.h"
-#include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/cuda/cuda_mma_support.cuh"
+#include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
@@ -426,6 +426,7 @@ template <bool kSplit>
 __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(const RuleArgs a, ChunkScratch cs,
                                                                             int chunks_per_seq) {
   wait_for_prior_kernels();
+  const auto tf = [](float v) { return tf32_operand<kSplit>(v); };  // an operand of the products
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int b = int(blockIdx.x) / chunks_per_seq, c = int(blockIdx.x) % chunks_per_seq, h = int(blockIdx.y);
@@ -462,13 +463,13 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
       const float* ka = Ks + (i0 + g) * lq + t4;
       const float* kb = Ks + (jc + g) * lq + t4;
       for (int p = 0; p < dkp; p += 8) {
-        const Tf32Pair qf[4] = {tf32_operand<kSplit>(qa[p]), tf32_operand<kSplit>(qa[8 * lq + p]), tf32_operand<kSplit>(qa[p + 4]),
-                                tf32_operand<kSplit>(qa[8 * lq + p + 4])};
-        const Tf32Pair kf[4] = {tf32_operand<kSplit>(ka[p]), tf32_operand<kSplit>(ka[8 * lq + p]), tf32_operand<kSplit>(ka[p + 4]),
-                                tf32_operand<kSplit>(ka[8 * lq + p + 4])};
+        const Tf32Pair qf[4] = {tf(qa[p]), tf(qa[8 * lq + p]), tf(qa[p + 4]),
+                                tf(qa[8 * lq + p + 4])};
+        const Tf32Pair kf[4] = {tf(ka[p]), tf(ka[8 * lq + p]), tf(ka[p + 4]),
+                                tf(ka[8 * lq + p + 4])};
 #pragma unroll
         for (int nj = 0; nj < 4; ++nj) {
-          const Tf32Pair bf[2] = {tf32_operand<kSplit>(kb[8 * nj * lq + p]), tf32_operand<kSplit>(kb[8 * nj * lq + p + 4])};
+          const Tf32Pair bf[2] = {tf(kb[8 * nj * lq + p]), tf(kb[8 * nj * lq + p + 4])};
           mma_tf32x<kSplit>(qk[nj], qf, bf);
           mma_tf32x<kSplit>(kk[nj], kf, bf);
         }
@@ -551,12 +552,12 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
       float acc[8][4] = {};
       for (int m0 = 0; m0 < m_end; m0 += 8) {
         const float* pa = PT + (m0 + t4) * kLX + i0 + g;
-        const Tf32Pair pf[4] = {tf32_operand<kSplit>(pa[0]), tf32_operand<kSplit>(pa[8]), tf32_operand<kSplit>(pa[4 * kLX]),
-                                tf32_operand<kSplit>(pa[4 * kLX + 8])};
+        const Tf32Pair pf[4] = {tf(pa[0]), tf(pa[8]), tf(pa[4 * kLX]),
+                                tf(pa[4 * kLX + 8])};
         const float* zb = Z + (m0 + t4) * zl + c0 + g;
 #pragma unroll
         for (int nj = 0; nj < 8; ++nj) {
-          const Tf32Pair bf[2] = {tf32_operand<kSplit>(zb[8 * nj]), tf32_operand<kSplit>(zb[4 * zl + 8 * nj])};
+          const Tf32Pair bf[2] = {tf(zb[8 * nj]), tf(zb[4 * zl + 8 * nj])};
           mma_tf32x<kSplit>(acc[nj], pf, bf);
         }
       }
@@ -615,6 +616,7 @@ struct ChunkSmem {
 template <bool kSplit>
 __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(const RuleArgs a, ChunkScratch cs) {
   wait_for_prior_kernels();
+  const auto tf = [](float v) { return tf32_operand<kSplit>(v); };  // an operand of the products
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int b = int(blockIdx.x), h = int(blockIdx.y);
@@ -688,12 +690,12 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
       const float* A = (warp < 4 ? Qp : Ws) + (16 * (warp & 3) + g) * lq + t4;  // rows g, g + 8 at k t, t + 4
       float hi[kSlice / 8][4] = {}, lo[kSlice / 8][4] = {};
       for (int kk = 0; kk < dkp; kk += 8) {
-        const Tf32Pair af[4] = {tf32_operand<kSplit>(A[kk]), tf32_operand<kSplit>(A[8 * lq + kk]), tf32_operand<kSplit>(A[kk + 4]),
-                                tf32_operand<kSplit>(A[8 * lq + kk + 4])};
+        const Tf32Pair af[4] = {tf(A[kk]), tf(A[8 * lq + kk]), tf(A[kk + 4]),
+                                tf(A[8 * lq + kk + 4])};
         const float* B = S + (kk + t4) * kSL + g;
 #pragma unroll
         for (int nj = 0; nj < kSlice / 8; ++nj) {
-          const Tf32Pair bf[2] = {tf32_operand<kSplit>(B[8 * nj]), tf32_operand<kSplit>(B[4 * kSL + 8 * nj])};
+          const Tf32Pair bf[2] = {tf(B[8 * nj]), tf(B[4 * kSL + 8 * nj])};
           mma_tf32x_split<kSplit>(hi[nj], lo[nj], af, bf);
         }
       }
@@ -720,12 +722,12 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
       float hi[kSlice / 8][4] = {}, lo[kSlice / 8][4] = {};
       for (int mm = 0; mm < n; mm += 8) {
         const float* am = A + mm * lq;
-        const Tf32Pair af[4] = {tf32_operand<kSplit>(am[0]), tf32_operand<kSplit>(am[8]), tf32_operand<kSplit>(am[4 * lq]),
-                                tf32_operand<kSplit>(am[4 * lq + 8])};
+        const Tf32Pair af[4] = {tf(am[0]), tf(am[8]), tf(am[4 * lq]),
+                                tf(am[4 * lq + 8])};
         const float* B = U + (mm + t4) * kSL + g;
 #pragma unroll
         for (int nj = 0; nj < kSlice / 8; ++nj) {
-          const Tf32Pair bf[2] = {tf32_operand<kSplit>(B[8 * nj]), tf32_operand<kSplit>(B[4 * kSL + 8 * nj])};
+          const Tf32Pair bf[2] = {tf(B[8 * nj]), tf(B[4 * kSL + 8 * nj])};
           mma_tf32x_split<kSplit>(hi[nj], lo[nj], af, bf);
         }
       }
