@@ -4,6 +4,7 @@
 
 #include <cblas.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -146,7 +147,7 @@ Ceilings CpuBackend::measure_ceilings() {
   // CPU has it): where the library's build does not know the CPU (Debian's OpenBLAS runs its AVX2
   // kernels on Zen 5), it is the faster of the two, and the ceiling is the faster.
   Tensor w = Tensor::zeros({n, n}, DType::BF16);
-  for (int64_t i = 0; i < int64_t(n) * n; ++i) w.data<uint16_t>()[i] = f32_to_bf16(0.25f);
+  std::fill_n(w.data<uint16_t>(), int64_t(n) * n, f32_to_bf16(0.25f));
   for (int r = 0; r < 3; ++r) {
     const double t0 = now_seconds();
     cpu::matmul(A.data(), n, n, w, C.data(), &pool_);

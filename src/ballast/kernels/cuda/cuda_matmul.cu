@@ -287,38 +287,21 @@ void launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewR
 }
 
 // The targets of weight type W (SCALED: block-scaled FP8), or with a second type WB, SB for the
-// targets marked `alt`.
-template <typename W, bool SCALED = false, typename WB = W, bool SB = SCALED>
-void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRowsTargets& tg, cudaStream_t stream) {
+// targets marked `alt`. SWIGLU (swiglu_down, one target): x is the gate, silu(x) * up formed as it is
+// loaded, and row_gate (if not null) applied at the store.
+template <typename W, bool SCALED = false, typename WB = W, bool SB = SCALED, bool SWIGLU = false>
+void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRowsTargets& tg, cudaStream_t stream,
+                     const float* up = nullptr, const float* row_gate = nullptr) {
   static_assert(!SCALED || std::is_same_v<W, f8e4m3>, "block scales are FP8's");
   constexpr int EA = few_elems<W, true>(), EB = few_elems<WB, true>();
-  bool vec = K % EA == 0 && K % EB == 0 && ldx % 4 == 0 && aligned(x, 16);
+  bool vec = K % EA == 0 && K % EB == 0 && ldx % 4 == 0 && aligned(x, 16) && (!SWIGLU || aligned(up, 16));
   for (int q = 0; q < tg.count; ++q) vec = vec && aligned(tg.t[q].w, 16);
-  if (!vec) return launch_few_rows_targets<W, SCALED, WB, SB, kFewRowsMax, false, false>(x, ldx, T, K, tg, stream);
-  switch (T) {
-    case 1: return launch_few_rows_targets<W, SCALED, WB, SB, 1, true, true>(x, ldx, T, K, tg, stream);
-    case 2: return launch_few_rows_targets<W, SCALED, WB, SB, 2, true, true>(x, ldx, T, K, tg, stream);
-    case 3: return launch_few_rows_targets<W, SCALED, WB, SB, 3, true, true>(x, ldx, T, K, tg, stream);
-    case 4: return launch_few_rows_targets<W, SCALED, WB, SB, 4, true, true>(x, ldx, T, K, tg, stream);
-    case 5: return launch_few_rows_targets<W, SCALED, WB, SB, 5, true, true>(x, ldx, T, K, tg, stream);
-    case 6: return launch_few_rows_targets<W, SCALED, WB, SB, 6, true, true>(x, ldx, T, K, tg, stream);
-    case 7: return launch_few_rows_targets<W, SCALED, WB, SB, 7, true, true>(x, ldx, T, K, tg, stream);
-    default: return launch_few_rows_targets<W, SCALED, WB, SB, 8, true, true>(x, ldx, T, K, tg, stream);
-  }
-}
-
-// swiglu_down's product of few rows: the one target's x is silu(gate) * up, formed in the loads.
-template <typename W, bool SCALED = false>
-void launch_few_rows_swiglu(const float* gate, const float* up, int T, int64_t K, const FewRowsTarget& target,
-                            const float* row_gate, cudaStream_t stream) {
-  const FewRowsTargets tg{{target}, 1};
-  const bool vec = K % few_elems<W, true>() == 0 && aligned(gate, 16) && aligned(up, 16) && aligned(target.w, 16);
   if (!vec)
-    return launch_few_rows_targets<W, SCALED, W, SCALED, kFewRowsMax, false, false, true>(gate, K, T, K, tg, stream, up,
-                                                                                          row_gate);
-  const auto run = [&](auto tm) {
-    launch_few_rows_targets<W, SCALED, W, SCALED, decltype(tm)::value, true, true, true>(gate, K, T, K, tg, stream, up,
-                                                                                         row_gate);
+    return launch_few_rows_targets<W, SCALED, WB, SB, kFewRowsMax, false, false, SWIGLU>(x, ldx, T, K, tg, stream, up,
+                                                                                        row_gate);
+  const auto run = [&](auto tm) {  // T x rows, exactly
+    launch_few_rows_targets<W, SCALED, WB, SB, decltype(tm)::value, true, true, SWIGLU>(x, ldx, T, K, tg, stream, up,
+                                                                                       row_gate);
   };
   switch (T) {
     case 1: return run(std::integral_constant<int, 1>{});
@@ -941,9 +924,11 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
   const float* g = cuda::f32(gate);
   const float* u = cuda::f32(up);
   const float* rg = row_gate.defined() ? cuda::f32(row_gate) : nullptr;
-  if (wdt == DType::F32) launch_few_rows_swiglu<float>(g, u, int(T), K, target, rg, stream_);
-  else if (wdt == DType::BF16) launch_few_rows_swiglu<__nv_bfloat16>(g, u, int(T), K, target, rg, stream_);
-  else launch_few_rows_swiglu<f8e4m3, true>(g, u, int(T), K, target, rg, stream_);
+  const FewRowsTargets one{{target}, 1};
+  if (wdt == DType::F32) launch_few_rows<float, false, float, false, true>(g, K, int(T), K, one, stream_, u, rg);
+  else if (wdt == DType::BF16)
+    launch_few_rows<__nv_bfloat16, false, __nv_bfloat16, false, true>(g, K, int(T), K, one, stream_, u, rg);
+  else launch_few_rows<f8e4m3, true, f8e4m3, true, true>(g, K, int(T), K, one, stream_, u, rg);
   check_launch("swiglu_down");
 }
 
