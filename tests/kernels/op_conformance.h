@@ -546,29 +546,6 @@ TEST_P(OpConformance, SwigluDownEqualsSiluMulMatmulAndRowGate) {
   test::expect_error([&] { ops().swiglu_down(g, u2, w, rg, out); }, {"swiglu_down", "row_gate"});
 }
 
-// prefetch is a hint: weights of every dtype (block scales too, a view at an odd offset, an odd
-// byte count, an undefined tensor) stay as they were, and products after it are the same.
-TEST_P(OpConformance, PrefetchChangesNothing) {
-  const int64_t N = 130, K = 70;
-  const std::vector<float> wv = randn(size_t(N * K), 44, 0.2f), xv = randn(size_t(2 * K), 45);
-  const Tensor x = f32(xv, {2, K});
-  for (DType dt : {DType::F32, DType::BF16, DType::F16, DType::F8_E4M3_B128}) {
-    SCOPED_TRACE(dtype_name(dt));
-    const Tensor w = dt == DType::F8_E4M3_B128 ? be().to_device(block_scaled_host(wv, N, K).tensor)
-                                               : weight(wv, {N, K}, dt);
-    Tensor before = be().alloc({2, N}, DType::F32), after = be().alloc({2, N}, DType::F32);
-    ops().matmul(x, w, before);
-    std::vector<uint8_t> bytes_before(w.nbytes()), bytes_after(w.nbytes());
-    be().download(w, bytes_before.data());
-    const Tensor some[] = {w, w.rows(dt == DType::F8_E4M3_B128 ? 128 : 3, N), Tensor()};
-    ops().prefetch(some);
-    ops().matmul(x, w, after);
-    EXPECT_EQ(floats(after), floats(before));
-    be().download(w, bytes_after.data());
-    EXPECT_EQ(bytes_after, bytes_before);
-  }
-}
-
 // Qwen's fine-grained FP8 (F8_E4M3_B128): each weight element is its e4m3 value times its 128 x
 // 128 block's scale, summed in fp32; the activations stay F32. N and K are no multiples of 128, so
 // the blocks at the bottom and right edges are partial, and the rows cross several blocks of 64.

@@ -122,10 +122,6 @@ class Ops {
   virtual void gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) = 0;
   // out[rows[i], :] = x[i, :] for rows [N] (any dtype); rows must not repeat.
   virtual void scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) = 0;
-  // A hint that `weights` (any dtypes, block scales included) are read by ops soon after this one:
-  // a backend may start moving them nearer its cores (CUDA: into L2) while the ops between run.
-  // Nothing is written; results never depend on it.
-  virtual void prefetch(std::span<const Tensor> weights) = 0;
 
   // --- gated attention ---
   // qg[T, Hq, 2*hd] (per head [q | gate]) -> q[T, Hq, hd], gate[T, Hq, hd].

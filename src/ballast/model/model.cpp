@@ -1,8 +1,5 @@
 #include "ballast/model/model.h"
 
-#include <algorithm>
-#include <array>
-
 #include "ballast/core/error.h"
 
 namespace ballast::model {
@@ -64,28 +61,16 @@ void Model::decoder_layer(const LayerWeights& lw, const LayerCache& cache, int m
   Tensor h = ws.take({T, H}), mixed = ws.take({T, H});
   if (pending) ops_.add_rms_norm(x, *pending, lw.input_norm, cfg_.rms_norm_eps, h);
   else ops_.rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, h);
-  std::array<Tensor, 5> ffn_dense;  // what the MLP reads before its routed experts
-  if (lw.ffn == FfnType::Dense) ffn_dense = {lw.dense.gate, lw.dense.up, lw.dense.down};
-  else if (lw.moe.shared) ffn_dense = {lw.moe.router, lw.moe.shared->gate, lw.moe.shared->up, lw.moe.shared_gate,
-                                       lw.moe.shared->down};
-  else ffn_dense = {lw.moe.router};
-  if (lw.type == LayerType::FullAttention) attention(lw.attn, cache, b, h, ffn_dense, ws, mixed);
-  else deltanet(lw.delta, cache, b, h, ffn_dense, ws, mixed);
+  if (lw.type == LayerType::FullAttention) attention(lw.attn, cache, b, h, ws, mixed);
+  else deltanet(lw.delta, cache, b, h, ws, mixed);
 
   ops_.add_rms_norm(x, mixed, lw.post_norm, cfg_.rms_norm_eps, h);
   if (lw.ffn == FfnType::Moe) sparse_moe(lw.moe, moe_layer, runner, h, ws, ffn);
   else swiglu(lw.dense, h, ws, ffn);
 }
 
-void Model::prefetch_with(const Tensor& w, std::span<const Tensor> soon) {
-  std::array<Tensor, 6> all;
-  all[0] = w;
-  std::copy(soon.begin(), soon.begin() + std::min(soon.size(), all.size() - 1), all.begin() + 1);
-  ops_.prefetch(all);
-}
-
 void Model::attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
-                      std::span<const Tensor> soon, Workspace& ws, Tensor& out) {
+                      Workspace& ws, Tensor& out) {
   const int64_t T = h.dim(0), Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
   Tensor qg = ws.take({T, Hq, 2 * hd});
   Tensor q = ws.take({T, Hq, hd}), gate = ws.take({T, Hq, hd});
@@ -94,7 +79,6 @@ void Model::attention(const AttentionWeights& w, const LayerCache& cache, const 
   const Tensor proj[] = {w.q_proj, w.k_proj, w.v_proj};
   Tensor outs[] = {qg2, k2, v2};
   ops_.matmul_many(h, proj, outs);
-  prefetch_with(w.o_proj, soon);
   ops_.split_heads_gate(qg, q, gate);
   ops_.rms_norm(q, w.q_norm, cfg_.rms_norm_eps, q);
   ops_.rms_norm(k, w.k_norm, cfg_.rms_norm_eps, k);
@@ -109,7 +93,7 @@ void Model::attention(const AttentionWeights& w, const LayerCache& cache, const 
 }
 
 void Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
-                     std::span<const Tensor> soon, Workspace& ws, Tensor& out) {
+                     Workspace& ws, Tensor& out) {
   const int64_t T = h.dim(0);
   const kernels::DeltaRuleDims d{cfg_.linear_num_key_heads, cfg_.linear_num_value_heads, cfg_.linear_key_head_dim,
                                  cfg_.linear_value_head_dim};
@@ -119,7 +103,6 @@ void Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const Fo
   const Tensor proj[] = {w.in_qkv, w.in_z, w.in_b, w.in_a};
   Tensor outs[] = {qkv, z, bb, a};
   ops_.matmul_many(h, proj, outs);
-  prefetch_with(w.out_proj, soon);
   Tensor beta = ws.take({T, d.Hv}), g = ws.take({T, d.Hv});
   ops_.delta_gates(bb, a, w.A_log, w.dt_bias, beta, g);
 

@@ -4,8 +4,6 @@
 // and the MTP head. Written against kernels::Ops only, over a ForwardBatch: the model never sees
 // a backend, a sequence or a host decision. Routed experts go through a moe::MoeRunner (every
 // expert here, or expert-parallel across ranks).
-#include <span>
-
 #include "ballast/kernels/ops.h"
 #include "ballast/kernels/workspace.h"
 #include "ballast/model/batch.h"
@@ -45,14 +43,10 @@ class Model {
   // previous layer's (null for the first layer); it may be ffn itself.
   void decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer, moe::MoeRunner& runner,
                      const ForwardBatch& batch, kernels::Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn);
-  // The token mixers. `soon`: the weights the layer's MLP reads first (its dense ones), asked for
-  // with the mixer's output projection once its input projections are done (Ops::prefetch): they
-  // then arrive while the mixer's latency-bound middle runs.
   void attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
-                 std::span<const Tensor> soon, kernels::Workspace& ws, Tensor& out);
+                 kernels::Workspace& ws, Tensor& out);
   void deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
-                std::span<const Tensor> soon, kernels::Workspace& ws, Tensor& out);
-  void prefetch_with(const Tensor& w, std::span<const Tensor> soon);
+                kernels::Workspace& ws, Tensor& out);
   void sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& h,
                   kernels::Workspace& ws, Tensor& out);
   // out[T, H] = down(silu(gate h) * up h): the dense MLP.

@@ -39,9 +39,6 @@ class CpuOps final : public Ops {
   void add(Tensor& y, const Tensor& x) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void zero(Tensor& t) override;
-  // Nothing: a decode step streams far more than the CPU's caches hold, and its products already
-  // read their weights in order (the hardware prefetchers' case).
-  void prefetch(std::span<const Tensor>) override {}
   void fill_uniform(Tensor& t, uint64_t seed, float scale) override;
   void concat_cols(const Tensor& a, const Tensor& b, Tensor& out) override;
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override;

@@ -42,7 +42,6 @@ using cuda::check_cuda;
 using cuda::check_launch;
 using cuda::expect_device;
 using cuda::launch;
-using cuda::prefetch_l2;
 using cuda::sigmoidf_;
 using cuda::silu_;
 using cuda::wait_for_prior_kernels;
@@ -247,6 +246,7 @@ template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXA
 __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
     few_rows_kernel(const float* __restrict__ x, const float* __restrict__ u, int64_t ldx, int nt_arg, int64_t K,
                     FewRowsTargets tg, const float* __restrict__ row_gate) {
+  wait_for_prior_kernels();
   constexpr int R = few_rows_per_warp<TM, WA>();
   const int lane = int(threadIdx.x) & 31;
   const int64_t gwarp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
@@ -263,13 +263,6 @@ __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
       warp = gwarp - tg.t[q - 1].warps_end;
     }
   const int64_t n0 = warp * R;
-  // The warp's weight rows are fetched into L2 before waiting for the kernel before this one, so
-  // that their DRAM time overlaps that kernel's tail (coherent whatever wrote them: prefetch_l2).
-  if (VEC && lane == 0 && n0 < N) {
-    const int64_t esize = alt ? int64_t(sizeof(WB)) : int64_t(sizeof(WA));
-    prefetch_l2(static_cast<const char*>(w) + n0 * K * esize, (N - n0 < R ? N - n0 : R) * K * esize);
-  }
-  wait_for_prior_kernels();
   if (n0 >= N) return;  // the whole warp leaves together: the shuffles below see full warps
   const int nt = EXACT ? TM : nt_arg;
   if ((std::is_same_v<WA, WB> && SA == SB) || !alt)

@@ -60,7 +60,6 @@ using cuda::check_cuda;
 using cuda::check_launch;
 using cuda::expect_device;
 using cuda::launch;
-using cuda::prefetch_l2;
 using cuda::silu_;
 using cuda::wait_for_prior_kernels;
 using cuda::cp_async16;
@@ -617,9 +616,6 @@ constexpr int kTileCols = 64;     // BN
 constexpr int kTileK = 32;        // BK
 constexpr int kExpertThreads = 256;
 constexpr int kTileThreads = 512;
-// The small gate/up tiles fetch their experts' down weights into L2 when those (the rows' experts at
-// most) take no more than half of the H200's 50 MB L2: decode's ~10 experts a token at batch 1-2.
-constexpr int64_t kPrefetchDownMax = int64_t(24) << 20;
 
 // Elements k .. k+EL-1 (EL = 8 or 16) of a weight row as floats. VEC: 16-byte loads (F32: two for
 // 8; F8: one for 16, else 8 bytes), k + EL <= K and the row aligned; otherwise element by element,
@@ -661,7 +657,6 @@ struct ExpertsArgs {
   const int* ntiles;      // on the device
   int fblocks;            // column blocks of a tile
   Fault* fault;
-  bool prefetch_down;     // small gate/up tiles: fetch their experts' down weights into L2
 };
 
 // Sources and destinations of a tile's rows: x row (perm[j] / row_div) and y row (perm[j]), -1
@@ -934,34 +929,6 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
   }
 }
 
-__device__ __forceinline__ int64_t weight_bytes(int32_t dt) {
-  switch (DType(dt)) {
-    case DType::F32: return 4;
-    case DType::BF16:
-    case DType::F16: return 2;
-    default: return 1;
-  }
-}
-
-// Asks L2 for a small-tile item's weights: its FB rows of gate and up (or of down) from n0, and with
-// a.prefetch_down (gate/up) the fb-th of fblocks slices of the expert's down matrix, which the down
-// pass reads next (decode: ~10 experts, their down weights fit L2). VEC rows: 16-byte multiples.
-template <bool GU>
-__device__ __forceinline__ void prefetch_item(const ExpertsArgs& a, const ExpertEntry& ex, int64_t n0, int64_t FB,
-                                              int64_t fb) {
-  const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H;
-  const int64_t row = K * weight_bytes(GU ? ex.dt_gu : ex.dt_down), n = Nout - n0 < FB ? Nout - n0 : FB;
-  prefetch_l2(static_cast<const char*>(GU ? ex.gate : ex.down) + n0 * row, n * row);
-  if constexpr (GU) {
-    prefetch_l2(static_cast<const char*>(ex.up) + n0 * row, n * row);
-    if (a.prefetch_down) {
-      const int64_t total = a.H * ex.inter * weight_bytes(ex.dt_down);
-      const int64_t part = cdiv(cdiv(total, a.fblocks), 16) * 16, at = fb * part;
-      if (at < total) prefetch_l2(static_cast<const char*>(ex.down) + at, total - at < part ? total - at : part);
-    }
-  }
-}
-
 template <bool GU, bool VEC, int MAXR>
 __global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArgs a) {
   wait_for_prior_kernels();
@@ -974,8 +941,6 @@ __global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArg
     const ExpertEntry ex = a.ex[tile.x];
     const int64_t Nout = GU ? ex.inter : a.H;
     if (f0 >= Nout || ex.gate == nullptr) continue;  // the same for the whole block
-    // The weights are on their way while the rows are looked up (the loads below then meet L2).
-    if (VEC && threadIdx.x == 0) prefetch_item<GU>(a, ex, f0, FB, item % a.fblocks);
     const int rows = tile.z - tile.y;
     __syncthreads();  // the previous item's readers of src and dst are done
     tile_rows(a, tile.y, rows, MAXR, src, dst);
@@ -1716,7 +1681,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // on the device).
   std::vector<ExpertEntry>& entries = st.staging;
   entries.assign(size_t(groups), ExpertEntry{});
-  int64_t imax = 0, down_max = 0;  // the largest down matrix's bytes
+  int64_t imax = 0;
   bool any = false, vec = H % 8 == 0 && aligned16(x.raw()), bf16 = true, f8 = H % 16 == 0, same_inter = true;
   for (int g = 0; g < groups; ++g) {
     const SwigluWeights& w = experts[size_t(g)];
@@ -1738,7 +1703,6 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
                                      int32_t(w.down.dtype())};
     same_inter = same_inter && (!any || I == imax);
     imax = std::max(imax, I);
-    down_max = std::max(down_max, I * H * int64_t(dtype_size(w.down.dtype())));
     any = true;
     bf16 = bf16 && w.gate.dtype() == DType::BF16 && w.down.dtype() == DType::BF16;
     f8 = f8 && w.gate.dtype() == DType::F8_E4M3_B128 && w.down.dtype() == DType::F8_E4M3_B128 && I % 16 == 0;
@@ -1827,7 +1791,6 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.tiles = small;
     s.ntiles = ntiles;
     s.fblocks = int(cdiv(nout, (kSmallThreads / 32) * small_fpw<GU, MAXR>()));
-    s.prefetch_down = GU && !large_tiles && std::min<int64_t>(Np, groups) * down_max <= kPrefetchDownMax;
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_small * s.fblocks, resident_small)));
     if (vec) launch(experts_small_kernel<GU, true, MAXR>, grid, kSmallThreads, 0, stream_, s);
     else launch(experts_small_kernel<GU, false, MAXR>, grid, kSmallThreads, 0, stream_, s);

@@ -98,7 +98,6 @@ class CudaOps final : public Ops {
   void add(Tensor& y, const Tensor& x) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void zero(Tensor& t) override;
-  void prefetch(std::span<const Tensor> weights) override;
   void fill_uniform(Tensor& t, uint64_t seed, float scale) override;
   void concat_cols(const Tensor& a, const Tensor& b, Tensor& out) override;
   void silu_mul(const Tensor& gate, const Tensor& up, Tensor& out) override;

@@ -121,32 +121,6 @@ __global__ void fill_uniform_kernel(T* t, int64_t n, uint64_t seed, float scale)
   }
 }
 
-// Up to kPrefetchRanges byte ranges (16-byte aligned), each asked for in chunks of kPrefetchChunk
-// bytes, one a thread; chunks_end: where each range's chunks end in the grid's numbering.
-constexpr int kPrefetchRanges = 16;
-constexpr int64_t kPrefetchChunk = int64_t(64) << 10;
-struct PrefetchRanges {
-  const char* p[kPrefetchRanges];
-  int64_t bytes[kPrefetchRanges];
-  int64_t chunks_end[kPrefetchRanges];
-  int count;
-};
-
-__global__ void prefetch_kernel(PrefetchRanges r) {
-  const int64_t c = global_thread();
-  int64_t first = 0;
-  for (int q = 0; q < r.count; first = r.chunks_end[q], ++q) {
-    if (c >= r.chunks_end[q]) continue;
-    const int64_t at = (c - first) * kPrefetchChunk;
-    const int64_t left = r.bytes[q] - at;
-    cuda::prefetch_l2(r.p[q] + at, left < kPrefetchChunk ? left : kPrefetchChunk);
-    break;
-  }
-  // Last, not first: the prefetches go out at once, and the ops after this one (which wait for it)
-  // still wait for the ones before it.
-  wait_for_prior_kernels();
-}
-
 __global__ void scale_rows_sigmoid_kernel(float* y, const float* s, int64_t n, int64_t D) {
   wait_for_prior_kernels();
   for (int64_t i = global_thread(); i < n; i += grid_threads()) y[i] *= sigmoidf_(s[i / D]);
@@ -457,41 +431,6 @@ void CudaOps::zero(Tensor& t) {
   if (t.nbytes() == 0) return;
   expect_device("zero", "t", t);
   check_cuda(cudaMemsetAsync(t.raw(), 0, t.nbytes(), stream_), "zero");
-}
-
-// Whether prefetch asks L2 for anything: yes unless the environment sets BALLAST_CUDA_PREFETCH=0
-// (for measuring what it gives, as BALLAST_CUDA_PDL for overlapped launches; read once).
-static bool prefetch_on() {
-  static const bool on = [] {
-    const char* v = std::getenv("BALLAST_CUDA_PREFETCH");
-    return !(v && v[0] == '0' && v[1] == 0);
-  }();
-  return on;
-}
-
-void CudaOps::prefetch(std::span<const Tensor> weights) {
-  auto timed = time_op("prefetch");
-  if (!prefetch_on()) return;
-  PrefetchRanges r{};
-  int64_t chunks = 0;
-  const auto add = [&](const Tensor& t) {
-    if (!t.defined() || t.nbytes() == 0) return;
-    expect_device("prefetch", "a weight", t);
-    check(r.count < kPrefetchRanges, "prefetch: more than {} tensors and block scales", kPrefetchRanges);
-    // Whole 16-byte granules around the tensor (allocations are 256-byte aligned: none leaves one).
-    const auto begin = reinterpret_cast<uintptr_t>(t.raw()) & ~uintptr_t(15);
-    const auto end = (reinterpret_cast<uintptr_t>(t.raw()) + t.nbytes() + 15) & ~uintptr_t(15);
-    r.p[r.count] = reinterpret_cast<const char*>(begin);
-    r.bytes[r.count] = int64_t(end - begin);
-    r.chunks_end[r.count++] = chunks += cdiv(int64_t(end - begin), kPrefetchChunk);
-  };
-  for (const Tensor& w : weights) {
-    add(w);
-    if (w.defined() && w.dtype() == DType::F8_E4M3_B128) add(w.scales());
-  }
-  if (chunks == 0) return;
-  launch(prefetch_kernel, blocks_for(chunks, kThreads), kThreads, 0, stream_, r);
-  check_launch("prefetch");
 }
 
 void CudaOps::fill_uniform(Tensor& t, uint64_t seed, float scale) {

@@ -56,18 +56,6 @@ __device__ __forceinline__ void wait_for_prior_kernels() {
 #endif
 }
 
-// Asks L2 to fetch bytes [p, p + bytes) from memory (p 16-byte aligned, bytes a multiple of 16;
-// one instruction for the range: Hopper's bulk prefetch). Safe anywhere, also before
-// wait_for_prior_kernels(): L2 is where every SM's reads and writes meet, so a line fetched early
-// is updated by any later write and a read after the wait sees that write. What it buys is DRAM
-// time that would otherwise idle: a weight-streaming kernel fetches its first weights while the
-// kernel before it finishes.
-__device__ __forceinline__ void prefetch_l2(const void* p, int64_t bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (bytes > 0) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(uint32_t(bytes)) : "memory");
-#endif
-}
-
 // Whether launches may overlap: yes unless the environment sets BALLAST_CUDA_PDL=0, a switch for
 // measuring what the overlap gives and for ruling it out when a result looks wrong (read once,
 // like CUDA's own CUDA_LAUNCH_BLOCKING).
