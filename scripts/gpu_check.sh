@@ -4,14 +4,15 @@
 # summary.json under $OUT. Each step runs even when an earlier one fails; the summary says which.
 # The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
 # pack ~11 MB (xz -9e), so .carry/fla (~6 MB) fits beside it, with little to spare.
-#   STEPS="conformance runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels mtp deltanet" bash scripts/gpu_check.sh
+#   STEPS="conformance runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels decode-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
 # of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
 # the demo model; pdl: the 80B shape's decode with and without overlapped launches
 # (BALLAST_CUDA_PDL=0), alternated twice; prefill-kernels: Nsight Compute's sections for the top
 # kernels (NCU_KERNELS, a regex) of the first pass, an 8k prompt of the 80B shape in FP8 (4 layers:
-# 3 x 2 delta rule kernels, 4 x 2 expert tile kernels, 1 attention = 15 launches); ep: the 80B shape with in-process expert parallelism
+# 3 x 2 delta rule kernels, 4 x 2 expert tile kernels, 1 attention = 15 launches); decode-kernels: the same
+# sections for the few-row products and small expert tiles (NCU_DECODE_KERNELS) of a batch-1 FP8 decode step; ep: the 80B shape with in-process expert parallelism
 # G = 1 and 4 on the one GPU; deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -62,6 +63,12 @@ for s in $STEPS; do
                --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --dtype fp8 --layers 4 --batch 1 \
                --prompt-len 8192 --decode-steps 1 --prefill 8192 --repeats 1 > $OUT/prefill-kernels.txt" ;;
+    decode-kernels) step decode-kernels bash -c "ncu --profile-from-start off --graph-profiling node \
+               --kernel-name 'regex:${NCU_DECODE_KERNELS:-few_rows|experts_small}' --launch-count ${NCU_COUNT:-12} \
+               --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+               --section SchedulerStats --section MemoryWorkloadAnalysis \
+               $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --dtype fp8 --layers 4 --batch 1 \
+               --prompt-len 1024 --decode-steps 4 --repeats 1 --profiler-window > $OUT/decode-kernels.txt" ;;
     pdl) step pdl bash -c "for r in 1 2; do for v in 0 1; do echo \"--- BALLAST_CUDA_PDL=\$v (round \$r)\"; BALLAST_CUDA_PDL=\$v \
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} --batch 1,8,32 \
                --prompt-len 1024 --decode-steps 32 --prefill 8192 --repeats 1 --json-file $OUT/pdl-\$v-\$r.json; done; done" ;;
