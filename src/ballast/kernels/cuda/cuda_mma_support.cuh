@@ -1,6 +1,8 @@
 // mma.sync tensor-core products and asynchronous copies for the kernels whose operands are fp32
 // activations (prefill attention, the chunked delta rule): 3xTF32 where fp32 accuracy is asked for,
-// bf16 m16n8k16 where bf16 products are; the copies serve the FP8 expert tiles too.
+// bf16 m16n8k16 where bf16 products are, e4m3 m16n8k32 for block-scaled FP8 weights with x
+// quantized per 128-block (decode's few-row products and small expert tiles); the copies serve the
+// FP8 expert tiles too.
 //
 // 3xTF32: each operand is split into TF32 parts, a = a_big + a_small, and a b = a_big b_small +
 // a_small b_big + a_big b_big, three mma.sync m16n8k8 TF32 products summed in fp32: within 2^-19 of
@@ -14,6 +16,7 @@
 #pragma once
 
 #include <cuda_bf16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 
@@ -92,6 +95,33 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
   asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// d += a b on the FP8 tensor cores (m16n8k32, e4m3 in, fp32 sums; sm_89 and later): a holds four
+// e4m3 a register (rows g, g + 8, g, g + 8 of the 16; k = 4 tq .. + 3, then 16 + 4 tq .. + 3), b
+// two (column g; the same k). g = lane / 4, tq = lane % 4.
+__device__ __forceinline__ void mma_e4m3(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#endif
+}
+
+// A warp's 128 values of a row (4 a lane, v) quantized as the FP8 tensor-core paths take x: the
+// block's scale sc = amax / 448 (1 for zeros), each value / sc to the nearest e4m3 (saturating),
+// packed in a word (the lane's first value in the low byte).
+__device__ __forceinline__ uint32_t quantize_b128(float4 v, float& sc) {
+  float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+  sc = amax > 0.f ? amax / 448.0f : 1.0f;
+  const float q[4] = {v.x / sc, v.y / sc, v.z / sc, v.w / sc};
+  uint32_t packed = 0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) packed |= uint32_t(__nv_cvt_float_to_fp8(q[i], __NV_SATFINITE, __NV_E4M3)) << (8 * i);
+  return packed;
 }
 
 // 16 bytes global -> shared without registers; zeros where !pred (nothing is read then, but src
