@@ -43,7 +43,6 @@ using cuda::check_cuda;
 using cuda::check_launch;
 using cuda::expect_device;
 using cuda::launch;
-using cuda::mma_e4m3;
 using cuda::quantize_b128;
 using cuda::sigmoidf_;
 using cuda::silu_;
@@ -91,27 +90,6 @@ struct FewRowsTargets {
   FewRowsTarget t[kFewTargetsMax];
   int count;
 };
-
-// Item i (R weight rows) among the targets marked `alt` (or not), numbered one after the other
-// (warps_end counting items): its target and first row.
-struct FewItem {
-  const void* w;
-  const float* s;
-  int64_t N, ldy, n0;
-  float* y;
-};
-__device__ __forceinline__ FewItem few_item(const FewRowsTargets& tg, bool alt, int64_t i, int R) {
-  FewItem it{};
-  int64_t start = 0;
-#pragma unroll
-  for (int q = 0; q < kFewTargetsMax; ++q)  // (no dynamic indexing of the parameters)
-    if (q < tg.count && tg.t[q].alt == alt) {
-      if (i >= start && i < tg.t[q].warps_end)
-        it = FewItem{tg.t[q].w, tg.t[q].s, tg.t[q].N, tg.t[q].ldy, (i - start) * R, tg.t[q].y};
-      start = tg.t[q].warps_end;
-    }
-  return it;
-}
 
 // x's E values at x + at: as stored, or (SWIGLU: x is the gate, u the up values at the same
 // offsets) silu(x) * u, the same floats silu_mul writes.
@@ -337,153 +315,6 @@ void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRow
     case 7: return run(std::integral_constant<int, 7>{});
     default: return run(std::integral_constant<int, 8>{});
   }
-}
-
-// ============================================================================================
-// Few rows of block-scaled FP8 on the FP8 tensor cores (bf16 products, T <= 8)
-// ============================================================================================
-// Decode's FP8 products as FP8 models are served (x quantized per row and 128-block of k to e4m3,
-// amax / 448, as this file's many-rows path and vLLM / SGLang do): mma.sync m16n8k32 e4m3 with 16
-// weight rows as A and the T <= 8 x rows as B's 8 columns, fp32 sums, each 128-block's sum times
-// the weight block's scale and x's. A block takes 16 weight rows of one target; its 4 warps split
-// K (whole 128-blocks each) and add their sums in a fixed order through shared memory. A lane's
-// 16-byte load of a weight row feeds two MMAs as it came from memory, k numbered in the order the
-// loads bring it (x's fragments read in the same order from shared memory), so nothing is
-// unpacked, converted or scaled per element: on the CUDA cores the FP8 few-row products issue
-// ~120 instructions a 16-byte load and reach 1.2-1.5 TB/s (Nsight Compute, docs/perf.md).
-
-constexpr int kF8Rows = 16;        // weight rows a block (the MMA's M)
-constexpr int kF8Warps = 4;        // warps a block, each a quarter of K
-constexpr int kF8BlocksInFlight = 4;  // 128-blocks of k whose loads a warp issues together (64 registers)
-
-// Shared memory: x quantized [T, K] e4m3, its scales [T, K / 128], the warps' sums [4, 16, 8].
-constexpr int64_t fp8_rows_smem(int64_t T, int64_t K) {
-  return T * K + T * (K / kScaleBlock) * 4 + kF8Warps * kF8Rows * 8 * 4;
-}
-constexpr int64_t kF8SmemMax = 48 * 1024;  // the default limit of dynamic shared memory
-
-// SWIGLU (one target): x is the gate, u the up values, quantized as silu(x) * u; row_gate (if not
-// null): y[t, :] times sigmoid(row_gate[t]). Items: 16-row slices of the targets, in order.
-template <bool SWIGLU>
-__global__ void __launch_bounds__(kF8Warps * 32)
-    fp8_rows_kernel(const float* __restrict__ x, const float* __restrict__ u, int64_t ldx, int T, int64_t K,
-                    FewRowsTargets tg, const float* __restrict__ row_gate, int64_t items) {
-  extern __shared__ __align__(16) uint8_t smem[];
-  const int64_t KB = K / kScaleBlock;
-  uint8_t* xq = smem;
-  float* xs = reinterpret_cast<float*>(smem + T * K);
-  float* sums = xs + T * KB;
-  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
-  const int64_t per = cdiv(KB, int64_t(kF8Warps));
-  const int64_t b0 = std::min(KB, warp * per), b1 = std::min(KB, b0 + per);  // this warp's 128-blocks
-  wait_for_prior_kernels();
-  bool quantized = false;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // (block-uniform)
-    const FewItem it = few_item(tg, false, item, kF8Rows);
-    const uint8_t* w = static_cast<const uint8_t*>(it.w);
-    const uint8_t* wg = w + std::min(it.n0 + g, it.N - 1) * K;  // past N: a valid row, not written
-    const uint8_t* wg8 = w + std::min(it.n0 + g + 8, it.N - 1) * K;
-    const float* ws = it.s + (it.n0 / kScaleBlock) * KB;  // the 16 rows lie in one 128-row block
-    uint4 a[kF8BlocksInFlight][2][2];  // [128-block][64-k half][row g, g + 8]
-    const auto issue = [&](int64_t bb) {
-#pragma unroll
-      for (int q = 0; q < kF8BlocksInFlight; ++q)
-        if (bb + q < b1)
-#pragma unroll
-          for (int h = 0; h < 2; ++h) {
-            const int64_t k = (bb + q) * kScaleBlock + h * 64 + tq * 16;
-            a[q][h][0] = __ldg(reinterpret_cast<const uint4*>(wg + k));
-            a[q][h][1] = __ldg(reinterpret_cast<const uint4*>(wg8 + k));
-          }
-    };
-    issue(b0);
-    if (!quantized) {  // x once a block, while the first weights are on their way
-      constexpr int kAtOnce = 8;  // 128-blocks of x a warp loads before quantizing them (one round trip)
-      for (int64_t p0 = warp; p0 < T * KB; p0 += kF8Warps * kAtOnce) {
-        float v[kAtOnce][4];
-#pragma unroll
-        for (int i = 0; i < kAtOnce; ++i) {
-          const int64_t p = p0 + int64_t(i) * kF8Warps;
-          if (p < T * KB) load_x<SWIGLU>(x, u, (p / KB) * ldx + (p % KB) * kScaleBlock + lane * 4, v[i]);
-        }
-#pragma unroll
-        for (int i = 0; i < kAtOnce; ++i) {
-          const int64_t p = p0 + int64_t(i) * kF8Warps;
-          if (p >= T * KB) break;  // (warp-uniform)
-          const int64_t t = p / KB, k = (p % KB) * kScaleBlock + lane * 4;
-          float sc;
-          *reinterpret_cast<uint32_t*>(xq + t * K + k) =
-              quantize_b128(make_float4(v[i][0], v[i][1], v[i][2], v[i][3]), sc);
-          if (lane == 0) xs[t * KB + p % KB] = sc;
-        }
-      }
-      __syncthreads();
-      quantized = true;
-    }
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows g, g, g + 8, g + 8; tokens 2 tq, 2 tq + 1
-    for (int64_t bb = b0; bb < b1; bb += kF8BlocksInFlight) {
-      if (bb != b0) issue(bb);
-#pragma unroll
-      for (int q = 0; q < kF8BlocksInFlight; ++q) {
-        if (bb + q >= b1) break;
-        float d[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int64_t k = (bb + q) * kScaleBlock + h * 64 + tq * 16;
-          const uint4 xb = g < T ? *reinterpret_cast<const uint4*>(xq + g * K + k) : make_uint4(0, 0, 0, 0);
-          const uint4& r = a[q][h][0];
-          const uint4& r8 = a[q][h][1];
-          mma_e4m3(d, r.x, r8.x, r.y, r8.y, xb.x, xb.y);
-          mma_e4m3(d, r.z, r8.z, r.w, r8.w, xb.z, xb.w);
-        }
-        const float sw = __ldg(ws + bb + q);
-        const float s0 = 2 * tq < T ? sw * xs[(2 * tq) * KB + bb + q] : 0.f;
-        const float s1 = 2 * tq + 1 < T ? sw * xs[(2 * tq + 1) * KB + bb + q] : 0.f;
-        acc[0] = fmaf(d[0], s0, acc[0]);
-        acc[1] = fmaf(d[1], s1, acc[1]);
-        acc[2] = fmaf(d[2], s0, acc[2]);
-        acc[3] = fmaf(d[3], s1, acc[3]);
-      }
-    }
-    float* mine = sums + warp * kF8Rows * 8;
-    mine[g * 8 + 2 * tq] = acc[0], mine[g * 8 + 2 * tq + 1] = acc[1];
-    mine[(g + 8) * 8 + 2 * tq] = acc[2], mine[(g + 8) * 8 + 2 * tq + 1] = acc[3];
-    __syncthreads();
-    const int row = int(threadIdx.x) / 8, t = int(threadIdx.x) % 8;  // 128 threads: 16 rows x 8 tokens
-    if (t < T && it.n0 + row < it.N) {
-      float v = 0.f;
-#pragma unroll
-      for (int q = 0; q < kF8Warps; ++q) v += sums[(q * kF8Rows + row) * 8 + t];
-      if (row_gate) v *= sigmoidf_(__ldg(row_gate + t));
-      it.y[t * it.ldy + it.n0 + row] = v;
-    }
-    __syncthreads();  // the sums are read before the next item writes them
-  }
-}
-
-// Whether the FP8 tensor-core few-row path takes a product of T rows and K: from kF8MinRows x rows
-// (with one or two the CUDA cores' few-row kernels measured faster: 233 vs 195 tok/s at batch 1,
-// 347 vs 294 at batch 2, 80B FP8; their work a weight byte grows with the rows, the MMA's does not),
-// whole 128-blocks of k, and x's quantized rows within the default shared memory (80B: K <= 4,096
-// at T = 8).
-constexpr int64_t kF8MinRows = 4;
-bool fp8_rows_fit(int64_t T, int64_t K) {
-  return T >= kF8MinRows && T <= kFewRowsMax && K > 0 && K % kScaleBlock == 0 && fp8_rows_smem(T, K) <= kF8SmemMax;
-}
-
-// The targets (block-scaled FP8, K per row, 16-byte aligned) in 16-row items, one launch; x rows
-// 16-byte aligned (ldx a multiple of 4). SWIGLU: as fp8_rows_kernel's.
-template <bool SWIGLU = false>
-void launch_fp8_rows(const float* x, int64_t ldx, int T, int64_t K, FewRowsTargets tg, int sms, cudaStream_t stream,
-                     const float* u = nullptr, const float* row_gate = nullptr) {
-  int64_t items = 0;
-  for (int q = 0; q < tg.count; ++q) {
-    tg.t[q].alt = false;
-    tg.t[q].warps_end = items += cdiv(tg.t[q].N, kF8Rows);
-  }
-  const int64_t blocks = std::min<int64_t>(items, int64_t(sms) * 8);
-  launch(fp8_rows_kernel<SWIGLU>, unsigned(blocks), kF8Warps * 32, size_t(fp8_rows_smem(T, K)), stream, x, u, ldx, T,
-         K, tg, row_gate, items);
 }
 
 // ============================================================================================
@@ -826,7 +657,6 @@ struct LtPlan {
 
 struct MatmulState {
   int sms = 0;
-  bool fp8_mma = false;  // the device has FP8 mma.sync (compute capability 8.9 or later)
   cublasLtHandle_t lt = nullptr;
   void* lt_workspace = nullptr;
   std::map<std::tuple<int64_t, int64_t, int64_t>, LtPlan> plans;  // by (Tp, K, N)
@@ -905,21 +735,6 @@ struct Fp8Scratch {
   }
   size_t bytes() const { return xq + xs + d; }
 };
-
-// The state of the matmul ops (CudaOps::matmul_state_), made at first need.
-MatmulState& matmul_state_of(std::shared_ptr<void>& state) {
-  if (!state) {
-    auto s = std::make_shared<MatmulState>();
-    s->sms = multiprocessors();
-    int dev = 0, major = 0, minor = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-    s->fp8_mma = major * 10 + minor >= 89;
-    state = s;
-  }
-  return *static_cast<MatmulState*>(state.get());
-}
 
 // y [T, N] = x @ w^T as above; scratch holds Fp8Scratch(T, K, N).bytes(). False (nothing queued)
 // where cuBLASLt has no kernel for the shape.
@@ -1053,15 +868,13 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   const float* ws = scaled ? cuda::f32(w.scales()) : nullptr;
   if (scaled) expect_device("matmul", "w's block scales", w.scales());
   if (T == 0 || N == 0) return;
-  MatmulState& st = matmul_state_of(matmul_state_);
-  const int sms = st.sms;
-  if (bf16_matmul_ && scaled && st.fp8_mma && fp8_rows_fit(T, K) && aligned(x.raw(), 16) && aligned(w.raw(), 16)) {
-    timed.op = "matmul gemv (FP8 tensor cores)";
-    const FewRowsTargets one{{{w.raw(), N, cuda::f32_mut(y), N, 0, ws, false}}, 1};
-    launch_fp8_rows(cuda::f32(x), K, int(T), K, one, sms, stream_);
-    check_launch("matmul");
-    return;
+  if (!matmul_state_) {
+    auto s = std::make_shared<MatmulState>();
+    s->sms = multiprocessors();
+    matmul_state_ = s;
   }
+  const int sms = static_cast<const MatmulState*>(matmul_state_.get())->sms;
+  MatmulState& st = *static_cast<MatmulState*>(matmul_state_.get());
   if (bf16_matmul_ && scaled && fp8_tensor_cores_fit(T, K, N, x.raw())) {
     timed.op = "matmul gemm (FP8 tensor cores, cuBLASLt)";
     if (lt_fp8_matmul(st, counters_, cuda::f32(x), T, K, w.raw(), ws, N, cuda::f32_mut(y),
@@ -1107,14 +920,6 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
   const float* u = cuda::f32(up);
   const float* rg = row_gate.defined() ? cuda::f32(row_gate) : nullptr;
   const FewRowsTargets one{{target}, 1};
-  const MatmulState& st = matmul_state_of(matmul_state_);
-  if (scaled && bf16_matmul_ && st.fp8_mma && fp8_rows_fit(T, K) && aligned(g, 16) && aligned(u, 16) &&
-      aligned(w.raw(), 16)) {
-    timed.op = "swiglu_down gemv (FP8 tensor cores)";
-    launch_fp8_rows<true>(g, K, int(T), K, one, st.sms, stream_, u, rg);
-    check_launch("swiglu_down");
-    return;
-  }
   if (wdt == DType::F32) launch_few_rows<float, false, float, false, true>(g, K, int(T), K, one, stream_, u, rg);
   else if (wdt == DType::BF16)
     launch_few_rows<__nv_bfloat16, false, __nv_bfloat16, false, true>(g, K, int(T), K, one, stream_, u, rg);
@@ -1152,27 +957,6 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
                             scaled ? cuda::f32(w[i].scales()) : nullptr, !same && w[i].dtype() == DType::BF16};
   }
   expect_device("matmul", "x", x);
-  // Block-scaled FP8 targets on the FP8 tensor cores (bf16 products), the bf16 ones beside them in
-  // a launch of their own.
-  const MatmulState& st = matmul_state_of(matmul_state_);
-  bool fp8_rows = bf16_matmul_ && st.fp8_mma && fp8_rows_fit(T, K) && aligned(x.raw(), 16);
-  FewRowsTargets f8{}, others{};
-  for (int q = 0; q < tg.count; ++q) {
-    const bool scaled = w[size_t(q)].dtype() == DType::F8_E4M3_B128;
-    fp8_rows = fp8_rows && (!scaled || aligned(tg.t[q].w, 16));
-    (scaled ? f8 : others).t[(scaled ? f8 : others).count++] = tg.t[q];
-  }
-  if (fp8_rows && f8.count > 0) {
-    timed.op = "matmul gemv (FP8 tensor cores)";
-    launch_fp8_rows(cuda::f32(x), K, int(T), K, f8, st.sms, stream_);
-    check_launch("matmul");
-    if (others.count > 0) {
-      for (int q = 0; q < others.count; ++q) others.t[q].alt = false;
-      launch_few_rows<__nv_bfloat16>(cuda::f32(x), K, int(T), K, others, stream_);
-      check_launch("matmul");
-    }
-    return;
-  }
   if (!same) {  // FP8 beside bf16
     launch_few_rows<f8e4m3, true, __nv_bfloat16, false>(cuda::f32(x), K, int(T), K, tg, stream_);
     check_launch("matmul");

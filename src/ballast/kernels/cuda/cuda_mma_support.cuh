@@ -1,8 +1,7 @@
 // mma.sync tensor-core products and asynchronous copies for the kernels whose operands are fp32
 // activations (prefill attention, the chunked delta rule): 3xTF32 where fp32 accuracy is asked for,
 // bf16 m16n8k16 where bf16 products are, e4m3 m16n8k32 for block-scaled FP8 weights with x
-// quantized per 128-block (decode's few-row products and small expert tiles); the copies serve the
-// FP8 expert tiles too.
+// quantized per 128-block (the small FP8 expert tiles); the copies serve the FP8 expert tiles too.
 //
 // 3xTF32: each operand is split into TF32 parts, a = a_big + a_small, and a b = a_big b_small +
 // a_small b_big + a_big b_big, three mma.sync m16n8k8 TF32 products summed in fp32: within 2^-19 of

@@ -958,13 +958,17 @@ __global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArg
   }
 }
 
-// Small tiles of block-scaled FP8 experts on the FP8 tensor cores (bf16 products; decode): as the
-// few-row FP8 products (fp8_rows_kernel, cuda_matmul.cu) per tile of up to 8 rows, the tile's rows
-// B's 8 columns. An item is 16 output features of a tile: with GU 16 rows of gate and of up (h =
-// silu(gate x) * up x of those features), else 16 rows of down. The tile's input rows (x rows by
-// perm, or its h rows) are quantized per row and 128-block into shared memory while the item's
-// first weights are on their way; the 4 warps split K in whole 128-blocks and add their sums in a
-// fixed order. A lane's 16-byte load of a weight row feeds two MMAs as it came from memory.
+// Small tiles (up to 8 rows) of block-scaled FP8 experts on the FP8 tensor cores (bf16 products,
+// beside the large FP8 tiles): mma.sync m16n8k32 e4m3 with 16 weight rows as A and the tile's rows
+// as B's 8 columns, fp32 sums, each 128-block's sum times the weight block's scale and the row's.
+// An item is 16 output features of a tile: with GU 16 rows of gate and of up (h = silu(gate x) *
+// up x of those features), else 16 rows of down. The tile's input rows (x rows by perm, or its h
+// rows) are quantized per row and 128-block (amax / 448, as the large tiles take them) into shared
+// memory while the item's first weights are on their way; the 4 warps split K in whole 128-blocks
+// and add their sums in a fixed order. A lane's 16-byte load of a weight row feeds two MMAs as it
+// came from memory: k is numbered in the order the loads bring it, and x's fragments (16 bytes
+// of shared memory a lane) follow the same order, so nothing is unpacked, converted or scaled per
+// element.
 constexpr int kF8SmallWarps = 4;
 constexpr int kF8SmallRows = 16;  // output features an item (the MMA's M)
 template <bool GU>
@@ -1860,9 +1864,9 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // Small tiles of block-scaled FP8 on the FP8 tensor cores (mma.sync) beside the large FP8 tiles
   // (more than small_max tokens) where rows are whole 128-blocks and a tile's quantized rows fit the
   // default shared memory: tiles of up to 8 rows (the MMA's 8 columns cost the same filled or not),
-  // so an expert's weights stream once for up to 8 rows. 80B FP8, batch 32: 814 -> 941 tok/s. With
-  // fewer tokens (groups of one or two rows) the CUDA-core tiles measured faster (batch 1 / 8: 233 /
-  // 520 tok/s with them, 195 / 484 with these and the FP8 few-row products together).
+  // so an expert's weights stream once for up to 8 rows. 80B FP8, batch 32: 811 -> 944 tok/s. With
+  // 8 tokens or fewer (groups of one or two rows) the CUDA-core tiles measured faster (batch 1 / 8:
+  // 233 / 520 tok/s with them, 195 / 484 with these and an FP8 tensor-core few-row product together).
   const bool fp8_small = st.hopper && tensor_cores && f8 && same_inter && tokens > small_max &&
                          H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
                          experts_fp8_small_smem(std::max(H, imax)) <= kF8SmallSmemMax;
