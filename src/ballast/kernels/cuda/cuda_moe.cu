@@ -1867,7 +1867,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // so an expert's weights stream once for up to 8 rows. 80B FP8, batch 32: 811 -> 944 tok/s. With
   // 8 tokens or fewer (groups of one or two rows) the CUDA-core tiles measured faster (batch 1 / 8:
   // 233 / 520 tok/s with them, 195 / 484 with these and an FP8 tensor-core few-row product together).
-  const bool fp8_small = st.hopper && tensor_cores && f8 && same_inter && tokens > small_max &&
+  const bool fp8_small = kFp8TensorCores && st.hopper && tensor_cores && f8 && same_inter && tokens > small_max &&
                          H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
                          experts_fp8_small_smem(std::max(H, imax)) <= kF8SmallSmemMax;
   // Few x rows (decode: at most small_max tokens, each choosing distinct experts, so no group has
