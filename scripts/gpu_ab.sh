@@ -12,6 +12,9 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-ab}
 mkdir -p "$OUT"
+# The device tool brings back at most 8 files from $OUT: each run's log goes to a scratch folder and
+# is appended to one file, $OUT/ab-runs.log; the table is printed.
+RUNS=$(mktemp -d)
 [ -x .carry/gpu/bin/ballast ] || tar -C .carry -xJf .carry/gpu.tar.xz
 tar -C .carry -xJf .carry/old.tar.xz
 CUBLAS=$(dirname "$( (ls /usr/local/cuda/lib64/libcublas.so.13 2>/dev/null; find / -name 'libcublas.so.13' 2>/dev/null) | head -1)")
@@ -24,8 +27,10 @@ for r in $(seq 1 "${ROUNDS:-2}"); do
     bin=$v envs=()
     [ "$v" = switched ] && bin=ballast envs=("$AB_SWITCH")
     # shellcheck disable=SC2086
-    env "${envs[@]}" ".carry/gpu/bin/$bin" bench --device cuda $ARGS --json-file "$OUT/$v-$r.json" > "$OUT/$v-$r.log" 2>&1
+    env "${envs[@]}" ".carry/gpu/bin/$bin" bench --device cuda $ARGS > "$RUNS/$v-$r.log" 2>&1
+    { echo "=== $v${envs:+ (${envs[*]})}, round $r"; cat "$RUNS/$v-$r.log"; } >> "$OUT/ab-runs.log"
     echo "--- $v${envs:+ (${envs[*]})}, round $r (batch or tokens, tok/s, ms)"
-    grep -E "^ +[0-9]+ " "$OUT/$v-$r.log" | awk '{print $1, $2, $3}'
+    grep -E "^ +[0-9]+ " "$RUNS/$v-$r.log" | awk '{print $1, $2, $3}'
   done
 done
+rm -rf "$RUNS"

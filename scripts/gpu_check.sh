@@ -2,6 +2,8 @@
 # On the GPU machine (device tool, repository root, .carry/gpu.tar.xz carried): unpacks what
 # scripts/gpu_pack.sh built, then runs the CUDA checks and figures, writing logs and
 # summary.json under $OUT. Each step runs even when an earlier one fails; the summary says which.
+# The device tool brings back at most 8 files from $OUT (a log a step, the summary, the JSON and CSV
+# of some steps): run at most ~5 steps a call, or point OUT elsewhere and print what matters.
 # The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
 # pack ~11 MB (xz -9e), so .carry/fla (~6 MB) fits beside it, with little to spare.
 #   STEPS="conformance runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels decode-kernels mtp deltanet" bash scripts/gpu_check.sh
