@@ -6,6 +6,7 @@
 #include <string>
 
 #include "ballast/core/error.h"
+#include "ballast/dist/local_gpu.h"
 #include "ballast/dist/mpi_communicator.h"
 #include "ballast/dist/mpi_data_plane.h"
 #include "conformance.h"
@@ -39,6 +40,13 @@ TEST(Mpi, RankAndSize) {
   std::vector<int64_t> one{1};
   comm().all_reduce_sum(std::span<int64_t>(one));
   EXPECT_EQ(one[0], size);
+}
+
+// The ranks of one mpirun on one host are all local, in world-rank order: rank r takes GPU r.
+TEST(Mpi, LocalRanksOfOneHost) {
+  EXPECT_EQ(comm().local_rank(), comm().rank());
+  EXPECT_EQ(comm().local_size(), comm().size());
+  EXPECT_EQ(local_gpu(comm().local_rank(), comm().local_size(), comm().size()), comm().rank());
 }
 
 TEST(Mpi, AllReduce) { conformance::all_reduce(comm()); }

@@ -349,7 +349,7 @@ int run_bench(const BenchArgs& a) {
       // expert-parallel receive buffers take G x its rows x top-k rows of the hidden size.
       o.cache.chunked_prefill_size = chunk_for(share);
     }
-    const int gpu = rank_gpu();
+    const int gpu = rank_gpu(a.device, comm);
     std::unique_ptr<runtime::Engine> engine;
     std::string model_name;
     if (!a.synthetic.empty()) {

@@ -10,6 +10,7 @@
 #include "ballast/cli/error_line.h"
 #include "ballast/cli/option_checks.h"
 #include "ballast/core/error.h"
+#include "ballast/dist/local_gpu.h"
 #include "ballast/dist/mpi_communicator.h"
 #include "ballast/runtime/engine.h"
 #include "ballast/dist/mpi_data_plane.h"
@@ -65,14 +66,16 @@ runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* c
   return opts;
 }
 
-int rank_gpu() {
-  const char* local = std::getenv("OMPI_COMM_WORLD_LOCAL_RANK");
-  return local ? std::atoi(local) : 0;
+int rank_gpu(const DeviceArgs& device, const dist::Communicator* comm) {
+  const auto* mpi = dynamic_cast<const dist::MpiCommunicator*>(comm);
+  const int devices = cuda_devices_for(device);
+  // (With no GPU at all the CUDA backend says so itself.)
+  return mpi && devices > 0 ? dist::local_gpu(mpi->local_rank(), mpi->local_size(), devices) : 0;
 }
 
 std::unique_ptr<runtime::Engine> load_rank_engine(const std::filesystem::path& dir, const EngineArgs& a,
                                                   const runtime::EngineOptions& opts, int threads) {
-  return load_engine(dir, a.device, threads, opts, !opts.comm || opts.comm->rank() == 0, rank_gpu());
+  return load_engine(dir, a.device, threads, opts, !opts.comm || opts.comm->rank() == 0, rank_gpu(a.device, opts.comm));
 }
 
 int run_on_ranks(const EngineArgs& a, const RankFn& fn) {

@@ -35,9 +35,10 @@ void validate(const EngineArgs& a);
 // The engine's options for a rank of `comm` (null: one rank) with `cache` limits resolved.
 runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* comm, dist::DataPlane* data,
                                       const runtime::CacheOptions& cache);
-// The GPU of this process's ranks: MPI ranks of one host take its GPUs in turn (the local rank);
-// in-process ranks share GPU 0.
-int rank_gpu();
+// The GPU of a rank of `comm` (null: the one rank): MPI ranks of one host take its GPUs by local
+// rank (dist::local_gpu: an error naming the counts when the host has fewer GPUs than ranks);
+// in-process ranks share GPU 0, as does a lone process. 0 where `device` makes no CUDA backend.
+int rank_gpu(const DeviceArgs& device, const dist::Communicator* comm);
 // Loads the engine of one rank (its GPU under MPI: the local rank's; a progress bar on rank 0).
 std::unique_ptr<runtime::Engine> load_rank_engine(const std::filesystem::path& dir, const EngineArgs& a,
                                                   const runtime::EngineOptions& opts, int threads);

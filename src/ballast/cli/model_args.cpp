@@ -130,6 +130,14 @@ void add_device_option(CLI::App* c, DeviceArgs& d) {
       ->check(CLI::IsMember({"copy", "mmap"}));
 }
 
+int cuda_devices_for(const DeviceArgs& d) {
+#ifdef BALLAST_HAS_CUDA
+  if (d.device == "cuda" || (d.device == "auto" && kernels::cuda_available())) return kernels::cuda_device_count();
+#endif
+  (void)d;
+  return 0;
+}
+
 std::unique_ptr<kernels::Backend> make_backend(const DeviceArgs& d, int threads, int gpu) {
 #ifdef BALLAST_HAS_CUDA
   if (d.device == "cuda" || (d.device == "auto" && kernels::cuda_available()))

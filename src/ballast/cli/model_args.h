@@ -51,6 +51,9 @@ void add_device_option(CLI::App* cmd, DeviceArgs& device);
 // The backend for `device` ("auto", "cuda" or "cpu"): the CPU with `threads` threads (0 = all
 // cores), or CUDA device `gpu`. Errors say why CUDA cannot be had.
 std::unique_ptr<kernels::Backend> make_backend(const DeviceArgs& device, int threads, int gpu = 0);
+// The CUDA devices make_backend may pick from: 0 when it builds a CPU backend (--device cpu, or
+// auto without a GPU) or this build has no CUDA.
+int cuda_devices_for(const DeviceArgs& device);
 
 // Builds the backend and loads the engine on it, with a progress bar while the weights are read.
 std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, const DeviceArgs& device, int threads,

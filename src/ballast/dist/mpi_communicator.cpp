@@ -102,6 +102,15 @@ MpiCommunicator::MpiCommunicator(Watchdog* watchdog) : impl_(std::make_unique<Im
   MPI_Comm_set_errhandler(impl_->comm, MPI_ERRORS_RETURN);
   MPI_Comm_rank(impl_->comm, &rank_);
   MPI_Comm_size(impl_->comm, &size_);
+  MPI_Comm host = MPI_COMM_NULL;
+  {
+    Watchdog::Scope watch(watchdog_, "MPI_Comm_split_type");
+    mpi_check(MPI_Comm_split_type(impl_->comm, MPI_COMM_TYPE_SHARED, rank_, MPI_INFO_NULL, &host),
+              "MPI_Comm_split_type", rank_);
+  }
+  MPI_Comm_rank(host, &local_rank_);
+  MPI_Comm_size(host, &local_size_);
+  MPI_Comm_free(&host);
 }
 
 MpiCommunicator::~MpiCommunicator() {

@@ -56,6 +56,10 @@ class MpiCommunicator final : public Communicator {
 
   int rank() const override { return rank_; }
   int size() const override { return size_; }
+  // This rank among the ranks on its host (MPI_COMM_TYPE_SHARED, in world-rank order), and how
+  // many those are: what picks a rank's GPU (local_gpu.h).
+  int local_rank() const { return local_rank_; }
+  int local_size() const { return local_size_; }
 
   void barrier() override;
   void all_reduce_sum(std::span<int64_t> data) override;
@@ -69,6 +73,7 @@ class MpiCommunicator final : public Communicator {
   std::unique_ptr<Impl> impl_;
   Watchdog* watchdog_;
   int rank_ = 0, size_ = 1;
+  int local_rank_ = 0, local_size_ = 1;
 };
 
 }  // namespace ballast::dist

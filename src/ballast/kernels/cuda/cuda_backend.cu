@@ -16,10 +16,12 @@ using cuda::check_cuda;
 // An empty kernel: whether it has an image for the device tells whether this build runs there.
 __global__ void cuda_probe_kernel() {}
 
-bool cuda_available() {
+int cuda_device_count() {
   int n = 0;
-  return cudaGetDeviceCount(&n) == cudaSuccess && n > 0;
+  return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
 }
+
+bool cuda_available() { return cuda_device_count() > 0; }
 
 struct CudaBackend::Impl {
   struct Graph {

@@ -15,6 +15,8 @@ class CudaOps;
 // Whether a CUDA device is visible to this process (false, not an error, without a driver or a
 // GPU; also false in a build without CUDA).
 bool cuda_available();
+// How many CUDA devices are visible to this process (0 without a driver or a GPU).
+int cuda_device_count();
 
 struct CudaOptions {
   // Matrix products of many rows with BF16/F16 weights on the tensor cores, x rounded to 16 bits
