@@ -68,9 +68,10 @@ runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* c
 
 int rank_gpu(const DeviceArgs& device, const dist::Communicator* comm) {
   const auto* mpi = dynamic_cast<const dist::MpiCommunicator*>(comm);
+  if (!mpi) return 0;
   const int devices = cuda_devices_for(device);
   // (With no GPU at all the CUDA backend says so itself.)
-  return mpi && devices > 0 ? dist::local_gpu(mpi->local_rank(), mpi->local_size(), devices) : 0;
+  return devices > 0 ? dist::local_gpu(mpi->local_rank(), mpi->local_size(), devices) : 0;
 }
 
 std::unique_ptr<runtime::Engine> load_rank_engine(const std::filesystem::path& dir, const EngineArgs& a,

@@ -130,9 +130,16 @@ void add_device_option(CLI::App* c, DeviceArgs& d) {
       ->check(CLI::IsMember({"copy", "mmap"}));
 }
 
+#ifdef BALLAST_HAS_CUDA
+// Whether `d` asks for the CUDA backend: --device cuda, or auto with a GPU visible.
+static bool picks_cuda(const DeviceArgs& d) {
+  return d.device == "cuda" || (d.device == "auto" && kernels::cuda_available());
+}
+#endif
+
 int cuda_devices_for(const DeviceArgs& d) {
 #ifdef BALLAST_HAS_CUDA
-  if (d.device == "cuda" || (d.device == "auto" && kernels::cuda_available())) return kernels::cuda_device_count();
+  if (picks_cuda(d)) return kernels::cuda_device_count();
 #endif
   (void)d;
   return 0;
@@ -140,7 +147,7 @@ int cuda_devices_for(const DeviceArgs& d) {
 
 std::unique_ptr<kernels::Backend> make_backend(const DeviceArgs& d, int threads, int gpu) {
 #ifdef BALLAST_HAS_CUDA
-  if (d.device == "cuda" || (d.device == "auto" && kernels::cuda_available()))
+  if (picks_cuda(d))
     return std::make_unique<kernels::CudaBackend>(gpu, kernels::CudaOptions{.bf16_matmul = d.matmul_precision == "bf16"});
 #else
   check(d.device != "cuda", "--device cuda: this build has no CUDA backend (nvcc was not found when it was built)");

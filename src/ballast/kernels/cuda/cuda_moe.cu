@@ -1930,7 +1930,8 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
 
   ExpertsArgs a{cuda::f32(x), M, H, cuda::i32(perm), Np, row_div, cuda::f32_mut(y), Ny, table, h, ldh,
                 xb, hb, xq, xs, hq, hs, nullptr, nullptr, 0, st.fault};
-  const int64_t resident_small = int64_t(st.sms) * 16, resident_gemm = int64_t(st.sms) * 4;
+  const int64_t resident_small = int64_t(st.sms) * 16, resident_gemm = int64_t(st.sms) * 4,
+                resident_fp8_small = int64_t(st.sms) * 8;
   auto launch_small_rows = [&](auto gu_tag, auto rows_tag, int64_t nout) {
     constexpr bool GU = decltype(gu_tag)::value;
     constexpr int MAXR = decltype(rows_tag)::value;
@@ -1950,7 +1951,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
       s.tiles = small;
       s.ntiles = ntiles;
       s.fblocks = int(cdiv(nout, kF8SmallRows));
-      const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_small * s.fblocks, int64_t(st.sms) * 8)));
+      const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_small * s.fblocks, resident_fp8_small)));
       launch(experts_fp8_small_kernel<GU>, grid, kF8SmallWarps * 32, size_t(experts_fp8_small_smem(GU ? H : imax)),
              stream_, s);
       check_launch("moe_experts");
