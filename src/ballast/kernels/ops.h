@@ -86,7 +86,11 @@ class Ops {
   // --- rows and elementwise ---
   // out[T, H] = table[ids[t], :]; ids [T]
   virtual void embedding(const Tensor& ids, const Tensor& table, Tensor& out) = 0;
-  // y[T, N] = x[T, K] @ w[N, K]^T
+  // y[T, N] = x[T, K] @ w[N, K]^T. The weights of matmul, matmul_many and swiglu_down are
+  // parameters: no op writes them while passes run, so a backend may start reading them before the
+  // op issued just before has finished (CUDA's decode products do: their weight loads overlap the
+  // previous kernel's tail). The routed experts' weights (moe_experts), which EPLB migrates, are not
+  // read early.
   virtual void matmul(const Tensor& x, const Tensor& w, Tensor& y) = 0;
   // Zero-centred RMSNorm over the last dim: y = x * rsqrt(mean(x^2) + eps) * (1 + w). x may be y.
   virtual void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) = 0;
