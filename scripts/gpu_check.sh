@@ -6,7 +6,7 @@
 # of some steps): run at most ~5 steps a call, or point OUT elsewhere and print what matters.
 # The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
 # pack ~11 MB (xz -9e), so .carry/fla (~6 MB) fits beside it, with little to spare.
-#   STEPS="conformance runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels decode-kernels mtp deltanet" bash scripts/gpu_check.sh
+#   STEPS="conformance nccl runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels decode-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
 # of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
@@ -15,7 +15,8 @@
 # kernels (NCU_KERNELS, a regex) of the first pass, an 8k prompt of the 80B shape in FP8 (4 layers:
 # 3 x 2 delta rule kernels, 4 x 2 expert tile kernels, 1 attention = 15 launches); decode-kernels: the same
 # sections for the few-row products and small expert tiles (NCU_DECODE_KERNELS) of a batch-1 FP8 decode step; ep: the 80B shape with in-process expert parallelism
-# G = 1 and 4 on the one GPU; deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla).
+# G = 1 and 4 on the one GPU; nccl: the NCCL data plane's conformance, one rank a visible GPU
+# (test_dist_nccl); deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-gpu}
@@ -25,7 +26,9 @@ tar -C .carry -xJf .carry/gpu.tar.xz
 BIN=$PWD/.carry/gpu/bin
 # cuBLAS 13 from the CUDA toolkit, or from the Python wheel where the toolkit's lib64 lacks it.
 CUBLAS=$(dirname "$( (ls /usr/local/cuda/lib64/libcublas.so.13 2>/dev/null; find / -name 'libcublas.so.13' 2>/dev/null) | head -1)")
-export LD_LIBRARY_PATH=$PWD/.carry/gpu/lib:$CUBLAS:${LD_LIBRARY_PATH:-}
+# NCCL (libnccl.so.2) likewise: the toolkit's, or the nvidia-nccl wheel's beside torch.
+NCCL=$(dirname "$( (ls /usr/local/cuda/lib64/libnccl.so.2 2>/dev/null; find / -name 'libnccl.so.2' 2>/dev/null) | head -1)")
+export LD_LIBRARY_PATH=$PWD/.carry/gpu/lib:$CUBLAS:$NCCL:${LD_LIBRARY_PATH:-}
 export BALLAST_FIXTURES_DIR=$PWD/tests/fixtures
 declare -A RESULT
 
@@ -41,6 +44,7 @@ for s in $STEPS; do
   case $s in
     info) step info bash -c "nvidia-smi; echo cublas: $CUBLAS; $BIN/ballast generate --device cuda --prompt-ids 1,2,3 --max-new-tokens 4 --model tests/fixtures/qwen3_next_a --json" ;;
     conformance) step conformance "$BIN/test_kernels_cuda" --gtest_brief=1 ;;
+    nccl) step nccl bash -c "echo nccl: $NCCL; nvidia-smi -L; $BIN/test_dist_nccl --gtest_brief=1" ;;
     runtime) step runtime env BALLAST_TEST_DEVICE=cuda "$BIN/test_runtime" --gtest_brief=1 \
                --gtest_filter="${RUNTIME_FILTER:-*}" ;;
     demo) step demo bash -c "for d in cpu cuda; do $BIN/ballast generate --device \$d --prompt 'def fibonacci(n):' --max-new-tokens 64 --json; $BIN/ballast generate --device \$d --prompt 'def fibonacci(n):' --max-new-tokens 64 --speculative-algorithm NEXTN --speculative-num-steps 2 --json; done" ;;

@@ -1,7 +1,9 @@
 #pragma once
 // What every DataPlane must do, as checks run by every rank (each rank calls the same function,
-// in the same order). Used by test_dist (threads) and test_dist_mpi (processes); the NCCL data
-// plane is to pass them too. Buffers are host tensors.
+// in the same order). Used by test_dist (threads), test_dist_mpi (processes) and test_dist_nccl
+// (GPUs). Every check builds its buffers on the host and hands the plane copies in its memory
+// (Memory: the host tensors themselves for host planes, device copies for NCCL), then reads the
+// results back.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 #include <gtest/gtest.h>
@@ -59,6 +61,17 @@ inline Tensor full(std::vector<int64_t> shape, DType dtype, int32_t v) {
   return t;
 }
 
+// Where a plane's buffers live. put: a tensor in that memory holding host's bytes; get: a host
+// tensor holding t's bytes.
+struct Memory {
+  Device device = Device::CPU;
+  std::function<Tensor(const Tensor& host)> put;
+  std::function<Tensor(const Tensor& t)> get;
+};
+inline Memory host_memory() {
+  return {Device::CPU, [](const Tensor& t) { return t; }, [](const Tensor& t) { return t; }};
+}
+
 inline Tensor counts_tensor(const std::vector<int64_t>& counts) {
   Tensor t = Tensor::zeros({int64_t(counts.size())}, DType::I32);
   for (size_t g = 0; g < counts.size(); ++g) t.data<int32_t>()[g] = int32_t(counts[g]);
@@ -68,7 +81,7 @@ inline Tensor counts_tensor(const std::vector<int64_t>& counts) {
 // One all_to_all_v where src sends rows(src, dst) rows of `row` (elements after the first
 // dimension) of dtype to dst, checked on this rank: rows by source rank, counts, the rows of
 // recv beyond them (`extra_recv`) untouched; send holds `extra_send` rows beyond the counts.
-inline void one_all_to_all_v(DataPlane& d, const std::function<int64_t(int, int)>& rows, DType dtype,
+inline void one_all_to_all_v(DataPlane& d, const Memory& m, const std::function<int64_t(int, int)>& rows, DType dtype,
                              std::vector<int64_t> row, int key, int64_t extra_send = 0, int64_t extra_recv = 0) {
   const int G = d.size(), me = d.rank();
   int64_t width = 1;
@@ -92,9 +105,11 @@ inline void one_all_to_all_v(DataPlane& d, const std::function<int64_t(int, int)
     fill(send, at * width, out[g] * width, me, g, key);
     at += out[g];
   }
-  Tensor recv = full(shape(total_in + extra_recv), dtype, kUntouched);
-  Tensor recv_counts = full({G}, DType::I32, -1);
-  d.all_to_all_v(send, counts_tensor(out), recv, recv_counts);
+  Tensor recv = m.put(full(shape(total_in + extra_recv), dtype, kUntouched));
+  Tensor recv_counts = m.put(full({G}, DType::I32, -1));
+  d.all_to_all_v(m.put(send), m.put(counts_tensor(out)), recv, recv_counts);
+  recv = m.get(recv);
+  recv_counts = m.get(recv_counts);
   at = 0;
   int64_t counted = 0;
   for (int src = 0; src < G; ++src) {
@@ -113,13 +128,15 @@ inline void one_all_to_all_v(DataPlane& d, const std::function<int64_t(int, int)
   Tensor totals = Tensor::zeros({2}, DType::I64);
   totals.data<int64_t>()[0] = total_out;
   totals.data<int64_t>()[1] = total_in;
+  totals = m.put(totals);
   d.all_reduce_sum(totals);
+  totals = m.get(totals);
   EXPECT_EQ(totals.data<int64_t>()[0], totals.data<int64_t>()[1]) << "key " << key;
 }
 
 // Sizes vary with the pair and the round, and include all-empty rounds and a large sparse one;
 // rows of F32 and I32 of several widths and ranks; recv larger than needed, send too.
-inline void all_to_all_v(DataPlane& d, int rounds = 12) {
+inline void all_to_all_v(DataPlane& d, int rounds = 12, const Memory& m = host_memory()) {
   const int G = d.size();
   struct Rows {
     DType dtype;
@@ -129,21 +146,21 @@ inline void all_to_all_v(DataPlane& d, int rounds = 12) {
                                    {DType::F32, {2, 3}}, {DType::I32, {}}};
   for (int round = 0; round < rounds; ++round) {
     if (round == 0) {  // all empty
-      one_all_to_all_v(d, [](int, int) { return int64_t(0); }, DType::F32, {4}, round);
+      one_all_to_all_v(d, m, [](int, int) { return int64_t(0); }, DType::F32, {4}, round);
     } else if (round == 1) {  // one large transfer per rank (> 1 MiB), the rest empty
       one_all_to_all_v(
-          d, [&](int s, int t) { return (s + 1) % G == t ? int64_t(4099) : int64_t(0); }, DType::F32, {64}, round);
+          d, m, [&](int s, int t) { return (s + 1) % G == t ? int64_t(4099) : int64_t(0); }, DType::F32, {64}, round);
     } else {
       const Rows& k = kinds[round % kinds.size()];
       one_all_to_all_v(
-          d, [&](int s, int t) { return int64_t((s * 7 + t * 3 + round) % 5) * (round % 3 + 1); }, k.dtype, k.row,
+          d, m, [&](int s, int t) { return int64_t((s * 7 + t * 3 + round) % 5) * (round % 3 + 1); }, k.dtype, k.row,
           round, round % 2, round % 3);
     }
   }
 }
 
 // Rounds of all_gather: empty, F32, I32 of several shapes, in place (mine is all's own slot).
-inline void all_gather(DataPlane& d) {
+inline void all_gather(DataPlane& d, const Memory& m = host_memory()) {
   const int G = d.size(), me = d.rank();
   struct Round {
     DType dtype;
@@ -154,68 +171,80 @@ inline void all_gather(DataPlane& d) {
     const auto [dtype, n] = rounds[k];
     Tensor mine = full({n}, dtype, kUntouched);
     fill(mine, 0, n, me, -1, int(k));
-    Tensor all = full({G, n}, dtype, kUntouched);  // [G, n]: any shape of G * n elements
-    d.all_gather(mine, all);
+    Tensor all = m.put(full({G, n}, dtype, kUntouched));  // [G, n]: any shape of G * n elements
+    d.all_gather(m.put(mine), all);
+    all = m.get(all);
     for (int r = 0; r < G; ++r) EXPECT_TRUE(holds(all, r * n, n, r, -1, int(k))) << "round " << k << " rank " << r;
   }
   const int64_t n = 33;
   Tensor all = full({G * n}, DType::F32, kUntouched);
+  fill(all, me * n, n, me, -1, 99);
+  all = m.put(all);
   Tensor mine = all.rows(me * n, (me + 1) * n);
-  fill(mine, 0, n, me, -1, 99);
   d.all_gather(mine, all);
+  all = m.get(all);
   for (int r = 0; r < G; ++r) EXPECT_TRUE(holds(all, r * n, n, r, -1, 99)) << "in place, rank " << r;
 }
 
-// Every rank holds the same bits of `t` (checked with all_gather).
-inline void expect_same_everywhere(DataPlane& d, const Tensor& t, const std::string& what) {
+// Every rank holds the same bits of `t` (a host tensor; checked with all_gather).
+inline void expect_same_everywhere(DataPlane& d, const Memory& m, const Tensor& t, const std::string& what) {
   const int G = d.size();
-  Tensor all = Tensor::zeros({G, t.numel()}, t.dtype());
-  d.all_gather(t, all);
+  Tensor all = m.put(Tensor::zeros({G, t.numel()}, t.dtype()));
+  d.all_gather(m.put(t), all);
+  all = m.get(all);
   for (int r = 0; r < G; ++r)
     EXPECT_EQ(std::memcmp(all[r].raw(), t.raw(), t.nbytes()), 0) << what << ": rank " << r << " got other bits";
 }
 
-inline void all_reduce(DataPlane& d) {
+inline void all_reduce(DataPlane& d, const Memory& m = host_memory()) {
   const int G = d.size(), me = d.rank();
   const int64_t ranks = int64_t(G) * (G - 1) / 2;
 
   Tensor i32 = Tensor::zeros({100}, DType::I32);
   for (int i = 0; i < 100; ++i) i32.data<int32_t>()[i] = 1000 * me + i - 7;
+  i32 = m.put(i32);
   d.all_reduce_sum(i32);
+  i32 = m.get(i32);
   for (int i = 0; i < 100; ++i) ASSERT_EQ(i32.data<int32_t>()[i], 1000 * ranks + G * (i - 7)) << "I32 i=" << i;
 
   Tensor i64 = Tensor::zeros({4, 25}, DType::I64);
   for (int i = 0; i < 100; ++i) i64.data<int64_t>()[i] = (int64_t(1) << 40) * me - i;
+  i64 = m.put(i64);
   d.all_reduce_sum(i64);
+  i64 = m.get(i64);
   for (int i = 0; i < 100; ++i) ASSERT_EQ(i64.data<int64_t>()[i], (int64_t(1) << 40) * ranks - G * i) << "I64 i=" << i;
 
   Tensor exact = Tensor::zeros({37}, DType::F32);
   for (int i = 0; i < 37; ++i) exact.f32()[i] = 0.5f * float(me) - 0.25f * float(i);
+  exact = m.put(exact);
   d.all_reduce_sum(exact);
+  exact = m.get(exact);
   for (int i = 0; i < 37; ++i) ASSERT_EQ(exact.f32()[i], 0.5f * float(ranks) - 0.25f * float(G * i)) << "F32 i=" << i;
 
-  Tensor none = Tensor::zeros({0}, DType::F32);
+  Tensor none = m.put(Tensor::zeros({0}, DType::F32));
   d.all_reduce_sum(none);
 
   // Inexact sums: rank order, and the same bits on every rank.
   auto x = [](int r, int i) { return 0.1f * float(r + 1) + 1e-3f * float(i) + 3e7f * float(r % 2) - 1e-9f * float(r); };
   Tensor sum = Tensor::zeros({50}, DType::F32);
   for (int i = 0; i < 50; ++i) sum.f32()[i] = x(me, i);
+  sum = m.put(sum);
   d.all_reduce_sum(sum);
+  sum = m.get(sum);
   for (int i = 0; i < 50; ++i) {
     float want = x(0, i);
     for (int r = 1; r < G; ++r) want += x(r, i);
     ASSERT_EQ(std::memcmp(&sum.f32()[i], &want, 4), 0) << "F32 sum in rank order, i=" << i << ": " << sum.f32()[i]
                                                         << " vs " << want;
   }
-  expect_same_everywhere(d, sum, "F32 sum");
+  expect_same_everywhere(d, m, sum, "F32 sum");
 }
 
 // Transfers between every pair (self included), several per pair in both directions, some of
 // one size (so only FIFO order tells them apart), some empty, one large; receives are posted in
 // another order than sends, interleaved with them. `idle` (if in range) has nothing to do and
 // does not call; `key` tells rounds apart.
-inline void one_send_recv(DataPlane& d, int idle, int key) {
+inline void one_send_recv(DataPlane& d, int idle, int key, const Memory& m) {
   const int G = d.size(), me = d.rank();
   auto n_of = [&](int src, int dst) { return (src == idle || dst == idle) ? 0 : 1 + (src + 2 * dst + key) % 3; };
   auto elems = [&](int src, int dst, int k) -> int64_t {
@@ -237,12 +266,13 @@ inline void one_send_recv(DataPlane& d, int idle, int key) {
       if (k >= n_of(me, peer)) continue;
       Tensor t = Tensor::zeros({elems(me, peer, k)}, dtype(k));
       fill(t, 0, t.numel(), me, peer, key * 10 + k);
+      t = m.put(t);
       out.push_back(t);
       sends.push_back({Transfer::send, peer, t});
     }
   for (int peer = G - 1; peer >= 0; --peer)
     for (int k = 0; k < n_of(peer, me); ++k) {
-      Tensor t = full({elems(peer, me, k)}, dtype(k), kUntouched);
+      Tensor t = m.put(full({elems(peer, me, k)}, dtype(k), kUntouched));
       in.push_back(t);
       recvs.push_back({Transfer::recv, peer, t});
       wants.push_back({peer, k});
@@ -254,39 +284,42 @@ inline void one_send_recv(DataPlane& d, int idle, int key) {
     if (me % 2 == 0 && i < recvs.size()) items.push_back(recvs[i]);
   }
   d.send_recv(items);
+  for (auto& t : in) t = m.get(t);
   for (size_t i = 0; i < wants.size(); ++i)
     EXPECT_TRUE(holds(in[i], 0, in[i].numel(), wants[i].src, me, key * 10 + wants[i].k))
         << "key " << key << ": transfer " << wants[i].k << " from " << wants[i].src << " to " << me;
 }
 
-inline void send_recv(DataPlane& d) {
+inline void send_recv(DataPlane& d, const Memory& m = host_memory()) {
   const int G = d.size();
-  one_send_recv(d, -1, 1);
-  one_send_recv(d, G >= 3 ? G - 1 : -1, 2);  // a rank with nothing to do
-  one_send_recv(d, -1, 3);
+  one_send_recv(d, -1, 1, m);
+  one_send_recv(d, G >= 3 ? G - 1 : -1, 2, m);  // a rank with nothing to do
+  one_send_recv(d, -1, 3, m);
 }
 
 // Only rank 0 sends (to the last rank); the others do not call, or call with nothing.
-inline void partial_send_recv(DataPlane& d) {
+inline void partial_send_recv(DataPlane& d, const Memory& m = host_memory()) {
   const int G = d.size(), me = d.rank();
-  Tensor data = Tensor::zeros({1000}, DType::I32), got = full({1000}, DType::I32, kUntouched);
+  Tensor data = Tensor::zeros({1000}, DType::I32);
   fill(data, 0, 1000, 0, G - 1, 5);
+  data = m.put(data);
+  Tensor got = m.put(full({1000}, DType::I32, kUntouched));
   std::vector<Transfer> items;
   if (me == 0) items.push_back({Transfer::send, G - 1, data});
   if (me == G - 1) items.push_back({Transfer::recv, 0, got});
   if (!items.empty()) d.send_recv(items);
   if (me == G - 1) {
-    EXPECT_TRUE(holds(got, 0, 1000, 0, G - 1, 5));
+    EXPECT_TRUE(holds(m.get(got), 0, 1000, 0, G - 1, 5));
   }
   d.send_recv({});  // nothing at all is fine too
 }
 
-inline void everything(DataPlane& d) {
-  all_to_all_v(d);
-  all_gather(d);
-  all_reduce(d);
-  send_recv(d);
-  partial_send_recv(d);
+inline void everything(DataPlane& d, const Memory& m = host_memory()) {
+  all_to_all_v(d, 12, m);
+  all_gather(d, m);
+  all_reduce(d, m);
+  send_recv(d, m);
+  partial_send_recv(d, m);
 }
 
 // --- Errors -------------------------------------------------------------------------------------
@@ -294,13 +327,14 @@ inline void everything(DataPlane& d) {
 // Rank 0 sends the last rank 10 I32 and then 8, which it receives as `n` and 8 in one call: the
 // receiver gets an error naming both ranks and sizes once its call is done (the 8 arrive intact),
 // the sender none; the next transfer between them arrives intact.
-inline void send_recv_size_mismatch(DataPlane& d) {
+inline void send_recv_size_mismatch(DataPlane& d, const Memory& m = host_memory()) {
   const int G = d.size(), me = d.rank(), last = G - 1;
   if (G < 2) return;
   for (int64_t n : {8, 12}) {
-    Tensor bad = Tensor::zeros({10}, DType::I32), good = Tensor::zeros({8}, DType::I32);
+    Tensor bad = m.put(Tensor::zeros({10}, DType::I32)), good = Tensor::zeros({8}, DType::I32);
     fill(good, 0, 8, 0, last, 7);
-    Tensor got_bad = full({n}, DType::I32, kUntouched), got_good = full({8}, DType::I32, kUntouched);
+    good = m.put(good);
+    Tensor got_bad = m.put(full({n}, DType::I32, kUntouched)), got_good = m.put(full({8}, DType::I32, kUntouched));
     std::string error = "(no exception)";
     try {
       if (me == 0) {
@@ -315,12 +349,12 @@ inline void send_recv_size_mismatch(DataPlane& d) {
     }
     if (me == last) {
       EXPECT_EQ(error, fmt::format("send_recv: rank {} expected {} bytes from rank 0, which sent 40", last, 4 * n));
-      EXPECT_TRUE(holds(got_good, 0, 8, 0, last, 7));
+      EXPECT_TRUE(holds(m.get(got_good), 0, 8, 0, last, 7));
     } else {
       EXPECT_EQ(error, "(no exception)") << "rank " << me;
     }
   }
-  partial_send_recv(d);
+  partial_send_recv(d, m);
 }
 
 // Collective calls with bad arguments on one rank (the culprit, the last) or disagreeing ranks;
@@ -333,7 +367,7 @@ enum class Bad {
   counts_not_i32,
   recv_counts_wrong_shape,
   send_recv_dtypes_differ,
-  cuda_buffer,
+  foreign_buffer,  // a buffer in memory the plane does not move
   row_sizes_differ,  // needs two ranks
   row_dtypes_differ,  // needs two ranks
   gather_too_small,
@@ -345,15 +379,16 @@ enum class Bad {
 inline std::vector<Bad> bad_call_kinds(int G) {
   std::vector<Bad> all = {Bad::recv_too_small, Bad::counts_exceed_send,      Bad::negative_count,
                           Bad::counts_not_i32, Bad::recv_counts_wrong_shape, Bad::send_recv_dtypes_differ,
-                          Bad::cuda_buffer,    Bad::gather_too_small,        Bad::reduce_bf16};
+                          Bad::foreign_buffer, Bad::gather_too_small,        Bad::reduce_bf16};
   if (G >= 2)
     all.insert(all.end(), {Bad::row_sizes_differ, Bad::row_dtypes_differ, Bad::gather_sizes_differ,
                            Bad::reduce_sizes_differ});
   return all;
 }
 
-// One bad call (see Bad), checked on every rank; nothing moves.
-inline void bad_call(DataPlane& d, Bad kind, const std::string& impl) {
+// One bad call (see Bad), checked on every rank; nothing moves. The buffers are made on the host
+// and put in the plane's memory for the call (but a foreign one).
+inline void bad_call(DataPlane& d, Bad kind, const std::string& impl, const Memory& m) {
   const int G = d.size(), me = d.rank(), c = G - 1;
   const bool culprit = me == c;
   std::vector<int64_t> two(G, 2);
@@ -361,7 +396,13 @@ inline void bad_call(DataPlane& d, Bad kind, const std::string& impl) {
   Tensor counts = counts_tensor(two), recv_counts = full({G}, DType::I32, -1);
   std::string what;
   bool blamed = true;  // false: no rank at fault alone, all get `what`
-  std::function<void()> call = [&] { d.all_to_all_v(send, counts, recv, recv_counts); };
+  bool foreign = false;  // the culprit's recv stays where it is
+  Tensor passed_recv, passed_counts;  // what the call was given to write
+  std::function<void()> call = [&] {
+    passed_recv = foreign ? recv : m.put(recv);
+    passed_counts = m.put(recv_counts);
+    d.all_to_all_v(m.put(send), m.put(counts), passed_recv, passed_counts);
+  };
   switch (kind) {
     case Bad::recv_too_small:
       if (culprit) recv = full({2 * G - 1, 3}, DType::F32, kUntouched);
@@ -390,12 +431,19 @@ inline void bad_call(DataPlane& d, Bad kind, const std::string& impl) {
                          "same dtype and row size",
                          c, 2 * G, 2 * G);
       break;
-    case Bad::cuda_buffer:
-      // Never dereferenced: the data plane refuses it first.
-      if (culprit) recv = Tensor::borrow(recv.raw(), recv.shape(), recv.dtype(), Device::CUDA);
-      what = fmt::format("all_to_all_v: rank {}'s recv is in CUDA memory; the {} data plane moves host (CPU) memory "
-                         "only",
-                         c, impl);
+    case Bad::foreign_buffer:
+      // Never dereferenced: the data plane refuses it first (a host plane a CUDA buffer, NCCL a host one).
+      if (culprit) {
+        foreign = true;
+        if (m.device == Device::CPU) recv = Tensor::borrow(recv.raw(), recv.shape(), recv.dtype(), Device::CUDA);
+      }
+      what = m.device == Device::CPU
+                 ? fmt::format("all_to_all_v: rank {}'s recv is in CUDA memory; the {} data plane moves host (CPU) "
+                               "memory only",
+                               c, impl)
+                 : fmt::format("all_to_all_v: rank {}'s recv is in CPU memory; the {} data plane moves CUDA memory "
+                               "only",
+                               c, impl);
       break;
     case Bad::row_sizes_differ:
       if (culprit) {
@@ -415,7 +463,10 @@ inline void bad_call(DataPlane& d, Bad kind, const std::string& impl) {
       break;
     case Bad::gather_too_small: {
       Tensor all = Tensor::zeros({culprit ? 5 * G - 1 : 5 * G}, DType::F32), mine = Tensor::zeros({5}, DType::F32);
-      call = [&d, all, mine]() mutable { d.all_gather(mine, all); };
+      call = [&d, &m, all, mine] {
+        Tensor a = m.put(all);
+        d.all_gather(m.put(mine), a);
+      };
       what = fmt::format("all_gather: rank {}'s all is F32 [{}], expected {} elements ({} ranks x 5)", c, 5 * G - 1,
                          5 * G, G);
       break;
@@ -423,20 +474,29 @@ inline void bad_call(DataPlane& d, Bad kind, const std::string& impl) {
     case Bad::gather_sizes_differ: {
       const int64_t n = culprit ? 6 : 5;
       Tensor all = Tensor::zeros({n * G}, DType::F32), mine = Tensor::zeros({n}, DType::F32);
-      call = [&d, all, mine]() mutable { d.all_gather(mine, all); };
+      call = [&d, &m, all, mine] {
+        Tensor a = m.put(all);
+        d.all_gather(m.put(mine), a);
+      };
       what = fmt::format("all_gather: rank 0 passes 5 F32 elements, rank {} passes 6 F32 elements", c);
       blamed = false;
       break;
     }
     case Bad::reduce_bf16: {
       Tensor data = Tensor::zeros({4}, culprit ? DType::BF16 : DType::F32);
-      call = [&d, data]() mutable { d.all_reduce_sum(data); };
+      call = [&d, &m, data] {
+        Tensor x = m.put(data);
+        d.all_reduce_sum(x);
+      };
       what = fmt::format("all_reduce_sum: rank {}'s data is BF16 [4]; sums are over I32, I64 or F32", c);
       break;
     }
     case Bad::reduce_sizes_differ: {
       Tensor data = Tensor::zeros({culprit ? 3 : 4}, DType::I64);
-      call = [&d, data]() mutable { d.all_reduce_sum(data); };
+      call = [&d, &m, data] {
+        Tensor x = m.put(data);
+        d.all_reduce_sum(x);
+      };
       what = fmt::format("all_reduce_sum: rank 0 passes 4 I64 elements, rank {} passes 3 I64 elements", c);
       blamed = false;
       break;
@@ -452,17 +512,18 @@ inline void bad_call(DataPlane& d, Bad kind, const std::string& impl) {
   EXPECT_EQ(got, want) << "rank " << me;
   if (kind == Bad::recv_too_small || kind == Bad::counts_exceed_send) {
     // Nothing moved: the rows and counts are as they were.
-    EXPECT_TRUE(untouched(recv, 0, recv.numel())) << "rank " << me;
-    EXPECT_EQ(recv_counts.data<int32_t>()[0], -1) << "rank " << me;
+    const Tensor r = m.get(passed_recv), rc = m.get(passed_counts);
+    EXPECT_TRUE(untouched(r, 0, r.numel())) << "rank " << me;
+    EXPECT_EQ(rc.data<int32_t>()[0], -1) << "rank " << me;
   }
 }
 
 // Every bad call fails on every rank, and the data plane stays usable: a good call follows each.
-inline void bad_calls(DataPlane& d, const std::string& impl) {
+inline void bad_calls(DataPlane& d, const std::string& impl, const Memory& m = host_memory()) {
   for (auto kind : bad_call_kinds(d.size())) {
     SCOPED_TRACE(::testing::Message() << "bad call " << int(kind));
-    bad_call(d, kind, impl);
-    all_to_all_v(d, 3);
+    bad_call(d, kind, impl, m);
+    all_to_all_v(d, 3, m);
   }
 }
 

@@ -85,7 +85,7 @@ TEST_P(ThreadWorldG, DataPlaneBadCallsFailOnEveryRankWhoeverWaits) {
     for (auto kind : dpc::bad_call_kinds(G)) {
       SCOPED_TRACE(::testing::Message() << "bad call " << int(kind));
       if (c.rank() == G - 1) std::this_thread::sleep_for(20ms);
-      dpc::bad_call(d, kind, "thread");
+      dpc::bad_call(d, kind, "thread", dpc::host_memory());
     }
     dpc::all_to_all_v(d, 3);
   });
@@ -127,8 +127,9 @@ TEST_P(ThreadWorldG, MixedStress) {
         c.all_reduce_sum(std::span<int64_t>(v));
         for (auto x : v) ASSERT_EQ(x, int64_t(G) * (G + 1) / 2);
       } else if (kind == 1) {
-        dpc::one_all_to_all_v(dp, [&](int s, int d) { return int64_t((n * (d + 1) + s) % 7); }, DType::I32,
-                              {int64_t(n % 3 + 1)}, it);
+        dpc::one_all_to_all_v(
+            dp, dpc::host_memory(), [&](int s, int d) { return int64_t((n * (d + 1) + s) % 7); }, DType::I32,
+            {int64_t(n % 3 + 1)}, it);
       } else if (kind == 4) {
         Tensor v = dpc::full({int64_t(n)}, DType::I32, me + 1);
         dp.all_reduce_sum(v);

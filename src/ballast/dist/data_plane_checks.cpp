@@ -17,12 +17,12 @@ std::string_view device_name(Device d) {
   return "?";
 }
 
-// A buffer this rank reads or writes: storage (unless empty) in host memory.
-std::optional<std::string> check_host(std::string_view call, int rank, std::string_view what, const Tensor& t,
-                                      std::string_view impl) {
-  if (t.device() != Device::CPU)
-    return fmt::format("{}: rank {}'s {} is in {} memory; the {} data plane moves host (CPU) memory only", call,
-                       rank, what, device_name(t.device()), impl);
+// A buffer this rank reads or writes: storage (unless empty) in the plane's memory.
+std::optional<std::string> check_memory(std::string_view call, int rank, std::string_view what, const Tensor& t,
+                                        std::string_view impl, Device where) {
+  if (t.device() != where)
+    return fmt::format("{}: rank {}'s {} is in {} memory; the {} data plane moves {} memory only", call, rank, what,
+                       device_name(t.device()), impl, where == Device::CPU ? "host (CPU)" : device_name(where));
   if (!t.defined() && t.nbytes() > 0)
     return fmt::format("{}: rank {}'s {} {} has no storage", call, rank, what, t);
   return std::nullopt;
@@ -43,8 +43,8 @@ size_t row_bytes(const Tensor& t) {
 }
 
 std::optional<std::string> check_counts(int rank, int size, std::string_view what, const Tensor& t,
-                                        std::string_view impl) {
-  if (auto bad = check_host("all_to_all_v", rank, what, t, impl)) return bad;
+                                        std::string_view impl, Device where) {
+  if (auto bad = check_memory("all_to_all_v", rank, what, t, impl, where)) return bad;
   if (t.dtype() != DType::I32 || t.rank() != 1 || t.dim(0) != size)
     return fmt::format("all_to_all_v: rank {}'s {} is {} {}, expected I32 [{}]", rank, what,
                        dtype_name(t.dtype()), t, size);
@@ -53,38 +53,49 @@ std::optional<std::string> check_counts(int rank, int size, std::string_view wha
 
 }  // namespace
 
-std::optional<std::string> check_all_to_all_v(int rank, int size, const Tensor& send, const Tensor& send_counts,
-                                              const Tensor& recv, const Tensor& recv_counts,
-                                              std::string_view impl, RowArgs* out) {
+std::optional<std::string> check_row_buffers(int rank, int size, const Tensor& send, const Tensor& send_counts,
+                                             const Tensor& recv, const Tensor& recv_counts, std::string_view impl,
+                                             Device where, RowArgs* out) {
   for (auto [what, t] : {std::pair<const char*, const Tensor*>{"send", &send}, {"recv", &recv}}) {
-    if (auto bad = check_host("all_to_all_v", rank, what, *t, impl)) return bad;
+    if (auto bad = check_memory("all_to_all_v", rank, what, *t, impl, where)) return bad;
     if (t->rank() < 1)
       return fmt::format("all_to_all_v: rank {}'s {} has no dimensions; rows are its first dimension", rank, what);
   }
-  if (auto bad = check_counts(rank, size, "send_counts", send_counts, impl)) return bad;
-  if (auto bad = check_counts(rank, size, "recv_counts", recv_counts, impl)) return bad;
+  if (auto bad = check_counts(rank, size, "send_counts", send_counts, impl, where)) return bad;
+  if (auto bad = check_counts(rank, size, "recv_counts", recv_counts, impl, where)) return bad;
   if (send.dtype() != recv.dtype() || row_bytes(send) != row_bytes(recv))
     return fmt::format("all_to_all_v: rank {}'s send is {} {} but its recv is {} {}; they need the same dtype "
                        "and row size",
                        rank, dtype_name(send.dtype()), send, dtype_name(recv.dtype()), recv);
   if (overlap(send, recv))
     return fmt::format("all_to_all_v: rank {}'s send and recv overlap (in place is not supported)", rank);
-
   out->row_bytes = row_bytes(send);
   out->dtype = send.dtype();
   out->recv_rows = recv.dim(0);
-  out->send_counts.assign(size_t(size), 0);
+  out->send_rows = send.dim(0);
+  return std::nullopt;
+}
+
+std::optional<std::string> check_send_counts(int rank, std::span<const int32_t> counts, RowArgs* out) {
+  out->send_counts.assign(counts.size(), 0);
   out->rows_out = 0;
-  const int32_t* counts = send_counts.data<int32_t>();
-  for (int g = 0; g < size; ++g) {
+  for (size_t g = 0; g < counts.size(); ++g) {
     if (counts[g] < 0) return fmt::format("all_to_all_v: rank {}'s send_counts[{}] is {}", rank, g, counts[g]);
     out->send_counts[g] = counts[g];
     out->rows_out += counts[g];
   }
-  if (out->rows_out > send.dim(0))
+  if (out->rows_out > out->send_rows)
     return fmt::format("all_to_all_v: rank {}'s send_counts sum to {} rows, its send holds {}", rank,
-                       out->rows_out, send.dim(0));
+                       out->rows_out, out->send_rows);
   return std::nullopt;
+}
+
+std::optional<std::string> check_all_to_all_v(int rank, int size, const Tensor& send, const Tensor& send_counts,
+                                              const Tensor& recv, const Tensor& recv_counts,
+                                              std::string_view impl, RowArgs* out) {
+  if (auto bad = check_row_buffers(rank, size, send, send_counts, recv, recv_counts, impl, Device::CPU, out))
+    return bad;
+  return check_send_counts(rank, {send_counts.data<int32_t>(), size_t(size)}, out);
 }
 
 std::optional<std::string> check_recv_room(int rank, std::span<const int64_t> from, int64_t recv_rows) {
@@ -96,9 +107,9 @@ std::optional<std::string> check_recv_room(int rank, std::span<const int64_t> fr
 }
 
 std::optional<std::string> check_all_gather(int rank, int size, const Tensor& mine, const Tensor& all,
-                                            std::string_view impl) {
-  if (auto bad = check_host("all_gather", rank, "mine", mine, impl)) return bad;
-  if (auto bad = check_host("all_gather", rank, "all", all, impl)) return bad;
+                                            std::string_view impl, Device where) {
+  if (auto bad = check_memory("all_gather", rank, "mine", mine, impl, where)) return bad;
+  if (auto bad = check_memory("all_gather", rank, "all", all, impl, where)) return bad;
   if (mine.dtype() != all.dtype())
     return fmt::format("all_gather: rank {}'s mine is {} but its all is {}", rank, dtype_name(mine.dtype()),
                        dtype_name(all.dtype()));
@@ -112,8 +123,8 @@ std::optional<std::string> check_all_gather(int rank, int size, const Tensor& mi
   return std::nullopt;
 }
 
-std::optional<std::string> check_all_reduce(int rank, const Tensor& data, std::string_view impl) {
-  if (auto bad = check_host("all_reduce_sum", rank, "data", data, impl)) return bad;
+std::optional<std::string> check_all_reduce(int rank, const Tensor& data, std::string_view impl, Device where) {
+  if (auto bad = check_memory("all_reduce_sum", rank, "data", data, impl, where)) return bad;
   const DType t = data.dtype();
   if (t != DType::I32 && t != DType::I64 && t != DType::F32)
     return fmt::format("all_reduce_sum: rank {}'s data is {} {}; sums are over I32, I64 or F32", rank,
@@ -122,14 +133,14 @@ std::optional<std::string> check_all_reduce(int rank, const Tensor& data, std::s
 }
 
 std::optional<std::string> check_transfers(int rank, int size, std::span<const DataPlane::Transfer> items,
-                                           std::string_view impl) {
+                                           std::string_view impl, Device where) {
   for (const auto& it : items) {
     const bool send = it.kind == DataPlane::Transfer::send;
     if (it.peer < 0 || it.peer >= size)
       return fmt::format("send_recv: rank {} {} rank {} of {}", rank, send ? "sends to" : "receives from",
                          it.peer, size);
     const std::string what = fmt::format("buffer {} rank {}", send ? "to send to" : "to receive from", it.peer);
-    if (auto bad = check_host("send_recv", rank, what, it.buffer, impl)) return bad;
+    if (auto bad = check_memory("send_recv", rank, what, it.buffer, impl, where)) return bad;
   }
   return std::nullopt;
 }

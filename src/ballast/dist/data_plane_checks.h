@@ -18,15 +18,25 @@ namespace ballast::dist::detail {
 struct RowArgs {
   size_t row_bytes = 0;  // bytes of one row (send's and recv's)
   DType dtype = DType::F32;
+  int64_t send_rows = 0;                // rows send holds
   int64_t recv_rows = 0;                // rows recv has room for
   std::vector<int64_t> send_counts;     // [G], each >= 0, summing to at most send's rows
   int64_t rows_out = 0;                 // their sum
 };
 
-// The rank's own mistakes (buffers not in host memory, counts not I32 [G] or negative or more
-// than send holds, send and recv of other row sizes or dtypes, overlap); returns the error
-// message instead of throwing, so that implementations can first tell the other ranks.
-// `impl` names the implementation in the message ("thread", "MPI").
+// Checks return the error message instead of throwing, so that implementations can first tell
+// the other ranks. `impl` names the implementation in messages ("thread", "MPI", "NCCL"); `where`
+// is the memory it moves (host planes: CPU).
+
+// The rank's own mistakes that need no count values: buffers not in the plane's memory, counts not
+// I32 [G], send and recv of other row sizes or dtypes, overlap. Fills out's sizes.
+std::optional<std::string> check_row_buffers(int rank, int size, const Tensor& send, const Tensor& send_counts,
+                                             const Tensor& recv, const Tensor& recv_counts, std::string_view impl,
+                                             Device where, RowArgs* out);
+// The count values (on the host, as read from send_counts): none negative, no more than send
+// holds (out->send_rows, from check_row_buffers). Fills out's counts.
+std::optional<std::string> check_send_counts(int rank, std::span<const int32_t> counts, RowArgs* out);
+// Both, for host planes (the counts read from send_counts).
 std::optional<std::string> check_all_to_all_v(int rank, int size, const Tensor& send, const Tensor& send_counts,
                                               const Tensor& recv, const Tensor& recv_counts,
                                               std::string_view impl, RowArgs* out);
@@ -34,15 +44,16 @@ std::optional<std::string> check_all_to_all_v(int rank, int size, const Tensor& 
 // The error of a rank whose recv is too small for the rows `from` (by source rank) sends it.
 std::optional<std::string> check_recv_room(int rank, std::span<const int64_t> from, int64_t recv_rows);
 
-// all_gather's arguments: `all` holds size x mine, same dtype, both in host memory; `mine` may
-// be all's own slot (in place) but may not overlap it otherwise.
+// all_gather's arguments: `all` holds size x mine, same dtype, both in the plane's memory; `mine`
+// may be all's own slot (in place) but may not overlap it otherwise.
 std::optional<std::string> check_all_gather(int rank, int size, const Tensor& mine, const Tensor& all,
-                                            std::string_view impl);
-// all_reduce_sum's: I32, I64 or F32, in host memory.
-std::optional<std::string> check_all_reduce(int rank, const Tensor& data, std::string_view impl);
-// send_recv's: peers in [0, size), buffers in host memory.
+                                            std::string_view impl, Device where = Device::CPU);
+// all_reduce_sum's: I32, I64 or F32, in the plane's memory.
+std::optional<std::string> check_all_reduce(int rank, const Tensor& data, std::string_view impl,
+                                            Device where = Device::CPU);
+// send_recv's: peers in [0, size), buffers in the plane's memory.
 std::optional<std::string> check_transfers(int rank, int size, std::span<const DataPlane::Transfer> items,
-                                           std::string_view impl);
+                                           std::string_view impl, Device where = Device::CPU);
 
 // What one rank passes to a collective, to be the same on every rank: the bytes of a row
 // (all_to_all_v) or the elements (all_gather, all_reduce_sum), and the dtype.
