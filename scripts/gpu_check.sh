@@ -44,7 +44,7 @@ for s in $STEPS; do
   case $s in
     info) step info bash -c "nvidia-smi; echo cublas: $CUBLAS; $BIN/ballast generate --device cuda --prompt-ids 1,2,3 --max-new-tokens 4 --model tests/fixtures/qwen3_next_a --json" ;;
     conformance) step conformance "$BIN/test_kernels_cuda" --gtest_brief=1 ;;
-    nccl) step nccl bash -c "echo nccl: $NCCL; nvidia-smi -L; $BIN/test_dist_nccl --gtest_brief=1" ;;
+    nccl) step nccl bash scripts/gpu_nccl.sh "$BIN" ;;
     runtime) step runtime env BALLAST_TEST_DEVICE=cuda "$BIN/test_runtime" --gtest_brief=1 \
                --gtest_filter="${RUNTIME_FILTER:-*}" ;;
     demo) step demo bash -c "for d in cpu cuda; do $BIN/ballast generate --device \$d --prompt 'def fibonacci(n):' --max-new-tokens 64 --json; $BIN/ballast generate --device \$d --prompt 'def fibonacci(n):' --max-new-tokens 64 --speculative-algorithm NEXTN --speculative-num-steps 2 --json; done" ;;

@@ -15,6 +15,9 @@
 #include "ballast/runtime/engine.h"
 #include "fixtures.h"
 #include "support/failing_data_plane.h"
+#ifdef BALLAST_HAS_NCCL
+#include "ballast/dist/nccl_data_plane.h"
+#endif
 
 namespace fs = std::filesystem;
 using namespace ballast;
@@ -39,9 +42,12 @@ struct EpRun {
 };
 
 // Runs greedy generation of `prompts` on G thread ranks (prompt i on rank i % G). fail: whether a
-// rank's weight transfers are to fail (after they were made).
+// rank's weight transfers are to fail (after they were made). device_plane: the engine's plane for
+// device buffers (else host staging over the thread plane).
+using DevicePlane = std::function<std::unique_ptr<dist::DataPlane>(dist::Communicator&, kernels::Backend&)>;
 EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts, int G, int redundant,
-             eplb::Dispatch dispatch, int rebalance_every, int max_new = 12, std::function<bool(int rank)> fail = {}) {
+             eplb::Dispatch dispatch, int rebalance_every, int max_new = 12, std::function<bool(int rank)> fail = {},
+             const DevicePlane& device_plane = {}) {
   EpRun out;
   std::mutex mu;
   dist::ThreadWorld world(G);
@@ -57,6 +63,7 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     opts.ep.trunk.rebalance.enabled = rebalance_every > 0;
     opts.ep.trunk.rebalance.interval = rebalance_every;
     opts.ep.trunk.rebalance.layers_per_chunk = 1;
+    if (device_plane) opts.device_data_plane = [&](kernels::Backend& be) { return device_plane(comm, be); };
     auto engine = load_engine(kFixtures / fixture, 1, opts);
     auto res = runtime::generate_distributed(comm, prompts, [&](const auto& mine) {
       return engine->generate(mine, max_new);
@@ -118,6 +125,27 @@ TEST_P(ExpertParallel, OutputsEqualSingleRankForEveryRankCountAndPolicy) {
       }
     }
 }
+
+#ifdef BALLAST_HAS_NCCL
+// The engine's rows, counts and weights over the NCCL data plane on the GPU (in place of host
+// staging), every dispatch policy, rebalancing: the single rank's outputs. One rank: the test
+// backend puts every rank on GPU 0 and NCCL takes one rank a GPU (test_dist_nccl covers more).
+TEST_P(ExpertParallel, OverNcclOutputsEqualSingleRank) {
+  const char* device = std::getenv("BALLAST_TEST_DEVICE");
+  if (!device || std::string(device) != "cuda") GTEST_SKIP() << "NCCL moves CUDA buffers (BALLAST_TEST_DEVICE=cuda)";
+  const auto prompts = prompts_of(GetParam());
+  const auto want = single_rank(GetParam(), prompts);
+  const DevicePlane nccl = [](dist::Communicator& comm, kernels::Backend& be) {
+    return std::make_unique<dist::NcclDataPlane>(comm, 0, be.stream());
+  };
+  const int R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, 1, 1);
+  for (auto policy : {eplb::Dispatch::static_, eplb::Dispatch::random, eplb::Dispatch::balanced}) {
+    auto got = run_ep(GetParam(), prompts, 1, R, policy, /*rebalance_every=*/3, 12, {}, nccl);
+    EXPECT_EQ(got.outputs, want) << "dispatch=" << eplb::dispatch_name(policy);
+    EXPECT_TRUE(got.slots_hold_their_experts);
+  }
+}
+#endif
 
 TEST_P(ExpertParallel, FailedTransferKeepsOldPlacementAndCorrectOutputs) {
   const auto prompts = prompts_of(GetParam());

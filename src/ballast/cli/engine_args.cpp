@@ -14,6 +14,9 @@
 #include "ballast/dist/mpi_communicator.h"
 #include "ballast/runtime/engine.h"
 #include "ballast/dist/mpi_data_plane.h"
+#ifdef BALLAST_HAS_NCCL
+#include "ballast/dist/nccl_data_plane.h"
+#endif
 #include "ballast/dist/thread_world.h"
 #include "ballast/dist/watchdog.h"
 
@@ -63,6 +66,14 @@ runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* c
   opts.cache = cache;
   opts.speculative_steps = a.speculate() ? a.speculative_steps : 0;
   if (comm && comm->rank() != 0) opts.log.level = LogLevel::Quiet;
+#ifdef BALLAST_HAS_NCCL
+  // MPI ranks on GPUs (one each) move rows and weights over NCCL on the backend's stream instead of
+  // through host copies; the engine asks for it only when its backend is a GPU's.
+  if (auto* mpi = dynamic_cast<dist::MpiCommunicator*>(comm))
+    opts.device_data_plane = [mpi, device = a.device](kernels::Backend& be) -> std::unique_ptr<dist::DataPlane> {
+      return std::make_unique<dist::NcclDataPlane>(*mpi, rank_gpu(device, mpi), be.stream(), mpi->watchdog());
+    };
+#endif
   return opts;
 }
 

@@ -60,6 +60,7 @@ class MpiCommunicator final : public Communicator {
   // many those are: what picks a rank's GPU (local_gpu.h).
   int local_rank() const { return local_rank_; }
   int local_size() const { return local_size_; }
+  Watchdog* watchdog() const { return watchdog_; }  // the one given (may be null)
 
   void barrier() override;
   void all_reduce_sum(std::span<int64_t> data) override;

@@ -62,6 +62,9 @@ class Backend {
   virtual void download(const Tensor& src, void* host) = 0;
   // Waits until everything issued so far has finished.
   virtual void synchronize() = 0;
+  // The stream this backend issues its work on (a cudaStream_t for CUDA; null on the CPU): where
+  // a transport that queues its own work behind the ops (NCCL) queues it.
+  virtual void* stream() const { return nullptr; }
 
   // Graphs (CUDA graphs): the work issued between begin_capture() and end_capture(key) is
   // recorded, not run, into a graph kept under `key`; replay(key) runs it again on the same

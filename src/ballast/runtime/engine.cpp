@@ -60,10 +60,16 @@ std::string_view finish_reason_name(FinishReason r) {
 Engine::Engine(std::unique_ptr<kernels::Backend> backend, std::optional<io::Checkpoint> ckpt, const EngineOptions& opts)
     : backend_(std::move(backend)), ckpt_(std::move(ckpt)), opts_(opts), comm_(opts.comm), data_(opts.data),
       steps_(opts.speculative_steps) {
-  // A plane that moves host memory only reaches this backend's buffers through host copies.
+  // A plane that moves host memory only: one that moves device buffers where the caller can make
+  // it (NCCL), else host copies.
   if (data_ && !data_->moves(backend_->device())) {
-    staged_ = std::make_unique<StagedDataPlane>(*data_, *backend_);
-    data_ = staged_.get();
+    if (opts.device_data_plane) own_plane_ = opts.device_data_plane(*backend_);
+    const bool device_plane = own_plane_ && own_plane_->moves(backend_->device());
+    if (!device_plane) own_plane_ = std::make_unique<StagedDataPlane>(*data_, *backend_);
+    data_ = own_plane_.get();
+    opts_.log.info("expert parallelism over {} ranks: rows and weights {}", data_->size(),
+                   device_plane ? "between device buffers (the device data plane)"
+                                : "through host copies (host staging of the data plane)");
   }
 }
 

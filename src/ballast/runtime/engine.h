@@ -65,6 +65,10 @@ inline constexpr int kMaxDraftSteps = 16;
 struct EngineOptions {
   dist::Communicator* comm = nullptr;  // expert parallelism over these ranks (null: one rank)
   dist::DataPlane* data = nullptr;     // ... and their data plane (with comm)
+  // When `data` cannot move this backend's buffers: a plane that can, made over the loaded backend
+  // (the CLI's: NCCL on the backend's stream for MPI ranks with a GPU each). Unset, or when it
+  // returns null, the engine reaches the buffers through host copies (StagedDataPlane).
+  std::function<std::unique_ptr<dist::DataPlane>(kernels::Backend&)> device_data_plane;
   ExpertParallelOptions ep;
   CacheOptions cache;
   int speculative_steps = 0;           // NEXTN: chained MTP drafts per round (0: no speculation; at most kMaxDraftSteps)
@@ -128,11 +132,15 @@ class Engine {
 
   // Expert parallelism (null on one rank without it, and for a model without MTP head).
   moe::ExpertParallelDomain* trunk_ep() { return trunk_ep_.get(); }
-  // The data plane the expert domains use (the given one, or host staging over it).
+  // The data plane the expert domains use (the given one, one made by device_data_plane, or host
+  // staging over the given one).
   dist::DataPlane* data_plane() { return data_; }
   // Device-to-host copies the host staging of the data plane made (0 without staging): the price
   // of expert parallelism over a plane that cannot move this backend's memory.
-  int64_t staged_downloads() const { return staged_ ? staged_->downloads() : 0; }
+  int64_t staged_downloads() const {
+    const auto* staged = dynamic_cast<const StagedDataPlane*>(own_plane_.get());
+    return staged ? staged->downloads() : 0;
+  }
   moe::ExpertParallelDomain* mtp_ep() { return mtp_ep_.get(); }
 
   // Queues a request; returns its id. Throws if it could never fit the cache.
@@ -198,8 +206,8 @@ class Engine {
   std::optional<io::Checkpoint> ckpt_;  // the mapped checkpoint (none for create)
   EngineOptions opts_;
   dist::Communicator* comm_;
-  std::unique_ptr<StagedDataPlane> staged_;  // when the given data plane cannot move this backend's buffers
-  dist::DataPlane* data_;                    // the given one, or staged_
+  std::unique_ptr<dist::DataPlane> own_plane_;  // when the given data plane cannot move this backend's buffers
+  dist::DataPlane* data_;                       // the given one, or own_plane_
   int steps_ = 0;
   int64_t context_length_ = 0;  // the longest sequence, prompt and output (build_cache)
   std::unique_ptr<model::Model> model_;

@@ -57,7 +57,7 @@ class CudaBackend final : public Backend {
   Ceilings measure_ceilings() override;
 
   // The stream every op and copy of this backend is issued on (a cudaStream_t).
-  void* stream() const;
+  void* stream() const override;
   int device_index() const { return device_; }
 
   struct Impl;
