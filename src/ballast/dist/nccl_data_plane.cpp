@@ -75,6 +75,17 @@ struct Gathered {
   }
 };
 
+// Every rank's verdict, the same on every rank: throws on all of them as the other planes do
+// (the rank at fault its own message, the others "rank R failed: ...", all the same message
+// when the ranks' layouts disagree).
+void agree(std::string_view call, int rank, const std::vector<std::optional<std::string>>& errors,
+           const std::vector<detail::Layout>& layouts, bool rows) {
+  if (errors[size_t(rank)]) throw Error(*errors[size_t(rank)]);
+  for (size_t r = 0; r < errors.size(); ++r)
+    if (errors[r]) fail("rank {} failed: {}", r, *errors[r]);
+  if (auto bad = detail::check_same_layout(call, layouts, rows)) fail("{}", *bad);
+}
+
 }  // namespace
 
 struct NcclDataPlane::Impl {
@@ -110,6 +121,21 @@ struct NcclDataPlane::Impl {
     wait(rank, "NCCL headers");
     return {host.data(), stride};
   }
+
+  // all_gather's and all_reduce_sum's agreement: every rank's verdict on its own arguments, its
+  // element count and dtype (of `t`), judged alike on every rank.
+  void agree_on_elements(std::string_view call, int rank, int G, const std::optional<std::string>& error,
+                         const Tensor& t) {
+    const Gathered heads = gather(rank, G, header_of(error, t.numel(), t.dtype()), nullptr);
+    std::vector<std::optional<std::string>> errors(static_cast<size_t>(G));
+    std::vector<detail::Layout> layouts(static_cast<size_t>(G));
+    for (int r = 0; r < G; ++r) {
+      const Header& hr = heads.header(r);
+      if (hr.failed) errors[size_t(r)] = std::string(hr.message);
+      layouts[size_t(r)] = {hr.size, static_cast<DType>(hr.dtype)};
+    }
+    agree(call, rank, errors, layouts, false);
+  }
 };
 
 NcclDataPlane::NcclDataPlane(Communicator& bootstrap, int device, void* stream, Watchdog* watchdog)
@@ -142,21 +168,6 @@ NcclDataPlane::~NcclDataPlane() {
     if (s->p) cudaFree(s->p);
   if (impl_->comm) ncclCommDestroy(impl_->comm);
 }
-
-namespace {
-
-// Every rank's verdict, the same on every rank: throws on all of them as the other planes do
-// (the rank at fault its own message, the others "rank R failed: ...", all the same message
-// when the ranks' layouts disagree).
-void agree(std::string_view call, int rank, const std::vector<std::optional<std::string>>& errors,
-           const std::vector<detail::Layout>& layouts, bool rows) {
-  if (errors[size_t(rank)]) throw Error(*errors[size_t(rank)]);
-  for (size_t r = 0; r < errors.size(); ++r)
-    if (errors[r]) fail("rank {} failed: {}", r, *errors[r]);
-  if (auto bad = detail::check_same_layout(call, layouts, rows)) fail("{}", *bad);
-}
-
-}  // namespace
 
 void NcclDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) {
   Impl& m = *impl_;
@@ -233,16 +244,8 @@ void NcclDataPlane::all_gather(const Tensor& mine, Tensor& all) {
   Impl& m = *impl_;
   const int G = size_;
   cuda_check(cudaSetDevice(m.device), rank_, "cudaSetDevice");
-  const auto error = detail::check_all_gather(rank_, G, mine, all, kImpl, Device::CUDA);
-  const Gathered heads = m.gather(rank_, G, header_of(error, mine.numel(), mine.dtype()), nullptr);
-  std::vector<std::optional<std::string>> errors(static_cast<size_t>(G));
-  std::vector<detail::Layout> layouts(static_cast<size_t>(G));
-  for (int r = 0; r < G; ++r) {
-    const Header& hr = heads.header(r);
-    if (hr.failed) errors[size_t(r)] = std::string(hr.message);
-    layouts[size_t(r)] = {hr.size, static_cast<DType>(hr.dtype)};
-  }
-  agree("all_gather", rank_, errors, layouts, false);
+  m.agree_on_elements("all_gather", rank_, G, detail::check_all_gather(rank_, G, mine, all, kImpl, Device::CUDA),
+                      mine);
   if (mine.nbytes() == 0) return;
   // In place when mine is all's own slot (NCCL's in-place form); check_all_gather refused other overlaps.
   nccl_check(ncclAllGather(mine.raw(), all.raw(), mine.nbytes(), ncclUint8, m.comm, m.stream), m.comm, rank_,
@@ -253,16 +256,7 @@ void NcclDataPlane::all_reduce_sum(Tensor& data) {
   Impl& m = *impl_;
   const int G = size_;
   cuda_check(cudaSetDevice(m.device), rank_, "cudaSetDevice");
-  const auto error = detail::check_all_reduce(rank_, data, kImpl, Device::CUDA);
-  const Gathered heads = m.gather(rank_, G, header_of(error, data.numel(), data.dtype()), nullptr);
-  std::vector<std::optional<std::string>> errors(static_cast<size_t>(G));
-  std::vector<detail::Layout> layouts(static_cast<size_t>(G));
-  for (int r = 0; r < G; ++r) {
-    const Header& hr = heads.header(r);
-    if (hr.failed) errors[size_t(r)] = std::string(hr.message);
-    layouts[size_t(r)] = {hr.size, static_cast<DType>(hr.dtype)};
-  }
-  agree("all_reduce_sum", rank_, errors, layouts, false);
+  m.agree_on_elements("all_reduce_sum", rank_, G, detail::check_all_reduce(rank_, data, kImpl, Device::CUDA), data);
   const size_t n = size_t(data.numel()), bytes = data.nbytes();
   if (n == 0) return;
   if (data.dtype() != DType::F32) {
