@@ -11,10 +11,11 @@ BUILD=${BUILD_DIR:-build-gpu}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBALLAST_PYTHON=OFF >/dev/null
 # The delta-rule bench only for the FLA side by side (FLA_REPO below): the device tool carries 64 MiB in all.
 EXTRA=(); [ -n "${FLA_REPO:-}" ] && EXTRA=(bench_delta_rule_cuda)
-cmake --build "$BUILD" -j"$(nproc)" --target ballast test_kernels_cuda test_runtime test_dist_nccl "${EXTRA[@]}"
+cmake --build "$BUILD" -j"$(nproc)" --target ballast test_kernels_cuda test_runtime test_dist_nccl bench_dist \
+  "${EXTRA[@]}"
 rm -rf .carry/gpu && mkdir -p .carry/gpu/bin .carry/gpu/lib
 cp "$BUILD/ballast" "$BUILD/tests/kernels/test_kernels_cuda" "$BUILD/tests/runtime/test_runtime" \
-   "$BUILD/tests/dist/test_dist_nccl" .carry/gpu/bin/
+   "$BUILD/tests/dist/test_dist_nccl" "$BUILD/tests/dist/bench_dist" .carry/gpu/bin/
 [ -n "${FLA_REPO:-}" ] && cp "$BUILD/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/
 # Libraries from Debian's packages (not CUDA's, not glibc's or the compiler runtime's).
 for exe in .carry/gpu/bin/*; do
