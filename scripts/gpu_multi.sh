@@ -6,7 +6,8 @@
 #   2. greedy outputs of MPI ranks (one GPU each, rows over NCCL) against one GPU: G = 2 and 4 (as the
 #      GPUs allow), static / random / balanced dispatch, rebalancing every 3 passes, and NEXTN;
 #   3. the scaling table: the 80B shape (synthetic FP8 weights, MULTI_LAYERS layers, default 48) at
-#      G = 1, 2, 4, 8 (as the GPUs allow), decode and prefill, with rebalancing, as JSON.
+#      G = 1, 2, 4, 8 (as the GPUs allow), decode and prefill, with rebalancing, as JSON (per-pass
+#      balancedness and each rebalance's bytes and time under expert_parallel).
 #   bash scripts/gpu_multi.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -229,11 +229,16 @@ def check_bench(args):
     assert all(1.0 <= s["acceptance_length"] <= s["num_steps"] + 1 for s in j["speculative"]), j
     # Under expert parallelism (2 in-process ranks, attention data-parallel) the batch is split
     # over the ranks and every figure is the batch's.
+    # Rebalancing as it runs: per-pass balancedness and each rebalance's moves and time in the JSON.
     j = json.loads(run([args.ballast, "bench", "--device", "cpu", "--threads", "1", "--ep", "2", "--batch", "1,3",
                         "--prefill", "24", "--prompt-len", "16", "--decode-steps", "4", "--repeats", "1",
+                        "--ep-num-redundant-experts", "2", "--enable-eplb", "--eplb-rebalance-num-iterations", "4",
                         "--json"]).stdout)
     assert j["ranks"] == 2 and [d["batch"] for d in j["decode"]] == [1, 3], j
     assert all(d["tokens_per_s"] > 0 for d in j["decode"]) and j["prefill"][0]["tokens_per_s"] > 0, j
+    ep = j["expert_parallel"]
+    assert ep["ranks"] == 2 and ep["balancedness"] and all(0 < b <= 1 for b in ep["balancedness"]), ep
+    assert ep["rebalances"] and all(r["total_ms"] >= 0 and r["bytes_moved"] >= 0 for r in ep["rebalances"]), ep
     # Synthetic presets: unknown names and depths are refused naming what is known.
     p = run([args.ballast, "bench", "--device", "cpu", "--synthetic", "llama"], expect_rc=1)
     assert "qwen3-next-80b-a3b" in p.stderr, p.stderr

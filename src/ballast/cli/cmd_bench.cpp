@@ -447,6 +447,9 @@ int run_bench(const BenchArgs& a) {
                           // A decode step of the first batch: kernels and copies in its graph (0: eager).
                           {"decode_graph_nodes", decode[0].graph_nodes}};
       // The first batch and prefill at the top level too (what earlier versions printed).
+      // Expert parallelism: per-pass balancedness and each rebalance (experts and bytes moved, its
+      // time), rank 0's, as generate reports them.
+      if (e.trunk_ep()) j["expert_parallel"] = ep_summary(e, ranks.size());
       j["decode_tokens_per_s"] = decode[0].tokens_per_s;
       j["prefill_tokens_per_s"] = prefill[0].tokens_per_s;
       j["decode"] = nlohmann::json::array();
