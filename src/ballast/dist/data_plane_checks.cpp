@@ -1,5 +1,7 @@
 #include "ballast/dist/data_plane_checks.h"
 
+#include "ballast/core/error.h"
+
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -155,6 +157,19 @@ std::optional<std::string> check_same_layout(std::string_view call, std::span<co
       return fmt::format("{}: rank 0 passes {}, rank {} passes {}", call, describe(by_rank[0]), r,
                          describe(by_rank[r]));
   return std::nullopt;
+}
+
+Statement::Statement(const std::optional<std::string>& error, Layout mine)
+    : failed(error ? 1 : 0), size(mine.size), dtype(int64_t(mine.dtype)) {
+  if (error) error->copy(message, sizeof message - 1);
+}
+
+void throw_verdict(std::string_view call, int rank, std::span<const std::optional<std::string>> errors,
+                   std::span<const Layout> layouts, bool rows) {
+  if (errors[size_t(rank)]) throw Error(*errors[size_t(rank)]);
+  for (size_t r = 0; r < errors.size(); ++r)
+    if (errors[r]) fail("rank {} failed: {}", r, *errors[r]);
+  if (auto bad = check_same_layout(call, layouts, rows)) fail("{}", *bad);
 }
 
 std::string transfer_size_mismatch(int receiver, int64_t expected, int sender, int64_t sent) {

@@ -65,6 +65,25 @@ struct Layout {
 // sizes are row bytes (all_to_all_v), else element counts.
 std::optional<std::string> check_same_layout(std::string_view call, std::span<const Layout> by_rank, bool rows);
 
+// What a rank states of its arguments to a collective, in a fixed layout that processes gather as
+// bytes (MPI, NCCL): its verdict on its own arguments and what it passes.
+struct Statement {
+  int64_t failed = 0;
+  int64_t size = 0;  // Layout::size
+  int64_t dtype = 0;
+  char message[1024] = {};  // the error, cut to fit
+  Statement() = default;
+  Statement(const std::optional<std::string>& error, Layout mine);
+  Layout layout() const { return {size, static_cast<DType>(dtype)}; }
+};
+
+// Throws the verdict of a collective whose ranks' errors (by rank; this rank's in full) and
+// layouts every rank knows alike: this rank its own error, the others "rank R failed: <R's>" for
+// the first rank at fault, all the same message when no rank is at fault but the layouts differ.
+// Returns when nothing is wrong.
+void throw_verdict(std::string_view call, int rank, std::span<const std::optional<std::string>> errors,
+                   std::span<const Layout> layouts, bool rows);
+
 // The receiving side of a point-to-point pair whose sizes disagree.
 std::string transfer_size_mismatch(int receiver, int64_t expected, int sender, int64_t sent);
 

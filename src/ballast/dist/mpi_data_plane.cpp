@@ -31,14 +31,6 @@ constexpr std::string_view kImpl = "MPI";
 // each other, which is the FIFO order per pair the interface promises.
 constexpr int kTag = 0;
 
-// What a rank says of its arguments; gathered from every rank only when they do not agree.
-struct Statement {
-  int64_t failed = 0;
-  int64_t size = 0;
-  int64_t dtype = 0;
-  char message[1024] = {};
-};
-
 // Every rank calls this before a collective moves data, with its own verdict on its arguments
 // (`error`) and what it passes (`mine`): returns on every rank when all are good and alike,
 // throws on every rank otherwise. The common case costs one MPI_Allreduce of five integers.
@@ -51,20 +43,18 @@ void agree(MPI_Comm comm, int rank, int size, std::string_view call, const std::
   if (v[0] == 0 && v[1] == -v[2] && v[3] == -v[4]) return;
 
   // Something is wrong somewhere: learn what from every rank, so that all throw alike.
-  Statement s;
-  s.failed = error ? 1 : 0;
-  s.size = mine.size;
-  s.dtype = dtype;
-  if (error) error->copy(s.message, sizeof s.message - 1);
-  std::vector<Statement> all(size);
+  const detail::Statement s(error, mine);
+  std::vector<detail::Statement> all(size);
   mpi_check(MPI_Allgather(&s, sizeof s, MPI_BYTE, all.data(), sizeof s, MPI_BYTE, comm), "MPI_Allgather", rank,
             fmt::format("{} agreement", call));
-  if (error) throw Error(*error);
-  for (int r = 0; r < size; ++r)
-    if (all[r].failed) fail("rank {} failed: {}", r, all[r].message);
+  std::vector<std::optional<std::string>> errors(size);
   std::vector<detail::Layout> layouts(size);
-  for (int r = 0; r < size; ++r) layouts[r] = {all[r].size, static_cast<DType>(all[r].dtype)};
-  if (auto bad = detail::check_same_layout(call, layouts, rows)) fail("{}", *bad);
+  for (int r = 0; r < size; ++r) {
+    if (all[r].failed) errors[r] = std::string(all[r].message);
+    layouts[r] = all[r].layout();
+  }
+  errors[rank] = error;  // its own in full
+  detail::throw_verdict(call, rank, errors, layouts, rows);
   fail("{}: the ranks disagree on their arguments", call);  // not reached: the check above names it
 }
 

@@ -29,24 +29,13 @@ void nccl_check(ncclResult_t r, ncclComm_t comm, int rank, std::string_view what
   fail("{} failed on rank {}: {}{}{}", what, rank, ncclGetErrorString(r), *detail ? ": " : "", detail);
 }
 
-// What a rank says of its arguments to a collective, the same fixed layout on every rank.
-// all_to_all_v's headers carry the rank's G send counts (I32) after it, copied on the device.
+// What a rank says of its arguments to a collective (detail::Statement), the same fixed layout on
+// every rank; all_to_all_v's also carry its send and receive rows, then its G send counts (I32),
+// copied after the header on the device.
 struct Header {
-  int64_t failed = 0;
-  int64_t size = 0;  // bytes of a row (all_to_all_v) or elements
-  int64_t dtype = 0;
+  detail::Statement said;
   int64_t send_rows = 0, recv_rows = 0;  // all_to_all_v
-  char message[1024] = {};
 };
-
-Header header_of(const std::optional<std::string>& error, int64_t size, DType dtype) {
-  Header h;
-  h.failed = error ? 1 : 0;
-  h.size = size;
-  h.dtype = int64_t(dtype);
-  if (error) error->copy(h.message, sizeof h.message - 1);
-  return h;
-}
 
 // Device scratch that grows in stream order (cudaMallocAsync / cudaFreeAsync on the plane's stream).
 struct DeviceScratch {
@@ -74,17 +63,6 @@ struct Gathered {
     return reinterpret_cast<const int32_t*>(at + size_t(r) * stride + sizeof(Header));
   }
 };
-
-// Every rank's verdict, the same on every rank: throws on all of them as the other planes do
-// (the rank at fault its own message, the others "rank R failed: ...", all the same message
-// when the ranks' layouts disagree).
-void agree(std::string_view call, int rank, const std::vector<std::optional<std::string>>& errors,
-           const std::vector<detail::Layout>& layouts, bool rows) {
-  if (errors[size_t(rank)]) throw Error(*errors[size_t(rank)]);
-  for (size_t r = 0; r < errors.size(); ++r)
-    if (errors[r]) fail("rank {} failed: {}", r, *errors[r]);
-  if (auto bad = detail::check_same_layout(call, layouts, rows)) fail("{}", *bad);
-}
 
 }  // namespace
 
@@ -126,15 +104,16 @@ struct NcclDataPlane::Impl {
   // element count and dtype (of `t`), judged alike on every rank.
   void agree_on_elements(std::string_view call, int rank, int G, const std::optional<std::string>& error,
                          const Tensor& t) {
-    const Gathered heads = gather(rank, G, header_of(error, t.numel(), t.dtype()), nullptr);
+    const Gathered heads = gather(rank, G, Header{detail::Statement(error, {t.numel(), t.dtype()})}, nullptr);
     std::vector<std::optional<std::string>> errors(static_cast<size_t>(G));
     std::vector<detail::Layout> layouts(static_cast<size_t>(G));
     for (int r = 0; r < G; ++r) {
-      const Header& hr = heads.header(r);
-      if (hr.failed) errors[size_t(r)] = std::string(hr.message);
-      layouts[size_t(r)] = {hr.size, static_cast<DType>(hr.dtype)};
+      const detail::Statement& said = heads.header(r).said;
+      if (said.failed) errors[size_t(r)] = std::string(said.message);
+      layouts[size_t(r)] = said.layout();
     }
-    agree(call, rank, errors, layouts, false);
+    errors[size_t(rank)] = error;  // its own in full
+    detail::throw_verdict(call, rank, errors, layouts, false);
   }
 };
 
@@ -176,9 +155,7 @@ void NcclDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, 
   detail::RowArgs mine;
   const auto error = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kImpl, Device::CUDA,
                                                &mine);
-  Header h = header_of(error, int64_t(mine.row_bytes), mine.dtype);
-  h.send_rows = mine.send_rows;
-  h.recv_rows = mine.recv_rows;
+  const Header h{detail::Statement(error, {int64_t(mine.row_bytes), mine.dtype}), mine.send_rows, mine.recv_rows};
   const Gathered all = m.gather(rank_, G, h, error ? nullptr : &send_counts);
 
   // Each rank's own arguments, then its counts, then its room for what the others send it (a rank
@@ -188,9 +165,9 @@ void NcclDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, 
   std::vector<detail::Layout> layouts(static_cast<size_t>(G));
   for (int r = 0; r < G; ++r) {
     const Header& hr = all.header(r);
-    layouts[size_t(r)] = {hr.size, static_cast<DType>(hr.dtype)};
-    if (hr.failed) {
-      errors[size_t(r)] = std::string(hr.message);
+    layouts[size_t(r)] = hr.said.layout();
+    if (hr.said.failed) {
+      errors[size_t(r)] = r == rank_ ? error : std::string(hr.said.message);  // its own in full
       continue;
     }
     args[size_t(r)].send_rows = hr.send_rows;
@@ -202,7 +179,7 @@ void NcclDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, 
     for (int g = 0; g < G; ++g) from[size_t(g)] = errors[size_t(g)] ? 0 : args[size_t(g)].send_counts[size_t(r)];
     errors[size_t(r)] = detail::check_recv_room(r, from, all.header(r).recv_rows);
   }
-  agree("all_to_all_v", rank_, errors, layouts, true);
+  detail::throw_verdict("all_to_all_v", rank_, errors, layouts, true);
 
   const size_t rb = mine.row_bytes;
   std::vector<int64_t> in(static_cast<size_t>(G));
