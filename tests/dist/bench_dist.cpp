@@ -10,9 +10,9 @@
 #ifdef BALLAST_HAS_NCCL
 #include <cuda_runtime.h>
 
-#include "ballast/core/error.h"
 #include "ballast/dist/local_gpu.h"
 #include "ballast/dist/nccl_data_plane.h"
+#include "dist/cuda_tensors.h"
 #endif
 
 #include <algorithm>
@@ -33,15 +33,10 @@ using ballast::Tensor;
 
 namespace {
 
-// Where the data plane's buffers live: host tensors, or (NCCL) zeroed device buffers, and how to
-// wait for the work a plane queued (nothing on the host).
+// Where the data plane's buffers live: host tensors, or (NCCL) copies in GPU memory (put), and how
+// to wait for the work a plane queued (nothing on the host).
 struct Buffers {
-  std::function<Tensor(std::vector<int64_t> shape, DType dtype)> zeros = [](auto shape, DType dt) {
-    return Tensor::zeros(std::move(shape), dt);
-  };
-  std::function<void(const Tensor& host, Tensor& into)> upload = [](const Tensor& host, Tensor& into) {
-    into = host;
-  };
+  std::function<Tensor(const Tensor& host)> put = [](const Tensor& host) { return host; };
   std::function<void()> wait = [] {};
 };
 
@@ -64,17 +59,16 @@ void bench(Communicator& c, DataPlane& d, const char* kind, const Buffers& b = {
   std::vector<int64_t> counts(48 * 256, 1);
   say(fmt::format("all_reduce 12288xi64 {:8.2f} us",
                   1e6 * seconds_per(c, b, 200, [&] { c.all_reduce_sum(std::span<int64_t>(counts)); })));
-  Tensor device_counts = b.zeros({48 * 256}, DType::I32);
+  Tensor device_counts = b.put(Tensor::zeros({48 * 256}, DType::I32));
   say(fmt::format("data all_reduce 12288xi32 {:8.2f} us",
                   1e6 * seconds_per(c, b, 200, [&] { d.all_reduce_sum(device_counts); })));
   // Rows of 4 KiB (a 2048-wide bf16 hidden state, as F32 [n, 1024]).
   const int64_t row_elems = 1024, row_bytes = row_elems * 4;
   for (int64_t rows : {int64_t(0), int64_t(1), int64_t(64), int64_t(1024)}) {
-    Tensor send = b.zeros({rows * G, row_elems}, DType::F32), recv = b.zeros({rows * G, row_elems}, DType::F32);
-    Tensor counts = Tensor::zeros({G}, DType::I32), send_counts = b.zeros({G}, DType::I32);
-    Tensor recv_counts = b.zeros({G}, DType::I32);
+    Tensor send = b.put(Tensor::zeros({rows * G, row_elems})), recv = b.put(Tensor::zeros({rows * G, row_elems}));
+    Tensor counts = Tensor::zeros({G}, DType::I32), recv_counts = b.put(Tensor::zeros({G}, DType::I32));
     for (int g = 0; g < G; ++g) counts.data<int32_t>()[g] = int32_t(rows);
-    b.upload(counts, send_counts);
+    const Tensor send_counts = b.put(counts);
     const int iters = rows * row_bytes >= (int64_t(1) << 20) ? 20 : 500;
     const double t = seconds_per(c, b, iters, [&] { d.all_to_all_v(send, send_counts, recv, recv_counts); });
     say(fmt::format("all_to_all_v {:>5} rows of 4 KiB/pair {:8.2f} us  {:8.2f} GB/s out per rank", rows, 1e6 * t,
@@ -82,7 +76,7 @@ void bench(Communicator& c, DataPlane& d, const char* kind, const Buffers& b = {
   }
   if (G >= 2) {
     for (int64_t bytes : {int64_t(8), int64_t(1) << 20, int64_t(64) << 20}) {
-      Tensor out = b.zeros({bytes / 4}, DType::I32), in = b.zeros({bytes / 4}, DType::I32);
+      Tensor out = b.put(Tensor::zeros({bytes / 4}, DType::I32)), in = b.put(Tensor::zeros({bytes / 4}, DType::I32));
       const int to = (me + 1) % G, from = (me + G - 1) % G;
       const DataPlane::Transfer items[] = {{DataPlane::Transfer::send, to, out},
                                            {DataPlane::Transfer::recv, from, in}};
@@ -97,29 +91,18 @@ void bench(Communicator& c, DataPlane& d, const char* kind, const Buffers& b = {
 }  // namespace
 
 #ifdef BALLAST_HAS_NCCL
-void check_cuda(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw ballast::Error(fmt::format("{}: {}", what, cudaGetErrorString(e)));
-}
+using ballast::test::cuda_ok;
 
 // The NCCL plane of this rank on `gpu`, over `c`, with device buffers on its stream.
 void bench_nccl(Communicator& c, int gpu) {
-  check_cuda(cudaSetDevice(gpu), "cudaSetDevice");
+  cuda_ok(cudaSetDevice(gpu), "cudaSetDevice");
   cudaStream_t stream = nullptr;
-  check_cuda(cudaStreamCreate(&stream), "cudaStreamCreate");
+  cuda_ok(cudaStreamCreate(&stream), "cudaStreamCreate");
   {
     NcclDataPlane d(c, gpu, stream);
     Buffers b;
-    b.zeros = [](std::vector<int64_t> shape, DType dt) {
-      const Tensor host = Tensor::zeros(shape, dt);
-      void* p = nullptr;
-      check_cuda(cudaMalloc(&p, std::max<size_t>(host.nbytes(), 1)), "cudaMalloc");
-      check_cuda(cudaMemset(p, 0, host.nbytes()), "cudaMemset");
-      return Tensor::borrow(p, std::move(shape), dt, ballast::Device::CUDA, std::shared_ptr<void>(p, cudaFree));
-    };
-    b.upload = [](const Tensor& host, Tensor& into) {
-      check_cuda(cudaMemcpy(into.raw(), host.raw(), host.nbytes(), cudaMemcpyHostToDevice), "upload");
-    };
-    b.wait = [stream] { check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize"); };
+    b.put = ballast::test::to_cuda;
+    b.wait = [stream] { cuda_ok(cudaStreamSynchronize(stream), "cudaStreamSynchronize"); };
     bench(c, d, "nccl", b);
   }
   cudaStreamDestroy(stream);
@@ -134,12 +117,12 @@ int main(int argc, char** argv) {
       MpiSession mpi(&argc, &argv);
       MpiCommunicator c;
       int gpus = 0;
-      check_cuda(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
+      cuda_ok(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
       bench_nccl(c, local_gpu(c.local_rank(), c.local_size(), gpus));
       return 0;
     }
     int gpus = 0;
-    check_cuda(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
+    cuda_ok(cudaGetDeviceCount(&gpus), "cudaGetDeviceCount");
     const int G = argc > 2 ? std::atoi(argv[2]) : gpus;
     ThreadWorld world(G);
     run_ranks(world, [&](Communicator& c) { bench_nccl(c, c.rank()); });

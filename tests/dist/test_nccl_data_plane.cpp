@@ -6,13 +6,12 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
-#include <algorithm>
 #include <chrono>
 #include <functional>
-#include <memory>
 
 #include "ballast/dist/nccl_data_plane.h"
 #include "ballast/dist/thread_world.h"
+#include "dist/cuda_tensors.h"
 #include "dist/data_plane_conformance.h"
 
 namespace ballast::dist {
@@ -25,24 +24,10 @@ int visible_gpus() {
   return cudaGetDeviceCount(&n) == cudaSuccess ? n : 0;
 }
 
-void cuda_ok(cudaError_t e, const char* what) { ASSERT_EQ(e, cudaSuccess) << what << ": " << cudaGetErrorString(e); }
+using test::cuda_ok;
 
-// Buffers for the plane: copies in device memory of the calling rank's GPU, freed with the
-// tensor; reading back waits for the device (the ranks' streams are blocking ones).
-dpc::Memory cuda_memory() {
-  return {Device::CUDA,
-          [](const Tensor& host) {
-            void* p = nullptr;
-            cuda_ok(cudaMalloc(&p, std::max<size_t>(host.nbytes(), 1)), "cudaMalloc");
-            if (host.nbytes()) cuda_ok(cudaMemcpy(p, host.raw(), host.nbytes(), cudaMemcpyHostToDevice), "upload");
-            return Tensor::borrow(p, host.shape(), host.dtype(), Device::CUDA, std::shared_ptr<void>(p, cudaFree));
-          },
-          [](const Tensor& t) {
-            Tensor host = Tensor::zeros(t.shape(), t.dtype());
-            if (t.nbytes()) cuda_ok(cudaMemcpy(host.raw(), t.raw(), t.nbytes(), cudaMemcpyDeviceToHost), "download");
-            return host;
-          }};
-}
+// Buffers for the plane: copies in device memory of the calling rank's GPU (cuda_tensors.h).
+dpc::Memory cuda_memory() { return {Device::CUDA, test::to_cuda, test::to_host}; }
 
 // fn on every rank of G (one GPU each, G <= the visible GPUs), each with its NCCL data plane.
 void on_gpus(int G, const std::function<void(DataPlane&)>& fn) {
