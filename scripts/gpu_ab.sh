@@ -15,10 +15,8 @@ mkdir -p "$OUT"
 # The device tool brings back at most 8 files from $OUT: each run's log goes to a scratch folder and
 # is appended to one file, $OUT/ab-runs.log; the table is printed.
 RUNS=$(mktemp -d)
-[ -x .carry/gpu/bin/ballast ] || tar -C .carry -xJf .carry/gpu.tar.xz
+. scripts/gpu_env.sh
 tar -C .carry -xJf .carry/old.tar.xz
-CUBLAS=$(dirname "$( (ls /usr/local/cuda/lib64/libcublas.so.13 2>/dev/null; find / -name 'libcublas.so.13' 2>/dev/null) | head -1)")
-export LD_LIBRARY_PATH=$PWD/.carry/gpu/lib:$CUBLAS:${LD_LIBRARY_PATH:-}
 ARGS=${AB_ARGS:-"--synthetic qwen3-next-80b-a3b --dtype fp8 --layers 48 --batch 1,8,32,128 --prompt-len 1024 --decode-steps 32 --prefill 1024 --repeats 1"}
 VARIANTS="ballast-old ballast"
 [ -n "${AB_SWITCH:-}" ] && VARIANTS="ballast-old switched ballast"

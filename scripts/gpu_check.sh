@@ -22,13 +22,7 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-gpu}
 mkdir -p "$OUT"
 STEPS=${STEPS:-"info conformance runtime demo bench"}
-tar -C .carry -xJf .carry/gpu.tar.xz
-BIN=$PWD/.carry/gpu/bin
-# cuBLAS 13 from the CUDA toolkit, or from the Python wheel where the toolkit's lib64 lacks it.
-CUBLAS=$(dirname "$( (ls /usr/local/cuda/lib64/libcublas.so.13 2>/dev/null; find / -name 'libcublas.so.13' 2>/dev/null) | head -1)")
-# NCCL (libnccl.so.2) likewise: the toolkit's, or the nvidia-nccl wheel's beside torch.
-NCCL=$(dirname "$( (ls /usr/local/cuda/lib64/libnccl.so.2 2>/dev/null; find / -name 'libnccl.so.2' 2>/dev/null) | head -1)")
-export LD_LIBRARY_PATH=$PWD/.carry/gpu/lib:$CUBLAS:$NCCL:${LD_LIBRARY_PATH:-}
+. scripts/gpu_env.sh
 export BALLAST_FIXTURES_DIR=$PWD/tests/fixtures
 declare -A RESULT
 

@@ -13,11 +13,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-multi}
 mkdir -p "$OUT"
-[ -x .carry/gpu/bin/ballast ] || tar -C .carry -xJf .carry/gpu.tar.xz
-BIN=$PWD/.carry/gpu/bin
-CUBLAS=$(dirname "$( (ls /usr/local/cuda/lib64/libcublas.so.13 2>/dev/null; find / -name 'libcublas.so.13' 2>/dev/null) | head -1)")
-NCCL=$(dirname "$( (ls /usr/local/cuda/lib64/libnccl.so.2 2>/dev/null; find / -name 'libnccl.so.2' 2>/dev/null) | head -1)")
-export LD_LIBRARY_PATH=$PWD/.carry/gpu/lib:$CUBLAS:$NCCL:${LD_LIBRARY_PATH:-}
+. scripts/gpu_env.sh
 GPUS=$(nvidia-smi -L | wc -l)
 MPIRUN=(mpirun --allow-run-as-root --oversubscribe --bind-to none -x LD_LIBRARY_PATH)
 echo "GPUs: $GPUS" | tee "$OUT/multi.log"
