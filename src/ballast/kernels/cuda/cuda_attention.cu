@@ -441,7 +441,7 @@ __device__ __forceinline__ void prefill_issue(int64_t base, float* dst, int ld, 
 // Four consecutive elements (c of each row's HD / 4) of the tile's query row r; zeros past its rows.
 template <int HD>
 __device__ __forceinline__ float4 prefill_q(const AttentionArgs& a, const PrefillTile& t, int r, int c) {
-  return r < t.rows ? __ldg(reinterpret_cast<const float4*>(a.q + ((t.start + t.i0 + r) * a.Hq + t.hq) * HD) + c)
+  return r < t.rows ? load4_after_wait(a.q + ((t.start + t.i0 + r) * a.Hq + t.hq) * HD + 4 * c)
                     : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
 }
 

@@ -410,14 +410,14 @@ __global__ void __launch_bounds__(gemm_threads<BM>(), gemm_min_blocks<BM>())
       const float* p = xb + int64_t(i) * ROWS_PER_PASS * ldx + k;
       if constexpr (VEC) {
         if (row_ok && kc < kend) {  // VEC: kend is a multiple of 4, so the chunk is all in or out
-          const float4 v = __ldg(reinterpret_cast<const float4*>(p));
+          const float4 v = load4_after_wait(p);
           s.a[i][0] = v.x, s.a[i][1] = v.y, s.a[i][2] = v.z, s.a[i][3] = v.w;
         } else {
           s.a[i][0] = s.a[i][1] = s.a[i][2] = s.a[i][3] = 0.0f;
         }
       } else {
 #pragma unroll
-        for (int j = 0; j < 4; ++j) s.a[i][j] = row_ok && kc + j < kend ? __ldg(p + j) : 0.0f;
+        for (int j = 0; j < 4; ++j) s.a[i][j] = row_ok && kc + j < kend ? load_after_wait(p + j) : 0.0f;
       }
     }
 #pragma unroll
@@ -657,7 +657,7 @@ __global__ void quantize_rows_b128_kernel(const float* __restrict__ x, int64_t T
        it += int64_t(gridDim.x) * blockDim.x / 32) {
     const int64_t t = it / L, b = it % L, k = b * kScaleBlock + lane * 4;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (t < T) v = __ldg(reinterpret_cast<const float4*>(x + t * K + k));
+    if (t < T) v = load4_after_wait(x + t * K + k);
     float sc;
     *reinterpret_cast<uint32_t*>(xq + t * K + k) = quantize_b128(v, sc);
     if (lane == 0) xs[b * Tp + t] = sc;

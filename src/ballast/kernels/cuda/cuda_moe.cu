@@ -60,6 +60,8 @@ using cuda::check_cuda;
 using cuda::check_launch;
 using cuda::expect_device;
 using cuda::launch;
+using cuda::load4_after_wait;
+using cuda::load_after_wait;
 using cuda::mma_e4m3;
 using cuda::quantize_b128;
 using cuda::silu_;
@@ -681,6 +683,28 @@ __device__ __forceinline__ void tile_rows(const ExpertsArgs& a, int j0, int rows
   }
 }
 
+// The same for a tile of at most N rows, each thread its own copy in registers (decode's tiles of one
+// or two rows): no shared memory and no barrier stand between an item's tile entry and its weight
+// loads. Thread 0 reports a bad perm entry.
+template <int N>
+__device__ __forceinline__ void tile_rows_own(const ExpertsArgs& a, int j0, int rows, int64_t (&src)[N],
+                                              int64_t (&dst)[N]) {
+#pragma unroll
+  for (int r = 0; r < N; ++r) {
+    src[r] = -1, dst[r] = -1;
+    if (r < rows) {
+      const int64_t j = int64_t(j0) + r;
+      const int32_t i = a.perm[j];
+      if (i >= 0 && i < a.Ny && i / a.row_div < a.M) {
+        src[r] = i / a.row_div;
+        dst[r] = i;
+      } else if (threadIdx.x == 0) {
+        report(a.fault, cm::kExpertsPerm, j, i, 0);
+      }
+    }
+  }
+}
+
 struct Int2Sum {
   __device__ int2 operator()(int2 a, int2 b) const { return make_int2(a.x + b.x, a.y + b.y); }
 };
@@ -775,12 +799,12 @@ __device__ __forceinline__ void load_x(const float* __restrict__ row, int64_t k,
   if constexpr (VEC) {
 #pragma unroll
     for (int q = 0; q < EL / 4; ++q) {
-      const float4 v = __ldg(reinterpret_cast<const float4*>(row + k) + q);
+      const float4 v = load4_after_wait(row + k + 4 * q);
       f[4 * q] = v.x, f[4 * q + 1] = v.y, f[4 * q + 2] = v.z, f[4 * q + 3] = v.w;
     }
   } else {
 #pragma unroll
-    for (int e = 0; e < EL; ++e) f[e] = k + e < K ? __ldg(row + k + e) : 0.0f;
+    for (int e = 0; e < EL; ++e) f[e] = k + e < K ? load_after_wait(row + k + e) : 0.0f;
   }
 }
 
@@ -944,16 +968,25 @@ __global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArg
     const int64_t Nout = GU ? ex.inter : a.H;
     if (f0 >= Nout || ex.gate == nullptr) continue;  // the same for the whole block
     const int rows = tile.z - tile.y;
-    __syncthreads();  // the previous item's readers of src and dst are done
-    tile_rows(a, tile.y, rows, MAXR, src, dst);
-    __syncthreads();
-    switch (DType(GU ? ex.dt_gu : ex.dt_down)) {
-      case DType::F32: small_tile<GU, float, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
-      case DType::BF16: small_tile<GU, __nv_bfloat16, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
-      case DType::F16: small_tile<GU, __half, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
-      case DType::F8_E4M3: small_tile<GU, f8e4m3, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
-      case DType::F8_E4M3_B128: small_tile<GU, f8e4m3, VEC, MAXR, true>(a, ex, tile.y, rows, f0, src, dst); break;
-      default: break;
+    const auto run = [&](const int64_t* src, const int64_t* dst) {
+      switch (DType(GU ? ex.dt_gu : ex.dt_down)) {
+        case DType::F32: small_tile<GU, float, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
+        case DType::BF16: small_tile<GU, __nv_bfloat16, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
+        case DType::F16: small_tile<GU, __half, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
+        case DType::F8_E4M3: small_tile<GU, f8e4m3, VEC, MAXR>(a, ex, tile.y, rows, f0, src, dst); break;
+        case DType::F8_E4M3_B128: small_tile<GU, f8e4m3, VEC, MAXR, true>(a, ex, tile.y, rows, f0, src, dst); break;
+        default: break;
+      }
+    };
+    if constexpr (MAXR <= 2) {
+      int64_t own_src[MAXR], own_dst[MAXR];
+      tile_rows_own(a, tile.y, rows, own_src, own_dst);
+      run(own_src, own_dst);
+    } else {
+      __syncthreads();  // the previous item's readers of src and dst are done
+      tile_rows(a, tile.y, rows, MAXR, src, dst);
+      __syncthreads();
+      run(src, dst);
     }
   }
 }
@@ -1031,7 +1064,7 @@ __global__ void __launch_bounds__(kF8SmallWarps * 32) experts_fp8_small_kernel(E
     for (int64_t p = warp; p < rows * KB; p += kF8SmallWarps) {
       const int64_t r = p / KB, k = (p % KB) * kScaleBlock + lane * 4;
       const float* in = GU ? (src[r] >= 0 ? a.x + src[r] * a.H : nullptr) : a.h + (int64_t(tile.y) + r) * a.ldh;
-      const float4 v = in ? __ldg(reinterpret_cast<const float4*>(in + k)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      const float4 v = in ? load4_after_wait(in + k) : make_float4(0.f, 0.f, 0.f, 0.f);
       float sc;
       *reinterpret_cast<uint32_t*>(xq + r * K + k) = quantize_b128(v, sc);
       if (lane == 0) xs[r * KB + p % KB] = sc;

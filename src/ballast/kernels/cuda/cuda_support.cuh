@@ -56,10 +56,10 @@ __device__ __forceinline__ void wait_for_prior_kernels() {
 #endif
 }
 
-// Loads of what the kernel before wrote, for a kernel that issues other loads (its weights)
-// before wait_for_prior_kernels(): __ldg (ld.global.nc) tells the compiler that the memory never
-// changes while the kernel runs, which lets it move the load above the wait and read stale data;
-// these stay below it (volatile asm keeps its order with the wait's).
+// Loads of what the kernels before wrote (activations), after wait_for_prior_kernels(): __ldg
+// (ld.global.nc) tells the compiler that the memory never changes while the kernel runs, which
+// lets it move the load above the wait and read stale data (seen on the H200: docs/perf.md);
+// these stay below it (volatile asm keeps its order with the wait's). __ldg is for weights only.
 __device__ __forceinline__ float4 load4_after_wait(const float* p) {
   float4 v;
   asm volatile("ld.global.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
