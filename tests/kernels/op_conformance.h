@@ -514,9 +514,9 @@ TEST_P(OpConformance, MatmulManyEqualsEachMatmul) {
 }
 
 // swiglu_down is silu_mul, matmul and scale_rows_sigmoid in one op: bit for bit what the three
-// write (CUDA fuses the elementwise parts into its few-row products: the same floats, sums in the
-// same order), for few and many rows, every weight dtype, K vector-friendly or not, with and
-// without the row gate.
+// write (CUDA's few-row products apply the row gate as they store, and at one or two rows form
+// silu(gate) * up as they load: the same floats, sums in the same order), for few and many rows,
+// every weight dtype, K vector-friendly or not, with and without the row gate.
 TEST_P(OpConformance, SwigluDownEqualsSiluMulMatmulAndRowGate) {
   const int64_t N = 130;
   for (int64_t K : {64, 70})

@@ -58,6 +58,7 @@ namespace {
 // ============================================================================================
 
 constexpr int kFewRowsMax = 8;
+constexpr int kSwigluFusedRowsMax = 2;  // swiglu_down forms silu(gate) * up in its product up to this (CudaOps::swiglu_down)
 constexpr int kFewThreads = 128;  // 4 warps a block
 
 // Weight rows per warp (of a launch whose first weight type is W): more x rows read per weight
@@ -314,22 +315,29 @@ void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRow
   constexpr int EA = few_elems<W, true>(), EB = few_elems<WB, true>();
   bool vec = K % EA == 0 && K % EB == 0 && ldx % 4 == 0 && aligned(x, 16) && (!SWIGLU || aligned(up, 16));
   for (int q = 0; q < tg.count; ++q) vec = vec && aligned(tg.t[q].w, 16);
+  constexpr int TMAX = SWIGLU ? kSwigluFusedRowsMax : kFewRowsMax;
+  check(T <= TMAX, "matmul: {} rows for a few-row product of at most {}", T, TMAX);
   if (!vec)
-    return launch_few_rows_targets<W, SCALED, WB, SB, kFewRowsMax, false, false, SWIGLU>(x, ldx, T, K, tg, stream, up,
-                                                                                        row_gate);
+    return launch_few_rows_targets<W, SCALED, WB, SB, TMAX, false, false, SWIGLU>(x, ldx, T, K, tg, stream, up,
+                                                                                 row_gate);
   const auto run = [&](auto tm) {  // T x rows, exactly
     launch_few_rows_targets<W, SCALED, WB, SB, decltype(tm)::value, true, true, SWIGLU>(x, ldx, T, K, tg, stream, up,
                                                                                        row_gate);
   };
-  switch (T) {
-    case 1: return run(std::integral_constant<int, 1>{});
-    case 2: return run(std::integral_constant<int, 2>{});
-    case 3: return run(std::integral_constant<int, 3>{});
-    case 4: return run(std::integral_constant<int, 4>{});
-    case 5: return run(std::integral_constant<int, 5>{});
-    case 6: return run(std::integral_constant<int, 6>{});
-    case 7: return run(std::integral_constant<int, 7>{});
-    default: return run(std::integral_constant<int, 8>{});
+  if constexpr (SWIGLU) {
+    if (T == 1) return run(std::integral_constant<int, 1>{});
+    return run(std::integral_constant<int, kSwigluFusedRowsMax>{});
+  } else {
+    switch (T) {
+      case 1: return run(std::integral_constant<int, 1>{});
+      case 2: return run(std::integral_constant<int, 2>{});
+      case 3: return run(std::integral_constant<int, 3>{});
+      case 4: return run(std::integral_constant<int, 4>{});
+      case 5: return run(std::integral_constant<int, 5>{});
+      case 6: return run(std::integral_constant<int, 6>{});
+      case 7: return run(std::integral_constant<int, 7>{});
+      default: return run(std::integral_constant<int, 8>{});
+    }
   }
 }
 
@@ -909,21 +917,26 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   matmul_rows(cuda::f32(x), K, T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y), N, sms, scratch, stream_);
 }
 
-// Few rows of F32, BF16 or block-scaled FP8 weights: one launch, silu(gate) * up formed as the
-// product loads it and the row gate applied as it stores (decode: two elementwise kernels fewer a
-// layer); otherwise silu_mul, matmul and scale_rows_sigmoid.
+// Few rows of F32, BF16 or block-scaled FP8 weights: the few-row product applies the row gate as it
+// stores, and with one or two rows also forms silu(gate) * up as it loads them (decode: two
+// elementwise kernels fewer a layer). From three rows silu_mul runs first: every warp of the
+// product (4 weight rows) would form all T x K values itself, and at 8 rows the fused product of a
+// 1 MB FP8 down weight took ~25 us in the graph (80B FP8, batch 8: +5% with silu_mul apart;
+// docs/perf.md). Otherwise silu_mul, matmul and scale_rows_sigmoid.
 void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const Tensor& row_gate, Tensor& out) {
   const auto [T, K, N] = check_swiglu_down(gate, up, w, row_gate, out);
   const DType wdt = w.dtype();
-  const bool fused = T >= 1 && T <= kFewRowsMax && K > 0 && N > 0 &&
-                     (wdt == DType::F32 || wdt == DType::BF16 || wdt == DType::F8_E4M3_B128);
-  if (!fused) {
+  const bool few = T >= 1 && T <= kFewRowsMax && K > 0 && N > 0 &&
+                   (wdt == DType::F32 || wdt == DType::BF16 || wdt == DType::F8_E4M3_B128);
+  const bool fused = few && T <= kSwigluFusedRowsMax;
+  if (!few) {
     silu_mul(gate, up, gate);
     matmul(gate, w, out);
     if (row_gate.defined()) scale_rows_sigmoid(out, row_gate);
     return;
   }
-  auto timed = time_op("swiglu_down gemv");
+  if (!fused) silu_mul(gate, up, gate);
+  auto timed = time_op(fused ? "swiglu_down gemv" : "matmul gemv");
   expect_device("swiglu_down", "gate", gate);
   expect_device("swiglu_down", "up", up);
   expect_device("swiglu_down", "w", w);
@@ -936,10 +949,16 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
   const float* u = cuda::f32(up);
   const float* rg = row_gate.defined() ? cuda::f32(row_gate) : nullptr;
   const FewRowsTargets one{{target}, 1};
-  if (wdt == DType::F32) launch_few_rows<float, false, float, false, true>(g, K, int(T), K, one, stream_, u, rg);
-  else if (wdt == DType::BF16)
-    launch_few_rows<__nv_bfloat16, false, __nv_bfloat16, false, true>(g, K, int(T), K, one, stream_, u, rg);
-  else launch_few_rows<f8e4m3, true, f8e4m3, true, true>(g, K, int(T), K, one, stream_, u, rg);
+  const auto run = [&](auto swiglu) {
+    constexpr bool SWIGLU = decltype(swiglu)::value;
+    const float* uu = SWIGLU ? u : nullptr;
+    if (wdt == DType::F32) launch_few_rows<float, false, float, false, SWIGLU>(g, K, int(T), K, one, stream_, uu, rg);
+    else if (wdt == DType::BF16)
+      launch_few_rows<__nv_bfloat16, false, __nv_bfloat16, false, SWIGLU>(g, K, int(T), K, one, stream_, uu, rg);
+    else launch_few_rows<f8e4m3, true, f8e4m3, true, SWIGLU>(g, K, int(T), K, one, stream_, uu, rg);
+  };
+  if (fused) run(std::true_type{});
+  else run(std::false_type{});
   check_launch("swiglu_down");
 }
 
