@@ -782,14 +782,18 @@ __global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_
 // registers stay few enough for a full SM (the sums are NM x FPW x MAXR a lane). The down
 // projection's rows are short (K = the expert's intermediate size, 512 in the released models: one
 // or two steps a row), so with two x rows its loads in flight come from four rows a warp (80B FP8,
-// 8 layers in ncu: batch 32 403 -> 284 us; with one x row, 2 rows a warp: 109 us, 4: 118 us).
+// 8 layers in ncu: batch 32 403 -> 284 us), and with one x row from eight rows of one step: an item
+// is then 16 KB of weights like a gate/up item, where 2 rows of 2 steps (one of them past K for
+// FP8's 512) made 4 KB items whose per-item latency (tile -> expert -> perm) the grid paid 4x as
+// often (80B FP8, alternated in one run, batch 1 / 4 / 8: 248 / 417 / 552 -> 250 / 449 / 619
+// tok/s; 4 rows: 253 / 443 / 604; 16 rows, 210 registers: 219 / 390 / 510).
 template <bool GU, int MAXR>
 constexpr int small_fpw() {
-  return MAXR <= 2 ? (GU ? 1 : 2 * MAXR) : (GU ? 2 : 4);
+  return MAXR == 1 ? (GU ? 1 : 8) : MAXR == 2 ? (GU ? 1 : 4) : (GU ? 2 : 4);
 }
-template <int MAXR>
+template <bool GU, int MAXR>
 constexpr int small_steps() {
-  return MAXR <= 2 ? 2 : 1;
+  return MAXR == 1 ? (GU ? 2 : 1) : MAXR == 2 ? 2 : 1;
 }
 constexpr int kSmallThreads = 128;
 
@@ -814,7 +818,7 @@ __device__ __forceinline__ void load_x(const float* __restrict__ row, int64_t k,
 template <bool GU, typename W, bool VEC, int MAXR, bool SCALED = false>
 __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEntry& ex, int j0, int rows, int f0,
                                            const int64_t* src, const int64_t* dst) {
-  constexpr int NM = GU ? 2 : 1, FPW = small_fpw<GU, MAXR>(), U = small_steps<MAXR>();
+  constexpr int NM = GU ? 2 : 1, FPW = small_fpw<GU, MAXR>(), U = small_steps<GU, MAXR>();
   constexpr int EL = VEC && sizeof(W) == 1 ? 16 : 8, STEP = 32 * EL;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H;
@@ -994,16 +998,25 @@ __global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArg
 // Small tiles (up to 8 rows) of block-scaled FP8 experts on the FP8 tensor cores (bf16 products,
 // beside the large FP8 tiles): mma.sync m16n8k32 e4m3 with 16 weight rows as A and the tile's rows
 // as B's 8 columns, fp32 sums, each 128-block's sum times the weight block's scale and the row's.
-// An item is 16 output features of a tile: with GU 16 rows of gate and of up (h = silu(gate x) *
-// up x of those features), else 16 rows of down. The tile's input rows (x rows by perm, or its h
-// rows) are quantized per row and 128-block (amax / 448, as the large tiles take them) into shared
-// memory while the item's first weights are on their way; the 4 warps split K in whole 128-blocks
-// and add their sums in a fixed order. A lane's 16-byte load of a weight row feeds two MMAs as it
+// An item is output features of a tile: with GU 16 rows of gate and of up (h = silu(gate x) *
+// up x of those features), the 4 warps splitting K in whole 128-blocks and adding their sums in a
+// fixed order; else 64 rows of down, 16 a warp over all of K. The tile's input rows (x rows by
+// perm, or its h rows) are quantized per row and 128-block (amax / 448, as the large tiles take
+// them) into shared memory while the item's first weights are on their way. A lane's 16-byte load of a weight row feeds two MMAs as it
 // came from memory: k is numbered in the order the loads bring it, and x's fragments (16 bytes
 // of shared memory a lane) follow the same order, so nothing is unpacked, converted or scaled per
 // element.
 constexpr int kF8SmallWarps = 4;
-constexpr int kF8SmallRows = 16;  // output features an item (the MMA's M)
+constexpr int kF8SmallRows = 16;  // output features a warp (the MMA's M)
+// Output features an item: gate/up's 4 warps split K (H) over the same 16 features; down's each
+// take 16 features over all of K (an expert's intermediate size, 4 blocks of 128 at the 80B shape),
+// so that an item's prologue (tile rows, h quantized into shared memory) serves 32 KB of weights,
+// not 8 (80B FP8, batch 32: with 16 features an item down streamed at half gate/up's rate a byte;
+// 64: 949 -> 1,171 tok/s).
+template <bool GU>
+constexpr int f8_small_item_rows() {
+  return GU ? kF8SmallRows : kF8SmallRows * kF8SmallWarps;
+}
 template <bool GU>
 constexpr int f8_small_in_flight() {  // 128-blocks of k whose loads a warp issues together: 64 registers
   return GU ? 2 : 4;
@@ -1026,11 +1039,14 @@ __global__ void __launch_bounds__(kF8SmallWarps * 32) experts_fp8_small_kernel(E
     const int4 tile = a.tiles[item / a.fblocks];
     const ExpertEntry ex = a.ex[tile.x];
     const int64_t K = GU ? a.H : ex.inter, Nout = GU ? ex.inter : a.H, KB = K / kScaleBlock;
-    const int64_t n0 = (item % a.fblocks) * kF8SmallRows;
-    if (n0 >= Nout || ex.gate == nullptr) continue;
+    const int64_t item0 = (item % a.fblocks) * f8_small_item_rows<GU>();
+    if (item0 >= Nout || ex.gate == nullptr) continue;
     const int rows = tile.z - tile.y;
+    // This warp's 16 features and 128-blocks of k (a down warp past Nout has none, but stays for
+    // the barriers).
+    const int64_t n0 = GU ? item0 : item0 + warp * kF8SmallRows;
     const int64_t per = cdiv(KB, int64_t(kF8SmallWarps));
-    const int64_t b0 = std::min(KB, warp * per), b1 = std::min(KB, b0 + per);  // this warp's 128-blocks
+    const int64_t b0 = !GU ? 0 : std::min(KB, warp * per), b1 = !GU ? (n0 < Nout ? KB : 0) : std::min(KB, b0 + per);
     const uint8_t* wr[NM][2];
     const float* ws[NM];  // the scales of the item's 128-row block
 #pragma unroll
@@ -1038,7 +1054,7 @@ __global__ void __launch_bounds__(kF8SmallWarps * 32) experts_fp8_small_kernel(E
       const uint8_t* base = static_cast<const uint8_t*>(GU ? (m == 0 ? ex.gate : ex.up) : ex.down);
       wr[m][0] = base + std::min(n0 + g, Nout - 1) * K;  // past Nout: a valid row, not written
       wr[m][1] = base + std::min(n0 + g + 8, Nout - 1) * K;
-      ws[m] = (GU ? (m == 0 ? ex.s_gate : ex.s_up) : ex.s_down) + (n0 / kScaleBlock) * KB;
+      ws[m] = (GU ? (m == 0 ? ex.s_gate : ex.s_up) : ex.s_down) + (std::min(n0, Nout - 1) / kScaleBlock) * KB;
     }
     uint4 w[NB][2][NM][2];  // [128-block][64-k half][matrix][row g, g + 8]
     const auto issue = [&](int64_t bb) {
@@ -1101,27 +1117,31 @@ __global__ void __launch_bounds__(kF8SmallWarps * 32) experts_fp8_small_kernel(E
         }
       }
     }
+    if constexpr (!GU) {  // the warp's own features, whole sums: stored from the fragments
 #pragma unroll
-    for (int m = 0; m < NM; ++m) {
-      float* mine = sums + (warp * NM + m) * kF8SmallRows * 8;
-      mine[g * 8 + 2 * tq] = acc[m][0], mine[g * 8 + 2 * tq + 1] = acc[m][1];
-      mine[(g + 8) * 8 + 2 * tq] = acc[m][2], mine[(g + 8) * 8 + 2 * tq + 1] = acc[m][3];
-    }
-    __syncthreads();
-    const int f = int(threadIdx.x) / 8, r = int(threadIdx.x) % 8;  // 128 threads: 16 features x 8 rows
-    if (r < rows && n0 + f < Nout) {
-      float v[NM];
+      for (int q = 0; q < 4; ++q) {
+        const int r = 2 * tq + (q & 1);
+        const int64_t n = n0 + g + (q >= 2 ? 8 : 0), d = r < rows ? dst[r] : -1;
+        if (d >= 0 && n < Nout) a.y[d * a.H + n] = acc[0][q];
+      }
+    } else {  // the 4 warps' partial sums of the same features, added in warp order
 #pragma unroll
       for (int m = 0; m < NM; ++m) {
-        v[m] = 0.f;
-#pragma unroll
-        for (int q = 0; q < kF8SmallWarps; ++q) v[m] += sums[((q * NM + m) * kF8SmallRows + f) * 8 + r];
+        float* mine = sums + (warp * NM + m) * kF8SmallRows * 8;
+        mine[g * 8 + 2 * tq] = acc[m][0], mine[g * 8 + 2 * tq + 1] = acc[m][1];
+        mine[(g + 8) * 8 + 2 * tq] = acc[m][2], mine[(g + 8) * 8 + 2 * tq + 1] = acc[m][3];
       }
-      if constexpr (GU) {
+      __syncthreads();
+      const int f = int(threadIdx.x) / 8, r = int(threadIdx.x) % 8;  // 128 threads: 16 features x 8 rows
+      if (r < rows && n0 + f < Nout) {
+        float v[NM];
+#pragma unroll
+        for (int m = 0; m < NM; ++m) {
+          v[m] = 0.f;
+#pragma unroll
+          for (int q = 0; q < kF8SmallWarps; ++q) v[m] += sums[((q * NM + m) * kF8SmallRows + f) * 8 + r];
+        }
         a.h[(int64_t(tile.y) + r) * a.ldh + n0 + f] = silu_(v[0]) * v[NM - 1];
-      } else {
-        const int64_t d = dst[r];
-        if (d >= 0) a.y[d * a.H + n0 + f] = v[0];
       }
     }
   }
@@ -1983,7 +2003,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
       ExpertsArgs s = a;
       s.tiles = small;
       s.ntiles = ntiles;
-      s.fblocks = int(cdiv(nout, kF8SmallRows));
+      s.fblocks = int(cdiv(nout, f8_small_item_rows<GU>()));
       const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_small * s.fblocks, resident_fp8_small)));
       launch(experts_fp8_small_kernel<GU>, grid, kF8SmallWarps * 32, size_t(experts_fp8_small_smem(GU ? H : imax)),
              stream_, s);
