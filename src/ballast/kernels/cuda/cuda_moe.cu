@@ -663,23 +663,24 @@ struct ExpertsArgs {
   Fault* fault;
 };
 
-// Sources and destinations of a tile's rows: x row (perm[j] / row_div) and y row (perm[j]), -1
-// where j is past the tile or perm[j] is out of range (reported).
+// The x row (perm[j] / row_div) and y row (perm[j]) of entry j of perm, or -1 and -1 where perm[j]
+// is out of range (reported when `reports`).
+__device__ __forceinline__ void tile_row(const ExpertsArgs& a, int64_t j, bool reports, int64_t& src, int64_t& dst) {
+  const int32_t i = a.perm[j];
+  if (i >= 0 && i < a.Ny && i / a.row_div < a.M) {
+    src = i / a.row_div;
+    dst = i;
+  } else {
+    src = dst = -1;
+    if (reports) report(a.fault, cm::kExpertsPerm, j, i, 0);
+  }
+}
+
+// Sources and destinations of a tile's rows into shared memory, -1 where j is past the tile.
 __device__ __forceinline__ void tile_rows(const ExpertsArgs& a, int j0, int rows, int n, int64_t* src, int64_t* dst) {
   for (int r = threadIdx.x; r < n; r += blockDim.x) {
-    int64_t s = -1, d = -1;
-    if (r < rows) {
-      const int64_t j = int64_t(j0) + r;
-      const int32_t i = a.perm[j];
-      if (i >= 0 && i < a.Ny && i / a.row_div < a.M) {
-        s = i / a.row_div;
-        d = i;
-      } else {
-        report(a.fault, cm::kExpertsPerm, j, i, 0);
-      }
-    }
-    src[r] = s;
-    dst[r] = d;
+    src[r] = dst[r] = -1;
+    if (r < rows) tile_row(a, int64_t(j0) + r, true, src[r], dst[r]);
   }
 }
 
@@ -691,17 +692,8 @@ __device__ __forceinline__ void tile_rows_own(const ExpertsArgs& a, int j0, int 
                                               int64_t (&dst)[N]) {
 #pragma unroll
   for (int r = 0; r < N; ++r) {
-    src[r] = -1, dst[r] = -1;
-    if (r < rows) {
-      const int64_t j = int64_t(j0) + r;
-      const int32_t i = a.perm[j];
-      if (i >= 0 && i < a.Ny && i / a.row_div < a.M) {
-        src[r] = i / a.row_div;
-        dst[r] = i;
-      } else if (threadIdx.x == 0) {
-        report(a.fault, cm::kExpertsPerm, j, i, 0);
-      }
-    }
+    src[r] = dst[r] = -1;
+    if (r < rows) tile_row(a, int64_t(j0) + r, threadIdx.x == 0, src[r], dst[r]);
   }
 }
 
