@@ -58,7 +58,7 @@ namespace {
 // ============================================================================================
 
 constexpr int kFewRowsMax = 8;
-constexpr int kSwigluFusedRowsMax = 2;  // swiglu_down forms silu(gate) * up in its product up to this (CudaOps::swiglu_down)
+constexpr int kSwigluFusedRowsMax = 2;  // rows up to which swiglu_down forms silu(gate) * up in its product
 constexpr int kFewThreads = 128;  // 4 warps a block
 
 // Weight rows per warp (of a launch whose first weight type is W): more x rows read per weight
