@@ -134,6 +134,18 @@ def check_fp8_refusals(args):
             assert needle in p.stderr and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1, (needle, p.stderr)
 
 
+def check_quantization_at_load(args):
+    # --quantization fp8 quantizes a bf16 checkpoint's linear weights at load and says so; a
+    # synthetic model takes --dtype fp8 instead, and is told so in one line.
+    ref = reference("qwen3_next_a")
+    p = run([args.ballast, "generate", "--device", "cpu", "--model", os.path.join(FIX, "qwen3_next_a"), "--prompt-ids",
+             ",".join(map(str, ref["prompt_ids"])), "--max-new-tokens", "16", "--quantization", "fp8", "--json"])
+    assert "quantized" in p.stderr and "linear weights to FP8" in p.stderr, p.stderr
+    assert len(json.loads(p.stdout)["output_ids"]) == 16, p.stdout
+    p = run([args.ballast, "bench", "--device", "cpu", "--synthetic", "mid-size", "--quantization", "fp8"], expect_rc=1)
+    assert "--quantization applies to checkpoints" in p.stderr and p.stderr.count("\n") == 1, p.stderr
+
+
 def check_text_prompt_and_tokenizer(args):
     # The default model with a text prompt: ids and text agree with the tokenizer's own CLI.
     j = json.loads(run([args.ballast, "generate", "--prompt", "def fibonacci(n):", "--max-new-tokens", "12",

@@ -13,6 +13,7 @@
 
 #include "ballast/io/checkpoint.h"
 #include "ballast/io/safetensors.h"
+#include "ballast/model/fp8_at_load.h"
 #include "ballast/model/random_checkpoint.h"
 #include "ballast/runtime/engine.h"
 #include "fixtures.h"
@@ -268,6 +269,106 @@ TEST(Fp8ErrorsPacked, UnpackingThatSplitsBlocks) {
   cfg["quantization_config"] = {{"quant_method", "fp8"}, {"weight_block_size", {128, 128}}};
   write_checkpoint(tmp / "m", cfg, t);
   expect_error([&] { load_engine(tmp / "m", 1); }, {n, "splits its 128-row FP8 scale blocks"});
+}
+
+
+// --quantization fp8: a block of 128 x 128 (partial at the edges) scaled by its amax / 448, every
+// value the nearest e4m3 of w / s: within half an e4m3 step of w (3 mantissa bits: 2^-4 of |w|,
+// or half the subnormal step 2^-10 s near zero); an all-zero block scaled by 1.
+TEST(Fp8AtLoad, BlocksScaledByAmaxAndValuesWithinHalfAStep) {
+  const int64_t N = 200, K = 300;  // partial blocks at both edges
+  Tensor w = Tensor::zeros({N, K}, DType::BF16);
+  std::vector<float> v(size_t(N * K));
+  uint64_t state = 12345;
+  for (int64_t i = 0; i < N * K; ++i) {
+    state = state * 6364136223846793005ull + 1442695040888963407ull;
+    const float u = float(int64_t(state >> 40) % 2001 - 1000) / 1000.0f;  // [-1, 1]
+    const int64_t r = i / K, c = i % K;
+    const float scale = r >= 128 && c >= 256 ? 0.0f : (r < 128 ? 0.02f : 3.0f);  // one all-zero block
+    w.data<uint16_t>()[i] = f32_to_bf16(u * scale);
+    v[size_t(i)] = bf16_to_f32(w.data<uint16_t>()[i]);
+  }
+  const Tensor q = model::quantize_fp8_blocks(w);
+  ASSERT_EQ(q.dtype(), DType::F8_E4M3_B128);
+  ASSERT_EQ(q.scales().shape(), (std::vector<int64_t>{2, 3}));
+  const float* s = static_cast<const float*>(q.scales().raw());
+  for (int64_t br = 0; br < 2; ++br)
+    for (int64_t bc = 0; bc < 3; ++bc) {
+      float amax = 0;
+      for (int64_t r = br * 128; r < std::min(N, br * 128 + 128); ++r)
+        for (int64_t c = bc * 128; c < std::min(K, bc * 128 + 128); ++c) amax = std::max(amax, std::abs(v[size_t(r * K + c)]));
+      EXPECT_EQ(s[br * 3 + bc], amax > 0 ? amax / 448.0f : 1.0f) << br << "," << bc;
+    }
+  EXPECT_EQ(s[1 * 3 + 2], 1.0f);
+  const uint8_t* e = static_cast<const uint8_t*>(q.elements().raw());
+  for (int64_t r = 0; r < N; ++r)
+    for (int64_t c = 0; c < K; ++c) {
+      const float sc = s[(r / 128) * 3 + c / 128], x = v[size_t(r * K + c)];
+      const float back = fp8e4m3_to_f32(e[r * K + c]) * sc;
+      ASSERT_LE(std::abs(back - x), std::abs(x) * 0.0625f + sc * 0.001f) << r << "," << c;
+    }
+  expect_error([] { model::quantize_fp8_blocks(Tensor::zeros({2, 2}, DType::F8_E4M3)); },
+               {"quantize to FP8", "must be a host matrix of BF16, F16 or F32"});
+  Tensor bad = Tensor::zeros({2, 2});
+  bad.f32()[3] = INFINITY;
+  expect_error([&] { model::quantize_fp8_blocks(bad); }, {"quantize to FP8", "not finite", "block (0, 0)"});
+}
+
+// A bf16 checkpoint loaded with quantize_fp8: the linear weights the releases quantize are FP8,
+// the others as stored; logits near the bf16 model's (the weights move by up to 2^-4 each) and
+// equal to those of the same weights quantized first and loaded as a released FP8 checkpoint.
+TEST(Fp8AtLoad, ModelWeightsAsTheReleasesQuantizeThem) {
+  // A small Qwen3-Next in bf16 whose packed in_proj_qkvz unpacks in whole 128-row blocks (dk = r dv
+  // = 128, as the 80B's), so that a release can quantize it packed; H = 136: partial blocks.
+  TmpDir tmp;
+  const fs::path bf16 = tmp / "bf16";
+  const model::RandomModelShape shape{.hidden = 136, .layers = 2, .vocab = 96, .heads = 2, .kv_heads = 1,
+                                      .head_dim = 32, .key_heads = 1, .value_heads = 1, .key_dim = 128,
+                                      .value_dim = 128, .experts = 4, .top_k = 2, .moe_intermediate = 128,
+                                      .shared_intermediate = 64, .full_attention_interval = 2};
+  model::write_random_checkpoint(model::random_model_config(shape), bf16, 7);
+  runtime::EngineOptions opts;
+  opts.quantize_fp8 = true;
+  auto engine = load_engine(bf16, 2, opts);
+  const auto& w = engine->model().weights();
+  const auto& l0 = w.layers[0];
+  for (const Tensor* t : {&l0.moe.experts[0].gate, &l0.moe.experts[3].down, &l0.moe.shared->up, &l0.delta.in_qkv,
+                          &l0.delta.in_z, &l0.delta.out_proj, &w.layers[1].attn.q_proj, &w.layers[1].attn.o_proj})
+    EXPECT_EQ(t->dtype(), DType::F8_E4M3_B128);
+  for (const Tensor* t : {&w.embed, &w.lm_head, &l0.moe.router, &l0.moe.shared_gate, &l0.delta.in_b, &l0.delta.in_a})
+    EXPECT_EQ(t->dtype(), DType::BF16);
+  if (w.mtp) {
+    EXPECT_EQ(w.mtp->fc.dtype(), DType::BF16);
+    EXPECT_EQ(w.mtp->layers[0].moe.experts[1].up.dtype(), DType::F8_E4M3_B128);
+  }
+  const std::vector<int32_t> prompt{3, 17, 90, 44, 5, 61, 8, 8, 70, 12, 33, 2};
+  const std::vector<float> got = engine->prefill_logits(prompt);
+  const double err = rel_max_err(got, load_engine(bf16, 2)->prefill_logits(prompt));
+  std::cout << "FP8 at load vs bf16: max |diff| / max |bf16| = " << err << "\n";
+  EXPECT_GT(err, 0.0);
+  EXPECT_LE(err, 0.1);
+  // The same quantization done ahead, written as a release: what the engine quantized at load.
+  auto ck = io::Checkpoint::open(bf16);
+  std::map<std::string, Tensor> t = tensors_of(ck);
+  std::vector<std::string> names;
+  for (const auto& [n, x] : t) {
+    const bool linear = n.ends_with(".weight") && n.find("proj") != std::string::npos &&
+                        !n.ends_with("in_proj_b.weight") && !n.ends_with("in_proj_a.weight") &&
+                        !n.ends_with("in_proj_ba.weight");
+    if (linear && x.rank() == 2) names.push_back(n);
+  }
+  ASSERT_GT(names.size(), 10u);
+  for (const auto& n : names) {
+    const Tensor q = model::quantize_fp8_blocks(t.at(n));
+    t[n] = q.elements();
+    t[n + "_scale_inv"] = q.scales();
+  }
+  json cfg = read_json(bf16 / "config.json");
+  cfg["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
+                                {"weight_block_size", {128, 128}}};
+  write_checkpoint(tmp / "q", cfg, t);
+  EXPECT_EQ(load_engine(tmp / "q", 2)->prefill_logits(prompt), got);
+  EXPECT_EQ(load_engine(tmp / "q", 2, opts)->prefill_logits(prompt), got);  // FP8 already: left as it is
 }
 
 }  // namespace

@@ -296,6 +296,8 @@ int run_bench(const BenchArgs& a) {
   check(a.synthetic.empty() || a.model.empty(), "--synthetic and --model: give one");
   check(a.layers == 0 || !a.synthetic.empty(), "--layers applies to --synthetic models only");
   check(a.dtype == "bf16" || !a.synthetic.empty(), "--dtype applies to --synthetic models only (a checkpoint has its own)");
+  check(a.device.quantization == "none" || a.synthetic.empty(),
+        "--quantization applies to checkpoints (synthetic models take --dtype fp8)");
   check(a.save.empty() || !a.synthetic.empty(), "--save applies to --synthetic models only");
   if (!a.save.empty()) return save_synthetic(a);
   const int bmax = *std::max_element(batches.begin(), batches.end());

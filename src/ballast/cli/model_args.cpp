@@ -128,6 +128,10 @@ void add_device_option(CLI::App* c, DeviceArgs& d) {
                 "CPU weights: copy (into the process's memory at load; default, faster to read) | mmap (read in place "
                 "from the checkpoint's mapping: no second copy)")
       ->check(CLI::IsMember({"copy", "mmap"}));
+  c->add_option("--quantization", d.quantization,
+                "none (default) | fp8: a bf16/f16/f32 checkpoint's linear weights quantized at load to FP8 with "
+                "128 x 128 block scales, as Qwen's -FP8 releases store them (half the bytes of bf16)")
+      ->check(CLI::IsMember({"none", "fp8"}));
 }
 
 #ifdef BALLAST_HAS_CUDA
@@ -170,6 +174,7 @@ std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, c
       upload->update(done);
     };
   }
+  opts.quantize_fp8 = device.quantization == "fp8";
   auto engine = runtime::Engine::load(dir, make_backend(device, threads, gpu), opts);
   if (bar) bar->finish();
   if (upload) upload->finish();

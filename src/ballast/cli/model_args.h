@@ -46,6 +46,7 @@ struct DeviceArgs {
   std::string device = "auto";
   std::string matmul_precision = "bf16";
   std::string cpu_weights = "copy";  // copy | mmap (CpuOptions::copy_weights)
+  std::string quantization = "none";  // none | fp8 (EngineOptions::quantize_fp8)
 };
 void add_device_option(CLI::App* cmd, DeviceArgs& device);
 // The backend for `device` ("auto", "cuda" or "cpu"): the CPU with `threads` threads (0 = all

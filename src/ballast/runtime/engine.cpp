@@ -7,6 +7,7 @@
 #include "ballast/core/clock.h"
 #include "ballast/core/error.h"
 #include "ballast/eplb/plan.h"
+#include "ballast/model/fp8_at_load.h"
 
 namespace ballast::runtime {
 
@@ -85,7 +86,12 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, std
   if (opts.load_progress) ckpt.prefault(opts.load_progress);
   ckpt.check_finite();
   std::unique_ptr<Engine> e(new Engine(std::move(backend), std::move(ckpt), opts));
-  const model::ModelWeights host = model::bind_weights(cfg, *e->ckpt_);
+  model::ModelWeights host = model::bind_weights(cfg, *e->ckpt_);
+  if (opts.quantize_fp8) {  // on the host, before any copy: every rank's slots are filled from these
+    const model::Fp8AtLoad q = model::quantize_linear_fp8(host);
+    opts.log.info("quantized {} linear weights to FP8 (128 x 128 blocks) at load: {:.2f} GB -> {:.2f} GB", q.tensors,
+                  double(q.bytes_before) / 1e9, double(q.bytes_after) / 1e9);
+  }
   model::ModelWeights device = host;
   // Weights go to the device once, here (a CPU reads them in place: nothing to report).
   uint64_t total = 0, done = 0;

@@ -72,6 +72,7 @@ struct EngineOptions {
   ExpertParallelOptions ep;
   CacheOptions cache;
   int speculative_steps = 0;           // NEXTN: chained MTP drafts per round (0: no speculation; at most kMaxDraftSteps)
+  bool quantize_fp8 = false;           // load: linear weights to block-scaled FP8 (model/fp8_at_load.h)
   bool cuda_graphs = true;             // decode passes as captured graphs where the backend can (no EP)
   // Once set (by a signal handler's thread), generate() aborts its requests at the next step and
   // returns what they had emitted. Ranks may see it at different steps: one that has stopped takes
