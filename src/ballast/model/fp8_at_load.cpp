@@ -1,7 +1,11 @@
 #include "ballast/model/fp8_at_load.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 #include "ballast/core/error.h"
@@ -43,21 +47,17 @@ Tensor quantize_fp8_blocks(const Tensor& w) {
 }
 
 Fp8AtLoad quantize_linear_fp8(ModelWeights& w) {
-  Fp8AtLoad r;
-  const auto quantize = [&r](Tensor& t) {
-    if (!t.defined() || t.dtype() == DType::F8_E4M3_B128) return;
-    r.bytes_before += int64_t(t.nbytes());
-    t = quantize_fp8_blocks(t);
-    r.bytes_after += int64_t(t.storage_bytes());
-    ++r.tensors;
+  std::vector<Tensor*> todo;
+  const auto add = [&todo](Tensor& t) {
+    if (t.defined() && t.dtype() != DType::F8_E4M3_B128) todo.push_back(&t);
   };
   const auto swiglu = [&](kernels::SwigluWeights& e) {
-    for (Tensor* t : {&e.gate, &e.up, &e.down}) quantize(*t);
+    for (Tensor* t : {&e.gate, &e.up, &e.down}) add(*t);
   };
   const auto layer = [&](LayerWeights& l) {
     for (Tensor* t : {&l.attn.q_proj, &l.attn.k_proj, &l.attn.v_proj, &l.attn.o_proj, &l.delta.in_qkv, &l.delta.in_z,
                       &l.delta.out_proj})
-      quantize(*t);
+      add(*t);
     for (auto& e : l.moe.experts) swiglu(e);
     if (l.moe.shared) swiglu(*l.moe.shared);
     swiglu(l.dense);
@@ -65,6 +65,32 @@ Fp8AtLoad quantize_linear_fp8(ModelWeights& w) {
   for (auto& l : w.layers) layer(l);
   if (w.mtp)
     for (auto& l : w.mtp->layers) layer(l);
+  Fp8AtLoad r;
+  r.tensors = int64_t(todo.size());
+  for (const Tensor* t : todo) r.bytes_before += int64_t(t->nbytes());
+  // Tensors are independent: the host's cores take them in turn (each result is the same whichever
+  // thread makes it). The first error is rethrown once every thread has stopped.
+  std::atomic<size_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mu;
+  const auto work = [&] {
+    for (size_t i; (i = next++) < todo.size();) {
+      try {
+        *todo[i] = quantize_fp8_blocks(*todo[i]);
+      } catch (...) {
+        std::lock_guard lk(error_mu);
+        if (!error) error = std::current_exception();
+        next = todo.size();
+      }
+    }
+  };
+  const size_t threads = std::clamp<size_t>(std::thread::hardware_concurrency(), 1, std::max<size_t>(1, todo.size()));
+  std::vector<std::thread> pool;
+  for (size_t i = 1; i < threads; ++i) pool.emplace_back(work);
+  work();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+  for (const Tensor* t : todo) r.bytes_after += int64_t(t->storage_bytes());
   return r;
 }
 
