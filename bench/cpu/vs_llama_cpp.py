@@ -42,7 +42,7 @@ def llama_round(a, threads):
 def ballast_round(a, threads):
     j = json.loads(run([a.ballast, "bench", "--device", "cpu", "--threads", str(threads), "--model", a.model,
                         "--prefill", "128,512", "--batch", "1", "--prompt-len", "1", "--decode-steps", "128",
-                        "--repeats", "2", "--json"]))
+                        "--repeats", "2", "--json"] + a.ballast_arg))
     pre = {p["tokens"]: p["tokens_per_s"] for p in j["prefill"]}
     return {"pp128": pre[128], "pp512": pre[512], "tg128": j["decode"][0]["tokens_per_s"]}
 
@@ -60,6 +60,9 @@ def main():
     p.add_argument("--llama-bench-arg", action="append", default=[],
                    help="one more llama-bench argument (repeat it: --llama-bench-arg=-mmp --llama-bench-arg=0 loads "
                         "the weights into llama.cpp's own memory, as ballast does by default)")
+    p.add_argument("--ballast-arg", action="append", default=[],
+                   help="one more ballast bench argument (--ballast-arg=--quantization --ballast-arg=fp8: its 8-bit "
+                        "weights beside a q8_0 GGUF)")
     p.add_argument("--json", help="also write every round's figures here")
     a = p.parse_args()
     rows, commit, raw = [], "", {}
@@ -82,6 +85,8 @@ def main():
     if a.llama_cpp_commit and commit in ("", "unknown"):
         commit = a.llama_cpp_commit
     extra = f" (llama-bench {' '.join(a.llama_bench_arg)})" if a.llama_bench_arg else ""
+    if a.ballast_arg:
+        extra += f" (ballast {' '.join(a.ballast_arg)})"
     print(f"ballast {a.model} vs llama.cpp {commit} ({a.gguf}){extra}, median of {a.rounds} alternating rounds, "
           "tokens/s")
     print("| threads | test | ballast | llama.cpp | ballast / llama.cpp |")

@@ -309,9 +309,11 @@ TEST(Fp8AtLoad, BlocksScaledByAmaxAndValuesWithinHalfAStep) {
     }
   expect_error([] { model::quantize_fp8_blocks(Tensor::zeros({2, 2}, DType::F8_E4M3)); },
                {"quantize to FP8", "must be a host matrix of BF16, F16 or F32"});
-  Tensor bad = Tensor::zeros({2, 2});
-  bad.f32()[3] = INFINITY;
-  expect_error([&] { model::quantize_fp8_blocks(bad); }, {"quantize to FP8", "not finite", "block (0, 0)"});
+  for (float x : {INFINITY, NAN}) {
+    Tensor bad = Tensor::zeros({2, 130});
+    bad.f32()[129] = x;
+    expect_error([&] { model::quantize_fp8_blocks(bad); }, {"quantize to FP8", "not finite", "block (0, 1)"});
+  }
 }
 
 // A bf16 checkpoint loaded with quantize_fp8: the linear weights the releases quantize are FP8,

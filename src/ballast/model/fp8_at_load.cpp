@@ -33,10 +33,14 @@ Tensor quantize_fp8_blocks(const Tensor& w) {
     for (int64_t kb = 0; kb < KB; ++kb) {
       const int64_t k0 = kb * kScaleBlock, k1 = std::min(K, k0 + kScaleBlock);
       float amax = 0.0f;
+      bool finite = true;
       for (int64_t n = n0; n < n1; ++n)
-        for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, std::fabs(rows[size_t((n - n0) * K + k)]));
-      check(std::isfinite(amax), "quantize to FP8: weight {} has a value that is not finite in block ({}, {})", w, nb,
-            kb);
+        for (int64_t k = k0; k < k1; ++k) {
+          const float v = rows[size_t((n - n0) * K + k)];
+          finite = finite && std::isfinite(v);
+          amax = std::max(amax, std::fabs(v));
+        }
+      check(finite, "quantize to FP8: weight {} has a value that is not finite in block ({}, {})", w, nb, kb);
       const float scale = amax > 0.0f ? amax / kE4m3Max : 1.0f;
       sp[nb * KB + kb] = scale;
       for (int64_t n = n0; n < n1; ++n)
