@@ -71,21 +71,26 @@ inline constexpr E4m3Table kE4m3;
 
 inline float fp8e4m3_to_f32(uint8_t v) { return detail::kE4m3.value[v]; }
 
-// The E4M3 code nearest to f, ties to even, saturating at +-448 (NaN: 0x7f): what CUDA's
-// cvt.rn.satfinite.e4m3 gives, so that both backends make the same random FP8 weights.
+// The E4M3 code nearest to f, ties to even, saturating at +-448 (infinities too; NaN: 0x7f): what
+// CUDA's cvt.rn.satfinite.e4m3 gives, so that both backends make the same random FP8 weights. Bit
+// arithmetic, no libm: it runs once per weight when a checkpoint is quantized at load. (Checked
+// against the libm formulation it replaced for every float: equal but at +-inf, which that one
+// turned into +-1.0 through an integer overflow.)
 inline uint8_t f32_to_e4m3(float f) {
-  if (std::isnan(f)) return 0x7f;
-  const uint8_t sign = std::signbit(f) ? 0x80 : 0;
-  const float a = std::fabs(f);
-  if (a == 0.0f) return sign;
-  int e = std::max(std::ilogb(a), -6);                      // subnormals share 2^-6's step
-  const float m = std::nearbyint(std::ldexp(a, 3 - e));     // a / step, step = 2^(e-3): ties to even
-  if (m == 0.0f) return sign;
-  int mi = int(std::min(m, 64.0f));
-  if (e == -6 && mi < 8) return uint8_t(sign | mi);          // subnormal
-  if (mi == 16) mi = 8, ++e;                                 // rounded up to the next binade
-  const int code = std::min(((e + 7) << 3) | (mi - 8), 0x7e);  // 0x7e = 448; past it saturates
-  return uint8_t(sign | code);
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint8_t sign = uint8_t((u >> 24) & 0x80);
+  u &= 0x7FFFFFFFu;
+  if (u > 0x7F800000u) return 0x7f;                   // NaN
+  if (u >= 0x43E00000u) return uint8_t(sign | 0x7e);  // >= 448 (and infinity): 448
+  if (u < 0x3C800000u) {                              // below 2^-6: subnormal steps of 2^-9
+    float a;
+    std::memcpy(&a, &u, 4);
+    return uint8_t(sign | int(std::nearbyint(a * 512.0f)));  // 0..8 (8: 2^-6, the first normal)
+  }
+  u += 0x7FFFFu + ((u >> 20) & 1u);  // the mantissa rounded to 3 bits, ties to even (may carry into e)
+  const uint32_t code = (((u >> 23) - 120u) << 3) | ((u >> 20) & 7u);  // exponent bias 127 -> 7
+  return uint8_t(sign | (code > 0x7eu ? 0x7eu : code));
 }
 
 // The index of the first NaN or infinity among n elements of src in dtype t (F32, BF16, F16 or
