@@ -172,6 +172,18 @@ void throw_verdict(std::string_view call, int rank, std::span<const std::optiona
   if (auto bad = check_same_layout(call, layouts, rows)) fail("{}", *bad);
 }
 
+void throw_verdict(std::string_view call, int rank, std::span<const Statement> said,
+                   const std::optional<std::string>& mine, bool rows) {
+  std::vector<std::optional<std::string>> errors(said.size());
+  std::vector<Layout> layouts(said.size());
+  for (size_t r = 0; r < said.size(); ++r) {
+    if (said[r].failed) errors[r] = std::string(said[r].message);
+    layouts[r] = said[r].layout();
+  }
+  errors[size_t(rank)] = mine;
+  throw_verdict(call, rank, errors, layouts, rows);
+}
+
 std::string transfer_size_mismatch(int receiver, int64_t expected, int sender, int64_t sent) {
   return fmt::format("send_recv: rank {} expected {} bytes from rank {}, which sent {}", receiver, expected, sender,
                      sent);

@@ -83,6 +83,10 @@ struct Statement {
 // Returns when nothing is wrong.
 void throw_verdict(std::string_view call, int rank, std::span<const std::optional<std::string>> errors,
                    std::span<const Layout> layouts, bool rows);
+// The same from every rank's Statement (by rank) and this rank's own error in full (a Statement
+// carries it cut to its 1023 bytes).
+void throw_verdict(std::string_view call, int rank, std::span<const Statement> said,
+                   const std::optional<std::string>& mine, bool rows);
 
 // The receiving side of a point-to-point pair whose sizes disagree.
 std::string transfer_size_mismatch(int receiver, int64_t expected, int sender, int64_t sent);

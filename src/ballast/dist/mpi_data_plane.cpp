@@ -47,14 +47,7 @@ void agree(MPI_Comm comm, int rank, int size, std::string_view call, const std::
   std::vector<detail::Statement> all(size);
   mpi_check(MPI_Allgather(&s, sizeof s, MPI_BYTE, all.data(), sizeof s, MPI_BYTE, comm), "MPI_Allgather", rank,
             fmt::format("{} agreement", call));
-  std::vector<std::optional<std::string>> errors(size);
-  std::vector<detail::Layout> layouts(size);
-  for (int r = 0; r < size; ++r) {
-    if (all[r].failed) errors[r] = std::string(all[r].message);
-    layouts[r] = all[r].layout();
-  }
-  errors[rank] = error;  // its own in full
-  detail::throw_verdict(call, rank, errors, layouts, rows);
+  detail::throw_verdict(call, rank, all, error, rows);
   fail("{}: the ranks disagree on their arguments", call);  // not reached: the check above names it
 }
 

@@ -105,15 +105,9 @@ struct NcclDataPlane::Impl {
   void agree_on_elements(std::string_view call, int rank, int G, const std::optional<std::string>& error,
                          const Tensor& t) {
     const Gathered heads = gather(rank, G, Header{detail::Statement(error, {t.numel(), t.dtype()})}, nullptr);
-    std::vector<std::optional<std::string>> errors(static_cast<size_t>(G));
-    std::vector<detail::Layout> layouts(static_cast<size_t>(G));
-    for (int r = 0; r < G; ++r) {
-      const detail::Statement& said = heads.header(r).said;
-      if (said.failed) errors[size_t(r)] = std::string(said.message);
-      layouts[size_t(r)] = said.layout();
-    }
-    errors[size_t(rank)] = error;  // its own in full
-    detail::throw_verdict(call, rank, errors, layouts, false);
+    std::vector<detail::Statement> said(static_cast<size_t>(G));
+    for (int r = 0; r < G; ++r) said[size_t(r)] = heads.header(r).said;
+    detail::throw_verdict(call, rank, said, error, false);
   }
 };
 
