@@ -228,7 +228,8 @@ TEST(CudaBackend, Fp8GroupedExpertsOnTheFp8TensorCoresEqualTheProductsOfQuantize
 }
 
 // FP8 dense products with bf16 matrix products. Few rows read the e4m3 weights in place (fp32
-// sums of the exact dequantized values). Many rows take the FP8 tensor cores where K is whole
+// sums of the exact dequantized values) where K is not whole 128-blocks or the rows are one or two
+// (3 - 8 rows of whole blocks: the FP8 tensor cores, tested below). Many rows take the FP8 tensor cores where K is whole
 // 128-blocks in groups of 4 and N a multiple of 16: x quantized per row and 128-block (amax / 448,
 // nearest e4m3, as vLLM and SGLang do), so the reference multiplies the same quantized x; other
 // shapes dequantize the weights to bf16 for cuBLAS (each weight rounded to bf16 as x is).
@@ -359,6 +360,74 @@ TEST_P(CudaBf16Products, PrefillAttentionEqualsTheSoftmaxOfRoundedOperands) {
 // against the CPU's recurrent form in fp32. The errors (printed) measured 3.5e-4 - 4.4e-4 relative
 // L2 on the H200; a wrong fragment or chunk would be O(1).
 TEST_P(CudaBf16Products, DeltaNetWithTf32ProductsMatchesTheRecurrence) { check_deltanet_at_qwen_head_dims(5e-3); }
+
+// Few rows (decode, 3 - 8) of block-scaled FP8 weights on the FP8 tensor cores: x quantized per row
+// and 128-block of k (amax / 448, nearest e4m3; the division in float, as the kernel does it), fp32
+// sums of the exact e4m3 products, each block's sum times its two scales. Reference in double from
+// the same quantized x and the stored weights: what is left is fp32 accumulation. N crosses a
+// 128-row block and ends inside a 16-row slice; K covers one, three and sixteen 128-blocks (four
+// warps with uneven shares, some with none).
+TEST_P(CudaBf16Products, FewRowFp8ProductsMultiplyTheQuantizedRows) {
+  const int64_t N = 200;
+  for (const int64_t K : {128, 384, 2048})
+    for (const int64_t T : {3, 5, 8}) {  // (1 - 2 rows take the CUDA cores' few-row kernels)
+      SCOPED_TRACE("K=" + std::to_string(K) + " T=" + std::to_string(T));
+      const BlockScaledHost wq = block_scaled_host(randn(size_t(N * K), 80, 0.2f), N, K);
+      const std::vector<float> xv = randn(size_t(T * K), 81 + uint32_t(T));
+      std::vector<float> xq(xv.size());
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t b = 0; b < K; b += kScaleBlock) {
+          float amax = 0;
+          for (int64_t k = b; k < b + kScaleBlock; ++k) amax = std::max(amax, std::abs(xv[size_t(t * K + k)]));
+          const float sc = amax > 0 ? amax / 448.0f : 1.0f;
+          for (int64_t k = b; k < b + kScaleBlock; ++k)
+            xq[size_t(t * K + k)] = fp8e4m3_to_f32(f32_to_e4m3(xv[size_t(t * K + k)] / sc)) * sc;
+        }
+      const Tensor x = f32(xv, {T, K}), w = be().to_device(wq.tensor);
+      Tensor y = be().alloc({T, N}, DType::F32);
+      be().start_op_timing();
+      ops().matmul(x, w, y);
+      const std::vector<OpTime> times = be().stop_op_timing();
+      ASSERT_EQ(times.size(), 1u);
+      EXPECT_EQ(times[0].op, "matmul gemv (FP8 tensor cores)") << "the tensor-core path was taken";
+      EXPECT_LT(worst_relative_to_products(floats(y), xq, wq.stored, T, K, N), 1e-5);
+    }
+}
+
+// The same path through matmul_many (FP8 beside bf16 targets: two launches) and swiglu_down (silu(gate)
+// * up quantized, the row gate at the store) gives what matmul and the composed ops give, bit for bit.
+TEST_P(CudaBf16Products, FewRowFp8ProductsOfManyTargetsAndSwigluEqualTheirParts) {
+  const int64_t K = 512;
+  for (const int64_t T : {1, 3, 8}) {
+    SCOPED_TRACE("T=" + std::to_string(T));
+    const std::vector<int64_t> Ns{48, 130, 1, 200};
+    std::vector<Tensor> w, y, each;
+    for (size_t i = 0; i < Ns.size(); ++i) {
+      const std::vector<float> v = randn(size_t(Ns[i] * K), 90 + uint32_t(i), 0.2f);
+      w.push_back(i == 1 || i == 2 ? weight(v, {Ns[i], K}, DType::BF16)
+                                   : be().to_device(block_scaled_host(v, Ns[i], K).tensor));
+      y.push_back(be().alloc({T, Ns[i]}, DType::F32));
+      each.push_back(be().alloc({T, Ns[i]}, DType::F32));
+    }
+    const Tensor x = f32(randn(size_t(T * K), 95), {T, K});
+    ops().matmul_many(x, w, y);
+    for (size_t i = 0; i < Ns.size(); ++i) {
+      ops().matmul(x, w[i], each[i]);
+      EXPECT_EQ(floats(y[i]), floats(each[i])) << "output " << i;
+    }
+    const int64_t H = 200;
+    const Tensor down = be().to_device(block_scaled_host(randn(size_t(H * K), 96, 0.2f), H, K).tensor);
+    const std::vector<float> gv = randn(size_t(T * K), 97);
+    const Tensor up = f32(randn(size_t(T * K), 98), {T, K}), row_gate = f32(randn(size_t(T), 99), {T, 1});
+    Tensor g1 = f32(gv, {T, K}), g2 = f32(gv, {T, K});
+    Tensor want = be().alloc({T, H}, DType::F32), got = be().alloc({T, H}, DType::F32);
+    ops().silu_mul(g1, up, g1);
+    ops().matmul(g1, down, want);
+    ops().scale_rows_sigmoid(want, row_gate);
+    ops().swiglu_down(g2, up, down, row_gate, got);
+    EXPECT_EQ(floats(got), floats(want));
+  }
+}
 
 TEST(CudaBackend, NoGraphIsCapturedWhileOpsAreTimed) {
   if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";

@@ -45,6 +45,7 @@ using cuda::expect_device;
 using cuda::launch;
 using cuda::load4_after_wait;
 using cuda::load_after_wait;
+using cuda::mma_e4m3;
 using cuda::quantize_b128;
 using cuda::sigmoidf_;
 using cuda::silu_;
@@ -339,6 +340,136 @@ void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRow
       default: return run(std::integral_constant<int, 8>{});
     }
   }
+}
+
+// ============================================================================================
+// Few rows (3 - 8) of block-scaled FP8 on the FP8 tensor cores
+// ============================================================================================
+// At 3 - 8 x rows the CUDA-core few-row kernels spend their time issuing the per-element work (FP8
+// widened, scaled and multiplied with every x row: 0.6 TB/s for DeltaNet's projections at 8 rows,
+// docs/perf.md). Here x is quantized once a product (per row and 128-block of k, amax / 448, nearest
+// e4m3: what the many-row path, vLLM and SGLang multiply) by its own small kernel, and the products
+// are mma.sync m16n8k32 e4m3 with 16 weight rows as A and the x rows as B's 8 columns: a lane's
+// 16-byte load of a weight row feeds two MMAs as it came from memory (k numbered in load order, x's
+// fragments loaded in the same order), so nothing is unpacked or scaled per element; each 128-block's
+// fp32 sum is multiplied by the two scales. A block takes 16 weight rows of one target, its 4 warps
+// a quarter of K each, summed in a fixed order through shared memory. The first weights are asked
+// for before the wait for the kernel before (the quantization), which wrote x.
+// (Session 12 tried this with every block quantizing all of x itself: slower at 8 rows.)
+
+constexpr int kF8Rows = 16;           // weight rows a block (the MMA's M)
+constexpr int kF8Warps = 4;           // warps a block, each a quarter of K
+// 128-blocks of k whose loads a warp issues together: 2 (120 registers) measured +1% over 4 (168).
+constexpr int kF8BlocksInFlight = 2;
+constexpr int kF8MinRows = 3;         // fewer x rows: the CUDA-core kernels (their work a weight byte is small)
+
+__device__ __forceinline__ uint4 load_u4_after_wait(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+// xq [T, K] e4m3, xs [K / 128, T]: x quantized (quantize_rows_b128). Block i: the 16-row item i of
+// the targets in order (warps_end counting items). row_gate (if not null): y[t, :] times
+// sigmoid(row_gate[t]).
+__global__ void __launch_bounds__(kF8Warps * 32)
+    fp8_rows_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs, int T, int64_t K,
+                    FewRowsTargets tg, const float* __restrict__ row_gate) {
+  __shared__ float sums[kF8Warps][kF8Rows][8];
+  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
+  const int64_t KB = K / kScaleBlock, per = cdiv(KB, int64_t(kF8Warps));
+  const int64_t b0 = std::min(KB, warp * per), b1 = std::min(KB, b0 + per);  // this warp's 128-blocks
+  // This block's target and rows (selected without indexing the parameters dynamically).
+  const int64_t item = blockIdx.x;
+  const void* wp = tg.t[0].w;
+  const float* ws = tg.t[0].s;
+  int64_t N = tg.t[0].N, ldy = tg.t[0].ldy, first = 0;
+  float* y = tg.t[0].y;
+#pragma unroll
+  for (int q = 1; q < kFewTargetsMax; ++q)
+    if (q < tg.count && item >= tg.t[q - 1].warps_end)
+      wp = tg.t[q].w, ws = tg.t[q].s, N = tg.t[q].N, ldy = tg.t[q].ldy, y = tg.t[q].y, first = tg.t[q - 1].warps_end;
+  const int64_t n0 = (item - first) * kF8Rows;
+  const uint8_t* w = static_cast<const uint8_t*>(wp);
+  const uint8_t* wg = w + std::min(n0 + g, N - 1) * K;  // past N: a valid row, not written
+  const uint8_t* wg8 = w + std::min(n0 + g + 8, N - 1) * K;
+  ws += (n0 / kScaleBlock) * KB;  // the 16 rows lie in one 128-row block
+
+  uint4 a[kF8BlocksInFlight][2][2];  // [128-block][64-k half][row g, g + 8]
+  const auto issue = [&](int64_t bb) {
+#pragma unroll
+    for (int q = 0; q < kF8BlocksInFlight; ++q)
+      if (bb + q < b1)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int64_t k = (bb + q) * kScaleBlock + h * 64 + tq * 16;
+          a[q][h][0] = __ldg(reinterpret_cast<const uint4*>(wg + k));
+          a[q][h][1] = __ldg(reinterpret_cast<const uint4*>(wg8 + k));
+        }
+  };
+  issue(b0);
+  wait_for_prior_kernels();  // x's quantization has finished
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows g, g, g + 8, g + 8; tokens 2 tq, 2 tq + 1
+  for (int64_t bb = b0; bb < b1; bb += kF8BlocksInFlight) {
+    if (bb != b0) issue(bb);
+    uint4 xb[kF8BlocksInFlight][2];
+#pragma unroll
+    for (int q = 0; q < kF8BlocksInFlight; ++q)
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+        xb[q][h] = g < T && bb + q < b1 ? load_u4_after_wait(xq + g * K + (bb + q) * kScaleBlock + h * 64 + tq * 16)
+                                        : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int q = 0; q < kF8BlocksInFlight; ++q) {
+      if (bb + q >= b1) break;
+      float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const uint4& r = a[q][h][0];
+        const uint4& r8 = a[q][h][1];
+        mma_e4m3(d, r.x, r8.x, r.y, r8.y, xb[q][h].x, xb[q][h].y);
+        mma_e4m3(d, r.z, r8.z, r.w, r8.w, xb[q][h].z, xb[q][h].w);
+      }
+      const float sw = __ldg(ws + bb + q);
+      const float s0 = 2 * tq < T ? sw * load_after_wait(xs + (bb + q) * T + 2 * tq) : 0.f;
+      const float s1 = 2 * tq + 1 < T ? sw * load_after_wait(xs + (bb + q) * T + 2 * tq + 1) : 0.f;
+      acc[0] = fmaf(d[0], s0, acc[0]);
+      acc[1] = fmaf(d[1], s1, acc[1]);
+      acc[2] = fmaf(d[2], s0, acc[2]);
+      acc[3] = fmaf(d[3], s1, acc[3]);
+    }
+  }
+  sums[warp][g][2 * tq] = acc[0], sums[warp][g][2 * tq + 1] = acc[1];
+  sums[warp][g + 8][2 * tq] = acc[2], sums[warp][g + 8][2 * tq + 1] = acc[3];
+  __syncthreads();
+  const int row = int(threadIdx.x) / 8, t = int(threadIdx.x) % 8;  // 128 threads: 16 rows x 8 tokens
+  if (t < T && n0 + row < N) {
+    float v = 0.f;
+#pragma unroll
+    for (int q = 0; q < kF8Warps; ++q) v += sums[q][row][t];
+    if (row_gate) v *= sigmoidf_(load_after_wait(row_gate + t));
+    y[t * ldy + n0 + row] = v;
+  }
+}
+
+// Whether the FP8 tensor-core few-row path takes a product of T x rows and K (whole 128-blocks).
+bool fp8_rows_fit(int64_t T, int64_t K, const void* x) {
+  return T >= kF8MinRows && T <= kFewRowsMax && K > 0 && K % kScaleBlock == 0 && aligned(x, 16);
+}
+size_t fp8_rows_scratch(int64_t T, int64_t K) { return size_t(T * K) + size_t(T * (K / kScaleBlock)) * 4; }
+
+// The targets (block-scaled FP8, 16-byte aligned rows) in 16-row items; x (with up: silu(x) * up,
+// swiglu_down's input) quantized into scratch (fp8_rows_scratch bytes) first.
+void launch_fp8_rows(const float* x, int T, int64_t K, FewRowsTargets tg, void* scratch, cudaStream_t stream,
+                     const float* up = nullptr, const float* row_gate = nullptr) {
+  uint8_t* xq = static_cast<uint8_t*>(scratch);
+  float* xs = reinterpret_cast<float*>(xq + T * K);
+  quantize_rows_b128(x, T, T, K, xq, xs, stream, up);
+  check_launch("matmul: quantizing x to FP8");
+  int64_t items = 0;
+  for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = items += cdiv(tg.t[q].N, kF8Rows);
+  check(items <= 2147483647, "matmul: {} items are too many for one launch", items);
+  launch(fp8_rows_kernel, unsigned(items), kF8Warps * 32, 0, stream, xq, xs, T, K, tg, row_gate);
 }
 
 // ============================================================================================
@@ -656,8 +787,10 @@ constexpr int64_t kLtRowsAlign = 16;
 constexpr size_t kLtWorkspace = size_t(32) << 20;
 
 // xq [Tp, K] e4m3 and xs [K/128, Tp]: one warp per (row, block); rows t >= T are zeros, scale 1.
+// With up (not null): silu(x) * up quantized, the floats silu_mul writes.
 __global__ void quantize_rows_b128_kernel(const float* __restrict__ x, int64_t T, int64_t Tp, int64_t K,
-                                          __nv_fp8_storage_t* __restrict__ xq, float* __restrict__ xs) {
+                                          __nv_fp8_storage_t* __restrict__ xq, float* __restrict__ xs,
+                                          const float* __restrict__ up) {
   wait_for_prior_kernels();
   const int lane = int(threadIdx.x) & 31;
   const int64_t L = K / kScaleBlock, items = Tp * L;
@@ -666,6 +799,10 @@ __global__ void quantize_rows_b128_kernel(const float* __restrict__ x, int64_t T
     const int64_t t = it / L, b = it % L, k = b * kScaleBlock + lane * 4;
     float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
     if (t < T) v = load4_after_wait(x + t * K + k);
+    if (up != nullptr && t < T) {
+      const float4 u = load4_after_wait(up + t * K + k);
+      v = make_float4(silu_(v.x) * u.x, silu_(v.y) * u.y, silu_(v.z) * u.z, silu_(v.w) * u.w);
+    }
     float sc;
     *reinterpret_cast<uint32_t*>(xq + t * K + k) = quantize_b128(v, sc);
     if (lane == 0) xs[b * Tp + t] = sc;
@@ -681,6 +818,7 @@ struct LtPlan {
 
 struct MatmulState {
   int sms = 0;
+  bool fp8_mma = false;  // the device has FP8 mma.sync (compute capability 8.9 or later)
   cublasLtHandle_t lt = nullptr;
   void* lt_workspace = nullptr;
   std::map<std::tuple<int64_t, int64_t, int64_t>, LtPlan> plans;  // by (Tp, K, N)
@@ -738,6 +876,21 @@ struct MatmulState {
     return p;
   }
 };
+
+// The state of the matmul ops (CudaOps::matmul_state_), made at first need.
+MatmulState& matmul_state_of(std::shared_ptr<void>& state) {
+  if (!state) {
+    auto s = std::make_shared<MatmulState>();
+    s->sms = multiprocessors();
+    int dev = 0, major = 0, minor = 0;
+    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+    s->fp8_mma = major * 10 + minor >= 89;
+    state = s;
+  }
+  return *static_cast<MatmulState*>(state.get());
+}
 
 // Whether a block-scaled FP8 product of T rows can take the FP8 tensor cores: whole 128-blocks of
 // k in groups of 4 (the weight scales' layout as stored), rows of N 16-byte aligned.
@@ -843,10 +996,10 @@ int multiprocessors() {
 }
 
 void quantize_rows_b128(const float* x, int64_t T, int64_t Tp, int64_t K, uint8_t* xq, float* xs,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const float* up) {
   const int64_t warps = Tp * (K / kScaleBlock);
   launch(quantize_rows_b128_kernel, unsigned(std::min<int64_t>(cdiv(warps, 8), 65535)), 256, 0, stream, x, T, Tp, K,
-         reinterpret_cast<__nv_fp8_storage_t*>(xq), xs);
+         reinterpret_cast<__nv_fp8_storage_t*>(xq), xs, up);
 }
 
 size_t matmul_scratch_bytes(int64_t T, int64_t K, int64_t N, int sms) {
@@ -892,13 +1045,15 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   const float* ws = scaled ? cuda::f32(w.scales()) : nullptr;
   if (scaled) expect_device("matmul", "w's block scales", w.scales());
   if (T == 0 || N == 0) return;
-  if (!matmul_state_) {
-    auto s = std::make_shared<MatmulState>();
-    s->sms = multiprocessors();
-    matmul_state_ = s;
+  MatmulState& st = matmul_state_of(matmul_state_);
+  const int sms = st.sms;
+  if (bf16_matmul_ && scaled && st.fp8_mma && fp8_rows_fit(T, K, x.raw()) && aligned(w.raw(), 16)) {
+    timed.op = "matmul gemv (FP8 tensor cores)";
+    const FewRowsTargets one{{{w.raw(), N, cuda::f32_mut(y), N, 0, ws, false}}, 1};
+    launch_fp8_rows(cuda::f32(x), int(T), K, one, scratch_.bytes(fp8_rows_scratch(T, K)), stream_);
+    check_launch("matmul");
+    return;
   }
-  const int sms = static_cast<const MatmulState*>(matmul_state_.get())->sms;
-  MatmulState& st = *static_cast<MatmulState*>(matmul_state_.get());
   if (bf16_matmul_ && scaled && fp8_tensor_cores_fit(T, K, N, x.raw())) {
     timed.op = "matmul gemm (FP8 tensor cores, cuBLASLt)";
     if (lt_fp8_matmul(st, counters_, cuda::f32(x), T, K, w.raw(), ws, N, cuda::f32_mut(y),
@@ -935,20 +1090,28 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
     if (row_gate.defined()) scale_rows_sigmoid(out, row_gate);
     return;
   }
-  if (!fused) silu_mul(gate, up, gate);
-  auto timed = time_op(fused ? "swiglu_down gemv" : "matmul gemv");
+  const bool scaled = wdt == DType::F8_E4M3_B128;
+  // 3 - 8 rows of block-scaled FP8 on the FP8 tensor cores: silu(gate) * up formed as x is quantized.
+  const bool mma = few && !fused && scaled && bf16_matmul_ && matmul_state_of(matmul_state_).fp8_mma &&
+                   fp8_rows_fit(T, K, gate.raw()) && aligned(up.raw(), 16) && aligned(w.raw(), 16);
+  if (!fused && !mma) silu_mul(gate, up, gate);
+  auto timed = time_op(fused ? "swiglu_down gemv" : mma ? "swiglu_down gemv (FP8 tensor cores)" : "matmul gemv");
   expect_device("swiglu_down", "gate", gate);
   expect_device("swiglu_down", "up", up);
   expect_device("swiglu_down", "w", w);
   expect_device("swiglu_down", "out", out);
   if (row_gate.defined()) expect_device("swiglu_down", "row_gate", row_gate);
-  const bool scaled = wdt == DType::F8_E4M3_B128;
   if (scaled) expect_device("swiglu_down", "w's block scales", w.scales());
   const FewRowsTarget target{w.raw(), N, cuda::f32_mut(out), N, 0, scaled ? cuda::f32(w.scales()) : nullptr, false};
   const float* g = cuda::f32(gate);
   const float* u = cuda::f32(up);
   const float* rg = row_gate.defined() ? cuda::f32(row_gate) : nullptr;
   const FewRowsTargets one{{target}, 1};
+  if (mma) {
+    launch_fp8_rows(g, int(T), K, one, scratch_.bytes(fp8_rows_scratch(T, K)), stream_, u, rg);
+    check_launch("swiglu_down");
+    return;
+  }
   const auto run = [&](auto swiglu) {
     constexpr bool SWIGLU = decltype(swiglu)::value;
     const float* uu = SWIGLU ? u : nullptr;
@@ -992,6 +1155,27 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
                             scaled ? cuda::f32(w[i].scales()) : nullptr, !same && w[i].dtype() == DType::BF16};
   }
   expect_device("matmul", "x", x);
+  // 3 - 8 rows: the block-scaled FP8 targets on the FP8 tensor cores, the bf16 ones beside them in
+  // a few-row launch of their own.
+  bool mma = bf16_matmul_ && matmul_state_of(matmul_state_).fp8_mma && fp8_rows_fit(T, K, x.raw());
+  FewRowsTargets f8{}, others{};
+  for (int q = 0; q < tg.count && mma; ++q) {
+    const bool scaled = w[size_t(q)].dtype() == DType::F8_E4M3_B128;
+    mma = scaled ? aligned(tg.t[q].w, 16) : w[size_t(q)].dtype() == DType::BF16;
+    FewRowsTargets& to = scaled ? f8 : others;
+    to.t[to.count] = tg.t[q];
+    to.t[to.count++].alt = false;
+  }
+  if (mma && f8.count > 0) {
+    timed.op = "matmul gemv (FP8 tensor cores)";
+    launch_fp8_rows(cuda::f32(x), int(T), K, f8, scratch_.bytes(fp8_rows_scratch(T, K)), stream_);
+    check_launch("matmul");
+    if (others.count > 0) {
+      launch_few_rows<__nv_bfloat16>(cuda::f32(x), K, int(T), K, others, stream_);
+      check_launch("matmul");
+    }
+    return;
+  }
   if (!same) {  // FP8 beside bf16
     launch_few_rows<f8e4m3, true, __nv_bfloat16, false>(cuda::f32(x), K, int(T), K, tg, stream_);
     check_launch("matmul");

@@ -119,9 +119,10 @@ size_t matmul_scratch_bytes(int64_t T, int64_t K, int64_t N, int sms);
 
 // x [T, K] (K a multiple of 128) quantized per row and 128 consecutive k as vLLM and SGLang do for
 // Qwen's FP8 releases: xs[b * Tp + t] = amax / 448 (1 where the block is zeros), xq [Tp, K] e4m3
-// nearest (saturating) to x / xs; rows T .. Tp - 1 zeros. On `stream`.
+// nearest (saturating) to x / xs; rows T .. Tp - 1 zeros. On `stream`. With up (same shape as x):
+// silu(x) * up quantized instead (swiglu's input, the floats silu_mul writes).
 void quantize_rows_b128(const float* x, int64_t T, int64_t Tp, int64_t K, uint8_t* xq, float* xs,
-                        cudaStream_t stream);
+                        cudaStream_t stream, const float* up = nullptr);
 
 // The device's multiprocessor count (of the current device; asked once per device, then cached).
 int multiprocessors();

@@ -8,8 +8,12 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <string>
 #include <utility>
+#include <vector>
 
 #include "ballast/core/error.h"
 #include "ballast/core/tensor.h"
@@ -82,10 +86,40 @@ inline bool overlap_launches() {
   return on;
 }
 
+// Whether `kernel` is left out of its launches: its (mangled) name contains one of the
+// comma-separated strings of BALLAST_CUDA_SKIP_KERNELS (read once). A profiling aid: a step's graph
+// captured without a kernel times what that kernel costs inside it, overlaps and all (docs/perf.md,
+// "leave a kernel out"); the outputs are then wrong, and the first kernel left out says so.
+inline bool skipped_kernel(const void* kernel) {
+  static const std::vector<std::string> names = [] {
+    std::vector<std::string> v;
+    const char* env = std::getenv("BALLAST_CUDA_SKIP_KERNELS");
+    for (const char* p = env; p && *p;) {
+      const char* e = std::strchr(p, ',');
+      const size_t n = e ? size_t(e - p) : std::strlen(p);
+      if (n > 0) v.emplace_back(p, n);
+      p += n + (e ? 1 : 0);
+    }
+    return v;
+  }();
+  if (names.empty()) return false;
+  const char* name = nullptr;
+  if (cudaFuncGetName(&name, kernel) != cudaSuccess || name == nullptr) return false;
+  for (const std::string& n : names)
+    if (std::strstr(name, n.c_str()) != nullptr) {
+      static const bool said = (std::fprintf(stderr, "[ballast] BALLAST_CUDA_SKIP_KERNELS: kernels left out (%s first): "
+                                                     "outputs are wrong, times are what is read\n", name), true);
+      (void)said;
+      return true;
+    }
+  return false;
+}
+
 // kernel<<<grid, block, smem, stream>>>(args...), allowed to overlap the kernel before it on the
 // stream (see wait_for_prior_kernels). The launch's error is left for check_launch.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream, Args&&... args) {
+  if (skipped_kernel(reinterpret_cast<const void*>(kernel))) return;
   cudaLaunchAttribute overlap[1];
   overlap[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   overlap[0].val.programmaticStreamSerializationAllowed = 1;
