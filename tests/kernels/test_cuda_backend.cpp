@@ -394,9 +394,31 @@ TEST_P(CudaBf16Products, FewRowFp8ProductsMultiplyTheQuantizedRows) {
     }
 }
 
-// The same path through matmul_many (FP8 beside bf16 targets: two launches) and swiglu_down (silu(gate)
-// * up quantized, the row gate at the store) gives what matmul and the composed ops give, bit for bit.
-TEST_P(CudaBf16Products, FewRowFp8ProductsOfManyTargetsAndSwigluEqualTheirParts) {
+// Few rows (3 - 8) of bf16 weights on the bf16 tensor cores: x rounded to bf16 (as the many-row
+// path's cuBLAS products take it), fp32 sums. Reference in double from the rounded x and the
+// weights; K of one 32-k step (three warps with none), three (uneven shares) and 64.
+TEST_P(CudaBf16Products, FewRowBf16ProductsMultiplyTheRoundedRows) {
+  const int64_t N = 200;
+  for (const int64_t K : {32, 96, 2048})
+    for (const int64_t T : {3, 5, 8}) {
+      SCOPED_TRACE("K=" + std::to_string(K) + " T=" + std::to_string(T));
+      const std::vector<float> wv = randn(size_t(N * K), 84, 0.2f), xv = randn(size_t(T * K), 85 + uint32_t(T));
+      const Tensor x = f32(xv, {T, K}), w = weight(wv, {N, K}, DType::BF16);
+      Tensor y = be().alloc({T, N}, DType::F32);
+      be().start_op_timing();
+      ops().matmul(x, w, y);
+      const std::vector<OpTime> times = be().stop_op_timing();
+      ASSERT_EQ(times.size(), 1u);
+      EXPECT_EQ(times[0].op, "matmul gemv (bf16 tensor cores)") << "the tensor-core path was taken";
+      EXPECT_LT(worst_relative_to_products(floats(y), stored_as(xv, DType::BF16), stored_as(wv, DType::BF16), T, K, N),
+                1e-5);
+    }
+}
+
+// The same paths through matmul_many (FP8 beside bf16 targets: a launch each) and swiglu_down
+// (silu(gate) * up quantized or rounded, the row gate at the store) give what matmul and the
+// composed ops give, bit for bit.
+TEST_P(CudaBf16Products, FewRowTensorCoreProductsOfManyTargetsAndSwigluEqualTheirParts) {
   const int64_t K = 512;
   for (const int64_t T : {1, 3, 8}) {
     SCOPED_TRACE("T=" + std::to_string(T));
@@ -416,16 +438,20 @@ TEST_P(CudaBf16Products, FewRowFp8ProductsOfManyTargetsAndSwigluEqualTheirParts)
       EXPECT_EQ(floats(y[i]), floats(each[i])) << "output " << i;
     }
     const int64_t H = 200;
-    const Tensor down = be().to_device(block_scaled_host(randn(size_t(H * K), 96, 0.2f), H, K).tensor);
-    const std::vector<float> gv = randn(size_t(T * K), 97);
-    const Tensor up = f32(randn(size_t(T * K), 98), {T, K}), row_gate = f32(randn(size_t(T), 99), {T, 1});
-    Tensor g1 = f32(gv, {T, K}), g2 = f32(gv, {T, K});
-    Tensor want = be().alloc({T, H}, DType::F32), got = be().alloc({T, H}, DType::F32);
-    ops().silu_mul(g1, up, g1);
-    ops().matmul(g1, down, want);
-    ops().scale_rows_sigmoid(want, row_gate);
-    ops().swiglu_down(g2, up, down, row_gate, got);
-    EXPECT_EQ(floats(got), floats(want));
+    const std::vector<float> dv = randn(size_t(H * K), 96, 0.2f);
+    for (const DType dt : {DType::F8_E4M3_B128, DType::BF16}) {
+      SCOPED_TRACE(dtype_name(dt));
+      const Tensor down = dt == DType::BF16 ? weight(dv, {H, K}, dt) : be().to_device(block_scaled_host(dv, H, K).tensor);
+      const std::vector<float> gv = randn(size_t(T * K), 97);
+      const Tensor up = f32(randn(size_t(T * K), 98), {T, K}), row_gate = f32(randn(size_t(T), 99), {T, 1});
+      Tensor g1 = f32(gv, {T, K}), g2 = f32(gv, {T, K});
+      Tensor want = be().alloc({T, H}, DType::F32), got = be().alloc({T, H}, DType::F32);
+      ops().silu_mul(g1, up, g1);
+      ops().matmul(g1, down, want);
+      ops().scale_rows_sigmoid(want, row_gate);
+      ops().swiglu_down(g2, up, down, row_gate, got);
+      EXPECT_EQ(floats(got), floats(want));
+    }
   }
 }
 

@@ -45,6 +45,8 @@ using cuda::expect_device;
 using cuda::launch;
 using cuda::load4_after_wait;
 using cuda::load_after_wait;
+using cuda::bf16_pair;
+using cuda::mma_bf16;
 using cuda::mma_e4m3;
 using cuda::quantize_b128;
 using cuda::sigmoidf_;
@@ -343,25 +345,29 @@ void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRow
 }
 
 // ============================================================================================
-// Few rows (3 - 8) of block-scaled FP8 on the FP8 tensor cores
+// Few rows (3 - 8) on the tensor cores: block-scaled FP8 and bf16 weights
 // ============================================================================================
 // At 3 - 8 x rows the CUDA-core few-row kernels spend their time issuing the per-element work (FP8
 // widened, scaled and multiplied with every x row: 0.6 TB/s for DeltaNet's projections at 8 rows,
-// docs/perf.md). Here x is quantized once a product (per row and 128-block of k, amax / 448, nearest
-// e4m3: what the many-row path, vLLM and SGLang multiply) by its own small kernel, and the products
-// are mma.sync m16n8k32 e4m3 with 16 weight rows as A and the x rows as B's 8 columns: a lane's
-// 16-byte load of a weight row feeds two MMAs as it came from memory (k numbered in load order, x's
-// fragments loaded in the same order), so nothing is unpacked or scaled per element; each 128-block's
-// fp32 sum is multiplied by the two scales. A block takes 16 weight rows of one target, its 4 warps
-// a quarter of K each, summed in a fixed order through shared memory. The first weights are asked
-// for before the wait for the kernel before (the quantization), which wrote x.
-// (Session 12 tried this with every block quantizing all of x itself: slower at 8 rows.)
+// docs/perf.md). Here the products are mma.sync with 16 weight rows as A and the x rows as B's 8
+// columns: a lane's 16-byte load of a weight row feeds the MMAs as it came from memory (k numbered
+// in load order, x's fragments taken in the same order), so nothing is unpacked or scaled per
+// weight. A block takes 16 weight rows of one target, its 4 warps a quarter of K each, summed in a
+// fixed order through shared memory; the first weights are asked for before the wait for the
+// kernel before.
+//   block-scaled FP8 (m16n8k32 e4m3): x is quantized once a product (per row and 128-block of k,
+//     amax / 448, nearest e4m3: what the many-row path, vLLM and SGLang multiply) by its own small
+//     kernel; each 128-block's fp32 sum times the two scales. (Session 12 tried this with every
+//     block quantizing all of x itself: slower at 8 rows.)
+//   bf16 (m16n8k16): x rounded to bf16 as it is loaded (as the many-row path's cuBLAS products take
+//     it), fp32 sums; SWIGLU forms silu(x) * up first.
 
-constexpr int kF8Rows = 16;           // weight rows a block (the MMA's M)
-constexpr int kF8Warps = 4;           // warps a block, each a quarter of K
+constexpr int kMmaRows = 16;           // weight rows a block (the MMA's M)
+constexpr int kMmaWarps = 4;           // warps a block, each a quarter of K
 // 128-blocks of k whose loads a warp issues together: 2 (120 registers) measured +1% over 4 (168).
 constexpr int kF8BlocksInFlight = 2;
-constexpr int kF8MinRows = 3;         // fewer x rows: the CUDA-core kernels (their work a weight byte is small)
+constexpr int kBf16StepsInFlight = 4;  // 32-k steps of bf16 loads a warp issues together (the same bytes)
+constexpr int kMmaMinRows = 3;         // fewer x rows: the CUDA-core kernels (their work a weight byte is small)
 
 __device__ __forceinline__ uint4 load_u4_after_wait(const void* p) {
   uint4 v;
@@ -369,31 +375,56 @@ __device__ __forceinline__ uint4 load_u4_after_wait(const void* p) {
   return v;
 }
 
-// xq [T, K] e4m3, xs [K / 128, T]: x quantized (quantize_rows_b128). Block i: the 16-row item i of
-// the targets in order (warps_end counting items). row_gate (if not null): y[t, :] times
-// sigmoid(row_gate[t]).
-__global__ void __launch_bounds__(kF8Warps * 32)
-    fp8_rows_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs, int T, int64_t K,
-                    FewRowsTargets tg, const float* __restrict__ row_gate) {
-  __shared__ float sums[kF8Warps][kF8Rows][8];
-  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
-  const int64_t KB = K / kScaleBlock, per = cdiv(KB, int64_t(kF8Warps));
-  const int64_t b0 = std::min(KB, warp * per), b1 = std::min(KB, b0 + per);  // this warp's 128-blocks
-  // This block's target and rows (selected without indexing the parameters dynamically).
-  const int64_t item = blockIdx.x;
-  const void* wp = tg.t[0].w;
-  const float* ws = tg.t[0].s;
-  int64_t N = tg.t[0].N, ldy = tg.t[0].ldy, first = 0;
-  float* y = tg.t[0].y;
+// Block i's 16 rows: item i of the targets in order (warps_end counting items), selected without
+// indexing the parameters dynamically.
+struct RowsItem {
+  const void* w;
+  const float* s;
+  int64_t N, ldy, n0;
+  float* y;
+};
+__device__ __forceinline__ RowsItem rows_item(const FewRowsTargets& tg, int64_t item) {
+  RowsItem it{tg.t[0].w, tg.t[0].s, tg.t[0].N, tg.t[0].ldy, item * kMmaRows, tg.t[0].y};
 #pragma unroll
   for (int q = 1; q < kFewTargetsMax; ++q)
     if (q < tg.count && item >= tg.t[q - 1].warps_end)
-      wp = tg.t[q].w, ws = tg.t[q].s, N = tg.t[q].N, ldy = tg.t[q].ldy, y = tg.t[q].y, first = tg.t[q - 1].warps_end;
-  const int64_t n0 = (item - first) * kF8Rows;
-  const uint8_t* w = static_cast<const uint8_t*>(wp);
-  const uint8_t* wg = w + std::min(n0 + g, N - 1) * K;  // past N: a valid row, not written
-  const uint8_t* wg8 = w + std::min(n0 + g + 8, N - 1) * K;
-  ws += (n0 / kScaleBlock) * KB;  // the 16 rows lie in one 128-row block
+      it = RowsItem{tg.t[q].w, tg.t[q].s, tg.t[q].N, tg.t[q].ldy, (item - tg.t[q - 1].warps_end) * kMmaRows, tg.t[q].y};
+  return it;
+}
+
+// The block's 4 warps' sums (acc: rows g, g, g + 8, g + 8; tokens 2 tq, 2 tq + 1) added in a fixed
+// order and stored, times sigmoid(row_gate[t]) where row_gate is not null.
+__device__ __forceinline__ void store_rows_sums(const float (&acc)[4], const RowsItem& it, int T,
+                                                const float* __restrict__ row_gate) {
+  __shared__ float sums[kMmaWarps][kMmaRows][8];
+  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
+  sums[warp][g][2 * tq] = acc[0], sums[warp][g][2 * tq + 1] = acc[1];
+  sums[warp][g + 8][2 * tq] = acc[2], sums[warp][g + 8][2 * tq + 1] = acc[3];
+  __syncthreads();
+  const int row = int(threadIdx.x) / 8, t = int(threadIdx.x) % 8;  // 128 threads: 16 rows x 8 tokens
+  if (t < T && it.n0 + row < it.N) {
+    float v = 0.f;
+#pragma unroll
+    for (int q = 0; q < kMmaWarps; ++q) v += sums[q][row][t];
+    if (row_gate) v *= sigmoidf_(load_after_wait(row_gate + t));
+    it.y[t * it.ldy + it.n0 + row] = v;
+  }
+}
+
+// xq [T, K] e4m3, xs [K / 128, T]: x quantized (quantize_rows_b128). Block i: the 16-row item i of
+// the targets in order (warps_end counting items). row_gate (if not null): y[t, :] times
+// sigmoid(row_gate[t]).
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    fp8_rows_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs, int T, int64_t K,
+                    FewRowsTargets tg, const float* __restrict__ row_gate) {
+  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
+  const int64_t KB = K / kScaleBlock, per = cdiv(KB, int64_t(kMmaWarps));
+  const int64_t b0 = std::min(KB, warp * per), b1 = std::min(KB, b0 + per);  // this warp's 128-blocks
+  const RowsItem it = rows_item(tg, blockIdx.x);
+  const uint8_t* w = static_cast<const uint8_t*>(it.w);
+  const uint8_t* wg = w + std::min(it.n0 + g, it.N - 1) * K;  // past N: a valid row, not written
+  const uint8_t* wg8 = w + std::min(it.n0 + g + 8, it.N - 1) * K;
+  const float* ws = it.s + (it.n0 / kScaleBlock) * KB;  // the 16 rows lie in one 128-row block
 
   uint4 a[kF8BlocksInFlight][2][2];  // [128-block][64-k half][row g, g + 8]
   const auto issue = [&](int64_t bb) {
@@ -439,24 +470,75 @@ __global__ void __launch_bounds__(kF8Warps * 32)
       acc[3] = fmaf(d[3], s1, acc[3]);
     }
   }
-  sums[warp][g][2 * tq] = acc[0], sums[warp][g][2 * tq + 1] = acc[1];
-  sums[warp][g + 8][2 * tq] = acc[2], sums[warp][g + 8][2 * tq + 1] = acc[3];
-  __syncthreads();
-  const int row = int(threadIdx.x) / 8, t = int(threadIdx.x) % 8;  // 128 threads: 16 rows x 8 tokens
-  if (t < T && n0 + row < N) {
-    float v = 0.f;
-#pragma unroll
-    for (int q = 0; q < kF8Warps; ++q) v += sums[q][row][t];
-    if (row_gate) v *= sigmoidf_(load_after_wait(row_gate + t));
-    y[t * ldy + n0 + row] = v;
-  }
+  store_rows_sums(acc, it, T, row_gate);
 }
 
-// Whether the FP8 tensor-core few-row path takes a product of T x rows and K (whole 128-blocks).
+// bf16 weights: x [T, ldx] rows (SWIGLU: silu(x) * up) rounded to bf16 as they are loaded; K a
+// multiple of 32 (a step: 4 lanes x 8 k).
+template <bool SWIGLU>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    bf16_rows_kernel(const float* __restrict__ x, const float* __restrict__ up, int64_t ldx, int T, int64_t K,
+                     FewRowsTargets tg, const float* __restrict__ row_gate) {
+  const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
+  const int64_t KS = K / 32, per = cdiv(KS, int64_t(kMmaWarps));
+  const int64_t s0 = std::min(KS, warp * per), s1 = std::min(KS, s0 + per);  // this warp's steps
+  const RowsItem it = rows_item(tg, blockIdx.x);
+  const __nv_bfloat16* w = static_cast<const __nv_bfloat16*>(it.w);
+  const __nv_bfloat16* wg = w + std::min(it.n0 + g, it.N - 1) * K;  // past N: a valid row, not written
+  const __nv_bfloat16* wg8 = w + std::min(it.n0 + g + 8, it.N - 1) * K;
+
+  constexpr int U = kBf16StepsInFlight;
+  uint4 a[U][2];  // [step][row g, g + 8]: k = 32 step + 8 tq .. + 7
+  const auto issue = [&](int64_t ss) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (ss + u < s1) {
+        const int64_t k = (ss + u) * 32 + tq * 8;
+        a[u][0] = __ldg(reinterpret_cast<const uint4*>(wg + k));
+        a[u][1] = __ldg(reinterpret_cast<const uint4*>(wg8 + k));
+      }
+  };
+  issue(s0);
+  wait_for_prior_kernels();  // x was written by the kernel before
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows g, g, g + 8, g + 8; tokens 2 tq, 2 tq + 1
+  for (int64_t ss = s0; ss < s1; ss += U) {
+    if (ss != s0) issue(ss);
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      if (ss + u >= s1) break;
+      uint32_t b[4] = {0u, 0u, 0u, 0u};  // x row g at the lane's 8 k, as bf16 pairs
+      if (g < T) {
+        float xv[8];
+        load_x<SWIGLU>(x, up, g * ldx + (ss + u) * 32 + tq * 8, xv);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) b[i] = bf16_pair(xv[2 * i], xv[2 * i + 1]);
+      }
+      const uint4& r = a[u][0];
+      const uint4& r8 = a[u][1];
+      mma_bf16(acc, {r.x, r8.x, r.y, r8.y}, b[0], b[1]);
+      mma_bf16(acc, {r.z, r8.z, r.w, r8.w}, b[2], b[3]);
+    }
+  }
+  store_rows_sums(acc, it, T, row_gate);
+}
+
+// Whether the tensor-core few-row paths take a product of T x rows and K: block-scaled FP8 where K
+// is whole 128-blocks, bf16 where it is whole 32-k steps; x rows 16-byte aligned.
 bool fp8_rows_fit(int64_t T, int64_t K, const void* x) {
-  return T >= kF8MinRows && T <= kFewRowsMax && K > 0 && K % kScaleBlock == 0 && aligned(x, 16);
+  return T >= kMmaMinRows && T <= kFewRowsMax && K > 0 && K % kScaleBlock == 0 && aligned(x, 16);
+}
+bool bf16_rows_fit(int64_t T, int64_t K, const void* x) {
+  return T >= kMmaMinRows && T <= kFewRowsMax && K > 0 && K % 32 == 0 && aligned(x, 16);
 }
 size_t fp8_rows_scratch(int64_t T, int64_t K) { return size_t(T * K) + size_t(T * (K / kScaleBlock)) * 4; }
+
+// Numbers the targets' 16-row items (warps_end counting items): the grid of the launch.
+unsigned rows_items(FewRowsTargets& tg) {
+  int64_t items = 0;
+  for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = items += cdiv(tg.t[q].N, kMmaRows);
+  check(items <= 2147483647, "matmul: {} items are too many for one launch", items);
+  return unsigned(items);
+}
 
 // The targets (block-scaled FP8, 16-byte aligned rows) in 16-row items; x (with up: silu(x) * up,
 // swiglu_down's input) quantized into scratch (fp8_rows_scratch bytes) first.
@@ -466,10 +548,16 @@ void launch_fp8_rows(const float* x, int T, int64_t K, FewRowsTargets tg, void* 
   float* xs = reinterpret_cast<float*>(xq + T * K);
   quantize_rows_b128(x, T, T, K, xq, xs, stream, up);
   check_launch("matmul: quantizing x to FP8");
-  int64_t items = 0;
-  for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = items += cdiv(tg.t[q].N, kF8Rows);
-  check(items <= 2147483647, "matmul: {} items are too many for one launch", items);
-  launch(fp8_rows_kernel, unsigned(items), kF8Warps * 32, 0, stream, xq, xs, T, K, tg, row_gate);
+  const unsigned items = rows_items(tg);
+  launch(fp8_rows_kernel, items, kMmaWarps * 32, 0, stream, xq, xs, T, K, tg, row_gate);
+}
+
+// The targets (bf16, 16-byte aligned rows) in 16-row items; x [T, K] (with up: silu(x) * up).
+void launch_bf16_rows(const float* x, int T, int64_t K, FewRowsTargets tg, cudaStream_t stream,
+                      const float* up = nullptr, const float* row_gate = nullptr) {
+  const unsigned items = rows_items(tg);
+  if (up) launch(bf16_rows_kernel<true>, items, kMmaWarps * 32, 0, stream, x, up, K, T, K, tg, row_gate);
+  else launch(bf16_rows_kernel<false>, items, kMmaWarps * 32, 0, stream, x, up, K, T, K, tg, row_gate);
 }
 
 // ============================================================================================
@@ -818,7 +906,8 @@ struct LtPlan {
 
 struct MatmulState {
   int sms = 0;
-  bool fp8_mma = false;  // the device has FP8 mma.sync (compute capability 8.9 or later)
+  bool bf16_mma = false;  // the device has bf16 mma.sync (compute capability 8.0 or later)
+  bool fp8_mma = false;   // ... and FP8 (8.9 or later)
   cublasLtHandle_t lt = nullptr;
   void* lt_workspace = nullptr;
   std::map<std::tuple<int64_t, int64_t, int64_t>, LtPlan> plans;  // by (Tp, K, N)
@@ -886,6 +975,7 @@ MatmulState& matmul_state_of(std::shared_ptr<void>& state) {
     check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
     check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
     check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
+    s->bf16_mma = major >= 8;
     s->fp8_mma = major * 10 + minor >= 89;
     state = s;
   }
@@ -1047,10 +1137,17 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   if (T == 0 || N == 0) return;
   MatmulState& st = matmul_state_of(matmul_state_);
   const int sms = st.sms;
+  const FewRowsTargets one{{{w.raw(), N, cuda::f32_mut(y), N, 0, ws, false}}, 1};
   if (bf16_matmul_ && scaled && st.fp8_mma && fp8_rows_fit(T, K, x.raw()) && aligned(w.raw(), 16)) {
     timed.op = "matmul gemv (FP8 tensor cores)";
-    const FewRowsTargets one{{{w.raw(), N, cuda::f32_mut(y), N, 0, ws, false}}, 1};
     launch_fp8_rows(cuda::f32(x), int(T), K, one, scratch_.bytes(fp8_rows_scratch(T, K)), stream_);
+    check_launch("matmul");
+    return;
+  }
+  if (bf16_matmul_ && w.dtype() == DType::BF16 && st.bf16_mma && bf16_rows_fit(T, K, x.raw()) &&
+      aligned(w.raw(), 16)) {
+    timed.op = "matmul gemv (bf16 tensor cores)";
+    launch_bf16_rows(cuda::f32(x), int(T), K, one, stream_);
     check_launch("matmul");
     return;
   }
@@ -1091,11 +1188,17 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
     return;
   }
   const bool scaled = wdt == DType::F8_E4M3_B128;
-  // 3 - 8 rows of block-scaled FP8 on the FP8 tensor cores: silu(gate) * up formed as x is quantized.
-  const bool mma = few && !fused && scaled && bf16_matmul_ && matmul_state_of(matmul_state_).fp8_mma &&
-                   fp8_rows_fit(T, K, gate.raw()) && aligned(up.raw(), 16) && aligned(w.raw(), 16);
-  if (!fused && !mma) silu_mul(gate, up, gate);
-  auto timed = time_op(fused ? "swiglu_down gemv" : mma ? "swiglu_down gemv (FP8 tensor cores)" : "matmul gemv");
+  // 3 - 8 rows of block-scaled FP8 or bf16 on the tensor cores: silu(gate) * up formed as x is
+  // quantized (FP8) or loaded (bf16).
+  const MatmulState& st = matmul_state_of(matmul_state_);
+  const bool mma_in = few && !fused && bf16_matmul_ && aligned(up.raw(), 16) && aligned(w.raw(), 16);
+  const bool f8_mma = mma_in && scaled && st.fp8_mma && fp8_rows_fit(T, K, gate.raw());
+  const bool b16_mma = mma_in && wdt == DType::BF16 && st.bf16_mma && bf16_rows_fit(T, K, gate.raw());
+  if (!fused && !f8_mma && !b16_mma) silu_mul(gate, up, gate);
+  auto timed = time_op(fused    ? "swiglu_down gemv"
+                       : f8_mma  ? "swiglu_down gemv (FP8 tensor cores)"
+                       : b16_mma ? "swiglu_down gemv (bf16 tensor cores)"
+                                 : "matmul gemv");
   expect_device("swiglu_down", "gate", gate);
   expect_device("swiglu_down", "up", up);
   expect_device("swiglu_down", "w", w);
@@ -1107,8 +1210,9 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
   const float* u = cuda::f32(up);
   const float* rg = row_gate.defined() ? cuda::f32(row_gate) : nullptr;
   const FewRowsTargets one{{target}, 1};
-  if (mma) {
-    launch_fp8_rows(g, int(T), K, one, scratch_.bytes(fp8_rows_scratch(T, K)), stream_, u, rg);
+  if (f8_mma || b16_mma) {
+    if (f8_mma) launch_fp8_rows(g, int(T), K, one, scratch_.bytes(fp8_rows_scratch(T, K)), stream_, u, rg);
+    else launch_bf16_rows(g, int(T), K, one, stream_, u, rg);
     check_launch("swiglu_down");
     return;
   }
@@ -1155,25 +1259,25 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
                             scaled ? cuda::f32(w[i].scales()) : nullptr, !same && w[i].dtype() == DType::BF16};
   }
   expect_device("matmul", "x", x);
-  // 3 - 8 rows: the block-scaled FP8 targets on the FP8 tensor cores, the bf16 ones beside them in
-  // a few-row launch of their own.
-  bool mma = bf16_matmul_ && matmul_state_of(matmul_state_).fp8_mma && fp8_rows_fit(T, K, x.raw());
-  FewRowsTargets f8{}, others{};
+  // 3 - 8 rows on the tensor cores: the block-scaled FP8 targets in one launch, the bf16 ones in
+  // another (an FP8 model's router, DeltaNet a/b, shared expert gate; a bf16 model's projections).
+  const MatmulState& st = matmul_state_of(matmul_state_);
+  bool mma = bf16_matmul_;
+  FewRowsTargets f8{}, b16{};
   for (int q = 0; q < tg.count && mma; ++q) {
-    const bool scaled = w[size_t(q)].dtype() == DType::F8_E4M3_B128;
-    mma = scaled ? aligned(tg.t[q].w, 16) : w[size_t(q)].dtype() == DType::BF16;
-    FewRowsTargets& to = scaled ? f8 : others;
+    const DType dt = w[size_t(q)].dtype();
+    mma = aligned(tg.t[q].w, 16) && (dt == DType::F8_E4M3_B128 ? st.fp8_mma && fp8_rows_fit(T, K, x.raw())
+                                     : dt == DType::BF16       ? st.bf16_mma && bf16_rows_fit(T, K, x.raw())
+                                                               : false);
+    FewRowsTargets& to = dt == DType::F8_E4M3_B128 ? f8 : b16;
     to.t[to.count] = tg.t[q];
     to.t[to.count++].alt = false;
   }
-  if (mma && f8.count > 0) {
-    timed.op = "matmul gemv (FP8 tensor cores)";
-    launch_fp8_rows(cuda::f32(x), int(T), K, f8, scratch_.bytes(fp8_rows_scratch(T, K)), stream_);
+  if (mma) {
+    timed.op = "matmul gemv (tensor cores)";
+    if (f8.count > 0) launch_fp8_rows(cuda::f32(x), int(T), K, f8, scratch_.bytes(fp8_rows_scratch(T, K)), stream_);
+    if (b16.count > 0) launch_bf16_rows(cuda::f32(x), int(T), K, b16, stream_);
     check_launch("matmul");
-    if (others.count > 0) {
-      launch_few_rows<__nv_bfloat16>(cuda::f32(x), K, int(T), K, others, stream_);
-      check_launch("matmul");
-    }
     return;
   }
   if (!same) {  // FP8 beside bf16
