@@ -18,7 +18,8 @@
 // the many-rows path goes to the tensor cores instead: BF16 and F16 weights on cuBLAS, x rounded to
 // the weights' 16-bit type; block-scaled FP8 on the FP8 tensor cores (cuBLASLt, x quantized per
 // 128-block of k) where the shapes allow, else dequantized to bf16 for cuBLAS; fp32 accumulation
-// and output (what vLLM and SGLang compute).
+// and output (what vLLM and SGLang compute). Few rows from 3 take the tensor cores too for BF16
+// and block-scaled FP8 weights (mma.sync, 16 weight rows a block; below).
 // Both have a vectorised form (rows aligned for vector loads: K a multiple of 16 bytes in the
 // few-rows kernel, of 4 elements in the GEMM) and an element-wise form for any K or alignment.
 #include <cublasLt.h>

@@ -788,7 +788,7 @@ template <bool GU, int MAXR, bool F8 = false>
 constexpr int small_fpw() {
   return MAXR == 1 ? (GU ? (F8 ? 2 : 1) : 8) : MAXR == 2 ? (GU ? 1 : 4) : (GU ? 2 : 4);
 }
-template <bool GU, int MAXR, bool F8 = false>
+template <bool GU, int MAXR>
 constexpr int small_steps() {
   return MAXR == 1 ? (GU ? 2 : 1) : MAXR == 2 ? 2 : 1;
 }
@@ -960,7 +960,7 @@ __device__ __forceinline__ void small_tile(const ExpertsArgs& a, const ExpertEnt
 template <bool GU, bool VEC, int MAXR, bool F8>
 __global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArgs a) {
   wait_for_prior_kernels();
-  constexpr int FPW = small_fpw<GU, MAXR, F8>(), U = small_steps<GU, MAXR, F8>(), FB = (kSmallThreads / 32) * FPW;
+  constexpr int FPW = small_fpw<GU, MAXR, F8>(), U = small_steps<GU, MAXR>(), FB = (kSmallThreads / 32) * FPW;
   __shared__ int64_t src[kSmallRows], dst[kSmallRows];
   const int64_t items = int64_t(*a.ntiles) * a.fblocks;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
