@@ -415,7 +415,7 @@ TEST_P(CudaBf16Products, FewRowBf16ProductsMultiplyTheRoundedRows) {
     }
 }
 
-// The same paths through matmul_many (FP8 beside bf16 targets: a launch each) and swiglu_down
+// The same paths through matmul_many (FP8 beside bf16 targets: one launch) and swiglu_down
 // (silu(gate) * up quantized or rounded, the row gate at the store) give what matmul and the
 // composed ops give, bit for bit.
 TEST_P(CudaBf16Products, FewRowTensorCoreProductsOfManyTargetsAndSwigluEqualTheirParts) {

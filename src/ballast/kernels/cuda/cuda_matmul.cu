@@ -412,16 +412,13 @@ __device__ __forceinline__ void store_rows_sums(const float (&acc)[4], const Row
   }
 }
 
-// xq [T, K] e4m3, xs [K / 128, T]: x quantized (quantize_rows_b128). Block i: the 16-row item i of
-// the targets in order (warps_end counting items). row_gate (if not null): y[t, :] times
-// sigmoid(row_gate[t]).
-__global__ void __launch_bounds__(kMmaWarps * 32)
-    fp8_rows_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs, int T, int64_t K,
-                    FewRowsTargets tg, const float* __restrict__ row_gate) {
+// Block-scaled FP8 weights, the block's item `it`: xq [T, K] e4m3, xs [K / 128, T]: x quantized
+// (quantize_rows_b128). row_gate (if not null): y[t, :] times sigmoid(row_gate[t]).
+__device__ __forceinline__ void fp8_rows_item(const uint8_t* __restrict__ xq, const float* __restrict__ xs, int T,
+                                              int64_t K, const RowsItem& it, const float* __restrict__ row_gate) {
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
   const int64_t KB = K / kScaleBlock, per = cdiv(KB, int64_t(kMmaWarps));
   const int64_t b0 = std::min(KB, warp * per), b1 = std::min(KB, b0 + per);  // this warp's 128-blocks
-  const RowsItem it = rows_item(tg, blockIdx.x);
   const uint8_t* w = static_cast<const uint8_t*>(it.w);
   const uint8_t* wg = w + std::min(it.n0 + g, it.N - 1) * K;  // past N: a valid row, not written
   const uint8_t* wg8 = w + std::min(it.n0 + g + 8, it.N - 1) * K;
@@ -477,13 +474,12 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
 // bf16 weights: x [T, ldx] rows (SWIGLU: silu(x) * up) rounded to bf16 as they are loaded; K a
 // multiple of 32 (a step: 4 lanes x 8 k).
 template <bool SWIGLU>
-__global__ void __launch_bounds__(kMmaWarps * 32)
-    bf16_rows_kernel(const float* __restrict__ x, const float* __restrict__ up, int64_t ldx, int T, int64_t K,
-                     FewRowsTargets tg, const float* __restrict__ row_gate) {
+__device__ __forceinline__ void bf16_rows_item(const float* __restrict__ x, const float* __restrict__ up, int64_t ldx,
+                                               int T, int64_t K, const RowsItem& it,
+                                               const float* __restrict__ row_gate) {
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
   const int64_t KS = K / 32, per = cdiv(KS, int64_t(kMmaWarps));
   const int64_t s0 = std::min(KS, warp * per), s1 = std::min(KS, s0 + per);  // this warp's steps
-  const RowsItem it = rows_item(tg, blockIdx.x);
   const __nv_bfloat16* w = static_cast<const __nv_bfloat16*>(it.w);
   const __nv_bfloat16* wg = w + std::min(it.n0 + g, it.N - 1) * K;  // past N: a valid row, not written
   const __nv_bfloat16* wg8 = w + std::min(it.n0 + g + 8, it.N - 1) * K;
@@ -523,6 +519,19 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
   store_rows_sums(acc, it, T, row_gate);
 }
 
+// Block i: item i of the FP8 targets (x quantized in xq, xs), then of the bf16 ones (x itself): an
+// FP8 model's products of one input in one launch. Where x was quantized by the kernel before, x
+// itself was written before that one. F8 / B16: whether there are targets of each kind (a kernel
+// for one kind alone keeps that kind's registers: 82-92 for bf16, 118 for FP8 or both).
+template <bool SWIGLU, bool F8, bool B16>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+    mma_rows_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs, const float* __restrict__ x,
+                    const float* __restrict__ up, int T, int64_t K, FewRowsTargets f8, unsigned f8_items,
+                    FewRowsTargets b16, const float* __restrict__ row_gate) {
+  if (F8 && (!B16 || blockIdx.x < f8_items)) fp8_rows_item(xq, xs, T, K, rows_item(f8, blockIdx.x), row_gate);
+  else if constexpr (B16) bf16_rows_item<SWIGLU>(x, up, K, T, K, rows_item(b16, blockIdx.x - f8_items), row_gate);
+}
+
 // Whether the tensor-core few-row paths take a product of T x rows and K: block-scaled FP8 where K
 // is whole 128-blocks, bf16 where it is whole 32-k steps; x rows 16-byte aligned.
 bool fp8_rows_fit(int64_t T, int64_t K, const void* x) {
@@ -541,24 +550,25 @@ unsigned rows_items(FewRowsTargets& tg) {
   return unsigned(items);
 }
 
-// The targets (block-scaled FP8, 16-byte aligned rows) in 16-row items; x (with up: silu(x) * up,
-// swiglu_down's input) quantized into scratch (fp8_rows_scratch bytes) first.
-void launch_fp8_rows(const float* x, int T, int64_t K, FewRowsTargets tg, void* scratch, cudaStream_t stream,
-                     const float* up = nullptr, const float* row_gate = nullptr) {
+// The FP8 targets (block-scaled, 16-byte aligned rows) and the bf16 ones (16-byte aligned rows) in
+// 16-row items, one launch; with FP8 targets x (with up: silu(x) * up, swiglu_down's input) is
+// quantized into scratch (fp8_rows_scratch bytes) first.
+void launch_mma_rows(const float* x, int T, int64_t K, FewRowsTargets f8, FewRowsTargets b16, void* scratch,
+                     cudaStream_t stream, const float* up = nullptr, const float* row_gate = nullptr) {
   uint8_t* xq = static_cast<uint8_t*>(scratch);
-  float* xs = reinterpret_cast<float*>(xq + T * K);
-  quantize_rows_b128(x, T, T, K, xq, xs, stream, up);
-  check_launch("matmul: quantizing x to FP8");
-  const unsigned items = rows_items(tg);
-  launch(fp8_rows_kernel, items, kMmaWarps * 32, 0, stream, xq, xs, T, K, tg, row_gate);
-}
-
-// The targets (bf16, 16-byte aligned rows) in 16-row items; x [T, K] (with up: silu(x) * up).
-void launch_bf16_rows(const float* x, int T, int64_t K, FewRowsTargets tg, cudaStream_t stream,
-                      const float* up = nullptr, const float* row_gate = nullptr) {
-  const unsigned items = rows_items(tg);
-  if (up) launch(bf16_rows_kernel<true>, items, kMmaWarps * 32, 0, stream, x, up, K, T, K, tg, row_gate);
-  else launch(bf16_rows_kernel<false>, items, kMmaWarps * 32, 0, stream, x, up, K, T, K, tg, row_gate);
+  float* xs = xq ? reinterpret_cast<float*>(xq + T * K) : nullptr;
+  if (f8.count > 0) {
+    quantize_rows_b128(x, T, T, K, xq, xs, stream, up);
+    check_launch("matmul: quantizing x to FP8");
+  }
+  const unsigned f8_items = rows_items(f8), items = f8_items + rows_items(b16);
+  const auto run = [&](auto kernel) {
+    launch(kernel, items, kMmaWarps * 32, 0, stream, xq, xs, x, up, T, K, f8, f8_items, b16, row_gate);
+  };
+  // (FP8's silu(x) * up is formed by the quantization; swiglu_down has one target.)
+  if (b16.count == 0) run(mma_rows_kernel<false, true, false>);
+  else if (f8.count == 0) run(up ? mma_rows_kernel<true, false, true> : mma_rows_kernel<false, false, true>);
+  else run(mma_rows_kernel<false, true, true>);
 }
 
 // ============================================================================================
@@ -1141,14 +1151,14 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   const FewRowsTargets one{{{w.raw(), N, cuda::f32_mut(y), N, 0, ws, false}}, 1};
   if (bf16_matmul_ && scaled && st.fp8_mma && fp8_rows_fit(T, K, x.raw()) && aligned(w.raw(), 16)) {
     timed.op = "matmul gemv (FP8 tensor cores)";
-    launch_fp8_rows(cuda::f32(x), int(T), K, one, scratch_.bytes(fp8_rows_scratch(T, K)), stream_);
+    launch_mma_rows(cuda::f32(x), int(T), K, one, {}, scratch_.bytes(fp8_rows_scratch(T, K)), stream_);
     check_launch("matmul");
     return;
   }
   if (bf16_matmul_ && w.dtype() == DType::BF16 && st.bf16_mma && bf16_rows_fit(T, K, x.raw()) &&
       aligned(w.raw(), 16)) {
     timed.op = "matmul gemv (bf16 tensor cores)";
-    launch_bf16_rows(cuda::f32(x), int(T), K, one, stream_);
+    launch_mma_rows(cuda::f32(x), int(T), K, {}, one, nullptr, stream_);
     check_launch("matmul");
     return;
   }
@@ -1212,8 +1222,8 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
   const float* rg = row_gate.defined() ? cuda::f32(row_gate) : nullptr;
   const FewRowsTargets one{{target}, 1};
   if (f8_mma || b16_mma) {
-    if (f8_mma) launch_fp8_rows(g, int(T), K, one, scratch_.bytes(fp8_rows_scratch(T, K)), stream_, u, rg);
-    else launch_bf16_rows(g, int(T), K, one, stream_, u, rg);
+    if (f8_mma) launch_mma_rows(g, int(T), K, one, {}, scratch_.bytes(fp8_rows_scratch(T, K)), stream_, u, rg);
+    else launch_mma_rows(g, int(T), K, {}, one, nullptr, stream_, u, rg);
     check_launch("swiglu_down");
     return;
   }
@@ -1260,8 +1270,8 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
                             scaled ? cuda::f32(w[i].scales()) : nullptr, !same && w[i].dtype() == DType::BF16};
   }
   expect_device("matmul", "x", x);
-  // 3 - 8 rows on the tensor cores: the block-scaled FP8 targets in one launch, the bf16 ones in
-  // another (an FP8 model's router, DeltaNet a/b, shared expert gate; a bf16 model's projections).
+  // 3 - 8 rows on the tensor cores: the block-scaled FP8 targets and the bf16 ones (an FP8 model's
+  // router, DeltaNet a/b, shared expert gate; a bf16 model's projections) in one launch.
   const MatmulState& st = matmul_state_of(matmul_state_);
   bool mma = bf16_matmul_;
   FewRowsTargets f8{}, b16{};
@@ -1276,8 +1286,8 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
   }
   if (mma) {
     timed.op = "matmul gemv (tensor cores)";
-    if (f8.count > 0) launch_fp8_rows(cuda::f32(x), int(T), K, f8, scratch_.bytes(fp8_rows_scratch(T, K)), stream_);
-    if (b16.count > 0) launch_bf16_rows(cuda::f32(x), int(T), K, b16, stream_);
+    launch_mma_rows(cuda::f32(x), int(T), K, f8, b16, f8.count > 0 ? scratch_.bytes(fp8_rows_scratch(T, K)) : nullptr,
+                    stream_);
     check_launch("matmul");
     return;
   }
