@@ -49,8 +49,8 @@ struct AttentionState {
 };
 
 // The new rows' K and V at their slots; an out-of-range slot is skipped.
-__global__ void attention_write_kv_kernel(const float* __restrict__ k_new, const float* __restrict__ v_new,
-                                          const int32_t* __restrict__ slot_mapping, int64_t T, int64_t row,
+__global__ void attention_write_kv_kernel(const float* k_new, const float* v_new,
+                                          const int32_t* slot_mapping, int64_t T, int64_t row,
                                           int64_t cache_rows, float* __restrict__ k_cache,
                                           float* __restrict__ v_cache) {
   wait_for_prior_kernels();

@@ -78,8 +78,8 @@ __device__ Ranked block_best(Ranked v, Smem& sm) {
   return r;
 }
 
-__global__ void __launch_bounds__(kThreads) token_logprobs_kernel(const float* __restrict__ logits, int V,
-                                                                  const int32_t* __restrict__ ids,
+__global__ void __launch_bounds__(kThreads) token_logprobs_kernel(const float* logits, int V,
+                                                                  const int32_t* ids,
                                                                   float* __restrict__ logprob, int K,
                                                                   int32_t* __restrict__ top_ids,
                                                                   float* __restrict__ top_logprobs) {

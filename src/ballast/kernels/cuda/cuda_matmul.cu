@@ -102,7 +102,7 @@ struct FewRowsTargets {
 // offsets) silu(x) * u, the same floats silu_mul writes. Loaded as what the kernel before wrote
 // (load_after_wait): the few-row products issue their weight loads before waiting for it.
 template <bool SWIGLU, int E>
-__device__ __forceinline__ void load_x(const float* __restrict__ x, const float* __restrict__ u, int64_t at,
+__device__ __forceinline__ void load_x(const float* x, const float* u, int64_t at,
                                        float (&xv)[E]) {
   if constexpr (E % 4 == 0) {
 #pragma unroll
@@ -129,10 +129,10 @@ __device__ __forceinline__ void load_x(const float* __restrict__ x, const float*
 // the kernel before (wait_for_prior_kernels), so that they stream during its tail; x, up and
 // row_gate, which it may have written, are read after (80B FP8 decode, A/B: batch 1 +3.5%).
 template <typename W, int TM, int R, bool VEC, bool EXACT, bool SCALED, bool SWIGLU>
-__device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, const float* __restrict__ up, int64_t ldx,
+__device__ __forceinline__ void few_rows_warp(const float* x, const float* up, int64_t ldx,
                                               int nt, int64_t K, const W* __restrict__ w, const float* __restrict__ s,
                                               int64_t N, float* __restrict__ y, int64_t ldy,
-                                              const float* __restrict__ row_gate, int64_t n0, int lane) {
+                                              const float* row_gate, int64_t n0, int lane) {
   constexpr int E = few_elems<W, VEC>();
   constexpr int WORDS = VEC ? E * int(sizeof(W)) / 4 : 0;
   constexpr int U = 4 / R;  // steps whose weight loads are issued together: 4 loads in flight per lane
@@ -268,8 +268,8 @@ __device__ __forceinline__ void few_rows_warp(const float* __restrict__ x, const
 // SWIGLU (one target): x is the gate, u the up values (swiglu_down; row_gate as few_rows_warp's).
 template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT, bool SWIGLU>
 __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
-    few_rows_kernel(const float* __restrict__ x, const float* __restrict__ u, int64_t ldx, int nt_arg, int64_t K,
-                    FewRowsTargets tg, const float* __restrict__ row_gate) {
+    few_rows_kernel(const float* x, const float* u, int64_t ldx, int nt_arg, int64_t K,
+                    FewRowsTargets tg, const float* row_gate) {
   constexpr int R = few_rows_per_warp<TM, WA>();
   const int lane = int(threadIdx.x) & 31;
   const int64_t gwarp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
@@ -396,7 +396,7 @@ __device__ __forceinline__ RowsItem rows_item(const FewRowsTargets& tg, int64_t 
 // The block's 4 warps' sums (acc: rows g, g, g + 8, g + 8; tokens 2 tq, 2 tq + 1) added in a fixed
 // order and stored, times sigmoid(row_gate[t]) where row_gate is not null.
 __device__ __forceinline__ void store_rows_sums(const float (&acc)[4], const RowsItem& it, int T,
-                                                const float* __restrict__ row_gate) {
+                                                const float* row_gate) {
   __shared__ float sums[kMmaWarps][kMmaRows][8];
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
   sums[warp][g][2 * tq] = acc[0], sums[warp][g][2 * tq + 1] = acc[1];
@@ -414,8 +414,8 @@ __device__ __forceinline__ void store_rows_sums(const float (&acc)[4], const Row
 
 // Block-scaled FP8 weights, the block's item `it`: xq [T, K] e4m3, xs [K / 128, T]: x quantized
 // (quantize_rows_b128). row_gate (if not null): y[t, :] times sigmoid(row_gate[t]).
-__device__ __forceinline__ void fp8_rows_item(const uint8_t* __restrict__ xq, const float* __restrict__ xs, int T,
-                                              int64_t K, const RowsItem& it, const float* __restrict__ row_gate) {
+__device__ __forceinline__ void fp8_rows_item(const uint8_t* xq, const float* xs, int T,
+                                              int64_t K, const RowsItem& it, const float* row_gate) {
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
   const int64_t KB = K / kScaleBlock, per = cdiv(KB, int64_t(kMmaWarps));
   const int64_t b0 = std::min(KB, warp * per), b1 = std::min(KB, b0 + per);  // this warp's 128-blocks
@@ -474,9 +474,9 @@ __device__ __forceinline__ void fp8_rows_item(const uint8_t* __restrict__ xq, co
 // bf16 weights: x [T, ldx] rows (SWIGLU: silu(x) * up) rounded to bf16 as they are loaded; K a
 // multiple of 32 (a step: 4 lanes x 8 k).
 template <bool SWIGLU>
-__device__ __forceinline__ void bf16_rows_item(const float* __restrict__ x, const float* __restrict__ up, int64_t ldx,
+__device__ __forceinline__ void bf16_rows_item(const float* x, const float* up, int64_t ldx,
                                                int T, int64_t K, const RowsItem& it,
-                                               const float* __restrict__ row_gate) {
+                                               const float* row_gate) {
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
   const int64_t KS = K / 32, per = cdiv(KS, int64_t(kMmaWarps));
   const int64_t s0 = std::min(KS, warp * per), s1 = std::min(KS, s0 + per);  // this warp's steps
@@ -525,9 +525,9 @@ __device__ __forceinline__ void bf16_rows_item(const float* __restrict__ x, cons
 // for one kind alone keeps that kind's registers: 82-92 for bf16, 118 for FP8 or both).
 template <bool SWIGLU, bool F8, bool B16>
 __global__ void __launch_bounds__(kMmaWarps * 32)
-    mma_rows_kernel(const uint8_t* __restrict__ xq, const float* __restrict__ xs, const float* __restrict__ x,
-                    const float* __restrict__ up, int T, int64_t K, FewRowsTargets f8, unsigned f8_items,
-                    FewRowsTargets b16, const float* __restrict__ row_gate) {
+    mma_rows_kernel(const uint8_t* xq, const float* xs, const float* x,
+                    const float* up, int T, int64_t K, FewRowsTargets f8, unsigned f8_items,
+                    FewRowsTargets b16, const float* row_gate) {
   if (F8 && (!B16 || blockIdx.x < f8_items)) fp8_rows_item(xq, xs, T, K, rows_item(f8, blockIdx.x), row_gate);
   else if constexpr (B16) bf16_rows_item<SWIGLU>(x, up, K, T, K, rows_item(b16, blockIdx.x - f8_items), row_gate);
 }
@@ -610,7 +610,7 @@ struct GemmStage {
 // w[n, k] times ws[n / 128, k / 128].
 template <typename W, int BM, bool VEC, bool SCALED>
 __global__ void __launch_bounds__(gemm_threads<BM>(), gemm_min_blocks<BM>())
-    gemm_kernel(const float* __restrict__ x, int64_t ldx, int T, int64_t K, const W* __restrict__ w,
+    gemm_kernel(const float* x, int64_t ldx, int T, int64_t K, const W* __restrict__ w,
                 const float* __restrict__ ws, int64_t N, float* __restrict__ out, int64_t ldo, int64_t k_split,
                 int64_t split_stride, bool vec_out) {
   wait_for_prior_kernels();
@@ -767,7 +767,7 @@ __global__ void __launch_bounds__(gemm_threads<BM>(), gemm_min_blocks<BM>())
 }
 
 // y[m, n] = the sum over z < splits of partial[z][m, n] (partial [splits, T, N]), in order of z.
-__global__ void sum_splits_kernel(const float* __restrict__ partial, int splits, int64_t T, int64_t N,
+__global__ void sum_splits_kernel(const float* partial, int splits, int64_t T, int64_t N,
                                   float* __restrict__ y, int64_t ldy) {
   wait_for_prior_kernels();
   const int64_t total = T * N, stride = int64_t(gridDim.x) * blockDim.x;
@@ -887,9 +887,9 @@ constexpr size_t kLtWorkspace = size_t(32) << 20;
 
 // xq [Tp, K] e4m3 and xs [K/128, Tp]: one warp per (row, block); rows t >= T are zeros, scale 1.
 // With up (not null): silu(x) * up quantized, the floats silu_mul writes.
-__global__ void quantize_rows_b128_kernel(const float* __restrict__ x, int64_t T, int64_t Tp, int64_t K,
+__global__ void quantize_rows_b128_kernel(const float* x, int64_t T, int64_t Tp, int64_t K,
                                           __nv_fp8_storage_t* __restrict__ xq, float* __restrict__ xs,
-                                          const float* __restrict__ up) {
+                                          const float* up) {
   wait_for_prior_kernels();
   const int lane = int(threadIdx.x) & 31;
   const int64_t L = K / kScaleBlock, items = Tp * L;

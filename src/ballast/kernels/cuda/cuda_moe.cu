@@ -315,7 +315,7 @@ constexpr int kTopkMaxK = 32;    // one selection a lane
 // A warp per row, the row in registers (lane l holds experts l, l + 32, ...; PER of them): the
 // softmax, then k rounds of argmax (larger p, then lower id) over what is not yet taken.
 template <int PER>
-__global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const float* __restrict__ logits, int64_t T,
+__global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const float* logits, int64_t T,
                                                                      int E, int k, bool normalize,
                                                                      int32_t* __restrict__ ids,
                                                                      float* __restrict__ weights) {
@@ -377,7 +377,7 @@ __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const flo
 // dispatch
 // ============================================================================================
 
-__global__ void dispatch_static_kernel(const int32_t* __restrict__ ids, int64_t N, const int32_t* __restrict__ table,
+__global__ void dispatch_static_kernel(const int32_t* ids, int64_t N, const int32_t* table,
                                        int64_t E, int32_t* __restrict__ slots, Fault* fault) {
   wait_for_prior_kernels();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
@@ -391,9 +391,9 @@ __global__ void dispatch_static_kernel(const int32_t* __restrict__ ids, int64_t 
   }
 }
 
-__global__ void dispatch_random_kernel(const int32_t* __restrict__ ids, int64_t N, const int32_t* __restrict__ replicas,
-                                       const int32_t* __restrict__ count, int64_t E, int64_t R,
-                                       const int64_t* __restrict__ pass_seed, int layer, int rank,
+__global__ void dispatch_random_kernel(const int32_t* ids, int64_t N, const int32_t* replicas,
+                                       const int32_t* count, int64_t E, int64_t R,
+                                       const int64_t* pass_seed, int layer, int rank,
                                        int32_t* __restrict__ slots, Fault* fault) {
   wait_for_prior_kernels();
   // The seed differs per pass and layer; the hash of (rank, choice) spreads one pass's choices.
@@ -447,7 +447,7 @@ __global__ void __launch_bounds__(kBalancedThreads) dispatch_balanced_kernel(cm:
 
 constexpr int kHistSharedBins = 12 * 1024;  // 48 KiB of shared counts
 
-__global__ void histogram_kernel(const int32_t* __restrict__ keys, int64_t N, int32_t* __restrict__ counts,
+__global__ void histogram_kernel(const int32_t* keys, int64_t N, int32_t* __restrict__ counts,
                                  int64_t bins, bool shared, Fault* fault) {
   wait_for_prior_kernels();
   extern __shared__ int hist_smem[];
@@ -497,7 +497,7 @@ __device__ int64_t valid_count(const int32_t* valid, int64_t vn, int64_t N, Faul
 }
 
 // Sort keys: the group of each taking part, `groups` (after every group) for the others.
-__global__ void group_keys_kernel(const int32_t* __restrict__ keys, int64_t N, const int32_t* __restrict__ valid,
+__global__ void group_keys_kernel(const int32_t* keys, int64_t N, const int32_t* valid,
                                   int64_t vn, int div, int groups, uint32_t* __restrict__ gkey,
                                   int32_t* __restrict__ index, Fault* fault) {
   wait_for_prior_kernels();
@@ -521,7 +521,7 @@ __device__ __forceinline__ int64_t lower_bound_u32(const uint32_t* a, int64_t n,
   return lo;
 }
 
-__global__ void group_offsets_kernel(const uint32_t* __restrict__ sorted, int64_t N, int groups,
+__global__ void group_offsets_kernel(const uint32_t* sorted, int64_t N, int groups,
                                      int32_t* __restrict__ counts, int32_t* __restrict__ offsets) {
   wait_for_prior_kernels();
   for (int64_t g = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; g <= groups; g += int64_t(gridDim.x) * blockDim.x) {
@@ -531,7 +531,7 @@ __global__ void group_offsets_kernel(const uint32_t* __restrict__ sorted, int64_
   }
 }
 
-__global__ void group_scatter_kernel(const uint32_t* __restrict__ sorted, const int32_t* __restrict__ order,
+__global__ void group_scatter_kernel(const uint32_t* sorted, const int32_t* order,
                                      int64_t N, int groups, int32_t* __restrict__ perm, int32_t* __restrict__ inverse) {
   wait_for_prior_kernels();
   for (int64_t j = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; j < N; j += int64_t(gridDim.x) * blockDim.x) {
@@ -550,7 +550,7 @@ constexpr int kGroupSmallKeys = 1024;  // one key per thread
 constexpr int kGroupSmallBins = 4096;  // groups + 1 (the left-out bin)
 
 __global__ void __launch_bounds__(kGroupSmallThreads)
-    group_small_kernel(const int32_t* __restrict__ keys, int N, const int32_t* __restrict__ valid, int64_t vn,
+    group_small_kernel(const int32_t* keys, int N, const int32_t* valid, int64_t vn,
                        int div, int groups, int32_t* __restrict__ perm, int32_t* __restrict__ counts,
                        int32_t* __restrict__ offsets, int32_t* __restrict__ inverse, Fault* fault) {
   wait_for_prior_kernels();
@@ -597,7 +597,7 @@ __global__ void __launch_bounds__(kGroupSmallThreads)
 }
 
 // N = 0: empty groups (and `valid` must sum to 0).
-__global__ void group_empty_kernel(const int32_t* __restrict__ valid, int64_t vn, int groups,
+__global__ void group_empty_kernel(const int32_t* valid, int64_t vn, int groups,
                                    int32_t* __restrict__ counts, int32_t* __restrict__ offsets, Fault* fault) {
   wait_for_prior_kernels();
   valid_count(valid, vn, 0, fault);
@@ -704,13 +704,13 @@ struct Int2Sum {
 // Lists the row tiles of every group: small tiles {g, j, j + <= small_rows} for groups of <=
 // small_max rows, large tiles {g, j, j + <= large_rows} for the others; offsets are checked and
 // clamped to perm.
-__global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_t* __restrict__ offsets, int groups,
+__global__ void __launch_bounds__(kTileThreads) expert_tiles_kernel(const int32_t* offsets, int groups,
                                                                   int small_max, int small_rows, int large_rows,
-                                                                  int64_t Np, const ExpertEntry* __restrict__ ex,
+                                                                  int64_t Np, const ExpertEntry* ex,
                                                                   int4* __restrict__ small, int64_t cap_small,
                                                                   int4* __restrict__ large, int64_t cap_large,
                                                                   int* __restrict__ ntiles,
-                                                                  const float* __restrict__ x,
+                                                                  const float* x,
                                                                   __nv_bfloat16* __restrict__ xb, int64_t nround,
                                                                   Fault* fault) {
   wait_for_prior_kernels();
@@ -796,7 +796,7 @@ constexpr int kSmallThreads = 128;
 
 // Elements k .. k+EL-1 of an input row (fp32); VEC: 16-byte loads, else element-wise, 0 past K.
 template <bool VEC, int EL>
-__device__ __forceinline__ void load_x(const float* __restrict__ row, int64_t k, int64_t K, float* f) {
+__device__ __forceinline__ void load_x(const float* row, int64_t k, int64_t K, float* f) {
   if constexpr (VEC) {
 #pragma unroll
     for (int q = 0; q < EL / 4; ++q) {
@@ -1645,8 +1645,8 @@ __global__ void __launch_bounds__(kFp8Threads) experts_fp8_kernel(ExpertsArgs a)
 // Choices in groups of 4: their rows, weights and y values are all loaded before any is added
 // (the sums still in choice order, as the CPU's).
 template <bool V4>
-__global__ void combine_kernel(const float* __restrict__ y, int64_t M, const int32_t* __restrict__ rows,
-                               const float* __restrict__ w, int64_t T, int64_t k, int64_t H, float* __restrict__ out,
+__global__ void combine_kernel(const float* y, int64_t M, const int32_t* rows,
+                               const float* w, int64_t T, int64_t k, int64_t H, float* __restrict__ out,
                                Fault* fault) {
   wait_for_prior_kernels();
   using V = std::conditional_t<V4, float4, float>;

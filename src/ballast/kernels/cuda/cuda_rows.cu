@@ -127,7 +127,7 @@ __global__ void scale_rows_sigmoid_kernel(float* y, const float* s, int64_t n, i
 }
 
 // out[t, :A] = a[t], out[t, A:] = b[t].
-__global__ void concat_cols_kernel(const float* __restrict__ a, const float* __restrict__ b, float* __restrict__ out,
+__global__ void concat_cols_kernel(const float* a, const float* b, float* __restrict__ out,
                                    int64_t T, int64_t A, int64_t B) {
   wait_for_prior_kernels();
   const int64_t W = A + B, n = T * W;
@@ -138,7 +138,7 @@ __global__ void concat_cols_kernel(const float* __restrict__ a, const float* __r
 }
 
 // qg [rows, 2 hd] -> q [rows, hd] (the first hd of each row), gate [rows, hd] (the second).
-__global__ void split_heads_gate_kernel(const float* __restrict__ qg, float* __restrict__ q, float* __restrict__ gate,
+__global__ void split_heads_gate_kernel(const float* qg, float* __restrict__ q, float* __restrict__ gate,
                                         int64_t rows, int64_t hd) {
   wait_for_prior_kernels();
   const int64_t n = rows * 2 * hd;
@@ -168,7 +168,7 @@ __global__ void delta_gates_kernel(const float* b, const float* a, const void* A
 // ============================================================================================
 
 // out[t, :] = table[ids[t], :] as fp32; zeros for an id outside [0, V). A block per row.
-__global__ void embedding_kernel(const int32_t* __restrict__ ids, const void* table, DType dt, int64_t V, int64_t H,
+__global__ void embedding_kernel(const int32_t* ids, const void* table, DType dt, int64_t V, int64_t H,
                                  float* __restrict__ out, int64_t T) {
   wait_for_prior_kernels();
   for (int64_t t = blockIdx.x; t < T; t += gridDim.x) {
@@ -181,7 +181,7 @@ __global__ void embedding_kernel(const int32_t* __restrict__ ids, const void* ta
 
 // out[i, :] = x[rows[i] / row_div, :] in units U of a row; zeros where the row is out of range.
 template <typename U>
-__global__ void gather_rows_kernel(const U* __restrict__ x, const int32_t* __restrict__ rows, int row_div, int64_t M,
+__global__ void gather_rows_kernel(const U* x, const int32_t* rows, int row_div, int64_t M,
                                    U* __restrict__ out, int64_t N, int64_t units) {
   wait_for_prior_kernels();
   for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
@@ -199,7 +199,7 @@ __global__ void gather_rows_kernel(const U* __restrict__ x, const int32_t* __res
 
 // out[rows[i], :] = x[i, :] in units U; a row outside [0, M) is skipped.
 template <typename U>
-__global__ void scatter_rows_kernel(const U* __restrict__ x, const int32_t* __restrict__ rows, int64_t M,
+__global__ void scatter_rows_kernel(const U* x, const int32_t* rows, int64_t M,
                                     U* __restrict__ out, int64_t N, int64_t units) {
   wait_for_prior_kernels();
   for (int64_t i = blockIdx.x; i < N; i += gridDim.x) {
@@ -340,14 +340,14 @@ struct InvFreq {
 };
 
 template <int CAP>
-__global__ void rope_kernel(float* x, const int32_t* __restrict__ pos, int64_t T, int64_t heads, int64_t hd, int half,
+__global__ void rope_kernel(float* x, const int32_t* pos, int64_t T, int64_t heads, int64_t hd, int half,
                             InvFreq<CAP> freq) {
   wait_for_prior_kernels();
   const int64_t n = T * half;
   for (int64_t idx = global_thread(); idx < n; idx += grid_threads()) {
     const int64_t t = idx / half;
     const int i = int(idx % half);
-    const float ang = float(pos[t]) * freq.v[i];
+    const float ang = float(cuda::load_after_wait(pos + t)) * freq.v[i];
     float s, c;
     sincosf(ang, &s, &c);
     float* row = x + t * heads * hd;

@@ -129,7 +129,7 @@ int multiprocessors();
 
 // x [n] fp32 -> 16-bit (round to nearest even), 4 at a time where aligned.
 template <typename H>
-__global__ void round_to_16bit_kernel(const float* __restrict__ x, H* __restrict__ out, int64_t n) {
+__global__ void round_to_16bit_kernel(const float* x, H* __restrict__ out, int64_t n) {
   wait_for_prior_kernels();
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t i0 = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;

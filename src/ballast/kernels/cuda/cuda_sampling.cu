@@ -159,7 +159,7 @@ __device__ __forceinline__ uint32_t argmax_key(float v, bool first) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-__device__ int row_argmax(const float* __restrict__ row, int V, Smem& sm) {
+__device__ int row_argmax(const float* row, int V, Smem& sm) {
   unsigned long long best = 0;
   for (int i = threadIdx.x; i < V; i += kThreads) {
     const unsigned long long k =
@@ -218,7 +218,7 @@ __device__ int draw_in_order(int V, double u, Weight weight, float* __restrict__
 // --- the radix select of top-k / top-p ---
 
 // One level: count and mass of the group's tokens by digit.
-__device__ void histogram(const float* __restrict__ row, int V, int shift, uint32_t group, Smem& sm) {
+__device__ void histogram(const float* row, int V, int shift, uint32_t group, Smem& sm) {
   const Dist& d = sm.dist;
   for (int b = threadIdx.x; b < kBins; b += kThreads) {
     sm.count[b] = 0;
@@ -309,7 +309,7 @@ __device__ void find_boundary(const LevelState& st, int n_k, uint64_t thr, Smem&
 }
 
 // sm.dist for sampling row `row` (as kernels::distribution).
-__device__ void make_dist(const float* __restrict__ row, int V, const RowSampling& s, Smem& sm) {
+__device__ void make_dist(const float* row, int V, const RowSampling& s, Smem& sm) {
   Dist& d = sm.dist;
   float mx = -INFINITY;
   for (int i = threadIdx.x; i < V; i += kThreads) mx = fmaxf(mx, row[i]);
@@ -360,7 +360,7 @@ __device__ void make_dist(const float* __restrict__ row, int V, const RowSamplin
 // --- the kernels ---
 
 // ids[r] (and probs[r, :] if probs) for row r = blockIdx.x.
-__global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restrict__ logits, int V, RowArgs rows,
+__global__ void __launch_bounds__(kThreads) sample_kernel(const float* logits, int V, RowArgs rows,
                                                           Draw stream, int32_t* __restrict__ ids,
                                                           float* __restrict__ probs) {
   wait_for_prior_kernels();
@@ -386,9 +386,9 @@ __global__ void __launch_bounds__(kThreads) sample_kernel(const float* __restric
 // Target row r = blockIdx.x = b * (S + 1) + i of verify_drafts: accepted[r] (row i < S accepts
 // d_{i+1}) and token[r], the token that follows when row r is the first not accepted (greedy: the
 // argmax; sampling, i < S: the residual draw; i == S: the target's draw).
-__global__ void __launch_bounds__(kThreads) verify_rows_kernel(const float* __restrict__ logits, int V, int S,
-                                                               const int32_t* __restrict__ drafts,
-                                                               const float* __restrict__ draft_probs, RowArgs rows,
+__global__ void __launch_bounds__(kThreads) verify_rows_kernel(const float* logits, int V, int S,
+                                                               const int32_t* drafts,
+                                                               const float* draft_probs, RowArgs rows,
                                                                int32_t* __restrict__ token,
                                                                int32_t* __restrict__ accepted) {
   wait_for_prior_kernels();
@@ -457,8 +457,8 @@ __global__ void __launch_bounds__(kThreads) verify_rows_kernel(const float* __re
 }
 
 // out[b] = [a, d_1 .. d_a, the token of row a, -1 ...] from the per-row results.
-__global__ void verify_finish_kernel(int B, int S, const int32_t* __restrict__ drafts,
-                                     const int32_t* __restrict__ token, const int32_t* __restrict__ accepted,
+__global__ void verify_finish_kernel(int B, int S, const int32_t* drafts,
+                                     const int32_t* token, const int32_t* accepted,
                                      int32_t* __restrict__ out) {
   wait_for_prior_kernels();
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;

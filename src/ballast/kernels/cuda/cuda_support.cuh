@@ -63,7 +63,10 @@ __device__ __forceinline__ void wait_for_prior_kernels() {
 // Loads of what the kernels before wrote (activations), after wait_for_prior_kernels(): __ldg
 // (ld.global.nc) tells the compiler that the memory never changes while the kernel runs, which
 // lets it move the load above the wait and read stale data (seen on the H200: docs/perf.md);
-// these stay below it (volatile asm keeps its order with the wait's). __ldg is for weights only.
+// these stay below it (volatile asm keeps its order with the wait's). __ldg is for weights only,
+// and so is `const T* __restrict__` on a kernel's parameters: the compiler makes ld.global.nc of
+// such loads itself (and of others it proves unaliased, e.g. int loads in a kernel that stores
+// only floats: read those with these helpers).
 __device__ __forceinline__ float4 load4_after_wait(const float* p) {
   float4 v;
   asm volatile("ld.global.v4.f32 {%0, %1, %2, %3}, [%4];" : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w) : "l"(p));
@@ -72,6 +75,11 @@ __device__ __forceinline__ float4 load4_after_wait(const float* p) {
 __device__ __forceinline__ float load_after_wait(const float* p) {
   float v;
   asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(p));
+  return v;
+}
+__device__ __forceinline__ int32_t load_after_wait(const int32_t* p) {
+  int32_t v;
+  asm volatile("ld.global.s32 %0, [%1];" : "=r"(v) : "l"(p));
   return v;
 }
 
