@@ -525,9 +525,8 @@ __device__ __forceinline__ void bf16_rows_item(const float* x, const float* up, 
 // for one kind alone keeps that kind's registers: 82-92 for bf16, 118 for FP8 or both).
 template <bool SWIGLU, bool F8, bool B16>
 __global__ void __launch_bounds__(kMmaWarps * 32)
-    mma_rows_kernel(const uint8_t* xq, const float* xs, const float* x,
-                    const float* up, int T, int64_t K, FewRowsTargets f8, unsigned f8_items,
-                    FewRowsTargets b16, const float* row_gate) {
+    mma_rows_kernel(const uint8_t* xq, const float* xs, const float* x, const float* up, int T, int64_t K,
+                    FewRowsTargets f8, unsigned f8_items, FewRowsTargets b16, const float* row_gate) {
   if (F8 && (!B16 || blockIdx.x < f8_items)) fp8_rows_item(xq, xs, T, K, rows_item(f8, blockIdx.x), row_gate);
   else if constexpr (B16) bf16_rows_item<SWIGLU>(x, up, K, T, K, rows_item(b16, blockIdx.x - f8_items), row_gate);
 }
