@@ -239,6 +239,14 @@ def check_bench(args):
     assert "gated_delta_rule" in {o["op"] for o in j["prefill_profile"]["ops"]}
     assert [(s["batch"], s["num_steps"]) for s in j["speculative"]] == [(1, 1), (1, 2), (3, 1), (3, 2)], j
     assert all(1.0 <= s["acceptance_length"] <= s["num_steps"] + 1 for s in j["speculative"]), j
+    for s in j["speculative"]:
+        assert abs(s["round_in_plain_steps"] * s["speedup"] - s["acceptance_length"]) < 1e-9, s
+    # A synthetic model gets its MTP head (one layer) when speculation is asked for: random drafts
+    # are next to never accepted, the cost of a round is what such a run measures.
+    text = run([args.ballast, "bench", "--device", "cpu", "--threads", "2", "--synthetic", "mid-size", "--layers", "1",
+                "--batch", "1", "--prompt-len", "8", "--decode-steps", "4", "--repeats", "1",
+                "--speculative-num-steps", "1"]).stdout
+    assert "NEXTN" in text and "round/step" in text, text
     # Under expert parallelism (2 in-process ranks, attention data-parallel) the batch is split
     # over the ranks and every figure is the batch's.
     # Rebalancing as it runs: per-pass balancedness and each rebalance's moves and time in the JSON.

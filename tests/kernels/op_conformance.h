@@ -1548,6 +1548,27 @@ TEST_P(OpConformance, VerifyDraftsGreedyAcceptsUntilTheFirstMismatch) {
   EXPECT_EQ(ints(out0), (std::vector<int32_t>{0, 2, 0, 4, 0, 6, 0, 8}));
 }
 
+// The first draft step's inputs from verdicts: each sequence's tokens after its verified rows
+// (past the kept ones, its last token again) and the row of its last kept token.
+TEST_P(OpConformance, DraftInputsShiftTheVerdictsTokensAndPickTheLastKeptRow) {
+  const int64_t B = 4, S = 3;
+  const std::vector<int32_t> verdicts{3, 2, 5, 7, 1,     //
+                                      1, 4, 4, -1, -1,   //
+                                      0, 6, -1, -1, -1,  //
+                                      2, 8, 1, 2, -1};
+  Tensor tokens = be().alloc({B * (S + 1)}, DType::I32), last = be().alloc({B}, DType::I32);
+  ops().draft_inputs(i32(verdicts, {B, S + 2}), tokens, last);
+  EXPECT_EQ(ints(tokens), (std::vector<int32_t>{2, 5, 7, 1,  //
+                                                4, 4, 4, 4,  //
+                                                6, 6, 6, 6,  //
+                                                8, 1, 2, 2}));
+  EXPECT_EQ(ints(last), (std::vector<int32_t>{3, 5, 8, 14}));
+  // No sequences: nothing to do.
+  Tensor none_tokens = be().alloc({0}, DType::I32), none_last = be().alloc({0}, DType::I32);
+  ops().draft_inputs(be().alloc({0, S + 2}, DType::I32), none_tokens, none_last);
+  EXPECT_THROW(ops().draft_inputs(i32(verdicts, {B, S + 2}), none_tokens, last), Error);
+}
+
 TEST_P(OpConformance, VerifyDraftsSamplingEqualsTheReferenceLoop) {
   const int64_t B = 6, S = 4, V = 9, R = B * (S + 1);
   // Target logits close to the drafts' distributions, so that some drafts pass and some fail.

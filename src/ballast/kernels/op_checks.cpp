@@ -460,6 +460,15 @@ VerifyShape check_verify_drafts(const Tensor& logits, const Tensor& drafts, cons
   return {B, S, V};
 }
 
+DraftInputsShape check_draft_inputs(const Tensor& verdicts, const Tensor& tokens, const Tensor& last_rows) {
+  expect("draft_inputs", "verdicts", verdicts, DType::I32);
+  check(verdicts.rank() == 2 && verdicts.dim(1) >= 2, "draft_inputs: verdicts {} is not [B, S+2]", verdicts);
+  const int64_t B = verdicts.dim(0), S = verdicts.dim(1) - 2;
+  expect("draft_inputs", "tokens", tokens, DType::I32, B * (S + 1));
+  expect("draft_inputs", "last_rows", last_rows, DType::I32, B);
+  return {B, S};
+}
+
 LogprobShape check_token_logprobs(const Tensor& logits, const Tensor& ids, const Tensor& logprob,
                                   const Tensor& top_ids, const Tensor& top_logprobs) {
   check(logits.rank() == 2 && logits.dtype() == DType::F32, "token_logprobs: logits {} is not F32 [R, V]", logits);

@@ -145,6 +145,10 @@ struct VerifyShape {
 };
 VerifyShape check_verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs,
                                 const SamplingRows& rows, const Tensor& out);
+struct DraftInputsShape {
+  int64_t B, S;
+};
+DraftInputsShape check_draft_inputs(const Tensor& verdicts, const Tensor& tokens, const Tensor& last_rows);
 struct LogprobShape {
   int64_t R, V, K;
 };

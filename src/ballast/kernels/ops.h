@@ -194,6 +194,12 @@ class Ops {
   // the entries after it are -1.
   virtual void verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs,
                              const SamplingRows& rows, Tensor& out) = 0;
+  // The MTP head's first draft step after a verification, from its verdicts [B, S+2] (verify_drafts'
+  // out) on the device, so that the step is issued before the host has seen them: each sequence's
+  // S + 1 rows pair the verified rows with the token after each, tokens[b*(S+1) + t] =
+  // verdicts[b][1 + min(t, a_b)] (rows past the kept a_b + 1 repeat its last token: they only pad),
+  // and last_rows[b] = b*(S+1) + a_b, the row each sequence drafts from.
+  virtual void draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows) = 0;
   // Log-probabilities under the model, log_softmax of the raw logits[R, V] (before temperature
   // and truncation; fp32 out, accumulated in double): logprob[R] of the token ids[R] of each row
   // (an id < 0 means the row has none: its logprob is 0), and the K most likely tokens of each

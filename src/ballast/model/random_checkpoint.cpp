@@ -50,6 +50,7 @@ nlohmann::json random_model_config(const RandomModelShape& s) {
       {"decoder_sparse_step", 1},
       {"mlp_only_layers", nlohmann::json::array()},
       {"norm_topk_prob", true},
+      {"mtp_num_hidden_layers", s.mtp_layers},
   };
   if (s.qwen35) j.erase("intermediate_size"), j.erase("decoder_sparse_step"), j.erase("mlp_only_layers");
   return j;

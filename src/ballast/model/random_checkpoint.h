@@ -18,6 +18,7 @@ struct RandomModelShape {
   int experts = 64, top_k = 8, moe_intermediate = 512, shared_intermediate = 512;
   int full_attention_interval = 4;
   bool qwen35 = false;  // a Qwen3_5MoeForCausalLM config (every layer MoE) instead of Qwen3-Next's
+  int mtp_layers = 0;   // mtp_num_hidden_layers (random_weights makes the head; checkpoints are written without)
 };
 nlohmann::json random_model_config(const RandomModelShape& s);
 

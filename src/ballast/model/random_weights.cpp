@@ -100,10 +100,10 @@ ModelWeights random_weights(const ModelConfig& c, kernels::Backend& be, uint64_t
   w.lm_head = c.tie_word_embeddings ? w.embed : f.plain_matrix(V, H);
   const int64_t Hk = c.linear_num_key_heads, Hv = c.linear_num_value_heads;
   const int64_t kd = Hk * c.linear_key_head_dim, vd = Hv * c.linear_value_head_dim;
-  for (int i = 0; i < c.num_layers; ++i) {
+  auto layer = [&](LayerType type, FfnType ffn) {
     LayerWeights l;
-    l.type = c.layer_types[size_t(i)];
-    l.ffn = c.ffn_types[size_t(i)];
+    l.type = type;
+    l.ffn = ffn;
     l.input_norm = f.zeros({H});
     l.post_norm = f.zeros({H});
     if (l.type == LayerType::FullAttention) {
@@ -132,7 +132,19 @@ ModelWeights random_weights(const ModelConfig& c, kernels::Backend& be, uint64_t
     } else {
       l.dense = f.swiglu(c.intermediate_size, H);
     }
-    w.layers.push_back(std::move(l));
+    return l;
+  };
+  for (int i = 0; i < c.num_layers; ++i) w.layers.push_back(layer(c.layer_types[size_t(i)], c.ffn_types[size_t(i)]));
+  if (c.mtp_num_hidden_layers > 0) {
+    // The head as the releases have it: full-attention layers with the model's MoE, mtp.fc in bf16.
+    MtpWeights m;
+    m.fc = f.plain_matrix(H, 2 * H);
+    m.norm_embedding = f.zeros({H});
+    m.norm_hidden = f.zeros({H});
+    m.norm = f.zeros({H});
+    for (int i = 0; i < c.mtp_num_hidden_layers; ++i)
+      m.layers.push_back(layer(LayerType::FullAttention, c.num_experts > 0 ? FfnType::Moe : FfnType::Dense));
+    w.mtp = std::move(m);
   }
   return w;
 }

@@ -409,7 +409,17 @@ bool Engine::step() {
     backend_->ops().token_logprobs(r.logits.rows(0, R), token_ids, lp, top_ids, top_lp);
   }
   const int64_t words = lp_words > 0 ? Rout + Rdraw + lp_words : Rout + Rs;
-  const std::span<const int32_t> host = finish_pass(trunk_out_, trunk_ep_.get(), words, r.hidden.dim(0));
+  // Where every sequence verifies, the first draft step goes out before the results come back (it
+  // reads the verdicts on the device) and its drafts come back with them.
+  const bool early = drafts_early(*scheduled);
+  DraftRound round;
+  if (early) {
+    round = first_draft_step(*scheduled, r, {}, verdicts, trunk_out_.results(words + Bv).rows(words, words + Bv));
+    check(int64_t(round.drafting.size()) == Bv, "{} of {} verifying sequences drafted", round.drafting.size(), Bv);
+  }
+  const std::span<const int32_t> host =
+      finish_pass(trunk_out_, trunk_ep_.get(), early ? words + Bv : words, r.hidden.dim(0));
+  if (early) round.first_drafts.assign(host.begin() + words, host.end());
   // The logprobs of logits row `row` (null when the sequence did not ask).
   TokenLogprobs lp_row;
   auto logprobs_of = [&](const Sequence& q, int64_t row) -> const TokenLogprobs* {
@@ -451,6 +461,7 @@ bool Engine::step() {
       cache_->rollback(q.cache, S - a);
       q.drafts.clear();
       kept[i] = a + 1;
+      if (early) round.padding[size_t(b - 1)] = S - a;
     } else if (s.draws) {
       emit(q, host[size_t(Rout + j)], logprobs_of(q, Rv + j));
       ++j;
@@ -458,7 +469,10 @@ bool Engine::step() {
     }
   }
   if (Bv > 0) spec_stats_.verify_seconds += t_verified - t0;
-  if (S > 0) draft(*scheduled, r, kept);
+  if (S > 0) {
+    if (!early) round = first_draft_step(*scheduled, r, kept);
+    draft(round);
+  }
 
   for (const Scheduled& s : *scheduled) {
     Sequence& q = *s.seq;

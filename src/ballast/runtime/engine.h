@@ -200,8 +200,28 @@ class Engine {
   bool emit(Sequence& seq, int32_t token, const TokenLogprobs* logprobs = nullptr);
   Sampler::Row row_of(const Sequence& seq, int64_t position) const;
   // Speculation (speculative.cpp): the MTP passes after a trunk pass that enter the pass's rows
-  // into the head's cache and draft the next round of every decoding sequence.
-  void draft(std::span<const Scheduled> pass, const ModelRunner::Result& trunk, std::span<const int64_t> kept_rows);
+  // into the head's cache and draft the next round of every decoding sequence. A round of drafts:
+  struct DraftRound {
+    std::vector<Sequence*> drafting;  // the sequences that draft, in the order of the steps' rows
+    std::vector<int64_t> padding;     // the rows of each one's first step to roll back after it
+    bool samples = false;             // some draft samples: its distribution is kept for verification
+    ModelRunner::Result last;         // the step issued last
+    Tensor first_ids;                 // [drafting] the first step's drafts on the device
+    std::vector<int32_t> first_drafts;  // ... on the host, once downloaded
+  };
+  // Whether the first draft step of a pass can be issued before the pass's results are downloaded:
+  // every sequence verifies and first steps are padded to S + 1 rows (graphs).
+  bool drafts_early(std::span<const Scheduled> pass) const;
+  // The first step, from what each sequence kept of the trunk pass (kept_rows, on the host), or,
+  // early, from the verification's verdicts on the device (the drafts then go to early_ids).
+  DraftRound first_draft_step(std::span<const Scheduled> pass, const ModelRunner::Result& trunk,
+                              std::span<const int64_t> kept_rows, const Tensor& verdicts = {},
+                              Tensor early_ids = {});
+  // The chained steps once the host knows the first step's padding; the round's drafts go to the
+  // sequences.
+  void draft(DraftRound& round);
+  void sample_drafts(const DraftRound& round, int step, Tensor ids);
+  std::optional<eplb::Recorder::PauseGuard> pause_mtp_recording();
 
   std::unique_ptr<kernels::Backend> backend_;
   std::optional<io::Checkpoint> ckpt_;  // the mapped checkpoint (none for create)

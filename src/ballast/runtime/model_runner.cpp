@@ -216,7 +216,7 @@ ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const s
 }
 
 ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source,
-                                             const Tensor& tokens) {
+                                             const Tensor& tokens, const Tensor& verdicts) {
   // Draft passes of one row per sequence (chained steps; a first step where every draft was
   // rejected) and first steps padded to max_verify_rows rows each run as graphs, padded to their
   // bucket as decode passes are.
@@ -243,11 +243,21 @@ ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, con
   r.logits = out.logits;
   check(!tokens.defined() || tokens.numel() <= batch.num_tokens(), "model runner: {} tokens for a pass of {} rows",
         tokens.defined() ? tokens.numel() : 0, batch.num_tokens());
-  // Copied before the graph, not in it: a captured copy would read the address of the step it was
+  // Written before the graph, not in it: a captured op would read the address of the step it was
   // captured for in every later step.
   if (tokens.defined() && tokens.numel() > 0) {
     Tensor ids = batch.token_ids.rows(0, tokens.numel());
     be_.ops().copy(tokens, ids);
+  }
+  if (verdicts.defined() && !entries.empty()) {
+    const int64_t B = int64_t(entries.size()), rows = lim_.max_verify_rows;
+    for (const Entry& e : entries)
+      check(int64_t(e.tokens.size()) == rows && e.logits == Logits::last,
+            "model runner: a first draft step from verdicts has entries of {} rows, each with its logits", rows);
+    check(verdicts.rank() == 2 && verdicts.dim(0) == B && verdicts.dim(1) == rows + 1,
+          "model runner: verdicts {} for {} entries of {} rows", verdicts, B, rows);
+    Tensor ids = batch.token_ids.rows(0, B * rows), last_rows = batch.logit_rows.rows(0, B);
+    be_.ops().draft_inputs(verdicts, ids, last_rows);
   }
   auto run = [&] { model_.mtp_forward(batch, hidden_source, cache_.views(), ws_, out); };
   if (g.seqs) run_graphed(g, run);

@@ -59,9 +59,13 @@ class ModelRunner {
   Result forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw = {});
   // The logits rows a trunk pass of `entries` has: theirs, or the bucket's under a graph.
   int logit_rows(std::span<const Entry> entries) const;
-  // tokens, if defined: I32 [n], the first n rows' tokens, read on the device (a chained draft step's
-  // come from the step before without a download); the entries' own tokens are then placeholders.
-  Result mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source, const Tensor& tokens = {});
+  // Inputs of a draft step read on the device, without a download: tokens, if defined, I32 [n], the
+  // first n rows' tokens (a chained step's, from the step before); verdicts, if defined, [entries,
+  // max_verify_rows + 1] of the verification a first step follows, whose entries then have
+  // max_verify_rows rows each: their tokens and logits rows come from what each sequence kept
+  // (Ops::draft_inputs). The entries' own tokens and logits rows are then placeholders.
+  Result mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source, const Tensor& tokens = {},
+                     const Tensor& verdicts = {});
   // Whether a first draft step should pad every entry to max_verify_rows rows: its passes are then
   // graphs of one shape whatever each sequence kept of its verification.
   bool pads_first_drafts() const { return lim_.graphs && be_.can_capture() && lim_.max_verify_rows <= cache_.block_size(); }

@@ -44,6 +44,7 @@ struct Sequence {
   FinishReason finish = FinishReason::none;
   CacheEntry cache;
   std::vector<int32_t> drafts;  // MTP drafts awaiting the next verify pass
+  int64_t draft_draws = 0;      // drafts drawn so far: the position of the next one's uniform
   int place = -1;               // its place among running sequences (per-sequence device rows)
 
   size_t generated() const { return tokens.size() - prompt_len; }

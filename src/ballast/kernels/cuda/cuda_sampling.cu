@@ -473,6 +473,19 @@ __global__ void verify_finish_kernel(int B, int S, const int32_t* drafts,
   for (int i = a + 2; i < S + 2; ++i) o[i] = -1;
 }
 
+// Thread b: sequence b's first draft step inputs from its verdict [a, d_1 .. d_a, x, -1 ...].
+// a is clamped to [0, S] (verify_drafts never writes another): the rows read stay in b's verdict.
+__global__ void draft_inputs_kernel(int B, int S, const int32_t* verdicts, int32_t* __restrict__ tokens,
+                                    int32_t* __restrict__ last_rows) {
+  wait_for_prior_kernels();
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= B) return;
+  const int32_t* v = verdicts + b * (S + 2);
+  const int a = min(max(v[0], 0), S);
+  for (int t = 0; t <= S; ++t) tokens[b * (S + 1) + t] = v[1 + min(t, a)];
+  last_rows[b] = int32_t(b * (S + 1) + a);
+}
+
 // The per-row sampling parameters (shapes and dtypes checked by the contract's checks; values are
 // clamped on the device), in CUDA memory.
 RowArgs row_args(const char* op, const SamplingRows& rows) {
@@ -523,6 +536,19 @@ void CudaOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Te
   launch(verify_finish_kernel, blocks_for(B, 128), 128, 0, stream_, int(B), int(S), S > 0 ? i32(drafts) : nullptr,
          token, accepted, i32_mut(out));
   check_launch("verify_drafts");
+}
+
+void CudaOps::draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows) {
+  auto timed = time_op("draft_inputs");
+  const auto [B, S] = check_draft_inputs(verdicts, tokens, last_rows);
+  check(B * (S + 2) <= INT32_MAX, "draft_inputs: verdicts {} is too large", verdicts);
+  expect_device("draft_inputs", "verdicts", verdicts);
+  expect_device("draft_inputs", "tokens", tokens);
+  expect_device("draft_inputs", "last_rows", last_rows);
+  if (B == 0) return;
+  launch(draft_inputs_kernel, blocks_for(B, 128), 128, 0, stream_, int(B), int(S), i32(verdicts), i32_mut(tokens),
+         i32_mut(last_rows));
+  check_launch("draft_inputs");
 }
 
 }  // namespace ballast::kernels
