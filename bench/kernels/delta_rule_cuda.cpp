@@ -70,6 +70,7 @@ int main(int argc, char** argv) try {
   layout.num_seqs = int(B);
   layout.num_tokens = int(T);
   layout.max_query_len = *std::max_element(lens.begin(), lens.end());
+  layout.prefill_seqs = int(std::count_if(lens.begin(), lens.end(), [](int n) { return n > 1; }));
   layout.cu_seqlens = upload_i32(cu);
   layout.state_slots = upload_i32(slots);
 

@@ -264,9 +264,13 @@ class OpConformance : public ::testing::TestWithParam<BackendCase> {
     l.num_seqs = h.num_seqs();
     l.num_tokens = h.cu.back();
     l.block_size = h.block_size;
+    l.prefill_seqs = 0;
     for (int b = 0; b < l.num_seqs; ++b) {
-      l.max_query_len = std::max(l.max_query_len, h.cu[size_t(b) + 1] - h.cu[size_t(b)]);
+      const int n = h.cu[size_t(b) + 1] - h.cu[size_t(b)];
+      l.max_query_len = std::max(l.max_query_len, n);
       if (!h.kv_lens.empty()) l.max_kv_len = std::max(l.max_kv_len, h.kv_lens[size_t(b)]);
+      const bool verifying = h.snapshot_width > 0 && h.snapshot_slots[size_t(b * h.snapshot_width)] >= 0;
+      l.prefill_seqs += n > 1 && !verifying;
     }
     l.cu_seqlens = i32(h.cu);
     if (!h.kv_lens.empty()) l.kv_lens = i32(h.kv_lens);
@@ -1085,6 +1089,19 @@ TEST_P(OpConformance, DeltaNetOverStatePoolsWithMixedSequences) {
 }
 
 TEST_P(OpConformance, DeltaNetAtQwenHeadDimsWithManyChunks) { check_deltanet_at_qwen_head_dims(); }
+
+// Qwen3-Next-80B's heads (16 key, 32 value heads of 128) and three prefills beside a decode row:
+// CUDA's state kernel then has more blocks of 32 columns (3 x 32 x 4) than a GPU has SMs, and
+// takes 64 columns a block.
+TEST_P(OpConformance, DeltaNetPrefillsOverMoreStateBlocksThanSms) {
+  DeltaNetCase c;
+  c.d = DeltaRuleDims{16, 32, 128, 128};
+  HostLayout h;
+  const std::vector<int> rows{130, 1, 64, 75};
+  h.state_slots = {2, 0, 3, 1};
+  for (int n : rows) h.cu.push_back(h.cu.back() + n);
+  check_deltanet_pass(c, h, 5, 90);
+}
 
 TEST_P(OpConformance, DeltaNetSnapshotModeKeepsEveryRowsState) {
   const DeltaNetCase c;

@@ -35,6 +35,8 @@ struct SeqLayout {
   int num_seqs = 0;        // B
   int num_tokens = 0;      // T
   int max_query_len = 0;   // max over b of cu_seqlens[b+1] - cu_seqlens[b]
+  int prefill_seqs = -1;   // sequences of more than one row not verifying drafts (-1: not given,
+                           // up to B): how a backend spreads a prefill over its cores
   int max_kv_len = 0;      // max over b of kv_lens[b]
   int block_size = 0;      // cache rows per KV block
   Tensor cu_seqlens;       // [B+1]: rows of sequence b are [cu_seqlens[b], cu_seqlens[b+1])

@@ -23,7 +23,7 @@ ModelRunner::ModelRunner(model::Model& model, kernels::Backend& backend, StateCa
 
 model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width) {
   const int B = int(entries.size());
-  int T = 0, R = 0, W = fixed_width ? lim_.max_blocks_per_seq : 1, Ws = 0, max_q = 0, max_kv = 0;
+  int T = 0, R = 0, W = fixed_width ? lim_.max_blocks_per_seq : 1, Ws = 0, max_q = 0, max_kv = 0, prefills = 0;
   for (const Entry& e : entries) {
     const int n = int(e.tokens.size());
     check(e.cache && n > 0 && e.padding >= 0 && e.padding < n && (e.padding == 0 || e.logits != Logits::all),
@@ -45,6 +45,7 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
     }
     max_q = std::max(max_q, n);
     max_kv = std::max(max_kv, int(length));
+    prefills += n > 1 && !e.verify;
   }
   // A graph's sections stay put: a verification pass's snapshot section is as wide as the limit.
   if (fixed_width && !entries.empty() && entries[0].verify) Ws = lim_.max_verify_rows;
@@ -97,6 +98,7 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
   l.num_seqs = B;
   l.num_tokens = T;
   l.max_query_len = max_q;
+  l.prefill_seqs = prefills;
   l.max_kv_len = max_kv;
   l.block_size = bs;
   l.cu_seqlens = view(cu);

@@ -24,7 +24,8 @@
 //   (block: chunk, value head) and leaves what does not depend on S0 in scratch (ChunkScratch:
 //   W, U, Q' = e^gc Q - P W, O_local = P U, K' = e^{gc_last - gc} K); the state kernel then takes
 //   the chunks of each sequence in order (block: sequence, value head, column slice) and only
-//   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V'. The products
+//   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V' (slices of 32
+//   columns, or 64 where the prefills' blocks of 32 outnumber the SMs). The products
 //   run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy), or in TF32 (operands
 //   rounded to 10 bits, one product for three) under bf16 matrix products; the substitution and
 //   the exponentials (of double differences, as the CPU) on the SIMT cores.
@@ -585,49 +586,55 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   }
 }
 
-// Shared memory of the state kernel, in floats: Qp, Ws, Kp [kChunk][lq] (Q', W, K'), S [dkp][kSL]
-// (the state's columns of this block), Us [2][kChunk][kSL] (U then V'; two: the next chunk's U loads
-// while this chunk's V' is read) and Os [kChunk][kSlice] (O). S and Us are B operands of mma (k t at
-// column g: a row stride of 8 mod 32 banks puts a warp's 32 loads on 32 banks).
-constexpr int kSL = kSlice + 8;
+// Shared memory of the state kernel of W columns a block, in floats: Qp, Ws, Kp [kChunk][lq] (Q', W,
+// K'), S [dkp][W + 8] (the state's columns of this block), Us [2][kChunk][W + 8] (U then V'; two: the
+// next chunk's U loads while this chunk's V' is read) and Os [kChunk][W] (O). S and Us are B
+// operands of mma (k t at column g: a row stride of 8 mod 32 banks puts a warp's 32 loads on 32
+// banks).
 struct ChunkSmem {
-  int dkp, lq;
+  int dkp, lq, sl;
   int64_t Qp, Ws, Kp, S, Us, Os, total;
-  __host__ __device__ explicit ChunkSmem(int dk) {
+  __host__ __device__ ChunkSmem(int dk, int width) {
     dkp = padded_dk(dk);
     lq = chunk_lq(dk);
+    sl = width + 8;
     int64_t o = 0;
     Qp = o, o += int64_t(kChunk) * lq;
     Ws = o, o += int64_t(kChunk) * lq;
     Kp = o, o += int64_t(kChunk) * lq;
-    S = o, o += int64_t(dkp) * kSL;
-    Us = o, o += 2 * int64_t(kChunk) * kSL;
-    Os = o, o += int64_t(kChunk) * kSlice;
+    S = o, o += int64_t(dkp) * sl;
+    Us = o, o += 2 * int64_t(kChunk) * sl;
+    Os = o, o += int64_t(kChunk) * width;
     total = o;
   }
   __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
 };
 
 
-// Chunked form, part 2, the chunks of a sequence in order: block (sequence, value head, column
-// slice); 8 warps; the state slice in shared memory. The next chunk's Q', W, U, O load (cp.async)
-// while this chunk's state update runs, its K' while its outputs are formed: groups A (Q', W, U,
-// O) and B (K') in flight, at most one of each.
-template <bool kSplit>
-__global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(const RuleArgs a, ChunkScratch cs) {
+// Chunked form, part 2, the chunks of a sequence in order: block (sequence, value head, slice of
+// kW columns); 8 warps for each 32 columns; the state slice in shared memory. The next chunk's Q',
+// W, U, O load (cp.async) while this chunk's state update runs, its K' while its outputs are
+// formed: groups A (Q', W, U, O) and B (K') in flight, at most one of each. A block takes one SM
+// (its shared memory) and runs its sequence's chunks one after another: where the blocks of 32
+// columns outnumber the SMs, blocks of 64 (and 16 warps) halve the waves for ~1.8 times a chunk's
+// time (neither 16 warps nor 16 columns a warp change a chunk of 32 columns: not its products).
+template <bool kSplit, int kW>
+__global__ void __launch_bounds__(kChunkThreads * kW / 32, 1)
+    delta_rule_chunked_kernel(const RuleArgs a, ChunkScratch cs) {
   wait_for_prior_kernels();
   const auto tf = [](float v) { return tf32_operand<kSplit>(v); };  // an operand of the products
+  constexpr int kSL = kW + 8, kThreads = kChunkThreads * kW / 32, kWarps = kThreads / 32;
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int b = int(blockIdx.x), h = int(blockIdx.y);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t4 = lane % 4;
-  const int j0 = int(blockIdx.z) * kSlice, j = j0 + lane;  // this lane's column of dv
-  const bool col = j < a.dv;
+  const int wq = warp % kChunkWarps, cw = 32 * (warp / kChunkWarps);  // role, first of the warp's 32 columns
+  const int j0 = int(blockIdx.z) * kW;  // this block's first column of dv
   const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
   if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
   const int dk = a.dk, dv = a.dv, Hv = a.Hv, dv4 = ChunkScratch::round4(dv);
   const int64_t vd = int64_t(Hv) * dv;
-  const ChunkSmem L(dk);
+  const ChunkSmem L(dk, kW);
   const int lq = L.lq, dkp = L.dkp;
   float* Qp = smem + L.Qp;
   float* Ws = smem + L.Ws;
@@ -637,17 +644,17 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
   float* Os = smem + L.Os;
 
   // A chunk's rows of [T, Hv, width] scratch into [kChunk][ld] shared memory (zeros past n), and its
-  // slice of kSlice columns from j0 (zeros past w).
+  // slice of kW columns from j0 (zeros past w).
   const auto rows_async = [&](float* dst, int ld, const float* src, int64_t tc, int n, int width) {
     const int c4 = width / 4;
-    for (int e = int(threadIdx.x); e < kChunk * c4; e += kChunkThreads) {
+    for (int e = int(threadIdx.x); e < kChunk * c4; e += kThreads) {
       const int i = e / c4, q = e % c4;
       cp_async16(dst + i * ld + 4 * q, src + ((tc + (i < n ? i : 0)) * Hv + h) * width + 4 * q, i < n);
     }
   };
   const auto slice_async = [&](float* dst, int ld, const float* src, int64_t tc, int n) {
-    for (int e = int(threadIdx.x); e < kChunk * (kSlice / 4); e += kChunkThreads) {
-      const int i = e / (kSlice / 4), q = e % (kSlice / 4), c = j0 + 4 * q;
+    for (int e = int(threadIdx.x); e < kChunk * (kW / 4); e += kThreads) {
+      const int i = e / (kW / 4), q = e % (kW / 4), c = j0 + 4 * q;
       const bool ok = i < n && c < dv4;
       cp_async16(dst + i * ld + 4 * q, src + ((tc + (ok ? i : 0)) * Hv + h) * dv4 + (ok ? c : 0), ok);
     }
@@ -660,7 +667,7 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
     rows_async(Qp, lq, cs.qp, tc, n, dkp);
     rows_async(Ws, lq, cs.w, tc, n, dkp);
     slice_async(u_of(c0), kSL, cs.u, tc, n);
-    slice_async(Os, kSlice, cs.o, tc, n);
+    slice_async(Os, kW, cs.o, tc, n);
     cp_async_commit();
   };
   const auto issue_state_part = [&](int64_t c0) {  // group B: what step 2 of chunk c0 reads
@@ -670,8 +677,9 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
 
   {
     const float* state = a.states + (int64_t(s.slot) * Hv + h) * dk * dv;
-    for (int p = warp; p < dkp; p += kChunkWarps)
-      S[p * kSL + lane] = (p < dk && col) ? state[int64_t(p) * dv + j] : 0.0f;
+    for (int p = warp; p < dkp; p += kWarps)
+      for (int c = lane; c < kW; c += 32)
+        S[p * kSL + c] = (p < dk && j0 + c < dv) ? state[int64_t(p) * dv + j0 + c] : 0.0f;
   }
   issue_outputs_part(0);
   issue_state_part(0);
@@ -684,29 +692,29 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
     cp_async_wait_all_but_last();  // group A of this chunk (its B may still be in flight)
     __syncthreads();               // ... for every thread's part (and the state written)
 
-    // --- 1. out = O + Q' S0 (warps 0-3) and V' = U - W S0 (warps 4-7, into U): a warp's 16 rows
-    // x kSlice columns on the tensor cores, the state slice as the B operand ---
+    // --- 1. out = O + Q' S0 (roles 0-3) and V' = U - W S0 (roles 4-7, into U): a warp's 16 rows
+    // x 32 columns on the tensor cores, the state slice as the B operand ---
     {
-      const float* A = (warp < 4 ? Qp : Ws) + (16 * (warp & 3) + g) * lq + t4;  // rows g, g + 8 at k t, t + 4
-      float hi[kSlice / 8][4] = {}, lo[kSlice / 8][4] = {};
+      const float* A = (wq < 4 ? Qp : Ws) + (16 * (wq & 3) + g) * lq + t4;  // rows g, g + 8 at k t, t + 4
+      float hi[4][4] = {}, lo[4][4] = {};
       for (int kk = 0; kk < dkp; kk += 8) {
         const Tf32Pair af[4] = {tf(A[kk]), tf(A[8 * lq + kk]), tf(A[kk + 4]),
                                 tf(A[8 * lq + kk + 4])};
-        const float* B = S + (kk + t4) * kSL + g;
+        const float* B = S + (kk + t4) * kSL + cw + g;
 #pragma unroll
-        for (int nj = 0; nj < kSlice / 8; ++nj) {
+        for (int nj = 0; nj < 4; ++nj) {
           const Tf32Pair bf[2] = {tf(B[8 * nj]), tf(B[4 * kSL + 8 * nj])};
           mma_tf32x_split<kSplit>(hi[nj], lo[nj], af, bf);
         }
       }
 #pragma unroll
-      for (int nj = 0; nj < kSlice / 8; ++nj)
+      for (int nj = 0; nj < 4; ++nj)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int i = 16 * (warp & 3) + g + 8 * (e / 2), c = 8 * nj + 2 * t4 + (e & 1);
+          const int i = 16 * (wq & 3) + g + 8 * (e / 2), c = cw + 8 * nj + 2 * t4 + (e & 1);
           const float v = hi[nj][e] + lo[nj][e];
-          if (warp >= 4) U[i * kSL + c] -= v;
-          else if (i < n && j0 + c < dv) a.out[(tc + i) * vd + int64_t(h) * dv + j0 + c] = Os[i * kSlice + c] + v;
+          if (wq >= 4) U[i * kSL + c] -= v;
+          else if (i < n && j0 + c < dv) a.out[(tc + i) * vd + int64_t(h) * dv + j0 + c] = Os[i * kW + c] + v;
         }
     }
     cp_async_wait_all();  // group B of this chunk (the latest)
@@ -714,28 +722,28 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
     if (more) issue_outputs_part(c0 + kChunk);  // into the other U
     else cp_async_commit();  // an empty group keeps the count of groups in flight
 
-    // --- 2. S = e^{gc_last} S0 + K'^T V': a warp's 16 rows of the state x kSlice columns on the
+    // --- 2. S = e^{gc_last} S0 + K'^T V': a warp's 16 rows of the state x 32 columns on the
     // tensor cores (A = K'^T read from K' rows, B = V'), over the chunk's rows in steps of 8 ---
-    if (16 * warp < dkp) {
+    if (16 * wq < dkp) {
       const float elast = cs.elast[tc * Hv + h];
-      const float* A = Kp + t4 * lq + 16 * warp + g;  // A(p, m) = K'[m][p]: (g, t) at Kp[t][g]
-      float hi[kSlice / 8][4] = {}, lo[kSlice / 8][4] = {};
+      const float* A = Kp + t4 * lq + 16 * wq + g;  // A(p, m) = K'[m][p]: (g, t) at Kp[t][g]
+      float hi[4][4] = {}, lo[4][4] = {};
       for (int mm = 0; mm < n; mm += 8) {
         const float* am = A + mm * lq;
         const Tf32Pair af[4] = {tf(am[0]), tf(am[8]), tf(am[4 * lq]),
                                 tf(am[4 * lq + 8])};
-        const float* B = U + (mm + t4) * kSL + g;
+        const float* B = U + (mm + t4) * kSL + cw + g;
 #pragma unroll
-        for (int nj = 0; nj < kSlice / 8; ++nj) {
+        for (int nj = 0; nj < 4; ++nj) {
           const Tf32Pair bf[2] = {tf(B[8 * nj]), tf(B[4 * kSL + 8 * nj])};
           mma_tf32x_split<kSplit>(hi[nj], lo[nj], af, bf);
         }
       }
 #pragma unroll
-      for (int nj = 0; nj < kSlice / 8; ++nj)
+      for (int nj = 0; nj < 4; ++nj)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          float* sp = S + (16 * warp + g + 8 * (e / 2)) * kSL + 8 * nj + 2 * t4 + (e & 1);
+          float* sp = S + (16 * wq + g + 8 * (e / 2)) * kSL + cw + 8 * nj + 2 * t4 + (e & 1);
           *sp = elast * *sp + (hi[nj][e] + lo[nj][e]);
         }
     }
@@ -743,15 +751,16 @@ __global__ void __launch_bounds__(kChunkThreads, 1) delta_rule_chunked_kernel(co
     if (more) issue_state_part(c0 + kChunk);
     else cp_async_commit();
   }
-  if (col) {
-    float* state = a.states + (int64_t(s.slot) * Hv + h) * dk * dv;
-    for (int p = warp; p < dk; p += kChunkWarps) state[int64_t(p) * dv + j] = S[p * kSL + lane];
-  }
+  float* state = a.states + (int64_t(s.slot) * Hv + h) * dk * dv;
+  for (int p = warp; p < dk; p += kWarps)
+    for (int c = lane; c < kW && j0 + c < dv; c += 32) state[int64_t(p) * dv + j0 + c] = S[p * kSL + c];
 }
 
 struct DeltaNetState {
-  // dynamic shared memory the chunked kernels (TF32, 3xTF32) are set up for
-  size_t solve_smem[2] = {}, chunked_smem[2] = {};
+  // dynamic shared memory the chunked kernels are set up for: [TF32, 3xTF32], and the state kernel's
+  // [precision][32 or 64 columns]
+  size_t solve_smem[2] = {}, chunked_smem[2][2] = {};
+  int sms = 0;
 };
 
 // The sequences of a pass (their shapes checked by the contract's checks, their contents on the
@@ -861,13 +870,21 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
           B, layout.max_query_len);
     auto* scratch = static_cast<float*>(scratch_.bytes(ChunkScratch::floats(T, d.Hv, d.dk, d.dv) * sizeof(float)));
     const ChunkScratch cs = ChunkScratch::at(scratch, T, d.Hv, d.dk, d.dv);
-    const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), smem = ChunkSmem(d.dk).bytes();
     auto* st = static_cast<DeltaNetState*>(deltanet_state_.get());
     if (!st) {
       auto s = std::make_shared<DeltaNetState>();
+      int dev = 0;
+      check_cuda(cudaGetDevice(&dev), "gated_delta_rule: cudaGetDevice");
+      check_cuda(cudaDeviceGetAttribute(&s->sms, cudaDevAttrMultiProcessorCount, dev),
+                 "gated_delta_rule: cudaDeviceGetAttribute");
       st = s.get();
       deltanet_state_ = std::move(s);
     }
+    // The state kernel's blocks of 32 columns one to an SM, unless the prefills' outnumber the SMs.
+    const int64_t prefills = layout.prefill_seqs >= 0 ? layout.prefill_seqs : B;
+    const int width = prefills * d.Hv * cdiv(d.dv, 32) > st->sms ? 64 : 32, wi = width == 64;
+    const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
+    const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), smem = ChunkSmem(d.dk, width).bytes();
     // Products in 3xTF32 (fp32 accuracy) unless bf16 products are asked for: then in TF32.
     const auto run = [&](auto solve_kernel, auto chunked_kernel, int pi) {
       if (solve_smem > st->solve_smem[pi]) {
@@ -876,19 +893,24 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
                    "gated_delta_rule: shared memory of the solve kernel");
         st->solve_smem[pi] = solve_smem;
       }
-      if (smem > st->chunked_smem[pi]) {
+      if (smem > st->chunked_smem[pi][wi]) {
         check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(chunked_kernel),
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                    "gated_delta_rule: shared memory of the chunked kernel");
-        st->chunked_smem[pi] = smem;
+        st->chunked_smem[pi][wi] = smem;
       }
       launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, a,
              cs, int(chunks_per_seq));
       check_launch("gated_delta_rule: chunk solve");
-      launch(chunked_kernel, grid, kChunkThreads, smem, stream_, a, cs);
+      launch(chunked_kernel, state_grid, kChunkThreads * width / 32, smem, stream_, a, cs);
     };
-    if (bf16_matmul_) run(delta_rule_solve_kernel<false>, delta_rule_chunked_kernel<false>, 0);
-    else run(delta_rule_solve_kernel<true>, delta_rule_chunked_kernel<true>, 1);
+    if (bf16_matmul_) {
+      if (wi) run(delta_rule_solve_kernel<false>, delta_rule_chunked_kernel<false, 64>, 0);
+      else run(delta_rule_solve_kernel<false>, delta_rule_chunked_kernel<false, 32>, 0);
+    } else {
+      if (wi) run(delta_rule_solve_kernel<true>, delta_rule_chunked_kernel<true, 64>, 1);
+      else run(delta_rule_solve_kernel<true>, delta_rule_chunked_kernel<true, 32>, 1);
+    }
     check_launch("gated_delta_rule: chunked");
   }
 }
