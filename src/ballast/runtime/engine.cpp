@@ -409,8 +409,8 @@ bool Engine::step() {
     backend_->ops().token_logprobs(r.logits.rows(0, R), token_ids, lp, top_ids, top_lp);
   }
   const int64_t words = lp_words > 0 ? Rout + Rdraw + lp_words : Rout + Rs;
-  // Where every sequence verifies, the first draft step goes out before the results come back (it
-  // reads the verdicts on the device) and its drafts come back with them.
+  // With one draft step, where every sequence verifies, the draft step goes out before the results
+  // come back (it reads the verdicts on the device) and its drafts come back with them.
   const bool early = drafts_early(*scheduled);
   DraftRound round;
   if (early) {

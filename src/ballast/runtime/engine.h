@@ -209,8 +209,8 @@ class Engine {
     Tensor first_ids;                 // [drafting] the first step's drafts on the device
     std::vector<int32_t> first_drafts;  // ... on the host, once downloaded
   };
-  // Whether the first draft step of a pass can be issued before the pass's results are downloaded:
-  // every sequence verifies and first steps are padded to S + 1 rows (graphs).
+  // Whether the first draft step of a pass is issued before the pass's results are downloaded:
+  // one draft step, every sequence verifies and first steps are padded to S + 1 rows (graphs).
   bool drafts_early(std::span<const Scheduled> pass) const;
   // The first step, from what each sequence kept of the trunk pass (kept_rows, on the host), or,
   // early, from the verification's verdicts on the device (the drafts then go to early_ids).
@@ -220,7 +220,10 @@ class Engine {
   // The chained steps once the host knows the first step's padding; the round's drafts go to the
   // sequences.
   void draft(DraftRound& round);
+  // Draws step `step`'s drafts of the round's sequences into ids (keeping each draft's
+  // distribution where it samples).
   void sample_drafts(const DraftRound& round, int step, Tensor ids);
+  // Under --mtp-expert-domain sglang, the draft layer's load is recorded nowhere.
   std::optional<eplb::Recorder::PauseGuard> pause_mtp_recording();
 
   std::unique_ptr<kernels::Backend> backend_;

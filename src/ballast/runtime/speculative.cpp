@@ -13,8 +13,10 @@ std::optional<eplb::Recorder::PauseGuard> Engine::pause_mtp_recording() {
 }
 
 bool Engine::drafts_early(std::span<const Scheduled> pass) const {
-  // Every sequence verifies, so every one drafts from its S + 1 rows padded whatever it keeps.
-  if (steps_ == 0 || pass.empty() || !runner_->pads_first_drafts()) return false;
+  // Every sequence verifies, so every one drafts from its S + 1 rows padded whatever it keeps. One
+  // draft step only: with chained steps a round downloads twice either way (they need the host's
+  // positions), and issuing the first step early measured 2-3% slower there (docs/perf.md).
+  if (steps_ != 1 || pass.empty() || !runner_->pads_first_drafts()) return false;
   for (const Scheduled& s : pass)
     if (!s.verify) return false;
   return true;
