@@ -1,6 +1,8 @@
 // The op conformance suite on the CUDA backend (skipped where no CUDA device is visible), and
 // what the CUDA backend itself promises: weights copied once into few blocks, counted transfers.
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <memory>
 #include <random>
 
@@ -38,6 +40,37 @@ TEST(CudaBackend, WeightsShareFewBlocksAndTransfersAreCounted) {
   be.download(dev[7], back.data());
   EXPECT_EQ(back[100], 0);
   EXPECT_EQ(be.counters().downloads - c0.downloads, 1);
+}
+
+// BALLAST_CUDA_TRACE=1: each download prints what the stream did since the one before, each
+// transfer and graph with its host issue and GPU completion times, the GPU's after the host's issue.
+TEST(CudaBackend, TraceShowsEachTransferAndGraphBetweenDownloads) {
+  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
+  setenv("BALLAST_CUDA_TRACE", "1", 1);
+  CudaBackend be(0);
+  unsetenv("BALLAST_CUDA_TRACE");
+  std::vector<float> host(64, 1.0f), back(64);
+  Tensor a = be.alloc({64}, DType::F32), b = be.alloc({64}, DType::F32);
+  be.download(a, back.data());  // the first download only starts the timeline
+  ::testing::internal::CaptureStderr();
+  be.upload(host.data(), a);
+  be.begin_capture();
+  be.ops().copy(a, b);
+  be.end_capture(7);
+  ASSERT_TRUE(be.replay(7));
+  be.download(b, back.data());
+  const std::string line = ::testing::internal::GetCapturedStderr();
+  EXPECT_EQ(back[5], 1.0f);
+  EXPECT_NE(line.find("cuda trace, download 1"), std::string::npos) << line;
+  EXPECT_NE(line.find("| upload 256 B: "), std::string::npos) << line;
+  EXPECT_NE(line.find("| graph 1 nodes: "), std::string::npos) << line;
+  EXPECT_NE(line.find("| download: "), std::string::npos) << line;
+  // The graph finishes on the GPU after the host issued it.
+  const size_t g = line.find("| graph 1 nodes: ");
+  double issued = 0, done = 0;
+  ASSERT_EQ(std::sscanf(line.c_str() + g, "| graph 1 nodes: %lf / %lf", &issued, &done), 2) << line;
+  EXPECT_GT(done, issued) << line;
+  be.drop_graphs();
 }
 
 // One timed matmul of host rows x [T, K] by the device weight w [N, K]: the ops it timed and y.

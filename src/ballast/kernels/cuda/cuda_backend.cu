@@ -3,6 +3,9 @@
 #include <cuda_profiler_api.h>
 #include <fmt/format.h>
 
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
 #include <map>
 #include <vector>
 
@@ -23,11 +26,85 @@ int cuda_device_count() {
 
 bool cuda_available() { return cuda_device_count() > 0; }
 
+// BALLAST_CUDA_TRACE=N: every Nth download prints what the stream did since the download before:
+// each upload, graph launch and the download itself, with the host's time of issue and the GPU's
+// time of completion (a CUDA event after it), both in microseconds after the download before (its
+// return on the host, its completion on the GPU). The gaps between passes, where the GPU waits for
+// the host, are what it shows (docs/perf.md, session 16). Off: one test of a flag a call.
+class CudaTimeline {
+ public:
+  CudaTimeline() {
+    const char* v = std::getenv("BALLAST_CUDA_TRACE");
+    every_ = v ? std::max(0, std::atoi(v)) : 0;
+  }
+  ~CudaTimeline() {
+    for (const Mark& m : marks_) cudaEventDestroy(m.done);
+    for (cudaEvent_t e : pool_) cudaEventDestroy(e);
+    if (ref_done_) cudaEventDestroy(ref_done_);
+  }
+  bool on() const { return every_ > 0; }
+  static double now_us() {
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
+  // After an upload or graph launch issued at host time `issued`.
+  void mark(cudaStream_t stream, const char* what, int64_t amount, const char* unit, double issued) {
+    if (on()) marks_.push_back({what, amount, unit, issued, event(stream)});
+  }
+  // Around a download: before its copy is queued (returns the event to pass to after_download).
+  cudaEvent_t before_download(cudaStream_t stream) { return on() ? event(stream) : nullptr; }
+  void after_download(cudaEvent_t done, double issued) {
+    if (!done) return;
+    const double back = now_us();
+    if (ref_done_ && ++downloads_ % every_ == 0) {
+      std::string line = fmt::format("[ballast] cuda trace, download {} (us: issued / done)", downloads_);
+      for (const Mark& m : marks_)
+        line += fmt::format(" | {} {} {}: {:.0f} / {:.0f}", m.what, m.amount, m.unit, m.issued - ref_back_,
+                            since_ref(m.done));
+      line += fmt::format(" | download: {:.0f} / {:.0f}, back {:.0f}", issued - ref_back_, since_ref(done),
+                          back - ref_back_);
+      fmt::print(stderr, "{}\n", line);
+    }
+    for (const Mark& m : marks_) pool_.push_back(m.done);
+    marks_.clear();
+    if (ref_done_) pool_.push_back(ref_done_);
+    ref_done_ = done;
+    ref_back_ = back;
+  }
+
+ private:
+  struct Mark {
+    const char* what;
+    int64_t amount;
+    const char* unit;
+    double issued;
+    cudaEvent_t done;
+  };
+  cudaEvent_t event(cudaStream_t stream) {
+    cudaEvent_t e = nullptr;
+    if (pool_.empty()) check_cuda(cudaEventCreate(&e), "trace: cudaEventCreate");
+    else e = pool_.back(), pool_.pop_back();
+    check_cuda(cudaEventRecord(e, stream), "trace: cudaEventRecord");
+    return e;
+  }
+  double since_ref(cudaEvent_t e) const {
+    float ms = 0;
+    cudaEventElapsedTime(&ms, ref_done_, e);
+    return double(ms) * 1e3;
+  }
+  int every_ = 0;
+  int64_t downloads_ = 0;
+  std::vector<Mark> marks_;
+  std::vector<cudaEvent_t> pool_;
+  cudaEvent_t ref_done_ = nullptr;  // the download before: its completion on the GPU ...
+  double ref_back_ = 0;             // ... and its return on the host
+};
+
 struct CudaBackend::Impl {
   struct Graph {
     cudaGraphExec_t exec = nullptr;
     int64_t nodes = 0;
   };
+  CudaTimeline timeline;
   std::map<int64_t, Graph> graphs;
   cudaStream_t stream = nullptr;
   cublasHandle_t cublas = nullptr;
@@ -150,7 +227,9 @@ void CudaBackend::upload(const void* host, Tensor& dst) {
   if (dst.nbytes() == 0) return;
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   // From pageable memory the copy is staged before the call returns: `host` may be reused.
+  const double issued = impl_->timeline.on() ? CudaTimeline::now_us() : 0;
   check_cuda(cudaMemcpyAsync(dst.raw(), host, dst.nbytes(), cudaMemcpyHostToDevice, impl_->stream), "upload");
+  impl_->timeline.mark(impl_->stream, "upload", int64_t(dst.nbytes()), "B", issued);
   ++counters_.uploads;
   counters_.bytes_uploaded += int64_t(dst.nbytes());
 }
@@ -158,9 +237,12 @@ void CudaBackend::upload(const void* host, Tensor& dst) {
 void CudaBackend::download(const Tensor& src, void* host) {
   check(src.device() == Device::CUDA, "download: tensor {} is not in CUDA memory", src);
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  const double issued = impl_->timeline.on() ? CudaTimeline::now_us() : 0;
+  const cudaEvent_t traced = impl_->timeline.before_download(impl_->stream);
   if (src.nbytes() > 0)
     check_cuda(cudaMemcpyAsync(host, src.raw(), src.nbytes(), cudaMemcpyDeviceToHost, impl_->stream), "download");
   check_cuda(cudaStreamSynchronize(impl_->stream), "download: stream");
+  impl_->timeline.after_download(traced, issued);
   ops_->raise_device_faults();
   ++counters_.downloads;
   counters_.bytes_downloaded += int64_t(src.nbytes());
@@ -196,7 +278,9 @@ bool CudaBackend::replay(int64_t key) {
   const auto it = impl_->graphs.find(key);
   if (it == impl_->graphs.end()) return false;
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  const double issued = impl_->timeline.on() ? CudaTimeline::now_us() : 0;
   check_cuda(cudaGraphLaunch(it->second.exec, impl_->stream), "graph: launch");
+  impl_->timeline.mark(impl_->stream, "graph", it->second.nodes, "nodes", issued);
   ++counters_.graph_replays;
   return true;
 }
