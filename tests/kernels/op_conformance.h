@@ -172,6 +172,8 @@ struct HostLayout {
   std::vector<int32_t> kv_lens, block_tables, slot_mapping, state_slots, snapshot_slots;
   int width = 0, snapshot_width = 0, block_size = 0;
   int num_seqs() const { return int(cu.size()) - 1; }
+  // Sequence b verifies drafts (its first snapshot slot is given).
+  bool verifying(int b) const { return snapshot_width > 0 && snapshot_slots[size_t(b * snapshot_width)] >= 0; }
 };
 
 // The truncated sampling distribution, computed independently of sampling.h, in double.
@@ -269,8 +271,7 @@ class OpConformance : public ::testing::TestWithParam<BackendCase> {
       const int n = h.cu[size_t(b) + 1] - h.cu[size_t(b)];
       l.max_query_len = std::max(l.max_query_len, n);
       if (!h.kv_lens.empty()) l.max_kv_len = std::max(l.max_kv_len, h.kv_lens[size_t(b)]);
-      const bool verifying = h.snapshot_width > 0 && h.snapshot_slots[size_t(b * h.snapshot_width)] >= 0;
-      l.prefill_seqs += n > 1 && !verifying;
+      l.prefill_seqs += n > 1 && !h.verifying(b);
     }
     l.cu_seqlens = i32(h.cu);
     if (!h.kv_lens.empty()) l.kv_lens = i32(h.kv_lens);
@@ -1007,7 +1008,7 @@ inline DeltaNetReference deltanet_reference(const DeltaNetCase& c, const HostLay
   r.rule_out.assign(size_t(T * vd), 0.0f);
   for (int b = 0; b < h.num_seqs(); ++b) {
     const int64_t t0 = h.cu[size_t(b)], n = h.cu[size_t(b) + 1] - t0;
-    const bool verifying = h.snapshot_width > 0 && h.snapshot_slots[size_t(b * h.snapshot_width)] >= 0;
+    const bool verifying = h.verifying(b);
     // Row by row when verifying (each state kept in its snapshot), else all rows at once.
     const int64_t step = verifying ? 1 : std::max<int64_t>(n, 1);
     int32_t from = h.state_slots[size_t(b)];

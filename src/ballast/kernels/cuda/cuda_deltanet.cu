@@ -37,6 +37,7 @@
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_mma_support.cuh"
+#include "ballast/kernels/cuda/cuda_rows_support.cuh"
 #include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/op_checks.h"
 
@@ -760,7 +761,6 @@ struct DeltaNetState {
   // dynamic shared memory the chunked kernels are set up for: [TF32, 3xTF32], and the state kernel's
   // [precision][32 or 64 columns]
   size_t solve_smem[2] = {}, chunked_smem[2][2] = {};
-  int sms = 0;
 };
 
 // The sequences of a pass (their shapes checked by the contract's checks, their contents on the
@@ -873,16 +873,12 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     auto* st = static_cast<DeltaNetState*>(deltanet_state_.get());
     if (!st) {
       auto s = std::make_shared<DeltaNetState>();
-      int dev = 0;
-      check_cuda(cudaGetDevice(&dev), "gated_delta_rule: cudaGetDevice");
-      check_cuda(cudaDeviceGetAttribute(&s->sms, cudaDevAttrMultiProcessorCount, dev),
-                 "gated_delta_rule: cudaDeviceGetAttribute");
       st = s.get();
       deltanet_state_ = std::move(s);
     }
     // The state kernel's blocks of 32 columns one to an SM, unless the prefills' outnumber the SMs.
     const int64_t prefills = layout.prefill_seqs >= 0 ? layout.prefill_seqs : B;
-    const int width = prefills * d.Hv * cdiv(d.dv, 32) > st->sms ? 64 : 32, wi = width == 64;
+    const int width = prefills * d.Hv * cdiv(d.dv, 32) > cuda::rows::multiprocessors() ? 64 : 32, wi = width == 64;
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
     const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), smem = ChunkSmem(d.dk, width).bytes();
     // Products in 3xTF32 (fp32 accuracy) unless bf16 products are asked for: then in TF32.
