@@ -28,6 +28,8 @@ rm -rf .carry/gpu
 if [ -n "${FLA_REPO:-}" ]; then
   rm -rf .carry/fla && mkdir -p .carry/fla
   git --git-dir="$FLA_REPO" archive HEAD fla | tar -C .carry/fla -x
+  # Its models and layers (1.6 MB) are optional imports the side by side never makes: under 64 MiB.
+  rm -rf .carry/fla/fla/models .carry/fla/fla/layers
   git --git-dir="$FLA_REPO" log -1 --format='flash-linear-attention %H %cs' > .carry/fla/VERSION
 fi
 ls -la .carry/gpu.tar.xz

@@ -1104,6 +1104,18 @@ TEST_P(OpConformance, DeltaNetPrefillsOverMoreStateBlocksThanSms) {
   check_deltanet_pass(c, h, 5, 90);
 }
 
+// Head dims whose rows are no whole float4s (dv = 10: CUDA's chunk solve loads its rows without
+// cp.async) and a key dim that is no multiple of 8 (padded for the tensor cores).
+TEST_P(OpConformance, DeltaNetWithRowsOfNoWholeFloat4s) {
+  DeltaNetCase c;
+  c.d = DeltaRuleDims{2, 4, 12, 10};
+  HostLayout h;
+  const std::vector<int> rows{70, 1, 9};
+  h.state_slots = {1, 3, 0};
+  for (int n : rows) h.cu.push_back(h.cu.back() + n);
+  check_deltanet_pass(c, h, 4, 95);
+}
+
 TEST_P(OpConformance, DeltaNetSnapshotModeKeepsEveryRowsState) {
   const DeltaNetCase c;
   // Sequence 0 verifies 4 rows, 2 is a plain decode row, 1 verifies 1 row, 3 a plain 3-row pass.

@@ -21,14 +21,16 @@
 //     V' = U - W S0,   O = diag(e^gc) Q S0 + P V',   S = e^{gc_last} S0 + (diag(e^{gc_last - gc}) K)^T V'
 //   the same function as the CPU's chunked form (which forms Tinv = (I + A)^-1 and W = Tinv
 //   diag(beta e^gc) K). Two kernels: the solve kernel does every chunk of every sequence at once
-//   (block: chunk, value head) and leaves what does not depend on S0 in scratch (ChunkScratch:
-//   W, U, Q' = e^gc Q - P W, O_local = P U, K' = e^{gc_last - gc} K); the state kernel then takes
+//   (block: chunk, value head): T = (I + A)^-1 by 16 x 16 blocks, M = P T, then [T; M] [diag(beta
+//   e^gc) K | diag(beta) V] in one product; it leaves what does not depend on S0 in scratch
+//   (ChunkScratch: W, U, Q' = e^gc Q - P W, O_local = P U, K' = e^{gc_last - gc} K); the state kernel then takes
 //   the chunks of each sequence in order (block: sequence, value head, column slice) and only
 //   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V' (slices of 32
 //   columns, or 64 where the prefills' blocks of 32 outnumber the SMs). The products
 //   run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy), or in TF32 (operands
-//   rounded to 10 bits, one product for three) under bf16 matrix products; the substitution and
-//   the exponentials (of double differences, as the CPU) on the SIMT cores.
+//   rounded to 10 bits, one product for three) under bf16 matrix products (T's own blocks always
+//   in 3xTF32); the substitution of T's diagonal blocks and the exponentials (of double
+//   differences, as the CPU) on the SIMT cores.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -195,7 +197,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 // Row t's q (scaled by dk^-0.5) and k, each L2-normalised, read by one warp: element lane + 32 m
-// in [m], zero past dk. The recurrent kernel and the chunk solve read their rows through it.
+// in [m], zero past dk (the recurrent kernel's rows; the chunk solve normalises its rows the same way).
 __device__ __forceinline__ void normalized_qk(const RuleArgs& a, int64_t t, int hk, int lane, float (&q)[kMaxDk / 32],
                                               float (&k)[kMaxDk / 32]) {
   const int dk = a.dk;
@@ -319,27 +321,38 @@ __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(co
   }
 }
 
+// Whether the pass's q, k and v rows are whole float4s (aligned: cp.async can copy them).
+__device__ __forceinline__ bool rows_are_float4s(const RuleArgs& a) {
+  return reinterpret_cast<uintptr_t>(a.qkv) % 16 == 0 && a.ld % 4 == 0 && a.dk % 4 == 0 && a.dv % 4 == 0;
+}
+
 // The chunk's rows in shared memory: normalised q (scaled by dk^-0.5) and k in Qs, Ks [kChunk][lq]
 // (zeros past n and dk); beta; the cumulative log decay gc (double) with eg = e^gc and ef =
-// e^{gc_last - gc}. Rows past n repeat the last decay with beta = 0: they change nothing.
+// e^{gc_last - gc}. Rows past n repeat the last decay with beta = 0: they change nothing. The rows
+// are copied as they are (cp.async, all in flight at once), then normalised in place, a warp a row.
 __device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int lq, int dkp, float* Qs, float* Ks,
                                 double* gc, float* betas, float* eg, float* ef) {
-  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
-  const int Hv = a.Hv, hk = h / (Hv / a.Hk);
-  for (int i = warp; i < kChunk; i += kChunkWarps) {
-    if (i < n) {
-      float qv[kMaxDk / 32], kv[kMaxDk / 32];
-      normalized_qk(a, tc + i, hk, lane, qv, kv);
-#pragma unroll
-      for (int m = 0; m < kMaxDk / 32; ++m) {
-        const int p = lane + 32 * m;
-        if (p < dkp) {  // zeros in [dk, dkp)
-          Qs[i * lq + p] = qv[m];
-          Ks[i * lq + p] = kv[m];
-        }
-      }
-    } else {
-      for (int p = lane; p < dkp; p += 32) Qs[i * lq + p] = Ks[i * lq + p] = 0.0f;
+  const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int Hv = a.Hv, hk = h / (Hv / a.Hk), dk = a.dk;
+  const float* q0 = a.qkv + tc * a.ld + int64_t(hk) * dk;
+  const float* k0 = q0 + int64_t(a.Hk) * dk;
+  if (rows_are_float4s(a)) {
+    const int c4 = dkp / 4;
+    for (int e = tid; e < kChunk * c4; e += kChunkThreads) {
+      const int i = e / c4, p = 4 * (e % c4);
+      const bool ok = i < n && p < dk;
+      const int64_t at = ok ? i * a.ld + p : 0;
+      cp_async16(Qs + i * lq + p, q0 + at, ok);
+      cp_async16(Ks + i * lq + p, k0 + at, ok);
+    }
+    cp_async_commit();
+  } else {
+#pragma unroll 4
+    for (int e = tid; e < kChunk * dkp; e += kChunkThreads) {
+      const int i = e / dkp, p = e % dkp;
+      const bool ok = i < n && p < dk;
+      Qs[i * lq + p] = ok ? q0[i * a.ld + p] : 0.0f;
+      Ks[i * lq + p] = ok ? k0[i * a.ld + p] : 0.0f;
     }
   }
   if (warp == 0) {
@@ -365,6 +378,24 @@ __device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int
     eg[32 + lane] = float(exp(c1v));
     ef[lane] = float(exp(glast - c0v));
     ef[32 + lane] = float(exp(glast - c1v));
+  }
+  cp_async_wait_all();
+  __syncthreads();
+  for (int i = warp; i < n; i += kChunkWarps) {  // as normalized_qk: the same sums in the same order
+    float* q = Qs + i * lq;
+    float* k = Ks + i * lq;
+    float ssq = 0.0f, ssk = 0.0f;
+    for (int p = lane; p < dk; p += 32) {
+      ssq += q[p] * q[p];
+      ssk += k[p] * k[p];
+    }
+    ssq = warp_sum(ssq);
+    ssk = warp_sum(ssk);
+    const float fq = (1.0f / sqrtf(float(dk))) / sqrtf(ssq + kL2Eps), fk = 1.0f / sqrtf(ssk + kL2Eps);
+    for (int p = lane; p < dk; p += 32) {
+      q[p] *= fq;
+      k[p] *= fk;
+    }
   }
 }
 
@@ -395,14 +426,14 @@ struct ChunkScratch {
 // float4 at one column cover the 32 banks once, as do a warp's A fragments of mma: 4 g + t).
 __host__ __device__ inline int chunk_lq(int dk) { return padded_dk(dk) + 4; }
 
-// Shared memory of the solve kernel, in floats (gc first: doubles). Z, the right-hand sides and then
-// the solutions [kChunk][dk + dv], overlays Qs and Ks once P and A are formed; PT is P transposed.
+// Shared memory of the solve kernel, in floats (gc first: doubles). X holds A in its strictly lower
+// triangle and P transposed in the rest (PT[j][i] = P_ij, j <= i), then M = P T; Y holds T = (I +
+// A)^-1; Vs ([kChunk][lv], V's rows) overlays Qs once e^gc Q is in scratch.
 struct SolveSmem {
-  int zl;  // row stride of Z: the columns rounded up to the 64 a warp's P Z step reads, plus 8 (B
-           // operand loads, k t at column g, on 32 banks)
-  int64_t gc, beta, eg, ef, X, PT, Qs, Ks, Z, total;
+  int lv;  // row stride of Vs: whole 8-column tiles plus 8 (B operand loads, k t at column g)
+  int64_t gc, beta, eg, ef, X, Y, Qs, Vs, Ks, total;
   __host__ __device__ SolveSmem(int dk, int dv) {
-    zl = (dk + dv + 63) / 64 * 64 + 8;
+    lv = (dv + 7) / 8 * 8 + 8;
     const int lq = chunk_lq(dk);
     int64_t o = 0;
     gc = o, o += 2 * kChunk;
@@ -410,20 +441,91 @@ struct SolveSmem {
     eg = o, o += kChunk;
     ef = o, o += kChunk;
     X = o, o += int64_t(kChunk) * kLX;
-    PT = o, o += int64_t(kChunk) * kLX;
-    Qs = o, o += int64_t(kChunk) * lq;
+    Y = o, o += int64_t(kChunk) * kLX;
+    Qs = Vs = o, o += int64_t(kChunk) * (lq > lv ? lq : lv);
     Ks = o, o += int64_t(kChunk) * lq;
-    Z = Qs;
-    const int64_t z_end = Z + int64_t(kChunk) * zl;
-    total = o > z_end ? o : z_end;
+    total = o;
   }
   __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
 };
 
-// Chunked form, part 1, every chunk at once: block (chunk, value head), 8 warps. Forms P (PT) and
-// A (the strictly lower triangle of X); writes K' and e^gc Q; solves (I + A) Z = [diag(beta e^gc) K
-// | diag(beta) V] for Z = [W | U], a column of Z per thread in shared memory (right-looking, 4 rows
-// of A, one float4 of X, a step); then P Z by columns: Q' = e^gc Q - P W and O = P U.
+// T = (I + A)^-1 for A strictly lower triangular (in X's lower triangle), into Y, by blocks of 16:
+// the four diagonal blocks by forward substitution (a column a thread, threads 0-63), then the
+// blocks below them a diagonal at a time, T_ij = -T_ii (sum over j <= k < i of A_ik T_kj), a warp a
+// block on the tensor cores in 3xTF32 (whatever the products' precision: T multiplies every row of
+// the chunk). Threads 64 and up zero the blocks above the diagonal meanwhile and run `alongside`.
+template <typename Alongside>
+__device__ void invert_unit_lower(const float* X, float* Y, Alongside alongside) {
+  const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  if (tid < 64) {
+    const int base = 16 * (tid / 16), c = tid % 16;
+    float t[16];
+#pragma unroll
+    for (int r = 0; r < 16; ++r) {
+      float v = r == c ? 1.0f : 0.0f;
+      const float* a = X + (base + r) * kLX + base;
+#pragma unroll
+      for (int j = 0; j < r; ++j) v -= a[j] * t[j];
+      t[r] = v;
+    }
+#pragma unroll
+    for (int r = 0; r < 16; ++r) Y[(base + r) * kLX + base + c] = t[r];
+  } else {
+    for (int e = tid - 64; e < 6 * 256; e += kChunkThreads - 64) {  // the 6 blocks above the diagonal
+      const int blk = e / 256, bi = blk < 3 ? 0 : blk < 5 ? 1 : 2, bj = blk < 3 ? blk + 1 : blk < 5 ? blk - 1 : 3;
+      Y[(16 * bi + (e % 256) / 16) * kLX + 16 * bj + e % 16] = 0.0f;
+    }
+    alongside(tid - 64, kChunkThreads - 64);
+  }
+  __syncthreads();
+  for (int L = 1; L < 4; ++L) {
+    if (warp < 4 - L) {
+      const int j = warp, i = j + L;
+      float s[2][4] = {};
+      for (int kk = 16 * j; kk < 16 * i; kk += 8) {  // S = sum_k A_ik T_kj
+        const float* a = X + (16 * i + g) * kLX + kk + t4;
+        const Tf32Pair af[4] = {tf32_split(a[0]), tf32_split(a[8 * kLX]), tf32_split(a[4]),
+                                tf32_split(a[8 * kLX + 4])};
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj) {
+          const float* b = Y + (kk + t4) * kLX + 16 * j + 8 * nj + g;
+          const Tf32Pair bf[2] = {tf32_split(b[0]), tf32_split(b[4 * kLX])};
+          mma_3xtf32(s[nj], af, bf);
+        }
+      }
+      float* yij = Y + 16 * i * kLX + 16 * j;  // S staged where T_ij goes, then T_ii S
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) yij[(g + 8 * (e / 2)) * kLX + 8 * nj + 2 * t4 + (e & 1)] = s[nj][e];
+      __syncwarp();
+      float r[2][4] = {};
+#pragma unroll
+      for (int kk = 0; kk < 16; kk += 8) {
+        const float* a = Y + (16 * i + g) * kLX + 16 * i + kk + t4;
+        const Tf32Pair af[4] = {tf32_split(a[0]), tf32_split(a[8 * kLX]), tf32_split(a[4]),
+                                tf32_split(a[8 * kLX + 4])};
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj) {
+          const float* b = yij + (kk + t4) * kLX + 8 * nj + g;
+          const Tf32Pair bf[2] = {tf32_split(b[0]), tf32_split(b[4 * kLX])};
+          mma_3xtf32(r[nj], af, bf);
+        }
+      }
+      __syncwarp();
+#pragma unroll
+      for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) yij[(g + 8 * (e / 2)) * kLX + 8 * nj + 2 * t4 + (e & 1)] = -r[nj][e];
+    }
+    __syncthreads();
+  }
+}
+
+// Chunked form, part 1, every chunk at once: block (chunk, value head), 8 warps. Forms P and A
+// (X) on the tensor cores; writes K' and e^gc Q; T = (I + A)^-1 (Y) and M = P T (into X); then
+// one product [T; M] R with R = [diag(beta e^gc) K | diag(beta) V] gives [W | U] (T's rows) and
+// [P W | P U] (M's rows): Q' = e^gc Q - P W, O = P U.
 template <bool kSplit>
 __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(const RuleArgs a, ChunkScratch cs,
                                                                             int chunks_per_seq) {
@@ -441,34 +543,34 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   const int n = int(s.n - c0 < kChunk ? s.n - c0 : kChunk);
   const int64_t tc = s.t0 + c0;
   const int dk = a.dk, dv = a.dv, Hv = a.Hv, lq = chunk_lq(dk), dkp = padded_dk(dk);
-  const int dv4 = ChunkScratch::round4(dv);
+  const int dv4 = ChunkScratch::round4(dv), dv8 = (dv + 7) / 8 * 8;
   const SolveSmem L(dk, dv);
+  const int lv = L.lv;
   double* gc = reinterpret_cast<double*>(smem + L.gc);
   float* betas = smem + L.beta;
   float* eg = smem + L.eg;
   float* ef = smem + L.ef;
-  float* X = smem + L.X;    // A in the strictly lower triangle
-  float* PT = smem + L.PT;  // PT[j][i] = P_ij (zero past the lower triangle)
+  float* X = smem + L.X;
+  float* Y = smem + L.Y;
   float* Qs = smem + L.Qs;  // [kChunk][lq]
+  float* Vs = smem + L.Vs;  // [kChunk][lv], over Qs
   float* Ks = smem + L.Ks;
   load_chunk_rows(a, tc, n, h, lq, dkp, Qs, Ks, gc, betas, eg, ef);
   __syncthreads();
 
   // P_ij = D_ij (q_i . k_j) (j <= i) and A_ij = beta_i D_ij (k_i . k_j) (j < i) on the tensor cores:
   // warp w has rows 16 (w % 4) .. + 15 and columns 32 (w / 4) .. + 31 of both (B = K^T: (k t, n g) is
-  // K[j0 + g][t]). The warp of rows 0-15 and columns 32-63 is all above the diagonal: zeros.
+  // K[j0 + g][t]). The warp of rows 0-15 and columns 32-63 is all above the diagonal: no work.
   {
     const int i0 = 16 * (warp & 3), jc = 32 * (warp >> 2);
-    float qk[4][4] = {}, kk[4][4] = {};
     if (jc <= i0 + 15) {
+      float qk[4][4] = {}, kk[4][4] = {};
       const float* qa = Qs + (i0 + g) * lq + t4;
       const float* ka = Ks + (i0 + g) * lq + t4;
       const float* kb = Ks + (jc + g) * lq + t4;
       for (int p = 0; p < dkp; p += 8) {
-        const Tf32Pair qf[4] = {tf(qa[p]), tf(qa[8 * lq + p]), tf(qa[p + 4]),
-                                tf(qa[8 * lq + p + 4])};
-        const Tf32Pair kf[4] = {tf(ka[p]), tf(ka[8 * lq + p]), tf(ka[p + 4]),
-                                tf(ka[8 * lq + p + 4])};
+        const Tf32Pair qf[4] = {tf(qa[p]), tf(qa[8 * lq + p]), tf(qa[p + 4]), tf(qa[8 * lq + p + 4])};
+        const Tf32Pair kf[4] = {tf(ka[p]), tf(ka[8 * lq + p]), tf(ka[p + 4]), tf(ka[8 * lq + p + 4])};
 #pragma unroll
         for (int nj = 0; nj < 4; ++nj) {
           const Tf32Pair bf[2] = {tf(kb[8 * nj * lq + p]), tf(kb[8 * nj * lq + p + 4])};
@@ -476,16 +578,17 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
           mma_tf32x<kSplit>(kk[nj], kf, bf);
         }
       }
+#pragma unroll
+      for (int nj = 0; nj < 4; ++nj)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = i0 + g + 8 * (e / 2), jj = jc + 8 * nj + 2 * t4 + (e & 1);
+          if (jj > i) continue;
+          const float dec = expf(float(gc[i] - gc[jj]));
+          X[jj * kLX + i] = dec * qk[nj][e];                         // P, transposed
+          if (jj < i) X[i * kLX + jj] = betas[i] * dec * kk[nj][e];  // A
+        }
     }
-#pragma unroll
-    for (int nj = 0; nj < 4; ++nj)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = i0 + g + 8 * (e / 2), jj = jc + 8 * nj + 2 * t4 + (e & 1);
-        const float dec = jj <= i ? expf(float(gc[i] - gc[jj])) : 0.0f;
-        PT[jj * kLX + i] = dec * qk[nj][e];
-        X[i * kLX + jj] = jj < i ? betas[i] * dec * kk[nj][e] : 0.0f;
-      }
   }
   // K' and e^gc Q (the first term of Q') to scratch, zero-padded rows of dkp.
   for (int e = int(threadIdx.x); e < n * dkp; e += kChunkThreads) {
@@ -495,96 +598,114 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
     cs.qp[at] = eg[i] * Qs[i * lq + p];
   }
   if (threadIdx.x == 0) cs.elast[tc * Hv + h] = eg[n - 1];
-  __syncthreads();
-  // A column of Z a thread: its right-hand side into Z (which overlays Qs and Ks: the K columns,
-  // dk <= kChunkThreads of them, staged through registers across a barrier), then its solution.
-  const int cols = dk + dv, zl = L.zl;
-  float* Z = smem + L.Z;  // [kChunk][zl]: the columns, then zeros (what the P Z products read past them)
-  {
-    const int col = int(threadIdx.x);
-    float rhs[kChunk];
-#pragma unroll
-    for (int i = 0; i < kChunk; ++i) rhs[i] = col < dk ? betas[i] * eg[i] * Ks[i * lq + col] : 0.0f;
-    __syncthreads();  // every thread has read Ks
-    if (col < dk)
-#pragma unroll
-      for (int i = 0; i < kChunk; ++i) Z[i * zl + col] = rhs[i];
-  }
-  for (int col = dk + int(threadIdx.x); col < zl; col += kChunkThreads) {
-    if (col >= cols) {
-      for (int i = 0; i < kChunk; ++i) Z[i * zl + col] = 0.0f;
-      continue;
+  __syncthreads();  // X formed; Qs and Ks read
+
+  // V's rows over Q (zeros past n and dv; cp.async where they are whole float4s, in flight while T
+  // is formed, else loaded by the threads the inverse leaves free); T into Y.
+  const float* v = a.qkv + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv;
+  const bool async_v = rows_are_float4s(a);
+  if (async_v) {
+    for (int e = int(threadIdx.x); e < kChunk * (dv8 / 4); e += kChunkThreads) {
+      const int i = e / (dv8 / 4), j = 4 * (e % (dv8 / 4));
+      const bool ok = i < n && j < dv;
+      cp_async16(Vs + i * lv + j, v + (ok ? i * a.ld + j : 0), ok);
     }
-    const float* v = a.qkv + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv + (col - dk);
-    for (int i = 0; i < kChunk; ++i) Z[i * zl + col] = i < n ? betas[i] * v[i * a.ld] : 0.0f;
+    cp_async_commit();
   }
-  __syncthreads();
-  for (int col = int(threadIdx.x); col < cols; col += kChunkThreads) {
-    // Right-looking forward substitution over the first n rows: once rows m .. m + 3 are final,
-    // every later row takes their terms.
-    for (int m = 0; m < n; m += 4) {
-      const float z0 = Z[m * zl + col];
-      const float z1 = Z[(m + 1) * zl + col] - X[(m + 1) * kLX + m] * z0;
-      const float z2 = Z[(m + 2) * zl + col] - X[(m + 2) * kLX + m] * z0 - X[(m + 2) * kLX + m + 1] * z1;
-      const float z3 = Z[(m + 3) * zl + col] - X[(m + 3) * kLX + m] * z0 - X[(m + 3) * kLX + m + 1] * z1 -
-                       X[(m + 3) * kLX + m + 2] * z2;
-      Z[(m + 1) * zl + col] = z1;
-      Z[(m + 2) * zl + col] = z2;
-      Z[(m + 3) * zl + col] = z3;
-      for (int i = m + 4; i < n; ++i) {
-        const float4 x = *reinterpret_cast<const float4*>(X + i * kLX + m);
-        Z[i * zl + col] -= x.x * z0 + x.y * z1 + x.z * z2 + x.w * z3;
+  invert_unit_lower(X, Y, [&](int t, int threads) {
+    if (async_v) return;
+#pragma unroll 4
+    for (int e = t; e < kChunk * dv8; e += threads) {
+      const int i = e / dv8, j = e % dv8;
+      Vs[i * lv + j] = i < n && j < dv ? v[i * a.ld + j] : 0.0f;
+    }
+  });
+  cp_async_wait_all();  // V, seen by all after the next barrier
+
+  // M = P T (A = P from X's upper triangle, masked to m <= i; B = T): warp w has rows 16 (w % 4)
+  // .. + 15 and columns 32 (w / 4) .. + 31; into X once every warp has read it.
+  {
+    const int i0 = 16 * (warp & 3), jc = 32 * (warp >> 2);
+    float m[4][4] = {};
+    for (int kk = 0; kk < i0 + 16; kk += 8) {
+      const auto p_at = [&](int i, int mm) { return tf(mm <= i ? X[mm * kLX + i] : 0.0f); };
+      const Tf32Pair af[4] = {p_at(i0 + g, kk + t4), p_at(i0 + g + 8, kk + t4), p_at(i0 + g, kk + t4 + 4),
+                              p_at(i0 + g + 8, kk + t4 + 4)};
+#pragma unroll
+      for (int nj = 0; nj < 4; ++nj) {
+        const float* bb = Y + (kk + t4) * kLX + jc + 8 * nj + g;
+        const Tf32Pair bf[2] = {tf(bb[0]), tf(bb[4 * kLX])};
+        mma_tf32x<kSplit>(m[nj], af, bf);
       }
     }
-    // Z's solved column to scratch (W or U).
-    const bool is_w = col < dk;
-    for (int i = 0; i < n; ++i) {
-      if (is_w) cs.w[((tc + i) * Hv + h) * dkp + col] = Z[i * zl + col];
-      else cs.u[((tc + i) * Hv + h) * dv4 + (col - dk)] = Z[i * zl + col];
-    }
-  }
-  __syncthreads();  // every column of Z is solved
-  // P Z on the tensor cores: Q' = e^gc Q - P W (e^gc Q written above) and O = P U. Warp w has rows
-  // 16 (w % 4) .. + 15 and, 64 at a time, every second block of 64 columns from 64 (w / 4); A = P
-  // (from PT: (g, t) is PT[t][g]), B = Z; only the columns m <= the warp's last row count.
-  {
-    const int i0 = 16 * (warp & 3);
-    const int m_end = i0 + 16 < n ? i0 + 16 : n;
-    for (int c0 = 64 * (warp >> 2); c0 < cols; c0 += 128) {
-      float acc[8][4] = {};
-      for (int m0 = 0; m0 < m_end; m0 += 8) {
-        const float* pa = PT + (m0 + t4) * kLX + i0 + g;
-        const Tf32Pair pf[4] = {tf(pa[0]), tf(pa[8]), tf(pa[4 * kLX]),
-                                tf(pa[4 * kLX + 8])};
-        const float* zb = Z + (m0 + t4) * zl + c0 + g;
+    __syncthreads();  // every warp has read P
 #pragma unroll
-        for (int nj = 0; nj < 8; ++nj) {
-          const Tf32Pair bf[2] = {tf(zb[8 * nj]), tf(zb[4 * zl + 8 * nj])};
-          mma_tf32x<kSplit>(acc[nj], pf, bf);
+    for (int nj = 0; nj < 4; ++nj)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) X[(i0 + g + 8 * (e / 2)) * kLX + jc + 8 * nj + 2 * t4 + (e & 1)] = m[nj][e];
+  }
+  __syncthreads();
+
+  // [T; M] R on the tensor cores: warp w takes columns 16 w .. + 15 of R (then + 128 ...), first
+  // for T's 4 row blocks, then for M's (both lower triangular: the block of rows 16 r .. needs only
+  // k < 16 r + 16), so that each B fragment serves 4 row blocks.
+  const int cols = dkp + dv8;
+  for (int c16 = 16 * warp; c16 < cols; c16 += 16 * kChunkWarps)
+    for (int part = 0; part < 2; ++part) {  // T, M
+      const float* A = part == 0 ? Y : X;
+      float acc[4][2][4] = {};
+      for (int kk = 0; kk < kChunk; kk += 8) {
+        const float bt0 = betas[kk + t4], bt1 = betas[kk + t4 + 4];  // R's row scales
+        const float bk0 = bt0 * eg[kk + t4], bk1 = bt1 * eg[kk + t4 + 4];
+        Tf32Pair bf[2][2];
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj) {
+          const int col = c16 + 8 * nj + g;
+          const bool in_k = col < dkp, in = col < cols;
+          const float* r = in_k ? Ks + (kk + t4) * lq + col : Vs + (kk + t4) * lv + (col - dkp);
+          bf[nj][0] = tf(in ? r[0] * (in_k ? bk0 : bt0) : 0.0f);
+          bf[nj][1] = tf(in ? r[4 * (in_k ? lq : lv)] * (in_k ? bk1 : bt1) : 0.0f);
+        }
+#pragma unroll
+        for (int rb = 0; rb < 4; ++rb) {
+          if (kk >= 16 * rb + 16) continue;
+          const float* am = A + (16 * rb + g) * kLX + kk + t4;
+          const Tf32Pair af[4] = {tf(am[0]), tf(am[8 * kLX]), tf(am[4]), tf(am[8 * kLX + 4])};
+#pragma unroll
+          for (int nj = 0; nj < 2; ++nj) mma_tf32x<kSplit>(acc[rb][nj], af, bf[nj]);
         }
       }
+      // T's rows: W and U; M's: Q' = e^gc Q - P W (e^gc Q is in scratch: a row block's loaded
+      // together, not each waited for before its store) and O = P U.
 #pragma unroll
-      for (int nj = 0; nj < 8; ++nj)
+      for (int rb = 0; rb < 4; ++rb) {
+        float2 eq[2][2] = {};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = i0 + g + 8 * (e / 2), c = c0 + 8 * nj + 2 * t4 + (e & 1);
-          if (i >= n || c >= cols) continue;
-          if (c < dk) {
-            float* q = cs.qp + ((tc + i) * Hv + h) * dkp + c;
-            *q -= acc[nj][e];
-          } else {
-            cs.o[((tc + i) * Hv + h) * dv4 + (c - dk)] = acc[nj][e];
+        for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int i = 16 * rb + g + 8 * hf, col = c16 + 8 * nj + 2 * t4;
+            if (part == 1 && i < n && col < dkp)
+              eq[nj][hf] = *reinterpret_cast<const float2*>(cs.qp + ((tc + i) * Hv + h) * dkp + col);
           }
-        }
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int i = 16 * rb + g + 8 * hf, col = c16 + 8 * nj + 2 * t4;
+            if (i >= n || col >= cols) continue;
+            const float x0 = acc[rb][nj][2 * hf], x1 = acc[rb][nj][2 * hf + 1];
+            const int64_t row = (tc + i) * Hv + h;
+            if (col < dkp) {
+              const float2 e = eq[nj][hf];
+              *reinterpret_cast<float2*>((part == 0 ? cs.w : cs.qp) + row * dkp + col) =
+                  part == 0 ? float2{x0, x1} : float2{e.x - x0, e.y - x1};
+            } else if (col - dkp < dv4) {
+              *reinterpret_cast<float2*>((part == 0 ? cs.u : cs.o) + row * dv4 + (col - dkp)) = float2{x0, x1};
+            }
+          }
+      }
     }
-  }
-  // The padding columns of W, U and O (K' and Q' are padded above).
-  for (int e = int(threadIdx.x); e < n * ((dkp - dk) + (dv4 - dv)); e += kChunkThreads) {
-    const int per = (dkp - dk) + (dv4 - dv), i = e / per, q = e % per;
-    const int64_t row = (tc + i) * Hv + h;
-    if (q < dkp - dk) cs.w[row * dkp + dk + q] = 0.0f;
-    else cs.u[row * dv4 + dv + (q - (dkp - dk))] = cs.o[row * dv4 + dv + (q - (dkp - dk))] = 0.0f;
-  }
 }
 
 // Shared memory of the state kernel of W columns a block, in floats: Qp, Ws, Kp [kChunk][lq] (Q', W,
