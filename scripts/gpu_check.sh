@@ -16,7 +16,8 @@
 # 3 x 2 delta rule kernels, 4 x 2 expert tile kernels, 1 attention = 15 launches); decode-kernels: the same
 # sections for the few-row products and small expert tiles (NCU_DECODE_KERNELS) of a batch-1 FP8 decode step; ep: the 80B shape with in-process expert parallelism
 # G = 1 and 4 on the one GPU; nccl: the NCCL data plane's conformance, one rank a visible GPU
-# (test_dist_nccl); deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla).
+# (test_dist_nccl); deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla),
+# and beside the build before where gpu_pack.sh packed one (DELTA_RULE_BEFORE).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-gpu}
@@ -79,7 +80,8 @@ for s in $STEPS; do
                --json-file $OUT/ep-\$g.json; done" ;;
     mtp) step mtp "$BIN/ballast" bench --device cuda --batch 1,8 --prompt-len 128 --decode-steps 64 --prefill 128 \
                --speculative-num-steps 1,2,3 ;;
-    deltanet) step deltanet python3 bench/deltanet/side_by_side.py --ballast "$BIN/bench_delta_rule_cuda" \
+    deltanet) before=(); [ -x "$BIN/bench_delta_rule_cuda-before" ] && before=(--ballast-before "$BIN/bench_delta_rule_cuda-before")
+               step deltanet python3 bench/deltanet/side_by_side.py --ballast "$BIN/bench_delta_rule_cuda" "${before[@]}" \
                --fla .carry/fla --out "$OUT/deltanet" ;;
   esac
 done

@@ -3,7 +3,10 @@
 # scripts/gpu_check.sh runs on the GPU machine into .carry/gpu.tar.xz: the binaries and the few
 # shared libraries that machine lacks (it has CUDA, cuBLAS and a newer glibc / libstdc++). With
 # FLA_REPO=<a git directory of flash-linear-attention>, its fla/ package goes to .carry/fla for
-# bench/deltanet/side_by_side.py (never into the repository).
+# bench/deltanet/side_by_side.py (never into the repository). With DELTA_RULE_BEFORE=<a git
+# revision> too, that revision's bench_delta_rule_cuda is built in a worktree of its own
+# (/tmp/ballast-delta-rule-before/<revision>) and packed as bench_delta_rule_cuda-before: the side by side then
+# alternates the two builds (an A/B of a delta-rule change in one run).
 #   bash scripts/gpu_pack.sh   ->  then carry .carry (see scripts/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,6 +20,13 @@ rm -rf .carry/gpu && mkdir -p .carry/gpu/bin .carry/gpu/lib
 cp "$BUILD/ballast" "$BUILD/tests/kernels/test_kernels_cuda" "$BUILD/tests/runtime/test_runtime" \
    "$BUILD/tests/dist/test_dist_nccl" "$BUILD/tests/dist/bench_dist" .carry/gpu/bin/
 [ -n "${FLA_REPO:-}" ] && cp "$BUILD/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/
+if [ -n "${FLA_REPO:-}" ] && [ -n "${DELTA_RULE_BEFORE:-}" ]; then
+  rev=$(git rev-parse --short "$DELTA_RULE_BEFORE") before=/tmp/ballast-delta-rule-before/$rev
+  [ -d "$before" ] || git worktree add --detach "$before" "$rev" >/dev/null
+  cmake -S "$before" -B "$before/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBALLAST_PYTHON=OFF >/dev/null
+  cmake --build "$before/build" -j"$(nproc)" --target bench_delta_rule_cuda
+  cp "$before/build/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/bench_delta_rule_cuda-before
+fi
 # Libraries from Debian's packages (not CUDA's, not glibc's or the compiler runtime's).
 for exe in .carry/gpu/bin/*; do
   ldd "$exe" | awk '{print $3}' | grep -E 'libfmt|libopenblas|libgfortran|libquadmath|libpcre2|libutf8proc|libprometheus|libcpp-httplib|libbrotli' || true

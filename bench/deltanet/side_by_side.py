@@ -12,8 +12,12 @@ products (3xTF32, the parity tests' mode) and with bf16 products (ballast's defa
 delta rule's products in TF32); FLA runs on the same values in bf16 (as served) and in fp32. Times are the device time of the op alone:
 ballast's from CUDA events around its op, FLA's from triton.testing.do_bench (median).
 
+With --ballast-before (the same bench from an earlier build), the two builds alternate --rounds
+times on the same inputs and the report has both (the medians of their rounds) and how far their
+outputs differ: an A/B of a change inside one run (FLA's bf16 times move between runs).
+
   python3 bench/deltanet/side_by_side.py --ballast BUILD/bench/kernels/bench_delta_rule_cuda \
-      --fla PATH_TO_FLA_CHECKOUT --out DIR
+      [--ballast-before OLD/bench_delta_rule_cuda] --fla PATH_TO_FLA_CHECKOUT --out DIR
 """
 import argparse
 import json
@@ -59,15 +63,31 @@ def run_case(args, model, Hk, Hv, dk, dv, lens, seed):
     with open(os.path.join(work, "meta.json"), "w") as f:
         json.dump({"seqs": lens, "Hk": Hk, "Hv": Hv, "dk": dk, "dv": dv}, f)
     res = {"model": model, "seqs": lens, "tokens": T, "Hk": Hk, "Hv": Hv, "dk": dk, "dv": dv}
-    outs = {}
-    for precision in ("fp32", "bf16"):
-        r = subprocess.run([args.ballast, work, str(args.runs), precision], capture_output=True, text=True)
+
+    def ballast(binary, precision):  # (median ms of the op, its output)
+        r = subprocess.run([binary, work, str(args.runs), precision], capture_output=True, text=True)
         if r.returncode != 0:
-            raise RuntimeError(f"bench_delta_rule_cuda failed: {r.stderr.strip()}")
+            raise RuntimeError(f"{binary} failed: {r.stderr.strip()}")
         ours = json.loads(r.stdout.strip().splitlines()[-1])
         out = torch.from_numpy(np.fromfile(os.path.join(work, "out.f32"), dtype=np.float32)).cuda()
-        outs[precision] = out.reshape(T, Hv, dv)
-        res["ballast_ms" if precision == "fp32" else "ballast_bf16_ms"] = ours["median_ms"]
+        return ours["median_ms"], out.reshape(T, Hv, dv)
+
+    outs = {}
+    for precision in ("fp32", "bf16"):
+        key = "ballast_ms" if precision == "fp32" else "ballast_bf16_ms"
+        times, before = [], []
+        for _ in range(args.rounds if args.ballast_before else 1):
+            ms, outs[precision] = ballast(args.ballast, precision)
+            times.append(ms)
+            if args.ballast_before:
+                ms_b, out_b = ballast(args.ballast_before, precision)
+                before.append(ms_b)
+        res[key] = float(np.median(times))
+        if args.ballast_before:
+            res[key.replace("ballast", "ballast_before")] = float(np.median(before))
+            res[key.replace("_ms", "_rounds_ms")] = {"this": times, "before": before}
+            res[key.replace("_ms", "_rel_l2_diff_vs_before")] = \
+                ((outs[precision] - out_b).norm() / out_b.norm()).item()
     out_ballast = outs["fp32"]
 
     cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.long, device="cuda")
@@ -96,6 +116,8 @@ def main():
     p.add_argument("--fla", required=True, help="a flash-linear-attention checkout (its fla/ package)")
     p.add_argument("--out", required=True, help="directory for inputs, outputs and the JSON report")
     p.add_argument("--runs", type=int, default=20)
+    p.add_argument("--ballast-before", help="the same bench from an earlier build, for an A/B in this run")
+    p.add_argument("--rounds", type=int, default=2, help="alternated rounds of the two builds (with --ballast-before)")
     args = p.parse_args()
     sys.path.insert(0, args.fla)
     os.makedirs(args.out, exist_ok=True)
@@ -108,6 +130,11 @@ def main():
               f"({r['bf16_products_speedup_vs_fla_bf16']:.2f}x) | FLA fp32 {r['fla_fp32_ms']:8.3f} ms "
               f"({r['speedup_vs_fla_fp32']:.2f}x) | rel diff vs FLA fp32 {r['rel_l2_diff_vs_fla_fp32']:.2e}, "
               f"bf16 products {r['bf16_products_rel_l2_diff_vs_fla_fp32']:.2e}", flush=True)
+        if args.ballast_before:
+            print(f"{'':20s} before: {r['ballast_before_ms']:8.3f} ms, bf16 products {r['ballast_before_bf16_ms']:8.3f} ms "
+                  f"(this / before {r['ballast_ms'] / r['ballast_before_ms']:.3f}, "
+                  f"{r['ballast_bf16_ms'] / r['ballast_before_bf16_ms']:.3f}); outputs differ by "
+                  f"{r['ballast_rel_l2_diff_vs_before']:.2e} / {r['ballast_bf16_rel_l2_diff_vs_before']:.2e}", flush=True)
     with open(os.path.join(args.out, "deltanet_side_by_side.json"), "w") as f:
         json.dump(results, f, indent=1)
 
