@@ -109,14 +109,17 @@ TEST(CpuMatmul, Avx512TilesMatchTheReference) {
 }
 
 // e4m3's whole range through the AVX-512 widening: every byte value (subnormals, both zeros, the
-// largest normals) as a weight row, dotted with one-hot x rows, is exactly e4m3(q) * scale.
+// largest normals) as a weight row, dotted with one-hot x rows, is exactly e4m3(q) * scale, for
+// scales below 2^7 (the kernel's one multiply by 2^120 s) and above (two multiplies).
 TEST(CpuMatmul, Avx512WidensEveryE4m3ByteExactly) {
   if (!avx512::available()) GTEST_SKIP() << "skipped: this CPU has no AVX-512 F/BW/DQ/VL";
-  const int64_t K = 256;
-  Tensor q = Tensor::zeros({1, K}, DType::F8_E4M3), s = Tensor::zeros({1, 2}, DType::F32);
+  const int64_t K = 512;
+  Tensor q = Tensor::zeros({1, K}, DType::F8_E4M3), s = Tensor::zeros({1, 4}, DType::F32);
   for (int64_t k = 0; k < K; ++k) q.data<uint8_t>()[k] = uint8_t(k);
   s.data<float>()[0] = 0.375f;
   s.data<float>()[1] = 3.0e-3f;
+  s.data<float>()[2] = 200.0f;
+  s.data<float>()[3] = 5.0e3f;
   const Tensor w = Tensor::block_scaled(q, s);
   for (int64_t k = 0; k < K; ++k) {
     if ((k & 0x7F) == 0x7F) continue;  // e4m3's NaN encodings (the kernel gives +-480 times the scale)
@@ -124,7 +127,7 @@ TEST(CpuMatmul, Avx512WidensEveryE4m3ByteExactly) {
     x[size_t(k)] = 1.0f;
     float y = 0;
     matmul(x.data(), 1, K, w, &y, nullptr, Isa::avx512);
-    const float want = fp8e4m3_to_f32(uint8_t(k)) * s.data<float>()[k / 128];
+    const float want = fp8e4m3_to_f32(uint8_t(k % 256)) * s.data<float>()[k / 128];
     EXPECT_EQ(y, want) << "byte " << k;
   }
 }

@@ -68,8 +68,12 @@ struct Bf16Row {
 };
 
 // e4m3 magnitude bits shifted into an fp32's exponent and mantissa read as 2^-120 times the
-// value (subnormals included: they land on fp32 subnormals); times 2^120 exactly, then times the
-// block scale: one rounding, as e4m3(q) * s. (0x7F / 0xFF, e4m3's NaN, come out as +-480.)
+// value (subnormals included: they land on fp32 subnormals), then times 2^120 s, s the block scale:
+// exact for s < 2^7 (2^120 s is then a finite float), so one rounding, as e4m3(q) * s (larger scales
+// multiply by 2^120 and s in turn: the same product). The bytes are sign-extended to 16 bits, so
+// that one shift of a 32-bit lane puts an element's magnitude at bits 20-26 and a copy of its sign
+// at bit 31, and one mask clears the rest: 5 instructions for 32 weights (0x7F / 0xFF, e4m3's NaN,
+// come out as +-480).
 struct Fp8Row {
   const uint8_t* w;
   const float* s;  // this row's block scales, one per 128 columns
@@ -77,14 +81,20 @@ struct Fp8Row {
                                                                  __m512& odd) const {
     const __m256i b = full ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + k))
                            : _mm256_maskz_loadu_epi8(mask, w + k);
-    const __m512i v = _mm512_cvtepu8_epi16(b);  // lane j: element 2j low, 2j + 1 high
-    const __m512i e = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x7F)), 20),
-                                      _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24));
-    const __m512i o = _mm512_or_si512(_mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x7F0000)), 4),
-                                      _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x800000)), 8));
-    const __m512 two120 = _mm512_set1_ps(0x1p120f), sc = _mm512_set1_ps(s[k / 128]);
-    even = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(e), two120), sc);
-    odd = _mm512_mul_ps(_mm512_mul_ps(_mm512_castsi512_ps(o), two120), sc);
+    const __m512i v = _mm512_cvtepi8_epi16(b);  // lane j: element 2j low, 2j + 1 high
+    const __m512i bits = _mm512_set1_epi32(int32_t(0x87F00000u));
+    even = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(v, 20), bits));
+    odd = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(v, 4), bits));
+    const float sk = s[k / 128];
+    if (__builtin_expect(__builtin_fabsf(sk) < 0x1p7f, 1)) {
+      const __m512 sc = _mm512_set1_ps(sk * 0x1p120f);
+      even = _mm512_mul_ps(even, sc);
+      odd = _mm512_mul_ps(odd, sc);
+    } else {
+      const __m512 two120 = _mm512_set1_ps(0x1p120f), sc = _mm512_set1_ps(sk);
+      even = _mm512_mul_ps(_mm512_mul_ps(even, two120), sc);
+      odd = _mm512_mul_ps(_mm512_mul_ps(odd, two120), sc);
+    }
   }
   void prefetch(int64_t k, int64_t ahead) const {
     if (k % 64 == 0) __builtin_prefetch(w + k + ahead);  // a cache line holds two steps
