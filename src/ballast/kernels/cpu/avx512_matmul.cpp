@@ -65,6 +65,10 @@ struct Bf16Row {
     odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
   }
   void prefetch(int64_t k, int64_t ahead) const { __builtin_prefetch(w + k + ahead); }
+  // No scales: what a step's rows share (see Fp8Row) is nothing.
+  struct Shared {};
+  static Shared shared(const Bf16Row*, int64_t) { return {}; }
+  BALLAST_AVX512 static void scale(const Shared&, __m512&, __m512&) {}
 };
 
 // e4m3 magnitude bits shifted into an fp32's exponent and mantissa read as 2^-120 times the
@@ -73,7 +77,8 @@ struct Bf16Row {
 // multiply by 2^120 and s in turn: the same product). The bytes are sign-extended to 16 bits, so
 // that one shift of a 32-bit lane puts an element's magnitude at bits 20-26 and a copy of its sign
 // at bit 31, and one mask clears the rest: 5 instructions for 32 weights (0x7F / 0xFF, e4m3's NaN,
-// come out as +-480).
+// come out as +-480). The rows of one call share their block scales (rows_product never lets a call
+// cross a 128-row block), so a step reads and broadcasts its scale once for all of them.
 struct Fp8Row {
   const uint8_t* w;
   const float* s;  // this row's block scales, one per 128 columns
@@ -85,19 +90,26 @@ struct Fp8Row {
     const __m512i bits = _mm512_set1_epi32(int32_t(0x87F00000u));
     even = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(v, 20), bits));
     odd = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(v, 4), bits));
-    const float sk = s[k / 128];
-    if (__builtin_expect(__builtin_fabsf(sk) < 0x1p7f, 1)) {
-      const __m512 sc = _mm512_set1_ps(sk * 0x1p120f);
-      even = _mm512_mul_ps(even, sc);
-      odd = _mm512_mul_ps(odd, sc);
-    } else {
-      const __m512 two120 = _mm512_set1_ps(0x1p120f), sc = _mm512_set1_ps(sk);
-      even = _mm512_mul_ps(_mm512_mul_ps(even, two120), sc);
-      odd = _mm512_mul_ps(_mm512_mul_ps(odd, two120), sc);
-    }
   }
   void prefetch(int64_t k, int64_t ahead) const {
     if (k % 64 == 0) __builtin_prefetch(w + k + ahead);  // a cache line holds two steps
+  }
+  struct Shared {
+    __m512 first, second;  // 2^120 s and unused, or 2^120 and s
+    bool twice;
+  };
+  BALLAST_AVX512 static Shared shared(const Fp8Row* rows, int64_t k) {
+    const float sk = rows[0].s[k / 128];
+    if (__builtin_expect(__builtin_fabsf(sk) < 0x1p7f, 1)) return {_mm512_set1_ps(sk * 0x1p120f), _mm512_setzero_ps(), false};
+    return {_mm512_set1_ps(0x1p120f), _mm512_set1_ps(sk), true};
+  }
+  BALLAST_AVX512 __attribute__((always_inline)) static inline void scale(const Shared& sh, __m512& even, __m512& odd) {
+    even = _mm512_mul_ps(even, sh.first);
+    odd = _mm512_mul_ps(odd, sh.first);
+    if (__builtin_expect(sh.twice, 0)) {
+      even = _mm512_mul_ps(even, sh.second);
+      odd = _mm512_mul_ps(odd, sh.second);
+    }
   }
 };
 
@@ -114,10 +126,12 @@ BALLAST_AVX512 __attribute__((always_inline)) inline void step(const float* xs, 
     xe[t] = _mm512_loadu_ps(xs + t * Kp + k);
     xo[t] = _mm512_loadu_ps(xs + t * Kp + k + 16);
   }
+  const typename Row::Shared shared = Row::shared(rows, k);
   for (int r = 0; r < NN; ++r) {
     rows[r].prefetch(k, ahead);
     __m512 we, wo;
     rows[r].load(k, mask, full, we, wo);
+    Row::scale(shared, we, wo);
     for (int t = 0; t < MT; ++t) {
       acc[t][r] = _mm512_fmadd_ps(xe[t], we, acc[t][r]);
       acc[t][r] = _mm512_fmadd_ps(xo[t], wo, acc[t][r]);
@@ -213,8 +227,10 @@ constexpr int64_t kMaxRows = 64;  // rows per call (matmul.cpp's blocks)
 
 void rows_product(const float* xs, int64_t T, int64_t K, const void* w, DType dt, int64_t nb, const float* scales,
                   int64_t scale_row0, int64_t scales_ld, float* y, int64_t ldy) {
-  for (int64_t b0 = 0; b0 < nb; b0 += kMaxRows) {
-    const int64_t n = std::min(kMaxRows, nb - b0);
+  // Calls of at most kMaxRows rows that never cross a block of 128 rows (FP8's rows then share
+  // their scales: Fp8Row::shared).
+  for (int64_t b0 = 0, n = 0; b0 < nb; b0 += n) {
+    n = std::min({kMaxRows, nb - b0, kScaleBlock - (scale_row0 + b0) % kScaleBlock});
     if (dt == DType::BF16) {
       Bf16Row rows[kMaxRows];
       for (int64_t i = 0; i < n; ++i) rows[i] = {static_cast<const uint16_t*>(w) + (b0 + i) * K};
