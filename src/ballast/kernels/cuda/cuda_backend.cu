@@ -43,9 +43,8 @@ class CudaTimeline {
     if (ref_done_) cudaEventDestroy(ref_done_);
   }
   bool on() const { return every_ > 0; }
-  static double now_us() {
-    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
-  }
+  // The host's time of an issue, in microseconds (0 when tracing is off: no clock read).
+  double issue_time() const { return on() ? now_us() : 0; }
   // After an upload or graph launch issued at host time `issued`.
   void mark(cudaStream_t stream, const char* what, int64_t amount, const char* unit, double issued) {
     if (on()) marks_.push_back({what, amount, unit, issued, event(stream)});
@@ -79,6 +78,9 @@ class CudaTimeline {
     double issued;
     cudaEvent_t done;
   };
+  static double now_us() {
+    return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  }
   cudaEvent_t event(cudaStream_t stream) {
     cudaEvent_t e = nullptr;
     if (pool_.empty()) check_cuda(cudaEventCreate(&e), "trace: cudaEventCreate");
@@ -227,7 +229,7 @@ void CudaBackend::upload(const void* host, Tensor& dst) {
   if (dst.nbytes() == 0) return;
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   // From pageable memory the copy is staged before the call returns: `host` may be reused.
-  const double issued = impl_->timeline.on() ? CudaTimeline::now_us() : 0;
+  const double issued = impl_->timeline.issue_time();
   check_cuda(cudaMemcpyAsync(dst.raw(), host, dst.nbytes(), cudaMemcpyHostToDevice, impl_->stream), "upload");
   impl_->timeline.mark(impl_->stream, "upload", int64_t(dst.nbytes()), "B", issued);
   ++counters_.uploads;
@@ -237,7 +239,7 @@ void CudaBackend::upload(const void* host, Tensor& dst) {
 void CudaBackend::download(const Tensor& src, void* host) {
   check(src.device() == Device::CUDA, "download: tensor {} is not in CUDA memory", src);
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-  const double issued = impl_->timeline.on() ? CudaTimeline::now_us() : 0;
+  const double issued = impl_->timeline.issue_time();
   const cudaEvent_t traced = impl_->timeline.before_download(impl_->stream);
   if (src.nbytes() > 0)
     check_cuda(cudaMemcpyAsync(host, src.raw(), src.nbytes(), cudaMemcpyDeviceToHost, impl_->stream), "download");
@@ -278,7 +280,7 @@ bool CudaBackend::replay(int64_t key) {
   const auto it = impl_->graphs.find(key);
   if (it == impl_->graphs.end()) return false;
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-  const double issued = impl_->timeline.on() ? CudaTimeline::now_us() : 0;
+  const double issued = impl_->timeline.issue_time();
   check_cuda(cudaGraphLaunch(it->second.exec, impl_->stream), "graph: launch");
   impl_->timeline.mark(impl_->stream, "graph", it->second.nodes, "nodes", issued);
   ++counters_.graph_replays;

@@ -196,8 +196,16 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
+// The factors that L2-normalise a row's q (and scale it by dk^-0.5) and k, from each lane's part of
+// their sums of squares: one warp a row (the recurrent kernel's rows and the chunk solve's).
+__device__ __forceinline__ float2 qk_factors(int dk, float ssq, float ssk) {
+  ssq = warp_sum(ssq);
+  ssk = warp_sum(ssk);
+  return {(1.0f / sqrtf(float(dk))) / sqrtf(ssq + kL2Eps), 1.0f / sqrtf(ssk + kL2Eps)};
+}
+
 // Row t's q (scaled by dk^-0.5) and k, each L2-normalised, read by one warp: element lane + 32 m
-// in [m], zero past dk (the recurrent kernel's rows; the chunk solve normalises its rows the same way).
+// in [m], zero past dk (the recurrent kernel's rows).
 __device__ __forceinline__ void normalized_qk(const RuleArgs& a, int64_t t, int hk, int lane, float (&q)[kMaxDk / 32],
                                               float (&k)[kMaxDk / 32]) {
   const int dk = a.dk;
@@ -212,13 +220,11 @@ __device__ __forceinline__ void normalized_qk(const RuleArgs& a, int64_t t, int 
     ssq += q[m] * q[m];
     ssk += k[m] * k[m];
   }
-  ssq = warp_sum(ssq);
-  ssk = warp_sum(ssk);
-  const float fq = (1.0f / sqrtf(float(dk))) / sqrtf(ssq + kL2Eps), fk = 1.0f / sqrtf(ssk + kL2Eps);
+  const float2 f = qk_factors(dk, ssq, ssk);
 #pragma unroll
   for (int m = 0; m < kMaxDk / 32; ++m) {
-    q[m] *= fq;
-    k[m] *= fk;
+    q[m] *= f.x;
+    k[m] *= f.y;
   }
 }
 
@@ -381,7 +387,7 @@ __device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int
   }
   cp_async_wait_all();
   __syncthreads();
-  for (int i = warp; i < n; i += kChunkWarps) {  // as normalized_qk: the same sums in the same order
+  for (int i = warp; i < n; i += kChunkWarps) {  // the same sums in the same order as normalized_qk
     float* q = Qs + i * lq;
     float* k = Ks + i * lq;
     float ssq = 0.0f, ssk = 0.0f;
@@ -389,12 +395,10 @@ __device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int
       ssq += q[p] * q[p];
       ssk += k[p] * k[p];
     }
-    ssq = warp_sum(ssq);
-    ssk = warp_sum(ssk);
-    const float fq = (1.0f / sqrtf(float(dk))) / sqrtf(ssq + kL2Eps), fk = 1.0f / sqrtf(ssk + kL2Eps);
+    const float2 f = qk_factors(dk, ssq, ssk);
     for (int p = lane; p < dk; p += 32) {
-      q[p] *= fq;
-      k[p] *= fk;
+      q[p] *= f.x;
+      k[p] *= f.y;
     }
   }
 }
