@@ -336,21 +336,20 @@ __device__ __forceinline__ bool rows_are_float4s(const RuleArgs& a) {
 // (zeros past n and dk); beta; the cumulative log decay gc (double) with eg = e^gc and ef =
 // e^{gc_last - gc}. Rows past n repeat the last decay with beta = 0: they change nothing. The rows
 // are copied as they are (cp.async, all in flight at once), then normalised in place, a warp a row.
-__device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int lq, int dkp, float* Qs, float* Ks,
-                                double* gc, float* betas, float* eg, float* ef) {
+__device__ __forceinline__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int dk, int lq, int dkp,
+                                                float* Qs, float* Ks, double* gc, float* betas, float* eg, float* ef) {
   const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
-  const int Hv = a.Hv, hk = h / (Hv / a.Hk), dk = a.dk;
+  const int Hv = a.Hv, hk = h / (Hv / a.Hk);
   const float* q0 = a.qkv + tc * a.ld + int64_t(hk) * dk;
   const float* k0 = q0 + int64_t(a.Hk) * dk;
   if (rows_are_float4s(a)) {
-    const int c4 = dkp / 4;
-    for (int e = tid; e < kChunk * c4; e += kChunkThreads) {
-      const int i = e / c4, p = 4 * (e % c4);
-      const bool ok = i < n && p < dk;
-      const int64_t at = ok ? i * a.ld + p : 0;
-      cp_async16(Qs + i * lq + p, q0 + at, ok);
-      cp_async16(Ks + i * lq + p, k0 + at, ok);
-    }
+    for (int i = warp; i < kChunk; i += kChunkWarps)  // a warp a row, a lane a float4
+      for (int p = 4 * lane; p < dkp; p += 128) {
+        const bool ok = i < n && p < dk;
+        const int64_t at = ok ? i * a.ld + p : 0;
+        cp_async16(Qs + i * lq + p, q0 + at, ok);
+        cp_async16(Ks + i * lq + p, k0 + at, ok);
+      }
     cp_async_commit();
   } else {
 #pragma unroll 4
@@ -387,18 +386,19 @@ __device__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int
   }
   cp_async_wait_all();
   __syncthreads();
-  for (int i = warp; i < n; i += kChunkWarps) {  // the same sums in the same order as normalized_qk
-    float* q = Qs + i * lq;
-    float* k = Ks + i * lq;
-    float ssq = 0.0f, ssk = 0.0f;
-    for (int p = lane; p < dk; p += 32) {
-      ssq += q[p] * q[p];
-      ssk += k[p] * k[p];
-    }
-    const float2 f = qk_factors(dk, ssq, ssk);
-    for (int p = lane; p < dk; p += 32) {
-      q[p] *= f.x;
-      k[p] *= f.y;
+  // A warp a row, a lane a float4 of q and of k (dkp <= 128; the padding is zeros; every lane takes
+  // part in the sums).
+  const int p = 4 * lane;
+  const bool in = p < dkp;
+  for (int i = warp; i < n; i += kChunkWarps) {
+    float4* q = reinterpret_cast<float4*>(Qs + i * lq + p);
+    float4* k = reinterpret_cast<float4*>(Ks + i * lq + p);
+    const float4 qv = in ? *q : float4{}, kv = in ? *k : float4{};
+    const float2 f = qk_factors(dk, qv.x * qv.x + qv.y * qv.y + qv.z * qv.z + qv.w * qv.w,
+                                kv.x * kv.x + kv.y * kv.y + kv.z * kv.z + kv.w * kv.w);
+    if (in) {
+      *q = float4{f.x * qv.x, f.x * qv.y, f.x * qv.z, f.x * qv.w};
+      *k = float4{f.y * kv.x, f.y * kv.y, f.y * kv.z, f.y * kv.w};
     }
   }
 }
@@ -530,7 +530,7 @@ __device__ void invert_unit_lower(const float* X, float* Y, Alongside alongside)
 // (X) on the tensor cores; writes K' and e^gc Q; T = (I + A)^-1 (Y) and M = P T (into X); then
 // one product [T; M] R with R = [diag(beta e^gc) K | diag(beta) V] gives [W | U] (T's rows) and
 // [P W | P U] (M's rows): Q' = e^gc Q - P W, O = P U.
-template <bool kSplit>
+template <bool kSplit, int kHeadDim>
 __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(const RuleArgs a, ChunkScratch cs,
                                                                             int chunks_per_seq) {
   wait_for_prior_kernels();
@@ -546,7 +546,9 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   if (c0 >= s.n) return;
   const int n = int(s.n - c0 < kChunk ? s.n - c0 : kChunk);
   const int64_t tc = s.t0 + c0;
-  const int dk = a.dk, dv = a.dv, Hv = a.Hv, lq = chunk_lq(dk), dkp = padded_dk(dk);
+  // kHeadDim: the key and value head dims known when compiled (the Qwen models' 128), or 0.
+  const int dk = kHeadDim ? kHeadDim : a.dk, dv = kHeadDim ? kHeadDim : a.dv, Hv = a.Hv;
+  const int lq = chunk_lq(dk), dkp = padded_dk(dk);
   const int dv4 = ChunkScratch::round4(dv), dv8 = (dv + 7) / 8 * 8;
   const SolveSmem L(dk, dv);
   const int lv = L.lv;
@@ -559,7 +561,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   float* Qs = smem + L.Qs;  // [kChunk][lq]
   float* Vs = smem + L.Vs;  // [kChunk][lv], over Qs
   float* Ks = smem + L.Ks;
-  load_chunk_rows(a, tc, n, h, lq, dkp, Qs, Ks, gc, betas, eg, ef);
+  load_chunk_rows(a, tc, n, h, dk, lq, dkp, Qs, Ks, gc, betas, eg, ef);
   __syncthreads();
 
   // P_ij = D_ij (q_i . k_j) (j <= i) and A_ij = beta_i D_ij (k_i . k_j) (j < i) on the tensor cores:
@@ -594,12 +596,17 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
         }
     }
   }
-  // K' and e^gc Q (the first term of Q') to scratch, zero-padded rows of dkp.
-  for (int e = int(threadIdx.x); e < n * dkp; e += kChunkThreads) {
-    const int i = e / dkp, p = e % dkp;
-    const int64_t at = ((tc + i) * Hv + h) * dkp + p;
-    cs.kp[at] = ef[i] * Ks[i * lq + p];
-    cs.qp[at] = eg[i] * Qs[i * lq + p];
+  // K' and e^gc Q (the first term of Q') to scratch, zero-padded rows of dkp: a warp a row, a lane
+  // a float4 (by e / dkp, e % dkp a float, this took 16% of the kernel's instructions).
+  for (int i = warp; i < n; i += kChunkWarps) {
+    const int64_t at = ((tc + i) * Hv + h) * dkp;
+    const float fi = ef[i], gi = eg[i];
+    for (int p = 4 * lane; p < dkp; p += 128) {
+      const float4 k = *reinterpret_cast<const float4*>(Ks + i * lq + p);
+      const float4 q = *reinterpret_cast<const float4*>(Qs + i * lq + p);
+      *reinterpret_cast<float4*>(cs.kp + at + p) = float4{fi * k.x, fi * k.y, fi * k.z, fi * k.w};
+      *reinterpret_cast<float4*>(cs.qp + at + p) = float4{gi * q.x, gi * q.y, gi * q.z, gi * q.w};
+    }
   }
   if (threadIdx.x == 0) cs.elast[tc * Hv + h] = eg[n - 1];
   __syncthreads();  // X formed; Qs and Ks read
@@ -744,7 +751,7 @@ struct ChunkSmem {
 // (its shared memory) and runs its sequence's chunks one after another: where the blocks of 32
 // columns outnumber the SMs, blocks of 64 (and 16 warps) halve the waves for ~1.8 times a chunk's
 // time (neither 16 warps nor 16 columns a warp change a chunk of 32 columns: not its products).
-template <bool kSplit, int kW>
+template <bool kSplit, int kW, int kHeadDim>
 __global__ void __launch_bounds__(kChunkThreads * kW / 32, 1)
     delta_rule_chunked_kernel(const RuleArgs a, ChunkScratch cs) {
   wait_for_prior_kernels();
@@ -758,7 +765,10 @@ __global__ void __launch_bounds__(kChunkThreads * kW / 32, 1)
   const int j0 = int(blockIdx.z) * kW;  // this block's first column of dv
   const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
   if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
-  const int dk = a.dk, dv = a.dv, Hv = a.Hv, dv4 = ChunkScratch::round4(dv);
+  // kHeadDim: the key and value head dims known when compiled (the Qwen models' 128: loops of fixed
+  // trips, unrolled, a quarter off this kernel's time), or 0.
+  const int dk = kHeadDim ? kHeadDim : a.dk, dv = kHeadDim ? kHeadDim : a.dv, Hv = a.Hv;
+  const int dv4 = ChunkScratch::round4(dv);
   const int64_t vd = int64_t(Hv) * dv;
   const ChunkSmem L(dk, kW);
   const int lq = L.lq, dkp = L.dkp;
@@ -815,6 +825,9 @@ __global__ void __launch_bounds__(kChunkThreads * kW / 32, 1)
     const int64_t tc = s.t0 + c0;
     const bool more = c0 + kChunk < s.n;
     float* U = u_of(c0);
+    // Asked for here, used in step 2: its latency off the chain of chunks (7% of this kernel's time
+    // once its loops are unrolled).
+    const float elast = cs.elast[tc * Hv + h];
     cp_async_wait_all_but_last();  // group A of this chunk (its B may still be in flight)
     __syncthreads();               // ... for every thread's part (and the state written)
 
@@ -823,6 +836,7 @@ __global__ void __launch_bounds__(kChunkThreads * kW / 32, 1)
     {
       const float* A = (wq < 4 ? Qp : Ws) + (16 * (wq & 3) + g) * lq + t4;  // rows g, g + 8 at k t, t + 4
       float hi[4][4] = {}, lo[4][4] = {};
+#pragma unroll
       for (int kk = 0; kk < dkp; kk += 8) {
         const Tf32Pair af[4] = {tf(A[kk]), tf(A[8 * lq + kk]), tf(A[kk + 4]),
                                 tf(A[8 * lq + kk + 4])};
@@ -851,10 +865,10 @@ __global__ void __launch_bounds__(kChunkThreads * kW / 32, 1)
     // --- 2. S = e^{gc_last} S0 + K'^T V': a warp's 16 rows of the state x 32 columns on the
     // tensor cores (A = K'^T read from K' rows, B = V'), over the chunk's rows in steps of 8 ---
     if (16 * wq < dkp) {
-      const float elast = cs.elast[tc * Hv + h];
       const float* A = Kp + t4 * lq + 16 * wq + g;  // A(p, m) = K'[m][p]: (g, t) at Kp[t][g]
       float hi[4][4] = {}, lo[4][4] = {};
-      for (int mm = 0; mm < n; mm += 8) {
+#pragma unroll
+      for (int mm = 0; mm < (kHeadDim ? kChunk : n); mm += 8) {  // rows past n are zeros
         const float* am = A + mm * lq;
         const Tf32Pair af[4] = {tf(am[0]), tf(am[8]), tf(am[4 * lq]),
                                 tf(am[4 * lq + 8])};
@@ -883,9 +897,9 @@ __global__ void __launch_bounds__(kChunkThreads * kW / 32, 1)
 }
 
 struct DeltaNetState {
-  // dynamic shared memory the chunked kernels are set up for: [TF32, 3xTF32], and the state kernel's
-  // [precision][32 or 64 columns]
-  size_t solve_smem[2] = {}, chunked_smem[2][2] = {};
+  // dynamic shared memory the chunked kernels are set up for: the solve kernel's [TF32, 3xTF32] and
+  // the state kernel's [precision][32 or 64 columns], each [head dims 128 or any]
+  size_t solve_smem[2][2] = {}, chunked_smem[2][2][2] = {};
 };
 
 // The sequences of a pass (their shapes checked by the contract's checks, their contents on the
@@ -1007,31 +1021,34 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
     const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), smem = ChunkSmem(d.dk, width).bytes();
     // Products in 3xTF32 (fp32 accuracy) unless bf16 products are asked for: then in TF32.
+    const int dims128 = d.dk == 128 && d.dv == 128;  // kernels compiled for the Qwen models' head dims
     const auto run = [&](auto solve_kernel, auto chunked_kernel, int pi) {
-      if (solve_smem > st->solve_smem[pi]) {
+      if (solve_smem > st->solve_smem[pi][dims128]) {
         check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(solve_kernel),
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(solve_smem)),
                    "gated_delta_rule: shared memory of the solve kernel");
-        st->solve_smem[pi] = solve_smem;
+        st->solve_smem[pi][dims128] = solve_smem;
       }
-      if (smem > st->chunked_smem[pi][wi]) {
+      if (smem > st->chunked_smem[pi][wi][dims128]) {
         check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(chunked_kernel),
                                         cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                    "gated_delta_rule: shared memory of the chunked kernel");
-        st->chunked_smem[pi][wi] = smem;
+        st->chunked_smem[pi][wi][dims128] = smem;
       }
       launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, a,
              cs, int(chunks_per_seq));
       check_launch("gated_delta_rule: chunk solve");
       launch(chunked_kernel, state_grid, kChunkThreads * width / 32, smem, stream_, a, cs);
     };
-    if (bf16_matmul_) {
-      if (wi) run(delta_rule_solve_kernel<false>, delta_rule_chunked_kernel<false, 64>, 0);
-      else run(delta_rule_solve_kernel<false>, delta_rule_chunked_kernel<false, 32>, 0);
-    } else {
-      if (wi) run(delta_rule_solve_kernel<true>, delta_rule_chunked_kernel<true, 64>, 1);
-      else run(delta_rule_solve_kernel<true>, delta_rule_chunked_kernel<true, 32>, 1);
-    }
+    const auto run_in = [&](auto split) {
+      constexpr bool kSplit = decltype(split)::value;
+      if (dims128 && wi) run(delta_rule_solve_kernel<kSplit, 128>, delta_rule_chunked_kernel<kSplit, 64, 128>, kSplit);
+      else if (dims128) run(delta_rule_solve_kernel<kSplit, 128>, delta_rule_chunked_kernel<kSplit, 32, 128>, kSplit);
+      else if (wi) run(delta_rule_solve_kernel<kSplit, 0>, delta_rule_chunked_kernel<kSplit, 64, 0>, kSplit);
+      else run(delta_rule_solve_kernel<kSplit, 0>, delta_rule_chunked_kernel<kSplit, 32, 0>, kSplit);
+    };
+    if (bf16_matmul_) run_in(std::false_type{});
+    else run_in(std::true_type{});
     check_launch("gated_delta_rule: chunked");
   }
 }
