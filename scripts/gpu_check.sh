@@ -5,7 +5,8 @@
 # The device tool brings back at most 8 files from $OUT (a log a step, the summary, the JSON and CSV
 # of some steps): run at most ~5 steps a call, or point OUT elsewhere and print what matters.
 # The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
-# pack ~11 MB (xz -9e), so .carry/fla (~6 MB) fits beside it, with little to spare.
+# pack ~12-13 MB (xz -9e; with the delta-rule bench before and after), so .carry/fla (~1.5 MB, pruned to what
+# chunk_gated_delta_rule imports) fits beside it.
 #   STEPS="conformance nccl runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels decode-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel

@@ -38,8 +38,13 @@ rm -rf .carry/gpu
 if [ -n "${FLA_REPO:-}" ]; then
   rm -rf .carry/fla && mkdir -p .carry/fla
   git --git-dir="$FLA_REPO" archive HEAD fla | tar -C .carry/fla -x
-  # Its models and layers (1.6 MB) are optional imports the side by side never makes: under 64 MiB.
+  # Only what chunk_gated_delta_rule imports (its models, layers and other ops, ~4 MB, are never
+  # imported by the side by side; fla.ops's __init__ would import every op): under 64 MiB.
   rm -rf .carry/fla/fla/models .carry/fla/fla/layers
+  find .carry/fla/fla/ops -mindepth 1 -maxdepth 1 -type d \
+    -not -name gated_delta_rule -not -name common -not -name utils -not -name cp -not -name backends -not -name attn \
+    -exec rm -rf {} +
+  echo 'from .gated_delta_rule import chunk_gated_delta_rule' > .carry/fla/fla/ops/__init__.py
   git --git-dir="$FLA_REPO" log -1 --format='flash-linear-attention %H %cs' > .carry/fla/VERSION
 fi
 ls -la .carry/gpu.tar.xz
