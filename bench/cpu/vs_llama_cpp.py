@@ -58,8 +58,9 @@ def main():
     p.add_argument("--llama-cpp-commit", help="the llama.cpp commit, where llama-bench reports none (a build "
                                               "from a source archive)")
     p.add_argument("--llama-bench-arg", action="append", default=[],
-                   help="one more llama-bench argument (repeat it: --llama-bench-arg=-mmp --llama-bench-arg=0 loads "
-                        "the weights into llama.cpp's own memory, as ballast does by default)")
+                   help="one more llama-bench argument (repeat it: --llama-bench-arg=-lm --llama-bench-arg=none, "
+                        "or -mmp 0 in llama-bench before its --load-mode, loads the weights into llama.cpp's own "
+                        "memory, as ballast does by default)")
     p.add_argument("--ballast-arg", action="append", default=[],
                    help="one more ballast bench argument (--ballast-arg=--quantization --ballast-arg=fp8: its 8-bit "
                         "weights beside a q8_0 GGUF)")
