@@ -62,7 +62,7 @@ for s in $STEPS; do
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} --dtype ${KERNELS_DTYPE:-bf16} \
                --batch ${KERNELS_BATCH:-1} --prompt-len 1024 --decode-steps 8 --repeats 1 --profiler-window \
                > $OUT/kernels-decode.csv && python3 scripts/ncu_summary.py $OUT/kernels-decode.csv" ;;
-    prefill-kernels) step prefill-kernels bash -c "ncu --kernel-name 'regex:${NCU_KERNELS:-experts_fp8|attention_bf16|delta_rule_(solve|chunked)}' \
+    prefill-kernels) step prefill-kernels bash -c "ncu --kernel-name 'regex:${NCU_KERNELS:-experts_fp8|attention_bf16|delta_rule_(solve|state)}' \
                --launch-count ${NCU_COUNT:-15} --clock-control none --section SpeedOfLight --section Occupancy \
                --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --dtype fp8 --layers 4 --batch 1 \

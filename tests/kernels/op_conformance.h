@@ -317,9 +317,9 @@ class OpConformance : public ::testing::TestWithParam<BackendCase> {
   // rule_tol: the delta rule's relative L2 bar (outputs and states).
   void check_deltanet_pass(const DeltaNetCase& c, const HostLayout& h, int64_t slots, uint32_t seed,
                            double rule_tol = 1e-5);
-  // The heads of Qwen3-Next (dk = dv = 128, two value heads a key head): CUDA's chunk solve has a
-  // thread a column of [K | V] (256) and its state kernel four column slices; sequences of one
-  // row, one chunk, a short last chunk, and four chunks.
+  // The heads of Qwen3-Next (dk = dv = 128, two value heads a key head): CUDA's state kernel
+  // takes them in four slices of 32 columns here; sequences of one row, one chunk, a short last
+  // chunk, and four chunks.
   void check_deltanet_at_qwen_head_dims(double rule_tol = 1e-5) {
     DeltaNetCase c;
     c.d = DeltaRuleDims{2, 4, 128, 128};
@@ -1091,17 +1091,21 @@ TEST_P(OpConformance, DeltaNetOverStatePoolsWithMixedSequences) {
 
 TEST_P(OpConformance, DeltaNetAtQwenHeadDimsWithManyChunks) { check_deltanet_at_qwen_head_dims(); }
 
-// Qwen3-Next-80B's heads (16 key, 32 value heads of 128) and three prefills beside a decode row:
-// CUDA's state kernel then has more blocks of 32 columns (3 x 32 x 4) than a GPU has SMs, and
-// takes 64 columns a block.
+// Qwen3-Next-80B's heads (16 key, 32 value heads of 128) and prefills beside a decode row: CUDA's
+// state kernel takes the narrowest slices whose blocks fit on the SMs at once, so on an H200 (132
+// SMs) three prefills take 128 columns a block (3 x 32 x 4 blocks of 32 are more than the SMs) and
+// two take 64 (2 x 32 x 2 blocks).
 TEST_P(OpConformance, DeltaNetPrefillsOverMoreStateBlocksThanSms) {
   DeltaNetCase c;
   c.d = DeltaRuleDims{16, 32, 128, 128};
-  HostLayout h;
-  const std::vector<int> rows{130, 1, 64, 75};
-  h.state_slots = {2, 0, 3, 1};
-  for (int n : rows) h.cu.push_back(h.cu.back() + n);
-  check_deltanet_pass(c, h, 5, 90);
+  for (const std::vector<int>& rows : {std::vector<int>{130, 1, 64, 75}, std::vector<int>{1, 200, 65}}) {
+    SCOPED_TRACE(testing::Message() << rows.size() << " sequences");
+    HostLayout h;
+    h.state_slots = {2, 0, 3, 1};
+    h.state_slots.resize(rows.size());
+    for (int n : rows) h.cu.push_back(h.cu.back() + n);
+    check_deltanet_pass(c, h, 5, 90);
+  }
 }
 
 // Head dims whose rows are no whole float4s (dv = 10: CUDA's chunk solve loads its rows without

@@ -44,8 +44,6 @@ constexpr int kMinSplitRows = 64;     // cache rows per split, at least (on the 
 
 struct AttentionState {
   int sms = 0;             // streaming multiprocessors of the device
-  bool tiled_smem[4] = {};  // the tiled kernel of V = 1, 2, 4, 8 is set up for its shared memory
-  bool mma_smem[2][3] = {};  // the tensor-core kernel (3xTF32, bf16) of hd = 64, 128, 256 likewise
 };
 
 // The new rows' K and V at their slots; an out-of-range slot is skipped.
@@ -871,13 +869,7 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
         bf16_matmul_ ? size_t(bf16_smem_bytes(int(hd))) : size_t(mma_smem_floats(int(hd))) * sizeof(float);
     const int tps = int(tiles_per_seq);
     const auto run = [&](auto kernel) {
-      const int pi = bf16_matmul_ ? 1 : 0;
-      if (!st->mma_smem[pi][mi]) {
-        check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                   "attention: shared memory of the tensor-core kernel");
-        st->mma_smem[pi][mi] = true;
-      }
+      smem_.allow(kernel, smem, "attention: shared memory of the tensor-core kernel");
       launch(kernel, tgrid, kMmaThreads, smem, stream_, a, tps);
     };
     if (bf16_matmul_) {
@@ -898,20 +890,15 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
     const int vi = hd <= 32 ? 0 : hd <= 64 ? 1 : hd <= 128 ? 2 : 3;
     const int V = 1 << vi;
     const size_t smem = size_t(tile_smem_floats(V)) * sizeof(float);
-    const void* fn = vi == 0   ? reinterpret_cast<const void*>(&attention_tiled_kernel<1>)
-                     : vi == 1 ? reinterpret_cast<const void*>(&attention_tiled_kernel<2>)
-                     : vi == 2 ? reinterpret_cast<const void*>(&attention_tiled_kernel<4>)
-                               : reinterpret_cast<const void*>(&attention_tiled_kernel<8>);
-    if (!st->tiled_smem[vi]) {
-      check_cuda(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                 "attention: shared memory of the tiled kernel");
-      st->tiled_smem[vi] = true;
-    }
     const int tps = int(tiles_per_seq);
-    if (vi == 0) launch(attention_tiled_kernel<1>, tgrid, kTileThreads, smem, stream_, a, tps);
-    else if (vi == 1) launch(attention_tiled_kernel<2>, tgrid, kTileThreads, smem, stream_, a, tps);
-    else if (vi == 2) launch(attention_tiled_kernel<4>, tgrid, kTileThreads, smem, stream_, a, tps);
-    else launch(attention_tiled_kernel<8>, tgrid, kTileThreads, smem, stream_, a, tps);
+    const auto run = [&](auto kernel) {
+      smem_.allow(kernel, smem, "attention: shared memory of the tiled kernel");
+      launch(kernel, tgrid, kTileThreads, smem, stream_, a, tps);
+    };
+    if (vi == 0) run(attention_tiled_kernel<1>);
+    else if (vi == 1) run(attention_tiled_kernel<2>);
+    else if (vi == 2) run(attention_tiled_kernel<4>);
+    else run(attention_tiled_kernel<8>);
     check_launch("attention: tiled");
   }
   if (splits > 1) {

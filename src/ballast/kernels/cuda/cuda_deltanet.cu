@@ -25,8 +25,9 @@
 //   e^gc) K | diag(beta) V] in one product; it leaves what does not depend on S0 in scratch
 //   (ChunkScratch: W, U, Q' = e^gc Q - P W, O_local = P U, K' = e^{gc_last - gc} K); the state kernel then takes
 //   the chunks of each sequence in order (block: sequence, value head, column slice) and only
-//   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V' (slices of 32
-//   columns, or 64 where the prefills' blocks of 32 outnumber the SMs). The products
+//   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V', each warp on 16
+//   value columns whose state it keeps transposed in registers (slices of 32, 64 or 128 columns a
+//   block, the narrowest whose blocks fit on the SMs at once). The products
 //   run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy), or in TF32 (operands
 //   rounded to 10 bits, one product for three) under bf16 matrix products (T's own blocks always
 //   in 3xTF32); the substitution of T's diagonal blocks and the exponentials (of double
@@ -35,6 +36,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_ops.h"
@@ -719,188 +721,227 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
     }
 }
 
-// Shared memory of the state kernel of W columns a block, in floats: Qp, Ws, Kp [kChunk][lq] (Q', W,
-// K'), S [dkp][W + 8] (the state's columns of this block), Us [2][kChunk][W + 8] (U then V'; two: the
-// next chunk's U loads while this chunk's V' is read) and Os [kChunk][W] (O). S and Us are B
-// operands of mma (k t at column g: a row stride of 8 mod 32 banks puts a warp's 32 loads on 32
-// banks).
-struct ChunkSmem {
-  int dkp, lq, sl;
-  int64_t Qp, Ws, Kp, S, Us, Os, total;
-  __host__ __device__ ChunkSmem(int dk, int width) {
+// Shared memory of the state kernel of `width` value columns a block and the keys split over `ks`
+// warps, in floats: Qp, Ws [kChunk][dkp + 8] (Q', W: B operands read as float2 at row g, column 2t:
+// a row stride of 8 mod 32 banks puts each half warp's on 32 banks), Kp [2][kChunk][dkp + 4] (K',
+// two: the next chunk's lands while this one's is read; B operand at row 2t, column g), Us, Os
+// [kChunk][width + 4] (the block's columns of U and O, read at row 2t, column g as well), and with
+// ks > 1 Red [warps][16][32] float4s, each warp's partial sums (lane-major: no bank conflicts).
+struct StateSmem {
+  int dkp, lw, lk, lu;
+  int64_t Qp, Ws, Kp, Us, Os, Red, total;
+  __host__ __device__ StateSmem(int dk, int width, int ks) {
     dkp = padded_dk(dk);
-    lq = chunk_lq(dk);
-    sl = width + 8;
+    lw = dkp + 8;
+    lk = dkp + 4;
+    lu = width + 4;
     int64_t o = 0;
-    Qp = o, o += int64_t(kChunk) * lq;
-    Ws = o, o += int64_t(kChunk) * lq;
-    Kp = o, o += int64_t(kChunk) * lq;
-    S = o, o += int64_t(dkp) * sl;
-    Us = o, o += 2 * int64_t(kChunk) * sl;
-    Os = o, o += int64_t(kChunk) * width;
+    Qp = o, o += int64_t(kChunk) * lw;
+    Ws = o, o += int64_t(kChunk) * lw;
+    Kp = o, o += 2 * int64_t(kChunk) * lk;
+    Us = o, o += int64_t(kChunk) * lu;
+    Os = o, o += int64_t(kChunk) * lu;
+    Red = o, o += ks > 1 ? int64_t(width / 16) * ks * 16 * 32 * 4 : 0;
     total = o;
   }
   __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
 };
 
-
 // Chunked form, part 2, the chunks of a sequence in order: block (sequence, value head, slice of
-// kW columns); 8 warps for each 32 columns; the state slice in shared memory. The next chunk's Q',
-// W, U, O load (cp.async) while this chunk's state update runs, its K' while its outputs are
-// formed: groups A (Q', W, U, O) and B (K') in flight, at most one of each. A block takes one SM
-// (its shared memory) and runs its sequence's chunks one after another: where the blocks of 32
-// columns outnumber the SMs, blocks of 64 (and 16 warps) halve the waves for ~1.8 times a chunk's
-// time (neither 16 warps nor 16 columns a warp change a chunk of 32 columns: not its products).
-template <bool kSplit, int kW, int kHeadDim>
-__global__ void __launch_bounds__(kChunkThreads * kW / 32, 1)
-    delta_rule_chunked_kernel(const RuleArgs a, ChunkScratch cs) {
+// 16 kGroups value columns), kGroups x kKs warps. Warp (group v, key part p) owns 16 value columns
+// and 1 / kKs of the keys, and keeps that part of the state transposed in registers, S^T [16 x dk /
+// kKs] in the accumulator layout of mma (st[i]: value rows g, g + 8, keys 8 kt + 2t, + 1 for the
+// part's i-th key tile kt), so that no state goes through shared memory:
+//   1. [out - O | U - V']^T = S0^T [Q' | W]^T   (A = S0^T, B = Q'^T, W^T; k over the part's keys),
+//      the key parts' partial sums then added in shared memory (in one order for every warp);
+//   2. S^T = e^{gc_last} S0^T + V'^T K'           (A = V'^T, k over the chunk's rows).
+// An accumulator read as an A operand holds columns 2t, 2t + 1 where A has t, t + 4: the k index
+// is relabelled (logical t -> 2t, t + 4 -> 2t + 1), so B is read at rows 2t, 2t + 1 to match (one
+// float2 for Q' and W). The next chunk's K' loads (cp.async) through both steps, its Q', W, U and
+// O through step 2: two barriers a chunk. Splitting the keys puts more warps on a chunk's chain of
+// products where the value columns are few (one warp has 16 of them).
+template <bool kSplit, int kGroups, int kKs, int kHeadDim>
+__global__ void __launch_bounds__(kGroups * kKs * 32, 1) delta_rule_state_kernel(const RuleArgs a, ChunkScratch cs) {
   wait_for_prior_kernels();
   const auto tf = [](float v) { return tf32_operand<kSplit>(v); };  // an operand of the products
-  constexpr int kSL = kW + 8, kThreads = kChunkThreads * kW / 32, kWarps = kThreads / 32;
+  constexpr int kW = 16 * kGroups, kThreads = 32 * kGroups * kKs, kTiles = kMaxDk / 8 / kKs, kRows = 8 / kKs;
+  static_assert(kKs == 1 || kKs == 2 || kKs == 4, "the key parts: 1, 2 or 4");
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int b = int(blockIdx.x), h = int(blockIdx.y);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t4 = lane % 4;
-  const int wq = warp % kChunkWarps, cw = 32 * (warp / kChunkWarps);  // role, first of the warp's 32 columns
-  const int j0 = int(blockIdx.z) * kW;  // this block's first column of dv
+  const int part = warp / kGroups, vw = 16 * (warp % kGroups);  // key part; first value column in the block
+  const int j0 = int(blockIdx.z) * kW;                             // the block's first column of dv
   const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
   if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
-  // kHeadDim: the key and value head dims known when compiled (the Qwen models' 128: loops of fixed
-  // trips, unrolled, a quarter off this kernel's time), or 0.
+  // kHeadDim: the key and value head dims known when compiled (the Qwen models' 128), or 0.
   const int dk = kHeadDim ? kHeadDim : a.dk, dv = kHeadDim ? kHeadDim : a.dv, Hv = a.Hv;
   const int dv4 = ChunkScratch::round4(dv);
   const int64_t vd = int64_t(Hv) * dv;
-  const ChunkSmem L(dk, kW);
-  const int lq = L.lq, dkp = L.dkp;
+  const StateSmem L(dk, kW, kKs);
+  const int dkp = L.dkp, lw = L.lw, lk = L.lk, lu = L.lu;
+  const int tiles = kHeadDim ? (kHeadDim + 7) / 8 : dkp / 8;  // 8-key tiles of the state
+  const int kt0 = part * kTiles;                                // the part's first
   float* Qp = smem + L.Qp;
   float* Ws = smem + L.Ws;
-  float* Kp = smem + L.Kp;
-  float* S = smem + L.S;
   float* Us = smem + L.Us;
   float* Os = smem + L.Os;
+  float4* red = reinterpret_cast<float4*>(smem + L.Red);
+  const auto kp_of = [&](int64_t c0) { return smem + L.Kp + ((c0 / kChunk) & 1) * (int64_t(kChunk) * lk); };
 
-  // A chunk's rows of [T, Hv, width] scratch into [kChunk][ld] shared memory (zeros past n), and its
-  // slice of kW columns from j0 (zeros past w).
-  const auto rows_async = [&](float* dst, int ld, const float* src, int64_t tc, int n, int width) {
-    const int c4 = width / 4;
+  // A chunk's rows of [T, Hv, dkp] scratch into [kChunk][ld] shared memory (zeros past n); its
+  // slice of kW columns from j0 of [T, Hv, dv4] scratch (zeros past n and dv4).
+  const auto rows_async = [&](float* dst, int ld, const float* src, int64_t tc, int n) {
+    const int c4 = dkp / 4;
     for (int e = int(threadIdx.x); e < kChunk * c4; e += kThreads) {
       const int i = e / c4, q = e % c4;
-      cp_async16(dst + i * ld + 4 * q, src + ((tc + (i < n ? i : 0)) * Hv + h) * width + 4 * q, i < n);
+      cp_async16(dst + i * ld + 4 * q, src + ((tc + (i < n ? i : 0)) * Hv + h) * dkp + 4 * q, i < n);
     }
   };
-  const auto slice_async = [&](float* dst, int ld, const float* src, int64_t tc, int n) {
+  const auto slice_async = [&](float* dst, const float* src, int64_t tc, int n) {
     for (int e = int(threadIdx.x); e < kChunk * (kW / 4); e += kThreads) {
       const int i = e / (kW / 4), q = e % (kW / 4), c = j0 + 4 * q;
       const bool ok = i < n && c < dv4;
-      cp_async16(dst + i * ld + 4 * q, src + ((tc + (ok ? i : 0)) * Hv + h) * dv4 + (ok ? c : 0), ok);
+      cp_async16(dst + i * lu + 4 * q, src + ((tc + (ok ? i : 0)) * Hv + h) * dv4 + (ok ? c : 0), ok);
     }
   };
   const auto chunk_rows = [&](int64_t c0) { return int(std::min<int64_t>(kChunk, s.n - c0)); };
-  const auto u_of = [&](int64_t c0) { return Us + ((c0 / kChunk) & 1) * (kChunk * kSL); };
-  const auto issue_outputs_part = [&](int64_t c0) {  // group A: what step 1 of chunk c0 reads
+  const auto issue_step1_part = [&](int64_t c0) {  // what step 1 of chunk c0 reads
     const int64_t tc = s.t0 + c0;
     const int n = chunk_rows(c0);
-    rows_async(Qp, lq, cs.qp, tc, n, dkp);
-    rows_async(Ws, lq, cs.w, tc, n, dkp);
-    slice_async(u_of(c0), kSL, cs.u, tc, n);
-    slice_async(Os, kW, cs.o, tc, n);
+    rows_async(Qp, lw, cs.qp, tc, n);
+    rows_async(Ws, lw, cs.w, tc, n);
+    slice_async(Us, cs.u, tc, n);
+    slice_async(Os, cs.o, tc, n);
     cp_async_commit();
   };
-  const auto issue_state_part = [&](int64_t c0) {  // group B: what step 2 of chunk c0 reads
-    rows_async(Kp, lq, cs.kp, s.t0 + c0, chunk_rows(c0), dkp);
+  const auto issue_step2_part = [&](int64_t c0) {  // what step 2 of chunk c0 reads
+    rows_async(kp_of(c0), lk, cs.kp, s.t0 + c0, chunk_rows(c0));
     cp_async_commit();
   };
 
-  {
-    const float* state = a.states + (int64_t(s.slot) * Hv + h) * dk * dv;
-    for (int p = warp; p < dkp; p += kWarps)
-      for (int c = lane; c < kW; c += 32)
-        S[p * kSL + c] = (p < dk && j0 + c < dv) ? state[int64_t(p) * dv + j0 + c] : 0.0f;
-  }
-  issue_outputs_part(0);
-  issue_state_part(0);
+  // st[i][e]: S[key 8 (kt0 + i) + 2 t4 + (e & 1)][value j0 + vw + g + 8 (e >> 1)]
+  float st[kTiles][4];
+  float* state = a.states + (int64_t(s.slot) * Hv + h) * dk * dv;
+  const auto state_at = [&](int i, int e, int& key, int& v) {
+    key = 8 * (kt0 + i) + 2 * t4 + (e & 1);
+    v = j0 + vw + g + 8 * (e >> 1);
+    return kt0 + i < tiles && key < dk && v < dv;
+  };
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int key, v;
+      st[i][e] = state_at(i, e, key, v) ? state[int64_t(key) * dv + v] : 0.0f;
+    }
+  issue_step1_part(0);
+  issue_step2_part(0);
 
   for (int64_t c0 = 0; c0 < s.n; c0 += kChunk) {
     const int n = chunk_rows(c0);
     const int64_t tc = s.t0 + c0;
     const bool more = c0 + kChunk < s.n;
-    float* U = u_of(c0);
-    // Asked for here, used in step 2: its latency off the chain of chunks (7% of this kernel's time
-    // once its loops are unrolled).
-    const float elast = cs.elast[tc * Hv + h];
-    cp_async_wait_all_but_last();  // group A of this chunk (its B may still be in flight)
-    __syncthreads();               // ... for every thread's part (and the state written)
+    const float elast = cs.elast[tc * Hv + h];  // asked for here, used in step 2
+    cp_async_wait_all();  // both parts of this chunk (in this thread) ...
+    __syncthreads();      // ... and in every thread; every warp is past the step 2 before
+    if (more) issue_step2_part(c0 + kChunk);  // into the other K'
 
-    // --- 1. out = O + Q' S0 (roles 0-3) and V' = U - W S0 (roles 4-7, into U): a warp's 16 rows
-    // x 32 columns on the tensor cores, the state slice as the B operand ---
-    {
-      const float* A = (wq < 4 ? Qp : Ws) + (16 * (wq & 3) + g) * lq + t4;  // rows g, g + 8 at k t, t + 4
-      float hi[4][4] = {}, lo[4][4] = {};
+    // --- 1. x = (Q' S0)^T, u = (W S0)^T over the part's keys: 16 value rows x the chunk's 64
+    // rows each; x[j][e], u[j][e] at value column vw + g + 8 (e >> 1) of the block and row
+    // 8 j + 2 t4 + (e & 1) of the chunk ---
+    float x[8][4] = {}, u[8][4] = {};
 #pragma unroll
-      for (int kk = 0; kk < dkp; kk += 8) {
-        const Tf32Pair af[4] = {tf(A[kk]), tf(A[8 * lq + kk]), tf(A[kk + 4]),
-                                tf(A[8 * lq + kk + 4])};
-        const float* B = S + (kk + t4) * kSL + cw + g;
+    for (int i = 0; i < kTiles; ++i) {
+      if (kt0 + i >= tiles) break;
+      const Tf32Pair af[4] = {tf(st[i][0]), tf(st[i][2]), tf(st[i][1]), tf(st[i][3])};
+      const float* q = Qp + g * lw + 8 * (kt0 + i) + 2 * t4;
+      const float* w = Ws + g * lw + 8 * (kt0 + i) + 2 * t4;
 #pragma unroll
-        for (int nj = 0; nj < 4; ++nj) {
-          const Tf32Pair bf[2] = {tf(B[8 * nj]), tf(B[4 * kSL + 8 * nj])};
-          mma_tf32x_split<kSplit>(hi[nj], lo[nj], af, bf);
+      for (int j = 0; j < 8; ++j) {
+        const float2 qv = *reinterpret_cast<const float2*>(q + 8 * j * lw);
+        const float2 wv = *reinterpret_cast<const float2*>(w + 8 * j * lw);
+        const Tf32Pair bq[2] = {tf(qv.x), tf(qv.y)}, bw[2] = {tf(wv.x), tf(wv.y)};
+        mma_tf32x<kSplit>(x[j], af, bq);
+        mma_tf32x<kSplit>(u[j], af, bw);
+      }
+    }
+    // Part 0 adds O to x and turns u into U - u, the others negate u: the parts' sums are then
+    // out and V'^T.
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 8 * j + 2 * t4 + (e & 1), c = vw + g + 8 * (e >> 1);
+        if (part == 0) {
+          x[j][e] += Os[i * lu + c];
+          u[j][e] = Us[i * lu + c] - u[j][e];
+        } else {
+          u[j][e] = -u[j][e];
         }
       }
+    if constexpr (kKs > 1) {
 #pragma unroll
-      for (int nj = 0; nj < 4; ++nj)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int i = 16 * (wq & 3) + g + 8 * (e / 2), c = cw + 8 * nj + 2 * t4 + (e & 1);
-          const float v = hi[nj][e] + lo[nj][e];
-          if (wq >= 4) U[i * kSL + c] -= v;
-          else if (i < n && j0 + c < dv) a.out[(tc + i) * vd + int64_t(h) * dv + j0 + c] = Os[i * kW + c] + v;
-        }
-    }
-    cp_async_wait_all();  // group B of this chunk (the latest)
-    __syncthreads();  // V' written; Q', W, O read
-    if (more) issue_outputs_part(c0 + kChunk);  // into the other U
-    else cp_async_commit();  // an empty group keeps the count of groups in flight
-
-    // --- 2. S = e^{gc_last} S0 + K'^T V': a warp's 16 rows of the state x 32 columns on the
-    // tensor cores (A = K'^T read from K' rows, B = V'), over the chunk's rows in steps of 8 ---
-    if (16 * wq < dkp) {
-      const float* A = Kp + t4 * lq + 16 * wq + g;  // A(p, m) = K'[m][p]: (g, t) at Kp[t][g]
-      float hi[4][4] = {}, lo[4][4] = {};
-#pragma unroll
-      for (int mm = 0; mm < (kHeadDim ? kChunk : n); mm += 8) {  // rows past n are zeros
-        const float* am = A + mm * lq;
-        const Tf32Pair af[4] = {tf(am[0]), tf(am[8]), tf(am[4 * lq]),
-                                tf(am[4 * lq + 8])};
-        const float* B = U + (mm + t4) * kSL + cw + g;
-#pragma unroll
-        for (int nj = 0; nj < 4; ++nj) {
-          const Tf32Pair bf[2] = {tf(B[8 * nj]), tf(B[4 * kSL + 8 * nj])};
-          mma_tf32x_split<kSplit>(hi[nj], lo[nj], af, bf);
-        }
+      for (int j = 0; j < 8; ++j) {
+        red[(warp * 16 + j) * 32 + lane] = float4{u[j][0], u[j][1], u[j][2], u[j][3]};
+        red[(warp * 16 + 8 + j) * 32 + lane] = float4{x[j][0], x[j][1], x[j][2], x[j][3]};
       }
-#pragma unroll
-      for (int nj = 0; nj < 4; ++nj)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float* sp = S + (16 * wq + g + 8 * (e / 2)) * kSL + cw + 8 * nj + 2 * t4 + (e & 1);
-          *sp = elast * *sp + (hi[nj][e] + lo[nj][e]);
-        }
     }
-    __syncthreads();  // K' and V' read, S written
-    if (more) issue_state_part(c0 + kChunk);
-    else cp_async_commit();
+    __syncthreads();  // Q', W, U and O read; the partial sums written
+    if (more) issue_step1_part(c0 + kChunk);
+    if constexpr (kKs > 1) {  // every part's sums, added in part order (the same V' in every warp)
+      const auto sum_parts = [&](float (&own)[8][4], int j, int slot) {
+        float4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+        for (int p = 0; p < kKs; ++p) {
+          const float4 v = p == part ? float4{own[j][0], own[j][1], own[j][2], own[j][3]}
+                                     : red[(((warp % kGroups) + p * kGroups) * 16 + slot) * 32 + lane];
+          acc = float4{acc.x + v.x, acc.y + v.y, acc.z + v.z, acc.w + v.w};
+        }
+        own[j][0] = acc.x, own[j][1] = acc.y, own[j][2] = acc.z, own[j][3] = acc.w;
+      };
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        sum_parts(u, j, j);
+        if (j / kRows == part) sum_parts(x, j, 8 + j);  // the part's rows of out
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      if (j / kRows != part) continue;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int i = 8 * j + 2 * t4 + (e & 1), c = vw + g + 8 * (e >> 1);
+        if (i < n && j0 + c < dv) a.out[(tc + i) * vd + int64_t(h) * dv + j0 + c] = x[j][e];
+      }
+    }
+
+    // --- 2. S^T = e^{gc_last} S0^T + V'^T K' over the part's keys (rows past n: zeros in both) ---
+#pragma unroll
+    for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[i][e] *= elast;
+    const float* kp = kp_of(c0) + 2 * t4 * lk + 8 * kt0 + g;
+#pragma unroll
+    for (int mj = 0; mj < 8; ++mj) {
+      const Tf32Pair af[4] = {tf(u[mj][0]), tf(u[mj][2]), tf(u[mj][1]), tf(u[mj][3])};
+      const float* km = kp + 8 * mj * lk;
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i) {
+        if (kt0 + i >= tiles) break;
+        const Tf32Pair bf[2] = {tf(km[8 * i]), tf(km[lk + 8 * i])};
+        mma_tf32x<kSplit>(st[i], af, bf);
+      }
+    }
   }
-  float* state = a.states + (int64_t(s.slot) * Hv + h) * dk * dv;
-  for (int p = warp; p < dk; p += kWarps)
-    for (int c = lane; c < kW && j0 + c < dv; c += 32) state[int64_t(p) * dv + j0 + c] = S[p * kSL + c];
+#pragma unroll
+  for (int i = 0; i < kTiles; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      int key, v;
+      if (state_at(i, e, key, v)) state[int64_t(key) * dv + v] = st[i][e];
+    }
 }
-
-struct DeltaNetState {
-  // dynamic shared memory the chunked kernels are set up for: the solve kernel's [TF32, 3xTF32] and
-  // the state kernel's [precision][32 or 64 columns], each [head dims 128 or any]
-  size_t solve_smem[2][2] = {}, chunked_smem[2][2][2] = {};
-};
 
 // The sequences of a pass (their shapes checked by the contract's checks, their contents on the
 // device): in CUDA memory, snapshot tables of a width the kernels index in 32 bits.
@@ -1009,46 +1050,42 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
           B, layout.max_query_len);
     auto* scratch = static_cast<float*>(scratch_.bytes(ChunkScratch::floats(T, d.Hv, d.dk, d.dv) * sizeof(float)));
     const ChunkScratch cs = ChunkScratch::at(scratch, T, d.Hv, d.dk, d.dv);
-    auto* st = static_cast<DeltaNetState*>(deltanet_state_.get());
-    if (!st) {
-      auto s = std::make_shared<DeltaNetState>();
-      st = s.get();
-      deltanet_state_ = std::move(s);
-    }
-    // The state kernel's blocks of 32 columns one to an SM, unless the prefills' outnumber the SMs.
+    // The state kernel's slices: 32 columns a block (8 warps: 2 groups of value columns x 4 key
+    // parts) where those blocks fit on the SMs in one wave (a block takes an SM: its shared
+    // memory), else 64 (4 warps, one key part) where those do, else 128 (8 warps, one key part):
+    // a block's Q', W and K' loads serve all its warps.
     const int64_t prefills = layout.prefill_seqs >= 0 ? layout.prefill_seqs : B;
-    const int width = prefills * d.Hv * cdiv(d.dv, 32) > cuda::rows::multiprocessors() ? 64 : 32, wi = width == 64;
+    const auto blocks = [&](int width) { return prefills * d.Hv * cdiv(d.dv, width); };
+    const int sms = cuda::rows::multiprocessors();
+    const int width = blocks(32) <= sms ? 32 : blocks(64) <= sms ? 64 : 128;
+    const int key_parts = width == 32 ? 4 : 1;
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
-    const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), smem = ChunkSmem(d.dk, width).bytes();
-    // Products in 3xTF32 (fp32 accuracy) unless bf16 products are asked for: then in TF32.
-    const int dims128 = d.dk == 128 && d.dv == 128;  // kernels compiled for the Qwen models' head dims
-    const auto run = [&](auto solve_kernel, auto chunked_kernel, int pi) {
-      if (solve_smem > st->solve_smem[pi][dims128]) {
-        check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(solve_kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(solve_smem)),
-                   "gated_delta_rule: shared memory of the solve kernel");
-        st->solve_smem[pi][dims128] = solve_smem;
-      }
-      if (smem > st->chunked_smem[pi][wi][dims128]) {
-        check_cuda(cudaFuncSetAttribute(reinterpret_cast<const void*>(chunked_kernel),
-                                        cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                   "gated_delta_rule: shared memory of the chunked kernel");
-        st->chunked_smem[pi][wi][dims128] = smem;
-      }
+    const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), state_smem = StateSmem(d.dk, width, key_parts).bytes();
+    const auto run = [&](auto solve_kernel, auto state_kernel) {
+      smem_.allow(solve_kernel, solve_smem, "gated_delta_rule: shared memory of the solve kernel");
+      smem_.allow(state_kernel, state_smem, "gated_delta_rule: shared memory of the state kernel");
       launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, a,
              cs, int(chunks_per_seq));
       check_launch("gated_delta_rule: chunk solve");
-      launch(chunked_kernel, state_grid, kChunkThreads * width / 32, smem, stream_, a, cs);
+      launch(state_kernel, state_grid, 2 * width * key_parts, state_smem, stream_, a, cs);
     };
-    const auto run_in = [&](auto split) {
+    // Products in 3xTF32 (fp32 accuracy) unless bf16 products are asked for: then in TF32. The
+    // kernels compiled for the Qwen models' head dims (dk = dv = 128) where they are those.
+    const auto run_in = [&](auto split, auto dims) {
       constexpr bool kSplit = decltype(split)::value;
-      if (dims128 && wi) run(delta_rule_solve_kernel<kSplit, 128>, delta_rule_chunked_kernel<kSplit, 64, 128>, kSplit);
-      else if (dims128) run(delta_rule_solve_kernel<kSplit, 128>, delta_rule_chunked_kernel<kSplit, 32, 128>, kSplit);
-      else if (wi) run(delta_rule_solve_kernel<kSplit, 0>, delta_rule_chunked_kernel<kSplit, 64, 0>, kSplit);
-      else run(delta_rule_solve_kernel<kSplit, 0>, delta_rule_chunked_kernel<kSplit, 32, 0>, kSplit);
+      constexpr int kDims = decltype(dims)::value;
+      const auto solve = delta_rule_solve_kernel<kSplit, kDims>;
+      if (width == 32) run(solve, delta_rule_state_kernel<kSplit, 2, 4, kDims>);
+      else if (width == 64) run(solve, delta_rule_state_kernel<kSplit, 4, 1, kDims>);
+      else run(solve, delta_rule_state_kernel<kSplit, 8, 1, kDims>);
     };
-    if (bf16_matmul_) run_in(std::false_type{});
-    else run_in(std::true_type{});
+    using Dims128 = std::integral_constant<int, 128>;
+    using AnyDims = std::integral_constant<int, 0>;
+    const bool dims128 = d.dk == 128 && d.dv == 128;
+    if (bf16_matmul_ && dims128) run_in(std::false_type{}, Dims128{});
+    else if (bf16_matmul_) run_in(std::false_type{}, AnyDims{});
+    else if (dims128) run_in(std::true_type{}, Dims128{});
+    else run_in(std::true_type{}, AnyDims{});
     check_launch("gated_delta_rule: chunked");
   }
 }

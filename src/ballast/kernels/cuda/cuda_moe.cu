@@ -160,8 +160,6 @@ class MoeState {
     int dev = 0;
     check_cuda(cudaGetDevice(&dev), "moe: cudaGetDevice");
     check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "moe: cudaDeviceGetAttribute");
-    check_cuda(cudaDeviceGetAttribute(&smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev),
-               "moe: cudaDeviceGetAttribute");
     int major = 0;
     check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "moe: cudaDeviceGetAttribute");
     hopper = major == 9;
@@ -239,21 +237,9 @@ class MoeState {
     return it->second.dev;
   }
 
-  // Allows `kernel` `bytes` of dynamic shared memory (once per size reached).
-  void allow_smem(const void* kernel, size_t bytes, int& allowed, const char* op) {
-    if (bytes <= 48 * 1024 || int(bytes) <= allowed) return;
-    check(int64_t(bytes) <= smem_optin, "{}: needs {} bytes of shared memory, the device has {}", op, bytes,
-          smem_optin);
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), op);
-    allowed = int(bytes);
-  }
-
   Fault* fault = nullptr;  // device view of the record
   int sms = 1;
-  int smem_optin = 48 * 1024;
   bool hopper = false;  // sm_90: the FP8 expert tiles' warpgroup products
-  int balanced_smem = 0;
-  int fp8_smem[2] = {0, 0};  // experts_fp8_kernel<false / true>
   std::vector<ExpertEntry> staging;  // the entries of a call, reused
 
  private:
@@ -1765,7 +1751,7 @@ void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Te
       const size_t gbytes = cm::balanced::global_layout(nullptr, Ei, Pi, G, nullptr);
       cm::balanced::global_layout(scratch_.bytes(gbytes), Ei, Pi, G, &g);
       const size_t smem = cm::balanced::shared_layout(nullptr, Ei, Pi, G, kBalancedThreads, nullptr);
-      st.allow_smem(reinterpret_cast<const void*>(&dispatch_balanced_kernel), smem, st.balanced_smem, "dispatch");
+      smem_.allow(&dispatch_balanced_kernel, smem, "dispatch");
       cm::balanced::Args a{cuda::i32(tables.phy2log), cuda::i32(counts_by_rank), cuda::i32(ids),
                               cuda::i32_mut(slots), N, Ei, Pi, G, tables.slots_per_rank, tables.rank};
       launch(dispatch_balanced_kernel, 1, kBalancedThreads, smem, stream_, a, g, st.fault);
@@ -2036,8 +2022,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.fblocks = int(cdiv(nout, fp8_tc ? (GU ? kFp8Cols / 2 : kFp8Cols) : kTileCols));
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident_gemm)));
     if (fp8_tc) {
-      st.allow_smem(reinterpret_cast<const void*>(&experts_fp8_kernel<GU>), kFp8Smem + kFp8StaticSmem,
-                    st.fp8_smem[GU], "moe_experts: shared memory of the FP8 tiles");
+      smem_.allow(&experts_fp8_kernel<GU>, kFp8Smem + kFp8StaticSmem, "moe_experts: shared memory of the FP8 tiles");
       launch(experts_fp8_kernel<GU>, grid, kFp8Threads, kFp8Smem, stream_, s);
     } else if (tensor_cores && f8) launch(experts_wmma_kernel<GU, true>, grid, kExpertThreads, 0, stream_, s);
     else if (tensor_cores) launch(experts_wmma_kernel<GU, false>, grid, kExpertThreads, 0, stream_, s);

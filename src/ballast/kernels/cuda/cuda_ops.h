@@ -9,6 +9,7 @@
 
 #include <memory>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #include "ballast/kernels/backend.h"
@@ -33,6 +34,22 @@ class CudaScratch {
   cudaStream_t stream_;
   void* data_ = nullptr;
   size_t size_ = 0;
+};
+
+// Dynamic shared memory past the default 48 KB, allowed a kernel (cudaFuncSetAttribute) the first
+// time a launch needs more than it has; a size past the device's opt-in limit is an error naming
+// the op. One for every kernel of the ops, keyed by the kernel's address.
+class CudaSmemAllowance {
+ public:
+  template <typename Kernel>
+  void allow(Kernel* kernel, size_t bytes, const char* op) {
+    allow_kernel(reinterpret_cast<const void*>(kernel), bytes, op);
+  }
+
+ private:
+  void allow_kernel(const void* kernel, size_t bytes, const char* op);
+  std::unordered_map<const void*, size_t> allowed_;
+  int optin_ = -1;  // cudaDevAttrMaxSharedMemoryPerBlockOptin, read at first need
 };
 
 // Device time of each op while timing is on (Backend::start_op_timing): an event recorded before
@@ -153,11 +170,12 @@ class CudaOps final : public Ops {
   bool bf16_matmul_;
   CudaScratch scratch_;  // per op call: what one op needs while it runs
   CudaOpTimer timer_;
+  CudaSmemAllowance smem_;
   int timing_depth_ = 0;
   // State a group of ops keeps across calls (each .cu file defines its own type and creates it at
   // first need; type-erased so that this header stays free of them). Device memory in them is
   // counted in counters_ like any allocation.
-  std::shared_ptr<void> matmul_state_, attention_state_, deltanet_state_, moe_state_, sampling_state_;
+  std::shared_ptr<void> matmul_state_, attention_state_, moe_state_, sampling_state_;
 };
 
 }  // namespace ballast::kernels
