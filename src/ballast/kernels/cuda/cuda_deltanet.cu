@@ -726,7 +726,12 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
 // a row stride of 8 mod 32 banks puts each half warp's on 32 banks), Kp [2][kChunk][dkp + 4] (K',
 // two: the next chunk's lands while this one's is read; B operand at row 2t, column g), Us, Os
 // [kChunk][width + 4] (the block's columns of U and O, read at row 2t, column g as well), and with
-// ks > 1 Red [warps][16][32] float4s, each warp's partial sums (lane-major: no bank conflicts).
+// ks > 1 Red [warps][red_slots(ks)][32] float4s, each warp's partial sums (lane-major: no bank
+// conflicts).
+// A warp's partial sums for the other key parts: all 8 row tiles of u (each part needs the whole
+// V'), and those of x whose rows of out another part writes.
+__host__ __device__ constexpr int red_slots(int ks) { return 16 - 8 / ks; }
+
 struct StateSmem {
   int dkp, lw, lk, lu;
   int64_t Qp, Ws, Kp, Us, Os, Red, total;
@@ -741,7 +746,7 @@ struct StateSmem {
     Kp = o, o += 2 * int64_t(kChunk) * lk;
     Us = o, o += int64_t(kChunk) * lu;
     Os = o, o += int64_t(kChunk) * lu;
-    Red = o, o += ks > 1 ? int64_t(width / 16) * ks * 16 * 32 * 4 : 0;
+    Red = o, o += ks > 1 ? int64_t(width / 16) * ks * red_slots(ks) * 32 * 4 : 0;
     total = o;
   }
   __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
@@ -765,6 +770,7 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1) delta_rule_state_kernel
   wait_for_prior_kernels();
   const auto tf = [](float v) { return tf32_operand<kSplit>(v); };  // an operand of the products
   constexpr int kW = 16 * kGroups, kThreads = 32 * kGroups * kKs, kTiles = kMaxDk / 8 / kKs, kRows = 8 / kKs;
+  constexpr int kSlots = red_slots(kKs);
   static_assert(kKs == 1 || kKs == 2 || kKs == 4, "the key parts: 1, 2 or 4");
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
@@ -880,30 +886,34 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1) delta_rule_state_kernel
           u[j][e] = -u[j][e];
         }
       }
+    // Part q's slot of x row tile j (a tile of another part's rows): the tiles past q's own move down.
+    const auto x_slot = [](int j, int q) { return 8 + (j < q * kRows ? j : j - kRows); };
     if constexpr (kKs > 1) {
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        red[(warp * 16 + j) * 32 + lane] = float4{u[j][0], u[j][1], u[j][2], u[j][3]};
-        red[(warp * 16 + 8 + j) * 32 + lane] = float4{x[j][0], x[j][1], x[j][2], x[j][3]};
+        red[(warp * kSlots + j) * 32 + lane] = float4{u[j][0], u[j][1], u[j][2], u[j][3]};
+        if (j / kRows != part)
+          red[(warp * kSlots + x_slot(j, part)) * 32 + lane] = float4{x[j][0], x[j][1], x[j][2], x[j][3]};
       }
     }
     __syncthreads();  // Q', W, U and O read; the partial sums written
     if (more) issue_step1_part(c0 + kChunk);
     if constexpr (kKs > 1) {  // every part's sums, added in part order (the same V' in every warp)
-      const auto sum_parts = [&](float (&own)[8][4], int j, int slot) {
+      const auto sum_parts = [&](float (&own)[8][4], int j, bool is_x) {
         float4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
         for (int p = 0; p < kKs; ++p) {
+          const int slot = is_x ? x_slot(j, p) : j;
           const float4 v = p == part ? float4{own[j][0], own[j][1], own[j][2], own[j][3]}
-                                     : red[(((warp % kGroups) + p * kGroups) * 16 + slot) * 32 + lane];
+                                     : red[(((warp % kGroups) + p * kGroups) * kSlots + slot) * 32 + lane];
           acc = float4{acc.x + v.x, acc.y + v.y, acc.z + v.z, acc.w + v.w};
         }
         own[j][0] = acc.x, own[j][1] = acc.y, own[j][2] = acc.z, own[j][3] = acc.w;
       };
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        sum_parts(u, j, j);
-        if (j / kRows == part) sum_parts(x, j, 8 + j);  // the part's rows of out
+        sum_parts(u, j, false);
+        if (j / kRows == part) sum_parts(x, j, true);  // the part's rows of out
       }
     }
 #pragma unroll
@@ -1050,15 +1060,15 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
           B, layout.max_query_len);
     auto* scratch = static_cast<float*>(scratch_.bytes(ChunkScratch::floats(T, d.Hv, d.dk, d.dv) * sizeof(float)));
     const ChunkScratch cs = ChunkScratch::at(scratch, T, d.Hv, d.dk, d.dv);
-    // The state kernel's slices: 32 columns a block (8 warps: 2 groups of value columns x 4 key
+    // The state kernel's slices, 8 warps a block: 32 columns (2 groups of value columns x 4 key
     // parts) where those blocks fit on the SMs in one wave (a block takes an SM: its shared
-    // memory), else 64 (4 warps, one key part) where those do, else 128 (8 warps, one key part):
+    // memory), else 64 (4 groups x 2 parts) where those do, else 128 (8 groups, all keys each):
     // a block's Q', W and K' loads serve all its warps.
     const int64_t prefills = layout.prefill_seqs >= 0 ? layout.prefill_seqs : B;
     const auto blocks = [&](int width) { return prefills * d.Hv * cdiv(d.dv, width); };
     const int sms = cuda::rows::multiprocessors();
     const int width = blocks(32) <= sms ? 32 : blocks(64) <= sms ? 64 : 128;
-    const int key_parts = width == 32 ? 4 : 1;
+    const int key_parts = 128 / width;
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
     const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), state_smem = StateSmem(d.dk, width, key_parts).bytes();
     const auto run = [&](auto solve_kernel, auto state_kernel) {
@@ -1076,7 +1086,7 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
       constexpr int kDims = decltype(dims)::value;
       const auto solve = delta_rule_solve_kernel<kSplit, kDims>;
       if (width == 32) run(solve, delta_rule_state_kernel<kSplit, 2, 4, kDims>);
-      else if (width == 64) run(solve, delta_rule_state_kernel<kSplit, 4, 1, kDims>);
+      else if (width == 64) run(solve, delta_rule_state_kernel<kSplit, 4, 2, kDims>);
       else run(solve, delta_rule_state_kernel<kSplit, 8, 1, kDims>);
     };
     using Dims128 = std::integral_constant<int, 128>;
