@@ -26,8 +26,9 @@
 //   (ChunkScratch: W, U, Q' = e^gc Q - P W, O_local = P U, K' = e^{gc_last - gc} K); the state kernel then takes
 //   the chunks of each sequence in order (block: sequence, value head, column slice) and only
 //   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V', each warp on 16
-//   value columns whose state it keeps transposed in registers (slices of 32, 64 or 128 columns a
-//   block, the narrowest whose blocks fit on the SMs at once). The products
+//   value columns and a part of the keys whose state it keeps transposed in registers (8 warps a
+//   block: slices of 32, 64 or 128 columns in 4, 2 or 1 key parts, the narrowest whose blocks fit
+//   on the SMs at once). The products
 //   run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy), or in TF32 (operands
 //   rounded to 10 bits, one product for three) under bf16 matrix products (T's own blocks always
 //   in 3xTF32); the substitution of T's diagonal blocks and the exponentials (of double
