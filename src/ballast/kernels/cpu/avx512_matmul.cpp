@@ -64,7 +64,10 @@ struct Bf16Row {
     even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
     odd = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(int32_t(0xFFFF0000u))));
   }
-  void prefetch(int64_t k, int64_t ahead) const { __builtin_prefetch(w + k + ahead); }
+  template <int kLocality>
+  void prefetch(int64_t k, int64_t ahead) const {
+    __builtin_prefetch(w + k + ahead, 0, kLocality);
+  }
   // No scales: what a step's rows share (see Fp8Row) is nothing.
   struct Shared {};
   static Shared shared(const Bf16Row*, int64_t) { return {}; }
@@ -91,8 +94,9 @@ struct Fp8Row {
     even = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(v, 20), bits));
     odd = _mm512_castsi512_ps(_mm512_and_si512(_mm512_slli_epi32(v, 4), bits));
   }
+  template <int kLocality>
   void prefetch(int64_t k, int64_t ahead) const {
-    if (k % 64 == 0) __builtin_prefetch(w + k + ahead);  // a cache line holds two steps
+    if (k % 64 == 0) __builtin_prefetch(w + k + ahead, 0, kLocality);  // a cache line holds two steps
   }
   struct Shared {
     __m512 first, second;  // 2^120 s and unused, or 2^120 and s
@@ -114,10 +118,10 @@ struct Fp8Row {
 };
 
 // One 32-column step of a tile: MT x rows (stride Kp) against NN weight rows, into acc; each row's
-// line `ahead` elements on (the next tile's rows) is asked for as well. Every pass over a tile
-// prefetches, not only the first: measured faster (16-row expert products 1.05-1.2x), as a burst
-// of prefetches in one pass finds the miss buffers full.
-template <int MT, int NN, typename Row>
+// line `ahead` elements on (the next tile's rows) is asked for as well, into L1 (kLocality 3) or
+// only into L2 (2). Every pass over a tile prefetches, not only the first: measured faster (16-row
+// expert products 1.05-1.2x), as a burst of prefetches in one pass finds the miss buffers full.
+template <int MT, int NN, int kLocality, typename Row>
 BALLAST_AVX512 __attribute__((always_inline)) inline void step(const float* xs, int64_t Kp, const Row* rows, int64_t k,
                                                                __mmask32 mask, bool full, int64_t ahead,
                                                                __m512 (&acc)[MT][NN]) {
@@ -128,7 +132,7 @@ BALLAST_AVX512 __attribute__((always_inline)) inline void step(const float* xs, 
   }
   const typename Row::Shared shared = Row::shared(rows, k);
   for (int r = 0; r < NN; ++r) {
-    rows[r].prefetch(k, ahead);
+    rows[r].template prefetch<kLocality>(k, ahead);
     __m512 we, wo;
     rows[r].load(k, mask, full, we, wo);
     Row::scale(shared, we, wo);
@@ -149,15 +153,15 @@ BALLAST_AVX512 __attribute__((always_inline)) inline __m128 sum_lanes4(__m512 a,
 }
 
 // y[t * ldy + r] = xs[t] . row r, for MT x rows (stride Kp) and NN weight rows.
-template <int MT, int NN, typename Row>
+template <int MT, int NN, int kLocality, typename Row>
 BALLAST_AVX512 void tile(const float* xs, int64_t Kp, int64_t K, const Row* rows, float* y, int64_t ldy) {
   __m512 acc[MT][NN];
   for (int t = 0; t < MT; ++t)
     for (int r = 0; r < NN; ++r) acc[t][r] = _mm512_setzero_ps();
   const int64_t ahead = NN * K;  // rows are consecutive: the next tile's rows start there
   int64_t k = 0;
-  for (; k + 32 <= K; k += 32) step<MT, NN>(xs, Kp, rows, k, ~__mmask32(0), true, ahead, acc);
-  if (k < K) step<MT, NN>(xs, Kp, rows, k, __mmask32((1u << (K - k)) - 1), false, ahead, acc);
+  for (; k + 32 <= K; k += 32) step<MT, NN, kLocality>(xs, Kp, rows, k, ~__mmask32(0), true, ahead, acc);
+  if (k < K) step<MT, NN, kLocality>(xs, Kp, rows, k, __mmask32((1u << (K - k)) - 1), false, ahead, acc);
   // Lane sums four accumulators at a time (fewer shuffles than one at a time), in (t, r) order.
   constexpr int n = MT * NN, n4 = n / 4 * 4;
   const __m512* a = &acc[0][0];
@@ -182,19 +186,27 @@ inline void with_count(int64_t n, const F& f) {
 constexpr int widest(int mt) { return mt == 4 ? 5 : mt == 3 ? 6 : 8; }
 
 // Few x rows (decode): one pass over the weight rows in tiles of MT x widest(MT), each row read
-// once, the next tile's rows prefetched.
+// once, the next tile's rows prefetched: into L2 only where the weights stream from memory (the
+// loads find them there, and L1's miss buffers are left to the loads: one-core decode of the
+// mid-size model +3%), into L1 for the rest (the demo model's, cached, decodes ~9% slower the other
+// way; docs/perf.md).
 template <int MT, typename Row>
 BALLAST_AVX512 void few_rows(const float* xs, int64_t Kp, int64_t K, const Row* rows, int64_t nb, float* y,
-                             int64_t ldy) {
+                             int64_t ldy, bool weights_stream) {
   constexpr int NN = widest(MT);
-  int64_t i = 0;
-  for (; i + NN <= nb; i += NN) tile<MT, NN>(xs, Kp, K, rows + i, y + i, ldy);
-  with_count<NN - 1>(nb - i, [&]<int R>() { tile<MT, R>(xs, Kp, K, rows + i, y + i, ldy); });
+  const auto tiles = [&]<int L>() {
+    int64_t i = 0;
+    for (; i + NN <= nb; i += NN) tile<MT, NN, L>(xs, Kp, K, rows + i, y + i, ldy);
+    with_count<NN - 1>(nb - i, [&]<int R>() { tile<MT, R, L>(xs, Kp, K, rows + i, y + i, ldy); });
+  };
+  if (weights_stream) tiles.template operator()<2>();
+  else tiles.template operator()<3>();
 }
 
 // Many x rows: tiles of 4 x 5, row tiles outer. A tile's 5 weight rows come from memory once (the
-// next ones prefetched meanwhile) and stay in L1 while every x tile of a chunk (x rows that fit
-// in 256 KB of L2) passes them; later chunks find the block's rows in L2.
+// next ones prefetched into L1 meanwhile: into L2 only, prefill of 512 tokens lost ~5%) and stay in
+// L1 while every x tile of a chunk (x rows that fit in 256 KB of L2) passes them; later chunks find
+// the block's rows in L2.
 template <typename Row>
 BALLAST_AVX512 void many_rows(const float* xs, int64_t T, int64_t Kp, int64_t K, const Row* rows, int64_t nb,
                               float* y, int64_t ldy) {
@@ -204,8 +216,8 @@ BALLAST_AVX512 void many_rows(const float* xs, int64_t T, int64_t Kp, int64_t K,
     const int64_t c1 = std::min(T, c0 + chunk);
     auto row_tile = [&]<int R>(int64_t i) {
       int64_t t = c0;
-      for (; t + 4 <= c1; t += 4) tile<4, R>(xs + t * Kp, Kp, K, rows + i, y + t * ldy + i, ldy);
-      with_count<3>(c1 - t, [&]<int M>() { tile<M, R>(xs + t * Kp, Kp, K, rows + i, y + t * ldy + i, ldy); });
+      for (; t + 4 <= c1; t += 4) tile<4, R, 3>(xs + t * Kp, Kp, K, rows + i, y + t * ldy + i, ldy);
+      with_count<3>(c1 - t, [&]<int M>() { tile<M, R, 3>(xs + t * Kp, Kp, K, rows + i, y + t * ldy + i, ldy); });
     };
     int64_t i = 0;
     for (; i + NN <= nb; i += NN) row_tile.template operator()<NN>(i);
@@ -215,10 +227,10 @@ BALLAST_AVX512 void many_rows(const float* xs, int64_t T, int64_t Kp, int64_t K,
 
 template <typename Row>
 BALLAST_AVX512 void product(const float* xs, int64_t T, int64_t K, const Row* rows, int64_t nb, float* y,
-                            int64_t ldy) {
+                            int64_t ldy, bool weights_stream) {
   const int64_t Kp = split_width(K);
   if (T >= 4) return many_rows(xs, T, Kp, K, rows, nb, y, ldy);
-  with_count<3>(T, [&]<int M>() { few_rows<M>(xs, Kp, K, rows, nb, y, ldy); });
+  with_count<3>(T, [&]<int M>() { few_rows<M>(xs, Kp, K, rows, nb, y, ldy, weights_stream); });
 }
 
 constexpr int64_t kMaxRows = 64;  // rows per call (matmul.cpp's blocks)
@@ -226,7 +238,7 @@ constexpr int64_t kMaxRows = 64;  // rows per call (matmul.cpp's blocks)
 }  // namespace
 
 void rows_product(const float* xs, int64_t T, int64_t K, const void* w, DType dt, int64_t nb, const float* scales,
-                  int64_t scale_row0, int64_t scales_ld, float* y, int64_t ldy) {
+                  int64_t scale_row0, int64_t scales_ld, float* y, int64_t ldy, bool weights_stream) {
   // Calls of at most kMaxRows rows that never cross a block of 128 rows (FP8's rows then share
   // their scales: Fp8Row::shared).
   for (int64_t b0 = 0, n = 0; b0 < nb; b0 += n) {
@@ -234,13 +246,13 @@ void rows_product(const float* xs, int64_t T, int64_t K, const void* w, DType dt
     if (dt == DType::BF16) {
       Bf16Row rows[kMaxRows];
       for (int64_t i = 0; i < n; ++i) rows[i] = {static_cast<const uint16_t*>(w) + (b0 + i) * K};
-      product(xs, T, K, rows, n, y + b0, ldy);
+      product(xs, T, K, rows, n, y + b0, ldy, weights_stream);
     } else {
       Fp8Row rows[kMaxRows];
       for (int64_t i = 0; i < n; ++i)
         rows[i] = {static_cast<const uint8_t*>(w) + (b0 + i) * K,
                    scales + ((scale_row0 + b0 + i) / kScaleBlock) * scales_ld};
-      product(xs, T, K, rows, n, y + b0, ldy);
+      product(xs, T, K, rows, n, y + b0, ldy, weights_stream);
     }
   }
 }
@@ -250,7 +262,7 @@ void rows_product(const float* xs, int64_t T, int64_t K, const void* w, DType dt
 bool available() { return false; }
 void split_rows(const float*, int64_t, int64_t, float*) {}
 void rows_product(const float*, int64_t, int64_t, const void*, DType, int64_t, const float*, int64_t, int64_t,
-                  float*, int64_t) {}
+                  float*, int64_t, bool) {}
 
 #endif
 

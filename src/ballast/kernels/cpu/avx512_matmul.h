@@ -21,8 +21,9 @@ void split_rows(const float* x, int64_t T, int64_t K, float* xs);
 // y[t * ldy + i] = x[t] . w[i] for t < T, i < nb: xs is split_rows of x [T, K]; w points at nb rows
 // of K elements (row stride K) of dtype BF16 or F8_E4M3_B128. FP8 rows widen through their block
 // scales: w's first row is row scale_row0 of the tensor whose scales [N / 128, scales_ld] start at
-// `scales` (row i's scales are scales + ((scale_row0 + i) / 128) * scales_ld).
+// `scales` (row i's scales are scales + ((scale_row0 + i) / 128) * scales_ld). weights_stream: the
+// weights come from memory, not from a cache (prefetches then go to L2 only; the results are the same).
 void rows_product(const float* xs, int64_t T, int64_t K, const void* w, DType dt, int64_t nb, const float* scales,
-                  int64_t scale_row0, int64_t scales_ld, float* y, int64_t ldy);
+                  int64_t scale_row0, int64_t scales_ld, float* y, int64_t ldy, bool weights_stream);
 
 }  // namespace ballast::kernels::cpu::avx512

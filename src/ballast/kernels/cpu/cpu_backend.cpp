@@ -1,6 +1,7 @@
 #include "ballast/kernels/cpu/cpu_backend.h"
 
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <cblas.h>
 
@@ -49,6 +50,10 @@ CpuBackend::CpuBackend(int threads, CpuOptions options)
   // Parallelism comes from our pool; BLAS runs single-threaded inside each task.
   openblas_set_num_threads(1);
   ops_ = std::make_unique<CpuOps>(pool_, counters_);
+  // The last-level cache as the system reports it (on a virtual machine possibly the sum over
+  // the host's cache complexes, larger than one core's share: weights past it stream for sure).
+  const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE), l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+  cache_bytes_ = l3 > 0 ? l3 : l2 > 0 ? l2 : int64_t(32) << 20;
 }
 
 CpuBackend::~CpuBackend() = default;
@@ -77,10 +82,12 @@ Tensor CpuBackend::alloc(std::vector<int64_t> shape, DType dtype) {
 
 Tensor CpuBackend::to_device(const Tensor& host) {
   check(host.device() == Device::CPU, "cpu to_device: tensor {} is not in host memory", host);
-  if (!options_.copy_weights) return host;
-  // Block-scaled FP8: the elements and their scales, each copied once.
-  if (host.dtype() == DType::F8_E4M3_B128)
+  // Block-scaled FP8: the elements and their scales, each copied once (and counted below).
+  if (options_.copy_weights && host.dtype() == DType::F8_E4M3_B128)
     return Tensor::block_scaled(to_device(host.elements()), to_device(host.scales()));
+  weight_bytes_ += int64_t(host.storage_bytes());
+  ops_->set_weights_stream(weight_bytes_ > cache_bytes_);
+  if (!options_.copy_weights) return host;
   auto [p, block] = weights_->take(host.nbytes());
   if (block.get() == p) {  // a new block
     ++counters_.allocations;

@@ -47,6 +47,10 @@ class CpuBackend final : public Backend {
   std::unique_ptr<WeightArena> weights_;
   ThreadPool pool_;
   CpuOptions options_;
+  // The weights to_device has handed out, against the last-level cache: past it they stream from
+  // memory at every pass (CpuOps::set_weights_stream).
+  int64_t weight_bytes_ = 0;
+  int64_t cache_bytes_ = 0;
   std::unique_ptr<CpuOps> ops_;
   std::unique_ptr<OpTimes> op_times_;  // while timing is on
 };

@@ -242,10 +242,10 @@ void CpuOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offs
     float* G = X + n * H;
     float* U = G + n * I;
     for (int64_t j = 0; j < n; ++j) std::memcpy(X + j * H, xp + int64_t(p[j0 + j] / row_div) * H, size_t(H) * 4);
-    cpu::matmul(X, n, H, w.gate, G, pool);
-    cpu::matmul(X, n, H, w.up, U, pool);
+    cpu::matmul(X, n, H, w.gate, G, pool, weights_stream_);
+    cpu::matmul(X, n, H, w.up, U, pool, weights_stream_);
     for (int64_t i = 0; i < n * I; ++i) G[i] = silu(G[i]) * U[i];
-    cpu::matmul(G, n, I, w.down, X, pool);  // X is free again: it takes Y
+    cpu::matmul(G, n, I, w.down, X, pool, weights_stream_);  // X is free again: it takes Y
     for (int64_t j = 0; j < n; ++j) std::memcpy(yp + int64_t(p[j0 + j]) * H, X + j * H, size_t(H) * 4);
   };
   if (side_by_side) {

@@ -52,7 +52,7 @@ void CpuOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
 void CpuOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   auto timed = time_op("matmul");
   const auto [T, K, N] = check_matmul(x, w, y);
-  cpu::matmul(f32(x), T, K, w, f32_mut(y), &pool_);
+  cpu::matmul(f32(x), T, K, w, f32_mut(y), &pool_, weights_stream_);
 }
 
 void CpuOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {

@@ -80,6 +80,9 @@ class CpuOps final : public Ops {
 
   // Op timing (Backend::start_op_timing): null when off.
   void set_op_times(OpTimes* times) { times_ = times; }
+  // The weights come from memory at every pass (matmul.h's weights_stream): CpuBackend says so
+  // once the weights it has loaded exceed the last-level cache.
+  void set_weights_stream(bool stream) { weights_stream_ = stream; }
 
  private:
   HostTimedOp time_op(const char* op) { return HostTimedOp(times_, timing_depth_, op); }
@@ -95,6 +98,7 @@ class CpuOps final : public Ops {
   CpuScratch sampling_scratch_;   // per worker: one distribution [V]
   OpTimes* times_ = nullptr;
   int timing_depth_ = 0;
+  bool weights_stream_ = false;
 };
 
 }  // namespace ballast::kernels

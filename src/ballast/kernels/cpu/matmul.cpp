@@ -129,11 +129,13 @@ Isa best_isa() {
   return isa;
 }
 
-void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, ThreadPool* pool) {
-  matmul(xp, T, K, w, yp, pool, best_isa());
+void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, ThreadPool* pool,
+            bool weights_stream) {
+  matmul(xp, T, K, w, yp, pool, best_isa(), weights_stream);
 }
 
-void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, ThreadPool* pool, Isa isa) {
+void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, ThreadPool* pool, Isa isa,
+            bool weights_stream) {
   check(w.rank() == 2 && w.dim(1) == K, "matmul: weight {} for rows of {}", w, K);
   check(isa == Isa::portable || avx512::available(), "matmul: AVX-512 kernels asked for on a CPU without them");
   if (T == 0) return;
@@ -152,7 +154,7 @@ void matmul(const float* xp, int64_t T, int64_t K, const Tensor& w, float* yp, T
     auto run = [&](int64_t b0, int64_t b1) {
       const int64_t n0 = b0 * kRowBlock, n1 = std::min(N, b1 * kRowBlock);
       avx512::rows_product(xsp, T, K, static_cast<const char*>(w.raw()) + size_t(n0 * K) * esize, w.dtype(),
-                           n1 - n0, scales.data, n0, scales.ld, yp + n0, N);
+                           n1 - n0, scales.data, n0, scales.ld, yp + n0, N, weights_stream);
     };
     if (pool) pool->parallel_for(blocks, [&run](int64_t b0, int64_t b1) { run(b0, b1); });
     else run(0, blocks);

@@ -16,9 +16,16 @@ namespace ballast::kernels::cpu {
 // (avx512_matmul.h) for bf16 and FP8 weights at any number of rows, taken when the CPU has
 // AVX-512 unless BALLAST_CPU_KERNELS=portable is set in the environment. Tests pass `isa` to run
 // both on any machine that has both.
+//
+// weights_stream: the weights come from memory at every pass, not from a cache (the model's
+// weights exceed the last-level cache: CpuBackend decides as they load); the AVX-512 few-row
+// tiles then ask L2 only for the next rows, leaving L1's miss buffers to the loads. The results
+// are the same either way.
 enum class Isa { portable, avx512 };
 Isa best_isa();  // avx512 when available (and not turned off), else portable
-void matmul(const float* x, int64_t T, int64_t K, const Tensor& w, float* y, ThreadPool* pool);
-void matmul(const float* x, int64_t T, int64_t K, const Tensor& w, float* y, ThreadPool* pool, Isa isa);
+void matmul(const float* x, int64_t T, int64_t K, const Tensor& w, float* y, ThreadPool* pool,
+            bool weights_stream = false);
+void matmul(const float* x, int64_t T, int64_t K, const Tensor& w, float* y, ThreadPool* pool, Isa isa,
+            bool weights_stream = false);
 
 }  // namespace ballast::kernels::cpu
