@@ -1069,7 +1069,7 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     const auto blocks = [&](int width) { return prefills * d.Hv * cdiv(d.dv, width); };
     const int sms = cuda::rows::multiprocessors();
     const int width = blocks(32) <= sms ? 32 : blocks(64) <= sms ? 64 : 128;
-    const int key_parts = 128 / width;
+    const int key_parts = 128 / width;  // 8 warps of 16 columns each
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
     const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), state_smem = StateSmem(d.dk, width, key_parts).bytes();
     const auto run = [&](auto solve_kernel, auto state_kernel) {
@@ -1078,7 +1078,7 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
       launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, a,
              cs, int(chunks_per_seq));
       check_launch("gated_delta_rule: chunk solve");
-      launch(state_kernel, state_grid, 2 * width * key_parts, state_smem, stream_, a, cs);
+      launch(state_kernel, state_grid, 32 * (width / 16) * key_parts, state_smem, stream_, a, cs);
     };
     // Products in 3xTF32 (fp32 accuracy) unless bf16 products are asked for: then in TF32. The
     // kernels compiled for the Qwen models' head dims (dk = dv = 128) where they are those.
