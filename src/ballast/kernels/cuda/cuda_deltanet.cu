@@ -722,6 +722,10 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
     }
 }
 
+// A warp's partial sums for the other key parts of the state kernel: all 8 row tiles of u (each
+// part needs the whole V'), and those of x whose rows of out another part writes.
+__host__ __device__ constexpr int red_slots(int ks) { return 16 - 8 / ks; }
+
 // Shared memory of the state kernel of `width` value columns a block and the keys split over `ks`
 // warps, in floats: Qp, Ws [kChunk][dkp + 8] (Q', W: B operands read as float2 at row g, column 2t:
 // a row stride of 8 mod 32 banks puts each half warp's on 32 banks), Kp [2][kChunk][dkp + 4] (K',
@@ -729,10 +733,6 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
 // [kChunk][width + 4] (the block's columns of U and O, read at row 2t, column g as well), and with
 // ks > 1 Red [warps][red_slots(ks)][32] float4s, each warp's partial sums (lane-major: no bank
 // conflicts).
-// A warp's partial sums for the other key parts: all 8 row tiles of u (each part needs the whole
-// V'), and those of x whose rows of out another part writes.
-__host__ __device__ constexpr int red_slots(int ks) { return 16 - 8 / ks; }
-
 struct StateSmem {
   int dkp, lw, lk, lu;
   int64_t Qp, Ws, Kp, Us, Os, Red, total;

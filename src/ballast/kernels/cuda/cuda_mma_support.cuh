@@ -74,12 +74,6 @@ __device__ __forceinline__ void mma_tf32x(float (&d)[4], const Tf32Pair (&a)[4],
   if constexpr (kSplit) mma_3xtf32(d, a, b);
   else mma_tf32(d, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
 }
-template <bool kSplit>
-__device__ __forceinline__ void mma_tf32x_split(float (&hi)[4], float (&lo)[4], const Tf32Pair (&a)[4],
-                                                const Tf32Pair (&b)[2]) {
-  if constexpr (kSplit) mma_3xtf32_split(hi, lo, a, b);
-  else mma_tf32(hi, a[0].big, a[1].big, a[2].big, a[3].big, b[0].big, b[1].big);
-}
 
 // Two floats as the bf16 pair of an mma operand register: lo (the smaller k) in the low half.
 __device__ __forceinline__ uint32_t bf16_pair(float lo, float hi) {
