@@ -141,9 +141,10 @@ TEST(CudaBackend, Bf16MatmulEqualsTheProductOfRoundedInputs) {
 // bits, so an h value within a hair of an e4m3 rounding boundary may round to the other side: the
 // step it may take (times its down weight) is allowed on top.
 void expect_grouped_experts_equal_rounded_products(DType dt, int64_t H, int64_t I, const std::string& op,
-                                                   bool quantized = false) {
+                                                   bool quantized = false,
+                                                   // 100, 40, 5, none, 20 rows
+                                                   const std::vector<int32_t>& offsets = {0, 100, 140, 145, 145, 165}) {
   CudaBackend be(0, CudaOptions{.bf16_matmul = true});
-  const std::vector<int32_t> offsets{0, 100, 140, 145, 145, 165};  // 100, 40, 5, none, 20 rows
   const int64_t M = offsets.back(), E = int64_t(offsets.size()) - 1;
   std::mt19937 rng(5);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -254,10 +255,18 @@ TEST(CudaBackend, Fp8GroupedExpertsOnTheTensorCoresEqualTheDequantizedProducts) 
 
 TEST(CudaBackend, Fp8GroupedExpertsOnTheFp8TensorCoresEqualTheProductsOfQuantizedInputs) {
   if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
-  // Whole 128-blocks: 4 of x (more stages than the copies in flight), 2 of h; 128-row tiles: the
-  // group of 100 rows reaches the second warpgroup's rows, the groups of 40 and 20 leave it idle.
-  expect_grouped_experts_equal_rounded_products(DType::F8_E4M3_B128, 512, 256, "moe_experts (FP8 tensor cores)",
-                                                /*quantized=*/true);
+  // Whole 128-blocks: 6 of x (more stages than are in flight, the stage ring wrapping within an
+  // item), 2 of h (fewer). The tiles take one consumer warpgroup (64 rows) for each 64 of a group's
+  // mean rows, up to 3: with 33 one (the group of 100 in two tiles), with 67.5 two (150 rows in
+  // two tiles, the second's 22 rows leaving a warpgroup idle; 100 rows: the second warpgroup 36),
+  // with 133 three (230 rows: 192 + 38; 150: the third warpgroup 22 rows; 20: two idle).
+  for (const std::vector<int32_t>& offsets : {std::vector<int32_t>{0, 100, 140, 145, 145, 165},
+                                              std::vector<int32_t>{0, 150, 170, 270, 270},
+                                              std::vector<int32_t>{0, 230, 380, 400}}) {
+    SCOPED_TRACE(testing::Message() << offsets.back() << " rows in " << offsets.size() - 1 << " groups");
+    expect_grouped_experts_equal_rounded_products(DType::F8_E4M3_B128, 768, 256, "moe_experts (FP8 tensor cores)",
+                                                  /*quantized=*/true, offsets);
+  }
 }
 
 // FP8 dense products with bf16 matrix products. Few rows read the e4m3 weights in place (fp32

@@ -22,7 +22,10 @@
 //                  accumulation); block-scaled FP8 experts too, their e4m3 values exact in bf16,
 //                  each 128-block of k summed apart and added times its scale (FP8 weights, bf16
 //                  activations: the FP8 rate is not the limit of this kernel). Small tiles read
-//                  FP8 in place, 16 elements a lane-step, times the block's scale.
+//                  FP8 in place, 16 elements a lane-step, times the block's scale. On Hopper (sm_90a)
+//                  block-scaled FP8 experts whose sizes are whole 128-blocks take the FP8 tensor
+//                  cores instead (x and h quantized per row and 128-block): warp-specialized tiles of
+//                  up to 192 rows (experts_fp8_kernel) and mma.sync tiles of up to 8.
 //   moe_combine    one thread per output element (4 with float4), choices in order, loaded four
 //                  at a time.
 // Index data is checked by the kernels: an entry out of range is skipped (never written through)
@@ -1441,42 +1444,52 @@ __global__ void __launch_bounds__(kExpertThreads) experts_wmma_kernel(ExpertsArg
 // Large tiles of block-scaled FP8 experts on the FP8 tensor cores (W8A8, as the dense FP8 products
 // and vLLM / SGLang compute Qwen's FP8 releases): x, and h after the gate/up pass, quantized per
 // row and 128 consecutive k (scale amax / 448, nearest e4m3; quantize_rows_b128), times the e4m3
-// weights with fp32 accumulation; each 128-block of k sums apart in the tensor cores and joins the
-// fp32 total times its row's x scale and the weight block's scale (the tensor cores' FP8 sums keep
-// fewer bits than fp32, so blocks are short). Hopper runs FP8 only in its warpgroup products
-// (wgmma; mma.sync on e4m3 is emulated through fp16 there): a block of one warpgroup computes
-// 64 rows x 128 weight rows (GU: 64 of gate and the same 64 of up, so that the epilogue pairs them)
-// as m64n128k32 products from shared memory (128-row tiles of two warpgroups sharing the weight
-// tile measured 6-10% slower: one block a SM at 211 registers), K in stages of one 128-block (so
-// that a stage's sums are scaled as soon as they are done) brought by cp.async kFp8Stages - 1
-// stages ahead. Shared tiles are in the canonical K-major layout without swizzle: 8-row x 16-byte
-// core matrices of 128 contiguous bytes, the next 16 bytes of k 128 bytes on (LBO), the next 8 rows
-// 1024 bytes on (SBO).
-constexpr int kFp8Rows = 64;              // x (h) rows of a tile: one warpgroup's
-constexpr int kFp8Threads = 128;          // one warpgroup (two blocks a SM: one's products run while
-                                          // the other scales, waits or loads)
-constexpr int kFp8CopyRows = kFp8Threads / 8;  // rows a stage's copies cover a pass (8 chunks a row)
-constexpr int kFp8K = kScaleBlock;        // k (bytes) a stage of a row
-constexpr int kFp8Cols = 128;             // weight rows of a block
-constexpr int kFp8Stages = 3;
-constexpr int kFp8Ld = kFp8Cols + 4;      // float row stride of the epilogue tile
-constexpr uint32_t kFp8Lbo = 128, kFp8Sbo = (kFp8K / 16) * 128;
-constexpr size_t kFp8StageBytes = size_t(kFp8Rows + kFp8Cols) * kFp8K;
-constexpr size_t kFp8Smem = kFp8Stages * kFp8StageBytes > size_t(kFp8Rows) * kFp8Ld * 4
-                                ? kFp8Stages * kFp8StageBytes
-                                : size_t(kFp8Rows) * kFp8Ld * 4;
-constexpr int kFp8MaxKBlocks = 32;        // K <= 4096 (the scales of a tile's rows are staged)
-constexpr size_t kFp8StaticSmem = 2 * kFp8Rows * 8 + kFp8MaxKBlocks * kFp8Rows * 4;
+// weights with fp32 accumulation. Hopper runs FP8 only in its warpgroup products (wgmma; mma.sync
+// on e4m3 is emulated through fp16 there).
+// An item is up to 64 C rows of one expert's tile x 128 weight rows (GU: 64 of gate and the same 64
+// of up, so that each lane holds the gate and up sums its h needs). The block is warp-specialized:
+// kFp8ProducerWarps warps copy each 128-byte stage of k (one scale block) of the item's x (h) rows
+// and weight rows into shared memory with cp.async, kFp8Stages stages ahead, and C consumer
+// warpgroups take 64 rows each (m64n128k32 products from shared memory), so the weight tile a stage
+// brings serves up to C x 64 rows: a prefill's tile streamed its weights from L2 once for each 64
+// rows before, the bytes through L2 that bounded it (docs/perf.md). Full / empty mbarriers a stage
+// stand between the two roles (cp.async.mbarrier.arrive for the copies, one arrival a consumer
+// warp once its products are done); no barrier spans the block, so a consumer's scaling and
+// epilogue overlap the others' products and the producers' next copies.
+// Each 128-block of k sums apart in the tensor cores (their FP8 sums keep fewer bits than fp32)
+// and joins the total times its scale s_b (the row's x scale times the weight block's): the
+// accumulators hold total / s_b, multiplied by s_b / s_b+1 before the next block's products add
+// to them and by the last s at the end, so one set of 64 sums a thread serves (DeepGEMM keeps a
+// second set and adds each block's sums into it).
+// Shared tiles are K-major with the 128-byte swizzle (row r's 16-byte chunk c at r * 128 +
+// ((c ^ r % 8) * 16), 8-row atoms of 1024 bytes): the wgmma descriptors' canonical form for rows
+// of one 128-byte k stage, conflict-free for the copies.
+constexpr int kFp8Rows = 64;              // x (h) rows of a consumer warpgroup
+constexpr int kFp8Cols = 128;             // weight rows of an item
+constexpr int kFp8K = kScaleBlock;        // k (bytes) a stage of a row: one scale block, one swizzle row
+constexpr int kFp8ProducerWarps = 2;
+constexpr int kFp8ProducerThreads = 32 * kFp8ProducerWarps;
+constexpr int kFp8Stages = 4;
+constexpr int kFp8MaxConsumers = 3;       // 192 rows: nearly every expert of an 8k prefill (~160) in one item
+constexpr float kFp8TinyScale = 1e-30f;   // a block scale below this counts as it (the ratios stay finite)
 
-// Byte offset of (row r, 16-byte chunk c of k) in a stage's tile.
-__device__ __forceinline__ uint32_t fp8_tile_offset(int r, int c) {
-  return uint32_t(r / 8) * kFp8Sbo + uint32_t(c) * kFp8Lbo + uint32_t(r % 8) * 16;
-}
+template <int C>
+constexpr int fp8_threads() { return 128 * C + kFp8ProducerThreads; }
+template <int C>
+constexpr size_t fp8_stage_bytes() { return size_t(kFp8Rows * C + kFp8Cols) * kFp8K; }
+// Stages (1024-byte aligned by hand: the dynamic shared memory's start is not), then the full and
+// empty barriers, then the item's x row sources (GU).
+template <int C>
+constexpr size_t fp8_smem() { return 1024 + kFp8Stages * fp8_stage_bytes<C>() + 2 * kFp8Stages * 8 + kFp8Rows * C * 4; }
 
-// Shared-memory matrix descriptor (no swizzle): start address, LBO and SBO in 16-byte units.
-__device__ __forceinline__ uint64_t fp8_desc(const void* p) {
-  const uint64_t a = uint64_t(__cvta_generic_to_shared(p));
-  return ((a & 0x3ffff) >> 4) | (uint64_t(kFp8Lbo >> 4) << 16) | (uint64_t(kFp8Sbo >> 4) << 32);
+// Byte offset of (row r, 16-byte chunk c of k) in a 128-byte-swizzled tile.
+__device__ __forceinline__ uint32_t fp8_swizzled(int r, int c) { return uint32_t(r) * 128 + uint32_t((c ^ (r & 7)) << 4); }
+
+// Shared-memory matrix descriptor, K-major with the 128-byte swizzle: start address (16-byte units),
+// LBO unused (1), SBO 1024 bytes (from one 8-row atom to the next), layout type 1 (128B swizzle).
+// The k32 steps inside a 128-byte row add 32 bytes to the start (2 units).
+__device__ __forceinline__ uint64_t fp8_desc(uint32_t smem_addr) {
+  return uint64_t((smem_addr & 0x3ffff) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
 
 // d (+)= A B^T for A 64 x 32 and B 128 x 32 e4m3 in shared memory; `accumulate` false starts d.
@@ -1508,117 +1521,205 @@ constexpr bool kFp8TensorCores = false;
 // cp.async's writes (the generic proxy) made visible to the tensor cores' reads (the async proxy).
 __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
-template <bool GU>
-__global__ void __launch_bounds__(kFp8Threads) experts_fp8_kernel(ExpertsArgs a) {
+// mbarriers in shared memory (the producer / consumer hand-off of the FP8 tiles' stages).
+__device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(unsigned(__cvta_generic_to_shared(b))), "r"(count)
+               : "memory");
+}
+// Waits until the phase of parity `parity` has completed.
+__device__ __forceinline__ void mbar_wait(uint64_t* b, uint32_t parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(unsigned(__cvta_generic_to_shared(b))),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* b) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(unsigned(__cvta_generic_to_shared(b))) : "memory");
+}
+// An arrival on b once this thread's cp.async copies issued so far have landed (counted in b's init).
+__device__ __forceinline__ void cp_async_arrive(uint64_t* b) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(unsigned(__cvta_generic_to_shared(b)))
+               : "memory");
+}
+// The producer warps alone (named barrier 1).
+__device__ __forceinline__ void producers_sync() {
+  asm volatile("bar.sync 1, %0;" ::"n"(kFp8ProducerThreads) : "memory");
+}
+
+// The scale of row sums of a 128-block: x's row scale times the weight block's, kept off zero.
+__device__ __forceinline__ float fp8_block_scale(float xs, float ws) {
+  const float s = xs * ws;
+  return fabsf(s) < kFp8TinyScale ? kFp8TinyScale : s;
+}
+
+template <bool GU, int C>
+__global__ void __launch_bounds__(fp8_threads<C>(), C == 1 ? 2 : 1) experts_fp8_kernel(ExpertsArgs a) {
   wait_for_prior_kernels();
-  extern __shared__ __align__(128) unsigned char smem[];
-  __shared__ int64_t src[kFp8Rows], dst[kFp8Rows];
-  __shared__ float rs[kFp8MaxKBlocks][kFp8Rows];  // the tile's rows' x (h) scales by 128-block
-  static_assert(sizeof(src) + sizeof(dst) + sizeof(rs) <= kFp8StaticSmem);
-  const int tid = threadIdx.x, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int wg = tid >> 7, wr = 64 * wg + 16 * ((tid >> 5) & 3);  // warpgroup; the warp's first row
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = unsigned(__cvta_generic_to_shared(smem_raw));
+  unsigned char* smem = smem_raw + (((raw + 1023) & ~1023u) - raw);
+  uint64_t* full = reinterpret_cast<uint64_t*>(smem + kFp8Stages * fp8_stage_bytes<C>());
+  uint64_t* empty = full + kFp8Stages;
+  int32_t* srcs = reinterpret_cast<int32_t*>(empty + kFp8Stages);
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    for (int s = 0; s < kFp8Stages; ++s) {
+      mbar_init(full + s, kFp8ProducerThreads);
+      mbar_init(empty + s, 4 * C);  // one arrival a consumer warp
+    }
+  }
+  __syncthreads();
   const int64_t K = GU ? a.H : a.ldh, KB = K / kScaleBlock, nk = K / kFp8K;
   const int64_t items = int64_t(*a.ntiles) * a.fblocks;
+  uint32_t it = 0;  // stages handed over so far (both roles count the same)
+  if (tid >= 128 * C) {
+    // Producer warps: thread p copies the 16-byte chunk p % 8 of rows p / 8 + 8 i.
+    const int p = tid - 128 * C, cr = p >> 3, cc = p & 7;
+    constexpr int kStep = kFp8ProducerThreads / 8;
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+      const int4 tile = a.tiles[item / a.fblocks];
+      const int64_t n0 = (item % a.fblocks) * (GU ? kFp8Cols / 2 : kFp8Cols);
+      const ExpertEntry ex = a.ex[tile.x];
+      const int64_t Nout = GU ? ex.inter : a.H;
+      if (n0 >= Nout || ex.gate == nullptr) continue;  // (the consumers skip it alike)
+      const int j0 = tile.y, rows = tile.z - tile.y;
+      if constexpr (GU) {
+        producers_sync();  // the previous item's copies are issued: its sources are read
+        for (int r = p; r < rows; r += kFp8ProducerThreads) {
+          int64_t src, dst;
+          tile_row(a, int64_t(j0) + r, true, src, dst);
+          srcs[r] = int32_t(src);
+        }
+        producers_sync();
+      }
+      for (int64_t kt = 0; kt < nk; ++kt, ++it) {
+        const int s = int(it % kFp8Stages);
+        mbar_wait(empty + s, ((it / kFp8Stages) & 1) ^ 1);  // (the first round passes at once)
+        unsigned char* st = smem + s * fp8_stage_bytes<C>();
+        const int64_t k = kt * kFp8K + cc * 16;
+        for (int r = cr; r < rows; r += kStep) {  // rows past the tile are left as they are (never stored)
+          const uint8_t* row;
+          bool valid = true;
+          if constexpr (GU) {
+            valid = srcs[r] >= 0;  // a bad perm entry's x row is zeros, so are its outputs
+            row = a.xq + (valid ? int64_t(srcs[r]) * a.H + k : 0);
+          } else {
+            row = a.hq + (int64_t(j0) + r) * a.ldh + k;
+          }
+          cp_async16(st + fp8_swizzled(r, cc), row, valid);
+        }
+#pragma unroll 4
+        for (int c = cr; c < kFp8Cols; c += kStep) {
+          const void* w = GU ? (c < kFp8Cols / 2 ? ex.gate : ex.up) : ex.down;
+          const int64_t n = n0 + (GU ? c % (kFp8Cols / 2) : c);
+          const bool valid = n < Nout;
+          const uint8_t* row = static_cast<const uint8_t*>(w) + (valid ? n * K + k : 0);
+          cp_async16(st + kFp8Rows * C * kFp8K + fp8_swizzled(c, cc), row, valid);
+        }
+        cp_async_arrive(full + s);
+      }
+    }
+    cp_async_wait<0>();  // nothing in flight when the thread leaves
+    return;
+  }
+  // Consumer warpgroup cw: rows 64 cw + wr + g and + 8 of each item.
+  const int lane = tid & 31, g = lane >> 2, t = lane & 3, cw = tid >> 7;
+  const int wr = 16 * ((tid >> 5) & 3);
+  const uint32_t tiles_base = unsigned(__cvta_generic_to_shared(smem));
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
     const int4 tile = a.tiles[item / a.fblocks];
     const int64_t n0 = (item % a.fblocks) * (GU ? kFp8Cols / 2 : kFp8Cols);
     const ExpertEntry ex = a.ex[tile.x];
     const int64_t Nout = GU ? ex.inter : a.H;
-    if (n0 >= Nout || ex.gate == nullptr) continue;  // the same for the whole block
+    if (n0 >= Nout || ex.gate == nullptr) continue;
     const int j0 = tile.y, rows = tile.z - tile.y;
-    __syncthreads();  // the previous item's epilogue is done with the shared memory
-    tile_rows(a, j0, rows, kFp8Rows, src, dst);
-    __syncthreads();
-    for (int e = tid; e < KB * kFp8Rows; e += blockDim.x) {
-      const int r = e % kFp8Rows, b = e / kFp8Rows;
-      float v = 0.0f;
-      if (GU && src[r] >= 0) v = a.xs[b * a.M + src[r]];
-      if (!GU && r < rows) v = a.hs[b * a.Np + j0 + r];
-      rs[b][r] = v;
+    const bool active = kFp8Rows * cw < rows;  // (a warpgroup with no rows of the item only hands stages back)
+    // This thread's two rows: where their x (h) scales are (stride ld a 128-block) and their y rows.
+    const float* xsr[2] = {nullptr, nullptr};
+    int64_t dst[2] = {-1, -1};
+    const int64_t ld = GU ? a.M : a.Np;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int r = kFp8Rows * cw + wr + g + 8 * q;
+      if (r >= rows) continue;
+      int64_t src;
+      tile_row(a, int64_t(j0) + r, false, src, dst[q]);
+      if (GU && src >= 0) xsr[q] = a.xs + src;
+      if (!GU) xsr[q] = a.hs + int64_t(j0) + r;
     }
-    // This thread's copies of a stage: the 16-byte chunk tid % 8 of x (h) rows tid / 8 +
-    // kFp8CopyRows i and of weight rows as many.
-    const int cr = tid >> 3, cc = tid & 7;
-    auto load = [&](int64_t kt) {
-      unsigned char* st = smem + (kt % kFp8Stages) * kFp8StageBytes;
-      const int64_t k = kt * kFp8K + cc * 16;
-#pragma unroll
-      for (int i = 0; i < kFp8Rows / kFp8CopyRows; ++i) {
-        const int r = cr + kFp8CopyRows * i;
-        const uint8_t* row = nullptr;
-        if (r < rows) row = GU ? (src[r] >= 0 ? a.xq + src[r] * a.H : nullptr) : a.hq + (int64_t(j0) + r) * a.ldh;
-        cp_async16(st + fp8_tile_offset(r, cc), row ? row + k : a.xq, row != nullptr);
-      }
-#pragma unroll
-      for (int i = 0; i < kFp8Cols / kFp8CopyRows; ++i) {
-        const int c = cr + kFp8CopyRows * i;
-        const void* w = GU ? (c < kFp8Cols / 2 ? ex.gate : ex.up) : ex.down;
-        const int64_t n = n0 + (GU ? c % (kFp8Cols / 2) : c);
-        const uint8_t* row = n < Nout ? static_cast<const uint8_t*>(w) + n * K : nullptr;
-        cp_async16(st + kFp8Rows * kFp8K + fp8_tile_offset(c, cc), row ? row + k : a.xq, row != nullptr);
-      }
-    };
     // Weight block scales: GU's first 64 columns are gate's, the rest up's.
     const float* wsg = (GU ? ex.s_gate : ex.s_down) + (n0 / kScaleBlock) * KB;
     const float* wsu = (GU ? ex.s_up : ex.s_down) + (n0 / kScaleBlock) * KB;
-    float acc[64], part[64];
+    // s[q][m]: the scale of block kt for row q and gate (m = 0) or up (m = 1).
+    auto scales = [&](int64_t b, float (&s)[2][2]) {
+      const float sg = __ldg(wsg + b), su = __ldg(wsu + b);
 #pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = part[i] = 0.0f;
+      for (int q = 0; q < 2; ++q) {
+        const float x = xsr[q] ? xsr[q][b * ld] : 1.0f;
+        s[q][0] = fp8_block_scale(x, sg);
+        s[q][1] = fp8_block_scale(x, su);
+      }
+    };
+    float acc[64], cur[2][2], next[2][2];
+    scales(0, cur);
+    for (int64_t kt = 0; kt < nk; ++kt, ++it) {
+      const int s = int(it % kFp8Stages);
+      if (kt + 1 < nk) {
+        scales(kt + 1, next);  // in flight while this stage's products run
+      } else {
 #pragma unroll
-    for (int s = 0; s < kFp8Stages - 1; ++s) {
-      if (s < nk) load(s);
-      cp_async_commit();
-    }
-    for (int64_t kt = 0; kt < nk; ++kt) {
-      cp_async_wait<kFp8Stages - 2>();
-      fence_async_shared();
-      __syncthreads();  // stage kt is the block's; stage kt - 1's products are done
-      if (kt + kFp8Stages - 1 < nk) load(kt + kFp8Stages - 1);
-      cp_async_commit();
-      const unsigned char* st = smem + (kt % kFp8Stages) * kFp8StageBytes;
-      if (64 * wg < rows) {  // (a warpgroup with no rows of the tile does no products)
+        for (int q = 0; q < 2; ++q) next[q][0] = next[q][1] = 1.0f;
+      }
+      mbar_wait(full + s, (it / kFp8Stages) & 1);
+      if (active) {
+        fence_async_shared();
+        const uint32_t st = tiles_base + uint32_t(s * fp8_stage_bytes<C>());
+        const uint64_t da = fp8_desc(st + cw * kFp8Rows * kFp8K), db = fp8_desc(st + kFp8Rows * C * kFp8K);
         wgmma_fence();
 #pragma unroll
-        for (int s = 0; s < kFp8K / 32; ++s)
-          wgmma_fp8(part, fp8_desc(st + wg * (64 / 8) * kFp8Sbo + s * 2 * kFp8Lbo),
-                    fp8_desc(st + kFp8Rows * kFp8K + s * 2 * kFp8Lbo), s > 0);
+        for (int q = 0; q < kFp8K / 32; ++q) wgmma_fp8(acc, da + 2 * q, db + 2 * q, kt > 0 || q > 0);
         wgmma_commit();
         wgmma_wait_all();
-        // The stage's 128-block of k, scaled into the total.
-        const int64_t b = kt;
-        const float sg = __ldg(wsg + b), su = __ldg(wsu + b);
-        const float x0 = rs[b][wr + g], x1 = rs[b][wr + 8 + g];
+      }
+      __syncwarp();
+      if (lane == 0) mbar_arrive(empty + s);  // this warp's reads of the stage are done
+      if (active) {
+        // total / s_kt -> total / s_kt+1 (the last: the total).
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-          const float sw = i < 8 ? sg : su;
-          acc[4 * i + 0] = fmaf(part[4 * i + 0], x0 * sw, acc[4 * i + 0]);
-          acc[4 * i + 1] = fmaf(part[4 * i + 1], x0 * sw, acc[4 * i + 1]);
-          acc[4 * i + 2] = fmaf(part[4 * i + 2], x1 * sw, acc[4 * i + 2]);
-          acc[4 * i + 3] = fmaf(part[4 * i + 3], x1 * sw, acc[4 * i + 3]);
+          const int m = GU && i >= 8 ? 1 : 0;
+          const float r0 = cur[0][m] / next[0][m], r1 = cur[1][m] / next[1][m];
+          acc[4 * i + 0] *= r0;
+          acc[4 * i + 1] *= r0;
+          acc[4 * i + 2] *= r1;
+          acc[4 * i + 3] *= r1;
         }
       }
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // the stages become the epilogue tile
-    float* Cs = reinterpret_cast<float*>(smem);
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const int r = wr + g, c = 8 * i + 2 * t;
-      *reinterpret_cast<float2*>(Cs + r * kFp8Ld + c) = make_float2(acc[4 * i], acc[4 * i + 1]);
-      *reinterpret_cast<float2*>(Cs + (r + 8) * kFp8Ld + c) = make_float2(acc[4 * i + 2], acc[4 * i + 3]);
+      for (int q = 0; q < 2; ++q) cur[q][0] = next[q][0], cur[q][1] = next[q][1];
     }
-    __syncthreads();
-    if constexpr (GU) {
-      for (int e = tid; e < kFp8Rows * kFp8Cols / 2; e += blockDim.x) {
-        const int r = e / (kFp8Cols / 2), c = e % (kFp8Cols / 2);
-        if (r < rows && n0 + c < Nout)
-          a.h[(int64_t(j0) + r) * a.ldh + n0 + c] = silu_(Cs[r * kFp8Ld + c]) * Cs[r * kFp8Ld + kFp8Cols / 2 + c];
-      }
-    } else {
-      for (int e = tid; e < kFp8Rows * kFp8Cols / 4; e += blockDim.x) {
-        const int r = e / (kFp8Cols / 4), c = 4 * (e % (kFp8Cols / 4));
-        if (r < rows && dst[r] >= 0 && n0 + c < Nout)  // H % 128 == 0: all four or none
-          *reinterpret_cast<float4*>(a.y + dst[r] * a.H + n0 + c) = *reinterpret_cast<const float4*>(Cs + r * kFp8Ld + c);
+    if (!active) continue;
+#pragma unroll
+    for (int q = 0; q < 2; ++q) {
+      const int r = kFp8Rows * cw + wr + g + 8 * q;
+      if (r >= rows) continue;
+      if constexpr (GU) {
+        float* hr = a.h + (int64_t(j0) + r) * a.ldh + n0 + 2 * t;
+#pragma unroll
+        for (int i = 0; i < 8; ++i)
+          if (n0 + 8 * i + 2 * t < Nout)
+            *reinterpret_cast<float2*>(hr + 8 * i) =
+                make_float2(silu_(acc[4 * i + 2 * q]) * acc[4 * (i + 8) + 2 * q],
+                            silu_(acc[4 * i + 2 * q + 1]) * acc[4 * (i + 8) + 2 * q + 1]);
+      } else {
+        if (dst[q] < 0) continue;
+        float* yr = a.y + dst[q] * a.H + n0 + 2 * t;
+#pragma unroll
+        for (int i = 0; i < 16; ++i)
+          if (n0 + 8 * i + 2 * t < Nout)
+            *reinterpret_cast<float2*>(yr + 8 * i) = make_float2(acc[4 * i + 2 * q], acc[4 * i + 2 * q + 1]);
       }
     }
   }
@@ -1902,7 +2003,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // Block-scaled FP8 on the FP8 tensor cores (x and h quantized per row and 128-block) where x and h
   // rows are whole 128-blocks (h's rows all one expert size) and the tile's row scales fit.
   const bool fp8_tc = kFp8TensorCores && st.hopper && tensor_cores && f8 && same_inter && H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
-                      H / kScaleBlock <= kFp8MaxKBlocks && imax / kScaleBlock <= kFp8MaxKBlocks && aligned16(y.raw());
+                      aligned16(y.raw());
 
   const int small_max = tensor_cores ? kSmallMaxTc : kSmallMax;
   const int64_t tokens = cdiv(Np, int64_t(row_div));
@@ -1934,7 +2035,12 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   while (!fp8_small && small_rows / 2 >= likely) small_rows /= 2;
   // Scratch, from the shapes: h [Np, imax], the tile lists, their two counts.
   const int64_t cap_small = cdiv(Np, int64_t(small_rows)) + std::min<int64_t>(groups, Np);
-  const int large_rows = fp8_tc ? kFp8Rows : kTileRows;
+  // The FP8 tiles' consumer warpgroups (64 rows each): as many as a group's mean rows fill, so that a
+  // prefill's experts (~160 rows each at 8k tokens of the 80B shape) stream their weights once, and
+  // short groups leave no warpgroup idle.
+  const int fp8_consumers =
+      int(std::clamp<int64_t>(cdiv(cdiv(Np, int64_t(groups)), int64_t(kFp8Rows)), 1, kFp8MaxConsumers));
+  const int large_rows = fp8_tc ? kFp8Rows * fp8_consumers : kTileRows;
   const int64_t cap_large = cdiv(Np, int64_t(large_rows)) + std::min<int64_t>(groups, Np / (small_max + 1) + 1);
   const int64_t ldh = std::max<int64_t>(imax, 1);
   // With the tensor cores, bf16 copies of x and of the large tiles' h.
@@ -2022,8 +2128,17 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.fblocks = int(cdiv(nout, fp8_tc ? (GU ? kFp8Cols / 2 : kFp8Cols) : kTileCols));
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident_gemm)));
     if (fp8_tc) {
-      smem_.allow(&experts_fp8_kernel<GU>, kFp8Smem + kFp8StaticSmem, "moe_experts: shared memory of the FP8 tiles");
-      launch(experts_fp8_kernel<GU>, grid, kFp8Threads, kFp8Smem, stream_, s);
+      auto launch_fp8 = [&](auto consumers) {
+        constexpr int C = decltype(consumers)::value;
+        auto* kernel = &experts_fp8_kernel<GU, C>;
+        smem_.allow(kernel, fp8_smem<C>(), "moe_experts: shared memory of the FP8 tiles");
+        const int64_t per_sm = C == 1 ? 2 : 1;
+        launch(kernel, unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, int64_t(st.sms) * per_sm))),
+               fp8_threads<C>(), fp8_smem<C>(), stream_, s);
+      };
+      if (fp8_consumers == 1) launch_fp8(std::integral_constant<int, 1>{});
+      else if (fp8_consumers == 2) launch_fp8(std::integral_constant<int, 2>{});
+      else launch_fp8(std::integral_constant<int, kFp8MaxConsumers>{});
     } else if (tensor_cores && f8) launch(experts_wmma_kernel<GU, true>, grid, kExpertThreads, 0, stream_, s);
     else if (tensor_cores) launch(experts_wmma_kernel<GU, false>, grid, kExpertThreads, 0, stream_, s);
     else launch(experts_gemm_kernel<GU>, grid, kExpertThreads, 0, stream_, s);
