@@ -325,24 +325,22 @@ TEST(CudaBackend, Fp8MatmulEqualsTheProductOfWhatItMultiplies) {
 
 // Ops of a backend with bf16 products (the default outside the reference tests), with the
 // conformance fixture's helpers.
-class CudaBf16Products : public OpConformance {};
-std::unique_ptr<Backend> bf16_backend() { return std::make_unique<CudaBackend>(0, CudaOptions{.bf16_matmul = true}); }
-INSTANTIATE_TEST_SUITE_P(Cuda, CudaBf16Products, ::testing::Values(BackendCase{"device0", bf16_backend, no_device}),
-                         backend_case_name);
-
-// Prefill attention on the bf16 tensor cores: Q, K, V and the softmax's P rounded to bf16, fp32
-// sums. Reference in double from the rounded Q, K, V; P's rounding (2^-9 of each p) moves an output
-// by at most 2^-9 sum_s p_s |v_s| / sum_s p_s, allowed twice over. Two sequences (one with 40 rows
-// cached before its 300 new ones, one of 129: a tile of one row), GQA, every tensor-core head dim.
-TEST_P(CudaBf16Products, PrefillAttentionEqualsTheSoftmaxOfRoundedOperands) {
-  const auto round = [](std::vector<float> v) {
-    for (float& e : v) e = bf16_to_f32(f32_to_bf16(e));
-    return v;
-  };
-  for (const int64_t hd : {64, 128, 256}) {
-    SCOPED_TRACE("hd=" + std::to_string(hd));
+//
+// Attention over caches of `cache` (F32, or BF16 as CudaBackend keeps them under bf16 products),
+// two sequences (`prior` rows cached before their `fresh` new ones), GQA, head dim hd, against the
+// softmax in double of bf16-rounded K and V (and Q where `tensor_cores`: the tiles of 64, 128 and
+// 256 round Q and the softmax's P too; P's rounding, 2^-9 of each p, moves an output by at most
+// 2^-9 sum_s p_s |v_s| / sum_s p_s, allowed twice over). Without the tensor cores (decode rows, other
+// head dims) only K and V are rounded (in a bf16 cache): 1e-5 of sum_s p_s |v_s| / sum_s p_s.
+class CudaBf16Products : public OpConformance {
+ protected:
+  void expect_attention_of_rounded_operands(int64_t hd, const std::vector<int>& prior, const std::vector<int>& fresh,
+                                            DType cache, bool tensor_cores) {
+    const auto round = [](std::vector<float> v) {
+      for (float& e : v) e = bf16_to_f32(f32_to_bf16(e));
+      return v;
+    };
     const int64_t Hq = 4, Hkv = 2, row = Hkv * hd, bs = 16;
-    const std::vector<int> prior{40, 0}, fresh{300, 129};
     const int B = 2, W = 23;  // up to 340 rows of a sequence: 22 blocks of 16 rows, and a spare entry
     HostLayout h;
     h.block_size = int(bs);
@@ -373,11 +371,17 @@ TEST_P(CudaBf16Products, PrefillAttentionEqualsTheSoftmaxOfRoundedOperands) {
     }
     const int64_t T = h.cu.back();
     const std::vector<float> q = randn(size_t(T * Hq * hd), 80);
-    Tensor k_cache = f32(kc, {blocks, bs, Hkv, hd}), v_cache = f32(vc, {blocks, bs, Hkv, hd});
+    const auto cache_of = [&](const std::vector<float>& v) {  // writable device memory, as a cache is
+      if (cache == DType::F32) return f32(v, {blocks, bs, Hkv, hd});
+      std::vector<uint16_t> bits(v.size());
+      for (size_t i = 0; i < v.size(); ++i) bits[i] = f32_to_bf16(v[i]);
+      return upload(bits, {blocks, bs, Hkv, hd}, DType::BF16);
+    };
+    Tensor k_cache = cache_of(kc), v_cache = cache_of(vc);
     Tensor out = be().alloc({T, Hq, hd}, DType::F32);
     ops().attention(f32(q, {T, Hq, hd}), f32(k_new, {T, Hkv, hd}), f32(v_new, {T, Hkv, hd}), k_cache, v_cache,
                     layout(h), out);
-    const std::vector<float> got = floats(out), qr = round(q);
+    const std::vector<float> got = floats(out), qr = tensor_cores ? round(q) : q;
     double worst = 0;  // the largest error over its allowance
     for (int b = 0; b < B; ++b) {
       const std::vector<float> kr = round(keys[size_t(b)]), vr = round(values[size_t(b)]);
@@ -389,13 +393,42 @@ TEST_P(CudaBf16Products, PrefillAttentionEqualsTheSoftmaxOfRoundedOperands) {
                                   want.data(), pv.data());
           for (int64_t j = 0; j < hd; ++j) {
             const double err = std::abs(got[size_t((t * Hq + hq) * hd + j)] - want[size_t(j)]);
-            worst = std::max(worst, err / (2 * std::ldexp(pv[size_t(j)], -9) + 1e-5));
+            const double allowed = tensor_cores ? 2 * std::ldexp(pv[size_t(j)], -9) + 1e-5 : 1e-5 * pv[size_t(j)] + 1e-6;
+            worst = std::max(worst, err / allowed);
           }
         }
       }
     }
-    EXPECT_LE(worst, 1.0) << "error over 2 x P's rounding";
+    EXPECT_LE(worst, 1.0) << "error over its allowance";
   }
+};
+
+std::unique_ptr<Backend> bf16_backend() { return std::make_unique<CudaBackend>(0, CudaOptions{.bf16_matmul = true}); }
+INSTANTIATE_TEST_SUITE_P(Cuda, CudaBf16Products, ::testing::Values(BackendCase{"device0", bf16_backend, no_device}),
+                         backend_case_name);
+
+// Prefill attention on the bf16 tensor cores: Q, K, V and the softmax's P rounded to bf16, fp32
+// sums. Two sequences (one with 40 rows cached before its 300 new ones, one of 129: a tile of one
+// row), every tensor-core head dim, fp32 caches (K and V rounded as they are staged) and bf16
+// caches (copied into the tiles as they lie, the new rows rounded as they are written).
+TEST_P(CudaBf16Products, PrefillAttentionEqualsTheSoftmaxOfRoundedOperands) {
+  for (const DType cache : {DType::F32, DType::BF16})
+    for (const int64_t hd : {64, 128, 256}) {
+      SCOPED_TRACE(std::string(dtype_name(cache)) + " caches, hd=" + std::to_string(hd));
+      expect_attention_of_rounded_operands(hd, {40, 0}, {300, 129}, cache, /*tensor_cores=*/true);
+    }
+}
+
+// bf16 caches beyond the tensor-core tiles: decode rows (sequences of 1 and 3 new rows after 40
+// and 7 cached: the rows kernel) at the Qwen head dim and an odd one, and a prefill at a head dim
+// the tiles do not take (the SIMT tiles); their products in fp32 of the bf16 K and V.
+TEST_P(CudaBf16Products, AttentionReadsBf16Caches) {
+  for (const int64_t hd : {256, 96}) {
+    SCOPED_TRACE("decode, hd=" + std::to_string(hd));
+    expect_attention_of_rounded_operands(hd, {40, 7}, {1, 3}, DType::BF16, /*tensor_cores=*/false);
+  }
+  SCOPED_TRACE("prefill, hd=96");
+  expect_attention_of_rounded_operands(96, {40, 0}, {300, 129}, DType::BF16, /*tensor_cores=*/false);
 }
 
 // The chunked delta rule with bf16 matrix products: its products in TF32 (operands within 2^-11),

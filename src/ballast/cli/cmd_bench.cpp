@@ -114,6 +114,7 @@ struct Work {
   const model::ModelConfig& c;
   model::ParamCounts p;
   WeightBytes wb;
+  int64_t kv_element_bytes;  // of the backend's K/V caches (fp32, or bf16 under bf16 products on a GPU)
 
   // Expected distinct experts of E that b tokens visit per layer, each choosing k uniformly.
   double distinct_experts(int b) const {
@@ -122,14 +123,14 @@ struct Work {
   }
   // Bytes one decode step of b sequences at `context` reads and writes: every weight but the
   // embedding table and the routed experts once, the routed experts the batch visits, b embedding
-  // rows, each sequence's DeltaNet state (read and written) and KV cache (read, fp32).
+  // rows, each sequence's DeltaNet state (read and written) and KV cache (read).
   double step_bytes(int b, int64_t context) const {
     const double shared = wb.trunk - wb.embedding - wb.routed + (wb.tied ? wb.embedding : 0.0);
     const double per_expert = c.num_experts > 0 ? wb.routed / (double(c.num_moe_layers()) * c.num_experts) : 0;
     const double experts = distinct_experts(b) * per_expert * c.num_moe_layers();
     return shared + experts + double(b) * wb.embed_row +
            double(b) * (2.0 * double(model::deltanet_state_bytes(c)) +
-                        double(model::kv_bytes_per_token(c, 4)) * double(context));
+                        double(model::kv_bytes_per_token(c, kv_element_bytes)) * double(context));
   }
   // FLOPs of a prefill pass of one sequence of n tokens: 2 per weight a token visits (k routed
   // experts; the lm_head for the last row only), the causal attention's scores and values
@@ -386,7 +387,8 @@ int run_bench(const BenchArgs& a) {
     }
     runtime::Engine& e = *engine;
     const model::ModelConfig& cfg = e.config();
-    const Work work{cfg, model::count_parameters(cfg), weight_bytes(e.model().weights())};
+    const Work work{cfg, model::count_parameters(cfg), weight_bytes(e.model().weights()),
+                    int64_t(dtype_size(e.backend().kv_cache_dtype()))};
     // The ceilings, measured by the first rank alone (the others wait at their first pass).
     const kernels::Ceilings ceil = ranks.rank() == 0 ? e.backend().measure_ceilings() : kernels::Ceilings{};
 

@@ -92,6 +92,10 @@ class Backend {
   // Measures the ceilings now (a second or so; allocates and frees its own buffers).
   virtual Ceilings measure_ceilings() = 0;
 
+  // The element type of the attention layers' K/V caches this backend's attention reads best: F32,
+  // or BF16 where its attention multiplies in bf16 anyway (half the bytes a step reads).
+  virtual DType kv_cache_dtype() const { return DType::F32; }
+
   const Counters& counters() const { return counters_; }
 
  protected:

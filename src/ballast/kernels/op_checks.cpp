@@ -227,8 +227,10 @@ AttentionShape check_attention(const Tensor& q, const Tensor& k_new, const Tenso
   expect("attention", "q", q, DType::F32);
   expect("attention", "k_new", k_new, DType::F32);
   expect("attention", "v_new", v_new, DType::F32);
-  expect("attention", "k_cache", k_cache, DType::F32);
-  expect("attention", "v_cache", v_cache, DType::F32);
+  // The caches are fp32, or bf16 where a backend keeps them so (Backend::kv_cache_dtype).
+  check((k_cache.dtype() == DType::F32 || k_cache.dtype() == DType::BF16) && v_cache.dtype() == k_cache.dtype(),
+        "attention: caches of {} and {}: expected F32 or BF16, both alike", dtype_name(k_cache.dtype()),
+        dtype_name(v_cache.dtype()));
   expect("attention", "out", out, DType::F32);
   s.B = check_layout_rows("attention", layout, s.T);
   if (s.B == 0) return s;

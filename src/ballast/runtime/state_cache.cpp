@@ -13,9 +13,10 @@ StateCache::StateCache(kernels::Backend& backend, const model::ModelConfig& c, c
         o.blocks, o.block_size, o.slots);
   const int64_t kd = int64_t(c.linear_num_key_heads) * c.linear_key_head_dim;
   const int64_t conv_dim = 2 * kd + int64_t(c.linear_num_value_heads) * c.linear_value_head_dim;
+  const DType kv_dtype = be_.kv_cache_dtype();
   auto kv = [&] {
-    return model::LayerCache{be_.alloc({o.blocks, o.block_size, c.num_kv_heads, c.head_dim}, DType::F32),
-                             be_.alloc({o.blocks, o.block_size, c.num_kv_heads, c.head_dim}, DType::F32),
+    return model::LayerCache{be_.alloc({o.blocks, o.block_size, c.num_kv_heads, c.head_dim}, kv_dtype),
+                             be_.alloc({o.blocks, o.block_size, c.num_kv_heads, c.head_dim}, kv_dtype),
                              {}, {}};
   };
   for (auto type : c.layer_types) {

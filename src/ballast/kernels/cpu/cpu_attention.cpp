@@ -65,6 +65,7 @@ void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new
                        const SeqLayout& layout, Tensor& out) {
   auto timed = time_op("attention");
   const AttentionShape shape = check_attention(q, k_new, v_new, k_cache, v_cache, layout, out);
+  check(k_cache.dtype() == DType::F32, "attention: this backend keeps F32 caches, not {}", dtype_name(k_cache.dtype()));
   const int B = shape.B;
   if (B == 0) return;
   const int64_t T = shape.T, Hq = shape.Hq, hd = shape.hd, Hkv = shape.Hkv;

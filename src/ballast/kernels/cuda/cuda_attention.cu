@@ -1,12 +1,15 @@
 // CudaOps::attention: causal softmax attention over paged K/V caches, varlen over the sequences of
-// a pass (the CPU reference is cpu/cpu_attention.cpp). fp32 scores, fp32 online softmax.
+// a pass (the CPU reference is cpu/cpu_attention.cpp). fp32 scores, fp32 online softmax. The
+// caches are fp32, or bf16 (half the bytes a step reads) where the backend allocates them so under
+// bf16 products (CudaBackend::kv_cache_dtype); fp32 products (3xTF32 tiles) take fp32 caches.
 //
 // Kernels, in stream order:
 // 1. the new rows' K and V go to the caches at slot_mapping (a row attends to itself and to the
 //    rows before it: the write completes before any read, by stream order);
 // 2. rows of sequences with few new rows (decode, verification; all rows when max_query_len <
 //    kTileMinRows): one block of 4 warps per (row, query head, kv split); each warp streams every
-//    4th cache row of the split, its lanes holding the head dimension (coalesced along hd); the
+//    4th cache row of the split, each lane holding consecutive elements of the head dimension (a
+//    row in one or two 16-byte loads a lane); the
 //    warps merge in shared memory. A row's sequence is found by a binary search in cu_seqlens on
 //    the device. When rows x heads are too few to fill the GPU, each row's cache rows are split
 //    into up to kMaxSplits pieces (flash-decoding), written as partial (max, sum, unnormalised
@@ -23,6 +26,7 @@
 #include <cmath>
 #include <limits>
 #include <memory>
+#include <type_traits>
 
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_ops.h"
@@ -46,26 +50,36 @@ struct AttentionState {
   int sms = 0;             // streaming multiprocessors of the device
 };
 
-// The new rows' K and V at their slots; an out-of-range slot is skipped.
+// Cache elements: KV = float, or __nv_bfloat16 where the backend keeps bf16 caches (under bf16
+// products: CudaBackend::kv_cache_dtype), read as floats.
+template <typename KV>
+__device__ __forceinline__ float kv_at(const void* cache, int64_t i) {
+  if constexpr (std::is_same_v<KV, float>) return static_cast<const float*>(cache)[i];
+  else return __bfloat162float(static_cast<const __nv_bfloat16*>(cache)[i]);
+}
+
+// The new rows' K and V at their slots (rounded to bf16 in bf16 caches); an out-of-range slot is
+// skipped.
+template <typename KV>
 __global__ void attention_write_kv_kernel(const float* k_new, const float* v_new,
                                           const int32_t* slot_mapping, int64_t T, int64_t row,
-                                          int64_t cache_rows, float* __restrict__ k_cache,
-                                          float* __restrict__ v_cache) {
+                                          int64_t cache_rows, KV* __restrict__ k_cache,
+                                          KV* __restrict__ v_cache) {
   wait_for_prior_kernels();
   const int64_t n = T * row;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t t = i / row, e = i - t * row;
     const int64_t s = slot_mapping[t];
     if (s < 0 || s >= cache_rows) continue;
-    k_cache[s * row + e] = k_new[i];
-    v_cache[s * row + e] = v_new[i];
+    k_cache[s * row + e] = KV(k_new[i]);
+    v_cache[s * row + e] = KV(v_new[i]);
   }
 }
 
 struct AttentionArgs {
   const float* q;        // [T, Hq, hd]
-  const float* k_cache;  // [blocks, bs, Hkv, hd]
-  const float* v_cache;
+  const void* k_cache;   // [blocks, bs, Hkv, hd] of float or __nv_bfloat16 (the kernels' KV)
+  const void* v_cache;
   const int32_t* cu;      // [B + 1]
   const int32_t* kv_lens; // [B]
   const int32_t* tables;  // [B, W]
@@ -89,8 +103,51 @@ __device__ __forceinline__ int sequence_of(const int32_t* cu, int B, int t) {
   return lo;
 }
 
-// V = elements per lane (hd <= 32 V). Block (row t, query head, split).
-template <int V>
+// Elements V lane .. V lane + V - 1 of a cache row (the head's, at element `base`; zeros past hd or
+// where !ok): with hd a multiple of V (so base is too) one or two 16-byte loads or fewer bytes, else
+// element by element. Contiguous elements a lane, where lane + 32 j took 2-byte loads of bf16
+// caches (their decode kernel measured 16 -> 29 us against fp32's at batch 1).
+template <int V, typename KV>
+__device__ __forceinline__ void kv_row(const void* cache, int64_t base, int lane, int hd, bool ok, float (&x)[V]) {
+  const int e0 = V * lane;
+  if (ok && e0 < hd && hd % V == 0) {
+    if constexpr (std::is_same_v<KV, float>) {
+      const float* p = static_cast<const float*>(cache) + base + e0;
+      if constexpr (V >= 4) {
+#pragma unroll
+        for (int i = 0; i < V; i += 4) {
+          const float4 v = *reinterpret_cast<const float4*>(p + i);
+          x[i] = v.x, x[i + 1] = v.y, x[i + 2] = v.z, x[i + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) x[i] = p[i];
+      }
+    } else {
+      const __nv_bfloat16* p = static_cast<const __nv_bfloat16*>(cache) + base + e0;
+      if constexpr (V == 8) {
+        const uint4 w = *reinterpret_cast<const uint4*>(p);
+        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) x[2 * i] = __uint_as_float(ws[i] << 16), x[2 * i + 1] = __uint_as_float(ws[i] & 0xffff0000u);
+      } else if constexpr (V == 4) {
+        const uint2 w = *reinterpret_cast<const uint2*>(p);
+        x[0] = __uint_as_float(w.x << 16), x[1] = __uint_as_float(w.x & 0xffff0000u);
+        x[2] = __uint_as_float(w.y << 16), x[3] = __uint_as_float(w.y & 0xffff0000u);
+      } else {
+#pragma unroll
+        for (int i = 0; i < V; ++i) x[i] = __bfloat162float(p[i]);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[i] = ok && e0 + i < hd ? kv_at<KV>(cache, base + e0 + i) : 0.0f;
+  }
+}
+
+// V = elements per lane (hd <= 32 V), lane l holding V l .. V l + V - 1. Block (row t, query head,
+// split).
+template <int V, typename KV>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionArgs a) {
   wait_for_prior_kernels();
   const int t = int(blockIdx.x), hq = int(blockIdx.y), split = int(blockIdx.z);
@@ -115,7 +172,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   const float* qrow = a.q + (int64_t(t) * a.Hq + hq) * hd;
 #pragma unroll
   for (int j = 0; j < V; ++j) {
-    const int e = lane + 32 * j;
+    const int e = V * lane + j;
     qv[j] = e < hd ? qrow[e] : 0.0f;
     acc[j] = 0.0f;
   }
@@ -133,12 +190,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
       const int64_t blk = ru < r1 ? int64_t(table[ru / a.bs]) : -1;
       ok[u] = blk >= 0 && blk < a.blocks;  // uniform over the warp; an unreadable row is left out
       const int64_t base = ok[u] ? (blk * a.bs + ru % a.bs) * row + int64_t(kvh) * hd : 0;
-#pragma unroll
-      for (int j = 0; j < V; ++j) {
-        const int e = lane + 32 * j;
-        kx[u][j] = ok[u] && e < hd ? a.k_cache[base + e] : 0.0f;
-        vx[u][j] = ok[u] && e < hd ? a.v_cache[base + e] : 0.0f;
-      }
+      kv_row<V, KV>(a.k_cache, base, lane, hd, ok[u], kx[u]);
+      kv_row<V, KV>(a.v_cache, base, lane, hd, ok[u], vx[u]);
     }
     float s[kRowsPerStep];
 #pragma unroll
@@ -182,7 +235,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
     sm_l[warp] = l;
   }
 #pragma unroll
-  for (int j = 0; j < V; ++j) sm_acc[warp][lane + 32 * j] = acc[j];
+  for (int j = 0; j < V; ++j) sm_acc[warp][V * lane + j] = acc[j];
   __syncthreads();
   float M = -INFINITY;
 #pragma unroll
@@ -238,7 +291,7 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-template <int V>
+template <int V, typename KV>
 __global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const AttentionArgs a, int tiles_per_seq) {
   wait_for_prior_kernels();
   constexpr int HD = 32 * V, LQ = HD + 4, LQ4 = LQ / 4, LP = kTileKv + 1;
@@ -300,8 +353,8 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const 
       for (int c = 0; c < V; ++c) {
         const int e = lane + 32 * c;
         const bool in = ok && e < hd;
-        Ks[rr * LQ + e] = in ? a.k_cache[base + e] : 0.0f;
-        Vs[rr * HD + e] = in ? a.v_cache[base + e] : 0.0f;
+        Ks[rr * LQ + e] = in ? kv_at<KV>(a.k_cache, base + e) : 0.0f;
+        Vs[rr * HD + e] = in ? kv_at<KV>(a.v_cache, base + e) : 0.0f;
       }
       if (lane < 4) Ks[rr * LQ + HD + lane] = 0.0f;
       if (lane == 0) kval[rr] = ok ? 1.0f : 0.0f;
@@ -423,16 +476,19 @@ __device__ __forceinline__ int64_t prefill_row_base(const AttentionArgs& a, cons
   return blk >= 0 && blk < a.blocks ? (blk * a.bs + r % a.bs) * (int64_t(a.Hkv) * HD) + int64_t(t.kvh) * HD : -1;
 }
 
-// A step's K (or V) rows into shared memory (row stride ld floats), issued by the whole block as
-// part of the open cp.async group; base: prefill_row_base of the step, in each lane.
-template <int HD>
-__device__ __forceinline__ void prefill_issue(int64_t base, float* dst, int ld, const float* cache) {
-  constexpr int C4 = HD / 4;
+// A step's K (or V) rows into shared memory (row stride ld elements), issued by the whole block as
+// part of the open cp.async group; base: prefill_row_base of the step, in each lane. KV: the
+// caches' elements, copied as they are (16 bytes: 4 floats or 8 bf16 a copy).
+template <int HD, typename KV>
+__device__ __forceinline__ void prefill_issue(int64_t base, KV* dst, int ld, const void* cache) {
+  constexpr int EL = 16 / int(sizeof(KV)), CH = HD / EL;
+  static_assert(kMmaKv * CH % kMmaThreads == 0, "every lane of a warp takes part (the shuffle)");
+  const KV* c0 = static_cast<const KV*>(cache);
 #pragma unroll
-  for (int p = 0; p < kMmaKv * C4 / kMmaThreads; ++p) {  // every lane of a warp takes part (the shuffle)
-    const int i = p * kMmaThreads + int(threadIdx.x), rr = i / C4, c = i % C4;
+  for (int p = 0; p < kMmaKv * CH / kMmaThreads; ++p) {
+    const int i = p * kMmaThreads + int(threadIdx.x), rr = i / CH, c = i % CH;
     const int64_t from = __shfl_sync(0xffffffffu, base, rr);
-    cp_async16(dst + rr * ld + 4 * c, cache + (from < 0 ? 0 : from) + 4 * c, from >= 0);
+    cp_async16(dst + rr * ld + EL * c, c0 + (from < 0 ? 0 : from) + EL * c, from >= 0);
   }
 }
 
@@ -624,14 +680,19 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_mma_kernel(const Att
   prefill_store<HD>(a, tl, r0, t4, o, l);
 }
 
-// bf16 products. The step's K and V arrive as fp32 by cp.async (the caches are fp32) while the
-// previous step computes, and are converted once into bf16 tiles that every warp reads with
-// ldmatrix (x4: four 8 x 8 matrices, a whole A fragment or two B fragments an instruction; .trans
-// for V, whose rows are the products' k). Q is converted once a tile.
-// Shared memory, in bytes: Kf, Vf [kMmaKv][HD] fp32; Qb [kMmaRows][HD + 8], Kb, Vb [kMmaKv][HD + 8]
-// bf16 (a row stride of 16 bytes mod 128 puts ldmatrix's 8 row reads of a matrix on 32 banks).
-__host__ __device__ constexpr int bf16_smem_bytes(int HD) {
-  return 2 * kMmaKv * HD * 4 + (kMmaRows + 2 * kMmaKv) * (HD + 8) * 2;
+// bf16 products. fp32 caches: the step's K and V arrive as fp32 by cp.async while the previous step
+// computes, and are converted once into bf16 tiles. bf16 caches (CudaBackend::kv_cache_dtype under
+// bf16 products): the step's rows are copied into the bf16 tiles as they lie, two sets of tiles in
+// turn, so the next step's copies run during this step's products and a step is one barrier (half
+// the bytes, no conversion pass). Every warp reads the tiles with ldmatrix (x4: four 8 x 8
+// matrices, a whole A fragment or two B fragments an instruction; .trans for V, whose rows are the
+// products' k). Q is converted once a tile.
+// Shared memory, in bytes: fp32 caches: Kf, Vf [kMmaKv][HD] fp32, Qb [kMmaRows][HD + 8], Kb, Vb
+// [kMmaKv][HD + 8] bf16; bf16 caches: Qb, then Kb and Vb twice (a row stride of 16 bytes mod 128
+// puts ldmatrix's 8 row reads of a matrix on 32 banks).
+__host__ __device__ constexpr int bf16_smem_bytes(int HD, bool bf16_cache) {
+  return bf16_cache ? (kMmaRows + 4 * kMmaKv) * (HD + 8) * 2
+                    : 2 * kMmaKv * HD * 4 + (kMmaRows + 2 * kMmaKv) * (HD + 8) * 2;
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
@@ -656,17 +717,18 @@ __device__ __forceinline__ void to_bf16_rows(const float* f, int lf, __nv_bfloat
   }
 }
 
-template <int HD>
+template <int HD, typename KV>
 __global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const AttentionArgs a, int tiles_per_seq) {
   wait_for_prior_kernels();
-  constexpr int LB = HD + 8, C4 = HD / 4, NT = HD / 8, ST = kMmaKv / 8;
+  constexpr bool kDirect = std::is_same_v<KV, __nv_bfloat16>;  // bf16 caches: no fp32 staging
+  constexpr int LB = HD + 8, C4 = HD / 4, NT = HD / 8, ST = kMmaKv / 8, kSets = kDirect ? 2 : 1;
   extern __shared__ float4 smem_f4[];
-  float* Kf = reinterpret_cast<float*>(smem_f4);
-  float* Vf = Kf + kMmaKv * HD;
-  __nv_bfloat16* Qb = reinterpret_cast<__nv_bfloat16*>(Vf + kMmaKv * HD);
-  __nv_bfloat16* Kb = Qb + kMmaRows * LB;
-  __nv_bfloat16* Vb = Kb + kMmaKv * LB;
-  __shared__ bool kok[kMmaKv];  // the cache rows of the step are readable
+  float* Kf = reinterpret_cast<float*>(smem_f4);  // (fp32 caches only)
+  float* Vf = Kf + (kDirect ? 0 : kMmaKv * HD);
+  __nv_bfloat16* Qb = reinterpret_cast<__nv_bfloat16*>(Vf + (kDirect ? 0 : kMmaKv * HD));
+  __nv_bfloat16* Kb = Qb + kMmaRows * LB;  // set i at + i * kMmaKv * LB
+  __nv_bfloat16* Vb = Kb + kSets * kMmaKv * LB;
+  __shared__ bool kok[2][kMmaKv];  // the cache rows of a step (even, odd) are readable
 
   const PrefillTile tl = prefill_tile(a, tiles_per_seq);
   if (!tl.ok) return;
@@ -674,8 +736,14 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const At
   const int kv_end = int(tl.kv_end);
   int64_t base = kv_end > 0 ? prefill_row_base<HD>(a, tl, 0, lane) : -1;  // of the step in flight
   if (kv_end > 0) {
-    prefill_issue<HD>(base, Kf, HD, a.k_cache);
-    prefill_issue<HD>(base, Vf, HD, a.v_cache);
+    if constexpr (kDirect) {
+      if (warp == 0) kok[0][lane] = base >= 0;
+      prefill_issue<HD>(base, Kb, LB, a.k_cache);
+      prefill_issue<HD>(base, Vb, LB, a.v_cache);
+    } else {
+      prefill_issue<HD>(base, Kf, HD, a.k_cache);
+      prefill_issue<HD>(base, Vf, HD, a.v_cache);
+    }
   }
   cp_async_commit();
   for (int i = int(threadIdx.x); i < kMmaRows * C4; i += kMmaThreads) {
@@ -695,25 +763,36 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const At
   // the warp at k + 0 / + 8 (a0 .. a3); K, keys 0-7 at k + 0 / + 8, then keys 8-15 (b0, b1 of two
   // key blocks); V, keys 0-7 / 8-15 at columns + 0, then at + 8 (b0, b1 of two column blocks).
   const __nv_bfloat16* qa = Qb + (warp * 16 + lane % 16) * LB + 8 * (lane / 16);
-  const __nv_bfloat16* ka = Kb + (8 * (lane / 16) + lane % 8) * LB + 8 * ((lane / 8) % 2);
-  const __nv_bfloat16* va = Vb + (8 * ((lane / 8) % 2) + lane % 8) * LB + 8 * (lane / 16);
+  const __nv_bfloat16* ka0 = Kb + (8 * (lane / 16) + lane % 8) * LB + 8 * ((lane / 8) % 2);
+  const __nv_bfloat16* va0 = Vb + (8 * ((lane / 8) % 2) + lane % 8) * LB + 8 * (lane / 16);
 
   for (int k0 = 0; k0 < kv_end; k0 += kMmaKv) {
+    const int step = k0 / kMmaKv, set = kDirect ? step & 1 : 0;
     const bool more = k0 + kMmaKv < kv_end;
     const bool readable = base >= 0;
     base = more ? prefill_row_base<HD>(a, tl, k0 + kMmaKv, lane) : -1;  // the next step's, looked up now
     cp_async_wait_all();
     __syncthreads();  // the step's K, V are the block's; every warp is done with the last step's tiles
-    to_bf16_rows<HD>(Kf, HD, Kb, LB, kMmaKv);
-    to_bf16_rows<HD>(Vf, HD, Vb, LB, kMmaKv);
-    if (warp == 0) kok[lane] = readable;
-    __syncthreads();
-    if (more) {
-      prefill_issue<HD>(base, Kf, HD, a.k_cache);
-      prefill_issue<HD>(base, Vf, HD, a.v_cache);
+    if constexpr (kDirect) {
+      if (more) {  // into the other set, which the last step read
+        if (warp == 0) kok[(step + 1) & 1][lane] = base >= 0;
+        prefill_issue<HD>(base, Kb + (set ^ 1) * kMmaKv * LB, LB, a.k_cache);
+        prefill_issue<HD>(base, Vb + (set ^ 1) * kMmaKv * LB, LB, a.v_cache);
+      }
+    } else {
+      to_bf16_rows<HD>(Kf, HD, Kb, LB, kMmaKv);
+      to_bf16_rows<HD>(Vf, HD, Vb, LB, kMmaKv);
+      if (warp == 0) kok[0][lane] = readable;
+      __syncthreads();
+      if (more) {
+        prefill_issue<HD>(base, Kf, HD, a.k_cache);
+        prefill_issue<HD>(base, Vf, HD, a.v_cache);
+      }
     }
     cp_async_commit();
     if (k0 > warp_last) continue;  // none of the warp's rows sees the step (uniform: mma.sync)
+    const __nv_bfloat16* ka = ka0 + set * kMmaKv * LB;
+    const __nv_bfloat16* va = va0 + set * kMmaKv * LB;
 
     float s[ST][4];  // s[j]: keys k0 + 8 j + 2t, + 1 of rows g (s[j][0..1]) and g + 8 (s[j][2..3])
 #pragma unroll
@@ -730,7 +809,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const At
         mma_bf16(s[j + 1], qf, kf[2], kf[3]);
       }
     }
-    prefill_softmax(s, m, l, o, kok, pos, k0, a.scale, t4);
+    prefill_softmax(s, m, l, o, kok[kDirect ? step & 1 : 0], pos, k0, a.scale, t4);
     // Two 8-key score blocks are one 16-key A operand as they lie (rows g, g + 8; keys 2t, 2t + 1).
 #pragma unroll
     for (int j = 0; j < ST; j += 2) {
@@ -797,10 +876,20 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   check(W <= std::numeric_limits<int32_t>::max() / bs, "attention: block tables of {} blocks of {} rows", W, bs);
   if (T == 0) return;
 
+  // bf16 caches (the backend's own under bf16 products) are read by every kernel but the 3xTF32
+  // tiles of fp32 products, which keep fp32 caches.
+  const bool bf16_cache = k_cache.dtype() == DType::BF16;
+  check(!bf16_cache || bf16_matmul_, "attention: BF16 caches with fp32 products (this backend's fp32 attention "
+        "keeps F32 caches)");
   // The new rows go to the caches first.
   const int64_t row = Hkv * hd;
-  launch(attention_write_kv_kernel, blocks_for(T * row, 256), 256, 0, stream_, f32(k_new), f32(v_new),
-         i32(layout.slot_mapping), T, row, blocks * bs, f32_mut(k_cache), f32_mut(v_cache));
+  if (bf16_cache)
+    launch(attention_write_kv_kernel<__nv_bfloat16>, blocks_for(T * row, 256), 256, 0, stream_, f32(k_new),
+           f32(v_new), i32(layout.slot_mapping), T, row, blocks * bs, static_cast<__nv_bfloat16*>(k_cache.raw()),
+           static_cast<__nv_bfloat16*>(v_cache.raw()));
+  else
+    launch(attention_write_kv_kernel<float>, blocks_for(T * row, 256), 256, 0, stream_, f32(k_new), f32(v_new),
+           i32(layout.slot_mapping), T, row, blocks * bs, f32_mut(k_cache), f32_mut(v_cache));
   check_launch("attention: kv write");
 
   auto* st = static_cast<AttentionState*>(attention_state_.get());
@@ -832,8 +921,8 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
 
   AttentionArgs a{};
   a.q = f32(q);
-  a.k_cache = f32(k_cache);
-  a.v_cache = f32(v_cache);
+  a.k_cache = k_cache.raw();
+  a.v_cache = v_cache.raw();
   a.cu = i32(layout.cu_seqlens);
   a.kv_lens = i32(layout.kv_lens);
   a.tables = i32(layout.block_tables);
@@ -854,10 +943,15 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   a.tile_min_rows = tiled ? kTileMinRows : std::numeric_limits<int>::max();
   a.scale = 1.0f / std::sqrt(float(hd));
   const dim3 grid{unsigned(T), unsigned(Hq), unsigned(splits)};
-  if (hd <= 32) launch(attention_kernel<1>, grid, kAttnThreads, 0, stream_, a);
-  else if (hd <= 64) launch(attention_kernel<2>, grid, kAttnThreads, 0, stream_, a);
-  else if (hd <= 128) launch(attention_kernel<4>, grid, kAttnThreads, 0, stream_, a);
-  else launch(attention_kernel<8>, grid, kAttnThreads, 0, stream_, a);
+  const auto rows_kernel = [&](auto kv) {
+    using KV = decltype(kv);
+    if (hd <= 32) launch(attention_kernel<1, KV>, grid, kAttnThreads, 0, stream_, a);
+    else if (hd <= 64) launch(attention_kernel<2, KV>, grid, kAttnThreads, 0, stream_, a);
+    else if (hd <= 128) launch(attention_kernel<4, KV>, grid, kAttnThreads, 0, stream_, a);
+    else launch(attention_kernel<8, KV>, grid, kAttnThreads, 0, stream_, a);
+  };
+  if (bf16_cache) rows_kernel(__nv_bfloat16{});
+  else rows_kernel(float{});
   check_launch("attention");
   const int mi = hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1;  // the tensor-core kernel's head dims
   if (tiled && mi >= 0) {
@@ -865,17 +959,21 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
     check(tiles_per_seq * B <= std::numeric_limits<int32_t>::max(), "attention: {} sequences of up to {} rows", B,
           layout.max_query_len);
     const dim3 tgrid{unsigned(tiles_per_seq * B), unsigned(Hq)};
-    const size_t smem =
-        bf16_matmul_ ? size_t(bf16_smem_bytes(int(hd))) : size_t(mma_smem_floats(int(hd))) * sizeof(float);
+    const size_t smem = bf16_matmul_ ? size_t(bf16_smem_bytes(int(hd), bf16_cache))
+                                     : size_t(mma_smem_floats(int(hd))) * sizeof(float);
     const int tps = int(tiles_per_seq);
     const auto run = [&](auto kernel) {
       smem_.allow(kernel, smem, "attention: shared memory of the tensor-core kernel");
       launch(kernel, tgrid, kMmaThreads, smem, stream_, a, tps);
     };
-    if (bf16_matmul_) {
-      if (mi == 0) run(attention_bf16_kernel<64>);
-      else if (mi == 1) run(attention_bf16_kernel<128>);
-      else run(attention_bf16_kernel<256>);
+    if (bf16_matmul_ && bf16_cache) {
+      if (mi == 0) run(attention_bf16_kernel<64, __nv_bfloat16>);
+      else if (mi == 1) run(attention_bf16_kernel<128, __nv_bfloat16>);
+      else run(attention_bf16_kernel<256, __nv_bfloat16>);
+    } else if (bf16_matmul_) {
+      if (mi == 0) run(attention_bf16_kernel<64, float>);
+      else if (mi == 1) run(attention_bf16_kernel<128, float>);
+      else run(attention_bf16_kernel<256, float>);
     } else {
       if (mi == 0) run(attention_mma_kernel<64>);
       else if (mi == 1) run(attention_mma_kernel<128>);
@@ -895,10 +993,15 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
       smem_.allow(kernel, smem, "attention: shared memory of the tiled kernel");
       launch(kernel, tgrid, kTileThreads, smem, stream_, a, tps);
     };
-    if (vi == 0) run(attention_tiled_kernel<1>);
-    else if (vi == 1) run(attention_tiled_kernel<2>);
-    else if (vi == 2) run(attention_tiled_kernel<4>);
-    else run(attention_tiled_kernel<8>);
+    const auto tiled_kernel = [&](auto kv) {
+      using KV = decltype(kv);
+      if (vi == 0) run(attention_tiled_kernel<1, KV>);
+      else if (vi == 1) run(attention_tiled_kernel<2, KV>);
+      else if (vi == 2) run(attention_tiled_kernel<4, KV>);
+      else run(attention_tiled_kernel<8, KV>);
+    };
+    if (bf16_cache) tiled_kernel(__nv_bfloat16{});
+    else tiled_kernel(float{});
     check_launch("attention: tiled");
   }
   if (splits > 1) {

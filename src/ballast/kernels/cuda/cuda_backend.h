@@ -36,6 +36,8 @@ class CudaBackend final : public Backend {
   Device device() const override { return Device::CUDA; }
   std::string describe() const override;
   Ops& ops() override;
+  // BF16 under bf16 products (its attention rounds K and V to bf16 to multiply them), else F32.
+  DType kv_cache_dtype() const override { return options_.bf16_matmul ? DType::BF16 : DType::F32; }
 
   Tensor alloc(std::vector<int64_t> shape, DType dtype) override;
   // Weights are copied once into large device blocks (few allocations for a model of many
