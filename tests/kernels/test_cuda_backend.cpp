@@ -335,12 +335,12 @@ TEST(CudaBackend, Fp8MatmulEqualsTheProductOfWhatItMultiplies) {
 class CudaBf16Products : public OpConformance {
  protected:
   void expect_attention_of_rounded_operands(int64_t hd, const std::vector<int>& prior, const std::vector<int>& fresh,
-                                            DType cache, bool tensor_cores) {
+                                            DType cache, bool tensor_cores, int64_t Hq = 4) {
     const auto round = [](std::vector<float> v) {
       for (float& e : v) e = bf16_to_f32(f32_to_bf16(e));
       return v;
     };
-    const int64_t Hq = 4, Hkv = 2, row = Hkv * hd, bs = 16;
+    const int64_t Hkv = 2, row = Hkv * hd, bs = 16;
     const int B = 2, W = 23;  // up to 340 rows of a sequence: 22 blocks of 16 rows, and a spare entry
     HostLayout h;
     h.block_size = int(bs);
@@ -420,12 +420,13 @@ TEST_P(CudaBf16Products, PrefillAttentionEqualsTheSoftmaxOfRoundedOperands) {
 }
 
 // bf16 caches beyond the tensor-core tiles: decode rows (sequences of 1 and 3 new rows after 40
-// and 7 cached: the rows kernel) at the Qwen head dim and an odd one, and a prefill at a head dim
-// the tiles do not take (the SIMT tiles); their products in fp32 of the bf16 K and V.
+// and 7 cached: the rows kernel, 4 query heads a block at hd 256 and 8 query heads on 2 KV heads, 1
+// at hd 96 and 6 query heads) at the Qwen head dim and an odd one, and a prefill at a head dim the
+// tiles do not take (the SIMT tiles); their products in fp32 of the bf16 K and V.
 TEST_P(CudaBf16Products, AttentionReadsBf16Caches) {
-  for (const int64_t hd : {256, 96}) {
-    SCOPED_TRACE("decode, hd=" + std::to_string(hd));
-    expect_attention_of_rounded_operands(hd, {40, 7}, {1, 3}, DType::BF16, /*tensor_cores=*/false);
+  for (const auto& [hd, Hq] : {std::pair<int64_t, int64_t>{256, 8}, {96, 6}}) {
+    SCOPED_TRACE("decode, hd=" + std::to_string(hd) + " Hq=" + std::to_string(Hq));
+    expect_attention_of_rounded_operands(hd, {40, 7}, {1, 3}, DType::BF16, /*tensor_cores=*/false, Hq);
   }
   SCOPED_TRACE("prefill, hd=96");
   expect_attention_of_rounded_operands(96, {40, 0}, {300, 129}, DType::BF16, /*tensor_cores=*/false);

@@ -7,11 +7,12 @@
 // 1. the new rows' K and V go to the caches at slot_mapping (a row attends to itself and to the
 //    rows before it: the write completes before any read, by stream order);
 // 2. rows of sequences with few new rows (decode, verification; all rows when max_query_len <
-//    kTileMinRows): one block of 4 warps per (row, query head, kv split); each warp streams every
-//    4th cache row of the split, each lane holding consecutive elements of the head dimension (a
-//    row in one or two 16-byte loads a lane); the
-//    warps merge in shared memory. A row's sequence is found by a binary search in cu_seqlens on
-//    the device. When rows x heads are too few to fill the GPU, each row's cache rows are split
+//    kTileMinRows): one block of 4 warps per (row, up to 4 query heads of one KV head, kv split),
+//    each cache row loaded once for the block's heads; each warp streams every 4th cache row of
+//    the split, each lane holding consecutive elements of the head dimension (a row in one or two
+//    16-byte loads a lane); the warps merge in shared memory. A row's sequence is found by a
+//    binary search in cu_seqlens on the device. When rows x head groups are too few to fill the
+//    GPU, each row's cache rows are split
 //    into up to kMaxSplits pieces (flash-decoding), written as partial (max, sum, unnormalised
 //    output) to scratch; the split of a row's cache rows is computed on the device from its own
 //    length, so every row is covered whatever the host's max_kv_len says;
@@ -145,17 +146,18 @@ __device__ __forceinline__ void kv_row(const void* cache, int64_t base, int lane
   }
 }
 
-// V = elements per lane (hd <= 32 V), lane l holding V l .. V l + V - 1. Block (row t, query head,
-// split).
-template <int V, typename KV>
+// V = elements per lane (hd <= 32 V), lane l holding V l .. V l + V - 1. Block (row t, GB query heads
+// of one KV head, split): each cache row is loaded once for the GB heads (a block a head loaded the
+// rows of a KV head once for each of its G query heads).
+template <int V, int GB, typename KV>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionArgs a) {
   wait_for_prior_kernels();
-  const int t = int(blockIdx.x), hq = int(blockIdx.y), split = int(blockIdx.z);
+  const int t = int(blockIdx.x), hq0 = int(blockIdx.y) * GB, split = int(blockIdx.z);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int hd = a.hd;
-  const int kvh = hq / (a.Hq / a.Hkv);
-  __shared__ float sm_m[kAttnWarps], sm_l[kAttnWarps];
-  __shared__ float sm_acc[kAttnWarps][V * 32];
+  const int kvh = hq0 / (a.Hq / a.Hkv);  // (GB divides the group: the block's heads share it)
+  __shared__ float sm_m[kAttnWarps][GB], sm_l[kAttnWarps][GB];
+  __shared__ float sm_acc[kAttnWarps][GB][V * 32];
 
   // The row's sequence and how many cache rows it sees (0 where the layout is inconsistent).
   const int b = sequence_of(a.cu, a.B, t);
@@ -168,15 +170,19 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   const int64_t chunk = (len + a.splits - 1) / a.splits;
   const int64_t r0 = int64_t(split) * chunk, r1 = r0 + chunk < len ? r0 + chunk : len;
 
-  float qv[V], acc[V];
-  const float* qrow = a.q + (int64_t(t) * a.Hq + hq) * hd;
+  float qv[GB][V], acc[GB][V], m[GB], l[GB];
 #pragma unroll
-  for (int j = 0; j < V; ++j) {
-    const int e = V * lane + j;
-    qv[j] = e < hd ? qrow[e] : 0.0f;
-    acc[j] = 0.0f;
+  for (int g = 0; g < GB; ++g) {
+    const float* qrow = a.q + (int64_t(t) * a.Hq + hq0 + g) * hd;
+#pragma unroll
+    for (int j = 0; j < V; ++j) {
+      const int e = V * lane + j;
+      qv[g][j] = e < hd ? qrow[e] : 0.0f;
+      acc[g][j] = 0.0f;
+    }
+    m[g] = -INFINITY;
+    l[g] = 0.0f;
   }
-  float m = -INFINITY, l = 0.0f;
   const int32_t* table = a.tables + int64_t(b) * a.W;
   const int64_t row = int64_t(a.Hkv) * hd;
   // Two cache rows per step (rows r and r + kAttnWarps), both loaded before either is reduced.
@@ -193,71 +199,84 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
       kv_row<V, KV>(a.k_cache, base, lane, hd, ok[u], kx[u]);
       kv_row<V, KV>(a.v_cache, base, lane, hd, ok[u], vx[u]);
     }
-    float s[kRowsPerStep];
+    float s[GB][kRowsPerStep];
 #pragma unroll
-    for (int u = 0; u < kRowsPerStep; ++u) {
-      float d = 0.0f;
+    for (int g = 0; g < GB; ++g)
 #pragma unroll
-      for (int j = 0; j < V; ++j) d += qv[j] * kx[u][j];
-      s[u] = d;
-    }
+      for (int u = 0; u < kRowsPerStep; ++u) {
+        float d = 0.0f;
+#pragma unroll
+        for (int j = 0; j < V; ++j) d += qv[g][j] * kx[u][j];
+        s[g][u] = d;
+      }
 #pragma unroll
     for (int o = 16; o > 0; o /= 2)
 #pragma unroll
-      for (int u = 0; u < kRowsPerStep; ++u) s[u] += __shfl_xor_sync(0xffffffffu, s[u], o);
-    float m_new = m;
+      for (int g = 0; g < GB; ++g)
 #pragma unroll
-    for (int u = 0; u < kRowsPerStep; ++u) {
-      s[u] = ok[u] ? s[u] * a.scale : -INFINITY;
-      m_new = fmaxf(m_new, s[u]);
+        for (int u = 0; u < kRowsPerStep; ++u) s[g][u] += __shfl_xor_sync(0xffffffffu, s[g][u], o);
+#pragma unroll
+    for (int g = 0; g < GB; ++g) {
+      float m_new = m[g];
+#pragma unroll
+      for (int u = 0; u < kRowsPerStep; ++u) {
+        s[g][u] = ok[u] ? s[g][u] * a.scale : -INFINITY;
+        m_new = fmaxf(m_new, s[g][u]);
+      }
+      const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // nothing readable yet
+      const float corr = expf(m[g] - m_use);                     // 0 while m is -inf
+      float p[kRowsPerStep];
+#pragma unroll
+      for (int u = 0; u < kRowsPerStep; ++u) p[u] = expf(s[g][u] - m_use);
+      l[g] = l[g] * corr;
+#pragma unroll
+      for (int u = 0; u < kRowsPerStep; ++u) l[g] += p[u];
+#pragma unroll
+      for (int j = 0; j < V; ++j) {
+        float x = acc[g][j] * corr;
+#pragma unroll
+        for (int u = 0; u < kRowsPerStep; ++u) x += p[u] * vx[u][j];
+        acc[g][j] = x;
+      }
+      m[g] = m_new;
     }
-    const float m_use = m_new == -INFINITY ? 0.0f : m_new;  // nothing readable yet
-    const float corr = expf(m - m_use);                        // 0 while m is -inf
-    float p[kRowsPerStep];
-#pragma unroll
-    for (int u = 0; u < kRowsPerStep; ++u) p[u] = expf(s[u] - m_use);
-    l = l * corr;
-#pragma unroll
-    for (int u = 0; u < kRowsPerStep; ++u) l += p[u];
-#pragma unroll
-    for (int j = 0; j < V; ++j) {
-      float x = acc[j] * corr;
-#pragma unroll
-      for (int u = 0; u < kRowsPerStep; ++u) x += p[u] * vx[u][j];
-      acc[j] = x;
-    }
-    m = m_new;
   }
 
-  // Merge the warps.
-  if (lane == 0) {
-    sm_m[warp] = m;
-    sm_l[warp] = l;
-  }
+  // Merge the warps, head by head.
 #pragma unroll
-  for (int j = 0; j < V; ++j) sm_acc[warp][V * lane + j] = acc[j];
+  for (int g = 0; g < GB; ++g) {
+    if (lane == 0) {
+      sm_m[warp][g] = m[g];
+      sm_l[warp][g] = l[g];
+    }
+#pragma unroll
+    for (int j = 0; j < V; ++j) sm_acc[warp][g][V * lane + j] = acc[g][j];
+  }
   __syncthreads();
-  float M = -INFINITY;
 #pragma unroll
-  for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, sm_m[w]);
-  float wscale[kAttnWarps];
-  float L = 0.0f;
+  for (int g = 0; g < GB; ++g) {
+    float M = -INFINITY;
 #pragma unroll
-  for (int w = 0; w < kAttnWarps; ++w) {
-    wscale[w] = sm_m[w] == -INFINITY ? 0.0f : expf(sm_m[w] - M);
-    L += sm_l[w] * wscale[w];
-  }
-  const int64_t item = int64_t(t) * a.Hq + hq;
-  for (int e = int(threadIdx.x); e < hd; e += kAttnThreads) {
-    float o = 0.0f;
+    for (int w = 0; w < kAttnWarps; ++w) M = fmaxf(M, sm_m[w][g]);
+    float wscale[kAttnWarps];
+    float L = 0.0f;
 #pragma unroll
-    for (int w = 0; w < kAttnWarps; ++w) o += sm_acc[w][e] * wscale[w];
-    if (a.splits == 1) a.out[item * hd + e] = L > 0.0f ? o / L : 0.0f;
-    else a.part[(item * a.splits + split) * hd + e] = o;
-  }
-  if (a.splits > 1 && threadIdx.x == 0) {
-    a.part_ml[(item * a.splits + split) * 2] = M;
-    a.part_ml[(item * a.splits + split) * 2 + 1] = L;
+    for (int w = 0; w < kAttnWarps; ++w) {
+      wscale[w] = sm_m[w][g] == -INFINITY ? 0.0f : expf(sm_m[w][g] - M);
+      L += sm_l[w][g] * wscale[w];
+    }
+    const int64_t item = int64_t(t) * a.Hq + hq0 + g;
+    for (int e = int(threadIdx.x); e < hd; e += kAttnThreads) {
+      float o = 0.0f;
+#pragma unroll
+      for (int w = 0; w < kAttnWarps; ++w) o += sm_acc[w][g][e] * wscale[w];
+      if (a.splits == 1) a.out[item * hd + e] = L > 0.0f ? o / L : 0.0f;
+      else a.part[(item * a.splits + split) * hd + e] = o;
+    }
+    if (a.splits > 1 && threadIdx.x == 0) {
+      a.part_ml[(item * a.splits + split) * 2] = M;
+      a.part_ml[(item * a.splits + split) * 2 + 1] = L;
+    }
   }
 }
 
@@ -828,25 +847,36 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const At
 }
 
 // Merges the splits of block (row, head): out = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s. Rows
-// of the tiled kernel's sequences have no splits (and their output is written).
+// of the tiled kernel's sequences have no splits (and their output is written). The first warp
+// finds M, the weights e^{m_s - M} and 1 / L (a split a lane: splits <= 32) into shared memory; then
+// each thread adds its elements' partials, their loads independent of one another (a thread that
+// walked the splits for M and L itself, and again for each element, took 18 us a layer at batch 1).
 __global__ void __launch_bounds__(kAttnThreads) attention_merge_kernel(const AttentionArgs a) {
+  static_assert(kMaxSplits <= 32, "a split a lane");
   wait_for_prior_kernels();
+  __shared__ float wsplit[kMaxSplits], inv_l;
   const int t = int(blockIdx.x);
   const int b = sequence_of(a.cu, a.B, t);
   if (int64_t(a.cu[b + 1]) - a.cu[b] >= a.tile_min_rows) return;
   const int64_t item = int64_t(t) * a.Hq + blockIdx.y;
   const int splits = a.splits, hd = a.hd;
-  const float* ml = a.part_ml + item * splits * 2;
-  float M = -INFINITY;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, ml[2 * s]);
-  float L = 0.0f;
-  for (int s = 0; s < splits; ++s)
-    if (ml[2 * s] != -INFINITY) L += ml[2 * s + 1] * expf(ml[2 * s] - M);
+  if (threadIdx.x < 32) {
+    const int s = int(threadIdx.x);
+    const float* ml = a.part_ml + (item * splits + s) * 2;
+    const float ms = s < splits ? ml[0] : -INFINITY, ls = s < splits ? ml[1] : 0.0f;
+    const float M = warp_max(ms);
+    const float w = ms == -INFINITY ? 0.0f : expf(ms - M);
+    const float L = warp_sum(ls * w);
+    if (s < splits) wsplit[s] = w;
+    if (s == 0) inv_l = L > 0.0f ? 1.0f / L : 0.0f;
+  }
+  __syncthreads();
+  const float* part = a.part + item * splits * hd;
   for (int e = int(threadIdx.x); e < hd; e += blockDim.x) {
     float o = 0.0f;
-    for (int s = 0; s < splits; ++s)
-      if (ml[2 * s] != -INFINITY) o += a.part[(item * splits + s) * hd + e] * expf(ml[2 * s] - M);
-    a.out[item * hd + e] = L > 0.0f ? o / L : 0.0f;
+#pragma unroll 8
+    for (int s = 0; s < splits; ++s) o += part[int64_t(s) * hd + e] * wsplit[s];
+    a.out[item * hd + e] = o * inv_l;
   }
 }
 
@@ -905,18 +935,23 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
 
   // Split each row's cache rows when rows x heads alone leave the GPU idle. The scratch for the
   // splits is asked for by the shapes alone (T, Hq, hd), whatever the number of splits this pass.
-  const int64_t items = T * Hq;
+  // The row kernel's blocks take GB query heads of a KV head each (the largest of 4, 2, 1 that
+  // divides the group): each cache row read once for GB heads.
+  const int64_t group = Hq / Hkv, GB = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
+  const int64_t items = T * (Hq / GB);
   const int64_t fill = int64_t(4) * std::max(st->sms, 1);
   int splits = 1;
   float* part = nullptr;
   float* part_ml = nullptr;
   if (items < fill) {
-    splits = int(std::clamp<int64_t>(std::min(cdiv(fill, items), cdiv(layout.max_kv_len, kMinSplitRows)), 1,
+    // (A block of GB heads does GB heads' work a row: its splits may be GB times shorter.)
+    splits = int(std::clamp<int64_t>(std::min(cdiv(fill, items), cdiv(layout.max_kv_len, kMinSplitRows / GB)), 1,
                                      kMaxSplits));
     const size_t per_split = size_t(hd + 2);
-    float* scratch = static_cast<float*>(scratch_.bytes(size_t(items) * kMaxSplits * per_split * sizeof(float)));
+    const size_t heads = size_t(T * Hq);  // the partials are a query head's
+    float* scratch = static_cast<float*>(scratch_.bytes(heads * kMaxSplits * per_split * sizeof(float)));
     part = scratch;
-    part_ml = scratch + size_t(items) * kMaxSplits * size_t(hd);
+    part_ml = scratch + heads * kMaxSplits * size_t(hd);
   }
 
   AttentionArgs a{};
@@ -942,16 +977,22 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   const bool tiled = layout.max_query_len >= kTileMinRows;
   a.tile_min_rows = tiled ? kTileMinRows : std::numeric_limits<int>::max();
   a.scale = 1.0f / std::sqrt(float(hd));
-  const dim3 grid{unsigned(T), unsigned(Hq), unsigned(splits)};
-  const auto rows_kernel = [&](auto kv) {
+  const dim3 grid{unsigned(T), unsigned(Hq / GB), unsigned(splits)};
+  const auto rows_kernel = [&](auto kv, auto gb) {
     using KV = decltype(kv);
-    if (hd <= 32) launch(attention_kernel<1, KV>, grid, kAttnThreads, 0, stream_, a);
-    else if (hd <= 64) launch(attention_kernel<2, KV>, grid, kAttnThreads, 0, stream_, a);
-    else if (hd <= 128) launch(attention_kernel<4, KV>, grid, kAttnThreads, 0, stream_, a);
-    else launch(attention_kernel<8, KV>, grid, kAttnThreads, 0, stream_, a);
+    constexpr int G = decltype(gb)::value;
+    if (hd <= 32) launch(attention_kernel<1, G, KV>, grid, kAttnThreads, 0, stream_, a);
+    else if (hd <= 64) launch(attention_kernel<2, G, KV>, grid, kAttnThreads, 0, stream_, a);
+    else if (hd <= 128) launch(attention_kernel<4, G, KV>, grid, kAttnThreads, 0, stream_, a);
+    else launch(attention_kernel<8, G, KV>, grid, kAttnThreads, 0, stream_, a);
   };
-  if (bf16_cache) rows_kernel(__nv_bfloat16{});
-  else rows_kernel(float{});
+  const auto rows_heads = [&](auto kv) {
+    if (GB == 4) rows_kernel(kv, std::integral_constant<int, 4>{});
+    else if (GB == 2) rows_kernel(kv, std::integral_constant<int, 2>{});
+    else rows_kernel(kv, std::integral_constant<int, 1>{});
+  };
+  if (bf16_cache) rows_heads(__nv_bfloat16{});
+  else rows_heads(float{});
   check_launch("attention");
   const int mi = hd == 64 ? 0 : hd == 128 ? 1 : hd == 256 ? 2 : -1;  // the tensor-core kernel's head dims
   if (tiled && mi >= 0) {
