@@ -393,7 +393,8 @@ class CudaBf16Products : public OpConformance {
                                   want.data(), pv.data());
           for (int64_t j = 0; j < hd; ++j) {
             const double err = std::abs(got[size_t((t * Hq + hq) * hd + j)] - want[size_t(j)]);
-            const double allowed = tensor_cores ? 2 * std::ldexp(pv[size_t(j)], -9) + 1e-5 : 1e-5 * pv[size_t(j)] + 1e-6;
+            const double allowed =
+                tensor_cores ? 2 * std::ldexp(pv[size_t(j)], -9) + 1e-5 : 1e-5 * pv[size_t(j)] + 1e-6;
             worst = std::max(worst, err / allowed);
           }
         }

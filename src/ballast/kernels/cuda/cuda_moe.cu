@@ -1483,7 +1483,9 @@ template <int C>
 constexpr size_t fp8_smem() { return 1024 + kFp8Stages * fp8_stage_bytes<C>() + 2 * kFp8Stages * 8 + kFp8Rows * C * 4; }
 
 // Byte offset of (row r, 16-byte chunk c of k) in a 128-byte-swizzled tile.
-__device__ __forceinline__ uint32_t fp8_swizzled(int r, int c) { return uint32_t(r) * 128 + uint32_t((c ^ (r & 7)) << 4); }
+__device__ __forceinline__ uint32_t fp8_swizzled(int r, int c) {
+  return uint32_t(r) * 128 + uint32_t((c ^ (r & 7)) << 4);
+}
 
 // Shared-memory matrix descriptor, K-major with the 128-byte swizzle: start address (16-byte units),
 // LBO unused (1), SBO 1024 bytes (from one 8-row atom to the next), layout type 1 (128B swizzle).
