@@ -2128,15 +2128,15 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.tiles = large;
     s.ntiles = ntiles + 1;
     s.fblocks = int(cdiv(nout, fp8_tc ? (GU ? kFp8Cols / 2 : kFp8Cols) : kTileCols));
-    const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident_gemm)));
+    // Persistent grids: the FP8 tiles fill an SM with one block (two of one consumer warpgroup).
+    const int64_t resident = fp8_tc ? int64_t(st.sms) * (fp8_consumers == 1 ? 2 : 1) : resident_gemm;
+    const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident)));
     if (fp8_tc) {
       auto launch_fp8 = [&](auto consumers) {
         constexpr int C = decltype(consumers)::value;
         auto* kernel = &experts_fp8_kernel<GU, C>;
         smem_.allow(kernel, fp8_smem<C>(), "moe_experts: shared memory of the FP8 tiles");
-        const int64_t per_sm = C == 1 ? 2 : 1;
-        launch(kernel, unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, int64_t(st.sms) * per_sm))),
-               fp8_threads<C>(), fp8_smem<C>(), stream_, s);
+        launch(kernel, grid, fp8_threads<C>(), fp8_smem<C>(), stream_, s);
       };
       if (fp8_consumers == 1) launch_fp8(std::integral_constant<int, 1>{});
       else if (fp8_consumers == 2) launch_fp8(std::integral_constant<int, 2>{});
