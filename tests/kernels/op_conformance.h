@@ -987,6 +987,36 @@ TEST_P(OpConformance, PagedAttentionMatchesDenseCausalSoftmax) {
   }
 }
 
+// The caches' dtype: F32 or BF16 and both alike (op_checks), and BF16 only on a backend that keeps
+// its caches so (Backend::kv_cache_dtype: the CPU and fp32 products keep F32); each a clear error.
+TEST_P(OpConformance, AttentionCachesOfAnotherDtypeAreClearErrors) {
+  const int64_t hd = 8;
+  HostLayout h;
+  h.block_size = 4;
+  h.width = 1;
+  h.block_tables = {0};
+  h.cu = {0, 1};
+  h.kv_lens = {1};
+  h.slot_mapping = {0};
+  const Tensor q = f32(randn(size_t(hd), 1), {1, 1, hd}), k = f32(randn(size_t(hd), 2), {1, 1, hd}),
+               v = f32(randn(size_t(hd), 3), {1, 1, hd});
+  Tensor out = be().alloc({1, 1, hd}, DType::F32);
+  Tensor f32_cache = be().alloc({1, 4, 1, hd}, DType::F32), bf16_cache = be().alloc({1, 4, 1, hd}, DType::BF16),
+         i32_cache = be().alloc({1, 4, 1, hd}, DType::I32);
+  test::expect_error([&] { ops().attention(q, k, v, f32_cache, bf16_cache, layout(h), out); },
+                     {"attention", "F32", "BF16", "expected F32 or BF16, both alike"});
+  test::expect_error([&] { ops().attention(q, k, v, i32_cache, i32_cache, layout(h), out); },
+                     {"attention", "I32", "expected F32 or BF16"});
+  Tensor k2 = be().alloc({1, 4, 1, hd}, DType::BF16);
+  if (be().kv_cache_dtype() == DType::F32)
+    test::expect_error([&] { ops().attention(q, k, v, k2, bf16_cache, layout(h), out); }, {"attention", "F32"});
+  Tensor k3 = be().alloc({1, 4, 1, hd}, be().kv_cache_dtype()), v3 = be().alloc({1, 4, 1, hd}, be().kv_cache_dtype());
+  ops().attention(q, k, v, k3, v3, layout(h), out);  // the backend's own caches serve
+  const std::vector<float> got = floats(out), vv = randn(size_t(hd), 3);
+  for (int64_t j = 0; j < hd; ++j)  // one row attends to itself: its V (rounded in a bf16 cache)
+    EXPECT_NEAR(got[size_t(j)], vv[size_t(j)], 1e-2 * std::abs(vv[size_t(j)]) + 1e-6);
+}
+
 // ============================================================================================
 // Gated DeltaNet over state pools
 // ============================================================================================

@@ -1577,7 +1577,7 @@ __global__ void __launch_bounds__(fp8_threads<C>(), C == 1 ? 2 : 1) experts_fp8_
   const int64_t items = int64_t(*a.ntiles) * a.fblocks;
   uint32_t it = 0;  // stages handed over so far (both roles count the same)
   if (tid >= 128 * C) {
-    // Producer warps: thread p copies the 16-byte chunk p % 8 of rows p / 8 + 8 i.
+    // Producer warps: thread p copies the 16-byte chunk p % 8 of rows p / 8 + kStep i.
     const int p = tid - 128 * C, cr = p >> 3, cc = p & 7;
     constexpr int kStep = kFp8ProducerThreads / 8;
     for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
