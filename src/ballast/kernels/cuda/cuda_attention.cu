@@ -32,12 +32,15 @@
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_mma_support.cuh"
+#include "ballast/kernels/cuda/cuda_rows_support.cuh"
 #include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
 
 using namespace cuda;
+using cuda::rows::load_words_after_wait;
+using cuda::rows::unpack_words;
 
 namespace {
 
@@ -52,11 +55,11 @@ struct AttentionState {
 };
 
 // Cache elements: KV = float, or __nv_bfloat16 where the backend keeps bf16 caches (under bf16
-// products: CudaBackend::kv_cache_dtype), read as floats.
+// products: CudaBackend::kv_cache_dtype), read as floats. The caches are what kernels before wrote
+// (attention_write_kv_kernel, overlapped by programmatic launches): coherent loads after the wait.
 template <typename KV>
 __device__ __forceinline__ float kv_at(const void* cache, int64_t i) {
-  if constexpr (std::is_same_v<KV, float>) return static_cast<const float*>(cache)[i];
-  else return __bfloat162float(static_cast<const __nv_bfloat16*>(cache)[i]);
+  return load_after_wait(static_cast<const KV*>(cache) + i);
 }
 
 // The new rows' K and V at their slots (rounded to bf16 in bf16 caches); an out-of-range slot is
@@ -110,38 +113,15 @@ __device__ __forceinline__ int sequence_of(const int32_t* cu, int B, int t) {
 // 29 us a layer at batch 1 where fp32 rows took 16.)
 template <int V, typename KV>
 __device__ __forceinline__ void kv_row(const void* cache, int64_t base, int lane, int hd, bool ok, float (&x)[V]) {
+  constexpr int WORDS = V * int(sizeof(KV)) / 4, EL = 4 / int(sizeof(KV));  // words a lane, elements a word
   const int e0 = V * lane;
-  if (ok && e0 < hd && hd % V == 0) {
-    if constexpr (std::is_same_v<KV, float>) {
-      const float* p = static_cast<const float*>(cache) + base + e0;
-      if constexpr (V >= 4) {
+  if (WORDS >= 1 && ok && e0 < hd && hd % V == 0) {
+    const KV* p = static_cast<const KV*>(cache) + base + e0;
+    if constexpr (WORDS > 4) {
 #pragma unroll
-        for (int i = 0; i < V; i += 4) {
-          const float4 v = *reinterpret_cast<const float4*>(p + i);
-          x[i] = v.x, x[i + 1] = v.y, x[i + 2] = v.z, x[i + 3] = v.w;
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < V; ++i) x[i] = p[i];
-      }
-    } else {
-      const __nv_bfloat16* p = static_cast<const __nv_bfloat16*>(cache) + base + e0;
-      if constexpr (V == 8) {
-        const uint4 w = *reinterpret_cast<const uint4*>(p);
-        const uint32_t ws[4] = {w.x, w.y, w.z, w.w};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          x[2 * i] = __uint_as_float(ws[i] << 16);
-          x[2 * i + 1] = __uint_as_float(ws[i] & 0xffff0000u);
-        }
-      } else if constexpr (V == 4) {
-        const uint2 w = *reinterpret_cast<const uint2*>(p);
-        x[0] = __uint_as_float(w.x << 16), x[1] = __uint_as_float(w.x & 0xffff0000u);
-        x[2] = __uint_as_float(w.y << 16), x[3] = __uint_as_float(w.y & 0xffff0000u);
-      } else {
-#pragma unroll
-        for (int i = 0; i < V; ++i) x[i] = __bfloat162float(p[i]);
-      }
+      for (int q = 0; q < WORDS / 4; ++q) unpack_words<KV, 4>(load_words_after_wait<4>(p + 4 * EL * q), x + 4 * EL * q);
+    } else if constexpr (WORDS >= 1) {
+      unpack_words<KV, WORDS>(load_words_after_wait<WORDS>(p), x);
     }
   } else {
 #pragma unroll

@@ -93,6 +93,22 @@ __device__ __forceinline__ Words<WORDS> load_words(const void* p) {
   }
   return r;
 }
+// The same for what the kernels before wrote (activations, caches), after wait_for_prior_kernels():
+// coherent loads that stay below the wait (load4_after_wait's reasons, cuda_support.cuh).
+template <int WORDS>
+__device__ __forceinline__ Words<WORDS> load_words_after_wait(const void* p) {
+  Words<WORDS> r;
+  if constexpr (WORDS == 4) {
+    asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(r.w[0]), "=r"(r.w[1]), "=r"(r.w[2]), "=r"(r.w[3]) : "l"(p));
+  } else if constexpr (WORDS == 2) {
+    asm volatile("ld.global.v2.u32 {%0, %1}, [%2];" : "=r"(r.w[0]), "=r"(r.w[1]) : "l"(p));
+  } else {
+    static_assert(WORDS == 1, "load_words_after_wait: 1, 2 or 4 words");
+    asm volatile("ld.global.u32 %0, [%1];" : "=r"(r.w[0]) : "l"(p));
+  }
+  return r;
+}
 // The floats of WORDS words of W elements (WORDS * 4 / sizeof(W) of them).
 template <typename W, int WORDS>
 __device__ __forceinline__ void unpack_words(const Words<WORDS>& r, float* out) {

@@ -77,6 +77,11 @@ __device__ __forceinline__ float load_after_wait(const float* p) {
   asm volatile("ld.global.f32 %0, [%1];" : "=f"(v) : "l"(p));
   return v;
 }
+__device__ __forceinline__ float load_after_wait(const __nv_bfloat16* p) {
+  unsigned short v;
+  asm volatile("ld.global.u16 %0, [%1];" : "=h"(v) : "l"(p));
+  return __uint_as_float(uint32_t(v) << 16);
+}
 __device__ __forceinline__ int32_t load_after_wait(const int32_t* p) {
   int32_t v;
   asm volatile("ld.global.s32 %0, [%1];" : "=r"(v) : "l"(p));
