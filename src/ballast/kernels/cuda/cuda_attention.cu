@@ -896,13 +896,14 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
         "keeps F32 caches)");
   // The new rows go to the caches first.
   const int64_t row = Hkv * hd;
-  if (bf16_cache)
-    launch(attention_write_kv_kernel<__nv_bfloat16>, blocks_for(T * row, 256), 256, 0, stream_, f32(k_new),
-           f32(v_new), i32(layout.slot_mapping), T, row, blocks * bs, static_cast<__nv_bfloat16*>(k_cache.raw()),
-           static_cast<__nv_bfloat16*>(v_cache.raw()));
-  else
-    launch(attention_write_kv_kernel<float>, blocks_for(T * row, 256), 256, 0, stream_, f32(k_new), f32(v_new),
-           i32(layout.slot_mapping), T, row, blocks * bs, f32_mut(k_cache), f32_mut(v_cache));
+  const auto write_kv = [&](auto kv) {
+    using KV = decltype(kv);
+    launch(attention_write_kv_kernel<KV>, blocks_for(T * row, 256), 256, 0, stream_, f32(k_new), f32(v_new),
+           i32(layout.slot_mapping), T, row, blocks * bs, static_cast<KV*>(k_cache.raw()),
+           static_cast<KV*>(v_cache.raw()));
+  };
+  if (bf16_cache) write_kv(__nv_bfloat16{});
+  else write_kv(float{});
   check_launch("attention: kv write");
 
   auto* st = static_cast<AttentionState*>(attention_state_.get());
