@@ -34,6 +34,7 @@
 #include "ballast/kernels/cuda/cuda_mma_support.cuh"
 #include "ballast/kernels/cuda/cuda_rows_support.cuh"
 #include "ballast/kernels/cuda/cuda_support.cuh"
+#include "ballast/kernels/cuda/cuda_wgmma_support.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
@@ -52,6 +53,7 @@ constexpr int kMinSplitRows = 64;     // cache rows per split, at least (on the 
 
 struct AttentionState {
   int sms = 0;             // streaming multiprocessors of the device
+  bool hopper = false;     // sm_90: the warpgroup products' prefill tiles (with sm_90a code)
 };
 
 // Cache elements: KV = float, or __nv_bfloat16 where the backend keeps bf16 caches (under bf16
@@ -470,12 +472,19 @@ __device__ __forceinline__ PrefillTile prefill_tile(const AttentionArgs& a, int 
   return t;
 }
 
+// The cache row (block * bs + row in it, < blocks bs <= INT32_MAX: checked on the host) that holds
+// position k0 + lane of the tile's sequence (-1: unreadable).
+__device__ __forceinline__ int prefill_row_slot(const AttentionArgs& a, const PrefillTile& t, int k0, int lane) {
+  const int r = k0 + lane;  // < W bs <= INT32_MAX (checked on the host)
+  const int64_t blk = r < t.kv_end ? int64_t(a.tables[int64_t(t.b) * a.W + r / a.bs]) : -1;
+  return blk >= 0 && blk < a.blocks ? int(blk * a.bs + r % a.bs) : -1;
+}
+
 // Where cache row k0 + lane of the tile's kv head starts in the caches (-1: unreadable).
 template <int HD>
 __device__ __forceinline__ int64_t prefill_row_base(const AttentionArgs& a, const PrefillTile& t, int k0, int lane) {
-  const int r = k0 + lane;  // < W bs <= INT32_MAX (checked on the host)
-  const int64_t blk = r < t.kv_end ? int64_t(a.tables[int64_t(t.b) * a.W + r / a.bs]) : -1;
-  return blk >= 0 && blk < a.blocks ? (blk * a.bs + r % a.bs) * (int64_t(a.Hkv) * HD) + int64_t(t.kvh) * HD : -1;
+  const int slot = prefill_row_slot(a, t, k0, lane);
+  return slot >= 0 ? int64_t(slot) * (int64_t(a.Hkv) * HD) + int64_t(t.kvh) * HD : -1;
 }
 
 // A step's K (or V) rows into shared memory (row stride ld elements), issued by the whole block as
@@ -508,37 +517,52 @@ __device__ __forceinline__ int prefill_position(const PrefillTile& t, int r) {
   return r < t.rows ? int(p < -1 ? -1 : (p > t.cap ? t.cap : p)) : -1;
 }
 
-// Mask (causal; ok: the step's cache rows are readable) and the online softmax of a warp's two
-// rows (pos: their positions) over a step's scores s, kept as the unnormalised P in s; the outputs
-// o are rescaled to the new maximum.
-template <int ST, int NT>
-__device__ __forceinline__ void prefill_softmax(float (&s)[ST][4], float (&m)[2], float (&l)[2], float (&o)[NT][4],
-                                                const bool* ok, const int (&pos)[2], int k0, float scale, int t4) {
+// The online softmax of a warp's two rows (pos: their positions) over a step's scores s: the mask
+// (causal; ok: the step's cache rows are readable), new maxima m, the unnormalised P in s, the sums
+// l; corr: what the outputs must be multiplied by (the old maximum's weight against the new one).
+// kExp2: the scores are already in log2 units (the scale times log2 e), so P = 2^(s - m) (one ex2
+// instruction where expf takes several). unmasked: every cache row of the step is readable and at
+// or before both rows' positions (the mask is skipped).
+template <bool kExp2, int ST>
+__device__ __forceinline__ void prefill_scores(float (&s)[ST][4], float (&m)[2], float (&l)[2], float (&corr)[2],
+                                               const bool* ok, bool unmasked, const int (&pos)[2], int k0, float scale,
+                                               int t4) {
+  const auto ex = [](float x) { return kExp2 ? exp2f(x) : expf(x); };
   float mx[2] = {-INFINITY, -INFINITY};
+  if (unmasked) {
 #pragma unroll
-  for (int j = 0; j < ST; ++j)
+    for (int j = 0; j < ST; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int kr = 8 * j + 2 * t4 + (e & 1);
-      const float v = (ok[kr] && k0 + kr <= pos[e / 2]) ? s[j][e] * scale : -INFINITY;
-      s[j][e] = v;
-      mx[e / 2] = fmaxf(mx[e / 2], v);
-    }
-  float corr[2], m_use[2], sum[2] = {0.0f, 0.0f};
+      for (int e = 0; e < 4; ++e) {
+        s[j][e] *= scale;
+        mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
+      }
+  } else {
+#pragma unroll
+    for (int j = 0; j < ST; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int kr = 8 * j + 2 * t4 + (e & 1);
+        const float v = (ok[kr] && k0 + kr <= pos[e / 2]) ? s[j][e] * scale : -INFINITY;
+        s[j][e] = v;
+        mx[e / 2] = fmaxf(mx[e / 2], v);
+      }
+  }
+  float m_use[2], sum[2] = {0.0f, 0.0f};
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
     mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
     const float m_new = fmaxf(m[h], mx[h]);
     m_use[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing seen yet
-    corr[h] = expf(m[h] - m_use[h]);
+    corr[h] = ex(m[h] - m_use[h]);
     m[h] = m_new;
   }
 #pragma unroll
   for (int j = 0; j < ST; ++j)
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[j][e] = expf(s[j][e] - m_use[e / 2]);
+      s[j][e] = ex(s[j][e] - m_use[e / 2]);
       sum[e / 2] += s[j][e];
     }
 #pragma unroll
@@ -547,8 +571,21 @@ __device__ __forceinline__ void prefill_softmax(float (&s)[ST][4], float (&m)[2]
     sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
     l[h] = l[h] * corr[h] + sum[h];
   }
+}
+
+template <int NT>
+__device__ __forceinline__ void prefill_rescale(float (&o)[NT][4], const float (&corr)[2]) {
 #pragma unroll
   for (int j = 0; j < NT; ++j) o[j][0] *= corr[0], o[j][1] *= corr[0], o[j][2] *= corr[1], o[j][3] *= corr[1];
+}
+
+// prefill_scores, then the outputs rescaled (the mma.sync tiles: their P V follows at once).
+template <int ST, int NT>
+__device__ __forceinline__ void prefill_softmax(float (&s)[ST][4], float (&m)[2], float (&l)[2], float (&o)[NT][4],
+                                                const bool* ok, const int (&pos)[2], int k0, float scale, int t4) {
+  float corr[2];
+  prefill_scores<false>(s, m, l, corr, ok, false, pos, k0, scale, t4);
+  prefill_rescale(o, corr);
 }
 
 // The warp's rows r0, r0 + 8 of the tile: o / l into the output.
@@ -829,6 +866,214 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const At
   prefill_store<HD>(a, tl, r0, t4, o, l);
 }
 
+// Prefill over bf16 caches on Hopper's warpgroup products (sm_90a; the mma.sync tiles above ran at
+// ~160 TFLOP/s, a fifth of the bf16 rate, docs/perf.md). The block's two warpgroups take 64 of the
+// tile's kMmaRows rows each; the cache rows stream through shared memory kWgKv a step. A
+// warpgroup's scores S = Q K^T are m64n64k16 products of Q and K from shared memory (both K-major:
+// rows of head-dim elements), its outputs O += P V m64n64k16 products of P from registers (the
+// scores' accumulators rounded to bf16 as they lie: wgmma's A fragment of a warp's 16 rows is
+// mma.sync's) and V from shared memory, MN-major (rows of keys, the head dims along them): no
+// transposition. The accumulators' layout is the mma.sync tiles', so the store is theirs.
+// Pipelined as FlashAttention-3 within a warpgroup: step j + 1's scores are issued before step j's
+// P V, and their softmax runs while P V is in the tensor cores (the outputs are rescaled once it is
+// done). K runs three steps ahead and V two, in two sets each: a step's K set is free once its
+// scores are done, its V set once its P V is, so one barrier a step (after both) hands both sets
+// back, and the copies issued there have a whole step to land.
+// Shared tiles: 128-byte-swizzled column blocks of 64 head dims (cuda_wgmma_support.cuh), Q's
+// [kMmaRows][64], each K and V set's [kWgKv][64].
+constexpr int kWgKv = 64;  // cache rows a step: the n of the score products
+
+template <int HD>
+__host__ __device__ constexpr int wgmma_smem_bytes() { return 1024 + (kMmaRows + 4 * kWgKv) * HD * 2; }
+
+// The cache rows (prefill_row_slot) of positions k0 + lane and k0 + 32 + lane, looked up an
+// iteration before they are copied (wgmma_issue hands them to the lanes that copy).
+__device__ __forceinline__ void wgmma_row_slots(const AttentionArgs& a, const PrefillTile& t, int k0, int lane,
+                                                int (&slot)[2]) {
+  static_assert(kWgKv == 64, "two rows a lane");
+  slot[0] = prefill_row_slot(a, t, k0, lane);
+  slot[1] = prefill_row_slot(a, t, k0 + 32, lane);
+}
+
+// A step's K or V rows (slot: wgmma_row_slots of the step, in each lane) of KV head kvh into a set's
+// swizzled tile, issued by the whole block as part of the open cp.async group; unreadable rows are
+// zeros. With ok (K): ok[r] says the step's cache row r is readable, *all_ok that all are.
+template <int HD>
+__device__ __forceinline__ void wgmma_issue(const AttentionArgs& a, const int (&slot)[2], int kvh, unsigned char* dst,
+                                            const void* cache, bool* ok = nullptr, bool* all_ok = nullptr) {
+  constexpr int CH = HD / 8;  // 16-byte chunks of a row
+  static_assert(kWgKv * CH % kMmaThreads == 0, "whole rows a pass");
+  const auto* c0 = static_cast<const __nv_bfloat16*>(cache) + int64_t(kvh) * HD;
+#pragma unroll
+  for (int p = 0; p < kWgKv * CH / kMmaThreads; ++p) {
+    const int i = p * kMmaThreads + int(threadIdx.x), r = i / CH, c = i % CH;
+    const int s0 = __shfl_sync(0xffffffffu, slot[0], r % 32), s1 = __shfl_sync(0xffffffffu, slot[1], r % 32);
+    const int from = r < 32 ? s0 : s1;
+    if (ok != nullptr && c == 0) ok[r] = from >= 0;
+    cp_async16(dst + uint32_t(c / 8) * (kWgKv * 128) + swizzled128(r, c % 8),
+               c0 + int64_t(from < 0 ? 0 : from) * (int64_t(a.Hkv) * HD) + 8 * c, from >= 0);
+  }
+  if (all_ok != nullptr) {
+    const bool all = __all_sync(0xffffffffu, slot[0] >= 0 && slot[1] >= 0);  // (every warp holds the same rows)
+    if (threadIdx.x == 0) *all_ok = all;
+  }
+}
+
+template <int HD>
+__global__ void __launch_bounds__(kMmaThreads, 1) attention_wgmma_kernel(const AttentionArgs a, int tiles_per_seq) {
+  wait_for_prior_kernels();
+  constexpr int NB = HD / 64, NT = HD / 8, ST = kWgKv / 8;
+  constexpr uint32_t kQBytes = kMmaRows * HD * 2, kSetBytes = kWgKv * HD * 2;
+  extern __shared__ unsigned char smem_raw[];
+  const uint32_t raw = unsigned(__cvta_generic_to_shared(smem_raw));
+  unsigned char* Qs = smem_raw + (((raw + 1023) & ~1023u) - raw);
+  unsigned char* Ks = Qs + kQBytes;  // set i at + i * kSetBytes
+  unsigned char* Vs = Ks + 2 * kSetBytes;
+  const uint32_t q_addr = unsigned(__cvta_generic_to_shared(Qs));
+  const uint32_t k_addr = q_addr + kQBytes, v_addr = k_addr + 2 * kSetBytes;
+  __shared__ bool kok[2][kWgKv];  // step s's cache rows are readable: kok[s % 2]
+  __shared__ bool kall[2];        // ... all of them
+
+  const PrefillTile tl = prefill_tile(a, tiles_per_seq);
+  if (!tl.ok) return;
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, t4 = lane % 4;
+  // (from a shuffle: the compiler then knows it is the warp's alike, so the products it guards are
+  // not in a divergent path, where it would serialize them)
+  const int wg = __shfl_sync(0xffffffffu, warp / 4, 0);
+  const int kv_end = int(tl.kv_end), steps = (kv_end + kWgKv - 1) / kWgKv;
+  int bv[2], bk[2];  // the cache rows of the next V and the next K to issue
+  // Steps 0 and 1's K, step 0's V (then hand_over(-1) issues step 1's V and step 2's K).
+  wgmma_row_slots(a, tl, 0, lane, bk);
+  if (steps > 0) {
+    wgmma_issue<HD>(a, bk, tl.kvh, Ks, a.k_cache, kok[0], &kall[0]);
+    wgmma_issue<HD>(a, bk, tl.kvh, Vs, a.v_cache);
+  }
+  wgmma_row_slots(a, tl, kWgKv, lane, bv);
+  if (steps > 1) wgmma_issue<HD>(a, bv, tl.kvh, Ks + kSetBytes, a.k_cache, kok[1], &kall[1]);
+  cp_async_commit();
+  wgmma_row_slots(a, tl, 2 * kWgKv, lane, bk);
+  for (int i = int(threadIdx.x); i < kMmaRows * (HD / 4); i += kMmaThreads) {
+    const int r = i / (HD / 4), c = i % (HD / 4);
+    const float4 v = prefill_q<HD>(a, tl, r, c);
+    *reinterpret_cast<uint2*>(Qs + (c / 16) * (kMmaRows * 128) + swizzled128(r, (c % 16) / 2) + 8 * (c % 2)) =
+        make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
+  }
+  const int r0 = warp * 16 + lane / 4;  // this lane's rows: r0 and r0 + 8 of the tile
+  const int pos[2] = {prefill_position(tl, r0), prefill_position(tl, r0 + 8)};
+  const int pos_min = pos[0] < pos[1] ? pos[0] : pos[1];
+  const int wg_last = 64 * wg < tl.rows ? prefill_position(tl, tl.rows - 1 < 64 * wg + 63 ? tl.rows - 1 : 64 * wg + 63)
+                                        : -1;
+  const float scale = a.scale * 1.4426950408889634f;  // scores in log2 units (prefill_scores<true>)
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, corr[2];
+  float o[NB][32];  // column block n: o[n][4 j + e] as o_tiles[8 n + j][e] of prefill_store
+#pragma unroll
+  for (int n = 0; n < NB; ++n)
+#pragma unroll
+    for (int i = 0; i < 32; ++i) o[n][i] = 0.0f;
+  float sc[32] = {};                         // a step's scores, then its P
+  uint32_t pf[kWgKv / 16][4];                // P of the step whose P V is next, as A fragments
+  const uint32_t q_rows = q_addr + uint32_t(wg) * 64 * 128;  // the warpgroup's 64 rows of each column block
+
+  // The scores of step s into sc (issued and committed; the caller waits).
+  const auto issue_scores = [&](int s) {
+    uint32_t qs = q_rows, ks = k_addr + uint32_t(s & 1) * kSetBytes;
+    opaque(qs);
+    opaque(ks);
+    wgmma_fence();
+#pragma unroll
+    for (int kb = 0; kb < HD / 16; ++kb) {
+      const uint32_t koff = uint32_t(kb % 4) * 32;  // the k16 step inside its 128-byte row
+      wgmma_bf16_ss(sc, sw128_kmajor_desc(qs + uint32_t(kb / 4) * (kMmaRows * 128) + koff),
+                    sw128_kmajor_desc(ks + uint32_t(kb / 4) * (kWgKv * 128) + koff), kb > 0);
+    }
+    wgmma_commit();
+  };
+  // Step s's softmax on its scores (waited for): corr, and P in sc.
+  const auto softmax = [&](int s) {
+    fence_accumulators(sc);
+    const int k0 = s * kWgKv;
+    auto& sv = reinterpret_cast<float(&)[ST][4]>(sc);
+    prefill_scores<true>(sv, m, l, corr, kok[s & 1], kall[s & 1] && k0 + kWgKv - 1 <= pos_min, pos, k0, scale, t4);
+  };
+  const auto pack_p = [&]() {  // two 8-key score blocks are one 16-key A operand as they lie
+    auto& sv = reinterpret_cast<float(&)[ST][4]>(sc);
+#pragma unroll
+    for (int kk = 0; kk < kWgKv / 16; ++kk) {
+      pf[kk][0] = bf16_pair(sv[2 * kk][0], sv[2 * kk][1]);
+      pf[kk][1] = bf16_pair(sv[2 * kk][2], sv[2 * kk][3]);
+      pf[kk][2] = bf16_pair(sv[2 * kk + 1][0], sv[2 * kk + 1][1]);
+      pf[kk][3] = bf16_pair(sv[2 * kk + 1][2], sv[2 * kk + 1][3]);
+    }
+  };
+  // The block's copies landed (and the Q tile written), to the tensor cores of both warpgroups.
+  const auto land = []() {
+    cp_async_wait_all();
+    fence_async_shared();
+    __syncthreads();
+  };
+  // After step j's products: both warpgroups are done with the sets that step j + 2's V and step
+  // j + 3's K go to.
+  const auto hand_over = [&](int j) {
+    land();
+    if (j + 2 < steps) wgmma_issue<HD>(a, bv, tl.kvh, Vs + uint32_t(j & 1) * kSetBytes, a.v_cache);
+    if (j + 3 < steps)
+      wgmma_issue<HD>(a, bk, tl.kvh, Ks + uint32_t((j + 1) & 1) * kSetBytes, a.k_cache, kok[(j + 1) & 1],
+                      &kall[(j + 1) & 1]);
+    cp_async_commit();
+#pragma unroll
+    for (int h = 0; h < 2; ++h) bv[h] = bk[h];
+    if (j + 4 < steps) wgmma_row_slots(a, tl, (j + 4) * kWgKv, lane, bk);  // in flight meanwhile
+  };
+
+  land();
+  if (steps > 0 && 0 <= wg_last) {
+    issue_scores(0);
+    wgmma_wait<0>();
+    softmax(0);
+    pack_p();
+  }
+  // P V of step j (the caller commits and waits).
+  const auto issue_pv = [&](int j) {
+    uint32_t vs = v_addr + uint32_t(j & 1) * kSetBytes;
+    opaque(vs);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kWgKv / 16; ++kk)
+#pragma unroll
+      for (int n = 0; n < NB; ++n)
+        wgmma_bf16_rs_mn(o[n], pf[kk], sw128_mnmajor_desc(vs + uint32_t(n) * (kWgKv * 128) + uint32_t(kk) * 16 * 128,
+                                                          kWgKv * 128));
+    wgmma_commit();
+  };
+  const auto outputs_done = [&]() {
+#pragma unroll
+    for (int n = 0; n < NB; ++n) fence_accumulators(o[n]);
+  };
+  hand_over(-1);
+  // The steps the warpgroup's rows see: 0 .. seen - 1 (uniform in the warpgroup: each branch below
+  // holds whole products, from their fence to their wait, which the compiler needs to overlap them).
+  const int seen = wg_last < 0 ? 0 : (wg_last / kWgKv + 1 < steps ? wg_last / kWgKv + 1 : steps);
+  for (int j = 0; j < steps; ++j) {
+    if (j + 1 < seen) {
+      issue_scores(j + 1);
+      issue_pv(j);
+      wgmma_wait<1>();  // the scores (P V may still run)
+      softmax(j + 1);
+      wgmma_wait<0>();
+      outputs_done();
+      if (__any_sync(0xffffffffu, corr[0] != 1.0f || corr[1] != 1.0f))  // (a new maximum in one of the warp's rows)
+        prefill_rescale(reinterpret_cast<float(&)[NT][4]>(o), corr);
+      pack_p();
+    } else if (j < seen) {
+      issue_pv(j);
+      wgmma_wait<0>();
+      outputs_done();
+    }
+    hand_over(j);
+  }
+  prefill_store<HD>(a, tl, r0, t4, reinterpret_cast<const float(&)[NT][4]>(o), l);
+}
+
 // Merges the splits of block (row, head): out = sum_s e^{m_s - M} o_s / sum_s e^{m_s - M} l_s. Rows
 // of the tiled kernel's sequences have no splits (and their output is written). The first warp
 // finds M, the weights e^{m_s - M} and 1 / L (a split a lane: splits <= 32) into shared memory; then
@@ -887,6 +1132,7 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   check(hd >= 1 && hd <= kMaxHeadDim, "attention: head dim {} not in [1, {}]", hd, kMaxHeadDim);
   check(T <= std::numeric_limits<int32_t>::max() && Hq <= 65535, "attention: {} rows of {} heads is too many", T, Hq);
   check(W <= std::numeric_limits<int32_t>::max() / bs, "attention: block tables of {} blocks of {} rows", W, bs);
+  check(blocks <= std::numeric_limits<int32_t>::max() / bs, "attention: caches of {} blocks of {} rows", blocks, bs);
   if (T == 0) return;
 
   // bf16 caches (the backend's own under bf16 products) are read by every kernel but the 3xTF32
@@ -911,8 +1157,12 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
     auto s = std::make_shared<AttentionState>();
     int device = 0;
     check_cuda(cudaGetDevice(&device), "attention: cudaGetDevice");
+    int major = 0;
     check_cuda(cudaDeviceGetAttribute(&s->sms, cudaDevAttrMultiProcessorCount, device),
                "attention: cudaDeviceGetAttribute");
+    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
+               "attention: cudaDeviceGetAttribute");
+    s->hopper = major == 9;
     st = s.get();
     attention_state_ = std::move(s);
   }
@@ -984,14 +1234,22 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
     check(tiles_per_seq * B <= std::numeric_limits<int32_t>::max(), "attention: {} sequences of up to {} rows", B,
           layout.max_query_len);
     const dim3 tgrid{unsigned(tiles_per_seq * B), unsigned(Hq)};
-    const size_t smem = bf16_matmul_ ? size_t(bf16_smem_bytes(int(hd), bf16_cache))
-                                     : size_t(mma_smem_floats(int(hd))) * sizeof(float);
+    const bool wgmma = kWarpgroupMma && st->hopper && bf16_matmul_ && bf16_cache;
+    const size_t smem = wgmma          ? size_t(mi == 0   ? wgmma_smem_bytes<64>()
+                                                : mi == 1 ? wgmma_smem_bytes<128>()
+                                                          : wgmma_smem_bytes<256>())
+                        : bf16_matmul_ ? size_t(bf16_smem_bytes(int(hd), bf16_cache))
+                                       : size_t(mma_smem_floats(int(hd))) * sizeof(float);
     const int tps = int(tiles_per_seq);
     const auto run = [&](auto kernel) {
       smem_.allow(kernel, smem, "attention: shared memory of the tensor-core kernel");
       launch(kernel, tgrid, kMmaThreads, smem, stream_, a, tps);
     };
-    if (bf16_matmul_ && bf16_cache) {
+    if (wgmma) {
+      if (mi == 0) run(attention_wgmma_kernel<64>);
+      else if (mi == 1) run(attention_wgmma_kernel<128>);
+      else run(attention_wgmma_kernel<256>);
+    } else if (bf16_matmul_ && bf16_cache) {
       if (mi == 0) run(attention_bf16_kernel<64, __nv_bfloat16>);
       else if (mi == 1) run(attention_bf16_kernel<128, __nv_bfloat16>);
       else run(attention_bf16_kernel<256, __nv_bfloat16>);

@@ -53,6 +53,7 @@
 #include "ballast/kernels/cuda/cuda_rows_support.cuh"
 #include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/cuda/cuda_mma_support.cuh"
+#include "ballast/kernels/cuda/cuda_wgmma_support.cuh"
 #include "ballast/kernels/op_checks.h"
 
 namespace ballast::kernels {
@@ -72,6 +73,13 @@ using cuda::wait_for_prior_kernels;
 using cuda::cp_async16;
 using cuda::cp_async_commit;
 using cuda::cp_async_wait;
+using cuda::fence_async_shared;
+using cuda::kWarpgroupMma;
+using cuda::sw128_kmajor_desc;
+using cuda::swizzled128;
+using cuda::wgmma_commit;
+using cuda::wgmma_fence;
+using cuda::wgmma_wait_all;
 namespace cm = cuda::moe;  // fault codes and the balanced dispatch (cuda_moe_support.cuh)
 // Weight elements as floats (cuda_rows_support.cuh).
 using cuda::rows::f8e4m3;
@@ -1461,9 +1469,8 @@ __global__ void __launch_bounds__(kExpertThreads) experts_wmma_kernel(ExpertsArg
 // accumulators hold total / s_b, multiplied by s_b / s_b+1 before the next block's products add
 // to them and by the last s at the end, so one set of 64 sums a thread serves (DeepGEMM keeps a
 // second set and adds each block's sums into it).
-// Shared tiles are K-major with the 128-byte swizzle (row r's 16-byte chunk c at r * 128 +
-// ((c ^ r % 8) * 16), 8-row atoms of 1024 bytes): the wgmma descriptors' canonical form for rows
-// of one 128-byte k stage, conflict-free for the copies.
+// Shared tiles are K-major with the 128-byte swizzle (cuda_wgmma_support.cuh), a stage's 128 bytes
+// of k one swizzled row.
 constexpr int kFp8Rows = 64;              // x (h) rows of a consumer warpgroup
 constexpr int kFp8Cols = 128;             // weight rows of an item
 constexpr int kFp8K = kScaleBlock;        // k (bytes) a stage of a row: one scale block, one swizzle row
@@ -1482,18 +1489,6 @@ constexpr size_t fp8_stage_bytes() { return size_t(kFp8Rows * C + kFp8Cols) * kF
 template <int C>
 constexpr size_t fp8_smem() { return 1024 + kFp8Stages * fp8_stage_bytes<C>() + 2 * kFp8Stages * 8 + kFp8Rows * C * 4; }
 
-// Byte offset of (row r, 16-byte chunk c of k) in a 128-byte-swizzled tile.
-__device__ __forceinline__ uint32_t fp8_swizzled(int r, int c) {
-  return uint32_t(r) * 128 + uint32_t((c ^ (r & 7)) << 4);
-}
-
-// Shared-memory matrix descriptor, K-major with the 128-byte swizzle: start address (16-byte units),
-// LBO unused (1), SBO 1024 bytes (from one 8-row atom to the next), layout type 1 (128B swizzle).
-// The k32 steps inside a 128-byte row add 32 bytes to the start (2 units).
-__device__ __forceinline__ uint64_t fp8_desc(uint32_t smem_addr) {
-  return uint64_t((smem_addr & 0x3ffff) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
-}
-
 // d (+)= A B^T for A 64 x 32 and B 128 x 32 e4m3 in shared memory; `accumulate` false starts d.
 __device__ __forceinline__ void wgmma_fp8(float (&d)[64], uint64_t da, uint64_t db, bool accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -1503,25 +1498,9 @@ __device__ __forceinline__ void wgmma_fp8(float (&d)[64], uint64_t da, uint64_t 
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
       : "l"(da), "l"(db), "r"(int(accumulate)));
 #else
-  __trap();  // the host takes these tiles only on sm_90 with sm_90a code (kFp8TensorCores)
+  __trap();  // the host takes these tiles only on sm_90 with sm_90a code (kWarpgroupMma)
 #endif
 }
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory"); }
-#else
-__device__ __forceinline__ void wgmma_fence() {}
-__device__ __forceinline__ void wgmma_commit() {}
-__device__ __forceinline__ void wgmma_wait_all() {}
-#endif
-#if defined(BALLAST_CUDA_SM90A)
-constexpr bool kFp8TensorCores = true;
-#else
-constexpr bool kFp8TensorCores = false;
-#endif
-// cp.async's writes (the generic proxy) made visible to the tensor cores' reads (the async proxy).
-__device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy.async.shared::cta;" ::: "memory"); }
 
 // mbarriers in shared memory (the producer / consumer hand-off of the FP8 tiles' stages).
 __device__ __forceinline__ void mbar_init(uint64_t* b, unsigned count) {
@@ -1610,7 +1589,7 @@ __global__ void __launch_bounds__(fp8_threads<C>(), C == 1 ? 2 : 1) experts_fp8_
           } else {
             row = a.hq + (int64_t(j0) + r) * a.ldh + k;
           }
-          cp_async16(st + fp8_swizzled(r, cc), row, valid);
+          cp_async16(st + swizzled128(r, cc), row, valid);
         }
 #pragma unroll 4
         for (int c = cr; c < kFp8Cols; c += kStep) {
@@ -1618,7 +1597,7 @@ __global__ void __launch_bounds__(fp8_threads<C>(), C == 1 ? 2 : 1) experts_fp8_
           const int64_t n = n0 + (GU ? c % (kFp8Cols / 2) : c);
           const bool valid = n < Nout;
           const uint8_t* row = static_cast<const uint8_t*>(w) + (valid ? n * K + k : 0);
-          cp_async16(st + kFp8Rows * C * kFp8K + fp8_swizzled(c, cc), row, valid);
+          cp_async16(st + kFp8Rows * C * kFp8K + swizzled128(c, cc), row, valid);
         }
         cp_async_arrive(full + s);
       }
@@ -1678,7 +1657,7 @@ __global__ void __launch_bounds__(fp8_threads<C>(), C == 1 ? 2 : 1) experts_fp8_
       if (active) {
         fence_async_shared();
         const uint32_t st = tiles_base + uint32_t(s * fp8_stage_bytes<C>());
-        const uint64_t da = fp8_desc(st + cw * kFp8Rows * kFp8K), db = fp8_desc(st + kFp8Rows * C * kFp8K);
+        const uint64_t da = sw128_kmajor_desc(st + cw * kFp8Rows * kFp8K), db = sw128_kmajor_desc(st + kFp8Rows * C * kFp8K);
         wgmma_fence();
 #pragma unroll
         for (int q = 0; q < kFp8K / 32; ++q) wgmma_fp8(acc, da + 2 * q, db + 2 * q, kt > 0 || q > 0);
@@ -2004,7 +1983,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   const bool tensor_cores = bf16_matmul_ && (bf16 || f8) && vec && imax % 8 == 0;
   // Block-scaled FP8 on the FP8 tensor cores (x and h quantized per row and 128-block) where x and h
   // rows are whole 128-blocks (h's rows all one expert size) and the tile's row scales fit.
-  const bool fp8_tc = kFp8TensorCores && st.hopper && tensor_cores && f8 && same_inter && H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
+  const bool fp8_tc = kWarpgroupMma && st.hopper && tensor_cores && f8 && same_inter && H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
                       aligned16(y.raw());
 
   const int small_max = tensor_cores ? kSmallMaxTc : kSmallMax;
@@ -2015,7 +1994,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // so an expert's weights stream once for up to 8 rows. 80B FP8, batch 32: 811 -> 944 tok/s. With
   // 8 tokens or fewer (groups of one or two rows) the CUDA-core tiles measured faster (batch 1 / 8:
   // 233 / 520 tok/s with them, 195 / 484 with these and an FP8 tensor-core few-row product together).
-  const bool fp8_small = kFp8TensorCores && st.hopper && tensor_cores && f8 && same_inter && tokens > small_max &&
+  const bool fp8_small = kWarpgroupMma && st.hopper && tensor_cores && f8 && same_inter && tokens > small_max &&
                          H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
                          experts_fp8_small_smem(std::max(H, imax)) <= kF8SmallSmemMax;
   // Few x rows (decode: at most small_max tokens, each choosing distinct experts, so no group has
