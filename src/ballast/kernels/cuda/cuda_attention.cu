@@ -24,6 +24,7 @@
 //    (attention_tiled_kernel, 32-row tiles);
 // 4. with splits, the merge of the partials of kernel 2's rows.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -93,6 +94,7 @@ struct AttentionArgs {
   float* part;            // [T, Hq, splits, hd] unnormalised outputs (splits > 1)
   float* part_ml;         // [T, Hq, splits, 2] max and sum of exponentials (splits > 1)
   int B, T, Hq, Hkv, hd, bs, W, splits;
+  int bs_shift;       // log2(bs) where bs is a power of two (rows to blocks by shifts), else -1
   int tile_min_rows;  // sequences of at least this many new rows take the tiled kernel
   int64_t blocks;
   float scale;
@@ -476,8 +478,10 @@ __device__ __forceinline__ PrefillTile prefill_tile(const AttentionArgs& a, int 
 // position k0 + lane of the tile's sequence (-1: unreadable).
 __device__ __forceinline__ int prefill_row_slot(const AttentionArgs& a, const PrefillTile& t, int k0, int lane) {
   const int r = k0 + lane;  // < W bs <= INT32_MAX (checked on the host)
-  const int64_t blk = r < t.kv_end ? int64_t(a.tables[int64_t(t.b) * a.W + r / a.bs]) : -1;
-  return blk >= 0 && blk < a.blocks ? int(blk * a.bs + r % a.bs) : -1;
+  const int in_table = a.bs_shift >= 0 ? r >> a.bs_shift : r / a.bs;
+  const int in_block = a.bs_shift >= 0 ? r & (a.bs - 1) : r % a.bs;
+  const int64_t blk = r < t.kv_end ? int64_t(a.tables[int64_t(t.b) * a.W + in_table]) : -1;
+  return blk >= 0 && blk < a.blocks ? int(blk * a.bs + in_block) : -1;
 }
 
 // Where cache row k0 + lane of the tile's kv head starts in the caches (-1: unreadable).
@@ -517,43 +521,55 @@ __device__ __forceinline__ int prefill_position(const PrefillTile& t, int r) {
   return r < t.rows ? int(p < -1 ? -1 : (p > t.cap ? t.cap : p)) : -1;
 }
 
+// 2^x in one instruction (ex2.approx.ftz: 2^-22 relative; results below 2^-126 are 0, as a
+// softmax weight that small is anyway).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// The largest (kMax) or the sum of v[0 .. N) in a tree: log2 N dependent steps, not N - 1.
+template <bool kMax, int N>
+__device__ __forceinline__ float tree_reduce(float (&v)[N]) {
+  static_assert((N & (N - 1)) == 0, "a power of two");
+#pragma unroll
+  for (int w = N / 2; w > 0; w /= 2)
+#pragma unroll
+    for (int i = 0; i < w; ++i) v[i] = kMax ? fmaxf(v[i], v[i + w]) : v[i] + v[i + w];
+  return v[0];
+}
+
 // The online softmax of a warp's two rows (pos: their positions) over a step's scores s: the mask
-// (causal; ok: the step's cache rows are readable), new maxima m, the unnormalised P in s, the sums
-// l; corr: what the outputs must be multiplied by (the old maximum's weight against the new one).
-// kExp2: the scores are already in log2 units (the scale times log2 e), so P = 2^(s - m) (one ex2
-// instruction where expf takes several). unmasked: every cache row of the step is readable and at
-// or before both rows' positions (the mask is skipped).
+// (causal; ok: the step's cache rows are readable), new maxima m (in scaled units), the
+// unnormalised P in s, the sums l; corr: what the outputs must be multiplied by (the old maximum's
+// weight against the new one). kExp2: the scale includes log2 e, so P = 2^(s scale - m), one fma
+// and one ex2 an element (expf takes several). unmasked: every cache row of the step is readable
+// and at or before both rows' positions (the mask is skipped).
 template <bool kExp2, int ST>
 __device__ __forceinline__ void prefill_scores(float (&s)[ST][4], float (&m)[2], float (&l)[2], float (&corr)[2],
                                                const bool* ok, bool unmasked, const int (&pos)[2], int k0, float scale,
                                                int t4) {
-  const auto ex = [](float x) { return kExp2 ? exp2f(x) : expf(x); };
-  float mx[2] = {-INFINITY, -INFINITY};
-  if (unmasked) {
-#pragma unroll
-    for (int j = 0; j < ST; ++j)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        s[j][e] *= scale;
-        mx[e / 2] = fmaxf(mx[e / 2], s[j][e]);
-      }
-  } else {
+  const auto ex = [](float x) { return kExp2 ? exp2_approx(x) : expf(x); };
+  if (!unmasked) {
 #pragma unroll
     for (int j = 0; j < ST; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int kr = 8 * j + 2 * t4 + (e & 1);
-        const float v = (ok[kr] && k0 + kr <= pos[e / 2]) ? s[j][e] * scale : -INFINITY;
-        s[j][e] = v;
-        mx[e / 2] = fmaxf(mx[e / 2], v);
+        if (!(ok[kr] && k0 + kr <= pos[e / 2])) s[j][e] = -INFINITY;
       }
   }
-  float m_use[2], sum[2] = {0.0f, 0.0f};
+  float m_use[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 1));
-    mx[h] = fmaxf(mx[h], __shfl_xor_sync(0xffffffffu, mx[h], 2));
-    const float m_new = fmaxf(m[h], mx[h]);
+    float v[ST];
+#pragma unroll
+    for (int j = 0; j < ST; ++j) v[j] = fmaxf(s[j][2 * h], s[j][2 * h + 1]);
+    float mx = tree_reduce<true>(v);
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(m[h], mx * scale);  // (scale > 0: the largest score scaled is the largest scaled)
     m_use[h] = m_new == -INFINITY ? 0.0f : m_new;  // a row with nothing seen yet
     corr[h] = ex(m[h] - m_use[h]);
     m[h] = m_new;
@@ -561,15 +577,17 @@ __device__ __forceinline__ void prefill_scores(float (&s)[ST][4], float (&m)[2],
 #pragma unroll
   for (int j = 0; j < ST; ++j)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      s[j][e] = ex(s[j][e] - m_use[e / 2]);
-      sum[e / 2] += s[j][e];
-    }
+    for (int e = 0; e < 4; ++e)
+      s[j][e] = kExp2 ? ex(fmaf(s[j][e], scale, -m_use[e / 2])) : ex(s[j][e] * scale - m_use[e / 2]);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 1);
-    sum[h] += __shfl_xor_sync(0xffffffffu, sum[h], 2);
-    l[h] = l[h] * corr[h] + sum[h];
+    float v[ST];
+#pragma unroll
+    for (int j = 0; j < ST; ++j) v[j] = s[j][2 * h] + s[j][2 * h + 1];
+    float sum = tree_reduce<false>(v);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    l[h] = l[h] * corr[h] + sum;
   }
 }
 
@@ -898,20 +916,24 @@ __device__ __forceinline__ void wgmma_row_slots(const AttentionArgs& a, const Pr
 // A step's K or V rows (slot: wgmma_row_slots of the step, in each lane) of KV head kvh into a set's
 // swizzled tile, issued by the whole block as part of the open cp.async group; unreadable rows are
 // zeros. With ok (K): ok[r] says the step's cache row r is readable, *all_ok that all are.
+// Thread t copies chunk c = t % CH of rows t / CH + p (kMmaThreads / CH): its chunk's swizzled
+// place in a row is the same in every pass (the rows a pass advances by are a multiple of 8), so a
+// pass is a shuffle, one multiply-add for the address and the copy.
 template <int HD>
 __device__ __forceinline__ void wgmma_issue(const AttentionArgs& a, const int (&slot)[2], int kvh, unsigned char* dst,
                                             const void* cache, bool* ok = nullptr, bool* all_ok = nullptr) {
-  constexpr int CH = HD / 8;  // 16-byte chunks of a row
-  static_assert(kWgKv * CH % kMmaThreads == 0, "whole rows a pass");
-  const auto* c0 = static_cast<const __nv_bfloat16*>(cache) + int64_t(kvh) * HD;
+  constexpr int CH = HD / 8, kRowsAPass = kMmaThreads / CH, kPasses = kWgKv / kRowsAPass;
+  static_assert(kMmaThreads % CH == 0 && kRowsAPass % 8 == 0 && kWgKv % kRowsAPass == 0, "whole rows a pass");
+  const int r0 = int(threadIdx.x) / CH, c = int(threadIdx.x) % CH;
+  unsigned char* d0 = dst + uint32_t(c / 8) * (kWgKv * 128) + swizzled128(r0, c % 8);
+  const unsigned char* s0 = static_cast<const unsigned char*>(cache) + (int64_t(kvh) * HD + 8 * c) * 2;
+  const uint32_t row_bytes = uint32_t(a.Hkv) * HD * 2;  // (<= 65535 x 512: checked on the host)
 #pragma unroll
-  for (int p = 0; p < kWgKv * CH / kMmaThreads; ++p) {
-    const int i = p * kMmaThreads + int(threadIdx.x), r = i / CH, c = i % CH;
-    const int s0 = __shfl_sync(0xffffffffu, slot[0], r % 32), s1 = __shfl_sync(0xffffffffu, slot[1], r % 32);
-    const int from = r < 32 ? s0 : s1;
+  for (int p = 0; p < kPasses; ++p) {
+    const int r = r0 + p * kRowsAPass;  // (passes [0, kPasses / 2) take rows 0 - 31: slot[0])
+    const int from = __shfl_sync(0xffffffffu, p < kPasses / 2 ? slot[0] : slot[1], r % 32);
     if (ok != nullptr && c == 0) ok[r] = from >= 0;
-    cp_async16(dst + uint32_t(c / 8) * (kWgKv * 128) + swizzled128(r, c % 8),
-               c0 + int64_t(from < 0 ? 0 : from) * (int64_t(a.Hkv) * HD) + 8 * c, from >= 0);
+    cp_async16(d0 + p * kRowsAPass * 128, s0 + uint64_t(uint32_t(from < 0 ? 0 : from)) * row_bytes, from >= 0);
   }
   if (all_ok != nullptr) {
     const bool all = __all_sync(0xffffffffu, slot[0] >= 0 && slot[1] >= 0);  // (every warp holds the same rows)
@@ -975,16 +997,17 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_wgmma_kernel(const A
   const uint32_t q_rows = q_addr + uint32_t(wg) * 64 * 128;  // the warpgroup's 64 rows of each column block
 
   // The scores of step s into sc (issued and committed; the caller waits).
+  // Descriptors of a tile's 64-row, 16-column slices: the first's plus the byte offset / 16 (the
+  // encoded address is 14 bits, shared memory's 228 KB, so the sum never carries out of it).
+  const uint64_t q_desc = sw128_kmajor_desc(q_rows);
   const auto issue_scores = [&](int s) {
-    uint32_t qs = q_rows, ks = k_addr + uint32_t(s & 1) * kSetBytes;
-    opaque(qs);
-    opaque(ks);
+    const uint64_t k_desc = sw128_kmajor_desc(k_addr + uint32_t(s & 1) * kSetBytes);
     wgmma_fence();
 #pragma unroll
     for (int kb = 0; kb < HD / 16; ++kb) {
       const uint32_t koff = uint32_t(kb % 4) * 32;  // the k16 step inside its 128-byte row
-      wgmma_bf16_ss(sc, sw128_kmajor_desc(qs + uint32_t(kb / 4) * (kMmaRows * 128) + koff),
-                    sw128_kmajor_desc(ks + uint32_t(kb / 4) * (kWgKv * 128) + koff), kb > 0);
+      wgmma_bf16_ss(sc, q_desc + ((uint32_t(kb / 4) * (kMmaRows * 128) + koff) >> 4),
+                    k_desc + ((uint32_t(kb / 4) * (kWgKv * 128) + koff) >> 4), kb > 0);
     }
     wgmma_commit();
   };
@@ -1034,15 +1057,13 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_wgmma_kernel(const A
   }
   // P V of step j (the caller commits and waits).
   const auto issue_pv = [&](int j) {
-    uint32_t vs = v_addr + uint32_t(j & 1) * kSetBytes;
-    opaque(vs);
+    const uint64_t v_desc = sw128_mnmajor_desc(v_addr + uint32_t(j & 1) * kSetBytes, kWgKv * 128);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kWgKv / 16; ++kk)
 #pragma unroll
       for (int n = 0; n < NB; ++n)
-        wgmma_bf16_rs_mn(o[n], pf[kk], sw128_mnmajor_desc(vs + uint32_t(n) * (kWgKv * 128) + uint32_t(kk) * 16 * 128,
-                                                          kWgKv * 128));
+        wgmma_bf16_rs_mn(o[n], pf[kk], v_desc + ((uint32_t(n) * (kWgKv * 128) + uint32_t(kk) * 16 * 128) >> 4));
     wgmma_commit();
   };
   const auto outputs_done = [&]() {
@@ -1204,6 +1225,7 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   a.Hkv = int(Hkv);
   a.hd = int(hd);
   a.bs = int(bs);
+  a.bs_shift = (bs & (bs - 1)) == 0 ? std::countr_zero(uint64_t(bs)) : -1;
   a.W = int(W);
   a.splits = splits;
   a.blocks = blocks;

@@ -55,11 +55,6 @@ __device__ __forceinline__ void wgmma_wait() {}
 #endif
 __device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
 
-// A value the compiler cannot see through: the shared-memory addresses of a loop's descriptors
-// made opaque at each pass, so that it does not hoist a register pair a descriptor out of the loop
-// (16 of them for a head dim of 256: the registers the accumulators need).
-__device__ __forceinline__ void opaque(uint32_t& v) { asm volatile("" : "+r"(v)); }
-
 // Keeps the compiler from touching accumulators before the wgmma that writes them has been waited
 // for (to it, an asm's outputs are ready when the asm is issued).
 template <int N>
