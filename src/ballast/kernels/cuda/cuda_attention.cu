@@ -914,28 +914,29 @@ __device__ __forceinline__ void wgmma_row_slots(const AttentionArgs& a, const Pr
 }
 
 // A step's K or V rows (slot: wgmma_row_slots of the step, in each lane) of KV head kvh into a set's
-// swizzled tile, issued by the whole block as part of the open cp.async group; unreadable rows are
-// zeros. With ok (K): ok[r] says the step's cache row r is readable, *all_ok that all are.
+// swizzled tile (dst: its shared address), issued by the whole block as part of the open cp.async
+// group; unreadable rows are zeros. kFlags (K): ok[r] says the step's cache row r is readable,
+// *all_ok that all are.
 // Thread t copies chunk c = t % CH of rows t / CH + p (kMmaThreads / CH): its chunk's swizzled
 // place in a row is the same in every pass (the rows a pass advances by are a multiple of 8), so a
 // pass is a shuffle, one multiply-add for the address and the copy.
-template <int HD>
-__device__ __forceinline__ void wgmma_issue(const AttentionArgs& a, const int (&slot)[2], int kvh, unsigned char* dst,
+template <int HD, bool kFlags = false>
+__device__ __forceinline__ void wgmma_issue(const AttentionArgs& a, const int (&slot)[2], int kvh, uint32_t dst,
                                             const void* cache, bool* ok = nullptr, bool* all_ok = nullptr) {
   constexpr int CH = HD / 8, kRowsAPass = kMmaThreads / CH, kPasses = kWgKv / kRowsAPass;
   static_assert(kMmaThreads % CH == 0 && kRowsAPass % 8 == 0 && kWgKv % kRowsAPass == 0, "whole rows a pass");
   const int r0 = int(threadIdx.x) / CH, c = int(threadIdx.x) % CH;
-  unsigned char* d0 = dst + uint32_t(c / 8) * (kWgKv * 128) + swizzled128(r0, c % 8);
+  const uint32_t d0 = dst + uint32_t(c / 8) * (kWgKv * 128) + swizzled128(r0, c % 8);
   const unsigned char* s0 = static_cast<const unsigned char*>(cache) + (int64_t(kvh) * HD + 8 * c) * 2;
   const uint32_t row_bytes = uint32_t(a.Hkv) * HD * 2;  // (<= 65535 x 512: checked on the host)
 #pragma unroll
   for (int p = 0; p < kPasses; ++p) {
     const int r = r0 + p * kRowsAPass;  // (passes [0, kPasses / 2) take rows 0 - 31: slot[0])
     const int from = __shfl_sync(0xffffffffu, p < kPasses / 2 ? slot[0] : slot[1], r % 32);
-    if (ok != nullptr && c == 0) ok[r] = from >= 0;
+    if (kFlags && c == 0) ok[r] = from >= 0;
     cp_async16(d0 + p * kRowsAPass * 128, s0 + uint64_t(uint32_t(from < 0 ? 0 : from)) * row_bytes, from >= 0);
   }
-  if (all_ok != nullptr) {
+  if (kFlags) {
     const bool all = __all_sync(0xffffffffu, slot[0] >= 0 && slot[1] >= 0);  // (every warp holds the same rows)
     if (threadIdx.x == 0) *all_ok = all;
   }
@@ -949,10 +950,8 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_wgmma_kernel(const A
   extern __shared__ unsigned char smem_raw[];
   const uint32_t raw = unsigned(__cvta_generic_to_shared(smem_raw));
   unsigned char* Qs = smem_raw + (((raw + 1023) & ~1023u) - raw);
-  unsigned char* Ks = Qs + kQBytes;  // set i at + i * kSetBytes
-  unsigned char* Vs = Ks + 2 * kSetBytes;
   const uint32_t q_addr = unsigned(__cvta_generic_to_shared(Qs));
-  const uint32_t k_addr = q_addr + kQBytes, v_addr = k_addr + 2 * kSetBytes;
+  const uint32_t k_addr = q_addr + kQBytes, v_addr = k_addr + 2 * kSetBytes;  // set i at + i * kSetBytes
   __shared__ bool kok[2][kWgKv];  // step s's cache rows are readable: kok[s % 2]
   __shared__ bool kall[2];        // ... all of them
 
@@ -967,11 +966,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_wgmma_kernel(const A
   // Steps 0 and 1's K, step 0's V (then hand_over(-1) issues step 1's V and step 2's K).
   wgmma_row_slots(a, tl, 0, lane, bk);
   if (steps > 0) {
-    wgmma_issue<HD>(a, bk, tl.kvh, Ks, a.k_cache, kok[0], &kall[0]);
-    wgmma_issue<HD>(a, bk, tl.kvh, Vs, a.v_cache);
+    wgmma_issue<HD, true>(a, bk, tl.kvh, k_addr, a.k_cache, kok[0], &kall[0]);
+    wgmma_issue<HD>(a, bk, tl.kvh, v_addr, a.v_cache);
   }
   wgmma_row_slots(a, tl, kWgKv, lane, bv);
-  if (steps > 1) wgmma_issue<HD>(a, bv, tl.kvh, Ks + kSetBytes, a.k_cache, kok[1], &kall[1]);
+  if (steps > 1) wgmma_issue<HD, true>(a, bv, tl.kvh, k_addr + kSetBytes, a.k_cache, kok[1], &kall[1]);
   cp_async_commit();
   wgmma_row_slots(a, tl, 2 * kWgKv, lane, bk);
   for (int i = int(threadIdx.x); i < kMmaRows * (HD / 4); i += kMmaThreads) {
@@ -996,12 +995,11 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_wgmma_kernel(const A
   uint32_t pf[kWgKv / 16][4];                // P of the step whose P V is next, as A fragments
   const uint32_t q_rows = q_addr + uint32_t(wg) * 64 * 128;  // the warpgroup's 64 rows of each column block
 
+  // Descriptors' low words (cuda_wgmma_support.cuh): a slice's is the tile's plus its offset / 16.
+  const uint32_t q_desc = sw128_kmajor_desc_lo(q_rows);
   // The scores of step s into sc (issued and committed; the caller waits).
-  // Descriptors of a tile's 64-row, 16-column slices: the first's plus the byte offset / 16 (the
-  // encoded address is 14 bits, shared memory's 228 KB, so the sum never carries out of it).
-  const uint64_t q_desc = sw128_kmajor_desc(q_rows);
   const auto issue_scores = [&](int s) {
-    const uint64_t k_desc = sw128_kmajor_desc(k_addr + uint32_t(s & 1) * kSetBytes);
+    const uint32_t k_desc = sw128_kmajor_desc_lo(k_addr + uint32_t(s & 1) * kSetBytes);
     wgmma_fence();
 #pragma unroll
     for (int kb = 0; kb < HD / 16; ++kb) {
@@ -1038,10 +1036,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_wgmma_kernel(const A
   // j + 3's K go to.
   const auto hand_over = [&](int j) {
     land();
-    if (j + 2 < steps) wgmma_issue<HD>(a, bv, tl.kvh, Vs + uint32_t(j & 1) * kSetBytes, a.v_cache);
+    if (j + 2 < steps) wgmma_issue<HD>(a, bv, tl.kvh, v_addr + uint32_t(j & 1) * kSetBytes, a.v_cache);
     if (j + 3 < steps)
-      wgmma_issue<HD>(a, bk, tl.kvh, Ks + uint32_t((j + 1) & 1) * kSetBytes, a.k_cache, kok[(j + 1) & 1],
-                      &kall[(j + 1) & 1]);
+      wgmma_issue<HD, true>(a, bk, tl.kvh, k_addr + uint32_t((j + 1) & 1) * kSetBytes, a.k_cache, kok[(j + 1) & 1],
+                            &kall[(j + 1) & 1]);
     cp_async_commit();
 #pragma unroll
     for (int h = 0; h < 2; ++h) bv[h] = bk[h];
@@ -1057,7 +1055,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_wgmma_kernel(const A
   }
   // P V of step j (the caller commits and waits).
   const auto issue_pv = [&](int j) {
-    const uint64_t v_desc = sw128_mnmajor_desc(v_addr + uint32_t(j & 1) * kSetBytes, kWgKv * 128);
+    const uint32_t v_desc = sw128_mnmajor_desc_lo(v_addr + uint32_t(j & 1) * kSetBytes, kWgKv * 128);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kWgKv / 16; ++kk)

@@ -121,9 +121,11 @@ __device__ __forceinline__ uint32_t quantize_b128(float4 v, float& sc) {
 
 // 16 bytes global -> shared without registers; zeros where !pred (nothing is read then, but src
 // must still be an address of the allocation).
+__device__ __forceinline__ void cp_async16(uint32_t dst_shared, const void* src, bool pred) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst_shared), "l"(src), "r"(pred ? 16 : 0));
+}
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool pred) {
-  const unsigned d = unsigned(__cvta_generic_to_shared(dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(pred ? 16 : 0));
+  cp_async16(unsigned(__cvta_generic_to_shared(dst)), src, pred);
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 // Every committed group but the latest N has landed (in this thread; a barrier makes it the block's).

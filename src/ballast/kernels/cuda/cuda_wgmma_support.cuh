@@ -36,9 +36,16 @@ __device__ __forceinline__ uint32_t swizzled128(int r, int c) {
 __device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_addr) {
   return uint64_t((smem_addr & 0x3ffff) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
-__device__ __forceinline__ uint64_t sw128_mnmajor_desc(uint32_t smem_addr, uint32_t block_stride_bytes) {
-  return uint64_t((smem_addr & 0x3ffff) >> 4) | (uint64_t((block_stride_bytes & 0x3ffff) >> 4) << 16) |
-         (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+// The descriptors' halves where a loop issues many products: the low word (start address, leading
+// byte offset) computed, the high one (stride byte offset 1024, the 128-byte swizzle) the same for
+// every descriptor here, so that the asm joins them and the compiler keeps no register pair a
+// descriptor (it moved each pair to uniform registers, three instructions a product). A slice
+// `bytes` further on is the low word plus bytes / 16 (the encoded address is 14 bits, shared memory
+// 228 KB: the sum never carries out of it).
+constexpr uint32_t kSw128DescHi = (1024 >> 4) | (1u << 30);
+__device__ __forceinline__ uint32_t sw128_kmajor_desc_lo(uint32_t smem_addr) { return (smem_addr & 0x3ffff) >> 4 | (1u << 16); }
+__device__ __forceinline__ uint32_t sw128_mnmajor_desc_lo(uint32_t smem_addr, uint32_t block_stride_bytes) {
+  return (smem_addr & 0x3ffff) >> 4 | ((block_stride_bytes & 0x3ffff) >> 4) << 16;
 }
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -77,31 +84,34 @@ __device__ __forceinline__ void fence_async_shared() { asm volatile("fence.proxy
   "%24, %25, %26, %27, %28, %29, %30, %31}"
 
 // d (+)= A B for A 64 x 16 and B 16 x 64, bf16, both K-major in shared memory (A: 64 rows of k;
-// B: 64 rows of k, i.e. B^T as stored); `accumulate` false starts d. Warp w of the warpgroup holds
-// rows 16 w + g and + 8 (g = lane / 4): d[4 j + e] at column 8 j + 2 (lane % 4) + e % 2, row + 8 for
-// e >= 2 (mma.sync's m16n8 layout, one 8-column block a j).
-__device__ __forceinline__ void wgmma_bf16_ss(float (&d)[32], uint64_t da, uint64_t db, bool accumulate) {
+// B: 64 rows of k, i.e. B^T as stored; a_lo, b_lo: their descriptors' low words); `accumulate`
+// false starts d. Warp w of the warpgroup holds rows 16 w + g and + 8 (g = lane / 4): d[4 j + e] at
+// column 8 j + 2 (lane % 4) + e % 2, row + 8 for e >= 2 (mma.sync's m16n8 layout, an 8-column block
+// a j).
+__device__ __forceinline__ void wgmma_bf16_ss(float (&d)[32], uint32_t a_lo, uint32_t b_lo, bool accumulate) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BALLAST_WGMMA_D32_LIST ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+      "{\n.reg .pred p;\n.reg .b64 da, db;\nsetp.ne.b32 p, %34, 0;\n"
+      "mov.b64 da, {%32, %35};\nmov.b64 db, {%33, %35};\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BALLAST_WGMMA_D32_LIST ", da, db, p, 1, 1, 0, 0;\n}\n"
       : BALLAST_WGMMA_D32
-      : "l"(da), "l"(db), "r"(int(accumulate)));
+      : "r"(a_lo), "r"(b_lo), "r"(int(accumulate)), "n"(kSw128DescHi));
 #else
   __trap();  // (kWarpgroupMma: the host never launches it without sm_90a code)
 #endif
 }
 
 // d += A B for A 64 x 16 bf16 in registers (a[0..3]: mma.sync m16n8k16's A fragment of the warp's 16
-// rows) and B 16 x 64 bf16 MN-major in shared memory (16 rows of k, each 64 consecutive n).
-__device__ __forceinline__ void wgmma_bf16_rs_mn(float (&d)[32], const uint32_t (&a)[4], uint64_t db) {
+// rows) and B 16 x 64 bf16 MN-major in shared memory (16 rows of k, each 64 consecutive n; b_lo its
+// descriptor's low word).
+__device__ __forceinline__ void wgmma_bf16_rs_mn(float (&d)[32], const uint32_t (&a)[4], uint32_t b_lo) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "{\n.reg .pred p;\n.reg .b64 db;\nsetp.ne.b32 p, %37, 0;\nmov.b64 db, {%36, %38};\n"
       "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " BALLAST_WGMMA_D32_LIST
-      ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+      ", {%32, %33, %34, %35}, db, p, 1, 1, 1;\n}\n"
       : BALLAST_WGMMA_D32
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b_lo), "r"(1), "n"(kSw128DescHi));
 #else
   __trap();
 #endif
