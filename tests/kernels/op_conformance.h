@@ -737,24 +737,26 @@ TEST_P(OpConformance, ConcatSplitAndGates) {
   }
   EXPECT_EQ(floats(out), want);
 
-  // split_heads_gate: per head [q | gate].
-  const int64_t Hq = 2, hd = 3;
-  const std::vector<float> qg = randn(size_t(T * Hq * 2 * hd), 11);
-  Tensor q = be().alloc({T, Hq, hd}, DType::F32), gate = be().alloc({T, Hq, hd}, DType::F32);
-  ops().split_heads_gate(f32(qg, {T, Hq, 2 * hd}), q, gate);
-  std::vector<float> wq, wg;
-  for (int64_t r = 0; r < T * Hq; ++r) {
-    wq.insert(wq.end(), qg.begin() + r * 2 * hd, qg.begin() + r * 2 * hd + hd);
-    wg.insert(wg.end(), qg.begin() + r * 2 * hd + hd, qg.begin() + (r + 1) * 2 * hd);
+  // split_heads_gate: per head [q | gate] (head dims of no whole float4s and of some).
+  const int64_t Hq = 2;
+  for (const int64_t hd : {3, 8}) {
+    const std::vector<float> qg = randn(size_t(T * Hq * 2 * hd), 11);
+    Tensor q = be().alloc({T, Hq, hd}, DType::F32), gate = be().alloc({T, Hq, hd}, DType::F32);
+    ops().split_heads_gate(f32(qg, {T, Hq, 2 * hd}), q, gate);
+    std::vector<float> wq, wg;
+    for (int64_t r = 0; r < T * Hq; ++r) {
+      wq.insert(wq.end(), qg.begin() + r * 2 * hd, qg.begin() + r * 2 * hd + hd);
+      wg.insert(wg.end(), qg.begin() + r * 2 * hd + hd, qg.begin() + (r + 1) * 2 * hd);
+    }
+    EXPECT_EQ(floats(q), wq) << "hd " << hd;
+    EXPECT_EQ(floats(gate), wg) << "hd " << hd;
   }
-  EXPECT_EQ(floats(q), wq);
-  EXPECT_EQ(floats(gate), wg);
 
   // silu_mul (out aliasing gate), mul_sigmoid, scale_rows_sigmoid.
   const std::vector<float> g = randn(24, 12, 2.0f), u = randn(24, 13);
   Tensor gd = f32(g, {4, 6});
   ops().silu_mul(gd, f32(u, {4, 6}), gd);
-  std::vector<double> w1(24), w2(24), w3(24);
+  std::vector<double> w1(24), w2(24);
   for (size_t i = 0; i < 24; ++i) {
     w1[i] = silu_d(g[i]) * u[i];
     w2[i] = double(u[i]) * sigmoid_d(g[i]);
@@ -764,10 +766,14 @@ TEST_P(OpConformance, ConcatSplitAndGates) {
   ops().mul_sigmoid(ud, f32(g, {4, 6}));
   EXPECT_TRUE(all_near(floats(ud), w2, 1e-6, 1e-5)) << "mul_sigmoid";
   const std::vector<float> s = randn(4, 14, 2.0f);
-  Tensor ys = f32(u, {4, 6});
-  ops().scale_rows_sigmoid(ys, f32(s, {4, 1}));
-  for (size_t i = 0; i < 24; ++i) w3[i] = double(u[i]) * sigmoid_d(s[i / 6]);
-  EXPECT_TRUE(all_near(floats(ys), w3, 1e-6, 1e-5)) << "scale_rows_sigmoid";
+  for (const int64_t D : {6, 4}) {  // rows of no whole float4s and of one
+    const int64_t n = 4 * D;
+    Tensor ys = f32(std::vector<float>(u.begin(), u.begin() + n), {4, D});
+    ops().scale_rows_sigmoid(ys, f32(s, {4, 1}));
+    std::vector<double> want(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) want[size_t(i)] = double(u[size_t(i)]) * sigmoid_d(s[size_t(i / D)]);
+    EXPECT_TRUE(all_near(floats(ys), want, 1e-6, 1e-5)) << "scale_rows_sigmoid, D " << D;
+  }
 }
 
 TEST_P(OpConformance, GatherAndScatterRows) {

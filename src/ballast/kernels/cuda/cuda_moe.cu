@@ -58,6 +58,7 @@
 
 namespace ballast::kernels {
 
+using cuda::aligned16;
 using cuda::blocks_for;
 using cuda::cdiv;
 using cuda::check_cuda;
@@ -1754,8 +1755,6 @@ __global__ void combine_kernel(const float* y, int64_t M, const int32_t* rows,
     reinterpret_cast<V*>(out)[idx] = acc;
   }
 }
-
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 }  // namespace
 

@@ -29,6 +29,9 @@ inline void check_launch(const char* op) { check_cuda(cudaGetLastError(), op); }
 
 constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Whether float4 / 16-byte accesses may start at p.
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
 // Grid of at most 2^31-1 blocks (grid-stride loops cover the rest).
 inline unsigned blocks_for(int64_t n, int threads) {
   const int64_t b = cdiv(n, threads);
