@@ -20,8 +20,9 @@
 //    head), the cache rows streamed through shared memory 32 at a time and shared by the tile's
 //    rows (launched over B x ceil(max_query_len / tile) tiles; tiles past a sequence's rows exit):
 //    on the tensor cores for head dims of 64, 128 and 256 (128-row tiles: attention_mma_kernel in
-//    3xTF32, attention_bf16_kernel under CudaOptions::bf16_matmul), else on the SIMT cores
-//    (attention_tiled_kernel, 32-row tiles);
+//    3xTF32, attention_bf16_kernel under CudaOptions::bf16_matmul, attention_wgmma_kernel there
+//    instead on Hopper with sm_90a code over bf16 caches, 64 cache rows a step), else on the SIMT
+//    cores (attention_tiled_kernel, 32-row tiles);
 // 4. with splits, the merge of the partials of kernel 2's rows.
 #include <algorithm>
 #include <bit>
@@ -1151,7 +1152,8 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   check(hd >= 1 && hd <= kMaxHeadDim, "attention: head dim {} not in [1, {}]", hd, kMaxHeadDim);
   check(T <= std::numeric_limits<int32_t>::max() && Hq <= 65535, "attention: {} rows of {} heads is too many", T, Hq);
   check(W <= std::numeric_limits<int32_t>::max() / bs, "attention: block tables of {} blocks of {} rows", W, bs);
-  check(blocks <= std::numeric_limits<int32_t>::max() / bs, "attention: caches of {} blocks of {} rows", blocks, bs);
+  check(blocks <= std::numeric_limits<int32_t>::max() / bs, "attention: caches of {} blocks of {} rows (over 2^31 rows)",
+        blocks, bs);
   if (T == 0) return;
 
   // bf16 caches (the backend's own under bf16 products) are read by every kernel but the 3xTF32
