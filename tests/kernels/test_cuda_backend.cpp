@@ -335,13 +335,13 @@ TEST(CudaBackend, Fp8MatmulEqualsTheProductOfWhatItMultiplies) {
 class CudaBf16Products : public OpConformance {
  protected:
   void expect_attention_of_rounded_operands(int64_t hd, const std::vector<int>& prior, const std::vector<int>& fresh,
-                                            DType cache, bool tensor_cores, int64_t Hq = 4) {
+                                            DType cache, bool tensor_cores, int64_t Hq = 4, int64_t bs = 16) {
     const auto round = [](std::vector<float> v) {
       for (float& e : v) e = bf16_to_f32(f32_to_bf16(e));
       return v;
     };
-    const int64_t Hkv = 2, row = Hkv * hd, bs = 16;
-    const int B = 2, W = 23;  // up to 340 rows of a sequence: 22 blocks of 16 rows, and a spare entry
+    const int64_t Hkv = 2, row = Hkv * hd;
+    const int B = 2, W = 23;  // up to 340 rows of a sequence: 22 blocks of (at least) 16 rows, and a spare entry
     HostLayout h;
     h.block_size = int(bs);
     h.width = W;
@@ -411,13 +411,16 @@ INSTANTIATE_TEST_SUITE_P(Cuda, CudaBf16Products, ::testing::Values(BackendCase{"
 // Prefill attention on the bf16 tensor cores: Q, K, V and the softmax's P rounded to bf16, fp32
 // sums. Two sequences (one with 40 rows cached before its 300 new ones, one of 129: a tile of one
 // row), every tensor-core head dim, fp32 caches (K and V rounded as they are staged) and bf16
-// caches (copied into the tiles as they lie, the new rows rounded as they are written).
+// caches (copied into the tiles as they lie, the new rows rounded as they are written; on Hopper
+// the wgmma tiles), KV blocks of 16 rows and of 24 (no power of two: rows to blocks by division).
 TEST_P(CudaBf16Products, PrefillAttentionEqualsTheSoftmaxOfRoundedOperands) {
   for (const DType cache : {DType::F32, DType::BF16})
     for (const int64_t hd : {64, 128, 256}) {
       SCOPED_TRACE(std::string(dtype_name(cache)) + " caches, hd=" + std::to_string(hd));
       expect_attention_of_rounded_operands(hd, {40, 0}, {300, 129}, cache, /*tensor_cores=*/true);
     }
+  SCOPED_TRACE("bf16 caches, hd=256, blocks of 24 rows");
+  expect_attention_of_rounded_operands(256, {40, 0}, {300, 129}, DType::BF16, /*tensor_cores=*/true, 4, 24);
 }
 
 // bf16 caches beyond the tensor-core tiles: decode rows (sequences of 1 and 3 new rows after 40
