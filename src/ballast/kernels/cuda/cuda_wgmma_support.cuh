@@ -33,15 +33,17 @@ __device__ __forceinline__ uint32_t swizzled128(int r, int c) {
   return uint32_t(r) * 128 + uint32_t((c ^ (r & 7)) << 4);
 }
 
+// K-major descriptor, whole (the FP8 expert tiles).
 __device__ __forceinline__ uint64_t sw128_kmajor_desc(uint32_t smem_addr) {
   return uint64_t((smem_addr & 0x3ffff) >> 4) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
 }
-// The descriptors' halves where a loop issues many products: the low word (start address, leading
-// byte offset) computed, the high one (stride byte offset 1024, the 128-byte swizzle) the same for
-// every descriptor here, so that the asm joins them and the compiler keeps no register pair a
-// descriptor (it moved each pair to uniform registers, three instructions a product). A slice
-// `bytes` further on is the low word plus bytes / 16 (the encoded address is 14 bits, shared memory
-// 228 KB: the sum never carries out of it).
+// The descriptors' halves where a loop issues many products (prefill attention): the low word
+// (start address, leading byte offset) computed, the high one (stride byte offset 1024, the
+// 128-byte swizzle) the same for every descriptor here and joined in the asm, so no 64-bit value a
+// descriptor is built (with the copies' shared addresses, 1.58 -> 1.51 ms a layer: docs/perf.md;
+// ptxas still moves both words to uniform registers a product). A slice `bytes` further on is the
+// low word plus bytes / 16 (the encoded address is 14 bits, shared memory 228 KB: the sum never
+// carries out of it).
 constexpr uint32_t kSw128DescHi = (1024 >> 4) | (1u << 30);
 __device__ __forceinline__ uint32_t sw128_kmajor_desc_lo(uint32_t smem_addr) { return (smem_addr & 0x3ffff) >> 4 | (1u << 16); }
 __device__ __forceinline__ uint32_t sw128_mnmajor_desc_lo(uint32_t smem_addr, uint32_t block_stride_bytes) {
