@@ -112,6 +112,16 @@ __device__ __forceinline__ int sequence_of(const int32_t* cu, int B, int t) {
   return lo;
 }
 
+// The cache row (block * bs + row in it; < blocks bs <= INT32_MAX, checked on the host) holding
+// position r of the sequence whose block table is `table`, or -1 at or past `end` (<= W bs <=
+// INT32_MAX) or where the table names no block. Rows to blocks by shifts where bs is a power of two.
+__device__ __forceinline__ int cache_slot(const AttentionArgs& a, const int32_t* table, int64_t r, int64_t end) {
+  if (r >= end) return -1;
+  const int ri = int(r);
+  const int64_t blk = table[a.bs_shift >= 0 ? ri >> a.bs_shift : ri / a.bs];
+  return blk >= 0 && blk < a.blocks ? int(blk * a.bs + (a.bs_shift >= 0 ? ri & (a.bs - 1) : ri % a.bs)) : -1;
+}
+
 // Elements V lane .. V lane + V - 1 of a cache row (the head's, at element `base`; zeros past hd or
 // where !ok): with hd a multiple of V (so base is too) one or two 16-byte loads or fewer bytes, else
 // element by element. (Elements lane + 32 j made 2-byte loads of bf16 rows: the decode kernel took
@@ -180,10 +190,9 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
     bool ok[kRowsPerStep];
 #pragma unroll
     for (int u = 0; u < kRowsPerStep; ++u) {
-      const int64_t ru = r + u * kAttnWarps;
-      const int64_t blk = ru < r1 ? int64_t(table[ru / a.bs]) : -1;
-      ok[u] = blk >= 0 && blk < a.blocks;  // uniform over the warp; an unreadable row is left out
-      const int64_t base = ok[u] ? (blk * a.bs + ru % a.bs) * row + int64_t(kvh) * hd : 0;
+      const int slot = cache_slot(a, table, r + u * kAttnWarps, r1);
+      ok[u] = slot >= 0;  // uniform over the warp; an unreadable row is left out
+      const int64_t base = ok[u] ? int64_t(slot) * row + int64_t(kvh) * hd : 0;
       kv_row<V, KV>(a.k_cache, base, lane, hd, ok[u], kx[u]);
       kv_row<V, KV>(a.v_cache, base, lane, hd, ok[u], vx[u]);
     }
@@ -352,10 +361,9 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const 
     __syncthreads();  // the previous step's Ks, Vs are read (and, the first time, Qs written)
 #pragma unroll 1
     for (int rr = warp; rr < kTileKv; rr += kTileWarps) {
-      const int64_t r = k0 + rr;
-      const int64_t blk = r < kv_end ? int64_t(table[r / a.bs]) : -1;
-      const bool ok = blk >= 0 && blk < a.blocks;
-      const int64_t base = ok ? (blk * a.bs + r % a.bs) * row + int64_t(kvh) * hd : 0;
+      const int slot = cache_slot(a, table, k0 + rr, kv_end);
+      const bool ok = slot >= 0;
+      const int64_t base = ok ? int64_t(slot) * row + int64_t(kvh) * hd : 0;
 #pragma unroll
       for (int c = 0; c < V; ++c) {
         const int e = lane + 32 * c;
@@ -475,14 +483,9 @@ __device__ __forceinline__ PrefillTile prefill_tile(const AttentionArgs& a, int 
   return t;
 }
 
-// The cache row (block * bs + row in it, < blocks bs <= INT32_MAX: checked on the host) that holds
-// position k0 + lane of the tile's sequence (-1: unreadable).
+// The cache row (cache_slot) holding position k0 + lane of the tile's sequence (-1: unreadable).
 __device__ __forceinline__ int prefill_row_slot(const AttentionArgs& a, const PrefillTile& t, int k0, int lane) {
-  const int r = k0 + lane;  // < W bs <= INT32_MAX (checked on the host)
-  const int in_table = a.bs_shift >= 0 ? r >> a.bs_shift : r / a.bs;
-  const int in_block = a.bs_shift >= 0 ? r & (a.bs - 1) : r % a.bs;
-  const int64_t blk = r < t.kv_end ? int64_t(a.tables[int64_t(t.b) * a.W + in_table]) : -1;
-  return blk >= 0 && blk < a.blocks ? int(blk * a.bs + in_block) : -1;
+  return cache_slot(a, a.tables + int64_t(t.b) * a.W, int64_t(k0) + lane, t.kv_end);
 }
 
 // Where cache row k0 + lane of the tile's kv head starts in the caches (-1: unreadable).
