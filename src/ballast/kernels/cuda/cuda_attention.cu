@@ -601,6 +601,16 @@ __device__ __forceinline__ void prefill_rescale(float (&o)[NT][4], const float (
   for (int j = 0; j < NT; ++j) o[j][0] *= corr[0], o[j][1] *= corr[0], o[j][2] *= corr[1], o[j][3] *= corr[1];
 }
 
+// The softmax's P of the 8-key score blocks j and j + 1 as one 16-key bf16 A operand, as the
+// fragments lie (rows g, g + 8; keys 2t, 2t + 1): mma.sync m16n8k16's, and wgmma's of a warp's rows.
+template <int ST>
+__device__ __forceinline__ void p_operand(const float (&s)[ST][4], int j, uint32_t (&pf)[4]) {
+  pf[0] = bf16_pair(s[j][0], s[j][1]);
+  pf[1] = bf16_pair(s[j][2], s[j][3]);
+  pf[2] = bf16_pair(s[j + 1][0], s[j + 1][1]);
+  pf[3] = bf16_pair(s[j + 1][2], s[j + 1][3]);
+}
+
 // prefill_scores, then the outputs rescaled (the mma.sync tiles: their P V follows at once).
 template <int ST, int NT>
 __device__ __forceinline__ void prefill_softmax(float (&s)[ST][4], float (&m)[2], float (&l)[2], float (&o)[NT][4],
@@ -871,11 +881,10 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const At
       }
     }
     prefill_softmax(s, m, l, o, kok[kDirect ? step & 1 : 0], pos, k0, a.scale, t4);
-    // Two 8-key score blocks are one 16-key A operand as they lie (rows g, g + 8; keys 2t, 2t + 1).
 #pragma unroll
     for (int j = 0; j < ST; j += 2) {
-      const uint32_t pf[4] = {bf16_pair(s[j][0], s[j][1]), bf16_pair(s[j][2], s[j][3]),
-                              bf16_pair(s[j + 1][0], s[j + 1][1]), bf16_pair(s[j + 1][2], s[j + 1][3])};
+      uint32_t pf[4];
+      p_operand(s, j, pf);
 #pragma unroll
       for (int c = 0; c < NT; c += 2) {
         uint32_t vf[4];
@@ -1020,15 +1029,9 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_wgmma_kernel(const A
     auto& sv = reinterpret_cast<float(&)[ST][4]>(sc);
     prefill_scores<true>(sv, m, l, corr, kok[s & 1], kall[s & 1] && k0 + kWgKv - 1 <= pos_min, pos, k0, scale, t4);
   };
-  const auto pack_p = [&]() {  // two 8-key score blocks are one 16-key A operand as they lie
-    auto& sv = reinterpret_cast<float(&)[ST][4]>(sc);
+  const auto pack_p = [&]() {
 #pragma unroll
-    for (int kk = 0; kk < kWgKv / 16; ++kk) {
-      pf[kk][0] = bf16_pair(sv[2 * kk][0], sv[2 * kk][1]);
-      pf[kk][1] = bf16_pair(sv[2 * kk][2], sv[2 * kk][3]);
-      pf[kk][2] = bf16_pair(sv[2 * kk + 1][0], sv[2 * kk + 1][1]);
-      pf[kk][3] = bf16_pair(sv[2 * kk + 1][2], sv[2 * kk + 1][3]);
-    }
+    for (int kk = 0; kk < kWgKv / 16; ++kk) p_operand(reinterpret_cast<const float(&)[ST][4]>(sc), 2 * kk, pf[kk]);
   };
   // The block's copies landed (and the Q tile written), to the tensor cores of both warpgroups.
   const auto land = []() {
