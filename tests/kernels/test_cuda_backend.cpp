@@ -436,10 +436,12 @@ TEST_P(CudaBf16Products, AttentionReadsBf16Caches) {
   expect_attention_of_rounded_operands(96, {40, 0}, {300, 129}, DType::BF16, /*tensor_cores=*/false);
 }
 
-// The chunked delta rule with bf16 matrix products: its products in TF32 (operands within 2^-11),
-// against the CPU's recurrent form in fp32. The errors (printed) measured 3.5e-4 - 4.4e-4 relative
-// L2 on the H200; a wrong fragment or chunk would be O(1).
-TEST_P(CudaBf16Products, DeltaNetWithTf32ProductsMatchesTheRecurrence) { check_deltanet_at_qwen_head_dims(5e-3); }
+// The chunked delta rule with bf16 matrix products: the solve kernel's products in TF32 (operands
+// within 2^-11), the state kernel's in bf16 over bf16 scratch (within 2^-8, as flash-linear-attention
+// computes it), against the CPU's recurrent form in fp32. The errors (printed) measured 3.5e-4 -
+// 4.4e-4 relative L2 on the H200 with the state kernel in TF32 too; a wrong fragment or chunk would
+// be O(1).
+TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsMatchesTheRecurrence) { check_deltanet_at_qwen_head_dims(1e-2); }
 
 // Few rows (decode, 3 - 8) of block-scaled FP8 weights on the FP8 tensor cores: x quantized per row
 // and 128-block of k (amax / 448, nearest e4m3; the division in float, as the kernel does it), fp32

@@ -601,16 +601,6 @@ __device__ __forceinline__ void prefill_rescale(float (&o)[NT][4], const float (
   for (int j = 0; j < NT; ++j) o[j][0] *= corr[0], o[j][1] *= corr[0], o[j][2] *= corr[1], o[j][3] *= corr[1];
 }
 
-// The softmax's P of the 8-key score blocks j and j + 1 as one 16-key bf16 A operand, as the
-// fragments lie (rows g, g + 8; keys 2t, 2t + 1): mma.sync m16n8k16's, and wgmma's of a warp's rows.
-template <int ST>
-__device__ __forceinline__ void p_operand(const float (&s)[ST][4], int j, uint32_t (&pf)[4]) {
-  pf[0] = bf16_pair(s[j][0], s[j][1]);
-  pf[1] = bf16_pair(s[j][2], s[j][3]);
-  pf[2] = bf16_pair(s[j + 1][0], s[j + 1][1]);
-  pf[3] = bf16_pair(s[j + 1][2], s[j + 1][3]);
-}
-
 // prefill_scores, then the outputs rescaled (the mma.sync tiles: their P V follows at once).
 template <int ST, int NT>
 __device__ __forceinline__ void prefill_softmax(float (&s)[ST][4], float (&m)[2], float (&l)[2], float (&o)[NT][4],
@@ -766,17 +756,6 @@ __host__ __device__ constexpr int bf16_smem_bytes(int HD, bool bf16_cache) {
                     : 2 * kMmaKv * HD * 4 + (kMmaRows + 2 * kMmaKv) * (HD + 8) * 2;
 }
 
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
-  const unsigned a = unsigned(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
-  const unsigned a = unsigned(__cvta_generic_to_shared(p));
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
-}
-
 // rows x HD floats (row stride lf) to bf16 (row stride lb), by the whole block.
 template <int HD>
 __device__ __forceinline__ void to_bf16_rows(const float* f, int lf, __nv_bfloat16* b, int lb, int rows) {
@@ -884,7 +863,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const At
 #pragma unroll
     for (int j = 0; j < ST; j += 2) {
       uint32_t pf[4];
-      p_operand(s, j, pf);
+      accumulators_as_a(s, j, pf);
 #pragma unroll
       for (int c = 0; c < NT; c += 2) {
         uint32_t vf[4];
@@ -1031,7 +1010,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_wgmma_kernel(const A
   };
   const auto pack_p = [&]() {
 #pragma unroll
-    for (int kk = 0; kk < kWgKv / 16; ++kk) p_operand(reinterpret_cast<const float(&)[ST][4]>(sc), 2 * kk, pf[kk]);
+    for (int kk = 0; kk < kWgKv / 16; ++kk) accumulators_as_a(reinterpret_cast<const float(&)[ST][4]>(sc), 2 * kk, pf[kk]);
   };
   // The block's copies landed (and the Q tile written), to the tensor cores of both warpgroups.
   const auto land = []() {

@@ -29,9 +29,10 @@
 //   value columns and a part of the keys whose state it keeps transposed in registers (8 warps a
 //   block: slices of 32, 64 or 128 columns in 4, 2 or 1 key parts, the narrowest whose blocks fit
 //   on the SMs at once). The products
-//   run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy), or in TF32 (operands
-//   rounded to 10 bits, one product for three) under bf16 matrix products (T's own blocks always
-//   in 3xTF32); the substitution of T's diagonal blocks and the exponentials (of double
+//   run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy); under bf16 matrix
+//   products the solve kernel's in TF32 (operands rounded to 10 bits, one product for three; T's
+//   own blocks always in 3xTF32) and the state kernel's in bf16 from bf16 scratch (the state stays
+//   fp32 in registers); the substitution of T's diagonal blocks and the exponentials (of double
 //   differences, as the CPU) on the SIMT cores.
 #include <algorithm>
 #include <cmath>
@@ -418,28 +419,54 @@ __device__ __forceinline__ void load_chunk_rows(const RuleArgs& a, int64_t tc, i
   }
 }
 
-// The key dim padded with zeros to whole 8-wide tensor-core steps.
-__host__ __device__ inline int padded_dk(int dk) { return (dk + 7) / 8 * 8; }
+// The key dim padded with zeros to whole 16-wide tensor-core steps (bf16's k; two of TF32's).
+__host__ __device__ inline int padded_dk(int dk) { return (dk + 15) / 16 * 16; }
 
 // What the solve kernel leaves for the state kernel, per row t of the pass and value head h (rows
-// of dkp and dv4 floats, zero-padded: whole float4s for cp.async): with T = (I + A)^-1 of the row's
-// chunk, W = T diag(beta e^gc) K, U = T diag(beta) V, Q' = diag(e^gc) Q - P W, O = P U, K' =
-// diag(e^{gc_last - gc}) K; and e^{gc_last} at the chunk's first row. The state kernel then does
-// only what depends on the state entering the chunk:
+// of dkp and dvp elements E, zero-padded: whole 16-byte pieces for cp.async): with T = (I + A)^-1 of
+// the row's chunk, W = T diag(beta e^gc) K, U = T diag(beta) V, Q' = diag(e^gc) Q - P W, O = P U,
+// K' = diag(e^{gc_last - gc}) K; and e^{gc_last} at the chunk's first row. The state kernel then
+// does only what depends on the state entering the chunk:
 //   V' = U - W S0,   out = O + Q' S0,   S = e^{gc_last} S0 + K'^T V'
+// E: fp32 for 3xTF32 products; bf16 under bf16 products, the operands' own precision there (as
+// flash-linear-attention keeps w, u and the states in bf16): half the bytes the state kernel
+// waits on, and its products on the bf16 tensor cores (k 16 a step, where TF32 takes 8).
+template <typename E>
 struct ChunkScratch {
-  float *qp, *w, *kp;  // [T, Hv, dkp]
-  float *u, *o;        // [T, Hv, dv4]
-  float* elast;        // [T, Hv]
-  static size_t floats(int64_t T, int Hv, int dk, int dv) {
-    return size_t(T) * Hv * (3 * size_t(padded_dk(dk)) + 2 * size_t(round4(dv)) + 1);
+  E *qp, *w, *kp;  // [T, Hv, dkp]
+  E *u, *o;        // [T, Hv, dvp]
+  float* elast;    // [T, Hv]
+  __host__ __device__ static int dvp(int dv) {
+    constexpr int kPiece = 16 / sizeof(E);
+    return (dv + kPiece - 1) / kPiece * kPiece;
   }
-  static ChunkScratch at(float* base, int64_t T, int Hv, int dk, int dv) {
-    const int64_t mk = T * Hv * padded_dk(dk), mv = T * Hv * round4(dv);
-    return {base, base + mk, base + 2 * mk, base + 3 * mk, base + 3 * mk + mv, base + 3 * mk + 2 * mv};
+  static size_t bytes(int64_t T, int Hv, int dk, int dv) {
+    return size_t(T) * Hv * ((3 * size_t(padded_dk(dk)) + 2 * size_t(dvp(dv))) * sizeof(E) + sizeof(float));
   }
-  __host__ __device__ static int round4(int x) { return (x + 3) / 4 * 4; }
+  static ChunkScratch at(void* base, int64_t T, int Hv, int dk, int dv) {
+    E* e = static_cast<E*>(base);
+    const int64_t mk = T * Hv * padded_dk(dk), mv = T * Hv * dvp(dv);
+    return {e, e + mk, e + 2 * mk, e + 3 * mk, e + 3 * mk + mv, reinterpret_cast<float*>(e + 3 * mk + 2 * mv)};
+  }
 };
+template <bool kSplit>
+using ScratchOf = std::conditional_t<kSplit, float, __nv_bfloat16>;
+
+// Scratch elements from and to floats: two (a float2 or a bf16 pair) and four at a time.
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = float2{a, b}; }
+__device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
+  *reinterpret_cast<uint32_t*>(p) = bf16_pair(a, b);
+}
+__device__ __forceinline__ float2 load2(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
+  return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+}
+__device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
+__device__ __forceinline__ void store4(__nv_bfloat16* p, float4 v) {
+  *reinterpret_cast<uint2*>(p) = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
+}
 
 // Row strides of the chunks' rows: padded_dk + 4, so that lq / 4 is odd (8 consecutive rows read as
 // float4 at one column cover the 32 banks once, as do a warp's A fragments of mma: 4 g + t).
@@ -546,8 +573,8 @@ __device__ void invert_unit_lower(const float* X, float* Y, Alongside alongside)
 // one product [T; M] R with R = [diag(beta e^gc) K | diag(beta) V] gives [W | U] (T's rows) and
 // [P W | P U] (M's rows): Q' = e^gc Q - P W, O = P U.
 template <bool kSplit, int kHeadDim>
-__global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(const RuleArgs a, ChunkScratch cs,
-                                                                            int chunks_per_seq) {
+__global__ void __launch_bounds__(kChunkThreads, 2)
+    delta_rule_solve_kernel(const RuleArgs a, ChunkScratch<ScratchOf<kSplit>> cs, int chunks_per_seq) {
   wait_for_prior_kernels();
   const auto tf = [](float v) { return tf32_operand<kSplit>(v); };  // an operand of the products
   extern __shared__ float4 smem_f4[];
@@ -564,7 +591,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
   // kHeadDim: the key and value head dims known when compiled (the Qwen models' 128), or 0.
   const int dk = kHeadDim ? kHeadDim : a.dk, dv = kHeadDim ? kHeadDim : a.dv, Hv = a.Hv;
   const int lq = chunk_lq(dk), dkp = padded_dk(dk);
-  const int dv4 = ChunkScratch::round4(dv), dv8 = (dv + 7) / 8 * 8;
+  const int dvp = decltype(cs)::dvp(dv), dv8 = (dv + 7) / 8 * 8;
   const SolveSmem L(dk, dv);
   const int lv = L.lv;
   double* gc = reinterpret_cast<double*>(smem + L.gc);
@@ -619,8 +646,8 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
     for (int p = 4 * lane; p < dkp; p += 128) {
       const float4 k = *reinterpret_cast<const float4*>(Ks + i * lq + p);
       const float4 q = *reinterpret_cast<const float4*>(Qs + i * lq + p);
-      *reinterpret_cast<float4*>(cs.kp + at + p) = float4{fi * k.x, fi * k.y, fi * k.z, fi * k.w};
-      *reinterpret_cast<float4*>(cs.qp + at + p) = float4{gi * q.x, gi * q.y, gi * q.z, gi * q.w};
+      store4(cs.kp + at + p, float4{fi * k.x, fi * k.y, fi * k.z, fi * k.w});
+      store4(cs.qp + at + p, float4{gi * q.x, gi * q.y, gi * q.z, gi * q.w});
     }
   }
   if (threadIdx.x == 0) cs.elast[tc * Hv + h] = eg[n - 1];
@@ -712,7 +739,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
           for (int hf = 0; hf < 2; ++hf) {
             const int i = 16 * rb + g + 8 * hf, col = c16 + 8 * nj + 2 * t4;
             if (part == 1 && i < n && col < dkp)
-              eq[nj][hf] = *reinterpret_cast<const float2*>(cs.qp + ((tc + i) * Hv + h) * dkp + col);
+              eq[nj][hf] = load2(cs.qp + ((tc + i) * Hv + h) * dkp + col);
           }
 #pragma unroll
         for (int nj = 0; nj < 2; ++nj)
@@ -724,10 +751,10 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
             const int64_t row = (tc + i) * Hv + h;
             if (col < dkp) {
               const float2 e = eq[nj][hf];
-              *reinterpret_cast<float2*>((part == 0 ? cs.w : cs.qp) + row * dkp + col) =
-                  part == 0 ? float2{x0, x1} : float2{e.x - x0, e.y - x1};
-            } else if (col - dkp < dv4) {
-              *reinterpret_cast<float2*>((part == 0 ? cs.u : cs.o) + row * dv4 + (col - dkp)) = float2{x0, x1};
+              if (part == 0) store2(cs.w + row * dkp + col, x0, x1);
+              else store2(cs.qp + row * dkp + col, e.x - x0, e.y - x1);
+            } else if (col - dkp < dvp) {
+              store2((part == 0 ? cs.u : cs.o) + row * dvp + (col - dkp), x0, x1);
             }
           }
       }
@@ -739,30 +766,33 @@ __global__ void __launch_bounds__(kChunkThreads, 2) delta_rule_solve_kernel(cons
 __host__ __device__ constexpr int red_slots(int ks) { return 16 - 8 / ks; }
 
 // Shared memory of the state kernel of `width` value columns a block and the keys split over `ks`
-// warps, in floats: Qp, Ws [kChunk][dkp + 8] (Q', W: B operands read as float2 at row g, column 2t:
-// a row stride of 8 mod 32 banks puts each half warp's on 32 banks), Kp [2][kChunk][dkp + 4] (K',
-// two: the next chunk's lands while this one's is read; B operand at row 2t, column g), Us, Os
-// [kChunk][width + 4] (the block's columns of U and O, read at row 2t, column g as well), and with
-// ks > 1 Red [warps][red_slots(ks)][32] float4s, each warp's partial sums (lane-major: no bank
-// conflicts).
+// warps, for scratch elements of `es` bytes, in bytes: Qp, Ws [kChunk][lw] (Q', W), Kp
+// [2][kChunk][lk] (K', two: the next chunk's lands while this one's is read), Us, Os [kChunk][lu]
+// (the block's columns of U and O, read at row 2t, column g), and with ks > 1 Red
+// [warps][red_slots(ks)][32] float4s, each warp's partial sums (lane-major: no bank conflicts).
+// fp32: Q' and W are B operands read as float2 at row g, column 2t (lw = dkp + 8: a row stride of 8
+// mod 32 banks puts each half warp's on 32 banks), K' at row 2t, column g (lk = dkp + 4), U and O
+// too (lu = width + 4). bf16: Q', W and K' read by ldmatrix, whose 8 row reads of a matrix a row
+// stride of 16 bytes mod 128 puts on 32 banks (dkp + 8), U and O at width + 8 (whole 16-byte pieces).
 struct StateSmem {
   int dkp, lw, lk, lu;
   int64_t Qp, Ws, Kp, Us, Os, Red, total;
-  __host__ __device__ StateSmem(int dk, int width, int ks) {
+  __host__ __device__ StateSmem(int dk, int width, int ks, int es) {
     dkp = padded_dk(dk);
     lw = dkp + 8;
-    lk = dkp + 4;
-    lu = width + 4;
+    lk = es == 4 ? dkp + 4 : dkp + 8;
+    lu = es == 4 ? width + 4 : width + 8;
     int64_t o = 0;
-    Qp = o, o += int64_t(kChunk) * lw;
-    Ws = o, o += int64_t(kChunk) * lw;
-    Kp = o, o += 2 * int64_t(kChunk) * lk;
-    Us = o, o += int64_t(kChunk) * lu;
-    Os = o, o += int64_t(kChunk) * lu;
-    Red = o, o += ks > 1 ? int64_t(width / 16) * ks * red_slots(ks) * 32 * 4 : 0;
+    Qp = o, o += int64_t(kChunk) * lw * es;
+    Ws = o, o += int64_t(kChunk) * lw * es;
+    Kp = o, o += 2 * int64_t(kChunk) * lk * es;
+    Us = o, o += int64_t(kChunk) * lu * es;
+    Os = o, o += int64_t(kChunk) * lu * es;
+    o = (o + 15) / 16 * 16;
+    Red = o, o += ks > 1 ? int64_t(width / 16) * ks * red_slots(ks) * 32 * 16 : 0;
     total = o;
   }
-  __host__ __device__ size_t bytes() const { return size_t(total) * sizeof(float); }
+  __host__ __device__ size_t bytes() const { return size_t(total); }
 };
 
 // Chunked form, part 2, the chunks of a sequence in order: block (sequence, value head, slice of
@@ -779,14 +809,17 @@ struct StateSmem {
 // O through step 2: two barriers a chunk. Splitting the keys puts more warps on a chunk's chain of
 // products where the value columns are few (one warp has 16 of them).
 template <bool kSplit, int kGroups, int kKs, int kHeadDim>
-__global__ void __launch_bounds__(kGroups * kKs * 32, 1) delta_rule_state_kernel(const RuleArgs a, ChunkScratch cs) {
+__global__ void __launch_bounds__(kGroups * kKs * 32, 1)
+    delta_rule_state_kernel(const RuleArgs a, ChunkScratch<ScratchOf<kSplit>> cs) {
   wait_for_prior_kernels();
   const auto tf = [](float v) { return tf32_operand<kSplit>(v); };  // an operand of the products
   constexpr int kW = 16 * kGroups, kThreads = 32 * kGroups * kKs, kTiles = kMaxDk / 8 / kKs, kRows = 8 / kKs;
   constexpr int kSlots = red_slots(kKs);
   static_assert(kKs == 1 || kKs == 2 || kKs == 4, "the key parts: 1, 2 or 4");
+  using E = ScratchOf<kSplit>;
+  constexpr int kPiece = 16 / sizeof(E);  // elements a 16-byte copy
   extern __shared__ float4 smem_f4[];
-  float* smem = reinterpret_cast<float*>(smem_f4);
+  unsigned char* smem = reinterpret_cast<unsigned char*>(smem_f4);
   const int b = int(blockIdx.x), h = int(blockIdx.y);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t4 = lane % 4;
   const int part = warp / kGroups, vw = 16 * (warp % kGroups);  // key part; first value column in the block
@@ -795,33 +828,36 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1) delta_rule_state_kernel
   if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
   // kHeadDim: the key and value head dims known when compiled (the Qwen models' 128), or 0.
   const int dk = kHeadDim ? kHeadDim : a.dk, dv = kHeadDim ? kHeadDim : a.dv, Hv = a.Hv;
-  const int dv4 = ChunkScratch::round4(dv);
+  const int dvp = decltype(cs)::dvp(dv);
   const int64_t vd = int64_t(Hv) * dv;
-  const StateSmem L(dk, kW, kKs);
+  const StateSmem L(dk, kW, kKs, sizeof(E));
   const int dkp = L.dkp, lw = L.lw, lk = L.lk, lu = L.lu;
-  const int tiles = kHeadDim ? (kHeadDim + 7) / 8 : dkp / 8;  // 8-key tiles of the state
-  const int kt0 = part * kTiles;                                // the part's first
-  float* Qp = smem + L.Qp;
-  float* Ws = smem + L.Ws;
-  float* Us = smem + L.Us;
-  float* Os = smem + L.Os;
+  const int tiles = kHeadDim ? (kHeadDim + 15) / 16 * 2 : dkp / 8;  // 8-key tiles of the state
+  const int kt0 = part * kTiles;                                      // the part's first
+  E* Qp = reinterpret_cast<E*>(smem + L.Qp);
+  E* Ws = reinterpret_cast<E*>(smem + L.Ws);
+  E* Us = reinterpret_cast<E*>(smem + L.Us);
+  E* Os = reinterpret_cast<E*>(smem + L.Os);
   float4* red = reinterpret_cast<float4*>(smem + L.Red);
-  const auto kp_of = [&](int64_t c0) { return smem + L.Kp + ((c0 / kChunk) & 1) * (int64_t(kChunk) * lk); };
+  const auto kp_of = [&](int64_t c0) {
+    return reinterpret_cast<E*>(smem + L.Kp) + ((c0 / kChunk) & 1) * (int64_t(kChunk) * lk);
+  };
 
   // A chunk's rows of [T, Hv, dkp] scratch into [kChunk][ld] shared memory (zeros past n); its
-  // slice of kW columns from j0 of [T, Hv, dv4] scratch (zeros past n and dv4).
-  const auto rows_async = [&](float* dst, int ld, const float* src, int64_t tc, int n) {
-    const int c4 = dkp / 4;
-    for (int e = int(threadIdx.x); e < kChunk * c4; e += kThreads) {
-      const int i = e / c4, q = e % c4;
-      cp_async16(dst + i * ld + 4 * q, src + ((tc + (i < n ? i : 0)) * Hv + h) * dkp + 4 * q, i < n);
+  // slice of kW columns from j0 of [T, Hv, dvp] scratch (zeros past n and dvp).
+  const auto rows_async = [&](E* dst, int ld, const E* src, int64_t tc, int n) {
+    const int pieces = dkp / kPiece;
+    for (int e = int(threadIdx.x); e < kChunk * pieces; e += kThreads) {
+      const int i = e / pieces, q = kPiece * (e % pieces);
+      cp_async16(dst + i * ld + q, src + ((tc + (i < n ? i : 0)) * Hv + h) * dkp + q, i < n);
     }
   };
-  const auto slice_async = [&](float* dst, const float* src, int64_t tc, int n) {
-    for (int e = int(threadIdx.x); e < kChunk * (kW / 4); e += kThreads) {
-      const int i = e / (kW / 4), q = e % (kW / 4), c = j0 + 4 * q;
-      const bool ok = i < n && c < dv4;
-      cp_async16(dst + i * lu + 4 * q, src + ((tc + (ok ? i : 0)) * Hv + h) * dv4 + (ok ? c : 0), ok);
+  const auto slice_async = [&](E* dst, const E* src, int64_t tc, int n) {
+    constexpr int kPieces = kW / kPiece;
+    for (int e = int(threadIdx.x); e < kChunk * kPieces; e += kThreads) {
+      const int i = e / kPieces, q = kPiece * (e % kPieces), c = j0 + q;
+      const bool ok = i < n && c < dvp;
+      cp_async16(dst + i * lu + q, src + ((tc + (ok ? i : 0)) * Hv + h) * dvp + (ok ? c : 0), ok);
     }
   };
   const auto chunk_rows = [&](int64_t c0) { return int(std::min<int64_t>(kChunk, s.n - c0)); };
@@ -870,19 +906,41 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1) delta_rule_state_kernel
     // rows each; x[j][e], u[j][e] at value column vw + g + 8 (e >> 1) of the block and row
     // 8 j + 2 t4 + (e & 1) of the chunk ---
     float x[8][4] = {}, u[8][4] = {};
+    if constexpr (kSplit) {
 #pragma unroll
-    for (int i = 0; i < kTiles; ++i) {
-      if (kt0 + i >= tiles) break;
-      const Tf32Pair af[4] = {tf(st[i][0]), tf(st[i][2]), tf(st[i][1]), tf(st[i][3])};
-      const float* q = Qp + g * lw + 8 * (kt0 + i) + 2 * t4;
-      const float* w = Ws + g * lw + 8 * (kt0 + i) + 2 * t4;
+      for (int i = 0; i < kTiles; ++i) {
+        if (kt0 + i >= tiles) break;
+        const Tf32Pair af[4] = {tf(st[i][0]), tf(st[i][2]), tf(st[i][1]), tf(st[i][3])};
+        const float* q = Qp + g * lw + 8 * (kt0 + i) + 2 * t4;
+        const float* w = Ws + g * lw + 8 * (kt0 + i) + 2 * t4;
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        const float2 qv = *reinterpret_cast<const float2*>(q + 8 * j * lw);
-        const float2 wv = *reinterpret_cast<const float2*>(w + 8 * j * lw);
-        const Tf32Pair bq[2] = {tf(qv.x), tf(qv.y)}, bw[2] = {tf(wv.x), tf(wv.y)};
-        mma_tf32x<kSplit>(x[j], af, bq);
-        mma_tf32x<kSplit>(u[j], af, bw);
+        for (int j = 0; j < 8; ++j) {
+          const float2 qv = *reinterpret_cast<const float2*>(q + 8 * j * lw);
+          const float2 wv = *reinterpret_cast<const float2*>(w + 8 * j * lw);
+          const Tf32Pair bq[2] = {tf(qv.x), tf(qv.y)}, bw[2] = {tf(wv.x), tf(wv.y)};
+          mma_tf32x<kSplit>(x[j], af, bq);
+          mma_tf32x<kSplit>(u[j], af, bw);
+        }
+      }
+    } else {
+      // bf16: S0^T's key tiles i, i + 1 as one A operand; the B fragments of Q'^T and W^T (two
+      // 8-row blocks of the chunk an ldmatrix) from their rows, which are the products' n.
+      const int at = (8 * (lane / 16) + lane % 8) * lw + 8 * ((lane / 8) % 2) + 8 * kt0;
+#pragma unroll
+      for (int i = 0; i < kTiles; i += 2) {
+        if (kt0 + i >= tiles) break;
+        uint32_t af[4];
+        accumulators_as_a(st, i, af);
+#pragma unroll
+        for (int j = 0; j < 8; j += 2) {
+          uint32_t qf[4], wf[4];
+          ldmatrix_x4(qf, Qp + at + 8 * j * lw + 8 * i);
+          ldmatrix_x4(wf, Ws + at + 8 * j * lw + 8 * i);
+          mma_bf16(x[j], af, qf[0], qf[1]);
+          mma_bf16(x[j + 1], af, qf[2], qf[3]);
+          mma_bf16(u[j], af, wf[0], wf[1]);
+          mma_bf16(u[j + 1], af, wf[2], wf[3]);
+        }
       }
     }
     // Part 0 adds O to x and turns u into U - u, the others negate u: the parts' sums are then
@@ -893,8 +951,8 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1) delta_rule_state_kernel
       for (int e = 0; e < 4; ++e) {
         const int i = 8 * j + 2 * t4 + (e & 1), c = vw + g + 8 * (e >> 1);
         if (part == 0) {
-          x[j][e] += Os[i * lu + c];
-          u[j][e] = Us[i * lu + c] - u[j][e];
+          x[j][e] += to_float(Os[i * lu + c]);
+          u[j][e] = to_float(Us[i * lu + c]) - u[j][e];
         } else {
           u[j][e] = -u[j][e];
         }
@@ -944,16 +1002,35 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1) delta_rule_state_kernel
     for (int i = 0; i < kTiles; ++i)
 #pragma unroll
       for (int e = 0; e < 4; ++e) st[i][e] *= elast;
-    const float* kp = kp_of(c0) + 2 * t4 * lk + 8 * kt0 + g;
+    if constexpr (kSplit) {
+      const float* kp = kp_of(c0) + 2 * t4 * lk + 8 * kt0 + g;
 #pragma unroll
-    for (int mj = 0; mj < 8; ++mj) {
-      const Tf32Pair af[4] = {tf(u[mj][0]), tf(u[mj][2]), tf(u[mj][1]), tf(u[mj][3])};
-      const float* km = kp + 8 * mj * lk;
+      for (int mj = 0; mj < 8; ++mj) {
+        const Tf32Pair af[4] = {tf(u[mj][0]), tf(u[mj][2]), tf(u[mj][1]), tf(u[mj][3])};
+        const float* km = kp + 8 * mj * lk;
 #pragma unroll
-      for (int i = 0; i < kTiles; ++i) {
-        if (kt0 + i >= tiles) break;
-        const Tf32Pair bf[2] = {tf(km[8 * i]), tf(km[lk + 8 * i])};
-        mma_tf32x<kSplit>(st[i], af, bf);
+        for (int i = 0; i < kTiles; ++i) {
+          if (kt0 + i >= tiles) break;
+          const Tf32Pair bf[2] = {tf(km[8 * i]), tf(km[lk + 8 * i])};
+          mma_tf32x<kSplit>(st[i], af, bf);
+        }
+      }
+    } else {
+      // bf16: V'^T's row blocks mj, mj + 1 of the chunk as one A operand; the B fragments of K'
+      // (two 8-key tiles an ldmatrix) from its rows, which are the product's k: transposed.
+      const __nv_bfloat16* kp = kp_of(c0) + (8 * ((lane / 8) % 2) + lane % 8) * lk + 8 * (lane / 16) + 8 * kt0;
+#pragma unroll
+      for (int mj = 0; mj < 8; mj += 2) {
+        uint32_t af[4];
+        accumulators_as_a(u, mj, af);
+#pragma unroll
+        for (int i = 0; i < kTiles; i += 2) {
+          if (kt0 + i >= tiles) break;
+          uint32_t kf[4];
+          ldmatrix_x4_trans(kf, kp + 8 * mj * lk + 8 * i);
+          mma_bf16(st[i], af, kf[0], kf[1]);
+          mma_bf16(st[i + 1], af, kf[2], kf[3]);
+        }
       }
     }
   }
@@ -1071,8 +1148,6 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     const int64_t chunks_per_seq = cdiv(layout.max_query_len, kChunk);
     check(chunks_per_seq * B <= std::numeric_limits<int32_t>::max(), "gated_delta_rule: {} sequences of up to {} rows",
           B, layout.max_query_len);
-    auto* scratch = static_cast<float*>(scratch_.bytes(ChunkScratch::floats(T, d.Hv, d.dk, d.dv) * sizeof(float)));
-    const ChunkScratch cs = ChunkScratch::at(scratch, T, d.Hv, d.dk, d.dv);
     // The state kernel's slices, 8 warps a block: 32 columns (2 groups of value columns x 4 key
     // parts) where those blocks fit on the SMs in one wave (a block takes an SM: its shared
     // memory), else 64 (4 groups x 2 parts) where those do, else 128 (8 groups, all keys each):
@@ -1083,8 +1158,9 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     const int width = blocks(32) <= sms ? 32 : blocks(64) <= sms ? 64 : 128;
     const int key_parts = 128 / width;  // 8 warps of 16 columns each
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
-    const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes(), state_smem = StateSmem(d.dk, width, key_parts).bytes();
-    const auto run = [&](auto solve_kernel, auto state_kernel) {
+    const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes();
+    const auto run = [&](auto solve_kernel, auto state_kernel, auto cs) {
+      const size_t state_smem = StateSmem(d.dk, width, key_parts, sizeof(*cs.qp)).bytes();
       smem_.allow(solve_kernel, solve_smem, "gated_delta_rule: shared memory of the solve kernel");
       smem_.allow(state_kernel, state_smem, "gated_delta_rule: shared memory of the state kernel");
       launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, a,
@@ -1092,15 +1168,18 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
       check_launch("gated_delta_rule: chunk solve");
       launch(state_kernel, state_grid, 32 * (width / 16) * key_parts, state_smem, stream_, a, cs);
     };
-    // Products in 3xTF32 (fp32 accuracy) unless bf16 products are asked for: then in TF32. The
+    // Products in 3xTF32 over fp32 scratch (fp32 accuracy) unless bf16 products are asked for:
+    // then the solve kernel's in TF32 and the state kernel's in bf16 over bf16 scratch. The
     // kernels compiled for the Qwen models' head dims (dk = dv = 128) where they are those.
     const auto run_in = [&](auto split, auto dims) {
       constexpr bool kSplit = decltype(split)::value;
       constexpr int kDims = decltype(dims)::value;
+      using Scratch = ChunkScratch<ScratchOf<kSplit>>;
+      const Scratch cs = Scratch::at(scratch_.bytes(Scratch::bytes(T, d.Hv, d.dk, d.dv)), T, d.Hv, d.dk, d.dv);
       const auto solve = delta_rule_solve_kernel<kSplit, kDims>;
-      if (width == 32) run(solve, delta_rule_state_kernel<kSplit, 2, 4, kDims>);
-      else if (width == 64) run(solve, delta_rule_state_kernel<kSplit, 4, 2, kDims>);
-      else run(solve, delta_rule_state_kernel<kSplit, 8, 1, kDims>);
+      if (width == 32) run(solve, delta_rule_state_kernel<kSplit, 2, 4, kDims>, cs);
+      else if (width == 64) run(solve, delta_rule_state_kernel<kSplit, 4, 2, kDims>, cs);
+      else run(solve, delta_rule_state_kernel<kSplit, 8, 1, kDims>, cs);
     };
     using Dims128 = std::integral_constant<int, 128>;
     using AnyDims = std::integral_constant<int, 0>;

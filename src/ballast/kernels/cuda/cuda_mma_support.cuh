@@ -90,6 +90,31 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], const uint32_t (&a)[4], 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+// The accumulators of the 8-column blocks j and j + 1 (rows g, g + 8; columns 2t, 2t + 1) as one
+// 16-k bf16 A operand of m16n8k16, as they lie: a product's output feeds the next product (the
+// softmax's P in attention, the state and V' in the delta rule; wgmma's A of a warp's rows too).
+template <int ST>
+__device__ __forceinline__ void accumulators_as_a(const float (&s)[ST][4], int j, uint32_t (&a)[4]) {
+  a[0] = bf16_pair(s[j][0], s[j][1]);
+  a[1] = bf16_pair(s[j][2], s[j][3]);
+  a[2] = bf16_pair(s[j + 1][0], s[j + 1][1]);
+  a[3] = bf16_pair(s[j + 1][2], s[j + 1][3]);
+}
+
+// Four 8 x 8 bf16 matrices from shared memory, lane l giving the address of row l % 8 of matrix
+// l / 8: a whole A fragment of m16n8k16, or the B fragments of two 8-column blocks; .trans where
+// the rows in memory are the product's k (B stored k-major).
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
+  const unsigned a = unsigned(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) {
+  const unsigned a = unsigned(__cvta_generic_to_shared(p));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(a));
+}
+
 // d += a b on the FP8 tensor cores (m16n8k32, e4m3 in, fp32 sums; sm_89 and later): a holds four
 // e4m3 a register (rows g, g + 8, g, g + 8 of the 16; k = 4 tq .. + 3, then 16 + 4 tq .. + 3), b
 // two (column g; the same k). g = lane / 4, tq = lane % 4.
