@@ -7,14 +7,16 @@
 # The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
 # pack ~12-13 MB (xz -9e; with the delta-rule bench before and after), so .carry/fla (~1.5 MB, pruned to what
 # chunk_gated_delta_rule imports) fits beside it.
-#   STEPS="conformance nccl runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels decode-kernels mtp deltanet" bash scripts/gpu_check.sh
+#   STEPS="conformance nccl runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels prefill-source decode-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
 # of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
 # the demo model; pdl: the 80B shape's decode with and without overlapped launches
 # (BALLAST_CUDA_PDL=0), alternated twice; prefill-kernels: Nsight Compute's sections for the top
 # kernels (NCU_KERNELS, a regex) of the first pass, an 8k prompt of the 80B shape in FP8 (4 layers:
-# 3 x 2 delta rule kernels, 4 x 2 expert tile kernels, 1 attention = 15 launches); decode-kernels: the same
+# 3 x 2 delta rule kernels, 4 x 2 expert tile kernels, 1 attention = 15 launches); prefill-source: where
+# one of those kernels' warps wait, by SASS line (NCU_KERNELS, NCU_SKIP launches skipped first;
+# scripts/ncu_source_summary.py); decode-kernels: the same
 # sections for the few-row products and small expert tiles (NCU_DECODE_KERNELS) of a batch-1 FP8 decode step; ep: the 80B shape with in-process expert parallelism
 # G = 1 and 4 on the one GPU; nccl: the NCCL data plane's conformance, one rank a visible GPU
 # (test_dist_nccl); deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla),
@@ -67,6 +69,12 @@ for s in $STEPS; do
                --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --dtype fp8 --layers 4 --batch 1 \
                --prompt-len 8192 --decode-steps 1 --prefill 8192 --repeats 1 > $OUT/prefill-kernels.txt" ;;
+    prefill-source) step prefill-source bash -c "ncu --kernel-name 'regex:${NCU_KERNELS:-experts_fp8_kernel}' \
+               --launch-skip ${NCU_SKIP:-0} --launch-count 1 --clock-control none --section SourceCounters -f -o /tmp/ballast-source \
+               $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --dtype fp8 --layers 4 --batch 1 \
+               --prompt-len 8192 --decode-steps 1 --prefill 8192 --repeats 1 > /dev/null &&
+               ncu --import /tmp/ballast-source.ncu-rep --page source --csv --print-source sass > /tmp/ballast-source.csv &&
+               python3 scripts/ncu_source_summary.py /tmp/ballast-source.csv --top ${NCU_TOP:-15}" ;;
     decode-kernels) step decode-kernels bash -c "ncu --profile-from-start off --graph-profiling node \
                --kernel-name 'regex:${NCU_DECODE_KERNELS:-few_rows|experts_small}' --launch-count ${NCU_COUNT:-12} \
                --clock-control none --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
