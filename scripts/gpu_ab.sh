@@ -6,6 +6,8 @@
 #   tar -C /tmp/old -xJf OLD-gpu.tar.xz && mkdir -p /tmp/oldpack/gpu/bin &&
 #   cp /tmp/old/gpu/bin/ballast /tmp/oldpack/gpu/bin/ballast-old &&
 #   XZ_OPT=-9e tar -C /tmp/oldpack -cJf .carry/old.tar.xz gpu    # then carry both tarballs
+# or put gpu/bin/ballast-old inside gpu.tar.xz itself (unpack it, copy, pack again with
+# XZ_OPT="-9e -T0"): the two binaries share most of their bytes, so the pack grows by ~0.5 MB.
 # AB_ARGS: the bench arguments (default: the 80B shape in FP8 at full depth). AB_SWITCH (e.g.
 # BALLAST_CUDA_PREFETCH=0): a third run a round, this build with that environment.
 set -uo pipefail
@@ -16,7 +18,7 @@ mkdir -p "$OUT"
 # is appended to one file, $OUT/ab-runs.log; the table is printed.
 RUNS=$(mktemp -d)
 . scripts/gpu_env.sh
-tar -C .carry -xJf .carry/old.tar.xz
+[ -f .carry/old.tar.xz ] && tar -C .carry -xJf .carry/old.tar.xz  # (or ballast-old packed inside gpu.tar.xz)
 ARGS=${AB_ARGS:-"--synthetic qwen3-next-80b-a3b --dtype fp8 --layers 48 --batch 1,8,32,128 --prompt-len 1024 --decode-steps 32 --prefill 1024 --repeats 1"}
 VARIANTS="ballast-old ballast"
 [ -n "${AB_SWITCH:-}" ] && VARIANTS="ballast-old switched ballast"
