@@ -7,7 +7,7 @@
 #   cp /tmp/old/gpu/bin/ballast /tmp/oldpack/gpu/bin/ballast-old &&
 #   XZ_OPT=-9e tar -C /tmp/oldpack -cJf .carry/old.tar.xz gpu    # then carry both tarballs
 # or put gpu/bin/ballast-old inside gpu.tar.xz itself (unpack it, copy, pack again with
-# XZ_OPT="-9e -T0"): the two binaries share most of their bytes, so the pack grows by ~0.5 MB.
+# XZ_OPT="-9e -T0"): the two binaries share most of their bytes, so the pack grew by ~0.9 MB in session 22.
 # AB_ARGS: the bench arguments (default: the 80B shape in FP8 at full depth). AB_SWITCH (e.g.
 # BALLAST_CUDA_PREFETCH=0): a third run a round, this build with that environment.
 set -uo pipefail
