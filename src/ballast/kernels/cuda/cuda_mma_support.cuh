@@ -102,8 +102,8 @@ __device__ __forceinline__ void accumulators_as_a(const float (&s)[ST][4], int j
 }
 
 // Four 8 x 8 bf16 matrices from shared memory, lane l giving the address of row l % 8 of matrix
-// l / 8: a whole A fragment of m16n8k16, or the B fragments of two 8-column blocks; .trans where
-// the rows in memory are the product's k (B stored k-major).
+// l / 8: a whole A fragment of m16n8k16, or the B fragments of two 8-column blocks; .trans for a
+// B whose rows in memory run along the product's k (V in attention, K' in the delta rule).
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* p) {
   const unsigned a = unsigned(__cvta_generic_to_shared(p));
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
