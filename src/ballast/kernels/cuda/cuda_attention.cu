@@ -893,8 +893,7 @@ __global__ void __launch_bounds__(kMmaThreads, 1) attention_bf16_kernel(const At
 // [kMmaRows][64], each K and V set's [kWgKv][64].
 constexpr int kWgKv = 64;  // cache rows a step: the n of the score products
 
-template <int HD>
-__host__ __device__ constexpr int wgmma_smem_bytes() { return 1024 + (kMmaRows + 4 * kWgKv) * HD * 2; }
+__host__ __device__ constexpr int wgmma_smem_bytes(int HD) { return 1024 + (kMmaRows + 4 * kWgKv) * HD * 2; }
 
 // The cache rows (prefill_row_slot) of positions k0 + lane and k0 + 32 + lane, looked up an
 // iteration before they are copied (wgmma_issue hands them to the lanes that copy).
@@ -1242,9 +1241,7 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
           layout.max_query_len);
     const dim3 tgrid{unsigned(tiles_per_seq * B), unsigned(Hq)};
     const bool wgmma = kWarpgroupMma && st->hopper && bf16_matmul_ && bf16_cache;
-    const size_t smem = wgmma          ? size_t(mi == 0   ? wgmma_smem_bytes<64>()
-                                                : mi == 1 ? wgmma_smem_bytes<128>()
-                                                          : wgmma_smem_bytes<256>())
+    const size_t smem = wgmma          ? size_t(wgmma_smem_bytes(int(hd)))
                         : bf16_matmul_ ? size_t(bf16_smem_bytes(int(hd), bf16_cache))
                                        : size_t(mma_smem_floats(int(hd))) * sizeof(float);
     const int tps = int(tiles_per_seq);

@@ -452,9 +452,8 @@ struct ChunkScratch {
 template <bool kSplit>
 using ScratchOf = std::conditional_t<kSplit, float, __nv_bfloat16>;
 
-// Scratch elements from and to floats: two (a float2 or a bf16 pair) and four at a time.
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+// Scratch elements from and to floats, two (a float2 or a bf16 pair) and four at a time (one at a
+// time: rows::to_float).
 __device__ __forceinline__ void store2(float* p, float a, float b) { *reinterpret_cast<float2*>(p) = float2{a, b}; }
 __device__ __forceinline__ void store2(__nv_bfloat16* p, float a, float b) {
   *reinterpret_cast<uint32_t*>(p) = bf16_pair(a, b);
@@ -951,8 +950,8 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
       for (int e = 0; e < 4; ++e) {
         const int i = 8 * j + 2 * t4 + (e & 1), c = vw + g + 8 * (e >> 1);
         if (part == 0) {
-          x[j][e] += to_float(Os[i * lu + c]);
-          u[j][e] = to_float(Us[i * lu + c]) - u[j][e];
+          x[j][e] += rows::to_float(Os[i * lu + c]);
+          u[j][e] = rows::to_float(Us[i * lu + c]) - u[j][e];
         } else {
           u[j][e] = -u[j][e];
         }
