@@ -53,11 +53,6 @@ constexpr int kMaxHeadDim = 256;      // 8 elements per lane
 constexpr int kMaxSplits = 32;        // kv splits of one row (flash-decoding)
 constexpr int kMinSplitRows = 64;     // cache rows per split, at least (on the host's max_kv_len)
 
-struct AttentionState {
-  int sms = 0;             // streaming multiprocessors of the device
-  bool hopper = false;     // sm_90: the warpgroup products' prefill tiles (with sm_90a code)
-};
-
 // Cache elements: KV = float, or __nv_bfloat16 where the backend keeps bf16 caches (under bf16
 // products: CudaBackend::kv_cache_dtype), read as floats. The caches are what kernels before wrote
 // (attention_write_kv_kernel, overlapped by programmatic launches): coherent loads after the wait.
@@ -1157,28 +1152,13 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   else write_kv(float{});
   check_launch("attention: kv write");
 
-  auto* st = static_cast<AttentionState*>(attention_state_.get());
-  if (!st) {
-    auto s = std::make_shared<AttentionState>();
-    int device = 0;
-    check_cuda(cudaGetDevice(&device), "attention: cudaGetDevice");
-    int major = 0;
-    check_cuda(cudaDeviceGetAttribute(&s->sms, cudaDevAttrMultiProcessorCount, device),
-               "attention: cudaDeviceGetAttribute");
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device),
-               "attention: cudaDeviceGetAttribute");
-    s->hopper = major == 9;
-    st = s.get();
-    attention_state_ = std::move(s);
-  }
-
   // Split each row's cache rows when rows x heads alone leave the GPU idle. The scratch for the
   // splits is asked for by the shapes alone (T, Hq, hd), whatever the number of splits this pass.
   // The row kernel's blocks take GB query heads of a KV head each (the largest of 4, 2, 1 that
   // divides the group): each cache row read once for GB heads.
   const int64_t group = Hq / Hkv, GB = group % 4 == 0 ? 4 : group % 2 == 0 ? 2 : 1;
   const int64_t items = T * (Hq / GB);
-  const int64_t fill = int64_t(4) * std::max(st->sms, 1);
+  const int64_t fill = int64_t(4) * device_.sms;
   int splits = 1;
   float* part = nullptr;
   float* part_ml = nullptr;
@@ -1240,7 +1220,7 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
     check(tiles_per_seq * B <= std::numeric_limits<int32_t>::max(), "attention: {} sequences of up to {} rows", B,
           layout.max_query_len);
     const dim3 tgrid{unsigned(tiles_per_seq * B), unsigned(Hq)};
-    const bool wgmma = kWarpgroupMma && st->hopper && bf16_matmul_ && bf16_cache;
+    const bool wgmma = kWarpgroupMma && device_.hopper() && bf16_matmul_ && bf16_cache;
     const size_t smem = wgmma          ? size_t(wgmma_smem_bytes(int(hd)))
                         : bf16_matmul_ ? size_t(bf16_smem_bytes(int(hd), bf16_cache))
                                        : size_t(mma_smem_floats(int(hd))) * sizeof(float);

@@ -169,7 +169,11 @@ CudaBackend::CudaBackend(int device, CudaOptions options)
   counters_.bytes_allocated += int64_t(kCublasWorkspace);
   check(cublasSetWorkspace(impl_->cublas, impl_->cublas_workspace.get(), kCublasWorkspace) == CUBLAS_STATUS_SUCCESS,
         "cublasSetWorkspace failed");
-  ops_ = std::make_unique<CudaOps>(counters_, impl_->stream, impl_->cublas, options.bf16_matmul);
+  const cudaDeviceProp& props = impl_->props;
+  const CudaDeviceTraits traits{.sms = std::max(props.multiProcessorCount, 1),
+                                .capability = props.major * 10 + props.minor,
+                                .smem_optin = props.sharedMemPerBlockOptin};
+  ops_ = std::make_unique<CudaOps>(counters_, traits, impl_->stream, impl_->cublas, options.bf16_matmul);
 }
 
 CudaBackend::~CudaBackend() {

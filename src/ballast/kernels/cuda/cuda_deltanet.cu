@@ -1153,7 +1153,7 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     // a block's Q', W and K' loads serve all its warps.
     const int64_t prefills = layout.prefill_seqs >= 0 ? layout.prefill_seqs : B;
     const auto blocks = [&](int width) { return prefills * d.Hv * cdiv(d.dv, width); };
-    const int sms = cuda::rows::multiprocessors();
+    const int sms = device_.sms;
     const int width = blocks(32) <= sms ? 32 : blocks(64) <= sms ? 64 : 128;
     const int key_parts = 128 / width;  // 8 warps of 16 columns each
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};

@@ -915,9 +915,6 @@ struct LtPlan {
 };
 
 struct MatmulState {
-  int sms = 0;
-  bool bf16_mma = false;  // the device has bf16 mma.sync (compute capability 8.0 or later)
-  bool fp8_mma = false;   // ... and FP8 (8.9 or later)
   cublasLtHandle_t lt = nullptr;
   void* lt_workspace = nullptr;
   std::map<std::tuple<int64_t, int64_t, int64_t>, LtPlan> plans;  // by (Tp, K, N)
@@ -979,15 +976,7 @@ struct MatmulState {
 // The state of the matmul ops (CudaOps::matmul_state_), made at first need.
 MatmulState& matmul_state_of(std::shared_ptr<void>& state) {
   if (!state) {
-    auto s = std::make_shared<MatmulState>();
-    s->sms = multiprocessors();
-    int dev = 0, major = 0, minor = 0;
-    check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "cudaDeviceGetAttribute");
-    check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev), "cudaDeviceGetAttribute");
-    s->bf16_mma = major >= 8;
-    s->fp8_mma = major * 10 + minor >= 89;
-    state = s;
+    state = std::make_shared<MatmulState>();
   }
   return *static_cast<MatmulState*>(state.get());
 }
@@ -1082,19 +1071,6 @@ bool cublas_fits(int64_t T, int64_t K, int64_t N, DType wdt, const void* x) {
 
 namespace cuda::rows {
 
-int multiprocessors() {
-  int dev = 0;
-  check_cuda(cudaGetDevice(&dev), "cudaGetDevice");
-  static std::atomic<int> known[64];
-  if (dev >= 0 && dev < 64)
-    if (const int n = known[dev].load(std::memory_order_relaxed); n > 0) return n;
-  int n = 0;
-  check_cuda(cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev), "cudaDeviceGetAttribute");
-  n = std::max(n, 1);
-  if (dev >= 0 && dev < 64) known[dev].store(n, std::memory_order_relaxed);
-  return n;
-}
-
 void quantize_rows_b128(const float* x, int64_t T, int64_t Tp, int64_t K, uint8_t* xq, float* xs,
                         cudaStream_t stream, const float* up) {
   const int64_t warps = Tp * (K / kScaleBlock);
@@ -1146,15 +1122,15 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   if (scaled) expect_device("matmul", "w's block scales", w.scales());
   if (T == 0 || N == 0) return;
   MatmulState& st = matmul_state_of(matmul_state_);
-  const int sms = st.sms;
+  const int sms = device_.sms;
   const FewRowsTargets one{{{w.raw(), N, cuda::f32_mut(y), N, 0, ws, false}}, 1};
-  if (bf16_matmul_ && scaled && st.fp8_mma && fp8_rows_fit(T, K, x.raw()) && aligned(w.raw(), 16)) {
+  if (bf16_matmul_ && scaled && device_.fp8_mma() && fp8_rows_fit(T, K, x.raw()) && aligned(w.raw(), 16)) {
     timed.op = "matmul gemv (FP8 tensor cores)";
     launch_mma_rows(cuda::f32(x), int(T), K, one, {}, scratch_.bytes(fp8_rows_scratch(T, K)), stream_);
     check_launch("matmul");
     return;
   }
-  if (bf16_matmul_ && w.dtype() == DType::BF16 && st.bf16_mma && bf16_rows_fit(T, K, x.raw()) &&
+  if (bf16_matmul_ && w.dtype() == DType::BF16 && device_.bf16_mma() && bf16_rows_fit(T, K, x.raw()) &&
       aligned(w.raw(), 16)) {
     timed.op = "matmul gemv (bf16 tensor cores)";
     launch_mma_rows(cuda::f32(x), int(T), K, {}, one, nullptr, stream_);
@@ -1200,10 +1176,9 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
   const bool scaled = wdt == DType::F8_E4M3_B128;
   // 3 - 8 rows of block-scaled FP8 or bf16 on the tensor cores: silu(gate) * up formed as x is
   // quantized (FP8) or loaded (bf16).
-  const MatmulState& st = matmul_state_of(matmul_state_);
   const bool mma_in = few && !fused && bf16_matmul_ && aligned(up.raw(), 16) && aligned(w.raw(), 16);
-  const bool f8_mma = mma_in && scaled && st.fp8_mma && fp8_rows_fit(T, K, gate.raw());
-  const bool b16_mma = mma_in && wdt == DType::BF16 && st.bf16_mma && bf16_rows_fit(T, K, gate.raw());
+  const bool f8_mma = mma_in && scaled && device_.fp8_mma() && fp8_rows_fit(T, K, gate.raw());
+  const bool b16_mma = mma_in && wdt == DType::BF16 && device_.bf16_mma() && bf16_rows_fit(T, K, gate.raw());
   if (!fused && !f8_mma && !b16_mma) silu_mul(gate, up, gate);
   auto timed = time_op(fused    ? "swiglu_down gemv"
                        : f8_mma  ? "swiglu_down gemv (FP8 tensor cores)"
@@ -1271,13 +1246,12 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
   expect_device("matmul", "x", x);
   // 3 - 8 rows on the tensor cores: the block-scaled FP8 targets and the bf16 ones (an FP8 model's
   // router, DeltaNet a/b, shared expert gate; a bf16 model's projections) in one launch.
-  const MatmulState& st = matmul_state_of(matmul_state_);
   bool mma = bf16_matmul_;
   FewRowsTargets f8{}, b16{};
   for (int q = 0; q < tg.count && mma; ++q) {
     const DType dt = w[size_t(q)].dtype();
-    mma = aligned(tg.t[q].w, 16) && (dt == DType::F8_E4M3_B128 ? st.fp8_mma && fp8_rows_fit(T, K, x.raw())
-                                     : dt == DType::BF16       ? st.bf16_mma && bf16_rows_fit(T, K, x.raw())
+    mma = aligned(tg.t[q].w, 16) && (dt == DType::F8_E4M3_B128 ? device_.fp8_mma() && fp8_rows_fit(T, K, x.raw())
+                                     : dt == DType::BF16       ? device_.bf16_mma() && bf16_rows_fit(T, K, x.raw())
                                                                : false);
     FewRowsTargets& to = dt == DType::F8_E4M3_B128 ? f8 : b16;
     to.t[to.count] = tg.t[q];

@@ -169,12 +169,6 @@ static_assert(sizeof(ExpertEntry) == 64, "ExpertEntry must have no padding");
 class MoeState {
  public:
   explicit MoeState(Counters& counters) : counters_(counters) {
-    int dev = 0;
-    check_cuda(cudaGetDevice(&dev), "moe: cudaGetDevice");
-    check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), "moe: cudaDeviceGetAttribute");
-    int major = 0;
-    check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev), "moe: cudaDeviceGetAttribute");
-    hopper = major == 9;
     void* p = nullptr;
     check_cuda(cudaHostAlloc(&p, sizeof(Fault), cudaHostAllocMapped), "moe: cudaHostAlloc");
     std::memset(p, 0, sizeof(Fault));
@@ -250,8 +244,6 @@ class MoeState {
   }
 
   Fault* fault = nullptr;  // device view of the record
-  int sms = 1;
-  bool hopper = false;  // sm_90: the FP8 expert tiles' warpgroup products
   std::vector<ExpertEntry> staging;  // the entries of a call, reused
 
  private:
@@ -1495,8 +1487,8 @@ __device__ __forceinline__ void wgmma_fp8(float (&d)[64], uint64_t da, uint64_t 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   asm volatile(
       "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 {%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, %64, %65, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 " BALLAST_WGMMA_D64_LIST ", %64, %65, p, 1, 1;\n}\n"
+      : BALLAST_WGMMA_D64
       : "l"(da), "l"(db), "r"(int(accumulate)));
 #else
   __trap();  // the host takes these tiles only on sm_90 with sm_90a code (kWarpgroupMma)
@@ -1892,7 +1884,7 @@ void CudaOps::histogram(const Tensor& keys, Tensor& counts) {
   if (N == 0) return;
   const bool shared = bins <= kHistSharedBins;
   const int64_t per_block = shared ? std::max<int64_t>(4096, bins) : 4096;
-  const unsigned grid = unsigned(std::min<int64_t>(cdiv(N, per_block), int64_t(st.sms) * 4));
+  const unsigned grid = unsigned(std::min<int64_t>(cdiv(N, per_block), int64_t(device_.sms) * 4));
   launch(histogram_kernel, grid, 256, shared ? size_t(bins) * sizeof(int) : 0, stream_, cuda::i32(keys), N,
          cuda::i32_mut(counts), bins, shared, st.fault);
   check_launch("histogram");
@@ -1949,7 +1941,7 @@ void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int gro
   int32_t* vin = carve.take<int32_t>(size_t(N));
   int32_t* vout = carve.take<int32_t>(size_t(N));
   char* tmp = carve.take<char>(temp);
-  const unsigned grid = unsigned(std::min<int64_t>(blocks_for(N, 256), int64_t(st.sms) * 8));
+  const unsigned grid = unsigned(std::min<int64_t>(blocks_for(N, 256), int64_t(device_.sms) * 8));
   launch(group_keys_kernel, grid, 256, 0, stream_, cuda::i32(keys), N, vp, vn, div, groups, kin, vin, st.fault);
   check_launch("group_by");
   check_cuda(cub::DeviceRadixSort::SortPairs(tmp, temp, kin, kout, vin, vout, int(N), 0, end_bit, stream_),
@@ -2020,7 +2012,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   const bool tensor_cores = bf16_matmul_ && (bf16 || f8) && vec && imax % 8 == 0;
   // Block-scaled FP8 on the FP8 tensor cores (x and h quantized per row and 128-block) where x and h
   // rows are whole 128-blocks (h's rows all one expert size) and the tile's row scales fit.
-  const bool fp8_tc = kWarpgroupMma && st.hopper && tensor_cores && f8 && same_inter && H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
+  const bool fp8_tc = kWarpgroupMma && device_.hopper() && tensor_cores && f8 && same_inter && H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
                       aligned16(y.raw());
 
   const int small_max = tensor_cores ? kSmallMaxTc : kSmallMax;
@@ -2031,7 +2023,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // so an expert's weights stream once for up to 8 rows. 80B FP8, batch 32: 811 -> 944 tok/s. With
   // 8 tokens or fewer (groups of one or two rows) the CUDA-core tiles measured faster (batch 1 / 8:
   // 233 / 520 tok/s with them, 195 / 484 with these and an FP8 tensor-core few-row product together).
-  const bool fp8_small = kWarpgroupMma && st.hopper && tensor_cores && f8 && same_inter && tokens > small_max &&
+  const bool fp8_small = kWarpgroupMma && device_.hopper() && tensor_cores && f8 && same_inter && tokens > small_max &&
                          H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
                          experts_fp8_small_smem(std::max(H, imax)) <= kF8SmallSmemMax;
   // Few x rows (decode: at most small_max tokens, each choosing distinct experts, so no group has
@@ -2099,8 +2091,8 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
 
   ExpertsArgs a{cuda::f32(x), M, H, cuda::i32(perm), Np, row_div, cuda::f32_mut(y), Ny, table, h, ldh,
                 xb, hb, xq, xs, hq, hs, nullptr, nullptr, 0, st.fault};
-  const int64_t resident_small = int64_t(st.sms) * 16, resident_gemm = int64_t(st.sms) * 4,
-                resident_fp8_small = int64_t(st.sms) * 8;
+  const int64_t resident_small = int64_t(device_.sms) * 16, resident_gemm = int64_t(device_.sms) * 4,
+                resident_fp8_small = int64_t(device_.sms) * 8;
   auto launch_small_rows = [&](auto gu_tag, auto rows_tag, int64_t nout) {
     constexpr bool GU = decltype(gu_tag)::value;
     constexpr int MAXR = decltype(rows_tag)::value;
@@ -2145,7 +2137,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     s.ntiles = ntiles + 1;
     s.fblocks = int(cdiv(nout, fp8_tc ? (GU ? kFp8Cols / 2 : kFp8Cols) : kTileCols));
     // Persistent grids: the FP8 tiles fill an SM with one block (two of one consumer warpgroup).
-    const int64_t resident = fp8_tc ? int64_t(st.sms) * (fp8_consumers == 1 ? 2 : 1) : resident_gemm;
+    const int64_t resident = fp8_tc ? int64_t(device_.sms) * (fp8_consumers == 1 ? 2 : 1) : resident_gemm;
     const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_large * s.fblocks, resident)));
     if (fp8_tc) {
       auto launch_fp8 = [&](auto consumers) {
@@ -2190,7 +2182,7 @@ void CudaOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& wei
   if (T == 0 || H == 0) return;
   const bool v4 = H % 4 == 0 && aligned16(y.raw()) && aligned16(out.raw());
   const int64_t n = T * (v4 ? H / 4 : H);
-  const unsigned grid = unsigned(std::min<int64_t>(blocks_for(n, 256), int64_t(st.sms) * 16));
+  const unsigned grid = unsigned(std::min<int64_t>(blocks_for(n, 256), int64_t(device_.sms) * 16));
   if (v4)
     launch(combine_kernel<true>, grid, 256, 0, stream_, cuda::f32(y), M, r, cuda::f32(weights), T, k, H,
            cuda::f32_mut(out), st.fault);

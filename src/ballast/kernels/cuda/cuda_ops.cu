@@ -34,20 +34,22 @@ void CudaSmemAllowance::allow_kernel(const void* kernel, size_t bytes, const cha
   if (bytes <= 48 * 1024) return;
   size_t& allowed = allowed_[kernel];
   if (bytes <= allowed) return;
-  if (optin_ < 0) {
-    int dev = 0;
-    check_cuda(cudaGetDevice(&dev), op);
-    check_cuda(cudaDeviceGetAttribute(&optin_, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev), op);
-  }
-  check(bytes <= size_t(optin_), "{}: needs {} bytes of shared memory a block, the device allows {}", op, bytes,
+  check(bytes <= optin_, "{}: needs {} bytes of shared memory a block, the device allows {}", op, bytes,
         optin_);
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)), op);
   allowed = bytes;
 }
 
-CudaOps::CudaOps(Counters& counters, cudaStream_t stream, cublasHandle_t cublas, bool bf16_matmul)
-    : counters_(counters), stream_(stream), cublas_(cublas), bf16_matmul_(bf16_matmul), scratch_(counters, stream),
-      timer_(stream) {}
+CudaOps::CudaOps(Counters& counters, const CudaDeviceTraits& device, cudaStream_t stream, cublasHandle_t cublas,
+                 bool bf16_matmul)
+    : counters_(counters),
+      device_(device),
+      stream_(stream),
+      cublas_(cublas),
+      bf16_matmul_(bf16_matmul),
+      scratch_(counters, stream),
+      timer_(stream),
+      smem_(device.smem_optin) {}
 
 CudaOpTimer::~CudaOpTimer() {
   for (cudaEvent_t e : events_) cudaEventDestroy(e);

@@ -36,11 +36,22 @@ class CudaScratch {
   size_t size_ = 0;
 };
 
+// What the ops' launch choices depend on, read once by the backend (cudaGetDeviceProperties).
+struct CudaDeviceTraits {
+  int sms = 1;            // streaming multiprocessors
+  int capability = 0;     // compute capability, major x 10 + minor (90 on Hopper)
+  size_t smem_optin = 0;  // dynamic shared memory a block may opt in to
+  bool hopper() const { return capability / 10 == 9; }  // warpgroup products (with sm_90a code)
+  bool bf16_mma() const { return capability >= 80; }    // bf16 mma.sync
+  bool fp8_mma() const { return capability >= 89; }     // FP8 mma.sync
+};
+
 // Dynamic shared memory past the default 48 KB, allowed a kernel (cudaFuncSetAttribute) the first
 // time a launch needs more than it has; a size past the device's opt-in limit is an error naming
 // the op. One for every kernel of the ops, keyed by the kernel's address.
 class CudaSmemAllowance {
  public:
+  explicit CudaSmemAllowance(size_t optin) : optin_(optin) {}
   template <typename Kernel>
   void allow(Kernel* kernel, size_t bytes, const char* op) {
     allow_kernel(reinterpret_cast<const void*>(kernel), bytes, op);
@@ -49,7 +60,7 @@ class CudaSmemAllowance {
  private:
   void allow_kernel(const void* kernel, size_t bytes, const char* op);
   std::unordered_map<const void*, size_t> allowed_;
-  int optin_ = -1;  // cudaDevAttrMaxSharedMemoryPerBlockOptin, read at first need
+  size_t optin_;  // the device's opt-in limit
 };
 
 // Device time of each op while timing is on (Backend::start_op_timing): an event recorded before
@@ -105,7 +116,8 @@ class CudaTimedOp {
 class CudaOps final : public Ops {
  public:
   // bf16_matmul: many-row products of 16-bit weights on the tensor cores (cuda_matmul.cu).
-  CudaOps(Counters& counters, cudaStream_t stream, cublasHandle_t cublas, bool bf16_matmul);
+  CudaOps(Counters& counters, const CudaDeviceTraits& device, cudaStream_t stream, cublasHandle_t cublas,
+          bool bf16_matmul);
 
   void embedding(const Tensor& ids, const Tensor& table, Tensor& out) override;
   void matmul(const Tensor& x, const Tensor& w, Tensor& y) override;
@@ -165,6 +177,7 @@ class CudaOps final : public Ops {
   CudaTimedOp time_op(const char* op) { return CudaTimedOp(timer_, timing_depth_, op); }
 
   Counters& counters_;
+  const CudaDeviceTraits device_;
   cudaStream_t stream_;
   cublasHandle_t cublas_;
   bool bf16_matmul_;
@@ -175,7 +188,7 @@ class CudaOps final : public Ops {
   // State a group of ops keeps across calls (each .cu file defines its own type and creates it at
   // first need; type-erased so that this header stays free of them). Device memory in them is
   // counted in counters_ like any allocation.
-  std::shared_ptr<void> matmul_state_, attention_state_, moe_state_, sampling_state_;
+  std::shared_ptr<void> matmul_state_, moe_state_, sampling_state_;
 };
 
 }  // namespace ballast::kernels

@@ -140,9 +140,6 @@ size_t matmul_scratch_bytes(int64_t T, int64_t K, int64_t N, int sms);
 void quantize_rows_b128(const float* x, int64_t T, int64_t Tp, int64_t K, uint8_t* xq, float* xs,
                         cudaStream_t stream, const float* up = nullptr);
 
-// The device's multiprocessor count (of the current device; asked once per device, then cached).
-int multiprocessors();
-
 // x [n] fp32 -> 16-bit (round to nearest even), 4 at a time where aligned.
 template <typename H>
 __global__ void round_to_16bit_kernel(const float* x, H* __restrict__ out, int64_t n) {
