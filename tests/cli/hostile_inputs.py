@@ -182,6 +182,11 @@ def cases(b, tmp):
         ("a 1M-token prompt", [b, "generate", "--prompts-file", prompts_file(tmp, "long.txt", [[7] * 1000000]),
                                "--max-new-tokens", "2"], 1, "more than --max-total-tokens 65536 (the default)"),
         ("a prompt beyond --max-total-tokens", gen + ["--max-total-tokens", "2"], 1, "--max-total-tokens 2"),
+        ("--mem-fraction-static 1.5", gen + ["--mem-fraction-static", "1.5"], 2, "--mem-fraction-static"),
+        ("--mem-fraction-static with --max-total-tokens", gen + ["--mem-fraction-static", "0.5", "--max-total-tokens", "9"],
+         2, "excludes"),
+        # keeping 99% of the host's memory free leaves no room for a cache
+        ("--mem-fraction-static 0.01", gen + ["--mem-fraction-static", "0.01"], 1, "no room for a KV cache"),
         # 70 prompts: at most 64 run at once (their DeltaNet state slots), the cache sized for them
         ("70 prompts, bounded running set", [b, "generate", "--prompts-file",
                                              prompts_file(tmp, "many.txt", [[i + 1, 2, 3] for i in range(70)]),

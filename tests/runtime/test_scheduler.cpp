@@ -21,6 +21,20 @@ struct CacheFixture : ::testing::Test {
 
 using StateCacheTest = CacheFixture;
 
+// What a memory budget buys (runtime/memory_budget.h) is counted by block_bytes and slot_bytes:
+// they must be what the constructor allocates, with and without the MTP layer's KV.
+TEST_F(StateCacheTest, BlockAndSlotBytesAreWhatTheCacheAllocates) {
+  for (const bool mtp : {false, true}) {
+    const int64_t before = backend.counters().bytes_allocated;
+    StateCache cache(backend, cfg, {.block_size = 4, .blocks = 7, .slots = 6, .mtp = mtp});
+    EXPECT_EQ(backend.counters().bytes_allocated - before,
+              7 * StateCache::block_bytes(cfg, backend.kv_cache_dtype(), 4, mtp) + 6 * StateCache::slot_bytes(cfg))
+        << "mtp " << mtp;
+  }
+  EXPECT_EQ(StateCache::block_bytes(cfg, DType::BF16, 16, false) * 2, StateCache::block_bytes(cfg, DType::F32, 16, false));
+  EXPECT_GT(StateCache::slot_bytes(cfg), 0);
+}
+
 TEST_F(StateCacheTest, AppendRollbackReleaseKeepTheBooks) {
   // One block and one slot of each pool go to the padding sequence.
   StateCache cache(backend, cfg, {.block_size = 4, .blocks = 7, .slots = 6, .mtp = true});

@@ -88,9 +88,9 @@ Report run_on_rank(const GenerateArgs& a, const std::filesystem::path& dir, dist
   auto* trunk = engine->trunk_ep();
   if (!e.ep.dump_distribution.empty() && trunk) trunk->domain.recorder.start();
   Report rep;
-  rep.cache = {{"max_total_tokens", opts.cache.max_total_tokens},
+  rep.cache = {{"max_total_tokens", engine->max_total_tokens()},
                {"max_running_requests", opts.cache.max_running_requests},
-               {"context_length", opts.cache.context_length}};
+               {"context_length", engine->context_length()}};
   runtime::SpeculativeStats spec_stats;
   auto generate = [&](const std::vector<std::vector<int32_t>>& mine) {
     if (!speculate) return engine->generate(mine, a.max_new_tokens, stop, a.sampling);

@@ -64,14 +64,24 @@ runtime::SamplingParams default_sampling(const std::filesystem::path& dir, const
   return s;
 }
 
-// Serving's cache limits: 64 sequences per rank over 64 K cache rows unless the flags say, and a
-// context of the model's trained length, within the cache (less the drafts' headroom).
+// Serving's cache limits: 64 sequences per rank unless the flags say, over the KV rows
+// --mem-fraction-static leaves (by default kGpuMemFraction on a GPU: the engine sizes them once the
+// weights are in) or --max-total-tokens gives (by default 64 K on the CPU), and a context of the
+// model's trained length, within the cache (less the drafts' headroom).
+constexpr double kGpuMemFraction = 0.85;
 runtime::CacheOptions serve_cache(const ServeArgs& a, int max_position_embeddings) {
   const EngineArgs& e = a.engine;
   runtime::CacheOptions c;
   c.page_size = e.cache.page_size;
   c.chunked_prefill_size = e.cache.chunked_prefill_size;
   c.max_running_requests = e.cache.max_running_requests > 0 ? e.cache.max_running_requests : 64;
+  c.mem_fraction_static = e.cache.mem_fraction_static > 0                                   ? e.cache.mem_fraction_static
+                          : e.cache.max_total_tokens == 0 && cuda_devices_for(e.device) > 0 ? kGpuMemFraction
+                                                                                            : 0.0;
+  if (c.mem_fraction_static > 0) {
+    c.context_length = e.cache.context_length;  // checked by the engine against the pool it sizes
+    return c;
+  }
   c.max_total_tokens = e.cache.max_total_tokens > 0 ? e.cache.max_total_tokens : int64_t(1) << 16;
   const int64_t headroom = e.speculate() ? 2 * int64_t(e.speculative_steps) : 0;
   const int64_t room = c.max_total_tokens - headroom;
@@ -108,6 +118,7 @@ nlohmann::json server_info(const ServeArgs& a, const std::filesystem::path& dir,
           {"speculative_num_steps", e.speculate() ? e.speculative_steps : 0},
           {"max_running_requests", c.max_running_requests},
           {"max_total_tokens", c.max_total_tokens},
+          {"mem_fraction_static", c.mem_fraction_static > 0 ? nlohmann::json(c.mem_fraction_static) : nlohmann::json(nullptr)},
           {"chunked_prefill_size", c.chunked_prefill_size},
           {"page_size", c.page_size},
           {"context_length", c.context_length},
@@ -126,6 +137,9 @@ int run_serve(ServeArgs a) {
   const int ranks = run_on_ranks(a.engine, [&](dist::Communicator* comm, dist::DataPlane* data, int threads) {
     const bool rank0 = !comm || comm->rank() == 0;
     auto engine = load_rank_engine(dir, a.engine, engine_options(a.engine, comm, data, cache), threads);
+    runtime::CacheOptions built = cache;  // the limits as the engine sized them (the same on every rank)
+    built.max_total_tokens = engine->max_total_tokens();
+    built.context_length = engine->context_length();
     auto* trunk = engine->trunk_ep();
     const std::string& dump = a.engine.ep.dump_distribution;
     if (!dump.empty() && trunk) trunk->domain.recorder.start();
@@ -143,7 +157,7 @@ int run_serve(ServeArgs a) {
     serve::ModelContext model;
     model.tokenizer = &tokenizer;
     model.name = a.served_model_name;
-    model.context_length = cache.context_length;
+    model.context_length = built.context_length;
     model.vocab_size = engine->config().vocab_size;
     model.defaults = default_sampling(dir, a);
     if (a.request_timeout > 0) model.request_timeout = std::chrono::milliseconds(int64_t(a.request_timeout * 1e3));
@@ -161,12 +175,12 @@ int run_serve(ServeArgs a) {
     ho.max_body_bytes = size_t(a.max_request_bytes);
     ho.recorder_dir = a.recorder_dir;
     ho.model_path = ho.tokenizer_path = dir.string();
-    ho.server_info = server_info(a, dir, nranks, cache);
+    ho.server_info = server_info(a, dir, nranks, built);
     serve::HttpServer http(model, queue, metrics, ho);
     http.bind();
     std::thread listener([&] { http.listen(); });
     fmt::print(stderr, "serving {} on http://{}:{} ({} rank{}, context {} tokens, pid {})\n", model.name, a.host,
-               http.port(), nranks, nranks > 1 ? "s" : "", cache.context_length, ::getpid());
+               http.port(), nranks, nranks > 1 ? "s" : "", built.context_length, ::getpid());
     {
       StopSignals signals([&](int sig) {
         fmt::print(stderr, "{}: no new requests; finishing {} in flight (at most {} s)\n", strsignal(sig),

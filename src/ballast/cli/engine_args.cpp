@@ -64,6 +64,7 @@ runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* c
   if (comm) opts.ep = to_ep_options(a.ep, comm->size());
   opts.cuda_graphs = !a.disable_cuda_graph;
   opts.cache = cache;
+  opts.cache.ranks_sharing_memory = ranks_sharing_memory(a.device, comm);
   opts.speculative_steps = a.speculate() ? a.speculative_steps : 0;
   if (comm && comm->rank() != 0) opts.log.level = LogLevel::Quiet;
 #ifdef BALLAST_HAS_NCCL
@@ -75,6 +76,13 @@ runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* c
     };
 #endif
   return opts;
+}
+
+int ranks_sharing_memory(const DeviceArgs& device, const dist::Communicator* comm) {
+  if (!comm) return 1;
+  const auto* mpi = dynamic_cast<const dist::MpiCommunicator*>(comm);
+  if (!mpi) return comm->size();  // in-process ranks: one GPU, or the host's memory
+  return cuda_devices_for(device) > 0 ? 1 : mpi->local_size();  // a GPU a process, or the host's memory
 }
 
 int rank_gpu(const DeviceArgs& device, const dist::Communicator* comm) {

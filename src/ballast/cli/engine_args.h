@@ -39,6 +39,10 @@ runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* c
 // rank (dist::local_gpu: an error naming the counts when the host has fewer GPUs than ranks);
 // in-process ranks share GPU 0, as does a lone process. 0 where `device` makes no CUDA backend.
 int rank_gpu(const DeviceArgs& device, const dist::Communicator* comm);
+// How many ranks of `comm` take their caches out of the memory this rank's does
+// (CacheOptions::ranks_sharing_memory): in-process ranks all (GPU 0, or the host's memory), MPI
+// ranks on GPUs one (a GPU each), MPI ranks on CPUs their host's.
+int ranks_sharing_memory(const DeviceArgs& device, const dist::Communicator* comm);
 // Loads the engine of one rank (its GPU under MPI: the local rank's; a progress bar on rank 0).
 std::unique_ptr<runtime::Engine> load_rank_engine(const std::filesystem::path& dir, const EngineArgs& a,
                                                   const runtime::EngineOptions& opts, int threads);

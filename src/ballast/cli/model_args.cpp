@@ -7,6 +7,7 @@
 #include <fstream>
 #include <optional>
 
+#include "ballast/cli/option_checks.h"
 #include "ballast/core/error.h"
 #include "ballast/core/progress.h"
 #include "ballast/kernels/cpu/cpu_backend.h"
@@ -79,8 +80,14 @@ std::vector<std::vector<int32_t>> read_prompts_file(const std::filesystem::path&
 
 void add_cache_options(CLI::App* c, CacheArgs& a) {
   c->add_option("--page-size", a.page_size, "Cache rows per KV block")->check(CLI::Range(1, 1 << 12));
-  c->add_option("--max-total-tokens", a.max_total_tokens, "KV cache rows per rank (default: what the prompts need)")
-      ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
+  auto* rows = c->add_option("--max-total-tokens", a.max_total_tokens,
+                             "KV cache rows per rank (default: what the prompts need)")
+                   ->check(CLI::Range(int64_t(1), int64_t(1) << 40));
+  c->add_option("--mem-fraction-static", a.mem_fraction_static,
+                "Fraction of the device's memory for the weights and the KV cache together: the cache gets what "
+                "it leaves once the weights are in (the rest stays free for the passes)")
+      ->check(finite_range(0.01, 1.0))
+      ->excludes(rows);
   c->add_option("--max-running-requests", a.max_running_requests, "Sequences running at once per rank")
       ->check(CLI::Range(1, 1 << 20));
   c->add_option("--chunked-prefill-size", a.chunked_prefill_size, "Rows per forward pass (prefill is chunked to it)")
@@ -94,11 +101,16 @@ runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std
   runtime::CacheOptions o;
   o.page_size = a.page_size;
   o.chunked_prefill_size = a.chunked_prefill_size;
+  o.max_running_requests = a.max_running_requests > 0 ? a.max_running_requests
+                                                      : int(std::clamp<size_t>(per_rank, 1, kDefaultMaxRunning));
+  if (a.mem_fraction_static > 0) {
+    o.mem_fraction_static = a.mem_fraction_static;
+    o.context_length = a.context_length;  // 0: the model's, within the pool the engine sizes
+    return o;
+  }
   int64_t rows = 0;
   for (const auto& p : prompts)
     rows += (int64_t(p.size()) + new_tokens + extra + a.page_size - 1) / a.page_size * a.page_size;
-  o.max_running_requests = a.max_running_requests > 0 ? a.max_running_requests
-                                                      : int(std::clamp<size_t>(per_rank, 1, kDefaultMaxRunning));
   o.max_total_tokens =
       a.max_total_tokens > 0 ? a.max_total_tokens : std::clamp<int64_t>(rows, 1, kDefaultMaxTotalTokens);
   o.context_length = a.context_length;

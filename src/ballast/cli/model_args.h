@@ -27,6 +27,7 @@ struct CacheArgs {
   int max_running_requests = 0;
   int chunked_prefill_size = 2048;
   int64_t context_length = 0;
+  double mem_fraction_static = 0;  // 0: not given
 };
 void add_cache_options(CLI::App* cmd, CacheArgs& a);
 // The options, with what a command knows of its own work for what the flags leave at 0: room for
@@ -34,6 +35,8 @@ void add_cache_options(CLI::App* cmd, CacheArgs& a);
 // within serving's bounds (kDefaultMaxRunning sequences, kDefaultMaxTotalTokens rows), and a context
 // of the model's `max_position_embeddings` (0: not given). A prompt that cannot fit them is refused
 // here, naming the flag to raise; the others wait for room.
+// With --mem-fraction-static the engine sizes the KV rows from the device's memory once the
+// weights are in (runtime/memory_budget.h); the prompts are then checked by the engine.
 constexpr int kDefaultMaxRunning = 64;
 constexpr int64_t kDefaultMaxTotalTokens = int64_t(1) << 16;
 runtime::CacheOptions to_cache_options(const CacheArgs& a, const std::vector<std::vector<int32_t>>& prompts,

@@ -35,6 +35,12 @@ struct Counters {
   int64_t memory_epoch = 0;
 };
 
+// A device's memory now, in bytes: what allocations can still get, and all of it.
+struct MemoryInfo {
+  int64_t free_bytes = 0;
+  int64_t total_bytes = 0;
+};
+
 // What the hardware can do, measured (bench prints every speed beside these, as ratios).
 struct Ceilings {
   double copy_bytes_per_s = 0;  // bytes read + written per second by a large device-to-device copy
@@ -91,6 +97,10 @@ class Backend {
 
   // Measures the ceilings now (a second or so; allocates and frees its own buffers).
   virtual Ceilings measure_ceilings() = 0;
+
+  // The device's memory now (a GPU's as its driver reports it; the CPU's: the host's available
+  // memory, which counts what the page cache could give back, and its total).
+  virtual MemoryInfo memory() const = 0;
 
   // The element type of the attention layers' K/V caches this backend's attention reads best: F32,
   // or BF16 where its attention multiplies in bf16 anyway (half the bytes a step reads).

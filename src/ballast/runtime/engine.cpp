@@ -3,11 +3,13 @@
 #include <algorithm>
 #include <bit>
 #include <cmath>
+#include <cstring>
 
 #include "ballast/core/clock.h"
 #include "ballast/core/error.h"
 #include "ballast/eplb/plan.h"
 #include "ballast/model/fp8_at_load.h"
+#include "ballast/runtime/memory_budget.h"
 
 namespace ballast::runtime {
 
@@ -181,27 +183,79 @@ void Engine::build_outputs(const model::ModelWeights* host) {
   }
 }
 
+int64_t Engine::rows_from_memory(const StateCacheOptions& so) {
+  const CacheOptions& c = opts_.cache;
+  const auto& cfg = config();
+  CacheBudget b;
+  b.fraction = c.mem_fraction_static;
+  b.sharing = std::max(1, c.ranks_sharing_memory);
+  b.slot_bytes = int64_t(so.slots) * StateCache::slot_bytes(cfg);
+  b.block_bytes = StateCache::block_bytes(cfg, backend_->kv_cache_dtype(), so.block_size, so.mtp);
+  b.block_size = so.block_size;
+  if (b.block_bytes == 0) return int64_t(1) << 16;  // no attention layer: KV rows cost nothing
+  // Every rank has its weights in before any measures (the barrier), and has measured before any
+  // allocates (the gather).
+  if (comm_) comm_->barrier();
+  const kernels::MemoryInfo m = backend_->memory();
+  int64_t rows = cache_rows_for(m, b);
+  if (comm_) {
+    dist::Bytes mine(sizeof rows);
+    std::memcpy(mine.data(), &rows, sizeof rows);
+    for (const dist::Bytes& theirs : comm_->all_gather(mine)) {
+      int64_t r = 0;
+      std::memcpy(&r, theirs.data(), sizeof r);
+      rows = std::min(rows, r);
+    }
+  }
+  const double GB = 1e9, left = double(m.free_bytes) - (1 - b.fraction) * double(m.total_bytes);
+  check(rows > 2 * int64_t(steps_) + 1,
+        "--mem-fraction-static {}: {:.2f} of the device's {:.2f} GB are free with the weights in and {:.2f} GB are to "
+        "stay free for the passes, which leaves {}{}; the {} DeltaNet state slots take {:.2f} GB: no room for a KV "
+        "cache of {:.3g} MB a {}-row block (raise the fraction, lower --max-running-requests, or give "
+        "--max-total-tokens)",
+        b.fraction, double(m.free_bytes) / GB, double(m.total_bytes) / GB, (1 - b.fraction) * double(m.total_bytes) / GB,
+        left > 0 ? fmt::format("{:.2f} GB", left / GB) : std::string("nothing"),
+        b.sharing > 1 ? fmt::format(" for {} ranks", b.sharing) : std::string(), so.slots, double(b.slot_bytes) / GB,
+        double(b.block_bytes) / 1e6, b.block_size);
+  opts_.log.info("KV cache: {} rows ({:.2f} GB) from --mem-fraction-static {} ({:.2f} of {:.2f} GB free with the "
+                 "weights in{})",
+                 rows, double((rows / b.block_size + 1) * b.block_bytes) / GB, b.fraction, double(m.free_bytes) / GB,
+                 double(m.total_bytes) / GB, b.sharing > 1 ? fmt::format(", shared by {} ranks", b.sharing) : "");
+  return rows;
+}
+
 void Engine::build_cache() {
   const CacheOptions& c = opts_.cache;
   const auto& cfg = config();
   const int S = steps_;
-  const int64_t total = c.max_total_tokens > 0 ? c.max_total_tokens : int64_t(1) << 16;
-  // Positions past the model's trained length are not refused by the math, only wrong: the
-  // context is the model's unless given.
-  const int64_t trained = cfg.max_position_embeddings > 0 ? cfg.max_position_embeddings : total;
-  const int64_t context = c.context_length > 0 ? c.context_length : std::min(total, trained);
-  context_length_ = context;
   bool deltanet = false;
   for (auto t : cfg.layer_types) deltanet = deltanet || t == model::LayerType::LinearAttention;
   StateCacheOptions so;
   so.block_size = c.page_size;
-  so.blocks = (total + c.page_size - 1) / c.page_size + 1;  // + padding's
   // Every running sequence's slot, its snapshots while it verifies, one for prefill_logits and
   // one for the padding sequence.
   so.slots = c.max_running_requests * (1 + (deltanet && S > 0 ? S + 1 : 0)) + 2;
   so.mtp = model_->has_mtp();
   scheduler_.reset();
   runner_.reset();
+  cache_.reset();  // a cache built before (other draft steps) gives its memory back first
+  const bool by_memory = c.max_total_tokens <= 0 && c.mem_fraction_static > 0;
+  const int64_t total = c.max_total_tokens > 0 ? c.max_total_tokens
+                        : by_memory            ? rows_from_memory(so)
+                                               : int64_t(1) << 16;
+  // Positions past the model's trained length are not refused by the math, only wrong: the
+  // context is the model's unless given. Sized by memory, it is also within the pool, less the
+  // drafts' headroom (as serve sizes it for a pool it is given).
+  const int64_t trained = cfg.max_position_embeddings > 0 ? cfg.max_position_embeddings : total;
+  const int64_t room = by_memory ? total - 2 * int64_t(S) : total;
+  if (by_memory)
+    check(c.context_length <= room, "--context-length {} does not fit the {} cache rows --mem-fraction-static {} leaves{}",
+          c.context_length, total, c.mem_fraction_static,
+          S > 0 ? fmt::format(" less {} for speculation", 2 * S) : std::string());
+  const int64_t context = c.context_length > 0 ? c.context_length : std::min(room, trained);
+  context_length_ = context;
+  max_total_tokens_ = total;
+  so.blocks = (total + c.page_size - 1) / c.page_size + 1;  // + padding's
   try {
     cache_ = std::make_unique<StateCache>(*backend_, cfg, so);
   } catch (const std::exception& e) {

@@ -53,10 +53,16 @@ struct ExpertParallelOptions {
 // Cache and batch limits (SGLang's option names).
 struct CacheOptions {
   int page_size = 16;               // --page-size: rows per KV block
-  int64_t max_total_tokens = 0;     // --max-total-tokens: KV rows in the pool (0: 64 K)
+  int64_t max_total_tokens = 0;     // --max-total-tokens: KV rows in the pool (0: see below)
   int max_running_requests = 64;    // --max-running-requests
   int chunked_prefill_size = 2048;  // --chunked-prefill-size: rows per pass, all sequences together
   int64_t context_length = 0;       // --context-length: the longest sequence (0: max_total_tokens)
+  // --mem-fraction-static: where max_total_tokens is 0, the KV rows this fraction of the device's
+  // memory leaves once the weights are in (runtime/memory_budget.h; 0: 64 K rows), the pool shared
+  // by `ranks_sharing_memory` ranks (in-process ranks on one device); every rank takes the
+  // smallest share, so that all have one context length.
+  double mem_fraction_static = 0;
+  int ranks_sharing_memory = 1;
 };
 
 // The most chained draft steps a round may have (SGLang's --speculative-num-steps range here).
@@ -169,6 +175,9 @@ class Engine {
   // MTP speculation with `steps` chained drafts per round (0: off); only while no request runs.
   void set_speculative_steps(int steps);
   int speculative_steps() const { return steps_; }
+  // The cache's limits as built: KV rows in the pool, and the longest sequence.
+  int64_t max_total_tokens() const { return max_total_tokens_; }
+  int64_t context_length() const { return context_length_; }
   const SpeculativeStats& speculative_stats() const { return spec_stats_; }
   const GenerationStats& stats() const { return stats_; }
 
@@ -192,6 +201,9 @@ class Engine {
   // expert domains with their slots filled.
   void build_outputs(const model::ModelWeights* host);
   void build_cache();  // state cache, scheduler, runner and sampler for the limits and steps_
+  // The KV rows --mem-fraction-static buys this rank (the smallest over the ranks), measured with
+  // no cache allocated.
+  int64_t rows_from_memory(const StateCacheOptions& so);
   StepOutput& output_of(const Sequence& seq);
   // Ends a pass of `rows` rows: sums its domain's load over ranks on the device, downloads [load |
   // the first n results] in one copy, closes the domain's pass; returns the results on the host.
@@ -233,7 +245,8 @@ class Engine {
   std::unique_ptr<dist::DataPlane> own_plane_;  // when the given data plane cannot move this backend's buffers
   dist::DataPlane* data_;                       // the given one, or own_plane_
   int steps_ = 0;
-  int64_t context_length_ = 0;  // the longest sequence, prompt and output (build_cache)
+  int64_t max_total_tokens_ = 0;  // KV rows in the pool (build_cache)
+  int64_t context_length_ = 0;    // the longest sequence, prompt and output (build_cache)
   std::unique_ptr<model::Model> model_;
   std::unique_ptr<moe::LocalMoeRunner> local_moe_;
   PassOutput trunk_out_, mtp_out_;

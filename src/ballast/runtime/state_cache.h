@@ -43,6 +43,13 @@ class StateCache {
  public:
   StateCache(kernels::Backend& backend, const model::ModelConfig& cfg, const StateCacheOptions& options);
 
+  // The bytes of one KV block (K and V of every full-attention layer, and of the MTP layer with
+  // `mtp`, in the backend's cache dtype `kv`) and of one DeltaNet state slot (conv and recurrent
+  // states of every linear-attention layer), as the constructor allocates them: what a memory
+  // budget buys.
+  static int64_t block_bytes(const model::ModelConfig& cfg, DType kv, int block_size, bool mtp);
+  static int64_t slot_bytes(const model::ModelConfig& cfg);
+
   // Gives the entry a DeltaNet slot with zeroed states. False (nothing changed) if none is free.
   bool allocate(CacheEntry& e);
   // Adds rows (taking blocks and, for verification, snapshot slots). False, changing nothing,

@@ -6,6 +6,7 @@
 #include <cblas.h>
 
 #include <algorithm>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -123,6 +124,25 @@ std::vector<OpTime> CpuBackend::stop_op_timing() {
   std::vector<OpTime> out = op_times_->take();
   op_times_.reset();
   return out;
+}
+
+MemoryInfo CpuBackend::memory() const {
+  // /proc/meminfo's MemAvailable (the kernel's estimate of what can be had without swapping);
+  // where it cannot be read, the free pages.
+  MemoryInfo m;
+  m.total_bytes = int64_t(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  m.free_bytes = int64_t(sysconf(_SC_AVPHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  if (std::FILE* f = std::fopen("/proc/meminfo", "r")) {
+    char line[256];
+    long long kib = 0;
+    while (std::fgets(line, sizeof line, f))
+      if (std::sscanf(line, "MemAvailable: %lld kB", &kib) == 1) {
+        m.free_bytes = int64_t(kib) * 1024;
+        break;
+      }
+    std::fclose(f);
+  }
+  return m;
 }
 
 Ceilings CpuBackend::measure_ceilings() {

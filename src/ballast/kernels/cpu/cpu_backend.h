@@ -37,6 +37,7 @@ class CpuBackend final : public Backend {
   void start_op_timing() override;
   std::vector<OpTime> stop_op_timing() override;
   Ceilings measure_ceilings() override;
+  MemoryInfo memory() const override;
 
   ThreadPool& pool() { return pool_; }
 

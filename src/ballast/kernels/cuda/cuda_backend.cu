@@ -195,6 +195,13 @@ Ops& CudaBackend::ops() { return *ops_; }
 
 void* CudaBackend::stream() const { return impl_->stream; }
 
+MemoryInfo CudaBackend::memory() const {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  size_t free = 0, total = 0;
+  check_cuda(cudaMemGetInfo(&free, &total), "cudaMemGetInfo");
+  return {int64_t(free), int64_t(total)};
+}
+
 Tensor CudaBackend::alloc(std::vector<int64_t> shape, DType dtype) {
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   const size_t bytes = size_t(numel_of(shape)) * dtype_size(dtype);

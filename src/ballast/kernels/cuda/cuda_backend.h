@@ -57,6 +57,7 @@ class CudaBackend final : public Backend {
   std::vector<OpTime> stop_op_timing() override;
   void profiler_window(bool open) override;
   Ceilings measure_ceilings() override;
+  MemoryInfo memory() const override;
 
   // The stream every op and copy of this backend is issued on (a cudaStream_t).
   void* stream() const override;
