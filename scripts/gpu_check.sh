@@ -7,11 +7,13 @@
 # The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
 # pack ~12-13 MB (xz -9e; with the delta-rule bench before and after), so .carry/fla (~1.5 MB, pruned to what
 # chunk_gated_delta_rule imports) fits beside it.
-#   STEPS="conformance nccl runtime demo sanitizer bench scale fp8 pdl ep kernels prefill-kernels prefill-source decode-kernels mtp deltanet" bash scripts/gpu_check.sh
+#   STEPS="conformance nccl runtime demo serve sanitizer bench scale fp8 pdl ep kernels prefill-kernels prefill-source decode-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
 # of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
-# the demo model; pdl: the 80B shape's decode with and without overlapped launches
+# the demo model; serve: `ballast serve` on the GPU with its defaults (the KV cache from
+# --mem-fraction-static 0.85), a completion, SIGTERM (scripts/gpu_serve_check.py); pdl: the 80B
+# shape's decode with and without overlapped launches
 # (BALLAST_CUDA_PDL=0), alternated twice; prefill-kernels: Nsight Compute's sections for the top
 # kernels (NCU_KERNELS, a regex) of the first pass, an 8k prompt of the 80B shape in FP8 (4 layers:
 # 3 x 2 delta rule kernels, 4 x 2 expert tile kernels, 1 attention = 15 launches); prefill-source: where
@@ -45,6 +47,7 @@ for s in $STEPS; do
     nccl) step nccl bash scripts/gpu_nccl.sh "$BIN" ;;
     runtime) step runtime env BALLAST_TEST_DEVICE=cuda "$BIN/test_runtime" --gtest_brief=1 \
                --gtest_filter="${RUNTIME_FILTER:-*}" ;;
+    serve) step serve python3 scripts/gpu_serve_check.py "$BIN/ballast" --device cuda ;;
     demo) step demo bash -c "for d in cpu cuda; do $BIN/ballast generate --device \$d --prompt 'def fibonacci(n):' --max-new-tokens 64 --json; $BIN/ballast generate --device \$d --prompt 'def fibonacci(n):' --max-new-tokens 64 --speculative-algorithm NEXTN --speculative-num-steps 2 --json; done" ;;
     # racecheck leaves cuBLAS's kernels out (their TMA / mbarrier pipelines read as hazards to it, and
     # instrumenting them takes minutes), and the tests of cuBLAS's FP8 and bf16 products (racecheck
