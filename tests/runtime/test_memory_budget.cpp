@@ -53,7 +53,7 @@ TEST(MemoryBudget, TheEngineSizesItsCacheFromTheDevicesMemory) {
   tiny.max_total_tokens = 16;
   tiny.max_running_requests = 1;
   auto probe = test::load_engine(test::kDemoModel, 1, {.cache = tiny});
-  const auto& cfg = probe->config();
+  const model::ModelConfig cfg = probe->config();  // a copy: the probe goes before the engine comes
   const int64_t block_bytes =
       StateCache::block_bytes(cfg, probe->backend().kv_cache_dtype(), 16, probe->model().has_mtp());
   const kernels::MemoryInfo m = probe->backend().memory();
