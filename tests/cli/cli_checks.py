@@ -224,6 +224,10 @@ def check_bench(args):
     for head in ("ceilings", "decode at", "prefill of", "decode step, batch 1", "prefill pass, 24 tokens", "NEXTN"):
         assert head in text, (head, text)
     assert j["copy_bandwidth_gb_s"] > 0 and j["gemm_tflop_s"] > 0, j
+    m = j["memory"]
+    assert m["trunk_weights_gb"] > 0 and m["cache_gb"] > 0 and m["cache_rows"] > 0, m
+    assert 0 < m["device_free_gb"] <= m["device_total_gb"], m
+    assert "GB of trunk weights" in text, text
     assert "OpenBLAS" in j["gemm"] or "ballast bf16" in j["gemm"], j
     assert [d["batch"] for d in j["decode"]] == [1, 3] and [p["tokens"] for p in j["prefill"]] == [24, 40], j
     for d in j["decode"]:

@@ -30,6 +30,7 @@ TEST_F(StateCacheTest, BlockAndSlotBytesAreWhatTheCacheAllocates) {
     EXPECT_EQ(backend.counters().bytes_allocated - before,
               7 * StateCache::block_bytes(cfg, backend.kv_cache_dtype(), 4, mtp) + 6 * StateCache::slot_bytes(cfg))
         << "mtp " << mtp;
+    EXPECT_EQ(cache.bytes(), backend.counters().bytes_allocated - before);
   }
   EXPECT_EQ(StateCache::block_bytes(cfg, DType::BF16, 16, false) * 2, StateCache::block_bytes(cfg, DType::F32, 16, false));
   EXPECT_GT(StateCache::slot_bytes(cfg), 0);

@@ -442,6 +442,7 @@ int run_bench(const BenchArgs& a) {
       }
     }
     if (ranks.rank() != 0) return;
+    const kernels::MemoryInfo memory = e.backend().memory();  // after every run
     const int64_t context = a.prompt_len + a.decode_steps / 2;
     auto decode_row = [&](const DecodeFigure& f) {
       const double bytes = work.step_bytes(f.batch, context);
@@ -460,7 +461,12 @@ int run_bench(const BenchArgs& a) {
                           {"params_total", work.p.total()},
                           {"params_active_per_token", work.p.active_per_token()},
                           // A decode step of the first batch: kernels and copies in its graph (0: eager).
-                          {"decode_graph_nodes", decode[0].graph_nodes}};
+                          {"decode_graph_nodes", decode[0].graph_nodes},
+                          {"memory", {{"trunk_weights_gb", work.wb.trunk / 1e9},
+                                      {"cache_gb", double(e.cache().bytes()) / 1e9},
+                                      {"cache_rows", e.max_total_tokens()},
+                                      {"device_free_gb", double(memory.free_bytes) / 1e9},
+                                      {"device_total_gb", double(memory.total_bytes) / 1e9}}}};
       // The first batch and prefill at the top level too (what earlier versions printed).
       // Expert parallelism: per-pass balancedness and each rebalance (experts and bytes moved, its
       // time), rank 0's, as generate reports them.
@@ -508,6 +514,10 @@ int run_bench(const BenchArgs& a) {
                ranks.size() > 1 ? fmt::format(" x {} expert-parallel ranks", ranks.size()) : std::string());
     fmt::print("ceilings  copy {:.0f} GB/s, GEMM {:.4g} TFLOP/s ({})\n", ceil.copy_bytes_per_s / 1e9,
                ceil.gemm_flops_per_s / 1e12, ceil.gemm);
+    fmt::print("memory    {:.2f} GB of trunk weights, {:.2f} GB of cache ({} KV rows); the device {:.1f} of {:.1f} GB free after "
+               "the runs\n",
+               work.wb.trunk / 1e9, double(e.cache().bytes()) / 1e9, e.max_total_tokens(), double(memory.free_bytes) / 1e9,
+               double(memory.total_bytes) / 1e9);
     fmt::print("\ndecode at {} tokens of context (bytes: weights read once per step, the experts the batch visits,\n"
                "states and KV per sequence)\n", context);
     fmt::print("  {:>6} {:>12} {:>10} {:>14} {:>12} {:>10} {:>7}\n", "batch", "tokens/s", "ms/step", "MB/token", "GB/s",

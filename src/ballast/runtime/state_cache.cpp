@@ -59,6 +59,7 @@ StateCache::StateCache(kernels::Backend& backend, const model::ModelConfig& c, c
     }
   }
   if (o.mtp) views_.mtp_layers.push_back(kv());
+  bytes_ = o.blocks * block_bytes(c, kv_dtype, o.block_size, o.mtp) + o.slots * slot_bytes(c);
   for (int64_t b = o.blocks - 1; b >= 0; --b) free_blocks_.push_back(int32_t(b));
   for (int s = o.slots - 1; s >= 0; --s) free_slots_.push_back(int32_t(s));
   // The padding sequence fills one block (a padded pass's entries may have up to block_size rows),

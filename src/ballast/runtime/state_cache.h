@@ -62,6 +62,7 @@ class StateCache {
   void release(CacheEntry& e);
 
   int block_size() const { return opt_.block_size; }
+  int64_t bytes() const { return bytes_; }  // of device memory, every pool together
   // What sequences can have (the padding sequence's block and slot are not counted).
   int64_t total_blocks() const { return opt_.blocks - 1; }
   int total_slots() const { return opt_.slots - 1; }
@@ -81,6 +82,7 @@ class StateCache {
   model::CacheViews views_;
   std::vector<int32_t> free_blocks_, free_slots_;  // stacks
   bool has_deltanet_ = false;
+  int64_t bytes_ = 0;
   CacheEntry padding_;
 };
 
