@@ -6,8 +6,9 @@
 #   tar -C /tmp/old -xJf OLD-gpu.tar.xz && mkdir -p /tmp/oldpack/gpu/bin &&
 #   cp /tmp/old/gpu/bin/ballast /tmp/oldpack/gpu/bin/ballast-old &&
 #   XZ_OPT=-9e tar -C /tmp/oldpack -cJf .carry/old.tar.xz gpu    # then carry both tarballs
-# or put gpu/bin/ballast-old inside gpu.tar.xz itself (unpack it, copy, pack again with
-# XZ_OPT="-9e -T0"): the two binaries share most of their bytes, so the pack grew by ~0.9 MB in session 22.
+# or put gpu/bin/ballast-old inside gpu.tar.xz itself: `BALLAST_BEFORE=<revision> bash
+# scripts/gpu_pack.sh` builds that revision's ballast and packs it so (the two binaries share most
+# of their bytes: the pack grew by ~0.9 MB in session 22).
 # AB_ARGS: the bench arguments (default: the 80B shape in FP8 at full depth). AB_SWITCH (e.g.
 # BALLAST_CUDA_PREFETCH=0): a third run a round, this build with that environment.
 set -uo pipefail

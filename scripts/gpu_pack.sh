@@ -6,7 +6,9 @@
 # bench/deltanet/side_by_side.py (never into the repository). With DELTA_RULE_BEFORE=<a git
 # revision> too, that revision's bench_delta_rule_cuda is built in a worktree of its own
 # (/tmp/ballast-delta-rule-before/<revision>) and packed as bench_delta_rule_cuda-before: the side by side then
-# alternates the two builds (an A/B of a delta-rule change in one run).
+# alternates the two builds (an A/B of a delta-rule change in one run). With BALLAST_BEFORE=<a git
+# revision>, that revision's ballast is built likewise and packed as ballast-old, the binary
+# scripts/gpu_ab.sh alternates with this one (~0.9 MB more in the pack).
 #   bash scripts/gpu_pack.sh   ->  then carry .carry (see scripts/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,12 +22,20 @@ rm -rf .carry/gpu && mkdir -p .carry/gpu/bin .carry/gpu/lib
 cp "$BUILD/ballast" "$BUILD/tests/kernels/test_kernels_cuda" "$BUILD/tests/runtime/test_runtime" \
    "$BUILD/tests/dist/test_dist_nccl" "$BUILD/tests/dist/bench_dist" .carry/gpu/bin/
 [ -n "${FLA_REPO:-}" ] && cp "$BUILD/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/
-if [ -n "${FLA_REPO:-}" ] && [ -n "${DELTA_RULE_BEFORE:-}" ]; then
-  rev=$(git rev-parse --short "$DELTA_RULE_BEFORE") before=/tmp/ballast-delta-rule-before/$rev
+# build_before REVISION TARGET: the target built at that revision, in a worktree of its own; its path.
+build_before() {
+  local rev before
+  rev=$(git rev-parse --short "$1") before=/tmp/ballast-delta-rule-before/$rev
   [ -d "$before" ] || git worktree add --detach "$before" "$rev" >/dev/null
   cmake -S "$before" -B "$before/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBALLAST_PYTHON=OFF >/dev/null
-  cmake --build "$before/build" -j"$(nproc)" --target bench_delta_rule_cuda
-  cp "$before/build/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/bench_delta_rule_cuda-before
+  cmake --build "$before/build" -j"$(nproc)" --target "$2" >&2
+  find "$before/build" -name "$2" -type f -perm -u+x | head -1
+}
+if [ -n "${FLA_REPO:-}" ] && [ -n "${DELTA_RULE_BEFORE:-}" ]; then
+  cp "$(build_before "$DELTA_RULE_BEFORE" bench_delta_rule_cuda)" .carry/gpu/bin/bench_delta_rule_cuda-before
+fi
+if [ -n "${BALLAST_BEFORE:-}" ]; then
+  cp "$(build_before "$BALLAST_BEFORE" ballast)" .carry/gpu/bin/ballast-old
 fi
 # Libraries from Debian's packages (not CUDA's, not glibc's or the compiler runtime's).
 for exe in .carry/gpu/bin/*; do
