@@ -182,6 +182,8 @@ def cases(b, tmp):
         ("a 1M-token prompt", [b, "generate", "--prompts-file", prompts_file(tmp, "long.txt", [[7] * 1000000]),
                                "--max-new-tokens", "2"], 1, "more than --max-total-tokens 65536 (the default)"),
         ("a prompt beyond --max-total-tokens", gen + ["--max-total-tokens", "2"], 1, "--max-total-tokens 2"),
+        ("--max-total-tokens 4e9 (past 32-bit slot ids)", gen + ["--max-total-tokens", "4000000000"], 1,
+         "32-bit slot ids"),
         ("--mem-fraction-static 1.5", gen + ["--mem-fraction-static", "1.5"], 2, "--mem-fraction-static"),
         ("--mem-fraction-static with --max-total-tokens", gen + ["--mem-fraction-static", "0.5", "--max-total-tokens", "9"],
          2, "excludes"),

@@ -2,6 +2,7 @@
 // and the engine that sizes its cache by it.
 #include <gtest/gtest.h>
 
+#include <limits>
 #include <string>
 
 #include "ballast/core/error.h"
@@ -29,6 +30,10 @@ TEST(MemoryBudget, TheFractionLeavesTheRestFreeAndTheSlotsComeFirst) {
   b.sharing = 1;
   b.block_bytes = 3 * MB;
   EXPECT_EQ(cache_rows_for(m, b), (48 * 1024 / 3 - 1) * 16);
+  // A small model on a large device: no more rows than 32-bit slot ids address.
+  const kernels::MemoryInfo huge{int64_t(1) << 50, int64_t(1) << 50};
+  EXPECT_EQ(cache_rows_for(huge, {.fraction = 0.9, .sharing = 1, .slot_bytes = 0, .block_bytes = 64, .block_size = 16}),
+            (int64_t(std::numeric_limits<int32_t>::max()) / 16 - 1) * 16);
   // Nothing left: 0, not a negative count.
   b.fraction = 0.2;
   EXPECT_EQ(cache_rows_for(m, b), 0);

@@ -18,7 +18,8 @@ struct CacheBudget {
 
 // The KV cache rows (whole blocks; the padding sequence's block left out) that the fraction leaves
 // one rank, given the device's memory measured with the weights resident and no cache yet:
-// (free - (1 - fraction) x total) / sharing - slot_bytes, in blocks. 0 where nothing is left.
+// (free - (1 - fraction) x total) / sharing - slot_bytes, in blocks, at most what 32-bit slot ids
+// address. 0 where nothing is left.
 int64_t cache_rows_for(const kernels::MemoryInfo& memory, const CacheBudget& budget);
 
 }  // namespace ballast::runtime

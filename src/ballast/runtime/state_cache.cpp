@@ -1,6 +1,7 @@
 #include "ballast/runtime/state_cache.h"
 
 #include <algorithm>
+#include <limits>
 
 #include "ballast/core/error.h"
 #include "ballast/kernels/ops.h"
@@ -44,6 +45,9 @@ StateCache::StateCache(kernels::Backend& backend, const model::ModelConfig& c, c
     : be_(backend), opt_(o) {
   check(o.block_size > 0 && o.blocks > 0 && o.slots > 0, "state cache: {} blocks of {} rows and {} state slots",
         o.blocks, o.block_size, o.slots);
+  check(o.blocks <= std::numeric_limits<int32_t>::max() / o.block_size,
+        "state cache: {} blocks of {} rows: more cache rows than 32-bit slot ids address (lower --max-total-tokens)",
+        o.blocks, o.block_size);
   const DType kv_dtype = be_.kv_cache_dtype();
   auto kv = [&] {
     return model::LayerCache{be_.alloc(kv_shape(c, o.blocks, o.block_size), kv_dtype),
