@@ -502,6 +502,16 @@ struct StaticLoads {
   }
 };
 
+// What static_polish reuses from layer to layer, owned by the caller that plans the layers: the
+// vectors keep their capacity (building `where` afresh cost one or two allocations per expert,
+// most of the polish's fixed cost per layer).
+struct PolishScratch {
+  StaticLoads st;
+  std::vector<int> order, touched, hx, hy;
+  std::vector<double> nl, sc, lo, hi;
+  std::vector<uint8_t> mark;
+};
+
 // With holders h of e, rank `from` replaced by rank `to` (kept ascending).
 void move_holder(std::vector<int>& h, int from, int to) {
   auto it = std::find(h.begin(), h.end(), from);
@@ -514,13 +524,11 @@ void move_holder(std::vector<int>& h, int from, int to) {
 // keeping the aggregate's even-split maximum at most `even_cap`. Returns the number of swaps
 // applied. keep_moves (with a current placement): only swaps that move no more experts away from it.
 int static_polish(const Problem& pr, Packing& pk, const double* w, double even_cap, int max_iter, int64_t budget,
-                  bool keep_moves = false) {
+                  PolishScratch& scratch, bool keep_moves = false) {
   const int G = pr.G, K = pr.K, E = pr.E;
   for (int p = 0; p < pr.P; ++p)  // duplicates on a rank (from a current placement): the model does not hold
     if (pk.has[size_t(p / K) * E + pk.slot[p]] > 1) return 0;
-  // Reused across layers (thread_local): building `where` with fresh vectors cost one or two
-  // allocations per expert, most of the polish's fixed cost per layer.
-  thread_local StaticLoads st;
+  StaticLoads& st = scratch.st;
   st.G = G, st.w = w;
   st.L.assign(G, 0.0);
   if (int(st.where.size()) < E) st.where.resize(E);
@@ -530,9 +538,9 @@ int static_polish(const Problem& pr, Packing& pk, const double* w, double even_c
   for (int e = 0; e < E; ++e) st.add(e, st.where[e], 1.0, st.L);
   keep_moves &= pr.has_current;
   auto away = [&](int g, int e) { return pr.cur_has[size_t(g) * E + e] ? 0 : 1; };
-  thread_local std::vector<int> order, touched, hx, hy;
-  thread_local std::vector<double> nl, sc, lo, hi;
-  thread_local std::vector<uint8_t> mark;
+  auto &order = scratch.order, &touched = scratch.touched, &hx = scratch.hx, &hy = scratch.hy;
+  auto &nl = scratch.nl, &sc = scratch.sc, &lo = scratch.lo, &hi = scratch.hi;
+  auto& mark = scratch.mark;
   order.resize(G), touched.clear(), nl.resize(G), mark.assign(G, 0);
   // Each slot's static load (its expert's share on that rank) and per rank the least and most.
   sc.resize(size_t(G) * K), lo.resize(G), hi.resize(G);
@@ -644,10 +652,11 @@ Packing rescore(const Problem& pr, const Packing& pk) {
   recompute(pr, out);
   return out;
 }
-}  // namespace
 
-std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
-                                   const int32_t* current_row, LayerPlanStats* stats, const double* expected) {
+// ballast_layer with the polish's scratch of the caller's.
+std::vector<int32_t> plan_layer(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
+                                const int32_t* current_row, LayerPlanStats* stats, const double* expected,
+                                PolishScratch& scratch) {
   const int G = opt.ranks, P = opt.physical;
   check(G > 0 && S > 0 && E > 0, "ballast: bad shape (ranks {}, slices {}, experts {})", G, S, E);
   check(P % G == 0, "ballast: {} physical slots are not divisible by {} ranks", P, G);
@@ -736,7 +745,7 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
     }
     // With a current placement: the expected loads' polish swaps only where no more experts move;
     // the aggregate's is kept only when it moves no more in all.
-    if (static_polish(pr, polished, expected ? expected_w.data() : pr.agg.data(), even_cap, iters, budget,
+    if (static_polish(pr, polished, expected ? expected_w.data() : pr.agg.data(), even_cap, iters, budget, scratch,
                       /*keep_moves=*/expected != nullptr) > 0 &&
         (!current_row || polished.moved <= best.moved))
       best = std::move(polished);
@@ -746,11 +755,10 @@ std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t st
   return row;
 }
 
-namespace {
-
 // Step 8 (ballast_algorithm.h): groups onto nodes, then ballast_layer inside each node.
 std::vector<int32_t> ballast_layer_nodes(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
-                                         const int32_t* current_row, LayerPlanStats* stats, const double* expected) {
+                                         const int32_t* current_row, LayerPlanStats* stats, const double* expected,
+                                         PolishScratch& scratch) {
   const int N = opt.nodes, NG = opt.groups, G = opt.ranks, P = opt.physical;
   check(NG > 0 && E % NG == 0, "ballast: {} experts are not divisible into {} groups", E, NG);
   check(NG % N == 0, "ballast: {} expert groups are not divisible over {} nodes", NG, N);
@@ -808,7 +816,8 @@ std::vector<int32_t> ballast_layer_nodes(const double* slices, int S, int E, siz
       if (has_cur) cur[p] = local[e];
     }
     LayerPlanStats st;
-    auto r = ballast_layer(w.data(), S, En, En, sub, has_cur ? cur.data() : nullptr, &st, expected ? ex.data() : nullptr);
+    auto r = plan_layer(w.data(), S, En, En, sub, has_cur ? cur.data() : nullptr, &st, expected ? ex.data() : nullptr,
+                        scratch);
     for (int p = 0; p < Pn; ++p) row[n * Pn + p] = experts[r[p]];
     if (stats) stats->score += st.score, stats->bound += st.bound, stats->moved += st.moved;
   }
@@ -816,6 +825,12 @@ std::vector<int32_t> ballast_layer_nodes(const double* slices, int S, int E, siz
 }
 
 }  // namespace
+
+std::vector<int32_t> ballast_layer(const double* slices, int S, int E, size_t stride, const BallastOptions& opt,
+                                   const int32_t* current_row, LayerPlanStats* stats, const double* expected) {
+  PolishScratch scratch;
+  return plan_layer(slices, S, E, stride, opt, current_row, stats, expected, scratch);
+}
 
 Placement ballast_rebalance(const LoadTrace& slices, const BallastOptions& opt, std::vector<LayerPlanStats>* stats) {
   slices.validate("ballast: load");
@@ -839,13 +854,15 @@ Placement ballast_rebalance(const LoadTrace& slices, const BallastOptions& opt, 
   }
   if (stats) stats->assign(slices.layers, {});
   const size_t stride = size_t(slices.layers) * slices.experts;
+  PolishScratch scratch;  // reused by every layer's plan
   for (int l = 0; l < slices.layers; ++l) {
     const int32_t* cur = opt.current ? opt.current->layer(l).data() : nullptr;
     LayerPlanStats* st = stats ? &(*stats)[l] : nullptr;
     const double* ex = opt.expected && (opt.expected_layers.empty() || opt.expected_layers[l]) ? opt.expected->at(0, l)
                                                                                              : nullptr;
-    auto row = opt.nodes > 1 ? ballast_layer_nodes(slices.at(0, l), slices.passes, slices.experts, stride, opt, cur, st, ex)
-                             : ballast_layer(slices.at(0, l), slices.passes, slices.experts, stride, opt, cur, st, ex);
+    auto row = opt.nodes > 1
+                   ? ballast_layer_nodes(slices.at(0, l), slices.passes, slices.experts, stride, opt, cur, st, ex, scratch)
+                   : plan_layer(slices.at(0, l), slices.passes, slices.experts, stride, opt, cur, st, ex, scratch);
     std::copy(row.begin(), row.end(), out.layer(l).begin());
   }
   return out;
