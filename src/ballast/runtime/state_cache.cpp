@@ -5,41 +5,16 @@
 
 #include "ballast/core/error.h"
 #include "ballast/kernels/ops.h"
+#include "ballast/model/param_count.h"
 
 namespace ballast::runtime {
 
-namespace {
-
-// The shapes of the pools (block_bytes and slot_bytes count them as the constructor allocates).
-std::vector<int64_t> kv_shape(const model::ModelConfig& c, int64_t blocks, int block_size) {
-  return {blocks, block_size, c.num_kv_heads, c.head_dim};
-}
-std::vector<int64_t> conv_shape(const model::ModelConfig& c, int64_t slots) {
-  const int64_t kd = int64_t(c.linear_num_key_heads) * c.linear_key_head_dim;
-  return {slots, 2 * kd + int64_t(c.linear_num_value_heads) * c.linear_value_head_dim, c.linear_conv_kernel_dim - 1};
-}
-std::vector<int64_t> ssm_shape(const model::ModelConfig& c, int64_t slots) {
-  return {slots, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim};
-}
-int64_t elements(const std::vector<int64_t>& shape) {
-  int64_t n = 1;
-  for (int64_t d : shape) n *= d;
-  return n;
-}
-
-}  // namespace
-
 int64_t StateCache::block_bytes(const model::ModelConfig& c, DType kv, int block_size, bool mtp) {
-  int64_t layers = mtp ? 1 : 0;
-  for (auto type : c.layer_types) layers += type == model::LayerType::FullAttention;
-  return layers * 2 * elements(kv_shape(c, 1, block_size)) * int64_t(dtype_size(kv));
+  const int64_t es = int64_t(dtype_size(kv));  // the MTP pool is one layer's, whatever the config says
+  return block_size * (model::kv_bytes_per_token(c, es) + (mtp ? 2 * int64_t(c.num_kv_heads) * c.head_dim * es : 0));
 }
 
-int64_t StateCache::slot_bytes(const model::ModelConfig& c) {
-  int64_t layers = 0;
-  for (auto type : c.layer_types) layers += type == model::LayerType::LinearAttention;
-  return layers * (elements(conv_shape(c, 1)) + elements(ssm_shape(c, 1))) * int64_t(dtype_size(DType::F32));
-}
+int64_t StateCache::slot_bytes(const model::ModelConfig& c) { return model::deltanet_state_bytes(c); }
 
 StateCache::StateCache(kernels::Backend& backend, const model::ModelConfig& c, const StateCacheOptions& o)
     : be_(backend), opt_(o) {
@@ -48,18 +23,23 @@ StateCache::StateCache(kernels::Backend& backend, const model::ModelConfig& c, c
   check(o.blocks <= std::numeric_limits<int32_t>::max() / o.block_size,
         "state cache: {} blocks of {} rows: more cache rows than 32-bit slot ids address (lower --max-total-tokens)",
         o.blocks, o.block_size);
+  const int64_t kd = int64_t(c.linear_num_key_heads) * c.linear_key_head_dim;
+  const int64_t conv_dim = 2 * kd + int64_t(c.linear_num_value_heads) * c.linear_value_head_dim;
   const DType kv_dtype = be_.kv_cache_dtype();
   auto kv = [&] {
-    return model::LayerCache{be_.alloc(kv_shape(c, o.blocks, o.block_size), kv_dtype),
-                             be_.alloc(kv_shape(c, o.blocks, o.block_size), kv_dtype), {}, {}};
+    return model::LayerCache{be_.alloc({o.blocks, o.block_size, c.num_kv_heads, c.head_dim}, kv_dtype),
+                             be_.alloc({o.blocks, o.block_size, c.num_kv_heads, c.head_dim}, kv_dtype),
+                             {}, {}};
   };
   for (auto type : c.layer_types) {
     if (type == model::LayerType::FullAttention) {
       views_.layers.push_back(kv());
     } else {
       has_deltanet_ = true;
-      views_.layers.push_back(
-          {{}, {}, be_.alloc(conv_shape(c, o.slots), DType::F32), be_.alloc(ssm_shape(c, o.slots), DType::F32)});
+      views_.layers.push_back({{}, {},
+                               be_.alloc({o.slots, conv_dim, c.linear_conv_kernel_dim - 1}, DType::F32),
+                               be_.alloc({o.slots, c.linear_num_value_heads, c.linear_key_head_dim,
+                                          c.linear_value_head_dim}, DType::F32)});
     }
   }
   if (o.mtp) views_.mtp_layers.push_back(kv());

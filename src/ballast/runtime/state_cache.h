@@ -45,8 +45,8 @@ class StateCache {
 
   // The bytes of one KV block (K and V of every full-attention layer, and of the MTP layer with
   // `mtp`, in the backend's cache dtype `kv`) and of one DeltaNet state slot (conv and recurrent
-  // states of every linear-attention layer), as the constructor allocates them: what a memory
-  // budget buys.
+  // states of every linear-attention layer; model/param_count.h's counts), as the constructor
+  // allocates them (a test holds the two equal): what a memory budget buys.
   static int64_t block_bytes(const model::ModelConfig& cfg, DType kv, int block_size, bool mtp);
   static int64_t slot_bytes(const model::ModelConfig& cfg);
 
