@@ -107,7 +107,11 @@ inline void one_all_to_all_v(DataPlane& d, const Memory& m, const std::function<
   }
   Tensor recv = m.put(full(shape(total_in + extra_recv), dtype, kUntouched));
   Tensor recv_counts = m.put(full({G}, DType::I32, -1));
-  d.all_to_all_v(m.put(send), m.put(counts_tensor(out)), recv, recv_counts);
+  const Tensor sent = m.put(send);
+  d.all_to_all_v(sent, m.put(counts_tensor(out)), recv, recv_counts);
+  // The sender may reuse its buffer once the call returns (here where it is host memory: at once).
+  if (m.device == Device::CPU)
+    for (int64_t i = 0; i < sent.numel(); ++i) set(sent, i, kUntouched);
   recv = m.get(recv);
   recv_counts = m.get(recv_counts);
   at = 0;

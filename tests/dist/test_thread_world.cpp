@@ -3,6 +3,9 @@
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
 #include <mutex>
 #include <random>
 #include <string>
@@ -95,6 +98,74 @@ TEST_P(ThreadWorldG, DataPlaneBadCallsFailOnEveryRankWhoeverWaits) {
 
 TEST_P(ThreadWorldG, DataPlaneSendRecvSizeMismatch) {
   run(GetParam(), [](Communicator&, DataPlane& d) { dpc::send_recv_size_mismatch(d); });
+}
+
+// A queue of work over host memory that runs its copies and uploads only when it must (waited for,
+// or before a download): a device stream lagging as far as it may. A plane that let a sender
+// reuse its buffer, or returned rows, before the copies queued for them ran would be caught here
+// reading stale (or, under the sanitizers, freed) bytes.
+class LaggingQueue final : public DeviceQueue {
+ public:
+  ballast::Device device() const override { return ballast::Device::CPU; }
+  void download(const void* src, void* host, size_t bytes) override {
+    wait();
+    std::memcpy(host, src, bytes);
+  }
+  void upload(const void* host, void* dst, size_t bytes) override {
+    const auto* p = static_cast<const std::byte*>(host);
+    pending_.push_back([dst, bytes = std::vector<std::byte>(p, p + bytes)] { std::memcpy(dst, bytes.data(), bytes.size()); });
+  }
+  void copy(const void* src, void* dst, size_t bytes) override {
+    pending_.push_back([=] { std::memcpy(dst, src, bytes); });
+  }
+  void wait() override {
+    for (auto& work : pending_) work();
+    pending_.clear();
+  }
+  // A buffer in this memory that the queue fills with host's bytes (as a rank's ops would), kept
+  // alive until it has.
+  Tensor put(const Tensor& host) {
+    Tensor t = Tensor::zeros(host.shape(), host.dtype());
+    const auto* p = static_cast<const std::byte*>(host.raw());
+    pending_.push_back([t, bytes = std::vector<std::byte>(p, p + host.nbytes())] {
+      if (!bytes.empty()) std::memcpy(t.raw(), bytes.data(), bytes.size());
+    });
+    return t;
+  }
+
+ private:
+  std::vector<std::function<void()>> pending_;
+};
+
+// Each rank with its data plane on a "device" of host memory behind a LaggingQueue (on_device),
+// and that memory for the conformance suite: buffers written through the rank's queue (as a
+// rank's ops write them), results read once it has run.
+void run_on_device(int G, const std::function<void(DataPlane&, const dpc::Memory&)>& fn) {
+  ThreadWorld world(G, kTimeout);
+  run(world, [&](Communicator&, DataPlane& host) {
+    auto queue = std::make_unique<LaggingQueue>();
+    LaggingQueue* lagging = queue.get();
+    const std::unique_ptr<DataPlane> d = host.on_device(std::move(queue));
+    ASSERT_TRUE(d != nullptr);
+    EXPECT_TRUE(d->moves(ballast::Device::CPU));
+    const dpc::Memory memory{ballast::Device::CPU,
+                             [lagging](const Tensor& host) { return lagging->put(host); },
+                             [lagging](const Tensor& t) {
+                               lagging->wait();
+                               return t;
+                             }};
+    fn(*d, memory);
+  });
+}
+
+TEST_P(ThreadWorldG, DevicePlaneEverything) {
+  run_on_device(GetParam(), [](DataPlane& d, const dpc::Memory& m) { dpc::everything(d, m); });
+}
+TEST_P(ThreadWorldG, DevicePlaneBadCallsFailOnEveryRank) {
+  run_on_device(GetParam(), [](DataPlane& d, const dpc::Memory& m) { dpc::bad_calls(d, "thread", m); });
+}
+TEST_P(ThreadWorldG, DevicePlaneSendRecvSizeMismatch) {
+  run_on_device(GetParam(), [](DataPlane& d, const dpc::Memory& m) { dpc::send_recv_size_mismatch(d, m); });
 }
 
 TEST_P(ThreadWorldG, BarrierSynchronises) {

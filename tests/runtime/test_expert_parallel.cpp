@@ -42,29 +42,32 @@ struct EpRun {
 };
 
 // Runs greedy generation of `prompts` on G thread ranks (prompt i on rank i % G). fail: whether a
-// rank's weight transfers are to fail (after they were made). device_plane: the engine's plane for
-// device buffers (else host staging over the thread plane).
-using DevicePlane = std::function<std::unique_ptr<dist::DataPlane>(dist::Communicator&, kernels::Backend&)>;
+// rank's weight transfers are to fail (after they were made). plane: the data plane the engine is
+// given, made over the rank's backend and thread plane (else the thread plane itself, and the
+// engine's choice where that cannot move the backend's buffers: its plane on the shared device).
+using DevicePlane =
+    std::function<std::unique_ptr<dist::DataPlane>(dist::Communicator&, kernels::Backend&, dist::DataPlane& threads)>;
 EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts, int G, int redundant,
              eplb::Dispatch dispatch, int rebalance_every, int max_new = 12, std::function<bool(int rank)> fail = {},
-             const DevicePlane& device_plane = {}) {
+             const DevicePlane& plane = {}) {
   EpRun out;
   std::mutex mu;
   dist::ThreadWorld world(G);
   dist::run_ranks(world, [&](dist::Communicator& comm) {
     test::FailingDataPlane failing(world.data_plane(comm.rank()),
                                    [&, r = comm.rank()](auto) { return fail && fail(r); });
+    std::unique_ptr<kernels::Backend> backend = test_backend(1);
+    const std::unique_ptr<dist::DataPlane> given = plane ? plane(comm, *backend, failing) : nullptr;
     runtime::EngineOptions opts;
     opts.comm = &comm;
-    opts.data = &failing;
+    opts.data = given ? given.get() : &failing;
     opts.log.level = LogLevel::Quiet;
     opts.ep.trunk.redundant = redundant;
     opts.ep.trunk.dispatch = dispatch;
     opts.ep.trunk.rebalance.enabled = rebalance_every > 0;
     opts.ep.trunk.rebalance.interval = rebalance_every;
     opts.ep.trunk.rebalance.layers_per_chunk = 1;
-    if (device_plane) opts.device_data_plane = [&](kernels::Backend& be) { return device_plane(comm, be); };
-    auto engine = load_engine(kFixtures / fixture, 1, opts);
+    auto engine = runtime::Engine::load(kFixtures / fixture, std::move(backend), opts);
     auto res = runtime::generate_distributed(comm, prompts, [&](const auto& mine) {
       return engine->generate(mine, max_new);
     });
@@ -135,7 +138,7 @@ TEST_P(ExpertParallel, OverNcclOutputsEqualSingleRank) {
   if (!device || std::string(device) != "cuda") GTEST_SKIP() << "NCCL moves CUDA buffers (BALLAST_TEST_DEVICE=cuda)";
   const auto prompts = prompts_of(GetParam());
   const auto want = single_rank(GetParam(), prompts);
-  const DevicePlane nccl = [](dist::Communicator& comm, kernels::Backend& be) {
+  const DevicePlane nccl = [](dist::Communicator& comm, kernels::Backend& be, dist::DataPlane&) {
     return std::make_unique<dist::NcclDataPlane>(comm, 0, be.stream());
   };
   const int R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, 1, 1);
@@ -146,6 +149,30 @@ TEST_P(ExpertParallel, OverNcclOutputsEqualSingleRank) {
   }
 }
 #endif
+
+// The planes an engine may move its buffers over, named: the in-process ranks' plane on the device
+// they share (the engine's own choice on a GPU, made here on every backend: on the CPU's the same
+// copies through the backend's queue), and host staging (the fallback for a GPU's buffers).
+TEST_P(ExpertParallel, OverEveryPlaneForDeviceBuffersOutputsEqualSingleRank) {
+  const auto prompts = prompts_of(GetParam());
+  const auto want = single_rank(GetParam(), prompts);
+  const std::pair<const char*, DevicePlane> planes[] = {
+      {"on the device", [](dist::Communicator&, kernels::Backend& be,
+                           dist::DataPlane& threads) { return threads.on_device(std::make_unique<runtime::BackendDeviceQueue>(be)); }},
+      {"host staging", [](dist::Communicator&, kernels::Backend& be, dist::DataPlane& threads) {
+         return std::make_unique<runtime::StagedDataPlane>(threads, be);
+       }}};
+  for (const auto& [name, plane] : planes)
+    for (int G : {2, 4})
+      for (auto policy : {eplb::Dispatch::static_, eplb::Dispatch::balanced}) {
+        const int R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G, G);
+        auto got = run_ep(GetParam(), prompts, G, R, policy, /*rebalance_every=*/3, 12, {}, plane);
+        EXPECT_EQ(got.outputs, want) << name << ", G=" << G << " dispatch=" << eplb::dispatch_name(policy);
+        EXPECT_TRUE(got.slots_hold_their_experts) << name << ", G=" << G;
+        ASSERT_FALSE(got.events.empty()) << name << ": no rebalance happened";
+        for (const auto& ev : got.events) EXPECT_FALSE(ev.failed) << name;
+      }
+}
 
 TEST_P(ExpertParallel, FailedTransferKeepsOldPlacementAndCorrectOutputs) {
   const auto prompts = prompts_of(GetParam());

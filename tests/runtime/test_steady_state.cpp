@@ -68,7 +68,7 @@ TEST(SteadyState, NoAllocationAndOneDownloadPerPassUnderExpertParallelismAndSpec
     auto passes = [&] { return engine->trunk_ep()->domain.passes + engine->mtp_ep()->domain.passes; };
     workload();  // warm-up: every buffer reaches the size these passes need
     const kernels::Counters before = engine->backend().counters();
-    const int64_t staged_before = engine->staged_downloads();
+    const int64_t plane_before = engine->plane_downloads();
     const int64_t passes_before = passes();
     const size_t events_before = engine->trunk_ep()->rebalancer.events().size() +
                                  engine->mtp_ep()->rebalancer.events().size();
@@ -78,7 +78,7 @@ TEST(SteadyState, NoAllocationAndOneDownloadPerPassUnderExpertParallelismAndSpec
     f.allocations = after.allocations - before.allocations;
     // Host staging of the data plane (in-process ranks sharing a GPU) is the emulation's cost,
     // not the pass's: it is counted apart.
-    f.downloads = after.downloads - before.downloads - (engine->staged_downloads() - staged_before);
+    f.downloads = after.downloads - before.downloads - (engine->plane_downloads() - plane_before);
     f.passes = passes() - passes_before;
     f.rebalances = int64_t(engine->trunk_ep()->rebalancer.events().size() +
                            engine->mtp_ep()->rebalancer.events().size() - events_before);

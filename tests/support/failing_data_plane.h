@@ -3,6 +3,7 @@
 // where `fails` says so, reports the point-to-point moves as failed (as a transport error detected
 // after the fact would), leaving the wrapped plane in a consistent state.
 #include <functional>
+#include <memory>
 #include <span>
 
 #include "ballast/core/error.h"
@@ -18,6 +19,14 @@ class FailingDataPlane final : public dist::DataPlane {
 
   int rank() const override { return inner_.rank(); }
   int size() const override { return inner_.size(); }
+  bool moves(Device device) const override { return inner_.moves(device); }
+  int64_t last_received_rows() const override { return inner_.last_received_rows(); }
+  // The wrapped plane's on the device, failing alike.
+  std::unique_ptr<dist::DataPlane> on_device(std::unique_ptr<dist::DeviceQueue> queue) override {
+    std::unique_ptr<dist::DataPlane> device = inner_.on_device(std::move(queue));
+    if (!device) return nullptr;
+    return std::unique_ptr<FailingDataPlane>(new FailingDataPlane(std::move(device), fails_));
+  }
   void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) override {
     inner_.all_to_all_v(send, send_counts, recv, recv_counts);
   }
@@ -29,6 +38,10 @@ class FailingDataPlane final : public dist::DataPlane {
   }
 
  private:
+  FailingDataPlane(std::unique_ptr<dist::DataPlane> owned, std::function<bool(std::span<const Transfer>)> fails)
+      : owned_(std::move(owned)), inner_(*owned_), fails_(std::move(fails)) {}
+
+  std::unique_ptr<dist::DataPlane> owned_;  // the wrapped plane, where this made it (on_device)
   dist::DataPlane& inner_;
   std::function<bool(std::span<const Transfer>)> fails_;
 };

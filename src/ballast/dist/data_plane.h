@@ -2,11 +2,14 @@
 // The data plane of expert parallelism: collectives and point-to-point moves on caller-owned
 // device buffers (tensors of the rank's backend), the way NCCL works: no tags, no host byte
 // vectors, counts that stay on the device. Implementations: in-process ranks (threads sharing
-// memory), MPI processes (CPU buffers), NCCL next; one conformance suite (tests/dist) holds them
-// to the same behaviour. The host control plane (agreement, small reductions) is communicator.h.
+// memory: host buffers, or the buffers of one device they share), MPI processes (CPU buffers),
+// NCCL (a GPU a rank); one conformance suite (tests/dist) holds them to the same behaviour. The
+// host control plane (agreement, small reductions) is communicator.h.
+#include <memory>
 #include <span>
 
 #include "ballast/core/tensor.h"
+#include "ballast/dist/device_queue.h"
 
 namespace ballast::dist {
 
@@ -18,6 +21,12 @@ class DataPlane {
   // Whether this plane moves buffers of `device` itself (threads and MPI: host memory only; a
   // GPU's buffers then go through host staging, see runtime/staged_data_plane.h).
   virtual bool moves(Device device) const { return device == Device::CPU; }
+  // A plane of the same ranks for the buffers of a device every rank addresses, reached through
+  // `queue` (this rank's queue of work on it; every rank makes one): in-process ranks on one GPU
+  // then move rows device to device instead of through host copies. Null where the ranks share no
+  // address space (processes). The two planes are one rank's: they keep one order of collectives
+  // between them (the ranks call both in the same order), one thread at a time.
+  virtual std::unique_ptr<DataPlane> on_device(std::unique_ptr<DeviceQueue> queue) { return nullptr; }
 
   // Collective. `send` holds rows for rank 0, then for rank 1, ...: send_counts[g] (I32 [G]) rows
   // for rank g, a row being send's first dimension. `recv` receives the rows every rank sent to

@@ -5,6 +5,10 @@
 // buffer) before all have read it. Point-to-point sends wait, unread, in the receiver's mailbox.
 // Errors are the MPI data plane's: bad collective arguments fail every rank in the same call and
 // the world goes on; a size mismatch fails the receiver once the rest of its call is done.
+// On a device the ranks share (on_device), the same meetings order the ranks' queues of work: a
+// rank's counts are downloaded (which waits for the work that wrote its buffers) before it
+// arrives, the copies out of the senders' buffers are queued on the receiver's queue, and it
+// waits for them before the second meeting lets the senders go on.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -27,17 +31,23 @@ constexpr std::string_view kImpl = "thread";
 
 class ThreadDataPlane final : public DataPlane {
  public:
-  ThreadDataPlane(std::shared_ptr<ThreadWorld::State> s, int rank) : s_(std::move(s)), rank_(rank) {}
+  ThreadDataPlane(std::shared_ptr<ThreadWorld::State> s, int rank, std::unique_ptr<DeviceQueue> queue = nullptr)
+      : s_(std::move(s)), rank_(rank), queue_(std::move(queue)) {}
 
   int rank() const override { return rank_; }
   int size() const override { return s_->size; }
+  bool moves(Device device) const override { return device == where(); }
+  std::unique_ptr<DataPlane> on_device(std::unique_ptr<DeviceQueue> queue) override {
+    check(queue != nullptr, "thread data plane of rank {}: on_device without a device queue", rank_);
+    return std::make_unique<ThreadDataPlane>(s_, rank_, std::move(queue));
+  }
 
   void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) override {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
     detail::RowArgs a;
     // A rank with bad arguments still meets the others, so that all of them fail together.
-    const auto error = detail::check_all_to_all_v(rank_, G, send, send_counts, recv, recv_counts, kImpl, &a);
+    const auto error = check_rows(send, send_counts, recv, recv_counts, &a);
     m().mine[rank_] = Contribution{.op = Op::all_to_all_v,
                                    .ptr = send.raw(),
                                    .dtype = a.dtype,
@@ -74,7 +84,7 @@ class ThreadDataPlane final : public DataPlane {
     // Rows from each source, by source rank; a source's rows for this rank follow those it sends
     // to lower ranks.
     auto* out = static_cast<std::byte*>(recv.raw());
-    auto* counts_out = recv_counts.data<int32_t>();
+    counts_.resize(size_t(G));
     size_t at = 0;
     int64_t received = 0;
     for (int src = 0; src < G; ++src) {
@@ -83,10 +93,16 @@ class ThreadDataPlane final : public DataPlane {
       for (int dst = 0; dst < rank_; ++dst) before += row[dst];
       const size_t bytes = size_t(row[rank_]) * a.row_bytes;
       if (bytes > 0)
-        std::memcpy(out + at, static_cast<const std::byte*>(m().mine[src].ptr) + size_t(before) * a.row_bytes, bytes);
+        move(static_cast<const std::byte*>(m().mine[src].ptr) + size_t(before) * a.row_bytes, out + at, bytes);
       at += bytes;
-      counts_out[src] = int32_t(row[rank_]);
+      counts_[size_t(src)] = int32_t(row[rank_]);
       received += row[rank_];
+    }
+    if (queue_) {
+      queue_->upload(counts_.data(), recv_counts.raw(), 4 * size_t(G));
+      queue_->wait();  // the senders may reuse their buffers after the meeting
+    } else {
+      std::memcpy(recv_counts.raw(), counts_.data(), 4 * size_t(G));
     }
     last_received_ = received;
     s_->meet(m(), rank_, Op::all_to_all_v);
@@ -96,7 +112,8 @@ class ThreadDataPlane final : public DataPlane {
   void all_gather(const Tensor& mine, Tensor& all) override {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
-    const auto error = detail::check_all_gather(rank_, G, mine, all, kImpl);
+    const auto error = detail::check_all_gather(rank_, G, mine, all, kImpl, where());
+    if (queue_ && !error) queue_->wait();  // the work that wrote `mine` is done before the peers read it
     m().mine[rank_] = Contribution{.op = Op::gather,
                                    .ptr = mine.raw(),
                                    .n = size_t(mine.numel()),
@@ -107,18 +124,25 @@ class ThreadDataPlane final : public DataPlane {
     auto* out = static_cast<std::byte*>(all.raw());
     for (int src = 0; src < G; ++src) {
       const void* from = m().mine[src].ptr;
-      if (bytes > 0 && from != out + src * bytes) std::memcpy(out + src * bytes, from, bytes);  // else in place
+      if (bytes > 0 && from != out + src * bytes) move(from, out + src * bytes, bytes);  // else in place
     }
+    if (queue_) queue_->wait();
     s_->meet(m(), rank_, Op::gather);
   }
 
   void all_reduce_sum(Tensor& data) override {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
-    const auto error = detail::check_all_reduce(rank_, data, kImpl);
+    const auto error = detail::check_all_reduce(rank_, data, kImpl, where());
     const size_t n = size_t(data.numel()), bytes = data.nbytes();
+    const void* mine = data.raw();
+    if (queue_ && !error && bytes > 0) {  // summed on the host
+      staging_.resize(bytes);
+      queue_->download(data.raw(), staging_.data(), bytes);
+      mine = staging_.data();
+    }
     m().mine[rank_] = Contribution{.op = Op::reduce,
-                                   .ptr = data.raw(),
+                                   .ptr = mine,
                                    .n = n,
                                    .dtype = data.dtype(),
                                    .error = error ? &*error : nullptr};
@@ -133,14 +157,17 @@ class ThreadDataPlane final : public DataPlane {
       for (int r = 1; r < G; ++r) detail::add_into(data.dtype(), sum.data(), m().mine[r].ptr, n);
       return std::nullopt;
     });
-    if (bytes > 0) std::memcpy(data.raw(), m().sum.data(), bytes);
+    if (bytes == 0) return;
+    if (queue_) queue_->upload(m().sum.data(), data.raw(), bytes);
+    else std::memcpy(data.raw(), m().sum.data(), bytes);
   }
 
   void send_recv(std::span<const Transfer> items) override {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
     // Its peers may be waiting for transfers it will never post: stop the world.
-    if (auto bad = detail::check_transfers(rank_, G, items, kImpl)) s_->fail(rank_, *bad);
+    if (auto bad = detail::check_transfers(rank_, G, items, kImpl, where())) s_->fail(rank_, *bad);
+    if (queue_) queue_->wait();  // what it sends is written before a peer copies it
     const auto until = s_->deadline();
     // Receives by peer, in the order posted: the k-th from a peer takes its k-th send.
     std::vector<std::vector<const Transfer*>> wanted(G);
@@ -178,6 +205,25 @@ class ThreadDataPlane final : public DataPlane {
 
  private:
   thread_detail::Meeting& m() { return s_->data; }
+  Device where() const { return queue_ ? queue_->device() : Device::CPU; }
+  // Bytes between buffers of the plane's memory (any rank's): copied, or queued on the device.
+  void move(const void* src, void* dst, size_t bytes) {
+    if (queue_) queue_->copy(src, dst, bytes);
+    else std::memcpy(dst, src, bytes);
+  }
+
+  // all_to_all_v's own arguments, the counts read on the host: on a device, downloaded, which
+  // also waits for the work that wrote `send` before the peers may read it.
+  std::optional<std::string> check_rows(const Tensor& send, const Tensor& send_counts, const Tensor& recv,
+                                        const Tensor& recv_counts, detail::RowArgs* a) {
+    const int G = s_->size;
+    if (!queue_) return detail::check_all_to_all_v(rank_, G, send, send_counts, recv, recv_counts, kImpl, a);
+    if (auto bad = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kImpl, where(), a))
+      return bad;
+    counts_.resize(size_t(G));
+    queue_->download(send_counts.raw(), counts_.data(), 4 * size_t(G));
+    return detail::check_send_counts(rank_, counts_, a);
+  }
 
   // Verdicts, written by the last rank to arrive. When some ranks' arguments are bad, every rank
   // fails: those with their own error throw it, the others name the first rank that has one.
@@ -254,7 +300,10 @@ class ThreadDataPlane final : public DataPlane {
       }
       const Transfer& t = *wanted[src][next[src]++];
       const int64_t sent = p->bytes, expected = int64_t(t.buffer.nbytes());
-      if (sent == expected && sent > 0) std::memcpy(t.buffer.raw(), p->data, size_t(sent));
+      if (sent == expected && sent > 0) {
+        move(p->data, t.buffer.raw(), size_t(sent));
+        if (queue_) queue_->wait();  // before its sender may reuse the buffer
+      }
       taken(src, p);
       // As with MPI: the send is consumed (its sender goes on), and the receiver reports the first
       // mismatch once everything else of its call is done.
@@ -326,6 +375,9 @@ class ThreadDataPlane final : public DataPlane {
 
   std::shared_ptr<ThreadWorld::State> s_;
   int rank_;
+  std::unique_ptr<DeviceQueue> queue_;  // null: host buffers
+  std::vector<int32_t> counts_;         // a call's counts on the host (sent, then received)
+  std::vector<std::byte> staging_;      // all_reduce_sum's data on the host, from a device
   int64_t last_received_ = -1;
 };
 

@@ -35,6 +35,8 @@ class ThreadWorld {
   // own message, the others "rank R failed: <message>") and the world goes on; a send_recv size
   // mismatch throws on the receiver. A rank's own bad send_recv arguments (peer out of range, a
   // device buffer) abort the world, since its peers would wait for transfers it never posts.
+  // Its on_device(queue) is the same plane for the buffers of a device every rank addresses (one
+  // GPU): the same meetings, the bytes moved by each rank's DeviceQueue.
   DataPlane& data_plane(int rank);
 
   // Wakes every waiting rank; they and every later call throw Error("rank R failed: why") (rank R

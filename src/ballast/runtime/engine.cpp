@@ -64,15 +64,26 @@ Engine::Engine(std::unique_ptr<kernels::Backend> backend, std::optional<io::Chec
     : backend_(std::move(backend)), ckpt_(std::move(ckpt)), opts_(opts), comm_(opts.comm), data_(opts.data),
       steps_(opts.speculative_steps) {
   // A plane that moves host memory only: one that moves device buffers where the caller can make
-  // it (NCCL), else host copies.
-  if (data_ && !data_->moves(backend_->device())) {
+  // it (NCCL), else the same ranks' plane on the device they share (in-process ranks on one GPU),
+  // else host copies.
+  const Device device = backend_->device();
+  if (data_ && !data_->moves(device)) {
+    const char* how = "between device buffers (the device data plane)";
     if (opts.device_data_plane) own_plane_ = opts.device_data_plane(*backend_);
-    const bool device_plane = own_plane_ && own_plane_->moves(backend_->device());
-    if (!device_plane) own_plane_ = std::make_unique<StagedDataPlane>(*data_, *backend_);
+    if (!own_plane_ || !own_plane_->moves(device)) {
+      auto queue = std::make_unique<BackendDeviceQueue>(*backend_);
+      BackendDeviceQueue* q = queue.get();
+      own_plane_ = data_->on_device(std::move(queue));
+      plane_queue_ = own_plane_ ? q : nullptr;
+      how = "device to device on the GPU the ranks share (the in-process plane on the device)";
+    }
+    if (!own_plane_ || !own_plane_->moves(device)) {
+      own_plane_ = std::make_unique<StagedDataPlane>(*data_, *backend_);
+      plane_queue_ = nullptr;
+      how = "through host copies (host staging of the data plane)";
+    }
     data_ = own_plane_.get();
-    opts_.log.info("expert parallelism over {} ranks: rows and weights {}", data_->size(),
-                   device_plane ? "between device buffers (the device data plane)"
-                                : "through host copies (host staging of the data plane)");
+    opts_.log.info("expert parallelism over {} ranks: rows and weights {}", data_->size(), how);
   }
 }
 

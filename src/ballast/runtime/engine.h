@@ -29,6 +29,7 @@
 #include "ballast/runtime/sampler.h"
 #include "ballast/runtime/scheduler.h"
 #include "ballast/runtime/sequence.h"
+#include "ballast/runtime/backend_device_queue.h"
 #include "ballast/runtime/staged_data_plane.h"
 #include "ballast/runtime/state_cache.h"
 
@@ -73,7 +74,8 @@ struct EngineOptions {
   dist::DataPlane* data = nullptr;     // ... and their data plane (with comm)
   // When `data` cannot move this backend's buffers: a plane that can, made over the loaded backend
   // (the CLI's: NCCL on the backend's stream for MPI ranks with a GPU each). Unset, or when it
-  // returns null, the engine reaches the buffers through host copies (StagedDataPlane).
+  // returns null, `data`'s plane on the device (DataPlane::on_device: in-process ranks on one
+  // GPU), else host copies (StagedDataPlane).
   std::function<std::unique_ptr<dist::DataPlane>(kernels::Backend&)> device_data_plane;
   ExpertParallelOptions ep;
   CacheOptions cache;
@@ -142,9 +144,11 @@ class Engine {
   // The data plane the expert domains use (the given one, one made by device_data_plane, or host
   // staging over the given one).
   dist::DataPlane* data_plane() { return data_; }
-  // Device-to-host copies the host staging of the data plane made (0 without staging): the price
-  // of expert parallelism over a plane that cannot move this backend's memory.
-  int64_t staged_downloads() const {
+  // Device-to-host copies the engine's own data plane made (the counts of in-process ranks on one
+  // device, or everything under host staging; 0 with the given plane or NCCL's, whose downloads
+  // are its own): the transport's price, not the passes'.
+  int64_t plane_downloads() const {
+    if (plane_queue_) return plane_queue_->downloads();
     const auto* staged = dynamic_cast<const StagedDataPlane*>(own_plane_.get());
     return staged ? staged->downloads() : 0;
   }
@@ -243,6 +247,7 @@ class Engine {
   EngineOptions opts_;
   dist::Communicator* comm_;
   std::unique_ptr<dist::DataPlane> own_plane_;  // when the given data plane cannot move this backend's buffers
+  const BackendDeviceQueue* plane_queue_ = nullptr;  // own_plane_'s, when it is the ranks' plane on the device
   dist::DataPlane* data_;                       // the given one, or own_plane_
   int steps_ = 0;
   int64_t max_total_tokens_ = 0;  // KV rows in the pool (build_cache)

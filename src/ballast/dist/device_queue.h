@@ -1,0 +1,26 @@
+#pragma once
+// How a rank reaches device memory through its own queue of work (a CUDA stream): what the data
+// plane of in-process ranks needs to move the buffers of a device they all address (ranks of one
+// process on one GPU). dist/ knows no backend; the runtime implements this over the rank's
+// (runtime/backend_device_queue.h). Pointers are device addresses of `device()` unless named host.
+#include <cstddef>
+
+#include "ballast/core/tensor.h"
+
+namespace ballast::dist {
+
+class DeviceQueue {
+ public:
+  virtual ~DeviceQueue() = default;
+  virtual Device device() const = 0;
+  // `bytes` from src to `host`, after the work queued before it; returns when they are there.
+  virtual void download(const void* src, void* host, size_t bytes) = 0;
+  // `bytes` from `host` to dst, queued; `host` may change once this returns.
+  virtual void upload(const void* host, void* dst, size_t bytes) = 0;
+  // `bytes` from src to dst (any rank's buffers: one address space), queued.
+  virtual void copy(const void* src, void* dst, size_t bytes) = 0;
+  // Returns when everything queued so far is done.
+  virtual void wait() = 0;
+};
+
+}  // namespace ballast::dist

@@ -1,0 +1,29 @@
+#pragma once
+// A rank's backend as the queue of work through which the data plane of in-process ranks reaches
+// the device they share (dist/device_queue.h): downloads, uploads and copies on the backend's
+// stream, in order with its ops. Counts its downloads: they are the plane's, not the passes'.
+#include "ballast/dist/device_queue.h"
+#include "ballast/kernels/backend.h"
+
+namespace ballast::runtime {
+
+class BackendDeviceQueue final : public dist::DeviceQueue {
+ public:
+  explicit BackendDeviceQueue(kernels::Backend& backend) : be_(backend) {}
+
+  Device device() const override { return be_.device(); }
+  void download(const void* src, void* host, size_t bytes) override;
+  void upload(const void* host, void* dst, size_t bytes) override;
+  void copy(const void* src, void* dst, size_t bytes) override;
+  void wait() override { be_.synchronize(); }
+
+  int64_t downloads() const { return downloads_; }
+
+ private:
+  Tensor bytes_at(const void* p, size_t bytes) const;
+
+  kernels::Backend& be_;
+  int64_t downloads_ = 0;
+};
+
+}  // namespace ballast::runtime
