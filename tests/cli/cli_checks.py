@@ -262,6 +262,7 @@ def check_bench(args):
     assert all(d["tokens_per_s"] > 0 for d in j["decode"]) and j["prefill"][0]["tokens_per_s"] > 0, j
     ep = j["expert_parallel"]
     assert ep["ranks"] == 2 and ep["balancedness"] and all(0 < b <= 1 for b in ep["balancedness"]), ep
+    assert ep["transport"] == "by the given data plane", ep  # threads moving host memory: no plane of the engine's
     assert ep["rebalances"] and all(r["total_ms"] >= 0 and r["bytes_moved"] >= 0 for r in ep["rebalances"]), ep
     # Synthetic presets: unknown names and depths are refused naming what is known.
     p = run([args.ballast, "bench", "--device", "cpu", "--synthetic", "llama"], expect_rc=1)

@@ -511,7 +511,9 @@ int run_bench(const BenchArgs& a) {
     fmt::print("model     {}: {:.2f} B parameters, {:.2f} B active per token\n", model_name, work.p.total() / 1e9,
                work.p.active_per_token() / 1e9);
     fmt::print("device    {}{}\n", e.backend().describe(),
-               ranks.size() > 1 ? fmt::format(" x {} expert-parallel ranks", ranks.size()) : std::string());
+               ranks.size() > 1 ? fmt::format(" x {} expert-parallel ranks, rows and weights {}", ranks.size(),
+                                               e.ep_transport())
+                                : std::string());
     fmt::print("ceilings  copy {:.0f} GB/s, GEMM {:.4g} TFLOP/s ({})\n", ceil.copy_bytes_per_s / 1e9,
                ceil.gemm_flops_per_s / 1e12, ceil.gemm);
     fmt::print("memory    {:.2f} GB of trunk weights, {:.2f} GB of cache ({} KV rows); the device {:.1f} of {:.1f} GB free after "

@@ -71,7 +71,7 @@ runtime::ExpertParallelOptions to_ep_options(const EpArgs& a, int ranks) {
 }
 
 nlohmann::json ep_summary(runtime::Engine& engine, int ranks) {
-  nlohmann::json j = {{"ranks", ranks}};
+  nlohmann::json j = {{"ranks", ranks}, {"transport", engine.ep_transport()}};
   if (!engine.trunk_ep()) return j;
   const auto& rb = engine.trunk_ep()->rebalancer;
   if (auto* mtp = engine.mtp_ep()) {

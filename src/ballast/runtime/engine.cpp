@@ -67,23 +67,24 @@ Engine::Engine(std::unique_ptr<kernels::Backend> backend, std::optional<io::Chec
   // it (NCCL), else the same ranks' plane on the device they share (in-process ranks on one GPU),
   // else host copies.
   const Device device = backend_->device();
+  if (data_) transport_ = "by the given data plane";
   if (data_ && !data_->moves(device)) {
-    const char* how = "between device buffers (the device data plane)";
+    transport_ = "between device buffers (the device data plane)";
     if (opts.device_data_plane) own_plane_ = opts.device_data_plane(*backend_);
     if (!own_plane_ || !own_plane_->moves(device)) {
       auto queue = std::make_unique<BackendDeviceQueue>(*backend_);
       BackendDeviceQueue* q = queue.get();
       own_plane_ = data_->on_device(std::move(queue));
       plane_queue_ = own_plane_ ? q : nullptr;
-      how = "device to device on the GPU the ranks share (the in-process plane on the device)";
+      transport_ = "device to device on the GPU the ranks share (the in-process plane on the device)";
     }
     if (!own_plane_ || !own_plane_->moves(device)) {
       own_plane_ = std::make_unique<StagedDataPlane>(*data_, *backend_);
       plane_queue_ = nullptr;
-      how = "through host copies (host staging of the data plane)";
+      transport_ = "through host copies (host staging of the data plane)";
     }
     data_ = own_plane_.get();
-    opts_.log.info("expert parallelism over {} ranks: rows and weights {}", data_->size(), how);
+    opts_.log.info("expert parallelism over {} ranks: rows and weights {}", data_->size(), transport_);
   }
 }
 

@@ -144,6 +144,10 @@ class Engine {
   // The data plane the expert domains use (the given one, one made by device_data_plane, or host
   // staging over the given one).
   dist::DataPlane* data_plane() { return data_; }
+  // How expert parallelism moves rows and weights (the run logs it): "by the given data plane", or
+  // the engine's own plane over it ("between device buffers ...", "device to device on the GPU
+  // the ranks share ...", "through host copies ..."); empty without expert parallelism.
+  const std::string& ep_transport() const { return transport_; }
   // Device-to-host copies the engine's own data plane made (the counts of in-process ranks on one
   // device, or everything under host staging; 0 with the given plane or NCCL's, whose downloads
   // are its own): the transport's price, not the passes'.
@@ -248,6 +252,7 @@ class Engine {
   dist::Communicator* comm_;
   std::unique_ptr<dist::DataPlane> own_plane_;  // when the given data plane cannot move this backend's buffers
   const BackendDeviceQueue* plane_queue_ = nullptr;  // own_plane_'s, when it is the ranks' plane on the device
+  std::string transport_;                            // ep_transport()
   dist::DataPlane* data_;                       // the given one, or own_plane_
   int steps_ = 0;
   int64_t max_total_tokens_ = 0;  // KV rows in the pool (build_cache)
