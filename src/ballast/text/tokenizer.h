@@ -20,6 +20,7 @@
 #include <vector>
 
 #include "ballast/text/chat.h"
+#include "ballast/text/nfc.h"  // normalize_nfc
 
 namespace ballast::text {
 
@@ -77,10 +78,6 @@ class Tokenizer {
   explicit Tokenizer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
 };
-
-// Unicode NFC of valid UTF-8 text (ballast::Error with the byte offset otherwise), as the
-// tokenizer's normaliser applies it.
-std::string normalize_nfc(std::string_view text);
 
 // Streaming detokenization: push one id at a time, get back only complete UTF-8 text. The
 // concatenation of all push() results and flush() equals Tokenizer::decode of all the ids.
