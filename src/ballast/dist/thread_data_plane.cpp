@@ -100,7 +100,7 @@ class ThreadDataPlane final : public DataPlane {
     }
     if (queue_) {
       queue_->upload(counts_.data(), recv_counts.raw(), 4 * size_t(G));
-      queue_->wait();  // the senders may reuse their buffers after the meeting
+      if (received > 0) queue_->wait();  // the senders may reuse their buffers after the meeting
     } else {
       std::memcpy(recv_counts.raw(), counts_.data(), 4 * size_t(G));
     }

@@ -25,11 +25,11 @@
 #include "ballast/model/model.h"
 #include "ballast/moe/expert_parallel.h"
 #include "ballast/moe/moe_runner.h"
+#include "ballast/runtime/backend_device_queue.h"
 #include "ballast/runtime/model_runner.h"
 #include "ballast/runtime/sampler.h"
 #include "ballast/runtime/scheduler.h"
 #include "ballast/runtime/sequence.h"
-#include "ballast/runtime/backend_device_queue.h"
 #include "ballast/runtime/staged_data_plane.h"
 #include "ballast/runtime/state_cache.h"
 
