@@ -9,6 +9,7 @@
 #include "ballast/runtime/engine.h"
 #include "ballast/runtime/memory_budget.h"
 #include "fixtures.h"
+#include "support/reported_memory_backend.h"
 
 using namespace ballast;
 using namespace ballast::runtime;
@@ -48,12 +49,17 @@ TEST(MemoryBudget, TheFractionLeavesTheRestFreeAndTheSlotsComeFirst) {
   }
 }
 
-// The engine on the test device (the host's memory on the CPU; BALLAST_TEST_DEVICE=cuda: the
-// GPU's): a fraction that leaves about 64 MB once the weights are in gives a cache of about that
-// many bytes, a context within it, and the same after a rebuild for speculation (the old cache is
-// given back before measuring); a budget the state slots alone exceed is an error naming the flag.
+// The engine on the test backend, reporting a device of 1 GiB free but for what the engine
+// allocates (tests/support: the host's own free memory moves with whatever else runs, so it is no
+// test input): a fraction that leaves 64 MB once the weights are in gives a cache of that many
+// bytes less the state slots, in whole blocks; the same after a rebuild for speculation (the old
+// cache given back before measuring); a budget the state slots alone exceed is an error naming the
+// flag.
 TEST(MemoryBudget, TheEngineSizesItsCacheFromTheDevicesMemory) {
-  // The memory free with the weights in, measured beside an engine of next to no cache.
+  constexpr int64_t kDevice = GB;
+  auto reporting = [&] { return std::make_unique<test::ReportedMemoryBackend>(test::test_backend(1), kDevice, kDevice); };
+  // What the weights (and the rest the engine allocates before it measures) take, from an engine
+  // with next to no cache.
   CacheOptions tiny;
   tiny.max_total_tokens = 16;
   tiny.max_running_requests = 1;
@@ -61,19 +67,30 @@ TEST(MemoryBudget, TheEngineSizesItsCacheFromTheDevicesMemory) {
   const model::ModelConfig cfg = probe->config();  // a copy: the probe goes before the engine comes
   const int64_t block_bytes =
       StateCache::block_bytes(cfg, probe->backend().kv_cache_dtype(), 16, probe->model().has_mtp());
-  const kernels::MemoryInfo m = probe->backend().memory();
   probe.reset();
-  ASSERT_GT(m.free_bytes, 256 * MB) << "this host has too little memory free for the test";
+
   CacheOptions cache;
   cache.max_running_requests = 4;
-  cache.mem_fraction_static = 1.0 - double(m.free_bytes - 64 * MB) / double(m.total_bytes);
-  auto engine = test::load_engine(test::kDemoModel, 1, {.cache = cache});
+  auto first = reporting();
+  test::ReportedMemoryBackend* device = first.get();
+  // Measure once what is allocated before the cache: a fraction of everything would leave all.
+  cache.mem_fraction_static = 1.0;
+  {
+    auto engine = Engine::load(test::kDemoModel, std::move(first), {.cache = cache});
+    (void)engine;
+  }
+  const int64_t before_cache = kDevice - device->last_reported().free_bytes;  // weights and the like
+  ASSERT_GT(before_cache, 0);
+  cache.mem_fraction_static = double(before_cache + 64 * MB) / double(kDevice);
+  auto second = reporting();
+  device = second.get();
+  auto engine = Engine::load(test::kDemoModel, std::move(second), {.cache = cache});
+  EXPECT_EQ(device->last_reported().free_bytes, kDevice - before_cache) << "measured with other than the weights in";
   const int64_t rows = engine->max_total_tokens();
-  // The free memory moves between the two measurements (other processes, what this one has not
-  // given back yet): within 48 MB either way (the default cache, 64 K rows, would be 196 MB).
   const int64_t slots = (cache.max_running_requests + 2) * StateCache::slot_bytes(cfg);
-  EXPECT_GE(rows / 16 * block_bytes, 16 * MB - slots) << rows << " rows";
-  EXPECT_LE(rows / 16 * block_bytes, 112 * MB) << rows << " rows";
+  // 64 MB less the slots, in whole blocks, less the padding sequence's block (rounding of the
+  // fraction: a byte either way).
+  EXPECT_EQ(rows / 16, (64 * MB - slots + 1) / block_bytes - 1) << rows << " rows";
   EXPECT_EQ(rows % 16, 0);
   EXPECT_EQ(engine->context_length(), std::min<int64_t>(rows, cfg.max_position_embeddings));
   EXPECT_EQ(engine->cache().total_blocks() * 16, rows);
@@ -88,12 +105,19 @@ TEST(MemoryBudget, TheEngineSizesItsCacheFromTheDevicesMemory) {
   engine.reset();
   cache.max_running_requests = int(256 * MB / StateCache::slot_bytes(cfg));  // slots past the 64 MB
   try {
-    test::load_engine(test::kDemoModel, 1, {.cache = cache});
+    Engine::load(test::kDemoModel, reporting(), {.cache = cache});
     ADD_FAILURE() << "a budget the state slots exceed built a cache";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("--mem-fraction-static"), std::string::npos) << e.what();
     EXPECT_NE(std::string(e.what()).find("no room for a KV cache"), std::string::npos) << e.what();
   }
+}
+
+// What the backend says of its device's memory is a device's: some of it free, no more than all.
+TEST(MemoryBudget, TheTestBackendReportsItsDevicesMemory) {
+  const kernels::MemoryInfo m = test::test_backend(1)->memory();
+  EXPECT_GT(m.free_bytes, 0);
+  EXPECT_LE(m.free_bytes, m.total_bytes);
 }
 
 }  // namespace
