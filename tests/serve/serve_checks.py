@@ -237,9 +237,10 @@ def check_batching_invariance(args):
     for extra in (["--ep", "4", "--ep-num-redundant-experts", "4", "--enable-eplb", "--eplb-rebalance-num-iterations",
                    "8", "--eplb-rebalance-layers-per-chunk", "2", "--ep-dispatch-algorithm", "balanced",
                    "--max-running-requests", "8", "--chunked-prefill-size", "256"],
-                  # A cache of 1,200 rows for 16 running sequences: some are preempted and recomputed.
+                  # A cache of 700 rows for 16 running sequences: some are preempted and recomputed (with
+                  # 1,200 the run sometimes had none, when the requests came in slower than they finished).
                   ["--speculative-algorithm", "NEXTN", "--speculative-num-steps", "2", "--max-running-requests", "16",
-                   "--chunked-prefill-size", "256", "--max-total-tokens", "1200"]):
+                   "--chunked-prefill-size", "256", "--max-total-tokens", "700"]):
         with Server(args, ["--model", MODEL] + extra) as s:
             with ThreadPoolExecutor(64) as pool:
                 together = list(pool.map(lambda pn: complete(s, *pn), prompts))
