@@ -62,11 +62,13 @@ inline Tensor full(std::vector<int64_t> shape, DType dtype, int32_t v) {
 }
 
 // Where a plane's buffers live. put: a tensor in that memory holding host's bytes; get: a host
-// tensor holding t's bytes.
+// tensor holding t's bytes; overwrite (optional): kUntouched written over t as the rank's next
+// work would write it (a device queue's), where the host does not write that memory at once.
 struct Memory {
   Device device = Device::CPU;
   std::function<Tensor(const Tensor& host)> put;
   std::function<Tensor(const Tensor& t)> get;
+  std::function<void(const Tensor& t)> overwrite;
 };
 inline Memory host_memory() {
   return {Device::CPU, [](const Tensor& t) { return t; }, [](const Tensor& t) { return t; }};
@@ -109,8 +111,11 @@ inline void one_all_to_all_v(DataPlane& d, const Memory& m, const std::function<
   Tensor recv_counts = m.put(full({G}, DType::I32, -1));
   const Tensor sent = m.put(send);
   d.all_to_all_v(sent, m.put(counts_tensor(out)), recv, recv_counts);
-  // The sender may reuse its buffer once the call returns (here where it is host memory: at once).
-  if (m.device == Device::CPU)
+  // The sender may reuse its buffer once the call returns: overwritten at once (host memory, or
+  // by the rank's queue where the memory has one).
+  if (m.overwrite)
+    m.overwrite(sent);
+  else if (m.device == Device::CPU)
     for (int64_t i = 0; i < sent.numel(); ++i) set(sent, i, kUntouched);
   recv = m.get(recv);
   recv_counts = m.get(recv_counts);

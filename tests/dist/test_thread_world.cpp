@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -100,41 +101,96 @@ TEST_P(ThreadWorldG, DataPlaneSendRecvSizeMismatch) {
   run(GetParam(), [](Communicator&, DataPlane& d) { dpc::send_recv_size_mismatch(d); });
 }
 
-// A queue of work over host memory that runs its copies and uploads only when it must (waited for,
-// or before a download): a device stream lagging as far as it may. A plane that let a sender
-// reuse its buffer, or returned rows, before the copies queued for them ran would be caught here
-// reading stale (or, under the sanitizers, freed) bytes.
+// A queue of work over host memory that runs its work only when it must (waited for, before a
+// download, or when another queue's work is ordered after it): a device stream lagging as far as
+// it may. The queues of one world share a device lock (one thread runs work at a time). A plane
+// that let a sender's buffer be reused, or rows be read, before the copies queued for them ran,
+// or that ordered queues in a cycle, is caught here (stale bytes; under the sanitizers, freed).
 class LaggingQueue final : public DeviceQueue {
  public:
+  explicit LaggingQueue(std::shared_ptr<std::recursive_mutex> device) : device_(std::move(device)) {}
+
   ballast::Device device() const override { return ballast::Device::CPU; }
   void download(const void* src, void* host, size_t bytes) override {
-    wait();
+    std::lock_guard lk(*device_);
+    drain();
     std::memcpy(host, src, bytes);
   }
   void upload(const void* host, void* dst, size_t bytes) override {
     const auto* p = static_cast<const std::byte*>(host);
-    pending_.push_back([dst, bytes = std::vector<std::byte>(p, p + bytes)] { std::memcpy(dst, bytes.data(), bytes.size()); });
+    push([dst, bytes = std::vector<std::byte>(p, p + bytes)] { std::memcpy(dst, bytes.data(), bytes.size()); });
   }
   void copy(const void* src, void* dst, size_t bytes) override {
-    pending_.push_back([=] { std::memcpy(dst, src, bytes); });
+    push([=] { std::memcpy(dst, src, bytes); });
   }
   void wait() override {
-    for (auto& work : pending_) work();
-    pending_.clear();
+    std::lock_guard lk(*device_);
+    drain();
   }
-  // A buffer in this memory that the queue fills with host's bytes (as a rank's ops would), kept
-  // alive until it has.
+  const void* mark() override {
+    std::lock_guard lk(*device_);
+    mark_ = {this, queued_};
+    return &mark_;
+  }
+  void after(const void* mark) override {
+    if (!mark) return;
+    const Mark m = *static_cast<const Mark*>(mark);  // as marked now: a later mark() reuses it
+    push([m] { m.queue->run_until(m.position); });
+  }
+  // A buffer in this memory that the queue fills with host's bytes (as a rank's ops would). It
+  // stays allocated until the queue has run all the work queued before the caller let it go (as
+  // a stream-ordered free: work queued on it may still read it).
   Tensor put(const Tensor& host) {
-    Tensor t = Tensor::zeros(host.shape(), host.dtype());
+    auto storage = std::make_shared<Tensor>(Tensor::zeros(host.shape(), host.dtype()));
     const auto* p = static_cast<const std::byte*>(host.raw());
-    pending_.push_back([t, bytes = std::vector<std::byte>(p, p + host.nbytes())] {
-      if (!bytes.empty()) std::memcpy(t.raw(), bytes.data(), bytes.size());
+    push([storage, bytes = std::vector<std::byte>(p, p + host.nbytes())] {
+      if (!bytes.empty()) std::memcpy(storage->raw(), bytes.data(), bytes.size());
     });
-    return t;
+    // Let go: freed by the queue, after what was queued before.
+    auto owner = std::shared_ptr<void>(new char, [this, alive = std::weak_ptr<bool>(alive_), storage](void* p) {
+      delete static_cast<char*>(p);
+      if (alive.lock()) push([storage] {});
+    });
+    return Tensor::borrow(storage->raw(), host.shape(), host.dtype(), ballast::Device::CPU, std::move(owner));
+  }
+  // kUntouched over t, queued (a kernel reusing the buffer).
+  void overwrite(const Tensor& t) {
+    push([t] {
+      for (int64_t i = 0; i < t.numel(); ++i) dpc::set(t, i, dpc::kUntouched);
+    });
   }
 
  private:
-  std::vector<std::function<void()>> pending_;
+  struct Mark {
+    LaggingQueue* queue;
+    size_t position;  // the work queued before it
+  };
+  void push(std::function<void()> work) {
+    std::lock_guard lk(*device_);
+    pending_.push_back(std::move(work));
+    ++queued_;
+  }
+  void drain() { run_until(queued_); }
+  // Runs this queue's work up to `position` (the caller holds the device lock). Work that waits
+  // for later work of a queue still running an item is a cycle: a GPU would hang.
+  void run_until(size_t position) {
+    while (done_ < position) {
+      if (running_) throw ballast::Error("device queues wait for each other in a cycle");
+      std::function<void()> work = std::move(pending_.front());
+      pending_.pop_front();
+      running_ = true;
+      work();
+      running_ = false;
+      ++done_;
+    }
+  }
+
+  std::shared_ptr<std::recursive_mutex> device_;
+  std::deque<std::function<void()>> pending_;
+  size_t queued_ = 0, done_ = 0;
+  bool running_ = false;
+  Mark mark_{};
+  std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // put's buffers outlive the queue
 };
 
 // Each rank with its data plane on a "device" of host memory behind a LaggingQueue (on_device),
@@ -142,18 +198,19 @@ class LaggingQueue final : public DeviceQueue {
 // rank's ops write them), results read once it has run.
 void run_on_device(int G, const std::function<void(DataPlane&, const dpc::Memory&)>& fn) {
   ThreadWorld world(G, kTimeout);
+  auto device = std::make_shared<std::recursive_mutex>();
   run(world, [&](Communicator&, DataPlane& host) {
-    auto queue = std::make_unique<LaggingQueue>();
+    auto queue = std::make_unique<LaggingQueue>(device);
     LaggingQueue* lagging = queue.get();
     const std::unique_ptr<DataPlane> d = host.on_device(std::move(queue));
     ASSERT_TRUE(d != nullptr);
     EXPECT_TRUE(d->moves(ballast::Device::CPU));
-    const dpc::Memory memory{ballast::Device::CPU,
-                             [lagging](const Tensor& host) { return lagging->put(host); },
+    const dpc::Memory memory{ballast::Device::CPU, [lagging](const Tensor& host) { return lagging->put(host); },
                              [lagging](const Tensor& t) {
                                lagging->wait();
                                return t;
-                             }};
+                             },
+                             [lagging](const Tensor& t) { lagging->overwrite(t); }};
     fn(*d, memory);
   });
 }

@@ -1,8 +1,9 @@
 // The data plane of in-process ranks on the device they share (DataPlane::on_device, each rank
 // through its backend's queue: runtime/backend_device_queue.h) against the conformance suite
 // every plane passes. With BALLAST_TEST_DEVICE=cuda: G ranks on GPU 0, each queueing its copies on
-// its own stream, the buffers written and read there too (uploads and downloads in stream order),
-// so that a copy that ran before a peer's buffer was written, or after it was reused, shows.
+// its own stream, the buffers written, read and reused there too (uploads and downloads in stream
+// order; the streams ordered by the backends' marks), so that a copy that ran before a peer's
+// buffer was written, or after it was reused, shows.
 #include <gtest/gtest.h>
 
 #include <memory>
@@ -36,6 +37,12 @@ void on_device(int G, const std::function<void(dist::DataPlane&, const dpc::Memo
                                Tensor host = Tensor::zeros(t.shape(), t.dtype());
                                be->download(t, host.raw());
                                return host;
+                             },
+                             // A sender's reuse of its buffer, queued on its stream.
+                             [&be](const Tensor& t) {
+                               const Tensor host = dpc::full(t.shape(), t.dtype(), dpc::kUntouched);
+                               Tensor dst = t;
+                               be->upload(host.raw(), dst);
                              }};
     fn(*plane, memory);
   });

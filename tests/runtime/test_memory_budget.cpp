@@ -75,11 +75,11 @@ TEST(MemoryBudget, TheEngineSizesItsCacheFromTheDevicesMemory) {
   test::ReportedMemoryBackend* device = first.get();
   // Measure once what is allocated before the cache: a fraction of everything would leave all.
   cache.mem_fraction_static = 1.0;
+  int64_t before_cache = 0;  // weights and the like
   {
     auto engine = Engine::load(test::kDemoModel, std::move(first), {.cache = cache});
-    (void)engine;
+    before_cache = kDevice - device->last_reported().free_bytes;  // (the engine owns the backend)
   }
-  const int64_t before_cache = kDevice - device->last_reported().free_bytes;  // weights and the like
   ASSERT_GT(before_cache, 0);
   cache.mem_fraction_static = double(before_cache + 64 * MB) / double(kDevice);
   auto second = reporting();

@@ -7,8 +7,9 @@
 // the world goes on; a size mismatch fails the receiver once the rest of its call is done.
 // On a device the ranks share (on_device), the same meetings order the ranks' queues of work: a
 // rank's counts are downloaded (which waits for the work that wrote its buffers) before it
-// arrives, the copies out of the senders' buffers are queued on the receiver's queue, and it
-// waits for them before the second meeting lets the senders go on.
+// arrives, the copies out of the senders' buffers are queued on the receiver's queue and marked
+// there, and after the second meeting each sender's queue waits for the marks of the ranks that
+// read from it (its later work may overwrite the buffer): one host wait a collective, the download.
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -100,12 +101,16 @@ class ThreadDataPlane final : public DataPlane {
     }
     if (queue_) {
       queue_->upload(counts_.data(), recv_counts.raw(), 4 * size_t(G));
-      if (received > 0) queue_->wait();  // the senders may reuse their buffers after the meeting
+      m().marks[rank_] = received > 0 ? queue_->mark() : nullptr;
     } else {
       std::memcpy(recv_counts.raw(), counts_.data(), 4 * size_t(G));
     }
     last_received_ = received;
     s_->meet(m(), rank_, Op::all_to_all_v);
+    // What this rank queues next (a reuse of `send`) waits for the copies out of it.
+    if (queue_)
+      for (int dst = 0; dst < G; ++dst)
+        if (a.send_counts[size_t(dst)] > 0) queue_->after(m().marks[size_t(dst)]);
   }
   int64_t last_received_rows() const override { return last_received_; }
 
@@ -126,8 +131,11 @@ class ThreadDataPlane final : public DataPlane {
       const void* from = m().mine[src].ptr;
       if (bytes > 0 && from != out + src * bytes) move(from, out + src * bytes, bytes);  // else in place
     }
-    if (queue_) queue_->wait();
+    if (queue_) m().marks[rank_] = queue_->mark();
     s_->meet(m(), rank_, Op::gather);
+    if (queue_ && bytes > 0)
+      for (int r = 0; r < G; ++r)
+        if (r != rank_) queue_->after(m().marks[size_t(r)]);  // before `mine` may be overwritten
   }
 
   void all_reduce_sum(Tensor& data) override {

@@ -54,7 +54,7 @@ struct Fault {
 };
 
 struct Meeting {
-  Meeting(int size, const char* plane) : plane(plane), arrived_op(size), here(size, false), mine(size) {}
+  Meeting(int size, const char* plane) : plane(plane), arrived_op(size), here(size, false), mine(size), marks(size) {}
 
   const char* plane;  // for messages: "" (control) or " (data plane)"
   std::mutex mu;
@@ -71,6 +71,11 @@ struct Meeting {
   bool any = false;
   std::vector<std::byte> sum;   // data plane all_reduce_sum
   std::vector<int64_t> matrix;  // all_to_all_v: rows from src to dst at [src * G + dst]
+  // On a device (the data plane's on_device): each rank's DeviceQueue mark once its copies out of
+  // the others' buffers are queued, written before the second meeting and read by the senders
+  // right after it (a rank writes its entry again only after the next first meeting, which waits
+  // for every reader).
+  std::vector<const void*> marks;
   // A collective every rank fails without stopping the world (bad arguments): what each throws,
   // by rank; empty when the collective goes ahead.
   std::vector<std::string> verdict;

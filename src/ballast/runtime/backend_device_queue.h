@@ -1,7 +1,8 @@
 #pragma once
 // A rank's backend as the queue of work through which the data plane of in-process ranks reaches
 // the device they share (dist/device_queue.h): downloads, uploads and copies on the backend's
-// stream, in order with its ops. Counts its downloads: they are the plane's, not the passes'.
+// stream, in order with its ops, and ordered between the ranks' streams by the backend's marks.
+// Counts its downloads: they are the plane's, not the passes'.
 #include "ballast/dist/device_queue.h"
 #include "ballast/kernels/backend.h"
 
@@ -16,6 +17,8 @@ class BackendDeviceQueue final : public dist::DeviceQueue {
   void upload(const void* host, void* dst, size_t bytes) override;
   void copy(const void* src, void* dst, size_t bytes) override;
   void wait() override { be_.synchronize(); }
+  const void* mark() override { return be_.mark(); }
+  void after(const void* mark) override { be_.after(mark); }
 
   int64_t downloads() const { return downloads_; }
 

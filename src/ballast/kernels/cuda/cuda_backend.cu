@@ -109,6 +109,7 @@ struct CudaBackend::Impl {
   CudaTimeline timeline;
   std::map<int64_t, Graph> graphs;
   cudaStream_t stream = nullptr;
+  cudaEvent_t marker = nullptr;  // mark()'s, made on first use
   cublasHandle_t cublas = nullptr;
   std::shared_ptr<void> cublas_workspace;
   cudaDeviceProp props{};
@@ -182,6 +183,7 @@ CudaBackend::~CudaBackend() {
   drop_graphs();
   ops_.reset();
   if (impl_->cublas) cublasDestroy(impl_->cublas);
+  if (impl_->marker) cudaEventDestroy(impl_->marker);
   if (impl_->stream) cudaStreamDestroy(impl_->stream);
 }
 
@@ -265,6 +267,22 @@ void CudaBackend::synchronize() {
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   check_cuda(cudaStreamSynchronize(impl_->stream), "synchronize");
   ops_->raise_device_faults();
+}
+
+const void* CudaBackend::mark() {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  if (!impl_->marker) check_cuda(cudaEventCreateWithFlags(&impl_->marker, cudaEventDisableTiming), "cudaEventCreate");
+  // Re-recording is safe once every wait on the last record was issued: a wait takes the event as
+  // it was recorded when the wait is issued.
+  check_cuda(cudaEventRecord(impl_->marker, impl_->stream), "cudaEventRecord (mark)");
+  return impl_->marker;
+}
+
+void CudaBackend::after(const void* mark) {
+  if (!mark) return;
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaStreamWaitEvent(impl_->stream, static_cast<cudaEvent_t>(const_cast<void*>(mark)), 0),
+             "cudaStreamWaitEvent (after)");
 }
 
 void CudaBackend::begin_capture() {
