@@ -83,8 +83,10 @@ inline Tensor counts_tensor(const std::vector<int64_t>& counts) {
 // One all_to_all_v where src sends rows(src, dst) rows of `row` (elements after the first
 // dimension) of dtype to dst, checked on this rank: rows by source rank, counts, the rows of
 // recv beyond them (`extra_recv`) untouched; send holds `extra_send` rows beyond the counts.
+// along: through all_to_all_v_along with those routes (the caller keeps the promise).
 inline void one_all_to_all_v(DataPlane& d, const Memory& m, const std::function<int64_t(int, int)>& rows, DType dtype,
-                             std::vector<int64_t> row, int key, int64_t extra_send = 0, int64_t extra_recv = 0) {
+                             std::vector<int64_t> row, int key, int64_t extra_send = 0, int64_t extra_recv = 0,
+                             const DataPlane::Routes* along = nullptr) {
   const int G = d.size(), me = d.rank();
   int64_t width = 1;
   for (auto n : row) width *= n;
@@ -110,7 +112,10 @@ inline void one_all_to_all_v(DataPlane& d, const Memory& m, const std::function<
   Tensor recv = m.put(full(shape(total_in + extra_recv), dtype, kUntouched));
   Tensor recv_counts = m.put(full({G}, DType::I32, -1));
   const Tensor sent = m.put(send);
-  d.all_to_all_v(sent, m.put(counts_tensor(out)), recv, recv_counts);
+  if (along)
+    d.all_to_all_v_along(*along, sent, m.put(counts_tensor(out)), recv, recv_counts);
+  else
+    d.all_to_all_v(sent, m.put(counts_tensor(out)), recv, recv_counts);
   // The sender may reuse its buffer once the call returns: overwritten at once (host memory, or
   // by the rank's queue where the memory has one).
   if (m.overwrite)
@@ -323,8 +328,26 @@ inline void partial_send_recv(DataPlane& d, const Memory& m = host_memory()) {
   d.send_recv({});  // nothing at all is fine too
 }
 
+// Rows along the last call's routes: again (the same counts, other rows) and back (each rank
+// returns as many rows to each source as it received from it), in turns, with empty routes too.
+inline void along_routes(DataPlane& d, const Memory& m = host_memory()) {
+  using Routes = DataPlane::Routes;
+  const Routes again = Routes::again, back = Routes::back;
+  for (int round = 0; round < 3; ++round) {
+    auto there = [&](int s, int t) { return round == 2 ? int64_t(0) : int64_t((s * 3 + t * 5 + round) % 4 + (s == t)); };
+    auto back_again = [&](int s, int t) { return there(t, s); };
+    const int key = 400 + 10 * round;
+    one_all_to_all_v(d, m, there, DType::F32, {2}, key);
+    one_all_to_all_v(d, m, there, DType::I32, {3}, key + 1, 1, 2, &again);
+    one_all_to_all_v(d, m, back_again, DType::F32, {5}, key + 2, 0, 1, &back);
+    one_all_to_all_v(d, m, back_again, DType::I32, {}, key + 3, 0, 0, &again);
+    one_all_to_all_v(d, m, there, DType::F32, {2}, key + 4, 2, 0, &back);
+  }
+}
+
 inline void everything(DataPlane& d, const Memory& m = host_memory()) {
   all_to_all_v(d, 12, m);
+  along_routes(d, m);
   all_gather(d, m);
   all_reduce(d, m);
   send_recv(d, m);

@@ -1,5 +1,6 @@
 #include <gtest/gtest.h>
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstdlib>
@@ -127,10 +128,10 @@ class LaggingQueue final : public DeviceQueue {
     std::lock_guard lk(*device_);
     drain();
   }
-  const void* mark() override {
+  const void* mark(int slot) override {
     std::lock_guard lk(*device_);
-    mark_ = {this, queued_};
-    return &mark_;
+    marks_.at(size_t(slot)) = {this, queued_};
+    return &marks_[size_t(slot)];
   }
   void after(const void* mark) override {
     if (!mark) return;
@@ -189,7 +190,7 @@ class LaggingQueue final : public DeviceQueue {
   std::deque<std::function<void()>> pending_;
   size_t queued_ = 0, done_ = 0;
   bool running_ = false;
-  Mark mark_{};
+  std::array<Mark, 2> marks_{};
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // put's buffers outlive the queue
 };
 
@@ -407,6 +408,31 @@ TEST(ThreadWorld, ReduceLengthMismatchIsAnError) {
     });
   });
   EXPECT_NE(what.find("rank 0 passed 5 elements, rank 2 passed 4"), std::string::npos) << what;
+}
+
+// all_to_all_v_along on host memory checks the caller's promise (the counts are at hand), and
+// needs a call to follow; a broken promise fails every rank in that call and the plane goes on.
+TEST(ThreadWorld, DataPlaneAlongRoutesHoldsTheCallerToItsPromise) {
+  using Routes = DataPlane::Routes;
+  std::vector<std::vector<std::string>> seen(2);
+  run(2, [&](Communicator& c, DataPlane& d) {
+    const int me = c.rank();
+    Tensor send = dpc::full({3, 2}, DType::F32, 1), recv = dpc::full({4, 2}, DType::F32, dpc::kUntouched);
+    Tensor counts = dpc::counts_tensor({1, 1}), recv_counts = dpc::full({2}, DType::I32, -1);
+    seen[me].push_back(conformance::message_of([&] { d.all_to_all_v_along(Routes::again, send, counts, recv, recv_counts); }));
+    d.all_to_all_v(send, counts, recv, recv_counts);
+    Tensor wrong = dpc::counts_tensor({1, me == 1 ? 2 : 1});
+    seen[me].push_back(conformance::message_of([&] { d.all_to_all_v_along(Routes::again, send, wrong, recv, recv_counts); }));
+    seen[me].push_back(conformance::message_of([&] { d.all_to_all_v_along(Routes::back, send, counts, recv, recv_counts); }));
+  });
+  for (int r = 0; r < 2; ++r) {
+    EXPECT_EQ(seen[r][0], fmt::format("all_to_all_v_along (again): rank {} has made no all_to_all_v to follow", r));
+    EXPECT_EQ(seen[r][2], "(no exception)") << "the plane goes on after a broken promise";
+  }
+  const std::string broken =
+      "all_to_all_v_along (again): rank 1's send_counts [1, 2] are not the last call's send counts [1, 1]";
+  EXPECT_EQ(seen[1][1], broken);
+  EXPECT_EQ(seen[0][1], "rank 1 failed: " + broken);
 }
 
 TEST(ThreadWorld, SendRecvBadPeerAbortsTheWorld) {

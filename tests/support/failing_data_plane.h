@@ -30,6 +30,10 @@ class FailingDataPlane final : public dist::DataPlane {
   void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) override {
     inner_.all_to_all_v(send, send_counts, recv, recv_counts);
   }
+  void all_to_all_v_along(Routes routes, const Tensor& send, const Tensor& send_counts, Tensor& recv,
+                          Tensor& recv_counts) override {
+    inner_.all_to_all_v_along(routes, send, send_counts, recv, recv_counts);
+  }
   void all_gather(const Tensor& mine, Tensor& all) override { inner_.all_gather(mine, all); }
   void all_reduce_sum(Tensor& data) override { inner_.all_reduce_sum(data); }
   void send_recv(std::span<const Transfer> items) override {

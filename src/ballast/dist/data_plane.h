@@ -40,6 +40,17 @@ class DataPlane {
   // follows from it (expert-parallel rows: the worst case is G x top-k rows per token) without
   // reading device memory itself.
   virtual int64_t last_received_rows() const { return -1; }
+  // all_to_all_v whose send_counts the caller knows to hold, on every rank, what this plane's last
+  // all_to_all_v (of either form) was sent with (`again`: more rows along the same routes) or
+  // delivered as recv_counts (`back`: each rank returns the rows it received to their sources, in
+  // the order they came). A plane that remembers them need not read or exchange the counts (on a
+  // device: no host wait); the result is all_to_all_v's. A plane that can read them cheaply checks
+  // the promise (an error naming both).
+  enum class Routes { again, back };
+  virtual void all_to_all_v_along(Routes routes, const Tensor& send, const Tensor& send_counts, Tensor& recv,
+                                  Tensor& recv_counts) {
+    all_to_all_v(send, send_counts, recv, recv_counts);
+  }
   // Collective: all [G * mine.numel()] holds every rank's `mine`, by rank (same dtype).
   virtual void all_gather(const Tensor& mine, Tensor& all) = 0;
   // Collective: element-wise sum over ranks, in place, the same on every rank (I32, I64 or F32;

@@ -21,9 +21,9 @@ class DeviceQueue {
   virtual void copy(const void* src, void* dst, size_t bytes) = 0;
   // Returns when everything queued so far is done.
   virtual void wait() = 0;
-  // A handle on the work queued so far, valid until this queue's next mark() (which reuses it);
-  // null where queued work is done at once.
-  virtual const void* mark() = 0;
+  // A handle on the work queued so far, valid until this queue's next mark of `slot` (0 or 1:
+  // two may be in flight; the next reuses it); null where queued work is done at once.
+  virtual const void* mark(int slot) = 0;
   // Work queued from now on waits for the work `mark` (any rank's queue's, or null: none) covers;
   // the host does not wait.
   virtual void after(const void* mark) = 0;

@@ -11,6 +11,7 @@
 // there, and after the second meeting each sender's queue waits for the marks of the ranks that
 // read from it (its later work may overwrite the buffer): one host wait a collective, the download.
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cstring>
@@ -44,73 +45,11 @@ class ThreadDataPlane final : public DataPlane {
   }
 
   void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) override {
-    const int G = s_->size;
-    s_->throw_if_aborted(rank_);
-    detail::RowArgs a;
-    // A rank with bad arguments still meets the others, so that all of them fail together.
-    const auto error = check_rows(send, send_counts, recv, recv_counts, &a);
-    m().mine[rank_] = Contribution{.op = Op::all_to_all_v,
-                                   .ptr = send.raw(),
-                                   .dtype = a.dtype,
-                                   .row_bytes = a.row_bytes,
-                                   .counts = error ? nullptr : a.send_counts.data(),
-                                   .recv_rows = a.recv_rows,
-                                   .error = error ? &*error : nullptr};
-    s_->meet(m(), rank_, Op::all_to_all_v, [&]() -> std::optional<Fault> {
-      auto& mine = m().mine;
-      // The counts, copied (a rank may pass one tensor as send_counts and recv_counts); a rank
-      // with bad arguments sends nothing.
-      auto& matrix = m().matrix;
-      matrix.assign(size_t(G) * G, 0);
-      for (int src = 0; src < G; ++src)
-        if (mine[src].counts)
-          for (int dst = 0; dst < G; ++dst) matrix[size_t(src) * G + dst] = mine[src].counts[dst];
-      std::vector<std::optional<std::string>> errors(G);
-      std::vector<int64_t> from(G);
-      for (int dst = 0; dst < G; ++dst) {
-        if (mine[dst].error) {
-          errors[dst] = *mine[dst].error;
-          continue;
-        }
-        for (int src = 0; src < G; ++src) from[src] = matrix[size_t(src) * G + dst];
-        errors[dst] = detail::check_recv_room(dst, from, mine[dst].recv_rows);
-      }
-      if (!fail_ranks(errors)) {
-        std::vector<detail::Layout> layouts(G);
-        for (int r = 0; r < G; ++r) layouts[r] = {int64_t(mine[r].row_bytes), mine[r].dtype};
-        fail_all(detail::check_same_layout("all_to_all_v", layouts, true));
-      }
-      return std::nullopt;
-    });
-    // Rows from each source, by source rank; a source's rows for this rank follow those it sends
-    // to lower ranks.
-    auto* out = static_cast<std::byte*>(recv.raw());
-    counts_.resize(size_t(G));
-    size_t at = 0;
-    int64_t received = 0;
-    for (int src = 0; src < G; ++src) {
-      const int64_t* row = &m().matrix[size_t(src) * G];
-      int64_t before = 0;
-      for (int dst = 0; dst < rank_; ++dst) before += row[dst];
-      const size_t bytes = size_t(row[rank_]) * a.row_bytes;
-      if (bytes > 0)
-        move(static_cast<const std::byte*>(m().mine[src].ptr) + size_t(before) * a.row_bytes, out + at, bytes);
-      at += bytes;
-      counts_[size_t(src)] = int32_t(row[rank_]);
-      received += row[rank_];
-    }
-    if (queue_) {
-      queue_->upload(counts_.data(), recv_counts.raw(), 4 * size_t(G));
-      m().marks[rank_] = received > 0 ? queue_->mark() : nullptr;
-    } else {
-      std::memcpy(recv_counts.raw(), counts_.data(), 4 * size_t(G));
-    }
-    last_received_ = received;
-    s_->meet(m(), rank_, Op::all_to_all_v);
-    // What this rank queues next (a reuse of `send`) waits for the copies out of it.
-    if (queue_)
-      for (int dst = 0; dst < G; ++dst)
-        if (a.send_counts[size_t(dst)] > 0) queue_->after(m().marks[size_t(dst)]);
+    exchange(nullptr, send, send_counts, recv, recv_counts);
+  }
+  void all_to_all_v_along(Routes routes, const Tensor& send, const Tensor& send_counts, Tensor& recv,
+                          Tensor& recv_counts) override {
+    exchange(&routes, send, send_counts, recv, recv_counts);
   }
   int64_t last_received_rows() const override { return last_received_; }
 
@@ -131,7 +70,7 @@ class ThreadDataPlane final : public DataPlane {
       const void* from = m().mine[src].ptr;
       if (bytes > 0 && from != out + src * bytes) move(from, out + src * bytes, bytes);  // else in place
     }
-    if (queue_) m().marks[rank_] = queue_->mark();
+    if (queue_) m().marks[rank_] = queue_->mark(1);
     s_->meet(m(), rank_, Op::gather);
     if (queue_ && bytes > 0)
       for (int r = 0; r < G; ++r)
@@ -231,6 +170,106 @@ class ThreadDataPlane final : public DataPlane {
     counts_.resize(size_t(G));
     queue_->download(send_counts.raw(), counts_.data(), 4 * size_t(G));
     return detail::check_send_counts(rank_, counts_, a);
+  }
+  // The same for all_to_all_v_along: the counts those of the last call's routes; in host memory
+  // the caller's promise is checked.
+  std::optional<std::string> check_known_rows(Routes routes, const Tensor& send, const Tensor& send_counts,
+                                              const Tensor& recv, const Tensor& recv_counts, detail::RowArgs* a) {
+    const int G = s_->size;
+    if (auto bad = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kImpl, where(), a))
+      return bad;
+    const std::vector<int32_t>& known = routes == Routes::again ? sent_routes_ : got_routes_;
+    const char* which = routes == Routes::again ? "again" : "back";
+    if (known.size() != size_t(G))
+      return fmt::format("all_to_all_v_along ({}): rank {} has made no all_to_all_v to follow", which, rank_);
+    if (!queue_ && std::memcmp(send_counts.raw(), known.data(), 4 * size_t(G)) != 0) {
+      const std::span<const int32_t> given(send_counts.data<int32_t>(), size_t(G));
+      return fmt::format("all_to_all_v_along ({}): rank {}'s send_counts [{}] are not the last call's {} [{}]", which,
+                         rank_, fmt::join(given, ", "), routes == Routes::again ? "send counts" : "recv counts",
+                         fmt::join(known, ", "));
+    }
+    return detail::check_send_counts(rank_, known, a);
+  }
+
+  // all_to_all_v, with the counts read (routes null) or known from the last call (routes).
+  void exchange(const Routes* routes, const Tensor& send, const Tensor& send_counts, Tensor& recv,
+                Tensor& recv_counts) {
+    const int G = s_->size;
+    s_->throw_if_aborted(rank_);
+    detail::RowArgs a;
+    // A rank with bad arguments still meets the others, so that all of them fail together.
+    const auto error = routes ? check_known_rows(*routes, send, send_counts, recv, recv_counts, &a)
+                              : check_rows(send, send_counts, recv, recv_counts, &a);
+    // Counts known without a download: the work that wrote `send` is marked for the receivers.
+    const void* ready = queue_ && routes && !error ? queue_->mark(0) : nullptr;
+    m().mine[rank_] = Contribution{.op = Op::all_to_all_v,
+                                   .ptr = send.raw(),
+                                   .dtype = a.dtype,
+                                   .row_bytes = a.row_bytes,
+                                   .counts = error ? nullptr : a.send_counts.data(),
+                                   .recv_rows = a.recv_rows,
+                                   .ready = ready,
+                                   .error = error ? &*error : nullptr};
+    s_->meet(m(), rank_, Op::all_to_all_v, [&]() -> std::optional<Fault> {
+      auto& mine = m().mine;
+      // The counts, copied (a rank may pass one tensor as send_counts and recv_counts); a rank
+      // with bad arguments sends nothing.
+      auto& matrix = m().matrix;
+      matrix.assign(size_t(G) * G, 0);
+      for (int src = 0; src < G; ++src)
+        if (mine[src].counts)
+          for (int dst = 0; dst < G; ++dst) matrix[size_t(src) * G + dst] = mine[src].counts[dst];
+      std::vector<std::optional<std::string>> errors(G);
+      std::vector<int64_t> from(G);
+      for (int dst = 0; dst < G; ++dst) {
+        if (mine[dst].error) {
+          errors[dst] = *mine[dst].error;
+          continue;
+        }
+        for (int src = 0; src < G; ++src) from[src] = matrix[size_t(src) * G + dst];
+        errors[dst] = detail::check_recv_room(dst, from, mine[dst].recv_rows);
+      }
+      if (!fail_ranks(errors)) {
+        std::vector<detail::Layout> layouts(G);
+        for (int r = 0; r < G; ++r) layouts[r] = {int64_t(mine[r].row_bytes), mine[r].dtype};
+        fail_all(detail::check_same_layout("all_to_all_v", layouts, true));
+      }
+      return std::nullopt;
+    });
+    // Rows from each source, by source rank; a source's rows for this rank follow those it sends
+    // to lower ranks.
+    auto* out = static_cast<std::byte*>(recv.raw());
+    counts_.resize(size_t(G));
+    size_t at = 0;
+    int64_t received = 0;
+    for (int src = 0; src < G; ++src) {
+      const int64_t* row = &m().matrix[size_t(src) * G];
+      int64_t before = 0;
+      for (int dst = 0; dst < rank_; ++dst) before += row[dst];
+      const size_t bytes = size_t(row[rank_]) * a.row_bytes;
+      if (bytes > 0) {
+        if (queue_) queue_->after(m().mine[src].ready);
+        move(static_cast<const std::byte*>(m().mine[src].ptr) + size_t(before) * a.row_bytes, out + at, bytes);
+      }
+      at += bytes;
+      counts_[size_t(src)] = int32_t(row[rank_]);
+      received += row[rank_];
+    }
+    if (queue_) {
+      queue_->upload(counts_.data(), recv_counts.raw(), 4 * size_t(G));
+      m().marks[rank_] = received > 0 ? queue_->mark(1) : nullptr;
+    } else {
+      std::memcpy(recv_counts.raw(), counts_.data(), 4 * size_t(G));
+    }
+    // The routes of this call, for the next along them.
+    sent_routes_.assign(a.send_counts.begin(), a.send_counts.end());
+    got_routes_ = counts_;
+    last_received_ = received;
+    s_->meet(m(), rank_, Op::all_to_all_v);
+    // What this rank queues next (a reuse of `send`) waits for the copies out of it.
+    if (queue_)
+      for (int dst = 0; dst < G; ++dst)
+        if (a.send_counts[size_t(dst)] > 0) queue_->after(m().marks[size_t(dst)]);
   }
 
   // Verdicts, written by the last rank to arrive. When some ranks' arguments are bad, every rank
@@ -385,6 +424,7 @@ class ThreadDataPlane final : public DataPlane {
   int rank_;
   std::unique_ptr<DeviceQueue> queue_;  // null: host buffers
   std::vector<int32_t> counts_;         // a call's counts on the host (sent, then received)
+  std::vector<int32_t> sent_routes_, got_routes_;  // the last all_to_all_v's send and recv counts
   std::vector<std::byte> staging_;      // all_reduce_sum's data on the host, from a device
   int64_t last_received_ = -1;
 };

@@ -42,6 +42,7 @@ struct Contribution {
   size_t row_bytes = 0;
   const int64_t* counts = nullptr;
   int64_t recv_rows = 0;
+  const void* ready = nullptr;  // on a device: the mark of the work that wrote ptr (null: done)
   const std::string* error = nullptr;  // what is wrong with the rank's own arguments
 };
 

@@ -68,11 +68,12 @@ class Backend {
   virtual void download(const Tensor& src, void* host) = 0;
   // Waits until everything issued so far has finished.
   virtual void synchronize() = 0;
-  // Ordering between the streams of backends on one device without the host waiting: mark()
-  // returns a handle on the work issued so far (valid until this backend's next mark(), which
-  // reuses it); after(m) makes the work issued from then on wait for the work m covers, whichever
-  // backend of the device marked it. The CPU backend's work is done when issued: null, nothing.
-  virtual const void* mark() { return nullptr; }
+  // Ordering between the streams of backends on one device without the host waiting: mark(slot)
+  // returns a handle on the work issued so far (valid until this backend's next mark of that slot,
+  // 0 or 1, which reuses it); after(m) makes the work issued from then on wait for the work m
+  // covers, whichever backend of the device marked it. The CPU backend's work is done when issued:
+  // null, nothing.
+  virtual const void* mark(int slot) { return nullptr; }
   virtual void after(const void* mark) {}
   // The stream this backend issues its work on (a cudaStream_t for CUDA; null on the CPU): where
   // a transport that queues its own work behind the ops (NCCL) queues it.

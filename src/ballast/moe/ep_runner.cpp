@@ -66,7 +66,8 @@ void ExpertParallelRunner::run(int layer, const Tensor& x, const Tensor& ids, co
   check(arrived <= capacity, "expert-parallel runner: {} rows received, more than the bound of {}", arrived, capacity);
   const int64_t M = arrived >= 0 ? arrived : capacity;
   Tensor recv_rows = ws.take({M, H});
-  data_.all_to_all_v(send_rows, send_counts, recv_rows, recv_counts_again);
+  // The rows go where their slots went (the plane need not read the counts again).
+  data_.all_to_all_v_along(dist::DataPlane::Routes::again, send_rows, send_counts, recv_rows, recv_counts_again);
 
   // 4. This rank's experts over every row it received, grouped by local slot.
   Tensor by_slot = ws.take({capacity}, DType::I32), slot_counts = ws.take({K}, DType::I32);
@@ -77,7 +78,7 @@ void ExpertParallelRunner::run(int layer, const Tensor& x, const Tensor& ids, co
 
   // 5. Results back to the ranks that sent the rows (same order), combined per token in top-k order.
   Tensor back = ws.take({N, H}), back_counts = ws.take({G}, DType::I32);
-  data_.all_to_all_v(results, recv_counts, back, back_counts);
+  data_.all_to_all_v_along(dist::DataPlane::Routes::back, results, recv_counts, back, back_counts);
   ops_.moe_combine(back, position, weights, out);
 }
 

@@ -17,7 +17,7 @@ class BackendDeviceQueue final : public dist::DeviceQueue {
   void upload(const void* host, void* dst, size_t bytes) override;
   void copy(const void* src, void* dst, size_t bytes) override;
   void wait() override { be_.synchronize(); }
-  const void* mark() override { return be_.mark(); }
+  const void* mark(int slot) override { return be_.mark(slot); }
   void after(const void* mark) override { be_.after(mark); }
 
   int64_t downloads() const { return downloads_; }

@@ -109,7 +109,7 @@ struct CudaBackend::Impl {
   CudaTimeline timeline;
   std::map<int64_t, Graph> graphs;
   cudaStream_t stream = nullptr;
-  cudaEvent_t marker = nullptr;  // mark()'s, made on first use
+  cudaEvent_t markers[2] = {};  // mark()'s, by slot, made on first use
   cublasHandle_t cublas = nullptr;
   std::shared_ptr<void> cublas_workspace;
   cudaDeviceProp props{};
@@ -183,7 +183,8 @@ CudaBackend::~CudaBackend() {
   drop_graphs();
   ops_.reset();
   if (impl_->cublas) cublasDestroy(impl_->cublas);
-  if (impl_->marker) cudaEventDestroy(impl_->marker);
+  for (cudaEvent_t e : impl_->markers)
+    if (e) cudaEventDestroy(e);
   if (impl_->stream) cudaStreamDestroy(impl_->stream);
 }
 
@@ -269,13 +270,15 @@ void CudaBackend::synchronize() {
   ops_->raise_device_faults();
 }
 
-const void* CudaBackend::mark() {
+const void* CudaBackend::mark(int slot) {
+  check(slot == 0 || slot == 1, "mark: slot {} (0 or 1)", slot);
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-  if (!impl_->marker) check_cuda(cudaEventCreateWithFlags(&impl_->marker, cudaEventDisableTiming), "cudaEventCreate");
+  cudaEvent_t& e = impl_->markers[slot];
+  if (!e) check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
   // Re-recording is safe once every wait on the last record was issued: a wait takes the event as
   // it was recorded when the wait is issued.
-  check_cuda(cudaEventRecord(impl_->marker, impl_->stream), "cudaEventRecord (mark)");
-  return impl_->marker;
+  check_cuda(cudaEventRecord(e, impl_->stream), "cudaEventRecord (mark)");
+  return e;
 }
 
 void CudaBackend::after(const void* mark) {

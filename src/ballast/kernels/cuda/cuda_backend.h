@@ -46,7 +46,7 @@ class CudaBackend final : public Backend {
   void upload(const void* host, Tensor& dst) override;
   void download(const Tensor& src, void* host) override;
   void synchronize() override;
-  const void* mark() override;  // a cudaEvent_t recorded on the stream (one, reused)
+  const void* mark(int slot) override;  // a cudaEvent_t (one a slot, reused) recorded on the stream
   void after(const void* mark) override;
 
   bool can_capture() const override;  // not while ops are timed
