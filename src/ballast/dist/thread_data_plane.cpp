@@ -10,6 +10,8 @@
 // arrives, the copies out of the senders' buffers are queued on the receiver's queue and marked
 // there, and after the second meeting each sender's queue waits for the marks of the ranks that
 // read from it (its later work may overwrite the buffer): one host wait a collective, the download.
+// all_to_all_v_along follows the last call's routes (remembered on every rank): no download; the
+// sender marks the work that wrote its rows and the receivers' queues wait for that mark.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
