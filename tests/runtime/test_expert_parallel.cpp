@@ -57,7 +57,7 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     test::FailingDataPlane failing(world.data_plane(comm.rank()),
                                    [&, r = comm.rank()](auto) { return fail && fail(r); });
     std::unique_ptr<kernels::Backend> backend = test_backend(1);
-    const std::unique_ptr<dist::DataPlane> given = plane ? plane(comm, *backend, failing) : nullptr;
+    std::unique_ptr<dist::DataPlane> given = plane ? plane(comm, *backend, failing) : nullptr;
     runtime::EngineOptions opts;
     opts.comm = &comm;
     opts.data = given ? given.get() : &failing;
@@ -97,6 +97,9 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
         }
       }
 
+    // The given plane goes before the engine and its backend (NCCL's synchronizes the backend's
+    // stream as it goes); the engine does not use its plane as it goes.
+    given.reset();
     std::lock_guard lk(mu);
     out.slots_hold_their_experts = out.slots_hold_their_experts && exact;
     if (comm.rank() == 0) {

@@ -49,14 +49,14 @@ TEST(MemoryBudget, TheFractionLeavesTheRestFreeAndTheSlotsComeFirst) {
   }
 }
 
-// The engine on the test backend, reporting a device of 1 GiB free but for what the engine
+// The engine on the test backend, reporting a device of 4 GiB free but for what the engine
 // allocates (tests/support: the host's own free memory moves with whatever else runs, so it is no
 // test input): a fraction that leaves 64 MB once the weights are in gives a cache of that many
 // bytes less the state slots, in whole blocks; the same after a rebuild for speculation (the old
 // cache given back before measuring); a budget the state slots alone exceed is an error naming the
 // flag.
 TEST(MemoryBudget, TheEngineSizesItsCacheFromTheDevicesMemory) {
-  constexpr int64_t kDevice = GB;
+  constexpr int64_t kDevice = 4 * GB;  // the CUDA backend takes its weights in blocks of 1 GiB
   auto reporting = [&] { return std::make_unique<test::ReportedMemoryBackend>(test::test_backend(1), kDevice, kDevice); };
   // What the weights (and the rest the engine allocates before it measures) take, from an engine
   // with next to no cache.
