@@ -119,7 +119,9 @@ class LaggingQueue final : public DeviceQueue {
   }
   void upload(const void* host, void* dst, size_t bytes) override {
     const auto* p = static_cast<const std::byte*>(host);
-    push([dst, bytes = std::vector<std::byte>(p, p + bytes)] { std::memcpy(dst, bytes.data(), bytes.size()); });
+    push([dst, bytes = std::vector<std::byte>(p, p + bytes)] {
+      if (!bytes.empty()) std::memcpy(dst, bytes.data(), bytes.size());
+    });
   }
   void copy(const void* src, void* dst, size_t bytes) override {
     push([=] { std::memcpy(dst, src, bytes); });
@@ -143,11 +145,8 @@ class LaggingQueue final : public DeviceQueue {
   // a stream-ordered free: work queued on it may still read it).
   Tensor put(const Tensor& host) {
     auto storage = std::make_shared<Tensor>(Tensor::zeros(host.shape(), host.dtype()));
-    const auto* p = static_cast<const std::byte*>(host.raw());
-    push([storage, bytes = std::vector<std::byte>(p, p + host.nbytes())] {
-      if (!bytes.empty()) std::memcpy(storage->raw(), bytes.data(), bytes.size());
-    });
-    // Let go: freed by the queue, after what was queued before.
+    upload(host.raw(), storage->raw(), host.nbytes());
+    // Let go: freed by the queue, after what was queued before (the upload among it).
     auto owner = std::shared_ptr<void>(new char, [this, alive = std::weak_ptr<bool>(alive_), storage](void* p) {
       delete static_cast<char*>(p);
       if (alive.lock()) push([storage] {});

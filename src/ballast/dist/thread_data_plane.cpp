@@ -106,9 +106,7 @@ class ThreadDataPlane final : public DataPlane {
       for (int r = 1; r < G; ++r) detail::add_into(data.dtype(), sum.data(), m().mine[r].ptr, n);
       return std::nullopt;
     });
-    if (bytes == 0) return;
-    if (queue_) queue_->upload(m().sum.data(), data.raw(), bytes);
-    else std::memcpy(data.raw(), m().sum.data(), bytes);
+    if (bytes > 0) from_host(m().sum.data(), data.raw(), bytes);
   }
 
   void send_recv(std::span<const Transfer> items) override {
@@ -161,33 +159,34 @@ class ThreadDataPlane final : public DataPlane {
     else std::memcpy(dst, src, bytes);
   }
 
-  // all_to_all_v's own arguments, the counts read on the host: on a device, downloaded, which
-  // also waits for the work that wrote `send` before the peers may read it.
-  std::optional<std::string> check_rows(const Tensor& send, const Tensor& send_counts, const Tensor& recv,
-                                        const Tensor& recv_counts, detail::RowArgs* a) {
-    const int G = s_->size;
-    if (!queue_) return detail::check_all_to_all_v(rank_, G, send, send_counts, recv, recv_counts, kImpl, a);
-    if (auto bad = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kImpl, where(), a))
-      return bad;
-    counts_.resize(size_t(G));
-    queue_->download(send_counts.raw(), counts_.data(), 4 * size_t(G));
-    return detail::check_send_counts(rank_, counts_, a);
+  // Bytes from the host into the plane's memory: copied, or queued on the device.
+  void from_host(const void* host, void* dst, size_t bytes) {
+    if (queue_) queue_->upload(host, dst, bytes);
+    else std::memcpy(dst, host, bytes);
   }
-  // The same for all_to_all_v_along: the counts those of the last call's routes; in host memory
-  // the caller's promise is checked.
-  std::optional<std::string> check_known_rows(Routes routes, const Tensor& send, const Tensor& send_counts,
-                                              const Tensor& recv, const Tensor& recv_counts, detail::RowArgs* a) {
+
+  // all_to_all_v's own arguments and counts: read on the host (on a device downloaded, which also
+  // waits for the work that wrote `send` before the peers may read it), or with `routes` those of
+  // the last call (in host memory the caller's promise is checked).
+  std::optional<std::string> check_rows(const Routes* routes, const Tensor& send, const Tensor& send_counts,
+                                        const Tensor& recv, const Tensor& recv_counts, detail::RowArgs* a) {
     const int G = s_->size;
     if (auto bad = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kImpl, where(), a))
       return bad;
-    const std::vector<int32_t>& known = routes == Routes::again ? sent_routes_ : got_routes_;
-    const char* which = routes == Routes::again ? "again" : "back";
+    if (!routes) {
+      if (!queue_) return detail::check_send_counts(rank_, {send_counts.data<int32_t>(), size_t(G)}, a);
+      counts_.resize(size_t(G));
+      queue_->download(send_counts.raw(), counts_.data(), 4 * size_t(G));
+      return detail::check_send_counts(rank_, counts_, a);
+    }
+    const std::vector<int32_t>& known = *routes == Routes::again ? sent_routes_ : got_routes_;
+    const char* which = *routes == Routes::again ? "again" : "back";
     if (known.size() != size_t(G))
       return fmt::format("all_to_all_v_along ({}): rank {} has made no all_to_all_v to follow", which, rank_);
     if (!queue_ && std::memcmp(send_counts.raw(), known.data(), 4 * size_t(G)) != 0) {
       const std::span<const int32_t> given(send_counts.data<int32_t>(), size_t(G));
       return fmt::format("all_to_all_v_along ({}): rank {}'s send_counts [{}] are not the last call's {} [{}]", which,
-                         rank_, fmt::join(given, ", "), routes == Routes::again ? "send counts" : "recv counts",
+                         rank_, fmt::join(given, ", "), *routes == Routes::again ? "send counts" : "recv counts",
                          fmt::join(known, ", "));
     }
     return detail::check_send_counts(rank_, known, a);
@@ -200,8 +199,7 @@ class ThreadDataPlane final : public DataPlane {
     s_->throw_if_aborted(rank_);
     detail::RowArgs a;
     // A rank with bad arguments still meets the others, so that all of them fail together.
-    const auto error = routes ? check_known_rows(*routes, send, send_counts, recv, recv_counts, &a)
-                              : check_rows(send, send_counts, recv, recv_counts, &a);
+    const auto error = check_rows(routes, send, send_counts, recv, recv_counts, &a);
     // Counts known without a download: the work that wrote `send` is marked for the receivers.
     const void* ready = queue_ && routes && !error ? queue_->mark(0) : nullptr;
     m().mine[rank_] = Contribution{.op = Op::all_to_all_v,
@@ -257,12 +255,8 @@ class ThreadDataPlane final : public DataPlane {
       counts_[size_t(src)] = int32_t(row[rank_]);
       received += row[rank_];
     }
-    if (queue_) {
-      queue_->upload(counts_.data(), recv_counts.raw(), 4 * size_t(G));
-      m().marks[rank_] = received > 0 ? queue_->mark(1) : nullptr;
-    } else {
-      std::memcpy(recv_counts.raw(), counts_.data(), 4 * size_t(G));
-    }
+    from_host(counts_.data(), recv_counts.raw(), 4 * size_t(G));
+    if (queue_) m().marks[rank_] = received > 0 ? queue_->mark(1) : nullptr;
     // The routes of this call, for the next along them.
     sent_routes_.assign(a.send_counts.begin(), a.send_counts.end());
     got_routes_ = counts_;
