@@ -1336,6 +1336,71 @@ TEST_P(OpConformance, GroupByIsAStableCountingSort) {
     for (int n_valid : {-1, int(N) - 5}) expect_sorted(random_keys(N, 2 * groups), 2, groups, n_valid);
 }
 
+TEST_P(OpConformance, GatherRoutedReadsTheCountsOnTheDevice) {
+  // Three sources' rows (F32 rows of 5 and of 8 floats: byte and 16-byte copies), each with its send
+  // counts; rank `me` receives its span of each, by source, and the rest of out keeps its bytes.
+  for (int64_t width : {5, 8}) {
+    const std::vector<std::vector<int32_t>> counts{{2, 3, 0}, {0, 0, 4}, {1, 4, 2}};
+    std::vector<std::vector<float>> rows(3);
+    std::vector<RoutedRows> sources;
+    for (int s = 0; s < 3; ++s) {
+      int64_t held = 0;
+      for (int32_t c : counts[size_t(s)]) held += c;
+      held += s;  // a source may hold more rows than it sends
+      rows[size_t(s)] = randn(size_t(held * width), uint32_t(40 + s));
+      sources.push_back({f32(rows[size_t(s)], {held, width}), i32(counts[size_t(s)])});
+    }
+    for (int me = 0; me < 3; ++me) {
+      const int64_t room = 12;
+      std::vector<float> want(size_t(room * width), -7.0f);
+      Tensor out = f32(want, {room, width}), recv_counts = i32({-1, -1, -1});
+      ops().gather_routed(sources, me, out, recv_counts);
+      std::vector<int32_t> want_counts;
+      size_t at = 0;
+      for (int s = 0; s < 3; ++s) {
+        int64_t skip = 0;
+        for (int d = 0; d < me; ++d) skip += counts[size_t(s)][size_t(d)];
+        const int64_t n = counts[size_t(s)][size_t(me)];
+        std::copy_n(rows[size_t(s)].begin() + skip * width, n * width, want.begin() + long(at));
+        at += size_t(n * width);
+        want_counts.push_back(int32_t(n));
+      }
+      EXPECT_EQ(floats(out), want) << "width " << width << " rank " << me;
+      EXPECT_EQ(ints(recv_counts), want_counts) << "width " << width << " rank " << me;
+    }
+  }
+  // Any dtype: bf16 rows of 3 move as bytes.
+  const std::vector<uint16_t> halves{1, 2, 3, 4, 5, 6, 7, 8, 9};
+  Tensor h = upload(halves, {3, 3}, DType::BF16), out = upload(std::vector<uint16_t>(6, 0), {2, 3}, DType::BF16);
+  const std::vector<RoutedRows> one{{h, i32({1, 2})}, {h, i32({0, 0})}};
+  Tensor rc = i32({0, 0});
+  ops().gather_routed(one, 1, out, rc);
+  std::vector<uint16_t> got(6);
+  be().download(out, got.data());
+  EXPECT_EQ(got, (std::vector<uint16_t>{4, 5, 6, 7, 8, 9}));
+  EXPECT_EQ(ints(rc), (std::vector<int32_t>{2, 0}));
+  // Counts are data: reaching past a source's rows or out's is the op's error (on a backend that
+  // cannot read them on the host, at its next wait); shapes fail at once.
+  const std::vector<RoutedRows> past{{h, i32({1, 3})}, {h, i32({0, 0})}};
+  test::expect_error(
+      [&] {
+        ops().gather_routed(past, 1, out, rc);
+        be().synchronize();
+      },
+      {"gather_routed", "source 0", "row 4", "3 rows"});
+  Tensor small = upload(std::vector<uint16_t>(3, 0), {1, 3}, DType::BF16);
+  test::expect_error(
+      [&] {
+        ops().gather_routed(one, 1, small, rc);
+        be().synchronize();
+      },
+      {"gather_routed", "reach row 2 of out, which holds 1"});
+  Tensor f = be().alloc({2, 3}, DType::F32);
+  test::expect_error([&] { ops().gather_routed(one, 1, f, rc); }, {"gather_routed", "not rows of out"});
+  test::expect_error([&] { ops().gather_routed(one, 1, out, const_cast<Tensor&>(one[1].counts)); },
+                     {"gather_routed", "recv_counts is source 1's counts"});
+}
+
 struct MoeCase {
   int64_t T, k, E;  // tokens, choices per token, groups (experts)
 };

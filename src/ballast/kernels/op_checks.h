@@ -133,6 +133,8 @@ struct CombineShape {
   int64_t T, H, M, k;  // rows of out, width, rows of y, choices per row
 };
 CombineShape check_moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, const Tensor& out);
+// gather_routed's shapes; returns the bytes of a row (out's and every source's).
+int64_t check_gather_routed(std::span<const RoutedRows> sources, int me, const Tensor& out, const Tensor& recv_counts);
 
 // --- sampling ---
 struct SampleShape {

@@ -66,6 +66,13 @@ struct DispatchTables {
   Tensor pass_seed;           // [1] I64, random: the domain's pass index (changes every pass)
 };
 
+// What one source rank sends in an all_to_all_v whose counts stay on the device (in-process
+// ranks on one device read each other's buffers): its rows (to rank 0 first, then rank 1, ...)
+// and its send counts, I32 [G].
+struct RoutedRows {
+  Tensor rows, counts;
+};
+
 // How each logits row is drawn from. Tensors are on the device, one entry per row [R].
 struct SamplingRows {
   Tensor temperature;  // F32; <= 0: greedy (argmax, ties to the lower id)
@@ -181,6 +188,13 @@ class Ops {
   // out[t, :] += sum over j in order of weights[t, j] * y[rows[t*k + j], :]; weights [T, k];
   // rows [T*k] (undefined: row t*k + j).
   virtual void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) = 0;
+  // all_to_all_v's receiving half with the counts read on the device, no host wait: out [M, ...]
+  // holds, by source in order, the sources[s].counts[me] rows that follow the first
+  // sum(sources[s].counts[0..me)) rows of sources[s].rows (the same dtype and row size as out);
+  // recv_counts [G] (I32, no source's counts) how many came from each. Rows of out past them keep
+  // their bytes. Counts that reach past a source's rows or out's are index faults (the rows in
+  // range still move).
+  virtual void gather_routed(std::span<const RoutedRows> sources, int me, Tensor& out, Tensor& recv_counts) = 0;
 
   // --- sampling (docs/sampling.md) ---
   // ids[R] = a token drawn from each row of logits[R, V] as rows says (greedy: argmax), with the

@@ -281,4 +281,36 @@ void CpuOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weig
   });
 }
 
+void CpuOps::gather_routed(std::span<const RoutedRows> sources, int me, Tensor& out, Tensor& recv_counts) {
+  auto timed = time_op("gather_routed");
+  const size_t row = size_t(check_gather_routed(sources, me, out, recv_counts));
+  // Every source's span (rows skipped, rows sent to `me`) checked before any row moves.
+  struct Span {
+    int64_t skip = 0, n = 0;
+  };
+  std::vector<Span> spans(sources.size());
+  int64_t at = 0;
+  for (size_t s = 0; s < sources.size(); ++s) {
+    const int32_t* c = i32(sources[s].counts);
+    Span& sp = spans[s];
+    for (int d = 0; d < me; ++d) sp.skip += c[d];
+    sp.n = c[me];
+    const int64_t held = sources[s].rows.dim(0);
+    check(sp.n >= 0 && sp.skip >= 0 && sp.skip + sp.n <= held,
+          "gather_routed: source {}'s counts reach row {}, past the {} rows it holds", s, sp.skip + sp.n, held);
+    at += sp.n;
+    check(at <= out.dim(0), "gather_routed: the rows from source {} reach row {} of out, which holds {}", s, at,
+          out.dim(0));
+  }
+  auto* dst = static_cast<std::byte*>(out.raw());
+  int32_t* rc = i32_mut(recv_counts);
+  for (size_t s = 0; s < sources.size(); ++s) {
+    const auto* src = static_cast<const std::byte*>(sources[s].rows.raw());
+    const size_t bytes = size_t(spans[s].n) * row;
+    if (bytes > 0) std::memmove(dst, src + size_t(spans[s].skip) * row, bytes);
+    dst += bytes;
+    rc[s] = int32_t(spans[s].n);
+  }
+}
+
 }  // namespace ballast::kernels

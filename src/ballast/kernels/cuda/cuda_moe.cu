@@ -136,6 +136,10 @@ std::string describe(int code, long long a, long long b, long long c) {
     case cm::kExpertsPerm: return fmt::format("moe_experts: perm[{}] = {} out of range for x and y", a, b);
     case cm::kExpertsNoWeights: return fmt::format("moe_experts: group {} has {} rows but no weights", a, b);
     case cm::kCombineRow: return fmt::format("moe_combine: rows[{}] = {} not in [0, {})", a, b, c);
+    case cm::kRoutedSource:
+      return fmt::format("gather_routed: source {}'s counts reach row {}, past the {} rows it holds", a, b, c);
+    case cm::kRoutedOut:
+      return fmt::format("gather_routed: the rows from source {} reach row {} of out, which holds {}", a, b, c);
     default: return fmt::format("moe: device fault {} ({}, {}, {})", code, a, b, c);
   }
 }
@@ -1786,6 +1790,50 @@ __global__ void combine_kernel(const float* y, int64_t M, const int32_t* rows,
   }
 }
 
+// ============================================================================================
+// gather_routed
+// ============================================================================================
+
+constexpr int kRoutedMaxSources = 64;
+struct RoutedArgs {
+  const char* rows[kRoutedMaxSources];
+  const int32_t* counts[kRoutedMaxSources];
+  long long held[kRoutedMaxSources];
+};
+
+// blockIdx.y = source s. Every block reads the counts it needs (G + s integers), then the blocks
+// of a source copy its span in 16-byte words (bytes where the row size or an address is odd).
+template <bool V16>
+__global__ void gather_routed_kernel(RoutedArgs a, int G, int me, long long row_bytes, char* __restrict__ out,
+                                     long long out_rows, int32_t* recv_counts, Fault* fault) {
+  wait_for_prior_kernels();
+  const int s = blockIdx.y;
+  __shared__ long long span[3];  // skip, n, at
+  if (threadIdx.x == 0) {
+    long long skip = 0, at = 0;
+    for (int d = 0; d < me; ++d) skip += a.counts[s][d];
+    for (int q = 0; q < s; ++q) at += a.counts[q][me];
+    long long n = a.counts[s][me];
+    if (n < 0 || skip < 0 || skip + n > a.held[s]) {
+      if (blockIdx.x == 0) report(fault, cm::kRoutedSource, s, skip + n, a.held[s]);
+      n = skip < 0 || skip > a.held[s] ? 0 : max(0ll, min(n, a.held[s] - skip));
+    }
+    if (at < 0 || at + n > out_rows) {
+      if (blockIdx.x == 0) report(fault, cm::kRoutedOut, s, at + n, out_rows);
+      n = at < 0 || at > out_rows ? 0 : min(n, out_rows - at);
+    }
+    if (blockIdx.x == 0) recv_counts[s] = int32_t(n);  // what moved
+    span[0] = skip, span[1] = n, span[2] = at;
+  }
+  __syncthreads();
+  using W = std::conditional_t<V16, int4, char>;
+  const long long words = span[1] * row_bytes / (long long)sizeof(W);
+  const W* src = reinterpret_cast<const W*>(a.rows[s] + span[0] * row_bytes);
+  W* dst = reinterpret_cast<W*>(out + span[2] * row_bytes);
+  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < words; i += (long long)gridDim.x * blockDim.x)
+    dst[i] = src[i];
+}
+
 }  // namespace
 
 // ============================================================================================
@@ -2190,6 +2238,42 @@ void CudaOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& wei
     launch(combine_kernel<false>, grid, 256, 0, stream_, cuda::f32(y), M, r, cuda::f32(weights), T, k, H,
            cuda::f32_mut(out), st.fault);
   check_launch("moe_combine");
+  st.after(stream_);
+}
+
+void CudaOps::gather_routed(std::span<const RoutedRows> sources, int me, Tensor& out, Tensor& recv_counts) {
+  auto timed = time_op("gather_routed");
+  MoeState& st = moe_state(moe_state_, counters_);
+  st.raise_pending();
+  const int64_t row_bytes = check_gather_routed(sources, me, out, recv_counts);
+  const int G = int(sources.size());
+  check(G <= kRoutedMaxSources, "gather_routed: {} sources, this backend takes at most {}", G, kRoutedMaxSources);
+  expect_device("gather_routed", "out", out);
+  expect_device("gather_routed", "recv_counts", recv_counts);
+  RoutedArgs a{};
+  bool v16 = row_bytes % 16 == 0 && aligned16(out.raw());
+  int64_t most = 0;  // the rows of the largest source: what a source's blocks may have to copy
+  for (int s = 0; s < G; ++s) {
+    const RoutedRows& src = sources[size_t(s)];
+    expect_device("gather_routed", "rows", src.rows);
+    expect_device("gather_routed", "counts", src.counts);
+    a.rows[s] = static_cast<const char*>(src.rows.raw());
+    a.counts[s] = cuda::i32(src.counts);
+    a.held[s] = src.rows.dim(0);
+    v16 = v16 && aligned16(src.rows.raw());
+    most = std::max(most, std::min(src.rows.dim(0), out.dim(0)));
+  }
+  // Enough blocks a source to copy its largest span in one sweep, the whole grid a few waves.
+  const int64_t words = most * row_bytes / (v16 ? 16 : 1);
+  const unsigned per_source = unsigned(std::clamp<int64_t>(blocks_for(words, 256), 1, std::max(1, device_.sms * 4 / G)));
+  const dim3 grid(per_source, unsigned(G));
+  if (v16)
+    launch(gather_routed_kernel<true>, grid, 256, 0, stream_, a, G, me, (long long)row_bytes,
+           static_cast<char*>(out.raw()), (long long)out.dim(0), cuda::i32_mut(recv_counts), st.fault);
+  else
+    launch(gather_routed_kernel<false>, grid, 256, 0, stream_, a, G, me, (long long)row_bytes,
+           static_cast<char*>(out.raw()), (long long)out.dim(0), cuda::i32_mut(recv_counts), st.fault);
+  check_launch("gather_routed");
   st.after(stream_);
 }
 

@@ -45,6 +45,8 @@ enum FaultCode : int {
   kExpertsPerm,          // a = j, b = perm[j]
   kExpertsNoWeights,     // a = g, b = rows
   kCombineRow,           // a = t*k + j, b = row, c = rows of y
+  kRoutedSource,         // a = source, b = first row past its span, c = rows it holds
+  kRoutedOut,            // a = source, b = first row past its span in out, c = rows of out
 };
 
 struct Fault {

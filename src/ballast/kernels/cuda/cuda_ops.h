@@ -158,6 +158,7 @@ class CudaOps final : public Ops {
   void moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                    std::span<const SwigluWeights> experts, Tensor& y) override;
   void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) override;
+  void gather_routed(std::span<const RoutedRows> sources, int me, Tensor& out, Tensor& recv_counts) override;
 
   void sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) override;
   void verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs, const SamplingRows& rows,
