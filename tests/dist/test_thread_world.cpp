@@ -113,6 +113,7 @@ class LaggingQueue final : public DeviceQueue {
 
   ballast::Device device() const override { return ballast::Device::CPU; }
   void download(const void* src, void* host, size_t bytes) override {
+    refuse_while_recording("download");
     std::lock_guard lk(*device_);
     drain();
     std::memcpy(host, src, bytes);
@@ -127,8 +128,35 @@ class LaggingQueue final : public DeviceQueue {
     push([=] { std::memcpy(dst, src, bytes); });
   }
   void wait() override {
+    refuse_while_recording("wait");
+    finish();
+  }
+  // Runs everything queued (the test reading results; allowed while recording).
+  void finish() {
     std::lock_guard lk(*device_);
     drain();
+  }
+  // As a stream recording a graph: the work still runs when it must, but nothing may wait for it.
+  void record(bool on) { recording_ = on; }
+  bool capturing() const override { return recording_; }
+  // gather_routed, run when the queue gets to it: the counts are read then.
+  void gather_routed(std::span<const Routed> sources, int me, size_t row_bytes, void* out, int64_t out_rows,
+                     void* recv_counts) override {
+    push([from = std::vector<Routed>(sources.begin(), sources.end()), me, row_bytes, out, out_rows, recv_counts] {
+      auto* dst = static_cast<std::byte*>(out);
+      int64_t at = 0;
+      for (size_t s = 0; s < from.size(); ++s) {
+        const auto* c = static_cast<const int32_t*>(from[s].counts);
+        int64_t skip = 0;
+        for (int d = 0; d < me; ++d) skip += c[d];
+        const int64_t n = c[me];
+        if (skip + n > from[s].held || at + n > out_rows) throw ballast::Error("lagging gather_routed: out of range");
+        std::memcpy(dst + size_t(at) * row_bytes, static_cast<const std::byte*>(from[s].rows) + size_t(skip) * row_bytes,
+                    size_t(n) * row_bytes);
+        static_cast<int32_t*>(recv_counts)[s] = int32_t(n);
+        at += n;
+      }
+    });
   }
   const void* mark(int slot) override {
     std::lock_guard lk(*device_);
@@ -171,6 +199,9 @@ class LaggingQueue final : public DeviceQueue {
     ++queued_;
   }
   void drain() { run_until(queued_); }
+  void refuse_while_recording(const char* what) const {
+    if (recording_) throw ballast::Error(std::string("lagging queue: ") + what + " while recording a graph");
+  }
   // Runs this queue's work up to `position` (the caller holds the device lock). Work that waits
   // for later work of a queue still running an item is a cycle: a GPU would hang.
   void run_until(size_t position) {
@@ -188,7 +219,7 @@ class LaggingQueue final : public DeviceQueue {
   std::shared_ptr<std::recursive_mutex> device_;
   std::deque<std::function<void()>> pending_;
   size_t queued_ = 0, done_ = 0;
-  bool running_ = false;
+  bool running_ = false, recording_ = false;
   std::array<Mark, 2> marks_{};
   std::shared_ptr<bool> alive_ = std::make_shared<bool>(true);  // put's buffers outlive the queue
 };
@@ -196,22 +227,25 @@ class LaggingQueue final : public DeviceQueue {
 // Each rank with its data plane on a "device" of host memory behind a LaggingQueue (on_device),
 // and that memory for the conformance suite: buffers written through the rank's queue (as a
 // rank's ops write them), results read once it has run.
-void run_on_device(int G, const std::function<void(DataPlane&, const dpc::Memory&)>& fn) {
+// recording: the queues as streams recording a graph (the plane may not wait on the host).
+void run_on_device(int G, const std::function<void(DataPlane&, const dpc::Memory&)>& fn, bool recording = false) {
   ThreadWorld world(G, kTimeout);
   auto device = std::make_shared<std::recursive_mutex>();
-  run(world, [&](Communicator&, DataPlane& host) {
+  run(world, [&](Communicator& comm, DataPlane& host) {
     auto queue = std::make_unique<LaggingQueue>(device);
     LaggingQueue* lagging = queue.get();
+    lagging->record(recording);
     const std::unique_ptr<DataPlane> d = host.on_device(std::move(queue));
     ASSERT_TRUE(d != nullptr);
     EXPECT_TRUE(d->moves(ballast::Device::CPU));
     const dpc::Memory memory{ballast::Device::CPU, [lagging](const Tensor& host) { return lagging->put(host); },
                              [lagging](const Tensor& t) {
-                               lagging->wait();
+                               lagging->finish();
                                return t;
                              },
-                             [lagging](const Tensor& t) { lagging->overwrite(t); }};
+                             [lagging](const Tensor& t) { lagging->overwrite(t); }, recording};
     fn(*d, memory);
+    comm.barrier();  // peers may still be issuing waits on this queue's marks from the last call
   });
 }
 
@@ -220,6 +254,9 @@ TEST_P(ThreadWorldG, DevicePlaneEverything) {
 }
 TEST_P(ThreadWorldG, DevicePlaneBadCallsFailOnEveryRank) {
   run_on_device(GetParam(), [](DataPlane& d, const dpc::Memory& m) { dpc::bad_calls(d, "thread", m); });
+}
+TEST_P(ThreadWorldG, DevicePlaneRecordingAGraphKeepsTheCountsOnTheDevice) {
+  run_on_device(GetParam(), [](DataPlane& d, const dpc::Memory& m) { dpc::in_a_graph(d, m); }, true);
 }
 TEST_P(ThreadWorldG, DevicePlaneSendRecvSizeMismatch) {
   run_on_device(GetParam(), [](DataPlane& d, const dpc::Memory& m) { dpc::send_recv_size_mismatch(d, m); });

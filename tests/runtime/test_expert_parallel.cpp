@@ -1,5 +1,6 @@
 // Expert parallelism on the fixtures: ranks as threads, every dispatch policy, redundant slots and
 // live rebalances. Placement never changes the output.
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include "ballast/runtime/engine.h"
 #include "fixtures.h"
 #include "support/failing_data_plane.h"
+#include "support/recording_backend.h"
 #ifdef BALLAST_HAS_NCCL
 #include "ballast/dist/nccl_data_plane.h"
 #endif
@@ -39,6 +41,7 @@ struct EpRun {
   std::vector<double> balancedness;               // rank 0's per-pass figures
   eplb::Placement final_placement;
   bool slots_hold_their_experts = true;
+  int64_t graph_replays = 0;  // rank 0's backend's
 };
 
 // Runs greedy generation of `prompts` on G thread ranks (prompt i on rank i % G). fail: whether a
@@ -47,9 +50,11 @@ struct EpRun {
 // engine's choice where that cannot move the backend's buffers: its plane on the shared device).
 using DevicePlane =
     std::function<std::unique_ptr<dist::DataPlane>(dist::Communicator&, kernels::Backend&, dist::DataPlane& threads)>;
+// How a rank's test backend is wrapped (none: as it is).
+using WrapBackend = std::function<std::unique_ptr<kernels::Backend>(std::unique_ptr<kernels::Backend>)>;
 EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts, int G, int redundant,
              eplb::Dispatch dispatch, int rebalance_every, int max_new = 12, std::function<bool(int rank)> fail = {},
-             const DevicePlane& plane = {}) {
+             const DevicePlane& plane = {}, const WrapBackend& wrap = {}, bool graphs = false) {
   EpRun out;
   std::mutex mu;
   dist::ThreadWorld world(G);
@@ -57,6 +62,7 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     test::FailingDataPlane failing(world.data_plane(comm.rank()),
                                    [&, r = comm.rank()](auto) { return fail && fail(r); });
     std::unique_ptr<kernels::Backend> backend = test_backend(1);
+    if (wrap) backend = wrap(std::move(backend));
     std::unique_ptr<dist::DataPlane> given = plane ? plane(comm, *backend, failing) : nullptr;
     runtime::EngineOptions opts;
     opts.comm = &comm;
@@ -67,6 +73,7 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     opts.ep.trunk.rebalance.enabled = rebalance_every > 0;
     opts.ep.trunk.rebalance.interval = rebalance_every;
     opts.ep.trunk.rebalance.layers_per_chunk = 1;
+    opts.ep.graphs = graphs;
     auto engine = runtime::Engine::load(kFixtures / fixture, std::move(backend), opts);
     // In-process ranks on a GPU: the engine's own choice is the thread plane on that GPU.
     if (!given && engine->backend().device() != Device::CPU)
@@ -107,6 +114,7 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
       out.events = trunk.rebalancer.events();
       out.balancedness = trunk.rebalancer.balancedness();
       out.final_placement = pl;
+      out.graph_replays = engine->backend().counters().graph_replays;
     }
   });
   return out;
@@ -179,6 +187,48 @@ TEST_P(ExpertParallel, OverEveryPlaneForDeviceBuffersOutputsEqualSingleRank) {
         ASSERT_FALSE(got.events.empty()) << name << ": no rebalance happened";
         for (const auto& ev : got.events) EXPECT_FALSE(ev.failed) << name;
       }
+}
+
+// Graphs under in-process expert parallelism (runtime/graph_group.h; --enable-ep-cuda-graph): every
+// rank's decode pass captured as one graph, replayed from rank 0, the rows' counts on the device
+// inside it. On the CPU over a backend that records graphs as CUDA does
+// (tests/support/recording_backend.h) and the thread plane on it; on a GPU (BALLAST_TEST_DEVICE=cuda)
+// the engine's own plane and CUDA graphs. Eight prompts, so that the ranks'
+// batches fall in the same bucket and agree on a graph; rebalancing every 3 passes (the graphs
+// are captured again when buffers move). With five prompts the ranks' batches fall in different
+// buckets: a graph of those.
+TEST_P(ExpertParallel, GraphsOfEveryRanksPassOutputEqualSingleRank) {
+  const auto five = prompts_of(GetParam());
+  const auto &a = five[0], &b = five[1];
+  auto more = five;
+  more.insert(more.end(), {{a.begin() + 1, a.begin() + 30}, {b.begin() + 2, b.end()}, {a.begin() + 5, a.end()}});
+  const auto eight = more;
+  for (const auto* prompts : {&eight, &five}) {
+  const auto want = single_rank(GetParam(), *prompts);
+  const bool gpu = test_backend(1)->can_capture();
+  DevicePlane on_device;
+  WrapBackend recording;
+  if (!gpu) {
+    on_device = [](dist::Communicator&, kernels::Backend& be, dist::DataPlane& threads) {
+      return threads.on_device(std::make_unique<runtime::BackendDeviceQueue>(be));
+    };
+    recording = [](std::unique_ptr<kernels::Backend> be) -> std::unique_ptr<kernels::Backend> {
+      return std::make_unique<RecordingBackend>(std::move(be));
+    };
+  }
+  for (int G : {2, 4})
+    for (auto policy : {eplb::Dispatch::static_, eplb::Dispatch::balanced}) {
+      const int R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G, G);
+      auto got = run_ep(GetParam(), *prompts, G, R, policy, /*rebalance_every=*/3, 12, {}, on_device, recording,
+                        /*graphs=*/true);
+      const std::string where = fmt::format("{} prompts, G={}, dispatch={}", prompts->size(), G, eplb::dispatch_name(policy));
+      EXPECT_EQ(got.outputs, want) << where;
+      EXPECT_TRUE(got.slots_hold_their_experts) << where;
+      EXPECT_GT(got.graph_replays, 0) << where << ": no graph was replayed";
+      ASSERT_FALSE(got.events.empty()) << "no rebalance happened";
+      for (const auto& ev : got.events) EXPECT_FALSE(ev.failed);
+    }
+  }
 }
 
 TEST_P(ExpertParallel, FailedTransferKeepsOldPlacementAndCorrectOutputs) {

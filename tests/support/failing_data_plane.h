@@ -20,7 +20,9 @@ class FailingDataPlane final : public dist::DataPlane {
   int rank() const override { return inner_.rank(); }
   int size() const override { return inner_.size(); }
   bool moves(Device device) const override { return inner_.moves(device); }
-  int64_t last_received_rows() const override { return inner_.last_received_rows(); }
+  int64_t received_rows_at_most() const override { return inner_.received_rows_at_most(); }
+  bool shares_device() const override { return inner_.shares_device(); }
+  void graph_pass(bool on) override { inner_.graph_pass(on); }
   // The wrapped plane's on the device, failing alike.
   std::unique_ptr<dist::DataPlane> on_device(std::unique_ptr<dist::DeviceQueue> queue) override {
     std::unique_ptr<dist::DataPlane> device = inner_.on_device(std::move(queue));

@@ -25,8 +25,18 @@ class DataPlane {
   // `queue` (this rank's queue of work on it; every rank makes one): in-process ranks on one GPU
   // then move rows device to device instead of through host copies. Null where the ranks share no
   // address space (processes). The two planes are one rank's: they keep one order of collectives
-  // between them (the ranks call both in the same order), one thread at a time.
+  // between them (the ranks call both in the same order), one thread at a time. Peers still order
+  // their queues after a rank's marks as a call returns: a rank's queue must outlive every rank's
+  // return from their last collective (a barrier before it goes).
   virtual std::unique_ptr<DataPlane> on_device(std::unique_ptr<DeviceQueue> queue) { return nullptr; }
+  // Whether the ranks are threads of one process whose work on the device they share this plane
+  // orders by marks between their queues (the in-process plane on a device): their passes can then
+  // be captured as one graph (runtime/graph_group.h).
+  virtual bool shares_device() const { return false; }
+  // The calls until graph_pass(false) belong to a graph's pass (its capture, or the pass before it
+  // that sizes its buffers): a plane that can keeps the counts on the device for them (no host
+  // wait; received_rows_at_most() then says a bound from the buffers' shapes).
+  virtual void graph_pass(bool on) {}
 
   // Collective. `send` holds rows for rank 0, then for rank 1, ...: send_counts[g] (I32 [G]) rows
   // for rank g, a row being send's first dimension. `recv` receives the rows every rank sent to
@@ -35,11 +45,13 @@ class DataPlane {
   // every rank throws ballast::Error in the same call (the faulty rank its own message, the others
   // "rank R failed: ..."), nothing moves, and the plane stays usable.
   virtual void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) = 0;
-  // How many rows this rank's last all_to_all_v delivered, where the plane holds the counts on the
-  // host anyway (threads, MPI, host staging); -1 where they stay on the device. A caller sizes what
-  // follows from it (expert-parallel rows: the worst case is G x top-k rows per token) without
-  // reading device memory itself.
-  virtual int64_t last_received_rows() const { return -1; }
+  // How many rows this rank's last all_to_all_v delivered at most, as the plane knows on the host:
+  // exactly where it holds the counts there anyway (threads, MPI, host staging, NCCL's headers);
+  // where they stayed on the device (in-process ranks on one GPU in a graph pass), the rows its
+  // sources' send buffers hold (its recv was checked to have room for them; `back` routes: the rows
+  // it sent); -1 where it knows neither. A caller sizes what follows from it (expert-parallel rows:
+  // the worst case is G x top-k rows per token) without reading device memory itself.
+  virtual int64_t received_rows_at_most() const { return -1; }
   // all_to_all_v whose send_counts the caller knows to hold, on every rank, what this plane's last
   // all_to_all_v (of either form) was sent with (`again`: more rows along the same routes) or
   // delivered as recv_counts (`back`: each rank returns the rows it received to their sources, in

@@ -4,6 +4,8 @@
 // process on one GPU). dist/ knows no backend; the runtime implements this over the rank's
 // (runtime/backend_device_queue.h). Pointers are device addresses of `device()` unless named host.
 #include <cstddef>
+#include <cstdint>
+#include <span>
 
 #include "ballast/core/tensor.h"
 
@@ -27,6 +29,23 @@ class DeviceQueue {
   // Work queued from now on waits for the work `mark` (any rank's queue's, or null: none) covers;
   // the host does not wait.
   virtual void after(const void* mark) = 0;
+  // Whether the work is being recorded into a graph (a CUDA graph capture) rather than run: then
+  // nothing may wait for it on the host (no download, no wait).
+  virtual bool capturing() const { return false; }
+
+  // What one source rank sends in an all_to_all_v: its rows (`held` of them) and its send counts
+  // (I32 [G]), any rank's buffers.
+  struct Routed {
+    const void* rows;
+    int64_t held;
+    const void* counts;
+  };
+  // all_to_all_v's receiving half with the counts read on the device, queued (no host wait): `out`
+  // (room for out_rows rows of row_bytes) gets, by source, the rows each sends to rank `me`, and
+  // recv_counts (I32 [G], no source's counts) how many came from each. Counts that reach past a
+  // source's rows or out's are the device's error (kernels::Ops::gather_routed).
+  virtual void gather_routed(std::span<const Routed> sources, int me, size_t row_bytes, void* out, int64_t out_rows,
+                             void* recv_counts) = 0;
 };
 
 }  // namespace ballast::dist

@@ -29,7 +29,7 @@ class MpiDataPlane final : public DataPlane {
   int size() const override { return size_; }
 
   void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) override;
-  int64_t last_received_rows() const override { return last_received_; }
+  int64_t received_rows_at_most() const override { return last_received_; }
   void all_gather(const Tensor& mine, Tensor& all) override;
   void all_reduce_sum(Tensor& data) override;
   void send_recv(std::span<const Transfer> items) override;

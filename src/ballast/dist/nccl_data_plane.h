@@ -37,7 +37,7 @@ class NcclDataPlane final : public DataPlane {
   bool moves(Device device) const override { return device == Device::CUDA; }
 
   void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) override;
-  int64_t last_received_rows() const override { return last_received_; }
+  int64_t received_rows_at_most() const override { return last_received_; }
   void all_gather(const Tensor& mine, Tensor& all) override;
   void all_reduce_sum(Tensor& data) override;
   void send_recv(std::span<const Transfer> items) override;

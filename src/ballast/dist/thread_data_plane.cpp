@@ -12,6 +12,10 @@
 // read from it (its later work may overwrite the buffer): one host wait a collective, the download.
 // all_to_all_v_along follows the last call's routes (remembered on every rank): no download; the
 // sender marks the work that wrote its rows and the receivers' queues wait for that mark.
+// In a graph pass (graph_pass: a capture, where nothing may wait on the host, or the pass that sizes
+// it; or whenever the queue is capturing) the counts stay on the device (exchange_on_device): each receiver's queue reads them
+// in one gather of its rows from every sender, and the meetings check buffers against the rows
+// the senders hold instead of the counts.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -41,36 +45,44 @@ class ThreadDataPlane final : public DataPlane {
   int rank() const override { return rank_; }
   int size() const override { return s_->size; }
   bool moves(Device device) const override { return device == where(); }
+  bool shares_device() const override { return queue_ != nullptr; }
+  void graph_pass(bool on) override { graph_pass_ = on; }
   std::unique_ptr<DataPlane> on_device(std::unique_ptr<DeviceQueue> queue) override {
     check(queue != nullptr, "thread data plane of rank {}: on_device without a device queue", rank_);
     return std::make_unique<ThreadDataPlane>(s_, rank_, std::move(queue));
   }
 
   void all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) override {
-    exchange(nullptr, send, send_counts, recv, recv_counts);
+    if (counts_on_device()) exchange_on_device(nullptr, send, send_counts, recv, recv_counts);
+    else exchange(nullptr, send, send_counts, recv, recv_counts);
   }
   void all_to_all_v_along(Routes routes, const Tensor& send, const Tensor& send_counts, Tensor& recv,
                           Tensor& recv_counts) override {
-    exchange(&routes, send, send_counts, recv, recv_counts);
+    if (counts_on_device()) exchange_on_device(&routes, send, send_counts, recv, recv_counts);
+    else exchange(&routes, send, send_counts, recv, recv_counts);
   }
-  int64_t last_received_rows() const override { return last_received_; }
+  int64_t received_rows_at_most() const override { return last_received_; }
 
   void all_gather(const Tensor& mine, Tensor& all) override {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
     const auto error = detail::check_all_gather(rank_, G, mine, all, kImpl, where());
-    if (queue_ && !error) queue_->wait();  // the work that wrote `mine` is done before the peers read it
+    // The work that wrote `mine`, marked: the peers' copies out of it wait for it.
+    const void* ready = queue_ && !error ? queue_->mark(0) : nullptr;
     m().mine[rank_] = Contribution{.op = Op::gather,
                                    .ptr = mine.raw(),
                                    .n = size_t(mine.numel()),
                                    .dtype = mine.dtype(),
+                                   .ready = ready,
                                    .error = error ? &*error : nullptr};
     s_->meet(m(), rank_, Op::gather, [&] { return check_alike("all_gather"); });
     const size_t bytes = mine.nbytes();
     auto* out = static_cast<std::byte*>(all.raw());
     for (int src = 0; src < G; ++src) {
       const void* from = m().mine[src].ptr;
-      if (bytes > 0 && from != out + src * bytes) move(from, out + src * bytes, bytes);  // else in place
+      if (bytes == 0 || from == out + src * bytes) continue;  // in place
+      if (queue_) queue_->after(m().mine[src].ready);
+      move(from, out + src * bytes, bytes);
     }
     if (queue_) m().marks[rank_] = queue_->mark(1);
     s_->meet(m(), rank_, Op::gather);
@@ -82,7 +94,8 @@ class ThreadDataPlane final : public DataPlane {
   void all_reduce_sum(Tensor& data) override {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
-    const auto error = detail::check_all_reduce(rank_, data, kImpl, where());
+    auto error = detail::check_all_reduce(rank_, data, kImpl, where());
+    if (!error && counts_on_device()) error = not_in_a_graph("all_reduce_sum");
     const size_t n = size_t(data.numel()), bytes = data.nbytes();
     const void* mine = data.raw();
     if (queue_ && !error && bytes > 0) {  // summed on the host
@@ -113,7 +126,9 @@ class ThreadDataPlane final : public DataPlane {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
     // Its peers may be waiting for transfers it will never post: stop the world.
-    if (auto bad = detail::check_transfers(rank_, G, items, kImpl, where())) s_->fail(rank_, *bad);
+    auto bad = detail::check_transfers(rank_, G, items, kImpl, where());
+    if (!bad && counts_on_device()) bad = not_in_a_graph("send_recv");
+    if (bad) s_->fail(rank_, *bad);
     if (queue_) queue_->wait();  // what it sends is written before a peer copies it
     const auto until = s_->deadline();
     // Receives by peer, in the order posted: the k-th from a peer takes its k-th send.
@@ -152,6 +167,8 @@ class ThreadDataPlane final : public DataPlane {
 
  private:
   thread_detail::Meeting& m() { return s_->data; }
+  // A graph's pass, or a capture the queue is in anyway: nothing is read on the host.
+  bool counts_on_device() const { return queue_ && (graph_pass_ || queue_->capturing()); }
   Device where() const { return queue_ ? queue_->device() : Device::CPU; }
   // Bytes between buffers of the plane's memory (any rank's): copied, or queued on the device.
   void move(const void* src, void* dst, size_t bytes) {
@@ -261,11 +278,92 @@ class ThreadDataPlane final : public DataPlane {
     sent_routes_.assign(a.send_counts.begin(), a.send_counts.end());
     got_routes_ = counts_;
     last_received_ = received;
+    last_sent_rows_ = a.rows_out;
     s_->meet(m(), rank_, Op::all_to_all_v);
     // What this rank queues next (a reuse of `send`) waits for the copies out of it.
     if (queue_)
       for (int dst = 0; dst < G; ++dst)
         if (a.send_counts[size_t(dst)] > 0) queue_->after(m().marks[size_t(dst)]);
+  }
+
+  // all_to_all_v in a graph pass: the counts stay on the device. The meeting
+  // checks every rank's buffers against the rows its sources hold (or, along `back` routes, the rows
+  // it sent); each receiver's queue waits for every sender's ready mark and gathers its rows in one
+  // op that reads the counts; each sender's queue then waits for every receiver's done mark.
+  void exchange_on_device(const Routes* routes, const Tensor& send, const Tensor& send_counts, Tensor& recv,
+                          Tensor& recv_counts) {
+    const int G = s_->size;
+    s_->throw_if_aborted(rank_);
+    detail::RowArgs a;
+    auto error = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kImpl, where(), &a);
+    if (!error && routes && last_sent_rows_ < 0)
+      error = fmt::format("all_to_all_v_along ({}): rank {} has made no all_to_all_v to follow",
+                          *routes == Routes::again ? "again" : "back", rank_);
+    if (!error && send_counts.raw() == recv_counts.raw())
+      error = fmt::format("all_to_all_v: rank {}'s send_counts is its recv_counts: in a graph its peers read the "
+                          "counts on the device while it writes what it received",
+                          rank_);
+    const void* ready = error ? nullptr : queue_->mark(0);
+    m().mine[rank_] = Contribution{.op = Op::all_to_all_v,
+                                   .ptr = send.raw(),
+                                   .dtype = a.dtype,
+                                   .row_bytes = a.row_bytes,
+                                   .recv_rows = a.recv_rows,
+                                   .ready = ready,
+                                   .device_counts = send_counts.raw(),
+                                   .send_rows = a.send_rows,
+                                   .receives_at_most = routes && *routes == Routes::back ? last_sent_rows_ : -1,
+                                   .error = error ? &*error : nullptr};
+    s_->meet(m(), rank_, Op::all_to_all_v, [&]() -> std::optional<Fault> {
+      auto& mine = m().mine;
+      std::vector<std::optional<std::string>> errors(G);
+      for (int dst = 0; dst < G; ++dst) {
+        if (mine[dst].error) {
+          errors[dst] = *mine[dst].error;
+          continue;
+        }
+        std::vector<int64_t> from(G);
+        for (int src = 0; src < G; ++src) from[src] = mine[src].error ? 0 : mine[src].send_rows;
+        const int64_t most = mine[dst].receives_at_most;
+        if (most >= 0) {
+          if (most > mine[dst].recv_rows)
+            errors[dst] = fmt::format("all_to_all_v_along (back): rank {} may receive the {} rows it sent, but its "
+                                      "recv holds {}",
+                                      dst, most, mine[dst].recv_rows);
+        } else if (auto bad = detail::check_recv_room(dst, from, mine[dst].recv_rows)) {
+          errors[dst] = *bad + " (counts on the device, in a graph: recv holds every row its sources hold)";
+        }
+      }
+      if (!fail_ranks(errors)) {
+        std::vector<detail::Layout> layouts(G);
+        for (int r = 0; r < G; ++r) layouts[r] = {int64_t(mine[r].row_bytes), mine[r].dtype};
+        fail_all(detail::check_same_layout("all_to_all_v", layouts, true));
+      }
+      return std::nullopt;
+    });
+    std::vector<DeviceQueue::Routed> sources(G);
+    int64_t most = 0;
+    for (int src = 0; src < G; ++src) {
+      const Contribution& c = m().mine[src];
+      sources[src] = {c.ptr, c.send_rows, c.device_counts};
+      most += c.send_rows;
+      queue_->after(c.ready);
+    }
+    queue_->gather_routed(sources, rank_, a.row_bytes, recv.raw(), a.recv_rows, recv_counts.raw());
+    m().marks[rank_] = queue_->mark(1);
+    // The routes are on the device: a later call along them on the host has none to follow.
+    sent_routes_.clear();
+    got_routes_.clear();
+    last_received_ = m().mine[rank_].receives_at_most >= 0 ? m().mine[rank_].receives_at_most : most;
+    last_sent_rows_ = a.send_rows;
+    s_->meet(m(), rank_, Op::all_to_all_v);
+    // What this rank queues next (a reuse of `send`) waits for every receiver's gather.
+    for (int dst = 0; dst < G; ++dst)
+      if (dst != rank_) queue_->after(m().marks[size_t(dst)]);
+  }
+
+  std::string not_in_a_graph(std::string_view call) const {
+    return fmt::format("{}: rank {}'s device queue is in a graph pass, and {} waits on the host", call, rank_, call);
   }
 
   // Verdicts, written by the last rank to arrive. When some ranks' arguments are bad, every rank
@@ -423,6 +521,8 @@ class ThreadDataPlane final : public DataPlane {
   std::vector<int32_t> sent_routes_, got_routes_;  // the last all_to_all_v's send and recv counts
   std::vector<std::byte> staging_;      // all_reduce_sum's data on the host, from a device
   int64_t last_received_ = -1;
+  int64_t last_sent_rows_ = -1;  // the rows the last all_to_all_v sent (at most, counts on the device)
+  bool graph_pass_ = false;      // graph_pass(true) until graph_pass(false)
 };
 
 }  // namespace

@@ -43,6 +43,10 @@ struct Contribution {
   const int64_t* counts = nullptr;
   int64_t recv_rows = 0;
   const void* ready = nullptr;  // on a device: the mark of the work that wrote ptr (null: done)
+  // Counts on the device (a queue in a graph pass): the send counts' address, the rows send
+  // holds, and the most rows the rank may receive (-1: what its sources hold).
+  const void* device_counts = nullptr;
+  int64_t send_rows = 0, receives_at_most = -1;
   const std::string* error = nullptr;  // what is wrong with the rank's own arguments
 };
 

@@ -70,7 +70,7 @@ class Backend {
   virtual void synchronize() = 0;
   // Ordering between the streams of backends on one device without the host waiting: mark(slot)
   // returns a handle on the work issued so far (valid until this backend's next mark of that slot,
-  // 0 or 1, which reuses it); after(m) makes the work issued from then on wait for the work m
+  // 0 to 3: the data plane's two, a graph group's two; the next mark of it reuses it); after(m) makes the work issued from then on wait for the work m
   // covers, whichever backend of the device marked it. The CPU backend's work is done when issued:
   // null, nothing.
   virtual const void* mark(int slot) { return nullptr; }
@@ -90,6 +90,9 @@ class Backend {
   virtual bool replay(int64_t key) { return false; }  // false: no graph under key
   virtual int64_t graph_nodes(int64_t key) const { return 0; }  // kernels and copies in the graph
   virtual void drop_graphs() {}
+  // Whether the stream's work is being recorded into a graph, by this backend's begin_capture or
+  // because it waits (after) for work of a stream that is: then nothing may wait for it.
+  virtual bool capturing() const { return false; }
 
   // Op timing: between start and stop, every op's device time is measured (on a GPU with events
   // around each op, which serialises nothing but adds a little; no graph is captured meanwhile,

@@ -56,13 +56,13 @@ void ExpertParallelRunner::run(int layer, const Tensor& x, const Tensor& ids, co
   // A rank receives at most k rows per token from every rank, and no more than it has slots: the
   // slots' buffer is that large (4 bytes a row). The rows' buffers (H wide: at 16k rows a pass,
   // 4 ranks and top-10 the worst case is 5.4 GB each at the 80B shape) and the experts' scratch
-  // take what did arrive where the plane knows it on the host (threads, MPI, host staging), the
-  // worst case where the counts stay on the device.
+  // take what the plane says arrived at most: what did (threads, MPI, host staging, NCCL), or
+  // in a graph pass of in-process ranks the rows the senders hold (G x this pass's rows).
   const int64_t capacity = int64_t(G) * max_tokens_ * std::min<int64_t>(k, K);
   Tensor recv_slots = ws.take({capacity, 1}, DType::I32);
   Tensor recv_counts = ws.take({G}, DType::I32), recv_counts_again = ws.take({G}, DType::I32);
   data_.all_to_all_v(send_slots, send_counts, recv_slots, recv_counts);
-  const int64_t arrived = data_.last_received_rows();
+  const int64_t arrived = data_.received_rows_at_most();
   check(arrived <= capacity, "expert-parallel runner: {} rows received, more than the bound of {}", arrived, capacity);
   const int64_t M = arrived >= 0 ? arrived : capacity;
   Tensor recv_rows = ws.take({M, H});

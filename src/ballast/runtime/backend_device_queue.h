@@ -19,6 +19,9 @@ class BackendDeviceQueue final : public dist::DeviceQueue {
   void wait() override { be_.synchronize(); }
   const void* mark(int slot) override { return be_.mark(slot); }
   void after(const void* mark) override { be_.after(mark); }
+  bool capturing() const override { return be_.capturing(); }
+  void gather_routed(std::span<const Routed> sources, int me, size_t row_bytes, void* out, int64_t out_rows,
+                     void* recv_counts) override;
 
   int64_t downloads() const { return downloads_; }
 

@@ -7,8 +7,9 @@
 
 namespace ballast::runtime {
 
-ModelRunner::ModelRunner(model::Model& model, kernels::Backend& backend, StateCache& cache, const RunnerLimits& lim)
-    : model_(model), be_(backend), cache_(cache), lim_(lim), ws_(backend) {
+ModelRunner::ModelRunner(model::Model& model, kernels::Backend& backend, StateCache& cache, const RunnerLimits& lim,
+                         GraphGroup* group)
+    : model_(model), be_(backend), cache_(cache), lim_(lim), group_(group), ws_(backend) {
   check(lim.max_tokens > 0 && lim.max_seqs > 0 && lim.max_blocks_per_seq > 0 && lim.max_verify_rows > 0,
         "model runner: limits of {} rows, {} sequences, {} blocks per sequence", lim.max_tokens, lim.max_seqs,
         lim.max_blocks_per_seq);
@@ -129,9 +130,16 @@ ModelRunner::GraphBucket ModelRunner::graph_bucket(std::span<const Entry> entrie
   return {seqs, rows, verify ? GraphKind::verify : GraphKind::decode};
 }
 
+ModelRunner::GraphBucket ModelRunner::plan(std::span<const Entry> entries) {
+  GraphBucket g = graph_bucket(entries);
+  if (!group_) return g;
+  g.group_key = group_->agree(g.seqs ? g.own_key() : -1);
+  return g.group_key >= 0 ? g : GraphBucket{};
+}
+
 ModelRunner::GraphBucket ModelRunner::draft_graph_bucket(std::span<const Entry> entries,
                                                          const Tensor& hidden_source) const {
-  if (!lim_.graphs || entries.empty() || !be_.can_capture()) return {};
+  if (!lim_.graphs || group_ || entries.empty() || !be_.can_capture()) return {};
   // One row each, or (a first step, padded) max_verify_rows each, from one of the two hidden
   // buffers that outlive passes (a graph reads it in place).
   const int rows = int(entries[0].tokens.size());
@@ -151,8 +159,11 @@ ModelRunner::GraphBucket ModelRunner::draft_graph_bucket(std::span<const Entry> 
 }
 
 int64_t ModelRunner::run_graphed(const GraphBucket& g, const std::function<void()>& run) {
-  // Graphs read the buffers they were captured over: when any has moved, capture again.
-  if (be_.counters().memory_epoch != graph_epoch_ || ws_.generation() != graph_workspace_) {
+  // Graphs read the buffers they were captured over: when any has moved (on any rank of a group),
+  // capture again.
+  bool moved = be_.counters().memory_epoch != graph_epoch_ || ws_.generation() != graph_workspace_;
+  if (group_) moved = group_->any(moved);
+  if (moved) {
     be_.drop_graphs();
     captured_.clear();
     graph_epoch_ = be_.counters().memory_epoch;
@@ -162,28 +173,34 @@ int64_t ModelRunner::run_graphed(const GraphBucket& g, const std::function<void(
   if (!captured_.count(key)) {
     if (!warmed_.count(key)) {  // the first time eagerly: every buffer it needs grows now
       warmed_.insert(key);
-      run();
+      if (group_) group_->warm_up(run);
+      else run();
       return 0;
     }
-    be_.begin_capture();
+    if (group_) group_->begin_capture();
+    else be_.begin_capture();
     run();
-    be_.end_capture(key);
+    if (group_) group_->end_capture(key);
+    else be_.end_capture(key);
     captured_.insert(key);
   }
-  be_.replay(key);
+  if (group_) group_->replay(key);
+  else be_.replay(key);
   ++replays_[size_t(g.kind)];
-  return be_.graph_nodes(key);
+  return group_ ? group_->graph_nodes(key) : be_.graph_nodes(key);
 }
 
-int ModelRunner::logit_rows(std::span<const Entry> entries) const {
-  if (const GraphBucket g = graph_bucket(entries); g.seqs) return g.seqs * g.rows;
+int ModelRunner::logit_rows(std::span<const Entry> entries) {
+  planned_ = plan(entries);
+  if (planned_->seqs) return planned_->seqs * planned_->rows;
   int R = 0;
   for (const Entry& e : entries) R += e.logits == Logits::all ? int(e.tokens.size()) : e.logits == Logits::last;
   return R;
 }
 
 ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw) {
-  const GraphBucket g = graph_bucket(entries);
+  const GraphBucket g = planned_ ? *planned_ : plan(entries);
+  planned_.reset();
   const bool bucket = g.seqs > 0;
   std::vector<Entry> padded;
   if (bucket) {

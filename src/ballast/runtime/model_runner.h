@@ -5,6 +5,7 @@
 // MTP head reads the trunk's, a chained draft step its own), the logits in the pass's workspace,
 // valid until the next pass.
 #include <functional>
+#include <optional>
 #include <set>
 #include <span>
 #include <vector>
@@ -12,6 +13,7 @@
 #include "ballast/kernels/backend.h"
 #include "ballast/kernels/workspace.h"
 #include "ballast/model/model.h"
+#include "ballast/runtime/graph_group.h"
 #include "ballast/runtime/state_cache.h"
 
 namespace ballast::runtime {
@@ -23,7 +25,8 @@ struct RunnerLimits {
   int max_verify_rows = 1;     // rows of a verifying sequence (drafts + 1)
   // Decode passes (every sequence one row drawing a token) and verification passes (every sequence
   // max_verify_rows rows, all with logits) as graphs captured per batch-size bucket (powers of two
-  // up to max_seqs), where the backend can capture.
+  // up to max_seqs), where the backend can capture. In a graph group (in-process EP ranks on one
+  // GPU) only these two kinds, as one graph of every rank's pass where all ranks run the same.
   bool graphs = false;
 };
 
@@ -49,7 +52,9 @@ class ModelRunner {
     std::vector<int> first_logit;  // per entry, its first logits row (-1: none)
   };
 
-  ModelRunner(model::Model& model, kernels::Backend& backend, StateCache& cache, const RunnerLimits& limits);
+  // group: the ranks' graph group under in-process expert parallelism (graph_group.h), or null.
+  ModelRunner(model::Model& model, kernels::Backend& backend, StateCache& cache, const RunnerLimits& limits,
+              GraphGroup* group = nullptr);
 
   // A trunk pass; `draw` (if given) issues the ops that consume its logits (sampling), so that
   // they go into the same graph. A decode or verification pass under graphs is padded to its bucket
@@ -57,8 +62,10 @@ class ModelRunner {
   // eagerly the first time a bucket is seen, captured the second, and replayed from then on; a
   // graph is captured again after the buffers it reads have moved.
   Result forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw = {});
-  // The logits rows a trunk pass of `entries` has: theirs, or the bucket's under a graph.
-  int logit_rows(std::span<const Entry> entries) const;
+  // The logits rows a trunk pass of `entries` has: theirs, or the bucket's under a graph. In a
+  // graph group the ranks agree here on the pass's graph (collective), for the forward() of the
+  // same entries that follows.
+  int logit_rows(std::span<const Entry> entries);
   // Inputs of a draft step read on the device, without a download: tokens, if defined, I32 [n], the
   // first n rows' tokens (a chained step's, from the step before); verdicts, if defined, [entries,
   // max_verify_rows + 1] of the verification a first step follows, whose entries then have
@@ -68,7 +75,9 @@ class ModelRunner {
                      const Tensor& verdicts = {});
   // Whether a first draft step should pad every entry to max_verify_rows rows: its passes are then
   // graphs of one shape whatever each sequence kept of its verification.
-  bool pads_first_drafts() const { return lim_.graphs && be_.can_capture() && lim_.max_verify_rows <= cache_.block_size(); }
+  bool pads_first_drafts() const {
+    return lim_.graphs && !group_ && be_.can_capture() && lim_.max_verify_rows <= cache_.block_size();
+  }
 
   kernels::Backend& backend() { return be_; }
   // Kernels and copies in the graph of the last decode pass (0: it ran eagerly).
@@ -88,9 +97,13 @@ class ModelRunner {
     int seqs = 0;
     int rows = 1;  // per sequence
     GraphKind kind = GraphKind::decode;
-    int64_t key() const { return int64_t(seqs) * int64_t(GraphKind::count) + int64_t(kind); }
+    int64_t group_key = -1;  // in a graph group, the group's graph (every rank's buckets)
+    int64_t own_key() const { return int64_t(seqs) * int64_t(GraphKind::count) + int64_t(kind); }
+    int64_t key() const { return group_key >= 0 ? group_key : own_key(); }
   };
   GraphBucket graph_bucket(std::span<const Entry> entries) const;
+  // The trunk pass's graph: graph_bucket's, in a graph group the one every rank runs (or none).
+  GraphBucket plan(std::span<const Entry> entries);
   GraphBucket draft_graph_bucket(std::span<const Entry> entries, const Tensor& hidden_source) const;
   // Runs `run` as the graph of g: eagerly the first time, captured the second, replayed after.
   // Returns the graph's nodes (0: it ran eagerly).
@@ -100,6 +113,8 @@ class ModelRunner {
   kernels::Backend& be_;
   StateCache& cache_;
   RunnerLimits lim_;
+  GraphGroup* group_;
+  std::optional<GraphBucket> planned_;  // logit_rows' plan, for the forward() that follows
   kernels::Workspace ws_;
   std::vector<int32_t> staging_;  // the pass's metadata on the host, uploaded in one copy
   Tensor meta_;                   // ... and on the device

@@ -21,7 +21,7 @@ Tensor StagedDataPlane::to_host(const Tensor& t, size_t i) {
 void StagedDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, Tensor& recv, Tensor& recv_counts) {
   if (inner_.moves(send.device())) {
     inner_.all_to_all_v(send, send_counts, recv, recv_counts);
-    last_received_ = inner_.last_received_rows();
+    last_received_ = inner_.received_rows_at_most();
     return;
   }
   // Only the rows sent (and received) travel through the host, not the buffers' capacity.

@@ -109,7 +109,7 @@ struct CudaBackend::Impl {
   CudaTimeline timeline;
   std::map<int64_t, Graph> graphs;
   cudaStream_t stream = nullptr;
-  cudaEvent_t markers[2] = {};  // mark()'s, by slot, made on first use
+  cudaEvent_t markers[4] = {};  // mark()'s, by slot, made on first use
   cublasHandle_t cublas = nullptr;
   std::shared_ptr<void> cublas_workspace;
   cudaDeviceProp props{};
@@ -271,7 +271,7 @@ void CudaBackend::synchronize() {
 }
 
 const void* CudaBackend::mark(int slot) {
-  check(slot == 0 || slot == 1, "mark: slot {} (0 or 1)", slot);
+  check(slot >= 0 && slot <= 3, "mark: slot {} (0 to 3)", slot);
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   cudaEvent_t& e = impl_->markers[slot];
   if (!e) check_cuda(cudaEventCreateWithFlags(&e, cudaEventDisableTiming), "cudaEventCreate");
@@ -330,6 +330,12 @@ void CudaBackend::drop_graphs() {
 }
 
 bool CudaBackend::can_capture() const { return !ops_->timer().on(); }
+
+bool CudaBackend::capturing() const {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check_cuda(cudaStreamIsCapturing(impl_->stream, &status), "cudaStreamIsCapturing");
+  return status == cudaStreamCaptureStatusActive;
+}
 
 void CudaBackend::start_op_timing() {
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");

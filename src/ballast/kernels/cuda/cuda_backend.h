@@ -50,6 +50,7 @@ class CudaBackend final : public Backend {
   void after(const void* mark) override;
 
   bool can_capture() const override;  // not while ops are timed
+  bool capturing() const override;
   void begin_capture() override;
   void end_capture(int64_t key) override;
   bool replay(int64_t key) override;

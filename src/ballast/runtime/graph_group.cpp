@@ -1,0 +1,80 @@
+#include "ballast/runtime/graph_group.h"
+
+#include <cstring>
+
+namespace ballast::runtime {
+
+namespace {
+constexpr int kBefore = 2, kAfter = 3;  // mark slots: the data plane's are 0 and 1
+}
+
+std::vector<const void*> GraphGroup::marks(int slot) {
+  const void* mine = be_.mark(slot);
+  dist::Bytes bytes(sizeof mine);
+  std::memcpy(bytes.data(), &mine, sizeof mine);
+  std::vector<const void*> all;
+  for (const dist::Bytes& b : comm_.all_gather(bytes)) {
+    const void* m = nullptr;
+    std::memcpy(&m, b.data(), sizeof m);
+    all.push_back(m);
+  }
+  return all;
+}
+
+int64_t GraphGroup::agree(int64_t key) {
+  dist::Bytes bytes(sizeof key);
+  std::memcpy(bytes.data(), &key, sizeof key);
+  std::vector<int64_t> all;
+  for (const dist::Bytes& b : comm_.all_gather(bytes)) {
+    int64_t theirs = 0;
+    std::memcpy(&theirs, b.data(), sizeof theirs);
+    if (theirs < 0) return -1;
+    all.push_back(theirs);
+  }
+  // Every rank sees the same combinations in the same order: the same numbers.
+  return keys_.try_emplace(std::move(all), int64_t(keys_.size())).first->second;
+}
+
+void GraphGroup::warm_up(const std::function<void()>& run) {
+  plane_.graph_pass(true);
+  try {
+    run();
+  } catch (...) {
+    plane_.graph_pass(false);
+    throw;
+  }
+  plane_.graph_pass(false);
+}
+
+void GraphGroup::begin_capture() {
+  plane_.graph_pass(true);
+  if (comm_.rank() == 0) be_.begin_capture();
+  const std::vector<const void*> m = marks(kBefore);
+  // The other streams join the capture by waiting for work recorded in it.
+  if (comm_.rank() != 0) be_.after(m[0]);
+}
+
+void GraphGroup::end_capture(int64_t key) {
+  const std::vector<const void*> m = marks(kAfter);
+  if (comm_.rank() == 0) {
+    for (size_t r = 1; r < m.size(); ++r) be_.after(m[r]);  // every stream joined back
+    be_.end_capture(key);
+  }
+  // No rank issues more work before the capture has ended (it would be captured, unjoined).
+  comm_.barrier();
+  plane_.graph_pass(false);
+}
+
+bool GraphGroup::replay(int64_t key) {
+  const std::vector<const void*> before = marks(kBefore);
+  bool ran = false;
+  if (comm_.rank() == 0) {
+    for (size_t r = 1; r < before.size(); ++r) be_.after(before[r]);  // each rank's inputs are in place
+    ran = be_.replay(key);
+  }
+  const std::vector<const void*> after = marks(kAfter);
+  if (comm_.rank() != 0) be_.after(after[0]);  // its outputs are written
+  return comm_.all_reduce_or(ran);
+}
+
+}  // namespace ballast::runtime
