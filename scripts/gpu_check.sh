@@ -20,8 +20,8 @@
 # one of those kernels' warps wait, by SASS line (NCU_KERNELS, NCU_SKIP launches skipped first;
 # scripts/ncu_source_summary.py); decode-kernels: the same
 # sections for the few-row products and small expert tiles (NCU_DECODE_KERNELS) of a batch-1 FP8 decode step; ep: the 80B shape with in-process expert parallelism
-# G = 1 (graphs, then eager: what the graph alone is worth) and 4 (eager, then as one graph of
-# every rank's pass: --enable-ep-cuda-graph) on the one GPU, their JSON in ep.json; nccl: the NCCL data plane's conformance, one rank a visible GPU
+# G = 1 and 4, each with graphs (G = 4: one graph of every rank's pass) and eagerly
+# (--disable-cuda-graph), on the one GPU, their JSON in ep.json; nccl: the NCCL data plane's conformance, one rank a visible GPU
 # (test_dist_nccl); deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla),
 # and beside the build before where gpu_pack.sh packed one (DELTA_RULE_BEFORE).
 set -uo pipefail
@@ -88,7 +88,7 @@ for s in $STEPS; do
     pdl) step pdl bash -c "for r in 1 2; do for v in 0 1; do echo \"--- BALLAST_CUDA_PDL=\$v (round \$r)\"; BALLAST_CUDA_PDL=\$v \
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} --batch 1,8,32 \
                --prompt-len 1024 --decode-steps 32 --prefill 8192 --repeats 1 --json-file $OUT/pdl-\$v-\$r.json; done; done" ;;
-    ep) step ep bash -c "for run in '1:1' '1-eager:1 --disable-cuda-graph' '4:4' '4-graphs:4 --enable-ep-cuda-graph'; do \
+    ep) step ep bash -c "for run in '1:1' '1-eager:1 --disable-cuda-graph' '4:4' '4-eager:4 --disable-cuda-graph'; do \
                set -- \${run#*:}; $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} \
                --ep \$* --batch ${EP_BATCHES:-32} --prompt-len 1024 --decode-steps 32 --prefill 2048 --repeats 1 \
                --json-file /tmp/ep-\${run%%:*}.json; done; python3 -c 'import json, sys; \

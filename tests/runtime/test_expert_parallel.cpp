@@ -54,7 +54,7 @@ using DevicePlane =
 using WrapBackend = std::function<std::unique_ptr<kernels::Backend>(std::unique_ptr<kernels::Backend>)>;
 EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts, int G, int redundant,
              eplb::Dispatch dispatch, int rebalance_every, int max_new = 12, std::function<bool(int rank)> fail = {},
-             const DevicePlane& plane = {}, const WrapBackend& wrap = {}, bool graphs = false) {
+             const DevicePlane& plane = {}, const WrapBackend& wrap = {}) {
   EpRun out;
   std::mutex mu;
   dist::ThreadWorld world(G);
@@ -73,7 +73,6 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     opts.ep.trunk.rebalance.enabled = rebalance_every > 0;
     opts.ep.trunk.rebalance.interval = rebalance_every;
     opts.ep.trunk.rebalance.layers_per_chunk = 1;
-    opts.ep.graphs = graphs;
     auto engine = runtime::Engine::load(kFixtures / fixture, std::move(backend), opts);
     // In-process ranks on a GPU: the engine's own choice is the thread plane on that GPU.
     if (!given && engine->backend().device() != Device::CPU)
@@ -189,7 +188,7 @@ TEST_P(ExpertParallel, OverEveryPlaneForDeviceBuffersOutputsEqualSingleRank) {
       }
 }
 
-// Graphs under in-process expert parallelism (runtime/graph_group.h; --enable-ep-cuda-graph): every
+// Graphs under in-process expert parallelism (runtime/graph_group.h): every
 // rank's decode pass captured as one graph, replayed from rank 0, the rows' counts on the device
 // inside it. On the CPU over a backend that records graphs as CUDA does
 // (tests/support/recording_backend.h) and the thread plane on it; on a GPU (BALLAST_TEST_DEVICE=cuda)
@@ -219,8 +218,7 @@ TEST_P(ExpertParallel, GraphsOfEveryRanksPassOutputEqualSingleRank) {
   for (int G : {2, 4})
     for (auto policy : {eplb::Dispatch::static_, eplb::Dispatch::balanced}) {
       const int R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G, G);
-      auto got = run_ep(GetParam(), *prompts, G, R, policy, /*rebalance_every=*/3, 12, {}, on_device, recording,
-                        /*graphs=*/true);
+      auto got = run_ep(GetParam(), *prompts, G, R, policy, /*rebalance_every=*/3, 12, {}, on_device, recording);
       const std::string where = fmt::format("{} prompts, G={}, dispatch={}", prompts->size(), G, eplb::dispatch_name(policy));
       EXPECT_EQ(got.outputs, want) << where;
       EXPECT_TRUE(got.slots_hold_their_experts) << where;

@@ -38,9 +38,6 @@ void add_ep_options(CLI::App* c, EpArgs& a) {
                 "own: the MTP head's MoE layer is an expert domain of its own (placed, recorded, rebalanced); "
                 "sglang: identity placement and paused recording, as SGLang after its fix")
       ->check(CLI::IsMember({"own", "sglang"}));
-  c->add_flag("--enable-ep-cuda-graph", a.graphs,
-              "In-process ranks on one GPU (--ep G): decode passes as one CUDA graph of every rank's "
-              "(experimental: not yet run on a GPU)");
 }
 
 runtime::ExpertParallelOptions to_ep_options(const EpArgs& a, int ranks) {
@@ -70,7 +67,6 @@ runtime::ExpertParallelOptions to_ep_options(const EpArgs& a, int ranks) {
   // The MTP head's domain takes the same settings, applied to its own placement and load.
   o.mtp = t;
   o.mtp_experts = a.mtp_expert_domain == "sglang" ? runtime::MtpExperts::sglang : runtime::MtpExperts::own_domain;
-  o.graphs = a.graphs;
   return o;
 }
 

@@ -24,7 +24,6 @@ struct EpArgs {
   int ranks_per_node = 0;
   std::string dump_distribution;  // write the trunk recorder's dump here at the end
   std::string mtp_expert_domain = "own";  // own | sglang
-  bool graphs = false;                    // --enable-ep-cuda-graph
 
   // Whether expert-parallel machinery is asked for at all (else the plain single-rank engine).
   bool wanted() const { return ep > 1 || enable_eplb || !dump_distribution.empty() || redundant > 0; }

@@ -283,7 +283,7 @@ void Engine::build_cache() {
   lim.max_verify_rows = S + 1;
   // Graphs under expert parallelism only where the ranks share the GPU (threads): one graph of
   // every rank's pass (graph_group.h). Processes would each need the collectives in their graphs.
-  lim.graphs = opts_.cuda_graphs && backend_->can_capture() && (!comm_ || (opts_.ep.graphs && data_->shares_device()));
+  lim.graphs = opts_.cuda_graphs && backend_->can_capture() && (!comm_ || data_->shares_device());
   if (comm_ && lim.graphs && !graph_group_) graph_group_ = std::make_unique<GraphGroup>(*comm_, *backend_, *data_);
   runner_ = std::make_unique<ModelRunner>(*model_, *backend_, *cache_, lim, graph_group_.get());
   sampler_ = std::make_unique<Sampler>(*backend_, std::max(c.chunked_prefill_size, c.max_running_requests),

@@ -49,10 +49,6 @@ struct ExpertParallelOptions {
   // load planned from with the trunk's planner settings. Neither: trivial.
   std::optional<eplb::Placement> initial_placement;
   std::optional<eplb::LoadTrace> initial_load;
-  // --enable-ep-cuda-graph: in-process ranks on one GPU run decode and verification passes as one
-  // CUDA graph of every rank's (runtime/graph_group.h). Off by default: tested on the CPU over a
-  // backend that records graphs, not yet run on a GPU.
-  bool graphs = false;
 };
 
 // Cache and batch limits (SGLang's option names).
@@ -85,7 +81,7 @@ struct EngineOptions {
   CacheOptions cache;
   int speculative_steps = 0;           // NEXTN: chained MTP drafts per round (0: no speculation; at most kMaxDraftSteps)
   bool quantize_fp8 = false;           // load: linear weights to block-scaled FP8 (model/fp8_at_load.h)
-  bool cuda_graphs = true;             // decode passes as captured graphs where the backend can (EP: ep.graphs)
+  bool cuda_graphs = true;             // decode passes as captured graphs where the backend can (EP: in-process ranks on one GPU)
   // Once set (by a signal handler's thread), generate() aborts its requests at the next step and
   // returns what they had emitted. Ranks may see it at different steps: one that has stopped takes
   // part in the others' passes with no rows until none has work left.
