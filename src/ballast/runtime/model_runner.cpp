@@ -133,7 +133,10 @@ ModelRunner::GraphBucket ModelRunner::graph_bucket(std::span<const Entry> entrie
 ModelRunner::GraphBucket ModelRunner::plan(std::span<const Entry> entries) {
   GraphBucket g = graph_bucket(entries);
   if (!group_) return g;
-  g.group_key = group_->agree(g.seqs ? g.own_key() : -1);
+  // Decode passes only: verification passes under EP (speculative decoding's) have not run as
+  // graphs on a GPU yet.
+  const bool mine = g.seqs > 0 && g.kind == GraphKind::decode;
+  g.group_key = group_->agree(mine ? g.own_key() : -1);
   return g.group_key >= 0 ? g : GraphBucket{};
 }
 

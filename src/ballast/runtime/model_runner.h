@@ -26,7 +26,7 @@ struct RunnerLimits {
   // Decode passes (every sequence one row drawing a token) and verification passes (every sequence
   // max_verify_rows rows, all with logits) as graphs captured per batch-size bucket (powers of two
   // up to max_seqs), where the backend can capture. In a graph group (in-process EP ranks on one
-  // GPU) only these two kinds, as one graph of every rank's pass where all ranks run the same.
+  // GPU) decode passes only, as one graph of every rank's pass where every rank runs one.
   bool graphs = false;
 };
 
