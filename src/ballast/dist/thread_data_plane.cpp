@@ -13,9 +13,9 @@
 // all_to_all_v_along follows the last call's routes (remembered on every rank): no download; the
 // sender marks the work that wrote its rows and the receivers' queues wait for that mark.
 // In a graph pass (graph_pass: a capture, where nothing may wait on the host, or the pass that sizes
-// it; or whenever the queue is capturing) the counts stay on the device (exchange_on_device): each receiver's queue reads them
-// in one gather of its rows from every sender, and the meetings check buffers against the rows
-// the senders hold instead of the counts.
+// it; or whenever the queue is capturing) the counts stay on the device (exchange_on_device): each
+// receiver's queue reads them in one gather of its rows from every sender, and the meetings check
+// buffers against the rows the senders hold instead of the counts.
 #include <fmt/format.h>
 #include <fmt/ranges.h>
 
@@ -286,10 +286,10 @@ class ThreadDataPlane final : public DataPlane {
         if (a.send_counts[size_t(dst)] > 0) queue_->after(m().marks[size_t(dst)]);
   }
 
-  // all_to_all_v in a graph pass: the counts stay on the device. The meeting
-  // checks every rank's buffers against the rows its sources hold (or, along `back` routes, the rows
-  // it sent); each receiver's queue waits for every sender's ready mark and gathers its rows in one
-  // op that reads the counts; each sender's queue then waits for every receiver's done mark.
+  // all_to_all_v in a graph pass: the counts stay on the device. The meeting checks every rank's
+  // buffers against the rows its sources hold (or, along `back` routes, the rows it sent); each
+  // receiver's queue waits for every sender's ready mark and gathers its rows in one op that reads
+  // the counts; each sender's queue then waits for every receiver's done mark.
   void exchange_on_device(const Routes* routes, const Tensor& send, const Tensor& send_counts, Tensor& recv,
                           Tensor& recv_counts) {
     const int G = s_->size;
@@ -316,14 +316,14 @@ class ThreadDataPlane final : public DataPlane {
                                    .error = error ? &*error : nullptr};
     s_->meet(m(), rank_, Op::all_to_all_v, [&]() -> std::optional<Fault> {
       auto& mine = m().mine;
+      std::vector<int64_t> from(G);  // what each source holds: what any rank may receive from it
+      for (int src = 0; src < G; ++src) from[src] = mine[src].error ? 0 : mine[src].send_rows;
       std::vector<std::optional<std::string>> errors(G);
       for (int dst = 0; dst < G; ++dst) {
         if (mine[dst].error) {
           errors[dst] = *mine[dst].error;
           continue;
         }
-        std::vector<int64_t> from(G);
-        for (int src = 0; src < G; ++src) from[src] = mine[src].error ? 0 : mine[src].send_rows;
         const int64_t most = mine[dst].receives_at_most;
         if (most >= 0) {
           if (most > mine[dst].recv_rows)
