@@ -13,6 +13,12 @@ int64_t Tensor::numel() const {
   return n;
 }
 
+size_t Tensor::row_bytes() const {
+  size_t n = dtype_size(dtype_);
+  for (size_t i = 1; i < shape_.size(); ++i) n *= size_t(shape_[i]);
+  return n;
+}
+
 Tensor Tensor::zeros(std::vector<int64_t> shape, DType dtype) {
   Tensor t;
   t.shape_ = std::move(shape);

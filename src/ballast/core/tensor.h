@@ -36,6 +36,7 @@ class Tensor {
   int64_t dim(int i) const { return shape_[i < 0 ? shape_.size() + i : i]; }
   int64_t numel() const;
   size_t nbytes() const { return size_t(numel()) * dtype_size(dtype_); }  // the elements' bytes
+  size_t row_bytes() const;  // the bytes of one row, the first dimension indexing rows
   // The elements' bytes and, for a block-scaled tensor, its scales'.
   size_t storage_bytes() const { return nbytes() + (scales_ ? scales_->nbytes() : 0); }
   DType dtype() const { return dtype_; }

@@ -37,13 +37,6 @@ bool overlap(const Tensor& a, const Tensor& b) {
   return pa < pb + b.nbytes() && pb < pa + a.nbytes();
 }
 
-// Bytes of one row: the first dimension indexes rows.
-size_t row_bytes(const Tensor& t) {
-  size_t n = dtype_size(t.dtype());
-  for (int i = 1; i < t.rank(); ++i) n *= size_t(t.dim(i));
-  return n;
-}
-
 std::optional<std::string> check_counts(int rank, int size, std::string_view what, const Tensor& t,
                                         std::string_view impl, Device where) {
   if (auto bad = check_memory("all_to_all_v", rank, what, t, impl, where)) return bad;
@@ -65,13 +58,13 @@ std::optional<std::string> check_row_buffers(int rank, int size, const Tensor& s
   }
   if (auto bad = check_counts(rank, size, "send_counts", send_counts, impl, where)) return bad;
   if (auto bad = check_counts(rank, size, "recv_counts", recv_counts, impl, where)) return bad;
-  if (send.dtype() != recv.dtype() || row_bytes(send) != row_bytes(recv))
+  if (send.dtype() != recv.dtype() || send.row_bytes() != recv.row_bytes())
     return fmt::format("all_to_all_v: rank {}'s send is {} {} but its recv is {} {}; they need the same dtype "
                        "and row size",
                        rank, dtype_name(send.dtype()), send, dtype_name(recv.dtype()), recv);
   if (overlap(send, recv))
     return fmt::format("all_to_all_v: rank {}'s send and recv overlap (in place is not supported)", rank);
-  out->row_bytes = row_bytes(send);
+  out->row_bytes = send.row_bytes();
   out->dtype = send.dtype();
   out->recv_rows = recv.dim(0);
   out->send_rows = send.dim(0);

@@ -197,9 +197,8 @@ class ThreadDataPlane final : public DataPlane {
       return detail::check_send_counts(rank_, counts_, a);
     }
     const std::vector<int32_t>& known = *routes == Routes::again ? sent_routes_ : got_routes_;
-    const char* which = *routes == Routes::again ? "again" : "back";
-    if (known.size() != size_t(G))
-      return fmt::format("all_to_all_v_along ({}): rank {} has made no all_to_all_v to follow", which, rank_);
+    const char* which = routes_name(*routes);
+    if (known.size() != size_t(G)) return nothing_to_follow(*routes);
     if (!queue_ && std::memcmp(send_counts.raw(), known.data(), 4 * size_t(G)) != 0) {
       const std::span<const int32_t> given(send_counts.data<int32_t>(), size_t(G));
       return fmt::format("all_to_all_v_along ({}): rank {}'s send_counts [{}] are not the last call's {} [{}]", which,
@@ -246,11 +245,7 @@ class ThreadDataPlane final : public DataPlane {
         for (int src = 0; src < G; ++src) from[src] = matrix[size_t(src) * G + dst];
         errors[dst] = detail::check_recv_room(dst, from, mine[dst].recv_rows);
       }
-      if (!fail_ranks(errors)) {
-        std::vector<detail::Layout> layouts(G);
-        for (int r = 0; r < G; ++r) layouts[r] = {int64_t(mine[r].row_bytes), mine[r].dtype};
-        fail_all(detail::check_same_layout("all_to_all_v", layouts, true));
-      }
+      fail_rows(errors);
       return std::nullopt;
     });
     // Rows from each source, by source rank; a source's rows for this rank follow those it sends
@@ -296,9 +291,7 @@ class ThreadDataPlane final : public DataPlane {
     s_->throw_if_aborted(rank_);
     detail::RowArgs a;
     auto error = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kImpl, where(), &a);
-    if (!error && routes && last_sent_rows_ < 0)
-      error = fmt::format("all_to_all_v_along ({}): rank {} has made no all_to_all_v to follow",
-                          *routes == Routes::again ? "again" : "back", rank_);
+    if (!error && routes && last_sent_rows_ < 0) error = nothing_to_follow(*routes);
     if (!error && send_counts.raw() == recv_counts.raw())
       error = fmt::format("all_to_all_v: rank {}'s send_counts is its recv_counts: in a graph its peers read the "
                           "counts on the device while it writes what it received",
@@ -334,11 +327,7 @@ class ThreadDataPlane final : public DataPlane {
           errors[dst] = *bad + " (counts on the device, in a graph: recv holds every row its sources hold)";
         }
       }
-      if (!fail_ranks(errors)) {
-        std::vector<detail::Layout> layouts(G);
-        for (int r = 0; r < G; ++r) layouts[r] = {int64_t(mine[r].row_bytes), mine[r].dtype};
-        fail_all(detail::check_same_layout("all_to_all_v", layouts, true));
-      }
+      fail_rows(errors);
       return std::nullopt;
     });
     std::vector<DeviceQueue::Routed> sources(G);
@@ -362,6 +351,11 @@ class ThreadDataPlane final : public DataPlane {
       if (dst != rank_) queue_->after(m().marks[size_t(dst)]);
   }
 
+  static const char* routes_name(Routes routes) { return routes == Routes::again ? "again" : "back"; }
+  std::string nothing_to_follow(Routes routes) const {
+    return fmt::format("all_to_all_v_along ({}): rank {} has made no all_to_all_v to follow", routes_name(routes),
+                       rank_);
+  }
   std::string not_in_a_graph(std::string_view call) const {
     return fmt::format("{}: rank {}'s device queue is in a graph pass, and {} waits on the host", call, rank_, call);
   }
@@ -379,6 +373,13 @@ class ThreadDataPlane final : public DataPlane {
     for (int r = 0; r < s_->size; ++r)
       v[r] = errors[r] ? *errors[r] : fmt::format("rank {} failed: {}", first, *errors[first]);
     return true;
+  }
+  // all_to_all_v's verdict: each rank's own errors, then the same row layout on every rank.
+  void fail_rows(const std::vector<std::optional<std::string>>& errors) {
+    if (fail_ranks(errors)) return;
+    std::vector<detail::Layout> layouts(s_->size);
+    for (int r = 0; r < s_->size; ++r) layouts[r] = {int64_t(m().mine[r].row_bytes), m().mine[r].dtype};
+    fail_all(detail::check_same_layout("all_to_all_v", layouts, true));
   }
   // When no rank alone is at fault (they disagree), every rank throws the same.
   void fail_all(const std::optional<std::string>& error) {

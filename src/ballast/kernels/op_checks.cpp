@@ -494,22 +494,17 @@ int64_t check_gather_routed(std::span<const RoutedRows> sources, int me, const T
   const int64_t G = int64_t(sources.size());
   check(G >= 1 && me >= 0 && me < G, "gather_routed: rank {} of {} sources", me, G);
   check(out.defined() && out.rank() >= 1, "gather_routed: out {} has no rows", out);
-  const auto row_bytes = [](const Tensor& t) {
-    int64_t n = dtype_size(t.dtype());
-    for (int i = 1; i < t.rank(); ++i) n *= t.dim(i);
-    return n;
-  };
   expect("gather_routed", "recv_counts", recv_counts, DType::I32, G);
   for (int64_t s = 0; s < G; ++s) {
     const RoutedRows& src = sources[size_t(s)];
     check(src.rows.defined() && src.rows.rank() >= 1 && src.rows.dtype() == out.dtype() &&
-              row_bytes(src.rows) == row_bytes(out),
+              src.rows.row_bytes() == out.row_bytes(),
           "gather_routed: source {}'s rows {} are not rows of out {}", s, src.rows, out);
     expect("gather_routed", fmt::format("source {}'s counts", s).c_str(), src.counts, DType::I32, G);
     // Peers read a source's counts while this rank writes recv_counts.
     check(src.counts.raw() != recv_counts.raw(), "gather_routed: recv_counts is source {}'s counts", s);
   }
-  return row_bytes(out);
+  return int64_t(out.row_bytes());
 }
 
 }  // namespace ballast::kernels

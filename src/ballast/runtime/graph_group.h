@@ -38,8 +38,8 @@ class GraphGroup {
   // Between begin_capture and end_capture every rank issues its part of the pass.
   void begin_capture();
   void end_capture(int64_t key);
-  // Runs the group's graph `key` (rank 0 holds it); false on every rank where rank 0 has none.
-  bool replay(int64_t key);
+  // Runs the group's graph `key`, which rank 0 holds.
+  void replay(int64_t key);
   int64_t graph_nodes(int64_t key) const { return comm_.rank() == 0 ? be_.graph_nodes(key) : 0; }
 
  private:

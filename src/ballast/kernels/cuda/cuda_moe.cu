@@ -1804,7 +1804,7 @@ struct RoutedArgs {
 // blockIdx.y = source s. Every block reads the counts it needs (G + s integers), then the blocks
 // of a source copy its span in 16-byte words (bytes where the row size or an address is odd).
 template <bool V16>
-__global__ void gather_routed_kernel(RoutedArgs a, int G, int me, long long row_bytes, char* __restrict__ out,
+__global__ void gather_routed_kernel(RoutedArgs a, int me, long long row_bytes, char* __restrict__ out,
                                      long long out_rows, int32_t* recv_counts, Fault* fault) {
   wait_for_prior_kernels();
   const int s = blockIdx.y;
@@ -2268,10 +2268,10 @@ void CudaOps::gather_routed(std::span<const RoutedRows> sources, int me, Tensor&
   const unsigned per_source = unsigned(std::clamp<int64_t>(blocks_for(words, 256), 1, std::max(1, device_.sms * 4 / G)));
   const dim3 grid(per_source, unsigned(G));
   if (v16)
-    launch(gather_routed_kernel<true>, grid, 256, 0, stream_, a, G, me, (long long)row_bytes,
+    launch(gather_routed_kernel<true>, grid, 256, 0, stream_, a, me, (long long)row_bytes,
            static_cast<char*>(out.raw()), (long long)out.dim(0), cuda::i32_mut(recv_counts), st.fault);
   else
-    launch(gather_routed_kernel<false>, grid, 256, 0, stream_, a, G, me, (long long)row_bytes,
+    launch(gather_routed_kernel<false>, grid, 256, 0, stream_, a, me, (long long)row_bytes,
            static_cast<char*>(out.raw()), (long long)out.dim(0), cuda::i32_mut(recv_counts), st.fault);
   check_launch("gather_routed");
   st.after(stream_);
