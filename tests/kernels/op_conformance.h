@@ -779,12 +779,16 @@ TEST_P(OpConformance, ConcatSplitAndGates) {
 TEST_P(OpConformance, GatherAndScatterRows) {
   const int64_t M = 6, D = 5;
   const std::vector<float> x = randn(size_t(M * D), 15);
-  // F32 rows, row_div 2 (rows name choices of k = 2 per token).
-  const std::vector<int32_t> rows{11, 0, 4, 5, 4};
-  Tensor out = be().alloc({5, D}, DType::F32);
+  // F32 rows, row_div 2 (rows name choices of k = 2 per token); rows < 0 (group_by's unsorted
+  // tail) give zeros, whatever out held.
+  const std::vector<int32_t> rows{11, 0, -1, 4, 5, 4, -1};
+  Tensor out = f32(std::vector<float>(size_t(7 * D), 3.0f), {7, D});
   ops().gather_rows(f32(x, {M, D}), i32(rows), 2, out);
   std::vector<float> want;
-  for (int32_t r : rows) want.insert(want.end(), x.begin() + (r / 2) * D, x.begin() + (r / 2 + 1) * D);
+  for (int32_t r : rows) {
+    if (r < 0) want.insert(want.end(), size_t(D), 0.0f);
+    else want.insert(want.end(), x.begin() + (r / 2) * D, x.begin() + (r / 2 + 1) * D);
+  }
   EXPECT_EQ(floats(out), want);
 
   // Any dtype: I32 rows of 3, and BF16 rows (a row is x's first dimension).
@@ -1189,7 +1193,7 @@ TEST_P(OpConformance, TopkSoftmaxWithTiesAndNormalisation) {
   for (int k : {1, 3, 10})
     for (bool normalize : {false, true}) {
       Tensor ids = be().alloc({T, k}, DType::I32), w = be().alloc({T, k}, DType::F32);
-      ops().topk_softmax(f32(logits, {T, E}), k, normalize, ids, w);
+      ops().topk_softmax(f32(logits, {T, E}), k, normalize, Tensor(), ids, w);
       std::vector<int32_t> want_ids;
       std::vector<double> want_w;
       for (int64_t t = 0; t < T; ++t) {
@@ -1208,6 +1212,19 @@ TEST_P(OpConformance, TopkSoftmaxWithTiesAndNormalisation) {
       }
       EXPECT_EQ(ints(ids), want_ids) << "k=" << k << " normalize=" << normalize;
       EXPECT_TRUE(all_near(floats(w), want_w, 1e-6, 1e-5)) << "k=" << k << " normalize=" << normalize;
+
+      // The rows routed says are not routed (a graph's padding) get no expert; the others as before.
+      const std::vector<int32_t> routed{1, 0, 1, 1, 0, 0};
+      Tensor rids = be().alloc({T, k}, DType::I32), rw = be().alloc({T, k}, DType::F32);
+      ops().topk_softmax(f32(logits, {T, E}), k, normalize, i32(routed), rids, rw);
+      for (int64_t t = 0; t < T; ++t)
+        for (int j = 0; j < k; ++j) {
+          const size_t i = size_t(t * k + j);
+          if (!routed[size_t(t)]) want_ids[i] = -1, want_w[i] = 0.0;
+        }
+      EXPECT_EQ(ints(rids), want_ids) << "routed, k=" << k << " normalize=" << normalize;
+      EXPECT_TRUE(all_near(floats(rw), want_w, 1e-6, 1e-5)) << "routed, k=" << k << " normalize=" << normalize;
+      for (float v : floats(rw)) EXPECT_FALSE(std::signbit(v)) << "routed: weights of no expert are +0";
     }
 }
 
@@ -1221,7 +1238,10 @@ TEST_P(OpConformance, DispatchStaticRandomAndBalanced) {
   std::discrete_distribution<int> pick({30, 5, 4, 20, 3, 6, 2, 5});
   for (int g = 0; g < pl.G; ++g) {
     for (int i = 0; i < 40 + 13 * g; ++i) ids[size_t(g)].push_back(int32_t(pick(rng)));
-    for (int32_t e : ids[size_t(g)]) ++counts[size_t(g * pl.E + e)];
+    // Choices of no expert (rows a graph only pads with): slot -1 under every policy, counted nowhere.
+    for (int i = 5; i < int(ids[size_t(g)].size()); i += 11 + g) ids[size_t(g)][size_t(i)] = -1;
+    for (int32_t e : ids[size_t(g)])
+      if (e >= 0) ++counts[size_t(g * pl.E + e)];
   }
   Tensor counts_by_rank = i32(counts, {pl.G, pl.E});
   const auto run = [&](const DispatchTables& t, const std::vector<int32_t>& v) {
@@ -1234,8 +1254,10 @@ TEST_P(OpConformance, DispatchStaticRandomAndBalanced) {
   const auto table = eplb::static_table(pl.row, pl.G, 0, pl.E);
   for (int g = 0; g < pl.G; ++g) {
     const auto slots = run(dispatch_tables(pl, eplb::Dispatch::static_, g, 0), ids[size_t(g)]);
-    for (size_t i = 0; i < slots.size(); ++i)
-      EXPECT_EQ(slots[i], table[size_t(g * pl.E + ids[size_t(g)][i])]) << "static, rank " << g << " choice " << i;
+    for (size_t i = 0; i < slots.size(); ++i) {
+      const int32_t e = ids[size_t(g)][i];
+      EXPECT_EQ(slots[i], e < 0 ? -1 : table[size_t(g * pl.E + e)]) << "static, rank " << g << " choice " << i;
+    }
   }
 
   // random: the hash of (pass, layer, rank, choice) picks among the expert's replicas.
@@ -1246,6 +1268,10 @@ TEST_P(OpConformance, DispatchStaticRandomAndBalanced) {
       EXPECT_EQ(run(t, ids[size_t(g)]), slots) << "random is deterministic";
       const uint64_t seed = uint64_t(pass) * 1000003u + uint64_t(t.layer);
       for (size_t i = 0; i < slots.size(); ++i) {
+        if (ids[size_t(g)][i] < 0) {
+          EXPECT_EQ(slots[i], -1) << "random, rank " << g << " choice " << i;
+          continue;
+        }
         const auto& c = rep[size_t(ids[size_t(g)][i])];
         EXPECT_EQ(slots[i], c[mix64(seed ^ mix64(uint64_t(g) << 40 ^ uint64_t(i))) % c.size()])
             << "random, rank " << g << " pass " << pass << " choice " << i;
@@ -1271,6 +1297,10 @@ TEST_P(OpConformance, DispatchStaticRandomAndBalanced) {
   for (int g = 0; g < pl.G; ++g) {
     const auto slots = run(dispatch_tables(pl, eplb::Dispatch::balanced, g, 0), ids[size_t(g)]);
     for (size_t i = 0; i < slots.size(); ++i) {
+      if (ids[size_t(g)][i] < 0) {
+        EXPECT_EQ(slots[i], -1) << "balanced, rank " << g << " choice " << i;
+        continue;
+      }
       ASSERT_TRUE(slots[i] >= 0 && size_t(slots[i]) < pl.row.size()) << "balanced slot " << slots[i];
       EXPECT_EQ(pl.row[size_t(slots[i])], ids[size_t(g)][i]) << "balanced, rank " << g << " choice " << i;
       load[size_t(slots[i])] += 1.0;
@@ -1484,6 +1514,18 @@ TEST_P(OpConformance, MoeExpertsAndCombineMatchNaiveSwiglu) {
     Tensor out2 = f32(out0, {T, H});
     ops().moe_combine(f32(y_rev, {N, H}), i32(rows), f32(w, {T, k}), out2);
     EXPECT_TRUE(all_near(floats(out2), want_out, 1e-5, 1e-5)) << "moe_combine with rows";
+
+    // A choice of weight 0 is not read: its rows entry (-1, as group_by's inverse gives a choice of
+    // no expert) and its y row (NaN here) leave out as the others make it.
+    std::vector<float> y_nan = y_rev;
+    for (int64_t i = 0; i < N; ++i)
+      if (w[size_t(i)] == 0.0f) {
+        std::fill_n(y_nan.begin() + rows[size_t(i)] * H, H, std::nanf(""));
+        rows[size_t(i)] = -1;
+      }
+    Tensor out3 = f32(out0, {T, H});
+    ops().moe_combine(f32(y_nan, {N, H}), i32(rows), f32(w, {T, k}), out3);
+    EXPECT_TRUE(all_near(floats(out3), want_out, 1e-5, 1e-5)) << "moe_combine skips choices of weight 0";
   }
 }
 
@@ -1844,7 +1886,7 @@ TEST_P(OpConformance, EmptyPassesAreNoOps) {
   Tensor g = be().alloc({0, 4}, DType::F32), ro = be().alloc({0, 4, 16}, DType::F32);
   ops().gated_delta_rule(cx, g, g, c.d, rs, empty, ro);
   Tensor logits = be().alloc({0, E}, DType::F32), tk = be().alloc({0, 2}, DType::I32), tw = be().alloc({0, 2}, DType::F32);
-  ops().topk_softmax(logits, 2, true, tk, tw);
+  ops().topk_softmax(logits, 2, true, Tensor(), tk, tw);
   const Placement pl;
   Tensor counts_by_rank = i32(std::vector<int32_t>(size_t(pl.G * pl.E), 0), {pl.G, pl.E});
   for (eplb::Dispatch d : {eplb::Dispatch::static_, eplb::Dispatch::random, eplb::Dispatch::balanced})
@@ -1914,7 +1956,7 @@ TEST_P(OpConformance, SteadyStateAllocatesNothing) {
     Tensor tmp = ws.take({T, H});
     ops().copy(x, tmp);
     ops().matmul(tmp, router, logits);
-    ops().topk_softmax(logits, int(k), true, ids, w);
+    ops().topk_softmax(logits, int(k), true, Tensor(), ids, w);
     ops().group_by(ids, none, 1, int(E), perm, counts, offsets, none);
     ops().moe_experts(tmp, perm, offsets, int(k), experts, y);
     ops().zero(out);
@@ -1943,7 +1985,9 @@ TEST_P(OpConformance, BadShapesThrowNamingTheOp) {
   test::expect_error([&] { ops().matmul(x, w, y); }, {"matmul"});
   Tensor ids = i32({0, 9});
   Tensor ik = be().alloc({2, 1}, DType::I32), wk = be().alloc({2, 1}, DType::F32);
-  test::expect_error([&] { ops().topk_softmax(x, 4, true, ik, wk); }, {"topk_softmax"});
+  test::expect_error([&] { ops().topk_softmax(x, 4, true, Tensor(), ik, wk); }, {"topk_softmax"});
+  Tensor x4 = be().alloc({2, 4}, DType::F32);
+  test::expect_error([&] { ops().topk_softmax(x4, 1, true, i32({1, 1, 1}), ik, wk); }, {"topk_softmax", "routed"});
   test::expect_error([&] { ops().gather_rows(x, ids, 1, x); }, {"gather_rows"});
   Tensor lp = be().alloc({2}, DType::F32), many = be().alloc({2, kMaxTopLogprobs + 1}, DType::I32);
   Tensor many_lp = be().alloc({2, kMaxTopLogprobs + 1}, DType::F32);

@@ -42,6 +42,8 @@ struct EpRun {
   eplb::Placement final_placement;
   bool slots_hold_their_experts = true;
   int64_t graph_replays = 0;  // rank 0's backend's
+  eplb::LoadTrace load;       // the trunk's recorded window (every rank's load), rank 0's
+  std::vector<std::vector<std::vector<int32_t>>> tokens;  // rank 0's own routed slots, per_token
 };
 
 // Runs greedy generation of `prompts` on G thread ranks (prompt i on rank i % G). fail: whether a
@@ -52,9 +54,11 @@ using DevicePlane =
     std::function<std::unique_ptr<dist::DataPlane>(dist::Communicator&, kernels::Backend&, dist::DataPlane& threads)>;
 // How a rank's test backend is wrapped (none: as it is).
 using WrapBackend = std::function<std::unique_ptr<kernels::Backend>(std::unique_ptr<kernels::Backend>)>;
+// More engine options (the trunk's load is recorded in every run).
+using Configure = std::function<void(runtime::EngineOptions&)>;
 EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts, int G, int redundant,
              eplb::Dispatch dispatch, int rebalance_every, int max_new = 12, std::function<bool(int rank)> fail = {},
-             const DevicePlane& plane = {}, const WrapBackend& wrap = {}) {
+             const DevicePlane& plane = {}, const WrapBackend& wrap = {}, const Configure& configure = {}) {
   EpRun out;
   std::mutex mu;
   dist::ThreadWorld world(G);
@@ -73,7 +77,9 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     opts.ep.trunk.rebalance.enabled = rebalance_every > 0;
     opts.ep.trunk.rebalance.interval = rebalance_every;
     opts.ep.trunk.rebalance.layers_per_chunk = 1;
+    if (configure) configure(opts);
     auto engine = runtime::Engine::load(kFixtures / fixture, std::move(backend), opts);
+    engine->trunk_ep()->domain.recorder.start();
     // In-process ranks on a GPU: the engine's own choice is the thread plane on that GPU.
     if (!given && engine->backend().device() != Device::CPU)
       EXPECT_EQ(engine->ep_transport(), "device to device on the GPU the ranks share (the in-process plane on the device)");
@@ -114,6 +120,8 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
       out.balancedness = trunk.rebalancer.balancedness();
       out.final_placement = pl;
       out.graph_replays = engine->backend().counters().graph_replays;
+      out.load = trunk.domain.recorder.dump_window();
+      out.tokens = trunk.domain.recorder.dump_tokens();
     }
   });
   return out;
@@ -227,6 +235,40 @@ TEST_P(ExpertParallel, GraphsOfEveryRanksPassOutputEqualSingleRank) {
       for (const auto& ev : got.events) EXPECT_FALSE(ev.failed);
     }
   }
+}
+
+// A graph pass pads each rank's batch to its bucket with rows of the cache's padding sequence:
+// those rows go to no expert (ModelRunner marks them, topk_softmax gives them none), so the
+// experts read nothing for them and the recorded load and token trace are the eager run's, which
+// has no padding. Five prompts over G = 2: batches of 3 (padded to 4) and 2.
+TEST_P(ExpertParallel, RowsThatOnlyPadAGraphGoToNoExpert) {
+  const auto prompts = prompts_of(GetParam());
+  DevicePlane on_device;
+  WrapBackend recording;
+  if (!test_backend(1)->can_capture()) {
+    on_device = [](dist::Communicator&, kernels::Backend& be, dist::DataPlane& threads) {
+      return threads.on_device(std::make_unique<runtime::BackendDeviceQueue>(be));
+    };
+    recording = [](std::unique_ptr<kernels::Backend> be) -> std::unique_ptr<kernels::Backend> {
+      return std::make_unique<RecordingBackend>(std::move(be));
+    };
+  }
+  const int G = 2, R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G, G);
+  auto run = [&](bool graphs) {
+    return run_ep(GetParam(), prompts, G, R, eplb::Dispatch::static_, /*rebalance_every=*/0, 12, {}, on_device,
+                  recording, [&](runtime::EngineOptions& o) {
+                    o.cuda_graphs = graphs;
+                    o.ep.trunk.recorder_mode = eplb::RecorderMode::per_token;
+                  });
+  };
+  const EpRun graphed = run(true), eager = run(false);
+  EXPECT_GT(graphed.graph_replays, 0);
+  EXPECT_EQ(eager.graph_replays, 0);
+  EXPECT_EQ(graphed.outputs, eager.outputs);
+  ASSERT_GT(eager.load.passes, 0);
+  EXPECT_EQ(graphed.load.passes, eager.load.passes);
+  EXPECT_EQ(graphed.load.count, eager.load.count) << "the recorded load counts padding rows";
+  EXPECT_EQ(graphed.tokens, eager.tokens) << "the token trace holds padding rows";
 }
 
 TEST_P(ExpertParallel, FailedTransferKeepsOldPlacementAndCorrectOutputs) {

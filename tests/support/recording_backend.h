@@ -181,8 +181,8 @@ class RecordingBackend final : public kernels::Backend {
     void gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) override {
       be_.issue([this, x = x, z = z, w = w, eps = eps, y = y]() mutable { inner().gated_rms_norm(x, z, w, eps, y); });
     }
-    void topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) override {
-      be_.issue([this, logits = logits, k = k, normalize = normalize, ids = ids, weights = weights]() mutable { inner().topk_softmax(logits, k, normalize, ids, weights); });
+    void topk_softmax(const Tensor& logits, int k, bool normalize, const Tensor& routed, Tensor& ids, Tensor& weights) override {
+      be_.issue([this, logits = logits, k = k, normalize = normalize, routed = routed, ids = ids, weights = weights]() mutable { inner().topk_softmax(logits, k, normalize, routed, ids, weights); });
     }
     void dispatch(const kernels::DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank, Tensor& slots) override {
       be_.issue([this, tables = tables, ids = ids, counts_by_rank = counts_by_rank, slots = slots]() mutable { inner().dispatch(tables, ids, counts_by_rank, slots); });

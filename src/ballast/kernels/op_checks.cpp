@@ -325,13 +325,15 @@ RowShape check_gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w,
 
 // --- mixture of experts ---
 
-TopkShape check_topk_softmax(const Tensor& logits, int k, const Tensor& ids, const Tensor& weights) {
+TopkShape check_topk_softmax(const Tensor& logits, int k, const Tensor& routed, const Tensor& ids,
+                             const Tensor& weights) {
   check(logits.defined() && logits.rank() == 2 && logits.dtype() == DType::F32,
         "topk_softmax: logits {} is not F32 [T, E]", logits);
   const int64_t T = logits.dim(0), E = logits.dim(1);
   check(k >= 1 && k <= E, "topk_softmax: k={} with {} experts", k, E);
   expect("topk_softmax", "ids", ids, DType::I32, T * k);
   expect("topk_softmax", "weights", weights, DType::F32, T * k);
+  if (routed.defined()) expect("topk_softmax", "routed", routed, DType::I32, T);
   return {T, E};
 }
 

@@ -109,7 +109,8 @@ RowShape check_gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w,
 struct TopkShape {
   int64_t T, E;
 };
-TopkShape check_topk_softmax(const Tensor& logits, int k, const Tensor& ids, const Tensor& weights);
+TopkShape check_topk_softmax(const Tensor& logits, int k, const Tensor& routed, const Tensor& ids,
+                             const Tensor& weights);
 // The tables of tables.policy are checked, the others not looked at. E: the experts of those
 // tables (static: static_slot's, random: replica_count's, balanced: counts_by_rank's columns);
 // R: replicas per expert (random); P: slots (balanced).

@@ -131,7 +131,8 @@ class Ops {
   // so that a backend can take the elementwise parts into the product's loads and stores. gate
   // [T, I] is scratch: it may hold silu(gate) * up afterwards.
   virtual void swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const Tensor& row_gate, Tensor& out) = 0;
-  // out[i, :] = x[rows[i] / row_div, :] for rows [N] (any dtype; a row is x's first dimension).
+  // out[i, :] = x[rows[i] / row_div, :] for rows [N] (any dtype; a row is x's first dimension);
+  // zeros where rows[i] < 0 (e.g. the unsorted tail of group_by's perm).
   virtual void gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) = 0;
   // out[rows[i], :] = x[i, :] for rows [N] (any dtype); rows must not repeat.
   virtual void scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) = 0;
@@ -166,10 +167,14 @@ class Ops {
 
   // --- mixture of experts (docs/expert-parallel.md) ---
   // p = softmax(logits[T, E]) in fp32; ids[T, k] the k largest (by decreasing p, ties to the lower
-  // id), weights[T, k] their p (renormalised to sum 1 when `normalize`).
-  virtual void topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) = 0;
-  // slots[N] = the physical slot serving each routed choice ids[N] under tables.policy.
-  // balanced: counts_by_rank [G, E] holds every rank's routed counts of this layer and pass.
+  // id), weights[T, k] their p (renormalised to sum 1 when `normalize`). routed, if defined, I32
+  // [T]: a row t with routed[t] == 0 only fills a graph's shape and goes to no expert: ids -1,
+  // weights 0 (no expert reads it, no load counts it, the combine adds nothing for it).
+  virtual void topk_softmax(const Tensor& logits, int k, bool normalize, const Tensor& routed, Tensor& ids,
+                            Tensor& weights) = 0;
+  // slots[N] = the physical slot serving each routed choice ids[N] under tables.policy; -1 for a
+  // choice of no expert (ids < 0). balanced: counts_by_rank [G, E] holds every rank's routed
+  // counts of this layer and pass.
   virtual void dispatch(const DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank,
                         Tensor& slots) = 0;
   // counts[bins] += number of i with keys[i] == bin; keys [N] (entries < 0 are skipped); counts I32.
@@ -186,7 +191,8 @@ class Ops {
   virtual void moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                            std::span<const SwigluWeights> experts, Tensor& y) = 0;
   // out[t, :] += sum over j in order of weights[t, j] * y[rows[t*k + j], :]; weights [T, k];
-  // rows [T*k] (undefined: row t*k + j).
+  // rows [T*k] (undefined: row t*k + j). A choice of weight 0 adds nothing and its rows entry and
+  // y row are not read (a row that went to no expert has no y row).
   virtual void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) = 0;
   // all_to_all_v's receiving half with the counts read on the device, no host wait: out [M, ...]
   // holds, by source in order, the sources[s].counts[me] rows that follow the first

@@ -16,6 +16,9 @@ struct ForwardBatch {
   Tensor positions;           // [T] I32, RoPE positions
   Tensor logit_rows;          // [R] I32: the rows whose logits the pass computes, in output order
   Tensor hidden_rows;         // [T] I32, MTP passes: the row of the hidden-state source each row pairs with
+  Tensor routed;              // [T] I32 or undefined (every row): 0 for a row that only fills a graph's
+                              // shape, which goes to no expert (no expert's weights read for it, no
+                              // load recorded), 1 for the others
   int num_tokens() const { return layout.num_tokens; }
   int num_logit_rows() const { return logit_rows.defined() ? int(logit_rows.dim(0)) : 0; }
 };

@@ -65,7 +65,7 @@ void Model::decoder_layer(const LayerWeights& lw, const LayerCache& cache, int m
   else deltanet(lw.delta, cache, b, h, ws, mixed);
 
   ops_.add_rms_norm(x, mixed, lw.post_norm, cfg_.rms_norm_eps, h);
-  if (lw.ffn == FfnType::Moe) sparse_moe(lw.moe, moe_layer, runner, h, ws, ffn);
+  if (lw.ffn == FfnType::Moe) sparse_moe(lw.moe, moe_layer, runner, b.routed, h, ws, ffn);
   else swiglu(lw.dense, h, ws, ffn);
 }
 
@@ -115,8 +115,8 @@ void Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const Fo
   ops_.matmul(o, w.out_proj, out);
 }
 
-void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& h, Workspace& ws,
-                       Tensor& out) {
+void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& routed,
+                       const Tensor& h, Workspace& ws, Tensor& out) {
   const int64_t T = h.dim(0);
   const int E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
   Tensor logits = ws.take({T, E});
@@ -133,7 +133,7 @@ void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runne
     ops_.zero(out);
   }
   Tensor ids = ws.take({T, k}, DType::I32), weights = ws.take({T, k});
-  ops_.topk_softmax(logits, k, cfg_.norm_topk_prob, ids, weights);
+  ops_.topk_softmax(logits, k, cfg_.norm_topk_prob, routed, ids, weights);
   runner.run(moe_layer, h, ids, weights, w.experts, ws, out);
 }
 

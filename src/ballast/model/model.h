@@ -47,7 +47,8 @@ class Model {
                  kernels::Workspace& ws, Tensor& out);
   void deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
                 kernels::Workspace& ws, Tensor& out);
-  void sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& h,
+  // routed: the batch's (rows that only pad a graph go to no expert).
+  void sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& routed, const Tensor& h,
                   kernels::Workspace& ws, Tensor& out);
   // out[T, H] = down(silu(gate h) * up h): the dense MLP.
   void swiglu(const kernels::SwigluWeights& w, const Tensor& h, kernels::Workspace& ws, Tensor& out);

@@ -46,8 +46,14 @@ void ExpertParallelDomain::end_pass(std::span<const int32_t> load_host, int64_t 
     check(n <= width, "expert domain '{}': {} routed choices for a trace of {}", domain.name, n, width);
     std::vector<int32_t> all(static_cast<size_t>(token_slots.numel()));
     backend_.download(token_slots, all.data());
-    for (int l = 0; l < domain.placement.layers; ++l)
-      tokens.emplace_back(all.begin() + l * width, all.begin() + l * width + n);
+    // Rows that only padded a graph went to no expert (slots -1): not tokens of the trace.
+    for (int l = 0; l < domain.placement.layers; ++l) {
+      auto& layer = tokens.emplace_back();
+      for (int64_t t = 0; t < n; t += top_k_) {
+        const auto first = all.begin() + l * width + t;
+        if (*first >= 0) layer.insert(layer.end(), first, first + top_k_);
+      }
+    }
   }
   rebalancer.after_pass(load_host, std::move(tokens));
 }

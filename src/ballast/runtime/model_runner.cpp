@@ -13,10 +13,11 @@ ModelRunner::ModelRunner(model::Model& model, kernels::Backend& backend, StateCa
   check(lim.max_tokens > 0 && lim.max_seqs > 0 && lim.max_blocks_per_seq > 0 && lim.max_verify_rows > 0,
         "model runner: limits of {} rows, {} sequences, {} blocks per sequence", lim.max_tokens, lim.max_seqs,
         lim.max_blocks_per_seq);
-  // Every section of the largest pass: ids, positions, slot mapping, hidden rows, logit rows
-  // (rows each), cu_seqlens, kv_lens, state slots, block tables and snapshot slots (per sequence).
+  // Every section of the largest pass: ids, positions, slot mapping, hidden rows, logit rows,
+  // routed rows (rows each), cu_seqlens, kv_lens, state slots, block tables and snapshot slots (per
+  // sequence).
   const int64_t B = lim.max_seqs;
-  const int64_t capacity = 5 * int64_t(lim.max_tokens) + 3 * B + 1 + B * lim.max_blocks_per_seq +
+  const int64_t capacity = 6 * int64_t(lim.max_tokens) + 3 * B + 1 + B * lim.max_blocks_per_seq +
                            B * lim.max_verify_rows;
   staging_.reserve(size_t(capacity));
   meta_ = be_.alloc({capacity}, DType::I32);
@@ -25,6 +26,7 @@ ModelRunner::ModelRunner(model::Model& model, kernels::Backend& backend, StateCa
 model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width) {
   const int B = int(entries.size());
   int T = 0, R = 0, W = fixed_width ? lim_.max_blocks_per_seq : 1, Ws = 0, max_q = 0, max_kv = 0, prefills = 0;
+  bool pads = false;  // rows that only fill a graph's shape
   for (const Entry& e : entries) {
     const int n = int(e.tokens.size());
     check(e.cache && n > 0 && e.padding >= 0 && e.padding < n && (e.padding == 0 || e.logits != Logits::all),
@@ -47,6 +49,7 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
     max_q = std::max(max_q, n);
     max_kv = std::max(max_kv, int(length));
     prefills += n > 1 && !e.verify;
+    pads = pads || e.padding > 0 || e.cache == &cache_.padding();
   }
   // A graph's sections stay put: a verification pass's snapshot section is as wide as the limit.
   if (fixed_width && !entries.empty() && entries[0].verify) Ws = lim_.max_verify_rows;
@@ -62,9 +65,11 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
   };
   int64_t used = 0;
   auto section = [&](int64_t n) { return Section{std::exchange(used, used + n), n}; };
+  // Which rows go to the experts: in every graph pass (a replay may pad where the capture did not).
+  const bool routed_rows = fixed_width || pads;
   const Section ids = section(T), pos = section(T), cu = section(B + 1), kv = section(B), bt = section(int64_t(B) * W),
                 slot_map = section(T), state = section(B), snaps = section(Ws > 0 ? int64_t(B) * Ws : 0),
-                logit_rows = section(R), hidden = section(mtp ? T : 0);
+                logit_rows = section(R), hidden = section(mtp ? T : 0), routed = section(routed_rows ? T : 0);
   staging_.assign(size_t(used), -1);
   const int bs = cache_.block_size();
   int row = 0, lrow = 0;
@@ -72,6 +77,7 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
     const Entry& e = entries[size_t(b)];
     const int n = int(e.tokens.size());
     const int64_t length = mtp ? e.cache->mtp_length : e.cache->length;
+    const bool padding_entry = e.cache == &cache_.padding();
     staging_[size_t(cu.offset + b)] = row;
     staging_[size_t(kv.offset + b)] = int32_t(length);
     std::copy(e.cache->blocks.begin(), e.cache->blocks.end(), staging_.begin() + bt.offset + int64_t(b) * W);
@@ -85,6 +91,7 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
       staging_[size_t(slot_map.offset + row)] =
           e.cache->blocks[size_t(cache_row / bs)] * bs + int32_t(cache_row % bs);
       if (mtp) staging_[size_t(hidden.offset + row)] = e.hidden_rows[size_t(i)];
+      if (routed_rows) staging_[size_t(routed.offset + row)] = !padding_entry && i < n - e.padding;
       if (e.logits == Logits::all || (e.logits == Logits::last && i == n - 1 - e.padding))
         staging_[size_t(logit_rows.offset + lrow++)] = row;
     }
@@ -112,6 +119,7 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
   batch.positions = view(pos);
   batch.logit_rows = view(logit_rows);
   if (mtp) batch.hidden_rows = view(hidden);
+  if (routed_rows) batch.routed = view(routed);
   return batch;
 }
 

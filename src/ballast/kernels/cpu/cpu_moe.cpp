@@ -18,12 +18,14 @@ namespace ballast::kernels {
 
 using namespace cpu;
 
-void CpuOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) {
+void CpuOps::topk_softmax(const Tensor& logits, int k, bool normalize, const Tensor& routed, Tensor& ids,
+                          Tensor& weights) {
   auto timed = time_op("topk_softmax");
-  const TopkShape shape = check_topk_softmax(logits, k, ids, weights);
+  const TopkShape shape = check_topk_softmax(logits, k, routed, ids, weights);
   const int64_t T = shape.T;
   const int E = int(shape.E);
   const float* lp = f32(logits);
+  const int32_t* rp = routed.defined() ? i32(routed) : nullptr;
   int32_t* idp = i32_mut(ids);
   float* wp = f32_mut(weights);
   parallel(&pool_, T, 16, [&](int64_t t0, int64_t t1) {
@@ -32,6 +34,11 @@ void CpuOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& i
     p.resize(size_t(E));
     idx.resize(size_t(E));
     for (int64_t t = t0; t < t1; ++t) {
+      if (rp && rp[t] == 0) {
+        std::fill(idp + t * k, idp + (t + 1) * k, -1);
+        std::fill(wp + t * k, wp + (t + 1) * k, 0.0f);
+        continue;
+      }
       const float* l = lp + t * E;
       const float mx = *std::max_element(l, l + E);
       float sum = 0;
@@ -89,6 +96,10 @@ void dispatch_balanced(const DispatchTables& tables, std::span<const int32_t> ro
   std::vector<int64_t> used(size_t(E), 0);
   for (int64_t i = 0; i < N; ++i) {
     const int e = ids[i];
+    if (e < 0) {
+      slots[i] = -1;
+      continue;
+    }
     const auto& shares = mine[size_t(e)];
     size_t& c = cursor[size_t(e)];
     while (c < shares.size() && used[size_t(e)] >= shares[c].second) {
@@ -110,11 +121,11 @@ void CpuOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Ten
   const int64_t N = shape.N, E = shape.E;
   const int32_t* id = i32(ids);
   int32_t* out = i32_mut(slots);
-  for (int64_t i = 0; i < N; ++i) check(id[i] >= 0 && id[i] < E, "dispatch: ids[{}] = {} not in [0, {})", i, id[i], E);
+  for (int64_t i = 0; i < N; ++i) check(id[i] < E, "dispatch: ids[{}] = {} not below {}", i, id[i], E);
   switch (tables.policy) {
     case eplb::Dispatch::static_: {
       const int32_t* table = i32(tables.static_slot);
-      for (int64_t i = 0; i < N; ++i) out[i] = table[id[i]];
+      for (int64_t i = 0; i < N; ++i) out[i] = id[i] < 0 ? -1 : table[id[i]];
       return;
     }
     case eplb::Dispatch::random: {
@@ -128,6 +139,10 @@ void CpuOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Ten
       const int32_t* rep = i32(tables.replicas);
       for (int64_t i = 0; i < N; ++i) {
         const int64_t e = id[i];
+        if (e < 0) {
+          out[i] = -1;
+          continue;
+        }
         const uint64_t h = mix64(seed ^ mix64(uint64_t(tables.rank) << 40 ^ uint64_t(i)));
         out[i] = rep[e * R + int64_t(h % uint64_t(count[e]))];
       }
@@ -261,19 +276,20 @@ void CpuOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weig
   auto timed = time_op("moe_combine");
   const auto [T, H, M, k] = check_moe_combine(y, rows, weights, out);
   const int32_t* r = nullptr;
+  const float* wp = f32(weights);
   if (rows.defined()) {
     r = i32(rows);
     for (int64_t i = 0; i < T * k; ++i)
-      check(r[i] >= 0 && r[i] < M, "moe_combine: rows[{}] = {} not in [0, {})", i, r[i], M);
+      check(wp[i] == 0.0f || (r[i] >= 0 && r[i] < M), "moe_combine: rows[{}] = {} not in [0, {})", i, r[i], M);
   }
   const float* yp = f32(y);
-  const float* wp = f32(weights);
   float* op = f32_mut(out);
   parallel(&pool_, T, 4, [&, H = H, k = k](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       float* o = op + t * H;
       for (int64_t j = 0; j < k; ++j) {
         const float wj = wp[t * k + j];
+        if (wj == 0.0f) continue;
         const float* yr = yp + (r ? int64_t(r[t * k + j]) : t * k + j) * H;
         for (int64_t i = 0; i < H; ++i) o[i] += wj * yr[i];
       }

@@ -173,12 +173,15 @@ void CpuOps::gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tenso
   const auto [N, M, row] = check_gather_rows(x, rows, row_div, out);
   const int32_t* r = i32(rows);
   for (int64_t i = 0; i < N; ++i)
-    check(r[i] >= 0 && r[i] / row_div < M, "gather_rows: row {} / {} out of range for x {}", r[i], row_div, x);
+    check(r[i] / row_div < M, "gather_rows: row {} / {} out of range for x {}", r[i], row_div, x);
   const char* src = static_cast<const char*>(x.raw());
   char* dst = static_cast<char*>(out.raw());
   const int64_t grain = int64_t(1 + (size_t(kElementGrain) * 4) / std::max<size_t>(row, 1));
   parallel(&pool_, N, grain, [&, row = row](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) std::memcpy(dst + size_t(i) * row, src + size_t(r[i] / row_div) * row, row);
+    for (int64_t i = i0; i < i1; ++i) {
+      if (r[i] < 0) std::memset(dst + size_t(i) * row, 0, row);
+      else std::memcpy(dst + size_t(i) * row, src + size_t(r[i] / row_div) * row, row);
+    }
   });
 }
 

@@ -61,7 +61,8 @@ class CpuOps final : public Ops {
                         Tensor& states, const SeqLayout& layout, Tensor& out) override;
   void gated_rms_norm(const Tensor& x, const Tensor& z, const Tensor& w, float eps, Tensor& y) override;
 
-  void topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) override;
+  void topk_softmax(const Tensor& logits, int k, bool normalize, const Tensor& routed, Tensor& ids,
+                    Tensor& weights) override;
   void dispatch(const DispatchTables& tables, const Tensor& ids, const Tensor& counts_by_rank,
                 Tensor& slots) override;
   void histogram(const Tensor& keys, Tensor& counts) override;

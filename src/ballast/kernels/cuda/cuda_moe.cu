@@ -114,7 +114,7 @@ __device__ void report(Fault* f, int code, long long a, long long b, long long c
 std::string describe(int code, long long a, long long b, long long c) {
   switch (code) {
     case cm::kHistogramKey: return fmt::format("histogram: keys[{}] = {} not below {} bins", a, b, c);
-    case cm::kDispatchId: return fmt::format("dispatch: ids[{}] = {} not in [0, {})", a, b, c);
+    case cm::kDispatchId: return fmt::format("dispatch: ids[{}] = {} not below {}", a, b, c);
     case cm::kDispatchReplicaCount:
       return fmt::format("dispatch: replica_count[{}] = {} not in [1, {}]", a, b, c);
     case cm::kDispatchPlacement: return fmt::format("dispatch: slot {} holds expert {}, outside [0, {})", a, b, c);
@@ -307,15 +307,20 @@ constexpr int kTopkMaxE = 1024;  // 32 elements a lane, in registers (a taken-ma
 constexpr int kTopkMaxK = 32;    // one selection a lane
 
 // A warp per row, the row in registers (lane l holds experts l, l + 32, ...; PER of them): the
-// softmax, then k rounds of argmax (larger p, then lower id) over what is not yet taken.
+// softmax, then k rounds of argmax (larger p, then lower id) over what is not yet taken. A row
+// that routed says is not routed gets no expert.
 template <int PER>
-__global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const float* logits, int64_t T,
-                                                                     int E, int k, bool normalize,
+__global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const float* logits, const int32_t* routed,
+                                                                     int64_t T, int E, int k, bool normalize,
                                                                      int32_t* __restrict__ ids,
                                                                      float* __restrict__ weights) {
   wait_for_prior_kernels();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t t = int64_t(blockIdx.x) * kTopkWarps + warp; t < T; t += int64_t(gridDim.x) * kTopkWarps) {
+    if (routed != nullptr && routed[t] == 0) {  // warp-uniform
+      if (lane < k) ids[t * k + lane] = -1, weights[t * k + lane] = 0.0f;
+      continue;
+    }
     const float* l = logits + t * E;
     float p[PER];
     float mx = -INFINITY;
@@ -376,12 +381,8 @@ __global__ void dispatch_static_kernel(const int32_t* ids, int64_t N, const int3
   wait_for_prior_kernels();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
     const int32_t e = ids[i];
-    if (e < 0 || e >= E) {
-      report(fault, cm::kDispatchId, i, e, E);
-      slots[i] = -1;
-    } else {
-      slots[i] = table[e];
-    }
+    if (e >= E) report(fault, cm::kDispatchId, i, e, E);
+    slots[i] = e < 0 || e >= E ? -1 : table[e];  // e < 0: a choice of no expert
   }
 }
 
@@ -394,8 +395,8 @@ __global__ void dispatch_random_kernel(const int32_t* ids, int64_t N, const int3
   const uint64_t seed = uint64_t(pass_seed[0]) * 1000003u + uint64_t(layer);
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < N; i += int64_t(gridDim.x) * blockDim.x) {
     const int32_t e = ids[i];
-    if (e < 0 || e >= E) {
-      report(fault, cm::kDispatchId, i, e, E);
+    if (e < 0 || e >= E) {  // e < 0: a choice of no expert
+      if (e >= E) report(fault, cm::kDispatchId, i, e, E);
       slots[i] = -1;
       continue;
     }
@@ -1746,7 +1747,7 @@ __global__ void __launch_bounds__(fp8_threads<C>(), C == 1 ? 2 : 1) experts_fp8_
 // ============================================================================================
 
 // Choices in groups of 4: their rows, weights and y values are all loaded before any is added
-// (the sums still in choice order, as the CPU's).
+// (the sums still in choice order, as the CPU's). A choice of weight 0 is skipped unread.
 template <bool V4>
 __global__ void combine_kernel(const float* y, int64_t M, const int32_t* rows,
                                const float* w, int64_t T, int64_t k, int64_t H, float* __restrict__ out,
@@ -1766,15 +1767,13 @@ __global__ void combine_kernel(const float* y, int64_t M, const int32_t* rows,
 #pragma unroll
       for (int q = 0; q < G; ++q) {
         const int64_t j = j0 + q;
-        r[q] = j < k ? (rows ? rows[t * k + j] : t * k + j) : -1;
+        wj[q] = j < k ? w[t * k + j] : 0.0f;
+        r[q] = wj[q] != 0.0f ? (rows ? rows[t * k + j] : t * k + j) : -1;
         if (r[q] >= M) {
           report(fault, cm::kCombineRow, t * k + j, r[q], M);
           r[q] = -1;
         }
-        if (r[q] >= 0) {
-          wj[q] = w[t * k + j];
-          v[q] = reinterpret_cast<const V*>(y)[r[q] * Hv + c];
-        }
+        if (r[q] >= 0) v[q] = reinterpret_cast<const V*>(y)[r[q] * Hv + c];
       }
 #pragma unroll
       for (int q = 0; q < G; ++q) {
@@ -1840,21 +1839,24 @@ __global__ void gather_routed_kernel(RoutedArgs a, int me, long long row_bytes, 
 // The ops
 // ============================================================================================
 
-void CudaOps::topk_softmax(const Tensor& logits, int k, bool normalize, Tensor& ids, Tensor& weights) {
+void CudaOps::topk_softmax(const Tensor& logits, int k, bool normalize, const Tensor& routed, Tensor& ids,
+                           Tensor& weights) {
   auto timed = time_op("topk_softmax");
   MoeState& st = moe_state(moe_state_, counters_);
   st.raise_pending();
-  const auto [T, E] = check_topk_softmax(logits, k, ids, weights);
+  const auto [T, E] = check_topk_softmax(logits, k, routed, ids, weights);
   check(E <= kTopkMaxE && k <= kTopkMaxK, "topk_softmax: {} experts, k={}: this backend takes at most {} and {}", E, k,
         kTopkMaxE, kTopkMaxK);
   expect_device("topk_softmax", "logits", logits);
   expect_device("topk_softmax", "ids", ids);
   expect_device("topk_softmax", "weights", weights);
+  if (routed.defined()) expect_device("topk_softmax", "routed", routed);
   if (T == 0) return;
   const unsigned grid = unsigned(blocks_for(T, kTopkWarps));
   auto launch_for = [&](auto per) {
-    launch(topk_softmax_kernel<decltype(per)::value>, grid, kTopkWarps * 32, 0, stream_, cuda::f32(logits), T, int(E),
-           k, normalize, cuda::i32_mut(ids), cuda::f32_mut(weights));
+    launch(topk_softmax_kernel<decltype(per)::value>, grid, kTopkWarps * 32, 0, stream_, cuda::f32(logits),
+           routed.defined() ? cuda::i32(routed) : nullptr, T, int(E), k, normalize, cuda::i32_mut(ids),
+           cuda::f32_mut(weights));
   };
   if (E <= 128)
     launch_for(std::integral_constant<int, 4>{});

@@ -588,13 +588,11 @@ BALLAST_MOE_DEV void run(Ctx& c, const Args& a, const Global& g, const Shared& s
     g.nshare[e] = ns;
     if (need[a.rank] != 0) c.report(kDispatchUnassigned, need[a.rank], e, a.rank);
   }
-  // Ids outside [0, E): no slot.
+  // Ids outside [0, E): no slot (ids < 0 are choices of no expert, the others faults).
   for (int64_t i = tid; i < a.N; i += nt) {
     const int e = a.ids[i];
-    if (e < 0 || e >= E) {
-      c.report(kDispatchId, i, e, E);
-      a.slots[i] = -1;
-    }
+    if (e >= E) c.report(kDispatchId, i, e, E);
+    if (e < 0 || e >= E) a.slots[i] = -1;
   }
   c.sync();
 
