@@ -1,5 +1,6 @@
 // The MTP head against the PyTorch reference (tools/mtp_reference.py), speculative decoding's
 // losslessness, and the MTP layer as an expert domain of its own (the seed PR's bug).
+#include <fmt/format.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -14,8 +15,10 @@
 #include "ballast/runtime/distributed.h"
 #include "ballast/runtime/engine.h"
 #include "ballast/kernels/sampling.h"
+#include "ballast/runtime/backend_device_queue.h"
 #include "ballast/runtime/speculative.h"
 #include "fixtures.h"
+#include "support/recording_backend.h"
 
 namespace fs = std::filesystem;
 using namespace ballast;
@@ -99,19 +102,29 @@ TEST_P(Mtp, SpeculativeGreedyEqualsGreedy) {
   }
 }
 
-// Speculation on G thread ranks with redundant experts and rebalancing of both domains.
+// Speculation on G thread ranks with redundant experts and rebalancing of both domains. graphs:
+// on the CPU, over a backend that records graphs as CUDA does and the thread plane on it, so that
+// the ranks' passes are group graphs as on a GPU (where they are anyway).
 struct EpSpecRun {
   std::vector<std::vector<int32_t>> outputs;
   int trunk_rebalances = 0, mtp_rebalances = 0;
+  int64_t verify_replays = 0, idle_replays = 0;  // group graph passes of each kind, summed over ranks
 };
 
 EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts, int G,
-                             int steps, int interval) {
+                             int steps, int interval, bool graphs = false) {
   EpSpecRun out;
   std::mutex mu;
   dist::ThreadWorld world(G);
   dist::run_ranks(world, [&](dist::Communicator& comm) {
-    runtime::EngineOptions opts{.comm = &comm, .data = &world.data_plane(comm.rank())};
+    std::unique_ptr<kernels::Backend> backend = test_backend(1);
+    std::unique_ptr<dist::DataPlane> on_device;
+    if (graphs && !backend->can_capture()) {
+      backend = std::make_unique<RecordingBackend>(std::move(backend));
+      on_device = world.data_plane(comm.rank()).on_device(std::make_unique<runtime::BackendDeviceQueue>(*backend));
+    }
+    runtime::EngineOptions opts{.comm = &comm,
+                                .data = on_device ? on_device.get() : &world.data_plane(comm.rank())};
     opts.log.level = LogLevel::Quiet;
     const int R = redundant_for(model::load_model_config(kFixtures / fixture).num_experts, G, G);
     opts.ep.mtp.emplace();
@@ -121,12 +134,17 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
       d->rebalance.enabled = interval > 0;
       d->rebalance.interval = interval;
     }
-    auto engine = load_engine(kFixtures / fixture, 1, opts);
+    auto engine = runtime::Engine::load(kFixtures / fixture, std::move(backend), opts);
+    if (steps > 0) engine->set_speculative_steps(steps);  // kept after the run: the runner's counts stay
     auto r = runtime::generate_distributed(comm, prompts, [&](const auto& mine) {
       return steps > 0 ? runtime::generate_speculative(*engine, mine, 16, {.num_steps = steps})
                        : engine->generate(mine, 16);
     });
+    on_device.reset();  // its queue is the engine's backend's
     std::lock_guard lk(mu);
+    using Kind = runtime::ModelRunner::GraphKind;
+    out.verify_replays += engine->runner().replays(Kind::verify);
+    out.idle_replays += engine->runner().replays(Kind::idle);
     if (comm.rank() == 0) {
       out.outputs = r.outputs;
       out.trunk_rebalances = int(engine->trunk_ep()->rebalancer.events().size());
@@ -146,6 +164,28 @@ TEST_P(Mtp, SpeculativeUnderExpertParallelismWithRebalancesIsLossless) {
     EXPECT_GT(got.trunk_rebalances, 0);
     EXPECT_GT(got.mtp_rebalances, 0);
   }
+}
+
+// The same with every rank's verification passes as one group graph, replayed from rank 0
+// (runtime/graph_group.h): lossless too. Four prompts over G = 2 and 4, and two over G = 4: ranks
+// 2 and 3 have no sequences and take part in the others' graphs with empty parts.
+TEST_P(Mtp, SpeculativeUnderExpertParallelismAsGroupGraphsIsLossless) {
+  const auto four = prompts_of(GetParam());
+  const std::vector<std::vector<int32_t>> two(four.begin(), four.begin() + 2);
+  auto engine = load_engine(kFixtures / GetParam(), 2);
+  const auto want = engine->generate(four, 16).outputs;
+  for (const auto* prompts : {&four, &two})
+    for (int G : {2, 4})
+      for (int steps : {1, 2}) {
+        if (prompts == &two && G == 2) continue;
+        const std::string where = fmt::format("{} prompts, G={}, steps={}", prompts->size(), G, steps);
+        auto got = run_ep_speculative(GetParam(), *prompts, G, steps, /*interval=*/2, /*graphs=*/true);
+        EXPECT_EQ(got.outputs, std::vector(want.begin(), want.begin() + std::ssize(*prompts))) << where;
+        EXPECT_GT(got.verify_replays, 0) << where << ": no verification was a graph";
+        EXPECT_GT(got.trunk_rebalances, 0) << where;
+        EXPECT_GT(got.mtp_rebalances, 0) << where;
+        if (prompts == &two) EXPECT_GT(got.idle_replays, 0) << where << ": no rank took part idle";
+      }
 }
 
 INSTANTIATE_TEST_SUITE_P(Fixtures, Mtp, ::testing::ValuesIn(fixtures_with("mtp_reference.safetensors")), [](const auto& info) { return info.param; });

@@ -141,10 +141,10 @@ ModelRunner::GraphBucket ModelRunner::graph_bucket(std::span<const Entry> entrie
 ModelRunner::GraphBucket ModelRunner::plan(std::span<const Entry> entries) {
   GraphBucket g = graph_bucket(entries);
   if (!group_) return g;
-  // Decode passes only: verification passes under EP (speculative decoding's) have not run as
-  // graphs on a GPU yet.
-  const bool mine = g.seqs > 0 && g.kind == GraphKind::decode;
-  g.group_key = group_->agree(mine ? g.own_key() : -1);
+  // A rank with nothing to run takes part in the group's graph with no rows: its MoE layers still
+  // receive, compute and return the others' rows.
+  if (entries.empty() && lim_.graphs && be_.can_capture()) g.kind = GraphKind::idle;
+  g.group_key = group_->agree(g.graphed() ? g.own_key() : -1);
   return g.group_key >= 0 ? g : GraphBucket{};
 }
 
@@ -212,7 +212,7 @@ int ModelRunner::logit_rows(std::span<const Entry> entries) {
 ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw) {
   const GraphBucket g = planned_ ? *planned_ : plan(entries);
   planned_.reset();
-  const bool bucket = g.seqs > 0;
+  const bool bucket = g.seqs > 0, graphed = g.graphed();
   std::vector<Entry> padded;
   if (bucket) {
     // Padding entries as the others are; a verifying one has no snapshot slots (its states move
@@ -226,7 +226,7 @@ ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const s
   const std::span<const Entry> pass = bucket ? std::span<const Entry>(padded) : entries;
   ws_.reset();
   Result r;
-  const model::ForwardBatch batch = prepare(pass, Track::trunk, r, bucket);
+  const model::ForwardBatch batch = prepare(pass, Track::trunk, r, graphed);
   r.first_row.resize(entries.size());
   r.first_logit.resize(entries.size());
   const auto& c = model_.config();
@@ -240,7 +240,7 @@ ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const s
     if (draw) draw(r);
   };
   last_graph_nodes_ = 0;
-  if (bucket) last_graph_nodes_ = run_graphed(g, run);
+  if (graphed) last_graph_nodes_ = run_graphed(g, run);
   else run();
   return r;
 }

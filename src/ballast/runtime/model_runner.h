@@ -26,7 +26,8 @@ struct RunnerLimits {
   // Decode passes (every sequence one row drawing a token) and verification passes (every sequence
   // max_verify_rows rows, all with logits) as graphs captured per batch-size bucket (powers of two
   // up to max_seqs), where the backend can capture. In a graph group (in-process EP ranks on one
-  // GPU) decode passes only, as one graph of every rank's pass where every rank runs one.
+  // GPU) as one graph of every rank's pass where every rank runs one of these or nothing (a rank
+  // without sequences takes part with no rows: its experts serve the others').
   bool graphs = false;
 };
 
@@ -82,8 +83,9 @@ class ModelRunner {
   kernels::Backend& backend() { return be_; }
   // Kernels and copies in the graph of the last decode pass (0: it ran eagerly).
   int64_t last_graph_nodes() const { return last_graph_nodes_; }
-  // A graph pass's kind, and how many passes of each kind replayed a graph so far.
-  enum class GraphKind { decode, verify, draft_from_trunk, draft_chained, draft_first, count };
+  // A graph pass's kind, and how many passes of each kind replayed a graph so far (idle: a rank's
+  // empty part of its group's graph).
+  enum class GraphKind { decode, verify, draft_from_trunk, draft_chained, draft_first, idle, count };
   int64_t replays(GraphKind k) const { return replays_[size_t(k)]; }
   kernels::Workspace& workspace() { return ws_; }
   const RunnerLimits& limits() const { return lim_; }
@@ -92,12 +94,13 @@ class ModelRunner {
   enum class Track { trunk, mtp };
   // fixed_width: block tables as wide as the limit (a graph's metadata does not move).
   model::ForwardBatch prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width = false);
-  // A graph pass's shape: its kind and sequences (a power of two; 0: not a graph pass).
+  // A graph pass's shape: its kind and sequences (a power of two; 0: not a graph pass, unless idle).
   struct GraphBucket {
     int seqs = 0;
     int rows = 1;  // per sequence
     GraphKind kind = GraphKind::decode;
     int64_t group_key = -1;  // in a graph group, the group's graph (every rank's buckets)
+    bool graphed() const { return seqs > 0 || kind == GraphKind::idle; }
     int64_t own_key() const { return int64_t(seqs) * int64_t(GraphKind::count) + int64_t(kind); }
     int64_t key() const { return group_key >= 0 ? group_key : own_key(); }
   };
