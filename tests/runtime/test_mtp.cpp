@@ -108,7 +108,8 @@ TEST_P(Mtp, SpeculativeGreedyEqualsGreedy) {
 struct EpSpecRun {
   std::vector<std::vector<int32_t>> outputs;
   int trunk_rebalances = 0, mtp_rebalances = 0;
-  int64_t verify_replays = 0, idle_replays = 0;  // group graph passes of each kind, summed over ranks
+  // Group graph passes of each kind, summed over ranks: verifications, draft steps, empty parts.
+  int64_t verify_replays = 0, draft_replays = 0, idle_replays = 0;
 };
 
 EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts, int G,
@@ -143,8 +144,10 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
     on_device.reset();  // its queue is the engine's backend's
     std::lock_guard lk(mu);
     using Kind = runtime::ModelRunner::GraphKind;
-    out.verify_replays += engine->runner().replays(Kind::verify);
-    out.idle_replays += engine->runner().replays(Kind::idle);
+    const auto& runner = engine->runner();
+    out.verify_replays += runner.replays(Kind::verify);
+    for (Kind k : {Kind::draft_from_trunk, Kind::draft_chained, Kind::draft_first}) out.draft_replays += runner.replays(k);
+    out.idle_replays += runner.replays(Kind::idle) + runner.replays(Kind::draft_idle);
     if (comm.rank() == 0) {
       out.outputs = r.outputs;
       out.trunk_rebalances = int(engine->trunk_ep()->rebalancer.events().size());
@@ -166,8 +169,9 @@ TEST_P(Mtp, SpeculativeUnderExpertParallelismWithRebalancesIsLossless) {
   }
 }
 
-// The same with every rank's verification passes as one group graph, replayed from rank 0
-// (runtime/graph_group.h): lossless too. Four prompts over G = 2 and 4, and two over G = 4: ranks
+// The same with every rank's verification and draft passes as one group graph, replayed from rank 0
+// (runtime/graph_group.h): lossless too (one draft step: issued before the verification's
+// download, as all the ranks agree). Four prompts over G = 2 and 4, and two over G = 4: ranks
 // 2 and 3 have no sequences and take part in the others' graphs with empty parts.
 TEST_P(Mtp, SpeculativeUnderExpertParallelismAsGroupGraphsIsLossless) {
   const auto four = prompts_of(GetParam());
@@ -182,6 +186,7 @@ TEST_P(Mtp, SpeculativeUnderExpertParallelismAsGroupGraphsIsLossless) {
         auto got = run_ep_speculative(GetParam(), *prompts, G, steps, /*interval=*/2, /*graphs=*/true);
         EXPECT_EQ(got.outputs, std::vector(want.begin(), want.begin() + std::ssize(*prompts))) << where;
         EXPECT_GT(got.verify_replays, 0) << where << ": no verification was a graph";
+        EXPECT_GT(got.draft_replays, 0) << where << ": no draft step was a graph";
         EXPECT_GT(got.trunk_rebalances, 0) << where;
         EXPECT_GT(got.mtp_rebalances, 0) << where;
         if (prompts == &two) EXPECT_GT(got.idle_replays, 0) << where << ": no rank took part idle";

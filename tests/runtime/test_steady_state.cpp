@@ -11,8 +11,10 @@
 #include <random>
 
 #include "ballast/dist/thread_world.h"
+#include "ballast/runtime/backend_device_queue.h"
 #include "ballast/runtime/engine.h"
 #include "fixtures.h"
+#include "support/recording_backend.h"
 
 using namespace ballast;
 using namespace ballast::runtime;
@@ -21,17 +23,26 @@ namespace {
 
 struct RankFigures {
   int64_t allocations = 0, downloads = 0, passes = 0, rebalances = 0, mixed_passes = 0, max_running = 0;
+  int64_t graph_passes = 0;  // replays (rank 0 replays a group's graph)
 };
 
-TEST(SteadyState, NoAllocationAndOneDownloadPerPassUnderExpertParallelismAndSpeculation) {
+// graphs: on the CPU, over a backend that records graphs as CUDA does and the thread plane on it,
+// so that decode, verification and draft passes are group graphs as on a GPU (where they are anyway).
+void steady_state(int S, bool graphs) {
   const std::string fixture = "qwen3_next_a";
-  const int G = 4, S = 2;
+  const int G = 4;
   const int E = model::load_model_config(test::kFixtures / fixture).num_experts;
   std::vector<RankFigures> figures(G);
   std::mutex mu;
   dist::ThreadWorld world(G);
   dist::run_ranks(world, [&](dist::Communicator& comm) {
-    EngineOptions opts{.comm = &comm, .data = &world.data_plane(comm.rank())};
+    std::unique_ptr<kernels::Backend> backend = test::test_backend(1);
+    std::unique_ptr<dist::DataPlane> on_device;
+    if (graphs && !backend->can_capture()) {
+      backend = std::make_unique<test::RecordingBackend>(std::move(backend));
+      on_device = world.data_plane(comm.rank()).on_device(std::make_unique<BackendDeviceQueue>(*backend));
+    }
+    EngineOptions opts{.comm = &comm, .data = on_device ? on_device.get() : &world.data_plane(comm.rank())};
     opts.log.level = LogLevel::Quiet;
     opts.speculative_steps = S;
     opts.cache.chunked_prefill_size = 48;  // prompts arrive while others decode: chunks mix with verifications
@@ -44,7 +55,7 @@ TEST(SteadyState, NoAllocationAndOneDownloadPerPassUnderExpertParallelismAndSpec
       d->rebalance.interval = 6;
       d->rebalance.layers_per_chunk = 1;
     }
-    auto engine = test::load_engine(test::kFixtures / fixture, 1, opts);
+    auto engine = Engine::load(test::kFixtures / fixture, std::move(backend), opts);
     std::mt19937 rng(uint32_t(100 + comm.rank()));
     std::vector<std::vector<int32_t>> prompts;
     for (int i = 0; i < 12; ++i) {
@@ -82,12 +93,14 @@ TEST(SteadyState, NoAllocationAndOneDownloadPerPassUnderExpertParallelismAndSpec
     f.passes = passes() - passes_before;
     f.rebalances = int64_t(engine->trunk_ep()->rebalancer.events().size() +
                            engine->mtp_ep()->rebalancer.events().size() - events_before);
+    if (graphs) f.graph_passes = engine->backend().counters().graph_replays;
+    on_device.reset();  // its queue is the engine's backend's
     std::lock_guard lk(mu);
     figures[size_t(comm.rank())] = f;
   });
   for (int r = 0; r < G; ++r) {
     const RankFigures& f = figures[size_t(r)];
-    RecordProperty("rank" + std::to_string(r), fmt::format("{} passes, {} downloads, {} allocations, {} rebalances, "
+    ::testing::Test::RecordProperty("rank" + std::to_string(r), fmt::format("{} passes, {} downloads, {} allocations, {} rebalances, "
                                                            "{} mixed passes, up to {} running",
                                                            f.passes, f.downloads, f.allocations, f.rebalances,
                                                            f.mixed_passes, f.max_running));
@@ -98,6 +111,17 @@ TEST(SteadyState, NoAllocationAndOneDownloadPerPassUnderExpertParallelismAndSpec
     EXPECT_GT(f.rebalances, 0) << "rank " << r;
     EXPECT_GT(f.mixed_passes, 0) << "rank " << r;
     EXPECT_GE(f.max_running, 8) << "rank " << r;
+    if (graphs && r == 0) EXPECT_GT(f.graph_passes, 0) << "no group graph was replayed";
+  }
+}
+
+TEST(SteadyState, NoAllocationAndOneDownloadPerPassUnderExpertParallelismAndSpeculation) { steady_state(2, false); }
+
+// The same with group graphs, and with one draft step (issued before the verification's download).
+TEST(SteadyState, NoAllocationAndOneDownloadPerPassUnderGroupGraphs) {
+  for (int S : {1, 2}) {
+    SCOPED_TRACE(fmt::format("{} draft steps", S));
+    steady_state(S, true);
   }
 }
 

@@ -437,9 +437,12 @@ bool Engine::step() {
   const int64_t Bv = int64_t(verify_tokens.size()), Rv = Bv * (S + 1), Rs = int64_t(draw_rows.size());
   const int64_t Rout = Bv * (S + 2);  // verdicts: per verification, a count and a + 1 tokens
   // The draws are staged before the pass (a captured graph finds them in place), padded to the
-  // rows of a graph's batch; the sample op runs inside the pass.
+  // rows of a decode graph's batch; the sample op runs inside the pass. A verification pass draws
+  // nothing (its padding rows neither): a graph of one captures no draw whose rows would move with
+  // the number of sequences it pads.
   static const SamplingParams greedy;
-  const int64_t Rdraw = runner_->logit_rows(entries) - Rv;
+  const int64_t pass_rows = runner_->logit_rows(entries);  // plans the pass (under EP: every rank's)
+  const int64_t Rdraw = Bv > 0 ? Rs : pass_rows - Rv;
   while (int64_t(draw_rows.size()) < Rdraw) draw_rows.push_back({&greedy, 0, 0});
   const kernels::SamplingRows staged = Rdraw > 0 ? sampler_->stage(draw_rows) : kernels::SamplingRows{};
   const Tensor results = trunk_out_.results(Rout + Rdraw);

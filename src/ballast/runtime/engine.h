@@ -231,7 +231,7 @@ class Engine {
   };
   // Whether the first draft step of a pass is issued before the pass's results are downloaded:
   // one draft step, every sequence verifies and first steps are padded to S + 1 rows (graphs).
-  bool drafts_early(std::span<const Scheduled> pass) const;
+  bool drafts_early(std::span<const Scheduled> pass);  // collective under EP
   // The first step, from what each sequence kept of the trunk pass (kept_rows, on the host), or,
   // early, from the verification's verdicts on the device (the drafts then go to early_ids).
   DraftRound first_draft_step(std::span<const Scheduled> pass, const ModelRunner::Result& trunk,

@@ -138,19 +138,18 @@ ModelRunner::GraphBucket ModelRunner::graph_bucket(std::span<const Entry> entrie
   return {seqs, rows, verify ? GraphKind::verify : GraphKind::decode};
 }
 
-ModelRunner::GraphBucket ModelRunner::plan(std::span<const Entry> entries) {
-  GraphBucket g = graph_bucket(entries);
+ModelRunner::GraphBucket ModelRunner::in_group(GraphBucket g, std::span<const Entry> entries, GraphKind idle) {
   if (!group_) return g;
   // A rank with nothing to run takes part in the group's graph with no rows: its MoE layers still
   // receive, compute and return the others' rows.
-  if (entries.empty() && lim_.graphs && be_.can_capture()) g.kind = GraphKind::idle;
+  if (entries.empty() && lim_.graphs && be_.can_capture()) g.kind = idle;
   g.group_key = group_->agree(g.graphed() ? g.own_key() : -1);
   return g.group_key >= 0 ? g : GraphBucket{};
 }
 
 ModelRunner::GraphBucket ModelRunner::draft_graph_bucket(std::span<const Entry> entries,
                                                          const Tensor& hidden_source) const {
-  if (!lim_.graphs || group_ || entries.empty() || !be_.can_capture()) return {};
+  if (!lim_.graphs || entries.empty() || !be_.can_capture()) return {};
   // One row each, or (a first step, padded) max_verify_rows each, from one of the two hidden
   // buffers that outlive passes (a graph reads it in place).
   const int rows = int(entries[0].tokens.size());
@@ -250,7 +249,7 @@ ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, con
   // Draft passes of one row per sequence (chained steps; a first step where every draft was
   // rejected) and first steps padded to max_verify_rows rows each run as graphs, padded to their
   // bucket as decode passes are.
-  const GraphBucket g = draft_graph_bucket(entries, hidden_source);
+  const GraphBucket g = in_group(draft_graph_bucket(entries, hidden_source), entries, GraphKind::draft_idle);
   std::vector<Entry> padded;
   if (g.seqs) {
     pad_tokens_.assign(size_t(g.rows), 0);
@@ -262,7 +261,7 @@ ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, con
   const std::span<const Entry> pass = g.seqs ? std::span<const Entry>(padded) : entries;
   ws_.reset();
   Result r;
-  const model::ForwardBatch batch = prepare(pass, Track::mtp, r, g.seqs > 0);
+  const model::ForwardBatch batch = prepare(pass, Track::mtp, r, g.graphed());
   r.first_row.resize(entries.size());
   r.first_logit.resize(entries.size());
   const auto& c = model_.config();
@@ -290,7 +289,7 @@ ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, con
     be_.ops().draft_inputs(verdicts, ids, last_rows);
   }
   auto run = [&] { model_.mtp_forward(batch, hidden_source, cache_.views(), ws_, out); };
-  if (g.seqs) run_graphed(g, run);
+  if (g.graphed()) run_graphed(g, run);
   else run();
   return r;
 }

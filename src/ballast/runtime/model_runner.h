@@ -25,9 +25,9 @@ struct RunnerLimits {
   int max_verify_rows = 1;     // rows of a verifying sequence (drafts + 1)
   // Decode passes (every sequence one row drawing a token) and verification passes (every sequence
   // max_verify_rows rows, all with logits) as graphs captured per batch-size bucket (powers of two
-  // up to max_seqs), where the backend can capture. In a graph group (in-process EP ranks on one
-  // GPU) as one graph of every rank's pass where every rank runs one of these or nothing (a rank
-  // without sequences takes part with no rows: its experts serve the others').
+  // up to max_seqs), where the backend can capture; draft passes likewise. In a graph group
+  // (in-process EP ranks on one GPU) as one graph of every rank's pass where every rank runs one of
+  // these or nothing (a rank without sequences takes part with no rows: its experts serve the others').
   bool graphs = false;
 };
 
@@ -77,15 +77,15 @@ class ModelRunner {
   // Whether a first draft step should pad every entry to max_verify_rows rows: its passes are then
   // graphs of one shape whatever each sequence kept of its verification.
   bool pads_first_drafts() const {
-    return lim_.graphs && !group_ && be_.can_capture() && lim_.max_verify_rows <= cache_.block_size();
+    return lim_.graphs && be_.can_capture() && lim_.max_verify_rows <= cache_.block_size();
   }
 
   kernels::Backend& backend() { return be_; }
   // Kernels and copies in the graph of the last decode pass (0: it ran eagerly).
   int64_t last_graph_nodes() const { return last_graph_nodes_; }
-  // A graph pass's kind, and how many passes of each kind replayed a graph so far (idle: a rank's
-  // empty part of its group's graph).
-  enum class GraphKind { decode, verify, draft_from_trunk, draft_chained, draft_first, idle, count };
+  // A graph pass's kind, and how many passes of each kind replayed a graph so far (idle, draft_idle:
+  // a rank's empty part of its group's graph of a trunk pass, of a draft pass).
+  enum class GraphKind { decode, verify, draft_from_trunk, draft_chained, draft_first, idle, draft_idle, count };
   int64_t replays(GraphKind k) const { return replays_[size_t(k)]; }
   kernels::Workspace& workspace() { return ws_; }
   const RunnerLimits& limits() const { return lim_; }
@@ -100,14 +100,17 @@ class ModelRunner {
     int rows = 1;  // per sequence
     GraphKind kind = GraphKind::decode;
     int64_t group_key = -1;  // in a graph group, the group's graph (every rank's buckets)
-    bool graphed() const { return seqs > 0 || kind == GraphKind::idle; }
+    bool graphed() const { return seqs > 0 || kind == GraphKind::idle || kind == GraphKind::draft_idle; }
     int64_t own_key() const { return int64_t(seqs) * int64_t(GraphKind::count) + int64_t(kind); }
     int64_t key() const { return group_key >= 0 ? group_key : own_key(); }
   };
   GraphBucket graph_bucket(std::span<const Entry> entries) const;
-  // The trunk pass's graph: graph_bucket's, in a graph group the one every rank runs (or none).
-  GraphBucket plan(std::span<const Entry> entries);
   GraphBucket draft_graph_bucket(std::span<const Entry> entries, const Tensor& hidden_source) const;
+  // A pass's graph: its own bucket g, in a graph group the one every rank runs (or none); a rank
+  // without entries runs an empty part of kind `idle`.
+  GraphBucket in_group(GraphBucket g, std::span<const Entry> entries, GraphKind idle);
+  // The trunk pass's graph.
+  GraphBucket plan(std::span<const Entry> entries) { return in_group(graph_bucket(entries), entries, GraphKind::idle); }
   // Runs `run` as the graph of g: eagerly the first time, captured the second, replayed after.
   // Returns the graph's nodes (0: it ran eagerly).
   int64_t run_graphed(const GraphBucket& g, const std::function<void()>& run);

@@ -12,14 +12,17 @@ std::optional<eplb::Recorder::PauseGuard> Engine::pause_mtp_recording() {
   return paused;
 }
 
-bool Engine::drafts_early(std::span<const Scheduled> pass) const {
+bool Engine::drafts_early(std::span<const Scheduled> pass) {
   // Every sequence verifies, so every one drafts from its S + 1 rows padded whatever it keeps. One
   // draft step only: with chained steps a round downloads twice either way (they need the host's
   // positions), and issuing the first step early measured 2-3% slower there (docs/perf.md).
-  if (steps_ != 1 || pass.empty() || !runner_->pads_first_drafts()) return false;
-  for (const Scheduled& s : pass)
-    if (!s.verify) return false;
-  return true;
+  if (steps_ != 1 || !runner_->pads_first_drafts()) return false;  // the same on every rank
+  bool mine = true;
+  for (const Scheduled& s : pass) mine = mine && s.verify;
+  // Under EP the step's collectives come in another order when early: every rank must agree (one
+  // without sequences has no say).
+  if (!comm_) return mine && !pass.empty();
+  return !comm_->all_reduce_or(!mine);
 }
 
 Engine::DraftRound Engine::first_draft_step(std::span<const Scheduled> pass, const ModelRunner::Result& trunk,
