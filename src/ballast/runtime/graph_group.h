@@ -11,17 +11,17 @@
 // keeps the plane's counts on the device too, so that it sizes every buffer as the capture will.
 // Every method is collective over the ranks' communicator (all call it, in the same order).
 #include <cstdint>
-#include <functional>
 #include <map>
 #include <vector>
 
 #include "ballast/dist/communicator.h"
 #include "ballast/dist/data_plane.h"
 #include "ballast/kernels/backend.h"
+#include "ballast/runtime/graphs.h"
 
 namespace ballast::runtime {
 
-class GraphGroup {
+class GraphGroup final : public Graphs {
  public:
   // plane: the ranks' data plane on the device they share (DataPlane::shares_device).
   GraphGroup(dist::Communicator& comm, kernels::Backend& backend, dist::DataPlane& plane)
@@ -32,15 +32,15 @@ class GraphGroup {
   // rank where some rank has none.
   int64_t agree(int64_t key);
   // Whether any rank says so (a rank's buffers moved: every rank captures again).
-  bool any(bool mine) { return comm_.all_reduce_or(mine); }
+  bool any(bool mine) override { return comm_.all_reduce_or(mine); }
   // A graph's first pass, eager, its counts on the device as under the capture.
-  void warm_up(const std::function<void()>& run);
+  void warm_up(const std::function<void()>& run) override;
   // Between begin_capture and end_capture every rank issues its part of the pass.
-  void begin_capture();
-  void end_capture(int64_t key);
+  void begin_capture() override;
+  void end_capture(int64_t key) override;
   // Runs the group's graph `key`, which rank 0 holds.
-  void replay(int64_t key);
-  int64_t graph_nodes(int64_t key) const { return comm_.rank() == 0 ? be_.graph_nodes(key) : 0; }
+  void replay(int64_t key) override;
+  int64_t graph_nodes(int64_t key) const override { return comm_.rank() == 0 ? be_.graph_nodes(key) : 0; }
 
  private:
   // Every rank's mark of the work issued so far, by rank. Two slots (the data plane has 0 and 1),

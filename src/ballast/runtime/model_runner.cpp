@@ -9,7 +9,8 @@ namespace ballast::runtime {
 
 ModelRunner::ModelRunner(model::Model& model, kernels::Backend& backend, StateCache& cache, const RunnerLimits& lim,
                          GraphGroup* group)
-    : model_(model), be_(backend), cache_(cache), lim_(lim), group_(group), ws_(backend) {
+    : model_(model), be_(backend), cache_(cache), lim_(lim), group_(group), solo_(backend),
+      graphs_(group ? static_cast<Graphs&>(*group) : solo_), ws_(backend) {
   check(lim.max_tokens > 0 && lim.max_seqs > 0 && lim.max_blocks_per_seq > 0 && lim.max_verify_rows > 0,
         "model runner: limits of {} rows, {} sequences, {} blocks per sequence", lim.max_tokens, lim.max_seqs,
         lim.max_blocks_per_seq);
@@ -171,9 +172,8 @@ ModelRunner::GraphBucket ModelRunner::draft_graph_bucket(std::span<const Entry> 
 int64_t ModelRunner::run_graphed(const GraphBucket& g, const std::function<void()>& run) {
   // Graphs read the buffers they were captured over: when any has moved (on any rank of a group),
   // capture again.
-  bool moved = be_.counters().memory_epoch != graph_epoch_ || ws_.generation() != graph_workspace_;
-  if (group_) moved = group_->any(moved);
-  if (moved) {
+  const bool moved = be_.counters().memory_epoch != graph_epoch_ || ws_.generation() != graph_workspace_;
+  if (graphs_.any(moved)) {
     be_.drop_graphs();
     captured_.clear();
     graph_epoch_ = be_.counters().memory_epoch;
@@ -183,21 +183,17 @@ int64_t ModelRunner::run_graphed(const GraphBucket& g, const std::function<void(
   if (!captured_.count(key)) {
     if (!warmed_.count(key)) {  // the first time eagerly: every buffer it needs grows now
       warmed_.insert(key);
-      if (group_) group_->warm_up(run);
-      else run();
+      graphs_.warm_up(run);
       return 0;
     }
-    if (group_) group_->begin_capture();
-    else be_.begin_capture();
+    graphs_.begin_capture();
     run();
-    if (group_) group_->end_capture(key);
-    else be_.end_capture(key);
+    graphs_.end_capture(key);
     captured_.insert(key);
   }
-  if (group_) group_->replay(key);
-  else be_.replay(key);
+  graphs_.replay(key);
   ++replays_[size_t(g.kind)];
-  return group_ ? group_->graph_nodes(key) : be_.graph_nodes(key);
+  return graphs_.graph_nodes(key);
 }
 
 int ModelRunner::logit_rows(std::span<const Entry> entries) {

@@ -120,6 +120,8 @@ class ModelRunner {
   StateCache& cache_;
   RunnerLimits lim_;
   GraphGroup* group_;
+  SoloGraphs solo_;
+  Graphs& graphs_;  // group_ or solo_
   std::optional<GraphBucket> planned_;  // logit_rows' plan, for the forward() that follows
   kernels::Workspace ws_;
   std::vector<int32_t> staging_;  // the pass's metadata on the host, uploaded in one copy
