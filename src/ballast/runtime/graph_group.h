@@ -7,8 +7,9 @@
 // device while capturing); the others' streams join back and rank 0 ends the capture. A replay
 // waits for every rank's work issued before it, and every rank's later work waits for it. The
 // ranks agree on each pass first: a graph where every rank runs one (a rank without sequences an
-// empty part), keyed by all their buckets (each pads its own batch to its own bucket), or none. The pass before a capture (warm_up)
-// keeps the plane's counts on the device too, so that it sizes every buffer as the capture will.
+// empty part), keyed by all their buckets (each pads its own batch to its own bucket), or none.
+// The pass before a capture (warm_up) keeps the plane's counts on the device too, so that it sizes
+// every buffer as the capture will.
 // Every method is collective over the ranks' communicator (all call it, in the same order).
 #include <cstdint>
 #include <map>
