@@ -1734,16 +1734,28 @@ TEST_P(OpConformance, DraftInputsShiftTheVerdictsTokensAndPickTheLastKeptRow) {
                                       0, 6, -1, -1, -1,  //
                                       2, 8, 1, 2, -1};
   Tensor tokens = be().alloc({B * (S + 1)}, DType::I32), last = be().alloc({B}, DType::I32);
-  ops().draft_inputs(i32(verdicts, {B, S + 2}), tokens, last);
+  Tensor routed = i32(std::vector<int32_t>(size_t(B * (S + 1)), 7)), none;
+  ops().draft_inputs(i32(verdicts, {B, S + 2}), tokens, last, routed);
   EXPECT_EQ(ints(tokens), (std::vector<int32_t>{2, 5, 7, 1,  //
                                                 4, 4, 4, 4,  //
                                                 6, 6, 6, 6,  //
                                                 8, 1, 2, 2}));
   EXPECT_EQ(ints(last), (std::vector<int32_t>{3, 5, 8, 14}));
+  // The rows past the kept ones only pad: no expert for them.
+  EXPECT_EQ(ints(routed), (std::vector<int32_t>{1, 1, 1, 1,  //
+                                                1, 1, 0, 0,  //
+                                                1, 0, 0, 0,  //
+                                                1, 1, 1, 0}));
+  Tensor tokens2 = be().alloc({B * (S + 1)}, DType::I32);
+  ops().draft_inputs(i32(verdicts, {B, S + 2}), tokens2, last, none);  // routed is optional
+  EXPECT_EQ(ints(tokens2), ints(tokens));
   // No sequences: nothing to do.
   Tensor none_tokens = be().alloc({0}, DType::I32), none_last = be().alloc({0}, DType::I32);
-  ops().draft_inputs(be().alloc({0, S + 2}, DType::I32), none_tokens, none_last);
-  EXPECT_THROW(ops().draft_inputs(i32(verdicts, {B, S + 2}), none_tokens, last), Error);
+  ops().draft_inputs(be().alloc({0, S + 2}, DType::I32), none_tokens, none_last, none);
+  EXPECT_THROW(ops().draft_inputs(i32(verdicts, {B, S + 2}), none_tokens, last, none), Error);
+  Tensor short_routed = be().alloc({B}, DType::I32);
+  test::expect_error([&] { ops().draft_inputs(i32(verdicts, {B, S + 2}), tokens, last, short_routed); },
+                     {"draft_inputs", "routed"});
 }
 
 TEST_P(OpConformance, VerifyDraftsSamplingEqualsTheReferenceLoop) {

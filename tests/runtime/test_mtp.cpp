@@ -110,6 +110,7 @@ struct EpSpecRun {
   int trunk_rebalances = 0, mtp_rebalances = 0;
   // Group graph passes of each kind, summed over ranks: verifications, draft steps, empty parts.
   int64_t verify_replays = 0, draft_replays = 0, idle_replays = 0;
+  eplb::LoadTrace trunk_load, mtp_load;  // the domains' recorded windows (every rank's load), rank 0's
 };
 
 EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts, int G,
@@ -152,6 +153,8 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
       out.outputs = r.outputs;
       out.trunk_rebalances = int(engine->trunk_ep()->rebalancer.events().size());
       out.mtp_rebalances = engine->mtp_ep() ? int(engine->mtp_ep()->rebalancer.events().size()) : 0;
+      out.trunk_load = engine->trunk_ep()->domain.recorder.dump_window();
+      if (engine->mtp_ep()) out.mtp_load = engine->mtp_ep()->domain.recorder.dump_window();
     }
   });
   return out;
@@ -171,7 +174,10 @@ TEST_P(Mtp, SpeculativeUnderExpertParallelismWithRebalancesIsLossless) {
 
 // The same with every rank's verification and draft passes as one group graph, replayed from rank 0
 // (runtime/graph_group.h): lossless too (one draft step: issued before the verification's
-// download, as all the ranks agree). Four prompts over G = 2 and 4, and two over G = 4: ranks
+// download, as all the ranks agree), and both domains record the eager run's load: the rows that
+// only pad a graph (padding sequences, a first draft step's rows past what was kept) go to no
+// expert. Except that an early first draft step also drafts for the sequences its verification
+// finishes (the host learns of it after): up to S + 1 rows once a sequence, k choices each. Four prompts over G = 2 and 4, and two over G = 4: ranks
 // 2 and 3 have no sequences and take part in the others' graphs with empty parts.
 TEST_P(Mtp, SpeculativeUnderExpertParallelismAsGroupGraphsIsLossless) {
   const auto four = prompts_of(GetParam());
@@ -185,6 +191,19 @@ TEST_P(Mtp, SpeculativeUnderExpertParallelismAsGroupGraphsIsLossless) {
         const std::string where = fmt::format("{} prompts, G={}, steps={}", prompts->size(), G, steps);
         auto got = run_ep_speculative(GetParam(), *prompts, G, steps, /*interval=*/2, /*graphs=*/true);
         EXPECT_EQ(got.outputs, std::vector(want.begin(), want.begin() + std::ssize(*prompts))) << where;
+        const auto eager = run_ep_speculative(GetParam(), *prompts, G, steps, /*interval=*/2, /*graphs=*/false);
+        EXPECT_EQ(got.trunk_load.count, eager.trunk_load.count) << where << ": the trunk's load";
+        if (steps > 1) {
+          EXPECT_EQ(got.mtp_load.count, eager.mtp_load.count) << where << ": the MTP head's load";
+        } else {
+          const double k = model::load_model_config(kFixtures / GetParam()).num_experts_per_tok;
+          double extra = 0;
+          for (size_t i = 0; i < got.mtp_load.count.size() && i < eager.mtp_load.count.size(); ++i)
+            extra += got.mtp_load.count[i] - eager.mtp_load.count[i];
+          ASSERT_EQ(got.mtp_load.count.size(), eager.mtp_load.count.size()) << where;
+          EXPECT_GE(extra, 0) << where;
+          EXPECT_LE(extra, k * (steps + 1) * double(prompts->size())) << where << ": the MTP head's load";
+        }
         EXPECT_GT(got.verify_replays, 0) << where << ": no verification was a graph";
         EXPECT_GT(got.draft_replays, 0) << where << ": no draft step was a graph";
         EXPECT_GT(got.trunk_rebalances, 0) << where;

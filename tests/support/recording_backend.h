@@ -208,8 +208,8 @@ class RecordingBackend final : public kernels::Backend {
     void verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs, const kernels::SamplingRows& rows, Tensor& out) override {
       be_.issue([this, logits = logits, drafts = drafts, draft_probs = draft_probs, rows = rows, out = out]() mutable { inner().verify_drafts(logits, drafts, draft_probs, rows, out); });
     }
-    void draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows) override {
-      be_.issue([this, verdicts = verdicts, tokens = tokens, last_rows = last_rows]() mutable { inner().draft_inputs(verdicts, tokens, last_rows); });
+    void draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows, Tensor& routed) override {
+      be_.issue([this, verdicts = verdicts, tokens = tokens, last_rows = last_rows, routed = routed]() mutable { inner().draft_inputs(verdicts, tokens, last_rows, routed); });
     }
     void token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& logprob, Tensor& top_ids, Tensor& top_logprobs) override {
       be_.issue([this, logits = logits, ids = ids, logprob = logprob, top_ids = top_ids, top_logprobs = top_logprobs]() mutable { inner().token_logprobs(logits, ids, logprob, top_ids, top_logprobs); });

@@ -464,12 +464,14 @@ VerifyShape check_verify_drafts(const Tensor& logits, const Tensor& drafts, cons
   return {B, S, V};
 }
 
-DraftInputsShape check_draft_inputs(const Tensor& verdicts, const Tensor& tokens, const Tensor& last_rows) {
+DraftInputsShape check_draft_inputs(const Tensor& verdicts, const Tensor& tokens, const Tensor& last_rows,
+                                    const Tensor& routed) {
   expect("draft_inputs", "verdicts", verdicts, DType::I32);
   check(verdicts.rank() == 2 && verdicts.dim(1) >= 2, "draft_inputs: verdicts {} is not [B, S+2]", verdicts);
   const int64_t B = verdicts.dim(0), S = verdicts.dim(1) - 2;
   expect("draft_inputs", "tokens", tokens, DType::I32, B * (S + 1));
   expect("draft_inputs", "last_rows", last_rows, DType::I32, B);
+  if (routed.defined()) expect("draft_inputs", "routed", routed, DType::I32, B * (S + 1));
   return {B, S};
 }
 

@@ -151,7 +151,8 @@ VerifyShape check_verify_drafts(const Tensor& logits, const Tensor& drafts, cons
 struct DraftInputsShape {
   int64_t B, S;
 };
-DraftInputsShape check_draft_inputs(const Tensor& verdicts, const Tensor& tokens, const Tensor& last_rows);
+DraftInputsShape check_draft_inputs(const Tensor& verdicts, const Tensor& tokens, const Tensor& last_rows,
+                                    const Tensor& routed);
 struct LogprobShape {
   int64_t R, V, K;
 };

@@ -220,8 +220,9 @@ class Ops {
   // out) on the device, so that the step is issued before the host has seen them: each sequence's
   // S + 1 rows pair the verified rows with the token after each, tokens[b*(S+1) + t] =
   // verdicts[b][1 + min(t, a_b)] (rows past the kept a_b + 1 repeat its last token: they only pad),
-  // and last_rows[b] = b*(S+1) + a_b, the row each sequence drafts from.
-  virtual void draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows) = 0;
+  // and last_rows[b] = b*(S+1) + a_b, the row each sequence drafts from. routed, if defined, I32
+  // [B*(S+1)]: 1 for the kept rows, 0 for the padding ones (ForwardBatch::routed: no expert).
+  virtual void draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows, Tensor& routed) = 0;
   // Log-probabilities under the model, log_softmax of the raw logits[R, V] (before temperature
   // and truncation; fp32 out, accumulated in double): logprob[R] of the token ids[R] of each row
   // (an id < 0 means the row has none: its logprob is 0), and the K most likely tokens of each

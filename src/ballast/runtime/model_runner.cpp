@@ -282,7 +282,9 @@ ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, con
     check(verdicts.rank() == 2 && verdicts.dim(0) == B && verdicts.dim(1) == rows + 1,
           "model runner: verdicts {} for {} entries of {} rows", verdicts, B, rows);
     Tensor ids = batch.token_ids.rows(0, B * rows), last_rows = batch.logit_rows.rows(0, B);
-    be_.ops().draft_inputs(verdicts, ids, last_rows);
+    // The rows past what each sequence kept only pad: no expert for them.
+    Tensor routed = batch.routed.defined() ? batch.routed.rows(0, B * rows) : Tensor();
+    be_.ops().draft_inputs(verdicts, ids, last_rows, routed);
   }
   auto run = [&] { model_.mtp_forward(batch, hidden_source, cache_.views(), ws_, out); };
   if (g.graphed()) run_graphed(g, run);

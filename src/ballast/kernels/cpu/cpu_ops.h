@@ -76,7 +76,7 @@ class CpuOps final : public Ops {
   void sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) override;
   void verify_drafts(const Tensor& logits, const Tensor& drafts, const Tensor& draft_probs, const SamplingRows& rows,
                      Tensor& out) override;
-  void draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows) override;
+  void draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows, Tensor& routed) override;
   void token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& logprob, Tensor& top_ids,
                       Tensor& top_logprobs) override;
 

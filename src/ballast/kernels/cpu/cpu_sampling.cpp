@@ -129,18 +129,21 @@ void CpuOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Ten
   });
 }
 
-void CpuOps::draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows) {
+void CpuOps::draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows, Tensor& routed) {
   auto timed = time_op("draft_inputs");
-  const auto [B, S] = check_draft_inputs(verdicts, tokens, last_rows);
+  const auto [B, S] = check_draft_inputs(verdicts, tokens, last_rows, routed);
   const int32_t* v = i32(verdicts);
   int32_t* t = i32_mut(tokens);
   int32_t* last = i32_mut(last_rows);
+  int32_t* r = routed.defined() ? i32_mut(routed) : nullptr;
   for (int64_t b = 0; b < B; ++b, v += S + 2) {
     const int64_t a = v[0];
     check(a >= 0 && a <= S && v[1 + a] >= 0,
           "draft_inputs: verdict {} ({} accepted of {}, then {}) is not one of verify_drafts'", b, a, S,
           a >= 0 && a <= S ? v[1 + a] : -1);
     for (int64_t i = 0; i <= S; ++i) t[b * (S + 1) + i] = v[1 + std::min(i, a)];
+    if (r)
+      for (int64_t i = 0; i <= S; ++i) r[b * (S + 1) + i] = i <= a;
     last[b] = int32_t(b * (S + 1) + a);
   }
 }

@@ -476,13 +476,15 @@ __global__ void verify_finish_kernel(int B, int S, const int32_t* drafts,
 // Thread b: sequence b's first draft step inputs from its verdict [a, d_1 .. d_a, x, -1 ...].
 // a is clamped to [0, S] (verify_drafts never writes another): the rows read stay in b's verdict.
 __global__ void draft_inputs_kernel(int B, int S, const int32_t* verdicts, int32_t* __restrict__ tokens,
-                                    int32_t* __restrict__ last_rows) {
+                                    int32_t* __restrict__ last_rows, int32_t* __restrict__ routed) {
   wait_for_prior_kernels();
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= B) return;
   const int32_t* v = verdicts + b * (S + 2);
   const int a = min(max(v[0], 0), S);
   for (int t = 0; t <= S; ++t) tokens[b * (S + 1) + t] = v[1 + min(t, a)];
+  if (routed != nullptr)
+    for (int t = 0; t <= S; ++t) routed[b * (S + 1) + t] = t <= a;
   last_rows[b] = int32_t(b * (S + 1) + a);
 }
 
@@ -538,16 +540,17 @@ void CudaOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Te
   check_launch("verify_drafts");
 }
 
-void CudaOps::draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows) {
+void CudaOps::draft_inputs(const Tensor& verdicts, Tensor& tokens, Tensor& last_rows, Tensor& routed) {
   auto timed = time_op("draft_inputs");
-  const auto [B, S] = check_draft_inputs(verdicts, tokens, last_rows);
+  const auto [B, S] = check_draft_inputs(verdicts, tokens, last_rows, routed);
   check(B * (S + 2) <= INT32_MAX, "draft_inputs: verdicts {} is too large", verdicts);
   expect_device("draft_inputs", "verdicts", verdicts);
   expect_device("draft_inputs", "tokens", tokens);
   expect_device("draft_inputs", "last_rows", last_rows);
+  if (routed.defined()) expect_device("draft_inputs", "routed", routed);
   if (B == 0) return;
   launch(draft_inputs_kernel, blocks_for(B, 128), 128, 0, stream_, int(B), int(S), i32(verdicts), i32_mut(tokens),
-         i32_mut(last_rows));
+         i32_mut(last_rows), routed.defined() ? i32_mut(routed) : nullptr);
   check_launch("draft_inputs");
 }
 
