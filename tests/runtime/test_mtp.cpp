@@ -102,6 +102,27 @@ TEST_P(Mtp, SpeculativeGreedyEqualsGreedy) {
   }
 }
 
+// The same with graphs (decode, verification and draft passes replayed; on the CPU over a backend
+// that records graphs as CUDA does): one draft step goes out before the verification's download.
+TEST_P(Mtp, SpeculativeGreedyEqualsGreedyUnderGraphs) {
+  const auto prompts = prompts_of(GetParam());
+  const auto want = load_engine(kFixtures / GetParam(), 2)->generate(prompts, 20).outputs;
+  std::unique_ptr<kernels::Backend> backend = test_backend(2);
+  if (!backend->can_capture()) backend = std::make_unique<RecordingBackend>(std::move(backend));
+  auto engine = runtime::Engine::load(kFixtures / GetParam(), std::move(backend), {});
+  EXPECT_EQ(engine->generate(prompts, 20).outputs, want) << "plain decoding";
+  using Kind = runtime::ModelRunner::GraphKind;
+  EXPECT_GT(engine->runner().replays(Kind::decode), 0);
+  for (int steps : {1, 2, 3}) {
+    engine->set_speculative_steps(steps);  // kept after the run: the runner's counts stay
+    auto got = runtime::generate_speculative(*engine, prompts, 20, {.num_steps = steps});
+    EXPECT_EQ(got.outputs, want) << "steps " << steps;
+    const auto& runner = engine->runner();
+    EXPECT_GT(runner.replays(Kind::verify), 0) << "steps " << steps;
+    EXPECT_GT(runner.replays(steps == 1 ? Kind::draft_first : Kind::draft_chained), 0) << "steps " << steps;
+  }
+}
+
 // Speculation on G thread ranks with redundant experts and rebalancing of both domains. graphs:
 // on the CPU, over a backend that records graphs as CUDA does and the thread plane on it, so that
 // the ranks' passes are group graphs as on a GPU (where they are anyway).
