@@ -7,7 +7,7 @@
 # The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
 # pack ~12-13 MB (xz -9e; with the delta-rule bench before and after), so .carry/fla (~1.5 MB, pruned to what
 # chunk_gated_delta_rule imports) fits beside it.
-#   STEPS="conformance nccl runtime demo serve sanitizer bench scale fp8 pdl ep kernels prefill-kernels prefill-source decode-kernels mtp deltanet" bash scripts/gpu_check.sh
+#   STEPS="conformance nccl runtime demo serve sanitizer bench scale fp8 pdl ep ep-mtp kernels prefill-kernels prefill-source decode-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
 # of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
@@ -21,7 +21,9 @@
 # scripts/ncu_source_summary.py); decode-kernels: the same
 # sections for the few-row products and small expert tiles (NCU_DECODE_KERNELS) of a batch-1 FP8 decode step; ep: the 80B shape with in-process expert parallelism
 # G = 1 and 4, each with graphs (G = 4: one graph of every rank's pass) and eagerly
-# (--disable-cuda-graph), on the one GPU, their JSON in ep.json; nccl: the NCCL data plane's conformance, one rank a visible GPU
+# (--disable-cuda-graph), on the one GPU, their JSON in ep.json; ep-mtp: speculation (NEXTN, 1 and 2
+# draft steps) on the demo model at G = 1 and 4 (verification and draft passes as group graphs, and
+# G = 4 eagerly), batches 4, 8, 32 (at batch 4 a rank has one sequence), their JSON in ep-mtp.json; nccl: the NCCL data plane's conformance, one rank a visible GPU
 # (test_dist_nccl); deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla),
 # and beside the build before where gpu_pack.sh packed one (DELTA_RULE_BEFORE).
 set -uo pipefail
@@ -95,6 +97,11 @@ for s in $STEPS; do
                json.dump({f[8:-5]: json.load(open(f)) for f in sys.argv[1:]}, open(\"$OUT/ep.json\", \"w\"), indent=1)' /tmp/ep-*.json" ;;
     mtp) step mtp "$BIN/ballast" bench --device cuda --batch 1,8 --prompt-len 128 --decode-steps 64 --prefill 128 \
                --speculative-num-steps 1,2,3 ;;
+    ep-mtp) step ep-mtp bash -c "for run in '1:1' '4:4' '4-eager:4 --disable-cuda-graph'; do set -- \${run#*:}; \
+               $BIN/ballast bench --device cuda --ep \$* --batch ${EP_MTP_BATCHES:-4,8,32} --prompt-len 128 --decode-steps 64 \
+               --prefill 128 --speculative-num-steps 1,2 --repeats 1 --json-file /tmp/ep-mtp-\${run%%:*}.json; done; \
+               python3 -c 'import json, sys; \
+               json.dump({f[12:-5]: json.load(open(f)) for f in sys.argv[1:]}, open(\"$OUT/ep-mtp.json\", \"w\"), indent=1)' /tmp/ep-mtp-*.json" ;;
     deltanet) before=(); [ -x "$BIN/bench_delta_rule_cuda-before" ] && before=(--ballast-before "$BIN/bench_delta_rule_cuda-before")
                step deltanet python3 bench/deltanet/side_by_side.py --ballast "$BIN/bench_delta_rule_cuda" "${before[@]}" \
                --fla .carry/fla --out "$OUT/deltanet" ;;
