@@ -1747,7 +1747,8 @@ __global__ void __launch_bounds__(fp8_threads<C>(), C == 1 ? 2 : 1) experts_fp8_
 // ============================================================================================
 
 // Choices in groups of 4: their rows, weights and y values are all loaded before any is added
-// (the sums still in choice order, as the CPU's). A choice of weight 0 is skipped unread.
+// (the sums still in choice order, as the CPU's). A choice of weight 0 adds nothing: its y row may
+// be loaded (no load waits on the weight's) but is not added, and its rows entry is no fault.
 template <bool V4>
 __global__ void combine_kernel(const float* y, int64_t M, const int32_t* rows,
                                const float* w, int64_t T, int64_t k, int64_t H, float* __restrict__ out,
@@ -1768,16 +1769,16 @@ __global__ void combine_kernel(const float* y, int64_t M, const int32_t* rows,
       for (int q = 0; q < G; ++q) {
         const int64_t j = j0 + q;
         wj[q] = j < k ? w[t * k + j] : 0.0f;
-        r[q] = wj[q] != 0.0f ? (rows ? rows[t * k + j] : t * k + j) : -1;
+        r[q] = j < k ? (rows ? rows[t * k + j] : t * k + j) : -1;
         if (r[q] >= M) {
-          report(fault, cm::kCombineRow, t * k + j, r[q], M);
+          if (wj[q] != 0.0f) report(fault, cm::kCombineRow, t * k + j, r[q], M);
           r[q] = -1;
         }
         if (r[q] >= 0) v[q] = reinterpret_cast<const V*>(y)[r[q] * Hv + c];
       }
 #pragma unroll
       for (int q = 0; q < G; ++q) {
-        if (r[q] < 0) continue;
+        if (r[q] < 0 || wj[q] == 0.0f) continue;
         if constexpr (V4) {
           acc.x += wj[q] * v[q].x, acc.y += wj[q] * v[q].y, acc.z += wj[q] * v[q].z, acc.w += wj[q] * v[q].w;
         } else {
