@@ -308,7 +308,7 @@ constexpr int kTopkMaxK = 32;    // one selection a lane
 
 // A warp per row, the row in registers (lane l holds experts l, l + 32, ...; PER of them): the
 // softmax, then k rounds of argmax (larger p, then lower id) over what is not yet taken. A row
-// that routed says is not routed gets no expert.
+// that routed says is not routed gets no expert (its flag is loaded beside the logits, not before).
 template <int PER>
 __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const float* logits, const int32_t* routed,
                                                                      int64_t T, int E, int k, bool normalize,
@@ -317,10 +317,7 @@ __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const flo
   wait_for_prior_kernels();
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t t = int64_t(blockIdx.x) * kTopkWarps + warp; t < T; t += int64_t(gridDim.x) * kTopkWarps) {
-    if (routed != nullptr && routed[t] == 0) {  // warp-uniform
-      if (lane < k) ids[t * k + lane] = -1, weights[t * k + lane] = 0.0f;
-      continue;
-    }
+    const bool unrouted = routed != nullptr && routed[t] == 0;
     const float* l = logits + t * E;
     float p[PER];
     float mx = -INFINITY;
@@ -366,8 +363,8 @@ __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const flo
     }
     const float ksum = warp_sum(lane < k ? my_p : 0.0f);
     if (lane < k) {
-      ids[t * k + lane] = my_id;
-      weights[t * k + lane] = normalize ? my_p / ksum : my_p;
+      ids[t * k + lane] = unrouted ? -1 : my_id;
+      weights[t * k + lane] = unrouted ? 0.0f : normalize ? my_p / ksum : my_p;
     }
   }
 }
