@@ -225,6 +225,8 @@ def cases(b, tmp):
         ("a tensor nothing uses", [b, "generate", "--model", model_dir(tmp, "extra", weights=extra_tensor),
                                    "--prompt-ids", "1,2"], 1, "'model.layers.0.mlp.gate.bias'"),
         ("--seed -1", gen + ["--seed", "-1"], 2, "--seed"),
+        ("--cuda-graph-bs 0", gen + ["--cuda-graph-bs", "1,0,8"], 2, "--cuda-graph-bs"),
+        ("--cuda-graph-bs x", gen + ["--cuda-graph-bs", "4,x"], 2, "--cuda-graph-bs"),
         ("a prompt beyond max_position_embeddings", [b, "generate", "--model", F, "--prompt-ids",
                                                      ",".join(["5"] * 600)], 1, "max_position_embeddings"),
         ("--init-expert-location without --ep", gen + ["--init-expert-location", nr4], 1, "no expert parallelism"),

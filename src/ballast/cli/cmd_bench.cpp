@@ -47,7 +47,7 @@ struct BenchArgs {
   bool profiler_window = false;  // one more decode step of the first batch inside it
   std::string json_file;  // also write the JSON object here
   DeviceArgs device;
-  bool disable_cuda_graph = false;
+  GraphArgs graphs;
   EpArgs ep;  // --ep G: in-process ranks (under mpirun, the MPI world), attention data-parallel
 };
 
@@ -323,7 +323,7 @@ int run_bench(const BenchArgs& a) {
   const int64_t page = cache.page_size;
   cache.max_total_tokens = std::max(int64_t(bmax) * (per_seq + page), int64_t(pmax) + 2 * page);
   cache.context_length = std::max<int64_t>(per_seq, pmax + 1);
-  opts.cuda_graphs = !a.disable_cuda_graph;
+  a.graphs.apply(opts);
 
   EngineArgs ranks_args;
   ranks_args.ep = a.ep;
@@ -596,7 +596,7 @@ void add_bench(CLI::App& app, Runner& run) {
   add_device_option(c, a->device);
   add_ep_options(c, a->ep);
   add_dist_timeout_option(c, a->dist_timeout);
-  c->add_flag("--disable-cuda-graph", a->disable_cuda_graph, "Run decode passes eagerly (no CUDA graphs)");
+  add_graph_options(c, a->graphs);
   c->callback([a, c, &run] {
     if (c->get_option("--synthetic")->count() > 0 && a->synthetic.empty()) a->synthetic = "mid-size";
     run = [a] { return run_bench(*a); };

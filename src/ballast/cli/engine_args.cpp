@@ -28,7 +28,7 @@ void add_engine_options(CLI::App* c, EngineArgs& a) {
   add_ep_options(c, a.ep);
   add_cache_options(c, a.cache);
   add_device_option(c, a.device);
-  c->add_flag("--disable-cuda-graph", a.disable_cuda_graph, "Run decode passes eagerly (no CUDA graphs)");
+  add_graph_options(c, a.graphs);
   c->add_option("--speculative-algorithm", a.speculative_algorithm, "NEXTN: draft with the model's MTP head")
       ->check(CLI::IsMember({"NEXTN", "MTP", "EAGLE"}));
   c->add_option("--speculative-num-steps", a.speculative_steps, "Chained draft steps per verify pass")
@@ -38,6 +38,24 @@ void add_engine_options(CLI::App* c, EngineArgs& a) {
   c->add_option("--speculative-num-draft-tokens", a.speculative_draft_tokens,
                 "Tokens per verify pass (must be num-steps + 1 with topk 1)");
   add_dist_timeout_option(c, a.dist_timeout);
+}
+
+void add_graph_options(CLI::App* c, GraphArgs& a) {
+  c->add_flag("--disable-cuda-graph", a.disable,
+              "Run decode, verification and draft passes eagerly (no CUDA graphs)");
+  c->add_option("--cuda-graph-bs", a.sizes,
+                "Batch sizes (sequences) whose passes are CUDA graphs, e.g. 1,2,4,8,16: a pass pads to the smallest "
+                ">= its own, a larger one runs eagerly (default: 1, 2, 4, then every 8 to 256, then every 16)")
+      ->delimiter(',')
+      ->check(CLI::Range(1, 1 << 20));
+  c->add_option("--cuda-graph-max-bs", a.max_bs, "The largest batch size of --cuda-graph-bs kept (default: no bound)")
+      ->check(CLI::Range(1, 1 << 20));
+}
+
+void GraphArgs::apply(runtime::EngineOptions& opts) const {
+  opts.cuda_graphs = !disable;
+  opts.cuda_graph_bs = sizes;
+  opts.cuda_graph_max_bs = max_bs;
 }
 
 void add_dist_timeout_option(CLI::App* c, double& seconds) {
@@ -62,7 +80,7 @@ runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* c
   opts.comm = comm;
   opts.data = data;
   if (comm) opts.ep = to_ep_options(a.ep, comm->size());
-  opts.cuda_graphs = !a.disable_cuda_graph;
+  a.graphs.apply(opts);
   opts.cache = cache;
   opts.cache.ranks_sharing_memory = ranks_sharing_memory(a.device, comm);
   opts.speculative_steps = a.speculate() ? a.speculative_steps : 0;

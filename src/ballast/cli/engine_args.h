@@ -5,6 +5,7 @@
 
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "ballast/cli/ep_args.h"
 #include "ballast/cli/model_args.h"
@@ -13,12 +14,21 @@
 
 namespace ballast::cli {
 
+// CUDA graphs of decode, verification and draft passes (SGLang's flags; runtime/graph_sizes.h).
+struct GraphArgs {
+  bool disable = false;       // --disable-cuda-graph
+  std::vector<int> sizes;     // --cuda-graph-bs (empty: the default list)
+  int max_bs = 0;             // --cuda-graph-max-bs (0: no bound)
+  void apply(runtime::EngineOptions& opts) const;
+};
+void add_graph_options(CLI::App* cmd, GraphArgs& a);
+
 struct EngineArgs {
   int threads = 0;
   EpArgs ep;
   CacheArgs cache;
   DeviceArgs device;
-  bool disable_cuda_graph = false;
+  GraphArgs graphs;
   std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
   int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;
   double dist_timeout = 600;  // seconds a rank may wait for the others in one collective (0: for ever)

@@ -9,6 +9,7 @@
 #include "ballast/core/error.h"
 #include "ballast/eplb/plan.h"
 #include "ballast/model/fp8_at_load.h"
+#include "ballast/runtime/graph_sizes.h"
 #include "ballast/runtime/memory_budget.h"
 
 namespace ballast::runtime {
@@ -284,6 +285,7 @@ void Engine::build_cache() {
   // Graphs under expert parallelism only where the ranks share the GPU (threads): one graph of
   // every rank's pass (graph_group.h). Processes would each need the collectives in their graphs.
   lim.graphs = opts_.cuda_graphs && backend_->can_capture() && (!comm_ || data_->shares_device());
+  lim.graph_sizes = graph_sizes(opts_.cuda_graph_bs, opts_.cuda_graph_max_bs, lim.max_seqs);
   if (comm_ && lim.graphs && !graph_group_) graph_group_ = std::make_unique<GraphGroup>(*comm_, *backend_, *data_);
   runner_ = std::make_unique<ModelRunner>(*model_, *backend_, *cache_, lim, graph_group_.get());
   sampler_ = std::make_unique<Sampler>(*backend_, std::max(c.chunked_prefill_size, c.max_running_requests),

@@ -82,6 +82,8 @@ struct EngineOptions {
   int speculative_steps = 0;           // NEXTN: chained MTP drafts per round (0: no speculation; at most kMaxDraftSteps)
   bool quantize_fp8 = false;           // load: linear weights to block-scaled FP8 (model/fp8_at_load.h)
   bool cuda_graphs = true;             // decode passes as captured graphs where the backend can (EP: in-process ranks on one GPU)
+  std::vector<int> cuda_graph_bs;      // their batch sizes (graph_sizes.h; empty: the default list)
+  int cuda_graph_max_bs = 0;           // ... at most this many sequences (0: the running requests' limit)
   // Once set (by a signal handler's thread), generate() aborts its requests at the next step and
   // returns what they had emitted. Ranks may see it at different steps: one that has stopped takes
   // part in the others' passes with no rows until none has work left.

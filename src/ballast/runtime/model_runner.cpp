@@ -4,6 +4,7 @@
 #include <utility>
 
 #include "ballast/core/error.h"
+#include "ballast/runtime/graph_sizes.h"
 
 namespace ballast::runtime {
 
@@ -133,9 +134,8 @@ ModelRunner::GraphBucket ModelRunner::graph_bucket(std::span<const Entry> entrie
   for (const Entry& e : entries)
     if (e.verify != verify || int(e.tokens.size()) != rows || e.logits != (verify ? Logits::all : Logits::last))
       return {};
-  int seqs = 1;
-  while (seqs < int(entries.size())) seqs *= 2;
-  if (seqs > lim_.max_seqs || int64_t(seqs) * rows > lim_.max_tokens) return {};
+  const int seqs = graph_batch(lim_.graph_sizes, int(entries.size()));
+  if (seqs == 0 || seqs > lim_.max_seqs || int64_t(seqs) * rows > lim_.max_tokens) return {};
   return {seqs, rows, verify ? GraphKind::verify : GraphKind::decode};
 }
 
@@ -163,9 +163,8 @@ ModelRunner::GraphBucket ModelRunner::draft_graph_bucket(std::span<const Entry> 
     return {};
   for (const Entry& e : entries)
     if (int(e.tokens.size()) != rows || e.logits != Logits::last) return {};
-  int seqs = 1;
-  while (seqs < int(entries.size())) seqs *= 2;
-  if (seqs > lim_.max_seqs || int64_t(seqs) * rows > lim_.max_tokens) return {};
+  const int seqs = graph_batch(lim_.graph_sizes, int(entries.size()));
+  if (seqs == 0 || seqs > lim_.max_seqs || int64_t(seqs) * rows > lim_.max_tokens) return {};
   return {seqs, rows, kind};
 }
 

@@ -24,11 +24,12 @@ struct RunnerLimits {
   int max_blocks_per_seq = 0;  // block table width
   int max_verify_rows = 1;     // rows of a verifying sequence (drafts + 1)
   // Decode passes (every sequence one row drawing a token) and verification passes (every sequence
-  // max_verify_rows rows, all with logits) as graphs captured per batch-size bucket (powers of two
-  // up to max_seqs), where the backend can capture; draft passes likewise. In a graph group
+  // max_verify_rows rows, all with logits) as graphs captured per batch-size bucket (graph_sizes,
+  // graph_sizes.h), where the backend can capture; draft passes likewise. In a graph group
   // (in-process EP ranks on one GPU) as one graph of every rank's pass where every rank runs one of
   // these or nothing (a rank without sequences takes part with no rows: its experts serve the others').
   bool graphs = false;
+  std::vector<int> graph_sizes;  // the buckets, ascending (graph_sizes.h)
 };
 
 class ModelRunner {
@@ -94,7 +95,7 @@ class ModelRunner {
   enum class Track { trunk, mtp };
   // fixed_width: block tables as wide as the limit (a graph's metadata does not move).
   model::ForwardBatch prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width = false);
-  // A graph pass's shape: its kind and sequences (a power of two; 0: not a graph pass, unless idle).
+  // A graph pass's shape: its kind and sequences (one of graph_sizes; 0: not a graph pass, unless idle).
   struct GraphBucket {
     int seqs = 0;
     int rows = 1;  // per sequence
