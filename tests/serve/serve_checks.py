@@ -150,7 +150,8 @@ def check_sglang_endpoints(args):
     gen = generate_ref(args, ["--prompt", prompt, "--max-new-tokens", "12"])
     ids = json.loads(run([args.ballast, "tokenize", "--tokenizer", MODEL, "--json", prompt]).stdout)["ids"]
     with tempfile.TemporaryDirectory() as tmp, Server(args, [
-            "--model", MODEL, "--ep", "2", "--ep-num-redundant-experts", "2", "--expert-distribution-recorder-dir", tmp]) as s:
+            "--model", MODEL, "--ep", "2", "--ep-num-redundant-experts", "2", "--expert-distribution-recorder-dir", tmp,
+            "--cuda-graph-bs", "8,1,3,2", "--cuda-graph-max-bs", "4"]) as s:
         code, r = curl(s, "/generate", {"text": prompt, "sampling_params": {"max_new_tokens": 12, "temperature": 0}})
         assert code == 200 and r["output_ids"] == gen["output_ids"] and r["text"] == gen["text"], r
         assert r["meta_info"]["finish_reason"] == {"type": "length", "length": 12}, r
@@ -175,6 +176,8 @@ def check_sglang_endpoints(args):
         assert code == 200 and info["is_generation"] and os.path.samefile(info["model_path"], MODEL), info
         code, info = curl(s, "/get_server_info")
         assert code == 200 and info["ep_size"] == 2 and info["ep_num_redundant_experts"] == 2, info
+        assert info["cuda_graph_bs"] == [1, 2, 3] and info["cuda_graph_max_bs"] == 4, info
+        assert info["disable_cuda_graph"] is False, info
         code, text = curl(s, "/flush_cache", {})
         assert code == 200, text
         # The recorder: start, generate, dump; the file is what --dump-expert-distribution writes.

@@ -15,6 +15,7 @@
 #include "ballast/core/error.h"
 #include "ballast/dist/mpi_communicator.h"
 #include "ballast/eplb/load.h"
+#include "ballast/runtime/graph_sizes.h"
 #include "ballast/serve/engine_loop.h"
 #include "ballast/serve/http_server.h"
 #include "ballast/text/tokenizer.h"
@@ -116,6 +117,10 @@ nlohmann::json server_info(const ServeArgs& a, const std::filesystem::path& dir,
           {"expert_distribution_recorder_mode", e.ep.recorder_mode},
           {"speculative_algorithm", e.speculate() ? nlohmann::json(e.speculative_algorithm) : nlohmann::json(nullptr)},
           {"speculative_num_steps", e.speculate() ? e.speculative_steps : 0},
+          {"disable_cuda_graph", e.graphs.disable},
+          // The sizes graphs are kept for (a GPU's; the runner's limit is a pass's sequences).
+          {"cuda_graph_bs", runtime::graph_sizes(e.graphs.sizes, e.graphs.max_bs, c.max_running_requests + 1)},
+          {"cuda_graph_max_bs", e.graphs.max_bs > 0 ? nlohmann::json(e.graphs.max_bs) : nlohmann::json(nullptr)},
           {"max_running_requests", c.max_running_requests},
           {"max_total_tokens", c.max_total_tokens},
           {"mem_fraction_static", c.mem_fraction_static > 0 ? nlohmann::json(c.mem_fraction_static) : nlohmann::json(nullptr)},
