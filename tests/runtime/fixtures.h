@@ -16,6 +16,7 @@
 #include "ballast/kernels/cuda/cuda_backend.h"
 #endif
 #include "ballast/runtime/engine.h"
+#include "support/recording_backend.h"
 
 namespace ballast::test {
 
@@ -42,6 +43,14 @@ inline std::unique_ptr<kernels::Backend> test_backend(int threads) {
 }
 
 // An engine on the test backend.
+// The test device's backend where it captures graphs (CUDA), else the CPU's recording graphs as CUDA
+// does (tests/support/recording_backend.h): graph passes run on either.
+inline std::unique_ptr<kernels::Backend> capturing_backend(int threads) {
+  std::unique_ptr<kernels::Backend> be = test_backend(threads);
+  if (be->can_capture()) return be;
+  return std::make_unique<RecordingBackend>(std::move(be));
+}
+
 inline std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
                                                     const runtime::EngineOptions& opts = {}) {
   return runtime::Engine::load(dir, test_backend(threads), opts);

@@ -174,11 +174,9 @@ TEST(ContinuousBatching, StopEndsGenerationWithWhatWasEmitted) {
 
 namespace {
 
-// Decode passes as captured graphs (where the backend can capture: run with
-// BALLAST_TEST_DEVICE=cuda): the same tokens as eager passes, replayed, one download per pass.
+// Decode passes as captured graphs: the same tokens as eager passes, replayed, one download per pass.
 TEST(DecodeGraphs, ReplayTheSameTokensAsEagerPasses) {
-  auto graphs = test::load_engine(test::kDemoModel, 2);
-  if (!graphs->backend().can_capture()) GTEST_SKIP() << "skipped: the backend cannot capture graphs";
+  auto graphs = runtime::Engine::load(test::kDemoModel, test::capturing_backend(2), {});
   auto eager = test::load_engine(test::kDemoModel, 2, {.cuda_graphs = false});
   const std::vector<std::vector<int32_t>> prompts{{1, 2, 3, 4, 5}, {10, 20, 30}, {7, 8, 9, 10, 11, 12}};
   const auto want = eager->generate(prompts, 24).outputs;
@@ -200,8 +198,7 @@ TEST(DecodeGraphs, ReplayTheSameTokensAsEagerPasses) {
 // S + 1 rows, whatever its verification kept) and chained draft steps of one row per sequence:
 // the tokens of eager passes, replayed.
 TEST(DecodeGraphs, SpeculativePassesReplayGraphsToo) {
-  auto graphs = test::load_engine(test::kDemoModel, 2);
-  if (!graphs->backend().can_capture()) GTEST_SKIP() << "skipped: the backend cannot capture graphs";
+  auto graphs = runtime::Engine::load(test::kDemoModel, test::capturing_backend(2), {});
   auto eager = test::load_engine(test::kDemoModel, 2, {.cuda_graphs = false});
   const std::vector<std::vector<int32_t>> prompts{{1, 2, 3, 4, 5}, {10, 20, 30}, {7, 8, 9, 10, 11, 12}};
   using Kind = runtime::ModelRunner::GraphKind;

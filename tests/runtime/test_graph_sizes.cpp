@@ -8,7 +8,6 @@
 #include "ballast/runtime/graph_sizes.h"
 #include "fixtures.h"
 #include "support/expect_error.h"
-#include "support/recording_backend.h"
 
 using namespace ballast;
 using namespace ballast::runtime;
@@ -54,11 +53,9 @@ TEST(GraphSizes, AnEnginePadsToItsSizesOrRunsEagerly) {
   const auto want = test::load_engine(dir, 1)->generate(prompts, 8).outputs;
   for (const auto& [sizes, graphed] : {std::pair{std::vector<int>{3}, true}, {std::vector<int>{}, true},
                                        {std::vector<int>{1, 2}, false}}) {
-    std::unique_ptr<kernels::Backend> backend = test::test_backend(1);
-    if (!backend->can_capture()) backend = std::make_unique<test::RecordingBackend>(std::move(backend));
     EngineOptions opts;
     opts.cuda_graph_bs = sizes;
-    auto engine = Engine::load(dir, std::move(backend), opts);
+    auto engine = Engine::load(dir, test::capturing_backend(1), opts);
     EXPECT_EQ(engine->generate(prompts, 8).outputs, want) << sizes.size() << " sizes";
     const auto decode = engine->runner().replays(ModelRunner::GraphKind::decode);
     if (graphed) EXPECT_GT(decode, 0) << sizes.size() << " sizes";

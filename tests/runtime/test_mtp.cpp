@@ -107,9 +107,7 @@ TEST_P(Mtp, SpeculativeGreedyEqualsGreedy) {
 TEST_P(Mtp, SpeculativeGreedyEqualsGreedyUnderGraphs) {
   const auto prompts = prompts_of(GetParam());
   const auto want = load_engine(kFixtures / GetParam(), 2)->generate(prompts, 20).outputs;
-  std::unique_ptr<kernels::Backend> backend = test_backend(2);
-  if (!backend->can_capture()) backend = std::make_unique<RecordingBackend>(std::move(backend));
-  auto engine = runtime::Engine::load(kFixtures / GetParam(), std::move(backend), {});
+  auto engine = runtime::Engine::load(kFixtures / GetParam(), capturing_backend(2), {});
   EXPECT_EQ(engine->generate(prompts, 20).outputs, want) << "plain decoding";
   using Kind = runtime::ModelRunner::GraphKind;
   EXPECT_GT(engine->runner().replays(Kind::decode), 0);
@@ -132,6 +130,7 @@ struct EpSpecRun {
   // Group graph passes of each kind, summed over ranks: verifications, draft steps, empty parts.
   int64_t verify_replays = 0, draft_replays = 0, idle_replays = 0;
   eplb::LoadTrace trunk_load, mtp_load;  // the domains' recorded windows (every rank's load), rank 0's
+  int64_t rounds = 0, emitted = 0;       // speculation, summed over ranks
 };
 
 EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts, int G,
@@ -170,6 +169,8 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
     out.verify_replays += runner.replays(Kind::verify);
     for (Kind k : {Kind::draft_from_trunk, Kind::draft_chained, Kind::draft_first}) out.draft_replays += runner.replays(k);
     out.idle_replays += runner.replays(Kind::idle) + runner.replays(Kind::draft_idle);
+    out.rounds += engine->speculative_stats().rounds;
+    out.emitted += engine->speculative_stats().emitted;
     if (comm.rank() == 0) {
       out.outputs = r.outputs;
       out.trunk_rebalances = int(engine->trunk_ep()->rebalancer.events().size());
@@ -214,6 +215,9 @@ TEST_P(Mtp, SpeculativeUnderExpertParallelismAsGroupGraphsIsLossless) {
         EXPECT_EQ(got.outputs, std::vector(want.begin(), want.begin() + std::ssize(*prompts))) << where;
         const auto eager = run_ep_speculative(GetParam(), *prompts, G, steps, /*interval=*/2, /*graphs=*/false);
         EXPECT_EQ(got.trunk_load.count, eager.trunk_load.count) << where << ": the trunk's load";
+        // The same drafts: the same rounds and tokens (outputs are lossless whatever the drafts are).
+        EXPECT_EQ(got.rounds, eager.rounds) << where;
+        EXPECT_EQ(got.emitted, eager.emitted) << where;
         if (steps > 1) {
           EXPECT_EQ(got.mtp_load.count, eager.mtp_load.count) << where << ": the MTP head's load";
         } else {

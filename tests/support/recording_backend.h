@@ -32,9 +32,15 @@ class RecordingBackend final : public kernels::Backend {
   kernels::Ops& ops() override { return ops_; }
   Tensor alloc(std::vector<int64_t> shape, DType dtype) override {
     check(!recording(), "recording backend: alloc while recording a graph");
-    return inner_->alloc(std::move(shape), dtype);
+    Tensor t = inner_->alloc(std::move(shape), dtype);
+    sync_counters();
+    return t;
   }
-  Tensor to_device(const Tensor& host) override { return inner_->to_device(host); }
+  Tensor to_device(const Tensor& host) override {
+    Tensor t = inner_->to_device(host);
+    sync_counters();
+    return t;
+  }
   void upload(const void* host, Tensor& dst) override {
     const auto* p = static_cast<const std::byte*>(host);
     issue([this, bytes = std::vector<std::byte>(p, p + dst.nbytes()), dst]() mutable {
@@ -44,10 +50,12 @@ class RecordingBackend final : public kernels::Backend {
   void download(const Tensor& src, void* host) override {
     check(!recording(), "recording backend: download while recording a graph");
     inner_->download(src, host);
+    sync_counters();
   }
   void synchronize() override {
     check(!recording(), "recording backend: synchronize while recording a graph");
     inner_->synchronize();
+    sync_counters();
   }
   // A mark taken in a capture is the capture's: a backend that waits for it joins it.
   const void* mark(int slot) override {
@@ -76,6 +84,7 @@ class RecordingBackend final : public kernels::Backend {
     if (it == graphs_.end()) return false;
     for (auto& work : it->second->work) work();
     ++counters_.graph_replays;
+    sync_counters();
     return true;
   }
   int64_t graph_nodes(int64_t key) const override {
@@ -102,9 +111,20 @@ class RecordingBackend final : public kernels::Backend {
   bool recording() const { return rec_ && rec_->open; }
   // Runs `work` now, or records it into the open capture this backend is part of.
   void issue(std::function<void()> work) {
-    if (!recording()) return work();
+    if (!recording()) {
+      work();
+      return sync_counters();
+    }
     std::lock_guard lk(rec_->mu);
     rec_->work.push_back(std::move(work));
+  }
+  // The inner backend counts what is allocated, copied and moved (memory_epoch included: what
+  // tells a runner that its graphs read moved buffers); this one adds the graphs it replayed. A
+  // rank's work replayed from another rank's thread is counted at this rank's next call.
+  void sync_counters() {
+    const int64_t replayed = counters_.graph_replays;
+    counters_ = inner_->counters();
+    counters_.graph_replays = replayed;
   }
 
   // Every op through issue(), its arguments held by value (tensors are handles).
