@@ -127,6 +127,23 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
   return out;
 }
 
+// Ranks whose passes can be one graph: on a GPU the engine's own plane and CUDA graphs (nothing to
+// give); on the CPU the thread plane on each rank's backend, which records graphs as CUDA does
+// (tests/support/recording_backend.h).
+struct GraphRanks {
+  DevicePlane plane;
+  WrapBackend wrap;
+};
+GraphRanks graph_ranks() {
+  if (test_backend(1)->can_capture()) return {};
+  return {[](dist::Communicator&, kernels::Backend& be, dist::DataPlane& threads) {
+            return threads.on_device(std::make_unique<runtime::BackendDeviceQueue>(be));
+          },
+          [](std::unique_ptr<kernels::Backend> be) -> std::unique_ptr<kernels::Backend> {
+            return std::make_unique<RecordingBackend>(std::move(be));
+          }};
+}
+
 std::vector<std::vector<int32_t>> single_rank(const std::string& fixture, const std::vector<std::vector<int32_t>>& prompts,
                                               int max_new = 12) {
   return load_engine(kFixtures / fixture, 1)->generate(prompts, max_new).outputs;
@@ -211,29 +228,20 @@ TEST_P(ExpertParallel, GraphsOfEveryRanksPassOutputEqualSingleRank) {
   more.insert(more.end(), {{a.begin() + 1, a.begin() + 30}, {b.begin() + 2, b.end()}, {a.begin() + 5, a.end()}});
   const auto eight = more;
   for (const auto* prompts : {&eight, &five}) {
-  const auto want = single_rank(GetParam(), *prompts);
-  const bool gpu = test_backend(1)->can_capture();
-  DevicePlane on_device;
-  WrapBackend recording;
-  if (!gpu) {
-    on_device = [](dist::Communicator&, kernels::Backend& be, dist::DataPlane& threads) {
-      return threads.on_device(std::make_unique<runtime::BackendDeviceQueue>(be));
-    };
-    recording = [](std::unique_ptr<kernels::Backend> be) -> std::unique_ptr<kernels::Backend> {
-      return std::make_unique<RecordingBackend>(std::move(be));
-    };
-  }
-  for (int G : {2, 4})
-    for (auto policy : {eplb::Dispatch::static_, eplb::Dispatch::balanced}) {
-      const int R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G, G);
-      auto got = run_ep(GetParam(), *prompts, G, R, policy, /*rebalance_every=*/3, 12, {}, on_device, recording);
-      const std::string where = fmt::format("{} prompts, G={}, dispatch={}", prompts->size(), G, eplb::dispatch_name(policy));
-      EXPECT_EQ(got.outputs, want) << where;
-      EXPECT_TRUE(got.slots_hold_their_experts) << where;
-      EXPECT_GT(got.graph_replays, 0) << where << ": no graph was replayed";
-      ASSERT_FALSE(got.events.empty()) << "no rebalance happened";
-      for (const auto& ev : got.events) EXPECT_FALSE(ev.failed);
-    }
+    const auto want = single_rank(GetParam(), *prompts);
+    const GraphRanks ranks = graph_ranks();
+    for (int G : {2, 4})
+      for (auto policy : {eplb::Dispatch::static_, eplb::Dispatch::balanced}) {
+        const int R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G, G);
+        auto got = run_ep(GetParam(), *prompts, G, R, policy, /*rebalance_every=*/3, 12, {}, ranks.plane, ranks.wrap);
+        const std::string where =
+            fmt::format("{} prompts, G={}, dispatch={}", prompts->size(), G, eplb::dispatch_name(policy));
+        EXPECT_EQ(got.outputs, want) << where;
+        EXPECT_TRUE(got.slots_hold_their_experts) << where;
+        EXPECT_GT(got.graph_replays, 0) << where << ": no graph was replayed";
+        ASSERT_FALSE(got.events.empty()) << "no rebalance happened";
+        for (const auto& ev : got.events) EXPECT_FALSE(ev.failed);
+      }
   }
 }
 
@@ -243,20 +251,11 @@ TEST_P(ExpertParallel, GraphsOfEveryRanksPassOutputEqualSingleRank) {
 // has no padding. Five prompts over G = 2: batches of 3 (padded to 4) and 2.
 TEST_P(ExpertParallel, RowsThatOnlyPadAGraphGoToNoExpert) {
   const auto prompts = prompts_of(GetParam());
-  DevicePlane on_device;
-  WrapBackend recording;
-  if (!test_backend(1)->can_capture()) {
-    on_device = [](dist::Communicator&, kernels::Backend& be, dist::DataPlane& threads) {
-      return threads.on_device(std::make_unique<runtime::BackendDeviceQueue>(be));
-    };
-    recording = [](std::unique_ptr<kernels::Backend> be) -> std::unique_ptr<kernels::Backend> {
-      return std::make_unique<RecordingBackend>(std::move(be));
-    };
-  }
+  const GraphRanks ranks = graph_ranks();
   const int G = 2, R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G, G);
   auto run = [&](bool graphs) {
-    return run_ep(GetParam(), prompts, G, R, eplb::Dispatch::static_, /*rebalance_every=*/0, 12, {}, on_device,
-                  recording, [&](runtime::EngineOptions& o) {
+    return run_ep(GetParam(), prompts, G, R, eplb::Dispatch::static_, /*rebalance_every=*/0, 12, {}, ranks.plane,
+                  ranks.wrap, [&](runtime::EngineOptions& o) {
                     o.cuda_graphs = graphs;
                     o.ep.trunk.recorder_mode = eplb::RecorderMode::per_token;
                   });

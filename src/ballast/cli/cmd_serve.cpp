@@ -15,7 +15,6 @@
 #include "ballast/core/error.h"
 #include "ballast/dist/mpi_communicator.h"
 #include "ballast/eplb/load.h"
-#include "ballast/runtime/graph_sizes.h"
 #include "ballast/serve/engine_loop.h"
 #include "ballast/serve/http_server.h"
 #include "ballast/text/tokenizer.h"
@@ -100,7 +99,7 @@ runtime::CacheOptions serve_cache(const ServeArgs& a, int max_position_embedding
 }
 
 nlohmann::json server_info(const ServeArgs& a, const std::filesystem::path& dir, int ranks,
-                           const runtime::CacheOptions& c) {
+                           const runtime::CacheOptions& c, const runtime::Engine& engine) {
   const EngineArgs& e = a.engine;
   return {{"model_path", dir.string()},
           {"served_model_name", a.served_model_name},
@@ -118,8 +117,7 @@ nlohmann::json server_info(const ServeArgs& a, const std::filesystem::path& dir,
           {"speculative_algorithm", e.speculate() ? nlohmann::json(e.speculative_algorithm) : nlohmann::json(nullptr)},
           {"speculative_num_steps", e.speculate() ? e.speculative_steps : 0},
           {"disable_cuda_graph", e.graphs.disable},
-          // The sizes graphs are kept for (a GPU's; the runner's limit is a pass's sequences).
-          {"cuda_graph_bs", runtime::graph_sizes(e.graphs.sizes, e.graphs.max_bs, c.max_running_requests + 1)},
+          {"cuda_graph_bs", engine.runner().limits().graph_sizes},  // the sizes the engine keeps graphs for
           {"cuda_graph_max_bs", e.graphs.max_bs > 0 ? nlohmann::json(e.graphs.max_bs) : nlohmann::json(nullptr)},
           {"max_running_requests", c.max_running_requests},
           {"max_total_tokens", c.max_total_tokens},
@@ -180,7 +178,7 @@ int run_serve(ServeArgs a) {
     ho.max_body_bytes = size_t(a.max_request_bytes);
     ho.recorder_dir = a.recorder_dir;
     ho.model_path = ho.tokenizer_path = dir.string();
-    ho.server_info = server_info(a, dir, nranks, built);
+    ho.server_info = server_info(a, dir, nranks, built, *engine);
     serve::HttpServer http(model, queue, metrics, ho);
     http.bind();
     std::thread listener([&] { http.listen(); });

@@ -136,6 +136,7 @@ class Engine {
   model::Model& model() { return *model_; }
   kernels::Backend& backend() { return *backend_; }
   ModelRunner& runner() { return *runner_; }
+  const ModelRunner& runner() const { return *runner_; }
   StateCache& cache() { return *cache_; }
   Scheduler& scheduler() { return *scheduler_; }
   int rank() const { return comm_ ? comm_->rank() : 0; }

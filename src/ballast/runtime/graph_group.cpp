@@ -1,36 +1,33 @@
 #include "ballast/runtime/graph_group.h"
 
+#include <algorithm>
 #include <cstring>
 
 namespace ballast::runtime {
 
 namespace {
 constexpr int kBefore = 2, kAfter = 3;  // mark slots: the data plane's are 0 and 1
-}
 
-std::vector<const void*> GraphGroup::marks(int slot) {
-  const void* mine = be_.mark(slot);
+// Every rank's `mine` (a value of plain bytes), by rank.
+template <typename T>
+std::vector<T> gather_each(dist::Communicator& comm, const T& mine) {
   dist::Bytes bytes(sizeof mine);
   std::memcpy(bytes.data(), &mine, sizeof mine);
-  std::vector<const void*> all;
-  for (const dist::Bytes& b : comm_.all_gather(bytes)) {
-    const void* m = nullptr;
-    std::memcpy(&m, b.data(), sizeof m);
-    all.push_back(m);
+  std::vector<T> all;
+  for (const dist::Bytes& b : comm.all_gather(bytes)) {
+    T theirs{};
+    std::memcpy(&theirs, b.data(), sizeof theirs);
+    all.push_back(theirs);
   }
   return all;
 }
+}  // namespace
+
+std::vector<const void*> GraphGroup::marks(int slot) { return gather_each(comm_, be_.mark(slot)); }
 
 int64_t GraphGroup::agree(int64_t key) {
-  dist::Bytes bytes(sizeof key);
-  std::memcpy(bytes.data(), &key, sizeof key);
-  std::vector<int64_t> all;
-  for (const dist::Bytes& b : comm_.all_gather(bytes)) {
-    int64_t theirs = 0;
-    std::memcpy(&theirs, b.data(), sizeof theirs);
-    if (theirs < 0) return -1;
-    all.push_back(theirs);
-  }
+  std::vector<int64_t> all = gather_each(comm_, key);
+  if (std::any_of(all.begin(), all.end(), [](int64_t k) { return k < 0; })) return -1;
   // Every rank sees the same combinations in the same order: the same numbers.
   return keys_.try_emplace(std::move(all), int64_t(keys_.size())).first->second;
 }

@@ -15,6 +15,7 @@ ModelRunner::ModelRunner(model::Model& model, kernels::Backend& backend, StateCa
   check(lim.max_tokens > 0 && lim.max_seqs > 0 && lim.max_blocks_per_seq > 0 && lim.max_verify_rows > 0,
         "model runner: limits of {} rows, {} sequences, {} blocks per sequence", lim.max_tokens, lim.max_seqs,
         lim.max_blocks_per_seq);
+  check(!group || (lim.graphs && backend.can_capture()), "model runner: a graph group without graphs");
   // Every section of the largest pass: ids, positions, slot mapping, hidden rows, logit rows,
   // routed rows (rows each), cu_seqlens, kv_lens, state slots, block tables and snapshot slots (per
   // sequence).
@@ -134,16 +135,21 @@ ModelRunner::GraphBucket ModelRunner::graph_bucket(std::span<const Entry> entrie
   for (const Entry& e : entries)
     if (e.verify != verify || int(e.tokens.size()) != rows || e.logits != (verify ? Logits::all : Logits::last))
       return {};
-  const int seqs = graph_batch(lim_.graph_sizes, int(entries.size()));
-  if (seqs == 0 || seqs > lim_.max_seqs || int64_t(seqs) * rows > lim_.max_tokens) return {};
+  const int seqs = bucket_seqs(int(entries.size()), rows);
+  if (seqs == 0) return {};
   return {seqs, rows, verify ? GraphKind::verify : GraphKind::decode};
+}
+
+int ModelRunner::bucket_seqs(int n, int rows) const {
+  const int seqs = graph_batch(lim_.graph_sizes, n);
+  return seqs > 0 && seqs <= lim_.max_seqs && int64_t(seqs) * rows <= lim_.max_tokens ? seqs : 0;
 }
 
 ModelRunner::GraphBucket ModelRunner::in_group(GraphBucket g, std::span<const Entry> entries, GraphKind idle) {
   if (!group_) return g;
   // A rank with nothing to run takes part in the group's graph with no rows: its MoE layers still
-  // receive, compute and return the others' rows.
-  if (entries.empty() && lim_.graphs && be_.can_capture()) g.kind = idle;
+  // receive, compute and return the others' rows. (A group exists only where graphs are on.)
+  if (entries.empty()) g.kind = idle;
   g.group_key = group_->agree(g.graphed() ? g.own_key() : -1);
   return g.group_key >= 0 ? g : GraphBucket{};
 }
@@ -163,8 +169,8 @@ ModelRunner::GraphBucket ModelRunner::draft_graph_bucket(std::span<const Entry> 
     return {};
   for (const Entry& e : entries)
     if (int(e.tokens.size()) != rows || e.logits != Logits::last) return {};
-  const int seqs = graph_batch(lim_.graph_sizes, int(entries.size()));
-  if (seqs == 0 || seqs > lim_.max_seqs || int64_t(seqs) * rows > lim_.max_tokens) return {};
+  const int seqs = bucket_seqs(int(entries.size()), rows);
+  if (seqs == 0) return {};
   return {seqs, rows, kind};
 }
 

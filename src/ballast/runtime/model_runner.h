@@ -106,6 +106,8 @@ class ModelRunner {
     int64_t key() const { return group_key >= 0 ? group_key : own_key(); }
   };
   GraphBucket graph_bucket(std::span<const Entry> entries) const;
+  // The graph size of a pass of n sequences of `rows` rows each, within the limits (0: none).
+  int bucket_seqs(int n, int rows) const;
   GraphBucket draft_graph_bucket(std::span<const Entry> entries, const Tensor& hidden_source) const;
   // A pass's graph: its own bucket g, in a graph group the one every rank runs (or none); a rank
   // without entries runs an empty part of kind `idle`.
