@@ -537,6 +537,31 @@ TEST_P(CudaBf16Products, FewRowTensorCoreProductsOfManyTargetsAndSwigluEqualThei
   }
 }
 
+// The graphs a backend holds are counted with the device memory their instantiation took (bench
+// reports both): a key captured again replaces its graph, drop_graphs() frees them all.
+TEST(CudaBackend, HeldGraphsAreCountedWithTheirMemory) {
+  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
+  CudaBackend be(0);
+  Tensor a = be.alloc({1 << 16}, DType::F32), b = be.alloc({1 << 16}, DType::F32);
+  auto capture = [&](int64_t key, int copies) {
+    be.begin_capture();
+    for (int i = 0; i < copies; ++i) be.ops().copy(i % 2 ? b : a, i % 2 ? a : b);
+    be.end_capture(key);
+  };
+  capture(1, 1);
+  capture(2, 2000);
+  EXPECT_EQ(be.counters().graphs, 2);
+  const int64_t bytes = be.counters().graph_bytes;
+  capture(1, 1);  // replaces key 1's graph
+  EXPECT_EQ(be.counters().graphs, 2);
+  EXPECT_GE(be.counters().graph_bytes, 0);
+  ::testing::Test::RecordProperty("graph_bytes_2001_nodes", std::to_string(bytes));
+  std::printf("two graphs of 1 and 2,000 copies took %lld bytes as they were instantiated\n", (long long)bytes);
+  be.drop_graphs();
+  EXPECT_EQ(be.counters().graphs, 0);
+  EXPECT_EQ(be.counters().graph_bytes, 0);
+}
+
 TEST(CudaBackend, NoGraphIsCapturedWhileOpsAreTimed) {
   if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
   CudaBackend be(0);

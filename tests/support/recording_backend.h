@@ -78,6 +78,7 @@ class RecordingBackend final : public kernels::Backend {
     check(recording(), "recording backend: end_capture without a capture");
     rec_->open = false;
     graphs_[key] = std::move(rec_);
+    counters_.graphs = int64_t(graphs_.size());
   }
   bool replay(int64_t key) override {
     const auto it = graphs_.find(key);
@@ -91,7 +92,10 @@ class RecordingBackend final : public kernels::Backend {
     const auto it = graphs_.find(key);
     return it == graphs_.end() ? 0 : int64_t(it->second->work.size());
   }
-  void drop_graphs() override { graphs_.clear(); }
+  void drop_graphs() override {
+    graphs_.clear();
+    counters_.graphs = 0;
+  }
   int64_t replays() const { return counters_.graph_replays; }
 
   void start_op_timing() override { inner_->start_op_timing(); }
@@ -119,12 +123,13 @@ class RecordingBackend final : public kernels::Backend {
     rec_->work.push_back(std::move(work));
   }
   // The inner backend counts what is allocated, copied and moved (memory_epoch included: what
-  // tells a runner that its graphs read moved buffers); this one adds the graphs it replayed. A
-  // rank's work replayed from another rank's thread is counted at this rank's next call.
+  // tells a runner that its graphs read moved buffers); this one adds the graphs it holds and
+  // replayed. A rank's work replayed from another rank's thread is counted at this rank's next call.
   void sync_counters() {
-    const int64_t replayed = counters_.graph_replays;
+    const int64_t replayed = counters_.graph_replays, graphs = counters_.graphs;
     counters_ = inner_->counters();
     counters_.graph_replays = replayed;
+    counters_.graphs = graphs;
   }
 
   // Every op through issue(), its arguments held by value (tensors are handles).

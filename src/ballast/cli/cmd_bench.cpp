@@ -441,6 +441,10 @@ int run_bench(const BenchArgs& a) {
         spec.push_back(f);
       }
     }
+    // The graphs every rank's backend holds after the runs (each bucket of each pass kind, and under
+    // in-process EP each combination of the ranks' buckets met) and the memory they took.
+    const double graphs = ranks.sum(double(e.backend().counters().graphs));
+    const double graph_bytes = ranks.sum(double(e.backend().counters().graph_bytes));
     if (ranks.rank() != 0) return;
     const kernels::MemoryInfo memory = e.backend().memory();  // after every run
     const int64_t context = a.prompt_len + a.decode_steps / 2;
@@ -466,7 +470,9 @@ int run_bench(const BenchArgs& a) {
                                       {"cache_gb", double(e.cache().bytes()) / 1e9},
                                       {"cache_rows", e.max_total_tokens()},
                                       {"device_free_gb", double(memory.free_bytes) / 1e9},
-                                      {"device_total_gb", double(memory.total_bytes) / 1e9}}}};
+                                      {"device_total_gb", double(memory.total_bytes) / 1e9},
+                                      {"graphs", int64_t(graphs)},
+                                      {"graphs_mb", graph_bytes / 1e6}}}};
       // The first batch and prefill at the top level too (what earlier versions printed).
       // Expert parallelism: per-pass balancedness and each rebalance (experts and bytes moved, its
       // time), rank 0's, as generate reports them.
@@ -520,6 +526,8 @@ int run_bench(const BenchArgs& a) {
                "the runs\n",
                work.wb.trunk / 1e9, double(e.cache().bytes()) / 1e9, e.max_total_tokens(), double(memory.free_bytes) / 1e9,
                double(memory.total_bytes) / 1e9);
+    if (graphs > 0) fmt::print("graphs    {:.0f} held after the runs, {:.1f} MB of device memory taken as they were made\n",
+                               graphs, graph_bytes / 1e6);
     fmt::print("\ndecode at {} tokens of context (bytes: weights read once per step, the experts the batch visits,\n"
                "states and KV per sequence)\n", context);
     fmt::print("  {:>6} {:>12} {:>10} {:>14} {:>12} {:>10} {:>7}\n", "batch", "tokens/s", "ms/step", "MB/token", "GB/s",

@@ -30,6 +30,11 @@ struct Counters {
   int64_t downloads = 0;    // device -> host copies
   int64_t bytes_downloaded = 0;
   int64_t graph_replays = 0;  // captured graphs launched
+  int64_t graphs = 0;         // captured graphs held now
+  // Device memory those graphs took as they were instantiated (free memory before less after;
+  // 0 where the backend cannot tell): what a graph of each bucket, or each combination of the
+  // ranks' buckets under in-process EP, costs beside the buffers it reads.
+  int64_t graph_bytes = 0;
   // Bumped whenever a buffer the ops keep for themselves moves (scratch regrown): graphs
   // captured before then read freed memory and must be captured again.
   int64_t memory_epoch = 0;

@@ -105,6 +105,7 @@ struct CudaBackend::Impl {
   struct Graph {
     cudaGraphExec_t exec = nullptr;
     int64_t nodes = 0;
+    int64_t bytes = 0;  // device memory its instantiation took
   };
   CudaTimeline timeline;
   std::map<int64_t, Graph> graphs;
@@ -301,11 +302,21 @@ void CudaBackend::end_capture(int64_t key) {
   size_t nodes = 0;
   check_cuda(cudaGraphGetNodes(graph, nullptr, &nodes), "graph: nodes");
   g.nodes = int64_t(nodes);
+  size_t free_before = 0, free_after = 0, total = 0;
+  check_cuda(cudaMemGetInfo(&free_before, &total), "cudaMemGetInfo");
   const cudaError_t err = cudaGraphInstantiate(&g.exec, graph, 0);
   cudaGraphDestroy(graph);
   check_cuda(err, "graph: instantiate");
-  if (auto it = impl_->graphs.find(key); it != impl_->graphs.end()) cudaGraphExecDestroy(it->second.exec);
+  check_cuda(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
+  // Other ranks' threads may allocate meanwhile on the same device: an upper bound, 0 if it grew.
+  g.bytes = free_before > free_after ? int64_t(free_before - free_after) : 0;
+  if (auto it = impl_->graphs.find(key); it != impl_->graphs.end()) {
+    cudaGraphExecDestroy(it->second.exec);
+    counters_.graph_bytes -= it->second.bytes;
+  }
   impl_->graphs[key] = g;
+  counters_.graphs = int64_t(impl_->graphs.size());
+  counters_.graph_bytes += g.bytes;
 }
 
 bool CudaBackend::replay(int64_t key) {
@@ -327,6 +338,8 @@ int64_t CudaBackend::graph_nodes(int64_t key) const {
 void CudaBackend::drop_graphs() {
   for (auto& [key, g] : impl_->graphs) cudaGraphExecDestroy(g.exec);
   impl_->graphs.clear();
+  counters_.graphs = 0;
+  counters_.graph_bytes = 0;
 }
 
 bool CudaBackend::can_capture() const { return !ops_->timer().on(); }
