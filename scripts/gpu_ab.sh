@@ -10,7 +10,9 @@
 # scripts/gpu_pack.sh` builds that revision's ballast and packs it so (the two binaries share most
 # of their bytes: the pack grew by ~0.9 MB in session 22).
 # AB_ARGS: the bench arguments (default: the 80B shape in FP8 at full depth). AB_SWITCH (e.g.
-# BALLAST_CUDA_PREFETCH=0): a third run a round, this build with that environment.
+# BALLAST_CUDA_PREFETCH=0): a third run a round, this build with that environment. AB_VARIANTS: the
+# binaries of .carry/gpu/bin alternated (default "ballast-old ballast"; gpu_pack.sh packs several
+# earlier revisions as ballast-<revision>).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-ab}
@@ -21,7 +23,7 @@ RUNS=$(mktemp -d)
 . scripts/gpu_env.sh
 [ -f .carry/old.tar.xz ] && tar -C .carry -xJf .carry/old.tar.xz  # (or ballast-old packed inside gpu.tar.xz)
 ARGS=${AB_ARGS:-"--synthetic qwen3-next-80b-a3b --dtype fp8 --layers 48 --batch 1,8,32,128 --prompt-len 1024 --decode-steps 32 --prefill 1024 --repeats 1"}
-VARIANTS="ballast-old ballast"
+VARIANTS=${AB_VARIANTS:-"ballast-old ballast"}
 [ -n "${AB_SWITCH:-}" ] && VARIANTS="ballast-old switched ballast"
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for v in $VARIANTS; do

@@ -8,7 +8,9 @@
 # (/tmp/ballast-delta-rule-before/<revision>) and packed as bench_delta_rule_cuda-before: the side by side then
 # alternates the two builds (an A/B of a delta-rule change in one run). With BALLAST_BEFORE=<a git
 # revision>, that revision's ballast is built likewise and packed as ballast-old, the binary
-# scripts/gpu_ab.sh alternates with this one (~0.9 MB more in the pack).
+# scripts/gpu_ab.sh alternates with this one (~0.9 MB more in the pack); with several revisions
+# (BALLAST_BEFORE="A B"), each is packed as ballast-<revision> (A also as ballast-old), for
+# AB_VARIANTS="ballast-A ballast-B ballast" (one change after another in one run).
 #   bash scripts/gpu_pack.sh   ->  then carry .carry (see scripts/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,9 +36,12 @@ build_before() {
 if [ -n "${FLA_REPO:-}" ] && [ -n "${DELTA_RULE_BEFORE:-}" ]; then
   cp "$(build_before "$DELTA_RULE_BEFORE" bench_delta_rule_cuda)" .carry/gpu/bin/bench_delta_rule_cuda-before
 fi
-if [ -n "${BALLAST_BEFORE:-}" ]; then
-  cp "$(build_before "$BALLAST_BEFORE" ballast)" .carry/gpu/bin/ballast-old
-fi
+first=1
+for rev in ${BALLAST_BEFORE:-}; do  # each as ballast-<revision>, the first also as ballast-old
+  cp "$(build_before "$rev" ballast)" ".carry/gpu/bin/ballast-$(git rev-parse --short "$rev")"
+  [ $first = 1 ] && cp ".carry/gpu/bin/ballast-$(git rev-parse --short "$rev")" .carry/gpu/bin/ballast-old
+  first=0
+done
 # Libraries from Debian's packages (not CUDA's, not glibc's or the compiler runtime's).
 for exe in .carry/gpu/bin/*; do
   ldd "$exe" | awk '{print $3}' | grep -E 'libfmt|libopenblas|libgfortran|libquadmath|libpcre2|libutf8proc|libprometheus|libcpp-httplib|libbrotli' || true
