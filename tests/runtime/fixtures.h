@@ -15,6 +15,8 @@
 #ifdef BALLAST_HAS_CUDA
 #include "ballast/kernels/cuda/cuda_backend.h"
 #endif
+#include "ballast/dist/thread_world.h"
+#include "ballast/runtime/backend_device_queue.h"
 #include "ballast/runtime/engine.h"
 #include "support/recording_backend.h"
 
@@ -49,6 +51,26 @@ inline std::unique_ptr<kernels::Backend> capturing_backend(int threads) {
   std::unique_ptr<kernels::Backend> be = test_backend(threads);
   if (be->can_capture()) return be;
   return std::make_unique<RecordingBackend>(std::move(be));
+}
+
+// One rank of a ThreadWorld whose passes can be group graphs as on a GPU: there the test backend
+// alone (the engine makes its own plane); on the CPU the recording backend and the thread plane
+// moving rows through its device queue. Reset `plane` before the engine goes (its queue is the
+// engine's backend's).
+struct GraphRank {
+  std::unique_ptr<kernels::Backend> backend;
+  std::unique_ptr<dist::DataPlane> plane;              // null on a GPU
+  const runtime::BackendDeviceQueue* queue = nullptr;  // the plane's, where made here
+  dist::DataPlane& data(dist::ThreadWorld& world, int rank) { return plane ? *plane : world.data_plane(rank); }
+};
+inline GraphRank graph_rank(dist::ThreadWorld& world, int rank, int threads = 1) {
+  GraphRank r{test_backend(threads)};
+  if (r.backend->can_capture()) return r;
+  r.backend = std::make_unique<RecordingBackend>(std::move(r.backend));
+  auto queue = std::make_unique<runtime::BackendDeviceQueue>(*r.backend);
+  r.queue = queue.get();
+  r.plane = world.data_plane(rank).on_device(std::move(queue));
+  return r;
 }
 
 inline std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,

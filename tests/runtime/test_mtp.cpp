@@ -15,10 +15,8 @@
 #include "ballast/runtime/distributed.h"
 #include "ballast/runtime/engine.h"
 #include "ballast/kernels/sampling.h"
-#include "ballast/runtime/backend_device_queue.h"
 #include "ballast/runtime/speculative.h"
 #include "fixtures.h"
-#include "support/recording_backend.h"
 
 namespace fs = std::filesystem;
 using namespace ballast;
@@ -139,14 +137,8 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
   std::mutex mu;
   dist::ThreadWorld world(G);
   dist::run_ranks(world, [&](dist::Communicator& comm) {
-    std::unique_ptr<kernels::Backend> backend = test_backend(1);
-    std::unique_ptr<dist::DataPlane> on_device;
-    if (graphs && !backend->can_capture()) {
-      backend = std::make_unique<RecordingBackend>(std::move(backend));
-      on_device = world.data_plane(comm.rank()).on_device(std::make_unique<runtime::BackendDeviceQueue>(*backend));
-    }
-    runtime::EngineOptions opts{.comm = &comm,
-                                .data = on_device ? on_device.get() : &world.data_plane(comm.rank())};
+    GraphRank rank = graphs ? graph_rank(world, comm.rank()) : GraphRank{test_backend(1)};
+    runtime::EngineOptions opts{.comm = &comm, .data = &rank.data(world, comm.rank())};
     opts.log.level = LogLevel::Quiet;
     const int R = redundant_for(model::load_model_config(kFixtures / fixture).num_experts, G, G);
     opts.ep.mtp.emplace();
@@ -156,13 +148,13 @@ EpSpecRun run_ep_speculative(const std::string& fixture, const std::vector<std::
       d->rebalance.enabled = interval > 0;
       d->rebalance.interval = interval;
     }
-    auto engine = runtime::Engine::load(kFixtures / fixture, std::move(backend), opts);
+    auto engine = runtime::Engine::load(kFixtures / fixture, std::move(rank.backend), opts);
     if (steps > 0) engine->set_speculative_steps(steps);  // kept after the run: the runner's counts stay
     auto r = runtime::generate_distributed(comm, prompts, [&](const auto& mine) {
       return steps > 0 ? runtime::generate_speculative(*engine, mine, 16, {.num_steps = steps})
                        : engine->generate(mine, 16);
     });
-    on_device.reset();  // its queue is the engine's backend's
+    rank.plane.reset();  // its queue is the engine's backend's
     std::lock_guard lk(mu);
     using Kind = runtime::ModelRunner::GraphKind;
     const auto& runner = engine->runner();

@@ -11,10 +11,8 @@
 #include <random>
 
 #include "ballast/dist/thread_world.h"
-#include "ballast/runtime/backend_device_queue.h"
 #include "ballast/runtime/engine.h"
 #include "fixtures.h"
-#include "support/recording_backend.h"
 
 using namespace ballast;
 using namespace ballast::runtime;
@@ -36,17 +34,9 @@ void steady_state(int S, bool graphs) {
   std::mutex mu;
   dist::ThreadWorld world(G);
   dist::run_ranks(world, [&](dist::Communicator& comm) {
-    std::unique_ptr<kernels::Backend> backend = test::test_backend(1);
-    const bool group_graphs = graphs || backend->can_capture();  // a GPU's engine takes them itself
-    std::unique_ptr<dist::DataPlane> on_device;
-    const BackendDeviceQueue* given_queue = nullptr;  // the plane's queue, where the test makes it
-    if (graphs && !backend->can_capture()) {
-      backend = std::make_unique<test::RecordingBackend>(std::move(backend));
-      auto queue = std::make_unique<BackendDeviceQueue>(*backend);
-      given_queue = queue.get();
-      on_device = world.data_plane(comm.rank()).on_device(std::move(queue));
-    }
-    EngineOptions opts{.comm = &comm, .data = on_device ? on_device.get() : &world.data_plane(comm.rank())};
+    test::GraphRank rank = graphs ? test::graph_rank(world, comm.rank()) : test::GraphRank{test::test_backend(1)};
+    const bool group_graphs = graphs || rank.backend->can_capture();  // a GPU's engine takes them itself
+    EngineOptions opts{.comm = &comm, .data = &rank.data(world, comm.rank())};
     opts.log.level = LogLevel::Quiet;
     opts.speculative_steps = S;
     opts.cache.chunked_prefill_size = 48;  // prompts arrive while others decode: chunks mix with verifications
@@ -59,7 +49,7 @@ void steady_state(int S, bool graphs) {
       d->rebalance.interval = 6;
       d->rebalance.layers_per_chunk = 1;
     }
-    auto engine = Engine::load(test::kFixtures / fixture, std::move(backend), opts);
+    auto engine = Engine::load(test::kFixtures / fixture, std::move(rank.backend), opts);
     std::mt19937 rng(uint32_t(100 + comm.rank()));
     std::vector<std::vector<int32_t>> prompts;
     for (int i = 0; i < 12; ++i) {
@@ -88,7 +78,7 @@ void steady_state(int S, bool graphs) {
     if (group_graphs) workload();
     const kernels::Counters before = engine->backend().counters();
     // The plane's downloads (the counts of the eager passes' collectives) are its own.
-    auto plane_downloads = [&] { return given_queue ? given_queue->downloads() : engine->plane_downloads(); };
+    auto plane_downloads = [&] { return rank.queue ? rank.queue->downloads() : engine->plane_downloads(); };
     const int64_t plane_before = plane_downloads();
     const int64_t passes_before = passes();
     const size_t events_before = engine->trunk_ep()->rebalancer.events().size() +
@@ -104,7 +94,7 @@ void steady_state(int S, bool graphs) {
     f.rebalances = int64_t(engine->trunk_ep()->rebalancer.events().size() +
                            engine->mtp_ep()->rebalancer.events().size() - events_before);
     if (graphs) f.graph_passes = engine->backend().counters().graph_replays;
-    on_device.reset();  // its queue is the engine's backend's
+    rank.plane.reset();  // its queue is the engine's backend's
     std::lock_guard lk(mu);
     figures[size_t(comm.rank())] = f;
   });
