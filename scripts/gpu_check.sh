@@ -2,6 +2,8 @@
 # On the GPU machine (device tool, repository root, .carry/gpu.tar.xz carried): unpacks what
 # scripts/gpu_pack.sh built, then runs the CUDA checks and figures, writing logs and
 # summary.json under $OUT. Each step runs even when an earlier one fails; the summary says which.
+# STEP_TIMEOUT (seconds, default none) cuts each step there, so that one slow step leaves the call's
+# time to the steps after it (the device tool runs a command at most 600 s).
 # The device tool brings back at most 8 files from $OUT (a log a step, the summary, the JSON and CSV
 # of some steps): run at most ~5 steps a call, or point OUT elsewhere and print what matters.
 # The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
@@ -35,10 +37,10 @@ STEPS=${STEPS:-"info conformance runtime demo bench"}
 export BALLAST_FIXTURES_DIR=$PWD/tests/fixtures
 declare -A RESULT
 
-step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, records its exit code
+step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, records its exit code (124: cut at STEP_TIMEOUT s)
   local name=$1; shift
   echo "=== $name: $*"
-  ( "$@" ) > "$OUT/$name.log" 2>&1
+  timeout "${STEP_TIMEOUT:-0}" "$@" > "$OUT/$name.log" 2>&1
   RESULT[$name]=$?
   tail -n 25 "$OUT/$name.log"
 }
