@@ -554,8 +554,6 @@ TEST(CudaBackend, HeldGraphsAreCountedWithTheirMemory) {
   const int64_t bytes = be.counters().graph_bytes;
   capture(1, 1);  // replaces key 1's graph
   EXPECT_EQ(be.counters().graphs, 2);
-  EXPECT_GE(be.counters().graph_bytes, 0);
-  ::testing::Test::RecordProperty("graph_bytes_2001_nodes", std::to_string(bytes));
   std::printf("two graphs of 1 and 2,000 copies took %lld bytes as they were instantiated\n", (long long)bytes);
   be.drop_graphs();
   EXPECT_EQ(be.counters().graphs, 0);
