@@ -66,7 +66,7 @@ void GraphGroup::replay(int64_t key) {
   const std::vector<const void*> before = marks(kBefore);
   if (comm_.rank() == 0) {
     for (size_t r = 1; r < before.size(); ++r) be_.after(before[r]);  // each rank's inputs are in place
-    be_.replay(key);
+    check(be_.replay(key), "graph group: no graph under key {} to replay", key);
   }
   const std::vector<const void*> after = marks(kAfter);
   if (comm_.rank() != 0) be_.after(after[0]);  // its outputs are written

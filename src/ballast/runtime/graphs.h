@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <functional>
 
+#include "ballast/core/error.h"
 #include "ballast/kernels/backend.h"
 
 namespace ballast::runtime {
@@ -32,7 +33,8 @@ class SoloGraphs final : public Graphs {
   void warm_up(const std::function<void()>& run) override { run(); }
   void begin_capture() override { be_.begin_capture(); }
   void end_capture(int64_t key) override { be_.end_capture(key); }
-  void replay(int64_t key) override { be_.replay(key); }
+  // A pass whose graph is not there would silently not run: never, unless runner and backend disagree.
+  void replay(int64_t key) override { check(be_.replay(key), "graphs: no graph under key {} to replay", key); }
   int64_t graph_nodes(int64_t key) const override { return be_.graph_nodes(key); }
 
  private:
