@@ -1,7 +1,9 @@
 #pragma once
 // A backend that captures graphs the way CUDA does, over another backend (the CPU's): between
-// begin_capture() and end_capture(key) its ops and uploads are recorded, not run, and replay(key)
-// runs them again in order; nothing may wait meanwhile (download and synchronize throw). Backends
+// begin_capture() and end_capture(key) its ops are recorded, not run, and replay(key) runs them
+// again in order; nothing may wait, allocate or copy from the host meanwhile (download, synchronize,
+// alloc and upload throw: the contract's, backend.h; a CUDA graph would read a host buffer at
+// replay, pinned staging refuses it). Backends
 // of in-process ranks join a capture as CUDA streams do: one that waits (after) for a mark taken
 // in a capture records into it until the capture ends, so one graph holds every rank's work in the
 // order the ranks issued it (which the data plane's meetings make an order their marks allow).
@@ -42,10 +44,9 @@ class RecordingBackend final : public kernels::Backend {
     return t;
   }
   void upload(const void* host, Tensor& dst) override {
-    const auto* p = static_cast<const std::byte*>(host);
-    issue([this, bytes = std::vector<std::byte>(p, p + dst.nbytes()), dst]() mutable {
-      inner_->upload(bytes.data(), dst);
-    });
+    check(!recording(), "recording backend: upload while recording a graph");
+    inner_->upload(host, dst);
+    sync_counters();
   }
   void download(const Tensor& src, void* host) override {
     check(!recording(), "recording backend: download while recording a graph");
