@@ -38,8 +38,9 @@ if [ -n "${FLA_REPO:-}" ] && [ -n "${DELTA_RULE_BEFORE:-}" ]; then
 fi
 first=1
 for rev in ${BALLAST_BEFORE:-}; do  # each as ballast-<revision>, the first also as ballast-old
-  cp "$(build_before "$rev" ballast)" ".carry/gpu/bin/ballast-$(git rev-parse --short "$rev")"
-  [ $first = 1 ] && cp ".carry/gpu/bin/ballast-$(git rev-parse --short "$rev")" .carry/gpu/bin/ballast-old
+  bin=.carry/gpu/bin/ballast-$(git rev-parse --short "$rev")
+  cp "$(build_before "$rev" ballast)" "$bin"
+  [ $first = 1 ] && cp "$bin" .carry/gpu/bin/ballast-old
   first=0
 done
 # Libraries from Debian's packages (not CUDA's, not glibc's or the compiler runtime's).

@@ -44,7 +44,6 @@ inline std::unique_ptr<kernels::Backend> test_backend(int threads) {
   return std::make_unique<kernels::CpuBackend>(threads);
 }
 
-// An engine on the test backend.
 // The test device's backend where it captures graphs (CUDA), else the CPU's recording graphs as CUDA
 // does (tests/support/recording_backend.h): graph passes run on either.
 inline std::unique_ptr<kernels::Backend> capturing_backend(int threads) {
@@ -73,6 +72,7 @@ inline GraphRank graph_rank(dist::ThreadWorld& world, int rank, int threads = 1)
   return r;
 }
 
+// An engine on the test backend.
 inline std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, int threads,
                                                     const runtime::EngineOptions& opts = {}) {
   return runtime::Engine::load(dir, test_backend(threads), opts);

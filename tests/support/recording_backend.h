@@ -79,7 +79,7 @@ class RecordingBackend final : public kernels::Backend {
     check(recording(), "recording backend: end_capture without a capture");
     rec_->open = false;
     graphs_[key] = std::move(rec_);
-    counters_.graphs = int64_t(graphs_.size());
+    sync_counters();
   }
   bool replay(int64_t key) override {
     const auto it = graphs_.find(key);
@@ -95,7 +95,7 @@ class RecordingBackend final : public kernels::Backend {
   }
   void drop_graphs() override {
     graphs_.clear();
-    counters_.graphs = 0;
+    sync_counters();
   }
   int64_t replays() const { return counters_.graph_replays; }
 
@@ -127,10 +127,10 @@ class RecordingBackend final : public kernels::Backend {
   // tells a runner that its graphs read moved buffers); this one adds the graphs it holds and
   // replayed. A rank's work replayed from another rank's thread is counted at this rank's next call.
   void sync_counters() {
-    const int64_t replayed = counters_.graph_replays, graphs = counters_.graphs;
+    const int64_t replayed = counters_.graph_replays;
     counters_ = inner_->counters();
     counters_.graph_replays = replayed;
-    counters_.graphs = graphs;
+    counters_.graphs = int64_t(graphs_.size());
   }
 
   // Every op through issue(), its arguments held by value (tensors are handles).
