@@ -42,6 +42,19 @@ TEST(CudaBackend, WeightsShareFewBlocksAndTransfersAreCounted) {
   EXPECT_EQ(be.counters().downloads - c0.downloads, 1);
 }
 
+// A device allocation that cannot be made says what it was for, how large it was and how much of
+// the device was free (an out-of-memory on a GPU that several ranks share names whose allocation
+// ran out); the backend stays usable.
+TEST(CudaBackend, AnAllocationPastTheDeviceSaysWhatAndHowMuch) {
+  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
+  CudaBackend be(0);
+  test::expect_error([&] { be.alloc({int64_t(1) << 40}, DType::F32); },
+                     {"cuda alloc of F32 [1099511627776]", "cannot allocate 4398.05 GB on cuda:0", "GB free"});
+  Tensor t = be.alloc({16}, DType::F32);
+  std::vector<float> back(16, 1.0f);
+  be.download(t, back.data());
+}
+
 // BALLAST_CUDA_TRACE=1: each download prints what the stream did since the one before, each
 // transfer and graph with its host issue and GPU completion times, the GPU's after the host's issue.
 TEST(CudaBackend, TraceShowsEachTransferAndGraphBetweenDownloads) {

@@ -125,13 +125,18 @@ namespace {
 constexpr size_t kCublasWorkspace = size_t(32) << 20;  // what cuBLAS asks for on Hopper
 
 // A device allocation owned by a shared_ptr (freed when the last view goes).
-std::shared_ptr<void> device_buffer(size_t bytes, int device) {
-  void* p = nullptr;
-  check_cuda(cudaMalloc(&p, std::max<size_t>(bytes, 256)), "cudaMalloc");
+std::shared_ptr<void> device_buffer(size_t bytes, int device, const std::string& what) {
+  void* p = cuda::device_malloc(std::max<size_t>(bytes, 256), what);
   return std::shared_ptr<void>(p, [device](void* q) {
     cudaSetDevice(device);
     cudaFree(q);
   });
+}
+
+std::string shape_text(const std::vector<int64_t>& shape) {
+  std::string s = "[";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
 }
 
 int64_t numel_of(const std::vector<int64_t>& shape) {
@@ -166,7 +171,7 @@ CudaBackend::CudaBackend(int device, CudaOptions options)
   check(cublasCreate(&impl_->cublas) == CUBLAS_STATUS_SUCCESS, "cublasCreate failed");
   check(cublasSetStream(impl_->cublas, impl_->stream) == CUBLAS_STATUS_SUCCESS, "cublasSetStream failed");
   // cuBLAS's workspace set once, so that products captured into graphs allocate nothing.
-  impl_->cublas_workspace = device_buffer(kCublasWorkspace, device);
+  impl_->cublas_workspace = device_buffer(kCublasWorkspace, device, "the cuBLAS workspace");
   ++counters_.allocations;
   counters_.bytes_allocated += int64_t(kCublasWorkspace);
   check(cublasSetWorkspace(impl_->cublas, impl_->cublas_workspace.get(), kCublasWorkspace) == CUBLAS_STATUS_SUCCESS,
@@ -209,7 +214,8 @@ MemoryInfo CudaBackend::memory() const {
 Tensor CudaBackend::alloc(std::vector<int64_t> shape, DType dtype) {
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   const size_t bytes = size_t(numel_of(shape)) * dtype_size(dtype);
-  auto owner = device_buffer(bytes, device_);
+  auto owner =
+      device_buffer(bytes, device_, fmt::format("cuda alloc of {} {}", dtype_name(dtype), shape_text(shape)));
   ++counters_.allocations;
   counters_.bytes_allocated += int64_t(bytes);
   void* p = owner.get();
@@ -225,7 +231,7 @@ Tensor CudaBackend::to_device(const Tensor& host) {
   const size_t bytes = host.nbytes(), rounded = (std::max<size_t>(bytes, 1) + 255) / 256 * 256;
   if (rounded > impl_->weight_left) {
     const size_t size = std::max(rounded, Impl::kWeightBlock);
-    impl_->weight_blocks.push_back(device_buffer(size, device_));
+    impl_->weight_blocks.push_back(device_buffer(size, device_, "a block of weights"));
     impl_->weight_next = static_cast<char*>(impl_->weight_blocks.back().get());
     impl_->weight_left = size;
     ++counters_.allocations;
@@ -385,7 +391,8 @@ Ceilings CudaBackend::measure_ceilings() {
   };
   {  // Copy: 2 GiB device to device.
     const size_t bytes = size_t(1) << 31;
-    auto a = device_buffer(bytes, device_), b = device_buffer(bytes, device_);
+    auto a = device_buffer(bytes, device_, "ceilings: copy source");
+    auto b = device_buffer(bytes, device_, "ceilings: copy target");
     check_cuda(cudaMemsetAsync(a.get(), 0, bytes, impl_->stream), "cudaMemsetAsync");
     const double s = time(5, [&] {
       check_cuda(cudaMemcpyAsync(b.get(), a.get(), bytes, cudaMemcpyDeviceToDevice, impl_->stream), "copy");

@@ -940,7 +940,7 @@ struct MatmulState {
     LtPlan& p = plans[key];
     if (!lt) {
       check(cublasLtCreate(&lt) == CUBLAS_STATUS_SUCCESS, "matmul: cublasLtCreate failed");
-      check_cuda(cudaMalloc(&lt_workspace, kLtWorkspace), "matmul: cuBLASLt workspace");
+      lt_workspace = cuda::device_malloc(kLtWorkspace, "matmul: cuBLASLt workspace");
       ++counters.allocations;
       counters.bytes_allocated += int64_t(kLtWorkspace);
     }

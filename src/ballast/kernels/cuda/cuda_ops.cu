@@ -21,7 +21,7 @@ void* CudaScratch::bytes(size_t n) {
     if (data_) check_cuda(cudaFree(data_), "scratch: cudaFree");
     data_ = nullptr;
     const size_t rounded = (n + 255) / 256 * 256;
-    check_cuda(cudaMalloc(&data_, rounded), "scratch: cudaMalloc");
+    data_ = cuda::device_malloc(rounded, "the ops' scratch");
     size_ = rounded;
     ++counters_.memory_epoch;  // graphs captured before read the old buffer
     ++counters_.allocations;

@@ -27,6 +27,22 @@ inline void check_cuda(cudaError_t err, const char* what) {
 // After a launch: the launch's own error (bad shape, no kernel image for this device).
 inline void check_launch(const char* op) { check_cuda(cudaGetLastError(), op); }
 
+// cudaMalloc of `bytes` on the current device; where it fails, an error naming what was being
+// allocated, how much, and how much of the device was free then (an out-of-memory on a shared GPU
+// says whose allocation ran out, not only that one did).
+inline void* device_malloc(size_t bytes, const std::string& what) {
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, bytes);
+  if (err == cudaSuccess) return p;
+  cudaGetLastError();  // (clears the error: the device is still usable)
+  size_t free = 0, total = 0;
+  int device = -1;
+  cudaGetDevice(&device);
+  if (cudaMemGetInfo(&free, &total) != cudaSuccess) free = total = 0;
+  fail("{}: cannot allocate {:.2f} GB on cuda:{}: {} ({:.2f} GB of {:.2f} GB free)", what, double(bytes) / 1e9, device,
+       cudaGetErrorString(err), double(free) / 1e9, double(total) / 1e9);
+}
+
 constexpr int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Whether float4 / 16-byte accesses may start at p.
