@@ -264,6 +264,11 @@ def check_bench(args):
     assert ep["ranks"] == 2 and ep["balancedness"] and all(0 < b <= 1 for b in ep["balancedness"]), ep
     assert ep["transport"] == "by the given data plane", ep  # threads moving host memory: no plane of the engine's
     assert ep["rebalances"] and all(r["total_ms"] >= 0 and r["bytes_moved"] >= 0 for r in ep["rebalances"]), ep
+    # The ranks' expert slots hold the trunk's 32 experts and 2 redundant ones a layer (and the MTP
+    # layer's), apart from the model's own copy; rebalancing stages a chunk (all layers) beside them.
+    m = j["memory"]
+    assert m["expert_slots_gb"] >= m["routed_experts_gb"] * 34 / 32 > 0, m
+    assert m["migration_staging_gb"] > 0, m
     # Synthetic presets: unknown names and depths are refused naming what is known.
     p = run([args.ballast, "bench", "--device", "cpu", "--synthetic", "llama"], expect_rc=1)
     assert "qwen3-next-80b-a3b" in p.stderr, p.stderr

@@ -445,6 +445,12 @@ int run_bench(const BenchArgs& a) {
     // in-process EP each combination of the ranks' buckets met) and the memory they took.
     const double graphs = ranks.sum(double(e.backend().counters().graphs));
     const double graph_bytes = ranks.sum(double(e.backend().counters().graph_bytes));
+    // Under expert parallelism every rank's slots hold its experts (trunk and MTP domains) apart from
+    // the model's own copy, and migration's staging beside them: device memory the weights cost twice.
+    double slots = 0, staging = 0;
+    for (moe::ExpertParallelDomain* d : {e.trunk_ep(), e.mtp_ep()})
+      if (d) slots += double(d->slots.bytes()), staging += double(d->rebalancer.staging_bytes());
+    slots = ranks.sum(slots), staging = ranks.sum(staging);
     if (ranks.rank() != 0) return;
     const kernels::MemoryInfo memory = e.backend().memory();  // after every run
     const int64_t context = a.prompt_len + a.decode_steps / 2;
@@ -472,7 +478,10 @@ int run_bench(const BenchArgs& a) {
                                       {"device_free_gb", double(memory.free_bytes) / 1e9},
                                       {"device_total_gb", double(memory.total_bytes) / 1e9},
                                       {"graphs", int64_t(graphs)},
-                                      {"graphs_mb", graph_bytes / 1e6}}}};
+                                      {"graphs_mb", graph_bytes / 1e6},
+                                      {"routed_experts_gb", work.wb.routed / 1e9},
+                                      {"expert_slots_gb", slots / 1e9},
+                                      {"migration_staging_gb", staging / 1e9}}}};
       // The first batch and prefill at the top level too (what earlier versions printed).
       // Expert parallelism: per-pass balancedness and each rebalance (experts and bytes moved, its
       // time), rank 0's, as generate reports them.
@@ -526,6 +535,10 @@ int run_bench(const BenchArgs& a) {
                "the runs\n",
                work.wb.trunk / 1e9, double(e.cache().bytes()) / 1e9, e.max_total_tokens(), double(memory.free_bytes) / 1e9,
                double(memory.total_bytes) / 1e9);
+    if (slots > 0)
+      fmt::print("experts   {:.2f} GB in the {} ranks' expert slots and {:.2f} GB of staging for migration, beside the "
+                 "model's {:.2f} GB of routed experts\n",
+                 slots / 1e9, ranks.size(), staging / 1e9, work.wb.routed / 1e9);
     if (graphs > 0) fmt::print("graphs    {:.0f} held after the runs, {:.1f} MB of device memory taken as they were made\n",
                                graphs, graph_bytes / 1e6);
     fmt::print("\ndecode at {} tokens of context (bytes: weights read once per step, the experts the batch visits,\n"

@@ -47,6 +47,8 @@ class Rebalancer {
   // Per pass: mean over layers of balancedness (mean/max rank load) of what was dispatched.
   const std::vector<double>& balancedness() const { return balancedness_; }
   bool migrating() const { return !layers_left_.empty(); }
+  // Device memory held for migration (a chunk's received weights), 0 while rebalancing is off.
+  size_t staging_bytes() const { return staging_.defined() ? staging_.nbytes() : 0; }
 
  private:
   void close_pass(std::span<const int32_t> load, std::vector<std::vector<int32_t>> tokens);

@@ -20,6 +20,7 @@ class SlotStore {
   int layers() const { return layers_; }
   int slots() const { return slots_; }
   size_t bytes_per_expert() const { return slot_bytes_; }
+  size_t bytes() const { return size_t(layers_) * size_t(slots_) * slot_bytes_; }  // every slot of every layer
 
   // A slot's blob as one U8 tensor [bytes_per_expert()] (what migration moves).
   Tensor blob(int layer, int slot) const;
