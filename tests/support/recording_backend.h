@@ -3,10 +3,10 @@
 // begin_capture() and end_capture(key) its ops are recorded, not run, and replay(key) runs them
 // again in order; nothing may wait, allocate or copy from the host meanwhile (download, synchronize,
 // alloc and upload throw: the contract's, backend.h; a CUDA graph would read a host buffer at
-// replay, pinned staging refuses it). Backends
-// of in-process ranks join a capture as CUDA streams do: one that waits (after) for a mark taken
-// in a capture records into it until the capture ends, so one graph holds every rank's work in the
-// order the ranks issued it (which the data plane's meetings make an order their marks allow).
+// replay, pinned staging refuses it). Backends of in-process ranks join a capture as CUDA streams
+// do: one that waits (after) for a mark taken in a capture records into it until the capture ends,
+// so one graph holds every rank's work in the order the ranks issued it (which the data plane's
+// meetings make an order their marks allow).
 // Checks and errors of the ops come when they run (at replay), as a GPU's faults would. For tests
 // of what runs graphs (runtime/graph_group.h) where no GPU is.
 #include <array>

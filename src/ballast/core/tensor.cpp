@@ -133,10 +133,12 @@ Tensor Tensor::view_bytes(size_t offset, std::vector<int64_t> shape, DType dtype
   return t;
 }
 
-std::string Tensor::shape_str() const {
+std::string format_shape(const std::vector<int64_t>& shape) {
   std::string s = "[";
-  for (size_t i = 0; i < shape_.size(); ++i) s += (i ? ", " : "") + std::to_string(shape_[i]);
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
   return s + "]";
 }
+
+std::string Tensor::shape_str() const { return format_shape(shape_); }
 
 }  // namespace ballast

@@ -13,6 +13,9 @@
 
 namespace ballast {
 
+// A shape as errors print it: "[2, 3]".
+std::string format_shape(const std::vector<int64_t>& shape);
+
 enum class Device : uint8_t { CPU, CUDA };
 
 class Tensor {

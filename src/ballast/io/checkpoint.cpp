@@ -1,7 +1,5 @@
 #include "ballast/io/checkpoint.h"
 
-#include <fmt/ranges.h>
-
 #include <atomic>
 #include <fstream>
 #include <mutex>
@@ -15,12 +13,6 @@ namespace ballast::io {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
-
-namespace {
-
-std::string shape_str(const std::vector<int64_t>& s) { return fmt::format("[{}]", fmt::join(s, ", ")); }
-
-}  // namespace
 
 Checkpoint Checkpoint::open(const fs::path& path) {
   Checkpoint ck;
@@ -105,7 +97,7 @@ Tensor Checkpoint::get(const std::string& name, const std::vector<int64_t>& expe
   const auto& f = file_of(name);
   const auto& t = f.info(name);
   check(t.shape == expected_shape, "{}: tensor '{}' has shape {}, expected {}", f.path().string(), name,
-        shape_str(t.shape), shape_str(expected_shape));
+        format_shape(t.shape), format_shape(expected_shape));
   return f.get(name);
 }
 

@@ -133,12 +133,6 @@ std::shared_ptr<void> device_buffer(size_t bytes, int device, const std::string&
   });
 }
 
-std::string shape_text(const std::vector<int64_t>& shape) {
-  std::string s = "[";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + "]";
-}
-
 int64_t numel_of(const std::vector<int64_t>& shape) {
   int64_t n = 1;
   for (int64_t d : shape) {
@@ -215,7 +209,7 @@ Tensor CudaBackend::alloc(std::vector<int64_t> shape, DType dtype) {
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   const size_t bytes = size_t(numel_of(shape)) * dtype_size(dtype);
   auto owner =
-      device_buffer(bytes, device_, fmt::format("cuda alloc of {} {}", dtype_name(dtype), shape_text(shape)));
+      device_buffer(bytes, device_, fmt::format("cuda alloc of {} {}", dtype_name(dtype), format_shape(shape)));
   ++counters_.allocations;
   counters_.bytes_allocated += int64_t(bytes);
   void* p = owner.get();
