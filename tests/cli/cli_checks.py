@@ -254,6 +254,7 @@ def check_bench(args):
     # Under expert parallelism (2 in-process ranks, attention data-parallel) the batch is split
     # over the ranks and every figure is the batch's.
     # Rebalancing as it runs: per-pass balancedness and each rebalance's moves and time in the JSON.
+    plain = j
     j = json.loads(run([args.ballast, "bench", "--device", "cpu", "--threads", "1", "--ep", "2", "--batch", "1,3",
                         "--prefill", "24", "--prompt-len", "16", "--decode-steps", "4", "--repeats", "1",
                         "--ep-num-redundant-experts", "2", "--enable-eplb", "--eplb-rebalance-num-iterations", "4",
@@ -265,9 +266,12 @@ def check_bench(args):
     assert ep["transport"] == "by the given data plane", ep  # threads moving host memory: no plane of the engine's
     assert ep["rebalances"] and all(r["total_ms"] >= 0 and r["bytes_moved"] >= 0 for r in ep["rebalances"]), ep
     # The ranks' expert slots hold the trunk's 32 experts and 2 redundant ones a layer (and the MTP
-    # layer's), apart from the model's own copy; rebalancing stages a chunk (all layers) beside them.
+    # layer's), the only copy (the model keeps none under EP); rebalancing stages a chunk (all
+    # layers) beside them. The weights counted are the same model's as without EP.
     m = j["memory"]
     assert m["expert_slots_gb"] >= m["routed_experts_gb"] * 34 / 32 > 0, m
+    assert m["routed_experts_gb"] == plain["memory"]["routed_experts_gb"], (m, plain["memory"])
+    assert m["trunk_weights_gb"] == plain["memory"]["trunk_weights_gb"], (m, plain["memory"])
     assert m["migration_staging_gb"] > 0, m
     # Synthetic presets: unknown names and depths are refused naming what is known.
     p = run([args.ballast, "bench", "--device", "cpu", "--synthetic", "llama"], expect_rc=1)

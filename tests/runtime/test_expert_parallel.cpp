@@ -11,7 +11,9 @@
 
 #include "ballast/dist/thread_world.h"
 #include "ballast/eplb/metrics.h"
+#include "ballast/io/checkpoint.h"
 #include "ballast/io/safetensors.h"
+#include "ballast/model/weights.h"
 #include "ballast/runtime/distributed.h"
 #include "ballast/runtime/engine.h"
 #include "fixtures.h"
@@ -88,24 +90,32 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
       return engine->generate(mine, max_new);
     });
 
-    // Every slot must hold exactly the weights of the logical expert its placement names.
+    // Every slot must hold exactly the weights of the logical expert its placement names (as the
+    // checkpoint has them), and the model no copy of its own (the experts' memory is taken once).
     const auto& trunk = *engine->trunk_ep();
     const auto& pl = trunk.domain.placement;
     const int K = pl.slots_per_rank();
+    const io::Checkpoint ckpt = io::Checkpoint::open(kFixtures / fixture);
+    const model::ModelWeights host = model::bind_weights(model::load_model_config(kFixtures / fixture), ckpt);
     std::vector<const model::MoeWeights*> layers;
-    for (const auto& l : engine->model().weights().layers)
+    for (const auto& l : host.layers)
       if (l.ffn == model::FfnType::Moe) layers.push_back(&l.moe);
+    for (const auto& l : engine->model().weights().layers) EXPECT_TRUE(l.moe.experts.empty());
+    auto bytes = [](const Tensor& t) {
+      const auto* p = static_cast<const std::byte*>(t.raw());
+      return std::vector<std::byte>(p, p + t.nbytes());
+    };
     bool exact = true;
     for (int l = 0; l < pl.layers; ++l)
       for (int s = 0; s < K; ++s) {
         const auto& want = layers[size_t(l)]->experts[size_t(pl.layer(l)[comm.rank() * K + s])];
         const auto& have = trunk.slots.weights(l, s);
         for (auto [a, b] : {std::pair{&want.gate, &have.gate}, {&want.up, &have.up}, {&want.down, &have.down}}) {
-          exact = exact && download_bytes(engine->backend(), *a) == download_bytes(engine->backend(), *b);
+          exact = exact && bytes(*a) == download_bytes(engine->backend(), *b);
           // FP8 experts (the *_fp8 fixtures) move with their block scales.
           if (a->dtype() == DType::F8_E4M3_B128)
             exact = exact && b->dtype() == DType::F8_E4M3_B128 &&
-                    download_bytes(engine->backend(), a->scales()) == download_bytes(engine->backend(), b->scales());
+                    bytes(a->scales()) == download_bytes(engine->backend(), b->scales());
         }
       }
 

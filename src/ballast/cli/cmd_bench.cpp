@@ -109,6 +109,18 @@ WeightBytes weight_bytes(const model::ModelWeights& weights) {
     for (const auto& e : l.moe.experts) b.routed += stored_bytes(e.gate) + stored_bytes(e.up) + stored_bytes(e.down);
   return b;
 }
+// The engine's: under expert parallelism its model holds no routed expert (the ranks' slots do), so
+// they are counted from a slot's weights, every logical expert of every MoE layer once.
+WeightBytes weight_bytes(runtime::Engine& e) {
+  WeightBytes b = weight_bytes(e.model().weights());
+  if (const moe::ExpertParallelDomain* d = e.trunk_ep()) {
+    const kernels::SwigluWeights& w = d->slots.weights(0, 0);
+    const double expert = stored_bytes(w.gate) + stored_bytes(w.up) + stored_bytes(w.down);
+    b.routed = expert * double(d->domain.placement.layers) * double(e.config().num_experts);
+    b.trunk += b.routed;
+  }
+  return b;
+}
 
 struct Work {
   const model::ModelConfig& c;
@@ -333,7 +345,7 @@ int run_bench(const BenchArgs& a) {
   // a backend of its own (each rank's expert slots are filled from it): a set per rank would take
   // G times the memory (the 80B shape's 8 layers are 27.6 GB in bf16).
   struct SharedWeights {
-    std::once_flag once;
+    std::once_flag once, released;
     std::unique_ptr<kernels::Backend> backend;
     model::ModelWeights weights;
     double seconds = 0;
@@ -378,6 +390,10 @@ int run_bench(const BenchArgs& a) {
                    ranks.size() > 1 && !dist::mpi_launched() ? fmt::format("shared by the {} ranks", ranks.size())
                                                              : std::string("the rank"));
       engine = runtime::Engine::create(std::move(cfg), shared.weights, std::move(backend), o);
+      // Once every rank has its engine, the shared set is let go: under expert parallelism the
+      // routed experts then live in the ranks' slots alone, and every other weight in the engines.
+      if (comm) comm->barrier();
+      std::call_once(shared.released, [&] { shared.weights = {}; });
       model_name = fmt::format("synthetic {} ({} of {} layers, {})", a.synthetic, shape.layers,
                                model::preset_shape(a.synthetic).layers, a.dtype);
     } else {
@@ -387,8 +403,7 @@ int run_bench(const BenchArgs& a) {
     }
     runtime::Engine& e = *engine;
     const model::ModelConfig& cfg = e.config();
-    const Work work{cfg, model::count_parameters(cfg), weight_bytes(e.model().weights()),
-                    int64_t(dtype_size(e.backend().kv_cache_dtype()))};
+    const Work work{cfg, model::count_parameters(cfg), weight_bytes(e), int64_t(dtype_size(e.backend().kv_cache_dtype()))};
     // The ceilings, measured by the first rank alone (the others wait at their first pass).
     const kernels::Ceilings ceil = ranks.rank() == 0 ? e.backend().measure_ceilings() : kernels::Ceilings{};
 
@@ -445,8 +460,8 @@ int run_bench(const BenchArgs& a) {
     // in-process EP each combination of the ranks' buckets met) and the memory they took.
     const double graphs = ranks.sum(double(e.backend().counters().graphs));
     const double graph_bytes = ranks.sum(double(e.backend().counters().graph_bytes));
-    // Under expert parallelism every rank's slots hold its experts (trunk and MTP domains) apart from
-    // the model's own copy, and migration's staging beside them: device memory the weights cost twice.
+    // Under expert parallelism the ranks' slots hold the experts (trunk and MTP domains; the model
+    // keeps none), with migration's staging beside them.
     double slots = 0, staging = 0;
     for (moe::ExpertParallelDomain* d : {e.trunk_ep(), e.mtp_ep()})
       if (d) slots += double(d->slots.bytes()), staging += double(d->rebalancer.staging_bytes());
@@ -536,7 +551,7 @@ int run_bench(const BenchArgs& a) {
                work.wb.trunk / 1e9, double(e.cache().bytes()) / 1e9, e.max_total_tokens(), double(memory.free_bytes) / 1e9,
                double(memory.total_bytes) / 1e9);
     if (slots > 0)
-      fmt::print("experts   {:.2f} GB in the {} ranks' expert slots and {:.2f} GB of staging for migration, beside the "
+      fmt::print("experts   {:.2f} GB in the {} ranks' expert slots and {:.2f} GB of staging for migration, for the "
                  "model's {:.2f} GB of routed experts\n",
                  slots / 1e9, ranks.size(), staging / 1e9, work.wb.routed / 1e9);
     if (graphs > 0) fmt::print("graphs    {:.0f} held after the runs, {:.1f} MB of device memory taken as they were made\n",

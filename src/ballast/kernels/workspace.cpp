@@ -24,9 +24,11 @@ Tensor Workspace::take(std::vector<int64_t> shape, DType dtype) {
     return round_up(p, kAlign) - p;
   };
   if (blocks_.empty() || start_of(blocks_.back()) + used_ + bytes > blocks_.back().nbytes()) {
-    // Outgrown: another block, at least as large as all before it, so that a first pass takes
-    // few of them; reset() replaces them by one.
-    const size_t size = std::max(bytes, capacity()) + kAlign;  // slack to align the start
+    // Outgrown: another block, a quarter of all before it at least, so that a first pass takes
+    // few of them (tens) yet holds about 1.25x what it takes at its peak, where blocks as large
+    // as all before held up to 2x (four in-process ranks' first passes at once must fit the
+    // device beside the weights); reset() replaces them by one.
+    const size_t size = std::max(bytes, capacity() / 4) + kAlign;  // slack to align the start
     blocks_.push_back(be_.alloc({int64_t(size / 4)}, DType::I32));
     used_ = 0;
     ++generation_;

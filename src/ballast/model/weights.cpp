@@ -312,4 +312,10 @@ void for_each_tensor(ModelWeights& w, const std::function<void(Tensor&)>& fn) {
   }
 }
 
+void drop_routed_experts(ModelWeights& w) {
+  for (auto& l : w.layers) l.moe.experts = {};
+  if (w.mtp)
+    for (auto& l : w.mtp->layers) l.moe.experts = {};
+}
+
 }  // namespace ballast::model

@@ -71,4 +71,8 @@ ModelWeights bind_weights(const ModelConfig& cfg, const io::Checkpoint& ckpt);
 // Calls fn on every tensor of the weights (to move them to a device: Backend::to_device).
 void for_each_tensor(ModelWeights& w, const std::function<void(Tensor&)>& fn);
 
+// Lets go of every routed expert (trunk and MTP head): under expert parallelism the ranks' expert
+// slots hold them, and a second copy in the model would cost the experts' memory twice.
+void drop_routed_experts(ModelWeights& w);
+
 }  // namespace ballast::model

@@ -108,6 +108,8 @@ std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, std
                   double(q.bytes_before) / 1e9, double(q.bytes_after) / 1e9);
   }
   model::ModelWeights device = host;
+  // Under expert parallelism the routed experts go to the ranks' slots from `host`, never here.
+  if (opts.comm) model::drop_routed_experts(device);
   // Weights go to the device once, here (a CPU reads them in place: nothing to report).
   uint64_t total = 0, done = 0;
   const bool report = opts.upload_progress && e->backend_->device() != Device::CPU;
@@ -132,6 +134,9 @@ std::unique_ptr<Engine> Engine::create(model::ModelConfig cfg, model::ModelWeigh
 }
 
 void Engine::build(model::ModelConfig cfg, model::ModelWeights device, const model::ModelWeights& source) {
+  // Under expert parallelism every MoE layer goes through the ranks' slots, filled from `source`:
+  // the model holds no routed expert, so that the experts take their memory once, in the slots.
+  if (opts_.comm) model::drop_routed_experts(device);
   local_moe_ = std::make_unique<moe::LocalMoeRunner>(backend_->ops());
   model_ = std::make_unique<model::Model>(std::move(cfg), std::move(device), backend_->ops(), *local_moe_);
   check_draft_steps(steps_, *model_);

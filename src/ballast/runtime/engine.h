@@ -127,7 +127,9 @@ class Engine {
   static std::unique_ptr<Engine> load(const std::filesystem::path& model_dir, std::unique_ptr<kernels::Backend> backend,
                                       const EngineOptions& opts = {});
   // An engine over weights already on the backend (model::random_weights: benchmarks of the
-  // published sizes). Under expert parallelism each rank's expert slots are copied from them.
+  // published sizes). Under expert parallelism each rank's expert slots are copied from them and
+  // the engine keeps no other reference to the routed experts (the caller's copy is all that
+  // remains: let it go to hold the experts once).
   static std::unique_ptr<Engine> create(model::ModelConfig cfg, model::ModelWeights device_weights,
                                         std::unique_ptr<kernels::Backend> backend, const EngineOptions& opts = {});
   ~Engine();
@@ -205,7 +207,8 @@ class Engine {
 
   Engine(std::unique_ptr<kernels::Backend> backend, std::optional<io::Checkpoint> ckpt, const EngineOptions& opts);
   // What load and create share once the weights are on the device; `source` is where expert
-  // slots are filled from under expert parallelism (the host weights, or the device ones).
+  // slots are filled from under expert parallelism (the host weights, or the device ones); the
+  // model then gets `device` without its routed experts.
   void build(model::ModelConfig cfg, model::ModelWeights device, const model::ModelWeights& source);
   PassOutput make_output(int64_t load_size);
   // The pass outputs and, under expert parallelism (host: the weights as loaded), this rank's
