@@ -225,7 +225,7 @@ def check_bench(args):
         assert head in text, (head, text)
     assert j["copy_bandwidth_gb_s"] > 0 and j["gemm_tflop_s"] > 0, j
     m = j["memory"]
-    assert m["trunk_weights_gb"] > 0 and m["cache_gb"] > 0 and m["cache_rows"] > 0, m
+    assert m["trunk_weights_gb"] > 0 and m["cache_gb"] > 0 and m["cache_rows"] > 0 and m["workspace_gb"] > 0, m
     assert 0 < m["device_free_gb"] <= m["device_total_gb"], m
     assert "GB of trunk weights" in text, text
     assert "OpenBLAS" in j["gemm"] or "ballast bf16" in j["gemm"], j
@@ -272,6 +272,7 @@ def check_bench(args):
     assert m["expert_slots_gb"] >= m["routed_experts_gb"] * 34 / 32 > 0, m
     assert m["routed_experts_gb"] == plain["memory"]["routed_experts_gb"], (m, plain["memory"])
     assert m["trunk_weights_gb"] == plain["memory"]["trunk_weights_gb"], (m, plain["memory"])
+    assert m["workspace_gb"] > 0, m
     assert m["migration_staging_gb"] > 0, m
     # Synthetic presets: unknown names and depths are refused naming what is known.
     p = run([args.ballast, "bench", "--device", "cpu", "--synthetic", "llama"], expect_rc=1)

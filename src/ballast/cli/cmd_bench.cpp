@@ -325,11 +325,8 @@ int run_bench(const BenchArgs& a) {
   runtime::EngineOptions opts;
   runtime::CacheOptions& cache = opts.cache;
   cache.max_running_requests = bmax;
-  // A pass holds the longest prefill, or the prompts of `seqs` sequences (up to 16k rows).
-  auto chunk_for = [&](int seqs) {
-    return std::max({pmax, 2048, int(std::min<int64_t>(int64_t(seqs) * a.prompt_len, 16384))});
-  };
-  cache.chunked_prefill_size = chunk_for(bmax);
+  // A pass holds the longest prefill, or the prompts of the batch (up to 16k rows).
+  cache.chunked_prefill_size = std::max({pmax, 2048, int(std::min<int64_t>(int64_t(bmax) * a.prompt_len, 16384))});
   const int64_t per_seq =
       a.prompt_len + decode_budget(bmax, a.prompt_len, a.decode_steps, cache.chunked_prefill_size) + 2 * smax + 8;
   const int64_t page = cache.page_size;
@@ -363,9 +360,10 @@ int run_bench(const BenchArgs& a) {
       o.ep = to_ep_options(a.ep, ranks.size());
       const int share = (bmax + ranks.size() - 1) / ranks.size();
       o.cache.max_running_requests = share;
-      // A pass holds this rank's share of the prompts: sized for it, since every rank's
-      // expert-parallel receive buffers take G x its rows x top-k rows of the hidden size.
-      o.cache.chunked_prefill_size = chunk_for(share);
+      // The ranks' passes together hold what one rank's would (SGLang divides its chunked prefill
+      // size by the attention data-parallel ranks likewise): every rank's expert-parallel buffers
+      // take up to G x its rows x top-k rows of the hidden size, and in-process ranks share a device.
+      o.cache.chunked_prefill_size = std::max(pmax, (cache.chunked_prefill_size + ranks.size() - 1) / ranks.size());
     }
     const int gpu = rank_gpu(a.device, comm);
     std::unique_ptr<runtime::Engine> engine;
@@ -423,6 +421,8 @@ int run_bench(const BenchArgs& a) {
     std::vector<PrefillFigure> prefill;
     for (size_t i = 0; i < prefills.size(); ++i)
       prefill.push_back(measure_prefill(e, ranks, rng, prefills[i], a.repeats, a.profile && i == 0));
+    // Every rank's activations after its largest passes (before speculation makes the runner anew).
+    const double workspace = ranks.sum(double(e.runner().workspace_bytes()));
 
     // Speculation: decode with and without drafts on the same prompts, by generate().
     struct SpecFigure {
@@ -492,6 +492,7 @@ int run_bench(const BenchArgs& a) {
                                       {"cache_rows", e.max_total_tokens()},
                                       {"device_free_gb", double(memory.free_bytes) / 1e9},
                                       {"device_total_gb", double(memory.total_bytes) / 1e9},
+                                      {"workspace_gb", workspace / 1e9},
                                       {"graphs", int64_t(graphs)},
                                       {"graphs_mb", graph_bytes / 1e6},
                                       {"routed_experts_gb", work.wb.routed / 1e9},
@@ -546,10 +547,11 @@ int run_bench(const BenchArgs& a) {
                                 : std::string());
     fmt::print("ceilings  copy {:.0f} GB/s, GEMM {:.4g} TFLOP/s ({})\n", ceil.copy_bytes_per_s / 1e9,
                ceil.gemm_flops_per_s / 1e12, ceil.gemm);
-    fmt::print("memory    {:.2f} GB of trunk weights, {:.2f} GB of cache ({} KV rows); the device {:.1f} of {:.1f} GB free after "
-               "the runs\n",
-               work.wb.trunk / 1e9, double(e.cache().bytes()) / 1e9, e.max_total_tokens(), double(memory.free_bytes) / 1e9,
-               double(memory.total_bytes) / 1e9);
+    fmt::print("memory    {:.2f} GB of trunk weights, {:.2f} GB of cache ({} KV rows), {:.2f} GB of activation workspace{}; "
+               "the device {:.1f} of {:.1f} GB free after the runs\n",
+               work.wb.trunk / 1e9, double(e.cache().bytes()) / 1e9, e.max_total_tokens(), workspace / 1e9,
+               ranks.size() > 1 ? fmt::format(" (the {} ranks')", ranks.size()) : std::string(),
+               double(memory.free_bytes) / 1e9, double(memory.total_bytes) / 1e9);
     if (slots > 0)
       fmt::print("experts   {:.2f} GB in the {} ranks' expert slots and {:.2f} GB of staging for migration, for the "
                  "model's {:.2f} GB of routed experts\n",

@@ -90,6 +90,8 @@ class ModelRunner {
   int64_t replays(GraphKind k) const { return replays_[size_t(k)]; }
   kernels::Workspace& workspace() { return ws_; }
   const RunnerLimits& limits() const { return lim_; }
+  // Device memory of the passes' scratch (activations): its buffer(s) now.
+  size_t workspace_bytes() const { return ws_.capacity(); }
 
  private:
   enum class Track { trunk, mtp };
