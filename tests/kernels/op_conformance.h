@@ -453,6 +453,24 @@ TEST_P(OpConformance, WorkspaceFirstPassHoldsLittleMoreThanItTakes) {
   ws.reset();
   EXPECT_GE(ws.capacity(), ws.high_water());
   EXPECT_LE(ws.capacity(), ws.high_water() + 1024) << "after the pass, one buffer of what it took";
+
+  // A first pass of layers, each in a scope: the blocks one layer outgrew serve the next layer's
+  // takes (the deepest layer's scratch at most, not the sum over the layers).
+  Workspace layers(be());
+  std::vector<uintptr_t> first, last;
+  for (int l = 0; l < 8; ++l) {
+    Workspace::Scope scope(layers);
+    for (int i = 0; i < 65; ++i) {
+      const Tensor t = layers.take({10000});
+      (l == 0 ? first : last).push_back(reinterpret_cast<uintptr_t>(t.raw()));
+    }
+    if (l > 0) {
+      EXPECT_EQ(last, first) << "layer " << l << " takes what layer 0 gave back";
+    }
+    last.clear();
+  }
+  EXPECT_LE(double(layers.capacity()), 1.25 * double(layers.high_water()))
+      << layers.capacity() << " bytes held for " << layers.high_water() << " taken";
 }
 
 // ============================================================================================

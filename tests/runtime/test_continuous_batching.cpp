@@ -228,9 +228,10 @@ TEST(DecodeGraphs, SpeculativePassesReplayGraphsToo) {
     // With one draft step a round is one download: its first draft step goes out from the
     // verification's verdicts on the device, and its drafts come back with them (the prefill
     // passes' drafts come back on their own).
-    if (S == 1)
+    if (S == 1) {
       EXPECT_LE(graphs->backend().counters().downloads - before.downloads, res.stats.passes + 2)
           << res.stats.passes << " passes";
+    }
     graphs->set_speculative_steps(0);
   }
 }

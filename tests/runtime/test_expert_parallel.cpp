@@ -83,9 +83,12 @@ EpRun run_ep(const std::string& fixture, const std::vector<std::vector<int32_t>>
     auto engine = runtime::Engine::load(kFixtures / fixture, std::move(backend), opts);
     engine->trunk_ep()->domain.recorder.start();
     // In-process ranks on a GPU: the engine's own choice is the thread plane on that GPU.
-    if (!given && engine->backend().device() != Device::CPU)
+    if (!given && engine->backend().device() != Device::CPU) {
       EXPECT_EQ(engine->ep_transport(), "device to device on the GPU the ranks share (the in-process plane on the device)");
-    if (!given && engine->backend().device() == Device::CPU) EXPECT_EQ(engine->ep_transport(), "by the given data plane");
+    }
+    if (!given && engine->backend().device() == Device::CPU) {
+      EXPECT_EQ(engine->ep_transport(), "by the given data plane");
+    }
     auto res = runtime::generate_distributed(comm, prompts, [&](const auto& mine) {
       return engine->generate(mine, max_new);
     });

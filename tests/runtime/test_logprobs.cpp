@@ -61,10 +61,14 @@ void expect_logprobs_of_prefill(Engine& engine, const std::vector<int32_t>& prom
     for (int k = 0; k < top; ++k) {
       const auto [id, value] = g.logprobs[i].top[size_t(k)];
       EXPECT_NEAR(value, lp[size_t(id)], 1e-4) << "token " << i << " top " << k;
-      if (k > 0) EXPECT_LE(value, g.logprobs[i].top[size_t(k) - 1].second);
+      if (k > 0) {
+        EXPECT_LE(value, g.logprobs[i].top[size_t(k) - 1].second);
+      }
     }
     // Greedy: the drawn token is the most likely one.
-    if (top > 0) EXPECT_EQ(g.logprobs[i].top[0].first, g.tokens[i]);
+    if (top > 0) {
+      EXPECT_EQ(g.logprobs[i].top[0].first, g.tokens[i]);
+    }
   }
 }
 

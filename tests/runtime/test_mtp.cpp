@@ -225,7 +225,9 @@ TEST_P(Mtp, SpeculativeUnderExpertParallelismAsGroupGraphsIsLossless) {
         EXPECT_GT(got.draft_replays, 0) << where << ": no draft step was a graph";
         EXPECT_GT(got.trunk_rebalances, 0) << where;
         EXPECT_GT(got.mtp_rebalances, 0) << where;
-        if (prompts == &two) EXPECT_GT(got.idle_replays, 0) << where << ": no rank took part idle";
+        if (prompts == &two) {
+          EXPECT_GT(got.idle_replays, 0) << where << ": no rank took part idle";
+        }
       }
 }
 

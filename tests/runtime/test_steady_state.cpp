@@ -111,7 +111,9 @@ void steady_state(int S, bool graphs) {
     EXPECT_GT(f.rebalances, 0) << "rank " << r;
     EXPECT_GT(f.mixed_passes, 0) << "rank " << r;
     EXPECT_GE(f.max_running, 8) << "rank " << r;
-    if (graphs && r == 0) EXPECT_GT(f.graph_passes, 0) << "no group graph was replayed";
+    if (graphs && r == 0) {
+      EXPECT_GT(f.graph_passes, 0) << "no group graph was replayed";
+    }
   }
 }
 

@@ -23,17 +23,27 @@ Tensor Workspace::take(std::vector<int64_t> shape, DType dtype) {
     const auto p = reinterpret_cast<uintptr_t>(block.raw());
     return round_up(p, kAlign) - p;
   };
-  if (blocks_.empty() || start_of(blocks_.back()) + used_ + bytes > blocks_.back().nbytes()) {
-    // Outgrown: another block, a quarter of all before it at least, so that a first pass takes
-    // few of them (tens) yet holds about 1.25x what it takes at its peak, where blocks as large
-    // as all before held up to 2x (four in-process ranks' first passes at once must fit the
-    // device beside the weights); reset() replaces them by one.
-    const size_t size = std::max(bytes, capacity() / 4) + kAlign;  // slack to align the start
-    blocks_.push_back(be_.alloc({int64_t(size / 4)}, DType::I32));
+  auto fits = [&](size_t b, size_t used) {
+    return b < blocks_.size() && start_of(blocks_[b]) + used + bytes <= blocks_[b].nbytes();
+  };
+  if (!fits(block_, used_)) {
+    // The blocks after this one were given back by a scope (a layer's scratch that the next layer
+    // takes again): the first that holds the take, else a new one.
+    size_t next = blocks_.empty() ? 0 : block_ + 1;
+    while (next < blocks_.size() && !fits(next, 0)) ++next;
+    if (next == blocks_.size()) {
+      // Outgrown: another block, a quarter of all before it at least, so that a first pass takes
+      // few of them (tens) yet holds about 1.25x what it takes at its peak, where blocks as large
+      // as all before held up to 2x (four in-process ranks' first passes at once must fit the
+      // device beside the weights); reset() replaces them by one.
+      const size_t size = std::max(bytes, capacity() / 4) + kAlign;  // slack to align the start
+      blocks_.push_back(be_.alloc({int64_t(size / 4)}, DType::I32));
+      ++generation_;
+    }
+    block_ = next;
     used_ = 0;
-    ++generation_;
   }
-  const Tensor& block = blocks_.back();
+  const Tensor& block = blocks_[block_];
   void* p = static_cast<char*>(block.raw()) + start_of(block) + used_;
   used_ += bytes;
   taken_ += bytes;
@@ -47,14 +57,16 @@ void Workspace::reset() {
     blocks_.push_back(be_.alloc({int64_t((high_water_ + kAlign) / 4)}, DType::I32));
     ++generation_;
   }
+  block_ = 0;
   used_ = 0;
   taken_ = 0;
 }
 
 Workspace::Scope::~Scope() {
-  // After an overflow inside the scope the pass goes on in the new block; reset() then sizes one
+  // Blocks added inside the scope stay, empty, for the takes after it; reset() then sizes one
   // buffer for the deepest point, which is what `taken_` measures.
-  if (ws_.blocks_.size() == blocks_) ws_.used_ = used_;
+  ws_.block_ = block_;
+  ws_.used_ = used_;
   ws_.taken_ = taken_;
 }
 

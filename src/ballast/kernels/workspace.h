@@ -28,14 +28,14 @@ class Workspace {
   // scratch, not the sum over layers.
   class Scope {
    public:
-    explicit Scope(Workspace& ws) : ws_(ws), blocks_(ws.blocks_.size()), used_(ws.used_), taken_(ws.taken_) {}
+    explicit Scope(Workspace& ws) : ws_(ws), block_(ws.block_), used_(ws.used_), taken_(ws.taken_) {}
     ~Scope();
     Scope(const Scope&) = delete;
     Scope& operator=(const Scope&) = delete;
 
    private:
     Workspace& ws_;
-    size_t blocks_, used_, taken_;
+    size_t block_, used_, taken_;
   };
 
   size_t capacity() const;       // bytes in the buffer(s) now
@@ -49,7 +49,8 @@ class Workspace {
 
   Backend& be_;
   std::vector<Tensor> blocks_;  // blocks_[0] is the buffer; more only while a pass outgrows it
-  size_t used_ = 0;             // bytes taken from blocks_.back()
+  size_t block_ = 0;            // the block takes come from now (later ones: given back by a scope)
+  size_t used_ = 0;             // bytes taken from blocks_[block_]
   size_t taken_ = 0;            // bytes taken this pass, over all blocks
   size_t high_water_ = 0;
   int64_t generation_ = 0;
