@@ -767,21 +767,6 @@ TEST_P(OpConformance, ConcatSplitAndGates) {
   }
   EXPECT_EQ(floats(out), want);
 
-  // split_heads_gate: per head [q | gate] (head dims of no whole float4s and of some).
-  const int64_t Hq = 2;
-  for (const int64_t hd : {3, 8}) {
-    const std::vector<float> qg = randn(size_t(T * Hq * 2 * hd), 11);
-    Tensor q = be().alloc({T, Hq, hd}, DType::F32), gate = be().alloc({T, Hq, hd}, DType::F32);
-    ops().split_heads_gate(f32(qg, {T, Hq, 2 * hd}), q, gate);
-    std::vector<float> wq, wg;
-    for (int64_t r = 0; r < T * Hq; ++r) {
-      wq.insert(wq.end(), qg.begin() + r * 2 * hd, qg.begin() + r * 2 * hd + hd);
-      wg.insert(wg.end(), qg.begin() + r * 2 * hd + hd, qg.begin() + (r + 1) * 2 * hd);
-    }
-    EXPECT_EQ(floats(q), wq) << "hd " << hd;
-    EXPECT_EQ(floats(gate), wg) << "hd " << hd;
-  }
-
   // silu_mul (out aliasing gate), mul_sigmoid, scale_rows_sigmoid.
   const std::vector<float> g = randn(24, 12, 2.0f), u = randn(24, 13);
   Tensor gd = f32(g, {4, 6});
@@ -842,29 +827,56 @@ TEST_P(OpConformance, GatherAndScatterRows) {
   EXPECT_EQ(floats(so), sw);
 }
 
-TEST_P(OpConformance, RopeRotatesTheFirstDims) {
-  const int64_t T = 4, heads = 3, hd = 8;
-  const int rot = 6;
+TEST_P(OpConformance, QkNormRopeNormsRotatesAndSplitsEachHead) {
+  // Heads of 8 dims rotating 6 (pairs that cross no warp-width boundary), 40 rotating 40 (pairs
+  // across lanes) and the models' 256 rotating 64; bf16 and fp32 norm weights; positions past 0.
+  const int64_t T = 4, Hq = 3, Hkv = 2;
   const double theta = 10000.0;
-  const std::vector<float> x = randn(size_t(T * heads * hd), 17);
+  const float eps = 1e-6f;
   const std::vector<int32_t> pos{0, 1, 17, 300};
-  Tensor xd = f32(x, {T, heads, hd});
-  ops().rope(xd, i32(pos), rot, theta);
-  std::vector<double> want(x.begin(), x.end());
-  const int half = rot / 2;
-  for (int64_t t = 0; t < T; ++t)
-    for (int i = 0; i < half; ++i) {
-      // The angle in fp32 (as the model's reference computes it), then cos and sin.
-      const float inv = float(1.0 / std::pow(theta, double(2 * i) / rot));
-      const double ang = double(float(pos[size_t(t)]) * inv);
-      for (int64_t h = 0; h < heads; ++h) {
-        const size_t o = size_t((t * heads + h) * hd);
-        const double a = x[o + i], b = x[o + i + half];
-        want[o + i] = a * std::cos(ang) - b * std::sin(ang);
-        want[o + i + half] = b * std::cos(ang) + a * std::sin(ang);
+  for (const auto& [hd, rot, wdt] : {std::tuple{int64_t(8), 6, DType::F32}, std::tuple{int64_t(40), 40, DType::BF16},
+                                    std::tuple{int64_t(256), 64, DType::BF16}}) {
+    const std::vector<float> qg = randn(size_t(T * Hq * 2 * hd), 17), kx = randn(size_t(T * Hkv * hd), 18);
+    const std::vector<float> qw = randn(size_t(hd), 19, 0.5f), kw = randn(size_t(hd), 20, 0.5f);
+    Tensor q = be().alloc({T, Hq, hd}, DType::F32), gate = be().alloc({T, Hq, hd}, DType::F32);
+    Tensor k = f32(kx, {T, Hkv, hd});
+    ops().qk_norm_rope(f32(qg, {T, Hq, 2 * hd}), weight(qw, {hd}, wdt), weight(kw, {hd}, wdt), eps, i32(pos), rot, theta,
+                       q, gate, k);
+    // In double: the norm, then the rotation by the angle in fp32 (as the model's reference has it).
+    auto want_head = [&](const float* x, const std::vector<float>& w, int64_t t) {
+      double ss = 0;
+      for (int64_t i = 0; i < hd; ++i) ss += double(x[i]) * x[i];
+      std::vector<double> y(static_cast<size_t>(hd));
+      for (int64_t i = 0; i < hd; ++i) {
+        const double wi = wdt == DType::BF16 ? double(bf16_to_f32(f32_to_bf16(w[size_t(i)]))) : double(w[size_t(i)]);
+        y[size_t(i)] = double(x[i]) / std::sqrt(ss / double(hd) + eps) * (1.0 + wi);
+      }
+      for (int i = 0; i < rot / 2; ++i) {
+        const double ang = double(float(pos[size_t(t)]) * float(1.0 / std::pow(theta, double(2 * i) / rot)));
+        const double a = y[size_t(i)], b = y[size_t(i + rot / 2)];
+        y[size_t(i)] = a * std::cos(ang) - b * std::sin(ang);
+        y[size_t(i + rot / 2)] = b * std::cos(ang) + a * std::sin(ang);
+      }
+      return y;
+    };
+    std::vector<double> wq, wk;
+    std::vector<float> wg;
+    for (int64_t t = 0; t < T; ++t) {
+      for (int64_t h = 0; h < Hq; ++h) {
+        const float* src = qg.data() + (t * Hq + h) * 2 * hd;
+        const std::vector<double> y = want_head(src, qw, t);
+        wq.insert(wq.end(), y.begin(), y.end());
+        wg.insert(wg.end(), src + hd, src + 2 * hd);
+      }
+      for (int64_t h = 0; h < Hkv; ++h) {
+        const std::vector<double> y = want_head(kx.data() + (t * Hkv + h) * hd, kw, t);
+        wk.insert(wk.end(), y.begin(), y.end());
       }
     }
-  EXPECT_TRUE(all_near(floats(xd), want, 2e-6, 1e-5));
+    EXPECT_TRUE(all_near(floats(q), wq, 1e-5, 1e-5)) << "q, hd " << hd;
+    EXPECT_TRUE(all_near(floats(k), wk, 1e-5, 1e-5)) << "k, hd " << hd;
+    EXPECT_EQ(floats(gate), wg) << "gate, hd " << hd;
+  }
 }
 
 TEST_P(OpConformance, DeltaGatesAndGatedRmsNorm) {
@@ -1920,7 +1932,9 @@ TEST_P(OpConformance, EmptyPassesAreNoOps) {
   Tensor q = be().alloc({0, 2, H}, DType::F32), kv = be().alloc({0, 1, H}, DType::F32);
   Tensor o = be().alloc({0, 2, H}, DType::F32);
   ops().attention(q, kv, kv, kc, vc, empty, o);
-  ops().rope(q, ids0, 4, 10000.0);
+  Tensor qg0 = be().alloc({0, 2, 2 * H}, DType::F32), gate0 = be().alloc({0, 2, H}, DType::F32);
+  Tensor kv0 = be().alloc({0, 1, H}, DType::F32), hn = f32(std::vector<float>(size_t(H), 0.0f), {H});
+  ops().qk_norm_rope(qg0, hn, hn, 1e-6f, ids0, 4, 10000.0, q, gate0, kv0);
   const DeltaNetCase c;
   Tensor cs = be().alloc({2, c.C(), c.kc - 1}, DType::F32), rs = be().alloc({2, 4, 16, 16}, DType::F32);
   Tensor cx = be().alloc({0, c.C()}, DType::F32), cy = be().alloc({0, c.C()}, DType::F32);
@@ -2031,6 +2045,14 @@ TEST_P(OpConformance, BadShapesThrowNamingTheOp) {
   Tensor x4 = be().alloc({2, 4}, DType::F32);
   test::expect_error([&] { ops().topk_softmax(x4, 1, true, i32({1, 1, 1}), ik, wk); }, {"topk_softmax", "routed"});
   test::expect_error([&] { ops().gather_rows(x, ids, 1, x); }, {"gather_rows"});
+  {  // k's heads of another size than q's; a rotation wider than the heads
+    Tensor qg = be().alloc({2, 1, 8}, DType::F32), q = be().alloc({2, 1, 4}, DType::F32);
+    Tensor g = be().alloc({2, 1, 4}, DType::F32), k = be().alloc({2, 1, 6}, DType::F32);
+    const Tensor n4 = f32(std::vector<float>(4, 0.0f), {4}), p2 = i32({0, 1});
+    test::expect_error([&] { ops().qk_norm_rope(qg, n4, n4, 1e-6f, p2, 2, 1e4, q, g, k); }, {"qk_norm_rope", "k[2, 1, 6]"});
+    Tensor k4 = be().alloc({2, 1, 4}, DType::F32);
+    test::expect_error([&] { ops().qk_norm_rope(qg, n4, n4, 1e-6f, p2, 6, 1e4, q, g, k4); }, {"qk_norm_rope", "rot 6"});
+  }
   Tensor lp = be().alloc({2}, DType::F32), many = be().alloc({2, kMaxTopLogprobs + 1}, DType::I32);
   Tensor many_lp = be().alloc({2, kMaxTopLogprobs + 1}, DType::F32);
   test::expect_error([&] { ops().token_logprobs(x, ids, lp, many, many_lp); }, {"token_logprobs"});

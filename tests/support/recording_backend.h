@@ -186,11 +186,8 @@ class RecordingBackend final : public kernels::Backend {
     void scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) override {
       be_.issue([this, x = x, rows = rows, out = out]() mutable { inner().scatter_rows(x, rows, out); });
     }
-    void split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) override {
-      be_.issue([this, qg = qg, q = q, gate = gate]() mutable { inner().split_heads_gate(qg, q, gate); });
-    }
-    void rope(Tensor& x, const Tensor& positions, int rot, double theta) override {
-      be_.issue([this, x = x, positions = positions, rot = rot, theta = theta]() mutable { inner().rope(x, positions, rot, theta); });
+    void qk_norm_rope(const Tensor& qg, const Tensor& q_norm, const Tensor& k_norm, float eps, const Tensor& positions, int rot, double theta, Tensor& q, Tensor& gate, Tensor& k) override {
+      be_.issue([this, qg = qg, q_norm = q_norm, k_norm = k_norm, eps = eps, positions = positions, rot = rot, theta = theta, q = q, gate = gate, k = k]() mutable { inner().qk_norm_rope(qg, q_norm, k_norm, eps, positions, rot, theta, q, gate, k); });
     }
     void attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache, const kernels::SeqLayout& layout, Tensor& out) override {
       be_.issue([this, q = q, k_new = k_new, v_new = v_new, k_cache = k_cache, v_cache = v_cache, layout = layout, out = out]() mutable { inner().attention(q, k_new, v_new, k_cache, v_cache, layout, out); });

@@ -194,21 +194,19 @@ RowCopyShape check_scatter_rows(const Tensor& x, const Tensor& rows, const Tenso
 
 // --- gated attention ---
 
-RowShape check_split_heads_gate(const Tensor& qg, const Tensor& q, const Tensor& gate) {
-  check(q.rank() >= 1 && q.dim(-1) > 0, "split_heads_gate: q {} has no head dimension", q);
-  const int64_t hd = q.dim(-1), rows = q.numel() / hd;
-  check(qg.numel() == 2 * q.numel() && gate.numel() == q.numel() && qg.dtype() == DType::F32 &&
-            q.dtype() == DType::F32 && gate.dtype() == DType::F32,
-        "split_heads_gate: qg{} q{} gate{}", qg, q, gate);
-  return {rows, hd};
-}
-
-RopeShape check_rope(const Tensor& x, const Tensor& positions, int rot) {
-  check(x.rank() == 3 && x.dtype() == DType::F32, "rope: x {} is not F32 [T, heads, hd]", x);
-  const int64_t T = x.dim(0), heads = x.dim(1), hd = x.dim(2);
-  expect("rope", "positions", positions, DType::I32, T);
-  check(rot <= hd && rot >= 0 && rot % 2 == 0, "rope: x{} with rot {}", x, rot);
-  return {T, heads, hd};
+QkShape check_qk_norm_rope(const Tensor& qg, const Tensor& q_norm, const Tensor& k_norm, const Tensor& positions,
+                           int rot, const Tensor& q, const Tensor& gate, const Tensor& k) {
+  check(q.rank() == 3 && k.rank() == 3 && q.dtype() == DType::F32 && k.dtype() == DType::F32,
+        "qk_norm_rope: q {} and k {} are not F32 [T, heads, hd]", q, k);
+  const int64_t T = q.dim(0), Hq = q.dim(1), hd = q.dim(2), Hkv = k.dim(1);
+  check(qg.shape() == std::vector<int64_t>{T, Hq, 2 * hd} && qg.dtype() == DType::F32 && gate.shape() == q.shape() &&
+            gate.dtype() == DType::F32 && k.dim(0) == T && k.dim(2) == hd,
+        "qk_norm_rope: qg{} q{} gate{} k{} (qg [T, Hq, 2 hd], q and gate [T, Hq, hd], k [T, Hkv, hd])", qg, q, gate, k);
+  expect_weight("qk_norm_rope", "q_norm", q_norm, hd);
+  expect_weight("qk_norm_rope", "k_norm", k_norm, hd);
+  expect("qk_norm_rope", "positions", positions, DType::I32, T);
+  check(rot <= hd && rot >= 0 && rot % 2 == 0, "qk_norm_rope: heads of {} with rot {}", hd, rot);
+  return {T, Hq, Hkv, hd};
 }
 
 AttentionShape check_attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, const Tensor& k_cache,

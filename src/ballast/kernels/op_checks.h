@@ -67,11 +67,11 @@ RowCopyShape check_gather_rows(const Tensor& x, const Tensor& rows, int row_div,
 RowCopyShape check_scatter_rows(const Tensor& x, const Tensor& rows, const Tensor& out);
 
 // --- gated attention ---
-RowShape check_split_heads_gate(const Tensor& qg, const Tensor& q, const Tensor& gate);  // rows of hd
-struct RopeShape {
-  int64_t T, heads, hd;
+struct QkShape {
+  int64_t T, Hq, Hkv, hd;
 };
-RopeShape check_rope(const Tensor& x, const Tensor& positions, int rot);
+QkShape check_qk_norm_rope(const Tensor& qg, const Tensor& q_norm, const Tensor& k_norm, const Tensor& positions,
+                           int rot, const Tensor& q, const Tensor& gate, const Tensor& k);
 // B = 0: the op has nothing to do (T is 0 then) and the layout's tensors are not looked at (W = 0).
 struct AttentionShape {
   int B = 0;

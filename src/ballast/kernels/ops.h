@@ -138,10 +138,13 @@ class Ops {
   virtual void scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) = 0;
 
   // --- gated attention ---
-  // qg[T, Hq, 2*hd] (per head [q | gate]) -> q[T, Hq, hd], gate[T, Hq, hd].
-  virtual void split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) = 0;
-  // NeoX RoPE on the first rot dims of each head of x[T, heads, hd], in place; positions [T].
-  virtual void rope(Tensor& x, const Tensor& positions, int rot, double theta) = 0;
+  // The attention's q and k from its projections, in one op (one pass over the heads, where
+  // splitting, two norms and two rotations took five): from qg[T, Hq, 2*hd] (per head [q | gate]),
+  // gate[T, Hq, hd] = its second half and q[T, Hq, hd] = rope(rms_norm(its first half, q_norm)); k
+  // [T, Hkv, hd] = rope(rms_norm(k, k_norm)) in place. rms_norm as the op of that name (weights
+  // [hd], zero-centred); NeoX RoPE on the first rot dims of each head at positions [T].
+  virtual void qk_norm_rope(const Tensor& qg, const Tensor& q_norm, const Tensor& k_norm, float eps,
+                            const Tensor& positions, int rot, double theta, Tensor& q, Tensor& gate, Tensor& k) = 0;
   // Writes k_new/v_new[T, Hkv, hd] at layout.slot_mapping of the paged caches
   // k_cache/v_cache[blocks, block_size, Hkv, hd], then for row i of sequence b (n new rows):
   // out[row, Hq, hd] = softmax(q k^T / sqrt(hd)) v over b's cache rows [0, kv_len - n + i].

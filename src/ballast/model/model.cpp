@@ -79,11 +79,8 @@ void Model::attention(const AttentionWeights& w, const LayerCache& cache, const 
   const Tensor proj[] = {w.q_proj, w.k_proj, w.v_proj};
   Tensor outs[] = {qg2, k2, v2};
   ops_.matmul_many(h, proj, outs);
-  ops_.split_heads_gate(qg, q, gate);
-  ops_.rms_norm(q, w.q_norm, cfg_.rms_norm_eps, q);
-  ops_.rms_norm(k, w.k_norm, cfg_.rms_norm_eps, k);
-  ops_.rope(q, b.positions, cfg_.rotary_dim(), cfg_.rope_theta);
-  ops_.rope(k, b.positions, cfg_.rotary_dim(), cfg_.rope_theta);
+  ops_.qk_norm_rope(qg, w.q_norm, w.k_norm, cfg_.rms_norm_eps, b.positions, cfg_.rotary_dim(), cfg_.rope_theta, q, gate,
+                    k);
 
   Tensor o = ws.take({T, Hq, hd});
   Tensor kc = cache.k, vc = cache.v;

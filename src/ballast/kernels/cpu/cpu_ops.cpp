@@ -200,39 +200,41 @@ void CpuOps::scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) {
   });
 }
 
-void CpuOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
-  auto timed = time_op("split_heads_gate");
-  const auto [rows, hd] = check_split_heads_gate(qg, q, gate);
-  const float* s = f32(qg);
-  for (int64_t r = 0; r < rows; ++r) {
-    std::memcpy(f32_mut(q) + r * hd, s + r * 2 * hd, size_t(hd) * 4);
-    std::memcpy(f32_mut(gate) + r * hd, s + r * 2 * hd + hd, size_t(hd) * 4);
-  }
-}
-
-void CpuOps::rope(Tensor& x, const Tensor& positions, int rot, double theta) {
-  auto timed = time_op("rope");
-  const auto [T, heads, hd] = check_rope(x, positions, rot);
+void CpuOps::qk_norm_rope(const Tensor& qg, const Tensor& q_norm, const Tensor& k_norm, float eps,
+                          const Tensor& positions, int rot, double theta, Tensor& q, Tensor& gate, Tensor& k) {
+  auto timed = time_op("qk_norm_rope");
+  const auto [T, Hq, Hkv, hd] = check_qk_norm_rope(qg, q_norm, k_norm, positions, rot, q, gate, k);
+  thread_local std::vector<float> inv_freq, qw, kw;
   const int half = rot / 2;
-  thread_local std::vector<float> inv_freq;
   inv_freq.resize(size_t(half));
   for (int i = 0; i < half; ++i) inv_freq[size_t(i)] = float(1.0 / std::pow(theta, double(2 * i) / rot));
+  const float *qwv = as_f32(q_norm, qw), *kwv = as_f32(k_norm, kw), *freq = inv_freq.data();
   const int32_t* pos = i32(positions);
-  float* xp = f32_mut(x);
-  const float* freq = inv_freq.data();
-  parallel(&pool_, T, 4, [&, heads = heads, hd = hd](int64_t t0, int64_t t1) {
+  const float* qgp = f32(qg);
+  float *qp = f32_mut(q), *gp = f32_mut(gate), *kp = f32_mut(k);
+  // One head's row: rms_norm's arithmetic (the mean of squares in double), then the rotation in fp32
+  // (the angle in fp32, then cos / sin, as the reference computes it).
+  auto head = [&, hd = hd](const float* x, const float* w, float* y, int64_t t) {
+    double ss = 0;
+    for (int64_t i = 0; i < hd; ++i) ss += double(x[i]) * x[i];
+    const float inv = 1.0f / std::sqrt(float(ss / double(hd)) + eps);
+    for (int64_t i = 0; i < hd; ++i) y[i] = x[i] * inv * (1.0f + w[i]);
+    for (int i = 0; i < half; ++i) {
+      const float ang = float(pos[t]) * freq[i];
+      const float c = std::cos(ang), s = std::sin(ang);
+      const float a = y[i], b = y[i + half];
+      y[i] = a * c - b * s;
+      y[i + half] = b * c + a * s;
+    }
+  };
+  parallel(&pool_, T, 4, [&, Hq = Hq, Hkv = Hkv, hd = hd](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
-      for (int i = 0; i < half; ++i) {
-        // Same rounding as the reference: angle in fp32, then cos/sin.
-        const float ang = float(pos[t]) * freq[i];
-        const float c = std::cos(ang), s = std::sin(ang);
-        for (int64_t h = 0; h < heads; ++h) {
-          float* v = xp + (t * heads + h) * hd;
-          const float a = v[i], b = v[i + half];
-          v[i] = a * c - b * s;
-          v[i + half] = b * c + a * s;
-        }
+      for (int64_t h = 0; h < Hq; ++h) {
+        const float* src = qgp + (t * Hq + h) * 2 * hd;
+        std::memcpy(gp + (t * Hq + h) * hd, src + hd, size_t(hd) * 4);
+        head(src, qwv, qp + (t * Hq + h) * hd, t);
       }
+      for (int64_t h = 0; h < Hkv; ++h) head(kp + (t * Hkv + h) * hd, kwv, kp + (t * Hkv + h) * hd, t);
     }
   });
 }

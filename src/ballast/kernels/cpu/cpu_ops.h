@@ -48,8 +48,8 @@ class CpuOps final : public Ops {
   void gather_rows(const Tensor& x, const Tensor& rows, int row_div, Tensor& out) override;
   void scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) override;
 
-  void split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) override;
-  void rope(Tensor& x, const Tensor& positions, int rot, double theta) override;
+  void qk_norm_rope(const Tensor& qg, const Tensor& q_norm, const Tensor& k_norm, float eps, const Tensor& positions,
+                    int rot, double theta, Tensor& q, Tensor& gate, Tensor& k) override;
   void attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
                  const SeqLayout& layout, Tensor& out) override;
 

@@ -154,26 +154,6 @@ __global__ void concat_cols_kernel(const float* a, const float* b, float* __rest
   }
 }
 
-// qg [rows, 2 hd] -> q [rows, hd] (the first hd of each row), gate [rows, hd] (the second). A warp a
-// row, float4s where V4 (hd % 4 == 0, 16-byte aligned); no 64-bit division an element.
-template <bool V4>
-__global__ void split_heads_gate_kernel(const float* qg, float* __restrict__ q, float* __restrict__ gate,
-                                        int64_t rows, int64_t hd) {
-  wait_for_prior_kernels();
-  using V = std::conditional_t<V4, float4, float>;
-  const int64_t h = V4 ? hd / 4 : hd, warps = blockDim.x / 32;
-  for (int64_t r = blockIdx.x * warps + threadIdx.x / 32; r < rows; r += gridDim.x * warps) {
-    const V* src = reinterpret_cast<const V*>(qg + r * 2 * hd);
-    V* qr = reinterpret_cast<V*>(q + r * hd);
-    V* gr = reinterpret_cast<V*>(gate + r * hd);
-    for (int64_t c = threadIdx.x % 32; c < 2 * h; c += 32) {
-      const V v = src[c];
-      if (c < h) qr[c] = v;
-      else gr[c - h] = v;
-    }
-  }
-}
-
 // beta = sigmoid(b); g = -exp(A_log[h]) * softplus(a + dt_bias[h]); [T, Hv]. Element-wise: the
 // outputs may alias the inputs.
 __global__ void delta_gates_kernel(const float* b, const float* a, const void* A_log, DType al_dt, const void* dt_bias,
@@ -355,43 +335,69 @@ void launch_norm(const float* x, const float* z, const Tensor& w, float eps, flo
   check_launch(op);
 }
 
-// NeoX RoPE: for each (t, i < half), the angle float(pos[t]) * inv_freq[i] in fp32, then its cos
-// and sin; every head of row t rotates the pair (i, i + half). The rotation rounds as the CPU's
-// (no fused multiply-add).
+// NeoX RoPE's inverse frequencies, by value (a kernel parameter).
 template <int CAP>
 struct InvFreq {
   float v[CAP];
 };
 
-template <int CAP>
-__global__ void rope_kernel(float* x, const int32_t* pos, int64_t T, int64_t heads, int64_t hd, int half,
-                            InvFreq<CAP> freq) {
-  wait_for_prior_kernels();
-  const int64_t n = T * half;
-  for (int64_t idx = global_thread(); idx < n; idx += grid_threads()) {
-    const int64_t t = idx / half;
-    const int i = int(idx % half);
-    const float ang = float(load_after_wait(pos + t)) * freq.v[i];
-    float s, c;
-    sincosf(ang, &s, &c);
-    float* row = x + t * heads * hd;
-    for (int64_t h = 0; h < heads; ++h) {
-      float* v = row + h * hd;
-      const float a = v[i], b = v[i + half];
-      v[i] = __fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s));
-      v[i + half] = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s));
-    }
-  }
-}
+constexpr int kQkMaxHd = 512;
 
-template <int CAP>
-void launch_rope(float* x, const int32_t* pos, int64_t T, int64_t heads, int64_t hd, int rot, double theta,
-                 cudaStream_t stream) {
-  const int half = rot / 2;
-  InvFreq<CAP> f{};
-  for (int i = 0; i < half; ++i) f.v[i] = float(1.0 / std::pow(theta, double(2 * i) / rot));
-  launch(rope_kernel<CAP>, blocks_for(T * half, kThreads), kThreads, 0, stream, x, pos, T, heads, hd, half, f);
-  check_launch("rope");
+// qk_norm_rope: a warp a head's row (row t's q heads, then its k heads). The row is loaded once
+// into registers (lane l holds elements l + 32 m) and normed as norm_kernel norms (the mean of
+// squares in double, the same sums in the same order), then rotated through the warp's own row in
+// shared memory: for i < half the pair (i, i + half) by the angle float(pos[t]) * inv_freq[i] in
+// fp32, its cos and sin, rounded as the CPU rounds (no fused multiply-add). A q head's gate is
+// copied beside it. k is read whole before it is written (in place).
+template <int PER, int CAP>
+__global__ void __launch_bounds__(kThreads)
+    qk_norm_rope_kernel(const float* qg, const void* qw, DType qwdt, const void* kw, DType kwdt, float eps,
+                        const int32_t* pos, int64_t T, int64_t Hq, int64_t Hkv, int hd, int half, InvFreq<CAP> freq,
+                        float* q, float* gate, float* k) {
+  wait_for_prior_kernels();
+  __shared__ float rows[kWarps][PER * 32];
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
+  float* sh = rows[warp];
+  const int64_t heads = Hq + Hkv, R = T * heads;
+  for (int64_t r = int64_t(blockIdx.x) * kWarps + warp; r < R; r += int64_t(gridDim.x) * kWarps) {  // warp-uniform
+    const int64_t t = r / heads, h = r % heads;
+    const bool is_q = h < Hq;
+    const float* src = is_q ? qg + (t * Hq + h) * 2 * hd : k + (t * Hkv + h - Hq) * hd;
+    float* dst = is_q ? q + (t * Hq + h) * hd : k + (t * Hkv + h - Hq) * hd;
+    const void* w = is_q ? qw : kw;
+    const DType wdt = is_q ? qwdt : kwdt;
+    float v[PER], wv[PER];
+#pragma unroll
+    for (int m = 0; m < PER; ++m) {
+      const int i = lane + 32 * m;
+      v[m] = i < hd ? src[i] : 0.0f;
+      wv[m] = i < hd ? load_weight(w, wdt, i) : 0.0f;
+    }
+    double ss = 0;
+#pragma unroll
+    for (int m = 0; m < PER; ++m) ss += double(v[m]) * v[m];
+    ss = warp_sum(ss);
+    const float inv = 1.0f / sqrtf(float(ss / double(hd)) + eps);  // as rms_norm
+#pragma unroll
+    for (int m = 0; m < PER; ++m) {
+      const int i = lane + 32 * m;
+      if (i < hd) sh[i] = v[m] * inv * (1.0f + wv[m]);
+    }
+    if (is_q)
+      for (int i = lane; i < hd; i += 32) gate[(t * Hq + h) * hd + i] = src[hd + i];
+    __syncwarp();
+    const float p = float(load_after_wait(pos + t));
+    for (int i = lane; i < half; i += 32) {
+      float sn, cs;
+      sincosf(p * freq.v[i], &sn, &cs);
+      const float a = sh[i], b = sh[i + half];
+      sh[i] = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn));
+      sh[i + half] = __fadd_rn(__fmul_rn(b, cs), __fmul_rn(a, sn));
+    }
+    __syncwarp();
+    for (int i = lane; i < hd; i += 32) dst[i] = sh[i];
+    __syncwarp();  // every lane's reads of the shared row before the next row overwrites it
+  }
 }
 
 }  // namespace
@@ -544,32 +550,38 @@ void CudaOps::scatter_rows(const Tensor& x, const Tensor& rows, Tensor& out) {
   check_launch("scatter_rows");
 }
 
-void CudaOps::split_heads_gate(const Tensor& qg, Tensor& q, Tensor& gate) {
-  auto timed = time_op("split_heads_gate");
-  const auto [rows, hd] = check_split_heads_gate(qg, q, gate);
-  expect_device("split_heads_gate", "qg", qg);
-  expect_device("split_heads_gate", "q", q);
-  expect_device("split_heads_gate", "gate", gate);
-  if (rows == 0) return;
-  const unsigned grid = unsigned(std::min<int64_t>(cdiv(rows, kThreads / 32), 1 << 20));
-  if (hd % 4 == 0 && aligned16(qg.raw()) && aligned16(q.raw()) && aligned16(gate.raw()))
-    launch(split_heads_gate_kernel<true>, grid, kThreads, 0, stream_, cuda::f32(qg), cuda::f32_mut(q),
-           cuda::f32_mut(gate), rows, hd);
-  else
-    launch(split_heads_gate_kernel<false>, grid, kThreads, 0, stream_, cuda::f32(qg), cuda::f32_mut(q),
-           cuda::f32_mut(gate), rows, hd);
-  check_launch("split_heads_gate");
-}
-
-void CudaOps::rope(Tensor& x, const Tensor& positions, int rot, double theta) {
-  auto timed = time_op("rope");
-  const auto [T, heads, hd] = check_rope(x, positions, rot);
-  check(rot <= 1024, "rope: rot {} is more than the 1024 dims this backend rotates", rot);
-  expect_device("rope", "positions", positions);
-  expect_device("rope", "x", x);
-  if (T == 0 || heads == 0 || rot == 0) return;
-  if (rot <= 128) launch_rope<64>(cuda::f32_mut(x), cuda::i32(positions), T, heads, hd, rot, theta, stream_);
-  else launch_rope<512>(cuda::f32_mut(x), cuda::i32(positions), T, heads, hd, rot, theta, stream_);
+void CudaOps::qk_norm_rope(const Tensor& qg, const Tensor& q_norm, const Tensor& k_norm, float eps,
+                           const Tensor& positions, int rot, double theta, Tensor& q, Tensor& gate, Tensor& k) {
+  auto timed = time_op("qk_norm_rope");
+  const auto [T, Hq, Hkv, hd] = check_qk_norm_rope(qg, q_norm, k_norm, positions, rot, q, gate, k);
+  check(hd <= kQkMaxHd, "qk_norm_rope: heads of {} dims; this backend takes at most {}", hd, kQkMaxHd);
+  expect_device("qk_norm_rope", "qg", qg);
+  expect_device("qk_norm_rope", "q_norm", q_norm);
+  expect_device("qk_norm_rope", "k_norm", k_norm);
+  expect_device("qk_norm_rope", "positions", positions);
+  expect_device("qk_norm_rope", "q", q);
+  expect_device("qk_norm_rope", "gate", gate);
+  expect_device("qk_norm_rope", "k", k);
+  const int64_t R = T * (Hq + Hkv);
+  if (R == 0 || hd == 0) return;
+  const int half = rot / 2;
+  const unsigned grid = unsigned(std::min<int64_t>(cdiv(R, kWarps), 1 << 20));
+  auto go = [&](auto per, auto cap) {
+    constexpr int PER = decltype(per)::value, CAP = decltype(cap)::value;
+    InvFreq<CAP> f{};
+    for (int i = 0; i < half; ++i) f.v[i] = float(1.0 / std::pow(theta, double(2 * i) / rot));
+    launch(qk_norm_rope_kernel<PER, CAP>, grid, kThreads, 0, stream_, cuda::f32(qg), q_norm.raw(), q_norm.dtype(),
+           k_norm.raw(), k_norm.dtype(), eps, cuda::i32(positions), T, Hq, Hkv, int(hd), half, f, cuda::f32_mut(q),
+           cuda::f32_mut(gate), cuda::f32_mut(k));
+  };
+  auto with_cap = [&](auto per) {
+    if (half <= 64) go(per, std::integral_constant<int, 64>{});
+    else go(per, std::integral_constant<int, kQkMaxHd / 2>{});
+  };
+  if (hd <= 128) with_cap(std::integral_constant<int, 4>{});
+  else if (hd <= 256) with_cap(std::integral_constant<int, 8>{});
+  else with_cap(std::integral_constant<int, 16>{});
+  check_launch("qk_norm_rope");
 }
 
 void CudaOps::delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias, Tensor& beta,
