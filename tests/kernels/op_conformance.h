@@ -1268,6 +1268,30 @@ TEST_P(OpConformance, TopkSoftmaxWithTiesAndNormalisation) {
       EXPECT_TRUE(all_near(floats(rw), want_w, 1e-6, 1e-5)) << "routed, k=" << k << " normalize=" << normalize;
       for (float v : floats(rw)) EXPECT_FALSE(std::signbit(v)) << "routed: weights of no expert are +0";
     }
+
+  // The models' 512 experts and a backend's widest rows (1,000: a lane holds ~32), on a coarse grid
+  // so that many tie, also experts that lanes hold apart (the lower id wins across lanes too).
+  for (const int64_t Ew : {int64_t(512), int64_t(1000)})
+    for (int k : {10, 32}) {
+      const int64_t Tw = 3;
+      std::uniform_int_distribution<int> coarse(-3, 3);
+      std::vector<float> lw(size_t(Tw * Ew));
+      for (auto& l : lw) l = float(coarse(rng)) * 0.5f;
+      Tensor ids = be().alloc({Tw, k}, DType::I32), w = be().alloc({Tw, k}, DType::F32);
+      ops().topk_softmax(f32(lw, {Tw, Ew}), k, true, Tensor(), ids, w);
+      std::vector<int32_t> want;
+      for (int64_t t = 0; t < Tw; ++t) {
+        const float* l = lw.data() + t * Ew;
+        std::vector<int32_t> order(static_cast<size_t>(Ew));
+        std::iota(order.begin(), order.end(), 0);
+        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[a] > l[b]; });
+        want.insert(want.end(), order.begin(), order.begin() + k);
+      }
+      EXPECT_EQ(ints(ids), want) << "E=" << Ew << " k=" << k;
+      const std::vector<float> wv = floats(w);
+      for (int64_t t = 0; t < Tw; ++t)
+        EXPECT_NEAR(std::accumulate(wv.begin() + t * k, wv.begin() + (t + 1) * k, 0.0), 1.0, 1e-5) << "E=" << Ew;
+    }
 }
 
 TEST_P(OpConformance, DispatchStaticRandomAndBalanced) {

@@ -307,8 +307,10 @@ constexpr int kTopkMaxE = 1024;  // 32 elements a lane, in registers (a taken-ma
 constexpr int kTopkMaxK = 32;    // one selection a lane
 
 // A warp per row, the row in registers (lane l holds experts l, l + 32, ...; PER of them): the
-// softmax, then k rounds of argmax (larger p, then lower id) over what is not yet taken. A row
-// that routed says is not routed gets no expert (its flag is loaded beside the logits, not before).
+// softmax, then k rounds of argmax (larger p, then lower id) over what is not yet taken. A round is
+// two warp reductions in hardware (REDUX): the largest p as its bits (p >= 0, so the bits order as
+// the values), then the lowest id holding it; a NaN p counts as 0. A row that routed says is not
+// routed gets no expert (its flag is loaded beside the logits, not before).
 template <int PER>
 __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const float* logits, const int32_t* routed,
                                                                      int64_t T, int E, int k, bool normalize,
@@ -336,30 +338,27 @@ __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const flo
       sum += p[i];
     }
     sum = warp_sum(sum);  // every lane the same value: the butterfly adds the same pairs
+    uint32_t key[PER];
+    uint32_t alive = 0;  // bit i: expert lane + 32 i exists and is not taken
 #pragma unroll
-    for (int i = 0; i < PER; ++i) p[i] = p[i] / sum;
-    uint32_t taken = 0;
+    for (int i = 0; i < PER; ++i) {
+      p[i] = p[i] / sum;
+      key[i] = p[i] == p[i] ? __float_as_uint(p[i]) : 0u;
+      if (lane + 32 * i < E) alive |= 1u << i;
+    }
     float my_p = 0.0f;
     int my_id = -1;
     for (int j = 0; j < k; ++j) {
-      float bp = 0.0f;
-      int bi = -1;
+      uint32_t m = 0;
 #pragma unroll
-      for (int i = 0; i < PER; ++i) {
-        const int e = lane + 32 * i;
-        if (e < E && !((taken >> i) & 1u) && (bi < 0 || p[i] > bp)) bp = p[i], bi = e;
-      }
+      for (int i = 0; i < PER; ++i) m = (alive >> i) & 1u ? max(m, key[i]) : m;
+      const uint32_t best = __reduce_max_sync(0xffffffffu, m);
+      int mine = INT_MAX;  // this lane's lowest expert holding the best p
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) {
-        const float op = __shfl_xor_sync(0xffffffffu, bp, o);
-        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (oi >= 0 && (bi < 0 || op > bp || (op == bp && oi < bi))) bp = op, bi = oi;
-      }
-      // One answer for the warp even if NaNs made the comparisons disagree.
-      bp = __shfl_sync(0xffffffffu, bp, 0);
-      bi = __shfl_sync(0xffffffffu, bi, 0);
-      if (bi >= 0 && lane == (bi & 31)) taken |= 1u << (bi >> 5);
-      if (lane == j) my_p = bp, my_id = bi;
+      for (int i = PER - 1; i >= 0; --i) mine = ((alive >> i) & 1u) && key[i] == best ? lane + 32 * i : mine;
+      const int e = __reduce_min_sync(0xffffffffu, mine);
+      if (lane == (e & 31)) alive &= ~(1u << (e >> 5));
+      if (lane == j) my_p = __uint_as_float(best), my_id = e;
     }
     const float ksum = warp_sum(lane < k ? my_p : 0.0f);
     if (lane < k) {
