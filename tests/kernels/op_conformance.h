@@ -834,8 +834,11 @@ TEST_P(OpConformance, QkNormRopeNormsRotatesAndSplitsEachHead) {
   const double theta = 10000.0;
   const float eps = 1e-6f;
   const std::vector<int32_t> pos{0, 1, 17, 300};
-  for (const auto& [hd, rot, wdt] : {std::tuple{int64_t(8), 6, DType::F32}, std::tuple{int64_t(40), 40, DType::BF16},
-                                    std::tuple{int64_t(256), 64, DType::BF16}}) {
+  for (const auto& shape : {std::tuple{int64_t(8), 6, DType::F32}, std::tuple{int64_t(40), 40, DType::BF16},
+                            std::tuple{int64_t(256), 64, DType::BF16}}) {
+    const int64_t hd = std::get<0>(shape);  // (plain names: lambdas below capture them)
+    const int rot = std::get<1>(shape);
+    const DType wdt = std::get<2>(shape);
     const std::vector<float> qg = randn(size_t(T * Hq * 2 * hd), 17), kx = randn(size_t(T * Hkv * hd), 18);
     const std::vector<float> qw = randn(size_t(hd), 19, 0.5f), kw = randn(size_t(hd), 20, 0.5f);
     Tensor q = be().alloc({T, Hq, hd}, DType::F32), gate = be().alloc({T, Hq, hd}, DType::F32);
