@@ -212,29 +212,32 @@ void CpuOps::qk_norm_rope(const Tensor& qg, const Tensor& q_norm, const Tensor& 
   const int32_t* pos = i32(positions);
   const float* qgp = f32(qg);
   float *qp = f32_mut(q), *gp = f32_mut(gate), *kp = f32_mut(k);
-  // One head's row: rms_norm's arithmetic (the mean of squares in double), then the rotation in fp32
-  // (the angle in fp32, then cos / sin, as the reference computes it).
-  auto head = [&, hd = hd](const float* x, const float* w, float* y, int64_t t) {
-    double ss = 0;
-    for (int64_t i = 0; i < hd; ++i) ss += double(x[i]) * x[i];
-    const float inv = 1.0f / std::sqrt(float(ss / double(hd)) + eps);
-    for (int64_t i = 0; i < hd; ++i) y[i] = x[i] * inv * (1.0f + w[i]);
-    for (int i = 0; i < half; ++i) {
-      const float ang = float(pos[t]) * freq[i];
-      const float c = std::cos(ang), s = std::sin(ang);
-      const float a = y[i], b = y[i + half];
-      y[i] = a * c - b * s;
-      y[i + half] = b * c + a * s;
-    }
-  };
   parallel(&pool_, T, 4, [&, Hq = Hq, Hkv = Hkv, hd = hd](int64_t t0, int64_t t1) {
+    thread_local std::vector<float> cs;  // row t's cos and sin, the angle in fp32 as the reference has it
+    cs.resize(2 * size_t(half));
+    // One head's row: rms_norm's arithmetic (the mean of squares in double), then the rotation.
+    auto head = [&](const float* x, const float* w, float* y) {
+      double ss = 0;
+      for (int64_t i = 0; i < hd; ++i) ss += double(x[i]) * x[i];
+      const float inv = 1.0f / std::sqrt(float(ss / double(hd)) + eps);
+      for (int64_t i = 0; i < hd; ++i) y[i] = x[i] * inv * (1.0f + w[i]);
+      for (int i = 0; i < half; ++i) {
+        const float c = cs[size_t(i)], s = cs[size_t(half + i)], a = y[i], b = y[i + half];
+        y[i] = a * c - b * s;
+        y[i + half] = b * c + a * s;
+      }
+    };
     for (int64_t t = t0; t < t1; ++t) {
+      for (int i = 0; i < half; ++i) {
+        const float ang = float(pos[t]) * freq[i];
+        cs[size_t(i)] = std::cos(ang), cs[size_t(half + i)] = std::sin(ang);
+      }
       for (int64_t h = 0; h < Hq; ++h) {
         const float* src = qgp + (t * Hq + h) * 2 * hd;
         std::memcpy(gp + (t * Hq + h) * hd, src + hd, size_t(hd) * 4);
-        head(src, qwv, qp + (t * Hq + h) * hd, t);
+        head(src, qwv, qp + (t * Hq + h) * hd);
       }
-      for (int64_t h = 0; h < Hkv; ++h) head(kp + (t * Hkv + h) * hd, kwv, kp + (t * Hkv + h) * hd, t);
+      for (int64_t h = 0; h < Hkv; ++h) head(kp + (t * Hkv + h) * hd, kwv, kp + (t * Hkv + h) * hd);
     }
   });
 }
