@@ -141,11 +141,8 @@ __device__ __forceinline__ void kv_row(const void* cache, int64_t base, int lane
 
 // V = elements per lane (hd <= 32 V), lane l holding V l .. V l + V - 1. Block (row t, GB query heads
 // of one KV head, split): each cache row is loaded once for the GB heads (a block a head loaded the
-// rows of a KV head once for each of its G query heads). A warp takes R cache rows a step, all
-// loaded before any is reduced: a step waits for a block-table lookup and then the rows, so the
-// fewer the steps the shorter the chain (R = 4 where the grid leaves SMs idle, 2 where registers
-// bound the blocks an SM holds).
-template <int V, int GB, int R, typename KV>
+// rows of a KV head once for each of its G query heads).
+template <int V, int GB, typename KV>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionArgs a) {
   wait_for_prior_kernels();
   const int t = int(blockIdx.x), hq0 = int(blockIdx.y) * GB, split = int(blockIdx.z);
@@ -181,8 +178,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   }
   const int32_t* table = a.tables + int64_t(b) * a.W;
   const int64_t row = int64_t(a.Hkv) * hd;
-  // R cache rows per step (rows r, r + kAttnWarps, ...), all loaded before any is reduced.
-  constexpr int kRowsPerStep = R;
+  // Two cache rows per step (rows r and r + kAttnWarps), both loaded before either is reduced.
+  constexpr int kRowsPerStep = 2;
   for (int64_t r = r0 + warp; r < r1; r += kRowsPerStep * kAttnWarps) {
     float kx[kRowsPerStep][V], vx[kRowsPerStep][V];
     bool ok[kRowsPerStep];
@@ -1201,17 +1198,13 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   a.tile_min_rows = tiled ? kTileMinRows : std::numeric_limits<int>::max();
   a.scale = 1.0f / std::sqrt(float(hd));
   const dim3 grid{unsigned(T), unsigned(Hq / GB), unsigned(splits)};
-  // Two blocks an SM at most (the Qwen models' decode at batch 1-2): every block fits beside the
-  // others with 4 rows a step, and nothing waits for a second wave.
-  const bool few_blocks = T * (Hq / GB) * splits <= 2 * int64_t(device_.sms);
   const auto rows_kernel = [&](auto kv, auto gb) {
     using KV = decltype(kv);
     constexpr int G = decltype(gb)::value;
-    if (hd <= 32) launch(attention_kernel<1, G, 2, KV>, grid, kAttnThreads, 0, stream_, a);
-    else if (hd <= 64) launch(attention_kernel<2, G, 2, KV>, grid, kAttnThreads, 0, stream_, a);
-    else if (hd <= 128) launch(attention_kernel<4, G, 2, KV>, grid, kAttnThreads, 0, stream_, a);
-    else if (few_blocks) launch(attention_kernel<8, G, 4, KV>, grid, kAttnThreads, 0, stream_, a);  // 168 registers
-    else launch(attention_kernel<8, G, 2, KV>, grid, kAttnThreads, 0, stream_, a);                  // 128
+    if (hd <= 32) launch(attention_kernel<1, G, KV>, grid, kAttnThreads, 0, stream_, a);
+    else if (hd <= 64) launch(attention_kernel<2, G, KV>, grid, kAttnThreads, 0, stream_, a);
+    else if (hd <= 128) launch(attention_kernel<4, G, KV>, grid, kAttnThreads, 0, stream_, a);
+    else launch(attention_kernel<8, G, KV>, grid, kAttnThreads, 0, stream_, a);
   };
   const auto rows_heads = [&](auto kv) {
     if (GB == 4) rows_kernel(kv, std::integral_constant<int, 4>{});
