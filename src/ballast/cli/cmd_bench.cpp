@@ -402,8 +402,10 @@ int run_bench(const BenchArgs& a) {
     runtime::Engine& e = *engine;
     const model::ModelConfig& cfg = e.config();
     const Work work{cfg, model::count_parameters(cfg), weight_bytes(e), int64_t(dtype_size(e.backend().kv_cache_dtype()))};
-    // The ceilings, measured by the first rank alone while the others wait on the host (in-process
-    // ranks share its GPU: a rank that went on would run its first pass's kernels beside them).
+    // The ceilings, measured by the first rank alone on a quiet GPU: in-process ranks share it, so
+    // every rank has done its setup (one of them freed the shared weights) before, and waits on the
+    // host while it runs (else its first pass's kernels run beside the measurement).
+    if (comm) comm->barrier();
     const kernels::Ceilings ceil = ranks.rank() == 0 ? e.backend().measure_ceilings() : kernels::Ceilings{};
     if (comm) comm->barrier();
 
