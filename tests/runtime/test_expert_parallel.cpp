@@ -321,6 +321,35 @@ TEST_P(ExpertParallel, PrefillLogitsEqualSingleRank) {
   EXPECT_LE(rel_max_err(got, want), 1e-5);
 }
 
+TEST_P(ExpertParallel, SlotFillingReportsEachDomainsBytes) {
+  // Every rank's slots of each domain are reported as they fill: bytes done rising to the slots'
+  // bytes, the trunk's first, then the MTP layer's where the model has one.
+  const int G = 2;
+  std::vector<std::vector<std::tuple<std::string, uint64_t, uint64_t>>> seen(G);
+  std::vector<std::vector<std::pair<std::string, uint64_t>>> want(G);
+  dist::ThreadWorld world(G);
+  dist::run_ranks(world, [&](dist::Communicator& comm) {
+    runtime::EngineOptions opts{.comm = &comm, .data = &world.data_plane(comm.rank())};
+    auto& mine = seen[size_t(comm.rank())];
+    opts.slot_progress = [&mine](const std::string& d, uint64_t done, uint64_t total) { mine.emplace_back(d, done, total); };
+    auto engine = load_engine(kFixtures / GetParam(), 1, opts);
+    for (moe::ExpertParallelDomain* d : {engine->trunk_ep(), engine->mtp_ep()})
+      if (d) want[size_t(comm.rank())].emplace_back(d->domain.name, d->slots.bytes());
+  });
+  for (int r = 0; r < G; ++r) {
+    std::vector<std::pair<std::string, uint64_t>> ends;  // each domain's last report
+    uint64_t last = 0;
+    for (const auto& [d, done, total] : seen[size_t(r)]) {
+      if (ends.empty() || ends.back().first != d) ends.emplace_back(d, 0), last = 0;
+      EXPECT_GT(done, last) << d << " on rank " << r;
+      EXPECT_LE(done, total) << d << " on rank " << r;
+      last = done;
+      ends.back().second = done;
+    }
+    EXPECT_EQ(ends, want[size_t(r)]) << "rank " << r;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(Fixtures, ExpertParallel, ::testing::ValuesIn(fixtures_with("reference.safetensors")),
                          [](const auto& info) { return info.param; });
 

@@ -174,7 +174,8 @@ std::unique_ptr<kernels::Backend> make_backend(const DeviceArgs& d, int threads,
 
 std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, const DeviceArgs& device, int threads,
                                              runtime::EngineOptions opts, bool progress, int gpu) {
-  std::optional<ProgressBar> bar, upload;  // created once the total size is known
+  std::optional<ProgressBar> bar, upload, slots;  // created once the total size is known
+  std::string domain;                            // whose slots `slots` shows
   if (progress) {
     opts.load_progress = [&bar](uint64_t done, uint64_t total) {
       if (!bar) bar.emplace("loading weights", total);
@@ -185,11 +186,18 @@ std::unique_ptr<runtime::Engine> load_engine(const std::filesystem::path& dir, c
       if (!upload) upload.emplace("uploading weights", total);
       upload->update(done);
     };
+    opts.slot_progress = [&](const std::string& d, uint64_t done, uint64_t total) {
+      bar.reset();
+      upload.reset();  // the model's weights are in
+      if (!slots || d != domain) slots.emplace(fmt::format("filling {} expert slots", d), total), domain = d;
+      slots->update(done);
+    };
   }
   opts.quantize_fp8 = device.quantization == "fp8";
   auto engine = runtime::Engine::load(dir, make_backend(device, threads, gpu), opts);
   if (bar) bar->finish();
   if (upload) upload->finish();
+  if (slots) slots->finish();
   return engine;
 }
 

@@ -5,15 +5,19 @@
 namespace ballast::moe {
 
 namespace {
-SlotStore slots_for(kernels::Backend& be, const std::vector<std::span<const kernels::SwigluWeights>>& layers,
-                    const eplb::Placement& pl, int rank) {
+SlotStore slots_for(const std::string& name, const std::vector<std::span<const kernels::SwigluWeights>>& layers,
+                    const eplb::Placement& pl, const ExpertParallelSetup& setup) {
   check(pl.layers == int(layers.size()) && !layers.empty(), "a placement of {} layers for {} MoE layers", pl.layers,
         layers.size());
   const kernels::SwigluWeights& e0 = layers[0][0];
-  const int K = pl.slots_per_rank();
-  SlotStore s(be, int(layers.size()), K, e0.intermediate(), e0.gate.dim(1), e0.gate.dtype());
+  const int K = pl.slots_per_rank(), rank = setup.data.rank();
+  SlotStore s(setup.backend, int(layers.size()), K, e0.intermediate(), e0.gate.dim(1), e0.gate.dtype());
+  uint64_t done = 0;
   for (int l = 0; l < int(layers.size()); ++l)
-    for (int k = 0; k < K; ++k) s.fill(l, k, layers[size_t(l)][size_t(pl.layer(l)[rank * K + k])]);
+    for (int k = 0; k < K; ++k) {
+      s.fill(l, k, layers[size_t(l)][size_t(pl.layer(l)[rank * K + k])]);
+      if (setup.fill_progress) setup.fill_progress(name, done += s.bytes_per_expert(), s.bytes());
+    }
   return s;
 }
 
@@ -29,7 +33,7 @@ ExpertParallelDomain::ExpertParallelDomain(std::string name,
                                            const ExpertParallelSetup& s)
     : domain(name, placed_over(initial, name, s.data.size()), options),
       tables(s.backend, domain.placement, options.dispatch, s.data.rank(), options.ranks_per_node),
-      slots(slots_for(s.backend, layers, domain.placement, s.data.rank())),
+      slots(slots_for(domain.name, layers, domain.placement, s)),
       load(std::move(load_view)),
       token_slots(options.recorder_mode == eplb::RecorderMode::per_token
                       ? s.backend.alloc({domain.placement.layers, int64_t(s.max_tokens) * s.top_k}, DType::I32)

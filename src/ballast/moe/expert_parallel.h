@@ -3,6 +3,7 @@
 // (placement, recorder, schedule options), its device tables, the slots it holds, its per-pass
 // load buffer, the runner its MoE layers go through and its rebalancer. The trunk's MoE layers
 // form one domain, the MTP head's another; nothing is shared between them.
+#include <functional>
 #include <memory>
 #include <span>
 #include <string>
@@ -27,6 +28,8 @@ struct ExpertParallelSetup {
   int max_tokens = 0;  // the most rows any rank runs in one pass
   int top_k = 0;       // routed choices per row
   Logger log;
+  // While a domain's slots are filled (this rank's experts uploaded): bytes done of its total.
+  std::function<void(const std::string& domain, uint64_t done, uint64_t total)> fill_progress;
 };
 
 class ExpertParallelDomain {

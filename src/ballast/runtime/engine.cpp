@@ -173,7 +173,7 @@ void Engine::build_outputs(const model::ModelWeights* host) {
   const int G = comm_->size(), E = cfg.num_experts;
   const ExpertParallelOptions& ep = opts_.ep;
   moe::ExpertParallelSetup setup{*backend_, *comm_, *data_, opts_.cache.chunked_prefill_size,
-                                 cfg.num_experts_per_tok, opts_.log};
+                                 cfg.num_experts_per_tok, opts_.log, opts_.slot_progress};
   std::vector<std::span<const kernels::SwigluWeights>> trunk_layers;
   for (const auto& l : host->layers)
     if (l.ffn == model::FfnType::Moe) trunk_layers.push_back(l.moe.experts);

@@ -90,6 +90,8 @@ struct EngineOptions {
   const std::atomic<bool>* stop = nullptr;
   std::function<void(uint64_t done, uint64_t total)> load_progress;    // while paging weights in
   std::function<void(uint64_t done, uint64_t total)> upload_progress;  // while copying them to the device
+  // Under expert parallelism, while this rank's expert slots of a domain ("trunk", "mtp") are filled.
+  std::function<void(const std::string& domain, uint64_t done, uint64_t total)> slot_progress;
   Logger log;
 };
 
