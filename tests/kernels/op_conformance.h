@@ -1233,6 +1233,13 @@ TEST_P(OpConformance, TopkSoftmaxWithTiesAndNormalisation) {
   std::uniform_int_distribution<int> grid(-8, 8);
   std::vector<float> logits(size_t(T * E));
   for (auto& l : logits) l = float(grid(rng)) * 0.25f;
+  // A row's experts by logit, larger first, the lower id first among equals (the op's order).
+  auto ranked = [](const float* l, int64_t n) {
+    std::vector<int32_t> order(static_cast<size_t>(n));
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[a] > l[b]; });
+    return order;
+  };
   for (int64_t e = 0; e < E; ++e) logits[size_t(e)] = 1.0f;                  // row 0: all tied
   for (int64_t e = 0; e < E; ++e) logits[size_t(E + e)] = e % 3 ? 0.5f : 2.0f;  // row 1: ties among leaders
   for (int k : {1, 3, 10})
@@ -1243,9 +1250,7 @@ TEST_P(OpConformance, TopkSoftmaxWithTiesAndNormalisation) {
       std::vector<double> want_w;
       for (int64_t t = 0; t < T; ++t) {
         const float* l = logits.data() + t * E;
-        std::vector<int32_t> order(static_cast<size_t>(E));
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[a] > l[b]; });
+        const std::vector<int32_t> order = ranked(l, E);
         double mx = *std::max_element(l, l + E), sum = 0, ksum = 0;
         for (int64_t e = 0; e < E; ++e) sum += std::exp(double(l[e]) - mx);
         for (int j = 0; j < k; ++j) ksum += std::exp(double(l[order[size_t(j)]]) - mx) / sum;
@@ -1284,10 +1289,7 @@ TEST_P(OpConformance, TopkSoftmaxWithTiesAndNormalisation) {
       ops().topk_softmax(f32(lw, {Tw, Ew}), k, true, Tensor(), ids, w);
       std::vector<int32_t> want;
       for (int64_t t = 0; t < Tw; ++t) {
-        const float* l = lw.data() + t * Ew;
-        std::vector<int32_t> order(static_cast<size_t>(Ew));
-        std::iota(order.begin(), order.end(), 0);
-        std::stable_sort(order.begin(), order.end(), [&](int32_t a, int32_t b) { return l[a] > l[b]; });
+        const std::vector<int32_t> order = ranked(lw.data() + t * Ew, Ew);
         want.insert(want.end(), order.begin(), order.begin() + k);
       }
       EXPECT_EQ(ints(ids), want) << "E=" << Ew << " k=" << k;
