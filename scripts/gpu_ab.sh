@@ -10,9 +10,9 @@
 # scripts/gpu_pack.sh` builds that revision's ballast and packs it so (the two binaries share most
 # of their bytes: the pack grew by ~0.9 MB in session 22).
 # AB_ARGS: the bench arguments (default: the 80B shape in FP8 at full depth). AB_SWITCH (e.g.
-# BALLAST_CUDA_PREFETCH=0): a third run a round, this build with that environment. AB_VARIANTS: the
-# binaries of .carry/gpu/bin alternated (default "ballast-old ballast"; gpu_pack.sh packs several
-# earlier revisions as ballast-<revision>).
+# BALLAST_CUDA_SIDE_STREAM=0; several, space-separated): one more run a round for each, this build
+# with that environment. AB_VARIANTS: the binaries of .carry/gpu/bin alternated (default
+# "ballast-old ballast"; gpu_pack.sh packs several earlier revisions as ballast-<revision>).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-ab}
@@ -24,11 +24,12 @@ RUNS=$(mktemp -d)
 [ -f .carry/old.tar.xz ] && tar -C .carry -xJf .carry/old.tar.xz  # (or ballast-old packed inside gpu.tar.xz)
 ARGS=${AB_ARGS:-"--synthetic qwen3-next-80b-a3b --dtype fp8 --layers 48 --batch 1,8,32,128 --prompt-len 1024 --decode-steps 32 --prefill 1024 --repeats 1"}
 VARIANTS=${AB_VARIANTS:-"ballast-old ballast"}
-[ -n "${AB_SWITCH:-}" ] && VARIANTS="ballast-old switched ballast"
+SWITCHES=(${AB_SWITCH:-})
+[ ${#SWITCHES[@]} -gt 0 ] && VARIANTS="ballast-old $(seq -f 'switched%g' -s ' ' 1 ${#SWITCHES[@]}) ballast"
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for v in $VARIANTS; do
     bin=$v envs=()
-    [ "$v" = switched ] && bin=ballast envs=("$AB_SWITCH")
+    [[ $v == switched* ]] && bin=ballast envs=("${SWITCHES[$((${v#switched} - 1))]}")
     # shellcheck disable=SC2086
     env "${envs[@]}" ".carry/gpu/bin/$bin" bench --device cuda $ARGS > "$RUNS/$v-$r.log" 2>&1
     { echo "=== $v${envs:+ (${envs[*]})}, round $r"; cat "$RUNS/$v-$r.log"; } >> "$OUT/ab-runs.log"

@@ -584,6 +584,58 @@ TEST_P(OpConformance, SwigluDownEqualsSiluMulMatmulAndRowGate) {
   test::expect_error([&] { ops().swiglu_down(g, u2, w, rg, out); }, {"swiglu_down", "row_gate"});
 }
 
+// Side work (Ops::side) may run beside the ops issued after it until join_side(). Beside each
+// other, products on both orders write what each writes alone: a few rows of block-scaled FP8 (on
+// CUDA they take the ops' scratch: the side has its own) and many rows of bf16 (cuBLAS: one
+// workspace, so the main order's call waits for the side). After the join, what the side wrote last
+// is seen, also in a graph whose capture ended with side work out (the backend joins it). Side work
+// issued inside side work runs in place.
+TEST_P(OpConformance, SideWorkRunsBesideAndIsSeenAfterItsJoin) {
+  const int64_t K = 512, N = 1024;
+  const std::vector<float> wv = randn(size_t(N * K), 50, 0.2f);
+  const Tensor w8 = be().to_device(block_scaled_host(wv, N, K).tensor), wb = weight(wv, {N, K}, DType::BF16);
+  for (int64_t T : {4, 64}) {
+    SCOPED_TRACE("T=" + std::to_string(T));
+    const Tensor& w = T == 4 ? w8 : wb;
+    const Tensor xs = f32(randn(size_t(T * K), 51), {T, K}), xm = f32(randn(size_t(T * K), 52), {T, K});
+    Tensor ys_alone = be().alloc({T, N}, DType::F32), ym_alone = be().alloc({T, N}, DType::F32);
+    ops().matmul(xs, w, ys_alone);
+    ops().matmul(xm, w, ym_alone);
+    const std::vector<float> want_s = floats(ys_alone), want_m = floats(ym_alone);
+    Tensor tmp = be().alloc({T, N}, DType::F32), ys = be().alloc({T, N}, DType::F32);
+    Tensor ym = be().alloc({T, N}, DType::F32), nested = be().alloc({T, N}, DType::F32);
+    Tensor seen = be().alloc({T, N}, DType::F32);
+    // Issued as a pass is (no wait between), then downloaded: `seen` is copied from `ys` right
+    // after the join, while the side's products (long, for a copy) may still run without it.
+    auto pass = [&] {
+      ops().zero(ys);
+      ops().side([&] {
+        for (int i = 0; i < 16; ++i) ops().matmul(xs, w, tmp);
+        ops().side([&] { ops().matmul(xm, w, nested); });
+        ops().copy(tmp, ys);
+      });
+      ops().matmul(xm, w, ym);
+      ops().join_side();
+      ops().copy(ys, seen);
+    };
+    pass();
+    EXPECT_TRUE(all_near(floats(seen), want_s, 1e-5, 1e-5));
+    EXPECT_TRUE(all_near(floats(ym), want_m, 1e-5, 1e-5));
+    EXPECT_TRUE(all_near(floats(nested), want_m, 1e-5, 1e-5));
+    if (!be().can_capture()) continue;
+    ops().zero(seen);
+    be().begin_capture();
+    pass();
+    ops().side([&] { ops().copy(ys, tmp); });  // out when the capture ends
+    be().end_capture(7);
+    be().synchronize();
+    ASSERT_TRUE(be().replay(7));
+    EXPECT_TRUE(all_near(floats(seen), want_s, 1e-5, 1e-5));
+    EXPECT_TRUE(all_near(floats(tmp), want_s, 1e-5, 1e-5));
+    be().drop_graphs();
+  }
+}
+
 // Qwen's fine-grained FP8 (F8_E4M3_B128): each weight element is its e4m3 value times its 128 x
 // 128 block's scale, summed in fp32; the activations stay F32. N and K are no multiples of 128, so
 // the blocks at the bottom and right edges are partial, and the rows cross several blocks of 64.
@@ -1689,6 +1741,7 @@ TEST_P(OpConformance, SampleGreedyIsArgmaxWithOneHotProbs) {
   EXPECT_EQ(floats(probs), one_hot);
   ops().sample(f32(logits, {R, V}), rows, Draw::target, ids, none);
   EXPECT_EQ(ints(ids), (std::vector<int32_t>{1, 0, 6}));
+
 }
 
 TEST_P(OpConformance, SampleDrawsWhatTheSamplingMathGives) {

@@ -9,6 +9,7 @@
 // needs the host to look at data. Shapes are in the comments; row-major. docs/model.md has the
 // math, docs/expert-parallel.md the MoE dispatch and combine.
 #include <cstdint>
+#include <functional>
 #include <span>
 
 #include "ballast/core/tensor.h"
@@ -233,6 +234,17 @@ class Ops {
   // 0 <= K <= kMaxTopLogprobs; with K = 0 the two may be undefined.
   virtual void token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& logprob, Tensor& top_ids,
                               Tensor& top_logprobs) = 0;
+
+  // --- order ---
+  // Side work: the ops `work` issues start after every op issued before side() and may run beside
+  // the ops issued after side() returns, until join_side(); the ops issued after join_side() see
+  // what side work wrote. Side work must not write what the ops beside it read or write, nor read
+  // what they write. A backend of one order (the CPU's) runs `work` in place, as does any backend
+  // for side work issued inside side work; a backend joins side work before the host sees its
+  // results (a download, a synchronize, the end of a graph's capture). join_side() with no side
+  // work out does nothing.
+  virtual void side(const std::function<void()>& work) { work(); }
+  virtual void join_side() {}
 };
 
 }  // namespace ballast::kernels

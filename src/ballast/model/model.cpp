@@ -124,7 +124,9 @@ void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runne
     const Tensor proj[] = {w.router, w.shared->gate, w.shared->up, w.shared_gate};
     Tensor outs[] = {logits, g, u, s};
     ops_.matmul_many(h, proj, outs);
-    ops_.swiglu_down(g, u, w.shared->down, s, out);
+    // Beside routing and the routed experts, off the chain a decode step waits on; the runner
+    // joins it before adding their rows into `out`.
+    ops_.side([&] { ops_.swiglu_down(g, u, w.shared->down, s, out); });
   } else {
     ops_.matmul(h, w.router, logits);
     ops_.zero(out);

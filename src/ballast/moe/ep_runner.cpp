@@ -79,6 +79,7 @@ void ExpertParallelRunner::run(int layer, const Tensor& x, const Tensor& ids, co
   // 5. Results back to the ranks that sent the rows (same order), combined per token in top-k order.
   Tensor back = ws.take({N, H}), back_counts = ws.take({G}, DType::I32);
   data_.all_to_all_v_along(dist::DataPlane::Routes::back, results, recv_counts, back, back_counts);
+  ops_.join_side();
   ops_.moe_combine(back, position, weights, out);
 }
 

@@ -11,6 +11,7 @@ void LocalMoeRunner::run(int, const Tensor& x, const Tensor& ids, const Tensor& 
   ops_.group_by(choices, none, 1, int(E), perm, counts, offsets, none);
   Tensor y = ws.take({N, x.dim(1)});  // row t*k + j: expert ids[t, j] applied to x[t]
   ops_.moe_experts(x, perm, offsets, int(k), experts, y);
+  ops_.join_side();
   ops_.moe_combine(y, none, weights, out);
 }
 

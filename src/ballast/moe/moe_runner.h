@@ -15,7 +15,8 @@ class MoeRunner {
   virtual ~MoeRunner() = default;
   // out[t] += sum_j weights[t, j] * expert_{ids[t, j]}(x[t]) for the domain's MoE layer `layer`
   // (its index within the domain); ids, weights [T, k]. `experts`: the layer's logical experts,
-  // read by a runner that computes them here.
+  // read by a runner that computes them here. `out` may still be written by side work (the shared
+  // expert, Ops::side): the runner joins it before it adds into `out`.
   virtual void run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
                    std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) = 0;
 };

@@ -1168,7 +1168,7 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
                                      kMaxSplits));
     const size_t per_split = size_t(hd + 2);
     const size_t heads = size_t(T * Hq);  // the partials are a query head's
-    float* scratch = static_cast<float*>(scratch_.bytes(heads * kMaxSplits * per_split * sizeof(float)));
+    float* scratch = static_cast<float*>(scratch_->bytes(heads * kMaxSplits * per_split * sizeof(float)));
     part = scratch;
     part_ml = scratch + heads * kMaxSplits * size_t(hd);
   }

@@ -174,7 +174,8 @@ CudaBackend::CudaBackend(int device, CudaOptions options)
   const CudaDeviceTraits traits{.sms = std::max(props.multiProcessorCount, 1),
                                 .capability = props.major * 10 + props.minor,
                                 .smem_optin = props.sharedMemPerBlockOptin};
-  ops_ = std::make_unique<CudaOps>(counters_, traits, impl_->stream, impl_->cublas, options.bf16_matmul);
+  ops_ = std::make_unique<CudaOps>(counters_, traits, impl_->stream, impl_->cublas, impl_->cublas_workspace.get(),
+                                   kCublasWorkspace, options.bf16_matmul);
 }
 
 CudaBackend::~CudaBackend() {
@@ -255,6 +256,7 @@ void CudaBackend::download(const Tensor& src, void* host) {
   check(src.device() == Device::CUDA, "download: tensor {} is not in CUDA memory", src);
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   const double issued = impl_->timeline.issue_time();
+  ops_->join_side();
   const cudaEvent_t traced = impl_->timeline.before_download(impl_->stream);
   if (src.nbytes() > 0)
     check_cuda(cudaMemcpyAsync(host, src.raw(), src.nbytes(), cudaMemcpyDeviceToHost, impl_->stream), "download");
@@ -267,6 +269,7 @@ void CudaBackend::download(const Tensor& src, void* host) {
 
 void CudaBackend::synchronize() {
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  ops_->join_side();
   check_cuda(cudaStreamSynchronize(impl_->stream), "synchronize");
   ops_->raise_device_faults();
 }
@@ -297,6 +300,7 @@ void CudaBackend::begin_capture() {
 
 void CudaBackend::end_capture(int64_t key) {
   cudaGraph_t graph = nullptr;
+  ops_->join_side();  // (a capture ends only where every stream it forked has joined)
   check_cuda(cudaStreamEndCapture(impl_->stream, &graph), "graph: end capture");
   Impl::Graph g;
   size_t nodes = 0;

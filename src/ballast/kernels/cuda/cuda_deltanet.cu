@@ -1174,7 +1174,7 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
       constexpr bool kSplit = decltype(split)::value;
       constexpr int kDims = decltype(dims)::value;
       using Scratch = ChunkScratch<ScratchOf<kSplit>>;
-      const Scratch cs = Scratch::at(scratch_.bytes(Scratch::bytes(T, d.Hv, d.dk, d.dv)), T, d.Hv, d.dk, d.dv);
+      const Scratch cs = Scratch::at(scratch_->bytes(Scratch::bytes(T, d.Hv, d.dk, d.dv)), T, d.Hv, d.dk, d.dv);
       const auto solve = delta_rule_solve_kernel<kSplit, kDims>;
       if (width == 32) run(solve, delta_rule_state_kernel<kSplit, 2, 4, kDims>, cs);
       else if (width == 64) run(solve, delta_rule_state_kernel<kSplit, 4, 2, kDims>, cs);

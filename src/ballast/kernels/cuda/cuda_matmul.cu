@@ -1126,7 +1126,7 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   const FewRowsTargets one{{{w.raw(), N, cuda::f32_mut(y), N, 0, ws, false}}, 1};
   if (bf16_matmul_ && scaled && device_.fp8_mma() && fp8_rows_fit(T, K, x.raw()) && aligned(w.raw(), 16)) {
     timed.op = "matmul gemv (FP8 tensor cores)";
-    launch_mma_rows(cuda::f32(x), int(T), K, one, {}, scratch_.bytes(fp8_rows_scratch(T, K)), stream_);
+    launch_mma_rows(cuda::f32(x), int(T), K, one, {}, scratch_->bytes(fp8_rows_scratch(T, K)), stream_);
     check_launch("matmul");
     return;
   }
@@ -1139,19 +1139,20 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   }
   if (bf16_matmul_ && scaled && fp8_tensor_cores_fit(T, K, N, x.raw())) {
     timed.op = "matmul gemm (FP8 tensor cores, cuBLASLt)";
+    library_call();
     if (lt_fp8_matmul(st, counters_, cuda::f32(x), T, K, w.raw(), ws, N, cuda::f32_mut(y),
-                      scratch_.bytes(Fp8Scratch(T, K, N).bytes()), stream_))
+                      scratch_->bytes(Fp8Scratch(T, K, N).bytes()), stream_))
       return;
   }
   if (bf16_matmul_ && cublas_fits(T, K, N, w.dtype(), x.raw())) {
     timed.op = scaled ? "matmul gemm (FP8 weights as bf16, cuBLAS)" : "matmul gemm (cuBLAS bf16)";
-    cublas_matmul(cublas_, cuda::f32(x), T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y),
-                  scratch_.bytes(size_t(T * K + (scaled ? N * K : 0)) * 2), stream_);
+    cublas_matmul(library_call(), cuda::f32(x), T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y),
+                  scratch_->bytes(size_t(T * K + (scaled ? N * K : 0)) * 2), stream_);
     return;
   }
   timed.op = T <= kFewRowsMax ? "matmul gemv" : "matmul gemm (fp32)";
   const size_t bytes = matmul_scratch_bytes(T, K, N, sms);
-  float* scratch = bytes > 0 ? static_cast<float*>(scratch_.bytes(bytes)) : nullptr;
+  float* scratch = bytes > 0 ? static_cast<float*>(scratch_->bytes(bytes)) : nullptr;
   matmul_rows(cuda::f32(x), K, T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y), N, sms, scratch, stream_);
 }
 
@@ -1196,7 +1197,7 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
   const float* rg = row_gate.defined() ? cuda::f32(row_gate) : nullptr;
   const FewRowsTargets one{{target}, 1};
   if (f8_mma || b16_mma) {
-    if (f8_mma) launch_mma_rows(g, int(T), K, one, {}, scratch_.bytes(fp8_rows_scratch(T, K)), stream_, u, rg);
+    if (f8_mma) launch_mma_rows(g, int(T), K, one, {}, scratch_->bytes(fp8_rows_scratch(T, K)), stream_, u, rg);
     else launch_mma_rows(g, int(T), K, {}, one, nullptr, stream_, u, rg);
     check_launch("swiglu_down");
     return;
@@ -1259,7 +1260,7 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
   }
   if (mma) {
     timed.op = "matmul gemv (tensor cores)";
-    launch_mma_rows(cuda::f32(x), int(T), K, f8, b16, f8.count > 0 ? scratch_.bytes(fp8_rows_scratch(T, K)) : nullptr,
+    launch_mma_rows(cuda::f32(x), int(T), K, f8, b16, f8.count > 0 ? scratch_->bytes(fp8_rows_scratch(T, K)) : nullptr,
                     stream_);
     check_launch("matmul");
     return;

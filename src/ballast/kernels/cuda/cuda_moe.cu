@@ -1907,7 +1907,7 @@ void CudaOps::dispatch(const DispatchTables& tables, const Tensor& ids, const Te
       const int Ei = int(E), Pi = int(P), G = tables.ranks;
       cm::balanced::Global g;
       const size_t gbytes = cm::balanced::global_layout(nullptr, Ei, Pi, G, nullptr);
-      cm::balanced::global_layout(scratch_.bytes(gbytes), Ei, Pi, G, &g);
+      cm::balanced::global_layout(scratch_->bytes(gbytes), Ei, Pi, G, &g);
       const size_t smem = cm::balanced::shared_layout(nullptr, Ei, Pi, G, kBalancedThreads, nullptr);
       smem_.allow(&dispatch_balanced_kernel, smem, "dispatch");
       cm::balanced::Args a{cuda::i32(tables.phy2log), cuda::i32(counts_by_rank), cuda::i32(ids),
@@ -1982,7 +1982,7 @@ void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int gro
   measure.take<int32_t>(size_t(N));
   measure.take<int32_t>(size_t(N));
   measure.take<char>(temp);
-  Carve carve(scratch_.bytes(measure.size()));
+  Carve carve(scratch_->bytes(measure.size()));
   uint32_t* kin = carve.take<uint32_t>(size_t(N));
   uint32_t* kout = carve.take<uint32_t>(size_t(N));
   int32_t* vin = carve.take<int32_t>(size_t(N));
@@ -2116,7 +2116,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   measure.take<float>(nxq / kScaleBlock);
   measure.take<uint8_t>(nhq);
   measure.take<float>(nhq / kScaleBlock);
-  Carve carve(scratch_.bytes(measure.size()));
+  Carve carve(scratch_->bytes(measure.size()));
   float* h = carve.take<float>(size_t(Np) * size_t(ldh));
   int4* small = carve.take<int4>(size_t(cap_small));
   int4* large = carve.take<int4>(size_t(cap_large));

@@ -40,16 +40,78 @@ void CudaSmemAllowance::allow_kernel(const void* kernel, size_t bytes, const cha
   allowed = bytes;
 }
 
+CudaSideStream::CudaSideStream() {
+  check_cuda(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "side stream");
+  check_cuda(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming), "side stream: event");
+  check_cuda(cudaEventCreateWithFlags(&joined, cudaEventDisableTiming), "side stream: event");
+}
+
+CudaSideStream::~CudaSideStream() {
+  cudaStreamSynchronize(stream);
+  cudaEventDestroy(fork);
+  cudaEventDestroy(joined);
+  cudaStreamDestroy(stream);
+}
+
 CudaOps::CudaOps(Counters& counters, const CudaDeviceTraits& device, cudaStream_t stream, cublasHandle_t cublas,
-                 bool bf16_matmul)
+                 void* cublas_workspace, size_t cublas_workspace_bytes, bool bf16_matmul)
     : counters_(counters),
       device_(device),
       stream_(stream),
+      main_stream_(stream),
       cublas_(cublas),
+      cublas_stream_(stream),
+      cublas_workspace_(cublas_workspace),
+      cublas_workspace_bytes_(cublas_workspace_bytes),
       bf16_matmul_(bf16_matmul),
-      scratch_(counters, stream),
+      main_scratch_(counters, stream),
+      side_scratch_(counters, side_.stream),
       timer_(stream),
       smem_(device.smem_optin) {}
+
+void CudaOps::side(const std::function<void()>& work) {
+  if (stream_ != main_stream_ || timer_.on() || !cuda::side_stream_enabled()) {
+    work();
+    return;
+  }
+  check_cuda(cudaEventRecord(side_.fork, main_stream_), "side work: fork");
+  check_cuda(cudaStreamWaitEvent(side_.stream, side_.fork, 0), "side work: fork");
+  side_out_ = true;
+  stream_ = side_.stream;
+  scratch_ = &side_scratch_;
+  struct Back {  // to the main stream, also when `work` throws
+    CudaOps& ops;
+    ~Back() {
+      cudaEventRecord(ops.side_.joined, ops.side_.stream);
+      ops.stream_ = ops.main_stream_;
+      ops.scratch_ = &ops.main_scratch_;
+    }
+  } back{*this};
+  work();
+  cublas_on(main_stream_);  // (the backend's own calls, the ceilings', expect it there)
+}
+
+void CudaOps::join_side() {
+  if (!side_out_ || stream_ != main_stream_) return;
+  check_cuda(cudaStreamWaitEvent(main_stream_, side_.joined, 0), "side work: join");
+  side_out_ = false;
+}
+
+cublasHandle_t CudaOps::library_call() {
+  join_side();  // (nothing from side work itself)
+  cublas_on(stream_);
+  return cublas_;
+}
+
+void CudaOps::cublas_on(cudaStream_t stream) {
+  if (cublas_stream_ == stream) return;
+  // cublasSetStream drops the handle's workspace for cuBLAS's own pool, which a graph's capture
+  // cannot allocate from: set it again.
+  const bool moved = cublasSetStream(cublas_, stream) == CUBLAS_STATUS_SUCCESS &&
+                     cublasSetWorkspace(cublas_, cublas_workspace_, cublas_workspace_bytes_) == CUBLAS_STATUS_SUCCESS;
+  check(moved, "cuBLAS: moving the handle to the {} stream failed", stream == main_stream_ ? "main" : "side");
+  cublas_stream_ = stream;
+}
 
 CudaOpTimer::~CudaOpTimer() {
   for (cudaEvent_t e : events_) cudaEventDestroy(e);

@@ -19,7 +19,8 @@ namespace ballast::kernels {
 
 // Device scratch of the ops, grown at first need and never shrunk. A growth waits for the stream
 // (the old buffer may still be read by queued kernels), then allocates: a counted allocation.
-// One buffer serves every op: ops run one after the other on the stream.
+// One buffer serves every op of a stream (CudaOps has one for the main stream and one for side
+// work): a stream's ops run one after the other.
 class CudaScratch {
  public:
   CudaScratch(Counters& counters, cudaStream_t stream) : counters_(counters), stream_(stream) {}
@@ -113,11 +114,26 @@ class CudaTimedOp {
   const char* op;  // may be refined while the op runs (the path it took)
 };
 
+// The second stream of side work (Ops::side) and the events that fork it from the main stream and
+// join it back (owned here so that the side's scratch, declared after it, goes first).
+struct CudaSideStream {
+  CudaSideStream();
+  ~CudaSideStream();
+  CudaSideStream(const CudaSideStream&) = delete;
+  CudaSideStream& operator=(const CudaSideStream&) = delete;
+  cudaStream_t stream = nullptr;
+  cudaEvent_t fork = nullptr, joined = nullptr;  // side work's start, and its end
+};
+
 class CudaOps final : public Ops {
  public:
   // bf16_matmul: many-row products of 16-bit weights on the tensor cores (cuda_matmul.cu).
+  // cublas_workspace: the workspace set on `cublas` (cublasSetStream drops it: it is set again
+  // whenever the handle moves between the main and the side stream).
   CudaOps(Counters& counters, const CudaDeviceTraits& device, cudaStream_t stream, cublasHandle_t cublas,
-          bool bf16_matmul);
+          void* cublas_workspace, size_t cublas_workspace_bytes, bool bf16_matmul);
+  CudaOps(const CudaOps&) = delete;
+  CudaOps& operator=(const CudaOps&) = delete;
 
   void embedding(const Tensor& ids, const Tensor& table, Tensor& out) override;
   void matmul(const Tensor& x, const Tensor& w, Tensor& y) override;
@@ -168,6 +184,12 @@ class CudaOps final : public Ops {
   void token_logprobs(const Tensor& logits, const Tensor& ids, Tensor& logprob, Tensor& top_ids,
                       Tensor& top_logprobs) override;
 
+  // Side work runs on a second stream with scratch of its own (a fork and a join of events, which
+  // a graph's capture records as a fork and a join of its nodes); in place while ops are timed (each
+  // op's time alone), inside side work, or with BALLAST_CUDA_SIDE_STREAM=0.
+  void side(const std::function<void()>& work) override;
+  void join_side() override;
+
   cudaStream_t stream() const { return stream_; }
   CudaOpTimer& timer() { return timer_; }
   // Throws the first index fault a kernel found since the last call (kernels never write through
@@ -177,13 +199,25 @@ class CudaOps final : public Ops {
 
  private:
   CudaTimedOp time_op(const char* op) { return CudaTimedOp(timer_, timing_depth_, op); }
+  // Before a cuBLAS or cuBLASLt call: each library has one workspace, so a call on the main stream
+  // waits for side work that is out (a call from side work has nothing beside it in a library:
+  // the main stream's next call waits for it), and the cuBLAS handle is moved to the current stream.
+  cublasHandle_t library_call();
+  void cublas_on(cudaStream_t stream);  // the handle on `stream`, with its workspace
 
   Counters& counters_;
   const CudaDeviceTraits device_;
-  cudaStream_t stream_;
+  cudaStream_t stream_;  // where ops go now: main_stream_, or side_.stream while side work is issued
+  cudaStream_t main_stream_;
+  CudaSideStream side_;
+  bool side_out_ = false;  // side work issued and not joined
   cublasHandle_t cublas_;
+  cudaStream_t cublas_stream_;
+  void* cublas_workspace_;
+  size_t cublas_workspace_bytes_;
   bool bf16_matmul_;
-  CudaScratch scratch_;  // per op call: what one op needs while it runs
+  CudaScratch main_scratch_, side_scratch_;  // per op call: what one op needs while it runs
+  CudaScratch* scratch_ = &main_scratch_;     // the current stream's
   CudaOpTimer timer_;
   CudaSmemAllowance smem_;
   int timing_depth_ = 0;
