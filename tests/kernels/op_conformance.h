@@ -1742,6 +1742,21 @@ TEST_P(OpConformance, SampleGreedyIsArgmaxWithOneHotProbs) {
   ops().sample(f32(logits, {R, V}), rows, Draw::target, ids, none);
   EXPECT_EQ(ints(ids), (std::vector<int32_t>{1, 0, 6}));
 
+  // Rows of a vocabulary's width (CUDA streams rows of 16-byte alignment as vectors; W is odd, so
+  // rows 1 and 3 are not): the maximum twice (the lower id wins, in different lanes and rounds),
+  // in the last element, NaN first (it wins, as the CPU's scan keeps it) and NaN elsewhere (never).
+  const int64_t W = 151937;
+  std::vector<float> wide = randn(size_t(4 * W), 77);
+  wide[size_t(100001)] = wide[size_t(120002)] = wide[size_t(140000)] = 9.0f;
+  wide[size_t(2 * W - 1)] = 9.0f;
+  wide[size_t(2 * W)] = std::nanf("");
+  wide[size_t(2 * W + 5)] = 9.0f;
+  wide[size_t(3 * W + 7)] = std::nanf("");
+  wide[size_t(3 * W + 50000)] = 9.0f;
+  const SamplingRows greedy = sampling_rows({0, 0, 0, 0}, {1, 1, 1, 1}, {0, 0, 0, 0}, {1, 2, 3, 4}, {0, 0, 0, 0});
+  Tensor wide_ids = be().alloc({4}, DType::I32);
+  ops().sample(f32(wide, {4, W}), greedy, Draw::target, wide_ids, none);
+  EXPECT_EQ(ints(wide_ids), (std::vector<int32_t>{100001, int32_t(W - 1), 0, 50000}));
 }
 
 TEST_P(OpConformance, SampleDrawsWhatTheSamplingMathGives) {

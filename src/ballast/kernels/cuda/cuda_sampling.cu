@@ -159,13 +159,41 @@ __device__ __forceinline__ uint32_t argmax_key(float v, bool first) {
   return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
+// A row of 16-byte alignment streams as float4s, kArgmaxLoads of them in flight a thread: one at a
+// time, a 151,936-token row took ~32 us (one SM, ~19 GB/s; Nsight Compute, session 29).
+constexpr int kArgmaxLoads = 4;
+
 __device__ int row_argmax(const float* row, int V, Smem& sm) {
   unsigned long long best = 0;
-  for (int i = threadIdx.x; i < V; i += kThreads) {
+  auto take = [&](float v, int i) {
     const unsigned long long k =
-        (static_cast<unsigned long long>(argmax_key(row[i], i == 0)) << 32) | (0xffffffffu - uint32_t(i));
+        (static_cast<unsigned long long>(argmax_key(v, i == 0)) << 32) | (0xffffffffu - uint32_t(i));
     best = k > best ? k : best;
+  };
+  int tail = 0;  // where the scalar loop starts
+  if ((reinterpret_cast<uintptr_t>(row) & 15) == 0) {
+    const float4* row4 = reinterpret_cast<const float4*>(row);
+    const int V4 = V / 4;
+    for (int base = 0; base < V4; base += kThreads * kArgmaxLoads) {
+      float4 v[kArgmaxLoads];
+#pragma unroll
+      for (int u = 0; u < kArgmaxLoads; ++u) {
+        const int j = base + u * kThreads + int(threadIdx.x);
+        if (j < V4) v[u] = row4[j];
+      }
+#pragma unroll
+      for (int u = 0; u < kArgmaxLoads; ++u) {
+        const int j = base + u * kThreads + int(threadIdx.x);
+        if (j >= V4) continue;
+        take(v[u].x, 4 * j);
+        take(v[u].y, 4 * j + 1);
+        take(v[u].z, 4 * j + 2);
+        take(v[u].w, 4 * j + 3);
+      }
+    }
+    tail = 4 * V4;
   }
+  for (int i = tail + int(threadIdx.x); i < V; i += kThreads) take(row[i], i);
   best = block_reduce(best, MaxOp{}, sm);
   return int(0xffffffffu - uint32_t(best));
 }
@@ -530,7 +558,7 @@ void CudaOps::verify_drafts(const Tensor& logits, const Tensor& drafts, const Te
   if (draft_probs.defined()) expect_device("verify_drafts", "draft_probs", draft_probs);
   const RowArgs args = row_args("verify_drafts", rows);
   if (B == 0) return;
-  int32_t* token = static_cast<int32_t*>(scratch_.bytes(size_t(2 * R) * sizeof(int32_t)));
+  int32_t* token = static_cast<int32_t*>(scratch_->bytes(size_t(2 * R) * sizeof(int32_t)));
   int32_t* accepted = token + R;
   launch(verify_rows_kernel, unsigned(R), kThreads, 0, stream_, f32(logits), int(V), int(S),
          S > 0 ? i32(drafts) : nullptr, draft_probs.defined() ? f32(draft_probs) : nullptr, args, token, accepted);
