@@ -1002,10 +1002,11 @@ struct Fp8Scratch {
   size_t bytes() const { return xq + xs + d; }
 };
 
-// y [T, N] = x @ w^T as above; scratch holds Fp8Scratch(T, K, N).bytes(). False (nothing queued)
-// where cuBLASLt has no kernel for the shape.
+// y [T, N] = x @ w^T as above; scratch holds Fp8Scratch(T, K, N).bytes(), and with `quantized`
+// already x's FP8 rows and scales (a product of the same x before). False (nothing queued) where
+// cuBLASLt has no kernel for the shape.
 bool lt_fp8_matmul(MatmulState& st, Counters& counters, const float* x, int64_t T, int64_t K, const void* w,
-                   const float* ws, int64_t N, float* y, void* scratch, cudaStream_t stream) {
+                   const float* ws, int64_t N, float* y, void* scratch, bool quantized, cudaStream_t stream) {
   const Fp8Scratch sz(T, K, N);
   const int64_t Tp = sz.Tp;
   char* base = static_cast<char*>(scratch);
@@ -1014,8 +1015,10 @@ bool lt_fp8_matmul(MatmulState& st, Counters& counters, const float* x, int64_t 
   float* d = Tp == T ? y : reinterpret_cast<float*>(base + sz.xq + sz.xs);
   const LtPlan& p = st.plan(Tp, K, N, ws, xs, counters);
   if (!p.ok) return false;
-  quantize_rows_b128(x, T, Tp, K, reinterpret_cast<uint8_t*>(xq), xs, stream);
-  check_launch("matmul: quantizing x to FP8");
+  if (!quantized) {
+    quantize_rows_b128(x, T, Tp, K, reinterpret_cast<uint8_t*>(xq), xs, stream);
+    check_launch("matmul: quantizing x to FP8");
+  }
   check(cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &ws, sizeof(ws)) ==
                 CUBLAS_STATUS_SUCCESS &&
             cublasLtMatmulDescSetAttribute(p.desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &xs, sizeof(xs)) ==
@@ -1033,9 +1036,10 @@ bool lt_fp8_matmul(MatmulState& st, Counters& counters, const float* x, int64_t 
 
 // y[T, N] = x[T, K] @ w[N, K]^T on the tensor cores; xh: room for T * K 16-bit values (and, for
 // block-scaled FP8 weights, N * K more: the weights dequantized to bf16 there, then multiplied as
-// bf16 ones: rounding each weight to bf16 costs what rounding x does, 2^-9 relative).
+// bf16 ones: rounding each weight to bf16 costs what rounding x does, 2^-9 relative); with
+// `rounded`, xh holds x rounded already (to bf16 for BF16 and FP8 weights, f16 for F16 ones).
 void cublas_matmul(cublasHandle_t handle, const float* x, int64_t T, int64_t K, const void* w, DType wdt,
-                   const float* ws, int64_t N, float* y, void* xh, cudaStream_t stream) {
+                   const float* ws, int64_t N, float* y, void* xh, bool rounded, cudaStream_t stream) {
   if (wdt == DType::F8_E4M3_B128) {
     __nv_bfloat16* wb = static_cast<__nv_bfloat16*>(xh) + T * K;
     const int64_t chunks = N * K / 8;
@@ -1046,9 +1050,11 @@ void cublas_matmul(cublasHandle_t handle, const float* x, int64_t T, int64_t K, 
     wdt = DType::BF16;
   }
   const bool bf16 = wdt == DType::BF16;
-  if (bf16) round_to_16bit(x, static_cast<__nv_bfloat16*>(xh), T * K, stream);
-  else round_to_16bit(x, static_cast<__half*>(xh), T * K, stream);
-  check_launch("matmul: rounding x");
+  if (!rounded) {
+    if (bf16) round_to_16bit(x, static_cast<__nv_bfloat16*>(xh), T * K, stream);
+    else round_to_16bit(x, static_cast<__half*>(xh), T * K, stream);
+    check_launch("matmul: rounding x");
+  }
   // Column-major view: y^T [N, T] = (w [N, K] row-major = col-major [K, N])^T @ x^T [K, T].
   const float alpha = 1.0f, beta = 0.0f;
   const cudaDataType_t t = bf16 ? CUDA_R_16BF : CUDA_R_16F;
@@ -1111,7 +1117,9 @@ void matmul_rows(const float* x, int64_t ldx, int64_t T, int64_t K, const void* 
 
 }  // namespace cuda::rows
 
-void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
+void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) { matmul_with(x, w, y, XForm::none); }
+
+CudaOps::XForm CudaOps::matmul_with(const Tensor& x, const Tensor& w, Tensor& y, XForm ready) {
   auto timed = time_op("matmul");
   const auto [T, K, N] = check_matmul(x, w, y);
   expect_device("matmul", "x", x);
@@ -1120,7 +1128,7 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
   const bool scaled = w.dtype() == DType::F8_E4M3_B128;
   const float* ws = scaled ? cuda::f32(w.scales()) : nullptr;
   if (scaled) expect_device("matmul", "w's block scales", w.scales());
-  if (T == 0 || N == 0) return;
+  if (T == 0 || N == 0) return ready;
   MatmulState& st = matmul_state_of(matmul_state_);
   const int sms = device_.sms;
   const FewRowsTargets one{{{w.raw(), N, cuda::f32_mut(y), N, 0, ws, false}}, 1};
@@ -1128,32 +1136,34 @@ void CudaOps::matmul(const Tensor& x, const Tensor& w, Tensor& y) {
     timed.op = "matmul gemv (FP8 tensor cores)";
     launch_mma_rows(cuda::f32(x), int(T), K, one, {}, scratch_->bytes(fp8_rows_scratch(T, K)), stream_);
     check_launch("matmul");
-    return;
+    return XForm::none;
   }
   if (bf16_matmul_ && w.dtype() == DType::BF16 && device_.bf16_mma() && bf16_rows_fit(T, K, x.raw()) &&
       aligned(w.raw(), 16)) {
     timed.op = "matmul gemv (bf16 tensor cores)";
     launch_mma_rows(cuda::f32(x), int(T), K, {}, one, nullptr, stream_);
     check_launch("matmul");
-    return;
+    return ready;
   }
   if (bf16_matmul_ && scaled && fp8_tensor_cores_fit(T, K, N, x.raw())) {
     timed.op = "matmul gemm (FP8 tensor cores, cuBLASLt)";
     library_call();
     if (lt_fp8_matmul(st, counters_, cuda::f32(x), T, K, w.raw(), ws, N, cuda::f32_mut(y),
-                      scratch_->bytes(Fp8Scratch(T, K, N).bytes()), stream_))
-      return;
+                      scratch_->bytes(Fp8Scratch(T, K, N).bytes()), ready == XForm::fp8, stream_))
+      return XForm::fp8;
   }
   if (bf16_matmul_ && cublas_fits(T, K, N, w.dtype(), x.raw())) {
     timed.op = scaled ? "matmul gemm (FP8 weights as bf16, cuBLAS)" : "matmul gemm (cuBLAS bf16)";
+    const XForm form = w.dtype() == DType::F16 ? XForm::f16 : XForm::bf16;
     cublas_matmul(library_call(), cuda::f32(x), T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y),
-                  scratch_->bytes(size_t(T * K + (scaled ? N * K : 0)) * 2), stream_);
-    return;
+                  scratch_->bytes(size_t(T * K + (scaled ? N * K : 0)) * 2), ready == form, stream_);
+    return form;
   }
   timed.op = T <= kFewRowsMax ? "matmul gemv" : "matmul gemm (fp32)";
   const size_t bytes = matmul_scratch_bytes(T, K, N, sms);
   float* scratch = bytes > 0 ? static_cast<float*>(scratch_->bytes(bytes)) : nullptr;
   matmul_rows(cuda::f32(x), K, T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y), N, sms, scratch, stream_);
+  return scratch ? XForm::none : ready;
 }
 
 // Few rows of F32, BF16 or block-scaled FP8 weights: the few-row product applies the row gate as it
@@ -1227,7 +1237,23 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
   }
   one = one && (same || fp8_bf16);
   if (!one || x.dim(0) == 0 || x.dim(1) == 0) {
-    for (size_t i = 0; i < w.size(); ++i) matmul(x, w[i], y[i]);
+    // One product each. Products of many rows convert x for the tensor cores (quantized for
+    // cuBLASLt, rounded for cuBLAS): the block-scaled FP8 targets first, then the others, so that
+    // each form is made once (an FP8 model's DeltaNet and MoE projections are two of each). The
+    // scratch is sized for the largest first: it must not move between them.
+    size_t most = 0;
+    for (size_t i = 0; i < w.size(); ++i) {
+      const MatmulShape m = check_matmul(x, w[i], y[i]);
+      const bool scaled = w[i].dtype() == DType::F8_E4M3_B128;
+      most = std::max({most, m.T > kFewRowsMax ? Fp8Scratch(m.T, m.K, m.N).bytes() : 0,
+                       size_t(m.T * m.K + (scaled ? m.N * m.K : 0)) * 2, fp8_rows_scratch(m.T, m.K),
+                       matmul_scratch_bytes(m.T, m.K, m.N, device_.sms)});
+    }
+    if (most > 0) scratch_->bytes(most);
+    XForm ready = XForm::none;
+    for (const bool fp8 : {true, false})
+      for (size_t i = 0; i < w.size(); ++i)
+        if ((w[i].dtype() == DType::F8_E4M3_B128) == fp8) ready = matmul_with(x, w[i], y[i], ready);
     return;
   }
   auto timed = time_op("matmul gemv");

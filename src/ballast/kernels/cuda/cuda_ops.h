@@ -199,6 +199,11 @@ class CudaOps final : public Ops {
 
  private:
   CudaTimedOp time_op(const char* op) { return CudaTimedOp(timer_, timing_depth_, op); }
+  // x as a product of many rows leaves it in the scratch: quantized to FP8 rows and scales
+  // (cuBLASLt) or rounded to 16 bits (cuBLAS). matmul_with takes what the product before left
+  // (`ready`; matmul_many's products of one x) and returns what it leaves.
+  enum class XForm { none, fp8, bf16, f16 };
+  XForm matmul_with(const Tensor& x, const Tensor& w, Tensor& y, XForm ready);
   // Before a cuBLAS or cuBLASLt call: each library has one workspace, so a call on the main stream
   // waits for side work that is out (a call from side work has nothing beside it in a library:
   // the main stream's next call waits for it), and the cuBLAS handle is moved to the current stream.
