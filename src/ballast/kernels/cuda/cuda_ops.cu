@@ -85,10 +85,14 @@ void CudaOps::side(const std::function<void()>& work) {
       cudaEventRecord(ops.side_.joined, ops.side_.stream);
       ops.stream_ = ops.main_stream_;
       ops.scratch_ = &ops.main_scratch_;
+      // The cuBLAS handle too (the backend's own calls, the ceilings', expect it there); where this
+      // fails the handle's stream stays recorded as the side's, and the next library call moves it
+      // (or says why it cannot).
+      if (ops.cublas_stream_ != ops.main_stream_ && ops.move_cublas(ops.main_stream_))
+        ops.cublas_stream_ = ops.main_stream_;
     }
   } back{*this};
   work();
-  cublas_on(main_stream_);  // (the backend's own calls, the ceilings', expect it there)
 }
 
 void CudaOps::join_side() {
@@ -103,13 +107,17 @@ cublasHandle_t CudaOps::library_call() {
   return cublas_;
 }
 
-void CudaOps::cublas_on(cudaStream_t stream) {
-  if (cublas_stream_ == stream) return;
+bool CudaOps::move_cublas(cudaStream_t stream) noexcept {
   // cublasSetStream drops the handle's workspace for cuBLAS's own pool, which a graph's capture
   // cannot allocate from: set it again.
-  const bool moved = cublasSetStream(cublas_, stream) == CUBLAS_STATUS_SUCCESS &&
-                     cublasSetWorkspace(cublas_, cublas_workspace_, cublas_workspace_bytes_) == CUBLAS_STATUS_SUCCESS;
-  check(moved, "cuBLAS: moving the handle to the {} stream failed", stream == main_stream_ ? "main" : "side");
+  return cublasSetStream(cublas_, stream) == CUBLAS_STATUS_SUCCESS &&
+         cublasSetWorkspace(cublas_, cublas_workspace_, cublas_workspace_bytes_) == CUBLAS_STATUS_SUCCESS;
+}
+
+void CudaOps::cublas_on(cudaStream_t stream) {
+  if (cublas_stream_ == stream) return;
+  check(move_cublas(stream), "cuBLAS: moving the handle to the {} stream failed",
+        stream == main_stream_ ? "main" : "side");
   cublas_stream_ = stream;
 }
 

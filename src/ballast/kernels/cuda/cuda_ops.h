@@ -208,7 +208,8 @@ class CudaOps final : public Ops {
   // waits for side work that is out (a call from side work has nothing beside it in a library:
   // the main stream's next call waits for it), and the cuBLAS handle is moved to the current stream.
   cublasHandle_t library_call();
-  void cublas_on(cudaStream_t stream);  // the handle on `stream`, with its workspace
+  void cublas_on(cudaStream_t stream);         // the handle on `stream`, with its workspace
+  bool move_cublas(cudaStream_t stream) noexcept;  // cublas_on's calls: whether they succeeded
 
   Counters& counters_;
   const CudaDeviceTraits device_;
