@@ -1148,15 +1148,19 @@ CudaOps::XForm CudaOps::matmul_with(const Tensor& x, const Tensor& w, Tensor& y,
   if (bf16_matmul_ && scaled && fp8_tensor_cores_fit(T, K, N, x.raw())) {
     timed.op = "matmul gemm (FP8 tensor cores, cuBLASLt)";
     library_call();
-    if (lt_fp8_matmul(st, counters_, cuda::f32(x), T, K, w.raw(), ws, N, cuda::f32_mut(y),
-                      scratch_->bytes(Fp8Scratch(T, K, N).bytes()), ready == XForm::fp8, stream_))
+    const size_t need = Fp8Scratch(T, K, N).bytes();
+    const bool quantized = ready == XForm::fp8 && need <= scratch_->size();
+    if (lt_fp8_matmul(st, counters_, cuda::f32(x), T, K, w.raw(), ws, N, cuda::f32_mut(y), scratch_->bytes(need),
+                      quantized, stream_))
       return XForm::fp8;
   }
   if (bf16_matmul_ && cublas_fits(T, K, N, w.dtype(), x.raw())) {
     timed.op = scaled ? "matmul gemm (FP8 weights as bf16, cuBLAS)" : "matmul gemm (cuBLAS bf16)";
     const XForm form = w.dtype() == DType::F16 ? XForm::f16 : XForm::bf16;
+    const size_t need = size_t(T * K + (scaled ? N * K : 0)) * 2;
+    const bool rounded = ready == form && need <= scratch_->size();
     cublas_matmul(library_call(), cuda::f32(x), T, K, w.raw(), w.dtype(), ws, N, cuda::f32_mut(y),
-                  scratch_->bytes(size_t(T * K + (scaled ? N * K : 0)) * 2), ready == form, stream_);
+                  scratch_->bytes(need), rounded, stream_);
     return form;
   }
   timed.op = T <= kFewRowsMax ? "matmul gemv" : "matmul gemm (fp32)";
@@ -1240,7 +1244,8 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
     // One product each. Products of many rows convert x for the tensor cores (quantized for
     // cuBLASLt, rounded for cuBLAS): the block-scaled FP8 targets first, then the others, so that
     // each form is made once (an FP8 model's DeltaNet and MoE projections are two of each). The
-    // scratch is sized for the largest first: it must not move between them.
+    // scratch is sized for the largest first, so that it does not move between them (a product
+    // that would grow it converts x again).
     size_t most = 0;
     for (size_t i = 0; i < w.size(); ++i) {
       const MatmulShape m = check_matmul(x, w[i], y[i]);

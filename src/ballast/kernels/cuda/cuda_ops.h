@@ -27,8 +27,10 @@ class CudaScratch {
   ~CudaScratch();
   CudaScratch(const CudaScratch&) = delete;
   CudaScratch& operator=(const CudaScratch&) = delete;
-  // At least `bytes` bytes, 256-byte aligned; the contents are undefined.
+  // At least `bytes` bytes, 256-byte aligned; the contents are undefined (kept from the last call
+  // where it did not grow).
   void* bytes(size_t n);
+  size_t size() const { return size_; }
 
  private:
   Counters& counters_;
@@ -201,7 +203,8 @@ class CudaOps final : public Ops {
   CudaTimedOp time_op(const char* op) { return CudaTimedOp(timer_, timing_depth_, op); }
   // x as a product of many rows leaves it in the scratch: quantized to FP8 rows and scales
   // (cuBLASLt) or rounded to 16 bits (cuBLAS). matmul_with takes what the product before left
-  // (`ready`; matmul_many's products of one x) and returns what it leaves.
+  // (`ready`; matmul_many's products of one x; not trusted where the scratch must grow) and returns
+  // what it leaves.
   enum class XForm { none, fp8, bf16, f16 };
   XForm matmul_with(const Tensor& x, const Tensor& w, Tensor& y, XForm ready);
   // Before a cuBLAS or cuBLASLt call: each library has one workspace, so a call on the main stream
