@@ -34,6 +34,15 @@ CpuOps::CpuOps(ThreadPool& pool, Counters& counters)
 namespace {
 // Elementwise loops below this many elements run on the calling thread.
 constexpr int64_t kElementGrain = int64_t(1) << 14;
+
+// y = x / rms(x) * (1 + w) over one row of D (the mean of squares in double): rms_norm's rows and
+// qk_norm_rope's heads.
+void rms_norm_row(const float* x, const float* w, int64_t D, float eps, float* y) {
+  double ss = 0;
+  for (int64_t i = 0; i < D; ++i) ss += double(x[i]) * x[i];
+  const float inv = 1.0f / std::sqrt(float(ss / double(D)) + eps);
+  for (int64_t i = 0; i < D; ++i) y[i] = x[i] * inv * (1.0f + w[i]);
+}
 }  // namespace
 
 void CpuOps::embedding(const Tensor& ids, const Tensor& table, Tensor& out) {
@@ -63,14 +72,7 @@ void CpuOps::rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) {
   const float* xp = f32(x);
   float* yp = f32_mut(y);
   parallel(&pool_, R, 16, [&, D = D](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * D;
-      float* yr = yp + r * D;
-      double ss = 0;
-      for (int64_t i = 0; i < D; ++i) ss += double(xr[i]) * xr[i];
-      const float inv = 1.0f / std::sqrt(float(ss / D) + eps);
-      for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * inv * (1.0f + wv[i]);
-    }
+    for (int64_t r = r0; r < r1; ++r) rms_norm_row(xp + r * D, wv, D, eps, yp + r * D);
   });
 }
 
@@ -215,12 +217,9 @@ void CpuOps::qk_norm_rope(const Tensor& qg, const Tensor& q_norm, const Tensor& 
   parallel(&pool_, T, 4, [&, Hq = Hq, Hkv = Hkv, hd = hd](int64_t t0, int64_t t1) {
     thread_local std::vector<float> cs;  // row t's cos and sin, the angle in fp32 as the reference has it
     cs.resize(2 * size_t(half));
-    // One head's row: rms_norm's arithmetic (the mean of squares in double), then the rotation.
+    // One head's row: rms_norm's, then the rotation.
     auto head = [&](const float* x, const float* w, float* y) {
-      double ss = 0;
-      for (int64_t i = 0; i < hd; ++i) ss += double(x[i]) * x[i];
-      const float inv = 1.0f / std::sqrt(float(ss / double(hd)) + eps);
-      for (int64_t i = 0; i < hd; ++i) y[i] = x[i] * inv * (1.0f + w[i]);
+      rms_norm_row(x, w, hd, eps, y);
       for (int i = 0; i < half; ++i) {
         const float c = cs[size_t(i)], s = cs[size_t(half + i)], a = y[i], b = y[i + half];
         y[i] = a * c - b * s;
