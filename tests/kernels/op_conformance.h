@@ -522,9 +522,8 @@ TEST_P(OpConformance, MatmulInEveryWeightDtype) {
 TEST_P(OpConformance, MatmulManyEqualsEachMatmul) {
   // The projections of one input: every output exactly as its own matmul would write it, with
   // outputs of 1 to 130 columns, K vector-friendly or not, weight dtypes alike or mixed (F32 beside
-  // BF16; block-scaled FP8 beside BF16, as an FP8 model's projections are). At K = 512 and 12 rows
-  // CUDA takes cuBLASLt for an FP8 target and cuBLAS for the others, and matmul_many converts x once
-  // a form for them (quantized, rounded): each product must still read its own form.
+  // BF16; block-scaled FP8 beside BF16, as an FP8 model's projections are). (CUDA's tensor-core
+  // products, where matmul_many converts x once a form, are CudaBf16Products' test of many targets.)
   enum Mix { kSame, kF32, kFp8 };
   for (int64_t K : {64, 70, 512})
     for (Mix mixed : {kSame, kF32, kFp8})

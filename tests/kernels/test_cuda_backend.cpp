@@ -272,10 +272,13 @@ TEST(CudaBackend, Fp8GroupedExpertsOnTheFp8TensorCoresEqualTheProductsOfQuantize
   // item), 2 of h (fewer). The tiles take one consumer warpgroup (64 rows) for each 64 of a group's
   // mean rows, up to 3: with 33 one (the group of 100 in two tiles), with 67.5 two (150 rows in
   // two tiles, the second's 22 rows leaving a warpgroup idle; 100 rows: the second warpgroup 36),
-  // with 133 three (230 rows: 192 + 38; 150: the third warpgroup 22 rows; 20: two idle).
+  // with 133 three (230 rows: 192 + 38; 150: the third warpgroup 22 rows; 20: two idle). Groups of
+  // at most 8 rows take the small tiles (the 5 rows of the first case; the last case's 3, 8, 1 and
+  // 8), which read the rows the large tiles' pass quantized.
   for (const std::vector<int32_t>& offsets : {std::vector<int32_t>{0, 100, 140, 145, 145, 165},
                                               std::vector<int32_t>{0, 150, 170, 270, 270},
-                                              std::vector<int32_t>{0, 230, 380, 400}}) {
+                                              std::vector<int32_t>{0, 230, 380, 400},
+                                              std::vector<int32_t>{0, 3, 11, 12, 20, 120}}) {
     SCOPED_TRACE(testing::Message() << offsets.back() << " rows in " << offsets.size() - 1 << " groups");
     expect_grouped_experts_equal_rounded_products(DType::F8_E4M3_B128, 768, 256, "moe_experts (FP8 tensor cores)",
                                                   /*quantized=*/true, offsets);
@@ -456,16 +459,16 @@ TEST_P(CudaBf16Products, AttentionReadsBf16Caches) {
 // states' are not printed); a wrong fragment or chunk would be O(1).
 TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsMatchesTheRecurrence) { check_deltanet_at_qwen_head_dims(1e-2); }
 
-// Few rows (decode, 3 - 8) of block-scaled FP8 weights on the FP8 tensor cores: x quantized per row
+// Few rows (decode, 3 - 32) of block-scaled FP8 weights on the FP8 tensor cores: x quantized per row
 // and 128-block of k (amax / 448, nearest e4m3; the division in float, as the kernel does it), fp32
 // sums of the exact e4m3 products, each block's sum times its two scales. Reference in double from
 // the same quantized x and the stored weights: what is left is fp32 accumulation. N crosses a
 // 128-row block and ends inside a 16-row slice; K covers one, three and sixteen 128-blocks (four
-// warps with uneven shares, some with none).
+// warps with uneven shares, some with none); T one, two and four tiles of 8 x rows, whole and not.
 TEST_P(CudaBf16Products, FewRowFp8ProductsMultiplyTheQuantizedRows) {
   const int64_t N = 200;
   for (const int64_t K : {128, 384, 2048})
-    for (const int64_t T : {3, 5, 8}) {  // (1 - 2 rows take the CUDA cores' few-row kernels)
+    for (const int64_t T : {3, 5, 8, 9, 16, 17, 32}) {  // (1 - 2 rows take the CUDA cores' few-row kernels)
       SCOPED_TRACE("K=" + std::to_string(K) + " T=" + std::to_string(T));
       const BlockScaledHost wq = block_scaled_host(randn(size_t(N * K), 80, 0.2f), N, K);
       const std::vector<float> xv = randn(size_t(T * K), 81 + uint32_t(T));
@@ -489,13 +492,14 @@ TEST_P(CudaBf16Products, FewRowFp8ProductsMultiplyTheQuantizedRows) {
     }
 }
 
-// Few rows (3 - 8) of bf16 weights on the bf16 tensor cores: x rounded to bf16 (as the many-row
+// Few rows (3 - 32) of bf16 weights on the bf16 tensor cores: x rounded to bf16 (as the many-row
 // path's cuBLAS products take it), fp32 sums. Reference in double from the rounded x and the
-// weights; K of one 32-k step (three warps with none), three (uneven shares) and 64.
+// weights; K of one 32-k step (three warps with none), three (uneven shares) and 64; T one, two
+// and four tiles of 8 x rows, whole and not.
 TEST_P(CudaBf16Products, FewRowBf16ProductsMultiplyTheRoundedRows) {
   const int64_t N = 200;
   for (const int64_t K : {32, 96, 2048})
-    for (const int64_t T : {3, 5, 8}) {
+    for (const int64_t T : {3, 5, 8, 12, 16, 25, 32}) {
       SCOPED_TRACE("K=" + std::to_string(K) + " T=" + std::to_string(T));
       const std::vector<float> wv = randn(size_t(N * K), 84, 0.2f), xv = randn(size_t(T * K), 85 + uint32_t(T));
       const Tensor x = f32(xv, {T, K}), w = weight(wv, {N, K}, DType::BF16);
@@ -510,12 +514,14 @@ TEST_P(CudaBf16Products, FewRowBf16ProductsMultiplyTheRoundedRows) {
     }
 }
 
-// The same paths through matmul_many (FP8 beside bf16 targets: one launch) and swiglu_down
-// (silu(gate) * up quantized or rounded, the row gate at the store) give what matmul and the
-// composed ops give, bit for bit.
-TEST_P(CudaBf16Products, FewRowTensorCoreProductsOfManyTargetsAndSwigluEqualTheirParts) {
+// The same paths through matmul_many (FP8 beside bf16 targets: one launch to 32 rows) and
+// swiglu_down (silu(gate) * up quantized or rounded, the row gate at the store) give what matmul
+// and the composed ops give, bit for bit. At 40 rows matmul_many makes one product a target and
+// converts x once a form: cuBLASLt's quantized x (the FP8 target of 48 rows), then the bf16 x that
+// the FP8 target of 200 rows (dequantized for cuBLAS) rounds and the bf16 targets reuse.
+TEST_P(CudaBf16Products, TensorCoreProductsOfManyTargetsAndSwigluEqualTheirParts) {
   const int64_t K = 512;
-  for (const int64_t T : {1, 3, 8}) {
+  for (const int64_t T : {1, 3, 8, 13, 32, 40}) {
     SCOPED_TRACE("T=" + std::to_string(T));
     const std::vector<int64_t> Ns{48, 130, 1, 200};
     std::vector<Tensor> w, y, each;

@@ -18,8 +18,8 @@
 // the many-rows path goes to the tensor cores instead: BF16 and F16 weights on cuBLAS, x rounded to
 // the weights' 16-bit type; block-scaled FP8 on the FP8 tensor cores (cuBLASLt, x quantized per
 // 128-block of k) where the shapes allow, else dequantized to bf16 for cuBLAS; fp32 accumulation
-// and output (what vLLM and SGLang compute). Few rows from 3 take the tensor cores too for BF16
-// and block-scaled FP8 weights (mma.sync, 16 weight rows a block; below).
+// and output (what vLLM and SGLang compute). From 3 to 32 rows BF16 and block-scaled FP8 weights
+// take the tensor cores on a few-row path of their own (mma.sync, 16 weight rows a block; below).
 // Both have a vectorised form (rows aligned for vector loads: K a multiple of 16 bytes in the
 // few-rows kernel, of 4 elements in the GEMM) and an element-wise form for any K or alignment.
 #include <cublasLt.h>
@@ -45,6 +45,7 @@ using cuda::check_launch;
 using cuda::expect_device;
 using cuda::launch;
 using cuda::load4_after_wait;
+using cuda::load_u4_after_wait;
 using cuda::load_after_wait;
 using cuda::bf16_pair;
 using cuda::mma_bf16;
@@ -346,7 +347,7 @@ void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRow
 }
 
 // ============================================================================================
-// Few rows (3 - 8) on the tensor cores: block-scaled FP8 and bf16 weights
+// Few rows (3 - 32) on the tensor cores: block-scaled FP8 and bf16 weights
 // ============================================================================================
 // At 3 - 8 x rows the CUDA-core few-row kernels spend their time issuing the per-element work (FP8
 // widened, scaled and multiplied with every x row: 0.6 TB/s for DeltaNet's projections at 8 rows,
@@ -355,7 +356,8 @@ void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRow
 // in load order, x's fragments taken in the same order), so nothing is unpacked or scaled per
 // weight. A block takes 16 weight rows of one target, its 4 warps a quarter of K each, summed in a
 // fixed order through shared memory; the first weights are asked for before the wait for the
-// kernel before.
+// kernel before. From 9 rows each weight fragment feeds 2 or 4 MMAs (NT tiles of 8 x rows): at 32
+// rows cuBLASLt's 128 x 128 tiles read an FP8 weight at ~517 GB/s (docs/perf.md, session 30).
 //   block-scaled FP8 (m16n8k32 e4m3): x is quantized once a product (per row and 128-block of k,
 //     amax / 448, nearest e4m3: what the many-row path, vLLM and SGLang multiply) by its own small
 //     kernel; each 128-block's fp32 sum times the two scales. (Session 12 tried this with every
@@ -369,12 +371,7 @@ constexpr int kMmaWarps = 4;           // warps a block, each a quarter of K
 constexpr int kF8BlocksInFlight = 2;
 constexpr int kBf16StepsInFlight = 4;  // 32-k steps of bf16 loads a warp issues together (the same bytes)
 constexpr int kMmaMinRows = 3;         // fewer x rows: the CUDA-core kernels (their work a weight byte is small)
-
-__device__ __forceinline__ uint4 load_u4_after_wait(const void* p) {
-  uint4 v;
-  asm volatile("ld.global.v4.u32 {%0, %1, %2, %3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
+constexpr int kMmaRowsMax = 32;        // x rows: up to 4 tiles of 8 a weight fragment (172 registers at 4)
 
 // Block i's 16 rows: item i of the targets in order (warps_end counting items), selected without
 // indexing the parameters dynamically.
@@ -393,27 +390,37 @@ __device__ __forceinline__ RowsItem rows_item(const FewRowsTargets& tg, int64_t 
   return it;
 }
 
-// The block's 4 warps' sums (acc: rows g, g, g + 8, g + 8; tokens 2 tq, 2 tq + 1) added in a fixed
-// order and stored, times sigmoid(row_gate[t]) where row_gate is not null.
-__device__ __forceinline__ void store_rows_sums(const float (&acc)[4], const RowsItem& it, int T,
+// The block's 4 warps' sums (acc[j]: rows g, g, g + 8, g + 8; tokens 8 j + 2 tq, 8 j + 2 tq + 1)
+// added in a fixed order and stored, times sigmoid(row_gate[t]) where row_gate is not null.
+template <int NT>
+__device__ __forceinline__ void store_rows_sums(const float (&acc)[NT][4], const RowsItem& it, int T,
                                                 const float* row_gate) {
-  __shared__ float sums[kMmaWarps][kMmaRows][8];
+  __shared__ float sums[kMmaWarps][kMmaRows][8 * NT + 1];  // + 1: a row's readers on distinct banks
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
-  sums[warp][g][2 * tq] = acc[0], sums[warp][g][2 * tq + 1] = acc[1];
-  sums[warp][g + 8][2 * tq] = acc[2], sums[warp][g + 8][2 * tq + 1] = acc[3];
-  __syncthreads();
-  const int row = int(threadIdx.x) / 8, t = int(threadIdx.x) % 8;  // 128 threads: 16 rows x 8 tokens
-  if (t < T && it.n0 + row < it.N) {
-    float v = 0.f;
 #pragma unroll
-    for (int q = 0; q < kMmaWarps; ++q) v += sums[q][row][t];
-    if (row_gate) v *= sigmoidf_(load_after_wait(row_gate + t));
-    it.y[t * it.ldy + it.n0 + row] = v;
+  for (int j = 0; j < NT; ++j) {
+    sums[warp][g][8 * j + 2 * tq] = acc[j][0], sums[warp][g][8 * j + 2 * tq + 1] = acc[j][1];
+    sums[warp][g + 8][8 * j + 2 * tq] = acc[j][2], sums[warp][g + 8][8 * j + 2 * tq + 1] = acc[j][3];
+  }
+  __syncthreads();
+  // 128 threads: 16 rows (consecutive threads, consecutive y) x 8 tokens a pass
+  const int row = int(threadIdx.x) % kMmaRows;
+#pragma unroll
+  for (int j = 0; j < NT; ++j) {
+    const int t = 8 * j + int(threadIdx.x) / kMmaRows;
+    if (t < T && it.n0 + row < it.N) {
+      float v = 0.f;
+#pragma unroll
+      for (int q = 0; q < kMmaWarps; ++q) v += sums[q][row][t];
+      if (row_gate) v *= sigmoidf_(load_after_wait(row_gate + t));
+      it.y[t * it.ldy + it.n0 + row] = v;
+    }
   }
 }
 
 // Block-scaled FP8 weights, the block's item `it`: xq [T, K] e4m3, xs [K / 128, T]: x quantized
-// (quantize_rows_b128). row_gate (if not null): y[t, :] times sigmoid(row_gate[t]).
+// (quantize_rows_b128), NT tiles of 8 rows. row_gate (if not null): y[t, :] times sigmoid(row_gate[t]).
+template <int NT>
 __device__ __forceinline__ void fp8_rows_item(const uint8_t* xq, const float* xs, int T,
                                               int64_t K, const RowsItem& it, const float* row_gate) {
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
@@ -438,42 +445,46 @@ __device__ __forceinline__ void fp8_rows_item(const uint8_t* xq, const float* xs
   };
   issue(b0);
   wait_for_prior_kernels();  // x's quantization has finished
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows g, g, g + 8, g + 8; tokens 2 tq, 2 tq + 1
+  float acc[NT][4] = {};  // tile j: rows g, g, g + 8, g + 8; tokens 8 j + 2 tq, 8 j + 2 tq + 1
   for (int64_t bb = b0; bb < b1; bb += kF8BlocksInFlight) {
     if (bb != b0) issue(bb);
-    uint4 xb[kF8BlocksInFlight][2];
-#pragma unroll
-    for (int q = 0; q < kF8BlocksInFlight; ++q)
-#pragma unroll
-      for (int h = 0; h < 2; ++h)
-        xb[q][h] = g < T && bb + q < b1 ? load_u4_after_wait(xq + g * K + (bb + q) * kScaleBlock + h * 64 + tq * 16)
-                                        : make_uint4(0, 0, 0, 0);
 #pragma unroll
     for (int q = 0; q < kF8BlocksInFlight; ++q) {
       if (bb + q >= b1) break;
-      float d[4] = {0.f, 0.f, 0.f, 0.f};
+      uint4 xb[NT][2];  // x row 8 j + g at the lane's k of each 64-k half
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const uint4& r = a[q][h][0];
-        const uint4& r8 = a[q][h][1];
-        mma_e4m3(d, r.x, r8.x, r.y, r8.y, xb[q][h].x, xb[q][h].y);
-        mma_e4m3(d, r.z, r8.z, r.w, r8.w, xb[q][h].z, xb[q][h].w);
-      }
+      for (int j = 0; j < NT; ++j)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          xb[j][h] = 8 * j + g < T ? load_u4_after_wait(xq + (8 * j + g) * K + (bb + q) * kScaleBlock + h * 64 + tq * 16)
+                                   : make_uint4(0, 0, 0, 0);
       const float sw = __ldg(ws + bb + q);
-      const float s0 = 2 * tq < T ? sw * load_after_wait(xs + (bb + q) * T + 2 * tq) : 0.f;
-      const float s1 = 2 * tq + 1 < T ? sw * load_after_wait(xs + (bb + q) * T + 2 * tq + 1) : 0.f;
-      acc[0] = fmaf(d[0], s0, acc[0]);
-      acc[1] = fmaf(d[1], s1, acc[1]);
-      acc[2] = fmaf(d[2], s0, acc[2]);
-      acc[3] = fmaf(d[3], s1, acc[3]);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        float d[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const uint4& r = a[q][h][0];
+          const uint4& r8 = a[q][h][1];
+          mma_e4m3(d, r.x, r8.x, r.y, r8.y, xb[j][h].x, xb[j][h].y);
+          mma_e4m3(d, r.z, r8.z, r.w, r8.w, xb[j][h].z, xb[j][h].w);
+        }
+        const int t0 = 8 * j + 2 * tq;
+        const float s0 = t0 < T ? sw * load_after_wait(xs + (bb + q) * T + t0) : 0.f;
+        const float s1 = t0 + 1 < T ? sw * load_after_wait(xs + (bb + q) * T + t0 + 1) : 0.f;
+        acc[j][0] = fmaf(d[0], s0, acc[j][0]);
+        acc[j][1] = fmaf(d[1], s1, acc[j][1]);
+        acc[j][2] = fmaf(d[2], s0, acc[j][2]);
+        acc[j][3] = fmaf(d[3], s1, acc[j][3]);
+      }
     }
   }
-  store_rows_sums(acc, it, T, row_gate);
+  store_rows_sums<NT>(acc, it, T, row_gate);
 }
 
-// bf16 weights: x [T, ldx] rows (SWIGLU: silu(x) * up) rounded to bf16 as they are loaded; K a
-// multiple of 32 (a step: 4 lanes x 8 k).
-template <bool SWIGLU>
+// bf16 weights: x [T, ldx] rows (SWIGLU: silu(x) * up) rounded to bf16 as they are loaded, NT
+// tiles of 8 rows; K a multiple of 32 (a step: 4 lanes x 8 k).
+template <bool SWIGLU, int NT>
 __device__ __forceinline__ void bf16_rows_item(const float* x, const float* up, int64_t ldx,
                                                int T, int64_t K, const RowsItem& it,
                                                const float* row_gate) {
@@ -497,47 +508,57 @@ __device__ __forceinline__ void bf16_rows_item(const float* x, const float* up, 
   };
   issue(s0);
   wait_for_prior_kernels();  // x was written by the kernel before
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows g, g, g + 8, g + 8; tokens 2 tq, 2 tq + 1
+  float acc[NT][4] = {};  // tile j: rows g, g, g + 8, g + 8; tokens 8 j + 2 tq, 8 j + 2 tq + 1
   for (int64_t ss = s0; ss < s1; ss += U) {
     if (ss != s0) issue(ss);
 #pragma unroll
     for (int u = 0; u < U; ++u) {
       if (ss + u >= s1) break;
-      uint32_t b[4] = {0u, 0u, 0u, 0u};  // x row g at the lane's 8 k, as bf16 pairs
-      if (g < T) {
-        float xv[8];
-        load_x<SWIGLU>(x, up, g * ldx + (ss + u) * 32 + tq * 8, xv);
-#pragma unroll
-        for (int i = 0; i < 4; ++i) b[i] = bf16_pair(xv[2 * i], xv[2 * i + 1]);
-      }
       const uint4& r = a[u][0];
       const uint4& r8 = a[u][1];
-      mma_bf16(acc, {r.x, r8.x, r.y, r8.y}, b[0], b[1]);
-      mma_bf16(acc, {r.z, r8.z, r.w, r8.w}, b[2], b[3]);
+#pragma unroll
+      for (int j = 0; j < NT; ++j) {
+        uint32_t b[4] = {0u, 0u, 0u, 0u};  // x row 8 j + g at the lane's 8 k, as bf16 pairs
+        if (8 * j + g < T) {
+          float xv[8];
+          load_x<SWIGLU>(x, up, (8 * j + g) * ldx + (ss + u) * 32 + tq * 8, xv);
+#pragma unroll
+          for (int i = 0; i < 4; ++i) b[i] = bf16_pair(xv[2 * i], xv[2 * i + 1]);
+        }
+        mma_bf16(acc[j], {r.x, r8.x, r.y, r8.y}, b[0], b[1]);
+        mma_bf16(acc[j], {r.z, r8.z, r.w, r8.w}, b[2], b[3]);
+      }
     }
   }
-  store_rows_sums(acc, it, T, row_gate);
+  store_rows_sums<NT>(acc, it, T, row_gate);
 }
 
 // Block i: item i of the FP8 targets (x quantized in xq, xs), then of the bf16 ones (x itself): an
 // FP8 model's products of one input in one launch. Where x was quantized by the kernel before, x
 // itself was written before that one. F8 / B16: whether there are targets of each kind (a kernel
-// for one kind alone keeps that kind's registers: 82-92 for bf16, 118 for FP8 or both).
-template <bool SWIGLU, bool F8, bool B16>
+// for one kind alone keeps that kind's registers). NT: tiles of 8 x rows (1, 2 or 4).
+template <bool SWIGLU, bool F8, bool B16, int NT>
 __global__ void __launch_bounds__(kMmaWarps * 32)
     mma_rows_kernel(const uint8_t* xq, const float* xs, const float* x, const float* up, int T, int64_t K,
                     FewRowsTargets f8, unsigned f8_items, FewRowsTargets b16, const float* row_gate) {
-  if (F8 && (!B16 || blockIdx.x < f8_items)) fp8_rows_item(xq, xs, T, K, rows_item(f8, blockIdx.x), row_gate);
-  else if constexpr (B16) bf16_rows_item<SWIGLU>(x, up, K, T, K, rows_item(b16, blockIdx.x - f8_items), row_gate);
+  if (F8 && (!B16 || blockIdx.x < f8_items)) fp8_rows_item<NT>(xq, xs, T, K, rows_item(f8, blockIdx.x), row_gate);
+  else if constexpr (B16)
+    bf16_rows_item<SWIGLU, NT>(x, up, K, T, K, rows_item(b16, blockIdx.x - f8_items), row_gate);
 }
 
-// Whether the tensor-core few-row paths take a product of T x rows and K: block-scaled FP8 where K
-// is whole 128-blocks, bf16 where it is whole 32-k steps; x rows 16-byte aligned.
+// Whether the tensor-core few-row paths take a product of T x rows, K and N: block-scaled FP8 where
+// K is whole 128-blocks, bf16 where it is whole 32-k steps; x rows 16-byte aligned. A block reads
+// the T x rows for its 16 weight rows: FP8's quantized x is T / 16 bytes a weight byte, bf16's fp32 x
+// T / 8. So bf16 products of more than 8 rows take this path only where the weights are few (an FP8
+// model's router, DeltaNet a / b and gates: one launch with the FP8 targets); a wide one (the
+// lm_head) stays on cuBLAS (2.7 TB/s at 32 rows on an H100, docs/perf.md).
+constexpr int64_t kBf16RowsWideN = 1024;
 bool fp8_rows_fit(int64_t T, int64_t K, const void* x) {
-  return T >= kMmaMinRows && T <= kFewRowsMax && K > 0 && K % kScaleBlock == 0 && aligned(x, 16);
+  return T >= kMmaMinRows && T <= kMmaRowsMax && K > 0 && K % kScaleBlock == 0 && aligned(x, 16);
 }
-bool bf16_rows_fit(int64_t T, int64_t K, const void* x) {
-  return T >= kMmaMinRows && T <= kFewRowsMax && K > 0 && K % 32 == 0 && aligned(x, 16);
+bool bf16_rows_fit(int64_t T, int64_t K, int64_t N, const void* x) {
+  return T >= kMmaMinRows && (T <= kFewRowsMax || (T <= kMmaRowsMax && N <= kBf16RowsWideN)) && K > 0 &&
+         K % 32 == 0 && aligned(x, 16);
 }
 size_t fp8_rows_scratch(int64_t T, int64_t K) { return size_t(T * K) + size_t(T * (K / kScaleBlock)) * 4; }
 
@@ -561,13 +582,19 @@ void launch_mma_rows(const float* x, int T, int64_t K, FewRowsTargets f8, FewRow
     check_launch("matmul: quantizing x to FP8");
   }
   const unsigned f8_items = rows_items(f8), items = f8_items + rows_items(b16);
-  const auto run = [&](auto kernel) {
-    launch(kernel, items, kMmaWarps * 32, 0, stream, xq, xs, x, up, T, K, f8, f8_items, b16, row_gate);
+  const auto tiles = [&](auto nt) {
+    constexpr int NT = decltype(nt)::value;
+    const auto run = [&](auto kernel) {
+      launch(kernel, items, kMmaWarps * 32, 0, stream, xq, xs, x, up, T, K, f8, f8_items, b16, row_gate);
+    };
+    // (FP8's silu(x) * up is formed by the quantization; swiglu_down has one target.)
+    if (b16.count == 0) run(mma_rows_kernel<false, true, false, NT>);
+    else if (f8.count == 0) run(up ? mma_rows_kernel<true, false, true, NT> : mma_rows_kernel<false, false, true, NT>);
+    else run(mma_rows_kernel<false, true, true, NT>);
   };
-  // (FP8's silu(x) * up is formed by the quantization; swiglu_down has one target.)
-  if (b16.count == 0) run(mma_rows_kernel<false, true, false>);
-  else if (f8.count == 0) run(up ? mma_rows_kernel<true, false, true> : mma_rows_kernel<false, false, true>);
-  else run(mma_rows_kernel<false, true, true>);
+  if (T <= 8) tiles(std::integral_constant<int, 1>{});
+  else if (T <= 16) tiles(std::integral_constant<int, 2>{});
+  else tiles(std::integral_constant<int, 4>{});
 }
 
 // ============================================================================================
@@ -1138,7 +1165,7 @@ CudaOps::XForm CudaOps::matmul_with(const Tensor& x, const Tensor& w, Tensor& y,
     check_launch("matmul");
     return XForm::none;
   }
-  if (bf16_matmul_ && w.dtype() == DType::BF16 && device_.bf16_mma() && bf16_rows_fit(T, K, x.raw()) &&
+  if (bf16_matmul_ && w.dtype() == DType::BF16 && device_.bf16_mma() && bf16_rows_fit(T, K, N, x.raw()) &&
       aligned(w.raw(), 16)) {
     timed.op = "matmul gemv (bf16 tensor cores)";
     launch_mma_rows(cuda::f32(x), int(T), K, {}, one, nullptr, stream_);
@@ -1179,21 +1206,21 @@ CudaOps::XForm CudaOps::matmul_with(const Tensor& x, const Tensor& w, Tensor& y,
 void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const Tensor& row_gate, Tensor& out) {
   const auto [T, K, N] = check_swiglu_down(gate, up, w, row_gate, out);
   const DType wdt = w.dtype();
-  const bool few = T >= 1 && T <= kFewRowsMax && K > 0 && N > 0 &&
-                   (wdt == DType::F32 || wdt == DType::BF16 || wdt == DType::F8_E4M3_B128);
+  const bool shaped = T >= 1 && K > 0 && N > 0;
+  const bool few = shaped && T <= kFewRowsMax && (wdt == DType::F32 || wdt == DType::BF16 || wdt == DType::F8_E4M3_B128);
   const bool fused = few && T <= kSwigluFusedRowsMax;
-  if (!few) {
+  const bool scaled = wdt == DType::F8_E4M3_B128;
+  // 3 - 32 rows of block-scaled FP8 or bf16 (bf16_rows_fit) on the tensor cores: silu(gate) * up
+  // formed as x is quantized (FP8) or loaded (bf16).
+  const bool mma_in = shaped && !fused && bf16_matmul_ && aligned(up.raw(), 16) && aligned(w.raw(), 16);
+  const bool f8_mma = mma_in && scaled && device_.fp8_mma() && fp8_rows_fit(T, K, gate.raw());
+  const bool b16_mma = mma_in && wdt == DType::BF16 && device_.bf16_mma() && bf16_rows_fit(T, K, N, gate.raw());
+  if (!few && !f8_mma && !b16_mma) {
     silu_mul(gate, up, gate);
     matmul(gate, w, out);
     if (row_gate.defined()) scale_rows_sigmoid(out, row_gate);
     return;
   }
-  const bool scaled = wdt == DType::F8_E4M3_B128;
-  // 3 - 8 rows of block-scaled FP8 or bf16 on the tensor cores: silu(gate) * up formed as x is
-  // quantized (FP8) or loaded (bf16).
-  const bool mma_in = few && !fused && bf16_matmul_ && aligned(up.raw(), 16) && aligned(w.raw(), 16);
-  const bool f8_mma = mma_in && scaled && device_.fp8_mma() && fp8_rows_fit(T, K, gate.raw());
-  const bool b16_mma = mma_in && wdt == DType::BF16 && device_.bf16_mma() && bf16_rows_fit(T, K, gate.raw());
   if (!fused && !f8_mma && !b16_mma) silu_mul(gate, up, gate);
   auto timed = time_op(fused    ? "swiglu_down gemv"
                        : f8_mma  ? "swiglu_down gemv (FP8 tensor cores)"
@@ -1232,14 +1259,22 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
 void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) {
   check_matmul_many(w, y);
   // One launch for the few-rows products of one weight dtype, or of block-scaled FP8 beside bf16
-  // (an FP8 model's unquantized projections); otherwise one matmul each.
-  bool one = !w.empty() && w.size() <= size_t(kFewTargetsMax) && x.rank() == 2 && x.dim(0) <= kFewRowsMax;
-  bool same = true, fp8_bf16 = true;
+  // (an FP8 model's unquantized projections): to 8 rows on either few-row path, to 32 where every
+  // target takes the tensor cores (bf16_rows_fit: an FP8 model's projections with its router,
+  // DeltaNet a/b and shared expert gate in one launch); otherwise one matmul each.
+  bool one = !w.empty() && w.size() <= size_t(kFewTargetsMax) && x.rank() == 2 && x.dim(0) <= kMmaRowsMax;
+  bool same = true, fp8_bf16 = true, mma = one && bf16_matmul_;
   for (size_t i = 0; one && i < w.size(); ++i) {
-    same = same && w[i].dtype() == w[0].dtype();
-    fp8_bf16 = fp8_bf16 && (w[i].dtype() == DType::F8_E4M3_B128 || w[i].dtype() == DType::BF16);
+    const auto [T, K, N] = check_matmul(x, w[i], y[i]);
+    const DType dt = w[i].dtype();
+    same = same && dt == w[0].dtype();
+    fp8_bf16 = fp8_bf16 && (dt == DType::F8_E4M3_B128 || dt == DType::BF16);
+    mma = mma && aligned(w[i].raw(), 16) &&
+          (dt == DType::F8_E4M3_B128 ? device_.fp8_mma() && fp8_rows_fit(T, K, x.raw())
+           : dt == DType::BF16       ? device_.bf16_mma() && bf16_rows_fit(T, K, N, x.raw())
+                                     : false);
   }
-  one = one && (same || fp8_bf16);
+  one = one && (same || fp8_bf16) && (mma || x.dim(0) <= kFewRowsMax);
   if (!one || x.dim(0) == 0 || x.dim(1) == 0) {
     // One product each. Products of many rows convert x for the tensor cores (quantized for
     // cuBLASLt, rounded for cuBLAS): the block-scaled FP8 targets first, then the others, so that
@@ -1276,20 +1311,13 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
                             scaled ? cuda::f32(w[i].scales()) : nullptr, !same && w[i].dtype() == DType::BF16};
   }
   expect_device("matmul", "x", x);
-  // 3 - 8 rows on the tensor cores: the block-scaled FP8 targets and the bf16 ones (an FP8 model's
-  // router, DeltaNet a/b, shared expert gate; a bf16 model's projections) in one launch.
-  bool mma = bf16_matmul_;
-  FewRowsTargets f8{}, b16{};
-  for (int q = 0; q < tg.count && mma; ++q) {
-    const DType dt = w[size_t(q)].dtype();
-    mma = aligned(tg.t[q].w, 16) && (dt == DType::F8_E4M3_B128 ? device_.fp8_mma() && fp8_rows_fit(T, K, x.raw())
-                                     : dt == DType::BF16       ? device_.bf16_mma() && bf16_rows_fit(T, K, x.raw())
-                                                               : false);
-    FewRowsTargets& to = dt == DType::F8_E4M3_B128 ? f8 : b16;
-    to.t[to.count] = tg.t[q];
-    to.t[to.count++].alt = false;
-  }
   if (mma) {
+    FewRowsTargets f8{}, b16{};
+    for (int q = 0; q < tg.count; ++q) {
+      FewRowsTargets& to = w[size_t(q)].dtype() == DType::F8_E4M3_B128 ? f8 : b16;
+      to.t[to.count] = tg.t[q];
+      to.t[to.count++].alt = false;
+    }
     timed.op = "matmul gemv (tensor cores)";
     launch_mma_rows(cuda::f32(x), int(T), K, f8, b16, f8.count > 0 ? scratch_->bytes(fp8_rows_scratch(T, K)) : nullptr,
                     stream_);
