@@ -66,9 +66,9 @@ using cuda::check_launch;
 using cuda::expect_device;
 using cuda::launch;
 using cuda::load4_after_wait;
+using cuda::load_u4_after_wait;
 using cuda::load_after_wait;
 using cuda::mma_e4m3;
-using cuda::quantize_b128;
 using cuda::silu_;
 using cuda::wait_for_prior_kernels;
 using cuda::cp_async16;
@@ -997,19 +997,18 @@ __global__ void __launch_bounds__(kSmallThreads) experts_small_kernel(ExpertsArg
 // as B's 8 columns, fp32 sums, each 128-block's sum times the weight block's scale and the row's.
 // An item is output features of a tile: with GU 16 rows of gate and of up (h = silu(gate x) *
 // up x of those features), the 4 warps splitting K in whole 128-blocks and adding their sums in a
-// fixed order; else 64 rows of down, 16 a warp over all of K. The tile's input rows (x rows by
-// perm, or its h rows) are quantized per row and 128-block (amax / 448, as the large tiles take
-// them) into shared memory while the item's first weights are on their way. A lane's 16-byte load of a weight row feeds two MMAs as it
-// came from memory: k is numbered in the order the loads bring it, and x's fragments (16 bytes
-// of shared memory a lane) follow the same order, so nothing is unpacked, converted or scaled per
-// element.
+// fixed order; else 64 rows of down, 16 a warp over all of K. The tile's input rows are read as the
+// large tiles' pass quantized them (x rows by perm from xq, its h rows from hq: per row and
+// 128-block, once a pass; each item quantizing its tile's rows again read as many bytes from L2 as
+// its weights from memory, docs/perf.md). A lane's 16-byte load of a weight row feeds two MMAs as
+// it came from memory: k is numbered in the order the loads bring it, and x's fragments (16 bytes a
+// lane) follow the same order, so nothing is unpacked, converted or scaled per element.
 constexpr int kF8SmallWarps = 4;
 constexpr int kF8SmallRows = 16;  // output features a warp (the MMA's M)
 // Output features an item: gate/up's 4 warps split K (H) over the same 16 features; down's each
 // take 16 features over all of K (an expert's intermediate size, 4 blocks of 128 at the 80B shape),
-// so that an item's prologue (tile rows, h quantized into shared memory) serves 32 KB of weights,
-// not 8 (80B FP8, batch 32: with 16 features an item down streamed at half gate/up's rate a byte;
-// 64: 949 -> 1,171 tok/s).
+// so that an item's tile lookups serve 32 KB of weights, not 8 (80B FP8, batch 32: with 16 features
+// an item down streamed at half gate/up's rate a byte; 64: 949 -> 1,171 tok/s).
 template <bool GU>
 constexpr int f8_small_item_rows() {
   return GU ? kF8SmallRows : kF8SmallRows * kF8SmallWarps;
@@ -1018,19 +1017,28 @@ template <bool GU>
 constexpr int f8_small_in_flight() {  // 128-blocks of k whose loads a warp issues together: 64 registers
   return GU ? 2 : 4;
 }
-// Shared memory: the tile's rows quantized [8, K] e4m3, their scales [8, K / 128], the sums.
-constexpr int64_t experts_fp8_small_smem(int64_t K) {
-  return kSmallRows * K + kSmallRows * (K / kScaleBlock) * 4 + kF8SmallWarps * 2 * kF8SmallRows * 8 * 4;
+
+// The quantized row of tile row r (-1 where r is past the tile or its perm entry is bad): GU an x
+// row by perm (tile_row), else the tile's own h row. `reports`: this lane reports a bad entry.
+template <bool GU>
+__device__ __forceinline__ int64_t f8_small_source(const ExpertsArgs& a, int j0, int rows, int r, bool reports,
+                                                   int64_t& dst) {
+  dst = -1;
+  if (r >= rows) return -1;
+  int64_t src;
+  tile_row(a, int64_t(j0) + r, reports, src, dst);
+  return GU ? src : (dst >= 0 ? int64_t(j0) + r : -1);
 }
-constexpr int64_t kF8SmallSmemMax = 48 * 1024;  // the default limit of dynamic shared memory
 
 template <bool GU>
 __global__ void __launch_bounds__(kF8SmallWarps * 32) experts_fp8_small_kernel(ExpertsArgs a) {
   constexpr int NM = GU ? 2 : 1, NB = f8_small_in_flight<GU>();
-  extern __shared__ __align__(16) uint8_t smem[];
-  __shared__ int64_t src[kSmallRows], dst[kSmallRows];
+  __shared__ float sums[GU ? kF8SmallWarps * NM * kF8SmallRows * 8 : 1];
   const int lane = int(threadIdx.x) & 31, warp = int(threadIdx.x) / 32, g = lane / 4, tq = lane % 4;
   wait_for_prior_kernels();
+  const uint8_t* q_rows = GU ? a.xq : a.hq;
+  const float* q_scales = GU ? a.xs : a.hs;
+  const int64_t ld = GU ? a.H : a.ldh, scale_rows = GU ? a.M : a.Np;  // (scales [ld / 128, scale_rows])
   const int64_t items = int64_t(*a.ntiles) * a.fblocks;
   for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {  // (block-uniform)
     const int4 tile = a.tiles[item / a.fblocks];
@@ -1068,21 +1076,13 @@ __global__ void __launch_bounds__(kF8SmallWarps * 32) experts_fp8_small_kernel(E
             }
     };
     issue(b0);
-    uint8_t* xq = smem;
-    float* xs = reinterpret_cast<float*>(smem + kSmallRows * K);
-    float* sums = xs + kSmallRows * KB;
-    __syncthreads();  // the previous item's readers of src, dst and the shared rows are done
-    tile_rows(a, tile.y, rows, kSmallRows, src, dst);
-    __syncthreads();
-    for (int64_t p = warp; p < rows * KB; p += kF8SmallWarps) {
-      const int64_t r = p / KB, k = (p % KB) * kScaleBlock + lane * 4;
-      const float* in = GU ? (src[r] >= 0 ? a.x + src[r] * a.H : nullptr) : a.h + (int64_t(tile.y) + r) * a.ldh;
-      const float4 v = in ? load4_after_wait(in + k) : make_float4(0.f, 0.f, 0.f, 0.f);
-      float sc;
-      *reinterpret_cast<uint32_t*>(xq + r * K + k) = quantize_b128(v, sc);
-      if (lane == 0) xs[r * KB + p % KB] = sc;
-    }
-    __syncthreads();
+    // The lane's B column (tile row g) and its two accumulator columns (tile rows 2 tq, 2 tq + 1);
+    // the first warp's lanes of tq 0 report a bad perm entry (each row once).
+    int64_t dst_g, dst0, dst1;
+    const int64_t src_g = f8_small_source<GU>(a, tile.y, rows, g, warp == 0 && tq == 0, dst_g);
+    const int64_t src0 = f8_small_source<GU>(a, tile.y, rows, 2 * tq, false, dst0);
+    const int64_t src1 = f8_small_source<GU>(a, tile.y, rows, 2 * tq + 1, false, dst1);
+    const uint8_t* xrow = src_g >= 0 ? q_rows + src_g * ld : nullptr;
     float acc[NM][4] = {};  // rows g, g, g + 8, g + 8; tile rows 2 tq, 2 tq + 1
     for (int64_t bb = b0; bb < b1; bb += NB) {
       if (bb != b0) issue(bb);
@@ -1093,7 +1093,7 @@ __global__ void __launch_bounds__(kF8SmallWarps * 32) experts_fp8_small_kernel(E
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int64_t k = (bb + q) * kScaleBlock + h * 64 + tq * 16;
-          const uint4 xb = g < rows ? *reinterpret_cast<const uint4*>(xq + g * K + k) : make_uint4(0, 0, 0, 0);
+          const uint4 xb = xrow ? load_u4_after_wait(xrow + k) : make_uint4(0, 0, 0, 0);
 #pragma unroll
           for (int m = 0; m < NM; ++m) {
             const uint4& r = w[q][h][m][0];
@@ -1102,8 +1102,9 @@ __global__ void __launch_bounds__(kF8SmallWarps * 32) experts_fp8_small_kernel(E
             mma_e4m3(d[m], r.z, r8.z, r.w, r8.w, xb.z, xb.w);
           }
         }
-        const float x0 = 2 * tq < rows ? xs[(2 * tq) * KB + bb + q] : 0.f;
-        const float x1 = 2 * tq + 1 < rows ? xs[(2 * tq + 1) * KB + bb + q] : 0.f;
+        const float* bs = q_scales + (bb + q) * scale_rows;
+        const float x0 = src0 >= 0 ? load_after_wait(bs + src0) : 0.f;
+        const float x1 = src1 >= 0 ? load_after_wait(bs + src1) : 0.f;
 #pragma unroll
         for (int m = 0; m < NM; ++m) {
           const float sw = __ldg(ws[m] + bb + q);
@@ -1117,11 +1118,11 @@ __global__ void __launch_bounds__(kF8SmallWarps * 32) experts_fp8_small_kernel(E
     if constexpr (!GU) {  // the warp's own features, whole sums: stored from the fragments
 #pragma unroll
       for (int q = 0; q < 4; ++q) {
-        const int r = 2 * tq + (q & 1);
-        const int64_t n = n0 + g + (q >= 2 ? 8 : 0), d = r < rows ? dst[r] : -1;
+        const int64_t n = n0 + g + (q >= 2 ? 8 : 0), d = q & 1 ? dst1 : dst0;
         if (d >= 0 && n < Nout) a.y[d * a.H + n] = acc[0][q];
       }
     } else {  // the 4 warps' partial sums of the same features, added in warp order
+      __syncthreads();  // the previous item's readers of the sums are done
 #pragma unroll
       for (int m = 0; m < NM; ++m) {
         float* mine = sums + (warp * NM + m) * kF8SmallRows * 8;
@@ -2065,14 +2066,12 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   const int small_max = tensor_cores ? kSmallMaxTc : kSmallMax;
   const int64_t tokens = cdiv(Np, int64_t(row_div));
   // Small tiles of block-scaled FP8 on the FP8 tensor cores (mma.sync) beside the large FP8 tiles
-  // (more than small_max tokens) where rows are whole 128-blocks and a tile's quantized rows fit the
-  // default shared memory: tiles of up to 8 rows (the MMA's 8 columns cost the same filled or not),
-  // so an expert's weights stream once for up to 8 rows. 80B FP8, batch 32: 811 -> 944 tok/s. With
+  // (more than small_max tokens; they read the x and h those quantize): tiles of up to 8 rows (the
+  // MMA's 8 columns cost the same filled or not), so an expert's weights stream once for up to 8
+  // rows. 80B FP8, batch 32: 811 -> 944 tok/s. With
   // 8 tokens or fewer (groups of one or two rows) the CUDA-core tiles measured faster (batch 1 / 8:
   // 233 / 520 tok/s with them, 195 / 484 with these and an FP8 tensor-core few-row product together).
-  const bool fp8_small = kWarpgroupMma && device_.hopper() && tensor_cores && f8 && same_inter && tokens > small_max &&
-                         H % kScaleBlock == 0 && imax % kScaleBlock == 0 &&
-                         experts_fp8_small_smem(std::max(H, imax)) <= kF8SmallSmemMax;
+  const bool fp8_small = fp8_tc && tokens > small_max;
   // Few x rows (decode: at most small_max tokens, each choosing distinct experts, so no group has
   // more rows than that): every group takes small tiles, whatever its size, and the large-tile
   // launches (and x's rounding for them) are left out. A group larger than that after all is still
@@ -2165,8 +2164,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
       s.ntiles = ntiles;
       s.fblocks = int(cdiv(nout, f8_small_item_rows<GU>()));
       const unsigned grid = unsigned(std::max<int64_t>(1, std::min(cap_small * s.fblocks, resident_fp8_small)));
-      launch(experts_fp8_small_kernel<GU>, grid, kF8SmallWarps * 32, size_t(experts_fp8_small_smem(GU ? H : imax)),
-             stream_, s);
+      launch(experts_fp8_small_kernel<GU>, grid, kF8SmallWarps * 32, 0, stream_, s);
       check_launch("moe_experts");
       return;
     }
