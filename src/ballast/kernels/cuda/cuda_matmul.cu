@@ -448,16 +448,21 @@ __device__ __forceinline__ void fp8_rows_item(const uint8_t* xq, const float* xs
   float acc[NT][4] = {};  // tile j: rows g, g, g + 8, g + 8; tokens 8 j + 2 tq, 8 j + 2 tq + 1
   for (int64_t bb = b0; bb < b1; bb += kF8BlocksInFlight) {
     if (bb != b0) issue(bb);
+    // x row 8 j + g at the lane's k of each 64-k half, every block's loads issued before the first
+    // MMA (loaded a block at a time, batch 8 measured 2% slower)
+    uint4 xb[kF8BlocksInFlight][NT][2];
 #pragma unroll
-    for (int q = 0; q < kF8BlocksInFlight; ++q) {
-      if (bb + q >= b1) break;
-      uint4 xb[NT][2];  // x row 8 j + g at the lane's k of each 64-k half
+    for (int q = 0; q < kF8BlocksInFlight; ++q)
 #pragma unroll
       for (int j = 0; j < NT; ++j)
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          xb[j][h] = 8 * j + g < T ? load_u4_after_wait(xq + (8 * j + g) * K + (bb + q) * kScaleBlock + h * 64 + tq * 16)
-                                   : make_uint4(0, 0, 0, 0);
+          xb[q][j][h] = 8 * j + g < T && bb + q < b1
+                            ? load_u4_after_wait(xq + (8 * j + g) * K + (bb + q) * kScaleBlock + h * 64 + tq * 16)
+                            : make_uint4(0, 0, 0, 0);
+#pragma unroll
+    for (int q = 0; q < kF8BlocksInFlight; ++q) {
+      if (bb + q >= b1) break;
       const float sw = __ldg(ws + bb + q);
 #pragma unroll
       for (int j = 0; j < NT; ++j) {
@@ -466,8 +471,8 @@ __device__ __forceinline__ void fp8_rows_item(const uint8_t* xq, const float* xs
         for (int h = 0; h < 2; ++h) {
           const uint4& r = a[q][h][0];
           const uint4& r8 = a[q][h][1];
-          mma_e4m3(d, r.x, r8.x, r.y, r8.y, xb[j][h].x, xb[j][h].y);
-          mma_e4m3(d, r.z, r8.z, r.w, r8.w, xb[j][h].z, xb[j][h].w);
+          mma_e4m3(d, r.x, r8.x, r.y, r8.y, xb[q][j][h].x, xb[q][j][h].y);
+          mma_e4m3(d, r.z, r8.z, r.w, r8.w, xb[q][j][h].z, xb[q][j][h].w);
         }
         const int t0 = 8 * j + 2 * tq;
         const float s0 = t0 < T ? sw * load_after_wait(xs + (bb + q) * T + t0) : 0.f;
