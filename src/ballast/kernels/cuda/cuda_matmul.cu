@@ -371,7 +371,7 @@ constexpr int kMmaWarps = 4;           // warps a block, each a quarter of K
 constexpr int kF8BlocksInFlight = 2;
 constexpr int kBf16StepsInFlight = 4;  // 32-k steps of bf16 loads a warp issues together (the same bytes)
 constexpr int kMmaMinRows = 3;         // fewer x rows: the CUDA-core kernels (their work a weight byte is small)
-constexpr int kMmaRowsMax = 32;        // x rows: up to 4 tiles of 8 a weight fragment (172 registers at 4)
+constexpr int kMmaRowsMax = 32;        // x rows: up to 4 tiles of 8 a weight fragment (FP8: 250 registers at 4)
 
 // Block i's 16 rows: item i of the targets in order (warps_end counting items), selected without
 // indexing the parameters dynamically.
