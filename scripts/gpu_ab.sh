@@ -11,8 +11,8 @@
 # of their bytes: the pack grew by ~0.9 MB in session 22).
 # AB_ARGS: the bench arguments (default: the 80B shape in FP8 at full depth). AB_SWITCH (e.g.
 # BALLAST_CUDA_SIDE_STREAM=0; several, space-separated): one more run a round for each, this build
-# with that environment. AB_VARIANTS: the binaries of .carry/gpu/bin alternated (default
-# "ballast-old ballast"; gpu_pack.sh packs several earlier revisions as ballast-<revision>).
+# with that environment, after the variants. AB_VARIANTS: the binaries of .carry/gpu/bin alternated
+# (default "ballast-old ballast"; gpu_pack.sh packs several earlier revisions as ballast-<revision>).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-ab}
@@ -25,7 +25,7 @@ RUNS=$(mktemp -d)
 ARGS=${AB_ARGS:-"--synthetic qwen3-next-80b-a3b --dtype fp8 --layers 48 --batch 1,8,32,128 --prompt-len 1024 --decode-steps 32 --prefill 1024 --repeats 1"}
 VARIANTS=${AB_VARIANTS:-"ballast-old ballast"}
 SWITCHES=(${AB_SWITCH:-})
-[ ${#SWITCHES[@]} -gt 0 ] && VARIANTS="ballast-old $(seq -f 'switched%g' -s ' ' 1 ${#SWITCHES[@]}) ballast"
+[ ${#SWITCHES[@]} -gt 0 ] && VARIANTS="$VARIANTS $(seq -f 'switched%g' -s ' ' 1 ${#SWITCHES[@]})"
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for v in $VARIANTS; do
     bin=$v envs=()
