@@ -2202,7 +2202,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // gate and up into h (every listed row), then down from h into y.
   launch_small(std::true_type{}, imax);
   if (large_tiles) launch_gemm(std::true_type{}, imax);
-  if (nhq > 0) {  // every row's h (small tiles' too: their down products read fp32 h)
+  if (nhq > 0) {  // every row's h: the large tiles' down products and the small ones' read it
     quantize_rows_b128(h, Np, Np, ldh, hq, hs, stream_);
     check_launch("moe_experts: quantizing h to FP8");
   }
