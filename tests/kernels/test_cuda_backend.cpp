@@ -495,23 +495,26 @@ TEST_P(CudaBf16Products, FewRowFp8ProductsMultiplyTheQuantizedRows) {
 // Few rows (3 - 32) of bf16 weights on the bf16 tensor cores: x rounded to bf16 (as the many-row
 // path's cuBLAS products take it), fp32 sums. Reference in double from the rounded x and the
 // weights; K of one 32-k step (three warps with none), three (uneven shares) and 64; T one, two
-// and four tiles of 8 x rows, whole and not.
+// and four tiles of 8 x rows, whole and not. A wide product (N > 1024) of more than 8 rows goes to
+// cuBLAS instead (the few-row path would read T fp32 x rows for every 16 weight rows).
 TEST_P(CudaBf16Products, FewRowBf16ProductsMultiplyTheRoundedRows) {
-  const int64_t N = 200;
+  const auto expect_product = [&](int64_t T, int64_t K, int64_t N, const char* op) {
+    SCOPED_TRACE("K=" + std::to_string(K) + " T=" + std::to_string(T) + " N=" + std::to_string(N));
+    const std::vector<float> wv = randn(size_t(N * K), 84, 0.2f), xv = randn(size_t(T * K), 85 + uint32_t(T));
+    const Tensor x = f32(xv, {T, K}), w = weight(wv, {N, K}, DType::BF16);
+    Tensor y = be().alloc({T, N}, DType::F32);
+    be().start_op_timing();
+    ops().matmul(x, w, y);
+    const std::vector<OpTime> times = be().stop_op_timing();
+    ASSERT_EQ(times.size(), 1u);
+    EXPECT_EQ(times[0].op, op);
+    EXPECT_LT(worst_relative_to_products(floats(y), stored_as(xv, DType::BF16), stored_as(wv, DType::BF16), T, K, N),
+              1e-5);
+  };
   for (const int64_t K : {32, 96, 2048})
-    for (const int64_t T : {3, 5, 8, 12, 16, 25, 32}) {
-      SCOPED_TRACE("K=" + std::to_string(K) + " T=" + std::to_string(T));
-      const std::vector<float> wv = randn(size_t(N * K), 84, 0.2f), xv = randn(size_t(T * K), 85 + uint32_t(T));
-      const Tensor x = f32(xv, {T, K}), w = weight(wv, {N, K}, DType::BF16);
-      Tensor y = be().alloc({T, N}, DType::F32);
-      be().start_op_timing();
-      ops().matmul(x, w, y);
-      const std::vector<OpTime> times = be().stop_op_timing();
-      ASSERT_EQ(times.size(), 1u);
-      EXPECT_EQ(times[0].op, "matmul gemv (bf16 tensor cores)") << "the tensor-core path was taken";
-      EXPECT_LT(worst_relative_to_products(floats(y), stored_as(xv, DType::BF16), stored_as(wv, DType::BF16), T, K, N),
-                1e-5);
-    }
+    for (const int64_t T : {3, 5, 8, 12, 16, 25, 32}) expect_product(T, K, 200, "matmul gemv (bf16 tensor cores)");
+  expect_product(8, 64, 1040, "matmul gemv (bf16 tensor cores)");
+  expect_product(9, 64, 1040, "matmul gemm (cuBLAS bf16)");
 }
 
 // The same paths through matmul_many (FP8 beside bf16 targets: one launch to 32 rows) and
