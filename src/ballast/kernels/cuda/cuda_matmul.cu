@@ -551,19 +551,19 @@ __global__ void __launch_bounds__(kMmaWarps * 32)
     bf16_rows_item<SWIGLU, NT>(x, up, K, T, K, rows_item(b16, blockIdx.x - f8_items), row_gate);
 }
 
-// Whether the tensor-core few-row paths take a product of T x rows, K and N: block-scaled FP8 where
-// K is whole 128-blocks, bf16 where it is whole 32-k steps; x rows 16-byte aligned. A block reads
-// the T x rows for its 16 weight rows: FP8's quantized x is T / 16 bytes a weight byte, bf16's fp32 x
+// Whether the tensor-core few-row path takes the product of T x rows at x (16-byte aligned) with
+// the weight w [N, K] (16-byte aligned): block-scaled FP8 where the device has FP8 mma.sync and K
+// is whole 128-blocks, bf16 where it has bf16 mma.sync and K is whole 32-k steps. A block reads the
+// T x rows for its 16 weight rows: FP8's quantized x is T / 16 bytes a weight byte, bf16's fp32 x
 // T / 8. So bf16 products of more than 8 rows take this path only where the weights are few (an FP8
 // model's router, DeltaNet a / b and gates: one launch with the FP8 targets); a wide one (the
 // lm_head) stays on cuBLAS (2.7 TB/s at 32 rows on an H100, docs/perf.md).
 constexpr int64_t kBf16RowsWideN = 1024;
-bool fp8_rows_fit(int64_t T, int64_t K, const void* x) {
-  return T >= kMmaMinRows && T <= kMmaRowsMax && K > 0 && K % kScaleBlock == 0 && aligned(x, 16);
-}
-bool bf16_rows_fit(int64_t T, int64_t K, int64_t N, const void* x) {
-  return T >= kMmaMinRows && (T <= kFewRowsMax || (T <= kMmaRowsMax && N <= kBf16RowsWideN)) && K > 0 &&
-         K % 32 == 0 && aligned(x, 16);
+bool mma_rows_take(const CudaDeviceTraits& device, const Tensor& w, int64_t T, int64_t K, int64_t N, const void* x) {
+  if (T < kMmaMinRows || T > kMmaRowsMax || K <= 0 || !aligned(x, 16) || !aligned(w.raw(), 16)) return false;
+  if (w.dtype() == DType::F8_E4M3_B128) return device.fp8_mma() && K % kScaleBlock == 0;
+  if (w.dtype() == DType::BF16) return device.bf16_mma() && K % 32 == 0 && (T <= kFewRowsMax || N <= kBf16RowsWideN);
+  return false;
 }
 size_t fp8_rows_scratch(int64_t T, int64_t K) { return size_t(T * K) + size_t(T * (K / kScaleBlock)) * 4; }
 
@@ -1164,14 +1164,14 @@ CudaOps::XForm CudaOps::matmul_with(const Tensor& x, const Tensor& w, Tensor& y,
   MatmulState& st = matmul_state_of(matmul_state_);
   const int sms = device_.sms;
   const FewRowsTargets one{{{w.raw(), N, cuda::f32_mut(y), N, 0, ws, false}}, 1};
-  if (bf16_matmul_ && scaled && device_.fp8_mma() && fp8_rows_fit(T, K, x.raw()) && aligned(w.raw(), 16)) {
+  const bool rows_mma = bf16_matmul_ && mma_rows_take(device_, w, T, K, N, x.raw());
+  if (rows_mma && scaled) {
     timed.op = "matmul gemv (FP8 tensor cores)";
     launch_mma_rows(cuda::f32(x), int(T), K, one, {}, scratch_->bytes(fp8_rows_scratch(T, K)), stream_);
     check_launch("matmul");
     return XForm::none;
   }
-  if (bf16_matmul_ && w.dtype() == DType::BF16 && device_.bf16_mma() && bf16_rows_fit(T, K, N, x.raw()) &&
-      aligned(w.raw(), 16)) {
+  if (rows_mma) {
     timed.op = "matmul gemv (bf16 tensor cores)";
     launch_mma_rows(cuda::f32(x), int(T), K, {}, one, nullptr, stream_);
     check_launch("matmul");
@@ -1215,11 +1215,11 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
   const bool few = shaped && T <= kFewRowsMax && (wdt == DType::F32 || wdt == DType::BF16 || wdt == DType::F8_E4M3_B128);
   const bool fused = few && T <= kSwigluFusedRowsMax;
   const bool scaled = wdt == DType::F8_E4M3_B128;
-  // 3 - 32 rows of block-scaled FP8 or bf16 (bf16_rows_fit) on the tensor cores: silu(gate) * up
+  // 3 - 32 rows of block-scaled FP8 or bf16 (mma_rows_take) on the tensor cores: silu(gate) * up
   // formed as x is quantized (FP8) or loaded (bf16).
-  const bool mma_in = shaped && !fused && bf16_matmul_ && aligned(up.raw(), 16) && aligned(w.raw(), 16);
-  const bool f8_mma = mma_in && scaled && device_.fp8_mma() && fp8_rows_fit(T, K, gate.raw());
-  const bool b16_mma = mma_in && wdt == DType::BF16 && device_.bf16_mma() && bf16_rows_fit(T, K, N, gate.raw());
+  const bool mma = shaped && !fused && bf16_matmul_ && aligned(up.raw(), 16) &&
+                   mma_rows_take(device_, w, T, K, N, gate.raw());
+  const bool f8_mma = mma && scaled, b16_mma = mma && !scaled;
   if (!few && !f8_mma && !b16_mma) {
     silu_mul(gate, up, gate);
     matmul(gate, w, out);
@@ -1265,7 +1265,7 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
   check_matmul_many(w, y);
   // One launch for the few-rows products of one weight dtype, or of block-scaled FP8 beside bf16
   // (an FP8 model's unquantized projections): to 8 rows on either few-row path, to 32 where every
-  // target takes the tensor cores (bf16_rows_fit: an FP8 model's projections with its router,
+  // target takes the tensor cores (mma_rows_take: an FP8 model's projections with its router,
   // DeltaNet a/b and shared expert gate in one launch); otherwise one matmul each.
   bool one = !w.empty() && w.size() <= size_t(kFewTargetsMax) && x.rank() == 2 && x.dim(0) <= kMmaRowsMax;
   bool same = true, fp8_bf16 = true, mma = one && bf16_matmul_;
@@ -1274,10 +1274,7 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
     const DType dt = w[i].dtype();
     same = same && dt == w[0].dtype();
     fp8_bf16 = fp8_bf16 && (dt == DType::F8_E4M3_B128 || dt == DType::BF16);
-    mma = mma && aligned(w[i].raw(), 16) &&
-          (dt == DType::F8_E4M3_B128 ? device_.fp8_mma() && fp8_rows_fit(T, K, x.raw())
-           : dt == DType::BF16       ? device_.bf16_mma() && bf16_rows_fit(T, K, N, x.raw())
-                                     : false);
+    mma = mma && mma_rows_take(device_, w[i], T, K, N, x.raw());
   }
   one = one && (same || fp8_bf16) && (mma || x.dim(0) <= kFewRowsMax);
   if (!one || x.dim(0) == 0 || x.dim(1) == 0) {
