@@ -2027,9 +2027,8 @@ ExpertEntry expert_entry(const SwigluWeights& w, int g) {
 
 // The chosen experts' weights into L2 (CudaOps::prefetch_experts): gate and up of every choice in
 // order, then down, until `budget` bytes (the same expert chosen twice counts twice: decode's few
-// rows choose distinct experts mostly). A warp a block; each lane of the grid takes every lanes-th
-// chunk of each range.
-__global__ void __launch_bounds__(32) prefetch_experts_kernel(const int32_t* ids, int n, const ExpertEntry* table,
+// rows choose distinct experts mostly). One block; each thread takes every lanes-th chunk.
+__global__ void __launch_bounds__(128) prefetch_experts_kernel(const int32_t* ids, int n, const ExpertEntry* table,
                                                                int groups, int64_t H, uint64_t budget) {
   cuda::wait_for_prior_kernels();  // (ids: the router's top-k)
   auto bytes_of = [](int32_t dt) -> uint64_t {
@@ -2045,12 +2044,11 @@ __global__ void __launch_bounds__(32) prefetch_experts_kernel(const int32_t* ids
       const uint64_t one = uint64_t(e.inter) * uint64_t(H) * bytes_of(down ? e.dt_down : e.dt_gu);
       if (used + (down ? 1 : 2) * one > budget) return;
       used += (down ? 1 : 2) * one;
-      const unsigned lane = blockIdx.x * blockDim.x + threadIdx.x, lanes = gridDim.x * blockDim.x;
       if (down) {
-        cuda::prefetch_l2(e.down, one, lane, lanes);
+        cuda::prefetch_l2(e.down, one, threadIdx.x, blockDim.x);
       } else {
-        cuda::prefetch_l2(e.gate, one, lane, lanes);
-        cuda::prefetch_l2(e.up, one, lane, lanes);
+        cuda::prefetch_l2(e.gate, one, threadIdx.x, blockDim.x);
+        cuda::prefetch_l2(e.up, one, threadIdx.x, blockDim.x);
       }
     }
 }
@@ -2074,8 +2072,8 @@ void CudaOps::prefetch_experts(const Tensor& ids, std::span<const SwigluWeights>
   const ExpertEntry* table = st.experts(experts.data(), entries, main_stream_);
   cudaStream_t s = begin_prefetch();
   if (s == nullptr) return;
-  launch(prefetch_experts_kernel, prefetch_blocks(prefetch_budget()), 32, 0, s, cuda::i32(ids), int(ids.numel()),
-         table, groups, H, uint64_t(prefetch_budget()));
+  launch(prefetch_experts_kernel, 1, 128, 0, s, cuda::i32(ids), int(ids.numel()), table, groups, H,
+         uint64_t(prefetch_budget()));
   check_launch("prefetch_experts");
   end_prefetch();
 }

@@ -1,6 +1,4 @@
 // CudaOps: construction and the ops' shared scratch. The ops themselves are in cuda_*.cu by group.
-#include <algorithm>
-
 #include "ballast/kernels/cuda/cuda_ops.h"
 #include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/op_timing.h"
@@ -114,12 +112,6 @@ cudaStream_t CudaOps::begin_prefetch() {
   check_cuda(cudaStreamWaitEvent(prefetch_.stream, prefetch_.fork, 0), "prefetch: fork");
   prefetch_out_ = true;
   return prefetch_.stream;
-}
-
-unsigned CudaOps::prefetch_blocks(size_t bytes) const {
-  // A warp a block, a bulk prefetch of kPrefetchChunk bytes a lane: ~1 MB a block, at most an SM each.
-  const size_t per_block = 32 * cuda::kPrefetchChunk;
-  return unsigned(std::clamp<size_t>((bytes + per_block - 1) / per_block, 1, size_t(device_.sms)));
 }
 
 void CudaOps::end_prefetch() { check_cuda(cudaEventRecord(prefetch_.joined, prefetch_.stream), "prefetch: join"); }

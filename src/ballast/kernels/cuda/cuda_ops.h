@@ -192,9 +192,10 @@ class CudaOps final : public Ops {
   // op's time alone), inside side work, or with BALLAST_CUDA_SIDE_STREAM=0.
   void side(const std::function<void()>& work) override;
   void join_side() override;
-  // Prefetches are bulk L2 prefetches (Hopper's cp.async.bulk.prefetch) issued by a kernel on a
-  // third stream, forked from the main stream and joined back by join_side(); none
-  // while ops are timed, inside side work, before Hopper, and unless BALLAST_CUDA_PREFETCH=1.
+  // Prefetches are bulk L2 prefetches (Hopper's cp.async.bulk.prefetch) issued by a one-block
+  // kernel on a third stream, forked from the main stream and joined back by join_side(); none
+  // while ops are timed, inside side work, before Hopper, or with BALLAST_CUDA_PREFETCH=0. Each
+  // call brings at most kPrefetchShare of the L2 (what fits beside what the kernels between use).
   void prefetch(std::span<const Tensor> weights) override;
   void prefetch_experts(const Tensor& ids, std::span<const SwigluWeights> experts) override;
 
@@ -222,10 +223,7 @@ class CudaOps final : public Ops {
   bool prefetching() const;
   cudaStream_t begin_prefetch();
   void end_prefetch();
-  // What one prefetch brings at most: half the L2 (an H100's 50 MB are two halves, and data read
-  // from both sides may be held in both), and the blocks that issue `bytes` (a warp each).
-  size_t prefetch_budget() const { return device_.l2_bytes / 2; }
-  unsigned prefetch_blocks(size_t bytes) const;
+  size_t prefetch_budget() const { return device_.l2_bytes / 4 * 3; }
   void cublas_on(cudaStream_t stream);         // the handle on `stream`, with its workspace
   bool move_cublas(cudaStream_t stream) noexcept;  // cublas_on's calls: whether they succeeded
 

@@ -2,10 +2,9 @@
 // A batch-1 decode step streams each layer's ~70 MB of weights (80B shape, FP8) through a handful
 // of products, with a dozen small kernels between them (norms, conv, the delta rule, routing)
 // during which the memory idles; a prefetch issued where a product ends fills that idle time with
-// the next product's weights, which that product then reads from L2. The prefetch kernel runs on a
-// stream of its own (no node on the step's chain of kernels) and only issues bulk prefetches, a warp
-// a block over many SMs: an SM's bulk prefetches measured ~0.4 TB/s on an H100 (docs/perf.md), and
-// a kernel whose prefetches cannot all be issued stays resident until they are.
+// the next product's weights, which that product then reads from L2. The prefetch kernel is one
+// block on a stream of its own (no node on the step's chain of kernels): it only issues bulk
+// prefetches and ends; the copies run on in the memory system.
 #include <algorithm>
 
 #include "ballast/kernels/cuda/cuda_ops.h"
@@ -18,7 +17,7 @@ using cuda::launch;
 
 namespace {
 
-constexpr int kPrefetchThreads = 32;
+constexpr int kPrefetchThreads = 128;
 
 struct PrefetchRanges {
   static constexpr int kMax = 8;
@@ -28,8 +27,7 @@ struct PrefetchRanges {
 };
 
 __global__ void __launch_bounds__(kPrefetchThreads) prefetch_kernel(PrefetchRanges r) {
-  for (int i = 0; i < r.n; ++i)
-    cuda::prefetch_l2(r.p[i], r.bytes[i], blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
+  for (int i = 0; i < r.n; ++i) cuda::prefetch_l2(r.p[i], r.bytes[i], threadIdx.x, blockDim.x);
 }
 
 }  // namespace
@@ -48,7 +46,7 @@ void CudaOps::prefetch(std::span<const Tensor> weights) {
   if (r.n == 0) return;
   cudaStream_t s = begin_prefetch();
   if (s == nullptr) return;
-  launch(prefetch_kernel, prefetch_blocks(prefetch_budget() - left), kPrefetchThreads, 0, s, r);
+  launch(prefetch_kernel, 1, kPrefetchThreads, 0, s, r);
   check_launch("prefetch");
   end_prefetch();
 }

@@ -133,13 +133,12 @@ inline bool side_stream_enabled() {
   return on;
 }
 
-// Whether weights are prefetched into L2 (Ops::prefetch): only where the environment sets
-// BALLAST_CUDA_PREFETCH=1 (read once) until the prefetches are measured faster (docs/perf.md,
-// session 32: the first, one-block version made a batch-1 step 3.3x slower).
+// Whether weights are prefetched into L2 (Ops::prefetch): yes unless the environment sets
+// BALLAST_CUDA_PREFETCH=0 (read once), the same kind of switch as BALLAST_CUDA_PDL.
 inline bool prefetch_enabled() {
   static const bool on = [] {
     const char* v = std::getenv("BALLAST_CUDA_PREFETCH");
-    return v && v[0] == '1' && v[1] == 0;
+    return !(v && v[0] == '0' && v[1] == 0);
   }();
   return on;
 }
