@@ -1723,52 +1723,6 @@ TEST_P(OpConformance, MoeExpertsWithOnlyBlockScaledFp8Experts) {
   check_block_scaled_fp8_experts(144, 160, 5, /*bf16_first=*/false, {1, 2, 8, 40});
 }
 
-// Prefetches (ops.h "hints") change no value: issued before the products that read the weights,
-// with choices of no expert (-1), of one past the experts, of an expert without weights and of one
-// expert twice, a list of more weights than one prefetch takes, an undefined tensor and a view
-// starting off a 16-byte boundary; and in a graph whose capture ends with a prefetch out (the
-// backend joins it, as it does side work).
-TEST_P(OpConformance, PrefetchesChangeNoValue) {
-  const int64_t H = 256, I = 128, E = 4, T = 3, k = 2, N = T * k;
-  std::vector<SwigluWeights> experts(static_cast<size_t>(E));  // expert 3 has no weights (no row chooses it)
-  for (int64_t e = 0; e < 3; ++e)
-    experts[size_t(e)] = {
-        be().to_device(block_scaled_host(randn(size_t(I * H), uint32_t(1800 + e), 0.1f), I, H).tensor),
-        be().to_device(block_scaled_host(randn(size_t(I * H), uint32_t(1810 + e), 0.1f), I, H).tensor),
-        be().to_device(block_scaled_host(randn(size_t(H * I), uint32_t(1820 + e), 0.1f), H, I).tensor)};
-  const Tensor x = f32(randn(size_t(T * H), 1830), {T, H});
-  const std::vector<int32_t> keys = {0, 2, 1, 0, 2, 1};
-  Tensor perm = be().alloc({N}, DType::I32), counts = be().alloc({E}, DType::I32);
-  Tensor offsets = be().alloc({E + 1}, DType::I32), none;
-  ops().group_by(i32(keys), none, 1, int(E), perm, counts, offsets, none);
-  Tensor alone = be().alloc({N, H}, DType::F32), y = be().alloc({N, H}, DType::F32);
-  ops().moe_experts(x, perm, offsets, int(k), experts, alone);
-  const std::vector<float> want = floats(alone);
-
-  const Tensor odd = f32(randn(21, 1840), {7, 3}).rows(1, 6);  // 12 bytes past its allocation's start
-  std::vector<Tensor> weights = {Tensor(), odd};
-  for (int64_t e = 0; e < E; ++e)
-    weights.insert(weights.end(), {experts[size_t(e)].gate, experts[size_t(e)].up, experts[size_t(e)].down});
-  const Tensor choices = i32(std::vector<int32_t>{-1, 0, int32_t(E), 3, 2, 2});
-  auto pass = [&] {
-    ops().prefetch(weights);
-    ops().prefetch_experts(choices, experts);
-    ops().moe_experts(x, perm, offsets, int(k), experts, y);
-    ops().prefetch(std::span<const Tensor>(weights).first(3));  // out when a capture ends
-  };
-  pass();
-  EXPECT_EQ(floats(y), want);
-  if (!be().can_capture()) return;
-  ops().zero(y);
-  be().begin_capture();
-  pass();
-  be().end_capture(8);
-  be().synchronize();
-  ASSERT_TRUE(be().replay(8));
-  EXPECT_EQ(floats(y), want);
-  be().drop_graphs();
-}
-
 // ============================================================================================
 // Sampling and verification
 // ============================================================================================

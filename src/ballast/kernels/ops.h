@@ -245,18 +245,6 @@ class Ops {
   // work out does nothing.
   virtual void side(const std::function<void()>& work) { work(); }
   virtual void join_side() {}
-
-  // --- hints (no effect on any value; a backend may do nothing) ---
-  // Weights the ops issued soon will read: a backend may start bringing them nearer its cores
-  // while the ops before those run (the CUDA backend: into L2 while a decode step's small kernels
-  // leave the memory idle). Side work and join_side() order these as well.
-  virtual void prefetch(std::span<const Tensor> weights) { (void)weights; }
-  // The same for the routed experts chosen in ids [N] (I32 on the device; < 0: none), the experts
-  // moe_experts will then read: gate and up first, then down.
-  virtual void prefetch_experts(const Tensor& ids, std::span<const SwigluWeights> experts) {
-    (void)ids;
-    (void)experts;
-  }
 };
 
 }  // namespace ballast::kernels

@@ -59,26 +59,10 @@ void Model::decoder_layer(const LayerWeights& lw, const LayerCache& cache, int m
   Workspace::Scope scope(ws);  // the layer's intermediates are dead once x is updated
   const int64_t T = x.dim(0), H = cfg_.hidden_size;
   Tensor h = ws.take({T, H}), mixed = ws.take({T, H});
-  // Weights ahead of the products that read them (Ops::prefetch; a decode step's small kernels
-  // leave the memory idle between its products): the mixer's input projections during the norm,
-  // its output projection and the FFN's dense weights during the mixer's own kernels (below), the
-  // routed experts' during routing (the MoE runner).
-  const bool attn = lw.type == LayerType::FullAttention;
-  const Tensor inputs[] = {attn ? lw.attn.q_proj : lw.delta.in_qkv, attn ? lw.attn.k_proj : lw.delta.in_z,
-                           attn ? lw.attn.v_proj : lw.delta.in_b, attn ? Tensor() : lw.delta.in_a};
-  ops_.prefetch(inputs);
-  const MoeWeights& m = lw.moe;
-  const bool moe = lw.ffn == FfnType::Moe, shared = moe && m.shared;
-  const Tensor next[] = {attn ? lw.attn.o_proj : lw.delta.out_proj,
-                         moe ? m.router : lw.dense.gate,
-                         shared ? m.shared->gate : moe ? Tensor() : lw.dense.up,
-                         shared ? m.shared->up : moe ? Tensor() : lw.dense.down,
-                         m.shared_gate,
-                         shared ? m.shared->down : Tensor()};
   if (pending) ops_.add_rms_norm(x, *pending, lw.input_norm, cfg_.rms_norm_eps, h);
   else ops_.rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, h);
-  if (attn) attention(lw.attn, cache, b, h, next, ws, mixed);
-  else deltanet(lw.delta, cache, b, h, next, ws, mixed);
+  if (lw.type == LayerType::FullAttention) attention(lw.attn, cache, b, h, ws, mixed);
+  else deltanet(lw.delta, cache, b, h, ws, mixed);
 
   ops_.add_rms_norm(x, mixed, lw.post_norm, cfg_.rms_norm_eps, h);
   if (lw.ffn == FfnType::Moe) sparse_moe(lw.moe, moe_layer, runner, b.routed, h, ws, ffn);
@@ -86,7 +70,7 @@ void Model::decoder_layer(const LayerWeights& lw, const LayerCache& cache, int m
 }
 
 void Model::attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
-                      std::span<const Tensor> next, Workspace& ws, Tensor& out) {
+                      Workspace& ws, Tensor& out) {
   const int64_t T = h.dim(0), Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
   Tensor qg = ws.take({T, Hq, 2 * hd});
   Tensor q = ws.take({T, Hq, hd}), gate = ws.take({T, Hq, hd});
@@ -95,7 +79,6 @@ void Model::attention(const AttentionWeights& w, const LayerCache& cache, const 
   const Tensor proj[] = {w.q_proj, w.k_proj, w.v_proj};
   Tensor outs[] = {qg2, k2, v2};
   ops_.matmul_many(h, proj, outs);
-  ops_.prefetch(next);
   ops_.qk_norm_rope(qg, w.q_norm, w.k_norm, cfg_.rms_norm_eps, b.positions, cfg_.rotary_dim(), cfg_.rope_theta, q, gate,
                     k);
 
@@ -107,7 +90,7 @@ void Model::attention(const AttentionWeights& w, const LayerCache& cache, const 
 }
 
 void Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
-                     std::span<const Tensor> next, Workspace& ws, Tensor& out) {
+                     Workspace& ws, Tensor& out) {
   const int64_t T = h.dim(0);
   const kernels::DeltaRuleDims d{cfg_.linear_num_key_heads, cfg_.linear_num_value_heads, cfg_.linear_key_head_dim,
                                  cfg_.linear_value_head_dim};
@@ -117,7 +100,6 @@ void Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const Fo
   const Tensor proj[] = {w.in_qkv, w.in_z, w.in_b, w.in_a};
   Tensor outs[] = {qkv, z, bb, a};
   ops_.matmul_many(h, proj, outs);
-  ops_.prefetch(next);
   Tensor beta = ws.take({T, d.Hv}), g = ws.take({T, d.Hv});
   ops_.delta_gates(bb, a, w.A_log, w.dt_bias, beta, g);
 

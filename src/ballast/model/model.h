@@ -43,12 +43,10 @@ class Model {
   // previous layer's (null for the first layer); it may be ffn itself.
   void decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer, moe::MoeRunner& runner,
                      const ForwardBatch& batch, kernels::Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn);
-  // The token mixers. `next`: the weights read after the mixer's own kernels (its output projection,
-  // then the FFN's dense ones), prefetched once its input projections are issued (Ops::prefetch).
   void attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
-                 std::span<const Tensor> next, kernels::Workspace& ws, Tensor& out);
+                 kernels::Workspace& ws, Tensor& out);
   void deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
-                std::span<const Tensor> next, kernels::Workspace& ws, Tensor& out);
+                kernels::Workspace& ws, Tensor& out);
   // routed: the batch's (rows that only pad a graph go to no expert).
   void sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& routed, const Tensor& h,
                   kernels::Workspace& ws, Tensor& out);

@@ -8,7 +8,6 @@ void LocalMoeRunner::run(int, const Tensor& x, const Tensor& ids, const Tensor& 
   const Tensor choices = ids.reshape({N});
   Tensor perm = ws.take({N}, DType::I32), counts = ws.take({E}, DType::I32), offsets = ws.take({E + 1}, DType::I32);
   Tensor none;
-  ops_.prefetch_experts(choices, experts);  // while the choices are grouped
   ops_.group_by(choices, none, 1, int(E), perm, counts, offsets, none);
   Tensor y = ws.take({N, x.dim(1)});  // row t*k + j: expert ids[t, j] applied to x[t]
   ops_.moe_experts(x, perm, offsets, int(k), experts, y);

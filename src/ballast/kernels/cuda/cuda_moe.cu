@@ -2004,80 +2004,6 @@ void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int gro
   st.after(stream_);
 }
 
-namespace {
-
-// Expert g as the kernels see it (its shapes and dtypes checked by check_moe_experts; here that its
-// weights are on the device); an expert without weights is all null.
-ExpertEntry expert_entry(const SwigluWeights& w, int g) {
-  if (!w.gate.defined()) return ExpertEntry{};
-  check(w.gate.device() == Device::CUDA && w.up.device() == Device::CUDA && w.down.device() == Device::CUDA,
-        "moe_experts: expert {}'s weights are not in CUDA memory", g);
-  // One dtype of gate and up per expert entry (ExpertEntry): the kernels read both alike.
-  check(w.up.dtype() == w.gate.dtype(),
-        "moe_experts: expert {} has gate {} up {} down {}: expected F32, BF16, F16, F8_E4M3 or F8_E4M3_B128, gate "
-        "and up alike", g, dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
-  auto scales = [&](const Tensor& t) -> const float* {
-    if (t.dtype() != DType::F8_E4M3_B128) return nullptr;
-    check(t.scales().device() == Device::CUDA, "moe_experts: expert {}'s block scales are not in CUDA memory", g);
-    return cuda::f32(t.scales());
-  };
-  return ExpertEntry{w.gate.raw(),   w.up.raw(), w.down.raw(),           scales(w.gate),         scales(w.up),
-                     scales(w.down), w.gate.dim(0), int32_t(w.gate.dtype()), int32_t(w.down.dtype())};
-}
-
-// The chosen experts' weights into L2 (CudaOps::prefetch_experts): gate and up of every choice in
-// order, then down, until `budget` bytes (the same expert chosen twice counts twice: decode's few
-// rows choose distinct experts mostly). One block; each thread takes every lanes-th chunk.
-__global__ void __launch_bounds__(128) prefetch_experts_kernel(const int32_t* ids, int n, const ExpertEntry* table,
-                                                               int groups, int64_t H, uint64_t budget) {
-  cuda::wait_for_prior_kernels();  // (ids: the router's top-k)
-  auto bytes_of = [](int32_t dt) -> uint64_t {
-    return DType(dt) == DType::F32 ? 4 : DType(dt) == DType::BF16 || DType(dt) == DType::F16 ? 2 : 1;
-  };
-  uint64_t used = 0;
-  for (int down = 0; down < 2; ++down)
-    for (int i = 0; i < n; ++i) {
-      const int32_t g = ids[i];
-      if (g < 0 || g >= groups) continue;
-      const ExpertEntry e = table[g];
-      if (e.gate == nullptr) continue;
-      const uint64_t one = uint64_t(e.inter) * uint64_t(H) * bytes_of(down ? e.dt_down : e.dt_gu);
-      if (used + (down ? 1 : 2) * one > budget) return;
-      used += (down ? 1 : 2) * one;
-      if (down) {
-        cuda::prefetch_l2(e.down, one, threadIdx.x, blockDim.x);
-      } else {
-        cuda::prefetch_l2(e.gate, one, threadIdx.x, blockDim.x);
-        cuda::prefetch_l2(e.up, one, threadIdx.x, blockDim.x);
-      }
-    }
-}
-
-}  // namespace
-
-void CudaOps::prefetch_experts(const Tensor& ids, std::span<const SwigluWeights> experts) {
-  const int groups = int(experts.size());
-  if (!ids.defined() || ids.numel() == 0 || groups == 0 || ids.dtype() != DType::I32 || ids.device() != Device::CUDA)
-    return;
-  int64_t H = 0;
-  for (const SwigluWeights& w : experts)
-    if (w.gate.defined()) H = w.gate.dim(1);
-  if (H == 0 || !prefetching()) return;
-  // The table moe_experts reads next (the same span, the same entries: uploaded here once, on the
-  // main stream, before the fork).
-  MoeState& st = moe_state(moe_state_, counters_);
-  std::vector<ExpertEntry>& entries = st.staging;
-  entries.assign(size_t(groups), ExpertEntry{});
-  for (int g = 0; g < groups; ++g) entries[size_t(g)] = expert_entry(experts[size_t(g)], g);
-  const ExpertEntry* table = st.experts(experts.data(), entries, main_stream_);
-  cudaStream_t s = begin_prefetch();
-  if (s == nullptr) return;
-  launch(prefetch_experts_kernel, 1, 128, 0, s, cuda::i32(ids), int(ids.numel()), table, groups, H,
-         uint64_t(prefetch_budget()));
-  check_launch("prefetch_experts");
-  end_prefetch();
-}
-
 void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                           std::span<const SwigluWeights> experts, Tensor& y) {
   auto timed = time_op("moe_experts");
@@ -2103,7 +2029,20 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
     const SwigluWeights& w = experts[size_t(g)];
     if (!w.gate.defined()) continue;  // an empty group's (rows for it are the tile pass's to report)
     const int64_t I = w.gate.dim(0);
-    entries[size_t(g)] = expert_entry(w, g);
+    check(w.gate.device() == Device::CUDA && w.up.device() == Device::CUDA && w.down.device() == Device::CUDA,
+          "moe_experts: expert {}'s weights are not in CUDA memory", g);
+    // One dtype of gate and up per expert entry (ExpertEntry): the kernels read both alike.
+    check(w.up.dtype() == w.gate.dtype(),
+          "moe_experts: expert {} has gate {} up {} down {}: expected F32, BF16, F16, F8_E4M3 or F8_E4M3_B128, gate "
+          "and up alike", g, dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
+    auto scales = [&](const Tensor& t) -> const float* {
+      if (t.dtype() != DType::F8_E4M3_B128) return nullptr;
+      check(t.scales().device() == Device::CUDA, "moe_experts: expert {}'s block scales are not in CUDA memory", g);
+      return cuda::f32(t.scales());
+    };
+    entries[size_t(g)] = ExpertEntry{w.gate.raw(),    w.up.raw(),    w.down.raw(), scales(w.gate),
+                                     scales(w.up),    scales(w.down), I,           int32_t(w.gate.dtype()),
+                                     int32_t(w.down.dtype())};
     same_inter = same_inter && (!any || I == imax);
     imax = std::max(imax, I);
     any = true;
@@ -2163,10 +2102,8 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   // With the tensor cores, bf16 copies of x and of the large tiles' h.
   const bool bf16_tiles = tensor_cores && !fp8_tc;
   const size_t nxb = bf16_tiles ? size_t(M) * size_t(H) : 0, nhb = bf16_tiles ? size_t(Np) * size_t(ldh) : 0;
-  // With the FP8 tensor cores, x and h quantized (for the large tiles and the FP8 small ones): e4m3
-  // values and a scale per row and 128-block.
-  const bool quantized = fp8_tc && (large_tiles || fp8_small);
-  const size_t nxq = quantized ? size_t(M) * size_t(H) : 0, nhq = quantized ? size_t(Np) * size_t(ldh) : 0;
+  // With the FP8 tensor cores, x and h quantized: e4m3 values and a scale per row and 128-block.
+  const size_t nxq = fp8_tc && large_tiles ? size_t(M) * size_t(H) : 0, nhq = fp8_tc && large_tiles ? size_t(Np) * size_t(ldh) : 0;
   Carve measure;
   measure.take<float>(size_t(Np) * size_t(ldh));
   measure.take<int4>(size_t(cap_small));

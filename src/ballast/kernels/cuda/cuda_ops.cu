@@ -96,25 +96,10 @@ void CudaOps::side(const std::function<void()>& work) {
 }
 
 void CudaOps::join_side() {
-  if (stream_ != main_stream_) return;
-  if (side_out_) check_cuda(cudaStreamWaitEvent(main_stream_, side_.joined, 0), "side work: join");
-  if (prefetch_out_) check_cuda(cudaStreamWaitEvent(main_stream_, prefetch_.joined, 0), "prefetch: join");
-  side_out_ = prefetch_out_ = false;
+  if (!side_out_ || stream_ != main_stream_) return;
+  check_cuda(cudaStreamWaitEvent(main_stream_, side_.joined, 0), "side work: join");
+  side_out_ = false;
 }
-
-bool CudaOps::prefetching() const {
-  return stream_ == main_stream_ && !timer_.on() && device_.hopper() && cuda::prefetch_enabled();
-}
-
-cudaStream_t CudaOps::begin_prefetch() {
-  if (!prefetching()) return nullptr;
-  check_cuda(cudaEventRecord(prefetch_.fork, main_stream_), "prefetch: fork");
-  check_cuda(cudaStreamWaitEvent(prefetch_.stream, prefetch_.fork, 0), "prefetch: fork");
-  prefetch_out_ = true;
-  return prefetch_.stream;
-}
-
-void CudaOps::end_prefetch() { check_cuda(cudaEventRecord(prefetch_.joined, prefetch_.stream), "prefetch: join"); }
 
 cublasHandle_t CudaOps::library_call() {
   join_side();  // (nothing from side work itself)

@@ -44,7 +44,6 @@ struct CudaDeviceTraits {
   int sms = 1;            // streaming multiprocessors
   int capability = 0;     // compute capability, major x 10 + minor (90 on Hopper)
   size_t smem_optin = 0;  // dynamic shared memory a block may opt in to
-  size_t l2_bytes = 0;    // the L2 cache
   bool hopper() const { return capability / 10 == 9; }  // warpgroup products (with sm_90a code)
   bool bf16_mma() const { return capability >= 80; }    // bf16 mma.sync
   bool fp8_mma() const { return capability >= 89; }     // FP8 mma.sync
@@ -192,12 +191,6 @@ class CudaOps final : public Ops {
   // op's time alone), inside side work, or with BALLAST_CUDA_SIDE_STREAM=0.
   void side(const std::function<void()>& work) override;
   void join_side() override;
-  // Prefetches are bulk L2 prefetches (Hopper's cp.async.bulk.prefetch) issued by a one-block
-  // kernel on a third stream, forked from the main stream and joined back by join_side(); none
-  // while ops are timed, inside side work, before Hopper, or with BALLAST_CUDA_PREFETCH=0. Each
-  // call brings at most kPrefetchShare of the L2 (what fits beside what the kernels between use).
-  void prefetch(std::span<const Tensor> weights) override;
-  void prefetch_experts(const Tensor& ids, std::span<const SwigluWeights> experts) override;
 
   cudaStream_t stream() const { return stream_; }
   CudaOpTimer& timer() { return timer_; }
@@ -218,12 +211,6 @@ class CudaOps final : public Ops {
   // waits for side work that is out (a call from side work has nothing beside it in a library:
   // the main stream's next call waits for it), and the cuBLAS handle is moved to the current stream.
   cublasHandle_t library_call();
-  // Whether prefetches are issued now (see prefetch()); the prefetch stream forked from the main
-  // stream for one prefetch kernel (then end_prefetch()), or nullptr where they are not.
-  bool prefetching() const;
-  cudaStream_t begin_prefetch();
-  void end_prefetch();
-  size_t prefetch_budget() const { return device_.l2_bytes / 4 * 3; }
   void cublas_on(cudaStream_t stream);         // the handle on `stream`, with its workspace
   bool move_cublas(cudaStream_t stream) noexcept;  // cublas_on's calls: whether they succeeded
 
@@ -233,8 +220,6 @@ class CudaOps final : public Ops {
   cudaStream_t main_stream_;
   CudaSideStream side_;
   bool side_out_ = false;  // side work issued and not joined
-  CudaSideStream prefetch_;  // the stream and events of prefetches
-  bool prefetch_out_ = false;  // a prefetch issued and not joined
   cublasHandle_t cublas_;
   cudaStream_t cublas_stream_;
   void* cublas_workspace_;

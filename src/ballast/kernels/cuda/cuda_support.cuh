@@ -133,33 +133,6 @@ inline bool side_stream_enabled() {
   return on;
 }
 
-// Whether weights are prefetched into L2 (Ops::prefetch): yes unless the environment sets
-// BALLAST_CUDA_PREFETCH=0 (read once), the same kind of switch as BALLAST_CUDA_PDL.
-inline bool prefetch_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("BALLAST_CUDA_PREFETCH");
-    return !(v && v[0] == '0' && v[1] == 0);
-  }();
-  return on;
-}
-
-// Starts bringing [p, p + bytes) into L2, a hint the memory system may drop (Hopper's bulk
-// prefetch; nothing before sm_90): the 16-byte-aligned bytes inside the range, a bulk prefetch
-// each kPrefetchChunk bytes, the chunks dealt over `lanes` threads (this one is `lane`).
-constexpr uint64_t kPrefetchChunk = 32768;
-__device__ __forceinline__ void prefetch_l2(const void* p, uint64_t bytes, unsigned lane, unsigned lanes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const uint64_t begin = (reinterpret_cast<uint64_t>(p) + 15) & ~uint64_t(15);
-  const uint64_t end = (reinterpret_cast<uint64_t>(p) + bytes) & ~uint64_t(15);
-  for (uint64_t a = begin + lane * kPrefetchChunk; a < end; a += lanes * kPrefetchChunk) {
-    const uint32_t n = uint32_t(end - a < kPrefetchChunk ? end - a : kPrefetchChunk);
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(a), "r"(n) : "memory");
-  }
-#else
-  (void)p, (void)bytes, (void)lane, (void)lanes;
-#endif
-}
-
 // Whether `kernel` is left out of its launches: its (mangled) name contains one of the
 // comma-separated strings of BALLAST_CUDA_SKIP_KERNELS (read once). A profiling aid: a step's graph
 // captured without a kernel times what that kernel costs inside it, overlaps and all (docs/perf.md,
