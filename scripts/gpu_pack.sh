@@ -12,8 +12,9 @@
 # (BALLAST_BEFORE="A B"), each is packed as ballast-<revision> (A also as ballast-old), for
 # AB_VARIANTS="ballast-A ballast-B ballast" (one change after another in one run). Each ballast adds
 # ~4 MB to the pack (xz finds little they share) and the tracked tree is ~50 MB of the 64 MiB the
-# device tool carries (untracked build folders aside): with PACK_TESTS=0 only ballast (and the revisions before) are packed, for an
-# A/B call (the test binaries are ~9 MB of it). The total is printed at the end.
+# device tool carries (untracked build folders aside): with PACK_TESTS=0 only ballast (and the
+# revisions before) are packed, for an A/B call (the test binaries are ~9 MB of it). The total is
+# printed at the end.
 #   bash scripts/gpu_pack.sh   ->  then carry .carry (see scripts/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
