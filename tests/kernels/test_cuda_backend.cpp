@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
+#include <numeric>
 #include <random>
 
 #include "ballast/core/dtype.h"
@@ -283,6 +284,162 @@ TEST(CudaBackend, Fp8GroupedExpertsOnTheFp8TensorCoresEqualTheProductsOfQuantize
     expect_grouped_experts_equal_rounded_products(DType::F8_E4M3_B128, 768, 256, "moe_experts (FP8 tensor cores)",
                                                   /*quantized=*/true, offsets);
   }
+}
+
+// Few tokens' routed experts in one pass (moe_routed: clusters of blocks, h shared between them,
+// the choices added into out in order by the last block of each slice) against the sum in double
+// over the weights as stored and against the grouped ops on the same device. The shapes take each
+// of the kernel's layouts: the 80B model's (FP8, 2 parts of I, two down rows a warp-load), FP8 with
+// two loads a lane a down row, bf16 with rows of 8 lanes (the demo model's), 4 parts, 4 loads a
+// lane. Choices of weight 0 and of no expert (-1) add nothing; a second pass over the same out
+// adds the same bits again (no atomics in the sums; the arrival counts left at zero).
+TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
+  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
+  struct Case {
+    DType dt;
+    int64_t H, I, E, T, k;
+  };
+  for (const Case cs : {Case{DType::F8_E4M3_B128, 2048, 512, 16, 1, 10}, Case{DType::F8_E4M3_B128, 1024, 1024, 12, 4, 6},
+                        Case{DType::BF16, 256, 64, 8, 3, 4}, Case{DType::BF16, 512, 512, 8, 2, 2},
+                        Case{DType::BF16, 256, 1024, 9, 4, 8}}) {
+    SCOPED_TRACE(testing::Message() << dtype_name(cs.dt) << " H " << cs.H << " I " << cs.I << " T " << cs.T << " k "
+                                    << cs.k);
+    CudaBackend be(0, CudaOptions{.bf16_matmul = true});
+    const int64_t H = cs.H, I = cs.I, E = cs.E, T = cs.T, k = cs.k;
+    std::mt19937 rng(uint32_t(11 + H + I));
+    std::normal_distribution<float> nd(0.0f, 1.0f);
+    std::vector<std::vector<float>> wf(size_t(E) * 3);  // gate, up, down as stored
+    std::vector<SwigluWeights> experts;
+    for (int64_t e = 0; e < E; ++e) {
+      Tensor t[3];
+      for (int m = 0; m < 3; ++m) {
+        const int64_t rows = m < 2 ? I : H, cols = m < 2 ? H : I;
+        std::vector<float> v(size_t(rows * cols));
+        for (float& f : v) f = 0.1f * nd(rng);
+        if (cs.dt == DType::F8_E4M3_B128) {
+          BlockScaledHost q = block_scaled_host(v, rows, cols);
+          wf[size_t(e * 3 + m)] = q.stored;
+          t[m] = be.to_device(q.tensor);
+        } else {
+          Tensor hst = Tensor::zeros({rows, cols}, DType::BF16);
+          for (int64_t i = 0; i < rows * cols; ++i) {
+            hst.data<uint16_t>()[i] = f32_to_bf16(v[size_t(i)]);
+            wf[size_t(e * 3 + m)].push_back(bf16_to_f32(hst.data<uint16_t>()[i]));
+          }
+          t[m] = be.to_device(hst);
+        }
+      }
+      experts.push_back({t[0], t[1], t[2]});
+    }
+    std::vector<int32_t> ids(size_t(T * k));
+    std::vector<float> w(size_t(T * k));
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int32_t> order(static_cast<size_t>(E));
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      for (int64_t j = 0; j < k; ++j) {
+        ids[size_t(t * k + j)] = order[size_t(j)];
+        w[size_t(t * k + j)] = 0.05f + std::abs(nd(rng));
+      }
+    }
+    if (T * k > 3) {
+      ids[1] = -1, w[1] = 0.0f;  // a padding row's choice
+      w[2] = 0.0f;               // a choice of weight 0
+    }
+    std::vector<float> x(size_t(T * H)), out0(size_t(T * H));
+    for (float& v : x) v = nd(rng);
+    for (float& v : out0) v = nd(rng);
+    Tensor xd = be.alloc({T, H}, DType::F32), idd = be.alloc({T, k}, DType::I32), wd = be.alloc({T, k}, DType::F32);
+    Tensor out = be.alloc({T, H}, DType::F32);
+    be.upload(x.data(), xd);
+    be.upload(ids.data(), idd);
+    be.upload(w.data(), wd);
+    ASSERT_TRUE(be.ops().moe_routed_fits(xd, idd, experts));
+    std::vector<float> got[2];
+    for (std::vector<float>& g : got) {
+      be.upload(out0.data(), out);
+      be.start_op_timing();
+      be.ops().moe_routed(xd, idd, wd, experts, out);
+      EXPECT_EQ(be.stop_op_timing().at(0).op, "moe_routed");
+      g.resize(size_t(T * H));
+      be.download(out, g.data());
+    }
+    EXPECT_EQ(got[0], got[1]) << "the same sums, bit for bit, a second time";
+    double worst = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> want(out0.begin() + t * H, out0.begin() + (t + 1) * H), scale(size_t(H), 0.0);
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = ids[size_t(t * k + j)];
+        const double wj = w[size_t(t * k + j)];
+        if (e < 0 || wj == 0) continue;
+        const auto &gate = wf[size_t(e * 3)], &up = wf[size_t(e * 3 + 1)], &down = wf[size_t(e * 3 + 2)];
+        std::vector<double> h(static_cast<size_t>(I));
+        for (int64_t i = 0; i < I; ++i) {
+          double g = 0, u = 0;
+          for (int64_t c = 0; c < H; ++c) {
+            g += double(gate[size_t(i * H + c)]) * x[size_t(t * H + c)];
+            u += double(up[size_t(i * H + c)]) * x[size_t(t * H + c)];
+          }
+          h[size_t(i)] = g / (1.0 + std::exp(-g)) * u;
+        }
+        for (int64_t n = 0; n < H; ++n)
+          for (int64_t i = 0; i < I; ++i) {
+            want[size_t(n)] += wj * down[size_t(n * I + i)] * h[size_t(i)];
+            scale[size_t(n)] += std::abs(wj * down[size_t(n * I + i)] * h[size_t(i)]);
+          }
+      }
+      for (int64_t n = 0; n < H; ++n)
+        worst = std::max(worst, std::abs(got[0][size_t(t * H + n)] - want[size_t(n)]) / (scale[size_t(n)] + 1.0));
+    }
+    EXPECT_LT(worst, 1e-5) << "relative to the sum of |products| (+ |out| ~ 1)";
+
+    // The grouped ops on the same device, the same inputs.
+    const int64_t N = T * k;
+    Tensor perm = be.alloc({N}, DType::I32), counts = be.alloc({E}, DType::I32);
+    Tensor offsets = be.alloc({E + 1}, DType::I32), none;
+    Tensor y = be.alloc({N, H}, DType::F32);
+    be.ops().group_by(idd.reshape({N}), none, 1, int(E), perm, counts, offsets, none);
+    be.ops().moe_experts(xd, perm, offsets, int(k), experts, y);
+    be.upload(out0.data(), out);
+    be.ops().moe_combine(y, none, wd, out);
+    std::vector<float> grouped(size_t(T * H));
+    be.download(out, grouped.data());
+    double apart = 0;
+    for (size_t i = 0; i < grouped.size(); ++i)
+      apart = std::max(apart, double(std::abs(grouped[i] - got[0][i])) / (1.0 + std::abs(grouped[i])));
+    EXPECT_LT(apart, 1e-4) << "against group_by, moe_experts and moe_combine";
+  }
+}
+
+// A choice of an expert past the table, or of one with no weights, is an index fault named at the
+// next wait (the rest of out is still computed); the backend serves on.
+TEST(CudaBackend, RoutedExpertsInOnePassReportABadChoice) {
+  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
+  CudaBackend be(0, CudaOptions{.bf16_matmul = true});
+  const int64_t H = 256, I = 64, E = 4, T = 1, k = 2;
+  std::vector<SwigluWeights> experts;
+  for (int64_t e = 0; e < E; ++e) {
+    auto bf16 = [&](int64_t r, int64_t c) { return be.to_device(Tensor::zeros({r, c}, DType::BF16)); };
+    experts.push_back(e == 2 ? SwigluWeights{} : SwigluWeights{bf16(I, H), bf16(I, H), bf16(H, I)});
+  }
+  Tensor xd = be.alloc({T, H}, DType::F32), idd = be.alloc({T, k}, DType::I32), wd = be.alloc({T, k}, DType::F32);
+  Tensor out = be.alloc({T, H}, DType::F32);
+  std::vector<float> zeros(size_t(T * H), 0.0f), back(size_t(T * H));
+  const std::vector<float> w = {0.5f, 0.5f};
+  be.upload(zeros.data(), xd);
+  be.upload(w.data(), wd);
+  for (const auto& [bad, what] : {std::pair{std::vector<int32_t>{0, 7}, "moe_routed: ids[1] = 7 not below 4 experts"},
+                                  std::pair{std::vector<int32_t>{2, 1}, "moe_routed: ids[0] = 2 chooses an expert with no weights"}}) {
+    be.upload(bad.data(), idd);
+    ASSERT_TRUE(be.ops().moe_routed_fits(xd, idd, experts));
+    be.ops().moe_routed(xd, idd, wd, experts, out);
+    test::expect_error([&] { be.download(out, back.data()); }, {what});
+  }
+  const std::vector<int32_t> good = {0, 1};
+  be.upload(good.data(), idd);
+  be.ops().moe_routed(xd, idd, wd, experts, out);
+  be.download(out, back.data());
+  EXPECT_EQ(back[0], 0.0f);
 }
 
 // FP8 dense products with bf16 matrix products. Few rows read the e4m3 weights in place (fp32

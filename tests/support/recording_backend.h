@@ -222,6 +222,12 @@ class RecordingBackend final : public kernels::Backend {
     void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) override {
       be_.issue([this, y = y, rows = rows, weights = weights, out = out]() mutable { inner().moe_combine(y, rows, weights, out); });
     }
+    bool moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const kernels::SwigluWeights> experts) const override {
+      return be_.inner_->ops().moe_routed_fits(x, ids, experts);
+    }
+    void moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights, std::span<const kernels::SwigluWeights> experts, Tensor& out) override {
+      be_.issue([this, x = x, ids = ids, weights = weights, experts = std::vector<kernels::SwigluWeights>(experts.begin(), experts.end()), out = out]() mutable { inner().moe_routed(x, ids, weights, experts, out); });
+    }
     void gather_routed(std::span<const kernels::RoutedRows> sources, int me, Tensor& out, Tensor& recv_counts) override {
       be_.issue([this, sources = std::vector<kernels::RoutedRows>(sources.begin(), sources.end()), me = me, out = out, recv_counts = recv_counts]() mutable { inner().gather_routed(sources, me, out, recv_counts); });
     }

@@ -389,6 +389,24 @@ int64_t check_group_by(const Tensor& keys, const Tensor& valid, int div, int gro
   return N;
 }
 
+namespace {
+
+// Every expert whose gate is defined: SwiGLU weights for rows of H.
+void check_experts(const char* op, std::span<const SwigluWeights> experts, int64_t H) {
+  for (size_t g = 0; g < experts.size(); ++g) {
+    const SwigluWeights& w = experts[g];
+    if (!w.gate.defined()) continue;
+    const int64_t I = w.gate.dim(0);
+    check(w.gate.rank() == 2 && w.gate.dim(1) == H && w.up.defined() && w.up.shape() == w.gate.shape() &&
+              w.down.defined() && w.down.rank() == 2 && w.down.dim(0) == H && w.down.dim(1) == I,
+          "{}: expert {} has gate{} up{} down{} for rows of {}", op, g, w.gate, w.up, w.down, H);
+    for (auto [part, t] : {std::pair{"gate", &w.gate}, {"up", &w.up}, {"down", &w.down}})
+      expect_matrix_weight(op, fmt::format("expert {} {}", g, part).c_str(), *t);
+  }
+}
+
+}  // namespace
+
 ExpertsShape check_moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                                std::span<const SwigluWeights> experts, const Tensor& y) {
   check(x.defined() && y.defined() && x.rank() == 2 && y.rank() == 2 && x.dtype() == DType::F32 &&
@@ -398,17 +416,22 @@ ExpertsShape check_moe_experts(const Tensor& x, const Tensor& perm, const Tensor
   expect("moe_experts", "perm", perm, DType::I32);
   expect("moe_experts", "offsets", offsets, DType::I32, int64_t(experts.size()) + 1);
   check(row_div >= 1, "moe_experts: row_div {} < 1", row_div);
-  for (size_t g = 0; g < experts.size(); ++g) {
-    const SwigluWeights& w = experts[g];
-    if (!w.gate.defined()) continue;
-    const int64_t I = w.gate.dim(0);
-    check(w.gate.rank() == 2 && w.gate.dim(1) == H && w.up.defined() && w.up.shape() == w.gate.shape() &&
-              w.down.defined() && w.down.rank() == 2 && w.down.dim(0) == H && w.down.dim(1) == I,
-          "moe_experts: expert {} has gate{} up{} down{} for rows of {}", g, w.gate, w.up, w.down, H);
-    for (auto [part, t] : {std::pair{"gate", &w.gate}, {"up", &w.up}, {"down", &w.down}})
-      expect_matrix_weight("moe_experts", fmt::format("expert {} {}", g, part).c_str(), *t);
-  }
+  check_experts("moe_experts", experts, H);
   return {x.dim(0), H, y.dim(0)};
+}
+
+RoutedShape check_moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                             std::span<const SwigluWeights> experts, const Tensor& out) {
+  check(x.defined() && out.defined() && x.rank() == 2 && x.dtype() == DType::F32 && out.shape() == x.shape() &&
+            out.dtype() == DType::F32,
+        "moe_routed: x{} and out{} should be F32 [T, H] alike", x, out);
+  const int64_t T = x.dim(0), H = x.dim(1);
+  check(ids.defined() && ids.rank() == 2 && ids.dim(0) == T && ids.dtype() == DType::I32,
+        "moe_routed: ids {} is not I32 [T={}, k]", ids, T);
+  check(weights.defined() && weights.shape() == ids.shape() && weights.dtype() == DType::F32,
+        "moe_routed: weights {} is not F32 shaped as ids {}", weights, ids);
+  check_experts("moe_routed", experts, H);
+  return {T, H, ids.dim(1)};
 }
 
 CombineShape check_moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, const Tensor& out) {

@@ -130,6 +130,11 @@ struct ExpertsShape {
 };
 ExpertsShape check_moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                                std::span<const SwigluWeights> experts, const Tensor& y);
+struct RoutedShape {
+  int64_t T, H, k;  // tokens, width, choices per token
+};
+RoutedShape check_moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                             std::span<const SwigluWeights> experts, const Tensor& out);
 struct CombineShape {
   int64_t T, H, M, k;  // rows of out, width, rows of y, choices per row
 };

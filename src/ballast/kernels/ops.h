@@ -12,6 +12,7 @@
 #include <functional>
 #include <span>
 
+#include "ballast/core/error.h"
 #include "ballast/core/tensor.h"
 #include "ballast/eplb/dispatch.h"
 
@@ -198,6 +199,22 @@ class Ops {
   // rows [T*k] (undefined: row t*k + j). A choice of weight 0 adds nothing and its rows entry and
   // y row are not read (a row that went to no expert has no y row).
   virtual void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) = 0;
+  // Whether moe_routed computes x's routed experts in one pass on this backend (a fast path for few
+  // tokens: decode); where it does not, the caller groups the choices (group_by, moe_experts,
+  // moe_combine), which every backend does. A function of the shapes and dtypes alone.
+  virtual bool moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts) const {
+    (void)x, (void)ids, (void)experts;
+    return false;
+  }
+  // out[t, :] += sum over j in order of weights[t, j] * experts[ids[t, j]](x[t, :]): what group_by,
+  // moe_experts and moe_combine compute together, in one pass, where moe_routed_fits. ids, weights
+  // [T, k]; a choice of weight 0 or id < 0 adds nothing; an id past the experts, or of an expert
+  // with no weights, is an index fault.
+  virtual void moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                          std::span<const SwigluWeights> experts, Tensor& out) {
+    (void)x, (void)ids, (void)weights, (void)experts, (void)out;
+    fail("moe_routed: this backend computes routed experts only grouped (moe_routed_fits is false)");
+  }
   // all_to_all_v's receiving half with the counts read on the device, no host wait: out [M, ...]
   // holds, by source in order, the sources[s].counts[me] rows that follow the first
   // sum(sources[s].counts[0..me)) rows of sources[s].rows (the same dtype and row size as out);

@@ -4,6 +4,11 @@ namespace ballast::moe {
 
 void LocalMoeRunner::run(int, const Tensor& x, const Tensor& ids, const Tensor& weights,
                          std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) {
+  if (ops_.moe_routed_fits(x, ids, experts)) {  // few tokens: one pass, no grouping
+    ops_.join_side();
+    ops_.moe_routed(x, ids, weights, experts, out);
+    return;
+  }
   const int64_t T = ids.dim(0), k = ids.dim(1), N = T * k, E = int64_t(experts.size());
   const Tensor choices = ids.reshape({N});
   Tensor perm = ws.take({N}, DType::I32), counts = ws.take({E}, DType::I32), offsets = ws.take({E + 1}, DType::I32);

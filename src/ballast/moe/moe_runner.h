@@ -22,7 +22,8 @@ class MoeRunner {
 };
 
 // Every expert computed on the caller's rank: the choices grouped by expert, one grouped product
-// per expert, combined in top-k order.
+// per expert, combined in top-k order; or, where the backend has it for these shapes (few tokens),
+// all of that in one pass (Ops::moe_routed).
 class LocalMoeRunner final : public MoeRunner {
  public:
   explicit LocalMoeRunner(kernels::Ops& ops) : ops_(ops) {}

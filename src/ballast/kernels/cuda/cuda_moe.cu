@@ -32,6 +32,7 @@
 // and reported in a fault record in mapped host memory, which the next MoE op throws on the host
 // (with BALLAST_CUDA_SYNC_CHECKS=1, every MoE op outside stream capture waits for its kernels and
 // throws its own fault at once).
+#include <cooperative_groups.h>
 #include <cub/block/block_scan.cuh>
 #include <cub/device/device_radix_sort.cuh>
 
@@ -136,6 +137,8 @@ std::string describe(int code, long long a, long long b, long long c) {
     case cm::kExpertsPerm: return fmt::format("moe_experts: perm[{}] = {} out of range for x and y", a, b);
     case cm::kExpertsNoWeights: return fmt::format("moe_experts: group {} has {} rows but no weights", a, b);
     case cm::kCombineRow: return fmt::format("moe_combine: rows[{}] = {} not in [0, {})", a, b, c);
+    case cm::kOnePassId: return fmt::format("moe_routed: ids[{}] = {} not below {} experts", a, b, c);
+    case cm::kOnePassNoWeights: return fmt::format("moe_routed: ids[{}] = {} chooses an expert with no weights", a, b);
     case cm::kRoutedSource:
       return fmt::format("gather_routed: source {}'s counts reach row {}, past the {} rows it holds", a, b, c);
     case cm::kRoutedOut:
@@ -182,6 +185,7 @@ class MoeState {
     fault = static_cast<Fault*>(d);
   }
   ~MoeState() {
+    cudaFree(arrivals_);
     for (auto& [key, t] : tables_) {
       cudaFree(t.dev);
       cudaFreeHost(t.host);
@@ -247,6 +251,18 @@ class MoeState {
     return it->second.dev;
   }
 
+  // moe_routed's arrival counts, `n` of them, zeros between its launches (each launch leaves them
+  // so); allocated and zeroed on `stream` at first need.
+  unsigned* arrivals(size_t n, cudaStream_t stream) {
+    if (arrivals_ == nullptr) {
+      arrivals_ = static_cast<unsigned*>(cuda::device_malloc(n * sizeof(unsigned), "moe_routed: arrival counts"));
+      ++counters_.allocations;
+      counters_.bytes_allocated += int64_t(n * sizeof(unsigned));
+      check_cuda(cudaMemsetAsync(arrivals_, 0, n * sizeof(unsigned), stream), "moe_routed: zeroing arrival counts");
+    }
+    return arrivals_;
+  }
+
   Fault* fault = nullptr;  // device view of the record
   std::vector<ExpertEntry> staging;  // the entries of a call, reused
 
@@ -257,6 +273,7 @@ class MoeState {
   };
   Counters& counters_;
   Fault* host_fault_ = nullptr;
+  unsigned* arrivals_ = nullptr;
   std::map<std::pair<const void*, size_t>, Table> tables_;
 };
 
@@ -1788,6 +1805,251 @@ __global__ void combine_kernel(const float* y, int64_t M, const int32_t* rows,
 }
 
 // ============================================================================================
+// moe_routed
+// ============================================================================================
+
+// Few tokens (decode) in one pass: a cluster of blocks for each (token, choice, part of the
+// intermediate size). Each block computes its share of h = silu(gate x) * up x, the cluster's blocks
+// exchange their shares through distributed shared memory, and each block multiplies the part's h by
+// its slice of down's rows; the last block to finish a slice of a token's output row (an arrival
+// count) adds every choice's rows into out in top-k order. So grouping, the tile lists, the two
+// expert passes and the combine are one kernel, no expert's rows wait for another's, and the sum is
+// the same from run to run.
+constexpr int kOnePassBlocks = 8;   // a cluster (the portable size)
+constexpr int kOnePassWarps = 8;
+constexpr int kOnePassThreads = 32 * kOnePassWarps;
+constexpr int kOnePassLoads = 16;   // 16-byte weight loads a lane has in flight (8 for FP8: see the kernel)
+constexpr int kOnePassMaxK = 32;    // choices a token
+constexpr int kOnePassMaxTokens = 64;  // the arrival counts kept (kOnePassBlocks a token)
+
+struct OnePassArgs {
+  const float* x;          // [T, H]
+  const int32_t* ids;      // [T, k]
+  const float* weights;    // [T, k]
+  const ExpertEntry* ex;   // [E]
+  float* part;             // [T * k * parts, H]: each (choice, part)'s rows of down . h
+  unsigned* arrivals;      // [T, kOnePassBlocks]: blocks done with each slice of a token's row (0 between launches)
+  float* out;              // [T, H]
+  int64_t H, I;            // every expert's
+  int k, E, parts;
+  Fault* fault;
+};
+
+// Whether choice c (t * k + j) adds anything: the same answer for every block that asks. A bad id
+// is reported where `reports`.
+__device__ __forceinline__ bool one_pass_choice(const OnePassArgs& a, int64_t c, bool reports, int32_t& id, float& w) {
+  id = load_after_wait(a.ids + c);
+  w = load_after_wait(a.weights + c);
+  if (w == 0.0f || id < 0) return false;
+  if (id >= a.E) {
+    if (reports) report(a.fault, cm::kOnePassId, c, id, a.E);
+    return false;
+  }
+  if (a.ex[id].gate == nullptr) {
+    if (reports) report(a.fault, cm::kOnePassNoWeights, c, id, 0);
+    return false;
+  }
+  return true;
+}
+
+// The EL floats of a 16-byte load of W (EL = 16 / sizeof(W)).
+template <typename W>
+__device__ __forceinline__ void unpack16(uint4 v, float* out) {
+  Words<4> r;
+  r.w[0] = v.x, r.w[1] = v.y, r.w[2] = v.z, r.w[3] = v.w;
+  unpack_words<W, 4>(r, out);
+}
+
+__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
+
+// W: f8e4m3 (block-scaled by 128 x 128) or __nv_bfloat16. DL: 16-byte loads a lane makes of a down
+// row's part (its I / parts columns over 32 lanes; 1 where fewer lanes cover a row).
+// Shared memory: x as float4s [H / (32 EL)][EL / 4][32] (a lane's EL floats of a k step, lane-major:
+// no bank conflicts), h of the part [I / parts], this block's share [I / parts / 8], its rows of
+// down . h [H / 8].
+template <typename W, int DL>
+__global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePassThreads, 2)
+    moe_routed_kernel(OnePassArgs a) {
+  constexpr bool F8 = std::is_same_v<W, f8e4m3>;
+  constexpr int EL = 16 / int(sizeof(W)), STEP = 32 * EL;
+  // FP8's unpacking and block scales take the registers of half the loads (16 spilled at 128
+  // registers); 8 a lane still keep ~5 MB in flight over 160 blocks, twice what the HBM's
+  // latency asks for.
+  constexpr int LOADS = F8 ? kOnePassLoads / 2 : kOnePassLoads;
+  constexpr int NB = 2, S = LOADS / (2 * NB);  // gate / up: NB rows of each, S steps of k, loaded together
+  constexpr int RS = LOADS / DL;               // down: rows (or groups of rows) a batch
+  extern __shared__ float4 smem[];
+  __shared__ int last;
+  __shared__ float wsum[kOnePassMaxK];
+  const int rank = int(blockIdx.x);  // in the cluster (gridDim.x == kOnePassBlocks)
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int64_t H = a.H, I = a.I, Ip = I / a.parts, Ib = Ip / kOnePassBlocks, RB = H / kOnePassBlocks;
+  const int64_t c = blockIdx.y / a.parts, t = c / a.k, n_first = rank * RB;
+  const int p = int(blockIdx.y % a.parts);
+  float4* xs = smem;
+  float* hp = reinterpret_cast<float*>(smem + H / 4);
+  float* hown = hp + Ip;
+  float* ys = hown + Ib;
+  wait_for_prior_kernels();
+  int32_t id;
+  float wc;
+  const bool on = one_pass_choice(a, c, rank == 0 && p == 0 && threadIdx.x == 0, id, wc);
+  if (on) {  // (the same for the whole cluster)
+    const ExpertEntry ex = a.ex[id];
+    const float* xr = a.x + t * H;
+    for (int64_t q = threadIdx.x; q < H / 4; q += kOnePassThreads) {
+      const int64_t k = 4 * q, s = k / STEP, l = (k % STEP) / EL, f = (k % EL) / 4;
+      xs[(s * (EL / 4) + f) * 32 + l] = load4_after_wait(xr + k);
+    }
+    __syncthreads();
+
+    // This block's share of h: rows i_first .. + Ib of gate and up, NB of each a warp at a time.
+    const int64_t ST = H / STEP, HB = cdiv(H, 128), i_first = p * Ip + rank * Ib;
+    const W* gate = static_cast<const W*>(ex.gate);
+    const W* up = static_cast<const W*>(ex.up);
+    for (int64_t i0 = int64_t(warp) * NB; i0 < Ib; i0 += kOnePassWarps * NB) {
+      float acc[NB][2] = {};
+      for (int64_t s0 = 0; s0 < ST; s0 += S) {
+        uint4 raw[NB][2][S];
+        float sc[NB][2][S];
+#pragma unroll
+        for (int r = 0; r < NB; ++r)
+#pragma unroll
+          for (int m = 0; m < 2; ++m)
+#pragma unroll
+            for (int s = 0; s < S; ++s) {
+              raw[r][m][s] = make_uint4(0, 0, 0, 0);
+              sc[r][m][s] = 0.0f;
+              if (i0 + r < Ib && s0 + s < ST) {
+                const int64_t row = i_first + i0 + r, k = (s0 + s) * STEP + lane * EL;
+                raw[r][m][s] = __ldg(reinterpret_cast<const uint4*>((m ? up : gate) + row * H + k));
+                if constexpr (F8) sc[r][m][s] = __ldg((m ? ex.s_up : ex.s_gate) + (row / 128) * HB + k / 128);
+              }
+            }
+#pragma unroll
+        for (int s = 0; s < S; ++s) {
+          if (s0 + s >= ST) break;
+          float xv[EL];
+#pragma unroll
+          for (int f = 0; f < EL / 4; ++f) {
+            const float4 v = xs[((s0 + s) * (EL / 4) + f) * 32 + lane];
+            xv[4 * f] = v.x, xv[4 * f + 1] = v.y, xv[4 * f + 2] = v.z, xv[4 * f + 3] = v.w;
+          }
+#pragma unroll
+          for (int r = 0; r < NB; ++r)
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+              float wv[EL];
+              unpack16<W>(raw[r][m][s], wv);
+              float d = 0.0f;
+#pragma unroll
+              for (int e = 0; e < EL; ++e) d = fmaf(wv[e], xv[e], d);
+              acc[r][m] = F8 ? fmaf(sc[r][m][s], d, acc[r][m]) : acc[r][m] + d;
+            }
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < NB; ++r) {
+        const float g = warp_sum(acc[r][0]), u = warp_sum(acc[r][1]);
+        if (lane == 0 && i0 + r < Ib) hown[i0 + r] = silu_(g) * u;
+      }
+    }
+
+    // Down: rows n_first .. + RB, the part's columns. A row's Ip / EL chunks over LW lanes (DL
+    // loads each), G rows a warp-load where a row has fewer than 32 chunks.
+    const int LPR = int(Ip / EL), LW = LPR < 32 ? LPR : 32, G = 32 / LW, sub = lane / LW, lw = lane % LW;
+    const int64_t RPB = int64_t(RS) * G, IB = cdiv(I, 128), stride = int64_t(kOnePassWarps) * RPB;
+    const W* down = static_cast<const W*>(ex.down);
+    uint4 raw[LOADS];
+    float sc[LOADS];
+    auto load_down = [&](int64_t n0) {
+#pragma unroll
+      for (int u = 0; u < LOADS; ++u) {
+        const int64_t nl = n0 + (u / DL) * G + sub;
+        raw[u] = make_uint4(0, 0, 0, 0);
+        sc[u] = 0.0f;
+        if (nl < RB) {
+          const int64_t n = n_first + nl, col = p * Ip + (lw + (u % DL) * LW) * EL;
+          raw[u] = __ldg(reinterpret_cast<const uint4*>(down + n * I + col));
+          if constexpr (F8) sc[u] = __ldg(ex.s_down + (n / 128) * IB + col / 128);
+        }
+      }
+    };
+    int64_t n0 = int64_t(warp) * RPB;
+    if (n0 < RB) load_down(n0);  // (down's first rows stream while the cluster waits for h)
+    cluster_arrive();
+    cluster_wait();  // every block's share of h written
+    for (int64_t q = threadIdx.x; q < Ip; q += kOnePassThreads) {
+      const int r = int(q / Ib);
+      const float* theirs = cooperative_groups::this_cluster().map_shared_rank(hown, r);
+      hp[q] = theirs[q - r * Ib];
+    }
+    cluster_arrive();  // done reading the others' shares (each waits for this before it exits)
+    __syncthreads();
+    float hv[DL][EL];
+#pragma unroll
+    for (int q = 0; q < DL; ++q)
+#pragma unroll
+      for (int e = 0; e < EL; ++e) hv[q][e] = hp[(lw + q * LW) * EL + e];
+    while (n0 < RB) {
+#pragma unroll
+      for (int rs = 0; rs < RS; ++rs) {
+        float d = 0.0f;
+#pragma unroll
+        for (int q = 0; q < DL; ++q) {
+          float wv[EL];
+          unpack16<W>(raw[rs * DL + q], wv);
+          float e_sum = 0.0f;
+#pragma unroll
+          for (int e = 0; e < EL; ++e) e_sum = fmaf(wv[e], hv[q][e], e_sum);
+          d = F8 ? fmaf(sc[rs * DL + q], e_sum, d) : d + e_sum;
+        }
+        for (int o = LW / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
+        const int64_t nl = n0 + rs * G + sub;
+        if (lw == 0 && nl < RB) ys[nl] = d;
+      }
+      n0 += stride;
+      if (n0 < RB) load_down(n0);
+    }
+    __syncthreads();
+    float* mine = a.part + (c * a.parts + p) * H + n_first;
+    for (int64_t q = threadIdx.x; q < RB; q += kOnePassThreads) mine[q] = ys[q];
+    __threadfence();  // (each writer's rows before the block's arrival)
+  }
+
+  // The last block of the token's slice adds every choice's rows, in order, into out.
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const unsigned before = atomicAdd(a.arrivals + t * kOnePassBlocks + rank, 1u);
+    last = before + 1 == unsigned(a.k * a.parts);
+  }
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    for (int j = threadIdx.x; j < a.k; j += kOnePassThreads) {
+      int32_t idj;
+      float wj;
+      wsum[j] = one_pass_choice(a, t * a.k + j, false, idj, wj) ? wj : 0.0f;
+    }
+    __syncthreads();
+    for (int64_t q = threadIdx.x; q < RB; q += kOnePassThreads) {
+      const int64_t n = n_first + q;
+      float acc = load_after_wait(a.out + t * H + n);
+      for (int j = 0; j < a.k; ++j) {
+        if (wsum[j] == 0.0f) continue;
+        float y = 0.0f;
+        for (int pp = 0; pp < a.parts; ++pp) y += __ldcg(a.part + ((t * a.k + j) * a.parts + pp) * H + n);
+        acc += wsum[j] * y;
+      }
+      a.out[t * H + n] = acc;
+    }
+    if (threadIdx.x == 0) a.arrivals[t * kOnePassBlocks + rank] = 0;  // for the next launch
+  }
+  if (on) cluster_wait();  // the others are done with this block's share: its shared memory may go
+}
+
+// ============================================================================================
 // gather_routed
 // ============================================================================================
 
@@ -2004,6 +2266,57 @@ void CudaOps::group_by(const Tensor& keys, const Tensor& valid, int div, int gro
   st.after(stream_);
 }
 
+namespace {
+
+// What every expert with weights shares, as moe_experts and moe_routed choose their kernels by it.
+struct ExpertsSummary {
+  bool any = false;         // some expert has weights
+  bool bf16 = true;         // ... all of them BF16
+  bool f8 = true;           // ... all block-scaled FP8 with an intermediate size of whole 16s
+  bool same_inter = true;   // ... all of one intermediate size (imax)
+  bool rows16 = true;       // ... all 16-byte aligned, rows of whole 16-byte loads (16 elements for FP8, else 8)
+  int64_t imax = 0;
+};
+
+// The experts as the kernels see them (entries[g]; zeros for an expert with no weights) for rows of
+// H, shapes and dtypes checked by the op's checks; throws where weights are not in CUDA memory or
+// an expert's gate and up differ in dtype.
+ExpertsSummary expert_entries(std::span<const SwigluWeights> experts, int64_t H, std::vector<ExpertEntry>& entries) {
+  ExpertsSummary s;
+  entries.assign(experts.size(), ExpertEntry{});
+  for (size_t g = 0; g < experts.size(); ++g) {
+    const SwigluWeights& w = experts[g];
+    if (!w.gate.defined()) continue;  // an empty group's (rows for it are the kernels' to report)
+    const int64_t I = w.gate.dim(0);
+    check(w.gate.device() == Device::CUDA && w.up.device() == Device::CUDA && w.down.device() == Device::CUDA,
+          "moe_experts: expert {}'s weights are not in CUDA memory", g);
+    // One dtype of gate and up per expert entry (ExpertEntry): the kernels read both alike.
+    check(w.up.dtype() == w.gate.dtype(),
+          "moe_experts: expert {} has gate {} up {} down {}: expected F32, BF16, F16, F8_E4M3 or F8_E4M3_B128, gate "
+          "and up alike", g, dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
+    auto scales = [&](const Tensor& t) -> const float* {
+      if (t.dtype() != DType::F8_E4M3_B128) return nullptr;
+      check(t.scales().device() == Device::CUDA, "moe_experts: expert {}'s block scales are not in CUDA memory", g);
+      return cuda::f32(t.scales());
+    };
+    entries[g] = ExpertEntry{w.gate.raw(),    w.up.raw(),    w.down.raw(), scales(w.gate),
+                             scales(w.up),    scales(w.down), I,           int32_t(w.gate.dtype()),
+                             int32_t(w.down.dtype())};
+    s.same_inter = s.same_inter && (!s.any || I == s.imax);
+    s.imax = std::max(s.imax, I);
+    s.any = true;
+    s.bf16 = s.bf16 && w.gate.dtype() == DType::BF16 && w.down.dtype() == DType::BF16;
+    s.f8 = s.f8 && w.gate.dtype() == DType::F8_E4M3_B128 && w.down.dtype() == DType::F8_E4M3_B128 && I % 16 == 0;
+    // (Vectorised FP8 steps over 16 elements: rows of a multiple of 16.)
+    const int64_t step = dtype_size(w.gate.dtype()) == 1 || dtype_size(w.down.dtype()) == 1 ? 16 : 8;
+    s.rows16 = s.rows16 && I % step == 0 && H % step == 0 && aligned16(w.gate.raw()) && aligned16(w.up.raw()) &&
+               aligned16(w.down.raw());
+  }
+  return s;
+}
+
+}  // namespace
+
 void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                           std::span<const SwigluWeights> experts, Tensor& y) {
   auto timed = time_op("moe_experts");
@@ -2019,41 +2332,12 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   check(Np < (int64_t(1) << 31) - kFp8Rows, "moe_experts: perm {} too long", perm);
   if (Np == 0 || groups == 0 || H == 0) return;
 
-  // The experts as the kernels see them (shapes and dtypes checked by check_moe_experts; the rows
-  // on the device).
   std::vector<ExpertEntry>& entries = st.staging;
-  entries.assign(size_t(groups), ExpertEntry{});
-  int64_t imax = 0;
-  bool any = false, vec = H % 8 == 0 && aligned16(x.raw()), bf16 = true, f8 = H % 16 == 0, same_inter = true;
-  for (int g = 0; g < groups; ++g) {
-    const SwigluWeights& w = experts[size_t(g)];
-    if (!w.gate.defined()) continue;  // an empty group's (rows for it are the tile pass's to report)
-    const int64_t I = w.gate.dim(0);
-    check(w.gate.device() == Device::CUDA && w.up.device() == Device::CUDA && w.down.device() == Device::CUDA,
-          "moe_experts: expert {}'s weights are not in CUDA memory", g);
-    // One dtype of gate and up per expert entry (ExpertEntry): the kernels read both alike.
-    check(w.up.dtype() == w.gate.dtype(),
-          "moe_experts: expert {} has gate {} up {} down {}: expected F32, BF16, F16, F8_E4M3 or F8_E4M3_B128, gate "
-          "and up alike", g, dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
-    auto scales = [&](const Tensor& t) -> const float* {
-      if (t.dtype() != DType::F8_E4M3_B128) return nullptr;
-      check(t.scales().device() == Device::CUDA, "moe_experts: expert {}'s block scales are not in CUDA memory", g);
-      return cuda::f32(t.scales());
-    };
-    entries[size_t(g)] = ExpertEntry{w.gate.raw(),    w.up.raw(),    w.down.raw(), scales(w.gate),
-                                     scales(w.up),    scales(w.down), I,           int32_t(w.gate.dtype()),
-                                     int32_t(w.down.dtype())};
-    same_inter = same_inter && (!any || I == imax);
-    imax = std::max(imax, I);
-    any = true;
-    bf16 = bf16 && w.gate.dtype() == DType::BF16 && w.down.dtype() == DType::BF16;
-    f8 = f8 && w.gate.dtype() == DType::F8_E4M3_B128 && w.down.dtype() == DType::F8_E4M3_B128 && I % 16 == 0;
-    // (Vectorised FP8 steps over 16 elements: rows of a multiple of 16.)
-    const int64_t step = dtype_size(w.gate.dtype()) == 1 || dtype_size(w.down.dtype()) == 1 ? 16 : 8;
-    vec = vec && I % step == 0 && H % step == 0 && aligned16(w.gate.raw()) && aligned16(w.up.raw()) &&
-          aligned16(w.down.raw());
-  }
-  if (!any) return;  // no group can have rows (the tile pass would only report it)
+  const ExpertsSummary sum = expert_entries(experts, H, entries);
+  if (!sum.any) return;  // no group can have rows (the tile pass would only report it)
+  const int64_t imax = sum.imax;
+  const bool bf16 = sum.bf16, f8 = sum.f8 && H % 16 == 0, same_inter = sum.same_inter;
+  const bool vec = sum.rows16 && H % 8 == 0 && aligned16(x.raw());
   const ExpertEntry* table = st.experts(experts.data(), entries, stream_);
 
   // The tensor-core path wants 16-byte rows of bf16 (or block-scaled FP8) weights and of fp32 x and h.
@@ -2235,6 +2519,103 @@ void CudaOps::moe_combine(const Tensor& y, const Tensor& rows, const Tensor& wei
     launch(combine_kernel<false>, grid, 256, 0, stream_, cuda::f32(y), M, r, cuda::f32(weights), T, k, H,
            cuda::f32_mut(out), st.fault);
   check_launch("moe_combine");
+  st.after(stream_);
+}
+
+namespace {
+
+// How moe_routed runs these experts for T tokens of k choices, or ok = false where it does not.
+struct OnePassPlan {
+  bool ok = false;
+  bool f8 = false;   // block-scaled FP8 (else bf16)
+  int parts = 1;     // of the intermediate size, a cluster each
+  int dl = 1;        // 16-byte loads a lane of a down row's part
+  size_t smem = 0;   // dynamic shared memory a block
+};
+
+// At most this many tokens take moe_routed (BALLAST_EXP_ONE_PASS_TOKENS overrides: 0 = never).
+int one_pass_max_tokens() {
+  static const int n = [] {
+    const char* v = std::getenv("BALLAST_EXP_ONE_PASS_TOKENS");
+    return v && *v ? std::atoi(v) : 4;
+  }();
+  return n;
+}
+int one_pass_parts_override() {
+  static const int n = [] {
+    const char* v = std::getenv("BALLAST_EXP_ONE_PASS_PARTS");
+    return v && *v ? std::atoi(v) : 0;
+  }();
+  return n;
+}
+
+OnePassPlan plan_one_pass(const ExpertsSummary& sum, int64_t T, int64_t H, int64_t k, const CudaDeviceTraits& dev) {
+  OnePassPlan plan;
+  if (!sum.any || !sum.same_inter || !sum.rows16 || !(sum.f8 || sum.bf16) || dev.capability < 90) return plan;
+  if (T < 1 || T > one_pass_max_tokens() || T > kOnePassMaxTokens || k < 1 || k > kOnePassMaxK) return plan;
+  const int64_t I = sum.imax, EL = sum.f8 ? 16 : 8;
+  if (H % (32 * EL) != 0 || H % kOnePassBlocks != 0) return plan;
+  // The most parts (up to 4) that keep the grid within two blocks an SM, and at least one.
+  for (int parts = 4; parts >= 1; parts /= 2) {
+    if (one_pass_parts_override() > 0 && parts != one_pass_parts_override()) continue;
+    const int64_t Ip = I / parts, lpr = Ip / EL;
+    if (I % (int64_t(parts) * kOnePassBlocks * EL) != 0 || (lpr & (lpr - 1)) != 0) continue;
+    const int64_t dl = lpr < 32 ? 1 : lpr / 32;
+    if (dl * EL > 32) continue;  // (the lane's h of a row in registers)
+    if (parts > 1 && T * k * parts * kOnePassBlocks > 2 * int64_t(dev.sms)) continue;
+    plan.smem = size_t(H + Ip + Ip / kOnePassBlocks + H / kOnePassBlocks) * sizeof(float);
+    if (plan.smem > dev.smem_optin) return plan;
+    plan.ok = true;
+    plan.f8 = sum.f8;
+    plan.parts = parts;
+    plan.dl = int(dl);
+    return plan;
+  }
+  return plan;
+}
+
+}  // namespace
+
+bool CudaOps::moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts) const {
+  if (x.rank() != 2 || ids.rank() != 2) return false;  // (the op's checks say what is wrong)
+  std::vector<ExpertEntry> entries;
+  return plan_one_pass(expert_entries(experts, x.dim(1), entries), x.dim(0), x.dim(1), ids.dim(1), device_).ok;
+}
+
+void CudaOps::moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                         std::span<const SwigluWeights> experts, Tensor& out) {
+  auto timed = time_op("moe_routed");
+  MoeState& st = moe_state(moe_state_, counters_);
+  st.raise_pending();
+  const auto [T, H, k] = check_moe_routed(x, ids, weights, experts, out);
+  expect_device("moe_routed", "x", x);
+  expect_device("moe_routed", "ids", ids);
+  expect_device("moe_routed", "weights", weights);
+  expect_device("moe_routed", "out", out);
+  std::vector<ExpertEntry>& entries = st.staging;
+  const ExpertsSummary sum = expert_entries(experts, H, entries);
+  const OnePassPlan plan = plan_one_pass(sum, T, H, k, device_);
+  check(plan.ok, "moe_routed: {} tokens of {} choices over experts {} x {} ({}) take the grouped ops (moe_routed_fits "
+        "is false)", T, k, sum.imax, H, sum.f8 ? "F8_E4M3_B128" : sum.bf16 ? "BF16" : "mixed dtypes");
+  const ExpertEntry* table = st.experts(experts.data(), entries, stream_);
+  float* part = static_cast<float*>(scratch_->bytes(size_t(T * k * plan.parts * H) * sizeof(float)));
+  OnePassArgs a{cuda::f32(x), cuda::i32(ids), cuda::f32(weights), table, part,
+                st.arrivals(size_t(kOnePassMaxTokens) * kOnePassBlocks, stream_), cuda::f32_mut(out), H, sum.imax,
+                int(k), int(experts.size()), plan.parts, st.fault};
+  const dim3 grid(kOnePassBlocks, unsigned(T * k * plan.parts));
+  auto go = [&](auto kernel) {
+    smem_.allow(kernel, plan.smem, "moe_routed: shared memory");
+    launch(kernel, grid, kOnePassThreads, plan.smem, stream_, a);
+  };
+  if (plan.f8) {
+    if (plan.dl == 1) go(&moe_routed_kernel<f8e4m3, 1>);
+    else go(&moe_routed_kernel<f8e4m3, 2>);
+  } else {
+    if (plan.dl == 1) go(&moe_routed_kernel<__nv_bfloat16, 1>);
+    else if (plan.dl == 2) go(&moe_routed_kernel<__nv_bfloat16, 2>);
+    else go(&moe_routed_kernel<__nv_bfloat16, 4>);
+  }
+  check_launch("moe_routed");
   st.after(stream_);
 }
 

@@ -47,6 +47,8 @@ enum FaultCode : int {
   kCombineRow,           // a = t*k + j, b = row, c = rows of y
   kRoutedSource,         // a = source, b = first row past its span, c = rows it holds
   kRoutedOut,            // a = source, b = first row past its span in out, c = rows of out
+  kOnePassId,            // a = t*k + j, b = id, c = E
+  kOnePassNoWeights,     // a = t*k + j, b = id
 };
 
 struct Fault {

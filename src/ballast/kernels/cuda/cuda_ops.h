@@ -177,6 +177,9 @@ class CudaOps final : public Ops {
   void moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                    std::span<const SwigluWeights> experts, Tensor& y) override;
   void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) override;
+  bool moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts) const override;
+  void moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights, std::span<const SwigluWeights> experts,
+                  Tensor& out) override;
   void gather_routed(std::span<const RoutedRows> sources, int me, Tensor& out, Tensor& recv_counts) override;
 
   void sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) override;
