@@ -292,7 +292,8 @@ TEST(CudaBackend, Fp8GroupedExpertsOnTheFp8TensorCoresEqualTheProductsOfQuantize
 // of the kernel's layouts: the 80B model's (FP8, 2 parts of I, two down rows a warp-load), FP8 with
 // two loads a lane a down row, bf16 with rows of 8 lanes (the demo model's), 4 parts, 4 loads a
 // lane. Choices of weight 0 and of no expert (-1) add nothing; a second pass over the same out
-// adds the same bits again (no atomics in the sums; the arrival counts left at zero).
+// adds the same bits again (no atomics in the sums; the arrival counts left at zero). (Every case
+// is at most 192 blocks: within two an SM of the GPUs this runs on.)
 TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
   if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
   struct Case {
@@ -301,7 +302,7 @@ TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
   };
   for (const Case cs : {Case{DType::F8_E4M3_B128, 2048, 512, 16, 1, 10}, Case{DType::F8_E4M3_B128, 1024, 1024, 12, 4, 6},
                         Case{DType::BF16, 256, 64, 8, 3, 4}, Case{DType::BF16, 512, 512, 8, 2, 2},
-                        Case{DType::BF16, 256, 1024, 9, 4, 8}}) {
+                        Case{DType::BF16, 256, 1024, 9, 3, 8}}) {
     SCOPED_TRACE(testing::Message() << dtype_name(cs.dt) << " H " << cs.H << " I " << cs.I << " T " << cs.T << " k "
                                     << cs.k);
     CudaBackend be(0, CudaOptions{.bf16_matmul = true});

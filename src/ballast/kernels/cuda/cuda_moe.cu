@@ -1873,9 +1873,8 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
     moe_routed_kernel(OnePassArgs a) {
   constexpr bool F8 = std::is_same_v<W, f8e4m3>;
   constexpr int EL = 16 / int(sizeof(W)), STEP = 32 * EL;
-  // FP8's unpacking and block scales take the registers of half the loads (16 spilled at 128
-  // registers); 8 a lane still keep ~5 MB in flight over 160 blocks, twice what the HBM's
-  // latency asks for.
+  // FP8's unpacking and block scales take the registers of half the loads (16 a lane spilled at
+  // 128 registers).
   constexpr int LOADS = F8 ? kOnePassLoads / 2 : kOnePassLoads;
   constexpr int NB = 2, S = LOADS / (2 * NB);  // gate / up: NB rows of each, S steps of k, loaded together
   constexpr int RS = LOADS / DL;               // down: rows (or groups of rows) a batch
@@ -1892,16 +1891,32 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
   float* hown = hp + Ip;
   float* ys = hown + Ib;
   wait_for_prior_kernels();
+  // x's first float4s are asked for before the choice (they do not depend on it): their loads and
+  // the lookup of the choice and its expert overlap.
+  const float* xr = a.x + t * H;
+  auto x_at = [&](int64_t q) -> float4& {
+    const int64_t k = 4 * q, s = k / STEP, l = (k % STEP) / EL, f = (k % EL) / 4;
+    return xs[(s * (EL / 4) + f) * 32 + l];
+  };
+  constexpr int XR = 4;  // float4s a thread (H <= 4,096; the rest after)
+  float4 xv[XR];
+#pragma unroll
+  for (int r = 0; r < XR; ++r) {
+    const int64_t q = threadIdx.x + int64_t(r) * kOnePassThreads;
+    if (q < H / 4) xv[r] = load4_after_wait(xr + 4 * q);
+  }
   int32_t id;
   float wc;
   const bool on = one_pass_choice(a, c, rank == 0 && p == 0 && threadIdx.x == 0, id, wc);
   if (on) {  // (the same for the whole cluster)
     const ExpertEntry ex = a.ex[id];
-    const float* xr = a.x + t * H;
-    for (int64_t q = threadIdx.x; q < H / 4; q += kOnePassThreads) {
-      const int64_t k = 4 * q, s = k / STEP, l = (k % STEP) / EL, f = (k % EL) / 4;
-      xs[(s * (EL / 4) + f) * 32 + l] = load4_after_wait(xr + k);
+#pragma unroll
+    for (int r = 0; r < XR; ++r) {
+      const int64_t q = threadIdx.x + int64_t(r) * kOnePassThreads;
+      if (q < H / 4) x_at(q) = xv[r];
     }
+    for (int64_t q = threadIdx.x + XR * kOnePassThreads; q < H / 4; q += kOnePassThreads)
+      x_at(q) = load4_after_wait(xr + 4 * q);
     __syncthreads();
 
     // This block's share of h: rows i_first .. + Ib of gate and up, NB of each a warp at a time.
@@ -2533,36 +2548,37 @@ struct OnePassPlan {
   size_t smem = 0;   // dynamic shared memory a block
 };
 
-// At most this many tokens take moe_routed (BALLAST_EXP_ONE_PASS_TOKENS overrides: 0 = never).
-int one_pass_max_tokens() {
-  static const int n = [] {
-    const char* v = std::getenv("BALLAST_EXP_ONE_PASS_TOKENS");
-    return v && *v ? std::atoi(v) : 4;
+// Whether moe_routed is taken where it fits: yes unless the environment sets
+// BALLAST_CUDA_ONE_PASS_MOE=0 (read once), a switch for measuring what it gives, like
+// BALLAST_CUDA_SIDE_STREAM.
+bool one_pass_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("BALLAST_CUDA_ONE_PASS_MOE");
+    return !(v && v[0] == '0' && v[1] == 0);
   }();
-  return n;
-}
-int one_pass_parts_override() {
-  static const int n = [] {
-    const char* v = std::getenv("BALLAST_EXP_ONE_PASS_PARTS");
-    return v && *v ? std::atoi(v) : 0;
-  }();
-  return n;
+  return on;
 }
 
 OnePassPlan plan_one_pass(const ExpertsSummary& sum, int64_t T, int64_t H, int64_t k, const CudaDeviceTraits& dev) {
   OnePassPlan plan;
-  if (!sum.any || !sum.same_inter || !sum.rows16 || !(sum.f8 || sum.bf16) || dev.capability < 90) return plan;
-  if (T < 1 || T > one_pass_max_tokens() || T > kOnePassMaxTokens || k < 1 || k > kOnePassMaxK) return plan;
+  if (!one_pass_enabled() || !sum.any || !sum.same_inter || !sum.rows16 || !(sum.f8 || sum.bf16) ||
+      dev.capability < 90)
+    return plan;
+  // Only as many choices as fill one wave of two blocks an SM: each block's loads are a chain of
+  // round trips, so a second wave doubles the time (80B FP8 on an H100: 4 tokens of 10 choices, 320
+  // blocks, 7% slower than the grouped ops; 1-3 tokens 3-7% faster, docs/perf.md).
+  if (T < 1 || T > kOnePassMaxTokens || k < 1 || k > kOnePassMaxK ||
+      T * k * kOnePassBlocks > 2 * int64_t(dev.sms))
+    return plan;
   const int64_t I = sum.imax, EL = sum.f8 ? 16 : 8;
   if (H % (32 * EL) != 0 || H % kOnePassBlocks != 0) return plan;
-  // The most parts (up to 4) that keep the grid within two blocks an SM, and at least one.
+  // The most parts (up to 4) that keep the grid within two blocks an SM, and at least one (80B FP8
+  // on an H100, one token: 1 / 2 / 4 parts 448 / 480 / 481 tok/s; 2-3 tokens: 4 parts slower).
   for (int parts = 4; parts >= 1; parts /= 2) {
-    if (one_pass_parts_override() > 0 && parts != one_pass_parts_override()) continue;
-    const int64_t Ip = I / parts, lpr = Ip / EL;
+    const int64_t Ip = I / parts, lpr = Ip / EL, dl = lpr < 32 ? 1 : lpr / 32;
     if (I % (int64_t(parts) * kOnePassBlocks * EL) != 0 || (lpr & (lpr - 1)) != 0) continue;
-    const int64_t dl = lpr < 32 ? 1 : lpr / 32;
     if (dl * EL > 32) continue;  // (the lane's h of a row in registers)
-    if (parts > 1 && T * k * parts * kOnePassBlocks > 2 * int64_t(dev.sms)) continue;
+    if (T * k * parts * kOnePassBlocks > 2 * int64_t(dev.sms)) continue;
     plan.smem = size_t(H + Ip + Ip / kOnePassBlocks + H / kOnePassBlocks) * sizeof(float);
     if (plan.smem > dev.smem_optin) return plan;
     plan.ok = true;
