@@ -28,6 +28,10 @@
 //                  up to 192 rows (experts_fp8_kernel) and mma.sync tiles of up to 8.
 //   moe_combine    one thread per output element (4 with float4), choices in order, loaded four
 //                  at a time.
+//   moe_routed     few tokens (decode) in one kernel: a cluster of 8 blocks a (token, choice, part
+//                  of I) computing h, sharing it through distributed shared memory, multiplying
+//                  slices of down; the last block of each slice of a token's row adds the choices'
+//                  rows into out in order (sm_90, FP8 block-scaled or bf16 experts).
 // Index data is checked by the kernels: an entry out of range is skipped (never written through)
 // and reported in a fault record in mapped host memory, which the next MoE op throws on the host
 // (with BALLAST_CUDA_SYNC_CHECKS=1, every MoE op outside stream capture waits for its kernels and
@@ -1860,7 +1864,9 @@ __device__ __forceinline__ void unpack16(uint4 v, float* out) {
   unpack_words<W, 4>(r, out);
 }
 
-__device__ __forceinline__ void cluster_arrive() { asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory"); }
+__device__ __forceinline__ void cluster_arrive() {
+  asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+}
 __device__ __forceinline__ void cluster_wait() { asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory"); }
 
 // W: f8e4m3 (block-scaled by 128 x 128) or __nv_bfloat16. DL: 16-byte loads a lane makes of a down
@@ -2294,9 +2300,10 @@ struct ExpertsSummary {
 };
 
 // The experts as the kernels see them (entries[g]; zeros for an expert with no weights) for rows of
-// H, shapes and dtypes checked by the op's checks; throws where weights are not in CUDA memory or
-// an expert's gate and up differ in dtype.
-ExpertsSummary expert_entries(std::span<const SwigluWeights> experts, int64_t H, std::vector<ExpertEntry>& entries) {
+// H, shapes and dtypes checked by the op's checks; throws, naming `op`, where weights are not in
+// CUDA memory or an expert's gate and up differ in dtype.
+ExpertsSummary expert_entries(const char* op, std::span<const SwigluWeights> experts, int64_t H,
+                              std::vector<ExpertEntry>& entries) {
   ExpertsSummary s;
   entries.assign(experts.size(), ExpertEntry{});
   for (size_t g = 0; g < experts.size(); ++g) {
@@ -2304,14 +2311,14 @@ ExpertsSummary expert_entries(std::span<const SwigluWeights> experts, int64_t H,
     if (!w.gate.defined()) continue;  // an empty group's (rows for it are the kernels' to report)
     const int64_t I = w.gate.dim(0);
     check(w.gate.device() == Device::CUDA && w.up.device() == Device::CUDA && w.down.device() == Device::CUDA,
-          "moe_experts: expert {}'s weights are not in CUDA memory", g);
+          "{}: expert {}'s weights are not in CUDA memory", op, g);
     // One dtype of gate and up per expert entry (ExpertEntry): the kernels read both alike.
     check(w.up.dtype() == w.gate.dtype(),
-          "moe_experts: expert {} has gate {} up {} down {}: expected F32, BF16, F16, F8_E4M3 or F8_E4M3_B128, gate "
-          "and up alike", g, dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
+          "{}: expert {} has gate {} up {} down {}: expected F32, BF16, F16, F8_E4M3 or F8_E4M3_B128, gate and up "
+          "alike", op, g, dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
     auto scales = [&](const Tensor& t) -> const float* {
       if (t.dtype() != DType::F8_E4M3_B128) return nullptr;
-      check(t.scales().device() == Device::CUDA, "moe_experts: expert {}'s block scales are not in CUDA memory", g);
+      check(t.scales().device() == Device::CUDA, "{}: expert {}'s block scales are not in CUDA memory", op, g);
       return cuda::f32(t.scales());
     };
     entries[g] = ExpertEntry{w.gate.raw(),    w.up.raw(),    w.down.raw(), scales(w.gate),
@@ -2348,7 +2355,7 @@ void CudaOps::moe_experts(const Tensor& x, const Tensor& perm, const Tensor& off
   if (Np == 0 || groups == 0 || H == 0) return;
 
   std::vector<ExpertEntry>& entries = st.staging;
-  const ExpertsSummary sum = expert_entries(experts, H, entries);
+  const ExpertsSummary sum = expert_entries("moe_experts", experts, H, entries);
   if (!sum.any) return;  // no group can have rows (the tile pass would only report it)
   const int64_t imax = sum.imax;
   const bool bf16 = sum.bf16, f8 = sum.f8 && H % 16 == 0, same_inter = sum.same_inter;
@@ -2595,7 +2602,8 @@ OnePassPlan plan_one_pass(const ExpertsSummary& sum, int64_t T, int64_t H, int64
 bool CudaOps::moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts) const {
   if (x.rank() != 2 || ids.rank() != 2) return false;  // (the op's checks say what is wrong)
   std::vector<ExpertEntry> entries;
-  return plan_one_pass(expert_entries(experts, x.dim(1), entries), x.dim(0), x.dim(1), ids.dim(1), device_).ok;
+  const ExpertsSummary sum = expert_entries("moe_routed", experts, x.dim(1), entries);
+  return plan_one_pass(sum, x.dim(0), x.dim(1), ids.dim(1), device_).ok;
 }
 
 void CudaOps::moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights,
@@ -2609,7 +2617,7 @@ void CudaOps::moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weigh
   expect_device("moe_routed", "weights", weights);
   expect_device("moe_routed", "out", out);
   std::vector<ExpertEntry>& entries = st.staging;
-  const ExpertsSummary sum = expert_entries(experts, H, entries);
+  const ExpertsSummary sum = expert_entries("moe_routed", experts, H, entries);
   const OnePassPlan plan = plan_one_pass(sum, T, H, k, device_);
   check(plan.ok, "moe_routed: {} tokens of {} choices over experts {} x {} ({}) take the grouped ops (moe_routed_fits "
         "is false)", T, k, sum.imax, H, sum.f8 ? "F8_E4M3_B128" : sum.bf16 ? "BF16" : "mixed dtypes");
