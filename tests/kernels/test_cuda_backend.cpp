@@ -147,6 +147,41 @@ TEST(CudaBackend, Bf16MatmulEqualsTheProductOfRoundedInputs) {
 // Grouped experts with bf16 matrix products: groups of more than 8 rows take the tensor cores
 // (x and h rounded to bf16), smaller ones the fp32 kernels. Reference in double from the same
 // rounded inputs; h's rounding may land one bf16 step apart where fp32 sums differ in order.
+// E random SwiGLU experts for rows of H (gate and up [I, H], down [H, I], values scale x N(0, 1))
+// on the device in dt (BF16, or F8_E4M3_B128 quantized per 128 x 128 block), with the values they
+// stand for as stored: stored[3 e + m], m = gate, up, down.
+struct RandomExperts {
+  std::vector<SwigluWeights> experts;
+  std::vector<std::vector<float>> stored;
+};
+RandomExperts random_experts(CudaBackend& be, DType dt, int64_t E, int64_t H, int64_t I, float scale,
+                             std::mt19937& rng, std::normal_distribution<float>& nd) {
+  RandomExperts r{{}, std::vector<std::vector<float>>(size_t(E) * 3)};
+  for (int64_t e = 0; e < E; ++e) {
+    Tensor t[3];
+    for (int m = 0; m < 3; ++m) {
+      const int64_t rows = m < 2 ? I : H, cols = m < 2 ? H : I;
+      std::vector<float>& stored = r.stored[size_t(e * 3 + m)];
+      std::vector<float> v(size_t(rows * cols));
+      for (float& f : v) f = scale * nd(rng);
+      if (dt == DType::F8_E4M3_B128) {
+        BlockScaledHost q = block_scaled_host(v, rows, cols);
+        stored = q.stored;
+        t[m] = be.to_device(q.tensor);
+      } else {
+        Tensor hst = Tensor::zeros({rows, cols}, DType::BF16);
+        for (int64_t i = 0; i < rows * cols; ++i) {
+          hst.data<uint16_t>()[i] = f32_to_bf16(v[size_t(i)]);
+          stored.push_back(bf16_to_f32(hst.data<uint16_t>()[i]));
+        }
+        t[m] = be.to_device(hst);
+      }
+    }
+    r.experts.push_back({t[0], t[1], t[2]});
+  }
+  return r;
+}
+
 // Block-scaled FP8 experts take the tensor cores as their exact e4m3 values in bf16, each 128-block
 // of k summed apart and scaled: the reference is the same with the dequantized weights. Where H and
 // I are whole 128-blocks they take the FP8 tensor cores instead (`quantized`): x, and h after the
@@ -182,29 +217,9 @@ void expect_grouped_experts_equal_rounded_products(DType dt, int64_t H, int64_t 
   };
   std::vector<float> x(size_t(M * H));
   for (float& v : x) v = nd(rng);
-  std::vector<std::vector<float>> wf(size_t(E) * 3);  // gate, up, down as stored (the values they stand for)
-  std::vector<SwigluWeights> experts;
-  for (int64_t e = 0; e < E; ++e) {
-    Tensor t[3];
-    for (int m = 0; m < 3; ++m) {
-      const int64_t rows = m < 2 ? I : H, cols = m < 2 ? H : I;
-      std::vector<float> v(size_t(rows * cols));
-      for (float& f : v) f = 0.15f * nd(rng);
-      if (dt == DType::F8_E4M3_B128) {
-        BlockScaledHost q = block_scaled_host(v, rows, cols);
-        wf[size_t(e * 3 + m)] = q.stored;
-        t[m] = be.to_device(q.tensor);
-      } else {
-        Tensor hst = Tensor::zeros({rows, cols}, DType::BF16);
-        for (int64_t i = 0; i < rows * cols; ++i) {
-          hst.data<uint16_t>()[i] = f32_to_bf16(v[size_t(i)]);
-          wf[size_t(e * 3 + m)].push_back(bf16_to_f32(hst.data<uint16_t>()[i]));
-        }
-        t[m] = be.to_device(hst);
-      }
-    }
-    experts.push_back({t[0], t[1], t[2]});
-  }
+  const RandomExperts made = random_experts(be, dt, E, H, I, 0.15f, rng, nd);
+  const std::vector<SwigluWeights>& experts = made.experts;
+  const std::vector<std::vector<float>>& wf = made.stored;  // gate, up, down as stored
   std::vector<int32_t> perm(static_cast<size_t>(M));
   for (int64_t i = 0; i < M; ++i) perm[size_t(i)] = int32_t(M - 1 - i);  // rows out of order
   Tensor xd = be.alloc({M, H}, DType::F32), pd = be.alloc({M}, DType::I32), od = be.alloc({E + 1}, DType::I32);
@@ -309,29 +324,9 @@ TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
     const int64_t H = cs.H, I = cs.I, E = cs.E, T = cs.T, k = cs.k;
     std::mt19937 rng(uint32_t(11 + H + I));
     std::normal_distribution<float> nd(0.0f, 1.0f);
-    std::vector<std::vector<float>> wf(size_t(E) * 3);  // gate, up, down as stored
-    std::vector<SwigluWeights> experts;
-    for (int64_t e = 0; e < E; ++e) {
-      Tensor t[3];
-      for (int m = 0; m < 3; ++m) {
-        const int64_t rows = m < 2 ? I : H, cols = m < 2 ? H : I;
-        std::vector<float> v(size_t(rows * cols));
-        for (float& f : v) f = 0.1f * nd(rng);
-        if (cs.dt == DType::F8_E4M3_B128) {
-          BlockScaledHost q = block_scaled_host(v, rows, cols);
-          wf[size_t(e * 3 + m)] = q.stored;
-          t[m] = be.to_device(q.tensor);
-        } else {
-          Tensor hst = Tensor::zeros({rows, cols}, DType::BF16);
-          for (int64_t i = 0; i < rows * cols; ++i) {
-            hst.data<uint16_t>()[i] = f32_to_bf16(v[size_t(i)]);
-            wf[size_t(e * 3 + m)].push_back(bf16_to_f32(hst.data<uint16_t>()[i]));
-          }
-          t[m] = be.to_device(hst);
-        }
-      }
-      experts.push_back({t[0], t[1], t[2]});
-    }
+    const RandomExperts made = random_experts(be, cs.dt, E, H, I, 0.1f, rng, nd);
+    const std::vector<SwigluWeights>& experts = made.experts;
+    const std::vector<std::vector<float>>& wf = made.stored;  // gate, up, down as stored
     std::vector<int32_t> ids(size_t(T * k));
     std::vector<float> w(size_t(T * k));
     for (int64_t t = 0; t < T; ++t) {
