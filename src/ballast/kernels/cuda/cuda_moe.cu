@@ -1856,14 +1856,6 @@ __device__ __forceinline__ bool one_pass_choice(const OnePassArgs& a, int64_t c,
   return true;
 }
 
-// The EL floats of a 16-byte load of W (EL = 16 / sizeof(W)).
-template <typename W>
-__device__ __forceinline__ void unpack16(uint4 v, float* out) {
-  Words<4> r;
-  r.w[0] = v.x, r.w[1] = v.y, r.w[2] = v.z, r.w[3] = v.w;
-  unpack_words<W, 4>(r, out);
-}
-
 __device__ __forceinline__ void cluster_arrive() {
   asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
 }
@@ -1926,13 +1918,13 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
     __syncthreads();
 
     // This block's share of h: rows i_first .. + Ib of gate and up, NB of each a warp at a time.
-    const int64_t ST = H / STEP, HB = cdiv(H, 128), i_first = p * Ip + rank * Ib;
+    const int64_t ST = H / STEP, HB = cdiv(H, kScaleBlock), i_first = p * Ip + rank * Ib;
     const W* gate = static_cast<const W*>(ex.gate);
     const W* up = static_cast<const W*>(ex.up);
     for (int64_t i0 = int64_t(warp) * NB; i0 < Ib; i0 += kOnePassWarps * NB) {
       float acc[NB][2] = {};
       for (int64_t s0 = 0; s0 < ST; s0 += S) {
-        uint4 raw[NB][2][S];
+        Words<4> raw[NB][2][S];
         float sc[NB][2][S];
 #pragma unroll
         for (int r = 0; r < NB; ++r)
@@ -1940,12 +1932,13 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
           for (int m = 0; m < 2; ++m)
 #pragma unroll
             for (int s = 0; s < S; ++s) {
-              raw[r][m][s] = make_uint4(0, 0, 0, 0);
+              raw[r][m][s] = Words<4>{};
               sc[r][m][s] = 0.0f;
               if (i0 + r < Ib && s0 + s < ST) {
                 const int64_t row = i_first + i0 + r, k = (s0 + s) * STEP + lane * EL;
-                raw[r][m][s] = __ldg(reinterpret_cast<const uint4*>((m ? up : gate) + row * H + k));
-                if constexpr (F8) sc[r][m][s] = __ldg((m ? ex.s_up : ex.s_gate) + (row / 128) * HB + k / 128);
+                raw[r][m][s] = load_words<4>((m ? up : gate) + row * H + k);
+                if constexpr (F8)
+                  sc[r][m][s] = __ldg((m ? ex.s_up : ex.s_gate) + (row / kScaleBlock) * HB + k / kScaleBlock);
               }
             }
 #pragma unroll
@@ -1962,7 +1955,7 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
 #pragma unroll
             for (int m = 0; m < 2; ++m) {
               float wv[EL];
-              unpack16<W>(raw[r][m][s], wv);
+              unpack_words<W, 4>(raw[r][m][s], wv);
               float d = 0.0f;
 #pragma unroll
               for (int e = 0; e < EL; ++e) d = fmaf(wv[e], xv[e], d);
@@ -1980,20 +1973,20 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
     // Down: rows n_first .. + RB, the part's columns. A row's Ip / EL chunks over LW lanes (DL
     // loads each), G rows a warp-load where a row has fewer than 32 chunks.
     const int LPR = int(Ip / EL), LW = LPR < 32 ? LPR : 32, G = 32 / LW, sub = lane / LW, lw = lane % LW;
-    const int64_t RPB = int64_t(RS) * G, IB = cdiv(I, 128), stride = int64_t(kOnePassWarps) * RPB;
+    const int64_t RPB = int64_t(RS) * G, IB = cdiv(I, kScaleBlock), stride = int64_t(kOnePassWarps) * RPB;
     const W* down = static_cast<const W*>(ex.down);
-    uint4 raw[LOADS];
+    Words<4> raw[LOADS];
     float sc[LOADS];
     auto load_down = [&](int64_t n0) {
 #pragma unroll
       for (int u = 0; u < LOADS; ++u) {
         const int64_t nl = n0 + (u / DL) * G + sub;
-        raw[u] = make_uint4(0, 0, 0, 0);
+        raw[u] = Words<4>{};
         sc[u] = 0.0f;
         if (nl < RB) {
           const int64_t n = n_first + nl, col = p * Ip + (lw + (u % DL) * LW) * EL;
-          raw[u] = __ldg(reinterpret_cast<const uint4*>(down + n * I + col));
-          if constexpr (F8) sc[u] = __ldg(ex.s_down + (n / 128) * IB + col / 128);
+          raw[u] = load_words<4>(down + n * I + col);
+          if constexpr (F8) sc[u] = __ldg(ex.s_down + (n / kScaleBlock) * IB + col / kScaleBlock);
         }
       }
     };
@@ -2020,7 +2013,7 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
 #pragma unroll
         for (int q = 0; q < DL; ++q) {
           float wv[EL];
-          unpack16<W>(raw[rs * DL + q], wv);
+          unpack_words<W, 4>(raw[rs * DL + q], wv);
           float e_sum = 0.0f;
 #pragma unroll
           for (int e = 0; e < EL; ++e) e_sum = fmaf(wv[e], hv[q][e], e_sum);
