@@ -2041,6 +2041,20 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
   __syncthreads();
   if (last) {
     __threadfence();
+    // The slice's (choice, part) rows, kPartBatch of a thread's loads in flight at once (one at a
+    // time they were a chain of k x parts round trips ending every launch); the first batch and
+    // out's row asked for before the choices' weights are looked up. Summed in the same order as
+    // ever (each choice's parts, then its weight times them into out): the same bits.
+    constexpr int kPartBatch = 16;
+    const int rows = a.k * a.parts;
+    const float* slice = a.part + t * rows * H + n_first;  // (choice j, part pp) at row j * parts + pp
+    float v[kPartBatch];
+    auto fetch = [&](int64_t q, int u0) {
+#pragma unroll
+      for (int i = 0; i < kPartBatch; ++i) v[i] = q < RB && u0 + i < rows ? __ldcg(slice + (u0 + i) * H + q) : 0.0f;
+    };
+    fetch(threadIdx.x, 0);
+    float o = threadIdx.x < RB ? load_after_wait(a.out + t * H + n_first + threadIdx.x) : 0.0f;
     for (int j = threadIdx.x; j < a.k; j += kOnePassThreads) {
       int32_t idj;
       float wj;
@@ -2048,15 +2062,26 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
     }
     __syncthreads();
     for (int64_t q = threadIdx.x; q < RB; q += kOnePassThreads) {
-      const int64_t n = n_first + q;
-      float acc = load_after_wait(a.out + t * H + n);
-      for (int j = 0; j < a.k; ++j) {
-        if (wsum[j] == 0.0f) continue;
-        float y = 0.0f;
-        for (int pp = 0; pp < a.parts; ++pp) y += __ldcg(a.part + ((t * a.k + j) * a.parts + pp) * H + n);
-        acc += wsum[j] * y;
+      if (q != threadIdx.x) {
+        fetch(q, 0);
+        o = load_after_wait(a.out + t * H + n_first + q);
       }
-      a.out[t * H + n] = acc;
+      float acc = o, y = 0.0f;
+      int j = 0, pp = 0;
+      for (int u0 = 0; u0 < rows; u0 += kPartBatch) {
+        if (u0 > 0) fetch(q, u0);
+#pragma unroll
+        for (int i = 0; i < kPartBatch; ++i) {
+          if (u0 + i >= rows) break;
+          if (pp == 0) y = 0.0f;
+          y += v[i];
+          if (++pp == a.parts) {
+            if (wsum[j] != 0.0f) acc += wsum[j] * y;
+            pp = 0, ++j;
+          }
+        }
+      }
+      a.out[t * H + n_first + q] = acc;
     }
     if (threadIdx.x == 0) a.arrivals[t * kOnePassBlocks + rank] = 0;  // for the next launch
   }
