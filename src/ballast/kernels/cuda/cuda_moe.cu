@@ -1906,6 +1906,13 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
   int32_t id;
   float wc;
   const bool on = one_pass_choice(a, c, rank == 0 && p == 0 && threadIdx.x == 0, id, wc);
+  // Every choice's weight for the token (0: it adds nothing), which the last block's sums need:
+  // looked up now beside this block's own choice, off the chain that ends the launch.
+  for (int j = threadIdx.x; j < a.k; j += kOnePassThreads) {
+    int32_t idj;
+    float wj;
+    wsum[j] = one_pass_choice(a, t * a.k + j, false, idj, wj) ? wj : 0.0f;
+  }
   if (on) {  // (the same for the whole cluster)
     const ExpertEntry ex = a.ex[id];
 #pragma unroll
@@ -2029,23 +2036,25 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
     __syncthreads();
     float* mine = a.part + (c * a.parts + p) * H + n_first;
     for (int64_t q = threadIdx.x; q < RB; q += kOnePassThreads) mine[q] = ys[q];
-    __threadfence();  // (each writer's rows before the block's arrival)
   }
 
-  // The last block of the token's slice adds every choice's rows, in order, into out.
+  // The last block of the token's slice adds every choice's rows, in order, into out. The barrier
+  // orders every thread's rows before thread 0's arrival, whose release publishes them and whose
+  // acquire (in the last block) orders the others' before the loads after the next barrier (one
+  // add, where a fence a thread on each side and a relaxed add took three round trips).
   __syncthreads();
   if (threadIdx.x == 0) {
-    const unsigned before = atomicAdd(a.arrivals + t * kOnePassBlocks + rank, 1u);
+    unsigned before;
+    asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
+                 : "=r"(before) : "l"(a.arrivals + t * kOnePassBlocks + rank) : "memory");
     last = before + 1 == unsigned(a.k * a.parts);
   }
   __syncthreads();
   if (last) {
-    __threadfence();
     // The slice's (choice, part) rows, kPartBatch of a thread's loads in flight at once (one at a
-    // time they were a chain of k x parts round trips ending every launch); the first batch and
-    // out's row asked for before the choices' weights are looked up. Summed in the same order as
-    // ever (each choice's parts, then its weight times them into out): the same bits.
-    constexpr int kPartBatch = 16;
+    // time they were a chain of k x parts round trips ending every launch), summed in the same
+    // order as ever (each choice's parts, then its weight times them into out): the same bits.
+    constexpr int kPartBatch = 32;
     const int rows = a.k * a.parts;
     const float* slice = a.part + t * rows * H + n_first;  // (choice j, part pp) at row j * parts + pp
     float v[kPartBatch];
@@ -2053,20 +2062,9 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
 #pragma unroll
       for (int i = 0; i < kPartBatch; ++i) v[i] = q < RB && u0 + i < rows ? __ldcg(slice + (u0 + i) * H + q) : 0.0f;
     };
-    fetch(threadIdx.x, 0);
-    float o = threadIdx.x < RB ? load_after_wait(a.out + t * H + n_first + threadIdx.x) : 0.0f;
-    for (int j = threadIdx.x; j < a.k; j += kOnePassThreads) {
-      int32_t idj;
-      float wj;
-      wsum[j] = one_pass_choice(a, t * a.k + j, false, idj, wj) ? wj : 0.0f;
-    }
-    __syncthreads();
     for (int64_t q = threadIdx.x; q < RB; q += kOnePassThreads) {
-      if (q != threadIdx.x) {
-        fetch(q, 0);
-        o = load_after_wait(a.out + t * H + n_first + q);
-      }
-      float acc = o, y = 0.0f;
+      fetch(q, 0);
+      float acc = load_after_wait(a.out + t * H + n_first + q), y = 0.0f;
       int j = 0, pp = 0;
       for (int u0 = 0; u0 < rows; u0 += kPartBatch) {
         if (u0 > 0) fetch(q, u0);
