@@ -9,10 +9,13 @@
 # The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
 # pack ~12-13 MB (xz -9e; with the delta-rule bench before and after), so .carry/fla (~1.5 MB, pruned to what
 # chunk_gated_delta_rule imports) fits beside it.
-#   STEPS="conformance nccl runtime demo serve sanitizer bench scale fp8 pdl ep ep-mtp kernels prefill-kernels prefill-source decode-kernels mtp deltanet" bash scripts/gpu_check.sh
+#   STEPS="conformance nccl runtime demo serve sanitizer bench scale fp8 pdl ep ep-mtp kernels kernel-ab prefill-kernels prefill-source decode-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
-# of one decode step of the 80B shape as replayed in its graph (Nsight Compute); mtp: speculation on
+# of one decode step of the 80B shape as replayed in its graph (Nsight Compute); kernel-ab: one kernel
+# (NCU_KERNEL, a regex; default moe_routed) alone in each build (AB_VARIANTS, default "ballast-old
+# ballast": gpu_pack.sh's BALLAST_BEFORE), its launches 21-24 of an eager batch-1 FP8 decode of the
+# 80B shape (4 layers), timed by Nsight Compute; mtp: speculation on
 # the demo model; serve: `ballast serve` on the GPU with its defaults (the KV cache from
 # --mem-fraction-static 0.85), a completion, SIGTERM (scripts/gpu_serve_check.py); pdl: the 80B
 # shape's decode with and without overlapped launches
@@ -72,6 +75,11 @@ for s in $STEPS; do
                $BIN/ballast bench --device cuda --synthetic qwen3-next-80b-a3b --layers ${LAYERS_80B:-8} --dtype ${KERNELS_DTYPE:-bf16} \
                --batch ${KERNELS_BATCH:-1} --prompt-len 1024 --decode-steps 8 --repeats 1 --profiler-window \
                > $OUT/kernels-decode.csv && python3 scripts/ncu_summary.py $OUT/kernels-decode.csv" ;;
+    kernel-ab) step kernel-ab bash -c "for b in ${AB_VARIANTS:-ballast-old ballast}; do echo \"--- \$b\"; \
+               ncu --kernel-name 'regex:${NCU_KERNEL:-moe_routed}' --launch-skip 20 --launch-count 4 --clock-control none \
+               --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum $BIN/\$b bench --device cuda --synthetic \
+               qwen3-next-80b-a3b --dtype fp8 --layers 4 --batch ${KERNELS_BATCH:-1} --prompt-len 1024 --decode-steps 16 \
+               --repeats 1 --disable-cuda-graph > /tmp/kernel-ab-\$b.csv && python3 scripts/ncu_summary.py /tmp/kernel-ab-\$b.csv; done" ;;
     prefill-kernels) step prefill-kernels bash -c "ncu --kernel-name 'regex:${NCU_KERNELS:-experts_fp8|attention_bf16|delta_rule_(solve|state)}' \
                --launch-count ${NCU_COUNT:-15} --clock-control none --section SpeedOfLight --section Occupancy \
                --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
