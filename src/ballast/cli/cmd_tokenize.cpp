@@ -36,7 +36,7 @@ bool is_id(const json& v) {
 }
 
 // Ids from arguments or stdin: "1 2 3", "1,2,3", "[1,2,3]" or {"ids": [1,2,3]}.
-std::vector<int32_t> parse_ids(const std::string& s) {
+std::vector<int32_t> detokenize_ids(const std::string& s) {
   size_t first = s.find_first_not_of(" \t\r\n");
   if (first != std::string::npos && (s[first] == '[' || s[first] == '{')) {
     json j;
@@ -141,7 +141,7 @@ void add_tokenize(CLI::App& app, Runner& run) {
       } else {
         for (const auto& s : args->ids) joined += s + " ";
       }
-      std::string out = t.decode(parse_ids(joined), args->skip_special);
+      std::string out = t.decode(detokenize_ids(joined), args->skip_special);
       if (args->json) fmt::print("{}\n", json{{"text", out}}.dump());
       else fmt::print("{}\n", out);
       return 0;
