@@ -1,7 +1,8 @@
 #pragma once
 // Each CLI subcommand lives in its own file cmd_<name>.cpp and adds itself to the app through
 // an add_<name> function listed in commands.cpp. A command's callback stores the work to run
-// in `run`; main() calls it and turns errors into one line.
+// in `run`; main() calls it and turns errors into one line. The CLI's files are compiled in unity
+// batches (CMakeLists.txt): a file's own helpers need names no other CLI file uses.
 #include <CLI/CLI.hpp>
 
 #include <functional>
