@@ -144,9 +144,6 @@ TEST(CudaBackend, Bf16MatmulEqualsTheProductOfRoundedInputs) {
   EXPECT_LT(worst_relative_to_products(r.y, xr, wf, T, K, N), 1e-5) << "relative to the sum of |products|";
 }
 
-// Grouped experts with bf16 matrix products: groups of more than 8 rows take the tensor cores
-// (x and h rounded to bf16), smaller ones the fp32 kernels. Reference in double from the same
-// rounded inputs; h's rounding may land one bf16 step apart where fp32 sums differ in order.
 // E random SwiGLU experts for rows of H (gate and up [I, H], down [H, I], values scale x N(0, 1))
 // on the device in dt (BF16, or F8_E4M3_B128 quantized per 128 x 128 block), with the values they
 // stand for as stored: stored[3 e + m], m = gate, up, down.
@@ -182,6 +179,9 @@ RandomExperts random_experts(CudaBackend& be, DType dt, int64_t E, int64_t H, in
   return r;
 }
 
+// Grouped experts with bf16 matrix products: groups of more than 8 rows take the tensor cores
+// (x and h rounded to bf16), smaller ones the fp32 kernels. Reference in double from the same
+// rounded inputs; h's rounding may land one bf16 step apart where fp32 sums differ in order.
 // Block-scaled FP8 experts take the tensor cores as their exact e4m3 values in bf16, each 128-block
 // of k summed apart and scaled: the reference is the same with the dequantized weights. Where H and
 // I are whole 128-blocks they take the FP8 tensor cores instead (`quantized`): x, and h after the
