@@ -2060,7 +2060,7 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
     float v[kPartBatch];
     auto fetch = [&](int64_t q, int u0) {
 #pragma unroll
-      for (int i = 0; i < kPartBatch; ++i) v[i] = q < RB && u0 + i < rows ? __ldcg(slice + (u0 + i) * H + q) : 0.0f;
+      for (int i = 0; i < kPartBatch; ++i) v[i] = u0 + i < rows ? __ldcg(slice + (u0 + i) * H + q) : 0.0f;
     };
     for (int64_t q = threadIdx.x; q < RB; q += kOnePassThreads) {
       fetch(q, 0);
