@@ -712,51 +712,6 @@ TEST_P(CudaBf16Products, TensorCoreProductsOfManyTargetsAndSwigluEqualTheirParts
   }
 }
 
-// Ops::prefetch is a hint (weights into L2 on the side stream): products read the same values with
-// or without it, eagerly and in a replayed graph; what it cannot prefetch (undefined, host memory, a
-// view of fewer than 16 aligned bytes, an unaligned one) is skipped without an error.
-TEST(CudaBackend, PrefetchedWeightsGiveTheSameProducts) {
-  if (!cuda_available()) GTEST_SKIP() << "skipped: no CUDA device";
-  CudaBackend be(0);
-  Ops& ops = be.ops();
-  const int64_t T = 2, K = 256, N = 384;
-  std::mt19937 rng(13);
-  std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<float> x(size_t(T * K)), wv(size_t(N * K));
-  for (float& v : x) v = nd(rng);
-  for (float& v : wv) v = 0.1f * nd(rng);
-  Tensor wh = Tensor::zeros({N, K}, DType::BF16);
-  for (int64_t i = 0; i < N * K; ++i) wh.data<uint16_t>()[i] = f32_to_bf16(wv[size_t(i)]);
-  const Tensor w = be.to_device(wh), wq = be.to_device(block_scaled_host(wv, N, K).tensor);
-  const Tensor odd = be.to_device(Tensor::zeros({5, 7}, DType::F8_E4M3));
-  Tensor xd = be.alloc({T, K}, DType::F32);
-  be.upload(x.data(), xd);
-  auto down = [&](const Tensor& t) {
-    std::vector<float> v(size_t(t.numel()));
-    be.download(t, v.data());
-    return v;
-  };
-  auto products = [&](const std::vector<Tensor>& prefetched) {
-    Tensor y = be.alloc({T, N}, DType::F32), yq = be.alloc({T, N}, DType::F32);
-    ops.prefetch(prefetched);
-    ops.matmul(xd, w, y);
-    ops.matmul(xd, wq, yq);
-    return std::pair{y, yq};
-  };
-  const auto [y, yq] = products({});
-  const std::vector<float> want = down(y), want_q = down(yq);
-  const std::vector<Tensor> all = {w, Tensor(), Tensor::zeros({4, 4}, DType::F32), wq, odd.rows(1, 2), odd.rows(1, 4)};
-  const auto [e, eq] = products(all);
-  EXPECT_EQ(down(e), want);
-  EXPECT_EQ(down(eq), want_q);
-  be.begin_capture();
-  const auto [g, gq] = products(all);
-  be.end_capture(3);
-  ASSERT_TRUE(be.replay(3));
-  EXPECT_EQ(down(g), want);
-  EXPECT_EQ(down(gq), want_q);
-}
-
 // The graphs a backend holds are counted with the device memory their instantiation took (bench
 // reports both): a key captured again replaces its graph, drop_graphs() frees them all.
 TEST(CudaBackend, HeldGraphsAreCountedWithTheirMemory) {

@@ -262,10 +262,6 @@ class Ops {
   // work out does nothing.
   virtual void side(const std::function<void()>& work) { work(); }
   virtual void join_side() {}
-  // A hint: ops issued soon will read `weights` (parameters: no op writes them during a pass). A
-  // backend may start bringing them nearer to its cores, beside the ops issued after this call;
-  // no result changes. Undefined tensors are skipped. The CPU backend does nothing.
-  virtual void prefetch(std::span<const Tensor> weights) { (void)weights; }
 };
 
 }  // namespace ballast::kernels

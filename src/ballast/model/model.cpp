@@ -6,30 +6,6 @@ namespace ballast::model {
 
 using kernels::Workspace;
 
-namespace {
-
-// The products a layer starts with: its token mixer's input projections.
-std::vector<Tensor> input_projections(const LayerWeights& lw) {
-  if (lw.type == LayerType::FullAttention) return {lw.attn.q_proj, lw.attn.k_proj, lw.attn.v_proj};
-  return {lw.delta.in_qkv, lw.delta.in_z, lw.delta.in_b, lw.delta.in_a};
-}
-
-// The products a layer streams after its token mixer's short ops (gates, convolution, the
-// recurrence or attention, norms): the mixer's output projection and the MLP's, the routed
-// experts aside (which of them is known only once the router has run).
-std::vector<Tensor> later_products(const LayerWeights& lw) {
-  std::vector<Tensor> w{lw.type == LayerType::FullAttention ? lw.attn.o_proj : lw.delta.out_proj};
-  if (lw.ffn == FfnType::Moe) {
-    w.insert(w.end(), {lw.moe.router, lw.moe.shared_gate});
-    if (lw.moe.shared) w.insert(w.end(), {lw.moe.shared->gate, lw.moe.shared->up, lw.moe.shared->down});
-  } else {
-    w.insert(w.end(), {lw.dense.gate, lw.dense.up, lw.dense.down});
-  }
-  return w;
-}
-
-}  // namespace
-
 Model::Model(ModelConfig cfg, ModelWeights weights, kernels::Ops& ops, moe::MoeRunner& moe)
     : cfg_(std::move(cfg)), w_(std::move(weights)), ops_(ops), trunk_moe_(&moe), mtp_moe_(&moe) {
   int m = 0;
@@ -44,7 +20,7 @@ void Model::forward(const ForwardBatch& b, const CacheViews& cache, Workspace& w
   ops_.embedding(b.token_ids, w_.embed, x);
   for (int l = 0; l < cfg_.num_layers; ++l)
     decoder_layer(w_.layers[size_t(l)], cache.layers[size_t(l)], moe_index_[size_t(l)], *trunk_moe_, b, ws, x,
-                  l > 0 ? &ffn : nullptr, ffn, l + 1 < cfg_.num_layers ? &w_.layers[size_t(l) + 1] : nullptr);
+                  l > 0 ? &ffn : nullptr, ffn);
   if (cfg_.num_layers > 0) ops_.add_rms_norm(x, ffn, w_.final_norm, cfg_.rms_norm_eps, out.hidden);
   else ops_.rms_norm(x, w_.final_norm, cfg_.rms_norm_eps, out.hidden);
   if (b.num_logit_rows() == 0) return;
@@ -69,7 +45,7 @@ void Model::mtp_forward(const ForwardBatch& b, const Tensor& hidden_in, const Ca
   ops_.matmul(cat, m.fc, u);
   // Released checkpoints have one MTP layer; deeper heads would chain their layers per step.
   Tensor ffn = ws.take({T, H});
-  decoder_layer(m.layers[0], cache.mtp_layers.at(0), 0, *mtp_moe_, b, ws, u, nullptr, ffn, nullptr);
+  decoder_layer(m.layers[0], cache.mtp_layers.at(0), 0, *mtp_moe_, b, ws, u, nullptr, ffn);
   ops_.add(u, ffn);
   if (b.num_logit_rows() == 0) return;
   Tensor rows = ws.take({b.num_logit_rows(), H});
@@ -79,13 +55,9 @@ void Model::mtp_forward(const ForwardBatch& b, const Tensor& hidden_in, const Ca
 }
 
 void Model::decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer, moe::MoeRunner& runner,
-                          const ForwardBatch& b, Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn,
-                          const LayerWeights* next) {
+                          const ForwardBatch& b, Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn) {
   Workspace::Scope scope(ws);  // the layer's intermediates are dead once x is updated
   const int64_t T = x.dim(0), H = cfg_.hidden_size;
-  // Decode is a chain of small ops, some of which (norms, gates, the recurrence, top-k) leave the
-  // memory idle: the weights the chain reaches later stream in beside them.
-  ops_.prefetch(later_products(lw));
   Tensor h = ws.take({T, H}), mixed = ws.take({T, H});
   if (pending) ops_.add_rms_norm(x, *pending, lw.input_norm, cfg_.rms_norm_eps, h);
   else ops_.rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, h);
@@ -93,7 +65,6 @@ void Model::decoder_layer(const LayerWeights& lw, const LayerCache& cache, int m
   else deltanet(lw.delta, cache, b, h, ws, mixed);
 
   ops_.add_rms_norm(x, mixed, lw.post_norm, cfg_.rms_norm_eps, h);
-  if (next) ops_.prefetch(input_projections(*next));
   if (lw.ffn == FfnType::Moe) sparse_moe(lw.moe, moe_layer, runner, b.routed, h, ws, ffn);
   else swiglu(lw.dense, h, ws, ffn);
 }

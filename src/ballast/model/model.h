@@ -40,11 +40,9 @@ class Model {
  private:
   // One layer over the residual stream x. The layer's MLP output is left in `ffn` rather than added
   // to x: the next layer (or the final norm) adds it in the same pass as its norm. `pending`: the
-  // previous layer's (null for the first layer); it may be ffn itself. `next`: the layer after
-  // (null for the last), whose first products are prefetched while this layer's MLP runs.
+  // previous layer's (null for the first layer); it may be ffn itself.
   void decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer, moe::MoeRunner& runner,
-                     const ForwardBatch& batch, kernels::Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn,
-                     const LayerWeights* next);
+                     const ForwardBatch& batch, kernels::Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn);
   void attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
                  kernels::Workspace& ws, Tensor& out);
   void deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,

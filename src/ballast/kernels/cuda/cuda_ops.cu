@@ -1,8 +1,5 @@
 // CudaOps: construction and the ops' shared scratch. The ops themselves are in cuda_*.cu by group.
 #include "ballast/kernels/cuda/cuda_ops.h"
-
-#include <algorithm>
-
 #include "ballast/kernels/cuda/cuda_support.cuh"
 #include "ballast/kernels/op_timing.h"
 
@@ -102,67 +99,6 @@ void CudaOps::join_side() {
   if (!side_out_ || stream_ != main_stream_) return;
   check_cuda(cudaStreamWaitEvent(main_stream_, side_.joined, 0), "side work: join");
   side_out_ = false;
-}
-
-// prefetch: the weights' bytes in pieces, each asked of L2 by one thread's bulk prefetch (Hopper's
-// copy engine does the reads: no registers, no shared memory, nothing to wait for; the block may
-// end before the bytes land). Pieces are numbered across the spans and dealt over the grid.
-namespace {
-
-constexpr int kPrefetchSpans = 16;
-constexpr uint64_t kPrefetchPiece = 8 * 1024;
-constexpr int kPrefetchThreads = 32;
-
-struct PrefetchSpans {
-  const char* base[kPrefetchSpans];
-  uint64_t bytes[kPrefetchSpans];  // multiples of 16, as the bases are
-  int n = 0;
-};
-
-__global__ void __launch_bounds__(kPrefetchThreads) prefetch_l2_kernel(PrefetchSpans s) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  // Reads only weights, which no op writes: nothing to wait for; the next kernel may start at once.
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-  const uint64_t stride = uint64_t(gridDim.x) * kPrefetchThreads;
-  uint64_t piece = uint64_t(blockIdx.x) * kPrefetchThreads + threadIdx.x, first = 0;
-  for (int i = 0; i < s.n; ++i) {
-    const uint64_t pieces = (s.bytes[i] + kPrefetchPiece - 1) / kPrefetchPiece;
-    for (; piece < first + pieces; piece += stride) {
-      const uint64_t off = (piece - first) * kPrefetchPiece;
-      const uint32_t size = uint32_t(min(kPrefetchPiece, s.bytes[i] - off));
-      asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(s.base[i] + off), "r"(size) : "memory");
-    }
-    first += pieces;
-  }
-#endif
-}
-
-}  // namespace
-
-void CudaOps::prefetch(std::span<const Tensor> weights) {
-  if (!device_.hopper() || timer_.on() || !cuda::side_stream_enabled() || !cuda::prefetch_enabled()) return;
-  PrefetchSpans s;
-  uint64_t pieces = 0;
-  auto add = [&](const Tensor& t) {
-    if (!t.defined() || t.device() != Device::CUDA || s.n == kPrefetchSpans) return;
-    // Whole 16-byte units inside the tensor (bulk copies' alignment).
-    const uintptr_t begin = (reinterpret_cast<uintptr_t>(t.raw()) + 15) & ~uintptr_t(15);
-    const uintptr_t end = (reinterpret_cast<uintptr_t>(t.raw()) + t.nbytes()) & ~uintptr_t(15);
-    if (end <= begin) return;
-    s.base[s.n] = reinterpret_cast<const char*>(begin);
-    s.bytes[s.n++] = end - begin;
-    pieces += (end - begin + kPrefetchPiece - 1) / kPrefetchPiece;
-  };
-  for (const Tensor& w : weights) {
-    add(w);
-    if (w.defined() && w.dtype() == DType::F8_E4M3_B128) add(w.scales());
-  }
-  if (pieces == 0) return;
-  const int grid = int(std::min<uint64_t>(uint64_t(device_.sms), (pieces + kPrefetchThreads - 1) / kPrefetchThreads));
-  side([&] {
-    cuda::launch(prefetch_l2_kernel, dim3(grid), dim3(kPrefetchThreads), 0, stream_, s);
-    cuda::check_launch("prefetch");
-  });
 }
 
 cublasHandle_t CudaOps::library_call() {

@@ -194,9 +194,6 @@ class CudaOps final : public Ops {
   // op's time alone), inside side work, or with BALLAST_CUDA_SIDE_STREAM=0.
   void side(const std::function<void()>& work) override;
   void join_side() override;
-  // Into L2, as side work (the bytes stream while the small ops of the main chain run); nothing
-  // while ops are timed, with BALLAST_CUDA_SIDE_STREAM=0 or BALLAST_CUDA_PREFETCH=0.
-  void prefetch(std::span<const Tensor> weights) override;
 
   cudaStream_t stream() const { return stream_; }
   CudaOpTimer& timer() { return timer_; }

@@ -133,16 +133,6 @@ inline bool side_stream_enabled() {
   return on;
 }
 
-// Whether Ops::prefetch brings weights into L2: yes unless the environment sets
-// BALLAST_CUDA_PREFETCH=0 (read once), the same kind of switch as BALLAST_CUDA_PDL.
-inline bool prefetch_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("BALLAST_CUDA_PREFETCH");
-    return !(v && v[0] == '0' && v[1] == 0);
-  }();
-  return on;
-}
-
 // Whether `kernel` is left out of its launches: its (mangled) name contains one of the
 // comma-separated strings of BALLAST_CUDA_SKIP_KERNELS (read once). A profiling aid: a step's graph
 // captured without a kernel times what that kernel costs inside it, overlaps and all (docs/perf.md,
