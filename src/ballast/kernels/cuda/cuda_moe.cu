@@ -2106,16 +2106,28 @@ __global__ void gather_routed_kernel(RoutedArgs a, int me, long long row_bytes, 
   const int s = blockIdx.y;
   __shared__ long long span[3];  // skip, n, at
   if (threadIdx.x == 0) {
-    long long skip = 0, at = 0;
-    for (int d = 0; d < me; ++d) skip += a.counts[s][d];
-    for (int q = 0; q < s; ++q) at += a.counts[q][me];
+    // A source's span past its rows is the fault to name; where an earlier source's is, this
+    // source's place in out follows from a bad count and is not reported (the blocks of different
+    // sources report in no set order: only the first report is kept).
+    auto span_of = [&](int q, long long& skip) {
+      skip = 0;
+      for (int d = 0; d < me; ++d) skip += a.counts[q][d];
+      const long long n = a.counts[q][me];
+      return n >= 0 && skip >= 0 && skip + n <= a.held[q];
+    };
+    long long skip = 0, at = 0, earlier_skip = 0;
+    bool earlier_ok = true;
+    for (int q = 0; q < s; ++q) {
+      at += a.counts[q][me];
+      earlier_ok = span_of(q, earlier_skip) && earlier_ok;
+    }
     long long n = a.counts[s][me];
-    if (n < 0 || skip < 0 || skip + n > a.held[s]) {
+    if (!span_of(s, skip)) {
       if (blockIdx.x == 0) report(fault, cm::kRoutedSource, s, skip + n, a.held[s]);
       n = skip < 0 || skip > a.held[s] ? 0 : max(0ll, min(n, a.held[s] - skip));
     }
     if (at < 0 || at + n > out_rows) {
-      if (blockIdx.x == 0) report(fault, cm::kRoutedOut, s, at + n, out_rows);
+      if (blockIdx.x == 0 && earlier_ok) report(fault, cm::kRoutedOut, s, at + n, out_rows);
       n = at < 0 || at > out_rows ? 0 : min(n, out_rows - at);
     }
     if (blockIdx.x == 0) recv_counts[s] = int32_t(n);  // what moved
