@@ -2026,11 +2026,7 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
           for (int e = 0; e < EL; ++e) e_sum = fmaf(wv[e], hv[q][e], e_sum);
           d = F8 ? fmaf(sc[rs * DL + q], e_sum, d) : d + e_sum;
         }
-        // (Unrolled over the five possible steps: LW is a runtime value, and a rolled loop costs
-        // a row ~15 instructions more; the same additions in the same order.)
-#pragma unroll
-        for (int o = 16; o > 0; o /= 2)
-          if (o < LW) d += __shfl_xor_sync(0xffffffffu, d, o);
+        for (int o = LW / 2; o > 0; o /= 2) d += __shfl_xor_sync(0xffffffffu, d, o);
         const int64_t nl = n0 + rs * G + sub;
         if (lw == 0 && nl < RB) ys[nl] = d;
       }
