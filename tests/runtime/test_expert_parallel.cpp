@@ -31,7 +31,7 @@ namespace {
 using namespace ballast::test;
 
 // The two reference prompts and three more cut from them: five prompts of different lengths.
-std::vector<std::vector<int32_t>> prompts_of(const std::string& fixture) {
+std::vector<std::vector<int32_t>> ep_prompts_of(const std::string& fixture) {
   auto ref = io::SafetensorsFile::open(kFixtures / fixture / "reference.safetensors");
   auto a = ids(*ref, "prompt_ids"), b = ids(*ref, "short_prompt_ids");
   return {a, b, {a.begin() + 10, a.begin() + 50}, {a.begin() + 3, a.begin() + 5}, {b.rbegin(), b.rend()}};
@@ -165,7 +165,7 @@ std::vector<std::vector<int32_t>> single_rank(const std::string& fixture, const 
 class ExpertParallel : public ::testing::TestWithParam<std::string> {};
 
 TEST_P(ExpertParallel, OutputsEqualSingleRankForEveryRankCountAndPolicy) {
-  const auto prompts = prompts_of(GetParam());
+  const auto prompts = ep_prompts_of(GetParam());
   const auto want = single_rank(GetParam(), prompts);
   for (int G : {1, 2, 4})
     for (auto policy : {eplb::Dispatch::static_, eplb::Dispatch::random, eplb::Dispatch::balanced}) {
@@ -188,7 +188,7 @@ TEST_P(ExpertParallel, OutputsEqualSingleRankForEveryRankCountAndPolicy) {
 TEST_P(ExpertParallel, OverNcclOutputsEqualSingleRank) {
   const char* device = std::getenv("BALLAST_TEST_DEVICE");
   if (!device || std::string(device) != "cuda") GTEST_SKIP() << "NCCL moves CUDA buffers (BALLAST_TEST_DEVICE=cuda)";
-  const auto prompts = prompts_of(GetParam());
+  const auto prompts = ep_prompts_of(GetParam());
   const auto want = single_rank(GetParam(), prompts);
   const DevicePlane nccl = [](dist::Communicator& comm, kernels::Backend& be, dist::DataPlane&) {
     return std::make_unique<dist::NcclDataPlane>(comm, 0, be.stream());
@@ -206,7 +206,7 @@ TEST_P(ExpertParallel, OverNcclOutputsEqualSingleRank) {
 // they share (the engine's own choice on a GPU, made here on every backend: on the CPU's the same
 // copies through the backend's queue), and host staging (the fallback for a GPU's buffers).
 TEST_P(ExpertParallel, OverEveryPlaneForDeviceBuffersOutputsEqualSingleRank) {
-  const auto prompts = prompts_of(GetParam());
+  const auto prompts = ep_prompts_of(GetParam());
   const auto want = single_rank(GetParam(), prompts);
   const std::pair<const char*, DevicePlane> planes[] = {
       {"on the device", [](dist::Communicator&, kernels::Backend& be,
@@ -235,7 +235,7 @@ TEST_P(ExpertParallel, OverEveryPlaneForDeviceBuffersOutputsEqualSingleRank) {
 // are captured again when buffers move). With five prompts the ranks' batches fall in different
 // buckets: a graph of those.
 TEST_P(ExpertParallel, GraphsOfEveryRanksPassOutputEqualSingleRank) {
-  const auto five = prompts_of(GetParam());
+  const auto five = ep_prompts_of(GetParam());
   const auto &a = five[0], &b = five[1];
   auto more = five;
   more.insert(more.end(), {{a.begin() + 1, a.begin() + 30}, {b.begin() + 2, b.end()}, {a.begin() + 5, a.end()}});
@@ -263,7 +263,7 @@ TEST_P(ExpertParallel, GraphsOfEveryRanksPassOutputEqualSingleRank) {
 // experts read nothing for them and the recorded load and token trace are the eager run's, which
 // has no padding. Five prompts over G = 2: batches of 3 (padded to 4) and 2.
 TEST_P(ExpertParallel, RowsThatOnlyPadAGraphGoToNoExpert) {
-  const auto prompts = prompts_of(GetParam());
+  const auto prompts = ep_prompts_of(GetParam());
   const GraphRanks ranks = graph_ranks();
   const int G = 2, R = redundant_for(model::load_model_config(kFixtures / GetParam()).num_experts, G, G);
   auto run = [&](bool graphs) {
@@ -284,7 +284,7 @@ TEST_P(ExpertParallel, RowsThatOnlyPadAGraphGoToNoExpert) {
 }
 
 TEST_P(ExpertParallel, FailedTransferKeepsOldPlacementAndCorrectOutputs) {
-  const auto prompts = prompts_of(GetParam());
+  const auto prompts = ep_prompts_of(GetParam());
   const auto want = single_rank(GetParam(), prompts);
   const auto cfg = model::load_model_config(kFixtures / GetParam());
   const int G = 2;
@@ -356,7 +356,7 @@ INSTANTIATE_TEST_SUITE_P(Fixtures, ExpertParallel, ::testing::ValuesIn(fixtures_
 TEST(ExpertParallelBalance, RebalancingRaisesPerPassBalancedness) {
   // qwen3_next_a's routers are skewed; with 4 ranks and 4 redundant slots, planning from the
   // recorded load must raise the balance the dispatch achieves per pass.
-  const auto base = prompts_of("qwen3_next_a");
+  const auto base = ep_prompts_of("qwen3_next_a");
   std::vector<std::vector<int32_t>> prompts;
   for (int i = 0; i < 4; ++i) prompts.insert(prompts.end(), base.begin(), base.end());
   auto got = run_ep("qwen3_next_a", prompts, 4, 4, eplb::Dispatch::balanced, 6, 24);

@@ -70,6 +70,8 @@ inline constexpr E4m3Table kE4m3;
 }  // namespace detail
 
 inline float fp8e4m3_to_f32(uint8_t v) { return detail::kE4m3.value[v]; }
+// The largest finite E4M3 value: block scales are amax / it.
+inline constexpr float kE4m3Max = 448.0f;
 
 // The E4M3 code nearest to f, ties to even, saturating at +-448 (infinities too; NaN: 0x7f): what
 // CUDA's cvt.rn.satfinite.e4m3 gives, so that both backends make the same random FP8 weights. Bit

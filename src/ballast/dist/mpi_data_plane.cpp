@@ -26,7 +26,7 @@ namespace {
 using detail::kMpiMaxCount;
 using detail::mpi_check;
 
-constexpr std::string_view kImpl = "MPI";
+constexpr std::string_view kMpiPlane = "MPI";
 // send_recv's one tag: MPI does not let messages of one (sender, tag, communicator) overtake
 // each other, which is the FIFO order per pair the interface promises.
 constexpr int kTag = 0;
@@ -78,7 +78,7 @@ void MpiDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, T
   Watchdog::Scope watch(watchdog_, "all_to_all_v (data plane)");
   const int G = size_;
   detail::RowArgs a;
-  auto error = detail::check_all_to_all_v(rank_, G, send, send_counts, recv, recv_counts, kImpl, &a);
+  auto error = detail::check_all_to_all_v(rank_, G, send, send_counts, recv, recv_counts, kMpiPlane, &a);
   // Row counts first; a rank with bad arguments sends zeros (it is about to fail with everyone).
   std::vector<int> rows_out(G, 0), rows_in(G, 0);
   if (!error)
@@ -114,7 +114,7 @@ void MpiDataPlane::all_to_all_v(const Tensor& send, const Tensor& send_counts, T
 void MpiDataPlane::all_gather(const Tensor& mine, Tensor& all) {
   Watchdog::Scope watch(watchdog_, "all_gather (data plane)");
   const int G = size_;
-  auto error = detail::check_all_gather(rank_, G, mine, all, kImpl);
+  auto error = detail::check_all_gather(rank_, G, mine, all, kMpiPlane);
   const int64_t bytes = int64_t(mine.nbytes());
   if (!error && bytes * G > kMpiMaxCount)
     error = fmt::format("all_gather: rank {} gathers {} bytes, over MPI's limit of {} bytes per call", rank_,
@@ -137,7 +137,7 @@ void MpiDataPlane::all_gather(const Tensor& mine, Tensor& all) {
 void MpiDataPlane::all_reduce_sum(Tensor& data) {
   Watchdog::Scope watch(watchdog_, "all_reduce_sum (data plane)");
   const int G = size_;
-  auto error = detail::check_all_reduce(rank_, data, kImpl);
+  auto error = detail::check_all_reduce(rank_, data, kMpiPlane);
   const int64_t n = data.numel(), bytes = int64_t(data.nbytes());
   // F32 goes through an all-gather (G times the data), integers through MPI_Allreduce.
   const int64_t moved = data.dtype() == DType::F32 ? bytes * G : n;
@@ -163,7 +163,7 @@ void MpiDataPlane::all_reduce_sum(Tensor& data) {
 void MpiDataPlane::send_recv(std::span<const Transfer> items) {
   Watchdog::Scope watch(watchdog_, "send_recv (data plane)");
   const int G = size_;
-  if (auto bad = detail::check_transfers(rank_, G, items, kImpl)) fail("{}", *bad);
+  if (auto bad = detail::check_transfers(rank_, G, items, kMpiPlane)) fail("{}", *bad);
   auto describe = [&](size_t i) {
     const Transfer& t = items[i];
     return t.kind == Transfer::send ? fmt::format("send of {} bytes to rank {}", t.buffer.nbytes(), t.peer)

@@ -35,7 +35,7 @@ using thread_detail::Op;
 using thread_detail::Posted;
 using Clock = std::chrono::steady_clock;
 
-constexpr std::string_view kImpl = "thread";
+constexpr std::string_view kThreadPlane = "thread";
 
 class ThreadDataPlane final : public DataPlane {
  public:
@@ -66,7 +66,7 @@ class ThreadDataPlane final : public DataPlane {
   void all_gather(const Tensor& mine, Tensor& all) override {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
-    const auto error = detail::check_all_gather(rank_, G, mine, all, kImpl, where());
+    const auto error = detail::check_all_gather(rank_, G, mine, all, kThreadPlane, where());
     // The work that wrote `mine`, marked: the peers' copies out of it wait for it.
     const void* ready = queue_ && !error ? queue_->mark(0) : nullptr;
     m().mine[rank_] = Contribution{.op = Op::gather,
@@ -94,7 +94,7 @@ class ThreadDataPlane final : public DataPlane {
   void all_reduce_sum(Tensor& data) override {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
-    auto error = detail::check_all_reduce(rank_, data, kImpl, where());
+    auto error = detail::check_all_reduce(rank_, data, kThreadPlane, where());
     if (!error && counts_on_device()) error = not_in_a_graph("all_reduce_sum");
     const size_t n = size_t(data.numel()), bytes = data.nbytes();
     const void* mine = data.raw();
@@ -126,7 +126,7 @@ class ThreadDataPlane final : public DataPlane {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
     // Its peers may be waiting for transfers it will never post: stop the world.
-    auto bad = detail::check_transfers(rank_, G, items, kImpl, where());
+    auto bad = detail::check_transfers(rank_, G, items, kThreadPlane, where());
     if (!bad && counts_on_device()) bad = not_in_a_graph("send_recv");
     if (bad) s_->fail(rank_, *bad);
     if (queue_) queue_->wait();  // what it sends is written before a peer copies it
@@ -188,7 +188,7 @@ class ThreadDataPlane final : public DataPlane {
   std::optional<std::string> check_rows(const Routes* routes, const Tensor& send, const Tensor& send_counts,
                                         const Tensor& recv, const Tensor& recv_counts, detail::RowArgs* a) {
     const int G = s_->size;
-    if (auto bad = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kImpl, where(), a))
+    if (auto bad = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kThreadPlane, where(), a))
       return bad;
     if (!routes) {
       if (!queue_) return detail::check_send_counts(rank_, {send_counts.data<int32_t>(), size_t(G)}, a);
@@ -290,7 +290,7 @@ class ThreadDataPlane final : public DataPlane {
     const int G = s_->size;
     s_->throw_if_aborted(rank_);
     detail::RowArgs a;
-    auto error = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kImpl, where(), &a);
+    auto error = detail::check_row_buffers(rank_, G, send, send_counts, recv, recv_counts, kThreadPlane, where(), &a);
     if (!error && routes && last_sent_rows_ < 0) error = nothing_to_follow(*routes);
     if (!error && send_counts.raw() == recv_counts.raw())
       error = fmt::format("all_to_all_v: rank {}'s send_counts is its recv_counts: in a graph its peers read the "

@@ -12,10 +12,6 @@
 
 namespace ballast::model {
 
-namespace {
-constexpr float kE4m3Max = 448.0f;
-}  // namespace
-
 Tensor quantize_fp8_blocks(const Tensor& w) {
   check(w.rank() == 2 && w.device() == Device::CPU &&
             (w.dtype() == DType::BF16 || w.dtype() == DType::F16 || w.dtype() == DType::F32),

@@ -6,14 +6,13 @@
 
 #include "ballast/core/error.h"
 #include "ballast/core/thread_pool.h"
+#include "ballast/kernels/cpu/op_support.h"
 
 namespace ballast::kernels::cpu {
 
 namespace {
 
 constexpr int kBlock = 64;  // channels per work item; the inner loops run across channels
-
-inline float silu(float x) { return x / (1.0f + std::exp(-x)); }
 
 // Channels [c0, c0 + nc). Taps and history are transposed into [tap][channel] so that every inner
 // loop is unit-stride over channels.
