@@ -33,9 +33,6 @@ std::vector<std::string> preset_names() { return {"mid-size", "qwen3-next-80b-a3
 
 namespace {
 
-// Qwen's -FP8 releases: e4m3 elements uniform over +-448 (the format's range) and 128 x 128 block
-// scales uniform in +-bound / 448, so that values stay within +-bound like the others'.
-
 class Filler {
  public:
   Filler(kernels::Backend& be, uint64_t seed, DType dtype) : be_(be), seed_(seed), dtype_(dtype) {}
@@ -47,7 +44,9 @@ class Filler {
     return uniform({rows, cols}, plain_dtype(), float(1.0 / std::sqrt(double(cols))));
   }
   DType plain_dtype() const { return dtype_ == DType::F8_E4M3_B128 ? DType::BF16 : dtype_; }
-  // A weight in the weight dtype, uniform in +-bound.
+  // A weight in the weight dtype, uniform in +-bound. FP8 as in Qwen's -FP8 releases: e4m3 elements
+  // uniform over +-448 (the format's range) and 128 x 128 block scales uniform in +-bound / 448, so
+  // that values stay within +-bound like the others'.
   Tensor weight(std::vector<int64_t> shape, float bound) {
     if (dtype_ != DType::F8_E4M3_B128) return uniform(std::move(shape), dtype_, bound);
     const int64_t R = shape[0], C = shape[1];

@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "ballast/core/dtype.h"
+
 namespace ballast::kernels::cuda {
 
 struct Tf32Pair {
@@ -136,7 +138,7 @@ __device__ __forceinline__ uint32_t quantize_b128(float4 v, float& sc) {
   float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
-  sc = amax > 0.f ? amax / 448.0f : 1.0f;
+  sc = amax > 0.f ? amax / kE4m3Max : 1.0f;
   const float q[4] = {v.x / sc, v.y / sc, v.z / sc, v.w / sc};
   uint32_t packed = 0;
 #pragma unroll
