@@ -9,13 +9,16 @@
 # The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
 # pack ~12-13 MB (xz -9e; with the delta-rule bench before and after), so .carry/fla (~1.5 MB, pruned to what
 # chunk_gated_delta_rule imports) fits beside it.
-#   STEPS="conformance nccl runtime demo serve sanitizer bench scale fp8 pdl ep ep-mtp kernels kernel-ab prefill-kernels prefill-source decode-kernels mtp deltanet" bash scripts/gpu_check.sh
+#   STEPS="conformance nccl runtime demo serve sanitizer bench scale fp8 pdl ep ep-mtp kernels kernel-ab prices prefill-kernels prefill-source decode-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in
 # block-scaled FP8 at its full depth (LAYERS_FP8, default 48) on one GPU; kernels: every kernel
 # of one decode step of the 80B shape as replayed in its graph (Nsight Compute); kernel-ab: one kernel
 # (NCU_KERNEL, a regex; default moe_routed) alone in each build (AB_VARIANTS, default "ballast-old
 # ballast": gpu_pack.sh's BALLAST_BEFORE), its launches 21-24 of an eager batch-1 FP8 decode of the
-# 80B shape (4 layers), timed by Nsight Compute; mtp: speculation on
+# 80B shape (4 layers), timed by Nsight Compute; prices: what each kind of small kernel costs inside
+# the batch-1 graph (80B FP8, 24 layers), by leaving it out (BALLAST_CUDA_SKIP_KERNELS; PRICE_KERNELS,
+# substrings of the mangled names: NormE1E the residual norms, NormE2E the gated one), two rounds
+# against the whole step; the outputs are wrong, the step's time is what is read; mtp: speculation on
 # the demo model; serve: `ballast serve` on the GPU with its defaults (the KV cache from
 # --mem-fraction-static 0.85), a completion, SIGTERM (scripts/gpu_serve_check.py); pdl: the 80B
 # shape's decode with and without overlapped launches
@@ -80,6 +83,10 @@ for s in $STEPS; do
                --csv --metrics gpu__time_duration.sum,dram__bytes_read.sum $BIN/\$b bench --device cuda --synthetic \
                qwen3-next-80b-a3b --dtype fp8 --layers 4 --batch ${KERNELS_BATCH:-1} --prompt-len 1024 --decode-steps 16 \
                --repeats 1 --disable-cuda-graph > /tmp/kernel-ab-\$b.csv && python3 scripts/ncu_summary.py /tmp/kernel-ab-\$b.csv; done" ;;
+    prices) step prices bash -c "for r in 1 2; do for skip in '' ${PRICE_KERNELS:-NormE1E qk_norm_rope conv1d_silu_kernel NormE2E delta_gates_kernel}; do \
+               echo \"--- round \$r, left out: '\$skip'\"; BALLAST_CUDA_SKIP_KERNELS=\$skip $BIN/ballast bench --device cuda --synthetic \
+               qwen3-next-80b-a3b --dtype fp8 --layers 24 --batch 1 --prompt-len 1024 --decode-steps 64 --prefill 128 --repeats 1 2>&1 \
+               | grep -E 'left out|^ +1 ' | cut -c 1-160; done; done" ;;
     prefill-kernels) step prefill-kernels bash -c "ncu --kernel-name 'regex:${NCU_KERNELS:-experts_fp8|attention_bf16|delta_rule_(solve|state)}' \
                --launch-count ${NCU_COUNT:-15} --clock-control none --section SpeedOfLight --section Occupancy \
                --section WarpStateStats --section SchedulerStats --section ComputeWorkloadAnalysis --section MemoryWorkloadAnalysis \
