@@ -14,7 +14,9 @@
 # ~4 MB to the pack (xz finds little they share) and the tracked tree is ~50 MB of the 64 MiB the
 # device tool carries (untracked build folders aside): with PACK_TESTS=0 only ballast (and the
 # revisions before) are packed, for an A/B call (the test binaries are ~9 MB of it). The total is
-# printed at the end.
+# printed at the end. BALLAST_OLD=<a ballast binary built earlier> packs that file as ballast-old
+# (no worktree build: keep a copy of the baseline's binary before changing the tree), and
+# EXTRA_BINS="name=path ..." packs more files into gpu/bin (another build, a probe).
 #   bash scripts/gpu_pack.sh   ->  then carry .carry (see scripts/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,6 +43,8 @@ build_before() {
 if [ -n "${FLA_REPO:-}" ] && [ -n "${DELTA_RULE_BEFORE:-}" ]; then
   cp "$(build_before "$DELTA_RULE_BEFORE" bench_delta_rule_cuda)" .carry/gpu/bin/bench_delta_rule_cuda-before
 fi
+[ -n "${BALLAST_OLD:-}" ] && cp "$BALLAST_OLD" .carry/gpu/bin/ballast-old
+for kv in ${EXTRA_BINS:-}; do cp "${kv#*=}" ".carry/gpu/bin/${kv%%=*}"; done
 first=1
 for rev in ${BALLAST_BEFORE:-}; do  # each as ballast-<revision>, the first also as ballast-old
   bin=.carry/gpu/bin/ballast-$(git rev-parse --short "$rev")
