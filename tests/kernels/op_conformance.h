@@ -787,6 +787,91 @@ TEST_P(OpConformance, AddRmsNormAddsThenNorms) {
   }
 }
 
+// matmul_add_rms_norm_matmul_many is matmul, add_rms_norm and matmul_many: x holds x + o @ w_out^T,
+// h its norm, each product that of h, all within fp32 rounding of a double reference (CUDA splits
+// the norm over its one-row products: the output projection's blocks sum the squares as they store,
+// the next products apply the row's factor; CudaBackend's test checks that it does). Rows 1 (split
+// where the rows are whole vector steps), 2, 5 and 40, K and H multiples of 16 or not, the norm's
+// weights F32 or BF16, every projection BF16, F32, or block-scaled FP8 beside BF16.
+TEST_P(OpConformance, MatmulAddRmsNormMatmulManyProjectsAddsNormsAndProjects) {
+  const float eps = 1e-6f;
+  enum Mix { kBf16, kF32, kFp8 };
+  const std::vector<int64_t> Ns{130, 1, 33, 64};
+  for (const auto& [K, H] : {std::pair<int64_t, int64_t>{64, 96}, {70, 100}, {512, 2048}})
+    for (DType ndt : {DType::F32, DType::BF16})
+      for (Mix mix : {kBf16, kF32, kFp8}) {
+        const auto weight_of = [&](const std::vector<float>& v, int64_t rows, int64_t cols, bool fp8,
+                                   std::vector<float>& stored) {
+          if (fp8) {
+            BlockScaledHost b = block_scaled_host(v, rows, cols);
+            stored = std::move(b.stored);
+            return be().to_device(b.tensor);
+          }
+          const DType dt = mix == kF32 ? DType::F32 : DType::BF16;
+          stored = stored_as(v, dt);
+          return weight(v, {rows, cols}, dt);
+        };
+        std::vector<float> wos;
+        const Tensor w_out = weight_of(randn(size_t(H * K), 80, 0.1f), H, K, mix == kFp8, wos);
+        std::vector<Tensor> w;
+        std::vector<std::vector<float>> stored(Ns.size());
+        for (size_t i = 0; i < Ns.size(); ++i)
+          w.push_back(weight_of(randn(size_t(Ns[i] * H), 81 + uint32_t(i), 0.2f), Ns[i], H,
+                                mix == kFp8 && (i == 0 || i == 3), stored[i]));
+        const std::vector<float> nv = randn(size_t(H), 86, 0.1f), ns = stored_as(nv, ndt);
+        const Tensor norm = weight(nv, {H}, ndt);
+        for (int64_t T : {1, 2, 5, 40}) {
+          SCOPED_TRACE("K=" + std::to_string(K) + " H=" + std::to_string(H) + " norm " +
+                       std::string(dtype_name(ndt)) + " mix=" + std::to_string(mix) + " T=" + std::to_string(T));
+          const std::vector<float> ov = randn(size_t(T * K), 87 + uint32_t(T)), xv = randn(size_t(T * H), 88);
+          std::vector<double> sum(xv.size()), h(xv.size());
+          for (int64_t t = 0; t < T; ++t) {
+            double ss = 0;
+            for (int64_t n = 0; n < H; ++n) {
+              double acc = 0;
+              for (int64_t k = 0; k < K; ++k) acc += double(ov[size_t(t * K + k)]) * wos[size_t(n * K + k)];
+              sum[size_t(t * H + n)] = xv[size_t(t * H + n)] + acc;
+              ss += sum[size_t(t * H + n)] * sum[size_t(t * H + n)];
+            }
+            const double inv = 1.0 / std::sqrt(ss / double(H) + eps);
+            for (int64_t n = 0; n < H; ++n) h[size_t(t * H + n)] = sum[size_t(t * H + n)] * inv * (1.0 + ns[size_t(n)]);
+          }
+          Tensor x = f32(xv, {T, H}), d = be().alloc({T, H}, DType::F32), hd = be().alloc({T, H}, DType::F32);
+          std::vector<Tensor> y;
+          for (const int64_t N : Ns) y.push_back(be().alloc({T, N}, DType::F32));
+          ops().matmul_add_rms_norm_matmul_many(f32(ov, {T, K}), w_out, x, d, norm, eps, hd, w, y);
+          EXPECT_TRUE(all_near(floats(x), sum, 1e-5, 1e-5));
+          EXPECT_TRUE(all_near(floats(hd), h, 1e-5, 1e-5));
+          for (size_t i = 0; i < Ns.size(); ++i) {
+            const int64_t N = Ns[i];
+            std::vector<double> want(size_t(T * N));
+            double scale = 0;  // sum |h||w|: fp32 accumulation error is a few ulps of it
+            for (int64_t t = 0; t < T; ++t)
+              for (int64_t n = 0; n < N; ++n) {
+                double acc = 0, a = 0;
+                for (int64_t k = 0; k < H; ++k) {
+                  const double p = h[size_t(t * H + k)] * stored[i][size_t(n * H + k)];
+                  acc += p, a += std::abs(p);
+                }
+                want[size_t(t * N + n)] = acc;
+                scale = std::max(scale, a);
+              }
+            EXPECT_TRUE(all_near(floats(y[i]), want, 1e-5 * std::max(scale, 1.0))) << "output " << i;
+          }
+        }
+      }
+  const int64_t T = 1, K = 16, H = 32;
+  const Tensor o = f32(randn(size_t(T * K), 89), {T, K}), w_out = weight(randn(size_t(H * K), 90), {H, K}, DType::F32);
+  const Tensor norm = f32(randn(size_t(H), 91, 0.1f), {H}), w1[] = {weight(randn(size_t(H * 3), 92), {3, H}, DType::F32)};
+  Tensor x = f32(randn(size_t(T * H), 93), {T, H}), d = be().alloc({T, H}, DType::F32), h = be().alloc({T, H}, DType::F32);
+  Tensor y1[] = {be().alloc({T, 3}, DType::F32)};
+  test::expect_error([&] { ops().matmul_add_rms_norm_matmul_many(o, w_out, x, x, norm, 1e-6f, h, w1, y1); },
+                     {"matmul_add_rms_norm_matmul_many", "overlap"});
+  Tensor wrong[] = {be().alloc({T, 4}, DType::F32)};
+  test::expect_error([&] { ops().matmul_add_rms_norm_matmul_many(o, w_out, x, d, norm, 1e-6f, h, w1, wrong); },
+                     {"matmul"});
+}
+
 TEST_P(OpConformance, AddCopyZero) {
   const std::vector<float> a = randn(50, 7), b = randn(50, 8);
   Tensor y = f32(a, {5, 10});

@@ -1,5 +1,6 @@
 // The op conformance suite on the CUDA backend (skipped where no CUDA device is visible), and
 // what the CUDA backend itself promises: weights copied once into few blocks, counted transfers.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -709,6 +710,56 @@ TEST_P(CudaBf16Products, TensorCoreProductsOfManyTargetsAndSwigluEqualTheirParts
       ops().swiglu_down(g2, up, down, row_gate, got);
       EXPECT_EQ(floats(got), floats(want));
     }
+  }
+}
+
+// matmul_add_rms_norm_matmul_many at batch-1 decode takes two launches, the norm split over them (no
+// norm kernel); from two rows matmul, add_rms_norm and matmul_many, bit for bit. The outputs are
+// those of the three ops within fp32 rounding (the squares summed in another order, the factor
+// applied to the sums). An FP8 model's shapes (its DeltaNet output projection and MoE projections).
+TEST_P(CudaBf16Products, MatmulAddRmsNormMatmulManySplitsTheNormOverOneRowProducts) {
+  const int64_t K = 4096, H = 2048;
+  const Tensor w_out = be().to_device(block_scaled_host(randn(size_t(H * K), 110, 0.05f), H, K).tensor);
+  const std::vector<int64_t> Ns{512, 512, 512, 1};
+  std::vector<Tensor> w;
+  for (size_t i = 0; i < Ns.size(); ++i) {
+    const std::vector<float> v = randn(size_t(Ns[i] * H), 111 + uint32_t(i), 0.2f);
+    w.push_back(i == 0 || i == 3 ? weight(v, {Ns[i], H}, DType::BF16)
+                                 : be().to_device(block_scaled_host(v, Ns[i], H).tensor));
+  }
+  const Tensor norm = weight(randn(size_t(H), 115, 0.1f), {H}, DType::BF16);
+  for (const int64_t T : {1, 2}) {
+    SCOPED_TRACE("T=" + std::to_string(T));
+    const Tensor o = f32(randn(size_t(T * K), 116), {T, K});
+    const std::vector<float> xv = randn(size_t(T * H), 117);
+    Tensor x = f32(xv, {T, H}), d = be().alloc({T, H}, DType::F32), h = be().alloc({T, H}, DType::F32);
+    Tensor x2 = f32(xv, {T, H}), d2 = be().alloc({T, H}, DType::F32), h2 = be().alloc({T, H}, DType::F32);
+    std::vector<Tensor> y, want;
+    for (const int64_t N : Ns) {
+      y.push_back(be().alloc({T, N}, DType::F32));
+      want.push_back(be().alloc({T, N}, DType::F32));
+    }
+    be().start_op_timing();
+    ops().matmul_add_rms_norm_matmul_many(o, w_out, x, d, norm, 1e-6f, h, w, y);
+    std::vector<std::string> names;
+    for (const OpTime& t : be().stop_op_timing()) names.push_back(t.op);
+    std::sort(names.begin(), names.end());  // (the timer lists its ops by name)
+    if (T == 1)
+      EXPECT_EQ(names, (std::vector<std::string>{"matmul gemv (the residual add and norm's sums at its store)",
+                                                 "matmul gemv (times the row's RMS factor)"}));
+    else EXPECT_EQ(names, (std::vector<std::string>{"add_rms_norm", "matmul gemv"}));
+    ops().matmul(o, w_out, d2);
+    ops().add_rms_norm(x2, d2, norm, 1e-6f, h2);
+    ops().matmul_many(h2, w, want);
+    if (T > 1) {  // the same kernels: the same bits
+      EXPECT_EQ(floats(x), floats(x2));
+      EXPECT_EQ(floats(h), floats(h2));
+      for (size_t i = 0; i < Ns.size(); ++i) EXPECT_EQ(floats(y[i]), floats(want[i])) << "output " << i;
+      continue;
+    }
+    EXPECT_TRUE(all_near(floats(x), floats(x2), 1e-6, 1e-6));
+    EXPECT_TRUE(all_near(floats(h), floats(h2), 1e-6, 1e-5));
+    for (size_t i = 0; i < Ns.size(); ++i) EXPECT_TRUE(all_near(floats(y[i]), floats(want[i]), 1e-4, 1e-4)) << i;
   }
 }
 

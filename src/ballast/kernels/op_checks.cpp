@@ -112,14 +112,29 @@ void check_matmul_many(std::span<const Tensor> w, std::span<Tensor> y) {
   check(w.size() == y.size(), "matmul_many: {} weights for {} outputs", w.size(), y.size());
 }
 
+namespace {
+bool overlap(const Tensor& a, const Tensor& b) {
+  const char *a0 = static_cast<const char*>(a.raw()), *b0 = static_cast<const char*>(b.raw());
+  return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
+}
+}  // namespace
+
 RowShape check_add_rms_norm(const Tensor& x, const Tensor& d, const Tensor& w, const Tensor& y) {
   check_add(x, d);
   const RowShape shape = check_rms_norm(x, w, y);
-  auto overlap = [](const Tensor& a, const Tensor& b) {
-    const char *a0 = static_cast<const char*>(a.raw()), *b0 = static_cast<const char*>(b.raw());
-    return a.nbytes() > 0 && b.nbytes() > 0 && a0 < b0 + b.nbytes() && b0 < a0 + a.nbytes();
-  };
   check(!overlap(y, x) && !overlap(y, d), "add_rms_norm: y{} overlaps x{} or d{}", y, x, d);
+  return shape;
+}
+
+RowShape check_matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, const Tensor& x, const Tensor& d,
+                                               const Tensor& w, const Tensor& h, std::span<const Tensor> wy,
+                                               std::span<Tensor> y) {
+  check_matmul(o, w_out, d);
+  const RowShape shape = check_add_rms_norm(x, d, w, h);
+  check(!overlap(o, x) && !overlap(o, d) && !overlap(x, d) && !overlap(h, o),
+        "matmul_add_rms_norm_matmul_many: o{}, x{}, d{} and h{} overlap", o, x, d, h);
+  check_matmul_many(wy, y);
+  for (size_t i = 0; i < wy.size(); ++i) check_matmul(h, wy[i], y[i]);
   return shape;
 }
 

@@ -47,6 +47,11 @@ RowShape check_rms_norm(const Tensor& x, const Tensor& w, const Tensor& y);
 void check_add(const Tensor& y, const Tensor& x);
 void check_matmul_many(std::span<const Tensor> w, std::span<Tensor> y);
 RowShape check_add_rms_norm(const Tensor& x, const Tensor& d, const Tensor& w, const Tensor& y);
+// matmul_add_rms_norm_matmul_many: d as matmul's y of o and w_out, then x, d, w, h as add_rms_norm's
+// (h overlapping none of o, x and d), each product as matmul's of h.
+RowShape check_matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, const Tensor& x, const Tensor& d,
+                                               const Tensor& w, const Tensor& h, std::span<const Tensor> wy,
+                                               std::span<Tensor> y);
 void check_copy(const Tensor& src, const Tensor& dst);
 struct ConcatShape {
   int64_t T, A, B;

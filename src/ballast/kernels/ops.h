@@ -111,6 +111,15 @@ class Ops {
   // x += d, then y = rms_norm(x, w) (the residual stream's add and the next norm in one pass); y is
   // neither x nor d.
   virtual void add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) = 0;
+  // d = o @ w_out^T, x += d, h = rms_norm(x, w), then y[i] = h @ wy[i]^T as matmul_many: a mixer's
+  // output projection, the residual add, the norm and the next block's first projections in one
+  // op, so that a backend can compute the norm where its input is finished (CUDA's one-row products:
+  // the output projection's blocks add, weight and sum squares as they store, the next products
+  // apply the row's factor as they store). d [T, H] is scratch (what it holds afterwards is the
+  // backend's); h, written too (the MoE's experts read it), overlaps none of o, x and d.
+  virtual void matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d,
+                                               const Tensor& w, float eps, Tensor& h, std::span<const Tensor> wy,
+                                               std::span<Tensor> y) = 0;
   // y += x
   virtual void add(Tensor& y, const Tensor& x) = 0;
   // dst = src (same number of bytes)

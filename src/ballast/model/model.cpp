@@ -58,19 +58,23 @@ void Model::decoder_layer(const LayerWeights& lw, const LayerCache& cache, int m
                           const ForwardBatch& b, Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn) {
   Workspace::Scope scope(ws);  // the layer's intermediates are dead once x is updated
   const int64_t T = x.dim(0), H = cfg_.hidden_size;
-  Tensor h = ws.take({T, H}), mixed = ws.take({T, H});
+  Tensor h = ws.take({T, H});
   if (pending) ops_.add_rms_norm(x, *pending, lw.input_norm, cfg_.rms_norm_eps, h);
   else ops_.rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, h);
-  if (lw.type == LayerType::FullAttention) attention(lw.attn, cache, b, h, ws, mixed);
-  else deltanet(lw.delta, cache, b, h, ws, mixed);
-
-  ops_.add_rms_norm(x, mixed, lw.post_norm, cfg_.rms_norm_eps, h);
-  if (lw.ffn == FfnType::Moe) sparse_moe(lw.moe, moe_layer, runner, b.routed, h, ws, ffn);
-  else swiglu(lw.dense, h, ws, ffn);
+  const bool attn = lw.type == LayerType::FullAttention;
+  const MixerOut m{attn ? attention(lw.attn, cache, b, h, ws) : deltanet(lw.delta, cache, b, h, ws),
+                   attn ? lw.attn.o_proj : lw.delta.out_proj, lw.post_norm, ws.take({T, H})};
+  if (lw.ffn == FfnType::Moe) sparse_moe(lw.moe, moe_layer, runner, b.routed, m, x, h, ws, ffn);
+  else swiglu(lw.dense, m, x, h, ws, ffn);
 }
 
-void Model::attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
-                      Workspace& ws, Tensor& out) {
+void Model::project_after(const MixerOut& m, Tensor& x, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y) {
+  Tensor d = m.d;
+  ops_.matmul_add_rms_norm_matmul_many(m.o, m.w_out, x, d, m.norm, cfg_.rms_norm_eps, h, w, y);
+}
+
+Tensor Model::attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
+                        Workspace& ws) {
   const int64_t T = h.dim(0), Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
   Tensor qg = ws.take({T, Hq, 2 * hd});
   Tensor q = ws.take({T, Hq, hd}), gate = ws.take({T, Hq, hd});
@@ -86,11 +90,11 @@ void Model::attention(const AttentionWeights& w, const LayerCache& cache, const 
   Tensor kc = cache.k, vc = cache.v;
   ops_.attention(q, k, v, kc, vc, b.layout, o);
   ops_.mul_sigmoid(o, gate);
-  ops_.matmul(o.reshape({T, Hq * hd}), w.o_proj, out);
+  return o.reshape({T, Hq * hd});
 }
 
-void Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
-                     Workspace& ws, Tensor& out) {
+Tensor Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
+                       Workspace& ws) {
   const int64_t T = h.dim(0);
   const kernels::DeltaRuleDims d{cfg_.linear_num_key_heads, cfg_.linear_num_value_heads, cfg_.linear_key_head_dim,
                                  cfg_.linear_value_head_dim};
@@ -109,11 +113,11 @@ void Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const Fo
   ops_.gated_delta_rule(conv_out, g, beta, d, ssm_states, b.layout, o);
   Tensor on = o.reshape({T * d.Hv, d.dv});
   ops_.gated_rms_norm(on, z.reshape({T * d.Hv, d.dv}), w.norm, cfg_.rms_norm_eps, on);
-  ops_.matmul(o, w.out_proj, out);
+  return o;
 }
 
 void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& routed,
-                       const Tensor& h, Workspace& ws, Tensor& out) {
+                       const MixerOut& m, Tensor& x, Tensor& h, Workspace& ws, Tensor& out) {
   const int64_t T = h.dim(0);
   const int E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
   Tensor logits = ws.take({T, E});
@@ -123,12 +127,12 @@ void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runne
     Tensor g = ws.take({T, I}), u = ws.take({T, I}), s = ws.take({T, 1});
     const Tensor proj[] = {w.router, w.shared->gate, w.shared->up, w.shared_gate};
     Tensor outs[] = {logits, g, u, s};
-    ops_.matmul_many(h, proj, outs);
+    project_after(m, x, h, proj, outs);
     // Beside routing and the routed experts, off the chain a decode step waits on; the runner
     // joins it before adding their rows into `out`.
     ops_.side([&] { ops_.swiglu_down(g, u, w.shared->down, s, out); });
   } else {
-    ops_.matmul(h, w.router, logits);
+    project_after(m, x, h, std::span(&w.router, 1), std::span(&logits, 1));
     ops_.zero(out);
   }
   Tensor ids = ws.take({T, k}, DType::I32), weights = ws.take({T, k});
@@ -136,11 +140,13 @@ void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runne
   runner.run(moe_layer, h, ids, weights, w.experts, ws, out);
 }
 
-void Model::swiglu(const kernels::SwigluWeights& w, const Tensor& h, Workspace& ws, Tensor& out) {
+void Model::swiglu(const kernels::SwigluWeights& w, const MixerOut& m, Tensor& x, Tensor& h, Workspace& ws,
+                   Tensor& out) {
   const int64_t T = h.dim(0), I = w.intermediate();
   Tensor g = ws.take({T, I}), u = ws.take({T, I});
-  ops_.matmul(h, w.gate, g);
-  ops_.matmul(h, w.up, u);
+  const Tensor proj[] = {w.gate, w.up};
+  Tensor outs[] = {g, u};
+  project_after(m, x, h, proj, outs);
   ops_.swiglu_down(g, u, w.down, Tensor(), out);
 }
 

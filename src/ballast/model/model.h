@@ -4,6 +4,8 @@
 // and the MTP head. Written against kernels::Ops only, over a ForwardBatch: the model never sees
 // a backend, a sequence or a host decision. Routed experts go through a moe::MoeRunner (every
 // expert here, or expert-parallel across ranks).
+#include <span>
+
 #include "ballast/kernels/ops.h"
 #include "ballast/kernels/workspace.h"
 #include "ballast/model/batch.h"
@@ -43,15 +45,29 @@ class Model {
   // previous layer's (null for the first layer); it may be ffn itself.
   void decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer, moe::MoeRunner& runner,
                      const ForwardBatch& batch, kernels::Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn);
-  void attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
-                 kernels::Workspace& ws, Tensor& out);
-  void deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
-                kernels::Workspace& ws, Tensor& out);
+  // The mixers return their output before its projection (o [T, *]; the projection is the layer's,
+  // in the op that adds it to the residual stream: MixerOut).
+  Tensor attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
+                   kernels::Workspace& ws);
+  Tensor deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
+                  kernels::Workspace& ws);
+  // A mixer's output o, its projection and the norm after it: the FFN's first projections take
+  // h = rms_norm(x + o @ w_out^T, norm) from the op that adds the projection into x (project_after;
+  // d: its scratch).
+  struct MixerOut {
+    Tensor o;
+    const Tensor& w_out;
+    const Tensor& norm;
+    Tensor d;
+  };
+  // x += m.o @ m.w_out^T, h = rms_norm(x, m.norm), y[i] = h @ w[i]^T.
+  void project_after(const MixerOut& m, Tensor& x, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y);
   // routed: the batch's (rows that only pad a graph go to no expert).
-  void sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& routed, const Tensor& h,
-                  kernels::Workspace& ws, Tensor& out);
+  void sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& routed, const MixerOut& m,
+                  Tensor& x, Tensor& h, kernels::Workspace& ws, Tensor& out);
   // out[T, H] = down(silu(gate h) * up h): the dense MLP.
-  void swiglu(const kernels::SwigluWeights& w, const Tensor& h, kernels::Workspace& ws, Tensor& out);
+  void swiglu(const kernels::SwigluWeights& w, const MixerOut& m, Tensor& x, Tensor& h, kernels::Workspace& ws,
+              Tensor& out);
 
   ModelConfig cfg_;
   ModelWeights w_;

@@ -39,6 +39,17 @@
 
 namespace ballast::kernels {
 
+// matmul_add_rms_norm_matmul_many's norm, split over its two launches (cuda_ops.h declares it).
+struct ResidualNorm {
+  float* x = nullptr;         // norm_partials: the residual stream [1, N], the product added in place
+  const void* w = nullptr;    // norm_partials: the norm's weights [N]
+  DType wdt = DType::F32;
+  float* partials = nullptr;  // one a block of the first launch
+  int64_t count = 0;          // norm_scaled: how many
+  float eps = 0;              // norm_scaled
+  float* h = nullptr;         // norm_scaled: rms_norm(x) [1, K]
+};
+
 using cuda::cdiv;
 using cuda::check_cuda;
 using cuda::check_launch;
@@ -99,6 +110,32 @@ struct FewRowsTargets {
   int count;
 };
 
+// What a few-row product does besides y = x @ w^T.
+enum class XIn {
+  plain,
+  swiglu,         // x is silu(x) * u: x the gate, u the up values (swiglu_down)
+  norm_partials,  // one row; the residual stream gets the product added, y the sum times (1 + the norm's
+                  // weights), and each block's sum of the squared sums goes to rn.partials
+                  // (matmul_add_rms_norm_matmul_many's first launch)
+  norm_scaled,    // one row; the sums times the row's RMS factor from rn.partials, and h = x times it
+                  // stored (its second launch: x is the first's y)
+};
+
+// The row's RMS factor from the first launch's partial sums, in two halves: a lane's share (after
+// the wait; no shuffles, so that lanes may call it from different places), then the warp's sum of
+// the shares (every warp the same order: the same float) as 1 / sqrt(mean + eps), as norm_kernel
+// (there the mean is taken in double).
+__device__ __forceinline__ float norm_partials_of_lane(const ResidualNorm& rn, int lane) {
+  float p = 0.0f;
+  for (int64_t i = lane; i < rn.count; i += 32) p += load_after_wait(rn.partials + i);
+  return p;
+}
+__device__ __forceinline__ float norm_factor(const ResidualNorm& rn, int64_t K, float p) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) p += __shfl_xor_sync(0xffffffffu, p, off);
+  return 1.0f / sqrtf(p / float(K) + rn.eps);
+}
+
 // x's E values at x + at: as stored, or (SWIGLU: x is the gate, u the up values at the same
 // offsets) silu(x) * u, the same floats silu_mul writes. Loaded as what the kernel before wrote
 // (load_after_wait): the few-row products issue their weight loads before waiting for it.
@@ -129,11 +166,31 @@ __device__ __forceinline__ void load_x(const float* x, const float* u, int64_t a
 // The weights are parameters (ops.h): the first step's weight loads are issued before waiting for
 // the kernel before (wait_for_prior_kernels), so that they stream during its tail; x, up and
 // row_gate, which it may have written, are read after (80B FP8 decode, A/B: batch 1 +3.5%).
-template <typename W, int TM, int R, bool VEC, bool EXACT, bool SCALED, bool SWIGLU>
+// MODE (XIn) beside SWIGLU's: norm_partials and norm_scaled as rn says (one row, TM = 1); the
+// warp's sum of squared sums (norm_partials) or the row's factor (norm_scaled) is left in `extra`.
+template <typename W, int TM, int R, bool VEC, bool EXACT, bool SCALED, XIn MODE>
 __device__ __forceinline__ void few_rows_warp(const float* x, const float* up, int64_t ldx,
                                               int nt, int64_t K, const W* __restrict__ w, const float* __restrict__ s,
                                               int64_t N, float* __restrict__ y, int64_t ldy,
-                                              const float* row_gate, int64_t n0, int lane) {
+                                              const float* row_gate, int64_t n0, int lane, const ResidualNorm& rn,
+                                              float& extra) {
+  constexpr bool SWIGLU = MODE == XIn::swiglu;
+  constexpr bool NORM = MODE == XIn::norm_partials || MODE == XIn::norm_scaled;
+  static_assert(!NORM || TM == 1, "the split norm is of one row");
+  float xres[R], wn[R];  // norm_partials: the residual stream and 1 + the norm's weights at this warp's rows
+  float factor = 1.0f;   // norm_scaled: the lane's share of the partial sums, then the row's factor
+  const auto wait_then_norm_loads = [&] {  // the wait, then what the split norm reads after it
+    wait_for_prior_kernels();
+    if constexpr (MODE == XIn::norm_partials) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        const int64_t n = n0 + r < N ? n0 + r : N - 1;
+        xres[r] = load_after_wait(rn.x + n);
+        wn[r] = 1.0f + load_weight(rn.w, rn.wdt, n);
+      }
+    }
+    if constexpr (MODE == XIn::norm_scaled) factor = norm_partials_of_lane(rn, lane);
+  };
   constexpr int E = few_elems<W, VEC>();
   constexpr int WORDS = VEC ? E * int(sizeof(W)) / 4 : 0;
   constexpr int U = 4 / R;  // steps whose weight loads are issued together: 4 loads in flight per lane
@@ -176,7 +233,7 @@ __device__ __forceinline__ void few_rows_warp(const float* x, const float* up, i
         }
       }
       if (wait_after_first_loads) {  // the weights are on their way while the kernel before finishes
-        wait_for_prior_kernels();
+        wait_then_norm_loads();
         wait_after_first_loads = false;
       }
 #pragma unroll
@@ -228,7 +285,7 @@ __device__ __forceinline__ void few_rows_warp(const float* x, const float* up, i
         }
       }
       if (wait_after_first_loads) {
-        wait_for_prior_kernels();
+        wait_then_norm_loads();
         wait_after_first_loads = false;
       }
 #pragma unroll
@@ -248,8 +305,10 @@ __device__ __forceinline__ void few_rows_warp(const float* x, const float* up, i
       }
     }
   }
-  if (wait_after_first_loads) wait_for_prior_kernels();  // a lane past K (no loads) before it stores
+  if (wait_after_first_loads) wait_then_norm_loads();  // a lane past K (no loads) before it stores
+  if constexpr (MODE == XIn::norm_scaled) factor = norm_factor(rn, K, factor);  // (every lane here)
 
+  float sq = 0.0f;  // norm_partials
 #pragma unroll
   for (int r = 0; r < R; ++r)
 #pragma unroll
@@ -259,18 +318,37 @@ __device__ __forceinline__ void few_rows_warp(const float* x, const float* up, i
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
       if (row_gate) v *= sigmoidf_(load_after_wait(row_gate + t));
-      if (lane == ((r * TM + t) & 31) && n0 + r < N) y[t * ldy + n0 + r] = v;
+      if constexpr (MODE == XIn::norm_scaled) v *= factor;
+      if (lane == ((r * TM + t) & 31) && n0 + r < N) {
+        if constexpr (MODE == XIn::norm_partials) {
+          const float sum = xres[r] + v;
+          rn.x[n0 + r] = sum;
+          y[n0 + r] = sum * wn[r];
+          sq = fmaf(sum, sum, sq);
+        } else {
+          y[t * ldy + n0 + r] = v;
+        }
+      }
     }
+  if constexpr (MODE == XIn::norm_partials) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sq += __shfl_xor_sync(0xffffffffu, sq, off);
+    extra = sq;
+  }
+  if constexpr (MODE == XIn::norm_scaled) extra = factor;
 }
 
 // The warps of up to kFewTargetsMax products, numbered one after the other. Targets of two weight
 // types may share a launch (WA, SA and WB, SB; `alt` picks the second): a block-scaled FP8 model
 // keeps a few projections in bf16 (routers, DeltaNet a/b) beside FP8 ones of the same input.
 // SWIGLU (one target): x is the gate, u the up values (swiglu_down; row_gate as few_rows_warp's).
-template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT, bool SWIGLU>
+// norm_partials (one target) and norm_scaled: as few_rows_warp's MODE; the first's blocks each
+// store their warps' sums of squared sums, the second's warps store h in turn, 128 elements each.
+template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT, XIn MODE>
 __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
     few_rows_kernel(const float* x, const float* u, int64_t ldx, int nt_arg, int64_t K,
-                    FewRowsTargets tg, const float* row_gate) {
+                    FewRowsTargets tg, const float* row_gate, ResidualNorm rn) {
+  constexpr bool SWIGLU = MODE == XIn::swiglu;
   constexpr int R = few_rows_per_warp<TM, WA>();
   const int lane = int(threadIdx.x) & 31;
   const int64_t gwarp = int64_t(blockIdx.x) * (kFewThreads / 32) + int64_t(threadIdx.x) / 32;
@@ -287,62 +365,127 @@ __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
       warp = gwarp - tg.t[q - 1].warps_end;
     }
   const int64_t n0 = warp * R;
-  if (n0 >= N) return;  // the whole warp leaves together: the shuffles below see full warps
   const int nt = EXACT ? TM : nt_arg;
-  if ((std::is_same_v<WA, WB> && SA == SB) || !alt)
-    few_rows_warp<WA, TM, R, VEC, EXACT, SA, SWIGLU>(x, u, ldx, nt, K, static_cast<const WA*>(w), s, N, y, ldy,
-                                                     row_gate, n0, lane);
-  else if constexpr (!SWIGLU)
-    few_rows_warp<WB, TM, R, VEC, EXACT, SB, false>(x, u, ldx, nt, K, static_cast<const WB*>(w), s, N, y, ldy,
-                                                    row_gate, n0, lane);
+  float extra = 0.0f;
+  if (n0 < N) {
+    if ((std::is_same_v<WA, WB> && SA == SB) || !alt)
+      few_rows_warp<WA, TM, R, VEC, EXACT, SA, MODE>(x, u, ldx, nt, K, static_cast<const WA*>(w), s, N, y, ldy,
+                                                     row_gate, n0, lane, rn, extra);
+    else if constexpr (!SWIGLU)
+      few_rows_warp<WB, TM, R, VEC, EXACT, SB, MODE>(x, u, ldx, nt, K, static_cast<const WB*>(w), s, N, y, ldy,
+                                                     row_gate, n0, lane, rn, extra);
+  } else if constexpr (MODE != XIn::norm_partials) {
+    return;  // the whole warp leaves together: the shuffles above see full warps
+  }
+  if constexpr (MODE == XIn::norm_partials) {  // every warp of the block here, one order of sums
+    __shared__ float block_sq[kFewThreads / 32];
+    if (lane == 0) block_sq[threadIdx.x / 32] = extra;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      float b = 0.0f;
+#pragma unroll
+      for (int q = 0; q < kFewThreads / 32; ++q) b += block_sq[q];
+      rn.partials[blockIdx.x] = b;
+    }
+  }
+  if constexpr (MODE == XIn::norm_scaled) {  // h = x * factor, the launch's warps in turn
+    const int64_t warps = tg.t[tg.count - 1].warps_end;
+    for (int64_t k = (gwarp * 32 + lane) * 4; k < K; k += warps * 128) {
+      const float4 v = load4_after_wait(x + k);
+      *reinterpret_cast<float4*>(rn.h + k) = make_float4(v.x * extra, v.y * extra, v.z * extra, v.w * extra);
+    }
+  }
 }
 
 // Numbers the targets' warps (R weight rows each) and launches one grid for all of them.
-template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT, bool SWIGLU = false>
-void launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewRowsTargets tg, cudaStream_t stream,
-                             const float* u = nullptr, const float* row_gate = nullptr) {
+// Returns the number of blocks (norm_partials: of partial sums).
+template <typename WA, bool SA, typename WB, bool SB, int TM, bool VEC, bool EXACT, XIn MODE>
+int64_t launch_few_rows_targets(const float* x, int64_t ldx, int T, int64_t K, FewRowsTargets tg, cudaStream_t stream,
+                                const float* u, const float* row_gate, const ResidualNorm& rn) {
   constexpr int R = few_rows_per_warp<TM, WA>();
   int64_t warps = 0;
   for (int q = 0; q < tg.count; ++q) tg.t[q].warps_end = warps += cdiv(tg.t[q].N, R);
   const int64_t blocks = cdiv(warps, kFewThreads / 32);
   check(blocks <= 2147483647, "matmul: {} weight rows are too many for one launch", warps * R);
-  launch(few_rows_kernel<WA, SA, WB, SB, TM, VEC, EXACT, SWIGLU>, unsigned(blocks), kFewThreads, 0, stream, x, u, ldx,
-         T, K, tg, row_gate);
+  launch(few_rows_kernel<WA, SA, WB, SB, TM, VEC, EXACT, MODE>, unsigned(blocks), kFewThreads, 0, stream, x, u, ldx,
+         T, K, tg, row_gate, rn);
+  return blocks;
 }
 
 // The targets of weight type W (SCALED: block-scaled FP8), or with a second type WB, SB for the
-// targets marked `alt`. SWIGLU (swiglu_down, one target): x is the gate, silu(x) * up formed as it is
-// loaded, and row_gate (if not null) applied at the store.
-template <typename W, bool SCALED = false, typename WB = W, bool SB = SCALED, bool SWIGLU = false>
-void launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRowsTargets& tg, cudaStream_t stream,
-                     const float* up = nullptr, const float* row_gate = nullptr) {
+// targets marked `alt`. MODE (XIn) swiglu (swiglu_down, one target): x is the gate, silu(x) * up
+// formed as it is loaded, and row_gate (if not null) applied at the store; norm_partials and
+// norm_scaled (one row, the vector path only: the caller checks norm_rows_fit): as rn says.
+// Returns the number of blocks launched.
+template <typename W, bool SCALED = false, typename WB = W, bool SB = SCALED, XIn MODE = XIn::plain>
+int64_t launch_few_rows(const float* x, int64_t ldx, int T, int64_t K, const FewRowsTargets& tg, cudaStream_t stream,
+                        const float* up = nullptr, const float* row_gate = nullptr, const ResidualNorm& rn = {}) {
   static_assert(!SCALED || std::is_same_v<W, f8e4m3>, "block scales are FP8's");
+  constexpr bool SWIGLU = MODE == XIn::swiglu, NORM = MODE == XIn::norm_partials || MODE == XIn::norm_scaled;
   constexpr int EA = few_elems<W, true>(), EB = few_elems<WB, true>();
   bool vec = K % EA == 0 && K % EB == 0 && ldx % 4 == 0 && aligned(x, 16) && (!SWIGLU || aligned(up, 16));
   for (int q = 0; q < tg.count; ++q) vec = vec && aligned(tg.t[q].w, 16);
-  constexpr int TMAX = SWIGLU ? kSwigluFusedRowsMax : kFewRowsMax;
+  constexpr int TMAX = SWIGLU ? kSwigluFusedRowsMax : NORM ? 1 : kFewRowsMax;
   check(T <= TMAX, "matmul: {} rows for a few-row product of at most {}", T, TMAX);
-  if (!vec)
-    return launch_few_rows_targets<W, SCALED, WB, SB, TMAX, false, false, SWIGLU>(x, ldx, T, K, tg, stream, up,
-                                                                                 row_gate);
-  const auto run = [&](auto tm) {  // T x rows, exactly
-    launch_few_rows_targets<W, SCALED, WB, SB, decltype(tm)::value, true, true, SWIGLU>(x, ldx, T, K, tg, stream, up,
-                                                                                       row_gate);
-  };
-  if constexpr (SWIGLU) {
-    if (T == 1) return run(std::integral_constant<int, 1>{});
-    return run(std::integral_constant<int, kSwigluFusedRowsMax>{});
+  if constexpr (NORM) {
+    check(vec, "matmul: the split norm's products need whole vector steps");  // norm_rows_fit: never
+    return launch_few_rows_targets<W, SCALED, WB, SB, 1, true, true, MODE>(x, ldx, T, K, tg, stream, up, row_gate, rn);
   } else {
-    switch (T) {
-      case 1: return run(std::integral_constant<int, 1>{});
-      case 2: return run(std::integral_constant<int, 2>{});
-      case 3: return run(std::integral_constant<int, 3>{});
-      case 4: return run(std::integral_constant<int, 4>{});
-      case 5: return run(std::integral_constant<int, 5>{});
-      case 6: return run(std::integral_constant<int, 6>{});
-      case 7: return run(std::integral_constant<int, 7>{});
-      default: return run(std::integral_constant<int, 8>{});
+    if (!vec)
+      return launch_few_rows_targets<W, SCALED, WB, SB, TMAX, false, false, MODE>(x, ldx, T, K, tg, stream, up,
+                                                                                 row_gate, rn);
+    const auto run = [&](auto tm) {  // T x rows, exactly
+      return launch_few_rows_targets<W, SCALED, WB, SB, decltype(tm)::value, true, true, MODE>(x, ldx, T, K, tg,
+                                                                                              stream, up, row_gate, rn);
+    };
+    if constexpr (SWIGLU) {
+      if (T == 1) return run(std::integral_constant<int, 1>{});
+      return run(std::integral_constant<int, kSwigluFusedRowsMax>{});
+    } else {
+      switch (T) {
+        case 1: return run(std::integral_constant<int, 1>{});
+        case 2: return run(std::integral_constant<int, 2>{});
+        case 3: return run(std::integral_constant<int, 3>{});
+        case 4: return run(std::integral_constant<int, 4>{});
+        case 5: return run(std::integral_constant<int, 5>{});
+        case 6: return run(std::integral_constant<int, 6>{});
+        case 7: return run(std::integral_constant<int, 7>{});
+        default: return run(std::integral_constant<int, 8>{});
+      }
     }
+  }
+}
+
+// Whether the weights may share one few-row launch: all of one dtype, or block-scaled FP8 beside
+// bf16 (an FP8 model's unquantized projections); `same` says which.
+bool few_rows_dtypes_share(std::span<const Tensor> w, bool& same) {
+  bool fp8_bf16 = true;
+  same = true;
+  for (const Tensor& t : w) {
+    same = same && t.dtype() == w[0].dtype();
+    fp8_bf16 = fp8_bf16 && (t.dtype() == DType::F8_E4M3_B128 || t.dtype() == DType::BF16);
+  }
+  return same || fp8_bf16;
+}
+
+// launch_few_rows with the weight types of `dt` (same: every target's; else block-scaled FP8 beside
+// bf16). Returns the blocks launched.
+template <XIn MODE>
+int64_t launch_few_rows_of(DType dt, bool same, const float* x, int T, int64_t K, const FewRowsTargets& tg,
+                           cudaStream_t stream, const ResidualNorm& rn = {}) {
+  if (!same) return launch_few_rows<f8e4m3, true, __nv_bfloat16, false, MODE>(x, K, T, K, tg, stream, nullptr, nullptr, rn);
+  switch (dt) {
+    case DType::F32: return launch_few_rows<float, false, float, false, MODE>(x, K, T, K, tg, stream, nullptr, nullptr, rn);
+    case DType::BF16:
+      return launch_few_rows<__nv_bfloat16, false, __nv_bfloat16, false, MODE>(x, K, T, K, tg, stream, nullptr, nullptr,
+                                                                               rn);
+    case DType::F16:
+      return launch_few_rows<__half, false, __half, false, MODE>(x, K, T, K, tg, stream, nullptr, nullptr, rn);
+    case DType::F8_E4M3:
+      return launch_few_rows<f8e4m3, false, f8e4m3, false, MODE>(x, K, T, K, tg, stream, nullptr, nullptr, rn);
+    case DType::F8_E4M3_B128:
+      return launch_few_rows<f8e4m3, true, f8e4m3, true, MODE>(x, K, T, K, tg, stream, nullptr, nullptr, rn);
+    default: fail("matmul: weight dtype {} is not F32, BF16, F16, F8_E4M3 or F8_E4M3_B128", dtype_name(dt));
   }
 }
 
@@ -1248,35 +1391,88 @@ void CudaOps::swiglu_down(Tensor& gate, const Tensor& up, const Tensor& w, const
     check_launch("swiglu_down");
     return;
   }
-  const auto run = [&](auto swiglu) {
-    constexpr bool SWIGLU = decltype(swiglu)::value;
-    const float* uu = SWIGLU ? u : nullptr;
-    if (wdt == DType::F32) launch_few_rows<float, false, float, false, SWIGLU>(g, K, int(T), K, one, stream_, uu, rg);
+  const auto run = [&](auto mode) {
+    constexpr XIn MODE = decltype(mode)::value;
+    const float* uu = MODE == XIn::swiglu ? u : nullptr;
+    if (wdt == DType::F32) launch_few_rows<float, false, float, false, MODE>(g, K, int(T), K, one, stream_, uu, rg);
     else if (wdt == DType::BF16)
-      launch_few_rows<__nv_bfloat16, false, __nv_bfloat16, false, SWIGLU>(g, K, int(T), K, one, stream_, uu, rg);
-    else launch_few_rows<f8e4m3, true, f8e4m3, true, SWIGLU>(g, K, int(T), K, one, stream_, uu, rg);
+      launch_few_rows<__nv_bfloat16, false, __nv_bfloat16, false, MODE>(g, K, int(T), K, one, stream_, uu, rg);
+    else launch_few_rows<f8e4m3, true, f8e4m3, true, MODE>(g, K, int(T), K, one, stream_, uu, rg);
   };
-  if (fused) run(std::true_type{});
-  else run(std::false_type{});
+  if (fused) run(std::integral_constant<XIn, XIn::swiglu>{});
+  else run(std::integral_constant<XIn, XIn::plain>{});
   check_launch("swiglu_down");
 }
 
 void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) {
   check_matmul_many(w, y);
+  matmul_many_with(x, w, y, nullptr);
+}
+
+// One row (batch-1 decode) where both products are one CUDA-core launch each: the norm is computed
+// where its input is finished, not by a kernel of its own between them (80B FP8 batch 1: the norm
+// kernel costs 3.4 us a call in the graph; moving its work into the next products' blocks lost
+// 3.6-8.7%; split as below, +1.0% on an H100 over six A/B rounds, 24 graph nodes fewer, docs/perf.md
+// session 40). The output projection's warps add each sum into x as they store it,
+// store it times (1 + w) into d and sum its square; each block stores its warps' sum (one order:
+// the same bits every run). The next products read d as x, their warps add the blocks' sums (a
+// few loads a lane, after their wait, beside their weights in flight) and multiply each sum by the
+// row's factor as they store it; their warps also store h = d times it, 128 elements each in turn.
+// Otherwise matmul, add_rms_norm and matmul_many.
+void CudaOps::matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d,
+                                              const Tensor& w, float eps, Tensor& h, std::span<const Tensor> wy,
+                                              std::span<Tensor> y) {
+  const auto [R, D] = check_matmul_add_rms_norm_matmul_many(o, w_out, x, d, w, h, wy, y);
+  const int64_t K = o.rank() == 2 ? o.dim(1) : 0;
+  const DType dt = w_out.dtype();
+  // 16: whole vector steps of every weight dtype (the products' x: o, then d)
+  bool same = true;
+  bool split = R == 1 && K % 16 == 0 && D % 16 == 0 && !wy.empty() && wy.size() <= size_t(kFewTargetsMax) &&
+               few_rows_dtypes_share(wy, same);
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&o, &w_out, &x, &d, &h}) split = split && aligned(t->raw(), 16);
+  for (const Tensor& t : wy) split = split && aligned(t.raw(), 16);
+  if (!split) {
+    matmul(o, w_out, d);
+    add_rms_norm(x, d, w, eps, h);
+    matmul_many(h, wy, y);
+    return;
+  }
+  ResidualNorm rn{cuda::f32_mut(x), w.raw(), w.dtype(), nullptr, 0, eps, cuda::f32_mut(h)};
+  {  // (its own timed scope: the second launch is timed as an op of its own)
+    auto timed = time_op("matmul gemv (the residual add and norm's sums at its store)");
+    expect_device("matmul_add_rms_norm_matmul_many", "o", o);
+    expect_device("matmul_add_rms_norm_matmul_many", "w_out", w_out);
+    expect_device("matmul_add_rms_norm_matmul_many", "x", x);
+    expect_device("matmul_add_rms_norm_matmul_many", "d", d);
+    expect_device("matmul_add_rms_norm_matmul_many", "w", w);
+    expect_device("matmul_add_rms_norm_matmul_many", "h", h);
+    const bool scaled = dt == DType::F8_E4M3_B128;
+    if (scaled) expect_device("matmul_add_rms_norm_matmul_many", "w_out's block scales", w_out.scales());
+    // The partial sums: one a block of the first launch (at most D / 4 blocks: a weight row or more a warp).
+    rn.partials = static_cast<float*>(scratch_->bytes(size_t(cdiv(D, int64_t(kFewThreads / 32))) * 4));
+    const FewRowsTargets one{{{w_out.raw(), D, cuda::f32_mut(d), D, 0, scaled ? cuda::f32(w_out.scales()) : nullptr,
+                               false}},
+                             1};
+    rn.count = launch_few_rows_of<XIn::norm_partials>(dt, true, cuda::f32(o), 1, K, one, stream_, rn);
+    check_launch("matmul_add_rms_norm_matmul_many");
+  }
+  matmul_many_with(d, wy, y, &rn);
+}
+
+void CudaOps::matmul_many_with(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y,
+                               const ResidualNorm* rn) {
   // One launch for the few-rows products of one weight dtype, or of block-scaled FP8 beside bf16
   // (an FP8 model's unquantized projections): to 8 rows on either few-row path, to 32 where every
   // target takes the tensor cores (mma_rows_take: an FP8 model's projections with its router,
   // DeltaNet a/b and shared expert gate in one launch); otherwise one matmul each.
   bool one = !w.empty() && w.size() <= size_t(kFewTargetsMax) && x.rank() == 2 && x.dim(0) <= kMmaRowsMax;
-  bool same = true, fp8_bf16 = true, mma = one && bf16_matmul_;
+  bool same = true, mma = one && bf16_matmul_;
   for (size_t i = 0; one && i < w.size(); ++i) {
     const auto [T, K, N] = check_matmul(x, w[i], y[i]);
-    const DType dt = w[i].dtype();
-    same = same && dt == w[0].dtype();
-    fp8_bf16 = fp8_bf16 && (dt == DType::F8_E4M3_B128 || dt == DType::BF16);
     mma = mma && mma_rows_take(device_, w[i], T, K, N, x.raw());
   }
-  one = one && (same || fp8_bf16) && (mma || x.dim(0) <= kFewRowsMax);
+  one = one && few_rows_dtypes_share(w, same) && (mma || x.dim(0) <= kFewRowsMax);
+  check(!rn || (one && !mma), "matmul_add_rms_norm_matmul_many: its products are not one launch");  // (checked)
   if (!one || x.dim(0) == 0 || x.dim(1) == 0) {
     // One product each. Products of many rows convert x for the tensor cores (quantized for
     // cuBLASLt, rounded for cuBLAS): the block-scaled FP8 targets first, then the others, so that
@@ -1298,7 +1494,7 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
         if ((w[i].dtype() == DType::F8_E4M3_B128) == fp8) ready = matmul_with(x, w[i], y[i], ready);
     return;
   }
-  auto timed = time_op("matmul gemv");
+  auto timed = time_op(rn ? "matmul gemv (times the row's RMS factor)" : "matmul gemv");
   FewRowsTargets tg{};
   tg.count = int(w.size());
   int64_t T = 0, K = 0;
@@ -1326,19 +1522,8 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
     check_launch("matmul");
     return;
   }
-  if (!same) {  // FP8 beside bf16
-    launch_few_rows<f8e4m3, true, __nv_bfloat16, false>(cuda::f32(x), K, int(T), K, tg, stream_);
-    check_launch("matmul");
-    return;
-  }
-  switch (w[0].dtype()) {
-    case DType::F32: launch_few_rows<float>(cuda::f32(x), K, int(T), K, tg, stream_); break;
-    case DType::BF16: launch_few_rows<__nv_bfloat16>(cuda::f32(x), K, int(T), K, tg, stream_); break;
-    case DType::F16: launch_few_rows<__half>(cuda::f32(x), K, int(T), K, tg, stream_); break;
-    case DType::F8_E4M3: launch_few_rows<f8e4m3>(cuda::f32(x), K, int(T), K, tg, stream_); break;
-    case DType::F8_E4M3_B128: launch_few_rows<f8e4m3, true>(cuda::f32(x), K, int(T), K, tg, stream_); break;
-    default: fail("matmul: weight dtype {} is not F32, BF16, F16, F8_E4M3 or F8_E4M3_B128", dtype_name(w[0].dtype()));
-  }
+  if (rn) launch_few_rows_of<XIn::norm_scaled>(w[0].dtype(), same, cuda::f32(x), int(T), K, tg, stream_, *rn);
+  else launch_few_rows_of<XIn::plain>(w[0].dtype(), same, cuda::f32(x), int(T), K, tg, stream_);
   check_launch("matmul");
 }
 

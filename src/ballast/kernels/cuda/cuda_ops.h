@@ -127,6 +127,8 @@ struct CudaSideStream {
   cudaEvent_t fork = nullptr, joined = nullptr;  // side work's start, and its end
 };
 
+struct ResidualNorm;  // cuda_matmul.cu
+
 class CudaOps final : public Ops {
  public:
   // bf16_matmul: many-row products of 16-bit weights on the tensor cores (cuda_matmul.cu).
@@ -142,6 +144,8 @@ class CudaOps final : public Ops {
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override;
   void matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) override;
   void add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) override;
+  void matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d, const Tensor& w,
+                                       float eps, Tensor& h, std::span<const Tensor> wy, std::span<Tensor> y) override;
   void add(Tensor& y, const Tensor& x) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void zero(Tensor& t) override;
@@ -210,6 +214,9 @@ class CudaOps final : public Ops {
   // what it leaves.
   enum class XForm { none, fp8, bf16, f16 };
   XForm matmul_with(const Tensor& x, const Tensor& w, Tensor& y, XForm ready);
+  // matmul_many's products; with `rn` (matmul_add_rms_norm_matmul_many's second launch: x is the
+  // first's output, one row) one few-row launch that applies the row's RMS factor and writes h.
+  void matmul_many_with(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y, const ResidualNorm* rn);
   // Before a cuBLAS or cuBLASLt call: each library has one workspace, so a call on the main stream
   // waits for side work that is out (a call from side work has nothing beside it in a library:
   // the main stream's next call waits for it), and the cuBLAS handle is moved to the current stream.
