@@ -153,6 +153,29 @@ inline ::testing::AssertionResult all_near(const std::vector<float>& got, const 
   return all_near(got, std::vector<double>(want.begin(), want.end()), atol, rtol);
 }
 
+// y = x @ w^T in double (x [T, K], w [N, K] as stored) and the largest sum |x||w| of an output:
+// fp32 accumulation error is a few ulps of that scale.
+struct ReferenceProducts {
+  std::vector<double> y;
+  double scale = 0;
+};
+template <typename X>
+ReferenceProducts reference_products(const std::vector<X>& x, const std::vector<float>& w, int64_t T, int64_t N,
+                                     int64_t K) {
+  ReferenceProducts r{std::vector<double>(size_t(T * N)), 0.0};
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t n = 0; n < N; ++n) {
+      double s = 0, a = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const double p = double(x[size_t(t * K + k)]) * w[size_t(n * K + k)];
+        s += p, a += std::abs(p);
+      }
+      r.y[size_t(t * N + n)] = s;
+      r.scale = std::max(r.scale, a);
+    }
+  return r;
+}
+
 // ||a - b|| / ||b||.
 inline double rel_l2(const std::vector<float>& a, const std::vector<float>& b) {
   double num = 0, den = 0;
@@ -501,20 +524,9 @@ TEST_P(OpConformance, MatmulInEveryWeightDtype) {
       const std::vector<float> x = randn(size_t(T * K), 4 + uint32_t(T));
       Tensor y = be().alloc({T, N}, DType::F32);
       ops().matmul(f32(x, {T, K}), w, y);
-      std::vector<double> want(size_t(T * N));
-      double scale = 0;  // sum |x||w|: fp32 accumulation error is a few ulps of it
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t n = 0; n < N; ++n) {
-          double s = 0, a = 0;
-          for (int64_t k = 0; k < K; ++k) {
-            s += double(x[size_t(t * K + k)]) * ws[size_t(n * K + k)];
-            a += std::abs(double(x[size_t(t * K + k)]) * ws[size_t(n * K + k)]);
-          }
-          want[size_t(t * N + n)] = s;
-          scale = std::max(scale, a);
-        }
+      const ReferenceProducts want = reference_products(x, ws, T, N, K);
       // Tolerance: 1e-6 of the largest sum of |products| (fp32 accumulation over K = 70).
-      EXPECT_TRUE(all_near(floats(y), want, 1e-6 * std::max(scale, 1.0))) << dtype_name(dt) << " T=" << T;
+      EXPECT_TRUE(all_near(floats(y), want.y, 1e-6 * std::max(want.scale, 1.0))) << dtype_name(dt) << " T=" << T;
     }
   }
 }
@@ -648,20 +660,9 @@ TEST_P(OpConformance, MatmulWithBlockScaledFp8Weights) {
     const std::vector<float> x = randn(size_t(T * K), 32 + uint32_t(T));
     Tensor y = be().alloc({T, N}, DType::F32);
     ops().matmul(f32(x, {T, K}), w, y);
-    std::vector<double> want(size_t(T * N));
-    double scale = 0;
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t n = 0; n < N; ++n) {
-        double sum = 0, a = 0;
-        for (int64_t k = 0; k < K; ++k) {
-          sum += double(x[size_t(t * K + k)]) * wq.stored[size_t(n * K + k)];
-          a += std::abs(double(x[size_t(t * K + k)]) * wq.stored[size_t(n * K + k)]);
-        }
-        want[size_t(t * N + n)] = sum;
-        scale = std::max(scale, a);
-      }
+    const ReferenceProducts want = reference_products(x, wq.stored, T, N, K);
     // fp32 accumulation over K = 200 (and a scale multiply per block): 2e-6 of sum |x||w|.
-    EXPECT_TRUE(all_near(floats(y), want, 2e-6 * std::max(scale, 1.0))) << "T=" << T;
+    EXPECT_TRUE(all_near(floats(y), want.y, 2e-6 * std::max(want.scale, 1.0))) << "T=" << T;
   }
 }
 
@@ -824,13 +825,11 @@ TEST_P(OpConformance, MatmulAddRmsNormMatmulManyProjectsAddsNormsAndProjects) {
           SCOPED_TRACE("K=" + std::to_string(K) + " H=" + std::to_string(H) + " norm " +
                        std::string(dtype_name(ndt)) + " mix=" + std::to_string(mix) + " T=" + std::to_string(T));
           const std::vector<float> ov = randn(size_t(T * K), 87 + uint32_t(T)), xv = randn(size_t(T * H), 88);
-          std::vector<double> sum(xv.size()), h(xv.size());
+          std::vector<double> sum = reference_products(ov, wos, T, H, K).y, h(xv.size());
           for (int64_t t = 0; t < T; ++t) {
             double ss = 0;
             for (int64_t n = 0; n < H; ++n) {
-              double acc = 0;
-              for (int64_t k = 0; k < K; ++k) acc += double(ov[size_t(t * K + k)]) * wos[size_t(n * K + k)];
-              sum[size_t(t * H + n)] = xv[size_t(t * H + n)] + acc;
+              sum[size_t(t * H + n)] += xv[size_t(t * H + n)];
               ss += sum[size_t(t * H + n)] * sum[size_t(t * H + n)];
             }
             const double inv = 1.0 / std::sqrt(ss / double(H) + eps);
@@ -843,20 +842,8 @@ TEST_P(OpConformance, MatmulAddRmsNormMatmulManyProjectsAddsNormsAndProjects) {
           EXPECT_TRUE(all_near(floats(x), sum, 1e-5, 1e-5));
           EXPECT_TRUE(all_near(floats(hd), h, 1e-5, 1e-5));
           for (size_t i = 0; i < Ns.size(); ++i) {
-            const int64_t N = Ns[i];
-            std::vector<double> want(size_t(T * N));
-            double scale = 0;  // sum |h||w|: fp32 accumulation error is a few ulps of it
-            for (int64_t t = 0; t < T; ++t)
-              for (int64_t n = 0; n < N; ++n) {
-                double acc = 0, a = 0;
-                for (int64_t k = 0; k < H; ++k) {
-                  const double p = h[size_t(t * H + k)] * stored[i][size_t(n * H + k)];
-                  acc += p, a += std::abs(p);
-                }
-                want[size_t(t * N + n)] = acc;
-                scale = std::max(scale, a);
-              }
-            EXPECT_TRUE(all_near(floats(y[i]), want, 1e-5 * std::max(scale, 1.0))) << "output " << i;
+            const ReferenceProducts want = reference_products(h, stored[i], T, Ns[i], H);
+            EXPECT_TRUE(all_near(floats(y[i]), want.y, 1e-5 * std::max(want.scale, 1.0))) << "output " << i;
           }
         }
       }
