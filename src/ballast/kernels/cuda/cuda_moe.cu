@@ -1,7 +1,9 @@
 // CudaOps: the mixture-of-experts ops (docs/expert-parallel.md) as CUDA kernels, the CPU backend
 // (cpu/cpu_moe.cpp) their reference:
-//   topk_softmax   one warp per token, the row in registers: softmax in fp32 (a warp-tree sum), then
-//                  k rounds of a warp argmax (ties to the lower id).
+//   topk_softmax   few tokens (decode): a block per token, each warp ranking its experts, the
+//                  warps' first k ranked among themselves. Many: one warp per token, the row in
+//                  registers: softmax in fp32 (a warp-tree sum), then k rounds of a warp argmax.
+//                  Both ties to the lower id.
 //   dispatch       static and random: one thread per choice. balanced: one block does the exact
 //                  per-pass split of eplb::dispatch_balanced and the hand-out to source ranks
 //                  (cuda_moe_support.cuh).
@@ -385,6 +387,107 @@ __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const flo
     if (lane < k) {
       ids[t * k + lane] = unrouted ? -1 : my_id;
       weights[t * k + lane] = unrouted ? 0.0f : normalize ? my_p / ksum : my_p;
+    }
+  }
+}
+
+// Few rows (decode): a block a row, its warps at once where topk_softmax_kernel's one warp runs k
+// rounds in a chain (~11,000 cycles at 512 experts and k = 10: session 37's profile). Thread i holds
+// experts i, i + NT, ... (V of them). The softmax's max and sum go over the block (every thread adds
+// the warps' sums in one order: the same floats everywhere). A choice's key is p's bits above the
+// complement of its id, so that a larger key is the op's order (larger p, then the lower id) and
+// no two are equal (an expert past E has p = 0 and an id past every real one). Then each key's rank
+// among its warp's 32 V (its shuffled neighbours' keys, their ids known); each warp's first k go to
+// shared memory as candidates (the row's first k are among them, and each one's rank among the
+// candidates is its rank in the row), ranked by P threads each over the candidates: those of rank
+// < k are the row's choices, in order. The renormalising sum is topk_softmax_kernel's (one warp,
+// lane j the j-th choice).
+constexpr int kTopkRowBlockRowsMax = 256;  // rows up to which a row takes a block of its own
+
+template <int V>
+__global__ void __launch_bounds__(kTopkMaxE / 2) topk_softmax_rows_kernel(const float* logits, const int32_t* routed,
+                                                                         int E, int k, bool normalize,
+                                                                         int32_t* __restrict__ ids,
+                                                                         float* __restrict__ weights) {
+  constexpr int kMaxWarps = kTopkMaxE / 2 / 32;
+  __shared__ float warp_max[kMaxWarps], warp_sums[kMaxWarps];
+  __shared__ unsigned long long candidates[kMaxWarps * kTopkMaxK], chosen[kTopkMaxK];
+  wait_for_prior_kernels();
+  const int NT = int(blockDim.x), NW = NT / 32, tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
+  const int64_t t = blockIdx.x;
+  const float* l = logits + t * E;
+  const bool unrouted = routed != nullptr && load_after_wait(routed + t) == 0;
+  float p[V];
+  float mx = -INFINITY;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int e = tid + v * NT;
+    p[v] = e < E ? load_after_wait(l + e) : -INFINITY;
+    mx = fmaxf(mx, p[v]);
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+  if (lane == 0) warp_max[warp] = mx;
+  __syncthreads();
+  mx = warp_max[0];
+  for (int w = 1; w < NW; ++w) mx = fmaxf(mx, warp_max[w]);
+  float sum = 0.0f;
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    p[v] = tid + v * NT < E ? expf(p[v] - mx) : 0.0f;
+    sum += p[v];
+  }
+  sum = warp_sum(sum);
+  if (lane == 0) warp_sums[warp] = sum;  // (not warp_max: a thread may still be reading it)
+  __syncthreads();
+  sum = warp_sums[0];
+  for (int w = 1; w < NW; ++w) sum += warp_sums[w];
+  auto key_of = [](uint32_t bits, int e) { return (uint64_t(bits) << 32) | uint32_t(~uint32_t(e)); };
+  uint32_t bits[V];
+  uint64_t key[V];
+  int rank[V];
+#pragma unroll
+  for (int v = 0; v < V; ++v) {
+    const int e = tid + v * NT;
+    p[v] = p[v] / sum;
+    bits[v] = e < E && p[v] == p[v] ? __float_as_uint(p[v]) : 0u;  // a NaN p counts as 0
+    key[v] = key_of(bits[v], e);
+    rank[v] = 0;
+  }
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+#pragma unroll
+    for (int u = 0; u < V; ++u) rank[v] += key[u] > key[v];
+  for (int o = 1; o < 32; ++o)
+#pragma unroll
+    for (int u = 0; u < V; ++u) {
+      const uint64_t theirs = key_of(__shfl_xor_sync(0xffffffffu, bits[u], o), (tid ^ o) + u * NT);
+#pragma unroll
+      for (int v = 0; v < V; ++v) rank[v] += theirs > key[v];
+    }
+#pragma unroll
+  for (int v = 0; v < V; ++v)
+    if (rank[v] < k) candidates[warp * k + rank[v]] = key[v];
+  __syncthreads();
+  // P threads a candidate (a power of two: whole groups of adjacent lanes, added by shuffles).
+  const int C = NW * k;
+  int P = 1;
+  while (2 * P * C <= NT) P *= 2;
+  const int c = tid / P, part = tid % P;
+  const uint64_t mine = c < C ? candidates[c] : 0;
+  int above = 0;
+  if (c < C)
+    for (int j = part; j < C; j += P) above += candidates[j] > mine;
+  for (int o = P / 2; o > 0; o >>= 1) above += __shfl_xor_sync(0xffffffffu, above, o);
+  if (c < C && part == 0 && above < k) chosen[above] = mine;
+  __syncthreads();
+  if (warp == 0) {
+    const uint64_t s = lane < k ? chosen[lane] : 0;
+    const float ps = __uint_as_float(uint32_t(s >> 32));
+    const float ksum = warp_sum(lane < k ? ps : 0.0f);
+    if (lane < k) {
+      ids[t * k + lane] = unrouted ? -1 : int32_t(~uint32_t(s));
+      weights[t * k + lane] = unrouted ? 0.0f : normalize ? ps / ksum : ps;
     }
   }
 }
@@ -2161,6 +2264,15 @@ void CudaOps::topk_softmax(const Tensor& logits, int k, bool normalize, const Te
   expect_device("topk_softmax", "weights", weights);
   if (routed.defined()) expect_device("topk_softmax", "routed", routed);
   if (T == 0) return;
+  if (T <= kTopkRowBlockRowsMax) {
+    const int V = E <= kTopkMaxE / 2 ? 1 : 2, threads = int(cdiv(E, 32 * V)) * 32;
+    launch(V == 1 ? topk_softmax_rows_kernel<1> : topk_softmax_rows_kernel<2>, unsigned(T), unsigned(threads), 0,
+           stream_, cuda::f32(logits), routed.defined() ? cuda::i32(routed) : nullptr, int(E), k, normalize,
+           cuda::i32_mut(ids), cuda::f32_mut(weights));
+    check_launch("topk_softmax");
+    st.after(stream_);
+    return;
+  }
   const unsigned grid = unsigned(blocks_for(T, kTopkWarps));
   auto launch_for = [&](auto per) {
     launch(topk_softmax_kernel<decltype(per)::value>, grid, kTopkWarps * 32, 0, stream_, cuda::f32(logits),
