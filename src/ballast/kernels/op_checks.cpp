@@ -126,6 +126,31 @@ RowShape check_add_rms_norm(const Tensor& x, const Tensor& d, const Tensor& w, c
   return shape;
 }
 
+RowShape check_matmul_many_normed(const PendingNorm& n, const Tensor& h, std::span<const Tensor> w, std::span<Tensor> y) {
+  check(n.s.defined() && n.s.rank() == 2 && n.s.dtype() == DType::F32, "matmul_many_normed: the rows {} are not F32 [T, H]",
+        n.s);
+  const int64_t T = n.s.dim(0), H = n.s.dim(1);
+  check(n.parts >= 0, "matmul_many_normed: {} partial sums", n.parts);
+  if (n.parts > 0)
+    check(n.sums.defined() && n.sums.rank() == 2 && n.sums.dtype() == DType::F32 && n.sums.dim(0) == T &&
+              n.sums.dim(1) >= n.parts,
+          "matmul_many_normed: sums {} do not hold {} partial sums for {} rows", n.sums, n.parts, T);
+  if (h.defined())
+    check(h.dtype() == DType::F32 && h.numel() == T * H && (h.raw() == n.s.raw() ? n.parts == 0 : !overlap(h, n.s)),
+          "matmul_many_normed: h{} is not F32 [{}, {}] apart from the rows{}", h, T, H, n.s);
+  check_matmul_many(w, y);
+  for (size_t i = 0; i < w.size(); ++i) check_matmul(n.s, w[i], y[i]);
+  return {T, H};
+}
+
+RowShape check_add_norm(const char* op, const AddNorm& then, const Tensor& d, int64_t parts) {
+  const RowShape shape = check_add_rms_norm(then.x, d, then.w, then.h);
+  check(then.sums.defined() && then.sums.rank() == 2 && then.sums.dtype() == DType::F32 &&
+            then.sums.dim(0) == shape.rows && then.sums.dim(1) >= parts,
+        "{}: the norm's sums {} do not hold {} partial sums for {} rows", op, then.sums, parts, shape.rows);
+  return shape;
+}
+
 RowShape check_matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, const Tensor& x, const Tensor& d,
                                                const Tensor& w, const Tensor& h, std::span<const Tensor> wy,
                                                std::span<Tensor> y) {

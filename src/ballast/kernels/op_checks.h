@@ -52,6 +52,11 @@ RowShape check_add_rms_norm(const Tensor& x, const Tensor& d, const Tensor& w, c
 RowShape check_matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, const Tensor& x, const Tensor& d,
                                                const Tensor& w, const Tensor& h, std::span<const Tensor> wy,
                                                std::span<Tensor> y);
+// matmul_many_normed: n's rows [T, H] (s F32; where pending, sums F32 [T, >= parts]), h (if
+// defined) F32 [T, H] apart from n.s, each product as matmul's of the rows.
+RowShape check_matmul_many_normed(const PendingNorm& n, const Tensor& h, std::span<const Tensor> w, std::span<Tensor> y);
+// The AddNorm after an op whose output d [T, H] it adds: x, w, h as add_rms_norm's; sums F32 [T, >= parts].
+RowShape check_add_norm(const char* op, const AddNorm& then, const Tensor& d, int64_t parts);
 void check_copy(const Tensor& src, const Tensor& dst);
 struct ConcatShape {
   int64_t T, A, B;

@@ -75,6 +75,26 @@ struct RoutedRows {
   Tensor rows, counts;
 };
 
+// A residual stream's RMSNorm as the op that finished its input left it: finished (parts = 0: s
+// holds rms_norm(x, w)), or left for the products that read it to finish (parts > 0: s = x (1 + w),
+// and sums [T, >= parts] F32 holds each row's sum of x's squares in `parts` pieces, however the op
+// split the row). CUDA's one-token decode starts the norm where its input is finished and ends it
+// where the next products store (docs/perf.md, session 40): no norm kernel between them.
+struct PendingNorm {
+  Tensor s, sums;
+  int parts = 0;
+  float eps = 0;
+};
+
+// What follows an op that finishes an update of the residual stream x [T, H]: x += its output d,
+// then rms_norm(x, w) into h [T, H] (neither x nor d), or left pending (sums [T, P] F32 its scratch,
+// P = Ops::norm_parts(H)).
+struct AddNorm {
+  Tensor x, w;
+  float eps = 0;
+  Tensor h, sums;
+};
+
 // How each logits row is drawn from. Tensors are on the device, one entry per row [R].
 struct SamplingRows {
   Tensor temperature;  // F32; <= 0: greedy (argmax, ties to the lower id)
@@ -120,6 +140,15 @@ class Ops {
   virtual void matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d,
                                                const Tensor& w, float eps, Tensor& h, std::span<const Tensor> wy,
                                                std::span<Tensor> y) = 0;
+  // The norm n leaves finished: h = the normed rows, then y[i] = h @ w[i]^T as matmul_many (w may be
+  // empty). h undefined: the rows are only read by the products (a backend may finish them in n.s,
+  // which is then spent); n.s itself where n is finished.
+  virtual void matmul_many_normed(const PendingNorm& n, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y);
+  // The partial sums a pending norm of rows of H may take (AddNorm::sums' columns).
+  virtual int64_t norm_parts(int64_t H) const {
+    (void)H;
+    return 1;
+  }
   // y += x
   virtual void add(Tensor& y, const Tensor& x) = 0;
   // dst = src (same number of bytes)
@@ -224,6 +253,11 @@ class Ops {
     (void)x, (void)ids, (void)weights, (void)experts, (void)out;
     fail("moe_routed: this backend computes routed experts only grouped (moe_routed_fits is false)");
   }
+  // moe_routed into out, then `then` after it: finished, or left pending where the backend starts
+  // the norm in the same pass (CUDA at one token: the last block of each slice of the row adds,
+  // weighs and sums squares as it stores).
+  virtual PendingNorm moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                          std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then);
   // all_to_all_v's receiving half with the counts read on the device, no host wait: out [M, ...]
   // holds, by source in order, the sources[s].counts[me] rows that follow the first
   // sum(sources[s].counts[0..me)) rows of sources[s].rows (the same dtype and row size as out);
@@ -272,5 +306,8 @@ class Ops {
   virtual void side(const std::function<void()>& work) { work(); }
   virtual void join_side() {}
 };
+
+// then.x += d, then.h = rms_norm(then.x, then.w): the norm finished (add_rms_norm).
+PendingNorm add_rms_norm(Ops& ops, const AddNorm& then, const Tensor& d);
 
 }  // namespace ballast::kernels

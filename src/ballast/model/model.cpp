@@ -14,15 +14,27 @@ Model::Model(ModelConfig cfg, ModelWeights weights, kernels::Ops& ops, moe::MoeR
 
 void Model::forward(const ForwardBatch& b, const CacheViews& cache, Workspace& ws, ForwardOutputs& out) {
   const int64_t T = b.num_tokens(), H = cfg_.hidden_size;
-  check(int(cache.layers.size()) == cfg_.num_layers, "forward: caches for {} layers, the model has {}",
-        cache.layers.size(), cfg_.num_layers);
-  Tensor x = ws.take({T, H}), ffn = ws.take({T, H});
+  const int L = cfg_.num_layers;
+  const float eps = cfg_.rms_norm_eps;
+  check(int(cache.layers.size()) == L, "forward: caches for {} layers, the model has {}", cache.layers.size(), L);
+  Tensor x = ws.take({T, H});
   ops_.embedding(b.token_ids, w_.embed, x);
-  for (int l = 0; l < cfg_.num_layers; ++l)
-    decoder_layer(w_.layers[size_t(l)], cache.layers[size_t(l)], moe_index_[size_t(l)], *trunk_moe_, b, ws, x,
-                  l > 0 ? &ffn : nullptr, ffn);
-  if (cfg_.num_layers > 0) ops_.add_rms_norm(x, ffn, w_.final_norm, cfg_.rms_norm_eps, out.hidden);
-  else ops_.rms_norm(x, w_.final_norm, cfg_.rms_norm_eps, out.hidden);
+  if (L == 0) {
+    ops_.rms_norm(x, w_.final_norm, eps, out.hidden);
+  } else {
+    // Each layer ends with the next one's input norm (the last with the final norm, into out.hidden).
+    Tensor ffn = ws.take({T, H}), h = ws.take({T, H}), sums = ws.take({T, ops_.norm_parts(H)});
+    ops_.rms_norm(x, w_.layers[0].input_norm, eps, h);
+    kernels::PendingNorm in{h, Tensor(), 0, eps};
+    for (int l = 0; l < L; ++l) {
+      const bool last = l + 1 == L;
+      const kernels::AddNorm then{x, last ? w_.final_norm : w_.layers[size_t(l) + 1].input_norm, eps,
+                                  last ? out.hidden : h, sums};
+      in = decoder_layer(w_.layers[size_t(l)], cache.layers[size_t(l)], moe_index_[size_t(l)], *trunk_moe_, b, ws, x,
+                         in, then, ffn);
+    }
+    ops_.matmul_many_normed(in, out.hidden, {}, {});
+  }
   if (b.num_logit_rows() == 0) return;
   Tensor rows = ws.take({b.num_logit_rows(), H});
   ops_.gather_rows(out.hidden, b.logit_rows, 1, rows);
@@ -34,38 +46,42 @@ void Model::mtp_forward(const ForwardBatch& b, const Tensor& hidden_in, const Ca
   check(has_mtp(), "the model has no MTP head (no mtp.* tensors)");
   const MtpWeights& m = *w_.mtp;
   const int64_t T = b.num_tokens(), H = cfg_.hidden_size;
+  const float eps = cfg_.rms_norm_eps;
   Tensor emb = ws.take({T, H}), hid = ws.take({T, H});
   ops_.embedding(b.token_ids, w_.embed, emb);
-  ops_.rms_norm(emb, m.norm_embedding, cfg_.rms_norm_eps, emb);
+  ops_.rms_norm(emb, m.norm_embedding, eps, emb);
   ops_.gather_rows(hidden_in, b.hidden_rows, 1, hid);
-  ops_.rms_norm(hid, m.norm_hidden, cfg_.rms_norm_eps, hid);
+  ops_.rms_norm(hid, m.norm_hidden, eps, hid);
   Tensor cat = ws.take({T, 2 * H});
   ops_.concat_cols(emb, hid, cat);  // embedding first
   Tensor u = ws.take({T, H});
   ops_.matmul(cat, m.fc, u);
-  // Released checkpoints have one MTP layer; deeper heads would chain their layers per step.
-  Tensor ffn = ws.take({T, H});
-  decoder_layer(m.layers[0], cache.mtp_layers.at(0), 0, *mtp_moe_, b, ws, u, nullptr, ffn);
-  ops_.add(u, ffn);
+  // Released checkpoints have one MTP layer; deeper heads would chain their layers per step. The
+  // layer ends with the head's norm (mtp.norm) over every row, of which the logit rows are kept.
+  const LayerWeights& lw = m.layers[0];
+  Tensor ffn = ws.take({T, H}), h = ws.take({T, H}), sums = ws.take({T, ops_.norm_parts(H)});
+  ops_.rms_norm(u, lw.input_norm, eps, h);
+  const kernels::PendingNorm normed =
+      decoder_layer(lw, cache.mtp_layers.at(0), 0, *mtp_moe_, b, ws, u, kernels::PendingNorm{h, Tensor(), 0, eps},
+                    kernels::AddNorm{u, m.norm, eps, h, sums}, ffn);
   if (b.num_logit_rows() == 0) return;
-  Tensor rows = ws.take({b.num_logit_rows(), H});
-  ops_.gather_rows(u, b.logit_rows, 1, rows);
-  ops_.rms_norm(rows, m.norm, cfg_.rms_norm_eps, out.hidden);
+  ops_.matmul_many_normed(normed, h, {}, {});
+  ops_.gather_rows(h, b.logit_rows, 1, out.hidden);
   ops_.matmul(out.hidden, w_.lm_head, out.logits);
 }
 
-void Model::decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer, moe::MoeRunner& runner,
-                          const ForwardBatch& b, Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn) {
+kernels::PendingNorm Model::decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer,
+                                          moe::MoeRunner& runner, const ForwardBatch& b, Workspace& ws, Tensor& x,
+                                          const kernels::PendingNorm& in, const kernels::AddNorm& then, Tensor& ffn) {
   Workspace::Scope scope(ws);  // the layer's intermediates are dead once x is updated
   const int64_t T = x.dim(0), H = cfg_.hidden_size;
-  Tensor h = ws.take({T, H});
-  if (pending) ops_.add_rms_norm(x, *pending, lw.input_norm, cfg_.rms_norm_eps, h);
-  else ops_.rms_norm(x, lw.input_norm, cfg_.rms_norm_eps, h);
   const bool attn = lw.type == LayerType::FullAttention;
-  const MixerOut m{attn ? attention(lw.attn, cache, b, h, ws) : deltanet(lw.delta, cache, b, h, ws),
+  const MixerOut m{attn ? attention(lw.attn, cache, b, in, ws) : deltanet(lw.delta, cache, b, in, ws),
                    attn ? lw.attn.o_proj : lw.delta.out_proj, lw.post_norm, ws.take({T, H})};
-  if (lw.ffn == FfnType::Moe) sparse_moe(lw.moe, moe_layer, runner, b.routed, m, x, h, ws, ffn);
-  else swiglu(lw.dense, m, x, h, ws, ffn);
+  Tensor h = ws.take({T, H});
+  if (lw.ffn == FfnType::Moe) return sparse_moe(lw.moe, moe_layer, runner, b.routed, m, x, h, ws, ffn, then);
+  swiglu(lw.dense, m, x, h, ws, ffn);
+  return kernels::add_rms_norm(ops_, then, ffn);
 }
 
 void Model::project_after(const MixerOut& m, Tensor& x, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y) {
@@ -73,16 +89,16 @@ void Model::project_after(const MixerOut& m, Tensor& x, Tensor& h, std::span<con
   ops_.matmul_add_rms_norm_matmul_many(m.o, m.w_out, x, d, m.norm, cfg_.rms_norm_eps, h, w, y);
 }
 
-Tensor Model::attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
-                        Workspace& ws) {
-  const int64_t T = h.dim(0), Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
+Tensor Model::attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& b,
+                        const kernels::PendingNorm& in, Workspace& ws) {
+  const int64_t T = in.s.dim(0), Hq = cfg_.num_heads, Hkv = cfg_.num_kv_heads, hd = cfg_.head_dim;
   Tensor qg = ws.take({T, Hq, 2 * hd});
   Tensor q = ws.take({T, Hq, hd}), gate = ws.take({T, Hq, hd});
   Tensor k = ws.take({T, Hkv, hd}), v = ws.take({T, Hkv, hd});
   Tensor qg2 = qg.reshape({T, Hq * 2 * hd}), k2 = k.reshape({T, Hkv * hd}), v2 = v.reshape({T, Hkv * hd});
   const Tensor proj[] = {w.q_proj, w.k_proj, w.v_proj};
-  Tensor outs[] = {qg2, k2, v2};
-  ops_.matmul_many(h, proj, outs);
+  Tensor outs[] = {qg2, k2, v2}, none;
+  ops_.matmul_many_normed(in, none, proj, outs);
   ops_.qk_norm_rope(qg, w.q_norm, w.k_norm, cfg_.rms_norm_eps, b.positions, cfg_.rotary_dim(), cfg_.rope_theta, q, gate,
                     k);
 
@@ -93,17 +109,17 @@ Tensor Model::attention(const AttentionWeights& w, const LayerCache& cache, cons
   return o.reshape({T, Hq * hd});
 }
 
-Tensor Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& b, const Tensor& h,
-                       Workspace& ws) {
-  const int64_t T = h.dim(0);
+Tensor Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& b,
+                       const kernels::PendingNorm& in, Workspace& ws) {
+  const int64_t T = in.s.dim(0);
   const kernels::DeltaRuleDims d{cfg_.linear_num_key_heads, cfg_.linear_num_value_heads, cfg_.linear_key_head_dim,
                                  cfg_.linear_value_head_dim};
   const int64_t conv_dim = 2 * int64_t(d.Hk) * d.dk + int64_t(d.Hv) * d.dv, vd = int64_t(d.Hv) * d.dv;
   Tensor qkv = ws.take({T, conv_dim}), z = ws.take({T, vd});
   Tensor bb = ws.take({T, d.Hv}), a = ws.take({T, d.Hv});
   const Tensor proj[] = {w.in_qkv, w.in_z, w.in_b, w.in_a};
-  Tensor outs[] = {qkv, z, bb, a};
-  ops_.matmul_many(h, proj, outs);
+  Tensor outs[] = {qkv, z, bb, a}, none;
+  ops_.matmul_many_normed(in, none, proj, outs);
   Tensor beta = ws.take({T, d.Hv}), g = ws.take({T, d.Hv});
   ops_.delta_gates(bb, a, w.A_log, w.dt_bias, beta, g);
 
@@ -116,8 +132,9 @@ Tensor Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const 
   return o;
 }
 
-void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& routed,
-                       const MixerOut& m, Tensor& x, Tensor& h, Workspace& ws, Tensor& out) {
+kernels::PendingNorm Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& routed,
+                                       const MixerOut& m, Tensor& x, Tensor& h, Workspace& ws, Tensor& out,
+                                       const kernels::AddNorm& then) {
   const int64_t T = h.dim(0);
   const int E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
   Tensor logits = ws.take({T, E});
@@ -137,7 +154,7 @@ void Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runne
   }
   Tensor ids = ws.take({T, k}, DType::I32), weights = ws.take({T, k});
   ops_.topk_softmax(logits, k, cfg_.norm_topk_prob, routed, ids, weights);
-  runner.run(moe_layer, h, ids, weights, w.experts, ws, out);
+  return runner.run_add_norm(moe_layer, h, ids, weights, w.experts, ws, out, then);
 }
 
 void Model::swiglu(const kernels::SwigluWeights& w, const MixerOut& m, Tensor& x, Tensor& h, Workspace& ws,

@@ -40,17 +40,20 @@ class Model {
                    ForwardOutputs& out);
 
  private:
-  // One layer over the residual stream x. The layer's MLP output is left in `ffn` rather than added
-  // to x: the next layer (or the final norm) adds it in the same pass as its norm. `pending`: the
-  // previous layer's (null for the first layer); it may be ffn itself.
-  void decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer, moe::MoeRunner& runner,
-                     const ForwardBatch& batch, kernels::Workspace& ws, Tensor& x, const Tensor* pending, Tensor& ffn);
+  // One layer over the residual stream x: its mixer reads `in` (its input norm, finished or left
+  // pending by the layer before), and it ends with `then` (x += its MLP's output in ffn, and the
+  // next norm: the next layer's input norm, the final norm or the MTP head's), which it returns as
+  // its last op left it.
+  kernels::PendingNorm decoder_layer(const LayerWeights& lw, const LayerCache& cache, int moe_layer,
+                                     moe::MoeRunner& runner, const ForwardBatch& batch, kernels::Workspace& ws,
+                                     Tensor& x, const kernels::PendingNorm& in, const kernels::AddNorm& then,
+                                     Tensor& ffn);
   // The mixers return their output before its projection (o [T, *]; the projection is the layer's,
   // in the op that adds it to the residual stream: MixerOut).
-  Tensor attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
-                   kernels::Workspace& ws);
-  Tensor deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& batch, const Tensor& h,
-                  kernels::Workspace& ws);
+  Tensor attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& batch,
+                   const kernels::PendingNorm& in, kernels::Workspace& ws);
+  Tensor deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& batch,
+                  const kernels::PendingNorm& in, kernels::Workspace& ws);
   // A mixer's output o, its projection and the norm after it: the FFN's first projections take
   // h = rms_norm(x + o @ w_out^T, norm) from the op that adds the projection into x (project_after;
   // d: its scratch).
@@ -62,9 +65,10 @@ class Model {
   };
   // x += m.o @ m.w_out^T, h = rms_norm(x, m.norm), y[i] = h @ w[i]^T.
   void project_after(const MixerOut& m, Tensor& x, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y);
-  // routed: the batch's (rows that only pad a graph go to no expert).
-  void sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& routed, const MixerOut& m,
-                  Tensor& x, Tensor& h, kernels::Workspace& ws, Tensor& out);
+  // routed: the batch's (rows that only pad a graph go to no expert). Ends with `then`.
+  kernels::PendingNorm sparse_moe(const MoeWeights& w, int moe_layer, moe::MoeRunner& runner, const Tensor& routed,
+                                  const MixerOut& m, Tensor& x, Tensor& h, kernels::Workspace& ws, Tensor& out,
+                                  const kernels::AddNorm& then);
   // out[T, H] = down(silu(gate h) * up h): the dense MLP.
   void swiglu(const kernels::SwigluWeights& w, const MixerOut& m, Tensor& x, Tensor& h, kernels::Workspace& ws,
               Tensor& out);

@@ -16,6 +16,15 @@ ExpertParallelRunner::ExpertParallelRunner(kernels::Backend& backend, const Disp
         slots.slots(), data.size());
 }
 
+kernels::PendingNorm ExpertParallelRunner::run_add_norm(int layer, const Tensor& x, const Tensor& ids,
+                                                        const Tensor& weights,
+                                                        std::span<const kernels::SwigluWeights> experts,
+                                                        kernels::Workspace& ws, Tensor& out,
+                                                        const kernels::AddNorm& then) {
+  run(layer, x, ids, weights, experts, ws, out);
+  return kernels::add_rms_norm(ops_, then, out);
+}
+
 void ExpertParallelRunner::run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
                                std::span<const kernels::SwigluWeights>, kernels::Workspace& ws, Tensor& out) {
   const kernels::DispatchTables t = tables_.layer(layer);

@@ -28,6 +28,10 @@ class ExpertParallelRunner final : public MoeRunner {
 
   void run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
            std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) override;
+  // run, then the norm finished (the combine's rows arrive from other ranks).
+  kernels::PendingNorm run_add_norm(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                    std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out,
+                                    const kernels::AddNorm& then) override;
 
  private:
   kernels::Ops& ops_;

@@ -20,4 +20,15 @@ void LocalMoeRunner::run(int, const Tensor& x, const Tensor& ids, const Tensor& 
   ops_.moe_combine(y, none, weights, out);
 }
 
+kernels::PendingNorm LocalMoeRunner::run_add_norm(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                                  std::span<const kernels::SwigluWeights> experts,
+                                                  kernels::Workspace& ws, Tensor& out, const kernels::AddNorm& then) {
+  if (ops_.moe_routed_fits(x, ids, experts)) {
+    ops_.join_side();
+    return ops_.moe_routed_add_norm(x, ids, weights, experts, out, then);
+  }
+  run(layer, x, ids, weights, experts, ws, out);
+  return kernels::add_rms_norm(ops_, then, out);
+}
+
 }  // namespace ballast::moe

@@ -19,6 +19,12 @@ class MoeRunner {
   // expert, Ops::side): the runner joins it before it adds into `out`.
   virtual void run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
                    std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) = 0;
+  // run, then what the model does after the layer (`then`: the residual add of out and the next
+  // RMSNorm): left pending where the runner's last op can start the norm as it stores out
+  // (Ops::moe_routed_add_norm), otherwise finished.
+  virtual kernels::PendingNorm run_add_norm(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                            std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws,
+                                            Tensor& out, const kernels::AddNorm& then) = 0;
 };
 
 // Every expert computed on the caller's rank: the choices grouped by expert, one grouped product
@@ -29,6 +35,9 @@ class LocalMoeRunner final : public MoeRunner {
   explicit LocalMoeRunner(kernels::Ops& ops) : ops_(ops) {}
   void run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
            std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) override;
+  kernels::PendingNorm run_add_norm(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                    std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out,
+                                    const kernels::AddNorm& then) override;
 
  private:
   kernels::Ops& ops_;

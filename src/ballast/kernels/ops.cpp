@@ -1,0 +1,27 @@
+// What ops.h's ops compute where a backend keeps no form of its own: the norm finished at once.
+#include "ballast/kernels/ops.h"
+
+#include "ballast/kernels/op_checks.h"
+
+namespace ballast::kernels {
+
+void Ops::matmul_many_normed(const PendingNorm& n, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y) {
+  check_matmul_many_normed(n, h, w, y);
+  check(n.parts == 0, "matmul_many_normed: this backend leaves no norm pending, yet {} partial sums came", n.parts);
+  if (h.defined() && h.raw() != n.s.raw()) copy(n.s, h);
+  if (!w.empty()) matmul_many(n.s, w, y);
+}
+
+PendingNorm Ops::moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                     std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) {
+  moe_routed(x, ids, weights, experts, out);
+  return kernels::add_rms_norm(*this, then, out);
+}
+
+PendingNorm add_rms_norm(Ops& ops, const AddNorm& then, const Tensor& d) {
+  Tensor x = then.x, h = then.h;
+  ops.add_rms_norm(x, d, then.w, then.eps, h);
+  return {h, Tensor(), 0, then.eps};
+}
+
+}  // namespace ballast::kernels
