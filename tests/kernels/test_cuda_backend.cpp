@@ -763,6 +763,71 @@ TEST_P(CudaBf16Products, MatmulAddRmsNormMatmulManySplitsTheNormOverOneRowProduc
   }
 }
 
+// moe_routed_add_norm at one token: moe_routed's last blocks add out into the residual stream and
+// start the next norm as they store (a PendingNorm of 8 partial sums), which matmul_many_normed
+// finishes in its one-row products (no norm kernel between them) or, asked for the rows alone, in
+// a kernel of its own; against moe_routed, add_rms_norm and matmul_many within fp32 rounding (the
+// squares summed in another order). At two tokens the norm is finished: the same bits as those ops.
+// The 80B model's shapes (FP8 experts; its DeltaNet's FP8 and bf16 input projections).
+TEST_P(CudaBf16Products, RoutedExpertsStartTheNextNormAtOneToken) {
+  const int64_t H = 2048, I = 512, E = 16, k = 10;
+  CudaBackend& cb = dynamic_cast<CudaBackend&>(be());
+  std::mt19937 rng(120);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const RandomExperts made = random_experts(cb, DType::F8_E4M3_B128, E, H, I, 0.1f, rng, nd);
+  const std::vector<Tensor> w{be().to_device(block_scaled_host(randn(size_t(1024 * H), 121, 0.2f), 1024, H).tensor),
+                              weight(randn(size_t(32 * H), 122, 0.2f), {32, H}, DType::BF16)};
+  const Tensor norm = weight(randn(size_t(H), 123, 0.1f), {H}, DType::BF16);
+  const float eps = 1e-6f;
+  for (const int64_t T : {1, 2}) {
+    SCOPED_TRACE("T=" + std::to_string(T));
+    std::vector<int32_t> ids(size_t(T * k));
+    std::vector<float> cw(size_t(T * k));
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int32_t> order(static_cast<size_t>(E));
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      for (int64_t j = 0; j < k; ++j) ids[size_t(t * k + j)] = order[size_t(j)], cw[size_t(t * k + j)] = 0.1f;
+    }
+    const Tensor x = f32(randn(size_t(T * H), 124), {T, H}), idd = i32(ids, {T, k}), wd = f32(cw, {T, k});
+    const std::vector<float> res0 = randn(size_t(T * H), 125), out0 = randn(size_t(T * H), 126);
+    Tensor res = f32(res0, {T, H}), out = f32(out0, {T, H}), h = be().alloc({T, H}, DType::F32);
+    Tensor sums = be().alloc({T, ops().norm_parts(H)}, DType::F32), none;
+    Tensor res2 = f32(res0, {T, H}), out2 = f32(out0, {T, H}), h2 = be().alloc({T, H}, DType::F32);
+    std::vector<Tensor> y, want;
+    for (const Tensor& wi : w) {
+      y.push_back(be().alloc({T, wi.dim(0)}, DType::F32));
+      want.push_back(be().alloc({T, wi.dim(0)}, DType::F32));
+    }
+    ASSERT_TRUE(ops().moe_routed_fits(x, idd, made.experts));
+    be().start_op_timing();
+    const PendingNorm n = ops().moe_routed_add_norm(x, idd, wd, made.experts, out, AddNorm{res, norm, eps, h, sums});
+    ops().matmul_many_normed(n, none, w, y);
+    std::vector<std::string> names;
+    for (const OpTime& t : be().stop_op_timing()) names.push_back(t.op);
+    std::sort(names.begin(), names.end());  // (the timer lists its ops by name)
+    ops().moe_routed(x, idd, wd, made.experts, out2);
+    ops().add_rms_norm(res2, out2, norm, eps, h2);
+    ops().matmul_many(h2, w, want);
+    if (T > 1) {
+      EXPECT_EQ(n.parts, 0);
+      EXPECT_EQ(names, (std::vector<std::string>{"add_rms_norm", "matmul gemv", "moe_routed"}));
+      EXPECT_EQ(floats(res), floats(res2));
+      EXPECT_EQ(floats(h), floats(h2));
+      for (size_t i = 0; i < w.size(); ++i) EXPECT_EQ(floats(y[i]), floats(want[i])) << "output " << i;
+      continue;
+    }
+    EXPECT_EQ(n.parts, 8);
+    EXPECT_EQ(names, (std::vector<std::string>{"matmul gemv (times the row's RMS factor)",
+                                               "moe_routed (the residual add and norm's sums at its store)"}));
+    EXPECT_TRUE(all_near(floats(res), floats(res2), 1e-6, 1e-6));
+    for (size_t i = 0; i < w.size(); ++i) EXPECT_TRUE(all_near(floats(y[i]), floats(want[i]), 1e-4, 1e-4)) << i;
+    Tensor rows = be().alloc({T, H}, DType::F32);
+    ops().matmul_many_normed(n, rows, {}, {});  // the rows alone: a kernel of their own
+    EXPECT_TRUE(all_near(floats(rows), floats(h2), 1e-6, 1e-5));
+  }
+}
+
 // The graphs a backend holds are counted with the device memory their instantiation took (bench
 // reports both): a key captured again replaces its graph, drop_graphs() frees them all.
 TEST(CudaBackend, HeldGraphsAreCountedWithTheirMemory) {

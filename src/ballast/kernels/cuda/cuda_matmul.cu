@@ -47,7 +47,7 @@ struct ResidualNorm {
   float* partials = nullptr;  // one a block of the first launch
   int64_t count = 0;          // norm_scaled: how many
   float eps = 0;              // norm_scaled
-  float* h = nullptr;         // norm_scaled: rms_norm(x) [1, K]
+  float* h = nullptr;         // norm_scaled: rms_norm(x) [1, K], or null (not stored)
 };
 
 using cuda::cdiv;
@@ -388,7 +388,8 @@ __global__ void __launch_bounds__(kFewThreads, TM <= 4 ? 4 : 3)
       rn.partials[blockIdx.x] = b;
     }
   }
-  if constexpr (MODE == XIn::norm_scaled) {  // h = x * factor, the launch's warps in turn
+  if constexpr (MODE == XIn::norm_scaled) {  // h = x * factor, the launch's warps in turn (if asked for)
+    if (rn.h == nullptr) return;
     const int64_t warps = tg.t[tg.count - 1].warps_end;
     for (int64_t k = (gwarp * 32 + lane) * 4; k < K; k += warps * 128) {
       const float4 v = load4_after_wait(x + k);
@@ -1419,18 +1420,67 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
 // few loads a lane, after their wait, beside their weights in flight) and multiply each sum by the
 // row's factor as they store it; their warps also store h = d times it, 128 elements each in turn.
 // Otherwise matmul, add_rms_norm and matmul_many.
+namespace {
+// Whether products of one row x of D take the second half of a split norm (XIn::norm_scaled): one
+// CUDA-core launch (whole vector steps of every weight dtype: 16).
+bool norm_scaled_fits(int64_t rows, int64_t D, const Tensor& x, std::span<const Tensor> wy) {
+  bool same = true;
+  bool fits = rows == 1 && D % 16 == 0 && !wy.empty() && wy.size() <= size_t(kFewTargetsMax) &&
+              few_rows_dtypes_share(wy, same) && aligned(x.raw(), 16);
+  for (const Tensor& t : wy) fits = fits && aligned(t.raw(), 16);
+  return fits;
+}
+
+// h = s * the row's RMS factor from `parts` partial sums of squares a row (matmul_many_normed where
+// the products cannot finish the norm): a block a row, the factor as the products compute it.
+__global__ void __launch_bounds__(kFewThreads) norm_finish_kernel(const float* s, const float* sums, int64_t ld,
+                                                                  int parts, float eps, float* h, int64_t D) {
+  wait_for_prior_kernels();
+  const int64_t r = blockIdx.x;
+  const int lane = int(threadIdx.x) & 31;
+  float p = 0.0f;  // every warp the same sum, in the products' order (norm_partials_of_lane, norm_factor)
+  for (int i = lane; i < parts; i += 32) p += load_after_wait(sums + r * ld + i);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) p += __shfl_xor_sync(0xffffffffu, p, off);
+  const float factor = 1.0f / sqrtf(p / float(D) + eps);
+  for (int64_t i = threadIdx.x; i < D; i += kFewThreads) h[r * D + i] = load_after_wait(s + r * D + i) * factor;
+}
+}  // namespace
+
+void CudaOps::matmul_many_normed(const PendingNorm& n, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y) {
+  const auto [T, D] = check_matmul_many_normed(n, h, w, y);
+  if (n.parts == 0) {  // finished
+    Ops::matmul_many_normed(n, h, w, y);
+    return;
+  }
+  expect_device("matmul_many_normed", "s", n.s);
+  expect_device("matmul_many_normed", "sums", n.sums);
+  if (h.defined()) expect_device("matmul_many_normed", "h", h);
+  ResidualNorm rn{nullptr, nullptr, DType::F32, cuda::f32_mut(n.sums), n.parts, n.eps,
+                  h.defined() ? cuda::f32_mut(h) : nullptr};
+  if (norm_scaled_fits(T, D, n.s, w) && (!h.defined() || aligned(h.raw(), 16))) {
+    matmul_many_with(n.s, w, y, &rn);
+    return;
+  }
+  Tensor rows = h.defined() ? h : n.s;  // (finished in place where no h is asked for)
+  {
+    auto timed = time_op("norm_finish");
+    if (T > 0 && D > 0)
+      launch(norm_finish_kernel, cuda::blocks_for(T, 1), kFewThreads, 0, stream_, cuda::f32(n.s), cuda::f32(n.sums),
+             n.sums.dim(1), n.parts, n.eps, cuda::f32_mut(rows), D);
+    check_launch("matmul_many_normed");
+  }
+  if (!w.empty()) matmul_many(rows, w, y);
+}
+
 void CudaOps::matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d,
                                               const Tensor& w, float eps, Tensor& h, std::span<const Tensor> wy,
                                               std::span<Tensor> y) {
   const auto [R, D] = check_matmul_add_rms_norm_matmul_many(o, w_out, x, d, w, h, wy, y);
   const int64_t K = o.rank() == 2 ? o.dim(1) : 0;
   const DType dt = w_out.dtype();
-  // 16: whole vector steps of every weight dtype (the products' x: o, then d)
-  bool same = true;
-  bool split = R == 1 && K % 16 == 0 && D % 16 == 0 && !wy.empty() && wy.size() <= size_t(kFewTargetsMax) &&
-               few_rows_dtypes_share(wy, same);
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&o, &w_out, &x, &d, &h}) split = split && aligned(t->raw(), 16);
-  for (const Tensor& t : wy) split = split && aligned(t.raw(), 16);
+  bool split = norm_scaled_fits(R, D, d, wy) && K % 16 == 0;  // (the products' x: o, then d)
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&o, &w_out, &x, &h}) split = split && aligned(t->raw(), 16);
   if (!split) {
     matmul(o, w_out, d);
     add_rms_norm(x, d, w, eps, h);

@@ -1940,6 +1940,13 @@ struct OnePassArgs {
   int64_t H, I;            // every expert's
   int k, E, parts;
   Fault* fault;
+  // moe_routed_add_norm (res not null): the residual stream [T, H] gets out's sums added, out gets
+  // (res + sums)(1 + w) and sums [T, ld] each slice's sum of the squares of res + sums.
+  float* res = nullptr;
+  const void* nw = nullptr;
+  DType nwdt = DType::F32;
+  float* sums = nullptr;
+  int64_t ld = 0;
 };
 
 // Whether choice c (t * k + j) adds anything: the same answer for every block that asks. A bad id
@@ -2165,9 +2172,12 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
 #pragma unroll
       for (int i = 0; i < kPartBatch; ++i) v[i] = u0 + i < rows ? __ldcg(slice + (u0 + i) * H + q) : 0.0f;
     };
+    float sq = 0.0f;  // moe_routed_add_norm: the squares of the thread's sums
     for (int64_t q = threadIdx.x; q < RB; q += kOnePassThreads) {
       fetch(q, 0);
-      float acc = load_after_wait(a.out + t * H + n_first + q), y = 0.0f;
+      const int64_t at = t * H + n_first + q;
+      float acc = load_after_wait(a.out + at), y = 0.0f;
+      const float r = a.res ? load_after_wait(a.res + at) : 0.0f;  // (beside the rows' loads)
       int j = 0, pp = 0;
       for (int u0 = 0; u0 < rows; u0 += kPartBatch) {
         if (u0 > 0) fetch(q, u0);
@@ -2182,7 +2192,26 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
           }
         }
       }
-      a.out[t * H + n_first + q] = acc;
+      if (a.res) {
+        const float v = r + acc;
+        a.res[at] = v;
+        a.out[at] = v * (1.0f + cuda::load_as_float(a.nw, a.nwdt, n_first + q));
+        sq += v * v;
+      } else {
+        a.out[at] = acc;
+      }
+    }
+    if (a.res) {  // the slice's sum of squares, its warps' in order (the same bits every run)
+      __shared__ float warp_sq[kOnePassWarps];
+      sq = warp_sum(sq);
+      if (lane == 0) warp_sq[warp] = sq;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        float b = 0.0f;
+#pragma unroll
+        for (int w = 0; w < kOnePassWarps; ++w) b += warp_sq[w];
+        a.sums[t * a.ld + rank] = b;
+      }
     }
     if (threadIdx.x == 0) a.arrivals[t * kOnePassBlocks + rank] = 0;  // for the next launch
   }
@@ -2748,7 +2777,29 @@ bool CudaOps::moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<cons
 
 void CudaOps::moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights,
                          std::span<const SwigluWeights> experts, Tensor& out) {
-  auto timed = time_op("moe_routed");
+  moe_routed_with(x, ids, weights, experts, out, nullptr);
+}
+
+int64_t CudaOps::norm_parts(int64_t) const { return kOnePassBlocks; }
+
+// One token: the residual add and the norm's first half where moe_routed stores its sums (its
+// slices' last blocks), the second half in the products that read them (matmul_many_normed): no
+// norm kernel between a layer's experts and the next layer's first products (session 40 split the
+// post-mixer norm likewise: docs/perf.md). More tokens: moe_routed, then add_rms_norm.
+PendingNorm CudaOps::moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                         std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) {
+  if (ids.rank() != 2 || ids.dim(0) != 1) return Ops::moe_routed_add_norm(x, ids, weights, experts, out, then);
+  check_add_norm("moe_routed_add_norm", then, out, kOnePassBlocks);
+  expect_device("moe_routed_add_norm", "x", then.x);
+  expect_device("moe_routed_add_norm", "w", then.w);
+  expect_device("moe_routed_add_norm", "sums", then.sums);
+  moe_routed_with(x, ids, weights, experts, out, &then);
+  return {out, then.sums, kOnePassBlocks, then.eps};
+}
+
+void CudaOps::moe_routed_with(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                              std::span<const SwigluWeights> experts, Tensor& out, const AddNorm* then) {
+  auto timed = time_op(then ? "moe_routed (the residual add and norm's sums at its store)" : "moe_routed");
   MoeState& st = moe_state(moe_state_, counters_);
   st.raise_pending();
   const auto [T, H, k] = check_moe_routed(x, ids, weights, experts, out);
@@ -2766,6 +2817,13 @@ void CudaOps::moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weigh
   OnePassArgs a{cuda::f32(x), cuda::i32(ids), cuda::f32(weights), table, part,
                 st.arrivals(size_t(kOnePassMaxTokens) * kOnePassBlocks, stream_), cuda::f32_mut(out), H, sum.imax,
                 int(k), int(experts.size()), plan.parts, st.fault};
+  if (then) {
+    a.res = cuda::f32_mut(then->x);
+    a.nw = then->w.raw();
+    a.nwdt = then->w.dtype();
+    a.sums = cuda::f32_mut(then->sums);
+    a.ld = then->sums.dim(1);
+  }
   const dim3 grid(kOnePassBlocks, unsigned(T * k * plan.parts));
   auto go = [&](auto kernel) {
     smem_.allow(kernel, plan.smem, "moe_routed: shared memory");

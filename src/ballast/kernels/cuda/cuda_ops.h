@@ -143,6 +143,7 @@ class CudaOps final : public Ops {
   void matmul(const Tensor& x, const Tensor& w, Tensor& y) override;
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override;
   void matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) override;
+  void matmul_many_normed(const PendingNorm& n, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y) override;
   void add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) override;
   void matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d, const Tensor& w,
                                        float eps, Tensor& h, std::span<const Tensor> wy, std::span<Tensor> y) override;
@@ -184,6 +185,9 @@ class CudaOps final : public Ops {
   bool moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts) const override;
   void moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights, std::span<const SwigluWeights> experts,
                   Tensor& out) override;
+  PendingNorm moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
+                                  std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) override;
+  int64_t norm_parts(int64_t H) const override;
   void gather_routed(std::span<const RoutedRows> sources, int me, Tensor& out, Tensor& recv_counts) override;
 
   void sample(const Tensor& logits, const SamplingRows& rows, Draw stream, Tensor& ids, Tensor& probs) override;
@@ -217,6 +221,9 @@ class CudaOps final : public Ops {
   // matmul_many's products; with `rn` (matmul_add_rms_norm_matmul_many's second launch: x is the
   // first's output, one row) one few-row launch that applies the row's RMS factor and writes h.
   void matmul_many_with(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y, const ResidualNorm* rn);
+  // moe_routed; with `then` (moe_routed_add_norm at one token) the norm's first half at its store.
+  void moe_routed_with(const Tensor& x, const Tensor& ids, const Tensor& weights, std::span<const SwigluWeights> experts,
+                       Tensor& out, const AddNorm* then);
   // Before a cuBLAS or cuBLASLt call: each library has one workspace, so a call on the main stream
   // waits for side work that is out (a call from side work has nothing beside it in a library:
   // the main stream's next call waits for it), and the cuBLAS handle is moved to the current stream.
