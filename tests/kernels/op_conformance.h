@@ -788,6 +788,49 @@ TEST_P(OpConformance, AddRmsNormAddsThenNorms) {
   }
 }
 
+// A norm left finished (add_rms_norm over an AddNorm, as the MoE runners end a layer where their
+// last op cannot start it) is read by matmul_many_normed as the rows it holds: h a copy of them (none
+// where h is the rows themselves), each product that of the rows. Pending norms are CUDA's (its
+// backend test); the checks name what is wrong with either.
+TEST_P(OpConformance, MatmulManyNormedReadsAFinishedNorm) {
+  const int64_t T = 3, H = 40;
+  const float eps = 1e-6f;
+  const std::vector<float> xv = randn(size_t(T * H), 130), dv = randn(size_t(T * H), 131);
+  const Tensor w = f32(randn(size_t(H), 132, 0.1f), {H}), d = f32(dv, {T, H});
+  const std::vector<Tensor> proj{weight(randn(size_t(24 * H), 133, 0.2f), {24, H}, DType::BF16),
+                                 f32(randn(size_t(5 * H), 134, 0.2f), {5, H})};
+  Tensor x = f32(xv, {T, H}), h = be().alloc({T, H}, DType::F32), sums = be().alloc({T, ops().norm_parts(H)}, DType::F32);
+  const PendingNorm n = add_rms_norm(ops(), AddNorm{x, w, eps, h, sums}, d);
+  EXPECT_EQ(n.parts, 0);
+  EXPECT_EQ(n.s.raw(), h.raw());
+  Tensor x2 = f32(xv, {T, H}), h2 = be().alloc({T, H}, DType::F32);
+  ops().add_rms_norm(x2, d, w, eps, h2);
+  EXPECT_EQ(floats(x), floats(x2));
+  EXPECT_EQ(floats(h), floats(h2));
+  std::vector<Tensor> y, want;
+  for (const Tensor& p : proj) {
+    y.push_back(be().alloc({T, p.dim(0)}, DType::F32));
+    want.push_back(be().alloc({T, p.dim(0)}, DType::F32));
+  }
+  Tensor copy = be().alloc({T, H}, DType::F32), none;
+  ops().matmul_many_normed(n, copy, proj, y);
+  ops().matmul_many(h2, proj, want);
+  EXPECT_EQ(floats(copy), floats(h2));
+  for (size_t i = 0; i < proj.size(); ++i) EXPECT_EQ(floats(y[i]), floats(want[i])) << "product " << i;
+  ops().matmul_many_normed(n, h, {}, {});  // the rows themselves: nothing to do
+  EXPECT_EQ(floats(h), floats(h2));
+
+  PendingNorm short_sums{h, be().alloc({T, 1}, DType::F32), 2, eps};
+  test::expect_error([&] { ops().matmul_many_normed(short_sums, none, proj, y); },
+                     {"matmul_many_normed", "2 partial sums"});
+  PendingNorm pending{h, be().alloc({T, 2}, DType::F32), 2, eps};
+  test::expect_error([&] { ops().matmul_many_normed(pending, h, proj, y); }, {"matmul_many_normed", "apart from"});
+  Tensor wrong = be().alloc({T, 7}, DType::F32);
+  test::expect_error([&] { ops().matmul_many_normed(n, none, std::span(&proj[0], 1), std::span(&wrong, 1)); },
+                     {"matmul"});
+  test::expect_error([&] { add_rms_norm(ops(), AddNorm{x, w, eps, x, sums}, d); }, {"add_rms_norm", "overlaps"});
+}
+
 // matmul_add_rms_norm_matmul_many is matmul, add_rms_norm and matmul_many: x holds x + o @ w_out^T,
 // h its norm, each product that of h, all within fp32 rounding of a double reference (CUDA splits
 // the norm over its one-row products: the output projection's blocks sum the squares as they store,
