@@ -788,10 +788,10 @@ TEST_P(OpConformance, AddRmsNormAddsThenNorms) {
   }
 }
 
-// A norm left finished (add_rms_norm over an AddNorm, as the MoE runners end a layer where their
-// last op cannot start it) is read by matmul_many_normed as the rows it holds: h a copy of them (none
-// where h is the rows themselves), each product that of the rows. Pending norms are CUDA's (its
-// backend test); the checks name what is wrong with either.
+// A norm left finished (add_norm_finished: add_rms_norm over an AddNorm, as the MoE runners end a
+// layer where their last op cannot start it) is read by matmul_many_normed as the rows it holds: h
+// a copy of them (none where h is the rows themselves), each product that of the rows. Pending
+// norms are CUDA's (its backend tests); the checks name what is wrong with either.
 TEST_P(OpConformance, MatmulManyNormedReadsAFinishedNorm) {
   const int64_t T = 3, H = 40;
   const float eps = 1e-6f;
@@ -800,7 +800,7 @@ TEST_P(OpConformance, MatmulManyNormedReadsAFinishedNorm) {
   const std::vector<Tensor> proj{weight(randn(size_t(24 * H), 133, 0.2f), {24, H}, DType::BF16),
                                  f32(randn(size_t(5 * H), 134, 0.2f), {5, H})};
   Tensor x = f32(xv, {T, H}), h = be().alloc({T, H}, DType::F32), sums = be().alloc({T, ops().norm_parts(H)}, DType::F32);
-  const PendingNorm n = add_rms_norm(ops(), AddNorm{x, w, eps, h, sums}, d);
+  const PendingNorm n = add_norm_finished(ops(), AddNorm{x, w, eps, h, sums}, d);
   EXPECT_EQ(n.parts, 0);
   EXPECT_EQ(n.s.raw(), h.raw());
   Tensor x2 = f32(xv, {T, H}), h2 = be().alloc({T, H}, DType::F32);
@@ -828,16 +828,16 @@ TEST_P(OpConformance, MatmulManyNormedReadsAFinishedNorm) {
   Tensor wrong = be().alloc({T, 7}, DType::F32);
   test::expect_error([&] { ops().matmul_many_normed(n, none, std::span(&proj[0], 1), std::span(&wrong, 1)); },
                      {"matmul"});
-  test::expect_error([&] { add_rms_norm(ops(), AddNorm{x, w, eps, x, sums}, d); }, {"add_rms_norm", "overlaps"});
+  test::expect_error([&] { add_norm_finished(ops(), AddNorm{x, w, eps, x, sums}, d); }, {"add_rms_norm", "overlaps"});
 }
 
-// matmul_add_rms_norm_matmul_many is matmul, add_rms_norm and matmul_many: x holds x + o @ w_out^T,
-// h its norm, each product that of h, all within fp32 rounding of a double reference (CUDA splits
-// the norm over its one-row products: the output projection's blocks sum the squares as they store,
-// the next products apply the row's factor; CudaBackend's test checks that it does). Rows 1 (split
-// where the rows are whole vector steps), 2, 5 and 40, K and H multiples of 16 or not, the norm's
-// weights F32 or BF16, every projection BF16, F32, or block-scaled FP8 beside BF16.
-TEST_P(OpConformance, MatmulAddRmsNormMatmulManyProjectsAddsNormsAndProjects) {
+// matmul_add_norm, then matmul_many_normed, is matmul, add_rms_norm and matmul_many: x holds x + o @
+// w_out^T, h its norm, each product that of h, all within fp32 rounding of a double reference (CUDA
+// splits the norm over its one-row products: the output projection's blocks sum the squares as they
+// store, the next products apply the row's factor; CudaBackend's test checks that it does). Rows 1
+// (split where the rows are whole vector steps), 2, 5 and 40, K and H multiples of 16 or not, the
+// norm's weights F32 or BF16, every projection BF16, F32, or block-scaled FP8 beside BF16.
+TEST_P(OpConformance, MatmulAddNormThenMatmulManyNormedProjectsAddsNormsAndProjects) {
   const float eps = 1e-6f;
   enum Mix { kBf16, kF32, kFp8 };
   const std::vector<int64_t> Ns{130, 1, 33, 64};
@@ -879,9 +879,11 @@ TEST_P(OpConformance, MatmulAddRmsNormMatmulManyProjectsAddsNormsAndProjects) {
             for (int64_t n = 0; n < H; ++n) h[size_t(t * H + n)] = sum[size_t(t * H + n)] * inv * (1.0 + ns[size_t(n)]);
           }
           Tensor x = f32(xv, {T, H}), d = be().alloc({T, H}, DType::F32), hd = be().alloc({T, H}, DType::F32);
+          const Tensor sums = be().alloc({T, ops().norm_parts(H)}, DType::F32);
           std::vector<Tensor> y;
           for (const int64_t N : Ns) y.push_back(be().alloc({T, N}, DType::F32));
-          ops().matmul_add_rms_norm_matmul_many(f32(ov, {T, K}), w_out, x, d, norm, eps, hd, w, y);
+          const PendingNorm n = ops().matmul_add_norm(f32(ov, {T, K}), w_out, d, AddNorm{x, norm, eps, hd, sums});
+          ops().matmul_many_normed(n, hd, w, y);
           EXPECT_TRUE(all_near(floats(x), sum, 1e-5, 1e-5));
           EXPECT_TRUE(all_near(floats(hd), h, 1e-5, 1e-5));
           for (size_t i = 0; i < Ns.size(); ++i) {
@@ -894,12 +896,15 @@ TEST_P(OpConformance, MatmulAddRmsNormMatmulManyProjectsAddsNormsAndProjects) {
   const Tensor o = f32(randn(size_t(T * K), 89), {T, K}), w_out = weight(randn(size_t(H * K), 90), {H, K}, DType::F32);
   const Tensor norm = f32(randn(size_t(H), 91, 0.1f), {H}), w1[] = {weight(randn(size_t(H * 3), 92), {3, H}, DType::F32)};
   Tensor x = f32(randn(size_t(T * H), 93), {T, H}), d = be().alloc({T, H}, DType::F32), h = be().alloc({T, H}, DType::F32);
-  Tensor y1[] = {be().alloc({T, 3}, DType::F32)};
-  test::expect_error([&] { ops().matmul_add_rms_norm_matmul_many(o, w_out, x, x, norm, 1e-6f, h, w1, y1); },
-                     {"matmul_add_rms_norm_matmul_many", "overlap"});
-  Tensor wrong[] = {be().alloc({T, 4}, DType::F32)};
-  test::expect_error([&] { ops().matmul_add_rms_norm_matmul_many(o, w_out, x, d, norm, 1e-6f, h, w1, wrong); },
-                     {"matmul"});
+  const Tensor sums = be().alloc({T, ops().norm_parts(H)}, DType::F32);
+  test::expect_error([&] { ops().matmul_add_norm(o, w_out, x, AddNorm{x, norm, 1e-6f, h, sums}); },
+                     {"matmul_add_norm", "overlap"});
+  test::expect_error([&] { ops().matmul_add_norm(o, w_out, d, AddNorm{x, norm, 1e-6f, h, be().alloc({2, 1}, DType::F32)}); },
+                     {"matmul_add_norm", "sums"});
+  Tensor y1[] = {be().alloc({T, 3}, DType::F32)}, wrong[] = {be().alloc({T, 4}, DType::F32)};
+  const PendingNorm n = ops().matmul_add_norm(o, w_out, d, AddNorm{x, norm, 1e-6f, h, sums});
+  ops().matmul_many_normed(n, h, w1, y1);
+  test::expect_error([&] { ops().matmul_many_normed(n, h, w1, wrong); }, {"matmul"});
 }
 
 TEST_P(OpConformance, AddCopyZero) {

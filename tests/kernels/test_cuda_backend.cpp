@@ -713,11 +713,11 @@ TEST_P(CudaBf16Products, TensorCoreProductsOfManyTargetsAndSwigluEqualTheirParts
   }
 }
 
-// matmul_add_rms_norm_matmul_many at batch-1 decode takes two launches, the norm split over them (no
-// norm kernel); from two rows matmul, add_rms_norm and matmul_many, bit for bit. The outputs are
-// those of the three ops within fp32 rounding (the squares summed in another order, the factor
+// matmul_add_norm, then matmul_many_normed, at batch-1 decode take two launches, the norm split over
+// them (no norm kernel); from two rows matmul, add_rms_norm and matmul_many, bit for bit. The outputs
+// are those of the three ops within fp32 rounding (the squares summed in another order, the factor
 // applied to the sums). An FP8 model's shapes (its DeltaNet output projection and MoE projections).
-TEST_P(CudaBf16Products, MatmulAddRmsNormMatmulManySplitsTheNormOverOneRowProducts) {
+TEST_P(CudaBf16Products, MatmulAddNormSplitsTheNormOverOneRowProducts) {
   const int64_t K = 4096, H = 2048;
   const Tensor w_out = be().to_device(block_scaled_host(randn(size_t(H * K), 110, 0.05f), H, K).tensor);
   const std::vector<int64_t> Ns{512, 512, 512, 1};
@@ -739,8 +739,10 @@ TEST_P(CudaBf16Products, MatmulAddRmsNormMatmulManySplitsTheNormOverOneRowProduc
       y.push_back(be().alloc({T, N}, DType::F32));
       want.push_back(be().alloc({T, N}, DType::F32));
     }
+    const Tensor sums = be().alloc({T, ops().norm_parts(H)}, DType::F32);
     be().start_op_timing();
-    ops().matmul_add_rms_norm_matmul_many(o, w_out, x, d, norm, 1e-6f, h, w, y);
+    const PendingNorm n = ops().matmul_add_norm(o, w_out, d, AddNorm{x, norm, 1e-6f, h, sums});
+    ops().matmul_many_normed(n, h, w, y);
     std::vector<std::string> names;
     for (const OpTime& t : be().stop_op_timing()) names.push_back(t.op);
     std::sort(names.begin(), names.end());  // (the timer lists its ops by name)

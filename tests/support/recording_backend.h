@@ -153,14 +153,6 @@ class RecordingBackend final : public kernels::Backend {
     void add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) override {
       be_.issue([this, x = x, d = d, w = w, eps = eps, y = y]() mutable { inner().add_rms_norm(x, d, w, eps, y); });
     }
-    void matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d, const Tensor& w,
-                                         float eps, Tensor& h, std::span<const Tensor> wy,
-                                         std::span<Tensor> y) override {
-      be_.issue([this, o = o, w_out = w_out, x = x, d = d, w = w, eps = eps, h = h,
-                 wy = std::vector<Tensor>(wy.begin(), wy.end()), y = std::vector<Tensor>(y.begin(), y.end())]() mutable {
-        inner().matmul_add_rms_norm_matmul_many(o, w_out, x, d, w, eps, h, wy, std::span<Tensor>(y));
-      });
-    }
     void add(Tensor& y, const Tensor& x) override {
       be_.issue([this, y = y, x = x]() mutable { inner().add(y, x); });
     }

@@ -151,15 +151,12 @@ RowShape check_add_norm(const char* op, const AddNorm& then, const Tensor& d, in
   return shape;
 }
 
-RowShape check_matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, const Tensor& x, const Tensor& d,
-                                               const Tensor& w, const Tensor& h, std::span<const Tensor> wy,
-                                               std::span<Tensor> y) {
+RowShape check_matmul_add_norm(const Tensor& o, const Tensor& w_out, const Tensor& d, const AddNorm& then,
+                               int64_t parts) {
   check_matmul(o, w_out, d);
-  const RowShape shape = check_add_rms_norm(x, d, w, h);
-  check(!overlap(o, x) && !overlap(o, d) && !overlap(x, d) && !overlap(h, o),
-        "matmul_add_rms_norm_matmul_many: o{}, x{}, d{} and h{} overlap", o, x, d, h);
-  check_matmul_many(wy, y);
-  for (size_t i = 0; i < wy.size(); ++i) check_matmul(h, wy[i], y[i]);
+  const RowShape shape = check_add_norm("matmul_add_norm", then, d, parts);
+  check(!overlap(o, then.x) && !overlap(o, d) && !overlap(then.x, d) && !overlap(then.h, o),
+        "matmul_add_norm: o{}, x{}, d{} and h{} overlap", o, then.x, d, then.h);
   return shape;
 }
 

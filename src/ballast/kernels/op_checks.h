@@ -47,11 +47,9 @@ RowShape check_rms_norm(const Tensor& x, const Tensor& w, const Tensor& y);
 void check_add(const Tensor& y, const Tensor& x);
 void check_matmul_many(std::span<const Tensor> w, std::span<Tensor> y);
 RowShape check_add_rms_norm(const Tensor& x, const Tensor& d, const Tensor& w, const Tensor& y);
-// matmul_add_rms_norm_matmul_many: d as matmul's y of o and w_out, then x, d, w, h as add_rms_norm's
-// (h overlapping none of o, x and d), each product as matmul's of h.
-RowShape check_matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, const Tensor& x, const Tensor& d,
-                                               const Tensor& w, const Tensor& h, std::span<const Tensor> wy,
-                                               std::span<Tensor> y);
+// matmul_add_norm: d as matmul's y of o and w_out, then as check_add_norm's (o apart from x, d and h).
+RowShape check_matmul_add_norm(const Tensor& o, const Tensor& w_out, const Tensor& d, const AddNorm& then,
+                               int64_t parts = 0);
 // matmul_many_normed: n's rows [T, H] (s F32; where pending, sums F32 [T, >= parts]), h (if
 // defined) F32 [T, H] apart from n.s, each product as matmul's of the rows.
 RowShape check_matmul_many_normed(const PendingNorm& n, const Tensor& h, std::span<const Tensor> w, std::span<Tensor> y);

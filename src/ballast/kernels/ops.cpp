@@ -12,13 +12,19 @@ void Ops::matmul_many_normed(const PendingNorm& n, Tensor& h, std::span<const Te
   if (!w.empty()) matmul_many(n.s, w, y);
 }
 
+PendingNorm Ops::matmul_add_norm(const Tensor& o, const Tensor& w_out, Tensor& d, const AddNorm& then) {
+  check_matmul_add_norm(o, w_out, d, then);
+  matmul(o, w_out, d);
+  return add_norm_finished(*this, then, d);
+}
+
 PendingNorm Ops::moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                      std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) {
   moe_routed(x, ids, weights, experts, out);
-  return kernels::add_rms_norm(*this, then, out);
+  return kernels::add_norm_finished(*this, then, out);
 }
 
-PendingNorm add_rms_norm(Ops& ops, const AddNorm& then, const Tensor& d) {
+PendingNorm add_norm_finished(Ops& ops, const AddNorm& then, const Tensor& d) {
   Tensor x = then.x, h = then.h;
   ops.add_rms_norm(x, d, then.w, then.eps, h);
   return {h, Tensor(), 0, then.eps};

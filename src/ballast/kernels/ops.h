@@ -131,15 +131,11 @@ class Ops {
   // x += d, then y = rms_norm(x, w) (the residual stream's add and the next norm in one pass); y is
   // neither x nor d.
   virtual void add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) = 0;
-  // d = o @ w_out^T, x += d, h = rms_norm(x, w), then y[i] = h @ wy[i]^T as matmul_many: a mixer's
-  // output projection, the residual add, the norm and the next block's first projections in one
-  // op, so that a backend can compute the norm where its input is finished (CUDA's one-row products:
-  // the output projection's blocks add, weight and sum squares as they store, the next products
-  // apply the row's factor as they store). d [T, H] is scratch (what it holds afterwards is the
-  // backend's); h, written too (the MoE's experts read it), overlaps none of o, x and d.
-  virtual void matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d,
-                                               const Tensor& w, float eps, Tensor& h, std::span<const Tensor> wy,
-                                               std::span<Tensor> y) = 0;
+  // d [T, H] = o @ w_out^T (as matmul), then `then` after it (a mixer's output projection, the
+  // residual add and the next norm): finished, or left pending in d where the backend starts the
+  // norm at the product's store (CUDA at one row: its blocks add, weigh and sum squares as they
+  // store). o overlaps none of x, d and h.
+  virtual PendingNorm matmul_add_norm(const Tensor& o, const Tensor& w_out, Tensor& d, const AddNorm& then);
   // The norm n leaves finished: h = the normed rows, then y[i] = h @ w[i]^T as matmul_many (w may be
   // empty). h undefined: the rows are only read by the products (a backend may finish them in n.s,
   // which is then spent); n.s itself where n is finished.
@@ -307,7 +303,7 @@ class Ops {
   virtual void join_side() {}
 };
 
-// then.x += d, then.h = rms_norm(then.x, then.w): the norm finished (add_rms_norm).
-PendingNorm add_rms_norm(Ops& ops, const AddNorm& then, const Tensor& d);
+// then.x += d, then.h = rms_norm(then.x, then.w) (add_rms_norm): `then` with the norm finished.
+PendingNorm add_norm_finished(Ops& ops, const AddNorm& then, const Tensor& d);
 
 }  // namespace ballast::kernels

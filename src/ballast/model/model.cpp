@@ -77,16 +77,18 @@ kernels::PendingNorm Model::decoder_layer(const LayerWeights& lw, const LayerCac
   const int64_t T = x.dim(0), H = cfg_.hidden_size;
   const bool attn = lw.type == LayerType::FullAttention;
   const MixerOut m{attn ? attention(lw.attn, cache, b, in, ws) : deltanet(lw.delta, cache, b, in, ws),
-                   attn ? lw.attn.o_proj : lw.delta.out_proj, lw.post_norm, ws.take({T, H})};
+                   attn ? lw.attn.o_proj : lw.delta.out_proj, lw.post_norm, ws.take({T, H}),
+                   then.sums};  // (the input norm's sums are spent: its products have read them)
   Tensor h = ws.take({T, H});
   if (lw.ffn == FfnType::Moe) return sparse_moe(lw.moe, moe_layer, runner, b.routed, m, x, h, ws, ffn, then);
   swiglu(lw.dense, m, x, h, ws, ffn);
-  return kernels::add_rms_norm(ops_, then, ffn);
+  return kernels::add_norm_finished(ops_, then, ffn);
 }
 
 void Model::project_after(const MixerOut& m, Tensor& x, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y) {
   Tensor d = m.d;
-  ops_.matmul_add_rms_norm_matmul_many(m.o, m.w_out, x, d, m.norm, cfg_.rms_norm_eps, h, w, y);
+  const kernels::PendingNorm n = ops_.matmul_add_norm(m.o, m.w_out, d, {x, m.norm, cfg_.rms_norm_eps, h, m.sums});
+  ops_.matmul_many_normed(n, h, w, y);
 }
 
 Tensor Model::attention(const AttentionWeights& w, const LayerCache& cache, const ForwardBatch& b,

@@ -55,13 +55,13 @@ class Model {
   Tensor deltanet(const DeltaNetWeights& w, const LayerCache& cache, const ForwardBatch& batch,
                   const kernels::PendingNorm& in, kernels::Workspace& ws);
   // A mixer's output o, its projection and the norm after it: the FFN's first projections take
-  // h = rms_norm(x + o @ w_out^T, norm) from the op that adds the projection into x (project_after;
-  // d: its scratch).
+  // h = rms_norm(x + o @ w_out^T, norm) as the op that adds the projection into x leaves it
+  // (project_after; d: the projection, then the pending norm; sums: its partial sums).
   struct MixerOut {
     Tensor o;
     const Tensor& w_out;
     const Tensor& norm;
-    Tensor d;
+    Tensor d, sums;
   };
   // x += m.o @ m.w_out^T, h = rms_norm(x, m.norm), y[i] = h @ w[i]^T.
   void project_after(const MixerOut& m, Tensor& x, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y);

@@ -22,7 +22,7 @@ kernels::PendingNorm ExpertParallelRunner::run_add_norm(int layer, const Tensor&
                                                         kernels::Workspace& ws, Tensor& out,
                                                         const kernels::AddNorm& then) {
   run(layer, x, ids, weights, experts, ws, out);
-  return kernels::add_rms_norm(ops_, then, out);
+  return kernels::add_norm_finished(ops_, then, out);
 }
 
 void ExpertParallelRunner::run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,

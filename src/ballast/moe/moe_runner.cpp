@@ -28,7 +28,7 @@ kernels::PendingNorm LocalMoeRunner::run_add_norm(int layer, const Tensor& x, co
     return ops_.moe_routed_add_norm(x, ids, weights, experts, out, then);
   }
   run(layer, x, ids, weights, experts, ws, out);
-  return kernels::add_rms_norm(ops_, then, out);
+  return kernels::add_norm_finished(ops_, then, out);
 }
 
 }  // namespace ballast::moe

@@ -87,15 +87,6 @@ void CpuOps::add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps
   rms_norm(x, w, eps, y);
 }
 
-void CpuOps::matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d,
-                                             const Tensor& w, float eps, Tensor& h, std::span<const Tensor> wy,
-                                             std::span<Tensor> y) {
-  check_matmul_add_rms_norm_matmul_many(o, w_out, x, d, w, h, wy, y);
-  matmul(o, w_out, d);
-  add_rms_norm(x, d, w, eps, h);
-  matmul_many(h, wy, y);
-}
-
 void CpuOps::add(Tensor& y, const Tensor& x) {
   auto timed = time_op("add");
   check_add(y, x);

@@ -36,8 +36,6 @@ class CpuOps final : public Ops {
   void rms_norm(const Tensor& x, const Tensor& w, float eps, Tensor& y) override;
   void matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) override;
   void add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) override;
-  void matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d, const Tensor& w,
-                                       float eps, Tensor& h, std::span<const Tensor> wy, std::span<Tensor> y) override;
   void add(Tensor& y, const Tensor& x) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void zero(Tensor& t) override;

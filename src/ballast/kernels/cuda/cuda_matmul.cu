@@ -39,7 +39,8 @@
 
 namespace ballast::kernels {
 
-// matmul_add_rms_norm_matmul_many's norm, split over its two launches (cuda_ops.h declares it).
+// A norm split over two launches (PendingNorm): matmul_add_norm's or moe_routed_add_norm's, then the
+// products of matmul_many_normed (cuda_ops.h declares it).
 struct ResidualNorm {
   float* x = nullptr;         // norm_partials: the residual stream [1, N], the product added in place
   const void* w = nullptr;    // norm_partials: the norm's weights [N]
@@ -116,9 +117,9 @@ enum class XIn {
   swiglu,         // x is silu(x) * u: x the gate, u the up values (swiglu_down)
   norm_partials,  // one row; the residual stream gets the product added, y the sum times (1 + the norm's
                   // weights), and each block's sum of the squared sums goes to rn.partials
-                  // (matmul_add_rms_norm_matmul_many's first launch)
+                  // (matmul_add_norm at one row)
   norm_scaled,    // one row; the sums times the row's RMS factor from rn.partials, and h = x times it
-                  // stored (its second launch: x is the first's y)
+                  // stored (matmul_many_normed at one row: x is the pending norm's s)
 };
 
 // The row's RMS factor from the first launch's partial sums, in two halves: a lane's share (after
@@ -1410,16 +1411,6 @@ void CudaOps::matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<
   matmul_many_with(x, w, y, nullptr);
 }
 
-// One row (batch-1 decode) where both products are one CUDA-core launch each: the norm is computed
-// where its input is finished, not by a kernel of its own between them (80B FP8 batch 1: the norm
-// kernel costs 3.4 us a call in the graph; moving its work into the next products' blocks lost
-// 3.6-8.7%; split as below, +1.0% on an H100 over six A/B rounds, 24 graph nodes fewer, docs/perf.md
-// session 40). The output projection's warps add each sum into x as they store it,
-// store it times (1 + w) into d and sum its square; each block stores its warps' sum (one order:
-// the same bits every run). The next products read d as x, their warps add the blocks' sums (a
-// few loads a lane, after their wait, beside their weights in flight) and multiply each sum by the
-// row's factor as they store it; their warps also store h = d times it, 128 elements each in turn.
-// Otherwise matmul, add_rms_norm and matmul_many.
 namespace {
 // Whether products of one row x of D take the second half of a split norm (XIn::norm_scaled): one
 // CUDA-core launch (whole vector steps of every weight dtype: 16).
@@ -1447,6 +1438,14 @@ __global__ void __launch_bounds__(kFewThreads) norm_finish_kernel(const float* s
 }
 }  // namespace
 
+// A pending norm (one row, from matmul_add_norm or moe_routed_add_norm) is finished by the products
+// that read it: the norm is computed where its input is finished, not by a kernel of its own between
+// them (80B FP8 batch 1: the norm kernel costs 3.4 us a call in the graph; moving its work into the
+// next products' blocks lost 3.6-8.7%; the post-mixer norm split, +1.0% on an H100 over six A/B
+// rounds, docs/perf.md session 40). Their warps add the partial sums (a few loads a lane, after
+// their wait, beside their weights in flight), multiply each sum by the row's factor as they store
+// it, and store h (where asked for) in turn, 128 elements a warp. Otherwise a norm_finish kernel,
+// then matmul_many.
 void CudaOps::matmul_many_normed(const PendingNorm& n, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y) {
   const auto [T, D] = check_matmul_many_normed(n, h, w, y);
   if (n.parts == 0) {  // finished
@@ -1473,40 +1472,41 @@ void CudaOps::matmul_many_normed(const PendingNorm& n, Tensor& h, std::span<cons
   if (!w.empty()) matmul_many(rows, w, y);
 }
 
-void CudaOps::matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d,
-                                              const Tensor& w, float eps, Tensor& h, std::span<const Tensor> wy,
-                                              std::span<Tensor> y) {
-  const auto [R, D] = check_matmul_add_rms_norm_matmul_many(o, w_out, x, d, w, h, wy, y);
+int64_t CudaOps::norm_parts(int64_t H) const {
+  // matmul_add_norm's one-row launch leaves a sum a block (a weight row or more a warp, 4 warps a
+  // block: at most H / 4), moe_routed_add_norm one a slice of the row (8, cuda_moe.cu).
+  return std::max<int64_t>(8, cdiv(H, kFewThreads / 32));
+}
+
+// One row (batch-1 decode) where the product is one CUDA-core launch: its warps add each sum into x
+// as they store it, store it times (1 + w) into d and sum its square; each block stores its warps'
+// sum (one order: the same bits every run). The products that read d finish the norm
+// (matmul_many_normed). Otherwise matmul, then add_rms_norm.
+PendingNorm CudaOps::matmul_add_norm(const Tensor& o, const Tensor& w_out, Tensor& d, const AddNorm& then) {
+  const auto [R, D] = check_matmul_add_norm(o, w_out, d, then);
   const int64_t K = o.rank() == 2 ? o.dim(1) : 0;
   const DType dt = w_out.dtype();
-  bool split = norm_scaled_fits(R, D, d, wy) && K % 16 == 0;  // (the products' x: o, then d)
-  for (const Tensor* t : std::initializer_list<const Tensor*>{&o, &w_out, &x, &h}) split = split && aligned(t->raw(), 16);
-  if (!split) {
-    matmul(o, w_out, d);
-    add_rms_norm(x, d, w, eps, h);
-    matmul_many(h, wy, y);
-    return;
-  }
-  ResidualNorm rn{cuda::f32_mut(x), w.raw(), w.dtype(), nullptr, 0, eps, cuda::f32_mut(h)};
-  {  // (its own timed scope: the second launch is timed as an op of its own)
-    auto timed = time_op("matmul gemv (the residual add and norm's sums at its store)");
-    expect_device("matmul_add_rms_norm_matmul_many", "o", o);
-    expect_device("matmul_add_rms_norm_matmul_many", "w_out", w_out);
-    expect_device("matmul_add_rms_norm_matmul_many", "x", x);
-    expect_device("matmul_add_rms_norm_matmul_many", "d", d);
-    expect_device("matmul_add_rms_norm_matmul_many", "w", w);
-    expect_device("matmul_add_rms_norm_matmul_many", "h", h);
-    const bool scaled = dt == DType::F8_E4M3_B128;
-    if (scaled) expect_device("matmul_add_rms_norm_matmul_many", "w_out's block scales", w_out.scales());
-    // The partial sums: one a block of the first launch (at most D / 4 blocks: a weight row or more a warp).
-    rn.partials = static_cast<float*>(scratch_->bytes(size_t(cdiv(D, int64_t(kFewThreads / 32))) * 4));
-    const FewRowsTargets one{{{w_out.raw(), D, cuda::f32_mut(d), D, 0, scaled ? cuda::f32(w_out.scales()) : nullptr,
-                               false}},
-                             1};
-    rn.count = launch_few_rows_of<XIn::norm_partials>(dt, true, cuda::f32(o), 1, K, one, stream_, rn);
-    check_launch("matmul_add_rms_norm_matmul_many");
-  }
-  matmul_many_with(d, wy, y, &rn);
+  bool split = R == 1 && K % 16 == 0 && D % 16 == 0;  // whole vector steps of every weight dtype
+  for (const Tensor* t : std::initializer_list<const Tensor*>{&o, &w_out, &then.x, &d})
+    split = split && aligned(t->raw(), 16);
+  if (!split) return Ops::matmul_add_norm(o, w_out, d, then);
+  auto timed = time_op("matmul gemv (the residual add and norm's sums at its store)");
+  check_matmul_add_norm(o, w_out, d, then, norm_parts(D));
+  expect_device("matmul_add_norm", "o", o);
+  expect_device("matmul_add_norm", "w_out", w_out);
+  expect_device("matmul_add_norm", "x", then.x);
+  expect_device("matmul_add_norm", "d", d);
+  expect_device("matmul_add_norm", "w", then.w);
+  expect_device("matmul_add_norm", "sums", then.sums);
+  const bool scaled = dt == DType::F8_E4M3_B128;
+  if (scaled) expect_device("matmul_add_norm", "w_out's block scales", w_out.scales());
+  ResidualNorm rn{cuda::f32_mut(then.x), then.w.raw(), then.w.dtype(), cuda::f32_mut(then.sums), 0, then.eps, nullptr};
+  const FewRowsTargets one{{{w_out.raw(), D, cuda::f32_mut(d), D, 0, scaled ? cuda::f32(w_out.scales()) : nullptr,
+                             false}},
+                           1};
+  rn.count = launch_few_rows_of<XIn::norm_partials>(dt, true, cuda::f32(o), 1, K, one, stream_, rn);
+  check_launch("matmul_add_norm");
+  return {d, then.sums, int(rn.count), then.eps};
 }
 
 void CudaOps::matmul_many_with(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y,
@@ -1522,7 +1522,7 @@ void CudaOps::matmul_many_with(const Tensor& x, std::span<const Tensor> w, std::
     mma = mma && mma_rows_take(device_, w[i], T, K, N, x.raw());
   }
   one = one && few_rows_dtypes_share(w, same) && (mma || x.dim(0) <= kFewRowsMax);
-  check(!rn || (one && !mma), "matmul_add_rms_norm_matmul_many: its products are not one launch");  // (checked)
+  check(!rn || (one && !mma), "matmul_many_normed: its products are not one launch");  // (checked)
   if (!one || x.dim(0) == 0 || x.dim(1) == 0) {
     // One product each. Products of many rows convert x for the tensor cores (quantized for
     // cuBLASLt, rounded for cuBLAS): the block-scaled FP8 targets first, then the others, so that

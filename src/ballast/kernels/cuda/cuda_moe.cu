@@ -2780,14 +2780,13 @@ void CudaOps::moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weigh
   moe_routed_with(x, ids, weights, experts, out, nullptr);
 }
 
-int64_t CudaOps::norm_parts(int64_t) const { return kOnePassBlocks; }
-
 // One token: the residual add and the norm's first half where moe_routed stores its sums (its
 // slices' last blocks), the second half in the products that read them (matmul_many_normed): no
 // norm kernel between a layer's experts and the next layer's first products (session 40 split the
 // post-mixer norm likewise: docs/perf.md). More tokens: moe_routed, then add_rms_norm.
 PendingNorm CudaOps::moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                          std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) {
+  static_assert(kOnePassBlocks == 8, "CudaOps::norm_parts counts 8 sums a row for moe_routed_add_norm");
   if (ids.rank() != 2 || ids.dim(0) != 1) return Ops::moe_routed_add_norm(x, ids, weights, experts, out, then);
   check_add_norm("moe_routed_add_norm", then, out, kOnePassBlocks);
   expect_device("moe_routed_add_norm", "x", then.x);

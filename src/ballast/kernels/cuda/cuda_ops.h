@@ -145,8 +145,7 @@ class CudaOps final : public Ops {
   void matmul_many(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y) override;
   void matmul_many_normed(const PendingNorm& n, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y) override;
   void add_rms_norm(Tensor& x, const Tensor& d, const Tensor& w, float eps, Tensor& y) override;
-  void matmul_add_rms_norm_matmul_many(const Tensor& o, const Tensor& w_out, Tensor& x, Tensor& d, const Tensor& w,
-                                       float eps, Tensor& h, std::span<const Tensor> wy, std::span<Tensor> y) override;
+  PendingNorm matmul_add_norm(const Tensor& o, const Tensor& w_out, Tensor& d, const AddNorm& then) override;
   void add(Tensor& y, const Tensor& x) override;
   void copy(const Tensor& src, Tensor& dst) override;
   void zero(Tensor& t) override;
@@ -218,8 +217,8 @@ class CudaOps final : public Ops {
   // what it leaves.
   enum class XForm { none, fp8, bf16, f16 };
   XForm matmul_with(const Tensor& x, const Tensor& w, Tensor& y, XForm ready);
-  // matmul_many's products; with `rn` (matmul_add_rms_norm_matmul_many's second launch: x is the
-  // first's output, one row) one few-row launch that applies the row's RMS factor and writes h.
+  // matmul_many's products; with `rn` (matmul_many_normed of a pending norm: x is its s, one row) one
+  // few-row launch that applies the row's RMS factor and writes h (if rn.h).
   void matmul_many_with(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y, const ResidualNorm* rn);
   // moe_routed; with `then` (moe_routed_add_norm at one token) the norm's first half at its store.
   void moe_routed_with(const Tensor& x, const Tensor& ids, const Tensor& weights, std::span<const SwigluWeights> experts,
