@@ -321,6 +321,13 @@ __device__ __forceinline__ float warp_sum(float v) {
 }
 
 
+// Whether a path measured by A/B runs is on: yes unless the environment sets `name` to 0 (read by
+// the caller once, into a static).
+bool switched_on(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && v[0] == '0' && v[1] == 0);
+}
+
 // ============================================================================================
 // topk_softmax
 // ============================================================================================
@@ -403,6 +410,11 @@ __global__ void __launch_bounds__(kTopkWarps * 32) topk_softmax_kernel(const flo
 // < k are the row's choices, in order. The renormalising sum is topk_softmax_kernel's (one warp,
 // lane j the j-th choice).
 constexpr int kTopkRowBlockRowsMax = 256;  // rows up to which a row takes a block of its own
+// (BALLAST_CUDA_TOPK_ROWS=0: never, for A/B runs)
+bool topk_rows_enabled() {
+  static const bool on = switched_on("BALLAST_CUDA_TOPK_ROWS");
+  return on;
+}
 
 template <int V>
 __global__ void __launch_bounds__(kTopkMaxE / 2) topk_softmax_rows_kernel(const float* logits, const int32_t* routed,
@@ -2293,7 +2305,7 @@ void CudaOps::topk_softmax(const Tensor& logits, int k, bool normalize, const Te
   expect_device("topk_softmax", "weights", weights);
   if (routed.defined()) expect_device("topk_softmax", "routed", routed);
   if (T == 0) return;
-  if (T <= kTopkRowBlockRowsMax) {
+  if (T <= kTopkRowBlockRowsMax && topk_rows_enabled()) {
     const int V = E <= kTopkMaxE / 2 ? 1 : 2, threads = int(cdiv(E, 32 * V)) * 32;
     launch(V == 1 ? topk_softmax_rows_kernel<1> : topk_softmax_rows_kernel<2>, unsigned(T), unsigned(threads), 0,
            stream_, cuda::f32(logits), routed.defined() ? cuda::i32(routed) : nullptr, int(E), k, normalize,
@@ -2725,13 +2737,9 @@ struct OnePassPlan {
 };
 
 // Whether moe_routed is taken where it fits: yes unless the environment sets
-// BALLAST_CUDA_ONE_PASS_MOE=0 (read once), a switch for measuring what it gives, like
-// BALLAST_CUDA_SIDE_STREAM.
+// BALLAST_CUDA_ONE_PASS_MOE=0, a switch for measuring what it gives, like BALLAST_CUDA_SIDE_STREAM.
 bool one_pass_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("BALLAST_CUDA_ONE_PASS_MOE");
-    return !(v && v[0] == '0' && v[1] == 0);
-  }();
+  static const bool on = switched_on("BALLAST_CUDA_ONE_PASS_MOE");
   return on;
 }
 
@@ -2783,11 +2791,13 @@ void CudaOps::moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weigh
 // One token: the residual add and the norm's first half where moe_routed stores its sums (its
 // slices' last blocks), the second half in the products that read them (matmul_many_normed): no
 // norm kernel between a layer's experts and the next layer's first products (session 40 split the
-// post-mixer norm likewise: docs/perf.md). More tokens: moe_routed, then add_rms_norm.
+// post-mixer norm likewise: docs/perf.md). More tokens, or BALLAST_CUDA_MOE_NORM_SPLIT=0 (for A/B
+// runs): moe_routed, then add_rms_norm.
 PendingNorm CudaOps::moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                          std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) {
   static_assert(kOnePassBlocks == 8, "CudaOps::norm_parts counts 8 sums a row for moe_routed_add_norm");
-  if (ids.rank() != 2 || ids.dim(0) != 1) return Ops::moe_routed_add_norm(x, ids, weights, experts, out, then);
+  static const bool split = switched_on("BALLAST_CUDA_MOE_NORM_SPLIT");
+  if (!split || ids.rank() != 2 || ids.dim(0) != 1) return Ops::moe_routed_add_norm(x, ids, weights, experts, out, then);
   check_add_norm("moe_routed_add_norm", then, out, kOnePassBlocks);
   expect_device("moe_routed_add_norm", "x", then.x);
   expect_device("moe_routed_add_norm", "w", then.w);
