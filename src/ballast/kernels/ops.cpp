@@ -21,7 +21,7 @@ PendingNorm Ops::matmul_add_norm(const Tensor& o, const Tensor& w_out, Tensor& d
 PendingNorm Ops::moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
                                      std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) {
   moe_routed(x, ids, weights, experts, out);
-  return kernels::add_norm_finished(*this, then, out);
+  return add_norm_finished(*this, then, out);
 }
 
 PendingNorm add_norm_finished(Ops& ops, const AddNorm& then, const Tensor& d) {

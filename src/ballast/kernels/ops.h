@@ -136,9 +136,9 @@ class Ops {
   // norm at the product's store (CUDA at one row: its blocks add, weigh and sum squares as they
   // store). o overlaps none of x, d and h.
   virtual PendingNorm matmul_add_norm(const Tensor& o, const Tensor& w_out, Tensor& d, const AddNorm& then);
-  // The norm n leaves finished: h = the normed rows, then y[i] = h @ w[i]^T as matmul_many (w may be
-  // empty). h undefined: the rows are only read by the products (a backend may finish them in n.s,
-  // which is then spent); n.s itself where n is finished.
+  // h = n's normed rows (finished here where n is pending), then y[i] = h @ w[i]^T as matmul_many (w
+  // may be empty). h undefined: only the products read the rows (a backend may finish them in n.s,
+  // which is then spent); h may be n.s itself where n is finished.
   virtual void matmul_many_normed(const PendingNorm& n, Tensor& h, std::span<const Tensor> w, std::span<Tensor> y);
   // The partial sums a pending norm of rows of H may take (AddNorm::sums' columns).
   virtual int64_t norm_parts(int64_t H) const {
