@@ -10,8 +10,8 @@
 # scripts/gpu_pack.sh` builds that revision's ballast and packs it so (the two binaries share most
 # of their bytes: the pack grew by ~0.9 MB in session 22).
 # AB_ARGS: the bench arguments (default: the 80B shape in FP8 at full depth). AB_SWITCH (e.g.
-# BALLAST_CUDA_SIDE_STREAM=0; several, space-separated): one more run a round for each, this build
-# with that environment, after the variants. AB_VARIANTS: the binaries of .carry/gpu/bin alternated
+# BALLAST_CUDA_SIDE_STREAM=0; several, space-separated; variables set together joined by commas,
+# A=0,B=0): one more run a round for each, this build with that environment, after the variants. AB_VARIANTS: the binaries of .carry/gpu/bin alternated
 # (default "ballast-old ballast"; gpu_pack.sh packs several earlier revisions as ballast-<revision>).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,7 +29,7 @@ SWITCHES=(${AB_SWITCH:-})
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for v in $VARIANTS; do
     bin=$v envs=()
-    [[ $v == switched* ]] && bin=ballast envs=("${SWITCHES[$((${v#switched} - 1))]}")
+    [[ $v == switched* ]] && bin=ballast && IFS=, read -ra envs <<< "${SWITCHES[$((${v#switched} - 1))]}"
     # shellcheck disable=SC2086
     env "${envs[@]}" ".carry/gpu/bin/$bin" bench --device cuda $ARGS > "$RUNS/$v-$r.log" 2>&1
     { echo "=== $v${envs:+ (${envs[*]})}, round $r"; cat "$RUNS/$v-$r.log"; } >> "$OUT/ab-runs.log"
