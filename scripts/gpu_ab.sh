@@ -11,8 +11,9 @@
 # of their bytes: the pack grew by ~0.9 MB in session 22).
 # AB_ARGS: the bench arguments (default: the 80B shape in FP8 at full depth). AB_SWITCH (e.g.
 # BALLAST_CUDA_SIDE_STREAM=0; several, space-separated; variables set together joined by commas,
-# A=0,B=0): one more run a round for each, this build with that environment, after the variants. AB_VARIANTS: the binaries of .carry/gpu/bin alternated
-# (default "ballast-old ballast"; gpu_pack.sh packs several earlier revisions as ballast-<revision>).
+# A=0,B=0): one more run a round for each, this build with that environment, after the variants.
+# AB_VARIANTS: the binaries of .carry/gpu/bin alternated (default "ballast-old ballast"; gpu_pack.sh
+# packs several earlier revisions as ballast-<revision>).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-ab}

@@ -24,15 +24,17 @@ BUILD=${BUILD_DIR:-build-gpu}
 cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBALLAST_PYTHON=OFF >/dev/null
 # The delta-rule bench only for the FLA side by side (FLA_REPO below): the device tool carries 64 MiB in all.
 EXTRA=(); [ -n "${FLA_REPO:-}" ] && EXTRA=(bench_delta_rule_cuda)
-# PACK_TESTS=cuda: the one-GPU test binaries only (no NCCL ones: ~3 MB less, room for a third ballast).
-TESTS=(); [ "${PACK_TESTS:-1}" = 1 ] && TESTS=(test_kernels_cuda test_runtime test_dist_nccl bench_dist)
-[ "${PACK_TESTS:-1}" = cuda ] && TESTS=(test_kernels_cuda test_runtime)
-cmake --build "$BUILD" -j"$(nproc)" --target ballast "${TESTS[@]}" "${EXTRA[@]}"
+# The test binaries (paths in the build; their names are the targets). PACK_TESTS=cuda: the one-GPU
+# ones only (no NCCL ones: ~3 MB less, room for a third ballast).
+TESTS=()
+case "${PACK_TESTS:-1}" in
+  1) TESTS=(tests/kernels/test_kernels_cuda tests/runtime/test_runtime tests/dist/test_dist_nccl tests/dist/bench_dist) ;;
+  cuda) TESTS=(tests/kernels/test_kernels_cuda tests/runtime/test_runtime) ;;
+esac
+cmake --build "$BUILD" -j"$(nproc)" --target ballast "${TESTS[@]##*/}" "${EXTRA[@]}"
 rm -rf .carry/gpu && mkdir -p .carry/gpu/bin .carry/gpu/lib
 cp "$BUILD/ballast" .carry/gpu/bin/
-[ "${PACK_TESTS:-1}" = 1 ] && cp "$BUILD/tests/kernels/test_kernels_cuda" "$BUILD/tests/runtime/test_runtime" \
-   "$BUILD/tests/dist/test_dist_nccl" "$BUILD/tests/dist/bench_dist" .carry/gpu/bin/
-[ "${PACK_TESTS:-1}" = cuda ] && cp "$BUILD/tests/kernels/test_kernels_cuda" "$BUILD/tests/runtime/test_runtime" .carry/gpu/bin/
+for t in "${TESTS[@]}"; do cp "$BUILD/$t" .carry/gpu/bin/; done
 [ -n "${FLA_REPO:-}" ] && cp "$BUILD/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/
 # build_before REVISION TARGET: the target built at that revision, in a worktree of its own; its path.
 build_before() {
