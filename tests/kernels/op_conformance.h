@@ -1000,6 +1000,26 @@ TEST_P(OpConformance, GatherAndScatterRows) {
   EXPECT_EQ(floats(so), sw);
 }
 
+// One head of qk_norm_rope in double: x[hd] normed (weights w of dtype wdt, zero-centred), then
+// NeoX RoPE on the first rot dims at position pos, by the angle in fp32 (as the model's reference has it).
+inline std::vector<double> reference_qk_head(const float* x, const std::vector<float>& w, DType wdt, int64_t hd,
+                                             int rot, double theta, float eps, int32_t pos) {
+  double ss = 0;
+  for (int64_t i = 0; i < hd; ++i) ss += double(x[i]) * x[i];
+  std::vector<double> y(static_cast<size_t>(hd));
+  for (int64_t i = 0; i < hd; ++i) {
+    const double wi = wdt == DType::BF16 ? double(bf16_to_f32(f32_to_bf16(w[size_t(i)]))) : double(w[size_t(i)]);
+    y[size_t(i)] = double(x[i]) / std::sqrt(ss / double(hd) + eps) * (1.0 + wi);
+  }
+  for (int i = 0; i < rot / 2; ++i) {
+    const double ang = double(float(pos) * float(1.0 / std::pow(theta, double(2 * i) / rot)));
+    const double a = y[size_t(i)], b = y[size_t(i + rot / 2)];
+    y[size_t(i)] = a * std::cos(ang) - b * std::sin(ang);
+    y[size_t(i + rot / 2)] = b * std::cos(ang) + a * std::sin(ang);
+  }
+  return y;
+}
+
 TEST_P(OpConformance, QkNormRopeNormsRotatesAndSplitsEachHead) {
   // Heads of 8 dims rotating 6 (pairs that cross no warp-width boundary), 40 rotating 40 (pairs
   // across lanes) and the models' 256 rotating 64; bf16 and fp32 norm weights; positions past 0.
@@ -1018,22 +1038,8 @@ TEST_P(OpConformance, QkNormRopeNormsRotatesAndSplitsEachHead) {
     Tensor k = f32(kx, {T, Hkv, hd});
     ops().qk_norm_rope(f32(qg, {T, Hq, 2 * hd}), weight(qw, {hd}, wdt), weight(kw, {hd}, wdt), eps, i32(pos), rot, theta,
                        q, gate, k);
-    // In double: the norm, then the rotation by the angle in fp32 (as the model's reference has it).
     auto want_head = [&](const float* x, const std::vector<float>& w, int64_t t) {
-      double ss = 0;
-      for (int64_t i = 0; i < hd; ++i) ss += double(x[i]) * x[i];
-      std::vector<double> y(static_cast<size_t>(hd));
-      for (int64_t i = 0; i < hd; ++i) {
-        const double wi = wdt == DType::BF16 ? double(bf16_to_f32(f32_to_bf16(w[size_t(i)]))) : double(w[size_t(i)]);
-        y[size_t(i)] = double(x[i]) / std::sqrt(ss / double(hd) + eps) * (1.0 + wi);
-      }
-      for (int i = 0; i < rot / 2; ++i) {
-        const double ang = double(float(pos[size_t(t)]) * float(1.0 / std::pow(theta, double(2 * i) / rot)));
-        const double a = y[size_t(i)], b = y[size_t(i + rot / 2)];
-        y[size_t(i)] = a * std::cos(ang) - b * std::sin(ang);
-        y[size_t(i + rot / 2)] = b * std::cos(ang) + a * std::sin(ang);
-      }
-      return y;
+      return reference_qk_head(x, w, wdt, hd, rot, theta, eps, pos[size_t(t)]);
     };
     std::vector<double> wq, wk;
     std::vector<float> wg;
@@ -1212,6 +1218,129 @@ TEST_P(OpConformance, PagedAttentionMatchesDenseCausalSoftmax) {
       EXPECT_EQ(floats(k_cache), kc) << "pass " << p;
       EXPECT_EQ(floats(v_cache), vc) << "pass " << p;
     }
+  }
+}
+
+// Gated attention from its projections against its parts' double references: the heads normed and
+// rotated (reference_qk_head), causal softmax attention over the paged caches whose new rows hold K
+// so normed and rotated, times sigmoid(gate). Four sequences through a pass of prefills and decode
+// (the three ops on CUDA) and a decode pass (one row a sequence: CUDA's fused rows kernel, its rows
+// split), then a decode pass of 136 sequences (CUDA: rows x heads fill the GPU, no splits); q heads
+// per KV head 4, 3 and 2; heads of 256 rotating 64 (the models'), 40 rotating 40 and 8 rotating 6.
+TEST_P(OpConformance, GatedAttentionNormsRotatesAttendsAndGates) {
+  struct Case {
+    int64_t Hq, Hkv, hd;
+    int rot;
+    DType wdt;
+  };
+  const double theta = 1e7;
+  const float eps = 1e-6f;
+  const int bs = 16;
+  for (const Case c : {Case{8, 2, 256, 64, DType::BF16}, Case{6, 2, 40, 40, DType::F32}, Case{4, 2, 8, 6, DType::BF16}}) {
+    const int64_t Hq = c.Hq, Hkv = c.Hkv, hd = c.hd, row = Hkv * hd;
+    const std::vector<float> qw = randn(size_t(hd), 60, 0.5f), kw = randn(size_t(hd), 61, 0.5f);
+    const QkNormRope r0{weight(qw, {hd}, c.wdt), weight(kw, {hd}, c.wdt), eps, Tensor(), c.rot, theta};
+    const auto run = [&](const std::vector<int>& prior, const std::vector<std::vector<int>>& passes) {
+      const int B = int(prior.size());
+      int max_len = 0;
+      for (int b = 0; b < B; ++b) {
+        int len = prior[size_t(b)];
+        for (const auto& p : passes) len += p[size_t(b)];
+        max_len = std::max(max_len, len);
+      }
+      const int64_t W = (max_len + bs - 1) / bs + 1, blocks = B * W + 5;
+      std::vector<int32_t> pool_ids(static_cast<size_t>(blocks));
+      std::iota(pool_ids.begin(), pool_ids.end(), 0);
+      std::shuffle(pool_ids.begin(), pool_ids.end(), std::mt19937(uint32_t(B + hd)));
+      std::vector<int32_t> tables(size_t(B * W), -1);
+      for (int b = 0; b < B; ++b)
+        for (int64_t j = 0; j + 1 < W; ++j) tables[size_t(b * W + j)] = pool_ids[size_t(b * (W - 1) + j)];
+      const auto cache_row = [&](int b, int r) { return int64_t(tables[size_t(b * W + r / bs)]) * bs + r % bs; };
+      std::vector<float> kc = randn(size_t(blocks * bs * row), 70, 100.0f), vc = randn(kc.size(), 71, 100.0f);
+      std::vector<std::vector<float>> keys(static_cast<size_t>(B)), values(static_cast<size_t>(B));
+      for (int b = 0; b < B; ++b) {
+        keys[size_t(b)] = randn(size_t(prior[size_t(b)] * row), uint32_t(80 + b));
+        values[size_t(b)] = randn(size_t(prior[size_t(b)] * row), uint32_t(90 + b), 2.0f);
+        for (int r = 0; r < prior[size_t(b)]; ++r) {
+          std::copy_n(keys[size_t(b)].begin() + r * row, row, kc.begin() + cache_row(b, r) * row);
+          std::copy_n(values[size_t(b)].begin() + r * row, row, vc.begin() + cache_row(b, r) * row);
+        }
+      }
+      Tensor k_cache = f32(kc, {blocks, bs, Hkv, hd}), v_cache = f32(vc, {blocks, bs, Hkv, hd});
+      std::vector<size_t> new_slots;  // every pass's so far
+      for (size_t p = 0; p < passes.size(); ++p) {
+        SCOPED_TRACE("hd=" + std::to_string(hd) + " B=" + std::to_string(B) + " pass " + std::to_string(p));
+        HostLayout h;
+        h.block_size = bs;
+        h.width = int(W);
+        h.block_tables = tables;
+        std::vector<int32_t> pos;
+        for (int b = 0; b < B; ++b) {
+          const int n = passes[p][size_t(b)], have = int(keys[size_t(b)].size() / size_t(row));
+          for (int i = 0; i < n; ++i) {
+            pos.push_back(have + i);
+            h.slot_mapping.push_back(int32_t(cache_row(b, have + i)));
+          }
+          h.cu.push_back(h.cu.back() + n);
+          h.kv_lens.push_back(have + n);
+        }
+        const int64_t T = h.cu.back();
+        const std::vector<float> qg = randn(size_t(T * Hq * 2 * hd), uint32_t(400 + p + B));
+        const std::vector<float> k_raw = randn(size_t(T * row), uint32_t(500 + p + B));
+        const std::vector<float> v_new = randn(size_t(T * row), uint32_t(600 + p + B), 2.0f);
+        // The new rows' K as the reference norms and rotates it, appended to each sequence's rows.
+        for (int b = 0; b < B; ++b)
+          for (int64_t t = h.cu[size_t(b)]; t < h.cu[size_t(b) + 1]; ++t) {
+            for (int64_t kh = 0; kh < Hkv; ++kh) {
+              const std::vector<double> y =
+                  reference_qk_head(k_raw.data() + (t * Hkv + kh) * hd, kw, c.wdt, hd, c.rot, theta, eps, pos[size_t(t)]);
+              for (const double e : y) keys[size_t(b)].push_back(float(e));
+            }
+            values[size_t(b)].insert(values[size_t(b)].end(), v_new.begin() + t * row, v_new.begin() + (t + 1) * row);
+            const size_t slot = size_t(h.slot_mapping[size_t(t)]);
+            std::copy_n(keys[size_t(b)].end() - row, row, kc.begin() + int64_t(slot) * row);
+            std::copy_n(v_new.begin() + t * row, row, vc.begin() + int64_t(slot) * row);
+            new_slots.push_back(slot);
+          }
+        Tensor q = be().alloc({T, Hq, hd}, DType::F32), gate = be().alloc({T, Hq, hd}, DType::F32);
+        Tensor k = f32(k_raw, {T, Hkv, hd}), out = be().alloc({T, Hq, hd}, DType::F32);
+        QkNormRope r = r0;
+        r.positions = i32(pos);
+        ops().gated_attention(f32(qg, {T, Hq, 2 * hd}), r, q, gate, k, f32(v_new, {T, Hkv, hd}), k_cache, v_cache,
+                              layout(h), out);
+        std::vector<double> want(size_t(T * Hq * hd));
+        for (int b = 0; b < B; ++b) {
+          const int n = passes[p][size_t(b)], kv = h.kv_lens[size_t(b)];
+          for (int i = 0; i < n; ++i) {
+            const int64_t t = h.cu[size_t(b)] + i, len = kv - n + i + 1;
+            for (int64_t hq = 0; hq < Hq; ++hq) {
+              const float* src = qg.data() + (t * Hq + hq) * 2 * hd;
+              const std::vector<double> qd = reference_qk_head(src, qw, c.wdt, hd, c.rot, theta, eps, pos[size_t(t)]);
+              const std::vector<float> qf(qd.begin(), qd.end());
+              double* o = want.data() + (t * Hq + hq) * hd;
+              reference_attention_row(qf.data(), keys[size_t(b)], values[size_t(b)], len, row, hq / (Hq / Hkv) * hd, hd,
+                                      o);
+              for (int64_t e = 0; e < hd; ++e) o[e] /= 1.0 + std::exp(-double(src[hd + e]));
+            }
+          }
+        }
+        EXPECT_TRUE(all_near(floats(out), want, 2e-5, 1e-4));
+        // The new rows' K (within the norm's rounding) and V at their slots; nothing else changed.
+        std::vector<float> got_k = floats(k_cache);
+        for (const size_t slot : new_slots) {
+          const std::vector<float> g(got_k.begin() + int64_t(slot) * row, got_k.begin() + int64_t(slot + 1) * row),
+              w(kc.begin() + int64_t(slot) * row, kc.begin() + int64_t(slot + 1) * row);
+          EXPECT_TRUE(all_near(g, w, 1e-5, 1e-5)) << "K at slot " << slot;
+          std::copy(w.begin(), w.end(), got_k.begin() + int64_t(slot) * row);
+        }
+        EXPECT_EQ(got_k, kc);
+        EXPECT_EQ(floats(v_cache), vc);
+      }
+    };
+    run({0, 12, 3, 300}, {{5, 1, 17, 1}, {1, 1, 1, 1}});
+    std::vector<int> many(136);
+    for (size_t b = 0; b < many.size(); ++b) many[b] = int(b % 9);
+    run(many, {std::vector<int>(many.size(), 1)});
   }
 }
 

@@ -606,6 +606,74 @@ TEST_P(CudaBf16Products, AttentionReadsBf16Caches) {
   expect_attention_of_rounded_operands(96, {40, 0}, {300, 129}, DType::BF16, /*tensor_cores=*/false);
 }
 
+// Gated attention at decode (one row a sequence) in the fused rows kernel (q and the new K normed
+// and rotated there, the new row read from shared memory and written to the caches by the kernel,
+// the gate at the store) against the three ops it replaces on the same inputs: the same floats
+// (the norms and rotation are one device function, the new row rounded as the caches hold it), so
+// outputs and caches bit for bit. F32 and BF16 caches; 4 sequences of 0 - 300 cached rows (the rows
+// split) and, at the 80B shape (16 q heads on 2 KV heads, 256 dims rotating 64), 136 sequences (rows
+// x heads fill the GPU: no split, the gate at the rows kernel's store); 6 q heads of 96 dims.
+TEST_P(CudaBf16Products, GatedAttentionAtDecodeIsItsThreeOpsBitForBit) {
+  struct Case {
+    int64_t Hq, hd;
+    int rot;
+    int B;
+  };
+  for (const DType cache : {DType::F32, DType::BF16})
+    for (const Case c : {Case{16, 256, 64, 4}, Case{16, 256, 64, 136}, Case{6, 96, 32, 4}}) {
+      SCOPED_TRACE(std::string(dtype_name(cache)) + " caches, Hq=" + std::to_string(c.Hq) +
+                   " hd=" + std::to_string(c.hd) + " B=" + std::to_string(c.B));
+      const int64_t Hq = c.Hq, Hkv = 2, hd = c.hd, row = Hkv * hd, bs = 16;
+      const int B = c.B, W = 300 / int(bs) + 2;
+      std::vector<int> prior(static_cast<size_t>(B));
+      for (int b = 0; b < B; ++b) prior[size_t(b)] = B == 4 ? std::vector<int>{40, 0, 300, 7}[size_t(b)] : b % 9;
+      HostLayout h;
+      h.block_size = int(bs);
+      h.width = W;
+      h.block_tables.assign(size_t(B * W), -1);
+      for (int b = 0; b < B; ++b)
+        for (int j = 0; j + 1 < W; ++j) h.block_tables[size_t(b * W + j)] = (B - 1 - b) * (W - 1) + j;
+      const int64_t blocks = int64_t(B) * (W - 1);
+      std::vector<int32_t> pos;
+      for (int b = 0; b < B; ++b) {
+        const int r = prior[size_t(b)];
+        h.slot_mapping.push_back(h.block_tables[size_t(b * W + r / int(bs))] * int32_t(bs) + r % int32_t(bs));
+        h.cu.push_back(h.cu.back() + 1);
+        h.kv_lens.push_back(r + 1);
+        pos.push_back(r);
+      }
+      const int64_t T = B;
+      const std::vector<float> kc = randn(size_t(blocks * bs * row), 90), vc = randn(kc.size(), 91);
+      const auto cache_of = [&](const std::vector<float>& v) {
+        if (cache == DType::F32) return f32(v, {blocks, bs, Hkv, hd});
+        std::vector<uint16_t> bits(v.size());
+        for (size_t i = 0; i < v.size(); ++i) bits[i] = f32_to_bf16(v[i]);
+        return upload(bits, {blocks, bs, Hkv, hd}, DType::BF16);
+      };
+      const auto bytes_of = [&](const Tensor& t) {
+        std::vector<uint8_t> v(t.nbytes());
+        be().download(t, v.data());
+        return v;
+      };
+      const Tensor qg = f32(randn(size_t(T * Hq * 2 * hd), 92), {T, Hq, 2 * hd});
+      const std::vector<float> k_raw = randn(size_t(T * row), 93);
+      const Tensor v = f32(randn(size_t(T * row), 94), {T, Hkv, hd});
+      const QkNormRope r{weight(randn(size_t(hd), 95, 0.5f), {hd}, DType::BF16),
+                         weight(randn(size_t(hd), 96, 0.5f), {hd}, DType::BF16), 1e-6f, i32(pos), c.rot, 1e7};
+      Tensor kc1 = cache_of(kc), vc1 = cache_of(vc), kc3 = cache_of(kc), vc3 = cache_of(vc);
+      Tensor q = be().alloc({T, Hq, hd}, DType::F32), gate = be().alloc({T, Hq, hd}, DType::F32);
+      Tensor k = f32(k_raw, {T, Hkv, hd}), fused = be().alloc({T, Hq, hd}, DType::F32);
+      ops().gated_attention(qg, r, q, gate, k, v, kc1, vc1, layout(h), fused);
+      Tensor k3 = f32(k_raw, {T, Hkv, hd}), three = be().alloc({T, Hq, hd}, DType::F32);
+      ops().qk_norm_rope(qg, r.q_norm, r.k_norm, r.eps, r.positions, r.rot, r.theta, q, gate, k3);
+      ops().attention(q, k3, v, kc3, vc3, layout(h), three);
+      ops().mul_sigmoid(three, gate);
+      EXPECT_EQ(floats(fused), floats(three));
+      EXPECT_EQ(bytes_of(kc1), bytes_of(kc3));
+      EXPECT_EQ(bytes_of(vc1), bytes_of(vc3));
+    }
+}
+
 // The chunked delta rule with bf16 matrix products: the solve kernel's products in TF32 (operands
 // within 2^-11), the state kernel's in bf16 over bf16 scratch (within 2^-8, as flash-linear-attention
 // computes it), against the CPU's recurrent form in fp32. The outputs' errors (printed) measured

@@ -1,4 +1,5 @@
-// What ops.h's ops compute where a backend keeps no form of its own: the norm finished at once.
+// What ops.h's ops compute where a backend keeps no form of its own: the norm finished at once, gated
+// attention as its three ops.
 #include "ballast/kernels/ops.h"
 
 #include "ballast/kernels/op_checks.h"
@@ -22,6 +23,13 @@ PendingNorm Ops::moe_routed_add_norm(const Tensor& x, const Tensor& ids, const T
                                      std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) {
   moe_routed(x, ids, weights, experts, out);
   return add_norm_finished(*this, then, out);
+}
+
+void Ops::gated_attention(const Tensor& qg, const QkNormRope& r, Tensor& q, Tensor& gate, Tensor& k, const Tensor& v,
+                          Tensor& k_cache, Tensor& v_cache, const SeqLayout& layout, Tensor& out) {
+  qk_norm_rope(qg, r.q_norm, r.k_norm, r.eps, r.positions, r.rot, r.theta, q, gate, k);
+  attention(q, k, v, k_cache, v_cache, layout, out);
+  mul_sigmoid(out, gate);
 }
 
 PendingNorm add_norm_finished(Ops& ops, const AddNorm& then, const Tensor& d) {

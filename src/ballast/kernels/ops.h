@@ -95,6 +95,16 @@ struct AddNorm {
   Tensor h, sums;
 };
 
+// qk_norm_rope's parameters besides its rows: the heads' norms (weights [hd], zero-centred) and
+// NeoX RoPE on the first rot dims of each head at positions [T].
+struct QkNormRope {
+  Tensor q_norm, k_norm;
+  float eps = 0;
+  Tensor positions;
+  int rot = 0;
+  double theta = 0;
+};
+
 // How each logits row is drawn from. Tensors are on the device, one entry per row [R].
 struct SamplingRows {
   Tensor temperature;  // F32; <= 0: greedy (argmax, ties to the lower id)
@@ -186,6 +196,13 @@ class Ops {
   // out[row, Hq, hd] = softmax(q k^T / sqrt(hd)) v over b's cache rows [0, kv_len - n + i].
   virtual void attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache,
                          Tensor& v_cache, const SeqLayout& layout, Tensor& out) = 0;
+  // Gated attention from its projections: qk_norm_rope(qg, r, q, gate, k), attention(q, k, v, ...,
+  // out), then out *= sigmoid(gate), in one op so that a backend can take the heads' norms, their
+  // rotation, the cache write and the gate into the attention kernel (CUDA at decode: one row a
+  // sequence). k [T, Hkv, hd] is the raw projection; q, gate and k are scratch (what they hold
+  // afterwards is the backend's).
+  virtual void gated_attention(const Tensor& qg, const QkNormRope& r, Tensor& q, Tensor& gate, Tensor& k,
+                               const Tensor& v, Tensor& k_cache, Tensor& v_cache, const SeqLayout& layout, Tensor& out);
 
   // --- Gated DeltaNet ---
   // beta[T, Hv] = sigmoid(b); g[T, Hv] = -exp(A_log) * softplus(a + dt_bias)

@@ -101,13 +101,11 @@ Tensor Model::attention(const AttentionWeights& w, const LayerCache& cache, cons
   const Tensor proj[] = {w.q_proj, w.k_proj, w.v_proj};
   Tensor outs[] = {qg2, k2, v2}, none;
   ops_.matmul_many_normed(in, none, proj, outs);
-  ops_.qk_norm_rope(qg, w.q_norm, w.k_norm, cfg_.rms_norm_eps, b.positions, cfg_.rotary_dim(), cfg_.rope_theta, q, gate,
-                    k);
 
   Tensor o = ws.take({T, Hq, hd});
   Tensor kc = cache.k, vc = cache.v;
-  ops_.attention(q, k, v, kc, vc, b.layout, o);
-  ops_.mul_sigmoid(o, gate);
+  const kernels::QkNormRope r{w.q_norm, w.k_norm, cfg_.rms_norm_eps, b.positions, cfg_.rotary_dim(), cfg_.rope_theta};
+  ops_.gated_attention(qg, r, q, gate, k, v, kc, vc, b.layout, o);
   return o.reshape({T, Hq * hd});
 }
 

@@ -42,7 +42,9 @@
 namespace ballast::kernels {
 
 using namespace cuda;
+using cuda::rows::InvFreq;
 using cuda::rows::load_words_after_wait;
+using cuda::rows::norm_rope_row;
 using cuda::rows::unpack_words;
 
 namespace {
@@ -52,6 +54,7 @@ constexpr int kAttnThreads = kAttnWarps * 32;
 constexpr int kMaxHeadDim = 256;      // 8 elements per lane
 constexpr int kMaxSplits = 32;        // kv splits of one row (flash-decoding)
 constexpr int kMinSplitRows = 64;     // cache rows per split, at least (on the host's max_kv_len)
+constexpr int kGatedMaxHalf = 64;     // gated_attention's fused decode: rotations of up to 128 dims
 
 // Cache elements: KV = float, or __nv_bfloat16 where the backend keeps bf16 caches (under bf16
 // products: CudaBackend::kv_cache_dtype), read as floats. The caches are what kernels before wrote
@@ -94,6 +97,23 @@ struct AttentionArgs {
   int tile_min_rows;  // sequences of at least this many new rows take the tiled kernel
   int64_t blocks;
   float scale;
+  // gated_attention at decode (attention_kernel<.., true>: one new row a sequence): q and the new
+  // row's K come from the projections (qg's heads [q | gate], k_new before its norm and rotation),
+  // normed and rotated in the kernel; the new row is read from shared memory where the caches would
+  // give it (the rows kernel's blocks that hold it write it to the caches); outputs times
+  // sigmoid(gate).
+  const float* qg;        // [T, Hq, 2 hd]
+  const float* k_new;     // [T, Hkv, hd]
+  const float* v_new;     // [T, Hkv, hd]
+  const int32_t* slots;   // [T] slot_mapping
+  const int32_t* pos;     // [T] positions
+  const void* q_norm;
+  const void* k_norm;
+  DType q_norm_dt, k_norm_dt;
+  float eps;
+  int half;               // rot / 2 <= kGatedMaxHalf
+  int64_t cache_rows;     // blocks * bs: slots at or past it are skipped (as attention_write_kv_kernel)
+  InvFreq<kGatedMaxHalf> freq;
 };
 
 // The sequence of row t: the last b with cu[b] <= t (sequences without rows are passed over).
@@ -141,8 +161,9 @@ __device__ __forceinline__ void kv_row(const void* cache, int64_t base, int lane
 
 // V = elements per lane (hd <= 32 V), lane l holding V l .. V l + V - 1. Block (row t, GB query heads
 // of one KV head, split): each cache row is loaded once for the GB heads (a block a head loaded the
-// rows of a KV head once for each of its G query heads).
-template <int V, int GB, typename KV>
+// rows of a KV head once for each of its G query heads). kGated: gated_attention at decode (the
+// fields of AttentionArgs under that name).
+template <int V, int GB, typename KV, bool kGated = false>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionArgs a) {
   wait_for_prior_kernels();
   const int t = int(blockIdx.x), hq0 = int(blockIdx.y) * GB, split = int(blockIdx.z);
@@ -151,6 +172,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   const int kvh = hq0 / (a.Hq / a.Hkv);  // (GB divides the group: the block's heads share it)
   __shared__ float sm_m[kAttnWarps][GB], sm_l[kAttnWarps][GB];
   __shared__ float sm_acc[kAttnWarps][GB][V * 32];
+  __shared__ float sm_new[kGated ? GB + 2 : 1][V * 32];  // kGated: the GB q heads, the new K, the new V
 
   // The row's sequence and how many cache rows it sees (0 where the layout is inconsistent).
   const int b = sequence_of(a.cu, a.B, t);
@@ -163,10 +185,39 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   const int64_t chunk = (len + a.splits - 1) / a.splits;
   const int64_t r0 = int64_t(split) * chunk, r1 = r0 + chunk < len ? r0 + chunk : len;
 
+  // kGated: the row's new cache row (position len - 1, its sequence's one new row) where this split
+  // holds it, else -1.
+  const int64_t new_r = kGated && len > 0 && r0 <= len - 1 && len - 1 < r1 ? len - 1 : -1;
+  if constexpr (kGated) {
+    // The block's q heads and the new K, normed and rotated (a warp a row), and the new V; then K
+    // and V as the caches hold them, written there by the block of the KV head's first q heads.
+    const float p = float(load_after_wait(a.pos + t));
+    for (int j = warp; j <= GB; j += kAttnWarps) {
+      const bool is_q = j < GB;
+      norm_rope_row<V>(is_q ? a.qg + (int64_t(t) * a.Hq + hq0 + j) * 2 * hd : a.k_new + (int64_t(t) * a.Hkv + kvh) * hd,
+                       is_q ? a.q_norm : a.k_norm, is_q ? a.q_norm_dt : a.k_norm_dt, a.eps, hd, a.half, a.freq, p,
+                       sm_new[j]);
+    }
+    __syncthreads();
+    const int64_t slot = load_after_wait(a.slots + t);
+    const bool writes = new_r >= 0 && hq0 % (a.Hq / a.Hkv) == 0 && slot >= 0 && slot < a.cache_rows;
+    const int64_t at = slot * int64_t(a.Hkv) * hd + int64_t(kvh) * hd;
+    for (int e = int(threadIdx.x); e < hd; e += kAttnThreads) {
+      const KV kq = KV(sm_new[GB][e]), vq = KV(load_after_wait(a.v_new + (int64_t(t) * a.Hkv + kvh) * hd + e));
+      sm_new[GB][e] = float(kq);
+      sm_new[GB + 1][e] = float(vq);
+      if (writes) {  // (the caches are the kernel's to write: a.k_cache is const for the other kernels)
+        static_cast<KV*>(const_cast<void*>(a.k_cache))[at + e] = kq;
+        static_cast<KV*>(const_cast<void*>(a.v_cache))[at + e] = vq;
+      }
+    }
+    __syncthreads();
+  }
+
   float qv[GB][V], acc[GB][V], m[GB], l[GB];
 #pragma unroll
   for (int g = 0; g < GB; ++g) {
-    const float* qrow = a.q + (int64_t(t) * a.Hq + hq0 + g) * hd;
+    const float* qrow = kGated ? sm_new[g] : a.q + (int64_t(t) * a.Hq + hq0 + g) * hd;
 #pragma unroll
     for (int j = 0; j < V; ++j) {
       const int e = V * lane + j;
@@ -185,6 +236,16 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
     bool ok[kRowsPerStep];
 #pragma unroll
     for (int u = 0; u < kRowsPerStep; ++u) {
+      if (kGated && r + u * kAttnWarps == new_r) {  // (uniform over the warp)
+        ok[u] = true;
+#pragma unroll
+        for (int j = 0; j < V; ++j) {
+          const int e = V * lane + j;
+          kx[u][j] = e < hd ? sm_new[GB][e] : 0.0f;
+          vx[u][j] = e < hd ? sm_new[GB + 1][e] : 0.0f;
+        }
+        continue;
+      }
       const int slot = cache_slot(a, table, r + u * kAttnWarps, r1);
       ok[u] = slot >= 0;  // uniform over the warp; an unreadable row is left out
       const int64_t base = ok[u] ? int64_t(slot) * row + int64_t(kvh) * hd : 0;
@@ -262,8 +323,12 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
       float o = 0.0f;
 #pragma unroll
       for (int w = 0; w < kAttnWarps; ++w) o += sm_acc[w][g][e] * wscale[w];
-      if (a.splits == 1) a.out[item * hd + e] = L > 0.0f ? o / L : 0.0f;
-      else a.part[(item * a.splits + split) * hd + e] = o;
+      if (a.splits == 1) {
+        const float y = L > 0.0f ? o / L : 0.0f;
+        a.out[item * hd + e] = kGated ? y * sigmoidf_(load_after_wait(a.qg + item * 2 * hd + hd + e)) : y;
+      } else {
+        a.part[(item * a.splits + split) * hd + e] = o;
+      }
     }
     if (a.splits > 1 && threadIdx.x == 0) {
       a.part_ml[(item * a.splits + split) * 2] = M;
@@ -1103,7 +1168,8 @@ __global__ void __launch_bounds__(kAttnThreads) attention_merge_kernel(const Att
     float o = 0.0f;
 #pragma unroll 8
     for (int s = 0; s < splits; ++s) o += part[int64_t(s) * hd + e] * wsplit[s];
-    a.out[item * hd + e] = o * inv_l;
+    const float y = o * inv_l;
+    a.out[item * hd + e] = a.qg ? y * sigmoidf_(load_after_wait(a.qg + item * 2 * hd + hd + e)) : y;
   }
 }
 
@@ -1111,7 +1177,34 @@ __global__ void __launch_bounds__(kAttnThreads) attention_merge_kernel(const Att
 
 void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
                         const SeqLayout& layout, Tensor& out) {
-  auto timed = time_op(layout.max_query_len > 1 ? "attention prefill" : "attention decode");
+  attention_with(q, k_new, v_new, k_cache, v_cache, layout, out, nullptr);
+}
+
+// One new row a sequence (decode, draft passes): the rows kernel norms and rotates its q heads and
+// the new K itself, reads the new row from shared memory and writes it to the caches, and the
+// gate multiplies where the outputs are stored (its merge, with splits): three kernels fewer an
+// attention layer (qk_norm_rope, the cache write, mul_sigmoid). Other passes, rotations past
+// kGatedMaxHalf pairs, or BALLAST_CUDA_GATED_ATTENTION=0 (for A/B runs): the three ops.
+void CudaOps::gated_attention(const Tensor& qg, const QkNormRope& r, Tensor& q, Tensor& gate, Tensor& k,
+                              const Tensor& v, Tensor& k_cache, Tensor& v_cache, const SeqLayout& layout,
+                              Tensor& out) {
+  static const bool fused = switched_on("BALLAST_CUDA_GATED_ATTENTION");
+  if (!fused || layout.max_query_len != 1 || r.rot / 2 > kGatedMaxHalf)
+    return Ops::gated_attention(qg, r, q, gate, k, v, k_cache, v_cache, layout, out);
+  check_qk_norm_rope(qg, r.q_norm, r.k_norm, r.positions, r.rot, q, gate, k);
+  expect_device("gated_attention", "qg", qg);
+  expect_device("gated_attention", "q_norm", r.q_norm);
+  expect_device("gated_attention", "k_norm", r.k_norm);
+  expect_device("gated_attention", "positions", r.positions);
+  const GatedInputs gated{qg, r};
+  attention_with(q, k, v, k_cache, v_cache, layout, out, &gated);
+}
+
+void CudaOps::attention_with(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache,
+                             Tensor& v_cache, const SeqLayout& layout, Tensor& out, const GatedInputs* gated) {
+  auto timed = time_op(gated                     ? "attention decode (q and k normed and rotated, gated)"
+                       : layout.max_query_len > 1 ? "attention prefill"
+                                                  : "attention decode");
   const AttentionShape shape = check_attention(q, k_new, v_new, k_cache, v_cache, layout, out);
   expect_device("attention", "q", q);
   expect_device("attention", "k_new", k_new);
@@ -1140,7 +1233,7 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   const bool bf16_cache = k_cache.dtype() == DType::BF16;
   check(!bf16_cache || bf16_matmul_, "attention: BF16 caches with fp32 products (this backend's fp32 attention "
         "keeps F32 caches)");
-  // The new rows go to the caches first.
+  // The new rows go to the caches first (gated: the rows kernel writes them).
   const int64_t row = Hkv * hd;
   const auto write_kv = [&](auto kv) {
     using KV = decltype(kv);
@@ -1148,9 +1241,11 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
            i32(layout.slot_mapping), T, row, blocks * bs, static_cast<KV*>(k_cache.raw()),
            static_cast<KV*>(v_cache.raw()));
   };
-  if (bf16_cache) write_kv(__nv_bfloat16{});
-  else write_kv(float{});
-  check_launch("attention: kv write");
+  if (!gated) {
+    if (bf16_cache) write_kv(__nv_bfloat16{});
+    else write_kv(float{});
+    check_launch("attention: kv write");
+  }
 
   // Split each row's cache rows when rows x heads alone leave the GPU idle. The scratch for the
   // splits is asked for by the shapes alone (T, Hq, hd), whatever the number of splits this pass.
@@ -1197,14 +1292,32 @@ void CudaOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_ne
   const bool tiled = layout.max_query_len >= kTileMinRows;
   a.tile_min_rows = tiled ? kTileMinRows : std::numeric_limits<int>::max();
   a.scale = 1.0f / std::sqrt(float(hd));
+  if (gated) {
+    a.qg = f32(gated->qg);
+    a.k_new = f32(k_new);
+    a.v_new = f32(v_new);
+    a.slots = i32(layout.slot_mapping);
+    a.pos = i32(gated->r.positions);
+    a.q_norm = gated->r.q_norm.raw();
+    a.k_norm = gated->r.k_norm.raw();
+    a.q_norm_dt = gated->r.q_norm.dtype();
+    a.k_norm_dt = gated->r.k_norm.dtype();
+    a.eps = gated->r.eps;
+    a.half = gated->r.rot / 2;
+    a.cache_rows = blocks * bs;
+    a.freq = InvFreq<kGatedMaxHalf>::of(gated->r.theta, gated->r.rot);
+  }
   const dim3 grid{unsigned(T), unsigned(Hq / GB), unsigned(splits)};
   const auto rows_kernel = [&](auto kv, auto gb) {
     using KV = decltype(kv);
     constexpr int G = decltype(gb)::value;
-    if (hd <= 32) launch(attention_kernel<1, G, KV>, grid, kAttnThreads, 0, stream_, a);
-    else if (hd <= 64) launch(attention_kernel<2, G, KV>, grid, kAttnThreads, 0, stream_, a);
-    else if (hd <= 128) launch(attention_kernel<4, G, KV>, grid, kAttnThreads, 0, stream_, a);
-    else launch(attention_kernel<8, G, KV>, grid, kAttnThreads, 0, stream_, a);
+    const auto go = [&](auto plain, auto gated_kernel) {
+      launch(gated ? gated_kernel : plain, grid, kAttnThreads, 0, stream_, a);
+    };
+    if (hd <= 32) go(attention_kernel<1, G, KV>, attention_kernel<1, G, KV, true>);
+    else if (hd <= 64) go(attention_kernel<2, G, KV>, attention_kernel<2, G, KV, true>);
+    else if (hd <= 128) go(attention_kernel<4, G, KV>, attention_kernel<4, G, KV, true>);
+    else go(attention_kernel<8, G, KV>, attention_kernel<8, G, KV, true>);
   };
   const auto rows_heads = [&](auto kv) {
     if (GB == 4) rows_kernel(kv, std::integral_constant<int, 4>{});

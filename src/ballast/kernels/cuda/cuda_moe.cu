@@ -75,6 +75,7 @@ using cuda::launch;
 using cuda::load4_after_wait;
 using cuda::load_u4_after_wait;
 using cuda::load_after_wait;
+using cuda::switched_on;
 using cuda::mma_e4m3;
 using cuda::silu_;
 using cuda::wait_for_prior_kernels;
@@ -320,13 +321,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-
-// Whether a path measured by A/B runs is on: yes unless the environment sets `name` to 0 (read by
-// the caller once, into a static).
-bool switched_on(const char* name) {
-  const char* v = std::getenv(name);
-  return !(v && v[0] == '0' && v[1] == 0);
-}
 
 // ============================================================================================
 // topk_softmax

@@ -162,6 +162,8 @@ class CudaOps final : public Ops {
                     int rot, double theta, Tensor& q, Tensor& gate, Tensor& k) override;
   void attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
                  const SeqLayout& layout, Tensor& out) override;
+  void gated_attention(const Tensor& qg, const QkNormRope& r, Tensor& q, Tensor& gate, Tensor& k, const Tensor& v,
+                       Tensor& k_cache, Tensor& v_cache, const SeqLayout& layout, Tensor& out) override;
 
   void delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias, Tensor& beta,
                    Tensor& g) override;
@@ -223,6 +225,14 @@ class CudaOps final : public Ops {
   // moe_routed; with `then` (moe_routed_add_norm at one token) the norm's first half at its store.
   void moe_routed_with(const Tensor& x, const Tensor& ids, const Tensor& weights, std::span<const SwigluWeights> experts,
                        Tensor& out, const AddNorm* then);
+  // attention; with `gated` (gated_attention at decode: k_new is the raw projection, q only its
+  // shape) the heads' norms and rotation, the cache write and the gate in the rows kernel.
+  struct GatedInputs {
+    const Tensor& qg;
+    const QkNormRope& r;
+  };
+  void attention_with(const Tensor& q, const Tensor& k_new, const Tensor& v_new, Tensor& k_cache, Tensor& v_cache,
+                      const SeqLayout& layout, Tensor& out, const GatedInputs* gated);
   // Before a cuBLAS or cuBLASLt call: each library has one workspace, so a call on the main stream
   // waits for side work that is out (a call from side work has nothing beside it in a library:
   // the main stream's next call waits for it), and the cuBLAS handle is moved to the current stream.

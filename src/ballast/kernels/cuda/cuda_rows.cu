@@ -335,20 +335,11 @@ void launch_norm(const float* x, const float* z, const Tensor& w, float eps, flo
   check_launch(op);
 }
 
-// NeoX RoPE's inverse frequencies, by value (a kernel parameter).
-template <int CAP>
-struct InvFreq {
-  float v[CAP];
-};
-
 constexpr int kQkMaxHd = 512;
 
-// qk_norm_rope: a warp a head's row (row t's q heads, then its k heads). The row is loaded once
-// into registers (lane l holds elements l + 32 m) and normed as norm_kernel norms (the mean of
-// squares in double, the same sums in the same order), then rotated through the warp's own row in
-// shared memory: for i < half the pair (i, i + half) by the angle float(pos[t]) * inv_freq[i] in
-// fp32, its cos and sin, rounded as the CPU rounds (no fused multiply-add). A q head's gate is
-// copied beside it. k is read whole before it is written (in place).
+// qk_norm_rope: a warp a head's row (row t's q heads, then its k heads), normed and rotated by
+// rows::norm_rope_row through the warp's own row in shared memory. A q head's gate is copied beside
+// it. k is read whole before it is written (in place).
 template <int PER, int CAP>
 __global__ void __launch_bounds__(kThreads)
     qk_norm_rope_kernel(const float* qg, const void* qw, DType qwdt, const void* kw, DType kwdt, float eps,
@@ -364,37 +355,10 @@ __global__ void __launch_bounds__(kThreads)
     const bool is_q = h < Hq;
     const float* src = is_q ? qg + (t * Hq + h) * 2 * hd : k + (t * Hkv + h - Hq) * hd;
     float* dst = is_q ? q + (t * Hq + h) * hd : k + (t * Hkv + h - Hq) * hd;
-    const void* w = is_q ? qw : kw;
-    const DType wdt = is_q ? qwdt : kwdt;
-    float v[PER], wv[PER];
-#pragma unroll
-    for (int m = 0; m < PER; ++m) {
-      const int i = lane + 32 * m;
-      v[m] = i < hd ? src[i] : 0.0f;
-      wv[m] = i < hd ? load_weight(w, wdt, i) : 0.0f;
-    }
-    double ss = 0;
-#pragma unroll
-    for (int m = 0; m < PER; ++m) ss += double(v[m]) * v[m];
-    ss = warp_sum(ss);
-    const float inv = 1.0f / sqrtf(float(ss / double(hd)) + eps);  // as rms_norm
-#pragma unroll
-    for (int m = 0; m < PER; ++m) {
-      const int i = lane + 32 * m;
-      if (i < hd) sh[i] = v[m] * inv * (1.0f + wv[m]);
-    }
+    norm_rope_row<PER>(src, is_q ? qw : kw, is_q ? qwdt : kwdt, eps, hd, half, freq, float(load_after_wait(pos + t)),
+                       sh);
     if (is_q)
       for (int i = lane; i < hd; i += 32) gate[(t * Hq + h) * hd + i] = src[hd + i];
-    __syncwarp();
-    const float p = float(load_after_wait(pos + t));
-    for (int i = lane; i < half; i += 32) {
-      float sn, cs;
-      sincosf(p * freq.v[i], &sn, &cs);
-      const float a = sh[i], b = sh[i + half];
-      sh[i] = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn));
-      sh[i + half] = __fadd_rn(__fmul_rn(b, cs), __fmul_rn(a, sn));
-    }
-    __syncwarp();
     for (int i = lane; i < hd; i += 32) dst[i] = sh[i];
     __syncwarp();  // every lane's reads of the shared row before the next row overwrites it
   }
@@ -568,8 +532,7 @@ void CudaOps::qk_norm_rope(const Tensor& qg, const Tensor& q_norm, const Tensor&
   const unsigned grid = unsigned(std::min<int64_t>(cdiv(R, kWarps), 1 << 20));
   auto go = [&](auto per, auto cap) {
     constexpr int PER = decltype(per)::value, CAP = decltype(cap)::value;
-    InvFreq<CAP> f{};
-    for (int i = 0; i < half; ++i) f.v[i] = float(1.0 / std::pow(theta, double(2 * i) / rot));
+    const auto f = InvFreq<CAP>::of(theta, rot);
     launch(qk_norm_rope_kernel<PER, CAP>, grid, kThreads, 0, stream_, cuda::f32(qg), q_norm.raw(), q_norm.dtype(),
            k_norm.raw(), k_norm.dtype(), eps, cuda::i32(positions), T, Hq, Hkv, int(hd), half, f, cuda::f32_mut(q),
            cuda::f32_mut(gate), cuda::f32_mut(k));

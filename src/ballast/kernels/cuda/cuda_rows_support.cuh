@@ -8,6 +8,7 @@
 #include <cuda_fp8.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 
@@ -168,6 +169,56 @@ template <typename H>
 void round_to_16bit(const float* x, H* out, int64_t n, cudaStream_t stream) {
   const int64_t blocks = (n / 4 + 256) / 256;
   launch(round_to_16bit_kernel<H>, unsigned(blocks < 4096 ? blocks : 4096), 256, 0, stream, x, out, n);
+}
+
+// NeoX RoPE's inverse frequencies, by value (a kernel parameter): v[i] = theta^(-2i / rot), i < rot / 2.
+template <int CAP>
+struct InvFreq {
+  float v[CAP];
+  static InvFreq of(double theta, int rot) {
+    InvFreq f{};
+    for (int i = 0; i < rot / 2 && i < CAP; ++i) f.v[i] = float(1.0 / std::pow(theta, double(2 * i) / rot));
+    return f;
+  }
+};
+
+// A head's row src[hd] (lane l loads elements l + 32 m, m < PER; hd <= 32 PER) normed as rms_norm
+// (the mean of squares in double, the same sums in the same order; weights w zero-centred) and
+// rotated by NeoX RoPE (the pair (i, i + half) by the angle p inv_freq[i] in fp32, its cos and sin,
+// rounded as the CPU rounds: no fused multiply-add) into the warp's shared row sh[hd], which the
+// whole warp may read on return. qk_norm_rope's arithmetic, and the attention kernel's where it
+// takes the norms in (gated_attention at decode).
+template <int PER, int CAP>
+__device__ __forceinline__ void norm_rope_row(const float* src, const void* w, DType wdt, float eps, int hd, int half,
+                                              const InvFreq<CAP>& freq, float p, float* sh) {
+  const int lane = int(threadIdx.x) % 32;
+  float v[PER], wv[PER];
+#pragma unroll
+  for (int m = 0; m < PER; ++m) {
+    const int i = lane + 32 * m;
+    v[m] = i < hd ? load_after_wait(src + i) : 0.0f;
+    wv[m] = i < hd ? load_weight(w, wdt, i) : 0.0f;
+  }
+  double ss = 0;
+#pragma unroll
+  for (int m = 0; m < PER; ++m) ss += double(v[m]) * v[m];
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  const float inv = 1.0f / sqrtf(float(ss / double(hd)) + eps);  // as rms_norm
+#pragma unroll
+  for (int m = 0; m < PER; ++m) {
+    const int i = lane + 32 * m;
+    if (i < hd) sh[i] = v[m] * inv * (1.0f + wv[m]);
+  }
+  __syncwarp();
+  for (int i = lane; i < half; i += 32) {
+    float sn, cs;
+    sincosf(p * freq.v[i], &sn, &cs);
+    const float a = sh[i], b = sh[i + half];
+    sh[i] = __fsub_rn(__fmul_rn(a, cs), __fmul_rn(b, sn));
+    sh[i + half] = __fadd_rn(__fmul_rn(b, cs), __fmul_rn(a, sn));
+  }
+  __syncwarp();
 }
 
 }  // namespace ballast::kernels::cuda::rows

@@ -112,24 +112,23 @@ __device__ __forceinline__ int32_t load_after_wait(const int32_t* p) {
   return v;
 }
 
-// Whether launches may overlap: yes unless the environment sets BALLAST_CUDA_PDL=0, a switch for
-// measuring what the overlap gives and for ruling it out when a result looks wrong (read once,
-// like CUDA's own CUDA_LAUNCH_BLOCKING).
+// Whether a path that A/B runs switch off is on: yes unless the environment sets `name` to 0 (the
+// caller reads it once, into a static, like CUDA's own CUDA_LAUNCH_BLOCKING).
+inline bool switched_on(const char* name) {
+  const char* v = std::getenv(name);
+  return !(v && v[0] == '0' && v[1] == 0);
+}
+
+// Whether launches may overlap: yes unless BALLAST_CUDA_PDL=0, a switch for measuring what the
+// overlap gives and for ruling it out when a result looks wrong.
 inline bool overlap_launches() {
-  static const bool on = [] {
-    const char* v = std::getenv("BALLAST_CUDA_PDL");
-    return !(v && v[0] == '0' && v[1] == 0);
-  }();
+  static const bool on = switched_on("BALLAST_CUDA_PDL");
   return on;
 }
 
-// Whether side work (Ops::side) runs on a stream of its own: yes unless the environment sets
-// BALLAST_CUDA_SIDE_STREAM=0 (read once), the same kind of switch as BALLAST_CUDA_PDL.
+// Whether side work (Ops::side) runs on a stream of its own: yes unless BALLAST_CUDA_SIDE_STREAM=0.
 inline bool side_stream_enabled() {
-  static const bool on = [] {
-    const char* v = std::getenv("BALLAST_CUDA_SIDE_STREAM");
-    return !(v && v[0] == '0' && v[1] == 0);
-  }();
+  static const bool on = switched_on("BALLAST_CUDA_SIDE_STREAM");
   return on;
 }
 
