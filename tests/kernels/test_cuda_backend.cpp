@@ -610,9 +610,10 @@ TEST_P(CudaBf16Products, AttentionReadsBf16Caches) {
 // and rotated there, the new row read from shared memory and written to the caches by the kernel,
 // the gate at the store) against the three ops it replaces on the same inputs: the same floats
 // (the norms and rotation are one device function, the new row rounded as the caches hold it), so
-// outputs and caches bit for bit. F32 and BF16 caches; 4 sequences of 0 - 300 cached rows (the rows
-// split) and, at the 80B shape (16 q heads on 2 KV heads, 256 dims rotating 64), 136 sequences (rows
-// x heads fill the GPU: no split, the gate at the rows kernel's store); 6 q heads of 96 dims.
+// outputs and caches bit for bit. F32 and BF16 caches; 5 sequences of 0 - 2,000 cached rows (the
+// rows split; the longest's splits hold more rows than the kernel copies before its wait) and, at
+// the 80B shape (16 q heads on 2 KV heads, 256 dims rotating 64), 136 sequences (rows x heads fill
+// the GPU: no split, the gate at the rows kernel's store); 6 q heads of 96 dims.
 TEST_P(CudaBf16Products, GatedAttentionAtDecodeIsItsThreeOpsBitForBit) {
   struct Case {
     int64_t Hq, hd;
@@ -620,13 +621,14 @@ TEST_P(CudaBf16Products, GatedAttentionAtDecodeIsItsThreeOpsBitForBit) {
     int B;
   };
   for (const DType cache : {DType::F32, DType::BF16})
-    for (const Case c : {Case{16, 256, 64, 4}, Case{16, 256, 64, 136}, Case{6, 96, 32, 4}}) {
+    for (const Case c : {Case{16, 256, 64, 5}, Case{16, 256, 64, 136}, Case{6, 96, 32, 5}}) {
       SCOPED_TRACE(std::string(dtype_name(cache)) + " caches, Hq=" + std::to_string(c.Hq) +
                    " hd=" + std::to_string(c.hd) + " B=" + std::to_string(c.B));
       const int64_t Hq = c.Hq, Hkv = 2, hd = c.hd, row = Hkv * hd, bs = 16;
-      const int B = c.B, W = 300 / int(bs) + 2;
+      const int B = c.B;
       std::vector<int> prior(static_cast<size_t>(B));
-      for (int b = 0; b < B; ++b) prior[size_t(b)] = B == 4 ? std::vector<int>{40, 0, 300, 7}[size_t(b)] : b % 9;
+      for (int b = 0; b < B; ++b) prior[size_t(b)] = B == 5 ? std::vector<int>{40, 0, 2000, 7, 300}[size_t(b)] : b % 9;
+      const int W = *std::max_element(prior.begin(), prior.end()) / int(bs) + 2;
       HostLayout h;
       h.block_size = int(bs);
       h.width = W;

@@ -55,6 +55,8 @@ constexpr int kMaxHeadDim = 256;      // 8 elements per lane
 constexpr int kMaxSplits = 32;        // kv splits of one row (flash-decoding)
 constexpr int kMinSplitRows = 64;     // cache rows per split, at least (on the host's max_kv_len)
 constexpr int kGatedMaxHalf = 64;     // gated_attention's fused decode: rotations of up to 128 dims
+constexpr int kPrefetchBytes = 24576; // gated_attention's fused decode: a split's first cache rows
+                                      // copied before the wait (the static limit: 48 KB a block)
 
 // Cache elements: KV = float, or __nv_bfloat16 where the backend keeps bf16 caches (under bf16
 // products: CudaBackend::kv_cache_dtype), read as floats. The caches are what kernels before wrote
@@ -159,13 +161,40 @@ __device__ __forceinline__ void kv_row(const void* cache, int64_t base, int lane
   }
 }
 
+// The same elements as kv_row, of a row copied to shared memory (hd elements from `row`).
+template <int V, typename KV>
+__device__ __forceinline__ void kv_row_shared(const KV* row, int lane, int hd, bool ok, float (&x)[V]) {
+  constexpr int WORDS = V * int(sizeof(KV)) / 4;
+  const int e0 = V * lane;
+  if (WORDS >= 1 && ok && e0 < hd && hd % V == 0) {
+    const KV* p = row + e0;
+    if constexpr (WORDS >= 4) {
+#pragma unroll
+      for (int q = 0; q < WORDS / 4; ++q) {
+        const uint4 u = reinterpret_cast<const uint4*>(p)[q];
+        unpack_words<KV, 4>(rows::Words<4>{{u.x, u.y, u.z, u.w}}, x + q * 4 * (4 / int(sizeof(KV))));
+      }
+    } else if constexpr (WORDS == 2) {
+      const uint2 u = *reinterpret_cast<const uint2*>(p);
+      unpack_words<KV, 2>(rows::Words<2>{{u.x, u.y}}, x);
+    } else if constexpr (WORDS == 1) {
+      unpack_words<KV, 1>(rows::Words<1>{{*reinterpret_cast<const uint32_t*>(p)}}, x);
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < V; ++i) x[i] = ok && e0 + i < hd ? float(row[e0 + i]) : 0.0f;
+  }
+}
+
 // V = elements per lane (hd <= 32 V), lane l holding V l .. V l + V - 1. Block (row t, GB query heads
 // of one KV head, split): each cache row is loaded once for the GB heads (a block a head loaded the
 // rows of a KV head once for each of its G query heads). kGated: gated_attention at decode (the
-// fields of AttentionArgs under that name).
+// fields of AttentionArgs under that name); every cache row it reads was written by earlier passes
+// (the new one comes from shared memory), so the split's first rows are copied into shared memory
+// before the wait, while the kernel before (the q/k/v products) still runs.
 template <int V, int GB, typename KV, bool kGated = false>
 __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const AttentionArgs a) {
-  wait_for_prior_kernels();
+  if constexpr (!kGated) wait_for_prior_kernels();
   const int t = int(blockIdx.x), hq0 = int(blockIdx.y) * GB, split = int(blockIdx.z);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int hd = a.hd;
@@ -173,6 +202,10 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   __shared__ float sm_m[kAttnWarps][GB], sm_l[kAttnWarps][GB];
   __shared__ float sm_acc[kAttnWarps][GB][V * 32];
   __shared__ float sm_new[kGated ? GB + 2 : 1][V * 32];  // kGated: the GB q heads, the new K, the new V
+  // kGated: the split's first kPre cache rows' K and V, and whether each is readable.
+  constexpr int kPre = kGated ? kPrefetchBytes / (2 * 32 * V * int(sizeof(KV))) : 1;
+  __shared__ alignas(16) KV sm_pre[2][kPre][32 * V];
+  __shared__ bool sm_pre_ok[kPre];
 
   // The row's sequence and how many cache rows it sees (0 where the layout is inconsistent).
   const int b = sequence_of(a.cu, a.B, t);
@@ -188,10 +221,36 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   // kGated: the row's new cache row (position len - 1, its sequence's one new row) where this split
   // holds it, else -1.
   const int64_t new_r = kGated && len > 0 && r0 <= len - 1 && len - 1 < r1 ? len - 1 : -1;
+  const int32_t* table = a.tables + int64_t(b) * a.W;
+  const int64_t row = int64_t(a.Hkv) * hd;
+  int npre = 0;  // kGated: the split's rows [r0, r0 + npre) are in sm_pre
   if constexpr (kGated) {
+    // 16-byte pieces of a row's head (rows of whole pieces only), K's and V's of each row in turn.
+    const int pieces = hd * int(sizeof(KV)) % 16 == 0 ? hd * int(sizeof(KV)) / 16 : 0;
+    npre = pieces == 0 || r1 <= r0 ? 0 : int(r1 - r0 < kPre ? r1 - r0 : kPre);
+    constexpr int EP = 16 / int(sizeof(KV));  // elements a piece
+    for (int i = int(threadIdx.x); i < npre * 2 * pieces; i += kAttnThreads) {
+      const int j = i / (2 * pieces), m = (i / pieces) % 2, q = i % pieces;
+      const int slot = r0 + j == new_r ? -1 : cache_slot(a, table, r0 + j, r1);  // (new_r: from sm_new)
+      if (m == 0 && q == 0) sm_pre_ok[j] = slot >= 0;
+      const KV* src = static_cast<const KV*>(m ? a.v_cache : a.k_cache) +
+                      (slot >= 0 ? int64_t(slot) * row + int64_t(kvh) * hd : 0) + q * EP;
+      cp_async16(&sm_pre[m][j][q * EP], src, slot >= 0);
+    }
+    cp_async_commit();
+    wait_for_prior_kernels();
     // The block's q heads and the new K, normed and rotated (a warp a row), and the new V; then K
     // and V as the caches hold them, written there by the block of the KV head's first q heads.
+    // (The position, the slot and V first: their loads overlap the norms.)
     const float p = float(load_after_wait(a.pos + t));
+    const int64_t slot = load_after_wait(a.slots + t);
+    constexpr int VE = kMaxHeadDim / kAttnThreads;  // V's elements a thread
+    float vv[VE];
+#pragma unroll
+    for (int i = 0; i < VE; ++i) {
+      const int e = int(threadIdx.x) + i * kAttnThreads;
+      vv[i] = e < hd ? load_after_wait(a.v_new + (int64_t(t) * a.Hkv + kvh) * hd + e) : 0.0f;
+    }
     for (int j = warp; j <= GB; j += kAttnWarps) {
       const bool is_q = j < GB;
       norm_rope_row<V>(is_q ? a.qg + (int64_t(t) * a.Hq + hq0 + j) * 2 * hd : a.k_new + (int64_t(t) * a.Hkv + kvh) * hd,
@@ -199,11 +258,13 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
                        sm_new[j]);
     }
     __syncthreads();
-    const int64_t slot = load_after_wait(a.slots + t);
     const bool writes = new_r >= 0 && hq0 % (a.Hq / a.Hkv) == 0 && slot >= 0 && slot < a.cache_rows;
     const int64_t at = slot * int64_t(a.Hkv) * hd + int64_t(kvh) * hd;
-    for (int e = int(threadIdx.x); e < hd; e += kAttnThreads) {
-      const KV kq = KV(sm_new[GB][e]), vq = KV(load_after_wait(a.v_new + (int64_t(t) * a.Hkv + kvh) * hd + e));
+#pragma unroll
+    for (int i = 0; i < VE; ++i) {
+      const int e = int(threadIdx.x) + i * kAttnThreads;
+      if (e >= hd) break;
+      const KV kq = KV(sm_new[GB][e]), vq = KV(vv[i]);
       sm_new[GB][e] = float(kq);
       sm_new[GB + 1][e] = float(vq);
       if (writes) {  // (the caches are the kernel's to write: a.k_cache is const for the other kernels)
@@ -211,6 +272,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
         static_cast<KV*>(const_cast<void*>(a.v_cache))[at + e] = vq;
       }
     }
+    cp_async_wait_all();
     __syncthreads();
   }
 
@@ -227,8 +289,6 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
     m[g] = -INFINITY;
     l[g] = 0.0f;
   }
-  const int32_t* table = a.tables + int64_t(b) * a.W;
-  const int64_t row = int64_t(a.Hkv) * hd;
   // Two cache rows per step (rows r and r + kAttnWarps), both loaded before either is reduced.
   constexpr int kRowsPerStep = 2;
   for (int64_t r = r0 + warp; r < r1; r += kRowsPerStep * kAttnWarps) {
@@ -244,6 +304,13 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
           kx[u][j] = e < hd ? sm_new[GB][e] : 0.0f;
           vx[u][j] = e < hd ? sm_new[GB + 1][e] : 0.0f;
         }
+        continue;
+      }
+      if (kGated && r + u * kAttnWarps - r0 < npre) {  // (uniform over the warp)
+        const int j = int(r + u * kAttnWarps - r0);
+        ok[u] = sm_pre_ok[j];
+        kv_row_shared<V, KV>(sm_pre[0][j], lane, hd, ok[u], kx[u]);
+        kv_row_shared<V, KV>(sm_pre[1][j], lane, hd, ok[u], vx[u]);
         continue;
       }
       const int slot = cache_slot(a, table, r + u * kAttnWarps, r1);
