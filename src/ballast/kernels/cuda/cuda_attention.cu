@@ -5,7 +5,9 @@
 //
 // Kernels, in stream order:
 // 1. the new rows' K and V go to the caches at slot_mapping (a row attends to itself and to the
-//    rows before it: the write completes before any read, by stream order);
+//    rows before it: the write completes before any read, by stream order); gated_attention with
+//    one new row a sequence has none: kernel 2 norms and rotates q and K from the projections,
+//    writes the new row itself and copies the rows before it from the caches before its wait;
 // 2. rows of sequences with few new rows (decode, verification; all rows when max_query_len <
 //    kTileMinRows): one block of 4 warps per (row, up to 4 query heads of one KV head, kv split),
 //    each cache row loaded once for the block's heads; each warp streams every 4th cache row of
@@ -23,7 +25,7 @@
 //    3xTF32, attention_bf16_kernel under CudaOptions::bf16_matmul, attention_wgmma_kernel there
 //    instead on Hopper with sm_90a code over bf16 caches, 64 cache rows a step), else on the SIMT
 //    cores (attention_tiled_kernel, 32-row tiles);
-// 4. with splits, the merge of the partials of kernel 2's rows.
+// 4. with splits, the merge of the partials of kernel 2's rows (gated_attention: times sigmoid(gate)).
 #include <algorithm>
 #include <bit>
 #include <cmath>
