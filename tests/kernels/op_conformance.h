@@ -1129,6 +1129,64 @@ inline void reference_attention_row(const float* q, const std::vector<float>& ke
   }
 }
 
+// Sequences' rows in paged caches, for the attention tests: block tables of W entries (the last a
+// spare -1) drawn from a shuffled pool of blocks (a sequence's blocks neither contiguous nor
+// ordered), the host's copy of the caches (garbage where no row is: a backend must not read it) and
+// each sequence's rows in order. Seeds: garbage `seed` and seed + 1, sequence b's prior rows seed +
+// 10 + b (K) and seed + 20 + b (V, times v_scale).
+struct PagedCaches {
+  int64_t bs, row, W, blocks;
+  std::vector<int32_t> tables;
+  std::vector<float> kc, vc;
+  std::vector<std::vector<float>> keys, values;
+
+  PagedCaches(const std::vector<int>& prior, int max_len, int64_t bs_, int64_t row_, uint32_t shuffle_seed,
+              uint32_t seed, float v_scale = 1.0f)
+      : bs(bs_), row(row_), W((max_len + bs_ - 1) / bs_ + 1), blocks(int64_t(prior.size()) * W + 5) {
+    const int B = int(prior.size());
+    std::vector<int32_t> pool_ids(static_cast<size_t>(blocks));
+    std::iota(pool_ids.begin(), pool_ids.end(), 0);
+    std::shuffle(pool_ids.begin(), pool_ids.end(), std::mt19937(shuffle_seed));
+    tables.assign(size_t(B * W), -1);
+    for (int b = 0; b < B; ++b)
+      for (int64_t j = 0; j + 1 < W; ++j) tables[size_t(b * W + j)] = pool_ids[size_t(b * (W - 1) + j)];
+    kc = randn(size_t(blocks * bs * row), seed, 100.0f);
+    vc = randn(kc.size(), seed + 1, 100.0f);
+    keys.resize(size_t(B));
+    values.resize(size_t(B));
+    for (int b = 0; b < B; ++b) {
+      const std::vector<float> k = randn(size_t(prior[size_t(b)] * row), seed + 10 + uint32_t(b));
+      const std::vector<float> v = randn(size_t(prior[size_t(b)] * row), seed + 20 + uint32_t(b), v_scale);
+      for (int r = 0; r < prior[size_t(b)]; ++r) append(b, k.data() + r * row, v.data() + r * row);
+    }
+  }
+  // The row of the flat caches holding sequence b's row r.
+  int64_t cache_row(int b, int r) const { return int64_t(tables[size_t(b * W + r / bs)]) * bs + r % bs; }
+  int rows(int b) const { return int(keys[size_t(b)].size() / size_t(row)); }
+  // A pass of n[b] new rows a sequence after the rows it holds: their slots, kv_lens, the tables
+  // (the rows themselves go in with append()).
+  HostLayout pass(const std::vector<int>& n) const {
+    HostLayout h;
+    h.block_size = int(bs);
+    h.width = int(W);
+    h.block_tables = tables;
+    for (size_t b = 0; b < n.size(); ++b) {
+      for (int i = 0; i < n[b]; ++i) h.slot_mapping.push_back(int32_t(cache_row(int(b), rows(int(b)) + i)));
+      h.cu.push_back(h.cu.back() + n[b]);
+      h.kv_lens.push_back(rows(int(b)) + n[b]);
+    }
+    return h;
+  }
+  // K and V rows (row elements each) after sequence b's rows, in the host's caches too.
+  void append(int b, const float* k, const float* v) {
+    const int64_t at = cache_row(b, rows(b)) * row;
+    keys[size_t(b)].insert(keys[size_t(b)].end(), k, k + row);
+    values[size_t(b)].insert(values[size_t(b)].end(), v, v + row);
+    std::copy_n(k, row, kc.begin() + at);
+    std::copy_n(v, row, vc.begin() + at);
+  }
+};
+
 struct AttentionCase {
   int64_t Hq, Hkv, hd;
   int block_size;
@@ -1149,53 +1207,19 @@ TEST_P(OpConformance, PagedAttentionMatchesDenseCausalSoftmax) {
     const int k = ac.grow;
     const std::vector<int> prior{0, 12 * k, 3 * k, 30 * k};
     const std::vector<std::vector<int>> passes{{5 * k, 1, 17 * k, 9 * k}, {1, 3, 1, 1}};
-    const int B = 4, max_len = 41 * k;
-    const int64_t W = (max_len + bs - 1) / bs + 1;  // one spare entry per table, padded with -1
-    const int64_t blocks = B * W + 5;
-    // Block tables: a shuffled pool, so a sequence's blocks are neither contiguous nor ordered.
-    std::vector<int32_t> pool_ids(static_cast<size_t>(blocks));
-    std::iota(pool_ids.begin(), pool_ids.end(), 0);
-    std::shuffle(pool_ids.begin(), pool_ids.end(), std::mt19937(uint32_t(bs * 7 + Hq)));
-    std::vector<int32_t> tables(size_t(B * W), -1);
-    for (int b = 0; b < B; ++b)
-      for (int64_t j = 0; j + 1 < W; ++j) tables[size_t(b * W + j)] = pool_ids[size_t(b * (W - 1) + j)];
-    const auto cache_row = [&](int b, int r) {  // the row of the flat cache holding b's row r
-      return int64_t(tables[size_t(b * W + r / bs)]) * bs + r % bs;
-    };
-    // The host's copy of the caches: garbage everywhere (a backend must not read it), then the
-    // sequences' prior rows where their tables put them.
-    std::vector<float> kc = randn(size_t(blocks * bs * row), 30, 100.0f), vc = randn(kc.size(), 31, 100.0f);
-    std::vector<std::vector<float>> keys(B), values(B);  // every sequence's rows in order
-    for (int b = 0; b < B; ++b) {
-      keys[size_t(b)] = randn(size_t(prior[size_t(b)] * row), 40 + b);
-      values[size_t(b)] = randn(size_t(prior[size_t(b)] * row), 50 + b);
-      for (int r = 0; r < prior[size_t(b)]; ++r) {
-        std::copy_n(keys[size_t(b)].begin() + r * row, row, kc.begin() + cache_row(b, r) * row);
-        std::copy_n(values[size_t(b)].begin() + r * row, row, vc.begin() + cache_row(b, r) * row);
-      }
-    }
-    Tensor k_cache = f32(kc, {blocks, bs, Hkv, hd}), v_cache = f32(vc, {blocks, bs, Hkv, hd});
+    const int B = 4;
+    PagedCaches pc(prior, 41 * k, bs, row, uint32_t(bs * 7 + Hq), 30);
+    Tensor k_cache = f32(pc.kc, {pc.blocks, bs, Hkv, hd}), v_cache = f32(pc.vc, {pc.blocks, bs, Hkv, hd});
     for (size_t p = 0; p < passes.size(); ++p) {
-      HostLayout h;
-      h.block_size = int(bs);
-      h.width = int(W);
-      h.block_tables = tables;
+      const HostLayout h = pc.pass(passes[p]);
       std::vector<float> k_new, v_new;
       for (int b = 0; b < B; ++b) {
-        const int n = passes[p][size_t(b)], have = int(keys[size_t(b)].size() / size_t(row));
+        const int n = passes[p][size_t(b)];
         const std::vector<float> kn = randn(size_t(n * row), uint32_t(100 + p * 10 + b));
         const std::vector<float> vn = randn(size_t(n * row), uint32_t(200 + p * 10 + b));
         k_new.insert(k_new.end(), kn.begin(), kn.end());
         v_new.insert(v_new.end(), vn.begin(), vn.end());
-        keys[size_t(b)].insert(keys[size_t(b)].end(), kn.begin(), kn.end());
-        values[size_t(b)].insert(values[size_t(b)].end(), vn.begin(), vn.end());
-        for (int i = 0; i < n; ++i) {
-          h.slot_mapping.push_back(int32_t(cache_row(b, have + i)));
-          std::copy_n(kn.begin() + i * row, row, kc.begin() + cache_row(b, have + i) * row);
-          std::copy_n(vn.begin() + i * row, row, vc.begin() + cache_row(b, have + i) * row);
-        }
-        h.cu.push_back(h.cu.back() + n);
-        h.kv_lens.push_back(have + n);
+        for (int i = 0; i < n; ++i) pc.append(b, kn.data() + i * row, vn.data() + i * row);
       }
       const int64_t T = h.cu.back();
       const std::vector<float> q = randn(size_t(T * Hq * hd), uint32_t(300 + p));
@@ -1209,14 +1233,14 @@ TEST_P(OpConformance, PagedAttentionMatchesDenseCausalSoftmax) {
         for (int i = 0; i < n; ++i) {
           const int64_t t = h.cu[size_t(b)] + i, len = kv - n + i + 1;
           for (int64_t hq = 0; hq < Hq; ++hq)
-            reference_attention_row(q.data() + (t * Hq + hq) * hd, keys[size_t(b)], values[size_t(b)], len, row,
+            reference_attention_row(q.data() + (t * Hq + hq) * hd, pc.keys[size_t(b)], pc.values[size_t(b)], len, row,
                                     hq / (Hq / Hkv) * hd, hd, want.data() + (t * Hq + hq) * hd);
         }
       }
       EXPECT_TRUE(all_near(floats(out), want, 2e-5, 1e-4)) << "pass " << p;
       // The new rows landed at slot_mapping; nothing else in the caches changed.
-      EXPECT_EQ(floats(k_cache), kc) << "pass " << p;
-      EXPECT_EQ(floats(v_cache), vc) << "pass " << p;
+      EXPECT_EQ(floats(k_cache), pc.kc) << "pass " << p;
+      EXPECT_EQ(floats(v_cache), pc.vc) << "pass " << p;
     }
   }
 }
@@ -1248,42 +1272,15 @@ TEST_P(OpConformance, GatedAttentionNormsRotatesAttendsAndGates) {
         for (const auto& p : passes) len += p[size_t(b)];
         max_len = std::max(max_len, len);
       }
-      const int64_t W = (max_len + bs - 1) / bs + 1, blocks = B * W + 5;
-      std::vector<int32_t> pool_ids(static_cast<size_t>(blocks));
-      std::iota(pool_ids.begin(), pool_ids.end(), 0);
-      std::shuffle(pool_ids.begin(), pool_ids.end(), std::mt19937(uint32_t(B + hd)));
-      std::vector<int32_t> tables(size_t(B * W), -1);
-      for (int b = 0; b < B; ++b)
-        for (int64_t j = 0; j + 1 < W; ++j) tables[size_t(b * W + j)] = pool_ids[size_t(b * (W - 1) + j)];
-      const auto cache_row = [&](int b, int r) { return int64_t(tables[size_t(b * W + r / bs)]) * bs + r % bs; };
-      std::vector<float> kc = randn(size_t(blocks * bs * row), 70, 100.0f), vc = randn(kc.size(), 71, 100.0f);
-      std::vector<std::vector<float>> keys(static_cast<size_t>(B)), values(static_cast<size_t>(B));
-      for (int b = 0; b < B; ++b) {
-        keys[size_t(b)] = randn(size_t(prior[size_t(b)] * row), uint32_t(80 + b));
-        values[size_t(b)] = randn(size_t(prior[size_t(b)] * row), uint32_t(90 + b), 2.0f);
-        for (int r = 0; r < prior[size_t(b)]; ++r) {
-          std::copy_n(keys[size_t(b)].begin() + r * row, row, kc.begin() + cache_row(b, r) * row);
-          std::copy_n(values[size_t(b)].begin() + r * row, row, vc.begin() + cache_row(b, r) * row);
-        }
-      }
-      Tensor k_cache = f32(kc, {blocks, bs, Hkv, hd}), v_cache = f32(vc, {blocks, bs, Hkv, hd});
+      PagedCaches pc(prior, max_len, bs, row, uint32_t(B + hd), 70, 2.0f);
+      Tensor k_cache = f32(pc.kc, {pc.blocks, bs, Hkv, hd}), v_cache = f32(pc.vc, {pc.blocks, bs, Hkv, hd});
       std::vector<size_t> new_slots;  // every pass's so far
       for (size_t p = 0; p < passes.size(); ++p) {
         SCOPED_TRACE("hd=" + std::to_string(hd) + " B=" + std::to_string(B) + " pass " + std::to_string(p));
-        HostLayout h;
-        h.block_size = bs;
-        h.width = int(W);
-        h.block_tables = tables;
+        const HostLayout h = pc.pass(passes[p]);
         std::vector<int32_t> pos;
-        for (int b = 0; b < B; ++b) {
-          const int n = passes[p][size_t(b)], have = int(keys[size_t(b)].size() / size_t(row));
-          for (int i = 0; i < n; ++i) {
-            pos.push_back(have + i);
-            h.slot_mapping.push_back(int32_t(cache_row(b, have + i)));
-          }
-          h.cu.push_back(h.cu.back() + n);
-          h.kv_lens.push_back(have + n);
-        }
+        for (int b = 0; b < B; ++b)
+          for (int i = 0; i < passes[p][size_t(b)]; ++i) pos.push_back(pc.rows(b) + i);
         const int64_t T = h.cu.back();
         const std::vector<float> qg = randn(size_t(T * Hq * 2 * hd), uint32_t(400 + p + B));
         const std::vector<float> k_raw = randn(size_t(T * row), uint32_t(500 + p + B));
@@ -1291,16 +1288,13 @@ TEST_P(OpConformance, GatedAttentionNormsRotatesAttendsAndGates) {
         // The new rows' K as the reference norms and rotates it, appended to each sequence's rows.
         for (int b = 0; b < B; ++b)
           for (int64_t t = h.cu[size_t(b)]; t < h.cu[size_t(b) + 1]; ++t) {
-            for (int64_t kh = 0; kh < Hkv; ++kh) {
-              const std::vector<double> y =
-                  reference_qk_head(k_raw.data() + (t * Hkv + kh) * hd, kw, c.wdt, hd, c.rot, theta, eps, pos[size_t(t)]);
-              for (const double e : y) keys[size_t(b)].push_back(float(e));
-            }
-            values[size_t(b)].insert(values[size_t(b)].end(), v_new.begin() + t * row, v_new.begin() + (t + 1) * row);
-            const size_t slot = size_t(h.slot_mapping[size_t(t)]);
-            std::copy_n(keys[size_t(b)].end() - row, row, kc.begin() + int64_t(slot) * row);
-            std::copy_n(v_new.begin() + t * row, row, vc.begin() + int64_t(slot) * row);
-            new_slots.push_back(slot);
+            std::vector<float> kr;
+            for (int64_t kh = 0; kh < Hkv; ++kh)
+              for (const double e : reference_qk_head(k_raw.data() + (t * Hkv + kh) * hd, kw, c.wdt, hd, c.rot, theta,
+                                                      eps, pos[size_t(t)]))
+                kr.push_back(float(e));
+            pc.append(b, kr.data(), v_new.data() + t * row);
+            new_slots.push_back(size_t(h.slot_mapping[size_t(t)]));
           }
         Tensor q = be().alloc({T, Hq, hd}, DType::F32), gate = be().alloc({T, Hq, hd}, DType::F32);
         Tensor k = f32(k_raw, {T, Hkv, hd}), out = be().alloc({T, Hq, hd}, DType::F32);
@@ -1318,8 +1312,8 @@ TEST_P(OpConformance, GatedAttentionNormsRotatesAttendsAndGates) {
               const std::vector<double> qd = reference_qk_head(src, qw, c.wdt, hd, c.rot, theta, eps, pos[size_t(t)]);
               const std::vector<float> qf(qd.begin(), qd.end());
               double* o = want.data() + (t * Hq + hq) * hd;
-              reference_attention_row(qf.data(), keys[size_t(b)], values[size_t(b)], len, row, hq / (Hq / Hkv) * hd, hd,
-                                      o);
+              reference_attention_row(qf.data(), pc.keys[size_t(b)], pc.values[size_t(b)], len, row, hq / (Hq / Hkv) * hd,
+                                      hd, o);
               for (int64_t e = 0; e < hd; ++e) o[e] /= 1.0 + std::exp(-double(src[hd + e]));
             }
           }
@@ -1329,12 +1323,12 @@ TEST_P(OpConformance, GatedAttentionNormsRotatesAttendsAndGates) {
         std::vector<float> got_k = floats(k_cache);
         for (const size_t slot : new_slots) {
           const std::vector<float> g(got_k.begin() + int64_t(slot) * row, got_k.begin() + int64_t(slot + 1) * row),
-              w(kc.begin() + int64_t(slot) * row, kc.begin() + int64_t(slot + 1) * row);
+              w(pc.kc.begin() + int64_t(slot) * row, pc.kc.begin() + int64_t(slot + 1) * row);
           EXPECT_TRUE(all_near(g, w, 1e-5, 1e-5)) << "K at slot " << slot;
           std::copy(w.begin(), w.end(), got_k.begin() + int64_t(slot) * row);
         }
-        EXPECT_EQ(got_k, kc);
-        EXPECT_EQ(floats(v_cache), vc);
+        EXPECT_EQ(got_k, pc.kc);
+        EXPECT_EQ(floats(v_cache), pc.vc);
       }
     };
     run({0, 12, 3, 300}, {{5, 1, 17, 1}, {1, 1, 1, 1}});
