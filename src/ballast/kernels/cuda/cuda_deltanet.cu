@@ -245,10 +245,11 @@ __device__ __forceinline__ void normalized_qk(const RuleArgs& a, int64_t t, int 
 }
 
 // Recurrent form. Block (sequence, value head, column slice); RPT >= ceil(dk / kRecWarps) rows of the
-// state per thread: rows p = warp + kRecWarps * r.
+// state per thread: rows p = warp + kRecWarps * r. The state is loaded before the wait, while the
+// kernel before (the conv) runs: only this kernel writes a sequence's state slot, and its earlier
+// launches are done (the kernel before has passed its own wait).
 template <int RPT>
 __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(const RuleArgs a) {
-  wait_for_prior_kernels();
   const int b = int(blockIdx.x), h = int(blockIdx.y);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
   const int j = int(blockIdx.z) * kSlice + lane;  // this thread's column of dv
@@ -273,6 +274,7 @@ __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(co
       S[r] = (p < dk && col) ? src[int64_t(p) * dv + j] : 0.0f;
     }
   }
+  wait_for_prior_kernels();
   for (int64_t i = 0; i < s.n; ++i) {
     const int64_t t = s.t0 + i;
     // Normalised q and k, every warp for itself.
