@@ -197,6 +197,15 @@ struct HostLayout {
   int num_seqs() const { return int(cu.size()) - 1; }
   // Sequence b verifies drafts (its first snapshot slot is given).
   bool verifying(int b) const { return snapshot_width > 0 && snapshot_slots[size_t(b * snapshot_width)] >= 0; }
+  // fn(b, t, len) for each new row t of each sequence b: row i of b's n new rows sees b's cache rows
+  // [0, len), len = kv_len - n + i + 1 (causal attention's reach).
+  template <typename F>
+  void each_new_row(F fn) const {
+    for (int b = 0; b < num_seqs(); ++b) {
+      const int n = cu[size_t(b) + 1] - cu[size_t(b)], kv = kv_lens[size_t(b)];
+      for (int i = 0; i < n; ++i) fn(b, int64_t(cu[size_t(b)]) + i, int64_t(kv - n + i + 1));
+    }
+  }
 };
 
 // The truncated sampling distribution, computed independently of sampling.h, in double.
@@ -1226,17 +1235,13 @@ TEST_P(OpConformance, PagedAttentionMatchesDenseCausalSoftmax) {
       Tensor out = be().alloc({T, Hq, hd}, DType::F32);
       ops().attention(f32(q, {T, Hq, hd}), f32(k_new, {T, Hkv, hd}), f32(v_new, {T, Hkv, hd}), k_cache, v_cache,
                       layout(h), out);
-      // Dense reference: row i of b's n new rows sees b's rows [0, kv_len - n + i].
+      // Dense reference over each row's causal reach.
       std::vector<double> want(size_t(T * Hq * hd));
-      for (int b = 0; b < B; ++b) {
-        const int n = passes[p][size_t(b)], kv = h.kv_lens[size_t(b)];
-        for (int i = 0; i < n; ++i) {
-          const int64_t t = h.cu[size_t(b)] + i, len = kv - n + i + 1;
-          for (int64_t hq = 0; hq < Hq; ++hq)
-            reference_attention_row(q.data() + (t * Hq + hq) * hd, pc.keys[size_t(b)], pc.values[size_t(b)], len, row,
-                                    hq / (Hq / Hkv) * hd, hd, want.data() + (t * Hq + hq) * hd);
-        }
-      }
+      h.each_new_row([&](int b, int64_t t, int64_t len) {
+        for (int64_t hq = 0; hq < Hq; ++hq)
+          reference_attention_row(q.data() + (t * Hq + hq) * hd, pc.keys[size_t(b)], pc.values[size_t(b)], len, row,
+                                  hq / (Hq / Hkv) * hd, hd, want.data() + (t * Hq + hq) * hd);
+      });
       EXPECT_TRUE(all_near(floats(out), want, 2e-5, 1e-4)) << "pass " << p;
       // The new rows landed at slot_mapping; nothing else in the caches changed.
       EXPECT_EQ(floats(k_cache), pc.kc) << "pass " << p;
@@ -1303,21 +1308,17 @@ TEST_P(OpConformance, GatedAttentionNormsRotatesAttendsAndGates) {
         ops().gated_attention(f32(qg, {T, Hq, 2 * hd}), r, q, gate, k, f32(v_new, {T, Hkv, hd}), k_cache, v_cache,
                               layout(h), out);
         std::vector<double> want(size_t(T * Hq * hd));
-        for (int b = 0; b < B; ++b) {
-          const int n = passes[p][size_t(b)], kv = h.kv_lens[size_t(b)];
-          for (int i = 0; i < n; ++i) {
-            const int64_t t = h.cu[size_t(b)] + i, len = kv - n + i + 1;
-            for (int64_t hq = 0; hq < Hq; ++hq) {
-              const float* src = qg.data() + (t * Hq + hq) * 2 * hd;
-              const std::vector<double> qd = reference_qk_head(src, qw, c.wdt, hd, c.rot, theta, eps, pos[size_t(t)]);
-              const std::vector<float> qf(qd.begin(), qd.end());
-              double* o = want.data() + (t * Hq + hq) * hd;
-              reference_attention_row(qf.data(), pc.keys[size_t(b)], pc.values[size_t(b)], len, row, hq / (Hq / Hkv) * hd,
-                                      hd, o);
-              for (int64_t e = 0; e < hd; ++e) o[e] /= 1.0 + std::exp(-double(src[hd + e]));
-            }
+        h.each_new_row([&](int b, int64_t t, int64_t len) {
+          for (int64_t hq = 0; hq < Hq; ++hq) {
+            const float* src = qg.data() + (t * Hq + hq) * 2 * hd;
+            const std::vector<double> qd = reference_qk_head(src, qw, c.wdt, hd, c.rot, theta, eps, pos[size_t(t)]);
+            const std::vector<float> qf(qd.begin(), qd.end());
+            double* o = want.data() + (t * Hq + hq) * hd;
+            reference_attention_row(qf.data(), pc.keys[size_t(b)], pc.values[size_t(b)], len, row, hq / (Hq / Hkv) * hd,
+                                    hd, o);
+            for (int64_t e = 0; e < hd; ++e) o[e] /= 1.0 + std::exp(-double(src[hd + e]));
           }
-        }
+        });
         EXPECT_TRUE(all_near(floats(out), want, 2e-5, 1e-4));
         // The new rows' K (within the norm's rounding) and V at their slots; nothing else changed.
         std::vector<float> got_k = floats(k_cache);

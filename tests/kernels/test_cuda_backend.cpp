@@ -502,6 +502,18 @@ TEST(CudaBackend, Fp8MatmulEqualsTheProductOfWhatItMultiplies) {
 // 256 round Q and the softmax's P too; P's rounding, 2^-9 of each p, moves an output by at most
 // 2^-9 sum_s p_s |v_s| / sum_s p_s, allowed twice over). Without the tensor cores (decode rows, other
 // head dims) only K and V are rounded (in a bf16 cache): 1e-5 of sum_s p_s |v_s| / sum_s p_s.
+// A layout's block tables only (B sequences of W entries, the last a spare -1): sequence b's blocks
+// in order after every later sequence's, so that no sequence starts at block 0.
+HostLayout reversed_tables(int B, int W, int64_t bs) {
+  HostLayout h;
+  h.block_size = int(bs);
+  h.width = W;
+  h.block_tables.assign(size_t(B * W), -1);
+  for (int b = 0; b < B; ++b)
+    for (int j = 0; j + 1 < W; ++j) h.block_tables[size_t(b * W + j)] = (B - 1 - b) * (W - 1) + j;
+  return h;
+}
+
 class CudaBf16Products : public OpConformance {
  protected:
   void expect_attention_of_rounded_operands(int64_t hd, const std::vector<int>& prior, const std::vector<int>& fresh,
@@ -512,12 +524,7 @@ class CudaBf16Products : public OpConformance {
     };
     const int64_t Hkv = 2, row = Hkv * hd;
     const int B = 2, W = 23;  // up to 340 rows of a sequence: 22 blocks of (at least) 16 rows, and a spare entry
-    HostLayout h;
-    h.block_size = int(bs);
-    h.width = W;
-    h.block_tables.assign(size_t(B * W), -1);
-    for (int b = 0; b < B; ++b)
-      for (int j = 0; j + 1 < W; ++j) h.block_tables[size_t(b * W + j)] = (B - 1 - b) * (W - 1) + j;
+    HostLayout h = reversed_tables(B, W, bs);
     const int64_t blocks = B * (W - 1);
     std::vector<float> kc(size_t(blocks * bs * row), 0.0f), vc(kc.size(), 0.0f), k_new, v_new;
     std::vector<std::vector<float>> keys(B), values(B);
@@ -629,12 +636,7 @@ TEST_P(CudaBf16Products, GatedAttentionAtDecodeIsItsThreeOpsBitForBit) {
       std::vector<int> prior(static_cast<size_t>(B));
       for (int b = 0; b < B; ++b) prior[size_t(b)] = B == 5 ? std::vector<int>{40, 0, 2000, 7, 300}[size_t(b)] : b % 9;
       const int W = *std::max_element(prior.begin(), prior.end()) / int(bs) + 2;
-      HostLayout h;
-      h.block_size = int(bs);
-      h.width = W;
-      h.block_tables.assign(size_t(B * W), -1);
-      for (int b = 0; b < B; ++b)
-        for (int j = 0; j + 1 < W; ++j) h.block_tables[size_t(b * W + j)] = (B - 1 - b) * (W - 1) + j;
+      HostLayout h = reversed_tables(B, W, bs);
       const int64_t blocks = int64_t(B) * (W - 1);
       std::vector<int32_t> pos;
       for (int b = 0; b < B; ++b) {
