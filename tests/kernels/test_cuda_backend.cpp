@@ -493,15 +493,6 @@ TEST(CudaBackend, Fp8MatmulEqualsTheProductOfWhatItMultiplies) {
   }
 }
 
-// Ops of a backend with bf16 products (the default outside the reference tests), with the
-// conformance fixture's helpers.
-//
-// Attention over caches of `cache` (F32, or BF16 as CudaBackend keeps them under bf16 products),
-// two sequences (`prior` rows cached before their `fresh` new ones), GQA, head dim hd, against the
-// softmax in double of bf16-rounded K and V (and Q where `tensor_cores`: the tiles of 64, 128 and
-// 256 round Q and the softmax's P too; P's rounding, 2^-9 of each p, moves an output by at most
-// 2^-9 sum_s p_s |v_s| / sum_s p_s, allowed twice over). Without the tensor cores (decode rows, other
-// head dims) only K and V are rounded (in a bf16 cache): 1e-5 of sum_s p_s |v_s| / sum_s p_s.
 // A layout's block tables only (B sequences of W entries, the last a spare -1): sequence b's blocks
 // in order after every later sequence's, so that no sequence starts at block 0.
 HostLayout reversed_tables(int B, int W, int64_t bs) {
@@ -514,6 +505,15 @@ HostLayout reversed_tables(int B, int W, int64_t bs) {
   return h;
 }
 
+// Ops of a backend with bf16 products (the default outside the reference tests), with the
+// conformance fixture's helpers.
+//
+// Attention over caches of `cache` (F32, or BF16 as CudaBackend keeps them under bf16 products),
+// two sequences (`prior` rows cached before their `fresh` new ones), GQA, head dim hd, against the
+// softmax in double of bf16-rounded K and V (and Q where `tensor_cores`: the tiles of 64, 128 and
+// 256 round Q and the softmax's P too; P's rounding, 2^-9 of each p, moves an output by at most
+// 2^-9 sum_s p_s |v_s| / sum_s p_s, allowed twice over). Without the tensor cores (decode rows, other
+// head dims) only K and V are rounded (in a bf16 cache): 1e-5 of sum_s p_s |v_s| / sum_s p_s.
 class CudaBf16Products : public OpConformance {
  protected:
   void expect_attention_of_rounded_operands(int64_t hd, const std::vector<int>& prior, const std::vector<int>& fresh,

@@ -45,11 +45,6 @@ __device__ __forceinline__ int64_t grid_threads() { return int64_t(gridDim.x) * 
 
 __device__ __forceinline__ float softplus_(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-__device__ __forceinline__ double warp_sum(double v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 // The sum of v over a block of kThreads threads, the same value (same order) in every thread.
 __device__ __forceinline__ double block_sum(double v, double* shared /* [kWarps] */) {
   v = warp_sum(v);

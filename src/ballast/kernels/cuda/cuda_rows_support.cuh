@@ -171,6 +171,13 @@ void round_to_16bit(const float* x, H* out, int64_t n, cudaStream_t stream) {
   launch(round_to_16bit_kernel<H>, unsigned(blocks < 4096 ? blocks : 4096), 256, 0, stream, x, out, n);
 }
 
+// The sum of v over the warp, the same value (same order) in every lane.
+__device__ __forceinline__ double warp_sum(double v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
 // NeoX RoPE's inverse frequencies, by value (a kernel parameter): v[i] = theta^(-2i / rot), i < rot / 2.
 template <int CAP>
 struct InvFreq {
@@ -202,8 +209,7 @@ __device__ __forceinline__ void norm_rope_row(const float* src, const void* w, D
   double ss = 0;
 #pragma unroll
   for (int m = 0; m < PER; ++m) ss += double(v[m]) * v[m];
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, off);
+  ss = warp_sum(ss);
   const float inv = 1.0f / sqrtf(float(ss / double(hd)) + eps);  // as rms_norm
 #pragma unroll
   for (int m = 0; m < PER; ++m) {
