@@ -180,6 +180,27 @@ RandomExperts random_experts(CudaBackend& be, DType dt, int64_t E, int64_t H, in
   return r;
 }
 
+// sum += weight * expert e (its weights as stored, r.stored) of the row x [H], in double; scale +=
+// the |terms| of down's sums (the bound an fp32 sum's rounding scales with).
+void add_expert_in_double(const RandomExperts& r, int32_t e, double weight, const float* x, int64_t H, int64_t I,
+                          std::vector<double>& sum, std::vector<double>& scale) {
+  const auto &gate = r.stored[size_t(e * 3)], &up = r.stored[size_t(e * 3 + 1)], &down = r.stored[size_t(e * 3 + 2)];
+  std::vector<double> h(static_cast<size_t>(I));
+  for (int64_t i = 0; i < I; ++i) {
+    double g = 0, u = 0;
+    for (int64_t c = 0; c < H; ++c) {
+      g += double(gate[size_t(i * H + c)]) * x[c];
+      u += double(up[size_t(i * H + c)]) * x[c];
+    }
+    h[size_t(i)] = g / (1.0 + std::exp(-g)) * u;
+  }
+  for (int64_t n = 0; n < H; ++n)
+    for (int64_t i = 0; i < I; ++i) {
+      sum[size_t(n)] += weight * down[size_t(n * I + i)] * h[size_t(i)];
+      scale[size_t(n)] += std::abs(weight * down[size_t(n * I + i)] * h[size_t(i)]);
+    }
+}
+
 // Grouped experts with bf16 matrix products: groups of more than 8 rows take the tensor cores
 // (x and h rounded to bf16), smaller ones the fp32 kernels. Reference in double from the same
 // rounded inputs; h's rounding may land one bf16 step apart where fp32 sums differ in order.
@@ -327,7 +348,6 @@ TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
     std::normal_distribution<float> nd(0.0f, 1.0f);
     const RandomExperts made = random_experts(be, cs.dt, E, H, I, 0.1f, rng, nd);
     const std::vector<SwigluWeights>& experts = made.experts;
-    const std::vector<std::vector<float>>& wf = made.stored;  // gate, up, down as stored
     std::vector<int32_t> ids(size_t(T * k));
     std::vector<float> w(size_t(T * k));
     for (int64_t t = 0; t < T; ++t) {
@@ -351,7 +371,7 @@ TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
     be.upload(x.data(), xd);
     be.upload(ids.data(), idd);
     be.upload(w.data(), wd);
-    ASSERT_TRUE(be.ops().moe_routed_fits(xd, idd, experts));
+    ASSERT_TRUE(be.ops().moe_routed_fits(xd, idd, experts, nullptr));
     std::vector<float> got[2];
     for (std::vector<float>& g : got) {
       be.upload(out0.data(), out);
@@ -368,22 +388,7 @@ TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
       for (int64_t j = 0; j < k; ++j) {
         const int32_t e = ids[size_t(t * k + j)];
         const double wj = w[size_t(t * k + j)];
-        if (e < 0 || wj == 0) continue;
-        const auto &gate = wf[size_t(e * 3)], &up = wf[size_t(e * 3 + 1)], &down = wf[size_t(e * 3 + 2)];
-        std::vector<double> h(static_cast<size_t>(I));
-        for (int64_t i = 0; i < I; ++i) {
-          double g = 0, u = 0;
-          for (int64_t c = 0; c < H; ++c) {
-            g += double(gate[size_t(i * H + c)]) * x[size_t(t * H + c)];
-            u += double(up[size_t(i * H + c)]) * x[size_t(t * H + c)];
-          }
-          h[size_t(i)] = g / (1.0 + std::exp(-g)) * u;
-        }
-        for (int64_t n = 0; n < H; ++n)
-          for (int64_t i = 0; i < I; ++i) {
-            want[size_t(n)] += wj * down[size_t(n * I + i)] * h[size_t(i)];
-            scale[size_t(n)] += std::abs(wj * down[size_t(n * I + i)] * h[size_t(i)]);
-          }
+        if (e >= 0 && wj != 0) add_expert_in_double(made, e, wj, &x[size_t(t * H)], H, I, want, scale);
       }
       for (int64_t n = 0; n < H; ++n)
         worst = std::max(worst, std::abs(got[0][size_t(t * H + n)] - want[size_t(n)]) / (scale[size_t(n)] + 1.0));
@@ -428,7 +433,7 @@ TEST(CudaBackend, RoutedExpertsInOnePassReportABadChoice) {
   for (const auto& [bad, what] : {std::pair{std::vector<int32_t>{0, 7}, "moe_routed: ids[1] = 7 not below 4 experts"},
                                   std::pair{std::vector<int32_t>{2, 1}, "moe_routed: ids[0] = 2 chooses an expert with no weights"}}) {
     be.upload(bad.data(), idd);
-    ASSERT_TRUE(be.ops().moe_routed_fits(xd, idd, experts));
+    ASSERT_TRUE(be.ops().moe_routed_fits(xd, idd, experts, nullptr));
     be.ops().moe_routed(xd, idd, wd, experts, out);
     test::expect_error([&] { be.download(out, back.data()); }, {what});
   }
@@ -873,9 +878,9 @@ TEST_P(CudaBf16Products, RoutedExpertsStartTheNextNormAtOneToken) {
       y.push_back(be().alloc({T, wi.dim(0)}, DType::F32));
       want.push_back(be().alloc({T, wi.dim(0)}, DType::F32));
     }
-    ASSERT_TRUE(ops().moe_routed_fits(x, idd, made.experts));
+    ASSERT_TRUE(ops().moe_routed_fits(x, idd, made.experts, nullptr));
     be().start_op_timing();
-    const PendingNorm n = ops().moe_routed_add_norm(x, idd, wd, made.experts, out, AddNorm{res, norm, eps, h, sums});
+    const PendingNorm n = ops().moe_routed_add_norm(x, idd, wd, made.experts, nullptr, out, AddNorm{res, norm, eps, h, sums});
     ops().matmul_many_normed(n, none, w, y);
     std::vector<std::string> names;
     for (const OpTime& t : be().stop_op_timing()) names.push_back(t.op);
@@ -900,6 +905,80 @@ TEST_P(CudaBf16Products, RoutedExpertsStartTheNextNormAtOneToken) {
     ops().matmul_many_normed(n, rows, {}, {});  // the rows alone: a kernel of their own
     EXPECT_TRUE(all_near(floats(rows), floats(h2), 1e-6, 1e-5));
   }
+}
+
+// A MoE layer's shared expert in moe_routed's pass (moe_routed_add_norm with it: a cluster a token
+// more, the shared expert each token's first choice, its weight the sigmoid of its gate's logit):
+// out is not read (NaN there adds nothing), the residual stream gets the shared expert's rows plus
+// the choices' against the sums in double over the weights as stored, and h is the norm of that
+// row. The 80B model's shapes (FP8, the shared expert as wide as a routed one) at 1-3 tokens, one
+// choice of no expert and one of weight 0, a gate logit far below 0; a shared expert of another
+// width is not taken.
+TEST_P(CudaBf16Products, SharedExpertInTheRoutedPassEqualsTheSumsOfItsProducts) {
+  const int64_t H = 2048, I = 512, E = 16, k = 10;
+  CudaBackend& cb = dynamic_cast<CudaBackend&>(be());
+  std::mt19937 rng(130);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  const RandomExperts made = random_experts(cb, DType::F8_E4M3_B128, E + 1, H, I, 0.1f, rng, nd);
+  const std::span<const SwigluWeights> routed(made.experts.data(), size_t(E));
+  const std::vector<float> nw = randn(size_t(H), 131, 0.1f);
+  const Tensor norm = f32(nw, {H});
+  const float eps = 1e-6f;
+  for (const int64_t T : {1, 2, 3}) {
+    SCOPED_TRACE("T=" + std::to_string(T));
+    std::vector<int32_t> ids(size_t(T * k));
+    std::vector<float> cw(size_t(T * k));
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<int32_t> order(static_cast<size_t>(E));
+      std::iota(order.begin(), order.end(), 0);
+      std::shuffle(order.begin(), order.end(), rng);
+      for (int64_t j = 0; j < k; ++j) ids[size_t(t * k + j)] = order[size_t(j)], cw[size_t(t * k + j)] = 0.05f + std::abs(nd(rng)) / 8;
+    }
+    ids[1] = -1, cw[1] = 0.0f;  // a padding row's choice
+    cw[2] = 0.0f;               // a choice of weight 0
+    const std::vector<float> logits = {0.3f, -30.0f, 1.5f}, x = randn(size_t(T * H), 132), res0 = randn(size_t(T * H), 133);
+    const Tensor xd = f32(x, {T, H}), idd = i32(ids, {T, k}), wd = f32(cw, {T, k});
+    const SharedExpert shared{made.experts[size_t(E)], f32(std::vector<float>(logits.begin(), logits.begin() + T), {T, 1})};
+    Tensor res = f32(res0, {T, H}), out = f32(std::vector<float>(size_t(T * H), NAN), {T, H});
+    Tensor h = be().alloc({T, H}, DType::F32), sums = be().alloc({T, ops().norm_parts(H)}, DType::F32);
+    ASSERT_TRUE(ops().moe_routed_fits(xd, idd, routed, &shared));
+    be().start_op_timing();
+    const PendingNorm n = ops().moe_routed_add_norm(xd, idd, wd, routed, &shared, out, AddNorm{res, norm, eps, h, sums});
+    if (n.parts > 0) ops().matmul_many_normed(n, h, {}, {});  // (one token: the norm's second half)
+    std::vector<std::string> names;
+    for (const OpTime& t : be().stop_op_timing()) names.push_back(t.op);
+    EXPECT_TRUE(std::any_of(names.begin(), names.end(), [](const std::string& op) {
+      return op.rfind("moe_routed with the shared expert", 0) == 0;
+    })) << "one pass with the shared expert in it";
+    const std::vector<float> got = floats(res), hv = floats(h);
+    double worst = 0, worst_h = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      std::vector<double> want(res0.begin() + t * H, res0.begin() + (t + 1) * H), scale(size_t(H), 1.0);
+      add_expert_in_double(made, int32_t(E), 1.0 / (1.0 + std::exp(-double(logits[size_t(t)]))), &x[size_t(t * H)], H, I,
+                           want, scale);
+      for (int64_t j = 0; j < k; ++j) {
+        const int32_t e = ids[size_t(t * k + j)];
+        if (e >= 0 && cw[size_t(t * k + j)] != 0) add_expert_in_double(made, e, cw[size_t(t * k + j)], &x[size_t(t * H)], H, I, want, scale);
+      }
+      double ss = 0;
+      for (int64_t c = 0; c < H; ++c) {
+        worst = std::max(worst, std::abs(got[size_t(t * H + c)] - want[size_t(c)]) / scale[size_t(c)]);
+        ss += double(got[size_t(t * H + c)]) * got[size_t(t * H + c)];
+      }
+      const double r = 1.0 / std::sqrt(ss / double(H) + eps);
+      for (int64_t c = 0; c < H; ++c) {
+        const double wh = got[size_t(t * H + c)] * r * (1.0 + nw[size_t(c)]);
+        worst_h = std::max(worst_h, std::abs(hv[size_t(t * H + c)] - wh) / (1.0 + std::abs(wh)));
+      }
+    }
+    EXPECT_LT(worst, 1e-5) << "relative to the sum of |products| (+ |res| ~ 1)";
+    EXPECT_LT(worst_h, 1e-5) << "h: the norm of the row";
+  }
+  // A shared expert of another width than the routed ones': the model computes it beside.
+  const RandomExperts narrow = random_experts(cb, DType::F8_E4M3_B128, 1, H, I / 2, 0.1f, rng, nd);
+  const SharedExpert other{narrow.experts[0], f32({0.0f}, {1, 1})};
+  EXPECT_FALSE(ops().moe_routed_fits(f32(randn(size_t(H), 134), {1, H}), i32(std::vector<int32_t>(size_t(k), 0), {1, k}),
+                                     routed, &other));
 }
 
 // The graphs a backend holds are counted with the device memory their instantiation took (bench

@@ -222,8 +222,10 @@ class RecordingBackend final : public kernels::Backend {
     void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) override {
       be_.issue([this, y = y, rows = rows, weights = weights, out = out]() mutable { inner().moe_combine(y, rows, weights, out); });
     }
-    bool moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const kernels::SwigluWeights> experts) const override {
-      return be_.inner_->ops().moe_routed_fits(x, ids, experts);
+    // (A shared expert in the pass is moe_routed_add_norm's, which these ops issue as its parts.)
+    bool moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const kernels::SwigluWeights> experts,
+                         const kernels::SharedExpert* shared) const override {
+      return shared == nullptr && be_.inner_->ops().moe_routed_fits(x, ids, experts, nullptr);
     }
     void moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights, std::span<const kernels::SwigluWeights> experts, Tensor& out) override {
       be_.issue([this, x = x, ids = ids, weights = weights, experts = std::vector<kernels::SwigluWeights>(experts.begin(), experts.end()), out = out]() mutable { inner().moe_routed(x, ids, weights, experts, out); });

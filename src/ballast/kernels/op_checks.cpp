@@ -458,7 +458,7 @@ ExpertsShape check_moe_experts(const Tensor& x, const Tensor& perm, const Tensor
 }
 
 RoutedShape check_moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                             std::span<const SwigluWeights> experts, const Tensor& out) {
+                             std::span<const SwigluWeights> experts, const SharedExpert* shared, const Tensor& out) {
   check(x.defined() && out.defined() && x.rank() == 2 && x.dtype() == DType::F32 && out.shape() == x.shape() &&
             out.dtype() == DType::F32,
         "moe_routed: x{} and out{} should be F32 [T, H] alike", x, out);
@@ -468,6 +468,11 @@ RoutedShape check_moe_routed(const Tensor& x, const Tensor& ids, const Tensor& w
   check(weights.defined() && weights.shape() == ids.shape() && weights.dtype() == DType::F32,
         "moe_routed: weights {} is not F32 shaped as ids {}", weights, ids);
   check_experts("moe_routed", experts, H);
+  if (shared) {
+    check(shared->w.gate.defined(), "moe_routed: the shared expert has no weights");
+    check_experts("moe_routed (shared expert)", std::span(&shared->w, 1), H);
+    expect("moe_routed", "shared expert's gate", shared->gate, DType::F32, T);
+  }
   return {T, H, ids.dim(1)};
 }
 

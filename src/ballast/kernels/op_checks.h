@@ -142,7 +142,7 @@ struct RoutedShape {
   int64_t T, H, k;  // tokens, width, choices per token
 };
 RoutedShape check_moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                             std::span<const SwigluWeights> experts, const Tensor& out);
+                             std::span<const SwigluWeights> experts, const SharedExpert* shared, const Tensor& out);
 struct CombineShape {
   int64_t T, H, M, k;  // rows of out, width, rows of y, choices per row
 };

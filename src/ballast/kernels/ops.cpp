@@ -20,7 +20,10 @@ PendingNorm Ops::matmul_add_norm(const Tensor& o, const Tensor& w_out, Tensor& d
 }
 
 PendingNorm Ops::moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                     std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) {
+                                     std::span<const SwigluWeights> experts, const SharedExpert* shared, Tensor& out,
+                                     const AddNorm& then) {
+  check(shared == nullptr, "moe_routed_add_norm: this backend computes a shared expert only beside the routed ones "
+        "(moe_routed_fits with it is false)");
   moe_routed(x, ids, weights, experts, out);
   return add_norm_finished(*this, then, out);
 }

@@ -30,6 +30,13 @@ struct SwigluWeights {
   size_t nbytes() const { return gate.storage_bytes() + up.storage_bytes() + down.storage_bytes(); }
 };
 
+// A MoE layer's shared expert beside its routed ones (Qwen's shared_expert and shared_expert_gate):
+// row t gets sigmoid(gate[t]) * w(x[t]). gate [T, 1] F32: the gate's logits.
+struct SharedExpert {
+  SwigluWeights w;
+  Tensor gate;
+};
+
 // How the T rows of a pass split into B sequences, and where each sequence's cache lives. The
 // tensors are I32 on the device; the counts are also given on the host (loop bounds and launch
 // shapes only, never data).
@@ -252,9 +259,11 @@ class Ops {
   virtual void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) = 0;
   // Whether moe_routed computes x's routed experts in one pass on this backend (a fast path for few
   // tokens: decode); where it does not, the caller groups the choices (group_by, moe_experts,
-  // moe_combine), which every backend does. A function of the shapes and dtypes alone.
-  virtual bool moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts) const {
-    (void)x, (void)ids, (void)experts;
+  // moe_combine), which every backend does. With `shared`: whether moe_routed_add_norm's pass
+  // computes that shared expert too. A function of the shapes and dtypes alone.
+  virtual bool moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts,
+                               const SharedExpert* shared) const {
+    (void)x, (void)ids, (void)experts, (void)shared;
     return false;
   }
   // out[t, :] += sum over j in order of weights[t, j] * experts[ids[t, j]](x[t, :]): what group_by,
@@ -268,9 +277,12 @@ class Ops {
   }
   // moe_routed into out, then `then` after it: finished, or left pending where the backend starts
   // the norm in the same pass (CUDA at one token: the last block of each slice of the row adds,
-  // weighs and sums squares as it stores).
+  // weighs and sums squares as it stores). With `shared` (where moe_routed_fits with it), the shared
+  // expert's rows take the place of out's contents as the sum's first term: out[t, :] = sigmoid(
+  // gate[t]) * w(x[t, :]) + the choices', in one pass (nothing beside it to join).
   virtual PendingNorm moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                          std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then);
+                                          std::span<const SwigluWeights> experts, const SharedExpert* shared,
+                                          Tensor& out, const AddNorm& then);
   // all_to_all_v's receiving half with the counts read on the device, no host wait: out [M, ...]
   // holds, by source in order, the sources[s].counts[me] rows that follow the first
   // sum(sources[s].counts[0..me)) rows of sources[s].rows (the same dtype and row size as out);

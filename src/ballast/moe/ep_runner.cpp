@@ -19,8 +19,9 @@ ExpertParallelRunner::ExpertParallelRunner(kernels::Backend& backend, const Disp
 kernels::PendingNorm ExpertParallelRunner::run_add_norm(int layer, const Tensor& x, const Tensor& ids,
                                                         const Tensor& weights,
                                                         std::span<const kernels::SwigluWeights> experts,
-                                                        kernels::Workspace& ws, Tensor& out,
-                                                        const kernels::AddNorm& then) {
+                                                        const kernels::SharedExpert* shared, kernels::Workspace& ws,
+                                                        Tensor& out, const kernels::AddNorm& then) {
+  check(shared == nullptr, "expert-parallel runner: the shared expert is not fused across ranks");
   run(layer, x, ids, weights, experts, ws, out);
   return kernels::add_norm_finished(ops_, then, out);
 }

@@ -28,10 +28,11 @@ class ExpertParallelRunner final : public MoeRunner {
 
   void run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
            std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) override;
-  // run, then the norm finished (the combine's rows arrive from other ranks).
+  // run, then the norm finished (the combine's rows arrive from other ranks). The shared expert is
+  // never fused here (fuses_shared is false): `shared` must be null.
   kernels::PendingNorm run_add_norm(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                    std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out,
-                                    const kernels::AddNorm& then) override;
+                                    std::span<const kernels::SwigluWeights> experts, const kernels::SharedExpert* shared,
+                                    kernels::Workspace& ws, Tensor& out, const kernels::AddNorm& then) override;
 
  private:
   kernels::Ops& ops_;

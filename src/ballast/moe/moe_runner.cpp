@@ -4,7 +4,7 @@ namespace ballast::moe {
 
 void LocalMoeRunner::run(int, const Tensor& x, const Tensor& ids, const Tensor& weights,
                          std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) {
-  if (ops_.moe_routed_fits(x, ids, experts)) {  // few tokens: one pass, no grouping
+  if (ops_.moe_routed_fits(x, ids, experts, nullptr)) {  // few tokens: one pass, no grouping
     ops_.join_side();
     ops_.moe_routed(x, ids, weights, experts, out);
     return;
@@ -22,11 +22,13 @@ void LocalMoeRunner::run(int, const Tensor& x, const Tensor& ids, const Tensor& 
 
 kernels::PendingNorm LocalMoeRunner::run_add_norm(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
                                                   std::span<const kernels::SwigluWeights> experts,
-                                                  kernels::Workspace& ws, Tensor& out, const kernels::AddNorm& then) {
-  if (ops_.moe_routed_fits(x, ids, experts)) {
+                                                  const kernels::SharedExpert* shared, kernels::Workspace& ws,
+                                                  Tensor& out, const kernels::AddNorm& then) {
+  if (ops_.moe_routed_fits(x, ids, experts, shared)) {
     ops_.join_side();
-    return ops_.moe_routed_add_norm(x, ids, weights, experts, out, then);
+    return ops_.moe_routed_add_norm(x, ids, weights, experts, shared, out, then);
   }
+  check(shared == nullptr, "MoE runner: the shared expert is fused only where the one pass takes it (fuses_shared)");
   run(layer, x, ids, weights, experts, ws, out);
   return kernels::add_norm_finished(ops_, then, out);
 }

@@ -21,10 +21,19 @@ class MoeRunner {
                    std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) = 0;
   // run, then what the model does after the layer (`then`: the residual add of out and the next
   // RMSNorm): left pending where the runner's last op can start the norm as it stores out
-  // (Ops::moe_routed_add_norm), otherwise finished.
+  // (Ops::moe_routed_add_norm), otherwise finished. `shared` (only where fuses_shared said yes):
+  // the layer's shared expert computed in the same pass, its rows in place of out's contents.
   virtual kernels::PendingNorm run_add_norm(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                            std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws,
-                                            Tensor& out, const kernels::AddNorm& then) = 0;
+                                            std::span<const kernels::SwigluWeights> experts,
+                                            const kernels::SharedExpert* shared, kernels::Workspace& ws, Tensor& out,
+                                            const kernels::AddNorm& then) = 0;
+  // Whether run_add_norm computes `shared` in the routed experts' pass for these shapes; where not,
+  // the model computes it itself (beside routing: Ops::side).
+  virtual bool fuses_shared(const Tensor& x, const Tensor& ids, std::span<const kernels::SwigluWeights> experts,
+                            const kernels::SharedExpert& shared) const {
+    (void)x, (void)ids, (void)experts, (void)shared;
+    return false;
+  }
 };
 
 // Every expert computed on the caller's rank: the choices grouped by expert, one grouped product
@@ -36,8 +45,13 @@ class LocalMoeRunner final : public MoeRunner {
   void run(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
            std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out) override;
   kernels::PendingNorm run_add_norm(int layer, const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                    std::span<const kernels::SwigluWeights> experts, kernels::Workspace& ws, Tensor& out,
-                                    const kernels::AddNorm& then) override;
+                                    std::span<const kernels::SwigluWeights> experts, const kernels::SharedExpert* shared,
+                                    kernels::Workspace& ws, Tensor& out, const kernels::AddNorm& then) override;
+  // Where the backend's one pass takes the shared expert too (Ops::moe_routed_fits with it).
+  bool fuses_shared(const Tensor& x, const Tensor& ids, std::span<const kernels::SwigluWeights> experts,
+                    const kernels::SharedExpert& shared) const override {
+    return ops_.moe_routed_fits(x, ids, experts, &shared);
+  }
 
  private:
   kernels::Ops& ops_;

@@ -77,6 +77,7 @@ using cuda::load_u4_after_wait;
 using cuda::load_after_wait;
 using cuda::switched_on;
 using cuda::mma_e4m3;
+using cuda::sigmoidf_;
 using cuda::silu_;
 using cuda::wait_for_prior_kernels;
 using cuda::cp_async16;
@@ -1927,7 +1928,9 @@ __global__ void combine_kernel(const float* y, int64_t M, const int32_t* rows,
 // its slice of down's rows; the last block to finish a slice of a token's output row (an arrival
 // count) adds every choice's rows into out in top-k order. So grouping, the tile lists, the two
 // expert passes and the combine are one kernel, no expert's rows wait for another's, and the sum is
-// the same from run to run.
+// the same from run to run. A shared expert (moe_routed_add_norm's) is each token's first choice:
+// one more cluster a token, its weight the sigmoid of its gate's logit, its rows the sum's first
+// term; so the layer's two experts' passes are one launch with nothing beside it to join.
 constexpr int kOnePassBlocks = 8;   // a cluster (the portable size)
 constexpr int kOnePassWarps = 8;
 constexpr int kOnePassThreads = 32 * kOnePassWarps;
@@ -1939,13 +1942,15 @@ struct OnePassArgs {
   const float* x;          // [T, H]
   const int32_t* ids;      // [T, k]
   const float* weights;    // [T, k]
-  const ExpertEntry* ex;   // [E]
-  float* part;             // [T * k * parts, H]: each (choice, part)'s rows of down . h
+  const ExpertEntry* ex;   // [E], or [E + 1] with the shared expert at E
+  float* part;             // [T * kk * parts, H]: each (choice, part)'s rows of down . h
   unsigned* arrivals;      // [T, kOnePassBlocks]: blocks done with each slice of a token's row (0 between launches)
   float* out;              // [T, H]
   int64_t H, I;            // every expert's
   int k, E, parts;
   Fault* fault;
+  const float* shared_gate = nullptr;  // [T]: the shared expert's gate logits (null: none)
+  int kk = 0;              // choices a token in the grid: k, + 1 with the shared expert (choice 0)
   // moe_routed_add_norm (res not null): the residual stream [T, H] gets out's sums added, out gets
   // (res + sums)(1 + w) and sums [T, ld] each slice's sum of the squares of res + sums.
   float* res = nullptr;
@@ -1955,9 +1960,20 @@ struct OnePassArgs {
   int64_t ld = 0;
 };
 
-// Whether choice c (t * k + j) adds anything: the same answer for every block that asks. A bad id
-// is reported where `reports`.
-__device__ __forceinline__ bool one_pass_choice(const OnePassArgs& a, int64_t c, bool reports, int32_t& id, float& w) {
+// Whether token t's choice j of the grid's kk adds anything: the same answer for every block that
+// asks. With a shared expert, j = 0 is it and j > 0 the routed choice j - 1. A bad id is reported
+// where `reports`.
+__device__ __forceinline__ bool one_pass_choice(const OnePassArgs& a, int64_t t, int j, bool reports, int32_t& id,
+                                                float& w) {
+  if (a.shared_gate != nullptr) {
+    if (j == 0) {
+      id = a.E;
+      w = sigmoidf_(load_after_wait(a.shared_gate + t));
+      return w != 0.0f;
+    }
+    --j;
+  }
+  const int64_t c = t * a.k + j;
   id = load_after_wait(a.ids + c);
   w = load_after_wait(a.weights + c);
   if (w == 0.0f || id < 0) return false;
@@ -1998,7 +2014,7 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
   const int rank = int(blockIdx.x);  // in the cluster (gridDim.x == kOnePassBlocks)
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int64_t H = a.H, I = a.I, Ip = I / a.parts, Ib = Ip / kOnePassBlocks, RB = H / kOnePassBlocks;
-  const int64_t c = blockIdx.y / a.parts, t = c / a.k, n_first = rank * RB;
+  const int64_t c = blockIdx.y / a.parts, t = c / a.kk, n_first = rank * RB;
   const int p = int(blockIdx.y % a.parts);
   float4* xs = smem;
   float* hp = reinterpret_cast<float*>(smem + H / 4);
@@ -2021,13 +2037,13 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
   }
   int32_t id;
   float wc;
-  const bool on = one_pass_choice(a, c, rank == 0 && p == 0 && threadIdx.x == 0, id, wc);
+  const bool on = one_pass_choice(a, t, int(c % a.kk), rank == 0 && p == 0 && threadIdx.x == 0, id, wc);
   // Every choice's weight for the token (0: it adds nothing), which the last block's sums need:
   // looked up now beside this block's own choice, off the chain that ends the launch.
-  for (int j = threadIdx.x; j < a.k; j += kOnePassThreads) {
+  for (int j = threadIdx.x; j < a.kk; j += kOnePassThreads) {
     int32_t idj;
     float wj;
-    wsum[j] = one_pass_choice(a, t * a.k + j, false, idj, wj) ? wj : 0.0f;
+    wsum[j] = one_pass_choice(a, t, j, false, idj, wj) ? wj : 0.0f;
   }
   if (on) {  // (the same for the whole cluster)
     const ExpertEntry ex = a.ex[id];
@@ -2163,7 +2179,7 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
     unsigned before;
     asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], 1;"
                  : "=r"(before) : "l"(a.arrivals + t * kOnePassBlocks + rank) : "memory");
-    last = before + 1 == unsigned(a.k * a.parts);
+    last = before + 1 == unsigned(a.kk * a.parts);
   }
   __syncthreads();
   if (last) {
@@ -2171,7 +2187,7 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
     // time they were a chain of k x parts round trips ending every launch), summed in the same
     // order as ever (each choice's parts, then its weight times them into out): the same bits.
     constexpr int kPartBatch = 32;
-    const int rows = a.k * a.parts;
+    const int rows = a.kk * a.parts;
     const float* slice = a.part + t * rows * H + n_first;  // (choice j, part pp) at row j * parts + pp
     float v[kPartBatch];
     auto fetch = [&](int64_t q, int u0) {
@@ -2182,7 +2198,7 @@ __global__ void __cluster_dims__(kOnePassBlocks, 1, 1) __launch_bounds__(kOnePas
     for (int64_t q = threadIdx.x; q < RB; q += kOnePassThreads) {
       fetch(q, 0);
       const int64_t at = t * H + n_first + q;
-      float acc = load_after_wait(a.out + at), y = 0.0f;
+      float acc = a.shared_gate ? 0.0f : load_after_wait(a.out + at), y = 0.0f;  // (the shared expert's rows replace it)
       const float r = a.res ? load_after_wait(a.res + at) : 0.0f;  // (beside the rows' loads)
       int j = 0, pp = 0;
       for (int u0 = 0; u0 < rows; u0 += kPartBatch) {
@@ -2477,38 +2493,46 @@ struct ExpertsSummary {
 // The experts as the kernels see them (entries[g]; zeros for an expert with no weights) for rows of
 // H, shapes and dtypes checked by the op's checks; throws, naming `op`, where weights are not in
 // CUDA memory or an expert's gate and up differ in dtype.
+// Expert g's entry (zeros for no weights) added to entries and to what they share (s).
+void add_expert_entry(const char* op, const SwigluWeights& w, size_t g, int64_t H, std::vector<ExpertEntry>& entries,
+                      ExpertsSummary& s) {
+  entries.push_back(ExpertEntry{});
+  if (!w.gate.defined()) return;  // an empty group's (rows for it are the kernels' to report)
+  const int64_t I = w.gate.dim(0);
+  check(w.gate.device() == Device::CUDA && w.up.device() == Device::CUDA && w.down.device() == Device::CUDA,
+        "{}: expert {}'s weights are not in CUDA memory", op, g);
+  // One dtype of gate and up per expert entry (ExpertEntry): the kernels read both alike.
+  check(w.up.dtype() == w.gate.dtype(),
+        "{}: expert {} has gate {} up {} down {}: expected F32, BF16, F16, F8_E4M3 or F8_E4M3_B128, gate and up "
+        "alike", op, g, dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
+  auto scales = [&](const Tensor& t) -> const float* {
+    if (t.dtype() != DType::F8_E4M3_B128) return nullptr;
+    check(t.scales().device() == Device::CUDA, "{}: expert {}'s block scales are not in CUDA memory", op, g);
+    return cuda::f32(t.scales());
+  };
+  entries.back() = ExpertEntry{w.gate.raw(),    w.up.raw(),    w.down.raw(), scales(w.gate),
+                               scales(w.up),    scales(w.down), I,           int32_t(w.gate.dtype()),
+                               int32_t(w.down.dtype())};
+  s.same_inter = s.same_inter && (!s.any || I == s.imax);
+  s.imax = std::max(s.imax, I);
+  s.any = true;
+  s.bf16 = s.bf16 && w.gate.dtype() == DType::BF16 && w.down.dtype() == DType::BF16;
+  s.f8 = s.f8 && w.gate.dtype() == DType::F8_E4M3_B128 && w.down.dtype() == DType::F8_E4M3_B128 && I % 16 == 0;
+  // (Vectorised FP8 steps over 16 elements: rows of a multiple of 16.)
+  const int64_t step = dtype_size(w.gate.dtype()) == 1 || dtype_size(w.down.dtype()) == 1 ? 16 : 8;
+  s.rows16 = s.rows16 && I % step == 0 && H % step == 0 && aligned16(w.gate.raw()) && aligned16(w.up.raw()) &&
+             aligned16(w.down.raw());
+}
+
+// The experts as the kernels see them (entries[g]; zeros for an expert with no weights) for rows of
+// H, shapes and dtypes checked by the op's checks; throws, naming `op`, where weights are not in
+// CUDA memory or an expert's gate and up differ in dtype.
 ExpertsSummary expert_entries(const char* op, std::span<const SwigluWeights> experts, int64_t H,
                               std::vector<ExpertEntry>& entries) {
   ExpertsSummary s;
-  entries.assign(experts.size(), ExpertEntry{});
-  for (size_t g = 0; g < experts.size(); ++g) {
-    const SwigluWeights& w = experts[g];
-    if (!w.gate.defined()) continue;  // an empty group's (rows for it are the kernels' to report)
-    const int64_t I = w.gate.dim(0);
-    check(w.gate.device() == Device::CUDA && w.up.device() == Device::CUDA && w.down.device() == Device::CUDA,
-          "{}: expert {}'s weights are not in CUDA memory", op, g);
-    // One dtype of gate and up per expert entry (ExpertEntry): the kernels read both alike.
-    check(w.up.dtype() == w.gate.dtype(),
-          "{}: expert {} has gate {} up {} down {}: expected F32, BF16, F16, F8_E4M3 or F8_E4M3_B128, gate and up "
-          "alike", op, g, dtype_name(w.gate.dtype()), dtype_name(w.up.dtype()), dtype_name(w.down.dtype()));
-    auto scales = [&](const Tensor& t) -> const float* {
-      if (t.dtype() != DType::F8_E4M3_B128) return nullptr;
-      check(t.scales().device() == Device::CUDA, "{}: expert {}'s block scales are not in CUDA memory", op, g);
-      return cuda::f32(t.scales());
-    };
-    entries[g] = ExpertEntry{w.gate.raw(),    w.up.raw(),    w.down.raw(), scales(w.gate),
-                             scales(w.up),    scales(w.down), I,           int32_t(w.gate.dtype()),
-                             int32_t(w.down.dtype())};
-    s.same_inter = s.same_inter && (!s.any || I == s.imax);
-    s.imax = std::max(s.imax, I);
-    s.any = true;
-    s.bf16 = s.bf16 && w.gate.dtype() == DType::BF16 && w.down.dtype() == DType::BF16;
-    s.f8 = s.f8 && w.gate.dtype() == DType::F8_E4M3_B128 && w.down.dtype() == DType::F8_E4M3_B128 && I % 16 == 0;
-    // (Vectorised FP8 steps over 16 elements: rows of a multiple of 16.)
-    const int64_t step = dtype_size(w.gate.dtype()) == 1 || dtype_size(w.down.dtype()) == 1 ? 16 : 8;
-    s.rows16 = s.rows16 && I % step == 0 && H % step == 0 && aligned16(w.gate.raw()) && aligned16(w.up.raw()) &&
-               aligned16(w.down.raw());
-  }
+  entries.clear();
+  entries.reserve(experts.size() + 1);  // (+ moe_routed's shared expert)
+  for (size_t g = 0; g < experts.size(); ++g) add_expert_entry(op, experts[g], g, H, entries, s);
   return s;
 }
 
@@ -2737,6 +2761,22 @@ bool one_pass_enabled() {
   return on;
 }
 
+// Whether the one pass takes a shared expert as its first choice (BALLAST_CUDA_MOE_SHARED=0: the
+// model computes it beside routing, as before; for A/B runs).
+bool one_pass_shared_enabled() {
+  static const bool on = switched_on("BALLAST_CUDA_MOE_SHARED");
+  return on;
+}
+
+// The entries of experts (and of the shared expert, at E) as moe_routed reads them.
+ExpertsSummary one_pass_entries(std::span<const SwigluWeights> experts, const SharedExpert* shared, int64_t H,
+                                std::vector<ExpertEntry>& entries) {
+  ExpertsSummary sum = expert_entries("moe_routed", experts, H, entries);
+  if (shared) add_expert_entry("moe_routed", shared->w, experts.size(), H, entries, sum);
+  return sum;
+}
+
+// k: the choices a token (with the shared expert's).
 OnePassPlan plan_one_pass(const ExpertsSummary& sum, int64_t T, int64_t H, int64_t k, const CudaDeviceTraits& dev) {
   OnePassPlan plan;
   if (!one_pass_enabled() || !sum.any || !sum.same_inter || !sum.rows16 || !(sum.f8 || sum.bf16) ||
@@ -2770,16 +2810,18 @@ OnePassPlan plan_one_pass(const ExpertsSummary& sum, int64_t T, int64_t H, int64
 
 }  // namespace
 
-bool CudaOps::moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts) const {
+bool CudaOps::moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts,
+                              const SharedExpert* shared) const {
   if (x.rank() != 2 || ids.rank() != 2) return false;  // (the op's checks say what is wrong)
+  if (shared && (!one_pass_shared_enabled() || !shared->w.gate.defined())) return false;
   std::vector<ExpertEntry> entries;
-  const ExpertsSummary sum = expert_entries("moe_routed", experts, x.dim(1), entries);
-  return plan_one_pass(sum, x.dim(0), x.dim(1), ids.dim(1), device_).ok;
+  const ExpertsSummary sum = one_pass_entries(experts, shared, x.dim(1), entries);
+  return plan_one_pass(sum, x.dim(0), x.dim(1), ids.dim(1) + (shared ? 1 : 0), device_).ok;
 }
 
 void CudaOps::moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights,
                          std::span<const SwigluWeights> experts, Tensor& out) {
-  moe_routed_with(x, ids, weights, experts, out, nullptr);
+  moe_routed_with(x, ids, weights, experts, nullptr, out, nullptr);
 }
 
 // One token: the residual add and the norm's first half where moe_routed stores its sums (its
@@ -2788,38 +2830,51 @@ void CudaOps::moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weigh
 // post-mixer norm likewise: docs/perf.md). More tokens, or BALLAST_CUDA_MOE_NORM_SPLIT=0 (for A/B
 // runs): moe_routed, then add_rms_norm.
 PendingNorm CudaOps::moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                         std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) {
+                                         std::span<const SwigluWeights> experts, const SharedExpert* shared,
+                                         Tensor& out, const AddNorm& then) {
   static_assert(kOnePassBlocks == 8, "CudaOps::norm_parts counts 8 sums a row for moe_routed_add_norm");
   static const bool split = switched_on("BALLAST_CUDA_MOE_NORM_SPLIT");
-  if (!split || ids.rank() != 2 || ids.dim(0) != 1) return Ops::moe_routed_add_norm(x, ids, weights, experts, out, then);
+  if (!split || ids.rank() != 2 || ids.dim(0) != 1) {
+    moe_routed_with(x, ids, weights, experts, shared, out, nullptr);
+    return add_norm_finished(*this, then, out);
+  }
   check_add_norm("moe_routed_add_norm", then, out, kOnePassBlocks);
   expect_device("moe_routed_add_norm", "x", then.x);
   expect_device("moe_routed_add_norm", "w", then.w);
   expect_device("moe_routed_add_norm", "sums", then.sums);
-  moe_routed_with(x, ids, weights, experts, out, &then);
+  moe_routed_with(x, ids, weights, experts, shared, out, &then);
   return {out, then.sums, kOnePassBlocks, then.eps};
 }
 
 void CudaOps::moe_routed_with(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                              std::span<const SwigluWeights> experts, Tensor& out, const AddNorm* then) {
-  auto timed = time_op(then ? "moe_routed (the residual add and norm's sums at its store)" : "moe_routed");
+                              std::span<const SwigluWeights> experts, const SharedExpert* shared, Tensor& out,
+                              const AddNorm* then) {
+  auto timed = time_op(shared ? (then ? "moe_routed with the shared expert (the residual add and norm's sums at its "
+                                        "store)" : "moe_routed with the shared expert")
+                              : then ? "moe_routed (the residual add and norm's sums at its store)" : "moe_routed");
   MoeState& st = moe_state(moe_state_, counters_);
   st.raise_pending();
-  const auto [T, H, k] = check_moe_routed(x, ids, weights, experts, out);
+  const auto [T, H, k] = check_moe_routed(x, ids, weights, experts, shared, out);
   expect_device("moe_routed", "x", x);
   expect_device("moe_routed", "ids", ids);
   expect_device("moe_routed", "weights", weights);
   expect_device("moe_routed", "out", out);
+  if (shared) expect_device("moe_routed", "the shared expert's gate", shared->gate);
+  check(!shared || one_pass_shared_enabled(), "moe_routed: the shared expert's one pass is switched off "
+        "(BALLAST_CUDA_MOE_SHARED=0: moe_routed_fits with it is false)");
   std::vector<ExpertEntry>& entries = st.staging;
-  const ExpertsSummary sum = expert_entries("moe_routed", experts, H, entries);
-  const OnePassPlan plan = plan_one_pass(sum, T, H, k, device_);
+  const ExpertsSummary sum = one_pass_entries(experts, shared, H, entries);
+  const int64_t kk = k + (shared ? 1 : 0);
+  const OnePassPlan plan = plan_one_pass(sum, T, H, kk, device_);
   check(plan.ok, "moe_routed: {} tokens of {} choices over experts {} x {} ({}) take the grouped ops (moe_routed_fits "
-        "is false)", T, k, sum.imax, H, sum.f8 ? "F8_E4M3_B128" : sum.bf16 ? "BF16" : "mixed dtypes");
+        "is false)", T, kk, sum.imax, H, sum.f8 ? "F8_E4M3_B128" : sum.bf16 ? "BF16" : "mixed dtypes");
   const ExpertEntry* table = st.experts(experts.data(), entries, stream_);
-  float* part = static_cast<float*>(scratch_->bytes(size_t(T * k * plan.parts * H) * sizeof(float)));
+  float* part = static_cast<float*>(scratch_->bytes(size_t(T * kk * plan.parts * H) * sizeof(float)));
   OnePassArgs a{cuda::f32(x), cuda::i32(ids), cuda::f32(weights), table, part,
                 st.arrivals(size_t(kOnePassMaxTokens) * kOnePassBlocks, stream_), cuda::f32_mut(out), H, sum.imax,
                 int(k), int(experts.size()), plan.parts, st.fault};
+  a.shared_gate = shared ? cuda::f32(shared->gate) : nullptr;
+  a.kk = int(kk);
   if (then) {
     a.res = cuda::f32_mut(then->x);
     a.nw = then->w.raw();
@@ -2827,7 +2882,7 @@ void CudaOps::moe_routed_with(const Tensor& x, const Tensor& ids, const Tensor& 
     a.sums = cuda::f32_mut(then->sums);
     a.ld = then->sums.dim(1);
   }
-  const dim3 grid(kOnePassBlocks, unsigned(T * k * plan.parts));
+  const dim3 grid(kOnePassBlocks, unsigned(T * kk * plan.parts));
   auto go = [&](auto kernel) {
     smem_.allow(kernel, plan.smem, "moe_routed: shared memory");
     launch(kernel, grid, kOnePassThreads, plan.smem, stream_, a);

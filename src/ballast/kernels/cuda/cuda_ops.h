@@ -183,11 +183,13 @@ class CudaOps final : public Ops {
   void moe_experts(const Tensor& x, const Tensor& perm, const Tensor& offsets, int row_div,
                    std::span<const SwigluWeights> experts, Tensor& y) override;
   void moe_combine(const Tensor& y, const Tensor& rows, const Tensor& weights, Tensor& out) override;
-  bool moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts) const override;
+  bool moe_routed_fits(const Tensor& x, const Tensor& ids, std::span<const SwigluWeights> experts,
+                       const SharedExpert* shared) const override;
   void moe_routed(const Tensor& x, const Tensor& ids, const Tensor& weights, std::span<const SwigluWeights> experts,
                   Tensor& out) override;
   PendingNorm moe_routed_add_norm(const Tensor& x, const Tensor& ids, const Tensor& weights,
-                                  std::span<const SwigluWeights> experts, Tensor& out, const AddNorm& then) override;
+                                  std::span<const SwigluWeights> experts, const SharedExpert* shared, Tensor& out,
+                                  const AddNorm& then) override;
   int64_t norm_parts(int64_t H) const override;
   void gather_routed(std::span<const RoutedRows> sources, int me, Tensor& out, Tensor& recv_counts) override;
 
@@ -222,9 +224,10 @@ class CudaOps final : public Ops {
   // matmul_many's products; with `rn` (matmul_many_normed of a pending norm: x is its s, one row) one
   // few-row launch that applies the row's RMS factor and writes h (if rn.h).
   void matmul_many_with(const Tensor& x, std::span<const Tensor> w, std::span<Tensor> y, const ResidualNorm* rn);
-  // moe_routed; with `then` (moe_routed_add_norm at one token) the norm's first half at its store.
+  // moe_routed; with `shared` the shared expert as each token's first choice (its rows in place of
+  // out's); with `then` (moe_routed_add_norm at one token) the norm's first half at its store.
   void moe_routed_with(const Tensor& x, const Tensor& ids, const Tensor& weights, std::span<const SwigluWeights> experts,
-                       Tensor& out, const AddNorm* then);
+                       const SharedExpert* shared, Tensor& out, const AddNorm* then);
   // attention; with `gated` (gated_attention at decode: k_new is the raw projection, q only its
   // shape) the heads' norms and rotation, the cache write and the gate in the rows kernel.
   struct GatedInputs {
