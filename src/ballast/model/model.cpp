@@ -1,5 +1,7 @@
 #include "ballast/model/model.h"
 
+#include <optional>
+
 #include "ballast/core/error.h"
 
 namespace ballast::model {
@@ -138,33 +140,31 @@ kernels::PendingNorm Model::sparse_moe(const MoeWeights& w, int moe_layer, moe::
   const int64_t T = h.dim(0);
   const int E = cfg_.num_experts, k = cfg_.num_experts_per_tok;
   Tensor logits = ws.take({T, E}), ids = ws.take({T, k}, DType::I32), weights = ws.take({T, k});
-  if (!w.shared) {
+  std::optional<kernels::SharedExpert> shared;
+  if (w.shared) shared = kernels::SharedExpert{*w.shared, ws.take({T, 1})};
+  const bool fused = shared && runner.fuses_shared(h, ids, w.experts, *shared);
+  if (!shared) {
     project_after(m, x, h, std::span(&w.router, 1), std::span(&logits, 1));
     ops_.zero(out);
-    ops_.topk_softmax(logits, k, cfg_.norm_topk_prob, routed, ids, weights);
-    return runner.run_add_norm(moe_layer, h, ids, weights, w.experts, nullptr, ws, out, then);
-  }
-  const kernels::SharedExpert shared{*w.shared, ws.take({T, 1})};
-  if (runner.fuses_shared(h, ids, w.experts, shared)) {
+  } else if (fused) {
     // The shared expert in the routed experts' pass (few tokens): the router product carries only
     // the shared expert's gate beside the router, and nothing runs beside routing to be joined.
     const Tensor proj[] = {w.router, w.shared_gate};
-    Tensor outs[] = {logits, shared.gate};
+    Tensor outs[] = {logits, shared->gate};
     project_after(m, x, h, proj, outs);
-    ops_.topk_softmax(logits, k, cfg_.norm_topk_prob, routed, ids, weights);
-    return runner.run_add_norm(moe_layer, h, ids, weights, w.experts, &shared, ws, out, then);
+  } else {
+    // The router and the shared expert's three products of h in one op.
+    const int64_t I = w.shared->intermediate();
+    Tensor g = ws.take({T, I}), u = ws.take({T, I});
+    const Tensor proj[] = {w.router, w.shared->gate, w.shared->up, w.shared_gate};
+    Tensor outs[] = {logits, g, u, shared->gate};
+    project_after(m, x, h, proj, outs);
+    // Beside routing and the routed experts, off the chain a decode step waits on; the runner
+    // joins it before adding their rows into `out`.
+    ops_.side([&] { ops_.swiglu_down(g, u, w.shared->down, shared->gate, out); });
   }
-  // The router and the shared expert's three products of h in one op.
-  const int64_t I = w.shared->intermediate();
-  Tensor g = ws.take({T, I}), u = ws.take({T, I});
-  const Tensor proj[] = {w.router, w.shared->gate, w.shared->up, w.shared_gate};
-  Tensor outs[] = {logits, g, u, shared.gate};
-  project_after(m, x, h, proj, outs);
-  // Beside routing and the routed experts, off the chain a decode step waits on; the runner joins
-  // it before adding their rows into `out`.
-  ops_.side([&] { ops_.swiglu_down(g, u, w.shared->down, shared.gate, out); });
   ops_.topk_softmax(logits, k, cfg_.norm_topk_prob, routed, ids, weights);
-  return runner.run_add_norm(moe_layer, h, ids, weights, w.experts, nullptr, ws, out, then);
+  return runner.run_add_norm(moe_layer, h, ids, weights, w.experts, fused ? &*shared : nullptr, ws, out, then);
 }
 
 void Model::swiglu(const kernels::SwigluWeights& w, const MixerOut& m, Tensor& x, Tensor& h, Workspace& ws,

@@ -2490,9 +2490,6 @@ struct ExpertsSummary {
   int64_t imax = 0;
 };
 
-// The experts as the kernels see them (entries[g]; zeros for an expert with no weights) for rows of
-// H, shapes and dtypes checked by the op's checks; throws, naming `op`, where weights are not in
-// CUDA memory or an expert's gate and up differ in dtype.
 // Expert g's entry (zeros for no weights) added to entries and to what they share (s).
 void add_expert_entry(const char* op, const SwigluWeights& w, size_t g, int64_t H, std::vector<ExpertEntry>& entries,
                       ExpertsSummary& s) {
