@@ -327,8 +327,9 @@ TEST(CudaBackend, Fp8GroupedExpertsOnTheFp8TensorCoresEqualTheProductsOfQuantize
 // the choices added into out in order by the last block of each slice) against the sum in double
 // over the weights as stored and against the grouped ops on the same device. The shapes take each
 // of the kernel's layouts: the 80B model's (FP8, 2 parts of I, two down rows a warp-load), FP8 with
-// two loads a lane a down row, bf16 with rows of 8 lanes (the demo model's), 4 parts, 4 loads a
-// lane. Choices of weight 0 and of no expert (-1) add nothing; a second pass over the same out
+// two loads a lane a down row, rows of 4,096 (the 397B model's width) with 2 parts and with the
+// whole I a cluster (two loads a lane), bf16 with rows of 8 lanes (the demo model's), 4 parts, 4
+// loads a lane. Choices of weight 0 and of no expert (-1) add nothing; a second pass over the same out
 // adds the same bits again (no atomics in the sums; the arrival counts left at zero). (Every case
 // is at most 192 blocks: within two an SM of the GPUs this runs on.)
 TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
@@ -338,6 +339,7 @@ TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
     int64_t H, I, E, T, k;
   };
   for (const Case cs : {Case{DType::F8_E4M3_B128, 2048, 512, 16, 1, 10}, Case{DType::F8_E4M3_B128, 1024, 1024, 12, 4, 6},
+                        Case{DType::F8_E4M3_B128, 4096, 512, 4, 3, 3}, Case{DType::F8_E4M3_B128, 4096, 1024, 6, 3, 6},
                         Case{DType::BF16, 256, 64, 8, 3, 4}, Case{DType::BF16, 512, 512, 8, 2, 2},
                         Case{DType::BF16, 256, 1024, 9, 3, 8}}) {
     SCOPED_TRACE(testing::Message() << dtype_name(cs.dt) << " H " << cs.H << " I " << cs.I << " T " << cs.T << " k "
@@ -409,7 +411,10 @@ TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
     double apart = 0;
     for (size_t i = 0; i < grouped.size(); ++i)
       apart = std::max(apart, double(std::abs(grouped[i] - got[0][i])) / (1.0 + std::abs(grouped[i])));
-    EXPECT_LT(apart, 1e-4) << "against group_by, moe_experts and moe_combine";
+    // (The grouped FP8 tiles round x to e4m3 a 128-block at a time: their distance from the exact
+    // sums grows with the blocks a row sums, H / 128; 2.0e-4 was seen at H 4,096, where the one pass
+    // stays within the bound above against the sums in double.)
+    EXPECT_LT(apart, H > 2048 ? 3e-4 : 1e-4) << "against group_by, moe_experts and moe_combine";
   }
 }
 
