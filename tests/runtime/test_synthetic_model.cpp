@@ -143,5 +143,57 @@ TEST_P(SyntheticModelDtype, AnEngineOverRandomWeightsEqualsOneLoadingThemFromACh
   std::filesystem::remove_all(dir);
 }
 
+// Decode steps of one token against one prefill of the same tokens, at shapes where a CUDA backend
+// takes its one-pass routed experts at decode with the shared expert inside (routed and shared
+// experts of one width, rows of whole vector steps) and its grouped ops and side stream at prefill:
+// the two ways of a MoE layer give the same logits within fp32 rounding (on the CPU both are the
+// grouped ops). Where the backend is CUDA, the steps are checked to take that one pass.
+TEST_P(SyntheticModelDtype, DecodeStepsEqualOnePrefillWhereTheSharedExpertJoinsTheRoutedPass) {
+  const DType dt = GetParam();
+  const bool fp8 = dt == DType::F8_E4M3_B128;
+  model::RandomModelShape s;
+  s.hidden = fp8 ? 512 : 256, s.layers = 4, s.vocab = 300, s.heads = 4, s.kv_heads = 2, s.head_dim = 32;
+  s.key_heads = 2, s.value_heads = 4, s.key_dim = 32, s.value_dim = 32;
+  s.experts = 8, s.top_k = 2, s.moe_intermediate = fp8 ? 128 : 64, s.shared_intermediate = s.moe_intermediate;
+  nlohmann::json config = model::random_model_config(s);
+  if (fp8)
+    config["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
+                                     {"weight_block_size", {128, 128}},
+                                     {"modules_to_not_convert", {"lm_head", "mlp.gate", "mlp.shared_expert_gate",
+                                                                 "linear_attn.in_proj_a", "linear_attn.in_proj_b"}}};
+  const model::ModelConfig cfg = model::parse_model_config(config, "test");
+  auto backend = test::test_backend(2);
+  model::ModelWeights w = model::random_weights(cfg, *backend, 7, dt);
+  auto engine = runtime::Engine::create(cfg, std::move(w), std::move(backend));
+  const std::vector<int32_t> prompt{5, 17, 250, 3, 99, 42, 7, 128, 64, 11, 200, 1};
+  const std::vector<float> full = engine->prefill_logits(prompt);
+
+  auto& cache = engine->cache();
+  auto& runner = engine->runner();
+  using Entry = runtime::ModelRunner::Entry;
+  runtime::CacheEntry st;
+  ASSERT_TRUE(cache.allocate(st));
+  const size_t split = 4;
+  ASSERT_TRUE(cache.append(st, {.rows = int64_t(split)}));
+  const Entry c{&st, std::span<const int32_t>(prompt).first(split), runtime::ModelRunner::Logits::all};
+  std::vector<float> got = test::download<float>(engine->backend(), runner.forward(std::span<const Entry>(&c, 1)).logits);
+  bool one_pass = false;
+  for (size_t t = split; t < prompt.size(); ++t) {
+    ASSERT_TRUE(cache.append(st, {.rows = 1}));
+    const Entry d{&st, std::span<const int32_t>(prompt).subspan(t, 1), runtime::ModelRunner::Logits::all};
+    engine->backend().start_op_timing();
+    const Tensor logits = runner.forward(std::span<const Entry>(&d, 1)).logits;
+    for (const kernels::OpTime& op : engine->backend().stop_op_timing())
+      one_pass = one_pass || op.op.rfind("moe_routed with the shared expert", 0) == 0;
+    const std::vector<float> row = test::download<float>(engine->backend(), logits);
+    got.insert(got.end(), row.begin(), row.end());
+  }
+  cache.release(st);
+  if (engine->backend().device() == Device::CUDA) {
+    EXPECT_TRUE(one_pass) << "the decode steps took the one pass";
+  }
+  EXPECT_LE(test::rel_max_err(got, full), 1e-4);
+}
+
 }  // namespace
 }  // namespace ballast
