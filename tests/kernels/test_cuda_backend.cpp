@@ -180,6 +180,22 @@ RandomExperts random_experts(CudaBackend& be, DType dt, int64_t E, int64_t H, in
   return r;
 }
 
+// T tokens' choices of k distinct experts of E (a shuffle a token): ids [T * k] in token order,
+// weights [T * k] from weight(), called for each choice right after its token's shuffle.
+template <typename Weight>
+std::pair<std::vector<int32_t>, std::vector<float>> random_choices(int64_t T, int64_t k, int64_t E, std::mt19937& rng,
+                                                                   Weight weight) {
+  std::vector<int32_t> ids(size_t(T * k));
+  std::vector<float> w(size_t(T * k));
+  for (int64_t t = 0; t < T; ++t) {
+    std::vector<int32_t> order(static_cast<size_t>(E));
+    std::iota(order.begin(), order.end(), 0);
+    std::shuffle(order.begin(), order.end(), rng);
+    for (int64_t j = 0; j < k; ++j) ids[size_t(t * k + j)] = order[size_t(j)], w[size_t(t * k + j)] = weight();
+  }
+  return {std::move(ids), std::move(w)};
+}
+
 // sum += weight * expert e (its weights as stored, r.stored) of the row x [H], in double; scale +=
 // the |terms| of down's sums (the bound an fp32 sum's rounding scales with).
 void add_expert_in_double(const RandomExperts& r, int32_t e, double weight, const float* x, int64_t H, int64_t I,
@@ -350,17 +366,7 @@ TEST(CudaBackend, RoutedExpertsInOnePassEqualTheSumsOfTheirProducts) {
     std::normal_distribution<float> nd(0.0f, 1.0f);
     const RandomExperts made = random_experts(be, cs.dt, E, H, I, 0.1f, rng, nd);
     const std::vector<SwigluWeights>& experts = made.experts;
-    std::vector<int32_t> ids(size_t(T * k));
-    std::vector<float> w(size_t(T * k));
-    for (int64_t t = 0; t < T; ++t) {
-      std::vector<int32_t> order(static_cast<size_t>(E));
-      std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng);
-      for (int64_t j = 0; j < k; ++j) {
-        ids[size_t(t * k + j)] = order[size_t(j)];
-        w[size_t(t * k + j)] = 0.05f + std::abs(nd(rng));
-      }
-    }
+    auto [ids, w] = random_choices(T, k, E, rng, [&] { return 0.05f + std::abs(nd(rng)); });
     if (T * k > 3) {
       ids[1] = -1, w[1] = 0.0f;  // a padding row's choice
       w[2] = 0.0f;               // a choice of weight 0
@@ -865,14 +871,7 @@ TEST_P(CudaBf16Products, RoutedExpertsStartTheNextNormAtOneToken) {
   const float eps = 1e-6f;
   for (const int64_t T : {1, 2}) {
     SCOPED_TRACE("T=" + std::to_string(T));
-    std::vector<int32_t> ids(size_t(T * k));
-    std::vector<float> cw(size_t(T * k));
-    for (int64_t t = 0; t < T; ++t) {
-      std::vector<int32_t> order(static_cast<size_t>(E));
-      std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng);
-      for (int64_t j = 0; j < k; ++j) ids[size_t(t * k + j)] = order[size_t(j)], cw[size_t(t * k + j)] = 0.1f;
-    }
+    const auto [ids, cw] = random_choices(T, k, E, rng, [] { return 0.1f; });
     const Tensor x = f32(randn(size_t(T * H), 124), {T, H}), idd = i32(ids, {T, k}), wd = f32(cw, {T, k});
     const std::vector<float> res0 = randn(size_t(T * H), 125), out0 = randn(size_t(T * H), 126);
     Tensor res = f32(res0, {T, H}), out = f32(out0, {T, H}), h = be().alloc({T, H}, DType::F32);
@@ -931,14 +930,7 @@ TEST_P(CudaBf16Products, SharedExpertInTheRoutedPassEqualsTheSumsOfItsProducts) 
   const float eps = 1e-6f;
   for (const int64_t T : {1, 2, 3}) {
     SCOPED_TRACE("T=" + std::to_string(T));
-    std::vector<int32_t> ids(size_t(T * k));
-    std::vector<float> cw(size_t(T * k));
-    for (int64_t t = 0; t < T; ++t) {
-      std::vector<int32_t> order(static_cast<size_t>(E));
-      std::iota(order.begin(), order.end(), 0);
-      std::shuffle(order.begin(), order.end(), rng);
-      for (int64_t j = 0; j < k; ++j) ids[size_t(t * k + j)] = order[size_t(j)], cw[size_t(t * k + j)] = 0.05f + std::abs(nd(rng)) / 8;
-    }
+    auto [ids, cw] = random_choices(T, k, E, rng, [&] { return 0.05f + std::abs(nd(rng)) / 8; });
     ids[1] = -1, cw[1] = 0.0f;  // a padding row's choice
     cw[2] = 0.0f;               // a choice of weight 0
     const std::vector<float> logits = {0.3f, -30.0f, 1.5f}, x = randn(size_t(T * H), 132), res0 = randn(size_t(T * H), 133);

@@ -94,6 +94,14 @@ std::map<std::string, Tensor> as_checkpoint(const model::ModelConfig& c, const m
 // bf16, and Qwen's block-scaled FP8 (experts and hidden size multiples of 128; the matrices its
 // releases keep unquantized in bf16 and named in modules_to_not_convert).
 class SyntheticModelDtype : public ::testing::TestWithParam<DType> {};
+
+// Qwen's FP8 releases' quantization_config (block-scaled e4m3; the router, the shared expert's gate,
+// DeltaNet's a / b projections and lm_head kept in bf16).
+nlohmann::json qwen_fp8_quantization() {
+  return {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"}, {"weight_block_size", {128, 128}},
+          {"modules_to_not_convert",
+           {"lm_head", "mlp.gate", "mlp.shared_expert_gate", "linear_attn.in_proj_a", "linear_attn.in_proj_b"}}};
+}
 INSTANTIATE_TEST_SUITE_P(Dtypes, SyntheticModelDtype, ::testing::Values(DType::BF16, DType::F8_E4M3_B128),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
@@ -105,11 +113,7 @@ TEST_P(SyntheticModelDtype, AnEngineOverRandomWeightsEqualsOneLoadingThemFromACh
   s.key_heads = 2, s.value_heads = 4, s.key_dim = 16, s.value_dim = 16;
   s.experts = 8, s.top_k = 2, s.moe_intermediate = fp8 ? 128 : 32, s.shared_intermediate = 48, s.qwen35 = true;
   nlohmann::json config = model::random_model_config(s);
-  if (fp8)
-    config["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
-                                     {"weight_block_size", {128, 128}},
-                                     {"modules_to_not_convert", {"lm_head", "mlp.gate", "mlp.shared_expert_gate",
-                                                                 "linear_attn.in_proj_a", "linear_attn.in_proj_b"}}};
+  if (fp8) config["quantization_config"] = qwen_fp8_quantization();
   const model::ModelConfig cfg = model::parse_model_config(config, "test");
 
   // The same weights, made on the CPU backend and written as a checkpoint...
@@ -156,11 +160,7 @@ TEST_P(SyntheticModelDtype, DecodeStepsEqualOnePrefillWhereTheSharedExpertJoinsT
   s.key_heads = 2, s.value_heads = 4, s.key_dim = 32, s.value_dim = 32;
   s.experts = 8, s.top_k = 2, s.moe_intermediate = fp8 ? 128 : 64, s.shared_intermediate = s.moe_intermediate;
   nlohmann::json config = model::random_model_config(s);
-  if (fp8)
-    config["quantization_config"] = {{"quant_method", "fp8"}, {"fmt", "e4m3"}, {"activation_scheme", "dynamic"},
-                                     {"weight_block_size", {128, 128}},
-                                     {"modules_to_not_convert", {"lm_head", "mlp.gate", "mlp.shared_expert_gate",
-                                                                 "linear_attn.in_proj_a", "linear_attn.in_proj_b"}}};
+  if (fp8) config["quantization_config"] = qwen_fp8_quantization();
   const model::ModelConfig cfg = model::parse_model_config(config, "test");
   auto backend = test::test_backend(2);
   model::ModelWeights w = model::random_weights(cfg, *backend, 7, dt);
