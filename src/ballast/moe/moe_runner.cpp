@@ -24,11 +24,11 @@ kernels::PendingNorm LocalMoeRunner::run_add_norm(int layer, const Tensor& x, co
                                                   std::span<const kernels::SwigluWeights> experts,
                                                   const kernels::SharedExpert* shared, kernels::Workspace& ws,
                                                   Tensor& out, const kernels::AddNorm& then) {
-  if (ops_.moe_routed_fits(x, ids, experts, shared)) {
+  // (With `shared`, fuses_shared has said the one pass takes it; moe_routed_add_norm checks again.)
+  if (shared || ops_.moe_routed_fits(x, ids, experts, nullptr)) {
     ops_.join_side();
     return ops_.moe_routed_add_norm(x, ids, weights, experts, shared, out, then);
   }
-  check(shared == nullptr, "MoE runner: the shared expert is fused only where the one pass takes it (fuses_shared)");
   run(layer, x, ids, weights, experts, ws, out);
   return kernels::add_norm_finished(ops_, then, out);
 }
