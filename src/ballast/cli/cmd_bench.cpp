@@ -47,7 +47,7 @@ struct BenchArgs {
   bool profiler_window = false;  // one more decode step of the first batch inside it
   std::string json_file;  // also write the JSON object here
   DeviceArgs device;
-  GraphArgs graphs;
+  PassArgs passes;
   EpArgs ep;  // --ep G: in-process ranks (under mpirun, the MPI world), attention data-parallel
 };
 
@@ -332,7 +332,7 @@ int run_bench(const BenchArgs& a) {
   const int64_t page = cache.page_size;
   cache.max_total_tokens = std::max(int64_t(bmax) * (per_seq + page), int64_t(pmax) + 2 * page);
   cache.context_length = std::max<int64_t>(per_seq, pmax + 1);
-  a.graphs.apply(opts);
+  a.passes.apply(opts);
 
   EngineArgs ranks_args;
   ranks_args.ep = a.ep;
@@ -484,6 +484,7 @@ int run_bench(const BenchArgs& a) {
                           {"threads", a.threads},
                           {"prompt_len", a.prompt_len},
                           {"decode_steps", a.decode_steps},
+                          {"overlap_schedule", !a.passes.no_overlap},
                           {"copy_bandwidth_gb_s", ceil.copy_bytes_per_s / 1e9},
                           {"gemm_tflop_s", ceil.gemm_flops_per_s / 1e12},
                           {"gemm", ceil.gemm},
@@ -563,7 +564,9 @@ int run_bench(const BenchArgs& a) {
     if (graphs > 0) fmt::print("graphs    {:.0f} held after the runs, {:.1f} MB of device memory taken as they were made\n",
                                graphs, graph_bytes / 1e6);
     fmt::print("\ndecode at {} tokens of context (bytes: weights read once per step, the experts the batch visits,\n"
-               "states and KV per sequence)\n", context);
+               "states and KV per sequence; {})\n", context,
+               a.passes.no_overlap ? "each pass landed before the next is issued"
+                                   : "the overlap schedule: each pass issued before the last one's tokens land");
     fmt::print("  {:>6} {:>12} {:>10} {:>14} {:>12} {:>10} {:>7}\n", "batch", "tokens/s", "ms/step", "MB/token", "GB/s",
                "of copy", "graph");
     for (const auto& f : decode) {
@@ -638,7 +641,7 @@ void add_bench(CLI::App& app, Runner& run) {
   add_device_option(c, a->device);
   add_ep_options(c, a->ep);
   add_dist_timeout_option(c, a->dist_timeout);
-  add_graph_options(c, a->graphs);
+  add_pass_options(c, a->passes);
   c->callback([a, c, &run] {
     if (c->get_option("--synthetic")->count() > 0 && a->synthetic.empty()) a->synthetic = "mid-size";
     run = [a] { return run_bench(*a); };

@@ -28,7 +28,7 @@ void add_engine_options(CLI::App* c, EngineArgs& a) {
   add_ep_options(c, a.ep);
   add_cache_options(c, a.cache);
   add_device_option(c, a.device);
-  add_graph_options(c, a.graphs);
+  add_pass_options(c, a.passes);
   c->add_option("--speculative-algorithm", a.speculative_algorithm, "NEXTN: draft with the model's MTP head")
       ->check(CLI::IsMember({"NEXTN", "MTP", "EAGLE"}));
   c->add_option("--speculative-num-steps", a.speculative_steps, "Chained draft steps per verify pass")
@@ -40,7 +40,7 @@ void add_engine_options(CLI::App* c, EngineArgs& a) {
   add_dist_timeout_option(c, a.dist_timeout);
 }
 
-void add_graph_options(CLI::App* c, GraphArgs& a) {
+void add_pass_options(CLI::App* c, PassArgs& a) {
   c->add_flag("--disable-cuda-graph", a.disable,
               "Run decode, verification and draft passes eagerly (no CUDA graphs)");
   c->add_option("--cuda-graph-bs", a.sizes,
@@ -50,12 +50,16 @@ void add_graph_options(CLI::App* c, GraphArgs& a) {
       ->check(CLI::Range(1, 1 << 20));
   c->add_option("--cuda-graph-max-bs", a.max_bs, "The largest batch size of --cuda-graph-bs kept (default: no bound)")
       ->check(CLI::Range(1, 1 << 20));
+  c->add_flag("--disable-overlap-schedule", a.no_overlap,
+              "Land every pass's tokens on the host before the next pass is issued (default: a decode pass is "
+              "issued first and reads them on the device, overlapping the host's work with the GPU's)");
 }
 
-void GraphArgs::apply(runtime::EngineOptions& opts) const {
+void PassArgs::apply(runtime::EngineOptions& opts) const {
   opts.cuda_graphs = !disable;
   opts.cuda_graph_bs = sizes;
   opts.cuda_graph_max_bs = max_bs;
+  opts.overlap_schedule = !no_overlap;
 }
 
 void add_dist_timeout_option(CLI::App* c, double& seconds) {
@@ -80,7 +84,7 @@ runtime::EngineOptions engine_options(const EngineArgs& a, dist::Communicator* c
   opts.comm = comm;
   opts.data = data;
   if (comm) opts.ep = to_ep_options(a.ep, comm->size());
-  a.graphs.apply(opts);
+  a.passes.apply(opts);
   opts.cache = cache;
   opts.cache.ranks_sharing_memory = ranks_sharing_memory(a.device, comm);
   opts.speculative_steps = a.speculate() ? a.speculative_steps : 0;

@@ -1,5 +1,5 @@
 #pragma once
-// The flags of the commands that run the engine (generate, serve): threads, device, CUDA graphs,
+// The flags of the commands that run the engine (generate, serve): threads, device, CUDA graphs and the overlap schedule,
 // cache limits, expert parallelism and EPLB, MTP speculation, and where its ranks come from.
 #include <CLI/CLI.hpp>
 
@@ -14,21 +14,23 @@
 
 namespace ballast::cli {
 
-// CUDA graphs of decode, verification and draft passes (SGLang's flags; runtime/graph_sizes.h).
-struct GraphArgs {
+// How passes are issued (SGLang's flags): CUDA graphs of decode, verification and draft passes
+// (runtime/graph_sizes.h), and the overlap schedule (EngineOptions::overlap_schedule).
+struct PassArgs {
   bool disable = false;       // --disable-cuda-graph
   std::vector<int> sizes;     // --cuda-graph-bs (empty: the default list)
   int max_bs = 0;             // --cuda-graph-max-bs (0: no bound)
+  bool no_overlap = false;    // --disable-overlap-schedule
   void apply(runtime::EngineOptions& opts) const;
 };
-void add_graph_options(CLI::App* cmd, GraphArgs& a);
+void add_pass_options(CLI::App* cmd, PassArgs& a);
 
 struct EngineArgs {
   int threads = 0;
   EpArgs ep;
   CacheArgs cache;
   DeviceArgs device;
-  GraphArgs graphs;
+  PassArgs passes;
   std::string speculative_algorithm;  // "NEXTN" (or "MTP"/"EAGLE", which mean the same here)
   int speculative_steps = 1, speculative_topk = 1, speculative_draft_tokens = 0;
   double dist_timeout = 600;  // seconds a rank may wait for the others in one collective (0: for ever)

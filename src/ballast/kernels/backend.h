@@ -3,6 +3,7 @@
 // ops, is ops.h). Everything is in stream order: an op, an upload or a copy runs after the calls
 // before it; download() and synchronize() wait for them. A backend counts what it allocates and
 // transfers, so that tests can hold a steady-state pass to no allocation and one download.
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -71,6 +72,16 @@ class Backend {
   virtual void upload(const void* host, Tensor& dst) = 0;
   // src.nbytes() bytes to `host`; waits for the stream. Counted.
   virtual void download(const Tensor& src, void* host) = 0;
+  // A download the host does not wait for (the engine's overlap schedule reads a pass's results
+  // while the next pass runs): download_async queues src.nbytes() bytes to `host`, memory from
+  // host_buffer, in stream order and returns; they are there once wait_downloads() returns, which
+  // waits for the downloads queued so far, not for the work queued after them. Counted. A backend
+  // without a queue (the CPU) downloads at once and allocates ordinary memory.
+  virtual std::shared_ptr<void> host_buffer(size_t bytes) {
+    return std::shared_ptr<void>(::operator new(std::max<size_t>(bytes, 1)), [](void* p) { ::operator delete(p); });
+  }
+  virtual void download_async(const Tensor& src, void* host) { download(src, host); }
+  virtual void wait_downloads() {}
   // Waits until everything issued so far has finished.
   virtual void synchronize() = 0;
   // Ordering between the streams of backends on one device without the host waiting: mark(slot)

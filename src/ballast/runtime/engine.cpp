@@ -89,7 +89,9 @@ Engine::Engine(std::unique_ptr<kernels::Backend> backend, std::optional<io::Chec
   }
 }
 
-Engine::~Engine() = default;
+Engine::~Engine() {
+  if (in_flight_) backend_->wait_downloads();  // (its host memory goes with trunk_out_)
+}
 
 std::unique_ptr<Engine> Engine::load(const std::filesystem::path& model_dir, std::unique_ptr<kernels::Backend> backend,
                                      const EngineOptions& opts) {
@@ -158,6 +160,8 @@ Engine::PassOutput Engine::make_output(int64_t load_size) {
   PassOutput out;
   out.load_size = load_size;
   out.device = backend_->alloc({load_size + results}, DType::I32);
+  out.host_memory = backend_->host_buffer(size_t(load_size + results) * sizeof(int32_t));
+  out.host = static_cast<int32_t*>(out.host_memory.get());
   if (load_size > 0) {
     Tensor load = out.load();
     backend_->ops().zero(load);
@@ -356,16 +360,33 @@ StepOutput& Engine::output_of(const Sequence& s) {
   return outputs_.emplace_back(StepOutput{s.id, {}, false, FinishReason::none});
 }
 
-bool Engine::emit(Sequence& s, int32_t token, const TokenLogprobs* logprobs) {
+bool Engine::emit(Sequence& s, size_t at, int32_t token, const TokenLogprobs* logprobs) {
   if (s.finished()) return false;
-  s.tokens.push_back(token);
+  check(at >= s.prompt_len && at <= s.tokens.size(), "emit: token position {} of a sequence of {}", at, s.tokens.size());
+  if (at == s.tokens.size()) s.tokens.push_back(token);
+  else s.tokens[at] = token;
   StepOutput& out = output_of(s);
   out.tokens.push_back(token);
   if (logprobs) out.logprobs.push_back(*logprobs);
   if (std::find(s.stop_ids.begin(), s.stop_ids.end(), token) != s.stop_ids.end()) s.finish = FinishReason::stop;
-  else if (int(s.generated()) >= s.max_new_tokens) s.finish = FinishReason::length;
-  if (s.finish != FinishReason::none) s.status = SequenceStatus::finished;
+  else if (int64_t(at + 1 - s.prompt_len) >= s.max_new_tokens) s.finish = FinishReason::length;
+  if (s.finish != FinishReason::none) {
+    s.status = SequenceStatus::finished;
+    s.tokens.resize(at + 1);  // a placeholder after it (a pass in flight drew past the end) is no token
+  }
   return !s.finished();
+}
+
+const TokenLogprobs* Engine::logprobs_of(const Sequence& q, const int32_t* host, const ResultLayout& at, int64_t row,
+                                         TokenLogprobs& into) {
+  if (q.top_logprobs < 0) return nullptr;
+  const int32_t* a = host + at.verify_words + at.draws;
+  const int64_t R = at.rows, K = at.top_k;
+  into.logprob = std::bit_cast<float>(a[row]);
+  into.top.clear();
+  for (int k = 0; k < q.top_logprobs; ++k)
+    into.top.emplace_back(a[R + row * K + k], std::bit_cast<float>(a[R + R * K + row * K + k]));
+  return &into;
 }
 
 Sampler::Row Engine::row_of(const Sequence& s, int64_t position) const {
@@ -379,32 +400,84 @@ std::span<const int32_t> Engine::finish_pass(PassOutput& out, moe::ExpertParalle
     data_->all_reduce_sum(load);
   }
   const int64_t words = out.load_size + n;
-  out.host.resize(size_t(words));
-  if (words > 0) backend_->download(out.device.rows(0, words), out.host.data());
+  if (words > 0) backend_->download(out.device.rows(0, words), out.host);
   if (domain) {
     Tensor load = out.load();
     backend_->ops().zero(load);
-    domain->end_pass(std::span<const int32_t>(out.host.data(), size_t(out.load_size)), rows);
+    domain->end_pass(std::span<const int32_t>(out.host, size_t(out.load_size)), rows);
   }
-  return {out.host.data() + out.load_size, size_t(n)};
+  return {out.host + out.load_size, size_t(n)};
+}
+
+bool Engine::continues_in_flight() const {
+  const InFlight& f = *in_flight_;
+  const int64_t n = int64_t(f.seqs.size());
+  if (scheduler_->waiting() > 0 || int64_t(scheduler_->running()) != n || n > scheduler_->options().token_budget ||
+      cache_->free_blocks() < n)  // (a row each needs at most a new block each: no preemption)
+    return false;
+  for (int64_t id : f.seqs) {
+    auto it = seqs_.find(id);
+    if (it == seqs_.end()) return false;
+    const Sequence& q = *it->second;
+    // Aborted, or its last token is the one in flight (tokens hold its placeholder).
+    if (q.status != SequenceStatus::running || int64_t(q.generated()) >= q.max_new_tokens) return false;
+  }
+  return true;
+}
+
+void Engine::land() {
+  const InFlight f = std::move(*in_flight_);
+  in_flight_.reset();
+  backend_->wait_downloads();
+  const int32_t* host = trunk_out_.host + trunk_out_.load_size;
+  TokenLogprobs lp;
+  for (size_t j = 0; j < f.seqs.size(); ++j) {
+    auto it = seqs_.find(f.seqs[j]);
+    if (it == seqs_.end()) continue;  // finished while the pass ran: its row is dropped
+    Sequence& q = *it->second;
+    const bool emitted = !q.finished();
+    emit(q, f.at[j], host[j], logprobs_of(q, host, f.layout, int64_t(j), lp));
+    if (emitted && !f.prefill) ++stats_.decode_tokens;
+  }
+}
+
+void Engine::retire_finished() {
+  for (auto it = seqs_.begin(); it != seqs_.end();) {
+    Sequence& q = *it->second;
+    if (!q.finished()) {
+      ++it;
+      continue;
+    }
+    StepOutput& o = output_of(q);
+    o.finished = true;
+    o.reason = q.finish;
+    scheduler_->retire(q);
+    it = seqs_.erase(it);
+  }
 }
 
 bool Engine::step() {
   outputs_.clear();
-  // Requests aborted since the last step leave first.
-  for (auto it = seqs_.begin(); it != seqs_.end();) {
-    if (it->second->finish == FinishReason::aborted) {
-      scheduler_->retire(*it->second);
-      output_of(*it->second) = {it->first, {}, true, FinishReason::aborted};
-      it = seqs_.erase(it);
-    } else {
-      ++it;
-    }
-  }
+  // The pass in flight lands first unless this step's pass can be issued before it does.
+  if (in_flight_ && !continues_in_flight()) land();
+  // Requests aborted since the last step (and any the landing finished) leave first.
+  retire_finished();
   auto scheduled = scheduler_->schedule();
   if (!scheduled) return false;
   const double t0 = now_seconds();
   const int S = steps_;
+  // Overlapped: this pass's rows are the pass in flight's draws in their order, one each; its
+  // tokens are read from them on the device.
+  const bool overlapped = in_flight_.has_value();
+  if (overlapped) {
+    bool rows_match = scheduled->size() == in_flight_->seqs.size();
+    for (size_t i = 0; rows_match && i < scheduled->size(); ++i) {
+      const Scheduled& s = (*scheduled)[i];
+      rows_match = s.seq->id == in_flight_->seqs[i] && s.rows == 1 && s.draws && !s.verify;
+    }
+    check(rows_match, "overlap schedule: a pass of {} sequences does not continue the {} in flight", scheduled->size(),
+          in_flight_->seqs.size());
+  }
 
   // Verifications first: their logits rows form one block for the verify op.
   std::stable_partition(scheduled->begin(), scheduled->end(), [](const Scheduled& s) { return s.verify; });
@@ -413,12 +486,13 @@ bool Engine::step() {
   std::vector<ModelRunner::Entry> entries;
   std::vector<Sampler::Row> verify_rows, draw_rows;
   std::vector<int32_t> drafts, draft_rows;
-  bool prefill = false;
+  bool prefill = false, all_draw = true;
   for (const Scheduled& s : *scheduled) {
     Sequence& q = *s.seq;
     ModelRunner::Entry e;
     e.cache = &q.cache;
     const int64_t first = q.cache.length - s.rows;  // position of the pass's first row
+    all_draw = all_draw && s.draws && !s.verify;
     if (s.verify) {
       auto& t = verify_tokens.emplace_back(1, q.tokens.back());
       t.insert(t.end(), q.drafts.begin(), q.drafts.end());
@@ -454,9 +528,15 @@ bool Engine::step() {
   const kernels::SamplingRows staged = Rdraw > 0 ? sampler_->stage(draw_rows) : kernels::SamplingRows{};
   const Tensor results = trunk_out_.results(Rout + Rdraw);
   Tensor verdicts = results.rows(0, Rout).reshape({Bv, S + 2}), ids = results.rows(Rout, Rout + Rdraw);
-  const ModelRunner::Result r = runner_->forward(entries, [&](const ModelRunner::Result& pass) {
-    if (Rdraw > 0) sampler_->draw(pass.logits.rows(Rv, Rv + Rdraw), staged, kernels::Draw::target, ids);
-  });
+  // (The pass in flight drew into the same words: this pass reads them before it draws over them,
+  // and their download was queued before either.)
+  const Tensor in_flight_draws = overlapped ? results.rows(0, Rs) : Tensor();
+  const ModelRunner::Result r = runner_->forward(
+      entries,
+      [&](const ModelRunner::Result& pass) {
+        if (Rdraw > 0) sampler_->draw(pass.logits.rows(Rv, Rv + Rdraw), staged, kernels::Draw::target, ids);
+      },
+      in_flight_draws);
   if (Bv > 0)
     sampler_->verify(runner_->workspace(), r.logits.rows(0, Rv), verify_rows, drafts, S, kept_probs_, draft_rows,
                      verdicts);
@@ -487,6 +567,32 @@ bool Engine::step() {
     backend_->ops().token_logprobs(r.logits.rows(0, R), token_ids, lp, top_ids, top_lp);
   }
   const int64_t words = lp_words > 0 ? Rout + Rdraw + lp_words : Rout + Rs;
+  const ResultLayout layout{Rout, Rdraw, R, K};
+  ++stats_.passes;
+  // While this pass runs: the one before lands.
+  if (overlapped) {
+    ++stats_.overlapped;
+    land();
+  }
+
+  // Left in flight where the next pass may continue it: every sequence draws, none of them its last token.
+  bool leaves_in_flight = opts_.overlap_schedule && !comm_ && S == 0 && all_draw && Rs > 0;
+  for (const Scheduled& s : *scheduled)
+    leaves_in_flight = leaves_in_flight && !s.seq->finished() && int64_t(s.seq->generated()) + 1 < s.seq->max_new_tokens;
+  if (leaves_in_flight) {
+    InFlight f{{}, {}, layout, prefill};
+    for (const Scheduled& s : *scheduled) {
+      Sequence& q = *s.seq;
+      f.seqs.push_back(q.id);
+      f.at.push_back(q.tokens.size());
+      q.tokens.push_back(-1);  // its draw, once landed
+    }
+    backend_->download_async(trunk_out_.device.rows(0, words), trunk_out_.host);
+    in_flight_ = std::move(f);
+    (prefill ? stats_.prefill_seconds : stats_.decode_seconds) += seconds_since(t0);
+    return true;
+  }
+
   // With one draft step, where every sequence verifies, the draft step goes out before the results
   // come back (it reads the verdicts on the device) and its drafts come back with them.
   const bool early = drafts_early(*scheduled);
@@ -498,18 +604,7 @@ bool Engine::step() {
   const std::span<const int32_t> host =
       finish_pass(trunk_out_, trunk_ep_.get(), early ? words + Bv : words, r.hidden.dim(0));
   if (early) round.first_drafts.assign(host.begin() + words, host.end());
-  // The logprobs of logits row `row` (null when the sequence did not ask).
   TokenLogprobs lp_row;
-  auto logprobs_of = [&](const Sequence& q, int64_t row) -> const TokenLogprobs* {
-    if (q.top_logprobs < 0) return nullptr;
-    const int32_t* a = host.data() + Rout + Rdraw;
-    lp_row.logprob = std::bit_cast<float>(a[row]);
-    lp_row.top.clear();
-    for (int k = 0; k < q.top_logprobs; ++k)
-      lp_row.top.emplace_back(a[R + row * K + k], std::bit_cast<float>(a[R + R * K + row * K + k]));
-    return &lp_row;
-  };
-  ++stats_.passes;
   const double t_verified = now_seconds();
 
   // Emit what was drawn; a verification keeps the rows of its accepted drafts and rolls back the rest.
@@ -532,7 +627,8 @@ bool Engine::step() {
       ++spec_stats_.rounds;
       const size_t before = q.tokens.size();
       for (int k = 0; k <= a; ++k)
-        if (!emit(q, v[1 + k], logprobs_of(q, (b - 1) * (S + 1) + k))) break;
+        if (!emit(q, q.tokens.size(), v[1 + k], logprobs_of(q, host.data(), layout, (b - 1) * (S + 1) + k, lp_row)))
+          break;
       const int64_t emitted = int64_t(q.tokens.size() - before);
       spec_stats_.emitted += emitted;
       if (!prefill) stats_.decode_tokens += emitted;
@@ -541,9 +637,10 @@ bool Engine::step() {
       kept[i] = a + 1;
       if (early) round.padding[size_t(b - 1)] = S - a;
     } else if (s.draws) {
-      emit(q, host[size_t(Rout + j)], logprobs_of(q, Rv + j));
+      const bool open = !q.finished();  // (one the landing above finished ran this row for nothing)
+      emit(q, q.tokens.size(), host[size_t(Rout + j)], logprobs_of(q, host.data(), layout, Rv + j, lp_row));
+      if (open && !prefill) ++stats_.decode_tokens;
       ++j;
-      if (!prefill) ++stats_.decode_tokens;
     }
   }
   if (Bv > 0) spec_stats_.verify_seconds += t_verified - t0;
@@ -551,16 +648,7 @@ bool Engine::step() {
     if (!early) round = first_draft_step(*scheduled, r, kept);
     draft(round);
   }
-
-  for (const Scheduled& s : *scheduled) {
-    Sequence& q = *s.seq;
-    if (!q.finished()) continue;
-    StepOutput& o = output_of(q);
-    o.finished = true;
-    o.reason = q.finish;
-    scheduler_->retire(q);
-    seqs_.erase(q.id);
-  }
+  retire_finished();
   (prefill ? stats_.prefill_seconds : stats_.decode_seconds) += seconds_since(t0);
   return true;
 }
@@ -593,6 +681,7 @@ GenerationResult Engine::generate(const std::vector<std::vector<int32_t>>& promp
   res.stats.prefill_seconds = stats_.prefill_seconds - before.prefill_seconds;
   res.stats.decode_seconds = stats_.decode_seconds - before.decode_seconds;
   res.stats.passes = stats_.passes - before.passes;
+  res.stats.overlapped = stats_.overlapped - before.overlapped;
   return res;
 }
 

@@ -9,7 +9,6 @@
 #include <filesystem>
 #include <functional>
 #include <map>
-#include <optional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -82,6 +81,12 @@ struct EngineOptions {
   int speculative_steps = 0;           // NEXTN: chained MTP drafts per round (0: no speculation; at most kMaxDraftSteps)
   bool quantize_fp8 = false;           // load: linear weights to block-scaled FP8 (model/fp8_at_load.h)
   bool cuda_graphs = true;             // decode passes as captured graphs where the backend can (EP: in-process ranks on one GPU)
+  // --disable-overlap-schedule turns it off (SGLang's overlap schedule): a decode pass is issued
+  // before the previous pass's drawn tokens reach the host, reading them on the device, so that
+  // the host's work between passes (landing the tokens, staging the next pass) runs while the GPU
+  // computes. Only where every sequence decodes and continues, without speculation or expert
+  // parallelism; anything else lands the pass in flight first (Engine::step).
+  bool overlap_schedule = true;
   std::vector<int> cuda_graph_bs;      // their batch sizes (graph_sizes.h; empty: the default list)
   int cuda_graph_max_bs = 0;           // ... at most this many sequences (0: the running requests' limit)
   // Once set (by a signal handler's thread), generate() aborts its requests at the next step and
@@ -99,6 +104,7 @@ struct GenerationStats {
   int64_t prefill_tokens = 0, decode_tokens = 0;
   double prefill_seconds = 0, decode_seconds = 0;  // steps with prefill rows / decode-only steps
   int64_t passes = 0;                              // trunk passes this rank took part in
+  int64_t overlapped = 0;                          // ... issued before the pass before had landed (overlap schedule)
 };
 
 struct GenerationResult {
@@ -172,6 +178,8 @@ class Engine {
   // One step: a pass of the trunk over what the scheduler forms and, with speculation, the MTP
   // passes that draft the next round. Under expert parallelism all ranks call it together.
   // Returns false (and runs no pass) once no rank has work left; aborts are still reported then.
+  // Under the overlap schedule a decode pass may still be running when step() returns: its tokens
+  // are emitted by the next step (which issues its own pass first where it can).
   bool step();
   // What the last step emitted and finished.
   const std::vector<StepOutput>& outputs() const { return outputs_; }
@@ -202,7 +210,8 @@ class Engine {
   struct PassOutput {
     Tensor device;  // I32
     int64_t load_size = 0;
-    std::vector<int32_t> host;
+    std::shared_ptr<void> host_memory;  // as many words, where the device copies them directly
+    int32_t* host = nullptr;
     Tensor load() const { return device.rows(0, load_size); }
     Tensor results(int64_t n) const { return device.rows(load_size, load_size + n); }
   };
@@ -224,8 +233,35 @@ class Engine {
   // Ends a pass of `rows` rows: sums its domain's load over ranks on the device, downloads [load |
   // the first n results] in one copy, closes the domain's pass; returns the results on the host.
   std::span<const int32_t> finish_pass(PassOutput& out, moe::ExpertParallelDomain* domain, int64_t n, int64_t rows);
-  // Appends a token to a sequence; false once the sequence is finished.
-  bool emit(Sequence& seq, int32_t token, const TokenLogprobs* logprobs = nullptr);
+  // Puts a drawn token at position `at` of a sequence's tokens (its end, or the placeholder a pass in
+  // flight left there) and reports it; false once the sequence is finished.
+  bool emit(Sequence& seq, size_t at, int32_t token, const TokenLogprobs* logprobs = nullptr);
+  // Where a pass's results sit in its download: verdicts [verify_words], draws [draws], then, where
+  // a sequence asked (top_k >= 0), the log-probabilities of its `rows` logits rows.
+  struct ResultLayout {
+    int64_t verify_words = 0, draws = 0, rows = 0;
+    int top_k = -1;
+  };
+  // The logprobs of logits row `row` of a pass's results (null where the sequence did not ask).
+  static const TokenLogprobs* logprobs_of(const Sequence& q, const int32_t* host, const ResultLayout& at, int64_t row,
+                                          TokenLogprobs& into);
+  // The overlap schedule. A pass in flight: its results are on their way to the host and every
+  // sequence it drew for holds a placeholder token where its draw goes.
+  struct InFlight {
+    std::vector<int64_t> seqs;  // the drawing sequences' ids, in the order of the draws
+    std::vector<size_t> at;     // each one's placeholder in its tokens
+    ResultLayout layout;
+    bool prefill = false;
+  };
+  // Whether the next pass may be issued before the one in flight lands: every running sequence
+  // drew in it and continues as a decode of one row that the scheduler can place (no admission,
+  // abort, preemption, or length reached), so that the pass's rows are its draws in their order.
+  bool continues_in_flight() const;
+  // Waits for the pass in flight's results and emits them (the sequences that finish are retired
+  // by the step).
+  void land();
+  // Reports and removes every finished sequence (aborted ones too).
+  void retire_finished();
   Sampler::Row row_of(const Sequence& seq, int64_t position) const;
   // Speculation (speculative.cpp): the MTP passes after a trunk pass that enter the pass's rows
   // into the head's cache and draft the next round of every decoding sequence. A round of drafts:
@@ -277,6 +313,7 @@ class Engine {
   Tensor kept_probs_;  // [max running * steps, V]: each draft's distribution, for verification
   Tensor verified_ids_;  // with speculation: where each verification logits row's token sits in the verdicts
   std::map<int64_t, std::unique_ptr<Sequence>> seqs_;
+  std::optional<InFlight> in_flight_;
   int64_t next_id_ = 0;
   std::vector<StepOutput> outputs_;
   GenerationStats stats_;

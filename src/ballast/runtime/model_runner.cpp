@@ -209,7 +209,8 @@ int ModelRunner::logit_rows(std::span<const Entry> entries) {
   return R;
 }
 
-ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw) {
+ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw,
+                                         const Tensor& tokens) {
   const GraphBucket g = planned_ ? *planned_ : plan(entries);
   planned_.reset();
   const bool bucket = g.seqs > 0, graphed = g.graphed();
@@ -235,6 +236,7 @@ ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const s
                             ws_.take({batch.num_logit_rows(), c.vocab_size})};
   r.hidden = out.hidden;
   r.logits = out.logits;
+  write_tokens(tokens, batch);
   auto run = [&] {
     model_.forward(batch, cache_.views(), ws_, out);
     if (draw) draw(r);
@@ -243,6 +245,17 @@ ModelRunner::Result ModelRunner::forward(std::span<const Entry> entries, const s
   if (graphed) last_graph_nodes_ = run_graphed(g, run);
   else run();
   return r;
+}
+
+void ModelRunner::write_tokens(const Tensor& tokens, const model::ForwardBatch& batch) {
+  check(!tokens.defined() || tokens.numel() <= batch.num_tokens(), "model runner: {} tokens for a pass of {} rows",
+        tokens.defined() ? tokens.numel() : 0, batch.num_tokens());
+  // Written before the graph, not in it: a captured op would read the address of the step it was
+  // captured for in every later step.
+  if (tokens.defined() && tokens.numel() > 0) {
+    Tensor ids = batch.token_ids.rows(0, tokens.numel());
+    be_.ops().copy(tokens, ids);
+  }
 }
 
 ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, const Tensor& hidden_source,
@@ -271,14 +284,7 @@ ModelRunner::Result ModelRunner::mtp_forward(std::span<const Entry> entries, con
                             ws_.take({batch.num_logit_rows(), c.vocab_size})};
   r.hidden = out.hidden;
   r.logits = out.logits;
-  check(!tokens.defined() || tokens.numel() <= batch.num_tokens(), "model runner: {} tokens for a pass of {} rows",
-        tokens.defined() ? tokens.numel() : 0, batch.num_tokens());
-  // Written before the graph, not in it: a captured op would read the address of the step it was
-  // captured for in every later step.
-  if (tokens.defined() && tokens.numel() > 0) {
-    Tensor ids = batch.token_ids.rows(0, tokens.numel());
-    be_.ops().copy(tokens, ids);
-  }
+  write_tokens(tokens, batch);
   if (verdicts.defined() && !entries.empty()) {
     const int64_t B = int64_t(entries.size()), rows = lim_.max_verify_rows;
     for (const Entry& e : entries)

@@ -59,11 +59,14 @@ class ModelRunner {
               GraphGroup* group = nullptr);
 
   // A trunk pass; `draw` (if given) issues the ops that consume its logits (sampling), so that
-  // they go into the same graph. A decode or verification pass under graphs is padded to its bucket
+  // they go into the same graph. `tokens`, if defined, I32 [n]: the first n rows' tokens, read on
+  // the device (the previous pass's draws, under the overlap schedule); those entries' own tokens
+  // are then placeholders. A decode or verification pass under graphs is padded to its bucket
   // with entries of the cache's padding sequence (their logits rows come after the entries'), run
   // eagerly the first time a bucket is seen, captured the second, and replayed from then on; a
   // graph is captured again after the buffers it reads have moved.
-  Result forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw = {});
+  Result forward(std::span<const Entry> entries, const std::function<void(const Result&)>& draw = {},
+                 const Tensor& tokens = {});
   // The logits rows a trunk pass of `entries` has: theirs, or the bucket's under a graph. In a
   // graph group the ranks agree here on the pass's graph (collective), for the forward() of the
   // same entries that follows.
@@ -107,6 +110,8 @@ class ModelRunner {
     int64_t own_key() const { return int64_t(seqs) * int64_t(GraphKind::count) + int64_t(kind); }
     int64_t key() const { return group_key >= 0 ? group_key : own_key(); }
   };
+  // Overwrites the first rows' token ids of a prepared pass with `tokens` (device I32; none if undefined).
+  void write_tokens(const Tensor& tokens, const model::ForwardBatch& batch);
   GraphBucket graph_bucket(std::span<const Entry> entries) const;
   // The graph size of a pass of n sequences of `rows` rows each, within the limits (0: none).
   int bucket_seqs(int n, int rows) const;

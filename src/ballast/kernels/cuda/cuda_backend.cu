@@ -7,6 +7,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <map>
+#include <utility>
 #include <vector>
 
 #include "ballast/kernels/cuda/cuda_ops.h"
@@ -111,6 +112,12 @@ struct CudaBackend::Impl {
   std::map<int64_t, Graph> graphs;
   cudaStream_t stream = nullptr;
   cudaEvent_t markers[4] = {};  // mark()'s, by slot, made on first use
+  // download_async's: the last one's completion (made on first use), and for the trace its
+  // event and time of issue until wait_downloads.
+  cudaEvent_t downloaded = nullptr;
+  cudaEvent_t traced_download = nullptr;
+  double download_issued = 0;
+  bool downloads_pending = false;
   cublasHandle_t cublas = nullptr;
   std::shared_ptr<void> cublas_workspace;
   cudaDeviceProp props{};
@@ -186,6 +193,7 @@ CudaBackend::~CudaBackend() {
   if (impl_->cublas) cublasDestroy(impl_->cublas);
   for (cudaEvent_t e : impl_->markers)
     if (e) cudaEventDestroy(e);
+  if (impl_->downloaded) cudaEventDestroy(impl_->downloaded);
   if (impl_->stream) cudaStreamDestroy(impl_->stream);
 }
 
@@ -267,6 +275,45 @@ void CudaBackend::download(const Tensor& src, void* host) {
   counters_.bytes_downloaded += int64_t(src.nbytes());
 }
 
+std::shared_ptr<void> CudaBackend::host_buffer(size_t bytes) {
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  void* p = nullptr;
+  check_cuda(cudaMallocHost(&p, std::max<size_t>(bytes, 1)), "cudaMallocHost (download buffer)");
+  return std::shared_ptr<void>(p, [](void* q) { cudaFreeHost(q); });
+}
+
+void CudaBackend::download_async(const Tensor& src, void* host) {
+  check(src.device() == Device::CUDA, "download: tensor {} is not in CUDA memory", src);
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  const double issued = impl_->timeline.issue_time();
+  ops_->join_side();
+  const cudaEvent_t traced = impl_->timeline.before_download(impl_->stream);
+  // (Into page-locked memory the copy is queued and the call returns; into pageable memory it
+  // would wait.)
+  if (src.nbytes() > 0)
+    check_cuda(cudaMemcpyAsync(host, src.raw(), src.nbytes(), cudaMemcpyDeviceToHost, impl_->stream), "download");
+  if (!impl_->downloaded)
+    check_cuda(cudaEventCreateWithFlags(&impl_->downloaded, cudaEventDisableTiming), "cudaEventCreate");
+  check_cuda(cudaEventRecord(impl_->downloaded, impl_->stream), "cudaEventRecord (download)");
+  if (traced) {
+    impl_->traced_download = traced;
+    impl_->download_issued = issued;
+  }
+  impl_->downloads_pending = true;
+  ++counters_.downloads;
+  counters_.bytes_downloaded += int64_t(src.nbytes());
+}
+
+void CudaBackend::wait_downloads() {
+  if (!impl_->downloads_pending) return;
+  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
+  check_cuda(cudaEventSynchronize(impl_->downloaded), "download: wait");
+  impl_->downloads_pending = false;
+  if (impl_->traced_download) impl_->timeline.after_download(std::exchange(impl_->traced_download, nullptr),
+                                                              impl_->download_issued);
+  ops_->raise_device_faults();
+}
+
 void CudaBackend::synchronize() {
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
   ops_->join_side();
@@ -340,6 +387,9 @@ int64_t CudaBackend::graph_nodes(int64_t key) const {
 }
 
 void CudaBackend::drop_graphs() {
+  // A launch still queued (the overlap schedule issues a pass before the last one is done) may
+  // run any of them.
+  if (!impl_->graphs.empty()) check_cuda(cudaStreamSynchronize(impl_->stream), "drop graphs: stream");
   for (auto& [key, g] : impl_->graphs) cudaGraphExecDestroy(g.exec);
   impl_->graphs.clear();
   counters_.graphs = 0;

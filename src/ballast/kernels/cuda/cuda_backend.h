@@ -45,6 +45,9 @@ class CudaBackend final : public Backend {
   Tensor to_device(const Tensor& host) override;
   void upload(const void* host, Tensor& dst) override;
   void download(const Tensor& src, void* host) override;
+  std::shared_ptr<void> host_buffer(size_t bytes) override;
+  void download_async(const Tensor& src, void* host) override;
+  void wait_downloads() override;
   void synchronize() override;
   const void* mark(int slot) override;  // a cudaEvent_t (one a slot, reused) recorded on the stream
   void after(const void* mark) override;
