@@ -12,7 +12,8 @@
 # AB_ARGS: the bench arguments (default: the 80B shape in FP8 at full depth). AB_SWITCH (e.g.
 # BALLAST_CUDA_SIDE_STREAM=0; several, space-separated; variables set together joined by commas,
 # A=0,B=0): one more run a round for each, this build with that environment, after the variants
-# (BINARY:A=0 runs that binary of .carry/gpu/bin with it instead, e.g. ballast-old:A=0).
+# (BINARY:A=0 runs that binary of .carry/gpu/bin with it instead, e.g. ballast-old:A=0); a switch
+# that starts with -- is a bench flag instead (e.g. --disable-overlap-schedule; BINARY:--flag too).
 # AB_VARIANTS: the binaries of .carry/gpu/bin alternated (default "ballast-old ballast"; gpu_pack.sh
 # packs several earlier revisions as ballast-<revision>).
 set -uo pipefail
@@ -30,16 +31,17 @@ SWITCHES=(${AB_SWITCH:-})
 [ ${#SWITCHES[@]} -gt 0 ] && VARIANTS="$VARIANTS $(seq -f 'switched%g' -s ' ' 1 ${#SWITCHES[@]})"
 for r in $(seq 1 "${ROUNDS:-2}"); do
   for v in $VARIANTS; do
-    bin=$v envs=()
+    bin=$v envs=() flags=()
     if [[ $v == switched* ]]; then
       sw=${SWITCHES[$((${v#switched} - 1))]} bin=ballast
       [[ $sw == *:* ]] && bin=${sw%%:*} sw=${sw#*:}
-      IFS=, read -ra envs <<< "$sw"
+      if [[ $sw == --* ]]; then flags=("$sw"); else IFS=, read -ra envs <<< "$sw"; fi
     fi
     # shellcheck disable=SC2086
-    env "${envs[@]}" ".carry/gpu/bin/$bin" bench --device cuda $ARGS > "$RUNS/$v-$r.log" 2>&1
-    { echo "=== $v ($bin${envs:+ ${envs[*]}}), round $r"; cat "$RUNS/$v-$r.log"; } >> "$OUT/ab-runs.log"
-    echo "--- $v ($bin${envs:+ ${envs[*]}}), round $r (batch or tokens, tok/s, ms)"
+    env "${envs[@]}" ".carry/gpu/bin/$bin" bench --device cuda $ARGS "${flags[@]}" > "$RUNS/$v-$r.log" 2>&1
+    what="$bin${envs:+ ${envs[*]}}${flags:+ ${flags[*]}}"
+    { echo "=== $v ($what), round $r"; cat "$RUNS/$v-$r.log"; } >> "$OUT/ab-runs.log"
+    echo "--- $v ($what), round $r (batch or tokens, tok/s, ms)"
     grep -E "^ +[0-9]+ " "$RUNS/$v-$r.log" | awk '{print $1, $2, $3}'
   done
 done
