@@ -314,6 +314,22 @@ class OpConformance : public ::testing::TestWithParam<BackendCase> {
     return l;
   }
 
+  // The same layout with its block tables as rows of a larger table (a table per entry a cache
+  // holds, on the device: StateCache::block_tables), sequence b at row 2 (B - b) - 1 and every
+  // other row -1, named by table_rows.
+  SeqLayout with_table_rows(const HostLayout& h) {
+    SeqLayout l = layout(h);
+    const int B = h.num_seqs(), R = 2 * B + 1;
+    std::vector<int32_t> big(size_t(R * h.width), -1), rows(static_cast<size_t>(B));
+    for (int b = 0; b < B; ++b) {
+      rows[size_t(b)] = 2 * (B - b) - 1;
+      std::copy_n(h.block_tables.begin() + b * h.width, h.width, big.begin() + rows[size_t(b)] * h.width);
+    }
+    l.block_tables = i32(big, {R, h.width});
+    l.table_rows = i32(rows);
+    return l;
+  }
+
   SamplingRows sampling_rows(const std::vector<float>& temperature, const std::vector<float>& top_p,
                              const std::vector<int32_t>& top_k, const std::vector<int64_t>& seed,
                              const std::vector<int32_t>& position) {
@@ -1246,6 +1262,13 @@ TEST_P(OpConformance, PagedAttentionMatchesDenseCausalSoftmax) {
       // The new rows landed at slot_mapping; nothing else in the caches changed.
       EXPECT_EQ(floats(k_cache), pc.kc) << "pass " << p;
       EXPECT_EQ(floats(v_cache), pc.vc) << "pass " << p;
+      // The tables as rows of a larger one (table_rows): the same outputs, bit for bit (the new
+      // rows written again where they are).
+      Tensor by_rows = be().alloc({T, Hq, hd}, DType::F32);
+      ops().attention(f32(q, {T, Hq, hd}), f32(k_new, {T, Hkv, hd}), f32(v_new, {T, Hkv, hd}), k_cache, v_cache,
+                      with_table_rows(h), by_rows);
+      EXPECT_EQ(floats(by_rows), floats(out)) << "pass " << p << " through table_rows";
+      EXPECT_EQ(floats(k_cache), pc.kc) << "pass " << p;
     }
   }
 }
@@ -1330,6 +1353,12 @@ TEST_P(OpConformance, GatedAttentionNormsRotatesAttendsAndGates) {
         }
         EXPECT_EQ(got_k, pc.kc);
         EXPECT_EQ(floats(v_cache), pc.vc);
+        // The tables as rows of a larger one (table_rows): the same outputs, bit for bit.
+        Tensor q2 = be().alloc({T, Hq, hd}, DType::F32), gate2 = be().alloc({T, Hq, hd}, DType::F32);
+        Tensor k2 = f32(k_raw, {T, Hkv, hd}), by_rows = be().alloc({T, Hq, hd}, DType::F32);
+        ops().gated_attention(f32(qg, {T, Hq, 2 * hd}), r, q2, gate2, k2, f32(v_new, {T, Hkv, hd}), k_cache, v_cache,
+                              with_table_rows(h), by_rows);
+        EXPECT_EQ(floats(by_rows), floats(out)) << "through table_rows";
       }
     };
     run({0, 12, 3, 300}, {{5, 1, 17, 1}, {1, 1, 1, 1}});

@@ -285,6 +285,7 @@ IsolationResult isolation_run(bool broken_wiring, int steps) {
       runtime::CacheEntry ms;
       std::vector<runtime::ModelRunner::Entry> entries;
       if (comm.rank() == 0) {
+        EXPECT_TRUE(engine->cache().allocate(ms));
         EXPECT_TRUE(engine->cache().append(ms, {.mtp_rows = n}));
         entries.push_back({&ms, tokens, runtime::ModelRunner::Logits::all, false, rows});
       }

@@ -22,18 +22,57 @@ struct CacheFixture : ::testing::Test {
 using StateCacheTest = CacheFixture;
 
 // What a memory budget buys (runtime/memory_budget.h) is counted by block_bytes and slot_bytes:
-// they must be what the constructor allocates, with and without the MTP layer's KV.
+// they must be what the constructor allocates, with and without the MTP layer's KV, besides the
+// block tables (a row of I32 per entry, as wide as the blocks an entry may hold: here every block).
 TEST_F(StateCacheTest, BlockAndSlotBytesAreWhatTheCacheAllocates) {
   for (const bool mtp : {false, true}) {
     const int64_t before = backend.counters().bytes_allocated;
     StateCache cache(backend, cfg, {.block_size = 4, .blocks = 7, .slots = 6, .mtp = mtp});
     EXPECT_EQ(backend.counters().bytes_allocated - before,
-              7 * StateCache::block_bytes(cfg, backend.kv_cache_dtype(), 4, mtp) + 6 * StateCache::slot_bytes(cfg))
+              7 * StateCache::block_bytes(cfg, backend.kv_cache_dtype(), 4, mtp) + 6 * StateCache::slot_bytes(cfg) +
+                  6 * 7 * 4)
         << "mtp " << mtp;
     EXPECT_EQ(cache.bytes(), backend.counters().bytes_allocated - before);
   }
   EXPECT_EQ(StateCache::block_bytes(cfg, DType::BF16, 16, false) * 2, StateCache::block_bytes(cfg, DType::F32, 16, false));
   EXPECT_GT(StateCache::slot_bytes(cfg), 0);
+}
+
+// The block tables on the device (a row per entry, StateCache::block_tables): allocate gives each
+// entry a row of its own, append records one write per new block (row * width + index, the block),
+// each write is taken once, release drops the writes its row had not had made; an entry wider than
+// the tables is refused, and entries past `entries` wait for a row even where slots are free.
+TEST_F(StateCacheTest, BlockTablesAreWrittenOnlyWhereBlocksAreNew) {
+  StateCache cache(backend, cfg, {.block_size = 4, .blocks = 9, .slots = 6, .entries = 3, .table_width = 3});
+  ASSERT_EQ(cache.block_tables().dim(0), 3);
+  ASSERT_EQ(cache.table_width(), 3);
+  const auto padding = cache.take_table_writes();  // the padding sequence's block
+  ASSERT_EQ(padding.size(), 1u);
+  EXPECT_EQ(padding[0].at, cache.padding().table_row * 3);
+  EXPECT_EQ(padding[0].block, cache.padding().blocks[0]);
+  CacheEntry a, b;
+  ASSERT_TRUE(cache.allocate(a));
+  ASSERT_TRUE(cache.allocate(b));
+  EXPECT_NE(a.table_row, b.table_row);
+  EXPECT_NE(a.table_row, cache.padding().table_row);
+  ASSERT_TRUE(cache.append(a, {.rows = 5}));
+  const auto first = cache.take_table_writes();
+  ASSERT_EQ(first.size(), 2u);
+  for (size_t i = 0; i < 2; ++i) {
+    EXPECT_EQ(first[i].at, a.table_row * 3 + int32_t(i));
+    EXPECT_EQ(first[i].block, a.blocks[i]);
+  }
+  EXPECT_TRUE(cache.take_table_writes().empty());
+  ASSERT_TRUE(cache.append(a, {.rows = 1}));  // 6 rows: still two blocks
+  EXPECT_TRUE(cache.take_table_writes().empty());
+  ASSERT_TRUE(cache.append(b, {.rows = 3}));
+  cache.release(b);
+  EXPECT_TRUE(cache.take_table_writes().empty()) << "a released entry's writes were kept";
+  EXPECT_THROW(cache.append(a, {.rows = 7}), Error);  // 13 rows: four blocks in tables of three
+  CacheEntry c, d;
+  ASSERT_TRUE(cache.allocate(c));
+  EXPECT_FALSE(cache.allocate(d)) << "a fourth entry got a table row";
+  EXPECT_GT(cache.free_slots(), 0);
 }
 
 TEST_F(StateCacheTest, AppendRollbackReleaseKeepTheBooks) {

@@ -41,6 +41,7 @@ struct BenchArgs {
   std::string dtype = "bf16";  // synthetic weights: bf16, or fp8 (Qwen's block-scaled FP8 where its releases have it)
   std::string save;            // synthetic models: write them here as a checkpoint directory, and stop
   int prompt_len = 256, decode_steps = 32, threads = 0, repeats = 3;
+  int64_t context_length = 0;  // the cache's longest sequence (0: what the runs need)
   double dist_timeout = 600;
   std::string batches = "1", prefills, speculative;
   bool profile = false, json = false;
@@ -332,6 +333,9 @@ int run_bench(const BenchArgs& a) {
   const int64_t page = cache.page_size;
   cache.max_total_tokens = std::max(int64_t(bmax) * (per_seq + page), int64_t(pmax) + 2 * page);
   cache.context_length = std::max<int64_t>(per_seq, pmax + 1);
+  check(a.context_length == 0 || a.context_length >= cache.context_length,
+        "--context-length {}: the runs need sequences of {} tokens", a.context_length, cache.context_length);
+  if (a.context_length > 0) cache.context_length = a.context_length;
   a.passes.apply(opts);
 
   EngineArgs ranks_args;
@@ -484,6 +488,7 @@ int run_bench(const BenchArgs& a) {
                           {"threads", a.threads},
                           {"prompt_len", a.prompt_len},
                           {"decode_steps", a.decode_steps},
+                          {"context_length", e.context_length()},
                           {"overlap_schedule", !a.passes.no_overlap},
                           {"copy_bandwidth_gb_s", ceil.copy_bytes_per_s / 1e9},
                           {"gemm_tflop_s", ceil.gemm_flops_per_s / 1e12},
@@ -626,6 +631,10 @@ void add_bench(CLI::App& app, Runner& run) {
   c->add_option("--batch", a->batches, "Sequences decoded together, a list: 1,8,32");
   c->add_option("--prefill", a->prefills, "Prefill lengths (one sequence, one pass), a list: 1024,8192 "
                                           "(default: --prompt-len)");
+  c->add_option("--context-length", a->context_length,
+                 "The longest sequence the engine is built for, as a server's (default: what the runs need; a "
+                 "server's default is the model's trained length)")
+      ->check(CLI::Range(int64_t(1), int64_t(1) << 30));
   c->add_option("--repeats", a->repeats, "Runs of each figure; the best is reported")->check(CLI::Range(1, 100));
   c->add_option("--threads", a->threads, "CPU threads (0 = all cores)")->check(CLI::Range(0, 1024));
   c->add_option("--speculative-num-steps", a->speculative,

@@ -276,8 +276,13 @@ AttentionShape check_attention(const Tensor& q, const Tensor& k_new, const Tenso
   expect("attention", "kv_lens", layout.kv_lens, DType::I32, s.B);
   expect("attention", "slot_mapping", layout.slot_mapping, DType::I32, s.T);
   expect("attention", "block_tables", layout.block_tables, DType::I32);
-  check(layout.block_tables.rank() == 2 && layout.block_tables.dim(0) == s.B,
-        "attention: block_tables {} for {} sequences", layout.block_tables, s.B);
+  if (layout.table_rows.defined()) {
+    expect("attention", "table_rows", layout.table_rows, DType::I32, s.B);
+    check(layout.block_tables.rank() == 2, "attention: block_tables {} is not [rows, W]", layout.block_tables);
+  } else {
+    check(layout.block_tables.rank() == 2 && layout.block_tables.dim(0) == s.B,
+          "attention: block_tables {} for {} sequences", layout.block_tables, s.B);
+  }
   s.W = layout.block_tables.dim(1);
   // The host counts against the tables: every sequence's cache rows must fit its table.
   check(layout.max_kv_len >= 0 && layout.max_query_len >= 0 && layout.max_query_len <= layout.max_kv_len,

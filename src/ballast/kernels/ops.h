@@ -52,7 +52,10 @@ struct SeqLayout {
   Tensor kv_lens;          // [B]: cache rows of b once this pass has appended its rows (its new
                            //      rows are its last ones: row i of n new sits at kv_len - n + i)
   Tensor block_tables;     // [B, W]: b's cache blocks in order; cache row r of b is at block
-                           //      block_tables[b][r / block_size], offset r % block_size
+                           //      block_tables[b][r / block_size], offset r % block_size; or, with
+                           //      table_rows, [R, W]: a row per sequence the cache holds
+  Tensor table_rows;       // [B] or undefined: b's row of block_tables (undefined: row b), so that
+                           //      the tables can stay on the device and a pass names its rows
   Tensor slot_mapping;     // [T]: where each new row's K and V go, block * block_size + offset
   Tensor state_slots;      // [B]: b's DeltaNet state slot (conv and recurrent state pools)
   Tensor snapshot_slots;   // [B, W'] or undefined: where b's entry [b][0] >= 0, b is verifying

@@ -258,6 +258,7 @@ void Engine::build_cache() {
   // one for the padding sequence.
   so.slots = c.max_running_requests * (1 + (deltanet && S > 0 ? S + 1 : 0)) + 2;
   so.mtp = model_->has_mtp();
+  so.entries = c.max_running_requests + 2;  // and the padding sequence, and prefill_logits'
   scheduler_.reset();
   runner_.reset();
   cache_.reset();  // a cache built before (other draft steps) gives its memory back first
@@ -278,6 +279,7 @@ void Engine::build_cache() {
   context_length_ = context;
   max_total_tokens_ = total;
   so.blocks = (total + c.page_size - 1) / c.page_size + 1;  // + padding's
+  so.table_width = (context + S + 1 + c.page_size - 1) / c.page_size;  // the runner's max_blocks_per_seq
   try {
     cache_ = std::make_unique<StateCache>(*backend_, cfg, so);
   } catch (const std::exception& e) {

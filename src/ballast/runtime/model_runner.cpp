@@ -17,18 +17,18 @@ ModelRunner::ModelRunner(model::Model& model, kernels::Backend& backend, StateCa
         lim.max_blocks_per_seq);
   check(!group || (lim.graphs && backend.can_capture()), "model runner: a graph group without graphs");
   // Every section of the largest pass: ids, positions, slot mapping, hidden rows, logit rows,
-  // routed rows (rows each), cu_seqlens, kv_lens, state slots, block tables and snapshot slots (per
-  // sequence).
+  // routed rows (rows each), cu_seqlens, kv_lens, state slots, block table rows and snapshot slots
+  // (per sequence), and the block tables' writes (two words each).
   const int64_t B = lim.max_seqs;
-  const int64_t capacity = 6 * int64_t(lim.max_tokens) + 3 * B + 1 + B * lim.max_blocks_per_seq +
-                           B * lim.max_verify_rows;
+  const int64_t capacity = 6 * int64_t(lim.max_tokens) + 4 * B + 1 + B * lim.max_verify_rows +
+                           2 * cache.max_table_writes();
   staging_.reserve(size_t(capacity));
   meta_ = be_.alloc({capacity}, DType::I32);
 }
 
-model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width) {
+model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track track, Result& r, bool graph) {
   const int B = int(entries.size());
-  int T = 0, R = 0, W = fixed_width ? lim_.max_blocks_per_seq : 1, Ws = 0, max_q = 0, max_kv = 0, prefills = 0;
+  int T = 0, R = 0, W = 1, Ws = 0, max_q = 0, max_kv = 0, prefills = 0;
   bool pads = false;  // rows that only fill a graph's shape
   for (const Entry& e : entries) {
     const int n = int(e.tokens.size());
@@ -54,8 +54,9 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
     prefills += n > 1 && !e.verify;
     pads = pads || e.padding > 0 || e.cache == &cache_.padding();
   }
-  // A graph's sections stay put: a verification pass's snapshot section is as wide as the limit.
-  if (fixed_width && !entries.empty() && entries[0].verify) Ws = lim_.max_verify_rows;
+  // A graph's sections stay put: a verification pass's snapshot section is as wide as the limit
+  // (the block tables are the cache's, on the device, whatever the pass).
+  if (graph && !entries.empty() && entries[0].verify) Ws = lim_.max_verify_rows;
   check(T <= lim_.max_tokens && B <= lim_.max_seqs && W <= lim_.max_blocks_per_seq && Ws <= lim_.max_verify_rows,
         "model runner: a pass of {} rows over {} sequences ({} blocks, {} snapshots) exceeds its limits of {} rows, {} "
         "sequences, {} blocks, {} snapshots",
@@ -69,11 +70,18 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
   int64_t used = 0;
   auto section = [&](int64_t n) { return Section{std::exchange(used, used + n), n}; };
   // Which rows go to the experts: in every graph pass (a replay may pad where the capture did not).
-  const bool routed_rows = fixed_width || pads;
-  const Section ids = section(T), pos = section(T), cu = section(B + 1), kv = section(B), bt = section(int64_t(B) * W),
+  const bool routed_rows = graph || pads;
+  const std::vector<StateCache::TableWrite> writes = cache_.take_table_writes();
+  const int64_t P = int64_t(writes.size());
+  const Section ids = section(T), pos = section(T), cu = section(B + 1), kv = section(B), table_rows = section(B),
                 slot_map = section(T), state = section(B), snaps = section(Ws > 0 ? int64_t(B) * Ws : 0),
-                logit_rows = section(R), hidden = section(mtp ? T : 0), routed = section(routed_rows ? T : 0);
+                logit_rows = section(R), hidden = section(mtp ? T : 0), routed = section(routed_rows ? T : 0),
+                write_at = section(P), write_block = section(P);
   staging_.assign(size_t(used), -1);
+  for (int64_t i = 0; i < P; ++i) {
+    staging_[size_t(write_at.offset + i)] = writes[size_t(i)].at;
+    staging_[size_t(write_block.offset + i)] = writes[size_t(i)].block;
+  }
   const int bs = cache_.block_size();
   int row = 0, lrow = 0;
   for (int b = 0; b < B; ++b) {
@@ -83,7 +91,7 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
     const bool padding_entry = e.cache == &cache_.padding();
     staging_[size_t(cu.offset + b)] = row;
     staging_[size_t(kv.offset + b)] = int32_t(length);
-    std::copy(e.cache->blocks.begin(), e.cache->blocks.end(), staging_.begin() + bt.offset + int64_t(b) * W);
+    staging_[size_t(table_rows.offset + b)] = e.cache->table_row;
     staging_[size_t(state.offset + b)] = e.cache->slot;
     if (e.verify && Ws > 0)
       std::copy(e.cache->snapshots.begin(), e.cache->snapshots.end(), staging_.begin() + snaps.offset + int64_t(b) * Ws);
@@ -104,6 +112,12 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
   be_.upload(staging_.data(), meta);
 
   auto view = [&](const Section& s) { return meta_.rows(s.offset, s.offset + s.size); };
+  // The blocks appended since the last pass go into the tables before this pass reads them
+  // (outside any graph: their count varies).
+  if (P > 0) {
+    Tensor tables = cache_.block_tables().reshape({cache_.block_tables().numel(), 1});
+    be_.ops().scatter_rows(view(write_block).reshape({P, 1}), view(write_at), tables);
+  }
   model::ForwardBatch batch;
   kernels::SeqLayout& l = batch.layout;
   l.num_seqs = B;
@@ -114,7 +128,8 @@ model::ForwardBatch ModelRunner::prepare(std::span<const Entry> entries, Track t
   l.block_size = bs;
   l.cu_seqlens = view(cu);
   l.kv_lens = view(kv);
-  l.block_tables = view(bt).reshape({B, W});
+  l.block_tables = cache_.block_tables();
+  l.table_rows = view(table_rows);
   l.slot_mapping = view(slot_map);
   l.state_slots = view(state);
   if (Ws > 0) l.snapshot_slots = view(snaps).reshape({B, Ws});

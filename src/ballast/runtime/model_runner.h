@@ -98,8 +98,8 @@ class ModelRunner {
 
  private:
   enum class Track { trunk, mtp };
-  // fixed_width: block tables as wide as the limit (a graph's metadata does not move).
-  model::ForwardBatch prepare(std::span<const Entry> entries, Track track, Result& r, bool fixed_width = false);
+  // graph: a graph pass (sections a replay reads are as wide as the limits: snapshot slots, routed rows).
+  model::ForwardBatch prepare(std::span<const Entry> entries, Track track, Result& r, bool graph = false);
   // A graph pass's shape: its kind and sequences (one of graph_sizes; 0: not a graph pass, unless idle).
   struct GraphBucket {
     int seqs = 0;

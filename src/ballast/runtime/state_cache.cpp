@@ -46,6 +46,13 @@ StateCache::StateCache(kernels::Backend& backend, const model::ModelConfig& c, c
   bytes_ = o.blocks * block_bytes(c, kv_dtype, o.block_size, o.mtp) + o.slots * slot_bytes(c);
   for (int64_t b = o.blocks - 1; b >= 0; --b) free_blocks_.push_back(int32_t(b));
   for (int s = o.slots - 1; s >= 0; --s) free_slots_.push_back(int32_t(s));
+  const int entries = o.entries > 0 ? o.entries : o.slots;
+  const int64_t width = o.table_width > 0 ? o.table_width : o.blocks;
+  check(entries <= o.slots && int64_t(entries) * width <= std::numeric_limits<int32_t>::max(),
+        "state cache: block tables of {} entries x {} blocks ({} state slots)", entries, width, o.slots);
+  tables_ = be_.alloc({entries, width}, DType::I32);
+  bytes_ += int64_t(tables_.nbytes());
+  for (int r = entries - 1; r >= 0; --r) free_rows_.push_back(int32_t(r));
   // The padding sequence fills one block (a padded pass's entries may have up to block_size rows),
   // zeroed so that its attention reads finite rows before its own pass has written them.
   check(allocate(padding_) && append(padding_, {.rows = o.block_size, .mtp_rows = o.mtp ? o.block_size : 0}),
@@ -61,9 +68,11 @@ StateCache::StateCache(kernels::Backend& backend, const model::ModelConfig& c, c
 
 bool StateCache::allocate(CacheEntry& e) {
   check(e.slot < 0, "state cache: the entry already holds slot {}", e.slot);
-  if (free_slots_.empty()) return false;
+  if (free_slots_.empty() || free_rows_.empty()) return false;
   e.slot = free_slots_.back();
   free_slots_.pop_back();
+  e.table_row = free_rows_.back();
+  free_rows_.pop_back();
   auto& ops = be_.ops();
   for (auto& l : views_.layers)
     if (l.conv.defined()) {
@@ -82,7 +91,12 @@ bool StateCache::append(CacheEntry& e, const Growth& g) {
   const int64_t more = std::max<int64_t>(0, blocks_for(rows) - int64_t(e.blocks.size()));
   const int snaps = g.verify && has_deltanet_ ? int(g.rows) : 0;
   if (more > free_blocks() || snaps > free_slots()) return false;
+  check(more == 0 || e.table_row >= 0, "state cache: blocks appended to an entry without a table row");
+  check(int64_t(e.blocks.size()) + more <= table_width(),
+        "state cache: an entry of {} rows needs {} blocks; the block tables hold {}", rows, blocks_for(rows),
+        table_width());
   for (int64_t i = 0; i < more; ++i) {
+    writes_.push_back({int32_t(e.table_row * table_width() + int64_t(e.blocks.size())), free_blocks_.back()});
     e.blocks.push_back(free_blocks_.back());
     free_blocks_.pop_back();
   }
@@ -117,6 +131,11 @@ void StateCache::rollback(CacheEntry& e, int64_t rows, int64_t mtp_rows) {
 void StateCache::release(CacheEntry& e) {
   for (int32_t b : e.blocks) free_blocks_.push_back(b);
   if (e.slot >= 0) free_slots_.push_back(e.slot);
+  if (e.table_row >= 0) {
+    free_rows_.push_back(e.table_row);
+    const int64_t first = e.table_row * table_width(), end = first + table_width();
+    std::erase_if(writes_, [&](const TableWrite& w) { return w.at >= first && w.at < end; });
+  }
   for (int32_t s : e.snapshots) free_slots_.push_back(s);
   e = CacheEntry{};
 }

@@ -73,7 +73,10 @@ void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new
   const int32_t* cu = i32(layout.cu_seqlens);
   const int32_t* kv_lens = i32(layout.kv_lens);
   const int32_t* tables = i32(layout.block_tables);
+  const int32_t* table_rows = layout.table_rows.defined() ? i32(layout.table_rows) : nullptr;
+  const int64_t rows = layout.block_tables.dim(0);
   const int32_t* slots = i32(layout.slot_mapping);
+  auto table_of = [&](int b) { return tables + int64_t(table_rows ? table_rows[b] : b) * W; };
 
   // Everything the parallel part reads is checked here: a worker thread cannot throw.
   check(cu[0] == 0 && cu[B] == T, "attention: cu_seqlens runs from {} to {}, expected 0 to {}", cu[0], cu[B], T);
@@ -83,9 +86,12 @@ void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new
     check(n >= 0 && kv >= n, "attention: sequence {} has {} new rows and {} cache rows", b, n, kv);
     check((kv + bs - 1) / bs <= W, "attention: sequence {} needs {} blocks of {} for {} rows; its table holds {}", b,
           (kv + bs - 1) / bs, bs, kv, W);
+    check(!table_rows || (table_rows[b] >= 0 && table_rows[b] < rows), "attention: table_rows[{}] = {} not in [0, {})",
+          b, table_rows ? table_rows[b] : 0, rows);
+    const int32_t* table = table_of(b);
     for (int64_t j = 0; j < (kv + bs - 1) / bs; ++j)
-      check(tables[b * W + j] >= 0 && tables[b * W + j] < blocks, "attention: block_tables[{}][{}] = {} not in [0, {})",
-            b, j, tables[b * W + j], blocks);
+      check(table[j] >= 0 && table[j] < blocks, "attention: block_tables[{}][{}] = {} not in [0, {})",
+            table_rows ? table_rows[b] : b, j, table[j], blocks);
     max_kv = std::max(max_kv, kv);
   }
   for (int64_t t = 0; t < T; ++t)
@@ -114,7 +120,7 @@ void CpuOps::attention(const Tensor& q, const Tensor& k_new, const Tensor& v_new
       const int64_t t = i / Hq, h = i % Hq, kvh = h / group;
       const int b = int(std::upper_bound(cu, cu + B + 1, int32_t(t)) - cu) - 1;
       const int64_t len = kv_lens[b] - (cu[b + 1] - cu[b]) + (t - cu[b]) + 1;
-      const int32_t* table = tables + b * W;
+      const int32_t* table = table_of(b);
       const float* qv = f32(q) + (t * Hq + h) * hd;
       const float mx = head_scores(qv, kc + size_t(kvh * hd), table, bs, row, hd, len, scale, scores);
       head_values(scores, vc + size_t(kvh * hd), table, bs, row, hd, len, mx, f32_mut(out) + (t * Hq + h) * hd);

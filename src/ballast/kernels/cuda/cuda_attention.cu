@@ -92,7 +92,8 @@ struct AttentionArgs {
   const void* v_cache;
   const int32_t* cu;      // [B + 1]
   const int32_t* kv_lens; // [B]
-  const int32_t* tables;  // [B, W]
+  const int32_t* tables;  // [B, W], or [R, W] with table_rows
+  const int32_t* table_rows;  // [B]: sequence b's row of tables (null: row b)
   float* out;             // [T, Hq, hd] (splits == 1)
   float* part;            // [T, Hq, splits, hd] unnormalised outputs (splits > 1)
   float* part_ml;         // [T, Hq, splits, 2] max and sum of exponentials (splits > 1)
@@ -119,6 +120,11 @@ struct AttentionArgs {
   int64_t cache_rows;     // blocks * bs: slots at or past it are skipped (as attention_write_kv_kernel)
   InvFreq<kGatedMaxHalf> freq;
 };
+
+// Sequence b's block table.
+__device__ __forceinline__ const int32_t* table_of(const AttentionArgs& a, int b) {
+  return a.tables + int64_t(a.table_rows ? a.table_rows[b] : b) * a.W;
+}
 
 // The sequence of row t: the last b with cu[b] <= t (sequences without rows are passed over).
 __device__ __forceinline__ int sequence_of(const int32_t* cu, int B, int t) {
@@ -223,7 +229,7 @@ __global__ void __launch_bounds__(kAttnThreads) attention_kernel(const Attention
   // kGated: the row's new cache row (position len - 1, its sequence's one new row) where this split
   // holds it, else -1.
   const int64_t new_r = kGated && len > 0 && r0 <= len - 1 && len - 1 < r1 ? len - 1 : -1;
-  const int32_t* table = a.tables + int64_t(b) * a.W;
+  const int32_t* table = table_of(a, b);
   const int64_t row = int64_t(a.Hkv) * hd;
   int npre = 0;  // kGated: the split's rows [r0, r0 + npre) are in sm_pre
   if constexpr (kGated) {
@@ -463,7 +469,7 @@ __global__ void __launch_bounds__(kTileThreads, 2) attention_tiled_kernel(const 
   kv_end = kv_end < 0 ? 0 : (kv_end > cap ? cap : kv_end);
   const int hd = a.hd, kvh = hq / (a.Hq / a.Hkv);
   const int64_t row = int64_t(a.Hkv) * hd;
-  const int32_t* table = a.tables + int64_t(b) * a.W;
+  const int32_t* table = table_of(a, b);
 
   for (int i = warp; i < kTileRows; i += kTileWarps) {
     const float* qrow = a.q + ((start + i0 + i) * a.Hq + hq) * hd;
@@ -614,7 +620,7 @@ __device__ __forceinline__ PrefillTile prefill_tile(const AttentionArgs& a, int 
 
 // The cache row (cache_slot) holding position k0 + lane of the tile's sequence (-1: unreadable).
 __device__ __forceinline__ int prefill_row_slot(const AttentionArgs& a, const PrefillTile& t, int k0, int lane) {
-  return cache_slot(a, a.tables + int64_t(t.b) * a.W, int64_t(k0) + lane, t.kv_end);
+  return cache_slot(a, table_of(a, t.b), int64_t(k0) + lane, t.kv_end);
 }
 
 // Where cache row k0 + lane of the tile's kv head starts in the caches (-1: unreadable).
@@ -1289,6 +1295,7 @@ void CudaOps::attention_with(const Tensor& q, const Tensor& k_new, const Tensor&
   expect_device("attention", "kv_lens", layout.kv_lens);
   expect_device("attention", "slot_mapping", layout.slot_mapping);
   expect_device("attention", "block_tables", layout.block_tables);
+  if (layout.table_rows.defined()) expect_device("attention", "table_rows", layout.table_rows);
   // What these kernels can launch and index (32-bit rows and table entries).
   check(hd >= 1 && hd <= kMaxHeadDim, "attention: head dim {} not in [1, {}]", hd, kMaxHeadDim);
   check(T <= std::numeric_limits<int32_t>::max() && Hq <= 65535, "attention: {} rows of {} heads is too many", T, Hq);
@@ -1344,6 +1351,7 @@ void CudaOps::attention_with(const Tensor& q, const Tensor& k_new, const Tensor&
   a.cu = i32(layout.cu_seqlens);
   a.kv_lens = i32(layout.kv_lens);
   a.tables = i32(layout.block_tables);
+  a.table_rows = layout.table_rows.defined() ? i32(layout.table_rows) : nullptr;
   a.out = f32_mut(out);
   a.part = part;
   a.part_ml = part_ml;
