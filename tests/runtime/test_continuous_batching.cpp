@@ -193,6 +193,30 @@ TEST(DecodeGraphs, ReplayTheSameTokensAsEagerPasses) {
   EXPECT_EQ(graphs->backend().counters().allocations, warm.allocations);
 }
 
+// A decode graph's pass uploads a row per sequence and its new blocks, whatever the context the
+// engine is built for: an engine for 262,144-token sequences (Qwen3-Next's trained length, a server's
+// default; 16,384 blocks of 16) uploads in a step what one for 256-token sequences does. (Before the
+// block tables lived on the device, a graph pass uploaded each sequence's table as wide as the
+// context: 64 KB a sequence a step here.)
+TEST(DecodeGraphs, UploadWhatIsNewWhateverTheContext) {
+  const std::vector<std::vector<int32_t>> prompts{{1, 2, 3, 4, 5}, {10, 20, 30}, {7, 8, 9, 10, 11, 12}};
+  auto bytes_a_step = [&](int64_t context) {
+    CacheOptions cache;
+    cache.max_total_tokens = 1024;
+    cache.context_length = context;
+    cache.max_running_requests = 4;
+    auto engine = runtime::Engine::load(test::kDemoModel, test::capturing_backend(1), {.cache = cache});
+    const auto want = engine->generate(prompts, 24).outputs;  // warm: every bucket captured
+    const kernels::Counters before = engine->backend().counters();
+    const auto res = engine->generate(prompts, 24);
+    EXPECT_EQ(res.outputs, want);
+    return double(engine->backend().counters().bytes_uploaded - before.bytes_uploaded) / double(res.stats.passes);
+  };
+  const double small = bytes_a_step(256), large = bytes_a_step(262144);
+  EXPECT_LT(large, 1.05 * small + 64) << small << " B a step at 256 tokens, " << large << " at 262,144";
+  EXPECT_LT(large, 2048) << "bytes uploaded a step";
+}
+
 // Speculative decoding's passes as graphs too: verifications (every sequence S + 1 rows, padded
 // with the padding sequence's verifying entries), first draft steps (every sequence padded to
 // S + 1 rows, whatever its verification kept) and chained draft steps of one row per sequence:
