@@ -160,8 +160,6 @@ Engine::PassOutput Engine::make_output(int64_t load_size) {
   PassOutput out;
   out.load_size = load_size;
   out.device = backend_->alloc({load_size + results}, DType::I32);
-  out.host_memory = backend_->host_buffer(size_t(load_size + results) * sizeof(int32_t));
-  out.host = static_cast<int32_t*>(out.host_memory.get());
   if (load_size > 0) {
     Tensor load = out.load();
     backend_->ops().zero(load);
@@ -402,13 +400,14 @@ std::span<const int32_t> Engine::finish_pass(PassOutput& out, moe::ExpertParalle
     data_->all_reduce_sum(load);
   }
   const int64_t words = out.load_size + n;
-  if (words > 0) backend_->download(out.device.rows(0, words), out.host);
+  out.host.resize(size_t(words));
+  if (words > 0) backend_->download(out.device.rows(0, words), out.host.data());
   if (domain) {
     Tensor load = out.load();
     backend_->ops().zero(load);
-    domain->end_pass(std::span<const int32_t>(out.host, size_t(out.load_size)), rows);
+    domain->end_pass(std::span<const int32_t>(out.host.data(), size_t(out.load_size)), rows);
   }
-  return {out.host + out.load_size, size_t(n)};
+  return {out.host.data() + out.load_size, size_t(n)};
 }
 
 bool Engine::continues_in_flight() const {
@@ -431,7 +430,7 @@ void Engine::land() {
   const InFlight f = std::move(*in_flight_);
   in_flight_.reset();
   backend_->wait_downloads();
-  const int32_t* host = trunk_out_.host + trunk_out_.load_size;
+  const int32_t* host = trunk_out_.landing + trunk_out_.load_size;
   TokenLogprobs lp;
   for (size_t j = 0; j < f.seqs.size(); ++j) {
     auto it = seqs_.find(f.seqs[j]);
@@ -589,7 +588,11 @@ bool Engine::step() {
       f.at.push_back(q.tokens.size());
       q.tokens.push_back(-1);  // its draw, once landed
     }
-    backend_->download_async(trunk_out_.device.rows(0, words), trunk_out_.host);
+    if (!trunk_out_.landing) {
+      trunk_out_.landing_memory = backend_->host_buffer(size_t(trunk_out_.device.numel()) * sizeof(int32_t));
+      trunk_out_.landing = static_cast<int32_t*>(trunk_out_.landing_memory.get());
+    }
+    backend_->download_async(trunk_out_.device.rows(0, words), trunk_out_.landing);
     in_flight_ = std::move(f);
     (prefill ? stats_.prefill_seconds : stats_.decode_seconds) += seconds_since(t0);
     return true;

@@ -210,8 +210,11 @@ class Engine {
   struct PassOutput {
     Tensor device;  // I32
     int64_t load_size = 0;
-    std::shared_ptr<void> host_memory;  // as many words, where the device copies them directly
-    int32_t* host = nullptr;
+    std::vector<int32_t> host;  // where a pass waited for lands (pageable: small copies there come back sooner)
+    // Where a pass left in flight lands (page-locked: the copy is queued without a wait), made
+    // on first use.
+    std::shared_ptr<void> landing_memory;
+    int32_t* landing = nullptr;
     Tensor load() const { return device.rows(0, load_size); }
     Tensor results(int64_t n) const { return device.rows(load_size, load_size + n); }
   };

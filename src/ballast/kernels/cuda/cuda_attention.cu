@@ -591,6 +591,7 @@ constexpr int kMmaKv = 32;
 // What a tensor-core block works on; ok is false where it has nothing to do (past its sequence's
 // rows, or an inconsistent layout).
 struct PrefillTile {
+  const int32_t* table = nullptr;  // its sequence's block table
   bool ok = false;
   int b = 0, hq = 0, rows = 0, kvh = 0;
   int64_t start = 0, i0 = 0;  // the sequence's first row in the pass; the tile's first in the sequence
@@ -614,13 +615,14 @@ __device__ __forceinline__ PrefillTile prefill_tile(const AttentionArgs& a, int 
   t.kv_end = t.first + t.i0 + t.rows;
   t.kv_end = t.kv_end < 0 ? 0 : (t.kv_end > t.cap ? t.cap : t.kv_end);
   t.kvh = t.hq / (a.Hq / a.Hkv);
+  t.table = table_of(a, t.b);
   t.ok = true;
   return t;
 }
 
 // The cache row (cache_slot) holding position k0 + lane of the tile's sequence (-1: unreadable).
 __device__ __forceinline__ int prefill_row_slot(const AttentionArgs& a, const PrefillTile& t, int k0, int lane) {
-  return cache_slot(a, table_of(a, t.b), int64_t(k0) + lane, t.kv_end);
+  return cache_slot(a, t.table, int64_t(k0) + lane, t.kv_end);
 }
 
 // Where cache row k0 + lane of the tile's kv head starts in the caches (-1: unreadable).
