@@ -260,19 +260,25 @@ void CudaBackend::upload(const void* host, Tensor& dst) {
   counters_.bytes_uploaded += int64_t(dst.nbytes());
 }
 
-void CudaBackend::download(const Tensor& src, void* host) {
+CudaBackend::QueuedDownload CudaBackend::queue_download(const Tensor& src, void* host) {
   check(src.device() == Device::CUDA, "download: tensor {} is not in CUDA memory", src);
   check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-  const double issued = impl_->timeline.issue_time();
+  QueuedDownload q;
+  q.issued = impl_->timeline.issue_time();
   ops_->join_side();
-  const cudaEvent_t traced = impl_->timeline.before_download(impl_->stream);
+  q.traced = impl_->timeline.before_download(impl_->stream);
   if (src.nbytes() > 0)
     check_cuda(cudaMemcpyAsync(host, src.raw(), src.nbytes(), cudaMemcpyDeviceToHost, impl_->stream), "download");
-  check_cuda(cudaStreamSynchronize(impl_->stream), "download: stream");
-  impl_->timeline.after_download(traced, issued);
-  ops_->raise_device_faults();
   ++counters_.downloads;
   counters_.bytes_downloaded += int64_t(src.nbytes());
+  return q;
+}
+
+void CudaBackend::download(const Tensor& src, void* host) {
+  const QueuedDownload q = queue_download(src, host);
+  check_cuda(cudaStreamSynchronize(impl_->stream), "download: stream");
+  impl_->timeline.after_download(static_cast<cudaEvent_t>(q.traced), q.issued);
+  ops_->raise_device_faults();
 }
 
 std::shared_ptr<void> CudaBackend::host_buffer(size_t bytes) {
@@ -283,25 +289,17 @@ std::shared_ptr<void> CudaBackend::host_buffer(size_t bytes) {
 }
 
 void CudaBackend::download_async(const Tensor& src, void* host) {
-  check(src.device() == Device::CUDA, "download: tensor {} is not in CUDA memory", src);
-  check_cuda(cudaSetDevice(device_), "cudaSetDevice");
-  const double issued = impl_->timeline.issue_time();
-  ops_->join_side();
-  const cudaEvent_t traced = impl_->timeline.before_download(impl_->stream);
   // (Into page-locked memory the copy is queued and the call returns; into pageable memory it
   // would wait.)
-  if (src.nbytes() > 0)
-    check_cuda(cudaMemcpyAsync(host, src.raw(), src.nbytes(), cudaMemcpyDeviceToHost, impl_->stream), "download");
+  const QueuedDownload q = queue_download(src, host);
   if (!impl_->downloaded)
     check_cuda(cudaEventCreateWithFlags(&impl_->downloaded, cudaEventDisableTiming), "cudaEventCreate");
   check_cuda(cudaEventRecord(impl_->downloaded, impl_->stream), "cudaEventRecord (download)");
-  if (traced) {
-    impl_->traced_download = traced;
-    impl_->download_issued = issued;
+  if (q.traced) {
+    impl_->traced_download = static_cast<cudaEvent_t>(q.traced);
+    impl_->download_issued = q.issued;
   }
   impl_->downloads_pending = true;
-  ++counters_.downloads;
-  counters_.bytes_downloaded += int64_t(src.nbytes());
 }
 
 void CudaBackend::wait_downloads() {

@@ -72,6 +72,14 @@ class CudaBackend final : public Backend {
   struct Impl;
 
  private:
+  // A download queued on the stream, checked and counted (what download and download_async share):
+  // the trace's event (a cudaEvent_t, null when tracing is off) and the host's time of issue.
+  struct QueuedDownload {
+    void* traced = nullptr;
+    double issued = 0;
+  };
+  QueuedDownload queue_download(const Tensor& src, void* host);
+
   int device_;
   CudaOptions options_;
   std::unique_ptr<Impl> impl_;
