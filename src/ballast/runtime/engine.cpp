@@ -377,6 +377,12 @@ bool Engine::emit(Sequence& s, size_t at, int32_t token, const TokenLogprobs* lo
   return !s.finished();
 }
 
+void Engine::emit_draw(Sequence& s, size_t at, int32_t token, const TokenLogprobs* logprobs, bool prefill) {
+  const bool open = !s.finished();
+  emit(s, at, token, logprobs);
+  if (open && !prefill) ++stats_.decode_tokens;
+}
+
 const TokenLogprobs* Engine::logprobs_of(const Sequence& q, const int32_t* host, const ResultLayout& at, int64_t row,
                                          TokenLogprobs& into) {
   if (q.top_logprobs < 0) return nullptr;
@@ -430,15 +436,13 @@ void Engine::land() {
   const InFlight f = std::move(*in_flight_);
   in_flight_.reset();
   backend_->wait_downloads();
-  const int32_t* host = trunk_out_.landing + trunk_out_.load_size;
+  const int32_t* host = trunk_out_.landing_words() + trunk_out_.load_size;
   TokenLogprobs lp;
   for (size_t j = 0; j < f.seqs.size(); ++j) {
     auto it = seqs_.find(f.seqs[j]);
     if (it == seqs_.end()) continue;  // finished while the pass ran: its row is dropped
     Sequence& q = *it->second;
-    const bool emitted = !q.finished();
-    emit(q, f.at[j], host[j], logprobs_of(q, host, f.layout, int64_t(j), lp));
-    if (emitted && !f.prefill) ++stats_.decode_tokens;
+    emit_draw(q, f.at[j], host[j], logprobs_of(q, host, f.layout, int64_t(j), lp), f.prefill);
   }
 }
 
@@ -588,11 +592,9 @@ bool Engine::step() {
       f.at.push_back(q.tokens.size());
       q.tokens.push_back(-1);  // its draw, once landed
     }
-    if (!trunk_out_.landing) {
-      trunk_out_.landing_memory = backend_->host_buffer(size_t(trunk_out_.device.numel()) * sizeof(int32_t));
-      trunk_out_.landing = static_cast<int32_t*>(trunk_out_.landing_memory.get());
-    }
-    backend_->download_async(trunk_out_.device.rows(0, words), trunk_out_.landing);
+    if (!trunk_out_.landing)
+      trunk_out_.landing = backend_->host_buffer(size_t(trunk_out_.device.numel()) * sizeof(int32_t));
+    backend_->download_async(trunk_out_.device.rows(0, words), trunk_out_.landing_words());
     in_flight_ = std::move(f);
     (prefill ? stats_.prefill_seconds : stats_.decode_seconds) += seconds_since(t0);
     return true;
@@ -642,9 +644,9 @@ bool Engine::step() {
       kept[i] = a + 1;
       if (early) round.padding[size_t(b - 1)] = S - a;
     } else if (s.draws) {
-      const bool open = !q.finished();  // (one the landing above finished ran this row for nothing)
-      emit(q, q.tokens.size(), host[size_t(Rout + j)], logprobs_of(q, host.data(), layout, Rv + j, lp_row));
-      if (open && !prefill) ++stats_.decode_tokens;
+      // (A sequence the landing above finished ran this row for nothing.)
+      emit_draw(q, q.tokens.size(), host[size_t(Rout + j)], logprobs_of(q, host.data(), layout, Rv + j, lp_row),
+                prefill);
       ++j;
     }
   }

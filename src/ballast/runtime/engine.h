@@ -213,8 +213,8 @@ class Engine {
     std::vector<int32_t> host;  // where a pass waited for lands (pageable: small copies there come back sooner)
     // Where a pass left in flight lands (page-locked: the copy is queued without a wait), made
     // on first use.
-    std::shared_ptr<void> landing_memory;
-    int32_t* landing = nullptr;
+    std::shared_ptr<void> landing;
+    int32_t* landing_words() const { return static_cast<int32_t*>(landing.get()); }
     Tensor load() const { return device.rows(0, load_size); }
     Tensor results(int64_t n) const { return device.rows(load_size, load_size + n); }
   };
@@ -239,6 +239,9 @@ class Engine {
   // Puts a drawn token at position `at` of a sequence's tokens (its end, or the placeholder a pass in
   // flight left there) and reports it; false once the sequence is finished.
   bool emit(Sequence& seq, size_t at, int32_t token, const TokenLogprobs* logprobs = nullptr);
+  // A pass's draw for a sequence, emitted at `at` and counted as decoded unless the pass prefilled
+  // (nothing where the sequence finished before: a row it ran for nothing).
+  void emit_draw(Sequence& seq, size_t at, int32_t token, const TokenLogprobs* logprobs, bool prefill);
   // Where a pass's results sit in its download: verdicts [verify_words], draws [draws], then, where
   // a sequence asked (top_k >= 0), the log-probabilities of its `rows` logits rows.
   struct ResultLayout {
