@@ -446,18 +446,21 @@ void Engine::land() {
   }
 }
 
+void Engine::retire(Sequence& q) {
+  StepOutput& o = output_of(q);
+  o.finished = true;
+  o.reason = q.finish;
+  scheduler_->retire(q);
+}
+
 void Engine::retire_finished() {
   for (auto it = seqs_.begin(); it != seqs_.end();) {
-    Sequence& q = *it->second;
-    if (!q.finished()) {
+    if (it->second->finished()) {
+      retire(*it->second);
+      it = seqs_.erase(it);
+    } else {
       ++it;
-      continue;
     }
-    StepOutput& o = output_of(q);
-    o.finished = true;
-    o.reason = q.finish;
-    scheduler_->retire(q);
-    it = seqs_.erase(it);
   }
 }
 
@@ -655,7 +658,13 @@ bool Engine::step() {
     if (!early) round = first_draft_step(*scheduled, r, kept);
     draft(round);
   }
-  retire_finished();
+  // (Only this pass's sequences can have finished since the step began.)
+  for (const Scheduled& s : *scheduled)
+    if (s.seq->finished()) {
+      const int64_t id = s.seq->id;
+      retire(*s.seq);
+      seqs_.erase(id);
+    }
   (prefill ? stats_.prefill_seconds : stats_.decode_seconds) += seconds_since(t0);
   return true;
 }

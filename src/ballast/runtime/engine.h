@@ -266,6 +266,8 @@ class Engine {
   // Waits for the pass in flight's results and emits them (the sequences that finish are retired
   // by the step).
   void land();
+  // Reports a finished (or aborted) sequence and gives its place and cache back; the caller erases it.
+  void retire(Sequence& seq);
   // Reports and removes every finished sequence (aborted ones too).
   void retire_finished();
   Sampler::Row row_of(const Sequence& seq, int64_t position) const;
