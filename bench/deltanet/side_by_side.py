@@ -12,6 +12,9 @@ products (3xTF32, the parity tests' mode) and with bf16 products (ballast's defa
 delta rule's products in TF32); FLA runs on the same values in bf16 (as served) and in fp32. Times are the device time of the op alone:
 ballast's from CUDA events around its op, FLA's from triton.testing.do_bench (median).
 
+The solve kernel is also timed alone (the state kernel left out by BALLAST_CUDA_SKIP_KERNELS, bf16
+products): the state kernel's time is the op's less that.
+
 With --ballast-before (the same bench from an earlier build), the two builds alternate --rounds
 times on the same inputs and the report has both (the medians of their rounds) and how far their
 outputs differ: an A/B of a change inside one run (FLA's bf16 times move between runs).
@@ -67,8 +70,9 @@ def run_case(args, model, Hk, Hv, dk, dv, lens, seed):
         json.dump({"seqs": lens, "Hk": Hk, "Hv": Hv, "dk": dk, "dv": dv}, f)
     res = {"model": model, "seqs": lens, "tokens": T, "Hk": Hk, "Hv": Hv, "dk": dk, "dv": dv}
 
-    def ballast(binary, precision):  # (median ms of the op, its output)
-        r = subprocess.run([binary, work, str(args.runs), precision], capture_output=True, text=True)
+    def ballast(binary, precision, skip=None):  # (median ms of the op, its output)
+        env = dict(os.environ, BALLAST_CUDA_SKIP_KERNELS=skip) if skip else None
+        r = subprocess.run([binary, work, str(args.runs), precision], capture_output=True, text=True, env=env)
         if r.returncode != 0:
             raise RuntimeError(f"{binary} failed: {r.stderr.strip()}")
         ours = json.loads(r.stdout.strip().splitlines()[-1])
@@ -91,6 +95,11 @@ def run_case(args, model, Hk, Hv, dk, dv, lens, seed):
             res[key.replace("_ms", "_rounds_ms")] = {"this": times, "before": before}
             res[key.replace("_ms", "_rel_l2_diff_vs_before")] = \
                 ((outs[precision] - out_b).norm() / out_b.norm()).item()
+    # The solve kernel alone (the state kernel left out: BALLAST_CUDA_SKIP_KERNELS), bf16 products;
+    # the state kernel's share is the difference.
+    res["ballast_bf16_solve_ms"] = ballast(args.ballast, "bf16", "delta_rule_state_kernel")[0]
+    if args.ballast_before:
+        res["ballast_before_bf16_solve_ms"] = ballast(args.ballast_before, "bf16", "delta_rule_state_kernel")[0]
     out_ballast = outs["fp32"]
     shutil.rmtree(work, ignore_errors=True)
 
@@ -138,7 +147,10 @@ def main():
             print(f"{'':20s} before: {r['ballast_before_ms']:8.3f} ms, bf16 products {r['ballast_before_bf16_ms']:8.3f} ms "
                   f"(this / before {r['ballast_ms'] / r['ballast_before_ms']:.3f}, "
                   f"{r['ballast_bf16_ms'] / r['ballast_before_bf16_ms']:.3f}); outputs differ by "
-                  f"{r['ballast_rel_l2_diff_vs_before']:.2e} / {r['ballast_bf16_rel_l2_diff_vs_before']:.2e}", flush=True)
+                  f"{r['ballast_rel_l2_diff_vs_before']:.2e} / {r['ballast_bf16_rel_l2_diff_vs_before']:.2e}; "
+                  f"bf16 solve kernel {r['ballast_before_bf16_solve_ms']:.3f} ms before", flush=True)
+        print(f"{'':20s} bf16 products: solve kernel {r['ballast_bf16_solve_ms']:.3f} ms, state kernel "
+              f"{r['ballast_bf16_ms'] - r['ballast_bf16_solve_ms']:.3f} ms (the op less the solve)", flush=True)
     with open(os.path.join(args.out, "deltanet_side_by_side.json"), "w") as f:
         json.dump(results, f, indent=1)
 

@@ -694,12 +694,27 @@ TEST_P(CudaBf16Products, GatedAttentionAtDecodeIsItsThreeOpsBitForBit) {
     }
 }
 
-// The chunked delta rule with bf16 matrix products: the solve kernel's products in TF32 (operands
-// within 2^-11), the state kernel's in bf16 over bf16 scratch (within 2^-8, as flash-linear-attention
-// computes it), against the CPU's recurrent form in fp32. The outputs' errors (printed) measured
-// 1.7e-3 - 2.1e-3 relative L2 on the H200 (3.5e-4 - 4.4e-4 with the state kernel in TF32 too; the
-// states' are not printed); a wrong fragment or chunk would be O(1).
+// The chunked delta rule with bf16 matrix products: both kernels' products in bf16 over bf16 rows and
+// scratch (within 2^-8 an operand, as flash-linear-attention computes it; T's inverse in 3xTF32),
+// against the CPU's recurrent form in fp32. The outputs' errors are printed (1.7e-3 - 2.1e-3
+// relative L2 on the H200 with the solve kernel's products in TF32, session 22; a CPU emulation of
+// the bf16 solve's roundings gave 3.4e-3 - 3.8e-3); a wrong fragment or chunk would be O(1).
 TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsMatchesTheRecurrence) { check_deltanet_at_qwen_head_dims(1e-2); }
+
+// The same at other head dims (the kernels compiled for any dims): a key dim padded to the tensor
+// cores' 16 steps, rows of no whole float4s (loaded one element at a time), value dims that end
+// inside a 16-column step; sequences of one row beside one, two and three chunks.
+TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsAtOtherHeadDims) {
+  for (const DeltaRuleDims d : {DeltaRuleDims{2, 4, 16, 16}, DeltaRuleDims{2, 4, 12, 10}, DeltaRuleDims{1, 2, 64, 40}}) {
+    SCOPED_TRACE(testing::Message() << "dk=" << d.dk << " dv=" << d.dv);
+    DeltaNetCase c;
+    c.d = d;
+    HostLayout h;
+    h.state_slots = {3, 0, 6, 1, 4};
+    for (const int n : {1, 70, 64, 150, 2}) h.cu.push_back(h.cu.back() + n);
+    check_deltanet_pass(c, h, 8, 70, 1e-2);
+  }
+}
 
 // Few rows (decode, 3 - 32) of block-scaled FP8 weights on the FP8 tensor cores: x quantized per row
 // and 128-block of k (amax / 448, nearest e4m3; the division in float, as the kernel does it), fp32

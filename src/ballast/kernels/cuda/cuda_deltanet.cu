@@ -350,10 +350,38 @@ __device__ __forceinline__ bool rows_are_float4s(const RuleArgs& a) {
   return reinterpret_cast<uintptr_t>(a.qkv) % 16 == 0 && a.ld % 4 == 0 && a.dk % 4 == 0 && a.dv % 4 == 0;
 }
 
+// A chunk's decays, by one warp (lane): the cumulative log decay gc (an inclusive scan of g in
+// double) with eg = e^gc and ef = e^{gc_last - gc}, and beta. Rows past n repeat the last decay with
+// beta = 0: they change nothing.
+__device__ __forceinline__ void chunk_decays(const RuleArgs& a, int64_t tc, int n, int h, int lane, double* gc,
+                                             float* betas, float* eg, float* ef) {
+  const int Hv = a.Hv;
+  double g0 = lane < n ? double(a.g[(tc + lane) * Hv + h]) : 0.0;
+  double g1 = 32 + lane < n ? double(a.g[(tc + 32 + lane) * Hv + h]) : 0.0;
+#pragma unroll
+  for (int o = 1; o < 32; o *= 2) {
+    const double u0 = __shfl_up_sync(0xffffffffu, g0, o), u1 = __shfl_up_sync(0xffffffffu, g1, o);
+    if (lane >= o) {
+      g0 += u0;
+      g1 += u1;
+    }
+  }
+  g1 += __shfl_sync(0xffffffffu, g0, 31);
+  const double glast = __shfl_sync(0xffffffffu, n <= 32 ? g0 : g1, (n - 1) & 31);
+  const double c0v = lane < n ? g0 : glast, c1v = 32 + lane < n ? g1 : glast;
+  gc[lane] = c0v;
+  gc[32 + lane] = c1v;
+  betas[lane] = lane < n ? a.beta[(tc + lane) * Hv + h] : 0.0f;
+  betas[32 + lane] = 32 + lane < n ? a.beta[(tc + 32 + lane) * Hv + h] : 0.0f;
+  eg[lane] = float(exp(c0v));
+  eg[32 + lane] = float(exp(c1v));
+  ef[lane] = float(exp(glast - c0v));
+  ef[32 + lane] = float(exp(glast - c1v));
+}
+
 // The chunk's rows in shared memory: normalised q (scaled by dk^-0.5) and k in Qs, Ks [kChunk][lq]
-// (zeros past n and dk); beta; the cumulative log decay gc (double) with eg = e^gc and ef =
-// e^{gc_last - gc}. Rows past n repeat the last decay with beta = 0: they change nothing. The rows
-// are copied as they are (cp.async, all in flight at once), then normalised in place, a warp a row.
+// (zeros past n and dk), and its decays (chunk_decays). The rows are copied as they are (cp.async,
+// all in flight at once), then normalised in place, a warp a row.
 __device__ __forceinline__ void load_chunk_rows(const RuleArgs& a, int64_t tc, int n, int h, int dk, int lq, int dkp,
                                                 float* Qs, float* Ks, double* gc, float* betas, float* eg, float* ef) {
   const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32;
@@ -378,30 +406,7 @@ __device__ __forceinline__ void load_chunk_rows(const RuleArgs& a, int64_t tc, i
       Ks[i * lq + p] = ok ? k0[i * a.ld + p] : 0.0f;
     }
   }
-  if (warp == 0) {
-    // Inclusive scan of g in double over the chunk's rows (lane holds rows lane and 32 + lane).
-    double g0 = lane < n ? double(a.g[(tc + lane) * Hv + h]) : 0.0;
-    double g1 = 32 + lane < n ? double(a.g[(tc + 32 + lane) * Hv + h]) : 0.0;
-#pragma unroll
-    for (int o = 1; o < 32; o *= 2) {
-      const double u0 = __shfl_up_sync(0xffffffffu, g0, o), u1 = __shfl_up_sync(0xffffffffu, g1, o);
-      if (lane >= o) {
-        g0 += u0;
-        g1 += u1;
-      }
-    }
-    g1 += __shfl_sync(0xffffffffu, g0, 31);
-    const double glast = __shfl_sync(0xffffffffu, n <= 32 ? g0 : g1, (n - 1) & 31);
-    const double c0v = lane < n ? g0 : glast, c1v = 32 + lane < n ? g1 : glast;
-    gc[lane] = c0v;
-    gc[32 + lane] = c1v;
-    betas[lane] = lane < n ? a.beta[(tc + lane) * Hv + h] : 0.0f;
-    betas[32 + lane] = 32 + lane < n ? a.beta[(tc + 32 + lane) * Hv + h] : 0.0f;
-    eg[lane] = float(exp(c0v));
-    eg[32 + lane] = float(exp(c1v));
-    ef[lane] = float(exp(glast - c0v));
-    ef[32 + lane] = float(exp(glast - c1v));
-  }
+  if (warp == 0) chunk_decays(a, tc, n, h, lane, gc, betas, eg, ef);
   cp_async_wait_all();
   __syncthreads();
   // A warp a row, a lane a float4 of q and of k (dkp <= 128; the padding is zeros; every lane takes
@@ -467,6 +472,24 @@ __device__ __forceinline__ float2 load2(const __nv_bfloat16* p) {
 __device__ __forceinline__ void store4(float* p, float4 v) { *reinterpret_cast<float4*>(p) = v; }
 __device__ __forceinline__ void store4(__nv_bfloat16* p, float4 v) {
   *reinterpret_cast<uint2*>(p) = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
+}
+
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
+  const uint2 w = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.y));
+  return {a.x, a.y, b.x, b.y};
+}
+__device__ __forceinline__ float4 scale4(float4 v, float f) { return {f * v.x, f * v.y, f * v.z, f * v.w}; }
+__device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
+
+// Elements p .. p + 3 of an activation row of `len` (zeros past it), as one float4 load where the
+// pass's rows are whole float4s (`vec`: rows_are_float4s, so len is a multiple of 4), else one at a
+// time. Loads that stay below the kernel's wait (load_after_wait).
+__device__ __forceinline__ float4 row_piece(const float* row, int p, int len, bool vec) {
+  if (vec) return p < len ? load4_after_wait(row + p) : float4{};
+  return {p < len ? load_after_wait(row + p) : 0.0f, p + 1 < len ? load_after_wait(row + p + 1) : 0.0f,
+          p + 2 < len ? load_after_wait(row + p + 2) : 0.0f, p + 3 < len ? load_after_wait(row + p + 3) : 0.0f};
 }
 
 // Row strides of the chunks' rows: padded_dk + 4, so that lq / 4 is odd (8 consecutive rows read as
@@ -569,15 +592,15 @@ __device__ void invert_unit_lower(const float* X, float* Y, Alongside alongside)
   }
 }
 
-// Chunked form, part 1, every chunk at once: block (chunk, value head), 8 warps. Forms P and A
-// (X) on the tensor cores; writes K' and e^gc Q; T = (I + A)^-1 (Y) and M = P T (into X); then
-// one product [T; M] R with R = [diag(beta e^gc) K | diag(beta) V] gives [W | U] (T's rows) and
-// [P W | P U] (M's rows): Q' = e^gc Q - P W, O = P U.
-template <bool kSplit, int kHeadDim>
+// Chunked form, part 1, every chunk at once, with fp32 products (3xTF32): block (chunk, value
+// head), 8 warps. Forms P and A (X) on the tensor cores; writes K' and e^gc Q; T = (I + A)^-1 (Y)
+// and M = P T (into X); then one product [T; M] R with R = [diag(beta e^gc) K | diag(beta) V] gives
+// [W | U] (T's rows) and [P W | P U] (M's rows): Q' = e^gc Q - P W, O = P U.
+template <int kHeadDim>
 __global__ void __launch_bounds__(kChunkThreads, 2)
-    delta_rule_solve_kernel(const RuleArgs a, ChunkScratch<ScratchOf<kSplit>> cs, int chunks_per_seq) {
+    delta_rule_solve_kernel(const RuleArgs a, ChunkScratch<float> cs, int chunks_per_seq) {
   wait_for_prior_kernels();
-  const auto tf = [](float v) { return tf32_operand<kSplit>(v); };  // an operand of the products
+  const auto tf = [](float v) { return tf32_split(v); };  // an operand of the products (3xTF32)
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
   const int b = int(blockIdx.x) / chunks_per_seq, c = int(blockIdx.x) % chunks_per_seq, h = int(blockIdx.y);
@@ -623,8 +646,8 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
 #pragma unroll
         for (int nj = 0; nj < 4; ++nj) {
           const Tf32Pair bf[2] = {tf(kb[8 * nj * lq + p]), tf(kb[8 * nj * lq + p + 4])};
-          mma_tf32x<kSplit>(qk[nj], qf, bf);
-          mma_tf32x<kSplit>(kk[nj], kf, bf);
+          mma_3xtf32(qk[nj], qf, bf);
+          mma_3xtf32(kk[nj], kf, bf);
         }
       }
 #pragma unroll
@@ -689,7 +712,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
       for (int nj = 0; nj < 4; ++nj) {
         const float* bb = Y + (kk + t4) * kLX + jc + 8 * nj + g;
         const Tf32Pair bf[2] = {tf(bb[0]), tf(bb[4 * kLX])};
-        mma_tf32x<kSplit>(m[nj], af, bf);
+        mma_3xtf32(m[nj], af, bf);
       }
     }
     __syncthreads();  // every warp has read P
@@ -726,7 +749,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
           const float* am = A + (16 * rb + g) * kLX + kk + t4;
           const Tf32Pair af[4] = {tf(am[0]), tf(am[8 * kLX]), tf(am[4]), tf(am[8 * kLX + 4])};
 #pragma unroll
-          for (int nj = 0; nj < 2; ++nj) mma_tf32x<kSplit>(acc[rb][nj], af, bf[nj]);
+          for (int nj = 0; nj < 2; ++nj) mma_3xtf32(acc[rb][nj], af, bf[nj]);
         }
       }
       // T's rows: W and U; M's: Q' = e^gc Q - P W (e^gc Q is in scratch: a row block's loaded
@@ -760,6 +783,253 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
           }
       }
     }
+}
+
+// Shared memory of the bf16 solve kernel, in bytes: the decays; X (A in fp32, [kChunk][kLX]), then
+// T in bf16 ([kChunk][kLT]) once it is formed; Y (T in fp32); Qb, Kb [kChunk][lk] (q and k
+// normalised, in bf16; Kb becomes R's key part diag(beta e^gc) K once P and A are formed); Rv
+// [kChunk][lv] (R's value part diag(beta) V, dv padded to whole 16-column steps); Pb [kChunk][kLT]
+// (P, then M = P T). The bf16 row strides are odd multiples of 16 bytes: ldmatrix's 8 row reads of
+// a matrix fall on 32 distinct banks.
+constexpr int kLT = kChunk + 8;
+struct SolveBf16Smem {
+  int lk, lv, dv16;
+  int64_t gc, beta, eg, ef, X, Y, Qb, Kb, Rv, Pb, total;
+  __host__ __device__ SolveBf16Smem(int dk, int dv) {
+    dv16 = (dv + 15) / 16 * 16;
+    lk = padded_dk(dk) + 8;
+    lv = dv16 + 8;
+    int64_t o = 0;
+    gc = o, o += 8 * kChunk;
+    beta = o, o += 4 * kChunk;
+    eg = o, o += 4 * kChunk;
+    ef = o, o += 4 * kChunk;
+    X = o, o += 4 * int64_t(kChunk) * kLX;
+    Y = o, o += 4 * int64_t(kChunk) * kLX;
+    Qb = o, o += 2 * int64_t(kChunk) * lk;
+    Kb = o, o += 2 * int64_t(kChunk) * lk;
+    Rv = o, o += 2 * int64_t(kChunk) * lv;
+    Pb = o, o += 2 * int64_t(kChunk) * kLT;
+    total = o;
+  }
+  __host__ __device__ size_t bytes() const { return size_t(total); }
+};
+
+// Chunked form, part 1, every chunk at once, with bf16 products: block (chunk, value head), 8
+// warps; the same scratch as the kernel above (in bf16), its products on the bf16 tensor cores from
+// bf16 rows read by ldmatrix (fp32 sums; flash-linear-attention keeps its operands in bf16 too),
+// but T = (I + A)^-1 from A in fp32 by invert_unit_lower's 3xTF32 (T multiplies every row):
+//   1. q and k normalised into bf16 rows, a warp a row (every row's loads in flight first);
+//   2. P (bf16) and A (fp32) from Q K^T and K K^T;
+//   3. T into Y, while the threads the inverse leaves free load V into R's value part and write K'
+//      while turning K's rows into R's key part;
+//   4. M = P T, then [T; M] R: W and U from T's rows, Q' = e^gc Q - P W and O = P U from M's.
+template <int kHeadDim>
+__global__ void __launch_bounds__(kChunkThreads, 2)
+    delta_rule_solve_bf16_kernel(const RuleArgs a, ChunkScratch<__nv_bfloat16> cs, int chunks_per_seq) {
+  wait_for_prior_kernels();
+  extern __shared__ float4 smem_f4[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(smem_f4);
+  const int b = int(blockIdx.x) / chunks_per_seq, c = int(blockIdx.x) % chunks_per_seq, h = int(blockIdx.y);
+  const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  if (b >= a.B) return;
+  const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
+  if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
+  const int64_t c0 = int64_t(c) * kChunk;
+  if (c0 >= s.n) return;
+  const int n = int(s.n - c0 < kChunk ? s.n - c0 : kChunk);
+  const int64_t tc = s.t0 + c0;
+  // kHeadDim: the key and value head dims known when compiled (the Qwen models' 128), or 0.
+  const int dk = kHeadDim ? kHeadDim : a.dk, dv = kHeadDim ? kHeadDim : a.dv, Hv = a.Hv;
+  const int dkp = padded_dk(dk), dvp = ChunkScratch<__nv_bfloat16>::dvp(dv);
+  const SolveBf16Smem L(dk, dv);
+  const int lk = L.lk, lv = L.lv;
+  double* gc = reinterpret_cast<double*>(smem + L.gc);
+  float* betas = reinterpret_cast<float*>(smem + L.beta);
+  float* eg = reinterpret_cast<float*>(smem + L.eg);
+  float* ef = reinterpret_cast<float*>(smem + L.ef);
+  float* X = reinterpret_cast<float*>(smem + L.X);
+  float* Y = reinterpret_cast<float*>(smem + L.Y);
+  __nv_bfloat16* Tb = reinterpret_cast<__nv_bfloat16*>(smem + L.X);  // over X once T is formed
+  __nv_bfloat16* Qb = reinterpret_cast<__nv_bfloat16*>(smem + L.Qb);
+  __nv_bfloat16* Kb = reinterpret_cast<__nv_bfloat16*>(smem + L.Kb);
+  __nv_bfloat16* Rv = reinterpret_cast<__nv_bfloat16*>(smem + L.Rv);
+  __nv_bfloat16* Pb = reinterpret_cast<__nv_bfloat16*>(smem + L.Pb);
+  const bool vec = rows_are_float4s(a);
+
+  // 1. A warp a row, a lane elements 4 lane .. + 3 of q and k (dk <= 128; zeros past n and dk).
+  {
+    constexpr int kRows = kChunk / kChunkWarps;
+    const int hk = h / (Hv / a.Hk), p = 4 * lane;
+    const float* q0 = a.qkv + tc * a.ld + int64_t(hk) * dk;
+    const float* k0 = q0 + int64_t(a.Hk) * dk;
+    float4 qv[kRows], kv[kRows];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = warp + kChunkWarps * r;
+      qv[r] = i < n ? row_piece(q0 + i * a.ld, p, dk, vec) : float4{};
+      kv[r] = i < n ? row_piece(k0 + i * a.ld, p, dk, vec) : float4{};
+    }
+    if (warp == 0) chunk_decays(a, tc, n, h, lane, gc, betas, eg, ef);
+#pragma unroll
+    for (int r = 0; r < kRows; ++r) {
+      const int i = warp + kChunkWarps * r;
+      const float2 f = qk_factors(dk, dot4(qv[r], qv[r]), dot4(kv[r], kv[r]));
+      if (p < dkp) {
+        store4(Qb + i * lk + p, scale4(qv[r], f.x));
+        store4(Kb + i * lk + p, scale4(kv[r], f.y));
+      }
+    }
+  }
+  __syncthreads();
+
+  // 2. P_ij = D_ij (q_i . k_j) (j <= i, zeros above) and A_ij = beta_i D_ij (k_i . k_j) (j < i; the
+  // inverse reads no other element of X): warp w has rows 16 (w % 4) .. + 15 and columns 32 (w / 4)
+  // .. + 31 of both (B = K^T from K's rows). The warp of rows 0-15 and columns 32-63 is all above the
+  // diagonal: it only writes P's zeros.
+  {
+    const int i0 = 16 * (warp & 3), jc = 32 * (warp >> 2);
+    float qk[4][4] = {}, kk[4][4] = {};
+    if (jc <= i0 + 15) {
+      const __nv_bfloat16* qa = Qb + (i0 + lane % 16) * lk + 8 * (lane / 16);
+      const __nv_bfloat16* ka = Kb + (i0 + lane % 16) * lk + 8 * (lane / 16);
+      const __nv_bfloat16* kb = Kb + (jc + 8 * (lane / 16) + lane % 8) * lk + 8 * ((lane / 8) % 2);
+      for (int p = 0; p < dkp; p += 16) {
+        uint32_t qf[4], kf[4];
+        ldmatrix_x4(qf, qa + p);
+        ldmatrix_x4(kf, ka + p);
+#pragma unroll
+        for (int nj = 0; nj < 4; nj += 2) {
+          uint32_t bf[4];
+          ldmatrix_x4(bf, kb + 8 * nj * lk + p);
+          mma_bf16(qk[nj], qf, bf[0], bf[1]);
+          mma_bf16(qk[nj + 1], qf, bf[2], bf[3]);
+          mma_bf16(kk[nj], kf, bf[0], bf[1]);
+          mma_bf16(kk[nj + 1], kf, bf[2], bf[3]);
+        }
+      }
+    }
+#pragma unroll
+    for (int nj = 0; nj < 4; ++nj)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf) {
+        const int i = i0 + g + 8 * hf, j = jc + 8 * nj + 2 * t4;
+        float pv[2];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          const float dec = j + e <= i ? expf(float(gc[i] - gc[j + e])) : 0.0f;
+          pv[e] = dec * qk[nj][2 * hf + e];
+          if (j + e < i) X[i * kLX + j + e] = betas[i] * dec * kk[nj][2 * hf + e];
+        }
+        *reinterpret_cast<uint32_t*>(Pb + i * kLT + j) = bf16_pair(pv[0], pv[1]);
+      }
+  }
+  __syncthreads();  // P and A formed; K read as it is
+
+  // 3. T = (I + A)^-1 into Y. Beside it: R's value part diag(beta) V (its loads first: the longest
+  // wait), K' = diag(e^{gc_last - gc}) K to scratch and K's rows scaled into R's key part.
+  const float* v0 = a.qkv + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv;
+  invert_unit_lower(X, Y, [&](int t, int threads) {
+    const int vp = L.dv16 / 4, kp = dkp / 4;
+#pragma unroll 4
+    for (int e = t; e < kChunk * vp; e += threads) {
+      const int i = e / vp, j = 4 * (e % vp);
+      const float4 v = i < n ? row_piece(v0 + i * a.ld, j, dv, vec) : float4{};
+      store4(Rv + i * lv + j, scale4(v, betas[i]));
+    }
+    for (int e = t; e < kChunk * kp; e += threads) {
+      const int i = e / kp, p = 4 * (e % kp);
+      const float4 k = load4(Kb + i * lk + p);
+      if (i < n) store4(cs.kp + ((tc + i) * Hv + h) * dkp + p, scale4(k, ef[i]));
+      store4(Kb + i * lk + p, scale4(k, betas[i] * eg[i]));
+    }
+  });
+  if (tid == 0) cs.elast[tc * Hv + h] = eg[n - 1];
+  // T in bf16 over X (A is read no more; the inverse's last barrier is behind us).
+  for (int e = tid; e < kChunk * kChunk / 4; e += kChunkThreads) {
+    const int i = e / (kChunk / 4), j = 4 * (e % (kChunk / 4));
+    store4(Tb + i * kLT + j, *reinterpret_cast<const float4*>(Y + i * kLX + j));
+  }
+  __syncthreads();
+
+  // 4a. M = P T: warp w has rows 16 (w % 4) .. + 15 (P's row block is zero past its diagonal
+  // block) and columns 32 (w / 4) .. + 31; into Pb once every warp has read P.
+  {
+    const int rb = warp & 3, jc = 32 * (warp >> 2);
+    float m[4][4] = {};
+    const __nv_bfloat16* pa = Pb + (16 * rb + lane % 16) * kLT + 8 * (lane / 16);
+    const __nv_bfloat16* tb = Tb + (8 * ((lane / 8) % 2) + lane % 8) * kLT + jc + 8 * (lane / 16);
+    for (int kk = 0; kk <= rb; ++kk) {
+      uint32_t pf[4];
+      ldmatrix_x4(pf, pa + 16 * kk);
+#pragma unroll
+      for (int nj = 0; nj < 4; nj += 2) {
+        uint32_t tf[4];
+        ldmatrix_x4_trans(tf, tb + 16 * kk * kLT + 8 * nj);
+        mma_bf16(m[nj], pf, tf[0], tf[1]);
+        mma_bf16(m[nj + 1], pf, tf[2], tf[3]);
+      }
+    }
+    __syncthreads();
+#pragma unroll
+    for (int nj = 0; nj < 4; ++nj)
+#pragma unroll
+      for (int hf = 0; hf < 2; ++hf)
+        *reinterpret_cast<uint32_t*>(Pb + (16 * rb + g + 8 * hf) * kLT + jc + 8 * nj + 2 * t4) =
+            bf16_pair(m[nj][2 * hf], m[nj][2 * hf + 1]);
+  }
+  __syncthreads();
+
+  // 4b. [T; M] R: warp w takes R's columns 16 w .. + 15 (then + 128 ...), the key part's (Kb) below
+  // dkp, the value part's (Rv) past it. T and M are lower triangular: row block rb needs the k steps
+  // up to its own. Each B fragment serves T's row blocks and M's.
+  const int cols = dkp + L.dv16;
+  for (int c16 = 16 * warp; c16 < cols; c16 += 16 * kChunkWarps) {
+    const bool key = c16 < dkp;  // (dkp is whole 16-column steps: a step is all key or all value)
+    const int lr = key ? lk : lv;
+    const __nv_bfloat16* rr =
+        (key ? Kb + c16 : Rv + (c16 - dkp)) + (8 * ((lane / 8) % 2) + lane % 8) * lr + 8 * (lane / 16);
+    float acc[2][4][2][4] = {};
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t bf[4];
+      ldmatrix_x4_trans(bf, rr + 16 * kk * lr);
+#pragma unroll
+      for (int rb = kk; rb < 4; ++rb) {
+        uint32_t tf[4], mf[4];
+        ldmatrix_x4(tf, Tb + (16 * rb + lane % 16) * kLT + 16 * kk + 8 * (lane / 16));
+        ldmatrix_x4(mf, Pb + (16 * rb + lane % 16) * kLT + 16 * kk + 8 * (lane / 16));
+        mma_bf16(acc[0][rb][0], tf, bf[0], bf[1]);
+        mma_bf16(acc[0][rb][1], tf, bf[2], bf[3]);
+        mma_bf16(acc[1][rb][0], mf, bf[0], bf[1]);
+        mma_bf16(acc[1][rb][1], mf, bf[2], bf[3]);
+      }
+    }
+    // T's rows: W and U; M's: Q' = e^gc Q - P W and O = P U.
+#pragma unroll
+    for (int part = 0; part < 2; ++part)
+#pragma unroll
+      for (int rb = 0; rb < 4; ++rb)
+#pragma unroll
+        for (int nj = 0; nj < 2; ++nj)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int i = 16 * rb + g + 8 * hf, col = c16 + 8 * nj + 2 * t4;
+            if (i >= n) continue;
+            float x0 = acc[part][rb][nj][2 * hf], x1 = acc[part][rb][nj][2 * hf + 1];
+            const int64_t row = (tc + i) * Hv + h;
+            if (key) {
+              if (part == 1) {
+                const float2 q = load2(Qb + i * lk + col);
+                x0 = eg[i] * q.x - x0;
+                x1 = eg[i] * q.y - x1;
+              }
+              store2((part == 0 ? cs.w : cs.qp) + row * dkp + col, x0, x1);
+            } else if (col - dkp < dvp) {
+              store2((part == 0 ? cs.u : cs.o) + row * dvp + (col - dkp), x0, x1);
+            }
+          }
+  }
 }
 
 // A warp's partial sums for the other key parts of the state kernel: all 8 row tiles of u (each
@@ -1159,8 +1429,7 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     const int width = blocks(32) <= sms ? 32 : blocks(64) <= sms ? 64 : 128;
     const int key_parts = 128 / width;  // 8 warps of 16 columns each
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
-    const size_t solve_smem = SolveSmem(d.dk, d.dv).bytes();
-    const auto run = [&](auto solve_kernel, auto state_kernel, auto cs) {
+    const auto run = [&](auto solve_kernel, size_t solve_smem, auto state_kernel, auto cs) {
       const size_t state_smem = StateSmem(d.dk, width, key_parts, sizeof(*cs.qp)).bytes();
       smem_.allow(solve_kernel, solve_smem, "gated_delta_rule: shared memory of the solve kernel");
       smem_.allow(state_kernel, state_smem, "gated_delta_rule: shared memory of the state kernel");
@@ -1170,17 +1439,21 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
       launch(state_kernel, state_grid, 32 * (width / 16) * key_parts, state_smem, stream_, a, cs);
     };
     // Products in 3xTF32 over fp32 scratch (fp32 accuracy) unless bf16 products are asked for:
-    // then the solve kernel's in TF32 and the state kernel's in bf16 over bf16 scratch. The
-    // kernels compiled for the Qwen models' head dims (dk = dv = 128) where they are those.
+    // then both kernels' in bf16 over bf16 scratch (T's inverse in 3xTF32 still). The kernels
+    // compiled for the Qwen models' head dims (dk = dv = 128) where they are those.
     const auto run_in = [&](auto split, auto dims) {
       constexpr bool kSplit = decltype(split)::value;
       constexpr int kDims = decltype(dims)::value;
       using Scratch = ChunkScratch<ScratchOf<kSplit>>;
       const Scratch cs = Scratch::at(scratch_->bytes(Scratch::bytes(T, d.Hv, d.dk, d.dv)), T, d.Hv, d.dk, d.dv);
-      const auto solve = delta_rule_solve_kernel<kSplit, kDims>;
-      if (width == 32) run(solve, delta_rule_state_kernel<kSplit, 2, 4, kDims>, cs);
-      else if (width == 64) run(solve, delta_rule_state_kernel<kSplit, 4, 2, kDims>, cs);
-      else run(solve, delta_rule_state_kernel<kSplit, 8, 1, kDims>, cs);
+      const auto solve = [&] {
+        if constexpr (kSplit) return delta_rule_solve_kernel<kDims>;
+        else return delta_rule_solve_bf16_kernel<kDims>;
+      }();
+      const size_t solve_smem = kSplit ? SolveSmem(d.dk, d.dv).bytes() : SolveBf16Smem(d.dk, d.dv).bytes();
+      if (width == 32) run(solve, solve_smem, delta_rule_state_kernel<kSplit, 2, 4, kDims>, cs);
+      else if (width == 64) run(solve, solve_smem, delta_rule_state_kernel<kSplit, 4, 2, kDims>, cs);
+      else run(solve, solve_smem, delta_rule_state_kernel<kSplit, 8, 1, kDims>, cs);
     };
     using Dims128 = std::integral_constant<int, 128>;
     using AnyDims = std::integral_constant<int, 0>;
