@@ -12,7 +12,8 @@ products (3xTF32, the parity tests' mode) and with bf16 products (ballast's defa
 delta rule's products in TF32); FLA runs on the same values in bf16 (as served) and in fp32. Times are the device time of the op alone:
 ballast's from CUDA events around its op, FLA's from triton.testing.do_bench (median).
 
-The solve kernel is also timed alone (the state kernel left out by BALLAST_CUDA_SKIP_KERNELS, bf16
+`--precisions bf16` runs ballast with bf16 products only (FLA runs in both dtypes still: its fp32
+output is the error reference). The solve kernel is also timed alone (the state kernel left out by BALLAST_CUDA_SKIP_KERNELS, bf16
 products): the state kernel's time is the op's less that.
 
 With --ballast-before (the same bench from an earlier build), the two builds alternate --rounds
@@ -80,7 +81,7 @@ def run_case(args, model, Hk, Hv, dk, dv, lens, seed):
         return ours["median_ms"], out.reshape(T, Hv, dv)
 
     outs = {}
-    for precision in ("fp32", "bf16"):
+    for precision in args.precisions.split(","):
         key = "ballast_ms" if precision == "fp32" else "ballast_bf16_ms"
         times, before = [], []
         for _ in range(args.rounds if args.ballast_before else 1):
@@ -97,10 +98,11 @@ def run_case(args, model, Hk, Hv, dk, dv, lens, seed):
                 ((outs[precision] - out_b).norm() / out_b.norm()).item()
     # The solve kernel alone (the state kernel left out: BALLAST_CUDA_SKIP_KERNELS), bf16 products;
     # the state kernel's share is the difference.
-    res["ballast_bf16_solve_ms"] = ballast(args.ballast, "bf16", "delta_rule_state_kernel")[0]
-    if args.ballast_before:
-        res["ballast_before_bf16_solve_ms"] = ballast(args.ballast_before, "bf16", "delta_rule_state_kernel")[0]
-    out_ballast = outs["fp32"]
+    if "bf16" in outs:
+        res["ballast_bf16_solve_ms"] = ballast(args.ballast, "bf16", "delta_rule_state_kernel")[0]
+        if args.ballast_before:
+            res["ballast_before_bf16_solve_ms"] = ballast(args.ballast_before, "bf16", "delta_rule_state_kernel")[0]
+    out_ballast = outs.get("fp32")
     shutil.rmtree(work, ignore_errors=True)
 
     cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.long, device="cuda")
@@ -111,15 +113,18 @@ def run_case(args, model, Hk, Hv, dk, dv, lens, seed):
                                           cu_seqlens=cu)[0]
         out = fla()[0].float()
         ms = triton.testing.do_bench(fla, warmup=25, rep=200, return_mode="median")
-        diff = (out - out_ballast).abs()
         res[f"fla_{name}_ms"] = ms
-        res[f"max_abs_diff_vs_fla_{name}"] = diff.max().item()
-        res[f"rel_l2_diff_vs_fla_{name}"] = (diff.norm() / out.norm()).item()
-        if name == "fp32":
+        if out_ballast is not None:
+            diff = (out - out_ballast).abs()
+            res[f"max_abs_diff_vs_fla_{name}"] = diff.max().item()
+            res[f"rel_l2_diff_vs_fla_{name}"] = (diff.norm() / out.norm()).item()
+        if name == "fp32" and "bf16" in outs:
             res["bf16_products_rel_l2_diff_vs_fla_fp32"] = ((out - outs["bf16"]).norm() / out.norm()).item()
-    res["speedup_vs_fla_bf16"] = res["fla_bf16_ms"] / res["ballast_ms"]
-    res["bf16_products_speedup_vs_fla_bf16"] = res["fla_bf16_ms"] / res["ballast_bf16_ms"]
-    res["speedup_vs_fla_fp32"] = res["fla_fp32_ms"] / res["ballast_ms"]
+    if "fp32" in outs:
+        res["speedup_vs_fla_bf16"] = res["fla_bf16_ms"] / res["ballast_ms"]
+        res["speedup_vs_fla_fp32"] = res["fla_fp32_ms"] / res["ballast_ms"]
+    if "bf16" in outs:
+        res["bf16_products_speedup_vs_fla_bf16"] = res["fla_bf16_ms"] / res["ballast_bf16_ms"]
     return res
 
 
@@ -131,6 +136,7 @@ def main():
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--ballast-before", help="the same bench from an earlier build, for an A/B in this run")
     p.add_argument("--rounds", type=int, default=2, help="alternated rounds of the two builds (with --ballast-before)")
+    p.add_argument("--precisions", default="fp32,bf16", help="ballast's products to run: fp32, bf16 or both")
     args = p.parse_args()
     sys.path.insert(0, args.fla)
     os.makedirs(args.out, exist_ok=True)
@@ -138,19 +144,26 @@ def main():
     for i, ((model, Hk, Hv, dk, dv), lens) in enumerate(CASES):
         r = run_case(args, model, Hk, Hv, dk, dv, lens, seed=100 + i)
         results.append(r)
-        print(f"{model:20s} {len(lens)} x {lens[0]:5d}: ballast {r['ballast_ms']:8.3f} ms, bf16 products "
-              f"{r['ballast_bf16_ms']:8.3f} ms | FLA bf16 {r['fla_bf16_ms']:8.3f} ms "
-              f"({r['bf16_products_speedup_vs_fla_bf16']:.2f}x) | FLA fp32 {r['fla_fp32_ms']:8.3f} ms "
-              f"({r['speedup_vs_fla_fp32']:.2f}x) | rel diff vs FLA fp32 {r['rel_l2_diff_vs_fla_fp32']:.2e}, "
-              f"bf16 products {r['bf16_products_rel_l2_diff_vs_fla_fp32']:.2e}", flush=True)
-        if args.ballast_before:
-            print(f"{'':20s} before: {r['ballast_before_ms']:8.3f} ms, bf16 products {r['ballast_before_bf16_ms']:8.3f} ms "
-                  f"(this / before {r['ballast_ms'] / r['ballast_before_ms']:.3f}, "
-                  f"{r['ballast_bf16_ms'] / r['ballast_before_bf16_ms']:.3f}); outputs differ by "
-                  f"{r['ballast_rel_l2_diff_vs_before']:.2e} / {r['ballast_bf16_rel_l2_diff_vs_before']:.2e}; "
-                  f"bf16 solve kernel {r['ballast_before_bf16_solve_ms']:.3f} ms before", flush=True)
-        print(f"{'':20s} bf16 products: solve kernel {r['ballast_bf16_solve_ms']:.3f} ms, state kernel "
-              f"{r['ballast_bf16_ms'] - r['ballast_bf16_solve_ms']:.3f} ms (the op less the solve)", flush=True)
+        print(f"{model:20s} {len(lens)} x {lens[0]:5d}: FLA bf16 {r['fla_bf16_ms']:8.3f} ms, "
+              f"FLA fp32 {r['fla_fp32_ms']:8.3f} ms", flush=True)
+        for key, what in (("ballast_ms", "fp32 products"), ("ballast_bf16_ms", "bf16 products")):
+            if key not in r:
+                continue
+            fla_ratio = r["fla_fp32_ms"] / r[key] if key == "ballast_ms" else r["fla_bf16_ms"] / r[key]
+            line = (f"{'':20s} ballast, {what}: {r[key]:8.3f} ms ({fla_ratio:.2f}x FLA's "
+                    f"{'fp32' if key == 'ballast_ms' else 'bf16'})")
+            if args.ballast_before:
+                b = key.replace("ballast", "ballast_before")
+                line += (f"; before {r[b]:8.3f} ms (this / before {r[key] / r[b]:.3f}, outputs differ by "
+                         f"{r[key.replace('_ms', '_rel_l2_diff_vs_before')]:.2e})")
+            print(line, flush=True)
+        if "ballast_bf16_solve_ms" in r:
+            before = f" (before {r['ballast_before_bf16_solve_ms']:.3f} ms)" if args.ballast_before else ""
+            print(f"{'':20s} bf16 products: solve kernel {r['ballast_bf16_solve_ms']:.3f} ms{before}, state kernel "
+                  f"{r['ballast_bf16_ms'] - r['ballast_bf16_solve_ms']:.3f} ms (the op less the solve)", flush=True)
+        for key in ("rel_l2_diff_vs_fla_fp32", "bf16_products_rel_l2_diff_vs_fla_fp32"):
+            if key in r:
+                print(f"{'':20s} {key}: {r[key]:.2e}", flush=True)
     with open(os.path.join(args.out, "deltanet_side_by_side.json"), "w") as f:
         json.dump(results, f, indent=1)
 
