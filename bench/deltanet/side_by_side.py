@@ -137,13 +137,20 @@ def main():
     p.add_argument("--ballast-before", help="the same bench from an earlier build, for an A/B in this run")
     p.add_argument("--rounds", type=int, default=2, help="alternated rounds of the two builds (with --ballast-before)")
     p.add_argument("--precisions", default="fp32,bf16", help="ballast's products to run: fp32, bf16 or both")
+    p.add_argument("--cases", help="which of the four shapes to run, as indices into CASES (e.g. 0,2); all by default")
     args = p.parse_args()
     sys.path.insert(0, args.fla)
     os.makedirs(args.out, exist_ok=True)
     results = []
-    for i, ((model, Hk, Hv, dk, dv), lens) in enumerate(CASES):
+    chosen = [int(c) for c in args.cases.split(",")] if args.cases else range(len(CASES))
+    for i in chosen:
+        (model, Hk, Hv, dk, dv), lens = CASES[i]
         r = run_case(args, model, Hk, Hv, dk, dv, lens, seed=100 + i)
         results.append(r)
+        # Written after every case: a run cut short (a device call's time limit) keeps the cases it
+        # finished, whatever buffers its printed lines on their way out.
+        with open(os.path.join(args.out, "deltanet_side_by_side.json"), "w") as f:
+            json.dump(results, f, indent=1)
         print(f"{model:20s} {len(lens)} x {lens[0]:5d}: FLA bf16 {r['fla_bf16_ms']:8.3f} ms, "
               f"FLA fp32 {r['fla_fp32_ms']:8.3f} ms", flush=True)
         for key, what in (("ballast_ms", "fp32 products"), ("ballast_bf16_ms", "bf16 products")):
@@ -164,8 +171,6 @@ def main():
         for key in ("rel_l2_diff_vs_fla_fp32", "bf16_products_rel_l2_diff_vs_fla_fp32"):
             if key in r:
                 print(f"{'':20s} {key}: {r[key]:.2e}", flush=True)
-    with open(os.path.join(args.out, "deltanet_side_by_side.json"), "w") as f:
-        json.dump(results, f, indent=1)
 
 
 if __name__ == "__main__":
