@@ -28,11 +28,10 @@
 //   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V', each warp on 16
 //   value columns and a part of the keys whose state it keeps transposed in registers (8 warps a
 //   block: slices of 32, 64 or 128 columns in 4, 2 or 1 key parts, the narrowest whose blocks fit
-//   on the SMs at once). The products
-//   run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy); under bf16 matrix
-//   products the solve kernel's in TF32 (operands rounded to 10 bits, one product for three; T's
-//   own blocks always in 3xTF32) and the state kernel's in bf16 from bf16 scratch (the state stays
-//   fp32 in registers); the substitution of T's diagonal blocks and the exponentials (of double
+//   on the SMs at once). The products run on the tensor cores in 3xTF32 (cuda_mma_support.cuh:
+//   fp32 accuracy); under bf16 matrix products both kernels' in bf16 from bf16 rows and scratch
+//   (delta_rule_solve_bf16_kernel; T's own blocks always in 3xTF32 from A in fp32, the state fp32
+//   in registers); the substitution of T's diagonal blocks and the exponentials (of double
 //   differences, as the CPU) on the SIMT cores.
 #include <algorithm>
 #include <cmath>
