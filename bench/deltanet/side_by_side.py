@@ -8,13 +8,14 @@ L2-normalise q and k (eps 1e-6) and scale q by dk^-0.5 inside, start from zero s
 grouped value heads (Hv = r * Hk, value head h reads key head h // r).
 
 ballast runs through bench_delta_rule_cuda (fp32 inputs, its activations' dtype) twice: with fp32
-products (3xTF32, the parity tests' mode) and with bf16 products (ballast's default on a GPU: the
-delta rule's products in TF32); FLA runs on the same values in bf16 (as served) and in fp32. Times are the device time of the op alone:
-ballast's from CUDA events around its op, FLA's from triton.testing.do_bench (median).
+products (3xTF32, the parity tests' mode) and with bf16 products (ballast's default on a GPU: both
+chunked kernels' products in bf16); FLA runs on the same values in bf16 (as served) and in fp32.
+Times are the device time of the op alone: ballast's from CUDA events around its op, FLA's from
+triton.testing.do_bench (median).
 
 `--precisions bf16` runs ballast with bf16 products only (FLA runs in both dtypes still: its fp32
-output is the error reference). The solve kernel is also timed alone (the state kernel left out by BALLAST_CUDA_SKIP_KERNELS, bf16
-products): the state kernel's time is the op's less that.
+output is the error reference). The solve kernel is also timed alone (the state kernel left out by
+BALLAST_CUDA_SKIP_KERNELS, bf16 products): the state kernel's time is the op's less that.
 
 With --ballast-before (the same bench from an earlier build), the two builds alternate --rounds
 times on the same inputs and the report has both (the medians of their rounds) and how far their
@@ -153,12 +154,11 @@ def main():
             json.dump(results, f, indent=1)
         print(f"{model:20s} {len(lens)} x {lens[0]:5d}: FLA bf16 {r['fla_bf16_ms']:8.3f} ms, "
               f"FLA fp32 {r['fla_fp32_ms']:8.3f} ms", flush=True)
-        for key, what in (("ballast_ms", "fp32 products"), ("ballast_bf16_ms", "bf16 products")):
+        for key, dtype in (("ballast_ms", "fp32"), ("ballast_bf16_ms", "bf16")):  # each beside FLA's same dtype
             if key not in r:
                 continue
-            fla_ratio = r["fla_fp32_ms"] / r[key] if key == "ballast_ms" else r["fla_bf16_ms"] / r[key]
-            line = (f"{'':20s} ballast, {what}: {r[key]:8.3f} ms ({fla_ratio:.2f}x FLA's "
-                    f"{'fp32' if key == 'ballast_ms' else 'bf16'})")
+            line = (f"{'':20s} ballast, {dtype} products: {r[key]:8.3f} ms "
+                    f"({r[f'fla_{dtype}_ms'] / r[key]:.2f}x FLA's {dtype})")
             if args.ballast_before:
                 b = key.replace("ballast", "ballast_before")
                 line += (f"; before {r[b]:8.3f} ms (this / before {r[key] / r[b]:.3f}, outputs differ by "
