@@ -351,9 +351,10 @@ __device__ __forceinline__ bool rows_are_float4s(const RuleArgs& a) {
 
 // A chunk's decays, by one warp (lane): the cumulative log decay gc (an inclusive scan of g in
 // double) with eg = e^gc and ef = e^{gc_last - gc}, and beta. Rows past n repeat the last decay with
-// beta = 0: they change nothing.
+// beta = 0: they change nothing. gc goes to `gc` in double, or to `gc_log2` as fp32 gc log2(e) for
+// exp2f of differences (exponents off by ~2^-24 |gc|: far inside bf16's rounding); either may be null.
 __device__ __forceinline__ void chunk_decays(const RuleArgs& a, int64_t tc, int n, int h, int lane, double* gc,
-                                             float* betas, float* eg, float* ef) {
+                                             float* gc_log2, float* betas, float* eg, float* ef) {
   const int Hv = a.Hv;
   double g0 = lane < n ? double(a.g[(tc + lane) * Hv + h]) : 0.0;
   double g1 = 32 + lane < n ? double(a.g[(tc + 32 + lane) * Hv + h]) : 0.0;
@@ -368,8 +369,14 @@ __device__ __forceinline__ void chunk_decays(const RuleArgs& a, int64_t tc, int 
   g1 += __shfl_sync(0xffffffffu, g0, 31);
   const double glast = __shfl_sync(0xffffffffu, n <= 32 ? g0 : g1, (n - 1) & 31);
   const double c0v = lane < n ? g0 : glast, c1v = 32 + lane < n ? g1 : glast;
-  gc[lane] = c0v;
-  gc[32 + lane] = c1v;
+  if (gc) {
+    gc[lane] = c0v;
+    gc[32 + lane] = c1v;
+  }
+  if (gc_log2) {
+    gc_log2[lane] = float(c0v * 1.4426950408889634);
+    gc_log2[32 + lane] = float(c1v * 1.4426950408889634);
+  }
   betas[lane] = lane < n ? a.beta[(tc + lane) * Hv + h] : 0.0f;
   betas[32 + lane] = 32 + lane < n ? a.beta[(tc + 32 + lane) * Hv + h] : 0.0f;
   eg[lane] = float(exp(c0v));
@@ -405,7 +412,7 @@ __device__ __forceinline__ void load_chunk_rows(const RuleArgs& a, int64_t tc, i
       Ks[i * lq + p] = ok ? k0[i * a.ld + p] : 0.0f;
     }
   }
-  if (warp == 0) chunk_decays(a, tc, n, h, lane, gc, betas, eg, ef);
+  if (warp == 0) chunk_decays(a, tc, n, h, lane, gc, nullptr, betas, eg, ef);
   cp_async_wait_all();
   __syncthreads();
   // A warp a row, a lane a float4 of q and of k (dkp <= 128; the padding is zeros; every lane takes
@@ -784,7 +791,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
     }
 }
 
-// Shared memory of the bf16 solve kernel, in bytes: the decays; X (A in fp32, [kChunk][kLX]), then
+// Shared memory of the bf16 solve kernel, in bytes: the decays (gc log2(e) in fp32); X (A in fp32, [kChunk][kLX]), then
 // T in bf16 ([kChunk][kLT]) once it is formed; Y (T in fp32); Qb, Kb [kChunk][lk] (q and k
 // normalised, in bf16; Kb becomes R's key part diag(beta e^gc) K once P and A are formed); Rv
 // [kChunk][lv] (R's value part diag(beta) V, dv padded to whole 16-column steps); Pb [kChunk][kLT]
@@ -793,13 +800,13 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
 constexpr int kLT = kChunk + 8;
 struct SolveBf16Smem {
   int lk, lv, dv16;
-  int64_t gc, beta, eg, ef, X, Y, Qb, Kb, Rv, Pb, total;
+  int64_t gl, beta, eg, ef, X, Y, Qb, Kb, Rv, Pb, total;
   __host__ __device__ SolveBf16Smem(int dk, int dv) {
     dv16 = (dv + 15) / 16 * 16;
     lk = padded_dk(dk) + 8;
     lv = dv16 + 8;
     int64_t o = 0;
-    gc = o, o += 8 * kChunk;
+    gl = o, o += 4 * kChunk;
     beta = o, o += 4 * kChunk;
     eg = o, o += 4 * kChunk;
     ef = o, o += 4 * kChunk;
@@ -843,7 +850,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
   const int dkp = padded_dk(dk), dvp = ChunkScratch<__nv_bfloat16>::dvp(dv);
   const SolveBf16Smem L(dk, dv);
   const int lk = L.lk, lv = L.lv;
-  double* gc = reinterpret_cast<double*>(smem + L.gc);
+  float* gl = reinterpret_cast<float*>(smem + L.gl);
   float* betas = reinterpret_cast<float*>(smem + L.beta);
   float* eg = reinterpret_cast<float*>(smem + L.eg);
   float* ef = reinterpret_cast<float*>(smem + L.ef);
@@ -869,7 +876,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
       qv[r] = i < n ? row_piece(q0 + i * a.ld, p, dk, vec) : float4{};
       kv[r] = i < n ? row_piece(k0 + i * a.ld, p, dk, vec) : float4{};
     }
-    if (warp == 0) chunk_decays(a, tc, n, h, lane, gc, betas, eg, ef);
+    if (warp == 0) chunk_decays(a, tc, n, h, lane, nullptr, gl, betas, eg, ef);
 #pragma unroll
     for (int r = 0; r < kRows; ++r) {
       const int i = warp + kChunkWarps * r;
@@ -909,19 +916,20 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
       }
     }
 #pragma unroll
-    for (int nj = 0; nj < 4; ++nj)
+    for (int hf = 0; hf < 2; ++hf) {
+      const int i = i0 + g + 8 * hf;
+      const float gi = gl[i], bi = betas[i];
 #pragma unroll
-      for (int hf = 0; hf < 2; ++hf) {
-        const int i = i0 + g + 8 * hf, j = jc + 8 * nj + 2 * t4;
-        float pv[2];
-#pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const float dec = j + e <= i ? expf(float(gc[i] - gc[j + e])) : 0.0f;
-          pv[e] = dec * qk[nj][2 * hf + e];
-          if (j + e < i) X[i * kLX + j + e] = betas[i] * dec * kk[nj][2 * hf + e];
-        }
-        *reinterpret_cast<uint32_t*>(Pb + i * kLT + j) = bf16_pair(pv[0], pv[1]);
+      for (int nj = 0; nj < 4; ++nj) {
+        const int j = jc + 8 * nj + 2 * t4;
+        const float2 gj = *reinterpret_cast<const float2*>(gl + j);
+        const float d0 = j <= i ? exp2f(gi - gj.x) : 0.0f, d1 = j + 1 <= i ? exp2f(gi - gj.y) : 0.0f;
+        *reinterpret_cast<uint32_t*>(Pb + i * kLT + j) = bf16_pair(d0 * qk[nj][2 * hf], d1 * qk[nj][2 * hf + 1]);
+        // A's strictly lower triangle only (the inverse reads no other element of X)
+        if (j < i) X[i * kLX + j] = bi * d0 * kk[nj][2 * hf];
+        if (j + 1 < i) X[i * kLX + j + 1] = bi * d1 * kk[nj][2 * hf + 1];
       }
+    }
   }
   __syncthreads();  // P and A formed; K read as it is
 
@@ -979,56 +987,71 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
   }
   __syncthreads();
 
-  // 4b. [T; M] R: warp w takes R's columns 16 w .. + 15 (then + 128 ...), the key part's (Kb) below
-  // dkp, the value part's (Rv) past it. T and M are lower triangular: row block rb needs the k steps
-  // up to its own. Each B fragment serves T's row blocks and M's.
-  const int cols = dkp + L.dv16;
-  for (int c16 = 16 * warp; c16 < cols; c16 += 16 * kChunkWarps) {
-    const bool key = c16 < dkp;  // (dkp is whole 16-column steps: a step is all key or all value)
-    const int lr = key ? lk : lv;
-    const __nv_bfloat16* rr =
-        (key ? Kb + c16 : Rv + (c16 - dkp)) + (8 * ((lane / 8) % 2) + lane % 8) * lr + 8 * (lane / 16);
-    float acc[2][4][2][4] = {};
+  // 4b. [T; M] R: R's 16-column steps s go to warp s % 8, the key part's (Kb, below dkp) in one
+  // loop and the value part's (Rv) in another (dkp is whole steps). T and M are lower triangular:
+  // row block rb needs the k steps up to its own. Each B fragment serves T's row blocks and M's.
+  // T's rows give W and U; M's Q' = e^gc Q - P W and O = P U, stored a row at a time.
+  const int key_steps = dkp / 16, steps = key_steps + L.dv16 / 16;
+  const auto product = [&](auto key_part) {
+    constexpr bool kKey = decltype(key_part)::value;
+    const int lr = kKey ? lk : lv;
+    int s0 = warp;
+    if (!kKey)
+      while (s0 < key_steps) s0 += kChunkWarps;
+    for (int st = s0; st < (kKey ? key_steps : steps); st += kChunkWarps) {
+      const int c16 = 16 * st - (kKey ? 0 : dkp);  // the step's first column of its part
+      const __nv_bfloat16* rr = (kKey ? Kb : Rv) + c16 + (8 * ((lane / 8) % 2) + lane % 8) * lr + 8 * (lane / 16);
+      float acc[2][4][2][4] = {};
 #pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      uint32_t bf[4];
-      ldmatrix_x4_trans(bf, rr + 16 * kk * lr);
+      for (int kk = 0; kk < 4; ++kk) {
+        uint32_t bf[4];
+        ldmatrix_x4_trans(bf, rr + 16 * kk * lr);
 #pragma unroll
-      for (int rb = kk; rb < 4; ++rb) {
-        uint32_t tf[4], mf[4];
-        ldmatrix_x4(tf, Tb + (16 * rb + lane % 16) * kLT + 16 * kk + 8 * (lane / 16));
-        ldmatrix_x4(mf, Pb + (16 * rb + lane % 16) * kLT + 16 * kk + 8 * (lane / 16));
-        mma_bf16(acc[0][rb][0], tf, bf[0], bf[1]);
-        mma_bf16(acc[0][rb][1], tf, bf[2], bf[3]);
-        mma_bf16(acc[1][rb][0], mf, bf[0], bf[1]);
-        mma_bf16(acc[1][rb][1], mf, bf[2], bf[3]);
+        for (int rb = kk; rb < 4; ++rb) {
+          uint32_t tf[4], mf[4];
+          ldmatrix_x4(tf, Tb + (16 * rb + lane % 16) * kLT + 16 * kk + 8 * (lane / 16));
+          ldmatrix_x4(mf, Pb + (16 * rb + lane % 16) * kLT + 16 * kk + 8 * (lane / 16));
+          mma_bf16(acc[0][rb][0], tf, bf[0], bf[1]);
+          mma_bf16(acc[0][rb][1], tf, bf[2], bf[3]);
+          mma_bf16(acc[1][rb][0], mf, bf[0], bf[1]);
+          mma_bf16(acc[1][rb][1], mf, bf[2], bf[3]);
+        }
       }
-    }
-    // T's rows: W and U; M's: Q' = e^gc Q - P W and O = P U.
-#pragma unroll
-    for (int part = 0; part < 2; ++part)
+      const int col = c16 + 2 * t4;
 #pragma unroll
       for (int rb = 0; rb < 4; ++rb)
 #pragma unroll
-        for (int nj = 0; nj < 2; ++nj)
+        for (int hf = 0; hf < 2; ++hf) {
+          const int i = 16 * rb + g + 8 * hf;
+          if (i >= n) continue;
+          const int64_t row = (tc + i) * Hv + h;
+          const float(&t)[2][4] = acc[0][rb];
+          const float(&m)[2][4] = acc[1][rb];
+          if constexpr (kKey) {
+            __nv_bfloat16* w = cs.w + row * dkp + col;
+            __nv_bfloat16* qp = cs.qp + row * dkp + col;
+            const float e = eg[i];
 #pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int i = 16 * rb + g + 8 * hf, col = c16 + 8 * nj + 2 * t4;
-            if (i >= n) continue;
-            float x0 = acc[part][rb][nj][2 * hf], x1 = acc[part][rb][nj][2 * hf + 1];
-            const int64_t row = (tc + i) * Hv + h;
-            if (key) {
-              if (part == 1) {
-                const float2 q = load2(Qb + i * lk + col);
-                x0 = eg[i] * q.x - x0;
-                x1 = eg[i] * q.y - x1;
-              }
-              store2((part == 0 ? cs.w : cs.qp) + row * dkp + col, x0, x1);
-            } else if (col - dkp < dvp) {
-              store2((part == 0 ? cs.u : cs.o) + row * dvp + (col - dkp), x0, x1);
+            for (int nj = 0; nj < 2; ++nj) {
+              const float2 q = load2(Qb + i * lk + col + 8 * nj);
+              store2(w + 8 * nj, t[nj][2 * hf], t[nj][2 * hf + 1]);
+              store2(qp + 8 * nj, e * q.x - m[nj][2 * hf], e * q.y - m[nj][2 * hf + 1]);
             }
+          } else {
+            __nv_bfloat16* u = cs.u + row * dvp + col;
+            __nv_bfloat16* o = cs.o + row * dvp + col;
+#pragma unroll
+            for (int nj = 0; nj < 2; ++nj)
+              if (col + 8 * nj < dvp) {
+                store2(u + 8 * nj, t[nj][2 * hf], t[nj][2 * hf + 1]);
+                store2(o + 8 * nj, m[nj][2 * hf], m[nj][2 * hf + 1]);
+              }
           }
-  }
+        }
+    }
+  };
+  product(std::true_type{});
+  product(std::false_type{});
 }
 
 // A warp's partial sums for the other key parts of the state kernel: all 8 row tiles of u (each
@@ -1114,20 +1137,27 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
   };
 
   // A chunk's rows of [T, Hv, dkp] scratch into [kChunk][ld] shared memory (zeros past n); its
-  // slice of kW columns from j0 of [T, Hv, dvp] scratch (zeros past n and dvp).
+  // slice of kW columns from j0 of [T, Hv, dvp] scratch (zeros past n and dvp). The chunk's first
+  // row's address once, then 32-bit offsets a piece (a thread copies the same pieces each chunk).
+  // Not unrolled: unrolled, the offsets of every piece stay in registers and the fp32 kernels spill.
+  const int pieces = dkp / kPiece, row_stride = Hv * dkp, slice_stride = Hv * dvp;
+  constexpr int kRowCopies = (kChunk * (kMaxDk / kPiece) + kThreads - 1) / kThreads;
+  constexpr int kSliceCopies = (kChunk * (kW / kPiece) + kThreads - 1) / kThreads;
   const auto rows_async = [&](E* dst, int ld, const E* src, int64_t tc, int n) {
-    const int pieces = dkp / kPiece;
-    for (int e = int(threadIdx.x); e < kChunk * pieces; e += kThreads) {
-      const int i = e / pieces, q = kPiece * (e % pieces);
-      cp_async16(dst + i * ld + q, src + ((tc + (i < n ? i : 0)) * Hv + h) * dkp + q, i < n);
+    const E* base = src + (tc * Hv + h) * dkp;
+#pragma unroll 1
+    for (int r = 0; r < kRowCopies; ++r) {
+      const int e = int(threadIdx.x) + kThreads * r, i = e / pieces, q = kPiece * (e % pieces);
+      if (i < kChunk) cp_async16(dst + i * ld + q, base + (i < n ? i * row_stride + q : 0), i < n);
     }
   };
   const auto slice_async = [&](E* dst, const E* src, int64_t tc, int n) {
-    constexpr int kPieces = kW / kPiece;
-    for (int e = int(threadIdx.x); e < kChunk * kPieces; e += kThreads) {
-      const int i = e / kPieces, q = kPiece * (e % kPieces), c = j0 + q;
-      const bool ok = i < n && c < dvp;
-      cp_async16(dst + i * lu + q, src + ((tc + (ok ? i : 0)) * Hv + h) * dvp + (ok ? c : 0), ok);
+    const E* base = src + (tc * Hv + h) * dvp + j0;
+#pragma unroll 1
+    for (int r = 0; r < kSliceCopies; ++r) {
+      const int e = int(threadIdx.x) + kThreads * r, i = e / (kW / kPiece), q = kPiece * (e % (kW / kPiece));
+      const bool ok = i < n && j0 + q < dvp;
+      if (i < kChunk) cp_async16(dst + i * lu + q, base + (ok ? i * slice_stride + q : 0), ok);
     }
   };
   const auto chunk_rows = [&](int64_t c0) { return int(std::min<int64_t>(kChunk, s.n - c0)); };
@@ -1214,19 +1244,41 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
       }
     }
     // Part 0 adds O to x and turns u into U - u, the others negate u: the parts' sums are then
-    // out and V'^T.
+    // out and V'^T. bf16: O and U by ldmatrix.trans (matrix m of an x4: the chunk's rows 8 (j + m /
+    // 2) .., the warp's columns 8 (m % 2) ..; a lane gets rows 2t, 2t + 1 of column g, as x and u lie).
+    if (part != 0) {
 #pragma unroll
-    for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < 8; ++j)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int i = 8 * j + 2 * t4 + (e & 1), c = vw + g + 8 * (e >> 1);
-        if (part == 0) {
-          x[j][e] += rows::to_float(Os[i * lu + c]);
-          u[j][e] = rows::to_float(Us[i * lu + c]) - u[j][e];
-        } else {
-          u[j][e] = -u[j][e];
+        for (int e = 0; e < 4; ++e) u[j][e] = -u[j][e];
+    } else if constexpr (kSplit) {
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int i = 8 * j + 2 * t4 + (e & 1), c = vw + g + 8 * (e >> 1);
+          x[j][e] += Os[i * lu + c];
+          u[j][e] = Us[i * lu + c] - u[j][e];
+        }
+    } else {
+      const int at = (8 * (lane / 16) + lane % 8) * lu + vw + 8 * ((lane / 8) % 2);
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) {
+        uint32_t of[4], uf[4];
+        ldmatrix_x4_trans(of, Os + at + 8 * j * lu);
+        ldmatrix_x4_trans(uf, Us + at + 8 * j * lu);
+#pragma unroll
+        for (int m = 0; m < 4; ++m) {
+          const float2 o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&of[m]));
+          const float2 v = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&uf[m]));
+          float(&xj)[4] = x[j + m / 2];
+          float(&uj)[4] = u[j + m / 2];
+          const int e = 2 * (m % 2);
+          xj[e] += o.x, xj[e + 1] += o.y;
+          uj[e] = v.x - uj[e], uj[e + 1] = v.y - uj[e + 1];
         }
       }
+    }
     // Part q's slot of x row tile j (a tile of another part's rows): the tiles past q's own move down.
     const auto x_slot = [](int j, int q) { return 8 + (j < q * kRows ? j : j - kRows); };
     if constexpr (kKs > 1) {
