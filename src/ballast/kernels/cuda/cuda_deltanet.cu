@@ -791,47 +791,64 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
     }
 }
 
-// Shared memory of the bf16 solve kernel, in bytes: the decays (gc log2(e) in fp32); X (A in fp32, [kChunk][kLX]), then
-// T in bf16 ([kChunk][kLT]) once it is formed; Y (T in fp32); Qb, Kb [kChunk][lk] (q and k
-// normalised, in bf16; Kb becomes R's key part diag(beta e^gc) K once P and A are formed); Rv
-// [kChunk][lv] (R's value part diag(beta) V, dv padded to whole 16-column steps); Pb [kChunk][kLT]
-// (P, then M = P T). The bf16 row strides are odd multiples of 16 bytes: ldmatrix's 8 row reads of
-// a matrix fall on 32 distinct banks.
+// Shared memory of the bf16 solve kernel, in bytes: the decays (gc log2(e) in fp32, beta, e^gc,
+// e^{gc_last - gc}), then four regions that change roles as the block goes (17 KB each at dk = dv =
+// 128: ~70 KB, three blocks an SM: the kernel is latency-bound, and more warps hide more of it):
+//   R1: A in fp32 [kChunk][kLX], then T in bf16 [kChunk][kLT] once the inverse is done;
+//   R2: T in fp32 (the inverse's Y), then R's value part diag(beta) V [kChunk][lv];
+//   R3: q normalised in bf16 [kChunk][lk], then P [kChunk][kLT], then -M = -P T;
+//   R4: k normalised in bf16 [kChunk][lk], then R's key part diag(beta e^gc) K.
+// The bf16 row strides are odd multiples of 16 bytes: ldmatrix's 8 row reads of a matrix fall on
+// 32 distinct banks.
 constexpr int kLT = kChunk + 8;
 struct SolveBf16Smem {
   int lk, lv, dv16;
-  int64_t gl, beta, eg, ef, X, Y, Qb, Kb, Rv, Pb, total;
+  int64_t gl, beta, eg, ef, R1, R2, R3, R4, total;
   __host__ __device__ SolveBf16Smem(int dk, int dv) {
     dv16 = (dv + 15) / 16 * 16;
     lk = padded_dk(dk) + 8;
     lv = dv16 + 8;
+    const int64_t fp32_rows = 4 * int64_t(kChunk) * kLX, q_rows = 2 * int64_t(kChunk) * lk;
+    const int64_t v_rows = 2 * int64_t(kChunk) * lv, t_rows = 2 * int64_t(kChunk) * kLT;
     int64_t o = 0;
     gl = o, o += 4 * kChunk;
     beta = o, o += 4 * kChunk;
     eg = o, o += 4 * kChunk;
     ef = o, o += 4 * kChunk;
-    X = o, o += 4 * int64_t(kChunk) * kLX;
-    Y = o, o += 4 * int64_t(kChunk) * kLX;
-    Qb = o, o += 2 * int64_t(kChunk) * lk;
-    Kb = o, o += 2 * int64_t(kChunk) * lk;
-    Rv = o, o += 2 * int64_t(kChunk) * lv;
-    Pb = o, o += 2 * int64_t(kChunk) * kLT;
+    R1 = o, o += fp32_rows > t_rows ? fp32_rows : t_rows;
+    R2 = o, o += fp32_rows > v_rows ? fp32_rows : v_rows;
+    R3 = o, o += q_rows > t_rows ? q_rows : t_rows;
+    R4 = o, o += q_rows;
     total = o;
   }
   __host__ __device__ size_t bytes() const { return size_t(total); }
 };
 
+// 8 bf16 (16 bytes) times f, rounded to bf16 again.
+__device__ __forceinline__ uint4 scale8(uint4 v, float f) {
+  uint32_t* w = &v.x;
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w[k]));
+    w[k] = bf16_pair(f * x.x, f * x.y);
+  }
+  return v;
+}
+
 // Chunked form, part 1, every chunk at once, with bf16 products: block (chunk, value head), 8
-// warps; the same scratch as the kernel above (in bf16), its products on the bf16 tensor cores from
-// bf16 rows read by ldmatrix (fp32 sums; flash-linear-attention keeps its operands in bf16 too),
-// but T = (I + A)^-1 from A in fp32 by invert_unit_lower's 3xTF32 (T multiplies every row):
-//   1. q and k normalised into bf16 rows, a warp a row (every row's loads in flight first);
-//   2. P (bf16) and A (fp32) from Q K^T and K K^T;
-//   3. T into Y, while the threads the inverse leaves free load V into R's value part and write K'
-//      while turning K's rows into R's key part;
-//   4. M = P T, then [T; M] R: W and U from T's rows, Q' = e^gc Q - P W and O = P U from M's.
+// warps, three blocks an SM; the same scratch as the kernel above (in bf16), its products on the
+// bf16 tensor cores from bf16 rows read by ldmatrix (fp32 sums; flash-linear-attention keeps its
+// operands in bf16 too), but T = (I + A)^-1 from A in fp32 by invert_unit_lower's 3xTF32 (T
+// multiplies every row):
+//   1. q and k normalised into bf16 rows, a warp a row (half a warp's rows' loads in flight at once);
+//   2. P (bf16) and A (fp32) from Q K^T and K K^T; e^gc Q to Q' scratch (where Q' = e^gc Q - P W
+//      is finished in 4b: no room for it in shared memory);
+//   3. T into Y, while the threads the inverse leaves free write K' and turn K's rows into R's key
+//      part; then V's loads, in flight through T's conversion to bf16 and M = P T;
+//   4. [T; M] R: W and U from T's rows, Q' and O = P U from M's (stored as -M: M's key products
+//      then subtract from e^gc Q in the accumulators).
 template <int kHeadDim>
-__global__ void __launch_bounds__(kChunkThreads, 2)
+__global__ void __launch_bounds__(kChunkThreads, 3)
     delta_rule_solve_bf16_kernel(const RuleArgs a, ChunkScratch<__nv_bfloat16> cs, int chunks_per_seq) {
   wait_for_prior_kernels();
   extern __shared__ float4 smem_f4[];
@@ -854,36 +871,41 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
   float* betas = reinterpret_cast<float*>(smem + L.beta);
   float* eg = reinterpret_cast<float*>(smem + L.eg);
   float* ef = reinterpret_cast<float*>(smem + L.ef);
-  float* X = reinterpret_cast<float*>(smem + L.X);
-  float* Y = reinterpret_cast<float*>(smem + L.Y);
-  __nv_bfloat16* Tb = reinterpret_cast<__nv_bfloat16*>(smem + L.X);  // over X once T is formed
-  __nv_bfloat16* Qb = reinterpret_cast<__nv_bfloat16*>(smem + L.Qb);
-  __nv_bfloat16* Kb = reinterpret_cast<__nv_bfloat16*>(smem + L.Kb);
-  __nv_bfloat16* Rv = reinterpret_cast<__nv_bfloat16*>(smem + L.Rv);
-  __nv_bfloat16* Pb = reinterpret_cast<__nv_bfloat16*>(smem + L.Pb);
+  float* X = reinterpret_cast<float*>(smem + L.R1);
+  __nv_bfloat16* Tb = reinterpret_cast<__nv_bfloat16*>(smem + L.R1);
+  float* Y = reinterpret_cast<float*>(smem + L.R2);
+  __nv_bfloat16* Rv = reinterpret_cast<__nv_bfloat16*>(smem + L.R2);
+  __nv_bfloat16* Qb = reinterpret_cast<__nv_bfloat16*>(smem + L.R3);
+  __nv_bfloat16* Pb = reinterpret_cast<__nv_bfloat16*>(smem + L.R3);
+  __nv_bfloat16* Kb = reinterpret_cast<__nv_bfloat16*>(smem + L.R4);
   const bool vec = rows_are_float4s(a);
+  const auto scratch_row = [&](int i) { return (tc + i) * Hv + h; };
 
-  // 1. A warp a row, a lane elements 4 lane .. + 3 of q and k (dk <= 128; zeros past n and dk).
+  // 1. A warp a row, a lane elements 4 lane .. + 3 of q and k (dk <= 128; zeros past n and dk), in
+  // two halves of a warp's rows.
   {
-    constexpr int kRows = kChunk / kChunkWarps;
+    constexpr int kHalf = kChunk / kChunkWarps / 2;
     const int hk = h / (Hv / a.Hk), p = 4 * lane;
     const float* q0 = a.qkv + tc * a.ld + int64_t(hk) * dk;
     const float* k0 = q0 + int64_t(a.Hk) * dk;
-    float4 qv[kRows], kv[kRows];
+    if (warp == kChunkWarps - 1) chunk_decays(a, tc, n, h, lane, nullptr, gl, betas, eg, ef);
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int i = warp + kChunkWarps * r;
-      qv[r] = i < n ? row_piece(q0 + i * a.ld, p, dk, vec) : float4{};
-      kv[r] = i < n ? row_piece(k0 + i * a.ld, p, dk, vec) : float4{};
-    }
-    if (warp == 0) chunk_decays(a, tc, n, h, lane, nullptr, gl, betas, eg, ef);
+    for (int half = 0; half < 2; ++half) {
+      float4 qv[kHalf], kv[kHalf];
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int i = warp + kChunkWarps * r;
-      const float2 f = qk_factors(dk, dot4(qv[r], qv[r]), dot4(kv[r], kv[r]));
-      if (p < dkp) {
-        store4(Qb + i * lk + p, scale4(qv[r], f.x));
-        store4(Kb + i * lk + p, scale4(kv[r], f.y));
+      for (int r = 0; r < kHalf; ++r) {
+        const int i = warp + kChunkWarps * (r + kHalf * half);
+        qv[r] = i < n ? row_piece(q0 + i * a.ld, p, dk, vec) : float4{};
+        kv[r] = i < n ? row_piece(k0 + i * a.ld, p, dk, vec) : float4{};
+      }
+#pragma unroll
+      for (int r = 0; r < kHalf; ++r) {
+        const int i = warp + kChunkWarps * (r + kHalf * half);
+        const float2 f = qk_factors(dk, dot4(qv[r], qv[r]), dot4(kv[r], kv[r]));
+        if (p < dkp) {
+          store4(Qb + i * lk + p, scale4(qv[r], f.x));
+          store4(Kb + i * lk + p, scale4(kv[r], f.y));
+        }
       }
     }
   }
@@ -892,7 +914,8 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
   // 2. P_ij = D_ij (q_i . k_j) (j <= i, zeros above) and A_ij = beta_i D_ij (k_i . k_j) (j < i; the
   // inverse reads no other element of X): warp w has rows 16 (w % 4) .. + 15 and columns 32 (w / 4)
   // .. + 31 of both (B = K^T from K's rows). The warp of rows 0-15 and columns 32-63 is all above the
-  // diagonal: it only writes P's zeros.
+  // diagonal: it only writes P's zeros. P waits in registers until every warp has read Q.
+  uint32_t pp[2][4];
   {
     const int i0 = 16 * (warp & 3), jc = 32 * (warp >> 2);
     float qk[4][4] = {}, kk[4][4] = {};
@@ -924,43 +947,67 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
         const int j = jc + 8 * nj + 2 * t4;
         const float2 gj = *reinterpret_cast<const float2*>(gl + j);
         const float d0 = j <= i ? exp2f(gi - gj.x) : 0.0f, d1 = j + 1 <= i ? exp2f(gi - gj.y) : 0.0f;
-        *reinterpret_cast<uint32_t*>(Pb + i * kLT + j) = bf16_pair(d0 * qk[nj][2 * hf], d1 * qk[nj][2 * hf + 1]);
-        // A's strictly lower triangle only (the inverse reads no other element of X)
+        pp[hf][nj] = bf16_pair(d0 * qk[nj][2 * hf], d1 * qk[nj][2 * hf + 1]);
         if (j < i) X[i * kLX + j] = bi * d0 * kk[nj][2 * hf];
         if (j + 1 < i) X[i * kLX + j + 1] = bi * d1 * kk[nj][2 * hf + 1];
       }
     }
-  }
-  __syncthreads();  // P and A formed; K read as it is
-
-  // 3. T = (I + A)^-1 into Y. Beside it: R's value part diag(beta) V (its loads first: the longest
-  // wait), K' = diag(e^{gc_last - gc}) K to scratch and K's rows scaled into R's key part.
-  const float* v0 = a.qkv + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv;
-  invert_unit_lower(X, Y, [&](int t, int threads) {
-    const int vp = L.dv16 / 4, kp = dkp / 4;
-#pragma unroll 4
-    for (int e = t; e < kChunk * vp; e += threads) {
-      const int i = e / vp, j = 4 * (e % vp);
-      const float4 v = i < n ? row_piece(v0 + i * a.ld, j, dv, vec) : float4{};
-      store4(Rv + i * lv + j, scale4(v, betas[i]));
+    // e^gc Q to Q' scratch, 8 elements a piece.
+    const int pieces = dkp / 8;
+    for (int e = tid; e < kChunk * pieces; e += kChunkThreads) {
+      const int i = e / pieces, p = 8 * (e % pieces);
+      if (i < n)
+        *reinterpret_cast<uint4*>(cs.qp + scratch_row(i) * dkp + p) =
+            scale8(*reinterpret_cast<const uint4*>(Qb + i * lk + p), eg[i]);
     }
+    __syncthreads();  // Q and K read; A formed
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf)
+#pragma unroll
+      for (int nj = 0; nj < 4; ++nj)
+        *reinterpret_cast<uint32_t*>(Pb + (i0 + g + 8 * hf) * kLT + jc + 8 * nj + 2 * t4) = pp[hf][nj];
+  }
+
+  // 3. T = (I + A)^-1 into Y. Beside it: K' = diag(e^{gc_last - gc}) K to scratch and K's rows
+  // scaled into R's key part.
+  invert_unit_lower(X, Y, [&](int t, int threads) {
+    const int kp = dkp / 4;
     for (int e = t; e < kChunk * kp; e += threads) {
       const int i = e / kp, p = 4 * (e % kp);
       const float4 k = load4(Kb + i * lk + p);
-      if (i < n) store4(cs.kp + ((tc + i) * Hv + h) * dkp + p, scale4(k, ef[i]));
+      if (i < n) store4(cs.kp + scratch_row(i) * dkp + p, scale4(k, ef[i]));
       store4(Kb + i * lk + p, scale4(k, betas[i] * eg[i]));
     }
   });
   if (tid == 0) cs.elast[tc * Hv + h] = eg[n - 1];
-  // T in bf16 over X (A is read no more; the inverse's last barrier is behind us).
+  // V's rows (kVLoads float4 a thread at dv <= 128, the rest after M) in flight through T's
+  // conversion to bf16 over A (read no more: the inverse's last barrier is behind us) and M = P T.
+  const float* v0 = a.qkv + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv;
+  const int vp = L.dv16 / 4;
+  const auto v_piece = [&](int e) {
+    const int i = e / vp, j = 4 * (e % vp);
+    return i < n ? row_piece(v0 + i * a.ld, j, dv, vec) : float4{};
+  };
+  const auto store_v = [&](int e, float4 v) {
+    const int i = e / vp, j = 4 * (e % vp);
+    store4(Rv + i * lv + j, scale4(v, betas[i]));
+  };
+  constexpr int kVLoads = kChunk * 16 / kChunkThreads;
+  float4 vr[kVLoads];
+#pragma unroll
+  for (int r = 0; r < kVLoads; ++r) {
+    const int e = tid + kChunkThreads * r;
+    vr[r] = e < kChunk * vp ? v_piece(e) : float4{};
+  }
   for (int e = tid; e < kChunk * kChunk / 4; e += kChunkThreads) {
     const int i = e / (kChunk / 4), j = 4 * (e % (kChunk / 4));
     store4(Tb + i * kLT + j, *reinterpret_cast<const float4*>(Y + i * kLX + j));
   }
-  __syncthreads();
+  __syncthreads();  // T in bf16; Y read
 
   // 4a. M = P T: warp w has rows 16 (w % 4) .. + 15 (P's row block is zero past its diagonal
-  // block) and columns 32 (w / 4) .. + 31; into Pb once every warp has read P.
+  // block) and columns 32 (w / 4) .. + 31; V's rows into R2 meanwhile; -M into R3 once every warp
+  // has read P.
   {
     const int rb = warp & 3, jc = 32 * (warp >> 2);
     float m[4][4] = {};
@@ -977,20 +1024,27 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
         mma_bf16(m[nj + 1], pf, tf[2], tf[3]);
       }
     }
+#pragma unroll
+    for (int r = 0; r < kVLoads; ++r) {
+      const int e = tid + kChunkThreads * r;
+      if (e < kChunk * vp) store_v(e, vr[r]);
+    }
+    for (int e = tid + kChunkThreads * kVLoads; e < kChunk * vp; e += kChunkThreads) store_v(e, v_piece(e));
     __syncthreads();
 #pragma unroll
     for (int nj = 0; nj < 4; ++nj)
 #pragma unroll
       for (int hf = 0; hf < 2; ++hf)
         *reinterpret_cast<uint32_t*>(Pb + (16 * rb + g + 8 * hf) * kLT + jc + 8 * nj + 2 * t4) =
-            bf16_pair(m[nj][2 * hf], m[nj][2 * hf + 1]);
+            bf16_pair(-m[nj][2 * hf], -m[nj][2 * hf + 1]);
   }
   __syncthreads();
 
   // 4b. [T; M] R: R's 16-column steps s go to warp s % 8, the key part's (Kb, below dkp) in one
-  // loop and the value part's (Rv) in another (dkp is whole steps). T and M are lower triangular:
-  // row block rb needs the k steps up to its own. Each B fragment serves T's row blocks and M's.
-  // T's rows give W and U; M's Q' = e^gc Q - P W and O = P U, stored a row at a time.
+  // loop and the value part's (Rv) in another (dkp is whole steps); T's rows then M's (-M's) a step.
+  // Both are lower triangular: row block rb needs the k steps up to its own. T's rows give W and U;
+  // M's start from e^gc Q (the key part; zeros for the value part) and give Q' = e^gc Q - P W and
+  // -O = -P U. Stored a row at a time.
   const int key_steps = dkp / 16, steps = key_steps + L.dv16 / 16;
   const auto product = [&](auto key_part) {
     constexpr bool kKey = decltype(key_part)::value;
@@ -1000,54 +1054,57 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
       while (s0 < key_steps) s0 += kChunkWarps;
     for (int st = s0; st < (kKey ? key_steps : steps); st += kChunkWarps) {
       const int c16 = 16 * st - (kKey ? 0 : dkp);  // the step's first column of its part
-      const __nv_bfloat16* rr = (kKey ? Kb : Rv) + c16 + (8 * ((lane / 8) % 2) + lane % 8) * lr + 8 * (lane / 16);
-      float acc[2][4][2][4] = {};
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        uint32_t bf[4];
-        ldmatrix_x4_trans(bf, rr + 16 * kk * lr);
-#pragma unroll
-        for (int rb = kk; rb < 4; ++rb) {
-          uint32_t tf[4], mf[4];
-          ldmatrix_x4(tf, Tb + (16 * rb + lane % 16) * kLT + 16 * kk + 8 * (lane / 16));
-          ldmatrix_x4(mf, Pb + (16 * rb + lane % 16) * kLT + 16 * kk + 8 * (lane / 16));
-          mma_bf16(acc[0][rb][0], tf, bf[0], bf[1]);
-          mma_bf16(acc[0][rb][1], tf, bf[2], bf[3]);
-          mma_bf16(acc[1][rb][0], mf, bf[0], bf[1]);
-          mma_bf16(acc[1][rb][1], mf, bf[2], bf[3]);
-        }
-      }
       const int col = c16 + 2 * t4;
+      const __nv_bfloat16* rr = (kKey ? Kb : Rv) + c16 + (8 * ((lane / 8) % 2) + lane % 8) * lr + 8 * (lane / 16);
 #pragma unroll
-      for (int rb = 0; rb < 4; ++rb)
+      for (int part = 0; part < 2; ++part) {
+        const __nv_bfloat16* lhs = part == 0 ? Tb : Pb;
+        float acc[4][2][4];
 #pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          const int i = 16 * rb + g + 8 * hf;
-          if (i >= n) continue;
-          const int64_t row = (tc + i) * Hv + h;
-          const float(&t)[2][4] = acc[0][rb];
-          const float(&m)[2][4] = acc[1][rb];
-          if constexpr (kKey) {
-            __nv_bfloat16* w = cs.w + row * dkp + col;
-            __nv_bfloat16* qp = cs.qp + row * dkp + col;
-            const float e = eg[i];
+        for (int rb = 0; rb < 4; ++rb)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int i = 16 * rb + g + 8 * hf;
 #pragma unroll
             for (int nj = 0; nj < 2; ++nj) {
-              const float2 q = load2(Qb + i * lk + col + 8 * nj);
-              store2(w + 8 * nj, t[nj][2 * hf], t[nj][2 * hf + 1]);
-              store2(qp + 8 * nj, e * q.x - m[nj][2 * hf], e * q.y - m[nj][2 * hf + 1]);
+              float2 q = {0.0f, 0.0f};
+              if (kKey && part == 1 && i < n) q = load2(cs.qp + scratch_row(i) * dkp + col + 8 * nj);
+              acc[rb][nj][2 * hf] = q.x, acc[rb][nj][2 * hf + 1] = q.y;
             }
-          } else {
-            __nv_bfloat16* u = cs.u + row * dvp + col;
-            __nv_bfloat16* o = cs.o + row * dvp + col;
+          }
 #pragma unroll
-            for (int nj = 0; nj < 2; ++nj)
-              if (col + 8 * nj < dvp) {
-                store2(u + 8 * nj, t[nj][2 * hf], t[nj][2 * hf + 1]);
-                store2(o + 8 * nj, m[nj][2 * hf], m[nj][2 * hf + 1]);
-              }
+        for (int kk = 0; kk < 4; ++kk) {
+          uint32_t bf[4];
+          ldmatrix_x4_trans(bf, rr + 16 * kk * lr);
+#pragma unroll
+          for (int rb = kk; rb < 4; ++rb) {
+            uint32_t af[4];
+            ldmatrix_x4(af, lhs + (16 * rb + lane % 16) * kLT + 16 * kk + 8 * (lane / 16));
+            mma_bf16(acc[rb][0], af, bf[0], bf[1]);
+            mma_bf16(acc[rb][1], af, bf[2], bf[3]);
           }
         }
+#pragma unroll
+        for (int rb = 0; rb < 4; ++rb)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int i = 16 * rb + g + 8 * hf;
+            if (i >= n) continue;
+            const int64_t row = scratch_row(i);
+            if constexpr (kKey) {
+              __nv_bfloat16* out = (part == 0 ? cs.w : cs.qp) + row * dkp + col;
+#pragma unroll
+              for (int nj = 0; nj < 2; ++nj) store2(out + 8 * nj, acc[rb][nj][2 * hf], acc[rb][nj][2 * hf + 1]);
+            } else {
+              __nv_bfloat16* out = (part == 0 ? cs.u : cs.o) + row * dvp + col;
+              const float sign = part == 0 ? 1.0f : -1.0f;
+#pragma unroll
+              for (int nj = 0; nj < 2; ++nj)
+                if (col + 8 * nj < dvp)
+                  store2(out + 8 * nj, sign * acc[rb][nj][2 * hf], sign * acc[rb][nj][2 * hf + 1]);
+            }
+          }
+      }
     }
   };
   product(std::true_type{});
