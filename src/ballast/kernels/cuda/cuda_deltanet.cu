@@ -980,8 +980,9 @@ __global__ void __launch_bounds__(kChunkThreads, 3)
     }
   });
   if (tid == 0) cs.elast[tc * Hv + h] = eg[n - 1];
-  // V's rows (kVLoads float4 a thread at dv <= 128, the rest after M) in flight through T's
-  // conversion to bf16 over A (read no more: the inverse's last barrier is behind us) and M = P T.
+  // V's rows: the first kVLoads float4 a thread (64 columns' worth) in flight through T's conversion
+  // to bf16 over A (read no more: the inverse's last barrier is behind us) and M = P T, the rest
+  // loaded after M (the measured form; all in flight holds 16 more registers of the 80).
   const float* v0 = a.qkv + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv;
   const int vp = L.dv16 / 4;
   const auto v_piece = [&](int e) {
