@@ -33,7 +33,9 @@
 # draft steps) on the demo model at G = 1 and 4 (verification and draft passes as group graphs, and
 # G = 4 eagerly), batches 4, 8, 32 (at batch 4 a rank has one sequence), their JSON in ep-mtp.json; nccl: the NCCL data plane's conformance, one rank a visible GPU
 # (test_dist_nccl); deltanet: the chunked delta rule beside flash-linear-attention's (.carry/fla),
-# and beside the build before where gpu_pack.sh packed one (DELTA_RULE_BEFORE).
+# and beside the build before where gpu_pack.sh packed one (DELTA_RULE_BEFORE); DELTANET_ARGS go to
+# bench/deltanet/side_by_side.py (e.g. "--precisions bf16 --cases 0,2" for a shorter call), and
+# CONFORMANCE_FILTER picks test_kernels_cuda's tests (a gtest filter, e.g. '*DeltaNet*').
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/ballast-gpu}
@@ -54,7 +56,7 @@ step() {  # step NAME COMMAND...: runs it, logs to $OUT/NAME.log, records its ex
 for s in $STEPS; do
   case $s in
     info) step info bash -c "nvidia-smi; echo cublas: $CUBLAS; $BIN/ballast generate --device cuda --prompt-ids 1,2,3 --max-new-tokens 4 --model tests/fixtures/qwen3_next_a --json" ;;
-    conformance) step conformance "$BIN/test_kernels_cuda" --gtest_brief=1 ;;
+    conformance) step conformance "$BIN/test_kernels_cuda" --gtest_brief=1 --gtest_filter="${CONFORMANCE_FILTER:-*}" ;;
     nccl) step nccl bash scripts/gpu_nccl.sh "$BIN" ;;
     runtime) step runtime env BALLAST_TEST_DEVICE=cuda "$BIN/test_runtime" --gtest_brief=1 \
                --gtest_filter="${RUNTIME_FILTER:-*}" ;;
@@ -121,7 +123,7 @@ for s in $STEPS; do
                json.dump({f[12:-5]: json.load(open(f)) for f in sys.argv[1:]}, open(\"$OUT/ep-mtp.json\", \"w\"), indent=1)' /tmp/ep-mtp-*.json" ;;
     deltanet) before=(); [ -x "$BIN/bench_delta_rule_cuda-before" ] && before=(--ballast-before "$BIN/bench_delta_rule_cuda-before")
                step deltanet python3 bench/deltanet/side_by_side.py --ballast "$BIN/bench_delta_rule_cuda" "${before[@]}" \
-               --fla .carry/fla --out "$OUT/deltanet" ;;
+               --fla .carry/fla --out "$OUT/deltanet" ${DELTANET_ARGS:-} ;;
   esac
 done
 

@@ -16,7 +16,11 @@
 # revisions before) are packed, for an A/B call (the test binaries are ~9 MB of it). The total is
 # printed at the end. BALLAST_OLD=<a ballast binary built earlier> packs that file as ballast-old
 # (no worktree build: keep a copy of the baseline's binary before changing the tree), and
-# EXTRA_BINS="name=path ..." packs more files into gpu/bin (another build, a probe).
+# EXTRA_BINS="name=path ..." packs more files into gpu/bin (another build, a probe). A delta-rule
+# A/B needs no ballast: PACK_BALLAST=0 PACK_TESTS=kernels (with FLA_REPO and DELTA_RULE_BEFORE) packs
+# the two benches and test_kernels_cuda alone (~13 MB), then on the device
+# `STEPS="conformance deltanet" CONFORMANCE_FILTER='*DeltaNet*' DELTANET_ARGS="--precisions bf16"
+# bash scripts/gpu_check.sh`.
 #   bash scripts/gpu_pack.sh   ->  then carry .carry (see scripts/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,10 +34,12 @@ TESTS=()
 case "${PACK_TESTS:-1}" in
   1) TESTS=(tests/kernels/test_kernels_cuda tests/runtime/test_runtime tests/dist/test_dist_nccl tests/dist/bench_dist) ;;
   cuda) TESTS=(tests/kernels/test_kernels_cuda tests/runtime/test_runtime) ;;
+  kernels) TESTS=(tests/kernels/test_kernels_cuda) ;;
 esac
-cmake --build "$BUILD" -j"$(nproc)" --target ballast "${TESTS[@]##*/}" "${EXTRA[@]}"
+MAIN=(ballast); [ "${PACK_BALLAST:-1}" = 0 ] && MAIN=()
+cmake --build "$BUILD" -j"$(nproc)" --target "${MAIN[@]}" "${TESTS[@]##*/}" "${EXTRA[@]}"
 rm -rf .carry/gpu && mkdir -p .carry/gpu/bin .carry/gpu/lib
-cp "$BUILD/ballast" .carry/gpu/bin/
+for m in "${MAIN[@]}"; do cp "$BUILD/$m" .carry/gpu/bin/; done
 for t in "${TESTS[@]}"; do cp "$BUILD/$t" .carry/gpu/bin/; done
 [ -n "${FLA_REPO:-}" ] && cp "$BUILD/bench/kernels/bench_delta_rule_cuda" .carry/gpu/bin/
 # build_before REVISION TARGET: the target built at that revision, in a worktree of its own; its path.
