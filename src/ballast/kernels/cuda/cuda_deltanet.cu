@@ -30,9 +30,10 @@
 //   block: slices of 32, 64 or 128 columns in 4, 2 or 1 key parts, the narrowest whose blocks fit
 //   on the SMs at once). The products run on the tensor cores in 3xTF32 (cuda_mma_support.cuh:
 //   fp32 accuracy); under bf16 matrix products both kernels' in bf16 from bf16 rows and scratch
-//   (delta_rule_solve_bf16_kernel; T's own blocks always in 3xTF32 from A in fp32, the state fp32
-//   in registers); the substitution of T's diagonal blocks and the exponentials (of double
-//   differences, as the CPU) on the SIMT cores.
+//   (delta_rule_solve_bf16_kernel, 3 blocks an SM over shared memory regions reused as it goes; T's
+//   own blocks always in 3xTF32 from A in fp32, the state fp32 in registers); the substitution of
+//   T's diagonal blocks and the exponentials (of double differences, as the CPU; the bf16 solve's by
+//   exp2f of fp32 differences of gc log2(e)) on the SIMT cores.
 #include <algorithm>
 #include <cmath>
 #include <limits>
