@@ -1529,6 +1529,9 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     const int64_t chunks_per_seq = cdiv(layout.max_query_len, kChunk);
     check(chunks_per_seq * B <= std::numeric_limits<int32_t>::max(), "gated_delta_rule: {} sequences of up to {} rows",
           B, layout.max_query_len);
+    // (the state kernel's copies offset a chunk's rows of scratch in 32 bits)
+    check(int64_t(kChunk) * d.Hv * std::max<int64_t>(padded_dk(d.dk), d.dv + 8) <= std::numeric_limits<int32_t>::max(),
+          "gated_delta_rule: {} value heads of {} columns is too many for the chunked form", d.Hv, d.dv);
     // The state kernel's slices, 8 warps a block: 32 columns (2 groups of value columns x 4 key
     // parts) where those blocks fit on the SMs in one wave (a block takes an SM: its shared
     // memory), else 64 (4 groups x 2 parts) where those do, else 128 (8 groups, all keys each):
