@@ -599,6 +599,23 @@ __device__ void invert_unit_lower(const float* X, float* Y, Alongside alongside)
   }
 }
 
+// The chunk a solve block (chunk of a sequence, value head) takes: its first row tc of the pass and
+// its n rows; n = 0 where it has none (past the sequences or the sequence's end, or a sequence the
+// recurrent kernel takes).
+struct SolveChunk {
+  int64_t tc = 0;
+  int n = 0;
+};
+__device__ __forceinline__ SolveChunk solve_chunk(const RuleArgs& a, int chunks_per_seq) {
+  const int b = int(blockIdx.x) / chunks_per_seq, c = int(blockIdx.x) % chunks_per_seq;
+  if (b >= a.B) return {};
+  const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
+  if (!s.ok || s.n <= 1 || s.snap) return {};  // the recurrent kernel's sequences
+  const int64_t c0 = int64_t(c) * kChunk;
+  if (c0 >= s.n) return {};
+  return {s.t0 + c0, int(s.n - c0 < kChunk ? s.n - c0 : kChunk)};
+}
+
 // Chunked form, part 1, every chunk at once, with fp32 products (3xTF32): block (chunk, value
 // head), 8 warps. Forms P and A (X) on the tensor cores; writes K' and e^gc Q; T = (I + A)^-1 (Y)
 // and M = P T (into X); then one product [T; M] R with R = [diag(beta e^gc) K | diag(beta) V] gives
@@ -610,15 +627,12 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
   const auto tf = [](float v) { return tf32_split(v); };  // an operand of the products (3xTF32)
   extern __shared__ float4 smem_f4[];
   float* smem = reinterpret_cast<float*>(smem_f4);
-  const int b = int(blockIdx.x) / chunks_per_seq, c = int(blockIdx.x) % chunks_per_seq, h = int(blockIdx.y);
+  const int h = int(blockIdx.y);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t4 = lane % 4;
-  if (b >= a.B) return;
-  const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
-  if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
-  const int64_t c0 = int64_t(c) * kChunk;
-  if (c0 >= s.n) return;
-  const int n = int(s.n - c0 < kChunk ? s.n - c0 : kChunk);
-  const int64_t tc = s.t0 + c0;
+  const SolveChunk chunk = solve_chunk(a, chunks_per_seq);
+  if (chunk.n == 0) return;
+  const int n = chunk.n;
+  const int64_t tc = chunk.tc;
   // kHeadDim: the key and value head dims known when compiled (the Qwen models' 128), or 0.
   const int dk = kHeadDim ? kHeadDim : a.dk, dv = kHeadDim ? kHeadDim : a.dv, Hv = a.Hv;
   const int lq = chunk_lq(dk), dkp = padded_dk(dk);
@@ -854,15 +868,12 @@ __global__ void __launch_bounds__(kChunkThreads, 3)
   wait_for_prior_kernels();
   extern __shared__ float4 smem_f4[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(smem_f4);
-  const int b = int(blockIdx.x) / chunks_per_seq, c = int(blockIdx.x) % chunks_per_seq, h = int(blockIdx.y);
+  const int h = int(blockIdx.y);
   const int tid = int(threadIdx.x), warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
-  if (b >= a.B) return;
-  const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
-  if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
-  const int64_t c0 = int64_t(c) * kChunk;
-  if (c0 >= s.n) return;
-  const int n = int(s.n - c0 < kChunk ? s.n - c0 : kChunk);
-  const int64_t tc = s.t0 + c0;
+  const SolveChunk chunk = solve_chunk(a, chunks_per_seq);
+  if (chunk.n == 0) return;
+  const int n = chunk.n;
+  const int64_t tc = chunk.tc;
   // kHeadDim: the key and value head dims known when compiled (the Qwen models' 128), or 0.
   const int dk = kHeadDim ? kHeadDim : a.dk, dv = kHeadDim ? kHeadDim : a.dv, Hv = a.Hv;
   const int dkp = padded_dk(dk), dvp = ChunkScratch<__nv_bfloat16>::dvp(dv);
