@@ -7,9 +7,11 @@ trained model's gates (-exp(A_log) * softplus(a + dt_bias)); beta = sigmoid(norm
 L2-normalise q and k (eps 1e-6) and scale q by dk^-0.5 inside, start from zero states, and use
 grouped value heads (Hv = r * Hk, value head h reads key head h // r).
 
-ballast runs through bench_delta_rule_cuda (fp32 inputs, its activations' dtype) twice: with fp32
-products (3xTF32, the parity tests' mode) and with bf16 products (ballast's default on a GPU: both
-chunked kernels' products in bf16); FLA runs on the same values in bf16 (as served) and in fp32.
+ballast runs through bench_delta_rule_cuda twice: with fp32 products (3xTF32, the parity tests'
+mode; fp32 q, k and v rows) and with bf16 products (ballast's default on a GPU: both chunked kernels'
+products in bf16, the rows in bf16 as its model gives them there; a build before session 48 took
+fp32 rows there too, its bench reports no "rows"); FLA runs on the same values in bf16 (as served)
+and in fp32.
 Times are the device time of the op alone: ballast's from CUDA events around its op, FLA's from
 triton.testing.do_bench (median).
 
@@ -78,6 +80,7 @@ def run_case(args, model, Hk, Hv, dk, dv, lens, seed):
         if r.returncode != 0:
             raise RuntimeError(f"{binary} failed: {r.stderr.strip()}")
         ours = json.loads(r.stdout.strip().splitlines()[-1])
+        res[f"rows_{precision}{'_before' if binary == args.ballast_before else ''}"] = ours.get("rows", "F32")
         out = torch.from_numpy(np.fromfile(os.path.join(work, "out.f32"), dtype=np.float32)).cuda()
         return ours["median_ms"], out.reshape(T, Hv, dv)
 

@@ -4,7 +4,9 @@
 // (the op's layouts: qkv [T, 2*Hk*dk + Hv*dv] after the conv, g and beta [T, Hv]), runs the op
 // from zero states `runs` times, writes DIR/out.f32 [T, Hv, dv] and DIR/ballast.json (device
 // time per run of the op alone: median and best). precision: fp32 (3xTF32 products) or bf16 (the
-// backend with bf16 matrix products, the default outside the reference tests: TF32 products).
+// backend with bf16 matrix products, the default outside the reference tests). The q, k and v rows
+// go to the op in the dtype the model gives it (Ops::delta_rule_rows_dtype: bf16 under bf16
+// products, rounded here, as flash-linear-attention's bf16 run takes them).
 //   bench_delta_rule_cuda DIR [runs] [fp32|bf16]
 #include <fmt/format.h>
 
@@ -14,6 +16,7 @@
 #include <nlohmann/json.hpp>
 #include <vector>
 
+#include "ballast/core/dtype.h"
 #include "ballast/core/error.h"
 #include "ballast/kernels/cuda/cuda_backend.h"
 #include "ballast/kernels/ops.h"
@@ -60,7 +63,14 @@ int main(int argc, char** argv) try {
     be.upload(v.data(), t);
     return t;
   };
-  Tensor qkv = upload(read_floats(dir + "/qkv.f32", size_t(T * C)), {T, C});
+  const DType rows = be.ops().delta_rule_rows_dtype();
+  Tensor qkv = be.alloc({T, C}, rows);
+  {
+    const std::vector<float> q32 = read_floats(dir + "/qkv.f32", size_t(T * C));
+    std::vector<uint16_t> q16(rows == DType::BF16 ? q32.size() : 0);
+    for (size_t i = 0; i < q16.size(); ++i) q16[i] = f32_to_bf16(q32[i]);
+    be.upload(rows == DType::BF16 ? static_cast<const void*>(q16.data()) : q32.data(), qkv);
+  }
   Tensor g = upload(read_floats(dir + "/g.f32", size_t(T * d.Hv)), {T, d.Hv});
   Tensor beta = upload(read_floats(dir + "/beta.f32", size_t(T * d.Hv)), {T, d.Hv});
   Tensor states = be.alloc({B, d.Hv, d.dk, d.dv}, DType::F32), out = be.alloc({T, d.Hv, d.dv}, DType::F32);
@@ -87,7 +97,10 @@ int main(int argc, char** argv) try {
   be.download(out, host.data());
   std::ofstream(dir + "/out.f32", std::ios::binary)
       .write(reinterpret_cast<const char*>(host.data()), std::streamsize(host.size() * sizeof(float)));
-  nlohmann::json res = {{"median_ms", times[times.size() / 2] * 1e3}, {"best_ms", times[0] * 1e3}, {"runs", runs}};
+  nlohmann::json res = {{"median_ms", times[times.size() / 2] * 1e3},
+                        {"best_ms", times[0] * 1e3},
+                        {"runs", runs},
+                        {"rows", std::string(dtype_name(rows))}};
   std::ofstream(dir + "/ballast.json") << res.dump();
   fmt::print("{}\n", res.dump());
   return 0;

@@ -237,6 +237,7 @@ inline std::vector<double> reference_distribution(const std::vector<float>& logi
 struct DeltaNetCase {
   DeltaRuleDims d{2, 4, 16, 16};
   int kc = 4;
+  DType rows = DType::F32;  // the conv's out and the delta rule's qkv (Ops::delta_rule_rows_dtype)
   int64_t C() const { return 2 * int64_t(d.Hk) * d.dk + int64_t(d.Hv) * d.dv; }
   int64_t conv_state() const { return C() * (kc - 1); }
   int64_t rule_state() const { return int64_t(d.Hv) * d.dk * d.dv; }
@@ -368,9 +369,10 @@ class OpConformance : public ::testing::TestWithParam<BackendCase> {
   // The heads of Qwen3-Next (dk = dv = 128, two value heads a key head): CUDA's state kernel
   // takes them in four slices of 32 columns here; sequences of one row, one chunk, a short last
   // chunk, and four chunks.
-  void check_deltanet_at_qwen_head_dims(double rule_tol = 1e-5) {
+  void check_deltanet_at_qwen_head_dims(double rule_tol = 1e-5, DType rows_dtype = DType::F32) {
     DeltaNetCase c;
     c.d = DeltaRuleDims{2, 4, 128, 128};
+    c.rows = rows_dtype;
     HostLayout h;
     const std::vector<int> rows{1, 64, 3, 250, 70};
     h.state_slots = {4, 0, 2, 5, 1};
@@ -1452,7 +1454,7 @@ inline void OpConformance::check_deltanet_pass(const DeltaNetCase& c, const Host
                                                uint32_t seed, double rule_tol) {
   const int64_t C = c.C(), T = h.cu.back(), vd = int64_t(c.d.Hv) * c.d.dv, Hv = c.d.Hv;
   const std::vector<float> x = randn(size_t(T * C), seed), weight = randn(size_t(C * c.kc), seed + 1, 0.5f);
-  const std::vector<float> qkv = randn(size_t(T * C), seed + 2);
+  const std::vector<float> qkv = stored_as(randn(size_t(T * C), seed + 2), c.rows);  // the reference's too
   const std::vector<float> g = uniform_floats(size_t(T * Hv), seed + 3, -2.0f, -0.01f);
   const std::vector<float> beta = uniform_floats(size_t(T * Hv), seed + 4, 0.05f, 0.95f);
   const std::vector<float> cs0 = randn(size_t(slots * c.conv_state()), seed + 5);
@@ -1462,11 +1464,26 @@ inline void OpConformance::check_deltanet_pass(const DeltaNetCase& c, const Host
   const SeqLayout sl = layout(h);
   Tensor conv_states = f32(cs0, {slots, C, c.kc - 1});
   Tensor rule_states = f32(rs0, {slots, Hv, c.d.dk, c.d.dv});
-  Tensor conv_out = be().alloc({T, C}, DType::F32), rule_out = be().alloc({T, Hv, c.d.dv}, DType::F32);
+  Tensor conv_out = be().alloc({T, C}, c.rows), rule_out = be().alloc({T, Hv, c.d.dv}, DType::F32);
+  Tensor rows = f32(qkv, {T, C});
+  if (c.rows == DType::BF16) {
+    std::vector<uint16_t> q16(qkv.size());
+    for (size_t i = 0; i < qkv.size(); ++i) q16[i] = f32_to_bf16(qkv[i]);
+    rows = upload(q16, {T, C}, DType::BF16);
+  }
   ops().causal_conv1d_silu(f32(x, {T, C}), f32(weight, {C, c.kc}), conv_states, sl, conv_out);
-  ops().gated_delta_rule(f32(qkv, {T, C}), f32(g, {T, Hv}), f32(beta, {T, Hv}), c.d, rule_states, sl, rule_out);
-  // Conv: a sum of kc products, then SiLU; its states are copies of inputs (exact).
-  EXPECT_TRUE(all_near(floats(conv_out), want.conv_out, 1e-5, 1e-5)) << "conv out";
+  ops().gated_delta_rule(rows, f32(g, {T, Hv}), f32(beta, {T, Hv}), c.d, rule_states, sl, rule_out);
+  // Conv: a sum of kc products, then SiLU; its states are copies of inputs (exact). In bf16 the
+  // sum rounded once: within one bf16 step (2^-7 relative) of the reference's fp32 rounded.
+  if (c.rows == DType::BF16) {
+    std::vector<uint16_t> o16(size_t(T * C));
+    be().download(conv_out, o16.data());
+    std::vector<float> got(o16.size());
+    for (size_t i = 0; i < o16.size(); ++i) got[i] = bf16_to_f32(o16[i]);
+    EXPECT_TRUE(all_near(got, stored_as(want.conv_out, DType::BF16), 1e-5, 1.0 / 128)) << "conv out (bf16)";
+  } else {
+    EXPECT_TRUE(all_near(floats(conv_out), want.conv_out, 1e-5, 1e-5)) << "conv out";
+  }
   EXPECT_EQ(floats(conv_states), want.conv_states) << "conv states (every slot)";
   // Delta rule: per sequence, relative L2 error (the chunked and recurrent forms agree to ~1e-6).
   const std::vector<float> got_out = floats(rule_out), got_states = floats(rule_states);
@@ -1529,6 +1546,24 @@ TEST_P(OpConformance, DeltaNetWithRowsOfNoWholeFloat4s) {
   h.state_slots = {1, 3, 0};
   for (int n : rows) h.cu.push_back(h.cu.back() + n);
   check_deltanet_pass(c, h, 4, 95);
+}
+
+// The conv's rows in bf16 (what the model gives a backend whose delta_rule_rows_dtype is BF16): the
+// conv's out rounded once, the delta rule reading them as they are (the reference takes the same
+// rounded rows), beside decode rows and verifying ones, at Qwen's head dims and at dims whose bf16
+// rows are no whole 8-byte pieces (dv = 10).
+TEST_P(OpConformance, DeltaNetWithBf16Rows) {
+  DeltaNetCase c;
+  c.rows = DType::BF16;
+  HostLayout h;
+  h.state_slots = {7, 2, 9, 0, 5};
+  h.snapshot_width = 3;
+  h.snapshot_slots = {-1, -1, -1, -1, -1, -1, 10, 11, 12, -1, -1, -1, -1, -1, -1};
+  for (int n : {1, 70, 3, 130, 2}) h.cu.push_back(h.cu.back() + n);
+  check_deltanet_pass(c, h, 13, 61);
+  c.d = DeltaRuleDims{2, 4, 12, 10};
+  check_deltanet_pass(c, h, 13, 62);
+  check_deltanet_at_qwen_head_dims(1e-5, DType::BF16);
 }
 
 TEST_P(OpConformance, DeltaNetSnapshotModeKeepsEveryRowsState) {

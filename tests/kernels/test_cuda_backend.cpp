@@ -696,19 +696,27 @@ TEST_P(CudaBf16Products, GatedAttentionAtDecodeIsItsThreeOpsBitForBit) {
 
 // The chunked delta rule with bf16 matrix products: both kernels' products in bf16 over bf16 rows and
 // scratch (within 2^-8 an operand, as flash-linear-attention computes it; T's inverse in 3xTF32),
-// against the CPU's recurrent form in fp32. The outputs' errors are printed (2.6e-3 - 4.1e-3
-// relative L2 on an H100, session 46; 1.7e-3 - 2.1e-3 with the solve kernel's products in TF32);
-// a wrong fragment or chunk would be O(1).
-TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsMatchesTheRecurrence) { check_deltanet_at_qwen_head_dims(1e-2); }
+// against the CPU's recurrent form in fp32 on the same rows. The outputs' errors are printed
+// (2.6e-3 - 4.1e-3 relative L2 on an H100, session 46; 1.7e-3 - 2.1e-3 with the solve kernel's
+// products in TF32); a wrong fragment or chunk would be O(1). The rows in bf16 as the model gives
+// them under bf16 products (delta_rule_rows_dtype), and in fp32 (converted for the solve kernel).
+TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsMatchesTheRecurrence) {
+  EXPECT_EQ(ops().delta_rule_rows_dtype(), DType::BF16);
+  for (const DType rows : {DType::BF16, DType::F32}) {
+    SCOPED_TRACE(dtype_name(rows));
+    check_deltanet_at_qwen_head_dims(1e-2, rows);
+  }
+}
 
 // The same at other head dims (the kernels compiled for any dims): a key dim padded to the tensor
-// cores' 16 steps, rows of no whole float4s (loaded one element at a time), value dims that end
-// inside a 16-column step; sequences of one row beside one, two and three chunks.
+// cores' 16 steps, rows of no whole 8-byte pieces (loaded one element at a time), value dims that
+// end inside a 16-column step; sequences of one row beside one, two and three chunks.
 TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsAtOtherHeadDims) {
   for (const DeltaRuleDims d : {DeltaRuleDims{2, 4, 16, 16}, DeltaRuleDims{2, 4, 12, 10}, DeltaRuleDims{1, 2, 64, 40}}) {
     SCOPED_TRACE(testing::Message() << "dk=" << d.dk << " dv=" << d.dv);
     DeltaNetCase c;
     c.d = d;
+    c.rows = DType::BF16;
     HostLayout h;
     h.state_slots = {3, 0, 6, 1, 4};
     for (const int n : {1, 70, 64, 150, 2}) h.cu.push_back(h.cu.back() + n);

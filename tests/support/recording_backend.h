@@ -195,6 +195,7 @@ class RecordingBackend final : public kernels::Backend {
     void delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias, Tensor& beta, Tensor& g) override {
       be_.issue([this, b = b, a = a, A_log = A_log, dt_bias = dt_bias, beta = beta, g = g]() mutable { inner().delta_gates(b, a, A_log, dt_bias, beta, g); });
     }
+    DType delta_rule_rows_dtype() const override { return be_.inner_->ops().delta_rule_rows_dtype(); }
     void causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const kernels::SeqLayout& layout, Tensor& out) override {
       be_.issue([this, x = x, weight = weight, states = states, layout = layout, out = out]() mutable { inner().causal_conv1d_silu(x, weight, states, layout, out); });
     }

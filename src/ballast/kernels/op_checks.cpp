@@ -13,6 +13,15 @@ void expect(const char* op, const char* name, const Tensor& t, DType dtype, int6
   check(numel < 0 || t.numel() == numel, "{}: {} {} should have {} elements", op, name, t, numel);
 }
 
+namespace {
+// The DeltaNet's conv rows (Ops::delta_rule_rows_dtype): F32 or BF16.
+void expect_rows(const char* op, const char* name, const Tensor& t) {
+  check(t.defined(), "{}: {} is not defined", op, name);
+  check(t.dtype() == DType::F32 || t.dtype() == DType::BF16, "{}: {} {} is {}, expected F32 or BF16", op, name, t,
+        dtype_name(t.dtype()));
+}
+}  // namespace
+
 bool is_weight_dtype(DType dtype) {
   return dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::F16 || dtype == DType::F8_E4M3;
 }
@@ -324,7 +333,7 @@ ConvShape check_causal_conv1d_silu(const Tensor& x, const Tensor& weight, const 
   expect("causal_conv1d_silu", "x", x, DType::F32);
   expect("causal_conv1d_silu", "weight", weight, DType::F32);
   expect("causal_conv1d_silu", "states", states, DType::F32);
-  expect("causal_conv1d_silu", "out", out, DType::F32);
+  expect_rows("causal_conv1d_silu", "out", out);
   s.B = check_state_sequences("causal_conv1d_silu", layout, s.T);
   return s;
 }
@@ -345,7 +354,7 @@ GatedDeltaRuleShape check_gated_delta_rule(const Tensor& qkv, const Tensor& g, c
   check(states.rank() == 4 && states.dim(1) == d.Hv && states.dim(2) == d.dk && states.dim(3) == d.dv,
         "gated_delta_rule: states {} should be [slots, {}, {}, {}]", states, d.Hv, d.dk, d.dv);
   s.slots = states.dim(0);
-  expect("gated_delta_rule", "qkv", qkv, DType::F32);
+  expect_rows("gated_delta_rule", "qkv", qkv);
   expect("gated_delta_rule", "g", g, DType::F32);
   expect("gated_delta_rule", "beta", beta, DType::F32);
   expect("gated_delta_rule", "states", states, DType::F32);

@@ -2,8 +2,8 @@
 // The backend contract, part 2: the ops the model graph is written against (part 1, memory and
 // transfers, is backend.h). A backend implements every op for tensors on its device, in stream
 // order, without allocating device memory per call (a backend may keep scratch of its own, grown
-// at first need and counted as an allocation). Activations are F32; weights may be F32, BF16, F16
-// or F8_E4M3 and are read in place; the weights of matrix products (matmul, moe_experts) may also
+// at first need and counted as an allocation). Activations are F32 (the DeltaNet's conv rows may
+// be BF16: delta_rule_rows_dtype); weights may be F32, BF16, F16 or F8_E4M3 and are read in place; the weights of matrix products (matmul, moe_experts) may also
 // be F8_E4M3_B128, Qwen's fine-grained FP8: e4m3 elements times one F32 scale per 128 x 128 block
 // (Tensor::block_scaled), dequantized inside the dot product with fp32 accumulation. Index inputs are I32 tensors on the device: nothing in an op
 // needs the host to look at data. Shapes are in the comments; row-major. docs/model.md has the
@@ -218,12 +218,18 @@ class Ops {
   // beta[T, Hv] = sigmoid(b); g[T, Hv] = -exp(A_log) * softplus(a + dt_bias)
   virtual void delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias,
                            Tensor& beta, Tensor& g) = 0;
+  // The dtype of the DeltaNet's q, k and v rows between its two ops (causal_conv1d_silu's out,
+  // gated_delta_rule's qkv), which the model asks for: BF16 where the backend multiplies them in
+  // bf16 anyway (CUDA under bf16 products: half the bytes the chunked form reads, as
+  // flash-linear-attention takes them), else F32. Both ops take either.
+  virtual DType delta_rule_rows_dtype() const { return DType::F32; }
   // Per sequence: out = silu(causal depthwise conv1d of x over [state | its rows]);
   // x, out [T, C]; weight [C, kc]; states [slots, C, kc-1] (the last kc-1 inputs, oldest first).
+  // out F32 or BF16 (rounded once, from the fp32 sum).
   virtual void causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const SeqLayout& layout,
                                   Tensor& out) = 0;
   // Per sequence: the gated delta rule over its rows from its recurrent state; qkv[T, 2*Hk*dk +
-  // Hv*dv] (after conv), g/beta [T, Hv], states [slots, Hv, dk, dv], out [T, Hv, dv]. Sequences of
+  // Hv*dv] (after conv; F32 or BF16), g/beta [T, Hv], states [slots, Hv, dk, dv], out [T, Hv, dv]. Sequences of
   // more than one row take the chunked (WY) form, single rows and verifying sequences the
   // recurrence; both compute the same function.
   virtual void gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& dims,

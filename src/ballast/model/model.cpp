@@ -125,7 +125,7 @@ Tensor Model::deltanet(const DeltaNetWeights& w, const LayerCache& cache, const 
   Tensor beta = ws.take({T, d.Hv}), g = ws.take({T, d.Hv});
   ops_.delta_gates(bb, a, w.A_log, w.dt_bias, beta, g);
 
-  Tensor conv_out = ws.take({T, conv_dim}), o = ws.take({T, vd});
+  Tensor conv_out = ws.take({T, conv_dim}, ops_.delta_rule_rows_dtype()), o = ws.take({T, vd});
   Tensor conv_states = cache.conv, ssm_states = cache.ssm;
   ops_.causal_conv1d_silu(qkv, w.conv, conv_states, b.layout, conv_out);
   ops_.gated_delta_rule(conv_out, g, beta, d, ssm_states, b.layout, o);

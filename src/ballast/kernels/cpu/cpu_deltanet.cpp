@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 
+#include "ballast/core/dtype.h"
 #include "ballast/core/error.h"
 #include "ballast/kernels/cpu/causal_conv1d.h"
 #include "ballast/kernels/cpu/cpu_ops.h"
@@ -100,7 +101,9 @@ void CpuOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& s
   const float* xp = f32(x);
   const float* wp = f32(weight);
   float* sp = f32_mut(states);
-  float* op = f32_mut(out);
+  // BF16 out: the fp32 sums in scratch, rounded into out at the end.
+  const bool bf16_out = out.dtype() == DType::BF16;
+  float* op = bf16_out ? rows_scratch_.floats(size_t(shape.T * C)) : f32_mut(out);
   for_each_sequence(seqs.cu, seqs.B, [&](int b, ThreadPool* pool) {
     const int64_t t0 = seqs.first(b), n = seqs.rows(b);
     if (const int32_t* snap = seqs.snapshots_of(b)) {
@@ -113,6 +116,12 @@ void CpuOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& s
     cpu::causal_conv1d_silu(xp + t0 * C, C, int(n), int(C), wp, int(kc), sp + size_t(seqs.slot[b]) * state_size,
                             op + t0 * C, C, pool);
   });
+  if (bf16_out) {
+    uint16_t* o16 = static_cast<uint16_t*>(out.raw());
+    parallel(&pool_, shape.T * C, 1 << 14, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) o16[i] = f32_to_bf16(op[i]);
+    });
+  }
 }
 
 void CpuOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& d,
@@ -123,7 +132,16 @@ void CpuOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& 
   const Sequences seqs = sequences_of("gated_delta_rule", layout, shape.T, shape.slots);
   const size_t state_size = size_t(d.Hv) * d.dk * d.dv;
   const int64_t ld = qkv.dim(1);
+  // BF16 rows are widened (exactly) into scratch first.
   const float* base = f32(qkv);
+  if (qkv.dtype() == DType::BF16) {
+    float* wide = rows_scratch_.floats(size_t(qkv.numel()));
+    const uint16_t* q16 = static_cast<const uint16_t*>(qkv.raw());
+    parallel(&pool_, qkv.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) wide[i] = bf16_to_f32(q16[i]);
+    });
+    base = wide;
+  }
   float* sp = f32_mut(states);
   for_each_sequence(seqs.cu, seqs.B, [&](int b, ThreadPool* pool) {
     const int64_t t0 = seqs.first(b), n = seqs.rows(b);

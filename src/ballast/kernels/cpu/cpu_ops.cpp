@@ -29,7 +29,11 @@ float* CpuScratch::floats(size_t n) {
 }
 
 CpuOps::CpuOps(ThreadPool& pool, Counters& counters)
-    : pool_(pool), attention_scratch_(counters), expert_scratch_(counters), sampling_scratch_(counters) {}
+    : pool_(pool),
+      attention_scratch_(counters),
+      expert_scratch_(counters),
+      sampling_scratch_(counters),
+      rows_scratch_(counters) {}
 
 namespace {
 // Elementwise loops below this many elements run on the calling thread.

@@ -98,6 +98,7 @@ class CpuOps final : public Ops {
   CpuScratch attention_scratch_;  // per worker: one row of scores
   CpuScratch expert_scratch_;     // per worker: one group's [rows, H + 2I]
   CpuScratch sampling_scratch_;   // per worker: one distribution [V]
+  CpuScratch rows_scratch_;       // the DeltaNet's BF16 conv rows in fp32 (this backend's own are F32)
   OpTimes* times_ = nullptr;
   int timing_depth_ = 0;
   bool weights_stream_ = false;

@@ -92,7 +92,7 @@ struct ConvArgs {
   const float* x;       // [T, C]
   const float* weight;  // [C, kc]
   float* states;        // [slots, C, kc-1]
-  float* out;           // [T, C]
+  void* out;            // [T, C] of Out (the kernel's parameter: float or bf16)
   const int32_t* cu;
   const int32_t* state_slots;
   const int32_t* snaps;
@@ -100,8 +100,13 @@ struct ConvArgs {
   int64_t T;
 };
 
+// An activation element from its fp32 value (the conv's rows in bf16: rounded to nearest).
+__device__ __forceinline__ void store_row_element(float* p, float v) { *p = v; }
+__device__ __forceinline__ void store_row_element(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
 // KMAX >= kc: taps and history are right-aligned in arrays of KMAX (static indices: registers).
-template <int KMAX>
+// Out: the rows' element (float or bf16).
+template <int KMAX, typename Out>
 __global__ void __launch_bounds__(kConvThreads) conv1d_silu_kernel(const ConvArgs a) {
   wait_for_prior_kernels();
   const int b = int(blockIdx.x) / a.channel_blocks;
@@ -149,7 +154,7 @@ __global__ void __launch_bounds__(kConvThreads) conv1d_silu_kernel(const ConvArg
 #pragma unroll
       for (int j = 0; j < KMAX - 1; ++j) acc += wt[j] * hist[j];
       acc += wt[KMAX - 1] * xin;
-      a.out[(s.t0 + r) * C + c] = acc / (1.0f + expf(-acc));
+      store_row_element(static_cast<Out*>(a.out) + (s.t0 + r) * C + c, acc / (1.0f + expf(-acc)));
 #pragma unroll
       for (int j = 0; j + 1 < KMAX - 1; ++j) hist[j] = hist[j + 1];
       if (KMAX >= 2) hist[KMAX - 2] = xin;
@@ -194,7 +199,10 @@ constexpr int kChunkThreads = kChunkWarps * 32;
 constexpr int kLX = kChunk + 4;  // row stride of X (whole float4s)
 
 struct RuleArgs {
-  const float* qkv;  // [T, ld]: [Q (Hk dk) | K (Hk dk) | V (Hv dv)]
+  // [T, ld]: [Q (Hk dk) | K (Hk dk) | V (Hv dv)], in fp32 (qkv) or in bf16 (qkv16; the other null):
+  // the recurrent kernel reads either, the fp32 solve kernel fp32 rows, the bf16 one bf16 rows.
+  const float* qkv;
+  const __nv_bfloat16* qkv16;
   const float* g;    // [T, Hv]
   const float* beta; // [T, Hv]
   float* states;     // [slots, Hv, dk, dv]
@@ -205,6 +213,19 @@ struct RuleArgs {
   int64_t ld, T;
   int snap_width, B, Hk, Hv, dk, dv, slots;
 };
+
+// The pass's rows as Row (float or bf16) elements; null where they are in the other type.
+template <typename Row>
+__device__ __forceinline__ const Row* rule_rows(const RuleArgs& a) {
+  if constexpr (std::is_same_v<Row, float>) return a.qkv;
+  else return a.qkv16;
+}
+
+// One element of a row as float. bf16 loads by load_after_wait: in a kernel that stores only
+// floats, the compiler may take loads of another type for unaliased and make them ld.global.nc,
+// above the wait (cuda_support.cuh).
+__device__ __forceinline__ float row_element(const float* p) { return *p; }
+__device__ __forceinline__ float row_element(const __nv_bfloat16* p) { return load_after_wait(p); }
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -222,17 +243,18 @@ __device__ __forceinline__ float2 qk_factors(int dk, float ssq, float ssk) {
 
 // Row t's q (scaled by dk^-0.5) and k, each L2-normalised, read by one warp: element lane + 32 m
 // in [m], zero past dk (the recurrent kernel's rows).
+template <typename Row>
 __device__ __forceinline__ void normalized_qk(const RuleArgs& a, int64_t t, int hk, int lane, float (&q)[kMaxDk / 32],
                                               float (&k)[kMaxDk / 32]) {
   const int dk = a.dk;
-  const float* qrow = a.qkv + t * a.ld + int64_t(hk) * dk;
-  const float* krow = qrow + int64_t(a.Hk) * dk;
+  const Row* qrow = rule_rows<Row>(a) + t * a.ld + int64_t(hk) * dk;
+  const Row* krow = qrow + int64_t(a.Hk) * dk;
   float ssq = 0.0f, ssk = 0.0f;
 #pragma unroll
   for (int m = 0; m < kMaxDk / 32; ++m) {
     const int p = lane + 32 * m;
-    q[m] = p < dk ? qrow[p] : 0.0f;
-    k[m] = p < dk ? krow[p] : 0.0f;
+    q[m] = p < dk ? row_element(qrow + p) : 0.0f;
+    k[m] = p < dk ? row_element(krow + p) : 0.0f;
     ssq += q[m] * q[m];
     ssk += k[m] * k[m];
   }
@@ -247,8 +269,8 @@ __device__ __forceinline__ void normalized_qk(const RuleArgs& a, int64_t t, int 
 // Recurrent form. Block (sequence, value head, column slice); RPT >= ceil(dk / kRecWarps) rows of the
 // state per thread: rows p = warp + kRecWarps * r. The state is loaded before the wait, while the
 // kernel before (the conv) runs: only this kernel writes a sequence's state slot, and its earlier
-// launches are done (the kernel before has passed its own wait).
-template <int RPT>
+// launches are done (the kernel before has passed its own wait). Row: the rows' element type.
+template <int RPT, typename Row>
 __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(const RuleArgs a) {
   const int b = int(blockIdx.x), h = int(blockIdx.y);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32;
@@ -280,7 +302,7 @@ __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(co
     // Normalised q and k, every warp for itself.
     __syncwarp();
     float qv[kMaxDk / 32], kv[kMaxDk / 32];
-    normalized_qk(a, t, hk, lane, qv, kv);
+    normalized_qk<Row>(a, t, hk, lane, qv, kv);
     float kq = 0.0f;
 #pragma unroll
     for (int m = 0; m < kMaxDk / 32; ++m) {
@@ -315,7 +337,7 @@ __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(co
     }
     const float d = expf(a.g[t * Hv + h]);
     const float bt = a.beta[t * Hv + h];
-    const float v = col ? a.qkv[t * a.ld + 2 * kd + int64_t(h) * dv + j] : 0.0f;
+    const float v = col ? row_element(rule_rows<Row>(a) + t * a.ld + 2 * kd + int64_t(h) * dv + j) : 0.0f;
     const float u = bt * (v - d * skv);
     if (warp == 0 && col) a.out[t * vd + int64_t(h) * dv + j] = d * sq + kq * u;
 #pragma unroll
@@ -345,9 +367,12 @@ __global__ void __launch_bounds__(kRecWarps * 32) delta_rule_recurrent_kernel(co
   }
 }
 
-// Whether the pass's q, k and v rows are whole float4s (aligned: cp.async can copy them).
-__device__ __forceinline__ bool rows_are_float4s(const RuleArgs& a) {
-  return reinterpret_cast<uintptr_t>(a.qkv) % 16 == 0 && a.ld % 4 == 0 && a.dk % 4 == 0 && a.dv % 4 == 0;
+// Whether the pass's q, k and v rows (of Row elements) are whole pieces of 4, aligned: fp32 rows
+// whole float4s (cp.async can copy them), bf16 rows one 8-byte load a piece.
+template <typename Row>
+__device__ __forceinline__ bool rows_in_pieces_of_4(const RuleArgs& a) {
+  return reinterpret_cast<uintptr_t>(rule_rows<Row>(a)) % (4 * sizeof(Row)) == 0 && a.ld % 4 == 0 && a.dk % 4 == 0 &&
+         a.dv % 4 == 0;
 }
 
 // A chunk's decays, by one warp (lane): the cumulative log decay gc (an inclusive scan of g in
@@ -395,7 +420,7 @@ __device__ __forceinline__ void load_chunk_rows(const RuleArgs& a, int64_t tc, i
   const int Hv = a.Hv, hk = h / (Hv / a.Hk);
   const float* q0 = a.qkv + tc * a.ld + int64_t(hk) * dk;
   const float* k0 = q0 + int64_t(a.Hk) * dk;
-  if (rows_are_float4s(a)) {
+  if (rows_in_pieces_of_4<float>(a)) {
     for (int i = warp; i < kChunk; i += kChunkWarps)  // a warp a row, a lane a float4
       for (int p = 4 * lane; p < dkp; p += 128) {
         const bool ok = i < n && p < dk;
@@ -481,20 +506,20 @@ __device__ __forceinline__ void store4(__nv_bfloat16* p, float4 v) {
   *reinterpret_cast<uint2*>(p) = make_uint2(bf16_pair(v.x, v.y), bf16_pair(v.z, v.w));
 }
 
-__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {
-  const uint2 w = *reinterpret_cast<const uint2*>(p);
+__device__ __forceinline__ float4 bf16x4(uint2 w) {
   const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.x));
   const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&w.y));
   return {a.x, a.y, b.x, b.y};
 }
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) { return bf16x4(*reinterpret_cast<const uint2*>(p)); }
 __device__ __forceinline__ float4 scale4(float4 v, float f) { return {f * v.x, f * v.y, f * v.z, f * v.w}; }
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
-// Elements p .. p + 3 of an activation row of `len` (zeros past it), as one float4 load where the
-// pass's rows are whole float4s (`vec`: rows_are_float4s, so len is a multiple of 4), else one at a
+// Elements p .. p + 3 of a bf16 row of `len` (zeros past it), as one 8-byte load where the pass's
+// rows are whole pieces of 4 (`vec`: rows_in_pieces_of_4, so len is a multiple of 4), else one at a
 // time. Loads that stay below the kernel's wait (load_after_wait).
-__device__ __forceinline__ float4 row_piece(const float* row, int p, int len, bool vec) {
-  if (vec) return p < len ? load4_after_wait(row + p) : float4{};
+__device__ __forceinline__ float4 row_piece(const __nv_bfloat16* row, int p, int len, bool vec) {
+  if (vec) return p < len ? bf16x4(load_u2_after_wait(row + p)) : float4{};
   return {p < len ? load_after_wait(row + p) : 0.0f, p + 1 < len ? load_after_wait(row + p + 1) : 0.0f,
           p + 2 < len ? load_after_wait(row + p + 2) : 0.0f, p + 3 < len ? load_after_wait(row + p + 3) : 0.0f};
 }
@@ -701,7 +726,7 @@ __global__ void __launch_bounds__(kChunkThreads, 2)
   // V's rows over Q (zeros past n and dv; cp.async where they are whole float4s, in flight while T
   // is formed, else loaded by the threads the inverse leaves free); T into Y.
   const float* v = a.qkv + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv;
-  const bool async_v = rows_are_float4s(a);
+  const bool async_v = rows_in_pieces_of_4<float>(a);
   if (async_v) {
     for (int e = int(threadIdx.x); e < kChunk * (dv8 / 4); e += kChunkThreads) {
       const int i = e / (dv8 / 4), j = 4 * (e % (dv8 / 4));
@@ -854,7 +879,8 @@ __device__ __forceinline__ uint4 scale8(uint4 v, float f) {
 // warps, three blocks an SM; the same scratch as the kernel above (in bf16), its products on the
 // bf16 tensor cores from bf16 rows read by ldmatrix (fp32 sums; flash-linear-attention keeps its
 // operands in bf16 too), but T = (I + A)^-1 from A in fp32 by invert_unit_lower's 3xTF32 (T
-// multiplies every row):
+// multiplies every row). The pass's q, k and v rows come in bf16 (a.qkv16, as the conv writes them
+// under bf16 products):
 //   1. q and k normalised into bf16 rows, a warp a row (half a warp's rows' loads in flight at once);
 //   2. P (bf16) and A (fp32) from Q K^T and K K^T; e^gc Q to Q' scratch (where Q' = e^gc Q - P W
 //      is finished in 4b: no room for it in shared memory);
@@ -890,7 +916,7 @@ __global__ void __launch_bounds__(kChunkThreads, 3)
   __nv_bfloat16* Qb = reinterpret_cast<__nv_bfloat16*>(smem + L.R3);
   __nv_bfloat16* Pb = reinterpret_cast<__nv_bfloat16*>(smem + L.R3);
   __nv_bfloat16* Kb = reinterpret_cast<__nv_bfloat16*>(smem + L.R4);
-  const bool vec = rows_are_float4s(a);
+  const bool vec = rows_in_pieces_of_4<__nv_bfloat16>(a);
   const auto scratch_row = [&](int i) { return (tc + i) * Hv + h; };
 
   // 1. A warp a row, a lane elements 4 lane .. + 3 of q and k (dk <= 128; zeros past n and dk), in
@@ -898,8 +924,8 @@ __global__ void __launch_bounds__(kChunkThreads, 3)
   {
     constexpr int kHalf = kChunk / kChunkWarps / 2;
     const int hk = h / (Hv / a.Hk), p = 4 * lane;
-    const float* q0 = a.qkv + tc * a.ld + int64_t(hk) * dk;
-    const float* k0 = q0 + int64_t(a.Hk) * dk;
+    const __nv_bfloat16* q0 = a.qkv16 + tc * a.ld + int64_t(hk) * dk;
+    const __nv_bfloat16* k0 = q0 + int64_t(a.Hk) * dk;
     if (warp == kChunkWarps - 1) chunk_decays(a, tc, n, h, lane, nullptr, gl, betas, eg, ef);
 #pragma unroll
     for (int half = 0; half < 2; ++half) {
@@ -995,7 +1021,7 @@ __global__ void __launch_bounds__(kChunkThreads, 3)
   // V's rows: the first kVLoads float4 a thread (64 columns' worth) in flight through T's conversion
   // to bf16 over A (read no more: the inverse's last barrier is behind us) and M = P T, the rest
   // loaded after M (the measured form; all in flight holds 16 more registers of the 80).
-  const float* v0 = a.qkv + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv;
+  const __nv_bfloat16* v0 = a.qkv16 + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv;
   const int vp = L.dv16 / 4;
   const auto v_piece = [&](int e) {
     const int i = e / vp, j = 4 * (e % vp);
@@ -1437,6 +1463,16 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
 
 // The sequences of a pass (their shapes checked by the contract's checks, their contents on the
 // device): in CUDA memory, snapshot tables of a width the kernels index in 32 bits.
+// dst[i] = src[i] in another element type (the delta rule's rows where the solve kernel reads the
+// other type), rounded to nearest.
+template <typename From, typename To>
+__global__ void convert_rows_kernel(const From* src, To* dst, int64_t n) {
+  wait_for_prior_kernels();
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride)
+    store_row_element(dst + i, load_after_wait(src + i));
+}
+
 void check_sequences(const char* op, const SeqLayout& layout) {
   expect_device(op, "cu_seqlens", layout.cu_seqlens);
   expect_device(op, "state_slots", layout.state_slots);
@@ -1471,7 +1507,7 @@ void CudaOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& 
   a.x = f32(x);
   a.weight = f32(weight);
   a.states = f32_mut(states);
-  a.out = f32_mut(out);
+  a.out = out.raw();
   a.cu = i32(layout.cu_seqlens);
   a.state_slots = i32(layout.state_slots);
   a.snaps = layout.snapshot_slots.defined() ? i32(layout.snapshot_slots) : nullptr;
@@ -1483,8 +1519,11 @@ void CudaOps::causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& 
   a.channel_blocks = int(channel_blocks);
   a.T = T;
   const dim3 grid{unsigned(channel_blocks * B), unsigned(pieces)};
-  if (kc <= 4) launch(conv1d_silu_kernel<4>, grid, kConvThreads, 0, stream_, a);
-  else launch(conv1d_silu_kernel<16>, grid, kConvThreads, 0, stream_, a);
+  const bool bf16 = out.dtype() == DType::BF16;
+  if (kc <= 4 && bf16) launch(conv1d_silu_kernel<4, __nv_bfloat16>, grid, kConvThreads, 0, stream_, a);
+  else if (kc <= 4) launch(conv1d_silu_kernel<4, float>, grid, kConvThreads, 0, stream_, a);
+  else if (bf16) launch(conv1d_silu_kernel<16, __nv_bfloat16>, grid, kConvThreads, 0, stream_, a);
+  else launch(conv1d_silu_kernel<16, float>, grid, kConvThreads, 0, stream_, a);
   check_launch("causal_conv1d_silu");
 }
 
@@ -1507,7 +1546,9 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
   if (T == 0) return;
 
   RuleArgs a{};
-  a.qkv = f32(qkv);
+  const bool rows16 = qkv.dtype() == DType::BF16;
+  if (rows16) a.qkv16 = static_cast<const __nv_bfloat16*>(qkv.raw());
+  else a.qkv = f32(qkv);
   a.g = f32(g);
   a.beta = f32(beta);
   a.states = f32_mut(states);
@@ -1528,10 +1569,15 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
 
   // Single rows and verifying sequences: the recurrence.
   const int rpt = int(cdiv(d.dk, kRecWarps));
-  if (rpt <= 4) launch(delta_rule_recurrent_kernel<4>, grid, kRecWarps * 32, 0, stream_, a);
-  else if (rpt <= 8) launch(delta_rule_recurrent_kernel<8>, grid, kRecWarps * 32, 0, stream_, a);
-  else if (rpt <= 16) launch(delta_rule_recurrent_kernel<16>, grid, kRecWarps * 32, 0, stream_, a);
-  else launch(delta_rule_recurrent_kernel<32>, grid, kRecWarps * 32, 0, stream_, a);
+  const auto recurrent = [&](auto row) {
+    using Row = decltype(row);
+    if (rpt <= 4) launch(delta_rule_recurrent_kernel<4, Row>, grid, kRecWarps * 32, 0, stream_, a);
+    else if (rpt <= 8) launch(delta_rule_recurrent_kernel<8, Row>, grid, kRecWarps * 32, 0, stream_, a);
+    else if (rpt <= 16) launch(delta_rule_recurrent_kernel<16, Row>, grid, kRecWarps * 32, 0, stream_, a);
+    else launch(delta_rule_recurrent_kernel<32, Row>, grid, kRecWarps * 32, 0, stream_, a);
+  };
+  if (rows16) recurrent(__nv_bfloat16{});
+  else recurrent(float{});
   check_launch("gated_delta_rule: recurrent");
 
   // The other sequences of more than one row: the chunked form, every chunk's solve at once, then
@@ -1553,31 +1599,52 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     const int width = blocks(32) <= sms ? 32 : blocks(64) <= sms ? 64 : 128;
     const int key_parts = 128 / width;  // 8 warps of 16 columns each
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
-    const auto run = [&](auto solve_kernel, size_t solve_smem, auto state_kernel, auto cs) {
+    const auto run = [&](const RuleArgs& ca, auto solve_kernel, size_t solve_smem, auto state_kernel, auto cs) {
       const size_t state_smem = StateSmem(d.dk, width, key_parts, sizeof(*cs.qp)).bytes();
       smem_.allow(solve_kernel, solve_smem, "gated_delta_rule: shared memory of the solve kernel");
       smem_.allow(state_kernel, state_smem, "gated_delta_rule: shared memory of the state kernel");
-      launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, a,
+      launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, ca,
              cs, int(chunks_per_seq));
       check_launch("gated_delta_rule: chunk solve");
-      launch(state_kernel, state_grid, 32 * (width / 16) * key_parts, state_smem, stream_, a, cs);
+      launch(state_kernel, state_grid, 32 * (width / 16) * key_parts, state_smem, stream_, ca, cs);
     };
     // Products in 3xTF32 over fp32 scratch (fp32 accuracy) unless bf16 products are asked for:
     // then both kernels' in bf16 over bf16 scratch (T's inverse in 3xTF32 still). The kernels
-    // compiled for the Qwen models' head dims (dk = dv = 128) where they are those.
+    // compiled for the Qwen models' head dims (dk = dv = 128) where they are those. The solve
+    // kernel reads rows of its products' type (fp32 rows with 3xTF32, bf16 ones with bf16); rows of
+    // the other type (not what the model gives: delta_rule_rows_dtype) are converted into scratch
+    // first.
     const auto run_in = [&](auto split, auto dims) {
       constexpr bool kSplit = decltype(split)::value;
       constexpr int kDims = decltype(dims)::value;
       using Scratch = ChunkScratch<ScratchOf<kSplit>>;
-      const Scratch cs = Scratch::at(scratch_->bytes(Scratch::bytes(T, d.Hv, d.dk, d.dv)), T, d.Hv, d.dk, d.dv);
+      const size_t scratch_bytes = cdiv(Scratch::bytes(T, d.Hv, d.dk, d.dv), 256) * 256;
+      const bool convert = rows16 == kSplit;
+      unsigned char* base = static_cast<unsigned char*>(
+          scratch_->bytes(scratch_bytes + (convert ? size_t(qkv.numel()) * sizeof(ScratchOf<kSplit>) : 0)));
+      const Scratch cs = Scratch::at(base, T, d.Hv, d.dk, d.dv);
+      RuleArgs ca = a;
+      if (convert) {
+        const unsigned blocks = std::min<unsigned>(blocks_for(qkv.numel(), 256), 8u * unsigned(device_.sms));
+        if constexpr (kSplit) {
+          ca.qkv = reinterpret_cast<const float*>(base + scratch_bytes), ca.qkv16 = nullptr;
+          launch(convert_rows_kernel<__nv_bfloat16, float>, blocks, 256, 0, stream_, a.qkv16,
+                 const_cast<float*>(ca.qkv), qkv.numel());
+        } else {
+          ca.qkv16 = reinterpret_cast<const __nv_bfloat16*>(base + scratch_bytes), ca.qkv = nullptr;
+          launch(convert_rows_kernel<float, __nv_bfloat16>, blocks, 256, 0, stream_, a.qkv,
+                 const_cast<__nv_bfloat16*>(ca.qkv16), qkv.numel());
+        }
+        check_launch("gated_delta_rule: rows converted for the solve kernel");
+      }
       const auto solve = [&] {
         if constexpr (kSplit) return delta_rule_solve_kernel<kDims>;
         else return delta_rule_solve_bf16_kernel<kDims>;
       }();
       const size_t solve_smem = kSplit ? SolveSmem(d.dk, d.dv).bytes() : SolveBf16Smem(d.dk, d.dv).bytes();
-      if (width == 32) run(solve, solve_smem, delta_rule_state_kernel<kSplit, 2, 4, kDims>, cs);
-      else if (width == 64) run(solve, solve_smem, delta_rule_state_kernel<kSplit, 4, 2, kDims>, cs);
-      else run(solve, solve_smem, delta_rule_state_kernel<kSplit, 8, 1, kDims>, cs);
+      if (width == 32) run(ca, solve, solve_smem, delta_rule_state_kernel<kSplit, 2, 4, kDims>, cs);
+      else if (width == 64) run(ca, solve, solve_smem, delta_rule_state_kernel<kSplit, 4, 2, kDims>, cs);
+      else run(ca, solve, solve_smem, delta_rule_state_kernel<kSplit, 8, 1, kDims>, cs);
     };
     using Dims128 = std::integral_constant<int, 128>;
     using AnyDims = std::integral_constant<int, 0>;

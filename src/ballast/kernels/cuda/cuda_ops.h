@@ -167,6 +167,8 @@ class CudaOps final : public Ops {
 
   void delta_gates(const Tensor& b, const Tensor& a, const Tensor& A_log, const Tensor& dt_bias, Tensor& beta,
                    Tensor& g) override;
+  // BF16 under bf16 products (the chunked delta rule multiplies its rows in bf16), else F32.
+  DType delta_rule_rows_dtype() const override { return bf16_matmul_ ? DType::BF16 : DType::F32; }
   void causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const SeqLayout& layout,
                           Tensor& out) override;
   void gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& dims,
