@@ -515,13 +515,14 @@ __device__ __forceinline__ float4 load4(const __nv_bfloat16* p) { return bf16x4(
 __device__ __forceinline__ float4 scale4(float4 v, float f) { return {f * v.x, f * v.y, f * v.z, f * v.w}; }
 __device__ __forceinline__ float dot4(float4 a, float4 b) { return a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w; }
 
-// Elements p .. p + 3 of a bf16 row of `len` (zeros past it), as one 8-byte load where the pass's
-// rows are whole pieces of 4 (`vec`: rows_in_pieces_of_4, so len is a multiple of 4), else one at a
-// time. Loads that stay below the kernel's wait (load_after_wait).
-__device__ __forceinline__ float4 row_piece(const __nv_bfloat16* row, int p, int len, bool vec) {
-  if (vec) return p < len ? bf16x4(load_u2_after_wait(row + p)) : float4{};
-  return {p < len ? load_after_wait(row + p) : 0.0f, p + 1 < len ? load_after_wait(row + p + 1) : 0.0f,
-          p + 2 < len ? load_after_wait(row + p + 2) : 0.0f, p + 3 < len ? load_after_wait(row + p + 3) : 0.0f};
+// Elements p .. p + 3 of a bf16 row of `len` (zeros past it), as they are (two bf16 pairs: bf16x4
+// widens them), by one 8-byte load where the pass's rows are whole pieces of 4 (`vec`:
+// rows_in_pieces_of_4, so len is a multiple of 4), else one at a time. Loads that stay below the
+// kernel's wait (load_after_wait). Kept in bf16 until used: half the registers a load in flight.
+__device__ __forceinline__ uint2 row_piece(const __nv_bfloat16* row, int p, int len, bool vec) {
+  if (vec) return p < len ? load_u2_after_wait(row + p) : uint2{0, 0};
+  const auto bits = [&](int i) { return i < len ? __float_as_uint(load_after_wait(row + i)) >> 16 : 0u; };
+  return {bits(p) | bits(p + 1) << 16, bits(p + 2) | bits(p + 3) << 16};
 }
 
 // Row strides of the chunks' rows: padded_dk + 4, so that lq / 4 is odd (8 consecutive rows read as
@@ -881,7 +882,7 @@ __device__ __forceinline__ uint4 scale8(uint4 v, float f) {
 // operands in bf16 too), but T = (I + A)^-1 from A in fp32 by invert_unit_lower's 3xTF32 (T
 // multiplies every row). The pass's q, k and v rows come in bf16 (a.qkv16, as the conv writes them
 // under bf16 products):
-//   1. q and k normalised into bf16 rows, a warp a row (half a warp's rows' loads in flight at once);
+//   1. q and k normalised into bf16 rows, a warp a row (all its rows' loads in flight at once);
 //   2. P (bf16) and A (fp32) from Q K^T and K K^T; e^gc Q to Q' scratch (where Q' = e^gc Q - P W
 //      is finished in 4b: no room for it in shared memory);
 //   3. T into Y, while the threads the inverse leaves free write K' and turn K's rows into R's key
@@ -919,31 +920,29 @@ __global__ void __launch_bounds__(kChunkThreads, 3)
   const bool vec = rows_in_pieces_of_4<__nv_bfloat16>(a);
   const auto scratch_row = [&](int i) { return (tc + i) * Hv + h; };
 
-  // 1. A warp a row, a lane elements 4 lane .. + 3 of q and k (dk <= 128; zeros past n and dk), in
-  // two halves of a warp's rows.
+  // 1. A warp a row, a lane elements 4 lane .. + 3 of q and k (dk <= 128; zeros past n and dk), all
+  // of a warp's rows' loads in flight at once.
   {
-    constexpr int kHalf = kChunk / kChunkWarps / 2;
+    constexpr int kRows = kChunk / kChunkWarps;
     const int hk = h / (Hv / a.Hk), p = 4 * lane;
     const __nv_bfloat16* q0 = a.qkv16 + tc * a.ld + int64_t(hk) * dk;
     const __nv_bfloat16* k0 = q0 + int64_t(a.Hk) * dk;
     if (warp == kChunkWarps - 1) chunk_decays(a, tc, n, h, lane, nullptr, gl, betas, eg, ef);
+    uint2 qr[kRows], kr[kRows];
 #pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      float4 qv[kHalf], kv[kHalf];
+    for (int r = 0; r < kRows; ++r) {
+      const int i = warp + kChunkWarps * r;
+      qr[r] = i < n ? row_piece(q0 + i * a.ld, p, dk, vec) : uint2{0, 0};
+      kr[r] = i < n ? row_piece(k0 + i * a.ld, p, dk, vec) : uint2{0, 0};
+    }
 #pragma unroll
-      for (int r = 0; r < kHalf; ++r) {
-        const int i = warp + kChunkWarps * (r + kHalf * half);
-        qv[r] = i < n ? row_piece(q0 + i * a.ld, p, dk, vec) : float4{};
-        kv[r] = i < n ? row_piece(k0 + i * a.ld, p, dk, vec) : float4{};
-      }
-#pragma unroll
-      for (int r = 0; r < kHalf; ++r) {
-        const int i = warp + kChunkWarps * (r + kHalf * half);
-        const float2 f = qk_factors(dk, dot4(qv[r], qv[r]), dot4(kv[r], kv[r]));
-        if (p < dkp) {
-          store4(Qb + i * lk + p, scale4(qv[r], f.x));
-          store4(Kb + i * lk + p, scale4(kv[r], f.y));
-        }
+    for (int r = 0; r < kRows; ++r) {
+      const int i = warp + kChunkWarps * r;
+      const float4 qv = bf16x4(qr[r]), kv = bf16x4(kr[r]);
+      const float2 f = qk_factors(dk, dot4(qv, qv), dot4(kv, kv));
+      if (p < dkp) {
+        store4(Qb + i * lk + p, scale4(qv, f.x));
+        store4(Kb + i * lk + p, scale4(kv, f.y));
       }
     }
   }
@@ -1018,25 +1017,25 @@ __global__ void __launch_bounds__(kChunkThreads, 3)
     }
   });
   if (tid == 0) cs.elast[tc * Hv + h] = eg[n - 1];
-  // V's rows: the first kVLoads float4 a thread (64 columns' worth) in flight through T's conversion
-  // to bf16 over A (read no more: the inverse's last barrier is behind us) and M = P T, the rest
-  // loaded after M (the measured form; all in flight holds 16 more registers of the 80).
+  // V's rows: the first kVLoads pieces of 4 a thread (128 columns' worth: all of Qwen's) in flight
+  // through T's conversion to bf16 over A (read no more: the inverse's last barrier is behind us)
+  // and M = P T, the rest loaded after M.
   const __nv_bfloat16* v0 = a.qkv16 + tc * a.ld + 2 * int64_t(a.Hk) * dk + int64_t(h) * dv;
   const int vp = L.dv16 / 4;
   const auto v_piece = [&](int e) {
     const int i = e / vp, j = 4 * (e % vp);
-    return i < n ? row_piece(v0 + i * a.ld, j, dv, vec) : float4{};
+    return i < n ? row_piece(v0 + i * a.ld, j, dv, vec) : uint2{0, 0};
   };
-  const auto store_v = [&](int e, float4 v) {
+  const auto store_v = [&](int e, uint2 v) {
     const int i = e / vp, j = 4 * (e % vp);
-    store4(Rv + i * lv + j, scale4(v, betas[i]));
+    store4(Rv + i * lv + j, scale4(bf16x4(v), betas[i]));
   };
-  constexpr int kVLoads = kChunk * 16 / kChunkThreads;
-  float4 vr[kVLoads];
+  constexpr int kVLoads = kChunk * 32 / kChunkThreads;
+  uint2 vr[kVLoads];
 #pragma unroll
   for (int r = 0; r < kVLoads; ++r) {
     const int e = tid + kChunkThreads * r;
-    vr[r] = e < kChunk * vp ? v_piece(e) : float4{};
+    vr[r] = e < kChunk * vp ? v_piece(e) : uint2{0, 0};
   }
   for (int e = tid; e < kChunk * kChunk / 4; e += kChunkThreads) {
     const int i = e / (kChunk / 4), j = 4 * (e % (kChunk / 4));
