@@ -137,9 +137,8 @@ void CpuOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& 
   if (qkv.dtype() == DType::BF16) {
     float* wide = rows_scratch_.floats(size_t(qkv.numel()));
     const uint16_t* q16 = static_cast<const uint16_t*>(qkv.raw());
-    parallel(&pool_, qkv.numel(), 1 << 14, [&](int64_t i0, int64_t i1) {
-      for (int64_t i = i0; i < i1; ++i) wide[i] = bf16_to_f32(q16[i]);
-    });
+    parallel(&pool_, qkv.numel(), 1 << 14,
+             [&](int64_t i0, int64_t i1) { to_f32(q16 + i0, DType::BF16, wide + i0, size_t(i1 - i0)); });
     base = wide;
   }
   float* sp = f32_mut(states);

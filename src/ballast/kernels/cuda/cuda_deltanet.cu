@@ -1460,8 +1460,6 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
     }
 }
 
-// The sequences of a pass (their shapes checked by the contract's checks, their contents on the
-// device): in CUDA memory, snapshot tables of a width the kernels index in 32 bits.
 // dst[i] = src[i] in another element type (the delta rule's rows where the solve kernel reads the
 // other type), rounded to nearest.
 template <typename From, typename To>
@@ -1472,6 +1470,8 @@ __global__ void convert_rows_kernel(const From* src, To* dst, int64_t n) {
     store_row_element(dst + i, load_after_wait(src + i));
 }
 
+// The sequences of a pass (their shapes checked by the contract's checks, their contents on the
+// device): in CUDA memory, snapshot tables of a width the kernels index in 32 bits.
 void check_sequences(const char* op, const SeqLayout& layout) {
   expect_device(op, "cu_seqlens", layout.cu_seqlens);
   expect_device(op, "state_slots", layout.state_slots);
