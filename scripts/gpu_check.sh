@@ -6,8 +6,9 @@
 # time to the steps after it (the device tool runs a command at most 600 s).
 # The device tool brings back at most 8 files from $OUT (a log a step, the summary, the JSON and CSV
 # of some steps): run at most ~5 steps a call, or point OUT elsewhere and print what matters.
-# The device tool takes 64 MiB in all: the tracked tree is ~49 MB (the default model 36 MB) and the
-# pack ~12-13 MB (xz -9e; with the delta-rule bench before and after), so .carry/fla (~1.5 MB, pruned to what
+# The device tool takes 64 MiB in all: the tracked tree is ~50 MB (the default model 36 MB) and a
+# pack of everything ~10.8 MB (xz -9e, sm_90a code without PTX: two ballasts, the one-GPU tests, the
+# delta-rule bench before and after; scripts/gpu_pack.sh), so .carry/fla (~1.5 MB, pruned to what
 # chunk_gated_delta_rule imports) fits beside it.
 #   STEPS="conformance nccl runtime demo serve sanitizer bench scale fp8 pdl ep ep-mtp kernels kernel-ab prices prefill-kernels prefill-source decode-kernels mtp deltanet" bash scripts/gpu_check.sh
 # scale: the published model sizes (synthetic weights) with per-op profiles; fp8: the 80B shape in

@@ -10,22 +10,26 @@
 # revision>, that revision's ballast is built likewise and packed as ballast-old, the binary
 # scripts/gpu_ab.sh alternates with this one (~0.9 MB more in the pack); with several revisions
 # (BALLAST_BEFORE="A B"), each is packed as ballast-<revision> (A also as ballast-old), for
-# AB_VARIANTS="ballast-A ballast-B ballast" (one change after another in one run). Each ballast adds
-# ~4 MB to the pack (xz finds little they share) and the tracked tree is ~50 MB of the 64 MiB the
-# device tool carries (untracked build folders aside): with PACK_TESTS=0 only ballast (and the
-# revisions before) are packed, for an A/B call (the test binaries are ~9 MB of it). The total is
-# printed at the end. BALLAST_OLD=<a ballast binary built earlier> packs that file as ballast-old
-# (no worktree build: keep a copy of the baseline's binary before changing the tree), and
-# EXTRA_BINS="name=path ..." packs more files into gpu/bin (another build, a probe). A delta-rule
-# A/B needs no ballast: PACK_BALLAST=0 PACK_TESTS=kernels (with FLA_REPO and DELTA_RULE_BEFORE) packs
-# the two benches and test_kernels_cuda alone (~13 MB), then on the device
-# `STEPS="conformance deltanet" CONFORMANCE_FILTER='*DeltaNet*' DELTANET_ARGS="--precisions bf16"
-# bash scripts/gpu_check.sh`.
+# AB_VARIANTS="ballast-A ballast-B ballast" (one change after another in one run). The CUDA code is
+# built as sm_90a machine code alone, without PTX (since session 48: the PTX was ~2/3 of a binary
+# under xz): a ballast is ~2.7 MB of the pack, and everything one call needs, `FLA_REPO=...
+# DELTA_RULE_BEFORE=R BALLAST_BEFORE=R PACK_TESTS=cuda` (two ballasts, test_kernels_cuda and
+# test_runtime, two delta-rule benches), 10.8 MB, 5.9 of it the libraries; the tracked tree is ~50 MB
+# of the 64 MiB the device tool carries (untracked build folders aside; ~63 MB in all went, 66.9 was
+# refused in session 31), .carry/fla ~1.5 MB. PACK_TESTS=0 packs no tests, PACK_BALLAST=0 no
+# ballast (with PACK_TESTS=kernels: a delta-rule A/B alone). The total is printed at the end.
+# BALLAST_OLD=<a ballast binary built earlier> packs that file as ballast-old (no worktree build:
+# keep a copy of the baseline's binary before changing the tree; built by this script, so without
+# PTX), and EXTRA_BINS="name=path ..." packs more files into gpu/bin (another build, a probe). On the
+# device, e.g. `STEPS="conformance deltanet" CONFORMANCE_FILTER='*DeltaNet*' DELTANET_ARGS="--precisions
+# bf16" bash scripts/gpu_check.sh`, then scripts/gpu_ab.sh.
 #   bash scripts/gpu_pack.sh   ->  then carry .carry (see scripts/gpu_check.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BUILD=${BUILD_DIR:-build-gpu}
-cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBALLAST_PYTHON=OFF >/dev/null
+# sm_90a code alone, no PTX: the GPU machine is a Hopper, and the PTX was ~2/3 of a CUDA object under
+# xz (cuda_deltanet.cu's: 769 KB with it, 254 KB without).
+cmake -S . -B "$BUILD" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBALLAST_PYTHON=OFF -DCMAKE_CUDA_ARCHITECTURES=90a-real >/dev/null
 # The delta-rule bench only for the FLA side by side (FLA_REPO below): the device tool carries 64 MiB in all.
 EXTRA=(); [ -n "${FLA_REPO:-}" ] && EXTRA=(bench_delta_rule_cuda)
 # The test binaries (paths in the build; their names are the targets). PACK_TESTS=cuda: the one-GPU
@@ -47,7 +51,10 @@ build_before() {
   local rev before
   rev=$(git rev-parse --short "$1") before=/tmp/ballast-delta-rule-before/$rev
   [ -d "$before" ] || git worktree add --detach "$before" "$rev" >/dev/null
-  cmake -S "$before" -B "$before/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBALLAST_PYTHON=OFF >/dev/null
+  # (revisions before session 48 took sm_90a's kernels only where the list says "90a": the flag
+  # defines what that gave them)
+  cmake -S "$before" -B "$before/build" -G Ninja -DCMAKE_BUILD_TYPE=Release -DBALLAST_PYTHON=OFF \
+    -DCMAKE_CUDA_ARCHITECTURES=90a-real -DCMAKE_CUDA_FLAGS=-DBALLAST_CUDA_SM90A=1 >/dev/null
   cmake --build "$before/build" -j"$(nproc)" --target "$2" >&2
   find "$before/build" -name "$2" -type f -perm -u+x | head -1
 }
