@@ -3,11 +3,12 @@
 // transfers, is backend.h). A backend implements every op for tensors on its device, in stream
 // order, without allocating device memory per call (a backend may keep scratch of its own, grown
 // at first need and counted as an allocation). Activations are F32 (the DeltaNet's conv rows may
-// be BF16: delta_rule_rows_dtype); weights may be F32, BF16, F16 or F8_E4M3 and are read in place; the weights of matrix products (matmul, moe_experts) may also
-// be F8_E4M3_B128, Qwen's fine-grained FP8: e4m3 elements times one F32 scale per 128 x 128 block
-// (Tensor::block_scaled), dequantized inside the dot product with fp32 accumulation. Index inputs are I32 tensors on the device: nothing in an op
-// needs the host to look at data. Shapes are in the comments; row-major. docs/model.md has the
-// math, docs/expert-parallel.md the MoE dispatch and combine.
+// be BF16: delta_rule_rows_dtype); weights may be F32, BF16, F16 or F8_E4M3 and are read in place;
+// the weights of matrix products (matmul, moe_experts) may also be F8_E4M3_B128, Qwen's
+// fine-grained FP8: e4m3 elements times one F32 scale per 128 x 128 block (Tensor::block_scaled),
+// dequantized inside the dot product with fp32 accumulation. Index inputs are I32 tensors on the
+// device: nothing in an op needs the host to look at data. Shapes are in the comments; row-major.
+// docs/model.md has the math, docs/expert-parallel.md the MoE dispatch and combine.
 #include <cstdint>
 #include <functional>
 #include <span>
@@ -229,9 +230,9 @@ class Ops {
   virtual void causal_conv1d_silu(const Tensor& x, const Tensor& weight, Tensor& states, const SeqLayout& layout,
                                   Tensor& out) = 0;
   // Per sequence: the gated delta rule over its rows from its recurrent state; qkv[T, 2*Hk*dk +
-  // Hv*dv] (after conv; F32 or BF16), g/beta [T, Hv], states [slots, Hv, dk, dv], out [T, Hv, dv]. Sequences of
-  // more than one row take the chunked (WY) form, single rows and verifying sequences the
-  // recurrence; both compute the same function.
+  // Hv*dv] (after conv; F32 or BF16), g/beta [T, Hv], states [slots, Hv, dk, dv], out [T, Hv, dv].
+  // Sequences of more than one row take the chunked (WY) form, single rows and verifying sequences
+  // the recurrence; both compute the same function.
   virtual void gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor& beta, const DeltaRuleDims& dims,
                                 Tensor& states, const SeqLayout& layout, Tensor& out) = 0;
   // Per row of dv: y = w * x * rsqrt(mean(x^2) + eps) * silu(z); x, z [R, dv]. y may alias x.
