@@ -1624,17 +1624,16 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
       const Scratch cs = Scratch::at(base, T, d.Hv, d.dk, d.dv);
       RuleArgs ca = a;
       if (convert) {
+        using SolveRow = ScratchOf<kSplit>;  // the solve kernel reads rows of its scratch's type
+        using GivenRow = std::conditional_t<kSplit, __nv_bfloat16, float>;
+        SolveRow* rows = reinterpret_cast<SolveRow*>(base + scratch_bytes);
         const unsigned blocks = std::min<unsigned>(blocks_for(qkv.numel(), 256), 8u * unsigned(device_.sms));
-        if constexpr (kSplit) {
-          ca.qkv = reinterpret_cast<const float*>(base + scratch_bytes), ca.qkv16 = nullptr;
-          launch(convert_rows_kernel<__nv_bfloat16, float>, blocks, 256, 0, stream_, a.qkv16,
-                 const_cast<float*>(ca.qkv), qkv.numel());
-        } else {
-          ca.qkv16 = reinterpret_cast<const __nv_bfloat16*>(base + scratch_bytes), ca.qkv = nullptr;
-          launch(convert_rows_kernel<float, __nv_bfloat16>, blocks, 256, 0, stream_, a.qkv,
-                 const_cast<__nv_bfloat16*>(ca.qkv16), qkv.numel());
-        }
+        launch(convert_rows_kernel<GivenRow, SolveRow>, blocks, 256, 0, stream_,
+               static_cast<const GivenRow*>(qkv.raw()), rows, qkv.numel());
         check_launch("gated_delta_rule: rows converted for the solve kernel");
+        ca.qkv = nullptr, ca.qkv16 = nullptr;
+        if constexpr (kSplit) ca.qkv = rows;
+        else ca.qkv16 = rows;
       }
       const auto solve = [&] {
         if constexpr (kSplit) return delta_rule_solve_kernel<kDims>;
