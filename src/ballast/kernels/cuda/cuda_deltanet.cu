@@ -26,9 +26,10 @@
 //   (ChunkScratch: W, U, Q' = e^gc Q - P W, O_local = P U, K' = e^{gc_last - gc} K); the state kernel then takes
 //   the chunks of each sequence in order (block: sequence, value head, column slice) and only
 //   applies S0: V' = U - W S0, O = O_local + Q' S0, S = e^{gc_last} S0 + K'^T V', each warp on 16
-//   value columns and a part of the keys whose state it keeps transposed in registers (8 warps a
-//   block: slices of 32, 64 or 128 columns in 4, 2 or 1 key parts, the narrowest whose blocks fit
-//   on the SMs at once). The products run on the tensor cores in 3xTF32 (cuda_mma_support.cuh:
+//   value columns, keeping the state of a part of the keys transposed in registers and forming V'
+//   and O for a part of the chunk's rows (8 warps a block: slices of 32, 64 or 128 columns in 4, 2
+//   or 1 parts, the narrowest whose blocks fit on the SMs at once; the parts of a column group hand
+//   each other S0 and V' through shared memory, so no warp's products need another's sums). The products run on the tensor cores in 3xTF32 (cuda_mma_support.cuh:
 //   fp32 accuracy); under bf16 matrix products both kernels' in bf16 from bf16 rows and scratch
 //   (delta_rule_solve_bf16_kernel, 3 blocks an SM over shared memory regions reused as it goes; T's
 //   own blocks always in 3xTF32 from A in fp32, the state fp32 in registers); the substitution of
@@ -1149,69 +1150,73 @@ __global__ void __launch_bounds__(kChunkThreads, 3)
   product(std::false_type{});
 }
 
-// A warp's partial sums for the other key parts of the state kernel: all 8 row tiles of u (each
-// part needs the whole V'), and those of x whose rows of out another part writes.
-__host__ __device__ constexpr int red_slots(int ks) { return 16 - 8 / ks; }
-
 // Shared memory of the state kernel of `width` value columns a block and the keys split over `ks`
 // warps, for scratch elements of `es` bytes, in bytes: Qp, Ws [kChunk][lw] (Q', W), Kp
 // [2][kChunk][lk] (K', two: the next chunk's lands while this one's is read), Us, Os [kChunk][lu]
-// (the block's columns of U and O, read at row 2t, column g), and with ks > 1 Red
-// [warps][red_slots(ks)][32] float4s, each warp's partial sums (lane-major: no bank conflicts).
-// fp32: Q' and W are B operands read as float2 at row g, column 2t (lw = dkp + 8: a row stride of 8
-// mod 32 banks puts each half warp's on 32 banks), K' at row 2t, column g (lk = dkp + 4), U and O
-// too (lu = width + 4). bf16: Q', W and K' read by ldmatrix, whose 8 row reads of a matrix a row
-// stride of 16 bytes mod 128 puts on 32 banks (dkp + 8), U and O at width + 8 (whole 16-byte pieces).
+// (the block's columns of U and O, read at row 2t, column g), and with ks > 1 what the warps of a
+// value group hand each other: Ss [width / 16][16][ls] (S0^T, each part's keys) and Vs [width /
+// 16][16][lv] (V'^T, each part's rows). fp32: Q' and W are B operands read as float2 at row g,
+// column 2t (lw = dkp + 8: a row stride of 8 mod 32 banks puts each half warp's on 32 banks), K'
+// at row 2t, column g (lk = dkp + 4), U and O too (lu = width + 4), S0^T and V'^T as float2 at
+// row g, column 2t (ls = dkp + 8, lv = kChunk + 8). bf16: Q', W, K', S0^T and V'^T read by
+// ldmatrix, whose 8 row reads of a matrix a row stride of 16 bytes mod 128 puts on 32 banks (+ 8
+// elements), U and O at width + 8 (whole 16-byte pieces).
 struct StateSmem {
-  int dkp, lw, lk, lu;
-  int64_t Qp, Ws, Kp, Us, Os, Red, total;
+  int dkp, lw, lk, lu, ls, lv;
+  int64_t Qp, Ws, Kp, Us, Os, Ss, Vs, total;
   __host__ __device__ StateSmem(int dk, int width, int ks, int es) {
     dkp = padded_dk(dk);
     lw = dkp + 8;
     lk = es == 4 ? dkp + 4 : dkp + 8;
     lu = es == 4 ? width + 4 : width + 8;
+    ls = dkp + 8;
+    lv = kChunk + 8;
+    const int64_t groups = width / 16;
     int64_t o = 0;
     Qp = o, o += int64_t(kChunk) * lw * es;
     Ws = o, o += int64_t(kChunk) * lw * es;
     Kp = o, o += 2 * int64_t(kChunk) * lk * es;
     Us = o, o += int64_t(kChunk) * lu * es;
     Os = o, o += int64_t(kChunk) * lu * es;
-    o = (o + 15) / 16 * 16;
-    Red = o, o += ks > 1 ? int64_t(width / 16) * ks * red_slots(ks) * 32 * 16 : 0;
+    Ss = o, o += ks > 1 ? groups * 16 * ls * es : 0;
+    Vs = o, o += ks > 1 ? groups * 16 * lv * es : 0;
     total = o;
   }
   __host__ __device__ size_t bytes() const { return size_t(total); }
 };
 
 // Chunked form, part 2, the chunks of a sequence in order: block (sequence, value head, slice of
-// 16 kGroups value columns), kGroups x kKs warps. Warp (group v, key part p) owns 16 value columns
-// and 1 / kKs of the keys, and keeps that part of the state transposed in registers, S^T [16 x dk /
-// kKs] in the accumulator layout of mma (st[i]: value rows g, g + 8, keys 8 kt + 2t, + 1 for the
-// part's i-th key tile kt), so that no state goes through shared memory:
-//   1. [out - O | U - V']^T = S0^T [Q' | W]^T   (A = S0^T, B = Q'^T, W^T; k over the part's keys),
-//      the key parts' partial sums then added in shared memory (in one order for every warp);
-//   2. S^T = e^{gc_last} S0^T + V'^T K'           (A = V'^T, k over the chunk's rows).
-// An accumulator read as an A operand holds columns 2t, 2t + 1 where A has t, t + 4: the k index
-// is relabelled (logical t -> 2t, t + 4 -> 2t + 1), so B is read at rows 2t, 2t + 1 to match (one
-// float2 for Q' and W). The next chunk's K' loads (cp.async) through both steps, its Q', W, U and
-// O through step 2: two barriers a chunk. Splitting the keys puts more warps on a chunk's chain of
-// products where the value columns are few (one warp has 16 of them).
+// 16 kGroups value columns), kGroups x kKs warps. Warp (group v, part p) owns 16 value columns,
+// keeps the state of its columns and of 1 / kKs of the keys transposed in registers, S^T [16 x
+// dk / kKs] in the accumulator layout of mma (st[i]: value rows g, g + 8, keys 8 kt + 2t, + 1 for
+// the part's i-th key tile kt), and takes 1 / kKs of the chunk's rows in step 1:
+//   1. [out - O | U - V']^T = S0^T [Q' | W]^T over the part's rows (A = S0^T over every key, B =
+//      Q'^T, W^T): no sums across warps, each warp writes its rows of out;
+//   2. S^T = e^{gc_last} S0^T + V'^T K' over the part's keys (A = V'^T over every row).
+// With kKs > 1 the warps of a group hand each other S0^T (each part's keys, before step 1) and
+// V'^T (each part's rows, before step 2) through shared memory in the operands' type: the state and
+// V' are rounded to bf16 as operands either way (or split into 3xTF32 pairs from their fp32), so
+// the products are those of one warp taking all of them. An accumulator read as a TF32 A operand
+// holds columns 2t, 2t + 1 where A has t, t + 4: the k index is relabelled (logical t -> 2t, t + 4
+// -> 2t + 1), so B is read at rows 2t, 2t + 1 to match (one float2 for Q' and W). The next chunk's
+// K' loads (cp.async) through both steps, its Q', W, U and O through step 2: two barriers a chunk.
+// Splitting the keys and rows puts more warps on a chunk's chain of products where the value
+// columns are few (one warp has 16 of them).
 template <bool kSplit, int kGroups, int kKs, int kHeadDim>
 __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
     delta_rule_state_kernel(const RuleArgs a, ChunkScratch<ScratchOf<kSplit>> cs) {
   wait_for_prior_kernels();
   const auto tf = [](float v) { return tf32_operand<kSplit>(v); };  // an operand of the products
   constexpr int kW = 16 * kGroups, kThreads = 32 * kGroups * kKs, kTiles = kMaxDk / 8 / kKs, kRows = 8 / kKs;
-  constexpr int kSlots = red_slots(kKs);
-  static_assert(kKs == 1 || kKs == 2 || kKs == 4, "the key parts: 1, 2 or 4");
+  static_assert(kKs == 1 || kKs == 2 || kKs == 4, "the parts: 1, 2 or 4");
   using E = ScratchOf<kSplit>;
   constexpr int kPiece = 16 / sizeof(E);  // elements a 16-byte copy
   extern __shared__ float4 smem_f4[];
   unsigned char* smem = reinterpret_cast<unsigned char*>(smem_f4);
   const int b = int(blockIdx.x), h = int(blockIdx.y);
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t4 = lane % 4;
-  const int part = warp / kGroups, vw = 16 * (warp % kGroups);  // key part; first value column in the block
-  const int j0 = int(blockIdx.z) * kW;                             // the block's first column of dv
+  const int part = warp / kGroups, group = warp % kGroups, vw = 16 * group;  // first value column in the block
+  const int j0 = int(blockIdx.z) * kW;                                        // the block's first column of dv
   const SeqView s = sequence_view(a.cu, a.state_slots, a.snaps, a.snap_width, b, a.T, a.slots);
   if (!s.ok || s.n <= 1 || s.snap) return;  // the recurrent kernel's sequences
   // kHeadDim: the key and value head dims known when compiled (the Qwen models' 128), or 0.
@@ -1219,14 +1224,16 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
   const int dvp = decltype(cs)::dvp(dv);
   const int64_t vd = int64_t(Hv) * dv;
   const StateSmem L(dk, kW, kKs, sizeof(E));
-  const int dkp = L.dkp, lw = L.lw, lk = L.lk, lu = L.lu;
+  const int dkp = L.dkp, lw = L.lw, lk = L.lk, lu = L.lu, ls = L.ls, lv = L.lv;
   const int tiles = kHeadDim ? (kHeadDim + 15) / 16 * 2 : dkp / 8;  // 8-key tiles of the state
   const int kt0 = part * kTiles;                                      // the part's first
+  const int r0 = part * kRows;                                        // the part's first 8-row tile
   E* Qp = reinterpret_cast<E*>(smem + L.Qp);
   E* Ws = reinterpret_cast<E*>(smem + L.Ws);
   E* Us = reinterpret_cast<E*>(smem + L.Us);
   E* Os = reinterpret_cast<E*>(smem + L.Os);
-  float4* red = reinterpret_cast<float4*>(smem + L.Red);
+  E* Ss = reinterpret_cast<E*>(smem + L.Ss) + group * 16 * ls;  // the group's S0^T [16][ls]
+  E* Vs = reinterpret_cast<E*>(smem + L.Vs) + group * 16 * lv;  // the group's V'^T [16][lv]
   const auto kp_of = [&](int64_t c0) {
     return reinterpret_cast<E*>(smem + L.Kp) + ((c0 / kChunk) & 1) * (int64_t(kChunk) * lk);
   };
@@ -1285,6 +1292,20 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
       int key, v;
       st[i][e] = state_at(i, e, key, v) ? state[int64_t(key) * dv + v] : 0.0f;
     }
+  // The part's keys of S0^T into the group's Ss, as the operand it is (rows g, g + 8, columns 2t,
+  // 2t + 1 of each key tile: the accumulators as they lie). Read by step 1 after the next barrier.
+  const auto share_state = [&] {
+    if constexpr (kKs > 1) {
+#pragma unroll
+      for (int i = 0; i < kTiles; ++i) {
+        if (kt0 + i >= tiles) break;
+        E* p = Ss + g * ls + 8 * (kt0 + i) + 2 * t4;
+        store2(p, st[i][0], st[i][1]);
+        store2(p + 8 * ls, st[i][2], st[i][3]);
+      }
+    }
+  };
+  share_state();
   issue_step1_part(0);
   issue_step2_part(0);
 
@@ -1294,22 +1315,28 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
     const bool more = c0 + kChunk < s.n;
     const float elast = cs.elast[tc * Hv + h];  // asked for here, used in step 2
     cp_async_wait_all();  // both parts of this chunk (in this thread) ...
-    __syncthreads();      // ... and in every thread; every warp is past the step 2 before
+    __syncthreads();      // ... and in every thread; S0^T shared; every warp is past the step 2 before
     if (more) issue_step2_part(c0 + kChunk);  // into the other K'
 
-    // --- 1. x = (Q' S0)^T, u = (W S0)^T over the part's keys: 16 value rows x the chunk's 64
-    // rows each; x[j][e], u[j][e] at value column vw + g + 8 (e >> 1) of the block and row
-    // 8 j + 2 t4 + (e & 1) of the chunk ---
-    float x[8][4] = {}, u[8][4] = {};
+    // --- 1. x = (Q' S0)^T, u = (W S0)^T over every key for the part's rows: 16 value rows x 64 /
+    // kKs chunk rows each; x[j][e], u[j][e] at value column vw + g + 8 (e >> 1) of the block and
+    // row 8 (r0 + j) + 2 t4 + (e & 1) of the chunk ---
+    float x[kRows][4] = {}, u[kRows][4] = {};
     if constexpr (kSplit) {
 #pragma unroll
-      for (int i = 0; i < kTiles; ++i) {
-        if (kt0 + i >= tiles) break;
-        const Tf32Pair af[4] = {tf(st[i][0]), tf(st[i][2]), tf(st[i][1]), tf(st[i][3])};
-        const float* q = Qp + g * lw + 8 * (kt0 + i) + 2 * t4;
-        const float* w = Ws + g * lw + 8 * (kt0 + i) + 2 * t4;
+      for (int kt = 0; kt < kMaxDk / 8; ++kt) {
+        if (kt >= tiles) break;
+        Tf32Pair af[4];
+        if constexpr (kKs == 1) {
+          af[0] = tf(st[kt][0]), af[1] = tf(st[kt][2]), af[2] = tf(st[kt][1]), af[3] = tf(st[kt][3]);
+        } else {
+          const float2 lo = load2(Ss + g * ls + 8 * kt + 2 * t4), hi = load2(Ss + (g + 8) * ls + 8 * kt + 2 * t4);
+          af[0] = tf(lo.x), af[1] = tf(hi.x), af[2] = tf(lo.y), af[3] = tf(hi.y);
+        }
+        const float* q = Qp + (8 * r0 + g) * lw + 8 * kt + 2 * t4;
+        const float* w = Ws + (8 * r0 + g) * lw + 8 * kt + 2 * t4;
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
+        for (int j = 0; j < kRows; ++j) {
           const float2 qv = *reinterpret_cast<const float2*>(q + 8 * j * lw);
           const float2 wv = *reinterpret_cast<const float2*>(w + 8 * j * lw);
           const Tf32Pair bq[2] = {tf(qv.x), tf(qv.y)}, bw[2] = {tf(wv.x), tf(wv.y)};
@@ -1318,19 +1345,22 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
         }
       }
     } else {
-      // bf16: S0^T's key tiles i, i + 1 as one A operand; the B fragments of Q'^T and W^T (two
+      // bf16: S0^T's key tiles kt, kt + 1 as one A operand (from the group's Ss by ldmatrix, or the
+      // warp's own accumulators where it holds every key); the B fragments of Q'^T and W^T (two
       // 8-row blocks of the chunk an ldmatrix) from their rows, which are the products' n.
-      const int at = (8 * (lane / 16) + lane % 8) * lw + 8 * ((lane / 8) % 2) + 8 * kt0;
+      const int at = (8 * r0 + 8 * (lane / 16) + lane % 8) * lw + 8 * ((lane / 8) % 2);
+      const E* sa = Ss + (lane % 16) * ls + 8 * (lane / 16);
 #pragma unroll
-      for (int i = 0; i < kTiles; i += 2) {
-        if (kt0 + i >= tiles) break;
+      for (int kt = 0; kt < kMaxDk / 8; kt += 2) {
+        if (kt >= tiles) break;
         uint32_t af[4];
-        accumulators_as_a(st, i, af);
+        if constexpr (kKs == 1) accumulators_as_a(st, kt, af);
+        else ldmatrix_x4(af, sa + 8 * kt);
 #pragma unroll
-        for (int j = 0; j < 8; j += 2) {
+        for (int j = 0; j < kRows; j += 2) {
           uint32_t qf[4], wf[4];
-          ldmatrix_x4(qf, Qp + at + 8 * j * lw + 8 * i);
-          ldmatrix_x4(wf, Ws + at + 8 * j * lw + 8 * i);
+          ldmatrix_x4(qf, Qp + at + 8 * j * lw + 8 * kt);
+          ldmatrix_x4(wf, Ws + at + 8 * j * lw + 8 * kt);
           mma_bf16(x[j], af, qf[0], qf[1]);
           mma_bf16(x[j + 1], af, qf[2], qf[3]);
           mma_bf16(u[j], af, wf[0], wf[1]);
@@ -1338,27 +1368,22 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
         }
       }
     }
-    // Part 0 adds O to x and turns u into U - u, the others negate u: the parts' sums are then
-    // out and V'^T. bf16: O and U by ldmatrix.trans (matrix m of an x4: the chunk's rows 8 (j + m /
-    // 2) .., the warp's columns 8 (m % 2) ..; a lane gets rows 2t, 2t + 1 of column g, as x and u lie).
-    if (part != 0) {
+    // out = x + O and V'^T = U - u over the part's rows. bf16: O and U by ldmatrix.trans (matrix m
+    // of an x4: the chunk's rows 8 (r0 + j + m / 2) .., the warp's columns 8 (m % 2) ..; a lane gets
+    // rows 2t, 2t + 1 of column g, as x and u lie).
+    if constexpr (kSplit) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) u[j][e] = -u[j][e];
-    } else if constexpr (kSplit) {
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
+      for (int j = 0; j < kRows; ++j)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int i = 8 * j + 2 * t4 + (e & 1), c = vw + g + 8 * (e >> 1);
+          const int i = 8 * (r0 + j) + 2 * t4 + (e & 1), c = vw + g + 8 * (e >> 1);
           x[j][e] += Os[i * lu + c];
           u[j][e] = Us[i * lu + c] - u[j][e];
         }
     } else {
-      const int at = (8 * (lane / 16) + lane % 8) * lu + vw + 8 * ((lane / 8) % 2);
+      const int at = (8 * r0 + 8 * (lane / 16) + lane % 8) * lu + vw + 8 * ((lane / 8) % 2);
 #pragma unroll
-      for (int j = 0; j < 8; j += 2) {
+      for (int j = 0; j < kRows; j += 2) {
         uint32_t of[4], uf[4];
         ldmatrix_x4_trans(of, Os + at + 8 * j * lu);
         ldmatrix_x4_trans(uf, Us + at + 8 * j * lu);
@@ -1374,45 +1399,25 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
         }
       }
     }
-    // Part q's slot of x row tile j (a tile of another part's rows): the tiles past q's own move down.
-    const auto x_slot = [](int j, int q) { return 8 + (j < q * kRows ? j : j - kRows); };
+    // The part's rows of V'^T into the group's Vs (rows g, g + 8; columns 2t, 2t + 1 of each row
+    // tile: as they lie), for every part's step 2 after the next barrier.
     if constexpr (kKs > 1) {
 #pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        red[(warp * kSlots + j) * 32 + lane] = float4{u[j][0], u[j][1], u[j][2], u[j][3]};
-        if (j / kRows != part)
-          red[(warp * kSlots + x_slot(j, part)) * 32 + lane] = float4{x[j][0], x[j][1], x[j][2], x[j][3]};
+      for (int j = 0; j < kRows; ++j) {
+        E* p = Vs + g * lv + 8 * (r0 + j) + 2 * t4;
+        store2(p, u[j][0], u[j][1]);
+        store2(p + 8 * lv, u[j][2], u[j][3]);
       }
     }
-    __syncthreads();  // Q', W, U and O read; the partial sums written
+    __syncthreads();  // Q', W, U and O read; V'^T shared
     if (more) issue_step1_part(c0 + kChunk);
-    if constexpr (kKs > 1) {  // every part's sums, added in part order (the same V' in every warp)
-      const auto sum_parts = [&](float (&own)[8][4], int j, bool is_x) {
-        float4 acc = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
-        for (int p = 0; p < kKs; ++p) {
-          const int slot = is_x ? x_slot(j, p) : j;
-          const float4 v = p == part ? float4{own[j][0], own[j][1], own[j][2], own[j][3]}
-                                     : red[(((warp % kGroups) + p * kGroups) * kSlots + slot) * 32 + lane];
-          acc = float4{acc.x + v.x, acc.y + v.y, acc.z + v.z, acc.w + v.w};
-        }
-        own[j][0] = acc.x, own[j][1] = acc.y, own[j][2] = acc.z, own[j][3] = acc.w;
-      };
-#pragma unroll
-      for (int j = 0; j < 8; ++j) {
-        sum_parts(u, j, false);
-        if (j / kRows == part) sum_parts(x, j, true);  // the part's rows of out
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) {
-      if (j / kRows != part) continue;
+    for (int j = 0; j < kRows; ++j)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int i = 8 * j + 2 * t4 + (e & 1), c = vw + g + 8 * (e >> 1);
+        const int i = 8 * (r0 + j) + 2 * t4 + (e & 1), c = vw + g + 8 * (e >> 1);
         if (i < n && j0 + c < dv) a.out[(tc + i) * vd + int64_t(h) * dv + j0 + c] = x[j][e];
       }
-    }
 
     // --- 2. S^T = e^{gc_last} S0^T + V'^T K' over the part's keys (rows past n: zeros in both) ---
 #pragma unroll
@@ -1423,7 +1428,13 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
       const float* kp = kp_of(c0) + 2 * t4 * lk + 8 * kt0 + g;
 #pragma unroll
       for (int mj = 0; mj < 8; ++mj) {
-        const Tf32Pair af[4] = {tf(u[mj][0]), tf(u[mj][2]), tf(u[mj][1]), tf(u[mj][3])};
+        Tf32Pair af[4];
+        if constexpr (kKs == 1) {
+          af[0] = tf(u[mj][0]), af[1] = tf(u[mj][2]), af[2] = tf(u[mj][1]), af[3] = tf(u[mj][3]);
+        } else {
+          const float2 lo = load2(Vs + g * lv + 8 * mj + 2 * t4), hi = load2(Vs + (g + 8) * lv + 8 * mj + 2 * t4);
+          af[0] = tf(lo.x), af[1] = tf(hi.x), af[2] = tf(lo.y), af[3] = tf(hi.y);
+        }
         const float* km = kp + 8 * mj * lk;
 #pragma unroll
         for (int i = 0; i < kTiles; ++i) {
@@ -1436,10 +1447,12 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
       // bf16: V'^T's row blocks mj, mj + 1 of the chunk as one A operand; the B fragments of K'
       // (two 8-key tiles an ldmatrix) from its rows, which are the product's k: transposed.
       const __nv_bfloat16* kp = kp_of(c0) + (8 * ((lane / 8) % 2) + lane % 8) * lk + 8 * (lane / 16) + 8 * kt0;
+      const E* va = Vs + (lane % 16) * lv + 8 * (lane / 16);
 #pragma unroll
       for (int mj = 0; mj < 8; mj += 2) {
         uint32_t af[4];
-        accumulators_as_a(u, mj, af);
+        if constexpr (kKs == 1) accumulators_as_a(u, mj, af);
+        else ldmatrix_x4(af, va + 8 * mj);
 #pragma unroll
         for (int i = 0; i < kTiles; i += 2) {
           if (kt0 + i >= tiles) break;
@@ -1450,6 +1463,7 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
         }
       }
     }
+    if (more) share_state();  // read after the next chunk's first barrier
   }
 #pragma unroll
   for (int i = 0; i < kTiles; ++i)
@@ -1588,24 +1602,24 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     // (the state kernel's copies offset a chunk's rows of scratch in 32 bits)
     check(int64_t(kChunk) * d.Hv * std::max<int64_t>(padded_dk(d.dk), d.dv + 8) <= std::numeric_limits<int32_t>::max(),
           "gated_delta_rule: {} value heads of {} columns is too many for the chunked form", d.Hv, d.dv);
-    // The state kernel's slices, 8 warps a block: 32 columns (2 groups of value columns x 4 key
-    // parts) where those blocks fit on the SMs in one wave (a block takes an SM: its shared
+    // The state kernel's slices, 8 warps a block: 32 columns (2 groups of value columns x 4 parts
+    // of the keys and rows) where those blocks fit on the SMs in one wave (a block takes an SM: its shared
     // memory), else 64 (4 groups x 2 parts) where those do, else 128 (8 groups, all keys each):
     // a block's Q', W and K' loads serve all its warps.
     const int64_t prefills = layout.prefill_seqs >= 0 ? layout.prefill_seqs : B;
     const auto blocks = [&](int width) { return prefills * d.Hv * cdiv(d.dv, width); };
     const int sms = device_.sms;
     const int width = blocks(32) <= sms ? 32 : blocks(64) <= sms ? 64 : 128;
-    const int key_parts = 128 / width;  // 8 warps of 16 columns each
+    const int parts = 128 / width;  // 8 warps of 16 columns each
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
     const auto run = [&](const RuleArgs& ca, auto solve_kernel, size_t solve_smem, auto state_kernel, auto cs) {
-      const size_t state_smem = StateSmem(d.dk, width, key_parts, sizeof(*cs.qp)).bytes();
+      const size_t state_smem = StateSmem(d.dk, width, parts, sizeof(*cs.qp)).bytes();
       smem_.allow(solve_kernel, solve_smem, "gated_delta_rule: shared memory of the solve kernel");
       smem_.allow(state_kernel, state_smem, "gated_delta_rule: shared memory of the state kernel");
       launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, ca,
              cs, int(chunks_per_seq));
       check_launch("gated_delta_rule: chunk solve");
-      launch(state_kernel, state_grid, 32 * (width / 16) * key_parts, state_smem, stream_, ca, cs);
+      launch(state_kernel, state_grid, 32 * (width / 16) * parts, state_smem, stream_, ca, cs);
     };
     // Products in 3xTF32 over fp32 scratch (fp32 accuracy) unless bf16 products are asked for:
     // then both kernels' in bf16 over bf16 scratch (T's inverse in 3xTF32 still). The kernels
