@@ -1521,8 +1521,8 @@ TEST_P(OpConformance, DeltaNetAtQwenHeadDimsWithManyChunks) { check_deltanet_at_
 
 // Qwen3-Next-80B's heads (16 key, 32 value heads of 128) and prefills beside a decode row: CUDA's
 // state kernel takes the narrowest slices whose blocks fit on the SMs at once, so on an H200 (132
-// SMs) three prefills take 128 columns a block (3 x 32 x 4 blocks of 32 are more than the SMs) and
-// two take 64 (2 x 32 x 2 blocks).
+// SMs, one block an SM with fp32 products) three prefills take 128 columns a block (3 x 32 x 4
+// blocks of 32 are more than the SMs) and two take 64 (2 x 32 x 2 blocks).
 TEST_P(OpConformance, DeltaNetPrefillsOverMoreStateBlocksThanSms) {
   DeltaNetCase c;
   c.d = DeltaRuleDims{16, 32, 128, 128};

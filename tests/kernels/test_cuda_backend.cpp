@@ -724,6 +724,24 @@ TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsAtOtherHeadDims) {
   }
 }
 
+// Qwen3-Next-80B's heads (16 key, 32 value heads of 128) with prefills beside a decode row: the
+// state kernel's width comes from its occupancy, so on an H100 or H200 (132 SMs) two prefills take
+// 256 blocks of 32 columns, two an SM (each warp a quarter of the chunk's rows in step 1, of the
+// keys in step 2), and three take 128 columns a block (one part: every row and key a warp).
+TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsOverMoreStateBlocksThanSms) {
+  DeltaNetCase c;
+  c.d = DeltaRuleDims{16, 32, 128, 128};
+  c.rows = DType::BF16;
+  for (const std::vector<int>& rows : {std::vector<int>{130, 1, 64, 75}, std::vector<int>{1, 200, 65}}) {
+    SCOPED_TRACE(testing::Message() << rows.size() << " sequences");
+    HostLayout h;
+    h.state_slots = {2, 0, 3, 1};
+    h.state_slots.resize(rows.size());
+    for (const int n : rows) h.cu.push_back(h.cu.back() + n);
+    check_deltanet_pass(c, h, 5, 90, 1e-2);
+  }
+}
+
 // Few rows (decode, 3 - 32) of block-scaled FP8 weights on the FP8 tensor cores: x quantized per row
 // and 128-block of k (amax / 448, nearest e4m3; the division in float, as the kernel does it), fp32
 // sums of the exact e4m3 products, each block's sum times its two scales. Reference in double from
