@@ -1602,28 +1602,24 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     // (the state kernel's copies offset a chunk's rows of scratch in 32 bits)
     check(int64_t(kChunk) * d.Hv * std::max<int64_t>(padded_dk(d.dk), d.dv + 8) <= std::numeric_limits<int32_t>::max(),
           "gated_delta_rule: {} value heads of {} columns is too many for the chunked form", d.Hv, d.dv);
+    // The state kernel's slices, 8 warps a block: 32 columns (2 groups of value columns x 4 parts
+    // of the keys and rows) where those blocks fit on the SMs in one wave (a block takes an SM: its shared
+    // memory), else 64 (4 groups x 2 parts) where those do, else 128 (8 groups, all keys each):
+    // a block's Q', W and K' loads serve all its warps.
     const int64_t prefills = layout.prefill_seqs >= 0 ? layout.prefill_seqs : B;
-    const auto run = [&](const RuleArgs& ca, auto solve_kernel, size_t solve_smem, auto state_kernel, int width,
-                         auto cs) {
-      const size_t state_smem = StateSmem(d.dk, width, 128 / width, sizeof(*cs.qp)).bytes();
+    const auto blocks = [&](int width) { return prefills * d.Hv * cdiv(d.dv, width); };
+    const int sms = device_.sms;
+    const int width = blocks(32) <= sms ? 32 : blocks(64) <= sms ? 64 : 128;
+    const int parts = 128 / width;  // 8 warps of 16 columns each
+    const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
+    const auto run = [&](const RuleArgs& ca, auto solve_kernel, size_t solve_smem, auto state_kernel, auto cs) {
+      const size_t state_smem = StateSmem(d.dk, width, parts, sizeof(*cs.qp)).bytes();
       smem_.allow(solve_kernel, solve_smem, "gated_delta_rule: shared memory of the solve kernel");
+      smem_.allow(state_kernel, state_smem, "gated_delta_rule: shared memory of the state kernel");
       launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, ca,
              cs, int(chunks_per_seq));
       check_launch("gated_delta_rule: chunk solve");
-      launch(state_kernel, dim3{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))}, kChunkThreads, state_smem,
-             stream_, ca, cs);
-    };
-    // The state kernel's slices, 8 warps a block (16 columns a group of 128 / width parts): the
-    // narrowest of 32 and 64 columns whose blocks all fit on the SMs at once (two share an SM where
-    // their registers and shared memory allow), else 128: a block's Q', W and K' loads serve all
-    // its warps.
-    const auto fits = [&](auto state_kernel, int width, size_t element) {
-      const size_t bytes = StateSmem(d.dk, width, 128 / width, element).bytes();
-      smem_.allow(state_kernel, bytes, "gated_delta_rule: shared memory of the state kernel");
-      int per_sm = 0;
-      check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, state_kernel, kChunkThreads, bytes),
-                 "gated_delta_rule: the state kernel's occupancy");
-      return prefills * d.Hv * cdiv(d.dv, width) <= int64_t(per_sm) * device_.sms;
+      launch(state_kernel, state_grid, 32 * (width / 16) * parts, state_smem, stream_, ca, cs);
     };
     // Products in 3xTF32 over fp32 scratch (fp32 accuracy) unless bf16 products are asked for:
     // then both kernels' in bf16 over bf16 scratch (T's inverse in 3xTF32 still). The kernels
@@ -1658,12 +1654,9 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
         else return delta_rule_solve_bf16_kernel<kDims>;
       }();
       const size_t solve_smem = kSplit ? SolveSmem(d.dk, d.dv).bytes() : SolveBf16Smem(d.dk, d.dv).bytes();
-      const auto state32 = delta_rule_state_kernel<kSplit, 2, 4, kDims>;
-      const auto state64 = delta_rule_state_kernel<kSplit, 4, 2, kDims>;
-      const size_t element = sizeof(ScratchOf<kSplit>);
-      if (fits(state32, 32, element)) run(ca, solve, solve_smem, state32, 32, cs);
-      else if (fits(state64, 64, element)) run(ca, solve, solve_smem, state64, 64, cs);
-      else run(ca, solve, solve_smem, delta_rule_state_kernel<kSplit, 8, 1, kDims>, 128, cs);
+      if (width == 32) run(ca, solve, solve_smem, delta_rule_state_kernel<kSplit, 2, 4, kDims>, cs);
+      else if (width == 64) run(ca, solve, solve_smem, delta_rule_state_kernel<kSplit, 4, 2, kDims>, cs);
+      else run(ca, solve, solve_smem, delta_rule_state_kernel<kSplit, 8, 1, kDims>, cs);
     };
     using Dims128 = std::integral_constant<int, 128>;
     using AnyDims = std::integral_constant<int, 0>;
