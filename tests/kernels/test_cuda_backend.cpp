@@ -724,10 +724,10 @@ TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsAtOtherHeadDims) {
   }
 }
 
-// Qwen3-Next-80B's heads (16 key, 32 value heads of 128) with prefills beside a decode row: the
-// state kernel's width comes from its occupancy, so on an H100 or H200 (132 SMs) two prefills take
-// 256 blocks of 32 columns, two an SM (each warp a quarter of the chunk's rows in step 1, of the
-// keys in step 2), and three take 128 columns a block (one part: every row and key a warp).
+// Qwen3-Next-80B's heads (16 key, 32 value heads of 128) with prefills beside a decode row: on an
+// H100 or H200 (132 SMs) two prefills take the state kernel's 64-column blocks (each warp half of
+// the chunk's rows in step 1 and half of the keys in step 2) and three its 128-column blocks (one
+// part: every row and key a warp); the other bf16 tests' few heads take 32-column blocks.
 TEST_P(CudaBf16Products, DeltaNetWithBf16ProductsOverMoreStateBlocksThanSms) {
   DeltaNetCase c;
   c.d = DeltaRuleDims{16, 32, 128, 128};

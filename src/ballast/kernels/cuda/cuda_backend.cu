@@ -180,7 +180,8 @@ CudaBackend::CudaBackend(int device, CudaOptions options)
   const cudaDeviceProp& props = impl_->props;
   const CudaDeviceTraits traits{.sms = std::max(props.multiProcessorCount, 1),
                                 .capability = props.major * 10 + props.minor,
-                                .smem_optin = props.sharedMemPerBlockOptin};
+                                .smem_optin = props.sharedMemPerBlockOptin,
+                                .smem_per_sm = props.sharedMemPerMultiprocessor};
   ops_ = std::make_unique<CudaOps>(counters_, traits, impl_->stream, impl_->cublas, impl_->cublas_workspace.get(),
                                    kCublasWorkspace, options.bf16_matmul);
 }

@@ -1603,9 +1603,10 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     check(int64_t(kChunk) * d.Hv * std::max<int64_t>(padded_dk(d.dk), d.dv + 8) <= std::numeric_limits<int32_t>::max(),
           "gated_delta_rule: {} value heads of {} columns is too many for the chunked form", d.Hv, d.dv);
     // The state kernel's slices, 8 warps a block: 32 columns (2 groups of value columns x 4 parts
-    // of the keys and rows) where those blocks fit on the SMs in one wave (a block takes an SM: its shared
-    // memory), else 64 (4 groups x 2 parts) where those do, else 128 (8 groups, all keys each):
-    // a block's Q', W and K' loads serve all its warps.
+    // of the keys and rows) where those blocks fit on the SMs in one wave (one block an SM, below),
+    // else 64 (4 groups x 2 parts) where those do, else 128 (8 groups, all keys and rows each): a
+    // block's Q', W and K' loads serve all its warps (two 32-column blocks an SM were slower than
+    // one of 64: the op 1.062 -> 1.172 ms at 397B 1 x 8192 on an H100).
     const int64_t prefills = layout.prefill_seqs >= 0 ? layout.prefill_seqs : B;
     const auto blocks = [&](int width) { return prefills * d.Hv * cdiv(d.dv, width); };
     const int sms = device_.sms;
@@ -1613,7 +1614,12 @@ void CudaOps::gated_delta_rule(const Tensor& qkv, const Tensor& g, const Tensor&
     const int parts = 128 / width;  // 8 warps of 16 columns each
     const dim3 state_grid{unsigned(B), unsigned(d.Hv), unsigned(cdiv(d.dv, width))};
     const auto run = [&](const RuleArgs& ca, auto solve_kernel, size_t solve_smem, auto state_kernel, auto cs) {
-      const size_t state_smem = StateSmem(d.dk, width, parts, sizeof(*cs.qp)).bytes();
+      // One block an SM: where two would fit (bf16 at 32 columns), the blocks launched early (PDL)
+      // onto the SMs the solve kernel leaves first pair up there while other SMs idle (the op at
+      // 80B 1 x 8192 on an H100: 0.757 ms so, 0.649 with PDL off), so a block asks for more than
+      // half of an SM's shared memory.
+      const size_t state_smem = std::max(StateSmem(d.dk, width, parts, sizeof(*cs.qp)).bytes(),
+                                         std::min(device_.smem_per_sm / 2 + 1, device_.smem_optin));
       smem_.allow(solve_kernel, solve_smem, "gated_delta_rule: shared memory of the solve kernel");
       smem_.allow(state_kernel, state_smem, "gated_delta_rule: shared memory of the state kernel");
       launch(solve_kernel, dim3{unsigned(chunks_per_seq * B), unsigned(d.Hv)}, kChunkThreads, solve_smem, stream_, ca,

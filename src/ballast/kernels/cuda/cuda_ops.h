@@ -44,6 +44,7 @@ struct CudaDeviceTraits {
   int sms = 1;            // streaming multiprocessors
   int capability = 0;     // compute capability, major x 10 + minor (90 on Hopper)
   size_t smem_optin = 0;  // dynamic shared memory a block may opt in to
+  size_t smem_per_sm = 0;  // shared memory of an SM, all its blocks together
   bool hopper() const { return capability / 10 == 9; }  // warpgroup products (with sm_90a code)
   bool bf16_mma() const { return capability >= 80; }    // bf16 mma.sync
   bool fp8_mma() const { return capability >= 89; }     // FP8 mma.sync
