@@ -29,12 +29,13 @@
 //   value columns, keeping the state of a part of the keys transposed in registers and forming V'
 //   and O for a part of the chunk's rows (8 warps a block: slices of 32, 64 or 128 columns in 4, 2
 //   or 1 parts, the narrowest whose blocks fit on the SMs at once; the parts of a column group hand
-//   each other S0 and V' through shared memory, so no warp's products need another's sums). The products run on the tensor cores in 3xTF32 (cuda_mma_support.cuh:
-//   fp32 accuracy); under bf16 matrix products both kernels' in bf16 from bf16 rows and scratch
-//   (delta_rule_solve_bf16_kernel, 3 blocks an SM over shared memory regions reused as it goes; T's
-//   own blocks always in 3xTF32 from A in fp32, the state fp32 in registers); the substitution of
-//   T's diagonal blocks and the exponentials (of double differences, as the CPU; the bf16 solve's by
-//   exp2f of fp32 differences of gc log2(e)) on the SIMT cores.
+//   each other S0 and V' through shared memory, so no warp's products need another's sums). The
+//   products run on the tensor cores in 3xTF32 (cuda_mma_support.cuh: fp32 accuracy); under bf16
+//   matrix products both kernels' in bf16 from bf16 rows and scratch (delta_rule_solve_bf16_kernel,
+//   3 blocks an SM over shared memory regions reused as it goes; T's own blocks always in 3xTF32
+//   from A in fp32, the state fp32 in registers); the substitution of T's diagonal blocks and the
+//   exponentials (of double differences, as the CPU; the bf16 solve's by exp2f of fp32 differences
+//   of gc log2(e)) on the SIMT cores.
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -1150,8 +1151,8 @@ __global__ void __launch_bounds__(kChunkThreads, 3)
   product(std::false_type{});
 }
 
-// Shared memory of the state kernel of `width` value columns a block and the keys split over `ks`
-// warps, for scratch elements of `es` bytes, in bytes: Qp, Ws [kChunk][lw] (Q', W), Kp
+// Shared memory of the state kernel of `width` value columns a block in `ks` parts (of the keys and
+// rows), for scratch elements of `es` bytes, in bytes: Qp, Ws [kChunk][lw] (Q', W), Kp
 // [2][kChunk][lk] (K', two: the next chunk's lands while this one's is read), Us, Os [kChunk][lu]
 // (the block's columns of U and O, read at row 2t, column g), and with ks > 1 what the warps of a
 // value group hand each other: Ss [width / 16][16][ls] (S0^T, each part's keys) and Vs [width /
