@@ -1293,6 +1293,17 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
       int key, v;
       st[i][e] = state_at(i, e, key, v) ? state[int64_t(key) * dv + v] : 0.0f;
     }
+  // 3xTF32 / TF32: an A operand (8 k) from one accumulator tile as it lies (c0, c1 at row g, c2, c3
+  // at row g + 8; the k relabelled as above), from this warp's registers or, where another part
+  // holds the tile, from the group's copy in shared memory (`at`: its row g, column 2t; rows `ld`
+  // apart).
+  const auto tf32_a = [&](Tf32Pair(&af)[4], float c0, float c1, float c2, float c3) {
+    af[0] = tf(c0), af[1] = tf(c2), af[2] = tf(c1), af[3] = tf(c3);
+  };
+  const auto shared_tf32_a = [&](Tf32Pair(&af)[4], const E* at, int ld) {
+    const float2 lo = load2(at), hi = load2(at + 8 * ld);
+    tf32_a(af, lo.x, lo.y, hi.x, hi.y);
+  };
   // The part's keys of S0^T into the group's Ss, as the operand it is (rows g, g + 8, columns 2t,
   // 2t + 1 of each key tile: the accumulators as they lie). Read by step 1 after the next barrier.
   const auto share_state = [&] {
@@ -1328,12 +1339,8 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
       for (int kt = 0; kt < kMaxDk / 8; ++kt) {
         if (kt >= tiles) break;
         Tf32Pair af[4];
-        if constexpr (kKs == 1) {
-          af[0] = tf(st[kt][0]), af[1] = tf(st[kt][2]), af[2] = tf(st[kt][1]), af[3] = tf(st[kt][3]);
-        } else {
-          const float2 lo = load2(Ss + g * ls + 8 * kt + 2 * t4), hi = load2(Ss + (g + 8) * ls + 8 * kt + 2 * t4);
-          af[0] = tf(lo.x), af[1] = tf(hi.x), af[2] = tf(lo.y), af[3] = tf(hi.y);
-        }
+        if constexpr (kKs == 1) tf32_a(af, st[kt][0], st[kt][1], st[kt][2], st[kt][3]);
+        else shared_tf32_a(af, Ss + g * ls + 8 * kt + 2 * t4, ls);
         const float* q = Qp + (8 * r0 + g) * lw + 8 * kt + 2 * t4;
         const float* w = Ws + (8 * r0 + g) * lw + 8 * kt + 2 * t4;
 #pragma unroll
@@ -1430,12 +1437,8 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
 #pragma unroll
       for (int mj = 0; mj < 8; ++mj) {
         Tf32Pair af[4];
-        if constexpr (kKs == 1) {
-          af[0] = tf(u[mj][0]), af[1] = tf(u[mj][2]), af[2] = tf(u[mj][1]), af[3] = tf(u[mj][3]);
-        } else {
-          const float2 lo = load2(Vs + g * lv + 8 * mj + 2 * t4), hi = load2(Vs + (g + 8) * lv + 8 * mj + 2 * t4);
-          af[0] = tf(lo.x), af[1] = tf(hi.x), af[2] = tf(lo.y), af[3] = tf(hi.y);
-        }
+        if constexpr (kKs == 1) tf32_a(af, u[mj][0], u[mj][1], u[mj][2], u[mj][3]);
+        else shared_tf32_a(af, Vs + g * lv + 8 * mj + 2 * t4, lv);
         const float* km = kp + 8 * mj * lk;
 #pragma unroll
         for (int i = 0; i < kTiles; ++i) {
