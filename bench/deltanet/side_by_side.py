@@ -13,14 +13,15 @@ products in bf16, the rows in bf16 as its model gives them there; a build before
 fp32 rows there too, its bench reports no "rows"); FLA runs on the same values in bf16 (as served)
 and in fp32.
 Times are the device time of the op alone: ballast's from CUDA events around its op, FLA's from
-triton.testing.do_bench (median).
+triton.testing.do_bench (median), taken in --rounds rounds, each round ballast (and the build
+before) then FLA in the same dtype; the report keeps each side's median and every round's time.
 
 `--precisions bf16` runs ballast with bf16 products only (FLA runs in both dtypes still: its fp32
 output is the error reference). The solve kernel is also timed alone (the state kernel left out by
 BALLAST_CUDA_SKIP_KERNELS, bf16 products): the state kernel's time is the op's less that.
 
-With --ballast-before (the same bench from an earlier build), the two builds alternate --rounds
-times on the same inputs and the report has both (the medians of their rounds) and how far their
+With --ballast-before (the same bench from an earlier build), the two builds alternate in those
+rounds on the same inputs and the report has both (the medians of their rounds) and how far their
 outputs differ: an A/B of a change inside one run (FLA's bf16 times move between runs).
 
   python3 bench/deltanet/side_by_side.py --ballast BUILD/bench/kernels/bench_delta_rule_cuda \
@@ -84,20 +85,38 @@ def run_case(args, model, Hk, Hv, dk, dv, lens, seed):
         out = torch.from_numpy(np.fromfile(os.path.join(work, "out.f32"), dtype=np.float32)).cuda()
         return ours["median_ms"], out.reshape(T, Hv, dv)
 
+    # FLA on the same values in bf16 (as served) and fp32 (the error reference). Its times are taken
+    # in the rounds beside ballast's (a do_bench each round, the median kept): one do_bench a case
+    # read 0.66-1.57 ms at 80B 1 x 8192 in different runs (sessions 48-49), which a single sample
+    # of either side turns into the ratio.
+    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.long, device="cuda")
+    fla, fla_out = {}, {}
+    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+        args_fla = [x.unsqueeze(0).to(dtype) for x in (q, k, v, g, beta)]
+        fla[name] = lambda a=args_fla: chunk_gated_delta_rule(*a, scale=dk ** -0.5, use_qk_l2norm_in_kernel=True,
+                                                              cu_seqlens=cu)[0]
+        fla_out[name] = fla[name]()[0].float()  # (its first call: the autotuning, outside the timings)
+    fla_times = {"bf16": [], "fp32": []}
+
+    def time_fla(name):
+        fla_times[name].append(triton.testing.do_bench(fla[name], warmup=25, rep=200, return_mode="median"))
+
     outs = {}
     for precision in args.precisions.split(","):
         key = "ballast_ms" if precision == "fp32" else "ballast_bf16_ms"
         times, before = [], []
-        for _ in range(args.rounds if args.ballast_before else 1):
+        for _ in range(args.rounds):
             ms, outs[precision] = ballast(args.ballast, precision)
             times.append(ms)
             if args.ballast_before:
                 ms_b, out_b = ballast(args.ballast_before, precision)
                 before.append(ms_b)
+            time_fla(precision)
         res[key] = float(np.median(times))
+        res[key.replace("_ms", "_rounds_ms")] = {"this": times}
         if args.ballast_before:
             res[key.replace("ballast", "ballast_before")] = float(np.median(before))
-            res[key.replace("_ms", "_rounds_ms")] = {"this": times, "before": before}
+            res[key.replace("_ms", "_rounds_ms")]["before"] = before
             res[key.replace("_ms", "_rel_l2_diff_vs_before")] = \
                 ((outs[precision] - out_b).norm() / out_b.norm()).item()
     # The solve kernel alone (the state kernel left out: BALLAST_CUDA_SKIP_KERNELS), bf16 products;
@@ -109,15 +128,12 @@ def run_case(args, model, Hk, Hv, dk, dv, lens, seed):
     out_ballast = outs.get("fp32")
     shutil.rmtree(work, ignore_errors=True)
 
-    cu = torch.tensor([0] + list(np.cumsum(lens)), dtype=torch.long, device="cuda")
-    for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
-        args_fla = [x.unsqueeze(0).to(dtype) for x in (q, k, v, g, beta)]
-        def fla():
-            return chunk_gated_delta_rule(*args_fla, scale=dk ** -0.5, use_qk_l2norm_in_kernel=True,
-                                          cu_seqlens=cu)[0]
-        out = fla()[0].float()
-        ms = triton.testing.do_bench(fla, warmup=25, rep=200, return_mode="median")
-        res[f"fla_{name}_ms"] = ms
+    for name in ("bf16", "fp32"):
+        if not fla_times[name]:
+            time_fla(name)  # (a precision ballast did not run: FLA's time once)
+        res[f"fla_{name}_ms"] = float(np.median(fla_times[name]))
+        res[f"fla_{name}_rounds_ms"] = fla_times[name]
+        out = fla_out[name]
         if out_ballast is not None:
             diff = (out - out_ballast).abs()
             res[f"max_abs_diff_vs_fla_{name}"] = diff.max().item()
@@ -139,7 +155,7 @@ def main():
     p.add_argument("--out", required=True, help="directory for the JSON report")
     p.add_argument("--runs", type=int, default=20)
     p.add_argument("--ballast-before", help="the same bench from an earlier build, for an A/B in this run")
-    p.add_argument("--rounds", type=int, default=2, help="alternated rounds of the two builds (with --ballast-before)")
+    p.add_argument("--rounds", type=int, default=2, help="rounds of ballast's builds and FLA, alternated (each side's median reported)")
     p.add_argument("--precisions", default="fp32,bf16", help="ballast's products to run: fp32, bf16 or both")
     p.add_argument("--cases", help="which of the four shapes to run, as indices into CASES (e.g. 0,2); all by default")
     args = p.parse_args()
@@ -155,8 +171,9 @@ def main():
         # finished, whatever buffers its printed lines on their way out.
         with open(os.path.join(args.out, "deltanet_side_by_side.json"), "w") as f:
             json.dump(results, f, indent=1)
-        print(f"{model:20s} {len(lens)} x {lens[0]:5d}: FLA bf16 {r['fla_bf16_ms']:8.3f} ms, "
-              f"FLA fp32 {r['fla_fp32_ms']:8.3f} ms", flush=True)
+        spread = lambda name: "/".join(f"{t:.3f}" for t in r[f"fla_{name}_rounds_ms"])
+        print(f"{model:20s} {len(lens)} x {lens[0]:5d}: FLA bf16 {r['fla_bf16_ms']:8.3f} ms ({spread('bf16')}), "
+              f"FLA fp32 {r['fla_fp32_ms']:8.3f} ms ({spread('fp32')})", flush=True)
         for key, dtype in (("ballast_ms", "fp32"), ("ballast_bf16_ms", "bf16")):  # each beside FLA's same dtype
             if key not in r:
                 continue
