@@ -1358,22 +1358,36 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
       // 8-row blocks of the chunk an ldmatrix) from their rows, which are the products' n.
       const int at = (8 * r0 + 8 * (lane / 16) + lane % 8) * lw + 8 * ((lane / 8) % 2);
       const E* sa = Ss + (lane % 16) * ls + 8 * (lane / 16);
+      // With 2 or 4 parts a warp's chain is 8 dependent k-steps over 4 or 8 accumulators (latency
+      // bound): alternate k-steps go to a second set (x2, u2), added after the loop. Not at 1 part:
+      // its 8 row tiles already give 16 independent accumulators, and a second set would spill.
+      constexpr bool kTwoSets = kKs > 1;
+      float x2[kRows][4] = {}, u2[kRows][4] = {};
 #pragma unroll
       for (int kt = 0; kt < kMaxDk / 8; kt += 2) {
         if (kt >= tiles) break;
         uint32_t af[4];
         if constexpr (kKs == 1) accumulators_as_a(st, kt, af);
         else ldmatrix_x4(af, sa + 8 * kt);
+        const bool second = kTwoSets && (kt / 2) % 2;
 #pragma unroll
         for (int j = 0; j < kRows; j += 2) {
           uint32_t qf[4], wf[4];
           ldmatrix_x4(qf, Qp + at + 8 * j * lw + 8 * kt);
           ldmatrix_x4(wf, Ws + at + 8 * j * lw + 8 * kt);
-          mma_bf16(x[j], af, qf[0], qf[1]);
-          mma_bf16(x[j + 1], af, qf[2], qf[3]);
-          mma_bf16(u[j], af, wf[0], wf[1]);
-          mma_bf16(u[j + 1], af, wf[2], wf[3]);
+          float(&xs)[kRows][4] = second ? x2 : x;
+          float(&us)[kRows][4] = second ? u2 : u;
+          mma_bf16(xs[j], af, qf[0], qf[1]);
+          mma_bf16(xs[j + 1], af, qf[2], qf[3]);
+          mma_bf16(us[j], af, wf[0], wf[1]);
+          mma_bf16(us[j + 1], af, wf[2], wf[3]);
         }
+      }
+      if constexpr (kTwoSets) {
+#pragma unroll
+        for (int j = 0; j < kRows; ++j)
+#pragma unroll
+          for (int e = 0; e < 4; ++e) x[j][e] += x2[j][e], u[j][e] += u2[j][e];
       }
     }
     // out = x + O and V'^T = U - u over the part's rows. bf16: O and U by ldmatrix.trans (matrix m
