@@ -1360,7 +1360,8 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
       const E* sa = Ss + (lane % 16) * ls + 8 * (lane / 16);
       // With 2 or 4 parts a warp's chain is 8 dependent k-steps over 4 or 8 accumulators (latency
       // bound): alternate k-steps go to a second set (x2, u2), added after the loop. Not at 1 part:
-      // its 8 row tiles already give 16 independent accumulators, and a second set would spill.
+      // its 8 row tiles already give 16 independent accumulators, and a second set took ~250
+      // registers (session 49).
       constexpr bool kTwoSets = kKs > 1;
       float x2[kRows][4] = {}, u2[kRows][4] = {};
 #pragma unroll
