@@ -1371,13 +1371,13 @@ __global__ void __launch_bounds__(kGroups * kKs * 32, 1)
         if constexpr (kKs == 1) accumulators_as_a(st, kt, af);
         else ldmatrix_x4(af, sa + 8 * kt);
         const bool second = kTwoSets && (kt / 2) % 2;
+        float(&xs)[kRows][4] = second ? x2 : x;
+        float(&us)[kRows][4] = second ? u2 : u;
 #pragma unroll
         for (int j = 0; j < kRows; j += 2) {
           uint32_t qf[4], wf[4];
           ldmatrix_x4(qf, Qp + at + 8 * j * lw + 8 * kt);
           ldmatrix_x4(wf, Ws + at + 8 * j * lw + 8 * kt);
-          float(&xs)[kRows][4] = second ? x2 : x;
-          float(&us)[kRows][4] = second ? u2 : u;
           mma_bf16(xs[j], af, qf[0], qf[1]);
           mma_bf16(xs[j + 1], af, qf[2], qf[3]);
           mma_bf16(us[j], af, wf[0], wf[1]);
